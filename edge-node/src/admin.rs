@@ -1,0 +1,280 @@
+//! The operator listener: purge, metrics, health.
+//!
+//! - `GET /healthz` — liveness, open.
+//! - `GET /metrics` — Prometheus text format, open (bind the admin listener privately).
+//! - `PURGE` or `DELETE /cache/{host}/{path}[?query]` — remove one object and all its Vary
+//!   variants, from memory and disk.
+//! - `PURGE` or `DELETE /cache/{host}/{prefix}*` — remove every object whose key starts with
+//!   the prefix (durable ban, see [`crate::storage::BanList`]).
+//!
+//! Purge endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::{Json, Router};
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use prometheus::{Encoder, TextEncoder};
+use serde_json::json;
+
+use crate::metrics::EdgeMetrics;
+use crate::origin::normalize_host;
+use crate::proxy::primary_key;
+use crate::storage::FoyerStorage;
+
+/// Shared state of the admin handlers.
+#[derive(Clone)]
+pub struct AdminState {
+    node_id: Arc<str>,
+    token: Arc<str>,
+    storage: &'static FoyerStorage,
+    registry: prometheus::Registry,
+    metrics: EdgeMetrics,
+}
+
+impl AdminState {
+    /// Bundle what the handlers need.
+    pub fn new(
+        node_id: &str,
+        token: &str,
+        storage: &'static FoyerStorage,
+        registry: prometheus::Registry,
+        metrics: EdgeMetrics,
+    ) -> Self {
+        AdminState {
+            node_id: node_id.into(),
+            token: token.into(),
+            storage,
+            registry,
+            metrics,
+        }
+    }
+}
+
+/// The admin HTTP router.
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+        .route("/cache/{*key}", any(purge))
+        .fallback(not_found)
+        .with_state(state)
+}
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({ "error": code, "message": message.into() })),
+    )
+        .into_response()
+}
+
+async fn not_found(uri: Uri) -> Response {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        format!("no admin endpoint at {}", uri.path()),
+    )
+}
+
+async fn healthz(State(s): State<AdminState>) -> Response {
+    Json(json!({ "status": "ok", "node_id": &*s.node_id })).into_response()
+}
+
+async fn metrics(State(s): State<AdminState>) -> Response {
+    s.metrics.memory_bytes.set(s.storage.memory_usage() as i64);
+    s.metrics.bans.set(s.storage.ban_count() as i64);
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&s.registry.gather(), &mut buf) {
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string());
+    }
+    Response::builder()
+        .header(header::CONTENT_TYPE, TextEncoder::new().format_type())
+        .body(Body::from(buf))
+        .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string()))
+}
+
+/// Constant-time comparison so the token cannot be guessed byte by byte from timing.
+fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| token_matches(t.trim().as_bytes(), token.as_bytes()))
+}
+
+/// A purge target parsed from `/cache/...`.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Key(String),
+    Prefix(String),
+}
+
+fn parse_target(uri: &Uri) -> Result<Target, String> {
+    let raw = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("")
+        .strip_prefix("/cache/")
+        .unwrap_or("");
+    let (host, rest) = raw
+        .split_once('/')
+        .ok_or_else(|| "key must be {host}/{path}, e.g. example.com/index.html".to_string())?;
+    if host.is_empty() {
+        return Err("key has an empty host".into());
+    }
+    let key = primary_key(&normalize_host(host), &format!("/{rest}"));
+    match key.strip_suffix('*') {
+        Some(prefix) => Ok(Target::Prefix(prefix.to_string())),
+        None => Ok(Target::Key(key)),
+    }
+}
+
+async fn purge(
+    State(s): State<AdminState>,
+    method: Method,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    if method != Method::DELETE && method.as_str() != "PURGE" {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use PURGE or DELETE on /cache/{host}/{path}",
+        );
+    }
+    if !authorized(&headers, &s.token) {
+        s.metrics.purges.with_label_values(&["any", "unauthorized"]).inc();
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
+    }
+    match parse_target(&uri) {
+        Err(msg) => error(StatusCode::BAD_REQUEST, "bad_key", msg),
+        Ok(Target::Key(key)) => {
+            let found = s.storage.purge_key(&key);
+            s.metrics
+                .purges
+                .with_label_values(&["key", if found { "purged" } else { "not_found" }])
+                .inc();
+            let status = if found {
+                StatusCode::OK
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            (status, Json(json!({ "key": key, "purged": found }))).into_response()
+        }
+        Ok(Target::Prefix(prefix)) => match s.storage.purge_prefix(&prefix) {
+            Ok(()) => {
+                s.metrics.purges.with_label_values(&["prefix", "banned"]).inc();
+                Json(json!({ "prefix": prefix, "purged": true })).into_response()
+            }
+            Err(e) => {
+                s.metrics.purges.with_label_values(&["prefix", "error"]).inc();
+                error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string())
+            }
+        },
+    }
+}
+
+/// Runs the admin router inside the pingora server so it shares its graceful shutdown.
+pub struct AdminService {
+    listener: parking_lot::Mutex<Option<std::net::TcpListener>>,
+    state: AdminState,
+}
+
+impl AdminService {
+    /// `listener` is bound before the server starts so a busy port fails start-up clearly.
+    pub fn new(listener: std::net::TcpListener, state: AdminState) -> Self {
+        AdminService {
+            listener: parking_lot::Mutex::new(Some(listener)),
+            state,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for AdminService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(std_listener) = self.listener.lock().take() else {
+            return;
+        };
+        let listener = match std_listener
+            .set_nonblocking(true)
+            .and_then(|_| tokio::net::TcpListener::from_std(std_listener))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "admin listener unusable");
+                return;
+            }
+        };
+        let storage = self.state.storage;
+        let mut shutdown_bans = shutdown.clone();
+        let compactor = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(3600));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = storage.compact_bans() {
+                            tracing::warn!(error = %e, "ban log compaction failed");
+                        }
+                    }
+                    _ = shutdown_bans.changed() => break,
+                }
+            }
+        });
+        let app = router(self.state.clone());
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.changed().await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+        compactor.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keys_and_prefixes() {
+        let u: Uri = "/cache/Example.com/a/b?x=1".parse().unwrap();
+        assert_eq!(parse_target(&u).unwrap(), Target::Key("example.com/a/b?x=1".into()));
+        let u: Uri = "/cache/example.com/static/*".parse().unwrap();
+        assert_eq!(parse_target(&u).unwrap(), Target::Prefix("example.com/static/".into()));
+        let u: Uri = "/cache/example.com".parse().unwrap();
+        assert!(parse_target(&u).is_err());
+    }
+
+    #[test]
+    fn token_compare() {
+        assert!(token_matches(b"abc", b"abc"));
+        assert!(!token_matches(b"abd", b"abc"));
+        assert!(!token_matches(b"ab", b"abc"));
+    }
+}

@@ -1,0 +1,353 @@
+//! Edge configuration: a TOML file, overridden by `SHADOWCDN_EDGE_*` environment variables,
+//! overridden by command-line flags.
+//!
+//! Parsing is strict (`deny_unknown_fields`, typed sizes and URLs) so that a typo is an error
+//! naming the bad field at start-up rather than a silently ignored setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use bytesize::ByteSize;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Serialize};
+
+use crate::origin::{OriginError, OriginTable};
+
+/// Everything an edge needs to run.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeConfig {
+    /// Identity of this edge in logs and metrics (e.g. `eu-1a`).
+    #[serde(default = "default_node_id")]
+    pub node_id: String,
+    /// The user-facing HTTP listener and worker settings.
+    pub server: ServerSection,
+    /// The operator listener: purge, metrics, health.
+    pub admin: AdminSection,
+    /// The foyer-backed HTTP cache.
+    pub cache: CacheSection,
+    /// Host (and optional path prefix) → upstream origin.
+    #[serde(default)]
+    pub origins: Vec<OriginEntry>,
+}
+
+/// User-facing listener settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    /// Address the HTTP proxy listens on.
+    pub listen: SocketAddr,
+    /// Worker threads for the proxy service.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Seconds between SIGTERM and the start of runtime shutdown; listeners stop accepting at
+    /// once and in-flight requests keep running during this window.
+    #[serde(default = "default_grace_period")]
+    pub grace_period_secs: u64,
+    /// Seconds the runtimes get to finish in-flight work after the grace period.
+    #[serde(default = "default_shutdown_timeout")]
+    pub shutdown_timeout_secs: u64,
+    /// Seconds to wait for an origin TCP connection.
+    #[serde(default = "default_connect_timeout")]
+    pub origin_connect_timeout_secs: u64,
+    /// Seconds an origin read may stall before the fetch fails.
+    #[serde(default = "default_read_timeout")]
+    pub origin_read_timeout_secs: u64,
+}
+
+/// Operator listener settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the admin HTTP listener (keep it off the public interface).
+    pub listen: SocketAddr,
+    /// Bearer token required by purge endpoints. `/metrics` and `/healthz` are open so that
+    /// scrapers and probes need no secret.
+    pub token: String,
+}
+
+/// Cache sizing and HTTP caching defaults.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    /// Directory of the disk tier (created if missing). Survives restarts.
+    pub dir: PathBuf,
+    /// Memory tier capacity.
+    #[serde(default = "default_memory")]
+    pub memory_capacity: ByteSize,
+    /// Disk tier capacity.
+    #[serde(default = "default_disk")]
+    pub disk_capacity: ByteSize,
+    /// Bodies larger than this are proxied without being cached.
+    #[serde(default = "default_max_object")]
+    pub max_object_size: ByteSize,
+    /// How long a request waits behind another request filling the same object before it
+    /// goes to the origin itself.
+    #[serde(default = "default_lock_timeout")]
+    pub lock_timeout_secs: u64,
+    /// Freshness given to cacheable responses (200, 301, 404…) that carry no explicit
+    /// lifetime. `0` (the default) caches only what the origin explicitly allows.
+    #[serde(default)]
+    pub default_ttl_secs: u64,
+    /// Default stale-while-revalidate window when the origin states none.
+    #[serde(default)]
+    pub stale_while_revalidate_secs: u32,
+    /// Default stale-if-error window when the origin states none.
+    #[serde(default)]
+    pub stale_if_error_secs: u32,
+    /// How long purge-by-prefix bans are kept. Objects stored before the oldest retained ban
+    /// horizon are treated as misses, so a ban can never be forgotten while it still matters.
+    #[serde(default = "default_ban_retention")]
+    pub ban_retention_secs: u64,
+}
+
+/// One row of the origin table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginEntry {
+    /// Host header value this row serves (case-insensitive, port ignored).
+    pub host: String,
+    /// Optional path prefix; the longest matching prefix wins.
+    #[serde(default)]
+    pub path_prefix: Option<String>,
+    /// `http://` or `https://` URL of the origin.
+    pub upstream: String,
+}
+
+/// Command-line overrides; each one that is set wins over file and environment.
+#[derive(Debug, Default, Serialize)]
+pub struct Overrides {
+    /// `server.listen`
+    pub listen: Option<SocketAddr>,
+    /// `admin.listen`
+    pub admin_listen: Option<SocketAddr>,
+    /// `cache.dir`
+    pub cache_dir: Option<PathBuf>,
+    /// `server.threads`
+    pub threads: Option<usize>,
+    /// `node_id`
+    pub node_id: Option<String>,
+}
+
+/// Why the configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file, an environment variable or a flag has a bad or missing field.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// The origin table has a bad row.
+    #[error("invalid configuration: {0}")]
+    Origin(#[from] OriginError),
+}
+
+impl From<figment::Error> for ConfigError {
+    fn from(e: figment::Error) -> Self {
+        // figment names the offending key path (e.g. `cache.memory_capacity`) and its source.
+        let msgs: Vec<String> = e.into_iter().map(|e| e.to_string()).collect();
+        ConfigError::Invalid(msgs.join("; "))
+    }
+}
+
+impl EdgeConfig {
+    /// Load from an optional TOML file, then `SHADOWCDN_EDGE_` environment variables
+    /// (`__` separates sections: `SHADOWCDN_EDGE_CACHE__DIR`), then `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError::Invalid(format!(
+                    "config file {} does not exist",
+                    p.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        fig = fig.merge(Env::prefixed("SHADOWCDN_EDGE_").split("__"));
+        fig = fig.merge(Serialized::defaults(OverrideTree::from(overrides)));
+        let cfg: EdgeConfig = fig.extract()?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Parse a TOML string (used by tests and embedded defaults).
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let cfg: EdgeConfig = Figment::from(Toml::string(text)).extract()?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    /// Cross-field rules that types alone cannot express.
+    fn check(&self) -> Result<(), ConfigError> {
+        let c = &self.cache;
+        if c.memory_capacity.as_u64() < 1024 * 1024 {
+            return Err(ConfigError::Invalid(
+                "cache.memory_capacity must be at least 1 MiB".into(),
+            ));
+        }
+        if c.disk_capacity.as_u64() < 4 * BLOCK_FLOOR {
+            return Err(ConfigError::Invalid(format!(
+                "cache.disk_capacity must be at least {}",
+                ByteSize(4 * BLOCK_FLOOR)
+            )));
+        }
+        if c.max_object_size.as_u64() == 0 {
+            return Err(ConfigError::Invalid(
+                "cache.max_object_size must be greater than 0".into(),
+            ));
+        }
+        if c.max_object_size.as_u64() > c.disk_capacity.as_u64() / 4 {
+            return Err(ConfigError::Invalid(
+                "cache.max_object_size must be at most a quarter of cache.disk_capacity".into(),
+            ));
+        }
+        if self.admin.token.trim().len() < 8 {
+            return Err(ConfigError::Invalid(
+                "admin.token must be at least 8 characters".into(),
+            ));
+        }
+        if self.server.threads == 0 {
+            return Err(ConfigError::Invalid(
+                "server.threads must be at least 1".into(),
+            ));
+        }
+        OriginTable::build(&self.origins)?;
+        Ok(())
+    }
+
+    /// Size of a foyer disk block: large enough for the largest admitted object plus its
+    /// metadata, never below foyer's default.
+    pub fn block_size(&self) -> usize {
+        let need = self.cache.max_object_size.as_u64() + 256 * 1024;
+        need.max(BLOCK_FLOOR) as usize
+    }
+}
+
+/// foyer's default block size; also the smallest we use.
+const BLOCK_FLOOR: u64 = 16 * 1024 * 1024;
+
+/// Nested shape of [`Overrides`] so figment merges it by key path.
+#[derive(Serialize)]
+struct OverrideTree {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    node_id: Option<String>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    server: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    admin: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    cache: serde_json::Map<String, serde_json::Value>,
+}
+
+impl From<&Overrides> for OverrideTree {
+    fn from(o: &Overrides) -> Self {
+        let mut t = OverrideTree {
+            node_id: o.node_id.clone(),
+            server: Default::default(),
+            admin: Default::default(),
+            cache: Default::default(),
+        };
+        if let Some(l) = o.listen {
+            t.server.insert("listen".into(), l.to_string().into());
+        }
+        if let Some(n) = o.threads {
+            t.server.insert("threads".into(), n.into());
+        }
+        if let Some(l) = o.admin_listen {
+            t.admin.insert("listen".into(), l.to_string().into());
+        }
+        if let Some(d) = &o.cache_dir {
+            t.cache
+                .insert("dir".into(), d.to_string_lossy().into_owned().into());
+        }
+        t
+    }
+}
+
+fn default_node_id() -> String {
+    "edge".into()
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_grace_period() -> u64 {
+    1
+}
+fn default_shutdown_timeout() -> u64 {
+    10
+}
+fn default_connect_timeout() -> u64 {
+    3
+}
+fn default_read_timeout() -> u64 {
+    30
+}
+fn default_memory() -> ByteSize {
+    ByteSize::mib(256)
+}
+fn default_disk() -> ByteSize {
+    ByteSize::gib(4)
+}
+fn default_max_object() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_lock_timeout() -> u64 {
+    10
+}
+fn default_ban_retention() -> u64 {
+    30 * 24 * 3600
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [server]
+        listen = "127.0.0.1:8080"
+        [admin]
+        listen = "127.0.0.1:9080"
+        token = "secret-token"
+        [cache]
+        dir = "/tmp/x"
+        [[origins]]
+        host = "example.com"
+        upstream = "http://127.0.0.1:9000"
+    "#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = EdgeConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.cache.memory_capacity, ByteSize::mib(256));
+        assert_eq!(c.cache.max_object_size, ByteSize::mib(64));
+        assert_eq!(c.block_size(), 64 * 1024 * 1024 + 256 * 1024);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let bad = MINIMAL.replace("dir = \"/tmp/x\"", "dir = \"/tmp/x\"\nmemory_capasity = 5");
+        let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("memory_capasity"), "{err}");
+    }
+
+    #[test]
+    fn bad_size_is_named() {
+        let bad = MINIMAL.replace("dir = \"/tmp/x\"", "dir = \"/tmp/x\"\nmemory_capacity = \"lots\"");
+        let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("memory_capacity"), "{err}");
+    }
+
+    #[test]
+    fn bad_upstream_is_named() {
+        let bad = MINIMAL.replace("http://127.0.0.1:9000", "ftp://x");
+        let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("upstream"), "{err}");
+    }
+
+    #[test]
+    fn short_token_rejected() {
+        let bad = MINIMAL.replace("secret-token", "x");
+        let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("admin.token"), "{err}");
+    }
+}

@@ -1,0 +1,17 @@
+//! shadowcdn edge node: a Pingora HTTP cache over a foyer hybrid memory + disk store.
+//!
+//! An edge stands alone: give it a [`config::EdgeConfig`] naming its listeners, cache sizes and
+//! origin table, and [`server::EdgeNode`] serves cached content with RFC 9111 semantics from
+//! pingora-cache. [`storage::FoyerStorage`] is the pingora-cache `Storage` on foyer;
+//! [`proxy::EdgeProxy`] holds the request phases; [`admin`] is the operator API.
+
+pub mod admin;
+pub mod config;
+pub mod metrics;
+pub mod origin;
+pub mod proxy;
+pub mod server;
+pub mod storage;
+
+pub use config::EdgeConfig;
+pub use server::{EdgeNode, StartError};

@@ -1,0 +1,116 @@
+//! Edge metrics, registered in a registry the caller owns (`shadowcdn_edge_*`).
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+
+/// Request-path metrics of one edge.
+#[derive(Clone)]
+pub struct EdgeMetrics {
+    /// Requests by cache status (`hit`, `miss`, `stale`, `revalidated`, `expired`, `bypass`, …).
+    pub requests: IntCounterVec,
+    /// Body bytes sent to clients, by cache status.
+    pub bytes_served: IntCounterVec,
+    /// Origin fetches by outcome (`ok`, `error`).
+    pub origin_fetches: IntCounterVec,
+    /// Time from the upstream request until the response header arrived.
+    pub origin_latency: Histogram,
+    /// Requests that waited behind the cache lock for another request's fill.
+    pub lock_waits: IntCounter,
+    /// How long those requests waited.
+    pub lock_wait_seconds: Histogram,
+    /// Requests rejected before proxying, by reason (`unknown_host`, …).
+    pub rejected: IntCounterVec,
+    /// Whole-request latency by cache status.
+    pub request_seconds: HistogramVec,
+    /// Purges by kind (`key`, `prefix`) and outcome.
+    pub purges: IntCounterVec,
+    /// Bytes held by the memory tier (refreshed on scrape).
+    pub memory_bytes: IntGauge,
+    /// Purge-by-prefix bans in force (refreshed on scrape).
+    pub bans: IntGauge,
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+impl EdgeMetrics {
+    /// Create and register every metric in `registry`.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = EdgeMetrics {
+            requests: IntCounterVec::new(
+                Opts::new("shadowcdn_edge_requests_total", "Requests by cache status"),
+                &["cache_status"],
+            )?,
+            bytes_served: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_served_bytes_total",
+                    "Response body bytes sent to clients",
+                ),
+                &["cache_status"],
+            )?,
+            origin_fetches: IntCounterVec::new(
+                Opts::new("shadowcdn_edge_origin_fetches_total", "Origin fetches"),
+                &["outcome"],
+            )?,
+            origin_latency: Histogram::with_opts(
+                HistogramOpts::new(
+                    "shadowcdn_edge_origin_fetch_duration_seconds",
+                    "Time to the origin's response header",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            lock_waits: IntCounter::new(
+                "shadowcdn_edge_cache_lock_waits_total",
+                "Requests that waited for another request's fill",
+            )?,
+            lock_wait_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    "shadowcdn_edge_cache_lock_wait_seconds",
+                    "Time spent waiting on the cache lock",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_rejected_requests_total",
+                    "Requests answered with an error before proxying",
+                ),
+                &["reason"],
+            )?,
+            request_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "shadowcdn_edge_request_duration_seconds",
+                    "Whole-request latency at the edge",
+                )
+                .buckets(LATENCY_BUCKETS.to_vec()),
+                &["cache_status"],
+            )?,
+            purges: IntCounterVec::new(
+                Opts::new("shadowcdn_edge_purges_total", "Purge requests"),
+                &["kind", "outcome"],
+            )?,
+            memory_bytes: IntGauge::new(
+                "shadowcdn_edge_cache_memory_bytes",
+                "Bytes held by the memory tier",
+            )?,
+            bans: IntGauge::new(
+                "shadowcdn_edge_purge_bans",
+                "Purge-by-prefix bans in force",
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.bytes_served.clone()))?;
+        registry.register(Box::new(m.origin_fetches.clone()))?;
+        registry.register(Box::new(m.origin_latency.clone()))?;
+        registry.register(Box::new(m.lock_waits.clone()))?;
+        registry.register(Box::new(m.lock_wait_seconds.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.request_seconds.clone()))?;
+        registry.register(Box::new(m.purges.clone()))?;
+        registry.register(Box::new(m.memory_bytes.clone()))?;
+        registry.register(Box::new(m.bans.clone()))?;
+        Ok(m)
+    }
+}

@@ -1,0 +1,436 @@
+//! The edge's Pingora `ProxyHttp` phases: origin selection, cache policy, cache key, Vary,
+//! cache-status headers, metrics and JSON error bodies.
+//!
+//! HTTP caching semantics (freshness, revalidation, stale serving, ranges, locking) are
+//! pingora-cache's; this module only configures them.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use http::header;
+use parking_lot::RwLock;
+use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
+use pingora_cache::filters::{calculate_fresh_until, calculate_serve_stale_durations, request_cacheable};
+use pingora_cache::key::HashBinary;
+use pingora_cache::lock::CacheKeyLockImpl;
+use pingora_cache::predictor::Predictor;
+use pingora_cache::{
+    CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason,
+    RespCacheable, VarianceBuilder,
+};
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::metrics::EdgeMetrics;
+use crate::origin::{normalize_host, Origin, OriginTable};
+use crate::storage::FoyerStorage;
+
+/// Cache behaviour that the origin's headers do not decide.
+#[derive(Debug, Clone)]
+pub struct CachePolicy {
+    /// Freshness for cacheable responses without an explicit lifetime (zero: do not cache).
+    pub default_ttl: Duration,
+    /// Default stale-while-revalidate seconds.
+    pub stale_while_revalidate_secs: u32,
+    /// Default stale-if-error seconds.
+    pub stale_if_error_secs: u32,
+    /// Largest body that is cached.
+    pub max_object_bytes: usize,
+    /// Longest time a request waits on another request's fill.
+    pub lock_timeout: Duration,
+    /// Origin connect timeout.
+    pub connect_timeout: Duration,
+    /// Origin read timeout.
+    pub read_timeout: Duration,
+}
+
+/// Components with `'static` lifetime, as pingora-cache requires.
+pub struct CacheParts {
+    /// The foyer-backed storage.
+    pub storage: &'static FoyerStorage,
+    /// The cache lock that coalesces concurrent misses.
+    pub lock: &'static CacheKeyLockImpl,
+    /// Remembers keys that turned out uncacheable so they bypass the lock next time.
+    pub predictor: &'static Predictor<32>,
+}
+
+/// The edge proxy.
+pub struct EdgeProxy {
+    node_id: String,
+    origins: Arc<RwLock<Arc<OriginTable>>>,
+    parts: CacheParts,
+    policy: CachePolicy,
+    metrics: EdgeMetrics,
+}
+
+/// Per-request state carried through the phases.
+pub struct RequestCtx {
+    origin: Option<Arc<Origin>>,
+    started: Instant,
+    upstream_started: Option<Instant>,
+    upstream_responded: bool,
+    status_label: &'static str,
+}
+
+impl EdgeProxy {
+    /// Build the proxy over a shared, replaceable origin table.
+    pub fn new(
+        node_id: String,
+        origins: Arc<RwLock<Arc<OriginTable>>>,
+        parts: CacheParts,
+        policy: CachePolicy,
+        metrics: EdgeMetrics,
+    ) -> Self {
+        EdgeProxy {
+            node_id,
+            origins,
+            parts,
+            policy,
+            metrics,
+        }
+    }
+}
+
+/// The primary cache key of a request: `host/path?query`, host normalized. The admin API
+/// builds purge keys with the same function, so purges always name what lookups find.
+pub fn primary_key(host: &str, path_and_query: &str) -> String {
+    format!("{}{}", normalize_host(host), path_and_query)
+}
+
+fn request_host(req: &RequestHeader) -> Option<&str> {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .filter(|h| !h.is_empty())
+}
+
+/// Write a JSON error response and end the request.
+pub async fn respond_json_error(
+    session: &mut Session,
+    status: u16,
+    code: &str,
+    message: &str,
+) -> Result<()> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+fn phase_labels(phase: CachePhase) -> (&'static str, &'static str) {
+    // (X-Cache value / metric label, RFC 9211 Cache-Status parameters)
+    match phase {
+        CachePhase::Hit => ("hit", "hit"),
+        CachePhase::Stale => ("stale", "hit; detail=stale"),
+        CachePhase::StaleUpdating => ("stale-updating", "hit; detail=stale-while-revalidate"),
+        CachePhase::Miss => ("miss", "fwd=miss"),
+        CachePhase::Expired => ("expired", "fwd=stale"),
+        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => {
+            ("revalidated", "fwd=stale; fwd-status=304")
+        }
+        _ => ("bypass", "fwd=bypass"),
+    }
+}
+
+/// Cache defaults are a `fn` pointer in pingora; our configurable TTL is applied after it.
+const NO_HEURISTIC: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
+
+/// Status codes RFC 9110 §15.1 calls heuristically cacheable.
+fn heuristically_cacheable(status: u16) -> bool {
+    matches!(
+        status,
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+    )
+}
+
+impl EdgeProxy {
+    fn cacheability(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
+        let cc = CacheControl::from_resp_headers(resp);
+        let now = SystemTime::now();
+        let explicit = calculate_fresh_until(now, cc.as_ref(), resp, authorization, &NO_HEURISTIC);
+        let fresh_until = match explicit {
+            Some(t) => t,
+            None => {
+                let forbidden = cc.as_ref().is_some_and(|c| {
+                    c.no_store() || c.private() || (authorization && !c.allow_caching_authorized_req())
+                }) || (authorization && cc.is_none());
+                if forbidden
+                    || self.policy.default_ttl.is_zero()
+                    || !heuristically_cacheable(resp.status.as_u16())
+                {
+                    return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+                }
+                now + self.policy.default_ttl
+            }
+        };
+        let defaults = CacheMetaDefaults::new(
+            |_| None,
+            self.policy.stale_while_revalidate_secs,
+            self.policy.stale_if_error_secs,
+        );
+        let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &defaults);
+        let mut header = resp.clone();
+        if let Some(c) = &cc {
+            c.strip_private_headers(&mut header);
+        }
+        RespCacheable::Cacheable(CacheMeta::new(fresh_until, now, swr, sie, header))
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for EdgeProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        RequestCtx {
+            origin: None,
+            started: Instant::now(),
+            upstream_started: None,
+            upstream_responded: false,
+            status_label: "bypass",
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let req = session.req_header();
+        let Some(host) = request_host(req).map(str::to_owned) else {
+            self.metrics.rejected.with_label_values(&["no_host"]).inc();
+            ctx.status_label = "rejected";
+            respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
+            return Ok(true);
+        };
+        let path = req.uri.path().to_owned();
+        let table = self.origins.read().clone();
+        match table.select(&host, &path) {
+            Some(origin) => {
+                ctx.origin = Some(origin.clone());
+                Ok(false)
+            }
+            None => {
+                self.metrics.rejected.with_label_values(&["unknown_host"]).inc();
+                ctx.status_label = "rejected";
+                let msg = format!("no origin is configured for host {host:?} and path {path:?}");
+                respond_json_error(session, 404, "unknown_host", &msg).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+        let origin = ctx
+            .origin
+            .as_ref()
+            .ok_or_else(|| Error::explain(ErrorType::InternalError, "no origin selected"))?;
+        let mut peer = HttpPeer::new(origin.addr, origin.tls, origin.authority.clone());
+        peer.options.connection_timeout = Some(self.policy.connect_timeout);
+        peer.options.total_connection_timeout = Some(self.policy.connect_timeout);
+        peer.options.read_timeout = Some(self.policy.read_timeout);
+        Ok(Box::new(peer))
+    }
+
+    fn request_cache_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<()> {
+        if !request_cacheable(session.req_header()) {
+            return Ok(());
+        }
+        let mut overrides = CacheOptionOverrides::default();
+        overrides.wait_timeout = Some(self.policy.lock_timeout);
+        session.cache.enable(
+            self.parts.storage,
+            None,
+            Some(self.parts.predictor),
+            Some(self.parts.lock),
+            Some(overrides),
+        );
+        session
+            .cache
+            .set_max_file_size_bytes(self.policy.max_object_bytes);
+        Ok(())
+    }
+
+    fn cache_key_callback(&self, session: &Session, _ctx: &mut Self::CTX) -> Result<CacheKey> {
+        let req = session.req_header();
+        let host = request_host(req).unwrap_or("");
+        let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+        Ok(CacheKey::new(primary_key(host, pq), ""))
+    }
+
+    fn response_cache_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        _ctx: &mut Self::CTX,
+    ) -> Result<RespCacheable> {
+        let authorization = session.req_header().headers.contains_key(header::AUTHORIZATION);
+        Ok(self.cacheability(resp, authorization))
+    }
+
+    fn cache_vary_filter(
+        &self,
+        meta: &CacheMeta,
+        _ctx: &mut Self::CTX,
+        req: &RequestHeader,
+    ) -> Option<HashBinary> {
+        let mut names: Vec<String> = meta
+            .headers()
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(|s| s.trim().to_ascii_lowercase())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if names.is_empty() {
+            return None;
+        }
+        names.sort();
+        names.dedup();
+        let mut key = VarianceBuilder::new();
+        for name in &names {
+            key.add_value(
+                name,
+                req.headers.get(name.as_str()).map(|v| v.as_bytes()).unwrap_or(&[]),
+            );
+        }
+        key.finalize()
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        ctx.upstream_started = Some(Instant::now());
+        let via = format!("1.1 shadowcdn-{}", self.node_id);
+        upstream_request.append_header(header::VIA, via)?;
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            upstream_request.append_header("x-forwarded-for", addr.ip().to_string())?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        _session: &mut Session,
+        _upstream_response: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(t) = ctx.upstream_started {
+            if !ctx.upstream_responded {
+                ctx.upstream_responded = true;
+                self.metrics.origin_latency.observe(t.elapsed().as_secs_f64());
+                self.metrics.origin_fetches.with_label_values(&["ok"]).inc();
+            }
+        }
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        let (label, detail) = phase_labels(session.cache.phase());
+        ctx.status_label = label;
+        resp.insert_header("x-cache", label.to_ascii_uppercase())?;
+        resp.insert_header("cache-status", format!("shadowcdn-{}; {detail}", self.node_id))?;
+        Ok(())
+    }
+
+    fn should_serve_stale(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut Self::CTX,
+        error: Option<&Error>,
+    ) -> bool {
+        // Within the windows the response allowed (RFC 5861): serve stale while revalidating,
+        // and on origin failures (connection errors and 5xx alike).
+        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream || matches!(e.etype(), ErrorType::HTTPStatus(s) if *s >= 500))
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy
+    where
+        Self::CTX: Send + Sync,
+    {
+        let (code, kind) = match e.etype() {
+            ErrorType::HTTPStatus(code) => (*code, "http_status"),
+            _ => match e.esource() {
+                ErrorSource::Upstream => (502, "origin_unreachable"),
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                        (0, "client_gone")
+                    }
+                    _ => (400, "bad_request"),
+                },
+                ErrorSource::Internal | ErrorSource::Unset => (500, "internal"),
+            },
+        };
+        ctx.status_label = "error";
+        if code > 0 {
+            let msg = match kind {
+                "origin_unreachable" => {
+                    let origin = ctx.origin.as_ref().map(|o| o.addr.to_string()).unwrap_or_default();
+                    format!("origin {origin} failed and no usable cached copy exists: {}", e.etype().as_str())
+                }
+                _ => e.etype().as_str().to_string(),
+            };
+            if let Err(err) = respond_json_error(session, code, kind, &msg).await {
+                tracing::debug!(error = %err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        let label = ctx.status_label;
+        self.metrics.requests.with_label_values(&[label]).inc();
+        self.metrics
+            .bytes_served
+            .with_label_values(&[label])
+            .inc_by(session.body_bytes_sent() as u64);
+        self.metrics
+            .request_seconds
+            .with_label_values(&[label])
+            .observe(ctx.started.elapsed().as_secs_f64());
+        if ctx.upstream_started.is_some() && !ctx.upstream_responded {
+            self.metrics.origin_fetches.with_label_values(&["error"]).inc();
+        }
+        if let Some(d) = session.cache.lock_duration() {
+            self.metrics.lock_waits.inc();
+            self.metrics.lock_wait_seconds.observe(d.as_secs_f64());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn primary_key_normalizes_host() {
+        assert_eq!(primary_key("Example.COM:8080", "/a?b=1"), "example.com/a?b=1");
+    }
+
+    #[test]
+    fn heuristic_status_codes() {
+        assert!(heuristically_cacheable(200));
+        assert!(heuristically_cacheable(404));
+        assert!(!heuristically_cacheable(500));
+        assert!(!heuristically_cacheable(302));
+    }
+}

@@ -1,0 +1,159 @@
+//! Assembles an edge from its configuration and runs it until shutdown.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use pingora_cache::lock::CacheLock;
+use pingora_cache::predictor::Predictor;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::background::background_service;
+
+use crate::admin::{AdminService, AdminState};
+use crate::config::EdgeConfig;
+use crate::metrics::EdgeMetrics;
+use crate::origin::OriginTable;
+use crate::proxy::{CachePolicy, CacheParts, EdgeProxy};
+use crate::storage::{FoyerStorage, StorageError, StorageOptions};
+
+/// Why an edge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The cache could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// A listener address is taken or not ours.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Runtime or metrics set-up failed.
+    #[error("start-up: {0}")]
+    Setup(String),
+}
+
+/// A configured edge, ready to run.
+pub struct EdgeNode {
+    cfg: EdgeConfig,
+    server: Server,
+    storage: &'static FoyerStorage,
+    storage_rt: tokio::runtime::Runtime,
+}
+
+impl EdgeNode {
+    /// Open the cache, bind the listeners and build the services.
+    pub fn build(cfg: EdgeConfig) -> Result<Self, StartError> {
+        let origins = OriginTable::build(&cfg.origins).map_err(crate::config::ConfigError::from)?;
+        // Bind-check the proxy port now so a busy port is a clear start-up error.
+        TcpListener::bind(cfg.server.listen).map_err(|source| StartError::Bind {
+            what: "server.listen",
+            addr: cfg.server.listen,
+            source,
+        })?;
+        let admin_listener = TcpListener::bind(cfg.admin.listen).map_err(|source| StartError::Bind {
+            what: "admin.listen",
+            addr: cfg.admin.listen,
+            source,
+        })?;
+
+        // foyer's flushers and reclaimers get a runtime of their own, outside pingora's
+        // per-service runtimes, so they keep running through pingora's shutdown until we
+        // close the cache.
+        let storage_rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("foyer")
+            .enable_all()
+            .build()
+            .map_err(|e| StartError::Setup(e.to_string()))?;
+        let registry = prometheus::Registry::new();
+        let metrics = EdgeMetrics::register(&registry).map_err(|e| StartError::Setup(e.to_string()))?;
+        let opts = StorageOptions {
+            dir: cfg.cache.dir.clone(),
+            memory_bytes: cfg.cache.memory_capacity.as_u64() as usize,
+            disk_bytes: cfg.cache.disk_capacity.as_u64() as usize,
+            block_size: cfg.block_size(),
+            max_object_bytes: cfg.cache.max_object_size.as_u64() as usize,
+            ban_retention: Duration::from_secs(cfg.cache.ban_retention_secs),
+        };
+        let spawner = foyer::Spawner::from(storage_rt.handle().clone());
+        let storage = storage_rt.block_on(FoyerStorage::open(&opts, spawner, &registry))?;
+        // pingora-cache requires 'static storage, lock and predictor; they live for the
+        // process, exactly like the server itself.
+        let storage: &'static FoyerStorage = Box::leak(Box::new(storage));
+        let lock = Box::leak(CacheLock::new_boxed(Duration::from_secs(cfg.cache.lock_timeout_secs)));
+        let predictor: &'static Predictor<32> = Box::leak(Box::new(Predictor::new(128, None)));
+
+        let mut conf = ServerConf::default();
+        conf.threads = cfg.server.threads;
+        conf.grace_period_seconds = Some(cfg.server.grace_period_secs);
+        conf.graceful_shutdown_timeout_seconds = Some(cfg.server.shutdown_timeout_secs);
+        conf.pid_file = cfg.cache.dir.join("edge.pid").to_string_lossy().into_owned();
+        conf.upgrade_sock = cfg.cache.dir.join("upgrade.sock").to_string_lossy().into_owned();
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let policy = CachePolicy {
+            default_ttl: Duration::from_secs(cfg.cache.default_ttl_secs),
+            stale_while_revalidate_secs: cfg.cache.stale_while_revalidate_secs,
+            stale_if_error_secs: cfg.cache.stale_if_error_secs,
+            max_object_bytes: opts.max_object_bytes,
+            lock_timeout: Duration::from_secs(cfg.cache.lock_timeout_secs),
+            connect_timeout: Duration::from_secs(cfg.server.origin_connect_timeout_secs),
+            read_timeout: Duration::from_secs(cfg.server.origin_read_timeout_secs),
+        };
+        let proxy = EdgeProxy::new(
+            cfg.node_id.clone(),
+            Arc::new(RwLock::new(Arc::new(origins))),
+            CacheParts {
+                storage,
+                lock,
+                predictor,
+            },
+            policy,
+            metrics.clone(),
+        );
+        let mut proxy_service =
+            pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "shadowcdn-edge");
+        proxy_service.add_tcp(&cfg.server.listen.to_string());
+
+        let admin_state = AdminState::new(&cfg.node_id, &cfg.admin.token, storage, registry, metrics);
+        let admin = background_service("admin", AdminService::new(admin_listener, admin_state));
+
+        server.add_service(proxy_service);
+        server.add_service(admin);
+        Ok(EdgeNode {
+            cfg,
+            server,
+            storage,
+            storage_rt,
+        })
+    }
+
+    /// Serve until SIGTERM (graceful: in-flight requests finish) or SIGINT, then flush the
+    /// cache to disk and return.
+    pub fn run(self) -> Result<(), StorageError> {
+        tracing::info!(
+            node = %self.cfg.node_id,
+            listen = %self.cfg.server.listen,
+            admin = %self.cfg.admin.listen,
+            cache_dir = %self.cfg.cache.dir.display(),
+            "edge-node serving"
+        );
+        self.server.run(RunArgs::default());
+        tracing::info!("server stopped; flushing cache");
+        self.storage_rt.block_on(self.storage.close())?;
+        self.storage_rt.shutdown_timeout(Duration::from_secs(5));
+        tracing::info!("edge-node stopped");
+        Ok(())
+    }
+}

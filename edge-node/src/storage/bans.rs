@@ -1,0 +1,242 @@
+//! Durable purge-by-prefix bans.
+//!
+//! foyer cannot enumerate its disk tier, so a prefix purge cannot find every object it covers.
+//! Instead, like Varnish bans, it records "every object under this prefix stored before T is
+//! gone". Lookups check an object against the bans newer than it and delete it on a match.
+//! Bans are appended to a log and fsynced before the purge is acknowledged, so a restart
+//! forgets none of them. Bans older than the retention are dropped; the newest dropped ban's
+//! time becomes a floor, and any object stored before the floor is treated as a miss, so
+//! dropping a ban can never resurrect what it covered.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+
+/// Why the ban log could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum BanError {
+    /// Filesystem failure.
+    #[error("ban log {path}: {source}")]
+    Io {
+        /// The log file.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug, Clone)]
+struct Ban {
+    prefix: String,
+    /// Milliseconds since the epoch.
+    at_ms: u64,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    bans: Vec<Ban>,
+    floor_ms: u64,
+}
+
+/// The ban list and its log.
+#[derive(Debug)]
+pub struct BanList {
+    path: PathBuf,
+    state: RwLock<State>,
+    writer: Mutex<File>,
+    retention: Duration,
+}
+
+fn now_ms() -> u64 {
+    millis(SystemTime::now())
+}
+
+fn millis(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl BanList {
+    /// Open (or create) the ban log in `dir`, dropping bans older than `retention`.
+    pub fn open(dir: &Path, retention: Duration) -> Result<Self, BanError> {
+        let path = dir.join("bans.log");
+        let io = |source| BanError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut state = State::default();
+        if path.exists() {
+            let f = File::open(&path).map_err(io)?;
+            for line in BufReader::new(f).lines() {
+                let line = line.map_err(io)?;
+                // A torn last line (crash mid-append) was never acknowledged: skip it.
+                let Some((kind, rest)) = line.split_once(' ') else {
+                    continue;
+                };
+                let Some((at, prefix)) = rest.split_once(' ') else {
+                    continue;
+                };
+                let Ok(at_ms) = at.parse::<u64>() else {
+                    continue;
+                };
+                match kind {
+                    "floor" => state.floor_ms = state.floor_ms.max(at_ms),
+                    "ban" => state.bans.push(Ban {
+                        prefix: prefix.to_string(),
+                        at_ms,
+                    }),
+                    _ => continue,
+                }
+            }
+        }
+        let list = BanList {
+            writer: Mutex::new(
+                OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .map_err(io)?,
+            ),
+            path,
+            state: RwLock::new(state),
+            retention,
+        };
+        list.compact()?;
+        Ok(list)
+    }
+
+    /// Record a ban on every object whose primary key starts with `prefix`, durably.
+    pub fn add(&self, prefix: &str) -> Result<(), BanError> {
+        // Keys are single-line; a newline would corrupt the log.
+        let prefix: String = prefix.chars().filter(|c| *c != '\n' && *c != '\r').collect();
+        let at_ms = now_ms();
+        {
+            let mut w = self.writer.lock();
+            writeln!(w, "ban {at_ms} {prefix}")
+                .and_then(|_| w.sync_data())
+                .map_err(|source| BanError::Io {
+                    path: self.path.clone(),
+                    source,
+                })?;
+        }
+        self.state.write().bans.push(Ban { prefix, at_ms });
+        Ok(())
+    }
+
+    /// Whether an object with `key`, stored at `stored`, is covered by a ban (or predates the
+    /// floor) and must be treated as absent.
+    pub fn is_banned(&self, key: &str, stored: SystemTime) -> bool {
+        let stored_ms = millis(stored);
+        let s = self.state.read();
+        if stored_ms < s.floor_ms {
+            return true;
+        }
+        s.bans
+            .iter()
+            .any(|b| b.at_ms >= stored_ms && key.starts_with(b.prefix.as_str()))
+    }
+
+    /// Number of bans currently held.
+    pub fn len(&self) -> usize {
+        self.state.read().bans.len()
+    }
+
+    /// Whether there are no bans.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drop expired bans, raise the floor, and rewrite the log atomically.
+    pub fn compact(&self) -> Result<(), BanError> {
+        let io = |source| BanError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let horizon = now_ms().saturating_sub(self.retention.as_millis() as u64);
+        let mut w = self.writer.lock();
+        let mut s = self.state.write();
+        let before = s.bans.len();
+        let mut floor = s.floor_ms;
+        s.bans.retain(|b| {
+            if b.at_ms < horizon {
+                floor = floor.max(b.at_ms + 1);
+                false
+            } else {
+                true
+            }
+        });
+        s.floor_ms = floor;
+        if before == s.bans.len() && self.path.exists() {
+            return Ok(());
+        }
+        let tmp = self.path.with_extension("log.tmp");
+        {
+            let mut f = File::create(&tmp).map_err(io)?;
+            writeln!(f, "floor {} -", s.floor_ms).map_err(io)?;
+            for b in &s.bans {
+                writeln!(f, "ban {} {}", b.at_ms, b.prefix).map_err(io)?;
+            }
+            f.sync_all().map_err(io)?;
+        }
+        fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent() {
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+        }
+        *w = OpenOptions::new()
+            .append(true)
+            .open(&self.path)
+            .map_err(io)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ban_covers_older_objects_only_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        {
+            let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            assert!(!b.is_banned("h/a/1", old));
+            b.add("h/a/").unwrap();
+            assert!(b.is_banned("h/a/1", old));
+            assert!(!b.is_banned("h/b/1", old));
+            let fresh = SystemTime::now() + Duration::from_secs(1);
+            assert!(!b.is_banned("h/a/1", fresh));
+        }
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert_eq!(b.len(), 1);
+        assert!(b.is_banned("h/a/1", old));
+    }
+
+    #[test]
+    fn expired_bans_become_a_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        {
+            let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            b.add("h/a/").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let b = BanList::open(dir.path(), Duration::from_millis(1)).unwrap();
+        assert_eq!(b.len(), 0);
+        // Still gone: it predates the floor.
+        assert!(b.is_banned("h/zzz", old));
+        assert!(!b.is_banned("h/zzz", SystemTime::now() + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn torn_line_is_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("bans.log"), "ban 123 h/x\nban 12").unwrap();
+        let b = BanList::open(dir.path(), Duration::from_secs(1 << 40)).unwrap();
+        assert_eq!(b.len(), 1);
+    }
+}

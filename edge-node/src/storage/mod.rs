@@ -1,0 +1,437 @@
+//! pingora-cache storage on foyer's hybrid memory + disk cache.
+//!
+//! pingora-cache owns HTTP semantics (freshness, revalidation, Vary, ranges, locking); this
+//! module only stores and returns `(CacheMeta, body)` pairs. Objects are keyed by the 128-bit
+//! combined hash pingora computes from the primary key and variance. Bodies being filled live
+//! in [`fill`] until complete, so concurrent readers can stream them; complete bodies go to
+//! foyer, which writes them to disk on insertion so they survive a restart.
+
+mod bans;
+mod fill;
+mod object;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use foyer::{
+    BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
+    HybridCachePolicy, RecoverMode, Spawner,
+};
+use parking_lot::Mutex;
+use pingora_cache::key::{CacheHashKey, CacheKey, CompactCacheKey};
+use pingora_cache::storage::{
+    HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
+};
+use pingora_cache::trace::SpanHandle;
+use pingora_cache::{CacheEntryKey, CacheMeta, Storage};
+use pingora_error::{Error, ErrorType, Result};
+
+pub use bans::{BanError, BanList};
+use fill::{CompleteHit, Fill, FillState, PartialHit};
+pub use object::StoredObject;
+
+/// Why the cache could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    /// The cache directory could not be created.
+    #[error("cache dir {path}: {source}")]
+    Dir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// foyer failed to open or recover the disk tier.
+    #[error("opening the foyer cache: {0}")]
+    Foyer(#[from] foyer::Error),
+    /// The ban log could not be opened.
+    #[error(transparent)]
+    Bans(#[from] BanError),
+}
+
+/// Sizes and location of the cache; see [`crate::config::CacheSection`].
+#[derive(Debug, Clone)]
+pub struct StorageOptions {
+    /// Disk tier directory.
+    pub dir: PathBuf,
+    /// Memory tier capacity in bytes.
+    pub memory_bytes: usize,
+    /// Disk tier capacity in bytes.
+    pub disk_bytes: usize,
+    /// foyer block size; bounds the largest storable object.
+    pub block_size: usize,
+    /// Largest body admitted.
+    pub max_object_bytes: usize,
+    /// How long prefix bans are kept.
+    pub ban_retention: Duration,
+}
+
+/// The foyer-backed pingora-cache [`Storage`].
+pub struct FoyerStorage {
+    cache: HybridCache<u128, StoredObject>,
+    fills: Mutex<HashMap<u128, Vec<Arc<Fill>>>>,
+    next_fill: AtomicU64,
+    bans: BanList,
+    max_object_bytes: usize,
+}
+
+impl std::fmt::Debug for FoyerStorage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FoyerStorage")
+            .field("memory_usage", &self.cache.memory().usage())
+            .finish_non_exhaustive()
+    }
+}
+
+fn storage_err(context: &'static str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Box<Error> {
+    Error::because(ErrorType::InternalError, context, e)
+}
+
+fn hash_of(bin: [u8; 16]) -> u128 {
+    u128::from_be_bytes(bin)
+}
+
+impl FoyerStorage {
+    /// Open the cache, recovering the disk tier from `opts.dir`.
+    ///
+    /// foyer's background tasks run on `spawner`, which must outlive the storage; the edge
+    /// gives it a runtime of its own so they are independent of pingora's service runtimes.
+    pub async fn open(
+        opts: &StorageOptions,
+        spawner: Spawner,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, StorageError> {
+        std::fs::create_dir_all(&opts.dir).map_err(|source| StorageError::Dir {
+            path: opts.dir.clone(),
+            source,
+        })?;
+        let device = FsDeviceBuilder::new(opts.dir.join("foyer"))
+            .with_capacity(opts.disk_bytes)
+            .build()?;
+        let mixtrics_registry: mixtrics::metrics::BoxedRegistry = Box::new(
+            mixtrics::registry::prometheus::PrometheusMetricsRegistry::new(registry.clone()),
+        );
+        let cache = HybridCacheBuilder::new()
+            .with_name("shadowcdn_edge")
+            .with_metrics_registry(mixtrics_registry)
+            // Objects go to disk as soon as they are stored, so a crash or restart keeps them.
+            .with_policy(HybridCachePolicy::WriteOnInsertion)
+            .with_flush_on_close(true)
+            .memory(opts.memory_bytes)
+            .with_weighter(|_k: &u128, v: &StoredObject| v.weight())
+            .storage()
+            .with_spawner(spawner)
+            // Updates and purges must not resurrect old versions after a restart.
+            .with_recover_mode(RecoverMode::Quiet)
+            .with_engine_config(
+                BlockEngineConfig::new(device)
+                    .with_block_size(opts.block_size)
+                    .with_tombstone_log(true),
+            )
+            .build()
+            .await?;
+        let bans = BanList::open(&opts.dir, opts.ban_retention)?;
+        Ok(FoyerStorage {
+            cache,
+            fills: Mutex::new(HashMap::new()),
+            next_fill: AtomicU64::new(1),
+            bans,
+            max_object_bytes: opts.max_object_bytes,
+        })
+    }
+
+    /// Flush and close foyer; called on graceful shutdown.
+    pub async fn close(&self) -> Result<(), StorageError> {
+        self.cache.close().await?;
+        Ok(())
+    }
+
+    /// Bytes held by the memory tier.
+    pub fn memory_usage(&self) -> usize {
+        self.cache.memory().usage()
+    }
+
+    /// Remove every variant of `primary_key` (pingora treats the primary slot as the tombstone
+    /// of all variants). Returns whether an object was present.
+    pub fn purge_key(&self, primary_key: &str) -> bool {
+        let key = CacheKey::new(primary_key, "");
+        let hash = hash_of(key.primary_bin());
+        let had_fill = self.cancel_fills(hash);
+        let present = self.cache.contains(&hash);
+        self.cache.remove(&hash);
+        present || had_fill
+    }
+
+    /// Ban every object whose primary key starts with `prefix`; durable before it returns.
+    pub fn purge_prefix(&self, prefix: &str) -> Result<(), BanError> {
+        // Fills in flight under the prefix carry a creation time older than the ban, so their
+        // objects are dropped at their first lookup after commit.
+        self.bans.add(prefix)
+    }
+
+    /// Drop expired bans (run periodically).
+    pub fn compact_bans(&self) -> Result<(), BanError> {
+        self.bans.compact()
+    }
+
+    /// Number of purge bans in force.
+    pub fn ban_count(&self) -> usize {
+        self.bans.len()
+    }
+
+    fn cancel_fills(&self, hash: u128) -> bool {
+        match self.fills.lock().remove(&hash) {
+            Some(v) => {
+                for f in &v {
+                    f.cancel();
+                }
+                !v.is_empty()
+            }
+            None => false,
+        }
+    }
+
+    fn any_fill(&self, hash: u128) -> Option<Arc<Fill>> {
+        self.fills.lock().get(&hash).and_then(|v| v.first().cloned())
+    }
+
+    fn remove_fill(&self, hash: u128, id: u64) {
+        let mut fills = self.fills.lock();
+        if let Some(v) = fills.get_mut(&hash) {
+            v.retain(|f| f.id != id);
+            if v.is_empty() {
+                fills.remove(&hash);
+            }
+        }
+    }
+
+    async fn load(&self, hash: u128) -> Result<Option<StoredObject>> {
+        let entry = self
+            .cache
+            .get(&hash)
+            .await
+            .map_err(|e| storage_err("foyer get", e))?;
+        Ok(entry.map(|e| e.value().clone()))
+    }
+}
+
+fn partial_hit(fill: Arc<Fill>) -> Result<Option<(CacheMeta, HitHandler)>> {
+    let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
+    Ok(Some((meta, Box::new(PartialHit::new(fill)))))
+}
+
+#[async_trait]
+impl Storage for FoyerStorage {
+    async fn lookup(
+        &'static self,
+        key: &CacheKey,
+        _trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let hash = hash_of(key.combined_bin());
+        // Prefer an in-progress fill: it is newer than whatever foyer holds.
+        if let Some(fill) = self.any_fill(hash) {
+            return partial_hit(fill);
+        }
+        let Some(obj) = self.load(hash).await? else {
+            return Ok(None);
+        };
+        let meta = match CacheMeta::deserialize(&obj.meta_internal, &obj.meta_header) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(error = %e, "dropping undecodable cache entry");
+                self.cache.remove(&hash);
+                return Ok(None);
+            }
+        };
+        let primary = String::from_utf8_lossy(key.primary_key());
+        if self.bans.is_banned(&primary, meta.created()) {
+            self.cache.remove(&hash);
+            return Ok(None);
+        }
+        Ok(Some((meta, Box::new(CompleteHit::new(obj.body)))))
+    }
+
+    async fn lookup_streaming_write(
+        &'static self,
+        key: &CacheKey,
+        streaming_write_tag: Option<&[u8]>,
+        trace: &SpanHandle,
+    ) -> Result<Option<(CacheMeta, HitHandler)>> {
+        let hash = hash_of(key.combined_bin());
+        if let Some(tag) = streaming_write_tag {
+            let fill = self
+                .fills
+                .lock()
+                .get(&hash)
+                .and_then(|v| v.iter().find(|f| f.tag == tag).cloned());
+            // The write already committed (or was purged): fall back to a normal lookup.
+            if let Some(fill) = fill {
+                return partial_hit(fill);
+            }
+        }
+        self.lookup(key, trace).await
+    }
+
+    async fn get_miss_handler(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<MissHandler> {
+        let hash = hash_of(key.combined_bin());
+        let (internal, header) = meta.serialize()?;
+        let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
+        let fill = Fill::new(id, (Bytes::from(internal), Bytes::from(header)));
+        self.fills.lock().entry(hash).or_default().push(fill.clone());
+        Ok(Box::new(FoyerMissHandler {
+            storage: self,
+            hash,
+            fill,
+            size: 0,
+            finished: false,
+        }))
+    }
+
+    async fn purge(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _purge_type: PurgeType,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        // Entries carry no generation id, so an exact identified target cannot be ours.
+        if matches!(target, PurgeTarget::Exact(CacheEntryKey::Identified { .. })) {
+            return Ok(PurgeOutcome::NotFound);
+        }
+        let hash = hash_of(compact_bin(target.key()));
+        let had_fill = self.cancel_fills(hash);
+        let present = self.cache.contains(&hash);
+        self.cache.remove(&hash);
+        Ok(if present || had_fill {
+            PurgeOutcome::Purged(None)
+        } else {
+            PurgeOutcome::NotFound
+        })
+    }
+
+    async fn expire(
+        &'static self,
+        target: PurgeTarget<'_>,
+        _trace: &SpanHandle,
+    ) -> Result<PurgeOutcome> {
+        if matches!(target, PurgeTarget::Exact(CacheEntryKey::Identified { .. })) {
+            return Ok(PurgeOutcome::NotFound);
+        }
+        let hash = hash_of(compact_bin(target.key()));
+        let Some(obj) = self.load(hash).await? else {
+            return Ok(PurgeOutcome::NotFound);
+        };
+        let mut meta = CacheMeta::deserialize(&obj.meta_internal, &obj.meta_header)?;
+        meta.expire_at(SystemTime::now());
+        let (internal, header) = meta.serialize()?;
+        self.cache.insert(
+            hash,
+            StoredObject {
+                meta_internal: internal.into(),
+                meta_header: header.into(),
+                body: obj.body,
+            },
+        );
+        Ok(PurgeOutcome::Expired)
+    }
+
+    async fn update_meta(
+        &'static self,
+        key: &CacheKey,
+        meta: &CacheMeta,
+        _trace: &SpanHandle,
+    ) -> Result<bool> {
+        let hash = hash_of(key.combined_bin());
+        let Some(obj) = self.load(hash).await? else {
+            return Ok(false);
+        };
+        let (internal, header) = meta.serialize()?;
+        self.cache.insert(
+            hash,
+            StoredObject {
+                meta_internal: internal.into(),
+                meta_header: header.into(),
+                body: obj.body,
+            },
+        );
+        Ok(true)
+    }
+
+    fn support_streaming_partial_write(&self) -> bool {
+        true
+    }
+
+    fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
+        self
+    }
+}
+
+fn compact_bin(key: &CompactCacheKey) -> [u8; 16] {
+    key.combined_bin()
+}
+
+/// Writes one body into a [`Fill`], then commits it to foyer.
+struct FoyerMissHandler {
+    storage: &'static FoyerStorage,
+    hash: u128,
+    fill: Arc<Fill>,
+    size: usize,
+    finished: bool,
+}
+
+#[async_trait]
+impl HandleMiss for FoyerMissHandler {
+    async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        self.size += data.len();
+        if self.size > self.storage.max_object_bytes {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!(
+                    "body exceeds max object size of {} bytes",
+                    self.storage.max_object_bytes
+                ),
+            );
+        }
+        self.fill.push(data);
+        Ok(())
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
+        self.finished = true;
+        if !self.fill.is_cancelled() {
+            let obj = StoredObject {
+                meta_internal: self.fill.meta.0.clone(),
+                meta_header: self.fill.meta.1.clone(),
+                body: self.fill.body(),
+            };
+            // Commit before the fill disappears so lookups always find one of the two.
+            self.storage.cache.insert(self.hash, obj);
+        }
+        self.fill.finish(FillState::Done);
+        self.storage.remove_fill(self.hash, self.fill.id);
+        Ok(MissFinishType::Created(self.size))
+    }
+
+    fn streaming_write_tag(&self) -> Option<&[u8]> {
+        Some(&self.fill.tag)
+    }
+}
+
+impl Drop for FoyerMissHandler {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.fill.finish(FillState::Aborted);
+            self.storage.remove_fill(self.hash, self.fill.id);
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! The value stored in foyer: an HTTP response's cache metadata and its whole body.
+//!
+//! The encoding is versioned so that a disk tier written by an older edge is either read
+//! correctly or rejected as a miss, never misread.
+
+use std::io::{Read, Write};
+
+use bytes::Bytes;
+use foyer::{Code, Error as FoyerError};
+
+/// Format version written in front of every object.
+const VERSION: u8 = 1;
+/// Refuse to decode metadata blobs larger than this (a corrupt length must not allocate GiBs).
+const MAX_META: u32 = 1024 * 1024;
+
+/// One cached response.
+#[derive(Debug, Clone)]
+pub struct StoredObject {
+    /// pingora `CacheMeta` internal part (freshness, timestamps, variance).
+    pub meta_internal: Bytes,
+    /// pingora `CacheMeta` serialized response header.
+    pub meta_header: Bytes,
+    /// The complete response body.
+    pub body: Bytes,
+}
+
+impl StoredObject {
+    /// Bytes this object occupies, used as its weight in the memory tier.
+    pub fn weight(&self) -> usize {
+        self.meta_internal.len() + self.meta_header.len() + self.body.len() + 64
+    }
+}
+
+fn write_blob(w: &mut impl Write, b: &[u8]) -> Result<(), FoyerError> {
+    w.write_all(&(b.len() as u64).to_le_bytes())
+        .and_then(|_| w.write_all(b))
+        .map_err(FoyerError::io_error)
+}
+
+fn read_blob(r: &mut impl Read, limit: u64) -> Result<Bytes, FoyerError> {
+    let mut len = [0u8; 8];
+    r.read_exact(&mut len).map_err(FoyerError::io_error)?;
+    let len = u64::from_le_bytes(len);
+    if len > limit {
+        return Err(FoyerError::io_error(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("stored blob of {len} bytes exceeds limit {limit}"),
+        )));
+    }
+    let mut buf = vec![0u8; len as usize];
+    r.read_exact(&mut buf).map_err(FoyerError::io_error)?;
+    Ok(Bytes::from(buf))
+}
+
+impl Code for StoredObject {
+    fn encode(&self, w: &mut impl Write) -> Result<(), FoyerError> {
+        w.write_all(&[VERSION]).map_err(FoyerError::io_error)?;
+        write_blob(w, &self.meta_internal)?;
+        write_blob(w, &self.meta_header)?;
+        write_blob(w, &self.body)
+    }
+
+    fn decode(r: &mut impl Read) -> Result<Self, FoyerError> {
+        let mut v = [0u8; 1];
+        r.read_exact(&mut v).map_err(FoyerError::io_error)?;
+        if v[0] != VERSION {
+            return Err(FoyerError::io_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("unknown stored object version {}", v[0]),
+            )));
+        }
+        Ok(StoredObject {
+            meta_internal: read_blob(r, MAX_META as u64)?,
+            meta_header: read_blob(r, MAX_META as u64)?,
+            body: read_blob(r, u32::MAX as u64)?,
+        })
+    }
+
+    fn estimated_size(&self) -> usize {
+        1 + 24 + self.meta_internal.len() + self.meta_header.len() + self.body.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roundtrip() {
+        let o = StoredObject {
+            meta_internal: Bytes::from_static(b"internal"),
+            meta_header: Bytes::from_static(b"header"),
+            body: Bytes::from(vec![7u8; 10_000]),
+        };
+        let mut buf = Vec::new();
+        o.encode(&mut buf).unwrap();
+        assert_eq!(buf.len(), o.estimated_size());
+        let d = StoredObject::decode(&mut buf.as_slice()).unwrap();
+        assert_eq!(d.meta_internal, o.meta_internal);
+        assert_eq!(d.meta_header, o.meta_header);
+        assert_eq!(d.body, o.body);
+    }
+
+    #[test]
+    fn rejects_unknown_version_and_truncation() {
+        assert!(StoredObject::decode(&mut [9u8, 0, 0].as_slice()).is_err());
+        let o = StoredObject {
+            meta_internal: Bytes::from_static(b"i"),
+            meta_header: Bytes::from_static(b"h"),
+            body: Bytes::from_static(b"body"),
+        };
+        let mut buf = Vec::new();
+        o.encode(&mut buf).unwrap();
+        buf.truncate(buf.len() - 2);
+        assert!(StoredObject::decode(&mut buf.as_slice()).is_err());
+    }
+
+    #[test]
+    fn rejects_huge_meta_length() {
+        let mut buf = vec![VERSION];
+        buf.extend_from_slice(&(u64::MAX).to_le_bytes());
+        assert!(StoredObject::decode(&mut buf.as_slice()).is_err());
+    }
+}
