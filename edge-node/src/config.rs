@@ -41,10 +41,10 @@ pub struct ServerSection {
     /// Worker threads for the proxy service.
     #[serde(default = "default_threads")]
     pub threads: usize,
-    /// Seconds between SIGTERM and the start of runtime shutdown; listeners stop accepting at
-    /// once and in-flight requests keep running during this window.
-    #[serde(default = "default_grace_period")]
-    pub grace_period_secs: u64,
+    /// On SIGTERM the listeners stop accepting at once and in-flight requests get up to this
+    /// many seconds to finish; the edge exits as soon as none is left.
+    #[serde(default = "default_drain_timeout")]
+    pub drain_timeout_secs: u64,
     /// Seconds the runtimes get to finish in-flight work after the grace period.
     #[serde(default = "default_shutdown_timeout")]
     pub shutdown_timeout_secs: u64,
@@ -270,8 +270,8 @@ fn default_node_id() -> String {
 fn default_threads() -> usize {
     2
 }
-fn default_grace_period() -> u64 {
-    1
+fn default_drain_timeout() -> u64 {
+    30
 }
 fn default_shutdown_timeout() -> u64 {
     10

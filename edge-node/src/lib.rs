@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod drain;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;

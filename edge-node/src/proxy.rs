@@ -25,6 +25,7 @@ use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, Origin, OriginTable};
 use crate::storage::FoyerStorage;
@@ -65,10 +66,12 @@ pub struct EdgeProxy {
     parts: CacheParts,
     policy: CachePolicy,
     metrics: EdgeMetrics,
+    inflight: InflightCounter,
 }
 
 /// Per-request state carried through the phases.
 pub struct RequestCtx {
+    _inflight: InflightGuard,
     origin: Option<Arc<Origin>>,
     started: Instant,
     upstream_started: Option<Instant>,
@@ -84,6 +87,7 @@ impl EdgeProxy {
         parts: CacheParts,
         policy: CachePolicy,
         metrics: EdgeMetrics,
+        inflight: InflightCounter,
     ) -> Self {
         EdgeProxy {
             node_id,
@@ -91,6 +95,7 @@ impl EdgeProxy {
             parts,
             policy,
             metrics,
+            inflight,
         }
     }
 }
@@ -194,6 +199,7 @@ impl ProxyHttp for EdgeProxy {
 
     fn new_ctx(&self) -> Self::CTX {
         RequestCtx {
+            _inflight: self.inflight.enter(),
             origin: None,
             started: Instant::now(),
             upstream_started: None,

@@ -13,6 +13,7 @@ use pingora_core::services::background::background_service;
 
 use crate::admin::{AdminService, AdminState};
 use crate::config::EdgeConfig;
+use crate::drain::{Drainer, InflightCounter};
 use crate::metrics::EdgeMetrics;
 use crate::origin::OriginTable;
 use crate::proxy::{CachePolicy, CacheParts, EdgeProxy};
@@ -95,7 +96,9 @@ impl EdgeNode {
 
         let mut conf = ServerConf::default();
         conf.threads = cfg.server.threads;
-        conf.grace_period_seconds = Some(cfg.server.grace_period_secs);
+        // The drainer exits as soon as requests are done; pingora's own grace period is only
+        // the backstop behind it.
+        conf.grace_period_seconds = Some(cfg.server.drain_timeout_secs + 5);
         conf.graceful_shutdown_timeout_seconds = Some(cfg.server.shutdown_timeout_secs);
         conf.pid_file = cfg.cache.dir.join("edge.pid").to_string_lossy().into_owned();
         conf.upgrade_sock = cfg.cache.dir.join("upgrade.sock").to_string_lossy().into_owned();
@@ -111,6 +114,7 @@ impl EdgeNode {
             connect_timeout: Duration::from_secs(cfg.server.origin_connect_timeout_secs),
             read_timeout: Duration::from_secs(cfg.server.origin_read_timeout_secs),
         };
+        let inflight = InflightCounter::default();
         let proxy = EdgeProxy::new(
             cfg.node_id.clone(),
             Arc::new(RwLock::new(Arc::new(origins))),
@@ -121,6 +125,7 @@ impl EdgeNode {
             },
             policy,
             metrics.clone(),
+            inflight.clone(),
         );
         let mut proxy_service =
             pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "shadowcdn-edge");
@@ -129,8 +134,13 @@ impl EdgeNode {
         let admin_state = AdminState::new(&cfg.node_id, &cfg.admin.token, storage, registry, metrics);
         let admin = background_service("admin", AdminService::new(admin_listener, admin_state));
 
+        let drainer = background_service(
+            "drain",
+            Drainer::new(inflight, storage, Duration::from_secs(cfg.server.drain_timeout_secs)),
+        );
         server.add_service(proxy_service);
         server.add_service(admin);
+        server.add_service(drainer);
         Ok(EdgeNode {
             cfg,
             server,

@@ -1,0 +1,110 @@
+//! Graceful shutdown: on SIGTERM pingora stops accepting; this waits for the requests still in
+//! flight (up to a deadline), flushes the cache to disk and exits.
+//!
+//! pingora alone would sleep a fixed grace period and then cancel whatever is still running;
+//! counting requests lets an idle edge stop at once and a busy one finish its responses.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use crate::storage::FoyerStorage;
+
+/// Counts requests in flight.
+#[derive(Debug, Clone, Default)]
+pub struct InflightCounter(Arc<AtomicUsize>);
+
+/// Held by a request for its whole life; dropping it marks the request finished.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<AtomicUsize>);
+
+impl InflightCounter {
+    /// Mark a request as started.
+    pub fn enter(&self) -> InflightGuard {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        InflightGuard(self.0.clone())
+    }
+
+    /// Requests in flight now.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Background service that performs the drain-flush-exit sequence.
+pub struct Drainer {
+    inflight: InflightCounter,
+    storage: &'static FoyerStorage,
+    timeout: Duration,
+}
+
+impl Drainer {
+    /// Drain `inflight` for at most `timeout`, then close `storage`.
+    pub fn new(inflight: InflightCounter, storage: &'static FoyerStorage, timeout: Duration) -> Self {
+        Drainer {
+            inflight,
+            storage,
+            timeout,
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for Drainer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let n = self.inflight.count();
+            if n == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::warn!(in_flight = n, "drain timeout reached; closing anyway");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!("drained; flushing cache to disk");
+        let code = match self.storage.close().await {
+            Ok(()) => 0,
+            Err(e) => {
+                tracing::error!(error = %e, "cache flush failed");
+                1
+            }
+        };
+        tracing::info!("edge-node stopped");
+        // Everything that matters is finished; skip pingora's remaining fixed grace sleep.
+        std::process::exit(code);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn guards_count() {
+        let c = InflightCounter::default();
+        let a = c.enter();
+        let b = c.enter();
+        assert_eq!(c.count(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(c.count(), 0);
+    }
+}

@@ -1,0 +1,439 @@
+//! The edge node as an operator runs it: the real `edge-node` binary in front of a scriptable
+//! origin, on loopback ports chosen at run time.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use shadowcdn_tests::origin::body_for;
+use shadowcdn_tests::{client, free_port, Binary, Child, TestOrigin};
+
+const HOST: &str = "test.local";
+const TOKEN: &str = "test-admin-token";
+
+struct Edge {
+    child: Child,
+    addr: SocketAddr,
+    admin: SocketAddr,
+}
+
+fn config(origin: SocketAddr, dir: &Path, addr: SocketAddr, admin: SocketAddr, cache_extra: &str) -> String {
+    format!(
+        r#"
+node_id = "test-edge"
+[server]
+listen = "{addr}"
+threads = 2
+drain_timeout_secs = 20
+shutdown_timeout_secs = 10
+origin_connect_timeout_secs = 1
+origin_read_timeout_secs = 5
+
+[admin]
+listen = "{admin}"
+token = "{TOKEN}"
+
+[cache]
+dir = "{dir}"
+memory_capacity = "16 MiB"
+disk_capacity = "64 MiB"
+max_object_size = "1 MiB"
+lock_timeout_secs = 5
+{cache_extra}
+
+[[origins]]
+host = "{HOST}"
+upstream = "http://{origin}"
+"#,
+        dir = dir.display()
+    )
+}
+
+fn start_edge(origin: SocketAddr, dir: &Path, cache_extra: &str) -> Edge {
+    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    start_edge_at(origin, dir, addr, admin, cache_extra)
+}
+
+fn start_edge_at(origin: SocketAddr, dir: &Path, addr: SocketAddr, admin: SocketAddr, cache_extra: &str) -> Edge {
+    let cfg_path = dir.join("edge.toml");
+    std::fs::write(&cfg_path, config(origin, &dir.join("cache"), addr, admin, cache_extra)).unwrap();
+    let bin = Binary::get("edge-node", "edge-node");
+    let mut child = bin.spawn(&["--config", cfg_path.to_str().unwrap()], &[("RUST_LOG", "warn")]);
+    child.wait_listening(addr);
+    child.wait_listening(admin);
+    Edge { child, addr, admin }
+}
+
+impl Edge {
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    async fn get(&self, path: &str) -> reqwest::Response {
+        self.request(Method::GET, path, &[]).await
+    }
+
+    async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
+        let mut r = client().request(method, self.url(path)).header("host", HOST);
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        r.send().await.expect("edge answers")
+    }
+
+    async fn purge(&self, key: &str, token: &str) -> reqwest::Response {
+        client()
+            .request(Method::from_bytes(b"PURGE").unwrap(), format!("http://{}/cache/{key}", self.admin))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("admin answers")
+    }
+}
+
+fn x_cache(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-cache")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default()
+}
+
+async fn body_of(r: reqwest::Response) -> Vec<u8> {
+    r.bytes().await.unwrap().to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hit_after_miss_and_head() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+
+    let r = edge.get("/a.txt?size=5000").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&r), "MISS");
+    assert!(r.headers()["cache-status"].to_str().unwrap().contains("fwd=miss"));
+    assert_eq!(body_of(r).await, body_for("/a.txt", 5000));
+
+    let r = edge.get("/a.txt?size=5000").await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(body_of(r).await, body_for("/a.txt", 5000));
+    assert_eq!(origin.hits("/a.txt"), 1);
+
+    let r = edge.request(Method::HEAD, "/a.txt?size=5000", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.headers()["content-length"], "5000");
+    assert_eq!(origin.hits("/a.txt"), 1);
+
+    // The query string is part of the key.
+    let r = edge.get("/a.txt?size=10").await;
+    assert_eq!(x_cache(&r), "MISS");
+    assert_eq!(origin.hits("/a.txt"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_misses_coalesce_into_one_origin_fetch() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/slow?size=200000&delay_ms=700";
+    let reqs = (0..20).map(|_| edge.get(path));
+    let resps = futures::future::join_all(reqs).await;
+    for r in resps {
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(body_of(r).await, body_for("/slow", 200_000));
+    }
+    assert_eq!(origin.hits("/slow"), 1, "20 concurrent misses must make one origin fetch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_store_and_private_are_not_cached() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "default_ttl_secs = 300");
+    for _ in 0..3 {
+        let r = edge.get("/ns?cc=no-store").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_ne!(x_cache(&r), "HIT");
+        let r = edge.get("/priv?cc=private,max-age=60").await;
+        assert_ne!(x_cache(&r), "HIT");
+    }
+    assert_eq!(origin.hits("/ns"), 3);
+    assert_eq!(origin.hits("/priv"), 3);
+    // No explicit lifetime: the configured default TTL applies.
+    edge.get("/plain?cc=none").await;
+    let r = edge.get("/plain?cc=none").await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(origin.hits("/plain"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_keeps_variants_apart() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/v?vary=accept-language";
+    for lang in ["en", "fr", "en", "fr"] {
+        let r = edge.request(Method::GET, path, &[("accept-language", lang)]).await;
+        assert_eq!(body_of(r).await, format!("variant={lang}").into_bytes());
+    }
+    assert_eq!(origin.hits("/v"), 2, "one fetch per variant");
+    let r = edge.request(Method::GET, path, &[("accept-language", "fr")]).await;
+    assert_eq!(x_cache(&r), "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_object_is_revalidated_with_304() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/r?cc=max-age=1&etag=v1&size=3000";
+    assert_eq!(x_cache(&edge.get(path).await), "MISS");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = edge.get(path).await;
+    assert_eq!(x_cache(&r), "REVALIDATED");
+    assert_eq!(body_of(r).await, body_for("/r", 3000));
+    assert_eq!(origin.not_modified(), 1);
+    let sent = origin.last_headers("/r").unwrap();
+    assert_eq!(sent["if-none-match"], "\"v1\"");
+    // The 304 refreshed the entry: fresh again.
+    assert_eq!(x_cache(&edge.get(path).await), "HIT");
+
+    // Last-Modified validation works the same way.
+    let path = "/lm?cc=max-age=1&lm=1";
+    edge.get(path).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(x_cache(&edge.get(path).await), "REVALIDATED");
+    assert_eq!(origin.not_modified(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_if_error_serves_stale_when_origin_is_down() {
+    let mut origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let sie = "/sie?cc=max-age=1,stale-if-error=600&size=1000";
+    let strict = "/strict?cc=max-age=1&size=1000";
+    edge.get(sie).await;
+    edge.get(strict).await;
+    origin.stop().await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+
+    let r = edge.get(sie).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&r), "STALE");
+    assert_eq!(body_of(r).await, body_for("/sie", 1000));
+
+    // Without stale-if-error a stale object is not served: 502 with a JSON body.
+    let r = edge.get(strict).await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "origin_unreachable");
+
+    // Nothing cached and origin down: 502.
+    let r = edge.get("/never-seen").await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_are_served_from_cache() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/range.bin?size=100000";
+    let full = body_for("/range.bin", 100_000);
+    edge.get(path).await;
+
+    let r = edge.request(Method::GET, path, &[("range", "bytes=10-19")]).await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
+    assert_eq!(body_of(r).await, full[10..20].to_vec());
+
+    let r = edge.request(Method::GET, path, &[("range", "bytes=-5")]).await;
+    assert_eq!(body_of(r).await, full[99_995..].to_vec());
+
+    let r = edge.request(Method::GET, path, &[("range", "bytes=0-3,50-53")]).await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("multipart/byteranges"), "{ct}");
+    let body = body_of(r).await;
+    let text = String::from_utf8_lossy(&body);
+    assert!(text.contains("Content-Range: bytes 0-3/100000") || text.contains("content-range: bytes 0-3/100000"), "{text}");
+    assert!(text.contains(std::str::from_utf8(&full[50..54]).unwrap()));
+
+    let r = edge.request(Method::GET, path, &[("range", "bytes=200000-")]).await;
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(origin.hits("/range.bin"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_key_and_prefix() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    for p in ["/p/one", "/p/two", "/q/three"] {
+        edge.get(p).await;
+        assert_eq!(x_cache(&edge.get(p).await), "HIT");
+    }
+
+    let r = edge.purge(&format!("{HOST}/p/one"), "wrong-token").await;
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(x_cache(&edge.get("/p/one").await), "HIT");
+
+    let r = edge.purge(&format!("{HOST}/p/one"), TOKEN).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&edge.get("/p/one").await), "MISS");
+    assert_eq!(origin.hits("/p/one"), 2);
+
+    let r = edge.purge(&format!("{HOST}/nothing-here"), TOKEN).await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let r = edge.purge("no-slash", TOKEN).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+
+    let r = edge.purge(&format!("{HOST}/p/*"), TOKEN).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&edge.get("/p/one").await), "MISS");
+    assert_eq!(x_cache(&edge.get("/p/two").await), "MISS");
+    assert_eq!(x_cache(&edge.get("/q/three").await), "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_serves_disk_objects_and_remembers_purges() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "");
+    for p in ["/keep?size=50000", "/gone/a", "/gone/b"] {
+        edge.get(p).await;
+    }
+    assert_eq!(edge.purge(&format!("{HOST}/gone/*"), TOKEN).await.status(), StatusCode::OK);
+    let (addr, admin) = (edge.addr, edge.admin);
+    assert_eq!(edge.child.terminate(), Some(0), "graceful exit:\n{}", edge.child.log());
+
+    let edge = start_edge_at(origin.addr, dir.path(), addr, admin, "");
+    let r = edge.get("/keep?size=50000").await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(body_of(r).await, body_for("/keep", 50_000));
+    assert_eq!(origin.hits("/keep"), 1, "served from disk without the origin");
+    assert_eq!(x_cache(&edge.get("/gone/a").await), "MISS", "prefix purge survives restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_objects_pass_through_uncached() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let size = 3 * 1024 * 1024;
+    for _ in 0..2 {
+        let r = edge.get(&format!("/big?size={size}")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_ne!(x_cache(&r), "HIT");
+        assert_eq!(body_of(r).await.len(), size);
+    }
+    assert_eq!(origin.hits("/big"), 2);
+    // Streamed (chunked) oversize bodies are detected while streaming and not cached either.
+    let r = edge.get(&format!("/bigchunked?size={size}&chunked=1")).await;
+    let _ = r.bytes().await;
+    for _ in 0..2 {
+        let r = edge.get(&format!("/bigchunked?size={size}&chunked=1")).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(body_of(r).await.len(), size);
+    }
+    assert!(origin.hits("/bigchunked") >= 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_gets_json_404() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let r = client()
+        .get(edge.url("/x"))
+        .header("host", "nobody.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "unknown_host");
+    assert!(v["message"].as_str().unwrap().contains("nobody.example"));
+    assert_eq!(origin.total(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_exposed() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    edge.get("/m").await;
+    edge.get("/m").await;
+    let text = client()
+        .get(format!("http://{}/metrics", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for needle in [
+        "shadowcdn_edge_requests_total{cache_status=\"hit\"} 1",
+        "shadowcdn_edge_requests_total{cache_status=\"miss\"} 1",
+        "shadowcdn_edge_origin_fetches_total{outcome=\"ok\"} 1",
+        "shadowcdn_edge_origin_fetch_duration_seconds_count 1",
+        "shadowcdn_edge_served_bytes_total",
+        "shadowcdn_edge_cache_memory_bytes",
+        "foyer_",
+    ] {
+        assert!(text.contains(needle), "missing {needle} in:\n{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "");
+    let url = edge.url("/slowterm?delay_ms=1500&size=10000");
+    let inflight = tokio::spawn(async move {
+        client().get(url).header("host", HOST).send().await.unwrap().bytes().await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let code = tokio::task::spawn_blocking(move || edge.child.terminate()).await.unwrap();
+    assert_eq!(code, Some(0));
+    let body = inflight.await.unwrap();
+    assert_eq!(body.to_vec(), body_for("/slowterm", 10_000));
+}
+
+#[test]
+fn bad_config_names_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = Binary::get("edge-node", "edge-node");
+    let cfg = config(
+        "127.0.0.1:1".parse().unwrap(),
+        dir.path(),
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+        "memory_capasity = \"1 GiB\"",
+    );
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, cfg).unwrap();
+    let out = bin.command().args(["--config", path.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("memory_capasity"), "{err}");
+
+    let out = bin
+        .command()
+        .args(["--config", "/definitely/not/here.toml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+    let out = bin.command().arg("--help").output().unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));
+}

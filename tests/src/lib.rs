@@ -1,0 +1,18 @@
+//! Harness for shadowcdn's multi-process tests: a scriptable origin, real binaries started on
+//! loopback ports picked at run time, and small HTTP helpers.
+
+pub mod origin;
+pub mod process;
+
+pub use origin::{OriginHandle, TestOrigin};
+pub use process::{free_port, Binary, Child};
+
+/// A reqwest client that never uses a proxy from the environment and keeps no connections
+/// between tests.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("reqwest client builds with static options")
+}

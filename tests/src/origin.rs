@@ -1,0 +1,202 @@
+//! A scriptable origin: each request's query string says how to answer, and every request is
+//! counted, so tests can assert exactly how often the edge went to the origin.
+//!
+//! Query parameters (all optional):
+//! - `size=N` body length (default 64); the body is deterministic in path and size
+//! - `cc=...` Cache-Control value (default `public, max-age=60`; `none` sends no header)
+//! - `etag=...` ETag value; `If-None-Match` with it gets a 304
+//! - `lm=1` send a fixed Last-Modified and honour `If-Modified-Since`
+//! - `vary=header` send `Vary: header` and echo that request header in the body
+//! - `delay_ms=N` wait before answering
+//! - `status=N` answer with this status
+//! - `chunked=1` stream the body without Content-Length
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::Response;
+use bytes::Bytes;
+use parking_lot::Mutex;
+
+const LAST_MODIFIED: &str = "Wed, 21 Oct 2015 07:28:00 GMT";
+
+#[derive(Default)]
+struct Counters {
+    total: AtomicUsize,
+    not_modified: AtomicUsize,
+    by_path: Mutex<HashMap<String, usize>>,
+    last_headers: Mutex<HashMap<String, HeaderMap>>,
+}
+
+/// A running test origin.
+pub struct TestOrigin {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    counters: Arc<Counters>,
+    handle: OriginHandle,
+}
+
+/// Stops the origin; its port then refuses connections.
+pub struct OriginHandle {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl OriginHandle {
+    /// Stop accepting and close the listener.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Deterministic body for `path` of `size` bytes.
+pub fn body_for(path: &str, size: usize) -> Vec<u8> {
+    let seed = path.bytes().fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    (0..size)
+        .map(|i| b'a' + ((i as u8).wrapping_add(seed) % 26))
+        .collect()
+}
+
+impl TestOrigin {
+    /// Start on a free loopback port (`port` 0) or a given one (to restart at the same address).
+    pub async fn start_on(port: u16) -> TestOrigin {
+        let counters = Arc::new(Counters::default());
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind test origin");
+        let addr = listener.local_addr().expect("origin addr");
+        let app = axum::Router::new()
+            .fallback(handle)
+            .with_state(counters.clone());
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        TestOrigin {
+            addr,
+            counters,
+            handle: OriginHandle {
+                stop: Some(tx),
+                task: Some(task),
+            },
+        }
+    }
+
+    /// Start on a free port.
+    pub async fn start() -> TestOrigin {
+        Self::start_on(0).await
+    }
+
+    /// Requests received in total.
+    pub fn total(&self) -> usize {
+        self.counters.total.load(Ordering::SeqCst)
+    }
+
+    /// 304 answers given.
+    pub fn not_modified(&self) -> usize {
+        self.counters.not_modified.load(Ordering::SeqCst)
+    }
+
+    /// Requests received for `path` (without query).
+    pub fn hits(&self, path: &str) -> usize {
+        self.counters.by_path.lock().get(path).copied().unwrap_or(0)
+    }
+
+    /// Headers of the last request for `path`.
+    pub fn last_headers(&self, path: &str) -> Option<HeaderMap> {
+        self.counters.last_headers.lock().get(path).cloned()
+    }
+
+    /// Stop serving.
+    pub async fn stop(&mut self) {
+        self.handle.stop().await;
+    }
+}
+
+async fn handle(
+    State(c): State<Arc<Counters>>,
+    uri: Uri,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let path = uri.path().to_string();
+    c.total.fetch_add(1, Ordering::SeqCst);
+    *c.by_path.lock().entry(path.clone()).or_default() += 1;
+    c.last_headers.lock().insert(path.clone(), headers.clone());
+
+    if let Some(ms) = q.get("delay_ms").and_then(|v| v.parse().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let size: usize = q.get("size").and_then(|v| v.parse().ok()).unwrap_or(64);
+    let status: u16 = q.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
+    let mut resp = Response::builder().status(status);
+    match q.get("cc").map(String::as_str) {
+        Some("none") => {}
+        Some(v) => resp = resp.header("cache-control", v),
+        None => resp = resp.header("cache-control", "public, max-age=60"),
+    }
+    if let Some(etag) = q.get("etag") {
+        let tag = format!("\"{etag}\"");
+        resp = resp.header("etag", &tag);
+        if headers
+            .get("if-none-match")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains(&tag))
+        {
+            c.not_modified.fetch_add(1, Ordering::SeqCst);
+            return resp
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Body::empty())
+                .expect("static response parts");
+        }
+    }
+    if q.contains_key("lm") {
+        resp = resp.header("last-modified", LAST_MODIFIED);
+        if headers
+            .get("if-modified-since")
+            .is_some_and(|v| v == LAST_MODIFIED)
+        {
+            c.not_modified.fetch_add(1, Ordering::SeqCst);
+            return resp
+                .status(StatusCode::NOT_MODIFIED)
+                .body(Body::empty())
+                .expect("static response parts");
+        }
+    }
+    let mut body = body_for(&path, size);
+    if let Some(h) = q.get("vary") {
+        resp = resp.header("vary", h.as_str());
+        let v = headers
+            .get(h.as_str())
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-");
+        body = format!("variant={v}").into_bytes();
+    }
+    if q.contains_key("chunked") {
+        let chunks: Vec<Result<Bytes, std::io::Error>> = body
+            .chunks(16 * 1024)
+            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .collect();
+        return resp
+            .body(Body::from_stream(futures::stream::iter(chunks)))
+            .expect("static response parts");
+    }
+    resp.header("content-length", body.len())
+        .body(Body::from(body))
+        .expect("static response parts")
+}

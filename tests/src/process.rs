@@ -1,0 +1,150 @@
+//! Start the workspace's real binaries and stop them like an operator would.
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("loopback has free ports")
+}
+
+/// A binary of this workspace, built on first use with the same profile as the tests.
+pub struct Binary {
+    path: PathBuf,
+}
+
+static BUILD_LOCK: Mutex<()> = Mutex::new(());
+
+impl Binary {
+    /// Build (if needed) and locate `bin` of package `package`.
+    pub fn get(package: &str, bin: &str) -> Binary {
+        // target/<profile>/deps/<test-exe> → target/<profile>
+        let exe = std::env::current_exe().expect("test executable path");
+        let profile_dir = exe
+            .parent()
+            .and_then(|p| p.parent())
+            .expect("test executable lives in target/<profile>/deps")
+            .to_path_buf();
+        let release = profile_dir.file_name().is_some_and(|n| n == "release");
+        let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-q", "-p", package, "--bin", bin]);
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo runs");
+        assert!(status.success(), "building {package}/{bin} failed");
+        Binary {
+            path: profile_dir.join(bin),
+        }
+    }
+
+    /// A command for this binary.
+    pub fn command(&self) -> Command {
+        Command::new(&self.path)
+    }
+
+    /// Start it with `args`; its output goes to a log file kept for failure reports.
+    pub fn spawn(&self, args: &[&str], envs: &[(&str, &str)]) -> Child {
+        let log = tempfile::NamedTempFile::new().expect("temp log file");
+        let out = log.reopen().expect("reopen log");
+        let err = log.reopen().expect("reopen log");
+        let mut cmd = self.command();
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .env_remove("http_proxy")
+            .env_remove("HTTP_PROXY");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn binary");
+        Child {
+            child: Some(child),
+            log,
+        }
+    }
+}
+
+/// A running process; killed (SIGKILL) when dropped if still alive.
+pub struct Child {
+    child: Option<std::process::Child>,
+    log: tempfile::NamedTempFile,
+}
+
+impl Child {
+    /// Wait until `addr` accepts TCP connections, failing with the process log if it exits.
+    pub fn wait_listening(&mut self, addr: SocketAddr) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return;
+            }
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!("process exited early ({status}):\n{}", self.log());
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{addr} not listening after 60 s:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything the process printed so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap_or_default()
+    }
+
+    /// Send SIGTERM and wait for a graceful exit; returns the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        self.signal("TERM")
+    }
+
+    /// Send SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn signal(&mut self, sig: &str) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let pid = c.id();
+        // The workspace forbids unsafe code, so signal through kill(1) rather than libc.
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = c.try_wait() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!("process did not exit within 60 s of signal {sig}:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
