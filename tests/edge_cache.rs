@@ -18,7 +18,13 @@ struct Edge {
     admin: SocketAddr,
 }
 
-fn config(origin: SocketAddr, dir: &Path, addr: SocketAddr, admin: SocketAddr, cache_extra: &str) -> String {
+fn config(
+    origin: SocketAddr,
+    dir: &Path,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    cache_extra: &str,
+) -> String {
     format!(
         r#"
 node_id = "test-edge"
@@ -56,11 +62,24 @@ fn start_edge(origin: SocketAddr, dir: &Path, cache_extra: &str) -> Edge {
     start_edge_at(origin, dir, addr, admin, cache_extra)
 }
 
-fn start_edge_at(origin: SocketAddr, dir: &Path, addr: SocketAddr, admin: SocketAddr, cache_extra: &str) -> Edge {
+fn start_edge_at(
+    origin: SocketAddr,
+    dir: &Path,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    cache_extra: &str,
+) -> Edge {
     let cfg_path = dir.join("edge.toml");
-    std::fs::write(&cfg_path, config(origin, &dir.join("cache"), addr, admin, cache_extra)).unwrap();
+    std::fs::write(
+        &cfg_path,
+        config(origin, &dir.join("cache"), addr, admin, cache_extra),
+    )
+    .unwrap();
     let bin = Binary::get("edge-node", "edge-node");
-    let mut child = bin.spawn(&["--config", cfg_path.to_str().unwrap()], &[("RUST_LOG", "warn")]);
+    let mut child = bin.spawn(
+        &["--config", cfg_path.to_str().unwrap()],
+        &[("RUST_LOG", "warn")],
+    );
     child.wait_listening(addr);
     child.wait_listening(admin);
     Edge { child, addr, admin }
@@ -75,8 +94,15 @@ impl Edge {
         self.request(Method::GET, path, &[]).await
     }
 
-    async fn request(&self, method: Method, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
-        let mut r = client().request(method, self.url(path)).header("host", HOST);
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut r = client()
+            .request(method, self.url(path))
+            .header("host", HOST);
         for (k, v) in headers {
             r = r.header(*k, *v);
         }
@@ -85,7 +111,10 @@ impl Edge {
 
     async fn purge(&self, key: &str, token: &str) -> reqwest::Response {
         client()
-            .request(Method::from_bytes(b"PURGE").unwrap(), format!("http://{}/cache/{key}", self.admin))
+            .request(
+                Method::from_bytes(b"PURGE").unwrap(),
+                format!("http://{}/cache/{key}", self.admin),
+            )
             .bearer_auth(token)
             .send()
             .await
@@ -113,7 +142,10 @@ async fn hit_after_miss_and_head() {
     let r = edge.get("/a.txt?size=5000").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(x_cache(&r), "MISS");
-    assert!(r.headers()["cache-status"].to_str().unwrap().contains("fwd=miss"));
+    assert!(r.headers()["cache-status"]
+        .to_str()
+        .unwrap()
+        .contains("fwd=miss"));
     assert_eq!(body_of(r).await, body_for("/a.txt", 5000));
 
     let r = edge.get("/a.txt?size=5000").await;
@@ -145,7 +177,11 @@ async fn concurrent_misses_coalesce_into_one_origin_fetch() {
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(body_of(r).await, body_for("/slow", 200_000));
     }
-    assert_eq!(origin.hits("/slow"), 1, "20 concurrent misses must make one origin fetch");
+    assert_eq!(
+        origin.hits("/slow"),
+        1,
+        "20 concurrent misses must make one origin fetch"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,11 +212,15 @@ async fn vary_keeps_variants_apart() {
     let edge = start_edge(origin.addr, dir.path(), "");
     let path = "/v?vary=accept-language";
     for lang in ["en", "fr", "en", "fr"] {
-        let r = edge.request(Method::GET, path, &[("accept-language", lang)]).await;
+        let r = edge
+            .request(Method::GET, path, &[("accept-language", lang)])
+            .await;
         assert_eq!(body_of(r).await, format!("variant={lang}").into_bytes());
     }
     assert_eq!(origin.hits("/v"), 2, "one fetch per variant");
-    let r = edge.request(Method::GET, path, &[("accept-language", "fr")]).await;
+    let r = edge
+        .request(Method::GET, path, &[("accept-language", "fr")])
+        .await;
     assert_eq!(x_cache(&r), "HIT");
 }
 
@@ -246,25 +286,37 @@ async fn ranges_are_served_from_cache() {
     let full = body_for("/range.bin", 100_000);
     edge.get(path).await;
 
-    let r = edge.request(Method::GET, path, &[("range", "bytes=10-19")]).await;
+    let r = edge
+        .request(Method::GET, path, &[("range", "bytes=10-19")])
+        .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     assert_eq!(x_cache(&r), "HIT");
     assert_eq!(r.headers()["content-range"], "bytes 10-19/100000");
     assert_eq!(body_of(r).await, full[10..20].to_vec());
 
-    let r = edge.request(Method::GET, path, &[("range", "bytes=-5")]).await;
+    let r = edge
+        .request(Method::GET, path, &[("range", "bytes=-5")])
+        .await;
     assert_eq!(body_of(r).await, full[99_995..].to_vec());
 
-    let r = edge.request(Method::GET, path, &[("range", "bytes=0-3,50-53")]).await;
+    let r = edge
+        .request(Method::GET, path, &[("range", "bytes=0-3,50-53")])
+        .await;
     assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
     let ct = r.headers()["content-type"].to_str().unwrap().to_string();
     assert!(ct.starts_with("multipart/byteranges"), "{ct}");
     let body = body_of(r).await;
     let text = String::from_utf8_lossy(&body);
-    assert!(text.contains("Content-Range: bytes 0-3/100000") || text.contains("content-range: bytes 0-3/100000"), "{text}");
+    assert!(
+        text.contains("Content-Range: bytes 0-3/100000")
+            || text.contains("content-range: bytes 0-3/100000"),
+        "{text}"
+    );
     assert!(text.contains(std::str::from_utf8(&full[50..54]).unwrap()));
 
-    let r = edge.request(Method::GET, path, &[("range", "bytes=200000-")]).await;
+    let r = edge
+        .request(Method::GET, path, &[("range", "bytes=200000-")])
+        .await;
     assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
     assert_eq!(origin.hits("/range.bin"), 1);
 }
@@ -308,16 +360,32 @@ async fn restart_serves_disk_objects_and_remembers_purges() {
     for p in ["/keep?size=50000", "/gone/a", "/gone/b"] {
         edge.get(p).await;
     }
-    assert_eq!(edge.purge(&format!("{HOST}/gone/*"), TOKEN).await.status(), StatusCode::OK);
+    assert_eq!(
+        edge.purge(&format!("{HOST}/gone/*"), TOKEN).await.status(),
+        StatusCode::OK
+    );
     let (addr, admin) = (edge.addr, edge.admin);
-    assert_eq!(edge.child.terminate(), Some(0), "graceful exit:\n{}", edge.child.log());
+    assert_eq!(
+        edge.child.terminate(),
+        Some(0),
+        "graceful exit:\n{}",
+        edge.child.log()
+    );
 
     let edge = start_edge_at(origin.addr, dir.path(), addr, admin, "");
     let r = edge.get("/keep?size=50000").await;
     assert_eq!(x_cache(&r), "HIT");
     assert_eq!(body_of(r).await, body_for("/keep", 50_000));
-    assert_eq!(origin.hits("/keep"), 1, "served from disk without the origin");
-    assert_eq!(x_cache(&edge.get("/gone/a").await), "MISS", "prefix purge survives restart");
+    assert_eq!(
+        origin.hits("/keep"),
+        1,
+        "served from disk without the origin"
+    );
+    assert_eq!(
+        x_cache(&edge.get("/gone/a").await),
+        "MISS",
+        "prefix purge survives restart"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -334,10 +402,14 @@ async fn oversize_objects_pass_through_uncached() {
     }
     assert_eq!(origin.hits("/big"), 2);
     // Streamed (chunked) oversize bodies are detected while streaming and not cached either.
-    let r = edge.get(&format!("/bigchunked?size={size}&chunked=1")).await;
+    let r = edge
+        .get(&format!("/bigchunked?size={size}&chunked=1"))
+        .await;
     let _ = r.bytes().await;
     for _ in 0..2 {
-        let r = edge.get(&format!("/bigchunked?size={size}&chunked=1")).await;
+        let r = edge
+            .get(&format!("/bigchunked?size={size}&chunked=1"))
+            .await;
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(body_of(r).await.len(), size);
     }
@@ -398,10 +470,20 @@ async fn sigterm_lets_in_flight_requests_finish() {
     let mut edge = start_edge(origin.addr, dir.path(), "");
     let url = edge.url("/slowterm?delay_ms=1500&size=10000");
     let inflight = tokio::spawn(async move {
-        client().get(url).header("host", HOST).send().await.unwrap().bytes().await.unwrap()
+        client()
+            .get(url)
+            .header("host", HOST)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap()
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let code = tokio::task::spawn_blocking(move || edge.child.terminate()).await.unwrap();
+    let code = tokio::task::spawn_blocking(move || edge.child.terminate())
+        .await
+        .unwrap();
     assert_eq!(code, Some(0));
     let body = inflight.await.unwrap();
     assert_eq!(body.to_vec(), body_for("/slowterm", 10_000));
@@ -420,7 +502,11 @@ fn bad_config_names_the_field() {
     );
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, cfg).unwrap();
-    let out = bin.command().args(["--config", path.to_str().unwrap()]).output().unwrap();
+    let out = bin
+        .command()
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("memory_capasity"), "{err}");

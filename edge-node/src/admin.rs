@@ -162,7 +162,10 @@ async fn purge(
         );
     }
     if !authorized(&headers, &s.token) {
-        s.metrics.purges.with_label_values(&["any", "unauthorized"]).inc();
+        s.metrics
+            .purges
+            .with_label_values(&["any", "unauthorized"])
+            .inc();
         return error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -186,11 +189,17 @@ async fn purge(
         }
         Ok(Target::Prefix(prefix)) => match s.storage.purge_prefix(&prefix) {
             Ok(()) => {
-                s.metrics.purges.with_label_values(&["prefix", "banned"]).inc();
+                s.metrics
+                    .purges
+                    .with_label_values(&["prefix", "banned"])
+                    .inc();
                 Json(json!({ "prefix": prefix, "purged": true })).into_response()
             }
             Err(e) => {
-                s.metrics.purges.with_label_values(&["prefix", "error"]).inc();
+                s.metrics
+                    .purges
+                    .with_label_values(&["prefix", "error"])
+                    .inc();
                 error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string())
             }
         },
@@ -264,9 +273,15 @@ mod tests {
     #[test]
     fn parses_keys_and_prefixes() {
         let u: Uri = "/cache/Example.com/a/b?x=1".parse().unwrap();
-        assert_eq!(parse_target(&u).unwrap(), Target::Key("example.com/a/b?x=1".into()));
+        assert_eq!(
+            parse_target(&u).unwrap(),
+            Target::Key("example.com/a/b?x=1".into())
+        );
         let u: Uri = "/cache/example.com/static/*".parse().unwrap();
-        assert_eq!(parse_target(&u).unwrap(), Target::Prefix("example.com/static/".into()));
+        assert_eq!(
+            parse_target(&u).unwrap(),
+            Target::Prefix("example.com/static/".into())
+        );
         let u: Uri = "/cache/example.com".parse().unwrap();
         assert!(parse_target(&u).is_err());
     }

@@ -332,7 +332,10 @@ mod tests {
 
     #[test]
     fn bad_size_is_named() {
-        let bad = MINIMAL.replace("dir = \"/tmp/x\"", "dir = \"/tmp/x\"\nmemory_capacity = \"lots\"");
+        let bad = MINIMAL.replace(
+            "dir = \"/tmp/x\"",
+            "dir = \"/tmp/x\"\nmemory_capacity = \"lots\"",
+        );
         let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(err.contains("memory_capacity"), "{err}");
     }

@@ -50,7 +50,11 @@ pub struct Drainer {
 
 impl Drainer {
     /// Drain `inflight` for at most `timeout`, then close `storage`.
-    pub fn new(inflight: InflightCounter, storage: &'static FoyerStorage, timeout: Duration) -> Self {
+    pub fn new(
+        inflight: InflightCounter,
+        storage: &'static FoyerStorage,
+        timeout: Duration,
+    ) -> Self {
         Drainer {
             inflight,
             storage,

@@ -41,8 +41,7 @@ struct Cli {
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let cli = Cli::parse();
@@ -61,7 +60,10 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
-        println!("edge-node: configuration OK ({} origins)", cfg.origins.len());
+        println!(
+            "edge-node: configuration OK ({} origins)",
+            cfg.origins.len()
+        );
         return ExitCode::SUCCESS;
     }
     let node = match EdgeNode::build(cfg) {

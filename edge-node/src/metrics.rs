@@ -95,10 +95,7 @@ impl EdgeMetrics {
                 "shadowcdn_edge_cache_memory_bytes",
                 "Bytes held by the memory tier",
             )?,
-            bans: IntGauge::new(
-                "shadowcdn_edge_purge_bans",
-                "Purge-by-prefix bans in force",
-            )?,
+            bans: IntGauge::new("shadowcdn_edge_purge_bans", "Purge-by-prefix bans in force")?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.bytes_served.clone()))?;

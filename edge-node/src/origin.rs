@@ -86,7 +86,7 @@ impl OriginTable {
                 });
             }
             rows.push(origin);
-            rows.sort_by(|a, b| b.path_prefix.len().cmp(&a.path_prefix.len()));
+            rows.sort_by_key(|o| std::cmp::Reverse(o.path_prefix.len()));
         }
         Ok(OriginTable { by_host })
     }
@@ -114,7 +114,9 @@ impl OriginTable {
 /// Lower-case the host and strip a `:port` suffix (IPv6 literals keep their brackets).
 pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     let h = if host.starts_with('[') {
-        host.split_once(']').map(|(h, _)| &host[..=h.len()]).unwrap_or(host)
+        host.split_once(']')
+            .map(|(h, _)| &host[..=h.len()])
+            .unwrap_or(host)
     } else {
         host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
     };
@@ -193,7 +195,13 @@ mod tests {
             entry("example.com", Some("/static"), "http://127.0.0.1:9001"),
         ])
         .unwrap();
-        assert_eq!(t.select("EXAMPLE.com:8080", "/static/a").unwrap().addr.port(), 9001);
+        assert_eq!(
+            t.select("EXAMPLE.com:8080", "/static/a")
+                .unwrap()
+                .addr
+                .port(),
+            9001
+        );
         assert_eq!(t.select("example.com", "/index").unwrap().addr.port(), 9000);
         assert!(t.select("other.com", "/").is_none());
         assert_eq!(t.len(), 2);

@@ -12,7 +12,9 @@ use bytes::Bytes;
 use http::header;
 use parking_lot::RwLock;
 use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
-use pingora_cache::filters::{calculate_fresh_until, calculate_serve_stale_durations, request_cacheable};
+use pingora_cache::filters::{
+    calculate_fresh_until, calculate_serve_stale_durations, request_cacheable,
+};
 use pingora_cache::key::HashBinary;
 use pingora_cache::lock::CacheKeyLockImpl;
 use pingora_cache::predictor::Predictor;
@@ -168,7 +170,9 @@ impl EdgeProxy {
             Some(t) => t,
             None => {
                 let forbidden = cc.as_ref().is_some_and(|c| {
-                    c.no_store() || c.private() || (authorization && !c.allow_caching_authorized_req())
+                    c.no_store()
+                        || c.private()
+                        || (authorization && !c.allow_caching_authorized_req())
                 }) || (authorization && cc.is_none());
                 if forbidden
                     || self.policy.default_ttl.is_zero()
@@ -224,7 +228,10 @@ impl ProxyHttp for EdgeProxy {
                 Ok(false)
             }
             None => {
-                self.metrics.rejected.with_label_values(&["unknown_host"]).inc();
+                self.metrics
+                    .rejected
+                    .with_label_values(&["unknown_host"])
+                    .inc();
                 ctx.status_label = "rejected";
                 let msg = format!("no origin is configured for host {host:?} and path {path:?}");
                 respond_json_error(session, 404, "unknown_host", &msg).await?;
@@ -233,7 +240,11 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    async fn upstream_peer(&self, _session: &mut Session, ctx: &mut Self::CTX) -> Result<Box<HttpPeer>> {
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
         let origin = ctx
             .origin
             .as_ref()
@@ -277,7 +288,10 @@ impl ProxyHttp for EdgeProxy {
         resp: &ResponseHeader,
         _ctx: &mut Self::CTX,
     ) -> Result<RespCacheable> {
-        let authorization = session.req_header().headers.contains_key(header::AUTHORIZATION);
+        let authorization = session
+            .req_header()
+            .headers
+            .contains_key(header::AUTHORIZATION);
         Ok(self.cacheability(resp, authorization))
     }
 
@@ -305,7 +319,10 @@ impl ProxyHttp for EdgeProxy {
         for name in &names {
             key.add_value(
                 name,
-                req.headers.get(name.as_str()).map(|v| v.as_bytes()).unwrap_or(&[]),
+                req.headers
+                    .get(name.as_str())
+                    .map(|v| v.as_bytes())
+                    .unwrap_or(&[]),
             );
         }
         key.finalize()
@@ -335,7 +352,9 @@ impl ProxyHttp for EdgeProxy {
         if let Some(t) = ctx.upstream_started {
             if !ctx.upstream_responded {
                 ctx.upstream_responded = true;
-                self.metrics.origin_latency.observe(t.elapsed().as_secs_f64());
+                self.metrics
+                    .origin_latency
+                    .observe(t.elapsed().as_secs_f64());
                 self.metrics.origin_fetches.with_label_values(&["ok"]).inc();
             }
         }
@@ -351,7 +370,10 @@ impl ProxyHttp for EdgeProxy {
         let (label, detail) = phase_labels(session.cache.phase());
         ctx.status_label = label;
         resp.insert_header("x-cache", label.to_ascii_uppercase())?;
-        resp.insert_header("cache-status", format!("shadowcdn-{}; {detail}", self.node_id))?;
+        resp.insert_header(
+            "cache-status",
+            format!("shadowcdn-{}; {detail}", self.node_id),
+        )?;
         Ok(())
     }
 
@@ -363,10 +385,18 @@ impl ProxyHttp for EdgeProxy {
     ) -> bool {
         // Within the windows the response allowed (RFC 5861): serve stale while revalidating,
         // and on origin failures (connection errors and 5xx alike).
-        error.is_none_or(|e| e.esource() == &ErrorSource::Upstream || matches!(e.etype(), ErrorType::HTTPStatus(s) if *s >= 500))
+        error.is_none_or(|e| {
+            e.esource() == &ErrorSource::Upstream
+                || matches!(e.etype(), ErrorType::HTTPStatus(s) if *s >= 500)
+        })
     }
 
-    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Self::CTX) -> FailToProxy
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy
     where
         Self::CTX: Send + Sync,
     {
@@ -387,8 +417,15 @@ impl ProxyHttp for EdgeProxy {
         if code > 0 {
             let msg = match kind {
                 "origin_unreachable" => {
-                    let origin = ctx.origin.as_ref().map(|o| o.addr.to_string()).unwrap_or_default();
-                    format!("origin {origin} failed and no usable cached copy exists: {}", e.etype().as_str())
+                    let origin = ctx
+                        .origin
+                        .as_ref()
+                        .map(|o| o.addr.to_string())
+                        .unwrap_or_default();
+                    format!(
+                        "origin {origin} failed and no usable cached copy exists: {}",
+                        e.etype().as_str()
+                    )
                 }
                 _ => e.etype().as_str().to_string(),
             };
@@ -414,7 +451,10 @@ impl ProxyHttp for EdgeProxy {
             .with_label_values(&[label])
             .observe(ctx.started.elapsed().as_secs_f64());
         if ctx.upstream_started.is_some() && !ctx.upstream_responded {
-            self.metrics.origin_fetches.with_label_values(&["error"]).inc();
+            self.metrics
+                .origin_fetches
+                .with_label_values(&["error"])
+                .inc();
         }
         if let Some(d) = session.cache.lock_duration() {
             self.metrics.lock_waits.inc();
@@ -429,7 +469,10 @@ mod tests {
 
     #[test]
     fn primary_key_normalizes_host() {
-        assert_eq!(primary_key("Example.COM:8080", "/a?b=1"), "example.com/a?b=1");
+        assert_eq!(
+            primary_key("Example.COM:8080", "/a?b=1"),
+            "example.com/a?b=1"
+        );
     }
 
     #[test]

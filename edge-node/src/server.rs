@@ -16,7 +16,7 @@ use crate::config::EdgeConfig;
 use crate::drain::{Drainer, InflightCounter};
 use crate::metrics::EdgeMetrics;
 use crate::origin::OriginTable;
-use crate::proxy::{CachePolicy, CacheParts, EdgeProxy};
+use crate::proxy::{CacheParts, CachePolicy, EdgeProxy};
 use crate::storage::{FoyerStorage, StorageError, StorageOptions};
 
 /// Why an edge could not start.
@@ -61,11 +61,12 @@ impl EdgeNode {
             addr: cfg.server.listen,
             source,
         })?;
-        let admin_listener = TcpListener::bind(cfg.admin.listen).map_err(|source| StartError::Bind {
-            what: "admin.listen",
-            addr: cfg.admin.listen,
-            source,
-        })?;
+        let admin_listener =
+            TcpListener::bind(cfg.admin.listen).map_err(|source| StartError::Bind {
+                what: "admin.listen",
+                addr: cfg.admin.listen,
+                source,
+            })?;
 
         // foyer's flushers and reclaimers get a runtime of their own, outside pingora's
         // per-service runtimes, so they keep running through pingora's shutdown until we
@@ -77,7 +78,8 @@ impl EdgeNode {
             .build()
             .map_err(|e| StartError::Setup(e.to_string()))?;
         let registry = prometheus::Registry::new();
-        let metrics = EdgeMetrics::register(&registry).map_err(|e| StartError::Setup(e.to_string()))?;
+        let metrics =
+            EdgeMetrics::register(&registry).map_err(|e| StartError::Setup(e.to_string()))?;
         let opts = StorageOptions {
             dir: cfg.cache.dir.clone(),
             memory_bytes: cfg.cache.memory_capacity.as_u64() as usize,
@@ -91,17 +93,21 @@ impl EdgeNode {
         // pingora-cache requires 'static storage, lock and predictor; they live for the
         // process, exactly like the server itself.
         let storage: &'static FoyerStorage = Box::leak(Box::new(storage));
-        let lock = Box::leak(CacheLock::new_boxed(Duration::from_secs(cfg.cache.lock_timeout_secs)));
+        let lock = Box::leak(CacheLock::new_boxed(Duration::from_secs(
+            cfg.cache.lock_timeout_secs,
+        )));
         let predictor: &'static Predictor<32> = Box::leak(Box::new(Predictor::new(128, None)));
 
-        let mut conf = ServerConf::default();
-        conf.threads = cfg.server.threads;
-        // The drainer exits as soon as requests are done; pingora's own grace period is only
-        // the backstop behind it.
-        conf.grace_period_seconds = Some(cfg.server.drain_timeout_secs + 5);
-        conf.graceful_shutdown_timeout_seconds = Some(cfg.server.shutdown_timeout_secs);
-        conf.pid_file = cfg.cache.dir.join("edge.pid").to_string_lossy().into_owned();
-        conf.upgrade_sock = cfg.cache.dir.join("upgrade.sock").to_string_lossy().into_owned();
+        let conf = ServerConf {
+            threads: cfg.server.threads,
+            // The drainer exits as soon as requests are done; pingora's own grace period is
+            // only the backstop behind it.
+            grace_period_seconds: Some(cfg.server.drain_timeout_secs + 5),
+            graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout_secs),
+            pid_file: cfg.cache.dir.join("edge.pid").to_string_lossy().into_owned(),
+            upgrade_sock: cfg.cache.dir.join("upgrade.sock").to_string_lossy().into_owned(),
+            ..ServerConf::default()
+        };
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
@@ -127,16 +133,24 @@ impl EdgeNode {
             metrics.clone(),
             inflight.clone(),
         );
-        let mut proxy_service =
-            pingora_proxy::http_proxy_service_with_name(&server.configuration, proxy, "shadowcdn-edge");
+        let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
+            &server.configuration,
+            proxy,
+            "shadowcdn-edge",
+        );
         proxy_service.add_tcp(&cfg.server.listen.to_string());
 
-        let admin_state = AdminState::new(&cfg.node_id, &cfg.admin.token, storage, registry, metrics);
+        let admin_state =
+            AdminState::new(&cfg.node_id, &cfg.admin.token, storage, registry, metrics);
         let admin = background_service("admin", AdminService::new(admin_listener, admin_state));
 
         let drainer = background_service(
             "drain",
-            Drainer::new(inflight, storage, Duration::from_secs(cfg.server.drain_timeout_secs)),
+            Drainer::new(
+                inflight,
+                storage,
+                Duration::from_secs(cfg.server.drain_timeout_secs),
+            ),
         );
         server.add_service(proxy_service);
         server.add_service(admin);

@@ -62,7 +62,9 @@ impl OriginHandle {
 
 /// Deterministic body for `path` of `size` bytes.
 pub fn body_for(path: &str, size: usize) -> Vec<u8> {
-    let seed = path.bytes().fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    let seed = path
+        .bytes()
+        .fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
     (0..size)
         .map(|i| b'a' + ((i as u8).wrapping_add(seed) % 26))
         .collect()

@@ -136,7 +136,10 @@ impl Child {
             if Instant::now() > deadline {
                 let _ = c.kill();
                 let _ = c.wait();
-                panic!("process did not exit within 60 s of signal {sig}:\n{}", self.log());
+                panic!(
+                    "process did not exit within 60 s of signal {sig}:\n{}",
+                    self.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }

@@ -112,7 +112,10 @@ impl BanList {
     /// Record a ban on every object whose primary key starts with `prefix`, durably.
     pub fn add(&self, prefix: &str) -> Result<(), BanError> {
         // Keys are single-line; a newline would corrupt the log.
-        let prefix: String = prefix.chars().filter(|c| *c != '\n' && *c != '\r').collect();
+        let prefix: String = prefix
+            .chars()
+            .filter(|c| *c != '\n' && *c != '\r')
+            .collect();
         let at_ms = now_ms();
         {
             let mut w = self.writer.lock();

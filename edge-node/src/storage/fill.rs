@@ -259,10 +259,16 @@ mod tests {
     async fn complete_hit_seeks() {
         let mut h = CompleteHit::new(Bytes::from_static(b"0123456789"));
         h.seek(2, Some(5)).unwrap();
-        assert_eq!(h.read_body().await.unwrap().unwrap(), Bytes::from_static(b"234"));
+        assert_eq!(
+            h.read_body().await.unwrap().unwrap(),
+            Bytes::from_static(b"234")
+        );
         assert!(h.read_body().await.unwrap().is_none());
         h.seek(8, None).unwrap();
-        assert_eq!(h.read_body().await.unwrap().unwrap(), Bytes::from_static(b"89"));
+        assert_eq!(
+            h.read_body().await.unwrap().unwrap(),
+            Bytes::from_static(b"89")
+        );
         assert!(h.seek(5, Some(11)).is_err());
     }
 }

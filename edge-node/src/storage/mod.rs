@@ -89,7 +89,10 @@ impl std::fmt::Debug for FoyerStorage {
     }
 }
 
-fn storage_err(context: &'static str, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Box<Error> {
+fn storage_err(
+    context: &'static str,
+    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> Box<Error> {
     Error::because(ErrorType::InternalError, context, e)
 }
 
@@ -198,7 +201,10 @@ impl FoyerStorage {
     }
 
     fn any_fill(&self, hash: u128) -> Option<Arc<Fill>> {
-        self.fills.lock().get(&hash).and_then(|v| v.first().cloned())
+        self.fills
+            .lock()
+            .get(&hash)
+            .and_then(|v| v.first().cloned())
     }
 
     fn remove_fill(&self, hash: u128, id: u64) {
@@ -288,7 +294,11 @@ impl Storage for FoyerStorage {
         let (internal, header) = meta.serialize()?;
         let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
         let fill = Fill::new(id, (Bytes::from(internal), Bytes::from(header)));
-        self.fills.lock().entry(hash).or_default().push(fill.clone());
+        self.fills
+            .lock()
+            .entry(hash)
+            .or_default()
+            .push(fill.clone());
         Ok(Box::new(FoyerMissHandler {
             storage: self,
             hash,
