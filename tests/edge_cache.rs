@@ -278,6 +278,64 @@ async fn stale_if_error_serves_stale_when_origin_is_down() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_while_revalidate_answers_at_once_and_refreshes() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/swr?cc=max-age=1,stale-while-revalidate=60&size=500";
+    edge.get(path).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = edge.get(path).await;
+    assert_eq!(x_cache(&r), "STALE-UPDATING");
+    assert_eq!(body_of(r).await, body_for("/swr", 500));
+    // The background refresh reaches the origin and the next request is a fresh hit.
+    let mut fresh = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if origin.hits("/swr") == 2 && x_cache(&edge.get(path).await) == "HIT" {
+            fresh = true;
+            break;
+        }
+    }
+    assert!(fresh, "object refreshed in the background");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_stream_to_every_reader_while_filling() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    // 16 chunks of 16 KiB, 100 ms apart: the fill takes about 1.6 s.
+    let path = "/stream?size=262144&chunked=1&chunk_delay_ms=100";
+    let url = edge.url(path);
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move {
+            let start = std::time::Instant::now();
+            let mut r = client().get(url).header("host", HOST).send().await.unwrap();
+            let mut first_byte = None;
+            let mut body = Vec::new();
+            while let Some(c) = r.chunk().await.unwrap() {
+                first_byte.get_or_insert(start.elapsed());
+                body.extend_from_slice(&c);
+            }
+            (first_byte.unwrap(), start.elapsed(), body)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // A second reader joins mid-fill and is fed from the same fill.
+    let second = client().get(url).header("host", HOST).send().await.unwrap();
+    let second_body = second.bytes().await.unwrap();
+    let (ttfb, total, body) = first.await.unwrap();
+    let expected = body_for("/stream", 262_144);
+    assert_eq!(body, expected);
+    assert_eq!(second_body.to_vec(), expected);
+    assert!(ttfb < total / 2, "first byte after {ttfb:?} of {total:?}: not streamed");
+    assert_eq!(origin.hits("/stream"), 1, "the joining reader did not go to the origin");
+    assert_eq!(x_cache(&edge.get(path).await), "HIT");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_are_served_from_cache() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -10,6 +10,7 @@
 //! - `delay_ms=N` wait before answering
 //! - `status=N` answer with this status
 //! - `chunked=1` stream the body without Content-Length
+//! - `chunk_delay_ms=N` with `chunked=1`: pause before each 16 KiB chunk
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -190,12 +191,23 @@ async fn handle(
         body = format!("variant={v}").into_bytes();
     }
     if q.contains_key("chunked") {
-        let chunks: Vec<Result<Bytes, std::io::Error>> = body
+        let pause: u64 = q
+            .get("chunk_delay_ms")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let chunks: Vec<Bytes> = body
             .chunks(16 * 1024)
-            .map(|c| Ok(Bytes::copy_from_slice(c)))
+            .map(Bytes::copy_from_slice)
             .collect();
+        let stream = futures::stream::unfold(chunks.into_iter(), move |mut it| async move {
+            let c = it.next()?;
+            if pause > 0 {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+            }
+            Some((Ok::<_, std::io::Error>(c), it))
+        });
         return resp
-            .body(Body::from_stream(futures::stream::iter(chunks)))
+            .body(Body::from_stream(stream))
             .expect("static response parts");
     }
     resp.header("content-length", body.len())

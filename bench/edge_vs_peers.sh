@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# Hit-path benchmark: edge-node vs nginx (proxy_cache) vs varnish, same origin, same machine.
+#
+# Builds release binaries, starts the origin, edge-node, nginx and varnish on loopback (each
+# with the same worker count), warms each cache, then runs wrk in alternation against each on a
+# cached 1 KiB and a 100 KiB object and prints req/s, p50, p99 and the ratios of edge-node to
+# each peer from the same run.
+#
+# Usage: bench/edge_vs_peers.sh [duration_secs=10] [rounds=3]
+# Env: THREADS (server workers, default 2), CONNS (wrk connections, default 64).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${1:-10}
+ROUNDS=${2:-3}
+THREADS=${THREADS:-2}
+CONNS=${CONNS:-64}
+
+bash deploy/setup.sh
+for pkg in nginx varnishd wrk; do
+  if ! command -v "$pkg" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$pkg" ]; then
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx varnish wrk >/dev/null
+    break
+  fi
+done
+NGINX=$(command -v nginx || echo /usr/sbin/nginx)
+VARNISHD=$(command -v varnishd || echo /usr/sbin/varnishd)
+
+cargo build --release -q -p edge-node -p shadowcdn-bench
+
+WORK=$(mktemp -d)
+chmod 755 "$WORK"   # varnishd drops privileges and must read its working dir
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  [ -f "$WORK/nginx.pid" ] && kill -QUIT "$(cat "$WORK/nginx.pid")" 2>/dev/null || true
+  pkill -f "varnishd.*$WORK" 2>/dev/null || true
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+ORIGIN=127.0.0.1:19000
+EDGE=127.0.0.1:18080
+EDGE_ADMIN=127.0.0.1:18081
+NGX=127.0.0.1:18082
+VARN=127.0.0.1:18083
+
+target/release/origin --listen $ORIGIN --max-age 3600 >"$WORK/origin.log" 2>&1 &
+pids+=($!)
+
+cat >"$WORK/edge.toml" <<EOF
+node_id = "bench"
+[server]
+listen = "$EDGE"
+threads = $THREADS
+[admin]
+listen = "$EDGE_ADMIN"
+token = "bench-admin-token"
+[cache]
+dir = "$WORK/edge-cache"
+memory_capacity = "256 MiB"
+disk_capacity = "1 GiB"
+max_object_size = "8 MiB"
+[[origins]]
+host = "bench.local"
+upstream = "http://$ORIGIN"
+EOF
+RUST_LOG=warn target/release/edge-node --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
+pids+=($!)
+
+mkdir -p "$WORK/nginx-cache" "$WORK/nginx-tmp"
+cat >"$WORK/nginx.conf" <<EOF
+worker_processes $THREADS;
+pid $WORK/nginx.pid;
+error_log $WORK/nginx-error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  sendfile on;
+  tcp_nopush off;
+  tcp_nodelay on;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/nginx-tmp;
+  proxy_temp_path $WORK/nginx-tmp;
+  fastcgi_temp_path $WORK/nginx-tmp;
+  uwsgi_temp_path $WORK/nginx-tmp;
+  scgi_temp_path $WORK/nginx-tmp;
+  proxy_cache_path $WORK/nginx-cache levels=1:2 keys_zone=c:64m max_size=1g inactive=1h use_temp_path=off;
+  upstream origin { server $ORIGIN; keepalive 32; }
+  server {
+    listen $NGX;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host \$host;
+      proxy_cache c;
+      proxy_cache_lock on;
+      proxy_cache_key \$host\$request_uri;
+      add_header X-Cache \$upstream_cache_status;
+    }
+  }
+}
+EOF
+"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" >"$WORK/nginx.out" 2>&1
+
+cat >"$WORK/default.vcl" <<EOF
+vcl 4.1;
+backend origin { .host = "${ORIGIN%:*}"; .port = "${ORIGIN#*:}"; }
+EOF
+"$VARNISHD" -a "$VARN" -f "$WORK/default.vcl" -s malloc,256m -n "$WORK/varnish" \
+  -p thread_pools=$THREADS -p thread_pool_min=50 -P "$WORK/varnish.pid" >"$WORK/varnish.out" 2>&1 || { cat "$WORK/varnish.out" >&2; exit 1; }
+
+wait_up() { for _ in $(seq 200); do curl -fsS -o /dev/null -H 'Host: bench.local' "http://$1/health?size=1" 2>/dev/null && return 0; sleep 0.1; done; echo "$1 did not come up" >&2; exit 1; }
+for a in $EDGE $NGX $VARN; do wait_up "$a"; done
+
+OBJ_1K="/obj/one-kib?size=1024"
+OBJ_100K="/obj/hundred-kib?size=102400"
+for a in $EDGE $NGX $VARN; do
+  for o in "$OBJ_1K" "$OBJ_100K"; do
+    for _ in 1 2 3; do curl -fsS -o /dev/null -H 'Host: bench.local' "http://$a$o"; done
+  done
+done
+echo "edge-node X-Cache on warm object: $(curl -sS -o /dev/null -D - -H 'Host: bench.local' "http://$EDGE$OBJ_1K" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache"{print $2}')"
+
+# wrk prints latency percentiles with --latency; parse req/s, p50, p99 (in ms).
+run_wrk() {
+  local addr=$1 path=$2
+  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: bench.local' "http://$addr$path" >"$WORK/wrk.out" 2>&1
+  local rps p50 p99
+  rps=$(awk '/Requests\/sec/{print $2}' "$WORK/wrk.out")
+  p50=$(awk '$1=="50%"{print $2}' "$WORK/wrk.out")
+  p99=$(awk '$1=="99%"{print $2}' "$WORK/wrk.out")
+  errs=$(awk '/Non-2xx|Socket errors/{print}' "$WORK/wrk.out" | tr '\n' ' ')
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errs"
+}
+to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
+
+declare -A RPS P50 P99
+for round in $(seq "$ROUNDS"); do
+  for o in 1k 100k; do
+    path=$OBJ_1K; [ "$o" = 100k ] && path=$OBJ_100K
+    for sys in edge nginx varnish; do
+      addr=$EDGE; [ $sys = nginx ] && addr=$NGX; [ $sys = varnish ] && addr=$VARN
+      read -r rps p50 p99 errs < <(run_wrk "$addr" "$path")
+      echo "round $round $o $sys: $rps req/s p50 ${p50}ms p99 ${p99}ms $errs"
+      RPS[$sys,$o]="${RPS[$sys,$o]:-} $rps"; P50[$sys,$o]="${P50[$sys,$o]:-} $p50"; P99[$sys,$o]="${P99[$sys,$o]:-} $p99"
+    done
+  done
+done
+
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+echo
+echo "## medians over $ROUNDS rounds (wrk -t2 -c$CONNS -d${DURATION}s, $THREADS server workers)"
+printf "%-6s %-8s %12s %10s %10s\n" object system "req/s" "p50 ms" "p99 ms"
+for o in 1k 100k; do
+  for sys in edge nginx varnish; do
+    printf "%-6s %-8s %12s %10s %10s\n" "$o" "$sys" "$(echo "${RPS[$sys,$o]}" | median)" "$(echo "${P50[$sys,$o]}" | median)" "$(echo "${P99[$sys,$o]}" | median)"
+  done
+  e=$(echo "${RPS[edge,$o]}" | median); n=$(echo "${RPS[nginx,$o]}" | median); v=$(echo "${RPS[varnish,$o]}" | median)
+  echo "$o ratio edge/nginx req/s = $(awk -v a="$e" -v b="$n" 'BEGIN{printf "%.2f", a/b}')   edge/varnish req/s = $(awk -v a="$e" -v b="$v" 'BEGIN{printf "%.2f", a/b}')"
+  ep=$(echo "${P99[edge,$o]}" | median); np=$(echo "${P99[nginx,$o]}" | median); vp=$(echo "${P99[varnish,$o]}" | median)
+  echo "$o ratio edge/nginx p99 = $(awk -v a="$ep" -v b="$np" 'BEGIN{printf "%.2f", a/b}')   edge/varnish p99 = $(awk -v a="$ep" -v b="$vp" 'BEGIN{printf "%.2f", a/b}')"
+done
