@@ -330,8 +330,15 @@ async fn large_bodies_stream_to_every_reader_while_filling() {
     let expected = body_for("/stream", 262_144);
     assert_eq!(body, expected);
     assert_eq!(second_body.to_vec(), expected);
-    assert!(ttfb < total / 2, "first byte after {ttfb:?} of {total:?}: not streamed");
-    assert_eq!(origin.hits("/stream"), 1, "the joining reader did not go to the origin");
+    assert!(
+        ttfb < total / 2,
+        "first byte after {ttfb:?} of {total:?}: not streamed"
+    );
+    assert_eq!(
+        origin.hits("/stream"),
+        1,
+        "the joining reader did not go to the origin"
+    );
     assert_eq!(x_cache(&edge.get(path).await), "HIT");
 }
 

@@ -104,8 +104,18 @@ impl EdgeNode {
             // only the backstop behind it.
             grace_period_seconds: Some(cfg.server.drain_timeout_secs + 5),
             graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout_secs),
-            pid_file: cfg.cache.dir.join("edge.pid").to_string_lossy().into_owned(),
-            upgrade_sock: cfg.cache.dir.join("upgrade.sock").to_string_lossy().into_owned(),
+            pid_file: cfg
+                .cache
+                .dir
+                .join("edge.pid")
+                .to_string_lossy()
+                .into_owned(),
+            upgrade_sock: cfg
+                .cache
+                .dir
+                .join("upgrade.sock")
+                .to_string_lossy()
+                .into_owned(),
             ..ServerConf::default()
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);

@@ -195,10 +195,7 @@ async fn handle(
             .get("chunk_delay_ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let chunks: Vec<Bytes> = body
-            .chunks(16 * 1024)
-            .map(Bytes::copy_from_slice)
-            .collect();
+        let chunks: Vec<Bytes> = body.chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
         let stream = futures::stream::unfold(chunks.into_iter(), move |mut it| async move {
             let c = it.next()?;
             if pause > 0 {

@@ -40,7 +40,9 @@ struct Ctx {
 }
 
 fn synthetic(path: &str, size: usize) -> Vec<u8> {
-    let seed = path.bytes().fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
+    let seed = path
+        .bytes()
+        .fold(7u8, |a, b| a.wrapping_mul(31).wrapping_add(b));
     (0..size)
         .map(|i| b'a' + ((i as u8).wrapping_add(seed) % 26))
         .collect()
@@ -78,16 +80,29 @@ async fn serve(State(ctx): State<Arc<Ctx>>, uri: Uri, headers: HeaderMap) -> Res
             {
                 Some(v) => match v.parse::<usize>() {
                     Ok(n) if n <= ctx.max_size => n,
-                    _ => return error(StatusCode::BAD_REQUEST, "size must be an integer ≤ --max-size"),
+                    _ => {
+                        return error(
+                            StatusCode::BAD_REQUEST,
+                            "size must be an integer ≤ --max-size",
+                        )
+                    }
                 },
                 None => 1024,
             };
             (synthetic(path, size), "text/plain")
         }
     };
-    let etag = format!("\"{:x}-{}\"", body.iter().fold(0u64, |h, b| h.wrapping_mul(1099511628211) ^ *b as u64), body.len());
+    let etag = format!(
+        "\"{:x}-{}\"",
+        body.iter()
+            .fold(0u64, |h, b| h.wrapping_mul(1099511628211) ^ *b as u64),
+        body.len()
+    );
     let mut resp = Response::builder()
-        .header(header::CACHE_CONTROL, format!("public, max-age={}", ctx.max_age))
+        .header(
+            header::CACHE_CONTROL,
+            format!("public, max-age={}", ctx.max_age),
+        )
         .header(header::ETAG, &etag);
     if headers
         .get(header::IF_NONE_MATCH)
@@ -124,8 +139,9 @@ async fn main() -> anyhow::Result<()> {
     let app = axum::Router::new().fallback(serve).with_state(ctx);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .expect("SIGTERM handler installs");
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("SIGTERM handler installs");
             tokio::select! {
                 _ = term.recv() => {},
                 _ = tokio::signal::ctrl_c() => {},
