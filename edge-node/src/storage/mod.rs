@@ -164,11 +164,29 @@ impl FoyerStorage {
     /// of all variants). Returns whether an object was present.
     pub fn purge_key(&self, primary_key: &str) -> bool {
         let key = CacheKey::new(primary_key, "");
-        let hash = hash_of(key.primary_bin());
+        self.remove(hash_of(key.primary_bin()))
+    }
+
+    /// Remove an object and cancel its fills; whether anything was there.
+    fn remove(&self, hash: u128) -> bool {
         let had_fill = self.cancel_fills(hash);
         let present = self.cache.contains(&hash);
         self.cache.remove(&hash);
         present || had_fill
+    }
+
+    /// Store `body` under `hash` with new metadata (revalidation, expiry).
+    fn store(&self, hash: u128, meta: &CacheMeta, body: Bytes) -> Result<()> {
+        let (internal, header) = meta.serialize()?;
+        self.cache.insert(
+            hash,
+            StoredObject {
+                meta_internal: internal.into(),
+                meta_header: header.into(),
+                body,
+            },
+        );
+        Ok(())
     }
 
     /// Ban every object whose primary key starts with `prefix`; durable before it returns.
@@ -319,10 +337,7 @@ impl Storage for FoyerStorage {
             return Ok(PurgeOutcome::NotFound);
         }
         let hash = hash_of(compact_bin(target.key()));
-        let had_fill = self.cancel_fills(hash);
-        let present = self.cache.contains(&hash);
-        self.cache.remove(&hash);
-        Ok(if present || had_fill {
+        Ok(if self.remove(hash) {
             PurgeOutcome::Purged(None)
         } else {
             PurgeOutcome::NotFound
@@ -343,15 +358,7 @@ impl Storage for FoyerStorage {
         };
         let mut meta = CacheMeta::deserialize(&obj.meta_internal, &obj.meta_header)?;
         meta.expire_at(SystemTime::now());
-        let (internal, header) = meta.serialize()?;
-        self.cache.insert(
-            hash,
-            StoredObject {
-                meta_internal: internal.into(),
-                meta_header: header.into(),
-                body: obj.body,
-            },
-        );
+        self.store(hash, &meta, obj.body)?;
         Ok(PurgeOutcome::Expired)
     }
 
@@ -365,15 +372,7 @@ impl Storage for FoyerStorage {
         let Some(obj) = self.load(hash).await? else {
             return Ok(false);
         };
-        let (internal, header) = meta.serialize()?;
-        self.cache.insert(
-            hash,
-            StoredObject {
-                meta_internal: internal.into(),
-                meta_header: header.into(),
-                body: obj.body,
-            },
-        );
+        self.store(hash, meta, obj.body)?;
         Ok(true)
     }
 
