@@ -8,6 +8,11 @@ use clap::Parser;
 use edge_node::config::{EdgeConfig, Overrides};
 use edge_node::EdgeNode;
 
+/// mimalloc: the hit path allocates per request (headers, keys, futures), and glibc malloc
+/// was ~12% of its profile (bench/RESULTS.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// shadowcdn edge node: a caching HTTP reverse proxy (Pingora + foyer).
 ///
 /// Configuration comes from the TOML file, then SHADOWCDN_EDGE_* environment variables

@@ -180,11 +180,7 @@ impl FoyerStorage {
         let (internal, header) = meta.serialize()?;
         self.cache.insert(
             hash,
-            StoredObject {
-                meta_internal: internal.into(),
-                meta_header: header.into(),
-                body,
-            },
+            StoredObject::new(internal.into(), header.into(), body),
         );
         Ok(())
     }
@@ -265,7 +261,7 @@ impl Storage for FoyerStorage {
         let Some(obj) = self.load(hash).await? else {
             return Ok(None);
         };
-        let meta = match CacheMeta::deserialize(&obj.meta_internal, &obj.meta_header) {
+        let meta = match obj.meta() {
             Ok(m) => m,
             Err(e) => {
                 tracing::warn!(error = %e, "dropping undecodable cache entry");
@@ -356,7 +352,7 @@ impl Storage for FoyerStorage {
         let Some(obj) = self.load(hash).await? else {
             return Ok(PurgeOutcome::NotFound);
         };
-        let mut meta = CacheMeta::deserialize(&obj.meta_internal, &obj.meta_header)?;
+        let mut meta = obj.meta()?;
         meta.expire_at(SystemTime::now());
         self.store(hash, &meta, obj.body)?;
         Ok(PurgeOutcome::Expired)
@@ -418,11 +414,11 @@ impl HandleMiss for FoyerMissHandler {
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         self.finished = true;
         if !self.fill.is_cancelled() {
-            let obj = StoredObject {
-                meta_internal: self.fill.meta.0.clone(),
-                meta_header: self.fill.meta.1.clone(),
-                body: self.fill.body(),
-            };
+            let obj = StoredObject::new(
+                self.fill.meta.0.clone(),
+                self.fill.meta.1.clone(),
+                self.fill.body(),
+            );
             // Commit before the fill disappears so lookups always find one of the two.
             self.storage.cache.insert(self.hash, obj);
         }
