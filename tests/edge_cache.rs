@@ -588,3 +588,42 @@ fn bad_config_names_the_field() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origins_pushed_at_runtime_take_effect_and_bad_pushes_change_nothing() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let get_pushed = || async {
+        client()
+            .get(edge.url("/p"))
+            .header("host", "pushed.local")
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(get_pushed().await, StatusCode::NOT_FOUND);
+    let put = |body: serde_json::Value, token: &'static str| {
+        let url = format!("http://{}/origins", edge.admin);
+        async move { client().put(url).bearer_auth(token).json(&body).send().await.unwrap() }
+    };
+    let good = serde_json::json!({"origins": [{"host": "pushed.local", "upstream": format!("http://{}", origin.addr)}]});
+    assert_eq!(put(good.clone(), "wrong-token").await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(put(good, TOKEN).await.status(), StatusCode::OK);
+    assert_eq!(get_pushed().await, StatusCode::OK);
+    let bad = serde_json::json!({"origins": [{"host": "x.local", "upstream": "ftp://nope"}]});
+    let r = put(bad, TOKEN).await;
+    assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("upstream"));
+    assert_eq!(get_pushed().await, StatusCode::OK, "a rejected push changes nothing");
+    let malformed = client()
+        .put(format!("http://{}/origins", edge.admin))
+        .bearer_auth(TOKEN)
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+}

@@ -7,7 +7,11 @@
 //! - `PURGE` or `DELETE /cache/{host}/{prefix}*` — remove every object whose key starts with
 //!   the prefix (durable ban, see [`crate::storage::BanList`]).
 //!
-//! Purge endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
+//! - `GET /origins` — configured and pushed origin rows.
+//! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream"}]}` replaces the rows
+//!   pushed by the broker; a bad row rejects the whole push and changes nothing.
+//!
+//! Purge and origin endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -18,14 +22,16 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
+use serde::Deserialize;
 use axum::{Json, Router};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use prometheus::{Encoder, TextEncoder};
 use serde_json::json;
 
+use crate::config::OriginEntry;
 use crate::metrics::EdgeMetrics;
-use crate::origin::normalize_host;
+use crate::origin::{normalize_host, SharedOrigins};
 use crate::proxy::primary_key;
 use crate::storage::FoyerStorage;
 
@@ -35,6 +41,7 @@ pub struct AdminState {
     node_id: Arc<str>,
     token: Arc<str>,
     storage: &'static FoyerStorage,
+    origins: Arc<SharedOrigins>,
     registry: prometheus::Registry,
     metrics: EdgeMetrics,
 }
@@ -45,6 +52,7 @@ impl AdminState {
         node_id: &str,
         token: &str,
         storage: &'static FoyerStorage,
+        origins: Arc<SharedOrigins>,
         registry: prometheus::Registry,
         metrics: EdgeMetrics,
     ) -> Self {
@@ -52,6 +60,7 @@ impl AdminState {
             node_id: node_id.into(),
             token: token.into(),
             storage,
+            origins,
             registry,
             metrics,
         }
@@ -64,6 +73,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/cache/{*key}", any(purge))
+        .route("/origins", get(get_origins).put(put_origins))
         .fallback(not_found)
         .with_state(state)
 }
@@ -203,6 +213,35 @@ async fn purge(
                 error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string())
             }
         },
+    }
+}
+
+/// Body of `PUT /origins`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OriginsBody {
+    origins: Vec<OriginEntry>,
+}
+
+async fn get_origins(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if !authorized(&headers, &s.token) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+    }
+    let (configured, pushed) = s.origins.rows();
+    Json(json!({ "configured": configured, "pushed": pushed })).into_response()
+}
+
+async fn put_origins(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !authorized(&headers, &s.token) {
+        return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+    }
+    let parsed: OriginsBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+    };
+    match s.origins.replace_pushed(parsed.origins) {
+        Ok(n) => Json(json!({ "origins": n })).into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "bad_origin", e.to_string()),
     }
 }
 

@@ -1,9 +1,12 @@
 //! Graceful shutdown: on SIGTERM pingora stops accepting; this waits for the requests still in
-//! flight (up to a deadline), flushes the cache to disk and exits.
+//! flight (up to a deadline), runs the owner's final step (the edge flushes its cache to disk)
+//! and exits.
 //!
 //! pingora alone would sleep a fixed grace period and then cancel whatever is still running;
 //! counting requests lets an idle edge stop at once and a busy one finish its responses.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,8 +14,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-
-use crate::storage::FoyerStorage;
 
 /// Counts requests in flight.
 #[derive(Debug, Clone, Default)]
@@ -41,24 +42,23 @@ impl Drop for InflightGuard {
     }
 }
 
-/// Background service that performs the drain-flush-exit sequence.
+/// The last step after draining; resolves to the process exit code.
+pub type Finish = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32> + Send>> + Send>;
+
+/// Background service that performs the drain-finish-exit sequence.
 pub struct Drainer {
     inflight: InflightCounter,
-    storage: &'static FoyerStorage,
     timeout: Duration,
+    finish: parking_lot::Mutex<Option<Finish>>,
 }
 
 impl Drainer {
-    /// Drain `inflight` for at most `timeout`, then close `storage`.
-    pub fn new(
-        inflight: InflightCounter,
-        storage: &'static FoyerStorage,
-        timeout: Duration,
-    ) -> Self {
+    /// Drain `inflight` for at most `timeout`, then run `finish` and exit with its code.
+    pub fn new(inflight: InflightCounter, timeout: Duration, finish: Finish) -> Self {
         Drainer {
             inflight,
-            storage,
             timeout,
+            finish: parking_lot::Mutex::new(Some(finish)),
         }
     }
 }
@@ -83,15 +83,13 @@ impl BackgroundService for Drainer {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tracing::info!("drained; flushing cache to disk");
-        let code = match self.storage.close().await {
-            Ok(()) => 0,
-            Err(e) => {
-                tracing::error!(error = %e, "cache flush failed");
-                1
-            }
+        tracing::info!("drained");
+        let finish = self.finish.lock().take();
+        let code = match finish {
+            Some(f) => f().await,
+            None => 0,
         };
-        tracing::info!("edge-node stopped");
+        tracing::info!("stopped");
         // Everything that matters is finished; skip pingora's remaining fixed grace sleep.
         std::process::exit(code);
     }

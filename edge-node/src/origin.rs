@@ -5,6 +5,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use http::Uri;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::OriginEntry;
 
@@ -108,6 +109,62 @@ impl OriginTable {
     /// Whether the table has no rows.
     pub fn is_empty(&self) -> bool {
         self.by_host.is_empty()
+    }
+}
+
+/// The live origin table: rows from the configuration plus rows pushed by the broker
+/// (`PUT /origins` on the admin API). A pushed row replaces a configured row with the same
+/// host and prefix. Requests read an `Arc` snapshot, so a push never blocks them.
+#[derive(Debug)]
+pub struct SharedOrigins {
+    table: RwLock<Arc<OriginTable>>,
+    configured: Vec<OriginEntry>,
+    pushed: Mutex<Vec<OriginEntry>>,
+}
+
+impl SharedOrigins {
+    /// Start from the configured rows.
+    pub fn new(configured: Vec<OriginEntry>) -> Result<Self, OriginError> {
+        let table = OriginTable::build(&configured)?;
+        Ok(SharedOrigins {
+            table: RwLock::new(Arc::new(table)),
+            configured,
+            pushed: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The table requests use now.
+    pub fn current(&self) -> Arc<OriginTable> {
+        self.table.read().clone()
+    }
+
+    /// Replace the pushed rows; on error nothing changes. Returns the table's row count.
+    pub fn replace_pushed(&self, rows: Vec<OriginEntry>) -> Result<usize, OriginError> {
+        let mut pushed = self.pushed.lock();
+        let key = |e: &OriginEntry| {
+            (
+                normalize_host(e.host.trim()).into_owned(),
+                e.path_prefix.clone().unwrap_or_else(|| "/".into()),
+            )
+        };
+        let overridden: Vec<_> = rows.iter().map(key).collect();
+        let mut all: Vec<OriginEntry> = self
+            .configured
+            .iter()
+            .filter(|e| !overridden.contains(&key(e)))
+            .cloned()
+            .collect();
+        all.extend(rows.iter().cloned());
+        let table = OriginTable::build(&all)?;
+        let n = table.len();
+        *self.table.write() = Arc::new(table);
+        *pushed = rows;
+        Ok(n)
+    }
+
+    /// Configured and pushed rows.
+    pub fn rows(&self) -> (Vec<OriginEntry>, Vec<OriginEntry>) {
+        (self.configured.clone(), self.pushed.lock().clone())
     }
 }
 
@@ -221,6 +278,24 @@ mod tests {
             OriginTable::build(&dup),
             Err(OriginError::Duplicate { .. })
         ));
+    }
+
+    #[test]
+    fn pushed_rows_override_and_bad_pushes_change_nothing() {
+        let shared = SharedOrigins::new(vec![entry("a", None, "http://127.0.0.1:1")]).unwrap();
+        let n = shared
+            .replace_pushed(vec![
+                entry("A", None, "http://127.0.0.1:2"),
+                entry("b", None, "http://127.0.0.1:3"),
+            ])
+            .unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(shared.current().select("a", "/").unwrap().addr.port(), 2);
+        assert!(shared.replace_pushed(vec![entry("c", None, "ftp://x")]).is_err());
+        assert_eq!(shared.current().select("b", "/").unwrap().addr.port(), 3);
+        shared.replace_pushed(vec![]).unwrap();
+        assert_eq!(shared.current().select("a", "/").unwrap().addr.port(), 1);
+        assert!(shared.current().select("b", "/").is_none());
     }
 
     #[test]

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
-use parking_lot::RwLock;
 use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora_cache::filters::{
     calculate_fresh_until, calculate_serve_stale_durations, request_cacheable,
@@ -29,7 +28,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::EdgeMetrics;
-use crate::origin::{normalize_host, Origin, OriginTable};
+use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::storage::FoyerStorage;
 
 /// Cache behaviour that the origin's headers do not decide.
@@ -64,7 +63,7 @@ pub struct CacheParts {
 /// The edge proxy.
 pub struct EdgeProxy {
     node_id: String,
-    origins: Arc<RwLock<Arc<OriginTable>>>,
+    origins: Arc<SharedOrigins>,
     parts: CacheParts,
     policy: CachePolicy,
     metrics: EdgeMetrics,
@@ -85,7 +84,7 @@ impl EdgeProxy {
     /// Build the proxy over a shared, replaceable origin table.
     pub fn new(
         node_id: String,
-        origins: Arc<RwLock<Arc<OriginTable>>>,
+        origins: Arc<SharedOrigins>,
         parts: CacheParts,
         policy: CachePolicy,
         metrics: EdgeMetrics,
@@ -221,7 +220,7 @@ impl ProxyHttp for EdgeProxy {
             return Ok(true);
         };
         let path = req.uri.path().to_owned();
-        let table = self.origins.read().clone();
+        let table = self.origins.current();
         match table.select(&host, &path) {
             Some(origin) => {
                 ctx.origin = Some(origin.clone());

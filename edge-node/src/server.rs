@@ -4,7 +4,6 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
 use pingora_cache::lock::CacheLock;
 use pingora_cache::predictor::Predictor;
 use pingora_core::server::configuration::ServerConf;
@@ -15,7 +14,7 @@ use crate::admin::{AdminService, AdminState};
 use crate::config::EdgeConfig;
 use crate::drain::{Drainer, InflightCounter};
 use crate::metrics::EdgeMetrics;
-use crate::origin::OriginTable;
+use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy};
 use crate::storage::{FoyerStorage, StorageError, StorageOptions};
 
@@ -54,7 +53,9 @@ pub struct EdgeNode {
 impl EdgeNode {
     /// Open the cache, bind the listeners and build the services.
     pub fn build(cfg: EdgeConfig) -> Result<Self, StartError> {
-        let origins = OriginTable::build(&cfg.origins).map_err(crate::config::ConfigError::from)?;
+        let origins = Arc::new(
+            SharedOrigins::new(cfg.origins.clone()).map_err(crate::config::ConfigError::from)?,
+        );
         // Bind-check the proxy port now so a busy port is a clear start-up error.
         TcpListener::bind(cfg.server.listen).map_err(|source| StartError::Bind {
             what: "server.listen",
@@ -133,7 +134,7 @@ impl EdgeNode {
         let inflight = InflightCounter::default();
         let proxy = EdgeProxy::new(
             cfg.node_id.clone(),
-            Arc::new(RwLock::new(Arc::new(origins))),
+            origins.clone(),
             CacheParts {
                 storage,
                 lock,
@@ -151,15 +152,26 @@ impl EdgeNode {
         proxy_service.add_tcp(&cfg.server.listen.to_string());
 
         let admin_state =
-            AdminState::new(&cfg.node_id, &cfg.admin.token, storage, registry, metrics);
+            AdminState::new(&cfg.node_id, &cfg.admin.token, storage, origins, registry, metrics);
         let admin = background_service("admin", AdminService::new(admin_listener, admin_state));
 
         let drainer = background_service(
             "drain",
             Drainer::new(
                 inflight,
-                storage,
                 Duration::from_secs(cfg.server.drain_timeout_secs),
+                Box::new(move || {
+                    Box::pin(async move {
+                        tracing::info!("flushing cache to disk");
+                        match storage.close().await {
+                            Ok(()) => 0,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cache flush failed");
+                                1
+                            }
+                        }
+                    })
+                }),
             ),
         );
         server.add_service(proxy_service);
