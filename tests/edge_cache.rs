@@ -606,10 +606,21 @@ async fn origins_pushed_at_runtime_take_effect_and_bad_pushes_change_nothing() {
     assert_eq!(get_pushed().await, StatusCode::NOT_FOUND);
     let put = |body: serde_json::Value, token: &'static str| {
         let url = format!("http://{}/origins", edge.admin);
-        async move { client().put(url).bearer_auth(token).json(&body).send().await.unwrap() }
+        async move {
+            client()
+                .put(url)
+                .bearer_auth(token)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+        }
     };
     let good = serde_json::json!({"origins": [{"host": "pushed.local", "upstream": format!("http://{}", origin.addr)}]});
-    assert_eq!(put(good.clone(), "wrong-token").await.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        put(good.clone(), "wrong-token").await.status(),
+        StatusCode::UNAUTHORIZED
+    );
     assert_eq!(put(good, TOKEN).await.status(), StatusCode::OK);
     assert_eq!(get_pushed().await, StatusCode::OK);
     let bad = serde_json::json!({"origins": [{"host": "x.local", "upstream": "ftp://nope"}]});
@@ -617,7 +628,11 @@ async fn origins_pushed_at_runtime_take_effect_and_bad_pushes_change_nothing() {
     assert_eq!(r.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let v: serde_json::Value = r.json().await.unwrap();
     assert!(v["message"].as_str().unwrap().contains("upstream"));
-    assert_eq!(get_pushed().await, StatusCode::OK, "a rejected push changes nothing");
+    assert_eq!(
+        get_pushed().await,
+        StatusCode::OK,
+        "a rejected push changes nothing"
+    );
     let malformed = client()
         .put(format!("http://{}/origins", edge.admin))
         .bearer_auth(TOKEN)

@@ -22,11 +22,11 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
-use serde::Deserialize;
 use axum::{Json, Router};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use prometheus::{Encoder, TextEncoder};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::OriginEntry;
@@ -225,15 +225,27 @@ struct OriginsBody {
 
 async fn get_origins(State(s): State<AdminState>, headers: HeaderMap) -> Response {
     if !authorized(&headers, &s.token) {
-        return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
     }
     let (configured, pushed) = s.origins.rows();
     Json(json!({ "configured": configured, "pushed": pushed })).into_response()
 }
 
-async fn put_origins(State(s): State<AdminState>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+async fn put_origins(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     if !authorized(&headers, &s.token) {
-        return error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or wrong bearer token");
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
     }
     let parsed: OriginsBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
@@ -241,7 +253,11 @@ async fn put_origins(State(s): State<AdminState>, headers: HeaderMap, body: axum
     };
     match s.origins.replace_pushed(parsed.origins) {
         Ok(n) => Json(json!({ "origins": n })).into_response(),
-        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "bad_origin", e.to_string()),
+        Err(e) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_origin",
+            e.to_string(),
+        ),
     }
 }
 

@@ -291,7 +291,9 @@ mod tests {
             .unwrap();
         assert_eq!(n, 2);
         assert_eq!(shared.current().select("a", "/").unwrap().addr.port(), 2);
-        assert!(shared.replace_pushed(vec![entry("c", None, "ftp://x")]).is_err());
+        assert!(shared
+            .replace_pushed(vec![entry("c", None, "ftp://x")])
+            .is_err());
         assert_eq!(shared.current().select("b", "/").unwrap().addr.port(), 3);
         shared.replace_pushed(vec![]).unwrap();
         assert_eq!(shared.current().select("a", "/").unwrap().addr.port(), 1);

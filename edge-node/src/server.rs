@@ -151,8 +151,14 @@ impl EdgeNode {
         );
         proxy_service.add_tcp(&cfg.server.listen.to_string());
 
-        let admin_state =
-            AdminState::new(&cfg.node_id, &cfg.admin.token, storage, origins, registry, metrics);
+        let admin_state = AdminState::new(
+            &cfg.node_id,
+            &cfg.admin.token,
+            storage,
+            origins,
+            registry,
+            metrics,
+        );
         let admin = background_service("admin", AdminService::new(admin_listener, admin_state));
 
         let drainer = background_service(

@@ -1,0 +1,425 @@
+//! Broker configuration: TOML file, `SHADOWCDN_BROKER_*` environment overrides, CLI flags.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::providers::{Env, Format, Toml};
+use figment::Figment;
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+/// Everything a broker needs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    /// User-facing HTTP listener.
+    pub listen: SocketAddr,
+    /// Worker threads of the proxy.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// Seconds in-flight requests get to finish on SIGTERM.
+    #[serde(default = "default_drain")]
+    pub drain_timeout_secs: u64,
+    /// Provider API, metrics and health listener.
+    pub admin: AdminSection,
+    /// Where the durable registry and monitor snapshots live.
+    pub data_dir: PathBuf,
+    /// How a client's region is found.
+    #[serde(default)]
+    pub client_region: ClientRegion,
+    /// Header carrying the user segment (e.g. `X-User-Segment`); absent means no segment.
+    #[serde(default)]
+    pub segment_header: Option<String>,
+    /// Regions, each with its spill-over order.
+    pub regions: Vec<RegionEntry>,
+    /// The edge fleet.
+    pub edges: Vec<EdgeEntry>,
+    /// Active health checks of edges.
+    #[serde(default)]
+    pub health: HealthSection,
+    /// Request monitoring.
+    #[serde(default)]
+    pub monitor: MonitorSection,
+}
+
+/// Admin listener and tokens.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address of the provider API.
+    pub listen: SocketAddr,
+    /// Operator bearer token: creates providers and issues their tokens.
+    pub operator_token: String,
+    /// Bearer token of the edges' admin APIs (purge fan-out, origin push).
+    pub edge_token: String,
+    /// Largest accepted request body in bytes.
+    #[serde(default = "default_body_limit")]
+    pub max_body_bytes: usize,
+}
+
+/// Client region resolution: trusted header, then CIDR table, then default.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRegion {
+    /// Header naming the client's region (e.g. set by a trusted load balancer).
+    #[serde(default = "default_region_header")]
+    pub header: String,
+    /// Whether to believe that header.
+    #[serde(default = "default_true")]
+    pub trust_header: bool,
+    /// Client address ranges and their regions; the most specific match wins.
+    #[serde(default)]
+    pub cidrs: Vec<CidrEntry>,
+    /// Region of clients that match nothing.
+    #[serde(default)]
+    pub default: Option<String>,
+}
+
+impl Default for ClientRegion {
+    fn default() -> Self {
+        ClientRegion {
+            header: default_region_header(),
+            trust_header: true,
+            cidrs: Vec::new(),
+            default: None,
+        }
+    }
+}
+
+/// One row of the CIDR → region table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CidrEntry {
+    /// Address range.
+    pub cidr: IpNet,
+    /// Region name.
+    pub region: String,
+}
+
+/// A region and its neighbours, nearest (lowest latency) first.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegionEntry {
+    /// Region name.
+    pub name: String,
+    /// Regions to spill over to, nearest first.
+    #[serde(default)]
+    pub neighbours: Vec<String>,
+}
+
+/// Role of an edge in its region.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Serves its rendezvous share of keys.
+    Active,
+    /// Warm standby: promoted only when the region has no healthy active edge.
+    Standby,
+}
+
+/// One edge node.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeEntry {
+    /// Stable identity (rendezvous hashing uses it).
+    pub id: String,
+    /// Region name.
+    pub region: String,
+    /// The edge's HTTP address.
+    pub addr: SocketAddr,
+    /// The edge's admin address (health, purge, origin push).
+    pub admin: SocketAddr,
+    /// Active or standby.
+    #[serde(default = "default_role")]
+    pub role: Role,
+    /// Capacity weight in rendezvous hashing.
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+/// Active probing.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// Milliseconds between probes.
+    #[serde(default = "default_probe_interval")]
+    pub interval_ms: u64,
+    /// Probe timeout in milliseconds.
+    #[serde(default = "default_probe_timeout")]
+    pub timeout_ms: u64,
+    /// Consecutive failures that mark an edge down.
+    #[serde(default = "default_fall")]
+    pub fall: u32,
+    /// Consecutive successes that mark it up again.
+    #[serde(default = "default_rise")]
+    pub rise: u32,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        HealthSection {
+            interval_ms: default_probe_interval(),
+            timeout_ms: default_probe_timeout(),
+            fall: default_fall(),
+            rise: default_rise(),
+        }
+    }
+}
+
+/// Request monitoring.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MonitorSection {
+    /// Whether requests are recorded at all.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Bucket width in seconds.
+    #[serde(default = "default_bucket")]
+    pub bucket_secs: u64,
+    /// Buckets kept per series.
+    #[serde(default = "default_retention")]
+    pub retention_buckets: usize,
+    /// Most series kept; the least recently updated are dropped beyond it.
+    #[serde(default = "default_max_series")]
+    pub max_series: usize,
+    /// Capacity of the lock-free record queue.
+    #[serde(default = "default_queue")]
+    pub queue_capacity: usize,
+    /// Seconds between snapshots to disk.
+    #[serde(default = "default_snapshot")]
+    pub snapshot_secs: u64,
+}
+
+impl Default for MonitorSection {
+    fn default() -> Self {
+        MonitorSection {
+            enabled: true,
+            bucket_secs: default_bucket(),
+            retention_buckets: default_retention(),
+            max_series: default_max_series(),
+            queue_capacity: default_queue(),
+            snapshot_secs: default_snapshot(),
+        }
+    }
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {0}")]
+pub struct ConfigError(pub String);
+
+impl BrokerConfig {
+    /// Load from an optional TOML file, then `SHADOWCDN_BROKER_` variables (`__` between
+    /// sections, e.g. `SHADOWCDN_BROKER_ADMIN__OPERATOR_TOKEN`).
+    pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut fig = Figment::new();
+        if let Some(p) = path {
+            if !p.exists() {
+                return Err(ConfigError(format!(
+                    "config file {} does not exist",
+                    p.display()
+                )));
+            }
+            fig = fig.merge(Toml::file(p));
+        }
+        fig = fig.merge(Env::prefixed("SHADOWCDN_BROKER_").split("__"));
+        Self::finish(fig)
+    }
+
+    /// Parse a TOML string.
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        Self::finish(Figment::from(Toml::string(text)))
+    }
+
+    fn finish(fig: Figment) -> Result<Self, ConfigError> {
+        let cfg: BrokerConfig = fig.extract().map_err(|e| {
+            ConfigError(
+                e.into_iter()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        cfg.check()?;
+        Ok(cfg)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError(m));
+        if self.admin.operator_token.len() < 16 {
+            return bad("admin.operator_token must be at least 16 characters".into());
+        }
+        if self.admin.edge_token.len() < 8 {
+            return bad("admin.edge_token must be at least 8 characters".into());
+        }
+        let names: Vec<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
+        if names.is_empty() {
+            return bad("regions: at least one region is required".into());
+        }
+        for (i, r) in self.regions.iter().enumerate() {
+            if names[..i].contains(&r.name.as_str()) {
+                return bad(format!("regions[{i}].name: duplicate region {:?}", r.name));
+            }
+            for n in &r.neighbours {
+                if !names.contains(&n.as_str()) || n == &r.name {
+                    return bad(format!(
+                        "regions[{i}].neighbours: unknown or self region {n:?}"
+                    ));
+                }
+            }
+        }
+        for (i, e) in self.edges.iter().enumerate() {
+            if !names.contains(&e.region.as_str()) {
+                return bad(format!("edges[{i}].region: unknown region {:?}", e.region));
+            }
+            if !(e.weight.is_finite() && e.weight > 0.0) {
+                return bad(format!("edges[{i}].weight: must be a positive number"));
+            }
+            if self.edges[..i].iter().any(|o| o.id == e.id) {
+                return bad(format!("edges[{i}].id: duplicate edge id {:?}", e.id));
+            }
+        }
+        for (i, c) in self.client_region.cidrs.iter().enumerate() {
+            if !names.contains(&c.region.as_str()) {
+                return bad(format!(
+                    "client_region.cidrs[{i}].region: unknown region {:?}",
+                    c.region
+                ));
+            }
+        }
+        if let Some(d) = &self.client_region.default {
+            if !names.contains(&d.as_str()) {
+                return bad(format!("client_region.default: unknown region {d:?}"));
+            }
+        }
+        if self.monitor.bucket_secs == 0 || self.monitor.retention_buckets == 0 {
+            return bad(
+                "monitor.bucket_secs and monitor.retention_buckets must be positive".into(),
+            );
+        }
+        if self.monitor.queue_capacity == 0 || self.monitor.max_series == 0 {
+            return bad("monitor.queue_capacity and monitor.max_series must be positive".into());
+        }
+        if self.threads == 0 {
+            return bad("threads must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+fn default_threads() -> usize {
+    2
+}
+fn default_drain() -> u64 {
+    30
+}
+fn default_body_limit() -> usize {
+    64 * 1024
+}
+fn default_region_header() -> String {
+    "x-client-region".into()
+}
+fn default_true() -> bool {
+    true
+}
+fn default_role() -> Role {
+    Role::Active
+}
+fn default_weight() -> f64 {
+    1.0
+}
+fn default_probe_interval() -> u64 {
+    500
+}
+fn default_probe_timeout() -> u64 {
+    300
+}
+fn default_fall() -> u32 {
+    2
+}
+fn default_rise() -> u32 {
+    2
+}
+fn default_bucket() -> u64 {
+    60
+}
+fn default_retention() -> usize {
+    7 * 24 * 60
+}
+fn default_max_series() -> usize {
+    100_000
+}
+fn default_queue() -> usize {
+    1 << 16
+}
+fn default_snapshot() -> u64 {
+    60
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    pub(crate) const SAMPLE: &str = r#"
+        listen = "127.0.0.1:8000"
+        data_dir = "/tmp/broker"
+        [admin]
+        listen = "127.0.0.1:8001"
+        operator_token = "operator-token-0123456789"
+        edge_token = "edge-token"
+        [client_region]
+        default = "eu"
+        cidrs = [{ cidr = "10.1.0.0/16", region = "us" }]
+        [[regions]]
+        name = "eu"
+        neighbours = ["us"]
+        [[regions]]
+        name = "us"
+        neighbours = ["eu"]
+        [[edges]]
+        id = "eu-a"
+        region = "eu"
+        addr = "127.0.0.1:9001"
+        admin = "127.0.0.1:9101"
+        [[edges]]
+        id = "eu-b"
+        region = "eu"
+        addr = "127.0.0.1:9002"
+        admin = "127.0.0.1:9102"
+        [[edges]]
+        id = "eu-s"
+        region = "eu"
+        role = "standby"
+        addr = "127.0.0.1:9003"
+        admin = "127.0.0.1:9103"
+        [[edges]]
+        id = "us-a"
+        region = "us"
+        addr = "127.0.0.1:9004"
+        admin = "127.0.0.1:9104"
+    "#;
+
+    #[test]
+    fn sample_parses() {
+        let c = BrokerConfig::from_toml(SAMPLE).unwrap();
+        assert_eq!(c.edges.len(), 4);
+        assert_eq!(c.edges[2].role, Role::Standby);
+    }
+
+    #[test]
+    fn unknown_region_is_named() {
+        let bad = SAMPLE.replace(
+            "region = \"us\"\n        addr",
+            "region = \"mars\"\n        addr",
+        );
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("mars"), "{e}");
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let bad = SAMPLE.replace("[admin]", "[admin]\nlistn = 1");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("listn"), "{e}");
+    }
+}

@@ -1,0 +1,19 @@
+//! shadowcdn broker: the front door. Routes each user request to the best edge (client
+//! region, weighted rendezvous hashing, health, standby promotion, neighbour spill-over,
+//! origin as last resort), hosts the provider API, and records every request for demand
+//! prediction.
+//!
+//! Entry type: [`server::Broker`]. Modules: [`routing`], [`proxy`], [`registry`],
+//! [`monitor`], [`sync`] (edge admin client), [`config`], [`metrics`].
+
+pub mod config;
+pub mod metrics;
+pub mod monitor;
+pub mod proxy;
+pub mod registry;
+pub mod routing;
+pub mod server;
+pub mod sync;
+
+pub use config::BrokerConfig;
+pub use server::Broker;

@@ -1,0 +1,235 @@
+//! `broker`: run the shadowcdn broker, or talk to its provider API.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use broker::{Broker, BrokerConfig};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+/// mimalloc, as on the edge: the proxy path allocates per request.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// The shadowcdn broker and its provider CLI.
+#[derive(Parser, Debug)]
+#[command(name = "broker", version)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Run the broker.
+    Run {
+        /// TOML configuration (overridden by SHADOWCDN_BROKER_* variables).
+        #[arg(short, long, env = "SHADOWCDN_BROKER_CONFIG")]
+        config: Option<PathBuf>,
+        /// Validate the configuration and exit.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Provider API client (see broker/openapi.yaml).
+    #[command(flatten_help = true)]
+    Api {
+        /// Base URL of the broker's admin listener.
+        #[arg(long, env = "SHADOWCDN_API", default_value = "http://127.0.0.1:7081")]
+        api: String,
+        /// Bearer token (operator or provider).
+        #[arg(long, env = "SHADOWCDN_TOKEN")]
+        token: String,
+        #[command(subcommand)]
+        call: Call,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum Call {
+    /// Create a provider (operator token); prints its token once.
+    CreateProvider {
+        /// Display name.
+        name: String,
+    },
+    /// Register or update a host's origin.
+    SetOrigin {
+        /// Host clients use.
+        host: String,
+        /// http(s)://host[:port] of the origin.
+        upstream: String,
+    },
+    /// List your origins.
+    Origins,
+    /// Register a resource.
+    AddResource {
+        /// Host.
+        #[arg(long)]
+        host: String,
+        /// Path or prefix.
+        #[arg(long)]
+        path: String,
+        /// Treat the path as a prefix.
+        #[arg(long)]
+        prefix: bool,
+        /// Priority 0–10.
+        #[arg(long, default_value_t = 5)]
+        priority: i64,
+        /// Shadow TTL in seconds.
+        #[arg(long, default_value_t = 3600)]
+        shadow_ttl: i64,
+    },
+    /// List your resources.
+    Resources,
+    /// Purge a path or prefix on every edge.
+    Purge {
+        /// Host.
+        #[arg(long)]
+        host: String,
+        /// Exact path.
+        #[arg(long, conflicts_with = "prefix")]
+        path: Option<String>,
+        /// Prefix.
+        #[arg(long)]
+        prefix: Option<String>,
+    },
+    /// Request series of a resource (`host/path`).
+    Series {
+        /// Resource key.
+        resource: String,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().cmd {
+        Cmd::Run { config, check } => run(config, check),
+        Cmd::Api { api, token, call } => match api_call(&api, &token, call) {
+            Ok(v) => {
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Err(msg) => {
+                eprintln!("broker: {msg}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn run(config: Option<PathBuf>, check: bool) -> ExitCode {
+    let cfg = match BrokerConfig::load(config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("broker: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if check {
+        println!("broker: configuration OK ({} edges)", cfg.edges.len());
+        return ExitCode::SUCCESS;
+    }
+    match Broker::build(cfg) {
+        Ok(b) => {
+            b.run();
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("broker: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn api_call(api: &str, token: &str, call: Call) -> Result<Value, String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let api = api.trim_end_matches('/');
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let (method, path, body) = match call {
+        Call::CreateProvider { name } => (
+            reqwest::Method::POST,
+            "/v1/providers".to_string(),
+            Some(json!({ "name": name })),
+        ),
+        Call::SetOrigin { host, upstream } => (
+            reqwest::Method::PUT,
+            format!("/v1/origins/{host}"),
+            Some(json!({ "upstream": upstream })),
+        ),
+        Call::Origins => (reqwest::Method::GET, "/v1/origins".into(), None),
+        Call::AddResource {
+            host,
+            path,
+            prefix,
+            priority,
+            shadow_ttl,
+        } => (
+            reqwest::Method::POST,
+            "/v1/resources".into(),
+            Some(json!({
+                "host": host, "path": path,
+                "match": if prefix { "prefix" } else { "exact" },
+                "priority": priority, "shadow_ttl_secs": shadow_ttl,
+            })),
+        ),
+        Call::Resources => (reqwest::Method::GET, "/v1/resources".into(), None),
+        Call::Purge { host, path, prefix } => (
+            reqwest::Method::POST,
+            "/v1/purge".into(),
+            Some(json!({ "host": host, "path": path, "prefix": prefix })),
+        ),
+        Call::Series { resource } => (
+            reqwest::Method::GET,
+            format!("/v1/series?resource={}", urlencode(&resource)),
+            None,
+        ),
+    };
+    rt.block_on(async {
+        let mut req = client
+            .request(method, format!("{api}{path}"))
+            .bearer_auth(token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .map_err(|e| format!("cannot reach {api}: {e}"))?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| e.to_string())?;
+        let v: Value = if text.is_empty() {
+            json!({})
+        } else {
+            serde_json::from_str(&text).unwrap_or(json!({ "body": text }))
+        };
+        if status.is_success() {
+            Ok(v)
+        } else {
+            Err(format!(
+                "{status}: {}",
+                v["message"].as_str().unwrap_or(&text)
+            ))
+        }
+    })
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}

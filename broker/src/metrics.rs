@@ -1,0 +1,104 @@
+//! Broker metrics (`shadowcdn_broker_*`), registered in a registry the caller owns.
+
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
+};
+
+/// All broker metrics.
+#[derive(Clone)]
+pub struct BrokerMetrics {
+    /// Proxied requests by client region, serving edge (or `origin`), route reason and status.
+    pub requests: IntCounterVec,
+    /// Requests moved off their first choice, by reason of the choice that served them.
+    pub failovers: IntCounterVec,
+    /// Retries after a failed attempt.
+    pub retries: IntCounter,
+    /// Standby promotions by region.
+    pub standby_promotions: IntCounterVec,
+    /// Edge health as seen by the broker (1 up, 0 down).
+    pub edge_up: IntGaugeVec,
+    /// Request latency at the broker by route reason.
+    pub request_seconds: HistogramVec,
+    /// Records dropped because the monitor queue was full.
+    pub recorder_drops: IntCounter,
+    /// Records aggregated by the monitor.
+    pub recorded: IntCounter,
+    /// Provider API calls by provider and status code.
+    pub api_calls: IntCounterVec,
+    /// Origin-table pushes to edges by outcome.
+    pub origin_pushes: IntCounterVec,
+}
+
+impl BrokerMetrics {
+    /// Create and register every metric.
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let m = BrokerMetrics {
+            requests: IntCounterVec::new(
+                Opts::new("shadowcdn_broker_requests_total", "Proxied requests"),
+                &["region", "edge", "reason", "status"],
+            )?,
+            failovers: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_failovers_total",
+                    "Requests served by other than the key's primary edge",
+                ),
+                &["reason"],
+            )?,
+            retries: IntCounter::new(
+                "shadowcdn_broker_retries_total",
+                "Attempts retried on the next choice after an edge failed",
+            )?,
+            standby_promotions: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_standby_promotions_total",
+                    "Standby promotions",
+                ),
+                &["region"],
+            )?,
+            edge_up: IntGaugeVec::new(
+                Opts::new("shadowcdn_broker_edge_up", "Edge health (1 up, 0 down)"),
+                &["edge"],
+            )?,
+            request_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "shadowcdn_broker_request_duration_seconds",
+                    "Request latency at the broker",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+                &["reason"],
+            )?,
+            recorder_drops: IntCounter::new(
+                "shadowcdn_broker_recorder_drops_total",
+                "Request records dropped because the monitor queue was full",
+            )?,
+            recorded: IntCounter::new(
+                "shadowcdn_broker_recorded_total",
+                "Request records aggregated by the monitor",
+            )?,
+            api_calls: IntCounterVec::new(
+                Opts::new("shadowcdn_broker_api_calls_total", "Provider API calls"),
+                &["provider", "status"],
+            )?,
+            origin_pushes: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_origin_pushes_total",
+                    "Origin table pushes to edges",
+                ),
+                &["outcome"],
+            )?,
+        };
+        registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.failovers.clone()))?;
+        registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.standby_promotions.clone()))?;
+        registry.register(Box::new(m.edge_up.clone()))?;
+        registry.register(Box::new(m.request_seconds.clone()))?;
+        registry.register(Box::new(m.recorder_drops.clone()))?;
+        registry.register(Box::new(m.recorded.clone()))?;
+        registry.register(Box::new(m.api_calls.clone()))?;
+        registry.register(Box::new(m.origin_pushes.clone()))?;
+        Ok(m)
+    }
+}

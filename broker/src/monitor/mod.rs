@@ -1,0 +1,202 @@
+//! Request monitoring: the proxy hands each request's record to a bounded lock-free queue
+//! (a failed push is a counted drop, never a wait); one aggregator thread drains it into the
+//! time-series store and snapshots the store to disk so a restart keeps history.
+
+mod series;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use crossbeam_queue::ArrayQueue;
+use parking_lot::RwLock;
+
+pub use series::{Bucket, Observation, Series, SeriesStore};
+
+use crate::config::MonitorSection;
+use crate::metrics::BrokerMetrics;
+
+/// One proxied request.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Resource key (`host/path`, no query).
+    pub resource: String,
+    /// Seconds since the epoch.
+    pub ts: u64,
+    /// Client region index.
+    pub region: u16,
+    /// User segment, if the configured header was present.
+    pub segment: Option<String>,
+    /// Response body bytes.
+    pub bytes: u64,
+    /// Edge cache status (`hit`, `miss`, … or `origin`).
+    pub cache_status: &'static str,
+    /// Broker-side latency in microseconds.
+    pub latency_us: u64,
+}
+
+/// The hot-path side: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Recorder {
+    queue: Arc<ArrayQueue<Record>>,
+    enabled: bool,
+    metrics: BrokerMetrics,
+}
+
+impl Recorder {
+    /// Queue a record; drops (and counts) it when the queue is full.
+    pub fn record(&self, r: Record) {
+        if self.enabled && self.queue.push(r).is_err() {
+            self.metrics.recorder_drops.inc();
+        }
+    }
+
+    /// Whether recording is on.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+}
+
+/// Seconds since the epoch.
+pub fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The aggregating side: owns the store.
+pub struct Monitor {
+    store: Arc<RwLock<SeriesStore>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    snapshot_path: PathBuf,
+}
+
+impl Monitor {
+    /// Start the aggregator thread; loads the last snapshot from `snapshot_path` if present.
+    pub fn start(
+        cfg: &MonitorSection,
+        regions: Vec<String>,
+        snapshot_path: PathBuf,
+        metrics: BrokerMetrics,
+    ) -> (Monitor, Recorder) {
+        let mut store = SeriesStore::new(cfg.bucket_secs, cfg.retention_buckets, cfg.max_series);
+        match std::fs::read(&snapshot_path) {
+            Ok(bytes) => match serde_json::from_slice::<SeriesStore>(&bytes) {
+                Ok(snap) => store.restore(snap),
+                Err(e) => tracing::warn!(error = %e, "monitor snapshot unreadable; starting empty"),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => tracing::warn!(error = %e, "monitor snapshot unreadable; starting empty"),
+        }
+        let store = Arc::new(RwLock::new(store));
+        let queue = Arc::new(ArrayQueue::new(cfg.queue_capacity));
+        let stop = Arc::new(AtomicBool::new(false));
+        let recorder = Recorder {
+            queue: queue.clone(),
+            enabled: cfg.enabled,
+            metrics: metrics.clone(),
+        };
+        let thread = {
+            let (store, stop, path) = (store.clone(), stop.clone(), snapshot_path.clone());
+            let every = Duration::from_secs(cfg.snapshot_secs.max(1));
+            std::thread::Builder::new()
+                .name("monitor".into())
+                .spawn(move || aggregate(queue, store, stop, regions, path, every, metrics))
+                .ok()
+        };
+        (
+            Monitor {
+                store,
+                stop,
+                thread,
+                snapshot_path,
+            },
+            recorder,
+        )
+    }
+
+    /// Read access to the series.
+    pub fn store(&self) -> Arc<RwLock<SeriesStore>> {
+        self.store.clone()
+    }
+
+    /// Drain what is queued, snapshot, and stop the thread.
+    pub fn shutdown(mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        tracing::info!(path = %self.snapshot_path.display(), "monitor stopped");
+    }
+}
+
+fn aggregate(
+    queue: Arc<ArrayQueue<Record>>,
+    store: Arc<RwLock<SeriesStore>>,
+    stop: Arc<AtomicBool>,
+    regions: Vec<String>,
+    path: PathBuf,
+    every: Duration,
+    metrics: BrokerMetrics,
+) {
+    let mut last_snapshot = Instant::now();
+    loop {
+        let stopping = stop.load(Ordering::Acquire);
+        let mut n = 0u64;
+        if !queue.is_empty() {
+            let mut s = store.write();
+            while let Some(r) = queue.pop() {
+                let region = regions
+                    .get(r.region as usize)
+                    .map_or("unknown", String::as_str);
+                s.add(&Observation {
+                    resource: &r.resource,
+                    region,
+                    segment: r.segment.as_deref(),
+                    ts: r.ts,
+                    bytes: r.bytes,
+                });
+                n += 1;
+                if n.is_multiple_of(4096) {
+                    break;
+                }
+            }
+        }
+        metrics.recorded.inc_by(n);
+        if stopping && queue.is_empty() {
+            snapshot(&store, &path);
+            return;
+        }
+        if last_snapshot.elapsed() >= every {
+            snapshot(&store, &path);
+            last_snapshot = Instant::now();
+        }
+        if n == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Write the store atomically: temp file, fsync, rename.
+fn snapshot(store: &RwLock<SeriesStore>, path: &PathBuf) {
+    let bytes = match serde_json::to_vec(&*store.read()) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "monitor snapshot failed");
+            return;
+        }
+    };
+    let tmp = path.with_extension("tmp");
+    let res = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(&bytes)?;
+            f.sync_all()
+        })
+        .and_then(|_| std::fs::rename(&tmp, path));
+    if let Err(e) = res {
+        tracing::warn!(error = %e, path = %path.display(), "monitor snapshot failed");
+    }
+}

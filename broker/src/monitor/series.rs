@@ -1,0 +1,224 @@
+//! Per-(resource, region) request counts and bytes in fixed-width time buckets.
+//!
+//! Memory is bounded twice: each series keeps at most `retention` buckets (oldest dropped)
+//! and the store keeps at most `max_series` series (least recently updated dropped).
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// One bucket of a series.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Bucket {
+    /// Bucket start, seconds since the epoch.
+    pub start: u64,
+    /// Requests in the bucket.
+    pub requests: u64,
+    /// Response bytes in the bucket.
+    pub bytes: u64,
+}
+
+/// The buckets of one (resource, region), oldest first.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Series {
+    /// Buckets, oldest first, only non-empty ones.
+    pub buckets: VecDeque<Bucket>,
+    /// Requests by user segment over the retained window's lifetime.
+    pub segments: HashMap<String, u64>,
+    /// Last update (seconds since the epoch), for eviction.
+    pub touched: u64,
+}
+
+/// All series.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SeriesStore {
+    bucket_secs: u64,
+    retention: usize,
+    max_series: usize,
+    /// (resource, region) → series.
+    series: HashMap<String, HashMap<String, Series>>,
+    count: usize,
+}
+
+/// One request as the aggregator sees it.
+#[derive(Debug, Clone)]
+pub struct Observation<'a> {
+    /// Resource key (`host/path`).
+    pub resource: &'a str,
+    /// Region name.
+    pub region: &'a str,
+    /// User segment, if any.
+    pub segment: Option<&'a str>,
+    /// Seconds since the epoch.
+    pub ts: u64,
+    /// Response bytes.
+    pub bytes: u64,
+}
+
+impl SeriesStore {
+    /// An empty store.
+    pub fn new(bucket_secs: u64, retention: usize, max_series: usize) -> Self {
+        SeriesStore {
+            bucket_secs: bucket_secs.max(1),
+            retention: retention.max(1),
+            max_series: max_series.max(1),
+            series: HashMap::new(),
+            count: 0,
+        }
+    }
+
+    /// Adopt a snapshot's data under this store's limits.
+    pub fn restore(&mut self, snapshot: SeriesStore) {
+        if snapshot.bucket_secs == self.bucket_secs {
+            self.series = snapshot.series;
+            self.count = self.series.values().map(HashMap::len).sum();
+            for regions in self.series.values_mut() {
+                for s in regions.values_mut() {
+                    while s.buckets.len() > self.retention {
+                        s.buckets.pop_front();
+                    }
+                }
+            }
+            while self.count > self.max_series {
+                self.evict_one();
+            }
+        } else {
+            tracing::warn!(
+                old = snapshot.bucket_secs,
+                new = self.bucket_secs,
+                "monitor bucket width changed; snapshot ignored"
+            );
+        }
+    }
+
+    /// Count one request.
+    pub fn add(&mut self, o: &Observation<'_>) {
+        let start = o.ts - o.ts % self.bucket_secs;
+        let is_new = !self
+            .series
+            .get(o.resource)
+            .is_some_and(|r| r.contains_key(o.region));
+        if is_new && self.count >= self.max_series {
+            self.evict_one();
+        }
+        let s = self
+            .series
+            .entry(o.resource.to_string())
+            .or_default()
+            .entry(o.region.to_string())
+            .or_default();
+        if is_new {
+            self.count += 1;
+        }
+        s.touched = s.touched.max(o.ts);
+        if let Some(seg) = o.segment {
+            *s.segments.entry(seg.to_string()).or_default() += 1;
+        }
+        match s.buckets.iter_mut().rev().find(|b| b.start == start) {
+            Some(b) => {
+                b.requests += 1;
+                b.bytes += o.bytes;
+            }
+            None => {
+                let b = Bucket {
+                    start,
+                    requests: 1,
+                    bytes: o.bytes,
+                };
+                // Records arrive almost in order; keep the deque sorted.
+                let pos = s
+                    .buckets
+                    .iter()
+                    .rposition(|x| x.start < start)
+                    .map_or(0, |p| p + 1);
+                s.buckets.insert(pos, b);
+                while s.buckets.len() > self.retention {
+                    s.buckets.pop_front();
+                }
+            }
+        }
+    }
+
+    fn evict_one(&mut self) {
+        let victim = self
+            .series
+            .iter()
+            .flat_map(|(res, regions)| regions.iter().map(move |(reg, s)| (s.touched, res, reg)))
+            .min()
+            .map(|(_, res, reg)| (res.clone(), reg.clone()));
+        if let Some((res, reg)) = victim {
+            if let Some(regions) = self.series.get_mut(&res) {
+                regions.remove(&reg);
+                if regions.is_empty() {
+                    self.series.remove(&res);
+                }
+                self.count -= 1;
+            }
+        }
+    }
+
+    /// The series of a resource, by region.
+    pub fn query(&self, resource: &str) -> Option<&HashMap<String, Series>> {
+        self.series.get(resource)
+    }
+
+    /// Number of series held.
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Total requests counted for a resource in a region (retained window).
+    pub fn total(&self, resource: &str, region: &str) -> u64 {
+        self.series
+            .get(resource)
+            .and_then(|r| r.get(region))
+            .map_or(0, |s| s.buckets.iter().map(|b| b.requests).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs<'a>(res: &'a str, reg: &'a str, ts: u64) -> Observation<'a> {
+        Observation {
+            resource: res,
+            region: reg,
+            segment: Some("mobile"),
+            ts,
+            bytes: 10,
+        }
+    }
+
+    #[test]
+    fn buckets_and_retention() {
+        let mut s = SeriesStore::new(60, 3, 100);
+        for ts in [0, 30, 61, 130, 190, 250] {
+            s.add(&obs("h/a", "eu", ts));
+        }
+        let b = &s.query("h/a").unwrap()["eu"].buckets;
+        assert_eq!(b.len(), 3);
+        assert_eq!(b[0].start, 120);
+        assert_eq!(s.total("h/a", "eu"), 3);
+        // A late record for a retained bucket lands in order.
+        s.add(&obs("h/a", "eu", 125));
+        assert_eq!(s.query("h/a").unwrap()["eu"].buckets[0].requests, 2);
+        assert_eq!(s.query("h/a").unwrap()["eu"].segments["mobile"], 7);
+    }
+
+    #[test]
+    fn series_cap_evicts_least_recent() {
+        let mut s = SeriesStore::new(60, 10, 2);
+        s.add(&obs("a", "eu", 10));
+        s.add(&obs("b", "eu", 20));
+        s.add(&obs("c", "eu", 30));
+        assert_eq!(s.len(), 2);
+        assert!(s.query("a").is_none());
+        assert!(s.query("c").is_some());
+    }
+}

@@ -1,0 +1,381 @@
+//! The broker's Pingora phases: resolve the client's region, plan the route, try the plan in
+//! order (retrying idempotent requests on the next choice when an edge fails), tag requests
+//! for the edges, and record every request for the monitor.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use edge_node::drain::{InflightCounter, InflightGuard};
+use edge_node::proxy::primary_key;
+use http::header;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+
+use crate::metrics::BrokerMetrics;
+use crate::monitor::{now_secs, Record, Recorder};
+use crate::registry::Registry;
+use crate::routing::{Choice, Fleet, Health, Reason, RegionResolver};
+
+/// Header telling the edge how the request was routed.
+pub const ROUTE_HEADER: &str = "x-shadowcdn-route";
+
+/// The broker proxy.
+pub struct BrokerProxy {
+    fleet: Arc<Fleet>,
+    health: Arc<Health>,
+    regions: RegionResolver,
+    registry: Arc<Registry>,
+    recorder: Recorder,
+    segment_header: Option<String>,
+    metrics: BrokerMetrics,
+    inflight: InflightCounter,
+}
+
+/// Per-request state.
+pub struct BrokerCtx {
+    _inflight: InflightGuard,
+    started: Instant,
+    region: usize,
+    plan: Vec<Choice>,
+    attempt: usize,
+    chosen: Option<Choice>,
+    resource: String,
+    segment: Option<String>,
+    cache_status: &'static str,
+}
+
+impl BrokerProxy {
+    /// Assemble the proxy.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        fleet: Arc<Fleet>,
+        health: Arc<Health>,
+        regions: RegionResolver,
+        registry: Arc<Registry>,
+        recorder: Recorder,
+        segment_header: Option<String>,
+        metrics: BrokerMetrics,
+        inflight: InflightCounter,
+    ) -> Self {
+        BrokerProxy {
+            fleet,
+            health,
+            regions,
+            registry,
+            recorder,
+            segment_header: segment_header.map(|h| h.to_ascii_lowercase()),
+            metrics,
+            inflight,
+        }
+    }
+}
+
+async fn respond_json(session: &mut Session, status: u16, code: &str, message: &str) -> Result<()> {
+    let body = serde_json::json!({ "error": code, "message": message }).to_string();
+    let mut resp = ResponseHeader::build(status, Some(3))?;
+    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
+    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
+    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    session.write_response_header(Box::new(resp), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+fn host_of(req: &RequestHeader) -> Option<String> {
+    req.headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| req.uri.authority().map(|a| a.as_str()))
+        .filter(|h| !h.is_empty())
+        .map(|h| edge_node::origin::normalize_host(h).into_owned())
+}
+
+/// Resolve an origin URL (`http(s)://host[:port]`) to a peer.
+async fn origin_peer(upstream: &str) -> Result<HttpPeer> {
+    let uri: http::Uri = upstream.parse().map_err(|_| {
+        Error::explain(ErrorType::InternalError, "registered upstream is not a URL")
+    })?;
+    let tls = uri.scheme_str() == Some("https");
+    let host = uri
+        .host()
+        .ok_or_else(|| Error::explain(ErrorType::InternalError, "registered upstream has no host"))?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+    let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
+        .await
+        .map_err(|e| Error::because(ErrorType::ConnectError, "resolving origin", e))?
+        .next()
+        .ok_or_else(|| Error::explain(ErrorType::ConnectError, "origin resolves to no address"))?;
+    Ok(HttpPeer::new(addr, tls, host))
+}
+
+#[async_trait]
+impl ProxyHttp for BrokerProxy {
+    type CTX = BrokerCtx;
+
+    fn new_ctx(&self) -> Self::CTX {
+        BrokerCtx {
+            _inflight: self.inflight.enter(),
+            started: Instant::now(),
+            region: 0,
+            plan: Vec::new(),
+            attempt: 0,
+            chosen: None,
+            resource: String::new(),
+            segment: None,
+            cache_status: "none",
+        }
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        let req = session.req_header();
+        let Some(host) = host_of(req) else {
+            respond_json(session, 400, "missing_host", "request has no Host header").await?;
+            return Ok(true);
+        };
+        if self.registry.origin(&host).is_none() {
+            let msg = format!("no provider has registered host {host:?}");
+            respond_json(session, 404, "unknown_host", &msg).await?;
+            return Ok(true);
+        }
+        let req = session.req_header();
+        let header_region = self
+            .regions
+            .header_name()
+            .and_then(|h| req.headers.get(h))
+            .and_then(|v| v.to_str().ok());
+        let ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
+        ctx.segment = self
+            .segment_header
+            .as_deref()
+            .and_then(|h| req.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        let key = primary_key(&host, pq);
+        ctx.resource = primary_key(&host, req.uri.path());
+        ctx.plan = self.fleet.plan(&key, ctx.region, &self.health);
+        // Idempotent requests can be replayed on the next edge if one fails mid-request.
+        if req.method.is_idempotent() {
+            session.as_mut().enable_retry_buffering();
+        }
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        session: &mut Session,
+        ctx: &mut Self::CTX,
+    ) -> Result<Box<HttpPeer>> {
+        // Skip choices whose edge was marked down since the plan was made.
+        while let Some(c) = ctx.plan.get(ctx.attempt) {
+            match c.edge {
+                Some(e) if !self.health.is_up(e) => ctx.attempt += 1,
+                _ => break,
+            }
+        }
+        let choice = *ctx
+            .plan
+            .get(ctx.attempt)
+            .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "every route failed"))?;
+        ctx.attempt += 1;
+        ctx.chosen = Some(choice);
+        let mut peer = match choice.edge {
+            Some(e) => HttpPeer::new(self.fleet.edges[e].addr, false, String::new()),
+            None => {
+                let host = host_of(session.req_header()).unwrap_or_default();
+                let origin = self.registry.origin(&host).ok_or_else(|| {
+                    Error::explain(ErrorType::ConnectNoRoute, "host was unregistered")
+                })?;
+                origin_peer(&origin.upstream).await?
+            }
+        };
+        peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
+        peer.options.total_connection_timeout = Some(std::time::Duration::from_secs(2));
+        peer.options.read_timeout = Some(std::time::Duration::from_secs(30));
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        if let Some(c) = ctx.chosen {
+            let tag = format!(
+                "region={}; reason={}",
+                self.fleet.regions[c.region],
+                c.reason.as_str()
+            );
+            upstream_request.insert_header(ROUTE_HEADER, tag)?;
+            upstream_request
+                .insert_header("x-shadowcdn-client-region", &self.fleet.regions[ctx.region])?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if let Some(Choice {
+            edge: Some(edge), ..
+        }) = ctx.chosen
+        {
+            if self.health.mark_down(edge) {
+                tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge unreachable: marked down");
+            }
+        }
+        if ctx.attempt < ctx.plan.len() {
+            self.metrics.retries.inc();
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        let replayable = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.response_written().is_none();
+        if replayable && ctx.attempt < ctx.plan.len() {
+            if let Some(Choice {
+                edge: Some(edge), ..
+            }) = ctx.chosen
+            {
+                self.health.mark_down(edge);
+            }
+            self.metrics.retries.inc();
+            e.set_retry(true);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<()> {
+        ctx.cache_status = match resp.headers.get("x-cache").and_then(|v| v.to_str().ok()) {
+            Some(s) if s.eq_ignore_ascii_case("hit") => "hit",
+            Some(s) if s.eq_ignore_ascii_case("miss") => "miss",
+            Some(s) if s.eq_ignore_ascii_case("stale") => "stale",
+            Some(s) if s.eq_ignore_ascii_case("revalidated") => "revalidated",
+            Some(_) => "other",
+            None if ctx.chosen.is_some_and(|c| c.edge.is_none()) => "origin",
+            None => "none",
+        };
+        if let Some(c) = ctx.chosen {
+            let edge = c.edge.map_or("origin", |e| self.fleet.edges[e].id.as_str());
+            resp.insert_header("x-shadowcdn-edge", edge)?;
+        }
+        Ok(())
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut Self::CTX,
+    ) -> FailToProxy
+    where
+        Self::CTX: Send + Sync,
+    {
+        let code = match e.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            _ => match e.esource() {
+                ErrorSource::Upstream => 502,
+                ErrorSource::Downstream => match e.etype() {
+                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                    _ => 400,
+                },
+                ErrorSource::Internal | ErrorSource::Unset => 502,
+            },
+        };
+        if code > 0 && session.response_written().is_none() {
+            let msg = format!(
+                "no edge or origin could serve the request after {} attempts",
+                ctx.attempt
+            );
+            if let Err(err) = respond_json(session, code, "no_route", &msg).await {
+                tracing::debug!(error = %err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if ctx.plan.is_empty() {
+            return;
+        }
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let (edge, reason) = match ctx.chosen {
+            Some(c) => (
+                c.edge.map_or("origin", |e| self.fleet.edges[e].id.as_str()),
+                c.reason,
+            ),
+            None => ("none", Reason::Origin),
+        };
+        let region = &self.fleet.regions[ctx.region];
+        let mut status_buf = itoa::Buffer::new();
+        self.metrics
+            .requests
+            .with_label_values(&[
+                region.as_str(),
+                edge,
+                reason.as_str(),
+                status_buf.format(status),
+            ])
+            .inc();
+        if reason != Reason::Primary {
+            self.metrics
+                .failovers
+                .with_label_values(&[reason.as_str()])
+                .inc();
+        }
+        let elapsed = ctx.started.elapsed();
+        self.metrics
+            .request_seconds
+            .with_label_values(&[reason.as_str()])
+            .observe(elapsed.as_secs_f64());
+        if self.recorder.enabled() {
+            self.recorder.record(Record {
+                resource: std::mem::take(&mut ctx.resource),
+                ts: now_secs(),
+                region: ctx.region as u16,
+                segment: ctx.segment.take(),
+                bytes: session.body_bytes_sent() as u64,
+                cache_status: ctx.cache_status,
+                latency_us: elapsed.as_micros() as u64,
+            });
+        }
+    }
+}

@@ -1,0 +1,413 @@
+//! The provider API (JSON over HTTP on the admin listener). See `broker/openapi.yaml`.
+//!
+//! Every error is `{"error": code, "message": text}` with a 4xx/5xx status; a rejected request
+//! changes nothing. Providers only ever see their own hosts and resources (403 otherwise).
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use parking_lot::RwLock;
+use prometheus::{Encoder, TextEncoder};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::model::{
+    check_host, check_path, check_upstream, Invalid, NewProvider, OriginBody, Provider, PurgeBody,
+    ResourceBody,
+};
+use super::store::{Registry, RegistryError};
+use crate::metrics::BrokerMetrics;
+use crate::monitor::SeriesStore;
+use crate::routing::{Fleet, Health};
+use crate::sync::EdgeSync;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The registry.
+    pub registry: Arc<Registry>,
+    /// The fleet (regions, edges).
+    pub fleet: Arc<Fleet>,
+    /// Edge health.
+    pub health: Arc<Health>,
+    /// Edge admin client (purge fan-out, origin push).
+    pub sync: Arc<EdgeSync>,
+    /// Monitor series.
+    pub series: Arc<RwLock<SeriesStore>>,
+    /// Operator token.
+    pub operator_token: Arc<str>,
+    /// Largest accepted body.
+    pub max_body: usize,
+    /// Metrics registry (for `/metrics`).
+    pub prometheus: prometheus::Registry,
+    /// Broker metrics.
+    pub metrics: BrokerMetrics,
+}
+
+/// An API failure.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(json!({ "error": self.code, "message": self.message })),
+        )
+            .into_response()
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(e: RegistryError) -> Self {
+        let (status, code) = match &e {
+            RegistryError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            RegistryError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            RegistryError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+        };
+        ApiError::new(status, code, e.to_string())
+    }
+}
+
+impl From<Invalid> for ApiError {
+    fn from(e: Invalid) -> Self {
+        ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid", e.to_string())
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn token(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn operator(s: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
+    match token(headers) {
+        Some(t) if constant_eq(t.as_bytes(), s.operator_token.as_bytes()) => Ok(()),
+        Some(_) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "operator token required",
+        )),
+        None => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token",
+        )),
+    }
+}
+
+fn provider(s: &ApiState, headers: &HeaderMap) -> Result<Provider, ApiError> {
+    let t = token(headers).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing bearer token",
+        )
+    })?;
+    s.registry
+        .provider_by_token(t)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "unknown token"))
+}
+
+/// Read and parse a JSON body within the size limit.
+async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("request body exceeds {limit} bytes"),
+        )
+    })?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
+}
+
+/// The admin router.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/metrics", get(metrics))
+        .route("/v1/providers", post(create_provider).get(list_providers))
+        .route("/v1/origins", get(list_origins))
+        .route("/v1/origins/{host}", put(put_origin).delete(delete_origin))
+        .route("/v1/resources", post(create_resource).get(list_resources))
+        .route(
+            "/v1/resources/{id}",
+            get(get_resource)
+                .put(update_resource)
+                .delete(delete_resource),
+        )
+        .route("/v1/purge", post(purge))
+        .route("/v1/series", get(series))
+        .route("/v1/routes", get(routes))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            count_calls,
+        ))
+        .with_state(state)
+}
+
+async fn count_calls(State(s): State<ApiState>, req: Request, next: Next) -> Response {
+    let who = match token(req.headers()) {
+        Some(t) if constant_eq(t.as_bytes(), s.operator_token.as_bytes()) => "operator".to_string(),
+        Some(t) => s
+            .registry
+            .provider_by_token(t)
+            .map_or_else(|| "unknown".to_string(), |p| p.id),
+        None => "anonymous".to_string(),
+    };
+    let is_api = req.uri().path().starts_with("/v1/");
+    let resp = next.run(req).await;
+    if is_api {
+        s.metrics
+            .api_calls
+            .with_label_values(&[who.as_str(), resp.status().as_str()])
+            .inc();
+    }
+    resp
+}
+
+async fn metrics(State(s): State<ApiState>) -> Response {
+    let mut buf = Vec::new();
+    if let Err(e) = TextEncoder::new().encode(&s.prometheus.gather(), &mut buf) {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string())
+            .into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            TextEncoder::new().format_type().to_string(),
+        )],
+        buf,
+    )
+        .into_response()
+}
+
+async fn create_provider(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
+    operator(&s, &headers)?;
+    let req: NewProvider = read_json(body, s.max_body).await?;
+    let name = req.name.trim();
+    if name.is_empty() || name.len() > 128 {
+        return Err(Invalid {
+            field: "name",
+            message: "must be 1 to 128 characters".into(),
+        }
+        .into());
+    }
+    let (p, token) = s.registry.create_provider(name)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({ "id": p.id, "name": p.name, "token": token })),
+    )
+        .into_response())
+}
+
+async fn list_providers(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    operator(&s, &headers)?;
+    Ok(Json(json!({ "providers": s.registry.providers() })).into_response())
+}
+
+async fn list_origins(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    Ok(Json(json!({ "origins": s.registry.origins_of(&p.id) })).into_response())
+}
+
+async fn put_origin(
+    State(s): State<ApiState>,
+    Path(host): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    let req: OriginBody = read_json(body, s.max_body).await?;
+    let host = check_host(&host)?;
+    let upstream = check_upstream(&req.upstream)?;
+    let created = s.registry.put_origin(&p.id, &host, &upstream)?;
+    s.sync.origins_changed();
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(json!({ "host": host, "upstream": upstream }))).into_response())
+}
+
+async fn delete_origin(
+    State(s): State<ApiState>,
+    Path(host): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    let host = check_host(&host)?;
+    s.registry.delete_origin(&p.id, &host)?;
+    s.sync.origins_changed();
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn create_resource(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    let req: ResourceBody = read_json(body, s.max_body).await?;
+    let r = req.into_resource(s.registry.new_resource_id(), &p.id, &s.fleet.regions)?;
+    s.registry.put_resource(r.clone())?;
+    Ok((StatusCode::CREATED, Json(r)).into_response())
+}
+
+async fn list_resources(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    Ok(Json(json!({ "resources": s.registry.resources_of(&p.id) })).into_response())
+}
+
+async fn get_resource(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    Ok(Json(s.registry.resource(&p.id, &id)?).into_response())
+}
+
+async fn update_resource(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    s.registry.resource(&p.id, &id)?;
+    let req: ResourceBody = read_json(body, s.max_body).await?;
+    let r = req.into_resource(id, &p.id, &s.fleet.regions)?;
+    s.registry.put_resource(r.clone())?;
+    Ok(Json(r).into_response())
+}
+
+async fn delete_resource(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    s.registry.delete_resource(&p.id, &id)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    let req: PurgeBody = read_json(body, s.max_body).await?;
+    let host = check_host(&req.host)?;
+    s.registry.check_host_owner(&p.id, &host)?;
+    let target = match (&req.path, &req.prefix) {
+        (Some(path), None) => {
+            check_path("path", path)?;
+            format!("{host}{path}")
+        }
+        (None, Some(prefix)) => {
+            check_path("prefix", prefix)?;
+            format!("{host}{prefix}*")
+        }
+        _ => {
+            return Err(Invalid {
+                field: "path",
+                message: "give exactly one of path or prefix".into(),
+            }
+            .into())
+        }
+    };
+    let results = s.sync.purge_everywhere(&target).await;
+    let failed = results.iter().filter(|r| !r.ok).count();
+    let status = if failed == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::MULTI_STATUS
+    };
+    Ok((status, Json(json!({ "target": target, "edges": results }))).into_response())
+}
+
+#[derive(Deserialize)]
+struct SeriesQuery {
+    resource: String,
+}
+
+async fn series(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<SeriesQuery>,
+) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    let host = q.resource.split('/').next().unwrap_or("");
+    s.registry.check_host_owner(&p.id, &check_host(host)?)?;
+    let store = s.series.read();
+    let regions = store.query(&q.resource).cloned().unwrap_or_default();
+    Ok(Json(json!({ "resource": q.resource, "regions": regions })).into_response())
+}
+
+#[derive(Deserialize)]
+struct RouteQuery {
+    key: String,
+    region: String,
+}
+
+async fn routes(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<RouteQuery>,
+) -> ApiResult {
+    operator(&s, &headers)?;
+    let region = s.fleet.region_index(&q.region).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+            "unknown region",
+        )
+    })?;
+    let plan: Vec<_> = s
+        .fleet
+        .plan(&q.key, region, &s.health)
+        .into_iter()
+        .map(|c| {
+            json!({
+                "edge": c.edge.map(|e| s.fleet.edges[e].id.clone()),
+                "region": s.fleet.regions[c.region],
+                "reason": c.reason.as_str(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "key": q.key, "plan": plan })).into_response())
+}

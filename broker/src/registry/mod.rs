@@ -1,0 +1,9 @@
+//! Content providers and what they register: origins (host → upstream) and resources (path
+//! or prefix with priority, shadow TTL and shadow policy), durable in redb, served over the
+//! provider API.
+
+pub mod api;
+pub mod model;
+mod store;
+
+pub use store::{hash_token, Registry, RegistryError};

@@ -1,0 +1,325 @@
+//! What providers register, and the rules a registration must satisfy.
+//!
+//! Request types deny unknown fields and are validated before anything is written, so a bad
+//! request changes nothing.
+
+use serde::{Deserialize, Serialize};
+
+/// A content provider (tenant).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Provider {
+    /// Stable id (`p-…`).
+    pub id: String,
+    /// Display name.
+    pub name: String,
+}
+
+/// A host a provider serves, and where its origin is.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Origin {
+    /// Host name clients use (lower-case).
+    pub host: String,
+    /// `http(s)://host[:port]` of the origin.
+    pub upstream: String,
+    /// Owning provider.
+    pub provider: String,
+}
+
+/// How a resource's path matches request paths.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PathMatch {
+    /// The path exactly.
+    #[default]
+    Exact,
+    /// Every path starting with it.
+    Prefix,
+}
+
+/// Where and how much a resource may be shadowed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowPolicy {
+    /// Most shadow copies across all edges.
+    #[serde(default = "default_copies")]
+    pub max_copies: u32,
+    /// Regions allowed to hold shadows; empty means all.
+    #[serde(default)]
+    pub allowed_regions: Vec<String>,
+}
+
+impl Default for ShadowPolicy {
+    fn default() -> Self {
+        ShadowPolicy {
+            max_copies: default_copies(),
+            allowed_regions: Vec::new(),
+        }
+    }
+}
+
+fn default_copies() -> u32 {
+    2
+}
+
+/// A registered resource (path or prefix under a host).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resource {
+    /// Stable id (`r-…`).
+    pub id: String,
+    /// Owning provider.
+    pub provider: String,
+    /// Host (must be one of the provider's origins).
+    pub host: String,
+    /// Path or prefix, starting with `/`.
+    pub path: String,
+    /// Exact path or prefix.
+    pub r#match: PathMatch,
+    /// 0 (lowest) to 10.
+    pub priority: u8,
+    /// How long a shadow copy lives.
+    pub shadow_ttl_secs: u64,
+    /// Placement limits.
+    pub policy: ShadowPolicy,
+}
+
+/// Body of `POST /v1/providers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewProvider {
+    /// Display name.
+    pub name: String,
+}
+
+/// Body of `PUT /v1/origins/{host}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OriginBody {
+    /// `http(s)://host[:port]`.
+    pub upstream: String,
+}
+
+/// Body of `POST /v1/resources` and `PUT /v1/resources/{id}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResourceBody {
+    /// Host.
+    pub host: String,
+    /// Path or prefix.
+    pub path: String,
+    /// Exact or prefix (default exact).
+    #[serde(default)]
+    pub r#match: PathMatch,
+    /// 0–10 (default 5).
+    #[serde(default = "default_priority")]
+    pub priority: i64,
+    /// Shadow TTL in seconds (default 3600).
+    #[serde(default = "default_ttl")]
+    pub shadow_ttl_secs: i64,
+    /// Placement limits.
+    #[serde(default)]
+    pub policy: ShadowPolicy,
+}
+
+fn default_priority() -> i64 {
+    5
+}
+fn default_ttl() -> i64 {
+    3600
+}
+
+/// Body of `POST /v1/purge`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PurgeBody {
+    /// Host.
+    pub host: String,
+    /// Exact path (with query) to purge.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Prefix to purge.
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+/// A validation failure naming the field.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Validate and normalize a host name.
+pub fn check_host(host: &str) -> Result<String, Invalid> {
+    let h = host.trim().to_ascii_lowercase();
+    let ok = !h.is_empty()
+        && h.len() <= 253
+        && h.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        });
+    if ok {
+        Ok(h)
+    } else {
+        Err(invalid(
+            "host",
+            format!("{host:?} is not a valid host name"),
+        ))
+    }
+}
+
+/// Validate an upstream URL: absolute http(s), a host, no path, query or credentials.
+pub fn check_upstream(upstream: &str) -> Result<String, Invalid> {
+    let uri: http::Uri = upstream
+        .parse()
+        .map_err(|_| invalid("upstream", format!("{upstream:?} is not a URL")))?;
+    if !matches!(uri.scheme_str(), Some("http") | Some("https")) {
+        return Err(invalid("upstream", "scheme must be http or https"));
+    }
+    let auth = uri
+        .authority()
+        .ok_or_else(|| invalid("upstream", "missing host"))?;
+    if auth.as_str().contains('@') {
+        return Err(invalid(
+            "upstream",
+            "credentials are not allowed in the URL",
+        ));
+    }
+    if !(uri.path().is_empty() || uri.path() == "/") || uri.query().is_some() {
+        return Err(invalid("upstream", "must not have a path or query"));
+    }
+    Ok(format!("{}://{}", uri.scheme_str().unwrap_or("http"), auth))
+}
+
+/// Validate a path or prefix.
+pub fn check_path(field: &'static str, path: &str) -> Result<(), Invalid> {
+    if !path.starts_with('/') {
+        return Err(invalid(field, "must start with '/'"));
+    }
+    if path.len() > 2048 || path.chars().any(|c| c.is_control() || c == ' ') {
+        return Err(invalid(
+            field,
+            "too long or contains spaces/control characters",
+        ));
+    }
+    Ok(())
+}
+
+impl ResourceBody {
+    /// Validate into a resource owned by `provider` with id `id`.
+    pub fn into_resource(
+        self,
+        id: String,
+        provider: &str,
+        regions: &[String],
+    ) -> Result<Resource, Invalid> {
+        let host = check_host(&self.host)?;
+        check_path("path", &self.path)?;
+        if !(0..=10).contains(&self.priority) {
+            return Err(invalid(
+                "priority",
+                format!("{} is outside 0..=10", self.priority),
+            ));
+        }
+        if !(1..=30 * 24 * 3600).contains(&self.shadow_ttl_secs) {
+            return Err(invalid("shadow_ttl_secs", "must be between 1 and 2592000"));
+        }
+        if self.policy.max_copies == 0 || self.policy.max_copies > 64 {
+            return Err(invalid("policy.max_copies", "must be between 1 and 64"));
+        }
+        for r in &self.policy.allowed_regions {
+            if !regions.iter().any(|x| x == r) {
+                return Err(invalid(
+                    "policy.allowed_regions",
+                    format!("unknown region {r:?}"),
+                ));
+            }
+        }
+        Ok(Resource {
+            id,
+            provider: provider.to_string(),
+            host,
+            path: self.path,
+            r#match: self.r#match,
+            priority: self.priority as u8,
+            shadow_ttl_secs: self.shadow_ttl_secs as u64,
+            policy: self.policy,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn body(priority: i64) -> ResourceBody {
+        ResourceBody {
+            host: "Example.com".into(),
+            path: "/a".into(),
+            r#match: PathMatch::Prefix,
+            priority,
+            shadow_ttl_secs: 60,
+            policy: ShadowPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn validates_fields() {
+        let regions = vec!["eu".to_string()];
+        let r = body(3)
+            .into_resource("r-1".into(), "p-1", &regions)
+            .unwrap();
+        assert_eq!(r.host, "example.com");
+        assert_eq!(
+            body(11)
+                .into_resource("r".into(), "p", &regions)
+                .unwrap_err()
+                .field,
+            "priority"
+        );
+        assert_eq!(
+            body(-1)
+                .into_resource("r".into(), "p", &regions)
+                .unwrap_err()
+                .field,
+            "priority"
+        );
+        let mut b = body(1);
+        b.policy.allowed_regions = vec!["mars".into()];
+        assert_eq!(
+            b.into_resource("r".into(), "p", &regions)
+                .unwrap_err()
+                .field,
+            "policy.allowed_regions"
+        );
+    }
+
+    #[test]
+    fn hosts_and_upstreams() {
+        assert!(check_host("a-b.example.com").is_ok());
+        assert!(check_host("bad host").is_err());
+        assert!(check_host("-x.com").is_err());
+        assert_eq!(
+            check_upstream("http://127.0.0.1:9000").unwrap(),
+            "http://127.0.0.1:9000"
+        );
+        assert!(check_upstream("ftp://x").is_err());
+        assert!(check_upstream("http://u:p@x").is_err());
+        assert!(check_upstream("http://x/path").is_err());
+        assert!(check_upstream("not a url").is_err());
+    }
+}

@@ -1,0 +1,384 @@
+//! The durable registry: providers, hashed tokens, origins and resources in redb.
+//!
+//! Every change is committed (redb fsyncs on commit) before the call returns, so an
+//! acknowledged change survives SIGKILL. Reads are served from an in-memory copy that is
+//! updated only after the commit.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use parking_lot::RwLock;
+use rand::RngCore;
+use redb::{Database, ReadableTable, TableDefinition};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::model::{Origin, Provider, Resource};
+
+const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
+const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
+const ORIGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("origins");
+const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The object belongs to another provider.
+    #[error("{0} belongs to another provider")]
+    Forbidden(String),
+    /// No such object.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// The request conflicts with existing state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The embedded database failed.
+    #[error("registry store: {0}")]
+    Store(String),
+}
+
+fn store_err(e: impl Into<redb::Error>) -> RegistryError {
+    RegistryError::Store(e.into().to_string())
+}
+
+fn json_err(e: serde_json::Error) -> RegistryError {
+    RegistryError::Store(format!("corrupt record: {e}"))
+}
+
+#[derive(Debug, Default)]
+struct Memory {
+    providers: BTreeMap<String, Provider>,
+    tokens: BTreeMap<String, String>,
+    origins: BTreeMap<String, Origin>,
+    resources: BTreeMap<String, Resource>,
+}
+
+/// Providers, origins and resources.
+pub struct Registry {
+    db: Database,
+    mem: RwLock<Memory>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry").finish_non_exhaustive()
+    }
+}
+
+/// SHA-256 of a bearer token, hex. Only this is stored.
+pub fn hash_token(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn load_table<T: DeserializeOwned>(
+    txn: &redb::ReadTransaction,
+    def: TableDefinition<&str, &[u8]>,
+) -> Result<BTreeMap<String, T>, RegistryError> {
+    let table = txn.open_table(def).map_err(store_err)?;
+    let mut out = BTreeMap::new();
+    for row in table.iter().map_err(store_err)? {
+        let (k, v) = row.map_err(store_err)?;
+        out.insert(
+            k.value().to_string(),
+            serde_json::from_slice(v.value()).map_err(json_err)?,
+        );
+    }
+    Ok(out)
+}
+
+impl Registry {
+    /// Open (or create) the registry at `path` and load it into memory.
+    pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        let db = Database::create(path).map_err(store_err)?;
+        let w = db.begin_write().map_err(store_err)?;
+        {
+            w.open_table(PROVIDERS).map_err(store_err)?;
+            w.open_table(TOKENS).map_err(store_err)?;
+            w.open_table(ORIGINS).map_err(store_err)?;
+            w.open_table(RESOURCES).map_err(store_err)?;
+        }
+        w.commit().map_err(store_err)?;
+        let r = db.begin_read().map_err(store_err)?;
+        let mut mem = Memory {
+            providers: load_table(&r, PROVIDERS)?,
+            origins: load_table(&r, ORIGINS)?,
+            resources: load_table(&r, RESOURCES)?,
+            ..Memory::default()
+        };
+        let tokens = r.open_table(TOKENS).map_err(store_err)?;
+        for row in tokens.iter().map_err(store_err)? {
+            let (k, v) = row.map_err(store_err)?;
+            mem.tokens
+                .insert(k.value().to_string(), v.value().to_string());
+        }
+        Ok(Registry {
+            db,
+            mem: RwLock::new(mem),
+        })
+    }
+
+    fn write<F>(&self, f: F) -> Result<(), RegistryError>
+    where
+        F: FnOnce(&redb::WriteTransaction) -> Result<(), RegistryError>,
+    {
+        let w = self.db.begin_write().map_err(store_err)?;
+        f(&w)?;
+        w.commit().map_err(store_err)
+    }
+
+    fn put_json<T: Serialize>(
+        w: &redb::WriteTransaction,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+        value: &T,
+    ) -> Result<(), RegistryError> {
+        let bytes = serde_json::to_vec(value).map_err(json_err)?;
+        w.open_table(def)
+            .map_err(store_err)?
+            .insert(key, bytes.as_slice())
+            .map_err(store_err)?;
+        Ok(())
+    }
+
+    /// Create a provider; returns it and its bearer token (shown once, stored hashed).
+    pub fn create_provider(&self, name: &str) -> Result<(Provider, String), RegistryError> {
+        let provider = Provider {
+            id: format!("p-{}", random_hex(6)),
+            name: name.to_string(),
+        };
+        let token = format!("scdn_{}", random_hex(24));
+        let hashed = hash_token(&token);
+        self.write(|w| {
+            Self::put_json(w, PROVIDERS, &provider.id, &provider)?;
+            w.open_table(TOKENS)
+                .map_err(store_err)?
+                .insert(hashed.as_str(), provider.id.as_str())
+                .map_err(store_err)?;
+            Ok(())
+        })?;
+        let mut m = self.mem.write();
+        m.providers.insert(provider.id.clone(), provider.clone());
+        m.tokens.insert(hashed, provider.id.clone());
+        Ok((provider, token))
+    }
+
+    /// The provider a bearer token belongs to.
+    pub fn provider_by_token(&self, token: &str) -> Option<Provider> {
+        let m = self.mem.read();
+        let id = m.tokens.get(&hash_token(token))?;
+        m.providers.get(id).cloned()
+    }
+
+    /// All providers.
+    pub fn providers(&self) -> Vec<Provider> {
+        self.mem.read().providers.values().cloned().collect()
+    }
+
+    /// Register or update `host` for `provider`; `Ok(true)` when newly created.
+    pub fn put_origin(
+        &self,
+        provider: &str,
+        host: &str,
+        upstream: &str,
+    ) -> Result<bool, RegistryError> {
+        let created = match self.mem.read().origins.get(host) {
+            Some(o) if o.provider != provider => {
+                return Err(RegistryError::Forbidden(format!("host {host}")))
+            }
+            Some(_) => false,
+            None => true,
+        };
+        let origin = Origin {
+            host: host.to_string(),
+            upstream: upstream.to_string(),
+            provider: provider.to_string(),
+        };
+        self.write(|w| Self::put_json(w, ORIGINS, host, &origin))?;
+        self.mem.write().origins.insert(host.to_string(), origin);
+        Ok(created)
+    }
+
+    /// Remove `host` (and the provider's resources under it).
+    pub fn delete_origin(&self, provider: &str, host: &str) -> Result<(), RegistryError> {
+        self.check_host_owner(provider, host)?;
+        let doomed: Vec<String> = self
+            .mem
+            .read()
+            .resources
+            .values()
+            .filter(|r| r.host == host)
+            .map(|r| r.id.clone())
+            .collect();
+        self.write(|w| {
+            w.open_table(ORIGINS)
+                .map_err(store_err)?
+                .remove(host)
+                .map_err(store_err)?;
+            let mut t = w.open_table(RESOURCES).map_err(store_err)?;
+            for id in &doomed {
+                t.remove(id.as_str()).map_err(store_err)?;
+            }
+            Ok(())
+        })?;
+        let mut m = self.mem.write();
+        m.origins.remove(host);
+        for id in &doomed {
+            m.resources.remove(id);
+        }
+        Ok(())
+    }
+
+    /// Every origin (what edges and the direct-to-origin fallback need).
+    pub fn origins(&self) -> Vec<Origin> {
+        self.mem.read().origins.values().cloned().collect()
+    }
+
+    /// The origin serving `host`.
+    pub fn origin(&self, host: &str) -> Option<Origin> {
+        self.mem.read().origins.get(host).cloned()
+    }
+
+    /// `Ok` when `provider` owns `host`; 403 for another's, 404 for nobody's.
+    pub fn check_host_owner(&self, provider: &str, host: &str) -> Result<(), RegistryError> {
+        match self.mem.read().origins.get(host) {
+            Some(o) if o.provider == provider => Ok(()),
+            Some(_) => Err(RegistryError::Forbidden(format!("host {host}"))),
+            None => Err(RegistryError::NotFound(format!("host {host}"))),
+        }
+    }
+
+    /// A fresh resource id.
+    pub fn new_resource_id(&self) -> String {
+        format!("r-{}", random_hex(6))
+    }
+
+    /// Insert or replace a resource after checking ownership of it and its host.
+    pub fn put_resource(&self, resource: Resource) -> Result<(), RegistryError> {
+        self.check_host_owner(&resource.provider, &resource.host)?;
+        if let Some(old) = self.mem.read().resources.get(&resource.id) {
+            if old.provider != resource.provider {
+                return Err(RegistryError::Forbidden(format!(
+                    "resource {}",
+                    resource.id
+                )));
+            }
+        }
+        self.write(|w| Self::put_json(w, RESOURCES, &resource.id, &resource))?;
+        self.mem
+            .write()
+            .resources
+            .insert(resource.id.clone(), resource);
+        Ok(())
+    }
+
+    /// A resource, if `provider` owns it.
+    pub fn resource(&self, provider: &str, id: &str) -> Result<Resource, RegistryError> {
+        match self.mem.read().resources.get(id) {
+            Some(r) if r.provider == provider => Ok(r.clone()),
+            Some(_) => Err(RegistryError::Forbidden(format!("resource {id}"))),
+            None => Err(RegistryError::NotFound(format!("resource {id}"))),
+        }
+    }
+
+    /// Delete a resource `provider` owns.
+    pub fn delete_resource(&self, provider: &str, id: &str) -> Result<(), RegistryError> {
+        self.resource(provider, id)?;
+        self.write(|w| {
+            w.open_table(RESOURCES)
+                .map_err(store_err)?
+                .remove(id)
+                .map_err(store_err)?;
+            Ok(())
+        })?;
+        self.mem.write().resources.remove(id);
+        Ok(())
+    }
+
+    /// Resources of one provider.
+    pub fn resources_of(&self, provider: &str) -> Vec<Resource> {
+        self.mem
+            .read()
+            .resources
+            .values()
+            .filter(|r| r.provider == provider)
+            .cloned()
+            .collect()
+    }
+
+    /// Origins of one provider.
+    pub fn origins_of(&self, provider: &str) -> Vec<Origin> {
+        self.mem
+            .read()
+            .origins
+            .values()
+            .filter(|o| o.provider == provider)
+            .cloned()
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::model::{PathMatch, ShadowPolicy};
+
+    #[test]
+    fn providers_tokens_origins_resources_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let (p, token, rid) = {
+            let reg = Registry::open(&path).unwrap();
+            let (p, token) = reg.create_provider("acme").unwrap();
+            assert!(reg
+                .put_origin(&p.id, "a.com", "http://127.0.0.1:1")
+                .unwrap());
+            assert!(!reg
+                .put_origin(&p.id, "a.com", "http://127.0.0.1:2")
+                .unwrap());
+            let rid = reg.new_resource_id();
+            reg.put_resource(Resource {
+                id: rid.clone(),
+                provider: p.id.clone(),
+                host: "a.com".into(),
+                path: "/x".into(),
+                r#match: PathMatch::Exact,
+                priority: 5,
+                shadow_ttl_secs: 60,
+                policy: ShadowPolicy::default(),
+            })
+            .unwrap();
+            (p, token, rid)
+        };
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(reg.provider_by_token(&token).unwrap(), p);
+        assert!(reg.provider_by_token("scdn_wrong").is_none());
+        assert_eq!(reg.origin("a.com").unwrap().upstream, "http://127.0.0.1:2");
+        assert_eq!(reg.resource(&p.id, &rid).unwrap().path, "/x");
+
+        let (q, _) = reg.create_provider("other").unwrap();
+        assert!(matches!(
+            reg.put_origin(&q.id, "a.com", "http://x"),
+            Err(RegistryError::Forbidden(_))
+        ));
+        assert!(matches!(
+            reg.resource(&q.id, &rid),
+            Err(RegistryError::Forbidden(_))
+        ));
+        assert!(matches!(
+            reg.delete_origin(&q.id, "a.com"),
+            Err(RegistryError::Forbidden(_))
+        ));
+        reg.delete_origin(&p.id, "a.com").unwrap();
+        assert!(matches!(
+            reg.resource(&p.id, &rid),
+            Err(RegistryError::NotFound(_))
+        ));
+    }
+}

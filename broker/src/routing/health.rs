@@ -1,0 +1,189 @@
+//! Edge health: active HTTP probes of each edge's `/healthz` plus passive failure reports
+//! from the proxy. A passive failure marks an edge down at once (the next request must not
+//! wait for a probe); only probes bring it back, after `rise` consecutive successes.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+
+use super::Fleet;
+use crate::config::{HealthSection, Role};
+use crate::metrics::BrokerMetrics;
+
+/// Up/down state of every edge.
+#[derive(Debug)]
+pub struct Health {
+    up: Vec<AtomicBool>,
+    fails: Vec<AtomicU32>,
+    oks: Vec<AtomicU32>,
+    fall: u32,
+    rise: u32,
+}
+
+impl Health {
+    /// All edges start up: a fresh broker routes at once, and probes correct it within one
+    /// interval.
+    pub fn new(edges: usize, fall: u32, rise: u32) -> Self {
+        Health {
+            up: (0..edges).map(|_| AtomicBool::new(true)).collect(),
+            fails: (0..edges).map(|_| AtomicU32::new(0)).collect(),
+            oks: (0..edges).map(|_| AtomicU32::new(0)).collect(),
+            fall: fall.max(1),
+            rise: rise.max(1),
+        }
+    }
+
+    /// Whether an edge may receive requests.
+    pub fn is_up(&self, edge: usize) -> bool {
+        self.up[edge].load(Ordering::Acquire)
+    }
+
+    /// Passive failure (connection refused, reset before a response): down now.
+    pub fn mark_down(&self, edge: usize) -> bool {
+        self.oks[edge].store(0, Ordering::Release);
+        self.up[edge].swap(false, Ordering::AcqRel)
+    }
+
+    /// Record a probe result; returns `Some(new_state)` when the state flipped.
+    pub fn probe_result(&self, edge: usize, ok: bool) -> Option<bool> {
+        if ok {
+            self.fails[edge].store(0, Ordering::Release);
+            let n = self.oks[edge].fetch_add(1, Ordering::AcqRel) + 1;
+            if n >= self.rise && !self.up[edge].swap(true, Ordering::AcqRel) {
+                return Some(true);
+            }
+        } else {
+            self.oks[edge].store(0, Ordering::Release);
+            let n = self.fails[edge].fetch_add(1, Ordering::AcqRel) + 1;
+            if n >= self.fall && self.up[edge].swap(false, Ordering::AcqRel) {
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// Probes every edge periodically and tracks standby promotion per region.
+pub struct HealthChecker {
+    fleet: Arc<Fleet>,
+    health: Arc<Health>,
+    cfg: HealthSection,
+    metrics: BrokerMetrics,
+}
+
+impl HealthChecker {
+    /// A checker over `fleet`.
+    pub fn new(
+        fleet: Arc<Fleet>,
+        health: Arc<Health>,
+        cfg: HealthSection,
+        metrics: BrokerMetrics,
+    ) -> Self {
+        HealthChecker {
+            fleet,
+            health,
+            cfg,
+            metrics,
+        }
+    }
+
+    fn promoted(&self, region: usize) -> bool {
+        let in_region = |role: Role| {
+            self.fleet
+                .edges
+                .iter()
+                .enumerate()
+                .filter(move |(i, e)| self.fleet.edge_region(*i) == region && e.role == role)
+        };
+        !in_region(Role::Active).any(|(i, _)| self.health.is_up(i))
+            && in_region(Role::Standby).any(|(i, _)| self.health.is_up(i))
+    }
+}
+
+#[async_trait]
+impl BackgroundService for HealthChecker {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let client = match reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(self.cfg.timeout_ms))
+            .build()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "health checker cannot build its HTTP client");
+                return;
+            }
+        };
+        let mut promoted: Vec<bool> = vec![false; self.fleet.regions.len()];
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.interval_ms));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let probes = self.fleet.edges.iter().map(|e| {
+                let url = format!("http://{}/healthz", e.admin);
+                let client = client.clone();
+                async move {
+                    client
+                        .get(url)
+                        .send()
+                        .await
+                        .is_ok_and(|r| r.status().is_success())
+                }
+            });
+            let results = futures::future::join_all(probes).await;
+            for (i, ok) in results.into_iter().enumerate() {
+                let id = &self.fleet.edges[i].id;
+                self.metrics
+                    .edge_up
+                    .with_label_values(&[id])
+                    .set(i64::from(self.health.is_up(i)));
+                if let Some(up) = self.health.probe_result(i, ok) {
+                    tracing::info!(edge = %id, up, "edge health changed");
+                    self.metrics
+                        .edge_up
+                        .with_label_values(&[id])
+                        .set(i64::from(up));
+                }
+            }
+            for (r, was) in promoted.iter_mut().enumerate() {
+                let now = self.promoted(r);
+                if now != *was {
+                    let region = &self.fleet.regions[r];
+                    if now {
+                        tracing::warn!(%region, "no healthy active edge: standby promoted");
+                        self.metrics
+                            .standby_promotions
+                            .with_label_values(&[region])
+                            .inc();
+                    } else {
+                        tracing::info!(%region, "standby demoted");
+                    }
+                    *was = now;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fall_and_rise() {
+        let h = Health::new(1, 2, 2);
+        assert_eq!(h.probe_result(0, false), None);
+        assert_eq!(h.probe_result(0, false), Some(false));
+        assert!(!h.is_up(0));
+        assert_eq!(h.probe_result(0, true), None);
+        assert_eq!(h.probe_result(0, true), Some(true));
+        assert!(h.mark_down(0));
+        assert!(!h.is_up(0));
+    }
+}

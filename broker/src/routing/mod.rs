@@ -1,0 +1,231 @@
+//! Where a request goes: client region, then weighted rendezvous among the region's healthy
+//! active edges, then its standby, then neighbouring regions, then the origin.
+
+mod health;
+mod region;
+pub mod rendezvous;
+
+pub use health::{Health, HealthChecker};
+pub use region::RegionResolver;
+
+use crate::config::{BrokerConfig, EdgeEntry, Role};
+
+/// Why a route was chosen; edges receive it in `x-shadowcdn-route` and split metrics by it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// The key's rendezvous owner in the client's region.
+    Primary,
+    /// Another active edge of the region: the owner is down.
+    Failover,
+    /// The region's warm standby: no active edge is healthy.
+    Standby,
+    /// An edge of a neighbouring region.
+    Neighbour,
+    /// No edge is usable: straight to the origin.
+    Origin,
+}
+
+impl Reason {
+    /// Label for headers and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Primary => "primary",
+            Reason::Failover => "failover",
+            Reason::Standby => "standby",
+            Reason::Neighbour => "neighbour",
+            Reason::Origin => "origin",
+        }
+    }
+}
+
+/// One choice in a request's ordered plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    /// Edge index, `None` for the origin.
+    pub edge: Option<usize>,
+    /// Region index of the edge (the client's region for the origin).
+    pub region: usize,
+    /// Why.
+    pub reason: Reason,
+}
+
+/// The fleet as configured, indexed.
+#[derive(Debug)]
+pub struct Fleet {
+    /// Edges in configuration order.
+    pub edges: Vec<EdgeEntry>,
+    /// Region names; indices are region ids.
+    pub regions: Vec<String>,
+    /// Region index of each edge.
+    edge_region: Vec<usize>,
+    /// Neighbour region indices of each region, nearest first.
+    neighbours: Vec<Vec<usize>>,
+}
+
+impl Fleet {
+    /// Index the configured regions and edges.
+    pub fn new(cfg: &BrokerConfig) -> Self {
+        let regions: Vec<String> = cfg.regions.iter().map(|r| r.name.clone()).collect();
+        let idx = |name: &str| regions.iter().position(|r| r == name);
+        let neighbours = cfg
+            .regions
+            .iter()
+            .map(|r| r.neighbours.iter().filter_map(|n| idx(n)).collect())
+            .collect();
+        let edge_region = cfg.edges.iter().filter_map(|e| idx(&e.region)).collect();
+        Fleet {
+            edges: cfg.edges.clone(),
+            regions,
+            edge_region,
+            neighbours,
+        }
+    }
+
+    /// Region index by name.
+    pub fn region_index(&self, name: &str) -> Option<usize> {
+        self.regions
+            .iter()
+            .position(|r| r.eq_ignore_ascii_case(name))
+    }
+
+    /// Region index of an edge.
+    pub fn edge_region(&self, edge: usize) -> usize {
+        self.edge_region[edge]
+    }
+
+    fn ranked(&self, region: usize, role: Role, key: &str, health: &Health) -> Vec<usize> {
+        rendezvous::rank(
+            self.edges
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| {
+                    self.edge_region[*i] == region && e.role == role && health.is_up(*i)
+                })
+                .map(|(i, e)| (i, e.id.as_str(), e.weight)),
+            key,
+        )
+    }
+
+    /// The key's owner among all active edges of a region, healthy or not.
+    pub fn owner(&self, region: usize, key: &str) -> Option<usize> {
+        rendezvous::rank(
+            self.edges
+                .iter()
+                .enumerate()
+                .filter(|(i, e)| self.edge_region[*i] == region && e.role == Role::Active)
+                .map(|(i, e)| (i, e.id.as_str(), e.weight)),
+            key,
+        )
+        .first()
+        .copied()
+    }
+
+    /// The ordered choices for `key` from a client in `region`.
+    pub fn plan(&self, key: &str, region: usize, health: &Health) -> Vec<Choice> {
+        let mut plan = Vec::with_capacity(4);
+        let owner = self.owner(region, key);
+        self.region_choices(key, region, health, owner, false, &mut plan);
+        for &n in &self.neighbours[region] {
+            let owner = self.owner(n, key);
+            self.region_choices(key, n, health, owner, true, &mut plan);
+        }
+        plan.push(Choice {
+            edge: None,
+            region,
+            reason: Reason::Origin,
+        });
+        plan
+    }
+
+    fn region_choices(
+        &self,
+        key: &str,
+        region: usize,
+        health: &Health,
+        owner: Option<usize>,
+        neighbour: bool,
+        plan: &mut Vec<Choice>,
+    ) {
+        let actives = self.ranked(region, Role::Active, key, health);
+        let edges = if actives.is_empty() {
+            self.ranked(region, Role::Standby, key, health)
+        } else {
+            actives
+        };
+        for e in edges {
+            let reason = if neighbour {
+                Reason::Neighbour
+            } else if self.edges[e].role == Role::Standby {
+                Reason::Standby
+            } else if Some(e) == owner {
+                Reason::Primary
+            } else {
+                Reason::Failover
+            };
+            plan.push(Choice {
+                edge: Some(e),
+                region,
+                reason,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::tests::SAMPLE;
+
+    fn fleet() -> (Fleet, Health) {
+        let cfg = BrokerConfig::from_toml(SAMPLE).unwrap();
+        let f = Fleet::new(&cfg);
+        let h = Health::new(f.edges.len(), 2, 2);
+        (f, h)
+    }
+
+    #[test]
+    fn owner_first_then_other_active_then_neighbour_then_origin() {
+        let (f, h) = fleet();
+        let p = f.plan("host/x", 0, &h);
+        assert_eq!(p[0].reason, Reason::Primary);
+        assert_eq!(p[1].reason, Reason::Failover);
+        assert_eq!(p[2].reason, Reason::Neighbour);
+        assert_eq!(p[2].edge, Some(3));
+        assert_eq!(p[3].reason, Reason::Origin);
+        // The standby is not used while an active edge is up.
+        assert!(p.iter().all(|c| c.edge != Some(2)));
+    }
+
+    #[test]
+    fn failed_owner_moves_key_to_next_active_and_standby_takes_over_last() {
+        let (f, h) = fleet();
+        let key = "host/y";
+        let owner = f.plan(key, 0, &h)[0].edge.unwrap();
+        h.mark_down(owner);
+        let p = f.plan(key, 0, &h);
+        assert_eq!(p[0].reason, Reason::Failover);
+        assert_ne!(p[0].edge, Some(owner));
+        h.mark_down(0);
+        h.mark_down(1);
+        let p = f.plan(key, 0, &h);
+        assert_eq!(
+            p[0],
+            Choice {
+                edge: Some(2),
+                region: 0,
+                reason: Reason::Standby
+            }
+        );
+        h.mark_down(2);
+        h.mark_down(3);
+        let p = f.plan(key, 0, &h);
+        assert_eq!(
+            p,
+            vec![Choice {
+                edge: None,
+                region: 0,
+                reason: Reason::Origin
+            }]
+        );
+    }
+}

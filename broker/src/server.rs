@@ -1,0 +1,211 @@
+//! Assembles a broker from its configuration and runs it until shutdown.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use edge_node::drain::{Drainer, InflightCounter};
+use parking_lot::Mutex;
+use pingora_core::server::configuration::ServerConf;
+use pingora_core::server::{RunArgs, Server, ShutdownWatch};
+use pingora_core::services::background::{background_service, BackgroundService};
+
+use crate::config::BrokerConfig;
+use crate::metrics::BrokerMetrics;
+use crate::monitor::Monitor;
+use crate::proxy::BrokerProxy;
+use crate::registry::api::{router, ApiState};
+use crate::registry::{Registry, RegistryError};
+use crate::routing::{Fleet, Health, HealthChecker, RegionResolver};
+use crate::sync::{EdgeSync, OriginPusher};
+
+/// Why a broker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Bad configuration.
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    /// The registry could not be opened.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// A listener address is taken.
+    #[error("cannot listen on {addr} ({what}): {source}")]
+    Bind {
+        /// Which listener.
+        what: &'static str,
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// Anything else during start-up.
+    #[error("start-up: {0}")]
+    Setup(String),
+}
+
+/// A configured broker.
+pub struct Broker {
+    cfg: BrokerConfig,
+    server: Server,
+}
+
+/// Serves the provider API inside the pingora server (shared graceful shutdown).
+struct ApiService {
+    listener: Mutex<Option<TcpListener>>,
+    state: ApiState,
+}
+
+#[async_trait]
+impl BackgroundService for ApiService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(l) = self.listener.lock().take() else {
+            return;
+        };
+        let listener = match l
+            .set_nonblocking(true)
+            .and_then(|_| tokio::net::TcpListener::from_std(l))
+        {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "admin listener unusable");
+                return;
+            }
+        };
+        let served = axum::serve(listener, router(self.state.clone()))
+            .with_graceful_shutdown(async move {
+                let _ = shutdown.changed().await;
+            })
+            .await;
+        if let Err(e) = served {
+            tracing::error!(error = %e, "admin listener failed");
+        }
+    }
+}
+
+impl Broker {
+    /// Open the registry, start the monitor, bind listeners and build the services.
+    pub fn build(cfg: BrokerConfig) -> Result<Self, StartError> {
+        std::fs::create_dir_all(&cfg.data_dir)
+            .map_err(|e| StartError::Setup(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
+        TcpListener::bind(cfg.listen).map_err(|source| StartError::Bind {
+            what: "listen",
+            addr: cfg.listen,
+            source,
+        })?;
+        let admin_listener =
+            TcpListener::bind(cfg.admin.listen).map_err(|source| StartError::Bind {
+                what: "admin.listen",
+                addr: cfg.admin.listen,
+                source,
+            })?;
+
+        let prometheus = prometheus::Registry::new();
+        let metrics =
+            BrokerMetrics::register(&prometheus).map_err(|e| StartError::Setup(e.to_string()))?;
+        let registry = Arc::new(Registry::open(&cfg.data_dir.join("registry.redb"))?);
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let health = Arc::new(Health::new(
+            fleet.edges.len(),
+            cfg.health.fall,
+            cfg.health.rise,
+        ));
+        let regions = RegionResolver::new(&cfg.client_region, &fleet);
+        let (monitor, recorder) = Monitor::start(
+            &cfg.monitor,
+            fleet.regions.clone(),
+            cfg.data_dir.join("monitor.json"),
+            metrics.clone(),
+        );
+        let sync = Arc::new(EdgeSync::new(
+            fleet.clone(),
+            registry.clone(),
+            cfg.admin.edge_token.clone(),
+            metrics.clone(),
+        ));
+
+        let conf = ServerConf {
+            threads: cfg.threads,
+            grace_period_seconds: Some(cfg.drain_timeout_secs + 5),
+            graceful_shutdown_timeout_seconds: Some(5),
+            pid_file: cfg
+                .data_dir
+                .join("broker.pid")
+                .to_string_lossy()
+                .into_owned(),
+            upgrade_sock: cfg
+                .data_dir
+                .join("upgrade.sock")
+                .to_string_lossy()
+                .into_owned(),
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+
+        let inflight = InflightCounter::default();
+        let proxy = BrokerProxy::new(
+            fleet.clone(),
+            health.clone(),
+            regions,
+            registry.clone(),
+            recorder,
+            cfg.segment_header.clone(),
+            metrics.clone(),
+            inflight.clone(),
+        );
+        let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
+            &server.configuration,
+            proxy,
+            "shadowcdn-broker",
+        );
+        proxy_service.add_tcp(&cfg.listen.to_string());
+
+        let api = ApiService {
+            listener: Mutex::new(Some(admin_listener)),
+            state: ApiState {
+                registry,
+                fleet: fleet.clone(),
+                health: health.clone(),
+                sync: sync.clone(),
+                series: monitor.store(),
+                operator_token: cfg.admin.operator_token.as_str().into(),
+                max_body: cfg.admin.max_body_bytes,
+                prometheus,
+                metrics: metrics.clone(),
+            },
+        };
+        let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics);
+        let monitor = Mutex::new(Some(monitor));
+        let drainer = Drainer::new(
+            inflight,
+            Duration::from_secs(cfg.drain_timeout_secs),
+            Box::new(move || {
+                let monitor = monitor.lock().take();
+                Box::pin(async move {
+                    if let Some(m) = monitor {
+                        let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+                    }
+                    0
+                })
+            }),
+        );
+        server.add_service(proxy_service);
+        server.add_service(background_service("api", api));
+        server.add_service(background_service("health", checker));
+        server.add_service(background_service("origin-push", OriginPusher(sync)));
+        server.add_service(background_service("drain", drainer));
+        Ok(Broker { cfg, server })
+    }
+
+    /// Serve until SIGTERM (drain, snapshot the monitor, exit) or SIGINT.
+    pub fn run(self) {
+        tracing::info!(
+            listen = %self.cfg.listen,
+            admin = %self.cfg.admin.listen,
+            edges = self.cfg.edges.len(),
+            "broker serving"
+        );
+        self.server.run(RunArgs::default());
+    }
+}

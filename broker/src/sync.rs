@@ -1,0 +1,150 @@
+//! The broker's client of the edges' admin API: pushes the origin table (so a newly
+//! registered host works on every edge without a restart) and fans purges out.
+//!
+//! Pushes happen on every registry change and every few seconds, so an edge that was down
+//! during a change converges when it comes back.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde::Serialize;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::metrics::BrokerMetrics;
+use crate::registry::Registry;
+use crate::routing::Fleet;
+
+/// Outcome of a purge on one edge.
+#[derive(Debug, Clone, Serialize)]
+pub struct EdgeResult {
+    /// Edge id.
+    pub edge: String,
+    /// Whether the edge confirmed (200, or 404 for an object it did not hold).
+    pub ok: bool,
+    /// HTTP status from the edge, 0 when unreachable.
+    pub status: u16,
+}
+
+/// Talks to every edge's admin listener.
+pub struct EdgeSync {
+    fleet: Arc<Fleet>,
+    registry: Arc<Registry>,
+    token: String,
+    client: reqwest::Client,
+    changed: Notify,
+    metrics: BrokerMetrics,
+}
+
+impl EdgeSync {
+    /// A client for the fleet's admin APIs.
+    pub fn new(
+        fleet: Arc<Fleet>,
+        registry: Arc<Registry>,
+        token: String,
+        metrics: BrokerMetrics,
+    ) -> Self {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(2))
+            .build()
+            .unwrap_or_default();
+        EdgeSync {
+            fleet,
+            registry,
+            token,
+            client,
+            changed: Notify::new(),
+            metrics,
+        }
+    }
+
+    /// Ask for an origin push now.
+    pub fn origins_changed(&self) {
+        self.changed.notify_one();
+    }
+
+    async fn push_origins(&self) {
+        let rows: Vec<_> = self
+            .registry
+            .origins()
+            .into_iter()
+            .map(|o| json!({ "host": o.host, "upstream": o.upstream }))
+            .collect();
+        let body = json!({ "origins": rows });
+        let pushes = self.fleet.edges.iter().map(|e| {
+            self.client
+                .put(format!("http://{}/origins", e.admin))
+                .bearer_auth(&self.token)
+                .json(&body)
+                .send()
+        });
+        for (e, r) in self
+            .fleet
+            .edges
+            .iter()
+            .zip(futures::future::join_all(pushes).await)
+        {
+            let outcome = match r {
+                Ok(resp) if resp.status().is_success() => "ok",
+                Ok(resp) => {
+                    tracing::warn!(edge = %e.id, status = %resp.status(), "edge rejected origin push");
+                    "rejected"
+                }
+                Err(_) => "unreachable",
+            };
+            self.metrics
+                .origin_pushes
+                .with_label_values(&[outcome])
+                .inc();
+        }
+    }
+
+    /// Purge `target` (`host/path` or `host/prefix*`) on every edge.
+    pub async fn purge_everywhere(&self, target: &str) -> Vec<EdgeResult> {
+        let method = reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::DELETE);
+        let calls = self.fleet.edges.iter().map(|e| {
+            self.client
+                .request(
+                    method.clone(),
+                    format!("http://{}/cache/{}", e.admin, target),
+                )
+                .bearer_auth(&self.token)
+                .send()
+        });
+        self.fleet
+            .edges
+            .iter()
+            .zip(futures::future::join_all(calls).await)
+            .map(|(e, r)| {
+                let status = r.map_or(0, |r| r.status().as_u16());
+                EdgeResult {
+                    edge: e.id.clone(),
+                    ok: status == 200 || status == 404,
+                    status,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Background service running the push loop.
+pub struct OriginPusher(pub Arc<EdgeSync>);
+
+#[async_trait]
+impl BackgroundService for OriginPusher {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_secs(3));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.0.changed.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            self.0.push_origins().await;
+        }
+    }
+}
