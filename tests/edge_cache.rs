@@ -6,86 +6,32 @@ use std::path::Path;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
+use shadowcdn_tests::cluster::{edge_config, EdgeProc, EDGE_TOKEN};
 use shadowcdn_tests::origin::body_for;
-use shadowcdn_tests::{client, free_port, Binary, Child, TestOrigin};
+use shadowcdn_tests::{client, Binary, TestOrigin};
 
 const HOST: &str = "test.local";
-const TOKEN: &str = "test-admin-token";
+const TOKEN: &str = EDGE_TOKEN;
 
-struct Edge {
-    child: Child,
-    addr: SocketAddr,
-    admin: SocketAddr,
-}
-
-fn config(
-    origin: SocketAddr,
-    dir: &Path,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    cache_extra: &str,
-) -> String {
-    format!(
-        r#"
-node_id = "test-edge"
-[server]
-listen = "{addr}"
-threads = 2
-drain_timeout_secs = 20
-shutdown_timeout_secs = 10
-origin_connect_timeout_secs = 1
-origin_read_timeout_secs = 5
-
-[admin]
-listen = "{admin}"
-token = "{TOKEN}"
-
-[cache]
-dir = "{dir}"
-memory_capacity = "16 MiB"
-disk_capacity = "64 MiB"
-max_object_size = "1 MiB"
-lock_timeout_secs = 5
-{cache_extra}
-
-[[origins]]
-host = "{HOST}"
-upstream = "http://{origin}"
-"#,
-        dir = dir.display()
-    )
-}
+type Edge = EdgeProc;
 
 fn start_edge(origin: SocketAddr, dir: &Path, cache_extra: &str) -> Edge {
-    let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-    start_edge_at(origin, dir, addr, admin, cache_extra)
+    EdgeProc::start(dir, "test-edge", &[(HOST.to_string(), origin)], cache_extra)
 }
 
-fn start_edge_at(
-    origin: SocketAddr,
-    dir: &Path,
-    addr: SocketAddr,
-    admin: SocketAddr,
-    cache_extra: &str,
-) -> Edge {
-    let cfg_path = dir.join("edge.toml");
-    std::fs::write(
-        &cfg_path,
-        config(origin, &dir.join("cache"), addr, admin, cache_extra),
-    )
-    .unwrap();
-    let bin = Binary::get("edge-node", "edge-node");
-    let mut child = bin.spawn(
-        &["--config", cfg_path.to_str().unwrap()],
-        &[("RUST_LOG", "warn")],
-    );
-    child.wait_listening(addr);
-    child.wait_listening(admin);
-    Edge { child, addr, admin }
+trait EdgeExt {
+    fn url(&self, path: &str) -> String;
+    async fn get(&self, path: &str) -> reqwest::Response;
+    async fn request(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response;
+    async fn purge(&self, key: &str, token: &str) -> reqwest::Response;
 }
 
-impl Edge {
+impl EdgeExt for Edge {
     fn url(&self, path: &str) -> String {
         format!("http://{}{}", self.addr, path)
     }
@@ -429,7 +375,6 @@ async fn restart_serves_disk_objects_and_remembers_purges() {
         edge.purge(&format!("{HOST}/gone/*"), TOKEN).await.status(),
         StatusCode::OK
     );
-    let (addr, admin) = (edge.addr, edge.admin);
     assert_eq!(
         edge.child.terminate(),
         Some(0),
@@ -437,7 +382,7 @@ async fn restart_serves_disk_objects_and_remembers_purges() {
         edge.child.log()
     );
 
-    let edge = start_edge_at(origin.addr, dir.path(), addr, admin, "");
+    edge.spawn();
     let r = edge.get("/keep?size=50000").await;
     assert_eq!(x_cache(&r), "HIT");
     assert_eq!(body_of(r).await, body_for("/keep", 50_000));
@@ -558,11 +503,12 @@ async fn sigterm_lets_in_flight_requests_finish() {
 fn bad_config_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let bin = Binary::get("edge-node", "edge-node");
-    let cfg = config(
-        "127.0.0.1:1".parse().unwrap(),
+    let cfg = edge_config(
+        "bad",
         dir.path(),
         "127.0.0.1:1".parse().unwrap(),
         "127.0.0.1:2".parse().unwrap(),
+        &[],
         "memory_capasity = \"1 GiB\"",
     );
     let path = dir.path().join("bad.toml");

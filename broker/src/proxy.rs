@@ -9,7 +9,7 @@ use std::time::Instant;
 use async_trait::async_trait;
 use bytes::Bytes;
 use edge_node::drain::{InflightCounter, InflightGuard};
-use edge_node::proxy::primary_key;
+use edge_node::proxy::{primary_key, CLIENT_REGION_HEADER, ROUTE_HEADER};
 use http::header;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
@@ -20,9 +20,6 @@ use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, Record, Recorder};
 use crate::registry::Registry;
 use crate::routing::{Choice, Fleet, Health, Reason, RegionResolver};
-
-/// Header telling the edge how the request was routed.
-pub const ROUTE_HEADER: &str = "x-shadowcdn-route";
 
 /// The broker proxy.
 pub struct BrokerProxy {
@@ -41,8 +38,11 @@ pub struct BrokerCtx {
     _inflight: InflightGuard,
     started: Instant,
     region: usize,
-    plan: Vec<Choice>,
-    attempt: usize,
+    /// Cache key the route is planned for; empty until the request is routable.
+    key: String,
+    /// Edges already tried for this request.
+    tried: Vec<usize>,
+    origin_tried: bool,
     chosen: Option<Choice>,
     resource: String,
     segment: Option<String>,
@@ -125,8 +125,9 @@ impl ProxyHttp for BrokerProxy {
             _inflight: self.inflight.enter(),
             started: Instant::now(),
             region: 0,
-            plan: Vec::new(),
-            attempt: 0,
+            key: String::new(),
+            tried: Vec::new(),
+            origin_tried: false,
             chosen: None,
             resource: String::new(),
             segment: None,
@@ -163,9 +164,8 @@ impl ProxyHttp for BrokerProxy {
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        let key = primary_key(&host, pq);
+        ctx.key = primary_key(&host, pq);
         ctx.resource = primary_key(&host, req.uri.path());
-        ctx.plan = self.fleet.plan(&key, ctx.region, &self.health);
         // Idempotent requests can be replayed on the next edge if one fails mid-request.
         if req.method.is_idempotent() {
             session.as_mut().enable_retry_buffering();
@@ -178,18 +178,21 @@ impl ProxyHttp for BrokerProxy {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
-        // Skip choices whose edge was marked down since the plan was made.
-        while let Some(c) = ctx.plan.get(ctx.attempt) {
-            match c.edge {
-                Some(e) if !self.health.is_up(e) => ctx.attempt += 1,
-                _ => break,
-            }
-        }
-        let choice = *ctx
-            .plan
-            .get(ctx.attempt)
+        // Plan afresh on every attempt: a failure just marked an edge down, which can promote
+        // the region's standby or move the key to the next edge.
+        let choice = self
+            .fleet
+            .plan(&ctx.key, ctx.region, &self.health)
+            .into_iter()
+            .find(|c| match c.edge {
+                Some(e) => !ctx.tried.contains(&e),
+                None => !ctx.origin_tried,
+            })
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "every route failed"))?;
-        ctx.attempt += 1;
+        match choice.edge {
+            Some(e) => ctx.tried.push(e),
+            None => ctx.origin_tried = true,
+        }
         ctx.chosen = Some(choice);
         let mut peer = match choice.edge {
             Some(e) => HttpPeer::new(self.fleet.edges[e].addr, false, String::new()),
@@ -221,7 +224,7 @@ impl ProxyHttp for BrokerProxy {
             );
             upstream_request.insert_header(ROUTE_HEADER, tag)?;
             upstream_request
-                .insert_header("x-shadowcdn-client-region", &self.fleet.regions[ctx.region])?;
+                .insert_header(CLIENT_REGION_HEADER, &self.fleet.regions[ctx.region])?;
         }
         Ok(())
     }
@@ -241,7 +244,7 @@ impl ProxyHttp for BrokerProxy {
                 tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge unreachable: marked down");
             }
         }
-        if ctx.attempt < ctx.plan.len() {
+        if !ctx.origin_tried {
             self.metrics.retries.inc();
             e.set_retry(true);
         }
@@ -260,7 +263,7 @@ impl ProxyHttp for BrokerProxy {
         let replayable = session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
-        if replayable && ctx.attempt < ctx.plan.len() {
+        if replayable && !ctx.origin_tried {
             if let Some(Choice {
                 edge: Some(edge), ..
             }) = ctx.chosen
@@ -318,10 +321,9 @@ impl ProxyHttp for BrokerProxy {
             },
         };
         if code > 0 && session.response_written().is_none() {
-            let msg = format!(
-                "no edge or origin could serve the request after {} attempts",
-                ctx.attempt
-            );
+            let attempts = ctx.tried.len() + usize::from(ctx.origin_tried);
+            let msg =
+                format!("no edge or origin could serve the request after {attempts} attempts");
             if let Err(err) = respond_json(session, code, "no_route", &msg).await {
                 tracing::debug!(error = %err, "could not send error response");
             }
@@ -333,7 +335,7 @@ impl ProxyHttp for BrokerProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        if ctx.plan.is_empty() {
+        if ctx.key.is_empty() {
             return;
         }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());

@@ -23,6 +23,8 @@ pub struct EdgeMetrics {
     pub rejected: IntCounterVec,
     /// Whole-request latency by cache status.
     pub request_seconds: HistogramVec,
+    /// Requests routed by a broker, by the region and reason it tagged them with.
+    pub routed: IntCounterVec,
     /// Purges by kind (`key`, `prefix`) and outcome.
     pub purges: IntCounterVec,
     /// Bytes held by the memory tier (refreshed on scrape).
@@ -87,6 +89,13 @@ impl EdgeMetrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["cache_status"],
             )?,
+            routed: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_routed_requests_total",
+                    "Requests a broker routed here, by its route tag",
+                ),
+                &["region", "reason"],
+            )?,
             purges: IntCounterVec::new(
                 Opts::new("shadowcdn_edge_purges_total", "Purge requests"),
                 &["kind", "outcome"],
@@ -105,6 +114,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.lock_wait_seconds.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
+        registry.register(Box::new(m.routed.clone()))?;
         registry.register(Box::new(m.purges.clone()))?;
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.bans.clone()))?;

@@ -101,6 +101,28 @@ impl EdgeProxy {
     }
 }
 
+/// Header a broker tags requests with: `region=<r>; reason=<primary|failover|…>`.
+pub const ROUTE_HEADER: &str = "x-shadowcdn-route";
+/// Header a broker sets to the client's region.
+pub const CLIENT_REGION_HEADER: &str = "x-shadowcdn-client-region";
+
+/// Known route reasons, so a client cannot blow up metric cardinality with made-up values.
+const ROUTE_REASONS: [&str; 5] = ["primary", "failover", "standby", "neighbour", "origin"];
+
+/// `(region, reason)` of a route tag, if well formed.
+fn parse_route(tag: &str) -> Option<(&str, &'static str)> {
+    let mut region = None;
+    let mut reason = None;
+    for part in tag.split(';') {
+        match part.trim().split_once('=') {
+            Some(("region", v)) if !v.is_empty() && v.len() <= 32 => region = Some(v),
+            Some(("reason", v)) => reason = ROUTE_REASONS.iter().find(|r| **r == v).copied(),
+            _ => {}
+        }
+    }
+    Some((region?, reason?))
+}
+
 /// The primary cache key of a request: `host/path?query`, host normalized. The admin API
 /// builds purge keys with the same function, so purges always name what lookups find.
 pub fn primary_key(host: &str, path_and_query: &str) -> String {
@@ -219,6 +241,17 @@ impl ProxyHttp for EdgeProxy {
             respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
             return Ok(true);
         };
+        if let Some((region, reason)) = req
+            .headers
+            .get(ROUTE_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_route)
+        {
+            self.metrics
+                .routed
+                .with_label_values(&[region, reason])
+                .inc();
+        }
         let path = req.uri.path().to_owned();
         let table = self.origins.current();
         match table.select(&host, &path) {
@@ -334,6 +367,9 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         ctx.upstream_started = Some(Instant::now());
+        // Routing tags are between broker and edge; the origin never sees them.
+        upstream_request.remove_header(ROUTE_HEADER);
+        upstream_request.remove_header(CLIENT_REGION_HEADER);
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
@@ -472,6 +508,16 @@ mod tests {
             primary_key("Example.COM:8080", "/a?b=1"),
             "example.com/a?b=1"
         );
+    }
+
+    #[test]
+    fn route_tags_parse_strictly() {
+        assert_eq!(
+            parse_route("region=eu; reason=failover"),
+            Some(("eu", "failover"))
+        );
+        assert_eq!(parse_route("region=eu; reason=made-up"), None);
+        assert_eq!(parse_route("reason=primary"), None);
     }
 
     #[test]

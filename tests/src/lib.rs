@@ -1,6 +1,7 @@
 //! Harness for shadowcdn's multi-process tests: a scriptable origin, real binaries started on
 //! loopback ports picked at run time, and small HTTP helpers.
 
+pub mod cluster;
 pub mod origin;
 pub mod process;
 

@@ -81,6 +81,14 @@ pub struct Child {
 }
 
 impl Child {
+    /// A child that is not running (to be replaced by a spawn).
+    pub fn placeholder() -> Child {
+        Child {
+            child: None,
+            log: tempfile::NamedTempFile::new().expect("temp log file"),
+        }
+    }
+
     /// Wait until `addr` accepts TCP connections, failing with the process log if it exits.
     pub fn wait_listening(&mut self, addr: SocketAddr) {
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -1,0 +1,503 @@
+//! The broker in front of real edges: routing, failover, standby promotion, the provider API
+//! and request monitoring, all as real processes on loopback.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use shadowcdn_tests::cluster::{BrokerProc, EdgeProc, EdgeSpec, OPERATOR_TOKEN};
+use shadowcdn_tests::{client, TestOrigin};
+
+const HOST: &str = "site.test";
+
+struct Cluster {
+    edges: Vec<EdgeProc>,
+    broker: BrokerProc,
+    token: String,
+    _dir: tempfile::TempDir,
+}
+
+/// eu: eu-a, eu-b active + eu-s standby; us: us-a active.
+fn start_cluster() -> (Cluster, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [
+        ("eu-a", "eu", "active"),
+        ("eu-b", "eu", "active"),
+        ("eu-s", "eu", "standby"),
+        ("us-a", "us", "active"),
+    ];
+    let edges: Vec<EdgeProc> = ids
+        .iter()
+        .map(|(id, _, _)| EdgeProc::start(&dir.path().join(id), id, &[], ""))
+        .collect();
+    let specs: Vec<EdgeSpec<'_>> = ids
+        .iter()
+        .zip(&edges)
+        .map(|((id, region, role), edge)| EdgeSpec {
+            id,
+            region,
+            role,
+            edge,
+        })
+        .collect();
+    let broker = BrokerProc::start(dir.path(), &specs, "");
+    let keep = tempfile::tempdir().unwrap();
+    (
+        Cluster {
+            edges,
+            broker,
+            token: String::new(),
+            _dir: dir,
+        },
+        keep,
+    )
+}
+
+async fn api(
+    method: reqwest::Method,
+    url: String,
+    token: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut r = client().request(method, url).bearer_auth(token);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let status = resp.status();
+    let text = resp.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+impl Cluster {
+    /// Create a provider owning HOST → origin, and wait until every edge knows the host.
+    async fn register(&mut self, origin: &TestOrigin) {
+        let (s, v) = api(
+            reqwest::Method::POST,
+            self.broker.api("/v1/providers"),
+            OPERATOR_TOKEN,
+            Some(json!({"name": "acme"})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        self.token = v["token"].as_str().unwrap().to_string();
+        let (s, v) = api(
+            reqwest::Method::PUT,
+            self.broker.api(&format!("/v1/origins/{HOST}")),
+            &self.token,
+            Some(json!({"upstream": format!("http://{}", origin.addr)})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        for e in &self.edges {
+            wait_until(|| async {
+                client()
+                    .get(format!("http://{}/x", e.addr))
+                    .header("host", HOST)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status() != StatusCode::NOT_FOUND)
+            })
+            .await;
+        }
+    }
+
+    async fn get(&self, path: &str, region: &str) -> reqwest::Response {
+        client()
+            .get(format!("http://{}{}", self.broker.addr, path))
+            .header("host", HOST)
+            .header("x-client-region", region)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn metrics(&self) -> String {
+        client()
+            .get(self.broker.api("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+}
+
+async fn wait_until<F, Fut>(mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..200 {
+        if f().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("condition not reached in 10 s");
+}
+
+fn edge_of(r: &reqwest::Response) -> String {
+    r.headers()["x-shadowcdn-edge"]
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_is_deterministic_and_spreads_keys() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    let mut owners: HashMap<String, usize> = HashMap::new();
+    for k in 0..60 {
+        let path = format!("/obj/{k}");
+        let first = edge_of(&c.get(&path, "eu").await);
+        let again = edge_of(&c.get(&path, "eu").await);
+        assert_eq!(first, again, "same key, same edge");
+        *owners.entry(first).or_default() += 1;
+    }
+    assert_eq!(
+        owners.len(),
+        2,
+        "only the two active eu edges serve eu: {owners:?}"
+    );
+    assert!(owners.values().all(|n| *n >= 15), "keys spread: {owners:?}");
+    assert!(!owners.contains_key("eu-s"));
+    // A us client goes to the us edge, and the edge was told the route.
+    let r = c.get("/obj/1", "us").await;
+    assert_eq!(edge_of(&r), "us-a");
+    let sent = origin.last_headers("/obj/1").unwrap();
+    assert!(
+        sent.get("x-shadowcdn-route").is_none(),
+        "route tags stay between broker and edge"
+    );
+    // Unknown host: JSON 404 from the broker.
+    let r = client()
+        .get(format!("http://{}/x", c.broker.addr))
+        .header("host", "nobody.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "unknown_host");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_edge_during_a_stream_of_gets_gives_no_client_errors() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    let mut errors = 0;
+    let mut served_by = HashMap::<String, usize>::new();
+    for i in 0..400 {
+        if i == 100 {
+            c.edges[0].child.kill();
+        }
+        let r = c.get(&format!("/stream/{}", i % 40), "eu").await;
+        if r.status() != StatusCode::OK {
+            errors += 1;
+        }
+        *served_by.entry(edge_of(&r)).or_default() += 1;
+        let _ = r.bytes().await.unwrap();
+    }
+    assert_eq!(errors, 0, "{served_by:?}");
+    let m = c.metrics().await;
+    assert!(m.contains("shadowcdn_broker_failovers_total"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn standby_is_promoted_when_no_active_edge_is_healthy_and_demoted_after() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    c.edges[0].child.kill();
+    c.edges[1].child.kill();
+    let r = c.get("/p", "eu").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(edge_of(&r), "eu-s");
+    wait_until(|| async {
+        c.metrics()
+            .await
+            .contains("shadowcdn_broker_standby_promotions_total{region=\"eu\"} 1")
+    })
+    .await;
+    // An active edge comes back: the standby is demoted.
+    c.edges[0].spawn();
+    let active = || async { edge_of(&c.get("/p", "eu").await) == "eu-a" };
+    wait_until(active).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_survives_sigkill() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    let (s, res) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/video/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600,
+                    "policy": {"max_copies": 3, "allowed_regions": ["eu"]}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{res}");
+    c.broker.child.kill();
+    c.broker.spawn();
+    let (s, v) = api(
+        reqwest::Method::GET,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["resources"][0], res);
+    let (s, v) = api(
+        reqwest::Method::GET,
+        c.broker.api("/v1/origins"),
+        &c.token,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["origins"][0]["host"], HOST);
+    assert_eq!(c.get("/after-restart", "eu").await.status(), StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn providers_cannot_touch_each_others_hosts_and_resources() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    let (_, res) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/a"})),
+    )
+    .await;
+    let id = res["id"].as_str().unwrap().to_string();
+    let (_, other) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/providers"),
+        OPERATOR_TOKEN,
+        Some(json!({"name": "mallory"})),
+    )
+    .await;
+    let t = other["token"].as_str().unwrap().to_string();
+    let calls = [
+        (
+            reqwest::Method::PUT,
+            format!("/v1/origins/{HOST}"),
+            Some(json!({"upstream": "http://127.0.0.1:1"})),
+        ),
+        (reqwest::Method::DELETE, format!("/v1/origins/{HOST}"), None),
+        (reqwest::Method::GET, format!("/v1/resources/{id}"), None),
+        (
+            reqwest::Method::PUT,
+            format!("/v1/resources/{id}"),
+            Some(json!({"host": HOST, "path": "/b"})),
+        ),
+        (reqwest::Method::DELETE, format!("/v1/resources/{id}"), None),
+        (
+            reqwest::Method::POST,
+            "/v1/resources".to_string(),
+            Some(json!({"host": HOST, "path": "/c"})),
+        ),
+        (
+            reqwest::Method::POST,
+            "/v1/purge".to_string(),
+            Some(json!({"host": HOST, "path": "/a"})),
+        ),
+        (
+            reqwest::Method::GET,
+            format!("/v1/series?resource={HOST}/a"),
+            None,
+        ),
+    ];
+    for (m, path, body) in calls {
+        let (s, v) = api(m.clone(), c.broker.api(&path), &t, body).await;
+        assert_eq!(s, StatusCode::FORBIDDEN, "{m} {path}: {v}");
+        assert_eq!(v["error"], "forbidden");
+    }
+    let (_, v) = api(
+        reqwest::Method::GET,
+        c.broker.api("/v1/resources"),
+        &t,
+        None,
+    )
+    .await;
+    assert_eq!(v["resources"], json!([]));
+    let (s, _) = api(
+        reqwest::Method::GET,
+        c.broker.api(&format!("/v1/resources/{id}")),
+        &c.token,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "the owner still has it");
+    // A provider token is not an operator token.
+    let (s, _) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/providers"),
+        &t,
+        Some(json!({"name": "x"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_are_rejected_and_change_nothing() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    let url = c.broker.api("/v1/resources");
+    let raw = |body: String| {
+        let (url, token) = (url.clone(), c.token.clone());
+        async move {
+            let r = client()
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let s = r.status();
+            (s, r.json::<Value>().await.unwrap())
+        }
+    };
+    let cases = [
+        ("{not json".to_string(), StatusCode::BAD_REQUEST, "bad_json"),
+        (
+            json!({"host": HOST, "path": "/a", "colour": "red"}).to_string(),
+            StatusCode::BAD_REQUEST,
+            "bad_json",
+        ),
+        (
+            json!({"host": HOST, "path": "/a", "priority": 11}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            json!({"host": HOST, "path": "no-slash"}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            json!({"host": "bad host", "path": "/a"}).to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            json!({"host": HOST, "path": "/a", "policy": {"allowed_regions": ["mars"]}})
+                .to_string(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid",
+        ),
+        (
+            format!(
+                "{{\"host\":\"{HOST}\",\"path\":\"/{}\"}}",
+                "a".repeat(10_000)
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+        ),
+    ];
+    for (body, status, code) in cases {
+        let (s, v) = raw(body.clone()).await;
+        assert_eq!(s, status, "{body:.80}: {v}");
+        assert_eq!(v["error"], code, "{v}");
+        assert!(v["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    let (s, v) = api(
+        reqwest::Method::PUT,
+        c.broker.api(&format!("/v1/origins/{HOST}")),
+        &c.token,
+        Some(json!({"upstream": "ftp://x"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("upstream"));
+    let (_, v) = api(
+        reqwest::Method::GET,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        None,
+    )
+    .await;
+    assert_eq!(v["resources"], json!([]), "nothing was created");
+    let (_, v) = api(
+        reqwest::Method::GET,
+        c.broker.api("/v1/origins"),
+        &c.token,
+        None,
+    )
+    .await;
+    assert_eq!(
+        v["origins"][0]["upstream"],
+        format!("http://{}", origin.addr),
+        "origin unchanged"
+    );
+    let (s, v) = api(
+        reqwest::Method::GET,
+        c.broker.api("/v1/resources"),
+        "scdn_wrong",
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn monitor_counts_match_what_was_sent_and_survive_restart() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    for (region, n) in [("eu", 7), ("us", 4)] {
+        for i in 0..n {
+            // The query string is not part of the resource.
+            let r = c.get(&format!("/m.js?v={i}"), region).await;
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+    }
+    let url = c.broker.api(&format!("/v1/series?resource={HOST}/m.js"));
+    let token = c.token.clone();
+    let counts = || async {
+        let (_, v) = api(reqwest::Method::GET, url.clone(), &token, None).await;
+        let total = |region: &str| {
+            v["regions"][region]["buckets"].as_array().map_or(0, |b| {
+                b.iter()
+                    .map(|x| x["requests"].as_u64().unwrap())
+                    .sum::<u64>()
+            })
+        };
+        (total("eu"), total("us"))
+    };
+    wait_until(|| async { counts().await == (7, 4) }).await;
+    c.broker.child.terminate();
+    c.broker.spawn();
+    assert_eq!(counts().await, (7, 4), "history survives a restart");
+    let m = c.metrics().await;
+    assert!(m.contains("shadowcdn_broker_recorder_drops_total 0"), "{m}");
+}
+
+#[test]
+fn broker_cli_reports_bad_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("b.toml");
+    std::fs::write(&p, "listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
+    let bin = shadowcdn_tests::Binary::get("broker", "broker");
+    let out = bin
+        .command()
+        .args(["run", "--config", p.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+}

@@ -1,0 +1,222 @@
+//! Start edges and brokers as real processes with configs written to a temp dir.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::process::{free_port, Binary, Child};
+
+/// Admin token every test edge uses.
+pub const EDGE_TOKEN: &str = "test-admin-token";
+/// Operator token of test brokers.
+pub const OPERATOR_TOKEN: &str = "test-operator-token-0123456789";
+
+fn loopback() -> SocketAddr {
+    format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("loopback address")
+}
+
+/// A running edge.
+pub struct EdgeProc {
+    /// The process.
+    pub child: Child,
+    /// HTTP address.
+    pub addr: SocketAddr,
+    /// Admin address.
+    pub admin: SocketAddr,
+    /// Its working directory (config and cache).
+    pub dir: PathBuf,
+    node_id: String,
+    origins: Vec<(String, SocketAddr)>,
+    cache_extra: String,
+}
+
+/// The TOML of a test edge.
+pub fn edge_config(
+    node_id: &str,
+    cache_dir: &Path,
+    addr: SocketAddr,
+    admin: SocketAddr,
+    origins: &[(String, SocketAddr)],
+    cache_extra: &str,
+) -> String {
+    let mut s = format!(
+        r#"
+node_id = "{node_id}"
+[server]
+listen = "{addr}"
+threads = 2
+drain_timeout_secs = 20
+shutdown_timeout_secs = 10
+origin_connect_timeout_secs = 1
+origin_read_timeout_secs = 5
+
+[admin]
+listen = "{admin}"
+token = "{EDGE_TOKEN}"
+
+[cache]
+dir = "{dir}"
+memory_capacity = "16 MiB"
+disk_capacity = "64 MiB"
+max_object_size = "1 MiB"
+lock_timeout_secs = 5
+{cache_extra}
+"#,
+        dir = cache_dir.display()
+    );
+    for (host, up) in origins {
+        s.push_str(&format!(
+            "\n[[origins]]\nhost = \"{host}\"\nupstream = \"http://{up}\"\n"
+        ));
+    }
+    s
+}
+
+impl EdgeProc {
+    /// Start an edge on fresh ports with its state under `dir`.
+    pub fn start(
+        dir: &Path,
+        node_id: &str,
+        origins: &[(String, SocketAddr)],
+        cache_extra: &str,
+    ) -> EdgeProc {
+        let mut e = EdgeProc {
+            child: Child::placeholder(),
+            addr: loopback(),
+            admin: loopback(),
+            dir: dir.to_path_buf(),
+            node_id: node_id.to_string(),
+            origins: origins.to_vec(),
+            cache_extra: cache_extra.to_string(),
+        };
+        e.spawn();
+        e
+    }
+
+    /// (Re)start the process at the same addresses and cache directory.
+    pub fn spawn(&mut self) {
+        std::fs::create_dir_all(&self.dir).expect("edge dir");
+        let cfg = self.dir.join("edge.toml");
+        std::fs::write(
+            &cfg,
+            edge_config(
+                &self.node_id,
+                &self.dir.join("cache"),
+                self.addr,
+                self.admin,
+                &self.origins,
+                &self.cache_extra,
+            ),
+        )
+        .expect("write edge config");
+        let bin = Binary::get("edge-node", "edge-node");
+        self.child = bin.spawn(
+            &["--config", cfg.to_str().expect("utf-8 path")],
+            &[("RUST_LOG", "warn")],
+        );
+        self.child.wait_listening(self.addr);
+        self.child.wait_listening(self.admin);
+    }
+}
+
+/// One edge as the broker's config lists it.
+pub struct EdgeSpec<'a> {
+    /// Edge id.
+    pub id: &'a str,
+    /// Region.
+    pub region: &'a str,
+    /// `active` or `standby`.
+    pub role: &'a str,
+    /// The running edge.
+    pub edge: &'a EdgeProc,
+}
+
+/// A running broker.
+pub struct BrokerProc {
+    /// The process.
+    pub child: Child,
+    /// User-facing address.
+    pub addr: SocketAddr,
+    /// Provider API address.
+    pub admin: SocketAddr,
+    config: PathBuf,
+}
+
+impl BrokerProc {
+    /// Start a broker over `edges` with regions `eu` and `us` (neighbours of each other).
+    pub fn start(dir: &Path, edges: &[EdgeSpec<'_>], extra: &str) -> BrokerProc {
+        let addr = loopback();
+        let admin = loopback();
+        let mut s = format!(
+            r#"
+listen = "{addr}"
+threads = 2
+drain_timeout_secs = 10
+data_dir = "{data}"
+segment_header = "x-user-segment"
+{extra}
+
+[admin]
+listen = "{admin}"
+operator_token = "{OPERATOR_TOKEN}"
+edge_token = "{EDGE_TOKEN}"
+max_body_bytes = 4096
+
+[client_region]
+default = "eu"
+
+[health]
+interval_ms = 100
+timeout_ms = 200
+fall = 1
+rise = 2
+
+[monitor]
+bucket_secs = 60
+snapshot_secs = 1
+
+[[regions]]
+name = "eu"
+neighbours = ["us"]
+
+[[regions]]
+name = "us"
+neighbours = ["eu"]
+"#,
+            data = dir.join("data").display()
+        );
+        for e in edges {
+            s.push_str(&format!(
+                "\n[[edges]]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\naddr = \"{}\"\nadmin = \"{}\"\n",
+                e.id, e.region, e.role, e.edge.addr, e.edge.admin
+            ));
+        }
+        let config = dir.join("broker.toml");
+        std::fs::write(&config, s).expect("write broker config");
+        let mut b = BrokerProc {
+            child: Child::placeholder(),
+            addr,
+            admin,
+            config,
+        };
+        b.spawn();
+        b
+    }
+
+    /// (Re)start the process with the same config and data.
+    pub fn spawn(&mut self) {
+        let bin = Binary::get("broker", "broker");
+        self.child = bin.spawn(
+            &["run", "--config", self.config.to_str().expect("utf-8 path")],
+            &[("RUST_LOG", "warn")],
+        );
+        self.child.wait_listening(self.addr);
+        self.child.wait_listening(self.admin);
+    }
+
+    /// Full URL of a provider API path.
+    pub fn api(&self, path: &str) -> String {
+        format!("http://{}{}", self.admin, path)
+    }
+}
