@@ -10,22 +10,14 @@
 # Env: THREADS (server workers, default 2), CONNS (wrk connections, default 64).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. bench/lib.sh
 DURATION=${1:-10}
 ROUNDS=${2:-3}
 THREADS=${THREADS:-2}
 CONNS=${CONNS:-64}
 
 bash deploy/setup.sh
-for pkg in nginx varnishd wrk; do
-  if ! command -v "$pkg" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$pkg" ]; then
-    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx varnish wrk >/dev/null
-    break
-  fi
-done
-NGINX=$(command -v nginx || echo /usr/sbin/nginx)
-VARNISHD=$(command -v varnishd || echo /usr/sbin/varnishd)
+ensure_peers
 
 cargo build --release -q -p edge-node -p shadowcdn-bench
 
@@ -70,41 +62,7 @@ EOF
 RUST_LOG=warn target/release/edge-node --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
 pids+=($!)
 
-mkdir -p "$WORK/nginx-cache" "$WORK/nginx-tmp"
-cat >"$WORK/nginx.conf" <<EOF
-worker_processes $THREADS;
-pid $WORK/nginx.pid;
-error_log $WORK/nginx-error.log warn;
-events { worker_connections 4096; }
-http {
-  access_log off;
-  sendfile on;
-  tcp_nopush off;
-  tcp_nodelay on;
-  keepalive_requests 1000000;
-  client_body_temp_path $WORK/nginx-tmp;
-  proxy_temp_path $WORK/nginx-tmp;
-  fastcgi_temp_path $WORK/nginx-tmp;
-  uwsgi_temp_path $WORK/nginx-tmp;
-  scgi_temp_path $WORK/nginx-tmp;
-  proxy_cache_path $WORK/nginx-cache levels=1:2 keys_zone=c:64m max_size=1g inactive=1h use_temp_path=off;
-  upstream origin { server $ORIGIN; keepalive 32; }
-  server {
-    listen $NGX;
-    location / {
-      proxy_pass http://origin;
-      proxy_http_version 1.1;
-      proxy_set_header Connection "";
-      proxy_set_header Host \$host;
-      proxy_cache c;
-      proxy_cache_lock on;
-      proxy_cache_key \$host\$request_uri;
-      add_header X-Cache \$upstream_cache_status;
-    }
-  }
-}
-EOF
-"$NGINX" -c "$WORK/nginx.conf" -p "$WORK" >"$WORK/nginx.out" 2>&1
+start_nginx "$NGX" "$ORIGIN" "$THREADS"
 
 cat >"$WORK/default.vcl" <<EOF
 vcl 4.1;
@@ -125,19 +83,6 @@ for a in $EDGE $NGX $VARN; do
 done
 echo "edge-node X-Cache on warm object: $(curl -sS -o /dev/null -D - -H 'Host: bench.local' "http://$EDGE$OBJ_1K" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache"{print $2}')"
 
-# wrk prints latency percentiles with --latency; parse req/s, p50, p99 (in ms).
-run_wrk() {
-  local addr=$1 path=$2
-  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: bench.local' "http://$addr$path" >"$WORK/wrk.out" 2>&1
-  local rps p50 p99
-  rps=$(awk '/Requests\/sec/{print $2}' "$WORK/wrk.out")
-  p50=$(awk '$1=="50%"{print $2}' "$WORK/wrk.out")
-  p99=$(awk '$1=="99%"{print $2}' "$WORK/wrk.out")
-  errs=$(awk '/Non-2xx|Socket errors/{print}' "$WORK/wrk.out" | tr '\n' ' ')
-  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $errs"
-}
-to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
-
 declare -A RPS P50 P99
 for round in $(seq "$ROUNDS"); do
   for o in 1k 100k; do
@@ -151,7 +96,6 @@ for round in $(seq "$ROUNDS"); do
   done
 done
 
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 echo
 echo "## medians over $ROUNDS rounds (wrk -t2 -c$CONNS -d${DURATION}s, $THREADS server workers)"
 printf "%-6s %-8s %12s %10s %10s\n" object system "req/s" "p50 ms" "p99 ms"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Starts the local shadowcdn cluster on loopback: the demo origin and an edge node.
-# Ctrl-C stops everything cleanly (SIGTERM: in-flight requests finish, cache is flushed).
+# Starts the local shadowcdn cluster on loopback: a demo origin, the broker, and two regions
+# (eu, us) of edges, each with two active edges and a warm standby. Registers a demo provider
+# whose origin serves this repository's files. Ctrl-C stops everything cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/setup.sh
-cargo build --release -q -p edge-node -p shadowcdn-bench
+cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
 mkdir -p var/local
+OPERATOR=local-operator-token-change-me
 
 pids=()
 cleanup() {
@@ -19,20 +21,41 @@ trap cleanup INT TERM EXIT
 
 target/release/origin --listen 127.0.0.1:9000 --root . --max-age 60 &
 pids+=($!)
-target/release/edge-node --config deploy/local/edge.toml &
+for e in eu-1:8101:9101 eu-2:8102:9102 eu-standby:8103:9103 us-1:8201:9201 us-2:8202:9202 us-standby:8203:9203; do
+  IFS=: read -r id port admin <<<"$e"
+  RUST_LOG=${RUST_LOG:-warn} target/release/edge-node --config deploy/local/edge.toml --node-id "$id" \
+    --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --cache-dir "var/local/$id" &
+  pids+=($!)
+done
+RUST_LOG=${RUST_LOG:-warn} target/release/broker run --config deploy/local/broker.toml &
 pids+=($!)
 
-for _ in $(seq 100); do
-  curl -fsS -o /dev/null http://127.0.0.1:9080/healthz 2>/dev/null && break
+for _ in $(seq 200); do
+  curl -fsS -o /dev/null http://127.0.0.1:7081/healthz 2>/dev/null && break
   sleep 0.1
 done
+
+# A demo provider owning "localhost" (idempotent across restarts: the registry is durable).
+TOKEN_FILE=var/local/demo-provider.token
+if [ ! -s "$TOKEN_FILE" ]; then
+  target/release/broker api --api http://127.0.0.1:7081 --token "$OPERATOR" create-provider demo \
+    | sed -n 's/.*"token": "\(.*\)".*/\1/p' >"$TOKEN_FILE"
+fi
+target/release/broker api --api http://127.0.0.1:7081 --token "$(cat "$TOKEN_FILE")" \
+  set-origin localhost http://127.0.0.1:9000 >/dev/null
+for _ in $(seq 100); do
+  curl -fsS -o /dev/null http://localhost:8080/README.md 2>/dev/null && break
+  sleep 0.1
+done
+
 cat <<INFO
 
 shadowcdn local cluster is up
-  origin : http://127.0.0.1:9000        (serves this repository's files, or ?size=N synthetic bodies)
-  edge   : http://127.0.0.1:8080        try: curl -i http://localhost:8080/README.md   (twice: MISS then HIT)
-  admin  : http://127.0.0.1:9080/metrics (Prometheus)
-           curl -X PURGE -H 'Authorization: Bearer local-admin-token' http://127.0.0.1:9080/cache/localhost/README.md
+  users   : http://localhost:8080           curl -si http://localhost:8080/README.md | grep -i -e x-cache -e x-shadowcdn-edge
+            (header "x-client-region: us" routes to the us edges; try it twice: MISS then HIT)
+  provider: http://127.0.0.1:7081/v1/...    token in $TOKEN_FILE; see broker/openapi.yaml or 'broker api --help'
+  metrics : http://127.0.0.1:7081/metrics (broker), http://127.0.0.1:9101/metrics … 9203 (edges)
+  origin  : http://127.0.0.1:9000           (serves this repository's files, or ?size=N synthetic bodies)
 Ctrl-C to stop.
 INFO
 wait -n "${pids[@]}"
