@@ -19,6 +19,7 @@ ensure_peers
 cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
 
 WORK=$(mktemp -d)
+chmod 755 "$WORK"   # nginx workers drop privileges and must reach their cache dir
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
