@@ -157,6 +157,7 @@ fn aggregate(
                     segment: r.segment.as_deref(),
                     ts: r.ts,
                     bytes: r.bytes,
+                    hit: matches!(r.cache_status, "hit" | "stale"),
                 });
                 n += 1;
                 if n.is_multiple_of(4096) {

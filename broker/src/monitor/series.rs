@@ -16,6 +16,9 @@ pub struct Bucket {
     pub requests: u64,
     /// Response bytes in the bucket.
     pub bytes: u64,
+    /// Requests the edge answered from cache (hit or stale).
+    #[serde(default)]
+    pub hits: u64,
 }
 
 /// The buckets of one (resource, region), oldest first.
@@ -53,6 +56,8 @@ pub struct Observation<'a> {
     pub ts: u64,
     /// Response bytes.
     pub bytes: u64,
+    /// Whether the edge served it from cache.
+    pub hit: bool,
 }
 
 impl SeriesStore {
@@ -118,12 +123,14 @@ impl SeriesStore {
             Some(b) => {
                 b.requests += 1;
                 b.bytes += o.bytes;
+                b.hits += u64::from(o.hit);
             }
             None => {
                 let b = Bucket {
                     start,
                     requests: 1,
                     bytes: o.bytes,
+                    hits: u64::from(o.hit),
                 };
                 // Records arrive almost in order; keep the deque sorted.
                 let pos = s
@@ -192,6 +199,7 @@ mod tests {
             segment: Some("mobile"),
             ts,
             bytes: 10,
+            hit: ts % 2 == 0,
         }
     }
 
