@@ -15,3 +15,25 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust toolchain) is required" >&2; exit 1; }
+
+# ONNX Runtime for the forecaster (ort loads it at run time): the shared library from the
+# onnxruntime wheel on PyPI, unpacked into .cache/ (ignored by git). Pinned with ort's api-31.
+ORT_VERSION=1.31.1
+ORT_DIR="$(cd "$(dirname "$0")/.." && pwd)/.cache/onnxruntime"
+if [ ! -f "$ORT_DIR/libonnxruntime.so.$ORT_VERSION" ]; then
+  echo "setup: fetching onnxruntime $ORT_VERSION from PyPI" >&2
+  tmp=$(mktemp -d)
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "onnxruntime==$ORT_VERSION"
+  mkdir -p "$ORT_DIR"
+  python3 - "$tmp" "$ORT_DIR" "$ORT_VERSION" <<'PY'
+import glob, sys, zipfile
+tmp, out, ver = sys.argv[1:]
+wheel = glob.glob(f"{tmp}/onnxruntime-*.whl")[0]
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.endswith(f"libonnxruntime.so.{ver}") or name.endswith("libonnxruntime_providers_shared.so"):
+            with z.open(name) as src, open(f"{out}/{name.rsplit('/', 1)[1]}", "wb") as dst:
+                dst.write(src.read())
+PY
+  rm -rf "$tmp"
+fi

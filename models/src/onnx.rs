@@ -1,0 +1,257 @@
+//! The LSTM served through ONNX Runtime (`ort`, loaded dynamically).
+//!
+//! Loading checks the model against its metadata file and against what this crate's feature
+//! pipeline produces (input name, shape, feature order, outputs), so a model trained for other
+//! features fails at load with a clear error instead of predicting garbage.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ort::environment::Environment;
+use ort::session::Session;
+use ort::value::Tensor;
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::features::{push_features, History, FEATURE_NAMES, HORIZON, N_FEATURES, WINDOW};
+use crate::forecast::{Forecast, ForecastError, Forecaster, QUANTILES};
+
+/// ONNX Runtime version this crate's `ort` features (`api-31`) are paired with.
+pub const ORT_VERSION: &str = "1.31.1";
+
+/// Why the model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The ONNX Runtime shared library was not found or failed to load.
+    #[error("ONNX Runtime: {0}")]
+    Runtime(String),
+    /// The metadata file is missing or malformed.
+    #[error("model metadata {path}: {reason}")]
+    Metadata {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The model does not match its metadata or this crate's feature pipeline.
+    #[error("model {path} does not match: {reason}")]
+    Mismatch {
+        /// The model file.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
+    /// ONNX Runtime rejected the model file.
+    #[error("model {path}: {reason}")]
+    Model {
+        /// The model file.
+        path: PathBuf,
+        /// ONNX Runtime's message.
+        reason: String,
+    },
+}
+
+/// The metadata written next to the model by the training script.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    /// Steps in a window.
+    pub window: usize,
+    /// Buckets forecast.
+    pub horizon: usize,
+    /// Bucket width.
+    pub bucket_secs: u64,
+    /// Feature names in input order.
+    pub features: Vec<String>,
+    /// Number of features.
+    pub n_features: usize,
+    /// Quantile levels of the `quantiles` output.
+    pub quantiles: Vec<f32>,
+    /// Everything else the training script recorded (data hashes, metrics, …).
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Path of the ONNX Runtime library: `ORT_DYLIB_PATH`, else the copy `deploy/setup.sh`
+/// unpacks into the repository's `.cache/onnxruntime/`.
+pub fn runtime_library() -> Result<PathBuf, LoadError> {
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH") {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(LoadError::Runtime(format!(
+                "ORT_DYLIB_PATH={} is not a file",
+                p.display()
+            )))
+        };
+    }
+    let name = format!("libonnxruntime.so.{ORT_VERSION}");
+    let mut candidates = vec![PathBuf::from(".cache/onnxruntime").join(&name)];
+    if let Ok(exe) = std::env::current_exe() {
+        // target/<profile>/<bin> or target/<profile>/deps/<test> → repository root
+        for up in exe.ancestors().skip(1).take(4) {
+            candidates.push(up.join(".cache/onnxruntime").join(&name));
+        }
+    }
+    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/onnxruntime").join(&name));
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        LoadError::Runtime(format!(
+            "{name} not found: run deploy/setup.sh (it unpacks it into .cache/onnxruntime/) or set ORT_DYLIB_PATH"
+        ))
+    })
+}
+
+/// The process-wide ONNX Runtime environment (ort allows one per process).
+fn environment() -> Result<&'static Environment, LoadError> {
+    static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let lib = runtime_library().map_err(|e| e.to_string())?;
+        ort::init_from(&lib)
+            .map_err(|e| format!("loading {}: {e}", lib.display()))?
+            .with_name("shadowcdn")
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| LoadError::Runtime(e.clone()))
+}
+
+/// The LSTM forecaster.
+pub struct OnnxLstm {
+    session: Mutex<Session>,
+    meta: ModelMetadata,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for OnnxLstm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OnnxLstm").field("path", &self.path).finish_non_exhaustive()
+    }
+}
+
+/// The metadata file of a model: same path with a `.json` extension.
+pub fn metadata_path(model: &Path) -> PathBuf {
+    model.with_extension("json")
+}
+
+fn check(cond: bool, path: &Path, reason: impl FnOnce() -> String) -> Result<(), LoadError> {
+    if cond {
+        Ok(())
+    } else {
+        Err(LoadError::Mismatch {
+            path: path.to_path_buf(),
+            reason: reason(),
+        })
+    }
+}
+
+impl OnnxLstm {
+    /// Load `model` (and `model` with `.json`), validating both; `threads` is ONNX Runtime's
+    /// intra-op thread count.
+    pub fn load(model: &Path, threads: usize) -> Result<Self, LoadError> {
+        let meta_path = metadata_path(model);
+        let meta_err = |reason: String| LoadError::Metadata {
+            path: meta_path.clone(),
+            reason,
+        };
+        let text = std::fs::read_to_string(&meta_path).map_err(|e| meta_err(e.to_string()))?;
+        let meta: ModelMetadata = serde_json::from_str(&text).map_err(|e| meta_err(e.to_string()))?;
+        check(meta.window == WINDOW && meta.horizon == HORIZON, model, || {
+            format!(
+                "window/horizon {}/{} in metadata, {WINDOW}/{HORIZON} in this build",
+                meta.window, meta.horizon
+            )
+        })?;
+        check(
+            meta.n_features == N_FEATURES && meta.features.iter().map(String::as_str).eq(FEATURE_NAMES),
+            model,
+            || format!("features {:?} in metadata, {FEATURE_NAMES:?} in this build", meta.features),
+        )?;
+        check(meta.quantiles == QUANTILES, model, || {
+            format!("quantiles {:?} in metadata, {QUANTILES:?} in this build", meta.quantiles)
+        })?;
+
+        let env = environment()?;
+        let model_err = |reason: String| LoadError::Model {
+            path: model.to_path_buf(),
+            reason,
+        };
+        let session = Session::builder(env)
+            .map_err(|e| model_err(e.to_string()))?
+            .with_intra_threads(threads.max(1))
+            .map_err(|e| model_err(e.to_string()))?
+            .commit_from_file(model)
+            .map_err(|e| model_err(e.to_string()))?;
+
+        let inputs = session.inputs();
+        check(inputs.len() == 1 && inputs[0].name() == "window", model, || {
+            format!(
+                "inputs {:?}, expected one input named \"window\"",
+                inputs.iter().map(|i| i.name()).collect::<Vec<_>>()
+            )
+        })?;
+        let shape = inputs[0].dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        check(
+            shape.len() == 3 && shape[1] == WINDOW as i64 && shape[2] == N_FEATURES as i64,
+            model,
+            || format!("input shape {shape:?}, expected [batch, {WINDOW}, {N_FEATURES}]"),
+        )?;
+        for (name, width) in [("quantiles", 3i64), ("p_any", 1)] {
+            let out = session.outputs().iter().find(|o| o.name() == name);
+            let shape = out
+                .and_then(|o| o.dtype().tensor_shape().map(|s| s.to_vec()))
+                .unwrap_or_default();
+            check(shape.len() == 2 && shape[1] == width, model, || {
+                format!("output {name:?} has shape {shape:?}, expected [batch, {width}]")
+            })?;
+        }
+        Ok(OnnxLstm {
+            session: Mutex::new(session),
+            meta,
+            path: model.to_path_buf(),
+        })
+    }
+
+    /// The metadata the model was trained with.
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+}
+
+impl Forecaster for OnnxLstm {
+    fn name(&self) -> &str {
+        "lstm"
+    }
+
+    fn forecast(&self, histories: &[History<'_>]) -> Result<Vec<Forecast>, ForecastError> {
+        if histories.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut input = Vec::with_capacity(histories.len() * WINDOW * N_FEATURES);
+        for h in histories {
+            push_features(h, &mut input);
+        }
+        let rt = |e: ort::Error| ForecastError::Runtime(e.to_string());
+        let tensor = Tensor::from_array(([histories.len(), WINDOW, N_FEATURES], input)).map_err(rt)?;
+        let mut session = self.session.lock();
+        let outputs = session.run(ort::inputs!["window" => tensor]).map_err(rt)?;
+        let (_, q) = outputs["quantiles"].try_extract_tensor::<f32>().map_err(rt)?;
+        let (_, p) = outputs["p_any"].try_extract_tensor::<f32>().map_err(rt)?;
+        if q.len() != histories.len() * 3 || p.len() != histories.len() {
+            return Err(ForecastError::Output(format!(
+                "{} quantiles and {} probabilities for {} series",
+                q.len(),
+                p.len(),
+                histories.len()
+            )));
+        }
+        Ok(q
+            .chunks_exact(3)
+            .zip(p)
+            .map(|(q, p)| Forecast {
+                quantiles: [q[0], q[1], q[2]],
+                p_any: *p,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,134 @@
+//! A forecaster that follows its model file: a replaced file is loaded and swapped in
+//! without dropping a prediction, and while no model can be loaded the best baseline answers
+//! (said in the logs and in [`ModelStatus`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::baseline::SeasonalNaive;
+use crate::features::History;
+use crate::forecast::{Forecast, ForecastError, Forecaster};
+use crate::onnx::{metadata_path, OnnxLstm};
+
+/// Counters an owner can export as metrics.
+#[derive(Debug, Default)]
+pub struct ModelStatus {
+    /// Successful (re)loads.
+    pub loads: AtomicU64,
+    /// Failed (re)loads.
+    pub load_failures: AtomicU64,
+    /// Whether the baseline is answering because no model is loaded.
+    pub fallback: AtomicBool,
+}
+
+/// The LSTM with hot reload and a baseline fallback.
+pub struct ReloadingForecaster {
+    path: PathBuf,
+    threads: usize,
+    current: RwLock<Option<Arc<OnnxLstm>>>,
+    fallback: SeasonalNaive,
+    seen: Mutex<(Option<SystemTime>, Instant)>,
+    check_every: Duration,
+    status: Arc<ModelStatus>,
+}
+
+fn modified(path: &Path) -> Option<SystemTime> {
+    let m = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let j = std::fs::metadata(metadata_path(path)).and_then(|m| m.modified()).ok();
+    m.max(j)
+}
+
+impl ReloadingForecaster {
+    /// Load `path` now (falling back to the baseline if it cannot be loaded) and re-check
+    /// the file at most every `check_every`.
+    pub fn new(path: &Path, threads: usize, check_every: Duration) -> Self {
+        let f = ReloadingForecaster {
+            path: path.to_path_buf(),
+            threads,
+            current: RwLock::new(None),
+            fallback: SeasonalNaive,
+            seen: Mutex::new((None, Instant::now())),
+            check_every,
+            status: Arc::default(),
+        };
+        f.reload();
+        f
+    }
+
+    /// Counters for metrics.
+    pub fn status(&self) -> Arc<ModelStatus> {
+        self.status.clone()
+    }
+
+    /// Whether the LSTM (rather than the fallback) is serving.
+    pub fn model_loaded(&self) -> bool {
+        self.current.read().is_some()
+    }
+
+    /// Load the file now; keeps the previous model if the new one fails.
+    pub fn reload(&self) {
+        let stamp = modified(&self.path);
+        *self.seen.lock() = (stamp, Instant::now());
+        match OnnxLstm::load(&self.path, self.threads) {
+            Ok(m) => {
+                tracing::info!(model = %self.path.display(), "forecast model loaded");
+                *self.current.write() = Some(Arc::new(m));
+                self.status.loads.fetch_add(1, Ordering::Relaxed);
+                self.status.fallback.store(false, Ordering::Relaxed);
+            }
+            Err(e) => {
+                self.status.load_failures.fetch_add(1, Ordering::Relaxed);
+                if self.current.read().is_some() {
+                    tracing::error!(error = %e, "new forecast model rejected; keeping the previous one");
+                } else {
+                    tracing::error!(error = %e, "forecast model unavailable; falling back to seasonal naive");
+                    self.status.fallback.store(true, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    fn maybe_reload(&self) {
+        let due = {
+            let mut seen = self.seen.lock();
+            if seen.1.elapsed() < self.check_every {
+                return;
+            }
+            seen.1 = Instant::now();
+            modified(&self.path) != seen.0
+        };
+        if due {
+            self.reload();
+        }
+    }
+}
+
+impl Forecaster for ReloadingForecaster {
+    fn name(&self) -> &str {
+        if self.model_loaded() {
+            "lstm"
+        } else {
+            "seasonal_naive"
+        }
+    }
+
+    fn forecast(&self, histories: &[History<'_>]) -> Result<Vec<Forecast>, ForecastError> {
+        self.maybe_reload();
+        // Clone the Arc so a reload swapping the model never waits for, or cuts, this batch.
+        let model = self.current.read().clone();
+        match model {
+            Some(m) => match m.forecast(histories) {
+                Ok(f) => Ok(f),
+                Err(e) => {
+                    tracing::warn!(error = %e, "model failed on a batch; baseline answers it");
+                    self.fallback.forecast(histories)
+                }
+            },
+            None => self.fallback.forecast(histories),
+        }
+    }
+}
