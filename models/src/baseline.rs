@@ -10,7 +10,12 @@ fn horizon_sum(counts: &[u32], start: isize) -> Option<f64> {
     if start < 0 || start as usize + HORIZON > counts.len() {
         return None;
     }
-    Some(counts[start as usize..start as usize + HORIZON].iter().map(|c| f64::from(*c)).sum())
+    Some(
+        counts[start as usize..start as usize + HORIZON]
+            .iter()
+            .map(|c| f64::from(*c))
+            .sum(),
+    )
 }
 
 /// numpy's default (linear interpolation) quantile of `v` (not empty).

@@ -87,8 +87,14 @@ mod tests {
         push_features(&h, &mut f);
         assert_eq!(f.len(), WINDOW * N_FEATURES);
         let last = &f[(WINDOW - 1) * N_FEATURES..];
-        assert!((last[1] - 0.0).abs() < 1e-6 && (last[2] - 1.0).abs() < 1e-6, "midnight");
-        assert!((last[3] - 0.0).abs() < 1e-6 && (last[4] - 1.0).abs() < 1e-6, "sunday");
+        assert!(
+            (last[1] - 0.0).abs() < 1e-6 && (last[2] - 1.0).abs() < 1e-6,
+            "midnight"
+        );
+        assert!(
+            (last[3] - 0.0).abs() < 1e-6 && (last[4] - 1.0).abs() < 1e-6,
+            "sunday"
+        );
         assert!((last[5] - 1.0).abs() < 1e-6);
         assert!(h.input_is_silent());
     }

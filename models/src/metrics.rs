@@ -80,8 +80,20 @@ mod tests {
         assert!((pinball(10.0, 8.0, 0.9) - 1.8).abs() < 1e-12);
         assert!((pinball(10.0, 12.0, 0.9) - 0.2).abs() < 1e-12);
         let mut a = Accuracy::default();
-        a.add(&Forecast { quantiles: [1.0, 2.0, 3.0], p_any: 1.0 }, 2.0);
-        a.add(&Forecast { quantiles: [1.0, 2.0, 3.0], p_any: 0.0 }, 5.0);
+        a.add(
+            &Forecast {
+                quantiles: [1.0, 2.0, 3.0],
+                p_any: 1.0,
+            },
+            2.0,
+        );
+        a.add(
+            &Forecast {
+                quantiles: [1.0, 2.0, 3.0],
+                p_any: 0.0,
+            },
+            5.0,
+        );
         assert_eq!(a.coverage(), 0.5);
         assert_eq!(a.mae(), 1.5);
         assert_eq!(a.brier(), 0.5);

@@ -93,7 +93,11 @@ pub fn runtime_library() -> Result<PathBuf, LoadError> {
             candidates.push(up.join(".cache/onnxruntime").join(&name));
         }
     }
-    candidates.push(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.cache/onnxruntime").join(&name));
+    candidates.push(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../.cache/onnxruntime")
+            .join(&name),
+    );
     candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
         LoadError::Runtime(format!(
             "{name} not found: run deploy/setup.sh (it unpacks it into .cache/onnxruntime/) or set ORT_DYLIB_PATH"
@@ -125,7 +129,9 @@ pub struct OnnxLstm {
 
 impl std::fmt::Debug for OnnxLstm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OnnxLstm").field("path", &self.path).finish_non_exhaustive()
+        f.debug_struct("OnnxLstm")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
     }
 }
 
@@ -155,20 +161,34 @@ impl OnnxLstm {
             reason,
         };
         let text = std::fs::read_to_string(&meta_path).map_err(|e| meta_err(e.to_string()))?;
-        let meta: ModelMetadata = serde_json::from_str(&text).map_err(|e| meta_err(e.to_string()))?;
-        check(meta.window == WINDOW && meta.horizon == HORIZON, model, || {
-            format!(
-                "window/horizon {}/{} in metadata, {WINDOW}/{HORIZON} in this build",
-                meta.window, meta.horizon
-            )
-        })?;
+        let meta: ModelMetadata =
+            serde_json::from_str(&text).map_err(|e| meta_err(e.to_string()))?;
         check(
-            meta.n_features == N_FEATURES && meta.features.iter().map(String::as_str).eq(FEATURE_NAMES),
+            meta.window == WINDOW && meta.horizon == HORIZON,
             model,
-            || format!("features {:?} in metadata, {FEATURE_NAMES:?} in this build", meta.features),
+            || {
+                format!(
+                    "window/horizon {}/{} in metadata, {WINDOW}/{HORIZON} in this build",
+                    meta.window, meta.horizon
+                )
+            },
+        )?;
+        check(
+            meta.n_features == N_FEATURES
+                && meta.features.iter().map(String::as_str).eq(FEATURE_NAMES),
+            model,
+            || {
+                format!(
+                    "features {:?} in metadata, {FEATURE_NAMES:?} in this build",
+                    meta.features
+                )
+            },
         )?;
         check(meta.quantiles == QUANTILES, model, || {
-            format!("quantiles {:?} in metadata, {QUANTILES:?} in this build", meta.quantiles)
+            format!(
+                "quantiles {:?} in metadata, {QUANTILES:?} in this build",
+                meta.quantiles
+            )
         })?;
 
         let env = environment()?;
@@ -184,13 +204,21 @@ impl OnnxLstm {
             .map_err(|e| model_err(e.to_string()))?;
 
         let inputs = session.inputs();
-        check(inputs.len() == 1 && inputs[0].name() == "window", model, || {
-            format!(
-                "inputs {:?}, expected one input named \"window\"",
-                inputs.iter().map(|i| i.name()).collect::<Vec<_>>()
-            )
-        })?;
-        let shape = inputs[0].dtype().tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+        check(
+            inputs.len() == 1 && inputs[0].name() == "window",
+            model,
+            || {
+                format!(
+                    "inputs {:?}, expected one input named \"window\"",
+                    inputs.iter().map(|i| i.name()).collect::<Vec<_>>()
+                )
+            },
+        )?;
+        let shape = inputs[0]
+            .dtype()
+            .tensor_shape()
+            .map(|s| s.to_vec())
+            .unwrap_or_default();
         check(
             shape.len() == 3 && shape[1] == WINDOW as i64 && shape[2] == N_FEATURES as i64,
             model,
@@ -232,10 +260,13 @@ impl Forecaster for OnnxLstm {
             push_features(h, &mut input);
         }
         let rt = |e: ort::Error| ForecastError::Runtime(e.to_string());
-        let tensor = Tensor::from_array(([histories.len(), WINDOW, N_FEATURES], input)).map_err(rt)?;
+        let tensor =
+            Tensor::from_array(([histories.len(), WINDOW, N_FEATURES], input)).map_err(rt)?;
         let mut session = self.session.lock();
         let outputs = session.run(ort::inputs!["window" => tensor]).map_err(rt)?;
-        let (_, q) = outputs["quantiles"].try_extract_tensor::<f32>().map_err(rt)?;
+        let (_, q) = outputs["quantiles"]
+            .try_extract_tensor::<f32>()
+            .map_err(rt)?;
         let (_, p) = outputs["p_any"].try_extract_tensor::<f32>().map_err(rt)?;
         if q.len() != histories.len() * 3 || p.len() != histories.len() {
             return Err(ForecastError::Output(format!(
@@ -245,8 +276,7 @@ impl Forecaster for OnnxLstm {
                 histories.len()
             )));
         }
-        Ok(q
-            .chunks_exact(3)
+        Ok(q.chunks_exact(3)
             .zip(p)
             .map(|(q, p)| Forecast {
                 quantiles: [q[0], q[1], q[2]],

@@ -38,7 +38,9 @@ pub struct ReloadingForecaster {
 
 fn modified(path: &Path) -> Option<SystemTime> {
     let m = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let j = std::fs::metadata(metadata_path(path)).and_then(|m| m.modified()).ok();
+    let j = std::fs::metadata(metadata_path(path))
+        .and_then(|m| m.modified())
+        .ok();
     m.max(j)
 }
 

@@ -1,0 +1,168 @@
+//! The Rust pipeline against the training code: the fixture `models/fixtures/features.json`
+//! holds real windows with the features, baseline forecasts and ONNX outputs Python computed.
+//! Features, baselines and model outputs must match within 1e-4.
+
+use std::path::PathBuf;
+
+use models::baseline::{Ewma, SeasonalNaive};
+use models::features::{push_features, History, N_FEATURES, WINDOW};
+use models::onnx::OnnxLstm;
+use models::reload::ReloadingForecaster;
+use models::{Forecast, Forecaster};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct Expected {
+    quantiles: [f32; 3],
+    p_any: f32,
+}
+
+#[derive(Deserialize)]
+struct Case {
+    counts: Vec<u32>,
+    last_bucket_start: i64,
+    priority: u8,
+    features: Vec<Vec<f32>>,
+    quantiles: [f32; 3],
+    p_any: f32,
+    seasonal_naive: Expected,
+    ewma: Expected,
+}
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn cases() -> Vec<Case> {
+    let text =
+        std::fs::read_to_string(root().join("fixtures/features.json")).expect("fixture exists");
+    serde_json::from_str(&text).expect("fixture parses")
+}
+
+fn history(c: &Case) -> History<'_> {
+    History {
+        counts: &c.counts,
+        last_bucket_start: c.last_bucket_start,
+        bucket_secs: 900,
+        priority: c.priority,
+    }
+}
+
+fn close(a: f32, b: f32, what: &str) {
+    assert!(
+        (a - b).abs() <= 1e-4 * b.abs().max(1.0),
+        "{what}: rust {a} vs python {b}"
+    );
+}
+
+fn same(f: &Forecast, e: &Expected, what: &str) {
+    for i in 0..3 {
+        close(f.quantiles[i], e.quantiles[i], &format!("{what} q{i}"));
+    }
+    close(f.p_any, e.p_any, &format!("{what} p_any"));
+}
+
+#[test]
+fn features_match_the_training_pipeline() {
+    let cases = cases();
+    assert!(cases.len() >= 2);
+    for (k, c) in cases.iter().enumerate() {
+        let mut f = Vec::new();
+        push_features(&history(c), &mut f);
+        assert_eq!(c.features.len(), WINDOW);
+        for (i, row) in c.features.iter().enumerate() {
+            assert_eq!(row.len(), N_FEATURES);
+            for (j, v) in row.iter().enumerate() {
+                close(
+                    f[i * N_FEATURES + j],
+                    *v,
+                    &format!("case {k} step {i} feature {j}"),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn baselines_match_the_training_code() {
+    for (k, c) in cases().iter().enumerate() {
+        same(
+            &SeasonalNaive::one(&history(c)),
+            &c.seasonal_naive,
+            &format!("case {k} seasonal"),
+        );
+        same(
+            &Ewma::default().one(&history(c)),
+            &c.ewma,
+            &format!("case {k} ewma"),
+        );
+    }
+}
+
+#[test]
+fn onnx_outputs_match_python() {
+    let lstm = OnnxLstm::load(&root().join("lstm.onnx"), 1).expect("model loads");
+    let cases = cases();
+    let hs: Vec<History<'_>> = cases.iter().map(history).collect();
+    let out = lstm.forecast(&hs).unwrap();
+    for (k, (f, c)) in out.iter().zip(&cases).enumerate() {
+        same(
+            f,
+            &Expected {
+                quantiles: c.quantiles,
+                p_any: c.p_any,
+            },
+            &format!("case {k} lstm"),
+        );
+        assert!(f.quantiles[0] <= f.quantiles[1] && f.quantiles[1] <= f.quantiles[2]);
+    }
+}
+
+#[test]
+fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.onnx");
+    // No file: clear error, and the reloading forecaster serves the baseline.
+    let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
+    assert!(err.contains("m.json"), "{err}");
+    let r = ReloadingForecaster::new(&model, 1, std::time::Duration::ZERO);
+    assert!(!r.model_loaded());
+    assert_eq!(r.name(), "seasonal_naive");
+    let cases = cases();
+    let hs: Vec<History<'_>> = cases.iter().map(history).collect();
+    let before = r.forecast(&hs).unwrap();
+    same(&before[0], &cases[0].seasonal_naive, "fallback");
+
+    // Metadata promising other features is rejected before the model is used.
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("lstm.json")).unwrap()).unwrap();
+    let mut wrong = meta.clone();
+    wrong["features"][0] = "something_else".into();
+    std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
+    std::fs::write(dir.path().join("m.json"), wrong.to_string()).unwrap();
+    let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
+    assert!(err.contains("features"), "{err}");
+
+    // A corrupt model file is an ONNX Runtime error, not a panic.
+    std::fs::write(dir.path().join("m.json"), meta.to_string()).unwrap();
+    std::fs::write(&model, b"not a model").unwrap();
+    assert!(OnnxLstm::load(&model, 1).is_err());
+
+    // The real model replaced on disk is picked up without a restart.
+    std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
+    let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
+    std::fs::File::options()
+        .write(true)
+        .open(&model)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+    let after = r.forecast(&hs).unwrap();
+    assert!(r.model_loaded(), "hot reload picked up the new file");
+    close(
+        after[0].quantiles[1],
+        cases[0].quantiles[1],
+        "reloaded lstm",
+    );
+    assert!(r.status().loads.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
