@@ -588,3 +588,136 @@ async fn origins_pushed_at_runtime_take_effect_and_bad_pushes_change_nothing() {
         .unwrap();
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
 }
+
+async fn admin_json(
+    edge: &Edge,
+    method: Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (StatusCode, serde_json::Value) {
+    let mut r = client()
+        .request(method, format!("http://{}{path}", edge.admin))
+        .bearer_auth(TOKEN);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let resp = r.send().await.unwrap();
+    let s = resp.status();
+    (s, resp.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let key = format!("{HOST}/shadow.bin?size=20000");
+    let (s, v) = admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(serde_json::json!({"key": key, "ttl_secs": 60, "priority": 7})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let mut marked = false;
+    for _ in 0..100 {
+        if admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None)
+            .await
+            .0
+            == StatusCode::OK
+        {
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(marked, "the shadow was filled");
+    assert_eq!(
+        origin.hits("/shadow.bin"),
+        1,
+        "filled before any user asked"
+    );
+    let r = edge.get("/shadow.bin?size=20000").await;
+    assert_eq!(
+        x_cache(&r),
+        "HIT",
+        "the first user request finds the shadow"
+    );
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+    assert_eq!(body_of(r).await, body_for("/shadow.bin", 20_000));
+    let (_, m) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
+    assert_eq!(m["hits"], 1);
+    assert_eq!(m["bytes"], 20_000);
+
+    // A shadow nobody asks for expires with its TTL and its object is purged.
+    let unused = format!("{HOST}/unused.bin");
+    admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(serde_json::json!({"key": unused, "ttl_secs": 1})),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(
+        admin_json(&edge, Method::GET, &format!("/shadows/{unused}"), None)
+            .await
+            .0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        x_cache(&edge.get("/unused.bin").await),
+        "MISS",
+        "wasted shadow was purged"
+    );
+    let text = client()
+        .get(format!("http://{}/metrics", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("shadowcdn_edge_shadows_expired_total{outcome=\"wasted\"} 1"),
+        "{text}"
+    );
+    assert!(
+        text.contains("shadowcdn_edge_shadow_hits_total 1"),
+        "{text}"
+    );
+
+    // Bad requests are refused with JSON and change nothing.
+    let (s, _) = admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(serde_json::json!({"key": key, "ttl_secs": 0})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, _) = admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(serde_json::json!({"key": "nohost", "ttl_secs": 5})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+    let (s, _) = admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(serde_json::json!({"key": key, "ttl_secs": 5, "extra": 1})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let r = client()
+        .post(format!("http://{}/shadows", edge.admin))
+        .json(&serde_json::json!({"key": key, "ttl_secs": 5}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+}

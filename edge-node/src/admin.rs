@@ -7,6 +7,10 @@
 //! - `PURGE` or `DELETE /cache/{host}/{prefix}*` — remove every object whose key starts with
 //!   the prefix (durable ban, see [`crate::storage::BanList`]).
 //!
+//! - `POST /shadows` — `{"key": "host/path", "ttl_secs", "priority"?}`: pre-position an object
+//!   (202; filled in the background with bounded concurrency; 503 when the queue is full).
+//! - `GET /shadows/{host}/{path}` — the shadow mark of one object; `DELETE` removes the mark
+//!   (and the object, if it never served a request).
 //! - `GET /origins` — configured and pushed origin rows.
 //! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream"}]}` replaces the rows
 //!   pushed by the broker; a bad row rejects the whole push and changes nothing.
@@ -33,6 +37,7 @@ use crate::config::OriginEntry;
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, SharedOrigins};
 use crate::proxy::primary_key;
+use crate::shadow::{FillRequest, Filler, ShadowTable};
 use crate::storage::FoyerStorage;
 
 /// Shared state of the admin handlers.
@@ -44,6 +49,19 @@ pub struct AdminState {
     origins: Arc<SharedOrigins>,
     registry: prometheus::Registry,
     metrics: EdgeMetrics,
+    shadows: Arc<ShadowTable>,
+    filler: Filler,
+    max_shadow_ttl: u64,
+}
+
+/// The shadowing parts of the admin API.
+pub struct ShadowAdmin {
+    /// Live marks.
+    pub table: Arc<ShadowTable>,
+    /// Fill submission.
+    pub filler: Filler,
+    /// Longest TTL accepted.
+    pub max_ttl_secs: u64,
 }
 
 impl AdminState {
@@ -55,6 +73,7 @@ impl AdminState {
         origins: Arc<SharedOrigins>,
         registry: prometheus::Registry,
         metrics: EdgeMetrics,
+        shadow: ShadowAdmin,
     ) -> Self {
         AdminState {
             node_id: node_id.into(),
@@ -63,6 +82,9 @@ impl AdminState {
             origins,
             registry,
             metrics,
+            shadows: shadow.table,
+            filler: shadow.filler,
+            max_shadow_ttl: shadow.max_ttl_secs,
         }
     }
 }
@@ -74,6 +96,8 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/cache/{*key}", any(purge))
         .route("/origins", get(get_origins).put(put_origins))
+        .route("/shadows", axum::routing::post(post_shadow))
+        .route("/shadows/{*key}", get(get_shadow).delete(delete_shadow))
         .fallback(not_found)
         .with_state(state)
 }
@@ -101,6 +125,9 @@ async fn healthz(State(s): State<AdminState>) -> Response {
 async fn metrics(State(s): State<AdminState>) -> Response {
     s.metrics.memory_bytes.set(s.storage.memory_usage() as i64);
     s.metrics.bans.set(s.storage.ban_count() as i64);
+    let (n, bytes) = s.shadows.usage();
+    s.metrics.shadows.set(n as i64);
+    s.metrics.shadow_bytes.set(bytes as i64);
     let mut buf = Vec::new();
     if let Err(e) = TextEncoder::new().encode(&s.registry.gather(), &mut buf) {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string());
@@ -213,6 +240,144 @@ async fn purge(
                 error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string())
             }
         },
+    }
+}
+
+/// Body of `POST /shadows`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ShadowBody {
+    key: String,
+    ttl_secs: u64,
+    #[serde(default = "default_priority")]
+    priority: u8,
+}
+
+fn default_priority() -> u8 {
+    5
+}
+
+/// Normalize a `host/path` key as the proxy does.
+fn normalize_key(key: &str) -> Option<String> {
+    let (host, rest) = key.split_once('/')?;
+    (!host.is_empty()).then(|| primary_key(host, &format!("/{rest}")))
+}
+
+async fn post_shadow(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&headers, &s.token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
+    }
+    let b: ShadowBody = match serde_json::from_slice(&body) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+    };
+    let Some(key) = normalize_key(&b.key) else {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_key",
+            "key must be {host}/{path}",
+        );
+    };
+    if b.ttl_secs == 0 || b.ttl_secs > s.max_shadow_ttl {
+        let msg = format!("ttl_secs must be between 1 and {}", s.max_shadow_ttl);
+        return error(StatusCode::UNPROCESSABLE_ENTITY, "bad_ttl", msg);
+    }
+    if b.priority > 10 {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "bad_priority",
+            "priority must be 0..=10",
+        );
+    }
+    let req = FillRequest {
+        key: key.clone(),
+        ttl: Duration::from_secs(b.ttl_secs),
+        priority: b.priority,
+    };
+    match s.filler.submit(req) {
+        Ok(()) => (
+            StatusCode::ACCEPTED,
+            Json(json!({ "key": key, "queued": true })),
+        )
+            .into_response(),
+        Err(e) => {
+            s.metrics.shadow_fills.with_label_values(&["refused"]).inc();
+            error(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+        }
+    }
+}
+
+async fn get_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri) -> Response {
+    if !authorized(&headers, &s.token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
+    }
+    let raw = uri
+        .path_and_query()
+        .map_or("", |p| p.as_str())
+        .trim_start_matches("/shadows/");
+    let Some(key) = normalize_key(raw) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            "key must be {host}/{path}",
+        );
+    };
+    match s.shadows.get(&key) {
+        Some(m) => Json(json!({
+            "key": key,
+            "expires_in_secs": m.expires.saturating_duration_since(std::time::Instant::now()).as_secs_f64(),
+            "priority": m.priority,
+            "hits": m.hits,
+            "bytes": m.bytes,
+        }))
+        .into_response(),
+        None => error(StatusCode::NOT_FOUND, "not_shadowed", format!("{key} has no shadow mark")),
+    }
+}
+
+async fn delete_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri) -> Response {
+    if !authorized(&headers, &s.token) {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong bearer token",
+        );
+    }
+    let raw = uri
+        .path_and_query()
+        .map_or("", |p| p.as_str())
+        .trim_start_matches("/shadows/");
+    let Some(key) = normalize_key(raw) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            "key must be {host}/{path}",
+        );
+    };
+    match s.shadows.remove(&key) {
+        Some(m) => {
+            if m.hits == 0 {
+                s.storage.purge_key(&key);
+            }
+            Json(json!({ "key": key, "removed": true, "hits": m.hits })).into_response()
+        }
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_shadowed",
+            format!("{key} has no shadow mark"),
+        ),
     }
 }
 

@@ -30,6 +30,34 @@ pub struct EdgeConfig {
     /// Host (and optional path prefix) → upstream origin.
     #[serde(default)]
     pub origins: Vec<OriginEntry>,
+    /// Shadow (pre-positioning) fills.
+    #[serde(default)]
+    pub shadow: ShadowSection,
+}
+
+/// Limits on shadow fills, so they never starve user traffic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowSection {
+    /// Shadow fills running at once.
+    #[serde(default = "default_fill_concurrency")]
+    pub fill_concurrency: usize,
+    /// Shadow requests waiting to be filled; beyond it requests are refused (503).
+    #[serde(default = "default_fill_queue")]
+    pub fill_queue: usize,
+    /// Longest shadow TTL accepted.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_secs: u64,
+}
+
+impl Default for ShadowSection {
+    fn default() -> Self {
+        ShadowSection {
+            fill_concurrency: default_fill_concurrency(),
+            fill_queue: default_fill_queue(),
+            max_ttl_secs: default_max_ttl(),
+        }
+    }
 }
 
 /// User-facing listener settings.
@@ -293,6 +321,15 @@ fn default_max_object() -> ByteSize {
 }
 fn default_lock_timeout() -> u64 {
     10
+}
+fn default_fill_concurrency() -> usize {
+    4
+}
+fn default_fill_queue() -> usize {
+    10_000
+}
+fn default_max_ttl() -> u64 {
+    7 * 24 * 3600
 }
 fn default_ban_retention() -> u64 {
     30 * 24 * 3600

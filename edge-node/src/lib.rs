@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod server;
+pub mod shadow;
 pub mod storage;
 
 pub use config::EdgeConfig;

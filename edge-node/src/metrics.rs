@@ -25,6 +25,16 @@ pub struct EdgeMetrics {
     pub request_seconds: HistogramVec,
     /// Requests routed by a broker, by the region and reason it tagged them with.
     pub routed: IntCounterVec,
+    /// Requests served from a valid shadow.
+    pub shadow_hits: IntCounter,
+    /// Shadow fills by outcome (`filled`, `failed`, `refused`).
+    pub shadow_fills: IntCounterVec,
+    /// Expired shadows by outcome (`used`: demoted, `wasted`: purged unrequested).
+    pub shadows_expired: IntCounterVec,
+    /// Live shadow marks (refreshed on scrape).
+    pub shadows: IntGauge,
+    /// Bytes held by live shadows (refreshed on scrape).
+    pub shadow_bytes: IntGauge,
     /// Purges by kind (`key`, `prefix`) and outcome.
     pub purges: IntCounterVec,
     /// Bytes held by the memory tier (refreshed on scrape).
@@ -96,6 +106,23 @@ impl EdgeMetrics {
                 ),
                 &["region", "reason"],
             )?,
+            shadow_hits: IntCounter::new(
+                "shadowcdn_edge_shadow_hits_total",
+                "Requests served from a valid shadow",
+            )?,
+            shadow_fills: IntCounterVec::new(
+                Opts::new("shadowcdn_edge_shadow_fills_total", "Shadow fills"),
+                &["outcome"],
+            )?,
+            shadows_expired: IntCounterVec::new(
+                Opts::new("shadowcdn_edge_shadows_expired_total", "Expired shadows"),
+                &["outcome"],
+            )?,
+            shadows: IntGauge::new("shadowcdn_edge_shadows", "Live shadow marks")?,
+            shadow_bytes: IntGauge::new(
+                "shadowcdn_edge_shadow_bytes",
+                "Bytes held by live shadows",
+            )?,
             purges: IntCounterVec::new(
                 Opts::new("shadowcdn_edge_purges_total", "Purge requests"),
                 &["kind", "outcome"],
@@ -115,6 +142,11 @@ impl EdgeMetrics {
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.routed.clone()))?;
+        registry.register(Box::new(m.shadow_hits.clone()))?;
+        registry.register(Box::new(m.shadow_fills.clone()))?;
+        registry.register(Box::new(m.shadows_expired.clone()))?;
+        registry.register(Box::new(m.shadows.clone()))?;
+        registry.register(Box::new(m.shadow_bytes.clone()))?;
         registry.register(Box::new(m.purges.clone()))?;
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.bans.clone()))?;

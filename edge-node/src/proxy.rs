@@ -29,6 +29,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, Origin, SharedOrigins};
+use crate::shadow::{ShadowTable, FILL_HEADER};
 use crate::storage::FoyerStorage;
 
 /// Cache behaviour that the origin's headers do not decide.
@@ -68,6 +69,7 @@ pub struct EdgeProxy {
     policy: CachePolicy,
     metrics: EdgeMetrics,
     inflight: InflightCounter,
+    shadows: Arc<ShadowTable>,
 }
 
 /// Per-request state carried through the phases.
@@ -78,6 +80,10 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     upstream_responded: bool,
     status_label: &'static str,
+    /// Primary cache key (`host/path?query`).
+    key: String,
+    /// This request is the edge's own shadow fill.
+    shadow_fill: bool,
 }
 
 impl EdgeProxy {
@@ -89,6 +95,7 @@ impl EdgeProxy {
         policy: CachePolicy,
         metrics: EdgeMetrics,
         inflight: InflightCounter,
+        shadows: Arc<ShadowTable>,
     ) -> Self {
         EdgeProxy {
             node_id,
@@ -97,6 +104,7 @@ impl EdgeProxy {
             policy,
             metrics,
             inflight,
+            shadows,
         }
     }
 }
@@ -230,6 +238,8 @@ impl ProxyHttp for EdgeProxy {
             upstream_started: None,
             upstream_responded: false,
             status_label: "bypass",
+            key: String::new(),
+            shadow_fill: false,
         }
     }
 
@@ -252,6 +262,9 @@ impl ProxyHttp for EdgeProxy {
                 .with_label_values(&[region, reason])
                 .inc();
         }
+        ctx.shadow_fill = req.headers.contains_key(FILL_HEADER);
+        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+        ctx.key = primary_key(&host, pq);
         let path = req.uri.path().to_owned();
         let table = self.origins.current();
         match table.select(&host, &path) {
@@ -370,6 +383,7 @@ impl ProxyHttp for EdgeProxy {
         // Routing tags are between broker and edge; the origin never sees them.
         upstream_request.remove_header(ROUTE_HEADER);
         upstream_request.remove_header(CLIENT_REGION_HEADER);
+        upstream_request.remove_header(FILL_HEADER);
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
@@ -402,8 +416,24 @@ impl ProxyHttp for EdgeProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        let (label, detail) = phase_labels(session.cache.phase());
-        ctx.status_label = label;
+        let phase = session.cache.phase();
+        let (label, detail) = phase_labels(phase);
+        ctx.status_label = if ctx.shadow_fill {
+            "shadow_fill"
+        } else {
+            label
+        };
+        let from_cache = matches!(
+            phase,
+            CachePhase::Hit
+                | CachePhase::Stale
+                | CachePhase::StaleUpdating
+                | CachePhase::Revalidated
+        );
+        if from_cache && !ctx.shadow_fill && self.shadows.hit(&ctx.key, Instant::now()) {
+            self.metrics.shadow_hits.inc();
+            resp.insert_header("x-shadowcdn-shadow", "hit")?;
+        }
         resp.insert_header("x-cache", label.to_ascii_uppercase())?;
         resp.insert_header(
             "cache-status",

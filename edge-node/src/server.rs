@@ -10,12 +10,13 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 
-use crate::admin::{AdminService, AdminState};
+use crate::admin::{AdminService, AdminState, ShadowAdmin};
 use crate::config::EdgeConfig;
 use crate::drain::{Drainer, InflightCounter};
 use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy};
+use crate::shadow::{ShadowService, ShadowTable};
 use crate::storage::{FoyerStorage, StorageError, StorageOptions};
 
 /// Why an edge could not start.
@@ -132,6 +133,7 @@ impl EdgeNode {
             read_timeout: Duration::from_secs(cfg.server.origin_read_timeout_secs),
         };
         let inflight = InflightCounter::default();
+        let shadows = Arc::new(ShadowTable::default());
         let proxy = EdgeProxy::new(
             cfg.node_id.clone(),
             origins.clone(),
@@ -143,6 +145,7 @@ impl EdgeNode {
             policy,
             metrics.clone(),
             inflight.clone(),
+            shadows.clone(),
         );
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -151,6 +154,14 @@ impl EdgeNode {
         );
         proxy_service.add_tcp(&cfg.server.listen.to_string());
 
+        let (shadow_service, filler) = ShadowService::new(
+            shadows.clone(),
+            storage,
+            metrics.clone(),
+            cfg.server.listen,
+            cfg.shadow.fill_concurrency,
+            cfg.shadow.fill_queue,
+        );
         let admin_state = AdminState::new(
             &cfg.node_id,
             &cfg.admin.token,
@@ -158,6 +169,11 @@ impl EdgeNode {
             origins,
             registry,
             metrics,
+            ShadowAdmin {
+                table: shadows,
+                filler,
+                max_ttl_secs: cfg.shadow.max_ttl_secs,
+            },
         );
         let admin = background_service("admin", AdminService::new(admin_listener, admin_state));
 
@@ -182,6 +198,7 @@ impl EdgeNode {
         );
         server.add_service(proxy_service);
         server.add_service(admin);
+        server.add_service(background_service("shadow", shadow_service));
         server.add_service(drainer);
         Ok(EdgeNode {
             cfg,

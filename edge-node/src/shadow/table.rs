@@ -1,0 +1,170 @@
+//! Shadow marks: objects pre-positioned on this edge because demand is predicted here.
+//!
+//! A shadow is an ordinary cached object (filled through the edge's own cache path, so HTTP
+//! freshness, coalescing with user misses and size limits all apply) plus a mark with an
+//! expiry. foyer has no per-entry TTL, so expiries live here in a min-heap. When a mark
+//! expires, a shadow that was never requested is purged (it was a wasted prefetch and only
+//! takes space); one that served requests is demoted to a normal cache entry.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+
+/// One shadow mark.
+#[derive(Debug, Clone)]
+pub struct Mark {
+    /// When the mark expires.
+    pub expires: Instant,
+    /// Provider priority 0–10.
+    pub priority: u8,
+    /// Requests served from this shadow.
+    pub hits: u64,
+    /// Body bytes of the filled object (0 until filled).
+    pub bytes: u64,
+    /// Generation, so a renewed mark is not expired by the old heap entry.
+    generation: u64,
+}
+
+/// What happened to an expired mark.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expired {
+    /// Never requested: purge the object.
+    Wasted(String),
+    /// Served requests: keep the object as a normal cache entry.
+    Used(String),
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    marks: HashMap<String, Mark>,
+    heap: BinaryHeap<Reverse<(Instant, u64, String)>>,
+    next_gen: u64,
+}
+
+/// All shadow marks of this edge.
+#[derive(Debug, Default)]
+pub struct ShadowTable {
+    inner: Mutex<Inner>,
+}
+
+impl ShadowTable {
+    /// Mark `key` as a shadow for `ttl` (renewing an existing mark keeps its hit count).
+    pub fn mark(&self, key: &str, ttl: Duration, priority: u8, now: Instant) {
+        let mut g = self.inner.lock();
+        g.next_gen += 1;
+        let generation = g.next_gen;
+        let expires = now + ttl;
+        let hits = g.marks.get(key).map_or(0, |m| m.hits);
+        let bytes = g.marks.get(key).map_or(0, |m| m.bytes);
+        g.marks.insert(
+            key.to_string(),
+            Mark {
+                expires,
+                priority,
+                hits,
+                bytes,
+                generation,
+            },
+        );
+        g.heap.push(Reverse((expires, generation, key.to_string())));
+    }
+
+    /// Record the filled size of a shadow.
+    pub fn set_bytes(&self, key: &str, bytes: u64) {
+        if let Some(m) = self.inner.lock().marks.get_mut(key) {
+            m.bytes = bytes;
+        }
+    }
+
+    /// If `key` has a valid mark, count a shadow hit and return true.
+    pub fn hit(&self, key: &str, now: Instant) -> bool {
+        match self.inner.lock().marks.get_mut(key) {
+            Some(m) if m.expires > now => {
+                m.hits += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Remove a mark (unshadow or invalidation).
+    pub fn remove(&self, key: &str) -> Option<Mark> {
+        self.inner.lock().marks.remove(key)
+    }
+
+    /// Pop every mark whose expiry has passed.
+    pub fn expire(&self, now: Instant) -> Vec<Expired> {
+        let mut g = self.inner.lock();
+        let mut out = Vec::new();
+        while let Some(Reverse((at, generation, _))) = g.heap.peek() {
+            if *at > now {
+                break;
+            }
+            let generation = *generation;
+            let Some(Reverse((_, _, key))) = g.heap.pop() else {
+                break;
+            };
+            if g.marks
+                .get(&key)
+                .is_some_and(|m| m.generation == generation)
+            {
+                let m = g.marks.remove(&key).expect("checked just above");
+                out.push(if m.hits == 0 {
+                    Expired::Wasted(key)
+                } else {
+                    Expired::Used(key)
+                });
+            }
+        }
+        out
+    }
+
+    /// Number of live marks and the bytes they hold.
+    pub fn usage(&self) -> (usize, u64) {
+        let g = self.inner.lock();
+        (g.marks.len(), g.marks.values().map(|m| m.bytes).sum())
+    }
+
+    /// A copy of one mark.
+    pub fn get(&self, key: &str) -> Option<Mark> {
+        self.inner.lock().marks.get(key).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_expiry_and_renewal() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        t.mark("h/a", Duration::from_secs(10), 5, now);
+        t.mark("h/b", Duration::from_secs(5), 5, now);
+        assert!(t.hit("h/a", now));
+        assert!(!t.hit("h/zz", now));
+        // Renew b before it expires: the old heap entry must not expire it.
+        t.mark(
+            "h/b",
+            Duration::from_secs(20),
+            5,
+            now + Duration::from_secs(4),
+        );
+        let out = t.expire(now + Duration::from_secs(11));
+        assert_eq!(out, vec![Expired::Used("h/a".into())]);
+        assert!(!t.hit("h/a", now + Duration::from_secs(11)));
+        let out = t.expire(now + Duration::from_secs(30));
+        assert_eq!(out, vec![Expired::Wasted("h/b".into())]);
+        assert_eq!(t.usage().0, 0);
+    }
+
+    #[test]
+    fn a_mark_past_its_ttl_is_not_a_hit_even_before_expiry_runs() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        t.mark("k", Duration::from_secs(1), 1, now);
+        assert!(!t.hit("k", now + Duration::from_secs(2)));
+    }
+}
