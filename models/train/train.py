@@ -187,7 +187,7 @@ def train_config(cfg, seed, xtr, ytr, val_sets, deadline):
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            tl += float(loss) * len(idx)
+            tl += float(loss.detach()) * len(idx)
         vl = val_loss(model, val_sets, cfg["bce_weight"])
         sched.step(vl)
         history.append((epoch, tl / len(perm), vl))

@@ -199,7 +199,7 @@ mod tests {
             segment: Some("mobile"),
             ts,
             bytes: 10,
-            hit: ts % 2 == 0,
+            hit: ts.is_multiple_of(2),
         }
     }
 
