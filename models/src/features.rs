@@ -14,7 +14,7 @@ pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "cos_time_of_day",
     "sin_day_of_week",
     "cos_day_of_week",
-    "priority",
+    "priority_over_10",
     "log1p_window_mean",
 ];
 

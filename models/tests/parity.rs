@@ -33,10 +33,17 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+#[derive(Deserialize)]
+struct Fixture {
+    windows: Vec<Case>,
+}
+
 fn cases() -> Vec<Case> {
     let text =
         std::fs::read_to_string(root().join("fixtures/features.json")).expect("fixture exists");
-    serde_json::from_str(&text).expect("fixture parses")
+    serde_json::from_str::<Fixture>(&text)
+        .expect("fixture parses")
+        .windows
 }
 
 fn history(c: &Case) -> History<'_> {
