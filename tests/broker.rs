@@ -501,3 +501,120 @@ fn broker_cli_reports_bad_config() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [
+        ("eu-a", "eu", "active"),
+        ("eu-b", "eu", "active"),
+        ("eu-s", "eu", "standby"),
+        ("us-a", "us", "active"),
+    ];
+    let edges: Vec<EdgeProc> = ids
+        .iter()
+        .map(|(id, _, _)| EdgeProc::start(&dir.path().join(id), id, &[], ""))
+        .collect();
+    let specs: Vec<EdgeSpec<'_>> = ids
+        .iter()
+        .zip(&edges)
+        .map(|((id, region, role), edge)| EdgeSpec {
+            id,
+            region,
+            role,
+            edge,
+        })
+        .collect();
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
+    let extra = format!("[planner]\ninterval_secs = 1\nthreshold = 0.2\nmodel = \"{model}\"\n");
+    let broker = BrokerProc::start(dir.path(), &specs, &extra);
+    let mut c = Cluster {
+        edges,
+        broker,
+        token: String::new(),
+        _dir: dir,
+    };
+    c.register(&origin).await;
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+
+    // Steady demand from the us region, then the object is purged everywhere.
+    for _ in 0..12 {
+        assert_eq!(c.get("/hot/app.js", "us").await.status(), StatusCode::OK);
+    }
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/purge"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/hot/app.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let fetched_before = origin.hits("/hot/app.js");
+
+    // The planner forecasts us demand and shadows the object on the us edge.
+    let key = format!("{HOST}/hot/app.js");
+    let explain_url = c.broker.api(&format!("/v1/shadows/explain?key={key}"));
+    let token = c.token.clone();
+    wait_until(|| async {
+        let (_, v) = api(reqwest::Method::GET, explain_url.clone(), &token, None).await;
+        v["decisions"].as_array().is_some_and(|d| {
+            d.iter().any(|d| {
+                d["region"] == "us" && (d["outcome"] == "shadowed" || d["outcome"] == "kept")
+            })
+        })
+    })
+    .await;
+    let (_, v) = api(reqwest::Method::GET, explain_url.clone(), &c.token, None).await;
+    let d = v["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["region"] == "us")
+        .unwrap()
+        .clone();
+    assert_eq!(d["edge"], "us-a", "{v}");
+    assert!(
+        d["p_any"].as_f64().unwrap() >= d["threshold"].as_f64().unwrap(),
+        "{v}"
+    );
+    assert_eq!(v["resource"]["priority"], 9);
+    let us_admin = c.edges[3].admin;
+    wait_until(|| async {
+        client()
+            .get(format!("http://{us_admin}/shadows/{key}"))
+            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    assert_eq!(
+        origin.hits("/hot/app.js"),
+        fetched_before + 1,
+        "one shadow fill"
+    );
+
+    // The next request from us is a hit on the shadow, without going to the origin.
+    let r = c.get("/hot/app.js", "us").await;
+    assert_eq!(edge_of(&r), "us-a");
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+    assert_eq!(origin.hits("/hot/app.js"), fetched_before + 1);
+    let m = c.metrics().await;
+    assert!(
+        m.contains("shadowcdn_broker_shadows_issued_total{outcome=\"ok\"}"),
+        "{m}"
+    );
+    assert!(
+        m.contains("shadowcdn_broker_forecaster_fallback 0"),
+        "the LSTM is serving:\n{m}"
+    );
+}

@@ -40,6 +40,9 @@ pub struct BrokerConfig {
     /// Request monitoring.
     #[serde(default)]
     pub monitor: MonitorSection,
+    /// Shadow planning.
+    #[serde(default)]
+    pub planner: crate::planner::PlannerSection,
 }
 
 /// Admin listener and tokens.
@@ -299,6 +302,9 @@ impl BrokerConfig {
         }
         if self.monitor.queue_capacity == 0 || self.monitor.max_series == 0 {
             return bad("monitor.queue_capacity and monitor.max_series must be positive".into());
+        }
+        if !(0.0..=1.0).contains(&self.planner.threshold) {
+            return bad("planner.threshold must be between 0 and 1".into());
         }
         if self.threads == 0 {
             return bad("threads must be at least 1".into());

@@ -4,11 +4,12 @@
 //! prediction.
 //!
 //! Entry type: [`server::Broker`]. Modules: [`routing`], [`proxy`], [`registry`],
-//! [`monitor`], [`sync`] (edge admin client), [`config`], [`metrics`].
+//! [`monitor`], [`planner`], [`sync`] (edge admin client), [`config`], [`metrics`].
 
 pub mod config;
 pub mod metrics;
 pub mod monitor;
+pub mod planner;
 pub mod proxy;
 pub mod registry;
 pub mod routing;

@@ -27,6 +27,12 @@ pub struct BrokerMetrics {
     pub api_calls: IntCounterVec,
     /// Origin-table pushes to edges by outcome.
     pub origin_pushes: IntCounterVec,
+    /// Planner decisions by outcome.
+    pub planner_decisions: IntCounterVec,
+    /// Shadow commands sent to edges by outcome.
+    pub shadows_issued: IntCounterVec,
+    /// 1 while the forecaster falls back to the baseline (model not loadable).
+    pub forecaster_fallback: prometheus::IntGauge,
 }
 
 impl BrokerMetrics {
@@ -88,7 +94,28 @@ impl BrokerMetrics {
                 ),
                 &["outcome"],
             )?,
+            planner_decisions: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_planner_decisions_total",
+                    "Shadow planner decisions",
+                ),
+                &["outcome"],
+            )?,
+            shadows_issued: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadows_issued_total",
+                    "Shadow commands sent to edges",
+                ),
+                &["outcome"],
+            )?,
+            forecaster_fallback: prometheus::IntGauge::new(
+                "shadowcdn_broker_forecaster_fallback",
+                "1 while the seasonal-naive baseline replaces an unloadable model",
+            )?,
         };
+        registry.register(Box::new(m.planner_decisions.clone()))?;
+        registry.register(Box::new(m.shadows_issued.clone()))?;
+        registry.register(Box::new(m.forecaster_fallback.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.failovers.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;

@@ -14,6 +14,7 @@ use pingora_core::services::background::{background_service, BackgroundService};
 use crate::config::BrokerConfig;
 use crate::metrics::BrokerMetrics;
 use crate::monitor::Monitor;
+use crate::planner::{Planner, PlannerState};
 use crate::proxy::BrokerProxy;
 use crate::registry::api::{router, ApiState};
 use crate::registry::{Registry, RegistryError};
@@ -161,6 +162,17 @@ impl Broker {
         );
         proxy_service.add_tcp(&cfg.listen.to_string());
 
+        let planner_state = Arc::new(PlannerState::default());
+        let planner = Planner::new(
+            cfg.planner.clone(),
+            fleet.clone(),
+            health.clone(),
+            registry.clone(),
+            monitor.store(),
+            sync.clone(),
+            planner_state.clone(),
+            metrics.clone(),
+        );
         let api = ApiService {
             listener: Mutex::new(Some(admin_listener)),
             state: ApiState {
@@ -173,6 +185,7 @@ impl Broker {
                 max_body: cfg.admin.max_body_bytes,
                 prometheus,
                 metrics: metrics.clone(),
+                planner: planner_state,
             },
         };
         let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics);
@@ -194,6 +207,7 @@ impl Broker {
         server.add_service(background_service("api", api));
         server.add_service(background_service("health", checker));
         server.add_service(background_service("origin-push", OriginPusher(sync)));
+        server.add_service(background_service("planner", planner));
         server.add_service(background_service("drain", drainer));
         Ok(Broker { cfg, server })
     }

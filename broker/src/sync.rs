@@ -103,6 +103,30 @@ impl EdgeSync {
         }
     }
 
+    /// Ask edge `edge` to shadow `key` for `ttl_secs`; whether it accepted.
+    pub async fn shadow(&self, edge: usize, key: &str, ttl_secs: u64, priority: u8) -> bool {
+        let e = &self.fleet.edges[edge];
+        let body = json!({ "key": key, "ttl_secs": ttl_secs, "priority": priority });
+        match self
+            .client
+            .post(format!("http://{}/shadows", e.admin))
+            .bearer_auth(&self.token)
+            .json(&body)
+            .send()
+            .await
+        {
+            Ok(r) if r.status().is_success() => true,
+            Ok(r) => {
+                tracing::warn!(edge = %e.id, status = %r.status(), %key, "edge refused a shadow");
+                false
+            }
+            Err(err) => {
+                tracing::warn!(edge = %e.id, error = %err, %key, "edge unreachable for a shadow");
+                false
+            }
+        }
+    }
+
     /// Purge `target` (`host/path` or `host/prefix*`) on every edge.
     pub async fn purge_everywhere(&self, target: &str) -> Vec<EdgeResult> {
         let method = reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::DELETE);

@@ -47,6 +47,14 @@ GRID = [
     {"hidden": 48, "layers": 2, "lr": 2e-3, "bce_weight": 1.0},
 ]
 BATCH = 256
+DEV_NOTES = """Besides the grid above, these variants were tried by hand while writing this pipeline (seed 20240531,
+hidden 64 unless noted); none improved the validation loss meaningfully, so the grid was kept as is:
+trace-balanced loss weights (val loss 0.658), an exponential moving average of the weights with decay 0.995
+(0.635), learning rate 1e-3 (0.651), hidden 32 with weight EMA (0.644), and seeds 1 and 2 of the selected
+configuration (0.634, 0.645; their 3-seed ensemble did not clearly help either). In the interest of full
+disclosure: the test-split metrics of those variants were printed too while diagnosing the Apache p90 problem
+described below, but no choice was made on them; the shipped configuration is the one selected on validation
+loss in the first run."""
 MAX_EPOCHS = 40
 PATIENCE = 6
 
@@ -233,8 +241,13 @@ def ort_predict(sess, x: np.ndarray):
     return np.concatenate(qs), np.concatenate(ps)[:, 0]
 
 
-def evaluate(win: Windows, split: str, sess):
-    idx = np.nonzero(win.mask(split))[0]
+def evaluate(win: Windows, split: str, sess, warm_only: bool = False):
+    """Contract metrics on the non-dead windows of `split`. With warm_only, only windows whose 32
+    input counts are not all zero (a diagnostic, not the contract metric)."""
+    m = win.mask(split)
+    if warm_only:
+        m = m & (win.x()[:, :, 0].max(axis=1) > 0)
+    idx = np.nonzero(m)[0]
     y = win.y[idx].astype(np.float64)
     (snq, snp), (ewq, ewp) = baseline_preds(win, idx)
     lq, lp = ort_predict(sess, win.x()[idx])
@@ -425,6 +438,15 @@ def main():
     log("validation:\n" + fmt_table(val_metrics))
     log("test:\n" + fmt_table(test_metrics))
     checks = targets_check(test_metrics)
+    warm_metrics = {name: evaluate(w, "test", sess, warm_only=True) for name, w in wins.items()}
+    cold = {name: {s: int((w.mask(s) & (w.x()[:, :, 0].max(axis=1) == 0)).sum()) for s in SPLITS}
+            for name, w in wins.items()}
+    cold_y = {}
+    for name, w in wins.items():
+        m = w.mask("train") & (w.x()[:, :, 0].max(axis=1) == 0)
+        cold_y[name] = [float(v) for v in np.percentile(w.y[m], [50, 75, 90])] if m.any() else []
+    log("test, excluding windows with all-zero input (diagnostic):\n" + fmt_table(warm_metrics))
+    log("all-zero-input (cold-start) windows per split: " + json.dumps(cold))
     log("targets (test): " + json.dumps(checks))
 
     # fixtures
@@ -477,17 +499,22 @@ def main():
         "test_metrics": test_metrics,
         "validation_metrics": val_metrics,
         "targets": checks,
+        "diagnostics": {
+            "cold_start_windows": cold,
+            "cold_start_train_y_percentiles_50_75_90": cold_y,
+            "test_metrics_excluding_cold_start": warm_metrics,
+        },
     }
     with open(os.path.join(out_dir, "lstm.json"), "w") as fh:
         json.dump(meta, fh, indent=2)
         fh.write("\n")
 
     write_model_card(os.path.join(out_dir, "MODEL_CARD.md"), meta, wins, fmt_table(test_metrics),
-                     fmt_table(val_metrics), max_rel)
+                     fmt_table(val_metrics), fmt_table(warm_metrics), max_rel)
     log(f"done in {time.time() - t_start:.0f}s")
 
 
-def write_model_card(path, meta, wins, test_table, val_table, max_rel):
+def write_model_card(path, meta, wins, test_table, val_table, warm_table, max_rel):
     cfg = meta["training"]["selected"]
     checks = meta["targets"]
     tm = meta["test_metrics"]
@@ -507,6 +534,8 @@ def write_model_card(path, meta, wins, test_table, val_table, max_rel):
                            f"{yn(c['coverage_75_85'])} |")
     grid_rows = "\n".join(f"| {g['hidden']} | {g['layers']} | {g['lr']} | {g['bce_weight']} | {g['val_loss']:.4f} | "
                           f"{g['best_epoch']} | {g['epochs_run']} | {g['seconds']} |" for g in meta["training"]["grid"])
+    cold_txt = "; ".join(f"{n} " + "/".join(f"{v:g}" for v in p)
+                         for n, p in meta["diagnostics"]["cold_start_train_y_percentiles_50_75_90"].items())
     files = "\n".join(f"- `../shared/traces/{f['file']}` — sha256 `{f['sha256']}`" for f in meta["training_data"])
     wcount = "\n".join(f"| {n} | {w.td.n_buckets} | {len(w.td.series)} | " + " | ".join(
         str(int(w.mask(s).sum())) for s in SPLITS) + " |" for n, w in wins.items())
@@ -578,11 +607,23 @@ Validation split (used for model selection), same columns:
 
 {val_table}
 
+Diagnostic — test windows whose 32 input counts are not all zero (MASE relative to seasonal naive on these
+windows). Windows with an all-zero input (cold starts) are kept by the contract whenever a request follows
+within the horizon, so for them y ≥ 1 always; the LSTM cannot tell the traces apart from such an input (only the
+time features differ) and predicts the pooled cold-start tail of both traces — dominated by the NASA bulk bursts
+(y percentiles 50/75/90 of the training cold starts: {cold_txt}) — which inflates its p90 on Apache cold starts.
+Cold-start windows per split: {json.dumps(meta['diagnostics']['cold_start_windows'])}.
+
+{warm_table}
+
 ## Targets (from the issue), on the test split
 
 | trace | target | LSTM (pinball: LSTM vs naive / EWMA) | status |
 | --- | --- | --- | --- |
 {chr(10).join(target_rows)}
+
+## Development notes
+{DEV_NOTES}
 
 ## Limitations
 - Tiny data: the Apache log is 3.5 days (333 buckets) so its test split is ~12 hours, and the history never reaches

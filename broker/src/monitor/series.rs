@@ -60,6 +60,33 @@ pub struct Observation<'a> {
     pub hit: bool,
 }
 
+impl Series {
+    /// Re-bucket into `width`-second buckets covering the `n` buckets that end with the one
+    /// containing `now`, oldest first (missing buckets are zero).
+    pub fn counts(&self, width: u64, n: usize, now: u64) -> Vec<u32> {
+        let width = width.max(1);
+        let last = now - now % width;
+        let first = last.saturating_sub(width * (n as u64 - 1));
+        let mut out = vec![0u32; n];
+        for b in &self.buckets {
+            if b.start >= first && b.start < last + width {
+                let i = ((b.start - first) / width) as usize;
+                out[i] = out[i].saturating_add(b.requests.min(u64::from(u32::MAX)) as u32);
+            }
+        }
+        out
+    }
+
+    /// Mean response size, if any bytes were recorded.
+    pub fn mean_bytes(&self) -> Option<u64> {
+        let (r, b) = self
+            .buckets
+            .iter()
+            .fold((0u64, 0u64), |(r, b), x| (r + x.requests, b + x.bytes));
+        (r > 0).then(|| b / r)
+    }
+}
+
 impl SeriesStore {
     /// An empty store.
     pub fn new(bucket_secs: u64, retention: usize, max_series: usize) -> Self {
@@ -169,6 +196,20 @@ impl SeriesStore {
         self.series.get(resource)
     }
 
+    /// Every (resource, region, series), for the planner.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str, &Series)> {
+        self.series.iter().flat_map(|(res, regions)| {
+            regions
+                .iter()
+                .map(move |(reg, s)| (res.as_str(), reg.as_str(), s))
+        })
+    }
+
+    /// Bucket width in seconds.
+    pub fn bucket_secs(&self) -> u64 {
+        self.bucket_secs
+    }
+
     /// Number of series held.
     pub fn len(&self) -> usize {
         self.count
@@ -217,6 +258,18 @@ mod tests {
         s.add(&obs("h/a", "eu", 125));
         assert_eq!(s.query("h/a").unwrap()["eu"].buckets[0].requests, 2);
         assert_eq!(s.query("h/a").unwrap()["eu"].segments["mobile"], 7);
+    }
+
+    #[test]
+    fn rebucketing() {
+        let mut s = SeriesStore::new(60, 100, 10);
+        for ts in [0, 60, 899, 900, 1850] {
+            s.add(&obs("r", "eu", ts));
+        }
+        let series = &s.query("r").unwrap()["eu"];
+        assert_eq!(series.counts(900, 3, 1850), vec![3, 1, 1]);
+        assert_eq!(series.counts(900, 2, 1850), vec![1, 1]);
+        assert_eq!(series.mean_bytes(), Some(10));
     }
 
     #[test]

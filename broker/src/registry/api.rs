@@ -25,6 +25,7 @@ use super::model::{
 use super::store::{Registry, RegistryError};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::SeriesStore;
+use crate::planner::PlannerState;
 use crate::routing::{Fleet, Health};
 use crate::sync::EdgeSync;
 
@@ -49,6 +50,8 @@ pub struct ApiState {
     pub prometheus: prometheus::Registry,
     /// Broker metrics.
     pub metrics: BrokerMetrics,
+    /// The planner's latest decisions.
+    pub planner: Arc<PlannerState>,
 }
 
 /// An API failure.
@@ -175,6 +178,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/purge", post(purge))
         .route("/v1/series", get(series))
         .route("/v1/routes", get(routes))
+        .route("/v1/shadows/explain", get(explain))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -410,4 +414,37 @@ async fn routes(
         })
         .collect();
     Ok(Json(json!({ "key": q.key, "plan": plan })).into_response())
+}
+
+#[derive(Deserialize)]
+struct ExplainQuery {
+    key: String,
+}
+
+async fn explain(
+    State(s): State<ApiState>,
+    headers: HeaderMap,
+    Query(q): Query<ExplainQuery>,
+) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    let (host, path) = q.key.split_once('/').unwrap_or((q.key.as_str(), ""));
+    let host = check_host(host)?;
+    s.registry.check_host_owner(&p.id, &host)?;
+    let key = format!("{host}/{path}");
+    let resource = s.registry.resource_for(&host, &format!("/{path}"));
+    match s.planner.explain(&key) {
+        Some(decisions) => Ok(Json(json!({
+            "key": key,
+            "resource": resource,
+            "decisions": decisions,
+        }))
+        .into_response()),
+        None => Ok(Json(json!({
+            "key": key,
+            "resource": resource,
+            "decisions": [],
+            "why": "no demand was recorded for this key in the monitored history, so the planner had nothing to forecast",
+        }))
+        .into_response()),
+    }
 }

@@ -312,6 +312,29 @@ impl Registry {
             .collect()
     }
 
+    /// The registered resource covering `host` + `path` (exact match first, then the longest
+    /// prefix).
+    pub fn resource_for(&self, host: &str, path: &str) -> Option<Resource> {
+        use super::model::PathMatch;
+        let m = self.mem.read();
+        let candidates = m.resources.values().filter(|r| r.host == host);
+        let mut best: Option<&Resource> = None;
+        for r in candidates {
+            let hit = match r.r#match {
+                PathMatch::Exact => r.path == path,
+                PathMatch::Prefix => path.starts_with(&r.path),
+            };
+            let better = best.is_none_or(|b| {
+                (r.r#match == PathMatch::Exact && b.r#match != PathMatch::Exact)
+                    || (r.r#match == b.r#match && r.path.len() > b.path.len())
+            });
+            if hit && better {
+                best = Some(r);
+            }
+        }
+        best.cloned()
+    }
+
     /// Origins of one provider.
     pub fn origins_of(&self, provider: &str) -> Vec<Origin> {
         self.mem
