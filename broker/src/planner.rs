@@ -124,6 +124,67 @@ struct Candidate {
     allowed: bool,
 }
 
+/// The verdict on one candidate.
+#[derive(Debug, Clone, PartialEq)]
+struct Verdict {
+    candidate: usize,
+    benefit: f64,
+    edge: Option<usize>,
+    outcome: &'static str,
+}
+
+/// The decision rule, free of I/O: rank candidates by expected benefit, then admit them in
+/// that order while each edge's byte budget lasts (so the least valuable are dropped first).
+fn decide(
+    cands: &[Candidate],
+    forecasts: &[models::Forecast],
+    edge_of: impl Fn(&Candidate) -> Option<usize>,
+    is_live: impl Fn(&str, usize) -> bool,
+    threshold: f32,
+    budget: u64,
+) -> Vec<Verdict> {
+    let mut ranked: Vec<(usize, f64)> = forecasts
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let c = &cands[i];
+            let demand = f64::from(f.p50().max(f.p_any));
+            (i, demand * c.bytes as f64 * (1.0 + f64::from(c.priority)))
+        })
+        .collect();
+    ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut used: HashMap<usize, u64> = HashMap::new();
+    ranked
+        .into_iter()
+        .map(|(i, benefit)| {
+            let (c, f) = (&cands[i], &forecasts[i]);
+            let edge = edge_of(c);
+            let outcome = if f.p_any < threshold {
+                "below_threshold"
+            } else if !c.allowed {
+                "policy"
+            } else if let Some(e) = edge {
+                if is_live(&c.key, e) {
+                    "kept"
+                } else if used.get(&e).copied().unwrap_or(0) + c.bytes > budget {
+                    "budget"
+                } else {
+                    *used.entry(e).or_default() += c.bytes;
+                    "shadowed"
+                }
+            } else {
+                "no_edge"
+            };
+            Verdict {
+                candidate: i,
+                benefit,
+                edge,
+                outcome,
+            }
+        })
+        .collect()
+}
+
 /// Planner state shared with the explain endpoint.
 #[derive(Default)]
 pub struct PlannerState {
@@ -245,55 +306,35 @@ impl Planner {
                 return;
             }
         };
-        let mut ranked: Vec<(usize, f64)> = forecasts
-            .iter()
-            .enumerate()
-            .map(|(i, f)| {
-                let c = &cands[i];
-                let benefit = f64::from(f.p50().max(f.p_any))
-                    * c.bytes as f64
-                    * (1.0 + f64::from(c.priority));
-                (i, benefit)
-            })
-            .collect();
-        ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
-
-        let mut used: HashMap<usize, u64> = HashMap::new();
-        let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
         let mut live = self.state.live.lock().clone();
         let tick_now = Instant::now();
         live.retain(|_, exp| *exp > tick_now);
+        let verdicts = decide(
+            &cands,
+            &forecasts,
+            |c| {
+                self.fleet
+                    .plan(&c.key, c.region_idx, &self.health)
+                    .into_iter()
+                    .find(|ch| ch.region == c.region_idx)
+                    .and_then(|ch| ch.edge)
+            },
+            |key, e| live.contains_key(&(key.to_string(), e)),
+            self.cfg.threshold,
+            self.cfg.budget_bytes_per_edge,
+        );
+        let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
         let mut sends = Vec::new();
-        for (i, benefit) in ranked {
-            let (c, f) = (&cands[i], forecasts[i]);
-            let edge = self
-                .fleet
-                .plan(&c.key, c.region_idx, &self.health)
-                .into_iter()
-                .find(|ch| ch.region == c.region_idx)
-                .and_then(|ch| ch.edge);
-            let outcome = if f.p_any < self.cfg.threshold {
-                "below_threshold"
-            } else if !c.allowed {
-                "policy"
-            } else if let Some(e) = edge {
-                if live.contains_key(&(c.key.clone(), e)) {
-                    "kept"
-                } else if used.get(&e).copied().unwrap_or(0) + c.bytes
-                    > self.cfg.budget_bytes_per_edge
-                {
-                    "budget"
-                } else {
-                    *used.entry(e).or_default() += c.bytes;
+        for v in verdicts {
+            let (c, f) = (&cands[v.candidate], forecasts[v.candidate]);
+            if v.outcome == "shadowed" {
+                if let Some(e) = v.edge {
                     sends.push((c.key.clone(), e, c.ttl, c.priority));
-                    "shadowed"
                 }
-            } else {
-                "no_edge"
-            };
+            }
             self.metrics
                 .planner_decisions
-                .with_label_values(&[outcome])
+                .with_label_values(&[v.outcome])
                 .inc();
             decisions.entry(c.key.clone()).or_default().push(Decision {
                 region: c.region.clone(),
@@ -301,9 +342,9 @@ impl Planner {
                 quantiles: f.quantiles,
                 p_any: f.p_any,
                 threshold: self.cfg.threshold,
-                benefit,
-                edge: edge.map(|e| self.fleet.edges[e].id.clone()),
-                outcome,
+                benefit: v.benefit,
+                edge: v.edge.map(|e| self.fleet.edges[e].id.clone()),
+                outcome: v.outcome,
                 at: now,
             });
         }
@@ -357,5 +398,92 @@ impl BackgroundService for Planner {
             ));
             self.tick(&forecaster).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use models::Forecast;
+
+    fn cand(key: &str, bytes: u64, priority: u8, allowed: bool) -> Candidate {
+        Candidate {
+            key: key.into(),
+            region: "eu".into(),
+            region_idx: 0,
+            counts: vec![1],
+            priority,
+            bytes,
+            ttl: 60,
+            allowed,
+        }
+    }
+
+    fn fc(p50: f32, p_any: f32) -> Forecast {
+        Forecast {
+            quantiles: [0.0, p50, p50 * 2.0],
+            p_any,
+        }
+    }
+
+    #[test]
+    fn budget_is_never_exceeded_and_least_valuable_are_dropped() {
+        let cands = vec![
+            cand("a", 600, 5, true),
+            cand("b", 600, 9, true),
+            cand("c", 300, 0, true),
+            cand("d", 100, 5, true),
+        ];
+        let forecasts = vec![fc(10.0, 0.9), fc(10.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)];
+        let v = decide(&cands, &forecasts, |_| Some(0), |_, _| false, 0.5, 1000);
+        let shadowed: Vec<&str> = v
+            .iter()
+            .filter(|v| v.outcome == "shadowed")
+            .map(|v| cands[v.candidate].key.as_str())
+            .collect();
+        let bytes: u64 = v
+            .iter()
+            .filter(|v| v.outcome == "shadowed")
+            .map(|v| cands[v.candidate].bytes)
+            .sum();
+        assert!(bytes <= 1000, "{bytes}");
+        // Ranked b (priority 9) > a > d > c; a no longer fits after b; d and c still do.
+        assert_eq!(shadowed, vec!["b", "d", "c"]);
+        assert_eq!(
+            v.iter()
+                .find(|v| cands[v.candidate].key == "a")
+                .unwrap()
+                .outcome,
+            "budget"
+        );
+    }
+
+    #[test]
+    fn threshold_policy_live_and_missing_edges() {
+        let cands = vec![
+            cand("low", 10, 5, true),
+            cand("forbidden", 10, 5, false),
+            cand("live", 10, 5, true),
+            cand("orphan", 10, 5, true),
+        ];
+        let forecasts = vec![fc(1.0, 0.1), fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)];
+        let v = decide(
+            &cands,
+            &forecasts,
+            |c| (c.key != "orphan").then_some(0),
+            |k, _| k == "live",
+            0.5,
+            1 << 20,
+        );
+        let outcome = |k: &str| {
+            v.iter()
+                .find(|v| cands[v.candidate].key == k)
+                .unwrap()
+                .outcome
+        };
+        assert_eq!(outcome("low"), "below_threshold");
+        assert_eq!(outcome("forbidden"), "policy");
+        assert_eq!(outcome("live"), "kept");
+        assert_eq!(outcome("orphan"), "no_edge");
     }
 }
