@@ -80,20 +80,22 @@ impl Default for Ewma {
     }
 }
 
-/// Smallest `k` with Poisson(λ) CDF(k) ≥ q.
+/// Smallest `k` with Poisson(λ) CDF(k) ≥ q. The pmf is carried in log space so a large λ
+/// does not underflow `e^(−λ)` to zero.
 fn poisson_quantile(lambda: f64, q: f64) -> f64 {
     if lambda <= 0.0 {
         return 0.0;
     }
-    let mut pmf = (-lambda).exp();
-    let mut cdf = pmf;
+    let ln_lambda = lambda.ln();
+    let mut lp = -lambda;
+    let mut cdf = lp.exp();
     let mut k = 0u32;
     // Bounded: the tail beyond λ + 50√λ + 50 has negligible mass.
     let limit = (lambda + 50.0 * lambda.sqrt() + 50.0) as u32;
     while cdf < q && k < limit {
         k += 1;
-        pmf *= lambda / f64::from(k);
-        cdf += pmf;
+        lp += ln_lambda - f64::from(k).ln();
+        cdf += lp.exp();
     }
     f64::from(k)
 }
@@ -163,6 +165,9 @@ mod tests {
         assert_eq!(poisson_quantile(1.0, 0.5), 1.0);
         assert_eq!(poisson_quantile(1.0, 0.1), 0.0);
         assert_eq!(poisson_quantile(1.0, 0.9), 2.0);
+        // λ = 1000: e^(−λ) underflows, the log-space pmf does not.
+        let q = poisson_quantile(1000.0, 0.5);
+        assert!((995.0..=1005.0).contains(&q), "{q}");
         let f = Ewma::default().one(&hist(&[0, 0, 10]));
         assert!(f.p_any > 0.99);
     }
