@@ -194,6 +194,16 @@ pub struct PlannerState {
 }
 
 impl PlannerState {
+    /// Forget the shadows of `key`, or of every key under `prefix*`, after a purge removed
+    /// them from the edges, so the next tick may place them again.
+    pub fn forget(&self, target: &str) {
+        let mut live = self.live.lock();
+        match target.strip_suffix('*') {
+            Some(prefix) => live.retain(|(k, _), _| !k.starts_with(prefix)),
+            None => live.retain(|(k, _), _| k != target),
+        }
+    }
+
     /// The latest decisions about `key` (`host/path`).
     pub fn explain(&self, key: &str) -> Option<Vec<Decision>> {
         self.decisions.read().get(key).cloned()

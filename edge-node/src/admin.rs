@@ -212,7 +212,8 @@ async fn purge(
     match parse_target(&uri) {
         Err(msg) => error(StatusCode::BAD_REQUEST, "bad_key", msg),
         Ok(Target::Key(key)) => {
-            let found = s.storage.purge_key(&key);
+            // A purged object is no longer a shadow either.
+            let found = s.storage.purge_key(&key) | s.shadows.remove(&key).is_some();
             s.metrics
                 .purges
                 .with_label_values(&["key", if found { "purged" } else { "not_found" }])
@@ -226,6 +227,7 @@ async fn purge(
         }
         Ok(Target::Prefix(prefix)) => match s.storage.purge_prefix(&prefix) {
             Ok(()) => {
+                s.shadows.remove_prefix(&prefix);
                 s.metrics
                     .purges
                     .with_label_values(&["prefix", "banned"])

@@ -355,6 +355,7 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         }
     };
     let results = s.sync.purge_everywhere(&target).await;
+    s.planner.forget(&target);
     let failed = results.iter().filter(|r| !r.ok).count();
     let status = if failed == 0 {
         StatusCode::OK

@@ -94,6 +94,14 @@ impl ShadowTable {
         self.inner.lock().marks.remove(key)
     }
 
+    /// Remove every mark whose key starts with `prefix` (prefix purge); returns how many.
+    pub fn remove_prefix(&self, prefix: &str) -> usize {
+        let mut g = self.inner.lock();
+        let before = g.marks.len();
+        g.marks.retain(|k, _| !k.starts_with(prefix));
+        before - g.marks.len()
+    }
+
     /// Pop every mark whose expiry has passed.
     pub fn expire(&self, now: Instant) -> Vec<Expired> {
         let mut g = self.inner.lock();
@@ -158,6 +166,19 @@ mod tests {
         let out = t.expire(now + Duration::from_secs(30));
         assert_eq!(out, vec![Expired::Wasted("h/b".into())]);
         assert_eq!(t.usage().0, 0);
+    }
+
+    #[test]
+    fn prefix_removal() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        t.mark("h/a/1", Duration::from_secs(10), 5, now);
+        t.mark("h/a/2", Duration::from_secs(10), 5, now);
+        t.mark("h/b/1", Duration::from_secs(10), 5, now);
+        assert_eq!(t.remove_prefix("h/a/"), 2);
+        assert_eq!(t.usage().0, 1);
+        // The stale heap entries of removed marks expire nothing.
+        assert!(t.expire(now + Duration::from_secs(11)).len() == 1);
     }
 
     #[test]
