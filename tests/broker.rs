@@ -618,3 +618,105 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         "the LSTM is serving:\n{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
+    let origin = TestOrigin::start().await;
+    let (mut c, _d) = start_cluster();
+    c.register(&origin).await;
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/launch/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600,
+                    "policy": {"max_copies": 2, "allowed_regions": ["eu", "us"]}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let key = format!("{HOST}/launch/new.js");
+    let shadow_on = |admin: std::net::SocketAddr| {
+        let key = key.clone();
+        async move {
+            client()
+                .get(format!("http://{admin}/shadows/{key}"))
+                .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK)
+        }
+    };
+
+    // created + high priority → shadowed at once in both regions, before any request.
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "created", "host": HOST, "path": "/launch/new.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let shadowed: Vec<String> = v["shadowed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["edge"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(shadowed.len(), 2, "{v}");
+    assert!(shadowed.contains(&"us-a".to_string()), "{v}");
+    let eu_edge = c
+        .edges
+        .iter()
+        .position(|e| {
+            shadowed
+                .iter()
+                .any(|s| s.starts_with("eu") && e.dir.ends_with(s))
+        })
+        .unwrap();
+    let (eu_admin, us_admin) = (c.edges[eu_edge].admin, c.edges[3].admin);
+    wait_until(|| async { shadow_on(eu_admin).await && shadow_on(us_admin).await }).await;
+    assert_eq!(origin.hits("/launch/new.js"), 2, "one fill per region");
+    for region in ["eu", "us"] {
+        let r = c.get("/launch/new.js", region).await;
+        assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit", "{region}");
+    }
+    assert_eq!(origin.hits("/launch/new.js"), 2);
+
+    // updated → every copy invalidated and the live shadows refetched.
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "updated", "host": HOST, "path": "/launch/new.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["refilled"].as_array().unwrap().len(), 2, "{v}");
+    wait_until(|| async { origin.hits("/launch/new.js") == 4 }).await;
+    wait_until(|| async { shadow_on(eu_admin).await && shadow_on(us_admin).await }).await;
+
+    // deleted → gone everywhere: the next request goes to the origin.
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "deleted", "host": HOST, "path": "/launch/new.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(!shadow_on(us_admin).await && !shadow_on(eu_admin).await);
+    let r = c.get("/launch/new.js", "us").await;
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert!(c
+        .metrics()
+        .await
+        .contains("shadowcdn_broker_event_propagation_seconds_count{kind=\"deleted\"} 1"));
+    // A created event cannot take a prefix.
+    let (s, _) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "created", "host": HOST, "prefix": "/launch/"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}

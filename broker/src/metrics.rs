@@ -31,6 +31,8 @@ pub struct BrokerMetrics {
     pub planner_decisions: IntCounterVec,
     /// Shadow commands sent to edges by outcome.
     pub shadows_issued: IntCounterVec,
+    /// Time from a modification event's arrival until every edge answered.
+    pub event_propagation: prometheus::HistogramVec,
     /// 1 while the forecaster falls back to the baseline (model not loadable).
     pub forecaster_fallback: prometheus::IntGauge,
 }
@@ -108,6 +110,16 @@ impl BrokerMetrics {
                 ),
                 &["outcome"],
             )?,
+            event_propagation: prometheus::HistogramVec::new(
+                HistogramOpts::new(
+                    "shadowcdn_broker_event_propagation_seconds",
+                    "Time for a modification event to reach every edge",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+                &["kind"],
+            )?,
             forecaster_fallback: prometheus::IntGauge::new(
                 "shadowcdn_broker_forecaster_fallback",
                 "1 while the seasonal-naive baseline replaces an unloadable model",
@@ -116,6 +128,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.planner_decisions.clone()))?;
         registry.register(Box::new(m.shadows_issued.clone()))?;
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
+        registry.register(Box::new(m.event_propagation.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.failovers.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;

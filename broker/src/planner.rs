@@ -204,6 +204,24 @@ impl PlannerState {
         }
     }
 
+    /// Edges holding a live shadow of `key`.
+    pub fn live_edges(&self, key: &str) -> Vec<usize> {
+        let now = Instant::now();
+        self.live
+            .lock()
+            .iter()
+            .filter(|((k, _), exp)| k == key && **exp > now)
+            .map(|((_, e), _)| *e)
+            .collect()
+    }
+
+    /// Record a shadow placed outside the planner's tick (modification events).
+    pub fn record(&self, key: &str, edge: usize, ttl: Duration) {
+        self.live
+            .lock()
+            .insert((key.to_string(), edge), Instant::now() + ttl);
+    }
+
     /// The latest decisions about `key` (`host/path`).
     pub fn explain(&self, key: &str) -> Option<Vec<Decision>> {
         self.decisions.read().get(key).cloned()

@@ -19,8 +19,8 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::model::{
-    check_host, check_path, check_upstream, Invalid, NewProvider, OriginBody, Provider, PurgeBody,
-    ResourceBody,
+    check_host, check_path, check_upstream, EventBody, EventKind, Invalid, NewProvider, OriginBody,
+    Provider, PurgeBody, ResourceBody, IMMEDIATE_SHADOW_PRIORITY,
 };
 use super::store::{Registry, RegistryError};
 use crate::metrics::BrokerMetrics;
@@ -176,6 +176,7 @@ pub fn router(state: ApiState) -> Router {
                 .delete(delete_resource),
         )
         .route("/v1/purge", post(purge))
+        .route("/v1/events", post(event))
         .route("/v1/series", get(series))
         .route("/v1/routes", get(routes))
         .route("/v1/shadows/explain", get(explain))
@@ -448,4 +449,110 @@ async fn explain(
         }))
         .into_response()),
     }
+}
+
+/// `POST /v1/events`: the origin changed. `updated` invalidates every copy and refills the
+/// live shadows; `deleted` removes every copy; `created` of a resource registered with high
+/// priority is shadowed at once on the owning edge of each region its policy allows (up to
+/// `max_copies`). Answers when every edge has answered; the time is a metric.
+async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let started = std::time::Instant::now();
+    let p = provider(&s, &headers)?;
+    let req: EventBody = read_json(body, s.max_body).await?;
+    let host = check_host(&req.host)?;
+    s.registry.check_host_owner(&p.id, &host)?;
+    let (target, path) = match (&req.path, &req.prefix, req.kind) {
+        (Some(path), None, _) => {
+            check_path("path", path)?;
+            (format!("{host}{path}"), path.clone())
+        }
+        (None, Some(prefix), EventKind::Updated | EventKind::Deleted) => {
+            check_path("prefix", prefix)?;
+            (format!("{host}{prefix}*"), prefix.clone())
+        }
+        _ => {
+            return Err(Invalid {
+                field: "path",
+                message: "give exactly one of path or prefix (created takes a path)".into(),
+            }
+            .into())
+        }
+    };
+    let mut report = serde_json::Map::new();
+    match req.kind {
+        EventKind::Updated | EventKind::Deleted => {
+            let refill: Vec<usize> = if req.kind == EventKind::Updated && req.prefix.is_none() {
+                s.planner.live_edges(&target)
+            } else {
+                Vec::new()
+            };
+            let purged = s.sync.purge_everywhere(&target).await;
+            s.planner.forget(&target);
+            let ttl = s
+                .registry
+                .resource_for(&host, &path)
+                .map_or(1800, |r| r.shadow_ttl_secs);
+            let mut refilled = Vec::new();
+            for e in refill {
+                let ok = s.sync.shadow(e, &target, ttl, 5).await;
+                if ok {
+                    s.planner
+                        .record(&target, e, std::time::Duration::from_secs(ttl));
+                }
+                refilled.push(json!({ "edge": s.fleet.edges[e].id, "ok": ok }));
+            }
+            report.insert("purged".into(), json!(purged));
+            report.insert("refilled".into(), json!(refilled));
+        }
+        EventKind::Created => {
+            let resource = s.registry.resource_for(&host, &path);
+            let mut shadowed = Vec::new();
+            if let Some(r) = resource.filter(|r| r.priority >= IMMEDIATE_SHADOW_PRIORITY) {
+                let regions: Vec<usize> = if r.policy.allowed_regions.is_empty() {
+                    (0..s.fleet.regions.len()).collect()
+                } else {
+                    r.policy
+                        .allowed_regions
+                        .iter()
+                        .filter_map(|n| s.fleet.region_index(n))
+                        .collect()
+                };
+                for region in regions.into_iter().take(r.policy.max_copies as usize) {
+                    let edge = s
+                        .fleet
+                        .plan(&target, region, &s.health)
+                        .into_iter()
+                        .find(|c| c.region == region)
+                        .and_then(|c| c.edge);
+                    if let Some(e) = edge {
+                        let ok = s
+                            .sync
+                            .shadow(e, &target, r.shadow_ttl_secs, r.priority)
+                            .await;
+                        if ok {
+                            s.planner.record(
+                                &target,
+                                e,
+                                std::time::Duration::from_secs(r.shadow_ttl_secs),
+                            );
+                        }
+                        shadowed.push(json!({ "edge": s.fleet.edges[e].id, "region": s.fleet.regions[region], "ok": ok }));
+                    }
+                }
+            }
+            report.insert("shadowed".into(), json!(shadowed));
+        }
+    }
+    let kind = match req.kind {
+        EventKind::Created => "created",
+        EventKind::Updated => "updated",
+        EventKind::Deleted => "deleted",
+    };
+    s.metrics
+        .event_propagation
+        .with_label_values(&[kind])
+        .observe(started.elapsed().as_secs_f64());
+    report.insert("target".into(), json!(target));
+    report.insert("kind".into(), json!(kind));
+    Ok(Json(serde_json::Value::Object(report)).into_response())
 }

@@ -323,3 +323,34 @@ mod tests {
         assert!(check_upstream("not a url").is_err());
     }
 }
+
+/// Kind of an origin change event.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// New content: shadowed at once where the policy allows, if high priority.
+    Created,
+    /// Changed content: every copy is invalidated and live shadows are refilled.
+    Updated,
+    /// Removed content: every copy is removed.
+    Deleted,
+}
+
+/// Body of `POST /v1/events`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventBody {
+    /// What happened.
+    pub kind: EventKind,
+    /// Host.
+    pub host: String,
+    /// Exact path (with query), or…
+    #[serde(default)]
+    pub path: Option<String>,
+    /// …a prefix (not with `created`).
+    #[serde(default)]
+    pub prefix: Option<String>,
+}
+
+/// Priority from which a `created` event shadows immediately.
+pub const IMMEDIATE_SHADOW_PRIORITY: u8 = 8;
