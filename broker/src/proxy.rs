@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use edge_node::drain::{InflightCounter, InflightGuard};
-use edge_node::proxy::{primary_key, CLIENT_REGION_HEADER, ROUTE_HEADER};
-use http::header;
+use edge_node::proxy::{
+    error_status, primary_key, request_host, respond_json_error, CLIENT_REGION_HEADER, ROUTE_HEADER,
+};
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorSource, ErrorType, Result};
+use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -75,25 +75,8 @@ impl BrokerProxy {
     }
 }
 
-async fn respond_json(session: &mut Session, status: u16, code: &str, message: &str) -> Result<()> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    let mut resp = ResponseHeader::build(status, Some(3))?;
-    resp.insert_header(header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
-    resp.insert_header(header::CACHE_CONTROL, "no-store")?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
-}
-
 fn host_of(req: &RequestHeader) -> Option<String> {
-    req.headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .filter(|h| !h.is_empty())
-        .map(|h| edge_node::origin::normalize_host(h).into_owned())
+    request_host(req).map(|h| edge_node::origin::normalize_host(h).into_owned())
 }
 
 /// Resolve an origin URL (`http(s)://host[:port]`) to a peer.
@@ -138,12 +121,12 @@ impl ProxyHttp for BrokerProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let req = session.req_header();
         let Some(host) = host_of(req) else {
-            respond_json(session, 400, "missing_host", "request has no Host header").await?;
+            respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
             return Ok(true);
         };
         if self.registry.origin(&host).is_none() {
             let msg = format!("no provider has registered host {host:?}");
-            respond_json(session, 404, "unknown_host", &msg).await?;
+            respond_json_error(session, 404, "unknown_host", &msg).await?;
             return Ok(true);
         }
         let req = session.req_header();
@@ -309,22 +292,16 @@ impl ProxyHttp for BrokerProxy {
     where
         Self::CTX: Send + Sync,
     {
-        let code = match e.etype() {
-            ErrorType::HTTPStatus(code) => *code,
-            _ => match e.esource() {
-                ErrorSource::Upstream => 502,
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
-                    _ => 400,
-                },
-                ErrorSource::Internal | ErrorSource::Unset => 502,
-            },
+        // Every route failing is a gateway error here, not an internal one.
+        let code = match error_status(e) {
+            (_, "internal") => 502,
+            (code, _) => code,
         };
         if code > 0 && session.response_written().is_none() {
             let attempts = ctx.tried.len() + usize::from(ctx.origin_tried);
             let msg =
                 format!("no edge or origin could serve the request after {attempts} attempts");
-            if let Err(err) = respond_json(session, code, "no_route", &msg).await {
+            if let Err(err) = respond_json_error(session, code, "no_route", &msg).await {
                 tracing::debug!(error = %err, "could not send error response");
             }
         }

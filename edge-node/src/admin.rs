@@ -317,24 +317,30 @@ async fn post_shadow(
     }
 }
 
-async fn get_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri) -> Response {
-    if !authorized(&headers, &s.token) {
-        return error(
+/// Authorize a `/shadows/{key}` request and return its normalized key.
+fn shadow_key(s: &AdminState, headers: &HeaderMap, uri: &Uri) -> Result<String, Box<Response>> {
+    if !authorized(headers, &s.token) {
+        let msg = "missing or wrong bearer token";
+        return Err(Box::new(error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "missing or wrong bearer token",
-        );
+            msg,
+        )));
     }
     let raw = uri
         .path_and_query()
         .map_or("", |p| p.as_str())
         .trim_start_matches("/shadows/");
-    let Some(key) = normalize_key(raw) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_key",
-            "key must be {host}/{path}",
-        );
+    normalize_key(raw).ok_or_else(|| {
+        let msg = "key must be {host}/{path}";
+        Box::new(error(StatusCode::BAD_REQUEST, "bad_key", msg))
+    })
+}
+
+async fn get_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri) -> Response {
+    let key = match shadow_key(&s, &headers, &uri) {
+        Ok(k) => k,
+        Err(r) => return *r,
     };
     match s.shadows.get(&key) {
         Some(m) => Json(json!({
@@ -350,23 +356,9 @@ async fn get_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri) -
 }
 
 async fn delete_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri) -> Response {
-    if !authorized(&headers, &s.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
-    }
-    let raw = uri
-        .path_and_query()
-        .map_or("", |p| p.as_str())
-        .trim_start_matches("/shadows/");
-    let Some(key) = normalize_key(raw) else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_key",
-            "key must be {host}/{path}",
-        );
+    let key = match shadow_key(&s, &headers, &uri) {
+        Ok(k) => k,
+        Err(r) => return *r,
     };
     match s.shadows.remove(&key) {
         Some(m) => {

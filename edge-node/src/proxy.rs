@@ -137,7 +137,8 @@ pub fn primary_key(host: &str, path_and_query: &str) -> String {
     format!("{}{}", normalize_host(host), path_and_query)
 }
 
-fn request_host(req: &RequestHeader) -> Option<&str> {
+/// The request's host: the Host header, else the URI authority; `None` when empty.
+pub fn request_host(req: &RequestHeader) -> Option<&str> {
     req.headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -176,6 +177,25 @@ fn phase_labels(phase: CachePhase) -> (&'static str, &'static str) {
             ("revalidated", "fwd=stale; fwd-status=304")
         }
         _ => ("bypass", "fwd=bypass"),
+    }
+}
+
+/// The status and error code a failed proxy attempt is answered with: the upstream's status
+/// when it sent one, 502 for upstream failures, 400 for bad requests, 0 (no answer) when the
+/// client is already gone, 500 otherwise.
+pub fn error_status(e: &Error) -> (u16, &'static str) {
+    match e.etype() {
+        ErrorType::HTTPStatus(code) => (*code, "http_status"),
+        _ => match e.esource() {
+            ErrorSource::Upstream => (502, "origin_unreachable"),
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
+                    (0, "client_gone")
+                }
+                _ => (400, "bad_request"),
+            },
+            ErrorSource::Internal | ErrorSource::Unset => (500, "internal"),
+        },
     }
 }
 
@@ -465,19 +485,7 @@ impl ProxyHttp for EdgeProxy {
     where
         Self::CTX: Send + Sync,
     {
-        let (code, kind) = match e.etype() {
-            ErrorType::HTTPStatus(code) => (*code, "http_status"),
-            _ => match e.esource() {
-                ErrorSource::Upstream => (502, "origin_unreachable"),
-                ErrorSource::Downstream => match e.etype() {
-                    ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
-                        (0, "client_gone")
-                    }
-                    _ => (400, "bad_request"),
-                },
-                ErrorSource::Internal | ErrorSource::Unset => (500, "internal"),
-            },
-        };
+        let (code, kind) = error_status(e);
         ctx.status_label = "error";
         if code > 0 {
             let msg = match kind {
