@@ -18,8 +18,8 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-/// eu: eu-a, eu-b active + eu-s standby; us: us-a active.
-fn start_cluster() -> (Cluster, tempfile::TempDir) {
+/// eu: eu-a, eu-b active + eu-s standby; us: us-a active; `extra` is added to the broker config.
+fn start_cluster_with(extra: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let ids = [
         ("eu-a", "eu", "active"),
@@ -41,17 +41,17 @@ fn start_cluster() -> (Cluster, tempfile::TempDir) {
             edge,
         })
         .collect();
-    let broker = BrokerProc::start(dir.path(), &specs, "");
-    let keep = tempfile::tempdir().unwrap();
-    (
-        Cluster {
-            edges,
-            broker,
-            token: String::new(),
-            _dir: dir,
-        },
-        keep,
-    )
+    let broker = BrokerProc::start(dir.path(), &specs, extra);
+    Cluster {
+        edges,
+        broker,
+        token: String::new(),
+        _dir: dir,
+    }
+}
+
+fn start_cluster() -> Cluster {
+    start_cluster_with("")
 }
 
 async fn api(
@@ -149,7 +149,7 @@ fn edge_of(r: &reqwest::Response) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_is_deterministic_and_spreads_keys() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     let mut owners: HashMap<String, usize> = HashMap::new();
     for k in 0..60 {
@@ -189,7 +189,7 @@ async fn routing_is_deterministic_and_spreads_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_an_edge_during_a_stream_of_gets_gives_no_client_errors() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     let mut errors = 0;
     let mut served_by = HashMap::<String, usize>::new();
@@ -212,7 +212,7 @@ async fn killing_an_edge_during_a_stream_of_gets_gives_no_client_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_is_promoted_when_no_active_edge_is_healthy_and_demoted_after() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     c.edges[0].child.kill();
     c.edges[1].child.kill();
@@ -234,7 +234,7 @@ async fn standby_is_promoted_when_no_active_edge_is_healthy_and_demoted_after() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_survives_sigkill() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     let (s, res) = api(
         reqwest::Method::POST,
@@ -271,7 +271,7 @@ async fn registration_survives_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn providers_cannot_touch_each_others_hosts_and_resources() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     let (_, res) = api(
         reqwest::Method::POST,
@@ -354,7 +354,7 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_rejected_and_change_nothing() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     let url = c.broker.api("/v1/resources");
     let raw = |body: String| {
@@ -457,7 +457,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_counts_match_what_was_sent_and_survive_restart() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     for (region, n) in [("eu", 7), ("us", 4)] {
         for i in 0..n {
@@ -505,36 +505,10 @@ fn broker_cli_reports_bad_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     let origin = TestOrigin::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let ids = [
-        ("eu-a", "eu", "active"),
-        ("eu-b", "eu", "active"),
-        ("eu-s", "eu", "standby"),
-        ("us-a", "us", "active"),
-    ];
-    let edges: Vec<EdgeProc> = ids
-        .iter()
-        .map(|(id, _, _)| EdgeProc::start(&dir.path().join(id), id, &[], ""))
-        .collect();
-    let specs: Vec<EdgeSpec<'_>> = ids
-        .iter()
-        .zip(&edges)
-        .map(|((id, region, role), edge)| EdgeSpec {
-            id,
-            region,
-            role,
-            edge,
-        })
-        .collect();
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
-    let extra = format!("[planner]\ninterval_secs = 1\nthreshold = 0.2\nmodel = \"{model}\"\n");
-    let broker = BrokerProc::start(dir.path(), &specs, &extra);
-    let mut c = Cluster {
-        edges,
-        broker,
-        token: String::new(),
-        _dir: dir,
-    };
+    let mut c = start_cluster_with(&format!(
+        "[planner]\ninterval_secs = 1\nthreshold = 0.2\nmodel = \"{model}\"\n"
+    ));
     c.register(&origin).await;
     let (s, v) = api(
         reqwest::Method::POST,
@@ -622,7 +596,7 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     let origin = TestOrigin::start().await;
-    let (mut c, _d) = start_cluster();
+    let mut c = start_cluster();
     c.register(&origin).await;
     let (s, v) = api(
         reqwest::Method::POST,

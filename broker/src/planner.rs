@@ -342,10 +342,7 @@ impl Planner {
             &forecasts,
             |c| {
                 self.fleet
-                    .plan(&c.key, c.region_idx, &self.health)
-                    .into_iter()
-                    .find(|ch| ch.region == c.region_idx)
-                    .and_then(|ch| ch.edge)
+                    .edge_in_region(&c.key, c.region_idx, &self.health)
             },
             |key, e| live.contains_key(&(key.to_string(), e)),
             self.cfg.threshold,

@@ -518,12 +518,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                         .collect()
                 };
                 for region in regions.into_iter().take(r.policy.max_copies as usize) {
-                    let edge = s
-                        .fleet
-                        .plan(&target, region, &s.health)
-                        .into_iter()
-                        .find(|c| c.region == region)
-                        .and_then(|c| c.edge);
+                    let edge = s.fleet.edge_in_region(&target, region, &s.health);
                     if let Some(e) = edge {
                         let ok = s
                             .sync

@@ -120,6 +120,15 @@ impl Fleet {
         .copied()
     }
 
+    /// The edge that should hold `key` in `region` now (its first healthy choice there), if
+    /// the region has a usable edge; where shadows of `key` go.
+    pub fn edge_in_region(&self, key: &str, region: usize, health: &Health) -> Option<usize> {
+        self.plan(key, region, health)
+            .into_iter()
+            .find(|c| c.region == region)
+            .and_then(|c| c.edge)
+    }
+
     /// The ordered choices for `key` from a client in `region`.
     pub fn plan(&self, key: &str, region: usize, health: &Health) -> Vec<Choice> {
         let mut plan = Vec::with_capacity(4);
