@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-use shadowcdn_tests::cluster::{BrokerProc, EdgeProc, EdgeSpec, OPERATOR_TOKEN};
+use shadowcdn_tests::cluster::{BrokerProc, EdgeProc, EdgeSpec, Pki, OPERATOR_TOKEN};
 use shadowcdn_tests::{client, TestOrigin};
 
 const HOST: &str = "site.test";
@@ -18,9 +18,12 @@ struct Cluster {
     _dir: tempfile::TempDir,
 }
 
-/// eu: eu-a, eu-b active + eu-s standby; us: us-a active; `extra` is added to the broker config.
+/// eu: eu-a, eu-b active + eu-s standby; us: us-a active; `extra` is added to the broker
+/// config. Every node has a certificate from one cluster CA and the broker reaches the edges
+/// over QUIC.
 fn start_cluster_with(extra: &str) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(&dir.path().join("pki"));
     let ids = [
         ("eu-a", "eu", "active"),
         ("eu-b", "eu", "active"),
@@ -29,7 +32,10 @@ fn start_cluster_with(extra: &str) -> Cluster {
     ];
     let edges: Vec<EdgeProc> = ids
         .iter()
-        .map(|(id, _, _)| EdgeProc::start(&dir.path().join(id), id, &[], ""))
+        .map(|(id, _, _)| {
+            let certs = pki.issue(id, false);
+            EdgeProc::start_with_certs(&dir.path().join(id), id, &[], "", Some(certs))
+        })
         .collect();
     let specs: Vec<EdgeSpec<'_>> = ids
         .iter()
@@ -41,7 +47,8 @@ fn start_cluster_with(extra: &str) -> Cluster {
             edge,
         })
         .collect();
-    let broker = BrokerProc::start(dir.path(), &specs, extra);
+    let broker_certs = pki.issue("broker", true);
+    let broker = BrokerProc::start_with_certs(dir.path(), &specs, extra, Some(&broker_certs));
     Cluster {
         edges,
         broker,

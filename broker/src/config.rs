@@ -43,6 +43,9 @@ pub struct BrokerConfig {
     /// Shadow planning.
     #[serde(default)]
     pub planner: crate::planner::PlannerSection,
+    /// QUIC control channel to the edges (required for edges with a `sync` address).
+    #[serde(default)]
+    pub control: Option<crate::control::ControlSection>,
 }
 
 /// Admin listener and tokens.
@@ -138,6 +141,9 @@ pub struct EdgeEntry {
     /// Capacity weight in rendezvous hashing.
     #[serde(default = "default_weight")]
     pub weight: f64,
+    /// The edge's QUIC address (control and peer fills); absent: its admin API is used.
+    #[serde(default)]
+    pub sync: Option<SocketAddr>,
 }
 
 /// Active probing.
@@ -280,6 +286,11 @@ impl BrokerConfig {
             }
             if self.edges[..i].iter().any(|o| o.id == e.id) {
                 return bad(format!("edges[{i}].id: duplicate edge id {:?}", e.id));
+            }
+            if e.sync.is_some() && self.control.is_none() {
+                return bad(format!(
+                    "edges[{i}].sync: a QUIC address needs the [control] section (certificates)"
+                ));
             }
         }
         for (i, c) in self.client_region.cidrs.iter().enumerate() {

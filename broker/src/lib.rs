@@ -4,9 +4,11 @@
 //! prediction.
 //!
 //! Entry type: [`server::Broker`]. Modules: [`routing`], [`proxy`], [`registry`],
-//! [`monitor`], [`planner`], [`sync`] (edge admin client), [`config`], [`metrics`].
+//! [`monitor`], [`planner`], [`control`] (QUIC to the edges), [`sync`] (orders to edges over
+//! QUIC or their admin API), [`config`], [`metrics`].
 
 pub mod config;
+pub mod control;
 pub mod metrics;
 pub mod monitor;
 pub mod planner;

@@ -33,6 +33,14 @@ pub struct BrokerMetrics {
     pub shadows_issued: IntCounterVec,
     /// Time from a modification event's arrival until every edge answered.
     pub event_propagation: prometheus::HistogramVec,
+    /// The planner's uncertainty safety factor on shadow budgets.
+    pub planner_safety: prometheus::Gauge,
+    /// 1 while the QUIC control connection to an edge is up.
+    pub quic_connected: IntGaugeVec,
+    /// QUIC control messages by type and outcome.
+    pub quic_messages: IntCounterVec,
+    /// Each edge's last reported counters (`stat`: shadow_hits, shadows_wasted, …).
+    pub edge_stats: IntGaugeVec,
     /// 1 while the forecaster falls back to the baseline (model not loadable).
     pub forecaster_fallback: prometheus::IntGauge,
 }
@@ -120,6 +128,31 @@ impl BrokerMetrics {
                 ]),
                 &["kind"],
             )?,
+            planner_safety: prometheus::Gauge::new(
+                "shadowcdn_broker_planner_safety_factor",
+                "Safety factor applied to shadow budgets (1: confident forecasts)",
+            )?,
+            quic_connected: IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_quic_connected",
+                    "QUIC control connection to the edge (1 up, 0 down)",
+                ),
+                &["edge"],
+            )?,
+            quic_messages: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_quic_messages_total",
+                    "QUIC control messages by type and outcome",
+                ),
+                &["type", "outcome"],
+            )?,
+            edge_stats: IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_edge_stats",
+                    "Counters each edge reported over QUIC",
+                ),
+                &["edge", "stat"],
+            )?,
             forecaster_fallback: prometheus::IntGauge::new(
                 "shadowcdn_broker_forecaster_fallback",
                 "1 while the seasonal-naive baseline replaces an unloadable model",
@@ -128,6 +161,10 @@ impl BrokerMetrics {
         registry.register(Box::new(m.planner_decisions.clone()))?;
         registry.register(Box::new(m.shadows_issued.clone()))?;
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
+        registry.register(Box::new(m.planner_safety.clone()))?;
+        registry.register(Box::new(m.quic_connected.clone()))?;
+        registry.register(Box::new(m.quic_messages.clone()))?;
+        registry.register(Box::new(m.edge_stats.clone()))?;
         registry.register(Box::new(m.event_propagation.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.failovers.clone()))?;

@@ -5,14 +5,18 @@
 //! Decision rule: shadow R in region G when P(any request in the next hour) ≥ the threshold
 //! and the provider's policy allows G; candidates are ranked by expected benefit
 //! `p50 × mean bytes × (1 + priority)` and admitted while the edge's budget lasts; the rest
-//! are dropped least valuable first. Every decision, taken or not, is kept for
-//! `GET /v1/shadows/explain`.
+//! are dropped least valuable first. An edge's budget is a share of its cache capacity (as it
+//! reports over QUIC) times a safety factor that shrinks when the forecasts are uncertain
+//! (wide p10–p90 intervals). Orders go out earliest expected arrival first, each naming the
+//! nearest edge that likely holds the object so the edge can fill from it instead of the
+//! origin. Every decision, taken or not, is kept for `GET /v1/shadows/explain`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use edge_node::sync::protocol::{PeerRef, ShadowOrder};
 use models::features::{History, DEFAULT_PRIORITY};
 use models::reload::ReloadingForecaster;
 use models::Forecaster;
@@ -49,9 +53,15 @@ pub struct PlannerSection {
     /// while it cannot be loaded.
     #[serde(default = "default_model")]
     pub model: std::path::PathBuf,
-    /// Shadow bytes each edge may hold.
+    /// Shadow bytes an edge may hold when it does not report its capacity (HTTP-only edges).
     #[serde(default = "default_budget")]
     pub budget_bytes_per_edge: u64,
+    /// Share of an edge's reported cache capacity (memory + disk) shadows may use.
+    #[serde(default = "default_budget_share")]
+    pub budget_share: f64,
+    /// Floor of the uncertainty safety factor applied to every budget.
+    #[serde(default = "default_min_safety")]
+    pub min_safety: f32,
     /// Shadow TTL for resources no provider registered.
     #[serde(default = "default_ttl")]
     pub default_ttl_secs: u64,
@@ -65,6 +75,8 @@ impl Default for PlannerSection {
             threshold: default_threshold(),
             model: default_model(),
             budget_bytes_per_edge: default_budget(),
+            budget_share: default_budget_share(),
+            min_safety: default_min_safety(),
             default_ttl_secs: default_ttl(),
         }
     }
@@ -88,6 +100,31 @@ fn default_budget() -> u64 {
 fn default_ttl() -> u64 {
     1800
 }
+fn default_budget_share() -> f64 {
+    0.1
+}
+fn default_min_safety() -> f32 {
+    0.5
+}
+
+/// Seconds of the forecast horizon (4 buckets of 15 minutes).
+const HORIZON_SECS: f64 = 3600.0;
+
+/// When the first request is expected, in seconds from now: Poisson arrivals with the mean
+/// count `λ = max(−ln(1 − p_any), p50)` over the horizon `H`; the mean first arrival given
+/// one falls in the horizon is `1/r − H·e^(−λ)/(1 − e^(−λ))` with `r = λ/H`.
+fn expected_arrival_secs(f: &models::Forecast) -> f64 {
+    let p = f64::from(f.p_any).clamp(1e-6, 1.0 - 1e-6);
+    let lambda = (-(1.0 - p).ln()).max(f64::from(f.p50())).max(1e-6);
+    let tail = (-lambda).exp();
+    (HORIZON_SECS / lambda - HORIZON_SECS * tail / (1.0 - tail)).clamp(0.0, HORIZON_SECS)
+}
+
+/// Uncertainty of a forecast in [0, 1): the p10–p90 width relative to p90.
+fn interval_width(f: &models::Forecast) -> f32 {
+    let [q10, _, q90] = f.quantiles;
+    ((q90 - q10) / (q90 + 1.0)).clamp(0.0, 1.0)
+}
 
 /// Why a candidate was or was not shadowed.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -106,6 +143,14 @@ pub struct Decision {
     pub benefit: f64,
     /// Target edge, if the region has a usable one.
     pub edge: Option<String>,
+    /// Shadow budget of that edge this tick (capacity share × safety factor).
+    pub budget_bytes: Option<u64>,
+    /// The safety factor in force.
+    pub safety: f32,
+    /// Seconds until the first request is expected.
+    pub expected_in_secs: f64,
+    /// Edge asked to supply the object (peer fill), if one likely holds it.
+    pub peer: Option<String>,
     /// `shadowed`, `kept` (already shadowed), `below_threshold`, `policy`, `budget`,
     /// `no_edge`, `send_failed`.
     pub outcome: &'static str,
@@ -122,6 +167,8 @@ struct Candidate {
     bytes: u64,
     ttl: u64,
     allowed: bool,
+    /// Requests in the last hour: its owner in this region likely holds it.
+    recent: bool,
 }
 
 /// The verdict on one candidate.
@@ -141,7 +188,7 @@ fn decide(
     edge_of: impl Fn(&Candidate) -> Option<usize>,
     is_live: impl Fn(&str, usize) -> bool,
     threshold: f32,
-    budget: u64,
+    budget_of: impl Fn(usize) -> u64,
 ) -> Vec<Verdict> {
     let mut ranked: Vec<(usize, f64)> = forecasts
         .iter()
@@ -166,7 +213,7 @@ fn decide(
             } else if let Some(e) = edge {
                 if is_live(&c.key, e) {
                     "kept"
-                } else if used.get(&e).copied().unwrap_or(0) + c.bytes > budget {
+                } else if used.get(&e).copied().unwrap_or(0) + c.bytes > budget_of(e) {
                     "budget"
                 } else {
                     *used.entry(e).or_default() += c.bytes;
@@ -191,6 +238,8 @@ pub struct PlannerState {
     decisions: RwLock<HashMap<String, Vec<Decision>>>,
     /// (key, edge) → when our shadow there expires.
     live: Mutex<HashMap<(String, usize), Instant>>,
+    /// Smoothed safety factor (`None` before the first tick).
+    safety: Mutex<Option<f32>>,
 }
 
 impl PlannerState {
@@ -220,6 +269,26 @@ impl PlannerState {
         self.live
             .lock()
             .insert((key.to_string(), edge), Instant::now() + ttl);
+    }
+
+    /// Fold this tick's forecast uncertainty into the safety factor and return it: the mean
+    /// interval width of the forecasts above the threshold, smoothed over ticks, shrinks the
+    /// budget from 1 down to `floor`.
+    fn update_safety(&self, forecasts: &[models::Forecast], threshold: f32, floor: f32) -> f32 {
+        let widths: Vec<f32> = forecasts
+            .iter()
+            .filter(|f| f.p_any >= threshold)
+            .map(interval_width)
+            .collect();
+        let mut s = self.safety.lock();
+        if widths.is_empty() {
+            return s.unwrap_or(1.0);
+        }
+        let now =
+            (1.0 - widths.iter().sum::<f32>() / widths.len() as f32).max(floor.clamp(0.0, 1.0));
+        let next = s.map_or(now, |prev| 0.7 * prev + 0.3 * now);
+        *s = Some(next);
+        next
     }
 
     /// The latest decisions about `key` (`host/path`).
@@ -276,6 +345,7 @@ impl Planner {
             if counts.iter().all(|c| *c == 0) {
                 continue;
             }
+            let recent = counts.iter().rev().take(4).any(|c| *c > 0);
             let (host, path) = resource
                 .split_once('/')
                 .map_or((resource, ""), |(h, p)| (h, p));
@@ -295,9 +365,56 @@ impl Planner {
                     .as_ref()
                     .map_or(self.cfg.default_ttl_secs, |r| r.shadow_ttl_secs),
                 allowed,
+                recent,
             });
         }
         out
+    }
+
+    /// The nearest edge other than `target` that likely holds `key` (a live shadow of ours,
+    /// or the owner of a region with recent requests for it) and speaks QUIC.
+    fn peer_for(
+        &self,
+        key: &str,
+        target: usize,
+        cands: &[Candidate],
+        live: &HashMap<(String, usize), Instant>,
+    ) -> Option<PeerRef> {
+        let mut holders: Vec<usize> = live
+            .keys()
+            .filter(|(k, _)| k == key)
+            .map(|(_, e)| *e)
+            .collect();
+        holders.extend(
+            cands
+                .iter()
+                .filter(|c| c.key == key && c.recent)
+                .filter_map(|c| self.fleet.edge_in_region(key, c.region_idx, &self.health)),
+        );
+        let usable = |e: &usize| *e != target && self.health.is_up(*e);
+        self.fleet
+            .regions_by_distance(self.fleet.edge_region(target))
+            .into_iter()
+            .find_map(|r| {
+                holders
+                    .iter()
+                    .filter(|e| usable(e) && self.fleet.edge_region(**e) == r)
+                    .find_map(|e| {
+                        let edge = &self.fleet.edges[*e];
+                        edge.sync.map(|addr| PeerRef {
+                            id: edge.id.clone(),
+                            addr,
+                        })
+                    })
+            })
+    }
+
+    /// Shadow bytes edge `e` may hold before the safety factor.
+    fn base_budget(&self, e: usize) -> u64 {
+        match self.sync.capacity(e) {
+            Some(cap) => (cap as f64 * self.cfg.budget_share) as u64,
+            None => self.cfg.budget_bytes_per_edge,
+        }
     }
 
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
@@ -337,6 +454,14 @@ impl Planner {
         let mut live = self.state.live.lock().clone();
         let tick_now = Instant::now();
         live.retain(|_, exp| *exp > tick_now);
+        let threshold = self.cfg.threshold;
+        let safety = self
+            .state
+            .update_safety(&forecasts, threshold, self.cfg.min_safety);
+        self.metrics.planner_safety.set(f64::from(safety));
+        let budgets: Vec<u64> = (0..self.fleet.edges.len())
+            .map(|e| (self.base_budget(e) as f64 * f64::from(safety)) as u64)
+            .collect();
         let verdicts = decide(
             &cands,
             &forecasts,
@@ -345,17 +470,26 @@ impl Planner {
                     .edge_in_region(&c.key, c.region_idx, &self.health)
             },
             |key, e| live.contains_key(&(key.to_string(), e)),
-            self.cfg.threshold,
-            self.cfg.budget_bytes_per_edge,
+            threshold,
+            |e| budgets[e],
         );
+        let now_ms = now * 1000;
         let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
-        let mut sends = Vec::new();
+        let mut orders = Vec::new();
         for v in verdicts {
             let (c, f) = (&cands[v.candidate], forecasts[v.candidate]);
-            if v.outcome == "shadowed" {
-                if let Some(e) = v.edge {
-                    sends.push((c.key.clone(), e, c.ttl, c.priority));
-                }
+            let expected = expected_arrival_secs(&f);
+            let mut peer = None;
+            if let ("shadowed", Some(e)) = (v.outcome, v.edge) {
+                peer = self.peer_for(&c.key, e, &cands, &live);
+                let order = ShadowOrder {
+                    key: c.key.clone(),
+                    ttl_secs: c.ttl,
+                    priority: c.priority,
+                    deadline_ms: now_ms + (expected * 1000.0) as u64,
+                    peer: peer.clone(),
+                };
+                orders.push((e, order));
             }
             self.metrics
                 .planner_decisions
@@ -366,15 +500,23 @@ impl Planner {
                 forecaster: name.clone(),
                 quantiles: f.quantiles,
                 p_any: f.p_any,
-                threshold: self.cfg.threshold,
+                threshold,
                 benefit: v.benefit,
                 edge: v.edge.map(|e| self.fleet.edges[e].id.clone()),
+                budget_bytes: v.edge.map(|e| budgets[e]),
+                safety,
+                expected_in_secs: expected,
+                peer: peer.map(|p| p.id),
                 outcome: v.outcome,
                 at: now,
             });
         }
-        for (key, e, ttl, priority) in sends {
-            let ok = self.sync.shadow(e, &key, ttl, priority).await;
+        // Earliest expected arrival first: with a bounded send rate, the objects needed
+        // soonest must not wait behind ones needed in an hour.
+        orders.sort_by_key(|(_, o)| o.deadline_ms);
+        for (e, order) in orders {
+            let (key, ttl) = (order.key.clone(), order.ttl_secs);
+            let ok = self.sync.shadow(e, order).await;
             if ok {
                 live.insert((key.clone(), e), tick_now + Duration::from_secs(ttl));
             } else if let Some(d) = decisions.get_mut(&key).and_then(|v| {
@@ -441,6 +583,7 @@ mod tests {
             bytes,
             ttl: 60,
             allowed,
+            recent: true,
         }
     }
 
@@ -460,7 +603,7 @@ mod tests {
             cand("d", 100, 5, true),
         ];
         let forecasts = vec![fc(10.0, 0.9), fc(10.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)];
-        let v = decide(&cands, &forecasts, |_| Some(0), |_, _| false, 0.5, 1000);
+        let v = decide(&cands, &forecasts, |_| Some(0), |_, _| false, 0.5, |_| 1000);
         let shadowed: Vec<&str> = v
             .iter()
             .filter(|v| v.outcome == "shadowed")
@@ -498,7 +641,7 @@ mod tests {
             |c| (c.key != "orphan").then_some(0),
             |k, _| k == "live",
             0.5,
-            1 << 20,
+            |_| 1 << 20,
         );
         let outcome = |k: &str| {
             v.iter()
@@ -510,5 +653,42 @@ mod tests {
         assert_eq!(outcome("forbidden"), "policy");
         assert_eq!(outcome("live"), "kept");
         assert_eq!(outcome("orphan"), "no_edge");
+    }
+
+    #[test]
+    fn likelier_demand_is_expected_sooner() {
+        let sure = expected_arrival_secs(&fc(20.0, 0.99));
+        let even = expected_arrival_secs(&fc(0.0, 0.5));
+        let rare = expected_arrival_secs(&fc(0.0, 0.05));
+        assert!(sure < even && even < rare, "{sure} {even} {rare}");
+        assert!((0.0..=HORIZON_SECS).contains(&rare));
+        // p = 0.5: λ = ln 2, mean first arrival ≈ 0.443 H.
+        assert!((even / HORIZON_SECS - 0.4427).abs() < 1e-3, "{even}");
+    }
+
+    #[test]
+    fn uncertain_forecasts_shrink_the_safety_factor_down_to_its_floor() {
+        let state = PlannerState::default();
+        let tight = Forecast {
+            quantiles: [9.0, 10.0, 11.0],
+            p_any: 0.9,
+        };
+        let wide = Forecast {
+            quantiles: [0.0, 10.0, 100.0],
+            p_any: 0.9,
+        };
+        let s1 = state.update_safety(&[tight], 0.5, 0.5);
+        assert!(s1 > 0.8, "{s1}");
+        let mut s = s1;
+        for _ in 0..20 {
+            s = state.update_safety(&[wide], 0.5, 0.5);
+        }
+        assert!(s < s1 && (s - 0.5).abs() < 0.01, "{s}");
+        // Forecasts below the threshold do not count.
+        let below = Forecast {
+            quantiles: [0.0, 0.0, 50.0],
+            p_any: 0.1,
+        };
+        assert_eq!(state.update_safety(&[below], 0.5, 0.5), s);
     }
 }

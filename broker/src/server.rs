@@ -4,14 +4,15 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use edge_node::drain::{Drainer, InflightCounter};
+use edge_node::http_service::AxumService;
 use parking_lot::Mutex;
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{RunArgs, Server, ShutdownWatch};
-use pingora_core::services::background::{background_service, BackgroundService};
+use pingora_core::server::{RunArgs, Server};
+use pingora_core::services::background::background_service;
 
 use crate::config::BrokerConfig;
+use crate::control::{Control, ControlService};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::Monitor;
 use crate::planner::{Planner, PlannerState};
@@ -51,39 +52,6 @@ pub struct Broker {
     server: Server,
 }
 
-/// Serves the provider API inside the pingora server (shared graceful shutdown).
-struct ApiService {
-    listener: Mutex<Option<TcpListener>>,
-    state: ApiState,
-}
-
-#[async_trait]
-impl BackgroundService for ApiService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(l) = self.listener.lock().take() else {
-            return;
-        };
-        let listener = match l
-            .set_nonblocking(true)
-            .and_then(|_| tokio::net::TcpListener::from_std(l))
-        {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "admin listener unusable");
-                return;
-            }
-        };
-        let served = axum::serve(listener, router(self.state.clone()))
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin listener failed");
-        }
-    }
-}
-
 impl Broker {
     /// Open the registry, start the monitor, bind listeners and build the services.
     pub fn build(cfg: BrokerConfig) -> Result<Self, StartError> {
@@ -118,11 +86,19 @@ impl Broker {
             cfg.data_dir.join("monitor.json"),
             metrics.clone(),
         );
+        let control = match &cfg.control {
+            Some(c) => Some(Arc::new(
+                Control::new(c, fleet.clone(), metrics.clone())
+                    .map_err(|e| StartError::Setup(format!("control: {e}")))?,
+            )),
+            None => None,
+        };
         let sync = Arc::new(EdgeSync::new(
             fleet.clone(),
             registry.clone(),
             cfg.admin.edge_token.clone(),
             metrics.clone(),
+            control.clone(),
         ));
 
         let conf = ServerConf {
@@ -173,21 +149,19 @@ impl Broker {
             planner_state.clone(),
             metrics.clone(),
         );
-        let api = ApiService {
-            listener: Mutex::new(Some(admin_listener)),
-            state: ApiState {
-                registry,
-                fleet: fleet.clone(),
-                health: health.clone(),
-                sync: sync.clone(),
-                series: monitor.store(),
-                operator_token: cfg.admin.operator_token.as_str().into(),
-                max_body: cfg.admin.max_body_bytes,
-                prometheus,
-                metrics: metrics.clone(),
-                planner: planner_state,
-            },
+        let api_state = ApiState {
+            registry,
+            fleet: fleet.clone(),
+            health: health.clone(),
+            sync: sync.clone(),
+            series: monitor.store(),
+            operator_token: cfg.admin.operator_token.as_str().into(),
+            max_body: cfg.admin.max_body_bytes,
+            prometheus,
+            metrics: metrics.clone(),
+            planner: planner_state,
         };
+        let api = AxumService::new("api", admin_listener, router(api_state));
         let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics);
         let monitor = Mutex::new(Some(monitor));
         let drainer = Drainer::new(
@@ -209,6 +183,9 @@ impl Broker {
         server.add_service(background_service("origin-push", OriginPusher(sync)));
         server.add_service(background_service("planner", planner));
         server.add_service(background_service("drain", drainer));
+        if let Some(c) = control {
+            server.add_service(background_service("control", ControlService(c)));
+        }
         Ok(Broker { cfg, server })
     }
 

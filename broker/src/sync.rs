@@ -1,5 +1,7 @@
-//! The broker's client of the edges' admin API: pushes the origin table (so a newly
-//! registered host works on every edge without a restart) and fans purges out.
+//! The broker's orders to the edges: shadows and purges go over the QUIC control channel
+//! ([`crate::control`]) to edges that have a QUIC address, else over their admin API; the
+//! origin table (so a newly registered host works on every edge without a restart) is pushed
+//! over the admin API.
 //!
 //! Pushes happen on every registry change and every few seconds, so an edge that was down
 //! during a change converges when it comes back.
@@ -8,12 +10,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use edge_node::sync::protocol::{Reply, Request, ShadowOrder};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::Notify;
 
+use crate::control::{Control, ControlError};
 use crate::metrics::BrokerMetrics;
 use crate::registry::Registry;
 use crate::routing::Fleet;
@@ -25,7 +29,7 @@ pub struct EdgeResult {
     pub edge: String,
     /// Whether the edge confirmed (200, or 404 for an object it did not hold).
     pub ok: bool,
-    /// HTTP status from the edge, 0 when unreachable.
+    /// HTTP status from the edge (QUIC answers map to 200 / 404), 0 when unreachable.
     pub status: u16,
 }
 
@@ -37,6 +41,7 @@ pub struct EdgeSync {
     client: reqwest::Client,
     changed: Notify,
     metrics: BrokerMetrics,
+    control: Option<Arc<Control>>,
 }
 
 impl EdgeSync {
@@ -46,6 +51,7 @@ impl EdgeSync {
         registry: Arc<Registry>,
         token: String,
         metrics: BrokerMetrics,
+        control: Option<Arc<Control>>,
     ) -> Self {
         let client = reqwest::Client::builder()
             .no_proxy()
@@ -59,6 +65,7 @@ impl EdgeSync {
             client,
             changed: Notify::new(),
             metrics,
+            control,
         }
     }
 
@@ -103,10 +110,34 @@ impl EdgeSync {
         }
     }
 
-    /// Ask edge `edge` to shadow `key` for `ttl_secs`; whether it accepted.
-    pub async fn shadow(&self, edge: usize, key: &str, ttl_secs: u64, priority: u8) -> bool {
+    /// Cache capacity edge `edge` last reported over QUIC.
+    pub fn capacity(&self, edge: usize) -> Option<u64> {
+        self.quic(edge)
+            .and_then(|c| c.stats(edge))
+            .map(|s| s.cache_capacity_bytes)
+    }
+
+    /// The QUIC control channel, when it reaches `edge`.
+    fn quic(&self, edge: usize) -> Option<&Control> {
+        self.control.as_deref().filter(|c| c.covers(edge))
+    }
+
+    /// Ask edge `edge` to shadow an object; whether it accepted. The deadline and peer only
+    /// travel over QUIC (the admin API fills from the origin, first come first served).
+    pub async fn shadow(&self, edge: usize, order: ShadowOrder) -> bool {
         let e = &self.fleet.edges[edge];
-        let body = json!({ "key": key, "ttl_secs": ttl_secs, "priority": priority });
+        if let Some(c) = self.quic(edge) {
+            let key = order.key.clone();
+            return match c.call(edge, &Request::Shadow(order)).await {
+                Ok(_) => true,
+                Err(err) => {
+                    tracing::warn!(edge = %e.id, error = %err, %key, "shadow order failed");
+                    false
+                }
+            };
+        }
+        let key = order.key.as_str();
+        let body = json!({ "key": key, "ttl_secs": order.ttl_secs, "priority": order.priority });
         match self
             .client
             .post(format!("http://{}/shadows", e.admin))
@@ -127,29 +158,41 @@ impl EdgeSync {
         }
     }
 
+    /// Purge `target` (`host/path` or `host/prefix*`) on edge `edge`; the HTTP status (or
+    /// its QUIC equivalent), 0 when unreachable.
+    async fn purge(&self, edge: usize, target: &str) -> u16 {
+        if let Some(c) = self.quic(edge) {
+            let req = Request::Invalidate {
+                target: target.to_string(),
+            };
+            return match c.call(edge, &req).await {
+                Ok(Reply::Done { found: true }) => 200,
+                Ok(_) => 404,
+                Err(ControlError::Refused(_)) => 400,
+                Err(_) => 0,
+            };
+        }
+        let method = reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::DELETE);
+        let e = &self.fleet.edges[edge];
+        self.client
+            .request(method, format!("http://{}/cache/{}", e.admin, target))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .map_or(0, |r| r.status().as_u16())
+    }
+
     /// Purge `target` (`host/path` or `host/prefix*`) on every edge.
     pub async fn purge_everywhere(&self, target: &str) -> Vec<EdgeResult> {
-        let method = reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::DELETE);
-        let calls = self.fleet.edges.iter().map(|e| {
-            self.client
-                .request(
-                    method.clone(),
-                    format!("http://{}/cache/{}", e.admin, target),
-                )
-                .bearer_auth(&self.token)
-                .send()
-        });
+        let calls = (0..self.fleet.edges.len()).map(|e| self.purge(e, target));
         self.fleet
             .edges
             .iter()
             .zip(futures::future::join_all(calls).await)
-            .map(|(e, r)| {
-                let status = r.map_or(0, |r| r.status().as_u16());
-                EdgeResult {
-                    edge: e.id.clone(),
-                    ok: status == 200 || status == 404,
-                    status,
-                }
+            .map(|(e, status)| EdgeResult {
+                edge: e.id.clone(),
+                ok: status == 200 || status == 404,
+                status,
             })
             .collect()
     }

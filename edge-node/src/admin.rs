@@ -34,10 +34,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::OriginEntry;
+use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
-use crate::origin::{normalize_host, SharedOrigins};
-use crate::proxy::primary_key;
-use crate::shadow::{FillRequest, Filler, ShadowTable};
+use crate::origin::SharedOrigins;
+use crate::proxy::{normalize_key, token_matches};
+use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::FoyerStorage;
 
 /// Shared state of the admin handlers.
@@ -138,31 +139,12 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string()))
 }
 
-/// Constant-time comparison so the token cannot be guessed byte by byte from timing.
-fn token_matches(given: &[u8], expected: &[u8]) -> bool {
-    if given.len() != expected.len() {
-        return false;
-    }
-    given
-        .iter()
-        .zip(expected)
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .is_some_and(|t| token_matches(t.trim().as_bytes(), token.as_bytes()))
-}
-
-/// A purge target parsed from `/cache/...`.
-#[derive(Debug, PartialEq, Eq)]
-enum Target {
-    Key(String),
-    Prefix(String),
 }
 
 fn parse_target(uri: &Uri) -> Result<Target, String> {
@@ -172,17 +154,7 @@ fn parse_target(uri: &Uri) -> Result<Target, String> {
         .unwrap_or("")
         .strip_prefix("/cache/")
         .unwrap_or("");
-    let (host, rest) = raw
-        .split_once('/')
-        .ok_or_else(|| "key must be {host}/{path}, e.g. example.com/index.html".to_string())?;
-    if host.is_empty() {
-        return Err("key has an empty host".into());
-    }
-    let key = primary_key(&normalize_host(host), &format!("/{rest}"));
-    match key.strip_suffix('*') {
-        Some(prefix) => Ok(Target::Prefix(prefix.to_string())),
-        None => Ok(Target::Key(key)),
-    }
+    Target::parse(raw)
 }
 
 async fn purge(
@@ -209,15 +181,15 @@ async fn purge(
             "missing or wrong bearer token",
         );
     }
-    match parse_target(&uri) {
-        Err(msg) => error(StatusCode::BAD_REQUEST, "bad_key", msg),
-        Ok(Target::Key(key)) => {
-            // A purged object is no longer a shadow either.
-            let found = s.storage.purge_key(&key) | s.shadows.remove(&key).is_some();
-            s.metrics
-                .purges
-                .with_label_values(&["key", if found { "purged" } else { "not_found" }])
-                .inc();
+    let target = match parse_target(&uri) {
+        Ok(t) => t,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_key", msg),
+    };
+    match (
+        invalidate(s.storage, &s.shadows, &s.metrics, &target),
+        target,
+    ) {
+        (Ok(found), Target::Key(key)) => {
             let status = if found {
                 StatusCode::OK
             } else {
@@ -225,23 +197,10 @@ async fn purge(
             };
             (status, Json(json!({ "key": key, "purged": found }))).into_response()
         }
-        Ok(Target::Prefix(prefix)) => match s.storage.purge_prefix(&prefix) {
-            Ok(()) => {
-                s.shadows.remove_prefix(&prefix);
-                s.metrics
-                    .purges
-                    .with_label_values(&["prefix", "banned"])
-                    .inc();
-                Json(json!({ "prefix": prefix, "purged": true })).into_response()
-            }
-            Err(e) => {
-                s.metrics
-                    .purges
-                    .with_label_values(&["prefix", "error"])
-                    .inc();
-                error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string())
-            }
-        },
+        (Ok(_), Target::Prefix(prefix)) => {
+            Json(json!({ "prefix": prefix, "purged": true })).into_response()
+        }
+        (Err(e), _) => error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string()),
     }
 }
 
@@ -257,12 +216,6 @@ struct ShadowBody {
 
 fn default_priority() -> u8 {
     5
-}
-
-/// Normalize a `host/path` key as the proxy does.
-fn normalize_key(key: &str) -> Option<String> {
-    let (host, rest) = key.split_once('/')?;
-    (!host.is_empty()).then(|| primary_key(host, &format!("/{rest}")))
 }
 
 async fn post_shadow(
@@ -281,29 +234,11 @@ async fn post_shadow(
         Ok(b) => b,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
     };
-    let Some(key) = normalize_key(&b.key) else {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_key",
-            "key must be {host}/{path}",
-        );
+    let req = match FillRequest::validated(&b.key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()),
     };
-    if b.ttl_secs == 0 || b.ttl_secs > s.max_shadow_ttl {
-        let msg = format!("ttl_secs must be between 1 and {}", s.max_shadow_ttl);
-        return error(StatusCode::UNPROCESSABLE_ENTITY, "bad_ttl", msg);
-    }
-    if b.priority > 10 {
-        return error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_priority",
-            "priority must be 0..=10",
-        );
-    }
-    let req = FillRequest {
-        key: key.clone(),
-        ttl: Duration::from_secs(b.ttl_secs),
-        priority: b.priority,
-    };
+    let key = req.key.clone();
     match s.filler.submit(req) {
         Ok(()) => (
             StatusCode::ACCEPTED,
@@ -360,13 +295,8 @@ async fn delete_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri
         Ok(k) => k,
         Err(r) => return *r,
     };
-    match s.shadows.remove(&key) {
-        Some(m) => {
-            if m.hits == 0 {
-                s.storage.purge_key(&key);
-            }
-            Json(json!({ "key": key, "removed": true, "hits": m.hits })).into_response()
-        }
+    match unshadow(&s.shadows, s.storage, &key) {
+        Some(m) => Json(json!({ "key": key, "removed": true, "hits": m.hits })).into_response(),
         None => error(
             StatusCode::NOT_FOUND,
             "not_shadowed",
@@ -420,63 +350,23 @@ async fn put_origins(
     }
 }
 
-/// Runs the admin router inside the pingora server so it shares its graceful shutdown.
-pub struct AdminService {
-    listener: parking_lot::Mutex<Option<std::net::TcpListener>>,
-    state: AdminState,
-}
-
-impl AdminService {
-    /// `listener` is bound before the server starts so a busy port fails start-up clearly.
-    pub fn new(listener: std::net::TcpListener, state: AdminState) -> Self {
-        AdminService {
-            listener: parking_lot::Mutex::new(Some(listener)),
-            state,
-        }
-    }
-}
+/// Compacts the purge-ban log hourly, so it stays proportional to the bans in force.
+pub struct BanCompactor(pub &'static FoyerStorage);
 
 #[async_trait]
-impl BackgroundService for AdminService {
+impl BackgroundService for BanCompactor {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(std_listener) = self.listener.lock().take() else {
-            return;
-        };
-        let listener = match std_listener
-            .set_nonblocking(true)
-            .and_then(|_| tokio::net::TcpListener::from_std(std_listener))
-        {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::error!(error = %e, "admin listener unusable");
-                return;
-            }
-        };
-        let storage = self.state.storage;
-        let mut shutdown_bans = shutdown.clone();
-        let compactor = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(3600));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {
-                        if let Err(e) = storage.compact_bans() {
-                            tracing::warn!(error = %e, "ban log compaction failed");
-                        }
+        let mut tick = tokio::time::interval(Duration::from_secs(3600));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = self.0.compact_bans() {
+                        tracing::warn!(error = %e, "ban log compaction failed");
                     }
-                    _ = shutdown_bans.changed() => break,
                 }
+                _ = shutdown.changed() => return,
             }
-        });
-        let app = router(self.state.clone());
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = shutdown.changed().await;
-            })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(error = %e, "admin listener failed");
         }
-        compactor.abort();
     }
 }
 
@@ -485,16 +375,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parses_keys_and_prefixes() {
+    fn purge_paths_parse() {
         let u: Uri = "/cache/Example.com/a/b?x=1".parse().unwrap();
         assert_eq!(
             parse_target(&u).unwrap(),
             Target::Key("example.com/a/b?x=1".into())
-        );
-        let u: Uri = "/cache/example.com/static/*".parse().unwrap();
-        assert_eq!(
-            parse_target(&u).unwrap(),
-            Target::Prefix("example.com/static/".into())
         );
         let u: Uri = "/cache/example.com".parse().unwrap();
         assert!(parse_target(&u).is_err());

@@ -33,6 +33,35 @@ pub struct EdgeConfig {
     /// Shadow (pre-positioning) fills.
     #[serde(default)]
     pub shadow: ShadowSection,
+    /// QUIC with the broker (control) and peer edges (peer fills); absent: the edge takes
+    /// shadows and purges over its admin API only and never fills from peers.
+    #[serde(default)]
+    pub sync: Option<SyncSection>,
+}
+
+/// The QUIC listener and this node's identity in the cluster PKI.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SyncSection {
+    /// UDP address of the QUIC listener.
+    pub listen: SocketAddr,
+    /// The cluster CA certificate (PEM); peers must chain to it.
+    pub ca_cert: PathBuf,
+    /// This edge's certificate (PEM), issued for `<node_id>.edge.shadowcdn`.
+    pub cert: PathBuf,
+    /// This edge's private key (PEM).
+    pub key: PathBuf,
+}
+
+impl SyncSection {
+    /// The PEM paths as the TLS layer takes them.
+    pub fn tls_paths(&self) -> crate::sync::TlsPaths {
+        crate::sync::TlsPaths {
+            ca_cert: self.ca_cert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+        }
+    }
 }
 
 /// Limits on shadow fills, so they never starve user traffic.

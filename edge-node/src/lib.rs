@@ -8,12 +8,15 @@
 pub mod admin;
 pub mod config;
 pub mod drain;
+pub mod http_service;
+pub mod invalidate;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod server;
 pub mod shadow;
 pub mod storage;
+pub mod sync;
 
 pub use config::EdgeConfig;
 pub use server::{EdgeNode, StartError};

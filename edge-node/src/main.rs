@@ -41,6 +41,72 @@ struct Cli {
     /// Validate the configuration and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Cluster certificates for QUIC (mutual TLS).
+    #[command(subcommand)]
+    Certs(Certs),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Certs {
+    /// Create a cluster CA (`ca.pem`, `ca.key`) in DIR.
+    Ca {
+        /// Output directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a node certificate (`<name>.pem`, `<name>.key`) from the CA in `--ca-dir`.
+    Issue {
+        /// Directory holding `ca.pem` and `ca.key`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Node id: the edge's `node_id`, or any name for the broker.
+        #[arg(long)]
+        name: String,
+        /// Issue the broker's certificate (may send control messages) instead of an edge's.
+        #[arg(long)]
+        broker: bool,
+        /// Output directory (default: the CA directory).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+fn certs(c: Certs) -> ExitCode {
+    use edge_node::sync::pki::{create_ca, issue, NodeRole};
+    let done = match c {
+        Certs::Ca { dir } => create_ca(&dir).map(|()| format!("CA written to {}", dir.display())),
+        Certs::Issue {
+            ca_dir,
+            name,
+            broker,
+            out,
+        } => {
+            let role = if broker {
+                NodeRole::Broker
+            } else {
+                NodeRole::Edge
+            };
+            let out = out.unwrap_or_else(|| ca_dir.clone());
+            issue(&ca_dir, &name, role, &out)
+                .map(|p| format!("{} and {}", p.cert.display(), p.key.display()))
+        }
+    };
+    match done {
+        Ok(msg) => {
+            println!("edge-node: {msg}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("edge-node: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -50,6 +116,9 @@ fn main() -> ExitCode {
         )
         .init();
     let cli = Cli::parse();
+    if let Some(Command::Certs(c)) = cli.command {
+        return certs(c);
+    }
     let overrides = Overrides {
         listen: cli.listen,
         admin_listen: cli.admin_listen,

@@ -1,7 +1,8 @@
 //! Edge metrics, registered in a registry the caller owns (`shadowcdn_edge_*`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 /// Request-path metrics of one edge.
@@ -31,6 +32,16 @@ pub struct EdgeMetrics {
     pub shadow_fills: IntCounterVec,
     /// Expired shadows by outcome (`used`: demoted, `wasted`: purged unrequested).
     pub shadows_expired: IntCounterVec,
+    /// Shadow fills by the source that served them (peer edge or origin).
+    pub shadow_fill_sources: IntCounterVec,
+    /// Bytes fetched by shadow fills.
+    pub shadow_fill_bytes: IntCounter,
+    /// Open QUIC connections by peer role.
+    pub sync_connections: IntGaugeVec,
+    /// QUIC messages handled, by type and outcome.
+    pub sync_messages: IntCounterVec,
+    /// QUIC handshakes refused (no or foreign certificate, wrong ALPN).
+    pub sync_handshake_failures: IntCounter,
     /// Live shadow marks (refreshed on scrape).
     pub shadows: IntGauge,
     /// Bytes held by live shadows (refreshed on scrape).
@@ -118,6 +129,32 @@ impl EdgeMetrics {
                 Opts::new("shadowcdn_edge_shadows_expired_total", "Expired shadows"),
                 &["outcome"],
             )?,
+            shadow_fill_sources: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_shadow_fill_sources_total",
+                    "Completed shadow fills by source (peer edge over QUIC, or origin)",
+                ),
+                &["source"],
+            )?,
+            shadow_fill_bytes: IntCounter::new(
+                "shadowcdn_edge_shadow_fill_bytes_total",
+                "Body bytes fetched by shadow fills",
+            )?,
+            sync_connections: IntGaugeVec::new(
+                Opts::new("shadowcdn_edge_quic_connections", "Open QUIC connections"),
+                &["role"],
+            )?,
+            sync_messages: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_quic_messages_total",
+                    "QUIC messages handled by type and outcome",
+                ),
+                &["type", "outcome"],
+            )?,
+            sync_handshake_failures: IntCounter::new(
+                "shadowcdn_edge_quic_handshake_failures_total",
+                "QUIC handshakes refused (missing or foreign certificate)",
+            )?,
             shadows: IntGauge::new("shadowcdn_edge_shadows", "Live shadow marks")?,
             shadow_bytes: IntGauge::new(
                 "shadowcdn_edge_shadow_bytes",
@@ -145,6 +182,11 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadow_hits.clone()))?;
         registry.register(Box::new(m.shadow_fills.clone()))?;
         registry.register(Box::new(m.shadows_expired.clone()))?;
+        registry.register(Box::new(m.shadow_fill_sources.clone()))?;
+        registry.register(Box::new(m.shadow_fill_bytes.clone()))?;
+        registry.register(Box::new(m.sync_connections.clone()))?;
+        registry.register(Box::new(m.sync_messages.clone()))?;
+        registry.register(Box::new(m.sync_handshake_failures.clone()))?;
         registry.register(Box::new(m.shadows.clone()))?;
         registry.register(Box::new(m.shadow_bytes.clone()))?;
         registry.register(Box::new(m.purges.clone()))?;

@@ -31,6 +31,52 @@ use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER};
 use crate::storage::FoyerStorage;
+use crate::sync::{PEER_FETCH_HEADER, PEER_VIA_HEADER};
+
+/// A random per-process value that authenticates the edge's requests to its own listener
+/// (shadow fills, peer fetches), so a client cannot pass for them.
+#[derive(Clone)]
+pub struct InternalSecret(Arc<str>);
+
+impl InternalSecret {
+    /// A fresh random secret.
+    pub fn generate() -> Self {
+        let v: u128 = rand::random();
+        InternalSecret(format!("{v:032x}").into())
+    }
+
+    /// The header value to send.
+    pub fn value(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether a received header value is this secret.
+    pub fn matches(&self, v: &http::HeaderValue) -> bool {
+        token_matches(v.as_bytes(), self.0.as_bytes())
+    }
+}
+
+/// Constant-time comparison so a secret cannot be guessed byte by byte from timing.
+pub(crate) fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+    if given.len() != expected.len() {
+        return false;
+    }
+    given
+        .iter()
+        .zip(expected)
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+/// The edge's shadowing hooks in the request path.
+pub struct ShadowHooks {
+    /// Shadow marks (hit accounting).
+    pub table: Arc<ShadowTable>,
+    /// Authenticates the edge's own fill and peer-fetch requests.
+    pub secret: InternalSecret,
+    /// The peer-fill bridge, when QUIC sync is configured.
+    pub bridge: Option<std::net::SocketAddr>,
+}
 
 /// Cache behaviour that the origin's headers do not decide.
 #[derive(Debug, Clone)]
@@ -69,7 +115,7 @@ pub struct EdgeProxy {
     policy: CachePolicy,
     metrics: EdgeMetrics,
     inflight: InflightCounter,
-    shadows: Arc<ShadowTable>,
+    hooks: ShadowHooks,
 }
 
 /// Per-request state carried through the phases.
@@ -84,6 +130,10 @@ pub struct RequestCtx {
     key: String,
     /// This request is the edge's own shadow fill.
     shadow_fill: bool,
+    /// This shadow fill comes from a peer edge through the bridge.
+    peer_fill: bool,
+    /// A peer fetch: answer from cache or not at all.
+    only_if_cached: bool,
 }
 
 impl EdgeProxy {
@@ -95,7 +145,7 @@ impl EdgeProxy {
         policy: CachePolicy,
         metrics: EdgeMetrics,
         inflight: InflightCounter,
-        shadows: Arc<ShadowTable>,
+        hooks: ShadowHooks,
     ) -> Self {
         EdgeProxy {
             node_id,
@@ -104,7 +154,7 @@ impl EdgeProxy {
             policy,
             metrics,
             inflight,
-            shadows,
+            hooks,
         }
     }
 }
@@ -135,6 +185,12 @@ fn parse_route(tag: &str) -> Option<(&str, &'static str)> {
 /// builds purge keys with the same function, so purges always name what lookups find.
 pub fn primary_key(host: &str, path_and_query: &str) -> String {
     format!("{}{}", normalize_host(host), path_and_query)
+}
+
+/// Normalize a `host/path` key given by an operator or the broker as the proxy keys it.
+pub fn normalize_key(key: &str) -> Option<String> {
+    let (host, rest) = key.split_once('/')?;
+    (!host.is_empty()).then(|| primary_key(host, &format!("/{rest}")))
 }
 
 /// The request's host: the Host header, else the URI authority; `None` when empty.
@@ -260,6 +316,8 @@ impl ProxyHttp for EdgeProxy {
             status_label: "bypass",
             key: String::new(),
             shadow_fill: false,
+            peer_fill: false,
+            only_if_cached: false,
         }
     }
 
@@ -282,7 +340,18 @@ impl ProxyHttp for EdgeProxy {
                 .with_label_values(&[region, reason])
                 .inc();
         }
-        ctx.shadow_fill = req.headers.contains_key(FILL_HEADER);
+        let secret = &self.hooks.secret;
+        ctx.shadow_fill = req
+            .headers
+            .get(FILL_HEADER)
+            .is_some_and(|v| secret.matches(v));
+        ctx.peer_fill = ctx.shadow_fill
+            && self.hooks.bridge.is_some()
+            && req.headers.contains_key(PEER_VIA_HEADER);
+        ctx.only_if_cached = req
+            .headers
+            .get(PEER_FETCH_HEADER)
+            .is_some_and(|v| secret.matches(v));
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         ctx.key = primary_key(&host, pq);
         let path = req.uri.path().to_owned();
@@ -310,6 +379,17 @@ impl ProxyHttp for EdgeProxy {
         _session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        if ctx.only_if_cached {
+            return Err(Error::explain(
+                ErrorType::HTTPStatus(504),
+                "not cached on this edge",
+            ));
+        }
+        if let (true, Some(bridge)) = (ctx.peer_fill, self.hooks.bridge) {
+            let mut peer = HttpPeer::new(bridge, false, String::new());
+            peer.options.read_timeout = Some(self.policy.read_timeout);
+            return Ok(Box::new(peer));
+        }
         let origin = ctx
             .origin
             .as_ref()
@@ -351,8 +431,13 @@ impl ProxyHttp for EdgeProxy {
         &self,
         session: &Session,
         resp: &ResponseHeader,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
     ) -> Result<RespCacheable> {
+        // A peer that lacks the object answers with an error of the bridge's, not the
+        // origin's: never cache it.
+        if ctx.peer_fill && !matches!(resp.status.as_u16(), 200 | 203 | 206) {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::OriginNotCache));
+        }
         let authorization = session
             .req_header()
             .headers
@@ -404,6 +489,10 @@ impl ProxyHttp for EdgeProxy {
         upstream_request.remove_header(ROUTE_HEADER);
         upstream_request.remove_header(CLIENT_REGION_HEADER);
         upstream_request.remove_header(FILL_HEADER);
+        upstream_request.remove_header(PEER_FETCH_HEADER);
+        if !ctx.peer_fill {
+            upstream_request.remove_header(PEER_VIA_HEADER);
+        }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
@@ -450,7 +539,7 @@ impl ProxyHttp for EdgeProxy {
                 | CachePhase::StaleUpdating
                 | CachePhase::Revalidated
         );
-        if from_cache && !ctx.shadow_fill && self.shadows.hit(&ctx.key, Instant::now()) {
+        if from_cache && !ctx.shadow_fill && self.hooks.table.hit(&ctx.key, Instant::now()) {
             self.metrics.shadow_hits.inc();
             resp.insert_header("x-shadowcdn-shadow", "hit")?;
         }

@@ -10,14 +10,16 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 
-use crate::admin::{AdminService, AdminState, ShadowAdmin};
+use crate::admin::{AdminState, BanCompactor, ShadowAdmin};
 use crate::config::EdgeConfig;
 use crate::drain::{Drainer, InflightCounter};
+use crate::http_service::AxumService;
 use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
-use crate::proxy::{CacheParts, CachePolicy, EdgeProxy};
+use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
 use crate::shadow::{ShadowService, ShadowTable};
 use crate::storage::{FoyerStorage, StorageError, StorageOptions};
+use crate::sync::{NodeIdentity, PeerBridge, PeerPool, SyncError, SyncParts, SyncService};
 
 /// Why an edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,9 @@ pub enum StartError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// QUIC certificates or socket are unusable.
+    #[error("sync: {0}")]
+    Sync(#[from] SyncError),
     /// Runtime or metrics set-up failed.
     #[error("start-up: {0}")]
     Setup(String),
@@ -69,6 +74,36 @@ impl EdgeNode {
                 addr: cfg.admin.listen,
                 source,
             })?;
+
+        // QUIC: identity, UDP socket, and the loopback bridge peer fills go through.
+        let sync = match &cfg.sync {
+            Some(sc) => {
+                let identity = NodeIdentity::load(&sc.tls_paths()).map_err(SyncError::from)?;
+                let server_cfg = identity.server_config().map_err(SyncError::from)?;
+                let socket =
+                    std::net::UdpSocket::bind(sc.listen).map_err(|source| StartError::Bind {
+                        what: "sync.listen",
+                        addr: sc.listen,
+                        source,
+                    })?;
+                let loopback: std::net::SocketAddr = ([127, 0, 0, 1], 0).into();
+                let bridge = TcpListener::bind(loopback).map_err(|source| StartError::Bind {
+                    what: "peer bridge",
+                    addr: loopback,
+                    source,
+                })?;
+                Some((identity, server_cfg, socket, bridge))
+            }
+            None => None,
+        };
+        let bridge_addr = match &sync {
+            Some((_, _, _, bridge)) => Some(
+                bridge
+                    .local_addr()
+                    .map_err(|e| StartError::Setup(e.to_string()))?,
+            ),
+            None => None,
+        };
 
         // foyer's flushers and reclaimers get a runtime of their own, outside pingora's
         // per-service runtimes, so they keep running through pingora's shutdown until we
@@ -134,6 +169,7 @@ impl EdgeNode {
         };
         let inflight = InflightCounter::default();
         let shadows = Arc::new(ShadowTable::default());
+        let secret = InternalSecret::generate();
         let proxy = EdgeProxy::new(
             cfg.node_id.clone(),
             origins.clone(),
@@ -145,7 +181,11 @@ impl EdgeNode {
             policy,
             metrics.clone(),
             inflight.clone(),
-            shadows.clone(),
+            ShadowHooks {
+                table: shadows.clone(),
+                secret: secret.clone(),
+                bridge: bridge_addr,
+            },
         );
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
@@ -159,9 +199,32 @@ impl EdgeNode {
             storage,
             metrics.clone(),
             cfg.server.listen,
-            cfg.shadow.fill_concurrency,
-            cfg.shadow.fill_queue,
+            secret.clone(),
+            (cfg.shadow.fill_concurrency, cfg.shadow.fill_queue),
         );
+        if let Some((identity, server_cfg, socket, bridge)) = sync {
+            let parts = SyncParts {
+                node_id: cfg.node_id.clone(),
+                storage,
+                shadows: shadows.clone(),
+                filler: filler.clone(),
+                metrics: metrics.clone(),
+                max_ttl_secs: cfg.shadow.max_ttl_secs,
+                proxy_listen: cfg.server.listen,
+                internal: secret,
+                capacity_bytes: cfg.cache.memory_capacity.as_u64()
+                    + cfg.cache.disk_capacity.as_u64(),
+            };
+            server.add_service(background_service(
+                "quic",
+                SyncService::new(socket, server_cfg, parts),
+            ));
+            let pool = Arc::new(PeerPool::new(identity));
+            server.add_service(background_service(
+                "peer-bridge",
+                AxumService::new("peer-bridge", bridge, PeerBridge::new(pool).router()),
+            ));
+        }
         let admin_state = AdminState::new(
             &cfg.node_id,
             &cfg.admin.token,
@@ -175,7 +238,11 @@ impl EdgeNode {
                 max_ttl_secs: cfg.shadow.max_ttl_secs,
             },
         );
-        let admin = background_service("admin", AdminService::new(admin_listener, admin_state));
+        let admin = background_service(
+            "admin",
+            AxumService::new("admin", admin_listener, crate::admin::router(admin_state)),
+        );
+        server.add_service(background_service("ban-compactor", BanCompactor(storage)));
 
         let drainer = background_service(
             "drain",

@@ -16,6 +16,76 @@ fn loopback() -> SocketAddr {
         .expect("loopback address")
 }
 
+/// A node's PEM files.
+#[derive(Debug, Clone)]
+pub struct NodeCerts {
+    /// Cluster CA certificate.
+    pub ca_cert: PathBuf,
+    /// The node's certificate.
+    pub cert: PathBuf,
+    /// The node's key.
+    pub key: PathBuf,
+}
+
+/// A cluster CA, made and used through the real `edge-node certs` CLI.
+pub struct Pki {
+    dir: PathBuf,
+}
+
+impl Pki {
+    /// Create a CA in `dir`.
+    pub fn create(dir: &Path) -> Pki {
+        let bin = Binary::get("edge-node", "edge-node");
+        let out = bin
+            .command()
+            .args(["certs", "ca", "--dir", dir.to_str().expect("utf-8 path")])
+            .output()
+            .expect("run edge-node certs ca");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Pki {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// Issue a certificate for edge `name` (or the broker).
+    pub fn issue(&self, name: &str, broker: bool) -> NodeCerts {
+        let bin = Binary::get("edge-node", "edge-node");
+        let dir = self.dir.to_str().expect("utf-8 path");
+        let mut args = vec!["certs", "issue", "--ca-dir", dir, "--name", name];
+        if broker {
+            args.push("--broker");
+        }
+        let out = bin
+            .command()
+            .args(&args)
+            .output()
+            .expect("run edge-node certs issue");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        NodeCerts {
+            ca_cert: self.dir.join("ca.pem"),
+            cert: self.dir.join(format!("{name}.pem")),
+            key: self.dir.join(format!("{name}.key")),
+        }
+    }
+}
+
+fn pem_section(header: &str, c: &NodeCerts) -> String {
+    format!(
+        "\n[{header}]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        c.ca_cert.display(),
+        c.cert.display(),
+        c.key.display()
+    )
+}
+
 /// A running edge.
 pub struct EdgeProc {
     /// The process.
@@ -26,6 +96,9 @@ pub struct EdgeProc {
     pub admin: SocketAddr,
     /// Its working directory (config and cache).
     pub dir: PathBuf,
+    /// QUIC address, when the edge speaks QUIC.
+    pub sync: Option<SocketAddr>,
+    certs: Option<NodeCerts>,
     node_id: String,
     origins: Vec<(String, SocketAddr)>,
     cache_extra: String,
@@ -81,10 +154,23 @@ impl EdgeProc {
         origins: &[(String, SocketAddr)],
         cache_extra: &str,
     ) -> EdgeProc {
+        Self::start_with_certs(dir, node_id, origins, cache_extra, None)
+    }
+
+    /// Start an edge that also listens for QUIC with `certs`.
+    pub fn start_with_certs(
+        dir: &Path,
+        node_id: &str,
+        origins: &[(String, SocketAddr)],
+        cache_extra: &str,
+        certs: Option<NodeCerts>,
+    ) -> EdgeProc {
         let mut e = EdgeProc {
             child: Child::placeholder(),
             addr: loopback(),
             admin: loopback(),
+            sync: certs.as_ref().map(|_| loopback()),
+            certs,
             dir: dir.to_path_buf(),
             node_id: node_id.to_string(),
             origins: origins.to_vec(),
@@ -98,6 +184,11 @@ impl EdgeProc {
     pub fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).expect("edge dir");
         let cfg = self.dir.join("edge.toml");
+        let mut extra = self.cache_extra.clone();
+        if let (Some(addr), Some(c)) = (self.sync, &self.certs) {
+            extra.push_str(&pem_section("sync", c));
+            extra.push_str(&format!("listen = \"{addr}\"\n"));
+        }
         std::fs::write(
             &cfg,
             edge_config(
@@ -106,7 +197,7 @@ impl EdgeProc {
                 self.addr,
                 self.admin,
                 &self.origins,
-                &self.cache_extra,
+                &extra,
             ),
         )
         .expect("write edge config");
@@ -146,6 +237,16 @@ pub struct BrokerProc {
 impl BrokerProc {
     /// Start a broker over `edges` with regions `eu` and `us` (neighbours of each other).
     pub fn start(dir: &Path, edges: &[EdgeSpec<'_>], extra: &str) -> BrokerProc {
+        Self::start_with_certs(dir, edges, extra, None)
+    }
+
+    /// Start a broker that reaches QUIC edges with `certs`.
+    pub fn start_with_certs(
+        dir: &Path,
+        edges: &[EdgeSpec<'_>],
+        extra: &str,
+        certs: Option<&NodeCerts>,
+    ) -> BrokerProc {
         let addr = loopback();
         let admin = loopback();
         let mut s = format!(
@@ -191,6 +292,13 @@ neighbours = ["eu"]
                 "\n[[edges]]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\naddr = \"{}\"\nadmin = \"{}\"\n",
                 e.id, e.region, e.role, e.edge.addr, e.edge.admin
             ));
+            if let Some(sync) = e.edge.sync {
+                s.push_str(&format!("sync = \"{sync}\"\n"));
+            }
+        }
+        if let Some(c) = certs {
+            s.push_str(&pem_section("control", c));
+            s.push_str("stats_interval_secs = 1\n");
         }
         let config = dir.join("broker.toml");
         std::fs::write(&config, s).expect("write broker config");

@@ -494,7 +494,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                 .map_or(1800, |r| r.shadow_ttl_secs);
             let mut refilled = Vec::new();
             for e in refill {
-                let ok = s.sync.shadow(e, &target, ttl, 5).await;
+                let ok = s.sync.shadow(e, asap_order(&target, ttl, 5)).await;
                 if ok {
                     s.planner
                         .record(&target, e, std::time::Duration::from_secs(ttl));
@@ -520,10 +520,8 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                 for region in regions.into_iter().take(r.policy.max_copies as usize) {
                     let edge = s.fleet.edge_in_region(&target, region, &s.health);
                     if let Some(e) = edge {
-                        let ok = s
-                            .sync
-                            .shadow(e, &target, r.shadow_ttl_secs, r.priority)
-                            .await;
+                        let order = asap_order(&target, r.shadow_ttl_secs, r.priority);
+                        let ok = s.sync.shadow(e, order).await;
                         if ok {
                             s.planner.record(
                                 &target,
@@ -550,4 +548,16 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
     report.insert("target".into(), json!(target));
     report.insert("kind".into(), json!(kind));
     Ok(Json(serde_json::Value::Object(report)).into_response())
+}
+
+/// A shadow order for an event: needed now, filled from the origin (no peer holds the new
+/// version yet).
+fn asap_order(key: &str, ttl_secs: u64, priority: u8) -> edge_node::sync::protocol::ShadowOrder {
+    edge_node::sync::protocol::ShadowOrder {
+        key: key.to_string(),
+        ttl_secs,
+        priority,
+        deadline_ms: 0,
+        peer: None,
+    }
 }

@@ -129,6 +129,17 @@ impl Fleet {
             .and_then(|c| c.edge)
     }
 
+    /// Region indices by distance from `region`: itself, its neighbours nearest first, then
+    /// every other region.
+    pub fn regions_by_distance(&self, region: usize) -> Vec<usize> {
+        let mut order = vec![region];
+        order.extend(self.neighbours[region].iter().copied());
+        order.extend(0..self.regions.len());
+        let mut seen = vec![false; self.regions.len()];
+        order.retain(|r| !std::mem::replace(&mut seen[*r], true));
+        order
+    }
+
     /// The ordered choices for `key` from a client in `region`.
     pub fn plan(&self, key: &str, region: usize, health: &Health) -> Vec<Choice> {
         let mut plan = Vec::with_capacity(4);

@@ -1,9 +1,13 @@
-//! Shadow fills: a bounded queue of requests to pre-position objects, drained by a few
-//! workers that fetch each object through this edge's own HTTP listener. Going through the
-//! real cache path means a fill honours HTTP freshness and size limits and coalesces with user
-//! misses of the same object under the cache lock; the concurrency limit keeps fills from
-//! starving user traffic.
+//! Shadow fills: a bounded queue of objects to pre-position, earliest expected request first,
+//! drained by a few workers that fetch each object through this edge's own HTTP listener.
+//! Going through the real cache path means a fill honours HTTP freshness and size limits and
+//! coalesces with user misses of the same object under the cache lock; the concurrency limit
+//! keeps fills from starving user traffic. A fill names a peer edge when the broker knows one
+//! holding the object: it is tried first (over QUIC, see [`crate::sync::bridge`]), then the
+//! origin.
 
+use std::cmp::Ordering;
+use std::collections::BinaryHeap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,15 +15,18 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Expired, ShadowTable};
 use super::FILL_HEADER;
 use crate::metrics::EdgeMetrics;
+use crate::proxy::{normalize_key, InternalSecret};
 use crate::storage::FoyerStorage;
+use crate::sync::protocol::PeerRef;
+use crate::sync::{format_peer_via, PEER_VIA_HEADER};
 
 /// One object to shadow.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FillRequest {
     /// Primary cache key, `host/path?query`.
     pub key: String,
@@ -27,6 +34,72 @@ pub struct FillRequest {
     pub ttl: Duration,
     /// Provider priority 0–10.
     pub priority: u8,
+    /// Unix milliseconds of the expected first request (0: as soon as possible).
+    pub deadline_ms: u64,
+    /// A peer edge to fill from first.
+    pub peer: Option<PeerRef>,
+}
+
+/// Why a shadow request is invalid.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum InvalidShadow {
+    /// The key is not `host/path`.
+    #[error("key must be {{host}}/{{path}}")]
+    Key,
+    /// The TTL is zero or too long.
+    #[error("ttl_secs must be between 1 and {0}")]
+    Ttl(u64),
+    /// The priority is out of range.
+    #[error("priority must be 0..=10")]
+    Priority,
+}
+
+impl InvalidShadow {
+    /// Machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            InvalidShadow::Key => "bad_key",
+            InvalidShadow::Ttl(_) => "bad_ttl",
+            InvalidShadow::Priority => "bad_priority",
+        }
+    }
+}
+
+impl FillRequest {
+    /// Check and normalize a shadow request as every entry point (admin API, QUIC) must.
+    pub fn validated(
+        key: &str,
+        ttl_secs: u64,
+        priority: u8,
+        max_ttl_secs: u64,
+    ) -> Result<Self, InvalidShadow> {
+        let key = normalize_key(key).ok_or(InvalidShadow::Key)?;
+        if ttl_secs == 0 || ttl_secs > max_ttl_secs {
+            return Err(InvalidShadow::Ttl(max_ttl_secs));
+        }
+        if priority > 10 {
+            return Err(InvalidShadow::Priority);
+        }
+        Ok(FillRequest {
+            key,
+            ttl: Duration::from_secs(ttl_secs),
+            priority,
+            deadline_ms: 0,
+            peer: None,
+        })
+    }
+
+    /// With the expected arrival of the first request.
+    pub fn deadline_ms(mut self, deadline_ms: u64) -> Self {
+        self.deadline_ms = deadline_ms;
+        self
+    }
+
+    /// With a peer edge to try before the origin.
+    pub fn from_peer(mut self, peer: Option<PeerRef>) -> Self {
+        self.peer = peer;
+        self
+    }
 }
 
 /// Why a fill request was refused.
@@ -35,35 +108,81 @@ pub enum FillError {
     /// The queue is full.
     #[error("shadow fill queue is full")]
     QueueFull,
-    /// The edge is shutting down.
-    #[error("shadow filler stopped")]
-    Stopped,
 }
 
-/// The handle the admin API submits fills through.
+/// Heap entry: earliest deadline first, then higher priority, then arrival order.
+#[derive(PartialEq, Eq)]
+struct Queued {
+    seq: u64,
+    req: FillRequest,
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: "greater" pops first.
+        other
+            .req
+            .deadline_ms
+            .cmp(&self.req.deadline_ms)
+            .then(self.req.priority.cmp(&other.req.priority))
+            .then(other.seq.cmp(&self.seq))
+    }
+}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+struct Queue {
+    heap: parking_lot::Mutex<(BinaryHeap<Queued>, u64)>,
+    capacity: usize,
+    ready: Notify,
+}
+
+/// The handle shadow requests are submitted through.
 #[derive(Clone)]
 pub struct Filler {
-    tx: mpsc::Sender<FillRequest>,
+    queue: Arc<Queue>,
 }
 
 impl Filler {
     /// Queue a fill without waiting.
     pub fn submit(&self, r: FillRequest) -> Result<(), FillError> {
-        self.tx.try_send(r).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => FillError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => FillError::Stopped,
-        })
+        let mut g = self.queue.heap.lock();
+        if g.0.len() >= self.queue.capacity {
+            return Err(FillError::QueueFull);
+        }
+        g.1 += 1;
+        let seq = g.1;
+        g.0.push(Queued { seq, req: r });
+        drop(g);
+        self.queue.ready.notify_one();
+        Ok(())
+    }
+
+    fn pop(&self) -> Option<FillRequest> {
+        self.queue.heap.lock().0.pop().map(|q| q.req)
     }
 }
 
 /// Background service: fill workers plus the expiry sweep.
 pub struct ShadowService {
-    rx: parking_lot::Mutex<Option<mpsc::Receiver<FillRequest>>>,
+    filler: Filler,
     table: Arc<ShadowTable>,
     storage: &'static FoyerStorage,
     metrics: EdgeMetrics,
     listen: SocketAddr,
+    internal: InternalSecret,
     concurrency: usize,
+}
+
+/// Where a fill's bytes came from.
+#[derive(Debug, Clone, Copy)]
+enum Source {
+    Peer,
+    Origin,
 }
 
 impl ShadowService {
@@ -74,43 +193,53 @@ impl ShadowService {
         storage: &'static FoyerStorage,
         metrics: EdgeMetrics,
         listen: SocketAddr,
-        concurrency: usize,
-        queue: usize,
+        internal: InternalSecret,
+        (concurrency, queue): (usize, usize),
     ) -> (Self, Filler) {
-        let (tx, rx) = mpsc::channel(queue.max(1));
+        let filler = Filler {
+            queue: Arc::new(Queue {
+                heap: parking_lot::Mutex::new((BinaryHeap::new(), 0)),
+                capacity: queue.max(1),
+                ready: Notify::new(),
+            }),
+        };
         (
             ShadowService {
-                rx: parking_lot::Mutex::new(Some(rx)),
+                filler: filler.clone(),
                 table,
                 storage,
                 metrics,
                 listen,
+                internal,
                 concurrency: concurrency.max(1),
             },
-            Filler { tx },
+            filler,
         )
     }
 }
 
 /// Split `host/path?query` into host and path.
-fn split_key(key: &str) -> Option<(&str, String)> {
+pub(crate) fn split_key(key: &str) -> Option<(&str, String)> {
     let (host, rest) = key.split_once('/')?;
     (!host.is_empty()).then(|| (host, format!("/{rest}")))
 }
 
-async fn fill_one(
+async fn fetch(
     client: &reqwest::Client,
     listen: SocketAddr,
+    internal: &InternalSecret,
     r: &FillRequest,
+    peer: Option<&PeerRef>,
 ) -> Result<u64, String> {
     let (host, path) = split_key(&r.key).ok_or_else(|| format!("bad key {:?}", r.key))?;
-    let resp = client
+    let mut req = client
         .get(format!("http://{listen}{path}"))
         .header("host", host)
-        .header(FILL_HEADER, "1")
-        .send()
-        .await
-        .map_err(|e| e.to_string())?;
+        .header(FILL_HEADER, internal.value());
+    if let Some(p) = peer {
+        req = req.header(PEER_VIA_HEADER, format_peer_via(p));
+    }
+    let resp = req.send().await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let cached = resp
         .headers()
@@ -122,17 +251,56 @@ async fn fill_one(
         return Err(format!("status {status}"));
     }
     if !cached {
-        return Err("origin response is not cacheable".into());
+        return Err("response is not cacheable".into());
     }
     Ok(body.len() as u64)
+}
+
+/// Fill from the peer if one is named, else (or when it fails) from the origin.
+async fn fill_one(
+    client: &reqwest::Client,
+    listen: SocketAddr,
+    internal: &InternalSecret,
+    r: &FillRequest,
+) -> Result<(u64, Source), String> {
+    if let Some(peer) = &r.peer {
+        match fetch(client, listen, internal, r, Some(peer)).await {
+            Ok(n) => return Ok((n, Source::Peer)),
+            Err(e) => {
+                tracing::info!(key = %r.key, peer = %peer.id, error = %e, "peer fill failed; using the origin");
+            }
+        }
+    }
+    fetch(client, listen, internal, r, None)
+        .await
+        .map(|n| (n, Source::Origin))
+}
+
+impl ShadowService {
+    fn sweep(&self) {
+        for e in self.table.expire(Instant::now()) {
+            match e {
+                Expired::Wasted(key) => {
+                    self.storage.purge_key(&key);
+                    self.metrics
+                        .shadows_expired
+                        .with_label_values(&["wasted"])
+                        .inc();
+                }
+                Expired::Used(_) => {
+                    self.metrics
+                        .shadows_expired
+                        .with_label_values(&["used"])
+                        .inc();
+                }
+            }
+        }
+    }
 }
 
 #[async_trait]
 impl BackgroundService for ShadowService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let Some(mut rx) = self.rx.lock().take() else {
-            return;
-        };
         let client = match reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
@@ -147,42 +315,53 @@ impl BackgroundService for ShadowService {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
         loop {
-            tokio::select! {
+            // Wait for a worker slot first, so the heap (not a worker) holds waiting fills
+            // and a later, more urgent order can still overtake them.
+            let permit = tokio::select! {
                 _ = shutdown.changed() => return,
-                _ = sweep.tick() => {
-                    for e in self.table.expire(Instant::now()) {
-                        match e {
-                            Expired::Wasted(key) => {
-                                self.storage.purge_key(&key);
-                                self.metrics.shadows_expired.with_label_values(&["wasted"]).inc();
-                            }
-                            Expired::Used(_) => {
-                                self.metrics.shadows_expired.with_label_values(&["used"]).inc();
-                            }
-                        }
+                _ = sweep.tick() => { self.sweep(); continue; }
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            let req = loop {
+                if let Some(r) = self.filler.pop() {
+                    break r;
+                }
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = sweep.tick() => self.sweep(),
+                    _ = self.filler.queue.ready.notified() => {}
+                }
+            };
+            let (client, table, metrics, listen, internal) = (
+                client.clone(),
+                self.table.clone(),
+                self.metrics.clone(),
+                self.listen,
+                self.internal.clone(),
+            );
+            tokio::spawn(async move {
+                let _permit = permit;
+                match fill_one(&client, listen, &internal, &req).await {
+                    Ok((bytes, source)) => {
+                        table.mark(&req.key, req.ttl, req.priority, Instant::now());
+                        table.set_bytes(&req.key, bytes);
+                        metrics.shadow_fills.with_label_values(&["filled"]).inc();
+                        let source = match source {
+                            Source::Peer => "peer",
+                            Source::Origin => "origin",
+                        };
+                        metrics
+                            .shadow_fill_sources
+                            .with_label_values(&[source])
+                            .inc();
+                        metrics.shadow_fill_bytes.inc_by(bytes);
+                    }
+                    Err(e) => {
+                        tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
+                        metrics.shadow_fills.with_label_values(&["failed"]).inc();
                     }
                 }
-                req = rx.recv() => {
-                    let Some(req) = req else { return };
-                    let Ok(permit) = permits.clone().acquire_owned().await else { return };
-                    let (client, table, metrics, listen) =
-                        (client.clone(), self.table.clone(), self.metrics.clone(), self.listen);
-                    tokio::spawn(async move {
-                        let _permit = permit;
-                        match fill_one(&client, listen, &req).await {
-                            Ok(bytes) => {
-                                table.mark(&req.key, req.ttl, req.priority, Instant::now());
-                                table.set_bytes(&req.key, bytes);
-                                metrics.shadow_fills.with_label_values(&["filled"]).inc();
-                            }
-                            Err(e) => {
-                                tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
-                                metrics.shadow_fills.with_label_values(&["failed"]).inc();
-                            }
-                        }
-                    });
-                }
-            }
+            });
         }
     }
 }
@@ -200,5 +379,48 @@ mod tests {
         assert_eq!(split_key("h.com/"), Some(("h.com", "/".to_string())));
         assert_eq!(split_key("/a"), None);
         assert_eq!(split_key("nohost"), None);
+    }
+
+    #[test]
+    fn validation_normalizes_and_bounds() {
+        let r = FillRequest::validated("h.com/a", 60, 5, 3600).unwrap();
+        assert_eq!(r.key, "h.com/a");
+        assert_eq!(
+            FillRequest::validated("nohost", 60, 5, 3600),
+            Err(InvalidShadow::Key)
+        );
+        assert_eq!(
+            FillRequest::validated("h.com/a", 0, 5, 3600),
+            Err(InvalidShadow::Ttl(3600))
+        );
+        assert_eq!(
+            FillRequest::validated("h.com/a", 60, 11, 3600),
+            Err(InvalidShadow::Priority)
+        );
+    }
+
+    #[test]
+    fn queue_pops_earliest_deadline_then_priority_and_is_bounded() {
+        let filler = Filler {
+            queue: Arc::new(Queue {
+                heap: parking_lot::Mutex::new((BinaryHeap::new(), 0)),
+                capacity: 3,
+                ready: Notify::new(),
+            }),
+        };
+        let req = |key: &str, deadline, priority| {
+            FillRequest::validated(key, 60, priority, 3600)
+                .unwrap()
+                .deadline_ms(deadline)
+        };
+        filler.submit(req("h/late", 300, 9)).unwrap();
+        filler.submit(req("h/soon-low", 100, 1)).unwrap();
+        filler.submit(req("h/soon-high", 100, 8)).unwrap();
+        assert!(matches!(
+            filler.submit(req("h/x", 1, 1)),
+            Err(FillError::QueueFull)
+        ));
+        let order: Vec<String> = std::iter::from_fn(|| filler.pop().map(|r| r.key)).collect();
+        assert_eq!(order, vec!["h/soon-high", "h/soon-low", "h/late"]);
     }
 }

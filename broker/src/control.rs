@@ -1,0 +1,216 @@
+//! The broker's QUIC control channel to the edges (mutual TLS with the cluster CA): shadow,
+//! unshadow and invalidate orders, and a stats poll that keeps each edge's counters (shadow
+//! hits, wasted shadows, fill sources, capacity) for metrics and the planner's budget.
+//!
+//! One [`Link`] per edge reconnects with backoff and bounds the orders in flight; an edge
+//! that configures no QUIC address is reached over its HTTP admin API instead
+//! ([`crate::sync::EdgeSync`] chooses).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use edge_node::sync::protocol::{Reply, Request, StatsReport};
+use edge_node::sync::tls::edge_name;
+use edge_node::sync::{client_endpoint, Link, LinkError, NodeIdentity, SyncError, TlsPaths};
+use parking_lot::RwLock;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::BrokerMetrics;
+use crate::routing::Fleet;
+
+/// Longest wait for an edge's answer to an order.
+const ORDER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Orders in flight to one edge; beyond it senders wait (backpressure), then fail busy.
+const MAX_INFLIGHT: usize = 256;
+
+/// `[control]`: the broker's identity in the cluster PKI.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSection {
+    /// The cluster CA certificate (PEM).
+    pub ca_cert: std::path::PathBuf,
+    /// The broker's certificate (PEM), issued for `broker.shadowcdn`.
+    pub cert: std::path::PathBuf,
+    /// The broker's private key (PEM).
+    pub key: std::path::PathBuf,
+    /// Seconds between stats polls (which also re-establish lost connections).
+    #[serde(default = "default_stats_interval")]
+    pub stats_interval_secs: u64,
+}
+
+fn default_stats_interval() -> u64 {
+    5
+}
+
+/// Why an order failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The edge has no QUIC address.
+    #[error("edge has no QUIC address")]
+    NoLink,
+    /// The client endpoint could not start.
+    #[error(transparent)]
+    Start(#[from] SyncError),
+    /// Transport failure.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// The edge refused.
+    #[error("edge refused: {0}")]
+    Refused(String),
+}
+
+/// QUIC links to the edges.
+pub struct Control {
+    identity: NodeIdentity,
+    fleet: Arc<Fleet>,
+    links: OnceLock<Vec<Option<Arc<Link>>>>,
+    stats: RwLock<Vec<Option<StatsReport>>>,
+    interval: Duration,
+    metrics: BrokerMetrics,
+}
+
+impl Control {
+    /// Load the broker's identity; links open on first use.
+    pub fn new(
+        section: &ControlSection,
+        fleet: Arc<Fleet>,
+        metrics: BrokerMetrics,
+    ) -> Result<Self, SyncError> {
+        let identity = NodeIdentity::load(&TlsPaths {
+            ca_cert: section.ca_cert.clone(),
+            cert: section.cert.clone(),
+            key: section.key.clone(),
+        })?;
+        identity.client_config()?;
+        let n = fleet.edges.len();
+        Ok(Control {
+            identity,
+            fleet,
+            links: OnceLock::new(),
+            stats: RwLock::new(vec![None; n]),
+            interval: Duration::from_secs(section.stats_interval_secs.max(1)),
+            metrics,
+        })
+    }
+
+    /// The links, created inside the calling tokio runtime on first use.
+    fn links(&self) -> Result<&[Option<Arc<Link>>], SyncError> {
+        if let Some(l) = self.links.get() {
+            return Ok(l);
+        }
+        let like = self
+            .fleet
+            .edges
+            .iter()
+            .find_map(|e| e.sync)
+            .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
+        let endpoint = client_endpoint(&self.identity, like)?;
+        let links = self
+            .fleet
+            .edges
+            .iter()
+            .map(|e| {
+                e.sync.map(|addr| {
+                    Arc::new(Link::new(
+                        endpoint.clone(),
+                        addr,
+                        edge_name(&e.id),
+                        MAX_INFLIGHT,
+                    ))
+                })
+            })
+            .collect();
+        Ok(self.links.get_or_init(|| links))
+    }
+
+    /// Whether edge `edge` is reached over QUIC.
+    pub fn covers(&self, edge: usize) -> bool {
+        self.fleet.edges.get(edge).is_some_and(|e| e.sync.is_some())
+    }
+
+    /// Send `req` to edge `edge` and wait for its reply; refusals are errors.
+    pub async fn call(&self, edge: usize, req: &Request) -> Result<Reply, ControlError> {
+        let link = self
+            .links()?
+            .get(edge)
+            .and_then(|l| l.clone())
+            .ok_or(ControlError::NoLink)?;
+        let result = match link.request(req, ORDER_TIMEOUT).await {
+            Ok(Reply::Error { code, message }) => {
+                Err(ControlError::Refused(format!("{code:?}: {message}")))
+            }
+            Ok(r) => Ok(r),
+            Err(e) => Err(ControlError::Link(e)),
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(ControlError::Refused(_)) => "refused",
+            Err(_) => "failed",
+        };
+        let id = &self.fleet.edges[edge].id;
+        self.metrics
+            .quic_messages
+            .with_label_values(&[req.kind(), outcome])
+            .inc();
+        self.metrics
+            .quic_connected
+            .with_label_values(&[id])
+            .set(i64::from(link.is_connected()));
+        result
+    }
+
+    /// The latest stats report of edge `edge`.
+    pub fn stats(&self, edge: usize) -> Option<StatsReport> {
+        self.stats.read().get(edge).cloned().flatten()
+    }
+
+    async fn poll(&self) {
+        let polls = (0..self.fleet.edges.len())
+            .filter(|e| self.covers(*e))
+            .map(|e| async move { (e, self.call(e, &Request::Stats).await) });
+        for (e, r) in futures::future::join_all(polls).await {
+            let id = self.fleet.edges[e].id.as_str();
+            match r {
+                Ok(Reply::Stats(s)) => {
+                    let g = &self.metrics.edge_stats;
+                    for (stat, v) in [
+                        ("shadows", s.shadows),
+                        ("shadow_bytes", s.shadow_bytes),
+                        ("shadow_hits", s.shadow_hits),
+                        ("shadows_wasted", s.shadows_wasted),
+                        ("shadows_used", s.shadows_used),
+                        ("fills_peer", s.fills_peer),
+                        ("fills_origin", s.fills_origin),
+                        ("fills_failed", s.fills_failed),
+                        ("fill_bytes", s.fill_bytes),
+                        ("cache_capacity_bytes", s.cache_capacity_bytes),
+                    ] {
+                        g.with_label_values(&[id, stat]).set(v as i64);
+                    }
+                    self.stats.write()[e] = Some(s);
+                }
+                Ok(other) => tracing::warn!(edge = id, reply = ?other, "unexpected stats reply"),
+                Err(err) => tracing::debug!(edge = id, error = %err, "stats poll failed"),
+            }
+        }
+    }
+}
+
+/// Background service: polls stats and keeps the links up.
+pub struct ControlService(pub Arc<Control>);
+
+#[async_trait]
+impl BackgroundService for ControlService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(self.0.interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.0.poll().await,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! Purges, whether an operator asks over HTTP or the broker over QUIC: one object with every
+//! Vary variant, or every key under a prefix (a durable ban). A purged object is no longer a
+//! shadow either.
+
+use crate::metrics::EdgeMetrics;
+use crate::origin::normalize_host;
+use crate::proxy::primary_key;
+use crate::shadow::ShadowTable;
+use crate::storage::{BanError, FoyerStorage};
+
+/// What to purge.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Target {
+    /// One primary key, `host/path?query`.
+    Key(String),
+    /// Every key starting with `host/prefix`.
+    Prefix(String),
+}
+
+impl Target {
+    /// Parse `host/path` or `host/prefix*`, normalizing the host as the proxy does.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let (host, rest) = raw
+            .split_once('/')
+            .ok_or_else(|| "key must be {host}/{path}, e.g. example.com/index.html".to_string())?;
+        if host.is_empty() {
+            return Err("key has an empty host".into());
+        }
+        let key = primary_key(&normalize_host(host), &format!("/{rest}"));
+        Ok(match key.strip_suffix('*') {
+            Some(prefix) => Target::Prefix(prefix.to_string()),
+            None => Target::Key(key),
+        })
+    }
+}
+
+/// Purge `target`; whether anything was found (a prefix ban always counts as found).
+pub fn invalidate(
+    storage: &FoyerStorage,
+    shadows: &ShadowTable,
+    metrics: &EdgeMetrics,
+    target: &Target,
+) -> Result<bool, BanError> {
+    match target {
+        Target::Key(key) => {
+            let found = storage.purge_key(key) | shadows.remove(key).is_some();
+            let outcome = if found { "purged" } else { "not_found" };
+            metrics.purges.with_label_values(&["key", outcome]).inc();
+            Ok(found)
+        }
+        Target::Prefix(prefix) => match storage.purge_prefix(prefix) {
+            Ok(()) => {
+                shadows.remove_prefix(prefix);
+                metrics
+                    .purges
+                    .with_label_values(&["prefix", "banned"])
+                    .inc();
+                Ok(true)
+            }
+            Err(e) => {
+                metrics.purges.with_label_values(&["prefix", "error"]).inc();
+                Err(e)
+            }
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_keys_and_prefixes() {
+        assert_eq!(
+            Target::parse("Example.com/a/b?x=1").unwrap(),
+            Target::Key("example.com/a/b?x=1".into())
+        );
+        assert_eq!(
+            Target::parse("example.com/static/*").unwrap(),
+            Target::Prefix("example.com/static/".into())
+        );
+        assert!(Target::parse("example.com").is_err());
+        assert!(Target::parse("/a").is_err());
+    }
+}

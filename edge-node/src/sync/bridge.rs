@@ -1,0 +1,158 @@
+//! The proxy's upstream for peer fills: a loopback HTTP listener that turns a request into a
+//! QUIC peer fetch from the edge named in [`super::PEER_VIA_HEADER`] and streams the answer
+//! back. The cache path in front of it stays pingora-cache's, so a peer-filled object gets
+//! the same freshness, size limits and lock coalescing as an origin-filled one.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Request as HttpRequest, State};
+use axum::http::{header, HeaderName, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::{Json, Router};
+use bytes::Bytes;
+use serde_json::json;
+
+use super::link::{client_endpoint, Link};
+use super::protocol::{PeerRef, Reply, Request};
+use super::tls::{edge_name, NodeIdentity};
+use super::{is_hop_header, parse_peer_via, SyncError, PEER_VIA_HEADER};
+use crate::proxy::primary_key;
+
+/// Longest wait for a peer's response head.
+const PEER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests in flight to one peer.
+const PEER_INFLIGHT: usize = 32;
+
+/// Links to peer edges, created on first use over one client endpoint.
+pub struct PeerPool {
+    identity: NodeIdentity,
+    endpoint: OnceLock<quinn::Endpoint>,
+    links: parking_lot::Mutex<HashMap<PeerRef, Arc<Link>>>,
+}
+
+impl PeerPool {
+    /// A pool presenting `identity` to peers.
+    pub fn new(identity: NodeIdentity) -> Self {
+        PeerPool {
+            identity,
+            endpoint: OnceLock::new(),
+            links: parking_lot::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The link to `peer`; must run inside a tokio runtime (the endpoint's driver needs one).
+    pub fn link(&self, peer: &PeerRef) -> Result<Arc<Link>, SyncError> {
+        if let Some(l) = self.links.lock().get(peer) {
+            return Ok(l.clone());
+        }
+        let endpoint = match self.endpoint.get() {
+            Some(e) => e.clone(),
+            None => {
+                let e = client_endpoint(&self.identity, peer.addr)?;
+                self.endpoint.get_or_init(|| e).clone()
+            }
+        };
+        let mut links = self.links.lock();
+        // A fleet is small; a pool that grew past it holds stale addresses.
+        if links.len() >= 256 {
+            links.clear();
+        }
+        Ok(links
+            .entry(peer.clone())
+            .or_insert_with(|| {
+                Arc::new(Link::new(
+                    endpoint,
+                    peer.addr,
+                    edge_name(&peer.id),
+                    PEER_INFLIGHT,
+                ))
+            })
+            .clone())
+    }
+}
+
+/// The bridge's router state.
+#[derive(Clone)]
+pub struct PeerBridge {
+    pool: Arc<PeerPool>,
+}
+
+impl PeerBridge {
+    /// A bridge over `pool`.
+    pub fn new(pool: Arc<PeerPool>) -> Self {
+        PeerBridge { pool }
+    }
+
+    /// Every path is a peer fetch.
+    pub fn router(self) -> Router {
+        Router::new().fallback(fetch).with_state(self)
+    }
+}
+
+fn miss(status: StatusCode, code: &str, message: String) -> Response {
+    (status, Json(json!({ "error": code, "message": message }))).into_response()
+}
+
+async fn fetch(State(b): State<PeerBridge>, req: HttpRequest) -> Response {
+    let h = req.headers();
+    let (Some(peer), Some(host)) = (
+        h.get(PEER_VIA_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_peer_via),
+        h.get(header::HOST).and_then(|v| v.to_str().ok()),
+    ) else {
+        let msg = format!("needs Host and {PEER_VIA_HEADER}: id@addr");
+        return miss(StatusCode::BAD_REQUEST, "bad_peer_request", msg);
+    };
+    let key = primary_key(host, req.uri().path_and_query().map_or("/", |p| p.as_str()));
+    let link = match b.pool.link(&peer) {
+        Ok(l) => l,
+        Err(e) => return miss(StatusCode::BAD_GATEWAY, "peer_unreachable", e.to_string()),
+    };
+    let (status, headers, recv) = match link
+        .open(&Request::PeerFetch { key: key.clone() }, PEER_TIMEOUT)
+        .await
+    {
+        Ok((Reply::PeerHead { status, headers }, recv)) => (status, headers, recv),
+        Ok((other, _)) => {
+            return miss(
+                StatusCode::BAD_GATEWAY,
+                "peer_miss",
+                format!("{} does not hold {key}: {other:?}", peer.id),
+            )
+        }
+        Err(e) => return miss(StatusCode::BAD_GATEWAY, "peer_unreachable", e.to_string()),
+    };
+    let mut resp = Response::new(Body::from_stream(body_stream(recv)));
+    *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    for (name, value) in headers {
+        if is_hop_header(&name) {
+            continue;
+        }
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            resp.headers_mut().append(n, v);
+        }
+    }
+    resp
+}
+
+/// The rest of a QUIC stream as a body; a reset ends it with an error so a truncated object
+/// is never cached as whole.
+fn body_stream(
+    recv: quinn::RecvStream,
+) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures::stream::unfold(Some(recv), |state| async move {
+        let mut recv = state?;
+        match recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => Some((Ok(chunk.bytes), Some(recv))),
+            Ok(None) => None,
+            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        }
+    })
+}

@@ -1,0 +1,287 @@
+//! The messages nodes exchange over QUIC, and their framing.
+//!
+//! Every exchange is one bidirectional stream: the opener writes one [`Envelope`] holding a
+//! [`Request`] and finishes its side; the other end answers with one [`Envelope`] holding a
+//! [`Reply`] (a peer fetch then streams the body raw until the stream ends). A frame is a
+//! 4-byte big-endian length and that many bytes of JSON. The envelope carries the protocol
+//! version (a node refuses versions it does not speak, with a typed error) and a message id:
+//! a repeated id from the same sender is answered from memory instead of acted on twice.
+
+use std::net::SocketAddr;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// The protocol version this build speaks.
+pub const VERSION: u16 = 1;
+/// Largest frame accepted; control messages are tiny.
+pub const MAX_FRAME: usize = 256 * 1024;
+
+/// A versioned, identified message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Envelope<T> {
+    /// Protocol version of the sender.
+    pub v: u16,
+    /// Sender-unique id; repeats of an id are idempotent.
+    pub id: u64,
+    /// The message.
+    pub msg: T,
+}
+
+/// An edge that may hold an object, for a peer fill.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Hash)]
+pub struct PeerRef {
+    /// Its node id (its certificate is checked against it).
+    pub id: String,
+    /// Its QUIC address.
+    pub addr: SocketAddr,
+}
+
+/// Pre-position one object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ShadowOrder {
+    /// `host/path?query`.
+    pub key: String,
+    /// Lifetime of the shadow.
+    pub ttl_secs: u64,
+    /// Provider priority 0–10.
+    pub priority: u8,
+    /// Unix milliseconds when the first request is expected: fills run earliest first.
+    pub deadline_ms: u64,
+    /// An edge to fill from before trying the origin.
+    #[serde(default)]
+    pub peer: Option<PeerRef>,
+}
+
+/// What a node asks of another.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// Broker → edge: shadow an object.
+    Shadow(ShadowOrder),
+    /// Broker → edge: drop a shadow (and the object, if it never served a request).
+    Unshadow {
+        /// `host/path?query`.
+        key: String,
+    },
+    /// Broker → edge: purge `host/path` or every key under `host/prefix*`.
+    Invalidate {
+        /// The key or prefix.
+        target: String,
+    },
+    /// Broker → edge: report counters.
+    Stats,
+    /// Edge → edge: send a fresh cached copy of an object, never fetching it from the origin.
+    PeerFetch {
+        /// `host/path?query`.
+        key: String,
+    },
+}
+
+impl Request {
+    /// Name for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Shadow(_) => "shadow",
+            Request::Unshadow { .. } => "unshadow",
+            Request::Invalidate { .. } => "invalidate",
+            Request::Stats => "stats",
+            Request::PeerFetch { .. } => "peer_fetch",
+        }
+    }
+}
+
+/// Counters an edge reports to the broker (totals since start; the broker takes deltas).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StatsReport {
+    /// Reporting node.
+    pub node_id: String,
+    /// Live shadow marks.
+    pub shadows: u64,
+    /// Bytes held by live shadows.
+    pub shadow_bytes: u64,
+    /// Requests served from a valid shadow.
+    pub shadow_hits: u64,
+    /// Shadows that expired without serving a request.
+    pub shadows_wasted: u64,
+    /// Shadows that expired after serving requests.
+    pub shadows_used: u64,
+    /// Shadow fills served by a peer edge.
+    pub fills_peer: u64,
+    /// Shadow fills served by the origin.
+    pub fills_origin: u64,
+    /// Shadow fills that failed.
+    pub fills_failed: u64,
+    /// Bytes fetched by shadow fills.
+    pub fill_bytes: u64,
+    /// Memory plus disk capacity of the cache.
+    pub cache_capacity_bytes: u64,
+}
+
+/// Error classes a reply may carry.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The sender's protocol version is not spoken here.
+    Version,
+    /// The message is malformed or out of range.
+    Invalid,
+    /// The sender's role may not send this message.
+    Forbidden,
+    /// The receiver is saturated; retry later.
+    Busy,
+    /// The object is not held here.
+    NotFound,
+    /// The receiver failed.
+    Internal,
+}
+
+/// What a node answers.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Reply {
+    /// Done; `found` says whether the target existed (unshadow, invalidate).
+    Done {
+        /// Whether the target existed.
+        found: bool,
+    },
+    /// Answer to [`Request::Stats`].
+    Stats(StatsReport),
+    /// Answer to [`Request::PeerFetch`]: the response head; the body follows raw.
+    PeerHead {
+        /// HTTP status.
+        status: u16,
+        /// End-to-end response headers.
+        headers: Vec<(String, String)>,
+    },
+    /// Refused or failed.
+    Error {
+        /// Class.
+        code: ErrorCode,
+        /// Human-readable detail.
+        message: String,
+    },
+}
+
+impl Reply {
+    /// An error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Self {
+        Reply::Error {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The stream failed.
+    #[error("stream: {0}")]
+    Io(#[from] std::io::Error),
+    /// The frame is larger than [`MAX_FRAME`].
+    #[error("frame of {0} bytes exceeds the limit")]
+    TooLarge(usize),
+    /// The bytes are not a message of this protocol.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Write one length-prefixed JSON frame.
+pub async fn write_frame<W, T>(w: &mut W, msg: &T) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    T: Serialize,
+{
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > MAX_FRAME {
+        return Err(FrameError::TooLarge(body.len()));
+    }
+    w.write_all(&(body.len() as u32).to_be_bytes()).await?;
+    w.write_all(&body).await?;
+    Ok(())
+}
+
+/// Read one length-prefixed JSON frame.
+pub async fn read_frame<R, T>(r: &mut R) -> Result<T, FrameError>
+where
+    R: AsyncRead + Unpin,
+    T: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge(len));
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Read the version and id of an envelope whose message this build may not understand, so
+/// a newer sender gets a typed version error instead of a parse failure.
+#[derive(Debug, Deserialize)]
+pub struct EnvelopeHead {
+    /// Sender's version.
+    pub v: u16,
+    /// Message id.
+    pub id: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_limits_hold() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let msg = Envelope {
+            v: VERSION,
+            id: 7,
+            msg: Request::Shadow(ShadowOrder {
+                key: "h.com/a".into(),
+                ttl_secs: 60,
+                priority: 5,
+                deadline_ms: 1,
+                peer: Some(PeerRef {
+                    id: "eu-1".into(),
+                    addr: "127.0.0.1:1".parse().unwrap(),
+                }),
+            }),
+        };
+        write_frame(&mut a, &msg).await.unwrap();
+        let got: Envelope<Request> = read_frame(&mut b).await.unwrap();
+        assert_eq!(got, msg);
+
+        a.write_all(&(MAX_FRAME as u32 + 1).to_be_bytes())
+            .await
+            .unwrap();
+        let err = read_frame::<_, Envelope<Request>>(&mut b)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FrameError::TooLarge(_)));
+    }
+
+    #[test]
+    fn wire_format_is_tagged_json() {
+        let s = serde_json::to_string(&Envelope {
+            v: 1,
+            id: 2,
+            msg: Request::Invalidate {
+                target: "h.com/a*".into(),
+            },
+        })
+        .unwrap();
+        assert_eq!(
+            s,
+            r#"{"v":1,"id":2,"msg":{"type":"invalidate","target":"h.com/a*"}}"#
+        );
+        let unknown = r#"{"v":9,"id":3,"msg":{"type":"teleport"}}"#;
+        assert!(serde_json::from_str::<Envelope<Request>>(unknown).is_err());
+        let head: EnvelopeHead = serde_json::from_str(unknown).unwrap();
+        assert_eq!((head.v, head.id), (9, 3));
+    }
+}

@@ -1,0 +1,405 @@
+//! The edge's QUIC listener. Only certificates from the cluster CA get through the handshake;
+//! control messages (shadow, unshadow, invalidate, stats) are further limited to the broker's
+//! certificate, while any cluster node may peer-fetch.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde::Deserialize;
+
+use super::protocol::{
+    read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, Reply, Request, StatsReport,
+    VERSION,
+};
+use super::tls::{peer_is, BROKER_NAME};
+use super::{is_hop_header, PEER_FETCH_HEADER};
+use crate::invalidate::{invalidate, Target};
+use crate::metrics::EdgeMetrics;
+use crate::proxy::InternalSecret;
+use crate::shadow::{split_key, unshadow, FillRequest, Filler, ShadowTable};
+use crate::storage::FoyerStorage;
+
+/// Replies remembered for repeated message ids.
+const DEDUP_CAPACITY: usize = 4096;
+
+/// What the QUIC handlers act on.
+pub struct SyncParts {
+    /// This edge's id (reported in stats).
+    pub node_id: String,
+    /// The cache.
+    pub storage: &'static FoyerStorage,
+    /// Shadow marks.
+    pub shadows: Arc<ShadowTable>,
+    /// Shadow fill submission.
+    pub filler: Filler,
+    /// Metrics.
+    pub metrics: EdgeMetrics,
+    /// Longest shadow TTL accepted.
+    pub max_ttl_secs: u64,
+    /// This edge's HTTP listener (peer fetches read the cache through it).
+    pub proxy_listen: SocketAddr,
+    /// Authenticates the edge's requests to itself.
+    pub internal: InternalSecret,
+    /// Memory plus disk capacity of the cache.
+    pub capacity_bytes: u64,
+}
+
+#[derive(Default)]
+struct Dedup {
+    replies: HashMap<u64, Reply>,
+    order: VecDeque<u64>,
+}
+
+impl Dedup {
+    fn get(&self, id: u64) -> Option<Reply> {
+        self.replies.get(&id).cloned()
+    }
+
+    fn put(&mut self, id: u64, reply: Reply) {
+        if self.replies.insert(id, reply).is_none() {
+            self.order.push_back(id);
+            if self.order.len() > DEDUP_CAPACITY {
+                if let Some(old) = self.order.pop_front() {
+                    self.replies.remove(&old);
+                }
+            }
+        }
+    }
+}
+
+struct Handler {
+    parts: SyncParts,
+    http: reqwest::Client,
+    seen: parking_lot::Mutex<Dedup>,
+}
+
+/// Background service: the QUIC endpoint of an edge.
+pub struct SyncService {
+    socket: parking_lot::Mutex<Option<UdpSocket>>,
+    config: quinn::ServerConfig,
+    handler: Arc<Handler>,
+}
+
+impl SyncService {
+    /// Serve on `socket` (bound before start so a busy port is a start-up error).
+    pub fn new(socket: UdpSocket, config: quinn::ServerConfig, parts: SyncParts) -> Self {
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        SyncService {
+            socket: parking_lot::Mutex::new(Some(socket)),
+            config,
+            handler: Arc::new(Handler {
+                parts,
+                http,
+                seen: parking_lot::Mutex::new(Dedup::default()),
+            }),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for SyncService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(socket) = self.socket.lock().take() else {
+            return;
+        };
+        let endpoint = match quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(self.config.clone()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        ) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::error!(error = %e, "QUIC endpoint failed to start");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                incoming = endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    tokio::spawn(self.handler.clone().connection(incoming));
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+        endpoint.close(0u32.into(), b"shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+    }
+}
+
+/// Who is on the other end.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Broker,
+    Peer,
+}
+
+impl Role {
+    fn label(self) -> &'static str {
+        match self {
+            Role::Broker => "broker",
+            Role::Peer => "edge",
+        }
+    }
+}
+
+impl Handler {
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+        let m = &self.parts.metrics;
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                m.sync_handshake_failures.inc();
+                tracing::warn!(error = %e, "QUIC handshake refused");
+                return;
+            }
+        };
+        let role = if peer_is(&conn, BROKER_NAME) {
+            Role::Broker
+        } else {
+            Role::Peer
+        };
+        let gauge = m.sync_connections.with_label_values(&[role.label()]);
+        gauge.inc();
+        tracing::info!(peer = %conn.remote_address(), role = role.label(), "QUIC peer connected");
+        while let Ok((send, recv)) = conn.accept_bi().await {
+            tokio::spawn(self.clone().stream(role, send, recv));
+        }
+        gauge.dec();
+    }
+
+    async fn stream(
+        self: Arc<Self>,
+        role: Role,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
+        let m = &self.parts.metrics;
+        let raw: serde_json::Value = match read_frame(&mut recv).await {
+            Ok(v) => v,
+            Err(e) => {
+                m.sync_messages
+                    .with_label_values(&["unknown", "malformed"])
+                    .inc();
+                tracing::debug!(error = %e, "unreadable QUIC frame");
+                return;
+            }
+        };
+        let head = EnvelopeHead::deserialize(&raw).unwrap_or(EnvelopeHead { v: 0, id: 0 });
+        let reply_to = |reply: Reply| Envelope {
+            v: VERSION,
+            id: head.id,
+            msg: reply,
+        };
+        if head.v != VERSION {
+            m.sync_messages
+                .with_label_values(&["unknown", "version"])
+                .inc();
+            let r = Reply::error(
+                ErrorCode::Version,
+                format!("this node speaks version {VERSION}, not {}", head.v),
+            );
+            let _ = write_frame(&mut send, &reply_to(r)).await;
+            let _ = send.finish();
+            return;
+        }
+        let req = match Envelope::<Request>::deserialize(&raw) {
+            Ok(e) => e.msg,
+            Err(e) => {
+                m.sync_messages
+                    .with_label_values(&["unknown", "malformed"])
+                    .inc();
+                let _ = write_frame(
+                    &mut send,
+                    &reply_to(Reply::error(ErrorCode::Invalid, e.to_string())),
+                )
+                .await;
+                let _ = send.finish();
+                return;
+            }
+        };
+        let kind = req.kind();
+        if let Request::PeerFetch { key } = &req {
+            let outcome = self.peer_fetch(key, head.id, &mut send).await;
+            m.sync_messages.with_label_values(&[kind, outcome]).inc();
+            let _ = send.finish();
+            return;
+        }
+        let seen = self.seen.lock().get(head.id);
+        let (reply, outcome) = if role != Role::Broker {
+            (
+                Reply::error(
+                    ErrorCode::Forbidden,
+                    "control messages are for the broker's certificate",
+                ),
+                "forbidden",
+            )
+        } else if let Some(r) = seen {
+            (r, "duplicate")
+        } else {
+            let r = self.control(req);
+            let outcome = if matches!(r, Reply::Error { .. }) {
+                "error"
+            } else {
+                "ok"
+            };
+            self.seen.lock().put(head.id, r.clone());
+            (r, outcome)
+        };
+        m.sync_messages.with_label_values(&[kind, outcome]).inc();
+        let _ = write_frame(&mut send, &reply_to(reply)).await;
+        let _ = send.finish();
+    }
+
+    fn control(&self, req: Request) -> Reply {
+        let p = &self.parts;
+        match req {
+            Request::Shadow(o) => {
+                let fill =
+                    match FillRequest::validated(&o.key, o.ttl_secs, o.priority, p.max_ttl_secs) {
+                        Ok(f) => f.deadline_ms(o.deadline_ms).from_peer(o.peer),
+                        Err(e) => return Reply::error(ErrorCode::Invalid, e.to_string()),
+                    };
+                match p.filler.submit(fill) {
+                    Ok(()) => Reply::Done { found: true },
+                    Err(e) => {
+                        p.metrics.shadow_fills.with_label_values(&["refused"]).inc();
+                        Reply::error(ErrorCode::Busy, e.to_string())
+                    }
+                }
+            }
+            Request::Unshadow { key } => match crate::proxy::normalize_key(&key) {
+                Some(key) => Reply::Done {
+                    found: unshadow(&p.shadows, p.storage, &key).is_some(),
+                },
+                None => Reply::error(ErrorCode::Invalid, "key must be {host}/{path}"),
+            },
+            Request::Invalidate { target } => match Target::parse(&target) {
+                Ok(t) => match invalidate(p.storage, &p.shadows, &p.metrics, &t) {
+                    Ok(found) => Reply::Done { found },
+                    Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
+                },
+                Err(e) => Reply::error(ErrorCode::Invalid, e),
+            },
+            Request::Stats => Reply::Stats(self.stats()),
+            Request::PeerFetch { .. } => Reply::error(ErrorCode::Invalid, "peer fetch is a stream"),
+        }
+    }
+
+    fn stats(&self) -> StatsReport {
+        let p = &self.parts;
+        let m = &p.metrics;
+        let (shadows, shadow_bytes) = p.shadows.usage();
+        StatsReport {
+            node_id: p.node_id.clone(),
+            shadows: shadows as u64,
+            shadow_bytes,
+            shadow_hits: m.shadow_hits.get(),
+            shadows_wasted: m.shadows_expired.with_label_values(&["wasted"]).get(),
+            shadows_used: m.shadows_expired.with_label_values(&["used"]).get(),
+            fills_peer: m.shadow_fill_sources.with_label_values(&["peer"]).get(),
+            fills_origin: m.shadow_fill_sources.with_label_values(&["origin"]).get(),
+            fills_failed: m.shadow_fills.with_label_values(&["failed"]).get(),
+            fill_bytes: m.shadow_fill_bytes.get(),
+            cache_capacity_bytes: p.capacity_bytes,
+        }
+    }
+
+    /// Stream a fresh cached copy of `key`; returns the outcome label.
+    async fn peer_fetch(&self, key: &str, id: u64, send: &mut quinn::SendStream) -> &'static str {
+        let p = &self.parts;
+        let reply = |msg| Envelope {
+            v: VERSION,
+            id,
+            msg,
+        };
+        let Some((host, path)) = split_key(key) else {
+            let _ = write_frame(
+                send,
+                &reply(Reply::error(
+                    ErrorCode::Invalid,
+                    "key must be {host}/{path}",
+                )),
+            )
+            .await;
+            return "error";
+        };
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", p.proxy_listen))
+            .header("host", host)
+            .header(PEER_FETCH_HEADER, p.internal.value())
+            .send()
+            .await;
+        let mut resp = match resp {
+            Ok(r) if r.status().is_success() => r,
+            Ok(r) => {
+                let msg = format!("not cached here (status {})", r.status().as_u16());
+                let _ = write_frame(send, &reply(Reply::error(ErrorCode::NotFound, msg))).await;
+                return "not_found";
+            }
+            Err(e) => {
+                let _ = write_frame(
+                    send,
+                    &reply(Reply::error(ErrorCode::Internal, e.to_string())),
+                )
+                .await;
+                return "error";
+            }
+        };
+        let headers = resp
+            .headers()
+            .iter()
+            .filter(|(n, _)| !is_hop_header(n.as_str()))
+            .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .collect();
+        let head = Reply::PeerHead {
+            status: resp.status().as_u16(),
+            headers,
+        };
+        if write_frame(send, &reply(head)).await.is_err() {
+            return "reset";
+        }
+        loop {
+            match resp.chunk().await {
+                Ok(Some(chunk)) => {
+                    if send.write_all(&chunk).await.is_err() {
+                        return "reset";
+                    }
+                }
+                Ok(None) => return "ok",
+                Err(e) => {
+                    tracing::warn!(%key, error = %e, "peer fetch body failed");
+                    let _ = send.reset(1u32.into());
+                    return "error";
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedup_remembers_recent_ids_only() {
+        let mut d = Dedup::default();
+        for id in 0..(DEDUP_CAPACITY as u64 + 10) {
+            d.put(id, Reply::Done { found: true });
+        }
+        assert!(d.get(0).is_none());
+        assert!(d.get(DEDUP_CAPACITY as u64 + 9).is_some());
+        assert_eq!(d.replies.len(), DEDUP_CAPACITY);
+    }
+}

@@ -1,0 +1,167 @@
+//! Mutual TLS for the QUIC channels: every node holds a certificate issued by the cluster CA,
+//! servers demand a client certificate from the same CA, and a node's role is read off the
+//! names its certificate is valid for (`broker.shadowcdn`, `<id>.edge.shadowcdn`).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use serde::{Deserialize, Serialize};
+
+/// ALPN of protocol version 1; a peer speaking anything else fails the handshake.
+pub const ALPN: &[u8] = b"shadowcdn/1";
+/// The name a broker certificate is issued for.
+pub const BROKER_NAME: &str = "broker.shadowcdn";
+
+/// The name edge `id`'s certificate is issued for (and that peers dial it by).
+pub fn edge_name(id: &str) -> String {
+    format!("{id}.edge.shadowcdn")
+}
+
+/// Where a node's PEM files are.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsPaths {
+    /// The cluster CA certificate every peer must chain to.
+    pub ca_cert: PathBuf,
+    /// This node's certificate.
+    pub cert: PathBuf,
+    /// This node's private key.
+    pub key: PathBuf,
+}
+
+/// Why TLS could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or holds no usable PEM item.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// rustls refused the certificate, key or CA.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// The CA cannot verify client certificates.
+    #[error("client verifier: {0}")]
+    Verifier(String),
+    /// quinn refused the rustls configuration.
+    #[error("quic crypto: {0}")]
+    Quic(String),
+}
+
+/// A node's certificate, key and the CA it trusts.
+pub struct NodeIdentity {
+    roots: Arc<RootCertStore>,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn pem_error(path: &Path, what: impl ToString) -> TlsError {
+    TlsError::Pem {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Keep-alives detect a dead peer quickly; the stream limit is the backpressure on a peer
+/// that sends faster than this node handles.
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    t.keep_alive_interval(Some(Duration::from_secs(2)));
+    t.max_concurrent_bidi_streams(64u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
+        t.max_idle_timeout(Some(idle));
+    }
+    Arc::new(t)
+}
+
+impl NodeIdentity {
+    /// Read the three PEM files.
+    pub fn load(p: &TlsPaths) -> Result<Self, TlsError> {
+        let mut roots = RootCertStore::empty();
+        let cas: Vec<_> = CertificateDer::pem_file_iter(&p.ca_cert)
+            .map_err(|e| pem_error(&p.ca_cert, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem_error(&p.ca_cert, e))?;
+        if cas.is_empty() {
+            return Err(pem_error(&p.ca_cert, "no CA certificate in the file"));
+        }
+        for ca in cas {
+            roots.add(ca)?;
+        }
+        let chain: Vec<_> = CertificateDer::pem_file_iter(&p.cert)
+            .map_err(|e| pem_error(&p.cert, e))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| pem_error(&p.cert, e))?;
+        if chain.is_empty() {
+            return Err(pem_error(&p.cert, "no certificate in the file"));
+        }
+        let key = PrivateKeyDer::from_pem_file(&p.key).map_err(|e| pem_error(&p.key, e))?;
+        Ok(NodeIdentity {
+            roots: Arc::new(roots),
+            chain,
+            key,
+        })
+    }
+
+    /// Server side: TLS 1.3, client certificate from the cluster CA required.
+    pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        cfg.transport_config(transport());
+        Ok(cfg)
+    }
+
+    /// Client side: presents this node's certificate, trusts only the cluster CA.
+    pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(self.roots.clone())
+            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+            .map_err(|e| TlsError::Quic(e.to_string()))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(transport());
+        Ok(cfg)
+    }
+}
+
+/// Whether the authenticated peer of `conn` holds a certificate valid for `name`. The chain
+/// was verified against the cluster CA during the handshake; this reads its role.
+pub fn peer_is(conn: &quinn::Connection, name: &str) -> bool {
+    let Some(identity) = conn.peer_identity() else {
+        return false;
+    };
+    let Ok(certs) = identity.downcast::<Vec<CertificateDer<'static>>>() else {
+        return false;
+    };
+    let (Some(leaf), Ok(name)) = (certs.first(), ServerName::try_from(name)) else {
+        return false;
+    };
+    webpki::EndEntityCert::try_from(leaf)
+        .and_then(|c| c.verify_is_valid_for_subject_name(&name))
+        .is_ok()
+}
