@@ -132,18 +132,45 @@ impl Cluster {
     }
 }
 
-async fn wait_until<F, Fut>(mut f: F)
+async fn wait_until<F, Fut>(f: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    for _ in 0..200 {
+    wait_secs(10, f).await
+}
+
+async fn wait_secs<F, Fut>(secs: u64, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..secs * 20 {
         if f().await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("condition not reached in 10 s");
+    panic!("condition not reached in {secs} s");
+}
+
+async fn text(url: String) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The value of the first sample of `name` whose labels contain every one of `labels`.
+fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 fn edge_of(r: &reqwest::Response) -> String {
@@ -700,4 +727,236 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     )
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
+    let origin = TestOrigin::start().await;
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
+    let mut c = start_cluster_with(&format!(
+        "[planner]\ninterval_secs = 1\nthreshold = 0.2\nmodel = \"{model}\"\n"
+    ));
+    c.register(&origin).await;
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/peer/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+
+    // us-a is down: us clients fail over to the eu owner, which caches the object; the
+    // broker records their demand under us.
+    assert_eq!(c.edges[3].child.terminate(), Some(0));
+    for region in ["us", "eu", "us", "eu", "us", "us", "eu", "us"] {
+        let r = c.get("/peer/lib.js", region).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert!(edge_of(&r).starts_with("eu-"), "{}", edge_of(&r));
+    }
+    assert_eq!(origin.hits("/peer/lib.js"), 1);
+
+    // us-a comes back (knowing the host from its config file); the planner shadows the
+    // object there and names the eu owner as its source.
+    c.edges[3].origins = vec![(HOST.to_string(), origin.addr)];
+    c.edges[3].spawn();
+    let key = format!("{HOST}/peer/lib.js");
+    let us_admin = c.edges[3].admin;
+    wait_secs(30, || async {
+        client()
+            .get(format!("http://{us_admin}/shadows/{key}"))
+            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    let us_metrics = text(format!("http://{us_admin}/metrics")).await;
+    assert_eq!(
+        sample(
+            &us_metrics,
+            "shadowcdn_edge_shadow_fill_sources_total",
+            &["source=\"peer\""]
+        ),
+        Some(1.0),
+        "{us_metrics}"
+    );
+    assert_eq!(origin.hits("/peer/lib.js"), 1, "the origin was spared");
+    let (_, v) = api(
+        reqwest::Method::GET,
+        c.broker.api(&format!("/v1/shadows/explain?key={key}")),
+        &c.token,
+        None,
+    )
+    .await;
+    let us = v["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["region"] == "us")
+        .unwrap()
+        .clone();
+    let peer = us["peer"].as_str().unwrap().to_string();
+    assert!(peer.starts_with("eu-"), "{v}");
+    assert!(us["budget_bytes"].as_u64().unwrap() > 0, "{v}");
+    assert!(us["expected_in_secs"].as_f64().unwrap() <= 3600.0, "{v}");
+
+    // The peer served it over QUIC, from its cache.
+    let peer_admin = c
+        .edges
+        .iter()
+        .find(|e| e.dir.ends_with(&peer))
+        .unwrap()
+        .admin;
+    let peer_metrics = text(format!("http://{peer_admin}/metrics")).await;
+    assert!(
+        sample(
+            &peer_metrics,
+            "shadowcdn_edge_quic_messages_total",
+            &["type=\"peer_fetch\"", "outcome=\"ok\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{peer_metrics}"
+    );
+
+    // The next us request is a shadow hit on us-a, and the body is intact.
+    let r = c.get("/peer/lib.js", "us").await;
+    assert_eq!(edge_of(&r), "us-a");
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+    let body = r.bytes().await.unwrap();
+    assert_eq!(
+        &body[..],
+        &shadowcdn_tests::origin::body_for("/peer/lib.js", 64)[..]
+    );
+    assert_eq!(origin.hits("/peer/lib.js"), 1);
+    let m = c.metrics().await;
+    assert_eq!(
+        sample(&m, "shadowcdn_broker_quic_connected", &["edge=\"us-a\""]),
+        Some(1.0),
+        "{m}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_without_a_valid_certificate_cannot_join() {
+    use edge_node::sync::protocol::{ErrorCode, Reply, Request};
+    use edge_node::sync::tls::edge_name;
+    use edge_node::sync::{client_endpoint, Link, NodeIdentity, TlsPaths};
+
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(&dir.path().join("pki"));
+    let rogue_pki = Pki::create(&dir.path().join("rogue-pki"));
+    let good = EdgeProc::start_with_certs(
+        &dir.path().join("good"),
+        "good",
+        &[],
+        "",
+        Some(pki.issue("good", false)),
+    );
+    let rogue = EdgeProc::start_with_certs(
+        &dir.path().join("rogue"),
+        "rogue",
+        &[],
+        "",
+        Some(rogue_pki.issue("rogue", false)),
+    );
+    let specs = [
+        EdgeSpec {
+            id: "good",
+            region: "eu",
+            role: "active",
+            edge: &good,
+        },
+        EdgeSpec {
+            id: "rogue",
+            region: "us",
+            role: "active",
+            edge: &rogue,
+        },
+    ];
+    let broker =
+        BrokerProc::start_with_certs(dir.path(), &specs, "", Some(&pki.issue("broker", true)));
+
+    // The broker's control channel reaches the edge with a cluster certificate only.
+    let metrics_url = broker.api("/metrics");
+    wait_until(|| async {
+        sample(
+            &text(metrics_url.clone()).await,
+            "shadowcdn_broker_edge_stats",
+            &["edge=\"good\"", "stat=\"cache_capacity_bytes\""],
+        )
+        .is_some()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let m = text(metrics_url).await;
+    assert_eq!(
+        sample(&m, "shadowcdn_broker_quic_connected", &["edge=\"good\""]),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "shadowcdn_broker_quic_connected", &["edge=\"rogue\""]),
+        Some(0.0),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "shadowcdn_broker_edge_stats", &["edge=\"rogue\""]).is_none(),
+        "{m}"
+    );
+
+    let good_quic = good.sync.unwrap();
+    let link_as = |ca: &std::path::Path, name: &str, certs_dir: &std::path::Path| {
+        let id = NodeIdentity::load(&TlsPaths {
+            ca_cert: ca.to_path_buf(),
+            cert: certs_dir.join(format!("{name}.pem")),
+            key: certs_dir.join(format!("{name}.key")),
+        })
+        .unwrap();
+        Link::new(
+            client_endpoint(&id, good_quic).unwrap(),
+            good_quic,
+            edge_name("good"),
+            4,
+        )
+    };
+    let ca = dir.path().join("pki/ca.pem");
+    let timeout = Duration::from_secs(3);
+
+    // A node whose certificate the cluster CA did not issue is refused at the handshake,
+    // even when it trusts the cluster CA itself.
+    let rogue_link = link_as(&ca, "rogue", &dir.path().join("rogue-pki"));
+    assert!(rogue_link.request(&Request::Stats, timeout).await.is_err());
+    let good_admin = good.admin;
+    wait_until(|| async {
+        sample(
+            &text(format!("http://{good_admin}/metrics")).await,
+            "shadowcdn_edge_quic_handshake_failures_total",
+            &[],
+        )
+        .is_some_and(|n| n >= 1.0)
+    })
+    .await;
+
+    // A cluster edge may connect (peer fills) but not give orders.
+    pki.issue("eu-2", false);
+    let peer_link = link_as(&ca, "eu-2", &dir.path().join("pki"));
+    match peer_link.request(&Request::Stats, timeout).await.unwrap() {
+        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::Forbidden),
+        other => panic!("{other:?}"),
+    }
+    let fetch = Request::PeerFetch {
+        key: "nowhere.test/x".into(),
+    };
+    match peer_link.request(&fetch, timeout).await.unwrap() {
+        Reply::Error { code, .. } => assert_eq!(code, ErrorCode::NotFound),
+        other => panic!("{other:?}"),
+    }
+
+    // The broker's certificate may.
+    let broker_link = link_as(&ca, "broker", &dir.path().join("pki"));
+    match broker_link.request(&Request::Stats, timeout).await.unwrap() {
+        Reply::Stats(s) => assert_eq!(s.node_id, "good"),
+        other => panic!("{other:?}"),
+    }
 }

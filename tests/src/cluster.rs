@@ -100,7 +100,8 @@ pub struct EdgeProc {
     pub sync: Option<SocketAddr>,
     certs: Option<NodeCerts>,
     node_id: String,
-    origins: Vec<(String, SocketAddr)>,
+    /// Origins in its config file (the broker pushes more at run time).
+    pub origins: Vec<(String, SocketAddr)>,
     cache_extra: String,
 }
 
