@@ -960,3 +960,123 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster_with("[planner]\ninterval_secs = 1\n");
+    c.register(&origin).await;
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/cost/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 2,
+                    "policy": {"max_copies": 2, "allowed_regions": ["eu", "us"]}})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let provider = v["provider"].as_str().unwrap().to_string();
+
+    // Two launches shadowed in both regions; only eu asks for one of them.
+    for path in ["/cost/used.js", "/cost/wasted.js"] {
+        let (s, v) = api(
+            reqwest::Method::POST,
+            c.broker.api("/v1/events"),
+            &c.token,
+            Some(json!({"kind": "created", "host": HOST, "path": path})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    wait_until(|| async {
+        origin.hits("/cost/used.js") == 2 && origin.hits("/cost/wasted.js") == 2
+    })
+    .await;
+    let r = c.get("/cost/used.js", "eu").await;
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+
+    // After the TTL the edges report how each shadow ended; the ledger prices them.
+    let url = c.broker.api("/v1/cost");
+    let token = OPERATOR_TOKEN.to_string();
+    let rollup = |v: &Value, region: &str| {
+        v["rollups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["region"] == region && r["provider"] == provider.as_str())
+            .cloned()
+    };
+    let settled = |v: &Value| {
+        ["eu", "us"]
+            .iter()
+            .all(|r| rollup(v, r).is_some_and(|x| x["shadows"].as_u64() >= Some(2)))
+            && v["changes"].as_array().is_some_and(|c| c.len() >= 2)
+    };
+    wait_secs(20, || async {
+        settled(&api(reqwest::Method::GET, url.clone(), &token, None).await.1)
+    })
+    .await;
+    let (_, report) = api(reqwest::Method::GET, url.clone(), &token, None).await;
+    let (eu, us) = (
+        rollup(&report, "eu").unwrap(),
+        rollup(&report, "us").unwrap(),
+    );
+    assert!(eu["used"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(us["used"], 0, "{report}");
+    assert!(us["spend"].as_f64().unwrap() > 0.0, "{report}");
+    assert!(us["net"].as_f64().unwrap() < 0.0, "{report}");
+    assert!(
+        eu["net"].as_f64().unwrap() > us["net"].as_f64().unwrap(),
+        "{report}"
+    );
+
+    // Wasted shadows raise us's threshold; eu's pay off and lower it. Both say why.
+    let moved = |region: &str| {
+        report["changes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["region"] == region && c["class"] == "high")
+            .cloned()
+            .unwrap_or_else(|| panic!("no {region} change: {report}"))
+    };
+    let (eu_change, us_change) = (moved("eu"), moved("us"));
+    assert!(
+        us_change["to"].as_f64() > us_change["from"].as_f64(),
+        "{report}"
+    );
+    assert!(us_change["reason"]
+        .as_str()
+        .unwrap()
+        .contains("below break-even"));
+    assert!(
+        eu_change["to"].as_f64() < eu_change["from"].as_f64(),
+        "{report}"
+    );
+    let m = c.metrics().await;
+    assert!(
+        sample(&m, "shadowcdn_broker_shadow_precision", &["region=\"us\""]) == Some(0.0),
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "shadowcdn_broker_shadow_spend_dollars_total",
+            &["category=\"fill_origin\""]
+        )
+        .is_some_and(|x| x > 0.0),
+        "{m}"
+    );
+    assert!(
+        sample(
+            &m,
+            "shadowcdn_broker_shadow_threshold",
+            &["region=\"us\"", "class=\"high\""]
+        )
+        .is_some_and(|t| t > 0.5),
+        "{m}"
+    );
+    // The operator view needs the operator token.
+    let (s, _) = api(reqwest::Method::GET, url, &c.token, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+}

@@ -43,6 +43,9 @@ pub struct BrokerConfig {
     /// Shadow planning.
     #[serde(default)]
     pub planner: crate::planner::PlannerSection,
+    /// Prices of shadowing and the threshold tuner's bounds.
+    #[serde(default)]
+    pub cost: crate::cost::CostSection,
     /// QUIC control channel to the edges (required for edges with a `sync` address).
     #[serde(default)]
     pub control: Option<crate::control::ControlSection>,

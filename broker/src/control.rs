@@ -18,6 +18,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
+use crate::cost::Ledger;
 use crate::metrics::BrokerMetrics;
 use crate::routing::Fleet;
 
@@ -69,6 +70,7 @@ pub struct Control {
     links: OnceLock<Vec<Option<Arc<Link>>>>,
     stats: RwLock<Vec<Option<StatsReport>>>,
     interval: Duration,
+    ledger: Arc<Ledger>,
     metrics: BrokerMetrics,
 }
 
@@ -77,6 +79,7 @@ impl Control {
     pub fn new(
         section: &ControlSection,
         fleet: Arc<Fleet>,
+        ledger: Arc<Ledger>,
         metrics: BrokerMetrics,
     ) -> Result<Self, SyncError> {
         let identity = NodeIdentity::load(&TlsPaths {
@@ -92,6 +95,7 @@ impl Control {
             links: OnceLock::new(),
             stats: RwLock::new(vec![None; n]),
             interval: Duration::from_secs(section.stats_interval_secs.max(1)),
+            ledger,
             metrics,
         })
     }
@@ -174,7 +178,9 @@ impl Control {
         for (e, r) in futures::future::join_all(polls).await {
             let id = self.fleet.edges[e].id.as_str();
             match r {
-                Ok(Reply::Stats(s)) => {
+                Ok(Reply::Stats(mut s)) => {
+                    self.ledger.settle(e, &s.outcomes);
+                    s.outcomes = Vec::new();
                     let g = &self.metrics.edge_stats;
                     for (stat, v) in [
                         ("shadows", s.shadows),
@@ -195,6 +201,17 @@ impl Control {
                 Ok(other) => tracing::warn!(edge = id, reply = ?other, "unexpected stats reply"),
                 Err(err) => tracing::debug!(edge = id, error = %err, "stats poll failed"),
             }
+        }
+        let (first, misses) = self
+            .stats
+            .read()
+            .iter()
+            .flatten()
+            .fold((0, 0), |(f, m), s| (f + s.shadow_first_hits, m + s.misses));
+        if first + misses > 0 {
+            self.metrics
+                .shadow_recall
+                .set(first as f64 / (first + misses) as f64);
         }
     }
 }

@@ -4,11 +4,12 @@
 //! prediction.
 //!
 //! Entry type: [`server::Broker`]. Modules: [`routing`], [`proxy`], [`registry`],
-//! [`monitor`], [`planner`], [`control`] (QUIC to the edges), [`sync`] (orders to edges over
+//! [`monitor`], [`planner`], [`control`] (QUIC to the edges), [`cost`] (shadow ledger and threshold tuner), [`sync`] (orders to edges over
 //! QUIC or their admin API), [`config`], [`metrics`].
 
 pub mod config;
 pub mod control;
+pub mod cost;
 pub mod metrics;
 pub mod monitor;
 pub mod planner;

@@ -35,6 +35,20 @@ pub struct BrokerMetrics {
     pub event_propagation: prometheus::HistogramVec,
     /// The planner's uncertainty safety factor on shadow budgets.
     pub planner_safety: prometheus::Gauge,
+    /// Shadow spend in USD by category, provider, region and priority class.
+    pub shadow_spend: prometheus::CounterVec,
+    /// Shadow savings in USD by category, provider, region and priority class.
+    pub shadow_savings: prometheus::CounterVec,
+    /// Cumulative net benefit (savings − spend) of settled shadows, by region and `all`.
+    pub net_benefit: prometheus::GaugeVec,
+    /// Shadowed bytes that served a request before expiry / shadowed bytes, by region.
+    pub shadow_precision: prometheus::GaugeVec,
+    /// First requests that found a shadow / all first requests (shadow first hits + misses).
+    pub shadow_recall: prometheus::Gauge,
+    /// Confidence threshold in force by region and priority class.
+    pub threshold: prometheus::GaugeVec,
+    /// Threshold moves by region, class and direction.
+    pub threshold_changes: IntCounterVec,
     /// 1 while the QUIC control connection to an edge is up.
     pub quic_connected: IntGaugeVec,
     /// QUIC control messages by type and outcome.
@@ -132,6 +146,52 @@ impl BrokerMetrics {
                 "shadowcdn_broker_planner_safety_factor",
                 "Safety factor applied to shadow budgets (1: confident forecasts)",
             )?,
+            shadow_spend: prometheus::CounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadow_spend_dollars_total",
+                    "What settled shadows cost (USD)",
+                ),
+                &["category", "provider", "region", "class"],
+            )?,
+            shadow_savings: prometheus::CounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadow_savings_dollars_total",
+                    "What settled shadows saved (USD)",
+                ),
+                &["category", "provider", "region", "class"],
+            )?,
+            net_benefit: prometheus::GaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadow_net_benefit_dollars",
+                    "Savings minus spend of settled shadows (USD)",
+                ),
+                &["region"],
+            )?,
+            shadow_precision: prometheus::GaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadow_precision",
+                    "Shadowed bytes that served a request before expiry / shadowed bytes",
+                ),
+                &["region"],
+            )?,
+            shadow_recall: prometheus::Gauge::new(
+                "shadowcdn_broker_shadow_recall",
+                "First requests that found a shadow / all first requests",
+            )?,
+            threshold: prometheus::GaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadow_threshold",
+                    "Confidence threshold in force",
+                ),
+                &["region", "class"],
+            )?,
+            threshold_changes: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadow_threshold_changes_total",
+                    "Threshold moves by the cost tuner",
+                ),
+                &["region", "class", "direction"],
+            )?,
             quic_connected: IntGaugeVec::new(
                 Opts::new(
                     "shadowcdn_broker_quic_connected",
@@ -163,6 +223,13 @@ impl BrokerMetrics {
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
         registry.register(Box::new(m.planner_safety.clone()))?;
         registry.register(Box::new(m.quic_connected.clone()))?;
+        registry.register(Box::new(m.shadow_spend.clone()))?;
+        registry.register(Box::new(m.shadow_savings.clone()))?;
+        registry.register(Box::new(m.net_benefit.clone()))?;
+        registry.register(Box::new(m.shadow_precision.clone()))?;
+        registry.register(Box::new(m.shadow_recall.clone()))?;
+        registry.register(Box::new(m.threshold.clone()))?;
+        registry.register(Box::new(m.threshold_changes.clone()))?;
         registry.register(Box::new(m.quic_messages.clone()))?;
         registry.register(Box::new(m.edge_stats.clone()))?;
         registry.register(Box::new(m.event_propagation.clone()))?;

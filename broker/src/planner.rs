@@ -25,6 +25,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
+use crate::cost::{Class, Ledger, OrderInfo};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
 use crate::registry::Registry;
@@ -46,7 +47,8 @@ pub struct PlannerSection {
     /// Seconds between planning ticks.
     #[serde(default = "default_interval")]
     pub interval_secs: u64,
-    /// Minimum P(any request in the horizon) to shadow.
+    /// Minimum P(any request in the horizon) to shadow: the starting point of every
+    /// (region, priority class) threshold, which the cost tuner then moves.
     #[serde(default = "default_threshold")]
     pub threshold: f32,
     /// The ONNX model (its `.json` metadata beside it); the seasonal-naive baseline answers
@@ -137,8 +139,10 @@ pub struct Decision {
     pub quantiles: [f32; 3],
     /// P(any request in the next hour).
     pub p_any: f32,
-    /// Threshold in force.
+    /// Threshold in force for this region and priority class.
     pub threshold: f32,
+    /// Why the cost tuner last moved that threshold.
+    pub threshold_reason: Option<String>,
     /// Expected benefit used for ranking.
     pub benefit: f64,
     /// Target edge, if the region has a usable one.
@@ -169,6 +173,8 @@ struct Candidate {
     allowed: bool,
     /// Requests in the last hour: its owner in this region likely holds it.
     recent: bool,
+    /// Owning provider (`-` when unregistered).
+    provider: String,
 }
 
 /// The verdict on one candidate.
@@ -187,7 +193,7 @@ fn decide(
     forecasts: &[models::Forecast],
     edge_of: impl Fn(&Candidate) -> Option<usize>,
     is_live: impl Fn(&str, usize) -> bool,
-    threshold: f32,
+    threshold_of: impl Fn(usize) -> f32,
     budget_of: impl Fn(usize) -> u64,
 ) -> Vec<Verdict> {
     let mut ranked: Vec<(usize, f64)> = forecasts
@@ -206,7 +212,7 @@ fn decide(
         .map(|(i, benefit)| {
             let (c, f) = (&cands[i], &forecasts[i]);
             let edge = edge_of(c);
-            let outcome = if f.p_any < threshold {
+            let outcome = if f.p_any < threshold_of(i) {
                 "below_threshold"
             } else if !c.allowed {
                 "policy"
@@ -306,6 +312,7 @@ pub struct Planner {
     series: Arc<RwLock<SeriesStore>>,
     sync: Arc<EdgeSync>,
     state: Arc<PlannerState>,
+    ledger: Arc<Ledger>,
     metrics: BrokerMetrics,
 }
 
@@ -320,9 +327,11 @@ impl Planner {
         series: Arc<RwLock<SeriesStore>>,
         sync: Arc<EdgeSync>,
         state: Arc<PlannerState>,
+        ledger: Arc<Ledger>,
         metrics: BrokerMetrics,
     ) -> Self {
         Planner {
+            ledger,
             cfg,
             fleet,
             health,
@@ -366,6 +375,9 @@ impl Planner {
                     .map_or(self.cfg.default_ttl_secs, |r| r.shadow_ttl_secs),
                 allowed,
                 recent,
+                provider: reg
+                    .as_ref()
+                    .map_or_else(|| "-".to_string(), |r| r.provider.clone()),
             });
         }
         out
@@ -454,7 +466,16 @@ impl Planner {
         let mut live = self.state.live.lock().clone();
         let tick_now = Instant::now();
         live.retain(|_, exp| *exp > tick_now);
-        let threshold = self.cfg.threshold;
+        self.ledger.tune(now);
+        let thresholds: Vec<(f32, Option<String>)> = cands
+            .iter()
+            .map(|c| self.ledger.threshold(c.region_idx, c.priority))
+            .collect();
+        let threshold = thresholds
+            .iter()
+            .map(|t| t.0)
+            .fold(f32::INFINITY, f32::min)
+            .min(self.cfg.threshold);
         let safety = self
             .state
             .update_safety(&forecasts, threshold, self.cfg.min_safety);
@@ -470,7 +491,7 @@ impl Planner {
                     .edge_in_region(&c.key, c.region_idx, &self.health)
             },
             |key, e| live.contains_key(&(key.to_string(), e)),
-            threshold,
+            |i| thresholds[i].0,
             |e| budgets[e],
         );
         let now_ms = now * 1000;
@@ -489,7 +510,12 @@ impl Planner {
                     deadline_ms: now_ms + (expected * 1000.0) as u64,
                     peer: peer.clone(),
                 };
-                orders.push((e, order));
+                let info = OrderInfo {
+                    provider: c.provider.clone(),
+                    region: c.region_idx,
+                    class: Class::of(c.priority),
+                };
+                orders.push((e, order, info));
             }
             self.metrics
                 .planner_decisions
@@ -500,7 +526,8 @@ impl Planner {
                 forecaster: name.clone(),
                 quantiles: f.quantiles,
                 p_any: f.p_any,
-                threshold,
+                threshold: thresholds[v.candidate].0,
+                threshold_reason: thresholds[v.candidate].1.clone(),
                 benefit: v.benefit,
                 edge: v.edge.map(|e| self.fleet.edges[e].id.clone()),
                 budget_bytes: v.edge.map(|e| budgets[e]),
@@ -513,12 +540,14 @@ impl Planner {
         }
         // Earliest expected arrival first: with a bounded send rate, the objects needed
         // soonest must not wait behind ones needed in an hour.
-        orders.sort_by_key(|(_, o)| o.deadline_ms);
-        for (e, order) in orders {
+        orders.sort_by_key(|(_, o, _)| o.deadline_ms);
+        for (e, order, info) in orders {
             let (key, ttl) = (order.key.clone(), order.ttl_secs);
             let ok = self.sync.shadow(e, order).await;
             if ok {
                 live.insert((key.clone(), e), tick_now + Duration::from_secs(ttl));
+                self.ledger
+                    .record_order(&key, e, info, Duration::from_secs(ttl));
             } else if let Some(d) = decisions.get_mut(&key).and_then(|v| {
                 v.iter_mut()
                     .find(|d| d.edge.as_deref() == Some(self.fleet.edges[e].id.as_str()))
@@ -584,6 +613,7 @@ mod tests {
             ttl: 60,
             allowed,
             recent: true,
+            provider: "-".into(),
         }
     }
 
@@ -603,7 +633,14 @@ mod tests {
             cand("d", 100, 5, true),
         ];
         let forecasts = vec![fc(10.0, 0.9), fc(10.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)];
-        let v = decide(&cands, &forecasts, |_| Some(0), |_, _| false, 0.5, |_| 1000);
+        let v = decide(
+            &cands,
+            &forecasts,
+            |_| Some(0),
+            |_, _| false,
+            |_| 0.5,
+            |_| 1000,
+        );
         let shadowed: Vec<&str> = v
             .iter()
             .filter(|v| v.outcome == "shadowed")
@@ -640,7 +677,7 @@ mod tests {
             &forecasts,
             |c| (c.key != "orphan").then_some(0),
             |k, _| k == "live",
-            0.5,
+            |_| 0.5,
             |_| 1 << 20,
         );
         let outcome = |k: &str| {

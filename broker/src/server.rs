@@ -13,6 +13,7 @@ use pingora_core::services::background::background_service;
 
 use crate::config::BrokerConfig;
 use crate::control::{Control, ControlService};
+use crate::cost::Ledger;
 use crate::metrics::BrokerMetrics;
 use crate::monitor::Monitor;
 use crate::planner::{Planner, PlannerState};
@@ -86,9 +87,15 @@ impl Broker {
             cfg.data_dir.join("monitor.json"),
             metrics.clone(),
         );
+        let ledger = Arc::new(Ledger::new(
+            cfg.cost.clone(),
+            cfg.planner.threshold,
+            fleet.regions.clone(),
+            metrics.clone(),
+        ));
         let control = match &cfg.control {
             Some(c) => Some(Arc::new(
-                Control::new(c, fleet.clone(), metrics.clone())
+                Control::new(c, fleet.clone(), ledger.clone(), metrics.clone())
                     .map_err(|e| StartError::Setup(format!("control: {e}")))?,
             )),
             None => None,
@@ -147,9 +154,11 @@ impl Broker {
             monitor.store(),
             sync.clone(),
             planner_state.clone(),
+            ledger.clone(),
             metrics.clone(),
         );
         let api_state = ApiState {
+            ledger,
             registry,
             fleet: fleet.clone(),
             health: health.clone(),

@@ -19,11 +19,25 @@ cleanup() {
 }
 trap cleanup INT TERM EXIT
 
+# The cluster CA and one certificate per node, for QUIC between broker and edges.
+PKI=var/local/pki
+if [ ! -s "$PKI/ca.pem" ]; then
+  target/release/edge-node certs ca --dir "$PKI" >/dev/null
+fi
+for n in eu-1 eu-2 eu-standby us-1 us-2 us-standby; do
+  [ -s "$PKI/$n.pem" ] || target/release/edge-node certs issue --ca-dir "$PKI" --name "$n" >/dev/null
+done
+[ -s "$PKI/broker.pem" ] || target/release/edge-node certs issue --ca-dir "$PKI" --name broker --broker >/dev/null
+
 target/release/origin --listen 127.0.0.1:9000 --root . --max-age 60 &
 pids+=($!)
 for e in eu-1:8101:9101 eu-2:8102:9102 eu-standby:8103:9103 us-1:8201:9201 us-2:8202:9202 us-standby:8203:9203; do
   IFS=: read -r id port admin <<<"$e"
-  RUST_LOG=${RUST_LOG:-warn} target/release/edge-node --config deploy/local/edge.toml --node-id "$id" \
+  # QUIC listens on the HTTP port number, over UDP.
+  RUST_LOG=${RUST_LOG:-warn} \
+  SHADOWCDN_EDGE_SYNC__LISTEN="127.0.0.1:$port" SHADOWCDN_EDGE_SYNC__CA_CERT="$PKI/ca.pem" \
+  SHADOWCDN_EDGE_SYNC__CERT="$PKI/$id.pem" SHADOWCDN_EDGE_SYNC__KEY="$PKI/$id.key" \
+  target/release/edge-node --config deploy/local/edge.toml --node-id "$id" \
     --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --cache-dir "var/local/$id" &
   pids+=($!)
 done
@@ -55,6 +69,7 @@ shadowcdn local cluster is up
             (header "x-client-region: us" routes to the us edges; try it twice: MISS then HIT)
   provider: http://127.0.0.1:7081/v1/...    token in $TOKEN_FILE; see broker/openapi.yaml or 'broker api --help'
   metrics : http://127.0.0.1:7081/metrics (broker), http://127.0.0.1:9101/metrics … 9203 (edges)
+  QUIC    : broker → edges and edge ↔ edge on udp/8101 … 8203, mutual TLS from $PKI/ca.pem
   origin  : http://127.0.0.1:9000           (serves this repository's files, or ?size=N synthetic bodies)
 Ctrl-C to stop.
 INFO

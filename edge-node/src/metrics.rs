@@ -32,6 +32,8 @@ pub struct EdgeMetrics {
     pub shadow_fills: IntCounterVec,
     /// Expired shadows by outcome (`used`: demoted, `wasted`: purged unrequested).
     pub shadows_expired: IntCounterVec,
+    /// Requests that were the first to find their shadow (recall's numerator).
+    pub shadow_first_hits: IntCounter,
     /// Shadow fills by the source that served them (peer edge or origin).
     pub shadow_fill_sources: IntCounterVec,
     /// Bytes fetched by shadow fills.
@@ -129,6 +131,10 @@ impl EdgeMetrics {
                 Opts::new("shadowcdn_edge_shadows_expired_total", "Expired shadows"),
                 &["outcome"],
             )?,
+            shadow_first_hits: IntCounter::new(
+                "shadowcdn_edge_shadow_first_hits_total",
+                "Requests that were the first to find their shadow",
+            )?,
             shadow_fill_sources: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_edge_shadow_fill_sources_total",
@@ -182,6 +188,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadow_hits.clone()))?;
         registry.register(Box::new(m.shadow_fills.clone()))?;
         registry.register(Box::new(m.shadows_expired.clone()))?;
+        registry.register(Box::new(m.shadow_first_hits.clone()))?;
         registry.register(Box::new(m.shadow_fill_sources.clone()))?;
         registry.register(Box::new(m.shadow_fill_bytes.clone()))?;
         registry.register(Box::new(m.sync_connections.clone()))?;

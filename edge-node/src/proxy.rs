@@ -539,8 +539,14 @@ impl ProxyHttp for EdgeProxy {
                 | CachePhase::StaleUpdating
                 | CachePhase::Revalidated
         );
-        if from_cache && !ctx.shadow_fill && self.hooks.table.hit(&ctx.key, Instant::now()) {
+        let shadow_hits = (from_cache && !ctx.shadow_fill && !ctx.only_if_cached)
+            .then(|| self.hooks.table.hit(&ctx.key, Instant::now()))
+            .flatten();
+        if let Some(n) = shadow_hits {
             self.metrics.shadow_hits.inc();
+            if n == 1 {
+                self.metrics.shadow_first_hits.inc();
+            }
             resp.insert_header("x-shadowcdn-shadow", "hit")?;
         }
         resp.insert_header("x-cache", label.to_ascii_uppercase())?;

@@ -17,7 +17,7 @@ use crate::http_service::AxumService;
 use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
-use crate::shadow::{ShadowService, ShadowTable};
+use crate::shadow::{OutcomeLog, ShadowService, ShadowTable};
 use crate::storage::{FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{NodeIdentity, PeerBridge, PeerPool, SyncError, SyncParts, SyncService};
 
@@ -194,8 +194,9 @@ impl EdgeNode {
         );
         proxy_service.add_tcp(&cfg.server.listen.to_string());
 
+        let outcomes = Arc::new(OutcomeLog::default());
         let (shadow_service, filler) = ShadowService::new(
-            shadows.clone(),
+            (shadows.clone(), outcomes.clone()),
             storage,
             metrics.clone(),
             cfg.server.listen,
@@ -207,6 +208,7 @@ impl EdgeNode {
                 node_id: cfg.node_id.clone(),
                 storage,
                 shadows: shadows.clone(),
+                outcomes,
                 filler: filler.clone(),
                 metrics: metrics.clone(),
                 max_ttl_secs: cfg.shadow.max_ttl_secs,

@@ -52,6 +52,8 @@ pub struct ApiState {
     pub metrics: BrokerMetrics,
     /// The planner's latest decisions.
     pub planner: Arc<PlannerState>,
+    /// Shadow cost ledger and threshold tuner.
+    pub ledger: Arc<crate::cost::Ledger>,
 }
 
 /// An API failure.
@@ -180,6 +182,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/series", get(series))
         .route("/v1/routes", get(routes))
         .route("/v1/shadows/explain", get(explain))
+        .route("/v1/cost", get(cost))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -451,6 +454,13 @@ async fn explain(
     }
 }
 
+/// `GET /v1/cost` (operator): prices, spend and savings per provider, region and priority
+/// class, thresholds in force and the log of their moves with reasons.
+async fn cost(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    operator(&s, &headers)?;
+    Ok(Json(s.ledger.report()).into_response())
+}
+
 /// `POST /v1/events`: the origin changed. `updated` invalidates every copy and refills the
 /// live shadows; `deleted` removes every copy; `created` of a resource registered with high
 /// priority is shadowed at once on the owning edge of each region its policy allows (up to
@@ -523,11 +533,14 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                         let order = asap_order(&target, r.shadow_ttl_secs, r.priority);
                         let ok = s.sync.shadow(e, order).await;
                         if ok {
-                            s.planner.record(
-                                &target,
-                                e,
-                                std::time::Duration::from_secs(r.shadow_ttl_secs),
-                            );
+                            let ttl = std::time::Duration::from_secs(r.shadow_ttl_secs);
+                            s.planner.record(&target, e, ttl);
+                            let info = crate::cost::OrderInfo {
+                                provider: r.provider.clone(),
+                                region,
+                                class: crate::cost::Class::of(r.priority),
+                            };
+                            s.ledger.record_order(&target, e, info, ttl);
                         }
                         shadowed.push(json!({ "edge": s.fleet.edges[e].id, "region": s.fleet.regions[region], "ok": ok }));
                     }

@@ -18,11 +18,11 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Expired, ShadowTable};
-use super::FILL_HEADER;
+use super::{OutcomeLog, FILL_HEADER};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{normalize_key, InternalSecret};
 use crate::storage::FoyerStorage;
-use crate::sync::protocol::PeerRef;
+use crate::sync::protocol::{PeerRef, ShadowOutcome};
 use crate::sync::{format_peer_via, PEER_VIA_HEADER};
 
 /// One object to shadow.
@@ -171,6 +171,7 @@ impl Filler {
 pub struct ShadowService {
     filler: Filler,
     table: Arc<ShadowTable>,
+    outcomes: Arc<OutcomeLog>,
     storage: &'static FoyerStorage,
     metrics: EdgeMetrics,
     listen: SocketAddr,
@@ -189,7 +190,7 @@ impl ShadowService {
     /// A service filling through `listen` (this edge's proxy) with at most `concurrency`
     /// fills at once and `queue` waiting; returns it and the submission handle.
     pub fn new(
-        table: Arc<ShadowTable>,
+        (table, outcomes): (Arc<ShadowTable>, Arc<OutcomeLog>),
         storage: &'static FoyerStorage,
         metrics: EdgeMetrics,
         listen: SocketAddr,
@@ -207,6 +208,7 @@ impl ShadowService {
             ShadowService {
                 filler: filler.clone(),
                 table,
+                outcomes,
                 storage,
                 metrics,
                 listen,
@@ -277,23 +279,31 @@ async fn fill_one(
 }
 
 impl ShadowService {
+    /// Expire marks: a never-used shadow is purged (or was already evicted by the cache),
+    /// a used one stays as a normal entry; every ending is logged for the broker's ledger.
     fn sweep(&self) {
-        for e in self.table.expire(Instant::now()) {
-            match e {
+        let now = Instant::now();
+        for (e, mark) in self.table.expire(now) {
+            let (key, label, evicted) = match e {
                 Expired::Wasted(key) => {
+                    let evicted = !self.storage.holds(&key);
                     self.storage.purge_key(&key);
-                    self.metrics
-                        .shadows_expired
-                        .with_label_values(&["wasted"])
-                        .inc();
+                    (key, if evicted { "evicted" } else { "wasted" }, evicted)
                 }
-                Expired::Used(_) => {
-                    self.metrics
-                        .shadows_expired
-                        .with_label_values(&["used"])
-                        .inc();
-                }
-            }
+                Expired::Used(key) => (key, "used", false),
+            };
+            self.metrics
+                .shadows_expired
+                .with_label_values(&[label])
+                .inc();
+            self.outcomes.push(ShadowOutcome {
+                key,
+                bytes: mark.bytes,
+                hits: mark.hits,
+                held_secs: now.saturating_duration_since(mark.marked_at).as_secs(),
+                peer_filled: mark.peer_filled,
+                evicted,
+            });
         }
     }
 }
@@ -344,7 +354,7 @@ impl BackgroundService for ShadowService {
                 match fill_one(&client, listen, &internal, &req).await {
                     Ok((bytes, source)) => {
                         table.mark(&req.key, req.ttl, req.priority, Instant::now());
-                        table.set_bytes(&req.key, bytes);
+                        table.set_fill(&req.key, bytes, matches!(source, Source::Peer));
                         metrics.shadow_fills.with_label_values(&["filled"]).inc();
                         let source = match source {
                             Source::Peer => "peer",

@@ -7,7 +7,42 @@ pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
 pub use table::{Expired, Mark, ShadowTable};
 
+use std::collections::VecDeque;
+
 use crate::storage::FoyerStorage;
+use crate::sync::protocol::ShadowOutcome;
+
+/// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
+/// broker does not poll, the oldest are dropped (and counted) rather than growing forever.
+#[derive(Default)]
+pub struct OutcomeLog {
+    inner: parking_lot::Mutex<(VecDeque<ShadowOutcome>, u64)>,
+}
+
+impl OutcomeLog {
+    /// Most outcomes kept between polls.
+    pub const CAPACITY: usize = 20_000;
+
+    /// Record one ended shadow.
+    pub fn push(&self, o: ShadowOutcome) {
+        let mut g = self.inner.lock();
+        if g.0.len() >= Self::CAPACITY {
+            g.0.pop_front();
+            g.1 += 1;
+        }
+        g.0.push_back(o);
+    }
+
+    /// Take every recorded outcome.
+    pub fn drain(&self) -> Vec<ShadowOutcome> {
+        self.inner.lock().0.drain(..).collect()
+    }
+
+    /// Outcomes dropped because nobody polled.
+    pub fn dropped(&self) -> u64 {
+        self.inner.lock().1
+    }
+}
 
 /// Header (value: the per-process internal secret) on the edge's own shadow-fill requests,
 /// so they are not counted as user hits and may name a peer to fill from.

@@ -23,6 +23,10 @@ pub struct Mark {
     pub hits: u64,
     /// Body bytes of the filled object (0 until filled).
     pub bytes: u64,
+    /// When the shadow was first marked (a renewal keeps it).
+    pub marked_at: Instant,
+    /// Whether a peer edge (not the origin) supplied the object.
+    pub peer_filled: bool,
     /// Generation, so a renewed mark is not expired by the old heap entry.
     generation: u64,
 }
@@ -56,8 +60,11 @@ impl ShadowTable {
         g.next_gen += 1;
         let generation = g.next_gen;
         let expires = now + ttl;
-        let hits = g.marks.get(key).map_or(0, |m| m.hits);
-        let bytes = g.marks.get(key).map_or(0, |m| m.bytes);
+        let old = g.marks.get(key);
+        let hits = old.map_or(0, |m| m.hits);
+        let bytes = old.map_or(0, |m| m.bytes);
+        let marked_at = old.map_or(now, |m| m.marked_at);
+        let peer_filled = old.is_some_and(|m| m.peer_filled);
         g.marks.insert(
             key.to_string(),
             Mark {
@@ -65,27 +72,31 @@ impl ShadowTable {
                 priority,
                 hits,
                 bytes,
+                marked_at,
+                peer_filled,
                 generation,
             },
         );
         g.heap.push(Reverse((expires, generation, key.to_string())));
     }
 
-    /// Record the filled size of a shadow.
-    pub fn set_bytes(&self, key: &str, bytes: u64) {
+    /// Record the filled size of a shadow and where it came from.
+    pub fn set_fill(&self, key: &str, bytes: u64, peer_filled: bool) {
         if let Some(m) = self.inner.lock().marks.get_mut(key) {
             m.bytes = bytes;
+            m.peer_filled = peer_filled;
         }
     }
 
-    /// If `key` has a valid mark, count a shadow hit and return true.
-    pub fn hit(&self, key: &str, now: Instant) -> bool {
+    /// If `key` has a valid mark, count a shadow hit and return the hits so far (1: the
+    /// first request found its shadow).
+    pub fn hit(&self, key: &str, now: Instant) -> Option<u64> {
         match self.inner.lock().marks.get_mut(key) {
             Some(m) if m.expires > now => {
                 m.hits += 1;
-                true
+                Some(m.hits)
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -102,8 +113,8 @@ impl ShadowTable {
         before - g.marks.len()
     }
 
-    /// Pop every mark whose expiry has passed.
-    pub fn expire(&self, now: Instant) -> Vec<Expired> {
+    /// Pop every mark whose expiry has passed, with the mark.
+    pub fn expire(&self, now: Instant) -> Vec<(Expired, Mark)> {
         let mut g = self.inner.lock();
         let mut out = Vec::new();
         while let Some(Reverse((at, generation, _))) = g.heap.peek() {
@@ -119,11 +130,12 @@ impl ShadowTable {
                 .is_some_and(|m| m.generation == generation)
             {
                 let m = g.marks.remove(&key).expect("checked just above");
-                out.push(if m.hits == 0 {
+                let e = if m.hits == 0 {
                     Expired::Wasted(key)
                 } else {
                     Expired::Used(key)
-                });
+                };
+                out.push((e, m));
             }
         }
         out
@@ -151,8 +163,9 @@ mod tests {
         let now = Instant::now();
         t.mark("h/a", Duration::from_secs(10), 5, now);
         t.mark("h/b", Duration::from_secs(5), 5, now);
-        assert!(t.hit("h/a", now));
-        assert!(!t.hit("h/zz", now));
+        assert_eq!(t.hit("h/a", now), Some(1));
+        assert_eq!(t.hit("h/a", now), Some(2));
+        assert_eq!(t.hit("h/zz", now), None);
         // Renew b before it expires: the old heap entry must not expire it.
         t.mark(
             "h/b",
@@ -161,10 +174,14 @@ mod tests {
             now + Duration::from_secs(4),
         );
         let out = t.expire(now + Duration::from_secs(11));
-        assert_eq!(out, vec![Expired::Used("h/a".into())]);
-        assert!(!t.hit("h/a", now + Duration::from_secs(11)));
+        assert_eq!(out[0].0, Expired::Used("h/a".into()));
+        assert_eq!(out[0].1.hits, 2);
+        assert_eq!(t.hit("h/a", now + Duration::from_secs(11)), None);
         let out = t.expire(now + Duration::from_secs(30));
-        assert_eq!(out, vec![Expired::Wasted("h/b".into())]);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].0, Expired::Wasted("h/b".into()));
+        // The renewal kept the first mark time.
+        assert_eq!(out[0].1.marked_at, now);
         assert_eq!(t.usage().0, 0);
     }
 
@@ -186,6 +203,6 @@ mod tests {
         let t = ShadowTable::default();
         let now = Instant::now();
         t.mark("k", Duration::from_secs(1), 1, now);
-        assert!(!t.hit("k", now + Duration::from_secs(2)));
+        assert_eq!(t.hit("k", now + Duration::from_secs(2)), None);
     }
 }

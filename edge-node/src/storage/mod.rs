@@ -167,6 +167,12 @@ impl FoyerStorage {
         self.remove(hash_of(key.primary_bin()))
     }
 
+    /// Whether the cache (memory or disk) holds an object under `primary_key`.
+    pub fn holds(&self, primary_key: &str) -> bool {
+        let key = CacheKey::new(primary_key, "");
+        self.cache.contains(&hash_of(key.primary_bin()))
+    }
+
     /// Remove an object and cancel its fills; whether anything was there.
     fn remove(&self, hash: u128) -> bool {
         let had_fill = self.cancel_fills(hash);

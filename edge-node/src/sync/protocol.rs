@@ -118,6 +118,32 @@ pub struct StatsReport {
     pub fill_bytes: u64,
     /// Memory plus disk capacity of the cache.
     pub cache_capacity_bytes: u64,
+    /// Requests that were the first to find their shadow.
+    #[serde(default)]
+    pub shadow_first_hits: u64,
+    /// Cache misses (requests that went to the origin).
+    #[serde(default)]
+    pub misses: u64,
+    /// Shadows that ended since the previous report (the cost ledger's input).
+    #[serde(default)]
+    pub outcomes: Vec<ShadowOutcome>,
+}
+
+/// How one shadow ended: its lifetime, size, source and use.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShadowOutcome {
+    /// `host/path?query`.
+    pub key: String,
+    /// Body bytes.
+    pub bytes: u64,
+    /// Requests served from it.
+    pub hits: u64,
+    /// Seconds it was held.
+    pub held_secs: u64,
+    /// Whether a peer edge supplied it (else the origin).
+    pub peer_filled: bool,
+    /// Whether the cache evicted it before its TTL ran out.
+    pub evicted: bool,
 }
 
 /// Error classes a reply may carry.

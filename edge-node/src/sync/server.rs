@@ -21,7 +21,7 @@ use super::{is_hop_header, PEER_FETCH_HEADER};
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::InternalSecret;
-use crate::shadow::{split_key, unshadow, FillRequest, Filler, ShadowTable};
+use crate::shadow::{split_key, unshadow, FillRequest, Filler, OutcomeLog, ShadowTable};
 use crate::storage::FoyerStorage;
 
 /// Replies remembered for repeated message ids.
@@ -35,6 +35,8 @@ pub struct SyncParts {
     pub storage: &'static FoyerStorage,
     /// Shadow marks.
     pub shadows: Arc<ShadowTable>,
+    /// Ended shadows, drained by each stats report.
+    pub outcomes: Arc<OutcomeLog>,
     /// Shadow fill submission.
     pub filler: Filler,
     /// Metrics.
@@ -49,18 +51,28 @@ pub struct SyncParts {
     pub capacity_bytes: u64,
 }
 
+/// Replies to recent message ids. A stats reply carries (and drains) the shadow outcomes, so
+/// only the latest is kept: a retried poll gets the same outcomes, and memory stays small.
 #[derive(Default)]
 struct Dedup {
     replies: HashMap<u64, Reply>,
     order: VecDeque<u64>,
+    last_stats: Option<(u64, Reply)>,
 }
 
 impl Dedup {
     fn get(&self, id: u64) -> Option<Reply> {
-        self.replies.get(&id).cloned()
+        match &self.last_stats {
+            Some((i, r)) if *i == id => Some(r.clone()),
+            _ => self.replies.get(&id).cloned(),
+        }
     }
 
     fn put(&mut self, id: u64, reply: Reply) {
+        if matches!(reply, Reply::Stats(_)) {
+            self.last_stats = Some((id, reply));
+            return;
+        }
         if self.replies.insert(id, reply).is_none() {
             self.order.push_back(id);
             if self.order.len() > DEDUP_CAPACITY {
@@ -312,6 +324,9 @@ impl Handler {
             fills_failed: m.shadow_fills.with_label_values(&["failed"]).get(),
             fill_bytes: m.shadow_fill_bytes.get(),
             cache_capacity_bytes: p.capacity_bytes,
+            shadow_first_hits: m.shadow_first_hits.get(),
+            misses: m.requests.with_label_values(&["miss"]).get(),
+            outcomes: p.outcomes.drain(),
         }
     }
 
@@ -401,5 +416,8 @@ mod tests {
         assert!(d.get(0).is_none());
         assert!(d.get(DEDUP_CAPACITY as u64 + 9).is_some());
         assert_eq!(d.replies.len(), DEDUP_CAPACITY);
+        d.put(1, Reply::Stats(Default::default()));
+        d.put(2, Reply::Stats(Default::default()));
+        assert!(d.get(1).is_none() && d.get(2).is_some());
     }
 }
