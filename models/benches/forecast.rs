@@ -53,6 +53,11 @@ fn bench(c: &mut Criterion) {
         }
         Err(e) => eprintln!("skipping the LSTM: {e}"),
     }
+    // The part of the LSTM row spent building its input in Rust.
+    let mut input = Vec::new();
+    g.bench_function("lstm_input_features_only", |b| {
+        b.iter(|| models::features::batch_features_into(&hs, &mut input))
+    });
     g.bench_function("seasonal_naive", |b| {
         b.iter(|| SeasonalNaive.forecast(&hs).expect("forecast"))
     });

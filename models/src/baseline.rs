@@ -2,7 +2,7 @@
 //! empirical day-over-day quantiles, and EWMA with Poisson quantiles. They are also the
 //! fallback when the model cannot be loaded.
 
-use crate::features::{History, HORIZON};
+use crate::features::{seasonal_naive_p50, History, HORIZON};
 use crate::forecast::{Forecast, ForecastError, Forecaster, QUANTILES};
 
 /// Sum of `HORIZON` counts starting at `start`, if inside the history.
@@ -36,9 +36,7 @@ impl SeasonalNaive {
     pub fn one(h: &History<'_>) -> Forecast {
         let n = h.counts.len() as isize;
         let period = (86_400 / h.bucket_secs.max(1)) as isize;
-        let p50 = horizon_sum(h.counts, n - period)
-            .or_else(|| horizon_sum(h.counts, n - HORIZON as isize))
-            .unwrap_or_else(|| h.counts.iter().map(|c| f64::from(*c)).sum());
+        let p50 = seasonal_naive_p50(h.counts, h.bucket_secs);
         let mut days: Vec<f64> = (1..=7)
             .filter_map(|k| horizon_sum(h.counts, n - k * period))
             .collect();

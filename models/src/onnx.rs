@@ -9,11 +9,11 @@ use std::sync::OnceLock;
 
 use ort::environment::Environment;
 use ort::session::Session;
-use ort::value::Tensor;
+use ort::value::TensorRef;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{push_features, History, FEATURE_NAMES, HORIZON, N_FEATURES, WINDOW};
+use crate::features::{batch_features_into, History, FEATURE_NAMES, HORIZON, N_FEATURES, WINDOW};
 use crate::forecast::{Forecast, ForecastError, Forecaster, QUANTILES};
 
 /// ONNX Runtime version this crate's `ort` features (`api-31`) are paired with.
@@ -120,9 +120,15 @@ fn environment() -> Result<&'static Environment, LoadError> {
     .map_err(|e| LoadError::Runtime(e.clone()))
 }
 
+/// The session and the input buffer it reads (reused between calls).
+struct Inner {
+    session: Session,
+    input: Vec<f32>,
+}
+
 /// The LSTM forecaster.
 pub struct OnnxLstm {
-    session: Mutex<Session>,
+    inner: Mutex<Inner>,
     meta: ModelMetadata,
     path: PathBuf,
 }
@@ -234,7 +240,10 @@ impl OnnxLstm {
             })?;
         }
         Ok(OnnxLstm {
-            session: Mutex::new(session),
+            inner: Mutex::new(Inner {
+                session,
+                input: Vec::new(),
+            }),
             meta,
             path: model.to_path_buf(),
         })
@@ -255,14 +264,13 @@ impl Forecaster for OnnxLstm {
         if histories.is_empty() {
             return Ok(Vec::new());
         }
-        let mut input = Vec::with_capacity(histories.len() * WINDOW * N_FEATURES);
-        for h in histories {
-            push_features(h, &mut input);
-        }
         let rt = |e: ort::Error| ForecastError::Runtime(e.to_string());
+        let mut guard = self.inner.lock();
+        let Inner { session, input } = &mut *guard;
+        batch_features_into(histories, input);
         let tensor =
-            Tensor::from_array(([histories.len(), WINDOW, N_FEATURES], input)).map_err(rt)?;
-        let mut session = self.session.lock();
+            TensorRef::from_array_view(([histories.len(), WINDOW, N_FEATURES], input.as_slice()))
+                .map_err(rt)?;
         let outputs = session.run(ort::inputs!["window" => tensor]).map_err(rt)?;
         let (_, q) = outputs["quantiles"]
             .try_extract_tensor::<f32>()

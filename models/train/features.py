@@ -13,7 +13,7 @@ import numpy as np
 
 W = 32  # window length (buckets)
 H = 4  # horizon (buckets)
-F = 7  # features per step
+F = 9  # features per step
 BUCKET_SECS = 900
 QUANTILES = (0.1, 0.5, 0.9)
 EWMA_ALPHA = 0.3
@@ -25,6 +25,8 @@ FEATURE_NAMES = [
     "cos_day_of_week",
     "priority_over_10",
     "log1p_window_mean",
+    "log1p_seasonal_naive",
+    "log1p_history_mean",
 ]
 
 
@@ -49,30 +51,50 @@ def time_features(t: int) -> tuple[float, float, float, float]:
     return math.sin(a), math.cos(a), math.sin(b), math.cos(b)
 
 
+def history_features(hist, bucket_secs: int = BUCKET_SECS) -> tuple[float, float]:
+    """The two per-window features that look beyond the W-step window, from the whole history
+    `hist` (counts of consecutive buckets ending at the window end; only the last 7 days count):
+
+    - feature 7, `log1p_seasonal_naive` = ln(1 + s) with s the seasonal-naive p50 (see
+      `seasonal_naive`): the sum of the H buckets one day (P buckets) before the target buckets,
+      hist[n-P : n-P+H], or with fewer than P buckets of history the sum of the last H buckets;
+    - feature 8, `log1p_history_mean` = ln(1 + mean(hist[-L:])) with L = min(len(hist), 7 days).
+    """
+    h = np.asarray(hist, dtype=np.int64)
+    n = h.shape[0]
+    p = period_buckets(bucket_secs)
+    s = int(h[n - p:n - p + H].sum()) if n >= p else int(h[max(0, n - H):n].sum())
+    L = min(n, max_history(bucket_secs))
+    mean = float(h[n - L:].sum()) / L
+    return math.log1p(float(s)), math.log1p(mean)
+
+
 def window_features(counts, last_bucket_start: int, priority: int = 5,
                     bucket_secs: int = BUCKET_SECS) -> np.ndarray:
     """Features of the window made of the last W counts of `counts` (the history).
 
     `last_bucket_start` is the start of the last history bucket, so step i (0..W-1) starts at
-    `last_bucket_start - (W - 1 - i) * bucket_secs`. Computed in float64, returned as float32
-    `[W, F]`.
+    `last_bucket_start - (W - 1 - i) * bucket_secs`. Features 6-8 are the same at every step.
+    Computed in float64, returned as float32 `[W, F]`.
     """
-    c = np.asarray(counts, dtype=np.float64)
-    if c.shape[0] < W:
-        raise ValueError(f"need at least {W} buckets of history, got {c.shape[0]}")
-    c = c[-W:]
+    full = np.asarray(counts, dtype=np.float64)
+    if full.shape[0] < W:
+        raise ValueError(f"need at least {W} buckets of history, got {full.shape[0]}")
+    c = full[-W:]
     mean_feat = math.log1p(float(c.sum()) / W)
+    sn_feat, hist_feat = history_features(np.asarray(counts, dtype=np.int64), bucket_secs)
     out = np.empty((W, F), dtype=np.float64)
     for i in range(W):
         t = last_bucket_start - (W - 1 - i) * bucket_secs
         s1, c1, s2, c2 = time_features(t)
-        out[i] = (math.log1p(c[i]), s1, c1, s2, c2, priority / 10.0, mean_feat)
+        out[i] = (math.log1p(c[i]), s1, c1, s2, c2, priority / 10.0, mean_feat, sn_feat, hist_feat)
     return out.astype(np.float32)
 
 
 def series_windows_features(counts: np.ndarray, first_bucket: int, ends: np.ndarray,
                             priority: int = 5, bucket_secs: int = BUCKET_SECS) -> np.ndarray:
-    """Vectorised `window_features` for many windows of one series.
+    """Vectorised `window_features` for many windows of one series, each with the history
+    counts[max(0, e - 7 days) : e].
 
     `ends[j]` is the exclusive end index of window j: inputs are counts[e-W:e], the target
     buckets counts[e:e+H]. Returns float32 `[len(ends), W, F]`; equal to `window_features`
@@ -94,6 +116,13 @@ def series_windows_features(counts: np.ndarray, first_bucket: int, ends: np.ndar
     csum = np.concatenate([[0], np.cumsum(counts.astype(np.int64))])
     wsum = (csum[ends] - csum[ends - W]).astype(np.float64)
     x[:, :, 6] = np.log1p(wsum / W)[:, None]
+    p = period_buckets(bucket_secs)
+    L = np.minimum(ends, max_history(bucket_secs))  # history length
+    sn = np.where(L >= p, csum[np.clip(ends - p + H, 0, None)] - csum[np.clip(ends - p, 0, None)],
+                  csum[ends] - csum[np.maximum(ends - L, ends - H)])
+    x[:, :, 7] = np.log1p(sn.astype(np.float64))[:, None]
+    hsum = (csum[ends] - csum[ends - L]).astype(np.float64)
+    x[:, :, 8] = np.log1p(hsum / L)[:, None]
     return x.astype(np.float32)
 
 

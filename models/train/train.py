@@ -7,9 +7,10 @@ Steps:
  2. build windows (W=32, H=4, stride 1, dead windows skipped), split each trace 70/15/15 by the time
     of a window's first target bucket;
  3. train one LSTM on the train windows of both traces together (pinball loss on ln(1+y) for
-    q 0.1/0.5/0.9 + BCE for p_any); a small fixed grid of configurations is tried and the best one
-    by validation loss (early stopping on the validation split) is kept — the test split is used
-    only for the final report;
+    q 0.1/0.5/0.9 + BCE for p_any); a small fixed grid of configurations is tried, each with early
+    stopping on the validation split and per-quantile calibration offsets fitted on the validation
+    split, and the best by calibrated validation score is kept — the test split is used only for
+    the final report;
  4. export ONNX (models/lstm.onnx), check it against torch with onnxruntime, evaluate LSTM (via
     onnxruntime), seasonal naive and EWMA on each trace's test windows;
  5. write models/lstm.json, models/fixtures/features.json and models/MODEL_CARD.md.
@@ -41,20 +42,41 @@ EXPECTED_SHA256 = {  # from ../shared/traces/README.md
     "nasa_lpdaac_opendap/logs_for_opendap.txt.gz": "3974bcbdbf08afedb2a193853b317258a5fd922287701e51e09ec4e10d12fb15",
 }
 # Configurations tried, in order; the best by validation loss is exported.
+# Hidden size 8 so that one batch of 10,000 series runs in <= 20 ms on one core (measured with
+# `cargo bench -p models --bench forecast`: hidden 8 about 18 ms, hidden 12 or 16 22-32 ms);
+# "group" = buckets per LSTM step (32 / group steps).
 GRID = [
-    {"hidden": 32, "layers": 1, "lr": 3e-3, "bce_weight": 1.0},
-    {"hidden": 64, "layers": 1, "lr": 2e-3, "bce_weight": 1.0},
-    {"hidden": 48, "layers": 2, "lr": 2e-3, "bce_weight": 1.0},
+    {"hidden": 8, "head": 32, "group": 4, "lr": 3e-3, "bce_weight": 1.0},
+    {"hidden": 8, "head": 32, "group": 8, "lr": 3e-3, "bce_weight": 1.0},
+    {"hidden": 8, "head": 16, "group": 4, "lr": 3e-3, "bce_weight": 1.0},
 ]
 BATCH = 256
-DEV_NOTES = """Besides the grid above, these variants were tried by hand while writing this pipeline (seed 20240531,
-hidden 64 unless noted); none improved the validation loss meaningfully, so the grid was kept as is:
-trace-balanced loss weights (val loss 0.658), an exponential moving average of the weights with decay 0.995
-(0.635), learning rate 1e-3 (0.651), hidden 32 with weight EMA (0.644), and seeds 1 and 2 of the selected
-configuration (0.634, 0.645; their 3-seed ensemble did not clearly help either). In the interest of full
-disclosure: the test-split metrics of those variants were printed too while diagnosing the Apache p90 (cold-start)
-problem described above, but no choice was made on them; the shipped configuration is the one selected on validation
-loss in the first run."""
+DEV_NOTES = """History. The first version of this model (hidden 64 over 32 steps of the 7 original features, selected
+by validation loss, no calibration) met MASE ≤ 0.8 on apache only, lost q90 pinball on apache and q10 on nasa to the
+seasonal naive, had 87.1% coverage on apache, and took 388 ms per 10,000-series batch on one core. Its test metrics
+were known (reported in the issue) when this version was designed; the changes address the causes found then
+(cold-start tails pooled across traces, quantiles trained in log space but judged in counts, the cost of a 32-step
+hidden-64 recurrence).
+
+Tried while building this version (seed 20240531; val loss / calibrated val score, lower is better):
+- 7 old features, hidden 16, 8 steps of 4 buckets: val loss 0.6318 (the old hidden-64 model: 0.6373);
+  with features 7-8 (9 features): 0.6224 / 0.810.
+- Weighting the log-space pinball loss by (1+y)^0.25 or (1+y)^0.5 (to mimic the count-space loss), hidden 16:
+  score 1.002 and 1.042 (worse), so the loss is unweighted.
+- Calibrating q10/q90 without the coverage constraint: 95–96% validation coverage on nasa (q10 pushed to 0), hence
+  the constraint.
+- Other sizes (9 features): hidden 12 0.6148 / 0.851, hidden 8 head 16 0.6298 / 0.862, hidden 16 with 4 steps of 8
+  0.6408 / 0.838, hidden 12 with 4 steps of 8 0.6560 / 0.831, hidden 8 head 32 lr 0.01 0.6281 / 0.870.
+- Inference cost (same function, different ONNX graphs; onnxruntime, 1 thread, 10,000 series): the ONNX LSTM
+  operator, hidden 8 over 32 steps, 105 ms; an unrolled batch-first graph 96 ms; batch-last 58 ms; 8 steps of 4 with
+  one Gemm per step 13–19 ms (Python, hidden 8–16). In Rust (`cargo bench`, random weights, measured while other
+  builds were running on the 2-core machine): hidden 16 25–36 ms, hidden 12 23–25 ms, hidden 16 or 12 with 4 steps
+  of 8 22–24 ms, hidden 8 about 18 ms, of which about 8 ms is building the input features in Rust (mostly reading
+  7 days of history for feature 8). Hence the hidden-8 grid.
+- Disclosure: the first full training run of this version used a grid of hidden 8/12/16 (head 16), selected hidden 16
+  by validation score and printed its test metrics (apache MASE 0.710, q90 pinball 0.278, coverage 88.9%; nasa MASE
+  0.931, q10 pinball 0.346, coverage 85.1%). The move to hidden 8 was made for the speed target (measured above),
+  and the hidden-8 configurations in the table above were compared on validation only."""
 MAX_EPOCHS = 40
 PATIENCE = 6
 
@@ -114,71 +136,135 @@ class Windows:
 # Model
 
 
-class LSTMForecaster(nn.Module):
-    """LSTM over the window; the head predicts ln(1+y) quantiles as
-    q50 = base + z0, q10 = q50 - softplus(z1), q90 = q50 + softplus(z2) (non-decreasing by
-    construction) and a p_any logit z3. base = ln(1 + H * mean(window counts)), recovered from
-    feature 6 (ln(1 + mean)) of the last step — a persistence prior the network corrects."""
+GROUP = 4  # default buckets per LSTM step: the LSTM reads the window as W / group steps
+CTX = F - 1  # features 1.. of the last step feed the head
 
-    def __init__(self, hidden: int, layers: int):
+
+def assemble(z, feat6_last, calib):
+    """ln(1+y) quantiles from the head outputs z [B, 4] and feature 6 of the last step [B]:
+    q50 = base + z0, q10 = q50 - softplus(z1), q90 = q50 + softplus(z2) with
+    base = ln(1 + H * window mean) (a persistence prior the network corrects); then the
+    per-quantile calibration offsets `calib` [3] (fitted on the validation split, zero while
+    training) are added and the order is restored (q10 <= q50 <= q90)."""
+    mean = torch.exp(feat6_last) - 1.0
+    base = torch.log(1.0 + H * mean)
+    q50 = base + z[:, 0]
+    q10 = q50 - tF.softplus(z[:, 1])
+    q90 = q50 + tF.softplus(z[:, 2])
+    c50 = q50 + calib[1]
+    c10 = torch.minimum(q10 + calib[0], c50)
+    c90 = torch.maximum(q90 + calib[2], c50)
+    return torch.stack([c10, c50, c90], dim=1)
+
+
+class LSTMForecaster(nn.Module):
+    """An LSTM over the window's 32 log counts (feature 0) read as 32 / group steps of `group`
+    buckets (group 4: 8 hourly steps of input size 4; no count is dropped, the recurrence is 8
+    steps long instead of 32). Its last
+    hidden state and the last step's features 1-6 (time of day, day of week, priority, window
+    mean — the calendar of every earlier step is a fixed function of the last one) go through a
+    Linear-ReLU-Linear head giving 4 numbers: the q50 correction, the two softplus quantile
+    spreads and the p_any logit (see `assemble`)."""
+
+    def __init__(self, hidden: int, head: int, group: int = GROUP):
         super().__init__()
-        self.lstm = nn.LSTM(F, hidden, num_layers=layers, batch_first=True)
-        self.head = nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+        self.hidden = hidden
+        self.group = group
+        self.lstm = nn.LSTM(group, hidden, num_layers=1, batch_first=True)
+        self.head = nn.Sequential(nn.Linear(hidden + CTX, head), nn.ReLU(), nn.Linear(head, 4))
+        self.register_buffer("calib", torch.zeros(3))
 
     def forward(self, x):
-        out, _ = self.lstm(x)
-        z = self.head(out[:, -1, :])
-        mean = torch.exp(x[:, -1, 6]) - 1.0
-        base = torch.log(1.0 + H * mean)
-        q50 = base + z[:, 0]
-        q10 = q50 - tF.softplus(z[:, 1])
-        q90 = q50 + tF.softplus(z[:, 2])
-        return torch.stack([q10, q50, q90], dim=1), z[:, 3:4]
+        seq = x[:, :, 0].reshape(x.shape[0], W // self.group, self.group)
+        out, _ = self.lstm(seq)
+        z = self.head(torch.cat([out[:, -1, :], x[:, -1, 1:]], dim=1))
+        return assemble(z, x[:, -1, 6], self.calib), z[:, 3:4]
 
 
 class ExportModel(nn.Module):
-    """What lstm.onnx computes: quantiles in request counts (expm1, clamped >= 0) and sigmoid p_any."""
+    """What lstm.onnx computes: the same function as LSTMForecaster (same weights), written for
+    fast batched CPU inference — the batch is the last (contiguous) axis inside the graph, so
+    every step is one small Gemm with N = batch over [input; h] and element-wise ops on contiguous rows, with
+    the gates reordered (i, f, o | g) so one Sigmoid and one Tanh cover them — then quantiles
+    in request counts (expm1, clamped >= 0) and sigmoid p_any."""
 
     def __init__(self, core: LSTMForecaster):
         super().__init__()
-        self.core = core
+        h = core.hidden
+        self.h = h
+        self.group = core.group
+        perm = torch.cat([torch.arange(0, 2 * h), torch.arange(3 * h, 4 * h), torch.arange(2 * h, 3 * h)])
+        lstm = core.lstm
+        with torch.no_grad():
+            self.register_buffer("wi", lstm.weight_ih_l0[perm].clone())  # [4h, 4]
+            self.register_buffer("w", torch.cat([self.wi, lstm.weight_hh_l0[perm]], dim=1))  # [4h, 4 + h]
+            self.register_buffer("b", (lstm.bias_ih_l0 + lstm.bias_hh_l0)[perm][:, None].clone())
+            w1 = core.head[0].weight
+            self.register_buffer("w1h", w1[:, :h].clone())
+            # the head's weights for features 1.. of the last step, with a zero column for feature 0
+            self.register_buffer("w1c", torch.cat([torch.zeros(w1.shape[0], 1), w1[:, h:]], dim=1))
+            select = torch.zeros(F, 1)
+            select[0, 0] = 1.0
+            self.register_buffer("select", select)  # picks feature 0 with one MatMul (cheaper than a strided Slice)
+            self.register_buffer("b1", core.head[0].bias[:, None].clone())
+            self.register_buffer("w2", core.head[2].weight.clone())
+            self.register_buffer("b2", core.head[2].bias[:, None].clone())
+            self.register_buffer("calib", core.calib.clone())
 
     def forward(self, window):
-        qlog, logit = self.core(window)
+        h = self.h
+        n = window.shape[0]
+        x0 = torch.matmul(window.reshape(n * W, F), self.select)  # feature 0 of every step, [B*W, 1]
+        steps = W // self.group
+        seq = x0.reshape(n, W).transpose(0, 1).reshape(steps, self.group, n)  # [steps, group, B]
+        hs = c = None
+        for t in range(steps):
+            if hs is None:
+                g = torch.addmm(self.b, self.wi, seq[t])  # [4h, B]
+            else:
+                g = torch.addmm(self.b, self.w, torch.cat([seq[t], hs], dim=0))
+            s = torch.sigmoid(g[:3 * h])
+            gg = torch.tanh(g[3 * h:])
+            c = s[:h] * gg if c is None else s[h:2 * h] * c + s[:h] * gg
+            hs = s[2 * h:] * torch.tanh(c)
+        last = window[:, W - 1, :]  # [B, F], the last step
+        a = torch.relu(torch.addmm(torch.addmm(self.b1, self.w1c, last.transpose(0, 1)), self.w1h, hs))
+        z = torch.addmm(self.b2, self.w2, a).transpose(0, 1)  # [B, 4]
+        qlog = assemble(z, last[:, 6], self.calib)
         quantiles = torch.clamp(torch.exp(qlog) - 1.0, min=0.0)
-        return quantiles, torch.sigmoid(logit)
+        return quantiles, torch.sigmoid(z[:, 3:4])
 
 
 _QT = torch.tensor(QUANTILES, dtype=torch.float32)
 
 
-def loss_terms(model, x, y, bce_weight):
+def loss_terms(model, x, y, cfg):
     """Per-window loss: sum over quantiles of the pinball loss on ln(1+y), + bce_weight * BCE."""
     qlog, logit = model(x)
     t = torch.log1p(y)[:, None]
     diff = t - qlog
     pin = torch.maximum(_QT * diff, (_QT - 1.0) * diff).sum(dim=1)
     bce = tF.binary_cross_entropy_with_logits(logit[:, 0], (y >= 1).float(), reduction="none")
-    return pin + bce_weight * bce
+    return pin + cfg["bce_weight"] * bce
 
 
-def mean_loss(model, x, y, bce_weight):
+def mean_loss(model, x, y, cfg):
     model.eval()
     with torch.no_grad():
         tot = 0.0
         for i in range(0, len(x), 4096):
-            tot += float(loss_terms(model, x[i:i + 4096], y[i:i + 4096], bce_weight).sum())
+            tot += float(loss_terms(model, x[i:i + 4096], y[i:i + 4096], cfg).sum())
     return tot / max(1, len(x))
 
 
-def val_loss(model, val_sets, bce_weight):
+def val_loss(model, val_sets, cfg):
     """Mean over traces of the per-trace mean validation loss (so each trace counts equally)."""
-    return float(np.mean([mean_loss(model, x, y, bce_weight) for x, y in val_sets]))
+    return float(np.mean([mean_loss(model, x, y, cfg) for x, y in val_sets]))
 
 
 def train_config(cfg, seed, xtr, ytr, val_sets, deadline):
     torch.manual_seed(seed)
-    model = LSTMForecaster(cfg["hidden"], cfg["layers"])
+    model = LSTMForecaster(cfg["hidden"], cfg["head"], cfg["group"])
     opt = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=2)
     gen = torch.Generator().manual_seed(seed)
@@ -190,13 +276,13 @@ def train_config(cfg, seed, xtr, ytr, val_sets, deadline):
         tl = 0.0
         for i in range(0, len(perm), BATCH):
             idx = perm[i:i + BATCH]
-            loss = loss_terms(model, xtr[idx], ytr[idx], cfg["bce_weight"]).mean()
+            loss = loss_terms(model, xtr[idx], ytr[idx], cfg).mean()
             opt.zero_grad()
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             tl += float(loss.detach()) * len(idx)
-        vl = val_loss(model, val_sets, cfg["bce_weight"])
+        vl = val_loss(model, val_sets, cfg)
         sched.step(vl)
         history.append((epoch, tl / len(perm), vl))
         log(f"    epoch {epoch:2d} train {tl / len(perm):.4f} val {vl:.4f}")
@@ -230,6 +316,86 @@ def baseline_preds(win: Windows, idx: np.ndarray):
         ew_q.append(q)
         ew_p.append(p)
     return (np.array(sn_q), np.array(sn_p)), (np.array(ew_q), np.array(ew_p))
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration of the quantile offsets on the validation split
+
+CALIB_GRID = np.round(np.arange(-2.0, 2.0001, 0.02), 2)
+COVERAGE_BAND = (0.76, 0.84)  # the issue's 75-85% target with one point of margin each side
+
+
+def calibrate(model, wins: dict):
+    """Post-hoc per-quantile offsets in ln(1+y) space, fitted on the VALIDATION split only
+    (conformalised-quantile-regression style, but choosing the offsets on the count-space loss).
+
+    The LSTM is trained on a log-space pinball loss over both traces pooled, but it is judged per
+    trace by the pinball loss in request counts and by the p10-p90 coverage. The offsets are added
+    to the ln(1+y) quantiles inside the model (`calib`, exported into the ONNX graph, so its outputs
+    are already calibrated), q10 / q90 then clipped to the calibrated q50 exactly as the graph does:
+    - q50: the offset in CALIB_GRID minimising the mean over traces of MAE(LSTM)/MAE(seasonal naive);
+    - q10 and q90 jointly: the pair minimising the mean over traces of pinball_q10/pinball_q10(naive)
+      + pinball_q90/pinball_q90(naive), subject to the validation coverage of every trace lying in
+      COVERAGE_BAND (if no pair does, the pair closest to the band, then lowest loss).
+    Returns the offsets."""
+    model.eval()
+    per_trace = []
+    d = CALIB_GRID.astype(np.float64)
+    for name, w in wins.items():
+        idx = np.nonzero(w.mask("val"))[0]
+        y = w.y[idx].astype(np.float64)
+        (snq, _), _ = baseline_preds(w, idx)
+        saved = model.calib.clone()
+        model.calib.zero_()
+        with torch.no_grad():
+            qlog = model(torch.from_numpy(w.x()[idx]))[0].numpy().astype(np.float64)
+        model.calib.copy_(saved)
+        scale = [max(fx.pinball(y, snq[:, k], q), 1e-9) for k, q in enumerate(QUANTILES)]
+        per_trace.append((y, qlog, scale))
+
+    def pin(y, pred, q):  # pred [n, len(d)] -> [len(d)]
+        diff = y[:, None] - pred
+        return np.mean(np.maximum(q * diff, (q - 1.0) * diff), axis=0)
+
+    obj50 = sum(pin(y, np.maximum(np.expm1(ql[:, 1:2] + d[None, :]), 0.0), 0.5) / sc[1]
+                for y, ql, sc in per_trace) / len(per_trace)
+    d50 = float(d[int(np.argmin(obj50))])
+    loss = np.zeros((len(d), len(d)))
+    gap = np.zeros((len(d), len(d)))
+    for y, ql, sc in per_trace:
+        c50 = (ql[:, 1] + d50)[:, None]
+        p10 = np.maximum(np.expm1(np.minimum(ql[:, 0:1] + d[None, :], c50)), 0.0)
+        p90 = np.maximum(np.expm1(np.maximum(ql[:, 2:3] + d[None, :], c50)), 0.0)
+        loss += (pin(y, p10, 0.1) / sc[0])[:, None] + (pin(y, p90, 0.9) / sc[2])[None, :]
+        cov = (p10 <= y[:, None]).astype(np.float64).T @ (y[:, None] <= p90).astype(np.float64) / len(y)
+        gap = np.maximum(gap, np.maximum(COVERAGE_BAND[0] - cov, cov - COVERAGE_BAND[1]))
+    loss /= len(per_trace)
+    gap = np.maximum(gap, 0.0)
+    best = np.lexsort((loss.ravel(), np.round(gap.ravel(), 9)))[0]
+    i10, i90 = np.unravel_index(best, loss.shape)
+    offsets = [float(d[i10]), d50, float(d[i90])]
+    with torch.no_grad():
+        model.calib.copy_(torch.tensor(offsets, dtype=torch.float32))
+    return offsets
+
+class TorchSession:
+    """The exported function evaluated by PyTorch, with onnxruntime's `run` signature (used for
+    model selection before anything is exported)."""
+
+    def __init__(self, model):
+        self.model = ExportModel(model).eval()
+
+    def run(self, names, feeds):
+        with torch.no_grad():
+            q, p = self.model(torch.from_numpy(feeds["window"]))
+        return [q.numpy(), p.numpy()]
+
+
+def val_score(metrics_by_trace) -> float:
+    """Model selection score on validation: mean over traces and quantiles of the count-space
+    pinball loss of the LSTM relative to seasonal naive's (lower is better; < 1 beats it)."""
+    return float(np.mean([m["lstm"]["pinball"][k] / m["seasonal_naive"]["pinball"][k]
+                          for m in metrics_by_trace.values() for k in ("q10", "q50", "q90")]))
 
 
 def ort_predict(sess, x: np.ndarray):
@@ -327,7 +493,9 @@ def make_fixtures(wins: dict, sess) -> list:
         lbs = win.last_bucket_start(j)
         s = win.td.series[win.series[j]]
         feats = fx.window_features(hist, lbs, s.priority, win.td.bucket_secs)
-        assert np.array_equal(feats, win.x()[j]), "vectorised features differ from the reference"
+        # features 0-6 depend on the window only; 7-8 on the whole (here possibly truncated) history
+        same = feats if cap is None else feats[:, :7]
+        assert np.array_equal(same, win.x()[j][:, :same.shape[1]]), "vectorised features differ from the reference"
         q, p = sess.run(["quantiles", "p_any"], {"window": feats[None]})
         snq, snp = fx.seasonal_naive(hist, win.td.bucket_secs)
         ewq, ewp = fx.ewma(hist)
@@ -397,7 +565,8 @@ def main():
     val_sets = list(zip(vx, vy))
     log(f"training windows: {len(xtr)} (both traces), validation: {sum(len(v) for v in vx)}")
 
-    # 3. train the grid, keep the best by validation loss
+    # 3. train the grid; calibrate each configuration's quantile offsets on validation and keep the
+    #    one with the best calibrated validation score (the test split is not looked at)
     deadline = t_start + args.time_budget
     results = []
     best = None
@@ -408,11 +577,17 @@ def main():
         log(f"config {i}: {cfg}")
         t0 = time.time()
         model, vl, ep, n_ep = train_config(cfg, args.seed, xtr, ytr, val_sets, deadline)
-        results.append({**cfg, "val_loss": vl, "best_epoch": ep, "epochs_run": n_ep,
+        offsets = calibrate(model, wins)
+        tsess = TorchSession(model)
+        vm = {name: evaluate(w, "val", tsess) for name, w in wins.items()}
+        score = val_score(vm)
+        results.append({**cfg, "val_loss": vl, "best_epoch": ep, "epochs_run": n_ep, "calibration": offsets,
+                        "val_score": score, "val_coverage": {n: m["lstm"]["coverage"] for n, m in vm.items()},
                         "seconds": round(time.time() - t0, 1)})
-        log(f"  -> val loss {vl:.4f} at epoch {ep} ({time.time() - t0:.0f}s)")
-        if best is None or vl < best[1]:
-            best = (cfg, vl, model)
+        log(f"  -> val loss {vl:.4f} at epoch {ep}, calibration {offsets}, calibrated val score {score:.4f} "
+            f"({time.time() - t0:.0f}s)")
+        if best is None or score < best[1]:
+            best = (cfg, score, model)
     cfg, _, model = best
     log(f"selected {cfg}")
 
@@ -436,6 +611,9 @@ def main():
         x = w.x()[w.mask("test")]
         with torch.no_grad():
             tq, tp = exp_model(torch.from_numpy(x))
+            mq, ml = model(torch.from_numpy(x))  # the training-time module, same function
+        assert torch.allclose(torch.clamp(torch.expm1(mq), min=0.0), tq, rtol=1e-4, atol=1e-4)
+        assert torch.allclose(torch.sigmoid(ml), tp, rtol=1e-4, atol=1e-5)
         oq, op = ort_predict(sess, x)
         d = np.abs(oq - tq.numpy())
         max_abs = max(max_abs, float(d.max()), float(np.abs(op - tp.numpy()[:, 0]).max()))
@@ -481,13 +659,16 @@ def main():
     split_text = ("Per trace, the bucket range [first_bucket, first_bucket + n_buckets*900) is split by bucket "
                   "start time: n_train = n_buckets*70//100, n_val = n_buckets*85//100, train_end = first_bucket + "
                   "n_train*900, val_end = first_bucket + n_val*900; a window belongs to the split of its first "
-                  "target bucket. Train windows of both traces train one model; validation (per-trace mean loss, "
-                  "averaged over traces) does early stopping and picks the configuration; test is only reported.")
-    norm_text = ("No extra input scaling: the model consumes the 7 contract features as computed (features 0 and 6 "
-                 "are already ln(1+count) scaled, 1-4 in [-1,1], 5 = priority/10). Inside the graph the head predicts "
-                 "ln(1+y) quantiles as base + offsets, base = ln(1 + 4*(exp(feature6[last step]) - 1)), q10 = q50 - "
-                 "softplus, q90 = q50 + softplus; outputs apply exp(q)-1, clamp >= 0 (quantiles, request counts "
-                 "over the 4-bucket horizon) and sigmoid (p_any).")
+                  "target bucket. Train windows of both traces train one model; validation does early stopping (per-trace "
+                  "mean loss, averaged over traces), fits the quantile calibration offsets and picks the configuration "
+                  "(calibrated count-space pinball relative to seasonal naive); test is only reported.")
+    norm_text = (f"No extra input scaling: the model consumes the {F} contract features as computed (features 0 and "
+                 "6-8 are already ln(1+count) scaled, 1-4 in [-1,1], 5 = priority/10). The LSTM reads feature 0 of the "
+                 f"{W} steps as {W // cfg['group']} steps of {cfg['group']}; the head reads its last state and features 1-{F - 1} of the last "
+                 "step. It predicts ln(1+y) quantiles as base + offsets, base = ln(1 + 4*(exp(feature6[last step]) - 1)), "
+                 "q10 = q50 - softplus, q90 = q50 + softplus, then adds the validation-fitted calibration offsets "
+                 "(q10 and q90 clipped to q50); outputs apply exp(q)-1, clamp >= 0 (quantiles, request counts over the "
+                 "4-bucket horizon) and sigmoid (p_any).")
     meta = {
         "format": 1,
         "window": W,
@@ -500,8 +681,11 @@ def main():
         "outputs": {"quantiles": [-1, 3], "p_any": [-1, 1]},
         "normalisation": norm_text,
         "seed": args.seed,
-        "architecture": {"type": "LSTM", **{k: cfg[k] for k in ("hidden", "layers")},
-                         "head": "Linear(hidden,hidden)-ReLU-Linear(hidden,4)", "opset": 17},
+        "architecture": {"type": "LSTM", "hidden": cfg["hidden"], "layers": 1, "steps": W // cfg["group"],
+                         "buckets_per_step": cfg["group"],
+                         "lstm_input": f"feature 0 of {cfg['group']} consecutive buckets",
+                         "head": f"Linear(hidden+{CTX},{cfg['head']})-ReLU-Linear({cfg['head']},4)",
+                         "calibration_offsets_log1p": [round(float(v), 4) for v in model.calib], "opset": 17},
         "training": {"loss": "sum of pinball losses on ln(1+y) at q 0.1/0.5/0.9 + bce_weight * BCE(p_any, y>=1)",
                      "optimizer": "Adam", "batch": BATCH, "max_epochs": MAX_EPOCHS, "patience": PATIENCE,
                      "selected": cfg, "grid": results, "threads": args.threads,
@@ -544,8 +728,11 @@ def write_model_card(path, meta, wins, test_table, val_table, warm_table, max_re
                            f"{yn(c['pinball_better_than_both'])} |")
         target_rows.append(f"| {trace} | p10–p90 coverage in 75–85% | {l['coverage'] * 100:.1f}% | "
                            f"{yn(c['coverage_75_85'])} |")
-    grid_rows = "\n".join(f"| {g['hidden']} | {g['layers']} | {g['lr']} | {g['bce_weight']} | {g['val_loss']:.4f} | "
-                          f"{g['best_epoch']} | {g['epochs_run']} | {g['seconds']} |" for g in meta["training"]["grid"])
+    grid_rows = "\n".join(
+        f"| {g['hidden']} | {g['head']} | {g['group']} | {g['lr']} | {g['bce_weight']} | {g['val_loss']:.4f} | {g['best_epoch']} | "
+        f"{g['epochs_run']} | {' / '.join(f'{v:+.2f}' for v in g['calibration'])} | "
+        f"{' / '.join(f'{v * 100:.1f}%' for v in g['val_coverage'].values())} | {g['val_score']:.4f} | {g['seconds']} |"
+        for g in meta["training"]["grid"])
     cold_txt = "; ".join(f"{n} " + "/".join(f"{v:g}" for v in p)
                          for n, p in meta["diagnostics"]["cold_start_train_y_percentiles_50_75_90"].items())
     files = "\n".join(f"- `../shared/traces/{f['file']}` — sha256 `{f['sha256']}`" for f in meta["training_data"])
@@ -557,13 +744,20 @@ def write_model_card(path, meta, wins, test_table, val_table, warm_table, max_re
 *Generated by `models/train/train.py`; do not edit by hand — rerun training instead.*
 
 ## What it is
-A small LSTM ({cfg["layers"]} layer(s), hidden {cfg['hidden']}, then Linear–ReLU–Linear head) that reads the last
+A small LSTM (1 layer, hidden {cfg['hidden']}, then a Linear–ReLU–Linear head of width {cfg['head']}) that reads the last
 32 buckets (15 min each) of one (resource, region) request-count series and forecasts the total demand `y` of the
-next 4 buckets (one hour) as quantiles 0.1 / 0.5 / 0.9, plus `p_any` = P(y ≥ 1). Quantiles are produced in
-ln(1+y) space as q50 plus cumulative softplus offsets (so they never cross), around a persistence prior
-`ln(1 + 4·window mean)`; the exported graph applies `exp(q) − 1`, clamps at 0 and applies the sigmoid.
+next 4 buckets (one hour) as quantiles 0.1 / 0.5 / 0.9, plus `p_any` = P(y ≥ 1). The LSTM reads the 32 log counts
+(feature 0) as {meta['architecture']['steps']} steps of {cfg['group']} buckets (input size {cfg['group']}: no count is dropped, the recurrence is
+{meta['architecture']['steps']} steps long); the head reads its last hidden state and features 1–{F - 1} of the last step (calendar, priority, window mean,
+and the two features that look beyond the window: the seasonal-naive sum one day back and the 7-day history mean).
+Quantiles are produced in ln(1+y) space as q50 plus cumulative softplus offsets (so they never cross), around a
+persistence prior `ln(1 + 4·window mean)`, then shifted by per-quantile calibration offsets fitted on the
+validation split ({' / '.join(f'{v:+.2f}' for v in meta['architecture']['calibration_offsets_log1p'])} for q10 / q50 / q90, in ln(1+y); q10/q90
+clipped to q50), all inside the graph; the exported graph applies `exp(q) − 1`, clamps at 0 and applies the sigmoid.
+Inside the graph the batch is the last axis, so each LSTM step is one small Gemm over `[input; h]` with
+N = batch plus element-wise ops on contiguous rows (one batch of 10,000 series: see bench/RESULTS.md).
 
-- ONNX (opset 17): input `window` float32 `[batch, 32, 7]` (dynamic batch); outputs `quantiles` float32
+- ONNX (opset 17): input `window` float32 `[batch, 32, {F}]` (dynamic batch); outputs `quantiles` float32
   `[batch, 3]` (request counts over the horizon, non-negative, non-decreasing) and `p_any` float32 `[batch, 1]`.
 - Metadata: `models/lstm.json`. Fixture for the Rust feature pipeline, ort and baselines: `models/fixtures/features.json`.
 - onnxruntime vs PyTorch on all test windows: max |diff| / max(1, |value|) = {max_rel:.2g}.
@@ -600,10 +794,20 @@ Normalisation: {meta['normalisation']}
 Loss: {meta['training']['loss']}. Adam, batch {BATCH}, up to {MAX_EPOCHS} epochs, early stopping with patience
 {PATIENCE} on validation loss (LR halved on plateau), gradient-norm clip 1.0, seed {meta['seed']},
 {meta['training']['threads']} CPU thread(s), deterministic algorithms. Both traces train one model together.
-Configurations tried (selection by validation loss only):
 
-| hidden | layers | lr | BCE weight | best val loss | best epoch | epochs run | seconds |
-| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |
+Calibration (`calibrate` in train.py, validation split only): per-quantile offsets in ln(1+y) space on a 0.02 grid in
+[-2, 2]; q50's minimises the mean over traces of MAE / MAE(seasonal naive); q10's and q90's jointly minimise the mean
+over traces of pinball_q10 / pinball_q10(naive) + pinball_q90 / pinball_q90(naive) subject to every trace's
+p10–p90 coverage lying in {COVERAGE_BAND[0] * 100:.0f}–{COVERAGE_BAND[1] * 100:.0f}% (the issue's 75–85% with a margin). They are stored in the
+graph, so `lstm.onnx` outputs calibrated quantiles and Rust needs no extra step.
+
+Configurations tried (hidden 8 so one 10,000-series batch fits the 20 ms budget on one core; "buckets/step" = how
+many buckets one LSTM step reads). Each is trained with early stopping on the validation loss, then calibrated; the
+one with the lowest calibrated validation score (mean over traces and quantiles of count-space pinball / seasonal
+naive's) is exported:
+
+| hidden | head | buckets/step | lr | BCE weight | best val loss | best epoch | epochs run | calibration q10 / q50 / q90 | val coverage apache / nasa | val score | seconds |
+| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- | ---: | ---: |
 {grid_rows}
 
 ## Held-out test metrics
@@ -621,9 +825,11 @@ Validation split (used for model selection), same columns:
 
 Diagnostic — test windows whose 32 input counts are not all zero (MASE relative to seasonal naive on these
 windows). Windows with an all-zero input (cold starts) are kept by the contract whenever a request follows
-within the horizon, so for them y ≥ 1 always; the LSTM cannot tell the traces apart from such an input (only the
-time features differ) and predicts the pooled cold-start tail of both traces — dominated by the NASA bulk bursts
-(y percentiles 50/75/90 of the training cold starts: {cold_txt}) — which inflates its p90 on Apache cold starts.
+within the horizon, so for them y ≥ 1 always. From the 32 steps alone such inputs of the two traces look the same
+(only the time features differ), and the previous model (7 features) predicted the pooled cold-start tail of both
+traces — dominated by the NASA bulk bursts (y percentiles 50/75/90 of the training cold starts: {cold_txt}) —
+which inflated its p90 on Apache cold starts. Features 7 and 8 (seasonal-naive sum one day back, 7-day history mean)
+give the model the series' longer history for them.
 Cold-start windows per split: {json.dumps(meta['diagnostics']['cold_start_windows'])}.
 
 {warm_table}
@@ -633,6 +839,9 @@ Cold-start windows per split: {json.dumps(meta['diagnostics']['cold_start_window
 | trace | target | LSTM (pinball: LSTM vs naive / EWMA) | status |
 | --- | --- | --- | --- |
 {chr(10).join(target_rows)}
+
+Inference speed (10,000 series in one batch, one core, target ≤ 20 ms) is measured by
+`cargo bench -p models --bench forecast` and reported in bench/RESULTS.md.
 
 ## Development notes
 {DEV_NOTES}
@@ -644,6 +853,9 @@ Cold-start windows per split: {json.dumps(meta['diagnostics']['cold_start_window
   and {int(wins['nasa'].mask('test').sum())}) and metrics there are noisy.
 - The NASA traffic is dominated by one client (crawler-like bulk downloads), not CDN-like human traffic; the Apache
   log is a single personal website. Neither is CDN traffic; the regions are synthetic (hash of client).
+- The calibration offsets and the model choice rest on the validation split, which for NASA has only
+  {int(wins['nasa'].mask('val').sum())} windows (one quiet stretch of the trace); quantile levels and coverage tuned there need not transfer to
+  the NASA test tail — compare the validation and test tables above.
 - Top-50 resources per trace only; long-tail and brand-new resources are not represented in training.
 - Priority is always 5 in the traces, so the model has never seen feature 5 vary.
 - Timestamps of the NASA log are local server time with unknown zone, treated as UTC, so time-of-day features may
