@@ -1080,3 +1080,72 @@ async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
     let (s, _) = api(reqwest::Method::GET, url, &c.token, None).await;
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
+    let origin = TestOrigin::start().await;
+    // 80 MiB of cache × 2.5e-6 ≈ 209 bytes of shadows per edge: three 64-byte objects.
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
+    let mut c = start_cluster_with(&format!(
+        "[planner]\ninterval_secs = 1\nthreshold = 0.05\nbudget_share = 0.0000025\nmin_safety = 1.0\nmodel = \"{model}\"\n"
+    ));
+    c.register(&origin).await;
+    let paths: Vec<String> = (0..6).map(|i| format!("/budget/{i}.css")).collect();
+    for round in 0..3 {
+        for (i, p) in paths.iter().enumerate() {
+            // Unequal demand, so the ranking is not a tie.
+            for _ in 0..=(i + round) % 4 {
+                assert_eq!(c.get(p, "us").await.status(), StatusCode::OK);
+            }
+        }
+    }
+    // Purge so every copy on us-a would have to be a shadow.
+    for p in &paths {
+        let (s, v) = api(
+            reqwest::Method::POST,
+            c.broker.api("/v1/purge"),
+            &c.token,
+            Some(json!({"host": HOST, "path": p})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let explain = |p: &str| c.broker.api(&format!("/v1/shadows/explain?key={HOST}{p}"));
+    let token = c.token.clone();
+    let outcomes = || async {
+        let mut out = Vec::new();
+        for p in &paths {
+            let (_, v) = api(reqwest::Method::GET, explain(p), &token, None).await;
+            for d in v["decisions"].as_array().into_iter().flatten() {
+                if d["edge"] == "us-a" {
+                    out.push((
+                        d["outcome"].as_str().unwrap().to_string(),
+                        d["budget_bytes"].as_u64().unwrap(),
+                    ));
+                }
+            }
+        }
+        out
+    };
+    wait_secs(20, || async {
+        let o = outcomes().await;
+        o.iter().any(|(x, _)| x == "budget")
+            && o.iter().any(|(x, _)| x == "shadowed" || x == "kept")
+    })
+    .await;
+    let us_admin = c.edges[3].admin;
+    let budget = outcomes().await[0].1;
+    assert!((150..=260).contains(&budget), "{budget}");
+    // Over several planning ticks, what us-a holds as shadows stays within its budget.
+    for _ in 0..6 {
+        let m = text(format!("http://{us_admin}/metrics")).await;
+        let held = sample(&m, "shadowcdn_edge_shadow_bytes", &[]).unwrap();
+        assert!(held <= budget as f64, "{held} > {budget}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let m = text(format!("http://{us_admin}/metrics")).await;
+    assert!(
+        sample(&m, "shadowcdn_edge_shadow_bytes", &[]).unwrap() > 0.0,
+        "{m}"
+    );
+}

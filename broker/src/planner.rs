@@ -155,8 +155,8 @@ pub struct Decision {
     pub expected_in_secs: f64,
     /// Edge asked to supply the object (peer fill), if one likely holds it.
     pub peer: Option<String>,
-    /// `shadowed`, `kept` (already shadowed), `below_threshold`, `policy`, `budget`,
-    /// `no_edge`, `send_failed`.
+    /// `shadowed`, `kept` (already shadowed), `dropped` (live, but no longer fits the
+    /// budget: unshadowed), `below_threshold`, `policy`, `budget`, `no_edge`, `send_failed`.
     pub outcome: &'static str,
     /// Seconds since the epoch of the tick.
     pub at: u64,
@@ -187,7 +187,9 @@ struct Verdict {
 }
 
 /// The decision rule, free of I/O: rank candidates by expected benefit, then admit them in
-/// that order while each edge's byte budget lasts (so the least valuable are dropped first).
+/// that order while each edge's byte budget lasts, so the least valuable are dropped first.
+/// Shadows already live count against the budget like new ones: a live shadow that no longer
+/// fits (the budget shrank, or better candidates arrived) is `dropped` (unshadowed).
 fn decide(
     cands: &[Candidate],
     forecasts: &[models::Forecast],
@@ -217,13 +219,15 @@ fn decide(
             } else if !c.allowed {
                 "policy"
             } else if let Some(e) = edge {
-                if is_live(&c.key, e) {
-                    "kept"
-                } else if used.get(&e).copied().unwrap_or(0) + c.bytes > budget_of(e) {
-                    "budget"
-                } else {
+                let fits = used.get(&e).copied().unwrap_or(0) + c.bytes <= budget_of(e);
+                if fits {
                     *used.entry(e).or_default() += c.bytes;
-                    "shadowed"
+                }
+                match (is_live(&c.key, e), fits) {
+                    (true, true) => "kept",
+                    (true, false) => "dropped",
+                    (false, true) => "shadowed",
+                    (false, false) => "budget",
                 }
             } else {
                 "no_edge"
@@ -497,10 +501,14 @@ impl Planner {
         let now_ms = now * 1000;
         let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
         let mut orders = Vec::new();
+        let mut drops = Vec::new();
         for v in verdicts {
             let (c, f) = (&cands[v.candidate], forecasts[v.candidate]);
             let expected = expected_arrival_secs(&f);
             let mut peer = None;
+            if let ("dropped", Some(e)) = (v.outcome, v.edge) {
+                drops.push((e, c.key.clone()));
+            }
             if let ("shadowed", Some(e)) = (v.outcome, v.edge) {
                 peer = self.peer_for(&c.key, e, &cands, &live);
                 let order = ShadowOrder {
@@ -509,6 +517,7 @@ impl Planner {
                     priority: c.priority,
                     deadline_ms: now_ms + (expected * 1000.0) as u64,
                     peer: peer.clone(),
+                    refresh: false,
                 };
                 let info = OrderInfo {
                     provider: c.provider.clone(),
@@ -540,6 +549,10 @@ impl Planner {
         }
         // Earliest expected arrival first: with a bounded send rate, the objects needed
         // soonest must not wait behind ones needed in an hour.
+        for (e, key) in drops {
+            live.remove(&(key.clone(), e));
+            self.sync.unshadow(e, &key).await;
+        }
         orders.sort_by_key(|(_, o, _)| o.deadline_ms);
         for (e, order, info) in orders {
             let (key, ttl) = (order.key.clone(), order.ttl_secs);
@@ -690,6 +703,28 @@ mod tests {
         assert_eq!(outcome("forbidden"), "policy");
         assert_eq!(outcome("live"), "kept");
         assert_eq!(outcome("orphan"), "no_edge");
+    }
+
+    #[test]
+    fn live_shadows_count_against_the_budget_and_the_least_valuable_is_dropped() {
+        let cands = vec![cand("old", 600, 0, true), cand("new", 600, 9, true)];
+        let forecasts = vec![fc(1.0, 0.9), fc(10.0, 0.9)];
+        let v = decide(
+            &cands,
+            &forecasts,
+            |_| Some(0),
+            |k, _| k == "old",
+            |_| 0.5,
+            |_| 1000,
+        );
+        let outcome = |k: &str| {
+            v.iter()
+                .find(|v| cands[v.candidate].key == k)
+                .unwrap()
+                .outcome
+        };
+        assert_eq!(outcome("new"), "shadowed");
+        assert_eq!(outcome("old"), "dropped");
     }
 
     #[test]

@@ -137,6 +137,10 @@ impl EdgeSync {
             };
         }
         let key = order.key.as_str();
+        // The admin API cannot revalidate in place: drop the old copy, then refill.
+        if order.refresh {
+            self.purge(edge, key).await;
+        }
         let body = json!({ "key": key, "ttl_secs": order.ttl_secs, "priority": order.priority });
         match self
             .client
@@ -156,6 +160,23 @@ impl EdgeSync {
                 false
             }
         }
+    }
+
+    /// Ask edge `edge` to drop its shadow of `key`; whether it answered.
+    pub async fn unshadow(&self, edge: usize, key: &str) -> bool {
+        if let Some(c) = self.quic(edge) {
+            let req = Request::Unshadow {
+                key: key.to_string(),
+            };
+            return c.call(edge, &req).await.is_ok();
+        }
+        let e = &self.fleet.edges[edge];
+        self.client
+            .delete(format!("http://{}/shadows/{}", e.admin, key))
+            .bearer_auth(&self.token)
+            .send()
+            .await
+            .is_ok()
     }
 
     /// Purge `target` (`host/path` or `host/prefix*`) on edge `edge`; the HTTP status (or
@@ -184,13 +205,20 @@ impl EdgeSync {
 
     /// Purge `target` (`host/path` or `host/prefix*`) on every edge.
     pub async fn purge_everywhere(&self, target: &str) -> Vec<EdgeResult> {
-        let calls = (0..self.fleet.edges.len()).map(|e| self.purge(e, target));
-        self.fleet
-            .edges
+        self.purge_all_but(target, &[]).await
+    }
+
+    /// Purge `target` on every edge except `spare` (edges about to refresh it instead).
+    pub async fn purge_all_but(&self, target: &str, spare: &[usize]) -> Vec<EdgeResult> {
+        let edges: Vec<usize> = (0..self.fleet.edges.len())
+            .filter(|e| !spare.contains(e))
+            .collect();
+        let calls = edges.iter().map(|e| self.purge(*e, target));
+        edges
             .iter()
             .zip(futures::future::join_all(calls).await)
             .map(|(e, status)| EdgeResult {
-                edge: e.id.clone(),
+                edge: self.fleet.edges[*e].id.clone(),
                 ok: status == 200 || status == 404,
                 status,
             })

@@ -29,7 +29,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, Origin, SharedOrigins};
-use crate::shadow::{ShadowTable, FILL_HEADER};
+use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::FoyerStorage;
 use crate::sync::{PEER_FETCH_HEADER, PEER_VIA_HEADER};
 
@@ -134,6 +134,8 @@ pub struct RequestCtx {
     peer_fill: bool,
     /// A peer fetch: answer from cache or not at all.
     only_if_cached: bool,
+    /// A refresh fill: a held copy is revalidated with the origin.
+    refresh: bool,
 }
 
 impl EdgeProxy {
@@ -318,6 +320,7 @@ impl ProxyHttp for EdgeProxy {
             shadow_fill: false,
             peer_fill: false,
             only_if_cached: false,
+            refresh: false,
         }
     }
 
@@ -348,6 +351,7 @@ impl ProxyHttp for EdgeProxy {
         ctx.peer_fill = ctx.shadow_fill
             && self.hooks.bridge.is_some()
             && req.headers.contains_key(PEER_VIA_HEADER);
+        ctx.refresh = ctx.shadow_fill && req.headers.contains_key(REFRESH_HEADER);
         ctx.only_if_cached = req
             .headers
             .get(PEER_FETCH_HEADER)
@@ -399,6 +403,21 @@ impl ProxyHttp for EdgeProxy {
         peer.options.total_connection_timeout = Some(self.policy.connect_timeout);
         peer.options.read_timeout = Some(self.policy.read_timeout);
         Ok(Box::new(peer))
+    }
+
+    async fn cache_hit_filter(
+        &self,
+        _session: &mut Session,
+        _meta: &CacheMeta,
+        _hit_handler: &mut pingora_cache::HitHandler,
+        _is_fresh: bool,
+        ctx: &mut Self::CTX,
+    ) -> Result<Option<pingora_cache::ForcedFreshness>> {
+        // The origin changed: revalidate, while other readers keep the old copy until the
+        // new one replaces it.
+        Ok(ctx
+            .refresh
+            .then_some(pingora_cache::ForcedFreshness::ForceExpired))
     }
 
     fn request_cache_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<()> {
@@ -490,6 +509,7 @@ impl ProxyHttp for EdgeProxy {
         upstream_request.remove_header(CLIENT_REGION_HEADER);
         upstream_request.remove_header(FILL_HEADER);
         upstream_request.remove_header(PEER_FETCH_HEADER);
+        upstream_request.remove_header(REFRESH_HEADER);
         if !ctx.peer_fill {
             upstream_request.remove_header(PEER_VIA_HEADER);
         }

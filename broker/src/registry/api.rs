@@ -461,8 +461,8 @@ async fn cost(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     Ok(Json(s.ledger.report()).into_response())
 }
 
-/// `POST /v1/events`: the origin changed. `updated` invalidates every copy and refills the
-/// live shadows; `deleted` removes every copy; `created` of a resource registered with high
+/// `POST /v1/events`: the origin changed. `updated` refreshes the live shadows in place
+/// (revalidate with the origin, then swap) and invalidates every other copy; `deleted` removes every copy; `created` of a resource registered with high
 /// priority is shadowed at once on the owning edge of each region its policy allows (up to
 /// `max_copies`). Answers when every edge has answered; the time is a metric.
 async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
@@ -496,7 +496,9 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
             } else {
                 Vec::new()
             };
-            let purged = s.sync.purge_everywhere(&target).await;
+            // Edges holding a live shadow refresh it in place (revalidate, then swap: no
+            // window without a copy); every other copy is invalidated.
+            let purged = s.sync.purge_all_but(&target, &refill).await;
             s.planner.forget(&target);
             let ttl = s
                 .registry
@@ -504,7 +506,9 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                 .map_or(1800, |r| r.shadow_ttl_secs);
             let mut refilled = Vec::new();
             for e in refill {
-                let ok = s.sync.shadow(e, asap_order(&target, ttl, 5)).await;
+                let mut order = asap_order(&target, ttl, 5);
+                order.refresh = true;
+                let ok = s.sync.shadow(e, order).await;
                 if ok {
                     s.planner
                         .record(&target, e, std::time::Duration::from_secs(ttl));
@@ -572,5 +576,6 @@ fn asap_order(key: &str, ttl_secs: u64, priority: u8) -> edge_node::sync::protoc
         priority,
         deadline_ms: 0,
         peer: None,
+        refresh: false,
     }
 }

@@ -18,7 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Expired, ShadowTable};
-use super::{OutcomeLog, FILL_HEADER};
+use super::{OutcomeLog, FILL_HEADER, REFRESH_HEADER};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{normalize_key, InternalSecret};
 use crate::storage::FoyerStorage;
@@ -38,6 +38,8 @@ pub struct FillRequest {
     pub deadline_ms: u64,
     /// A peer edge to fill from first.
     pub peer: Option<PeerRef>,
+    /// Revalidate a held copy with the origin (it changed) instead of reusing it.
+    pub refresh: bool,
 }
 
 /// Why a shadow request is invalid.
@@ -86,12 +88,19 @@ impl FillRequest {
             priority,
             deadline_ms: 0,
             peer: None,
+            refresh: false,
         })
     }
 
     /// With the expected arrival of the first request.
     pub fn deadline_ms(mut self, deadline_ms: u64) -> Self {
         self.deadline_ms = deadline_ms;
+        self
+    }
+
+    /// Revalidating a held copy first.
+    pub fn refreshing(mut self, refresh: bool) -> Self {
+        self.refresh = refresh;
         self
     }
 
@@ -241,6 +250,9 @@ async fn fetch(
     if let Some(p) = peer {
         req = req.header(PEER_VIA_HEADER, format_peer_via(p));
     }
+    if r.refresh {
+        req = req.header(REFRESH_HEADER, "1");
+    }
     let resp = req.send().await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let cached = resp
@@ -265,7 +277,8 @@ async fn fill_one(
     internal: &InternalSecret,
     r: &FillRequest,
 ) -> Result<(u64, Source), String> {
-    if let Some(peer) = &r.peer {
+    // A refresh must reach the origin: the peers hold the old version too.
+    if let (Some(peer), false) = (&r.peer, r.refresh) {
         match fetch(client, listen, internal, r, Some(peer)).await {
             Ok(n) => return Ok((n, Source::Peer)),
             Err(e) => {

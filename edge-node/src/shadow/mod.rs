@@ -47,6 +47,9 @@ impl OutcomeLog {
 /// Header (value: the per-process internal secret) on the edge's own shadow-fill requests,
 /// so they are not counted as user hits and may name a peer to fill from.
 pub const FILL_HEADER: &str = "x-shadowcdn-shadow-fill";
+/// Header on a shadow fill (honoured only with [`FILL_HEADER`]) that revalidates a held copy
+/// with the origin before it is re-marked.
+pub const REFRESH_HEADER: &str = "x-shadowcdn-refresh";
 
 /// Drop the shadow mark of `key`; an object that never served a request goes with it (it
 /// was only there as a prediction), one that did stays as a normal cache entry.

@@ -53,6 +53,10 @@ pub struct ShadowOrder {
     /// An edge to fill from before trying the origin.
     #[serde(default)]
     pub peer: Option<PeerRef>,
+    /// The origin changed: revalidate a copy held here before re-marking it (the old copy
+    /// keeps serving until the new one replaces it).
+    #[serde(default)]
+    pub refresh: bool,
 }
 
 /// What a node asks of another.
@@ -276,6 +280,7 @@ mod tests {
                     id: "eu-1".into(),
                     addr: "127.0.0.1:1".parse().unwrap(),
                 }),
+                refresh: false,
             }),
         };
         write_frame(&mut a, &msg).await.unwrap();

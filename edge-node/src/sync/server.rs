@@ -279,7 +279,10 @@ impl Handler {
             Request::Shadow(o) => {
                 let fill =
                     match FillRequest::validated(&o.key, o.ttl_secs, o.priority, p.max_ttl_secs) {
-                        Ok(f) => f.deadline_ms(o.deadline_ms).from_peer(o.peer),
+                        Ok(f) => f
+                            .deadline_ms(o.deadline_ms)
+                            .from_peer(o.peer)
+                            .refreshing(o.refresh),
                         Err(e) => return Reply::error(ErrorCode::Invalid, e.to_string()),
                     };
                 match p.filler.submit(fill) {
