@@ -1149,3 +1149,59 @@ async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
         "{m}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_request_shadows_the_assets_that_follow_it() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    // A client fetches the page and then its script, four times over.
+    for _ in 0..4 {
+        assert_eq!(
+            c.get("/page/index.html", "us").await.status(),
+            StatusCode::OK
+        );
+        assert_eq!(c.get("/page/app.js", "us").await.status(), StatusCode::OK);
+    }
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/purge"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/page/app.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let fetched = origin.hits("/page/app.js");
+
+    // The next page view shadows the script on the us edge before it is asked for.
+    assert_eq!(
+        c.get("/page/index.html", "us").await.status(),
+        StatusCode::OK
+    );
+    let key = format!("{HOST}/page/app.js");
+    let us_admin = c.edges[3].admin;
+    wait_until(|| async {
+        client()
+            .get(format!("http://{us_admin}/shadows/{key}"))
+            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    assert_eq!(origin.hits("/page/app.js"), fetched + 1);
+    let r = c.get("/page/app.js", "us").await;
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+    assert_eq!(origin.hits("/page/app.js"), fetched + 1);
+    let m = c.metrics().await;
+    assert!(
+        sample(
+            &m,
+            "shadowcdn_broker_coaccess_shadows_total",
+            &["outcome=\"ok\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    assert!(sample(&m, "shadowcdn_broker_coaccess_pairs", &[]).is_some_and(|n| n >= 1.0));
+}

@@ -43,6 +43,9 @@ pub struct BrokerConfig {
     /// Shadow planning.
     #[serde(default)]
     pub planner: crate::planner::PlannerSection,
+    /// Co-access and anomaly signals.
+    #[serde(default)]
+    pub signals: crate::signals::SignalsSection,
     /// Prices of shadowing and the threshold tuner's bounds.
     #[serde(default)]
     pub cost: crate::cost::CostSection,

@@ -4,7 +4,7 @@
 //! prediction.
 //!
 //! Entry type: [`server::Broker`]. Modules: [`routing`], [`proxy`], [`registry`],
-//! [`monitor`], [`planner`], [`control`] (QUIC to the edges), [`cost`] (shadow ledger and threshold tuner), [`sync`] (orders to edges over
+//! [`monitor`], [`planner`], [`control`] (QUIC to the edges), [`cost`] (shadow ledger and threshold tuner), [`signals`] (co-access, anomalies), [`sync`] (orders to edges over
 //! QUIC or their admin API), [`config`], [`metrics`].
 
 pub mod config;
@@ -17,6 +17,7 @@ pub mod proxy;
 pub mod registry;
 pub mod routing;
 pub mod server;
+pub mod signals;
 pub mod sync;
 
 pub use config::BrokerConfig;

@@ -49,6 +49,14 @@ pub struct BrokerMetrics {
     pub threshold: prometheus::GaugeVec,
     /// Threshold moves by region, class and direction.
     pub threshold_changes: IntCounterVec,
+    /// Series currently flagged as anomalous, by kind (`surge`, `drop`).
+    pub anomalies: IntGaugeVec,
+    /// Anomaly standings entered, by kind (`surge`, `drop`, `normal`).
+    pub anomaly_events: IntCounterVec,
+    /// Co-access shadows by outcome.
+    pub coaccess_shadows: IntCounterVec,
+    /// Co-access pairs kept.
+    pub coaccess_pairs: prometheus::IntGauge,
     /// 1 while the QUIC control connection to an edge is up.
     pub quic_connected: IntGaugeVec,
     /// QUIC control messages by type and outcome.
@@ -192,6 +200,31 @@ impl BrokerMetrics {
                 ),
                 &["region", "class", "direction"],
             )?,
+            anomalies: IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_anomalous_series",
+                    "Series outside their forecast band for a sustained interval",
+                ),
+                &["kind"],
+            )?,
+            anomaly_events: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_anomaly_events_total",
+                    "Series entering a standing (surge, drop, normal)",
+                ),
+                &["kind"],
+            )?,
+            coaccess_shadows: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_coaccess_shadows_total",
+                    "Shadows of likely followers of a requested resource",
+                ),
+                &["outcome"],
+            )?,
+            coaccess_pairs: prometheus::IntGauge::new(
+                "shadowcdn_broker_coaccess_pairs",
+                "Co-access (leader, follower) pairs kept",
+            )?,
             quic_connected: IntGaugeVec::new(
                 Opts::new(
                     "shadowcdn_broker_quic_connected",
@@ -223,6 +256,10 @@ impl BrokerMetrics {
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
         registry.register(Box::new(m.planner_safety.clone()))?;
         registry.register(Box::new(m.quic_connected.clone()))?;
+        registry.register(Box::new(m.anomalies.clone()))?;
+        registry.register(Box::new(m.anomaly_events.clone()))?;
+        registry.register(Box::new(m.coaccess_shadows.clone()))?;
+        registry.register(Box::new(m.coaccess_pairs.clone()))?;
         registry.register(Box::new(m.shadow_spend.clone()))?;
         registry.register(Box::new(m.shadow_savings.clone()))?;
         registry.register(Box::new(m.net_benefit.clone()))?;

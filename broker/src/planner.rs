@@ -30,6 +30,8 @@ use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
 use crate::registry::Registry;
 use crate::routing::{Fleet, Health};
+use crate::signals::anomaly::{Detector, Standing};
+use crate::signals::AnomalySection;
 use crate::sync::EdgeSync;
 
 /// Bucket width the forecaster was trained on.
@@ -153,6 +155,8 @@ pub struct Decision {
     pub safety: f32,
     /// Seconds until the first request is expected.
     pub expected_in_secs: f64,
+    /// The series' standing against its forecast band (`normal`, `surge`, `drop`).
+    pub anomaly: Standing,
     /// Edge asked to supply the object (peer fill), if one likely holds it.
     pub peer: Option<String>,
     /// `shadowed`, `kept` (already shadowed), `dropped` (live, but no longer fits the
@@ -175,6 +179,10 @@ struct Candidate {
     recent: bool,
     /// Owning provider (`-` when unregistered).
     provider: String,
+    /// Regions the provider's policy allows (empty: all).
+    allowed_regions: Vec<String>,
+    /// Requests in the last planning interval (anomaly detection).
+    window: (u32, f64),
 }
 
 /// The verdict on one candidate.
@@ -250,6 +258,25 @@ pub struct PlannerState {
     live: Mutex<HashMap<(String, usize), Instant>>,
     /// Smoothed safety factor (`None` before the first tick).
     safety: Mutex<Option<f32>>,
+    /// Forecast bands of the monitored series.
+    detector: Mutex<Detector>,
+    /// Recent anomaly flags and clears, newest last.
+    anomalies: Mutex<std::collections::VecDeque<AnomalyEvent>>,
+}
+
+/// A series entering or leaving an anomaly.
+#[derive(Debug, Clone, Serialize)]
+pub struct AnomalyEvent {
+    /// Seconds since the epoch.
+    pub at: u64,
+    /// Resource key.
+    pub key: String,
+    /// Region.
+    pub region: String,
+    /// New standing.
+    pub standing: Standing,
+    /// Requests seen in the window and the band they were held against.
+    pub detail: String,
 }
 
 impl PlannerState {
@@ -301,6 +328,11 @@ impl PlannerState {
         next
     }
 
+    /// Recent anomaly events (newest last).
+    pub fn anomalies(&self) -> Vec<AnomalyEvent> {
+        self.anomalies.lock().iter().cloned().collect()
+    }
+
     /// The latest decisions about `key` (`host/path`).
     pub fn explain(&self, key: &str) -> Option<Vec<Decision>> {
         self.decisions.read().get(key).cloned()
@@ -317,6 +349,7 @@ pub struct Planner {
     sync: Arc<EdgeSync>,
     state: Arc<PlannerState>,
     ledger: Arc<Ledger>,
+    anomaly: AnomalySection,
     metrics: BrokerMetrics,
 }
 
@@ -331,11 +364,12 @@ impl Planner {
         series: Arc<RwLock<SeriesStore>>,
         sync: Arc<EdgeSync>,
         state: Arc<PlannerState>,
-        ledger: Arc<Ledger>,
+        (ledger, anomaly): (Arc<Ledger>, AnomalySection),
         metrics: BrokerMetrics,
     ) -> Self {
         Planner {
             ledger,
+            anomaly,
             cfg,
             fleet,
             health,
@@ -349,6 +383,9 @@ impl Planner {
 
     fn candidates(&self, now: u64) -> Vec<Candidate> {
         let store = self.series.read();
+        let width = store.bucket_secs().max(1);
+        let k = self.cfg.interval_secs.div_ceil(width).max(1) as usize;
+        let window_secs = ((k as u64 - 1) * width + now % width + 1) as f64;
         let mut out = Vec::new();
         for (resource, region, s) in store.iter() {
             let Some(region_idx) = self.fleet.region_index(region) else {
@@ -359,6 +396,7 @@ impl Planner {
                 continue;
             }
             let recent = counts.iter().rev().take(4).any(|c| *c > 0);
+            let window = (s.counts(width, k, now).iter().sum::<u32>(), window_secs);
             let (host, path) = resource
                 .split_once('/')
                 .map_or((resource, ""), |(h, p)| (h, p));
@@ -382,7 +420,76 @@ impl Planner {
                 provider: reg
                     .as_ref()
                     .map_or_else(|| "-".to_string(), |r| r.provider.clone()),
+                allowed_regions: reg
+                    .as_ref()
+                    .map_or_else(Vec::new, |r| r.policy.allowed_regions.clone()),
+                window,
             });
+        }
+        out
+    }
+
+    /// Hold each series' recent requests against the band its previous forecast predicted,
+    /// log standings that change, and return every candidate's standing.
+    fn anomalies(
+        &self,
+        cands: &[Candidate],
+        forecasts: &[models::Forecast],
+        now: u64,
+    ) -> Vec<Standing> {
+        let mut detector = self.state.detector.lock();
+        let mut events = Vec::new();
+        let out = cands
+            .iter()
+            .zip(forecasts)
+            .map(|(c, f)| {
+                let band = (
+                    f64::from(f.quantiles[0]) / HORIZON_SECS,
+                    f64::from(f.quantiles[2]) / HORIZON_SECS,
+                );
+                if let Some(s) =
+                    detector.observe(&c.key, c.region_idx, c.window, band, &self.anomaly)
+                {
+                    events.push(AnomalyEvent {
+                        at: now,
+                        key: c.key.clone(),
+                        region: c.region.clone(),
+                        standing: s,
+                        detail: format!(
+                            "{} requests in {:.0} s against a p10–p90 band of {:.2}–{:.2} per hour",
+                            c.window.0, c.window.1, f.quantiles[0], f.quantiles[2]
+                        ),
+                    });
+                }
+                detector.standing(&c.key, c.region_idx)
+            })
+            .collect();
+        let seen: std::collections::HashSet<(&str, usize)> = cands
+            .iter()
+            .map(|c| (c.key.as_str(), c.region_idx))
+            .collect();
+        detector.retain(|k, r| seen.contains(&(k, r)));
+        let (surges, drops) = detector.census();
+        drop(detector);
+        self.metrics
+            .anomalies
+            .with_label_values(&["surge"])
+            .set(surges as i64);
+        self.metrics
+            .anomalies
+            .with_label_values(&["drop"])
+            .set(drops as i64);
+        let mut log = self.state.anomalies.lock();
+        for e in events {
+            tracing::warn!(key = %e.key, region = %e.region, standing = e.standing.label(), detail = %e.detail, "demand anomaly");
+            self.metrics
+                .anomaly_events
+                .with_label_values(&[e.standing.label()])
+                .inc();
+            if log.len() >= 200 {
+                log.pop_front();
+            }
+            log.push_back(e);
         }
         out
     }
@@ -471,6 +578,7 @@ impl Planner {
         let tick_now = Instant::now();
         live.retain(|_, exp| *exp > tick_now);
         self.ledger.tune(now);
+        let standings = self.anomalies(&cands, &forecasts, now);
         let thresholds: Vec<(f32, Option<String>)> = cands
             .iter()
             .map(|c| self.ledger.threshold(c.region_idx, c.priority))
@@ -542,6 +650,7 @@ impl Planner {
                 budget_bytes: v.edge.map(|e| budgets[e]),
                 safety,
                 expected_in_secs: expected,
+                anomaly: standings[v.candidate],
                 peer: peer.map(|p| p.id),
                 outcome: v.outcome,
                 at: now,
@@ -549,6 +658,67 @@ impl Planner {
         }
         // Earliest expected arrival first: with a bounded send rate, the objects needed
         // soonest must not wait behind ones needed in an hour.
+        // Anomalies: a surge widens shadowing to the nearest other regions (budget aside:
+        // the surge is the demand), a drop releases the region's shadows before their TTL.
+        for (i, c) in cands.iter().enumerate() {
+            match standings[i] {
+                Standing::Surge if self.anomaly.enabled => {
+                    for r in self
+                        .fleet
+                        .regions_by_distance(c.region_idx)
+                        .into_iter()
+                        .skip(1)
+                        .take(self.anomaly.widen_regions)
+                    {
+                        let name = &self.fleet.regions[r];
+                        if !c.allowed_regions.is_empty() && !c.allowed_regions.contains(name) {
+                            continue;
+                        }
+                        let Some(e) = self.fleet.edge_in_region(&c.key, r, &self.health) else {
+                            continue;
+                        };
+                        if live.contains_key(&(c.key.clone(), e))
+                            || orders.iter().any(|(oe, o, _)| *oe == e && o.key == c.key)
+                        {
+                            continue;
+                        }
+                        let order = ShadowOrder {
+                            key: c.key.clone(),
+                            ttl_secs: c.ttl,
+                            priority: c.priority,
+                            deadline_ms: now_ms,
+                            peer: self.peer_for(&c.key, e, &cands, &live),
+                            refresh: false,
+                        };
+                        let info = OrderInfo {
+                            provider: c.provider.clone(),
+                            region: r,
+                            class: Class::of(c.priority),
+                        };
+                        self.metrics
+                            .planner_decisions
+                            .with_label_values(&["widened"])
+                            .inc();
+                        orders.push((e, order, info));
+                    }
+                }
+                Standing::Drop if self.anomaly.enabled => {
+                    let region_edges: Vec<usize> = live
+                        .keys()
+                        .filter(|(k, e)| k == &c.key && self.fleet.edge_region(*e) == c.region_idx)
+                        .map(|(_, e)| *e)
+                        .collect();
+                    for e in region_edges {
+                        self.metrics
+                            .planner_decisions
+                            .with_label_values(&["released"])
+                            .inc();
+                        drops.push((e, c.key.clone()));
+                    }
+                }
+                _ => {}
+            }
+        }
         for (e, key) in drops {
             live.remove(&(key.clone(), e));
             self.sync.unshadow(e, &key).await;
@@ -627,6 +797,8 @@ mod tests {
             allowed,
             recent: true,
             provider: "-".into(),
+            allowed_regions: Vec::new(),
+            window: (0, 60.0),
         }
     }
 

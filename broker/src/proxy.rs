@@ -47,6 +47,8 @@ pub struct BrokerCtx {
     resource: String,
     segment: Option<String>,
     cache_status: &'static str,
+    /// Hash of the client address.
+    client: u64,
 }
 
 impl BrokerProxy {
@@ -115,6 +117,7 @@ impl ProxyHttp for BrokerProxy {
             resource: String::new(),
             segment: None,
             cache_status: "none",
+            client: 0,
         }
     }
 
@@ -140,6 +143,11 @@ impl ProxyHttp for BrokerProxy {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
         ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
+        ctx.client = match ip {
+            Some(std::net::IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
+            Some(std::net::IpAddr::V6(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
+            None => 0,
+        };
         ctx.segment = self
             .segment_header
             .as_deref()
@@ -354,6 +362,7 @@ impl ProxyHttp for BrokerProxy {
                 bytes: session.body_bytes_sent() as u64,
                 cache_status: ctx.cache_status,
                 latency_us: elapsed.as_micros() as u64,
+                client: ctx.client,
             });
         }
     }

@@ -15,12 +15,13 @@ use crate::config::BrokerConfig;
 use crate::control::{Control, ControlService};
 use crate::cost::Ledger;
 use crate::metrics::BrokerMetrics;
-use crate::monitor::Monitor;
+use crate::monitor::{CoAccessFeed, Monitor};
 use crate::planner::{Planner, PlannerState};
 use crate::proxy::BrokerProxy;
 use crate::registry::api::{router, ApiState};
 use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, RegionResolver};
+use crate::signals::{CoAccessParts, CoAccessService};
 use crate::sync::{EdgeSync, OriginPusher};
 
 /// Why a broker could not start.
@@ -81,11 +82,17 @@ impl Broker {
             cfg.health.rise,
         ));
         let regions = RegionResolver::new(&cfg.client_region, &fleet);
+        let (coaccess_tx, coaccess_rx) = tokio::sync::mpsc::channel(1024);
+        let coaccess = cfg.signals.coaccess.enabled.then(|| CoAccessFeed {
+            cfg: cfg.signals.coaccess.clone(),
+            triggers: coaccess_tx,
+        });
         let (monitor, recorder) = Monitor::start(
             &cfg.monitor,
             fleet.regions.clone(),
             cfg.data_dir.join("monitor.json"),
             metrics.clone(),
+            coaccess,
         );
         let ledger = Arc::new(Ledger::new(
             cfg.cost.clone(),
@@ -154,8 +161,21 @@ impl Broker {
             monitor.store(),
             sync.clone(),
             planner_state.clone(),
-            ledger.clone(),
+            (ledger.clone(), cfg.signals.anomaly.clone()),
             metrics.clone(),
+        );
+        let coaccess = CoAccessService::new(
+            CoAccessParts {
+                fleet: fleet.clone(),
+                health: health.clone(),
+                registry: registry.clone(),
+                sync: sync.clone(),
+                planner: planner_state.clone(),
+                ledger: ledger.clone(),
+                default_ttl: cfg.planner.default_ttl_secs,
+                metrics: metrics.clone(),
+            },
+            coaccess_rx,
         );
         let api_state = ApiState {
             ledger,
@@ -191,6 +211,7 @@ impl Broker {
         server.add_service(background_service("health", checker));
         server.add_service(background_service("origin-push", OriginPusher(sync)));
         server.add_service(background_service("planner", planner));
+        server.add_service(background_service("coaccess", coaccess));
         server.add_service(background_service("drain", drainer));
         if let Some(c) = control {
             server.add_service(background_service("control", ControlService(c)));

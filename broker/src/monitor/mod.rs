@@ -16,6 +16,15 @@ pub use series::{Bucket, Observation, Series, SeriesStore};
 
 use crate::config::MonitorSection;
 use crate::metrics::BrokerMetrics;
+use crate::signals::{CoAccess, CoAccessSection, Trigger};
+
+/// Co-access learning in the aggregator, and where its triggers go.
+pub struct CoAccessFeed {
+    /// Settings.
+    pub cfg: CoAccessSection,
+    /// The co-access service's queue (full: the trigger is dropped).
+    pub triggers: tokio::sync::mpsc::Sender<Trigger>,
+}
 
 /// One proxied request.
 #[derive(Debug, Clone)]
@@ -34,6 +43,8 @@ pub struct Record {
     pub cache_status: &'static str,
     /// Broker-side latency in microseconds.
     pub latency_us: u64,
+    /// Hash of the client address (co-access pairs a client's consecutive requests).
+    pub client: u64,
 }
 
 /// The hot-path side: cheap to clone, never blocks.
@@ -80,6 +91,7 @@ impl Monitor {
         regions: Vec<String>,
         snapshot_path: PathBuf,
         metrics: BrokerMetrics,
+        coaccess: Option<CoAccessFeed>,
     ) -> (Monitor, Recorder) {
         let mut store = SeriesStore::new(cfg.bucket_secs, cfg.retention_buckets, cfg.max_series);
         match std::fs::read(&snapshot_path) {
@@ -103,7 +115,15 @@ impl Monitor {
             let every = Duration::from_secs(cfg.snapshot_secs.max(1));
             std::thread::Builder::new()
                 .name("monitor".into())
-                .spawn(move || aggregate(queue, store, stop, regions, path, every, metrics))
+                .spawn(move || {
+                    let sink = Sink {
+                        store,
+                        regions,
+                        metrics,
+                        coaccess: coaccess.map(|f| (CoAccess::new(f.cfg), f.triggers)),
+                    };
+                    aggregate(queue, sink, stop, path, every)
+                })
                 .ok()
         };
         (
@@ -132,23 +152,55 @@ impl Monitor {
     }
 }
 
+/// Where aggregated records go.
+struct Sink {
+    store: Arc<RwLock<SeriesStore>>,
+    regions: Vec<String>,
+    metrics: BrokerMetrics,
+    coaccess: Option<(CoAccess, tokio::sync::mpsc::Sender<Trigger>)>,
+}
+
+impl Sink {
+    /// Learn co-access from a record and trigger its followers' shadows.
+    fn coaccess(&mut self, r: &Record) {
+        let Some((map, triggers)) = &mut self.coaccess else {
+            return;
+        };
+        map.observe(r.client, r.region, &r.resource, r.ts);
+        let followers = map.followers(r.region, &r.resource);
+        if !followers.is_empty() {
+            let _ = triggers.try_send(Trigger {
+                region: r.region as usize,
+                leader: r.resource.clone(),
+                followers,
+            });
+        }
+    }
+}
+
 fn aggregate(
     queue: Arc<ArrayQueue<Record>>,
-    store: Arc<RwLock<SeriesStore>>,
+    mut sink: Sink,
     stop: Arc<AtomicBool>,
-    regions: Vec<String>,
     path: PathBuf,
     every: Duration,
-    metrics: BrokerMetrics,
 ) {
     let mut last_snapshot = Instant::now();
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let mut n = 0u64;
-        if !queue.is_empty() {
-            let mut s = store.write();
-            while let Some(r) = queue.pop() {
-                let region = regions
+        let mut batch = Vec::new();
+        while let Some(r) = queue.pop() {
+            batch.push(r);
+            if batch.len() >= 4096 {
+                break;
+            }
+        }
+        if !batch.is_empty() {
+            let mut s = sink.store.write();
+            for r in &batch {
+                let region = sink
+                    .regions
                     .get(r.region as usize)
                     .map_or("unknown", String::as_str);
                 s.add(&Observation {
@@ -160,18 +212,21 @@ fn aggregate(
                     hit: matches!(r.cache_status, "hit" | "stale"),
                 });
                 n += 1;
-                if n.is_multiple_of(4096) {
-                    break;
-                }
             }
         }
-        metrics.recorded.inc_by(n);
+        for r in &batch {
+            sink.coaccess(r);
+        }
+        if let Some((map, _)) = &sink.coaccess {
+            sink.metrics.coaccess_pairs.set(map.pairs() as i64);
+        }
+        sink.metrics.recorded.inc_by(n);
         if stopping && queue.is_empty() {
-            snapshot(&store, &path);
+            snapshot(&sink.store, &path);
             return;
         }
         if last_snapshot.elapsed() >= every {
-            snapshot(&store, &path);
+            snapshot(&sink.store, &path);
             last_snapshot = Instant::now();
         }
         if n == 0 {

@@ -183,6 +183,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/routes", get(routes))
         .route("/v1/shadows/explain", get(explain))
         .route("/v1/cost", get(cost))
+        .route("/v1/anomalies", get(anomalies))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -459,6 +460,12 @@ async fn explain(
 async fn cost(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     operator(&s, &headers)?;
     Ok(Json(s.ledger.report()).into_response())
+}
+
+/// `GET /v1/anomalies` (operator): series that entered or left a surge or drop, newest last.
+async fn anomalies(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    operator(&s, &headers)?;
+    Ok(Json(json!({ "events": s.planner.anomalies() })).into_response())
 }
 
 /// `POST /v1/events`: the origin changed. `updated` refreshes the live shadows in place

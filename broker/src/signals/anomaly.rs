@@ -1,0 +1,208 @@
+//! Anomalies: a (resource, region) series whose live counts leave its forecast band for a
+//! sustained interval. Above the upper quantile it is a surge (shadowing widens to more
+//! regions until it calms); below the lower quantile it is a drop (its shadows are released
+//! before their TTL).
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `[signals.anomaly]` settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnomalySection {
+    /// Whether anomalies change shadowing.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Consecutive planning ticks outside (or back inside) the band to flag (or clear).
+    #[serde(default = "default_sustain")]
+    pub sustain_ticks: u32,
+    /// Fewest requests in a tick's window that can count as a surge.
+    #[serde(default = "default_min_requests")]
+    pub min_requests: u32,
+    /// Extra regions (nearest first) a surging resource is shadowed in.
+    #[serde(default = "default_widen")]
+    pub widen_regions: usize,
+}
+
+impl Default for AnomalySection {
+    fn default() -> Self {
+        AnomalySection {
+            enabled: true,
+            sustain_ticks: default_sustain(),
+            min_requests: default_min_requests(),
+            widen_regions: default_widen(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_sustain() -> u32 {
+    3
+}
+fn default_min_requests() -> u32 {
+    3
+}
+fn default_widen() -> usize {
+    1
+}
+
+/// A series' standing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Standing {
+    /// Inside its band.
+    Normal,
+    /// Above the upper quantile for a sustained interval.
+    Surge,
+    /// Below the lower quantile for a sustained interval.
+    Drop,
+}
+
+impl Standing {
+    /// Label for metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Standing::Normal => "normal",
+            Standing::Surge => "surge",
+            Standing::Drop => "drop",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Track {
+    /// Expected requests per second at the lower and upper quantile (previous forecast).
+    band: (f64, f64),
+    above: u32,
+    below: u32,
+    inside: u32,
+    standing: Standing,
+}
+
+/// Per-series band tracking.
+#[derive(Debug, Default)]
+pub struct Detector {
+    tracks: HashMap<(String, usize), Track>,
+}
+
+impl Detector {
+    /// Compare `actual` requests seen in the last `window_secs` with the band of the previous
+    /// forecast, then store `band` (requests per second at p10 and p90) for the next tick.
+    /// Returns the new standing when it changed.
+    pub fn observe(
+        &mut self,
+        key: &str,
+        region: usize,
+        (actual, window_secs): (u32, f64),
+        band: (f64, f64),
+        cfg: &AnomalySection,
+    ) -> Option<Standing> {
+        let t = self
+            .tracks
+            .entry((key.to_string(), region))
+            .or_insert(Track {
+                band,
+                above: 0,
+                below: 0,
+                inside: 0,
+                standing: Standing::Normal,
+            });
+        let (lo, hi) = (t.band.0 * window_secs, t.band.1 * window_secs);
+        let actual_f = f64::from(actual);
+        if actual_f > hi && actual >= cfg.min_requests {
+            t.above += 1;
+            t.below = 0;
+            t.inside = 0;
+        } else if actual_f < lo && lo >= 1.0 {
+            t.below += 1;
+            t.above = 0;
+            t.inside = 0;
+        } else {
+            t.inside += 1;
+            t.above = 0;
+            t.below = 0;
+        }
+        t.band = band;
+        let before = t.standing;
+        let n = cfg.sustain_ticks.max(1);
+        if t.above >= n {
+            t.standing = Standing::Surge;
+        } else if t.below >= n {
+            t.standing = Standing::Drop;
+        } else if t.inside >= n {
+            t.standing = Standing::Normal;
+        }
+        (t.standing != before).then_some(t.standing)
+    }
+
+    /// The current standing of a series.
+    pub fn standing(&self, key: &str, region: usize) -> Standing {
+        self.tracks
+            .get(&(key.to_string(), region))
+            .map_or(Standing::Normal, |t| t.standing)
+    }
+
+    /// Forget series not seen this tick, so memory follows the monitored set.
+    pub fn retain(&mut self, keep: impl Fn(&str, usize) -> bool) {
+        self.tracks.retain(|(k, r), _| keep(k, *r));
+    }
+
+    /// Series per standing.
+    pub fn census(&self) -> (usize, usize) {
+        self.tracks
+            .values()
+            .fold((0, 0), |(s, d), t| match t.standing {
+                Standing::Surge => (s + 1, d),
+                Standing::Drop => (s, d + 1),
+                Standing::Normal => (s, d),
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sustained_surge_and_drop_are_flagged_and_calm_clears_them() {
+        let cfg = AnomalySection::default();
+        let mut d = Detector::default();
+        // Band: 0.01–0.05 requests/s, i.e. 0.6–3 per 60 s window.
+        let band = (0.01, 0.05);
+        let w = 60.0;
+        assert_eq!(d.observe("k", 0, (2, w), band, &cfg), None);
+        // One spike is not an anomaly; three in a row is.
+        assert_eq!(d.observe("k", 0, (40, w), band, &cfg), None);
+        assert_eq!(d.observe("k", 0, (40, w), band, &cfg), None);
+        assert_eq!(
+            d.observe("k", 0, (40, w), band, &cfg),
+            Some(Standing::Surge)
+        );
+        assert_eq!(d.standing("k", 0), Standing::Surge);
+        assert_eq!(d.census(), (1, 0));
+        for _ in 0..2 {
+            assert_eq!(d.observe("k", 0, (2, w), band, &cfg), None);
+        }
+        assert_eq!(
+            d.observe("k", 0, (2, w), band, &cfg),
+            Some(Standing::Normal)
+        );
+        // A drop needs a lower bound of at least one request to fall below.
+        let busy = (0.5, 1.0);
+        d.observe("b", 1, (40, w), busy, &cfg);
+        for _ in 0..2 {
+            assert_eq!(d.observe("b", 1, (0, w), busy, &cfg), None);
+        }
+        assert_eq!(d.observe("b", 1, (0, w), busy, &cfg), Some(Standing::Drop));
+        // Too few requests never make a surge.
+        let quiet = (0.0, 0.001);
+        for _ in 0..5 {
+            assert_eq!(d.observe("q", 0, (2, w), quiet, &cfg), None);
+        }
+        d.retain(|k, _| k == "k");
+        assert_eq!(d.standing("b", 1), Standing::Normal);
+    }
+}

@@ -1,0 +1,294 @@
+//! Co-access: which resources follow which. A client that fetches A and then B within a
+//! window counts one A→B transition in its region; `P(B follows A) = transitions(A→B) /
+//! requests(A)`. A request for A then shadows its likely followers on the edge that will be
+//! asked for them, due at their typical gap. Memory is bounded (clients, pairs) and counts
+//! decay, so yesterday's page structure fades.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+/// `[signals.coaccess]` settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoAccessSection {
+    /// Whether co-access shadows are issued.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Seconds after A within which B counts as following it.
+    #[serde(default = "default_window")]
+    pub window_secs: u64,
+    /// Smallest P(B follows A) that shadows B.
+    #[serde(default = "default_min_prob")]
+    pub min_probability: f64,
+    /// Requests of A needed before its followers are trusted.
+    #[serde(default = "default_support")]
+    pub min_support: f64,
+    /// Counts halve every this many seconds.
+    #[serde(default = "default_half_life")]
+    pub half_life_secs: u64,
+    /// Most (region, A, B) pairs kept; beyond it the weakest are forgotten.
+    #[serde(default = "default_max_pairs")]
+    pub max_pairs: usize,
+    /// Most clients whose recent requests are remembered.
+    #[serde(default = "default_max_clients")]
+    pub max_clients: usize,
+}
+
+impl Default for CoAccessSection {
+    fn default() -> Self {
+        CoAccessSection {
+            enabled: true,
+            window_secs: default_window(),
+            min_probability: default_min_prob(),
+            min_support: default_support(),
+            half_life_secs: default_half_life(),
+            max_pairs: default_max_pairs(),
+            max_clients: default_max_clients(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_window() -> u64 {
+    30
+}
+fn default_min_prob() -> f64 {
+    0.5
+}
+fn default_support() -> f64 {
+    3.0
+}
+fn default_half_life() -> u64 {
+    3600
+}
+fn default_max_pairs() -> usize {
+    200_000
+}
+fn default_max_clients() -> usize {
+    100_000
+}
+
+/// Requests a client remembers for pairing.
+const RECENT_PER_CLIENT: usize = 8;
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Pair {
+    count: f64,
+    /// Running mean of the A→B gap in seconds.
+    gap: f64,
+}
+
+/// A likely follower of a resource.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Follower {
+    /// Its key.
+    pub key: String,
+    /// P(it follows within the window).
+    pub probability: f64,
+    /// Typical seconds after the leader.
+    pub gap_secs: f64,
+}
+
+/// The learned transition map.
+pub struct CoAccess {
+    cfg: CoAccessSection,
+    recent: HashMap<u64, VecDeque<(String, u64)>>,
+    counts: HashMap<(u16, String), f64>,
+    /// (region, A) → B → transitions, so a lookup touches only A's followers.
+    pairs: HashMap<(u16, String), HashMap<String, Pair>>,
+    n_pairs: usize,
+    last_decay: u64,
+}
+
+impl CoAccess {
+    /// An empty map.
+    pub fn new(cfg: CoAccessSection) -> Self {
+        CoAccess {
+            cfg,
+            recent: HashMap::new(),
+            counts: HashMap::new(),
+            pairs: HashMap::new(),
+            n_pairs: 0,
+            last_decay: 0,
+        }
+    }
+
+    /// Pairs currently kept.
+    pub fn pairs(&self) -> usize {
+        self.n_pairs
+    }
+
+    /// Learn from one request of `client` for `key` in `region` at `ts` (seconds).
+    pub fn observe(&mut self, client: u64, region: u16, key: &str, ts: u64) {
+        self.decay(ts);
+        *self.counts.entry((region, key.to_string())).or_default() += 1.0;
+        if self.recent.len() >= self.cfg.max_clients && !self.recent.contains_key(&client) {
+            let window = self.cfg.window_secs;
+            self.recent.retain(|_, q| {
+                q.back()
+                    .is_some_and(|(_, t)| ts.saturating_sub(*t) <= window)
+            });
+            if self.recent.len() >= self.cfg.max_clients {
+                self.recent.clear();
+            }
+        }
+        let q = self.recent.entry(client).or_default();
+        let mut seen: Vec<&str> = Vec::new();
+        for (a, t) in q.iter().rev() {
+            if ts.saturating_sub(*t) > self.cfg.window_secs {
+                break;
+            }
+            if a == key || seen.contains(&a.as_str()) {
+                continue;
+            }
+            seen.push(a);
+            let followers = self.pairs.entry((region, a.clone())).or_default();
+            let p = followers.entry(key.to_string()).or_insert_with(|| {
+                self.n_pairs += 1;
+                Pair::default()
+            });
+            p.count += 1.0;
+            let gap = ts.saturating_sub(*t) as f64;
+            p.gap += (gap - p.gap) / p.count.max(1.0);
+        }
+        q.push_back((key.to_string(), ts));
+        if q.len() > RECENT_PER_CLIENT {
+            q.pop_front();
+        }
+        if self.n_pairs > self.cfg.max_pairs {
+            self.prune();
+        }
+    }
+
+    /// Halve every count once per half-life; forget what decays below one.
+    fn decay(&mut self, ts: u64) {
+        if self.last_decay == 0 {
+            self.last_decay = ts;
+        }
+        let half = self.cfg.half_life_secs.max(1);
+        while ts >= self.last_decay + half {
+            self.last_decay += half;
+            self.counts.retain(|_, c| {
+                *c *= 0.5;
+                *c >= 0.5
+            });
+            for followers in self.pairs.values_mut() {
+                followers.retain(|_, p| {
+                    p.count *= 0.5;
+                    p.count >= 0.5
+                });
+            }
+            self.pairs.retain(|_, f| !f.is_empty());
+            self.n_pairs = self.pairs.values().map(HashMap::len).sum();
+        }
+    }
+
+    /// Drop the weakest tenth of the pairs.
+    fn prune(&mut self) {
+        let mut counts: Vec<f64> = self
+            .pairs
+            .values()
+            .flat_map(|f| f.values().map(|p| p.count))
+            .collect();
+        let cut = counts.len() / 10;
+        counts.select_nth_unstable_by(cut, f64::total_cmp);
+        let floor = counts[cut];
+        for followers in self.pairs.values_mut() {
+            followers.retain(|_, p| p.count > floor);
+        }
+        self.pairs.retain(|_, f| !f.is_empty());
+        self.n_pairs = self.pairs.values().map(HashMap::len).sum();
+    }
+
+    /// The likely followers of `key` in `region`, most likely first.
+    pub fn followers(&self, region: u16, key: &str) -> Vec<Follower> {
+        let n = self
+            .counts
+            .get(&(region, key.to_string()))
+            .copied()
+            .unwrap_or(0.0);
+        if n < self.cfg.min_support {
+            return Vec::new();
+        }
+        let Some(followers) = self.pairs.get(&(region, key.to_string())) else {
+            return Vec::new();
+        };
+        let mut out: Vec<Follower> = followers
+            .iter()
+            .map(|(b, p)| Follower {
+                key: b.clone(),
+                probability: (p.count / n).min(1.0),
+                gap_secs: p.gap,
+            })
+            .filter(|f| f.probability >= self.cfg.min_probability)
+            .collect();
+        out.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> CoAccessSection {
+        CoAccessSection {
+            max_pairs: 50,
+            max_clients: 4,
+            ..CoAccessSection::default()
+        }
+    }
+
+    #[test]
+    fn a_page_then_its_assets_become_followers() {
+        let mut c = CoAccess::new(cfg());
+        for client in 0..4u64 {
+            let t = 1000 + client * 100;
+            c.observe(client, 0, "h/index.html", t);
+            c.observe(client, 0, "h/app.js", t + 2);
+            if client < 2 {
+                c.observe(client, 0, "h/rare.png", t + 3);
+            }
+        }
+        let f = c.followers(0, "h/index.html");
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(f[0].key, "h/app.js");
+        assert!((f[0].probability - 1.0).abs() < 1e-9);
+        assert!((f[0].gap_secs - 2.0).abs() < 1e-9);
+        assert!((f[1].probability - 0.5).abs() < 1e-9);
+        // Other regions learned nothing; too little support gives nothing.
+        assert!(c.followers(1, "h/index.html").is_empty());
+        assert!(c.followers(0, "h/rare.png").is_empty());
+    }
+
+    #[test]
+    fn outside_the_window_nothing_follows_and_counts_decay() {
+        let mut c = CoAccess::new(cfg());
+        for client in 0..4u64 {
+            c.observe(client, 0, "h/a", 10);
+            c.observe(client, 0, "h/b", 10 + 31);
+        }
+        assert!(c.followers(0, "h/a").is_empty());
+        for client in 0..4u64 {
+            c.observe(client, 0, "h/a", 100);
+            c.observe(client, 0, "h/b", 101);
+        }
+        assert_eq!(c.followers(0, "h/a").len(), 1);
+        // Two half-lives later the support has decayed below the minimum.
+        c.observe(9, 0, "h/x", 100 + 2 * 3600);
+        assert!(c.followers(0, "h/a").is_empty());
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let mut c = CoAccess::new(cfg());
+        for i in 0..500u64 {
+            c.observe(i % 7, 0, &format!("h/{}", i % 40), 1000 + i);
+        }
+        assert!(c.pairs() <= 50);
+        assert!(c.recent.len() <= 4);
+    }
+}

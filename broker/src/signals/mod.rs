@@ -1,0 +1,168 @@
+//! Demand signals besides the forecast: co-access (a request for A announces B) and
+//! anomalies (a series leaving its forecast band).
+
+pub mod anomaly;
+pub mod coaccess;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use edge_node::sync::protocol::ShadowOrder;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::cost::{Class, Ledger, OrderInfo};
+use crate::metrics::BrokerMetrics;
+use crate::monitor::now_secs;
+use crate::planner::PlannerState;
+use crate::registry::Registry;
+use crate::routing::{Fleet, Health};
+use crate::sync::EdgeSync;
+
+pub use anomaly::AnomalySection;
+pub use coaccess::{CoAccess, CoAccessSection, Follower};
+
+/// `[signals]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignalsSection {
+    /// Co-access shadowing.
+    #[serde(default)]
+    pub coaccess: CoAccessSection,
+    /// Anomaly detection.
+    #[serde(default)]
+    pub anomaly: AnomalySection,
+}
+
+/// A request for `leader` in `region` whose followers should be on their edge.
+#[derive(Debug)]
+pub struct Trigger {
+    /// Region index.
+    pub region: usize,
+    /// The requested resource.
+    pub leader: String,
+    /// Its likely followers.
+    pub followers: Vec<Follower>,
+}
+
+/// Issues co-access shadows: each follower on the edge that owns it in the leader's region,
+/// due at its typical gap, unless already shadowed there or the provider's policy forbids
+/// the region.
+pub struct CoAccessService {
+    rx: parking_lot::Mutex<Option<mpsc::Receiver<Trigger>>>,
+    fleet: Arc<Fleet>,
+    health: Arc<Health>,
+    registry: Arc<Registry>,
+    sync: Arc<EdgeSync>,
+    planner: Arc<PlannerState>,
+    ledger: Arc<Ledger>,
+    default_ttl: u64,
+    metrics: BrokerMetrics,
+}
+
+/// What [`CoAccessService`] acts with.
+pub struct CoAccessParts {
+    /// The fleet.
+    pub fleet: Arc<Fleet>,
+    /// Edge health.
+    pub health: Arc<Health>,
+    /// Resource policies.
+    pub registry: Arc<Registry>,
+    /// Orders to edges.
+    pub sync: Arc<EdgeSync>,
+    /// Live shadows.
+    pub planner: Arc<PlannerState>,
+    /// Cost attribution.
+    pub ledger: Arc<Ledger>,
+    /// Shadow TTL of unregistered resources.
+    pub default_ttl: u64,
+    /// Metrics.
+    pub metrics: BrokerMetrics,
+}
+
+impl CoAccessService {
+    /// The service, fed by the monitor through the other end of `rx`.
+    pub fn new(parts: CoAccessParts, rx: mpsc::Receiver<Trigger>) -> Self {
+        CoAccessService {
+            rx: parking_lot::Mutex::new(Some(rx)),
+            fleet: parts.fleet,
+            health: parts.health,
+            registry: parts.registry,
+            sync: parts.sync,
+            planner: parts.planner,
+            ledger: parts.ledger,
+            default_ttl: parts.default_ttl,
+            metrics: parts.metrics,
+        }
+    }
+
+    async fn handle(&self, t: Trigger) {
+        for f in t.followers {
+            let Some(edge) = self.fleet.edge_in_region(&f.key, t.region, &self.health) else {
+                continue;
+            };
+            if self.planner.live_edges(&f.key).contains(&edge) {
+                continue;
+            }
+            let (host, path) = f.key.split_once('/').unwrap_or((f.key.as_str(), ""));
+            let reg = self.registry.resource_for(host, &format!("/{path}"));
+            let region = &self.fleet.regions[t.region];
+            if reg.as_ref().is_some_and(|r| {
+                !r.policy.allowed_regions.is_empty() && !r.policy.allowed_regions.contains(region)
+            }) {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["policy"])
+                    .inc();
+                continue;
+            }
+            let ttl = reg.as_ref().map_or(self.default_ttl, |r| r.shadow_ttl_secs);
+            let priority = reg.as_ref().map_or(5, |r| r.priority);
+            let order = ShadowOrder {
+                key: f.key.clone(),
+                ttl_secs: ttl,
+                priority,
+                deadline_ms: now_secs() * 1000 + (f.gap_secs * 1000.0) as u64,
+                peer: None,
+                refresh: false,
+            };
+            let ok = self.sync.shadow(edge, order).await;
+            if ok {
+                let ttl = Duration::from_secs(ttl);
+                self.planner.record(&f.key, edge, ttl);
+                let info = OrderInfo {
+                    provider: reg.map_or_else(|| "-".to_string(), |r| r.provider),
+                    region: t.region,
+                    class: Class::of(priority),
+                };
+                self.ledger.record_order(&f.key, edge, info, ttl);
+            }
+            tracing::debug!(leader = %t.leader, follower = %f.key, p = f.probability, ok, "co-access shadow");
+            self.metrics
+                .coaccess_shadows
+                .with_label_values(&[if ok { "ok" } else { "failed" }])
+                .inc();
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for CoAccessService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut rx) = self.rx.lock().take() else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                t = rx.recv() => match t {
+                    Some(t) => self.handle(t).await,
+                    None => return,
+                },
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
