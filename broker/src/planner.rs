@@ -160,7 +160,9 @@ pub struct Decision {
     /// Edge asked to supply the object (peer fill), if one likely holds it.
     pub peer: Option<String>,
     /// `shadowed`, `kept` (already shadowed), `dropped` (live, but no longer fits the
-    /// budget: unshadowed), `below_threshold`, `policy`, `budget`, `no_edge`, `send_failed`.
+    /// budget or the copy limit: unshadowed), `below_threshold`, `policy` (region not
+    /// allowed), `max_copies` (the policy's copies went to more valuable regions), `budget`,
+    /// `no_edge`, `send_failed`.
     pub outcome: &'static str,
     /// Seconds since the epoch of the tick.
     pub at: u64,
@@ -181,6 +183,8 @@ struct Candidate {
     provider: String,
     /// Regions the provider's policy allows (empty: all).
     allowed_regions: Vec<String>,
+    /// Most regions the provider's policy lets hold a copy.
+    max_copies: u32,
     /// Requests in the last planning interval (anomaly detection).
     window: (u32, f64),
 }
@@ -217,6 +221,7 @@ fn decide(
         .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
     let mut used: HashMap<usize, u64> = HashMap::new();
+    let mut copies: HashMap<&str, u32> = HashMap::new();
     ranked
         .into_iter()
         .map(|(i, benefit)| {
@@ -227,15 +232,19 @@ fn decide(
             } else if !c.allowed {
                 "policy"
             } else if let Some(e) = edge {
+                let n = copies.entry(c.key.as_str()).or_default();
                 let fits = used.get(&e).copied().unwrap_or(0) + c.bytes <= budget_of(e);
-                if fits {
+                let room = *n < c.max_copies;
+                if fits && room {
                     *used.entry(e).or_default() += c.bytes;
+                    *n += 1;
                 }
-                match (is_live(&c.key, e), fits) {
-                    (true, true) => "kept",
-                    (true, false) => "dropped",
-                    (false, true) => "shadowed",
-                    (false, false) => "budget",
+                match (is_live(&c.key, e), fits, room) {
+                    (true, true, true) => "kept",
+                    (true, _, _) => "dropped",
+                    (false, _, false) => "max_copies",
+                    (false, true, true) => "shadowed",
+                    (false, false, true) => "budget",
                 }
             } else {
                 "no_edge"
@@ -423,6 +432,7 @@ impl Planner {
                 allowed_regions: reg
                     .as_ref()
                     .map_or_else(Vec::new, |r| r.policy.allowed_regions.clone()),
+                max_copies: reg.as_ref().map_or(u32::MAX, |r| r.policy.max_copies),
                 window,
             });
         }
@@ -674,6 +684,11 @@ impl Planner {
                         if !c.allowed_regions.is_empty() && !c.allowed_regions.contains(name) {
                             continue;
                         }
+                        let held = live.keys().filter(|(k, _)| k == &c.key).count()
+                            + orders.iter().filter(|(_, o, _)| o.key == c.key).count();
+                        if held >= c.max_copies as usize {
+                            break;
+                        }
                         let Some(e) = self.fleet.edge_in_region(&c.key, r, &self.health) else {
                             continue;
                         };
@@ -798,6 +813,7 @@ mod tests {
             recent: true,
             provider: "-".into(),
             allowed_regions: Vec::new(),
+            max_copies: 2,
             window: (0, 60.0),
         }
     }
@@ -875,6 +891,31 @@ mod tests {
         assert_eq!(outcome("forbidden"), "policy");
         assert_eq!(outcome("live"), "kept");
         assert_eq!(outcome("orphan"), "no_edge");
+    }
+
+    #[test]
+    fn copies_go_to_the_most_valuable_regions_up_to_the_policy_limit() {
+        let mut cands = vec![
+            cand("k", 10, 5, true),
+            cand("k", 10, 5, true),
+            cand("k", 10, 5, true),
+        ];
+        for (i, c) in cands.iter_mut().enumerate() {
+            c.region_idx = i;
+        }
+        let forecasts = vec![fc(1.0, 0.9), fc(9.0, 0.9), fc(5.0, 0.9)];
+        let v = decide(
+            &cands,
+            &forecasts,
+            |c| Some(c.region_idx),
+            |_, _| false,
+            |_| 0.5,
+            |_| 1 << 20,
+        );
+        let by_region = |r: usize| v.iter().find(|v| v.candidate == r).unwrap().outcome;
+        assert_eq!(by_region(1), "shadowed");
+        assert_eq!(by_region(2), "shadowed");
+        assert_eq!(by_region(0), "max_copies");
     }
 
     #[test]
