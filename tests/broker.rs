@@ -57,6 +57,12 @@ fn start_cluster_with(extra: &str) -> Cluster {
     }
 }
 
+/// `[planner]` ticking every second with the committed LSTM, plus `extra` lines.
+fn lstm_planner(extra: &str) -> String {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
+    format!("[planner]\ninterval_secs = 1\nmodel = \"{model}\"\n{extra}")
+}
+
 fn start_cluster() -> Cluster {
     start_cluster_with("")
 }
@@ -118,6 +124,47 @@ impl Cluster {
             .send()
             .await
             .unwrap()
+    }
+
+    /// Register a resource (must succeed); returns the API's answer.
+    async fn add_resource(&self, body: Value) -> Value {
+        let (s, v) = api(
+            reqwest::Method::POST,
+            self.broker.api("/v1/resources"),
+            &self.token,
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, StatusCode::CREATED, "{v}");
+        v
+    }
+
+    /// Purge one path everywhere through the provider API (must succeed).
+    async fn purge(&self, path: &str) {
+        let (s, v) = api(
+            reqwest::Method::POST,
+            self.broker.api("/v1/purge"),
+            &self.token,
+            Some(json!({"host": HOST, "path": path})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+
+    /// The planner's explanation of `key`.
+    async fn explain(&self, key: &str) -> Value {
+        let url = self.broker.api(&format!("/v1/shadows/explain?key={key}"));
+        api(reqwest::Method::GET, url, &self.token, None).await.1
+    }
+
+    /// Whether edge `i` holds a shadow mark for `key`.
+    async fn shadowed_on(&self, i: usize, key: &str) -> bool {
+        client()
+            .get(format!("http://{}/shadows/{key}", self.edges[i].admin))
+            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == StatusCode::OK)
     }
 
     async fn metrics(&self) -> String {
@@ -539,40 +586,21 @@ fn broker_cli_reports_bad_config() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     let origin = TestOrigin::start().await;
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
-    let mut c = start_cluster_with(&format!(
-        "[planner]\ninterval_secs = 1\nthreshold = 0.2\nmodel = \"{model}\"\n"
-    ));
+    let mut c = start_cluster_with(&lstm_planner("threshold = 0.2\n"));
     c.register(&origin).await;
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/resources"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    c.add_resource(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})).await;
 
     // Steady demand from the us region, then the object is purged everywhere.
     for _ in 0..12 {
         assert_eq!(c.get("/hot/app.js", "us").await.status(), StatusCode::OK);
     }
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/purge"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/hot/app.js"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    c.purge("/hot/app.js").await;
     let fetched_before = origin.hits("/hot/app.js");
 
     // The planner forecasts us demand and shadows the object on the us edge.
     let key = format!("{HOST}/hot/app.js");
-    let explain_url = c.broker.api(&format!("/v1/shadows/explain?key={key}"));
-    let token = c.token.clone();
     wait_until(|| async {
-        let (_, v) = api(reqwest::Method::GET, explain_url.clone(), &token, None).await;
+        let v = c.explain(&key).await;
         v["decisions"].as_array().is_some_and(|d| {
             d.iter().any(|d| {
                 d["region"] == "us" && (d["outcome"] == "shadowed" || d["outcome"] == "kept")
@@ -580,7 +608,7 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         })
     })
     .await;
-    let (_, v) = api(reqwest::Method::GET, explain_url.clone(), &c.token, None).await;
+    let v = c.explain(&key).await;
     let d = v["decisions"]
         .as_array()
         .unwrap()
@@ -594,16 +622,7 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         "{v}"
     );
     assert_eq!(v["resource"]["priority"], 9);
-    let us_admin = c.edges[3].admin;
-    wait_until(|| async {
-        client()
-            .get(format!("http://{us_admin}/shadows/{key}"))
-            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::OK)
-    })
-    .await;
+    wait_until(|| c.shadowed_on(3, &key)).await;
     assert_eq!(
         origin.hits("/hot/app.js"),
         fetched_before + 1,
@@ -632,27 +651,9 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/resources"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/launch/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600,
-                    "policy": {"max_copies": 2, "allowed_regions": ["eu", "us"]}})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    c.add_resource(json!({"host": HOST, "path": "/launch/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600,
+                    "policy": {"max_copies": 2, "allowed_regions": ["eu", "us"]}})).await;
     let key = format!("{HOST}/launch/new.js");
-    let shadow_on = |admin: std::net::SocketAddr| {
-        let key = key.clone();
-        async move {
-            client()
-                .get(format!("http://{admin}/shadows/{key}"))
-                .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
-                .send()
-                .await
-                .is_ok_and(|r| r.status() == StatusCode::OK)
-        }
-    };
 
     // created + high priority → shadowed at once in both regions, before any request.
     let (s, v) = api(
@@ -680,8 +681,8 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
                 .any(|s| s.starts_with("eu") && e.dir.ends_with(s))
         })
         .unwrap();
-    let (eu_admin, us_admin) = (c.edges[eu_edge].admin, c.edges[3].admin);
-    wait_until(|| async { shadow_on(eu_admin).await && shadow_on(us_admin).await }).await;
+    wait_until(|| async { c.shadowed_on(eu_edge, &key).await && c.shadowed_on(3, &key).await })
+        .await;
     assert_eq!(origin.hits("/launch/new.js"), 2, "one fill per region");
     for region in ["eu", "us"] {
         let r = c.get("/launch/new.js", region).await;
@@ -700,7 +701,8 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["refilled"].as_array().unwrap().len(), 2, "{v}");
     wait_until(|| async { origin.hits("/launch/new.js") == 4 }).await;
-    wait_until(|| async { shadow_on(eu_admin).await && shadow_on(us_admin).await }).await;
+    wait_until(|| async { c.shadowed_on(eu_edge, &key).await && c.shadowed_on(3, &key).await })
+        .await;
 
     // deleted → gone everywhere: the next request goes to the origin.
     let (s, v) = api(
@@ -711,7 +713,7 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert!(!shadow_on(us_admin).await && !shadow_on(eu_admin).await);
+    assert!(!c.shadowed_on(3, &key).await && !c.shadowed_on(eu_edge, &key).await);
     let r = c.get("/launch/new.js", "us").await;
     assert_eq!(r.headers()["x-cache"], "MISS");
     assert!(c
@@ -732,19 +734,9 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
     let origin = TestOrigin::start().await;
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
-    let mut c = start_cluster_with(&format!(
-        "[planner]\ninterval_secs = 1\nthreshold = 0.2\nmodel = \"{model}\"\n"
-    ));
+    let mut c = start_cluster_with(&lstm_planner("threshold = 0.2\n"));
     c.register(&origin).await;
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/resources"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/peer/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    c.add_resource(json!({"host": HOST, "path": "/peer/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})).await;
 
     // us-a is down: us clients fail over to the eu owner, which caches the object; the
     // broker records their demand under us.
@@ -761,17 +753,8 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
     c.edges[3].origins = vec![(HOST.to_string(), origin.addr)];
     c.edges[3].spawn();
     let key = format!("{HOST}/peer/lib.js");
-    let us_admin = c.edges[3].admin;
-    wait_secs(30, || async {
-        client()
-            .get(format!("http://{us_admin}/shadows/{key}"))
-            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::OK)
-    })
-    .await;
-    let us_metrics = text(format!("http://{us_admin}/metrics")).await;
+    wait_secs(30, || c.shadowed_on(3, &key)).await;
+    let us_metrics = text(format!("http://{}/metrics", c.edges[3].admin)).await;
     assert_eq!(
         sample(
             &us_metrics,
@@ -782,13 +765,7 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
         "{us_metrics}"
     );
     assert_eq!(origin.hits("/peer/lib.js"), 1, "the origin was spared");
-    let (_, v) = api(
-        reqwest::Method::GET,
-        c.broker.api(&format!("/v1/shadows/explain?key={key}")),
-        &c.token,
-        None,
-    )
-    .await;
+    let v = c.explain(&key).await;
     let us = v["decisions"]
         .as_array()
         .unwrap()
@@ -966,15 +943,8 @@ async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[planner]\ninterval_secs = 1\n");
     c.register(&origin).await;
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/resources"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/cost/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 2,
-                    "policy": {"max_copies": 2, "allowed_regions": ["eu", "us"]}})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let v = c.add_resource(json!({"host": HOST, "path": "/cost/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 2,
+                    "policy": {"max_copies": 2, "allowed_regions": ["eu", "us"]}})).await;
     let provider = v["provider"].as_str().unwrap().to_string();
 
     // Two launches shadowed in both regions; only eu asks for one of them.
@@ -1085,9 +1055,8 @@ async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
 async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
     let origin = TestOrigin::start().await;
     // 80 MiB of cache × 2.5e-6 ≈ 209 bytes of shadows per edge: three 64-byte objects.
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
-    let mut c = start_cluster_with(&format!(
-        "[planner]\ninterval_secs = 1\nthreshold = 0.05\nbudget_share = 0.0000025\nmin_safety = 1.0\nmodel = \"{model}\"\n"
+    let mut c = start_cluster_with(&lstm_planner(
+        "threshold = 0.05\nbudget_share = 0.0000025\nmin_safety = 1.0\n",
     ));
     c.register(&origin).await;
     let paths: Vec<String> = (0..6).map(|i| format!("/budget/{i}.css")).collect();
@@ -1101,21 +1070,12 @@ async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
     }
     // Purge so every copy on us-a would have to be a shadow.
     for p in &paths {
-        let (s, v) = api(
-            reqwest::Method::POST,
-            c.broker.api("/v1/purge"),
-            &c.token,
-            Some(json!({"host": HOST, "path": p})),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
+        c.purge(p).await;
     }
-    let explain = |p: &str| c.broker.api(&format!("/v1/shadows/explain?key={HOST}{p}"));
-    let token = c.token.clone();
     let outcomes = || async {
         let mut out = Vec::new();
         for p in &paths {
-            let (_, v) = api(reqwest::Method::GET, explain(p), &token, None).await;
+            let v = c.explain(&format!("{HOST}{p}")).await;
             for d in v["decisions"].as_array().into_iter().flatten() {
                 if d["edge"] == "us-a" {
                     out.push((
@@ -1163,14 +1123,7 @@ async fn a_page_request_shadows_the_assets_that_follow_it() {
         );
         assert_eq!(c.get("/page/app.js", "us").await.status(), StatusCode::OK);
     }
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/purge"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/page/app.js"})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    c.purge("/page/app.js").await;
     let fetched = origin.hits("/page/app.js");
 
     // The next page view shadows the script on the us edge before it is asked for.
@@ -1179,16 +1132,7 @@ async fn a_page_request_shadows_the_assets_that_follow_it() {
         StatusCode::OK
     );
     let key = format!("{HOST}/page/app.js");
-    let us_admin = c.edges[3].admin;
-    wait_until(|| async {
-        client()
-            .get(format!("http://{us_admin}/shadows/{key}"))
-            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == StatusCode::OK)
-    })
-    .await;
+    wait_until(|| c.shadowed_on(3, &key)).await;
     assert_eq!(origin.hits("/page/app.js"), fetched + 1);
     let r = c.get("/page/app.js", "us").await;
     assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
