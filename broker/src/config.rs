@@ -46,6 +46,9 @@ pub struct BrokerConfig {
     /// Co-access and anomaly signals.
     #[serde(default)]
     pub signals: crate::signals::SignalsSection,
+    /// Scaled clock for trace replays (absent: wall clock).
+    #[serde(default)]
+    pub clock: crate::clock::ClockSection,
     /// Prices of shadowing and the threshold tuner's bounds.
     #[serde(default)]
     pub cost: crate::cost::CostSection,

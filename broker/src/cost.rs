@@ -356,7 +356,12 @@ impl Ledger {
         let mut rollups = self.rollups.lock();
         for o in outcomes {
             let info = orders.remove(&(o.key.clone(), edge)).map(|(i, _)| i);
-            let p = price(&self.cfg, o);
+            // Edges measure holding time on the wall; prices are per clock hour.
+            let held = ShadowOutcome {
+                held_secs: crate::clock::clock_secs(o.held_secs),
+                ..o.clone()
+            };
+            let p = price(&self.cfg, &held);
             let (provider, region, class) = match &info {
                 Some(i) => (i.provider.clone(), Some(i.region), i.class),
                 None => ("-".to_string(), None, Class::Normal),

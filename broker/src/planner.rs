@@ -393,7 +393,8 @@ impl Planner {
     fn candidates(&self, now: u64) -> Vec<Candidate> {
         let store = self.series.read();
         let width = store.bucket_secs().max(1);
-        let k = self.cfg.interval_secs.div_ceil(width).max(1) as usize;
+        let interval = crate::clock::clock_secs(self.cfg.interval_secs);
+        let k = interval.div_ceil(width).max(1) as usize;
         let window_secs = ((k as u64 - 1) * width + now % width + 1) as f64;
         let mut out = Vec::new();
         for (resource, region, s) in store.iter() {
@@ -743,9 +744,9 @@ impl Planner {
             let (key, ttl) = (order.key.clone(), order.ttl_secs);
             let ok = self.sync.shadow(e, order).await;
             if ok {
-                live.insert((key.clone(), e), tick_now + Duration::from_secs(ttl));
-                self.ledger
-                    .record_order(&key, e, info, Duration::from_secs(ttl));
+                let ttl = crate::clock::wall(ttl);
+                live.insert((key.clone(), e), tick_now + ttl);
+                self.ledger.record_order(&key, e, info, ttl);
             } else if let Some(d) = decisions.get_mut(&key).and_then(|v| {
                 v.iter_mut()
                     .find(|d| d.edge.as_deref() == Some(self.fleet.edges[e].id.as_str()))

@@ -57,6 +57,7 @@ pub struct Broker {
 impl Broker {
     /// Open the registry, start the monitor, bind listeners and build the services.
     pub fn build(cfg: BrokerConfig) -> Result<Self, StartError> {
+        crate::clock::init(&cfg.clock);
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| StartError::Setup(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
         TcpListener::bind(cfg.listen).map_err(|source| StartError::Bind {

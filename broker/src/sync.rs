@@ -124,8 +124,10 @@ impl EdgeSync {
 
     /// Ask edge `edge` to shadow an object; whether it accepted. The deadline and peer only
     /// travel over QUIC (the admin API fills from the origin, first come first served).
-    pub async fn shadow(&self, edge: usize, order: ShadowOrder) -> bool {
+    pub async fn shadow(&self, edge: usize, mut order: ShadowOrder) -> bool {
         let e = &self.fleet.edges[edge];
+        // Edges live on the wall clock.
+        order.ttl_secs = crate::clock::wall_secs(order.ttl_secs);
         if let Some(c) = self.quic(edge) {
             let key = order.key.clone();
             return match c.call(edge, &Request::Shadow(order)).await {

@@ -242,9 +242,10 @@ impl EdgeConfig {
                 "cache.memory_capacity must be at least 1 MiB".into(),
             ));
         }
-        if c.disk_capacity.as_u64() < 4 * BLOCK_FLOOR {
+        let disk = c.disk_capacity.as_u64();
+        if disk != 0 && disk < 4 * BLOCK_FLOOR {
             return Err(ConfigError::Invalid(format!(
-                "cache.disk_capacity must be at least {}",
+                "cache.disk_capacity must be 0 (memory only) or at least {}",
                 ByteSize(4 * BLOCK_FLOOR)
             )));
         }
@@ -253,7 +254,13 @@ impl EdgeConfig {
                 "cache.max_object_size must be greater than 0".into(),
             ));
         }
-        if c.max_object_size.as_u64() > c.disk_capacity.as_u64() / 4 {
+        if disk == 0 && c.max_object_size.as_u64() > c.memory_capacity.as_u64() {
+            return Err(ConfigError::Invalid(
+                "cache.max_object_size must be at most cache.memory_capacity without a disk tier"
+                    .into(),
+            ));
+        }
+        if disk != 0 && c.max_object_size.as_u64() > disk / 4 {
             return Err(ConfigError::Invalid(
                 "cache.max_object_size must be at most a quarter of cache.disk_capacity".into(),
             ));
@@ -387,6 +394,20 @@ mod tests {
         assert_eq!(c.cache.memory_capacity, ByteSize::mib(256));
         assert_eq!(c.cache.max_object_size, ByteSize::mib(64));
         assert_eq!(c.block_size(), 64 * 1024 * 1024 + 256 * 1024);
+    }
+
+    #[test]
+    fn a_zero_disk_makes_a_memory_only_cache_with_objects_that_fit_in_memory() {
+        let mem_only = MINIMAL.replace(
+            "dir = \"/tmp/x\"",
+            "dir = \"/tmp/x\"\nmemory_capacity = \"4 MiB\"\ndisk_capacity = 0\nmax_object_size = \"1 MiB\"",
+        );
+        assert!(EdgeConfig::from_toml(&mem_only).is_ok());
+        let too_big = mem_only.replace("\"1 MiB\"", "\"8 MiB\"");
+        let err = EdgeConfig::from_toml(&too_big).unwrap_err().to_string();
+        assert!(err.contains("memory_capacity"), "{err}");
+        let tiny_disk = mem_only.replace("disk_capacity = 0", "disk_capacity = \"1 MiB\"");
+        assert!(EdgeConfig::from_toml(&tiny_disk).is_err());
     }
 
     #[test]

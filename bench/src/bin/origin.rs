@@ -37,6 +37,24 @@ struct Ctx {
     root: Option<PathBuf>,
     max_age: u64,
     max_size: usize,
+    /// Bodies sent (200s), for a replay's origin-bytes measurement.
+    served: std::sync::atomic::AtomicU64,
+    served_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// `GET /_origin/stats`: responses with a body and their bytes since start.
+async fn stats(State(ctx): State<Arc<Ctx>>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
+    let body = format!(
+        "{{\"responses\":{},\"bytes\":{}}}",
+        ctx.served.load(Relaxed),
+        ctx.served_bytes.load(Relaxed)
+    );
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CACHE_CONTROL, "no-store")
+        .body(Body::from(body))
+        .expect("static response parts")
 }
 
 fn synthetic(path: &str, size: usize) -> Vec<u8> {
@@ -113,6 +131,10 @@ async fn serve(State(ctx): State<Arc<Ctx>>, uri: Uri, headers: HeaderMap) -> Res
             .body(Body::empty())
             .expect("static response parts");
     }
+    ctx.served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    ctx.served_bytes
+        .fetch_add(body.len() as u64, std::sync::atomic::Ordering::Relaxed);
     resp = resp
         .header(header::CONTENT_TYPE, content_type)
         .header(header::CONTENT_LENGTH, body.len());
@@ -131,12 +153,17 @@ async fn main() -> anyhow::Result<()> {
         root: cli.root,
         max_age: cli.max_age,
         max_size: cli.max_size,
+        served: Default::default(),
+        served_bytes: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
         .with_context(|| format!("cannot listen on {}", cli.listen))?;
     tracing::info!(listen = %cli.listen, "origin serving");
-    let app = axum::Router::new().fallback(serve).with_state(ctx);
+    let app = axum::Router::new()
+        .route("/_origin/stats", axum::routing::get(stats))
+        .fallback(serve)
+        .with_state(ctx);
     axum::serve(listener, app)
         .with_graceful_shutdown(async {
             let mut term =

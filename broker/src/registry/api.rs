@@ -517,8 +517,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                 order.refresh = true;
                 let ok = s.sync.shadow(e, order).await;
                 if ok {
-                    s.planner
-                        .record(&target, e, std::time::Duration::from_secs(ttl));
+                    s.planner.record(&target, e, crate::clock::wall(ttl));
                 }
                 refilled.push(json!({ "edge": s.fleet.edges[e].id, "ok": ok }));
             }
@@ -544,7 +543,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                         let order = asap_order(&target, r.shadow_ttl_secs, r.priority);
                         let ok = s.sync.shadow(e, order).await;
                         if ok {
-                            let ttl = std::time::Duration::from_secs(r.shadow_ttl_secs);
+                            let ttl = crate::clock::wall(r.shadow_ttl_secs);
                             s.planner.record(&target, e, ttl);
                             let info = crate::cost::OrderInfo {
                                 provider: r.provider.clone(),

@@ -5,7 +5,6 @@ pub mod anomaly;
 pub mod coaccess;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use edge_node::sync::protocol::ShadowOrder;
@@ -131,7 +130,7 @@ impl CoAccessService {
             };
             let ok = self.sync.shadow(edge, order).await;
             if ok {
-                let ttl = Duration::from_secs(ttl);
+                let ttl = crate::clock::wall(ttl);
                 self.planner.record(&f.key, edge, ttl);
                 let info = OrderInfo {
                     provider: reg.map_or_else(|| "-".to_string(), |r| r.provider),

@@ -114,13 +114,10 @@ impl FoyerStorage {
             path: opts.dir.clone(),
             source,
         })?;
-        let device = FsDeviceBuilder::new(opts.dir.join("foyer"))
-            .with_capacity(opts.disk_bytes)
-            .build()?;
         let mixtrics_registry: mixtrics::metrics::BoxedRegistry = Box::new(
             mixtrics::registry::prometheus::PrometheusMetricsRegistry::new(registry.clone()),
         );
-        let cache = HybridCacheBuilder::new()
+        let storage = HybridCacheBuilder::new()
             .with_name("shadowcdn_edge")
             .with_metrics_registry(mixtrics_registry)
             // Objects go to disk as soon as they are stored, so a crash or restart keeps them.
@@ -131,14 +128,21 @@ impl FoyerStorage {
             .storage()
             .with_spawner(spawner)
             // Updates and purges must not resurrect old versions after a restart.
-            .with_recover_mode(RecoverMode::Quiet)
-            .with_engine_config(
+            .with_recover_mode(RecoverMode::Quiet);
+        // A disk capacity of zero makes a memory-only cache (small caches in benchmarks).
+        let storage = if opts.disk_bytes > 0 {
+            let device = FsDeviceBuilder::new(opts.dir.join("foyer"))
+                .with_capacity(opts.disk_bytes)
+                .build()?;
+            storage.with_engine_config(
                 BlockEngineConfig::new(device)
                     .with_block_size(opts.block_size)
                     .with_tombstone_log(true),
             )
-            .build()
-            .await?;
+        } else {
+            storage
+        };
+        let cache = storage.build().await?;
         let bans = BanList::open(&opts.dir, opts.ban_retention)?;
         Ok(FoyerStorage {
             cache,

@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# Trace replay through the real cluster: origin + broker + one edge per region (eu, us) on
+# loopback, QUIC with a generated CA, memory-only edge caches sized as a share of the trace's
+# working set. For each cache size and mode (plain: no shadowing; baseline: shadowing with the
+# seasonal-naive forecaster; lstm: shadowing with models/lstm.onnx) it starts a fresh cluster,
+# replays the trace time-compressed, and appends a run to bench/results/replay-TRACE.json.
+#
+#   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain baseline lstm"] [LIMIT]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TRACE=${1:-apache}
+SPEEDUP=${2:-1800}
+PCTS=${3:-"1 5 10"}
+MODES=${4:-"plain baseline lstm"}
+LIMIT=${5:-}
+TRACES=${TRACES:-../shared/traces}
+bash deploy/setup.sh >/dev/null
+cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
+B=target/release
+WORK=var/replay
+OUT=bench/results/replay-$TRACE.json
+OPERATOR=replay-operator-token-0123456789
+EDGE_TOKEN=replay-edge-token
+rm -rf "$WORK"
+mkdir -p "$WORK"
+read -r FIRST WS N < <($B/replay --trace "$TRACE" --traces-dir "$TRACES" --first-ts)
+echo "trace $TRACE: $N requests from $FIRST, working set $WS bytes, speedup $SPEEDUP"
+
+PKI=$WORK/pki
+$B/edge-node certs ca --dir "$PKI" >/dev/null
+for n in eu-1 us-1; do $B/edge-node certs issue --ca-dir "$PKI" --name "$n" >/dev/null; done
+$B/edge-node certs issue --ca-dir "$PKI" --name broker --broker >/dev/null
+MAX_AGE=$(( 86400 / ${SPEEDUP%.*} )); [ "$MAX_AGE" -ge 1 ] || MAX_AGE=1
+
+pids=()
+stop_all() {
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  pids=()
+}
+trap stop_all EXIT INT TERM
+
+edge_config() { # id port admin bytes maxobj
+  cat <<TOML
+node_id = "$1"
+[server]
+listen = "127.0.0.1:$2"
+threads = 1
+[admin]
+listen = "127.0.0.1:$3"
+token = "$EDGE_TOKEN"
+[cache]
+dir = "$WORK/run/$1"
+memory_capacity = $4
+disk_capacity = 0
+max_object_size = $5
+[sync]
+listen = "127.0.0.1:$2"
+ca_cert = "$PKI/ca.pem"
+cert = "$PKI/$1.pem"
+key = "$PKI/$1.key"
+TOML
+}
+
+broker_config() { # mode
+  local planner coaccess
+  case $1 in
+    plain) planner='enabled = false'; coaccess='enabled = false' ;;
+    baseline) planner="model = \"$WORK/no-model.onnx\""; coaccess='enabled = true' ;;
+    lstm) planner='model = "models/lstm.onnx"'; coaccess='enabled = true' ;;
+  esac
+  cat <<TOML
+listen = "127.0.0.1:18080"
+threads = 2
+data_dir = "$WORK/run/broker"
+[admin]
+listen = "127.0.0.1:17081"
+operator_token = "$OPERATOR"
+edge_token = "$EDGE_TOKEN"
+[client_region]
+default = "eu"
+[clock]
+speedup = $SPEEDUP
+start_unix = $FIRST
+[monitor]
+bucket_secs = 60
+[planner]
+interval_secs = 1
+$planner
+[signals.coaccess]
+$coaccess
+[control]
+ca_cert = "$PKI/ca.pem"
+cert = "$PKI/broker.pem"
+key = "$PKI/broker.key"
+stats_interval_secs = 1
+[[regions]]
+name = "eu"
+neighbours = ["us"]
+[[regions]]
+name = "us"
+neighbours = ["eu"]
+[[edges]]
+id = "eu-1"
+region = "eu"
+addr = "127.0.0.1:18101"
+admin = "127.0.0.1:19101"
+sync = "127.0.0.1:18101"
+[[edges]]
+id = "us-1"
+region = "us"
+addr = "127.0.0.1:18201"
+admin = "127.0.0.1:19201"
+sync = "127.0.0.1:18201"
+TOML
+}
+
+wait_http() { for _ in $(seq 300); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "no answer from $1" >&2; return 1; }
+
+for pct in $PCTS; do
+  per_region=$(( WS * pct / 100 / 2 ))
+  maxobj=$(( per_region / 4 ))
+  for mode in $MODES; do
+    rm -rf "$WORK/run"; mkdir -p "$WORK/run"
+    $B/origin --listen 127.0.0.1:19000 --max-age "$MAX_AGE" >"$WORK/run/origin.log" 2>&1 &
+    pids+=($!)
+    edge_config eu-1 18101 19101 "$per_region" "$maxobj" >"$WORK/run/eu-1.toml"
+    edge_config us-1 18201 19201 "$per_region" "$maxobj" >"$WORK/run/us-1.toml"
+    for e in eu-1 us-1; do
+      RUST_LOG=warn $B/edge-node --config "$WORK/run/$e.toml" >"$WORK/run/$e.log" 2>&1 &
+      pids+=($!)
+    done
+    broker_config "$mode" >"$WORK/run/broker.toml"
+    RUST_LOG=warn $B/broker run --config "$WORK/run/broker.toml" >"$WORK/run/broker.log" 2>&1 &
+    pids+=($!)
+    wait_http http://127.0.0.1:17081/healthz
+    token=$($B/broker api --api http://127.0.0.1:17081 --token "$OPERATOR" create-provider replay \
+      | sed -n 's/.*"token": "\(.*\)".*/\1/p')
+    host=$( [ "$TRACE" = apache ] && echo semicomplete.com || echo opendap.lpdaac )
+    $B/broker api --api http://127.0.0.1:17081 --token "$token" set-origin "$host" http://127.0.0.1:19000 >/dev/null
+    for a in 19101 19201; do
+      for _ in $(seq 100); do
+        curl -fsS -H "Authorization: Bearer $EDGE_TOKEN" "http://127.0.0.1:$a/origins" | grep -q "$host" && break
+        sleep 0.1
+      done
+    done
+    $B/replay --trace "$TRACE" --traces-dir "$TRACES" --speedup "$SPEEDUP" --mode "$mode" \
+      --broker http://127.0.0.1:18080 --api http://127.0.0.1:17081 --operator-token "$OPERATOR" \
+      --origin http://127.0.0.1:19000 --edges 127.0.0.1:19101,127.0.0.1:19201 \
+      --cache-bytes "$per_region" --out "$OUT" ${LIMIT:+--limit "$LIMIT"} >"$WORK/run/replay.json"
+    tail -n +1 "$WORK/run/replay.json" | grep -E '"(mode|byte_miss_ratio|hit_ratio|shadow_hits|net)"' | tr -d '\n'; echo
+    stop_all
+  done
+done
+echo "report: $OUT"
