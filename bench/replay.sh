@@ -24,6 +24,7 @@ EDGE_TOKEN=replay-edge-token
 rm -rf "$WORK"
 mkdir -p "$WORK"
 read -r FIRST WS N < <($B/replay --trace "$TRACE" --traces-dir "$TRACES" --first-ts)
+$B/replay --trace "$TRACE" --traces-dir "$TRACES" --write-sizes "$WORK/sizes.txt"
 echo "trace $TRACE: $N requests from $FIRST, working set $WS bytes, speedup $SPEEDUP"
 
 PKI=$WORK/pki
@@ -122,7 +123,7 @@ for pct in $PCTS; do
   maxobj=$(( per_region / 4 ))
   for mode in $MODES; do
     rm -rf "$WORK/run"; mkdir -p "$WORK/run"
-    $B/origin --listen 127.0.0.1:19000 --max-age "$MAX_AGE" >"$WORK/run/origin.log" 2>&1 &
+    $B/origin --listen 127.0.0.1:19000 --max-age "$MAX_AGE" --sizes "$WORK/sizes.txt" >"$WORK/run/origin.log" 2>&1 &
     pids+=($!)
     edge_config eu-1 18101 19101 "$per_region" "$maxobj" >"$WORK/run/eu-1.toml"
     edge_config us-1 18201 19201 "$per_region" "$maxobj" >"$WORK/run/us-1.toml"

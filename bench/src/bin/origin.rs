@@ -31,12 +31,17 @@ struct Cli {
     /// Largest synthetic body served, in bytes.
     #[arg(long, default_value_t = 256 * 1024 * 1024)]
     max_size: usize,
+    /// File of `size path` lines: the body size of each path (trace replays, so request URLs
+    /// carry no `?size=` and cache keys are the trace's own).
+    #[arg(long)]
+    sizes: Option<PathBuf>,
 }
 
 struct Ctx {
     root: Option<PathBuf>,
     max_age: u64,
     max_size: usize,
+    sizes: std::collections::HashMap<String, usize>,
     /// Bodies sent (200s), for a replay's origin-bytes measurement.
     served: std::sync::atomic::AtomicU64,
     served_bytes: std::sync::atomic::AtomicU64,
@@ -105,7 +110,7 @@ async fn serve(State(ctx): State<Arc<Ctx>>, uri: Uri, headers: HeaderMap) -> Res
                         )
                     }
                 },
-                None => 1024,
+                None => ctx.sizes.get(path).copied().unwrap_or(1024),
             };
             (synthetic(path, size), "text/plain")
         }
@@ -149,7 +154,21 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let cli = Cli::parse();
+    let mut sizes = std::collections::HashMap::new();
+    if let Some(f) = &cli.sizes {
+        let text = std::fs::read_to_string(f).with_context(|| format!("read {}", f.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let (size, path) = line
+                .split_once(' ')
+                .with_context(|| format!("{}:{}: expected `size path`", f.display(), n + 1))?;
+            let size: usize = size
+                .parse()
+                .with_context(|| format!("{}:{}: bad size", f.display(), n + 1))?;
+            sizes.insert(path.to_string(), size.min(cli.max_size));
+        }
+    }
     let ctx = Arc::new(Ctx {
+        sizes,
         root: cli.root,
         max_age: cli.max_age,
         max_size: cli.max_size,

@@ -2,7 +2,8 @@
 //!
 //! Requests keep their order and relative timing, compressed `--speedup` times (the broker
 //! must run its `[clock]` at the same speed from the trace's first timestamp, printed by
-//! `--first-ts`); objects keep their traced size (`?size=N` on the bench origin); clients are
+//! `--first-ts`); objects keep their traced size (the bench origin's `--sizes`, written by
+//! `--write-sizes`, so URLs and cache keys are the trace's own); clients are
 //! assigned to regions by `fnv1a64(client) % 2`. The report (JSON, appended per run to
 //! `--out`) has the hit ratios, origin bytes, shadow precision/recall, the cost ledger's net
 //! and client latency.
@@ -34,6 +35,9 @@ struct Cli {
     /// Print the trace's first timestamp and working set, then exit.
     #[arg(long)]
     first_ts: bool,
+    /// Write the trace's `size path` lines (for `origin --sizes`) to this file, then exit.
+    #[arg(long)]
+    write_sizes: Option<PathBuf>,
     /// Trace seconds per wall second.
     #[arg(long, default_value_t = 1800.0)]
     speedup: f64,
@@ -116,6 +120,17 @@ async fn main() -> anyhow::Result<()> {
         reqs.truncate(n);
     }
     let first = reqs.first().context("empty trace")?.ts;
+    if let Some(f) = &cli.write_sizes {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = String::new();
+        for r in &trace.requests {
+            if seen.insert(r.path.as_str()) {
+                out.push_str(&format!("{} {}\n", r.size, r.path));
+            }
+        }
+        std::fs::write(f, out).with_context(|| format!("write {}", f.display()))?;
+        return Ok(());
+    }
     if cli.first_ts {
         println!("{first} {} {}", trace.working_set(), reqs.len());
         return Ok(());
@@ -144,7 +159,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep_until(due.into()).await;
         let permit = permits.clone().acquire_owned().await?;
         let lag = Instant::now().saturating_duration_since(due);
-        let url = format!("{}{}?size={}", cli.broker, r.path, r.size);
+        let url = format!("{}{}", cli.broker, r.path);
         let (client, tally, hist, pb) = (client.clone(), tally.clone(), hist.clone(), pb.clone());
         let region = regions[usize::from(r.region)];
         let host = trace.host;
