@@ -141,9 +141,12 @@ fn parse_nasa(line: &str) -> Option<Raw> {
     })
 }
 
+/// Turns one log line into a request, or skips it.
+type LineParser = fn(&str) -> Option<Raw>;
+
 /// Parse `name` (`apache` or `nasa`) from the traces directory.
 pub fn load(dir: &Path, name: &str) -> anyhow::Result<Trace> {
-    let (file, host, parse): (&str, &'static str, fn(&str) -> Option<Raw>) = match name {
+    let (file, host, parse): (&str, &'static str, LineParser) = match name {
         "apache" => (
             "elastic_apache_logs/apache_logs",
             "semicomplete.com",
