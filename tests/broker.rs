@@ -1111,7 +1111,7 @@ async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_page_request_shadows_the_assets_that_follow_it() {
+async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
@@ -1121,9 +1121,20 @@ async fn a_page_request_shadows_the_assets_that_follow_it() {
             c.get("/page/index.html", "us").await.status(),
             StatusCode::OK
         );
-        assert_eq!(c.get("/page/app.js", "us").await.status(), StatusCode::OK);
+        assert_eq!(
+            c.get("/page/app.js?v=2", "us").await.status(),
+            StatusCode::OK
+        );
     }
-    c.purge("/page/app.js").await;
+    // The script is asked for with a version query; purge it by prefix.
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/purge"),
+        &c.token,
+        Some(json!({"host": HOST, "prefix": "/page/app"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     let fetched = origin.hits("/page/app.js");
 
     // The next page view shadows the script on the us edge before it is asked for.
@@ -1131,10 +1142,10 @@ async fn a_page_request_shadows_the_assets_that_follow_it() {
         c.get("/page/index.html", "us").await.status(),
         StatusCode::OK
     );
-    let key = format!("{HOST}/page/app.js");
+    let key = format!("{HOST}/page/app.js?v=2");
     wait_until(|| c.shadowed_on(3, &key)).await;
     assert_eq!(origin.hits("/page/app.js"), fetched + 1);
-    let r = c.get("/page/app.js", "us").await;
+    let r = c.get("/page/app.js?v=2", "us").await;
     assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
     assert_eq!(origin.hits("/page/app.js"), fetched + 1);
     let m = c.metrics().await;

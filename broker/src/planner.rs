@@ -415,8 +415,11 @@ impl Planner {
                 r.policy.allowed_regions.is_empty()
                     || r.policy.allowed_regions.iter().any(|x| x == region)
             });
+            // Shadow under the cache key requests use (it carries their query string), and
+            // place it where the broker routes that key.
+            let key = if s.key.is_empty() { resource } else { &s.key };
             out.push(Candidate {
-                key: resource.to_string(),
+                key: key.to_string(),
                 region: region.to_string(),
                 region_idx,
                 counts,

@@ -356,6 +356,7 @@ impl ProxyHttp for BrokerProxy {
         if self.recorder.enabled() {
             self.recorder.record(Record {
                 resource: std::mem::take(&mut ctx.resource),
+                key: std::mem::take(&mut ctx.key),
                 ts: now_secs(),
                 region: ctx.region as u16,
                 segment: ctx.segment.take(),

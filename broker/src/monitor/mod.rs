@@ -29,8 +29,10 @@ pub struct CoAccessFeed {
 /// One proxied request.
 #[derive(Debug, Clone)]
 pub struct Record {
-    /// Resource key (`host/path`, no query).
+    /// Resource key (`host/path`, no query): what demand is aggregated by.
     pub resource: String,
+    /// The cache key requested (`host/path?query`): what a shadow must be stored under.
+    pub key: String,
     /// Seconds since the epoch.
     pub ts: u64,
     /// Client region index.
@@ -161,12 +163,13 @@ impl Sink {
         let Some((map, triggers)) = &mut self.coaccess else {
             return;
         };
-        map.observe(r.client, r.region, &r.resource, r.ts);
-        let followers = map.followers(r.region, &r.resource);
+        // Cache keys, not resources: a follower must be shadowed under the key it is asked by.
+        map.observe(r.client, r.region, &r.key, r.ts);
+        let followers = map.followers(r.region, &r.key);
         if !followers.is_empty() {
             let _ = triggers.try_send(Trigger {
                 region: r.region as usize,
-                leader: r.resource.clone(),
+                leader: r.key.clone(),
                 followers,
             });
         }
@@ -200,6 +203,7 @@ fn aggregate(
                     .map_or("unknown", String::as_str);
                 s.add(&Observation {
                     resource: &r.resource,
+                    key: &r.key,
                     region,
                     segment: r.segment.as_deref(),
                     ts: r.ts,

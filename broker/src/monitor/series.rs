@@ -30,6 +30,11 @@ pub struct Series {
     pub segments: HashMap<String, u64>,
     /// Last update (seconds since the epoch), for eviction.
     pub touched: u64,
+    /// The cache key (`host/path?query`) most recently requested for this resource: what the
+    /// planner shadows, so a resource asked for with a query string is shadowed under the key
+    /// its requests use.
+    #[serde(default)]
+    pub key: String,
 }
 
 /// All series.
@@ -48,6 +53,8 @@ pub struct SeriesStore {
 pub struct Observation<'a> {
     /// Resource key (`host/path`).
     pub resource: &'a str,
+    /// Cache key requested (`host/path?query`).
+    pub key: &'a str,
     /// Region name.
     pub region: &'a str,
     /// User segment, if any.
@@ -143,6 +150,9 @@ impl SeriesStore {
             self.count += 1;
         }
         s.touched = s.touched.max(o.ts);
+        if s.key != o.key {
+            s.key = o.key.to_string();
+        }
         if let Some(seg) = o.segment {
             *s.segments.entry(seg.to_string()).or_default() += 1;
         }
@@ -236,6 +246,7 @@ mod tests {
     fn obs<'a>(res: &'a str, reg: &'a str, ts: u64) -> Observation<'a> {
         Observation {
             resource: res,
+            key: res,
             region: reg,
             segment: Some("mobile"),
             ts,

@@ -107,6 +107,7 @@ impl CoAccessService {
                 continue;
             }
             let (host, path) = f.key.split_once('/').unwrap_or((f.key.as_str(), ""));
+            let path = path.split('?').next().unwrap_or(path);
             let reg = self.registry.resource_for(host, &format!("/{path}"));
             let region = &self.fleet.regions[t.region];
             if reg.as_ref().is_some_and(|r| {
