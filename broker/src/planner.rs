@@ -310,11 +310,23 @@ impl PlannerState {
             .collect()
     }
 
-    /// Record a shadow placed outside the planner's tick (modification events).
+    /// Record a shadow the edge accepted, live for `ttl` (wall time).
     pub fn record(&self, key: &str, edge: usize, ttl: Duration) {
         self.live
             .lock()
             .insert((key.to_string(), edge), Instant::now() + ttl);
+    }
+
+    /// Forget one live shadow (unshadowed).
+    fn remove(&self, key: &str, edge: usize) {
+        self.live.lock().remove(&(key.to_string(), edge));
+    }
+
+    /// Drop expired shadows and return a copy of the live ones for a tick's decisions.
+    fn live_now(&self, now: Instant) -> HashMap<(String, usize), Instant> {
+        let mut live = self.live.lock();
+        live.retain(|_, exp| *exp > now);
+        live.clone()
     }
 
     /// Fold this tick's forecast uncertainty into the safety factor and return it: the mean
@@ -346,6 +358,26 @@ impl PlannerState {
     pub fn explain(&self, key: &str) -> Option<Vec<Decision>> {
         self.decisions.read().get(key).cloned()
     }
+}
+
+/// Send a shadow order to `edge`; once the edge accepted it, remember the shadow as live (so
+/// later ticks keep it instead of re-sending) and as ours in the cost ledger (so its outcome is
+/// attributed). Every placement — planner, modification events, co-access — goes through here.
+pub async fn place(
+    sync: &EdgeSync,
+    state: &PlannerState,
+    ledger: &Ledger,
+    edge: usize,
+    order: ShadowOrder,
+    info: OrderInfo,
+) -> bool {
+    let (key, ttl) = (order.key.clone(), crate::clock::wall(order.ttl_secs));
+    let ok = sync.shadow(edge, order).await;
+    if ok {
+        state.record(&key, edge, ttl);
+        ledger.record_order(&key, edge, info, ttl);
+    }
+    ok
 }
 
 /// The planner background service.
@@ -588,9 +620,9 @@ impl Planner {
                 return;
             }
         };
-        let mut live = self.state.live.lock().clone();
-        let tick_now = Instant::now();
-        live.retain(|_, exp| *exp > tick_now);
+        // A snapshot for this tick's decisions; every change goes to the shared state at
+        // once, so shadows that events or co-access place while the tick sends are kept.
+        let live = self.state.live_now(Instant::now());
         self.ledger.tune(now);
         let standings = self.anomalies(&cands, &forecasts, now);
         let thresholds: Vec<(f32, Option<String>)> = cands
@@ -739,29 +771,26 @@ impl Planner {
             }
         }
         for (e, key) in drops {
-            live.remove(&(key.clone(), e));
+            self.state.remove(&key, e);
             self.sync.unshadow(e, &key).await;
         }
         orders.sort_by_key(|(_, o, _)| o.deadline_ms);
         for (e, order, info) in orders {
-            let (key, ttl) = (order.key.clone(), order.ttl_secs);
-            let ok = self.sync.shadow(e, order).await;
-            if ok {
-                let ttl = crate::clock::wall(ttl);
-                live.insert((key.clone(), e), tick_now + ttl);
-                self.ledger.record_order(&key, e, info, ttl);
-            } else if let Some(d) = decisions.get_mut(&key).and_then(|v| {
-                v.iter_mut()
-                    .find(|d| d.edge.as_deref() == Some(self.fleet.edges[e].id.as_str()))
-            }) {
-                d.outcome = "send_failed";
+            let key = order.key.clone();
+            let ok = place(&self.sync, &self.state, &self.ledger, e, order, info).await;
+            if !ok {
+                if let Some(d) = decisions.get_mut(&key).and_then(|v| {
+                    v.iter_mut()
+                        .find(|d| d.edge.as_deref() == Some(self.fleet.edges[e].id.as_str()))
+                }) {
+                    d.outcome = "send_failed";
+                }
             }
             self.metrics
                 .shadows_issued
                 .with_label_values(&[if ok { "ok" } else { "failed" }])
                 .inc();
         }
-        *self.state.live.lock() = live;
         *self.state.decisions.write() = decisions;
     }
 }

@@ -542,17 +542,14 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                     let edge = s.fleet.edge_in_region(&target, region, &s.health);
                     if let Some(e) = edge {
                         let order = asap_order(&target, r.shadow_ttl_secs, r.priority);
-                        let ok = s.sync.shadow(e, order).await;
-                        if ok {
-                            let ttl = crate::clock::wall(r.shadow_ttl_secs);
-                            s.planner.record(&target, e, ttl);
-                            let info = crate::cost::OrderInfo {
-                                provider: r.provider.clone(),
-                                region,
-                                class: crate::cost::Class::of(r.priority),
-                            };
-                            s.ledger.record_order(&target, e, info, ttl);
-                        }
+                        let info = crate::cost::OrderInfo {
+                            provider: r.provider.clone(),
+                            region,
+                            class: crate::cost::Class::of(r.priority),
+                        };
+                        let ok =
+                            crate::planner::place(&s.sync, &s.planner, &s.ledger, e, order, info)
+                                .await;
                         shadowed.push(json!({ "edge": s.fleet.edges[e].id, "region": s.fleet.regions[region], "ok": ok }));
                     }
                 }

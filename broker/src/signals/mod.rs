@@ -16,7 +16,7 @@ use tokio::sync::mpsc;
 use crate::cost::{Class, Ledger, OrderInfo};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::now_secs;
-use crate::planner::PlannerState;
+use crate::planner::{place, PlannerState};
 use crate::registry::Registry;
 use crate::routing::{Fleet, Health};
 use crate::sync::EdgeSync;
@@ -129,17 +129,12 @@ impl CoAccessService {
                 peer: None,
                 refresh: false,
             };
-            let ok = self.sync.shadow(edge, order).await;
-            if ok {
-                let ttl = crate::clock::wall(ttl);
-                self.planner.record(&f.key, edge, ttl);
-                let info = OrderInfo {
-                    provider: reg.map_or_else(|| "-".to_string(), |r| r.provider),
-                    region: t.region,
-                    class: Class::of(priority),
-                };
-                self.ledger.record_order(&f.key, edge, info, ttl);
-            }
+            let info = OrderInfo {
+                provider: reg.map_or_else(|| "-".to_string(), |r| r.provider),
+                region: t.region,
+                class: Class::of(priority),
+            };
+            let ok = place(&self.sync, &self.planner, &self.ledger, edge, order, info).await;
             tracing::debug!(leader = %t.leader, follower = %f.key, p = f.probability, ok, "co-access shadow");
             self.metrics
                 .coaccess_shadows
