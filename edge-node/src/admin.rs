@@ -147,6 +147,30 @@ fn authorized(headers: &HeaderMap, token: &str) -> bool {
         .is_some_and(|t| token_matches(t.trim().as_bytes(), token.as_bytes()))
 }
 
+/// 401 (JSON) unless the request carries the admin token.
+fn authorize(headers: &HeaderMap, token: &str) -> Result<(), Box<Response>> {
+    if authorized(headers, token) {
+        return Ok(());
+    }
+    let msg = "missing or wrong bearer token";
+    Err(Box::new(error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        msg,
+    )))
+}
+
+/// Authorize, then parse the JSON body (400 when it is not the expected shape).
+fn authorized_json<T: serde::de::DeserializeOwned>(
+    s: &AdminState,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<T, Box<Response>> {
+    authorize(headers, &s.token)?;
+    serde_json::from_slice(body)
+        .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "bad_json", e.to_string())))
+}
+
 fn parse_target(uri: &Uri) -> Result<Target, String> {
     let raw = uri
         .path_and_query()
@@ -170,16 +194,12 @@ async fn purge(
             "use PURGE or DELETE on /cache/{host}/{path}",
         );
     }
-    if !authorized(&headers, &s.token) {
+    if let Err(r) = authorize(&headers, &s.token) {
         s.metrics
             .purges
             .with_label_values(&["any", "unauthorized"])
             .inc();
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
+        return *r;
     }
     let target = match parse_target(&uri) {
         Ok(t) => t,
@@ -223,16 +243,9 @@ async fn post_shadow(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&headers, &s.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
-    }
-    let b: ShadowBody = match serde_json::from_slice(&body) {
+    let b: ShadowBody = match authorized_json(&s, &headers, &body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+        Err(r) => return *r,
     };
     let req = match FillRequest::validated(&b.key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
         Ok(r) => r,
@@ -254,14 +267,7 @@ async fn post_shadow(
 
 /// Authorize a `/shadows/{key}` request and return its normalized key.
 fn shadow_key(s: &AdminState, headers: &HeaderMap, uri: &Uri) -> Result<String, Box<Response>> {
-    if !authorized(headers, &s.token) {
-        let msg = "missing or wrong bearer token";
-        return Err(Box::new(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            msg,
-        )));
-    }
+    authorize(headers, &s.token)?;
     let raw = uri
         .path_and_query()
         .map_or("", |p| p.as_str())
@@ -313,12 +319,8 @@ struct OriginsBody {
 }
 
 async fn get_origins(State(s): State<AdminState>, headers: HeaderMap) -> Response {
-    if !authorized(&headers, &s.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
+    if let Err(r) = authorize(&headers, &s.token) {
+        return *r;
     }
     let (configured, pushed) = s.origins.rows();
     Json(json!({ "configured": configured, "pushed": pushed })).into_response()
@@ -329,16 +331,9 @@ async fn put_origins(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    if !authorized(&headers, &s.token) {
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong bearer token",
-        );
-    }
-    let parsed: OriginsBody = match serde_json::from_slice(&body) {
+    let parsed: OriginsBody = match authorized_json(&s, &headers, &body) {
         Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+        Err(r) => return *r,
     };
     match s.origins.replace_pushed(parsed.origins) {
         Ok(n) => Json(json!({ "origins": n })).into_response(),
