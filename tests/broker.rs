@@ -753,7 +753,23 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
     c.edges[3].origins = vec![(HOST.to_string(), origin.addr)];
     c.edges[3].spawn();
     let key = format!("{HOST}/peer/lib.js");
-    wait_secs(30, || c.shadowed_on(3, &key)).await;
+    // The tick that places the shadow names its peer; later ticks only say "kept", so catch
+    // that decision while waiting for the shadow.
+    let placed = std::sync::Mutex::new(None::<Value>);
+    wait_secs(30, || async {
+        let v = c.explain(&key).await;
+        if let Some(d) = v["decisions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|d| d["region"] == "us" && d["outcome"] == "shadowed")
+        {
+            *placed.lock().unwrap() = Some(d.clone());
+        }
+        let caught = placed.lock().unwrap().is_some();
+        caught && c.shadowed_on(3, &key).await
+    })
+    .await;
     let us_metrics = text(format!("http://{}/metrics", c.edges[3].admin)).await;
     assert_eq!(
         sample(
@@ -765,14 +781,8 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
         "{us_metrics}"
     );
     assert_eq!(origin.hits("/peer/lib.js"), 1, "the origin was spared");
-    let v = c.explain(&key).await;
-    let us = v["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["region"] == "us")
-        .unwrap()
-        .clone();
+    let us = placed.lock().unwrap().clone().unwrap();
+    let v = &us;
     let peer = us["peer"].as_str().unwrap().to_string();
     assert!(peer.starts_with("eu-"), "{v}");
     assert!(us["budget_bytes"].as_u64().unwrap() > 0, "{v}");
