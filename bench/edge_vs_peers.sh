@@ -7,7 +7,11 @@
 # each peer from the same run.
 #
 # Usage: bench/edge_vs_peers.sh [duration_secs=10] [rounds=3]
-# Env: THREADS (server workers, default 2), CONNS (wrk connections, default 64).
+# Env: THREADS (server workers, default 2), CONNS (wrk connections, default 64),
+#      SYSTEMS (default "edge nginx varnish").
+# Besides req/s it reports each server's CPU time per request (its processes' user+system
+# time over the run / requests served): wrk shares the 2 cores, so req/s partly measures how
+# much CPU a server leaves to the load generator, while CPU per request is the server's own cost.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . bench/lib.sh
@@ -15,6 +19,7 @@ DURATION=${1:-10}
 ROUNDS=${2:-3}
 THREADS=${THREADS:-2}
 CONNS=${CONNS:-64}
+SYSTEMS=${SYSTEMS:-edge nginx varnish}
 
 bash deploy/setup.sh
 ensure_peers
@@ -60,7 +65,8 @@ host = "bench.local"
 upstream = "http://$ORIGIN"
 EOF
 RUST_LOG=warn target/release/edge-node --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
-pids+=($!)
+EDGE_PID=$!
+pids+=($EDGE_PID)
 
 start_nginx "$NGX" "$ORIGIN" "$THREADS"
 
@@ -83,26 +89,44 @@ for a in $EDGE $NGX $VARN; do
 done
 echo "edge-node X-Cache on warm object: $(curl -sS -o /dev/null -D - -H 'Host: bench.local' "http://$EDGE$OBJ_1K" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache"{print $2}')"
 
-declare -A RPS P50 P99
+# server_pids SYSTEM: the processes whose CPU time counts for SYSTEM.
+server_pids() {
+  case $1 in
+    edge) echo "$EDGE_PID" ;;
+    nginx) local m; m=$(cat "$WORK/nginx.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
+    varnish) pgrep -f "varnishd.*$WORK" | tr '\n' ' ' ;;
+  esac
+}
+TCK=$(getconf CLK_TCK)
+
+declare -A RPS P50 P99 CPU
 for round in $(seq "$ROUNDS"); do
   for o in 1k 100k; do
     path=$OBJ_1K; [ "$o" = 100k ] && path=$OBJ_100K
-    for sys in edge nginx varnish; do
+    for sys in $SYSTEMS; do
       addr=$EDGE; [ $sys = nginx ] && addr=$NGX; [ $sys = varnish ] && addr=$VARN
+      spids=$(server_pids $sys)
+      # shellcheck disable=SC2086
+      t0=$(cpu_ticks $spids)
       read -r rps p50 p99 errs < <(run_wrk "$addr" "$path")
-      echo "round $round $o $sys: $rps req/s p50 ${p50}ms p99 ${p99}ms $errs"
+      # shellcheck disable=SC2086
+      t1=$(cpu_ticks $spids)
+      cpu=$(awk -v d=$((t1 - t0)) -v tck="$TCK" -v r="$rps" -v s="$DURATION" 'BEGIN{printf "%.1f", d / tck * 1e6 / (r * s)}')
+      echo "round $round $o $sys: $rps req/s p50 ${p50}ms p99 ${p99}ms cpu ${cpu}us/req $errs"
       RPS[$sys,$o]="${RPS[$sys,$o]:-} $rps"; P50[$sys,$o]="${P50[$sys,$o]:-} $p50"; P99[$sys,$o]="${P99[$sys,$o]:-} $p99"
+      CPU[$sys,$o]="${CPU[$sys,$o]:-} $cpu"
     done
   done
 done
 
 echo
 echo "## medians over $ROUNDS rounds (wrk -t2 -c$CONNS -d${DURATION}s, $THREADS server workers)"
-printf "%-6s %-8s %12s %10s %10s\n" object system "req/s" "p50 ms" "p99 ms"
+printf "%-6s %-8s %12s %10s %10s %14s\n" object system "req/s" "p50 ms" "p99 ms" "cpu us/req"
 for o in 1k 100k; do
-  for sys in edge nginx varnish; do
-    printf "%-6s %-8s %12s %10s %10s\n" "$o" "$sys" "$(echo "${RPS[$sys,$o]}" | median)" "$(echo "${P50[$sys,$o]}" | median)" "$(echo "${P99[$sys,$o]}" | median)"
+  for sys in $SYSTEMS; do
+    printf "%-6s %-8s %12s %10s %10s %14s\n" "$o" "$sys" "$(echo "${RPS[$sys,$o]}" | median)" "$(echo "${P50[$sys,$o]}" | median)" "$(echo "${P99[$sys,$o]}" | median)" "$(echo "${CPU[$sys,$o]}" | median)"
   done
+  [ "$SYSTEMS" = "edge nginx varnish" ] || continue
   e=$(echo "${RPS[edge,$o]}" | median); n=$(echo "${RPS[nginx,$o]}" | median); v=$(echo "${RPS[varnish,$o]}" | median)
   echo "$o ratio edge/nginx req/s = $(awk -v a="$e" -v b="$n" 'BEGIN{printf "%.2f", a/b}')   edge/varnish req/s = $(awk -v a="$e" -v b="$v" 'BEGIN{printf "%.2f", a/b}')"
   ep=$(echo "${P99[edge,$o]}" | median); np=$(echo "${P99[nginx,$o]}" | median); vp=$(echo "${P99[varnish,$o]}" | median)

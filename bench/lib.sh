@@ -13,6 +13,18 @@ run_wrk() {
 }
 to_ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); print v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); print v+0} else if (v ~ /s$/) {sub(/s/,"",v); print v*1000} else print v }'; }
 
+# cpu_ticks PID...: user+system clock ticks these processes (all their threads) have used.
+cpu_ticks() {
+  local t=0 p f
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] || continue
+    # Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+    f=$(sed 's/^.*) //' "/proc/$p/stat")
+    t=$((t + $(echo "$f" | awk '{print $12 + $13}')))
+  done
+  echo "$t"
+}
+
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{a[NR]=$1} END{ if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 
 # Install nginx, varnish and wrk from Debian when missing; sets NGINX and VARNISHD.

@@ -5,6 +5,75 @@ use prometheus::{
     Registry,
 };
 
+/// What the edge did with a request: the `cache_status` label of the request metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served fresh from cache.
+    Hit,
+    /// Served stale (stale-if-error).
+    Stale,
+    /// Served stale while a background revalidation runs.
+    StaleUpdating,
+    /// Fetched from the origin.
+    Miss,
+    /// Held but expired; fetched again.
+    Expired,
+    /// Held, revalidated with the origin (304).
+    Revalidated,
+    /// Not cacheable; proxied.
+    Bypass,
+    /// The edge's own shadow fill.
+    ShadowFill,
+    /// Refused before proxying (no Host, unknown host).
+    Rejected,
+    /// Failed while proxying.
+    Error,
+}
+
+impl CacheStatus {
+    /// Every status, in discriminant order.
+    pub const ALL: [CacheStatus; 10] = [
+        CacheStatus::Hit,
+        CacheStatus::Stale,
+        CacheStatus::StaleUpdating,
+        CacheStatus::Miss,
+        CacheStatus::Expired,
+        CacheStatus::Revalidated,
+        CacheStatus::Bypass,
+        CacheStatus::ShadowFill,
+        CacheStatus::Rejected,
+        CacheStatus::Error,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Stale => "stale",
+            CacheStatus::StaleUpdating => "stale-updating",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Expired => "expired",
+            CacheStatus::Revalidated => "revalidated",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::ShadowFill => "shadow_fill",
+            CacheStatus::Rejected => "rejected",
+            CacheStatus::Error => "error",
+        }
+    }
+}
+
+/// The request metrics of one cache status, resolved once at start-up so the request path
+/// does not hash label values under the metric family's lock on every request.
+#[derive(Clone)]
+pub struct StatusMetrics {
+    /// `shadowcdn_edge_requests_total{cache_status}`
+    pub requests: IntCounter,
+    /// `shadowcdn_edge_served_bytes_total{cache_status}`
+    pub bytes_served: IntCounter,
+    /// `shadowcdn_edge_request_duration_seconds{cache_status}`
+    pub seconds: Histogram,
+}
+
 /// Request-path metrics of one edge.
 #[derive(Clone)]
 pub struct EdgeMetrics {
@@ -54,6 +123,8 @@ pub struct EdgeMetrics {
     pub memory_bytes: IntGauge,
     /// Purge-by-prefix bans in force (refreshed on scrape).
     pub bans: IntGauge,
+    /// The request metrics per status, indexed by `CacheStatus as usize`.
+    by_status: Vec<StatusMetrics>,
 }
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -63,7 +134,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 impl EdgeMetrics {
     /// Create and register every metric in `registry`.
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
-        let m = EdgeMetrics {
+        let mut m = EdgeMetrics {
             requests: IntCounterVec::new(
                 Opts::new("shadowcdn_edge_requests_total", "Requests by cache status"),
                 &["cache_status"],
@@ -175,7 +246,19 @@ impl EdgeMetrics {
                 "Bytes held by the memory tier",
             )?,
             bans: IntGauge::new("shadowcdn_edge_purge_bans", "Purge-by-prefix bans in force")?,
+            by_status: Vec::new(),
         };
+        m.by_status = CacheStatus::ALL
+            .iter()
+            .map(|s| {
+                let l = [s.label()];
+                StatusMetrics {
+                    requests: m.requests.with_label_values(&l),
+                    bytes_served: m.bytes_served.with_label_values(&l),
+                    seconds: m.request_seconds.with_label_values(&l),
+                }
+            })
+            .collect();
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.bytes_served.clone()))?;
         registry.register(Box::new(m.origin_fetches.clone()))?;
@@ -200,5 +283,10 @@ impl EdgeMetrics {
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.bans.clone()))?;
         Ok(m)
+    }
+
+    /// The request metrics of `status`.
+    pub fn status(&self, status: CacheStatus) -> &StatusMetrics {
+        &self.by_status[status as usize]
     }
 }

@@ -14,7 +14,7 @@ use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora_cache::filters::{
     calculate_fresh_until, calculate_serve_stale_durations, request_cacheable,
 };
-use pingora_cache::key::HashBinary;
+use pingora_cache::key::{hash_key, HashBinary};
 use pingora_cache::lock::CacheKeyLockImpl;
 use pingora_cache::predictor::Predictor;
 use pingora_cache::{
@@ -27,7 +27,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::drain::{InflightCounter, InflightGuard};
-use crate::metrics::EdgeMetrics;
+use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::FoyerStorage;
@@ -116,6 +116,8 @@ pub struct EdgeProxy {
     metrics: EdgeMetrics,
     inflight: InflightCounter,
     hooks: ShadowHooks,
+    /// `Cache-Status` values per status, built once (they name this node).
+    cache_status_values: Vec<http::HeaderValue>,
 }
 
 /// Per-request state carried through the phases.
@@ -125,7 +127,7 @@ pub struct RequestCtx {
     started: Instant,
     upstream_started: Option<Instant>,
     upstream_responded: bool,
-    status_label: &'static str,
+    status: CacheStatus,
     /// Primary cache key (`host/path?query`).
     key: String,
     /// This request is the edge's own shadow fill.
@@ -149,6 +151,14 @@ impl EdgeProxy {
         inflight: InflightCounter,
         hooks: ShadowHooks,
     ) -> Self {
+        let cache_status_values = CacheStatus::ALL
+            .iter()
+            .map(|s| {
+                let v = format!("shadowcdn-{node_id}; {}", cache_status_params(*s));
+                http::HeaderValue::from_str(&v)
+                    .unwrap_or_else(|_| http::HeaderValue::from_static("shadowcdn"))
+            })
+            .collect();
         EdgeProxy {
             node_id,
             origins,
@@ -157,6 +167,7 @@ impl EdgeProxy {
             metrics,
             inflight,
             hooks,
+            cache_status_values,
         }
     }
 }
@@ -223,18 +234,42 @@ pub async fn respond_json_error(
         .await
 }
 
-fn phase_labels(phase: CachePhase) -> (&'static str, &'static str) {
-    // (X-Cache value / metric label, RFC 9211 Cache-Status parameters)
+/// What a response's cache phase means for the client.
+fn phase_status(phase: CachePhase) -> CacheStatus {
     match phase {
-        CachePhase::Hit => ("hit", "hit"),
-        CachePhase::Stale => ("stale", "hit; detail=stale"),
-        CachePhase::StaleUpdating => ("stale-updating", "hit; detail=stale-while-revalidate"),
-        CachePhase::Miss => ("miss", "fwd=miss"),
-        CachePhase::Expired => ("expired", "fwd=stale"),
-        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => {
-            ("revalidated", "fwd=stale; fwd-status=304")
-        }
-        _ => ("bypass", "fwd=bypass"),
+        CachePhase::Hit => CacheStatus::Hit,
+        CachePhase::Stale => CacheStatus::Stale,
+        CachePhase::StaleUpdating => CacheStatus::StaleUpdating,
+        CachePhase::Miss => CacheStatus::Miss,
+        CachePhase::Expired => CacheStatus::Expired,
+        CachePhase::Revalidated | CachePhase::RevalidatedNoCache(_) => CacheStatus::Revalidated,
+        _ => CacheStatus::Bypass,
+    }
+}
+
+/// The `X-Cache` value of a phase status.
+fn x_cache_value(s: CacheStatus) -> &'static str {
+    match s {
+        CacheStatus::Hit => "HIT",
+        CacheStatus::Stale => "STALE",
+        CacheStatus::StaleUpdating => "STALE-UPDATING",
+        CacheStatus::Miss => "MISS",
+        CacheStatus::Expired => "EXPIRED",
+        CacheStatus::Revalidated => "REVALIDATED",
+        _ => "BYPASS",
+    }
+}
+
+/// RFC 9211 `Cache-Status` parameters of a phase status.
+fn cache_status_params(s: CacheStatus) -> &'static str {
+    match s {
+        CacheStatus::Hit => "hit",
+        CacheStatus::Stale => "hit; detail=stale",
+        CacheStatus::StaleUpdating => "hit; detail=stale-while-revalidate",
+        CacheStatus::Miss => "fwd=miss",
+        CacheStatus::Expired => "fwd=stale",
+        CacheStatus::Revalidated => "fwd=stale; fwd-status=304",
+        _ => "fwd=bypass",
     }
 }
 
@@ -315,7 +350,7 @@ impl ProxyHttp for EdgeProxy {
             started: Instant::now(),
             upstream_started: None,
             upstream_responded: false,
-            status_label: "bypass",
+            status: CacheStatus::Bypass,
             key: String::new(),
             shadow_fill: false,
             peer_fill: false,
@@ -326,9 +361,9 @@ impl ProxyHttp for EdgeProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let req = session.req_header();
-        let Some(host) = request_host(req).map(str::to_owned) else {
+        let Some(host) = request_host(req) else {
             self.metrics.rejected.with_label_values(&["no_host"]).inc();
-            ctx.status_label = "rejected";
+            ctx.status = CacheStatus::Rejected;
             respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
             return Ok(true);
         };
@@ -357,25 +392,20 @@ impl ProxyHttp for EdgeProxy {
             .get(PEER_FETCH_HEADER)
             .is_some_and(|v| secret.matches(v));
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        ctx.key = primary_key(&host, pq);
-        let path = req.uri.path().to_owned();
-        let table = self.origins.current();
-        match table.select(&host, &path) {
-            Some(origin) => {
-                ctx.origin = Some(origin.clone());
-                Ok(false)
-            }
-            None => {
-                self.metrics
-                    .rejected
-                    .with_label_values(&["unknown_host"])
-                    .inc();
-                ctx.status_label = "rejected";
-                let msg = format!("no origin is configured for host {host:?} and path {path:?}");
-                respond_json_error(session, 404, "unknown_host", &msg).await?;
-                Ok(true)
-            }
+        ctx.key = primary_key(host, pq);
+        let path = req.uri.path();
+        ctx.origin = self.origins.current().select(host, path).cloned();
+        if ctx.origin.is_some() {
+            return Ok(false);
         }
+        let msg = format!("no origin is configured for host {host:?} and path {path:?}");
+        self.metrics
+            .rejected
+            .with_label_values(&["unknown_host"])
+            .inc();
+        ctx.status = CacheStatus::Rejected;
+        respond_json_error(session, 404, "unknown_host", &msg).await?;
+        Ok(true)
     }
 
     async fn upstream_peer(
@@ -439,11 +469,19 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
-    fn cache_key_callback(&self, session: &Session, _ctx: &mut Self::CTX) -> Result<CacheKey> {
-        let req = session.req_header();
-        let host = request_host(req).unwrap_or("");
-        let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        Ok(CacheKey::new(primary_key(host, pq), ""))
+    fn cache_key_callback(&self, session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
+        if ctx.key.is_empty() {
+            let req = session.req_header();
+            let host = request_host(req).unwrap_or("");
+            let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+            ctx.key = primary_key(host, pq);
+        }
+        // The hash pingora-cache would compute (Blake2b of the primary key), computed once
+        // here instead of again by the lock, the predictor and the storage lookup.
+        let hash = hash_key(&ctx.key);
+        let mut key = CacheKey::new(ctx.key.clone(), "");
+        key.set_primary_bin_override(hash);
+        Ok(key)
     }
 
     fn response_cache_filter(
@@ -546,11 +584,11 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut Self::CTX,
     ) -> Result<()> {
         let phase = session.cache.phase();
-        let (label, detail) = phase_labels(phase);
-        ctx.status_label = if ctx.shadow_fill {
-            "shadow_fill"
+        let status = phase_status(phase);
+        ctx.status = if ctx.shadow_fill {
+            CacheStatus::ShadowFill
         } else {
-            label
+            status
         };
         let from_cache = matches!(
             phase,
@@ -569,10 +607,10 @@ impl ProxyHttp for EdgeProxy {
             }
             resp.insert_header("x-shadowcdn-shadow", "hit")?;
         }
-        resp.insert_header("x-cache", label.to_ascii_uppercase())?;
+        resp.insert_header("x-cache", x_cache_value(status))?;
         resp.insert_header(
             "cache-status",
-            format!("shadowcdn-{}; {detail}", self.node_id),
+            self.cache_status_values[status as usize].clone(),
         )?;
         Ok(())
     }
@@ -601,7 +639,7 @@ impl ProxyHttp for EdgeProxy {
         Self::CTX: Send + Sync,
     {
         let (code, kind) = error_status(e);
-        ctx.status_label = "error";
+        ctx.status = CacheStatus::Error;
         if code > 0 {
             let msg = match kind {
                 "origin_unreachable" => {
@@ -628,16 +666,10 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        let label = ctx.status_label;
-        self.metrics.requests.with_label_values(&[label]).inc();
-        self.metrics
-            .bytes_served
-            .with_label_values(&[label])
-            .inc_by(session.body_bytes_sent() as u64);
-        self.metrics
-            .request_seconds
-            .with_label_values(&[label])
-            .observe(ctx.started.elapsed().as_secs_f64());
+        let m = self.metrics.status(ctx.status);
+        m.requests.inc();
+        m.bytes_served.inc_by(session.body_bytes_sent() as u64);
+        m.seconds.observe(ctx.started.elapsed().as_secs_f64());
         if ctx.upstream_started.is_some() && !ctx.upstream_responded {
             self.metrics
                 .origin_fetches

@@ -137,6 +137,7 @@ impl EdgeNode {
 
         let conf = ServerConf {
             threads: cfg.server.threads,
+            work_stealing: cfg.server.work_stealing,
             // The drainer exits as soon as requests are done; pingora's own grace period is
             // only the backstop behind it.
             grace_period_seconds: Some(cfg.server.drain_timeout_secs + 5),

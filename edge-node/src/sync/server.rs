@@ -19,7 +19,7 @@ use super::protocol::{
 use super::tls::{peer_is, BROKER_NAME};
 use super::{is_hop_header, PEER_FETCH_HEADER};
 use crate::invalidate::{invalidate, Target};
-use crate::metrics::EdgeMetrics;
+use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::proxy::InternalSecret;
 use crate::shadow::{split_key, unshadow, FillRequest, Filler, OutcomeLog, ShadowTable};
 use crate::storage::FoyerStorage;
@@ -328,7 +328,7 @@ impl Handler {
             fill_bytes: m.shadow_fill_bytes.get(),
             cache_capacity_bytes: p.capacity_bytes,
             shadow_first_hits: m.shadow_first_hits.get(),
-            misses: m.requests.with_label_values(&["miss"]).get(),
+            misses: m.status(CacheStatus::Miss).requests.get(),
             outcomes: p.outcomes.drain(),
         }
     }
