@@ -266,6 +266,8 @@ fn smooth(prev: Option<f64>, now: f64) -> f64 {
 /// Totals of one (provider, region, class).
 #[derive(Debug, Clone, Default, Serialize)]
 struct Rollup {
+    /// Orders whose fill failed on the edge (not counted in `shadows`, never priced).
+    failed: u64,
     shadows: u64,
     used: u64,
     bytes: u64,
@@ -282,11 +284,16 @@ pub struct Ledger {
     tuners: Mutex<HashMap<(usize, Class), Tuner>>,
     rollups: Mutex<HashMap<(String, usize, Class), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
+    /// (key, edge) of shadows reported ended or failed since the planner last looked.
+    ended: Mutex<VecDeque<(String, usize)>>,
     metrics: BrokerMetrics,
 }
 
 /// Threshold changes kept for the report.
 const CHANGE_LOG: usize = 200;
+/// Ended shadows kept for the planner between its ticks; beyond this the oldest go (the
+/// planner then forgets them only when their TTL runs out).
+const ENDED_LOG: usize = 100_000;
 
 impl Ledger {
     /// A ledger starting every (region, class) at `base_threshold`.
@@ -304,8 +311,15 @@ impl Ledger {
             tuners: Mutex::new(HashMap::new()),
             rollups: Mutex::new(HashMap::new()),
             changes: Mutex::new(VecDeque::new()),
+            ended: Mutex::new(VecDeque::new()),
             metrics,
         }
+    }
+
+    /// The shadows edges reported as ended (expired, evicted, unshadowed) or never filled
+    /// since the last call, so the planner stops counting them as live.
+    pub fn take_ended(&self) -> Vec<(String, usize)> {
+        self.ended.lock().drain(..).collect()
     }
 
     fn tuner<'a>(
@@ -351,11 +365,30 @@ impl Ledger {
         if outcomes.is_empty() {
             return;
         }
+        {
+            let mut ended = self.ended.lock();
+            for o in outcomes {
+                if ended.len() >= ENDED_LOG {
+                    ended.pop_front();
+                }
+                ended.push_back((o.key.clone(), edge));
+            }
+        }
         let mut orders = self.orders.lock();
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
         for o in outcomes {
             let info = orders.remove(&(o.key.clone(), edge)).map(|(i, _)| i);
+            if o.failed {
+                // Nothing was held: no storage, no hits, and no evidence about the forecast.
+                if let Some(i) = &info {
+                    rollups
+                        .entry((i.provider.clone(), i.region, i.class))
+                        .or_default()
+                        .failed += 1;
+                }
+                continue;
+            }
             // Edges measure holding time on the wall; prices are per clock hour.
             let held = ShadowOutcome {
                 held_secs: crate::clock::clock_secs(o.held_secs),
@@ -539,7 +572,7 @@ impl Ledger {
             .map(|((provider, r, class), v)| {
                 serde_json::json!({
                     "provider": provider, "region": region(*r), "class": class,
-                    "shadows": v.shadows, "used": v.used, "bytes": v.bytes, "used_bytes": v.used_bytes,
+                    "shadows": v.shadows, "failed": v.failed, "used": v.used, "bytes": v.bytes, "used_bytes": v.used_bytes,
                     "spend": v.money.spend(), "savings": v.money.savings(), "net": v.money.net(),
                     "detail": v.money,
                 })
@@ -580,6 +613,7 @@ mod tests {
             held_secs: 3600,
             peer_filled: peer,
             evicted: false,
+            failed: false,
         }
     }
 
@@ -651,5 +685,29 @@ mod tests {
         let report = l.report();
         assert!(!report["changes"].as_array().unwrap().is_empty());
         assert_eq!(report["rollups"][0]["provider"], "p");
+    }
+
+    #[test]
+    fn a_failed_fill_ends_the_order_unpriced_and_tells_the_planner() {
+        let l = ledger();
+        let info = OrderInfo {
+            provider: "p".into(),
+            region: 1,
+            class: Class::Normal,
+        };
+        l.record_order("h/x", 1, info, Duration::from_secs(60));
+        l.settle(1, &[ShadowOutcome::failed("h/x".into())]);
+        assert_eq!(l.take_ended(), vec![("h/x".to_string(), 1)]);
+        assert!(l.take_ended().is_empty());
+        assert!(l.orders.lock().is_empty());
+        let r = &l.report()["rollups"][0];
+        assert_eq!(
+            (r["failed"].as_u64(), r["shadows"].as_u64()),
+            (Some(1), Some(0))
+        );
+        assert_eq!(r["spend"].as_f64(), Some(0.0));
+        // No evidence about the forecast: the tuner has nothing to act on.
+        l.tune(0);
+        assert_eq!(l.threshold(1, 5), (0.5, None));
     }
 }

@@ -622,6 +622,9 @@ impl Planner {
         };
         // A snapshot for this tick's decisions; every change goes to the shared state at
         // once, so shadows that events or co-access place while the tick sends are kept.
+        for (key, edge) in self.ledger.take_ended() {
+            self.state.remove(&key, edge);
+        }
         let live = self.state.live_now(Instant::now());
         self.ledger.tune(now);
         let standings = self.anomalies(&cands, &forecasts, now);

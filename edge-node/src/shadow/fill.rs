@@ -316,6 +316,7 @@ impl ShadowService {
                 held_secs: now.saturating_duration_since(mark.marked_at).as_secs(),
                 peer_filled: mark.peer_filled,
                 evicted,
+                failed: false,
             });
         }
     }
@@ -355,9 +356,10 @@ impl BackgroundService for ShadowService {
                     _ = self.filler.queue.ready.notified() => {}
                 }
             };
-            let (client, table, metrics, listen, internal) = (
+            let (client, table, outcomes, metrics, listen, internal) = (
                 client.clone(),
                 self.table.clone(),
+                self.outcomes.clone(),
                 self.metrics.clone(),
                 self.listen,
                 self.internal.clone(),
@@ -382,6 +384,11 @@ impl BackgroundService for ShadowService {
                     Err(e) => {
                         tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
                         metrics.shadow_fills.with_label_values(&["failed"]).inc();
+                        // A failed refresh leaves the held copy (and its mark) in place;
+                        // any other failure means the broker's order holds nothing here.
+                        if table.get(&req.key).is_none() {
+                            outcomes.push(ShadowOutcome::failed(req.key.clone()));
+                        }
                     }
                 }
             });

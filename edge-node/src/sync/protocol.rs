@@ -148,6 +148,25 @@ pub struct ShadowOutcome {
     pub peer_filled: bool,
     /// Whether the cache evicted it before its TTL ran out.
     pub evicted: bool,
+    /// The fill failed (neither peer nor origin supplied a cacheable copy): nothing was ever
+    /// held, and the broker must stop counting the order as a live shadow.
+    #[serde(default)]
+    pub failed: bool,
+}
+
+impl ShadowOutcome {
+    /// The outcome of an order whose fill failed.
+    pub fn failed(key: String) -> Self {
+        ShadowOutcome {
+            key,
+            bytes: 0,
+            hits: 0,
+            held_secs: 0,
+            peer_filled: false,
+            evicted: false,
+            failed: true,
+        }
+    }
 }
 
 /// Error classes a reply may carry.
