@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Expired, ShadowTable};
+use super::table::{Expired, Mark, ShadowTable};
 use super::{OutcomeLog, FILL_HEADER, REFRESH_HEADER};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{normalize_key, InternalSecret};
@@ -186,7 +186,12 @@ pub struct ShadowService {
     listen: SocketAddr,
     internal: InternalSecret,
     concurrency: usize,
+    sweeps: std::sync::atomic::AtomicU64,
 }
+
+/// Every this many sweeps (of 250 ms) the marks are checked against the cache, so a shadow
+/// the cache evicted is reported as ended now rather than when its TTL runs out.
+const EVICTION_SCAN_EVERY: u64 = 20;
 
 /// Where a fill's bytes came from.
 #[derive(Debug, Clone, Copy)]
@@ -223,6 +228,7 @@ impl ShadowService {
                 listen,
                 internal,
                 concurrency: concurrency.max(1),
+                sweeps: Default::default(),
             },
             filler,
         )
@@ -291,11 +297,36 @@ async fn fill_one(
         .map(|n| (n, Source::Origin))
 }
 
+/// The outcome of a shadow that ended at `now`.
+fn ended(key: String, mark: &Mark, now: Instant, evicted: bool) -> ShadowOutcome {
+    ShadowOutcome {
+        key,
+        bytes: mark.bytes,
+        hits: mark.hits,
+        held_secs: now.saturating_duration_since(mark.marked_at).as_secs(),
+        peer_filled: mark.peer_filled,
+        evicted,
+        failed: false,
+    }
+}
+
 impl ShadowService {
     /// Expire marks: a never-used shadow is purged (or was already evicted by the cache),
     /// a used one stays as a normal entry; every ending is logged for the broker's ledger.
     fn sweep(&self) {
         let now = Instant::now();
+        let n = self
+            .sweeps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if n % EVICTION_SCAN_EVERY == EVICTION_SCAN_EVERY - 1 {
+            for (key, mark) in self.table.take_evicted(|k| self.storage.holds(k)) {
+                self.metrics
+                    .shadows_expired
+                    .with_label_values(&["evicted"])
+                    .inc();
+                self.outcomes.push(ended(key, &mark, now, true));
+            }
+        }
         for (e, mark) in self.table.expire(now) {
             let (key, label, evicted) = match e {
                 Expired::Wasted(key) => {
@@ -309,15 +340,7 @@ impl ShadowService {
                 .shadows_expired
                 .with_label_values(&[label])
                 .inc();
-            self.outcomes.push(ShadowOutcome {
-                key,
-                bytes: mark.bytes,
-                hits: mark.hits,
-                held_secs: now.saturating_duration_since(mark.marked_at).as_secs(),
-                peer_filled: mark.peer_filled,
-                evicted,
-                failed: false,
-            });
+            self.outcomes.push(ended(key, &mark, now, evicted));
         }
     }
 }

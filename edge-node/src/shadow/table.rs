@@ -141,6 +141,33 @@ impl ShadowTable {
         out
     }
 
+    /// End the marks whose object `held` says the cache no longer has (evicted before the
+    /// mark expired), with the marks. `held` runs outside the table's lock, which the
+    /// request path takes on every hit; a mark renewed meanwhile is kept.
+    pub fn take_evicted(&self, held: impl Fn(&str) -> bool) -> Vec<(String, Mark)> {
+        let marks: Vec<(String, u64)> = {
+            let g = self.inner.lock();
+            g.marks
+                .iter()
+                .map(|(k, m)| (k.clone(), m.generation))
+                .collect()
+        };
+        let gone: Vec<(String, u64)> = marks.into_iter().filter(|(k, _)| !held(k)).collect();
+        if gone.is_empty() {
+            return Vec::new();
+        }
+        let mut g = self.inner.lock();
+        let mut out = Vec::new();
+        for (k, generation) in gone {
+            if g.marks.get(&k).is_some_and(|m| m.generation == generation) {
+                if let Some(m) = g.marks.remove(&k) {
+                    out.push((k, m));
+                }
+            }
+        }
+        out
+    }
+
     /// Number of live marks and the bytes they hold.
     pub fn usage(&self) -> (usize, u64) {
         let g = self.inner.lock();
@@ -156,6 +183,21 @@ impl ShadowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn marks_of_evicted_objects_end_early_and_only_those() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        t.mark("h/kept", Duration::from_secs(60), 5, now);
+        t.mark("h/evicted", Duration::from_secs(60), 5, now);
+        assert_eq!(t.hit("h/evicted", now), Some(1));
+        let gone = t.take_evicted(|k| k != "h/evicted");
+        assert_eq!(gone.len(), 1);
+        assert_eq!((gone[0].0.as_str(), gone[0].1.hits), ("h/evicted", 1));
+        assert!(t.get("h/evicted").is_none() && t.get("h/kept").is_some());
+        // Its heap entry no longer expires anything.
+        assert!(t.expire(now + Duration::from_secs(61)).len() == 1);
+    }
 
     #[test]
     fn hits_expiry_and_renewal() {
