@@ -6,7 +6,7 @@ pub const WINDOW: usize = 32;
 /// Buckets in the forecast horizon.
 pub const HORIZON: usize = 4;
 /// Features per step.
-pub const N_FEATURES: usize = 9;
+pub const N_FEATURES: usize = 10;
 /// Feature names, in order.
 pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "log1p_count",
@@ -18,6 +18,7 @@ pub const FEATURE_NAMES: [&str; N_FEATURES] = [
     "log1p_window_mean",
     "log1p_seasonal_naive",
     "log1p_history_mean",
+    "log1p_silence",
 ];
 
 /// Priority assumed when a resource has none registered.
@@ -93,9 +94,10 @@ fn calendar(last_bucket_start: i64, bucket_secs: i64) -> Calendar {
     })
 }
 
-/// `ln(1 + c)` as f32, from a table for small counts (same values as computing it).
+/// `ln(1 + c)` as f32, from a table for small counts (the same values as computing it: the
+/// table is filled with the same expression).
 fn log1p_count(c: u32) -> f32 {
-    static TABLE: std::sync::OnceLock<[f32; 256]> = std::sync::OnceLock::new();
+    static TABLE: std::sync::OnceLock<[f32; 1024]> = std::sync::OnceLock::new();
     let table = TABLE.get_or_init(|| std::array::from_fn(|c| (c as f64).ln_1p() as f32));
     match table.get(c as usize) {
         Some(v) => *v,
@@ -103,75 +105,185 @@ fn log1p_count(c: u32) -> f32 {
     }
 }
 
-fn push_with_calendar(h: &History<'_>, cal: &Calendar, out: &mut Vec<f32>) {
+/// `ln(1 + x)` as f32 for a non-negative integer-valued `x` (a sum of counts), through the
+/// table when it is small.
+fn log1p_integer(x: f64) -> f32 {
+    if x < 1024.0 {
+        log1p_count(x as u32)
+    } else {
+        x.ln_1p() as f32
+    }
+}
+
+/// Number of floats one series occupies in the full `[WINDOW, N_FEATURES]` window.
+const BLOCK: usize = WINDOW * N_FEATURES;
+
+/// Number of floats in the model's `context` input per series: features 1.. of the last step.
+pub const CONTEXT: usize = N_FEATURES - 1;
+
+/// Features 5–9 of a history: the same at every step of its window.
+struct SeriesFeatures {
+    priority: f32,
+    window_mean: f32,
+    seasonal: f32,
+    history_mean: f32,
+    silence: f32,
+}
+
+/// The last `take = min(n, WINDOW)` counts of `h` (the rest of the window is zero padding).
+fn recent<'a>(h: &History<'a>) -> &'a [u32] {
     let n = h.counts.len();
-    let take = n.min(WINDOW);
-    let pad = WINDOW - take;
-    let recent = &h.counts[n - take..];
-    let mean_feature = (sum(recent) / WINDOW as f64).ln_1p() as f32;
-    let seasonal = seasonal_naive_p50(h.counts, h.bucket_secs).ln_1p() as f32;
+    &h.counts[n - n.min(WINDOW)..]
+}
+
+fn series_features(h: &History<'_>) -> SeriesFeatures {
+    let n = h.counts.len();
+    let window_mean = (sum(recent(h)) / WINDOW as f64).ln_1p() as f32;
+    let seasonal = log1p_integer(seasonal_naive_p50(h.counts, h.bucket_secs));
     let long = &h.counts[n - n.min(max_history(h.bucket_secs))..];
     let long_mean = if long.is_empty() {
         0.0
     } else {
         sum(long) / long.len() as f64
     };
-    let history_feature = long_mean.ln_1p() as f32;
-    let priority = (f64::from(h.priority.min(10)) / 10.0) as f32;
-    // One series' block, built on the stack and appended with one copy.
-    let mut block = [0f32; WINDOW * N_FEATURES];
-    for (i, (row, c)) in block.chunks_exact_mut(N_FEATURES).zip(cal).enumerate() {
-        let count = if i < pad { 0 } else { recent[i - pad] };
-        row.copy_from_slice(&[
-            log1p_count(count),
-            c[0],
-            c[1],
-            c[2],
-            c[3],
-            priority,
-            mean_feature,
-            seasonal,
-            history_feature,
-        ]);
+    // Buckets after the last non-zero count of the last 7 days (all of them when all are zero).
+    let silence = long
+        .iter()
+        .rev()
+        .position(|c| *c != 0)
+        .unwrap_or(long.len());
+    SeriesFeatures {
+        priority: (f64::from(h.priority.min(10)) / 10.0) as f32,
+        window_mean,
+        seasonal,
+        history_mean: long_mean.ln_1p() as f32,
+        silence: log1p_integer(silence as f64),
     }
-    out.extend_from_slice(&block);
+}
+
+/// Feature 0 of every step of the window of `h` into `out` (`WINDOW` values, left-padded).
+fn fill_counts(h: &History<'_>, out: &mut [f32]) {
+    let recent = recent(h);
+    let pad = WINDOW - recent.len();
+    out[..pad].fill(0.0);
+    for (o, c) in out[pad..].iter_mut().zip(recent) {
+        *o = log1p_count(*c);
+    }
+}
+
+/// Features 1.. of one step, from its calendar and the series' features.
+fn step_context(c: &[f32; 4], s: &SeriesFeatures) -> [f32; CONTEXT] {
+    [
+        c[0],
+        c[1],
+        c[2],
+        c[3],
+        s.priority,
+        s.window_mean,
+        s.seasonal,
+        s.history_mean,
+        s.silence,
+    ]
+}
+
+/// Write the features of `h` into `block` (`WINDOW × N_FEATURES`, row-major), every element.
+fn fill_with_calendar(h: &History<'_>, cal: &Calendar, block: &mut [f32]) {
+    let s = series_features(h);
+    let mut counts = [0f32; WINDOW];
+    fill_counts(h, &mut counts);
+    for ((row, c), x0) in block.chunks_exact_mut(N_FEATURES).zip(cal).zip(counts) {
+        row[0] = x0;
+        row[1..].copy_from_slice(&step_context(c, &s));
+    }
 }
 
 /// Append the `WINDOW × N_FEATURES` features of `h` to `out` (row-major, step by step).
-/// Histories shorter than `WINDOW` are left-padded with zero counts (features 7 and 8 use the
+/// Histories shorter than `WINDOW` are left-padded with zero counts (features 7–9 use the
 /// history as given).
 pub fn push_features(h: &History<'_>, out: &mut Vec<f32>) {
-    push_with_calendar(h, &calendar(h.last_bucket_start, h.bucket_secs), out);
+    let at = out.len();
+    out.resize(at + BLOCK, 0.0);
+    fill_with_calendar(
+        h,
+        &calendar(h.last_bucket_start, h.bucket_secs),
+        &mut out[at..],
+    );
 }
 
-/// The model input for a batch, `[histories.len(), WINDOW, N_FEATURES]` row-major: the same
-/// values as [`push_features`] for each history, with the calendar features computed once per
-/// distinct (last bucket start, bucket width) run — in a planner tick every series shares them.
+/// The full feature windows of a batch, `[histories.len(), WINDOW, N_FEATURES]` row-major: the
+/// same values as [`push_features`] for each history, with the calendar features computed once
+/// per distinct (last bucket start, bucket width) run — in a planner tick every series shares
+/// them.
 pub fn batch_features(histories: &[History<'_>]) -> Vec<f32> {
     let mut out = Vec::new();
     batch_features_into(histories, &mut out);
     out
 }
 
-/// [`batch_features`] into a reused buffer (cleared first), so a caller forecasting every tick
-/// does not allocate and page in a fresh input of `len × WINDOW × N_FEATURES` floats each time.
+/// Resize a reused buffer to `len` (a buffer already that long is not cleared: every element
+/// is overwritten by the caller).
+fn resize_for(out: &mut Vec<f32>, len: usize) {
+    if out.len() != len {
+        out.clear();
+        out.resize(len, 0.0);
+    }
+}
+
+/// Calendar features of `key`, computed once per run of equal keys.
+fn cached_calendar(cached: &mut Option<(CalendarKey, Calendar)>, key: CalendarKey) -> &Calendar {
+    match cached {
+        Some((k, _)) if *k == key => {}
+        _ => *cached = Some((key, calendar(key.0, key.1))),
+    }
+    &cached.as_ref().expect("just set").1
+}
+
+/// [`batch_features`] into a reused buffer, so a caller forecasting every tick does not
+/// allocate and page in a fresh buffer each time; each series' rows are written in place.
 pub fn batch_features_into(histories: &[History<'_>], out: &mut Vec<f32>) {
-    out.clear();
-    out.reserve(histories.len() * WINDOW * N_FEATURES);
+    resize_for(out, histories.len() * BLOCK);
     let mut cached: Option<(CalendarKey, Calendar)> = None;
-    for h in histories {
-        let key = (h.last_bucket_start, h.bucket_secs);
-        let cal = match &cached {
-            Some((k, cal)) if *k == key => cal,
-            _ => &cached.insert((key, calendar(key.0, key.1))).1,
-        };
-        push_with_calendar(h, cal, out);
+    for (h, block) in histories.iter().zip(out.chunks_exact_mut(BLOCK)) {
+        let cal = cached_calendar(&mut cached, (h.last_bucket_start, h.bucket_secs));
+        fill_with_calendar(h, cal, block);
+    }
+}
+
+/// The ONNX model's inputs for a batch (`models/README.md`, "Model input"), into reused
+/// buffers: `counts` `[len, WINDOW]` = feature 0 of every step, `context` `[len, CONTEXT]` =
+/// features 1.. of the last step — the same values as the corresponding entries of
+/// [`batch_features`], without the redundant ones (features 1–4 of earlier steps follow from
+/// the last step's time, 5–9 are the same at every step), so 1/7 of the floats.
+pub fn batch_model_input_into(
+    histories: &[History<'_>],
+    counts: &mut Vec<f32>,
+    context: &mut Vec<f32>,
+) {
+    resize_for(counts, histories.len() * WINDOW);
+    resize_for(context, histories.len() * CONTEXT);
+    let mut cached: Option<(CalendarKey, Calendar)> = None;
+    for ((h, cts), ctx) in histories
+        .iter()
+        .zip(counts.chunks_exact_mut(WINDOW))
+        .zip(context.chunks_exact_mut(CONTEXT))
+    {
+        let cal = cached_calendar(&mut cached, (h.last_bucket_start, h.bucket_secs));
+        fill_counts(h, cts);
+        ctx.copy_from_slice(&step_context(&cal[WINDOW - 1], &series_features(h)));
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log1p_tables_equal_computing() {
+        for c in [0u32, 1, 2, 255, 256, 1023, 1024, 5000, u32::MAX] {
+            assert_eq!(log1p_count(c), f64::from(c).ln_1p() as f32);
+            assert_eq!(log1p_integer(f64::from(c)), f64::from(c).ln_1p() as f32);
+        }
+    }
 
     #[test]
     fn calendar_features() {
@@ -234,6 +346,29 @@ mod tests {
         let mean = counts.iter().map(|c| f64::from(*c)).sum::<f64>() / 192.0;
         assert!((f[7] - seasonal.ln_1p() as f32).abs() < 1e-7);
         assert!((f[8] - mean.ln_1p() as f32).abs() < 1e-7);
+        assert_eq!(f[9], 0.0, "the last bucket is non-zero: no silence");
+        // Feature 9: buckets after the last non-zero count, or the whole history when silent.
+        let mut quiet = counts.clone();
+        quiet.extend([0u32; 40]);
+        let mut f = Vec::new();
+        push_features(
+            &History {
+                counts: &quiet,
+                ..h
+            },
+            &mut f,
+        );
+        assert!((f[9] - 40f32.ln_1p()).abs() < 1e-6);
+        let silent = [0u32; 50];
+        let mut f = Vec::new();
+        push_features(
+            &History {
+                counts: &silent,
+                ..h
+            },
+            &mut f,
+        );
+        assert!((f[9] - 50f32.ln_1p()).abs() < 1e-6);
         let other = History {
             last_bucket_start: h.last_bucket_start + 900,
             ..h
@@ -244,6 +379,29 @@ mod tests {
             push_features(&x, &mut single);
         }
         assert_eq!(batch, single);
+        // The model input is the projection of the full windows: feature 0 of every step and
+        // features 1.. of the last step, bit for bit.
+        let quiet: Vec<u32> = counts[..20].to_vec();
+        let hs = [
+            h,
+            other,
+            History {
+                counts: &quiet,
+                ..h
+            },
+        ];
+        let full = batch_features(&hs);
+        let (mut cts, mut ctx) = (vec![7.0; 3], Vec::new());
+        batch_model_input_into(&hs, &mut cts, &mut ctx);
+        for (k, w) in full.chunks_exact(BLOCK).enumerate() {
+            for i in 0..WINDOW {
+                assert_eq!(cts[k * WINDOW + i], w[i * N_FEATURES]);
+            }
+            assert_eq!(
+                &ctx[k * CONTEXT..(k + 1) * CONTEXT],
+                &w[(WINDOW - 1) * N_FEATURES + 1..]
+            );
+        }
         let empty = History { counts: &[], ..h };
         let mut f = Vec::new();
         push_features(&empty, &mut f);

@@ -1,7 +1,7 @@
 //! The LSTM served through ONNX Runtime (`ort`, loaded dynamically).
 //!
 //! Loading checks the model against its metadata file and against what this crate's feature
-//! pipeline produces (input name, shape, feature order, outputs), so a model trained for other
+//! pipeline produces (input names and shapes, feature order, outputs), so a model trained for other
 //! features fails at load with a clear error instead of predicting garbage.
 
 use std::path::{Path, PathBuf};
@@ -13,7 +13,9 @@ use ort::value::TensorRef;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::features::{batch_features_into, History, FEATURE_NAMES, HORIZON, N_FEATURES, WINDOW};
+use crate::features::{
+    batch_model_input_into, History, CONTEXT, FEATURE_NAMES, HORIZON, N_FEATURES, WINDOW,
+};
 use crate::forecast::{Forecast, ForecastError, Forecaster, QUANTILES};
 
 /// ONNX Runtime version this crate's `ort` features (`api-31`) are paired with.
@@ -120,10 +122,11 @@ fn environment() -> Result<&'static Environment, LoadError> {
     .map_err(|e| LoadError::Runtime(e.clone()))
 }
 
-/// The session and the input buffer it reads (reused between calls).
+/// The session and the input buffers it reads (reused between calls).
 struct Inner {
     session: Session,
-    input: Vec<f32>,
+    counts: Vec<f32>,
+    context: Vec<f32>,
 }
 
 /// The LSTM forecaster.
@@ -211,25 +214,28 @@ impl OnnxLstm {
 
         let inputs = session.inputs();
         check(
-            inputs.len() == 1 && inputs[0].name() == "window",
+            inputs.iter().map(|i| i.name()).eq(["counts", "context"]),
             model,
             || {
                 format!(
-                    "inputs {:?}, expected one input named \"window\"",
+                    "inputs {:?}, expected [\"counts\", \"context\"]",
                     inputs.iter().map(|i| i.name()).collect::<Vec<_>>()
                 )
             },
         )?;
-        let shape = inputs[0]
-            .dtype()
-            .tensor_shape()
-            .map(|s| s.to_vec())
-            .unwrap_or_default();
-        check(
-            shape.len() == 3 && shape[1] == WINDOW as i64 && shape[2] == N_FEATURES as i64,
-            model,
-            || format!("input shape {shape:?}, expected [batch, {WINDOW}, {N_FEATURES}]"),
-        )?;
+        for (input, width) in inputs.iter().zip([WINDOW, CONTEXT]) {
+            let shape = input
+                .dtype()
+                .tensor_shape()
+                .map(|s| s.to_vec())
+                .unwrap_or_default();
+            check(shape.len() == 2 && shape[1] == width as i64, model, || {
+                format!(
+                    "input {:?} has shape {shape:?}, expected [batch, {width}]",
+                    input.name()
+                )
+            })?;
+        }
         for (name, width) in [("quantiles", 3i64), ("p_any", 1)] {
             let out = session.outputs().iter().find(|o| o.name() == name);
             let shape = out
@@ -242,7 +248,8 @@ impl OnnxLstm {
         Ok(OnnxLstm {
             inner: Mutex::new(Inner {
                 session,
-                input: Vec::new(),
+                counts: Vec::new(),
+                context: Vec::new(),
             }),
             meta,
             path: model.to_path_buf(),
@@ -266,12 +273,18 @@ impl Forecaster for OnnxLstm {
         }
         let rt = |e: ort::Error| ForecastError::Runtime(e.to_string());
         let mut guard = self.inner.lock();
-        let Inner { session, input } = &mut *guard;
-        batch_features_into(histories, input);
-        let tensor =
-            TensorRef::from_array_view(([histories.len(), WINDOW, N_FEATURES], input.as_slice()))
-                .map_err(rt)?;
-        let outputs = session.run(ort::inputs!["window" => tensor]).map_err(rt)?;
+        let Inner {
+            session,
+            counts,
+            context,
+        } = &mut *guard;
+        batch_model_input_into(histories, counts, context);
+        let n = histories.len();
+        let counts = TensorRef::from_array_view(([n, WINDOW], counts.as_slice())).map_err(rt)?;
+        let context = TensorRef::from_array_view(([n, CONTEXT], context.as_slice())).map_err(rt)?;
+        let outputs = session
+            .run(ort::inputs!["counts" => counts, "context" => context])
+            .map_err(rt)?;
         let (_, q) = outputs["quantiles"]
             .try_extract_tensor::<f32>()
             .map_err(rt)?;

@@ -13,7 +13,7 @@ import numpy as np
 
 W = 32  # window length (buckets)
 H = 4  # horizon (buckets)
-F = 9  # features per step
+F = 10  # features per step
 BUCKET_SECS = 900
 QUANTILES = (0.1, 0.5, 0.9)
 EWMA_ALPHA = 0.3
@@ -27,6 +27,7 @@ FEATURE_NAMES = [
     "log1p_window_mean",
     "log1p_seasonal_naive",
     "log1p_history_mean",
+    "log1p_silence",
 ]
 
 
@@ -51,22 +52,26 @@ def time_features(t: int) -> tuple[float, float, float, float]:
     return math.sin(a), math.cos(a), math.sin(b), math.cos(b)
 
 
-def history_features(hist, bucket_secs: int = BUCKET_SECS) -> tuple[float, float]:
-    """The two per-window features that look beyond the W-step window, from the whole history
+def history_features(hist, bucket_secs: int = BUCKET_SECS) -> tuple[float, float, float]:
+    """The per-window features that look beyond the W-step window, from the whole history
     `hist` (counts of consecutive buckets ending at the window end; only the last 7 days count):
 
     - feature 7, `log1p_seasonal_naive` = ln(1 + s) with s the seasonal-naive p50 (see
       `seasonal_naive`): the sum of the H buckets one day (P buckets) before the target buckets,
       hist[n-P : n-P+H], or with fewer than P buckets of history the sum of the last H buckets;
-    - feature 8, `log1p_history_mean` = ln(1 + mean(hist[-L:])) with L = min(len(hist), 7 days).
+    - feature 8, `log1p_history_mean` = ln(1 + mean(hist[-L:])) with L = min(len(hist), 7 days);
+    - feature 9, `log1p_silence` = ln(1 + z), z = the number of buckets after the last non-zero
+      count of hist[-L:] (0 when the last bucket is non-zero; L when all L are zero).
     """
     h = np.asarray(hist, dtype=np.int64)
     n = h.shape[0]
     p = period_buckets(bucket_secs)
     s = int(h[n - p:n - p + H].sum()) if n >= p else int(h[max(0, n - H):n].sum())
     L = min(n, max_history(bucket_secs))
-    mean = float(h[n - L:].sum()) / L
-    return math.log1p(float(s)), math.log1p(mean)
+    mean = float(h[n - L:].sum()) / L if L > 0 else 0.0
+    nz = np.nonzero(h[n - L:])[0]
+    z = (L - 1 - int(nz[-1])) if len(nz) else L
+    return math.log1p(float(s)), math.log1p(mean), math.log1p(float(z))
 
 
 def window_features(counts, last_bucket_start: int, priority: int = 5,
@@ -74,7 +79,7 @@ def window_features(counts, last_bucket_start: int, priority: int = 5,
     """Features of the window made of the last W counts of `counts` (the history).
 
     `last_bucket_start` is the start of the last history bucket, so step i (0..W-1) starts at
-    `last_bucket_start - (W - 1 - i) * bucket_secs`. Features 6-8 are the same at every step.
+    `last_bucket_start - (W - 1 - i) * bucket_secs`. Features 6-9 are the same at every step.
     Computed in float64, returned as float32 `[W, F]`.
     """
     full = np.asarray(counts, dtype=np.float64)
@@ -82,12 +87,12 @@ def window_features(counts, last_bucket_start: int, priority: int = 5,
         raise ValueError(f"need at least {W} buckets of history, got {full.shape[0]}")
     c = full[-W:]
     mean_feat = math.log1p(float(c.sum()) / W)
-    sn_feat, hist_feat = history_features(np.asarray(counts, dtype=np.int64), bucket_secs)
+    sn_feat, hist_feat, sil_feat = history_features(np.asarray(counts, dtype=np.int64), bucket_secs)
     out = np.empty((W, F), dtype=np.float64)
     for i in range(W):
         t = last_bucket_start - (W - 1 - i) * bucket_secs
         s1, c1, s2, c2 = time_features(t)
-        out[i] = (math.log1p(c[i]), s1, c1, s2, c2, priority / 10.0, mean_feat, sn_feat, hist_feat)
+        out[i] = (math.log1p(c[i]), s1, c1, s2, c2, priority / 10.0, mean_feat, sn_feat, hist_feat, sil_feat)
     return out.astype(np.float32)
 
 
@@ -123,6 +128,11 @@ def series_windows_features(counts: np.ndarray, first_bucket: int, ends: np.ndar
     x[:, :, 7] = np.log1p(sn.astype(np.float64))[:, None]
     hsum = (csum[ends] - csum[ends - L]).astype(np.float64)
     x[:, :, 8] = np.log1p(hsum / L)[:, None]
+    # index of the last non-zero count at or before each bucket (-1: none yet)
+    last_nz = np.maximum.accumulate(np.where(counts > 0, np.arange(n), -1))
+    j = last_nz[ends - 1]
+    z = np.where(j >= ends - L, ends - 1 - j, L)
+    x[:, :, 9] = np.log1p(z.astype(np.float64))[:, None]
     return x.astype(np.float32)
 
 
