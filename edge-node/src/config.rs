@@ -433,7 +433,9 @@ mod tests {
         let with_id = |id: &str| format!("node_id = {id:?}\n{MINIMAL}");
         assert!(EdgeConfig::from_toml(&with_id("eu-standby_2")).is_ok());
         for bad in ["", "eu 1", "eu.1", "é", &"x".repeat(64)] {
-            let err = EdgeConfig::from_toml(&with_id(bad)).unwrap_err().to_string();
+            let err = EdgeConfig::from_toml(&with_id(bad))
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("node_id"), "{bad:?}: {err}");
         }
     }
