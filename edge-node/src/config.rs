@@ -77,6 +77,10 @@ pub struct ShadowSection {
     /// Longest shadow TTL accepted.
     #[serde(default = "default_max_ttl")]
     pub max_ttl_secs: u64,
+    /// Bytes per second shadow fills may average (unset: unlimited), so prefetching never
+    /// saturates the origin's or a peer's link.
+    #[serde(default)]
+    pub fill_bandwidth: Option<ByteSize>,
 }
 
 impl Default for ShadowSection {
@@ -85,6 +89,7 @@ impl Default for ShadowSection {
             fill_concurrency: default_fill_concurrency(),
             fill_queue: default_fill_queue(),
             max_ttl_secs: default_max_ttl(),
+            fill_bandwidth: None,
         }
     }
 }

@@ -1,8 +1,8 @@
 //! Edge metrics, registered in a registry the caller owns (`shadowcdn_edge_*`).
 
 use prometheus::{
-    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry,
+    Counter, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 /// What the edge did with a request: the `cache_status` label of the request metrics.
@@ -107,6 +107,8 @@ pub struct EdgeMetrics {
     pub shadow_fill_sources: IntCounterVec,
     /// Bytes fetched by shadow fills.
     pub shadow_fill_bytes: IntCounter,
+    /// Seconds fill workers waited to stay within `shadow.fill_bandwidth`.
+    pub shadow_fill_paced_seconds: Counter,
     /// Open QUIC connections by peer role.
     pub sync_connections: IntGaugeVec,
     /// QUIC messages handled, by type and outcome.
@@ -217,6 +219,10 @@ impl EdgeMetrics {
                 "shadowcdn_edge_shadow_fill_bytes_total",
                 "Body bytes fetched by shadow fills",
             )?,
+            shadow_fill_paced_seconds: Counter::new(
+                "shadowcdn_edge_shadow_fill_paced_seconds_total",
+                "Seconds shadow fills waited to stay within the fill bandwidth",
+            )?,
             sync_connections: IntGaugeVec::new(
                 Opts::new("shadowcdn_edge_quic_connections", "Open QUIC connections"),
                 &["role"],
@@ -274,6 +280,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadow_first_hits.clone()))?;
         registry.register(Box::new(m.shadow_fill_sources.clone()))?;
         registry.register(Box::new(m.shadow_fill_bytes.clone()))?;
+        registry.register(Box::new(m.shadow_fill_paced_seconds.clone()))?;
         registry.register(Box::new(m.sync_connections.clone()))?;
         registry.register(Box::new(m.sync_messages.clone()))?;
         registry.register(Box::new(m.sync_handshake_failures.clone()))?;

@@ -202,7 +202,7 @@ impl EdgeNode {
             metrics.clone(),
             cfg.server.listen,
             secret.clone(),
-            (cfg.shadow.fill_concurrency, cfg.shadow.fill_queue),
+            &cfg.shadow,
         );
         if let Some((identity, server_cfg, socket, bridge)) = sync {
             let parts = SyncParts {

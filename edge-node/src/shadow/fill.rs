@@ -18,7 +18,8 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Expired, Mark, ShadowTable};
-use super::{OutcomeLog, FILL_HEADER, REFRESH_HEADER};
+use super::{FillPacer, OutcomeLog, FILL_HEADER, REFRESH_HEADER};
+use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{normalize_key, InternalSecret};
 use crate::storage::FoyerStorage;
@@ -186,6 +187,7 @@ pub struct ShadowService {
     listen: SocketAddr,
     internal: InternalSecret,
     concurrency: usize,
+    pacer: Arc<FillPacer>,
     sweeps: std::sync::atomic::AtomicU64,
 }
 
@@ -201,16 +203,17 @@ enum Source {
 }
 
 impl ShadowService {
-    /// A service filling through `listen` (this edge's proxy) with at most `concurrency`
-    /// fills at once and `queue` waiting; returns it and the submission handle.
+    /// A service filling through `listen` (this edge's proxy) within `limits` (fills at
+    /// once, fills waiting, bandwidth); returns it and the submission handle.
     pub fn new(
         (table, outcomes): (Arc<ShadowTable>, Arc<OutcomeLog>),
         storage: &'static FoyerStorage,
         metrics: EdgeMetrics,
         listen: SocketAddr,
         internal: InternalSecret,
-        (concurrency, queue): (usize, usize),
+        limits: &ShadowSection,
     ) -> (Self, Filler) {
+        let (concurrency, queue) = (limits.fill_concurrency, limits.fill_queue);
         let filler = Filler {
             queue: Arc::new(Queue {
                 heap: parking_lot::Mutex::new((BinaryHeap::new(), 0)),
@@ -228,6 +231,7 @@ impl ShadowService {
                 listen,
                 internal,
                 concurrency: concurrency.max(1),
+                pacer: Arc::new(FillPacer::new(limits.fill_bandwidth.map(|b| b.as_u64()))),
                 sweeps: Default::default(),
             },
             filler,
@@ -369,6 +373,22 @@ impl BackgroundService for ShadowService {
                 _ = sweep.tick() => { self.sweep(); continue; }
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             };
+            // Within the bandwidth budget: wait off the debt of earlier fills.
+            loop {
+                let wait = self.pacer.wait(Instant::now());
+                if wait.is_zero() {
+                    break;
+                }
+                let t = Instant::now();
+                tokio::select! {
+                    _ = shutdown.changed() => return,
+                    _ = sweep.tick() => self.sweep(),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                self.metrics
+                    .shadow_fill_paced_seconds
+                    .inc_by(t.elapsed().as_secs_f64());
+            }
             let req = loop {
                 if let Some(r) = self.filler.pop() {
                     break r;
@@ -379,18 +399,20 @@ impl BackgroundService for ShadowService {
                     _ = self.filler.queue.ready.notified() => {}
                 }
             };
-            let (client, table, outcomes, metrics, listen, internal) = (
+            let (client, table, outcomes, metrics, listen, internal, pacer) = (
                 client.clone(),
                 self.table.clone(),
                 self.outcomes.clone(),
                 self.metrics.clone(),
                 self.listen,
                 self.internal.clone(),
+                self.pacer.clone(),
             );
             tokio::spawn(async move {
                 let _permit = permit;
                 match fill_one(&client, listen, &internal, &req).await {
                     Ok((bytes, source)) => {
+                        pacer.charge(bytes, Instant::now());
                         table.mark(&req.key, req.ttl, req.priority, Instant::now());
                         table.set_fill(&req.key, bytes, matches!(source, Source::Peer));
                         metrics.shadow_fills.with_label_values(&["filled"]).inc();

@@ -1,10 +1,12 @@
 //! Shadowing on the edge: marks with TTLs ([`table`]) and the fill worker ([`fill`]).
 
 mod fill;
+mod pace;
 mod table;
 
 pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
+pub use pace::FillPacer;
 pub use table::{Expired, Mark, ShadowTable};
 
 use std::collections::VecDeque;
