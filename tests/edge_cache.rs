@@ -80,6 +80,24 @@ async fn body_of(r: reqwest::Response) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freshness_counts_the_age_a_response_arrived_with() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    // max-age 4, but it already spent 3 s in another cache: 1 s of freshness is left.
+    let url = "/aged.txt?cc=max-age%3D4&age=3";
+    assert_eq!(x_cache(&edge.get(url).await), "MISS");
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "HIT");
+    let age: u64 = r.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!(age >= 3, "the Age served counts the upstream's: {age}");
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    let r = edge.get(url).await;
+    assert_ne!(x_cache(&r), "HIT", "served past its freshness");
+    assert_eq!(origin.hits("/aged.txt"), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hit_after_miss_and_head() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();

@@ -292,6 +292,16 @@ pub fn error_status(e: &Error) -> (u16, &'static str) {
     }
 }
 
+/// The `Age` a response arrived with: whole seconds (RFC 9111 §5.1); absent or malformed
+/// counts as zero.
+fn upstream_age(resp: &ResponseHeader) -> Duration {
+    resp.headers
+        .get(header::AGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_secs)
+}
+
 /// Cache defaults are a `fn` pointer in pingora; our configurable TTL is applied after it.
 const NO_HEURISTIC: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
 
@@ -306,7 +316,12 @@ fn heuristically_cacheable(status: u16) -> bool {
 impl EdgeProxy {
     fn cacheability(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
         let cc = CacheControl::from_resp_headers(resp);
-        let now = SystemTime::now();
+        // A response that already aged in another cache (a peer edge, a cache in front of
+        // the origin) has that much less freshness left (RFC 9111 §4.2.3); pingora-cache
+        // counts freshness from now, so count it from when the response was generated.
+        let now = SystemTime::now()
+            .checked_sub(upstream_age(resp))
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         let explicit = calculate_fresh_until(now, cc.as_ref(), resp, authorization, &NO_HEURISTIC);
         let fresh_until = match explicit {
             Some(t) => t,
@@ -703,6 +718,18 @@ mod tests {
         );
         assert_eq!(parse_route("region=eu; reason=made-up"), None);
         assert_eq!(parse_route("reason=primary"), None);
+    }
+
+    #[test]
+    fn age_of_a_response_from_another_cache() {
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        assert_eq!(upstream_age(&r), Duration::ZERO);
+        r.insert_header("age", "42").unwrap();
+        assert_eq!(upstream_age(&r), Duration::from_secs(42));
+        for bad in ["-3", "soon", "1.5"] {
+            r.insert_header("age", bad).unwrap();
+            assert_eq!(upstream_age(&r), Duration::ZERO, "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! Query parameters (all optional):
 //! - `size=N` body length (default 64); the body is deterministic in path and size
 //! - `cc=...` Cache-Control value (default `public, max-age=60`; `none` sends no header)
+//! - `age=N` send `Age: N`, as a response that aged in another cache would
 //! - `etag=...` ETag value; `If-None-Match` with it gets a 304
 //! - `lm=1` send a fixed Last-Modified and honour `If-Modified-Since`
 //! - `vary=header` send `Vary: header` and echo that request header in the body
@@ -152,6 +153,9 @@ async fn handle(
         Some("none") => {}
         Some(v) => resp = resp.header("cache-control", v),
         None => resp = resp.header("cache-control", "public, max-age=60"),
+    }
+    if let Some(age) = q.get("age") {
+        resp = resp.header("age", age);
     }
     if let Some(etag) = q.get("etag") {
         let tag = format!("\"{etag}\"");
