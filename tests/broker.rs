@@ -644,6 +644,26 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         m.contains("shadowcdn_broker_forecaster_fallback 0"),
         "the LSTM is serving:\n{m}"
     );
+
+    // A restarted broker adopts the shadow the edge still holds instead of ordering it again.
+    c.broker.child.kill();
+    c.broker.spawn();
+    wait_until(|| async {
+        let v = c.explain(&key).await;
+        v["decisions"]
+            .as_array()
+            .is_some_and(|d| d.iter().any(|d| d["region"] == "us"))
+    })
+    .await;
+    let v = c.explain(&key).await;
+    let d = v["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["region"] == "us")
+        .unwrap()
+        .clone();
+    assert_eq!(d["outcome"], "kept", "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

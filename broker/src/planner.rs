@@ -11,7 +11,7 @@
 //! nearest edge that likely holds the object so the edge can fill from it instead of the
 //! origin. Every decision, taken or not, is kept for `GET /v1/shadows/explain`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -271,6 +271,8 @@ pub struct PlannerState {
     detector: Mutex<Detector>,
     /// Recent anomaly flags and clears, newest last.
     anomalies: Mutex<std::collections::VecDeque<AnomalyEvent>>,
+    /// Edges whose shadows (placed before this broker started) were listed and adopted.
+    adopted: Mutex<HashSet<usize>>,
 }
 
 /// A series entering or leaving an anomaly.
@@ -586,7 +588,46 @@ impl Planner {
         }
     }
 
+    /// Adopt the shadows edges still hold from before this broker started, once per edge:
+    /// they count against the budget (instead of being ordered again) and their outcomes
+    /// are attributed to their provider, region and class.
+    async fn adopt(&self) {
+        let pending: Vec<usize> = {
+            let done = self.state.adopted.lock();
+            (0..self.fleet.edges.len())
+                .filter(|e| !done.contains(e))
+                .collect()
+        };
+        for e in pending {
+            let Some(shadows) = self.sync.live_shadows(e).await else {
+                continue;
+            };
+            let region = self.fleet.edge_region(e);
+            for s in &shadows {
+                let ttl = Duration::from_secs(s.ttl_secs);
+                self.state.record(&s.key, e, ttl);
+                let provider = s
+                    .key
+                    .split_once('/')
+                    .and_then(|(host, _)| self.registry.origin(host))
+                    .map_or_else(|| "-".to_string(), |o| o.provider);
+                let info = OrderInfo {
+                    provider,
+                    region,
+                    class: Class::of(s.priority),
+                };
+                self.ledger.record_order(&s.key, e, info, ttl);
+            }
+            self.state.adopted.lock().insert(e);
+            if !shadows.is_empty() {
+                let edge = &self.fleet.edges[e].id;
+                tracing::info!(%edge, shadows = shadows.len(), "adopted the live shadows an edge holds");
+            }
+        }
+    }
+
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
+        self.adopt().await;
         let now = now_secs();
         let cands = self.candidates(now);
         if cands.is_empty() {

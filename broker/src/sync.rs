@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use edge_node::sync::protocol::{Reply, Request, ShadowOrder};
+use edge_node::sync::protocol::{LiveShadow, Reply, Request, ShadowOrder};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::Serialize;
@@ -160,6 +160,30 @@ impl EdgeSync {
             Err(err) => {
                 tracing::warn!(edge = %e.id, error = %err, %key, "edge unreachable for a shadow");
                 false
+            }
+        }
+    }
+
+    /// The live shadows edge `edge` holds, listed page by page over QUIC; `None` when it
+    /// cannot be asked (no QUIC link, unreachable, or an edge that does not list).
+    pub async fn live_shadows(&self, edge: usize) -> Option<Vec<LiveShadow>> {
+        let c = self.quic(edge)?;
+        let mut out = Vec::new();
+        let mut after = None;
+        loop {
+            match c.call(edge, &Request::Shadows { after }).await {
+                Ok(Reply::ShadowPage { shadows, more }) => {
+                    after = shadows.last().map(|s| s.key.clone());
+                    out.extend(shadows);
+                    if !more || after.is_none() {
+                        return Some(out);
+                    }
+                }
+                other => {
+                    let e = &self.fleet.edges[edge];
+                    tracing::debug!(edge = %e.id, reply = ?other, "edge did not list its shadows");
+                    return None;
+                }
             }
         }
     }

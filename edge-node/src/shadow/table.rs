@@ -168,6 +168,39 @@ impl ShadowTable {
         out
     }
 
+    /// Live marks with keys after `after`, in key order, as many as fit `max_key_bytes` of
+    /// keys (at least one); and whether more remain. The marks are copied out under the
+    /// lock and sorted outside it.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        max_key_bytes: usize,
+        now: Instant,
+    ) -> (Vec<(String, Mark)>, bool) {
+        let mut marks: Vec<(String, Mark)> = {
+            let g = self.inner.lock();
+            g.marks
+                .iter()
+                .filter(|(k, m)| m.expires > now && after.is_none_or(|a| k.as_str() > a))
+                .map(|(k, m)| (k.clone(), m.clone()))
+                .collect()
+        };
+        marks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        let mut used = 0;
+        let n = marks
+            .iter()
+            .take_while(|(k, _)| {
+                used += k.len();
+                used <= max_key_bytes
+            })
+            .count()
+            .max(1)
+            .min(marks.len());
+        let more = marks.len() > n;
+        marks.truncate(n);
+        (marks, more)
+    }
+
     /// Number of live marks and the bytes they hold.
     pub fn usage(&self) -> (usize, u64) {
         let g = self.inner.lock();
@@ -183,6 +216,31 @@ impl ShadowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_list_live_marks_in_key_order_once_each() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        for i in 0..25 {
+            t.mark(&format!("h/{i:02}"), Duration::from_secs(60), 5, now);
+        }
+        t.mark("h/dead", Duration::from_secs(1), 5, now);
+        let later = now + Duration::from_secs(2);
+        let (mut seen, mut after) = (Vec::new(), None::<String>);
+        loop {
+            let (page, more) = t.page(after.as_deref(), 40, later);
+            assert!(!page.is_empty() && page.len() <= 10);
+            after = page.last().map(|(k, _)| k.clone());
+            seen.extend(page.into_iter().map(|(k, _)| k));
+            if !more {
+                break;
+            }
+        }
+        let want: Vec<String> = (0..25).map(|i| format!("h/{i:02}")).collect();
+        assert_eq!(seen, want);
+        let (rest, more) = t.page(Some("h/24"), 40, later);
+        assert!(rest.is_empty() && !more);
+    }
 
     #[test]
     fn marks_of_evicted_objects_end_early_and_only_those() {

@@ -77,6 +77,13 @@ pub enum Request {
     },
     /// Broker → edge: report counters.
     Stats,
+    /// Broker → edge: list live shadows, a page at a time in key order (keys after
+    /// `after`), so a restarted broker can adopt what its predecessor placed.
+    Shadows {
+        /// The last key of the previous page.
+        #[serde(default)]
+        after: Option<String>,
+    },
     /// Edge → edge: send a fresh cached copy of an object, never fetching it from the origin.
     PeerFetch {
         /// `host/path?query`.
@@ -92,6 +99,7 @@ impl Request {
             Request::Unshadow { .. } => "unshadow",
             Request::Invalidate { .. } => "invalidate",
             Request::Stats => "stats",
+            Request::Shadows { .. } => "shadows",
             Request::PeerFetch { .. } => "peer_fetch",
         }
     }
@@ -169,6 +177,17 @@ impl ShadowOutcome {
     }
 }
 
+/// A live shadow an edge holds.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct LiveShadow {
+    /// `host/path?query`.
+    pub key: String,
+    /// Seconds until it expires.
+    pub ttl_secs: u64,
+    /// Provider priority 0–10.
+    pub priority: u8,
+}
+
 /// Error classes a reply may carry.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -198,6 +217,13 @@ pub enum Reply {
     },
     /// Answer to [`Request::Stats`].
     Stats(StatsReport),
+    /// Answer to [`Request::Shadows`].
+    ShadowPage {
+        /// Live shadows, in key order.
+        shadows: Vec<LiveShadow>,
+        /// Whether keys after the last one remain.
+        more: bool,
+    },
     /// Answer to [`Request::PeerFetch`]: the response head; the body follows raw.
     PeerHead {
         /// HTTP status.

@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -13,8 +13,8 @@ use pingora_core::services::background::BackgroundService;
 use serde::Deserialize;
 
 use super::protocol::{
-    read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, Reply, Request, StatsReport,
-    VERSION,
+    read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, LiveShadow, Reply, Request,
+    StatsReport, VERSION,
 };
 use super::tls::{peer_is, BROKER_NAME};
 use super::{is_hop_header, PEER_FETCH_HEADER};
@@ -26,6 +26,8 @@ use crate::storage::FoyerStorage;
 
 /// Replies remembered for repeated message ids.
 const DEDUP_CAPACITY: usize = 4096;
+/// Key bytes per page of a shadow listing: the page stays well inside a frame.
+const PAGE_KEY_BYTES: usize = 64 * 1024;
 
 /// What the QUIC handlers act on.
 pub struct SyncParts {
@@ -69,6 +71,10 @@ impl Dedup {
     }
 
     fn put(&mut self, id: u64, reply: Reply) {
+        // A listing is read-only: a repeat is answered afresh rather than kept in memory.
+        if matches!(reply, Reply::ShadowPage { .. }) {
+            return;
+        }
         if matches!(reply, Reply::Stats(_)) {
             self.last_stats = Some((id, reply));
             return;
@@ -307,6 +313,23 @@ impl Handler {
                 Err(e) => Reply::error(ErrorCode::Invalid, e),
             },
             Request::Stats => Reply::Stats(self.stats()),
+            Request::Shadows { after } => {
+                let (page, more) = p
+                    .shadows
+                    .page(after.as_deref(), PAGE_KEY_BYTES, Instant::now());
+                let now = Instant::now();
+                Reply::ShadowPage {
+                    shadows: page
+                        .into_iter()
+                        .map(|(key, m)| LiveShadow {
+                            key,
+                            ttl_secs: m.expires.saturating_duration_since(now).as_secs(),
+                            priority: m.priority,
+                        })
+                        .collect(),
+                    more,
+                }
+            }
             Request::PeerFetch { .. } => Reply::error(ErrorCode::Invalid, "peer fetch is a stream"),
         }
     }
