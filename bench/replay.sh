@@ -3,7 +3,12 @@
 # loopback, QUIC with a generated CA, memory-only edge caches sized as a share of the trace's
 # working set. For each cache size and mode (plain: no shadowing; baseline: shadowing with the
 # seasonal-naive forecaster; lstm: shadowing with models/lstm.onnx) it starts a fresh cluster,
-# replays the trace time-compressed, and appends a run to bench/results/replay-TRACE.json.
+# replays the trace time-compressed, and appends a run to bench/results/replay-TRACE.json
+# (with a timeline of the broker's cost ledger sampled every SAMPLE_SECS=3600 trace seconds).
+# Then it redraws bench/results/timeline-TRACE.svg (threshold, net benefit, precision/recall
+# over trace time) and, when the offline results exist, byte-miss-TRACE.svg with the live points.
+# CARGO_LOCK=/path runs the build under flock(1) on that file (a machine shared by builds);
+# BUILD=0 skips the build and uses the binaries already in target/release.
 #
 #   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain baseline lstm"] [LIMIT]
 set -euo pipefail
@@ -14,15 +19,18 @@ PCTS=${3:-"1 5 10"}
 MODES=${4:-"plain baseline lstm"}
 LIMIT=${5:-}
 TRACES=${TRACES:-../shared/traces}
+SAMPLE_SECS=${SAMPLE_SECS:-3600}
 bash deploy/setup.sh >/dev/null
-cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
-B=target/release
+[ "${BUILD:-1}" = 0 ] || ${CARGO_LOCK:+flock "$CARGO_LOCK"} cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
 WORK=var/replay
 OUT=bench/results/replay-$TRACE.json
 OPERATOR=replay-operator-token-0123456789
 EDGE_TOKEN=replay-edge-token
 rm -rf "$WORK"
-mkdir -p "$WORK"
+mkdir -p "$WORK/bin"
+# Run copies, so that a rebuild of target/release during the runs cannot mix binaries.
+for b in edge-node broker origin replay; do cp target/release/$b "$WORK/bin/"; done
+B=$WORK/bin
 read -r FIRST WS N < <($B/replay --trace "$TRACE" --traces-dir "$TRACES" --first-ts)
 $B/replay --trace "$TRACE" --traces-dir "$TRACES" --write-sizes "$WORK/sizes.txt"
 echo "trace $TRACE: $N requests from $FIRST, working set $WS bytes, speedup $SPEEDUP"
@@ -148,9 +156,15 @@ for pct in $PCTS; do
     $B/replay --trace "$TRACE" --traces-dir "$TRACES" --speedup "$SPEEDUP" --mode "$mode" \
       --broker http://127.0.0.1:18080 --api http://127.0.0.1:17081 --operator-token "$OPERATOR" \
       --origin http://127.0.0.1:19000 --edges 127.0.0.1:19101,127.0.0.1:19201 \
-      --cache-bytes "$per_region" --out "$OUT" ${LIMIT:+--limit "$LIMIT"} >"$WORK/run/replay.json"
+      --cache-bytes "$per_region" --sample-secs "$SAMPLE_SECS" --out "$OUT" ${LIMIT:+--limit "$LIMIT"} \
+      >"$WORK/run/replay.json"
     tail -n +1 "$WORK/run/replay.json" | grep -E '"(mode|byte_miss_ratio|hit_ratio|shadow_hits|net)"' | tr -d '\n'; echo
     stop_all
   done
 done
 echo "report: $OUT"
+PY=bench/offline/.venv/bin/python; [ -x "$PY" ] || PY=python3
+$PY bench/offline/timeline.py "$TRACE" --report "$OUT"
+if [ -f "bench/results/offline-$TRACE.json" ] && [ -x bench/offline/.venv/bin/python ]; then
+  bench/offline/.venv/bin/python bench/offline/simulate.py "$TRACE" --plot-only --live "$OUT"
+fi

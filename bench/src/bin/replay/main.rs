@@ -6,7 +6,10 @@
 //! `--write-sizes`, so URLs and cache keys are the trace's own); clients are
 //! assigned to regions by `fnv1a64(client) % 2`. The report (JSON, appended per run to
 //! `--out`) has the hit ratios, origin bytes, shadow precision/recall, the cost ledger's net
-//! and client latency.
+//! and client latency. While it replays it samples the broker's cost ledger (`GET /v1/cost`)
+//! and recall every `--sample-secs` of trace time; the report's `timeline` has, per sample,
+//! the cumulative spend/savings/net, byte precision and recall, overall and per (region,
+//! priority class) with the threshold in force (`bench/offline/timeline.py` plots it).
 
 mod trace;
 
@@ -23,7 +26,7 @@ use serde_json::{json, Value};
 use tokio::sync::Semaphore;
 
 /// Replay a trace against a cluster.
-#[derive(Parser, Debug)]
+#[derive(Parser, Debug, Clone)]
 #[command(name = "replay")]
 struct Cli {
     /// `apache` or `nasa`.
@@ -71,6 +74,9 @@ struct Cli {
     /// Report file; runs are appended (a run with the same mode and size is replaced).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Sample the broker's cost ledger every this many trace seconds (0: only at the end).
+    #[arg(long, default_value_t = 3600)]
+    sample_secs: u64,
 }
 
 #[derive(Default)]
@@ -109,6 +115,111 @@ async fn origin_bytes(client: &reqwest::Client, origin: &str) -> u64 {
         .ok()
         .and_then(|v| v["bytes"].as_u64())
         .unwrap_or(0)
+}
+
+/// Totals of one (region, class), or of everything.
+#[derive(Default, Clone, Copy)]
+struct Money {
+    spend: f64,
+    savings: f64,
+    shadows: u64,
+    failed: u64,
+    used: u64,
+    bytes: u64,
+    used_bytes: u64,
+}
+
+impl Money {
+    fn add(&mut self, r: &Value) {
+        self.spend += r["spend"].as_f64().unwrap_or(0.0);
+        self.savings += r["savings"].as_f64().unwrap_or(0.0);
+        self.shadows += r["shadows"].as_u64().unwrap_or(0);
+        self.failed += r["failed"].as_u64().unwrap_or(0);
+        self.used += r["used"].as_u64().unwrap_or(0);
+        self.bytes += r["bytes"].as_u64().unwrap_or(0);
+        self.used_bytes += r["used_bytes"].as_u64().unwrap_or(0);
+    }
+
+    fn precision(&self) -> f64 {
+        if self.bytes == 0 {
+            0.0
+        } else {
+            self.used_bytes as f64 / self.bytes as f64
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "spend": self.spend, "savings": self.savings, "net": self.savings - self.spend,
+            "shadows": self.shadows, "failed": self.failed, "used": self.used, "bytes": self.bytes,
+            "used_bytes": self.used_bytes, "precision_bytes": self.precision(),
+        })
+    }
+}
+
+/// The cost ledger (`GET /v1/cost`) summed over providers: the total, and per (region, class)
+/// with the threshold in force (tuners without settled shadows too).
+fn cost_totals(cost: &Value) -> (Money, Vec<Value>) {
+    let mut total = Money::default();
+    let mut by: std::collections::BTreeMap<(String, String), (Money, Option<f64>)> =
+        Default::default();
+    let key = |v: &Value| {
+        (
+            v["region"].as_str().unwrap_or("-").to_string(),
+            v["class"].as_str().unwrap_or("-").to_string(),
+        )
+    };
+    for r in cost["rollups"].as_array().into_iter().flatten() {
+        total.add(r);
+        by.entry(key(r)).or_default().0.add(r);
+    }
+    for t in cost["thresholds"].as_array().into_iter().flatten() {
+        by.entry(key(t)).or_default().1 = t["threshold"].as_f64();
+    }
+    let rows = by
+        .into_iter()
+        .map(|((region, class), (m, threshold))| {
+            let mut v = m.json();
+            v["region"] = json!(region);
+            v["class"] = json!(class);
+            v["threshold"] = json!(threshold.map(|t| (t * 1e4).round() / 1e4));
+            v
+        })
+        .collect();
+    (total, rows)
+}
+
+/// One timeline sample: the ledger and recall now, at `trace_secs` since the trace's start.
+async fn timeline_sample(
+    client: &reqwest::Client,
+    cli: &Cli,
+    trace_secs: f64,
+    origin_before: u64,
+) -> Value {
+    let cost_text = get_text(
+        client,
+        &format!("{}/v1/cost", cli.api),
+        Some(&cli.operator_token),
+    )
+    .await;
+    let cost: Value = serde_json::from_str(&cost_text).unwrap_or(Value::Null);
+    let metrics = get_text(client, &format!("{}/metrics", cli.api), None).await;
+    let origin = origin_bytes(client, &cli.origin)
+        .await
+        .saturating_sub(origin_before);
+    let (total, rows) = cost_totals(&cost);
+    let mut v = total.json();
+    v["trace_secs"] = json!(trace_secs.round());
+    v["recall"] = json!(sample(&metrics, "shadowcdn_broker_shadow_recall", &[]));
+    // 1 while the planner's model could not be loaded and seasonal naive answers instead.
+    v["forecaster_fallback"] = json!(sample(
+        &metrics,
+        "shadowcdn_broker_forecaster_fallback",
+        &[]
+    ));
+    v["origin_bytes"] = json!(origin);
+    v["by_region_class"] = Value::Array(rows);
+    v
 }
 
 #[tokio::main]
@@ -153,6 +264,23 @@ async fn main() -> anyhow::Result<()> {
     pb.set_prefix(format!("{} {}", cli.trace, cli.mode));
     let permits = Arc::new(Semaphore::new(cli.concurrency.max(1)));
     let started = Instant::now();
+    let timeline = Arc::new(Mutex::new(Vec::<Value>::new()));
+    let sampler = (cli.sample_secs > 0).then(|| {
+        let (client, timeline) = (client.clone(), timeline.clone());
+        let cli = cli.clone();
+        let every = cli.sample_secs as f64;
+        tokio::spawn(async move {
+            for k in 1u64.. {
+                let t = k as f64 * every;
+                tokio::time::sleep_until(
+                    (started + Duration::from_secs_f64(t / cli.speedup)).into(),
+                )
+                .await;
+                let v = timeline_sample(&client, &cli, t, origin_before).await;
+                timeline.lock().push(v);
+            }
+        })
+    });
     let regions = ["eu", "us"];
     for r in &reqs {
         let due = started + Duration::from_secs_f64((r.ts - first) as f64 / cli.speedup);
@@ -222,8 +350,14 @@ async fn main() -> anyhow::Result<()> {
     let _all = permits.acquire_many(cli.concurrency.max(1) as u32).await?;
     let wall = started.elapsed();
     pb.finish_with_message("done");
+    if let Some(s) = sampler {
+        s.abort();
+    }
     // Let the broker's stats polls collect the shadows that ended.
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let end_secs = (started.elapsed().as_secs_f64() * cli.speedup).round();
+    let last = timeline_sample(&client, &cli, end_secs, origin_before).await;
+    timeline.lock().push(last);
     let origin_after = origin_bytes(&client, &cli.origin).await;
     let metrics = get_text(&client, &format!("{}/metrics", cli.api), None).await;
     let cost_text = get_text(
@@ -233,21 +367,20 @@ async fn main() -> anyhow::Result<()> {
     )
     .await;
     let cost: Value = serde_json::from_str(&cost_text).unwrap_or(Value::Null);
-    let (mut spend, mut savings, mut shadows, mut used, mut shadow_bytes, mut used_bytes) =
-        (0.0, 0.0, 0u64, 0u64, 0u64, 0u64);
-    for r in cost["rollups"].as_array().into_iter().flatten() {
-        spend += r["spend"].as_f64().unwrap_or(0.0);
-        savings += r["savings"].as_f64().unwrap_or(0.0);
-        shadows += r["shadows"].as_u64().unwrap_or(0);
-        used += r["used"].as_u64().unwrap_or(0);
-        shadow_bytes += r["bytes"].as_u64().unwrap_or(0);
-        used_bytes += r["used_bytes"].as_u64().unwrap_or(0);
-    }
+    let (money, _) = cost_totals(&cost);
     let mut fills = (0.0, 0.0);
+    // How the edges' shadow marks ended: used, wasted (expired unused), evicted (the cache
+    // dropped the object before the mark expired, or never stored it).
+    let mut ended = [0.0; 3];
+    let mut fill_bytes = 0.0;
     for e in &cli.edges {
         let m = get_text(&client, &format!("http://{e}/metrics"), None).await;
         fills.0 += sample(&m, "shadowcdn_edge_shadow_fill_sources_total", &["origin"]);
         fills.1 += sample(&m, "shadowcdn_edge_shadow_fill_sources_total", &["peer"]);
+        fill_bytes += sample(&m, "shadowcdn_edge_shadow_fill_bytes_total", &[]);
+        for (i, label) in ["\"used\"", "\"wasted\"", "\"evicted\""].iter().enumerate() {
+            ended[i] += sample(&m, "shadowcdn_edge_shadows_expired_total", &[label]);
+        }
     }
     let s = tally.lock();
     let h = hist.lock();
@@ -268,18 +401,30 @@ async fn main() -> anyhow::Result<()> {
         "origin_bytes": origin,
         "byte_miss_ratio": ratio(origin, s.bytes),
         "shadow_hits": s.shadow_hits,
-        "shadow_fills": { "origin": fills.0, "peer": fills.1 },
-        "shadows_settled": shadows,
-        "shadows_used": used,
-        "precision_bytes": ratio(used_bytes, shadow_bytes),
+        "shadow_fills": { "origin": fills.0, "peer": fills.1, "bytes": fill_bytes },
+        "shadows_ended_on_edges": { "used": ended[0], "wasted": ended[1], "evicted": ended[2] },
+        "shadows_settled": money.shadows,
+        "shadows_failed": money.failed,
+        "shadows_used": money.used,
+        "precision_bytes": money.precision(),
         "recall": sample(&metrics, "shadowcdn_broker_shadow_recall", &[]),
-        "cost": { "spend": spend, "savings": savings, "net": savings - spend },
+        "forecaster_fallback": sample(&metrics, "shadowcdn_broker_forecaster_fallback", &[]),
+        "cost": { "spend": money.spend, "savings": money.savings, "net": money.savings - money.spend },
+        "thresholds": cost["thresholds"].clone(),
+        "threshold_changes": cost["changes"].as_array().map_or(0, Vec::len),
         "latency_ms": {
             "p50": h.value_at_quantile(0.5) as f64 / 1000.0,
             "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
         },
+        "sample_secs": cli.sample_secs,
+        "timeline": std::mem::take(&mut *timeline.lock()),
     });
-    println!("{}", serde_json::to_string_pretty(&run)?);
+    let mut shown = run.clone();
+    shown["timeline"] = json!(format!(
+        "{} samples",
+        run["timeline"].as_array().map_or(0, Vec::len)
+    ));
+    println!("{}", serde_json::to_string_pretty(&shown)?);
     if let Some(out) = &cli.out {
         let mut report: Value = std::fs::read(out)
             .ok()
