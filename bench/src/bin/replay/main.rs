@@ -77,6 +77,11 @@ struct Cli {
     /// Sample the broker's cost ledger every this many trace seconds (0: only at the end).
     #[arg(long, default_value_t = 3600)]
     sample_secs: u64,
+    /// Time-zone shift of each region in hours, comma-separated in region order (eu,us):
+    /// `0,-8` replays the us clients' requests 8 hours earlier, as if they lived 8 time zones
+    /// west of the eu ones, so each region's daily peak comes at its own hour.
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    region_shift_hours: Vec<f64>,
 }
 
 #[derive(Default)]
@@ -225,7 +230,13 @@ async fn timeline_sample(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let trace = trace::load(&cli.traces_dir, &cli.trace)?;
+    let mut trace = trace::load(&cli.traces_dir, &cli.trace)?;
+    let shifts: Vec<i64> = cli
+        .region_shift_hours
+        .iter()
+        .map(|h| (h * 3600.0).round() as i64)
+        .collect();
+    trace.shift_regions(&shifts);
     let mut reqs = trace.requests.clone();
     if let Some(n) = cli.limit {
         reqs.truncate(n);
