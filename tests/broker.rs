@@ -220,6 +220,15 @@ fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// The planner's last decision for `region` in an explain answer.
+fn decision_in(explain: &Value, region: &str) -> Option<Value> {
+    explain["decisions"]
+        .as_array()?
+        .iter()
+        .find(|d| d["region"] == region)
+        .cloned()
+}
+
 fn edge_of(r: &reqwest::Response) -> String {
     r.headers()["x-shadowcdn-edge"]
         .to_str()
@@ -609,13 +618,7 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     })
     .await;
     let v = c.explain(&key).await;
-    let d = v["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["region"] == "us")
-        .unwrap()
-        .clone();
+    let d = decision_in(&v, "us").expect("a decision for us");
     assert_eq!(d["edge"], "us-a", "{v}");
     assert!(
         d["p_any"].as_f64().unwrap() >= d["threshold"].as_f64().unwrap(),
@@ -648,21 +651,9 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     // A restarted broker adopts the shadow the edge still holds instead of ordering it again.
     c.broker.child.kill();
     c.broker.spawn();
-    wait_until(|| async {
-        let v = c.explain(&key).await;
-        v["decisions"]
-            .as_array()
-            .is_some_and(|d| d.iter().any(|d| d["region"] == "us"))
-    })
-    .await;
+    wait_until(|| async { decision_in(&c.explain(&key).await, "us").is_some() }).await;
     let v = c.explain(&key).await;
-    let d = v["decisions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["region"] == "us")
-        .unwrap()
-        .clone();
+    let d = decision_in(&v, "us").expect("a decision for us");
     assert_eq!(d["outcome"], "kept", "{v}");
 }
 
