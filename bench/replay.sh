@@ -9,6 +9,8 @@
 # over trace time) and, when the offline results exist, byte-miss-TRACE.svg with the live points.
 # CARGO_LOCK=/path runs the build under flock(1) on that file (a machine shared by builds);
 # BUILD=0 skips the build and uses the binaries already in target/release.
+# SHIFT_HOURS="0,-8" shifts each region's requests by that many hours (eu,us), as if the
+# regions' clients lived in different time zones.
 #
 #   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain baseline lstm"] [LIMIT]
 set -euo pipefail
@@ -31,7 +33,9 @@ mkdir -p "$WORK/bin"
 # Run copies, so that a rebuild of target/release during the runs cannot mix binaries.
 for b in edge-node broker origin replay; do cp target/release/$b "$WORK/bin/"; done
 B=$WORK/bin
-read -r FIRST WS N < <($B/replay --trace "$TRACE" --traces-dir "$TRACES" --first-ts)
+SHIFT=()
+[ -z "${SHIFT_HOURS:-}" ] || SHIFT=(--region-shift-hours "$SHIFT_HOURS")
+read -r FIRST WS N < <($B/replay --trace "$TRACE" --traces-dir "$TRACES" --first-ts "${SHIFT[@]}")
 $B/replay --trace "$TRACE" --traces-dir "$TRACES" --write-sizes "$WORK/sizes.txt"
 echo "trace $TRACE: $N requests from $FIRST, working set $WS bytes, speedup $SPEEDUP"
 
@@ -153,7 +157,7 @@ for pct in $PCTS; do
         sleep 0.1
       done
     done
-    $B/replay --trace "$TRACE" --traces-dir "$TRACES" --speedup "$SPEEDUP" --mode "$mode" \
+    $B/replay --trace "$TRACE" --traces-dir "$TRACES" "${SHIFT[@]}" --speedup "$SPEEDUP" --mode "$mode" \
       --broker http://127.0.0.1:18080 --api http://127.0.0.1:17081 --operator-token "$OPERATOR" \
       --origin http://127.0.0.1:19000 --edges 127.0.0.1:19101,127.0.0.1:19201 \
       --cache-bytes "$per_region" --sample-secs "$SAMPLE_SECS" --out "$OUT" ${LIMIT:+--limit "$LIMIT"} \
