@@ -200,6 +200,11 @@ pub fn primary_key(host: &str, path_and_query: &str) -> String {
     format!("{}{}", normalize_host(host), path_and_query)
 }
 
+/// The primary cache key of a request whose host is `host`.
+fn request_key(req: &RequestHeader, host: &str) -> String {
+    primary_key(host, req.uri.path_and_query().map_or("/", |p| p.as_str()))
+}
+
 /// Normalize a `host/path` key given by an operator or the broker as the proxy keys it.
 pub fn normalize_key(key: &str) -> Option<String> {
     let (host, rest) = key.split_once('/')?;
@@ -406,8 +411,7 @@ impl ProxyHttp for EdgeProxy {
             .headers
             .get(PEER_FETCH_HEADER)
             .is_some_and(|v| secret.matches(v));
-        let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        ctx.key = primary_key(host, pq);
+        ctx.key = request_key(req, host);
         let path = req.uri.path();
         ctx.origin = self.origins.current().select(host, path).cloned();
         if ctx.origin.is_some() {
@@ -487,9 +491,7 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
         if ctx.key.is_empty() {
             let req = session.req_header();
-            let host = request_host(req).unwrap_or("");
-            let pq = req.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-            ctx.key = primary_key(host, pq);
+            ctx.key = request_key(req, request_host(req).unwrap_or(""));
         }
         // The hash pingora-cache would compute (Blake2b of the primary key), computed once
         // here instead of again by the lock, the predictor and the storage lookup.

@@ -160,9 +160,8 @@ impl ShadowTable {
         let mut out = Vec::new();
         for (k, generation) in gone {
             if g.marks.get(&k).is_some_and(|m| m.generation == generation) {
-                if let Some(m) = g.marks.remove(&k) {
-                    out.push((k, m));
-                }
+                let m = g.marks.remove(&k).expect("checked just above");
+                out.push((k, m));
             }
         }
         out

@@ -314,10 +314,8 @@ impl Handler {
             },
             Request::Stats => Reply::Stats(self.stats()),
             Request::Shadows { after } => {
-                let (page, more) = p
-                    .shadows
-                    .page(after.as_deref(), PAGE_KEY_BYTES, Instant::now());
                 let now = Instant::now();
+                let (page, more) = p.shadows.page(after.as_deref(), PAGE_KEY_BYTES, now);
                 Reply::ShadowPage {
                     shadows: page
                         .into_iter()
