@@ -23,6 +23,7 @@ use edge_node::sync::protocol::ShadowOutcome;
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::push_bounded;
 use crate::metrics::BrokerMetrics;
 
 /// `[cost]`: prices (USD) and tuner bounds. Defaults are public list prices, cited per field.
@@ -365,19 +366,12 @@ impl Ledger {
         if outcomes.is_empty() {
             return;
         }
-        {
-            let mut ended = self.ended.lock();
-            for o in outcomes {
-                if ended.len() >= ENDED_LOG {
-                    ended.pop_front();
-                }
-                ended.push_back((o.key.clone(), edge));
-            }
-        }
+        let mut ended = self.ended.lock();
         let mut orders = self.orders.lock();
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
         for o in outcomes {
+            push_bounded(&mut ended, (o.key.clone(), edge), ENDED_LOG);
             let info = orders.remove(&(o.key.clone(), edge)).map(|(i, _)| i);
             if o.failed {
                 // Nothing was held: no storage, no hits, and no evidence about the forecast.
@@ -443,6 +437,7 @@ impl Ledger {
         drop(rollups);
         drop(tuners);
         drop(orders);
+        drop(ended);
         self.publish();
     }
 
@@ -555,10 +550,7 @@ impl Ledger {
         drop(tuners);
         let mut log = self.changes.lock();
         for c in changes {
-            if log.len() >= CHANGE_LOG {
-                log.pop_front();
-            }
-            log.push_back(c);
+            push_bounded(&mut log, c, CHANGE_LOG);
         }
     }
 

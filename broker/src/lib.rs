@@ -7,6 +7,7 @@
 //! [`monitor`], [`planner`], [`control`] (QUIC to the edges), [`cost`] (shadow ledger and threshold tuner), [`signals`] (co-access, anomalies), [`sync`] (orders to edges over
 //! QUIC or their admin API), [`config`], [`metrics`].
 
+mod bounded;
 pub mod clock;
 pub mod config;
 pub mod control;

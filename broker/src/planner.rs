@@ -11,7 +11,7 @@
 //! nearest edge that likely holds the object so the edge can fill from it instead of the
 //! origin. Every decision, taken or not, is kept for `GET /v1/shadows/explain`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
+use crate::bounded::push_bounded;
 use crate::cost::{Class, Ledger, OrderInfo};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
@@ -33,6 +34,9 @@ use crate::routing::{Fleet, Health};
 use crate::signals::anomaly::{Detector, Standing};
 use crate::signals::AnomalySection;
 use crate::sync::EdgeSync;
+
+/// Anomaly events kept for `GET /v1/anomalies`.
+const ANOMALY_LOG: usize = 200;
 
 /// Bucket width the forecaster was trained on.
 const FORECAST_BUCKET: u64 = 900;
@@ -270,7 +274,7 @@ pub struct PlannerState {
     /// Forecast bands of the monitored series.
     detector: Mutex<Detector>,
     /// Recent anomaly flags and clears, newest last.
-    anomalies: Mutex<std::collections::VecDeque<AnomalyEvent>>,
+    anomalies: Mutex<VecDeque<AnomalyEvent>>,
     /// Edges whose shadows (placed before this broker started) were listed and adopted.
     adopted: Mutex<HashSet<usize>>,
 }
@@ -441,10 +445,7 @@ impl Planner {
             }
             let recent = counts.iter().rev().take(4).any(|c| *c > 0);
             let window = (s.counts(width, k, now).iter().sum::<u32>(), window_secs);
-            let (host, path) = resource
-                .split_once('/')
-                .map_or((resource, ""), |(h, p)| (h, p));
-            let reg = self.registry.resource_for(host, &format!("/{path}"));
+            let reg = self.registry.resource_for_key(resource);
             let allowed = reg.as_ref().is_none_or(|r| {
                 r.policy.allowed_regions.is_empty()
                     || r.policy.allowed_regions.iter().any(|x| x == region)
@@ -512,7 +513,7 @@ impl Planner {
                 detector.standing(&c.key, c.region_idx)
             })
             .collect();
-        let seen: std::collections::HashSet<(&str, usize)> = cands
+        let seen: HashSet<(&str, usize)> = cands
             .iter()
             .map(|c| (c.key.as_str(), c.region_idx))
             .collect();
@@ -534,10 +535,7 @@ impl Planner {
                 .anomaly_events
                 .with_label_values(&[e.standing.label()])
                 .inc();
-            if log.len() >= 200 {
-                log.pop_front();
-            }
-            log.push_back(e);
+            push_bounded(&mut log, e, ANOMALY_LOG);
         }
         out
     }
@@ -746,8 +744,6 @@ impl Planner {
                 at: now,
             });
         }
-        // Earliest expected arrival first: with a bounded send rate, the objects needed
-        // soonest must not wait behind ones needed in an hour.
         // Anomalies: a surge widens shadowing to the nearest other regions (budget aside:
         // the surge is the demand), a drop releases the region's shadows before their TTL.
         for (i, c) in cands.iter().enumerate() {
@@ -818,6 +814,8 @@ impl Planner {
             self.state.remove(&key, e);
             self.sync.unshadow(e, &key).await;
         }
+        // Earliest expected arrival first: with a bounded send rate, the objects needed
+        // soonest must not wait behind ones needed in an hour.
         orders.sort_by_key(|(_, o, _)| o.deadline_ms);
         for (e, order, info) in orders {
             let key = order.key.clone();

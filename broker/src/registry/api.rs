@@ -437,8 +437,7 @@ async fn explain(
     let host = check_host(host)?;
     s.registry.check_host_owner(&p.id, &host)?;
     let key = format!("{host}/{path}");
-    let resource_path = path.split('?').next().unwrap_or(path);
-    let resource = s.registry.resource_for(&host, &format!("/{resource_path}"));
+    let resource = s.registry.resource_for_key(&key);
     match s.planner.explain(&key) {
         Some(decisions) => Ok(Json(json!({
             "key": key,

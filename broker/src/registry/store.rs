@@ -312,6 +312,14 @@ impl Registry {
             .collect()
     }
 
+    /// The resource that governs the cache key `host/path?query` (a query string does not
+    /// select resources).
+    pub fn resource_for_key(&self, key: &str) -> Option<Resource> {
+        let (host, rest) = key.split_once('/').unwrap_or((key, ""));
+        let path = rest.split('?').next().unwrap_or(rest);
+        self.resource_for(host, &format!("/{path}"))
+    }
+
     /// The registered resource covering `host` + `path` (exact match first, then the longest
     /// prefix).
     pub fn resource_for(&self, host: &str, path: &str) -> Option<Resource> {

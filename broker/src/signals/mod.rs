@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use edge_node::sync::protocol::ShadowOrder;
+use models::features::DEFAULT_PRIORITY;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
@@ -106,9 +107,7 @@ impl CoAccessService {
             if self.planner.live_edges(&f.key).contains(&edge) {
                 continue;
             }
-            let (host, path) = f.key.split_once('/').unwrap_or((f.key.as_str(), ""));
-            let path = path.split('?').next().unwrap_or(path);
-            let reg = self.registry.resource_for(host, &format!("/{path}"));
+            let reg = self.registry.resource_for_key(&f.key);
             let region = &self.fleet.regions[t.region];
             if reg.as_ref().is_some_and(|r| {
                 !r.policy.allowed_regions.is_empty() && !r.policy.allowed_regions.contains(region)
@@ -120,7 +119,7 @@ impl CoAccessService {
                 continue;
             }
             let ttl = reg.as_ref().map_or(self.default_ttl, |r| r.shadow_ttl_secs);
-            let priority = reg.as_ref().map_or(5, |r| r.priority);
+            let priority = reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority);
             let order = ShadowOrder {
                 key: f.key.clone(),
                 ttl_secs: ttl,
