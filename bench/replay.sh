@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Trace replay through the real cluster: origin + broker + one edge per region (eu, us) on
 # loopback, QUIC with a generated CA, memory-only edge caches sized as a share of the trace's
-# working set. For each cache size and mode (plain: no shadowing; baseline: shadowing with the
-# seasonal-naive forecaster; lstm: shadowing with models/lstm.onnx) it starts a fresh cluster,
+# working set. For each cache size and mode (plain: a plain cache, no shadowing and no peer
+# fill; peer: demand misses filled from the other region's edge when the broker saw it serve
+# the key, no shadowing; baseline: peer fill and shadowing with the seasonal-naive forecaster;
+# lstm: peer fill and shadowing with models/lstm.onnx) it starts a fresh cluster,
 # replays the trace time-compressed, and appends a run to bench/results/replay-TRACE.json
 # (with a timeline of the broker's cost ledger sampled every SAMPLE_SECS=3600 trace seconds).
 # Then it redraws bench/results/timeline-TRACE.svg (threshold, net benefit, precision/recall
@@ -11,14 +13,16 @@
 # BUILD=0 skips the build and uses the binaries already in target/release.
 # SHIFT_HOURS="0,-8" shifts each region's requests by that many hours (eu,us), as if the
 # regions' clients lived in different time zones.
+# ADMIT=1 (default) lets an edge cache objects up to its whole cache (as libCacheSim's
+# policies do; the memory tier has one shard so that it can); ADMIT=0.25 caches up to a quarter.
 #
-#   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain baseline lstm"] [LIMIT]
+#   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain peer baseline lstm"] [LIMIT]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TRACE=${1:-apache}
 SPEEDUP=${2:-1800}
 PCTS=${3:-"1 5 10"}
-MODES=${4:-"plain baseline lstm"}
+MODES=${4:-"plain peer baseline lstm"}
 LIMIT=${5:-}
 TRACES=${TRACES:-../shared/traces}
 SAMPLE_SECS=${SAMPLE_SECS:-3600}
@@ -67,6 +71,7 @@ dir = "$WORK/run/$1"
 memory_capacity = $4
 disk_capacity = 0
 max_object_size = $5
+memory_shards = 1
 [sync]
 listen = "127.0.0.1:$2"
 ca_cert = "$PKI/ca.pem"
@@ -76,11 +81,13 @@ TOML
 }
 
 broker_config() { # mode
-  local planner coaccess
+  local planner coaccess peer
   case $1 in
-    plain) planner='enabled = false'; coaccess='enabled = false' ;;
-    baseline) planner="model = \"$WORK/no-model.onnx\""; coaccess='enabled = true' ;;
-    lstm) planner='model = "models/lstm.onnx"'; coaccess='enabled = true' ;;
+    plain) planner='enabled = false'; coaccess='enabled = false'; peer='enabled = false' ;;
+    peer) planner='enabled = false'; coaccess='enabled = false'; peer='enabled = true' ;;
+    baseline) planner="model = \"$WORK/no-model.onnx\""; coaccess='enabled = true'; peer='enabled = true' ;;
+    lstm) planner='model = "models/lstm.onnx"'; coaccess='enabled = true'; peer='enabled = true' ;;
+    *) echo "unknown mode $1 (plain, peer, baseline, lstm)" >&2; exit 2 ;;
   esac
   cat <<TOML
 listen = "127.0.0.1:18080"
@@ -102,6 +109,8 @@ interval_secs = 1
 $planner
 [signals.coaccess]
 $coaccess
+[peer_fill]
+$peer
 [control]
 ca_cert = "$PKI/ca.pem"
 cert = "$PKI/broker.pem"
@@ -132,7 +141,7 @@ wait_http() { for _ in $(seq 300); do curl -fsS -o /dev/null "$1" 2>/dev/null &&
 
 for pct in $PCTS; do
   per_region=$(( WS * pct / 100 / 2 ))
-  maxobj=$(( per_region / 4 ))
+  maxobj=$(awk -v c="$per_region" -v a="${ADMIT:-1}" 'BEGIN { printf "%d", c * a }')
   for mode in $MODES; do
     rm -rf "$WORK/run"; mkdir -p "$WORK/run"
     $B/origin --listen 127.0.0.1:19000 --max-age "$MAX_AGE" --sizes "$WORK/sizes.txt" >"$WORK/run/origin.log" 2>&1 &
@@ -160,7 +169,7 @@ for pct in $PCTS; do
     $B/replay --trace "$TRACE" --traces-dir "$TRACES" "${SHIFT[@]}" --speedup "$SPEEDUP" --mode "$mode" \
       --broker http://127.0.0.1:18080 --api http://127.0.0.1:17081 --operator-token "$OPERATOR" \
       --origin http://127.0.0.1:19000 --edges 127.0.0.1:19101,127.0.0.1:19201 \
-      --cache-bytes "$per_region" --sample-secs "$SAMPLE_SECS" --out "$OUT" ${LIMIT:+--limit "$LIMIT"} \
+      --cache-bytes "$per_region" --max-object-bytes "$maxobj" --sample-secs "$SAMPLE_SECS" --out "$OUT" ${LIMIT:+--limit "$LIMIT"} \
       >"$WORK/run/replay.json"
     tail -n +1 "$WORK/run/replay.json" | grep -E '"(mode|byte_miss_ratio|hit_ratio|shadow_hits|net)"' | tr -d '\n'; echo
     stop_all

@@ -1181,3 +1181,107 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     );
     assert!(sample(&m, "shadowcdn_broker_coaccess_pairs", &[]).is_some_and(|n| n >= 1.0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let us = &c.edges[3];
+    let edge_token = shadowcdn_tests::cluster::EDGE_TOKEN;
+    // The broker pushes each edge the peers it may fill from.
+    wait_until(|| async {
+        let (_, v) = api(
+            reqwest::Method::GET,
+            format!("http://{}/peers", us.admin),
+            edge_token,
+            None,
+        )
+        .await;
+        v["peers"].as_array().is_some_and(|p| p.len() == 3)
+    })
+    .await;
+    let get = |path: &'static str, region: &'static str, variant: &'static str| {
+        client()
+            .get(format!("http://{}{}", c.broker.addr, path))
+            .header("host", HOST)
+            .header("x-client-region", region)
+            .header("x-variant", variant)
+            .send()
+    };
+
+    // eu fetched it from the origin; us's first request is filled from that eu edge.
+    let r = get("/coop/a.css", "eu", "-").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let r = get("/coop/a.css", "us", "-").await.unwrap();
+    assert_eq!(edge_of(&r), "us-a");
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert_eq!(r.headers()["x-shadowcdn-fill"], "peer");
+    let body = r.bytes().await.unwrap();
+    assert_eq!(
+        &body[..],
+        &shadowcdn_tests::origin::body_for("/coop/a.css", 64)[..]
+    );
+    assert_eq!(origin.hits("/coop/a.css"), 1, "the origin was asked once");
+    let r = get("/coop/a.css", "us", "-").await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "HIT");
+
+    // A hint that turns out wrong (the eu copy was purged behind the broker's back) costs
+    // nothing but a round trip: the miss goes to the origin.
+    let r = get("/coop/b.css", "eu", "-").await.unwrap();
+    let eu = edge_of(&r);
+    let holder = c.edges.iter().find(|e| e.dir.ends_with(&eu)).unwrap();
+    let s = client()
+        .delete(format!("http://{}/cache/{HOST}/coop/b.css", holder.admin))
+        .bearer_auth(edge_token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, StatusCode::OK);
+    let r = get("/coop/b.css", "us", "-").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("x-shadowcdn-fill").is_none());
+    let body = r.bytes().await.unwrap();
+    assert_eq!(
+        &body[..],
+        &shadowcdn_tests::origin::body_for("/coop/b.css", 64)[..]
+    );
+    assert_eq!(origin.hits("/coop/b.css"), 2);
+
+    // A Vary'd object is never taken from a peer, which chose its own variant.
+    let r = get("/coop/v?vary=x-variant", "eu", "fr").await.unwrap();
+    assert_eq!(r.text().await.unwrap(), "variant=fr");
+    let r = get("/coop/v?vary=x-variant", "us", "de").await.unwrap();
+    assert!(r.headers().get("x-shadowcdn-fill").is_none());
+    assert_eq!(r.text().await.unwrap(), "variant=de");
+
+    // A client cannot point an edge at a peer: an unlisted id is ignored.
+    let r = client()
+        .get(format!("http://{}/coop/c.css", us.addr))
+        .header("host", HOST)
+        .header("x-shadowcdn-peer-hint", "elsewhere")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert_eq!(origin.hits("/coop/c.css"), 1);
+
+    let m = text(format!("http://{}/metrics", us.admin)).await;
+    let fills = |o: &str| {
+        sample(
+            &m,
+            "shadowcdn_edge_demand_peer_fills_total",
+            &[&format!("outcome=\"{o}\"")],
+        )
+    };
+    assert_eq!(fills("hit"), Some(1.0), "{m}");
+    assert_eq!(fills("miss"), Some(2.0), "{m}");
+    let bm = c.metrics().await;
+    // Every GET to us-a for a key an eu edge served carries the hint, hits included.
+    assert_eq!(
+        sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
+        Some(4.0),
+        "{bm}"
+    );
+}

@@ -37,6 +37,9 @@ pub struct BrokerConfig {
     /// Active health checks of edges.
     #[serde(default)]
     pub health: HealthSection,
+    /// Filling a miss from another edge that recently served the key.
+    #[serde(default)]
+    pub peer_fill: crate::routing::PeerFillSection,
     /// Request monitoring.
     #[serde(default)]
     pub monitor: MonitorSection,

@@ -13,6 +13,8 @@ pub struct BrokerMetrics {
     pub failovers: IntCounterVec,
     /// Retries after a failed attempt.
     pub retries: IntCounter,
+    /// Requests sent to an edge with a peer hint (another edge recently served the key).
+    pub peer_hints: IntCounter,
     /// Standby promotions by region.
     pub standby_promotions: IntCounterVec,
     /// Edge health as seen by the broker (1 up, 0 down).
@@ -25,8 +27,8 @@ pub struct BrokerMetrics {
     pub recorded: IntCounter,
     /// Provider API calls by provider and status code.
     pub api_calls: IntCounterVec,
-    /// Origin-table pushes to edges by outcome.
-    pub origin_pushes: IntCounterVec,
+    /// Pushes to edges' admin APIs by table (`origins`, `peers`) and outcome.
+    pub edge_pushes: IntCounterVec,
     /// Planner decisions by outcome.
     pub planner_decisions: IntCounterVec,
     /// Shadow commands sent to edges by outcome.
@@ -82,6 +84,10 @@ impl BrokerMetrics {
                 ),
                 &["reason"],
             )?,
+            peer_hints: IntCounter::new(
+                "shadowcdn_broker_peer_hints_total",
+                "Requests sent with a hint naming another edge that recently served the key",
+            )?,
             retries: IntCounter::new(
                 "shadowcdn_broker_retries_total",
                 "Attempts retried on the next choice after an edge failed",
@@ -119,12 +125,12 @@ impl BrokerMetrics {
                 Opts::new("shadowcdn_broker_api_calls_total", "Provider API calls"),
                 &["provider", "status"],
             )?,
-            origin_pushes: IntCounterVec::new(
+            edge_pushes: IntCounterVec::new(
                 Opts::new(
-                    "shadowcdn_broker_origin_pushes_total",
-                    "Origin table pushes to edges",
+                    "shadowcdn_broker_edge_pushes_total",
+                    "Origin table and peer list pushes to edges",
                 ),
-                &["outcome"],
+                &["table", "outcome"],
             )?,
             planner_decisions: IntCounterVec::new(
                 Opts::new(
@@ -273,13 +279,14 @@ impl BrokerMetrics {
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.failovers.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
+        registry.register(Box::new(m.peer_hints.clone()))?;
         registry.register(Box::new(m.standby_promotions.clone()))?;
         registry.register(Box::new(m.edge_up.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.recorder_drops.clone()))?;
         registry.register(Box::new(m.recorded.clone()))?;
         registry.register(Box::new(m.api_calls.clone()))?;
-        registry.register(Box::new(m.origin_pushes.clone()))?;
+        registry.register(Box::new(m.edge_pushes.clone()))?;
         Ok(m)
     }
 }

@@ -11,6 +11,7 @@ use edge_node::drain::{InflightCounter, InflightGuard};
 use edge_node::proxy::{
     error_status, primary_key, request_host, respond_json_error, CLIENT_REGION_HEADER, ROUTE_HEADER,
 };
+use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -19,7 +20,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, Record, Recorder};
 use crate::registry::Registry;
-use crate::routing::{Choice, Fleet, Health, Reason, RegionResolver};
+use crate::routing::{Choice, Fleet, Health, Holders, Reason, RegionResolver};
 
 /// The broker proxy.
 pub struct BrokerProxy {
@@ -31,6 +32,8 @@ pub struct BrokerProxy {
     segment_header: Option<String>,
     metrics: BrokerMetrics,
     inflight: InflightCounter,
+    /// Recent holders of keys, for peer hints; `None` when peer fill is off.
+    holders: Option<Arc<Holders>>,
 }
 
 /// Per-request state.
@@ -40,6 +43,8 @@ pub struct BrokerCtx {
     region: usize,
     /// Cache key the route is planned for; empty until the request is routable.
     key: String,
+    /// Hash of `key`, for the holder map.
+    key_hash: u64,
     /// Edges already tried for this request.
     tried: Vec<usize>,
     origin_tried: bool,
@@ -63,6 +68,7 @@ impl BrokerProxy {
         segment_header: Option<String>,
         metrics: BrokerMetrics,
         inflight: InflightCounter,
+        holders: Option<Arc<Holders>>,
     ) -> Self {
         BrokerProxy {
             fleet,
@@ -73,7 +79,21 @@ impl BrokerProxy {
             segment_header: segment_header.map(|h| h.to_ascii_lowercase()),
             metrics,
             inflight,
+            holders,
         }
+    }
+
+    /// The id of another edge that recently served this request's key, for a GET routed to
+    /// an edge: that edge's miss asks the peer before the origin.
+    fn peer_hint(&self, req: &RequestHeader, ctx: &BrokerCtx) -> Option<&str> {
+        let holders = self.holders.as_ref()?;
+        let serving = ctx.chosen?.edge?;
+        if req.method != http::Method::GET {
+            return None;
+        }
+        let usable = |e: usize| self.fleet.edges[e].sync.is_some() && self.health.is_up(e);
+        let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
+        Some(self.fleet.edges[peer].id.as_str())
     }
 }
 
@@ -111,6 +131,7 @@ impl ProxyHttp for BrokerProxy {
             started: Instant::now(),
             region: 0,
             key: String::new(),
+            key_hash: 0,
             tried: Vec::new(),
             origin_tried: false,
             chosen: None,
@@ -156,6 +177,7 @@ impl ProxyHttp for BrokerProxy {
             .map(str::to_owned);
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         ctx.key = primary_key(&host, pq);
+        ctx.key_hash = xxhash_rust::xxh3::xxh3_64(ctx.key.as_bytes());
         ctx.resource = primary_key(&host, req.uri.path());
         // Idempotent requests can be replayed on the next edge if one fails mid-request.
         if req.method.is_idempotent() {
@@ -203,10 +225,16 @@ impl ProxyHttp for BrokerProxy {
 
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // Only the broker names peers; a client's own hint never reaches an edge.
+        upstream_request.remove_header(PEER_HINT_HEADER);
+        if let Some(peer) = self.peer_hint(session.req_header(), ctx) {
+            upstream_request.insert_header(PEER_HINT_HEADER, peer)?;
+            self.metrics.peer_hints.inc();
+        }
         if let Some(c) = ctx.chosen {
             let tag = format!(
                 "region={}; reason={}",
@@ -347,6 +375,13 @@ impl ProxyHttp for BrokerProxy {
                 .failovers
                 .with_label_values(&[reason.as_str()])
                 .inc();
+        }
+        if let (Some(h), Some(Choice { edge: Some(e), .. })) = (&self.holders, ctx.chosen) {
+            // The edge stored what it answered from or into its cache.
+            if status == 200 && matches!(ctx.cache_status, "hit" | "miss" | "stale" | "revalidated")
+            {
+                h.record(ctx.key_hash, e, self.fleet.edge_region(e), now_secs());
+            }
         }
         let elapsed = ctx.started.elapsed();
         self.metrics

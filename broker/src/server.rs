@@ -20,7 +20,7 @@ use crate::planner::{Planner, PlannerState};
 use crate::proxy::BrokerProxy;
 use crate::registry::api::{router, ApiState};
 use crate::registry::{Registry, RegistryError};
-use crate::routing::{Fleet, Health, HealthChecker, RegionResolver};
+use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
 use crate::sync::{EdgeSync, OriginPusher};
 
@@ -145,6 +145,9 @@ impl Broker {
             cfg.segment_header.clone(),
             metrics.clone(),
             inflight.clone(),
+            cfg.peer_fill
+                .enabled
+                .then(|| Arc::new(Holders::new(&cfg.peer_fill))),
         );
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,

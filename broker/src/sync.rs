@@ -1,7 +1,8 @@
 //! The broker's orders to the edges: shadows and purges go over the QUIC control channel
 //! ([`crate::control`]) to edges that have a QUIC address, else over their admin API; the
-//! origin table (so a newly registered host works on every edge without a restart) is pushed
-//! over the admin API.
+//! origin table (so a newly registered host works on every edge without a restart) and the
+//! list of peer edges (the only peers an edge fills a hinted miss from) are pushed over the
+//! admin API.
 //!
 //! Pushes happen on every registry change and every few seconds, so an edge that was down
 //! during a change converges when it comes back.
@@ -81,12 +82,29 @@ impl EdgeSync {
             .into_iter()
             .map(|o| json!({ "host": o.host, "upstream": o.upstream }))
             .collect();
-        let body = json!({ "origins": rows });
+        self.push_all("origins", &json!({ "origins": rows })).await;
+    }
+
+    /// Every edge reachable over QUIC, so each edge knows which peers it may fill from.
+    async fn push_peers(&self) {
+        let rows: Vec<_> = self
+            .fleet
+            .edges
+            .iter()
+            .filter_map(|e| Some(json!({ "id": e.id, "addr": e.sync? })))
+            .collect();
+        if !rows.is_empty() {
+            self.push_all("peers", &json!({ "peers": rows })).await;
+        }
+    }
+
+    /// `PUT /<what>` with `body` on every edge's admin API.
+    async fn push_all(&self, what: &str, body: &serde_json::Value) {
         let pushes = self.fleet.edges.iter().map(|e| {
             self.client
-                .put(format!("http://{}/origins", e.admin))
+                .put(format!("http://{}/{what}", e.admin))
                 .bearer_auth(&self.token)
-                .json(&body)
+                .json(body)
                 .send()
         });
         for (e, r) in self
@@ -98,14 +116,14 @@ impl EdgeSync {
             let outcome = match r {
                 Ok(resp) if resp.status().is_success() => "ok",
                 Ok(resp) => {
-                    tracing::warn!(edge = %e.id, status = %resp.status(), "edge rejected origin push");
+                    tracing::warn!(edge = %e.id, status = %resp.status(), what, "edge rejected push");
                     "rejected"
                 }
                 Err(_) => "unreachable",
             };
             self.metrics
-                .origin_pushes
-                .with_label_values(&[outcome])
+                .edge_pushes
+                .with_label_values(&[what, outcome])
                 .inc();
         }
     }
@@ -266,6 +284,7 @@ impl BackgroundService for OriginPusher {
                 _ = shutdown.changed() => return,
             }
             self.0.push_origins().await;
+            self.0.push_peers().await;
         }
     }
 }

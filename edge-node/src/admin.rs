@@ -14,8 +14,11 @@
 //! - `GET /origins` — configured and pushed origin rows.
 //! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream"}]}` replaces the rows
 //!   pushed by the broker; a bad row rejects the whole push and changes nothing.
+//! - `GET /peers` — the other edges a hinted miss may be filled from.
+//! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
+//!   the broker with the origins. A bad row rejects the whole push.
 //!
-//! Purge and origin endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
+//! Purge, origin and peer endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +43,8 @@ use crate::origin::SharedOrigins;
 use crate::proxy::{normalize_key, token_matches};
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::FoyerStorage;
+use crate::sync::protocol::PeerRef;
+use crate::sync::PeerDirectory;
 
 /// Shared state of the admin handlers.
 #[derive(Clone)]
@@ -53,6 +58,7 @@ pub struct AdminState {
     shadows: Arc<ShadowTable>,
     filler: Filler,
     max_shadow_ttl: u64,
+    peers: Arc<PeerDirectory>,
 }
 
 /// The shadowing parts of the admin API.
@@ -86,7 +92,14 @@ impl AdminState {
             shadows: shadow.table,
             filler: shadow.filler,
             max_shadow_ttl: shadow.max_ttl_secs,
+            peers: Arc::new(PeerDirectory::new(node_id)),
         }
+    }
+
+    /// Serve and update `peers` (the directory the proxy resolves peer hints in).
+    pub fn with_peers(mut self, peers: Arc<PeerDirectory>) -> Self {
+        self.peers = peers;
+        self
     }
 }
 
@@ -97,6 +110,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/cache/{*key}", any(purge))
         .route("/origins", get(get_origins).put(put_origins))
+        .route("/peers", get(get_peers).put(put_peers))
         .route("/shadows", axum::routing::post(post_shadow))
         .route("/shadows/{*key}", get(get_shadow).delete(delete_shadow))
         .fallback(not_found)
@@ -342,6 +356,35 @@ async fn put_origins(
             "bad_origin",
             e.to_string(),
         ),
+    }
+}
+
+/// Body of `PUT /peers`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PeersBody {
+    peers: Vec<PeerRef>,
+}
+
+async fn get_peers(State(s): State<AdminState>, headers: HeaderMap) -> Response {
+    if let Err(r) = authorize(&headers, &s.token) {
+        return *r;
+    }
+    Json(json!({ "peers": s.peers.list() })).into_response()
+}
+
+async fn put_peers(
+    State(s): State<AdminState>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let parsed: PeersBody = match authorized_json(&s, &headers, &body) {
+        Ok(b) => b,
+        Err(r) => return *r,
+    };
+    match s.peers.replace(parsed.peers) {
+        Ok(n) => Json(json!({ "peers": n })).into_response(),
+        Err(e) => error(StatusCode::UNPROCESSABLE_ENTITY, "bad_peer", e.to_string()),
     }
 }
 

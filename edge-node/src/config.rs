@@ -150,6 +150,11 @@ pub struct CacheSection {
     /// Bodies larger than this are proxied without being cached.
     #[serde(default = "default_max_object")]
     pub max_object_size: ByteSize,
+    /// Shards of the memory tier (foyer's default: 8). More shards mean less lock contention
+    /// between worker threads, but each shard holds `memory_capacity / memory_shards`, and an
+    /// object larger than a shard cannot stay in memory; small caches want fewer.
+    #[serde(default = "default_memory_shards")]
+    pub memory_shards: usize,
     /// How long a request waits behind another request filling the same object before it
     /// goes to the origin itself.
     #[serde(default = "default_lock_timeout")]
@@ -265,11 +270,20 @@ impl EdgeConfig {
                 "cache.max_object_size must be greater than 0".into(),
             ));
         }
-        if disk == 0 && c.max_object_size.as_u64() > c.memory_capacity.as_u64() {
+        if c.memory_shards == 0 || c.memory_shards > 1024 {
             return Err(ConfigError::Invalid(
-                "cache.max_object_size must be at most cache.memory_capacity without a disk tier"
-                    .into(),
+                "cache.memory_shards must be between 1 and 1024".into(),
             ));
+        }
+        // Without a disk tier an object must fit one memory shard, or storing it would flush
+        // the shard and then drop the object itself.
+        let shard = c.memory_capacity.as_u64() / c.memory_shards as u64;
+        if disk == 0 && c.max_object_size.as_u64() > shard {
+            return Err(ConfigError::Invalid(format!(
+                "cache.max_object_size must be at most cache.memory_capacity / \
+                 cache.memory_shards ({}) without a disk tier",
+                ByteSize(shard)
+            )));
         }
         if disk != 0 && c.max_object_size.as_u64() > disk / 4 {
             return Err(ConfigError::Invalid(
@@ -286,14 +300,8 @@ impl EdgeConfig {
                 "server.threads must be at least 1".into(),
             ));
         }
-        // The id names the node in certificates (`<id>.edge.shadowcdn`) and response headers.
         let id = &self.node_id;
-        if id.is_empty()
-            || id.len() > 63
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        {
+        if !valid_node_id(id) {
             return Err(ConfigError::Invalid(format!(
                 "node_id {id:?} must be 1-63 characters of letters, digits, '-' and '_'"
             )));
@@ -349,6 +357,20 @@ impl From<&Overrides> for OverrideTree {
         }
         t
     }
+}
+
+/// Whether `id` can name a node: it appears in certificates (`<id>.edge.shadowcdn`) and
+/// response headers.
+pub fn valid_node_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 63
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+fn default_memory_shards() -> usize {
+    8
 }
 
 fn default_node_id() -> String {
@@ -423,13 +445,22 @@ mod tests {
     fn a_zero_disk_makes_a_memory_only_cache_with_objects_that_fit_in_memory() {
         let mem_only = MINIMAL.replace(
             "dir = \"/tmp/x\"",
-            "dir = \"/tmp/x\"\nmemory_capacity = \"4 MiB\"\ndisk_capacity = 0\nmax_object_size = \"1 MiB\"",
+            "dir = \"/tmp/x\"\nmemory_capacity = \"4 MiB\"\ndisk_capacity = 0\nmax_object_size = \"512 KiB\"",
         );
         assert!(EdgeConfig::from_toml(&mem_only).is_ok());
-        let too_big = mem_only.replace("\"1 MiB\"", "\"8 MiB\"");
+        // 1 MiB does not fit one of the default 8 shards of 4 MiB, but fits one of 4.
+        let mid = mem_only.replace("\"512 KiB\"", "\"1 MiB\"");
+        let err = EdgeConfig::from_toml(&mid).unwrap_err().to_string();
+        assert!(err.contains("memory_shards"), "{err}");
+        let fewer = mid.replace("disk_capacity = 0", "disk_capacity = 0\nmemory_shards = 4");
+        assert!(EdgeConfig::from_toml(&fewer).is_ok());
+        let too_big = mem_only.replace("\"512 KiB\"", "\"8 MiB\"");
         let err = EdgeConfig::from_toml(&too_big).unwrap_err().to_string();
         assert!(err.contains("memory_capacity"), "{err}");
         let tiny_disk = mem_only.replace("disk_capacity = 0", "disk_capacity = \"1 MiB\"");
+        let no_shards =
+            mem_only.replace("disk_capacity = 0", "disk_capacity = 0\nmemory_shards = 0");
+        assert!(EdgeConfig::from_toml(&no_shards).is_err());
         assert!(EdgeConfig::from_toml(&tiny_disk).is_err());
     }
 

@@ -107,6 +107,10 @@ pub struct EdgeMetrics {
     pub shadow_fill_sources: IntCounterVec,
     /// Bytes fetched by shadow fills.
     pub shadow_fill_bytes: IntCounter,
+    /// Demand misses the broker hinted a peer for, by outcome (`hit`: the peer served it,
+    /// `miss`: it did not hold a usable copy, `error`: the fetch failed; both then go to the
+    /// origin).
+    pub demand_peer_fills: IntCounterVec,
     /// Seconds fill workers waited to stay within `shadow.fill_bandwidth`.
     pub shadow_fill_paced_seconds: Counter,
     /// Open QUIC connections by peer role.
@@ -215,6 +219,13 @@ impl EdgeMetrics {
                 ),
                 &["source"],
             )?,
+            demand_peer_fills: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_demand_peer_fills_total",
+                    "Cache misses first tried on the peer edge the broker hinted, by outcome",
+                ),
+                &["outcome"],
+            )?,
             shadow_fill_bytes: IntCounter::new(
                 "shadowcdn_edge_shadow_fill_bytes_total",
                 "Body bytes fetched by shadow fills",
@@ -280,6 +291,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadow_first_hits.clone()))?;
         registry.register(Box::new(m.shadow_fill_sources.clone()))?;
         registry.register(Box::new(m.shadow_fill_bytes.clone()))?;
+        registry.register(Box::new(m.demand_peer_fills.clone()))?;
         registry.register(Box::new(m.shadow_fill_paced_seconds.clone()))?;
         registry.register(Box::new(m.sync_connections.clone()))?;
         registry.register(Box::new(m.sync_messages.clone()))?;

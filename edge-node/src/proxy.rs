@@ -1,6 +1,11 @@
 //! The edge's Pingora `ProxyHttp` phases: origin selection, cache policy, cache key, Vary,
 //! cache-status headers, metrics and JSON error bodies.
 //!
+//! A miss whose request carries the broker's peer hint is first filled from that peer edge
+//! (through the QUIC bridge, from the peer's cache only); when the peer does not hold a usable
+//! copy the attempt fails before anything reaches the client and pingora retries it on the
+//! origin.
+//!
 //! HTTP caching semantics (freshness, revalidation, stale serving, ranges, locking) are
 //! pingora-cache's; this module only configures them.
 
@@ -31,7 +36,10 @@ use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::FoyerStorage;
-use crate::sync::{PEER_FETCH_HEADER, PEER_VIA_HEADER};
+use crate::sync::protocol::PeerRef;
+use crate::sync::{
+    format_peer_via, PeerDirectory, PEER_FETCH_HEADER, PEER_HINT_HEADER, PEER_VIA_HEADER,
+};
 
 /// A random per-process value that authenticates the edge's requests to its own listener
 /// (shadow fills, peer fetches), so a client cannot pass for them.
@@ -76,6 +84,8 @@ pub struct ShadowHooks {
     pub secret: InternalSecret,
     /// The peer-fill bridge, when QUIC sync is configured.
     pub bridge: Option<std::net::SocketAddr>,
+    /// The peers a hinted miss may be filled from.
+    pub peers: Arc<PeerDirectory>,
 }
 
 /// Cache behaviour that the origin's headers do not decide.
@@ -138,6 +148,12 @@ pub struct RequestCtx {
     only_if_cached: bool,
     /// A refresh fill: a held copy is revalidated with the origin.
     refresh: bool,
+    /// The broker's peer hint was considered (once per request; a retry goes to the origin).
+    hint_used: bool,
+    /// The peer edge the current upstream attempt asks for this miss.
+    demand_peer: Option<PeerRef>,
+    /// The miss was filled from a peer edge.
+    peer_served: bool,
 }
 
 impl EdgeProxy {
@@ -307,6 +323,9 @@ fn upstream_age(resp: &ResponseHeader) -> Duration {
         .map_or(Duration::ZERO, Duration::from_secs)
 }
 
+/// Error type of a hinted peer that does not hold a usable copy (retried on the origin).
+const PEER_MISS: &str = "peer_miss";
+
 /// Cache defaults are a `fn` pointer in pingora; our configurable TTL is applied after it.
 const NO_HEURISTIC: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
 
@@ -319,6 +338,22 @@ fn heuristically_cacheable(status: u16) -> bool {
 }
 
 impl EdgeProxy {
+    /// The peer the broker hinted for this request, when a miss may be filled from it: a plain
+    /// GET from a client (not the edge's own fills or peer fetches), without credentials, on
+    /// an edge with a QUIC bridge, naming a peer the broker listed.
+    fn hinted_peer(&self, req: &RequestHeader, ctx: &RequestCtx) -> Option<PeerRef> {
+        if ctx.shadow_fill
+            || ctx.only_if_cached
+            || self.hooks.bridge.is_none()
+            || req.method != http::Method::GET
+            || req.headers.contains_key(header::AUTHORIZATION)
+        {
+            return None;
+        }
+        let id = req.headers.get(PEER_HINT_HEADER)?.to_str().ok()?;
+        self.hooks.peers.resolve(id)
+    }
+
     fn cacheability(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
         let cc = CacheControl::from_resp_headers(resp);
         // A response that already aged in another cache (a peer edge, a cache in front of
@@ -376,6 +411,9 @@ impl ProxyHttp for EdgeProxy {
             peer_fill: false,
             only_if_cached: false,
             refresh: false,
+            hint_used: false,
+            demand_peer: None,
+            peer_served: false,
         }
     }
 
@@ -429,7 +467,7 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
         if ctx.only_if_cached {
@@ -438,7 +476,16 @@ impl ProxyHttp for EdgeProxy {
                 "not cached on this edge",
             ));
         }
-        if let (true, Some(bridge)) = (ctx.peer_fill, self.hooks.bridge) {
+        ctx.demand_peer = if ctx.hint_used {
+            None
+        } else {
+            ctx.hint_used = true;
+            self.hinted_peer(session.req_header(), ctx)
+        };
+        if let (true, Some(bridge)) = (
+            ctx.peer_fill || ctx.demand_peer.is_some(),
+            self.hooks.bridge,
+        ) {
             let mut peer = HttpPeer::new(bridge, false, String::new());
             peer.options.read_timeout = Some(self.policy.read_timeout);
             return Ok(Box::new(peer));
@@ -558,14 +605,19 @@ impl ProxyHttp for EdgeProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        ctx.upstream_started = Some(Instant::now());
+        if ctx.demand_peer.is_none() {
+            ctx.upstream_started = Some(Instant::now());
+        }
         // Routing tags are between broker and edge; the origin never sees them.
         upstream_request.remove_header(ROUTE_HEADER);
+        upstream_request.remove_header(PEER_HINT_HEADER);
         upstream_request.remove_header(CLIENT_REGION_HEADER);
         upstream_request.remove_header(FILL_HEADER);
         upstream_request.remove_header(PEER_FETCH_HEADER);
         upstream_request.remove_header(REFRESH_HEADER);
-        if !ctx.peer_fill {
+        if let Some(p) = &ctx.demand_peer {
+            upstream_request.insert_header(PEER_VIA_HEADER, format_peer_via(p))?;
+        } else if !ctx.peer_fill {
             upstream_request.remove_header(PEER_VIA_HEADER);
         }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
@@ -579,9 +631,28 @@ impl ProxyHttp for EdgeProxy {
     async fn upstream_response_filter(
         &self,
         _session: &mut Session,
-        _upstream_response: &mut ResponseHeader,
+        upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        if let Some(p) = &ctx.demand_peer {
+            // Only a whole, variant-free copy stands in for the origin's answer: a Vary'd
+            // object would be stored under this request's variant while the peer picked its own.
+            let usable = matches!(upstream_response.status.as_u16(), 200 | 203)
+                && !upstream_response.headers.contains_key(header::VARY);
+            let outcome = if usable { "hit" } else { "miss" };
+            self.metrics
+                .demand_peer_fills
+                .with_label_values(&[outcome])
+                .inc();
+            if !usable {
+                return Err(Error::explain(
+                    ErrorType::Custom(PEER_MISS),
+                    format!("peer {} holds no usable copy", p.id),
+                ));
+            }
+            ctx.peer_served = true;
+            return Ok(());
+        }
         if let Some(t) = ctx.upstream_started {
             if !ctx.upstream_responded {
                 ctx.upstream_responded = true;
@@ -624,6 +695,9 @@ impl ProxyHttp for EdgeProxy {
             }
             resp.insert_header("x-shadowcdn-shadow", "hit")?;
         }
+        if ctx.peer_served {
+            resp.insert_header("x-shadowcdn-fill", "peer")?;
+        }
         resp.insert_header("x-cache", x_cache_value(status))?;
         resp.insert_header(
             "cache-status",
@@ -644,6 +718,52 @@ impl ProxyHttp for EdgeProxy {
             e.esource() == &ErrorSource::Upstream
                 || matches!(e.etype(), ErrorType::HTTPStatus(s) if *s >= 500)
         })
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut Self::CTX,
+        mut e: Box<Error>,
+    ) -> Box<Error> {
+        if ctx.demand_peer.take().is_some() {
+            self.metrics
+                .demand_peer_fills
+                .with_label_values(&["error"])
+                .inc();
+            e.set_retry(true);
+        }
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut Self::CTX,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        if ctx.demand_peer.take().is_some() && session.response_written().is_none() {
+            // Nothing reached the client yet: the origin answers instead.
+            if !matches!(e.etype(), ErrorType::Custom(PEER_MISS)) {
+                self.metrics
+                    .demand_peer_fills
+                    .with_label_values(&["error"])
+                    .inc();
+            }
+            ctx.peer_served = false;
+            e.set_retry(true);
+        } else if !session.req_header().method.is_idempotent()
+            || session.as_ref().retry_buffer_truncated()
+        {
+            e.set_retry(false);
+        } else {
+            e.retry.decide_reuse(client_reused);
+        }
+        e
     }
 
     async fn fail_to_proxy(

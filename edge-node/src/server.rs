@@ -19,7 +19,9 @@ use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
 use crate::shadow::{OutcomeLog, ShadowService, ShadowTable};
 use crate::storage::{FoyerStorage, StorageError, StorageOptions};
-use crate::sync::{NodeIdentity, PeerBridge, PeerPool, SyncError, SyncParts, SyncService};
+use crate::sync::{
+    NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
+};
 
 /// Why an edge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -120,6 +122,7 @@ impl EdgeNode {
         let opts = StorageOptions {
             dir: cfg.cache.dir.clone(),
             memory_bytes: cfg.cache.memory_capacity.as_u64() as usize,
+            memory_shards: cfg.cache.memory_shards,
             disk_bytes: cfg.cache.disk_capacity.as_u64() as usize,
             block_size: cfg.block_size(),
             max_object_bytes: cfg.cache.max_object_size.as_u64() as usize,
@@ -171,6 +174,7 @@ impl EdgeNode {
         let inflight = InflightCounter::default();
         let shadows = Arc::new(ShadowTable::default());
         let secret = InternalSecret::generate();
+        let peers = Arc::new(PeerDirectory::new(&cfg.node_id));
         let proxy = EdgeProxy::new(
             cfg.node_id.clone(),
             origins.clone(),
@@ -186,6 +190,7 @@ impl EdgeNode {
                 table: shadows.clone(),
                 secret: secret.clone(),
                 bridge: bridge_addr,
+                peers: peers.clone(),
             },
         );
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
@@ -240,7 +245,8 @@ impl EdgeNode {
                 filler,
                 max_ttl_secs: cfg.shadow.max_ttl_secs,
             },
-        );
+        )
+        .with_peers(peers);
         let admin = background_service(
             "admin",
             AxumService::new("admin", admin_listener, crate::admin::router(admin_state)),

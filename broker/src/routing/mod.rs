@@ -2,10 +2,12 @@
 //! active edges, then its standby, then neighbouring regions, then the origin.
 
 mod health;
+mod holders;
 mod region;
 pub mod rendezvous;
 
 pub use health::{Health, HealthChecker};
+pub use holders::{Holders, PeerFillSection};
 pub use region::RegionResolver;
 
 use crate::config::{BrokerConfig, EdgeEntry, Role};

@@ -62,6 +62,8 @@ pub struct StorageOptions {
     pub dir: PathBuf,
     /// Memory tier capacity in bytes.
     pub memory_bytes: usize,
+    /// Memory tier shards.
+    pub memory_shards: usize,
     /// Disk tier capacity in bytes.
     pub disk_bytes: usize,
     /// foyer block size; bounds the largest storable object.
@@ -124,6 +126,7 @@ impl FoyerStorage {
             .with_policy(HybridCachePolicy::WriteOnInsertion)
             .with_flush_on_close(true)
             .memory(opts.memory_bytes)
+            .with_shards(opts.memory_shards)
             .with_weighter(|_k: &u128, v: &StoredObject| v.weight())
             .storage()
             .with_spawner(spawner)

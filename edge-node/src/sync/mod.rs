@@ -7,9 +7,11 @@
 //! - [`server`] — the edge's QUIC listener: acts on control messages, serves peer fetches.
 //! - [`bridge`] — a loopback HTTP upstream through which the proxy fills from a peer edge,
 //!   so a peer fill goes through the ordinary cache path (locking, freshness, size limits).
+//! - [`peers`] — the other edges the broker listed: the only peers a demand miss may use.
 
 pub mod bridge;
 pub mod link;
+pub mod peers;
 pub mod pki;
 pub mod protocol;
 pub mod server;
@@ -17,6 +19,7 @@ pub mod tls;
 
 pub use bridge::{PeerBridge, PeerPool};
 pub use link::{client_endpoint, Link, LinkError};
+pub use peers::PeerDirectory;
 pub use server::{SyncParts, SyncService};
 pub use tls::{NodeIdentity, TlsError, TlsPaths};
 
@@ -26,6 +29,9 @@ pub use tls::{NodeIdentity, TlsError, TlsPaths};
 pub const PEER_FETCH_HEADER: &str = "x-shadowcdn-peer-fetch";
 /// Header `id@addr` on the edge's own shadow fills: fill from that peer edge.
 pub const PEER_VIA_HEADER: &str = "x-shadowcdn-peer";
+/// Header (value: a node id from the [`PeerDirectory`]) the broker puts on a request when
+/// another edge recently served the same key: on a miss, ask that edge before the origin.
+pub const PEER_HINT_HEADER: &str = "x-shadowcdn-peer-hint";
 
 /// Why the QUIC side could not start.
 #[derive(Debug, thiserror::Error)]

@@ -65,12 +65,15 @@ struct Cli {
     /// Only the first N requests.
     #[arg(long)]
     limit: Option<usize>,
-    /// Label of this run (`plain`, `baseline`, `lstm`).
+    /// Label of this run (`plain`, `peer`, `baseline`, `lstm`).
     #[arg(long, default_value = "run")]
     mode: String,
     /// Cache bytes per region, recorded in the report.
     #[arg(long, default_value_t = 0)]
     cache_bytes: u64,
+    /// The edges' largest cached object, recorded in the report.
+    #[arg(long, default_value_t = 0)]
+    max_object_bytes: u64,
     /// Report file; runs are appended (a run with the same mode and size is replaced).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -384,11 +387,16 @@ async fn main() -> anyhow::Result<()> {
     // dropped the object before the mark expired, or never stored it).
     let mut ended = [0.0; 3];
     let mut fill_bytes = 0.0;
+    // Demand misses the broker hinted a peer for: served by the peer, or not held there.
+    let mut peer_fills = [0.0; 3];
     for e in &cli.edges {
         let m = get_text(&client, &format!("http://{e}/metrics"), None).await;
         fills.0 += sample(&m, "shadowcdn_edge_shadow_fill_sources_total", &["origin"]);
         fills.1 += sample(&m, "shadowcdn_edge_shadow_fill_sources_total", &["peer"]);
         fill_bytes += sample(&m, "shadowcdn_edge_shadow_fill_bytes_total", &[]);
+        for (i, label) in ["\"hit\"", "\"miss\"", "\"error\""].iter().enumerate() {
+            peer_fills[i] += sample(&m, "shadowcdn_edge_demand_peer_fills_total", &[label]);
+        }
         for (i, label) in ["\"used\"", "\"wasted\"", "\"evicted\""].iter().enumerate() {
             ended[i] += sample(&m, "shadowcdn_edge_shadows_expired_total", &[label]);
         }
@@ -402,6 +410,7 @@ async fn main() -> anyhow::Result<()> {
         "mode": cli.mode,
         "speedup": cli.speedup,
         "cache_bytes_per_region": cli.cache_bytes,
+        "max_object_bytes": cli.max_object_bytes,
         "requests": s.requests,
         "errors": s.errors,
         "wall_secs": wall.as_secs_f64(),
@@ -413,6 +422,7 @@ async fn main() -> anyhow::Result<()> {
         "byte_miss_ratio": ratio(origin, s.bytes),
         "shadow_hits": s.shadow_hits,
         "shadow_fills": { "origin": fills.0, "peer": fills.1, "bytes": fill_bytes },
+        "demand_peer_fills": { "hit": peer_fills[0], "miss": peer_fills[1], "error": peer_fills[2] },
         "shadows_ended_on_edges": { "used": ended[0], "wasted": ended[1], "evicted": ended[2] },
         "shadows_settled": money.shadows,
         "shadows_failed": money.failed,

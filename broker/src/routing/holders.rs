@@ -1,0 +1,234 @@
+//! Which edges recently served each key, so a miss in one region can be filled from an edge
+//! of another region instead of the origin (cooperative, or "sibling", caching).
+//!
+//! The broker sees every request and which edge answered it, so it knows where copies are
+//! likely to be without asking the edges. The knowledge is a hint, not a guarantee: the edge
+//! may have evicted the object since, and then its peer answers "not held" and the asking
+//! edge goes to the origin, at the cost of one round trip between edges.
+//!
+//! Memory is bounded: keys live in sharded two-generation maps; when a shard's current map is
+//! full it becomes the previous one and the old previous one is dropped, so a key that has
+//! not been served for two generations is forgotten in O(1).
+
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+/// Holders remembered per key (one per region, the most recent when regions outnumber it).
+const SLOTS: usize = 4;
+/// Shards of the map; requests on different keys rarely share a lock.
+const SHARDS: usize = 16;
+
+/// `[peer_fill]`: demand misses filled from another edge that holds the object.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PeerFillSection {
+    /// Hint edges, on each request, where another edge served the same key.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// How long after an edge served a key it is still hinted as a holder (broker-clock
+    /// seconds). A day: origin lifetimes and edge residency are rarely longer, and a stale
+    /// hint costs only one round trip between edges.
+    #[serde(default = "default_max_age")]
+    pub max_age_secs: u64,
+    /// Keys remembered (bounds memory, about 100 bytes per key).
+    #[serde(default = "default_max_keys")]
+    pub max_keys: usize,
+}
+
+impl Default for PeerFillSection {
+    fn default() -> Self {
+        PeerFillSection {
+            enabled: true,
+            max_age_secs: default_max_age(),
+            max_keys: default_max_keys(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_max_age() -> u64 {
+    86_400
+}
+
+fn default_max_keys() -> usize {
+    1_000_000
+}
+
+/// One edge that served a key, and when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Holder {
+    edge: u16,
+    region: u16,
+    at: u64,
+}
+
+type Slots = [Option<Holder>; SLOTS];
+
+#[derive(Default)]
+struct Shard {
+    current: HashMap<u64, Slots>,
+    previous: HashMap<u64, Slots>,
+}
+
+/// Recent holders of keys (by 64-bit key hash).
+pub struct Holders {
+    shards: Box<[Mutex<Shard>]>,
+    per_shard: usize,
+    max_age: u64,
+}
+
+impl Holders {
+    /// A map remembering about `cfg.max_keys` keys for `cfg.max_age_secs`.
+    pub fn new(cfg: &PeerFillSection) -> Self {
+        Holders {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            // Two generations per shard hold up to `max_keys` together.
+            per_shard: (cfg.max_keys / SHARDS / 2).max(1),
+            max_age: cfg.max_age_secs,
+        }
+    }
+
+    fn shard(&self, key: u64) -> &Mutex<Shard> {
+        &self.shards[(key >> 60) as usize % SHARDS]
+    }
+
+    /// `edge` (of `region`) served `key` at `now`: it holds a copy.
+    pub fn record(&self, key: u64, edge: usize, region: usize, now: u64) {
+        let (Ok(edge), Ok(region)) = (u16::try_from(edge), u16::try_from(region)) else {
+            return;
+        };
+        let mut s = self.shard(key).lock();
+        if !s.current.contains_key(&key) && s.current.len() >= self.per_shard {
+            s.previous = std::mem::take(&mut s.current);
+        }
+        let carried = s.previous.get(&key).copied();
+        let slots = s
+            .current
+            .entry(key)
+            .or_insert_with(|| carried.unwrap_or_default());
+        let h = Holder {
+            edge,
+            region,
+            at: now,
+        };
+        let slot = slots
+            .iter()
+            .position(|x| x.is_some_and(|x| x.region == region))
+            .or_else(|| slots.iter().position(Option::is_none))
+            .unwrap_or_else(|| {
+                (0..SLOTS)
+                    .min_by_key(|i| slots[*i].map_or(0, |x| x.at))
+                    .unwrap_or(0)
+            });
+        slots[slot] = Some(h);
+    }
+
+    /// The most recent holder of `key` other than `serving` that is still within the age
+    /// limit at `now` and passes `usable` (healthy, reachable over QUIC).
+    pub fn peer_for(
+        &self,
+        key: u64,
+        serving: usize,
+        now: u64,
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let slots = {
+            let s = self.shard(key).lock();
+            s.current
+                .get(&key)
+                .or_else(|| s.previous.get(&key))
+                .copied()
+        }?;
+        slots
+            .iter()
+            .flatten()
+            .filter(|h| usize::from(h.edge) != serving && now.saturating_sub(h.at) <= self.max_age)
+            .filter(|h| usable(usize::from(h.edge)))
+            .max_by_key(|h| h.at)
+            .map(|h| usize::from(h.edge))
+    }
+
+    /// Keys remembered now (both generations).
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                s.current.len() + s.previous.len()
+            })
+            .sum()
+    }
+
+    /// Whether no key is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn holders(max_keys: usize) -> Holders {
+        Holders::new(&PeerFillSection {
+            enabled: true,
+            max_age_secs: 100,
+            max_keys,
+        })
+    }
+
+    #[test]
+    fn hints_the_latest_other_holder_within_the_age_limit() {
+        let h = holders(1000);
+        let all = |_| true;
+        assert_eq!(h.peer_for(7, 0, 10, all), None);
+        h.record(7, 0, 0, 10);
+        // The serving edge is never its own peer.
+        assert_eq!(h.peer_for(7, 0, 10, all), None);
+        assert_eq!(h.peer_for(7, 2, 10, all), Some(0));
+        h.record(7, 1, 1, 20);
+        assert_eq!(h.peer_for(7, 2, 30, all), Some(1));
+        assert_eq!(h.peer_for(7, 2, 30, |e| e != 1), Some(0));
+        // Too old: 0 served it at 10, 1 at 20.
+        assert_eq!(h.peer_for(7, 2, 115, all), Some(1));
+        assert_eq!(h.peer_for(7, 2, 121, all), None);
+    }
+
+    #[test]
+    fn one_slot_per_region_then_the_oldest_is_replaced() {
+        let h = holders(1000);
+        h.record(1, 0, 0, 1);
+        h.record(1, 5, 0, 2); // same region: replaces edge 0
+        assert_eq!(h.peer_for(1, 9, 3, |e| e == 0), None);
+        for r in 1..=4 {
+            h.record(1, 10 + r, r, 2 + r as u64);
+        }
+        // Five regions, four slots: the oldest (edge 5, at 2) went.
+        assert_eq!(h.peer_for(1, 9, 10, |e| e == 5), None);
+        assert_eq!(h.peer_for(1, 9, 10, |_| true), Some(14));
+    }
+
+    #[test]
+    fn memory_is_bounded_by_generations() {
+        let h = holders(64);
+        for k in 0..10_000u64 {
+            h.record(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, 0, 1);
+        }
+        assert!(h.len() <= 64 + SHARDS, "{}", h.len());
+        // A key served again survives the rotation that drops its generation.
+        let hot = 0xdead_beef_u64;
+        h.record(hot, 3, 0, 1);
+        for k in 0..10_000u64 {
+            h.record(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, 0, 1);
+            if k % 2 == 0 {
+                h.record(hot, 3, 0, 1);
+            }
+        }
+        assert_eq!(h.peer_for(hot, 9, 1, |_| true), Some(3));
+    }
+}
