@@ -1,8 +1,9 @@
-//! What shadowing spends and what it earns, and the tuner that keeps it worth it.
+//! What shadowing spends and what it earns, and the tuners that keep it worth it.
 //!
-//! Every shadow order is remembered with who it was for (provider, region, priority class)
-//! and how sure the forecast was. When the edge reports how the shadow ended (over QUIC,
-//! [`ShadowOutcome`]), it is priced:
+//! Every shadow order is remembered with who it was for (provider, region, priority class),
+//! which signal placed it ([`Source`]: forecast, co-access, anomaly widening, a provider's
+//! event, or adopted after a restart) and how strong that signal was (its score). When the
+//! edge reports how the shadow ended (over QUIC, [`ShadowOutcome`]), it is priced:
 //!
 //! - spend: the fill's transfer (origin egress, or inter-edge when a peer supplied it), the
 //!   storage it occupied for as long as it was held, and a per-fill compute charge;
@@ -11,10 +12,17 @@
 //!
 //! A used shadow filled from the origin thus only earns its latency (the origin fetch moved
 //! earlier, it did not disappear); a peer fill also saves the egress; a wasted shadow is pure
-//! spend. The tuner moves the confidence threshold of each (region, priority class) to keep
-//! the rolling net benefit positive: up when shadows lose money, down when they are
-//! profitable with precision clearly above break-even (a quarter of the way from break-even
-//! to perfect), so it settles where the marginal shadow just pays for itself. Every move is logged with its reason.
+//! spend.
+//!
+//! Each signal that is gated has its own threshold per (region, priority class), tuned on its
+//! own settled outcomes (`tuner`): the forecast's gates the planner's P(any request), the
+//! co-access one a follower's P(follows its leader), the anomaly one the P(any request) of the
+//! region a surge would widen into. A source that wastes is thus held back without starving
+//! the others, and the rollups say which one it was. Events and adopted shadows are not gated
+//! (a provider asked, or an earlier broker decided); their outcomes count as evidence for the
+//! region's forecast threshold, as they always have. Every move is logged with its reason.
+
+mod tuner;
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -25,8 +33,45 @@ use serde::{Deserialize, Serialize};
 
 use crate::bounded::push_bounded;
 use crate::metrics::BrokerMetrics;
+use tuner::{Settled, Tuner};
 
-/// `[cost]`: prices (USD) and tuner bounds. Defaults are public list prices, cited per field.
+/// A share in `[0, 1]`, checked when the config is parsed.
+#[derive(Debug, Clone, Copy, PartialEq, PartialOrd, Deserialize, Serialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Fraction(f64);
+
+/// A number that is not a share in `[0, 1]`.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("{0} is not a fraction in [0, 1]")]
+pub struct NotAFraction(f64);
+
+impl TryFrom<f64> for Fraction {
+    type Error = NotAFraction;
+
+    fn try_from(v: f64) -> Result<Self, NotAFraction> {
+        if (0.0..=1.0).contains(&v) {
+            Ok(Fraction(v))
+        } else {
+            Err(NotAFraction(v))
+        }
+    }
+}
+
+impl From<Fraction> for f64 {
+    fn from(f: Fraction) -> f64 {
+        f.0
+    }
+}
+
+impl Fraction {
+    /// The share.
+    pub fn get(self) -> f64 {
+        self.0
+    }
+}
+
+/// `[cost]`: prices (USD) and tuner settings. Defaults are public list prices, cited per
+/// field, and tuner settings chosen against the replay in `bench/RESULTS.md`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct CostSection {
@@ -50,18 +95,43 @@ pub struct CostSection {
     /// Origin fetch time the first request of a shadow does not wait, in seconds.
     #[serde(default = "default_origin_latency")]
     pub origin_latency_secs: f64,
-    /// Whether the tuner moves thresholds (off: the planner's threshold everywhere).
+    /// Whether the tuners move thresholds (off: the planner's threshold for forecasts, and
+    /// every follower or widening the co-access and anomaly signals offer).
     #[serde(default = "default_true")]
     pub tune: bool,
-    /// Lowest threshold the tuner may set.
+    /// Lowest threshold a tuner may set (default 0.05).
     #[serde(default = "default_min_threshold")]
     pub min_threshold: f32,
-    /// Highest threshold the tuner may set.
+    /// Highest threshold a tuner may set (default 0.95).
     #[serde(default = "default_max_threshold")]
     pub max_threshold: f32,
-    /// Size of one threshold move.
+    /// Largest threshold move, and the first (default 0.05). The step grows by half while the
+    /// direction holds and halves on each reversal, between `min_step` and this.
     #[serde(default = "default_step")]
     pub step: f32,
+    /// Smallest threshold move (default 0.01): how finely an oscillation settles.
+    #[serde(default = "default_min_step")]
+    pub min_step: f32,
+    /// Settled shadows a tuner waits for before it decides (default 20): with fewer, one large
+    /// wasted shadow decides the direction. Also the evidence the precision floor needs.
+    #[serde(default = "default_min_settled")]
+    pub min_settled: u64,
+    /// Planning ticks a tuner with fewer than `min_settled` new outcomes waits before it
+    /// decides on what it has (default 5), so quiet regions still tune.
+    #[serde(default = "default_max_wait_ticks")]
+    pub max_wait_ticks: u32,
+    /// Loss, as a share of spend, the tuner tolerates before raising a threshold
+    /// (default 0.05): around zero net a few cents either way are noise, not a trend.
+    #[serde(default = "default_dead_band")]
+    pub dead_band: Fraction,
+    /// Floor on the byte precision (shadowed bytes hit before expiry / shadowed bytes) of each
+    /// (region, class, source), treated as a constraint: while the rolling precision, over at
+    /// least `min_settled` shadows, is below it the threshold only goes up, even when the
+    /// shadows pay. Default 0.6, the precision target of issue 6: below it most shadowed bytes
+    /// are extra origin and storage load for nothing, which prices at list rates undercount
+    /// (cache pollution, fill bandwidth). 0 disables it.
+    #[serde(default = "default_min_precision")]
+    pub min_precision: Fraction,
 }
 
 impl Default for CostSection {
@@ -77,6 +147,11 @@ impl Default for CostSection {
             min_threshold: default_min_threshold(),
             max_threshold: default_max_threshold(),
             step: default_step(),
+            min_step: default_min_step(),
+            min_settled: default_min_settled(),
+            max_wait_ticks: default_max_wait_ticks(),
+            dead_band: default_dead_band(),
+            min_precision: default_min_precision(),
         }
     }
 }
@@ -110,6 +185,21 @@ fn default_max_threshold() -> f32 {
 }
 fn default_step() -> f32 {
     0.05
+}
+fn default_min_step() -> f32 {
+    0.01
+}
+fn default_min_settled() -> u64 {
+    20
+}
+fn default_max_wait_ticks() -> u32 {
+    5
+}
+fn default_dead_band() -> Fraction {
+    Fraction(0.05)
+}
+fn default_min_precision() -> Fraction {
+    Fraction(0.6)
 }
 
 /// Priority classes the threshold is tuned for separately.
@@ -227,6 +317,106 @@ pub struct OrderInfo {
     pub class: Class,
 }
 
+/// The signal that placed a shadow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// The planner's forecast; its score is P(any request in the horizon).
+    Forecast,
+    /// A co-access follower; its score is P(it follows its leader within the window).
+    Coaccess,
+    /// Anomaly widening into a region next to a surge; its score is that region's P(any
+    /// request), 0 where it has no history.
+    Anomaly,
+    /// A provider's `created` event for high-priority content (shadowed at once, unscored).
+    Event,
+    /// Held by an edge from before this broker started (its signal is not known).
+    Adopted,
+    /// An outcome of no order of this broker's (an operator's, or settled before adoption).
+    Unattributed,
+}
+
+impl Source {
+    /// Every source, in report order.
+    pub const ALL: [Source; 6] = [
+        Source::Forecast,
+        Source::Coaccess,
+        Source::Anomaly,
+        Source::Event,
+        Source::Adopted,
+        Source::Unattributed,
+    ];
+
+    /// Label for metrics, logs and the report.
+    pub fn label(self) -> &'static str {
+        match self {
+            Source::Forecast => "forecast",
+            Source::Coaccess => "coaccess",
+            Source::Anomaly => "anomaly",
+            Source::Event => "event",
+            Source::Adopted => "adopted",
+            Source::Unattributed => "unattributed",
+        }
+    }
+
+    /// The source whose threshold this source's outcomes tune: ungated placements (events,
+    /// adopted shadows) count for the region's forecast threshold.
+    fn tuned(self) -> Source {
+        match self {
+            Source::Coaccess | Source::Anomaly => self,
+            Source::Forecast | Source::Event | Source::Adopted | Source::Unattributed => {
+                Source::Forecast
+            }
+        }
+    }
+}
+
+/// Why a shadow was placed: its source and how strong that source's evidence was, in [0, 1].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Signal {
+    /// The source.
+    pub source: Source,
+    /// Its score (1 for unscored placements, which every threshold admits).
+    pub score: f32,
+}
+
+impl Signal {
+    /// A provider's `created` event.
+    pub const EVENT: Signal = Signal {
+        source: Source::Event,
+        score: 1.0,
+    };
+    /// A shadow adopted from an edge.
+    pub const ADOPTED: Signal = Signal {
+        source: Source::Adopted,
+        score: 1.0,
+    };
+
+    /// A forecast with P(any request) `p_any`.
+    pub fn forecast(p_any: f32) -> Signal {
+        Signal {
+            source: Source::Forecast,
+            score: p_any,
+        }
+    }
+
+    /// A co-access follower with P(follows) `probability`.
+    pub fn coaccess(probability: f64) -> Signal {
+        Signal {
+            source: Source::Coaccess,
+            score: probability as f32,
+        }
+    }
+
+    /// A widening into a region whose P(any request) is `p_any`.
+    pub fn anomaly(p_any: f32) -> Signal {
+        Signal {
+            source: Source::Anomaly,
+            score: p_any,
+        }
+    }
+}
+
 /// A threshold move and why.
 #[derive(Debug, Clone, Serialize)]
 pub struct Change {
@@ -236,6 +426,8 @@ pub struct Change {
     pub region: String,
     /// Priority class.
     pub class: Class,
+    /// The signal whose threshold moved.
+    pub source: Source,
     /// Threshold before.
     pub from: f32,
     /// Threshold after.
@@ -244,27 +436,90 @@ pub struct Change {
     pub reason: String,
 }
 
-/// Rolling state of one (region, class).
-#[derive(Debug, Clone)]
-struct Tuner {
-    threshold: f32,
-    /// Smoothed mean net benefit per settled shadow.
-    net: Option<f64>,
-    /// Smoothed precision (used / settled).
-    precision: Option<f64>,
-    /// Smoothed mean loss of a wasted shadow and gain of a used one (break-even inputs).
-    wasted_loss: Option<f64>,
-    used_gain: Option<f64>,
-    /// Settled since the last tick: (count, used, net sum, wasted loss sum, used gain sum).
-    pending: (u64, u64, f64, f64, f64),
-    last_reason: Option<String>,
+/// Outcome totals a tuner judges by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub(crate) struct Stats {
+    shadows: u64,
+    used: u64,
+    bytes: u64,
+    used_bytes: u64,
+    /// Savings − spend, USD.
+    net: f64,
+    /// Spend, USD.
+    spend: f64,
+    /// −net summed over the wasted shadows.
+    wasted_loss: f64,
+    /// net summed over the used shadows.
+    used_gain: f64,
 }
 
-fn smooth(prev: Option<f64>, now: f64) -> f64 {
-    prev.map_or(now, |p| 0.5 * p + 0.5 * now)
+impl Stats {
+    fn of(settled: impl Iterator<Item = Settled>) -> Stats {
+        settled.fold(Stats::default(), |mut s, o| {
+            s.shadows += 1;
+            s.bytes += o.bytes;
+            s.net += o.net;
+            s.spend += o.spend;
+            if o.used {
+                s.used += 1;
+                s.used_bytes += o.bytes;
+                s.used_gain += o.net;
+            } else {
+                s.wasted_loss -= o.net;
+            }
+            s
+        })
+    }
+
+    /// Used / settled.
+    fn precision(&self) -> f64 {
+        self.used as f64 / self.shadows.max(1) as f64
+    }
+
+    /// Used bytes / settled bytes (1 when nothing was held).
+    fn byte_precision(&self) -> f64 {
+        if self.bytes == 0 {
+            return 1.0;
+        }
+        self.used_bytes as f64 / self.bytes as f64
+    }
+
+    fn net_per_shadow(&self) -> f64 {
+        self.net / self.shadows.max(1) as f64
+    }
+
+    /// Net / spend: the share of what shadowing cost that it earned back beyond its cost.
+    fn return_on_spend(&self) -> f64 {
+        if self.spend > 0.0 {
+            self.net / self.spend
+        } else {
+            0.0
+        }
+    }
+
+    /// Precision at which a shadow pays for itself on average: the mean loss of a wasted one
+    /// against the mean gain of a used one.
+    fn break_even(&self) -> f64 {
+        let wasted = self.shadows - self.used;
+        let loss = if wasted > 0 {
+            (self.wasted_loss / wasted as f64).max(0.0)
+        } else {
+            0.0
+        };
+        let gain = if self.used > 0 {
+            self.used_gain / self.used as f64
+        } else {
+            0.0
+        };
+        if gain <= 0.0 {
+            1.0
+        } else {
+            loss / (loss + gain)
+        }
+    }
 }
 
-/// Totals of one (provider, region, class).
+/// Totals of one (provider, region, class, source).
 #[derive(Debug, Clone, Default, Serialize)]
 struct Rollup {
     /// Orders whose fill failed on the edge (not counted in `shadows`, never priced).
@@ -276,14 +531,51 @@ struct Rollup {
     money: Priced,
 }
 
-/// The cost ledger and threshold tuner.
+impl Rollup {
+    fn add(&mut self, o: &Rollup) {
+        self.failed += o.failed;
+        self.shadows += o.shadows;
+        self.used += o.used;
+        self.bytes += o.bytes;
+        self.used_bytes += o.used_bytes;
+        self.money.add(&o.money);
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let precision = (self.bytes > 0).then(|| self.used_bytes as f64 / self.bytes as f64);
+        serde_json::json!({
+            "shadows": self.shadows, "failed": self.failed, "used": self.used,
+            "bytes": self.bytes, "used_bytes": self.used_bytes, "byte_precision": precision,
+            "spend": self.money.spend(), "savings": self.money.savings(), "net": self.money.net(),
+            "detail": self.money,
+        })
+    }
+}
+
+/// An order awaiting its outcome.
+#[derive(Debug, Clone)]
+struct Order {
+    info: OrderInfo,
+    signal: Signal,
+    /// Forgotten after this even without an outcome.
+    until: Instant,
+}
+
+/// Tuners by (region, class, tuned source), and the weakest score each source offered.
+#[derive(Default)]
+struct Tuners {
+    by: HashMap<(usize, Class, Source), Tuner>,
+    weakest: HashMap<Source, f32>,
+}
+
+/// The cost ledger and threshold tuners.
 pub struct Ledger {
     cfg: CostSection,
     base_threshold: f32,
     regions: Vec<String>,
-    orders: Mutex<HashMap<(String, usize), (OrderInfo, Instant)>>,
-    tuners: Mutex<HashMap<(usize, Class), Tuner>>,
-    rollups: Mutex<HashMap<(String, usize, Class), Rollup>>,
+    orders: Mutex<HashMap<(String, usize), Order>>,
+    tuners: Mutex<Tuners>,
+    rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
     /// (key, edge) of shadows reported ended or failed since the planner last looked.
     ended: Mutex<VecDeque<(String, usize)>>,
@@ -295,9 +587,11 @@ const CHANGE_LOG: usize = 200;
 /// Ended shadows kept for the planner between its ticks; beyond this the oldest go (the
 /// planner then forgets them only when their TTL runs out).
 const ENDED_LOG: usize = 100_000;
+/// Orders awaiting an outcome before expired ones are swept.
+const ORDER_SWEEP: usize = 100_000;
 
 impl Ledger {
-    /// A ledger starting every (region, class) at `base_threshold`.
+    /// A ledger starting every (region, class) forecast threshold at `base_threshold`.
     pub fn new(
         cfg: CostSection,
         base_threshold: f32,
@@ -309,7 +603,7 @@ impl Ledger {
             base_threshold,
             regions,
             orders: Mutex::new(HashMap::new()),
-            tuners: Mutex::new(HashMap::new()),
+            tuners: Mutex::new(Tuners::default()),
             rollups: Mutex::new(HashMap::new()),
             changes: Mutex::new(VecDeque::new()),
             ended: Mutex::new(VecDeque::new()),
@@ -323,45 +617,96 @@ impl Ledger {
         self.ended.lock().drain(..).collect()
     }
 
-    fn tuner<'a>(
-        &self,
-        t: &'a mut HashMap<(usize, Class), Tuner>,
-        region: usize,
-        class: Class,
-    ) -> &'a mut Tuner {
-        t.entry((region, class)).or_insert_with(|| Tuner {
-            threshold: self.base_threshold,
-            net: None,
-            precision: None,
-            wasted_loss: None,
-            used_gain: None,
-            pending: (0, 0, 0.0, 0.0, 0.0),
-            last_reason: None,
-        })
+    /// Lowest threshold of a source's tuners: `min_threshold`, or the weakest score the source
+    /// offered when that is higher. Co-access only offers followers above its own
+    /// `min_probability`; a threshold below that would admit nothing more and only delay the
+    /// next rise.
+    fn lower(&self, t: &Tuners, source: Source) -> f32 {
+        t.weakest
+            .get(&source)
+            .map_or(self.cfg.min_threshold, |w| w.max(self.cfg.min_threshold))
     }
 
-    /// The threshold in force for `region` and `priority`, and the reason of its last move.
+    /// The tuner of (region, class, source), created at the source's start: the planner's
+    /// threshold for forecasts; the lower bound for co-access and anomalies, so they place what
+    /// they did before tuning until their own outcomes say otherwise.
+    fn tuner<'a>(
+        &self,
+        t: &'a mut Tuners,
+        region: usize,
+        class: Class,
+        source: Source,
+    ) -> &'a mut Tuner {
+        let lower = self.lower(t, source);
+        let start = match source {
+            Source::Forecast => self.base_threshold,
+            _ => lower,
+        };
+        let tuner =
+            t.by.entry((region, class, source))
+                .or_insert_with(|| Tuner::new(start, &self.cfg));
+        tuner.threshold = tuner.threshold.max(lower).min(self.cfg.max_threshold);
+        tuner
+    }
+
+    /// The forecast threshold in force for `region` and `priority`, and the reason of its last
+    /// move.
     pub fn threshold(&self, region: usize, priority: u8) -> (f32, Option<String>) {
+        self.threshold_for(Source::Forecast, region, priority)
+    }
+
+    /// The threshold in force for `source`'s placements in `region` at `priority`, and the
+    /// reason of its last move. Ungated sources answer with the forecast threshold.
+    pub fn threshold_for(
+        &self,
+        source: Source,
+        region: usize,
+        priority: u8,
+    ) -> (f32, Option<String>) {
         let mut t = self.tuners.lock();
-        let tuner = self.tuner(&mut t, region, Class::of(priority));
+        let tuner = self.tuner(&mut t, region, Class::of(priority), source.tuned());
         (tuner.threshold, tuner.last_reason.clone())
     }
 
-    /// Remember an order placed on `edge`, until its outcome arrives (or long after its TTL).
-    pub fn record_order(&self, key: &str, edge: usize, info: OrderInfo, ttl: Duration) {
+    /// Whether `signal` clears its source's threshold in `region` at `priority`. Co-access and
+    /// anomaly placements ask before ordering: each is held to the evidence of its own
+    /// outcomes. Remembers the weakest score each source offers (its lower bound).
+    pub fn admits(&self, signal: Signal, region: usize, priority: u8) -> bool {
+        let mut t = self.tuners.lock();
+        let weakest = t.weakest.entry(signal.source).or_insert(signal.score);
+        *weakest = weakest.min(signal.score);
+        let tuner = self.tuner(&mut t, region, Class::of(priority), signal.source.tuned());
+        !self.cfg.tune || signal.score >= tuner.threshold
+    }
+
+    /// Remember an order placed on `edge` by `signal`, until its outcome arrives (or long after
+    /// its TTL).
+    pub fn record_order(
+        &self,
+        key: &str,
+        edge: usize,
+        info: OrderInfo,
+        signal: Signal,
+        ttl: Duration,
+    ) {
         let mut orders = self.orders.lock();
         let now = Instant::now();
-        if orders.len() > 100_000 {
-            orders.retain(|_, (_, until)| *until > now);
+        if orders.len() > ORDER_SWEEP {
+            orders.retain(|_, o| o.until > now);
         }
+        let until = now + ttl + Duration::from_secs(600);
         orders.insert(
             (key.to_string(), edge),
-            (info, now + ttl + Duration::from_secs(600)),
+            Order {
+                info,
+                signal,
+                until,
+            },
         );
     }
 
     /// Price the shadows `edge` reports as ended; outcomes of orders we did not place (an
-    /// operator's, or from before a broker restart) are priced as unattributed.
+    /// operator's) are priced as unattributed.
     pub fn settle(&self, edge: usize, outcomes: &[ShadowOutcome]) {
         if outcomes.is_empty() {
             return;
@@ -372,14 +717,11 @@ impl Ledger {
         let mut rollups = self.rollups.lock();
         for o in outcomes {
             push_bounded(&mut ended, (o.key.clone(), edge), ENDED_LOG);
-            let info = orders.remove(&(o.key.clone(), edge)).map(|(i, _)| i);
+            let order = orders.remove(&(o.key.clone(), edge));
             if o.failed {
-                // Nothing was held: no storage, no hits, and no evidence about the forecast.
-                if let Some(i) = &info {
-                    rollups
-                        .entry((i.provider.clone(), i.region, i.class))
-                        .or_default()
-                        .failed += 1;
+                // Nothing was held: no storage, no hits, and no evidence about the signal.
+                if let Some(order) = &order {
+                    rollups.entry(rollup_key(order)).or_default().failed += 1;
                 }
                 continue;
             }
@@ -389,32 +731,19 @@ impl Ledger {
                 ..o.clone()
             };
             let p = price(&self.cfg, &held);
-            let (provider, region, class) = match &info {
-                Some(i) => (i.provider.clone(), Some(i.region), i.class),
-                None => ("-".to_string(), None, Class::Normal),
-            };
-            let region_label = region.map_or("-", |r| self.regions[r].as_str());
-            let labels = [provider.as_str(), region_label, class.label()];
-            for (category, v) in [
-                ("fill_origin", p.fill_origin),
-                ("fill_peer", p.fill_peer),
-                ("storage", p.storage),
-                ("compute", p.compute),
-            ] {
-                self.metrics
-                    .shadow_spend
-                    .with_label_values(&[category, labels[0], labels[1], labels[2]])
-                    .inc_by(v);
-            }
-            for (category, v) in [("egress", p.saved_egress), ("latency", p.saved_latency)] {
-                self.metrics
-                    .shadow_savings
-                    .with_label_values(&[category, labels[0], labels[1], labels[2]])
-                    .inc_by(v);
-            }
-            let r = rollups
-                .entry((provider.clone(), region.unwrap_or(usize::MAX), class))
-                .or_default();
+            let key = order.as_ref().map_or_else(
+                || {
+                    (
+                        "-".to_string(),
+                        usize::MAX,
+                        Class::Normal,
+                        Source::Unattributed,
+                    )
+                },
+                rollup_key,
+            );
+            self.count_money(&key, &p);
+            let r = rollups.entry(key).or_default();
             r.shadows += 1;
             r.bytes += o.bytes;
             if o.hits > 0 {
@@ -422,16 +751,17 @@ impl Ledger {
                 r.used_bytes += o.bytes;
             }
             r.money.add(&p);
-            if let Some(region) = region {
-                let t = self.tuner(&mut tuners, region, class);
-                t.pending.0 += 1;
-                t.pending.2 += p.net();
-                if o.hits > 0 {
-                    t.pending.1 += 1;
-                    t.pending.4 += p.net();
-                } else {
-                    t.pending.3 += -p.net();
-                }
+            if let Some(order) = &order {
+                let settled = Settled {
+                    score: order.signal.score,
+                    bytes: o.bytes,
+                    used: o.hits > 0,
+                    net: p.net(),
+                    spend: p.spend(),
+                };
+                let source = order.signal.source.tuned();
+                self.tuner(&mut tuners, order.info.region, order.info.class, source)
+                    .settle(settled, &self.cfg);
             }
         }
         drop(rollups);
@@ -441,10 +771,37 @@ impl Ledger {
         self.publish();
     }
 
+    /// Spend and savings counters of one priced shadow.
+    fn count_money(
+        &self,
+        (provider, region, class, _): &(String, usize, Class, Source),
+        p: &Priced,
+    ) {
+        let region = self.regions.get(*region).map_or("-", |s| s.as_str());
+        let labels = [provider.as_str(), region, class.label()];
+        for (category, v) in [
+            ("fill_origin", p.fill_origin),
+            ("fill_peer", p.fill_peer),
+            ("storage", p.storage),
+            ("compute", p.compute),
+        ] {
+            self.metrics
+                .shadow_spend
+                .with_label_values(&[category, labels[0], labels[1], labels[2]])
+                .inc_by(v);
+        }
+        for (category, v) in [("egress", p.saved_egress), ("latency", p.saved_latency)] {
+            self.metrics
+                .shadow_savings
+                .with_label_values(&[category, labels[0], labels[1], labels[2]])
+                .inc_by(v);
+        }
+    }
+
     fn publish(&self) {
         let rollups = self.rollups.lock();
         let mut by_region: HashMap<&str, (f64, u64, u64)> = HashMap::new();
-        for ((_, region, _), r) in rollups.iter() {
+        for ((_, region, _, _), r) in rollups.iter() {
             let name = self.regions.get(*region).map_or("-", |s| s.as_str());
             for key in [name, "all"] {
                 let e = by_region.entry(key).or_default();
@@ -467,84 +824,38 @@ impl Ledger {
         }
     }
 
-    /// One tuning step per (region, class) that settled shadows since the last step.
+    /// One planning tick of every tuner: each decides once its evidence is due (see `tuner`).
+    /// The forecast thresholds are the ones in the threshold metrics; every move of any source
+    /// is logged with its reason and kept for the report.
     pub fn tune(&self, now_secs: u64) {
         let mut tuners = self.tuners.lock();
+        let lowers: HashMap<Source, f32> = [Source::Forecast, Source::Coaccess, Source::Anomaly]
+            .into_iter()
+            .map(|s| (s, self.lower(&tuners, s)))
+            .collect();
         let mut changes = Vec::new();
-        for ((region, class), t) in tuners.iter_mut() {
-            let (n, used, net_sum, loss_sum, gain_sum) = std::mem::take(&mut t.pending);
-            if n > 0 {
-                t.net = Some(smooth(t.net, net_sum / n as f64));
-                t.precision = Some(smooth(t.precision, used as f64 / n as f64));
-                if n > used {
-                    t.wasted_loss = Some(smooth(t.wasted_loss, loss_sum / (n - used) as f64));
-                }
-                if used > 0 {
-                    t.used_gain = Some(smooth(t.used_gain, gain_sum / used as f64));
-                }
+        for ((region, class, source), t) in tuners.by.iter_mut() {
+            let moved = t.tick(&self.cfg, lowers[source]);
+            let region = self.regions[*region].as_str();
+            if *source == Source::Forecast {
+                self.metrics
+                    .threshold
+                    .with_label_values(&[region, class.label()])
+                    .set(f64::from(t.threshold));
             }
-            self.metrics
-                .threshold
-                .with_label_values(&[self.regions[*region].as_str(), class.label()])
-                .set(f64::from(t.threshold));
-            if !self.cfg.tune || n == 0 {
-                continue;
-            }
-            let (Some(net), Some(precision)) = (t.net, t.precision) else {
+            let Some(m) = moved else {
                 continue;
             };
-            let loss = t.wasted_loss.unwrap_or(0.0).max(0.0);
-            let gain = t.used_gain.unwrap_or(0.0);
-            // Precision at which a shadow pays for itself on average.
-            let break_even = if gain <= 0.0 {
-                1.0
-            } else {
-                loss / (loss + gain)
-            };
-            let (to, reason) = if net < 0.0 {
-                (
-                    t.threshold + self.cfg.step,
-                    format!(
-                        "net ${net:.3e} per shadow < 0: precision {precision:.2} below break-even {break_even:.4}"
-                    ),
-                )
-            } else if precision > break_even + 0.25 * (1.0 - break_even) {
-                (
-                    t.threshold - self.cfg.step,
-                    format!(
-                        "net ${net:.3e} per shadow > 0 with precision {precision:.2} above break-even {break_even:.4}: admit less certain forecasts"
-                    ),
-                )
-            } else {
-                continue;
-            };
-            let to = to.clamp(self.cfg.min_threshold, self.cfg.max_threshold);
-            if (to - t.threshold).abs() < f32::EPSILON {
-                continue;
-            }
             let change = Change {
                 at: now_secs,
-                region: self.regions[*region].clone(),
+                region: region.to_string(),
                 class: *class,
-                from: t.threshold,
-                to,
-                reason,
+                source: *source,
+                from: m.from,
+                to: m.to,
+                reason: m.reason,
             };
-            tracing::info!(region = %change.region, class = class.label(), from = change.from, to, reason = %change.reason, "shadow threshold moved");
-            self.metrics
-                .threshold
-                .with_label_values(&[change.region.as_str(), class.label()])
-                .set(f64::from(to));
-            self.metrics
-                .threshold_changes
-                .with_label_values(&[
-                    change.region.as_str(),
-                    class.label(),
-                    if to > t.threshold { "up" } else { "down" },
-                ])
-                .inc();
-            t.threshold = to;
-            t.last_reason = Some(change.reason.clone());
+            self.log_change(&change);
             changes.push(change);
         }
         drop(tuners);
@@ -554,43 +865,86 @@ impl Ledger {
         }
     }
 
-    /// The ledger as JSON for `GET /v1/cost`.
+    fn log_change(&self, c: &Change) {
+        let (class, source) = (c.class.label(), c.source.label());
+        tracing::info!(region = %c.region, class, source, from = c.from, to = c.to, reason = %c.reason, "shadow threshold moved");
+        if c.source == Source::Forecast {
+            let direction = if c.to > c.from { "up" } else { "down" };
+            self.metrics
+                .threshold_changes
+                .with_label_values(&[c.region.as_str(), class, direction])
+                .inc();
+        }
+    }
+
+    /// The ledger as JSON for `GET /v1/cost`: rollups per (provider, region, class, source),
+    /// totals per source, the forecast thresholds (`thresholds`, as the planner uses them),
+    /// the co-access and anomaly ones (`signal_thresholds`) and the recent moves.
     pub fn report(&self) -> serde_json::Value {
         let region = |r: usize| self.regions.get(r).map_or("-", |s| s.as_str()).to_string();
-        let mut rollups: Vec<serde_json::Value> = self
-            .rollups
-            .lock()
+        let rollups = self.rollups.lock();
+        let mut rows: Vec<serde_json::Value> = rollups
             .iter()
-            .map(|((provider, r, class), v)| {
-                serde_json::json!({
-                    "provider": provider, "region": region(*r), "class": class,
-                    "shadows": v.shadows, "failed": v.failed, "used": v.used, "bytes": v.bytes, "used_bytes": v.used_bytes,
-                    "spend": v.money.spend(), "savings": v.money.savings(), "net": v.money.net(),
-                    "detail": v.money,
-                })
+            .map(|((provider, r, class, source), v)| {
+                let mut row = v.json();
+                row["provider"] = serde_json::json!(provider);
+                row["region"] = serde_json::json!(region(*r));
+                row["class"] = serde_json::json!(class);
+                row["source"] = serde_json::json!(source);
+                row
             })
             .collect();
-        rollups.sort_by_key(|v| v.to_string());
-        let mut thresholds: Vec<serde_json::Value> = self
-            .tuners
-            .lock()
+        rows.sort_by_key(|v| v.to_string());
+        let by_source: Vec<serde_json::Value> = Source::ALL
             .iter()
-            .map(|((r, class), t)| {
-                serde_json::json!({
-                    "region": region(*r), "class": class, "threshold": t.threshold,
-                    "rolling_net_per_shadow": t.net, "rolling_precision": t.precision,
-                    "last_reason": t.last_reason,
-                })
+            .map(|s| {
+                let mut total = Rollup::default();
+                for r in rollups.iter().filter(|(k, _)| k.3 == *s).map(|(_, r)| r) {
+                    total.add(r);
+                }
+                let mut row = total.json();
+                row["source"] = serde_json::json!(s);
+                row
             })
             .collect();
+        drop(rollups);
+        let (mut thresholds, mut signal_thresholds) = (Vec::new(), Vec::new());
+        for ((r, class, source), t) in self.tuners.lock().by.iter() {
+            let judged = t.judged.as_ref();
+            let row = serde_json::json!({
+                "region": region(*r), "class": class, "source": source, "threshold": t.threshold,
+                "rolling_net_per_shadow": judged.map(Stats::net_per_shadow),
+                "rolling_precision": judged.map(Stats::precision),
+                "rolling_byte_precision": judged.map(Stats::byte_precision),
+                "judged": judged,
+                "last_reason": t.last_reason,
+            });
+            match source {
+                Source::Forecast => thresholds.push(row),
+                _ => signal_thresholds.push(row),
+            }
+        }
         thresholds.sort_by_key(|v| v.to_string());
+        signal_thresholds.sort_by_key(|v| v.to_string());
         serde_json::json!({
             "prices": self.cfg,
-            "rollups": rollups,
+            "rollups": rows,
+            "by_source": by_source,
             "thresholds": thresholds,
+            "signal_thresholds": signal_thresholds,
             "changes": self.changes.lock().iter().collect::<Vec<_>>(),
         })
     }
+}
+
+/// Where an order's outcome is rolled up.
+fn rollup_key(o: &Order) -> (String, usize, Class, Source) {
+    (
+        o.info.provider.clone(),
+        o.info.region,
+        o.info.class,
+        o.signal.source,
+    )
 }
 
 #[cfg(test)]
@@ -636,16 +990,26 @@ mod tests {
         )
     }
 
-    fn settle_batch(l: &Ledger, used: usize, wasted: usize) {
-        let info = OrderInfo {
+    fn info(region: usize, priority: u8) -> OrderInfo {
+        OrderInfo {
             provider: "p".into(),
-            region: 0,
-            class: Class::Normal,
-        };
+            region,
+            class: Class::of(priority),
+        }
+    }
+
+    /// Settle `used` then `wasted` 10 MB origin-filled shadows placed by `source` in region 0,
+    /// class normal, scored evenly over [0.5, 1).
+    fn settle_from(l: &Ledger, source: Source, used: usize, wasted: usize) {
+        let n = used + wasted;
         let mut outs = Vec::new();
-        for i in 0..used + wasted {
-            let key = format!("h/{i}");
-            l.record_order(&key, 0, info.clone(), Duration::from_secs(60));
+        for i in 0..n {
+            let key = format!("h/{}/{i}", source.label());
+            let signal = Signal {
+                source,
+                score: 0.5 + 0.5 * i as f32 / n as f32,
+            };
+            l.record_order(&key, 0, info(0, 5), signal, Duration::from_secs(60));
             let mut o = outcome(10_000_000, u64::from(i < used), false);
             o.key = key;
             outs.push(o);
@@ -653,19 +1017,23 @@ mod tests {
         l.settle(0, &outs);
     }
 
+    fn settle_batch(l: &Ledger, used: usize, wasted: usize) {
+        settle_from(l, Source::Forecast, used, wasted);
+    }
+
     #[test]
     fn losing_shadows_raise_the_threshold_and_winning_ones_lower_it_within_bounds() {
         let l = ledger();
         for tick in 0..3 {
-            settle_batch(&l, 1, 9);
+            settle_batch(&l, 2, 18);
             l.tune(tick);
         }
         let (up, reason) = l.threshold(0, 5);
         assert!(up > 0.6, "{up}");
-        assert!(reason.unwrap().contains("below break-even"));
-        // A workload shift: now almost everything is used; the threshold comes back down.
+        assert!(reason.unwrap().contains("below"));
+        // A workload shift: now everything is used; the threshold comes back down.
         for tick in 3..30 {
-            settle_batch(&l, 10, 0);
+            settle_batch(&l, 20, 0);
             l.tune(tick);
         }
         let (down, _) = l.threshold(0, 5);
@@ -677,17 +1045,14 @@ mod tests {
         let report = l.report();
         assert!(!report["changes"].as_array().unwrap().is_empty());
         assert_eq!(report["rollups"][0]["provider"], "p");
+        assert_eq!(report["rollups"][0]["source"], "forecast");
     }
 
     #[test]
     fn a_failed_fill_ends_the_order_unpriced_and_tells_the_planner() {
         let l = ledger();
-        let info = OrderInfo {
-            provider: "p".into(),
-            region: 1,
-            class: Class::Normal,
-        };
-        l.record_order("h/x", 1, info, Duration::from_secs(60));
+        let signal = Signal::forecast(0.9);
+        l.record_order("h/x", 1, info(1, 5), signal, Duration::from_secs(60));
         l.settle(1, &[ShadowOutcome::failed("h/x".into())]);
         assert_eq!(l.take_ended(), vec![("h/x".to_string(), 1)]);
         assert!(l.take_ended().is_empty());
@@ -699,7 +1064,136 @@ mod tests {
         );
         assert_eq!(r["spend"].as_f64(), Some(0.0));
         // No evidence about the forecast: the tuner has nothing to act on.
-        l.tune(0);
+        for tick in 0..10 {
+            l.tune(tick);
+        }
         assert_eq!(l.threshold(1, 5), (0.5, None));
+    }
+
+    #[test]
+    fn spend_savings_precision_and_thresholds_are_split_by_source() {
+        let l = ledger();
+        // The learner offers followers from 0.5 up.
+        assert!(l.admits(Signal::coaccess(0.5), 0, 5));
+        for tick in 0..3 {
+            settle_from(&l, Source::Forecast, 20, 0);
+            settle_from(&l, Source::Coaccess, 2, 18);
+            l.tune(tick);
+        }
+        let report = l.report();
+        let source = |s: &str| {
+            report["by_source"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["source"] == s)
+                .cloned()
+                .unwrap()
+        };
+        let (forecast, coaccess) = (source("forecast"), source("coaccess"));
+        assert_eq!(forecast["shadows"], 60);
+        assert_eq!(forecast["byte_precision"].as_f64(), Some(1.0));
+        assert!(forecast["net"].as_f64().unwrap() > 0.0, "{report}");
+        assert_eq!(coaccess["used"], 6);
+        assert!((coaccess["byte_precision"].as_f64().unwrap() - 0.1).abs() < 1e-9);
+        assert!(coaccess["spend"].as_f64().unwrap() > coaccess["savings"].as_f64().unwrap());
+        assert_eq!(source("anomaly")["shadows"], 0);
+        // Co-access waste raises co-access's threshold, not the forecast's.
+        assert!(l.threshold(0, 5).0 < 0.5, "{report}");
+        assert!(l.threshold_for(Source::Coaccess, 0, 5).0 > 0.5, "{report}");
+        let signal = report["signal_thresholds"].as_array().unwrap();
+        assert!(signal.iter().all(|t| t["source"] == "coaccess"), "{report}");
+        assert!(report["thresholds"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["source"] == "forecast"));
+        let changes = report["changes"].as_array().unwrap();
+        assert!(changes
+            .iter()
+            .any(|c| c["source"] == "coaccess" && c["reason"].as_str().unwrap().contains("floor")));
+    }
+
+    #[test]
+    fn a_co_access_follower_must_clear_its_own_tuned_threshold() {
+        let l = ledger();
+        // Starts at the weakest follower offered: the learner's own minimum probability.
+        assert!(l.admits(Signal::coaccess(0.5), 0, 5));
+        assert!(l.admits(Signal::coaccess(0.8), 0, 5));
+        assert_eq!(l.threshold_for(Source::Coaccess, 0, 5).0, 0.5);
+        for tick in 0..3 {
+            settle_from(&l, Source::Coaccess, 2, 18);
+            l.tune(tick);
+        }
+        let (raised, reason) = l.threshold_for(Source::Coaccess, 0, 5);
+        assert!(raised > 0.6, "{raised}");
+        assert!(reason.is_some());
+        assert!(!l.admits(Signal::coaccess(0.55), 0, 5));
+        assert!(l.admits(Signal::coaccess(0.99), 0, 5));
+        // Other regions and classes keep their own.
+        assert!(l.admits(Signal::coaccess(0.55), 1, 5));
+        // Once co-access pays it comes back down, but never below the weakest follower.
+        for tick in 3..60 {
+            settle_from(&l, Source::Coaccess, 20, 0);
+            l.tune(tick);
+        }
+        assert_eq!(l.threshold_for(Source::Coaccess, 0, 5).0, 0.5);
+    }
+
+    #[test]
+    fn anomaly_widening_is_gated_by_the_anomaly_threshold_from_its_own_outcomes() {
+        let l = ledger();
+        // A neighbour with no history for the resource scores 0: never widened into.
+        assert!(!l.admits(Signal::anomaly(0.0), 1, 5));
+        assert!(l.admits(Signal::anomaly(0.1), 1, 5));
+        let start = l.threshold_for(Source::Anomaly, 0, 5).0;
+        assert_eq!(start, CostSection::default().min_threshold);
+        for tick in 0..3 {
+            settle_from(&l, Source::Anomaly, 0, 20);
+            l.tune(tick);
+        }
+        assert!(l.threshold_for(Source::Anomaly, 0, 5).0 > start);
+        assert_eq!(l.threshold(0, 5).0, 0.5, "the forecast's is untouched");
+    }
+
+    #[test]
+    fn ungated_placements_tune_the_forecast_threshold_of_their_region() {
+        let l = ledger();
+        let mut outs = Vec::new();
+        for (i, signal) in [Signal::EVENT, Signal::ADOPTED].into_iter().enumerate() {
+            let key = format!("h/{i}");
+            l.record_order(&key, 1, info(1, 9), signal, Duration::from_secs(60));
+            let mut o = outcome(10_000_000, 0, false);
+            o.key = key;
+            outs.push(o);
+        }
+        l.settle(1, &outs);
+        let max_wait = u64::from(CostSection::default().max_wait_ticks);
+        for tick in 0..max_wait {
+            l.tune(tick);
+        }
+        assert!(l.threshold(1, 9).0 > 0.5);
+        let report = l.report();
+        let sources: Vec<&str> = report["rollups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["source"].as_str().unwrap())
+            .collect();
+        assert_eq!(sources, ["adopted", "event"]);
+    }
+
+    #[test]
+    fn tuner_settings_parse_with_documented_defaults_and_reject_bad_fractions() {
+        let cfg: CostSection = serde_json::from_value(serde_json::json!({})).unwrap();
+        assert_eq!(cfg.min_precision.get(), 0.6);
+        assert_eq!(cfg.dead_band.get(), 0.05);
+        assert_eq!((cfg.step, cfg.min_step), (0.05, 0.01));
+        assert_eq!((cfg.min_settled, cfg.max_wait_ticks), (20, 5));
+        let off: CostSection =
+            serde_json::from_value(serde_json::json!({"min_precision": 0.0})).unwrap();
+        assert_eq!(off.min_precision.get(), 0.0);
+        let bad = serde_json::from_value::<CostSection>(serde_json::json!({"min_precision": 1.5}));
+        assert!(bad.unwrap_err().to_string().contains("not a fraction"));
     }
 }

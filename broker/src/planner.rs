@@ -26,7 +26,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded::push_bounded;
-use crate::cost::{Class, Ledger, OrderInfo};
+use crate::cost::{Class, Ledger, OrderInfo, Signal};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
 use crate::registry::Registry;
@@ -191,6 +191,22 @@ struct Candidate {
     max_copies: u32,
     /// Requests in the last planning interval (anomaly detection).
     window: (u32, f64),
+}
+
+/// An order a tick will send: target edge, the order, its attribution and the signal behind it.
+type PlannedOrder = (usize, ShadowOrder, OrderInfo, Signal);
+
+/// P(any request) of every forecast series by (key, region): the score of widening a surge
+/// into a region.
+fn p_any_by_series<'a>(
+    cands: &'a [Candidate],
+    forecasts: &[models::Forecast],
+) -> HashMap<(&'a str, usize), f32> {
+    cands
+        .iter()
+        .zip(forecasts)
+        .map(|(c, f)| ((c.key.as_str(), c.region_idx), f.p_any))
+        .collect()
 }
 
 /// The verdict on one candidate.
@@ -367,8 +383,30 @@ impl PlannerState {
 }
 
 /// Send a shadow order to `edge`; once the edge accepted it, remember the shadow as live (so
-/// later ticks keep it instead of re-sending) and as ours in the cost ledger (so its outcome is
-/// attributed). Every placement — planner, modification events, co-access — goes through here.
+/// later ticks keep it instead of re-sending) and as ours in the cost ledger, placed by
+/// `signal` (so its outcome is attributed to the provider, region, class and source, and tunes
+/// that source's threshold). Every placement — planner, modification events, co-access,
+/// anomaly widening — goes through here.
+pub async fn place_with(
+    sync: &EdgeSync,
+    state: &PlannerState,
+    ledger: &Ledger,
+    edge: usize,
+    order: ShadowOrder,
+    info: OrderInfo,
+    signal: Signal,
+) -> bool {
+    let (key, ttl) = (order.key.clone(), crate::clock::wall(order.ttl_secs));
+    let ok = sync.shadow(edge, order).await;
+    if ok {
+        state.record(&key, edge, ttl);
+        ledger.record_order(&key, edge, info, signal, ttl);
+    }
+    ok
+}
+
+/// [`place_with`] for a provider's `created` event: unscored, attributed to
+/// [`Signal::EVENT`].
 pub async fn place(
     sync: &EdgeSync,
     state: &PlannerState,
@@ -377,13 +415,7 @@ pub async fn place(
     order: ShadowOrder,
     info: OrderInfo,
 ) -> bool {
-    let (key, ttl) = (order.key.clone(), crate::clock::wall(order.ttl_secs));
-    let ok = sync.shadow(edge, order).await;
-    if ok {
-        state.record(&key, edge, ttl);
-        ledger.record_order(&key, edge, info, ttl);
-    }
-    ok
+    place_with(sync, state, ledger, edge, order, info, Signal::EVENT).await
 }
 
 /// The planner background service.
@@ -614,13 +646,83 @@ impl Planner {
                     region,
                     class: Class::of(s.priority),
                 };
-                self.ledger.record_order(&s.key, e, info, ttl);
+                self.ledger
+                    .record_order(&s.key, e, info, Signal::ADOPTED, ttl);
             }
             self.state.adopted.lock().insert(e);
             if !shadows.is_empty() {
                 let edge = &self.fleet.edges[e].id;
                 tracing::info!(%edge, shadows = shadows.len(), "adopted the live shadows an edge holds");
             }
+        }
+    }
+
+    /// Order a surging candidate into the nearest other regions its policy allows, up to its
+    /// copy limit, where the anomaly threshold admits it: a widening is a bet that the surge
+    /// spreads, scored by the target region's own P(any request) (0 where it has no history),
+    /// and held to the outcomes of earlier widenings there (`widen_below_threshold`).
+    fn widen(
+        &self,
+        c: &Candidate,
+        cands: &[Candidate],
+        live: &HashMap<(String, usize), Instant>,
+        p_any: &HashMap<(&str, usize), f32>,
+        now_ms: u64,
+        orders: &mut Vec<PlannedOrder>,
+    ) {
+        let targets = self
+            .fleet
+            .regions_by_distance(c.region_idx)
+            .into_iter()
+            .skip(1)
+            .take(self.anomaly.widen_regions);
+        for r in targets {
+            let name = &self.fleet.regions[r];
+            if !c.allowed_regions.is_empty() && !c.allowed_regions.contains(name) {
+                continue;
+            }
+            let held = live.keys().filter(|(k, _)| k == &c.key).count()
+                + orders.iter().filter(|(_, o, _, _)| o.key == c.key).count();
+            if held >= c.max_copies as usize {
+                break;
+            }
+            let Some(e) = self.fleet.edge_in_region(&c.key, r, &self.health) else {
+                continue;
+            };
+            if live.contains_key(&(c.key.clone(), e))
+                || orders
+                    .iter()
+                    .any(|(oe, o, _, _)| *oe == e && o.key == c.key)
+            {
+                continue;
+            }
+            let signal = Signal::anomaly(p_any.get(&(c.key.as_str(), r)).copied().unwrap_or(0.0));
+            let admitted = self.ledger.admits(signal, r, c.priority);
+            self.metrics
+                .planner_decisions
+                .with_label_values(&[if admitted {
+                    "widened"
+                } else {
+                    "widen_below_threshold"
+                }])
+                .inc();
+            if !admitted {
+                continue;
+            }
+            let order = ShadowOrder {
+                key: c.key.clone(),
+                ttl_secs: c.ttl,
+                priority: c.priority,
+                deadline_ms: now_ms,
+                peer: self.peer_for(&c.key, e, cands, live),
+                refresh: false,
+            };
+            let info = OrderInfo {
+                provider: c.provider.clone(),
+                region: r,
+                class: Class::of(c.priority),
+            };
+            orders.push((e, order, info, signal));
         }
     }
 
@@ -720,7 +822,7 @@ impl Planner {
                     region: c.region_idx,
                     class: Class::of(c.priority),
                 };
-                orders.push((e, order, info));
+                orders.push((e, order, info, Signal::forecast(f.p_any)));
             }
             self.metrics
                 .planner_decisions
@@ -746,52 +848,16 @@ impl Planner {
         }
         // Anomalies: a surge widens shadowing to the nearest other regions (budget aside:
         // the surge is the demand), a drop releases the region's shadows before their TTL.
+        let surging = self.anomaly.enabled && standings.contains(&Standing::Surge);
+        let p_any = if surging {
+            p_any_by_series(&cands, &forecasts)
+        } else {
+            HashMap::new()
+        };
         for (i, c) in cands.iter().enumerate() {
             match standings[i] {
                 Standing::Surge if self.anomaly.enabled => {
-                    for r in self
-                        .fleet
-                        .regions_by_distance(c.region_idx)
-                        .into_iter()
-                        .skip(1)
-                        .take(self.anomaly.widen_regions)
-                    {
-                        let name = &self.fleet.regions[r];
-                        if !c.allowed_regions.is_empty() && !c.allowed_regions.contains(name) {
-                            continue;
-                        }
-                        let held = live.keys().filter(|(k, _)| k == &c.key).count()
-                            + orders.iter().filter(|(_, o, _)| o.key == c.key).count();
-                        if held >= c.max_copies as usize {
-                            break;
-                        }
-                        let Some(e) = self.fleet.edge_in_region(&c.key, r, &self.health) else {
-                            continue;
-                        };
-                        if live.contains_key(&(c.key.clone(), e))
-                            || orders.iter().any(|(oe, o, _)| *oe == e && o.key == c.key)
-                        {
-                            continue;
-                        }
-                        let order = ShadowOrder {
-                            key: c.key.clone(),
-                            ttl_secs: c.ttl,
-                            priority: c.priority,
-                            deadline_ms: now_ms,
-                            peer: self.peer_for(&c.key, e, &cands, &live),
-                            refresh: false,
-                        };
-                        let info = OrderInfo {
-                            provider: c.provider.clone(),
-                            region: r,
-                            class: Class::of(c.priority),
-                        };
-                        self.metrics
-                            .planner_decisions
-                            .with_label_values(&["widened"])
-                            .inc();
-                        orders.push((e, order, info));
-                    }
+                    self.widen(c, &cands, &live, &p_any, now_ms, &mut orders);
                 }
                 Standing::Drop if self.anomaly.enabled => {
                     let region_edges: Vec<usize> = live
@@ -816,10 +882,19 @@ impl Planner {
         }
         // Earliest expected arrival first: with a bounded send rate, the objects needed
         // soonest must not wait behind ones needed in an hour.
-        orders.sort_by_key(|(_, o, _)| o.deadline_ms);
-        for (e, order, info) in orders {
+        orders.sort_by_key(|(_, o, _, _)| o.deadline_ms);
+        for (e, order, info, signal) in orders {
             let key = order.key.clone();
-            let ok = place(&self.sync, &self.state, &self.ledger, e, order, info).await;
+            let ok = place_with(
+                &self.sync,
+                &self.state,
+                &self.ledger,
+                e,
+                order,
+                info,
+                signal,
+            )
+            .await;
             if !ok {
                 if let Some(d) = decisions.get_mut(&key).and_then(|v| {
                     v.iter_mut()
@@ -1013,6 +1088,19 @@ mod tests {
         };
         assert_eq!(outcome("new"), "shadowed");
         assert_eq!(outcome("old"), "dropped");
+    }
+
+    #[test]
+    fn a_widening_is_scored_by_the_target_regions_own_forecast() {
+        let mut us = cand("k", 10, 5, true);
+        us.region_idx = 1;
+        let cands = vec![cand("k", 10, 5, true), us, cand("other", 10, 5, true)];
+        let forecasts = vec![fc(5.0, 0.99), fc(0.1, 0.2), fc(1.0, 0.7)];
+        let p = p_any_by_series(&cands, &forecasts);
+        assert_eq!(p.get(&("k", 1)), Some(&0.2));
+        assert_eq!(p.get(&("k", 0)), Some(&0.99));
+        // No history in the target region: no entry, scored 0 by `widen`.
+        assert_eq!(p.get(&("other", 1)), None);
     }
 
     #[test]

@@ -14,10 +14,10 @@ use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
-use crate::cost::{Class, Ledger, OrderInfo};
+use crate::cost::{Class, Ledger, OrderInfo, Signal};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::now_secs;
-use crate::planner::{place, PlannerState};
+use crate::planner::{place_with, PlannerState};
 use crate::registry::Registry;
 use crate::routing::{Fleet, Health};
 use crate::sync::EdgeSync;
@@ -49,8 +49,16 @@ pub struct Trigger {
 }
 
 /// Issues co-access shadows: each follower on the edge that owns it in the leader's region,
-/// due at its typical gap, unless already shadowed there or the provider's policy forbids
-/// the region.
+/// due at its typical gap, unless already shadowed there, the provider's policy forbids the
+/// region, or its probability is below the co-access threshold of that region and priority
+/// class.
+///
+/// That threshold is co-access's own, tuned on the outcomes of co-access shadows alone (see
+/// [`crate::cost`]): P(B follows A) and the forecast's P(any request in the hour) are
+/// different measures, so holding a follower to the forecast threshold would gate it on a
+/// number it is not comparable with, and its waste would move a threshold it does not use. It
+/// starts at the weakest follower the learner offers (its `min_probability`), so co-access
+/// places what it did untuned until its own outcomes say it wastes.
 pub struct CoAccessService {
     rx: parking_lot::Mutex<Option<mpsc::Receiver<Trigger>>>,
     fleet: Arc<Fleet>,
@@ -120,6 +128,14 @@ impl CoAccessService {
             }
             let ttl = reg.as_ref().map_or(self.default_ttl, |r| r.shadow_ttl_secs);
             let priority = reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority);
+            let signal = Signal::coaccess(f.probability);
+            if !self.ledger.admits(signal, t.region, priority) {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["below_threshold"])
+                    .inc();
+                continue;
+            }
             let order = ShadowOrder {
                 key: f.key.clone(),
                 ttl_secs: ttl,
@@ -133,7 +149,16 @@ impl CoAccessService {
                 region: t.region,
                 class: Class::of(priority),
             };
-            let ok = place(&self.sync, &self.planner, &self.ledger, edge, order, info).await;
+            let ok = place_with(
+                &self.sync,
+                &self.planner,
+                &self.ledger,
+                edge,
+                order,
+                info,
+                signal,
+            )
+            .await;
             tracing::debug!(leader = %t.leader, follower = %f.key, p = f.probability, ok, "co-access shadow");
             self.metrics
                 .coaccess_shadows

@@ -1,0 +1,431 @@
+//! The threshold tuner of one (region, class, source), free of I/O and clocks: settled shadows
+//! go in with the score that placed them, a planning tick asks for a move.
+//!
+//! Why it is shaped this way (the replay in `bench/RESULTS.md` saw the earlier tuner walk each
+//! threshold across its whole range with fixed steps, 82–98 moves in 84 ticks):
+//!
+//! - **Evidence first.** It decides only once `min_settled` shadows settled since its last
+//!   decision, or once some have waited `max_wait_ticks` (so a quiet region still tunes, just
+//!   less often). A few shadows per tick are noise, not a trend.
+//! - **Judged at the threshold in force.** Each decision reads a window of recent outcomes,
+//!   keeping only those whose score still clears the current threshold: outcomes of shadows a
+//!   raised threshold no longer admits do not keep pushing it up for a whole TTL (their
+//!   outcomes arrive only when they expire), which is what overshot before.
+//! - **Adaptive step.** A move in the same direction as the last grows the step by half, up to
+//!   `step`; a reversal halves it, down to `min_step`, so an oscillation dies out while a
+//!   sustained trend (a workload shift) still accelerates to full speed within a few ticks.
+//! - **Dead band.** It rises only when the shadows lose more than `dead_band` of what they cost,
+//!   and falls only when they profit with precision a quarter of the way from break-even to
+//!   perfect; in between it holds.
+//! - **Precision floor.** Once `min_settled` shadows back it, a byte precision below
+//!   `min_precision` raises the threshold whatever the money says, and no move goes down.
+
+use std::collections::VecDeque;
+
+use super::{CostSection, Stats};
+
+/// Growth of the step while the direction holds.
+const STEP_GROWTH: f32 = 1.5;
+/// Shrink of the step on a reversal.
+const STEP_SHRINK: f32 = 0.5;
+/// Outcomes a tuner judges, as a multiple of `min_settled`: enough to span a few decisions,
+/// few enough that a workload shift dominates it within a few.
+const WINDOW_DECISIONS: u64 = 4;
+
+/// One settled shadow as the tuner sees it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Settled {
+    /// The score of the signal that placed it (1 for unscored placements).
+    pub score: f32,
+    /// Bytes held.
+    pub bytes: u64,
+    /// Whether a request found it.
+    pub used: bool,
+    /// Savings − spend, USD.
+    pub net: f64,
+    /// Spend, USD.
+    pub spend: f64,
+}
+
+/// A direction of move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dir {
+    Up,
+    Down,
+}
+
+/// A decided move, before bounds.
+#[derive(Debug, Clone, PartialEq)]
+struct Verdict {
+    dir: Dir,
+    reason: String,
+}
+
+/// A move the tuner made.
+#[derive(Debug, Clone, PartialEq)]
+pub(super) struct Moved {
+    /// Threshold before.
+    pub from: f32,
+    /// Threshold after.
+    pub to: f32,
+    /// Why.
+    pub reason: String,
+}
+
+/// Rolling state of one (region, class, source).
+#[derive(Debug, Clone)]
+pub(super) struct Tuner {
+    /// Threshold in force.
+    pub threshold: f32,
+    /// Size of the next move in the last direction.
+    step: f32,
+    last_dir: Option<Dir>,
+    /// Recent settled shadows, newest last.
+    window: VecDeque<Settled>,
+    /// Settled since the last decision.
+    fresh: u64,
+    /// Ticks the oldest of those has waited.
+    waited: u32,
+    /// The window as judged at the last decision (for the report).
+    pub judged: Option<Stats>,
+    /// Why the threshold last moved.
+    pub last_reason: Option<String>,
+}
+
+impl Tuner {
+    /// A tuner at `threshold`, first moving by the full step.
+    pub fn new(threshold: f32, cfg: &CostSection) -> Self {
+        Tuner {
+            threshold,
+            step: cfg.step,
+            last_dir: None,
+            window: VecDeque::new(),
+            fresh: 0,
+            waited: 0,
+            judged: None,
+            last_reason: None,
+        }
+    }
+
+    /// Take one settled shadow into the window.
+    pub fn settle(&mut self, s: Settled, cfg: &CostSection) {
+        let cap = (cfg.min_settled.max(1) * WINDOW_DECISIONS) as usize;
+        crate::bounded::push_bounded(&mut self.window, s, cap);
+        self.fresh += 1;
+    }
+
+    /// One planning tick: decide when the evidence is due and move within
+    /// `[lower, cfg.max_threshold]`. `None` when it waits, holds or sits at a bound.
+    pub fn tick(&mut self, cfg: &CostSection, lower: f32) -> Option<Moved> {
+        if !self.evidence_due(cfg) {
+            return None;
+        }
+        let stats = Stats::of(
+            self.window
+                .iter()
+                .filter(|s| s.score >= self.threshold)
+                .copied(),
+        );
+        self.judged = Some(stats);
+        if stats.shadows == 0 || !cfg.tune {
+            return None;
+        }
+        let verdict = judge(&stats, cfg)?;
+        let step = self.next_step(verdict.dir, cfg);
+        let delta = match verdict.dir {
+            Dir::Up => step,
+            Dir::Down => -step,
+        };
+        // max/min rather than clamp: bounds from a config never panic, even crossed.
+        let to = (self.threshold + delta).max(lower).min(cfg.max_threshold);
+        if (to - self.threshold).abs() < f32::EPSILON {
+            return None;
+        }
+        let from = std::mem::replace(&mut self.threshold, to);
+        self.last_reason = Some(verdict.reason.clone());
+        Some(Moved {
+            from,
+            to,
+            reason: verdict.reason,
+        })
+    }
+
+    /// Whether this tick decides: enough fresh outcomes, or some that waited long enough.
+    fn evidence_due(&mut self, cfg: &CostSection) -> bool {
+        if self.fresh == 0 {
+            return false;
+        }
+        self.waited += 1;
+        if self.fresh < cfg.min_settled && self.waited < cfg.max_wait_ticks {
+            return false;
+        }
+        self.fresh = 0;
+        self.waited = 0;
+        true
+    }
+
+    /// Grow the step while the direction holds, halve it on a reversal.
+    fn next_step(&mut self, dir: Dir, cfg: &CostSection) -> f32 {
+        let max = cfg.step.max(cfg.min_step);
+        self.step = match self.last_dir {
+            Some(last) if last == dir => self.step * STEP_GROWTH,
+            Some(_) => self.step * STEP_SHRINK,
+            None => self.step,
+        }
+        .clamp(cfg.min_step, max);
+        self.last_dir = Some(dir);
+        self.step
+    }
+
+    /// The current step (tests).
+    #[cfg(test)]
+    pub fn step(&self) -> f32 {
+        self.step
+    }
+}
+
+/// Up, down or hold for a window judged at the threshold in force.
+fn judge(s: &Stats, cfg: &CostSection) -> Option<Verdict> {
+    let (net, precision, bytes_p) = (s.net_per_shadow(), s.precision(), s.byte_precision());
+    let break_even = s.break_even();
+    let floor = cfg.min_precision.get();
+    if floor > 0.0 && s.shadows >= cfg.min_settled && bytes_p < floor {
+        return Some(Verdict {
+            dir: Dir::Up,
+            reason: format!(
+                "byte precision {bytes_p:.2} over {} shadows below the floor {floor:.2}",
+                s.shadows
+            ),
+        });
+    }
+    if s.return_on_spend() < -cfg.dead_band.get() {
+        return Some(Verdict {
+            dir: Dir::Up,
+            reason: format!(
+                "net ${net:.3e} per shadow < 0 over {} shadows: precision {precision:.2} below break-even {break_even:.4}",
+                s.shadows
+            ),
+        });
+    }
+    if net > 0.0 && precision > break_even + 0.25 * (1.0 - break_even) {
+        return Some(Verdict {
+            dir: Dir::Down,
+            reason: format!(
+                "net ${net:.3e} per shadow > 0 over {} shadows with precision {precision:.2} above break-even {break_even:.4}: admit less certain predictions",
+                s.shadows
+            ),
+        });
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cost::{price, Fraction};
+    use edge_node::sync::protocol::ShadowOutcome;
+
+    const MB10: u64 = 10_000_000;
+
+    fn settled(cfg: &CostSection, score: f32, used: bool, peer: bool) -> Settled {
+        let p = price(
+            cfg,
+            &ShadowOutcome {
+                key: "h/a".into(),
+                bytes: MB10,
+                hits: u64::from(used),
+                held_secs: 3600,
+                peer_filled: peer,
+                evicted: false,
+                failed: false,
+            },
+        );
+        Settled {
+            score,
+            bytes: MB10,
+            used,
+            net: p.net(),
+            spend: p.spend(),
+        }
+    }
+
+    /// One tick of a world where a shadow is used exactly when its score reaches `boundary`:
+    /// `min_settled` shadows placed at scores spread over [threshold, 1] settle, then the
+    /// tuner ticks.
+    fn tick_world(t: &mut Tuner, cfg: &CostSection, boundary: f32) -> Option<Moved> {
+        let n = cfg.min_settled;
+        let from = t.threshold;
+        for i in 0..n {
+            let score = from + (1.0 - from) * (i as f32 + 0.5) / n as f32;
+            t.settle(settled(cfg, score, score >= boundary, false), cfg);
+        }
+        t.tick(cfg, cfg.min_threshold)
+    }
+
+    #[test]
+    fn it_waits_for_min_settled_outcomes_or_max_wait_ticks() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.5, &cfg);
+        assert_eq!(t.tick(&cfg, 0.05), None, "no evidence, no decision");
+        for _ in 0..3 {
+            t.settle(settled(&cfg, 0.9, false, false), &cfg);
+        }
+        for _ in 1..cfg.max_wait_ticks {
+            assert_eq!(t.tick(&cfg, 0.05), None);
+            assert!(t.judged.is_none(), "decided before its evidence was due");
+        }
+        let m = t.tick(&cfg, 0.05).expect("decides after max_wait_ticks");
+        assert!(
+            m.to > m.from && m.reason.contains("below break-even"),
+            "{m:?}"
+        );
+        // A full batch decides at once.
+        for _ in 0..cfg.min_settled {
+            t.settle(settled(&cfg, 0.9, false, false), &cfg);
+        }
+        assert!(t.tick(&cfg, 0.05).is_some());
+    }
+
+    #[test]
+    fn the_step_grows_while_the_direction_holds_and_halves_on_a_reversal() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.5, &cfg);
+        assert_eq!(t.next_step(Dir::Up, &cfg), 0.05);
+        assert!(
+            (t.next_step(Dir::Up, &cfg) - 0.05).abs() < 1e-6,
+            "capped at step"
+        );
+        assert!((t.next_step(Dir::Down, &cfg) - 0.025).abs() < 1e-6);
+        assert!((t.next_step(Dir::Up, &cfg) - 0.0125).abs() < 1e-6);
+        assert!(
+            (t.next_step(Dir::Down, &cfg) - 0.01).abs() < 1e-6,
+            "floored at min_step"
+        );
+        assert!((t.next_step(Dir::Down, &cfg) - 0.015).abs() < 1e-6);
+        assert!((t.next_step(Dir::Down, &cfg) - 0.0225).abs() < 1e-6);
+        assert!((t.step() - 0.0225).abs() < 1e-6);
+    }
+
+    #[test]
+    fn outcomes_the_threshold_no_longer_admits_are_not_judged() {
+        let cfg = CostSection {
+            min_precision: Fraction(0.0),
+            ..CostSection::default()
+        };
+        let mut t = Tuner::new(0.5, &cfg);
+        // Wasted shadows at 0.50–0.59, used ones at 0.6 and above.
+        for i in 0..cfg.min_settled {
+            t.settle(settled(&cfg, 0.5 + i as f32 * 0.005, false, false), &cfg);
+            t.settle(settled(&cfg, 0.6 + i as f32 * 0.01, true, false), &cfg);
+        }
+        assert!(t.tick(&cfg, 0.05).is_some_and(|m| m.to > m.from));
+        t.threshold = 0.6;
+        t.settle(settled(&cfg, 0.95, true, false), &cfg);
+        t.fresh = cfg.min_settled;
+        let m = t.tick(&cfg, 0.05);
+        let judged = t.judged.unwrap();
+        assert_eq!((judged.shadows, judged.used), (21, 21));
+        // Above 0.6 everything was used: no reason to keep rising on the old waste.
+        assert!(m.is_some_and(|m| m.to < m.from));
+    }
+
+    #[test]
+    fn it_settles_near_where_shadows_stop_losing_money_instead_of_oscillating() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.5, &cfg);
+        let moves: Vec<(usize, Moved)> = (0..84)
+            .filter_map(|tick| tick_world(&mut t, &cfg, 0.7).map(|m| (tick, m)))
+            .collect();
+        assert!(moves.len() <= 10, "{} moves: {moves:?}", moves.len());
+        assert!(
+            moves.iter().all(|(tick, _)| *tick < 20),
+            "still moving late: {moves:?}"
+        );
+        assert!((0.65..=0.75).contains(&t.threshold), "{}", t.threshold);
+    }
+
+    #[test]
+    fn a_settled_tuner_still_reacts_to_a_workload_shift_within_a_few_ticks() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.5, &cfg);
+        for _ in 0..40 {
+            tick_world(&mut t, &cfg, 0.7);
+        }
+        let settled_at = t.threshold;
+        // Predictions turn wrong: now only shadows scored 0.9 or more are used.
+        let first = tick_world(&mut t, &cfg, 0.9).expect("moves on the first tick");
+        assert!(first.to > first.from, "{first:?}");
+        for _ in 1..5 {
+            tick_world(&mut t, &cfg, 0.9);
+        }
+        assert!(
+            t.threshold >= settled_at + 0.1,
+            "{settled_at} -> {}",
+            t.threshold
+        );
+        for _ in 5..30 {
+            tick_world(&mut t, &cfg, 0.9);
+        }
+        assert!((0.85..=0.95).contains(&t.threshold), "{}", t.threshold);
+    }
+
+    #[test]
+    fn below_the_precision_floor_the_threshold_only_rises_even_when_shadows_pay() {
+        // Peer-filled shadows pay at precision 0.5 (break-even about 0.22).
+        let run = |min_precision: f64| {
+            let cfg = CostSection {
+                min_precision: Fraction(min_precision),
+                ..CostSection::default()
+            };
+            let mut t = Tuner::new(0.5, &cfg);
+            let mut moves = Vec::new();
+            for _ in 0..5 {
+                for i in 0..cfg.min_settled {
+                    t.settle(settled(&cfg, 0.99, i % 2 == 0, true), &cfg);
+                }
+                moves.extend(t.tick(&cfg, cfg.min_threshold));
+            }
+            assert!(t.judged.unwrap().net > 0.0);
+            moves
+        };
+        let floored = run(0.6);
+        assert!(!floored.is_empty());
+        assert!(floored.iter().all(|m| m.to > m.from), "{floored:?}");
+        assert!(
+            floored[0].reason.contains("below the floor 0.60"),
+            "{floored:?}"
+        );
+        let unfloored = run(0.0);
+        assert!(!unfloored.is_empty());
+        assert!(unfloored.iter().all(|m| m.to < m.from), "{unfloored:?}");
+    }
+
+    #[test]
+    fn too_little_evidence_never_trips_the_floor() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.5, &cfg);
+        // Small objects: a used one earns far more latency value than a wasted one costs.
+        let small = |used| {
+            let mut s = settled(&cfg, 0.9, used, false);
+            let p = price(
+                &cfg,
+                &ShadowOutcome {
+                    key: "h/a".into(),
+                    bytes: 1000,
+                    hits: u64::from(used),
+                    held_secs: 60,
+                    peer_filled: false,
+                    evicted: false,
+                    failed: false,
+                },
+            );
+            (s.bytes, s.net, s.spend) = (1000, p.net(), p.spend());
+            s
+        };
+        t.settle(small(true), &cfg);
+        t.settle(small(false), &cfg);
+        let m = (0..cfg.max_wait_ticks).find_map(|_| t.tick(&cfg, 0.05));
+        // Byte precision 0.5 over two shadows is no evidence against the floor.
+        assert!(m.is_some_and(|m| m.to < m.from));
+    }
+}
