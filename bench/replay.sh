@@ -10,7 +10,8 @@
 # Then it redraws bench/results/timeline-TRACE.svg (threshold, net benefit, precision/recall
 # over trace time) and, when the offline results exist, byte-miss-TRACE.svg with the live points.
 # CARGO_LOCK=/path runs the build under flock(1) on that file (a machine shared by builds);
-# BUILD=0 skips the build and uses the binaries already in target/release.
+# BUILD=0 skips the build and uses the binaries already in target/release; OUT=file writes
+# the report there instead (smoke runs that must not touch bench/results).
 # SHIFT_HOURS="0,-8" shifts each region's requests by that many hours (eu,us), as if the
 # regions' clients lived in different time zones.
 # ADMIT=1 (default) lets an edge cache objects up to its whole cache (as libCacheSim's
@@ -29,7 +30,7 @@ SAMPLE_SECS=${SAMPLE_SECS:-3600}
 bash deploy/setup.sh >/dev/null
 [ "${BUILD:-1}" = 0 ] || ${CARGO_LOCK:+flock "$CARGO_LOCK"} cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
 WORK=var/replay
-OUT=bench/results/replay-$TRACE.json
+OUT=${OUT:-bench/results/replay-$TRACE.json}
 OPERATOR=replay-operator-token-0123456789
 EDGE_TOKEN=replay-edge-token
 rm -rf "$WORK"
@@ -176,6 +177,7 @@ for pct in $PCTS; do
   done
 done
 echo "report: $OUT"
+[ "$OUT" = "bench/results/replay-$TRACE.json" ] || exit 0
 PY=bench/offline/.venv/bin/python; [ -x "$PY" ] || PY=python3
 $PY bench/offline/timeline.py "$TRACE" --report "$OUT"
 if [ -f "bench/results/offline-$TRACE.json" ] && [ -x bench/offline/.venv/bin/python ]; then

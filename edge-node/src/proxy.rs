@@ -516,17 +516,21 @@ impl ProxyHttp for EdgeProxy {
             .then_some(pingora_cache::ForcedFreshness::ForceExpired))
     }
 
-    fn request_cache_filter(&self, session: &mut Session, _ctx: &mut Self::CTX) -> Result<()> {
+    fn request_cache_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
         if !request_cacheable(session.req_header()) {
             return Ok(());
         }
         let mut overrides = CacheOptionOverrides::default();
         overrides.wait_timeout = Some(self.policy.lock_timeout);
+        // A peer fetch answers from what is cached now and never waits on the lock: the fill
+        // it would wait for may itself be asking this edge's peer for the object, and two
+        // edges filling the same key from each other would wait on each other's locks.
+        let lock = (!ctx.only_if_cached).then_some(self.parts.lock);
         session.cache.enable(
             self.parts.storage,
             None,
             Some(self.parts.predictor),
-            Some(self.parts.lock),
+            lock,
             Some(overrides),
         );
         session
@@ -718,6 +722,22 @@ impl ProxyHttp for EdgeProxy {
             e.esource() == &ErrorSource::Upstream
                 || matches!(e.etype(), ErrorType::HTTPStatus(s) if *s >= 500)
         })
+    }
+
+    fn suppress_proxy_warn_log(
+        &self,
+        _session: &Session,
+        _ctx: &Self::CTX,
+        error: &Error,
+        _context: pingora_proxy::ProxyWarnLogContext,
+    ) -> bool {
+        // A hinted peer without the object is routine: the origin answers instead.
+        matches!(error.etype(), ErrorType::Custom(PEER_MISS))
+    }
+
+    fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, error: &Error) -> bool {
+        // A peer fetch of an object this edge does not hold is an answer, not a failure.
+        ctx.only_if_cached && matches!(error.etype(), ErrorType::HTTPStatus(504))
     }
 
     fn fail_to_connect(
