@@ -524,6 +524,9 @@ impl Stats {
 struct Rollup {
     /// Orders whose fill failed on the edge (not counted in `shadows`, never priced).
     failed: u64,
+    /// Orders for objects the edge already held (no bytes moved; not counted in `shadows`,
+    /// never priced, not in precision).
+    held_before: u64,
     shadows: u64,
     used: u64,
     bytes: u64,
@@ -534,6 +537,7 @@ struct Rollup {
 impl Rollup {
     fn add(&mut self, o: &Rollup) {
         self.failed += o.failed;
+        self.held_before += o.held_before;
         self.shadows += o.shadows;
         self.used += o.used;
         self.bytes += o.bytes;
@@ -544,7 +548,8 @@ impl Rollup {
     fn json(&self) -> serde_json::Value {
         let precision = (self.bytes > 0).then(|| self.used_bytes as f64 / self.bytes as f64);
         serde_json::json!({
-            "shadows": self.shadows, "failed": self.failed, "used": self.used,
+            "shadows": self.shadows, "failed": self.failed, "already_held": self.held_before,
+            "used": self.used,
             "bytes": self.bytes, "used_bytes": self.used_bytes, "byte_precision": precision,
             "spend": self.money.spend(), "savings": self.money.savings(), "net": self.money.net(),
             "detail": self.money,
@@ -725,6 +730,15 @@ impl Ledger {
                 }
                 continue;
             }
+            if o.held_before {
+                // The edge had the object anyway: the order moved no bytes and pre-positioned
+                // nothing, so it neither costs a fill nor earns, and says nothing about what
+                // prefetching is worth (precision and the tuners count real prefetches).
+                if let Some(order) = &order {
+                    rollups.entry(rollup_key(order)).or_default().held_before += 1;
+                }
+                continue;
+            }
             // Edges measure holding time on the wall; prices are per clock hour.
             let held = ShadowOutcome {
                 held_secs: crate::clock::clock_secs(o.held_secs),
@@ -774,11 +788,11 @@ impl Ledger {
     /// Spend and savings counters of one priced shadow.
     fn count_money(
         &self,
-        (provider, region, class, _): &(String, usize, Class, Source),
+        (provider, region, class, source): &(String, usize, Class, Source),
         p: &Priced,
     ) {
         let region = self.regions.get(*region).map_or("-", |s| s.as_str());
-        let labels = [provider.as_str(), region, class.label()];
+        let labels = [provider.as_str(), region, class.label(), source.label()];
         for (category, v) in [
             ("fill_origin", p.fill_origin),
             ("fill_peer", p.fill_peer),
@@ -787,13 +801,13 @@ impl Ledger {
         ] {
             self.metrics
                 .shadow_spend
-                .with_label_values(&[category, labels[0], labels[1], labels[2]])
+                .with_label_values(&[category, labels[0], labels[1], labels[2], labels[3]])
                 .inc_by(v);
         }
         for (category, v) in [("egress", p.saved_egress), ("latency", p.saved_latency)] {
             self.metrics
                 .shadow_savings
-                .with_label_values(&[category, labels[0], labels[1], labels[2]])
+                .with_label_values(&[category, labels[0], labels[1], labels[2], labels[3]])
                 .inc_by(v);
         }
     }
@@ -837,12 +851,10 @@ impl Ledger {
         for ((region, class, source), t) in tuners.by.iter_mut() {
             let moved = t.tick(&self.cfg, lowers[source]);
             let region = self.regions[*region].as_str();
-            if *source == Source::Forecast {
-                self.metrics
-                    .threshold
-                    .with_label_values(&[region, class.label()])
-                    .set(f64::from(t.threshold));
-            }
+            self.metrics
+                .threshold
+                .with_label_values(&[region, class.label(), source.label()])
+                .set(f64::from(t.threshold));
             let Some(m) = moved else {
                 continue;
             };
@@ -868,13 +880,11 @@ impl Ledger {
     fn log_change(&self, c: &Change) {
         let (class, source) = (c.class.label(), c.source.label());
         tracing::info!(region = %c.region, class, source, from = c.from, to = c.to, reason = %c.reason, "shadow threshold moved");
-        if c.source == Source::Forecast {
-            let direction = if c.to > c.from { "up" } else { "down" };
-            self.metrics
-                .threshold_changes
-                .with_label_values(&[c.region.as_str(), class, direction])
-                .inc();
-        }
+        let direction = if c.to > c.from { "up" } else { "down" };
+        self.metrics
+            .threshold_changes
+            .with_label_values(&[c.region.as_str(), class, source, direction])
+            .inc();
     }
 
     /// The ledger as JSON for `GET /v1/cost`: rollups per (provider, region, class, source),
@@ -960,6 +970,7 @@ mod tests {
             peer_filled: peer,
             evicted: false,
             failed: false,
+            held_before: false,
         }
     }
 
@@ -1068,6 +1079,37 @@ mod tests {
             l.tune(tick);
         }
         assert_eq!(l.threshold(1, 5), (0.5, None));
+    }
+
+    #[test]
+    fn an_order_for_an_object_already_held_is_counted_apart_and_unpriced() {
+        let l = ledger();
+        l.record_order(
+            "h/x",
+            1,
+            info(1, 5),
+            Signal::forecast(0.9),
+            Duration::from_secs(60),
+        );
+        let o = ShadowOutcome {
+            held_before: true,
+            ..outcome(1_000_000, 0, false)
+        };
+        l.settle(
+            1,
+            &[ShadowOutcome {
+                key: "h/x".into(),
+                ..o
+            }],
+        );
+        assert!(l.orders.lock().is_empty());
+        let r = &l.report()["rollups"][0];
+        assert_eq!(
+            (r["already_held"].as_u64(), r["shadows"].as_u64()),
+            (Some(1), Some(0))
+        );
+        assert_eq!(r["spend"].as_f64(), Some(0.0));
+        assert_eq!(r["byte_precision"], serde_json::Value::Null);
     }
 
     #[test]

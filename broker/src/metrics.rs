@@ -163,16 +163,16 @@ impl BrokerMetrics {
             shadow_spend: prometheus::CounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_shadow_spend_dollars_total",
-                    "What settled shadows cost (USD)",
+                    "What settled shadows cost (USD), by the signal that placed them",
                 ),
-                &["category", "provider", "region", "class"],
+                &["category", "provider", "region", "class", "source"],
             )?,
             shadow_savings: prometheus::CounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_shadow_savings_dollars_total",
-                    "What settled shadows saved (USD)",
+                    "What settled shadows saved (USD), by the signal that placed them",
                 ),
-                &["category", "provider", "region", "class"],
+                &["category", "provider", "region", "class", "source"],
             )?,
             net_benefit: prometheus::GaugeVec::new(
                 Opts::new(
@@ -195,16 +195,16 @@ impl BrokerMetrics {
             threshold: prometheus::GaugeVec::new(
                 Opts::new(
                     "shadowcdn_broker_shadow_threshold",
-                    "Confidence threshold in force",
+                    "Confidence threshold in force, per signal that has one",
                 ),
-                &["region", "class"],
+                &["region", "class", "source"],
             )?,
             threshold_changes: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_shadow_threshold_changes_total",
                     "Threshold moves by the cost tuner",
                 ),
-                &["region", "class", "direction"],
+                &["region", "class", "source", "direction"],
             )?,
             anomalies: IntGaugeVec::new(
                 Opts::new(

@@ -238,6 +238,7 @@ mod tests {
                 peer_filled: peer,
                 evicted: false,
                 failed: false,
+                held_before: false,
             },
         );
         Settled {
@@ -417,6 +418,7 @@ mod tests {
                     peer_filled: false,
                     evicted: false,
                     failed: false,
+                    held_before: false,
                 },
             );
             (s.bytes, s.net, s.spend) = (1000, p.net(), p.spend());

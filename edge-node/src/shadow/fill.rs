@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Expired, Mark, ShadowTable};
+use super::table::{Expired, FillSource, Mark, ShadowTable};
 use super::{FillPacer, OutcomeLog, FILL_HEADER, REFRESH_HEADER};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
@@ -195,13 +195,6 @@ pub struct ShadowService {
 /// the cache evicted is reported as ended now rather than when its TTL runs out.
 const EVICTION_SCAN_EVERY: u64 = 20;
 
-/// Where a fill's bytes came from.
-#[derive(Debug, Clone, Copy)]
-enum Source {
-    Peer,
-    Origin,
-}
-
 impl ShadowService {
     /// A service filling through `listen` (this edge's proxy) within `limits` (fills at
     /// once, fills waiting, bandwidth); returns it and the submission handle.
@@ -251,7 +244,7 @@ async fn fetch(
     internal: &InternalSecret,
     r: &FillRequest,
     peer: Option<&PeerRef>,
-) -> Result<u64, String> {
+) -> Result<(u64, bool), String> {
     let (host, path) = split_key(&r.key).ok_or_else(|| format!("bad key {:?}", r.key))?;
     let mut req = client
         .get(format!("http://{listen}{path}"))
@@ -265,11 +258,9 @@ async fn fetch(
     }
     let resp = req.send().await.map_err(|e| e.to_string())?;
     let status = resp.status();
-    let cached = resp
-        .headers()
-        .get("x-cache")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v != "BYPASS");
+    let x_cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok());
+    let cached = x_cache.is_some_and(|v| v != "BYPASS");
+    let local_hit = x_cache == Some("HIT");
     let body = resp.bytes().await.map_err(|e| e.to_string())?;
     if !status.is_success() {
         return Err(format!("status {status}"));
@@ -277,20 +268,28 @@ async fn fetch(
     if !cached {
         return Err("response is not cacheable".into());
     }
-    Ok(body.len() as u64)
+    Ok((body.len() as u64, local_hit))
 }
 
-/// Fill from the peer if one is named, else (or when it fails) from the origin.
+/// Fill from the peer if one is named, else (or when it fails) from the origin; a copy this
+/// edge already held answers either from its cache.
 async fn fill_one(
     client: &reqwest::Client,
     listen: SocketAddr,
     internal: &InternalSecret,
     r: &FillRequest,
-) -> Result<(u64, Source), String> {
+) -> Result<(u64, FillSource), String> {
+    let source = |remote, local_hit| {
+        if local_hit {
+            FillSource::Local
+        } else {
+            remote
+        }
+    };
     // A refresh must reach the origin: the peers hold the old version too.
     if let (Some(peer), false) = (&r.peer, r.refresh) {
         match fetch(client, listen, internal, r, Some(peer)).await {
-            Ok(n) => return Ok((n, Source::Peer)),
+            Ok((n, local)) => return Ok((n, source(FillSource::Peer, local))),
             Err(e) => {
                 tracing::info!(key = %r.key, peer = %peer.id, error = %e, "peer fill failed; using the origin");
             }
@@ -298,7 +297,7 @@ async fn fill_one(
     }
     fetch(client, listen, internal, r, None)
         .await
-        .map(|n| (n, Source::Origin))
+        .map(|(n, local)| (n, source(FillSource::Origin, local)))
 }
 
 /// The outcome of a shadow that ended at `now`.
@@ -311,6 +310,7 @@ fn ended(key: String, mark: &Mark, now: Instant, evicted: bool) -> ShadowOutcome
         peer_filled: mark.peer_filled,
         evicted,
         failed: false,
+        held_before: mark.held_before,
     }
 }
 
@@ -335,7 +335,10 @@ impl ShadowService {
             let (key, label, evicted) = match e {
                 Expired::Wasted(key) => {
                     let evicted = !self.storage.holds(&key);
-                    self.storage.purge_key(&key);
+                    // A copy the edge held before the order is an ordinary cache entry.
+                    if !mark.held_before {
+                        self.storage.purge_key(&key);
+                    }
                     (key, if evicted { "evicted" } else { "wasted" }, evicted)
                 }
                 Expired::Used(key) => (key, "used", false),
@@ -414,15 +417,11 @@ impl BackgroundService for ShadowService {
                     Ok((bytes, source)) => {
                         pacer.charge(bytes, Instant::now());
                         table.mark(&req.key, req.ttl, req.priority, Instant::now());
-                        table.set_fill(&req.key, bytes, matches!(source, Source::Peer));
+                        table.set_fill(&req.key, bytes, source);
                         metrics.shadow_fills.with_label_values(&["filled"]).inc();
-                        let source = match source {
-                            Source::Peer => "peer",
-                            Source::Origin => "origin",
-                        };
                         metrics
                             .shadow_fill_sources
-                            .with_label_values(&[source])
+                            .with_label_values(&[source.label()])
                             .inc();
                         metrics.shadow_fill_bytes.inc_by(bytes);
                     }

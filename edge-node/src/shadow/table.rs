@@ -27,8 +27,35 @@ pub struct Mark {
     pub marked_at: Instant,
     /// Whether a peer edge (not the origin) supplied the object.
     pub peer_filled: bool,
+    /// Whether the edge already held a fresh copy when the shadow was first ordered (its first
+    /// fill was a local hit). Such a mark moved nothing; at expiry the copy is left alone.
+    pub held_before: bool,
+    /// Whether the first fill completed (renewals do not change where the copy came from).
+    filled: bool,
     /// Generation, so a renewed mark is not expired by the old heap entry.
     generation: u64,
+}
+
+/// Where a shadow fill's copy came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillSource {
+    /// The origin.
+    Origin,
+    /// A peer edge.
+    Peer,
+    /// This edge's cache already held a fresh copy.
+    Local,
+}
+
+impl FillSource {
+    /// Label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            FillSource::Origin => "origin",
+            FillSource::Peer => "peer",
+            FillSource::Local => "local",
+        }
+    }
 }
 
 /// What happened to an expired mark.
@@ -65,6 +92,8 @@ impl ShadowTable {
         let bytes = old.map_or(0, |m| m.bytes);
         let marked_at = old.map_or(now, |m| m.marked_at);
         let peer_filled = old.is_some_and(|m| m.peer_filled);
+        let held_before = old.is_some_and(|m| m.held_before);
+        let filled = old.is_some_and(|m| m.filled);
         g.marks.insert(
             key.to_string(),
             Mark {
@@ -74,17 +103,24 @@ impl ShadowTable {
                 bytes,
                 marked_at,
                 peer_filled,
+                held_before,
+                filled,
                 generation,
             },
         );
         g.heap.push(Reverse((expires, generation, key.to_string())));
     }
 
-    /// Record the filled size of a shadow and where it came from.
-    pub fn set_fill(&self, key: &str, bytes: u64, peer_filled: bool) {
+    /// Record the filled size of a shadow and, on its first fill, where it came from (a
+    /// renewal refills from the edge's own cache, which says nothing about the first).
+    pub fn set_fill(&self, key: &str, bytes: u64, source: FillSource) {
         if let Some(m) = self.inner.lock().marks.get_mut(key) {
             m.bytes = bytes;
-            m.peer_filled = peer_filled;
+            if !m.filled {
+                m.filled = true;
+                m.peer_filled = source == FillSource::Peer;
+                m.held_before = source == FillSource::Local;
+            }
         }
     }
 
@@ -215,6 +251,25 @@ impl ShadowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_first_fill_says_where_the_copy_came_from() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        t.mark("h/a", Duration::from_secs(60), 5, now);
+        t.set_fill("h/a", 10, FillSource::Local);
+        // A renewal refills from the edge's own cache; the first fill still decides.
+        t.mark("h/a", Duration::from_secs(60), 5, now);
+        t.set_fill("h/a", 12, FillSource::Origin);
+        let m = t.get("h/a").unwrap();
+        assert!(m.held_before && !m.peer_filled);
+        assert_eq!(m.bytes, 12);
+        t.mark("h/b", Duration::from_secs(60), 5, now);
+        t.set_fill("h/b", 10, FillSource::Peer);
+        t.set_fill("h/b", 10, FillSource::Local);
+        let m = t.get("h/b").unwrap();
+        assert!(m.peer_filled && !m.held_before);
+    }
 
     #[test]
     fn pages_list_live_marks_in_key_order_once_each() {

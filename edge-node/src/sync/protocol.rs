@@ -160,6 +160,10 @@ pub struct ShadowOutcome {
     /// held, and the broker must stop counting the order as a live shadow.
     #[serde(default)]
     pub failed: bool,
+    /// The edge already held a fresh copy when the shadow was ordered: no bytes moved, so
+    /// the order neither cost a fill nor pre-positioned anything.
+    #[serde(default)]
+    pub held_before: bool,
 }
 
 impl ShadowOutcome {
@@ -173,6 +177,7 @@ impl ShadowOutcome {
             peer_filled: false,
             evicted: false,
             failed: true,
+            held_before: false,
         }
     }
 }

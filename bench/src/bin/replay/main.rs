@@ -227,6 +227,8 @@ async fn timeline_sample(
     ));
     v["origin_bytes"] = json!(origin);
     v["by_region_class"] = Value::Array(rows);
+    // Money and precision per placing signal (forecast, co-access, anomaly, …).
+    v["by_source"] = cost["by_source"].clone();
     v
 }
 
@@ -432,6 +434,8 @@ async fn main() -> anyhow::Result<()> {
         "forecaster_fallback": sample(&metrics, "shadowcdn_broker_forecaster_fallback", &[]),
         "cost": { "spend": money.spend, "savings": money.savings, "net": money.savings - money.spend },
         "thresholds": cost["thresholds"].clone(),
+        "signal_thresholds": cost["signal_thresholds"].clone(),
+        "by_source": cost["by_source"].clone(),
         "threshold_changes": cost["changes"].as_array().map_or(0, Vec::len),
         "latency_ms": {
             "p50": h.value_at_quantile(0.5) as f64 / 1000.0,
