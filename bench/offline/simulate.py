@@ -311,7 +311,7 @@ def simulate_trace(name: str, args) -> dict:
 COLORS = {"LRU": "#d62728", "S3-FIFO": "#1f77b4", "SIEVE": "#2ca02c", "W-TinyLFU": "#9467bd",
           "GDSF": "#8c564b", "LRB": "#e377c2", "GLCache": "#17becf", "Belady": "#000000",
           "BeladySize": "#555555", "floor": "#7f7f7f"}
-LIVE_COLORS = {"plain": "#ff7f0e", "lstm": "#bcbd22", "baseline": "#393b79"}
+LIVE_COLORS = {"plain": "#ff7f0e", "peer": "#17becf", "lstm": "#bcbd22", "baseline": "#393b79"}
 
 
 def load_live(path: str | None) -> list[dict]:

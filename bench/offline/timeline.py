@@ -154,19 +154,23 @@ def plot(runs: list[dict], trace: str, path: str) -> None:
 
 def markdown(runs: list[dict]) -> str:
     """The replay table of bench/RESULTS.md, one row per (size, mode)."""
-    order = {"plain": 0, "baseline": 1, "lstm": 2}
-    rows = ["| cache per region | mode | hit ratio | byte hit ratio | origin bytes | byte miss ratio | shadow hits "
-            "| fills origin / peer | shadows settled / used | precision (bytes) | recall | net $ "
+    order = {"plain": 0, "peer": 1, "baseline": 2, "lstm": 3}
+    rows = ["| cache per region | mode | hit ratio | byte hit ratio | origin bytes | byte miss ratio "
+            "| demand peer fills hit / miss | shadow hits "
+            "| fills origin / peer | shadows settled / used / already held | precision (bytes) | recall | net $ "
             "| threshold at end eu / us | p50 / p99 ms | max lag ms |",
-            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+            "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in sorted(runs, key=lambda r: (r["cache_bytes_per_region"], order.get(r["mode"], 9))):
         th = {t["region"]: t["threshold"] for t in r.get("thresholds") or [] if t.get("class") == "normal"}
         ths = " / ".join(f"{th[g]:.2f}" if g in th else "–" for g in ("eu", "us")) if th else "–"
+        pf = r.get("demand_peer_fills") or {}
+        held = sum(s.get("already_held", 0) or 0 for s in r.get("by_source") or [])
         rows.append(
             f"| {r['cache_bytes_per_region'] / 1e6:.1f} MB | {r['mode']} | {r['hit_ratio']:.3f} | {r['byte_hit_ratio']:.3f} "
-            f"| {r['origin_bytes'] / 1e6:.1f} MB | {r['byte_miss_ratio']:.3f} | {r['shadow_hits']} "
+            f"| {r['origin_bytes'] / 1e6:.1f} MB | {r['byte_miss_ratio']:.4f} "
+            f"| {pf.get('hit', 0):.0f} / {pf.get('miss', 0):.0f} | {r['shadow_hits']} "
             f"| {r['shadow_fills']['origin']:.0f} / {r['shadow_fills']['peer']:.0f} "
-            f"| {r['shadows_settled']} / {r['shadows_used']} | {r['precision_bytes']:.3f} | {r['recall']:.3f} "
+            f"| {r['shadows_settled']} / {r['shadows_used']} / {held} | {r['precision_bytes']:.3f} | {r['recall']:.3f} "
             f"| {r['cost']['net']:.2e} | {ths} | {r['latency_ms']['p50']:.1f} / {r['latency_ms']['p99']:.1f} "
             f"| {r['max_lag_ms']:.0f} |")
     return "\n".join(rows)
