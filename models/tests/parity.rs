@@ -166,10 +166,43 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
         .unwrap();
     let after = r.forecast(&hs).unwrap();
     assert!(r.model_loaded(), "hot reload picked up the new file");
+    // (Silent windows get the baseline even from a loaded model; see below.)
+    let i = cases
+        .iter()
+        .position(|c| c.counts.iter().rev().take(WINDOW).any(|n| *n > 0))
+        .expect("a fixture window with requests");
     close(
-        after[0].quantiles[1],
-        cases[0].quantiles[1],
+        after[i].quantiles[1],
+        cases[i].quantiles[1],
         "reloaded lstm",
     );
     assert!(r.status().loads.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+}
+
+#[test]
+fn silent_windows_get_the_baseline_forecast() {
+    let path = root().join("lstm.onnx");
+    let r = ReloadingForecaster::new(&path, 1, std::time::Duration::from_secs(3600));
+    assert!(r.model_loaded());
+    // A request days ago and none in the model's 32-bucket window, and the same series with
+    // a request in the last bucket.
+    let mut quiet = vec![0u32; 672];
+    quiet[100] = 3;
+    let mut recent = quiet.clone();
+    recent[671] = 2;
+    let h = |counts| History {
+        counts,
+        last_bucket_start: 1_431_900_000 - 1_431_900_000 % 900,
+        bucket_secs: 900,
+        priority: 5,
+    };
+    let hs = [h(&quiet), h(&recent)];
+    let served = r.forecast(&hs).unwrap();
+    let naive = SeasonalNaive.forecast(&hs).unwrap();
+    let lstm = OnnxLstm::load(&path, 1).unwrap().forecast(&hs).unwrap();
+    assert_eq!(served[0], naive[0], "a silent window gets the baseline");
+    assert_eq!(served[1], lstm[1], "a window with requests gets the model");
+    // What the guard is for: trained without dead windows, the model alone is sure of a
+    // request after any silent window.
+    assert!(lstm[0].p_any > 0.5, "{:?}", lstm[0]);
 }
