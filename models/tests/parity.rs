@@ -192,7 +192,7 @@ fn silent_windows_get_the_baseline_forecast() {
     recent[671] = 2;
     let h = |counts| History {
         counts,
-        last_bucket_start: 1_431_900_000 - 1_431_900_000 % 900,
+        last_bucket_start: 1_431_900_000, // a bucket start (a multiple of 900)
         bucket_secs: 900,
         priority: 5,
     };
