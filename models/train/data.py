@@ -10,20 +10,10 @@ Two real traces are used (see ../shared/traces/README.md):
   resource = ``"opendap.lpdaac" + path`` (query stripped). Every line is a request (all status 200).
 
 For each trace: requests are sorted by time, bucketed on ``bucket_start = ts - ts % 900``, the
-top 50 resources by request count are kept (ties broken by resource name, ascending) as group
-``top``, plus a seeded uniform sample of up to ``TAIL_SAMPLE`` = 200 of the resources ranked
-below them (every resource in the trace has at least one request) as group ``tail``; one series
-per (resource, region) is built over the trace's full bucket range — from the bucket of the first
-request of *any* resource to the bucket of the last one — zeros included. Series order: top
-resources by rank, then the tail sample by rank; region 0, 1 within a resource.
-
-Why the tail: the shadow planner forecasts every (resource, region) series with a request in its
-history (Apache: ~1,366 resources, most requested once or twice), so a model trained on the 50
-busiest only meets the long tail out of distribution. A *uniform* sample over the tail resources
-(not weighted by requests) has the tail's own mix — on Apache half of them requested once — which
-is what the planner sees series by series; 200 resources (400 series) keeps the tail windows about
-as numerous as the top windows on Apache and the NASA dataset (69,530 buckets per series) small
-enough to hold and to write as JSON.
+top 50 resources by request count are kept (ties broken by resource name, ascending) and one
+series per (resource, region) is built over the trace's full bucket range — from the bucket of
+the first kept request of *any* resource to the bucket of the last one — zeros included.
+Series order: resource rank, then region 0, 1.
 
 Splits (per trace, on the bucket range of ``n_buckets`` buckets starting at ``first_bucket``):
 ``n_train = n_buckets * 70 // 100``, ``n_val = n_buckets * 85 // 100`` (integer arithmetic);
@@ -46,10 +36,7 @@ import numpy as np
 BUCKET_SECS = 900
 N_REGIONS = 2
 TOP_RESOURCES = 50
-TAIL_SAMPLE = 200  # tail resources sampled per trace (uniformly, without replacement)
-TAIL_SEED = 20240601  # the sample's seed (numpy default_rng); fixed so datasets are reproducible
 PRIORITY = 5
-GROUPS = ("top", "tail")
 
 TRACE_FILES = {
     "apache": "elastic_apache_logs/apache_logs",
@@ -138,8 +125,6 @@ class Series:
     region: int
     counts: np.ndarray  # int64 [n_buckets]
     priority: int = PRIORITY
-    group: str = "top"  # "top" (the TOP_RESOURCES busiest) or "tail" (the seeded tail sample)
-    rank: int = 0  # 0-based rank of the resource by request count in its trace
 
 
 @dataclass
@@ -154,7 +139,6 @@ class TraceData:
     val_end: int
     series: list[Series] = field(default_factory=list)
     bucket_secs: int = BUCKET_SECS
-    n_resources: int = 0
 
     def to_json(self) -> dict:
         return {
@@ -164,14 +148,9 @@ class TraceData:
             "n_buckets": self.n_buckets,
             "train_end": self.train_end,
             "val_end": self.val_end,
-            "top_resources": TOP_RESOURCES,
-            "tail_sample": {"size": TAIL_SAMPLE, "seed": TAIL_SEED,
-                            "from_resources": self.n_resources - TOP_RESOURCES,
-                            "rule": "uniform without replacement over the resources ranked below the top "
-                                    "(numpy default_rng(seed).choice), kept in rank order"},
             "series": [
                 {"resource": s.resource, "region": s.region, "priority": s.priority,
-                 "group": s.group, "rank": s.rank, "counts": [int(c) for c in s.counts]}
+                 "counts": [int(c) for c in s.counts]}
                 for s in self.series
             ],
         }
@@ -206,12 +185,8 @@ def build_trace(name: str, traces_dir: str) -> TraceData:
     totals: dict[str, int] = {}
     for _, _, res in reqs:
         totals[res] = totals.get(res, 0) + 1
-    ranked = [res for res, _ in sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))]
-    n_tail = max(0, len(ranked) - TOP_RESOURCES)
-    pick = np.random.default_rng(TAIL_SEED).choice(n_tail, size=min(TAIL_SAMPLE, n_tail), replace=False)
-    kept = list(range(min(TOP_RESOURCES, len(ranked)))) + sorted(TOP_RESOURCES + int(i) for i in pick)
-    top = [(ranked[r], r) for r in kept]  # (resource, rank) in series order
-    rank = {res: i for i, (res, _) in enumerate(top)}  # resource -> row of `counts`
+    top = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_RESOURCES]
+    rank = {res: i for i, (res, _) in enumerate(top)}
 
     counts = np.zeros((len(top), N_REGIONS, n_buckets), dtype=np.int64)
     region_cache: dict[str, int] = {}
@@ -225,11 +200,10 @@ def build_trace(name: str, traces_dir: str) -> TraceData:
         counts[i, r, (ts - ts % b - first_bucket) // b] += 1
 
     train_end, val_end = split_bounds(first_bucket, n_buckets)
-    series = [Series(res, r, counts[i, r], group="top" if rk < TOP_RESOURCES else "tail", rank=rk)
-              for i, (res, rk) in enumerate(top) for r in range(N_REGIONS)]
+    series = [Series(res, r, counts[i, r]) for res, i in rank.items() for r in range(N_REGIONS)]
     return TraceData(name=name, file=rel, sha256=sha256_file(path), n_requests=len(reqs),
                      first_bucket=first_bucket, n_buckets=n_buckets, train_end=train_end,
-                     val_end=val_end, series=series, n_resources=len(ranked))
+                     val_end=val_end, series=series)
 
 
 def write_dataset(td: TraceData, out_dir: str) -> str:
@@ -246,6 +220,6 @@ if __name__ == "__main__":  # quick summary
     d = sys.argv[1] if len(sys.argv) > 1 else "../shared/traces"
     for n in TRACE_FILES:
         td = build_trace(n, d)
-        tot = {g: sum(int(s.counts.sum()) for s in td.series if s.group == g) for g in GROUPS}
-        print(n, td.n_requests, "requests;", td.n_resources, "resources;", td.n_buckets, "buckets from",
-              td.first_bucket, "; requests by group", tot, "; train_end", td.train_end, "val_end", td.val_end)
+        tot = sum(int(s.counts.sum()) for s in td.series)
+        print(n, td.n_requests, "requests;", td.n_buckets, "buckets from", td.first_bucket,
+              "; top-50 requests", tot, "; train_end", td.train_end, "val_end", td.val_end)

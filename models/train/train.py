@@ -46,29 +46,13 @@ EXPECTED_SHA256 = {  # from ../shared/traces/README.md
 # Hidden size 8 so that one batch of 10,000 series runs in <= 20 ms on one core (measured with
 # `cargo bench -p models --bench forecast`: hidden 8 about 18 ms, hidden 12 or 16 22-32 ms);
 # "group" = buckets per LSTM step (32 / group steps).
-# Version 4 trains only the configuration version 3 selected from the grid below (hidden 8, head 16,
-# 4 buckets/step): with the tail sample there are 2.2x as many training windows and one
-# configuration took ~7 minutes on the shared 2-core machine. `--full-grid` restores the grid.
-FULL_GRID = [
+GRID = [
     {"hidden": 8, "head": 32, "group": 4, "lr": 3e-3, "bce_weight": 1.0},
     {"hidden": 8, "head": 32, "group": 8, "lr": 3e-3, "bce_weight": 1.0},
     {"hidden": 8, "head": 16, "group": 4, "lr": 3e-3, "bce_weight": 1.0},
 ]
-GRID = FULL_GRID[2:]
 BATCH = 256
-DEV_NOTES = """Version 4 (this model): the long tail added to the data. Finding: in the live replay the planner
-forecasts every (resource, region) series with a request in its history (Apache: ~1,366 resources, most requested
-once or twice), and the version-3 model, trained on the top 50 only, placed shadows that were used 8-12% of the time
-(byte precision) at p_any thresholds of 0.85-0.95, while its top-50 test Brier was 0.134. Change: each trace's
-dataset keeps the top-50 series unchanged and adds a seeded uniform sample of 200 tail resources (group `tail`, see
-Training data); same features, windows, splits, grid, model size and ONNX interface. Training uses top and tail
-train windows; early stopping averages the validation loss over (trace, group); calibration and the configuration
-choice stay on the top series (the contract metrics). Adoption rule, fixed before training and before any test
-number of the new model: adopt iff the tail-series validation Brier of p_any (mean over traces) is lower than the
-incumbent's and the top-series calibrated validation score is at most 2% above the incumbent's (table under the
-held-out metrics). The silent-window guard in the planner (all-zero input window -> seasonal naive) is unchanged.
-
-Version 3. Changes, in the order they were made:
+DEV_NOTES = """Version 3 (this model). Changes, in the order they were made:
 1. Validation split: the 70-85% stretch plus every 5th week of the first 70% (see Splits). Motivation: the
    previous version's NASA coverage was 83.3% on its validation split (384 windows, one quiet stretch) and 62.3% on
    test (that test number was known, reported in the issue). On the new split, a leave-one-validation-week-out check
@@ -173,8 +157,6 @@ class Windows:
         touch = np.concatenate([[0], np.cumsum(bsplit != 0)])
         purged = (self.split == 0) & (touch[np.minimum(self.end + H, n)] - touch[self.end - W] > 0)
         self.split = np.where(purged, -1, self.split)
-        # group of every window's series: 0 top (the TOP_RESOURCES busiest), 1 tail (the seeded sample)
-        self.group = np.array([data.GROUPS.index(s.group) for s in td.series], np.int64)[self.series]
         self.block = (self.end // VAL_BLOCK_BUCKETS).astype(np.int64)  # calibration diagnostics
         self._x = None
 
@@ -196,9 +178,8 @@ class Windows:
     def last_bucket_start(self, j: int) -> int:
         return self.td.first_bucket + (int(self.end[j]) - 1) * self.td.bucket_secs
 
-    def mask(self, split: str, group: str | None = None) -> np.ndarray:
-        m = self.split == SPLITS.index(split)
-        return m if group is None else m & (self.group == data.GROUPS.index(group))
+    def mask(self, split: str) -> np.ndarray:
+        return self.split == SPLITS.index(split)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,8 +322,7 @@ def mean_loss(model, x, y, cfg):
 
 
 def val_loss(model, val_sets, cfg):
-    """Mean over the validation sets — one per (trace, group): top and tail series of each trace —
-    of their mean loss (so each trace, and within it the top and the tail series, count equally)."""
+    """Mean over traces of the per-trace mean validation loss (so each trace counts equally)."""
     return float(np.mean([mean_loss(model, x, y, cfg) for x, y in val_sets]))
 
 
@@ -426,7 +406,7 @@ def calibrate(model, wins: dict):
     per_trace = []
     d = CALIB_GRID.astype(np.float64)
     for name, w in wins.items():
-        idx = np.nonzero(w.mask("val", "top"))[0]  # the contract's series: the top resources
+        idx = np.nonzero(w.mask("val"))[0]
         y = w.y[idx].astype(np.float64)
         (snq, _), _ = baseline_preds(w, idx)
         saved = model.calib.clone()
@@ -491,11 +471,10 @@ def ort_predict(sess, x: np.ndarray):
     return np.concatenate(qs), np.concatenate(ps)[:, 0]
 
 
-def evaluate(win: Windows, split: str, sess, warm_only: bool = False, group: str = "top"):
-    """Contract metrics on the non-dead windows of `split` of the series of `group` ("top": the
-    contract's top resources; "tail": the tail sample). With warm_only, only windows whose 32
+def evaluate(win: Windows, split: str, sess, warm_only: bool = False):
+    """Contract metrics on the non-dead windows of `split`. With warm_only, only windows whose 32
     input counts are not all zero (a diagnostic, not the contract metric)."""
-    m = win.mask(split, group)
+    m = win.mask(split)
     if warm_only:
         m = m & (win.x()[:, :, 0].max(axis=1) > 0)
     idx = np.nonzero(m)[0]
@@ -534,35 +513,6 @@ def targets_check(metrics_by_trace):
     return out
 
 
-ADOPT_MAX_TOP_WORSENING = 0.02  # the new model's top val score may be at most 2% above the incumbent's
-
-
-def adoption_check(wins: dict, new_sess, old_sess) -> dict:
-    """The rule, fixed before any test number of the new model was seen (validation split only):
-    adopt the new model iff (a) its p_any Brier on the validation windows of the tail series,
-    averaged over the two traces, is lower than the incumbent's, and (b) its calibrated validation
-    score on the top series (`val_score`: mean over traces and quantiles of count-space pinball /
-    seasonal naive's) is at most 2% above the incumbent's."""
-    out = {"rule": "adopt iff mean over traces of the tail-series validation Brier(p_any) is lower than the "
-                   "incumbent's AND the top-series calibrated validation score is <= 1.02 x the incumbent's"}
-    for name, sess in (("incumbent", old_sess), ("new", new_sess)):
-        top = {t: evaluate(w, "val", sess) for t, w in wins.items()}
-        tail = {t: evaluate(w, "val", sess, group="tail") for t, w in wins.items()}
-        out[name] = {
-            "top_val_score": val_score(top),
-            "tail_val_brier": {t: m["lstm"]["brier"] for t, m in tail.items()},
-            "tail_val_brier_mean": float(np.mean([m["lstm"]["brier"] for m in tail.values()])),
-            "top_val_brier": {t: m["lstm"]["brier"] for t, m in top.items()},
-            "top_val": {t: m["lstm"] for t, m in top.items()},
-            "tail_val": {t: m["lstm"] for t, m in tail.items()},
-        }
-    o, n = out["incumbent"], out["new"]
-    out["tail_brier_improves"] = n["tail_val_brier_mean"] < o["tail_val_brier_mean"]
-    out["top_score_within_2pct"] = n["top_val_score"] <= (1.0 + ADOPT_MAX_TOP_WORSENING) * o["top_val_score"]
-    out["adopted"] = bool(out["tail_brier_improves"] and out["top_score_within_2pct"])
-    return out
-
-
 # ----------------------------------------------------------------------------------------------
 # Fixtures
 
@@ -578,7 +528,7 @@ def make_fixtures(wins: dict, sess) -> list:
     # NASA test window with the full 7-day history (672 buckets): 7 seasonal lags. Chosen so that the
     # interpolated quantile(d, 0.9) exceeds p50 (interpolation visible in p90), then by the number of
     # distinct same-time sums d_k, then y >= 1; first window on ties.
-    c = np.nonzero(n.mask("test", "top") & (n.end >= 672))[0]
+    c = np.nonzero(n.mask("test") & (n.end >= 672))[0]
     P = fx.period_buckets(n.td.bucket_secs)
 
     def score(j):
@@ -590,15 +540,15 @@ def make_fixtures(wins: dict, sess) -> list:
     j_full = int(c[max(range(len(c)), key=lambda i: (scores[i], -i))])
     specs.append((n, j_full, None, "nasa test window, full 7-day history (672 buckets, 7 seasonal lags)"))
     # NASA test window with history cut to 200 buckets: 2 seasonal lags.
-    c = np.nonzero(n.mask("test", "top") & (n.y >= 1) & (n.end >= 672))[0]
+    c = np.nonzero(n.mask("test") & (n.y >= 1) & (n.end >= 672))[0]
     specs.append((n, pick(c, 0.25), 200, "nasa test window, history truncated to its last 200 buckets (2 seasonal lags)"))
     # Apache test window with all of the trace's history before it (> 3 days: 3 seasonal lags).
-    c = np.nonzero(a.mask("test", "top") & (a.y >= 1))[0]
+    c = np.nonzero(a.mask("test") & (a.y >= 1))[0]
     specs.append((a, pick(c, 0.5), None, "apache test window, all available history (< 7 days)"))
     # Apache test window with history cut below one period (seasonal naive falls back to the last H).
     specs.append((a, pick(c, 0.75), 48, "apache test window, history truncated to its last 48 buckets (< 96: no seasonal lag)"))
     # Apache non-dead test window with y = 0.
-    c = np.nonzero(a.mask("test", "top") & (a.y == 0))[0]
+    c = np.nonzero(a.mask("test") & (a.y == 0))[0]
     specs.append((a, pick(c, 0.5), None, "apache test window with zero target, all available history"))
 
     out = []
@@ -641,11 +591,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(REPO, "models"))
     ap.add_argument("--seed", type=int, default=20240531)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("SHADOWCDN_TRAIN_THREADS", "1")))
-    ap.add_argument("--time-budget", type=float, default=1800.0, help="seconds for the whole training grid")
-    ap.add_argument("--full-grid", action="store_true", help="train every configuration of FULL_GRID")
-    ap.add_argument("--incumbent", default=None,
-                    help="ONNX model to compare with on validation before export (see adoption_check); if the "
-                         "new model is not adopted, nothing is exported and no test metric is computed")
+    ap.add_argument("--time-budget", type=float, default=420.0, help="seconds for the whole training grid")
     args = ap.parse_args()
     t_start = time.time()
 
@@ -669,9 +615,7 @@ def main():
         wins[name] = w = Windows(td)
         log(f"{name}: {td.n_requests} requests, {td.n_buckets} buckets from {td.first_bucket}, "
             f"{len(td.series)} series -> {path}")
-        for g in data.GROUPS:
-            log(f"  {g}: {sum(1 for s in td.series if s.group == g)} series, non-dead windows train/val/test: "
-                + "/".join(str(int(w.mask(s, g).sum())) for s in SPLITS))
+        log(f"  non-dead windows train/val/test: " + "/".join(str(int(w.mask(s).sum())) for s in SPLITS))
 
     # 2. tensors
     def cat(split):
@@ -681,10 +625,8 @@ def main():
 
     xs, ys = cat("train")
     xtr, ytr = torch.cat(xs), torch.cat(ys)
-    # early stopping: one validation set per (trace, group), each counting equally (`val_loss`)
-    val_sets = [(torch.from_numpy(w.x()[w.mask("val", g)]), torch.from_numpy(w.y[w.mask("val", g)].astype(np.float32)))
-                for w in wins.values() for g in data.GROUPS if w.mask("val", g).any()]
-    vx = [v[0] for v in val_sets]
+    vx, vy = cat("val")
+    val_sets = list(zip(vx, vy))
     log(f"training windows: {len(xtr)} (both traces), validation: {sum(len(v) for v in vx)}")
 
     # 3. train the grid; calibrate each configuration's quantile offsets on validation and keep the
@@ -692,7 +634,7 @@ def main():
     deadline = t_start + args.time_budget
     results = []
     best = None
-    for i, cfg in enumerate(FULL_GRID if args.full_grid else GRID):
+    for i, cfg in enumerate(GRID):
         if time.time() > deadline:
             log(f"skipping config {cfg}: time budget used")
             continue
@@ -703,38 +645,18 @@ def main():
         tsess = TorchSession(model)
         vm = {name: evaluate(w, "val", tsess) for name, w in wins.items()}
         score = val_score(vm)
-        tail_brier = {name: evaluate(w, "val", tsess, group="tail")["lstm"]["brier"] for name, w in wins.items()}
         results.append({**cfg, "val_loss": vl, "best_epoch": ep, "epochs_run": n_ep, "calibration": offsets,
                         "val_score": score, "val_coverage": {n: m["lstm"]["coverage"] for n, m in vm.items()},
-                        "val_tail_brier": tail_brier, "seconds": round(time.time() - t0, 1)})
-        log(f"  -> val loss {vl:.4f} at epoch {ep}, calibration {offsets}, calibrated val score {score:.4f}, "
-            f"tail val Brier {tail_brier} ({time.time() - t0:.0f}s)")
+                        "seconds": round(time.time() - t0, 1)})
+        log(f"  -> val loss {vl:.4f} at epoch {ep}, calibration {offsets}, calibrated val score {score:.4f} "
+            f"({time.time() - t0:.0f}s)")
         if best is None or score < best[1]:
             best = (cfg, score, model)
     cfg, _, model = best
     log(f"selected {cfg}")
 
-    # 3b. adoption gate against the incumbent model (validation only; before export and before any
-    #     test number is computed)
-    import onnxruntime as ort
-
-    adoption = None
-    if args.incumbent:
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = 1
-        inc = ort.InferenceSession(os.path.abspath(args.incumbent), so, providers=["CPUExecutionProvider"])
-        adoption = adoption_check(wins, TorchSession(model), inc)
-        adoption["incumbent_model"] = {"path": os.path.abspath(args.incumbent),
-                                       "sha256": data.sha256_file(os.path.abspath(args.incumbent))}
-        log("adoption (validation): " + json.dumps(adoption, indent=1))
-        os.makedirs(build_dir, exist_ok=True)
-        with open(os.path.join(build_dir, "adoption.json"), "w") as fh:
-            json.dump(adoption, fh, indent=1)
-        if not adoption["adopted"]:
-            log("NOT ADOPTED: nothing exported, no test numbers computed")
-            sys.exit(3)
-
     # 4. export + check
+    import onnxruntime as ort
 
     onnx_path = os.path.join(out_dir, "lstm.onnx")
     exp_model = ExportModel(model).eval()
@@ -766,23 +688,17 @@ def main():
     assert max_rel < 1e-4, "ONNX export does not match torch"
 
     # evaluation
-    # the contract metrics and targets are on the top series (comparable with earlier versions);
-    # the tail sample is reported beside them
     test_metrics = {name: evaluate(w, "test", sess) for name, w in wins.items()}
     val_metrics = {name: evaluate(w, "val", sess) for name, w in wins.items()}
-    test_tail = {name: evaluate(w, "test", sess, group="tail") for name, w in wins.items()}
-    val_tail = {name: evaluate(w, "val", sess, group="tail") for name, w in wins.items()}
-    log("validation (top):\n" + fmt_table(val_metrics))
-    log("validation (tail):\n" + fmt_table(val_tail))
-    log("test (top):\n" + fmt_table(test_metrics))
-    log("test (tail):\n" + fmt_table(test_tail))
+    log("validation:\n" + fmt_table(val_metrics))
+    log("test:\n" + fmt_table(test_metrics))
     checks = targets_check(test_metrics)
     warm_metrics = {name: evaluate(w, "test", sess, warm_only=True) for name, w in wins.items()}
-    cold = {name: {s: int((w.mask(s, "top") & (w.x()[:, :, 0].max(axis=1) == 0)).sum()) for s in SPLITS}
+    cold = {name: {s: int((w.mask(s) & (w.x()[:, :, 0].max(axis=1) == 0)).sum()) for s in SPLITS}
             for name, w in wins.items()}
     cold_y = {}
     for name, w in wins.items():
-        m = w.mask("train", "top") & (w.x()[:, :, 0].max(axis=1) == 0)
+        m = w.mask("train") & (w.x()[:, :, 0].max(axis=1) == 0)
         cold_y[name] = [float(v) for v in np.percentile(w.y[m], [50, 75, 90])] if m.any() else []
     log("test, excluding windows with all-zero input (diagnostic):\n" + fmt_table(warm_metrics))
     log("all-zero-input (cold-start) windows per split: " + json.dumps(cold))
@@ -812,11 +728,10 @@ def main():
                   "pre-test range of the two-year NASA log instead of one quiet stretch; the 3.5-day Apache log is "
                   "shorter than a week, so its validation split is the 70-85% stretch only), train otherwise. A "
                   "window belongs to the split of its first target bucket; train windows with any input or target "
-                  "bucket in validation or test are dropped (purged). Train windows of both traces, top and tail "
-                  "series, train one model; validation does early stopping (mean loss per (trace, group), averaged "
-                  "over the four), fits the quantile calibration offsets and picks the configuration (calibrated "
-                  "count-space pinball relative to seasonal naive, both on the top series only: the contract "
-                  "metrics); test is only reported.")
+                  "bucket in validation or test are dropped (purged). Train windows of both traces train one model; "
+                  "validation does early stopping (per-trace mean loss, averaged over traces), fits the quantile "
+                  "calibration offsets and picks the configuration (calibrated count-space pinball relative to "
+                  "seasonal naive); test is only reported.")
     norm_text = (f"No extra input scaling: the model consumes the {F} contract features as computed (features 0 and "
                  "6-9 are already ln(1+count) scaled, 1-4 in [-1,1], 5 = priority/10). The LSTM reads feature 0 of the "
                  f"{W} steps as {W // cfg['group']} steps of {cfg['group']}; the head reads its last state and features 1-{F - 1} of the last "
@@ -844,19 +759,11 @@ def main():
         "training": {"loss": "sum of pinball losses on ln(1+y) at q 0.1/0.5/0.9 + bce_weight * BCE(p_any, y>=1)",
                      "optimizer": "Adam", "batch": BATCH, "max_epochs": MAX_EPOCHS, "patience": PATIENCE,
                      "selected": cfg, "grid": results, "threads": args.threads,
-                     "windows": {name: {g: {s: int(w.mask(s, g).sum()) for s in SPLITS} for g in data.GROUPS}
-                                 for name, w in wins.items()}},
-        "series_groups": {"top": f"the {data.TOP_RESOURCES} most requested resources x {data.N_REGIONS} regions",
-                          "tail": f"a uniform sample (numpy default_rng({data.TAIL_SEED}), without replacement) of "
-                                  f"{data.TAIL_SAMPLE} of the resources ranked below them x {data.N_REGIONS} regions",
-                          "resources": {name: w.td.n_resources for name, w in wins.items()}},
-        "adoption": adoption,
+                     "windows": {name: {s: int(w.mask(s).sum()) for s in SPLITS} for name, w in wins.items()}},
         "training_data": files,
         "splits": split_text,
         "test_metrics": test_metrics,
         "validation_metrics": val_metrics,
-        "test_metrics_tail": test_tail,
-        "validation_metrics_tail": val_tail,
         "targets": checks,
         "diagnostics": {
             "cold_start_windows": cold,
@@ -869,12 +776,11 @@ def main():
         fh.write("\n")
 
     write_model_card(os.path.join(out_dir, "MODEL_CARD.md"), meta, wins, fmt_table(test_metrics),
-                     fmt_table(val_metrics), fmt_table(warm_metrics), max_rel,
-                     fmt_table(test_tail), fmt_table(val_tail))
+                     fmt_table(val_metrics), fmt_table(warm_metrics), max_rel)
     log(f"done in {time.time() - t_start:.0f}s")
 
 
-def write_model_card(path, meta, wins, test_table, val_table, warm_table, max_rel, test_tail_table, val_tail_table):
+def write_model_card(path, meta, wins, test_table, val_table, warm_table, max_rel):
     cfg = meta["training"]["selected"]
     checks = meta["targets"]
     tm = meta["test_metrics"]
@@ -900,27 +806,8 @@ def write_model_card(path, meta, wins, test_table, val_table, warm_table, max_re
     cold_txt = "; ".join(f"{n} " + "/".join(f"{v:g}" for v in p)
                          for n, p in meta["diagnostics"]["cold_start_train_y_percentiles_50_75_90"].items())
     files = "\n".join(f"- `../shared/traces/{f['file']}` — sha256 `{f['sha256']}`" for f in meta["training_data"])
-    wcount = "\n".join(f"| {n} | {g} | {w.td.n_buckets} | {sum(1 for s in w.td.series if s.group == g)} | " + " | ".join(
-        str(int(w.mask(s, g).sum())) for s in SPLITS) + " |" for n, w in wins.items() for g in data.GROUPS)
-    adoption = meta.get("adoption")
-    if adoption:
-        o, nw = adoption["incumbent"], adoption["new"]
-        adopt_txt = (f"Adoption rule (fixed before any test number of this model was computed; validation only): "
-                     f"{adoption['rule']}. Incumbent: the model given as `--incumbent` (sha256 "
-                     f"`{adoption['incumbent_model']['sha256'][:16]}…`; here the previous `models/lstm.onnx`, trained on "
-                     f"the top series only) vs this model, on this version's validation windows (this model through "
-                     f"PyTorch before export, the incumbent through onnxruntime):\n\n"
-                     "| model | top val score | tail val Brier apache | tail val Brier nasa | tail val Brier mean | "
-                     "top val Brier apache | top val Brier nasa |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |\n" +
-                     "\n".join(f"| {label} | {m['top_val_score']:.4f} | {m['tail_val_brier']['apache']:.4f} | "
-                               f"{m['tail_val_brier']['nasa']:.4f} | {m['tail_val_brier_mean']:.4f} | "
-                               f"{m['top_val_brier']['apache']:.4f} | {m['top_val_brier']['nasa']:.4f} |"
-                               for label, m in (("incumbent", o), ("this model", nw))) +
-                     f"\n\nTail Brier improves: {adoption['tail_brier_improves']}; top score within 2%: "
-                     f"{adoption['top_score_within_2pct']} ({nw['top_val_score'] / o['top_val_score'] - 1:+.1%}); "
-                     f"adopted: {adoption['adopted']}.")
-    else:
-        adopt_txt = "(trained without an incumbent to compare with: `--incumbent` not given)"
+    wcount = "\n".join(f"| {n} | {w.td.n_buckets} | {len(w.td.series)} | " + " | ".join(
+        str(int(w.mask(s).sum())) for s in SPLITS) + " |" for n, w in wins.items())
     feats = "\n".join(f"{i}. `{n}`" for i, n in enumerate(meta["features"]))
     text = f"""# Model card: shadowcdn demand forecaster (`models/lstm.onnx`)
 
@@ -958,17 +845,11 @@ logs; it is not a general-purpose traffic forecaster.
 Parsing (`models/train/data.py`): Apache combined log, GET/HEAD only, client = IP, resource =
 `semicomplete.com` + path without query; NASA LP DAAC OPeNDAP log, `|&|`-separated, minute-resolution
 `YYYY-MM-DD hh:mmAM/PM` times treated as UTC, client = hashed IP, resource = `opendap.lpdaac` + path without
-query. Region = fnv1a64(client) % 2. Per trace, over the trace's full bucket range (zeros included): group
-**top** = the 50 most requested resources × 2 regions = 100 series (the contract metrics and the issue's targets
-are on these, as in earlier versions), and group **tail** = a uniform, seeded sample of {data.TAIL_SAMPLE} of the
-resources ranked below the top 50 (`data.py`: numpy `default_rng({data.TAIL_SEED})`, without replacement; every
-resource in a trace has at least one request) × 2 regions. The shadow planner forecasts every series with a request
-in its 7-day history — on Apache {wins['apache'].td.n_resources:,} resources, most requested once or twice — so a
-model trained on the busiest resources only meets the tail out of distribution; a uniform sample over resources has
-the tail's own mix. Resources per trace: {', '.join(f"{n} {w.td.n_resources:,}" for n, w in wins.items())}.
+query. Region = fnv1a64(client) % 2. Per trace the 50 most requested resources × 2 regions = 100 series over the
+trace's full bucket range (zeros included).
 
-| trace | group | buckets | series | train windows | validation windows | test windows |
-| --- | --- | ---: | ---: | ---: | ---: | ---: |
+| trace | buckets | series | train windows | validation windows | test windows |
+| --- | ---: | ---: | ---: | ---: | ---: |
 {wcount}
 
 (Non-dead windows only; a window is dead when its 32 input and 4 target counts are all zero.)
@@ -1014,17 +895,6 @@ Validation split (used for model selection), same columns:
 
 {val_table}
 
-Tail series (the seeded tail sample; not used by calibration or configuration selection, but trained on and
-in early stopping), test split:
-
-{test_tail_table}
-
-Tail series, validation split:
-
-{val_tail_table}
-
-{adopt_txt}
-
 Diagnostic — test windows whose 32 input counts are not all zero (MASE relative to seasonal naive on these
 windows). Windows with an all-zero input (cold starts) are kept by the contract whenever a request follows
 within the horizon, so for them y ≥ 1 always. From the 32 steps alone such inputs of the two traces look the same
@@ -1059,10 +929,7 @@ Inference speed (10,000 series in one batch, one core, target ≤ 20 ms) is meas
   weeks spread over the two years); the NASA regimes differ wildly from week to week (uncalibrated coverage per
   validation week ranged from 68% to 92% for a model trained on this split), so coverage on one held-out stretch such as the test tail can still
   land outside 75–85% — compare the validation and test tables above. The offsets are shared by both traces.
-- The long tail is represented by a sample of {data.TAIL_SAMPLE} resources per trace (of {wins['apache'].td.n_resources - 50:,} on
-  Apache, {wins['nasa'].td.n_resources - 50:,} on NASA); brand-new resources (no history at all) are not. Windows stay
-  non-dead-only, so an all-zero input window is always followed by a request in training: the model's `p_any` for
-  silent windows is meaningless, and the planner serves those with the seasonal-naive forecast instead.
+- Top-50 resources per trace only; long-tail and brand-new resources are not represented in training.
 - Priority is always 5 in the traces, so the model has never seen feature 5 vary.
 - Timestamps of the NASA log are local server time with unknown zone, treated as UTC, so time-of-day features may
   be shifted for that trace.

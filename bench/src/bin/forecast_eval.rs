@@ -3,11 +3,7 @@
 //! Reads the series datasets the training script writes (`models/build/dataset-<trace>.json`,
 //! made from `../shared/traces`), builds windows with the Rust feature pipeline exactly as the
 //! contract in `models/README.md` says, runs the LSTM (ONNX Runtime), seasonal naive and EWMA
-//! on the non-dead test windows, and prints MAE, MASE, pinball, coverage and Brier per trace,
-//! separately for the two series groups of the dataset: `top` (the 50 busiest resources, the
-//! contract metrics, comparable with earlier results) and `tail` (a seeded sample of the
-//! resources ranked below them; datasets without groups are all `top`), plus, for the tail,
-//! the mean `p_any` against the realised frequency of a request.
+//! on the non-dead test windows, and prints MAE, MASE, pinball, coverage and Brier per trace.
 //! Writes a JSON report and an SVG of forecast vs actual for the busiest test series.
 
 use std::path::PathBuf;
@@ -52,18 +48,8 @@ struct SeriesData {
     resource: String,
     region: u32,
     priority: u8,
-    /// "top" or "tail" (absent in datasets written before the tail sample: "top").
-    #[serde(default = "top_group")]
-    group: String,
     counts: Vec<u32>,
 }
-
-fn top_group() -> String {
-    "top".to_string()
-}
-
-/// Series groups reported, in order.
-const GROUPS: [&str; 2] = ["top", "tail"];
 
 /// Buckets of history a forecaster sees: 7 days.
 fn max_history(bucket_secs: i64) -> usize {
@@ -76,12 +62,9 @@ struct Window {
     y: f64,
 }
 
-fn windows(ds: &Dataset, group: &str) -> Vec<Window> {
+fn windows(ds: &Dataset) -> Vec<Window> {
     let mut out = Vec::new();
     for (si, s) in ds.series.iter().enumerate() {
-        if s.group != group {
-            continue;
-        }
         for end in WINDOW..=s.counts.len().saturating_sub(HORIZON) {
             let first_target = ds.first_bucket + end as i64 * ds.bucket_secs;
             if first_target < ds.val_end {
@@ -235,95 +218,61 @@ fn main() -> anyhow::Result<()> {
         if ds.series.iter().any(|s| s.counts.len() != ds.n_buckets) {
             bail!("{}: series lengths differ from n_buckets", path.display());
         }
-        if let Some(s) = ds
-            .series
-            .iter()
-            .find(|s| !GROUPS.contains(&s.group.as_str()))
-        {
-            bail!("{}: unknown series group {:?}", path.display(), s.group);
+        let ws = windows(&ds);
+        let mut preds = Vec::new();
+        for f in &forecasters {
+            preds.push((f.name().to_string(), run(f.as_ref(), &ds, &ws)?));
         }
-        let mut tail_report = serde_json::Map::new();
-        for group in GROUPS {
-            let ws = windows(&ds, group);
-            if ws.is_empty() {
-                continue;
-            }
-            let n_series = ds.series.iter().filter(|s| s.group == group).count();
-            let mut preds = Vec::new();
-            for f in &forecasters {
-                preds.push((f.name().to_string(), run(f.as_ref(), &ds, &ws)?));
-            }
-            let acc: Vec<(String, Accuracy)> = preds
-                .iter()
-                .map(|(n, p)| {
-                    let mut a = Accuracy::default();
-                    for (f, w) in p.iter().zip(&ws) {
-                        a.add(f, w.y);
-                    }
-                    (n.clone(), a)
-                })
-                .collect();
-            let naive_mae = acc
-                .iter()
-                .find(|(n, _)| n == "seasonal_naive")
-                .map_or(1.0, |(_, a)| a.mae());
-            let realised = ws.iter().filter(|w| w.y >= 1.0).count() as f64 / ws.len() as f64;
-            println!(
-            "\n## {} ({group} series) — {} test windows (non-dead), {} series; P(y ≥ 1) = {:.3}",
+        let acc: Vec<(String, Accuracy)> = preds
+            .iter()
+            .map(|(n, p)| {
+                let mut a = Accuracy::default();
+                for (f, w) in p.iter().zip(&ws) {
+                    a.add(f, w.y);
+                }
+                (n.clone(), a)
+            })
+            .collect();
+        let naive_mae = acc
+            .iter()
+            .find(|(n, _)| n == "seasonal_naive")
+            .map_or(1.0, |(_, a)| a.mae());
+        println!(
+            "\n## {} — {} test windows (non-dead), {} series",
             ds.trace,
             ws.len(),
-            n_series,
-            realised
+            ds.series.len()
         );
-            println!("| model | MAE | MASE | pinball q10 | pinball q50 | pinball q90 | coverage p10–p90 | Brier | mean p_any |");
-            println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
-            let mut trace_report = serde_json::Map::new();
-            for ((name, a), (_, fc)) in acc.iter().zip(&preds) {
-                let mean_p = fc.iter().map(|f| f64::from(f.p_any)).sum::<f64>() / fc.len() as f64;
-                let p = a.pinball();
-                let mase = if naive_mae > 0.0 {
-                    a.mae() / naive_mae
-                } else {
-                    f64::NAN
-                };
-                println!(
-                    "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1}% | {:.4} | {:.3} |",
-                    a.mae(),
-                    mase,
-                    p[0],
-                    p[1],
-                    p[2],
-                    100.0 * a.coverage(),
-                    a.brier(),
-                    mean_p
-                );
-                trace_report.insert(
+        println!("| model | MAE | MASE | pinball q10 | pinball q50 | pinball q90 | coverage p10–p90 | Brier |");
+        println!("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |");
+        let mut trace_report = serde_json::Map::new();
+        for (name, a) in &acc {
+            let p = a.pinball();
+            let mase = if naive_mae > 0.0 {
+                a.mae() / naive_mae
+            } else {
+                f64::NAN
+            };
+            println!(
+                "| {name} | {:.3} | {:.3} | {:.3} | {:.3} | {:.3} | {:.1}% | {:.4} |",
+                a.mae(),
+                mase,
+                p[0],
+                p[1],
+                p[2],
+                100.0 * a.coverage(),
+                a.brier()
+            );
+            trace_report.insert(
                 name.clone(),
                 json!({"mae": a.mae(), "mase": mase, "pinball": {"q10": p[0], "q50": p[1], "q90": p[2]},
-                       "coverage": a.coverage(), "brier": a.brier(), "mean_p_any": mean_p,
-                       "windows": a.count()}),
+                       "coverage": a.coverage(), "brier": a.brier(), "windows": a.count()}),
             );
-            }
-            trace_report.insert("series".into(), json!(n_series));
-            trace_report.insert("realised_p_any".into(), json!(realised));
-            if group == "top" {
-                // the report's per-trace entry stays the top series' (comparable with earlier runs)
-                report.insert(ds.trace.clone(), serde_json::Value::Object(trace_report));
-                let svg = cli.out.join(format!("forecast-{}.svg", ds.trace));
-                plot(&svg, &ds, &ws, &preds)?;
-                println!("plot: {}", svg.display());
-            } else {
-                tail_report.insert(ds.trace.clone(), serde_json::Value::Object(trace_report));
-            }
         }
-        if !tail_report.is_empty() {
-            let tails = report
-                .entry("tail")
-                .or_insert_with(|| serde_json::Value::Object(serde_json::Map::new()));
-            if let serde_json::Value::Object(m) = tails {
-                m.extend(tail_report);
-            }
-        }
+        report.insert(ds.trace.clone(), serde_json::Value::Object(trace_report));
+        let svg = cli.out.join(format!("forecast-{}.svg", ds.trace));
+        plot(&svg, &ds, &ws, &preds)?;
+        println!("plot: {}", svg.display());
     }
     let out = cli.out.join("forecast-eval.json");
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
