@@ -6,40 +6,12 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A loopback port, free for TCP and UDP a moment ago, for a child process to listen on.
-///
-/// Ports come from below the kernel's ephemeral range: a port the kernel hands out (`bind` to
-/// port 0, or the local end of any outgoing connection) could be taken again by some other
-/// connection between this pick and the child's own bind. Ports are never handed out twice
-/// by one test process.
+/// A loopback port that was free a moment ago.
 pub fn free_port() -> u16 {
-    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
-    const FLOOR: u32 = 10_000;
-    let ceiling = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .filter(|low| *low > FLOOR + 1_000)
-        .unwrap_or(32_768);
-    let span = ceiling - FLOOR;
-    let seed = std::process::id().wrapping_mul(7_919)
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
-    let given = given.get_or_insert_with(Default::default);
-    for i in 0..span {
-        let port = (FLOOR + (seed.wrapping_add(i)) % span) as u16;
-        if given.contains(&port) {
-            continue;
-        }
-        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
-            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
-        if free {
-            given.insert(port);
-            return port;
-        }
-    }
-    panic!("no free loopback port below {ceiling}");
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("loopback has free ports")
 }
 
 /// A binary of this workspace, built on first use with the same profile as the tests.
