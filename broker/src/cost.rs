@@ -127,7 +127,8 @@ pub struct CostSection {
     /// Floor on the byte precision (shadowed bytes hit before expiry / shadowed bytes) of each
     /// (region, class, source), treated as a constraint: while the rolling precision, over at
     /// least `min_settled` shadows, is below it the threshold only goes up, even when the
-    /// shadows pay. Default 0.6, the precision target of issue 6: below it most shadowed bytes
+    /// shadows pay; and it never goes down unless the precision clears the floor by
+    /// `dead_band`. Default 0.6, the precision target of issue 6: below it most shadowed bytes
     /// are extra origin and storage load for nothing, which prices at list rates undercount
     /// (cache pollution, fill bandwidth). 0 disables it.
     #[serde(default = "default_min_precision")]

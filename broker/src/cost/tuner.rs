@@ -18,7 +18,10 @@
 //!   and falls only when they profit with precision a quarter of the way from break-even to
 //!   perfect; in between it holds.
 //! - **Precision floor.** Once `min_settled` shadows back it, a byte precision below
-//!   `min_precision` raises the threshold whatever the money says, and no move goes down.
+//!   `min_precision` raises the threshold whatever the money says. On fewer shadows it does
+//!   not raise it, but no move goes down unless the byte precision clears the floor by the
+//!   dead band (a replay saw thresholds walk down on six profitable shadows at byte precision
+//!   0.25).
 
 use std::collections::VecDeque;
 
@@ -207,7 +210,11 @@ fn judge(s: &Stats, cfg: &CostSection) -> Option<Verdict> {
             ),
         });
     }
-    if net > 0.0 && precision > break_even + 0.25 * (1.0 - break_even) {
+    // The floor is a constraint, not only a trigger: lowering the threshold admits less
+    // certain predictions, so it never happens while the byte precision measured (on however
+    // few shadows) sits below the floor or within the dead band above it.
+    let clear_of_floor = floor <= 0.0 || bytes_p >= floor + cfg.dead_band.get();
+    if net > 0.0 && clear_of_floor && precision > break_even + 0.25 * (1.0 - break_even) {
         return Some(Verdict {
             dir: Dir::Down,
             reason: format!(
@@ -402,7 +409,7 @@ mod tests {
     }
 
     #[test]
-    fn too_little_evidence_never_trips_the_floor() {
+    fn too_little_evidence_neither_trips_the_floor_nor_lowers_the_threshold_below_it() {
         let cfg = CostSection::default();
         let mut t = Tuner::new(0.5, &cfg);
         // Small objects: a used one earns far more latency value than a wasted one costs.
@@ -427,7 +434,29 @@ mod tests {
         t.settle(small(true), &cfg);
         t.settle(small(false), &cfg);
         let m = (0..cfg.max_wait_ticks).find_map(|_| t.tick(&cfg, 0.05));
-        // Byte precision 0.5 over two shadows is no evidence against the floor.
+        // Byte precision 0.5 over two shadows is no evidence against the floor, nor for
+        // admitting less certain predictions: the threshold holds though the shadows paid.
+        assert_eq!(m, None);
+        assert!(t.judged.is_some_and(|j| j.net > 0.0 && j.shadows == 2));
+        // Two used shadows clear the floor: then the money may lower it.
+        t.settle(small(true), &cfg);
+        t.settle(small(true), &cfg);
+        t.window.retain(|s| s.used);
+        let m = (0..cfg.max_wait_ticks).find_map(|_| t.tick(&cfg, 0.05));
         assert!(m.is_some_and(|m| m.to < m.from));
+    }
+
+    #[test]
+    fn profitable_shadows_just_above_the_floor_do_not_lower_the_threshold() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.5, &cfg);
+        // Peer fills pay at byte precision 0.62 (break-even about 0.22), within the dead band
+        // above the floor 0.6.
+        for i in 0..50 {
+            t.settle(settled(&cfg, 0.9, i % 50 < 31, true), &cfg);
+        }
+        assert_eq!(t.tick(&cfg, 0.05), None);
+        let judged = t.judged.unwrap();
+        assert!(judged.net > 0.0, "{judged:?}");
     }
 }
