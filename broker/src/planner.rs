@@ -70,7 +70,8 @@ pub struct PlannerSection {
     /// Floor of the uncertainty safety factor applied to every budget.
     #[serde(default = "default_min_safety")]
     pub min_safety: f32,
-    /// Shadow TTL for resources no provider registered.
+    /// Shadow TTL for resources no provider registered (default 3600, the forecast horizon:
+    /// at 1800 a shadow expired before the second half of the hour its forecast spoke for).
     #[serde(default = "default_ttl")]
     pub default_ttl_secs: u64,
 }
@@ -106,7 +107,7 @@ fn default_budget() -> u64 {
     256 * 1024 * 1024
 }
 fn default_ttl() -> u64 {
-    1800
+    crate::registry::model::DEFAULT_SHADOW_TTL_SECS
 }
 fn default_budget_share() -> f64 {
     0.1

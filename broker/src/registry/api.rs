@@ -510,7 +510,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
             let ttl = s
                 .registry
                 .resource_for(&host, &path)
-                .map_or(1800, |r| r.shadow_ttl_secs);
+                .map_or(super::model::DEFAULT_SHADOW_TTL_SECS, |r| r.shadow_ttl_secs);
             let mut refilled = Vec::new();
             for e in refill {
                 let mut order = asap_order(&target, ttl, 5);

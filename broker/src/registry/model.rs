@@ -123,8 +123,12 @@ pub struct ResourceBody {
 fn default_priority() -> i64 {
     5
 }
+/// Shadow TTL when neither the provider nor the operator chose one: the forecast horizon
+/// (one hour), so a shadow placed for demand predicted within the hour lives that hour.
+pub const DEFAULT_SHADOW_TTL_SECS: u64 = 3600;
+
 fn default_ttl() -> i64 {
-    3600
+    DEFAULT_SHADOW_TTL_SECS as i64
 }
 
 /// Body of `POST /v1/purge`.
