@@ -18,7 +18,9 @@
 //!   and falls only when they profit with precision a quarter of the way from break-even to
 //!   perfect; in between it holds.
 //! - **Precision floor.** Once `min_settled` shadows back it, a byte precision below
-//!   `min_precision` raises the threshold whatever the money says. On fewer shadows it does
+//!   `min_precision` raises the threshold whatever the money says, straight to the lowest
+//!   score above which the judged shadows met the floor (a step at a time, the last replay's
+//!   LSTM tuner took ten ticks to climb back and kept wasting shadows). On fewer shadows it does
 //!   not raise it, but no move goes down unless the byte precision clears the floor by the
 //!   dead band (a replay saw thresholds walk down on six profitable shadows at byte precision
 //!   0.25).
@@ -62,6 +64,9 @@ enum Dir {
 struct Verdict {
     dir: Dir,
     reason: String,
+    /// Whether the precision floor decided it (then the move goes straight to the lowest
+    /// threshold the judged outcomes say would have met the floor).
+    floor: bool,
 }
 
 /// A move the tuner made.
@@ -133,14 +138,27 @@ impl Tuner {
         if stats.shadows == 0 || !cfg.tune {
             return None;
         }
-        let verdict = judge(&stats, cfg)?;
+        let mut verdict = judge(&stats, cfg)?;
         let step = self.next_step(verdict.dir, cfg);
-        let delta = match verdict.dir {
-            Dir::Up => step,
-            Dir::Down => -step,
+        let mut to = match verdict.dir {
+            Dir::Up => self.threshold + step,
+            Dir::Down => self.threshold - step,
         };
+        if verdict.floor {
+            let floor = cfg.min_precision.get();
+            let target = self.floor_target(floor).unwrap_or(cfg.max_threshold);
+            if target > to {
+                verdict.reason = format!(
+                    "{}; shadows scored from {target:.2} up met it",
+                    verdict.reason
+                );
+                to = target;
+                // The jump is the move; the next one starts from the full step again.
+                self.step = cfg.step.max(cfg.min_step);
+            }
+        }
         // max/min rather than clamp: bounds from a config never panic, even crossed.
-        let to = (self.threshold + delta).max(lower).min(cfg.max_threshold);
+        let to = to.max(lower).min(cfg.max_threshold);
         if (to - self.threshold).abs() < f32::EPSILON {
             return None;
         }
@@ -151,6 +169,40 @@ impl Tuner {
             to,
             reason: verdict.reason,
         })
+    }
+
+    /// The lowest score `t` such that the judged outcomes scored `t` or more reach `floor` in
+    /// byte precision: the threshold that, on this evidence, would have kept the floor.
+    /// `None` when no such score exists. A stepwise climb from far below would keep placing
+    /// shadows that miss the floor for many ticks (each outcome arrives only at its expiry).
+    fn floor_target(&self, floor: f64) -> Option<f32> {
+        let mut judged: Vec<Settled> = self
+            .window
+            .iter()
+            .filter(|s| s.score >= self.threshold)
+            .copied()
+            .collect();
+        judged.sort_by(|a, b| b.score.total_cmp(&a.score));
+        let (mut bytes, mut used_bytes) = (0u64, 0u64);
+        let mut best = None;
+        // Walk down from the highest score; remember the lowest score where the precision of
+        // everything at or above it still meets the floor (at a boundary between scores).
+        for (i, s) in judged.iter().enumerate() {
+            bytes += s.bytes;
+            if s.used {
+                used_bytes += s.bytes;
+            }
+            let boundary = judged.get(i + 1).is_none_or(|n| n.score < s.score);
+            let precision = if bytes == 0 {
+                1.0
+            } else {
+                used_bytes as f64 / bytes as f64
+            };
+            if boundary && precision >= floor {
+                best = Some(s.score);
+            }
+        }
+        best
     }
 
     /// Whether this tick decides: enough fresh outcomes, or some that waited long enough.
@@ -199,6 +251,7 @@ fn judge(s: &Stats, cfg: &CostSection) -> Option<Verdict> {
                 "byte precision {bytes_p:.2} over {} shadows below the floor {floor:.2}",
                 s.shadows
             ),
+            floor: true,
         });
     }
     if s.return_on_spend() < -cfg.dead_band.get() {
@@ -208,6 +261,7 @@ fn judge(s: &Stats, cfg: &CostSection) -> Option<Verdict> {
                 "net ${net:.3e} per shadow < 0 over {} shadows: precision {precision:.2} below break-even {break_even:.4}",
                 s.shadows
             ),
+            floor: false,
         });
     }
     // The floor is a constraint, not only a trigger: lowering the threshold admits less
@@ -221,6 +275,7 @@ fn judge(s: &Stats, cfg: &CostSection) -> Option<Verdict> {
                 "net ${net:.3e} per shadow > 0 over {} shadows with precision {precision:.2} above break-even {break_even:.4}: admit less certain predictions",
                 s.shadows
             ),
+            floor: false,
         });
     }
     None
@@ -406,6 +461,23 @@ mod tests {
         let unfloored = run(0.0);
         assert!(!unfloored.is_empty());
         assert!(unfloored.iter().all(|m| m.to < m.from), "{unfloored:?}");
+    }
+
+    #[test]
+    fn below_the_floor_it_jumps_to_the_lowest_score_that_met_it() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.1, &cfg);
+        // 40 shadows scored 0.10–0.88: only those scored 0.7 or more were used.
+        for i in 0..40 {
+            let score = 0.1 + i as f32 * 0.02;
+            t.settle(settled(&cfg, score, score >= 0.7, false), &cfg);
+        }
+        let m = t.tick(&cfg, 0.05).expect("the floor moves it");
+        assert!(m.reason.contains("below the floor"), "{m:?}");
+        // Equal sizes: from 0.58 up, 10 of 16 were used (0.625 ≥ 0.6); from 0.56 up, 10 of
+        // 17 (0.588 < 0.6).
+        assert!((m.to - 0.58).abs() < 1e-3, "{m:?}");
+        assert!((t.step() - cfg.step).abs() < 1e-6);
     }
 
     #[test]
