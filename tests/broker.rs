@@ -1137,18 +1137,19 @@ async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys() {
     let origin = TestOrigin::start().await;
-    let mut c = start_cluster();
+    // Shadow budget: 1e-4 of 80 MiB ≈ 8 KiB per edge.
+    let mut c = start_cluster_with("[planner]\nbudget_share = 0.0001\n");
     c.register(&origin).await;
-    // A client fetches the page and then its script, four times over.
+    // A client fetches the page, then its script and a video larger than the edge's whole
+    // shadow budget, four times over.
     for _ in 0..4 {
-        assert_eq!(
-            c.get("/page/index.html", "us").await.status(),
-            StatusCode::OK
-        );
-        assert_eq!(
-            c.get("/page/app.js?v=2", "us").await.status(),
-            StatusCode::OK
-        );
+        for path in [
+            "/page/index.html",
+            "/page/app.js?v=2",
+            "/page/clip.mp4?size=100000",
+        ] {
+            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
+        }
     }
     // The script is asked for with a version query; purge it by prefix.
     let (s, v) = api(
@@ -1183,6 +1184,20 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
         "{m}"
     );
     assert!(sample(&m, "shadowcdn_broker_coaccess_pairs", &[]).is_some_and(|n| n >= 1.0));
+    // The video follows the page as surely, but would not fit the budget.
+    assert!(
+        sample(
+            &m,
+            "shadowcdn_broker_coaccess_shadows_total",
+            &["outcome=\"too_large\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
+    assert!(
+        !c.shadowed_on(3, &format!("{HOST}/page/clip.mp4?size=100000"))
+            .await
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

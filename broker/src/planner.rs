@@ -76,6 +76,17 @@ pub struct PlannerSection {
     pub default_ttl_secs: u64,
 }
 
+impl PlannerSection {
+    /// Shadow bytes edge `e` may hold (before the planner's safety factor): a share of the
+    /// capacity it reports, or the fixed budget when it reports none.
+    pub fn edge_budget(&self, sync: &EdgeSync, e: usize) -> u64 {
+        match sync.capacity(e) {
+            Some(cap) => (cap as f64 * self.budget_share) as u64,
+            None => self.budget_bytes_per_edge,
+        }
+    }
+}
+
 impl Default for PlannerSection {
     fn default() -> Self {
         PlannerSection {
@@ -613,10 +624,7 @@ impl Planner {
 
     /// Shadow bytes edge `e` may hold before the safety factor.
     fn base_budget(&self, e: usize) -> u64 {
-        match self.sync.capacity(e) {
-            Some(cap) => (cap as f64 * self.cfg.budget_share) as u64,
-            None => self.cfg.budget_bytes_per_edge,
-        }
+        self.cfg.edge_budget(&self.sync, e)
     }
 
     /// Adopt the shadows edges still hold from before this broker started, once per edge:

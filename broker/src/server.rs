@@ -176,7 +176,7 @@ impl Broker {
                 sync: sync.clone(),
                 planner: planner_state.clone(),
                 ledger: ledger.clone(),
-                default_ttl: cfg.planner.default_ttl_secs,
+                planner_cfg: cfg.planner.clone(),
                 metrics: metrics.clone(),
             },
             coaccess_rx,

@@ -165,8 +165,16 @@ impl Sink {
         };
         // Cache keys, not resources: a follower must be shadowed under the key it is asked by.
         map.observe(r.client, r.region, &r.key, r.ts);
-        let followers = map.followers(r.region, &r.key);
+        let mut followers = map.followers(r.region, &r.key);
         if !followers.is_empty() {
+            let store = self.store.read();
+            for f in &mut followers {
+                let resource = f.key.split_once('?').map_or(f.key.as_str(), |(r, _)| r);
+                f.bytes = store
+                    .query(resource)
+                    .and_then(|by_region| by_region.values().filter_map(|s| s.mean_bytes()).max());
+            }
+            drop(store);
             let _ = triggers.try_send(Trigger {
                 region: r.region as usize,
                 leader: r.key.clone(),

@@ -90,6 +90,10 @@ pub struct Follower {
     pub probability: f64,
     /// Typical seconds after the leader.
     pub gap_secs: f64,
+    /// Mean response size of its resource, when the monitor has seen it: a follower larger
+    /// than its edge's whole shadow budget is not shadowed (the planner's budget holds
+    /// forecast shadows to the same limit).
+    pub bytes: Option<u64>,
 }
 
 /// The learned transition map.
@@ -222,6 +226,7 @@ impl CoAccess {
                 key: b.clone(),
                 probability: (p.count / n).min(1.0),
                 gap_secs: p.gap,
+                bytes: None,
             })
             .filter(|f| f.probability >= self.cfg.min_probability)
             .collect();

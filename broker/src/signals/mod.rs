@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use crate::cost::{Class, Ledger, OrderInfo, Signal};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::now_secs;
-use crate::planner::{place_with, PlannerState};
+use crate::planner::{place_with, PlannerSection, PlannerState};
 use crate::registry::Registry;
 use crate::routing::{Fleet, Health};
 use crate::sync::EdgeSync;
@@ -49,9 +49,9 @@ pub struct Trigger {
 }
 
 /// Issues co-access shadows: each follower on the edge that owns it in the leader's region,
-/// due at its typical gap, unless already shadowed there, the provider's policy forbids the
-/// region, or its probability is below the co-access threshold of that region and priority
-/// class.
+/// due at its typical gap, unless already shadowed there, larger than that edge's shadow
+/// budget, the provider's policy forbids the region, or its probability is below the
+/// co-access threshold of that region and priority class.
 ///
 /// That threshold is co-access's own, tuned on the outcomes of co-access shadows alone (see
 /// [`crate::cost`]): P(B follows A) and the forecast's P(any request in the hour) are
@@ -67,7 +67,7 @@ pub struct CoAccessService {
     sync: Arc<EdgeSync>,
     planner: Arc<PlannerState>,
     ledger: Arc<Ledger>,
-    default_ttl: u64,
+    planner_cfg: PlannerSection,
     metrics: BrokerMetrics,
 }
 
@@ -85,8 +85,8 @@ pub struct CoAccessParts {
     pub planner: Arc<PlannerState>,
     /// Cost attribution.
     pub ledger: Arc<Ledger>,
-    /// Shadow TTL of unregistered resources.
-    pub default_ttl: u64,
+    /// The planner's settings: shadow TTL of unregistered resources, edge shadow budgets.
+    pub planner_cfg: PlannerSection,
     /// Metrics.
     pub metrics: BrokerMetrics,
 }
@@ -102,7 +102,7 @@ impl CoAccessService {
             sync: parts.sync,
             planner: parts.planner,
             ledger: parts.ledger,
-            default_ttl: parts.default_ttl,
+            planner_cfg: parts.planner_cfg,
             metrics: parts.metrics,
         }
     }
@@ -113,6 +113,14 @@ impl CoAccessService {
                 continue;
             };
             if self.planner.live_edges(&f.key).contains(&edge) {
+                continue;
+            }
+            let budget = self.planner_cfg.edge_budget(&self.sync, edge);
+            if f.bytes.is_some_and(|b| b > budget) {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["too_large"])
+                    .inc();
                 continue;
             }
             let reg = self.registry.resource_for_key(&f.key);
@@ -126,7 +134,9 @@ impl CoAccessService {
                     .inc();
                 continue;
             }
-            let ttl = reg.as_ref().map_or(self.default_ttl, |r| r.shadow_ttl_secs);
+            let ttl = reg
+                .as_ref()
+                .map_or(self.planner_cfg.default_ttl_secs, |r| r.shadow_ttl_secs);
             let priority = reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority);
             let signal = Signal::coaccess(f.probability);
             if !self.ledger.admits(signal, t.region, priority) {
