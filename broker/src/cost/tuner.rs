@@ -19,7 +19,7 @@
 //!   perfect; in between it holds.
 //! - **Precision floor.** Once `min_settled` shadows back it, a byte precision below
 //!   `min_precision` raises the threshold whatever the money says, straight to the lowest
-//!   score above which the judged shadows met the floor (a step at a time, the last replay's
+//!   score above which the judged shadows cleared the floor by the dead band (a step at a time, the last replay's
 //!   LSTM tuner took ten ticks to climb back and kept wasting shadows). On fewer shadows it does
 //!   not raise it, but no move goes down unless the byte precision clears the floor by the
 //!   dead band (a replay saw thresholds walk down on six profitable shadows at byte precision
@@ -145,11 +145,13 @@ impl Tuner {
             Dir::Down => self.threshold - step,
         };
         if verdict.floor {
-            let floor = cfg.min_precision.get();
-            let target = self.floor_target(floor).unwrap_or(cfg.max_threshold);
+            // Aim at the top of the band the threshold then rests in (it falls again only
+            // above floor + dead band), not at its bottom, where noise sends it back below.
+            let aim = (cfg.min_precision.get() + cfg.dead_band.get()).min(1.0);
+            let target = self.floor_target(aim).unwrap_or(cfg.max_threshold);
             if target > to {
                 verdict.reason = format!(
-                    "{}; shadows scored from {target:.2} up met it",
+                    "{}; shadows scored from {target:.2} up reached {aim:.2}",
                     verdict.reason
                 );
                 to = target;
@@ -172,7 +174,7 @@ impl Tuner {
     }
 
     /// The lowest score `t` such that the judged outcomes scored `t` or more reach `floor` in
-    /// byte precision: the threshold that, on this evidence, would have kept the floor.
+    /// byte precision: the threshold that, on this evidence, would have kept it.
     /// `None` when no such score exists. A stepwise climb from far below would keep placing
     /// shadows that miss the floor for many ticks (each outcome arrives only at its expiry).
     fn floor_target(&self, floor: f64) -> Option<f32> {
@@ -474,9 +476,9 @@ mod tests {
         }
         let m = t.tick(&cfg, 0.05).expect("the floor moves it");
         assert!(m.reason.contains("below the floor"), "{m:?}");
-        // Equal sizes: from 0.58 up, 10 of 16 were used (0.625 ≥ 0.6); from 0.56 up, 10 of
-        // 17 (0.588 < 0.6).
-        assert!((m.to - 0.58).abs() < 1e-3, "{m:?}");
+        // It aims at the floor plus the dead band, 0.65. Equal sizes: from 0.60 up, 10 of 15
+        // were used (0.667); from 0.58 up, 10 of 16 (0.625).
+        assert!((m.to - 0.60).abs() < 1e-3, "{m:?}");
         assert!((t.step() - cfg.step).abs() < 1e-6);
     }
 
