@@ -6,12 +6,28 @@ use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A loopback port that was free a moment ago.
+/// A loopback port, free for TCP and UDP a moment ago, for a child process to listen on.
+///
+/// The kernel picks it (`bind` to port 0). A port is checked for UDP too, since edges serve
+/// QUIC on their HTTP port and other processes' QUIC sockets hold ephemeral UDP ports; and
+/// no port is handed out twice by one test process, whose tests pick ports concurrently and
+/// would otherwise be offered a port another test picked but whose child has not bound yet.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("loopback has free ports")
+    static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
+    for _ in 0..1000 {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("loopback has free ports");
+        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_err() {
+            continue;
+        }
+        let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+        if given.get_or_insert_with(Default::default).insert(port) {
+            return port;
+        }
+    }
+    panic!("no loopback port free for both TCP and UDP after 1000 tries");
 }
 
 /// A binary of this workspace, built on first use with the same profile as the tests.
