@@ -19,11 +19,11 @@
 //!   perfect; in between it holds.
 //! - **Precision floor.** Once `min_settled` shadows back it, a byte precision below
 //!   `min_precision` raises the threshold whatever the money says, straight to the lowest
-//!   score above which the judged shadows cleared the floor by the dead band (a step at a time, the last replay's
-//!   LSTM tuner took ten ticks to climb back and kept wasting shadows). On fewer shadows it does
-//!   not raise it, but no move goes down unless the byte precision clears the floor by the
-//!   dead band (a replay saw thresholds walk down on six profitable shadows at byte precision
-//!   0.25).
+//!   score above which the judged shadows cleared the floor by the dead band (climbing a step
+//!   at a time, a replay's LSTM tuner took ten ticks and kept wasting shadows meanwhile). On
+//!   fewer shadows the floor raises nothing, but no move goes down unless the byte precision
+//!   clears the floor by the dead band (a replay saw a threshold walk down on six profitable
+//!   shadows at byte precision 0.25).
 
 use std::collections::VecDeque;
 
@@ -65,7 +65,7 @@ struct Verdict {
     dir: Dir,
     reason: String,
     /// Whether the precision floor decided it (then the move goes straight to the lowest
-    /// threshold the judged outcomes say would have met the floor).
+    /// threshold at which the judged outcomes cleared the floor by the dead band).
     floor: bool,
 }
 
@@ -173,11 +173,11 @@ impl Tuner {
         })
     }
 
-    /// The lowest score `t` such that the judged outcomes scored `t` or more reach `floor` in
-    /// byte precision: the threshold that, on this evidence, would have kept it.
-    /// `None` when no such score exists. A stepwise climb from far below would keep placing
-    /// shadows that miss the floor for many ticks (each outcome arrives only at its expiry).
-    fn floor_target(&self, floor: f64) -> Option<f32> {
+    /// The lowest score `t` such that the judged outcomes scored `t` or more reach `aim` in
+    /// byte precision: the threshold that, on this evidence, would have kept it; `None` when
+    /// no score does. A stepwise climb from far below would keep placing shadows that miss the
+    /// floor for many ticks (each outcome arrives only at its expiry).
+    fn floor_target(&self, aim: f64) -> Option<f32> {
         let mut judged: Vec<Settled> = self
             .window
             .iter()
@@ -188,7 +188,7 @@ impl Tuner {
         let (mut bytes, mut used_bytes) = (0u64, 0u64);
         let mut best = None;
         // Walk down from the highest score; remember the lowest score where the precision of
-        // everything at or above it still meets the floor (at a boundary between scores).
+        // everything at or above it still reaches the aim (at a boundary between scores).
         for (i, s) in judged.iter().enumerate() {
             bytes += s.bytes;
             if s.used {
@@ -200,7 +200,7 @@ impl Tuner {
             } else {
                 used_bytes as f64 / bytes as f64
             };
-            if boundary && precision >= floor {
+            if boundary && precision >= aim {
                 best = Some(s.score);
             }
         }
