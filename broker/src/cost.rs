@@ -133,6 +133,13 @@ pub struct CostSection {
     /// (cache pollution, fill bandwidth). 0 disables it.
     #[serde(default = "default_min_precision")]
     pub min_precision: Fraction,
+    /// Whether the planner holds each forecast candidate to its own break-even probability
+    /// on top of the tuned threshold (default on): at these prices a wasted origin fill of
+    /// 1 MB costs what 21 used shadows earn in latency, so a large object needs a near-certain
+    /// forecast while a small one, or one a peer edge can supply, pays at modest odds. One
+    /// threshold per (region, class) cannot say that.
+    #[serde(default = "default_true")]
+    pub break_even_gate: bool,
 }
 
 impl Default for CostSection {
@@ -153,6 +160,7 @@ impl Default for CostSection {
             max_wait_ticks: default_max_wait_ticks(),
             dead_band: default_dead_band(),
             min_precision: default_min_precision(),
+            break_even_gate: true,
         }
     }
 }
@@ -304,6 +312,57 @@ pub fn price(cfg: &CostSection, o: &ShadowOutcome) -> Priced {
         } else {
             0.0
         },
+    }
+}
+
+/// What one prospective shadow stands to earn or lose, priced like its outcome will be: the
+/// planner's per-candidate economics, so a candidate is only worth placing when its chance of
+/// use beats the odds its own size and fill source set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Stake {
+    /// Net if a request finds it before it expires.
+    pub used: f64,
+    /// Net if none does.
+    pub wasted: f64,
+}
+
+impl Stake {
+    /// The stake of a `bytes`-sized shadow held `ttl_secs`, filled from a peer edge or the
+    /// origin. A used shadow is priced as held for its whole TTL too: the storage is a
+    /// rounding error next to the transfer, and overstating it keeps the gate conservative.
+    pub fn of(cfg: &CostSection, bytes: u64, peer_filled: bool, ttl_secs: u64) -> Stake {
+        let outcome = |hits| ShadowOutcome {
+            key: String::new(),
+            bytes,
+            hits,
+            held_secs: ttl_secs,
+            peer_filled,
+            evicted: false,
+            failed: false,
+            held_before: false,
+        };
+        Stake {
+            used: price(cfg, &outcome(1)).net(),
+            wasted: price(cfg, &outcome(0)).net(),
+        }
+    }
+
+    /// Expected net of placing it when a request comes with probability `p`.
+    pub fn value(&self, p: f32) -> f64 {
+        let p = f64::from(p.clamp(0.0, 1.0));
+        p * self.used + (1.0 - p) * self.wasted
+    }
+
+    /// The probability of use at which it breaks even: 0 when even waste pays, above 1 when
+    /// even use does not (never worth placing).
+    pub fn break_even(&self) -> f32 {
+        if self.wasted >= 0.0 {
+            0.0
+        } else if self.used <= 0.0 {
+            f32::INFINITY
+        } else {
+            (-self.wasted / (self.used - self.wasted)) as f32
+        }
     }
 }
 
@@ -674,6 +733,22 @@ impl Ledger {
         (tuner.threshold, tuner.last_reason.clone())
     }
 
+    /// What a forecast shadow of `bytes`, held `ttl_secs` and filled from a peer or the origin,
+    /// stands to earn or lose at this ledger's prices.
+    pub fn stake(&self, bytes: u64, peer_filled: bool, ttl_secs: u64) -> Stake {
+        Stake::of(&self.cfg, bytes, peer_filled, ttl_secs)
+    }
+
+    /// The least P(use) the planner demands of a candidate with `stake` besides the tuned
+    /// threshold: its break-even probability, or 0 with `break_even_gate` off.
+    pub fn gate(&self, stake: &Stake) -> f32 {
+        if self.cfg.break_even_gate {
+            stake.break_even()
+        } else {
+            0.0
+        }
+    }
+
     /// Whether `signal` clears its source's threshold in `region` at `priority`. Co-access and
     /// anomaly placements ask before ordering: each is held to the evidence of its own
     /// outcomes. Remembers the weakest score each source offers (its lower bound).
@@ -990,6 +1065,35 @@ mod tests {
         // Used, peer-filled: the origin egress is saved for the inter-edge price.
         let peer = price(&cfg, &outcome(gb, 1, true));
         assert!(peer.net() > 0.06, "{peer:?}");
+    }
+
+    #[test]
+    fn break_even_grows_with_size_and_falls_with_a_peer_fill() {
+        let cfg = CostSection::default();
+        let be = |bytes, peer| Stake::of(&cfg, bytes, peer, 3600).break_even();
+        let (small, medium, large) = (be(10_000, false), be(100_000, false), be(1_000_000, false));
+        assert!(small < medium && medium < large, "{small} {medium} {large}");
+        // 10 kB pays at modest odds; 1 MB from the origin needs more than the tuner's ceiling.
+        assert!(small < 0.35, "{small}");
+        assert!(large > 0.95, "{large}");
+        // From a peer, a used copy saves the origin egress: large objects pay at ~0.22.
+        let peer = be(1_000_000, true);
+        assert!(peer < 0.3 && peer < large, "{peer}");
+        // At the break-even probability the expected net is zero.
+        let s = Stake::of(&cfg, 100_000, false, 3600);
+        assert!(s.value(s.break_even()).abs() < 1e-12, "{s:?}");
+        assert!(s.value(s.break_even() + 0.05) > 0.0);
+        // Waste that pays needs no odds; use that does not pay is never worth it.
+        let free = Stake {
+            used: 1.0,
+            wasted: 0.0,
+        };
+        assert_eq!(free.break_even(), 0.0);
+        let hopeless = Stake {
+            used: -1.0,
+            wasted: -2.0,
+        };
+        assert!(hopeless.break_even() > 1.0);
     }
 
     fn ledger() -> Ledger {

@@ -2,10 +2,12 @@
 //! pre-position ("shadow") the resources whose demand is predicted on the edge that owns them
 //! in that region, within each edge's shadow budget.
 //!
-//! Decision rule: shadow R in region G when P(any request in the next hour) ≥ the threshold
-//! and the provider's policy allows G; candidates are ranked by expected benefit
-//! `p50 × mean bytes × (1 + priority)` and admitted while the edge's budget lasts; the rest
-//! are dropped least valuable first. An edge's budget is a share of its cache capacity (as it
+//! Decision rule: shadow R in region G when P(any request in the next hour) ≥ the tuned
+//! threshold and ≥ R's own break-even probability (its [`Stake`]: what a used shadow earns
+//! against what a wasted one costs, by its size and whether a peer edge can supply it), and
+//! the provider's policy allows G; candidates are ranked by expected net benefit
+//! `(P·used + (1−P)·wasted) × (1 + priority)` and admitted while the edge's budget lasts; the
+//! rest are dropped least valuable first. An edge's budget is a share of its cache capacity (as it
 //! reports over QUIC) times a safety factor that shrinks when the forecasts are uncertain
 //! (wide p10–p90 intervals). Orders go out earliest expected arrival first, each naming the
 //! nearest edge that likely holds the object so the edge can fill from it instead of the
@@ -26,7 +28,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded::push_bounded;
-use crate::cost::{Class, Ledger, OrderInfo, Signal};
+use crate::cost::{Class, Ledger, OrderInfo, Signal, Stake};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
 use crate::registry::Registry;
@@ -161,7 +163,11 @@ pub struct Decision {
     pub threshold: f32,
     /// Why the cost tuner last moved that threshold.
     pub threshold_reason: Option<String>,
-    /// Expected benefit used for ranking.
+    /// Net (USD) if the shadow is used / wasted, at its size and fill source.
+    pub stake: Stake,
+    /// The P(any request) it must reach to break even (0 with the gate off).
+    pub break_even: f32,
+    /// Expected net benefit (USD, × (1 + priority)) used for ranking.
     pub benefit: f64,
     /// Target edge, if the region has a usable one.
     pub edge: Option<String>,
@@ -173,10 +179,12 @@ pub struct Decision {
     pub expected_in_secs: f64,
     /// The series' standing against its forecast band (`normal`, `surge`, `drop`).
     pub anomaly: Standing,
-    /// Edge asked to supply the object (peer fill), if one likely holds it.
+    /// Edge that would supply the object (peer fill), if one likely holds it; the stake
+    /// assumes it.
     pub peer: Option<String>,
     /// `shadowed`, `kept` (already shadowed), `dropped` (live, but no longer fits the
-    /// budget or the copy limit: unshadowed), `below_threshold`, `policy` (region not
+    /// budget or the copy limit: unshadowed), `below_threshold`, `below_break_even` (above
+    /// the threshold, but not likely enough to pay for itself), `policy` (region not
     /// allowed), `max_copies` (the policy's copies went to more valuable regions), `budget`,
     /// `no_edge`, `send_failed`.
     pub outcome: &'static str,
@@ -230,14 +238,16 @@ struct Verdict {
     outcome: &'static str,
 }
 
-/// The decision rule, free of I/O: rank candidates by expected benefit, then admit them in
-/// that order while each edge's byte budget lasts, so the least valuable are dropped first.
+/// The decision rule, free of I/O: rank candidates by expected net benefit, then admit them
+/// in that order while each edge's byte budget lasts, so the least valuable are dropped
+/// first. `stakes` holds each candidate's stake and the P(any request) its gate demands.
 /// Shadows already live count against the budget like new ones: a live shadow that no longer
 /// fits (the budget shrank, or better candidates arrived) is `dropped` (unshadowed).
 fn decide(
     cands: &[Candidate],
     forecasts: &[models::Forecast],
-    edge_of: impl Fn(&Candidate) -> Option<usize>,
+    stakes: &[(Stake, f32)],
+    edge_of: impl Fn(usize) -> Option<usize>,
     is_live: impl Fn(&str, usize) -> bool,
     threshold_of: impl Fn(usize) -> f32,
     budget_of: impl Fn(usize) -> u64,
@@ -246,9 +256,8 @@ fn decide(
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let c = &cands[i];
-            let demand = f64::from(f.p50().max(f.p_any));
-            (i, demand * c.bytes as f64 * (1.0 + f64::from(c.priority)))
+            let value = stakes[i].0.value(f.p_any);
+            (i, value * (1.0 + f64::from(cands[i].priority)))
         })
         .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -258,9 +267,11 @@ fn decide(
         .into_iter()
         .map(|(i, benefit)| {
             let (c, f) = (&cands[i], &forecasts[i]);
-            let edge = edge_of(c);
+            let edge = edge_of(i);
             let outcome = if f.p_any < threshold_of(i) {
                 "below_threshold"
+            } else if f.p_any < stakes[i].1 {
+                "below_break_even"
             } else if !c.allowed {
                 "policy"
             } else if let Some(e) = edge {
@@ -584,26 +595,30 @@ impl Planner {
         out
     }
 
-    /// The nearest edge other than `target` that likely holds `key` (a live shadow of ours,
-    /// or the owner of a region with recent requests for it) and speaks QUIC.
-    fn peer_for(
+    /// Edges likely holding each key this tick: where it is shadowed, and the owner edge of
+    /// every region that requested it in the last hour.
+    fn holders<'a>(
         &self,
-        key: &str,
-        target: usize,
-        cands: &[Candidate],
-        live: &HashMap<(String, usize), Instant>,
-    ) -> Option<PeerRef> {
-        let mut holders: Vec<usize> = live
-            .keys()
-            .filter(|(k, _)| k == key)
-            .map(|(_, e)| *e)
-            .collect();
-        holders.extend(
-            cands
-                .iter()
-                .filter(|c| c.key == key && c.recent)
-                .filter_map(|c| self.fleet.edge_in_region(key, c.region_idx, &self.health)),
-        );
+        cands: &'a [Candidate],
+        live: &'a HashMap<(String, usize), Instant>,
+    ) -> HashMap<&'a str, Vec<usize>> {
+        let mut out: HashMap<&str, Vec<usize>> = HashMap::new();
+        for (k, e) in live.keys() {
+            out.entry(k.as_str()).or_default().push(*e);
+        }
+        for c in cands.iter().filter(|c| c.recent) {
+            if let Some(e) = self
+                .fleet
+                .edge_in_region(&c.key, c.region_idx, &self.health)
+            {
+                out.entry(c.key.as_str()).or_default().push(e);
+            }
+        }
+        out
+    }
+
+    /// The nearest usable edge among `holders` to supply a fill on `target`.
+    fn peer_for(&self, target: usize, holders: &[usize]) -> Option<PeerRef> {
         let usable = |e: &usize| *e != target && self.health.is_up(*e);
         self.fleet
             .regions_by_distance(self.fleet.edge_region(target))
@@ -673,8 +688,8 @@ impl Planner {
     fn widen(
         &self,
         c: &Candidate,
-        cands: &[Candidate],
         live: &HashMap<(String, usize), Instant>,
+        holders: &HashMap<&str, Vec<usize>>,
         p_any: &HashMap<(&str, usize), f32>,
         now_ms: u64,
         orders: &mut Vec<PlannedOrder>,
@@ -723,7 +738,7 @@ impl Planner {
                 ttl_secs: c.ttl,
                 priority: c.priority,
                 deadline_ms: now_ms,
-                peer: self.peer_for(&c.key, e, cands, live),
+                peer: self.peer_for(e, holders.get(c.key.as_str()).map_or(&[], Vec::as_slice)),
                 refresh: false,
             };
             let info = OrderInfo {
@@ -794,13 +809,37 @@ impl Planner {
         let budgets: Vec<u64> = (0..self.fleet.edges.len())
             .map(|e| (self.base_budget(e) as f64 * f64::from(safety)) as u64)
             .collect();
+        // Each candidate's target edge and the peer that would fill it there: a peer fill
+        // costs inter-edge transfer instead of origin egress, which sets its break-even.
+        let holders = self.holders(&cands, &live);
+        let edges: Vec<Option<usize>> = cands
+            .iter()
+            .map(|c| {
+                self.fleet
+                    .edge_in_region(&c.key, c.region_idx, &self.health)
+            })
+            .collect();
+        let peers: Vec<Option<PeerRef>> = cands
+            .iter()
+            .zip(&edges)
+            .map(|(c, e)| {
+                let held = holders.get(c.key.as_str()).map_or(&[][..], Vec::as_slice);
+                e.and_then(|e| self.peer_for(e, held))
+            })
+            .collect();
+        let stakes: Vec<(Stake, f32)> = cands
+            .iter()
+            .zip(&peers)
+            .map(|(c, p)| {
+                let stake = self.ledger.stake(c.bytes, p.is_some(), c.ttl);
+                (stake, self.ledger.gate(&stake))
+            })
+            .collect();
         let verdicts = decide(
             &cands,
             &forecasts,
-            |c| {
-                self.fleet
-                    .edge_in_region(&c.key, c.region_idx, &self.health)
-            },
+            &stakes,
+            |i| edges[i],
             |key, e| live.contains_key(&(key.to_string(), e)),
             |i| thresholds[i].0,
             |e| budgets[e],
@@ -812,12 +851,11 @@ impl Planner {
         for v in verdicts {
             let (c, f) = (&cands[v.candidate], forecasts[v.candidate]);
             let expected = expected_arrival_secs(&f);
-            let mut peer = None;
+            let peer = peers[v.candidate].clone();
             if let ("dropped", Some(e)) = (v.outcome, v.edge) {
                 drops.push((e, c.key.clone()));
             }
             if let ("shadowed", Some(e)) = (v.outcome, v.edge) {
-                peer = self.peer_for(&c.key, e, &cands, &live);
                 let order = ShadowOrder {
                     key: c.key.clone(),
                     ttl_secs: c.ttl,
@@ -844,6 +882,8 @@ impl Planner {
                 p_any: f.p_any,
                 threshold: thresholds[v.candidate].0,
                 threshold_reason: thresholds[v.candidate].1.clone(),
+                stake: stakes[v.candidate].0,
+                break_even: stakes[v.candidate].1,
                 benefit: v.benefit,
                 edge: v.edge.map(|e| self.fleet.edges[e].id.clone()),
                 budget_bytes: v.edge.map(|e| budgets[e]),
@@ -866,7 +906,7 @@ impl Planner {
         for (i, c) in cands.iter().enumerate() {
             match standings[i] {
                 Standing::Surge if self.anomaly.enabled => {
-                    self.widen(c, &cands, &live, &p_any, now_ms, &mut orders);
+                    self.widen(c, &live, &holders, &p_any, now_ms, &mut orders);
                 }
                 Standing::Drop if self.anomaly.enabled => {
                     let region_edges: Vec<usize> = live
@@ -984,6 +1024,16 @@ mod tests {
         }
     }
 
+    /// Stakes that pay whenever used and cost nothing wasted, gated at 0: ranking by P(any
+    /// request) and priority alone.
+    fn even(n: usize) -> Vec<(Stake, f32)> {
+        let s = Stake {
+            used: 1.0,
+            wasted: 0.0,
+        };
+        vec![(s, 0.0); n]
+    }
+
     #[test]
     fn budget_is_never_exceeded_and_least_valuable_are_dropped() {
         let cands = vec![
@@ -992,10 +1042,11 @@ mod tests {
             cand("c", 300, 0, true),
             cand("d", 100, 5, true),
         ];
-        let forecasts = vec![fc(10.0, 0.9), fc(10.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)];
+        let forecasts = vec![fc(10.0, 0.9), fc(10.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.8)];
         let v = decide(
             &cands,
             &forecasts,
+            &even(4),
             |_| Some(0),
             |_, _| false,
             |_| 0.5,
@@ -1024,18 +1075,34 @@ mod tests {
     }
 
     #[test]
-    fn threshold_policy_live_and_missing_edges() {
+    fn threshold_break_even_policy_live_and_missing_edges() {
         let cands = vec![
             cand("low", 10, 5, true),
             cand("forbidden", 10, 5, false),
             cand("live", 10, 5, true),
             cand("orphan", 10, 5, true),
+            cand("big", 1_000_000, 5, true),
+            cand("big-from-peer", 1_000_000, 5, true),
         ];
-        let forecasts = vec![fc(1.0, 0.1), fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)];
+        let forecasts = vec![fc(1.0, 0.1), fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)]
+            .into_iter()
+            .chain([fc(1.0, 0.9), fc(1.0, 0.9)])
+            .collect::<Vec<_>>();
+        // At list prices a wasted 1 MB origin fill costs ~21 used shadows' latency: 0.9 is
+        // not enough. From a peer it costs inter-edge transfer and saves the egress when used.
+        let cfg = crate::cost::CostSection::default();
+        let stakes: Vec<(Stake, f32)> = cands
+            .iter()
+            .map(|c| {
+                let s = Stake::of(&cfg, c.bytes, c.key == "big-from-peer", c.ttl);
+                (s, s.break_even())
+            })
+            .collect();
         let v = decide(
             &cands,
             &forecasts,
-            |c| (c.key != "orphan").then_some(0),
+            &stakes,
+            |i| (cands[i].key != "orphan").then_some(0),
             |k, _| k == "live",
             |_| 0.5,
             |_| 1 << 20,
@@ -1050,6 +1117,8 @@ mod tests {
         assert_eq!(outcome("forbidden"), "policy");
         assert_eq!(outcome("live"), "kept");
         assert_eq!(outcome("orphan"), "no_edge");
+        assert_eq!(outcome("big"), "below_break_even");
+        assert_eq!(outcome("big-from-peer"), "shadowed");
     }
 
     #[test]
@@ -1062,11 +1131,12 @@ mod tests {
         for (i, c) in cands.iter_mut().enumerate() {
             c.region_idx = i;
         }
-        let forecasts = vec![fc(1.0, 0.9), fc(9.0, 0.9), fc(5.0, 0.9)];
+        let forecasts = vec![fc(1.0, 0.6), fc(9.0, 0.9), fc(5.0, 0.8)];
         let v = decide(
             &cands,
             &forecasts,
-            |c| Some(c.region_idx),
+            &even(3),
+            |i| Some(cands[i].region_idx),
             |_, _| false,
             |_| 0.5,
             |_| 1 << 20,
@@ -1084,6 +1154,7 @@ mod tests {
         let v = decide(
             &cands,
             &forecasts,
+            &even(2),
             |_| Some(0),
             |k, _| k == "old",
             |_| 0.5,
