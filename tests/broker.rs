@@ -624,6 +624,16 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         d["p_any"].as_f64().unwrap() >= d["threshold"].as_f64().unwrap(),
         "{v}"
     );
+    // A small object: a used shadow earns more than a wasted one loses, and the forecast
+    // clears its break-even odds too.
+    assert!(
+        d["stake"]["used"].as_f64().unwrap() > 0.0 && d["stake"]["wasted"].as_f64().unwrap() < 0.0,
+        "{v}"
+    );
+    assert!(
+        d["p_any"].as_f64().unwrap() >= d["break_even"].as_f64().unwrap(),
+        "{v}"
+    );
     assert_eq!(v["resource"]["priority"], 9);
     wait_until(|| c.shadowed_on(3, &key)).await;
     assert_eq!(
@@ -655,6 +665,45 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     let v = c.explain(&key).await;
     let d = decision_in(&v, "us").expect("a decision for us");
     assert_eq!(d["outcome"], "kept", "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forecast_shadow_that_cannot_pay_for_its_fill_is_not_placed() {
+    let origin = TestOrigin::start().await;
+    // Latency is worth nothing here: a used shadow filled from the origin only moves its
+    // fetch earlier and still costs the fill, so no forecast is sure enough to pay for it.
+    let cfg = format!(
+        "{}[cost]\nlatency_value_per_sec = 0.0\n",
+        lstm_planner("threshold = 0.2\n")
+    );
+    let mut c = start_cluster_with(&cfg);
+    c.register(&origin).await;
+    c.add_resource(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})).await;
+    for _ in 0..12 {
+        assert_eq!(c.get("/hot/app.js", "us").await.status(), StatusCode::OK);
+    }
+    let key = format!("{HOST}/hot/app.js");
+    wait_until(|| async {
+        decision_in(&c.explain(&key).await, "us")
+            .is_some_and(|d| d["outcome"] == "below_break_even")
+    })
+    .await;
+    let v = c.explain(&key).await;
+    let d = decision_in(&v, "us").unwrap();
+    assert!(
+        d["p_any"].as_f64().unwrap() >= d["threshold"].as_f64().unwrap(),
+        "the threshold alone would have shadowed it: {v}"
+    );
+    assert!(d["stake"]["used"].as_f64().unwrap() < 0.0, "{v}");
+    // No odds break even: JSON has no infinity.
+    assert!(d["break_even"].is_null(), "{v}");
+    assert!(d["peer"].is_null(), "only the target edge holds it: {v}");
+    let m = c.metrics().await;
+    assert!(
+        m.contains("shadowcdn_broker_planner_decisions_total{outcome=\"below_break_even\"}"),
+        "{m}"
+    );
+    assert!(!c.shadowed_on(3, &key).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -133,8 +133,8 @@ pub struct CostSection {
     /// (cache pollution, fill bandwidth). 0 disables it.
     #[serde(default = "default_min_precision")]
     pub min_precision: Fraction,
-    /// Whether the planner holds each forecast candidate to its own break-even probability
-    /// on top of the tuned threshold (default on): at these prices a wasted origin fill of
+    /// Whether each forecast candidate and co-access follower is held to its own break-even
+    /// probability on top of its tuned threshold (default on): at these prices a wasted origin fill of
     /// 1 MB costs what 21 used shadows earn in latency, so a large object needs a near-certain
     /// forecast while a small one, or one a peer edge can supply, pays at modest odds. One
     /// threshold per (region, class) cannot say that.
@@ -733,13 +733,13 @@ impl Ledger {
         (tuner.threshold, tuner.last_reason.clone())
     }
 
-    /// What a forecast shadow of `bytes`, held `ttl_secs` and filled from a peer or the origin,
-    /// stands to earn or lose at this ledger's prices.
+    /// What a shadow of `bytes`, held `ttl_secs` and filled from a peer or the origin, stands
+    /// to earn or lose at this ledger's prices.
     pub fn stake(&self, bytes: u64, peer_filled: bool, ttl_secs: u64) -> Stake {
         Stake::of(&self.cfg, bytes, peer_filled, ttl_secs)
     }
 
-    /// The least P(use) the planner demands of a candidate with `stake` besides the tuned
+    /// The least P(use) demanded of a placement with `stake` besides its source's tuned
     /// threshold: its break-even probability, or 0 with `break_even_gate` off.
     pub fn gate(&self, stake: &Stake) -> f32 {
         if self.cfg.break_even_gate {

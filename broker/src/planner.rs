@@ -165,7 +165,8 @@ pub struct Decision {
     pub threshold_reason: Option<String>,
     /// Net (USD) if the shadow is used / wasted, at its size and fill source.
     pub stake: Stake,
-    /// The P(any request) it must reach to break even (0 with the gate off).
+    /// The P(any request) it must reach to break even (0 with the gate off; infinite, null
+    /// in JSON, when even a used shadow would not pay).
     pub break_even: f32,
     /// Expected net benefit (USD, × (1 + priority)) used for ranking.
     pub benefit: f64,

@@ -50,8 +50,9 @@ pub struct Trigger {
 
 /// Issues co-access shadows: each follower on the edge that owns it in the leader's region,
 /// due at its typical gap, unless already shadowed there, larger than that edge's shadow
-/// budget, the provider's policy forbids the region, or its probability is below the
-/// co-access threshold of that region and priority class.
+/// budget, the provider's policy forbids the region, its probability is below its break-even
+/// odds (its origin fill against the latency a used copy saves, [`crate::cost::Stake`]) or
+/// below the co-access threshold of that region and priority class.
 ///
 /// That threshold is co-access's own, tuned on the outcomes of co-access shadows alone (see
 /// [`crate::cost`]): P(B follows A) and the forecast's P(any request in the hour) are
@@ -138,6 +139,18 @@ impl CoAccessService {
                 .as_ref()
                 .map_or(self.planner_cfg.default_ttl_secs, |r| r.shadow_ttl_secs);
             let priority = reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority);
+            // Filled from the origin (no peer is named): a large follower must be near
+            // certain to follow before its fill pays for itself.
+            if let Some(bytes) = f.bytes {
+                let stake = self.ledger.stake(bytes, false, ttl);
+                if f.probability < f64::from(self.ledger.gate(&stake)) {
+                    self.metrics
+                        .coaccess_shadows
+                        .with_label_values(&["below_break_even"])
+                        .inc();
+                    continue;
+                }
+            }
             let signal = Signal::coaccess(f.probability);
             if !self.ledger.admits(signal, t.region, priority) {
                 self.metrics
