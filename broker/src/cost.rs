@@ -130,7 +130,11 @@ pub struct CostSection {
     /// shadows pay; and it never goes down unless the precision clears the floor by
     /// `dead_band`. Default 0.6, the precision target of issue 6: below it most shadowed bytes
     /// are extra origin and storage load for nothing, which prices at list rates undercount
-    /// (cache pollution, fill bandwidth). 0 disables it.
+    /// (cache pollution, fill bandwidth). Each forecast and co-access placement must also
+    /// reach it with its own score (P(any request), P(follows)): a shadow its signal expects
+    /// to be wasted more often than that cannot help keep precision above it, and without
+    /// this a tuner that saw good outcomes would lower the threshold into such shadows. 0
+    /// disables it.
     #[serde(default = "default_min_precision")]
     pub min_precision: Fraction,
     /// Whether each forecast candidate and co-access follower is held to its own break-even
@@ -747,6 +751,12 @@ impl Ledger {
         } else {
             0.0
         }
+    }
+
+    /// The P(use) every forecast and co-access placement must reach on its own: the byte
+    /// precision floor (`min_precision`; 0 when disabled).
+    pub fn precision_floor(&self) -> f32 {
+        self.cfg.min_precision.get() as f32
     }
 
     /// Whether `signal` clears its source's threshold in `region` at `priority`. Co-access and

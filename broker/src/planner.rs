@@ -3,9 +3,11 @@
 //! in that region, within each edge's shadow budget.
 //!
 //! Decision rule: shadow R in region G when P(any request in the next hour) ≥ the tuned
-//! threshold and ≥ R's own break-even probability (its [`Stake`]: what a used shadow earns
-//! against what a wasted one costs, by its size and whether a peer edge can supply it), and
-//! the provider's policy allows G; candidates are ranked by expected net benefit
+//! threshold, ≥ R's own break-even probability (its [`Stake`]: what a used shadow earns
+//! against what a wasted one costs, by its size and whether a peer edge can supply it) and ≥
+//! the byte-precision floor (`[cost] min_precision`: a shadow the forecast itself expects to
+//! be wasted more often than the floor allows cannot help keep precision above it), and the
+//! provider's policy allows G; candidates are ranked by expected net benefit
 //! `(P·used + (1−P)·wasted) × (1 + priority)` and admitted while the edge's budget lasts; the
 //! rest are dropped least valuable first. An edge's budget is a share of its cache capacity (as it
 //! reports over QUIC) times a safety factor that shrinks when the forecasts are uncertain
@@ -168,6 +170,8 @@ pub struct Decision {
     /// The P(any request) it must reach to break even (0 with the gate off; infinite, null
     /// in JSON, when even a used shadow would not pay).
     pub break_even: f32,
+    /// The P(any request) every shadow must reach: the byte-precision floor.
+    pub precision_floor: f32,
     /// Expected net benefit (USD, × (1 + priority)) used for ranking.
     pub benefit: f64,
     /// Target edge, if the region has a usable one.
@@ -185,7 +189,8 @@ pub struct Decision {
     pub peer: Option<String>,
     /// `shadowed`, `kept` (already shadowed), `dropped` (live, but no longer fits the
     /// budget or the copy limit: unshadowed), `below_threshold`, `below_break_even` (above
-    /// the threshold, but not likely enough to pay for itself), `policy` (region not
+    /// the threshold, but not likely enough to pay for itself), `below_precision_floor`
+    /// (likelier wasted than the precision floor allows), `policy` (region not
     /// allowed), `max_copies` (the policy's copies went to more valuable regions), `budget`,
     /// `no_edge`, `send_failed`.
     pub outcome: &'static str,
@@ -230,6 +235,16 @@ fn p_any_by_series<'a>(
         .collect()
 }
 
+/// What one candidate stands to earn, and the odds it must clear besides its threshold.
+#[derive(Debug, Clone, Copy)]
+struct Bar {
+    stake: Stake,
+    /// Its break-even P(any request) (0 with the gate off).
+    break_even: f32,
+    /// The byte-precision floor.
+    floor: f32,
+}
+
 /// The verdict on one candidate.
 #[derive(Debug, Clone, PartialEq)]
 struct Verdict {
@@ -241,13 +256,13 @@ struct Verdict {
 
 /// The decision rule, free of I/O: rank candidates by expected net benefit, then admit them
 /// in that order while each edge's byte budget lasts, so the least valuable are dropped
-/// first. `stakes` holds each candidate's stake and the P(any request) its gate demands.
+/// first. `bars` holds each candidate's stake and the odds it must clear.
 /// Shadows already live count against the budget like new ones: a live shadow that no longer
 /// fits (the budget shrank, or better candidates arrived) is `dropped` (unshadowed).
 fn decide(
     cands: &[Candidate],
     forecasts: &[models::Forecast],
-    stakes: &[(Stake, f32)],
+    bars: &[Bar],
     edge_of: impl Fn(usize) -> Option<usize>,
     is_live: impl Fn(&str, usize) -> bool,
     threshold_of: impl Fn(usize) -> f32,
@@ -257,7 +272,7 @@ fn decide(
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let value = stakes[i].0.value(f.p_any);
+            let value = bars[i].stake.value(f.p_any);
             (i, value * (1.0 + f64::from(cands[i].priority)))
         })
         .collect();
@@ -271,8 +286,10 @@ fn decide(
             let edge = edge_of(i);
             let outcome = if f.p_any < threshold_of(i) {
                 "below_threshold"
-            } else if f.p_any < stakes[i].1 {
+            } else if f.p_any < bars[i].break_even {
                 "below_break_even"
+            } else if f.p_any < bars[i].floor {
+                "below_precision_floor"
             } else if !c.allowed {
                 "policy"
             } else if let Some(e) = edge {
@@ -828,18 +845,23 @@ impl Planner {
                 e.and_then(|e| self.peer_for(e, held))
             })
             .collect();
-        let stakes: Vec<(Stake, f32)> = cands
+        let floor = self.ledger.precision_floor();
+        let bars: Vec<Bar> = cands
             .iter()
             .zip(&peers)
             .map(|(c, p)| {
                 let stake = self.ledger.stake(c.bytes, p.is_some(), c.ttl);
-                (stake, self.ledger.gate(&stake))
+                Bar {
+                    stake,
+                    break_even: self.ledger.gate(&stake),
+                    floor,
+                }
             })
             .collect();
         let verdicts = decide(
             &cands,
             &forecasts,
-            &stakes,
+            &bars,
             |i| edges[i],
             |key, e| live.contains_key(&(key.to_string(), e)),
             |i| thresholds[i].0,
@@ -883,8 +905,9 @@ impl Planner {
                 p_any: f.p_any,
                 threshold: thresholds[v.candidate].0,
                 threshold_reason: thresholds[v.candidate].1.clone(),
-                stake: stakes[v.candidate].0,
-                break_even: stakes[v.candidate].1,
+                stake: bars[v.candidate].stake,
+                break_even: bars[v.candidate].break_even,
+                precision_floor: floor,
                 benefit: v.benefit,
                 edge: v.edge.map(|e| self.fleet.edges[e].id.clone()),
                 budget_bytes: v.edge.map(|e| budgets[e]),
@@ -1025,14 +1048,19 @@ mod tests {
         }
     }
 
-    /// Stakes that pay whenever used and cost nothing wasted, gated at 0: ranking by P(any
-    /// request) and priority alone.
-    fn even(n: usize) -> Vec<(Stake, f32)> {
-        let s = Stake {
+    /// Stakes that pay whenever used and cost nothing wasted, no odds to clear: ranking by
+    /// P(any request) and priority alone.
+    fn even(n: usize) -> Vec<Bar> {
+        let stake = Stake {
             used: 1.0,
             wasted: 0.0,
         };
-        vec![(s, 0.0); n]
+        let bar = Bar {
+            stake,
+            break_even: 0.0,
+            floor: 0.0,
+        };
+        vec![bar; n]
     }
 
     #[test]
@@ -1084,25 +1112,30 @@ mod tests {
             cand("orphan", 10, 5, true),
             cand("big", 1_000_000, 5, true),
             cand("big-from-peer", 1_000_000, 5, true),
+            cand("unsure", 10, 5, true),
         ];
         let forecasts = vec![fc(1.0, 0.1), fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)]
             .into_iter()
-            .chain([fc(1.0, 0.9), fc(1.0, 0.9)])
+            .chain([fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.55)])
             .collect::<Vec<_>>();
         // At list prices a wasted 1 MB origin fill costs ~21 used shadows' latency: 0.9 is
         // not enough. From a peer it costs inter-edge transfer and saves the egress when used.
         let cfg = crate::cost::CostSection::default();
-        let stakes: Vec<(Stake, f32)> = cands
+        let bars: Vec<Bar> = cands
             .iter()
             .map(|c| {
-                let s = Stake::of(&cfg, c.bytes, c.key == "big-from-peer", c.ttl);
-                (s, s.break_even())
+                let stake = Stake::of(&cfg, c.bytes, c.key == "big-from-peer", c.ttl);
+                Bar {
+                    stake,
+                    break_even: stake.break_even(),
+                    floor: 0.6,
+                }
             })
             .collect();
         let v = decide(
             &cands,
             &forecasts,
-            &stakes,
+            &bars,
             |i| (cands[i].key != "orphan").then_some(0),
             |k, _| k == "live",
             |_| 0.5,
@@ -1120,6 +1153,8 @@ mod tests {
         assert_eq!(outcome("orphan"), "no_edge");
         assert_eq!(outcome("big"), "below_break_even");
         assert_eq!(outcome("big-from-peer"), "shadowed");
+        // Above the threshold and break-even, but likelier wasted than the floor allows.
+        assert_eq!(outcome("unsure"), "below_precision_floor");
     }
 
     #[test]

@@ -52,7 +52,8 @@ pub struct Trigger {
 /// due at its typical gap, unless already shadowed there, larger than that edge's shadow
 /// budget, the provider's policy forbids the region, its probability is below its break-even
 /// odds (its origin fill against the latency a used copy saves, [`crate::cost::Stake`]) or
-/// below the co-access threshold of that region and priority class.
+/// the byte-precision floor, or below the co-access threshold of that region and priority
+/// class.
 ///
 /// That threshold is co-access's own, tuned on the outcomes of co-access shadows alone (see
 /// [`crate::cost`]): P(B follows A) and the forecast's P(any request in the hour) are
@@ -150,6 +151,13 @@ impl CoAccessService {
                         .inc();
                     continue;
                 }
+            }
+            if f.probability < f64::from(self.ledger.precision_floor()) {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["below_precision_floor"])
+                    .inc();
+                continue;
             }
             let signal = Signal::coaccess(f.probability);
             if !self.ledger.admits(signal, t.region, priority) {
