@@ -794,7 +794,13 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
     let origin = TestOrigin::start().await;
-    let mut c = start_cluster_with(&lstm_planner("threshold = 0.2\n"));
+    // Peer-fill mechanics, not precision: the floor per placement would hold back this
+    // series' modest forecast.
+    let cfg = format!(
+        "{}[cost]\nmin_precision = 0.0\n",
+        lstm_planner("threshold = 0.2\n")
+    );
+    let mut c = start_cluster_with(&cfg);
     c.register(&origin).await;
     c.add_resource(json!({"host": HOST, "path": "/peer/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})).await;
 
@@ -1127,10 +1133,13 @@ async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
     let origin = TestOrigin::start().await;
-    // 80 MiB of cache × 2.5e-6 ≈ 209 bytes of shadows per edge: three 64-byte objects.
-    let mut c = start_cluster_with(&lstm_planner(
-        "threshold = 0.05\nbudget_share = 0.0000025\nmin_safety = 1.0\n",
-    ));
+    // 80 MiB of cache × 2.5e-6 ≈ 209 bytes of shadows per edge: three 64-byte objects. The
+    // budget is under test, not precision: no floor per placement.
+    let cfg = format!(
+        "{}[cost]\nmin_precision = 0.0\n",
+        lstm_planner("threshold = 0.05\nbudget_share = 0.0000025\nmin_safety = 1.0\n")
+    );
+    let mut c = start_cluster_with(&cfg);
     c.register(&origin).await;
     let paths: Vec<String> = (0..6).map(|i| format!("/budget/{i}.css")).collect();
     for round in 0..3 {
