@@ -657,6 +657,10 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         m.contains("shadowcdn_broker_forecaster_fallback 0"),
         "the LSTM is serving:\n{m}"
     );
+    assert!(
+        sample(&m, "shadowcdn_broker_planner_tick_seconds_count", &[]).is_some_and(|n| n > 0.0),
+        "{m}"
+    );
 
     // A restarted broker adopts the shadow the edge still holds instead of ordering it again.
     c.broker.child.kill();

@@ -37,6 +37,9 @@ pub struct BrokerMetrics {
     pub event_propagation: prometheus::HistogramVec,
     /// The planner's uncertainty safety factor on shadow budgets.
     pub planner_safety: prometheus::Gauge,
+    /// How long each planning tick took (forecast, decisions and order sends): a tick that
+    /// overruns its interval delays every shadow behind it.
+    pub planner_tick: prometheus::Histogram,
     /// Shadow spend in USD by category, provider, region and priority class.
     pub shadow_spend: prometheus::CounterVec,
     /// Shadow savings in USD by category, provider, region and priority class.
@@ -160,6 +163,15 @@ impl BrokerMetrics {
                 "shadowcdn_broker_planner_safety_factor",
                 "Safety factor applied to shadow budgets (1: confident forecasts)",
             )?,
+            planner_tick: prometheus::Histogram::with_opts(
+                HistogramOpts::new(
+                    "shadowcdn_broker_planner_tick_seconds",
+                    "Duration of a planning tick, forecast to the last order sent",
+                )
+                .buckets(vec![
+                    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
+            )?,
             shadow_spend: prometheus::CounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_shadow_spend_dollars_total",
@@ -261,6 +273,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.shadows_issued.clone()))?;
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
         registry.register(Box::new(m.planner_safety.clone()))?;
+        registry.register(Box::new(m.planner_tick.clone()))?;
         registry.register(Box::new(m.quic_connected.clone()))?;
         registry.register(Box::new(m.anomalies.clone()))?;
         registry.register(Box::new(m.anomaly_events.clone()))?;

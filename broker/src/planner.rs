@@ -1004,7 +1004,8 @@ impl BackgroundService for Planner {
             }
         };
         let status = forecaster.status();
-        let mut tick = tokio::time::interval(Duration::from_secs(self.cfg.interval_secs.max(1)));
+        let interval = Duration::from_secs(self.cfg.interval_secs.max(1));
+        let mut tick = tokio::time::interval(interval);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -1013,7 +1014,17 @@ impl BackgroundService for Planner {
             self.metrics.forecaster_fallback.set(i64::from(
                 status.fallback.load(std::sync::atomic::Ordering::Relaxed),
             ));
+            let started = Instant::now();
             self.tick(&forecaster).await;
+            let took = started.elapsed();
+            self.metrics.planner_tick.observe(took.as_secs_f64());
+            if took > interval {
+                tracing::warn!(
+                    took_ms = took.as_millis() as u64,
+                    interval_secs = interval.as_secs(),
+                    "planning tick overran its interval"
+                );
+            }
         }
     }
 }
