@@ -370,6 +370,30 @@ impl Stake {
     }
 }
 
+/// The odds a placement's own score must reach besides its source's tuned threshold; the
+/// planner's forecasts and co-access's followers are held to the same two.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Odds {
+    /// Its break-even probability (0 with `break_even_gate` off or its size unknown).
+    pub break_even: f32,
+    /// The byte-precision floor (`min_precision`; 0 when disabled).
+    pub floor: f32,
+}
+
+impl Odds {
+    /// Why a placement scored `p` is held back — `below_break_even` or
+    /// `below_precision_floor` — or `None` when it clears both.
+    pub fn holds_back(&self, p: f64) -> Option<&'static str> {
+        if p < f64::from(self.break_even) {
+            Some("below_break_even")
+        } else if p < f64::from(self.floor) {
+            Some("below_precision_floor")
+        } else {
+            None
+        }
+    }
+}
+
 /// What the planner knew when it ordered a shadow.
 #[derive(Debug, Clone)]
 pub struct OrderInfo {
@@ -743,20 +767,18 @@ impl Ledger {
         Stake::of(&self.cfg, bytes, peer_filled, ttl_secs)
     }
 
-    /// The least P(use) demanded of a placement with `stake` besides its source's tuned
-    /// threshold: its break-even probability, or 0 with `break_even_gate` off.
-    pub fn gate(&self, stake: &Stake) -> f32 {
-        if self.cfg.break_even_gate {
-            stake.break_even()
-        } else {
-            0.0
+    /// The odds a placement with `stake` (`None`: its size is unknown) must reach on its own:
+    /// its break-even probability, unless `break_even_gate` is off, and the byte-precision
+    /// floor.
+    pub fn odds(&self, stake: Option<&Stake>) -> Odds {
+        let break_even = match stake {
+            Some(s) if self.cfg.break_even_gate => s.break_even(),
+            _ => 0.0,
+        };
+        Odds {
+            break_even,
+            floor: self.cfg.min_precision.get() as f32,
         }
-    }
-
-    /// The P(use) every forecast and co-access placement must reach on its own: the byte
-    /// precision floor (`min_precision`; 0 when disabled).
-    pub fn precision_floor(&self) -> f32 {
-        self.cfg.min_precision.get() as f32
     }
 
     /// Whether `signal` clears its source's threshold in `region` at `priority`. Co-access and

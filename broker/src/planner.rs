@@ -30,7 +30,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded::push_bounded;
-use crate::cost::{Class, Ledger, OrderInfo, Signal, Stake};
+use crate::cost::{Class, Ledger, Odds, OrderInfo, Signal, Stake};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
 use crate::registry::Registry;
@@ -239,10 +239,7 @@ fn p_any_by_series<'a>(
 #[derive(Debug, Clone, Copy)]
 struct Bar {
     stake: Stake,
-    /// Its break-even P(any request) (0 with the gate off).
-    break_even: f32,
-    /// The byte-precision floor.
-    floor: f32,
+    odds: Odds,
 }
 
 /// The verdict on one candidate.
@@ -286,10 +283,8 @@ fn decide(
             let edge = edge_of(i);
             let outcome = if f.p_any < threshold_of(i) {
                 "below_threshold"
-            } else if f.p_any < bars[i].break_even {
-                "below_break_even"
-            } else if f.p_any < bars[i].floor {
-                "below_precision_floor"
+            } else if let Some(why) = bars[i].odds.holds_back(f64::from(f.p_any)) {
+                why
             } else if !c.allowed {
                 "policy"
             } else if let Some(e) = edge {
@@ -613,23 +608,20 @@ impl Planner {
         out
     }
 
-    /// Edges likely holding each key this tick: where it is shadowed, and the owner edge of
-    /// every region that requested it in the last hour.
+    /// Edges likely holding each key this tick: where it is shadowed, and the owner edge
+    /// (`edges`, by candidate) of every region that requested it in the last hour.
     fn holders<'a>(
-        &self,
         cands: &'a [Candidate],
+        edges: &[Option<usize>],
         live: &'a HashMap<(String, usize), Instant>,
     ) -> HashMap<&'a str, Vec<usize>> {
         let mut out: HashMap<&str, Vec<usize>> = HashMap::new();
         for (k, e) in live.keys() {
             out.entry(k.as_str()).or_default().push(*e);
         }
-        for c in cands.iter().filter(|c| c.recent) {
-            if let Some(e) = self
-                .fleet
-                .edge_in_region(&c.key, c.region_idx, &self.health)
-            {
-                out.entry(c.key.as_str()).or_default().push(e);
+        for (c, e) in cands.iter().zip(edges) {
+            if let (true, Some(e)) = (c.recent, e) {
+                out.entry(c.key.as_str()).or_default().push(*e);
             }
         }
         out
@@ -829,7 +821,6 @@ impl Planner {
             .collect();
         // Each candidate's target edge and the peer that would fill it there: a peer fill
         // costs inter-edge transfer instead of origin egress, which sets its break-even.
-        let holders = self.holders(&cands, &live);
         let edges: Vec<Option<usize>> = cands
             .iter()
             .map(|c| {
@@ -837,6 +828,7 @@ impl Planner {
                     .edge_in_region(&c.key, c.region_idx, &self.health)
             })
             .collect();
+        let holders = Self::holders(&cands, &edges, &live);
         let peers: Vec<Option<PeerRef>> = cands
             .iter()
             .zip(&edges)
@@ -845,7 +837,6 @@ impl Planner {
                 e.and_then(|e| self.peer_for(e, held))
             })
             .collect();
-        let floor = self.ledger.precision_floor();
         let bars: Vec<Bar> = cands
             .iter()
             .zip(&peers)
@@ -853,8 +844,7 @@ impl Planner {
                 let stake = self.ledger.stake(c.bytes, p.is_some(), c.ttl);
                 Bar {
                     stake,
-                    break_even: self.ledger.gate(&stake),
-                    floor,
+                    odds: self.ledger.odds(Some(&stake)),
                 }
             })
             .collect();
@@ -906,8 +896,8 @@ impl Planner {
                 threshold: thresholds[v.candidate].0,
                 threshold_reason: thresholds[v.candidate].1.clone(),
                 stake: bars[v.candidate].stake,
-                break_even: bars[v.candidate].break_even,
-                precision_floor: floor,
+                break_even: bars[v.candidate].odds.break_even,
+                precision_floor: bars[v.candidate].odds.floor,
                 benefit: v.benefit,
                 edge: v.edge.map(|e| self.fleet.edges[e].id.clone()),
                 budget_bytes: v.edge.map(|e| budgets[e]),
@@ -1066,11 +1056,11 @@ mod tests {
             used: 1.0,
             wasted: 0.0,
         };
-        let bar = Bar {
-            stake,
+        let odds = Odds {
             break_even: 0.0,
             floor: 0.0,
         };
+        let bar = Bar { stake, odds };
         vec![bar; n]
     }
 
@@ -1136,11 +1126,11 @@ mod tests {
             .iter()
             .map(|c| {
                 let stake = Stake::of(&cfg, c.bytes, c.key == "big-from-peer", c.ttl);
-                Bar {
-                    stake,
+                let odds = Odds {
                     break_even: stake.break_even(),
                     floor: 0.6,
-                }
+                };
+                Bar { stake, odds }
             })
             .collect();
         let v = decide(

@@ -142,20 +142,11 @@ impl CoAccessService {
             let priority = reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority);
             // Filled from the origin (no peer is named): a large follower must be near
             // certain to follow before its fill pays for itself.
-            if let Some(bytes) = f.bytes {
-                let stake = self.ledger.stake(bytes, false, ttl);
-                if f.probability < f64::from(self.ledger.gate(&stake)) {
-                    self.metrics
-                        .coaccess_shadows
-                        .with_label_values(&["below_break_even"])
-                        .inc();
-                    continue;
-                }
-            }
-            if f.probability < f64::from(self.ledger.precision_floor()) {
+            let stake = f.bytes.map(|b| self.ledger.stake(b, false, ttl));
+            if let Some(why) = self.ledger.odds(stake.as_ref()).holds_back(f.probability) {
                 self.metrics
                     .coaccess_shadows
-                    .with_label_values(&["below_precision_floor"])
+                    .with_label_values(&[why])
                     .inc();
                 continue;
             }
