@@ -187,18 +187,30 @@ where
     wait_secs(10, f).await
 }
 
-async fn wait_secs<F, Fut>(secs: u64, mut f: F)
+async fn wait_secs<F, Fut>(secs: u64, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        poll_secs(secs, f).await,
+        "condition not reached in {secs} s"
+    );
+}
+
+/// Whether `f` holds within `secs`, polled every 50 ms.
+async fn poll_secs<F, Fut>(secs: u64, mut f: F) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
     for _ in 0..secs * 20 {
         if f().await {
-            return;
+            return true;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    panic!("condition not reached in {secs} s");
+    false
 }
 
 async fn text(url: String) -> String {
@@ -826,7 +838,7 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
     // The tick that places the shadow names its peer; later ticks only say "kept", so catch
     // that decision while waiting for the shadow.
     let placed = std::sync::Mutex::new(None::<Value>);
-    wait_secs(30, || async {
+    let reached = poll_secs(30, || async {
         let v = c.explain(&key).await;
         if let Some(d) = v["decisions"]
             .as_array()
@@ -840,6 +852,17 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
         caught && c.shadowed_on(3, &key).await
     })
     .await;
+    // This wait has failed intermittently with the planner's decisions frozen after the
+    // placing tick: the processes' logs say why.
+    let explain_now = c.explain(&key).await;
+    assert!(
+        reached,
+        "no shadow on us-a in 30 s; placed: {:?}\nexplain: {}\n--- broker\n{}\n--- us-a\n{}",
+        placed.lock().unwrap(),
+        explain_now,
+        c.broker.child.log(),
+        c.edges[3].child.log()
+    );
     let us_metrics = text(format!("http://{}/metrics", c.edges[3].admin)).await;
     assert_eq!(
         sample(
