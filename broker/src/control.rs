@@ -223,6 +223,8 @@ pub struct ControlService(pub Arc<Control>);
 impl BackgroundService for ControlService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(self.0.interval);
+        // A round that overran is not followed by a burst of catch-up rounds.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => self.0.poll().await,

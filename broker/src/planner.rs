@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use edge_node::sync::protocol::{PeerRef, ShadowOrder};
+use futures::stream::{self, StreamExt};
 use models::features::{History, DEFAULT_PRIORITY};
 use models::reload::ReloadingForecaster;
 use models::Forecaster;
@@ -39,6 +40,9 @@ use crate::signals::anomaly::{Detector, Standing};
 use crate::signals::AnomalySection;
 use crate::sync::EdgeSync;
 
+/// Orders a tick has in flight at once: an edge that stopped answering costs the tick one
+/// order timeout, not one per order.
+const SEND_CONCURRENCY: usize = 16;
 /// Anomaly events kept for `GET /v1/anomalies`.
 const ANOMALY_LOG: usize = 200;
 
@@ -153,13 +157,14 @@ fn interval_width(f: &models::Forecast) -> f32 {
 /// Why a candidate was or was not shadowed.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Decision {
-    /// Region of the forecast.
+    /// Region of the forecast; for a widening, the region widened into.
     pub region: String,
     /// Forecaster that produced it.
     pub forecaster: String,
-    /// Predicted requests in the next hour at 0.1/0.5/0.9.
+    /// Predicted requests in the next hour at 0.1/0.5/0.9 (for a widening: in the surging
+    /// region).
     pub quantiles: [f32; 3],
-    /// P(any request in the next hour).
+    /// P(any request in the next hour) in this decision's region.
     pub p_any: f32,
     /// Threshold in force for this region and priority class.
     pub threshold: f32,
@@ -192,7 +197,9 @@ pub struct Decision {
     /// the threshold, but not likely enough to pay for itself), `below_precision_floor`
     /// (likelier wasted than the precision floor allows), `policy` (region not
     /// allowed), `max_copies` (the policy's copies went to more valuable regions), `budget`,
-    /// `no_edge`, `send_failed`.
+    /// `no_edge`, `send_failed`; a surge elsewhere adds `widened` (shadowed ahead of the
+    /// surge, budget, break-even and floor aside) or `widen_below_threshold` (the anomaly
+    /// source's tuned threshold held it back).
     pub outcome: &'static str,
     /// Seconds since the epoch of the tick.
     pub at: u64,
@@ -221,6 +228,15 @@ struct Candidate {
 
 /// An order a tick will send: target edge, the order, its attribution and the signal behind it.
 type PlannedOrder = (usize, ShadowOrder, OrderInfo, Signal);
+
+/// A surge's widening into one more region, ordered or held back by its source's threshold.
+struct Widening {
+    region: usize,
+    edge: usize,
+    peer: Option<PeerRef>,
+    signal: Signal,
+    admitted: bool,
+}
 
 /// P(any request) of every forecast series by (key, region): the score of widening a surge
 /// into a region.
@@ -703,7 +719,8 @@ impl Planner {
         p_any: &HashMap<(&str, usize), f32>,
         now_ms: u64,
         orders: &mut Vec<PlannedOrder>,
-    ) {
+    ) -> Vec<Widening> {
+        let mut out = Vec::new();
         let targets = self
             .fleet
             .regions_by_distance(c.region_idx)
@@ -740,6 +757,14 @@ impl Planner {
                     "widen_below_threshold"
                 }])
                 .inc();
+            let peer = self.peer_for(e, holders.get(c.key.as_str()).map_or(&[], Vec::as_slice));
+            out.push(Widening {
+                region: r,
+                edge: e,
+                peer: peer.clone(),
+                signal,
+                admitted,
+            });
             if !admitted {
                 continue;
             }
@@ -748,7 +773,7 @@ impl Planner {
                 ttl_secs: c.ttl,
                 priority: c.priority,
                 deadline_ms: now_ms,
-                peer: self.peer_for(e, holders.get(c.key.as_str()).map_or(&[], Vec::as_slice)),
+                peer,
                 refresh: false,
             };
             let info = OrderInfo {
@@ -758,6 +783,7 @@ impl Planner {
             };
             orders.push((e, order, info, signal));
         }
+        out
     }
 
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
@@ -920,7 +946,37 @@ impl Planner {
         for (i, c) in cands.iter().enumerate() {
             match standings[i] {
                 Standing::Surge if self.anomaly.enabled => {
-                    self.widen(c, &live, &holders, &p_any, now_ms, &mut orders);
+                    for w in self.widen(c, &live, &holders, &p_any, now_ms, &mut orders) {
+                        let (threshold, threshold_reason) =
+                            self.ledger
+                                .threshold_for(w.signal.source, w.region, c.priority);
+                        let stake = self.ledger.stake(c.bytes, w.peer.is_some(), c.ttl);
+                        let p = w.signal.score;
+                        decisions.entry(c.key.clone()).or_default().push(Decision {
+                            region: self.fleet.regions[w.region].clone(),
+                            forecaster: name.clone(),
+                            quantiles: forecasts[i].quantiles,
+                            p_any: p,
+                            threshold,
+                            threshold_reason,
+                            stake,
+                            break_even: 0.0,
+                            precision_floor: 0.0,
+                            benefit: stake.value(p) * (1.0 + f64::from(c.priority)),
+                            edge: Some(self.fleet.edges[w.edge].id.clone()),
+                            budget_bytes: Some(budgets[w.edge]),
+                            safety,
+                            expected_in_secs: 0.0,
+                            anomaly: Standing::Surge,
+                            peer: w.peer.map(|p| p.id),
+                            outcome: if w.admitted {
+                                "widened"
+                            } else {
+                                "widen_below_threshold"
+                            },
+                            at: now,
+                        });
+                    }
                 }
                 Standing::Drop if self.anomaly.enabled => {
                     let region_edges: Vec<usize> = live
@@ -939,29 +995,42 @@ impl Planner {
                 _ => {}
             }
         }
-        for (e, key) in drops {
-            self.state.remove(&key, e);
-            self.sync.unshadow(e, &key).await;
+        for (e, key) in &drops {
+            self.state.remove(key, *e);
         }
+        stream::iter(drops)
+            .map(|(e, key)| async move { self.sync.unshadow(e, &key).await })
+            .buffer_unordered(SEND_CONCURRENCY)
+            .collect::<Vec<_>>()
+            .await;
         // Earliest expected arrival first: with a bounded send rate, the objects needed
         // soonest must not wait behind ones needed in an hour.
         orders.sort_by_key(|(_, o, _, _)| o.deadline_ms);
-        for (e, order, info, signal) in orders {
-            let key = order.key.clone();
-            let ok = place_with(
-                &self.sync,
-                &self.state,
-                &self.ledger,
-                e,
-                order,
-                info,
-                signal,
-            )
+        let sent: Vec<(usize, String, bool)> = stream::iter(orders)
+            .map(|(e, order, info, signal)| async move {
+                let key = order.key.clone();
+                let ok = place_with(
+                    &self.sync,
+                    &self.state,
+                    &self.ledger,
+                    e,
+                    order,
+                    info,
+                    signal,
+                )
+                .await;
+                (e, key, ok)
+            })
+            .buffered(SEND_CONCURRENCY)
+            .collect()
             .await;
+        for (e, key, ok) in sent {
             if !ok {
                 if let Some(d) = decisions.get_mut(&key).and_then(|v| {
-                    v.iter_mut()
-                        .find(|d| d.edge.as_deref() == Some(self.fleet.edges[e].id.as_str()))
+                    v.iter_mut().find(|d| {
+                        d.edge.as_deref() == Some(self.fleet.edges[e].id.as_str())
+                            && matches!(d.outcome, "shadowed" | "widened")
+                    })
                 }) {
                     d.outcome = "send_failed";
                 }
@@ -996,6 +1065,8 @@ impl BackgroundService for Planner {
         let status = forecaster.status();
         let interval = Duration::from_secs(self.cfg.interval_secs.max(1));
         let mut tick = tokio::time::interval(interval);
+        // A round that overran is not followed by a burst of catch-up rounds.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

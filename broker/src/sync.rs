@@ -277,6 +277,8 @@ pub struct OriginPusher(pub Arc<EdgeSync>);
 impl BackgroundService for OriginPusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let mut tick = tokio::time::interval(Duration::from_secs(3));
+        // A round that overran is not followed by a burst of catch-up rounds.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

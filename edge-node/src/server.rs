@@ -225,7 +225,7 @@ impl EdgeNode {
             };
             server.add_service(background_service(
                 "quic",
-                SyncService::new(socket, server_cfg, parts),
+                SyncService::new(socket, identity.endpoint_config(), server_cfg, parts),
             ));
             let pool = Arc::new(PeerPool::new(identity));
             server.add_service(background_service(

@@ -120,6 +120,8 @@ impl BackgroundService for HealthChecker {
         };
         let mut promoted: Vec<bool> = vec![false; self.fleet.regions.len()];
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.interval_ms));
+        // A round that overran is not followed by a burst of catch-up rounds.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{Mutex, Semaphore};
@@ -254,10 +255,106 @@ pub fn client_endpoint(
     } else {
         (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
     };
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|e| super::SyncError::Bind {
+    let bind_error = |e| super::SyncError::Bind {
         addr: bind,
         source: e,
-    })?;
+    };
+    let socket = std::net::UdpSocket::bind(bind).map_err(bind_error)?;
+    let mut endpoint = quinn::Endpoint::new(
+        identity.endpoint_config(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)?;
     endpoint.set_default_client_config(identity.client_config()?);
     Ok(endpoint)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::UdpSocket;
+
+    use super::*;
+    use crate::sync::pki::{create_ca, issue, NodeRole};
+    use crate::sync::tls::{edge_name, NodeIdentity};
+
+    /// A network path that outlives a server process: datagrams from the client go to
+    /// whichever of `servers` `current` names, and only that server's datagrams reach the
+    /// client.
+    async fn relay(
+        sock: tokio::net::UdpSocket,
+        servers: Vec<SocketAddr>,
+        current: Arc<parking_lot::Mutex<SocketAddr>>,
+    ) {
+        let mut buf = vec![0u8; 65536];
+        let mut client = None;
+        while let Ok((n, from)) = sock.recv_from(&mut buf).await {
+            let to = if servers.contains(&from) {
+                (from == *current.lock()).then_some(client).flatten()
+            } else {
+                client = Some(from);
+                Some(*current.lock())
+            };
+            if let Some(to) = to {
+                let _ = sock.send_to(&buf[..n], to).await;
+            }
+        }
+    }
+
+    fn server(identity: &NodeIdentity) -> quinn::Endpoint {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        quinn::Endpoint::new(
+            identity.endpoint_config(),
+            Some(identity.server_config().unwrap()),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_restarted_node_resets_its_predecessors_connections_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
+        let edge = NodeIdentity::load(&edge).unwrap();
+        // The same identity twice: the node before and after its restart.
+        let (before, after) = (server(&edge), server(&edge));
+        let servers = vec![before.local_addr().unwrap(), after.local_addr().unwrap()];
+        let current = Arc::new(parking_lot::Mutex::new(servers[0]));
+        let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let path = sock.local_addr().unwrap();
+        tokio::spawn(relay(sock, servers.clone(), current.clone()));
+
+        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), path).unwrap();
+        let connecting = client.connect(path, &edge_name("e1")).unwrap();
+        // The old node keeps its side open: it is gone from the path, not closed.
+        let (conn, held) = tokio::join!(connecting, async {
+            before.accept().await.unwrap().await.unwrap()
+        });
+        let conn = conn.unwrap();
+        // One exchange confirms the handshake: from then on only short-header packets flow,
+        // the kind a stateless reset answers.
+        let (mut send, mut recv) = conn.open_bi().await.unwrap();
+        send.write_all(b"ping").await.unwrap();
+        send.finish().unwrap();
+        let (mut back, mut got) = held.accept_bi().await.unwrap();
+        assert_eq!(got.read_to_end(16).await.unwrap(), b"ping");
+        back.write_all(b"pong").await.unwrap();
+        back.finish().unwrap();
+        assert_eq!(recv.read_to_end(16).await.unwrap(), b"pong");
+        *current.lock() = servers[1];
+
+        // The next keep-alive reaches the new node, whose reset the client can verify; the
+        // idle timeout (10 s) would be the only way out otherwise.
+        let closed = tokio::time::timeout(Duration::from_secs(6), conn.closed())
+            .await
+            .expect("the connection outlived its peer's restart");
+        assert!(
+            matches!(closed, quinn::ConnectionError::Reset),
+            "{closed:?}"
+        );
+    }
 }

@@ -99,13 +99,20 @@ struct Handler {
 /// Background service: the QUIC endpoint of an edge.
 pub struct SyncService {
     socket: parking_lot::Mutex<Option<UdpSocket>>,
+    endpoint: quinn::EndpointConfig,
     config: quinn::ServerConfig,
     handler: Arc<Handler>,
 }
 
 impl SyncService {
-    /// Serve on `socket` (bound before start so a busy port is a start-up error).
-    pub fn new(socket: UdpSocket, config: quinn::ServerConfig, parts: SyncParts) -> Self {
+    /// Serve on `socket` (bound before start so a busy port is a start-up error) with
+    /// `endpoint` settings (see [`super::tls::NodeIdentity::endpoint_config`]).
+    pub fn new(
+        socket: UdpSocket,
+        endpoint: quinn::EndpointConfig,
+        config: quinn::ServerConfig,
+        parts: SyncParts,
+    ) -> Self {
         let http = reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
@@ -113,6 +120,7 @@ impl SyncService {
             .unwrap_or_default();
         SyncService {
             socket: parking_lot::Mutex::new(Some(socket)),
+            endpoint,
             config,
             handler: Arc::new(Handler {
                 parts,
@@ -130,7 +138,7 @@ impl BackgroundService for SyncService {
             return;
         };
         let endpoint = match quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            self.endpoint.clone(),
             Some(self.config.clone()),
             socket,
             Arc::new(quinn::TokioRuntime),

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ring::hmac;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -132,6 +133,25 @@ impl NodeIdentity {
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         cfg.transport_config(transport());
         Ok(cfg)
+    }
+
+    /// Endpoint settings keyed by this node's private key. Connection ids and stateless-reset
+    /// tokens then survive a restart: a restarted node answers its predecessor's connections
+    /// with a reset the peer can verify (RFC 9000 §10.3), so the peer drops the dead connection
+    /// at once instead of timing out requests on it until the idle timeout.
+    pub fn endpoint_config(&self) -> quinn::EndpointConfig {
+        let secret = hmac::Key::new(hmac::HMAC_SHA256, self.key.secret_der());
+        let reset = hmac::sign(&secret, b"shadowcdn/1 stateless reset");
+        let ids = hmac::sign(&secret, b"shadowcdn/1 connection ids");
+        let mut id_key = [0u8; 8];
+        id_key.copy_from_slice(&ids.as_ref()[..8]);
+        let id_key = u64::from_le_bytes(id_key);
+        let mut cfg =
+            quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+        cfg.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(id_key))
+        });
+        cfg
     }
 
     /// Client side: presents this node's certificate, trusts only the cluster CA.
