@@ -16,6 +16,11 @@
 # regions' clients lived in different time zones.
 # ADMIT=1 (default) lets an edge cache objects up to its whole cache (as libCacheSim's
 # policies do; the memory tier has one shard so that it can); ADMIT=0.25 caches up to a quarter.
+# HELD_OUT=1 replays only the forecaster's held-out test tail (the last 15% of the trace's
+# time); FOLD_GAPS=1 shortens silences longer than two weeks by whole weeks; SIZE_DIVISOR=N
+# divides object sizes by N and multiplies the per-GB prices by N (same ratios and dollars,
+# 1/N of the bytes); TICK_SECS=S sets the planner tick and stats poll (default 1 wall second:
+# one trace hour at 3600x; 0.25 keeps that at 14400x).
 #
 #   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain peer baseline lstm"] [LIMIT]
 set -euo pipefail
@@ -40,8 +45,13 @@ for b in edge-node broker origin replay; do cp target/release/$b "$WORK/bin/"; d
 B=$WORK/bin
 SHIFT=()
 [ -z "${SHIFT_HOURS:-}" ] || SHIFT=(--region-shift-hours "$SHIFT_HOURS")
+DIVISOR=${SIZE_DIVISOR:-1}
+TICK=${TICK_SECS:-1}
+SHIFT+=(--size-divisor "$DIVISOR")
+[ "${HELD_OUT:-0}" = 0 ] || SHIFT+=(--held-out)
+[ "${FOLD_GAPS:-0}" = 0 ] || SHIFT+=(--fold-gaps)
 read -r FIRST WS N < <($B/replay --trace "$TRACE" --traces-dir "$TRACES" --first-ts "${SHIFT[@]}")
-$B/replay --trace "$TRACE" --traces-dir "$TRACES" --write-sizes "$WORK/sizes.txt"
+$B/replay --trace "$TRACE" --traces-dir "$TRACES" --write-sizes "$WORK/sizes.txt" "${SHIFT[@]}"
 echo "trace $TRACE: $N requests from $FIRST, working set $WS bytes, speedup $SPEEDUP"
 
 PKI=$WORK/pki
@@ -106,8 +116,12 @@ start_unix = $FIRST
 [monitor]
 bucket_secs = 60
 [planner]
-interval_secs = 1
+interval_secs = $TICK
 $planner
+[cost]
+origin_egress_per_gb = $(awk -v d="$DIVISOR" 'BEGIN { print 0.09 * d }')
+inter_edge_per_gb = $(awk -v d="$DIVISOR" 'BEGIN { print 0.02 * d }')
+storage_per_gb_hour = $(awk -v d="$DIVISOR" 'BEGIN { printf "%.12g", 0.08 / 730 * d }')
 [signals.coaccess]
 $coaccess
 [peer_fill]
@@ -116,7 +130,7 @@ $peer
 ca_cert = "$PKI/ca.pem"
 cert = "$PKI/broker.pem"
 key = "$PKI/broker.key"
-stats_interval_secs = 1
+stats_interval_secs = $TICK
 [[regions]]
 name = "eu"
 neighbours = ["us"]

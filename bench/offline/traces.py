@@ -40,7 +40,10 @@ sys.path.insert(0, os.path.join(REPO, "models", "train"))
 import data as _data  # noqa: E402  models/train/data.py: parsing rules shared with training
 
 REGION_NAMES = ("eu", "us")
-TRACE_FILES = _data.TRACE_FILES
+# "<trace>-heldout": the forecaster's held-out test tail of <trace> (what the live replay's
+# HELD_OUT=1 sends), from the same file.
+HELD_OUT_SUFFIX = "-heldout"
+TRACE_FILES = {**_data.TRACE_FILES, "nasa" + HELD_OUT_SUFFIX: _data.TRACE_FILES["nasa"]}
 DEFAULT_TRACES = os.environ.get("SHADOWCDN_TRACES", os.path.join(os.path.dirname(REPO), "shared", "traces"))
 
 # After data.py's request-line match: `` <status> <bytes>`` (bytes may be ``-``).
@@ -126,7 +129,22 @@ def parse_nasa(path: str) -> Trace:
     return _finish("nasa", raw)
 
 
+def held_out(tr: Trace) -> Trace:
+    """The requests of the forecaster's test split (models/train/data.py split_bounds on its
+    15-minute buckets), in order, with the sizes the whole trace gives each key."""
+    b = _data.BUCKET_SECS
+    first_bucket = tr.ts[0] - tr.ts[0] % b
+    n_buckets = (tr.ts[-1] - tr.ts[-1] % b - first_bucket) // b + 1
+    _, test_start = _data.split_bounds(first_bucket, n_buckets)
+    keep = [i for i, t in enumerate(tr.ts) if t >= test_start]
+    pick = lambda xs: [xs[i] for i in keep]  # noqa: E731
+    return Trace(name=tr.name + HELD_OUT_SUFFIX, ts=pick(tr.ts), keys=pick(tr.keys),
+                 sizes=pick(tr.sizes), regions=pick(tr.regions), clients=pick(tr.clients))
+
+
 def load(name: str, traces_dir: str = DEFAULT_TRACES) -> Trace:
+    if name.endswith(HELD_OUT_SUFFIX):
+        return held_out(load(name[: -len(HELD_OUT_SUFFIX)], traces_dir))
     path = os.path.join(traces_dir, TRACE_FILES[name])
     return parse_apache(path) if name == "apache" else parse_nasa(path)
 
@@ -168,6 +186,6 @@ if __name__ == "__main__":
     a = ap.parse_args()
     for n in TRACE_FILES:
         t = load(n, a.traces)
-        if a.check:
+        if a.check and not n.endswith(HELD_OUT_SUFFIX):
             check_against_training(t, a.traces)
         print(n, summary(t))

@@ -86,7 +86,12 @@ pub fn wall_secs(secs: u64) -> u64 {
 
 /// `secs` of wall time in clock seconds.
 pub fn clock_secs(wall_secs: u64) -> u64 {
-    (wall_secs as f64 * speedup()) as u64
+    clock_secs_f64(wall_secs as f64)
+}
+
+/// `secs` (fractions allowed) of wall time in whole clock seconds.
+pub fn clock_secs_f64(wall_secs: f64) -> u64 {
+    (wall_secs * speedup()) as u64
 }
 
 #[cfg(test)]

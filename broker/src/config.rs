@@ -326,6 +326,19 @@ impl BrokerConfig {
         if self.monitor.queue_capacity == 0 || self.monitor.max_series == 0 {
             return bad("monitor.queue_capacity and monitor.max_series must be positive".into());
         }
+        let min = crate::planner::MIN_INTERVAL_SECS;
+        if !(self.planner.interval_secs.is_finite() && self.planner.interval_secs >= min) {
+            return bad(format!(
+                "planner.interval_secs must be a number of seconds ≥ {min}"
+            ));
+        }
+        if let Some(c) = &self.control {
+            if !(c.stats_interval_secs.is_finite() && c.stats_interval_secs >= min) {
+                return bad(format!(
+                    "control.stats_interval_secs must be a number of seconds ≥ {min}"
+                ));
+            }
+        }
         if !(0.0..=1.0).contains(&self.planner.threshold) {
             return bad("planner.threshold must be between 0 and 1".into());
         }
@@ -443,6 +456,16 @@ pub(crate) mod tests {
         );
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("mars"), "{e}");
+    }
+
+    #[test]
+    fn planner_ticks_may_be_fractions_of_a_second_but_not_zero() {
+        let with = |v: &str| SAMPLE.replace("[admin]", &format!("[planner]\ninterval_secs = {v}\n[admin]"));
+        let c = BrokerConfig::from_toml(&with("0.25")).unwrap();
+        assert_eq!(c.planner.interval_secs, 0.25);
+        assert_eq!(BrokerConfig::from_toml(&with("60")).unwrap().planner.interval_secs, 60.0);
+        let e = BrokerConfig::from_toml(&with("0")).unwrap_err().to_string();
+        assert!(e.contains("planner.interval_secs"), "{e}");
     }
 
     #[test]

@@ -37,13 +37,14 @@ pub struct ControlSection {
     pub cert: std::path::PathBuf,
     /// The broker's private key (PEM).
     pub key: std::path::PathBuf,
-    /// Seconds between stats polls (which also re-establish lost connections).
+    /// Seconds between stats polls (which also re-establish lost connections; fractions
+    /// allowed, as for the planner's tick).
     #[serde(default = "default_stats_interval")]
-    pub stats_interval_secs: u64,
+    pub stats_interval_secs: f64,
 }
 
-fn default_stats_interval() -> u64 {
-    5
+fn default_stats_interval() -> f64 {
+    5.0
 }
 
 /// Why an order failed.
@@ -94,7 +95,11 @@ impl Control {
             fleet,
             links: OnceLock::new(),
             stats: RwLock::new(vec![None; n]),
-            interval: Duration::from_secs(section.stats_interval_secs.max(1)),
+            interval: Duration::from_secs_f64(
+                section
+                    .stats_interval_secs
+                    .max(crate::planner::MIN_INTERVAL_SECS),
+            ),
             ledger,
             metrics,
         })

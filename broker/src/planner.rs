@@ -40,6 +40,8 @@ use crate::signals::anomaly::{Detector, Standing};
 use crate::signals::AnomalySection;
 use crate::sync::EdgeSync;
 
+/// Shortest planning tick and stats poll: a shorter one is a busy loop, not a plan.
+pub const MIN_INTERVAL_SECS: f64 = 0.05;
 /// Orders a tick has in flight at once: an edge that stopped answering costs the tick one
 /// order timeout, not one per order.
 const SEND_CONCURRENCY: usize = 16;
@@ -58,9 +60,10 @@ pub struct PlannerSection {
     /// Whether the planner runs.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Seconds between planning ticks.
+    /// Seconds between planning ticks (fractions allowed: a time-compressed replay keeps a
+    /// tick per trace hour at high speed-ups).
     #[serde(default = "default_interval")]
-    pub interval_secs: u64,
+    pub interval_secs: f64,
     /// Minimum P(any request in the horizon) to shadow: the starting point of every
     /// (region, priority class) threshold, which the cost tuner then moves.
     #[serde(default = "default_threshold")]
@@ -113,8 +116,8 @@ impl Default for PlannerSection {
 fn default_true() -> bool {
     true
 }
-fn default_interval() -> u64 {
-    60
+fn default_interval() -> f64 {
+    60.0
 }
 fn default_threshold() -> f32 {
     0.5
@@ -515,7 +518,7 @@ impl Planner {
     fn candidates(&self, now: u64) -> Vec<Candidate> {
         let store = self.series.read();
         let width = store.bucket_secs().max(1);
-        let interval = crate::clock::clock_secs(self.cfg.interval_secs);
+        let interval = crate::clock::clock_secs_f64(self.cfg.interval_secs);
         let k = interval.div_ceil(width).max(1) as usize;
         let window_secs = ((k as u64 - 1) * width + now % width + 1) as f64;
         let mut out = Vec::new();
@@ -1063,7 +1066,7 @@ impl BackgroundService for Planner {
             }
         };
         let status = forecaster.status();
-        let interval = Duration::from_secs(self.cfg.interval_secs.max(1));
+        let interval = Duration::from_secs_f64(self.cfg.interval_secs.max(MIN_INTERVAL_SECS));
         let mut tick = tokio::time::interval(interval);
         // A round that overran is not followed by a burst of catch-up rounds.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1082,7 +1085,7 @@ impl BackgroundService for Planner {
             if took > interval {
                 tracing::warn!(
                     took_ms = took.as_millis() as u64,
-                    interval_secs = interval.as_secs(),
+                    interval_secs = interval.as_secs_f64(),
                     "planning tick overran its interval"
                 );
             }

@@ -85,6 +85,15 @@ struct Cli {
     /// west of the eu ones, so each region's daily peak comes at its own hour.
     #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
     region_shift_hours: Vec<f64>,
+    /// Replay only the forecaster's held-out test tail (the last 15% of the trace's time).
+    #[arg(long)]
+    held_out: bool,
+    /// Shorten silences longer than two weeks by whole weeks (calendar features unchanged).
+    #[arg(long)]
+    fold_gaps: bool,
+    /// Divide object sizes by this factor (scale the per-GB prices up by the same).
+    #[arg(long, default_value_t = 1)]
+    size_divisor: u64,
 }
 
 #[derive(Default)]
@@ -236,6 +245,13 @@ async fn timeline_sample(
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut trace = trace::load(&cli.traces_dir, &cli.trace)?;
+    if cli.held_out {
+        trace.held_out();
+    }
+    if cli.fold_gaps {
+        trace.fold_gaps();
+    }
+    trace.scale_sizes(cli.size_divisor);
     let shifts: Vec<i64> = cli
         .region_shift_hours
         .iter()
@@ -411,6 +427,9 @@ async fn main() -> anyhow::Result<()> {
         "trace": cli.trace,
         "mode": cli.mode,
         "speedup": cli.speedup,
+        "held_out": cli.held_out,
+        "fold_gaps": cli.fold_gaps,
+        "size_divisor": cli.size_divisor,
         "cache_bytes_per_region": cli.cache_bytes,
         "max_object_bytes": cli.max_object_bytes,
         "requests": s.requests,

@@ -44,6 +44,54 @@ impl Trace {
         self.requests.sort_by_key(|r| r.ts);
     }
 
+    /// Keep only the forecaster's held-out test tail: the requests from the bucket at 85% of
+    /// the trace's 15-minute buckets on, the split of `models/train/data.py`
+    /// (`split_bounds`), so a replay judges the LSTM on demand it neither trained nor was
+    /// calibrated on.
+    pub fn held_out(&mut self) {
+        let (Some(first), Some(last)) = (self.requests.first(), self.requests.last()) else {
+            return;
+        };
+        let b = SPLIT_BUCKET_SECS;
+        let first_bucket = first.ts - first.ts.rem_euclid(b);
+        let n_buckets = (last.ts - last.ts.rem_euclid(b) - first_bucket) / b + 1;
+        let test_start = first_bucket + n_buckets * 85 / 100 * b;
+        self.requests.retain(|r| r.ts >= test_start);
+    }
+
+    /// Shorten every silence longer than two weeks by whole weeks, to between one and two
+    /// weeks: hour of day and day of week stay as traced (the forecaster's calendar features),
+    /// a long silence still reads as one, and months without a request cost no replay time.
+    pub fn fold_gaps(&mut self) {
+        const WEEK: i64 = 7 * 86_400;
+        let mut removed = 0;
+        let mut prev: Option<i64> = None;
+        for r in &mut self.requests {
+            let ts = r.ts;
+            if let Some(p) = prev {
+                let weeks = (ts - p) / WEEK;
+                if weeks >= 2 {
+                    removed += (weeks - 1) * WEEK;
+                }
+            }
+            prev = Some(ts);
+            r.ts = ts - removed;
+        }
+    }
+
+    /// Divide every object size by `divisor` (rounding up): the byte volumes of a trace of
+    /// multi-gigabyte working sets, scaled to what one machine's loopback replays in minutes.
+    /// Cache sizes follow the scaled working set and `bench/replay.sh` multiplies the per-GB
+    /// prices by the same factor, so hit ratios and every dollar figure are unchanged.
+    pub fn scale_sizes(&mut self, divisor: u64) {
+        if divisor <= 1 {
+            return;
+        }
+        for r in &mut self.requests {
+            r.size = r.size.div_ceil(divisor);
+        }
+    }
+
     /// Sum of the sizes of distinct objects.
     pub fn working_set(&self) -> u64 {
         let mut seen: HashMap<&str, u64> = HashMap::new();
@@ -53,6 +101,9 @@ impl Trace {
         seen.values().sum()
     }
 }
+
+/// Bucket width of the forecaster's series (`models/train/data.py` `BUCKET_SECS`).
+const SPLIT_BUCKET_SECS: i64 = 900;
 
 fn fnv1a64(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
@@ -211,26 +262,60 @@ pub fn load(dir: &Path, name: &str) -> anyhow::Result<Trace> {
 mod tests {
     use super::*;
 
-    #[test]
-    fn region_shifts_move_one_region_and_keep_time_order() {
-        let req = |ts, path: &str, region| Request {
+    fn req(ts: i64, path: &str, region: u8) -> Request {
+        Request {
             ts,
             path: path.into(),
-            size: 1,
+            size: 2001,
             region,
-        };
-        let mut t = Trace {
-            host: "h",
-            requests: vec![
-                req(0, "/a", 0),
-                req(10, "/b", 1),
-                req(20, "/c", 1),
-                req(30, "/d", 0),
-            ],
-        };
+        }
+    }
+
+    fn trace(requests: Vec<Request>) -> Trace {
+        Trace { host: "h", requests }
+    }
+
+    #[test]
+    fn region_shifts_move_one_region_and_keep_time_order() {
+        let mut t = trace(vec![
+            req(0, "/a", 0),
+            req(10, "/b", 1),
+            req(20, "/c", 1),
+            req(30, "/d", 0),
+        ]);
         t.shift_regions(&[0, 25]);
         let got: Vec<(i64, &str)> = t.requests.iter().map(|r| (r.ts, r.path.as_str())).collect();
         assert_eq!(got, vec![(0, "/a"), (30, "/d"), (35, "/b"), (45, "/c")]);
+    }
+
+    #[test]
+    fn the_held_out_tail_starts_at_85_percent_of_the_buckets() {
+        // 100 buckets of 900 s: the tail starts at bucket 85.
+        let mut t = trace(
+            [0, 85 * 900 - 1, 85 * 900, 99 * 900 + 5]
+                .map(|ts| req(ts, "/a", 0))
+                .to_vec(),
+        );
+        t.held_out();
+        let got: Vec<i64> = t.requests.iter().map(|r| r.ts).collect();
+        assert_eq!(got, vec![85 * 900, 99 * 900 + 5]);
+    }
+
+    #[test]
+    fn long_silences_fold_by_whole_weeks() {
+        let week = 7 * 86_400;
+        let mut t = trace(
+            [0, 86_400, 86_400 + 8 * week + 3600, 86_400 + 9 * week]
+                .map(|ts| req(ts, "/a", 0))
+                .to_vec(),
+        );
+        t.fold_gaps();
+        t.scale_sizes(1000);
+        let got: Vec<i64> = t.requests.iter().map(|r| r.ts).collect();
+        // A 1-day gap stays; 8 weeks + 1 h becomes 1 week + 1 h; 1 week − 1 h stays.
+        let folded = 86_400 + week + 3600;
+        assert_eq!(got, vec![0, 86_400, folded, folded + week - 3600]);
+        assert!(t.requests.iter().all(|r| r.size == 3));
     }
 
     #[test]
