@@ -460,10 +460,21 @@ pub(crate) mod tests {
 
     #[test]
     fn planner_ticks_may_be_fractions_of_a_second_but_not_zero() {
-        let with = |v: &str| SAMPLE.replace("[admin]", &format!("[planner]\ninterval_secs = {v}\n[admin]"));
+        let with = |v: &str| {
+            SAMPLE.replace(
+                "[admin]",
+                &format!("[planner]\ninterval_secs = {v}\n[admin]"),
+            )
+        };
         let c = BrokerConfig::from_toml(&with("0.25")).unwrap();
         assert_eq!(c.planner.interval_secs, 0.25);
-        assert_eq!(BrokerConfig::from_toml(&with("60")).unwrap().planner.interval_secs, 60.0);
+        assert_eq!(
+            BrokerConfig::from_toml(&with("60"))
+                .unwrap()
+                .planner
+                .interval_secs,
+            60.0
+        );
         let e = BrokerConfig::from_toml(&with("0")).unwrap_err().to_string();
         assert!(e.contains("planner.interval_secs"), "{e}");
     }

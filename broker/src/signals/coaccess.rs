@@ -1,6 +1,7 @@
 //! Co-access: which resources follow which. A client that fetches A and then B within a
-//! window counts one A→B transition in its region; `P(B follows A) = transitions(A→B) /
-//! requests(A)`. A request for A then shadows its likely followers on the edge that will be
+//! window counts one A→B transition in its region; `P(B follows A) = (transitions(A→B) + 1)
+//! / (requests(A) + 2)`, the rule of succession, so a few sessions do not make a certainty.
+//! A request for A then shadows its likely followers on the edge that will be
 //! asked for them, due at their typical gap. Memory is bounded (clients, pairs) and counts
 //! decay, so yesterday's page structure fades.
 
@@ -224,7 +225,12 @@ impl CoAccess {
             .iter()
             .map(|(b, p)| Follower {
                 key: b.clone(),
-                probability: (p.count / n).min(1.0),
+                // A uniform prior on P: a follower seen after each of A's first three
+                // requests is likely (0.8), not certain, and the estimate tends to the observed
+                // share as support grows. The bare share put 3-of-3 followers at 1.0, above any
+                // break-even, and such shadows were wasted about as often as used (byte
+                // precision 0.36–0.44 in some apache replays at 1%).
+                probability: ((p.count + 1.0) / (n + 2.0)).min(1.0),
                 gap_secs: p.gap,
                 bytes: None,
             })
@@ -261,7 +267,8 @@ mod tests {
         let f = c.followers(0, "h/index.html");
         assert_eq!(f.len(), 2, "{f:?}");
         assert_eq!(f[0].key, "h/app.js");
-        assert!((f[0].probability - 1.0).abs() < 1e-9);
+        // 4 of 4 and 2 of 4, shrunk towards 1/2.
+        assert!((f[0].probability - 5.0 / 6.0).abs() < 1e-9);
         assert!((f[0].gap_secs - 2.0).abs() < 1e-9);
         assert!((f[1].probability - 0.5).abs() < 1e-9);
         // Other regions learned nothing; too little support gives nothing.

@@ -272,7 +272,10 @@ mod tests {
     }
 
     fn trace(requests: Vec<Request>) -> Trace {
-        Trace { host: "h", requests }
+        Trace {
+            host: "h",
+            requests,
+        }
     }
 
     #[test]
