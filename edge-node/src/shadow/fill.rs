@@ -413,10 +413,16 @@ impl BackgroundService for ShadowService {
             );
             tokio::spawn(async move {
                 let _permit = permit;
+                let started = Instant::now();
                 match fill_one(&client, listen, &internal, &req).await {
                     Ok((bytes, source)) => {
                         pacer.charge(bytes, Instant::now());
-                        table.mark(&req.key, req.ttl, req.priority, Instant::now());
+                        let now = Instant::now();
+                        if !table.mark_filled(&req.key, req.ttl, req.priority, started, now) {
+                            tracing::debug!(key = %req.key, "purged or unshadowed while filling");
+                            metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                            return;
+                        }
                         table.set_fill(&req.key, bytes, source);
                         metrics.shadow_fills.with_label_values(&["filled"]).inc();
                         metrics

@@ -7,8 +7,14 @@
 //! takes space); one that served requests is demoted to a normal cache entry.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
+
+/// How long a purge or unshadow is held against fills in flight when it arrived (fills time
+/// out after 60 s); a fill that started before what is remembered is not marked.
+const DROP_MEMORY: Duration = Duration::from_secs(600);
+/// Most purges and unshadows remembered.
+const MAX_DROPS: usize = 4096;
 
 use parking_lot::Mutex;
 
@@ -72,29 +78,54 @@ struct Inner {
     marks: HashMap<String, Mark>,
     heap: BinaryHeap<Reverse<(Instant, u64, String)>>,
     next_gen: u64,
+    /// Recent purges and unshadows: (when, key or prefix, whether a prefix).
+    drops: VecDeque<(Instant, String, bool)>,
+    /// When the newest forgotten drop happened.
+    forgotten: Option<Instant>,
 }
 
-/// All shadow marks of this edge.
-#[derive(Debug, Default)]
-pub struct ShadowTable {
-    inner: Mutex<Inner>,
-}
+impl Inner {
+    fn note_drop(&mut self, target: &str, prefix: bool, now: Instant) {
+        while let Some((at, _, _)) = self.drops.front() {
+            if self.drops.len() < MAX_DROPS && now.duration_since(*at) <= DROP_MEMORY {
+                break;
+            }
+            self.forgotten = Some(*at);
+            self.drops.pop_front();
+        }
+        self.drops.push_back((now, target.to_string(), prefix));
+    }
 
-impl ShadowTable {
-    /// Mark `key` as a shadow for `ttl` (renewing an existing mark keeps its hit count).
-    pub fn mark(&self, key: &str, ttl: Duration, priority: u8, now: Instant) {
-        let mut g = self.inner.lock();
-        g.next_gen += 1;
-        let generation = g.next_gen;
+    /// Whether `key` was purged or unshadowed at or after `since` (or may have been: the
+    /// record from then is forgotten).
+    fn dropped_since(&self, key: &str, since: Instant) -> bool {
+        self.forgotten.is_some_and(|at| at >= since)
+            || self
+                .drops
+                .iter()
+                .rev()
+                .take_while(|d| d.0 >= since)
+                .any(|(_, target, prefix)| {
+                    if *prefix {
+                        key.starts_with(target.as_str())
+                    } else {
+                        key == target
+                    }
+                })
+    }
+
+    fn mark(&mut self, key: &str, ttl: Duration, priority: u8, now: Instant) {
+        self.next_gen += 1;
+        let generation = self.next_gen;
         let expires = now + ttl;
-        let old = g.marks.get(key);
+        let old = self.marks.get(key);
         let hits = old.map_or(0, |m| m.hits);
         let bytes = old.map_or(0, |m| m.bytes);
         let marked_at = old.map_or(now, |m| m.marked_at);
         let peer_filled = old.is_some_and(|m| m.peer_filled);
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
-        g.marks.insert(
+        self.marks.insert(
             key.to_string(),
             Mark {
                 expires,
@@ -108,7 +139,41 @@ impl ShadowTable {
                 generation,
             },
         );
-        g.heap.push(Reverse((expires, generation, key.to_string())));
+        self.heap
+            .push(Reverse((expires, generation, key.to_string())));
+    }
+}
+
+/// All shadow marks of this edge.
+#[derive(Debug, Default)]
+pub struct ShadowTable {
+    inner: Mutex<Inner>,
+}
+
+impl ShadowTable {
+    /// Mark `key` as a shadow for `ttl` (renewing an existing mark keeps its hit count).
+    pub fn mark(&self, key: &str, ttl: Duration, priority: u8, now: Instant) {
+        self.inner.lock().mark(key, ttl, priority, now);
+    }
+
+    /// Mark `key` after a fill that started at `started`, unless a purge or unshadow of it
+    /// arrived since: the drop wins, else the mark would describe an object that is gone (or
+    /// one the broker no longer wants) and a later order for it would find it "shadowed".
+    /// Whether it was marked.
+    pub fn mark_filled(
+        &self,
+        key: &str,
+        ttl: Duration,
+        priority: u8,
+        started: Instant,
+        now: Instant,
+    ) -> bool {
+        let mut g = self.inner.lock();
+        if g.dropped_since(key, started) {
+            return false;
+        }
+        g.mark(key, ttl, priority, now);
+        true
     }
 
     /// Record the filled size of a shadow and, on its first fill, where it came from (a
@@ -138,12 +203,15 @@ impl ShadowTable {
 
     /// Remove a mark (unshadow or invalidation).
     pub fn remove(&self, key: &str) -> Option<Mark> {
-        self.inner.lock().marks.remove(key)
+        let mut g = self.inner.lock();
+        g.note_drop(key, false, Instant::now());
+        g.marks.remove(key)
     }
 
     /// Remove every mark whose key starts with `prefix` (prefix purge); returns how many.
     pub fn remove_prefix(&self, prefix: &str) -> usize {
         let mut g = self.inner.lock();
+        g.note_drop(prefix, true, Instant::now());
         let before = g.marks.len();
         g.marks.retain(|k, _| !k.starts_with(prefix));
         before - g.marks.len()
@@ -358,5 +426,23 @@ mod tests {
         let now = Instant::now();
         t.mark("k", Duration::from_secs(1), 1, now);
         assert_eq!(t.hit("k", now + Duration::from_secs(2)), None);
+    }
+
+    #[test]
+    fn a_purge_during_a_fill_wins_over_its_mark() {
+        let t = ShadowTable::default();
+        let ttl = Duration::from_secs(60);
+        let started = Instant::now();
+        t.remove("h/a");
+        t.remove_prefix("h/dir/");
+        let now = Instant::now();
+        assert!(!t.mark_filled("h/a", ttl, 5, started, now));
+        assert!(!t.mark_filled("h/dir/x", ttl, 5, started, now));
+        assert!(t.get("h/a").is_none());
+        // Other keys, and fills that started after the purge, are marked.
+        assert!(t.mark_filled("h/b", ttl, 5, started, now));
+        let later = Instant::now() + Duration::from_millis(1);
+        assert!(t.mark_filled("h/a", ttl, 5, later, later));
+        assert!(t.get("h/a").is_some());
     }
 }
