@@ -232,6 +232,15 @@ struct Candidate {
 /// An order a tick will send: target edge, the order, its attribution and the signal behind it.
 type PlannedOrder = (usize, ShadowOrder, OrderInfo, Signal);
 
+/// What a tick knew of a surging series when it widened it: the explain fields a widening
+/// shares with its forecast.
+struct Surging<'a> {
+    forecaster: &'a str,
+    quantiles: [f32; 3],
+    safety: f32,
+    at: u64,
+}
+
 /// A surge's widening into one more region, ordered or held back by its source's threshold.
 struct Widening {
     region: usize,
@@ -789,6 +798,45 @@ impl Planner {
         out
     }
 
+    /// The explain entry of one widening of surging candidate `c`, in the region widened into.
+    fn widening_decision(
+        &self,
+        c: &Candidate,
+        surge: &Surging<'_>,
+        w: Widening,
+        budget: u64,
+    ) -> Decision {
+        let (threshold, threshold_reason) =
+            self.ledger
+                .threshold_for(w.signal.source, w.region, c.priority);
+        let stake = self.ledger.stake(c.bytes, w.peer.is_some(), c.ttl);
+        let p = w.signal.score;
+        Decision {
+            region: self.fleet.regions[w.region].clone(),
+            forecaster: surge.forecaster.to_string(),
+            quantiles: surge.quantiles,
+            p_any: p,
+            threshold,
+            threshold_reason,
+            stake,
+            break_even: 0.0,
+            precision_floor: 0.0,
+            benefit: stake.value(p) * (1.0 + f64::from(c.priority)),
+            edge: Some(self.fleet.edges[w.edge].id.clone()),
+            budget_bytes: Some(budget),
+            safety: surge.safety,
+            expected_in_secs: 0.0,
+            anomaly: Standing::Surge,
+            peer: w.peer.map(|p| p.id),
+            outcome: if w.admitted {
+                "widened"
+            } else {
+                "widen_below_threshold"
+            },
+            at: surge.at,
+        }
+    }
+
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
         self.adopt().await;
         let now = now_secs();
@@ -949,37 +997,20 @@ impl Planner {
         for (i, c) in cands.iter().enumerate() {
             match standings[i] {
                 Standing::Surge if self.anomaly.enabled => {
-                    for w in self.widen(c, &live, &holders, &p_any, now_ms, &mut orders) {
-                        let (threshold, threshold_reason) =
-                            self.ledger
-                                .threshold_for(w.signal.source, w.region, c.priority);
-                        let stake = self.ledger.stake(c.bytes, w.peer.is_some(), c.ttl);
-                        let p = w.signal.score;
-                        decisions.entry(c.key.clone()).or_default().push(Decision {
-                            region: self.fleet.regions[w.region].clone(),
-                            forecaster: name.clone(),
-                            quantiles: forecasts[i].quantiles,
-                            p_any: p,
-                            threshold,
-                            threshold_reason,
-                            stake,
-                            break_even: 0.0,
-                            precision_floor: 0.0,
-                            benefit: stake.value(p) * (1.0 + f64::from(c.priority)),
-                            edge: Some(self.fleet.edges[w.edge].id.clone()),
-                            budget_bytes: Some(budgets[w.edge]),
-                            safety,
-                            expected_in_secs: 0.0,
-                            anomaly: Standing::Surge,
-                            peer: w.peer.map(|p| p.id),
-                            outcome: if w.admitted {
-                                "widened"
-                            } else {
-                                "widen_below_threshold"
-                            },
-                            at: now,
-                        });
-                    }
+                    let widenings = self.widen(c, &live, &holders, &p_any, now_ms, &mut orders);
+                    let surge = Surging {
+                        forecaster: &name,
+                        quantiles: forecasts[i].quantiles,
+                        safety,
+                        at: now,
+                    };
+                    decisions
+                        .entry(c.key.clone())
+                        .or_default()
+                        .extend(widenings.into_iter().map(|w| {
+                            let budget = budgets[w.edge];
+                            self.widening_decision(c, &surge, w, budget)
+                        }));
                 }
                 Standing::Drop if self.anomaly.enabled => {
                     let region_edges: Vec<usize> = live

@@ -10,13 +10,13 @@ use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+
 /// How long a purge or unshadow is held against fills in flight when it arrived (fills time
 /// out after 60 s); a fill that started before what is remembered is not marked.
 const DROP_MEMORY: Duration = Duration::from_secs(600);
 /// Most purges and unshadows remembered.
 const MAX_DROPS: usize = 4096;
-
-use parking_lot::Mutex;
 
 /// One shadow mark.
 #[derive(Debug, Clone)]
@@ -151,7 +151,9 @@ pub struct ShadowTable {
 }
 
 impl ShadowTable {
-    /// Mark `key` as a shadow for `ttl` (renewing an existing mark keeps its hit count).
+    /// Mark `key` as a shadow for `ttl` (renewing an existing mark keeps its hit count);
+    /// fills go through [`Self::mark_filled`].
+    #[cfg(test)]
     pub fn mark(&self, key: &str, ttl: Duration, priority: u8, now: Instant) {
         self.inner.lock().mark(key, ttl, priority, now);
     }
