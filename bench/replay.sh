@@ -122,6 +122,8 @@ $planner
 origin_egress_per_gb = $(awk -v d="$DIVISOR" 'BEGIN { print 0.09 * d }')
 inter_edge_per_gb = $(awk -v d="$DIVISOR" 'BEGIN { print 0.02 * d }')
 storage_per_gb_hour = $(awk -v d="$DIVISOR" 'BEGIN { printf "%.12g", 0.08 / 730 * d }')
+origin_mbit_per_sec = $(awk -v d="$DIVISOR" 'BEGIN { printf "%.12g", 100 / d }')
+client_mbit_per_sec = $(awk -v d="$DIVISOR" 'BEGIN { printf "%.12g", 250 / d }')
 [signals.coaccess]
 $coaccess
 [peer_fill]

@@ -345,7 +345,7 @@ impl BrokerConfig {
         if self.threads == 0 {
             return bad("threads must be at least 1".into());
         }
-        Ok(())
+        self.cost.check().map_err(ConfigError)
     }
 }
 
@@ -477,6 +477,13 @@ pub(crate) mod tests {
         );
         let e = BrokerConfig::from_toml(&with("0")).unwrap_err().to_string();
         assert!(e.contains("planner.interval_secs"), "{e}");
+    }
+
+    #[test]
+    fn a_negative_price_is_refused_by_name() {
+        let bad = SAMPLE.replace("[admin]", "[cost]\ninter_edge_per_gb = -0.02\n[admin]");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("cost.inter_edge_per_gb"), "{e}");
     }
 
     #[test]

@@ -92,9 +92,20 @@ pub struct CostSection {
     /// list price: the default, $0.00005, values a 100 ms saving at $5 per million requests.
     #[serde(default = "default_latency_value")]
     pub latency_value_per_sec: f64,
-    /// Origin fetch time the first request of a shadow does not wait, in seconds.
+    /// Origin round trip the first request of a shadow does not wait, in seconds.
     #[serde(default = "default_origin_latency")]
     pub origin_latency_secs: f64,
+    /// Rate one origin fetch streams at, Mbit/s (default 100: a single long-haul TCP flow).
+    /// A miss reaches its user no faster than this; with `client_mbit_per_sec` it prices the
+    /// transfer time a used shadow saves besides the round trip, which for a 50 MB file is
+    /// seconds, not the round trip's 0.1 s.
+    #[serde(default = "default_origin_mbit")]
+    pub origin_mbit_per_sec: f64,
+    /// Rate a user downloads at, Mbit/s (default 250: roughly the median fixed-broadband
+    /// download speed in the US, Ookla Speedtest Global Index 2024). A hit is paced by it, so
+    /// only an origin slower than the user's own link costs transfer time.
+    #[serde(default = "default_client_mbit")]
+    pub client_mbit_per_sec: f64,
     /// Whether the tuners move thresholds (off: the planner's threshold for forecasts, and
     /// every follower or widening the co-access and anomaly signals offer).
     #[serde(default = "default_true")]
@@ -139,11 +150,63 @@ pub struct CostSection {
     pub min_precision: Fraction,
     /// Whether each forecast candidate and co-access follower is held to its own break-even
     /// probability on top of its tuned threshold (default on): at these prices a wasted origin fill of
-    /// 1 MB costs what 21 used shadows earn in latency, so a large object needs a near-certain
+    /// 1 MB costs what 12 used shadows earn in latency, so a large object needs a near-certain
     /// forecast while a small one, or one a peer edge can supply, pays at modest odds. One
     /// threshold per (region, class) cannot say that.
     #[serde(default = "default_true")]
     pub break_even_gate: bool,
+}
+
+impl CostSection {
+    /// What the first request of a used shadow of `bytes` does not wait: the origin round trip,
+    /// plus the time an origin slower than the user's link would have added to the transfer.
+    pub fn wait_avoided_secs(&self, bytes: u64) -> f64 {
+        let bits = bytes as f64 * 8.0;
+        let transfer =
+            bits / (self.origin_mbit_per_sec * 1e6) - bits / (self.client_mbit_per_sec * 1e6);
+        self.origin_latency_secs + transfer.max(0.0)
+    }
+
+    /// Why these prices and bounds cannot be used, naming the field: a negative price would
+    /// turn waste into profit and a threshold range that is empty would stop the tuners.
+    pub fn check(&self) -> Result<(), String> {
+        for (name, v) in [
+            ("origin_egress_per_gb", self.origin_egress_per_gb),
+            ("inter_edge_per_gb", self.inter_edge_per_gb),
+            ("storage_per_gb_hour", self.storage_per_gb_hour),
+            ("fill_cost", self.fill_cost),
+            ("latency_value_per_sec", self.latency_value_per_sec),
+            ("origin_latency_secs", self.origin_latency_secs),
+        ] {
+            if !(v.is_finite() && v >= 0.0) {
+                return Err(format!("cost.{name} must be a number ≥ 0, not {v}"));
+            }
+        }
+        for (name, v) in [
+            ("origin_mbit_per_sec", self.origin_mbit_per_sec),
+            ("client_mbit_per_sec", self.client_mbit_per_sec),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(format!("cost.{name} must be a positive number, not {v}"));
+            }
+        }
+        if !(0.0 <= self.min_threshold
+            && self.min_threshold <= self.max_threshold
+            && self.max_threshold <= 1.0)
+        {
+            return Err(format!(
+                "cost.min_threshold ({}) and cost.max_threshold ({}) must satisfy 0 ≤ min ≤ max ≤ 1",
+                self.min_threshold, self.max_threshold
+            ));
+        }
+        if !(0.0 < self.min_step && self.min_step <= self.step && self.step <= 1.0) {
+            return Err(format!(
+                "cost.min_step ({}) and cost.step ({}) must satisfy 0 < min_step ≤ step ≤ 1",
+                self.min_step, self.step
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for CostSection {
@@ -155,6 +218,8 @@ impl Default for CostSection {
             fill_cost: default_fill(),
             latency_value_per_sec: default_latency_value(),
             origin_latency_secs: default_origin_latency(),
+            origin_mbit_per_sec: default_origin_mbit(),
+            client_mbit_per_sec: default_client_mbit(),
             tune: true,
             min_threshold: default_min_threshold(),
             max_threshold: default_max_threshold(),
@@ -186,6 +251,12 @@ fn default_latency_value() -> f64 {
 }
 fn default_origin_latency() -> f64 {
     0.1
+}
+fn default_origin_mbit() -> f64 {
+    100.0
+}
+fn default_client_mbit() -> f64 {
+    250.0
 }
 fn default_true() -> bool {
     true
@@ -312,7 +383,7 @@ pub fn price(cfg: &CostSection, o: &ShadowOutcome) -> Priced {
             0.0
         },
         saved_latency: if used {
-            cfg.latency_value_per_sec * cfg.origin_latency_secs
+            cfg.latency_value_per_sec * cfg.wait_avoided_secs(o.bytes)
         } else {
             0.0
         },
@@ -1105,9 +1176,9 @@ mod tests {
         let be = |bytes, peer| Stake::of(&cfg, bytes, peer, 3600).break_even();
         let (small, medium, large) = (be(10_000, false), be(100_000, false), be(1_000_000, false));
         assert!(small < medium && medium < large, "{small} {medium} {large}");
-        // 10 kB pays at modest odds; 1 MB from the origin needs more than the tuner's ceiling.
+        // 10 kB pays at modest odds; 1 MB from the origin needs a near-certain forecast.
         assert!(small < 0.35, "{small}");
-        assert!(large > 0.95, "{large}");
+        assert!(large > 0.9, "{large}");
         // From a peer, a used copy saves the origin egress: large objects pay at ~0.22.
         let peer = be(1_000_000, true);
         assert!(peer < 0.3 && peer < large, "{peer}");
@@ -1126,6 +1197,50 @@ mod tests {
             wasted: -2.0,
         };
         assert!(hopeless.break_even() > 1.0);
+    }
+
+    #[test]
+    fn a_used_shadow_saves_the_round_trip_and_the_slow_origin_transfer() {
+        let cfg = CostSection::default();
+        // Small: the round trip alone.
+        assert!((cfg.wait_avoided_secs(1_000) - 0.1).abs() < 1e-3);
+        // 50 MB at 100 Mbit/s from the origin vs 250 Mbit/s to the user: 4 s − 1.6 s more.
+        assert!((cfg.wait_avoided_secs(50_000_000) - 2.5).abs() < 1e-9);
+        // A user slower than the origin paces both alike: the round trip only.
+        let slow_user = CostSection {
+            client_mbit_per_sec: 10.0,
+            ..CostSection::default()
+        };
+        assert_eq!(slow_user.wait_avoided_secs(50_000_000), 0.1);
+        let used = price(&cfg, &outcome(50_000_000, 1, false));
+        assert!((used.saved_latency - 2.5 * cfg.latency_value_per_sec).abs() < 1e-12);
+    }
+
+    #[test]
+    fn prices_and_bounds_that_cannot_work_are_refused_by_name() {
+        assert_eq!(CostSection::default().check(), Ok(()));
+        let bad = |c: CostSection| c.check().unwrap_err();
+        let e = bad(CostSection {
+            origin_egress_per_gb: -0.09,
+            ..CostSection::default()
+        });
+        assert!(e.contains("cost.origin_egress_per_gb"), "{e}");
+        let e = bad(CostSection {
+            origin_mbit_per_sec: 0.0,
+            ..CostSection::default()
+        });
+        assert!(e.contains("cost.origin_mbit_per_sec"), "{e}");
+        let e = bad(CostSection {
+            min_threshold: 0.9,
+            max_threshold: 0.5,
+            ..CostSection::default()
+        });
+        assert!(e.contains("cost.min_threshold"), "{e}");
+        let e = bad(CostSection {
+            min_step: 0.0,
+            ..CostSection::default()
+        });
+        assert!(e.contains("cost.min_step"), "{e}");
     }
 
     fn ledger() -> Ledger {

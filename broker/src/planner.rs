@@ -1224,7 +1224,7 @@ mod tests {
             .into_iter()
             .chain([fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.55)])
             .collect::<Vec<_>>();
-        // At list prices a wasted 1 MB origin fill costs ~21 used shadows' latency: 0.9 is
+        // At list prices a wasted 1 MB origin fill costs ~12 used shadows' latency: 0.9 is
         // not enough. From a peer it costs inter-edge transfer and saves the egress when used.
         let cfg = crate::cost::CostSection::default();
         let bars: Vec<Bar> = cands
