@@ -4,7 +4,8 @@ For each trace (see traces.py for how requests, keys, sizes and regions are deri
 
 * W = working set = sum of the sizes of the distinct keys.
 * cache sizes s = 1%, 5%, 10% of W (bytes; objects occupy their size).
-* policies: LRU, S3-FIFO, SIEVE, W-TinyLFU, GDSF, LRB, GLCache (online) and Belady, BeladySize
+* policies: LRU, S3-FIFO, SIEVE, SLRU (segmented LRU, the family of the edges' foyer memory
+  tier), W-TinyLFU, GDSF, LRB, GLCache (online) and Belady, BeladySize
   (offline, with future knowledge). libCacheSim's ``Belady`` evicts the object whose next request
   is furthest away; with variable object sizes that is the classic offline bound but not a proven
   optimum (exact byte-optimal caching with sizes is NP-hard), so ``BeladySize`` (size-aware
@@ -46,6 +47,7 @@ POLICIES = [
     ("LRU", "LRU", True),
     ("S3-FIFO", "S3FIFO", True),
     ("SIEVE", "Sieve", True),
+    ("SLRU", "SLRU", True),
     ("W-TinyLFU", "WTinyLFU", True),
     ("GDSF", "GDSF", True),
     ("LRB", "LRB", True),
@@ -309,7 +311,7 @@ def simulate_trace(name: str, args) -> dict:
 # plot (hand-written SVG)
 # --------------------------------------------------------------------------------------------
 COLORS = {"LRU": "#d62728", "S3-FIFO": "#1f77b4", "SIEVE": "#2ca02c", "W-TinyLFU": "#9467bd",
-          "GDSF": "#8c564b", "LRB": "#e377c2", "GLCache": "#17becf", "Belady": "#000000",
+          "GDSF": "#8c564b", "SLRU": "#bc8f3f", "LRB": "#e377c2", "GLCache": "#17becf", "Belady": "#000000",
           "BeladySize": "#555555", "floor": "#7f7f7f"}
 LIVE_COLORS = {"plain": "#ff7f0e", "peer": "#17becf", "lstm": "#bcbd22", "baseline": "#393b79"}
 
