@@ -311,6 +311,40 @@ async fn killing_an_edge_during_a_stream_of_gets_gives_no_client_errors() {
     assert!(m.contains("shadowcdn_broker_failovers_total"), "{m}");
 }
 
+/// A client that sends a request and hangs up before the answer is no evidence against the
+/// edge: it is neither marked down nor retried (pingora reports the client's side through the
+/// same error hook as the edge's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_marks_no_edge_down() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    for i in 0..4 {
+        let mut s = tokio::net::TcpStream::connect(c.broker.addr).await.unwrap();
+        let req = format!(
+            "GET /hangup/{i}?delay_ms=400 HTTP/1.1\r\nhost: {HOST}\r\nx-client-region: eu\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut sink)).await;
+    }
+    let m = c.metrics().await;
+    assert!(m.contains("shadowcdn_broker_retries_total 0"), "{m}");
+    for id in ["eu-a", "eu-b", "eu-s", "us-a"] {
+        let up = format!("shadowcdn_broker_edge_up{{edge=\"{id}\"}} 0");
+        assert!(!m.contains(&up), "{id} marked down:\n{m}");
+    }
+    // The edges did fetch from the origin: the requests reached them before the hang-up.
+    assert!(
+        (0..4)
+            .map(|i| origin.hits(&format!("/hangup/{i}")))
+            .sum::<usize>()
+            >= 1
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_is_promoted_when_no_active_edge_is_healthy_and_demoted_after() {
     let origin = TestOrigin::start().await;

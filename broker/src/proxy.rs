@@ -13,7 +13,7 @@ use edge_node::proxy::{
 };
 use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
-use pingora_error::{Error, ErrorType, Result};
+use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
@@ -85,6 +85,15 @@ impl BrokerProxy {
 
     /// The id of another edge that recently served this request's key, for a GET routed to
     /// an edge: that edge's miss asks the peer before the origin.
+    /// A passive failure took `edge` out of routing: the gauge says so now, not at the next
+    /// probe round.
+    fn edge_marked_down(&self, edge: usize) {
+        self.metrics
+            .edge_up
+            .with_label_values(&[&self.fleet.edges[edge].id])
+            .set(0);
+    }
+
     fn peer_hint(&self, req: &RequestHeader, ctx: &BrokerCtx) -> Option<&str> {
         let holders = self.holders.as_ref()?;
         let serving = ctx.chosen?.edge?;
@@ -260,6 +269,7 @@ impl ProxyHttp for BrokerProxy {
         }) = ctx.chosen
         {
             if self.health.mark_down(edge) {
+                self.edge_marked_down(edge);
                 tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge unreachable: marked down");
             }
         }
@@ -279,7 +289,12 @@ impl ProxyHttp for BrokerProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        let replayable = session.req_header().method.is_idempotent()
+        // Pingora reports the client's side here too (a client that hangs up before the
+        // response): that is no evidence against the edge, and retrying it on the next edge
+        // would only fail there as well.
+        let from_client = *e.esource() == ErrorSource::Downstream;
+        let replayable = !from_client
+            && session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
         if replayable && !ctx.origin_tried {
@@ -287,7 +302,10 @@ impl ProxyHttp for BrokerProxy {
                 edge: Some(edge), ..
             }) = ctx.chosen
             {
-                self.health.mark_down(edge);
+                if *e.esource() == ErrorSource::Upstream && self.health.mark_down(edge) {
+                    self.edge_marked_down(edge);
+                    tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge failed mid-request: marked down");
+                }
             }
             self.metrics.retries.inc();
             e.set_retry(true);
