@@ -45,6 +45,8 @@ pub const MIN_INTERVAL_SECS: f64 = 0.05;
 /// Orders a tick has in flight at once: an edge that stopped answering costs the tick one
 /// order timeout, not one per order.
 const SEND_CONCURRENCY: usize = 16;
+/// Longest TTL a shadow an edge lists is adopted with (an edge's own default ceiling).
+const MAX_ADOPTED_TTL_SECS: u64 = 7 * 86_400;
 /// Anomaly events kept for `GET /v1/anomalies`.
 const ANOMALY_LOG: usize = 200;
 
@@ -696,7 +698,8 @@ impl Planner {
             };
             let region = self.fleet.edge_region(e);
             for s in &shadows {
-                let ttl = Duration::from_secs(s.ttl_secs);
+                // An edge's word, bounded like an order's TTL would be.
+                let ttl = Duration::from_secs(s.ttl_secs.min(MAX_ADOPTED_TTL_SECS));
                 self.state.record(&s.key, e, ttl);
                 let provider = s
                     .key

@@ -23,6 +23,9 @@ use crate::metrics::BrokerMetrics;
 use crate::registry::Registry;
 use crate::routing::Fleet;
 
+/// Most shadows one edge's listing may return (far beyond any edge's shadow budget).
+const MAX_LISTED_SHADOWS: usize = 1 << 20;
+
 /// Outcome of a purge on one edge.
 #[derive(Debug, Clone, Serialize)]
 pub struct EdgeResult {
@@ -189,9 +192,20 @@ impl EdgeSync {
         let mut out = Vec::new();
         let mut after = None;
         loop {
-            match c.call(edge, &Request::Shadows { after }).await {
+            let req = Request::Shadows {
+                after: after.clone(),
+            };
+            match c.call(edge, &req).await {
                 Ok(Reply::ShadowPage { shadows, more }) => {
-                    after = shadows.last().map(|s| s.key.clone());
+                    let last = shadows.last().map(|s| s.key.clone());
+                    // Pages come in key order; a cursor that does not advance (or a listing
+                    // past any edge's capacity) would page forever.
+                    if last.is_some() && last <= after || out.len() >= MAX_LISTED_SHADOWS {
+                        let e = &self.fleet.edges[edge];
+                        tracing::warn!(edge = %e.id, listed = out.len(), "edge's shadow listing does not advance; ignored");
+                        return None;
+                    }
+                    after = last;
                     out.extend(shadows);
                     if !more || after.is_none() {
                         return Some(out);

@@ -30,12 +30,22 @@ pub struct Series {
     pub segments: HashMap<String, u64>,
     /// Last update (seconds since the epoch), for eviction.
     pub touched: u64,
-    /// The cache key (`host/path?query`) most recently requested for this resource: what the
+    /// The cache key (`host/path?query`) most of this resource's requests use: what the
     /// planner shadows, so a resource asked for with a query string is shadowed under the key
-    /// its requests use.
+    /// its requests use, and one request with a stray query does not move it.
     #[serde(default)]
     pub key: String,
+    /// The majority vote behind `key` (Boyer–Moore: +1 for `key`, −1 for any other; at 0 the
+    /// next key takes over).
+    #[serde(default)]
+    pub key_votes: u32,
 }
+
+/// User segments counted per series; further ones are counted under [`OTHER_SEGMENT`]
+/// (segment names come from a request header).
+pub const MAX_SEGMENTS: usize = 32;
+/// Where segments beyond [`MAX_SEGMENTS`] are counted.
+pub const OTHER_SEGMENT: &str = "other";
 
 /// All series.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -118,8 +128,8 @@ impl SeriesStore {
                     }
                 }
             }
-            while self.count > self.max_series {
-                self.evict_one();
+            if self.count > self.max_series {
+                self.evict_oldest();
             }
         } else {
             tracing::warn!(
@@ -138,7 +148,7 @@ impl SeriesStore {
             .get(o.resource)
             .is_some_and(|r| r.contains_key(o.region));
         if is_new && self.count >= self.max_series {
-            self.evict_one();
+            self.evict_oldest();
         }
         let s = self
             .series
@@ -150,10 +160,20 @@ impl SeriesStore {
             self.count += 1;
         }
         s.touched = s.touched.max(o.ts);
-        if s.key != o.key {
+        if s.key == o.key {
+            s.key_votes = s.key_votes.saturating_add(1);
+        } else if s.key_votes <= 1 {
             s.key = o.key.to_string();
+            s.key_votes = 1;
+        } else {
+            s.key_votes -= 1;
         }
         if let Some(seg) = o.segment {
+            let seg = if s.segments.len() < MAX_SEGMENTS || s.segments.contains_key(seg) {
+                seg
+            } else {
+                OTHER_SEGMENT
+            };
             *s.segments.entry(seg.to_string()).or_default() += 1;
         }
         match s.buckets.iter_mut().rev().find(|b| b.start == start) {
@@ -183,22 +203,37 @@ impl SeriesStore {
         }
     }
 
-    fn evict_one(&mut self) {
-        let victim = self
-            .series
-            .iter()
-            .flat_map(|(res, regions)| regions.iter().map(move |(reg, s)| (s.touched, res, reg)))
-            .min()
-            .map(|(_, res, reg)| (res.clone(), reg.clone()));
-        if let Some((res, reg)) = victim {
-            if let Some(regions) = self.series.get_mut(&res) {
-                regions.remove(&reg);
-                if regions.is_empty() {
-                    self.series.remove(&res);
-                }
-                self.count -= 1;
-            }
+    /// Make room: drop the least recently updated series down to 99% of `max_series` (and
+    /// below `max_series` in any case). One pass over the store pays for many new series, so
+    /// a flood of new paths costs amortised O(1) per request, not a scan each.
+    fn evict_oldest(&mut self) {
+        let keep = (self.max_series - self.max_series / 100).min(self.max_series - 1);
+        if self.count <= keep {
+            return;
         }
+        let mut touched: Vec<u64> = self
+            .series
+            .values()
+            .flat_map(|regions| regions.values().map(|s| s.touched))
+            .collect();
+        let drop = self.count - keep;
+        touched.select_nth_unstable(drop - 1);
+        let cutoff = touched[drop - 1];
+        // Older than the cutoff all go; of those touched exactly at it, only as many as needed.
+        let mut at_cutoff = drop - touched[..drop].iter().filter(|t| **t < cutoff).count();
+        let mut dropped = 0;
+        self.series.retain(|_, regions| {
+            regions.retain(|_, s| {
+                let go = s.touched < cutoff || (s.touched == cutoff && at_cutoff > 0);
+                if s.touched == cutoff && go {
+                    at_cutoff -= 1;
+                }
+                dropped += usize::from(go);
+                !go
+            });
+            !regions.is_empty()
+        });
+        self.count -= dropped;
     }
 
     /// The series of a resource, by region.
@@ -281,6 +316,59 @@ mod tests {
         assert_eq!(series.counts(900, 3, 1850), vec![3, 1, 1]);
         assert_eq!(series.counts(900, 2, 1850), vec![1, 1]);
         assert_eq!(series.mean_bytes(), Some(10));
+    }
+
+    #[test]
+    fn the_shadowed_key_is_the_majority_not_the_latest() {
+        let mut s = SeriesStore::new(60, 10, 10);
+        let mut add = |key: &str, ts| {
+            s.add(&Observation {
+                key,
+                ..obs("h/a", "eu", ts)
+            })
+        };
+        for ts in 0..5 {
+            add("h/a?v=2", ts);
+        }
+        add("h/a?junk=1", 6);
+        add("h/a?junk=2", 7);
+        assert_eq!(s.query("h/a").unwrap()["eu"].key, "h/a?v=2");
+        // A new version that takes over the traffic takes over the key.
+        for ts in 10..20 {
+            s.add(&Observation {
+                key: "h/a?v=3",
+                ..obs("h/a", "eu", ts)
+            });
+        }
+        assert_eq!(s.query("h/a").unwrap()["eu"].key, "h/a?v=3");
+    }
+
+    #[test]
+    fn segments_beyond_the_cap_count_as_other() {
+        let mut s = SeriesStore::new(60, 10, 10);
+        let names: Vec<String> = (0..100).map(|i| format!("seg-{i}")).collect();
+        for n in &names {
+            s.add(&Observation {
+                segment: Some(n),
+                ..obs("h/a", "eu", 1)
+            });
+        }
+        let segs = &s.query("h/a").unwrap()["eu"].segments;
+        assert_eq!(segs.len(), MAX_SEGMENTS + 1);
+        assert_eq!(segs[OTHER_SEGMENT], (100 - MAX_SEGMENTS) as u64);
+    }
+
+    #[test]
+    fn a_full_store_evicts_the_oldest_hundredth_at_once() {
+        let mut s = SeriesStore::new(60, 10, 1000);
+        for i in 0..1000u64 {
+            s.add(&obs(&format!("r{i}"), "eu", i));
+        }
+        assert_eq!(s.len(), 1000);
+        s.add(&obs("new", "eu", 5000));
+        assert_eq!(s.len(), 991);
+        assert!(s.query("r9").is_none() && s.query("r10").is_some());
+        assert!(s.query("new").is_some());
     }
 
     #[test]

@@ -220,6 +220,20 @@ pub fn check_path(field: &'static str, path: &str) -> Result<(), Invalid> {
             "too long or contains spaces/control characters",
         ));
     }
+    // A purge reaches an edge's admin API as a URL; URL parsers resolve `.`/`..` segments
+    // (also `%2e`-encoded, and `\` as `/`) and drop a `#` fragment, so such a path could name
+    // another host's objects.
+    if path.contains(['#', '\\']) {
+        return Err(invalid(field, "must not contain '#' or '\\'"));
+    }
+    let route = path.split('?').next().unwrap_or(path);
+    let dot_segment = |seg: &str| {
+        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+        seg == "." || seg == ".."
+    };
+    if route.split('/').any(dot_segment) {
+        return Err(invalid(field, "must not contain '.' or '..' segments"));
+    }
     Ok(())
 }
 
@@ -278,6 +292,32 @@ mod tests {
             priority,
             shadow_ttl_secs: 60,
             policy: ShadowPolicy::default(),
+        }
+    }
+
+    #[test]
+    fn paths_that_a_url_parser_would_rewrite_are_refused() {
+        for ok in [
+            "/",
+            "/a/b.css",
+            "/a/..b",
+            "/a/.well-known/x",
+            "/q?x=../y",
+            "/v1.2/",
+        ] {
+            assert!(check_path("path", ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "/../other.com/",
+            "/a/..",
+            "/a/./b",
+            "/%2e%2E/other.com/",
+            "/.%2e/x",
+            "/a#frag",
+            "/a\\..\\b",
+        ] {
+            let e = check_path("prefix", bad).unwrap_err();
+            assert_eq!(e.field, "prefix", "{bad}");
         }
     }
 

@@ -28,7 +28,8 @@ pub struct CoAccessSection {
     /// Counts halve every this many seconds.
     #[serde(default = "default_half_life")]
     pub half_life_secs: u64,
-    /// Most (region, A, B) pairs kept; beyond it the weakest are forgotten.
+    /// Most (region, A, B) pairs kept, and most (region, A) request counts; beyond either the
+    /// weakest are forgotten.
     #[serde(default = "default_max_pairs")]
     pub max_pairs: usize,
     /// Most clients whose recent requests are remembered.
@@ -97,6 +98,16 @@ pub struct Follower {
     pub bytes: Option<u64>,
 }
 
+/// The count below which the weakest tenth of `counts` lies (ties go with it).
+fn tenth_weakest(mut counts: Vec<f64>) -> f64 {
+    if counts.is_empty() {
+        return 0.0;
+    }
+    let cut = counts.len() / 10;
+    counts.select_nth_unstable_by(cut, f64::total_cmp);
+    counts[cut]
+}
+
 /// The learned transition map.
 pub struct CoAccess {
     cfg: CoAccessSection,
@@ -130,6 +141,11 @@ impl CoAccess {
     pub fn observe(&mut self, client: u64, region: u16, key: &str, ts: u64) {
         self.decay(ts);
         *self.counts.entry((region, key.to_string())).or_default() += 1.0;
+        if self.counts.len() > self.cfg.max_pairs {
+            // Every distinct key requested is counted (clients choose keys): the rarest tenth goes.
+            let floor = tenth_weakest(self.counts.values().copied().collect());
+            self.counts.retain(|_, c| *c > floor);
+        }
         if self.recent.len() >= self.cfg.max_clients && !self.recent.contains_key(&client) {
             let window = self.cfg.window_secs;
             self.recent.retain(|_, q| {
@@ -193,14 +209,12 @@ impl CoAccess {
 
     /// Drop the weakest tenth of the pairs.
     fn prune(&mut self) {
-        let mut counts: Vec<f64> = self
-            .pairs
-            .values()
-            .flat_map(|f| f.values().map(|p| p.count))
-            .collect();
-        let cut = counts.len() / 10;
-        counts.select_nth_unstable_by(cut, f64::total_cmp);
-        let floor = counts[cut];
+        let floor = tenth_weakest(
+            self.pairs
+                .values()
+                .flat_map(|f| f.values().map(|p| p.count))
+                .collect(),
+        );
         for followers in self.pairs.values_mut() {
             followers.retain(|_, p| p.count > floor);
         }
@@ -302,5 +316,19 @@ mod tests {
         }
         assert!(c.pairs() <= 50);
         assert!(c.recent.len() <= 4);
+    }
+
+    #[test]
+    fn a_flood_of_unique_keys_keeps_the_counts_bounded_and_the_popular_ones() {
+        let mut c = CoAccess::new(cfg());
+        for i in 0..5000u64 {
+            if i % 10 == 0 {
+                c.observe(1, 0, "h/index.html", 1000 + i);
+                c.observe(1, 0, "h/app.js", 1000 + i);
+            }
+            c.observe(2, 0, &format!("h/x?cache-buster={i}"), 1000 + i);
+        }
+        assert!(c.counts.len() <= 51, "{}", c.counts.len());
+        assert!(c.counts[&(0, "h/index.html".to_string())] > 10.0);
     }
 }
