@@ -213,6 +213,63 @@ async fn expired_object_is_revalidated_with_304() {
     assert_eq!(origin.not_modified(), 2);
 }
 
+/// A refill after a prefix purge is kept even when it arrives already aged: the purge judges
+/// when this edge stored the copy, not when another cache first did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aged_refill_after_a_prefix_purge_is_kept() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let url = "/aged/a?cc=max-age%3D600&age=300";
+    assert_eq!(x_cache(&edge.get(url).await), "MISS");
+    assert_eq!(x_cache(&edge.get(url).await), "HIT");
+    let r = edge.purge(&format!("{HOST}/aged/*"), TOKEN).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(x_cache(&edge.get(url).await), "MISS");
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "HIT");
+    let age: u64 = r.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!(
+        (300..310).contains(&age),
+        "Age still counts the upstream's: {age}"
+    );
+    assert_eq!(origin.hits("/aged/a"), 2);
+}
+
+/// `Vary: *` never matches a later request (RFC 9111 §4.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_star_is_never_served_from_cache() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let url = "/vstar?vary=*";
+    edge.get(url).await;
+    assert_ne!(x_cache(&edge.get(url).await), "HIT");
+    assert_eq!(origin.hits("/vstar"), 2);
+}
+
+/// The configured stale windows do not apply to a response that demands validation first:
+/// `no-cache` is revalidated, not served stale while revalidating.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_cache_is_revalidated_even_with_default_stale_windows() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(
+        origin.addr,
+        dir.path(),
+        "stale_while_revalidate_secs = 60\nstale_if_error_secs = 60",
+    );
+    let nc = "/nc?cc=no-cache&etag=v1";
+    let plain = "/plain?cc=max-age%3D1";
+    assert_eq!(x_cache(&edge.get(nc).await), "MISS");
+    edge.get(plain).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(x_cache(&edge.get(nc).await), "REVALIDATED");
+    // A response that states nothing gets the operator's window.
+    assert_eq!(x_cache(&edge.get(plain).await), "STALE-UPDATING");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stale_if_error_serves_stale_when_origin_is_down() {
     let mut origin = TestOrigin::start().await;
@@ -605,6 +662,41 @@ async fn origins_pushed_at_runtime_take_effect_and_bad_pushes_change_nothing() {
         .await
         .unwrap();
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
+}
+
+/// The origin is asked under its own name by default (a bucket or shared host answers only to
+/// that), or with `forward_host` under the site's name without the client's port (the port the
+/// cache key ignores must not reach the origin and shape a cached answer).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_gets_its_own_host_or_the_sites_without_a_port() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let r = client()
+        .get(edge.url("/own-name"))
+        .header("host", format!("{HOST}:6666"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let sent = origin.last_headers("/own-name").unwrap();
+    assert_eq!(sent["host"], origin.addr.to_string().as_str());
+
+    let rows = serde_json::json!({"origins": [{"host": "fwd.local", "forward_host": true,
+        "upstream": format!("http://{}", origin.addr)}]});
+    let (s, v) = admin_json(&edge, Method::PUT, "/origins", Some(rows)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r = client()
+        .get(edge.url("/forwarded"))
+        .header("host", "FWD.local:6666")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        origin.last_headers("/forwarded").unwrap()["host"],
+        "fwd.local"
+    );
 }
 
 async fn admin_json(

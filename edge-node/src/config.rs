@@ -186,6 +186,11 @@ pub struct OriginEntry {
     pub path_prefix: Option<String>,
     /// `http://` or `https://` URL of the origin.
     pub upstream: String,
+    /// Send the client's Host (port stripped, as in the cache key) to the origin instead of
+    /// the upstream URL's host (default false: an origin shared by many sites, such as an
+    /// object-store bucket, only answers to its own name).
+    #[serde(default)]
+    pub forward_host: bool,
 }
 
 /// Command-line overrides; each one that is set wins over file and environment.

@@ -20,8 +20,11 @@ pub struct Origin {
     pub addr: SocketAddr,
     /// Whether to speak TLS to the origin.
     pub tls: bool,
-    /// Host name for SNI and the upstream `Host` header.
+    /// Host name for SNI.
     pub authority: String,
+    /// The `Host` header the origin gets: the upstream URL's `host[:port]`, or `None` to
+    /// forward the client's (`forward_host`).
+    pub host_header: Option<String>,
 }
 
 /// Why a row of the origin table is unusable.
@@ -218,6 +221,10 @@ fn parse_entry(index: usize, e: &OriginEntry) -> Result<Origin, OriginError> {
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(bad("upstream URL must not have a path"));
     }
+    let host_header = (!e.forward_host).then(|| match uri.port_u16() {
+        Some(p) => format!("{authority}:{p}"),
+        None => authority.clone(),
+    });
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let addr = (authority.trim_matches(|c| c == '[' || c == ']'), port)
         .to_socket_addrs()
@@ -230,6 +237,7 @@ fn parse_entry(index: usize, e: &OriginEntry) -> Result<Origin, OriginError> {
         addr,
         tls,
         authority,
+        host_header,
     })
 }
 
@@ -242,6 +250,7 @@ mod tests {
             host: host.into(),
             path_prefix: prefix.map(Into::into),
             upstream: up.into(),
+            forward_host: false,
         }
     }
 

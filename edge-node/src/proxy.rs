@@ -355,11 +355,25 @@ impl EdgeProxy {
     }
 
     fn cacheability(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
+        // `Vary: *` names something outside the request: no stored copy can ever match
+        // (RFC 9111 §4.1).
+        if resp
+            .headers
+            .get_all(header::VARY)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|f| f.trim() == "*"))
+        {
+            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+        }
         let cc = CacheControl::from_resp_headers(resp);
         // A response that already aged in another cache (a peer edge, a cache in front of
-        // the origin) has that much less freshness left (RFC 9111 §4.2.3); pingora-cache
-        // counts freshness from now, so count it from when the response was generated.
-        let now = SystemTime::now()
+        // the origin) has that much less freshness left (RFC 9111 §4.2.3): freshness and the
+        // `Age` served on hits count from when it was generated (pingora's epoch override),
+        // while its admission time (`created`, what purges and Vary variants are judged by)
+        // is now.
+        let admitted = SystemTime::now();
+        let now = admitted
             .checked_sub(upstream_age(resp))
             .unwrap_or(SystemTime::UNIX_EPOCH);
         let explicit = calculate_fresh_until(now, cc.as_ref(), resp, authorization, &NO_HEURISTIC);
@@ -380,17 +394,37 @@ impl EdgeProxy {
                 now + self.policy.default_ttl
             }
         };
-        let defaults = CacheMetaDefaults::new(
-            |_| None,
-            self.policy.stale_while_revalidate_secs,
-            self.policy.stale_if_error_secs,
-        );
+        // The configured stale windows are the operator's permission to serve stale; an
+        // origin that demands validation first (no-cache, must-revalidate, proxy-revalidate,
+        // s-maxage: RFC 9111 §5.2.2) only gets the windows it grants itself.
+        let validate_first = cc.as_ref().is_some_and(|c| {
+            c.no_cache()
+                || c.must_revalidate()
+                || c.proxy_revalidate()
+                || c.s_maxage().ok().flatten().is_some()
+        });
+        let defaults = if validate_first {
+            CacheMetaDefaults::new(|_| None, 0, 0)
+        } else {
+            CacheMetaDefaults::new(
+                |_| None,
+                self.policy.stale_while_revalidate_secs,
+                self.policy.stale_if_error_secs,
+            )
+        };
         let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &defaults);
         let mut header = resp.clone();
         if let Some(c) = &cc {
             c.strip_private_headers(&mut header);
         }
-        RespCacheable::Cacheable(CacheMeta::new(fresh_until, now, swr, sie, header))
+        // Pingora writes a hit's `Age` itself; a stored one would be counted again when a 304
+        // merges into this header.
+        header.remove_header(&header::AGE);
+        let mut meta = CacheMeta::new(fresh_until, admitted, swr, sie, header);
+        if now != admitted {
+            meta.set_epoch_override(now);
+        }
+        RespCacheable::Cacheable(meta)
     }
 }
 
@@ -623,6 +657,16 @@ impl ProxyHttp for EdgeProxy {
             upstream_request.insert_header(PEER_VIA_HEADER, format_peer_via(p))?;
         } else if !ctx.peer_fill {
             upstream_request.remove_header(PEER_VIA_HEADER);
+        }
+        // The origin gets its own name (or, with `forward_host`, the client's without the
+        // port the cache key ignores); a peer edge behind the bridge needs the site's Host.
+        let bridged = (ctx.peer_fill || ctx.demand_peer.is_some()) && self.hooks.bridge.is_some();
+        if let (false, Some(origin)) = (bridged, &ctx.origin) {
+            let host = match &origin.host_header {
+                Some(h) => h.clone(),
+                None => origin.host.clone(),
+            };
+            upstream_request.insert_header(header::HOST, host)?;
         }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
