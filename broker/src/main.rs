@@ -57,6 +57,9 @@ enum Call {
         host: String,
         /// http(s)://host[:port] of the origin.
         upstream: String,
+        /// Send the site's Host to the origin instead of the upstream's name.
+        #[arg(long)]
+        forward_host: bool,
     },
     /// List your origins.
     Origins,
@@ -161,10 +164,14 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<Value, String> {
             "/v1/providers".to_string(),
             Some(json!({ "name": name })),
         ),
-        Call::SetOrigin { host, upstream } => (
+        Call::SetOrigin {
+            host,
+            upstream,
+            forward_host,
+        } => (
             reqwest::Method::PUT,
             format!("/v1/origins/{host}"),
-            Some(json!({ "upstream": upstream })),
+            Some(json!({ "upstream": upstream, "forward_host": forward_host })),
         ),
         Call::Origins => (reqwest::Method::GET, "/v1/origins".into(), None),
         Call::AddResource {

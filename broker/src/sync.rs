@@ -83,7 +83,7 @@ impl EdgeSync {
             .registry
             .origins()
             .into_iter()
-            .map(|o| json!({ "host": o.host, "upstream": o.upstream }))
+            .map(|o| json!({ "host": o.host, "upstream": o.upstream, "forward_host": o.forward_host }))
             .collect();
         self.push_all("origins", &json!({ "origins": rows })).await;
     }

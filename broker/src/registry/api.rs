@@ -269,14 +269,17 @@ async fn put_origin(
     let req: OriginBody = read_json(body, s.max_body).await?;
     let host = check_host(&host)?;
     let upstream = check_upstream(&req.upstream)?;
-    let created = s.registry.put_origin(&p.id, &host, &upstream)?;
+    let created = s
+        .registry
+        .put_origin(&p.id, &host, &upstream, req.forward_host)?;
     s.sync.origins_changed();
     let status = if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, Json(json!({ "host": host, "upstream": upstream }))).into_response())
+    let body = json!({ "host": host, "upstream": upstream, "forward_host": req.forward_host });
+    Ok((status, Json(body)).into_response())
 }
 
 async fn delete_origin(

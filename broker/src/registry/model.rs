@@ -23,6 +23,9 @@ pub struct Origin {
     pub upstream: String,
     /// Owning provider.
     pub provider: String,
+    /// Whether edges send the site's Host to the origin instead of the upstream's name.
+    #[serde(default)]
+    pub forward_host: bool,
 }
 
 /// How a resource's path matches request paths.
@@ -96,6 +99,9 @@ pub struct NewProvider {
 pub struct OriginBody {
     /// `http(s)://host[:port]`.
     pub upstream: String,
+    /// Send the site's Host to the origin (default: the upstream's own name).
+    #[serde(default)]
+    pub forward_host: bool,
 }
 
 /// Body of `POST /v1/resources` and `PUT /v1/resources/{id}`.

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
 use redb::{Database, ReadableTable, TableDefinition};
 use serde::de::DeserializeOwned;
@@ -58,6 +58,10 @@ struct Memory {
 pub struct Registry {
     db: Database,
     mem: RwLock<Memory>,
+    /// Held by every change from its ownership checks to its memory update, so two changes
+    /// never interleave (two providers claiming one host at once: one wins on disk and in
+    /// memory alike).
+    writer: Mutex<()>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -121,6 +125,7 @@ impl Registry {
         Ok(Registry {
             db,
             mem: RwLock::new(mem),
+            writer: Mutex::new(()),
         })
     }
 
@@ -149,6 +154,7 @@ impl Registry {
 
     /// Create a provider; returns it and its bearer token (shown once, stored hashed).
     pub fn create_provider(&self, name: &str) -> Result<(Provider, String), RegistryError> {
+        let _writer = self.writer.lock();
         let provider = Provider {
             id: format!("p-{}", random_hex(6)),
             name: name.to_string(),
@@ -187,7 +193,9 @@ impl Registry {
         provider: &str,
         host: &str,
         upstream: &str,
+        forward_host: bool,
     ) -> Result<bool, RegistryError> {
+        let _writer = self.writer.lock();
         let created = match self.mem.read().origins.get(host) {
             Some(o) if o.provider != provider => {
                 return Err(RegistryError::Forbidden(format!("host {host}")))
@@ -199,6 +207,7 @@ impl Registry {
             host: host.to_string(),
             upstream: upstream.to_string(),
             provider: provider.to_string(),
+            forward_host,
         };
         self.write(|w| Self::put_json(w, ORIGINS, host, &origin))?;
         self.mem.write().origins.insert(host.to_string(), origin);
@@ -207,6 +216,7 @@ impl Registry {
 
     /// Remove `host` (and the provider's resources under it).
     pub fn delete_origin(&self, provider: &str, host: &str) -> Result<(), RegistryError> {
+        let _writer = self.writer.lock();
         self.check_host_owner(provider, host)?;
         let doomed: Vec<String> = self
             .mem
@@ -261,6 +271,7 @@ impl Registry {
 
     /// Insert or replace a resource after checking ownership of it and its host.
     pub fn put_resource(&self, resource: Resource) -> Result<(), RegistryError> {
+        let _writer = self.writer.lock();
         self.check_host_owner(&resource.provider, &resource.host)?;
         if let Some(old) = self.mem.read().resources.get(&resource.id) {
             if old.provider != resource.provider {
@@ -289,6 +300,7 @@ impl Registry {
 
     /// Delete a resource `provider` owns.
     pub fn delete_resource(&self, provider: &str, id: &str) -> Result<(), RegistryError> {
+        let _writer = self.writer.lock();
         self.resource(provider, id)?;
         self.write(|w| {
             w.open_table(RESOURCES)
@@ -361,6 +373,38 @@ mod tests {
     use crate::registry::model::{PathMatch, ShadowPolicy};
 
     #[test]
+    fn two_providers_claiming_one_host_at_once_leave_one_owner_on_disk_and_in_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let owners = {
+            let reg = std::sync::Arc::new(Registry::open(&path).unwrap());
+            let ids: Vec<String> = (0..2)
+                .map(|i| reg.create_provider(&format!("p{i}")).unwrap().0.id)
+                .collect();
+            for round in 0..20 {
+                let host = format!("h{round}.com");
+                let claims: Vec<_> = ids
+                    .iter()
+                    .map(|id| {
+                        let (reg, id, host) = (reg.clone(), id.clone(), host.clone());
+                        std::thread::spawn(move || {
+                            reg.put_origin(&id, &host, "http://127.0.0.1:1", false)
+                                .is_ok()
+                        })
+                    })
+                    .collect();
+                let won: usize = claims
+                    .into_iter()
+                    .map(|t| usize::from(t.join().unwrap()))
+                    .sum();
+                assert_eq!(won, 1, "{host}");
+            }
+            reg.origins()
+        };
+        assert_eq!(Registry::open(&path).unwrap().origins(), owners);
+    }
+
+    #[test]
     fn providers_tokens_origins_resources_persist() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.redb");
@@ -368,10 +412,10 @@ mod tests {
             let reg = Registry::open(&path).unwrap();
             let (p, token) = reg.create_provider("acme").unwrap();
             assert!(reg
-                .put_origin(&p.id, "a.com", "http://127.0.0.1:1")
+                .put_origin(&p.id, "a.com", "http://127.0.0.1:1", false)
                 .unwrap());
             assert!(!reg
-                .put_origin(&p.id, "a.com", "http://127.0.0.1:2")
+                .put_origin(&p.id, "a.com", "http://127.0.0.1:2", true)
                 .unwrap());
             let rid = reg.new_resource_id();
             reg.put_resource(Resource {
@@ -391,11 +435,12 @@ mod tests {
         assert_eq!(reg.provider_by_token(&token).unwrap(), p);
         assert!(reg.provider_by_token("scdn_wrong").is_none());
         assert_eq!(reg.origin("a.com").unwrap().upstream, "http://127.0.0.1:2");
+        assert!(reg.origin("a.com").unwrap().forward_host);
         assert_eq!(reg.resource(&p.id, &rid).unwrap().path, "/x");
 
         let (q, _) = reg.create_provider("other").unwrap();
         assert!(matches!(
-            reg.put_origin(&q.id, "a.com", "http://x"),
+            reg.put_origin(&q.id, "a.com", "http://x", false),
             Err(RegistryError::Forbidden(_))
         ));
         assert!(matches!(
