@@ -108,7 +108,9 @@ data_dir = "$WORK/run/broker"
 listen = "127.0.0.1:17081"
 operator_token = "$OPERATOR"
 edge_token = "$EDGE_TOKEN"
+allow_private_upstreams = true
 [client_region]
+trust_header = true
 default = "eu"
 [clock]
 speedup = $SPEEDUP

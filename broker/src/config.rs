@@ -73,6 +73,11 @@ pub struct AdminSection {
     /// Largest accepted request body in bytes.
     #[serde(default = "default_body_limit")]
     pub max_body_bytes: usize,
+    /// Whether providers may register origins on loopback or private addresses (default
+    /// false: edges would fetch from the operator's own network on their behalf). On for a
+    /// cluster whose origins are local, as in deploy/local.
+    #[serde(default)]
+    pub allow_private_upstreams: bool,
 }
 
 /// Client region resolution: trusted header, then CIDR table, then default.
@@ -82,8 +87,10 @@ pub struct ClientRegion {
     /// Header naming the client's region (e.g. set by a trusted load balancer).
     #[serde(default = "default_region_header")]
     pub header: String,
-    /// Whether to believe that header.
-    #[serde(default = "default_true")]
+    /// Whether to believe that header (default false: any client could pick its region, and
+    /// with it which edges serve it and whose demand it counts as; turn it on only behind a
+    /// load balancer that sets the header and strips the clients').
+    #[serde(default)]
     pub trust_header: bool,
     /// Client address ranges and their regions; the most specific match wins.
     #[serde(default)]
@@ -97,7 +104,7 @@ impl Default for ClientRegion {
     fn default() -> Self {
         ClientRegion {
             header: default_region_header(),
-            trust_header: true,
+            trust_header: false,
             cidrs: Vec::new(),
             default: None,
         }
@@ -338,6 +345,9 @@ impl BrokerConfig {
                     "control.stats_interval_secs must be a number of seconds ≥ {min}"
                 ));
             }
+        }
+        if self.health.interval_ms == 0 || self.health.timeout_ms == 0 {
+            return bad("health.interval_ms and health.timeout_ms must be positive".into());
         }
         if !(0.0..=1.0).contains(&self.planner.threshold) {
             return bad("planner.threshold must be between 0 and 1".into());

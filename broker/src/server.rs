@@ -190,6 +190,7 @@ impl Broker {
             series: monitor.store(),
             operator_token: cfg.admin.operator_token.as_str().into(),
             max_body: cfg.admin.max_body_bytes,
+            allow_private_upstreams: cfg.admin.allow_private_upstreams,
             prometheus,
             metrics: metrics.clone(),
             planner: planner_state,

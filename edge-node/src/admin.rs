@@ -114,6 +114,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/shadows", axum::routing::post(post_shadow))
         .route("/shadows/{*key}", get(get_shadow).delete(delete_shadow))
         .fallback(not_found)
+        .layer(axum::middleware::from_fn(crate::json_errors::json_errors))
         .with_state(state)
 }
 
@@ -349,13 +350,17 @@ async fn put_origins(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    match s.origins.replace_pushed(parsed.origins) {
-        Ok(n) => Json(json!({ "origins": n })).into_response(),
-        Err(e) => error(
+    // Building the table resolves each upstream's name: blocking work, kept off the runtime
+    // that also answers /metrics and purges.
+    let origins = s.origins.clone();
+    match tokio::task::spawn_blocking(move || origins.replace_pushed(parsed.origins)).await {
+        Ok(Ok(n)) => Json(json!({ "origins": n })).into_response(),
+        Ok(Err(e)) => error(
             StatusCode::UNPROCESSABLE_ENTITY,
             "bad_origin",
             e.to_string(),
         ),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod config;
 pub mod drain;
 pub mod http_service;
 pub mod invalidate;
+pub mod json_errors;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;

@@ -1,9 +1,16 @@
 //! Edge metrics, registered in a registry the caller owns (`shadowcdn_edge_*`).
 
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 use prometheus::{
     Counter, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry,
 };
+
+/// Distinct region labels of `shadowcdn_edge_routed_requests_total`.
+pub const MAX_ROUTE_REGIONS: usize = 64;
 
 /// What the edge did with a request: the `cache_status` label of the request metrics.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,8 +100,12 @@ pub struct EdgeMetrics {
     pub rejected: IntCounterVec,
     /// Whole-request latency by cache status.
     pub request_seconds: HistogramVec,
-    /// Requests routed by a broker, by the region and reason it tagged them with.
+    /// Requests routed by a broker, by the region and reason it tagged them with; use
+    /// [`EdgeMetrics::count_routed`].
     pub routed: IntCounterVec,
+    /// Region labels `routed` has used: a client can send any route tag, so past
+    /// [`MAX_ROUTE_REGIONS`] new names count as `other`.
+    route_regions: Arc<RwLock<HashSet<String>>>,
     /// Requests served from a valid shadow.
     pub shadow_hits: IntCounter,
     /// Shadow fills by outcome (`filled`, `failed`, `refused`).
@@ -189,6 +200,7 @@ impl EdgeMetrics {
                 .buckets(LATENCY_BUCKETS.to_vec()),
                 &["cache_status"],
             )?,
+            route_regions: Arc::default(),
             routed: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_edge_routed_requests_total",
@@ -304,8 +316,51 @@ impl EdgeMetrics {
         Ok(m)
     }
 
+    /// Count a request a broker routed here, with a bounded set of region labels.
+    pub fn count_routed(&self, region: &str, reason: &str) {
+        let known = self.route_regions.read().contains(region);
+        let region = if known {
+            region
+        } else {
+            let mut seen = self.route_regions.write();
+            if seen.len() < MAX_ROUTE_REGIONS {
+                seen.insert(region.to_string());
+                region
+            } else {
+                "other"
+            }
+        };
+        self.routed.with_label_values(&[region, reason]).inc();
+    }
+
     /// The request metrics of `status`.
     pub fn status(&self, status: CacheStatus) -> &StatusMetrics {
         &self.by_status[status as usize]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus::core::Collector;
+
+    #[test]
+    fn route_region_labels_are_bounded() {
+        let m = EdgeMetrics::register(&Registry::new()).unwrap();
+        for i in 0..(MAX_ROUTE_REGIONS + 10) {
+            m.count_routed(&format!("r{i}"), "primary");
+        }
+        m.count_routed("r0", "primary");
+        let regions: HashSet<String> = m
+            .routed
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric())
+            .flat_map(|mm| mm.get_label().to_vec())
+            .filter(|l| l.name() == "region")
+            .map(|l| l.value().to_string())
+            .collect();
+        assert_eq!(regions.len(), MAX_ROUTE_REGIONS + 1);
+        assert!(regions.contains("other") && regions.contains("r0"));
     }
 }

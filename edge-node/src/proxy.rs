@@ -465,10 +465,7 @@ impl ProxyHttp for EdgeProxy {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_route)
         {
-            self.metrics
-                .routed
-                .with_label_values(&[region, reason])
-                .inc();
+            self.metrics.count_routed(region, reason);
         }
         let secret = &self.hooks.secret;
         ctx.shadow_fill = req

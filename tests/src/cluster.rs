@@ -264,8 +264,10 @@ listen = "{admin}"
 operator_token = "{OPERATOR_TOKEN}"
 edge_token = "{EDGE_TOKEN}"
 max_body_bytes = 4096
+allow_private_upstreams = true
 
 [client_region]
+trust_header = true
 default = "eu"
 
 [health]

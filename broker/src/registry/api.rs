@@ -46,6 +46,8 @@ pub struct ApiState {
     pub operator_token: Arc<str>,
     /// Largest accepted body.
     pub max_body: usize,
+    /// Whether providers may register loopback or private upstreams.
+    pub allow_private_upstreams: bool,
     /// Metrics registry (for `/metrics`).
     pub prometheus: prometheus::Registry,
     /// Broker metrics.
@@ -148,12 +150,24 @@ fn provider(s: &ApiState, headers: &HeaderMap) -> Result<Provider, ApiError> {
 
 /// Read and parse a JSON body within the size limit.
 async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
-            format!("request body exceeds {limit} bytes"),
-        )
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = e
+            .into_inner()
+            .downcast_ref::<http_body_util::LengthLimitError>()
+            .is_some();
+        if too_large {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body exceeds {limit} bytes"),
+            )
+        } else {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                "the request body could not be read",
+            )
+        }
     })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
@@ -190,6 +204,9 @@ pub fn router(state: ApiState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             count_calls,
+        ))
+        .layer(axum::middleware::from_fn(
+            edge_node::json_errors::json_errors,
         ))
         .with_state(state)
 }
@@ -268,7 +285,7 @@ async fn put_origin(
     let p = provider(&s, &headers)?;
     let req: OriginBody = read_json(body, s.max_body).await?;
     let host = check_host(&host)?;
-    let upstream = check_upstream(&req.upstream)?;
+    let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
     let created = s
         .registry
         .put_origin(&p.id, &host, &upstream, req.forward_host)?;

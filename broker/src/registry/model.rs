@@ -192,8 +192,39 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
     }
 }
 
-/// Validate an upstream URL: absolute http(s), a host, no path, query or credentials.
-pub fn check_upstream(upstream: &str) -> Result<String, Invalid> {
+/// Whether an upstream host names this machine or a private network: edges fetch from it on
+/// every miss, so a provider could otherwise reach the operator's internal services through
+/// them (the broker's own admin API, a cloud metadata endpoint). Host names are not resolved
+/// here (edges resolve them); IP literals and `localhost` are judged.
+fn is_private_host(host: &str) -> bool {
+    let host = host.trim_matches(|c| c == '[' || c == ']');
+    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+        return true;
+    }
+    match host.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(ip)) => {
+            ip.is_loopback()
+                || ip.is_private()
+                || ip.is_link_local()
+                || ip.is_unspecified()
+                || ip.is_broadcast()
+                // 100.64.0.0/10, carrier-grade NAT
+                || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+        }
+        Ok(std::net::IpAddr::V6(ip)) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00 // unique local
+                || (ip.segments()[0] & 0xffc0) == 0xfe80 // link local
+                || ip.to_ipv4_mapped().is_some_and(|v4| is_private_host(&v4.to_string()))
+        }
+        Err(_) => false,
+    }
+}
+
+/// Validate an upstream URL: absolute http(s), a host, no path, query or credentials, and —
+/// unless `allow_private` — not a loopback or private address.
+pub fn check_upstream(upstream: &str, allow_private: bool) -> Result<String, Invalid> {
     let uri: http::Uri = upstream
         .parse()
         .map_err(|_| invalid("upstream", format!("{upstream:?} is not a URL")))?;
@@ -211,6 +242,12 @@ pub fn check_upstream(upstream: &str) -> Result<String, Invalid> {
     }
     if !(uri.path().is_empty() || uri.path() == "/") || uri.query().is_some() {
         return Err(invalid("upstream", "must not have a path or query"));
+    }
+    if !allow_private && is_private_host(auth.host()) {
+        return Err(invalid(
+            "upstream",
+            "points at a loopback or private address (the operator can allow that with [admin] allow_private_upstreams)",
+        ));
     }
     Ok(format!("{}://{}", uri.scheme_str().unwrap_or("http"), auth))
 }
@@ -364,13 +401,33 @@ mod tests {
         assert!(check_host("bad host").is_err());
         assert!(check_host("-x.com").is_err());
         assert_eq!(
-            check_upstream("http://127.0.0.1:9000").unwrap(),
+            check_upstream("http://127.0.0.1:9000", true).unwrap(),
             "http://127.0.0.1:9000"
         );
-        assert!(check_upstream("ftp://x").is_err());
-        assert!(check_upstream("http://u:p@x").is_err());
-        assert!(check_upstream("http://x/path").is_err());
-        assert!(check_upstream("not a url").is_err());
+        assert!(check_upstream("ftp://x", true).is_err());
+        assert!(check_upstream("http://u:p@x", true).is_err());
+        assert!(check_upstream("http://x/path", true).is_err());
+        assert!(check_upstream("not a url", true).is_err());
+        for private in [
+            "http://127.0.0.1:9000",
+            "http://localhost",
+            "http://10.1.2.3",
+            "http://169.254.169.254",
+            "http://100.64.0.1",
+            "http://[::1]:8080",
+            "http://[fd00::1]",
+            "http://[::ffff:192.168.0.1]",
+        ] {
+            let e = check_upstream(private, false).unwrap_err();
+            assert!(e.message.contains("allow_private_upstreams"), "{private}");
+        }
+        for public in [
+            "https://origin.example.com",
+            "http://93.184.215.14:8080",
+            "http://[2001:db8::1]",
+        ] {
+            assert!(check_upstream(public, false).is_ok(), "{public}");
+        }
     }
 }
 

@@ -127,15 +127,24 @@ impl BackgroundService for HealthChecker {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
+            let timeout = Duration::from_millis(self.cfg.timeout_ms);
             let probes = self.fleet.edges.iter().map(|e| {
                 let url = format!("http://{}/healthz", e.admin);
                 let client = client.clone();
+                let proxy = e.addr;
                 async move {
-                    client
+                    // The admin API says the process is well; clients use the proxy port, so
+                    // it must accept connections too (a dead proxy listener behind a live
+                    // admin API would otherwise flap between probes and passive failures).
+                    let admin = client
                         .get(url)
                         .send()
                         .await
-                        .is_ok_and(|r| r.status().is_success())
+                        .is_ok_and(|r| r.status().is_success());
+                    admin
+                        && tokio::time::timeout(timeout, tokio::net::TcpStream::connect(proxy))
+                            .await
+                            .is_ok_and(|c| c.is_ok())
                 }
             });
             let results = futures::future::join_all(probes).await;

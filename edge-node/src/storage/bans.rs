@@ -5,9 +5,14 @@
 //! gone". Lookups check an object against the bans newer than it and delete it on a match.
 //! Bans are appended to a log and fsynced before the purge is acknowledged, so a restart
 //! forgets none of them. Bans older than the retention are dropped; the newest dropped ban's
-//! time becomes a floor, and any object stored before the floor is treated as a miss, so
-//! dropping a ban can never resurrect what it covered.
+//! time becomes a floor for its host, and any object of that host stored before the floor is
+//! treated as a miss, so dropping a ban can never resurrect what it covered — and an old purge
+//! of one host never flushes another's long-lived objects.
+//!
+//! Bans and floors are kept per scope, the key's host part up to the first `/`, so a hit only
+//! checks the bans of its own host.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -37,8 +42,35 @@ struct Ban {
 
 #[derive(Debug, Default)]
 struct State {
-    bans: Vec<Ban>,
-    floor_ms: u64,
+    /// Bans by scope (`host/`); bans whose prefix has no `/` apply to every key and sit
+    /// under the empty scope.
+    bans: HashMap<String, Vec<Ban>>,
+    /// Floors by scope; the empty scope's floor applies to every key.
+    floors: HashMap<String, u64>,
+}
+
+/// The scope of a key or ban prefix: up to and including its first `/`, or `""` when it has
+/// none (a ban prefix that stops inside the host applies everywhere).
+fn scope(s: &str) -> &str {
+    s.find('/').map_or("", |i| &s[..=i])
+}
+
+impl State {
+    fn push(&mut self, ban: Ban) {
+        self.bans
+            .entry(scope(&ban.prefix).to_string())
+            .or_default()
+            .push(ban);
+    }
+
+    fn raise_floor(&mut self, scope: &str, at_ms: u64) {
+        let f = self.floors.entry(scope.to_string()).or_default();
+        *f = (*f).max(at_ms);
+    }
+
+    fn len(&self) -> usize {
+        self.bans.values().map(Vec::len).sum()
+    }
 }
 
 /// The ban list and its log.
@@ -84,8 +116,10 @@ impl BanList {
                     continue;
                 };
                 match kind {
-                    "floor" => state.floor_ms = state.floor_ms.max(at_ms),
-                    "ban" => state.bans.push(Ban {
+                    // `-` is the global floor (also what logs before per-host floors wrote).
+                    "floor" if prefix == "-" => state.raise_floor("", at_ms),
+                    "floor" => state.raise_floor(prefix, at_ms),
+                    "ban" => state.push(Ban {
                         prefix: prefix.to_string(),
                         at_ms,
                     }),
@@ -126,7 +160,7 @@ impl BanList {
                     source,
                 })?;
         }
-        self.state.write().bans.push(Ban { prefix, at_ms });
+        self.state.write().push(Ban { prefix, at_ms });
         Ok(())
     }
 
@@ -135,17 +169,22 @@ impl BanList {
     pub fn is_banned(&self, key: &str, stored: SystemTime) -> bool {
         let stored_ms = millis(stored);
         let s = self.state.read();
-        if stored_ms < s.floor_ms {
-            return true;
+        if s.bans.is_empty() && s.floors.is_empty() {
+            return false;
         }
-        s.bans
-            .iter()
-            .any(|b| b.at_ms >= stored_ms && key.starts_with(b.prefix.as_str()))
+        let scopes = [scope(key), ""];
+        scopes.iter().any(|sc| {
+            s.floors.get(*sc).is_some_and(|f| stored_ms < *f)
+                || s.bans.get(*sc).is_some_and(|bans| {
+                    bans.iter()
+                        .any(|b| b.at_ms >= stored_ms && key.starts_with(b.prefix.as_str()))
+                })
+        })
     }
 
     /// Number of bans currently held.
     pub fn len(&self) -> usize {
-        self.state.read().bans.len()
+        self.state.read().len()
     }
 
     /// Whether there are no bans.
@@ -162,25 +201,32 @@ impl BanList {
         let horizon = now_ms().saturating_sub(self.retention.as_millis() as u64);
         let mut w = self.writer.lock();
         let mut s = self.state.write();
-        let before = s.bans.len();
-        let mut floor = s.floor_ms;
-        s.bans.retain(|b| {
-            if b.at_ms < horizon {
-                floor = floor.max(b.at_ms + 1);
-                false
-            } else {
-                true
-            }
-        });
-        s.floor_ms = floor;
-        if before == s.bans.len() && self.path.exists() {
+        let before = s.len();
+        let mut expired: Vec<(String, u64)> = Vec::new();
+        for (sc, bans) in s.bans.iter_mut() {
+            bans.retain(|b| {
+                let keep = b.at_ms >= horizon;
+                if !keep {
+                    expired.push((sc.clone(), b.at_ms + 1));
+                }
+                keep
+            });
+        }
+        s.bans.retain(|_, bans| !bans.is_empty());
+        for (sc, at) in expired {
+            s.raise_floor(&sc, at);
+        }
+        if before == s.len() && self.path.exists() {
             return Ok(());
         }
         let tmp = self.path.with_extension("log.tmp");
         {
             let mut f = File::create(&tmp).map_err(io)?;
-            writeln!(f, "floor {} -", s.floor_ms).map_err(io)?;
-            for b in &s.bans {
+            for (sc, at) in &s.floors {
+                let sc = if sc.is_empty() { "-" } else { sc.as_str() };
+                writeln!(f, "floor {at} {sc}").map_err(io)?;
+            }
+            for b in s.bans.values().flatten() {
                 writeln!(f, "ban {} {}", b.at_ms, b.prefix).map_err(io)?;
             }
             f.sync_all().map_err(io)?;
@@ -230,9 +276,34 @@ mod tests {
         std::thread::sleep(Duration::from_millis(5));
         let b = BanList::open(dir.path(), Duration::from_millis(1)).unwrap();
         assert_eq!(b.len(), 0);
-        // Still gone: it predates the floor.
+        // Still gone: it predates its host's floor.
         assert!(b.is_banned("h/zzz", old));
         assert!(!b.is_banned("h/zzz", SystemTime::now() + Duration::from_secs(1)));
+        // Another host's old objects are untouched by it, also after a reopen.
+        assert!(!b.is_banned("other/x", old));
+        drop(b);
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(b.is_banned("h/zzz", old) && !b.is_banned("other/x", old));
+    }
+
+    #[test]
+    fn a_log_with_a_global_floor_still_reads_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = millis(SystemTime::now());
+        fs::write(dir.path().join("bans.log"), format!("floor {t} -\n")).unwrap();
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        assert!(b.is_banned("any/x", old));
+    }
+
+    #[test]
+    fn a_prefix_inside_the_host_covers_every_scope() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        b.add("ho").unwrap();
+        assert!(b.is_banned("host/a", old) && b.is_banned("hob/b", old));
+        assert!(!b.is_banned("x/a", old));
     }
 
     #[test]

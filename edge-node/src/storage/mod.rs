@@ -78,6 +78,10 @@ pub struct StorageOptions {
 pub struct FoyerStorage {
     cache: HybridCache<u128, StoredObject>,
     fills: Mutex<HashMap<u128, Vec<Arc<Fill>>>>,
+    /// Purge epoch, counted by every removal. Writes that read before they store (a 304's
+    /// metadata update, an expiry) and fill commits store under this lock and only if no
+    /// removal came in between, so a purge answered 200 is never undone by them.
+    purges: Mutex<u64>,
     next_fill: AtomicU64,
     bans: BanList,
     max_object_bytes: usize,
@@ -150,6 +154,7 @@ impl FoyerStorage {
         Ok(FoyerStorage {
             cache,
             fills: Mutex::new(HashMap::new()),
+            purges: Mutex::new(0),
             next_fill: AtomicU64::new(1),
             bans,
             max_object_bytes: opts.max_object_bytes,
@@ -182,20 +187,37 @@ impl FoyerStorage {
 
     /// Remove an object and cancel its fills; whether anything was there.
     fn remove(&self, hash: u128) -> bool {
+        let mut epoch = self.purges.lock();
+        *epoch += 1;
         let had_fill = self.cancel_fills(hash);
         let present = self.cache.contains(&hash);
         self.cache.remove(&hash);
         present || had_fill
     }
 
-    /// Store `body` under `hash` with new metadata (revalidation, expiry).
-    fn store(&self, hash: u128, meta: &CacheMeta, body: Bytes) -> Result<()> {
+    /// Store `body` under `hash` with new metadata (revalidation, expiry), unless a removal
+    /// happened since purge epoch `since` (then `false`).
+    fn store_unless_purged(
+        &self,
+        since: u64,
+        hash: u128,
+        meta: &CacheMeta,
+        body: Bytes,
+    ) -> Result<bool> {
         let (internal, header) = meta.serialize()?;
+        let epoch = self.purges.lock();
+        if *epoch != since {
+            return Ok(false);
+        }
         self.cache.insert(
             hash,
             StoredObject::new(internal.into(), header.into(), body),
         );
-        Ok(())
+        Ok(true)
+    }
+
+    fn purge_epoch(&self) -> u64 {
+        *self.purges.lock()
     }
 
     /// Ban every object whose primary key starts with `prefix`; durable before it returns.
@@ -362,13 +384,17 @@ impl Storage for FoyerStorage {
             return Ok(PurgeOutcome::NotFound);
         }
         let hash = hash_of(compact_bin(target.key()));
+        let since = self.purge_epoch();
         let Some(obj) = self.load(hash).await? else {
             return Ok(PurgeOutcome::NotFound);
         };
         let mut meta = obj.meta()?;
         meta.expire_at(SystemTime::now());
-        self.store(hash, &meta, obj.body)?;
-        Ok(PurgeOutcome::Expired)
+        Ok(if self.store_unless_purged(since, hash, &meta, obj.body)? {
+            PurgeOutcome::Expired
+        } else {
+            PurgeOutcome::NotFound
+        })
     }
 
     async fn update_meta(
@@ -378,11 +404,11 @@ impl Storage for FoyerStorage {
         _trace: &SpanHandle,
     ) -> Result<bool> {
         let hash = hash_of(key.combined_bin());
+        let since = self.purge_epoch();
         let Some(obj) = self.load(hash).await? else {
             return Ok(false);
         };
-        self.store(hash, meta, obj.body)?;
-        Ok(true)
+        self.store_unless_purged(since, hash, meta, obj.body)
     }
 
     fn support_streaming_partial_write(&self) -> bool {
@@ -426,14 +452,19 @@ impl HandleMiss for FoyerMissHandler {
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         self.finished = true;
-        if !self.fill.is_cancelled() {
-            let obj = StoredObject::new(
-                self.fill.meta.0.clone(),
-                self.fill.meta.1.clone(),
-                self.fill.body(),
-            );
-            // Commit before the fill disappears so lookups always find one of the two.
-            self.storage.cache.insert(self.hash, obj);
+        let obj = StoredObject::new(
+            self.fill.meta.0.clone(),
+            self.fill.meta.1.clone(),
+            self.fill.body(),
+        );
+        {
+            // A purge cancels the fill under the same lock: it lands wholly before this check
+            // or after the insert, never between.
+            let _epoch = self.storage.purges.lock();
+            if !self.fill.is_cancelled() {
+                // Commit before the fill disappears so lookups always find one of the two.
+                self.storage.cache.insert(self.hash, obj);
+            }
         }
         self.fill.finish(FillState::Done);
         self.storage.remove_fill(self.hash, self.fill.id);
@@ -451,5 +482,44 @@ impl Drop for FoyerMissHandler {
             self.fill.finish(FillState::Aborted);
             self.storage.remove_fill(self.hash, self.fill.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pingora_http::ResponseHeader;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_between_a_read_and_its_store_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StorageOptions {
+            dir: dir.path().into(),
+            memory_bytes: 1 << 20,
+            memory_shards: 1,
+            disk_bytes: 0,
+            block_size: 1 << 20,
+            max_object_bytes: 1 << 19,
+            ban_retention: Duration::from_secs(60),
+        };
+        let spawner = Spawner::from(tokio::runtime::Handle::current());
+        let s = FoyerStorage::open(&opts, spawner, &prometheus::Registry::new())
+            .await
+            .unwrap();
+        let hash = hash_of(CacheKey::new("h/a", "").primary_bin());
+        let now = SystemTime::now();
+        let header = ResponseHeader::build(200, None).unwrap();
+        let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header);
+        let v1 = Bytes::from_static(b"v1");
+        assert!(s
+            .store_unless_purged(s.purge_epoch(), hash, &meta, v1)
+            .unwrap());
+        assert!(s.holds("h/a"));
+        // A revalidation read the object, then a purge came before it stored its update.
+        let since = s.purge_epoch();
+        assert!(s.purge_key("h/a"));
+        let v2 = Bytes::from_static(b"v2");
+        assert!(!s.store_unless_purged(since, hash, &meta, v2).unwrap());
+        assert!(!s.holds("h/a"));
     }
 }
