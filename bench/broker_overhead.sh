@@ -67,6 +67,7 @@ data_dir = "$WORK/$1"
 listen = "$3"
 operator_token = "$OPERATOR"
 edge_token = "bench-admin-token"
+allow_private_upstreams = true
 [monitor]
 enabled = $4
 [[regions]]

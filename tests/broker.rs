@@ -367,6 +367,29 @@ async fn standby_is_promoted_when_no_active_edge_is_healthy_and_demoted_after() 
     wait_until(active).await;
 }
 
+/// With every edge down the broker asks the origin itself, under the origin's own name as the
+/// edges would (not the client's Host with its port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    for e in &mut c.edges {
+        e.child.kill();
+    }
+    let r = client()
+        .get(format!("http://{}/direct", c.broker.addr))
+        .header("host", format!("{HOST}:6666"))
+        .header("x-client-region", "eu")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(edge_of(&r), "origin");
+    let sent = origin.last_headers("/direct").unwrap();
+    assert_eq!(sent["host"], origin.addr.to_string().as_str());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_survives_sigkill() {
     let origin = TestOrigin::start().await;

@@ -83,8 +83,6 @@ impl BrokerProxy {
         }
     }
 
-    /// The id of another edge that recently served this request's key, for a GET routed to
-    /// an edge: that edge's miss asks the peer before the origin.
     /// A passive failure took `edge` out of routing: the gauge says so now, not at the next
     /// probe round.
     fn edge_marked_down(&self, edge: usize) {
@@ -94,6 +92,8 @@ impl BrokerProxy {
             .set(0);
     }
 
+    /// The id of another edge that recently served this request's key, for a GET routed to
+    /// an edge: that edge's miss asks the peer before the origin.
     fn peer_hint(&self, req: &RequestHeader, ctx: &BrokerCtx) -> Option<&str> {
         let holders = self.holders.as_ref()?;
         let serving = ctx.chosen?.edge?;
@@ -103,6 +103,45 @@ impl BrokerProxy {
         let usable = |e: usize| self.fleet.edges[e].sync.is_some() && self.health.is_up(e);
         let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
         Some(self.fleet.edges[peer].id.as_str())
+    }
+}
+
+impl BrokerProxy {
+    /// The direct-to-origin fallback asks the origin as an edge would: under the upstream's
+    /// own `host[:port]`, or the site's host without port with `forward_host`, and with an
+    /// origin-form request line (an absolute-form URI's authority would override Host).
+    fn address_origin(
+        &self,
+        session: &Session,
+        upstream_request: &mut RequestHeader,
+    ) -> Result<()> {
+        let Some(host) = host_of(session.req_header()) else {
+            return Ok(());
+        };
+        let Some(origin) = self.registry.origin(&host) else {
+            return Ok(());
+        };
+        let header = if origin.forward_host {
+            host
+        } else {
+            let uri: http::Uri = origin.upstream.parse().map_err(|_| {
+                Error::explain(ErrorType::InternalError, "registered upstream is not a URL")
+            })?;
+            uri.authority().map_or(host, |a| a.as_str().to_string())
+        };
+        upstream_request.insert_header(http::header::HOST, header)?;
+        if upstream_request.uri.authority().is_some() {
+            let pq = upstream_request
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_string();
+            let uri = pq.parse().map_err(|_| {
+                Error::explain(ErrorType::InternalError, "request path is not a URI")
+            })?;
+            upstream_request.set_uri(uri);
+        }
+        Ok(())
     }
 }
 
@@ -253,6 +292,9 @@ impl ProxyHttp for BrokerProxy {
             upstream_request.insert_header(ROUTE_HEADER, tag)?;
             upstream_request
                 .insert_header(CLIENT_REGION_HEADER, &self.fleet.regions[ctx.region])?;
+            if c.edge.is_none() {
+                self.address_origin(session, upstream_request)?;
+            }
         }
         Ok(())
     }

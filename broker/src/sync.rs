@@ -83,7 +83,14 @@ impl EdgeSync {
             .registry
             .origins()
             .into_iter()
-            .map(|o| json!({ "host": o.host, "upstream": o.upstream, "forward_host": o.forward_host }))
+            .map(|o| {
+                let mut row = json!({ "host": o.host, "upstream": o.upstream });
+                // Only when set: an edge older than the field refuses rows that carry it.
+                if o.forward_host {
+                    row["forward_host"] = json!(true);
+                }
+                row
+            })
             .collect();
         self.push_all("origins", &json!({ "origins": rows })).await;
     }

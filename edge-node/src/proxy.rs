@@ -664,6 +664,18 @@ impl ProxyHttp for EdgeProxy {
                 None => origin.host.clone(),
             };
             upstream_request.insert_header(header::HOST, host)?;
+            // An absolute-form request line's authority would override Host at the origin.
+            if upstream_request.uri.authority().is_some() {
+                let pq = upstream_request
+                    .uri
+                    .path_and_query()
+                    .map_or("/", |p| p.as_str())
+                    .to_string();
+                let uri = pq.parse().map_err(|_| {
+                    Error::explain(ErrorType::InternalError, "request path is not a URI")
+                })?;
+                upstream_request.set_uri(uri);
+            }
         }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;

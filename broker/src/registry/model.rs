@@ -198,28 +198,46 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
 /// here (edges resolve them); IP literals and `localhost` are judged.
 fn is_private_host(host: &str) -> bool {
     let host = host.trim_matches(|c| c == '[' || c == ']');
-    if host.eq_ignore_ascii_case("localhost") || host.to_ascii_lowercase().ends_with(".localhost") {
+    let lower = host.to_ascii_lowercase();
+    if lower == "localhost" || lower.ends_with(".localhost") {
         return true;
     }
-    match host.parse::<std::net::IpAddr>() {
-        Ok(std::net::IpAddr::V4(ip)) => {
-            ip.is_loopback()
-                || ip.is_private()
-                || ip.is_link_local()
-                || ip.is_unspecified()
-                || ip.is_broadcast()
-                // 100.64.0.0/10, carrier-grade NAT
-                || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
-        }
-        Ok(std::net::IpAddr::V6(ip)) => {
-            ip.is_loopback()
-                || ip.is_unspecified()
-                || (ip.segments()[0] & 0xfe00) == 0xfc00 // unique local
-                || (ip.segments()[0] & 0xffc0) == 0xfe80 // link local
-                || ip.to_ipv4_mapped().is_some_and(|v4| is_private_host(&v4.to_string()))
-        }
-        Err(_) => false,
+    if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
+        return private_v6(ip);
     }
+    // A name whose last label is numeric is an address, possibly in a form the resolver
+    // (inet_aton) accepts but `Ipv4Addr` does not: `127.1`, `2130706433`, `0x7f000001`,
+    // `0177.0.0.1`. No top-level domain is numeric, so such a host is an address: a plain
+    // dotted quad is judged, any other form refused.
+    let last = lower.rsplit('.').next().unwrap_or(&lower);
+    let numeric =
+        !last.is_empty() && (last.bytes().all(|b| b.is_ascii_digit()) || last.starts_with("0x"));
+    if !numeric {
+        return false;
+    }
+    let leading_zero = host.split('.').any(|o| o.len() > 1 && o.starts_with('0'));
+    match host.parse::<std::net::Ipv4Addr>() {
+        Ok(ip) if !leading_zero => private_v4(ip),
+        _ => true,
+    }
+}
+
+fn private_v4(ip: std::net::Ipv4Addr) -> bool {
+    ip.is_loopback()
+        || ip.is_private()
+        || ip.is_link_local()
+        || ip.is_unspecified()
+        || ip.is_broadcast()
+        // 100.64.0.0/10, carrier-grade NAT
+        || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+}
+
+fn private_v6(ip: std::net::Ipv6Addr) -> bool {
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || (ip.segments()[0] & 0xfe00) == 0xfc00 // unique local
+        || (ip.segments()[0] & 0xffc0) == 0xfe80 // link local
+        || ip.to_ipv4_mapped().is_some_and(private_v4)
 }
 
 /// Validate an upstream URL: absolute http(s), a host, no path, query or credentials, and —
@@ -417,6 +435,11 @@ mod tests {
             "http://[::1]:8080",
             "http://[fd00::1]",
             "http://[::ffff:192.168.0.1]",
+            "http://127.1",
+            "http://2130706433:7081",
+            "http://0x7f000001",
+            "http://0177.0.0.1",
+            "http://8.8.8.010",
         ] {
             let e = check_upstream(private, false).unwrap_err();
             assert!(e.message.contains("allow_private_upstreams"), "{private}");

@@ -78,10 +78,12 @@ pub struct StorageOptions {
 pub struct FoyerStorage {
     cache: HybridCache<u128, StoredObject>,
     fills: Mutex<HashMap<u128, Vec<Arc<Fill>>>>,
-    /// Purge epoch, counted by every removal. Writes that read before they store (a 304's
-    /// metadata update, an expiry) and fill commits store under this lock and only if no
-    /// removal came in between, so a purge answered 200 is never undone by them.
-    purges: Mutex<u64>,
+    /// Removals counted per slot of [`PURGE_SLOTS`] (by key hash). Writes that read before
+    /// they store (a 304's metadata update, an expiry) and fill commits store under this lock
+    /// and only if no removal in their slot came in between, so a purge answered 200 is never
+    /// undone by them, and removals elsewhere (a wasted shadow dropped) rarely cost a
+    /// revalidation its update.
+    purges: Mutex<[u64; PURGE_SLOTS]>,
     next_fill: AtomicU64,
     bans: BanList,
     max_object_bytes: usize,
@@ -104,6 +106,13 @@ fn storage_err(
 
 fn hash_of(bin: [u8; 16]) -> u128 {
     u128::from_be_bytes(bin)
+}
+
+/// Slots of the purge epochs.
+const PURGE_SLOTS: usize = 256;
+
+fn purge_slot(hash: u128) -> usize {
+    (hash % PURGE_SLOTS as u128) as usize
 }
 
 impl FoyerStorage {
@@ -154,7 +163,7 @@ impl FoyerStorage {
         Ok(FoyerStorage {
             cache,
             fills: Mutex::new(HashMap::new()),
-            purges: Mutex::new(0),
+            purges: Mutex::new([0; PURGE_SLOTS]),
             next_fill: AtomicU64::new(1),
             bans,
             max_object_bytes: opts.max_object_bytes,
@@ -187,8 +196,8 @@ impl FoyerStorage {
 
     /// Remove an object and cancel its fills; whether anything was there.
     fn remove(&self, hash: u128) -> bool {
-        let mut epoch = self.purges.lock();
-        *epoch += 1;
+        let mut epochs = self.purges.lock();
+        epochs[purge_slot(hash)] += 1;
         let had_fill = self.cancel_fills(hash);
         let present = self.cache.contains(&hash);
         self.cache.remove(&hash);
@@ -205,8 +214,8 @@ impl FoyerStorage {
         body: Bytes,
     ) -> Result<bool> {
         let (internal, header) = meta.serialize()?;
-        let epoch = self.purges.lock();
-        if *epoch != since {
+        let epochs = self.purges.lock();
+        if epochs[purge_slot(hash)] != since {
             return Ok(false);
         }
         self.cache.insert(
@@ -216,8 +225,8 @@ impl FoyerStorage {
         Ok(true)
     }
 
-    fn purge_epoch(&self) -> u64 {
-        *self.purges.lock()
+    fn purge_epoch(&self, hash: u128) -> u64 {
+        self.purges.lock()[purge_slot(hash)]
     }
 
     /// Ban every object whose primary key starts with `prefix`; durable before it returns.
@@ -384,7 +393,7 @@ impl Storage for FoyerStorage {
             return Ok(PurgeOutcome::NotFound);
         }
         let hash = hash_of(compact_bin(target.key()));
-        let since = self.purge_epoch();
+        let since = self.purge_epoch(hash);
         let Some(obj) = self.load(hash).await? else {
             return Ok(PurgeOutcome::NotFound);
         };
@@ -404,7 +413,7 @@ impl Storage for FoyerStorage {
         _trace: &SpanHandle,
     ) -> Result<bool> {
         let hash = hash_of(key.combined_bin());
-        let since = self.purge_epoch();
+        let since = self.purge_epoch(hash);
         let Some(obj) = self.load(hash).await? else {
             return Ok(false);
         };
@@ -512,14 +521,26 @@ mod tests {
         let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header);
         let v1 = Bytes::from_static(b"v1");
         assert!(s
-            .store_unless_purged(s.purge_epoch(), hash, &meta, v1)
+            .store_unless_purged(s.purge_epoch(hash), hash, &meta, v1)
             .unwrap());
         assert!(s.holds("h/a"));
         // A revalidation read the object, then a purge came before it stored its update.
-        let since = s.purge_epoch();
+        let since = s.purge_epoch(hash);
         assert!(s.purge_key("h/a"));
         let v2 = Bytes::from_static(b"v2");
-        assert!(!s.store_unless_purged(since, hash, &meta, v2).unwrap());
+        assert!(!s
+            .store_unless_purged(since, hash, &meta, v2.clone())
+            .unwrap());
         assert!(!s.holds("h/a"));
+        // A removal of another key (in another slot) does not void it.
+        let other = (1..)
+            .map(|i| format!("h/other{i}"))
+            .find(|k| {
+                purge_slot(hash_of(CacheKey::new(k.as_str(), "").primary_bin())) != purge_slot(hash)
+            })
+            .unwrap();
+        let since = s.purge_epoch(hash);
+        s.purge_key(&other);
+        assert!(s.store_unless_purged(since, hash, &meta, v2).unwrap());
     }
 }
