@@ -195,7 +195,11 @@ impl Broker {
             metrics: metrics.clone(),
             planner: planner_state,
         };
-        let api = AxumService::new("api", admin_listener, router(api_state));
+        let api_router = router(api_state).layer(axum::middleware::from_fn_with_state(
+            inflight.clone(),
+            edge_node::drain::count_inflight,
+        ));
+        let api = AxumService::new("api", admin_listener, api_router);
         let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics);
         let monitor = Mutex::new(Some(monitor));
         let drainer = Drainer::new(

@@ -42,6 +42,18 @@ impl Drop for InflightGuard {
     }
 }
 
+/// Axum middleware (`from_fn_with_state(counter, count_inflight)`) that counts an admin API
+/// request as in flight until its handler answers, so SIGTERM lets a purge fan-out or a shadow
+/// order finish instead of cutting it off.
+pub async fn count_inflight(
+    axum::extract::State(counter): axum::extract::State<InflightCounter>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let _guard = counter.enter();
+    next.run(req).await
+}
+
 /// The last step after draining; resolves to the process exit code.
 pub type Finish = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32> + Send>> + Send>;
 
@@ -107,6 +119,29 @@ mod tests {
         assert_eq!(c.count(), 2);
         drop(a);
         drop(b);
+        assert_eq!(c.count(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_admin_request_is_in_flight_until_it_answers() {
+        use tower::ServiceExt;
+        let c = InflightCounter::default();
+        let seen = c.clone();
+        let app = axum::Router::new()
+            .route(
+                "/purge",
+                axum::routing::post(move || async move { seen.count().to_string() }),
+            )
+            .layer(axum::middleware::from_fn_with_state(
+                c.clone(),
+                count_inflight,
+            ));
+        let req = axum::extract::Request::post("/purge")
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let resp = app.oneshot(req).await.unwrap();
+        let body = axum::body::to_bytes(resp.into_body(), 64).await.unwrap();
+        assert_eq!(&body[..], b"1");
         assert_eq!(c.count(), 0);
     }
 }

@@ -249,7 +249,14 @@ impl EdgeNode {
         .with_peers(peers);
         let admin = background_service(
             "admin",
-            AxumService::new("admin", admin_listener, crate::admin::router(admin_state)),
+            AxumService::new(
+                "admin",
+                admin_listener,
+                crate::admin::router(admin_state).layer(axum::middleware::from_fn_with_state(
+                    inflight.clone(),
+                    crate::drain::count_inflight,
+                )),
+            ),
         );
         server.add_service(background_service("ban-compactor", BanCompactor(storage)));
 

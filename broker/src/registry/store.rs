@@ -4,7 +4,7 @@
 //! acknowledged change survives SIGKILL. Reads are served from an in-memory copy that is
 //! updated only after the commit.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
 use parking_lot::{Mutex, RwLock};
@@ -52,6 +52,40 @@ struct Memory {
     tokens: BTreeMap<String, String>,
     origins: BTreeMap<String, Origin>,
     resources: BTreeMap<String, Resource>,
+    /// Resource ids by host: the planner resolves a resource for every candidate series, and
+    /// a scan of every provider's resources each time grew with the whole registry.
+    by_host: HashMap<String, BTreeSet<String>>,
+}
+
+impl Memory {
+    fn insert_resource(&mut self, r: Resource) {
+        if let Some(old) = self.resources.get(&r.id) {
+            if old.host != r.host {
+                let (host, id) = (old.host.clone(), r.id.clone());
+                self.unindex(&host, &id);
+            }
+        }
+        self.by_host
+            .entry(r.host.clone())
+            .or_default()
+            .insert(r.id.clone());
+        self.resources.insert(r.id.clone(), r);
+    }
+
+    fn remove_resource(&mut self, id: &str) {
+        if let Some(r) = self.resources.remove(id) {
+            self.unindex(&r.host, id);
+        }
+    }
+
+    fn unindex(&mut self, host: &str, id: &str) {
+        if let Some(ids) = self.by_host.get_mut(host) {
+            ids.remove(id);
+            if ids.is_empty() {
+                self.by_host.remove(host);
+            }
+        }
+    }
 }
 
 /// Providers, origins and resources.
@@ -113,9 +147,12 @@ impl Registry {
         let mut mem = Memory {
             providers: load_table(&r, PROVIDERS)?,
             origins: load_table(&r, ORIGINS)?,
-            resources: load_table(&r, RESOURCES)?,
             ..Memory::default()
         };
+        let resources: BTreeMap<String, Resource> = load_table(&r, RESOURCES)?;
+        for res in resources.into_values() {
+            mem.insert_resource(res);
+        }
         let tokens = r.open_table(TOKENS).map_err(store_err)?;
         for row in tokens.iter().map_err(store_err)? {
             let (k, v) = row.map_err(store_err)?;
@@ -240,7 +277,7 @@ impl Registry {
         let mut m = self.mem.write();
         m.origins.remove(host);
         for id in &doomed {
-            m.resources.remove(id);
+            m.remove_resource(id);
         }
         Ok(())
     }
@@ -282,10 +319,7 @@ impl Registry {
             }
         }
         self.write(|w| Self::put_json(w, RESOURCES, &resource.id, &resource))?;
-        self.mem
-            .write()
-            .resources
-            .insert(resource.id.clone(), resource);
+        self.mem.write().insert_resource(resource);
         Ok(())
     }
 
@@ -309,7 +343,7 @@ impl Registry {
                 .map_err(store_err)?;
             Ok(())
         })?;
-        self.mem.write().resources.remove(id);
+        self.mem.write().remove_resource(id);
         Ok(())
     }
 
@@ -337,7 +371,12 @@ impl Registry {
     pub fn resource_for(&self, host: &str, path: &str) -> Option<Resource> {
         use super::model::PathMatch;
         let m = self.mem.read();
-        let candidates = m.resources.values().filter(|r| r.host == host);
+        let candidates = m
+            .by_host
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| m.resources.get(id));
         let mut best: Option<&Resource> = None;
         for r in candidates {
             let hit = match r.r#match {
@@ -402,6 +441,42 @@ mod tests {
             reg.origins()
         };
         assert_eq!(Registry::open(&path).unwrap().origins(), owners);
+    }
+
+    #[test]
+    fn the_host_index_follows_moves_deletes_and_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let res = |id: &str, provider: &str, host: &str| Resource {
+            id: id.into(),
+            provider: provider.into(),
+            host: host.into(),
+            path: "/x".into(),
+            r#match: PathMatch::Prefix,
+            priority: 5,
+            shadow_ttl_secs: 60,
+            policy: ShadowPolicy::default(),
+        };
+        {
+            let reg = Registry::open(&path).unwrap();
+            let (p, _) = reg.create_provider("acme").unwrap();
+            for h in ["a.com", "b.com"] {
+                reg.put_origin(&p.id, h, "http://127.0.0.1:1", false)
+                    .unwrap();
+            }
+            reg.put_resource(res("r1", &p.id, "a.com")).unwrap();
+            assert_eq!(reg.resource_for("a.com", "/x/y").unwrap().id, "r1");
+            // Moved to another host: found there only.
+            reg.put_resource(res("r1", &p.id, "b.com")).unwrap();
+            assert!(reg.resource_for("a.com", "/x/y").is_none());
+            assert_eq!(reg.resource_for("b.com", "/x/y").unwrap().id, "r1");
+            reg.put_resource(res("r2", &p.id, "a.com")).unwrap();
+            reg.delete_resource(&p.id, "r2").unwrap();
+            assert!(reg.resource_for("a.com", "/x/y").is_none());
+        }
+        let reg = Registry::open(&path).unwrap();
+        assert_eq!(reg.resource_for("b.com", "/x/y").unwrap().id, "r1");
+        assert!(reg.resource_for("a.com", "/x").is_none());
     }
 
     #[test]
