@@ -108,8 +108,7 @@ impl BrokerProxy {
 
 impl BrokerProxy {
     /// The direct-to-origin fallback asks the origin as an edge would: under the upstream's
-    /// own `host[:port]`, or the site's host without port with `forward_host`, and with an
-    /// origin-form request line (an absolute-form URI's authority would override Host).
+    /// own `host[:port]`, or the site's host without port with `forward_host`.
     fn address_origin(
         &self,
         session: &Session,
@@ -129,19 +128,7 @@ impl BrokerProxy {
             })?;
             uri.authority().map_or(host, |a| a.as_str().to_string())
         };
-        upstream_request.insert_header(http::header::HOST, header)?;
-        if upstream_request.uri.authority().is_some() {
-            let pq = upstream_request
-                .uri
-                .path_and_query()
-                .map_or("/", |p| p.as_str())
-                .to_string();
-            let uri = pq.parse().map_err(|_| {
-                Error::explain(ErrorType::InternalError, "request path is not a URI")
-            })?;
-            upstream_request.set_uri(uri);
-        }
-        Ok(())
+        edge_node::proxy::address_origin(upstream_request, header)
     }
 }
 

@@ -210,6 +210,25 @@ fn parse_route(tag: &str) -> Option<(&str, &'static str)> {
     Some((region?, reason?))
 }
 
+/// Address a request to an origin: `Host: host`, and an origin-form request line (an
+/// absolute-form URI's authority would override Host at the origin). The broker's
+/// direct-to-origin fallback uses it too, so both ask an origin alike.
+pub fn address_origin(req: &mut RequestHeader, host: String) -> Result<()> {
+    req.insert_header(header::HOST, host)?;
+    if req.uri.authority().is_some() {
+        let pq = req
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .to_string();
+        let uri = pq
+            .parse()
+            .map_err(|_| Error::explain(ErrorType::InternalError, "request path is not a URI"))?;
+        req.set_uri(uri);
+    }
+    Ok(())
+}
+
 /// The primary cache key of a request: `host/path?query`, host normalized. The admin API
 /// builds purge keys with the same function, so purges always name what lookups find.
 pub fn primary_key(host: &str, path_and_query: &str) -> String {
@@ -663,19 +682,7 @@ impl ProxyHttp for EdgeProxy {
                 Some(h) => h.clone(),
                 None => origin.host.clone(),
             };
-            upstream_request.insert_header(header::HOST, host)?;
-            // An absolute-form request line's authority would override Host at the origin.
-            if upstream_request.uri.authority().is_some() {
-                let pq = upstream_request
-                    .uri
-                    .path_and_query()
-                    .map_or("/", |p| p.as_str())
-                    .to_string();
-                let uri = pq.parse().map_err(|_| {
-                    Error::explain(ErrorType::InternalError, "request path is not a URI")
-                })?;
-                upstream_request.set_uri(uri);
-            }
+            address_origin(upstream_request, host)?;
         }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
