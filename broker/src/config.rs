@@ -78,6 +78,10 @@ pub struct AdminSection {
     /// cluster whose origins are local, as in deploy/local.
     #[serde(default)]
     pub allow_private_upstreams: bool,
+    /// Most resources one provider may register (default 100,000): each is kept in memory and
+    /// matched by the planner, so one tenant cannot grow the registry without bound.
+    #[serde(default = "default_max_resources")]
+    pub max_resources_per_provider: usize,
 }
 
 /// Client region resolution: trusted header, then CIDR table, then default.
@@ -364,6 +368,9 @@ fn default_threads() -> usize {
 }
 fn default_drain() -> u64 {
     30
+}
+fn default_max_resources() -> usize {
+    100_000
 }
 fn default_body_limit() -> usize {
     64 * 1024

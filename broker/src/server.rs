@@ -75,7 +75,10 @@ impl Broker {
         let prometheus = prometheus::Registry::new();
         let metrics =
             BrokerMetrics::register(&prometheus).map_err(|e| StartError::Setup(e.to_string()))?;
-        let registry = Arc::new(Registry::open(&cfg.data_dir.join("registry.redb"))?);
+        let registry = Arc::new(
+            Registry::open(&cfg.data_dir.join("registry.redb"))?
+                .with_max_resources_per_provider(cfg.admin.max_resources_per_provider),
+        );
         let fleet = Arc::new(Fleet::new(&cfg));
         let health = Arc::new(Health::new(
             fleet.edges.len(),

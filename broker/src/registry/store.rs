@@ -96,6 +96,8 @@ pub struct Registry {
     /// never interleave (two providers claiming one host at once: one wins on disk and in
     /// memory alike).
     writer: Mutex<()>,
+    /// Most resources one provider may hold.
+    max_resources_per_provider: usize,
 }
 
 impl std::fmt::Debug for Registry {
@@ -163,7 +165,14 @@ impl Registry {
             db,
             mem: RwLock::new(mem),
             writer: Mutex::new(()),
+            max_resources_per_provider: usize::MAX,
         })
+    }
+
+    /// Limit how many resources one provider may register (existing ones are kept).
+    pub fn with_max_resources_per_provider(mut self, n: usize) -> Self {
+        self.max_resources_per_provider = n;
+        self
     }
 
     fn write<F>(&self, f: F) -> Result<(), RegistryError>
@@ -310,12 +319,29 @@ impl Registry {
     pub fn put_resource(&self, resource: Resource) -> Result<(), RegistryError> {
         let _writer = self.writer.lock();
         self.check_host_owner(&resource.provider, &resource.host)?;
-        if let Some(old) = self.mem.read().resources.get(&resource.id) {
-            if old.provider != resource.provider {
-                return Err(RegistryError::Forbidden(format!(
-                    "resource {}",
-                    resource.id
-                )));
+        {
+            let m = self.mem.read();
+            match m.resources.get(&resource.id) {
+                Some(old) if old.provider != resource.provider => {
+                    return Err(RegistryError::Forbidden(format!(
+                        "resource {}",
+                        resource.id
+                    )));
+                }
+                Some(_) => {}
+                None => {
+                    let held = m
+                        .resources
+                        .values()
+                        .filter(|r| r.provider == resource.provider)
+                        .count();
+                    if held >= self.max_resources_per_provider {
+                        return Err(RegistryError::Conflict(format!(
+                            "provider holds {held} resources, the most allowed \
+                             ([admin] max_resources_per_provider)"
+                        )));
+                    }
+                }
             }
         }
         self.write(|w| Self::put_json(w, RESOURCES, &resource.id, &resource))?;
@@ -474,6 +500,17 @@ mod tests {
             reg.delete_resource(&p.id, "r2").unwrap();
             assert!(reg.resource_for("a.com", "/x/y").is_none());
         }
+        // A provider at its limit may update what it has, not add more.
+        let reg = Registry::open(&path)
+            .unwrap()
+            .with_max_resources_per_provider(1);
+        let p = reg.providers().pop().unwrap();
+        reg.put_resource(res("r1", &p.id, "b.com")).unwrap();
+        assert!(matches!(
+            reg.put_resource(res("r3", &p.id, "b.com")),
+            Err(RegistryError::Conflict(_))
+        ));
+        drop(reg);
         let reg = Registry::open(&path).unwrap();
         assert_eq!(reg.resource_for("b.com", "/x/y").unwrap().id, "r1");
         assert!(reg.resource_for("a.com", "/x").is_none());
