@@ -92,21 +92,6 @@ impl BrokerProxy {
             .set(0);
     }
 
-    /// The id of another edge that recently served this request's key, for a GET routed to
-    /// an edge: that edge's miss asks the peer before the origin.
-    fn peer_hint(&self, req: &RequestHeader, ctx: &BrokerCtx) -> Option<&str> {
-        let holders = self.holders.as_ref()?;
-        let serving = ctx.chosen?.edge?;
-        if req.method != http::Method::GET {
-            return None;
-        }
-        let usable = |e: usize| self.fleet.edges[e].sync.is_some() && self.health.is_up(e);
-        let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
-        Some(self.fleet.edges[peer].id.as_str())
-    }
-}
-
-impl BrokerProxy {
     /// The direct-to-origin fallback asks the origin as an edge would: under the upstream's
     /// own `host[:port]`, or the site's host without port with `forward_host`.
     fn address_origin(
@@ -120,15 +105,24 @@ impl BrokerProxy {
         let Some(origin) = self.registry.origin(&host) else {
             return Ok(());
         };
-        let header = if origin.forward_host {
-            host
-        } else {
-            let uri: http::Uri = origin.upstream.parse().map_err(|_| {
-                Error::explain(ErrorType::InternalError, "registered upstream is not a URL")
-            })?;
-            uri.authority().map_or(host, |a| a.as_str().to_string())
-        };
+        let uri: http::Uri = origin.upstream.parse().map_err(|_| {
+            Error::explain(ErrorType::InternalError, "registered upstream is not a URL")
+        })?;
+        let header = edge_node::origin::host_header(&uri, &host, origin.forward_host);
         edge_node::proxy::address_origin(upstream_request, header)
+    }
+
+    /// The id of another edge that recently served this request's key, for a GET routed to
+    /// an edge: that edge's miss asks the peer before the origin.
+    fn peer_hint(&self, req: &RequestHeader, ctx: &BrokerCtx) -> Option<&str> {
+        let holders = self.holders.as_ref()?;
+        let serving = ctx.chosen?.edge?;
+        if req.method != http::Method::GET {
+            return None;
+        }
+        let usable = |e: usize| self.fleet.edges[e].sync.is_some() && self.health.is_up(e);
+        let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
+        Some(self.fleet.edges[peer].id.as_str())
     }
 }
 

@@ -22,9 +22,19 @@ pub struct Origin {
     pub tls: bool,
     /// Host name for SNI.
     pub authority: String,
-    /// The `Host` header the origin gets: the upstream URL's `host[:port]`, or `None` to
-    /// forward the client's (`forward_host`).
-    pub host_header: Option<String>,
+    /// The `Host` header the origin gets ([`host_header`]).
+    pub host_header: String,
+}
+
+/// The `Host` an origin is asked with: its upstream URL's own `host[:port]`, or with
+/// `forward_host` the site's host (port-free, as in the cache key). Edges and the broker's
+/// direct-to-origin fallback both use it.
+pub fn host_header(upstream: &Uri, site_host: &str, forward_host: bool) -> String {
+    match (forward_host, upstream.host(), upstream.port_u16()) {
+        (false, Some(h), Some(p)) => format!("{h}:{p}"),
+        (false, Some(h), None) => h.to_string(),
+        _ => site_host.to_string(),
+    }
 }
 
 /// Why a row of the origin table is unusable.
@@ -221,10 +231,7 @@ fn parse_entry(index: usize, e: &OriginEntry) -> Result<Origin, OriginError> {
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(bad("upstream URL must not have a path"));
     }
-    let host_header = (!e.forward_host).then(|| match uri.port_u16() {
-        Some(p) => format!("{authority}:{p}"),
-        None => authority.clone(),
-    });
+    let host_header = host_header(&uri, &host, e.forward_host);
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let addr = (authority.trim_matches(|c| c == '[' || c == ']'), port)
         .to_socket_addrs()

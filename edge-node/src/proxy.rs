@@ -373,6 +373,14 @@ impl EdgeProxy {
         self.hooks.peers.resolve(id)
     }
 
+    /// The QUIC bridge this request goes through instead of the origin: a peer fill or a
+    /// demand miss a peer may answer, on an edge that has a bridge.
+    fn bridge_for(&self, ctx: &RequestCtx) -> Option<std::net::SocketAddr> {
+        (ctx.peer_fill || ctx.demand_peer.is_some())
+            .then_some(self.hooks.bridge)
+            .flatten()
+    }
+
     fn cacheability(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
         // `Vary: *` names something outside the request: no stored copy can ever match
         // (RFC 9111 §4.1).
@@ -532,10 +540,7 @@ impl ProxyHttp for EdgeProxy {
             ctx.hint_used = true;
             self.hinted_peer(session.req_header(), ctx)
         };
-        if let (true, Some(bridge)) = (
-            ctx.peer_fill || ctx.demand_peer.is_some(),
-            self.hooks.bridge,
-        ) {
+        if let Some(bridge) = self.bridge_for(ctx) {
             let mut peer = HttpPeer::new(bridge, false, String::new());
             peer.options.read_timeout = Some(self.policy.read_timeout);
             return Ok(Box::new(peer));
@@ -676,13 +681,8 @@ impl ProxyHttp for EdgeProxy {
         }
         // The origin gets its own name (or, with `forward_host`, the client's without the
         // port the cache key ignores); a peer edge behind the bridge needs the site's Host.
-        let bridged = (ctx.peer_fill || ctx.demand_peer.is_some()) && self.hooks.bridge.is_some();
-        if let (false, Some(origin)) = (bridged, &ctx.origin) {
-            let host = match &origin.host_header {
-                Some(h) => h.clone(),
-                None => origin.host.clone(),
-            };
-            address_origin(upstream_request, host)?;
+        if let (None, Some(origin)) = (self.bridge_for(ctx), &ctx.origin) {
+            address_origin(upstream_request, origin.host_header.clone())?;
         }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
