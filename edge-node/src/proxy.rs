@@ -694,10 +694,22 @@ impl ProxyHttp for EdgeProxy {
 
     async fn upstream_response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // A body of unknown length that outgrows the object limit: pingora-cache would cut
+        // the response off mid-body, so its limit is lifted for this fill and the storage
+        // enforces the real one by passing the rest through uncached (see `storage`).
+        // Bypassed requests keep pingora's limit: it decides whether the key may be cached
+        // again from the size this response turns out to have.
+        if session.cache.enabled()
+            && !upstream_response
+                .headers
+                .contains_key(header::CONTENT_LENGTH)
+        {
+            session.cache.set_max_file_size_bytes(usize::MAX);
+        }
         if let Some(p) = &ctx.demand_peer {
             // Only a whole, variant-free copy stands in for the origin's answer: a Vary'd
             // object would be stored under this request's variant while the peer picked its own.

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora_cache::lock::CacheLock;
-use pingora_cache::predictor::Predictor;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
@@ -136,7 +135,7 @@ impl EdgeNode {
         let lock = Box::leak(CacheLock::new_boxed(Duration::from_secs(
             cfg.cache.lock_timeout_secs,
         )));
-        let predictor: &'static Predictor<32> = Box::leak(Box::new(Predictor::new(128, None)));
+        let predictor = storage.predictor();
 
         let conf = ServerConf {
             threads: cfg.server.threads,

@@ -3,14 +3,19 @@
 //! pingora's cache lock lets one request fill an object while others wait; with streaming
 //! partial writes the waiters start reading as soon as the first chunk lands instead of after
 //! the last one. A fill lives here until its body is complete and committed to foyer.
+//!
+//! A body that outgrows the object limit while it streams (no `Content-Length` up front) is
+//! *passed through*: its readers, already serving clients, still get every byte, but it is
+//! never committed, takes no new readers, and drops each chunk once all its readers have it.
 
 use std::any::Any;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use pingora_cache::key::CacheKey;
 use pingora_cache::storage::{HandleHit, Storage};
 use pingora_cache::trace::SpanHandle;
@@ -28,16 +33,31 @@ pub(crate) enum FillState {
     Aborted,
 }
 
+/// The chunks a fill holds.
+#[derive(Debug, Default)]
+pub(crate) struct Chunks {
+    /// Index of `list[0]` in the body's chunk sequence: chunks before it were dropped by a
+    /// pass-through after every reader had them.
+    base: usize,
+    list: VecDeque<Bytes>,
+    /// Bytes in `list`.
+    held: usize,
+    /// The body outgrew the object limit: never committed, no new readers.
+    passing: bool,
+}
+
 /// A body being written.
 #[derive(Debug)]
 pub(crate) struct Fill {
     pub(crate) id: u64,
     pub(crate) tag: [u8; 8],
     pub(crate) meta: (Bytes, Bytes),
-    pub(crate) chunks: RwLock<Vec<Bytes>>,
+    chunks: RwLock<Chunks>,
     pub(crate) state: watch::Sender<FillState>,
     /// Set by a purge that raced the fill: the finished body must not be committed.
     pub(crate) cancelled: AtomicBool,
+    /// Next chunk index of each reader, so a pass-through knows what all of them have read.
+    readers: Mutex<Vec<Weak<AtomicUsize>>>,
 }
 
 impl Fill {
@@ -46,15 +66,18 @@ impl Fill {
             id,
             tag: id.to_be_bytes(),
             meta,
-            chunks: RwLock::new(Vec::new()),
+            chunks: RwLock::new(Chunks::default()),
             state: watch::channel(FillState::Writing).0,
             cancelled: AtomicBool::new(false),
+            readers: Mutex::new(Vec::new()),
         })
     }
 
     pub(crate) fn push(&self, data: Bytes) {
         if !data.is_empty() {
-            self.chunks.write().push(data);
+            let mut chunks = self.chunks.write();
+            chunks.held += data.len();
+            chunks.list.push_back(data);
         }
         // Notify after the chunk is visible so no reader can miss it.
         self.state.send_replace(FillState::Writing);
@@ -72,16 +95,44 @@ impl Fill {
         self.cancelled.load(Ordering::Acquire)
     }
 
+    /// Stop keeping the body for the cache: from now on it only streams to the readers it has.
+    pub(crate) fn pass_through(&self) {
+        self.chunks.write().passing = true;
+    }
+
+    /// Drop the chunks every live reader has read; the bytes still held for the slowest one.
+    pub(crate) fn release_read(&self) -> usize {
+        let mut chunks = self.chunks.write();
+        let end = chunks.base + chunks.list.len();
+        let slowest = {
+            let mut readers = self.readers.lock();
+            readers.retain(|r| r.strong_count() > 0);
+            readers
+                .iter()
+                .filter_map(Weak::upgrade)
+                .map(|next| next.load(Ordering::Acquire))
+                .min()
+                .unwrap_or(end)
+        };
+        while chunks.base < slowest.min(end) {
+            if let Some(c) = chunks.list.pop_front() {
+                chunks.held -= c.len();
+            }
+            chunks.base += 1;
+        }
+        chunks.held
+    }
+
     /// The whole body in one buffer (one copy, at commit time).
     pub(crate) fn body(&self) -> Bytes {
         let chunks = self.chunks.read();
-        match chunks.len() {
+        debug_assert_eq!(chunks.base, 0, "a passed-through fill is never committed");
+        match chunks.list.len() {
             0 => Bytes::new(),
-            1 => chunks[0].clone(),
+            1 => chunks.list[0].clone(),
             _ => {
-                let total = chunks.iter().map(Bytes::len).sum();
-                let mut buf = Vec::with_capacity(total);
-                for c in chunks.iter() {
+                let mut buf = Vec::with_capacity(chunks.held);
+                for c in chunks.list.iter() {
                     buf.extend_from_slice(c);
                 }
                 Bytes::from(buf)
@@ -93,14 +144,24 @@ impl Fill {
 /// Reads a fill while it is being written.
 pub(crate) struct PartialHit {
     fill: Arc<Fill>,
-    next: usize,
+    next: Arc<AtomicUsize>,
     rx: watch::Receiver<FillState>,
 }
 
 impl PartialHit {
-    pub(crate) fn new(fill: Arc<Fill>) -> Self {
+    /// A reader from the first chunk, unless the fill passes through (it may have dropped it).
+    pub(crate) fn new(fill: Arc<Fill>) -> Option<Self> {
+        let next = Arc::new(AtomicUsize::new(0));
+        {
+            // Registered under the chunks lock, so no release can miss this reader.
+            let chunks = fill.chunks.read();
+            if chunks.passing {
+                return None;
+            }
+            fill.readers.lock().push(Arc::downgrade(&next));
+        }
         let rx = fill.state.subscribe();
-        PartialHit { fill, next: 0, rx }
+        Some(PartialHit { fill, next, rx })
     }
 }
 
@@ -113,9 +174,14 @@ impl HandleHit for PartialHit {
             let state = *self.rx.borrow_and_update();
             {
                 let chunks = self.fill.chunks.read();
-                if self.next < chunks.len() {
-                    self.next += 1;
-                    return Ok(Some(chunks[self.next - 1].clone()));
+                let next = self.next.load(Ordering::Relaxed);
+                // A release never drops what a registered reader has not read.
+                let Some(i) = next.checked_sub(chunks.base) else {
+                    return Error::e_explain(ErrorType::InternalError, "fill chunk dropped unread");
+                };
+                if let Some(c) = chunks.list.get(i) {
+                    self.next.store(next + 1, Ordering::Release);
+                    return Ok(Some(c.clone()));
                 }
             }
             match state {
@@ -227,7 +293,7 @@ mod tests {
     #[tokio::test]
     async fn partial_reader_follows_writer() {
         let fill = Fill::new(1, (Bytes::new(), Bytes::new()));
-        let mut r = PartialHit::new(fill.clone());
+        let mut r = PartialHit::new(fill.clone()).unwrap();
         let w = fill.clone();
         let t = tokio::spawn(async move {
             for i in 0..50u8 {
@@ -248,11 +314,39 @@ mod tests {
     #[tokio::test]
     async fn aborted_fill_fails_reader() {
         let fill = Fill::new(1, (Bytes::new(), Bytes::new()));
-        let mut r = PartialHit::new(fill.clone());
+        let mut r = PartialHit::new(fill.clone()).unwrap();
         fill.push(Bytes::from_static(b"abc"));
         fill.finish(FillState::Aborted);
         assert!(r.read_body().await.unwrap().is_some());
         assert!(r.read_body().await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_pass_through_drops_what_every_reader_has_read() {
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()));
+        let mut fast = PartialHit::new(fill.clone()).unwrap();
+        let mut slow = PartialHit::new(fill.clone()).unwrap();
+        for i in 0..4u8 {
+            fill.push(Bytes::from(vec![i; 10]));
+        }
+        fill.pass_through();
+        assert!(PartialHit::new(fill.clone()).is_none(), "no new readers");
+        for _ in 0..3 {
+            fast.read_body().await.unwrap().unwrap();
+        }
+        slow.read_body().await.unwrap().unwrap();
+        // The slow reader has one chunk: the other three stay.
+        assert_eq!(fill.release_read(), 30);
+        drop(slow);
+        // Only the fast one is left, three chunks in.
+        assert_eq!(fill.release_read(), 10);
+        assert_eq!(fast.read_body().await.unwrap().unwrap()[0], 3);
+        fill.push(Bytes::from(vec![4; 10]));
+        fill.finish(FillState::Done);
+        assert_eq!(fast.read_body().await.unwrap().unwrap()[0], 4);
+        assert!(fast.read_body().await.unwrap().is_none());
+        drop(fast);
+        assert_eq!(fill.release_read(), 0, "no readers: nothing held");
     }
 
     #[tokio::test]

@@ -25,11 +25,12 @@ use foyer::{
 };
 use parking_lot::Mutex;
 use pingora_cache::key::{CacheHashKey, CacheKey, CompactCacheKey};
+use pingora_cache::predictor::{CacheablePredictor, Predictor};
 use pingora_cache::storage::{
     HandleMiss, HitHandler, MissFinishType, MissHandler, PurgeOutcome, PurgeTarget, PurgeType,
 };
 use pingora_cache::trace::SpanHandle;
-use pingora_cache::{CacheEntryKey, CacheMeta, Storage};
+use pingora_cache::{CacheEntryKey, CacheMeta, NoCacheReason, Storage};
 use pingora_error::{Error, ErrorType, Result};
 
 pub use bans::{BanError, BanList};
@@ -53,6 +54,9 @@ pub enum StorageError {
     /// The ban log could not be opened.
     #[error(transparent)]
     Bans(#[from] BanError),
+    /// The storage's metrics could not be registered.
+    #[error("storage metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
 }
 
 /// Sizes and location of the cache; see [`crate::config::CacheSection`].
@@ -87,6 +91,11 @@ pub struct FoyerStorage {
     next_fill: AtomicU64,
     bans: BanList,
     max_object_bytes: usize,
+    /// Keys pingora-cache should not try to cache for a while; the storage marks the ones
+    /// whose bodies outgrew `max_object_bytes` as they streamed.
+    predictor: Predictor<32>,
+    /// Fills passed through because their body outgrew `max_object_bytes`.
+    passthroughs: prometheus::IntCounter,
 }
 
 impl std::fmt::Debug for FoyerStorage {
@@ -160,6 +169,12 @@ impl FoyerStorage {
         };
         let cache = storage.build().await?;
         let bans = BanList::open(&opts.dir, opts.ban_retention)?;
+        let passthroughs = prometheus::IntCounter::new(
+            "shadowcdn_edge_fill_passthrough_total",
+            "Responses without Content-Length that outgrew cache.max_object_size while \
+             filling and were streamed to their clients uncached",
+        )?;
+        registry.register(Box::new(passthroughs.clone()))?;
         Ok(FoyerStorage {
             cache,
             fills: Mutex::new(HashMap::new()),
@@ -167,7 +182,14 @@ impl FoyerStorage {
             next_fill: AtomicU64::new(1),
             bans,
             max_object_bytes: opts.max_object_bytes,
+            predictor: Predictor::new(128, None),
+            passthroughs,
         })
+    }
+
+    /// The cacheability predictor to give pingora-cache with this storage.
+    pub fn predictor(&'static self) -> &'static Predictor<32> {
+        &self.predictor
     }
 
     /// Flush and close foyer; called on graceful shutdown.
@@ -285,9 +307,10 @@ impl FoyerStorage {
     }
 }
 
+/// A reader of `fill`, or `None` if it passes through (it cannot serve a body from the start).
 fn partial_hit(fill: Arc<Fill>) -> Result<Option<(CacheMeta, HitHandler)>> {
     let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
-    Ok(Some((meta, Box::new(PartialHit::new(fill)))))
+    Ok(PartialHit::new(fill).map(|hit| (meta, Box::new(hit) as HitHandler)))
 }
 
 #[async_trait]
@@ -300,7 +323,9 @@ impl Storage for FoyerStorage {
         let hash = hash_of(key.combined_bin());
         // Prefer an in-progress fill: it is newer than whatever foyer holds.
         if let Some(fill) = self.any_fill(hash) {
-            return partial_hit(fill);
+            if let Some(hit) = partial_hit(fill)? {
+                return Ok(Some(hit));
+            }
         }
         let Some(obj) = self.load(hash).await? else {
             return Ok(None);
@@ -335,8 +360,8 @@ impl Storage for FoyerStorage {
                 .get(&hash)
                 .and_then(|v| v.iter().find(|f| f.tag == tag).cloned());
             // The write already committed (or was purged): fall back to a normal lookup.
-            if let Some(fill) = fill {
-                return partial_hit(fill);
+            if let Some(hit) = fill.map(partial_hit).transpose()?.flatten() {
+                return Ok(Some(hit));
             }
         }
         self.lookup(key, trace).await
@@ -359,9 +384,11 @@ impl Storage for FoyerStorage {
             .push(fill.clone());
         Ok(Box::new(FoyerMissHandler {
             storage: self,
+            key: key.clone(),
             hash,
             fill,
             size: 0,
+            passing: false,
             finished: false,
         }))
     }
@@ -436,31 +463,68 @@ fn compact_bin(key: &CompactCacheKey) -> [u8; 16] {
 /// Writes one body into a [`Fill`], then commits it to foyer.
 struct FoyerMissHandler {
     storage: &'static FoyerStorage,
+    key: CacheKey,
     hash: u128,
     fill: Arc<Fill>,
     size: usize,
+    /// The body outgrew the object limit: it streams to its readers and is not committed.
+    passing: bool,
     finished: bool,
+}
+
+impl FoyerMissHandler {
+    /// The body turned out larger than the cache takes. pingora-cache would end the response
+    /// mid-body (its clients see a truncated object); instead the fill keeps streaming to the
+    /// readers it has, and the key is remembered as too large so later requests bypass the
+    /// cache and are proxied directly.
+    fn pass_through(&mut self) {
+        self.passing = true;
+        self.fill.pass_through();
+        self.storage.remove_fill(self.hash, self.fill.id);
+        self.storage
+            .predictor
+            .mark_uncacheable(&self.key, NoCacheReason::ResponseTooLarge);
+        self.storage.passthroughs.inc();
+        tracing::info!(
+            key = %String::from_utf8_lossy(self.key.primary_key()),
+            max_object_bytes = self.storage.max_object_bytes,
+            "body outgrew the max object size while filling; passing it through uncached"
+        );
+    }
 }
 
 #[async_trait]
 impl HandleMiss for FoyerMissHandler {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
         self.size += data.len();
-        if self.size > self.storage.max_object_bytes {
-            return Error::e_explain(
-                ErrorType::InternalError,
-                format!(
-                    "body exceeds max object size of {} bytes",
-                    self.storage.max_object_bytes
-                ),
-            );
+        if !self.passing && self.size > self.storage.max_object_bytes {
+            self.pass_through();
         }
         self.fill.push(data);
+        if self.passing {
+            // Nothing waits for the readers (pingora reads the origin as fast as it can), so
+            // a reader that falls this far behind would make the edge hold the whole body.
+            let behind = self.fill.release_read();
+            if behind > self.storage.max_object_bytes {
+                return Error::e_explain(
+                    ErrorType::InternalError,
+                    format!(
+                        "clients fell {behind} bytes behind a body over the max object size \
+                         of {} bytes",
+                        self.storage.max_object_bytes
+                    ),
+                );
+            }
+        }
         Ok(())
     }
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         self.finished = true;
+        if self.passing {
+            self.fill.finish(FillState::Done);
+            return Ok(MissFinishType::Created(self.size));
+        }
         let obj = StoredObject::new(
             self.fill.meta.0.clone(),
             self.fill.meta.1.clone(),
@@ -499,11 +563,10 @@ mod tests {
     use super::*;
     use pingora_http::ResponseHeader;
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_purge_between_a_read_and_its_store_wins() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A memory-only storage taking objects up to 512 KiB, alive for the test process.
+    async fn small_storage(dir: &std::path::Path) -> &'static FoyerStorage {
         let opts = StorageOptions {
-            dir: dir.path().into(),
+            dir: dir.into(),
             memory_bytes: 1 << 20,
             memory_shards: 1,
             disk_bytes: 0,
@@ -515,10 +578,105 @@ mod tests {
         let s = FoyerStorage::open(&opts, spawner, &prometheus::Registry::new())
             .await
             .unwrap();
-        let hash = hash_of(CacheKey::new("h/a", "").primary_bin());
+        Box::leak(Box::new(s))
+    }
+
+    fn fresh_meta() -> CacheMeta {
         let now = SystemTime::now();
         let header = ResponseHeader::build(200, None).unwrap();
-        let meta = CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header);
+        CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_body_over_the_limit_streams_to_its_reader_uncached() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/big", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        let tag = miss.streaming_write_tag().unwrap().to_vec();
+        let (_, mut reader) = s
+            .lookup_streaming_write(&key, Some(&tag), &trace)
+            .await
+            .unwrap()
+            .unwrap();
+        let chunk = 16 * 1024;
+        let mut got = Vec::new();
+        // 1 MiB, twice the limit, read as it streams.
+        for i in 0..64u8 {
+            miss.write_body(Bytes::from(vec![i; chunk]), false)
+                .await
+                .unwrap();
+            got.extend_from_slice(&reader.read_body().await.unwrap().unwrap());
+            if i == 40 {
+                assert!(
+                    s.lookup(&key, &trace).await.unwrap().is_none(),
+                    "a passed-through fill takes no new readers"
+                );
+            }
+        }
+        miss.finish().await.unwrap();
+        assert!(reader.read_body().await.unwrap().is_none());
+        assert_eq!(got.len(), 64 * chunk);
+        assert!(got.chunks(chunk).enumerate().all(|(i, c)| c[0] == i as u8));
+        assert!(!s.holds("h/big"), "not committed");
+        assert_eq!(
+            s.predictor().predicted_uncacheable_reason(&key),
+            Some(NoCacheReason::ResponseTooLarge)
+        );
+        assert_eq!(s.passthroughs.get(), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_reader_too_far_behind_a_pass_through_ends_the_fill() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/slow", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        let tag = miss.streaming_write_tag().unwrap().to_vec();
+        let (_, mut reader) = s
+            .lookup_streaming_write(&key, Some(&tag), &trace)
+            .await
+            .unwrap()
+            .unwrap();
+        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
+        // The reader never reads: past twice the limit the edge would hold, the write fails.
+        let mut written = 0;
+        let err = loop {
+            match miss.write_body(chunk.clone(), false).await {
+                Ok(()) => written += chunk.len(),
+                Err(e) => break e,
+            }
+        };
+        assert!((1 << 19..=1 << 20).contains(&written), "{written}");
+        assert!(err.to_string().contains("behind"), "{err}");
+        drop(miss);
+        // The reader gets what was written, then an error, never a clean end.
+        let mut read = 0;
+        let end = loop {
+            match reader.read_body().await {
+                Ok(Some(c)) => read += c.len(),
+                other => break other,
+            }
+        };
+        assert!(end.is_err(), "{end:?}");
+        assert!(read > written);
+        assert!(!s.holds("h/slow"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_between_a_read_and_its_store_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let hash = hash_of(CacheKey::new("h/a", "").primary_bin());
+        let meta = fresh_meta();
         let v1 = Bytes::from_static(b"v1");
         assert!(s
             .store_unless_purged(s.purge_epoch(hash), hash, &meta, v1)
