@@ -558,6 +558,8 @@ async fn metrics_are_exposed() {
         "shadowcdn_edge_origin_fetch_duration_seconds_count 1",
         "shadowcdn_edge_served_bytes_total",
         "shadowcdn_edge_cache_memory_bytes",
+        "shadowcdn_edge_fill_bytes 0",
+        "shadowcdn_edge_fill_passthrough_total{reason=\"fill_memory\"} 0",
         "foyer_",
     ] {
         assert!(text.contains(needle), "missing {needle} in:\n{text}");

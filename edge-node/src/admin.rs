@@ -140,6 +140,7 @@ async fn healthz(State(s): State<AdminState>) -> Response {
 
 async fn metrics(State(s): State<AdminState>) -> Response {
     s.metrics.memory_bytes.set(s.storage.memory_usage() as i64);
+    s.metrics.fill_bytes.set(s.storage.fill_bytes() as i64);
     s.metrics.bans.set(s.storage.ban_count() as i64);
     let (n, bytes) = s.shadows.usage();
     s.metrics.shadows.set(n as i64);

@@ -150,6 +150,11 @@ pub struct CacheSection {
     /// Bodies larger than this are proxied without being cached.
     #[serde(default = "default_max_object")]
     pub max_object_size: ByteSize,
+    /// Memory all bodies being filled from origins or peers may hold together. Beyond it a
+    /// fill still streams to its clients but is not cached (the next miss tries again), so a
+    /// burst of large misses cannot exhaust the edge's memory.
+    #[serde(default = "default_max_fill_memory")]
+    pub max_fill_memory: ByteSize,
     /// Shards of the memory tier (foyer's default: 8). More shards mean less lock contention
     /// between worker threads, but each shard holds `memory_capacity / memory_shards`, and an
     /// object larger than a shard cannot stay in memory; small caches want fewer.
@@ -273,6 +278,11 @@ impl EdgeConfig {
         if c.max_object_size.as_u64() == 0 {
             return Err(ConfigError::Invalid(
                 "cache.max_object_size must be greater than 0".into(),
+            ));
+        }
+        if c.max_fill_memory < c.max_object_size {
+            return Err(ConfigError::Invalid(
+                "cache.max_fill_memory must be at least cache.max_object_size".into(),
             ));
         }
         if c.memory_shards == 0 || c.memory_shards > 1024 {
@@ -405,6 +415,9 @@ fn default_disk() -> ByteSize {
 fn default_max_object() -> ByteSize {
     ByteSize::mib(64)
 }
+fn default_max_fill_memory() -> ByteSize {
+    ByteSize::gib(1)
+}
 fn default_lock_timeout() -> u64 {
     10
 }
@@ -444,6 +457,22 @@ mod tests {
         assert_eq!(c.cache.memory_capacity, ByteSize::mib(256));
         assert_eq!(c.cache.max_object_size, ByteSize::mib(64));
         assert_eq!(c.block_size(), 64 * 1024 * 1024 + 256 * 1024);
+        assert_eq!(c.cache.max_fill_memory, ByteSize::gib(1));
+    }
+
+    #[test]
+    fn fill_memory_must_hold_one_object() {
+        let with = |v: &str| {
+            MINIMAL.replace(
+                "dir = \"/tmp/x\"",
+                &format!("dir = \"/tmp/x\"\nmax_fill_memory = \"{v}\""),
+            )
+        };
+        assert!(EdgeConfig::from_toml(&with("64 MiB")).is_ok());
+        let err = EdgeConfig::from_toml(&with("63 MiB"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cache.max_fill_memory"), "{err}");
     }
 
     #[test]

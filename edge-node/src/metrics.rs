@@ -138,6 +138,8 @@ pub struct EdgeMetrics {
     pub purges: IntCounterVec,
     /// Bytes held by the memory tier (refreshed on scrape).
     pub memory_bytes: IntGauge,
+    /// Bytes held by bodies being filled (set at scrape time).
+    pub fill_bytes: IntGauge,
     /// Purge-by-prefix bans in force (refreshed on scrape).
     pub bans: IntGauge,
     /// The request metrics per status, indexed by `CacheStatus as usize`.
@@ -274,6 +276,10 @@ impl EdgeMetrics {
                 "shadowcdn_edge_cache_memory_bytes",
                 "Bytes held by the memory tier",
             )?,
+            fill_bytes: IntGauge::new(
+                "shadowcdn_edge_fill_bytes",
+                "Bytes held by bodies being filled, bounded by cache.max_fill_memory",
+            )?,
             bans: IntGauge::new("shadowcdn_edge_purge_bans", "Purge-by-prefix bans in force")?,
             by_status: Vec::new(),
         };
@@ -312,6 +318,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadow_bytes.clone()))?;
         registry.register(Box::new(m.purges.clone()))?;
         registry.register(Box::new(m.memory_bytes.clone()))?;
+        registry.register(Box::new(m.fill_bytes.clone()))?;
         registry.register(Box::new(m.bans.clone()))?;
         Ok(m)
     }

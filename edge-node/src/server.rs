@@ -125,6 +125,7 @@ impl EdgeNode {
             disk_bytes: cfg.cache.disk_capacity.as_u64() as usize,
             block_size: cfg.block_size(),
             max_object_bytes: cfg.cache.max_object_size.as_u64() as usize,
+            max_fill_bytes: cfg.cache.max_fill_memory.as_u64() as usize,
             ban_retention: Duration::from_secs(cfg.cache.ban_retention_secs),
         };
         let spawner = foyer::Spawner::from(storage_rt.handle().clone());

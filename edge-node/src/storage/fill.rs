@@ -58,10 +58,12 @@ pub(crate) struct Fill {
     pub(crate) cancelled: AtomicBool,
     /// Next chunk index of each reader, so a pass-through knows what all of them have read.
     readers: Mutex<Vec<Weak<AtomicUsize>>>,
+    /// Bytes held by every fill of the storage, this one's chunks included.
+    in_flight: Arc<AtomicUsize>,
 }
 
 impl Fill {
-    pub(crate) fn new(id: u64, meta: (Bytes, Bytes)) -> Arc<Self> {
+    pub(crate) fn new(id: u64, meta: (Bytes, Bytes), in_flight: Arc<AtomicUsize>) -> Arc<Self> {
         Arc::new(Fill {
             id,
             tag: id.to_be_bytes(),
@@ -70,6 +72,7 @@ impl Fill {
             state: watch::channel(FillState::Writing).0,
             cancelled: AtomicBool::new(false),
             readers: Mutex::new(Vec::new()),
+            in_flight,
         })
     }
 
@@ -77,6 +80,7 @@ impl Fill {
         if !data.is_empty() {
             let mut chunks = self.chunks.write();
             chunks.held += data.len();
+            self.in_flight.fetch_add(data.len(), Ordering::Relaxed);
             chunks.list.push_back(data);
         }
         // Notify after the chunk is visible so no reader can miss it.
@@ -117,6 +121,7 @@ impl Fill {
         while chunks.base < slowest.min(end) {
             if let Some(c) = chunks.list.pop_front() {
                 chunks.held -= c.len();
+                self.in_flight.fetch_sub(c.len(), Ordering::Relaxed);
             }
             chunks.base += 1;
         }
@@ -138,6 +143,14 @@ impl Fill {
                 Bytes::from(buf)
             }
         }
+    }
+}
+
+impl Drop for Fill {
+    fn drop(&mut self) {
+        // The last holder (writer, reader or the fill table) frees the chunks.
+        self.in_flight
+            .fetch_sub(self.chunks.get_mut().held, Ordering::Relaxed);
     }
 }
 
@@ -292,7 +305,7 @@ mod tests {
 
     #[tokio::test]
     async fn partial_reader_follows_writer() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()));
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
         let mut r = PartialHit::new(fill.clone()).unwrap();
         let w = fill.clone();
         let t = tokio::spawn(async move {
@@ -313,7 +326,7 @@ mod tests {
 
     #[tokio::test]
     async fn aborted_fill_fails_reader() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()));
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
         let mut r = PartialHit::new(fill.clone()).unwrap();
         fill.push(Bytes::from_static(b"abc"));
         fill.finish(FillState::Aborted);
@@ -323,7 +336,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pass_through_drops_what_every_reader_has_read() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()));
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
         let mut fast = PartialHit::new(fill.clone()).unwrap();
         let mut slow = PartialHit::new(fill.clone()).unwrap();
         for i in 0..4u8 {

@@ -13,7 +13,7 @@ mod object;
 use std::any::Any;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -74,6 +74,8 @@ pub struct StorageOptions {
     pub block_size: usize,
     /// Largest body admitted.
     pub max_object_bytes: usize,
+    /// Bytes all fills together may hold before new chunks pass through uncached.
+    pub max_fill_bytes: usize,
     /// How long prefix bans are kept.
     pub ban_retention: Duration,
 }
@@ -94,8 +96,29 @@ pub struct FoyerStorage {
     /// Keys pingora-cache should not try to cache for a while; the storage marks the ones
     /// whose bodies outgrew `max_object_bytes` as they streamed.
     predictor: Predictor<32>,
-    /// Fills passed through because their body outgrew `max_object_bytes`.
-    passthroughs: prometheus::IntCounter,
+    /// Bytes held by in-flight fills, bounded by `max_fill_bytes`.
+    fill_bytes: Arc<AtomicUsize>,
+    max_fill_bytes: usize,
+    /// Fills passed through, by [`PassReason`].
+    passthroughs: prometheus::IntCounterVec,
+}
+
+/// Why a fill stopped keeping its body for the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PassReason {
+    /// The body outgrew `max_object_bytes`.
+    TooLarge,
+    /// All fills together hold `max_fill_bytes`.
+    FillMemory,
+}
+
+impl PassReason {
+    fn label(self) -> &'static str {
+        match self {
+            PassReason::TooLarge => "too_large",
+            PassReason::FillMemory => "fill_memory",
+        }
+    }
 }
 
 impl std::fmt::Debug for FoyerStorage {
@@ -169,11 +192,17 @@ impl FoyerStorage {
         };
         let cache = storage.build().await?;
         let bans = BanList::open(&opts.dir, opts.ban_retention)?;
-        let passthroughs = prometheus::IntCounter::new(
-            "shadowcdn_edge_fill_passthrough_total",
-            "Responses without Content-Length that outgrew cache.max_object_size while \
-             filling and were streamed to their clients uncached",
+        let passthroughs = prometheus::IntCounterVec::new(
+            prometheus::Opts::new(
+                "shadowcdn_edge_fill_passthrough_total",
+                "Fills streamed to their clients uncached: reason too_large (no Content-Length, \
+                 outgrew cache.max_object_size) or fill_memory (cache.max_fill_memory in use)",
+            ),
+            &["reason"],
         )?;
+        for r in [PassReason::TooLarge, PassReason::FillMemory] {
+            passthroughs.with_label_values(&[r.label()]);
+        }
         registry.register(Box::new(passthroughs.clone()))?;
         Ok(FoyerStorage {
             cache,
@@ -183,8 +212,15 @@ impl FoyerStorage {
             bans,
             max_object_bytes: opts.max_object_bytes,
             predictor: Predictor::new(128, None),
+            fill_bytes: Arc::default(),
+            max_fill_bytes: opts.max_fill_bytes,
             passthroughs,
         })
+    }
+
+    /// Bytes held by in-flight fills.
+    pub fn fill_bytes(&self) -> usize {
+        self.fill_bytes.load(Ordering::Relaxed)
     }
 
     /// The cacheability predictor to give pingora-cache with this storage.
@@ -376,7 +412,11 @@ impl Storage for FoyerStorage {
         let hash = hash_of(key.combined_bin());
         let (internal, header) = meta.serialize()?;
         let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
-        let fill = Fill::new(id, (Bytes::from(internal), Bytes::from(header)));
+        let fill = Fill::new(
+            id,
+            (Bytes::from(internal), Bytes::from(header)),
+            self.fill_bytes.clone(),
+        );
         self.fills
             .lock()
             .entry(hash)
@@ -473,22 +513,28 @@ struct FoyerMissHandler {
 }
 
 impl FoyerMissHandler {
-    /// The body turned out larger than the cache takes. pingora-cache would end the response
-    /// mid-body (its clients see a truncated object); instead the fill keeps streaming to the
-    /// readers it has, and the key is remembered as too large so later requests bypass the
-    /// cache and are proxied directly.
-    fn pass_through(&mut self) {
+    /// Stop keeping this body for the cache. pingora-cache would end the response mid-body
+    /// (its clients would see a truncated object); instead the fill keeps streaming to the
+    /// readers it has. A body too large is remembered as such, so later requests for the key
+    /// bypass the cache and are proxied directly; one that met a full fill budget is tried
+    /// again by the next miss.
+    fn pass_through(&mut self, reason: PassReason) {
         self.passing = true;
         self.fill.pass_through();
         self.storage.remove_fill(self.hash, self.fill.id);
+        if reason == PassReason::TooLarge {
+            self.storage
+                .predictor
+                .mark_uncacheable(&self.key, NoCacheReason::ResponseTooLarge);
+        }
         self.storage
-            .predictor
-            .mark_uncacheable(&self.key, NoCacheReason::ResponseTooLarge);
-        self.storage.passthroughs.inc();
+            .passthroughs
+            .with_label_values(&[reason.label()])
+            .inc();
         tracing::info!(
             key = %String::from_utf8_lossy(self.key.primary_key()),
-            max_object_bytes = self.storage.max_object_bytes,
-            "body outgrew the max object size while filling; passing it through uncached"
+            reason = reason.label(),
+            "passing a fill through uncached"
         );
     }
 }
@@ -497,8 +543,12 @@ impl FoyerMissHandler {
 impl HandleMiss for FoyerMissHandler {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
         self.size += data.len();
-        if !self.passing && self.size > self.storage.max_object_bytes {
-            self.pass_through();
+        if !self.passing {
+            if self.size > self.storage.max_object_bytes {
+                self.pass_through(PassReason::TooLarge);
+            } else if self.storage.fill_bytes() + data.len() > self.storage.max_fill_bytes {
+                self.pass_through(PassReason::FillMemory);
+            }
         }
         self.fill.push(data);
         if self.passing {
@@ -567,11 +617,12 @@ mod tests {
     async fn small_storage(dir: &std::path::Path) -> &'static FoyerStorage {
         let opts = StorageOptions {
             dir: dir.into(),
-            memory_bytes: 1 << 20,
+            memory_bytes: 4 << 20,
             memory_shards: 1,
             disk_bytes: 0,
             block_size: 1 << 20,
             max_object_bytes: 1 << 19,
+            max_fill_bytes: 1 << 20,
             ban_retention: Duration::from_secs(60),
         };
         let spawner = Spawner::from(tokio::runtime::Handle::current());
@@ -627,7 +678,48 @@ mod tests {
             s.predictor().predicted_uncacheable_reason(&key),
             Some(NoCacheReason::ResponseTooLarge)
         );
-        assert_eq!(s.passthroughs.get(), 1);
+        assert_eq!(s.passthroughs.with_label_values(&["too_large"]).get(), 1);
+        drop(reader);
+        assert_eq!(s.fill_bytes(), 0, "every chunk freed");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn fills_past_the_fill_memory_pass_through_and_the_rest_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let chunk = Bytes::from(vec![1u8; 64 * 1024]);
+        let mut misses = Vec::new();
+        for k in ["h/a", "h/b", "h/c"] {
+            let key = CacheKey::new(k, "");
+            misses.push(
+                s.get_miss_handler(&key, &fresh_meta(), &trace)
+                    .await
+                    .unwrap(),
+            );
+        }
+        // a and b hold 512 KiB each: the whole 1 MiB budget.
+        for m in &mut misses[..2] {
+            for _ in 0..8 {
+                m.write_body(chunk.clone(), false).await.unwrap();
+            }
+        }
+        assert_eq!(s.fill_bytes(), 1 << 20);
+        // c finds it full: it passes through (no reader, so it holds nothing).
+        misses[2].write_body(chunk.clone(), false).await.unwrap();
+        assert_eq!(s.fill_bytes(), 1 << 20);
+        for m in misses {
+            m.finish().await.unwrap();
+        }
+        assert!(s.holds("h/a") && s.holds("h/b"));
+        assert!(!s.holds("h/c"));
+        assert!(
+            s.predictor()
+                .cacheable_prediction(&CacheKey::new("h/c", "")),
+            "a full budget says nothing about the object: the next miss may cache it"
+        );
+        assert_eq!(s.passthroughs.with_label_values(&["fill_memory"]).get(), 1);
+        assert_eq!(s.fill_bytes(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
