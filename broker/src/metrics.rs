@@ -29,6 +29,8 @@ pub struct BrokerMetrics {
     pub api_calls: IntCounterVec,
     /// Pushes to edges' admin APIs by table (`origins`, `peers`) and outcome.
     pub edge_pushes: IntCounterVec,
+    /// Origin rows each edge left out of the last push.
+    pub edge_rejected_origins: prometheus::IntGaugeVec,
     /// Planner decisions by outcome.
     pub planner_decisions: IntCounterVec,
     /// Shadow commands sent to edges by outcome.
@@ -134,6 +136,14 @@ impl BrokerMetrics {
                     "Origin table and peer list pushes to edges",
                 ),
                 &["table", "outcome"],
+            )?,
+            edge_rejected_origins: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_edge_rejected_origins",
+                    "Pushed origin rows the edge left out at the last push (name does not \
+                     resolve, private address, duplicate)",
+                ),
+                &["edge"],
             )?,
             planner_decisions: IntCounterVec::new(
                 Opts::new(
@@ -300,6 +310,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.recorded.clone()))?;
         registry.register(Box::new(m.api_calls.clone()))?;
         registry.register(Box::new(m.edge_pushes.clone()))?;
+        registry.register(Box::new(m.edge_rejected_origins.clone()))?;
         Ok(m)
     }
 }

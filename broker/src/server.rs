@@ -111,13 +111,16 @@ impl Broker {
             )),
             None => None,
         };
-        let sync = Arc::new(EdgeSync::new(
-            fleet.clone(),
-            registry.clone(),
-            cfg.admin.edge_token.clone(),
-            metrics.clone(),
-            control.clone(),
-        ));
+        let sync = Arc::new(
+            EdgeSync::new(
+                fleet.clone(),
+                registry.clone(),
+                cfg.admin.edge_token.clone(),
+                metrics.clone(),
+                control.clone(),
+            )
+            .allowing_private_upstreams(cfg.admin.allow_private_upstreams),
+        );
 
         let conf = ServerConf {
             threads: cfg.threads,

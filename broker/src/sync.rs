@@ -46,6 +46,10 @@ pub struct EdgeSync {
     changed: Notify,
     metrics: BrokerMetrics,
     control: Option<Arc<Control>>,
+    /// Sent with every origin push: whether edges may use rows on private addresses.
+    allow_private_upstreams: bool,
+    /// The rows each edge left out at its last origin push, to log only changes.
+    rejected: parking_lot::Mutex<std::collections::HashMap<String, serde_json::Value>>,
 }
 
 impl EdgeSync {
@@ -70,7 +74,17 @@ impl EdgeSync {
             changed: Notify::new(),
             metrics,
             control,
+            allow_private_upstreams: false,
+            rejected: Default::default(),
         }
+    }
+
+    /// Let edges use provider origins on loopback and private addresses (`[admin]
+    /// allow_private_upstreams`): the broker checks literal addresses at registration, the
+    /// edges check what names resolve to.
+    pub fn allowing_private_upstreams(mut self, allow: bool) -> Self {
+        self.allow_private_upstreams = allow;
+        self
     }
 
     /// Ask for an origin push now.
@@ -92,7 +106,12 @@ impl EdgeSync {
                 row
             })
             .collect();
-        self.push_all("origins", &json!({ "origins": rows })).await;
+        let mut body = json!({ "origins": rows });
+        // Only when set, like `forward_host`.
+        if self.allow_private_upstreams {
+            body["allow_private_upstreams"] = json!(true);
+        }
+        self.push_all("origins", &body).await;
     }
 
     /// Every edge reachable over QUIC, so each edge knows which peers it may fill from.
@@ -124,6 +143,10 @@ impl EdgeSync {
             .zip(futures::future::join_all(pushes).await)
         {
             let outcome = match r {
+                Ok(resp) if resp.status().is_success() && what == "origins" => {
+                    let report: serde_json::Value = resp.json().await.unwrap_or_default();
+                    self.note_rejected_origins(&e.id, &report["rejected"])
+                }
                 Ok(resp) if resp.status().is_success() => "ok",
                 Ok(resp) => {
                     tracing::warn!(edge = %e.id, status = %resp.status(), what, "edge rejected push");
@@ -135,6 +158,30 @@ impl EdgeSync {
                 .edge_pushes
                 .with_label_values(&[what, outcome])
                 .inc();
+        }
+    }
+
+    /// Record the origin rows edge `edge_id` left out (logged when they change); the push's
+    /// outcome: `ok`, or `partial` when rows were left out.
+    fn note_rejected_origins(&self, edge_id: &str, rejected: &serde_json::Value) -> &'static str {
+        let n = rejected.as_array().map_or(0, Vec::len);
+        self.metrics
+            .edge_rejected_origins
+            .with_label_values(&[edge_id])
+            .set(n as i64);
+        let mut last = self.rejected.lock();
+        if last.get(edge_id) != Some(rejected) {
+            if n > 0 {
+                tracing::warn!(edge = %edge_id, %rejected, "edge left out pushed origin rows");
+            } else if last.contains_key(edge_id) {
+                tracing::info!(edge = %edge_id, "edge accepts every pushed origin row again");
+            }
+            last.insert(edge_id.to_string(), rejected.clone());
+        }
+        if n > 0 {
+            "partial"
+        } else {
+            "ok"
         }
     }
 

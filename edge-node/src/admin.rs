@@ -12,8 +12,10 @@
 //! - `GET /shadows/{host}/{path}` — the shadow mark of one object; `DELETE` removes the mark
 //!   (and the object, if it never served a request).
 //! - `GET /origins` — configured and pushed origin rows.
-//! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream"}]}` replaces the rows
-//!   pushed by the broker; a bad row rejects the whole push and changes nothing.
+//! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream", "forward_host"?}],
+//!   "allow_private_upstreams"?}` replaces the rows pushed by the broker. Each row is judged on
+//!   its own: the answer is `{"origins": n, "rejected": [{"index", "host", "error"}]}` (see
+//!   [`crate::origin::SharedOrigins`]).
 //! - `GET /peers` — the other edges a hinted miss may be filled from.
 //! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
 //!   the broker with the origins. A bad row rejects the whole push.
@@ -332,6 +334,10 @@ async fn delete_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri
 #[serde(deny_unknown_fields)]
 struct OriginsBody {
     origins: Vec<OriginEntry>,
+    /// The broker lets providers use loopback and private upstreams (its `[admin]
+    /// allow_private_upstreams`); otherwise rows resolving there are left out.
+    #[serde(default)]
+    allow_private_upstreams: bool,
 }
 
 async fn get_origins(State(s): State<AdminState>, headers: HeaderMap) -> Response {
@@ -354,13 +360,12 @@ async fn put_origins(
     // Building the table resolves each upstream's name: blocking work, kept off the runtime
     // that also answers /metrics and purges.
     let origins = s.origins.clone();
-    match tokio::task::spawn_blocking(move || origins.replace_pushed(parsed.origins)).await {
-        Ok(Ok(n)) => Json(json!({ "origins": n })).into_response(),
-        Ok(Err(e)) => error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "bad_origin",
-            e.to_string(),
-        ),
+    // Rows are judged one by one: the usable ones apply, the others are listed back.
+    let allow_private = parsed.allow_private_upstreams;
+    match tokio::task::spawn_blocking(move || origins.replace_pushed(parsed.origins, allow_private))
+        .await
+    {
+        Ok(report) => Json(report).into_response(),
         Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
     }
 }

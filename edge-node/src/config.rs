@@ -181,7 +181,7 @@ pub struct CacheSection {
 }
 
 /// One row of the origin table.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct OriginEntry {
     /// Host header value this row serves (case-insensitive, port ignored).

@@ -1,11 +1,12 @@
 //! The origin table: which upstream serves a request, chosen by Host and longest path prefix.
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
 use http::Uri;
 use parking_lot::{Mutex, RwLock};
+use serde::Serialize;
 
 use crate::config::OriginEntry;
 
@@ -76,6 +77,75 @@ pub enum OriginError {
         /// Prefix of both rows.
         prefix: String,
     },
+    /// The upstream's name does not resolve (now).
+    #[error("origins[{index}].upstream: cannot resolve {value:?}: {reason}")]
+    Unresolvable {
+        /// Row index.
+        index: usize,
+        /// The upstream URL.
+        value: String,
+        /// The resolver's answer.
+        reason: String,
+    },
+    /// A pushed upstream resolves to this machine or a private network.
+    #[error(
+        "origins[{index}].upstream: {value:?} resolves to {addr}, a loopback or private \
+         address (a pushed origin may only when the broker allows private upstreams)"
+    )]
+    Private {
+        /// Row index.
+        index: usize,
+        /// The upstream URL.
+        value: String,
+        /// What it resolved to.
+        addr: IpAddr,
+    },
+}
+
+/// Whether `ip` is this machine or a private network: loopback, RFC 1918, link-local,
+/// carrier-grade NAT, unique local, unspecified or broadcast (also as IPv4-mapped IPv6).
+/// A provider's origin must not point there, or the edges that fetch from it on every miss
+/// would reach the operator's internal services for the provider.
+pub fn is_private_ip(ip: IpAddr) -> bool {
+    fn v4(ip: std::net::Ipv4Addr) -> bool {
+        ip.is_loopback()
+            || ip.is_private()
+            || ip.is_link_local()
+            || ip.is_unspecified()
+            || ip.is_broadcast()
+            // 100.64.0.0/10, carrier-grade NAT
+            || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+    }
+    match ip {
+        IpAddr::V4(ip) => v4(ip),
+        IpAddr::V6(ip) => {
+            ip.is_loopback()
+                || ip.is_unspecified()
+                || (ip.segments()[0] & 0xfe00) == 0xfc00 // unique local
+                || (ip.segments()[0] & 0xffc0) == 0xfe80 // link local
+                || ip.to_ipv4_mapped().is_some_and(v4)
+        }
+    }
+}
+
+/// A pushed row the edge could not use; the rest of the push still applies.
+#[derive(Debug, Clone, Serialize)]
+pub struct RejectedRow {
+    /// Index in the pushed list.
+    pub index: usize,
+    /// The row's host.
+    pub host: String,
+    /// Why.
+    pub error: String,
+}
+
+/// What a push left in force.
+#[derive(Debug, Default, Serialize)]
+pub struct PushReport {
+    /// Rows of the table now (configured and pushed).
+    pub origins: usize,
+    /// Pushed rows left out.
+    pub rejected: Vec<RejectedRow>,
 }
 
 /// Host → prefixes (longest first) → origin.
@@ -88,9 +158,18 @@ impl OriginTable {
     /// Validate and resolve every row. Upstream names are resolved once here, as nginx does,
     /// so the request path never blocks on DNS.
     pub fn build(entries: &[OriginEntry]) -> Result<Self, OriginError> {
+        let origins = entries
+            .iter()
+            .enumerate()
+            .map(|(index, e)| parse_entry(index, e, resolve).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::from_origins(origins)
+    }
+
+    /// A table of already resolved rows.
+    fn from_origins(origins: Vec<Arc<Origin>>) -> Result<Self, OriginError> {
         let mut by_host: HashMap<String, Vec<Arc<Origin>>> = HashMap::new();
-        for (index, e) in entries.iter().enumerate() {
-            let origin = Arc::new(parse_entry(index, e)?);
+        for (index, origin) in origins.into_iter().enumerate() {
             let rows = by_host.entry(origin.host.clone()).or_default();
             if rows.iter().any(|o| o.path_prefix == origin.path_prefix) {
                 return Err(OriginError::Duplicate {
@@ -128,17 +207,36 @@ impl OriginTable {
 /// The live origin table: rows from the configuration plus rows pushed by the broker
 /// (`PUT /origins` on the admin API). A pushed row replaces a configured row with the same
 /// host and prefix. Requests read an `Arc` snapshot, so a push never blocks them.
+///
+/// Configured rows are the operator's and resolved once at start, as nginx does. Pushed rows
+/// are providers' and resolved at every push: each is judged on its own (one provider's bad
+/// row must not hold back everyone's origins), one that points at a private address is left
+/// out unless the broker allows that, and one whose name stops resolving keeps the address it
+/// last had (a resolver hiccup must not take a site down).
 #[derive(Debug)]
 pub struct SharedOrigins {
     table: RwLock<Arc<OriginTable>>,
-    configured: Vec<OriginEntry>,
-    pushed: Mutex<Vec<OriginEntry>>,
+    configured: Vec<(OriginEntry, Arc<Origin>)>,
+    pushed: Mutex<Vec<(OriginEntry, Arc<Origin>)>>,
+}
+
+/// Resolve an upstream's name to its first address.
+fn resolve(host: &str, port: u16) -> std::io::Result<Option<SocketAddr>> {
+    Ok((host, port).to_socket_addrs()?.next())
 }
 
 impl SharedOrigins {
     /// Start from the configured rows.
     pub fn new(configured: Vec<OriginEntry>) -> Result<Self, OriginError> {
-        let table = OriginTable::build(&configured)?;
+        let configured = configured
+            .into_iter()
+            .enumerate()
+            .map(|(index, e)| {
+                let origin = Arc::new(parse_entry(index, &e, resolve)?);
+                Ok((e, origin))
+            })
+            .collect::<Result<Vec<_>, OriginError>>()?;
+        let table = OriginTable::from_origins(configured.iter().map(|(_, o)| o.clone()).collect())?;
         Ok(SharedOrigins {
             table: RwLock::new(Arc::new(table)),
             configured,
@@ -151,33 +249,89 @@ impl SharedOrigins {
         self.table.read().clone()
     }
 
-    /// Replace the pushed rows; on error nothing changes. Returns the table's row count.
-    pub fn replace_pushed(&self, rows: Vec<OriginEntry>) -> Result<usize, OriginError> {
+    /// Replace the pushed rows with the usable ones of `rows`; see the type's rules.
+    pub fn replace_pushed(&self, rows: Vec<OriginEntry>, allow_private: bool) -> PushReport {
+        self.replace_pushed_with(rows, allow_private, resolve)
+    }
+
+    fn replace_pushed_with(
+        &self,
+        rows: Vec<OriginEntry>,
+        allow_private: bool,
+        resolve: impl Fn(&str, u16) -> std::io::Result<Option<SocketAddr>>,
+    ) -> PushReport {
         let mut pushed = self.pushed.lock();
-        let key = |e: &OriginEntry| {
-            (
-                normalize_host(e.host.trim()).into_owned(),
-                e.path_prefix.clone().unwrap_or_else(|| "/".into()),
-            )
+        let mut kept: Vec<(OriginEntry, Arc<Origin>)> = Vec::with_capacity(rows.len());
+        let mut rejected = Vec::new();
+        for (index, e) in rows.into_iter().enumerate() {
+            let origin = match parse_entry(index, &e, &resolve) {
+                Ok(o) => Ok(Arc::new(o)),
+                Err(err @ OriginError::Unresolvable { .. }) => pushed
+                    .iter()
+                    .find(|(old, _)| *old == e)
+                    .map(|(_, o)| o.clone())
+                    .ok_or(err),
+                Err(err) => Err(err),
+            }
+            .and_then(|o| {
+                if !allow_private && is_private_ip(o.addr.ip()) {
+                    return Err(OriginError::Private {
+                        index,
+                        value: e.upstream.clone(),
+                        addr: o.addr.ip(),
+                    });
+                }
+                if kept
+                    .iter()
+                    .any(|(_, k)| k.host == o.host && k.path_prefix == o.path_prefix)
+                {
+                    return Err(OriginError::Duplicate {
+                        index,
+                        host: o.host.clone(),
+                        prefix: o.path_prefix.clone(),
+                    });
+                }
+                Ok(o)
+            });
+            match origin {
+                Ok(o) => kept.push((e, o)),
+                Err(err) => rejected.push(RejectedRow {
+                    index,
+                    host: e.host,
+                    error: err.to_string(),
+                }),
+            }
+        }
+        let overrides = |o: &Origin| {
+            kept.iter()
+                .any(|(_, k)| k.host == o.host && k.path_prefix == o.path_prefix)
         };
-        let overridden: Vec<_> = rows.iter().map(key).collect();
-        let mut all: Vec<OriginEntry> = self
+        let origins: Vec<Arc<Origin>> = self
             .configured
             .iter()
-            .filter(|e| !overridden.contains(&key(e)))
+            .map(|(_, o)| o)
+            .filter(|o| !overrides(o))
+            .chain(kept.iter().map(|(_, o)| o))
             .cloned()
             .collect();
-        all.extend(rows.iter().cloned());
-        let table = OriginTable::build(&all)?;
-        let n = table.len();
+        // No two rows share a host and prefix: configured rows were checked at start, pushed
+        // ones above, and a pushed row displaces the configured one it matches.
+        let table = OriginTable::from_origins(origins).unwrap_or_default();
+        let report = PushReport {
+            origins: table.len(),
+            rejected,
+        };
         *self.table.write() = Arc::new(table);
-        *pushed = rows;
-        Ok(n)
+        *pushed = kept;
+        report
     }
 
     /// Configured and pushed rows.
     pub fn rows(&self) -> (Vec<OriginEntry>, Vec<OriginEntry>) {
-        (self.configured.clone(), self.pushed.lock().clone())
+        let entries = |rows: &[(OriginEntry, Arc<Origin>)]| -> Vec<OriginEntry> {
+            rows.iter().map(|(e, _)| e.clone()).collect()
+        };
+        (entries(&self.configured), entries(&self.pushed.lock()))
     }
 }
 
@@ -197,7 +351,11 @@ pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-fn parse_entry(index: usize, e: &OriginEntry) -> Result<Origin, OriginError> {
+fn parse_entry(
+    index: usize,
+    e: &OriginEntry,
+    resolve: impl Fn(&str, u16) -> std::io::Result<Option<SocketAddr>>,
+) -> Result<Origin, OriginError> {
     let bad = |reason: &str| OriginError::BadUpstream {
         index,
         value: e.upstream.clone(),
@@ -233,11 +391,14 @@ fn parse_entry(index: usize, e: &OriginEntry) -> Result<Origin, OriginError> {
     }
     let host_header = host_header(&uri, &host, e.forward_host);
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let addr = (authority.trim_matches(|c| c == '[' || c == ']'), port)
-        .to_socket_addrs()
-        .map_err(|err| bad(&format!("cannot resolve: {err}")))?
-        .next()
-        .ok_or_else(|| bad("resolves to no address"))?;
+    let unresolvable = |reason: String| OriginError::Unresolvable {
+        index,
+        value: e.upstream.clone(),
+        reason,
+    };
+    let addr = resolve(authority.trim_matches(|c| c == '[' || c == ']'), port)
+        .map_err(|err| unresolvable(err.to_string()))?
+        .ok_or_else(|| unresolvable("no address".into()))?;
     Ok(Origin {
         host,
         path_prefix,
@@ -297,23 +458,121 @@ mod tests {
     }
 
     #[test]
-    fn pushed_rows_override_and_bad_pushes_change_nothing() {
+    fn pushed_rows_override_and_bad_rows_are_left_out_alone() {
         let shared = SharedOrigins::new(vec![entry("a", None, "http://127.0.0.1:1")]).unwrap();
-        let n = shared
-            .replace_pushed(vec![
+        let r = shared.replace_pushed(
+            vec![
                 entry("A", None, "http://127.0.0.1:2"),
                 entry("b", None, "http://127.0.0.1:3"),
-            ])
-            .unwrap();
-        assert_eq!(n, 2);
+            ],
+            true,
+        );
+        assert_eq!((r.origins, r.rejected.len()), (2, 0));
         assert_eq!(shared.current().select("a", "/").unwrap().addr.port(), 2);
-        assert!(shared
-            .replace_pushed(vec![entry("c", None, "ftp://x")])
-            .is_err());
-        assert_eq!(shared.current().select("b", "/").unwrap().addr.port(), 3);
-        shared.replace_pushed(vec![]).unwrap();
+        // One bad row, one duplicate: both reported, the good row still applies.
+        let r = shared.replace_pushed(
+            vec![
+                entry("c", None, "ftp://x"),
+                entry("b", None, "http://127.0.0.1:4"),
+                entry("B", None, "http://127.0.0.1:5"),
+            ],
+            true,
+        );
+        let bad: Vec<_> = r
+            .rejected
+            .iter()
+            .map(|x| (x.index, x.host.as_str()))
+            .collect();
+        assert_eq!(bad, [(0, "c"), (2, "B")]);
+        assert!(
+            r.rejected[1].error.contains("duplicate"),
+            "{:?}",
+            r.rejected
+        );
+        assert_eq!(shared.current().select("b", "/").unwrap().addr.port(), 4);
+        assert_eq!(shared.current().select("a", "/").unwrap().addr.port(), 1);
+        assert_eq!(shared.rows().1.len(), 1);
+        shared.replace_pushed(vec![], true);
         assert_eq!(shared.current().select("a", "/").unwrap().addr.port(), 1);
         assert!(shared.current().select("b", "/").is_none());
+    }
+
+    #[test]
+    fn pushed_rows_on_private_addresses_need_the_brokers_leave() {
+        // The operator's own rows may point anywhere.
+        let shared = SharedOrigins::new(vec![entry("a", None, "http://127.0.0.1:1")]).unwrap();
+        let r = shared.replace_pushed(
+            vec![
+                entry("b", None, "http://10.1.2.3:80"),
+                entry("c", None, "http://[::1]:80"),
+                entry("d", None, "http://93.184.215.14"),
+            ],
+            false,
+        );
+        assert_eq!(r.rejected.len(), 2, "{:?}", r.rejected);
+        assert!(r.rejected[0].error.contains("private"), "{:?}", r.rejected);
+        let t = shared.current();
+        assert!(t.select("b", "/").is_none() && t.select("c", "/").is_none());
+        assert!(t.select("a", "/").is_some() && t.select("d", "/").is_some());
+        // A name is judged by what it resolves to, not how it is spelled.
+        let to_loopback = |_: &str, port: u16| Ok(Some(SocketAddr::from(([127, 0, 0, 1], port))));
+        let r = shared.replace_pushed_with(
+            vec![entry("e", None, "http://innocent.example")],
+            false,
+            to_loopback,
+        );
+        assert_eq!(r.rejected.len(), 1);
+        let r = shared.replace_pushed_with(
+            vec![entry("e", None, "http://innocent.example")],
+            true,
+            to_loopback,
+        );
+        assert!(r.rejected.is_empty());
+        for private in [
+            "127.0.0.1",
+            "10.0.0.1",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "::1",
+            "fd00::1",
+            "fe80::1",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(is_private_ip(private.parse().unwrap()), "{private}");
+        }
+        for public in ["93.184.215.14", "100.128.0.1", "2606:4700::1111"] {
+            assert!(!is_private_ip(public.parse().unwrap()), "{public}");
+        }
+    }
+
+    #[test]
+    fn a_pushed_name_that_stops_resolving_keeps_its_address() {
+        let shared = SharedOrigins::new(vec![]).unwrap();
+        let row = || vec![entry("a", None, "http://origin.example:8080")];
+        let public = |_: &str, port: u16| Ok(Some(SocketAddr::from(([93, 184, 215, 14], port))));
+        let down = |_: &str, _: u16| Err(std::io::Error::other("temporary failure"));
+        assert!(shared
+            .replace_pushed_with(row(), false, public)
+            .rejected
+            .is_empty());
+        let r = shared.replace_pushed_with(row(), false, down);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        assert_eq!(
+            shared.current().select("a", "/").unwrap().addr,
+            SocketAddr::from(([93, 184, 215, 14], 8080))
+        );
+        // A row never resolved before is reported.
+        let r =
+            shared.replace_pushed_with(vec![entry("b", None, "http://new.example")], false, down);
+        assert!(
+            r.rejected[0].error.contains("cannot resolve"),
+            "{:?}",
+            r.rejected
+        );
+        assert!(shared.current().select("a", "/").is_none());
     }
 
     #[test]

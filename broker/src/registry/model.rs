@@ -3,6 +3,7 @@
 //! Request types deny unknown fields and are validated before anything is written, so a bad
 //! request changes nothing.
 
+use edge_node::origin::is_private_ip;
 use serde::{Deserialize, Serialize};
 
 /// A content provider (tenant).
@@ -195,7 +196,8 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
 /// Whether an upstream host names this machine or a private network: edges fetch from it on
 /// every miss, so a provider could otherwise reach the operator's internal services through
 /// them (the broker's own admin API, a cloud metadata endpoint). Host names are not resolved
-/// here (edges resolve them); IP literals and `localhost` are judged.
+/// here: edges judge what they resolve to when the origins are pushed (and get
+/// `allow_private_upstreams` with them); IP literals and `localhost` are judged.
 fn is_private_host(host: &str) -> bool {
     let host = host.trim_matches(|c| c == '[' || c == ']');
     let lower = host.to_ascii_lowercase();
@@ -203,7 +205,7 @@ fn is_private_host(host: &str) -> bool {
         return true;
     }
     if let Ok(ip) = host.parse::<std::net::Ipv6Addr>() {
-        return private_v6(ip);
+        return is_private_ip(ip.into());
     }
     // A name whose last label is numeric is an address, possibly in a form the resolver
     // (inet_aton) accepts but `Ipv4Addr` does not: `127.1`, `2130706433`, `0x7f000001`,
@@ -217,27 +219,9 @@ fn is_private_host(host: &str) -> bool {
     }
     let leading_zero = host.split('.').any(|o| o.len() > 1 && o.starts_with('0'));
     match host.parse::<std::net::Ipv4Addr>() {
-        Ok(ip) if !leading_zero => private_v4(ip),
+        Ok(ip) if !leading_zero => is_private_ip(ip.into()),
         _ => true,
     }
-}
-
-fn private_v4(ip: std::net::Ipv4Addr) -> bool {
-    ip.is_loopback()
-        || ip.is_private()
-        || ip.is_link_local()
-        || ip.is_unspecified()
-        || ip.is_broadcast()
-        // 100.64.0.0/10, carrier-grade NAT
-        || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
-}
-
-fn private_v6(ip: std::net::Ipv6Addr) -> bool {
-    ip.is_loopback()
-        || ip.is_unspecified()
-        || (ip.segments()[0] & 0xfe00) == 0xfc00 // unique local
-        || (ip.segments()[0] & 0xffc0) == 0xfe80 // link local
-        || ip.to_ipv4_mapped().is_some_and(private_v4)
 }
 
 /// Validate an upstream URL: absolute http(s), a host, no path, query or credentials, and —
