@@ -517,6 +517,48 @@ async fn oversize_objects_pass_through_uncached() {
     );
 }
 
+/// A client that hangs up early on a body passing through is cut off alone: the clients that
+/// share the fill still get all of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_from_a_passing_fill_does_not_cut_the_others_off() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let size = 3 * 1024 * 1024;
+    let path = format!("/gone?size={size}&chunked=1&chunk_delay_ms=3");
+    // The first client starts the fill, reads a little and stops reading (it stays connected,
+    // its reader pinned at the start of the body), then hangs up.
+    let mut first = edge.get(&path).await;
+    assert_eq!(first.status(), StatusCode::OK);
+    first.chunk().await.unwrap().unwrap();
+    let others = futures::future::join_all((0..2).map(|_| async {
+        let r = edge.get(&path).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.bytes().await.map(|b| b.len())
+    }));
+    let hang_up = async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(first);
+    };
+    let (bodies, ()) = tokio::join!(others, hang_up);
+    for body in bodies {
+        assert_eq!(body.expect("a whole body"), size);
+    }
+    assert_eq!(origin.hits("/gone"), 1, "the others shared the first fill");
+    let text = client()
+        .get(format!("http://{}/metrics", edge.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("shadowcdn_edge_fill_readers_cut_total 1"),
+        "{text}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_host_gets_json_404() {
     let origin = TestOrigin::start().await;

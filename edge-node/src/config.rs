@@ -150,9 +150,11 @@ pub struct CacheSection {
     /// Bodies larger than this are proxied without being cached.
     #[serde(default = "default_max_object")]
     pub max_object_size: ByteSize,
-    /// Memory all bodies being filled from origins or peers may hold together. Beyond it a
-    /// fill still streams to its clients but is not cached (the next miss tries again), so a
-    /// burst of large misses cannot exhaust the edge's memory.
+    /// Memory all bodies being filled from origins or peers may keep for the cache together.
+    /// Beyond it a fill still streams to its clients but is not cached (the next miss tries
+    /// again), and every fill passing through holds at most a 4 MiB window for its slowest
+    /// client (a client further behind is cut off): a burst of large misses costs about
+    /// this plus 4 MiB per such miss, not a whole object each.
     #[serde(default = "default_max_fill_memory")]
     pub max_fill_memory: ByteSize,
     /// Shards of the memory tier (foyer's default: 8). More shards mean less lock contention

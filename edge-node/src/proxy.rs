@@ -700,15 +700,19 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<()> {
         // A body of unknown length that outgrows the object limit: pingora-cache would cut
         // the response off mid-body, so its limit is lifted for this fill and the storage
-        // enforces the real one by passing the rest through uncached (see `storage`).
-        // Bypassed requests keep pingora's limit: it decides whether the key may be cached
-        // again from the size this response turns out to have.
-        if session.cache.enabled()
-            && !upstream_response
+        // enforces the real one by passing the rest through uncached (see `storage`). Set
+        // for every response, so an upstream retried after this one (a peer, then the origin)
+        // is judged by its own. Bypassed requests keep pingora's limit: it decides whether
+        // the key may be cached again from the size this response turns out to have.
+        if session.cache.enabled() {
+            let known_length = upstream_response
                 .headers
-                .contains_key(header::CONTENT_LENGTH)
-        {
-            session.cache.set_max_file_size_bytes(usize::MAX);
+                .contains_key(header::CONTENT_LENGTH);
+            session.cache.set_max_file_size_bytes(if known_length {
+                self.policy.max_object_bytes
+            } else {
+                usize::MAX
+            });
         }
         if let Some(p) = &ctx.demand_peer {
             // Only a whole, variant-free copy stands in for the origin's answer: a Vary'd

@@ -4,9 +4,12 @@
 //! partial writes the waiters start reading as soon as the first chunk lands instead of after
 //! the last one. A fill lives here until its body is complete and committed to foyer.
 //!
-//! A body that outgrows the object limit while it streams (no `Content-Length` up front) is
-//! *passed through*: its readers, already serving clients, still get every byte, but it is
-//! never committed, takes no new readers, and drops each chunk once all its readers have it.
+//! A body that cannot be kept for the cache (it outgrew the object limit while it streamed, or
+//! the fills' memory budget was spent) is *passed through*: its readers, already serving
+//! clients, still get every byte, but it is never committed, takes no new readers, and drops
+//! each chunk once all its readers have it. pingora reads the origin as fast as it comes, so a
+//! reader that falls more than a window behind is cut off (its client gets an error) rather
+//! than making the edge hold the body for it.
 
 use std::any::Any;
 use std::collections::VecDeque;
@@ -42,8 +45,22 @@ pub(crate) struct Chunks {
     list: VecDeque<Bytes>,
     /// Bytes in `list`.
     held: usize,
-    /// The body outgrew the object limit: never committed, no new readers.
+    /// The body passes through: never committed, no new readers.
     passing: bool,
+}
+
+/// The read position of a reader a pass-through cut off.
+const CUT: usize = usize::MAX;
+
+/// What a pass-through still holds after a release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Held {
+    /// Bytes not yet read by every remaining reader.
+    pub(crate) bytes: usize,
+    /// Readers still reading.
+    pub(crate) readers: usize,
+    /// Readers cut off by this release.
+    pub(crate) cut: usize,
 }
 
 /// A body being written.
@@ -56,7 +73,8 @@ pub(crate) struct Fill {
     pub(crate) state: watch::Sender<FillState>,
     /// Set by a purge that raced the fill: the finished body must not be committed.
     pub(crate) cancelled: AtomicBool,
-    /// Next chunk index of each reader, so a pass-through knows what all of them have read.
+    /// Next chunk index of each reader, so a pass-through knows what all of them have read;
+    /// [`CUT`] for a reader cut off.
     readers: Mutex<Vec<Weak<AtomicUsize>>>,
     /// Bytes held by every fill of the storage, this one's chunks included.
     in_flight: Arc<AtomicUsize>,
@@ -104,28 +122,48 @@ impl Fill {
         self.chunks.write().passing = true;
     }
 
-    /// Drop the chunks every live reader has read; the bytes still held for the slowest one.
-    pub(crate) fn release_read(&self) -> usize {
+    /// Drop the chunks every live reader has read, first cutting off the slowest readers
+    /// while more than `window` bytes would stay held for them.
+    pub(crate) fn release_read(&self, window: usize) -> Held {
         let mut chunks = self.chunks.write();
-        let end = chunks.base + chunks.list.len();
-        let slowest = {
-            let mut readers = self.readers.lock();
-            readers.retain(|r| r.strong_count() > 0);
-            readers
+        let mut readers = self.readers.lock();
+        let mut cut = 0;
+        loop {
+            let live: Vec<Arc<AtomicUsize>> = readers
                 .iter()
                 .filter_map(Weak::upgrade)
+                .filter(|next| next.load(Ordering::Acquire) != CUT)
+                .collect();
+            let end = chunks.base + chunks.list.len();
+            let slowest = live
+                .iter()
                 .map(|next| next.load(Ordering::Acquire))
                 .min()
-                .unwrap_or(end)
-        };
-        while chunks.base < slowest.min(end) {
-            if let Some(c) = chunks.list.pop_front() {
-                chunks.held -= c.len();
-                self.in_flight.fetch_sub(c.len(), Ordering::Relaxed);
+                .unwrap_or(end);
+            while chunks.base < slowest.min(end) {
+                if let Some(c) = chunks.list.pop_front() {
+                    chunks.held -= c.len();
+                    self.in_flight.fetch_sub(c.len(), Ordering::Relaxed);
+                }
+                chunks.base += 1;
             }
-            chunks.base += 1;
+            if chunks.held <= window || live.is_empty() {
+                readers.retain(|r| {
+                    r.upgrade()
+                        .is_some_and(|n| n.load(Ordering::Acquire) != CUT)
+                });
+                return Held {
+                    bytes: chunks.held,
+                    readers: live.len(),
+                    cut,
+                };
+            }
+            // Readers read under the chunks lock, so none moves while this one holds it.
+            for next in live.iter().filter(|n| n.load(Ordering::Acquire) == slowest) {
+                next.store(CUT, Ordering::Release);
+                cut += 1;
+            }
         }
-        chunks.held
     }
 
     /// The whole body in one buffer (one copy, at commit time).
@@ -187,7 +225,13 @@ impl HandleHit for PartialHit {
             let state = *self.rx.borrow_and_update();
             {
                 let chunks = self.fill.chunks.read();
-                let next = self.next.load(Ordering::Relaxed);
+                let next = self.next.load(Ordering::Acquire);
+                if next == CUT {
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        "fell too far behind a body passing through the cache",
+                    );
+                }
                 // A release never drops what a registered reader has not read.
                 let Some(i) = next.checked_sub(chunks.base) else {
                     return Error::e_explain(ErrorType::InternalError, "fill chunk dropped unread");
@@ -349,17 +393,49 @@ mod tests {
         }
         slow.read_body().await.unwrap().unwrap();
         // The slow reader has one chunk: the other three stay.
-        assert_eq!(fill.release_read(), 30);
+        let held = |bytes, readers, cut| Held {
+            bytes,
+            readers,
+            cut,
+        };
+        assert_eq!(fill.release_read(100), held(30, 2, 0));
         drop(slow);
         // Only the fast one is left, three chunks in.
-        assert_eq!(fill.release_read(), 10);
+        assert_eq!(fill.release_read(100), held(10, 1, 0));
         assert_eq!(fast.read_body().await.unwrap().unwrap()[0], 3);
         fill.push(Bytes::from(vec![4; 10]));
         fill.finish(FillState::Done);
         assert_eq!(fast.read_body().await.unwrap().unwrap()[0], 4);
         assert!(fast.read_body().await.unwrap().is_none());
         drop(fast);
-        assert_eq!(fill.release_read(), 0, "no readers: nothing held");
+        assert_eq!(
+            fill.release_read(100),
+            held(0, 0, 0),
+            "no readers: nothing held"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reader_too_far_behind_is_cut_off_alone() {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), in_flight.clone());
+        let mut fast = PartialHit::new(fill.clone()).unwrap();
+        let mut stuck = PartialHit::new(fill.clone()).unwrap();
+        fill.pass_through();
+        for i in 0..5u8 {
+            fill.push(Bytes::from(vec![i; 10]));
+            fast.read_body().await.unwrap().unwrap();
+        }
+        // 50 bytes wait for the stuck reader; a 20-byte window cuts it off, not the fill.
+        let held = fill.release_read(20);
+        assert_eq!((held.bytes, held.readers, held.cut), (0, 1, 1));
+        assert_eq!(in_flight.load(Ordering::Relaxed), 0);
+        let err = stuck.read_body().await.unwrap_err();
+        assert!(err.to_string().contains("behind"), "{err}");
+        fill.push(Bytes::from(vec![5; 10]));
+        fill.finish(FillState::Done);
+        assert_eq!(fast.read_body().await.unwrap().unwrap()[0], 5);
+        assert!(fast.read_body().await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -74,7 +74,8 @@ pub struct StorageOptions {
     pub block_size: usize,
     /// Largest body admitted.
     pub max_object_bytes: usize,
-    /// Bytes all fills together may hold before new chunks pass through uncached.
+    /// Bytes all fills together may keep for the cache; a fill whose next chunk would pass it
+    /// passes through uncached, and fills passing through then hold a small window each.
     pub max_fill_bytes: usize,
     /// How long prefix bans are kept.
     pub ban_retention: Duration,
@@ -101,6 +102,8 @@ pub struct FoyerStorage {
     max_fill_bytes: usize,
     /// Fills passed through, by [`PassReason`].
     passthroughs: prometheus::IntCounterVec,
+    /// Readers cut off for falling too far behind a fill passing through.
+    cut_readers: prometheus::IntCounter,
 }
 
 /// Why a fill stopped keeping its body for the cache.
@@ -203,6 +206,11 @@ impl FoyerStorage {
         for r in [PassReason::TooLarge, PassReason::FillMemory] {
             passthroughs.with_label_values(&[r.label()]);
         }
+        let cut_readers = prometheus::IntCounter::new(
+            "shadowcdn_edge_fill_readers_cut_total",
+            "Clients cut off for falling too far behind a body passing through uncached",
+        )?;
+        registry.register(Box::new(cut_readers.clone()))?;
         registry.register(Box::new(passthroughs.clone()))?;
         Ok(FoyerStorage {
             cache,
@@ -215,6 +223,7 @@ impl FoyerStorage {
             fill_bytes: Arc::default(),
             max_fill_bytes: opts.max_fill_bytes,
             passthroughs,
+            cut_readers,
         })
     }
 
@@ -429,6 +438,7 @@ impl Storage for FoyerStorage {
             fill,
             size: 0,
             passing: false,
+            too_large: false,
             finished: false,
         }))
     }
@@ -507,26 +517,25 @@ struct FoyerMissHandler {
     hash: u128,
     fill: Arc<Fill>,
     size: usize,
-    /// The body outgrew the object limit: it streams to its readers and is not committed.
+    /// The body passes through: it streams to its readers and is not committed.
     passing: bool,
+    /// The body outgrew the object limit (and the predictor was told).
+    too_large: bool,
     finished: bool,
 }
+
+/// What a fill passing through may hold for its slowest reader while all fills together are
+/// over their budget (otherwise up to the object limit): about what a socket buffers.
+const PRESSED_WINDOW: usize = 4 * 1024 * 1024;
 
 impl FoyerMissHandler {
     /// Stop keeping this body for the cache. pingora-cache would end the response mid-body
     /// (its clients would see a truncated object); instead the fill keeps streaming to the
-    /// readers it has. A body too large is remembered as such, so later requests for the key
-    /// bypass the cache and are proxied directly; one that met a full fill budget is tried
-    /// again by the next miss.
+    /// readers it has.
     fn pass_through(&mut self, reason: PassReason) {
         self.passing = true;
         self.fill.pass_through();
         self.storage.remove_fill(self.hash, self.fill.id);
-        if reason == PassReason::TooLarge {
-            self.storage
-                .predictor
-                .mark_uncacheable(&self.key, NoCacheReason::ResponseTooLarge);
-        }
         self.storage
             .passthroughs
             .with_label_values(&[reason.label()])
@@ -543,26 +552,38 @@ impl FoyerMissHandler {
 impl HandleMiss for FoyerMissHandler {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
         self.size += data.len();
-        if !self.passing {
-            if self.size > self.storage.max_object_bytes {
+        let max = self.storage.max_object_bytes;
+        if self.size > max && !self.too_large {
+            // Remembered, so later requests for the key bypass the cache and are proxied
+            // directly (a fill that only met a spent budget is tried again by the next miss).
+            self.too_large = true;
+            self.storage
+                .predictor
+                .mark_uncacheable(&self.key, NoCacheReason::ResponseTooLarge);
+            if !self.passing {
                 self.pass_through(PassReason::TooLarge);
-            } else if self.storage.fill_bytes() + data.len() > self.storage.max_fill_bytes {
-                self.pass_through(PassReason::FillMemory);
             }
+        }
+        let pressed = self.storage.fill_bytes() + data.len() > self.storage.max_fill_bytes;
+        if pressed && !self.passing {
+            self.pass_through(PassReason::FillMemory);
         }
         self.fill.push(data);
         if self.passing {
-            // Nothing waits for the readers (pingora reads the origin as fast as it can), so
-            // a reader that falls this far behind would make the edge hold the whole body.
-            let behind = self.fill.release_read();
-            if behind > self.storage.max_object_bytes {
+            let window = if pressed {
+                PRESSED_WINDOW.min(max)
+            } else {
+                max
+            };
+            let held = self.fill.release_read(window);
+            if held.cut > 0 {
+                self.storage.cut_readers.inc_by(held.cut as u64);
+            }
+            if held.readers == 0 {
+                // Every client is gone or cut off: fetching the rest serves no one.
                 return Error::e_explain(
                     ErrorType::InternalError,
-                    format!(
-                        "clients fell {behind} bytes behind a body over the max object size \
-                         of {} bytes",
-                        self.storage.max_object_bytes
-                    ),
+                    "no client is left reading a body passing through the cache",
                 );
             }
         }
@@ -690,13 +711,23 @@ mod tests {
         let trace = pingora_cache::trace::Span::inactive().handle();
         let chunk = Bytes::from(vec![1u8; 64 * 1024]);
         let mut misses = Vec::new();
+        let mut readers = Vec::new();
         for k in ["h/a", "h/b", "h/c"] {
             let key = CacheKey::new(k, "");
-            misses.push(
-                s.get_miss_handler(&key, &fresh_meta(), &trace)
+            let miss = s
+                .get_miss_handler(&key, &fresh_meta(), &trace)
+                .await
+                .unwrap();
+            let tag = miss.streaming_write_tag().unwrap().to_vec();
+            // Each fill serves a client, as pingora's first request reads its own fill.
+            readers.push(
+                s.lookup_streaming_write(&key, Some(&tag), &trace)
                     .await
-                    .unwrap(),
+                    .unwrap()
+                    .unwrap()
+                    .1,
             );
+            misses.push(miss);
         }
         // a and b hold 512 KiB each: the whole 1 MiB budget.
         for m in &mut misses[..2] {
@@ -705,9 +736,12 @@ mod tests {
             }
         }
         assert_eq!(s.fill_bytes(), 1 << 20);
-        // c finds it full: it passes through (no reader, so it holds nothing).
+        // c finds it full: it passes through, holding only what its client has not read.
         misses[2].write_body(chunk.clone(), false).await.unwrap();
-        assert_eq!(s.fill_bytes(), 1 << 20);
+        assert_eq!(s.fill_bytes(), (1 << 20) + chunk.len());
+        readers[2].read_body().await.unwrap().unwrap();
+        misses[2].write_body(chunk.clone(), false).await.unwrap();
+        assert_eq!(s.fill_bytes(), (1 << 20) + chunk.len());
         for m in misses {
             m.finish().await.unwrap();
         }
@@ -719,27 +753,64 @@ mod tests {
             "a full budget says nothing about the object: the next miss may cache it"
         );
         assert_eq!(s.passthroughs.with_label_values(&["fill_memory"]).get(), 1);
+        drop(readers);
         assert_eq!(s.fill_bytes(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_reader_too_far_behind_a_pass_through_ends_the_fill() {
+    async fn a_stuck_reader_is_cut_off_and_a_fill_nobody_reads_ends() {
         let dir = tempfile::tempdir().unwrap();
         let s = small_storage(dir.path()).await;
-        let key = CacheKey::new("h/slow", "");
         let trace = pingora_cache::trace::Span::inactive().handle();
+        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
+        let key = CacheKey::new("h/slow", "");
         let mut miss = s
             .get_miss_handler(&key, &fresh_meta(), &trace)
             .await
             .unwrap();
         let tag = miss.streaming_write_tag().unwrap().to_vec();
-        let (_, mut reader) = s
+        let reader = || async {
+            s.lookup_streaming_write(&key, Some(&tag), &trace)
+                .await
+                .unwrap()
+                .unwrap()
+                .1
+        };
+        let (mut fast, mut stuck) = (reader().await, reader().await);
+        // 1.5 MiB: the stuck reader falls more than the 512 KiB limit behind and is cut off;
+        // the other one, and the fill, go on to the end.
+        for _ in 0..96 {
+            miss.write_body(chunk.clone(), false).await.unwrap();
+            fast.read_body().await.unwrap().unwrap();
+        }
+        miss.finish().await.unwrap();
+        assert!(fast.read_body().await.unwrap().is_none());
+        assert_eq!(s.cut_readers.get(), 1);
+        let mut read = 0;
+        let end = loop {
+            match stuck.read_body().await {
+                Ok(Some(c)) => read += c.len(),
+                other => break other,
+            }
+        };
+        assert!(end.unwrap_err().to_string().contains("behind"));
+        assert_eq!(read, 0, "cut off before it read anything");
+        drop(stuck);
+        drop(fast);
+        assert_eq!(s.fill_bytes(), 0);
+
+        // With its only reader stuck, the fill stops once that reader is cut off.
+        let key = CacheKey::new("h/alone", "");
+        let mut miss = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        let tag = miss.streaming_write_tag().unwrap().to_vec();
+        let _stuck = s
             .lookup_streaming_write(&key, Some(&tag), &trace)
             .await
             .unwrap()
             .unwrap();
-        let chunk = Bytes::from(vec![7u8; 16 * 1024]);
-        // The reader never reads: past twice the limit the edge would hold, the write fails.
         let mut written = 0;
         let err = loop {
             match miss.write_body(chunk.clone(), false).await {
@@ -748,19 +819,8 @@ mod tests {
             }
         };
         assert!((1 << 19..=1 << 20).contains(&written), "{written}");
-        assert!(err.to_string().contains("behind"), "{err}");
-        drop(miss);
-        // The reader gets what was written, then an error, never a clean end.
-        let mut read = 0;
-        let end = loop {
-            match reader.read_body().await {
-                Ok(Some(c)) => read += c.len(),
-                other => break other,
-            }
-        };
-        assert!(end.is_err(), "{end:?}");
-        assert!(read > written);
-        assert!(!s.holds("h/slow"));
+        assert!(err.to_string().contains("no client"), "{err}");
+        assert!(!s.holds("h/alone") && !s.holds("h/slow"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
