@@ -34,6 +34,8 @@ pub struct BrokerProxy {
     inflight: InflightCounter,
     /// Recent holders of keys, for peer hints; `None` when peer fill is off.
     holders: Option<Arc<Holders>>,
+    /// Whether the origin fallback may connect to loopback and private addresses.
+    allow_private_upstreams: bool,
 }
 
 /// Per-request state.
@@ -80,7 +82,16 @@ impl BrokerProxy {
             metrics,
             inflight,
             holders,
+            allow_private_upstreams: false,
         }
+    }
+
+    /// Let the origin fallback connect to providers' origins on loopback and private
+    /// addresses (`[admin] allow_private_upstreams`); otherwise an origin name that resolves
+    /// there is refused, as the edges refuse it.
+    pub fn allowing_private_upstreams(mut self, allow: bool) -> Self {
+        self.allow_private_upstreams = allow;
+        self
     }
 
     /// A passive failure took `edge` out of routing: the gauge says so now, not at the next
@@ -130,8 +141,10 @@ fn host_of(req: &RequestHeader) -> Option<String> {
     request_host(req).map(|h| edge_node::origin::normalize_host(h).into_owned())
 }
 
-/// Resolve an origin URL (`http(s)://host[:port]`) to a peer.
-async fn origin_peer(upstream: &str) -> Result<HttpPeer> {
+/// Resolve an origin URL (`http(s)://host[:port]`) to a peer, refusing loopback and private
+/// addresses unless `allow_private` (a provider's name could otherwise point the broker at the
+/// operator's network, its own admin API included).
+async fn origin_peer(upstream: &str, allow_private: bool) -> Result<HttpPeer> {
     let uri: http::Uri = upstream.parse().map_err(|_| {
         Error::explain(ErrorType::InternalError, "registered upstream is not a URL")
     })?;
@@ -147,6 +160,15 @@ async fn origin_peer(upstream: &str) -> Result<HttpPeer> {
         .map_err(|e| Error::because(ErrorType::ConnectError, "resolving origin", e))?
         .next()
         .ok_or_else(|| Error::explain(ErrorType::ConnectError, "origin resolves to no address"))?;
+    if !allow_private && edge_node::origin::is_private_ip(addr.ip()) {
+        return Err(Error::explain(
+            ErrorType::ConnectError,
+            format!(
+                "origin {host} resolves to {}, a loopback or private address",
+                addr.ip()
+            ),
+        ));
+    }
     Ok(HttpPeer::new(addr, tls, host))
 }
 
@@ -243,7 +265,7 @@ impl ProxyHttp for BrokerProxy {
                 let origin = self.registry.origin(&host).ok_or_else(|| {
                     Error::explain(ErrorType::ConnectNoRoute, "host was unregistered")
                 })?;
-                origin_peer(&origin.upstream).await?
+                origin_peer(&origin.upstream, self.allow_private_upstreams).await?
             }
         };
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));

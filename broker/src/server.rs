@@ -154,7 +154,8 @@ impl Broker {
             cfg.peer_fill
                 .enabled
                 .then(|| Arc::new(Holders::new(&cfg.peer_fill))),
-        );
+        )
+        .allowing_private_upstreams(cfg.admin.allow_private_upstreams);
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             proxy,

@@ -48,8 +48,8 @@ pub struct EdgeSync {
     control: Option<Arc<Control>>,
     /// Sent with every origin push: whether edges may use rows on private addresses.
     allow_private_upstreams: bool,
-    /// The rows each edge left out at its last origin push, to log only changes.
-    rejected: parking_lot::Mutex<std::collections::HashMap<String, serde_json::Value>>,
+    /// The hosts of the rows each edge left out at its last origin push, to log only changes.
+    rejected: parking_lot::Mutex<std::collections::HashMap<String, Vec<String>>>,
 }
 
 impl EdgeSync {
@@ -144,8 +144,10 @@ impl EdgeSync {
         {
             let outcome = match r {
                 Ok(resp) if resp.status().is_success() && what == "origins" => {
-                    let report: serde_json::Value = resp.json().await.unwrap_or_default();
-                    self.note_rejected_origins(&e.id, &report["rejected"])
+                    match resp.json::<serde_json::Value>().await {
+                        Ok(report) => self.note_rejected_origins(&e.id, &report["rejected"]),
+                        Err(_) => "ok",
+                    }
                 }
                 Ok(resp) if resp.status().is_success() => "ok",
                 Ok(resp) => {
@@ -161,22 +163,36 @@ impl EdgeSync {
         }
     }
 
-    /// Record the origin rows edge `edge_id` left out (logged when they change); the push's
-    /// outcome: `ok`, or `partial` when rows were left out.
+    /// Record the origin rows edge `edge_id` left out, logged when the set of their hosts
+    /// changes (not on every push); the push's outcome: `ok`, or `partial` when rows were
+    /// left out.
     fn note_rejected_origins(&self, edge_id: &str, rejected: &serde_json::Value) -> &'static str {
-        let n = rejected.as_array().map_or(0, Vec::len);
+        let rows = rejected.as_array().map(Vec::as_slice).unwrap_or_default();
+        let n = rows.len();
         self.metrics
             .edge_rejected_origins
             .with_label_values(&[edge_id])
             .set(n as i64);
+        let mut hosts: Vec<String> = rows
+            .iter()
+            .map(|r| r["host"].as_str().unwrap_or_default().to_string())
+            .collect();
+        hosts.sort();
         let mut last = self.rejected.lock();
-        if last.get(edge_id) != Some(rejected) {
+        if last.get(edge_id).map_or(n > 0, |h| *h != hosts) {
             if n > 0 {
-                tracing::warn!(edge = %edge_id, %rejected, "edge left out pushed origin rows");
-            } else if last.contains_key(edge_id) {
+                // The first few reasons; the rest are in the edge's answer and its GET /origins.
+                let sample: Vec<&str> = rows
+                    .iter()
+                    .take(5)
+                    .filter_map(|r| r["error"].as_str())
+                    .collect();
+                let shown = &hosts[..n.min(20)];
+                tracing::warn!(edge = %edge_id, rows = n, hosts = ?shown, ?sample, "edge left out pushed origin rows");
+            } else {
                 tracing::info!(edge = %edge_id, "edge accepts every pushed origin row again");
             }
-            last.insert(edge_id.to_string(), rejected.clone());
+            last.insert(edge_id.to_string(), hosts);
         }
         if n > 0 {
             "partial"

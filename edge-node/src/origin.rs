@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use http::Uri;
 use parking_lot::{Mutex, RwLock};
@@ -108,22 +109,38 @@ pub enum OriginError {
 /// would reach the operator's internal services for the provider.
 pub fn is_private_ip(ip: IpAddr) -> bool {
     fn v4(ip: std::net::Ipv4Addr) -> bool {
+        let [a, b, c, _] = ip.octets();
         ip.is_loopback()
             || ip.is_private()
             || ip.is_link_local()
-            || ip.is_unspecified()
             || ip.is_broadcast()
-            // 100.64.0.0/10, carrier-grade NAT
-            || (ip.octets()[0] == 100 && (ip.octets()[1] & 0xc0) == 64)
+            || ip.is_multicast()
+            || a == 0 // 0.0.0.0/8, "this network"
+            || a >= 240 // reserved
+            || (a == 100 && (b & 0xc0) == 64) // 100.64.0.0/10, carrier-grade NAT
+            || (a == 198 && (b & 0xfe) == 18) // 198.18.0.0/15, benchmarking
+            || (a == 192 && b == 0 && c == 0) // 192.0.0.0/24, protocol assignments
     }
     match ip {
         IpAddr::V4(ip) => v4(ip),
         IpAddr::V6(ip) => {
+            let seg = ip.segments();
+            // IPv4 embedded by NAT64 (64:ff9b::/96) or 6to4 (2002::/16) reaches that IPv4
+            // address through a translator.
+            let nat64 =
+                (seg[0], seg[1], seg[2], seg[3], seg[4], seg[5]) == (0x64, 0xff9b, 0, 0, 0, 0);
+            let embedded = |hi: u16, lo: u16| {
+                std::net::Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8)
+            };
             ip.is_loopback()
                 || ip.is_unspecified()
-                || (ip.segments()[0] & 0xfe00) == 0xfc00 // unique local
-                || (ip.segments()[0] & 0xffc0) == 0xfe80 // link local
-                || ip.to_ipv4_mapped().is_some_and(v4)
+                || ip.is_multicast()
+                || (seg[0] & 0xfe00) == 0xfc00 // unique local
+                || (seg[0] & 0xffc0) == 0xfe80 // link local
+                // IPv4-mapped and IPv4-compatible (::a.b.c.d) addresses
+                || ip.to_ipv4().is_some_and(v4)
+                || (nat64 && v4(embedded(seg[6], seg[7])))
+                || (seg[0] == 0x2002 && v4(embedded(seg[1], seg[2])))
         }
     }
 }
@@ -209,16 +226,32 @@ impl OriginTable {
 /// host and prefix. Requests read an `Arc` snapshot, so a push never blocks them.
 ///
 /// Configured rows are the operator's and resolved once at start, as nginx does. Pushed rows
-/// are providers' and resolved at every push: each is judged on its own (one provider's bad
-/// row must not hold back everyone's origins), one that points at a private address is left
-/// out unless the broker allows that, and one whose name stops resolving keeps the address it
-/// last had (a resolver hiccup must not take a site down).
+/// are providers': each is judged on its own (one provider's bad row must not hold back
+/// everyone's origins); one that points at a private address is left out unless the broker
+/// allows that; a row is resolved again when it is new or its address is older than
+/// [`RESOLVE_EVERY`] (the broker pushes every few seconds, and every push must not cost a DNS
+/// query per row); and one whose name stops resolving keeps the address it last had for up to
+/// [`KEEP_UNRESOLVED`] (a resolver hiccup must not take a site down, a name gone for good must
+/// not be served forever).
 #[derive(Debug)]
 pub struct SharedOrigins {
     table: RwLock<Arc<OriginTable>>,
     configured: Vec<(OriginEntry, Arc<Origin>)>,
-    pushed: Mutex<Vec<(OriginEntry, Arc<Origin>)>>,
+    pushed: Mutex<Vec<PushedRow>>,
 }
+
+/// A pushed row in force and when its address was last resolved.
+#[derive(Debug)]
+struct PushedRow {
+    entry: OriginEntry,
+    origin: Arc<Origin>,
+    resolved: Instant,
+}
+
+/// How long a pushed row's address is used before its name is resolved again.
+pub const RESOLVE_EVERY: Duration = Duration::from_secs(60);
+/// How long a pushed row whose name stopped resolving keeps its last address.
+pub const KEEP_UNRESOLVED: Duration = Duration::from_secs(3600);
 
 /// Resolve an upstream's name to its first address.
 fn resolve(host: &str, port: u16) -> std::io::Result<Option<SocketAddr>> {
@@ -249,90 +282,148 @@ impl SharedOrigins {
         self.table.read().clone()
     }
 
-    /// Replace the pushed rows with the usable ones of `rows`; see the type's rules.
+    /// The `(host, port)` names a push of `rows` needs resolved: those of new rows and of rows
+    /// whose address is older than [`RESOLVE_EVERY`].
+    pub fn names_to_resolve(&self, rows: &[OriginEntry]) -> Vec<(String, u16)> {
+        let pushed = self.pushed.lock();
+        let mut names: Vec<(String, u16)> = rows
+            .iter()
+            .filter(|e| {
+                !pushed
+                    .iter()
+                    .any(|p| p.entry == **e && p.resolved.elapsed() < RESOLVE_EVERY)
+            })
+            .filter_map(|e| upstream_target(&e.upstream))
+            .collect();
+        names.sort();
+        names.dedup();
+        names
+    }
+
+    /// Replace the pushed rows with the usable ones of `rows`, resolving names here (blocking);
+    /// see the type's rules.
     pub fn replace_pushed(&self, rows: Vec<OriginEntry>, allow_private: bool) -> PushReport {
         self.replace_pushed_with(rows, allow_private, resolve)
     }
 
-    fn replace_pushed_with(
+    /// [`Self::replace_pushed`] with the names' addresses from `resolve` (for the names of
+    /// [`Self::names_to_resolve`]; rows with a fresh address are not asked about).
+    pub fn replace_pushed_with(
         &self,
         rows: Vec<OriginEntry>,
         allow_private: bool,
         resolve: impl Fn(&str, u16) -> std::io::Result<Option<SocketAddr>>,
     ) -> PushReport {
         let mut pushed = self.pushed.lock();
-        let mut kept: Vec<(OriginEntry, Arc<Origin>)> = Vec::with_capacity(rows.len());
+        let mut kept: Vec<PushedRow> = Vec::with_capacity(rows.len());
         let mut rejected = Vec::new();
-        for (index, e) in rows.into_iter().enumerate() {
-            let origin = match parse_entry(index, &e, &resolve) {
-                Ok(o) => Ok(Arc::new(o)),
-                Err(err @ OriginError::Unresolvable { .. }) => pushed
-                    .iter()
-                    .find(|(old, _)| *old == e)
-                    .map(|(_, o)| o.clone())
-                    .ok_or(err),
-                Err(err) => Err(err),
-            }
-            .and_then(|o| {
-                if !allow_private && is_private_ip(o.addr.ip()) {
+        for (index, entry) in rows.into_iter().enumerate() {
+            let previous = pushed.iter().find(|p| p.entry == entry);
+            let resolved = match previous {
+                Some(p) if p.resolved.elapsed() < RESOLVE_EVERY => {
+                    Ok((p.origin.clone(), p.resolved))
+                }
+                _ => match parse_entry(index, &entry, &resolve) {
+                    Ok(o) => Ok((Arc::new(o), Instant::now())),
+                    Err(err @ OriginError::Unresolvable { .. }) => previous
+                        .filter(|p| p.resolved.elapsed() < KEEP_UNRESOLVED)
+                        .map(|p| (p.origin.clone(), p.resolved))
+                        .ok_or(err),
+                    Err(err) => Err(err),
+                },
+            };
+            let checked = resolved.and_then(|(origin, resolved)| {
+                if !allow_private && is_private_ip(origin.addr.ip()) {
                     return Err(OriginError::Private {
                         index,
-                        value: e.upstream.clone(),
-                        addr: o.addr.ip(),
+                        value: entry.upstream.clone(),
+                        addr: origin.addr.ip(),
                     });
                 }
-                if kept
-                    .iter()
-                    .any(|(_, k)| k.host == o.host && k.path_prefix == o.path_prefix)
-                {
+                if kept.iter().any(|k| {
+                    k.origin.host == origin.host && k.origin.path_prefix == origin.path_prefix
+                }) {
                     return Err(OriginError::Duplicate {
                         index,
-                        host: o.host.clone(),
-                        prefix: o.path_prefix.clone(),
+                        host: origin.host.clone(),
+                        prefix: origin.path_prefix.clone(),
                     });
                 }
-                Ok(o)
+                Ok((origin, resolved))
             });
-            match origin {
-                Ok(o) => kept.push((e, o)),
+            match checked {
+                Ok((origin, resolved)) => kept.push(PushedRow {
+                    entry,
+                    origin,
+                    resolved,
+                }),
                 Err(err) => rejected.push(RejectedRow {
                     index,
-                    host: e.host,
+                    host: entry.host,
                     error: err.to_string(),
                 }),
             }
         }
-        let overrides = |o: &Origin| {
+        let overridden = |o: &Origin| {
             kept.iter()
-                .any(|(_, k)| k.host == o.host && k.path_prefix == o.path_prefix)
+                .any(|k| k.origin.host == o.host && k.origin.path_prefix == o.path_prefix)
         };
         let origins: Vec<Arc<Origin>> = self
             .configured
             .iter()
             .map(|(_, o)| o)
-            .filter(|o| !overrides(o))
-            .chain(kept.iter().map(|(_, o)| o))
+            .filter(|o| !overridden(o))
+            .chain(kept.iter().map(|k| &k.origin))
             .cloned()
             .collect();
-        // No two rows share a host and prefix: configured rows were checked at start, pushed
-        // ones above, and a pushed row displaces the configured one it matches.
-        let table = OriginTable::from_origins(origins).unwrap_or_default();
-        let report = PushReport {
-            origins: table.len(),
-            rejected,
-        };
-        *self.table.write() = Arc::new(table);
-        *pushed = kept;
-        report
+        match OriginTable::from_origins(origins) {
+            Ok(table) => {
+                let report = PushReport {
+                    origins: table.len(),
+                    rejected,
+                };
+                *self.table.write() = Arc::new(table);
+                *pushed = kept;
+                report
+            }
+            // Unreachable (configured rows were checked at start, pushed ones above, and a
+            // pushed row displaces the configured one it matches); if it ever happens, the
+            // table in force stays.
+            Err(err) => {
+                tracing::error!(error = %err, "pushed origins left the table inconsistent; kept the old one");
+                PushReport {
+                    origins: self.table.read().len(),
+                    rejected: vec![RejectedRow {
+                        index: 0,
+                        host: String::new(),
+                        error: format!("push not applied: {err}"),
+                    }],
+                }
+            }
+        }
     }
 
     /// Configured and pushed rows.
     pub fn rows(&self) -> (Vec<OriginEntry>, Vec<OriginEntry>) {
-        let entries = |rows: &[(OriginEntry, Arc<Origin>)]| -> Vec<OriginEntry> {
-            rows.iter().map(|(e, _)| e.clone()).collect()
-        };
-        (entries(&self.configured), entries(&self.pushed.lock()))
+        let configured = self.configured.iter().map(|(e, _)| e.clone()).collect();
+        let pushed = self.pushed.lock().iter().map(|p| p.entry.clone()).collect();
+        (configured, pushed)
     }
+}
+
+/// The `(host, port)` an upstream URL connects to, if it is a well-formed http(s) URL.
+fn upstream_target(upstream: &str) -> Option<(String, u16)> {
+    let uri: Uri = upstream.parse().ok()?;
+    let tls = match uri.scheme_str()? {
+        "http" => false,
+        "https" => true,
+        _ => return None,
+    };
+    let host = uri
+        .host()?
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string();
+    Some((host, uri.port_u16().unwrap_or(if tls { 443 } else { 80 })))
 }
 
 /// Lower-case the host and strip a `:port` suffix (IPv6 literals keep their brackets).
@@ -543,28 +634,63 @@ mod tests {
         ] {
             assert!(is_private_ip(private.parse().unwrap()), "{private}");
         }
-        for public in ["93.184.215.14", "100.128.0.1", "2606:4700::1111"] {
+        for public in [
+            "93.184.215.14",
+            "100.128.0.1",
+            "2606:4700::1111",
+            "64:ff9b::5db8:d70e",
+            "2002:5db8:d70e::1",
+        ] {
             assert!(!is_private_ip(public.parse().unwrap()), "{public}");
         }
     }
 
     #[test]
-    fn a_pushed_name_that_stops_resolving_keeps_its_address() {
+    fn pushed_names_are_resolved_once_a_minute_and_kept_through_an_hour_of_failures() {
         let shared = SharedOrigins::new(vec![]).unwrap();
         let row = || vec![entry("a", None, "http://origin.example:8080")];
         let public = |_: &str, port: u16| Ok(Some(SocketAddr::from(([93, 184, 215, 14], port))));
         let down = |_: &str, _: u16| Err(std::io::Error::other("temporary failure"));
+        let unasked = |h: &str, _: u16| -> std::io::Result<Option<SocketAddr>> {
+            panic!("{h} resolved again while its address is fresh")
+        };
+        let age = |by: Duration| {
+            for p in shared.pushed.lock().iter_mut() {
+                p.resolved = p.resolved.checked_sub(by).unwrap();
+            }
+        };
+        let addr = || shared.current().select("a", "/").map(|o| o.addr);
+        let expected = SocketAddr::from(([93, 184, 215, 14], 8080));
+        assert_eq!(
+            shared.names_to_resolve(&row()),
+            [("origin.example".to_string(), 8080)]
+        );
         assert!(shared
             .replace_pushed_with(row(), false, public)
             .rejected
             .is_empty());
+        // Pushed again within the minute: nothing to resolve.
+        assert!(shared.names_to_resolve(&row()).is_empty());
+        assert!(shared
+            .replace_pushed_with(row(), false, unasked)
+            .rejected
+            .is_empty());
+        // A minute on, it is resolved again; a failure keeps the last address.
+        age(RESOLVE_EVERY);
+        assert_eq!(shared.names_to_resolve(&row()).len(), 1);
         let r = shared.replace_pushed_with(row(), false, down);
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
-        assert_eq!(
-            shared.current().select("a", "/").unwrap().addr,
-            SocketAddr::from(([93, 184, 215, 14], 8080))
+        assert_eq!(addr(), Some(expected));
+        // An hour of failures, and the row goes.
+        age(KEEP_UNRESOLVED);
+        let r = shared.replace_pushed_with(row(), false, down);
+        assert!(
+            r.rejected[0].error.contains("cannot resolve"),
+            "{:?}",
+            r.rejected
         );
-        // A row never resolved before is reported.
+        assert_eq!(addr(), None);
+        // A row never resolved before is reported at once.
         let r =
             shared.replace_pushed_with(vec![entry("b", None, "http://new.example")], false, down);
         assert!(
@@ -572,7 +698,6 @@ mod tests {
             "{:?}",
             r.rejected
         );
-        assert!(shared.current().select("a", "/").is_none());
     }
 
     #[test]

@@ -196,8 +196,9 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
 /// Whether an upstream host names this machine or a private network: edges fetch from it on
 /// every miss, so a provider could otherwise reach the operator's internal services through
 /// them (the broker's own admin API, a cloud metadata endpoint). Host names are not resolved
-/// here: edges judge what they resolve to when the origins are pushed (and get
-/// `allow_private_upstreams` with them); IP literals and `localhost` are judged.
+/// here: the edges judge what they resolve to when the origins are pushed (and get
+/// `allow_private_upstreams` with them), the broker's origin fallback when it connects; IP
+/// literals and `localhost` are judged.
 fn is_private_host(host: &str) -> bool {
     let host = host.trim_matches(|c| c == '[' || c == ']');
     let lower = host.to_ascii_lowercase();
