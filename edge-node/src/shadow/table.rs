@@ -4,7 +4,9 @@
 //! freshness, coalescing with user misses and size limits all apply) plus a mark with an
 //! expiry. foyer has no per-entry TTL, so expiries live here in a min-heap. When a mark
 //! expires, a shadow that was never requested is purged (it was a wasted prefetch and only
-//! takes space); one that served requests is demoted to a normal cache entry.
+//! takes space); one that served requests is demoted to a normal cache entry. A renewal
+//! that extends a mark adds no heap entry (the planner renews every tick): the mark's one
+//! entry is moved to the new expiry when it comes up, so the heap stays the size of the table.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -38,8 +40,10 @@ pub struct Mark {
     pub held_before: bool,
     /// Whether the first fill completed (renewals do not change where the copy came from).
     filled: bool,
-    /// Generation, so a renewed mark is not expired by the old heap entry.
+    /// Generation, so a renewed mark is not ended by a check made before the renewal.
     generation: u64,
+    /// The heap entry that stands for this mark: its time (never after `expires`) and id.
+    scheduled: (Instant, u64),
 }
 
 /// Where a shadow fill's copy came from.
@@ -125,6 +129,15 @@ impl Inner {
         let peer_filled = old.is_some_and(|m| m.peer_filled);
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
+        // The mark's heap entry stays while it comes up no later than the new expiry.
+        let scheduled = match old {
+            Some(m) if m.scheduled.0 <= expires => m.scheduled,
+            _ => {
+                self.heap
+                    .push(Reverse((expires, generation, key.to_string())));
+                (expires, generation)
+            }
+        };
         self.marks.insert(
             key.to_string(),
             Mark {
@@ -137,10 +150,9 @@ impl Inner {
                 held_before,
                 filled,
                 generation,
+                scheduled,
             },
         );
-        self.heap
-            .push(Reverse((expires, generation, key.to_string())));
     }
 }
 
@@ -221,30 +233,42 @@ impl ShadowTable {
 
     /// Pop every mark whose expiry has passed, with the mark.
     pub fn expire(&self, now: Instant) -> Vec<(Expired, Mark)> {
-        let mut g = self.inner.lock();
+        let mut guard = self.inner.lock();
+        let g = &mut *guard;
         let mut out = Vec::new();
-        while let Some(Reverse((at, generation, _))) = g.heap.peek() {
-            if *at > now {
-                break;
-            }
-            let generation = *generation;
-            let Some(Reverse((_, _, key))) = g.heap.pop() else {
+        while g.heap.peek().is_some_and(|Reverse((at, _, _))| *at <= now) {
+            let Some(Reverse((at, id, key))) = g.heap.pop() else {
                 break;
             };
-            if g.marks
-                .get(&key)
-                .is_some_and(|m| m.generation == generation)
-            {
-                let m = g.marks.remove(&key).expect("checked just above");
-                let e = if m.hits == 0 {
-                    Expired::Wasted(key)
-                } else {
-                    Expired::Used(key)
-                };
-                out.push((e, m));
+            let Some(m) = g.marks.get_mut(&key) else {
+                continue;
+            };
+            if m.scheduled != (at, id) {
+                // An entry a shortening renewal replaced.
+                continue;
             }
+            if m.expires > now {
+                // Extended since: its entry moves to the new expiry.
+                m.scheduled = (m.expires, id);
+                g.heap.push(Reverse((m.expires, id, key)));
+                continue;
+            }
+            let m = g.marks.remove(&key).expect("looked up just above");
+            let e = if m.hits == 0 {
+                Expired::Wasted(key)
+            } else {
+                Expired::Used(key)
+            };
+            out.push((e, m));
         }
         out
+    }
+
+    /// Entries in the expiry heap (one per mark, plus those of shortened or removed marks
+    /// until their time comes).
+    #[cfg(test)]
+    fn heap_len(&self) -> usize {
+        self.inner.lock().heap.len()
     }
 
     /// End the marks whose object `held` says the cache no longer has (evicted before the
@@ -407,6 +431,37 @@ mod tests {
         // The renewal kept the first mark time.
         assert_eq!(out[0].1.marked_at, now);
         assert_eq!(t.usage().0, 0);
+    }
+
+    #[test]
+    fn renewals_keep_one_heap_entry_per_mark() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        let at = |s: u64| now + Duration::from_secs(s);
+        t.mark("h/a", Duration::from_secs(10), 5, now);
+        // A thousand extending renewals: still one entry.
+        for i in 1..=1000 {
+            t.mark(
+                "h/a",
+                Duration::from_secs(10),
+                5,
+                now + Duration::from_millis(i),
+            );
+        }
+        assert_eq!(t.heap_len(), 1);
+        // At the first expiry the entry moves; the mark ends at its real expiry.
+        assert!(t.expire(at(10)).is_empty());
+        assert_eq!(t.heap_len(), 1);
+        assert_eq!(t.hit("h/a", at(10)), Some(1));
+        assert_eq!(t.expire(at(11)).len(), 1);
+        assert_eq!(t.heap_len(), 0);
+        // A renewal that shortens a mark gets an entry of its own and ends it on time.
+        t.mark("h/b", Duration::from_secs(100), 5, now);
+        t.mark("h/b", Duration::from_secs(5), 5, now);
+        assert_eq!(t.heap_len(), 2);
+        assert_eq!(t.expire(at(6)).len(), 1);
+        assert!(t.expire(at(200)).is_empty(), "the old entry ends nothing");
+        assert_eq!(t.heap_len(), 0);
     }
 
     #[test]
