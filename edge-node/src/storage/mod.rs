@@ -592,8 +592,12 @@ impl HandleMiss for FoyerMissHandler {
 
     async fn finish(mut self: Box<Self>) -> Result<MissFinishType> {
         self.finished = true;
-        if self.passing {
+        // Nothing to commit when the body passed through or a purge cancelled the fill (its
+        // readers still get the whole body they asked for before the purge); a purge landing
+        // during the copy below is caught under the lock.
+        if self.passing || self.fill.is_cancelled() {
             self.fill.finish(FillState::Done);
+            self.storage.remove_fill(self.hash, self.fill.id);
             return Ok(MissFinishType::Created(self.size));
         }
         let obj = StoredObject::new(
