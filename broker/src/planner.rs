@@ -20,6 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use edge_node::drain::InflightCounter;
 use edge_node::sync::protocol::{PeerRef, ShadowOrder};
 use futures::stream::{self, StreamExt};
 use models::features::{History, DEFAULT_PRIORITY};
@@ -496,6 +497,8 @@ pub struct Planner {
     ledger: Arc<Ledger>,
     anomaly: AnomalySection,
     metrics: BrokerMetrics,
+    /// Work the shutdown drain waits for: a tick's orders are sent whole or not at all.
+    inflight: InflightCounter,
 }
 
 impl Planner {
@@ -523,7 +526,15 @@ impl Planner {
             sync,
             state,
             metrics,
+            inflight: InflightCounter::default(),
         }
+    }
+
+    /// Count each planning tick in `inflight`, so a graceful shutdown waits for its orders
+    /// (the broker exits once its in-flight work is done).
+    pub fn counting_in(mut self, inflight: InflightCounter) -> Self {
+        self.inflight = inflight;
+        self
     }
 
     fn candidates(&self, now: u64) -> Vec<Candidate> {
@@ -1106,8 +1117,15 @@ impl BackgroundService for Planner {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => {}
+                biased;
                 _ = shutdown.changed() => return,
+                _ = tick.tick() => {}
+            }
+            // Counted before the shutdown check: the drain either waits for this tick or the
+            // tick sees the shutdown and does not start.
+            let _busy = self.inflight.enter();
+            if *shutdown.borrow() {
+                return;
             }
             self.metrics.forecaster_fallback.set(i64::from(
                 status.fallback.load(std::sync::atomic::Ordering::Relaxed),

@@ -174,7 +174,8 @@ impl Broker {
             planner_state.clone(),
             (ledger.clone(), cfg.signals.anomaly.clone()),
             metrics.clone(),
-        );
+        )
+        .counting_in(inflight.clone());
         let coaccess = CoAccessService::new(
             CoAccessParts {
                 fleet: fleet.clone(),
@@ -187,7 +188,8 @@ impl Broker {
                 metrics: metrics.clone(),
             },
             coaccess_rx,
-        );
+        )
+        .counting_in(inflight.clone());
         let api_state = ApiState {
             ledger,
             registry,

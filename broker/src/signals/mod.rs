@@ -7,6 +7,7 @@ pub mod coaccess;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use edge_node::drain::InflightCounter;
 use edge_node::sync::protocol::ShadowOrder;
 use models::features::DEFAULT_PRIORITY;
 use pingora_core::server::ShutdownWatch;
@@ -71,6 +72,8 @@ pub struct CoAccessService {
     ledger: Arc<Ledger>,
     planner_cfg: PlannerSection,
     metrics: BrokerMetrics,
+    /// Work the shutdown drain waits for (a trigger's orders are sent whole).
+    inflight: InflightCounter,
 }
 
 /// What [`CoAccessService`] acts with.
@@ -106,7 +109,14 @@ impl CoAccessService {
             ledger: parts.ledger,
             planner_cfg: parts.planner_cfg,
             metrics: parts.metrics,
+            inflight: InflightCounter::default(),
         }
+    }
+
+    /// Count each trigger's placement in `inflight`, so a graceful shutdown waits for it.
+    pub fn counting_in(mut self, inflight: InflightCounter) -> Self {
+        self.inflight = inflight;
+        self
     }
 
     async fn handle(&self, t: Trigger) {
@@ -198,11 +208,18 @@ impl BackgroundService for CoAccessService {
         };
         loop {
             tokio::select! {
+                biased;
+                _ = shutdown.changed() => return,
                 t = rx.recv() => match t {
-                    Some(t) => self.handle(t).await,
+                    Some(t) => {
+                        let _busy = self.inflight.enter();
+                        if *shutdown.borrow() {
+                            return;
+                        }
+                        self.handle(t).await;
+                    }
                     None => return,
                 },
-                _ = shutdown.changed() => return,
             }
         }
     }
