@@ -357,48 +357,12 @@ async fn put_origins(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    // Names are resolved concurrently, each within a deadline, so one provider's slow DNS
-    // cannot stall the push; rows are then judged one by one: the usable ones apply, the
-    // others are listed back.
-    let names = s.origins.names_to_resolve(&parsed.origins);
-    let addrs = resolve_names(names).await;
-    let report = s.origins.replace_pushed_with(
-        parsed.origins,
-        parsed.allow_private_upstreams,
-        |host, port| match addrs.get(&(host.to_string(), port)) {
-            Some(Ok(addr)) => Ok(*addr),
-            Some(Err(e)) => Err(std::io::Error::other(e.clone())),
-            None => Err(std::io::Error::other("not resolved with this push")),
-        },
-    );
+    // Rows are judged one by one: the usable ones apply, the others are listed back.
+    let report = s
+        .origins
+        .push(parsed.origins, parsed.allow_private_upstreams)
+        .await;
     Json(report).into_response()
-}
-
-/// How long one upstream name may take to resolve during a push (the broker waits 2 s).
-const RESOLVE_TIMEOUT: std::time::Duration = std::time::Duration::from_millis(1500);
-
-/// Resolve `names` concurrently, each within [`RESOLVE_TIMEOUT`].
-async fn resolve_names(
-    names: Vec<(String, u16)>,
-) -> std::collections::HashMap<(String, u16), Result<Option<std::net::SocketAddr>, String>> {
-    use futures::StreamExt;
-    futures::stream::iter(names)
-        .map(|(host, port)| async move {
-            let found = tokio::time::timeout(
-                RESOLVE_TIMEOUT,
-                tokio::net::lookup_host((host.clone(), port)),
-            )
-            .await;
-            let addr = match found {
-                Ok(Ok(mut addrs)) => Ok(addrs.next()),
-                Ok(Err(e)) => Err(e.to_string()),
-                Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
-            };
-            ((host, port), addr)
-        })
-        .buffer_unordered(32)
-        .collect()
-        .await
 }
 
 /// Body of `PUT /peers`.

@@ -228,30 +228,39 @@ impl OriginTable {
 /// Configured rows are the operator's and resolved once at start, as nginx does. Pushed rows
 /// are providers': each is judged on its own (one provider's bad row must not hold back
 /// everyone's origins); one that points at a private address is left out unless the broker
-/// allows that; a row is resolved again when it is new or its address is older than
-/// [`RESOLVE_EVERY`] (the broker pushes every few seconds, and every push must not cost a DNS
-/// query per row); and one whose name stops resolving keeps the address it last had for up to
-/// [`KEEP_UNRESOLVED`] (a resolver hiccup must not take a site down, a name gone for good must
-/// not be served forever).
+/// allows that; a name is looked up when its row is new or its last lookup — failed or not —
+/// is older than [`RESOLVE_EVERY`] (the broker pushes every few seconds, and every push must
+/// not cost a DNS query per row), all of a push's lookups together within [`RESOLVE_TIMEOUT`]
+/// (one provider's unanswered names must not stall everyone's push); and one whose name stops
+/// resolving keeps the address it last had for up to [`KEEP_UNRESOLVED`] (a resolver hiccup
+/// must not take a site down, a name gone for good must not be served forever).
 #[derive(Debug)]
 pub struct SharedOrigins {
     table: RwLock<Arc<OriginTable>>,
     configured: Vec<(OriginEntry, Arc<Origin>)>,
     pushed: Mutex<Vec<PushedRow>>,
+    /// Names whose last lookup failed: when, and why.
+    failed: Mutex<HashMap<(String, u16), (Instant, String)>>,
 }
 
-/// A pushed row in force and when its address was last resolved.
+/// A pushed row in force: when its name last resolved, and when it was last looked up.
 #[derive(Debug)]
 struct PushedRow {
     entry: OriginEntry,
     origin: Arc<Origin>,
     resolved: Instant,
+    looked_up: Instant,
 }
 
-/// How long a pushed row's address is used before its name is resolved again.
+/// How long a name's lookup (answer or failure) stands before it is looked up again.
 pub const RESOLVE_EVERY: Duration = Duration::from_secs(60);
 /// How long a pushed row whose name stopped resolving keeps its last address.
 pub const KEEP_UNRESOLVED: Duration = Duration::from_secs(3600);
+/// How long all of one push's lookups may take (the broker waits 2 s for the answer).
+pub const RESOLVE_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// What a push's lookups found, by `(host, port)`.
+pub type Lookups = HashMap<(String, u16), Result<SocketAddr, String>>;
 
 /// Resolve an upstream's name to its first address.
 fn resolve(host: &str, port: u16) -> std::io::Result<Option<SocketAddr>> {
@@ -274,6 +283,48 @@ impl SharedOrigins {
             table: RwLock::new(Arc::new(table)),
             configured,
             pushed: Mutex::new(Vec::new()),
+            failed: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Apply a push from the broker: look up the names it needs (concurrently, within
+    /// [`RESOLVE_TIMEOUT`] together), then [`Self::apply_push`].
+    pub async fn push(&self, rows: Vec<OriginEntry>, allow_private: bool) -> PushReport {
+        let names = self.names_to_resolve(&rows);
+        let found = lookup_all(names).await;
+        self.apply_push(rows, allow_private, &found)
+    }
+
+    /// Apply a push with `found`, the lookups of (some of) [`Self::names_to_resolve`]: failures
+    /// are remembered for [`RESOLVE_EVERY`], then the rows are judged.
+    pub fn apply_push(
+        &self,
+        rows: Vec<OriginEntry>,
+        allow_private: bool,
+        found: &Lookups,
+    ) -> PushReport {
+        {
+            let mut failed = self.failed.lock();
+            failed.retain(|_, (at, _)| at.elapsed() < RESOLVE_EVERY);
+            for (name, answer) in found {
+                match answer {
+                    Ok(_) => failed.remove(name),
+                    Err(why) => failed.insert(name.clone(), (Instant::now(), why.clone())),
+                };
+            }
+        }
+        self.replace_pushed_with(rows, allow_private, |host, port| {
+            let name = (host.to_string(), port);
+            match found.get(&name) {
+                Some(Ok(addr)) => Ok(Some(*addr)),
+                Some(Err(why)) => Err(std::io::Error::other(why.clone())),
+                None => Err(std::io::Error::other(
+                    self.failed
+                        .lock()
+                        .get(&name)
+                        .map_or("not looked up".to_string(), |(_, why)| why.clone()),
+                )),
+            }
         })
     }
 
@@ -282,18 +333,24 @@ impl SharedOrigins {
         self.table.read().clone()
     }
 
-    /// The `(host, port)` names a push of `rows` needs resolved: those of new rows and of rows
-    /// whose address is older than [`RESOLVE_EVERY`].
+    /// The `(host, port)` names a push of `rows` needs looked up: those of new rows and of
+    /// rows looked up more than [`RESOLVE_EVERY`] ago, except names that failed more recently.
     pub fn names_to_resolve(&self, rows: &[OriginEntry]) -> Vec<(String, u16)> {
         let pushed = self.pushed.lock();
+        let failed = self.failed.lock();
         let mut names: Vec<(String, u16)> = rows
             .iter()
             .filter(|e| {
                 !pushed
                     .iter()
-                    .any(|p| p.entry == **e && p.resolved.elapsed() < RESOLVE_EVERY)
+                    .any(|p| p.entry == **e && p.looked_up.elapsed() < RESOLVE_EVERY)
             })
             .filter_map(|e| upstream_target(&e.upstream))
+            .filter(|name| {
+                failed
+                    .get(name)
+                    .is_none_or(|(at, _)| at.elapsed() >= RESOLVE_EVERY)
+            })
             .collect();
         names.sort();
         names.dedup();
@@ -319,20 +376,21 @@ impl SharedOrigins {
         let mut rejected = Vec::new();
         for (index, entry) in rows.into_iter().enumerate() {
             let previous = pushed.iter().find(|p| p.entry == entry);
+            let now = Instant::now();
             let resolved = match previous {
-                Some(p) if p.resolved.elapsed() < RESOLVE_EVERY => {
-                    Ok((p.origin.clone(), p.resolved))
+                Some(p) if p.looked_up.elapsed() < RESOLVE_EVERY => {
+                    Ok((p.origin.clone(), p.resolved, p.looked_up))
                 }
                 _ => match parse_entry(index, &entry, &resolve) {
-                    Ok(o) => Ok((Arc::new(o), Instant::now())),
+                    Ok(o) => Ok((Arc::new(o), now, now)),
                     Err(err @ OriginError::Unresolvable { .. }) => previous
                         .filter(|p| p.resolved.elapsed() < KEEP_UNRESOLVED)
-                        .map(|p| (p.origin.clone(), p.resolved))
+                        .map(|p| (p.origin.clone(), p.resolved, now))
                         .ok_or(err),
                     Err(err) => Err(err),
                 },
             };
-            let checked = resolved.and_then(|(origin, resolved)| {
+            let checked = resolved.and_then(|(origin, resolved, looked_up)| {
                 if !allow_private && is_private_ip(origin.addr.ip()) {
                     return Err(OriginError::Private {
                         index,
@@ -349,13 +407,14 @@ impl SharedOrigins {
                         prefix: origin.path_prefix.clone(),
                     });
                 }
-                Ok((origin, resolved))
+                Ok((origin, resolved, looked_up))
             });
             match checked {
-                Ok((origin, resolved)) => kept.push(PushedRow {
+                Ok((origin, resolved, looked_up)) => kept.push(PushedRow {
                     entry,
                     origin,
                     resolved,
+                    looked_up,
                 }),
                 Err(err) => rejected.push(RejectedRow {
                     index,
@@ -409,6 +468,29 @@ impl SharedOrigins {
         let pushed = self.pushed.lock().iter().map(|p| p.entry.clone()).collect();
         (configured, pushed)
     }
+}
+
+/// Look `names` up concurrently, all within [`RESOLVE_TIMEOUT`] (a lookup still running then
+/// counts as failed; its resolver thread finishes on its own, and the name is not asked again
+/// for [`RESOLVE_EVERY`]).
+async fn lookup_all(names: Vec<(String, u16)>) -> Lookups {
+    use futures::StreamExt;
+    let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
+    futures::stream::iter(names)
+        .map(|(host, port)| async move {
+            let answer =
+                tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.clone(), port)))
+                    .await;
+            let addr = match answer {
+                Ok(Ok(mut addrs)) => addrs.next().ok_or_else(|| "no address".to_string()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
+            };
+            ((host, port), addr)
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await
 }
 
 /// The `(host, port)` an upstream URL connects to, if it is a well-formed http(s) URL.
@@ -657,6 +739,7 @@ mod tests {
         let age = |by: Duration| {
             for p in shared.pushed.lock().iter_mut() {
                 p.resolved = p.resolved.checked_sub(by).unwrap();
+                p.looked_up = p.looked_up.checked_sub(by).unwrap();
             }
         };
         let addr = || shared.current().select("a", "/").map(|o| o.addr);
@@ -681,6 +764,8 @@ mod tests {
         let r = shared.replace_pushed_with(row(), false, down);
         assert!(r.rejected.is_empty(), "{:?}", r.rejected);
         assert_eq!(addr(), Some(expected));
+        // The failed lookup stands for a minute too.
+        assert!(shared.names_to_resolve(&row()).is_empty());
         // An hour of failures, and the row goes.
         age(KEEP_UNRESOLVED);
         let r = shared.replace_pushed_with(row(), false, down);
@@ -698,6 +783,47 @@ mod tests {
             "{:?}",
             r.rejected
         );
+    }
+
+    #[test]
+    fn a_name_that_fails_is_not_looked_up_again_for_a_minute() {
+        let shared = SharedOrigins::new(vec![]).unwrap();
+        let rows = || {
+            vec![
+                entry("slow", None, "http://blackholed.example"),
+                entry("ok", None, "http://fine.example"),
+            ]
+        };
+        let names = shared.names_to_resolve(&rows());
+        assert_eq!(names.len(), 2);
+        let found: Lookups = [
+            (
+                ("blackholed.example".to_string(), 80),
+                Err("no answer within 1.5s".to_string()),
+            ),
+            (
+                ("fine.example".to_string(), 80),
+                Ok(SocketAddr::from(([93, 184, 215, 14], 80))),
+            ),
+        ]
+        .into();
+        let r = shared.apply_push(rows(), false, &found);
+        assert_eq!(r.rejected.len(), 1);
+        assert!(
+            r.rejected[0].error.contains("no answer"),
+            "{:?}",
+            r.rejected
+        );
+        // The next pushes within the minute ask for nothing and report the same reason.
+        assert!(shared.names_to_resolve(&rows()).is_empty());
+        let r = shared.apply_push(rows(), false, &Lookups::new());
+        assert_eq!(r.rejected.len(), 1);
+        assert!(
+            r.rejected[0].error.contains("no answer"),
+            "{:?}",
+            r.rejected
+        );
+        assert!(shared.current().select("ok", "/").is_some());
     }
 
     #[test]
