@@ -524,8 +524,9 @@ async fn a_client_gone_from_a_passing_fill_does_not_cut_the_others_off() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
-    let size = 3 * 1024 * 1024;
-    let path = format!("/gone?size={size}&chunked=1&chunk_delay_ms=3");
+    // More than the 4 MiB a body passing through may hold for a reader.
+    let size = 6 * 1024 * 1024;
+    let path = format!("/gone?size={size}&chunked=1&chunk_delay_ms=2");
     // The first client starts the fill, reads a little and stops reading (it stays connected,
     // its reader pinned at the start of the body), then hangs up.
     let mut first = edge.get(&path).await;

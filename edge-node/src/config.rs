@@ -152,9 +152,9 @@ pub struct CacheSection {
     pub max_object_size: ByteSize,
     /// Memory all bodies being filled from origins or peers may keep for the cache together.
     /// Beyond it a fill still streams to its clients but is not cached (the next miss tries
-    /// again), and every fill passing through holds at most a 4 MiB window for its slowest
-    /// client (a client further behind is cut off): a burst of large misses costs about
-    /// this plus 4 MiB per such miss, not a whole object each.
+    /// again), and while it is in use every fill passing through holds at most a 4 MiB window
+    /// for its slowest client (a client further behind is cut off): a burst of large misses
+    /// costs about this plus 4 MiB per such miss, not a whole object each.
     #[serde(default = "default_max_fill_memory")]
     pub max_fill_memory: ByteSize,
     /// Shards of the memory tier (foyer's default: 8). More shards mean less lock contention

@@ -525,8 +525,10 @@ struct FoyerMissHandler {
 }
 
 /// What a fill passing through may hold for its slowest reader while all fills together are
-/// over their budget (otherwise up to the object limit): about what a socket buffers.
-const PRESSED_WINDOW: usize = 4 * 1024 * 1024;
+/// over their budget, and at least what it may hold otherwise (up to the object limit when
+/// that is larger): many upstream chunks, so a reader whose client keeps up — pingora's own
+/// first client is at most a chunk or two behind — is never cut off, however small the limit.
+const PASS_WINDOW: usize = 4 * 1024 * 1024;
 
 impl FoyerMissHandler {
     /// Stop keeping this body for the cache. pingora-cache would end the response mid-body
@@ -571,9 +573,9 @@ impl HandleMiss for FoyerMissHandler {
         self.fill.push(data);
         if self.passing {
             let window = if pressed {
-                PRESSED_WINDOW.min(max)
+                PASS_WINDOW
             } else {
-                max
+                max.max(PASS_WINDOW)
             };
             let held = self.fill.release_read(window);
             if held.cut > 0 {
@@ -781,9 +783,9 @@ mod tests {
                 .1
         };
         let (mut fast, mut stuck) = (reader().await, reader().await);
-        // 1.5 MiB: the stuck reader falls more than the 512 KiB limit behind and is cut off;
-        // the other one, and the fill, go on to the end.
-        for _ in 0..96 {
+        // 6 MiB: the stuck reader falls more than the 4 MiB window behind and is cut off; the
+        // other one, and the fill, go on to the end.
+        for _ in 0..384 {
             miss.write_body(chunk.clone(), false).await.unwrap();
             fast.read_body().await.unwrap().unwrap();
         }
@@ -822,7 +824,10 @@ mod tests {
                 Err(e) => break e,
             }
         };
-        assert!((1 << 19..=1 << 20).contains(&written), "{written}");
+        assert!(
+            ((4 << 20)..=(4 << 20) + (1 << 19)).contains(&written),
+            "{written}"
+        );
         assert!(err.to_string().contains("no client"), "{err}");
         assert!(!s.holds("h/alone") && !s.holds("h/slow"));
     }
