@@ -137,6 +137,9 @@ pub fn is_private_ip(ip: IpAddr) -> bool {
                 || ip.is_multicast()
                 || (seg[0] & 0xfe00) == 0xfc00 // unique local
                 || (seg[0] & 0xffc0) == 0xfe80 // link local
+                || (seg[0] & 0xffc0) == 0xfec0 // site local (deprecated, still routed inside)
+                || (seg[0], seg[1], seg[2]) == (0x64, 0xff9b, 1) // local-use NAT64, 64:ff9b:1::/48
+                || (seg[0], seg[1]) == (0x2001, 0) // Teredo: an IPv4 tunnel endpoint inside
                 // IPv4-mapped and IPv4-compatible (::a.b.c.d) addresses
                 || ip.to_ipv4().is_some_and(v4)
                 || (nat64 && v4(embedded(seg[6], seg[7])))
@@ -701,29 +704,17 @@ mod tests {
             to_loopback,
         );
         assert!(r.rejected.is_empty());
-        for private in [
-            "127.0.0.1",
-            "10.0.0.1",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "::1",
-            "fd00::1",
-            "fe80::1",
-            "::ffff:10.0.0.1",
-        ] {
-            assert!(is_private_ip(private.parse().unwrap()), "{private}");
+        let private = "127.0.0.1 10.0.0.1 172.16.0.1 192.168.1.1 169.254.169.254 100.64.0.1 \
+            0.0.0.0 0.1.2.3 198.18.0.1 192.0.0.8 224.0.0.1 240.0.0.1 255.255.255.255 ::1 :: \
+            fd00::1 fe80::1 fec0::1 ff02::1 ::ffff:10.0.0.1 ::10.0.0.1 64:ff9b::a9fe:a9fe \
+            64:ff9b:1::5db8:d70e 2002:a00:1::1 2001:0:4136:e378::1";
+        for ip in private.split_whitespace() {
+            assert!(is_private_ip(ip.parse().unwrap()), "{ip}");
         }
-        for public in [
-            "93.184.215.14",
-            "100.128.0.1",
-            "2606:4700::1111",
-            "64:ff9b::5db8:d70e",
-            "2002:5db8:d70e::1",
-        ] {
-            assert!(!is_private_ip(public.parse().unwrap()), "{public}");
+        let public = "93.184.215.14 100.128.0.1 198.20.0.1 192.0.2.1 2606:4700::1111 \
+            64:ff9b::5db8:d70e 2002:5db8:d70e::1 2001:db8::1 ::ffff:93.184.215.14";
+        for ip in public.split_whitespace() {
+            assert!(!is_private_ip(ip.parse().unwrap()), "{ip}");
         }
     }
 
