@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shadowcdn_tests::cluster::{BrokerProc, EdgeProc, EdgeSpec, Pki, OPERATOR_TOKEN};
-use shadowcdn_tests::{client, TestOrigin};
+use shadowcdn_tests::{client, text, TestOrigin};
 
 const HOST: &str = "site.test";
 
@@ -211,17 +211,6 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
-}
-
-async fn text(url: String) -> String {
-    client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap()
 }
 
 /// The value of the first sample of `name` whose labels contain every one of `labels`.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use shadowcdn_tests::cluster::{edge_config, EdgeProc, EDGE_TOKEN};
 use shadowcdn_tests::origin::body_for;
-use shadowcdn_tests::{client, Binary, TestOrigin};
+use shadowcdn_tests::{client, text, Binary, TestOrigin};
 
 const HOST: &str = "test.local";
 const TOKEN: &str = EDGE_TOKEN;
@@ -29,6 +29,7 @@ trait EdgeExt {
         headers: &[(&str, &str)],
     ) -> reqwest::Response;
     async fn purge(&self, key: &str, token: &str) -> reqwest::Response;
+    async fn metrics(&self) -> String;
 }
 
 impl EdgeExt for Edge {
@@ -65,6 +66,10 @@ impl EdgeExt for Edge {
             .send()
             .await
             .expect("admin answers")
+    }
+
+    async fn metrics(&self) -> String {
+        text(format!("http://{}/metrics", self.admin)).await
     }
 }
 
@@ -502,14 +507,7 @@ async fn oversize_objects_pass_through_uncached() {
     }
     let fetched = origin.hits("/bigchunked");
     assert!((3..=5).contains(&fetched), "{fetched} origin fetches");
-    let text = client()
-        .get(format!("http://{}/metrics", edge.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = edge.metrics().await;
     assert!(
         text.lines()
             .any(|l| l.starts_with("shadowcdn_edge_fill_passthrough_total") && !l.ends_with(" 0")),
@@ -546,14 +544,7 @@ async fn a_client_gone_from_a_passing_fill_does_not_cut_the_others_off() {
         assert_eq!(body.expect("a whole body"), size);
     }
     assert_eq!(origin.hits("/gone"), 1, "the others shared the first fill");
-    let text = client()
-        .get(format!("http://{}/metrics", edge.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = edge.metrics().await;
     assert!(
         text.contains("shadowcdn_edge_fill_readers_cut_total 1"),
         "{text}"
@@ -586,14 +577,7 @@ async fn metrics_are_exposed() {
     let edge = start_edge(origin.addr, dir.path(), "");
     edge.get("/m").await;
     edge.get("/m").await;
-    let text = client()
-        .get(format!("http://{}/metrics", edge.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = edge.metrics().await;
     for needle in [
         "shadowcdn_edge_requests_total{cache_status=\"hit\"} 1",
         "shadowcdn_edge_requests_total{cache_status=\"miss\"} 1",
@@ -855,14 +839,7 @@ async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl(
         "MISS",
         "wasted shadow was purged"
     );
-    let text = client()
-        .get(format!("http://{}/metrics", edge.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = edge.metrics().await;
     assert!(
         text.contains("shadowcdn_edge_shadows_expired_total{outcome=\"wasted\"} 1"),
         "{text}"

@@ -28,6 +28,14 @@ pub struct Origin {
     pub host_header: String,
 }
 
+impl Origin {
+    /// Whether `other` serves the same requests (same host and prefix): two such rows cannot
+    /// both be in a table, and a pushed one displaces a configured one.
+    fn same_route(&self, other: &Origin) -> bool {
+        self.host == other.host && self.path_prefix == other.path_prefix
+    }
+}
+
 /// The `Host` an origin is asked with: its upstream URL's own `host[:port]`, or with
 /// `forward_host` the site's host (port-free, as in the cache key). Edges and the broker's
 /// direct-to-origin fallback both use it.
@@ -191,7 +199,7 @@ impl OriginTable {
         let mut by_host: HashMap<String, Vec<Arc<Origin>>> = HashMap::new();
         for (index, origin) in origins.into_iter().enumerate() {
             let rows = by_host.entry(origin.host.clone()).or_default();
-            if rows.iter().any(|o| o.path_prefix == origin.path_prefix) {
+            if rows.iter().any(|o| o.same_route(&origin)) {
                 return Err(OriginError::Duplicate {
                     index,
                     host: origin.host.clone(),
@@ -401,9 +409,7 @@ impl SharedOrigins {
                         addr: origin.addr.ip(),
                     });
                 }
-                if kept.iter().any(|k| {
-                    k.origin.host == origin.host && k.origin.path_prefix == origin.path_prefix
-                }) {
+                if kept.iter().any(|k| k.origin.same_route(&origin)) {
                     return Err(OriginError::Duplicate {
                         index,
                         host: origin.host.clone(),
@@ -426,10 +432,7 @@ impl SharedOrigins {
                 }),
             }
         }
-        let overridden = |o: &Origin| {
-            kept.iter()
-                .any(|k| k.origin.host == o.host && k.origin.path_prefix == o.path_prefix)
-        };
+        let overridden = |o: &Origin| kept.iter().any(|k| k.origin.same_route(o));
         let origins: Vec<Arc<Origin>> = self
             .configured
             .iter()
@@ -496,19 +499,40 @@ async fn lookup_all(names: Vec<(String, u16)>) -> Lookups {
         .await
 }
 
-/// The `(host, port)` an upstream URL connects to, if it is a well-formed http(s) URL.
+/// Where an upstream URL connects: one reading for building the table and for the lookups a
+/// push makes before it, so both name the same `(name, port)`.
+struct Target {
+    tls: bool,
+    /// The URL's host as written (IPv6 literals in brackets), for SNI.
+    authority: String,
+    /// The host to resolve (brackets removed).
+    name: String,
+    port: u16,
+}
+
+impl Target {
+    fn of(uri: &Uri) -> Result<Target, &'static str> {
+        let tls = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err("scheme must be http or https"),
+        };
+        let authority = uri.host().ok_or("missing host")?.to_string();
+        let name = authority.trim_matches(|c| c == '[' || c == ']').to_string();
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        Ok(Target {
+            tls,
+            authority,
+            name,
+            port,
+        })
+    }
+}
+
+/// The `(name, port)` an upstream URL connects to, if it is a well-formed http(s) URL.
 fn upstream_target(upstream: &str) -> Option<(String, u16)> {
-    let uri: Uri = upstream.parse().ok()?;
-    let tls = match uri.scheme_str()? {
-        "http" => false,
-        "https" => true,
-        _ => return None,
-    };
-    let host = uri
-        .host()?
-        .trim_matches(|c| c == '[' || c == ']')
-        .to_string();
-    Some((host, uri.port_u16().unwrap_or(if tls { 443 } else { 80 })))
+    let t = Target::of(&upstream.parse().ok()?).ok()?;
+    Some((t.name, t.port))
 }
 
 /// Lower-case the host and strip a `:port` suffix (IPv6 literals keep their brackets).
@@ -556,23 +580,22 @@ fn parse_entry(
         });
     }
     let uri: Uri = e.upstream.parse().map_err(|_| bad("not a URL"))?;
-    let tls = match uri.scheme_str() {
-        Some("http") => false,
-        Some("https") => true,
-        _ => return Err(bad("scheme must be http or https")),
-    };
-    let authority = uri.host().ok_or_else(|| bad("missing host"))?.to_string();
+    let Target {
+        tls,
+        authority,
+        name,
+        port,
+    } = Target::of(&uri).map_err(bad)?;
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(bad("upstream URL must not have a path"));
     }
     let host_header = host_header(&uri, &host, e.forward_host);
-    let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
     let unresolvable = |reason: String| OriginError::Unresolvable {
         index,
         value: e.upstream.clone(),
         reason,
     };
-    let addr = resolve(authority.trim_matches(|c| c == '[' || c == ']'), port)
+    let addr = resolve(&name, port)
         .map_err(|err| unresolvable(err.to_string()))?
         .ok_or_else(|| unresolvable("no address".into()))?;
     Ok(Origin {

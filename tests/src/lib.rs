@@ -17,3 +17,15 @@ pub fn client() -> reqwest::Client {
         .build()
         .expect("reqwest client builds with static options")
 }
+
+/// The body of `GET url` (a metrics page, a listing), failing the test if it does not answer.
+pub async fn text(url: String) -> String {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}

@@ -665,22 +665,38 @@ mod tests {
         CacheMeta::new(now + Duration::from_secs(60), now, 0, 0, header)
     }
 
+    /// A fill of `key` and the reader pingora gives the client that started it.
+    async fn fill_with_reader(
+        s: &'static FoyerStorage,
+        key: &CacheKey,
+    ) -> (MissHandler, HitHandler) {
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let miss = s
+            .get_miss_handler(key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        let reader = reader_of(s, key, &miss).await;
+        (miss, reader)
+    }
+
+    /// One more reader of the fill `miss` writes (a client that joined it).
+    async fn reader_of(s: &'static FoyerStorage, key: &CacheKey, miss: &MissHandler) -> HitHandler {
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let tag = miss.streaming_write_tag().unwrap();
+        s.lookup_streaming_write(key, Some(tag), &trace)
+            .await
+            .unwrap()
+            .unwrap()
+            .1
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_body_over_the_limit_streams_to_its_reader_uncached() {
         let dir = tempfile::tempdir().unwrap();
         let s = small_storage(dir.path()).await;
         let key = CacheKey::new("h/big", "");
         let trace = pingora_cache::trace::Span::inactive().handle();
-        let mut miss = s
-            .get_miss_handler(&key, &fresh_meta(), &trace)
-            .await
-            .unwrap();
-        let tag = miss.streaming_write_tag().unwrap().to_vec();
-        let (_, mut reader) = s
-            .lookup_streaming_write(&key, Some(&tag), &trace)
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut miss, mut reader) = fill_with_reader(s, &key).await;
         let chunk = 16 * 1024;
         let mut got = Vec::new();
         // 1 MiB, twice the limit, read as it streams.
@@ -714,26 +730,14 @@ mod tests {
     async fn fills_past_the_fill_memory_pass_through_and_the_rest_commit() {
         let dir = tempfile::tempdir().unwrap();
         let s = small_storage(dir.path()).await;
-        let trace = pingora_cache::trace::Span::inactive().handle();
         let chunk = Bytes::from(vec![1u8; 64 * 1024]);
         let mut misses = Vec::new();
         let mut readers = Vec::new();
         for k in ["h/a", "h/b", "h/c"] {
-            let key = CacheKey::new(k, "");
-            let miss = s
-                .get_miss_handler(&key, &fresh_meta(), &trace)
-                .await
-                .unwrap();
-            let tag = miss.streaming_write_tag().unwrap().to_vec();
             // Each fill serves a client, as pingora's first request reads its own fill.
-            readers.push(
-                s.lookup_streaming_write(&key, Some(&tag), &trace)
-                    .await
-                    .unwrap()
-                    .unwrap()
-                    .1,
-            );
+            let (miss, reader) = fill_with_reader(s, &CacheKey::new(k, "")).await;
             misses.push(miss);
+            readers.push(reader);
         }
         // a and b hold 512 KiB each: the whole 1 MiB budget.
         for m in &mut misses[..2] {
@@ -767,22 +771,10 @@ mod tests {
     async fn a_stuck_reader_is_cut_off_and_a_fill_nobody_reads_ends() {
         let dir = tempfile::tempdir().unwrap();
         let s = small_storage(dir.path()).await;
-        let trace = pingora_cache::trace::Span::inactive().handle();
         let chunk = Bytes::from(vec![7u8; 16 * 1024]);
         let key = CacheKey::new("h/slow", "");
-        let mut miss = s
-            .get_miss_handler(&key, &fresh_meta(), &trace)
-            .await
-            .unwrap();
-        let tag = miss.streaming_write_tag().unwrap().to_vec();
-        let reader = || async {
-            s.lookup_streaming_write(&key, Some(&tag), &trace)
-                .await
-                .unwrap()
-                .unwrap()
-                .1
-        };
-        let (mut fast, mut stuck) = (reader().await, reader().await);
+        let (mut miss, mut fast) = fill_with_reader(s, &key).await;
+        let mut stuck = reader_of(s, &key, &miss).await;
         // 6 MiB: the stuck reader falls more than the 4 MiB window behind and is cut off; the
         // other one, and the fill, go on to the end.
         for _ in 0..384 {
@@ -806,17 +798,7 @@ mod tests {
         assert_eq!(s.fill_bytes(), 0);
 
         // With its only reader stuck, the fill stops once that reader is cut off.
-        let key = CacheKey::new("h/alone", "");
-        let mut miss = s
-            .get_miss_handler(&key, &fresh_meta(), &trace)
-            .await
-            .unwrap();
-        let tag = miss.streaming_write_tag().unwrap().to_vec();
-        let _stuck = s
-            .lookup_streaming_write(&key, Some(&tag), &trace)
-            .await
-            .unwrap()
-            .unwrap();
+        let (mut miss, _stuck) = fill_with_reader(s, &CacheKey::new("h/alone", "")).await;
         let mut written = 0;
         let err = loop {
             match miss.write_body(chunk.clone(), false).await {
