@@ -1,6 +1,8 @@
 //! The operator-facing files under deploy/ stay in step with the code: every metric the
 //! Grafana dashboard and the Prometheus alerts query is one the edge or the broker exports,
-//! so renaming a metric cannot leave a panel blank or an alert silently unable to fire.
+//! so renaming a metric cannot leave a panel blank or an alert silently unable to fire; every
+//! configuration shipped there passes its binary's `--check`; the Kubernetes broker addresses
+//! the edges' Services; the image carries the ONNX Runtime version the forecaster expects.
 
 use std::path::{Path, PathBuf};
 
@@ -89,4 +91,185 @@ fn every_alert_has_an_expression_and_prometheus_loads_the_rules() {
     }
     let config = read("deploy/prometheus/prometheus.yml");
     assert!(config.contains("rule_files:") && config.contains("- alerts.yml"));
+}
+
+/// The block of a Kubernetes ConfigMap key written as `  <key>: |`, unindented.
+fn config_map_entry(yaml: &str, key: &str) -> String {
+    let header = format!("  {key}: |");
+    let mut lines = yaml.lines().skip_while(|l| l.trim_end() != header);
+    assert!(lines.next().is_some(), "no ConfigMap entry {key}");
+    let mut out = String::new();
+    for l in lines {
+        if !l.trim().is_empty() && !l.starts_with("    ") {
+            break;
+        }
+        out.push_str(l.strip_prefix("    ").unwrap_or(""));
+        out.push('\n');
+    }
+    out
+}
+
+/// Runs `bin --check` on the TOML text `toml` with `envs` (the variables a deployment sets) and
+/// no other SHADOWCDN_* variable, and fails with the binary's message.
+fn assert_check_passes(
+    package: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    name: &str,
+    toml: &str,
+) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join(name);
+    std::fs::write(&path, toml).expect("write config");
+    let bin = shadowcdn_tests::Binary::get(package, package);
+    let mut cmd = bin.command();
+    cmd.args(args).arg("--config").arg(&path).arg("--check");
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SHADOWCDN_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(envs.iter().copied());
+    let out = cmd.output().expect("run --check");
+    assert!(
+        out.status.success(),
+        "{package} --check rejects {name}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn every_shipped_configuration_passes_its_binarys_check() {
+    let local_edge = read("deploy/local/edge.toml");
+    assert_check_passes("edge-node", &[], &[], "local-edge.toml", &local_edge);
+    let local_broker = read("deploy/local/broker.toml");
+    assert_check_passes("broker", &["run"], &[], "local-broker.toml", &local_broker);
+    // The Kubernetes configs take their tokens and per-pod certificate paths from the
+    // environment (Secrets), as the manifests set them.
+    let token = "0123456789abcdef0123456789abcdef";
+    let edge = config_map_entry(&read("deploy/kubernetes/edge-node.yaml"), "edge.toml");
+    let edge_env = [
+        ("SHADOWCDN_EDGE_NODE_ID", "shadowcdn-edge-0"),
+        ("SHADOWCDN_EDGE_ADMIN__TOKEN", token),
+        (
+            "SHADOWCDN_EDGE_SYNC__CERT",
+            "/etc/shadowcdn/tls/shadowcdn-edge-0.pem",
+        ),
+        (
+            "SHADOWCDN_EDGE_SYNC__KEY",
+            "/etc/shadowcdn/tls/shadowcdn-edge-0.key",
+        ),
+    ];
+    assert_check_passes("edge-node", &[], &edge_env, "k8s-edge.toml", &edge);
+    let broker = config_map_entry(&read("deploy/kubernetes/broker.yaml"), "broker.toml");
+    let broker_env = [
+        ("SHADOWCDN_BROKER_ADMIN__OPERATOR_TOKEN", token),
+        ("SHADOWCDN_BROKER_ADMIN__EDGE_TOKEN", token),
+    ];
+    assert_check_passes("broker", &["run"], &broker_env, "k8s-broker.toml", &broker);
+}
+
+/// `(field, value)` of every `field = "value"` line of a TOML text, in order.
+fn toml_strings(text: &str) -> Vec<(String, String)> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            let v = v
+                .split('#')
+                .next()?
+                .trim()
+                .strip_prefix('"')?
+                .strip_suffix('"')?;
+            Some((k.trim().to_string(), v.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_kubernetes_broker_addresses_each_edge_through_its_service() {
+    let edges = read("deploy/kubernetes/edge-node.yaml");
+    let broker = config_map_entry(&read("deploy/kubernetes/broker.yaml"), "broker.toml");
+    let fields = toml_strings(&broker);
+    let ids: Vec<&str> = fields
+        .iter()
+        .filter(|(k, _)| k == "id")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(!ids.is_empty(), "broker.yaml lists no edges");
+    let services: Vec<&str> = edges.split("\n---\n").collect();
+    for (n, id) in ids.iter().enumerate() {
+        let service = services
+            .iter()
+            .find(|s| s.contains("kind: Service") && s.contains(&format!("name: {id}\n")))
+            .unwrap_or_else(|| panic!("edge-node.yaml has no Service {id}"));
+        assert!(
+            service.contains(&format!("pod-name: {id} }}")),
+            "Service {id} does not select pod {id}"
+        );
+        let ip = service
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("clusterIP: "))
+            .unwrap_or_else(|| panic!("Service {id} has no fixed clusterIP"));
+        let edge_fields: Vec<&(String, String)> = fields
+            .iter()
+            .skip_while(|(k, v)| !(k == "id" && v == id))
+            .take_while(|(k, v)| !(k == "id" && v != id))
+            .collect();
+        for (field, port) in [("addr", "8080"), ("admin", "9080"), ("sync", "8443")] {
+            let want = format!("{ip}:{port}");
+            assert!(
+                edge_fields.iter().any(|(k, v)| k == field && *v == want),
+                "edge {n} ({id}): {field} should be {want}"
+            );
+            assert!(
+                service.contains(&format!("port: {port},")),
+                "Service {id} does not expose {port}"
+            );
+        }
+    }
+    for (section, listen) in [
+        ("[server]", "0.0.0.0:8080"),
+        ("[admin]", "0.0.0.0:9080"),
+        ("[sync]", "0.0.0.0:8443"),
+    ] {
+        let edge = config_map_entry(&edges, "edge.toml");
+        let after = edge.split(section).nth(1).expect("section present");
+        assert!(
+            after.lines().take(3).any(|l| l.contains(listen)),
+            "edge.toml {section} does not listen on {listen}"
+        );
+    }
+}
+
+#[test]
+fn the_image_ships_the_onnx_runtime_the_setup_pins() {
+    let setup = read("deploy/setup.sh");
+    let version = setup
+        .lines()
+        .find_map(|l| l.strip_prefix("ORT_VERSION="))
+        .expect("setup.sh pins ORT_VERSION");
+    let docker = read("deploy/docker/Dockerfile");
+    assert!(
+        docker.contains(&format!("libonnxruntime.so.{version}")),
+        "the Dockerfile's ORT_DYLIB_PATH is not onnxruntime {version}"
+    );
+    for bin in ["edge-node", "broker"] {
+        assert!(
+            docker.contains(&format!("target/release/{bin}")),
+            "the image lacks {bin}"
+        );
+    }
+    for file in ["models/lstm.onnx", "models/lstm.json"] {
+        assert!(
+            repo().join(file).is_file() && docker.contains(file),
+            "{file}"
+        );
+    }
+    for manifest in ["edge-node.yaml", "broker.yaml"] {
+        assert!(
+            read(&format!("deploy/kubernetes/{manifest}")).contains("image: shadowcdn/shadowcdn:"),
+            "{manifest} does not run the image deploy/docker/Dockerfile builds"
+        );
+    }
 }

@@ -1121,12 +1121,9 @@ impl BackgroundService for Planner {
                 _ = shutdown.changed() => return,
                 _ = tick.tick() => {}
             }
-            // Counted before the shutdown check: the drain either waits for this tick or the
-            // tick sees the shutdown and does not start.
-            let _busy = self.inflight.enter();
-            if *shutdown.borrow() {
+            let Some(_busy) = self.inflight.enter_unless_shutdown(&shutdown) else {
                 return;
-            }
+            };
             self.metrics.forecaster_fallback.set(i64::from(
                 status.fallback.load(std::sync::atomic::Ordering::Relaxed),
             ));

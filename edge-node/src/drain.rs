@@ -30,6 +30,14 @@ impl InflightCounter {
         InflightGuard(self.0.clone())
     }
 
+    /// Mark background work (a planning tick, a placement) as started unless shutdown has
+    /// begun. Entering before the check closes the race with the drain: either the drain sees
+    /// this work and waits for it, or the work sees the shutdown and does not start.
+    pub fn enter_unless_shutdown(&self, shutdown: &ShutdownWatch) -> Option<InflightGuard> {
+        let guard = self.enter();
+        (!*shutdown.borrow()).then_some(guard)
+    }
+
     /// Requests in flight now.
     pub fn count(&self) -> usize {
         self.0.load(Ordering::Acquire)
@@ -120,6 +128,19 @@ mod tests {
         drop(a);
         drop(b);
         assert_eq!(c.count(), 0);
+    }
+
+    #[test]
+    fn background_work_does_not_start_once_shutdown_began() {
+        let c = InflightCounter::default();
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        let busy = c.enter_unless_shutdown(&rx);
+        assert!(busy.is_some());
+        assert_eq!(c.count(), 1);
+        drop(busy);
+        tx.send(true).unwrap();
+        assert!(c.enter_unless_shutdown(&rx).is_none());
+        assert_eq!(c.count(), 0, "a refused entry leaves nothing counted");
     }
 
     #[tokio::test]

@@ -212,10 +212,9 @@ impl BackgroundService for CoAccessService {
                 _ = shutdown.changed() => return,
                 t = rx.recv() => match t {
                     Some(t) => {
-                        let _busy = self.inflight.enter();
-                        if *shutdown.borrow() {
+                        let Some(_busy) = self.inflight.enter_unless_shutdown(&shutdown) else {
                             return;
-                        }
+                        };
                         self.handle(t).await;
                     }
                     None => return,
