@@ -307,6 +307,46 @@ impl EdgeConfig {
                 "cache.max_object_size must be at most a quarter of cache.disk_capacity".into(),
             ));
         }
+        if c.max_object_size.as_u64() > MAX_OBJECT_BYTES {
+            return Err(ConfigError::Invalid(format!(
+                "cache.max_object_size must be at most {} (the stored body's length field)",
+                ByteSize(MAX_OBJECT_BYTES)
+            )));
+        }
+        let at_least_one = [
+            (
+                "server.origin_connect_timeout_secs",
+                self.server.origin_connect_timeout_secs,
+            ),
+            (
+                "server.origin_read_timeout_secs",
+                self.server.origin_read_timeout_secs,
+            ),
+            // 0 would turn request coalescing off: every concurrent miss to the origin.
+            ("cache.lock_timeout_secs", c.lock_timeout_secs),
+        ];
+        for (field, v) in at_least_one {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!("{field} must be at least 1")));
+            }
+        }
+        for (field, v) in [
+            ("cache.default_ttl_secs", c.default_ttl_secs),
+            ("shadow.max_ttl_secs", self.shadow.max_ttl_secs),
+        ] {
+            if v > MAX_TTL_SECS {
+                return Err(ConfigError::Invalid(format!(
+                    "{field} must be at most {MAX_TTL_SECS} (10 years)"
+                )));
+            }
+        }
+        // An expired ban becomes a floor for its whole host (objects stored before it count
+        // as absent), so a short retention turns every prefix purge into a host purge.
+        if c.ban_retention_secs < MIN_BAN_RETENTION_SECS {
+            return Err(ConfigError::Invalid(format!(
+                "cache.ban_retention_secs must be at least {MIN_BAN_RETENTION_SECS} (1 hour)"
+            )));
+        }
         if self.admin.token.trim().len() < 8 {
             return Err(ConfigError::Invalid(
                 "admin.token must be at least 8 characters".into(),
@@ -334,6 +374,13 @@ impl EdgeConfig {
         need.max(BLOCK_FLOOR) as usize
     }
 }
+
+/// Largest body the stored object format can hold (a u32 length).
+const MAX_OBJECT_BYTES: u64 = u32::MAX as u64;
+/// Longest lifetime a config may give: beyond it deadlines overflow, and no CDN object needs it.
+const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Shortest prefix-ban retention (see `check`).
+const MIN_BAN_RETENTION_SECS: u64 = 3600;
 
 /// foyer's default block size; also the smallest we use.
 const BLOCK_FLOOR: u64 = 16 * 1024 * 1024;
@@ -510,6 +557,31 @@ mod tests {
                 .to_string();
             assert!(err.contains("node_id"), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn values_that_would_break_serving_are_refused_by_name() {
+        let with = |section: &str, line: &str| {
+            let text = if section == "[cache]" {
+                MINIMAL.replace("dir = \"/tmp/x\"", &format!("dir = \"/tmp/x\"\n{line}"))
+            } else {
+                MINIMAL.replace(section, &format!("{section}\n{line}"))
+            };
+            EdgeConfig::from_toml(&text)
+        };
+        for (section, line, field) in [
+            ("[server]", "origin_connect_timeout_secs = 0", "origin_connect_timeout_secs"),
+            ("[server]", "origin_read_timeout_secs = 0", "origin_read_timeout_secs"),
+            ("[cache]", "lock_timeout_secs = 0", "lock_timeout_secs"),
+            ("[cache]", "default_ttl_secs = 18446744073709551615", "default_ttl_secs"),
+            ("[cache]", "ban_retention_secs = 0", "ban_retention_secs"),
+            ("[cache]", "max_object_size = \"5 GiB\"\ndisk_capacity = \"40 GiB\"\nmax_fill_memory = \"8 GiB\"", "max_object_size"),
+        ] {
+            let err = with(section, line).unwrap_err().to_string();
+            assert!(err.contains(field), "{line}: {err}");
+        }
+        assert!(with("[cache]", "default_ttl_secs = 86400").is_ok());
+        assert!(with("[cache]", "ban_retention_secs = 3600").is_ok());
     }
 
     #[test]

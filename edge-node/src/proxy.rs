@@ -842,15 +842,21 @@ impl ProxyHttp for EdgeProxy {
         client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("Peer: {peer}"));
-        if ctx.demand_peer.take().is_some() && session.response_written().is_none() {
-            // Nothing reached the client yet: the origin answers instead.
+        let asked_peer = ctx.demand_peer.take().is_some();
+        if ctx.peer_served || ctx.upstream_responded {
+            // A response header was accepted, so pingora-cache may hold a miss handler for it:
+            // a retry would open a second one (a panic). A body that breaks after its header
+            // fails the request.
+            e.set_retry(false);
+        } else if asked_peer {
+            // The peer's answer was refused or never came, so nothing was cached or sent:
+            // the origin answers instead.
             if !matches!(e.etype(), ErrorType::Custom(PEER_MISS)) {
                 self.metrics
                     .demand_peer_fills
                     .with_label_values(&["error"])
                     .inc();
             }
-            ctx.peer_served = false;
             e.set_retry(true);
         } else if !session.req_header().method.is_idempotent()
             || session.as_ref().retry_buffer_truncated()

@@ -151,15 +151,15 @@ impl BanList {
             .filter(|c| *c != '\n' && *c != '\r')
             .collect();
         let at_ms = now_ms();
-        {
-            let mut w = self.writer.lock();
-            writeln!(w, "ban {at_ms} {prefix}")
-                .and_then(|_| w.sync_data())
-                .map_err(|source| BanError::Io {
-                    path: self.path.clone(),
-                    source,
-                })?;
-        }
+        // Held until the ban is in `state` too: a compaction in between would rewrite the
+        // log from a state without it, and the ban would not survive a restart.
+        let mut w = self.writer.lock();
+        writeln!(w, "ban {at_ms} {prefix}")
+            .and_then(|_| w.sync_data())
+            .map_err(|source| BanError::Io {
+                path: self.path.clone(),
+                source,
+            })?;
         self.state.write().push(Ban { prefix, at_ms });
         Ok(())
     }

@@ -47,6 +47,8 @@ pub(crate) struct Chunks {
     held: usize,
     /// The body passes through: never committed, no new readers.
     passing: bool,
+    /// Committed to the cache: `held` no longer counts against the fill budget.
+    committed: bool,
 }
 
 /// The read position of a reader a pass-through cut off.
@@ -103,6 +105,18 @@ impl Fill {
         }
         // Notify after the chunk is visible so no reader can miss it.
         self.state.send_replace(FillState::Writing);
+    }
+
+    /// The body is in the cache now. Its chunks stay readable for the clients still
+    /// receiving them (as a hit's client keeps its entry's bytes), but they stop counting
+    /// against the fill budget: slow downloads of committed objects must not make every new
+    /// fill pass through uncached.
+    pub(crate) fn committed(&self) {
+        let mut chunks = self.chunks.write();
+        if !chunks.committed {
+            chunks.committed = true;
+            self.in_flight.fetch_sub(chunks.held, Ordering::Relaxed);
+        }
     }
 
     pub(crate) fn finish(&self, state: FillState) {
@@ -187,8 +201,10 @@ impl Fill {
 impl Drop for Fill {
     fn drop(&mut self) {
         // The last holder (writer, reader or the fill table) frees the chunks.
-        self.in_flight
-            .fetch_sub(self.chunks.get_mut().held, Ordering::Relaxed);
+        let chunks = self.chunks.get_mut();
+        if !chunks.committed {
+            self.in_flight.fetch_sub(chunks.held, Ordering::Relaxed);
+        }
     }
 }
 
@@ -412,6 +428,30 @@ mod tests {
             fill.release_read(100),
             held(0, 0, 0),
             "no readers: nothing held"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_committed_fill_stops_counting_while_a_slow_reader_still_reads_it() {
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), in_flight.clone());
+        let mut slow = PartialHit::new(fill.clone()).unwrap();
+        fill.push(Bytes::from(vec![1; 10]));
+        fill.push(Bytes::from(vec![2; 10]));
+        fill.finish(FillState::Done);
+        assert_eq!(in_flight.load(Ordering::Relaxed), 20);
+        fill.committed();
+        fill.committed();
+        assert_eq!(in_flight.load(Ordering::Relaxed), 0, "counted out once");
+        drop(fill);
+        assert_eq!(slow.read_body().await.unwrap().unwrap()[0], 1);
+        assert_eq!(slow.read_body().await.unwrap().unwrap()[0], 2);
+        assert!(slow.read_body().await.unwrap().is_none());
+        drop(slow);
+        assert_eq!(
+            in_flight.load(Ordering::Relaxed),
+            0,
+            "not subtracted again on drop"
         );
     }
 

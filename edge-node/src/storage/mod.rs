@@ -614,6 +614,7 @@ impl HandleMiss for FoyerMissHandler {
             if !self.fill.is_cancelled() {
                 // Commit before the fill disappears so lookups always find one of the two.
                 self.storage.cache.insert(self.hash, obj);
+                self.fill.committed();
             }
         }
         self.fill.finish(FillState::Done);
