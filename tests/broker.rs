@@ -275,6 +275,13 @@ async fn routing_is_deterministic_and_spreads_keys() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "unknown_host");
+    // A target too long to keep as a key: JSON 414, nothing recorded or fetched.
+    let long = format!("/long/{}", "a".repeat(9000));
+    let r = c.get(&long, "eu").await;
+    assert_eq!(r.status(), StatusCode::URI_TOO_LONG);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "uri_too_long");
+    assert_eq!(origin.hits(&long), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -329,6 +336,32 @@ async fn a_client_that_hangs_up_marks_no_edge_down() {
         let up = format!("shadowcdn_broker_edge_up{{edge=\"{id}\"}} 0");
         assert!(!m.contains(&up), "{id} marked down:\n{m}");
     }
+}
+
+/// An edge waiting on a slow origin is waited for up to `edge_read_timeout_secs`; then the
+/// client gets a JSON 504, the edge stays in routing and no other edge is asked (it would wait
+/// on the same origin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_origin_behind_an_edge_is_a_504_not_a_failover() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster_with("edge_read_timeout_secs = 1\n");
+    c.register(&origin).await;
+    let r = c.get("/slow/1?delay_ms=2500", "eu").await;
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "upstream_timeout", "{v}");
+    // The edge's own fetch finishes at the origin; nothing else asked for it.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(origin.hits("/slow/1"), 1, "replayed on another edge");
+    let m = c.metrics().await;
+    assert!(m.contains("shadowcdn_broker_retries_total 0"), "{m}");
+    for id in ["eu-a", "eu-b", "eu-s", "us-a"] {
+        let up = format!("shadowcdn_broker_edge_up{{edge=\"{id}\"}} 0");
+        assert!(!m.contains(&up), "{id} marked down:\n{m}");
+    }
+    // And the edge that waited serves the object now.
+    let r = c.get("/slow/1?delay_ms=2500", "eu").await;
+    assert_eq!(r.status(), StatusCode::OK);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,6 +20,12 @@ pub struct BrokerConfig {
     /// Seconds in-flight requests get to finish on SIGTERM.
     #[serde(default = "default_drain")]
     pub drain_timeout_secs: u64,
+    /// Seconds a read from an edge may stall (default 60). Longer than an edge's own wait for
+    /// a slow origin (its cache-lock wait, connect and read timeouts), so that the edge, not
+    /// the broker, gives up on a slow origin; a stall this long is answered 504 and replayed
+    /// nowhere, since another edge would wait on the same origin.
+    #[serde(default = "default_edge_read_timeout")]
+    pub edge_read_timeout_secs: u64,
     /// Provider API, metrics and health listener.
     pub admin: AdminSection,
     /// Where the durable registry and monitor snapshots live.
@@ -284,12 +290,19 @@ impl BrokerConfig {
         if self.admin.edge_token.len() < 8 {
             return bad("admin.edge_token must be at least 8 characters".into());
         }
+        if self.edge_read_timeout_secs == 0 {
+            return bad("edge_read_timeout_secs must be at least 1".into());
+        }
+        if !(self.clock.speedup.is_finite() && self.clock.speedup >= 1e-3) {
+            return bad("clock.speedup must be a finite number of at least 0.001".into());
+        }
         let names: Vec<&str> = self.regions.iter().map(|r| r.name.as_str()).collect();
         if names.is_empty() {
             return bad("regions: at least one region is required".into());
         }
         for (i, r) in self.regions.iter().enumerate() {
-            if names[..i].contains(&r.name.as_str()) {
+            // Client headers and the API name regions case-insensitively.
+            if names[..i].iter().any(|n| n.eq_ignore_ascii_case(&r.name)) {
                 return bad(format!("regions[{i}].name: duplicate region {:?}", r.name));
             }
             for n in &r.neighbours {
@@ -368,6 +381,9 @@ fn default_threads() -> usize {
 }
 fn default_drain() -> u64 {
     30
+}
+fn default_edge_read_timeout() -> u64 {
+    60
 }
 fn default_max_resources() -> usize {
     100_000
@@ -501,6 +517,28 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("[admin]", "[cost]\ninter_edge_per_gb = -0.02\n[admin]");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("cost.inter_edge_per_gb"), "{e}");
+    }
+
+    #[test]
+    fn values_that_would_break_routing_or_the_clock_are_refused_by_name() {
+        for (extra, field) in [
+            ("[clock]\nspeedup = 0\n", "clock.speedup"),
+            ("[clock]\nspeedup = -3.0\n", "clock.speedup"),
+            ("[clock]\nspeedup = inf\n", "clock.speedup"),
+            (
+                "[[regions]]\nname = \"EU\"\nneighbours = []\n",
+                "duplicate region",
+            ),
+        ] {
+            let bad = SAMPLE.replace("[admin]", &format!("{extra}[admin]"));
+            let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
+        let bad = SAMPLE.replace("data_dir", "edge_read_timeout_secs = 0\n        data_dir");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("edge_read_timeout_secs"), "{e}");
+        let ok = SAMPLE.replace("[admin]", "[clock]\nspeedup = 3600.0\n[admin]");
+        assert!(BrokerConfig::from_toml(&ok).is_ok());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use edge_node::drain::{InflightCounter, InflightGuard};
@@ -36,6 +36,8 @@ pub struct BrokerProxy {
     holders: Option<Arc<Holders>>,
     /// Whether the origin fallback may connect to loopback and private addresses.
     allow_private_upstreams: bool,
+    /// How long a read from an edge may stall (`edge_read_timeout_secs`).
+    edge_read_timeout: Duration,
 }
 
 /// Per-request state.
@@ -57,6 +59,14 @@ pub struct BrokerCtx {
     /// Hash of the client address.
     client: u64,
 }
+
+/// Longest request target (path and query, in bytes) the broker routes; longer ones get 414.
+/// Request records, series and co-access pairs keep keys and their caps count entries, so a
+/// key's size needs a bound of its own (8 KiB, as nginx's default request-line buffer).
+pub const MAX_TARGET_BYTES: usize = 8192;
+
+/// Longest user segment recorded; a longer header value is recorded as no segment.
+const MAX_SEGMENT_BYTES: usize = 64;
 
 impl BrokerProxy {
     /// Assemble the proxy.
@@ -83,7 +93,14 @@ impl BrokerProxy {
             inflight,
             holders,
             allow_private_upstreams: false,
+            edge_read_timeout: Duration::from_secs(60),
         }
+    }
+
+    /// How long a read from an edge may stall before the request fails with 504.
+    pub fn with_edge_read_timeout(mut self, timeout: Duration) -> Self {
+        self.edge_read_timeout = timeout;
+        self
     }
 
     /// Let the origin fallback connect to providers' origins on loopback and private
@@ -195,6 +212,12 @@ impl ProxyHttp for BrokerProxy {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         let req = session.req_header();
+        let target = req.uri.path_and_query().map_or(0, |p| p.as_str().len());
+        if target > MAX_TARGET_BYTES {
+            let msg = format!("request target of {target} bytes; at most {MAX_TARGET_BYTES}");
+            respond_json_error(session, 414, "uri_too_long", &msg).await?;
+            return Ok(true);
+        }
         let Some(host) = host_of(req) else {
             respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
             return Ok(true);
@@ -225,6 +248,7 @@ impl ProxyHttp for BrokerProxy {
             .as_deref()
             .and_then(|h| req.headers.get(h))
             .and_then(|v| v.to_str().ok())
+            .filter(|s| s.len() <= MAX_SEGMENT_BYTES)
             .map(str::to_owned);
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         ctx.key = primary_key(&host, pq);
@@ -270,7 +294,7 @@ impl ProxyHttp for BrokerProxy {
         };
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
         peer.options.total_connection_timeout = Some(std::time::Duration::from_secs(2));
-        peer.options.read_timeout = Some(std::time::Duration::from_secs(30));
+        peer.options.read_timeout = Some(self.edge_read_timeout);
         Ok(Box::new(peer))
     }
 
@@ -338,11 +362,27 @@ impl ProxyHttp for BrokerProxy {
         // response): that is no evidence against the edge, and retrying it on the next edge
         // would only fail there as well.
         let from_client = *e.esource() == ErrorSource::Downstream;
+        // A stall is a slow origin behind the edge far more often than a dead edge (the
+        // probes catch those): another edge would wait on the same origin.
+        let stalled = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
         let replayable = !from_client
+            && !stalled
             && session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
-        if replayable && !ctx.origin_tried {
+        let edge = ctx.chosen.and_then(|c| c.edge);
+        if replayable && client_reused && edge.is_some() {
+            // A pooled connection the edge had already closed (keep-alive race): no evidence
+            // against the edge, which gets the request again on a fresh connection.
+            ctx.tried.retain(|t| Some(*t) != edge);
+            self.metrics.retries.inc();
+            e.set_retry(true);
+        } else if stalled {
+            e.set_retry(false);
+        } else if replayable && !ctx.origin_tried {
             if let Some(Choice {
                 edge: Some(edge), ..
             }) = ctx.chosen
@@ -391,16 +431,28 @@ impl ProxyHttp for BrokerProxy {
     where
         Self::CTX: Send + Sync,
     {
+        let stalled = *e.esource() == ErrorSource::Upstream
+            && matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            );
         // Every route failing is a gateway error here, not an internal one.
         let code = match error_status(e) {
+            _ if stalled => 504,
             (_, "internal") => 502,
             (code, _) => code,
         };
         if code > 0 && session.response_written().is_none() {
-            let attempts = ctx.tried.len() + usize::from(ctx.origin_tried);
-            let msg =
-                format!("no edge or origin could serve the request after {attempts} attempts");
-            if let Err(err) = respond_json_error(session, code, "no_route", &msg).await {
+            let (kind, msg) = if stalled {
+                let secs = self.edge_read_timeout.as_secs();
+                ("upstream_timeout", format!("no answer within {secs} s"))
+            } else {
+                let attempts = ctx.tried.len() + usize::from(ctx.origin_tried);
+                let msg =
+                    format!("no edge or origin could serve the request after {attempts} attempts");
+                ("no_route", msg)
+            };
+            if let Err(err) = respond_json_error(session, code, kind, &msg).await {
                 tracing::debug!(error = %err, "could not send error response");
             }
         }

@@ -155,7 +155,8 @@ impl Broker {
                 .enabled
                 .then(|| Arc::new(Holders::new(&cfg.peer_fill))),
         )
-        .allowing_private_upstreams(cfg.admin.allow_private_upstreams);
+        .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
+        .with_edge_read_timeout(Duration::from_secs(cfg.edge_read_timeout_secs));
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             proxy,

@@ -15,6 +15,20 @@ pub struct Forecast {
 }
 
 impl Forecast {
+    /// A forecast from a model's raw outputs, held to the contract: a value that is not a
+    /// finite number (a broken or half-trained model file) counts as no demand, `p_any` lies
+    /// in [0, 1], quantiles are non-negative and non-decreasing. A NaN would otherwise slip
+    /// through every threshold comparison of the planner and sort first.
+    pub fn from_raw(quantiles: [f32; 3], p_any: f32) -> Self {
+        let clean = |v: f32| if v.is_finite() { v.max(0.0) } else { 0.0 };
+        let mut q = quantiles.map(clean);
+        q.sort_by(f32::total_cmp);
+        Forecast {
+            quantiles: q,
+            p_any: clean(p_any).min(1.0),
+        }
+    }
+
     /// The median forecast.
     pub fn p50(&self) -> f32 {
         self.quantiles[1]
@@ -38,4 +52,19 @@ pub trait Forecaster: Send + Sync {
     fn name(&self) -> &str;
     /// Forecast every history; the result has one entry per input, in order.
     fn forecast(&self, histories: &[History<'_>]) -> Result<Vec<Forecast>, ForecastError>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_outputs_are_held_to_the_contract() {
+        let f = Forecast::from_raw([f32::NAN, 2.0, f32::INFINITY], f32::NAN);
+        assert_eq!((f.quantiles, f.p_any), ([0.0, 0.0, 2.0], 0.0));
+        let f = Forecast::from_raw([3.0, -1.0, 5.0], 1.5);
+        assert_eq!((f.quantiles, f.p_any), ([0.0, 3.0, 5.0], 1.0));
+        let f = Forecast::from_raw([0.5, 1.0, 4.0], 0.7);
+        assert_eq!((f.quantiles, f.p_any), ([0.5, 1.0, 4.0], 0.7));
+    }
 }

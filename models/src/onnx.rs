@@ -299,10 +299,7 @@ impl Forecaster for OnnxLstm {
         }
         Ok(q.chunks_exact(3)
             .zip(p)
-            .map(|(q, p)| Forecast {
-                quantiles: [q[0], q[1], q[2]],
-                p_any: *p,
-            })
+            .map(|(q, p)| Forecast::from_raw([q[0], q[1], q[2]], *p))
             .collect())
     }
 }
