@@ -443,6 +443,46 @@ async fn purge_by_key_and_prefix() {
     assert_eq!(x_cache(&edge.get("/q/three").await), "HIT");
 }
 
+/// A purge that lands while a miss still waits for the origin finds nothing to remove; the
+/// answer that then arrives is what it meant to remove: served to its client, not cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_during_a_fetch_keeps_its_answer_out_of_the_cache() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let cases = [
+        (
+            "/inflight/a",
+            format!("{HOST}/inflight/a?delay_ms=800"),
+            404,
+        ),
+        ("/inflight/b", format!("{HOST}/inflight/*"), 200),
+    ];
+    for (path, target, purge_status) in cases {
+        let url = format!("{path}?delay_ms=800");
+        let purge = async {
+            while origin.hits(path) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            edge.purge(&target, TOKEN).await.status()
+        };
+        let (r, purged) = tokio::join!(edge.get(&url), purge);
+        assert_eq!(purged.as_u16(), purge_status, "{target}");
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(x_cache(&r), "BYPASS", "not stored");
+        assert_eq!(body_of(r).await, body_for(path, 64));
+        let again = edge.get(&url).await;
+        assert_eq!(
+            x_cache(&again),
+            "MISS",
+            "{target}: the pre-purge answer was cached"
+        );
+        assert_eq!(origin.hits(path), 2);
+        // The answer fetched after the purge is cached as usual.
+        assert_eq!(x_cache(&edge.get(&url).await), "HIT");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_serves_disk_objects_and_remembers_purges() {
     let origin = TestOrigin::start().await;

@@ -43,7 +43,7 @@ pub fn invalidate(
 ) -> Result<bool, BanError> {
     match target {
         Target::Key(key) => {
-            let found = storage.purge_key(key) | shadows.remove(key).is_some();
+            let found = storage.invalidate_key(key) | shadows.remove(key).is_some();
             let outcome = if found { "purged" } else { "not_found" };
             metrics.purges.with_label_values(&["key", outcome]).inc();
             Ok(found)

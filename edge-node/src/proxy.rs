@@ -136,6 +136,9 @@ pub struct RequestCtx {
     origin: Option<Arc<Origin>>,
     started: Instant,
     upstream_started: Option<Instant>,
+    /// When the first upstream request (peer or origin) left, on both clocks: an answer to a
+    /// fetch that overlapped a purge of its key is not cached.
+    fetch_started: Option<(Instant, std::time::SystemTime)>,
     upstream_responded: bool,
     status: CacheStatus,
     /// Primary cache key (`host/path?query`).
@@ -465,6 +468,7 @@ impl ProxyHttp for EdgeProxy {
             origin: None,
             started: Instant::now(),
             upstream_started: None,
+            fetch_started: None,
             upstream_responded: false,
             status: CacheStatus::Bypass,
             key: String::new(),
@@ -618,6 +622,15 @@ impl ProxyHttp for EdgeProxy {
         if ctx.peer_fill && !matches!(resp.status.as_u16(), 200 | 203 | 206) {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::OriginNotCache));
         }
+        // A purge that came while this answer was on its way found nothing to remove: the
+        // answer is what it meant to remove. The client gets it; the cache does not keep it.
+        if let Some((t, wall)) = ctx.fetch_started {
+            if self.parts.storage.purged_during(&ctx.key, t, wall) {
+                return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                    "purged during fetch",
+                )));
+            }
+        }
         let authorization = session
             .req_header()
             .headers
@@ -667,6 +680,8 @@ impl ProxyHttp for EdgeProxy {
         if ctx.demand_peer.is_none() {
             ctx.upstream_started = Some(Instant::now());
         }
+        ctx.fetch_started
+            .get_or_insert_with(|| (Instant::now(), std::time::SystemTime::now()));
         // Routing tags are between broker and edge; the origin never sees them.
         upstream_request.remove_header(ROUTE_HEADER);
         upstream_request.remove_header(PEER_HINT_HEADER);

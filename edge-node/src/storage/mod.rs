@@ -9,13 +9,14 @@
 mod bans;
 mod fill;
 mod object;
+mod recent;
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -36,6 +37,7 @@ use pingora_error::{Error, ErrorType, Result};
 pub use bans::{BanError, BanList};
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::StoredObject;
+use recent::RecentPurges;
 
 /// Why the cache could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -91,6 +93,8 @@ pub struct FoyerStorage {
     /// undone by them, and removals elsewhere (a wasted shadow dropped) rarely cost a
     /// revalidation its update.
     purges: Mutex<[u64; PURGE_SLOTS]>,
+    /// Key purges of the last minutes, for fetches that overlapped one (`purged_during`).
+    recent: RecentPurges,
     next_fill: AtomicU64,
     bans: BanList,
     max_object_bytes: usize,
@@ -145,6 +149,13 @@ fn hash_of(bin: [u8; 16]) -> u128 {
 
 /// Slots of the purge epochs.
 const PURGE_SLOTS: usize = 256;
+/// How long key purges are remembered for fetches under way: longer than an origin takes to
+/// answer (the edge's connect and read timeouts, a cache-lock wait); an answer that took
+/// longer is not cached.
+const RECENT_PURGE_WINDOW: Duration = Duration::from_secs(300);
+/// Key purges remembered at most (about 50 bytes each). Past it, a fetch that started before
+/// the oldest one dropped is not cached, whatever its key.
+const RECENT_PURGE_CAP: usize = 100_000;
 
 fn purge_slot(hash: u128) -> usize {
     (hash % PURGE_SLOTS as u128) as usize
@@ -216,6 +227,7 @@ impl FoyerStorage {
             cache,
             fills: Mutex::new(HashMap::new()),
             purges: Mutex::new([0; PURGE_SLOTS]),
+            recent: RecentPurges::new(RECENT_PURGE_WINDOW, RECENT_PURGE_CAP),
             next_fill: AtomicU64::new(1),
             bans,
             max_object_bytes: opts.max_object_bytes,
@@ -253,6 +265,29 @@ impl FoyerStorage {
     pub fn purge_key(&self, primary_key: &str) -> bool {
         let key = CacheKey::new(primary_key, "");
         self.remove(hash_of(key.primary_bin()))
+    }
+
+    /// A purge ordered by an operator, a provider or the broker: [`Self::purge_key`], and a
+    /// fetch of the key already under way will not cache its answer (`purged_during`).
+    pub fn invalidate_key(&self, primary_key: &str) -> bool {
+        let hash = hash_of(CacheKey::new(primary_key, "").primary_bin());
+        // Noted before the removal: a fill that appears after the removal comes from a fetch
+        // that either started after the purge or is refused by `purged_during`.
+        self.recent.record(hash, Instant::now());
+        self.remove(hash)
+    }
+
+    /// Whether a fetch of `primary_key` that started at `started` (`started_wall` on the wall
+    /// clock) overlapped a key purge or a prefix ban covering it: its answer predates the
+    /// purge and must not be cached.
+    pub fn purged_during(
+        &self,
+        primary_key: &str,
+        started: Instant,
+        started_wall: SystemTime,
+    ) -> bool {
+        let hash = hash_of(CacheKey::new(primary_key, "").primary_bin());
+        self.recent.purged_since(hash, started) || self.bans.is_banned(primary_key, started_wall)
     }
 
     /// Whether the cache (memory or disk) holds an object under `primary_key`.
@@ -366,10 +401,14 @@ impl Storage for FoyerStorage {
         _trace: &SpanHandle,
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let hash = hash_of(key.combined_bin());
-        // Prefer an in-progress fill: it is newer than whatever foyer holds.
+        let primary = String::from_utf8_lossy(key.primary_key());
+        // Prefer an in-progress fill: it is newer than whatever foyer holds. One whose answer
+        // came before a prefix ban covering it is not joined (nor, once committed, served).
         if let Some(fill) = self.any_fill(hash) {
             if let Some(hit) = partial_hit(fill)? {
-                return Ok(Some(hit));
+                if !self.bans.is_banned(&primary, hit.0.created()) {
+                    return Ok(Some(hit));
+                }
             }
         }
         let Some(obj) = self.load(hash).await? else {
@@ -383,7 +422,6 @@ impl Storage for FoyerStorage {
                 return Ok(None);
             }
         };
-        let primary = String::from_utf8_lossy(key.primary_key());
         if self.bans.is_banned(&primary, meta.created()) {
             self.cache.remove(&hash);
             return Ok(None);
