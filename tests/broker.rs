@@ -527,6 +527,30 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     )
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+    // A host its owner deletes takes its cached copies with it: whoever registers the host
+    // next is served from their own origin, never the previous owner's content.
+    assert_eq!(c.get("/a", "eu").await.status(), StatusCode::OK);
+    assert_eq!(c.get("/a", "eu").await.headers()["x-cache"], "HIT");
+    let (s, v) = api(
+        reqwest::Method::DELETE,
+        c.broker.api(&format!("/v1/origins/{HOST}")),
+        &c.token,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    let theirs = TestOrigin::start().await;
+    let (s, v) = api(
+        reqwest::Method::PUT,
+        c.broker.api(&format!("/v1/origins/{HOST}")),
+        &t,
+        Some(json!({"upstream": format!("http://{}", theirs.addr)})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    wait_until(|| async { c.get("/a", "eu").await.status() == StatusCode::OK }).await;
+    assert_eq!(theirs.hits("/a"), 1, "served the previous owner's copy");
+    assert_eq!(origin.hits("/a"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -308,7 +308,17 @@ async fn delete_origin(
     let host = check_host(&host)?;
     s.registry.delete_origin(&p.id, &host)?;
     s.sync.origins_changed();
-    Ok(StatusCode::NO_CONTENT.into_response())
+    // The edges' copies go with the host: whoever registers it next must not be served this
+    // provider's content, nor get shadows planned from its history.
+    let target = format!("{host}/*");
+    let results = s.sync.purge_everywhere(&target).await;
+    s.planner.forget(&target);
+    if results.iter().all(|r| r.ok) {
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        let body = json!({ "host": host, "target": target, "edges": results });
+        Ok((StatusCode::MULTI_STATUS, Json(body)).into_response())
+    }
 }
 
 async fn create_resource(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
