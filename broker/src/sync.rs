@@ -341,6 +341,11 @@ impl EdgeSync {
         let edges: Vec<usize> = (0..self.fleet.edges.len())
             .filter(|e| !spare.contains(e))
             .collect();
+        self.purge_on(target, &edges).await
+    }
+
+    /// Purge `target` on `edges`, concurrently.
+    pub async fn purge_on(&self, target: &str, edges: &[usize]) -> Vec<EdgeResult> {
         let calls = edges.iter().map(|e| self.purge(*e, target));
         edges
             .iter()

@@ -526,6 +526,8 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         }
     };
     let mut report = serde_json::Map::new();
+    // Whether some edge may still serve the old version (its purge failed).
+    let mut incomplete = false;
     match req.kind {
         EventKind::Updated | EventKind::Deleted => {
             let refill: Vec<usize> = if req.kind == EventKind::Updated && req.prefix.is_none() {
@@ -542,15 +544,22 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                 .resource_for(&host, &path)
                 .map_or(super::model::DEFAULT_SHADOW_TTL_SECS, |r| r.shadow_ttl_secs);
             let mut refilled = Vec::new();
+            let mut not_refreshed = Vec::new();
             for e in refill {
                 let mut order = asap_order(&target, ttl, 5);
                 order.refresh = true;
                 let ok = s.sync.shadow(e, order).await;
                 if ok {
                     s.planner.record(&target, e, crate::clock::wall(ttl));
+                } else {
+                    not_refreshed.push(e);
                 }
                 refilled.push(json!({ "edge": s.fleet.edges[e].id, "ok": ok }));
             }
+            // An edge that could not refresh its copy must not keep serving the old one.
+            let mut purged = purged;
+            purged.extend(s.sync.purge_on(&target, &not_refreshed).await);
+            incomplete = purged.iter().any(|r| !r.ok);
             report.insert("purged".into(), json!(purged));
             report.insert("refilled".into(), json!(refilled));
         }
@@ -597,7 +606,12 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         .observe(started.elapsed().as_secs_f64());
     report.insert("target".into(), json!(target));
     report.insert("kind".into(), json!(kind));
-    Ok(Json(serde_json::Value::Object(report)).into_response())
+    let status = if incomplete {
+        StatusCode::MULTI_STATUS
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(serde_json::Value::Object(report))).into_response())
 }
 
 /// A shadow order for an event: needed now, filled from the origin (no peer holds the new
