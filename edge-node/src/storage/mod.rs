@@ -348,23 +348,27 @@ impl FoyerStorage {
         self.bans.len()
     }
 
+    /// Cancel the fills of `hash`; whether one was still live. Cancelled fills stay listed
+    /// until their writers finish: pingora-cache looks its writer's own reader up by tag
+    /// right after creating the fill (and panics if it is gone), while new requests skip them.
     fn cancel_fills(&self, hash: u128) -> bool {
-        match self.fills.lock().remove(&hash) {
-            Some(v) => {
-                for f in &v {
-                    f.cancel();
-                }
-                !v.is_empty()
-            }
-            None => false,
+        let fills = self.fills.lock();
+        let Some(v) = fills.get(&hash) else {
+            return false;
+        };
+        let mut live = false;
+        for f in v.iter().filter(|f| !f.is_cancelled()) {
+            f.cancel();
+            live = true;
         }
+        live
     }
 
     fn any_fill(&self, hash: u128) -> Option<Arc<Fill>> {
         self.fills
             .lock()
             .get(&hash)
-            .and_then(|v| v.first().cloned())
+            .and_then(|v| v.iter().find(|f| !f.is_cancelled()).cloned())
     }
 
     fn remove_fill(&self, hash: u128, id: u64) {
@@ -727,6 +731,39 @@ mod tests {
             .unwrap()
             .unwrap()
             .1
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_right_after_a_fill_starts_still_leaves_its_writer_a_reader() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/raced", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut miss = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        // The purge lands between pingora creating the fill and asking for its reader.
+        assert!(s.purge_key("h/raced"), "a live fill counts as found");
+        assert!(!s.purge_key("h/raced"), "a cancelled one does not");
+        let mut reader = reader_of(s, &key, &miss).await;
+        assert!(
+            s.lookup(&key, &trace).await.unwrap().is_none(),
+            "new requests do not join a cancelled fill"
+        );
+        miss.write_body(Bytes::from_static(b"old"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        assert_eq!(&reader.read_body().await.unwrap().unwrap()[..], b"old");
+        assert!(
+            s.lookup(&key, &trace).await.unwrap().is_none(),
+            "not committed"
+        );
+        assert!(
+            s.fills.lock().is_empty(),
+            "the finished fill left the table"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
