@@ -88,6 +88,10 @@ pub struct AdminSection {
     /// matched by the planner, so one tenant cannot grow the registry without bound.
     #[serde(default = "default_max_resources")]
     pub max_resources_per_provider: usize,
+    /// Most hosts one provider may register (default 1,000): every edge receives and resolves
+    /// the whole origin table, so one tenant cannot grow it without bound.
+    #[serde(default = "default_max_origins")]
+    pub max_origins_per_provider: usize,
 }
 
 /// Client region resolution: trusted header, then CIDR table, then default.
@@ -387,6 +391,9 @@ fn default_edge_read_timeout() -> u64 {
 }
 fn default_max_resources() -> usize {
     100_000
+}
+fn default_max_origins() -> usize {
+    1_000
 }
 fn default_body_limit() -> usize {
     64 * 1024

@@ -77,7 +77,8 @@ impl Broker {
             BrokerMetrics::register(&prometheus).map_err(|e| StartError::Setup(e.to_string()))?;
         let registry = Arc::new(
             Registry::open(&cfg.data_dir.join("registry.redb"))?
-                .with_max_resources_per_provider(cfg.admin.max_resources_per_provider),
+                .with_max_resources_per_provider(cfg.admin.max_resources_per_provider)
+                .with_max_origins_per_provider(cfg.admin.max_origins_per_provider),
         );
         let fleet = Arc::new(Fleet::new(&cfg));
         let health = Arc::new(Health::new(

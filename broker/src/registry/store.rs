@@ -98,6 +98,8 @@ pub struct Registry {
     writer: Mutex<()>,
     /// Most resources one provider may hold.
     max_resources_per_provider: usize,
+    /// Most hosts one provider may hold.
+    max_origins_per_provider: usize,
 }
 
 impl std::fmt::Debug for Registry {
@@ -166,12 +168,19 @@ impl Registry {
             mem: RwLock::new(mem),
             writer: Mutex::new(()),
             max_resources_per_provider: usize::MAX,
+            max_origins_per_provider: usize::MAX,
         })
     }
 
     /// Limit how many resources one provider may register (existing ones are kept).
     pub fn with_max_resources_per_provider(mut self, n: usize) -> Self {
         self.max_resources_per_provider = n;
+        self
+    }
+
+    /// Limit how many hosts one provider may register (existing ones are kept).
+    pub fn with_max_origins_per_provider(mut self, n: usize) -> Self {
+        self.max_origins_per_provider = n;
         self
     }
 
@@ -242,12 +251,28 @@ impl Registry {
         forward_host: bool,
     ) -> Result<bool, RegistryError> {
         let _writer = self.writer.lock();
-        let created = match self.mem.read().origins.get(host) {
-            Some(o) if o.provider != provider => {
-                return Err(RegistryError::Forbidden(format!("host {host}")))
+        let created = {
+            let m = self.mem.read();
+            match m.origins.get(host) {
+                Some(o) if o.provider != provider => {
+                    return Err(RegistryError::Forbidden(format!("host {host}")))
+                }
+                Some(_) => false,
+                None => {
+                    let held = m
+                        .origins
+                        .values()
+                        .filter(|o| o.provider == provider)
+                        .count();
+                    if held >= self.max_origins_per_provider {
+                        return Err(RegistryError::Conflict(format!(
+                            "provider holds {held} hosts, the most allowed \
+                             ([admin] max_origins_per_provider)"
+                        )));
+                    }
+                    true
+                }
             }
-            Some(_) => false,
-            None => true,
         };
         let origin = Origin {
             host: host.to_string(),
@@ -503,8 +528,17 @@ mod tests {
         // A provider at its limit may update what it has, not add more.
         let reg = Registry::open(&path)
             .unwrap()
-            .with_max_resources_per_provider(1);
+            .with_max_resources_per_provider(1)
+            .with_max_origins_per_provider(2);
         let p = reg.providers().pop().unwrap();
+        assert_eq!(reg.origins().len(), 2, "a.com and b.com");
+        assert!(!reg
+            .put_origin(&p.id, "b.com", "http://127.0.0.1:3", false)
+            .unwrap());
+        assert!(matches!(
+            reg.put_origin(&p.id, "c.com", "http://127.0.0.1:3", false),
+            Err(RegistryError::Conflict(_))
+        ));
         reg.put_resource(res("r1", &p.id, "b.com")).unwrap();
         assert!(matches!(
             reg.put_resource(res("r3", &p.id, "b.com")),
