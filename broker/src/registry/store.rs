@@ -211,7 +211,7 @@ impl Registry {
     pub fn create_provider(&self, name: &str) -> Result<(Provider, String), RegistryError> {
         let _writer = self.writer.lock();
         let provider = Provider {
-            id: format!("p-{}", random_hex(6)),
+            id: self.unused_id("p", |m, id| m.providers.contains_key(id)),
             name: name.to_string(),
         };
         let token = format!("scdn_{}", random_hex(24));
@@ -337,7 +337,18 @@ impl Registry {
 
     /// A fresh resource id.
     pub fn new_resource_id(&self) -> String {
-        format!("r-{}", random_hex(6))
+        self.unused_id("r", |m, id| m.resources.contains_key(id))
+    }
+
+    /// A random `prefix-<12 hex>` id that `taken` says is free: a collision would overwrite
+    /// the holder's row (likely enough among millions of resources to be ruled out).
+    fn unused_id(&self, prefix: &str, taken: impl Fn(&Memory, &str) -> bool) -> String {
+        loop {
+            let id = format!("{prefix}-{}", random_hex(6));
+            if !taken(&self.mem.read(), &id) {
+                return id;
+            }
+        }
     }
 
     /// Insert or replace a resource after checking ownership of it and its host.
