@@ -5,6 +5,7 @@
 //! updated only after the commit.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::path::Path;
 
 use parking_lot::{Mutex, RwLock};
@@ -14,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::model::{Origin, Provider, Resource};
+use super::model::{Origin, PathMatch, Provider, Resource};
 
 const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
@@ -52,38 +53,99 @@ struct Memory {
     tokens: BTreeMap<String, String>,
     origins: BTreeMap<String, Origin>,
     resources: BTreeMap<String, Resource>,
-    /// Resource ids by host: the planner resolves a resource for every candidate series, and
-    /// a scan of every provider's resources each time grew with the whole registry.
-    by_host: HashMap<String, BTreeSet<String>>,
+    /// Resources by host and path: the planner resolves a resource for every candidate
+    /// series each tick, under the series lock, so a lookup must not scan a host's resources.
+    by_host: HashMap<String, HostIndex>,
+}
+
+/// One host's resource ids by path; several ids under one path resolve to the smallest.
+#[derive(Debug, Default)]
+struct HostIndex {
+    exact: PathIds,
+    prefix: PathIds,
+}
+
+type PathIds = BTreeMap<String, BTreeSet<String>>;
+
+impl HostIndex {
+    fn paths(&mut self, m: PathMatch) -> &mut PathIds {
+        match m {
+            PathMatch::Exact => &mut self.exact,
+            PathMatch::Prefix => &mut self.prefix,
+        }
+    }
+
+    fn add(&mut self, r: &Resource) {
+        self.paths(r.r#match)
+            .entry(r.path.clone())
+            .or_default()
+            .insert(r.id.clone());
+    }
+
+    /// Remove `r`; whether the host has no resource left.
+    fn remove(&mut self, r: &Resource) -> bool {
+        let paths = self.paths(r.r#match);
+        if let Some(ids) = paths.get_mut(&r.path) {
+            ids.remove(&r.id);
+            if ids.is_empty() {
+                paths.remove(&r.path);
+            }
+        }
+        self.exact.is_empty() && self.prefix.is_empty()
+    }
+
+    /// The exact match of `path`, else its longest registered prefix.
+    fn resolve(&self, path: &str) -> Option<&String> {
+        if let Some(ids) = self.exact.get(path) {
+            return ids.first();
+        }
+        // The greatest key ≤ the query is the longest prefix of `path` if it is one at all;
+        // if not, no prefix of `path` lies between the two strings' common prefix and it, so
+        // the search continues from that common prefix (strictly shorter each round).
+        let mut query = path;
+        loop {
+            let (key, ids) = self
+                .prefix
+                .range::<str, _>((Bound::Unbounded, Bound::Included(query)))
+                .next_back()?;
+            if path.starts_with(key.as_str()) {
+                return ids.first();
+            }
+            let mut common = key
+                .bytes()
+                .zip(query.bytes())
+                .take_while(|(a, b)| a == b)
+                .count();
+            while !path.is_char_boundary(common) {
+                common -= 1;
+            }
+            query = &path[..common];
+        }
+    }
 }
 
 impl Memory {
     fn insert_resource(&mut self, r: Resource) {
-        if let Some(old) = self.resources.get(&r.id) {
-            if old.host != r.host {
-                let (host, id) = (old.host.clone(), r.id.clone());
-                self.unindex(&host, &id);
-            }
+        if let Some(old) = self.resources.remove(&r.id) {
+            self.unindex(&old);
         }
-        self.by_host
-            .entry(r.host.clone())
-            .or_default()
-            .insert(r.id.clone());
+        self.by_host.entry(r.host.clone()).or_default().add(&r);
         self.resources.insert(r.id.clone(), r);
     }
 
     fn remove_resource(&mut self, id: &str) {
         if let Some(r) = self.resources.remove(id) {
-            self.unindex(&r.host, id);
+            self.unindex(&r);
         }
     }
 
-    fn unindex(&mut self, host: &str, id: &str) {
-        if let Some(ids) = self.by_host.get_mut(host) {
-            ids.remove(id);
-            if ids.is_empty() {
-                self.by_host.remove(host);
-            }
+    fn unindex(&mut self, r: &Resource) {
+        if self
+            .by_host
+            .get_mut(&r.host)
+            .is_some_and(|idx| idx.remove(r))
+        {
+            self.by_host.remove(&r.host);
         }
     }
 }
@@ -431,29 +493,9 @@ impl Registry {
     /// The registered resource covering `host` + `path` (exact match first, then the longest
     /// prefix).
     pub fn resource_for(&self, host: &str, path: &str) -> Option<Resource> {
-        use super::model::PathMatch;
         let m = self.mem.read();
-        let candidates = m
-            .by_host
-            .get(host)
-            .into_iter()
-            .flatten()
-            .filter_map(|id| m.resources.get(id));
-        let mut best: Option<&Resource> = None;
-        for r in candidates {
-            let hit = match r.r#match {
-                PathMatch::Exact => r.path == path,
-                PathMatch::Prefix => path.starts_with(&r.path),
-            };
-            let better = best.is_none_or(|b| {
-                (r.r#match == PathMatch::Exact && b.r#match != PathMatch::Exact)
-                    || (r.r#match == b.r#match && r.path.len() > b.path.len())
-            });
-            if hit && better {
-                best = Some(r);
-            }
-        }
-        best.cloned()
+        let id = m.by_host.get(host)?.resolve(path)?;
+        m.resources.get(id).cloned()
     }
 
     /// Origins of one provider.
@@ -613,5 +655,61 @@ mod tests {
             reg.resource(&p.id, &rid),
             Err(RegistryError::NotFound(_))
         ));
+    }
+
+    /// The index answers what a scan of every resource of the host answers: an exact match
+    /// first, else the longest prefix, ties to the smallest id.
+    #[test]
+    fn the_path_index_resolves_as_a_full_scan_does() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let paths = [
+            "/", "/a", "/a/", "/a/b", "/ab", "/a/bc", "/b", "/é", "/é/x", "/a/b/c",
+        ];
+        let mut idx = HostIndex::default();
+        let mut all: Vec<Resource> = Vec::new();
+        for i in 0..40 {
+            let r = Resource {
+                id: format!("r{:02}", rng.gen_range(0..30)),
+                provider: "p".into(),
+                host: "h".into(),
+                path: paths[rng.gen_range(0..paths.len())].into(),
+                r#match: if rng.gen_bool(0.5) {
+                    PathMatch::Exact
+                } else {
+                    PathMatch::Prefix
+                },
+                priority: 5,
+                shadow_ttl_secs: 60,
+                policy: ShadowPolicy::default(),
+            };
+            if let Some(old) = all.iter().position(|o| o.id == r.id) {
+                idx.remove(&all.remove(old));
+            }
+            if i % 7 == 6 && !all.is_empty() {
+                idx.remove(&all.remove(0));
+            }
+            idx.add(&r);
+            all.push(r);
+            for q in [
+                "/", "/a", "/a/b", "/a/bz", "/abc", "/a/b/c/d", "/b/x", "/c", "/é/xy", "/éa", "",
+            ] {
+                let scan = all
+                    .iter()
+                    .filter(|r| match r.r#match {
+                        PathMatch::Exact => r.path == q,
+                        PathMatch::Prefix => q.starts_with(&r.path),
+                    })
+                    .min_by_key(|r| {
+                        (
+                            r.r#match != PathMatch::Exact,
+                            std::cmp::Reverse(r.path.len()),
+                            r.id.clone(),
+                        )
+                    })
+                    .map(|r| r.id.clone());
+                assert_eq!(idx.resolve(q).cloned(), scan, "{q:?} after {i} changes");
+            }
+        }
     }
 }
