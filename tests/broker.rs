@@ -57,10 +57,12 @@ fn start_cluster_with(extra: &str) -> Cluster {
     }
 }
 
-/// `[planner]` ticking every second with the committed LSTM, plus `extra` lines.
+/// `[planner]` ticking every wall second with the committed LSTM, plus `extra` lines, on a
+/// broker clock 300× faster than the wall: the forecaster reads complete 15-minute buckets,
+/// so a test's requests reach it once their bucket ends, 3 wall seconds at most.
 fn lstm_planner(extra: &str) -> String {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
-    format!("[planner]\ninterval_secs = 1\nmodel = \"{model}\"\n{extra}")
+    format!("[clock]\nspeedup = 300.0\n[planner]\ninterval_secs = 1\nmodel = \"{model}\"\n{extra}")
 }
 
 fn start_cluster() -> Cluster {
@@ -709,7 +711,7 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with(&lstm_planner("threshold = 0.2\n"));
     c.register(&origin).await;
-    c.add_resource(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})).await;
+    c.add_resource(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 86400})).await;
 
     // Steady demand from the us region, then the object is purged everywhere.
     for _ in 0..12 {
@@ -794,7 +796,7 @@ async fn a_forecast_shadow_that_cannot_pay_for_its_fill_is_not_placed() {
     );
     let mut c = start_cluster_with(&cfg);
     c.register(&origin).await;
-    c.add_resource(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})).await;
+    c.add_resource(json!({"host": HOST, "path": "/hot/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 86400})).await;
     for _ in 0..12 {
         assert_eq!(c.get("/hot/app.js", "us").await.status(), StatusCode::OK);
     }
@@ -918,7 +920,7 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
     );
     let mut c = start_cluster_with(&cfg);
     c.register(&origin).await;
-    c.add_resource(json!({"host": HOST, "path": "/peer/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600})).await;
+    c.add_resource(json!({"host": HOST, "path": "/peer/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 86400})).await;
 
     // us-a is down: us clients fail over to the eu owner, which caches the object; the
     // broker records their demand under us.

@@ -354,6 +354,25 @@ impl BrokerConfig {
         if self.monitor.queue_capacity == 0 || self.monitor.max_series == 0 {
             return bad("monitor.queue_capacity and monitor.max_series must be positive".into());
         }
+        // The forecaster reads 15-minute buckets over 7 days: a stored bucket must fall in
+        // one of them, and the store must reach back that far.
+        let forecast = crate::planner::FORECAST_BUCKET;
+        if !forecast.is_multiple_of(self.monitor.bucket_secs) {
+            return bad(format!(
+                "monitor.bucket_secs must divide {forecast} (the forecaster's bucket)"
+            ));
+        }
+        let kept = self
+            .monitor
+            .bucket_secs
+            .saturating_mul(self.monitor.retention_buckets as u64);
+        if self.planner.enabled && kept < 7 * 86_400 {
+            return bad(
+                "monitor.retention_buckets × monitor.bucket_secs must cover 7 days (the \
+                 forecaster's history) while the planner is enabled"
+                    .into(),
+            );
+        }
         let min = crate::planner::MIN_INTERVAL_SECS;
         if !(self.planner.interval_secs.is_finite() && self.planner.interval_secs >= min) {
             return bad(format!(
@@ -540,6 +559,15 @@ pub(crate) mod tests {
             let bad = SAMPLE.replace("[admin]", &format!("{extra}[admin]"));
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
             assert!(e.contains(field), "{extra}: {e}");
+        }
+        for (monitor, field) in [
+            ("bucket_secs = 7", "monitor.bucket_secs"),
+            ("bucket_secs = 3600", "monitor.bucket_secs"),
+            ("retention_buckets = 1440", "7 days"),
+        ] {
+            let bad = SAMPLE.replace("[admin]", &format!("[monitor]\n{monitor}\n[admin]"));
+            let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{monitor}: {e}");
         }
         let bad = SAMPLE.replace("data_dir", "edge_read_timeout_secs = 0\n        data_dir");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();

@@ -52,9 +52,16 @@ const MAX_ADOPTED_TTL_SECS: u64 = 7 * 86_400;
 const ANOMALY_LOG: usize = 200;
 
 /// Bucket width the forecaster was trained on.
-const FORECAST_BUCKET: u64 = 900;
+pub const FORECAST_BUCKET: u64 = models::features::BUCKET_SECS;
 /// History handed to the forecaster: 7 days.
 const HISTORY_BUCKETS: usize = 7 * 96;
+
+/// Start of the latest complete forecast bucket at `now`. The model was trained on complete
+/// buckets only; the bucket still filling would read as a drop in demand (one minute in, a
+/// steady 100 requests per bucket shows as 7). Its requests count once it completes.
+fn last_complete_bucket(now: u64) -> u64 {
+    (now - now % FORECAST_BUCKET).saturating_sub(FORECAST_BUCKET)
+}
 
 /// Planner settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -541,14 +548,17 @@ impl Planner {
         let store = self.series.read();
         let width = store.bucket_secs().max(1);
         let interval = crate::clock::clock_secs_f64(self.cfg.interval_secs);
-        let k = interval.div_ceil(width).max(1) as usize;
+        // The buckets that cover the whole last interval, from the one it began in (counted
+        // whole) to the one filling now: without that first one, a tick one second into a
+        // bucket would judge one second of traffic.
+        let k = interval.div_ceil(width).max(1) as usize + 1;
         let window_secs = ((k as u64 - 1) * width + now % width + 1) as f64;
         let mut out = Vec::new();
         for (resource, region, s) in store.iter() {
             let Some(region_idx) = self.fleet.region_index(region) else {
                 continue;
             };
-            let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, now);
+            let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, last_complete_bucket(now));
             if counts.iter().all(|c| *c == 0) {
                 continue;
             }
@@ -858,7 +868,7 @@ impl Planner {
         if cands.is_empty() {
             return;
         }
-        let last = (now - now % FORECAST_BUCKET) as i64;
+        let last = last_complete_bucket(now) as i64;
         // Inference is CPU work: keep it off the async workers.
         let fc = forecaster.clone();
         let joined = tokio::task::spawn_blocking(move || {

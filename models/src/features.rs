@@ -1,6 +1,8 @@
 //! The feature pipeline, identical to the training code's (`models/train/features.py`); the
 //! contract is in `models/README.md`. A fixture exported by training checks the two agree.
 
+/// Bucket width, in seconds, the models are trained on and fed.
+pub const BUCKET_SECS: u64 = 900;
 /// Steps in a model window.
 pub const WINDOW: usize = 32;
 /// Buckets in the forecast horizon.

@@ -14,7 +14,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::features::{
-    batch_model_input_into, History, CONTEXT, FEATURE_NAMES, HORIZON, N_FEATURES, WINDOW,
+    batch_model_input_into, History, BUCKET_SECS, CONTEXT, FEATURE_NAMES, HORIZON, N_FEATURES,
+    WINDOW,
 };
 use crate::forecast::{Forecast, ForecastError, Forecaster, QUANTILES};
 
@@ -107,19 +108,25 @@ pub fn runtime_library() -> Result<PathBuf, LoadError> {
     })
 }
 
-/// The process-wide ONNX Runtime environment (ort allows one per process).
+/// The process-wide ONNX Runtime environment (ort allows one per process). Only success is
+/// kept: a library installed after start is found by the next model load.
 fn environment() -> Result<&'static Environment, LoadError> {
-    static ENV: OnceLock<Result<Environment, String>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let lib = runtime_library().map_err(|e| e.to_string())?;
-        ort::init_from(&lib)
-            .map_err(|e| format!("loading {}: {e}", lib.display()))?
-            .with_name("shadowcdn")
-            .build()
-            .map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| LoadError::Runtime(e.clone()))
+    static ENV: OnceLock<Environment> = OnceLock::new();
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if let Some(env) = ENV.get() {
+        return Ok(env);
+    }
+    let _one_at_a_time = INIT.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(env) = ENV.get() {
+        return Ok(env);
+    }
+    let lib = runtime_library()?;
+    let env = ort::init_from(&lib)
+        .map_err(|e| LoadError::Runtime(format!("loading {}: {e}", lib.display())))?
+        .with_name("shadowcdn")
+        .build()
+        .map_err(|e| LoadError::Runtime(e.to_string()))?;
+    Ok(ENV.get_or_init(|| env))
 }
 
 /// The session and the input buffers it reads (reused between calls).
@@ -172,6 +179,12 @@ impl OnnxLstm {
         let text = std::fs::read_to_string(&meta_path).map_err(|e| meta_err(e.to_string()))?;
         let meta: ModelMetadata =
             serde_json::from_str(&text).map_err(|e| meta_err(e.to_string()))?;
+        check(meta.bucket_secs == BUCKET_SECS, model, || {
+            format!(
+                "{} s buckets in metadata, {BUCKET_SECS} s in this build",
+                meta.bucket_secs
+            )
+        })?;
         check(
             meta.window == WINDOW && meta.horizon == HORIZON,
             model,

@@ -21,8 +21,11 @@ pub struct ModelStatus {
     pub loads: AtomicU64,
     /// Failed (re)loads.
     pub load_failures: AtomicU64,
-    /// Whether the baseline is answering because no model is loaded.
+    /// Whether the baseline answered the last batch: no model is loaded, or the model
+    /// failed on that batch.
     pub fallback: AtomicBool,
+    /// Batches the loaded model failed on (the baseline answered them).
+    pub batch_failures: AtomicU64,
 }
 
 /// The LSTM with hot reload and a baseline fallback.
@@ -31,17 +34,30 @@ pub struct ReloadingForecaster {
     threads: usize,
     current: RwLock<Option<Arc<OnnxLstm>>>,
     fallback: SeasonalNaive,
-    seen: Mutex<(Option<SystemTime>, Instant)>,
+    seen: Mutex<Seen>,
     check_every: Duration,
     status: Arc<ModelStatus>,
 }
 
-fn modified(path: &Path) -> Option<SystemTime> {
-    let m = std::fs::metadata(path).and_then(|m| m.modified()).ok();
-    let j = std::fs::metadata(metadata_path(path))
-        .and_then(|m| m.modified())
-        .ok();
-    m.max(j)
+/// What the reload check knows of the files.
+struct Seen {
+    /// The files as they were when the serving model was loaded.
+    loaded: Option<Fingerprint>,
+    /// The files as they were at the last failed load (its error is logged once).
+    failed: Option<Fingerprint>,
+    checked: Instant,
+}
+
+/// Modification time and length of the model and of its metadata: a file replaced by one
+/// with an older time (`mv` from staging, `cp -p`, a rollback) still differs.
+type Fingerprint = [Option<(SystemTime, u64)>; 2];
+
+fn fingerprint(path: &Path) -> Fingerprint {
+    let of = |p: &Path| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    };
+    [of(path), of(&metadata_path(path))]
 }
 
 impl ReloadingForecaster {
@@ -53,7 +69,11 @@ impl ReloadingForecaster {
             threads,
             current: RwLock::new(None),
             fallback: SeasonalNaive,
-            seen: Mutex::new((None, Instant::now())),
+            seen: Mutex::new(Seen {
+                loaded: None,
+                failed: None,
+                checked: Instant::now(),
+            }),
             check_every,
             status: Arc::default(),
         };
@@ -73,21 +93,32 @@ impl ReloadingForecaster {
 
     /// Load the file now; keeps the previous model if the new one fails.
     pub fn reload(&self) {
-        let stamp = modified(&self.path);
-        *self.seen.lock() = (stamp, Instant::now());
-        match OnnxLstm::load(&self.path, self.threads) {
+        let stamp = fingerprint(&self.path);
+        let result = OnnxLstm::load(&self.path, self.threads);
+        let mut seen = self.seen.lock();
+        seen.checked = Instant::now();
+        match result {
             Ok(m) => {
                 tracing::info!(model = %self.path.display(), "forecast model loaded");
                 *self.current.write() = Some(Arc::new(m));
+                seen.loaded = Some(stamp);
+                seen.failed = None;
                 self.status.loads.fetch_add(1, Ordering::Relaxed);
                 self.status.fallback.store(false, Ordering::Relaxed);
             }
             Err(e) => {
+                // Retried at every check (a file caught mid-copy loads once it is whole);
+                // logged again only when the files change.
                 self.status.load_failures.fetch_add(1, Ordering::Relaxed);
+                let first = seen.failed.replace(stamp) != Some(stamp);
                 if self.current.read().is_some() {
-                    tracing::error!(error = %e, "new forecast model rejected; keeping the previous one");
+                    if first {
+                        tracing::error!(error = %e, "new forecast model rejected; keeping the previous one");
+                    }
                 } else {
-                    tracing::error!(error = %e, "forecast model unavailable; falling back to seasonal naive");
+                    if first {
+                        tracing::error!(error = %e, "forecast model unavailable; falling back to seasonal naive");
+                    }
                     self.status.fallback.store(true, Ordering::Relaxed);
                 }
             }
@@ -97,11 +128,11 @@ impl ReloadingForecaster {
     fn maybe_reload(&self) {
         let due = {
             let mut seen = self.seen.lock();
-            if seen.1.elapsed() < self.check_every {
+            if seen.checked.elapsed() < self.check_every {
                 return;
             }
-            seen.1 = Instant::now();
-            modified(&self.path) != seen.0
+            seen.checked = Instant::now();
+            seen.loaded != Some(fingerprint(&self.path))
         };
         if due {
             self.reload();
@@ -141,11 +172,12 @@ impl ReloadingForecaster {
 }
 
 impl Forecaster for ReloadingForecaster {
+    /// The forecaster that answered the last batch.
     fn name(&self) -> &str {
-        if self.model_loaded() {
-            "lstm"
-        } else {
+        if self.status.fallback.load(Ordering::Relaxed) {
             "seasonal_naive"
+        } else {
+            "lstm"
         }
     }
 
@@ -155,9 +187,14 @@ impl Forecaster for ReloadingForecaster {
         let model = self.current.read().clone();
         match model {
             Some(m) => match m.forecast(histories) {
-                Ok(f) => self.baseline_for_silent_windows(histories, f),
+                Ok(f) => {
+                    self.status.fallback.store(false, Ordering::Relaxed);
+                    self.baseline_for_silent_windows(histories, f)
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "model failed on a batch; baseline answers it");
+                    self.status.batch_failures.fetch_add(1, Ordering::Relaxed);
+                    self.status.fallback.store(true, Ordering::Relaxed);
                     self.fallback.forecast(histories)
                 }
             },

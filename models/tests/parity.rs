@@ -177,6 +177,31 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
         "reloaded lstm",
     );
     assert!(r.status().loads.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert_eq!(r.name(), "lstm");
+
+    // A replacement with an older modification time (a rollback, `cp -p`) is noticed too;
+    // a broken one is rejected, the previous model keeps serving, and it is tried again at
+    // every check (a file caught mid-copy loads once it is whole).
+    let failures = || {
+        r.status()
+            .load_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before_failures = failures();
+    std::fs::write(&model, b"half a model").unwrap();
+    let earlier = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    std::fs::File::options()
+        .write(true)
+        .open(&model)
+        .unwrap()
+        .set_modified(earlier)
+        .unwrap();
+    r.forecast(&hs).unwrap();
+    assert_eq!(failures(), before_failures + 1, "the older file was tried");
+    assert!(r.model_loaded(), "the previous model keeps serving");
+    r.forecast(&hs).unwrap();
+    assert_eq!(failures(), before_failures + 2, "and tried again");
+    assert_eq!(r.name(), "lstm");
 }
 
 #[test]
