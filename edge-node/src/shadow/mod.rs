@@ -35,9 +35,23 @@ impl OutcomeLog {
         g.0.push_back(o);
     }
 
-    /// Take every recorded outcome.
-    pub fn drain(&self) -> Vec<ShadowOutcome> {
-        self.inner.lock().0.drain(..).collect()
+    /// Take the oldest outcomes whose encoding fits about `budget` bytes (at least one); the
+    /// rest wait for the next poll. A reply must fit one frame, and after a long gap between
+    /// polls the log holds far more than that.
+    pub fn drain_within(&self, budget: usize) -> Vec<ShadowOutcome> {
+        let mut g = self.inner.lock();
+        let mut used = 0;
+        let n =
+            g.0.iter()
+                .take_while(|o| {
+                    // Escaping can double a key; the other fields take under 200 bytes.
+                    used += 2 * o.key.len() + 200;
+                    used <= budget
+                })
+                .count()
+                .max(1)
+                .min(g.0.len());
+        g.0.drain(..n).collect()
     }
 
     /// Outcomes dropped because nobody polled.
@@ -61,4 +75,45 @@ pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Optio
         storage.purge_key(key);
     }
     Some(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outcome(key: String) -> ShadowOutcome {
+        ShadowOutcome {
+            key,
+            bytes: 1,
+            hits: 0,
+            held_secs: 1,
+            peer_filled: false,
+            evicted: false,
+            failed: false,
+            held_before: false,
+        }
+    }
+
+    #[test]
+    fn a_backlog_drains_oldest_first_in_replies_that_fit_a_frame() {
+        use crate::sync::protocol::MAX_FRAME;
+        let log = OutcomeLog::default();
+        for i in 0..OutcomeLog::CAPACITY {
+            log.push(outcome(format!("h/{i:05}/{}", "x".repeat(100))));
+        }
+        let mut seen = 0;
+        while seen < OutcomeLog::CAPACITY {
+            let batch = log.drain_within(MAX_FRAME / 2);
+            assert!(!batch.is_empty());
+            assert!(
+                batch[0].key.starts_with(&format!("h/{seen:05}/")),
+                "oldest first"
+            );
+            let encoded = serde_json::to_vec(&batch).unwrap().len();
+            assert!(encoded < MAX_FRAME / 2, "{encoded} bytes");
+            seen += batch.len();
+        }
+        assert_eq!(seen, OutcomeLog::CAPACITY);
+        assert!(log.drain_within(MAX_FRAME / 2).is_empty());
+    }
 }

@@ -315,11 +315,12 @@ impl ShadowTable {
                 .collect()
         };
         marks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        // Each entry also carries its field names and numbers (about 40 bytes encoded).
         let mut used = 0;
         let n = marks
             .iter()
             .take_while(|(k, _)| {
-                used += k.len();
+                used += k.len() + 64;
                 used <= max_key_bytes
             })
             .count()

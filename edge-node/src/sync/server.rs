@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use super::protocol::{
     read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, LiveShadow, Reply, Request,
-    StatsReport, VERSION,
+    StatsReport, MAX_FRAME, VERSION,
 };
 use super::tls::{peer_is, BROKER_NAME};
 use super::{is_hop_header, PEER_FETCH_HEADER};
@@ -28,6 +28,9 @@ use crate::storage::FoyerStorage;
 const DEDUP_CAPACITY: usize = 4096;
 /// Key bytes per page of a shadow listing: the page stays well inside a frame.
 const PAGE_KEY_BYTES: usize = 64 * 1024;
+/// Encoded bytes of shadow outcomes per stats reply: the reply stays well inside a frame,
+/// and a backlog drains over the following polls.
+const OUTCOME_BYTES: usize = MAX_FRAME / 2;
 
 /// What the QUIC handlers act on.
 pub struct SyncParts {
@@ -283,7 +286,10 @@ impl Handler {
             (r, outcome)
         };
         m.sync_messages.with_label_values(&[kind, outcome]).inc();
-        let _ = write_frame(&mut send, &reply_to(reply)).await;
+        if let Err(e) = write_frame(&mut send, &reply_to(reply)).await {
+            tracing::warn!(kind, error = %e, "control reply not sent");
+            m.sync_messages.with_label_values(&[kind, "unsent"]).inc();
+        }
         let _ = send.finish();
     }
 
@@ -358,7 +364,7 @@ impl Handler {
             cache_capacity_bytes: p.capacity_bytes,
             shadow_first_hits: m.shadow_first_hits.get(),
             misses: m.status(CacheStatus::Miss).requests.get(),
-            outcomes: p.outcomes.drain(),
+            outcomes: p.outcomes.drain_within(OUTCOME_BYTES),
         }
     }
 
