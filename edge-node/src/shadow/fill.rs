@@ -244,7 +244,9 @@ async fn fetch(
     internal: &InternalSecret,
     r: &FillRequest,
     peer: Option<&PeerRef>,
-) -> Result<(u64, bool), String> {
+    max_bytes: u64,
+    moved: &mut u64,
+) -> Result<bool, String> {
     let (host, path) = split_key(&r.key).ok_or_else(|| format!("bad key {:?}", r.key))?;
     let mut req = client
         .get(format!("http://{listen}{path}"))
@@ -256,28 +258,40 @@ async fn fetch(
     if r.refresh {
         req = req.header(REFRESH_HEADER, "1");
     }
-    let resp = req.send().await.map_err(|e| e.to_string())?;
+    let mut resp = req.send().await.map_err(|e| e.to_string())?;
     let status = resp.status();
     let x_cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok());
     let cached = x_cache.is_some_and(|v| v != "BYPASS");
     let local_hit = x_cache == Some("HIT");
-    let body = resp.bytes().await.map_err(|e| e.to_string())?;
+    // A body that will not be cached is not downloaded for nothing.
     if !status.is_success() {
         return Err(format!("status {status}"));
     }
     if !cached {
         return Err("response is not cacheable".into());
     }
-    Ok((body.len() as u64, local_hit))
+    // Read through (the proxy fills the cache as it streams), counting, never buffering.
+    while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
+        *moved += chunk.len() as u64;
+        if *moved > max_bytes {
+            return Err(format!(
+                "larger than the cache's object limit ({max_bytes} bytes)"
+            ));
+        }
+    }
+    Ok(local_hit)
 }
 
 /// Fill from the peer if one is named, else (or when it fails) from the origin; a copy this
-/// edge already held answers either from its cache.
+/// edge already held answers either from its cache. Returns the body size and its source, and
+/// adds the bytes every attempt moved to `moved` (the bandwidth budget is charged for all).
 async fn fill_one(
     client: &reqwest::Client,
     listen: SocketAddr,
     internal: &InternalSecret,
     r: &FillRequest,
+    max_bytes: u64,
+    moved: &mut u64,
 ) -> Result<(u64, FillSource), String> {
     let source = |remote, local_hit| {
         if local_hit {
@@ -288,16 +302,38 @@ async fn fill_one(
     };
     // A refresh must reach the origin: the peers hold the old version too.
     if let (Some(peer), false) = (&r.peer, r.refresh) {
-        match fetch(client, listen, internal, r, Some(peer)).await {
-            Ok((n, local)) => return Ok((n, source(FillSource::Peer, local))),
+        let mut from_peer = 0;
+        let got = fetch(
+            client,
+            listen,
+            internal,
+            r,
+            Some(peer),
+            max_bytes,
+            &mut from_peer,
+        )
+        .await;
+        *moved += from_peer;
+        match got {
+            Ok(local) => return Ok((from_peer, source(FillSource::Peer, local))),
             Err(e) => {
                 tracing::info!(key = %r.key, peer = %peer.id, error = %e, "peer fill failed; using the origin");
             }
         }
     }
-    fetch(client, listen, internal, r, None)
-        .await
-        .map(|(n, local)| (n, source(FillSource::Origin, local)))
+    let mut from_origin = 0;
+    let got = fetch(
+        client,
+        listen,
+        internal,
+        r,
+        None,
+        max_bytes,
+        &mut from_origin,
+    )
+    .await;
+    *moved += from_origin;
+    got.map(|local| (from_origin, source(FillSource::Origin, local)))
 }
 
 /// The outcome of a shadow that ended at `now`.
@@ -402,6 +438,7 @@ impl BackgroundService for ShadowService {
                     _ = self.filler.queue.ready.notified() => {}
                 }
             };
+            let max_bytes = self.storage.max_object_bytes() as u64;
             let (client, table, outcomes, metrics, listen, internal, pacer) = (
                 client.clone(),
                 self.table.clone(),
@@ -414,9 +451,12 @@ impl BackgroundService for ShadowService {
             tokio::spawn(async move {
                 let _permit = permit;
                 let started = Instant::now();
-                match fill_one(&client, listen, &internal, &req).await {
+                let mut moved = 0;
+                let filled =
+                    fill_one(&client, listen, &internal, &req, max_bytes, &mut moved).await;
+                pacer.charge(moved, Instant::now());
+                match filled {
                     Ok((bytes, source)) => {
-                        pacer.charge(bytes, Instant::now());
                         let now = Instant::now();
                         if !table.mark_filled(&req.key, req.ttl, req.priority, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");

@@ -239,6 +239,11 @@ impl FoyerStorage {
         })
     }
 
+    /// Largest body the cache stores.
+    pub fn max_object_bytes(&self) -> usize {
+        self.max_object_bytes
+    }
+
     /// Bytes held by in-flight fills.
     pub fn fill_bytes(&self) -> usize {
         self.fill_bytes.load(Ordering::Relaxed)
