@@ -1053,14 +1053,23 @@ impl Planner {
                 _ => {}
             }
         }
-        for (e, key) in &drops {
-            self.state.remove(key, *e);
-        }
-        stream::iter(drops)
-            .map(|(e, key)| async move { self.sync.unshadow(e, &key).await })
+        // Forgotten only once the edge let go: one that did not answer still holds the copy
+        // (and the budget it takes), and the next tick asks again.
+        let dropped: Vec<(usize, String, bool)> = stream::iter(drops)
+            .map(|(e, key)| async move {
+                let ok = self.sync.unshadow(e, &key).await;
+                (e, key, ok)
+            })
             .buffer_unordered(SEND_CONCURRENCY)
-            .collect::<Vec<_>>()
+            .collect()
             .await;
+        for (e, key, ok) in dropped {
+            if ok {
+                self.state.remove(&key, e);
+            } else {
+                tracing::debug!(edge = %self.fleet.edges[e].id, %key, "unshadow not confirmed; retried next tick");
+            }
+        }
         // Earliest expected arrival first: with a bounded send rate, the objects needed
         // soonest must not wait behind ones needed in an hour.
         orders.sort_by_key(|(_, o, _, _)| o.deadline_ms);

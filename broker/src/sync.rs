@@ -290,13 +290,14 @@ impl EdgeSync {
         }
     }
 
-    /// Ask edge `edge` to drop its shadow of `key`; whether it answered.
+    /// Ask edge `edge` to drop its shadow of `key`; whether it confirmed (it dropped it, or
+    /// held none).
     pub async fn unshadow(&self, edge: usize, key: &str) -> bool {
         if let Some(c) = self.quic(edge) {
             let req = Request::Unshadow {
                 key: key.to_string(),
             };
-            return c.call(edge, &req).await.is_ok();
+            return matches!(c.call(edge, &req).await, Ok(Reply::Done { .. }));
         }
         let e = &self.fleet.edges[edge];
         self.client
@@ -304,7 +305,7 @@ impl EdgeSync {
             .bearer_auth(&self.token)
             .send()
             .await
-            .is_ok()
+            .is_ok_and(|r| r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND)
     }
 
     /// Purge `target` (`host/path` or `host/prefix*`) on edge `edge`; the HTTP status (or

@@ -41,6 +41,9 @@ pub struct FillRequest {
     pub peer: Option<PeerRef>,
     /// Revalidate a held copy with the origin (it changed) instead of reusing it.
     pub refresh: bool,
+    /// When it was queued: a purge or unshadow of the key after that cancels it, even while
+    /// it still waits for a worker.
+    pub queued_at: Instant,
 }
 
 /// Why a shadow request is invalid.
@@ -90,6 +93,7 @@ impl FillRequest {
             deadline_ms: 0,
             peer: None,
             refresh: false,
+            queued_at: Instant::now(),
         })
     }
 
@@ -159,7 +163,8 @@ pub struct Filler {
 
 impl Filler {
     /// Queue a fill without waiting.
-    pub fn submit(&self, r: FillRequest) -> Result<(), FillError> {
+    pub fn submit(&self, mut r: FillRequest) -> Result<(), FillError> {
+        r.queued_at = Instant::now();
         let mut g = self.queue.heap.lock();
         if g.0.len() >= self.queue.capacity {
             return Err(FillError::QueueFull);
@@ -450,7 +455,12 @@ impl BackgroundService for ShadowService {
             );
             tokio::spawn(async move {
                 let _permit = permit;
-                let started = Instant::now();
+                // Dropped while it waited: the broker no longer wants it, or it was purged.
+                if table.dropped_since(&req.key, req.queued_at) {
+                    metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                    return;
+                }
+                let started = req.queued_at;
                 let mut moved = 0;
                 let filled =
                     fill_one(&client, listen, &internal, &req, max_bytes, &mut moved).await;

@@ -190,6 +190,11 @@ impl ShadowTable {
         true
     }
 
+    /// Whether `key` was purged or unshadowed at or after `since`.
+    pub fn dropped_since(&self, key: &str, since: Instant) -> bool {
+        self.inner.lock().dropped_since(key, since)
+    }
+
     /// Record the filled size of a shadow and, on its first fill, where it came from (a
     /// renewal refills from the edge's own cache, which says nothing about the first).
     pub fn set_fill(&self, key: &str, bytes: u64, source: FillSource) {
