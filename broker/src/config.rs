@@ -379,6 +379,10 @@ impl BrokerConfig {
                 "planner.interval_secs must be a number of seconds ≥ {min}"
             ));
         }
+        // As a resource's own shadow TTL (the provider API's bound).
+        if !(1..=30 * 24 * 3600).contains(&self.planner.default_ttl_secs) {
+            return bad("planner.default_ttl_secs must be between 1 and 2592000 (30 days)".into());
+        }
         if let Some(c) = &self.control {
             if !(c.stats_interval_secs.is_finite() && c.stats_interval_secs >= min) {
                 return bad(format!(
@@ -554,6 +558,14 @@ pub(crate) mod tests {
             (
                 "[[regions]]\nname = \"EU\"\nneighbours = []\n",
                 "duplicate region",
+            ),
+            (
+                "[planner]\ndefault_ttl_secs = 0\n",
+                "planner.default_ttl_secs",
+            ),
+            (
+                "[planner]\ndefault_ttl_secs = 9999999999\n",
+                "planner.default_ttl_secs",
             ),
         ] {
             let bad = SAMPLE.replace("[admin]", &format!("{extra}[admin]"));

@@ -83,6 +83,8 @@ pub struct Monitor {
 
 impl Monitor {
     /// Start the aggregator thread; loads the last snapshot from `snapshot_path` if present.
+    /// One it cannot use is renamed aside, not overwritten by the next snapshot: days of
+    /// history stay recoverable (e.g. by converting it back after a bucket width change).
     pub fn start(
         cfg: &MonitorSection,
         regions: Vec<String>,
@@ -92,10 +94,18 @@ impl Monitor {
     ) -> (Monitor, Recorder) {
         let mut store = SeriesStore::new(cfg.bucket_secs, cfg.retention_buckets, cfg.max_series);
         match std::fs::read(&snapshot_path) {
-            Ok(bytes) => match serde_json::from_slice::<SeriesStore>(&bytes) {
-                Ok(snap) => store.restore(snap),
-                Err(e) => tracing::warn!(error = %e, "monitor snapshot unreadable; starting empty"),
-            },
+            Ok(bytes) => {
+                let adopted = match serde_json::from_slice::<SeriesStore>(&bytes) {
+                    Ok(snap) => store.restore(snap),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "monitor snapshot unreadable");
+                        false
+                    }
+                };
+                if !adopted {
+                    set_aside(&snapshot_path);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => tracing::warn!(error = %e, "monitor snapshot unreadable; starting empty"),
         }
@@ -261,5 +271,41 @@ fn snapshot(store: &RwLock<SeriesStore>, path: &PathBuf) {
         .and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = res {
         tracing::warn!(error = %e, path = %path.display(), "monitor snapshot failed");
+    }
+}
+
+/// Rename an unusable snapshot to `<name>.unused-<unix secs>` so the next snapshot does not
+/// overwrite it.
+fn set_aside(path: &std::path::Path) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(format!(".unused-{secs}"));
+    match std::fs::rename(path, &aside) {
+        Ok(()) => {
+            tracing::warn!(kept = %std::path::Path::new(&aside).display(), "monitor starts empty; the unusable snapshot was set aside")
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "monitor snapshot could not be set aside; the next snapshot replaces it")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn an_unusable_snapshot_is_kept_beside_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("monitor.json");
+        std::fs::write(&path, b"{ not a snapshot").unwrap();
+        super::set_aside(&path);
+        assert!(!path.exists());
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert!(kept[0].starts_with("monitor.json.unused-"), "{kept:?}");
     }
 }

@@ -116,8 +116,9 @@ impl SeriesStore {
         }
     }
 
-    /// Adopt a snapshot's data under this store's limits.
-    pub fn restore(&mut self, snapshot: SeriesStore) {
+    /// Adopt a snapshot's data under this store's limits; whether it could (not when its
+    /// bucket width differs from this store's).
+    pub fn restore(&mut self, snapshot: SeriesStore) -> bool {
         if snapshot.bucket_secs == self.bucket_secs {
             self.series = snapshot.series;
             self.count = self.series.values().map(HashMap::len).sum();
@@ -131,12 +132,14 @@ impl SeriesStore {
             if self.count > self.max_series {
                 self.evict_oldest();
             }
+            true
         } else {
             tracing::warn!(
                 old = snapshot.bucket_secs,
                 new = self.bucket_secs,
-                "monitor bucket width changed; snapshot ignored"
+                "monitor bucket width changed; snapshot not used"
             );
+            false
         }
     }
 
