@@ -244,22 +244,23 @@ impl Link {
     }
 }
 
-/// A client endpoint presenting `identity`, bound to an ephemeral port of the family of
-/// `like` (the peers' address family).
+/// A client endpoint presenting `identity`, bound to an ephemeral port: dual-stack where the
+/// host has IPv6, so one endpoint reaches IPv4 and IPv6 peers alike; else IPv4 (enough for
+/// `like`, the first peer's address, when that is IPv4).
 pub fn client_endpoint(
     identity: &super::tls::NodeIdentity,
     like: SocketAddr,
 ) -> Result<quinn::Endpoint, super::SyncError> {
-    let bind: SocketAddr = if like.is_ipv6() {
-        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
-    } else {
-        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
+    let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
+    let bind_error = |addr| move |e| super::SyncError::Bind { addr, source: e };
+    let socket = match dual_stack_socket(v6) {
+        Ok(s) => s,
+        Err(_) if like.is_ipv4() => std::net::UdpSocket::bind(v4).map_err(bind_error(v4))?,
+        Err(e) => return Err(bind_error(v6)(e)),
     };
-    let bind_error = |e| super::SyncError::Bind {
-        addr: bind,
-        source: e,
-    };
-    let socket = std::net::UdpSocket::bind(bind).map_err(bind_error)?;
+    let bind = socket.local_addr().map_err(bind_error(v6))?;
+    let bind_error = bind_error(bind);
     let mut endpoint = quinn::Endpoint::new(
         identity.endpoint_config(),
         None,
@@ -269,6 +270,15 @@ pub fn client_endpoint(
     .map_err(bind_error)?;
     endpoint.set_default_client_config(identity.client_config()?);
     Ok(endpoint)
+}
+
+/// A UDP socket on `addr` (IPv6) that also sends to and receives from IPv4 peers.
+fn dual_stack_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    socket.set_only_v6(false)?;
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 #[cfg(test)]
@@ -303,7 +313,11 @@ mod tests {
     }
 
     fn server(identity: &NodeIdentity) -> quinn::Endpoint {
-        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        server_on(identity, "127.0.0.1:0")
+    }
+
+    fn server_on(identity: &NodeIdentity, addr: &str) -> quinn::Endpoint {
+        let socket = UdpSocket::bind(addr).unwrap();
         quinn::Endpoint::new(
             identity.endpoint_config(),
             Some(identity.server_config().unwrap()),
@@ -311,6 +325,27 @@ mod tests {
             Arc::new(quinn::TokioRuntime),
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn one_client_endpoint_reaches_ipv4_and_ipv6_peers() {
+        if UdpSocket::bind("[::1]:0").is_err() {
+            return; // no IPv6 on this host: the endpoint is IPv4 only, by design
+        }
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
+        let edge = NodeIdentity::load(&edge).unwrap();
+        let (v4, v6) = (server(&edge), server_on(&edge, "[::1]:0"));
+        let v4_addr = v4.local_addr().unwrap();
+        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), v4_addr).unwrap();
+        for (server, addr) in [(&v4, v4_addr), (&v6, v6.local_addr().unwrap())] {
+            let connecting = client.connect(addr, &edge_name("e1")).unwrap();
+            let (conn, accepted) =
+                tokio::join!(connecting, async { server.accept().await.unwrap().await });
+            assert!(conn.is_ok() && accepted.is_ok(), "{addr}");
+        }
     }
 
     #[tokio::test]
