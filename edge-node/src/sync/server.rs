@@ -26,6 +26,10 @@ use crate::storage::FoyerStorage;
 
 /// Replies remembered for repeated message ids.
 const DEDUP_CAPACITY: usize = 4096;
+/// How long a stream may take to deliver its request frame.
+const REQUEST_WAIT: Duration = Duration::from_secs(10);
+/// How long one chunk of a peer-fetch body may wait for the requesting edge to take it.
+const CHUNK_WAIT: Duration = Duration::from_secs(30);
 /// Key bytes per page of a shadow listing: the page stays well inside a frame.
 const PAGE_KEY_BYTES: usize = 64 * 1024;
 /// Encoded bytes of shadow outcomes per stats reply: the reply stays well inside a frame,
@@ -214,7 +218,12 @@ impl Handler {
         mut recv: quinn::RecvStream,
     ) {
         let m = &self.parts.metrics;
-        let raw: serde_json::Value = match read_frame(&mut recv).await {
+        // Keep-alives hold the connection open, so a stream whose request never comes would
+        // pin this task (and one of the connection's stream slots) for good.
+        let raw: serde_json::Value = match tokio::time::timeout(REQUEST_WAIT, read_frame(&mut recv))
+            .await
+            .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
+        {
             Ok(v) => v,
             Err(e) => {
                 m.sync_messages
@@ -426,8 +435,13 @@ impl Handler {
         loop {
             match resp.chunk().await {
                 Ok(Some(chunk)) => {
-                    if send.write_all(&chunk).await.is_err() {
-                        return "reset";
+                    match tokio::time::timeout(CHUNK_WAIT, send.write_all(&chunk)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return "reset",
+                        Err(_) => {
+                            let _ = send.reset(1u32.into());
+                            return "stalled";
+                        }
                     }
                 }
                 Ok(None) => return "ok",
