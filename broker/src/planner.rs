@@ -864,6 +864,12 @@ impl Planner {
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
         self.adopt().await;
         let now = now_secs();
+        // Every tick settles the shadows that ended and tunes the thresholds, whether or not
+        // any series is due a forecast (a quiet hour still prices the shadows it saw end).
+        for (key, edge) in self.ledger.take_ended() {
+            self.state.remove(&key, edge);
+        }
+        self.ledger.tune(now);
         let cands = self.candidates(now);
         if cands.is_empty() {
             return;
@@ -898,11 +904,7 @@ impl Planner {
         };
         // A snapshot for this tick's decisions; every change goes to the shared state at
         // once, so shadows that events or co-access place while the tick sends are kept.
-        for (key, edge) in self.ledger.take_ended() {
-            self.state.remove(&key, edge);
-        }
         let live = self.state.live_now(Instant::now());
-        self.ledger.tune(now);
         let standings = self.anomalies(&cands, &forecasts, now);
         let thresholds: Vec<(f32, Option<String>)> = cands
             .iter()
