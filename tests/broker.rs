@@ -1426,6 +1426,34 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     assert_eq!(origin.hits("/coop/a.css"), 1, "the origin was asked once");
     let r = get("/coop/a.css", "us", "-").await.unwrap();
     assert_eq!(r.headers()["x-cache"], "HIT");
+    assert!(
+        r.headers().get("x-shadowcdn-admitted").is_none(),
+        "edges only"
+    );
+
+    // A purge us-a applied and the eu peer has not yet: the peer's older copy still serves
+    // this miss, but us-a does not store it back.
+    let s = client()
+        .delete(format!("http://{}/cache/{HOST}/coop/a.css", us.admin))
+        .bearer_auth(edge_token)
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s, StatusCode::OK);
+    let r = get("/coop/a.css", "us", "-").await.unwrap();
+    assert_eq!(r.headers()["x-shadowcdn-fill"], "peer");
+    assert_eq!(
+        r.headers()["x-cache"],
+        "BYPASS",
+        "the pre-purge copy was stored"
+    );
+    assert!(
+        r.headers().get("x-shadowcdn-admitted").is_none(),
+        "edges only"
+    );
+    let r = get("/coop/a.css", "us", "-").await.unwrap();
+    assert_ne!(r.headers()["x-cache"], "HIT");
 
     // A hint that turns out wrong (the eu copy was purged behind the broker's back) costs
     // nothing but a round trip: the miss goes to the origin.
@@ -1476,13 +1504,14 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
             &[&format!("outcome=\"{o}\"")],
         )
     };
-    assert_eq!(fills("hit"), Some(1.0), "{m}");
+    // a.css from the peer three times: first, and twice after the purge (never stored).
+    assert_eq!(fills("hit"), Some(3.0), "{m}");
     assert_eq!(fills("miss"), Some(2.0), "{m}");
     let bm = c.metrics().await;
     // Every GET to us-a for a key an eu edge served carries the hint, hits included.
     assert_eq!(
         sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
-        Some(4.0),
+        Some(6.0),
         "{bm}"
     );
 }

@@ -38,7 +38,8 @@ use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::FoyerStorage;
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
-    format_peer_via, PeerDirectory, PEER_FETCH_HEADER, PEER_HINT_HEADER, PEER_VIA_HEADER,
+    format_peer_via, PeerDirectory, PEER_ADMITTED_HEADER, PEER_FETCH_HEADER, PEER_HINT_HEADER,
+    PEER_VIA_HEADER,
 };
 
 /// A random per-process value that authenticates the edge's requests to its own listener
@@ -335,6 +336,18 @@ pub fn error_status(e: &Error) -> (u16, &'static str) {
     }
 }
 
+/// When the peer that answered a peer fetch admitted its copy ([`PEER_ADMITTED_HEADER`]).
+fn peer_admitted(resp: &ResponseHeader) -> Option<SystemTime> {
+    let ms: u64 = resp
+        .headers
+        .get(PEER_ADMITTED_HEADER)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()?;
+    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+}
+
 /// The `Age` a response arrived with: whole seconds (RFC 9111 §5.1); absent or malformed
 /// counts as zero.
 fn upstream_age(resp: &ResponseHeader) -> Duration {
@@ -450,6 +463,7 @@ impl EdgeProxy {
         // Pingora writes a hit's `Age` itself; a stored one would be counted again when a 304
         // merges into this header.
         header.remove_header(&header::AGE);
+        header.remove_header(PEER_ADMITTED_HEADER);
         let mut meta = CacheMeta::new(fresh_until, admitted, swr, sie, header);
         if now != admitted {
             meta.set_epoch_override(now);
@@ -624,7 +638,20 @@ impl ProxyHttp for EdgeProxy {
         }
         // A purge that came while this answer was on its way found nothing to remove: the
         // answer is what it meant to remove. The client gets it; the cache does not keep it.
-        if let Some((t, wall)) = ctx.fetch_started {
+        // A peer's copy counts from when the peer admitted it: the peer may not have applied
+        // a purge this edge has.
+        let from_peer = ctx.demand_peer.is_some() || ctx.peer_fill;
+        let started = match (
+            ctx.fetch_started,
+            from_peer.then(|| peer_admitted(resp)).flatten(),
+        ) {
+            (Some((t, wall)), Some(admitted)) if admitted < wall => {
+                let ago = wall.duration_since(admitted).unwrap_or_default();
+                Some((t.checked_sub(ago).unwrap_or(t), admitted))
+            }
+            (started, _) => started,
+        };
+        if let Some((t, wall)) = started {
             if self.parts.storage.purged_during(&ctx.key, t, wall) {
                 return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
                     "purged during fetch",
@@ -792,6 +819,16 @@ impl ProxyHttp for EdgeProxy {
         }
         if ctx.peer_served {
             resp.insert_header("x-shadowcdn-fill", "peer")?;
+        }
+        // Between edges only: a peer's admission time (see `response_cache_filter`) is not
+        // passed on, and this edge states its own when another edge fetches from it.
+        resp.remove_header(PEER_ADMITTED_HEADER);
+        if ctx.only_if_cached && from_cache {
+            let created = session.cache.cache_meta().created();
+            let ms = created
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64);
+            resp.insert_header(PEER_ADMITTED_HEADER, ms)?;
         }
         resp.insert_header("x-cache", x_cache_value(status))?;
         resp.insert_header(

@@ -27,6 +27,10 @@ pub use tls::{NodeIdentity, TlsError, TlsPaths};
 /// only: a miss answers 504 instead of going to the origin. Peer fetches use it, so a peer
 /// fill never turns into an origin fetch on the peer.
 pub const PEER_FETCH_HEADER: &str = "x-shadowcdn-peer-fetch";
+/// Header on a peer fetch's answer: when the serving edge admitted its copy (unix ms). The
+/// edge taking the copy judges it against the purges it has applied, which the peer may not
+/// have yet; it never reaches clients or the cache.
+pub const PEER_ADMITTED_HEADER: &str = "x-shadowcdn-admitted";
 /// Header `id@addr` on the edge's own shadow fills: fill from that peer edge.
 pub const PEER_VIA_HEADER: &str = "x-shadowcdn-peer";
 /// Header (value: a node id from the [`PeerDirectory`]) the broker puts on a request when
@@ -77,7 +81,7 @@ pub(crate) fn is_hop_header(name: &str) -> bool {
             | "proxy-connection"
             | "x-cache"
             | "cache-status"
-    ) || name.starts_with("x-shadowcdn-")
+    ) || (name.starts_with("x-shadowcdn-") && name != PEER_ADMITTED_HEADER)
 }
 
 #[cfg(test)]
