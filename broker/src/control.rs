@@ -69,6 +69,7 @@ pub struct Control {
     identity: NodeIdentity,
     fleet: Arc<Fleet>,
     links: OnceLock<Vec<Option<Arc<Link>>>>,
+    endpoint: OnceLock<quinn::Endpoint>,
     stats: RwLock<Vec<Option<StatsReport>>>,
     interval: Duration,
     ledger: Arc<Ledger>,
@@ -94,6 +95,7 @@ impl Control {
             identity,
             fleet,
             links: OnceLock::new(),
+            endpoint: OnceLock::new(),
             stats: RwLock::new(vec![None; n]),
             interval: Duration::from_secs_f64(
                 section
@@ -116,7 +118,13 @@ impl Control {
             .iter()
             .find_map(|e| e.sync)
             .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
-        let endpoint = client_endpoint(&self.identity, like)?;
+        let endpoint = match self.endpoint.get() {
+            Some(e) => e.clone(),
+            None => {
+                let e = client_endpoint(&self.identity, like)?;
+                self.endpoint.get_or_init(|| e).clone()
+            }
+        };
         let links = self
             .fleet
             .edges
@@ -133,6 +141,14 @@ impl Control {
             })
             .collect();
         Ok(self.links.get_or_init(|| links))
+    }
+
+    /// Close the links' endpoint, if it was ever opened (shutdown, after the drain): the
+    /// edges drop their connections now, not at their idle timeout.
+    pub async fn close(&self) {
+        if let Some(e) = self.endpoint.get() {
+            edge_node::sync::close_endpoint(e).await;
+        }
     }
 
     /// Whether edge `edge` is reached over QUIC.

@@ -213,6 +213,7 @@ impl Broker {
         let api = AxumService::new("api", admin_listener, api_router);
         let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics);
         let monitor = Mutex::new(Some(monitor));
+        let closing = control.clone();
         let drainer = Drainer::new(
             inflight,
             Duration::from_secs(cfg.drain_timeout_secs),
@@ -221,6 +222,9 @@ impl Broker {
                 Box::pin(async move {
                     if let Some(m) = monitor {
                         let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+                    }
+                    if let Some(c) = closing {
+                        c.close().await;
                     }
                     0
                 })

@@ -209,6 +209,7 @@ impl EdgeNode {
             secret.clone(),
             &cfg.shadow,
         );
+        let mut peer_pool = None;
         if let Some((identity, server_cfg, socket, bridge)) = sync {
             let parts = SyncParts {
                 node_id: cfg.node_id.clone(),
@@ -228,6 +229,7 @@ impl EdgeNode {
                 SyncService::new(socket, identity.endpoint_config(), server_cfg, parts),
             ));
             let pool = Arc::new(PeerPool::new(identity));
+            peer_pool = Some(pool.clone());
             server.add_service(background_service(
                 "peer-bridge",
                 AxumService::new("peer-bridge", bridge, PeerBridge::new(pool).router()),
@@ -267,6 +269,11 @@ impl EdgeNode {
                 Duration::from_secs(cfg.server.drain_timeout_secs),
                 Box::new(move || {
                     Box::pin(async move {
+                        // Peers drop their connections to this edge now, not at their idle
+                        // timeout.
+                        if let Some(pool) = peer_pool {
+                            pool.close().await;
+                        }
                         tracing::info!("flushing cache to disk");
                         match storage.close().await {
                             Ok(()) => 0,

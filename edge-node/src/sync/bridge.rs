@@ -43,6 +43,13 @@ impl PeerPool {
         }
     }
 
+    /// Close the pool's endpoint, if it was ever opened (shutdown, after the drain).
+    pub async fn close(&self) {
+        if let Some(e) = self.endpoint.get() {
+            super::link::close_endpoint(e).await;
+        }
+    }
+
     /// The link to `peer`; must run inside a tokio runtime (the endpoint's driver needs one).
     pub fn link(&self, peer: &PeerRef) -> Result<Arc<Link>, SyncError> {
         if let Some(l) = self.links.lock().get(peer) {

@@ -272,6 +272,13 @@ pub fn client_endpoint(
     Ok(endpoint)
 }
 
+/// Close a client endpoint on shutdown and give its peers up to 2 s to hear it: they drop
+/// the connections now instead of holding them until their idle timeout.
+pub async fn close_endpoint(endpoint: &quinn::Endpoint) {
+    endpoint.close(0u32.into(), b"shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+}
+
 /// A UDP socket on `addr` (IPv6) that also sends to and receives from IPv4 peers.
 fn dual_stack_socket(addr: SocketAddr) -> std::io::Result<std::net::UdpSocket> {
     use socket2::{Domain, Protocol, Socket, Type};
