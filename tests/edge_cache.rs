@@ -814,6 +814,50 @@ async fn admin_json(
     (s, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// A shadow order the cache cannot keep (the origin forbids caching, or the body outgrows the
+/// object limit while streaming) fails without a mark: nothing is pre-positioned, and the
+/// broker hears the order holds nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_the_cache_cannot_keep_fails_unmarked() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let keys = [
+        format!("{HOST}/private.bin?cc=private"),
+        // 2 MiB without a Content-Length against the 1 MiB object limit.
+        format!("{HOST}/huge.bin?size=2097152&chunked=1"),
+    ];
+    for key in &keys {
+        let (s, v) = admin_json(
+            &edge,
+            Method::POST,
+            "/shadows",
+            Some(serde_json::json!({"key": key, "ttl_secs": 60})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    }
+    let failed = || async {
+        edge.metrics()
+            .await
+            .lines()
+            .find(|l| l.starts_with("shadowcdn_edge_shadow_fills_total{outcome=\"failed\"}"))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    for _ in 0..100 {
+        if failed().await >= 2.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(failed().await, 2.0);
+    for key in &keys {
+        let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{key} was marked");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl() {
     let origin = TestOrigin::start().await;
