@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shadowcdn_tests::cluster::{BrokerProc, EdgeProc, EdgeSpec, Pki, OPERATOR_TOKEN};
-use shadowcdn_tests::{client, text, TestOrigin};
+use shadowcdn_tests::{client, sample, text, TestOrigin};
 
 const HOST: &str = "site.test";
 
@@ -213,14 +213,6 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     false
-}
-
-/// The value of the first sample of `name` whose labels contain every one of `labels`.
-fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
-        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
 /// The planner's last decision for `region` in an explain answer.
@@ -1433,13 +1425,13 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
 
     // A purge us-a applied and the eu peer has not yet: the peer's older copy still serves
     // this miss, but us-a does not store it back.
-    let s = client()
-        .delete(format!("http://{}/cache/{HOST}/coop/a.css", us.admin))
-        .bearer_auth(edge_token)
-        .send()
-        .await
-        .unwrap()
-        .status();
+    let purge_on = |admin: std::net::SocketAddr, path: &'static str| {
+        client()
+            .delete(format!("http://{admin}/cache/{HOST}{path}"))
+            .bearer_auth(edge_token)
+            .send()
+    };
+    let s = purge_on(us.admin, "/coop/a.css").await.unwrap().status();
     assert_eq!(s, StatusCode::OK);
     let r = get("/coop/a.css", "us", "-").await.unwrap();
     assert_eq!(r.headers()["x-shadowcdn-fill"], "peer");
@@ -1460,10 +1452,7 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     let r = get("/coop/b.css", "eu", "-").await.unwrap();
     let eu = edge_of(&r);
     let holder = c.edges.iter().find(|e| e.dir.ends_with(&eu)).unwrap();
-    let s = client()
-        .delete(format!("http://{}/cache/{HOST}/coop/b.css", holder.admin))
-        .bearer_auth(edge_token)
-        .send()
+    let s = purge_on(holder.admin, "/coop/b.css")
         .await
         .unwrap()
         .status();

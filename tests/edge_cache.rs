@@ -8,7 +8,7 @@ use std::time::Duration;
 use reqwest::{Method, StatusCode};
 use shadowcdn_tests::cluster::{edge_config, EdgeProc, EDGE_TOKEN};
 use shadowcdn_tests::origin::body_for;
-use shadowcdn_tests::{client, text, Binary, TestOrigin};
+use shadowcdn_tests::{client, sample, text, Binary, TestOrigin};
 
 const HOST: &str = "test.local";
 const TOKEN: &str = EDGE_TOKEN;
@@ -838,12 +838,13 @@ async fn a_shadow_the_cache_cannot_keep_fails_unmarked() {
         assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     }
     let failed = || async {
-        edge.metrics()
-            .await
-            .lines()
-            .find(|l| l.starts_with("shadowcdn_edge_shadow_fills_total{outcome=\"failed\"}"))
-            .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .unwrap_or(0.0)
+        let m = edge.metrics().await;
+        sample(
+            &m,
+            "shadowcdn_edge_shadow_fills_total",
+            &["outcome=\"failed\""],
+        )
+        .unwrap_or(0.0)
     };
     for _ in 0..100 {
         if failed().await >= 2.0 {

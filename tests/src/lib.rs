@@ -18,6 +18,15 @@ pub fn client() -> reqwest::Client {
         .expect("reqwest client builds with static options")
 }
 
+/// The value of the first sample of metric `name` whose line contains every one of
+/// `labels` (e.g. `outcome="failed"`), in Prometheus text.
+pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
+        .find_map(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 /// The body of `GET url` (a metrics page, a listing), failing the test if it does not answer.
 pub async fn text(url: String) -> String {
     client()
