@@ -139,7 +139,7 @@ pub struct RequestCtx {
     upstream_started: Option<Instant>,
     /// When the first upstream request (peer or origin) left, on both clocks: an answer to a
     /// fetch that overlapped a purge of its key is not cached.
-    fetch_started: Option<(Instant, std::time::SystemTime)>,
+    fetch_started: Option<(Instant, SystemTime)>,
     upstream_responded: bool,
     status: CacheStatus,
     /// Primary cache key (`host/path?query`).
@@ -708,7 +708,7 @@ impl ProxyHttp for EdgeProxy {
             ctx.upstream_started = Some(Instant::now());
         }
         ctx.fetch_started
-            .get_or_insert_with(|| (Instant::now(), std::time::SystemTime::now()));
+            .get_or_insert_with(|| (Instant::now(), SystemTime::now()));
         // Routing tags are between broker and edge; the origin never sees them.
         upstream_request.remove_header(ROUTE_HEADER);
         upstream_request.remove_header(PEER_HINT_HEADER);

@@ -157,6 +157,11 @@ const RECENT_PURGE_WINDOW: Duration = Duration::from_secs(300);
 /// the oldest one dropped is not cached, whatever its key.
 const RECENT_PURGE_CAP: usize = 100_000;
 
+/// The storage hash of `primary_key`'s primary slot (the tombstone of all its variants).
+fn primary_hash(primary_key: &str) -> u128 {
+    hash_of(CacheKey::new(primary_key, "").primary_bin())
+}
+
 fn purge_slot(hash: u128) -> usize {
     (hash % PURGE_SLOTS as u128) as usize
 }
@@ -268,14 +273,13 @@ impl FoyerStorage {
     /// Remove every variant of `primary_key` (pingora treats the primary slot as the tombstone
     /// of all variants). Returns whether an object was present.
     pub fn purge_key(&self, primary_key: &str) -> bool {
-        let key = CacheKey::new(primary_key, "");
-        self.remove(hash_of(key.primary_bin()))
+        self.remove(primary_hash(primary_key))
     }
 
     /// A purge ordered by an operator, a provider or the broker: [`Self::purge_key`], and a
     /// fetch of the key already under way will not cache its answer (`purged_during`).
     pub fn invalidate_key(&self, primary_key: &str) -> bool {
-        let hash = hash_of(CacheKey::new(primary_key, "").primary_bin());
+        let hash = primary_hash(primary_key);
         // Noted before the removal: a fill that appears after the removal comes from a fetch
         // that either started after the purge or is refused by `purged_during`.
         self.recent.record(hash, Instant::now());
@@ -291,14 +295,13 @@ impl FoyerStorage {
         started: Instant,
         started_wall: SystemTime,
     ) -> bool {
-        let hash = hash_of(CacheKey::new(primary_key, "").primary_bin());
+        let hash = primary_hash(primary_key);
         self.recent.purged_since(hash, started) || self.bans.is_banned(primary_key, started_wall)
     }
 
     /// Whether the cache (memory or disk) holds an object under `primary_key`.
     pub fn holds(&self, primary_key: &str) -> bool {
-        let key = CacheKey::new(primary_key, "");
-        self.cache.contains(&hash_of(key.primary_bin()))
+        self.cache.contains(&primary_hash(primary_key))
     }
 
     /// Remove an object and cancel its fills; whether anything was there.
