@@ -5,6 +5,7 @@
 
 use std::io::{Read, Write};
 use std::sync::{Arc, LazyLock, OnceLock};
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use foyer::{Code, Error as FoyerError};
@@ -25,17 +26,65 @@ pub struct StoredObject {
     pub meta_header: Bytes,
     /// The complete response body.
     pub body: Bytes,
-    /// The header decoded once and shared by every hit on this in-memory entry: pingora
+    /// The metadata decoded once and shared by every hit on this in-memory entry: pingora
     /// stores headers zstd-compressed, and decompressing them on each hit was a measurable
     /// share of the hit path (see bench/RESULTS.md). Never written to disk.
-    decoded_header: Arc<OnceLock<ResponseHeader>>,
+    decoded: Arc<OnceLock<Decoded>>,
+}
+
+/// What a hit needs to rebuild its `CacheMeta` without decoding the stored bytes again.
+#[derive(Debug)]
+struct Decoded {
+    header: ResponseHeader,
+    /// The internal meta, when `CacheMeta::new` rebuilds it exactly: an object never
+    /// revalidated (`updated == created`) without an epoch override. Revalidated objects
+    /// take the slower path, which keeps their `updated` time.
+    fresh: Option<Fresh>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Fresh {
+    fresh_until: SystemTime,
+    created: SystemTime,
+    stale_while_revalidate_sec: u32,
+    stale_if_error_sec: u32,
+    variance: Option<[u8; 16]>,
+}
+
+impl Fresh {
+    fn of(meta: &CacheMeta) -> Option<Fresh> {
+        let exact = meta.updated() == meta.created()
+            && meta.provenance() == meta.created()
+            && meta.epoch_override().is_none();
+        exact.then(|| Fresh {
+            fresh_until: meta.fresh_until(),
+            created: meta.created(),
+            stale_while_revalidate_sec: meta.stale_while_revalidate_sec(),
+            stale_if_error_sec: meta.stale_if_error_sec(),
+            variance: meta.variance(),
+        })
+    }
+
+    fn meta(self, header: ResponseHeader) -> CacheMeta {
+        let mut meta = CacheMeta::new(
+            self.fresh_until,
+            self.created,
+            self.stale_while_revalidate_sec,
+            self.stale_if_error_sec,
+            header,
+        );
+        if let Some(v) = self.variance {
+            meta.set_variance(v);
+        }
+        meta
+    }
 }
 
 /// The serialized form of an empty header: decoding it costs next to nothing, and the real
 /// header is put in place afterwards.
 static EMPTY_HEADER: LazyLock<Vec<u8>> = LazyLock::new(|| {
     let header = ResponseHeader::build(200, Some(0)).expect("static status code is valid");
-    let now = std::time::SystemTime::now();
+    let now = SystemTime::now();
     CacheMeta::new(now, now, 0, 0, header)
         .serialize()
         .map(|(_, h)| h)
@@ -49,19 +98,25 @@ impl StoredObject {
             meta_internal,
             meta_header,
             body,
-            decoded_header: Arc::default(),
+            decoded: Arc::default(),
         }
     }
 
-    /// The object's `CacheMeta`, decoding its header only on the first call per entry.
+    /// The object's `CacheMeta`, decoding the stored bytes only on the first call per entry.
     pub fn meta(&self) -> pingora_error::Result<CacheMeta> {
-        if let Some(header) = self.decoded_header.get() {
+        if let Some(d) = self.decoded.get() {
+            if let Some(fresh) = d.fresh {
+                return Ok(fresh.meta(d.header.clone()));
+            }
             let mut meta = CacheMeta::deserialize(&self.meta_internal, &EMPTY_HEADER)?;
-            *meta.response_header_mut() = header.clone();
+            *meta.response_header_mut() = d.header.clone();
             return Ok(meta);
         }
         let meta = CacheMeta::deserialize(&self.meta_internal, &self.meta_header)?;
-        let _ = self.decoded_header.set(meta.response_header_copy());
+        let _ = self.decoded.set(Decoded {
+            header: meta.response_header_copy(),
+            fresh: Fresh::of(&meta),
+        });
         Ok(meta)
     }
 
@@ -154,24 +209,43 @@ mod tests {
         assert!(StoredObject::decode(&mut buf.as_slice()).is_err());
     }
 
+    /// Every hit rebuilds the metadata the object was stored with, whether it takes the fast
+    /// path (never revalidated) or the slow one (revalidated: `updated` differs).
     #[test]
-    fn decoded_header_is_reused_and_identical() {
+    fn decoded_meta_is_reused_and_identical() {
         let mut header = ResponseHeader::build(200, None).unwrap();
         header.insert_header("etag", "\"v1\"").unwrap();
         header.insert_header("cache-control", "max-age=60").unwrap();
-        let now = std::time::SystemTime::now();
-        let mut meta = CacheMeta::new(now + std::time::Duration::from_secs(60), now, 5, 7, header);
-        meta.set_variance([3u8; 16]);
-        let (i, h) = meta.serialize().unwrap();
-        let o = StoredObject::new(i.into(), h.into(), Bytes::new());
-        let first = o.meta().unwrap();
-        let again = o.clone().meta().unwrap();
-        for m in [&first, &again] {
-            assert_eq!(m.headers()["etag"], "\"v1\"");
-            assert_eq!(m.fresh_until(), meta.fresh_until());
-            assert_eq!(m.stale_if_error_sec(), 7);
-            assert_eq!(m.variance(), Some([3u8; 16]));
-            assert_eq!(m.response_header().status, 200);
+        let created = SystemTime::now() - std::time::Duration::from_secs(30);
+        let until = created + std::time::Duration::from_secs(60);
+        let mut fresh = CacheMeta::new(until, created, 5, 7, header);
+        fresh.set_variance([3u8; 16]);
+        let (i, h) = fresh.serialize().unwrap();
+        let mut revalidated = CacheMeta::deserialize(&i, &h).unwrap();
+        revalidated.update_freshness(until + std::time::Duration::from_secs(60), 1, 2);
+        for meta in [fresh, revalidated] {
+            let (i, h) = meta.serialize().unwrap();
+            let stored = CacheMeta::deserialize(&i, &h).unwrap();
+            let o = StoredObject::new(i.into(), h.into(), Bytes::new());
+            let first = o.meta().unwrap();
+            let again = o.clone().meta().unwrap();
+            let fast_path = o.decoded.get().unwrap().fresh.is_some();
+            assert_eq!(fast_path, stored.updated() == stored.created());
+            for m in [&first, &again] {
+                assert_eq!(m.headers()["etag"], "\"v1\"");
+                assert_eq!(m.response_header().status, 200);
+                assert_eq!(m.fresh_until(), stored.fresh_until());
+                assert_eq!(m.created(), stored.created());
+                assert_eq!(m.updated(), stored.updated());
+                assert_eq!(m.provenance(), stored.provenance());
+                assert_eq!(m.epoch(), stored.epoch());
+                assert_eq!(
+                    m.stale_while_revalidate_sec(),
+                    stored.stale_while_revalidate_sec()
+                );
+                assert_eq!(m.stale_if_error_sec(), stored.stale_if_error_sec());
+                assert_eq!(m.variance(), Some([3u8; 16]));
+            }
         }
     }
 
