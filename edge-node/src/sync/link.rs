@@ -4,7 +4,7 @@
 //! message id, when the connection dies mid-exchange.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -22,7 +22,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Why an exchange with a peer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
-    /// The handshake failed (unreachable, or a certificate the cluster CA did not issue).
+    /// The handshake failed (unreachable, or a certificate the cluster CA did not issue), or
+    /// the peer closed the connection before answering anything on it (TLS 1.3 lets a client
+    /// finish its handshake before the server has checked the client's certificate).
     #[error("connect to {addr}: {message}")]
     Connect {
         /// Peer address.
@@ -79,12 +81,14 @@ struct State {
 /// One peer, reached through a shared client endpoint.
 pub struct Link {
     endpoint: quinn::Endpoint,
-    addr: SocketAddr,
+    addr: parking_lot::RwLock<SocketAddr>,
     server_name: String,
     state: Mutex<State>,
     next_id: AtomicU64,
     permits: Semaphore,
     connected: AtomicBool,
+    /// `stable_id` of the last connection a reply came back on: the peer accepted us.
+    proven: AtomicUsize,
 }
 
 impl Link {
@@ -102,7 +106,7 @@ impl Link {
             .map_or(1, |d| d.as_nanos() as u64);
         Link {
             endpoint,
-            addr,
+            addr: parking_lot::RwLock::new(addr),
             server_name,
             state: Mutex::new(State {
                 conn: None,
@@ -112,12 +116,30 @@ impl Link {
             next_id: AtomicU64::new(seed),
             permits: Semaphore::new(max_inflight.max(1)),
             connected: AtomicBool::new(false),
+            proven: AtomicUsize::new(usize::MAX),
         }
     }
 
     /// The peer's address.
     pub fn addr(&self) -> SocketAddr {
-        self.addr
+        *self.addr.read()
+    }
+
+    /// Point the link at `addr`, where the peer's name resolves now: the connection to the
+    /// old address is closed, and the next exchange connects to the new one without waiting
+    /// out the old address's backoff.
+    pub async fn retarget(&self, addr: SocketAddr) {
+        if self.addr() == addr {
+            return;
+        }
+        let mut st = self.state.lock().await;
+        *self.addr.write() = addr;
+        if let Some(c) = st.conn.take() {
+            c.close(0u32.into(), b"peer moved");
+        }
+        st.failures = 0;
+        st.retry_at = None;
+        self.connected.store(false, Ordering::Relaxed);
     }
 
     /// Whether the last connection attempt succeeded and the connection is still open.
@@ -128,20 +150,21 @@ impl Link {
     /// The open connection, connecting (or reconnecting, subject to backoff) if needed.
     pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
         let mut st = self.state.lock().await;
-        if let Some(c) = &st.conn {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        if let Some(c) = st.conn.clone() {
+            let Some(reason) = c.close_reason() else {
+                return Ok(c);
+            };
+            if let Some(refused) = self.drop_closed(&mut st, &c, &reason) {
+                return Err(refused);
             }
-            st.conn = None;
-            self.connected.store(false, Ordering::Relaxed);
         }
         if st.retry_at.is_some_and(|at| Instant::now() < at) {
             return Err(LinkError::Backoff {
-                addr: self.addr,
+                addr: self.addr(),
                 failures: st.failures,
             });
         }
-        let attempt = match self.endpoint.connect(self.addr, &self.server_name) {
+        let attempt = match self.endpoint.connect(self.addr(), &self.server_name) {
             Ok(connecting) => tokio::time::timeout(CONNECT_TIMEOUT, connecting)
                 .await
                 .map_err(|_| "handshake timed out".to_string())
@@ -150,37 +173,63 @@ impl Link {
         };
         match attempt {
             Ok(c) => {
+                // A connection's id is its allocation's address, which a later one may reuse.
+                self.proven.store(usize::MAX, Ordering::Relaxed);
                 st.conn = Some(c.clone());
                 st.failures = 0;
                 st.retry_at = None;
                 self.connected.store(true, Ordering::Relaxed);
                 Ok(c)
             }
-            Err(message) => {
-                st.failures = st.failures.saturating_add(1);
-                let wait = FIRST_BACKOFF
-                    .saturating_mul(1 << st.failures.min(16))
-                    .min(MAX_BACKOFF);
-                st.retry_at = Some(Instant::now() + wait);
-                self.connected.store(false, Ordering::Relaxed);
-                Err(LinkError::Connect {
-                    addr: self.addr,
-                    message,
-                })
-            }
+            Err(message) => Err(self.failed(&mut st, message)),
         }
     }
 
-    async fn forget(&self, conn: &quinn::Connection) {
+    /// Count a failed connect and schedule the next attempt.
+    fn failed(&self, st: &mut State, message: String) -> LinkError {
+        st.failures = st.failures.saturating_add(1);
+        let wait = FIRST_BACKOFF
+            .saturating_mul(1 << st.failures.min(16))
+            .min(MAX_BACKOFF);
+        st.retry_at = Some(Instant::now() + wait);
+        self.connected.store(false, Ordering::Relaxed);
+        LinkError::Connect {
+            addr: self.addr(),
+            message,
+        }
+    }
+
+    /// After `error` on `conn`: drop the connection if it is closed, and if the peer closed it
+    /// before any reply came back on it, count a failed connect instead of `error` — a peer
+    /// that refuses us after the handshake must not be reconnected to on every request.
+    async fn broken(&self, conn: &quinn::Connection, error: LinkError) -> LinkError {
+        let Some(reason) = conn.close_reason() else {
+            return error;
+        };
         let mut st = self.state.lock().await;
-        if st
+        self.drop_closed(&mut st, conn, &reason).unwrap_or(error)
+    }
+
+    /// Forget `conn`, closed for `reason`, if it is still the current connection; a failed
+    /// connect when no reply ever came back on it. Only the first caller to see it closed
+    /// counts the failure.
+    fn drop_closed(
+        &self,
+        st: &mut State,
+        conn: &quinn::Connection,
+        reason: &quinn::ConnectionError,
+    ) -> Option<LinkError> {
+        let current = st
             .conn
             .as_ref()
-            .is_some_and(|c| c.stable_id() == conn.stable_id())
-        {
-            st.conn = None;
-            self.connected.store(false, Ordering::Relaxed);
+            .is_some_and(|c| c.stable_id() == conn.stable_id());
+        if !current {
+            return None;
         }
+        st.conn = None;
+        self.connected.store(false, Ordering::Relaxed);
+        (self.proven.load(Ordering::Relaxed) != conn.stable_id())
+            .then(|| self.failed(st, format!("closed before any reply: {reason}")))
     }
 
     async fn exchange(
@@ -188,13 +237,23 @@ impl Link {
         env: &Envelope<&Request>,
     ) -> Result<(Reply, quinn::RecvStream), LinkError> {
         let conn = self.connection().await?;
-        let (mut send, mut recv) = match conn.open_bi().await {
-            Ok(s) => s,
-            Err(e) => {
-                self.forget(&conn).await;
-                return Err(LinkError::Stream(e.to_string()));
+        match Self::exchange_on(&conn, env).await {
+            Ok(r) => {
+                self.proven.store(conn.stable_id(), Ordering::Relaxed);
+                Ok(r)
             }
-        };
+            Err(e) => Err(self.broken(&conn, e).await),
+        }
+    }
+
+    async fn exchange_on(
+        conn: &quinn::Connection,
+        env: &Envelope<&Request>,
+    ) -> Result<(Reply, quinn::RecvStream), LinkError> {
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| LinkError::Stream(e.to_string()))?;
         write_frame(&mut send, env).await?;
         send.finish()
             .map_err(|e| LinkError::Stream(e.to_string()))?;
@@ -230,7 +289,7 @@ impl Link {
                 Err(_) => return Err(LinkError::Timeout),
                 Ok(Ok(r)) => return Ok(r),
                 Ok(Err(e)) if e.retryable() && !retried => {
-                    tracing::debug!(peer = %self.addr, error = %e, "retrying on a new connection");
+                    tracing::debug!(peer = %self.addr(), error = %e, "retrying on a new connection");
                     retried = true;
                 }
                 Ok(Err(e)) => return Err(e),
@@ -397,6 +456,101 @@ mod tests {
         assert!(
             matches!(closed, quinn::ConnectionError::Reset),
             "{closed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_refuses_our_certificate_is_backed_off_not_redialled() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cluster, other) = (dir.path().join("cluster"), dir.path().join("other"));
+        for ca in [&cluster, &other] {
+            std::fs::create_dir_all(ca).unwrap();
+            create_ca(ca).unwrap();
+        }
+        let edge = issue(&cluster, "e1", NodeRole::Edge, &cluster).unwrap();
+        let server = server(&NodeIdentity::load(&edge).unwrap());
+        let addr = server.local_addr().unwrap();
+        let handshakes = Arc::new(AtomicU64::new(0));
+        let counted = handshakes.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                counted.fetch_add(1, Ordering::Relaxed);
+                tokio::spawn(async move { incoming.await.map(|c| c.close(0u32.into(), b"")) });
+            }
+        });
+        // Trusts the cluster CA, but another CA issued its certificate: with TLS 1.3 its
+        // side of the handshake completes, and the edge refuses it right after.
+        let mut rogue = issue(&other, "b", NodeRole::Broker, &other).unwrap();
+        rogue.ca_cert = cluster.join("ca.pem");
+        let rogue = NodeIdentity::load(&rogue).unwrap();
+        let link = Link::new(
+            client_endpoint(&rogue, addr).unwrap(),
+            addr,
+            edge_name("e1"),
+            4,
+        );
+
+        let timeout = Duration::from_secs(3);
+        let first = link.request(&Request::Stats, timeout).await.unwrap_err();
+        assert!(matches!(first, LinkError::Connect { .. }), "{first}");
+        let second = link.request(&Request::Stats, timeout).await.unwrap_err();
+        assert!(
+            matches!(second, LinkError::Backoff { failures: 1, .. }),
+            "{second}"
+        );
+        assert!(!link.is_connected());
+        assert_eq!(handshakes.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_retargeted_link_reconnects_to_the_new_address_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
+        let edge = NodeIdentity::load(&edge).unwrap();
+        // The peer before and after it moved; each answers one stats request per stream.
+        let (old, new) = (server(&edge), server(&edge));
+        let (old_addr, new_addr) = (old.local_addr().unwrap(), new.local_addr().unwrap());
+        for (server, name) in [(old, "old"), (new, "new")] {
+            tokio::spawn(async move {
+                while let Some(incoming) = server.accept().await {
+                    let Ok(conn) = incoming.await else { continue };
+                    tokio::spawn(async move {
+                        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                            let req: Envelope<Request> = read_frame(&mut recv).await.unwrap();
+                            let reply = Reply::Error {
+                                code: crate::sync::protocol::ErrorCode::NotFound,
+                                message: name.into(),
+                            };
+                            let env = Envelope {
+                                v: VERSION,
+                                id: req.id,
+                                msg: reply,
+                            };
+                            write_frame(&mut send, &env).await.unwrap();
+                            let _ = send.finish();
+                        }
+                    });
+                }
+            });
+        }
+        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), old_addr).unwrap();
+        let link = Link::new(client, old_addr, edge_name("e1"), 4);
+        let answered_by = |r: Result<Reply, LinkError>| match r.unwrap() {
+            Reply::Error { message, .. } => message,
+            other => panic!("{other:?}"),
+        };
+        let timeout = Duration::from_secs(3);
+        assert_eq!(
+            answered_by(link.request(&Request::Stats, timeout).await),
+            "old"
+        );
+        link.retarget(new_addr).await;
+        assert_eq!(link.addr(), new_addr);
+        assert_eq!(
+            answered_by(link.request(&Request::Stats, timeout).await),
+            "new"
         );
     }
 }
