@@ -22,6 +22,11 @@ struct Cluster {
 /// config. Every node has a certificate from one cluster CA and the broker reaches the edges
 /// over QUIC.
 fn start_cluster_with(extra: &str) -> Cluster {
+    start_cluster_listing(extra, &|a| a.to_string())
+}
+
+/// [`start_cluster_with`], the broker's config naming every edge address by `name_of`.
+fn start_cluster_listing(extra: &str, name_of: &dyn Fn(std::net::SocketAddr) -> String) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(&dir.path().join("pki"));
     let ids = [
@@ -48,7 +53,7 @@ fn start_cluster_with(extra: &str) -> Cluster {
         })
         .collect();
     let broker_certs = pki.issue("broker", true);
-    let broker = BrokerProc::start_with_certs(dir.path(), &specs, extra, Some(&broker_certs));
+    let broker = BrokerProc::start_listing(dir.path(), &specs, extra, Some(&broker_certs), name_of);
     Cluster {
         edges,
         broker,
@@ -910,7 +915,19 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
         "{}[cost]\nmin_precision = 0.0\n",
         lstm_planner("threshold = 0.2\n")
     );
-    let mut c = start_cluster_with(&cfg);
+    // The broker knows the edges by name (`localhost`, from the hosts file: no DNS server is
+    // asked), as in a Kubernetes deployment: routing, health, the QUIC control links and
+    // the peer addresses given to the edges all go through its resolution.
+    let mut c = start_cluster_listing(&cfg, &|a| format!("localhost:{}", a.port()));
+    let names = ["eu-a", "eu-b", "eu-s", "us-a"];
+    wait_until(|| async {
+        let m = c.metrics().await;
+        names.iter().all(|e| {
+            let edge = format!("edge=\"{e}\"");
+            sample(&m, "shadowcdn_broker_edge_up", &[edge.as_str()]) == Some(1.0)
+        })
+    })
+    .await;
     c.register(&origin).await;
     c.add_resource(json!({"host": HOST, "path": "/peer/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 86400})).await;
 

@@ -2,7 +2,8 @@
 //! Grafana dashboard and the Prometheus alerts query is one the edge or the broker exports,
 //! so renaming a metric cannot leave a panel blank or an alert silently unable to fire; every
 //! configuration shipped there passes its binary's `--check`; the Kubernetes broker addresses
-//! the edges' Services; the image carries the ONNX Runtime version the forecaster expects.
+//! the edges by their pods' DNS names; the image carries the ONNX Runtime version the
+//! forecaster expects.
 
 use std::path::{Path, PathBuf};
 
@@ -187,7 +188,7 @@ fn toml_strings(text: &str) -> Vec<(String, String)> {
 }
 
 #[test]
-fn the_kubernetes_broker_addresses_each_edge_through_its_service() {
+fn the_kubernetes_broker_addresses_each_edge_by_its_pod_name() {
     let edges = read("deploy/kubernetes/edge-node.yaml");
     let broker = config_map_entry(&read("deploy/kubernetes/broker.yaml"), "broker.toml");
     let fields = toml_strings(&broker);
@@ -197,34 +198,46 @@ fn the_kubernetes_broker_addresses_each_edge_through_its_service() {
         .map(|(_, v)| v.as_str())
         .collect();
     assert!(!ids.is_empty(), "broker.yaml lists no edges");
-    let services: Vec<&str> = edges.split("\n---\n").collect();
+    let docs: Vec<&str> = edges.split("\n---\n").collect();
+    let set = docs
+        .iter()
+        .find(|d| d.contains("kind: StatefulSet"))
+        .expect("edge-node.yaml has a StatefulSet");
+    let value = |doc: &str, key: &str| {
+        doc.lines()
+            .find_map(|l| l.trim().strip_prefix(key).map(|v| v.trim().to_string()))
+            .unwrap_or_else(|| panic!("no {key} in {doc}"))
+    };
+    let (set_name, governing) = (value(set, "name:"), value(set, "serviceName:"));
+    assert_eq!(
+        value(set, "replicas:").parse::<usize>().unwrap(),
+        ids.len(),
+        "the broker lists every replica"
+    );
+    let service = docs
+        .iter()
+        .find(|d| d.contains("kind: Service") && value(d, "name:") == governing)
+        .unwrap_or_else(|| panic!("edge-node.yaml has no Service {governing}"));
+    // Pod DNS names exist only under a headless Service; not-ready pods must be published
+    // for the broker to probe a starting edge.
+    assert_eq!(value(service, "clusterIP:"), "None");
+    assert_eq!(value(service, "publishNotReadyAddresses:"), "true");
     for (n, id) in ids.iter().enumerate() {
-        let service = services
-            .iter()
-            .find(|s| s.contains("kind: Service") && s.contains(&format!("name: {id}\n")))
-            .unwrap_or_else(|| panic!("edge-node.yaml has no Service {id}"));
-        assert!(
-            service.contains(&format!("pod-name: {id} }}")),
-            "Service {id} does not select pod {id}"
-        );
-        let ip = service
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("clusterIP: "))
-            .unwrap_or_else(|| panic!("Service {id} has no fixed clusterIP"));
+        assert_eq!(*id, format!("{set_name}-{n}"), "edge {n} is pod {n}");
         let edge_fields: Vec<&(String, String)> = fields
             .iter()
             .skip_while(|(k, v)| !(k == "id" && v == id))
             .take_while(|(k, v)| !(k == "id" && v != id))
             .collect();
         for (field, port) in [("addr", "8080"), ("admin", "9080"), ("sync", "8443")] {
-            let want = format!("{ip}:{port}");
+            let want = format!("{id}.{governing}:{port}");
             assert!(
                 edge_fields.iter().any(|(k, v)| k == field && *v == want),
                 "edge {n} ({id}): {field} should be {want}"
             );
             assert!(
-                service.contains(&format!("port: {port},")),
-                "Service {id} does not expose {port}"
+                set.contains(&format!("containerPort: {port}")),
+                "the edge pods do not listen on {port}"
             );
         }
     }

@@ -165,9 +165,9 @@ pub struct EdgeEntry {
     /// Region name.
     pub region: String,
     /// The edge's HTTP address.
-    pub addr: SocketAddr,
+    pub addr: EdgeAddr,
     /// The edge's admin address (health, purge, origin push).
-    pub admin: SocketAddr,
+    pub admin: EdgeAddr,
     /// Active or standby.
     #[serde(default = "default_role")]
     pub role: Role,
@@ -176,7 +176,92 @@ pub struct EdgeEntry {
     pub weight: f64,
     /// The edge's QUIC address (control and peer fills); absent: its admin API is used.
     #[serde(default)]
-    pub sync: Option<SocketAddr>,
+    pub sync: Option<EdgeAddr>,
+}
+
+/// Where an edge listens: `ip:port`, or `name:port` with a DNS name the broker resolves at
+/// start and again before every health probe — a Kubernetes pod keeps its name across
+/// restarts, not its IP.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct EdgeAddr {
+    host: String,
+    port: u16,
+    /// The address itself when `host` is an IP literal: never resolved.
+    literal: Option<SocketAddr>,
+}
+
+impl EdgeAddr {
+    /// The host part (an IP literal or a DNS name).
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The socket address when the host is an IP literal.
+    pub fn literal(&self) -> Option<SocketAddr> {
+        self.literal
+    }
+}
+
+impl std::str::FromStr for EdgeAddr {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if let Ok(a) = s.parse::<SocketAddr>() {
+            return Ok(EdgeAddr {
+                host: a.ip().to_string(),
+                port: a.port(),
+                literal: Some(a),
+            });
+        }
+        let bad = || format!("{s:?} is not ip:port or name:port");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        };
+        let host = host.strip_suffix('.').unwrap_or(host);
+        if port == 0 || host.len() > 253 || !host.split('.').all(label_ok) {
+            return Err(bad());
+        }
+        Ok(EdgeAddr {
+            host: host.to_ascii_lowercase(),
+            port,
+            literal: None,
+        })
+    }
+}
+
+impl TryFrom<String> for EdgeAddr {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<EdgeAddr> for String {
+    fn from(a: EdgeAddr) -> String {
+        a.to_string()
+    }
+}
+
+impl std::fmt::Display for EdgeAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.literal {
+            Some(a) => a.fmt(f),
+            None => write!(f, "{}:{}", self.host, self.port),
+        }
+    }
 }
 
 /// Active probing.
@@ -586,6 +671,44 @@ pub(crate) mod tests {
         assert!(e.contains("edge_read_timeout_secs"), "{e}");
         let ok = SAMPLE.replace("[admin]", "[clock]\nspeedup = 3600.0\n[admin]");
         assert!(BrokerConfig::from_toml(&ok).is_ok());
+    }
+
+    #[test]
+    fn edges_may_be_named_by_ip_or_dns_name_and_bad_addresses_are_refused_by_field() {
+        let named = SAMPLE.replace(
+            "addr = \"127.0.0.1:9004\"",
+            "addr = \"Edge-US-0.shadowcdn-edge.default.svc.cluster.local.:8080\"",
+        );
+        let c = BrokerConfig::from_toml(&named).unwrap();
+        let a = &c.edges[3].addr;
+        assert_eq!(
+            a.host(),
+            "edge-us-0.shadowcdn-edge.default.svc.cluster.local"
+        );
+        assert_eq!((a.port(), a.literal()), (8080, None));
+        assert_eq!(
+            c.edges[0].addr.literal(),
+            Some("127.0.0.1:9001".parse().unwrap())
+        );
+        assert_eq!(
+            "[::1]:80".parse::<EdgeAddr>().unwrap().to_string(),
+            "[::1]:80"
+        );
+        for bad in [
+            "edge-0",
+            "edge-0:",
+            "edge-0:0",
+            "edge-0:70000",
+            "-edge:80",
+            "edge_0:80",
+            "edge..x:80",
+            "http://edge:80",
+            ":80",
+        ] {
+            let cfg = SAMPLE.replace("127.0.0.1:9104", bad);
+            let e = BrokerConfig::from_toml(&cfg).unwrap_err().to_string();
+            assert!(e.contains("admin") && e.contains("name:port"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub enum ControlError {
     /// The edge has no QUIC address.
     #[error("edge has no QUIC address")]
     NoLink,
+    /// The name of the edge's QUIC address does not resolve now.
+    #[error("edge's QUIC address does not resolve")]
+    Unresolved,
     /// The client endpoint could not start.
     #[error(transparent)]
     Start(#[from] SyncError),
@@ -112,11 +115,8 @@ impl Control {
         if let Some(l) = self.links.get() {
             return Ok(l);
         }
-        let like = self
-            .fleet
-            .edges
-            .iter()
-            .find_map(|e| e.sync)
+        let like = (0..self.fleet.edges.len())
+            .find_map(|e| self.fleet.addresses.get(e).sync)
             .unwrap_or_else(|| ([127, 0, 0, 1], 0).into());
         let endpoint = match self.endpoint.get() {
             Some(e) => e.clone(),
@@ -129,11 +129,14 @@ impl Control {
             .fleet
             .edges
             .iter()
-            .map(|e| {
-                e.sync.map(|addr| {
+            .enumerate()
+            .map(|(i, e)| {
+                e.sync.as_ref().map(|configured| {
+                    // Pointed at the edge's current address before every call.
+                    let addr = self.fleet.addresses.get(i).sync;
                     Arc::new(Link::new(
                         endpoint.clone(),
-                        addr,
+                        addr.unwrap_or_else(|| (like.ip(), configured.port()).into()),
                         edge_name(&e.id),
                         MAX_INFLIGHT,
                     ))
@@ -163,12 +166,18 @@ impl Control {
             .get(edge)
             .and_then(|l| l.clone())
             .ok_or(ControlError::NoLink)?;
-        let result = match link.request(req, ORDER_TIMEOUT).await {
-            Ok(Reply::Error { code, message }) => {
-                Err(ControlError::Refused(format!("{code:?}: {message}")))
+        let result = match self.fleet.addresses.get(edge).sync {
+            Some(addr) => {
+                link.retarget(addr).await;
+                match link.request(req, ORDER_TIMEOUT).await {
+                    Ok(Reply::Error { code, message }) => {
+                        Err(ControlError::Refused(format!("{code:?}: {message}")))
+                    }
+                    Ok(r) => Ok(r),
+                    Err(e) => Err(ControlError::Link(e)),
+                }
             }
-            Ok(r) => Ok(r),
-            Err(e) => Err(ControlError::Link(e)),
+            None => Err(ControlError::Unresolved),
         };
         let outcome = match &result {
             Ok(_) => "ok",

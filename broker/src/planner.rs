@@ -689,9 +689,8 @@ impl Planner {
                     .iter()
                     .filter(|e| usable(e) && self.fleet.edge_region(**e) == r)
                     .find_map(|e| {
-                        let edge = &self.fleet.edges[*e];
-                        edge.sync.map(|addr| PeerRef {
-                            id: edge.id.clone(),
+                        self.fleet.addresses.get(*e).sync.map(|addr| PeerRef {
+                            id: self.fleet.edges[*e].id.clone(),
                             addr,
                         })
                     })

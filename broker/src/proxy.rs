@@ -272,18 +272,23 @@ impl ProxyHttp for BrokerProxy {
             .fleet
             .plan(&ctx.key, ctx.region, &self.health)
             .into_iter()
-            .find(|c| match c.edge {
-                Some(e) => !ctx.tried.contains(&e),
-                None => !ctx.origin_tried,
+            .find_map(|c| match c.edge {
+                // An edge whose name stopped resolving is skipped like a failed one.
+                Some(e) if !ctx.tried.contains(&e) => {
+                    self.fleet.addresses.get(e).proxy.map(|a| (c, Some(a)))
+                }
+                Some(_) => None,
+                None => (!ctx.origin_tried).then_some((c, None)),
             })
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "every route failed"))?;
+        let (choice, edge_addr) = choice;
         match choice.edge {
             Some(e) => ctx.tried.push(e),
             None => ctx.origin_tried = true,
         }
         ctx.chosen = Some(choice);
-        let mut peer = match choice.edge {
-            Some(e) => HttpPeer::new(self.fleet.edges[e].addr, false, String::new()),
+        let mut peer = match edge_addr {
+            Some(a) => HttpPeer::new(a, false, String::new()),
             None => {
                 let host = host_of(session.req_header()).unwrap_or_default();
                 let origin = self.registry.origin(&host).ok_or_else(|| {

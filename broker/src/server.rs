@@ -86,6 +86,15 @@ impl Broker {
             cfg.health.fall,
             cfg.health.rise,
         ));
+        // An edge whose name does not resolve yet starts down; a probe brings it up.
+        fleet.addresses.resolve_blocking(&fleet.edges);
+        for e in 0..fleet.edges.len() {
+            let now = fleet.addresses.get(e);
+            if now.proxy.is_none() || now.admin.is_none() {
+                tracing::warn!(edge = %fleet.edges[e].id, "edge name does not resolve yet");
+                health.mark_down(e);
+            }
+        }
         let regions = RegionResolver::new(&cfg.client_region, &fleet);
         let (coaccess_tx, coaccess_rx) = tokio::sync::mpsc::channel(1024);
         let coaccess = cfg.signals.coaccess.enabled.then(|| CoAccessFeed {

@@ -114,13 +114,18 @@ impl EdgeSync {
         self.push_all("origins", &body).await;
     }
 
-    /// Every edge reachable over QUIC, so each edge knows which peers it may fill from.
+    /// Every edge reachable over QUIC at its current address, so each edge knows which peers
+    /// it may fill from (and follows a peer that moved within one push).
     async fn push_peers(&self) {
         let rows: Vec<_> = self
             .fleet
             .edges
             .iter()
-            .filter_map(|e| Some(json!({ "id": e.id, "addr": e.sync? })))
+            .enumerate()
+            .filter_map(|(i, e)| {
+                let addr = self.fleet.addresses.get(i).sync?;
+                Some(json!({ "id": e.id, "addr": addr }))
+            })
             .collect();
         if !rows.is_empty() {
             self.push_all("peers", &json!({ "peers": rows })).await;

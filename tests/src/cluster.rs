@@ -248,6 +248,18 @@ impl BrokerProc {
         extra: &str,
         certs: Option<&NodeCerts>,
     ) -> BrokerProc {
+        Self::start_listing(dir, edges, extra, certs, &|a: SocketAddr| a.to_string())
+    }
+
+    /// [`Self::start_with_certs`], the broker's config naming each edge address by
+    /// `name_of(address)` (a DNS name instead of the IP, say).
+    pub fn start_listing(
+        dir: &Path,
+        edges: &[EdgeSpec<'_>],
+        extra: &str,
+        certs: Option<&NodeCerts>,
+        name_of: &dyn Fn(SocketAddr) -> String,
+    ) -> BrokerProc {
         let addr = loopback();
         let admin = loopback();
         let mut s = format!(
@@ -293,10 +305,14 @@ neighbours = ["eu"]
         for e in edges {
             s.push_str(&format!(
                 "\n[[edges]]\nid = \"{}\"\nregion = \"{}\"\nrole = \"{}\"\naddr = \"{}\"\nadmin = \"{}\"\n",
-                e.id, e.region, e.role, e.edge.addr, e.edge.admin
+                e.id,
+                e.region,
+                e.role,
+                name_of(e.edge.addr),
+                name_of(e.edge.admin)
             ));
             if let Some(sync) = e.edge.sync {
-                s.push_str(&format!("sync = \"{sync}\"\n"));
+                s.push_str(&format!("sync = \"{}\"\n", name_of(sync)));
             }
         }
         if let Some(c) = certs {

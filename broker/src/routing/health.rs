@@ -1,6 +1,7 @@
 //! Edge health: active HTTP probes of each edge's `/healthz` plus passive failure reports
 //! from the proxy. A passive failure marks an edge down at once (the next request must not
-//! wait for a probe); only probes bring it back, after `rise` consecutive successes.
+//! wait for a probe); only probes bring it back, after `rise` consecutive successes. Each
+//! probe first resolves the edge's names again ([`super::Addresses`]).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
@@ -128,16 +129,18 @@ impl BackgroundService for HealthChecker {
                 _ = shutdown.changed() => return,
             }
             let timeout = Duration::from_millis(self.cfg.timeout_ms);
-            let probes = self.fleet.edges.iter().map(|e| {
-                let url = format!("http://{}/healthz", e.admin);
+            let probes = self.fleet.edges.iter().enumerate().map(|(i, e)| {
                 let client = client.clone();
-                let proxy = e.addr;
                 async move {
+                    let now = self.fleet.addresses.refresh(i, e, timeout).await;
+                    let (Some(admin), Some(proxy)) = (now.admin, now.proxy) else {
+                        return false;
+                    };
                     // The admin API says the process is well; clients use the proxy port, so
                     // it must accept connections too (a dead proxy listener behind a live
                     // admin API would otherwise flap between probes and passive failures).
                     let admin = client
-                        .get(url)
+                        .get(format!("http://{admin}/healthz"))
                         .send()
                         .await
                         .is_ok_and(|r| r.status().is_success());
@@ -149,6 +152,9 @@ impl BackgroundService for HealthChecker {
             });
             let results = futures::future::join_all(probes).await;
             for (i, ok) in results.into_iter().enumerate() {
+                if !ok {
+                    self.fleet.addresses.probe_failed(i);
+                }
                 let id = &self.fleet.edges[i].id;
                 self.metrics
                     .edge_up

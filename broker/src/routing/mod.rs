@@ -1,11 +1,13 @@
 //! Where a request goes: client region, then weighted rendezvous among the region's healthy
 //! active edges, then its standby, then neighbouring regions, then the origin.
 
+mod address;
 mod health;
 mod holders;
 mod region;
 pub mod rendezvous;
 
+pub use address::{Addresses, Resolved};
 pub use health::{Health, HealthChecker};
 pub use holders::{Holders, PeerFillSection};
 pub use region::RegionResolver;
@@ -62,6 +64,8 @@ pub struct Fleet {
     edge_region: Vec<usize>,
     /// Neighbour region indices of each region, nearest first.
     neighbours: Vec<Vec<usize>>,
+    /// Where each edge is now (names resolved).
+    pub addresses: Addresses,
 }
 
 impl Fleet {
@@ -76,6 +80,7 @@ impl Fleet {
             .collect();
         let edge_region = cfg.edges.iter().filter_map(|e| idx(&e.region)).collect();
         Fleet {
+            addresses: Addresses::new(&cfg.edges),
             edges: cfg.edges.clone(),
             regions,
             edge_region,
