@@ -148,7 +148,7 @@ impl BrokerProxy {
         if req.method != http::Method::GET {
             return None;
         }
-        let usable = |e: usize| self.fleet.edges[e].sync.is_some() && self.health.is_up(e);
+        let usable = |e: usize| self.fleet.addresses.get(e).sync.is_some() && self.health.is_up(e);
         let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
         Some(self.fleet.edges[peer].id.as_str())
     }

@@ -1,22 +1,27 @@
 //! Where each edge is now: its configured addresses, with DNS names resolved.
 //!
-//! IP literals are used as they are. Names are resolved once at start and again before every
-//! health probe, so an edge that comes back at a new address (a pod restarted elsewhere) is
-//! followed within one probe interval. A name that does not resolve leaves that address
-//! unknown: the probe fails, routing skips the edge and no peer fill is sent to it — an old
-//! address may by then belong to something else. A name with several addresses (`localhost`
-//! as `::1` and `127.0.0.1`) uses the first until a probe fails there, then the next.
+//! IP literals are used as they are. Names are resolved at start and again before every health
+//! probe, so an edge that comes back at a new address (a pod restarted elsewhere) is followed
+//! within one probe interval. Each host is looked up once per round for all of an edge's ports,
+//! and one lookup per edge at most is under way: a slow resolver delays an update, it does not
+//! pile up lookups. A lookup that fails or times out keeps the address in use (a resolver
+//! outage must not take the fleet down; the probes judge the address). Among several addresses
+//! of a name (sorted, as resolvers may shuffle them) the one in use is kept until a probe fails
+//! there, then the next is tried.
 
+use std::collections::BTreeMap;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::{EdgeAddr, EdgeEntry};
 
-/// The current socket addresses of one edge; `None` where a name does not resolve.
+/// The current socket addresses of one edge; `None` where a name never resolved.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Resolved {
     /// The HTTP listener clients' requests go to.
@@ -27,112 +32,175 @@ pub struct Resolved {
     pub sync: Option<SocketAddr>,
 }
 
-/// The resolved addresses of every edge, by edge index.
-#[derive(Debug)]
-pub struct Addresses {
-    now: Vec<RwLock<Resolved>>,
-    /// Per edge, which of a name's addresses to use: advanced by every failed probe.
-    choice: Vec<AtomicUsize>,
+/// A name lookup: every address of a host.
+type Lookup = Arc<
+    dyn Fn(String) -> Pin<Box<dyn Future<Output = std::io::Result<Vec<IpAddr>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// One edge's resolution state.
+#[derive(Debug, Default)]
+struct Slot {
+    now: RwLock<Resolved>,
+    /// The address in use for each of the edge's host names.
+    ips: Mutex<BTreeMap<String, IpAddr>>,
+    /// A probe failed since the last lookup: move on to a name's next address, if any.
+    probe_failed: AtomicBool,
+    /// A lookup is under way.
+    resolving: AtomicBool,
 }
 
-impl Addresses {
-    /// IP literals filled in; names unknown until [`Self::resolve_blocking`] or
-    /// [`Self::refresh`].
-    pub fn new(edges: &[EdgeEntry]) -> Self {
-        let literal = |e: &EdgeEntry| Resolved {
-            proxy: e.addr.literal(),
-            admin: e.admin.literal(),
-            sync: e.sync.as_ref().and_then(EdgeAddr::literal),
-        };
-        Addresses {
-            now: edges.iter().map(|e| RwLock::new(literal(e))).collect(),
-            choice: edges.iter().map(|_| AtomicUsize::new(0)).collect(),
-        }
-    }
-
-    /// Edge `edge`'s addresses now.
-    pub fn get(&self, edge: usize) -> Resolved {
-        *self.now[edge].read()
-    }
-
-    /// A probe of edge `edge` failed: where a name has several addresses, the next refresh
-    /// tries the next one.
-    pub fn probe_failed(&self, edge: usize) {
-        self.choice[edge].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Resolve every edge's names on the calling thread (start-up, before serving).
-    pub fn resolve_blocking(&self, edges: &[EdgeEntry]) {
-        use std::net::ToSocketAddrs;
-        let lookup = |a: &EdgeAddr| {
-            a.literal().or_else(|| {
-                (a.host(), a.port())
-                    .to_socket_addrs()
-                    .ok()
-                    .and_then(|mut it| it.next())
-            })
-        };
-        for (i, e) in edges.iter().enumerate() {
-            *self.now[i].write() = Resolved {
-                proxy: lookup(&e.addr),
-                admin: lookup(&e.admin),
-                sync: e.sync.as_ref().and_then(lookup),
-            };
-        }
-    }
-
-    /// Resolve edge `edge`'s names again, each lookup bounded by `timeout`; returns the new
-    /// addresses.
-    pub async fn refresh(&self, edge: usize, entry: &EdgeEntry, timeout: Duration) -> Resolved {
-        self.refresh_with(edge, entry, |host, port| async move {
-            match tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port)))
-                .await
-            {
-                Ok(found) => found.map(Iterator::collect),
-                Err(_) => Err(std::io::ErrorKind::TimedOut.into()),
-            }
-        })
-        .await
-    }
-
-    async fn refresh_with<F, Fut>(&self, edge: usize, entry: &EdgeEntry, resolve: F) -> Resolved
-    where
-        F: Fn(String, u16) -> Fut,
-        Fut: Future<Output = std::io::Result<Vec<SocketAddr>>>,
-    {
-        let choice = self.choice[edge].load(Ordering::Relaxed);
-        let lookup = |a: &EdgeAddr| {
-            let (literal, host, port) = (a.literal(), a.host().to_string(), a.port());
-            let shown = a.to_string();
-            let resolving = literal.is_none().then(|| resolve(host, port));
-            async move {
-                let Some(resolving) = resolving else {
-                    return literal;
-                };
-                match resolving.await {
-                    Ok(found) if found.is_empty() => None,
-                    Ok(found) => Some(found[choice % found.len()]),
-                    Err(e) => {
-                        tracing::debug!(addr = %shown, error = %e, "edge name does not resolve");
-                        None
-                    }
+impl Slot {
+    /// Look up every name of `entry` once and publish the addresses.
+    async fn resolve(&self, entry: &EdgeEntry, lookup: &Lookup) {
+        let mut hosts: Vec<&str> = endpoints(entry)
+            .filter(|a| a.literal().is_none())
+            .map(EdgeAddr::host)
+            .collect();
+        hosts.sort_unstable();
+        hosts.dedup();
+        let moving_on = self.probe_failed.swap(false, Ordering::Relaxed);
+        for host in hosts {
+            let mut found = match lookup(host.to_string()).await {
+                Ok(found) if !found.is_empty() => found,
+                Ok(_) => {
+                    tracing::warn!(edge = %entry.id, host, "edge name has no address; keeping the last");
+                    continue;
                 }
+                Err(e) => {
+                    tracing::warn!(edge = %entry.id, host, error = %e, "edge name lookup failed; keeping the last address");
+                    continue;
+                }
+            };
+            found.sort_unstable();
+            found.dedup();
+            let mut ips = self.ips.lock();
+            let next = match ips
+                .get(host)
+                .and_then(|ip| found.iter().position(|f| f == ip))
+            {
+                Some(i) if moving_on => found[(i + 1) % found.len()],
+                Some(i) => found[i],
+                None => found[0],
+            };
+            ips.insert(host.to_string(), next);
+        }
+        let next = {
+            let ips = self.ips.lock();
+            let at = |a: &EdgeAddr| {
+                a.literal()
+                    .or_else(|| ips.get(a.host()).map(|ip| SocketAddr::new(*ip, a.port())))
+            };
+            Resolved {
+                proxy: at(&entry.addr),
+                admin: at(&entry.admin),
+                sync: entry.sync.as_ref().and_then(at),
             }
         };
-        let next = Resolved {
-            proxy: lookup(&entry.addr).await,
-            admin: lookup(&entry.admin).await,
-            sync: match &entry.sync {
-                Some(a) => lookup(a).await,
-                None => None,
-            },
-        };
-        let mut now = self.now[edge].write();
+        let mut now = self.now.write();
         if *now != next {
             tracing::info!(edge = %entry.id, from = ?*now, to = ?next, "edge addresses changed");
             *now = next;
         }
-        next
+    }
+}
+
+fn endpoints(e: &EdgeEntry) -> impl Iterator<Item = &EdgeAddr> {
+    [Some(&e.addr), Some(&e.admin), e.sync.as_ref()]
+        .into_iter()
+        .flatten()
+}
+
+/// The resolved addresses of every edge, by edge index.
+pub struct Addresses {
+    slots: Vec<Arc<Slot>>,
+    lookup: Lookup,
+}
+
+impl std::fmt::Debug for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Addresses")
+            .field("slots", &self.slots)
+            .finish()
+    }
+}
+
+impl Addresses {
+    /// IP literals filled in; names unknown until [`Self::resolve_at_start`] or
+    /// [`Self::refresh`].
+    pub fn new(edges: &[EdgeEntry]) -> Self {
+        Self::with_lookup(
+            edges,
+            Arc::new(|host: String| {
+                Box::pin(async move {
+                    let found = tokio::net::lookup_host((host.as_str(), 0)).await?;
+                    Ok(found.map(|a| a.ip()).collect())
+                })
+            }),
+        )
+    }
+
+    fn with_lookup(edges: &[EdgeEntry], lookup: Lookup) -> Self {
+        let slots = edges
+            .iter()
+            .map(|e| {
+                let slot = Slot::default();
+                *slot.now.write() = Resolved {
+                    proxy: e.addr.literal(),
+                    admin: e.admin.literal(),
+                    sync: e.sync.as_ref().and_then(EdgeAddr::literal),
+                };
+                Arc::new(slot)
+            })
+            .collect();
+        Addresses { slots, lookup }
+    }
+
+    /// Edge `edge`'s addresses now.
+    pub fn get(&self, edge: usize) -> Resolved {
+        *self.slots[edge].now.read()
+    }
+
+    /// A probe of edge `edge` failed: where a name has several addresses, the next lookup
+    /// moves on to the next one.
+    pub fn probe_failed(&self, edge: usize) {
+        self.slots[edge].probe_failed.store(true, Ordering::Relaxed);
+    }
+
+    /// Resolve every edge's names before serving, all at once, waiting at most `limit`
+    /// (names still unresolved then are resolved by the first probes). Must run outside a
+    /// tokio runtime (the broker's start-up).
+    pub fn resolve_at_start(&self, edges: &[EdgeEntry], limit: Duration) {
+        let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        else {
+            return;
+        };
+        rt.block_on(futures::future::join_all(
+            edges
+                .iter()
+                .enumerate()
+                .map(|(i, e)| self.refresh(i, e, limit)),
+        ));
+        rt.shutdown_background();
+    }
+
+    /// Resolve edge `edge`'s names again, waiting at most `timeout` for the answer (a slower
+    /// one is still taken when it comes); returns the addresses to use now.
+    pub async fn refresh(&self, edge: usize, entry: &EdgeEntry, timeout: Duration) -> Resolved {
+        let slot = &self.slots[edge];
+        let named = endpoints(entry).any(|a| a.literal().is_none());
+        if named && !slot.resolving.swap(true, Ordering::AcqRel) {
+            let (slot, entry, lookup) = (slot.clone(), entry.clone(), self.lookup.clone());
+            let task = tokio::spawn(async move {
+                slot.resolve(&entry, &lookup).await;
+                slot.resolving.store(false, Ordering::Release);
+            });
+            let _ = tokio::time::timeout(timeout, task).await;
+        }
+        self.get(edge)
     }
 }
 
@@ -152,8 +220,28 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn literals_are_known_at_once_and_names_after_resolution() {
+    /// The answer a fake resolver gives (`None`: the lookup fails).
+    type Answer = Arc<Mutex<Option<Vec<IpAddr>>>>;
+
+    /// A resolver whose answer the test sets, counting lookups.
+    fn fake() -> (Lookup, Answer, Arc<Mutex<usize>>) {
+        let answer = Arc::new(Mutex::new(None::<Vec<IpAddr>>));
+        let lookups = Arc::new(Mutex::new(0));
+        let (a, n) = (answer.clone(), lookups.clone());
+        let lookup: Lookup = Arc::new(move |_host| {
+            *n.lock() += 1;
+            let got = a.lock().clone();
+            Box::pin(async move { got.ok_or_else(|| std::io::ErrorKind::NotFound.into()) })
+        });
+        (lookup, answer, lookups)
+    }
+
+    fn ips(list: &[&str]) -> Option<Vec<IpAddr>> {
+        Some(list.iter().map(|i| i.parse().unwrap()).collect())
+    }
+
+    #[test]
+    fn literals_are_known_at_once_and_names_after_resolution() {
         let edges = [
             edge("127.0.0.1:1", "127.0.0.1:2", None),
             edge("localhost:3", "127.0.0.1:4", Some("localhost:5")),
@@ -165,56 +253,81 @@ mod tests {
         assert_eq!(a.get(1).admin, Some("127.0.0.1:4".parse().unwrap()));
 
         // `localhost` comes from the hosts file: no DNS server is asked.
-        a.resolve_blocking(&edges);
+        a.resolve_at_start(&edges, Duration::from_secs(5));
         let local = a.get(1);
         assert!(local
             .proxy
             .is_some_and(|p| p.ip().is_loopback() && p.port() == 3));
-        assert!(local
-            .sync
-            .is_some_and(|p| p.ip().is_loopback() && p.port() == 5));
-        assert_eq!(a.refresh(1, &edges[1], Duration::from_secs(5)).await, local);
+        assert_eq!(
+            local.sync.map(|s| (s.ip(), s.port())),
+            local.proxy.map(|p| (p.ip(), 5))
+        );
     }
 
     #[tokio::test]
-    async fn a_refresh_follows_a_moved_name_and_forgets_one_that_stopped_resolving() {
+    async fn a_name_is_followed_when_it_moves_and_kept_through_a_failed_lookup() {
         let named = edge(
             "edge-0.edges:80",
             "edge-0.edges:81",
             Some("edge-0.edges:82"),
         );
-        let a = Addresses::new(std::slice::from_ref(&named));
-        let at = |ip: &'static str| {
-            move |_: String, port: u16| async move {
-                Ok(vec![SocketAddr::new(ip.parse().unwrap(), port)])
-            }
-        };
-        let first = a.refresh_with(0, &named, at("10.0.0.1")).await;
+        let (lookup, answer, lookups) = fake();
+        let a = Addresses::with_lookup(std::slice::from_ref(&named), lookup);
+        let t = Duration::from_secs(1);
+        *answer.lock() = ips(&["10.0.0.1"]);
+        let first = a.refresh(0, &named, t).await;
+        assert_eq!(first.proxy, Some("10.0.0.1:80".parse().unwrap()));
         assert_eq!(first.sync, Some("10.0.0.1:82".parse().unwrap()));
-        let moved = a.refresh_with(0, &named, at("10.0.0.2")).await;
-        assert_eq!(moved.proxy, Some("10.0.0.2:80".parse().unwrap()));
-        assert_eq!(a.get(0), moved);
-        let gone = a
-            .refresh_with(0, &named, |_, _| async {
-                Err(std::io::ErrorKind::NotFound.into())
-            })
-            .await;
-        assert_eq!(gone, Resolved::default());
-        assert_eq!(a.get(0), Resolved::default());
+        // One lookup per host, not per port.
+        assert_eq!(*lookups.lock(), 1);
 
-        // Two addresses: the first until a probe fails there, then the other.
-        let both = |_: String, port: u16| async move {
-            Ok(["[::1]:0", "127.0.0.1:0"]
-                .iter()
-                .map(|a| SocketAddr::new(a.parse::<SocketAddr>().unwrap().ip(), port))
-                .collect())
-        };
-        let first = a.refresh_with(0, &named, both).await;
-        assert_eq!(first.proxy, Some("[::1]:80".parse().unwrap()));
-        assert_eq!(a.refresh_with(0, &named, both).await, first);
+        *answer.lock() = ips(&["10.0.0.2"]);
+        let moved = a.refresh(0, &named, t).await;
+        assert_eq!(moved.admin, Some("10.0.0.2:81".parse().unwrap()));
+        assert_eq!(a.get(0), moved);
+
+        // The resolver fails: the address in use stays, and the probes judge it.
+        *answer.lock() = None;
+        assert_eq!(a.refresh(0, &named, t).await, moved);
+    }
+
+    #[tokio::test]
+    async fn of_several_addresses_the_one_in_use_is_kept_until_a_probe_fails_there() {
+        let named = edge("edge-0.edges:80", "edge-0.edges:81", None);
+        let (lookup, answer, _) = fake();
+        let a = Addresses::with_lookup(std::slice::from_ref(&named), lookup);
+        let t = Duration::from_secs(1);
+        *answer.lock() = ips(&["::1", "127.0.0.1"]);
+        let first = a.refresh(0, &named, t).await;
+        assert_eq!(first.proxy, Some("127.0.0.1:80".parse().unwrap()));
+        // The resolver shuffles its answer: nothing moves.
+        *answer.lock() = ips(&["127.0.0.1", "::1"]);
+        assert_eq!(a.refresh(0, &named, t).await, first);
         a.probe_failed(0);
-        let next = a.refresh_with(0, &named, both).await;
-        assert_eq!(next.proxy, Some("127.0.0.1:80".parse().unwrap()));
-        assert_eq!(next.admin, Some("127.0.0.1:81".parse().unwrap()));
+        let next = a.refresh(0, &named, t).await;
+        assert_eq!(next.proxy, Some("[::1]:80".parse().unwrap()));
+        assert_eq!(next.admin, Some("[::1]:81".parse().unwrap()));
+        assert_eq!(a.refresh(0, &named, t).await, next);
+    }
+
+    #[tokio::test]
+    async fn a_slow_lookup_is_not_waited_for_nor_doubled_and_lands_when_it_answers() {
+        let named = edge("edge-0.edges:80", "127.0.0.1:81", None);
+        let lookups = Arc::new(Mutex::new(0));
+        let n = lookups.clone();
+        let lookup: Lookup = Arc::new(move |_| {
+            *n.lock() += 1;
+            Box::pin(async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok(vec!["10.0.0.7".parse().unwrap()])
+            })
+        });
+        let a = Addresses::with_lookup(std::slice::from_ref(&named), lookup);
+        let t = Duration::from_millis(20);
+        assert_eq!(a.refresh(0, &named, t).await.proxy, None);
+        assert_eq!(a.refresh(0, &named, t).await.proxy, None);
+        assert_eq!(*lookups.lock(), 1);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(a.get(0).proxy, Some("10.0.0.7:80".parse().unwrap()));
     }
 }

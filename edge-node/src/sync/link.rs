@@ -4,7 +4,7 @@
 //! message id, when the connection dies mid-exchange.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +23,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// The handshake failed (unreachable, or a certificate the cluster CA did not issue), or
-    /// the peer closed the connection before answering anything on it (TLS 1.3 lets a client
+    /// the peer closed the connection with a TLS alert right after it (TLS 1.3 lets a client
     /// finish its handshake before the server has checked the client's certificate).
     #[error("connect to {addr}: {message}")]
     Connect {
@@ -87,8 +87,6 @@ pub struct Link {
     next_id: AtomicU64,
     permits: Semaphore,
     connected: AtomicBool,
-    /// `stable_id` of the last connection a reply came back on: the peer accepted us.
-    proven: AtomicUsize,
 }
 
 impl Link {
@@ -116,7 +114,6 @@ impl Link {
             next_id: AtomicU64::new(seed),
             permits: Semaphore::new(max_inflight.max(1)),
             connected: AtomicBool::new(false),
-            proven: AtomicUsize::new(usize::MAX),
         }
     }
 
@@ -173,8 +170,6 @@ impl Link {
         };
         match attempt {
             Ok(c) => {
-                // A connection's id is its allocation's address, which a later one may reuse.
-                self.proven.store(usize::MAX, Ordering::Relaxed);
                 st.conn = Some(c.clone());
                 st.failures = 0;
                 st.retry_at = None;
@@ -199,9 +194,9 @@ impl Link {
         }
     }
 
-    /// After `error` on `conn`: drop the connection if it is closed, and if the peer closed it
-    /// before any reply came back on it, count a failed connect instead of `error` — a peer
-    /// that refuses us after the handshake must not be reconnected to on every request.
+    /// After `error` on `conn`: drop the connection if it is closed, and if the peer refused
+    /// us with a TLS alert, count a failed connect instead of `error` — a peer that rejects our
+    /// certificate after the handshake must not be redialled on every request.
     async fn broken(&self, conn: &quinn::Connection, error: LinkError) -> LinkError {
         let Some(reason) = conn.close_reason() else {
             return error;
@@ -211,8 +206,9 @@ impl Link {
     }
 
     /// Forget `conn`, closed for `reason`, if it is still the current connection; a failed
-    /// connect when no reply ever came back on it. Only the first caller to see it closed
-    /// counts the failure.
+    /// connect when the peer refused us. Only the first caller to see it closed counts the
+    /// failure; any other close (a restart, a graceful shutdown, an idle timeout) leaves the
+    /// caller's error as it was, retried on a new connection.
     fn drop_closed(
         &self,
         st: &mut State,
@@ -228,8 +224,7 @@ impl Link {
         }
         st.conn = None;
         self.connected.store(false, Ordering::Relaxed);
-        (self.proven.load(Ordering::Relaxed) != conn.stable_id())
-            .then(|| self.failed(st, format!("closed before any reply: {reason}")))
+        refused(reason).then(|| self.failed(st, format!("refused by the peer: {reason}")))
     }
 
     async fn exchange(
@@ -238,10 +233,7 @@ impl Link {
     ) -> Result<(Reply, quinn::RecvStream), LinkError> {
         let conn = self.connection().await?;
         match Self::exchange_on(&conn, env).await {
-            Ok(r) => {
-                self.proven.store(conn.stable_id(), Ordering::Relaxed);
-                Ok(r)
-            }
+            Ok(r) => Ok(r),
             Err(e) => Err(self.broken(&conn, e).await),
         }
     }
@@ -301,6 +293,13 @@ impl Link {
     pub async fn request(&self, req: &Request, timeout: Duration) -> Result<Reply, LinkError> {
         self.open(req, timeout).await.map(|(reply, _)| reply)
     }
+}
+
+/// Whether the peer closed the connection with a TLS alert (QUIC codes 0x100–0x1ff): it
+/// refused the handshake, e.g. our certificate. Alerts only happen during a handshake.
+fn refused(reason: &quinn::ConnectionError) -> bool {
+    matches!(reason, quinn::ConnectionError::ConnectionClosed(close)
+        if (0x100..=0x1ff).contains(&u64::from(close.error_code)))
 }
 
 /// A client endpoint presenting `identity`, bound to an ephemeral port: dual-stack where the
@@ -375,6 +374,47 @@ mod tests {
             if let Some(to) = to {
                 let _ = sock.send_to(&buf[..n], to).await;
             }
+        }
+    }
+
+    /// Answer every request on `server` with an error naming `name`, after closing the first
+    /// `close_first` connections (as a peer shutting down would) at their first request.
+    fn serve(server: quinn::Endpoint, name: &'static str, close_first: usize) -> Arc<AtomicU64> {
+        let accepted = Arc::new(AtomicU64::new(0));
+        let counted = accepted.clone();
+        tokio::spawn(async move {
+            while let Some(incoming) = server.accept().await {
+                let n = counted.fetch_add(1, Ordering::Relaxed) as usize;
+                let Ok(conn) = incoming.await else { continue };
+                tokio::spawn(async move {
+                    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                        if n < close_first {
+                            conn.close(0u32.into(), b"shutting down");
+                            return;
+                        }
+                        let req: Envelope<Request> = read_frame(&mut recv).await.unwrap();
+                        let reply = Reply::Error {
+                            code: crate::sync::protocol::ErrorCode::NotFound,
+                            message: name.into(),
+                        };
+                        let env = Envelope {
+                            v: VERSION,
+                            id: req.id,
+                            msg: reply,
+                        };
+                        write_frame(&mut send, &env).await.unwrap();
+                        let _ = send.finish();
+                    }
+                });
+            }
+        });
+        accepted
+    }
+
+    fn answered_by(r: Result<Reply, LinkError>) -> String {
+        match r.unwrap() {
+            Reply::Error { message, .. } => message,
+            other => panic!("{other:?}"),
         }
     }
 
@@ -475,7 +515,11 @@ mod tests {
         tokio::spawn(async move {
             while let Some(incoming) = server.accept().await {
                 counted.fetch_add(1, Ordering::Relaxed);
-                tokio::spawn(async move { incoming.await.map(|c| c.close(0u32.into(), b"")) });
+                tokio::spawn(async move {
+                    if let Ok(c) = incoming.await {
+                        c.closed().await;
+                    }
+                });
             }
         });
         // Trusts the cluster CA, but another CA issued its certificate: with TLS 1.3 its
@@ -509,48 +553,53 @@ mod tests {
         let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
         let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
         let edge = NodeIdentity::load(&edge).unwrap();
-        // The peer before and after it moved; each answers one stats request per stream.
+        // The peer before and after it moved.
         let (old, new) = (server(&edge), server(&edge));
         let (old_addr, new_addr) = (old.local_addr().unwrap(), new.local_addr().unwrap());
-        for (server, name) in [(old, "old"), (new, "new")] {
-            tokio::spawn(async move {
-                while let Some(incoming) = server.accept().await {
-                    let Ok(conn) = incoming.await else { continue };
-                    tokio::spawn(async move {
-                        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-                            let req: Envelope<Request> = read_frame(&mut recv).await.unwrap();
-                            let reply = Reply::Error {
-                                code: crate::sync::protocol::ErrorCode::NotFound,
-                                message: name.into(),
-                            };
-                            let env = Envelope {
-                                v: VERSION,
-                                id: req.id,
-                                msg: reply,
-                            };
-                            write_frame(&mut send, &env).await.unwrap();
-                            let _ = send.finish();
-                        }
-                    });
-                }
-            });
-        }
+        serve(old, "old", 0);
+        serve(new, "new", 0);
         let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), old_addr).unwrap();
         let link = Link::new(client, old_addr, edge_name("e1"), 4);
-        let answered_by = |r: Result<Reply, LinkError>| match r.unwrap() {
-            Reply::Error { message, .. } => message,
-            other => panic!("{other:?}"),
-        };
         let timeout = Duration::from_secs(3);
         assert_eq!(
             answered_by(link.request(&Request::Stats, timeout).await),
             "old"
         );
+        // Something else at the next address (another node's certificate): refused, and the
+        // link backs off.
+        let other = issue(dir.path(), "e2", NodeRole::Edge, dir.path()).unwrap();
+        let other = server(&NodeIdentity::load(&other).unwrap());
+        let other_addr = other.local_addr().unwrap();
+        serve(other, "e2", 0);
+        link.retarget(other_addr).await;
+        let refused = link.request(&Request::Stats, timeout).await.unwrap_err();
+        assert!(matches!(refused, LinkError::Connect { .. }), "{refused}");
+        // The name moves on: the new address is tried at once, whatever the backoff.
         link.retarget(new_addr).await;
         assert_eq!(link.addr(), new_addr);
         assert_eq!(
             answered_by(link.request(&Request::Stats, timeout).await),
             "new"
         );
+    }
+
+    #[tokio::test]
+    async fn a_peer_that_closes_before_replying_is_retried_at_once_not_backed_off() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
+        let server = server(&NodeIdentity::load(&edge).unwrap());
+        let addr = server.local_addr().unwrap();
+        let accepted = serve(server, "e1", 1);
+        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), addr).unwrap();
+        let link = Link::new(client, addr, edge_name("e1"), 4);
+        let timeout = Duration::from_secs(3);
+        assert_eq!(
+            answered_by(link.request(&Request::Stats, timeout).await),
+            "e1"
+        );
+        assert_eq!(accepted.load(Ordering::Relaxed), 2);
+        assert!(link.is_connected());
     }
 }
