@@ -8,7 +8,8 @@
 #
 # Usage: bench/edge_vs_peers.sh [duration_secs=10] [rounds=3]
 # Env: THREADS (server workers, default 2), CONNS (wrk connections, default 64),
-#      SYSTEMS (default "edge nginx varnish").
+#      SYSTEMS (default "edge nginx varnish"), EDGE_BIN (an edge-node binary to measure
+#      instead of the one built here, e.g. an older commit's for an A/B).
 # Besides req/s it reports each server's CPU time per request (its processes' user+system
 # time over the run / requests served): wrk shares the 2 cores, so req/s partly measures how
 # much CPU a server leaves to the load generator, while CPU per request is the server's own cost.
@@ -64,7 +65,7 @@ max_object_size = "8 MiB"
 host = "bench.local"
 upstream = "http://$ORIGIN"
 EOF
-RUST_LOG=warn target/release/edge-node --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
+RUST_LOG=warn "${EDGE_BIN:-target/release/edge-node}" --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
 EDGE_PID=$!
 pids+=($EDGE_PID)
 
