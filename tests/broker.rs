@@ -363,6 +363,81 @@ async fn a_slow_origin_behind_an_edge_is_a_504_not_a_failover() {
     assert_eq!(r.status(), StatusCode::OK);
 }
 
+/// Certificates for `names` (one leaf per entry) from one new CA, written to `dir`; returns
+/// the CA's PEM and the `[[tls.certs]]` lines.
+fn tls_certs(dir: &std::path::Path, leaves: &[&[&str]]) -> (String, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_pem = ca.self_signed(&ca_key).unwrap().pem();
+    let issuer = rcgen::Issuer::new(ca, ca_key);
+    let mut lines = String::new();
+    for (i, names) in leaves.iter().enumerate() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let (c, k) = (
+            dir.join(format!("leaf{i}.pem")),
+            dir.join(format!("leaf{i}.key")),
+        );
+        std::fs::write(&c, cert.pem()).unwrap();
+        std::fs::write(&k, key.serialize_pem()).unwrap();
+        lines.push_str(&format!(
+            "[[tls.certs]]\ncert = \"{}\"\nkey = \"{}\"\n",
+            c.display(),
+            k.display()
+        ));
+    }
+    (ca_pem, lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_fetch_over_https_with_the_certificate_of_the_name_they_ask_for() {
+    let origin = TestOrigin::start().await;
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, lines) = tls_certs(certs.path(), &[&[HOST], &["*.img.test"]]);
+    let port = shadowcdn_tests::process::free_port();
+    let mut c = start_cluster_with(&format!("[tls]\nlisten = \"127.0.0.1:{port}\"\n{lines}"));
+    c.register(&origin).await;
+    let tls: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+    // Trusts only the test CA; names resolve to the broker without asking DNS.
+    let https = reqwest::Client::builder()
+        .no_proxy()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.as_bytes()).unwrap())
+        .resolve(HOST, tls)
+        .resolve("a.img.test", tls)
+        .build()
+        .unwrap();
+    let get = |url: String| https.get(url).header("x-client-region", "eu").send();
+
+    let r = get(format!("https://{HOST}:{port}/secure/page.css"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.version(), reqwest::Version::HTTP_2, "ALPN offers h2");
+    assert!(edge_of(&r).starts_with("eu-"), "{}", edge_of(&r));
+    let body = r.bytes().await.unwrap();
+    assert_eq!(
+        &body[..],
+        &shadowcdn_tests::origin::body_for("/secure/page.css", 64)[..]
+    );
+    // The same object over plain HTTP is the same cache entry.
+    let r = c.get("/secure/page.css", "eu").await;
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(origin.hits("/secure/page.css"), 1);
+
+    // Another name gets its own certificate (the default would fail verification); the
+    // broker answers it like any request for an unregistered host.
+    let r = get(format!("https://a.img.test:{port}/x.png"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(c.broker.child.terminate(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_is_promoted_when_no_active_edge_is_healthy_and_demoted_after() {
     let origin = TestOrigin::start().await;

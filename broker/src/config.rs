@@ -26,6 +26,9 @@ pub struct BrokerConfig {
     /// nowhere, since another edge would wait on the same origin.
     #[serde(default = "default_edge_read_timeout")]
     pub edge_read_timeout_secs: u64,
+    /// HTTPS listener for clients (absent: plain HTTP only).
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsSection>,
     /// Provider API, metrics and health listener.
     pub admin: AdminSection,
     /// Where the durable registry and monitor snapshots live.
@@ -221,6 +224,9 @@ impl std::str::FromStr for EdgeAddr {
         }
         let bad = || format!("{s:?} is not ip:port or name:port");
         let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        if !port.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(bad());
+        }
         let port: u16 = port.parse().map_err(|_| bad())?;
         let label_ok = |l: &str| {
             !l.is_empty()
@@ -229,8 +235,14 @@ impl std::str::FromStr for EdgeAddr {
                 && !l.ends_with('-')
                 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
         };
-        let host = host.strip_suffix('.').unwrap_or(host);
-        if port == 0 || host.len() > 253 || !host.split('.').all(label_ok) {
+        // A trailing dot (an absolute name, no search domains) is kept for the resolver.
+        let labels = host.strip_suffix('.').unwrap_or(host);
+        // All-digit last label: a malformed IP the resolver would read as an address.
+        let numeric = labels
+            .rsplit('.')
+            .next()
+            .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+        if port == 0 || labels.len() > 253 || numeric || !labels.split('.').all(label_ok) {
             return Err(bad());
         }
         Ok(EdgeAddr {
@@ -378,6 +390,14 @@ impl BrokerConfig {
         }
         if self.admin.edge_token.len() < 8 {
             return bad("admin.edge_token must be at least 8 characters".into());
+        }
+        if let Some(tls) = &self.tls {
+            if tls.certs.is_empty() {
+                return bad("tls.certs: at least one certificate (cert and key files)".into());
+            }
+            if tls.listen == self.listen || tls.listen == self.admin.listen {
+                return bad("tls.listen: must differ from listen and admin.listen".into());
+            }
         }
         if self.edge_read_timeout_secs == 0 {
             return bad("edge_read_timeout_secs must be at least 1".into());
@@ -683,7 +703,7 @@ pub(crate) mod tests {
         let a = &c.edges[3].addr;
         assert_eq!(
             a.host(),
-            "edge-us-0.shadowcdn-edge.default.svc.cluster.local"
+            "edge-us-0.shadowcdn-edge.default.svc.cluster.local."
         );
         assert_eq!((a.port(), a.literal()), (8080, None));
         assert_eq!(
@@ -704,6 +724,10 @@ pub(crate) mod tests {
             "edge..x:80",
             "http://edge:80",
             ":80",
+            "edge:+80",
+            "010.0.0.1:80",
+            "10.0.0.256:80",
+            "127.1:80",
         ] {
             let cfg = SAMPLE.replace("127.0.0.1:9104", bad);
             let e = BrokerConfig::from_toml(&cfg).unwrap_err().to_string();

@@ -21,6 +21,7 @@ pub mod routing;
 pub mod server;
 pub mod signals;
 pub mod sync;
+pub mod tls;
 
 pub use config::BrokerConfig;
 pub use server::Broker;

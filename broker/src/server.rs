@@ -7,6 +7,7 @@ use std::time::Duration;
 use edge_node::drain::{Drainer, InflightCounter};
 use edge_node::http_service::AxumService;
 use parking_lot::Mutex;
+use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
@@ -33,6 +34,9 @@ pub enum StartError {
     /// The registry could not be opened.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// A certificate for the HTTPS listener is unusable.
+    #[error(transparent)]
+    Certificate(#[from] crate::tls::CertError),
     /// A listener address is taken.
     #[error("cannot listen on {addr} ({what}): {source}")]
     Bind {
@@ -65,6 +69,13 @@ impl Broker {
             addr: cfg.listen,
             source,
         })?;
+        if let Some(tls) = &cfg.tls {
+            TcpListener::bind(tls.listen).map_err(|source| StartError::Bind {
+                what: "tls.listen",
+                addr: tls.listen,
+                source,
+            })?;
+        }
         let admin_listener =
             TcpListener::bind(cfg.admin.listen).map_err(|source| StartError::Bind {
                 what: "admin.listen",
@@ -87,7 +98,9 @@ impl Broker {
             cfg.health.rise,
         ));
         // An edge whose name does not resolve yet starts down; a probe brings it up.
-        fleet.addresses.resolve_blocking(&fleet.edges);
+        fleet
+            .addresses
+            .resolve_at_start(&fleet.edges, Duration::from_secs(5));
         for e in 0..fleet.edges.len() {
             let now = fleet.addresses.get(e);
             if now.proxy.is_none() || now.admin.is_none() {
@@ -173,6 +186,16 @@ impl Broker {
             "shadowcdn-broker",
         );
         proxy_service.add_tcp(&cfg.listen.to_string());
+        let mut cert_reloader = None;
+        if let Some(tls) = &cfg.tls {
+            let resolver = Arc::new(crate::tls::SniResolver::load(tls)?);
+            let mut settings = TlsSettings::intermediate("", "")
+                .map_err(|e| StartError::Setup(format!("tls: {e}")))?;
+            settings.set_cert_resolver(resolver.clone());
+            settings.enable_h2();
+            proxy_service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+            cert_reloader = Some(crate::tls::CertReloader(resolver));
+        }
 
         let planner_state = Arc::new(PlannerState::default());
         let planner = Planner::new(
@@ -242,6 +265,9 @@ impl Broker {
         server.add_service(proxy_service);
         server.add_service(background_service("api", api));
         server.add_service(background_service("health", checker));
+        if let Some(reloader) = cert_reloader {
+            server.add_service(background_service("cert-reload", reloader));
+        }
         server.add_service(background_service("origin-push", OriginPusher(sync)));
         server.add_service(background_service("planner", planner));
         server.add_service(background_service("coaccess", coaccess));
