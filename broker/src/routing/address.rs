@@ -106,6 +106,15 @@ impl Slot {
     }
 }
 
+/// Marks a slot's lookup finished when dropped.
+struct Resolving<'a>(&'a AtomicBool);
+
+impl Drop for Resolving<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 fn endpoints(e: &EdgeEntry) -> impl Iterator<Item = &EdgeAddr> {
     [Some(&e.addr), Some(&e.admin), e.sync.as_ref()]
         .into_iter()
@@ -195,8 +204,9 @@ impl Addresses {
         if named && !slot.resolving.swap(true, Ordering::AcqRel) {
             let (slot, entry, lookup) = (slot.clone(), entry.clone(), self.lookup.clone());
             let task = tokio::spawn(async move {
+                // Cleared however the lookup ends, even dropped with its runtime (start-up).
+                let _done = Resolving(&slot.resolving);
                 slot.resolve(&entry, &lookup).await;
-                slot.resolving.store(false, Ordering::Release);
             });
             let _ = tokio::time::timeout(timeout, task).await;
         }
@@ -308,6 +318,32 @@ mod tests {
         assert_eq!(next.proxy, Some("[::1]:80".parse().unwrap()));
         assert_eq!(next.admin, Some("[::1]:81".parse().unwrap()));
         assert_eq!(a.refresh(0, &named, t).await, next);
+    }
+
+    #[test]
+    fn a_lookup_cut_short_at_start_up_does_not_stop_later_ones() {
+        let named = edge("edge-0.edges:80", "127.0.0.1:81", None);
+        let slow = Arc::new(AtomicBool::new(true));
+        let s = slow.clone();
+        let lookup: Lookup = Arc::new(move |_| {
+            let slow = s.load(Ordering::Relaxed);
+            Box::pin(async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Ok(vec!["10.0.0.8".parse().unwrap()])
+            })
+        });
+        let a = Addresses::with_lookup(std::slice::from_ref(&named), lookup);
+        a.resolve_at_start(std::slice::from_ref(&named), Duration::from_millis(20));
+        assert_eq!(a.get(0).proxy, None);
+        slow.store(false, Ordering::Relaxed);
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let now = rt.block_on(a.refresh(0, &named, Duration::from_secs(1)));
+        assert_eq!(now.proxy, Some("10.0.0.8:80".parse().unwrap()));
     }
 
     #[tokio::test]
