@@ -395,6 +395,9 @@ impl BrokerConfig {
             if tls.certs.is_empty() {
                 return bad("tls.certs: at least one certificate (cert and key files)".into());
             }
+            if tls.h2_idle_timeout_secs == 0 {
+                return bad("tls.h2_idle_timeout_secs must be at least 1".into());
+            }
             if tls.listen == self.listen || tls.listen == self.admin.listen {
                 return bad("tls.listen: must differ from listen and admin.listen".into());
             }

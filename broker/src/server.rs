@@ -7,6 +7,7 @@ use std::time::Duration;
 use edge_node::drain::{Drainer, InflightCounter};
 use edge_node::http_service::AxumService;
 use parking_lot::Mutex;
+use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
@@ -69,13 +70,18 @@ impl Broker {
             addr: cfg.listen,
             source,
         })?;
-        if let Some(tls) = &cfg.tls {
-            TcpListener::bind(tls.listen).map_err(|source| StartError::Bind {
-                what: "tls.listen",
-                addr: tls.listen,
-                source,
-            })?;
-        }
+        // Certificates first: a bad file is reported before anything else starts.
+        let certs = match &cfg.tls {
+            Some(tls) => {
+                TcpListener::bind(tls.listen).map_err(|source| StartError::Bind {
+                    what: "tls.listen",
+                    addr: tls.listen,
+                    source,
+                })?;
+                Some(Arc::new(crate::tls::SniResolver::load(tls)?))
+            }
+            None => None,
+        };
         let admin_listener =
             TcpListener::bind(cfg.admin.listen).map_err(|source| StartError::Bind {
                 what: "admin.listen",
@@ -187,13 +193,17 @@ impl Broker {
         );
         proxy_service.add_tcp(&cfg.listen.to_string());
         let mut cert_reloader = None;
-        if let Some(tls) = &cfg.tls {
-            let resolver = Arc::new(crate::tls::SniResolver::load(tls)?);
+        if let (Some(tls), Some(resolver)) = (&cfg.tls, certs) {
             let mut settings = TlsSettings::intermediate("", "")
                 .map_err(|e| StartError::Setup(format!("tls: {e}")))?;
             settings.set_cert_resolver(resolver.clone());
             settings.enable_h2();
             proxy_service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
+            if let Some(app) = proxy_service.app_logic_mut() {
+                let mut options = HttpServerOptions::default();
+                options.h2_idle_timeout = Some(Duration::from_secs(tls.h2_idle_timeout_secs));
+                app.server_options = Some(options);
+            }
             cert_reloader = Some(crate::tls::CertReloader(resolver));
         }
 

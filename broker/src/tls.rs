@@ -8,6 +8,7 @@
 //! Renewed files are picked up while running ([`CertReloader`]); a renewal that cannot be loaded
 //! keeps the certificates in use.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,6 +33,13 @@ pub struct TlsSection {
     pub listen: SocketAddr,
     /// Certificate chains and keys (PEM files); the first is the default.
     pub certs: Vec<CertFiles>,
+    /// Seconds an HTTP/2 connection may stay idle before it is closed (default 120).
+    #[serde(default = "default_h2_idle")]
+    pub h2_idle_timeout_secs: u64,
+}
+
+fn default_h2_idle() -> u64 {
+    120
 }
 
 /// One certificate chain and its private key.
@@ -63,95 +71,130 @@ pub enum CertError {
 #[derive(Debug)]
 pub struct SniResolver {
     section: TlsSection,
+    /// One per `tls.certs` entry, in order.
     keys: RwLock<Arc<Vec<Arc<CertifiedKey>>>>,
-    /// Modification time and length of every file, as last loaded (or tried).
-    stamps: Mutex<Vec<Option<(SystemTime, u64)>>>,
+    /// Per entry, the (modification time, length) of its two files when last loaded.
+    stamps: Mutex<Vec<Stamp>>,
+    /// Which entry serves a name, remembered per name (bounded; cleared on every reload):
+    /// matching parses each certificate, which would otherwise cost every handshake
+    /// O(certificates) parses.
+    chosen: Mutex<HashMap<String, usize>>,
 }
+
+/// (modification time, length) of a cert file and its key file.
+type Stamp = [Option<(SystemTime, u64)>; 2];
+
+/// Names remembered in [`SniResolver::chosen`]; past it the memory starts over.
+const MAX_CHOSEN: usize = 10_000;
 
 impl SniResolver {
     /// Load every certificate of `section`; any unusable file is an error naming it.
     pub fn load(section: &TlsSection) -> Result<Self, CertError> {
-        let stamps = stamps(section);
+        let provider = rustls::crypto::ring::default_provider();
+        let keys = (0..section.certs.len())
+            .map(|i| load_entry(section, i, &provider))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(SniResolver {
-            keys: RwLock::new(Arc::new(load_keys(section)?)),
+            keys: RwLock::new(Arc::new(keys)),
+            stamps: Mutex::new(section.certs.iter().map(stamp).collect()),
             section: section.clone(),
-            stamps: Mutex::new(stamps),
+            chosen: Mutex::default(),
         })
     }
 
-    /// Load the files again if any changed since the last look; whether new certificates
-    /// are in use. A set that fails to load leaves the current one serving.
-    pub fn reload_if_changed(&self) -> Result<bool, CertError> {
-        let now = stamps(&self.section);
-        {
-            let mut seen = self.stamps.lock();
-            if *seen == now {
-                return Ok(false);
+    /// Load again every entry whose files changed since it was last loaded; how many were
+    /// replaced, and the errors of those that could not be (they keep serving their previous
+    /// certificate and are tried again at the next call).
+    pub fn reload_if_changed(&self) -> (usize, Vec<CertError>) {
+        let provider = rustls::crypto::ring::default_provider();
+        let mut stamps = self.stamps.lock();
+        let mut keys = self.keys.read().as_ref().clone();
+        let (mut replaced, mut errors) = (0, Vec::new());
+        for (i, files) in self.section.certs.iter().enumerate() {
+            let now = stamp(files);
+            if now == stamps[i] {
+                continue;
             }
-            *seen = now;
+            match load_entry(&self.section, i, &provider) {
+                Ok(k) => {
+                    keys[i] = k;
+                    stamps[i] = now;
+                    replaced += 1;
+                }
+                Err(e) => errors.push(e),
+            }
         }
-        let keys = load_keys(&self.section)?;
-        *self.keys.write() = Arc::new(keys);
-        Ok(true)
+        if replaced > 0 {
+            *self.keys.write() = Arc::new(keys);
+            self.chosen.lock().clear();
+        }
+        (replaced, errors)
     }
 
     /// The certificate for server name `name`.
     fn for_name(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let keys = self.keys.read().clone();
-        let covering = name
-            .and_then(|n| ServerName::try_from(n.to_string()).ok())
-            .and_then(|name| {
-                keys.iter().find(|k| {
-                    k.cert.first().is_some_and(|c| {
-                        webpki::EndEntityCert::try_from(c)
-                            .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
-                    })
-                })
-            });
-        covering.or(keys.first()).cloned()
+        let Some(name) = name else {
+            return keys.first().cloned();
+        };
+        let name = name.to_ascii_lowercase();
+        let known = self.chosen.lock().get(&name).copied();
+        let index = known.unwrap_or_else(|| {
+            let i = covering(&keys, &name).unwrap_or(0);
+            let mut chosen = self.chosen.lock();
+            if chosen.len() >= MAX_CHOSEN {
+                chosen.clear();
+            }
+            chosen.insert(name, i);
+            i
+        });
+        keys.get(index).or(keys.first()).cloned()
     }
 }
 
-fn stamps(section: &TlsSection) -> Vec<Option<(SystemTime, u64)>> {
-    section
-        .certs
-        .iter()
-        .flat_map(|f| [&f.cert, &f.key])
-        .map(|p| {
-            let m = std::fs::metadata(p).ok()?;
-            Some((m.modified().ok()?, m.len()))
+/// The first of `keys` whose certificate is valid for `name`.
+fn covering(keys: &[Arc<CertifiedKey>], name: &str) -> Option<usize> {
+    let name = ServerName::try_from(name.to_string()).ok()?;
+    keys.iter().position(|k| {
+        k.cert.first().is_some_and(|c| {
+            webpki::EndEntityCert::try_from(c)
+                .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
         })
-        .collect()
+    })
 }
 
-fn load_keys(section: &TlsSection) -> Result<Vec<Arc<CertifiedKey>>, CertError> {
-    let provider = rustls::crypto::ring::default_provider();
-    let keys = section
-        .certs
-        .iter()
-        .enumerate()
-        .map(|(index, files)| {
-            let fail = |path: &Path, message: String| CertError::Load {
-                index,
-                path: path.to_path_buf(),
-                message,
-            };
-            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-                .and_then(|certs| certs.collect())
-                .map_err(|e| fail(&files.cert, e.to_string()))?;
-            if chain.is_empty() {
-                return Err(fail(&files.cert, "no certificate in the file".into()));
-            }
-            webpki::EndEntityCert::try_from(&chain[0])
-                .map_err(|e| fail(&files.cert, format!("unusable certificate: {e}")))?;
-            let key = PrivateKeyDer::from_pem_file(&files.key)
-                .map_err(|e| fail(&files.key, e.to_string()))?;
-            CertifiedKey::from_der(chain, key, &provider)
-                .map(Arc::new)
-                .map_err(|e| fail(&files.key, format!("does not fit the certificate: {e}")))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok(keys)
+fn stamp(files: &CertFiles) -> Stamp {
+    [&files.cert, &files.key].map(|p| {
+        let m = std::fs::metadata(p).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    })
+}
+
+/// Load entry `index` of `section.certs`.
+fn load_entry(
+    section: &TlsSection,
+    index: usize,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<Arc<CertifiedKey>, CertError> {
+    let files = &section.certs[index];
+    let fail = |path: &Path, message: String| CertError::Load {
+        index,
+        path: path.to_path_buf(),
+        message,
+    };
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| fail(&files.cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(fail(&files.cert, "no certificate in the file".into()));
+    }
+    webpki::EndEntityCert::try_from(&chain[0])
+        .map_err(|e| fail(&files.cert, format!("unusable certificate: {e}")))?;
+    let key =
+        PrivateKeyDer::from_pem_file(&files.key).map_err(|e| fail(&files.key, e.to_string()))?;
+    CertifiedKey::from_der(chain, key, provider)
+        .map(Arc::new)
+        .map_err(|e| fail(&files.key, format!("does not fit the certificate: {e}")))
 }
 
 impl ResolvesServerCert for SniResolver {
@@ -160,7 +203,8 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
-/// Background service: looks for renewed certificate files every 30 s.
+/// Background service: looks for renewed certificate files every 30 s (a failed entry is
+/// retried, and logged, every time).
 pub struct CertReloader(pub Arc<SniResolver>);
 
 #[async_trait]
@@ -169,11 +213,15 @@ impl BackgroundService for CertReloader {
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
-                _ = tick.tick() => match self.0.reload_if_changed() {
-                    Ok(true) => tracing::info!("HTTPS certificates reloaded"),
-                    Ok(false) => {}
-                    Err(e) => tracing::error!(error = %e, "HTTPS certificates not reloaded; the previous ones stay in use"),
-                },
+                _ = tick.tick() => {
+                    let (replaced, errors) = self.0.reload_if_changed();
+                    if replaced > 0 {
+                        tracing::info!(replaced, "HTTPS certificates reloaded");
+                    }
+                    for e in errors {
+                        tracing::error!(error = %e, "HTTPS certificate not reloaded; the previous one stays in use");
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -205,10 +253,21 @@ mod tests {
         files
     }
 
+    /// Move the files' modification time `secs` into the future (a renewal the stamp sees
+    /// whatever the file system's time resolution).
+    fn touch(files: &[&Path], secs: u64) {
+        let later = SystemTime::now() + Duration::from_secs(secs);
+        for f in files {
+            let file = std::fs::File::options().write(true).open(f).unwrap();
+            file.set_modified(later).unwrap();
+        }
+    }
+
     fn section(certs: Vec<CertFiles>) -> TlsSection {
         TlsSection {
             listen: "127.0.0.1:0".parse().unwrap(),
             certs,
+            h2_idle_timeout_secs: 120,
         }
     }
 
@@ -281,8 +340,9 @@ mod tests {
     fn renewed_files_replace_the_certificates_and_broken_ones_do_not() {
         let dir = tempfile::tempdir().unwrap();
         let files = issue(dir.path(), "site", &["old.test"]);
-        let r = SniResolver::load(&section(vec![files.clone()])).unwrap();
-        assert!(!r.reload_if_changed().unwrap());
+        let other = issue(dir.path(), "other", &["other.test"]);
+        let r = SniResolver::load(&section(vec![files.clone(), other.clone()])).unwrap();
+        assert_eq!(r.reload_if_changed().0, 0);
         let serving = |name| r.for_name(Some(name)).unwrap().cert[0].clone();
         let old = serving("old.test");
 
@@ -290,19 +350,33 @@ mod tests {
         let renewed = issue(dir.path(), "renewed", &["new.test", "old.test"]);
         std::fs::copy(&renewed.cert, &files.cert).unwrap();
         std::fs::copy(&renewed.key, &files.key).unwrap();
-        let later = SystemTime::now() + Duration::from_secs(5);
-        for f in [&files.cert, &files.key] {
-            let file = std::fs::File::options().write(true).open(f).unwrap();
-            file.set_modified(later).unwrap();
-        }
-        assert!(r.reload_if_changed().unwrap());
+        touch(&[&files.cert, &files.key], 5);
+        assert_eq!(serving("old.test"), old, "a name's choice is remembered...");
+        assert_eq!(r.reload_if_changed().0, 1);
         let new = serving("new.test");
         assert_ne!(new, old);
-        assert_eq!(serving("old.test"), new);
+        assert_eq!(serving("old.test"), new, "...until a reload");
 
-        // A half-written renewal fails to load and the certificates in use stay.
+        // A half-written renewal of one entry fails to load: it keeps serving its previous
+        // certificate, is tried again at every look, and the other entry still renews.
         std::fs::write(&files.key, "garbage").unwrap();
-        assert!(r.reload_if_changed().is_err());
+        let renewed_other = issue(dir.path(), "renewed-other", &["other.test"]);
+        std::fs::copy(&renewed_other.cert, &other.cert).unwrap();
+        std::fs::copy(&renewed_other.key, &other.key).unwrap();
+        touch(&[&other.cert, &other.key], 10);
+        let was_other = serving("other.test");
+        let (replaced, errors) = r.reload_if_changed();
+        assert_eq!((replaced, errors.len()), (1, 1));
+        assert!(
+            errors[0].to_string().contains("tls.certs[0]"),
+            "{}",
+            errors[0]
+        );
         assert_eq!(serving("new.test"), new);
+        assert_ne!(serving("other.test"), was_other);
+        assert_eq!(r.reload_if_changed().1.len(), 1, "retried until fixed");
+        std::fs::copy(&renewed.key, &files.key).unwrap();
+        let (replaced, errors) = r.reload_if_changed();
+        assert_eq!((replaced, errors.len()), (1, 0));
     }
 }
