@@ -8,18 +8,33 @@ use std::time::{Duration, Instant};
 
 /// A loopback port, free for TCP and UDP a moment ago, for a child process to listen on.
 ///
-/// The kernel picks it (`bind` to port 0). A port is checked for UDP too, since edges serve
-/// QUIC on their HTTP port and other processes' QUIC sockets hold ephemeral UDP ports; and
-/// no port is handed out twice by one test process, whose tests pick ports concurrently and
-/// would otherwise be offered a port another test picked but whose child has not bound yet.
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`): a port the
+/// kernel handed out for `bind(0)` could be taken, before the child binds it, as the source
+/// port of any outgoing connection — the tests' own HTTP clients make many — while ports
+/// below the range are only ever taken by an explicit bind. A port is checked for UDP too,
+/// since edges serve QUIC on their HTTP port; and no port is handed out twice by one test
+/// process, whose tests pick ports concurrently.
 pub fn free_port() -> u16 {
     static GIVEN: Mutex<Option<std::collections::HashSet<u16>>> = Mutex::new(None);
-    for _ in 0..1000 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("loopback has free ports");
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_err() {
+    let first_ephemeral = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|low| *low > 20_000)
+        .unwrap_or(32_768);
+    let (low, span) = (10_000u32, u32::from(first_ephemeral) - 10_000);
+    // A different walk per process: concurrent test processes rarely try the same ports.
+    let mut next = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish() as u32
+    };
+    for _ in 0..5000 {
+        next = next.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+        let port = (low + (next >> 8) % span) as u16;
+        let free = TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok();
+        if !free {
             continue;
         }
         let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
@@ -27,7 +42,7 @@ pub fn free_port() -> u16 {
             return port;
         }
     }
-    panic!("no loopback port free for both TCP and UDP after 1000 tries");
+    panic!("no loopback port below {first_ephemeral} free for both TCP and UDP");
 }
 
 /// A binary of this workspace, built on first use with the same profile as the tests.
