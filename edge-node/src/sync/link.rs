@@ -418,6 +418,17 @@ mod tests {
         }
     }
 
+    /// A cluster CA in `dir` and the identities it issues to edge `e1` and to a broker.
+    fn edge_and_broker(dir: &std::path::Path) -> (NodeIdentity, NodeIdentity) {
+        create_ca(dir).unwrap();
+        let edge = issue(dir, "e1", NodeRole::Edge, dir).unwrap();
+        let broker = issue(dir, "b", NodeRole::Broker, dir).unwrap();
+        (
+            NodeIdentity::load(&edge).unwrap(),
+            NodeIdentity::load(&broker).unwrap(),
+        )
+    }
+
     fn server(identity: &NodeIdentity) -> quinn::Endpoint {
         server_on(identity, "127.0.0.1:0")
     }
@@ -439,13 +450,10 @@ mod tests {
             return; // no IPv6 on this host: the endpoint is IPv4 only, by design
         }
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
-        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
-        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
-        let edge = NodeIdentity::load(&edge).unwrap();
+        let (edge, broker) = edge_and_broker(dir.path());
         let (v4, v6) = (server(&edge), server_on(&edge, "[::1]:0"));
         let v4_addr = v4.local_addr().unwrap();
-        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), v4_addr).unwrap();
+        let client = client_endpoint(&broker, v4_addr).unwrap();
         for (server, addr) in [(&v4, v4_addr), (&v6, v6.local_addr().unwrap())] {
             let connecting = client.connect(addr, &edge_name("e1")).unwrap();
             let (conn, accepted) =
@@ -457,10 +465,7 @@ mod tests {
     #[tokio::test]
     async fn a_restarted_node_resets_its_predecessors_connections_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
-        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
-        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
-        let edge = NodeIdentity::load(&edge).unwrap();
+        let (edge, broker) = edge_and_broker(dir.path());
         // The same identity twice: the node before and after its restart.
         let (before, after) = (server(&edge), server(&edge));
         let servers = vec![before.local_addr().unwrap(), after.local_addr().unwrap()];
@@ -469,7 +474,7 @@ mod tests {
         let path = sock.local_addr().unwrap();
         tokio::spawn(relay(sock, servers.clone(), current.clone()));
 
-        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), path).unwrap();
+        let client = client_endpoint(&broker, path).unwrap();
         let connecting = client.connect(path, &edge_name("e1")).unwrap();
         // The old node keeps its side open: it is gone from the path, not closed.
         let (conn, held) = tokio::join!(connecting, async {
@@ -549,16 +554,13 @@ mod tests {
     #[tokio::test]
     async fn a_retargeted_link_reconnects_to_the_new_address_at_once() {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
-        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
-        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
-        let edge = NodeIdentity::load(&edge).unwrap();
+        let (edge, broker) = edge_and_broker(dir.path());
         // The peer before and after it moved.
         let (old, new) = (server(&edge), server(&edge));
         let (old_addr, new_addr) = (old.local_addr().unwrap(), new.local_addr().unwrap());
         serve(old, "old", 0);
         serve(new, "new", 0);
-        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), old_addr).unwrap();
+        let client = client_endpoint(&broker, old_addr).unwrap();
         let link = Link::new(client, old_addr, edge_name("e1"), 4);
         let timeout = Duration::from_secs(3);
         assert_eq!(
@@ -586,13 +588,11 @@ mod tests {
     #[tokio::test]
     async fn a_peer_that_closes_before_replying_is_retried_at_once_not_backed_off() {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
-        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
-        let broker = issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap();
-        let server = server(&NodeIdentity::load(&edge).unwrap());
+        let (edge, broker) = edge_and_broker(dir.path());
+        let server = server(&edge);
         let addr = server.local_addr().unwrap();
         let accepted = serve(server, "e1", 1);
-        let client = client_endpoint(&NodeIdentity::load(&broker).unwrap(), addr).unwrap();
+        let client = client_endpoint(&broker, addr).unwrap();
         let link = Link::new(client, addr, edge_name("e1"), 4);
         let timeout = Duration::from_secs(3);
         assert_eq!(
