@@ -1418,6 +1418,14 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
             assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
         }
     }
+    // Every request reached the monitor, so no co-access order from these page views can
+    // still be on its way and refill the script after the purge below.
+    wait_until(|| async {
+        sample(&c.metrics().await, "shadowcdn_broker_recorded_total", &[])
+            .is_some_and(|n| n >= 12.0)
+    })
+    .await;
+    let fetched = origin.hits("/page/app.js");
     // The script is asked for with a version query; purge it by prefix.
     let (s, v) = api(
         reqwest::Method::POST,
@@ -1427,9 +1435,9 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let fetched = origin.hits("/page/app.js");
 
-    // The next page view shadows the script on the us edge before it is asked for.
+    // The next page view shadows the script on the us edge before it is asked for, with a
+    // copy fetched again from the origin.
     assert_eq!(
         c.get("/page/index.html", "us").await.status(),
         StatusCode::OK
