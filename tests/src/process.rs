@@ -67,6 +67,14 @@ impl Binary {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
         cmd.args(["build", "-q", "-p", package, "--bin", bin]);
+        // Cargo gives a test process its own package's variables; some build scripts (ring's)
+        // rerun when one changes, so passing them on would rebuild half the dependency tree
+        // here and again in the next plain `cargo build`.
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(set_by_cargo_for_the_test) {
+                cmd.env_remove(name);
+            }
+        }
         if release {
             cmd.arg("--release");
         }
@@ -103,6 +111,23 @@ impl Binary {
             log,
         }
     }
+}
+
+/// Whether `name` is one of the variables cargo sets for the crate it runs (not one that
+/// configures cargo itself, such as `CARGO_HOME` or `CARGO_TARGET_DIR`).
+fn set_by_cargo_for_the_test(name: &str) -> bool {
+    [
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+        "CARGO_CRATE_",
+        "CARGO_BIN_",
+    ]
+    .iter()
+    .any(|p| name.starts_with(p))
+        || matches!(
+            name,
+            "CARGO_PRIMARY_PACKAGE" | "CARGO_TARGET_TMPDIR" | "CARGO_RUSTC_CURRENT_DIR"
+        )
 }
 
 /// A running process; killed (SIGKILL) when dropped if still alive.
