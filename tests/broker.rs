@@ -424,10 +424,31 @@ async fn clients_fetch_over_https_with_the_certificate_of_the_name_they_ask_for(
         &body[..],
         &shadowcdn_tests::origin::body_for("/secure/page.css", 64)[..]
     );
+    // The origin learns the scheme and the client: the client's address, then the broker's
+    // (the edge's client), both on loopback here.
+    let seen = origin.last_headers("/secure/page.css").unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    let chain: Vec<_> = seen.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(chain, ["127.0.0.1", "127.0.0.1"]);
     // The same object over plain HTTP is the same cache entry.
     let r = c.get("/secure/page.css", "eu").await;
     assert_eq!(r.headers()["x-cache"], "HIT");
     assert_eq!(origin.hits("/secure/page.css"), 1);
+    // Over plain HTTP a client's claim of HTTPS is replaced; its own chain is kept in front.
+    let r = client()
+        .get(format!("http://{}/plain/page.css", c.broker.addr))
+        .header("host", HOST)
+        .header("x-client-region", "eu")
+        .header("x-forwarded-proto", "https")
+        .header("x-forwarded-for", "203.0.113.9")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = origin.last_headers("/plain/page.css").unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    let chain: Vec<_> = seen.get_all("x-forwarded-for").iter().collect();
+    assert_eq!(chain, ["203.0.113.9", "127.0.0.1", "127.0.0.1"]);
 
     // Another name gets its own certificate (the default would fail verification); the
     // broker answers it like any request for an unregistered host.

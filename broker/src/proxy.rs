@@ -311,6 +311,14 @@ impl ProxyHttp for BrokerProxy {
     ) -> Result<()> {
         // Only the broker names peers; a client's own hint never reaches an edge.
         upstream_request.remove_header(PEER_HINT_HEADER);
+        // The origin learns who asked and how. The client's address joins any chain it brought
+        // (an origin trusts only the entries its own proxies added, the last ones); the scheme
+        // is the listener's, never the client's claim.
+        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
+            upstream_request.append_header("x-forwarded-for", addr.ip().to_string())?;
+        }
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
         if let Some(peer) = self.peer_hint(session.req_header(), ctx) {
             upstream_request.insert_header(PEER_HINT_HEADER, peer)?;
             self.metrics.peer_hints.inc();
