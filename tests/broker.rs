@@ -449,6 +449,17 @@ async fn clients_fetch_over_https_with_the_certificate_of_the_name_they_ask_for(
     assert_eq!(seen["x-forwarded-proto"], "http");
     let chain: Vec<_> = seen.get_all("x-forwarded-for").iter().collect();
     assert_eq!(chain, ["203.0.113.9", "127.0.0.1", "127.0.0.1"]);
+    // Operators see when each certificate runs out (rcgen's default: 4096-01-01).
+    let m = c.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "shadowcdn_broker_tls_cert_expiry_timestamp_seconds",
+            &[]
+        ),
+        Some(67_090_118_400.0),
+        "{m}"
+    );
 
     // Another name gets its own certificate (the default would fail verification); the
     // broker answers it like any request for an unregistered host.

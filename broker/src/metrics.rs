@@ -58,6 +58,8 @@ pub struct BrokerMetrics {
     pub threshold_changes: IntCounterVec,
     /// Series currently flagged as anomalous, by kind (`surge`, `drop`).
     pub anomalies: IntGaugeVec,
+    /// When each HTTPS certificate stops being valid (Unix seconds), by its file.
+    pub tls_cert_expiry: IntGaugeVec,
     /// Anomaly standings entered, by kind (`surge`, `drop`, `normal`).
     pub anomaly_events: IntCounterVec,
     /// Co-access shadows by outcome.
@@ -228,6 +230,13 @@ impl BrokerMetrics {
                 ),
                 &["region", "class", "source", "direction"],
             )?,
+            tls_cert_expiry: IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_tls_cert_expiry_timestamp_seconds",
+                    "End of validity of each HTTPS certificate in use (Unix seconds)",
+                ),
+                &["file"],
+            )?,
             anomalies: IntGaugeVec::new(
                 Opts::new(
                     "shadowcdn_broker_anomalous_series",
@@ -286,6 +295,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.planner_tick.clone()))?;
         registry.register(Box::new(m.quic_connected.clone()))?;
         registry.register(Box::new(m.anomalies.clone()))?;
+        registry.register(Box::new(m.tls_cert_expiry.clone()))?;
         registry.register(Box::new(m.anomaly_events.clone()))?;
         registry.register(Box::new(m.coaccess_shadows.clone()))?;
         registry.register(Box::new(m.coaccess_pairs.clone()))?;

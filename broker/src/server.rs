@@ -204,7 +204,10 @@ impl Broker {
                 options.h2_idle_timeout = Some(Duration::from_secs(tls.h2_idle_timeout_secs));
                 app.server_options = Some(options);
             }
-            cert_reloader = Some(crate::tls::CertReloader(resolver));
+            cert_reloader = Some(crate::tls::CertReloader::new(
+                resolver,
+                metrics.tls_cert_expiry.clone(),
+            ));
         }
 
         let planner_state = Arc::new(PlannerState::default());

@@ -131,6 +131,18 @@ impl SniResolver {
         (replaced, errors)
     }
 
+    /// Per `tls.certs` entry: its file and when the certificate in use stops being valid
+    /// (Unix seconds; `None` if its validity cannot be read).
+    pub fn expiries(&self) -> Vec<(&Path, Option<i64>)> {
+        let keys = self.keys.read().clone();
+        self.section
+            .certs
+            .iter()
+            .zip(keys.iter())
+            .map(|(files, k)| (files.cert.as_path(), k.cert.first().and_then(not_after)))
+            .collect()
+    }
+
     /// The certificate for server name `name`.
     fn for_name(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
         let keys = self.keys.read().clone();
@@ -161,6 +173,12 @@ fn covering(keys: &[Arc<CertifiedKey>], name: &str) -> Option<usize> {
                 .is_ok_and(|ee| ee.verify_is_valid_for_subject_name(&name).is_ok())
         })
     })
+}
+
+/// End of the validity of `cert` in Unix seconds.
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.validity().not_after.timestamp())
 }
 
 fn stamp(files: &CertFiles) -> Stamp {
@@ -204,19 +222,56 @@ impl ResolvesServerCert for SniResolver {
 }
 
 /// Background service: looks for renewed certificate files every 30 s (a failed entry is
-/// retried, and logged, every time).
-pub struct CertReloader(pub Arc<SniResolver>);
+/// retried, and logged, every time) and publishes when each certificate in use expires.
+pub struct CertReloader {
+    resolver: Arc<SniResolver>,
+    expiry: prometheus::IntGaugeVec,
+}
+
+/// A certificate this close to its end is warned about when it is loaded.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+impl CertReloader {
+    /// Reload `resolver`'s files; expiry times go to `expiry` (labelled by certificate file).
+    pub fn new(resolver: Arc<SniResolver>, expiry: prometheus::IntGaugeVec) -> Self {
+        CertReloader { resolver, expiry }
+    }
+
+    /// Set the expiry gauges, warning about certificates that end within two weeks: a renewal
+    /// that keeps failing (or was never set up) is found before clients see the error.
+    fn publish(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for (file, end) in self.resolver.expiries() {
+            let label = file.display().to_string();
+            let Some(end) = end else {
+                tracing::warn!(file = %label, "HTTPS certificate validity unreadable");
+                continue;
+            };
+            self.expiry.with_label_values(&[&label]).set(end);
+            let left = end - now;
+            if left <= 0 {
+                tracing::error!(file = %label, "HTTPS certificate has expired");
+            } else if left < EXPIRY_WARNING.as_secs() as i64 {
+                tracing::warn!(file = %label, days_left = left / 86_400, "HTTPS certificate expires soon");
+            }
+        }
+    }
+}
 
 #[async_trait]
 impl BackgroundService for CertReloader {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        self.publish();
         let mut tick = tokio::time::interval(Duration::from_secs(30));
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    let (replaced, errors) = self.0.reload_if_changed();
+                    let (replaced, errors) = self.resolver.reload_if_changed();
                     if replaced > 0 {
                         tracing::info!(replaced, "HTTPS certificates reloaded");
+                        self.publish();
                     }
                     for e in errors {
                         tracing::error!(error = %e, "HTTPS certificate not reloaded; the previous one stays in use");
@@ -234,15 +289,28 @@ mod tests {
 
     /// A certificate for `names` from a throwaway CA, written to `dir`.
     fn issue(dir: &Path, file: &str, names: &[&str]) -> CertFiles {
+        issue_until(dir, file, names, None)
+    }
+
+    /// [`issue`], valid until `not_after` if given (else rcgen's far-off default).
+    fn issue_until(
+        dir: &Path,
+        file: &str,
+        names: &[&str],
+        not_after: Option<(i32, u8, u8)>,
+    ) -> CertFiles {
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca = rcgen::CertificateParams::default();
         ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
         let ca_cert = ca.self_signed(&ca_key).unwrap();
         let issuer = rcgen::Issuer::new(ca, ca_key);
         let key = rcgen::KeyPair::generate().unwrap();
-        let params =
+        let mut params =
             rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .unwrap();
+        if let Some((y, m, d)) = not_after {
+            params.not_after = rcgen::date_time_ymd(y, m, d);
+        }
         let cert = params.signed_by(&key, &issuer).unwrap();
         let files = CertFiles {
             cert: dir.join(format!("{file}.pem")),
@@ -290,6 +358,30 @@ mod tests {
         );
         assert_eq!(first(Some("elsewhere.test")), d);
         assert_eq!(first(None), d);
+    }
+
+    #[test]
+    fn each_certificate_in_use_publishes_when_it_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let soon = issue_until(dir.path(), "soon", &["a.test"], Some((2031, 5, 17)));
+        let later = issue_until(dir.path(), "later", &["b.test"], Some((2032, 1, 1)));
+        let r = Arc::new(SniResolver::load(&section(vec![soon.clone(), later.clone()])).unwrap());
+        let gauge =
+            prometheus::IntGaugeVec::new(prometheus::Opts::new("t", "t"), &["file"]).unwrap();
+        CertReloader::new(r.clone(), gauge.clone()).publish();
+        let at = |f: &CertFiles| {
+            gauge
+                .with_label_values(&[&f.cert.display().to_string()])
+                .get()
+        };
+        assert_eq!(at(&soon), 1_936_742_400, "2031-05-17T00:00:00Z");
+        assert_eq!(at(&later), 1_956_528_000, "2032-01-01T00:00:00Z");
+        // A renewal moves it.
+        issue_until(dir.path(), "soon", &["a.test"], Some((2032, 1, 1)));
+        touch(&[&soon.cert, &soon.key], 5);
+        assert_eq!(r.reload_if_changed().0, 1);
+        CertReloader::new(r, gauge.clone()).publish();
+        assert_eq!(at(&soon), 1_956_528_000);
     }
 
     #[test]
