@@ -425,16 +425,17 @@ async fn clients_fetch_over_https_with_the_certificate_of_the_name_they_ask_for(
         &shadowcdn_tests::origin::body_for("/secure/page.css", 64)[..]
     );
     // The origin learns the scheme and the client: the client's address, then the broker's
-    // (the edge's client), both on loopback here.
+    // (the edge's client), both on loopback here, in one line.
     let seen = origin.last_headers("/secure/page.css").unwrap();
     assert_eq!(seen["x-forwarded-proto"], "https");
     let chain: Vec<_> = seen.get_all("x-forwarded-for").iter().collect();
-    assert_eq!(chain, ["127.0.0.1", "127.0.0.1"]);
+    assert_eq!(chain, ["127.0.0.1, 127.0.0.1"]);
     // The same object over plain HTTP is the same cache entry.
     let r = c.get("/secure/page.css", "eu").await;
     assert_eq!(r.headers()["x-cache"], "HIT");
     assert_eq!(origin.hits("/secure/page.css"), 1);
-    // Over plain HTTP a client's claim of HTTPS is replaced; its own chain is kept in front.
+    // Over plain HTTP a client's claim of HTTPS is replaced; its own chain is kept in front
+    // (the last entries are the ones the origin can trust).
     let r = client()
         .get(format!("http://{}/plain/page.css", c.broker.addr))
         .header("host", HOST)
@@ -448,7 +449,7 @@ async fn clients_fetch_over_https_with_the_certificate_of_the_name_they_ask_for(
     let seen = origin.last_headers("/plain/page.css").unwrap();
     assert_eq!(seen["x-forwarded-proto"], "http");
     let chain: Vec<_> = seen.get_all("x-forwarded-for").iter().collect();
-    assert_eq!(chain, ["203.0.113.9", "127.0.0.1", "127.0.0.1"]);
+    assert_eq!(chain, ["203.0.113.9, 127.0.0.1, 127.0.0.1"], "one line");
     // Operators see when each certificate runs out (rcgen's default: 4096-01-01).
     let m = c.metrics().await;
     assert_eq!(

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use edge_node::drain::{InflightCounter, InflightGuard};
 use edge_node::proxy::{
-    error_status, primary_key, request_host, respond_json_error, CLIENT_REGION_HEADER, ROUTE_HEADER,
+    error_status, forwarded_for, primary_key, request_host, respond_json_error,
+    CLIENT_REGION_HEADER, ROUTE_HEADER,
 };
 use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -311,11 +312,11 @@ impl ProxyHttp for BrokerProxy {
     ) -> Result<()> {
         // Only the broker names peers; a client's own hint never reaches an edge.
         upstream_request.remove_header(PEER_HINT_HEADER);
-        // The origin learns who asked and how. The client's address joins any chain it brought
-        // (an origin trusts only the entries its own proxies added, the last ones); the scheme
-        // is the listener's, never the client's claim.
+        // The origin learns who asked and how. The client's address ends any chain it brought
+        // (an origin trusts only the last entries, which its own proxies added); the scheme is
+        // the listener's, never the client's claim.
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            upstream_request.append_header("x-forwarded-for", addr.ip().to_string())?;
+            forwarded_for(upstream_request, addr.ip())?;
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;

@@ -233,6 +233,27 @@ pub fn address_origin(req: &mut RequestHeader, host: String) -> Result<()> {
     Ok(())
 }
 
+/// Add `client` to the request's `X-Forwarded-For` chain as one comma-separated line: an
+/// origin that reads a single value (the first line) must still see the whole chain, whose
+/// last entries are the ones proxies it trusts added, not only what the client wrote.
+pub fn forwarded_for(req: &mut RequestHeader, client: std::net::IpAddr) -> Result<()> {
+    let mut chain = req
+        .headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect::<Vec<_>>()
+        .join(", ");
+    if !chain.is_empty() {
+        chain.push_str(", ");
+    }
+    chain.push_str(&client.to_string());
+    req.insert_header("x-forwarded-for", chain)?;
+    Ok(())
+}
+
 /// The primary cache key of a request: `host/path?query`, host normalized. The admin API
 /// builds purge keys with the same function, so purges always name what lookups find.
 pub fn primary_key(host: &str, path_and_query: &str) -> String {
@@ -729,7 +750,7 @@ impl ProxyHttp for EdgeProxy {
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
         if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            upstream_request.append_header("x-forwarded-for", addr.ip().to_string())?;
+            forwarded_for(upstream_request, addr.ip())?;
         }
         Ok(())
     }
@@ -977,6 +998,21 @@ impl ProxyHttp for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_forwarded_chain_is_one_line_ending_with_the_client() {
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        forwarded_for(&mut req, [192, 0, 2, 1].into()).unwrap();
+        assert_eq!(req.headers["x-forwarded-for"], "192.0.2.1");
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        req.append_header("x-forwarded-for", "203.0.113.9, 10.0.0.1")
+            .unwrap();
+        req.append_header("x-forwarded-for", " ").unwrap();
+        req.append_header("x-forwarded-for", "10.0.0.2").unwrap();
+        forwarded_for(&mut req, "2001:db8::1".parse().unwrap()).unwrap();
+        let lines: Vec<_> = req.headers.get_all("x-forwarded-for").iter().collect();
+        assert_eq!(lines, ["203.0.113.9, 10.0.0.1, 10.0.0.2, 2001:db8::1"]);
+    }
 
     #[test]
     fn primary_key_normalizes_host() {
