@@ -87,6 +87,9 @@ pub struct Link {
     next_id: AtomicU64,
     permits: Semaphore,
     connected: AtomicBool,
+    /// Connects failed since the last successful exchange (`State::failures` > 0); lets a
+    /// successful exchange skip the state lock in the common case.
+    failing: AtomicBool,
 }
 
 impl Link {
@@ -114,6 +117,7 @@ impl Link {
             next_id: AtomicU64::new(seed),
             permits: Semaphore::new(max_inflight.max(1)),
             connected: AtomicBool::new(false),
+            failing: AtomicBool::new(false),
         }
     }
 
@@ -136,6 +140,7 @@ impl Link {
         }
         st.failures = 0;
         st.retry_at = None;
+        self.failing.store(false, Ordering::Relaxed);
         self.connected.store(false, Ordering::Relaxed);
     }
 
@@ -169,9 +174,10 @@ impl Link {
             Err(e) => Err(e.to_string()),
         };
         match attempt {
+            // The failure count stays until an exchange succeeds: with TLS 1.3 a peer that
+            // refuses our certificate does so only after our side of the handshake is done.
             Ok(c) => {
                 st.conn = Some(c.clone());
-                st.failures = 0;
                 st.retry_at = None;
                 self.connected.store(true, Ordering::Relaxed);
                 Ok(c)
@@ -183,6 +189,7 @@ impl Link {
     /// Count a failed connect and schedule the next attempt.
     fn failed(&self, st: &mut State, message: String) -> LinkError {
         st.failures = st.failures.saturating_add(1);
+        self.failing.store(true, Ordering::Relaxed);
         let wait = FIRST_BACKOFF
             .saturating_mul(1 << st.failures.min(16))
             .min(MAX_BACKOFF);
@@ -191,6 +198,14 @@ impl Link {
         LinkError::Connect {
             addr: self.addr(),
             message,
+        }
+    }
+
+    /// An exchange succeeded: the peer accepts us, so the next failure backs off from the start.
+    async fn answered(&self) {
+        if self.failing.load(Ordering::Relaxed) {
+            self.state.lock().await.failures = 0;
+            self.failing.store(false, Ordering::Relaxed);
         }
     }
 
@@ -233,7 +248,10 @@ impl Link {
     ) -> Result<(Reply, quinn::RecvStream), LinkError> {
         let conn = self.connection().await?;
         match Self::exchange_on(&conn, env).await {
-            Ok(r) => Ok(r),
+            Ok(r) => {
+                self.answered().await;
+                Ok(r)
+            }
             Err(e) => Err(self.broken(&conn, e).await),
         }
     }
@@ -549,6 +567,17 @@ mod tests {
         );
         assert!(!link.is_connected());
         assert_eq!(handshakes.load(Ordering::Relaxed), 1);
+        // Past the backoff the handshake completes again and is refused again: the backoff
+        // grows rather than starting over at every completed handshake.
+        tokio::time::sleep(FIRST_BACKOFF * 3).await;
+        let third = link.request(&Request::Stats, timeout).await.unwrap_err();
+        assert!(matches!(third, LinkError::Connect { .. }), "{third}");
+        let fourth = link.request(&Request::Stats, timeout).await.unwrap_err();
+        assert!(
+            matches!(fourth, LinkError::Backoff { failures: 2, .. }),
+            "{fourth}"
+        );
+        assert_eq!(handshakes.load(Ordering::Relaxed), 2);
     }
 
     #[tokio::test]
