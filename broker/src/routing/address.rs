@@ -45,8 +45,10 @@ struct Slot {
     now: RwLock<Resolved>,
     /// The address in use for each of the edge's host names.
     ips: Mutex<BTreeMap<String, IpAddr>>,
-    /// A probe failed since the last lookup: move on to a name's next address, if any.
-    probe_failed: AtomicBool,
+    /// The addresses a probe failed at since the last lookup: if they are still the ones in
+    /// use, the lookup moves on to a name's next address. A failure of addresses already
+    /// left behind (a probe that ran during a slow lookup) moves nothing.
+    failed_at: Mutex<Option<Resolved>>,
     /// A lookup is under way.
     resolving: AtomicBool,
 }
@@ -60,7 +62,8 @@ impl Slot {
             .collect();
         hosts.sort_unstable();
         hosts.dedup();
-        let moving_on = self.probe_failed.swap(false, Ordering::Relaxed);
+        let failed_at = self.failed_at.lock().take();
+        let moving_on = failed_at.is_some_and(|f| f == *self.now.read());
         for host in hosts {
             let mut found = match lookup(host.to_string()).await {
                 Ok(found) if !found.is_empty() => found,
@@ -171,10 +174,10 @@ impl Addresses {
         *self.slots[edge].now.read()
     }
 
-    /// A probe of edge `edge` failed: where a name has several addresses, the next lookup
-    /// moves on to the next one.
-    pub fn probe_failed(&self, edge: usize) {
-        self.slots[edge].probe_failed.store(true, Ordering::Relaxed);
+    /// A probe of edge `edge` at `probed` failed: where a name has several addresses, the
+    /// next lookup moves on to the next one (unless the edge has moved on already).
+    pub fn probe_failed(&self, edge: usize, probed: Resolved) {
+        *self.slots[edge].failed_at.lock() = Some(probed);
     }
 
     /// Resolve every edge's names before serving, all at once, waiting at most `limit`
@@ -313,11 +316,16 @@ mod tests {
         // The resolver shuffles its answer: nothing moves.
         *answer.lock() = ips(&["127.0.0.1", "::1"]);
         assert_eq!(a.refresh(0, &named, t).await, first);
-        a.probe_failed(0);
+        a.probe_failed(0, first);
         let next = a.refresh(0, &named, t).await;
         assert_eq!(next.proxy, Some("[::1]:80".parse().unwrap()));
         assert_eq!(next.admin, Some("[::1]:81".parse().unwrap()));
         assert_eq!(a.refresh(0, &named, t).await, next);
+        // A probe of the old address that ran while the lookup moved on does not move it back.
+        a.probe_failed(0, first);
+        assert_eq!(a.refresh(0, &named, t).await, next);
+        a.probe_failed(0, next);
+        assert_eq!(a.refresh(0, &named, t).await, first);
     }
 
     #[test]

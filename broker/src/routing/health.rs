@@ -134,7 +134,7 @@ impl BackgroundService for HealthChecker {
                 async move {
                     let now = self.fleet.addresses.refresh(i, e, timeout).await;
                     let (Some(admin), Some(proxy)) = (now.admin, now.proxy) else {
-                        return false;
+                        return (false, now);
                     };
                     // The admin API says the process is well; clients use the proxy port, so
                     // it must accept connections too (a dead proxy listener behind a live
@@ -144,16 +144,17 @@ impl BackgroundService for HealthChecker {
                         .send()
                         .await
                         .is_ok_and(|r| r.status().is_success());
-                    admin
+                    let ok = admin
                         && tokio::time::timeout(timeout, tokio::net::TcpStream::connect(proxy))
                             .await
-                            .is_ok_and(|c| c.is_ok())
+                            .is_ok_and(|c| c.is_ok());
+                    (ok, now)
                 }
             });
             let results = futures::future::join_all(probes).await;
-            for (i, ok) in results.into_iter().enumerate() {
+            for (i, (ok, probed)) in results.into_iter().enumerate() {
                 if !ok {
-                    self.fleet.addresses.probe_failed(i);
+                    self.fleet.addresses.probe_failed(i, probed);
                 }
                 let id = &self.fleet.edges[i].id;
                 self.metrics
