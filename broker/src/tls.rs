@@ -91,12 +91,14 @@ impl SniResolver {
     /// Load every certificate of `section`; any unusable file is an error naming it.
     pub fn load(section: &TlsSection) -> Result<Self, CertError> {
         let provider = rustls::crypto::ring::default_provider();
+        // Stamped before reading: a renewal written meanwhile is seen as a change later.
+        let stamps = section.certs.iter().map(stamp).collect();
         let keys = (0..section.certs.len())
             .map(|i| load_entry(section, i, &provider))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(SniResolver {
             keys: RwLock::new(Arc::new(keys)),
-            stamps: Mutex::new(section.certs.iter().map(stamp).collect()),
+            stamps: Mutex::new(stamps),
             section: section.clone(),
             chosen: Mutex::default(),
         })
@@ -154,10 +156,14 @@ impl SniResolver {
         let index = known.unwrap_or_else(|| {
             let i = covering(&keys, &name).unwrap_or(0);
             let mut chosen = self.chosen.lock();
-            if chosen.len() >= MAX_CHOSEN {
-                chosen.clear();
+            // A reload since `keys` was read cleared the memory; an answer about the old
+            // certificates must not enter the new one.
+            if Arc::ptr_eq(&keys, &self.keys.read()) {
+                if chosen.len() >= MAX_CHOSEN {
+                    chosen.clear();
+                }
+                chosen.insert(name, i);
             }
-            chosen.insert(name, i);
             i
         });
         keys.get(index).or(keys.first()).cloned()
