@@ -168,8 +168,16 @@ impl Control {
             .ok_or(ControlError::NoLink)?;
         let result = match self.fleet.addresses.get(edge).sync {
             Some(addr) => {
-                link.retarget(addr).await;
-                match link.request(req, ORDER_TIMEOUT).await {
+                // One deadline for both: moving the link waits for a handshake under way.
+                let deadline = tokio::time::Instant::now() + ORDER_TIMEOUT;
+                let sent = async {
+                    tokio::time::timeout_at(deadline, link.retarget(addr))
+                        .await
+                        .map_err(|_| LinkError::Timeout)?;
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    link.request(req, left).await
+                };
+                match sent.await {
                     Ok(Reply::Error { code, message }) => {
                         Err(ControlError::Refused(format!("{code:?}: {message}")))
                     }
