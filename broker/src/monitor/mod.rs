@@ -1,13 +1,17 @@
 //! Request monitoring: the proxy hands each request's record to a bounded lock-free queue
 //! (a failed push is a counted drop, never a wait); one aggregator thread drains it into the
-//! time-series store and snapshots the store to disk so a restart keeps history.
+//! time-series store, and a snapshot thread writes the store to disk so a restart keeps history.
+//!
+//! The aggregator never waits for the store's readers (a snapshot serializing a large store,
+//! a planning tick): while they hold it, it keeps draining the queue into a buffer that it
+//! applies once the store is free, so the queue does not fill and drop records meanwhile.
 
 mod series;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crossbeam_queue::ArrayQueue;
 use parking_lot::RwLock;
@@ -69,6 +73,12 @@ impl Recorder {
     pub fn enabled(&self) -> bool {
         self.enabled
     }
+
+    /// Records waiting for the aggregator.
+    #[cfg(test)]
+    fn queued(&self) -> usize {
+        self.queue.len()
+    }
 }
 
 pub use crate::clock::now_secs;
@@ -78,6 +88,9 @@ pub struct Monitor {
     store: Arc<RwLock<SeriesStore>>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// Dropped to stop the snapshot thread.
+    snapshots_stop: Option<std::sync::mpsc::Sender<()>>,
+    snapshots: Option<std::thread::JoinHandle<()>>,
     snapshot_path: PathBuf,
 }
 
@@ -119,7 +132,6 @@ impl Monitor {
         };
         let thread = {
             let (store, stop, path) = (store.clone(), stop.clone(), snapshot_path.clone());
-            let every = Duration::from_secs(cfg.snapshot_secs.max(1));
             std::thread::Builder::new()
                 .name("monitor".into())
                 .spawn(move || {
@@ -129,7 +141,22 @@ impl Monitor {
                         metrics,
                         coaccess: coaccess.map(|f| (CoAccess::new(f.cfg), f.triggers)),
                     };
-                    aggregate(queue, sink, stop, path, every)
+                    aggregate(queue, sink, stop, path)
+                })
+                .ok()
+        };
+        let (snapshots_stop, stopped) = std::sync::mpsc::channel::<()>();
+        let snapshots = {
+            let (store, path) = (store.clone(), snapshot_path.clone());
+            let every = Duration::from_secs(cfg.snapshot_secs.max(1));
+            std::thread::Builder::new()
+                .name("monitor-snapshot".into())
+                .spawn(move || {
+                    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                        stopped.recv_timeout(every)
+                    {
+                        snapshot(&store, &path);
+                    }
                 })
                 .ok()
         };
@@ -138,6 +165,8 @@ impl Monitor {
                 store,
                 stop,
                 thread,
+                snapshots_stop: Some(snapshots_stop),
+                snapshots,
                 snapshot_path,
             },
             recorder,
@@ -151,6 +180,12 @@ impl Monitor {
 
     /// Drain what is queued, snapshot, and stop the thread.
     pub fn shutdown(mut self) {
+        // The periodic snapshots end first (one under way finishes): the final one is the
+        // aggregator's, and two writers must not share the temporary file.
+        drop(self.snapshots_stop.take());
+        if let Some(t) = self.snapshots.take() {
+            let _ = t.join();
+        }
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -194,59 +229,61 @@ impl Sink {
     }
 }
 
-fn aggregate(
-    queue: Arc<ArrayQueue<Record>>,
-    mut sink: Sink,
-    stop: Arc<AtomicBool>,
-    path: PathBuf,
-    every: Duration,
-) {
-    let mut last_snapshot = Instant::now();
+/// Records held back while the store is busy; past this many the aggregator waits for it
+/// (tens of MB: a reader would have to hold the store for seconds at a high request rate).
+const MAX_PENDING: usize = 1 << 18;
+
+fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBool>, path: PathBuf) {
+    let mut pending: Vec<Record> = Vec::new();
     loop {
         let stopping = stop.load(Ordering::Acquire);
-        let mut n = 0u64;
-        let mut batch = Vec::new();
+        let before = pending.len();
         while let Some(r) = queue.pop() {
-            batch.push(r);
-            if batch.len() >= 4096 {
+            pending.push(r);
+            if pending.len() - before >= 4096 {
                 break;
             }
         }
-        if !batch.is_empty() {
-            let mut s = sink.store.write();
-            for r in &batch {
-                let region = sink
-                    .regions
-                    .get(r.region as usize)
-                    .map_or("unknown", String::as_str);
-                s.add(&Observation {
-                    resource: &r.resource,
-                    key: &r.key,
-                    region,
-                    segment: r.segment.as_deref(),
-                    ts: r.ts,
-                    bytes: r.bytes,
-                    hit: matches!(r.cache_status, "hit" | "stale"),
-                });
-                n += 1;
-            }
-        }
-        for r in &batch {
+        let arrived = pending.len() - before;
+        // Co-access acts on arrival: a follower's shadow is only useful before it is asked for.
+        for r in &pending[before..] {
             sink.coaccess(r);
         }
         if let Some((map, _)) = &sink.coaccess {
             sink.metrics.coaccess_pairs.set(map.pairs() as i64);
         }
+        let mut n = 0u64;
+        if !pending.is_empty() {
+            let store = if stopping || pending.len() >= MAX_PENDING {
+                Some(sink.store.write())
+            } else {
+                sink.store.try_write()
+            };
+            if let Some(mut s) = store {
+                for r in pending.drain(..) {
+                    let region = sink
+                        .regions
+                        .get(r.region as usize)
+                        .map_or("unknown", String::as_str);
+                    s.add(&Observation {
+                        resource: &r.resource,
+                        key: &r.key,
+                        region,
+                        segment: r.segment.as_deref(),
+                        ts: r.ts,
+                        bytes: r.bytes,
+                        hit: matches!(r.cache_status, "hit" | "stale"),
+                    });
+                    n += 1;
+                }
+            }
+        }
         sink.metrics.recorded.inc_by(n);
-        if stopping && queue.is_empty() {
+        if stopping && queue.is_empty() && pending.is_empty() {
             snapshot(&sink.store, &path);
             return;
         }
-        if last_snapshot.elapsed() >= every {
-            snapshot(&sink.store, &path);
-            last_snapshot = Instant::now();
-        }
-        if n == 0 {
+        if arrived == 0 {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -294,6 +331,63 @@ fn set_aside(path: &std::path::Path) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn records_keep_flowing_while_a_reader_holds_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("monitor.json");
+        let cfg = MonitorSection {
+            queue_capacity: 128,
+            snapshot_secs: 3600,
+            ..MonitorSection::default()
+        };
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let (monitor, recorder) =
+            Monitor::start(&cfg, vec!["eu".into()], path.clone(), metrics.clone(), None);
+        let store = monitor.store();
+        let record = || Record {
+            resource: "h/a".into(),
+            key: "h/a".into(),
+            ts: now_secs(),
+            region: 0,
+            segment: None,
+            bytes: 10,
+            cache_status: "hit",
+            latency_us: 1,
+            client: 1,
+        };
+        // A long reader (a snapshot of a large store, a planning tick) holds the store while
+        // ten queues' worth of records arrive: the aggregator keeps the queue drained.
+        let reader = store.read();
+        for _ in 0..10 {
+            for _ in 0..100 {
+                recorder.record(record());
+            }
+            wait_for("the queue drains", || recorder.queued() == 0);
+        }
+        assert_eq!(metrics.recorder_drops.get(), 0);
+        assert_eq!(
+            metrics.recorded.get(),
+            0,
+            "held back while the store is busy"
+        );
+        drop(reader);
+        wait_for("the held records land", || metrics.recorded.get() == 1000);
+        assert_eq!(store.read().total("h/a", "eu"), 1000);
+        monitor.shutdown();
+        let snap: SeriesStore = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(snap.total("h/a", "eu"), 1000, "the final snapshot has them");
+    }
+
     #[test]
     fn an_unusable_snapshot_is_kept_beside_the_new_one() {
         let dir = tempfile::tempdir().unwrap();
