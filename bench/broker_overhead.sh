@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Broker overhead benchmark, all on loopback in one run:
-#   broker(recorder on) → edge, broker(recorder off) → edge, edge alone, and nginx proxy_cache
-#   alone, alternating within each round on the same cached 1 KiB object.
-# Prints req/s, p50 and p99 medians and the ratios recorder-on/off and broker/nginx.
+#   broker(recorder on) → edge, the same broker over HTTPS (HTTP/1.1 over TLS 1.3, keep-alive),
+#   broker(recorder off) → edge, edge alone, and nginx proxy_cache alone, alternating within
+#   each round on the same cached 1 KiB object.
+# Prints req/s, p50 and p99 medians and the ratios recorder-on/off, HTTPS/HTTP and broker/nginx.
 #
 # Usage: bench/broker_overhead.sh [duration_secs=10] [rounds=3]
 # Env: THREADS (workers per server, default 2), CONNS (wrk connections, default 64).
@@ -36,6 +37,7 @@ ON=127.0.0.1:18190
 ON_ADMIN=127.0.0.1:18191
 OFF=127.0.0.1:18192
 OFF_ADMIN=127.0.0.1:18193
+TLS=127.0.0.1:18194
 NGX=127.0.0.1:18182
 OPERATOR=bench-operator-token-0123456789
 
@@ -58,7 +60,11 @@ EOF
 RUST_LOG=warn target/release/edge-node --config "$WORK/edge.toml" >"$WORK/edge.log" 2>&1 &
 pids+=($!)
 
-broker_conf() { # name listen admin recorder
+# The HTTPS listener's certificate, from the cluster CA tool (wrk does not verify it).
+target/release/edge-node certs ca --dir "$WORK/pki" >/dev/null
+target/release/edge-node certs issue --ca-dir "$WORK/pki" --name bench-broker --broker >/dev/null
+
+broker_conf() { # name listen admin recorder [extra]
   cat >"$WORK/$1.toml" <<EOF
 listen = "$2"
 threads = $THREADS
@@ -70,6 +76,7 @@ edge_token = "bench-admin-token"
 allow_private_upstreams = true
 [monitor]
 enabled = $4
+${5:-}
 [[regions]]
 name = "local"
 [[edges]]
@@ -79,7 +86,11 @@ addr = "$EDGE"
 admin = "$EDGE_ADMIN"
 EOF
 }
-broker_conf on $ON $ON_ADMIN true
+broker_conf on $ON $ON_ADMIN true "[tls]
+listen = \"$TLS\"
+[[tls.certs]]
+cert = \"$WORK/pki/bench-broker.pem\"
+key = \"$WORK/pki/bench-broker.key\""
 broker_conf off $OFF $OFF_ADMIN false
 for b in on off; do
   RUST_LOG=warn target/release/broker run --config "$WORK/$b.toml" >"$WORK/$b.log" 2>&1 &
@@ -103,13 +114,15 @@ for a in $ON $OFF $EDGE $NGX; do
   done
   for _ in 1 2 3; do curl -fsS -o /dev/null -H 'Host: bench.local' "http://$a$OBJ"; done
 done
+for _ in 1 2 3; do curl -fsSk -o /dev/null -H 'Host: bench.local' "https://$TLS$OBJ"; done
 echo "via broker: $(curl -sS -o /dev/null -D - -H 'Host: bench.local' "http://$ON$OBJ" | tr -d '\r' | grep -i -e '^x-cache' -e '^x-shadowcdn-edge' | tr '\n' ' ')"
 
 declare -A RPS P50 P99
 for round in $(seq "$ROUNDS"); do
-  for sys in broker-on broker-off edge nginx; do
-    case $sys in broker-on) addr=$ON;; broker-off) addr=$OFF;; edge) addr=$EDGE;; nginx) addr=$NGX;; esac
-    read -r rps p50 p99 errs < <(run_wrk "$addr" "$OBJ")
+  for sys in broker-on broker-https broker-off edge nginx; do
+    scheme=http
+    case $sys in broker-on) addr=$ON;; broker-https) addr=$TLS; scheme=https;; broker-off) addr=$OFF;; edge) addr=$EDGE;; nginx) addr=$NGX;; esac
+    read -r rps p50 p99 errs < <(run_wrk "$addr" "$OBJ" $scheme)
     echo "round $round $sys: $rps req/s p50 ${p50}ms p99 ${p99}ms $errs"
     RPS[$sys]="${RPS[$sys]:-} $rps"; P50[$sys]="${P50[$sys]:-} $p50"; P99[$sys]="${P99[$sys]:-} $p99"
   done
@@ -118,10 +131,12 @@ done
 echo
 echo "## medians over $ROUNDS rounds (wrk -t2 -c$CONNS -d${DURATION}s, 1 KiB cached object)"
 printf "%-10s %12s %10s %10s\n" system "req/s" "p50 ms" "p99 ms"
-for sys in broker-on broker-off edge nginx; do
+for sys in broker-on broker-https broker-off edge nginx; do
   printf "%-10s %12s %10s %10s\n" "$sys" "$(echo "${RPS[$sys]}" | median)" "$(echo "${P50[$sys]}" | median)" "$(echo "${P99[$sys]}" | median)"
 done
 on=$(echo "${RPS[broker-on]}" | median); off=$(echo "${RPS[broker-off]}" | median); ngx=$(echo "${RPS[nginx]}" | median)
+tls=$(echo "${RPS[broker-https]}" | median)
 echo "recorder on/off req/s = $(awk -v a="$on" -v b="$off" 'BEGIN{printf "%.3f", a/b}')"
+echo "broker HTTPS/HTTP req/s = $(awk -v a="$tls" -v b="$on" 'BEGIN{printf "%.3f", a/b}')"
 echo "broker→edge / nginx single hop req/s = $(awk -v a="$on" -v b="$ngx" 'BEGIN{printf "%.2f", a/b}')"
 echo "recorded by the broker: $(curl -sS "http://$ON_ADMIN/metrics" | awk '/^shadowcdn_broker_recorded_total/{print $2}'), dropped: $(curl -sS "http://$ON_ADMIN/metrics" | awk '/^shadowcdn_broker_recorder_drops_total/{print $2}')"

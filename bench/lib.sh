@@ -1,9 +1,9 @@
 # Shared helpers of the benchmark scripts (sourced). Expects WORK, DURATION and CONNS.
 
 # wrk prints latency percentiles with --latency; parse req/s, p50, p99 (in ms).
-run_wrk() {
-  local addr=$1 path=$2
-  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: bench.local' "http://$addr$path" >"$WORK/wrk.out" 2>&1
+run_wrk() { # addr path [scheme=http]
+  local addr=$1 path=$2 scheme=${3:-http}
+  wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: bench.local' "$scheme://$addr$path" >"$WORK/wrk.out" 2>&1
   local rps p50 p99
   rps=$(awk '/Requests\/sec/{print $2}' "$WORK/wrk.out")
   p50=$(awk '$1=="50%"{print $2}' "$WORK/wrk.out")
