@@ -132,11 +132,21 @@ impl EdgeSync {
         }
     }
 
+    /// `http://<admin>/<path>` on edge `edge`: at the address its probes use (a name with
+    /// several addresses must not send a purge to another instance than the one serving), or
+    /// by its configured name while that has never resolved.
+    fn admin_url(&self, edge: usize, path: &str) -> String {
+        match self.fleet.addresses.get(edge).admin {
+            Some(a) => format!("http://{a}/{path}"),
+            None => format!("http://{}/{path}", self.fleet.edges[edge].admin),
+        }
+    }
+
     /// `PUT /<what>` with `body` on every edge's admin API.
     async fn push_all(&self, what: &str, body: &serde_json::Value) {
-        let pushes = self.fleet.edges.iter().map(|e| {
+        let pushes = (0..self.fleet.edges.len()).map(|i| {
             self.client
-                .put(format!("http://{}/{what}", e.admin))
+                .put(self.admin_url(i, what))
                 .bearer_auth(&self.token)
                 .json(body)
                 .send()
@@ -242,7 +252,7 @@ impl EdgeSync {
         let body = json!({ "key": key, "ttl_secs": order.ttl_secs, "priority": order.priority });
         match self
             .client
-            .post(format!("http://{}/shadows", e.admin))
+            .post(self.admin_url(edge, "shadows"))
             .bearer_auth(&self.token)
             .json(&body)
             .send()
@@ -304,9 +314,8 @@ impl EdgeSync {
             };
             return matches!(c.call(edge, &req).await, Ok(Reply::Done { .. }));
         }
-        let e = &self.fleet.edges[edge];
         self.client
-            .delete(format!("http://{}/shadows/{}", e.admin, key))
+            .delete(self.admin_url(edge, &format!("shadows/{key}")))
             .bearer_auth(&self.token)
             .send()
             .await
@@ -328,9 +337,8 @@ impl EdgeSync {
             };
         }
         let method = reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::DELETE);
-        let e = &self.fleet.edges[edge];
         self.client
-            .request(method, format!("http://{}/cache/{}", e.admin, target))
+            .request(method, self.admin_url(edge, &format!("cache/{target}")))
             .bearer_auth(&self.token)
             .send()
             .await
