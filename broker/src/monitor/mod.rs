@@ -276,6 +276,8 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
                     });
                     n += 1;
                 }
+                // A backlog from a long reader does not keep its memory afterwards.
+                pending.shrink_to(4096);
             }
         }
         sink.metrics.recorded.inc_by(n);
@@ -289,17 +291,23 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
     }
 }
 
-/// Write the store atomically: temp file, fsync, rename. Streamed under the read lock, so a
-/// large store is never held twice in memory (the aggregator does not wait for the lock).
+/// Write the store atomically: temp file, fsync, rename. Serialized under the read lock, written
+/// after it is released: a slow disk must not hold the store (the aggregator waits for it once
+/// its buffer of held-back records is full).
 fn snapshot(store: &RwLock<SeriesStore>, path: &PathBuf) {
-    use std::io::Write;
+    let bytes = match serde_json::to_vec(&*store.read()) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "monitor snapshot failed");
+            return;
+        }
+    };
     let tmp = path.with_extension("tmp");
     let res = std::fs::File::create(&tmp)
-        .and_then(|f| {
-            let mut w = std::io::BufWriter::new(f);
-            serde_json::to_writer(&mut w, &*store.read()).map_err(std::io::Error::other)?;
-            w.flush()?;
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()
+        .and_then(|mut f| {
+            use std::io::Write;
+            f.write_all(&bytes)?;
+            f.sync_all()
         })
         .and_then(|_| std::fs::rename(&tmp, path));
     if let Err(e) = res {

@@ -202,10 +202,14 @@ impl Link {
     }
 
     /// An exchange succeeded: the peer accepts us, so the next failure backs off from the start.
-    async fn answered(&self) {
+    /// Never waits: a connect under way holds the state for up to a handshake, and the reply
+    /// in hand must not time out behind it (a later success resets the count instead).
+    fn answered(&self) {
         if self.failing.load(Ordering::Relaxed) {
-            self.state.lock().await.failures = 0;
-            self.failing.store(false, Ordering::Relaxed);
+            if let Ok(mut st) = self.state.try_lock() {
+                st.failures = 0;
+                self.failing.store(false, Ordering::Relaxed);
+            }
         }
     }
 
@@ -249,7 +253,7 @@ impl Link {
         let conn = self.connection().await?;
         match Self::exchange_on(&conn, env).await {
             Ok(r) => {
-                self.answered().await;
+                self.answered();
                 Ok(r)
             }
             Err(e) => Err(self.broken(&conn, e).await),
