@@ -4,7 +4,7 @@
 //! message id, when the connection dies mid-exchange.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,7 +74,6 @@ impl LinkError {
 
 struct State {
     conn: Option<quinn::Connection>,
-    failures: u32,
     retry_at: Option<Instant>,
 }
 
@@ -87,9 +86,9 @@ pub struct Link {
     next_id: AtomicU64,
     permits: Semaphore,
     connected: AtomicBool,
-    /// Connects failed since the last successful exchange (`State::failures` > 0); lets a
-    /// successful exchange skip the state lock in the common case.
-    failing: AtomicBool,
+    /// Connects failed since the last successful exchange. Outside the state lock, so a
+    /// successful exchange resets it without waiting for a connect under way.
+    failures: AtomicU32,
 }
 
 impl Link {
@@ -111,13 +110,12 @@ impl Link {
             server_name,
             state: Mutex::new(State {
                 conn: None,
-                failures: 0,
                 retry_at: None,
             }),
             next_id: AtomicU64::new(seed),
             permits: Semaphore::new(max_inflight.max(1)),
             connected: AtomicBool::new(false),
-            failing: AtomicBool::new(false),
+            failures: AtomicU32::new(0),
         }
     }
 
@@ -138,9 +136,8 @@ impl Link {
         if let Some(c) = st.conn.take() {
             c.close(0u32.into(), b"peer moved");
         }
-        st.failures = 0;
+        self.failures.store(0, Ordering::Relaxed);
         st.retry_at = None;
-        self.failing.store(false, Ordering::Relaxed);
         self.connected.store(false, Ordering::Relaxed);
     }
 
@@ -163,7 +160,7 @@ impl Link {
         if st.retry_at.is_some_and(|at| Instant::now() < at) {
             return Err(LinkError::Backoff {
                 addr: self.addr(),
-                failures: st.failures,
+                failures: self.failures.load(Ordering::Relaxed),
             });
         }
         let attempt = match self.endpoint.connect(self.addr(), &self.server_name) {
@@ -188,10 +185,14 @@ impl Link {
 
     /// Count a failed connect and schedule the next attempt.
     fn failed(&self, st: &mut State, message: String) -> LinkError {
-        st.failures = st.failures.saturating_add(1);
-        self.failing.store(true, Ordering::Relaxed);
+        let (Ok(before) | Err(before)) =
+            self.failures
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                    Some(n.saturating_add(1))
+                });
+        let failures = before.saturating_add(1);
         let wait = FIRST_BACKOFF
-            .saturating_mul(1 << st.failures.min(16))
+            .saturating_mul(1 << failures.min(16))
             .min(MAX_BACKOFF);
         st.retry_at = Some(Instant::now() + wait);
         self.connected.store(false, Ordering::Relaxed);
@@ -202,15 +203,8 @@ impl Link {
     }
 
     /// An exchange succeeded: the peer accepts us, so the next failure backs off from the start.
-    /// Never waits: a connect under way holds the state for up to a handshake, and the reply
-    /// in hand must not time out behind it (a later success resets the count instead).
     fn answered(&self) {
-        if self.failing.load(Ordering::Relaxed) {
-            if let Ok(mut st) = self.state.try_lock() {
-                st.failures = 0;
-                self.failing.store(false, Ordering::Relaxed);
-            }
-        }
+        self.failures.store(0, Ordering::Relaxed);
     }
 
     /// After `error` on `conn`: drop the connection if it is closed, and if the peer refused
