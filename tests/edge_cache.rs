@@ -797,6 +797,36 @@ async fn the_origin_gets_its_own_host_or_the_sites_without_a_port() {
     );
 }
 
+/// `X-Forwarded-Proto` reaches the origin only from a trusted proxy (by default loopback and
+/// the private ranges, where brokers run); a client outside `server.trusted_proxies` that
+/// reaches the edge directly cannot claim HTTPS. The list comes from the environment here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_trusted_proxies_tell_the_origin_the_scheme() {
+    let origin = TestOrigin::start().await;
+    let claim = [("x-forwarded-proto", "https")];
+
+    let dir = tempfile::tempdir().unwrap();
+    let trusting = start_edge(origin.addr, dir.path(), "");
+    let r = trusting.request(Method::GET, "/proto-trusted", &claim).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let sent = origin.last_headers("/proto-trusted").unwrap();
+    assert_eq!(sent["x-forwarded-proto"], "https");
+
+    let dir = tempfile::tempdir().unwrap();
+    let strict = EdgeProc::start_with_env(
+        dir.path(),
+        "strict-edge",
+        &[(HOST.to_string(), origin.addr)],
+        &[("SHADOWCDN_EDGE_SERVER__TRUSTED_PROXIES", "[\"192.0.2.0/24\"]")],
+    );
+    let r = strict.request(Method::GET, "/proto-untrusted", &claim).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let sent = origin.last_headers("/proto-untrusted").unwrap();
+    let protos: Vec<_> = sent.get_all("x-forwarded-proto").iter().collect();
+    assert_eq!(protos, ["http"]);
+    assert_eq!(sent["x-forwarded-for"], "127.0.0.1");
+}
+
 async fn admin_json(
     edge: &Edge,
     method: Method,

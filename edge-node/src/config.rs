@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use bytesize::ByteSize;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::origin::{OriginError, OriginTable};
@@ -122,6 +123,12 @@ pub struct ServerSection {
     /// Seconds an origin read may stall before the fetch fails.
     #[serde(default = "default_read_timeout")]
     pub origin_read_timeout_secs: u64,
+    /// Peers whose `X-Forwarded-Proto` is passed on to the origin (the brokers in front of the
+    /// edge). From any other address the header is replaced with this listener's scheme, so a
+    /// client that reaches the edge directly cannot claim to have arrived over HTTPS. Default:
+    /// loopback and the private ranges (RFC 1918, RFC 4193), where brokers normally run.
+    #[serde(default = "default_trusted_proxies")]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 /// Operator listener settings.
@@ -440,6 +447,19 @@ fn default_memory_shards() -> usize {
 fn default_node_id() -> String {
     "edge".into()
 }
+fn default_trusted_proxies() -> Vec<IpNet> {
+    [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "fc00::/7",
+    ]
+    .iter()
+    .map(|n| n.parse().expect("a valid network"))
+    .collect()
+}
 fn default_threads() -> usize {
     2
 }
@@ -599,6 +619,20 @@ mod tests {
         );
         let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(err.contains("memory_capacity"), "{err}");
+    }
+
+    #[test]
+    fn trusted_proxies_default_to_private_ranges_and_bad_ones_are_named() {
+        let c = EdgeConfig::from_toml(MINIMAL).unwrap();
+        let trusted = |ip: &str| {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            c.server.trusted_proxies.iter().any(|n| n.contains(&ip))
+        };
+        assert!(trusted("127.0.0.1") && trusted("10.1.2.3") && trusted("fd00::1"));
+        assert!(!trusted("203.0.113.9") && !trusted("2001:db8::1"));
+        let bad = MINIMAL.replace("[server]", "[server]\ntrusted_proxies = [\"10.0.0.0/33\"]");
+        let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("trusted_proxies"), "{err}");
     }
 
     #[test]

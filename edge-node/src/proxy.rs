@@ -15,6 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 use async_trait::async_trait;
 use bytes::Bytes;
 use http::header;
+use ipnet::IpNet;
 use pingora_cache::cache_control::{CacheControl, InterpretCacheControl};
 use pingora_cache::filters::{
     calculate_fresh_until, calculate_serve_stale_durations, request_cacheable,
@@ -129,6 +130,8 @@ pub struct EdgeProxy {
     hooks: ShadowHooks,
     /// `Cache-Status` values per status, built once (they name this node).
     cache_status_values: Vec<http::HeaderValue>,
+    /// Peers whose `X-Forwarded-Proto` reaches the origin unchanged.
+    trusted_proxies: Vec<IpNet>,
 }
 
 /// Per-request state carried through the phases.
@@ -188,7 +191,20 @@ impl EdgeProxy {
             inflight,
             hooks,
             cache_status_values,
+            trusted_proxies: Vec::new(),
         }
+    }
+
+    /// Pass `X-Forwarded-Proto` on from these peers (the brokers); from any other address it
+    /// is replaced with `http`, the scheme of the edge's own listener.
+    pub fn with_trusted_proxies(mut self, nets: Vec<IpNet>) -> Self {
+        self.trusted_proxies = nets;
+        self
+    }
+
+    /// Whether `client` may tell the origin which scheme the request arrived over.
+    fn trusts(&self, client: Option<std::net::IpAddr>) -> bool {
+        client.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)))
     }
 }
 
@@ -232,6 +248,9 @@ pub fn address_origin(req: &mut RequestHeader, host: String) -> Result<()> {
     }
     Ok(())
 }
+
+/// The scheme a client's request arrived over, as the broker tells the origin.
+const FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 /// Add `client` to the request's `X-Forwarded-For` chain as one comma-separated line: an
 /// origin that reads a single value (the first line) must still see the whole chain, whose
@@ -749,8 +768,15 @@ impl ProxyHttp for EdgeProxy {
         }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            forwarded_for(upstream_request, addr.ip())?;
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if let Some(ip) = client {
+            forwarded_for(upstream_request, ip)?;
+        }
+        if !self.trusts(client) {
+            upstream_request.insert_header(FORWARDED_PROTO, "http")?;
         }
         Ok(())
     }

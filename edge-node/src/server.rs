@@ -192,7 +192,8 @@ impl EdgeNode {
                 bridge: bridge_addr,
                 peers: peers.clone(),
             },
-        );
+        )
+        .with_trusted_proxies(cfg.server.trusted_proxies.clone());
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             proxy,

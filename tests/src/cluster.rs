@@ -103,6 +103,8 @@ pub struct EdgeProc {
     /// Origins in its config file (the broker pushes more at run time).
     pub origins: Vec<(String, SocketAddr)>,
     cache_extra: String,
+    /// Extra environment (`SHADOWCDN_EDGE_*` overrides) for every start.
+    envs: Vec<(String, String)>,
 }
 
 /// The TOML of a test edge.
@@ -166,7 +168,35 @@ impl EdgeProc {
         cache_extra: &str,
         certs: Option<NodeCerts>,
     ) -> EdgeProc {
-        let mut e = EdgeProc {
+        let mut e = Self::unstarted(dir, node_id, origins, cache_extra, certs);
+        e.spawn();
+        e
+    }
+
+    /// Start an edge on fresh ports whose configuration file is overridden by `envs`.
+    pub fn start_with_env(
+        dir: &Path,
+        node_id: &str,
+        origins: &[(String, SocketAddr)],
+        envs: &[(&str, &str)],
+    ) -> EdgeProc {
+        let mut e = Self::unstarted(dir, node_id, origins, "", None);
+        e.envs = envs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        e.spawn();
+        e
+    }
+
+    fn unstarted(
+        dir: &Path,
+        node_id: &str,
+        origins: &[(String, SocketAddr)],
+        cache_extra: &str,
+        certs: Option<NodeCerts>,
+    ) -> EdgeProc {
+        EdgeProc {
             child: Child::placeholder(),
             addr: loopback(),
             admin: loopback(),
@@ -176,9 +206,8 @@ impl EdgeProc {
             node_id: node_id.to_string(),
             origins: origins.to_vec(),
             cache_extra: cache_extra.to_string(),
-        };
-        e.spawn();
-        e
+            envs: Vec::new(),
+        }
     }
 
     /// (Re)start the process at the same addresses and cache directory.
@@ -203,10 +232,9 @@ impl EdgeProc {
         )
         .expect("write edge config");
         let bin = Binary::get("edge-node", "edge-node");
-        self.child = bin.spawn(
-            &["--config", cfg.to_str().expect("utf-8 path")],
-            &[("RUST_LOG", "warn")],
-        );
+        let mut envs = vec![("RUST_LOG", "warn")];
+        envs.extend(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        self.child = bin.spawn(&["--config", cfg.to_str().expect("utf-8 path")], &envs);
         self.child.wait_listening(self.addr);
         self.child.wait_listening(self.admin);
     }
