@@ -518,6 +518,39 @@ async fn restart_serves_disk_objects_and_remembers_purges() {
     );
 }
 
+/// A purge is durable when it is acknowledged: an edge killed (SIGKILL, no flush) right after
+/// purging one key and one prefix serves neither from its disk tier when it comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_survive_a_crash_right_after_they_are_acknowledged() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "");
+    let paths = ["/crash/key?size=40000", "/crash/dir/a", "/crash/kept"];
+    for p in paths {
+        edge.get(p).await;
+    }
+    // A graceful restart puts every object on disk; each is then a disk hit.
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+    edge.spawn();
+    for p in paths {
+        assert_eq!(x_cache(&edge.get(p).await), "HIT", "{p} from disk");
+    }
+    let purged = edge
+        .purge(&format!("{HOST}/crash/key?size=40000"), TOKEN)
+        .await;
+    assert_eq!(purged.status(), StatusCode::OK);
+    let banned = edge.purge(&format!("{HOST}/crash/dir/*"), TOKEN).await;
+    assert_eq!(banned.status(), StatusCode::OK);
+    edge.child.kill();
+
+    edge.spawn();
+    assert_eq!(x_cache(&edge.get("/crash/key?size=40000").await), "MISS");
+    assert_eq!(x_cache(&edge.get("/crash/dir/a").await), "MISS");
+    assert_eq!(x_cache(&edge.get("/crash/kept").await), "HIT");
+    assert_eq!(origin.hits("/crash/key"), 2);
+    assert_eq!(origin.hits("/crash/kept"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_objects_pass_through_uncached() {
     let origin = TestOrigin::start().await;
@@ -807,7 +840,9 @@ async fn only_trusted_proxies_tell_the_origin_the_scheme() {
 
     let dir = tempfile::tempdir().unwrap();
     let trusting = start_edge(origin.addr, dir.path(), "");
-    let r = trusting.request(Method::GET, "/proto-trusted", &claim).await;
+    let r = trusting
+        .request(Method::GET, "/proto-trusted", &claim)
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let sent = origin.last_headers("/proto-trusted").unwrap();
     assert_eq!(sent["x-forwarded-proto"], "https");
@@ -817,9 +852,14 @@ async fn only_trusted_proxies_tell_the_origin_the_scheme() {
         dir.path(),
         "strict-edge",
         &[(HOST.to_string(), origin.addr)],
-        &[("SHADOWCDN_EDGE_SERVER__TRUSTED_PROXIES", "[\"192.0.2.0/24\"]")],
+        &[(
+            "SHADOWCDN_EDGE_SERVER__TRUSTED_PROXIES",
+            "[\"192.0.2.0/24\"]",
+        )],
     );
-    let r = strict.request(Method::GET, "/proto-untrusted", &claim).await;
+    let r = strict
+        .request(Method::GET, "/proto-untrusted", &claim)
+        .await;
     assert_eq!(r.status(), StatusCode::OK);
     let sent = origin.last_headers("/proto-untrusted").unwrap();
     let protos: Vec<_> = sent.get_all("x-forwarded-proto").iter().collect();

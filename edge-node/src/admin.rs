@@ -224,7 +224,7 @@ async fn purge(
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_key", msg),
     };
     match (
-        invalidate(s.storage, &s.shadows, &s.metrics, &target),
+        invalidate(s.storage, &s.shadows, &s.metrics, &target).await,
         target,
     ) {
         (Ok(found), Target::Key(key)) => {

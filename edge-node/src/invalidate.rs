@@ -34,8 +34,9 @@ impl Target {
     }
 }
 
-/// Purge `target`; whether anything was found (a prefix ban always counts as found).
-pub fn invalidate(
+/// Purge `target`; whether anything was found (a prefix ban always counts as found). Returns
+/// once the purge is durable: a ban is fsynced, a key's tombstone written to the disk tier.
+pub async fn invalidate(
     storage: &FoyerStorage,
     shadows: &ShadowTable,
     metrics: &EdgeMetrics,
@@ -44,6 +45,9 @@ pub fn invalidate(
     match target {
         Target::Key(key) => {
             let found = storage.invalidate_key(key) | shadows.remove(key).is_some();
+            if found {
+                storage.settle().await;
+            }
             let outcome = if found { "purged" } else { "not_found" };
             metrics.purges.with_label_values(&["key", outcome]).inc();
             Ok(found)

@@ -265,6 +265,12 @@ impl FoyerStorage {
         Ok(())
     }
 
+    /// Wait until the disk tier has written what was submitted to it so far, removals'
+    /// tombstones included: a purge acknowledged after this survives a crash of the edge.
+    pub async fn settle(&self) {
+        self.cache.storage().wait().await;
+    }
+
     /// Bytes held by the memory tier.
     pub fn memory_usage(&self) -> usize {
         self.cache.memory().usage()

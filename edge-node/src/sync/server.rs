@@ -285,7 +285,7 @@ impl Handler {
         } else if let Some(r) = seen {
             (r, "duplicate")
         } else {
-            let r = self.control(req);
+            let r = self.control(req).await;
             let outcome = if matches!(r, Reply::Error { .. }) {
                 "error"
             } else {
@@ -302,7 +302,7 @@ impl Handler {
         let _ = send.finish();
     }
 
-    fn control(&self, req: Request) -> Reply {
+    async fn control(&self, req: Request) -> Reply {
         let p = &self.parts;
         match req {
             Request::Shadow(o) => {
@@ -329,7 +329,7 @@ impl Handler {
                 None => Reply::error(ErrorCode::Invalid, "key must be {host}/{path}"),
             },
             Request::Invalidate { target } => match Target::parse(&target) {
-                Ok(t) => match invalidate(p.storage, &p.shadows, &p.metrics, &t) {
+                Ok(t) => match invalidate(p.storage, &p.shadows, &p.metrics, &t).await {
                     Ok(found) => Reply::Done { found },
                     Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
                 },
