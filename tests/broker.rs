@@ -635,9 +635,18 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
     // A host its owner deletes takes its cached copies with it: whoever registers the host
-    // next is served from their own origin, never the previous owner's content.
+    // next is served from their own origin, never the previous owner's content — even from
+    // an edge that was down when the host was deleted (its copies go when the host is
+    // registered again).
     assert_eq!(c.get("/a", "eu").await.status(), StatusCode::OK);
-    assert_eq!(c.get("/a", "eu").await.headers()["x-cache"], "HIT");
+    let r = c.get("/a", "eu").await;
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    let holder = edge_of(&r);
+    let down = ["eu-a", "eu-b", "eu-s", "us-a"]
+        .iter()
+        .position(|id| *id == holder)
+        .unwrap();
+    assert_eq!(c.edges[down].child.terminate(), Some(0));
     let (s, v) = api(
         reqwest::Method::DELETE,
         c.broker.api(&format!("/v1/origins/{HOST}")),
@@ -645,7 +654,22 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
         None,
     )
     .await;
-    assert_eq!(s, StatusCode::NO_CONTENT, "{v}");
+    assert_eq!(s, StatusCode::MULTI_STATUS, "{v}");
+    assert!(
+        v["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["edge"] == holder.as_str() && e["ok"] == false),
+        "{v}"
+    );
+    c.edges[down].spawn();
+    let edge_up = format!("edge=\"{holder}\"");
+    wait_until(|| async {
+        let m = c.metrics().await;
+        sample(&m, "shadowcdn_broker_edge_up", &[edge_up.as_str()]) == Some(1.0)
+    })
+    .await;
     let theirs = TestOrigin::start().await;
     let (s, v) = api(
         reqwest::Method::PUT,

@@ -391,6 +391,9 @@ impl BrokerConfig {
         if self.admin.edge_token.len() < 8 {
             return bad("admin.edge_token must be at least 8 characters".into());
         }
+        if self.listen == self.admin.listen {
+            return bad("admin.listen: must differ from listen".into());
+        }
         if let Some(tls) = &self.tls {
             if tls.certs.is_empty() {
                 return bad("tls.certs: at least one certificate (cert and key files)".into());
@@ -692,6 +695,9 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("data_dir", "edge_read_timeout_secs = 0\n        data_dir");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("edge_read_timeout_secs"), "{e}");
+        let bad = SAMPLE.replace("127.0.0.1:8001", "127.0.0.1:8000");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("admin.listen"), "{e}");
         let ok = SAMPLE.replace("[admin]", "[clock]\nspeedup = 3600.0\n[admin]");
         assert!(BrokerConfig::from_toml(&ok).is_ok());
     }

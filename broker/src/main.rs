@@ -112,9 +112,14 @@ fn main() -> ExitCode {
     match Cli::parse().cmd {
         Cmd::Run { config, check } => run(config, check),
         Cmd::Api { api, token, call } => match api_call(&api, &token, call) {
-            Ok(v) => {
+            Ok((v, complete)) => {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-                ExitCode::SUCCESS
+                if complete {
+                    ExitCode::SUCCESS
+                } else {
+                    eprintln!("broker: done, but some edges did not confirm (HTTP 207; per-edge results above)");
+                    ExitCode::from(3)
+                }
             }
             Err(msg) => {
                 eprintln!("broker: {msg}");
@@ -148,7 +153,9 @@ fn run(config: Option<PathBuf>, check: bool) -> ExitCode {
     }
 }
 
-fn api_call(api: &str, token: &str, call: Call) -> Result<Value, String> {
+/// Make one provider-API call: its JSON answer, and whether every edge confirmed it (a 207
+/// says some did not).
+fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -220,7 +227,7 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<Value, String> {
             serde_json::from_str(&text).unwrap_or(json!({ "body": text }))
         };
         if status.is_success() {
-            Ok(v)
+            Ok((v, status != reqwest::StatusCode::MULTI_STATUS))
         } else {
             Err(format!(
                 "{status}: {}",

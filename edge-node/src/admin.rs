@@ -157,12 +157,17 @@ async fn metrics(State(s): State<AdminState>) -> Response {
         .unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string()))
 }
 
+/// The bearer token of a request; the scheme name is case-insensitive (RFC 9110 §11.1).
+pub fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+}
+
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| token_matches(t.trim().as_bytes(), token.as_bytes()))
+    bearer_token(headers).is_some_and(|t| token_matches(t.as_bytes(), token.as_bytes()))
 }
 
 /// 401 (JSON) unless the request carries the admin token.
@@ -417,6 +422,21 @@ impl BackgroundService for BanCompactor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_case_insensitive() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().unwrap());
+            h
+        };
+        assert_eq!(bearer_token(&with("Bearer abc")), Some("abc"));
+        assert_eq!(bearer_token(&with("bearer  abc ")), Some("abc"));
+        assert_eq!(bearer_token(&with("BEARER abc")), Some("abc"));
+        assert_eq!(bearer_token(&with("Basic abc")), None);
+        assert_eq!(bearer_token(&with("Bearerabc")), None);
+        assert_eq!(bearer_token(&HeaderMap::new()), None);
+    }
 
     #[test]
     fn purge_paths_parse() {

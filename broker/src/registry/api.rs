@@ -12,6 +12,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
+use edge_node::admin::bearer_token;
 use parking_lot::RwLock;
 use prometheus::{Encoder, TextEncoder};
 use serde::de::DeserializeOwned;
@@ -106,21 +107,12 @@ impl From<Invalid> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-fn token(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?
-        .strip_prefix("Bearer ")
-        .map(str::trim)
-}
-
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn operator(s: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
-    match token(headers) {
+    match bearer_token(headers) {
         Some(t) if constant_eq(t.as_bytes(), s.operator_token.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -136,7 +128,7 @@ fn operator(s: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
 }
 
 fn provider(s: &ApiState, headers: &HeaderMap) -> Result<Provider, ApiError> {
-    let t = token(headers).ok_or_else(|| {
+    let t = bearer_token(headers).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -212,7 +204,7 @@ pub fn router(state: ApiState) -> Router {
 }
 
 async fn count_calls(State(s): State<ApiState>, req: Request, next: Next) -> Response {
-    let who = match token(req.headers()) {
+    let who = match bearer_token(req.headers()) {
         Some(t) if constant_eq(t.as_bytes(), s.operator_token.as_bytes()) => "operator".to_string(),
         Some(t) => s
             .registry
@@ -286,16 +278,31 @@ async fn put_origin(
     let req: OriginBody = read_json(body, s.max_body).await?;
     let host = check_host(&host)?;
     let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
+    // A host new to the registry may still have copies on an edge that missed the purge when
+    // its previous owner deleted it; they go before any edge learns the new origin.
+    let unregistered = matches!(
+        s.registry.check_host_owner(&p.id, &host),
+        Err(RegistryError::NotFound(_))
+    );
+    let target = format!("{host}/*");
+    let purged = if unregistered {
+        s.sync.purge_everywhere(&target).await
+    } else {
+        Vec::new()
+    };
     let created = s
         .registry
         .put_origin(&p.id, &host, &upstream, req.forward_host)?;
     s.sync.origins_changed();
-    let status = if created {
+    let mut body = json!({ "host": host, "upstream": upstream, "forward_host": req.forward_host });
+    let status = if purged.iter().any(|r| !r.ok) {
+        body["purge"] = json!({ "target": target, "edges": purged });
+        StatusCode::MULTI_STATUS
+    } else if created {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    let body = json!({ "host": host, "upstream": upstream, "forward_host": req.forward_host });
     Ok((status, Json(body)).into_response())
 }
 
@@ -508,10 +515,12 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
     let req: EventBody = read_json(body, s.max_body).await?;
     let host = check_host(&req.host)?;
     s.registry.check_host_owner(&p.id, &host)?;
-    let (target, path) = match (&req.path, &req.prefix, req.kind) {
+    // `route`: the path without its query, as resources are registered.
+    let (target, route) = match (&req.path, &req.prefix, req.kind) {
         (Some(path), None, _) => {
             check_path("path", path)?;
-            (format!("{host}{path}"), path.clone())
+            let route = path.split('?').next().unwrap_or(path);
+            (format!("{host}{path}"), route.to_string())
         }
         (None, Some(prefix), EventKind::Updated | EventKind::Deleted) => {
             check_path("prefix", prefix)?;
@@ -541,7 +550,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
             s.planner.forget(&target);
             let ttl = s
                 .registry
-                .resource_for(&host, &path)
+                .resource_for(&host, &route)
                 .map_or(super::model::DEFAULT_SHADOW_TTL_SECS, |r| r.shadow_ttl_secs);
             let mut refilled = Vec::new();
             let mut not_refreshed = Vec::new();
@@ -564,7 +573,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
             report.insert("refilled".into(), json!(refilled));
         }
         EventKind::Created => {
-            let resource = s.registry.resource_for(&host, &path);
+            let resource = s.registry.resource_for(&host, &route);
             let mut shadowed = Vec::new();
             if let Some(r) = resource.filter(|r| r.priority >= IMMEDIATE_SHADOW_PRIORITY) {
                 let regions: Vec<usize> = if r.policy.allowed_regions.is_empty() {

@@ -246,6 +246,11 @@ pub fn check_upstream(upstream: &str, allow_private: bool) -> Result<String, Inv
     if !(uri.path().is_empty() || uri.path() == "/") || uri.query().is_some() {
         return Err(invalid("upstream", "must not have a path or query"));
     }
+    // `http::Uri` keeps any port text; an unparsable one would silently mean 80/443.
+    let port = auth.as_str()[auth.host().len()..].strip_prefix(':');
+    if port.is_some_and(|p| !matches!(p.parse::<u16>(), Ok(1..))) {
+        return Err(invalid("upstream", "port must be a number from 1 to 65535"));
+    }
     if !allow_private && is_private_host(auth.host()) {
         return Err(invalid(
             "upstream",
@@ -271,6 +276,14 @@ pub fn check_path(field: &'static str, path: &str) -> Result<(), Invalid> {
     // another host's objects.
     if path.contains(['#', '\\']) {
         return Err(invalid(field, "must not contain '#' or '\\'"));
+    }
+    // URL parsers percent-encode these on the way to an edge's admin API, which would then
+    // purge a different key; clients' requests carry them percent-encoded too.
+    if path.contains(['"', '\'', '<', '>', '`', '{', '}']) {
+        return Err(invalid(
+            field,
+            "must not contain \" ' < > ` { } (write them percent-encoded, as clients send them)",
+        ));
     }
     let route = path.split('?').next().unwrap_or(path);
     let dot_segment = |seg: &str| {
@@ -350,6 +363,7 @@ mod tests {
             "/a/.well-known/x",
             "/q?x=../y",
             "/v1.2/",
+            "/x%7B1%7D?q=%27a%27|b^c",
         ] {
             assert!(check_path("path", ok).is_ok(), "{ok}");
         }
@@ -361,6 +375,11 @@ mod tests {
             "/.%2e/x",
             "/a#frag",
             "/a\\..\\b",
+            "/x{1}",
+            "/q?name='a'",
+            "/q?\"a\"",
+            "/a<b>",
+            "/a`b",
         ] {
             let e = check_path("prefix", bad).unwrap_err();
             assert_eq!(e.field, "prefix", "{bad}");
@@ -411,6 +430,15 @@ mod tests {
         assert!(check_upstream("http://u:p@x", true).is_err());
         assert!(check_upstream("http://x/path", true).is_err());
         assert!(check_upstream("not a url", true).is_err());
+        for port in ["99999", "8o80", "0"] {
+            let e = check_upstream(&format!("http://o.example.com:{port}"), true).unwrap_err();
+            assert!(
+                e.message.contains("port") || e.message.contains("not a URL"),
+                "{port}: {}",
+                e.message
+            );
+        }
+        assert!(check_upstream("http://o.example.com:65535", true).is_ok());
         for private in [
             "http://127.0.0.1:9000",
             "http://localhost",
