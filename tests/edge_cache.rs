@@ -847,6 +847,7 @@ async fn only_trusted_proxies_tell_the_origin_the_scheme() {
     let sent = origin.last_headers("/proto-trusted").unwrap();
     assert_eq!(sent["x-forwarded-proto"], "https");
 
+    // Only 127.0.0.2 is a trusted proxy; the test's other requests come from 127.0.0.1.
     let dir = tempfile::tempdir().unwrap();
     let strict = EdgeProc::start_with_env(
         dir.path(),
@@ -854,7 +855,7 @@ async fn only_trusted_proxies_tell_the_origin_the_scheme() {
         &[(HOST.to_string(), origin.addr)],
         &[(
             "SHADOWCDN_EDGE_SERVER__TRUSTED_PROXIES",
-            "[\"192.0.2.0/24\"]",
+            "[\"127.0.0.2/32\"]",
         )],
     );
     let r = strict
@@ -865,6 +866,80 @@ async fn only_trusted_proxies_tell_the_origin_the_scheme() {
     let protos: Vec<_> = sent.get_all("x-forwarded-proto").iter().collect();
     assert_eq!(protos, ["http"]);
     assert_eq!(sent["x-forwarded-for"], "127.0.0.1");
+
+    // An origin that varies by scheme: the untrusted claim is stored as the http variant, so
+    // it cannot poison what the trusted proxy's HTTPS clients get.
+    let varied = "/proto-varied?vary=x-forwarded-proto";
+    let r = strict.request(Method::GET, varied, &claim).await;
+    assert_eq!(r.text().await.unwrap(), "variant=http");
+    let proxy = reqwest::Client::builder()
+        .no_proxy()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 2]))
+        .build()
+        .unwrap();
+    let r = proxy
+        .get(strict.url(varied))
+        .header("host", HOST)
+        .header("x-forwarded-proto", "https")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(x_cache(&r), "MISS");
+    assert_eq!(r.text().await.unwrap(), "variant=https");
+}
+
+/// A variant is chosen by every line of a varying header: HTTP/2 clients send each cookie on
+/// a line of its own, and users who share the first cookie must not share a page.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vary_compares_every_line_of_a_header() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/personal?vary=cookie";
+    let get = |user: &'static str| {
+        let url = edge.url(path);
+        async move {
+            client()
+                .get(url)
+                .header("host", HOST)
+                .header("cookie", "consent=1")
+                .header("cookie", user)
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let r = get("s=alice").await;
+    assert_eq!(r.text().await.unwrap(), "variant=consent=1 | s=alice");
+    let r = get("s=bob").await;
+    assert_ne!(x_cache(&r), "HIT");
+    assert_eq!(r.text().await.unwrap(), "variant=consent=1 | s=bob");
+    let r = get("s=alice").await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.text().await.unwrap(), "variant=consent=1 | s=alice");
+}
+
+/// An origin that fails in the middle of a body: the client's connection is cut (it sees an
+/// incomplete body, not a complete one with an error appended) and nothing is cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_cut_off_by_the_origin_reaches_the_client_as_cut_off() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/cut?size=100000&chunked=1&chunk_delay_ms=100&fail_after=3";
+    for _ in 0..2 {
+        let r = edge.get(path).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let got = r.bytes().await;
+        assert!(
+            got.is_err(),
+            "a complete body of {:?} bytes",
+            got.map(|b| b.len())
+        );
+    }
+    assert_eq!(origin.hits("/cut"), 2, "the cut-off body was not cached");
+    let r = edge.get("/whole?size=100").await;
+    assert_eq!(r.status(), StatusCode::OK);
 }
 
 async fn admin_json(

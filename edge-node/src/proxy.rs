@@ -306,6 +306,13 @@ pub async fn respond_json_error(
     code: &str,
     message: &str,
 ) -> Result<()> {
+    // Once a response header is out, an error cannot be told to the client: the connection
+    // is closed instead, so the client sees a cut-off body, never a "complete" one with JSON
+    // appended.
+    if session.response_written().is_some() {
+        session.set_keepalive(None);
+        return Ok(());
+    }
     let body = serde_json::json!({ "error": code, "message": message }).to_string();
     let mut resp = ResponseHeader::build(status, Some(3))?;
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
@@ -537,6 +544,17 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // Replaced before anything reads the request, so that a `Vary: X-Forwarded-Proto`
+        // variant is chosen by the scheme the origin is told, not by a client's claim.
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if !self.trusts(client) {
+            session
+                .req_header_mut()
+                .insert_header(FORWARDED_PROTO, "http")?;
+        }
         let req = session.req_header();
         let Some(host) = request_host(req) else {
             self.metrics.rejected.with_label_values(&["no_host"]).inc();
@@ -727,13 +745,26 @@ impl ProxyHttp for EdgeProxy {
         names.dedup();
         let mut key = VarianceBuilder::new();
         for name in &names {
-            key.add_value(
-                name,
-                req.headers
-                    .get(name.as_str())
-                    .map(|v| v.as_bytes())
-                    .unwrap_or(&[]),
-            );
+            // Every field line counts (RFC 9111 §4.1): HTTP/2 clients send each cookie on a
+            // line of its own, and the first line alone would let users share a variant.
+            let mut lines = req.headers.get_all(name.as_str()).iter();
+            match (lines.next(), lines.next()) {
+                (None, _) => key.add_value(name, &[]),
+                (Some(only), None) => key.add_value(name, only.as_bytes()),
+                (Some(first), Some(second)) => {
+                    let mut joined =
+                        [first, second]
+                            .into_iter()
+                            .chain(lines)
+                            .fold(Vec::new(), |mut acc, v| {
+                                acc.extend_from_slice(v.as_bytes());
+                                acc.push(b'\n');
+                                acc
+                            });
+                    joined.pop();
+                    key.add_owned_value(name, joined);
+                }
+            }
         }
         key.finalize()
     }
@@ -774,9 +805,6 @@ impl ProxyHttp for EdgeProxy {
             .map(|a| a.ip());
         if let Some(ip) = client {
             forwarded_for(upstream_request, ip)?;
-        }
-        if !self.trusts(client) {
-            upstream_request.insert_header(FORWARDED_PROTO, "http")?;
         }
         Ok(())
     }

@@ -7,11 +7,12 @@
 //! - `age=N` send `Age: N`, as a response that aged in another cache would
 //! - `etag=...` ETag value; `If-None-Match` with it gets a 304
 //! - `lm=1` send a fixed Last-Modified and honour `If-Modified-Since`
-//! - `vary=header` send `Vary: header` and echo that request header in the body
+//! - `vary=header` send `Vary: header` and echo that request header's lines in the body
 //! - `delay_ms=N` wait before answering
 //! - `status=N` answer with this status
 //! - `chunked=1` stream the body without Content-Length
 //! - `chunk_delay_ms=N` with `chunked=1`: pause before each 16 KiB chunk
+//! - `fail_after=N` with `chunked=1`: abort the connection after N chunks
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -188,10 +189,16 @@ async fn handle(
     let mut body = body_for(&path, size);
     if let Some(h) = q.get("vary") {
         resp = resp.header("vary", h.as_str());
-        let v = headers
-            .get(h.as_str())
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-");
+        let lines: Vec<&str> = headers
+            .get_all(h.as_str())
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        let v = if lines.is_empty() {
+            "-".to_string()
+        } else {
+            lines.join(" | ")
+        };
         body = format!("variant={v}").into_bytes();
     }
     if q.contains_key("chunked") {
@@ -199,14 +206,25 @@ async fn handle(
             .get("chunk_delay_ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
+        let fail_after: Option<usize> = q.get("fail_after").and_then(|v| v.parse().ok());
         let chunks: Vec<Bytes> = body.chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
-        let stream = futures::stream::unfold(chunks.into_iter(), move |mut it| async move {
-            let c = it.next()?;
-            if pause > 0 {
-                tokio::time::sleep(Duration::from_millis(pause)).await;
-            }
-            Some((Ok::<_, std::io::Error>(c), it))
-        });
+        let stream = futures::stream::unfold(
+            (chunks.into_iter(), 0usize),
+            move |(mut it, sent)| async move {
+                if sent == usize::MAX {
+                    return None;
+                }
+                if fail_after == Some(sent) {
+                    let cut = std::io::Error::other("origin cut the body off");
+                    return Some((Err(cut), (it, usize::MAX)));
+                }
+                let c = it.next()?;
+                if pause > 0 {
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Some((Ok(c), (it, sent.saturating_add(1))))
+            },
+        );
         return resp
             .body(Body::from_stream(stream))
             .expect("static response parts");
