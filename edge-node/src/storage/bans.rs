@@ -14,7 +14,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -92,6 +92,19 @@ fn millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// Drop a torn last line (a crash mid-append: never acknowledged) so that the next ban is
+/// not appended to it and lost with it; the length of the complete lines.
+fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
+    let bytes = fs::read(path)?;
+    let complete = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+    if complete < bytes.len() {
+        let f = OpenOptions::new().write(true).open(path)?;
+        f.set_len(complete as u64)?;
+        f.sync_all()?;
+    }
+    Ok(complete as u64)
+}
+
 impl BanList {
     /// Open (or create) the ban log in `dir`, dropping bans older than `retention`.
     pub fn open(dir: &Path, retention: Duration) -> Result<Self, BanError> {
@@ -102,10 +115,10 @@ impl BanList {
         };
         let mut state = State::default();
         if path.exists() {
+            let complete = cut_torn_tail(&path).map_err(io)?;
             let f = File::open(&path).map_err(io)?;
-            for line in BufReader::new(f).lines() {
+            for line in BufReader::new(f.take(complete)).lines() {
                 let line = line.map_err(io)?;
-                // A torn last line (crash mid-append) was never acknowledged: skip it.
                 let Some((kind, rest)) = line.split_once(' ') else {
                     continue;
                 };
@@ -154,7 +167,7 @@ impl BanList {
         // Held until the ban is in `state` too: a compaction in between would rewrite the
         // log from a state without it, and the ban would not survive a restart.
         let mut w = self.writer.lock();
-        writeln!(w, "ban {at_ms} {prefix}")
+        w.write_all(format!("ban {at_ms} {prefix}\n").as_bytes())
             .and_then(|_| w.sync_data())
             .map_err(|source| BanError::Io {
                 path: self.path.clone(),
@@ -246,6 +259,30 @@ impl BanList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_torn_last_line_does_not_swallow_the_next_ban() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let at = now_ms();
+        fs::write(
+            dir.path().join("bans.log"),
+            format!("ban {at} h/x/\nban 12"),
+        )
+        .unwrap();
+        {
+            let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            assert!(b.is_banned("h/x/1", old));
+            b.add("h/y/").unwrap();
+        }
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(b.is_banned("h/x/1", old));
+        assert!(
+            b.is_banned("h/y/1", old),
+            "the ban after the torn line survives"
+        );
+        assert_eq!(b.len(), 2);
+    }
 
     #[test]
     fn ban_covers_older_objects_only_and_survives_reopen() {
