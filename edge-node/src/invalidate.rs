@@ -35,7 +35,8 @@ impl Target {
 }
 
 /// Purge `target`; whether anything was found (a prefix ban always counts as found). Returns
-/// once the purge is durable: a ban is fsynced, a key's tombstone written to the disk tier.
+/// once the purge is durable and final: a ban is fsynced; a key's tombstone is written to the
+/// disk tier and no lookup can bring the object back.
 pub async fn invalidate(
     storage: &FoyerStorage,
     shadows: &ShadowTable,
@@ -46,7 +47,7 @@ pub async fn invalidate(
         Target::Key(key) => {
             let found = storage.invalidate_key(key) | shadows.remove(key).is_some();
             if found {
-                storage.settle().await;
+                storage.settle_purge(key).await;
             }
             let outcome = if found { "purged" } else { "not_found" };
             metrics.purges.with_label_values(&["key", outcome]).inc();

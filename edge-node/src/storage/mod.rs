@@ -265,10 +265,14 @@ impl FoyerStorage {
         Ok(())
     }
 
-    /// Wait until the disk tier has written what was submitted to it so far, removals'
-    /// tombstones included: a purge acknowledged after this survives a crash of the edge.
-    pub async fn settle(&self) {
+    /// Make a purge of `primary_key` final: wait until the disk tier has written what was
+    /// submitted to it so far, the purge's tombstone included (so the purge survives a crash
+    /// of the edge), then drop the key from memory again. Until that write, a lookup could
+    /// still read the object from foyer's write queue or a disk read already under way, and
+    /// put it back in memory.
+    pub async fn settle_purge(&self, primary_key: &str) {
         self.cache.storage().wait().await;
+        self.cache.memory().remove(&primary_hash(primary_key));
     }
 
     /// Bytes held by the memory tier.
@@ -440,7 +444,11 @@ impl Storage for FoyerStorage {
                 return Ok(None);
             }
         };
-        if self.bans.is_banned(&primary, meta.created()) {
+        if self.bans.is_banned(&primary, meta.created())
+            || self
+                .recent
+                .purged_after(primary_hash(&primary), meta.created())
+        {
             self.cache.remove(&hash);
             return Ok(None);
         }
@@ -550,6 +558,12 @@ impl Storage for FoyerStorage {
         let Some(obj) = self.load(hash).await? else {
             return Ok(false);
         };
+        // A revalidation keeps the object's `created`; another one means a newer version
+        // replaced the object while this 304 was on its way, and its headers must not be
+        // paired with that version's body.
+        if obj.meta()?.created() != meta.created() {
+            return Ok(false);
+        }
         self.store_unless_purged(since, hash, meta, obj.body)
     }
 
@@ -902,6 +916,86 @@ mod tests {
         );
         assert!(err.to_string().contains("no client"), "{err}");
         assert!(!s.holds("h/alone") && !s.holds("h/slow"));
+    }
+
+    /// A purge while lookups keep reading the object from disk and foyer's write queue: once
+    /// the purge is settled, no lookup finds the object, in memory or on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_lookup_brings_a_settled_purge_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StorageOptions {
+            dir: dir.path().into(),
+            memory_bytes: 4 << 20,
+            memory_shards: 1,
+            disk_bytes: 16 << 20,
+            block_size: 1 << 20,
+            max_object_bytes: 1 << 19,
+            max_fill_bytes: 1 << 20,
+            ban_retention: Duration::from_secs(60),
+        };
+        let spawner = Spawner::from(tokio::runtime::Handle::current());
+        let s: &'static FoyerStorage = Box::leak(Box::new(
+            FoyerStorage::open(&opts, spawner, &prometheus::Registry::new())
+                .await
+                .unwrap(),
+        ));
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        for round in 0..20 {
+            let name = format!("h/p{round}");
+            let key = CacheKey::new(name.as_str(), "");
+            let hash = hash_of(key.combined_bin());
+            let body = Bytes::from(vec![b'x'; 64 * 1024]);
+            assert!(s
+                .store_unless_purged(s.purge_epoch(hash), hash, &fresh_meta(), body)
+                .unwrap());
+            if round % 2 == 0 {
+                // On disk only: lookups read it back from the device.
+                s.cache.storage().wait().await;
+                s.cache.memory().remove(&hash);
+            }
+            let readers: Vec<_> = (0..4)
+                .map(|_| {
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        let trace = pingora_cache::trace::Span::inactive().handle();
+                        for _ in 0..50 {
+                            let _ = s.lookup(&key, &trace).await;
+                        }
+                    })
+                })
+                .collect();
+            assert!(s.invalidate_key(&name));
+            s.settle_purge(&name).await;
+            for r in readers {
+                r.await.unwrap();
+            }
+            assert!(s.lookup(&key, &trace).await.unwrap().is_none(), "{name}");
+            assert!(!s.holds(&name), "{name}");
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_revalidation_does_not_relabel_a_newer_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/v", "");
+        let hash = hash_of(key.combined_bin());
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let v1 = fresh_meta();
+        let stored = |meta: &CacheMeta, body: &'static [u8]| {
+            s.store_unless_purged(s.purge_epoch(hash), hash, meta, Bytes::from_static(body))
+                .unwrap()
+        };
+        assert!(stored(&v1, b"v1"));
+        // v1's revalidation keeps its `created`: its new headers go with v1's body.
+        assert!(s.update_meta(&key, &v1, &trace).await.unwrap());
+        // v2 replaced v1 while another 304 for v1 was on its way: that one is refused.
+        std::thread::sleep(Duration::from_millis(2));
+        assert!(stored(&fresh_meta(), b"v2"));
+        assert!(!s.update_meta(&key, &v1, &trace).await.unwrap());
+        let obj = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(&obj.body[..], b"v2");
+        assert_ne!(obj.meta().unwrap().created(), v1.created());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,9 +1,12 @@
 //! Key purges of the last few minutes. A fetch that started before a purge and answers after
 //! it carries the content the purge was meant to remove; the purge found nothing to cancel
-//! (no fill existed yet), so the proxy asks here before caching the answer.
+//! (no fill existed yet), so the proxy asks here before caching the answer. A lookup asks
+//! too: a read of the object that was under way when it was purged can put it back in
+//! memory, and the lookup that made that read must not serve it.
 
 use std::collections::{HashMap, VecDeque};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::Mutex;
 
@@ -12,11 +15,15 @@ pub(crate) struct RecentPurges {
     inner: Mutex<Inner>,
     window: Duration,
     cap: usize,
+    /// Wall time of the newest purge (µs since the epoch): an object created after it was
+    /// purged by none of them, and a lookup needs no lock to know.
+    newest_us: AtomicU64,
 }
 
 #[derive(Default)]
 struct Inner {
-    last: HashMap<u128, Instant>,
+    /// The last purge of each hash, on both clocks (wall time in µs since the epoch).
+    last: HashMap<u128, (Instant, u64)>,
     order: VecDeque<(Instant, u128)>,
     /// The newest purge dropped to stay within `cap` while still inside the window: every
     /// fetch that started before it counts as purged, since its key can no longer be told.
@@ -29,13 +36,16 @@ impl RecentPurges {
             inner: Mutex::new(Inner::default()),
             window,
             cap: cap.max(1),
+            newest_us: AtomicU64::new(0),
         }
     }
 
     /// Note that `hash` was purged at `now`.
     pub(crate) fn record(&self, hash: u128, now: Instant) {
+        let wall = micros(SystemTime::now());
         let mut i = self.inner.lock();
-        i.last.insert(hash, now);
+        i.last.insert(hash, (now, wall));
+        self.newest_us.fetch_max(wall, Ordering::Release);
         i.order.push_back((now, hash));
         while let Some(&(t, h)) = i.order.front() {
             let expired = now.saturating_duration_since(t) > self.window;
@@ -43,7 +53,7 @@ impl RecentPurges {
                 break;
             }
             i.order.pop_front();
-            if i.last.get(&h) == Some(&t) {
+            if i.last.get(&h).is_some_and(|(last, _)| *last == t) {
                 i.last.remove(&h);
             }
             if !expired {
@@ -59,14 +69,30 @@ impl RecentPurges {
             return true;
         }
         let i = self.inner.lock();
-        i.last.get(&hash).is_some_and(|t| *t >= started)
+        i.last.get(&hash).is_some_and(|(t, _)| *t >= started)
             || i.forgotten.is_some_and(|f| f >= started)
+    }
+
+    /// Whether an object of `hash` created at `created` was purged after that (within the
+    /// window): a copy read back from the write queue or the disk after its purge.
+    pub(crate) fn purged_after(&self, hash: u128, created: SystemTime) -> bool {
+        let created = micros(created);
+        if created > self.newest_us.load(Ordering::Acquire) {
+            return false;
+        }
+        let i = self.inner.lock();
+        i.last.get(&hash).is_some_and(|(_, wall)| *wall >= created)
     }
 
     #[cfg(test)]
     fn len(&self) -> usize {
         self.inner.lock().order.len()
     }
+}
+
+fn micros(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }
 
 #[cfg(test)]
@@ -82,6 +108,18 @@ mod tests {
         assert!(r.purged_since(1, before), "started before the purge");
         assert!(!r.purged_since(1, after + Duration::from_millis(1)));
         assert!(!r.purged_since(2, before), "another key");
+    }
+
+    #[test]
+    fn objects_created_before_a_purge_of_their_key_are_told() {
+        let r = RecentPurges::new(Duration::from_secs(300), 100);
+        let before = SystemTime::now() - Duration::from_millis(5);
+        assert!(!r.purged_after(1, before), "nothing purged yet");
+        r.record(1, Instant::now());
+        assert!(r.purged_after(1, before));
+        assert!(!r.purged_after(2, before), "another key");
+        let after = SystemTime::now() + Duration::from_millis(5);
+        assert!(!r.purged_after(1, after), "created after the purge");
     }
 
     #[test]
