@@ -162,7 +162,12 @@ impl CoAccess {
             if ts.saturating_sub(*t) > self.cfg.window_secs {
                 break;
             }
-            if a == key || seen.contains(&a.as_str()) {
+            // This client's previous request for `key` already counted every request before
+            // it: a repeat (a range, a reload) is not another transition.
+            if a == key {
+                break;
+            }
+            if seen.contains(&a.as_str()) {
                 continue;
             }
             seen.push(a);
@@ -288,6 +293,32 @@ mod tests {
         // Other regions learned nothing; too little support gives nothing.
         assert!(c.followers(1, "h/index.html").is_empty());
         assert!(c.followers(0, "h/rare.png").is_empty());
+    }
+
+    #[test]
+    fn a_follower_requested_again_counts_once_per_leader() {
+        let mut c = CoAccess::new(CoAccessSection {
+            max_clients: 100,
+            ..cfg()
+        });
+        for client in 0..10u64 {
+            let t = 1000 + client * 100;
+            c.observe(client, 0, "h/a", t);
+            if client < 2 {
+                for i in 1..=4 {
+                    c.observe(client, 0, "h/b", t + i);
+                }
+            }
+        }
+        // 2 of 10 with the prior: 3/12, below the default minimum probability.
+        assert!(c.followers(0, "h/a").is_empty());
+        let pair = &c.pairs[&(0, "h/a".to_string())]["h/b"];
+        assert_eq!(pair.count, 2.0);
+        assert!((pair.gap - 1.0).abs() < 1e-9);
+        // A new request for the leader counts the follower again.
+        c.observe(0, 0, "h/a", 1010);
+        c.observe(0, 0, "h/b", 1011);
+        assert_eq!(c.pairs[&(0, "h/a".to_string())]["h/b"].count, 3.0);
     }
 
     #[test]
