@@ -242,12 +242,18 @@ impl OnnxLstm {
                 .tensor_shape()
                 .map(|s| s.to_vec())
                 .unwrap_or_default();
-            check(shape.len() == 2 && shape[1] == width as i64, model, || {
-                format!(
-                    "input {:?} has shape {shape:?}, expected [batch, {width}]",
-                    input.name()
-                )
-            })?;
+            // A fixed batch size (an export without a dynamic axis) would fail every batch
+            // of another size, after the model had replaced a working one.
+            check(
+                shape.len() == 2 && shape[0] < 0 && shape[1] == width as i64,
+                model,
+                || {
+                    format!(
+                        "input {:?} has shape {shape:?}, expected [batch, {width}] with a dynamic batch",
+                        input.name()
+                    )
+                },
+            )?;
         }
         for (name, width) in [("quantiles", 3i64), ("p_any", 1)] {
             let out = session.outputs().iter().find(|o| o.name() == name);
@@ -258,7 +264,7 @@ impl OnnxLstm {
                 format!("output {name:?} has shape {shape:?}, expected [batch, {width}]")
             })?;
         }
-        Ok(OnnxLstm {
+        let lstm = OnnxLstm {
             inner: Mutex::new(Inner {
                 session,
                 counts: Vec::new(),
@@ -266,24 +272,38 @@ impl OnnxLstm {
             }),
             meta,
             path: model.to_path_buf(),
-        })
+        };
+        lstm.trial().map_err(model_err)?;
+        Ok(lstm)
     }
 
-    /// The metadata the model was trained with.
-    pub fn metadata(&self) -> &ModelMetadata {
-        &self.meta
-    }
-}
-
-impl Forecaster for OnnxLstm {
-    fn name(&self) -> &str {
-        "lstm"
-    }
-
-    fn forecast(&self, histories: &[History<'_>]) -> Result<Vec<Forecast>, ForecastError> {
-        if histories.is_empty() {
-            return Ok(Vec::new());
+    /// Forecast two fixed series (one silent, one busy) and require finite outputs: a model
+    /// that loads but cannot run, or answers NaN, must not replace one that works.
+    fn trial(&self) -> Result<(), String> {
+        let bucket = BUCKET_SECS as i64;
+        let days = (7 * 86_400 / bucket) as usize;
+        let silent = vec![0u32; days];
+        let busy: Vec<u32> = (0..days as u32).map(|i| 1 + i % 7).collect();
+        let history = |counts| History {
+            counts,
+            last_bucket_start: 1_700_000_100 - 1_700_000_100 % bucket,
+            bucket_secs: bucket,
+            priority: 5,
+        };
+        let (q, p) = self
+            .run(&[history(&silent), history(&busy)])
+            .map_err(|e| format!("trial forecast failed: {e}"))?;
+        if q.iter().chain(&p).all(|v| v.is_finite()) {
+            Ok(())
+        } else {
+            Err(format!(
+                "trial forecast gave non-finite outputs: quantiles {q:?}, p_any {p:?}"
+            ))
         }
+    }
+
+    /// Run the model on `histories`: raw quantiles (3 per series) and probabilities.
+    fn run(&self, histories: &[History<'_>]) -> Result<(Vec<f32>, Vec<f32>), ForecastError> {
         let rt = |e: ort::Error| ForecastError::Runtime(e.to_string());
         let mut guard = self.inner.lock();
         let Inner {
@@ -302,16 +322,34 @@ impl Forecaster for OnnxLstm {
             .try_extract_tensor::<f32>()
             .map_err(rt)?;
         let (_, p) = outputs["p_any"].try_extract_tensor::<f32>().map_err(rt)?;
-        if q.len() != histories.len() * 3 || p.len() != histories.len() {
+        if q.len() != n * 3 || p.len() != n {
             return Err(ForecastError::Output(format!(
-                "{} quantiles and {} probabilities for {} series",
+                "{} quantiles and {} probabilities for {n} series",
                 q.len(),
                 p.len(),
-                histories.len()
             )));
         }
+        Ok((q.to_vec(), p.to_vec()))
+    }
+
+    /// The metadata the model was trained with.
+    pub fn metadata(&self) -> &ModelMetadata {
+        &self.meta
+    }
+}
+
+impl Forecaster for OnnxLstm {
+    fn name(&self) -> &str {
+        "lstm"
+    }
+
+    fn forecast(&self, histories: &[History<'_>]) -> Result<Vec<Forecast>, ForecastError> {
+        if histories.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (q, p) = self.run(histories)?;
         Ok(q.chunks_exact(3)
-            .zip(p)
+            .zip(&p)
             .map(|(q, p)| Forecast::from_raw([q[0], q[1], q[2]], *p))
             .collect())
     }

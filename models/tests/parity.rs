@@ -202,6 +202,33 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     r.forecast(&hs).unwrap();
     assert_eq!(failures(), before_failures + 2, "and tried again");
     assert_eq!(r.name(), "lstm");
+
+    // Models that load but cannot serve are refused at load, so they never replace the
+    // working one: a fixed batch size (an export without a dynamic axis) and NaN outputs.
+    let fixtures = root().join("fixtures");
+    for (file, reason) in [
+        ("fixed-batch.onnx", "dynamic batch"),
+        ("nan-output.onnx", "non-finite"),
+    ] {
+        std::fs::copy(fixtures.join(file), &model).unwrap();
+        let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
+        assert!(err.contains(reason), "{file}: {err}");
+        let stamp = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
+        std::fs::File::options()
+            .write(true)
+            .open(&model)
+            .unwrap()
+            .set_modified(stamp)
+            .unwrap();
+        let served = r.forecast(&hs).unwrap();
+        assert_eq!(r.name(), "lstm", "{file} did not replace the model");
+        close(served[i].quantiles[1], cases[i].quantiles[1], file);
+    }
+    let batch_failures = r
+        .status()
+        .batch_failures
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(batch_failures, 0);
 }
 
 #[test]
