@@ -1532,6 +1532,54 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     );
 }
 
+/// Co-access shadows respect the resource's `max_copies`: once the follower is shadowed in
+/// one region, page views in another do not place a second copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn co_access_shadows_stay_within_the_policys_copies() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    c.add_resource(
+        json!({"host": HOST, "path": "/one/", "match": "prefix", "priority": 5,
+                          "policy": {"max_copies": 1}}),
+    )
+    .await;
+    let key = format!("{HOST}/one/app.js");
+    let views = |region: &'static str| {
+        let c = &c;
+        async move {
+            for _ in 0..4 {
+                for path in ["/one/index.html", "/one/app.js"] {
+                    assert_eq!(c.get(path, region).await.status(), StatusCode::OK);
+                }
+            }
+        }
+    };
+    views("us").await;
+    assert_eq!(
+        c.get("/one/index.html", "us").await.status(),
+        StatusCode::OK
+    );
+    wait_until(|| c.shadowed_on(3, &key)).await;
+    views("eu").await;
+    assert_eq!(
+        c.get("/one/index.html", "eu").await.status(),
+        StatusCode::OK
+    );
+    let declined = || async {
+        sample(
+            &c.metrics().await,
+            "shadowcdn_broker_coaccess_shadows_total",
+            &["outcome=\"max_copies\""],
+        )
+        .is_some_and(|n| n >= 1.0)
+    };
+    wait_until(declined).await;
+    for eu in 0..3 {
+        assert!(!c.shadowed_on(eu, &key).await, "a second copy on edge {eu}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     let origin = TestOrigin::start().await;

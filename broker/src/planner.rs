@@ -278,6 +278,8 @@ fn p_any_by_series<'a>(
 struct Bar {
     stake: Stake,
     odds: Odds,
+    /// The series is in a drop anomaly: its shadows are being released, none is placed.
+    dropping: bool,
 }
 
 /// The verdict on one candidate.
@@ -292,8 +294,12 @@ struct Verdict {
 /// The decision rule, free of I/O: rank candidates by expected net benefit, then admit them
 /// in that order while each edge's byte budget lasts, so the least valuable are dropped
 /// first. `bars` holds each candidate's stake and the odds it must clear.
-/// Shadows already live count against the budget like new ones: a live shadow that no longer
-/// fits (the budget shrank, or better candidates arrived) is `dropped` (unshadowed).
+/// Shadows already live count against the budget and the copy limit like new ones, whether
+/// or not they still pass the checks (they hold the bytes until their TTL): a live shadow
+/// that no longer fits (the budget shrank, better candidates arrived) or that its policy no
+/// longer allows is `dropped` (unshadowed); one that fits but fails the forecast's checks is
+/// `expiring` (left to its TTL, not renewed). A series in a drop anomaly gets
+/// `drop_anomaly`: the tick releases its shadows and places none.
 fn decide(
     cands: &[Candidate],
     forecasts: &[models::Forecast],
@@ -319,29 +325,37 @@ fn decide(
         .map(|(i, benefit)| {
             let (c, f) = (&cands[i], &forecasts[i]);
             let edge = edge_of(i);
-            let outcome = if f.p_any < threshold_of(i) {
-                "below_threshold"
+            let failed = if f.p_any < threshold_of(i) {
+                Some("below_threshold")
             } else if let Some(why) = bars[i].odds.holds_back(f64::from(f.p_any)) {
-                why
+                Some(why)
             } else if !c.allowed {
-                "policy"
-            } else if let Some(e) = edge {
+                Some("policy")
+            } else {
+                None
+            };
+            let live = edge.filter(|e| is_live(&c.key, *e));
+            let outcome = if bars[i].dropping {
+                "drop_anomaly"
+            } else if let Some(e) = edge.filter(|_| failed.is_none() || live.is_some()) {
                 let n = copies.entry(c.key.as_str()).or_default();
                 let fits = used.get(&e).copied().unwrap_or(0) + c.bytes <= budget_of(e);
                 let room = *n < c.max_copies;
-                if fits && room {
+                let admitted = fits && room && c.allowed;
+                if admitted {
                     *used.entry(e).or_default() += c.bytes;
                     *n += 1;
                 }
-                match (is_live(&c.key, e), fits, room) {
-                    (true, true, true) => "kept",
-                    (true, _, _) => "dropped",
-                    (false, _, false) => "max_copies",
-                    (false, true, true) => "shadowed",
-                    (false, false, true) => "budget",
+                match (live.is_some(), admitted, failed, room) {
+                    (true, true, None, _) => "kept",
+                    (true, true, Some(_), _) => "expiring",
+                    (true, false, _, _) => "dropped",
+                    (false, _, _, false) => "max_copies",
+                    (false, true, _, _) => "shadowed",
+                    (false, false, _, true) => "budget",
                 }
             } else {
-                "no_edge"
+                failed.unwrap_or("no_edge")
             };
             Verdict {
                 candidate: i,
@@ -942,11 +956,13 @@ impl Planner {
         let bars: Vec<Bar> = cands
             .iter()
             .zip(&peers)
-            .map(|(c, p)| {
+            .zip(&standings)
+            .map(|((c, p), standing)| {
                 let stake = self.ledger.stake(c.bytes, p.is_some(), c.ttl);
                 Bar {
                     stake,
                     odds: self.ledger.odds(Some(&stake)),
+                    dropping: self.anomaly.enabled && *standing == Standing::Drop,
                 }
             })
             .collect();
@@ -1203,7 +1219,11 @@ mod tests {
             break_even: 0.0,
             floor: 0.0,
         };
-        let bar = Bar { stake, odds };
+        let bar = Bar {
+            stake,
+            odds,
+            dropping: false,
+        };
         vec![bar; n]
     }
 
@@ -1273,7 +1293,11 @@ mod tests {
                     break_even: stake.break_even(),
                     floor: 0.6,
                 };
-                Bar { stake, odds }
+                Bar {
+                    stake,
+                    odds,
+                    dropping: false,
+                }
             })
             .collect();
         let v = decide(
@@ -1348,6 +1372,79 @@ mod tests {
         };
         assert_eq!(outcome("new"), "shadowed");
         assert_eq!(outcome("old"), "dropped");
+    }
+
+    #[test]
+    fn live_shadows_that_fail_the_checks_still_hold_their_bytes_and_copies() {
+        let mut cands = vec![
+            cand("old", 600, 9, true),
+            cand("new", 600, 0, true),
+            cand("k", 10, 9, true),
+            cand("k", 10, 1, true),
+        ];
+        cands[2].max_copies = 1;
+        cands[3].max_copies = 1;
+        cands[3].region_idx = 1;
+        // "old" and the first "k" are live but now below the threshold, and each ranks
+        // before the candidate it competes with.
+        let forecasts = vec![fc(50.0, 0.4), fc(10.0, 0.9), fc(1.0, 0.45), fc(1.0, 0.9)];
+        let v = decide(
+            &cands,
+            &forecasts,
+            &even(4),
+            |i| Some(cands[i].region_idx),
+            |k, e| k == "old" || (k == "k" && e == 0),
+            |_| 0.5,
+            |_| 1000,
+        );
+        let outcome = |i: usize| v.iter().find(|v| v.candidate == i).unwrap().outcome;
+        assert_eq!(outcome(0), "expiring", "left to its TTL");
+        assert_eq!(
+            outcome(1),
+            "budget",
+            "600 + 600 B would pass the 1000 B budget"
+        );
+        assert_eq!(outcome(2), "expiring");
+        assert_eq!(outcome(3), "max_copies", "the live copy is the one allowed");
+        // A live shadow its policy no longer allows is released, not left to expire.
+        cands[0].allowed = false;
+        let v = decide(
+            &cands,
+            &forecasts,
+            &even(4),
+            |i| Some(cands[i].region_idx),
+            |k, _| k == "old",
+            |_| 0.5,
+            |_| 1000,
+        );
+        assert_eq!(
+            v.iter().find(|v| v.candidate == 0).unwrap().outcome,
+            "dropped"
+        );
+        assert_eq!(
+            v.iter().find(|v| v.candidate == 1).unwrap().outcome,
+            "shadowed"
+        );
+    }
+
+    #[test]
+    fn a_series_in_a_drop_is_not_shadowed_again_after_its_release() {
+        let cands = vec![cand("k", 10, 5, true)];
+        let forecasts = vec![fc(5.0, 0.99)];
+        let mut bars = even(1);
+        bars[0].dropping = true;
+        for live in [true, false] {
+            let v = decide(
+                &cands,
+                &forecasts,
+                &bars,
+                |_| Some(0),
+                |_, _| live,
+                |_| 0.5,
+                |_| 1 << 20,
+            );
+            assert_eq!(v[0].outcome, "drop_anomaly", "live: {live}");
+        }
     }
 
     #[test]

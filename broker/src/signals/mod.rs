@@ -124,7 +124,8 @@ impl CoAccessService {
             let Some(edge) = self.fleet.edge_in_region(&f.key, t.region, &self.health) else {
                 continue;
             };
-            if self.planner.live_edges(&f.key).contains(&edge) {
+            let held = self.planner.live_edges(&f.key);
+            if held.contains(&edge) {
                 continue;
             }
             let budget = self.planner_cfg.edge_budget(&self.sync, edge);
@@ -143,6 +144,16 @@ impl CoAccessService {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&["policy"])
+                    .inc();
+                continue;
+            }
+            if reg
+                .as_ref()
+                .is_some_and(|r| held.len() >= r.policy.max_copies as usize)
+            {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["max_copies"])
                     .inc();
                 continue;
             }
