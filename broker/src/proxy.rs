@@ -19,7 +19,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::metrics::BrokerMetrics;
-use crate::monitor::{now_secs, Record, Recorder};
+use crate::monitor::{now_secs, object_size, Record, Recorder};
 use crate::registry::Registry;
 use crate::routing::{Choice, Fleet, Health, Holders, Reason, RegionResolver};
 
@@ -525,6 +525,9 @@ impl ProxyHttp for BrokerProxy {
                 region: ctx.region as u16,
                 segment: ctx.segment.take(),
                 bytes: session.body_bytes_sent() as u64,
+                object_bytes: session
+                    .response_written()
+                    .and_then(|r| object_size(r.status.as_u16(), &r.headers)),
                 cache_status: ctx.cache_status,
                 latency_us: elapsed.as_micros() as u64,
                 client: ctx.client,

@@ -45,12 +45,32 @@ pub struct Record {
     pub segment: Option<String>,
     /// Response body bytes.
     pub bytes: u64,
+    /// The whole object's size when the response told it (a 200's `Content-Length`, a
+    /// 206's `Content-Range` total; not a 304 or a body of unknown length): what a shadow
+    /// of it costs, whatever part of it this request fetched.
+    pub object_bytes: Option<u64>,
     /// Edge cache status (`hit`, `miss`, … or `origin`).
     pub cache_status: &'static str,
     /// Broker-side latency in microseconds.
     pub latency_us: u64,
     /// Hash of the client address (co-access pairs a client's consecutive requests).
     pub client: u64,
+}
+
+/// The whole object's size as a response tells it: a 200's `Content-Length` (a HEAD's too),
+/// the total of a 206's `Content-Range`; `None` for anything else.
+pub fn object_size(status: u16, headers: &http::HeaderMap) -> Option<u64> {
+    let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+    match status {
+        200 => text(http::header::CONTENT_LENGTH)?.trim().parse().ok(),
+        206 => text(http::header::CONTENT_RANGE)?
+            .rsplit_once('/')?
+            .1
+            .trim()
+            .parse()
+            .ok(),
+        _ => None,
+    }
 }
 
 /// The hot-path side: cheap to clone, never blocks.
@@ -272,6 +292,7 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
                         segment: r.segment.as_deref(),
                         ts: r.ts,
                         bytes: r.bytes,
+                        object_bytes: r.object_bytes,
                         hit: matches!(r.cache_status, "hit" | "stale"),
                     });
                     n += 1;
@@ -346,6 +367,23 @@ mod tests {
     }
 
     #[test]
+    fn object_sizes_come_from_the_length_or_the_range_total() {
+        let h = |name: &'static str, v: &'static str| {
+            let mut m = http::HeaderMap::new();
+            m.insert(name, http::HeaderValue::from_static(v));
+            m
+        };
+        assert_eq!(object_size(200, &h("content-length", "1234")), Some(1234));
+        assert_eq!(
+            object_size(206, &h("content-range", "bytes 0-99/5000")),
+            Some(5000)
+        );
+        assert_eq!(object_size(206, &h("content-range", "bytes 0-99/*")), None);
+        assert_eq!(object_size(304, &h("content-length", "1234")), None);
+        assert_eq!(object_size(200, &http::HeaderMap::new()), None);
+    }
+
+    #[test]
     fn records_keep_flowing_while_a_reader_holds_the_store() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("monitor.json");
@@ -365,6 +403,7 @@ mod tests {
             region: 0,
             segment: None,
             bytes: 10,
+            object_bytes: Some(10),
             cache_status: "hit",
             latency_us: 1,
             client: 1,

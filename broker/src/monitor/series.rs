@@ -19,6 +19,12 @@ pub struct Bucket {
     /// Requests the edge answered from cache (hit or stale).
     #[serde(default)]
     pub hits: u64,
+    /// Requests whose response told the object's size.
+    #[serde(default)]
+    pub sized: u64,
+    /// Sum of those objects' sizes.
+    #[serde(default)]
+    pub object_bytes: u64,
 }
 
 /// The buckets of one (resource, region), oldest first.
@@ -73,6 +79,8 @@ pub struct Observation<'a> {
     pub ts: u64,
     /// Response bytes.
     pub bytes: u64,
+    /// The object's size, when the response told it.
+    pub object_bytes: Option<u64>,
     /// Whether the edge served it from cache.
     pub hit: bool,
 }
@@ -94,8 +102,17 @@ impl Series {
         out
     }
 
-    /// Mean response size, if any bytes were recorded.
+    /// Mean size of the objects requested: what a shadow of this series costs. Requests that
+    /// did not tell it (304s, bodies of unknown length) do not count; ranges count as the whole
+    /// object. Buckets from before object sizes were recorded fall back to the mean response.
     pub fn mean_bytes(&self) -> Option<u64> {
+        let (n, b) = self
+            .buckets
+            .iter()
+            .fold((0u64, 0u64), |(n, b), x| (n + x.sized, b + x.object_bytes));
+        if let Some(mean) = b.checked_div(n) {
+            return Some(mean);
+        }
         let (r, b) = self
             .buckets
             .iter()
@@ -184,6 +201,8 @@ impl SeriesStore {
                 b.requests += 1;
                 b.bytes += o.bytes;
                 b.hits += u64::from(o.hit);
+                b.sized += u64::from(o.object_bytes.is_some());
+                b.object_bytes += o.object_bytes.unwrap_or(0);
             }
             None => {
                 let b = Bucket {
@@ -191,6 +210,8 @@ impl SeriesStore {
                     requests: 1,
                     bytes: o.bytes,
                     hits: u64::from(o.hit),
+                    sized: u64::from(o.object_bytes.is_some()),
+                    object_bytes: o.object_bytes.unwrap_or(0),
                 };
                 // Records arrive almost in order; keep the deque sorted.
                 let pos = s
@@ -289,8 +310,38 @@ mod tests {
             segment: Some("mobile"),
             ts,
             bytes: 10,
+            object_bytes: Some(10),
             hit: ts.is_multiple_of(2),
         }
+    }
+
+    #[test]
+    fn the_object_size_counts_what_a_shadow_holds_not_what_a_request_fetched() {
+        let mut s = SeriesStore::new(60, 10, 100);
+        // A 10 MB file: one whole download, HEADs and ranges that say its size, 304s that
+        // do not.
+        for (bytes, object) in [
+            (10_000_000, Some(10_000_000)),
+            (0, Some(10_000_000)),
+            (2_000_000, Some(10_000_000)),
+            (0, None),
+            (0, None),
+        ] {
+            s.add(&Observation {
+                bytes,
+                object_bytes: object,
+                ..obs("h/big", "eu", 5)
+            });
+        }
+        let series = &s.query("h/big").unwrap()["eu"];
+        assert_eq!(series.mean_bytes(), Some(10_000_000));
+        // A store from before sizes were recorded falls back to the mean response.
+        let mut old = series.clone();
+        for b in &mut old.buckets {
+            b.sized = 0;
+            b.object_bytes = 0;
+        }
+        assert_eq!(old.mean_bytes(), Some(12_000_000 / 5));
     }
 
     #[test]
