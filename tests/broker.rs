@@ -516,6 +516,68 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
     assert_eq!(sent["host"], origin.addr.to_string().as_str());
 }
 
+/// With every edge down the broker asks the origin itself; an origin that closed a pooled
+/// connection just as the broker reused it (a keep-alive race, no answer) gets the request
+/// again on a fresh connection rather than the client getting a 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_origin_fallback_survives_a_keep_alive_race() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    for e in &mut c.edges {
+        e.child.kill();
+    }
+    // An origin that answers the first request on each connection and drops the connection
+    // at the second one without a word.
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = answered.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = raw.accept().await else {
+                return;
+            };
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let mut got = Vec::new();
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let body = "ok";
+                let resp = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {}\r\ncache-control: no-store\r\n\r\n{body}",
+                    body.len()
+                );
+                s.write_all(resp.as_bytes()).await.unwrap();
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                // The next request on this connection is read, then dropped unanswered.
+                let _ = s.read(&mut buf).await;
+            });
+        }
+    });
+    let (s, v) = api(
+        reqwest::Method::PUT,
+        c.broker.api(&format!("/v1/origins/{HOST}")),
+        &c.token,
+        Some(json!({"upstream": format!("http://{raw_addr}")})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    for i in 0..3 {
+        let r = c.get(&format!("/race/{i}"), "eu").await;
+        assert_eq!(r.status(), StatusCode::OK, "request {i}");
+        assert_eq!(edge_of(&r), "origin");
+        assert_eq!(r.text().await.unwrap(), "ok");
+    }
+    assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_survives_sigkill() {
     let origin = TestOrigin::start().await;

@@ -388,10 +388,14 @@ impl ProxyHttp for BrokerProxy {
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
         let edge = ctx.chosen.and_then(|c| c.edge);
-        if replayable && client_reused && edge.is_some() {
-            // A pooled connection the edge had already closed (keep-alive race): no evidence
-            // against the edge, which gets the request again on a fresh connection.
-            ctx.tried.retain(|t| Some(*t) != edge);
+        if replayable && client_reused && ctx.chosen.is_some() {
+            // A pooled connection the edge (or, with every edge down, the origin) had already
+            // closed (keep-alive race): no evidence against it, and it gets the request again
+            // on a fresh connection.
+            match edge {
+                Some(_) => ctx.tried.retain(|t| Some(*t) != edge),
+                None => ctx.origin_tried = false,
+            }
             self.metrics.retries.inc();
             e.set_retry(true);
         } else if stalled {
