@@ -63,20 +63,6 @@ fn last_complete_bucket(now: u64) -> u64 {
     (now - now % FORECAST_BUCKET).saturating_sub(FORECAST_BUCKET)
 }
 
-/// Forecast buckets of history up to the one containing `last`: a week, or fewer when the
-/// monitor began counting (`since`) less than a week ago. The forecasters were trained on
-/// histories that start with their trace, and the days before the monitor existed are
-/// unknown demand, not silence (seven days of zeros give seasonal naive p_any 0).
-fn history_buckets(since: Option<u64>, last: u64) -> usize {
-    let Some(since) = since else {
-        return HISTORY_BUCKETS;
-    };
-    let first = since - since % FORECAST_BUCKET;
-    let last = last - last % FORECAST_BUCKET;
-    let n = last.saturating_sub(first) / FORECAST_BUCKET + 1;
-    (n as usize).min(HISTORY_BUCKETS)
-}
-
 /// Planner settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -581,14 +567,12 @@ impl Planner {
         // bucket would judge one second of traffic.
         let k = interval.div_ceil(width).max(1) as usize + 1;
         let window_secs = ((k as u64 - 1) * width + now % width + 1) as f64;
-        let last = last_complete_bucket(now);
-        let history = history_buckets(store.since(), last);
         let mut out = Vec::new();
         for (resource, region, s) in store.iter() {
             let Some(region_idx) = self.fleet.region_index(region) else {
                 continue;
             };
-            let counts = s.counts(FORECAST_BUCKET, history, last);
+            let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, last_complete_bucket(now));
             if counts.iter().all(|c| *c == 0) {
                 continue;
             }
@@ -1461,20 +1445,6 @@ mod tests {
             );
             assert_eq!(v[0].outcome, "drop_anomaly", "live: {live}");
         }
-    }
-
-    #[test]
-    fn history_reaches_back_to_when_the_monitor_began_at_most_a_week() {
-        let b = FORECAST_BUCKET;
-        let start = 1_000 * b;
-        assert_eq!(history_buckets(None, start), HISTORY_BUCKETS);
-        assert_eq!(history_buckets(Some(start + 10), start), 1);
-        assert_eq!(history_buckets(Some(start + 10), start + 3 * b + 5), 4);
-        assert_eq!(history_buckets(Some(start + 10), start - b), 1);
-        assert_eq!(
-            history_buckets(Some(start), start + 30 * 86_400),
-            HISTORY_BUCKETS
-        );
     }
 
     #[test]

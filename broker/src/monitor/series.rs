@@ -62,10 +62,6 @@ pub struct SeriesStore {
     /// (resource, region) → series.
     series: HashMap<String, HashMap<String, Series>>,
     count: usize,
-    /// When the first request was counted (seconds since the epoch): demand before it is
-    /// unknown, not zero.
-    #[serde(default)]
-    since: Option<u64>,
 }
 
 /// One request as the aggregator sees it.
@@ -134,28 +130,13 @@ impl SeriesStore {
             max_series: max_series.max(1),
             series: HashMap::new(),
             count: 0,
-            since: None,
         }
-    }
-
-    /// When the first request was counted, if any was.
-    pub fn since(&self) -> Option<u64> {
-        self.since
     }
 
     /// Adopt a snapshot's data under this store's limits; whether it could (not when its
     /// bucket width differs from this store's).
     pub fn restore(&mut self, snapshot: SeriesStore) -> bool {
         if snapshot.bucket_secs == self.bucket_secs {
-            // Snapshots from before `since` was kept: their oldest bucket is the best guess.
-            self.since = snapshot.since.or_else(|| {
-                snapshot
-                    .series
-                    .values()
-                    .flat_map(HashMap::values)
-                    .filter_map(|s| s.buckets.front().map(|b| b.start))
-                    .min()
-            });
             self.series = snapshot.series;
             self.count = self.series.values().map(HashMap::len).sum();
             for regions in self.series.values_mut() {
@@ -181,7 +162,6 @@ impl SeriesStore {
 
     /// Count one request.
     pub fn add(&mut self, o: &Observation<'_>) {
-        self.since = Some(self.since.map_or(o.ts, |t| t.min(o.ts)));
         let start = o.ts - o.ts % self.bucket_secs;
         let is_new = !self
             .series
@@ -362,25 +342,6 @@ mod tests {
             b.object_bytes = 0;
         }
         assert_eq!(old.mean_bytes(), Some(12_000_000 / 5));
-    }
-
-    #[test]
-    fn the_store_knows_when_it_began_counting_across_a_restore() {
-        let mut s = SeriesStore::new(60, 10, 100);
-        assert_eq!(s.since(), None);
-        s.add(&obs("h/a", "eu", 500));
-        s.add(&obs("h/b", "us", 400));
-        s.add(&obs("h/a", "eu", 900));
-        assert_eq!(s.since(), Some(400));
-        let mut restored = SeriesStore::new(60, 10, 100);
-        assert!(restored.restore(s.clone()));
-        assert_eq!(restored.since(), Some(400));
-        // A snapshot from before `since` was kept: its oldest bucket.
-        let mut old = s;
-        old.since = None;
-        let mut restored = SeriesStore::new(60, 10, 100);
-        assert!(restored.restore(old));
-        assert_eq!(restored.since(), Some(360));
     }
 
     #[test]
