@@ -360,7 +360,7 @@ async fn update_resource(
     s.registry.resource(&p.id, &id)?;
     let req: ResourceBody = read_json(body, s.max_body).await?;
     let r = req.into_resource(id, &p.id, &s.fleet.regions)?;
-    s.registry.put_resource(r.clone())?;
+    s.registry.update_resource(r.clone())?;
     Ok(Json(r).into_response())
 }
 

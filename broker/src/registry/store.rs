@@ -415,7 +415,20 @@ impl Registry {
 
     /// Insert or replace a resource after checking ownership of it and its host.
     pub fn put_resource(&self, resource: Resource) -> Result<(), RegistryError> {
+        self.store_resource(resource, false)
+    }
+
+    /// Replace a resource that exists (`NotFound` otherwise), checked under the same lock
+    /// as the write: an update racing a delete does not bring the resource back.
+    pub fn update_resource(&self, resource: Resource) -> Result<(), RegistryError> {
+        self.store_resource(resource, true)
+    }
+
+    fn store_resource(&self, resource: Resource, must_exist: bool) -> Result<(), RegistryError> {
         let _writer = self.writer.lock();
+        if must_exist {
+            self.resource(&resource.provider, &resource.id)?;
+        }
         self.check_host_owner(&resource.provider, &resource.host)?;
         {
             let m = self.mem.read();
@@ -575,7 +588,14 @@ mod tests {
             assert!(reg.resource_for("a.com", "/x/y").is_none());
             assert_eq!(reg.resource_for("b.com", "/x/y").unwrap().id, "r1");
             reg.put_resource(res("r2", &p.id, "a.com")).unwrap();
+            reg.update_resource(res("r2", &p.id, "a.com")).unwrap();
             reg.delete_resource(&p.id, "r2").unwrap();
+            assert!(reg.resource_for("a.com", "/x/y").is_none());
+            // An update that lost the race with a delete does not bring the resource back.
+            assert!(matches!(
+                reg.update_resource(res("r2", &p.id, "a.com")),
+                Err(RegistryError::NotFound(_))
+            ));
             assert!(reg.resource_for("a.com", "/x/y").is_none());
         }
         // A provider at its limit may update what it has, not add more.
