@@ -709,6 +709,16 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
         .position(|id| *id == holder)
         .unwrap();
     assert_eq!(c.edges[down].child.terminate(), Some(0));
+    // A purge some edge could not confirm: the CLI says so with exit code 3.
+    let out = shadowcdn_tests::Binary::get("broker", "broker")
+        .command()
+        .args(["api", "--api", &c.broker.api(""), "--token", &c.token])
+        .args(["purge", "--host", HOST, "--prefix", "/"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("did not confirm"), "{stderr}");
     let (s, v) = api(
         reqwest::Method::DELETE,
         c.broker.api(&format!("/v1/origins/{HOST}")),
