@@ -280,6 +280,10 @@ struct Bar {
     odds: Odds,
     /// The series is in a drop anomaly: its shadows are being released, none is placed.
     dropping: bool,
+    /// Live copies of its key that no candidate of this tick stands for (placed by an event,
+    /// a widening or an earlier broker, or on an edge that no longer owns the key): they take
+    /// copies of the policy's limit.
+    held_elsewhere: u32,
 }
 
 /// The verdict on one candidate.
@@ -340,7 +344,7 @@ fn decide(
             } else if let Some(e) = edge.filter(|_| failed.is_none() || live.is_some()) {
                 let n = copies.entry(c.key.as_str()).or_default();
                 let fits = used.get(&e).copied().unwrap_or(0) + c.bytes <= budget_of(e);
-                let room = *n < c.max_copies;
+                let room = *n + bars[i].held_elsewhere < c.max_copies;
                 let admitted = fits && room && c.allowed;
                 if admitted {
                     *used.entry(e).or_default() += c.bytes;
@@ -692,6 +696,36 @@ impl Planner {
         out
     }
 
+    /// Live shadows no candidate of this tick stands for: copies per key, and the bytes they
+    /// hold per edge where their size is known (the key is a candidate elsewhere). They are
+    /// not ranked (no forecast speaks for them there) but hold their copy and bytes until
+    /// their TTL.
+    fn held_elsewhere<'a>(
+        cands: &'a [Candidate],
+        edges: &[Option<usize>],
+        live: &'a HashMap<(String, usize), Instant>,
+        n_edges: usize,
+    ) -> (HashMap<&'a str, u32>, Vec<u64>) {
+        let owned: HashSet<(&str, usize)> = cands
+            .iter()
+            .zip(edges)
+            .filter_map(|(c, e)| e.map(|e| (c.key.as_str(), e)))
+            .collect();
+        let size: HashMap<&str, u64> = cands.iter().map(|c| (c.key.as_str(), c.bytes)).collect();
+        let mut copies: HashMap<&str, u32> = HashMap::new();
+        let mut bytes = vec![0u64; n_edges];
+        for (key, e) in live.keys() {
+            if owned.contains(&(key.as_str(), *e)) {
+                continue;
+            }
+            *copies.entry(key.as_str()).or_default() += 1;
+            if let (Some(b), Some(slot)) = (size.get(key.as_str()), bytes.get_mut(*e)) {
+                *slot += b;
+            }
+        }
+        (copies, bytes)
+    }
+
     /// The nearest usable edge among `holders` to supply a fill on `target`.
     fn peer_for(&self, target: usize, holders: &[usize]) -> Option<PeerRef> {
         let usable = |e: &usize| *e != target && self.health.is_up(*e);
@@ -953,7 +987,7 @@ impl Planner {
                 e.and_then(|e| self.peer_for(e, held))
             })
             .collect();
-        let bars: Vec<Bar> = cands
+        let mut bars: Vec<Bar> = cands
             .iter()
             .zip(&peers)
             .zip(&standings)
@@ -963,9 +997,14 @@ impl Planner {
                     stake,
                     odds: self.ledger.odds(Some(&stake)),
                     dropping: self.anomaly.enabled && *standing == Standing::Drop,
+                    held_elsewhere: 0,
                 }
             })
             .collect();
+        let (elsewhere, held) = Self::held_elsewhere(&cands, &edges, &live, budgets.len());
+        for (bar, c) in bars.iter_mut().zip(&cands) {
+            bar.held_elsewhere = elsewhere.get(c.key.as_str()).copied().unwrap_or(0);
+        }
         let verdicts = decide(
             &cands,
             &forecasts,
@@ -973,7 +1012,7 @@ impl Planner {
             |i| edges[i],
             |key, e| live.contains_key(&(key.to_string(), e)),
             |i| thresholds[i].0,
-            |e| budgets[e],
+            |e| budgets[e].saturating_sub(held[e]),
         );
         let now_ms = now * 1000;
         let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
@@ -1223,6 +1262,7 @@ mod tests {
             stake,
             odds,
             dropping: false,
+            held_elsewhere: 0,
         };
         vec![bar; n]
     }
@@ -1297,6 +1337,7 @@ mod tests {
                     stake,
                     odds,
                     dropping: false,
+                    held_elsewhere: 0,
                 }
             })
             .collect();
@@ -1425,6 +1466,43 @@ mod tests {
             v.iter().find(|v| v.candidate == 1).unwrap().outcome,
             "shadowed"
         );
+    }
+
+    #[test]
+    fn copies_placed_outside_this_ticks_candidates_take_the_policys_copies_and_budget() {
+        // An event shadowed "k" on edges 0 and 1 (regions without traffic, so without a
+        // candidate); demand appears in region 2, owned by edge 2.
+        let mut k = cand("k", 300, 5, true);
+        k.region_idx = 2;
+        let cands = vec![k, cand("other", 300, 5, true)];
+        let edges = vec![Some(2), Some(0)];
+        let soon = Instant::now() + Duration::from_secs(60);
+        let live: HashMap<(String, usize), Instant> = [
+            (("k".to_string(), 0), soon),
+            (("k".to_string(), 1), soon),
+            (("other".to_string(), 0), soon),
+        ]
+        .into();
+        let (copies, held) = Planner::held_elsewhere(&cands, &edges, &live, 3);
+        assert_eq!(copies.get("k"), Some(&2));
+        assert_eq!(copies.get("other"), None, "its candidate stands for it");
+        assert_eq!(held, vec![300, 300, 0]);
+        let mut bars = even(2);
+        bars[0].held_elsewhere = 2;
+        let v = decide(
+            &cands,
+            &[fc(5.0, 0.9), fc(5.0, 0.9)],
+            &bars,
+            |i| edges[i],
+            |key, e| live.contains_key(&(key.to_string(), e)),
+            |_| 0.5,
+            |e| (1000u64).saturating_sub(held[e]),
+        );
+        assert_eq!(
+            v.iter().find(|v| v.candidate == 0).unwrap().outcome,
+            "max_copies"
+        );
+        assert_eq!(v.iter().find(|v| v.candidate == 1).unwrap().outcome, "kept");
     }
 
     #[test]

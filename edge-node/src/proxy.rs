@@ -204,8 +204,15 @@ impl EdgeProxy {
 
     /// Whether `client` may tell the origin which scheme the request arrived over.
     fn trusts(&self, client: Option<std::net::IpAddr>) -> bool {
-        client.is_some_and(|ip| self.trusted_proxies.iter().any(|n| n.contains(&ip)))
+        client.is_some_and(|ip| within(&self.trusted_proxies, ip))
     }
+}
+
+/// Whether `ip` lies in one of `nets`; a dual-stack listener reports IPv4 peers as
+/// `::ffff:a.b.c.d`, which is matched as the IPv4 address it is.
+fn within(nets: &[IpNet], ip: std::net::IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    nets.iter().any(|n| n.contains(&ip))
 }
 
 /// Header a broker tags requests with: `region=<r>; reason=<primary|failover|…>`.
@@ -1052,6 +1059,20 @@ impl ProxyHttp for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn trusted_proxies_match_ipv4_peers_of_a_dual_stack_listener() {
+        let nets: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()];
+        for (ip, trusted) in [
+            ("10.1.2.3", true),
+            ("::ffff:10.1.2.3", true),
+            ("fd00::1", true),
+            ("::ffff:192.0.2.1", false),
+            ("2001:db8::1", false),
+        ] {
+            assert_eq!(within(&nets, ip.parse().unwrap()), trusted, "{ip}");
+        }
+    }
 
     #[test]
     fn the_forwarded_chain_is_one_line_ending_with_the_client() {

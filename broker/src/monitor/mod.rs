@@ -61,7 +61,7 @@ pub struct Record {
 /// the total of a 206's `Content-Range`; `None` for anything else.
 pub fn object_size(status: u16, headers: &http::HeaderMap) -> Option<u64> {
     let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
-    match status {
+    let size: Option<u64> = match status {
         200 => text(http::header::CONTENT_LENGTH)?.trim().parse().ok(),
         206 => text(http::header::CONTENT_RANGE)?
             .rsplit_once('/')?
@@ -70,8 +70,13 @@ pub fn object_size(status: u16, headers: &http::HeaderMap) -> Option<u64> {
             .parse()
             .ok(),
         _ => None,
-    }
+    };
+    // An origin's claim: a bogus total must not swamp the series' sums.
+    size.filter(|s| *s <= MAX_OBJECT_SIZE)
 }
+
+/// Largest object size a response is believed about (1 TiB).
+const MAX_OBJECT_SIZE: u64 = 1 << 40;
 
 /// The hot-path side: cheap to clone, never blocks.
 #[derive(Clone)]
@@ -381,6 +386,8 @@ mod tests {
         assert_eq!(object_size(206, &h("content-range", "bytes 0-99/*")), None);
         assert_eq!(object_size(304, &h("content-length", "1234")), None);
         assert_eq!(object_size(200, &http::HeaderMap::new()), None);
+        let bogus = "bytes 0-1/18446744073709551615";
+        assert_eq!(object_size(206, &h("content-range", bogus)), None);
     }
 
     #[test]

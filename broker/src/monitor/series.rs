@@ -106,10 +106,9 @@ impl Series {
     /// did not tell it (304s, bodies of unknown length) do not count; ranges count as the whole
     /// object. Buckets from before object sizes were recorded fall back to the mean response.
     pub fn mean_bytes(&self) -> Option<u64> {
-        let (n, b) = self
-            .buckets
-            .iter()
-            .fold((0u64, 0u64), |(n, b), x| (n + x.sized, b + x.object_bytes));
+        let (n, b) = self.buckets.iter().fold((0u64, 0u64), |(n, b), x| {
+            (n + x.sized, b.saturating_add(x.object_bytes))
+        });
         if let Some(mean) = b.checked_div(n) {
             return Some(mean);
         }
@@ -202,7 +201,7 @@ impl SeriesStore {
                 b.bytes += o.bytes;
                 b.hits += u64::from(o.hit);
                 b.sized += u64::from(o.object_bytes.is_some());
-                b.object_bytes += o.object_bytes.unwrap_or(0);
+                b.object_bytes = b.object_bytes.saturating_add(o.object_bytes.unwrap_or(0));
             }
             None => {
                 let b = Bucket {

@@ -279,10 +279,10 @@ pub fn check_path(field: &'static str, path: &str) -> Result<(), Invalid> {
     }
     // URL parsers percent-encode these on the way to an edge's admin API, which would then
     // purge a different key; clients' requests carry them percent-encoded too.
-    if path.contains(['"', '\'', '<', '>', '`', '{', '}']) {
+    if !path.is_ascii() || path.contains(['"', '\'', '<', '>', '`', '{', '}']) {
         return Err(invalid(
             field,
-            "must not contain \" ' < > ` { } (write them percent-encoded, as clients send them)",
+            "must be ASCII without \" ' < > ` { } (write them percent-encoded, as clients send them)",
         ));
     }
     let route = path.split('?').next().unwrap_or(path);
@@ -380,6 +380,7 @@ mod tests {
             "/q?\"a\"",
             "/a<b>",
             "/a`b",
+            "/café",
         ] {
             let e = check_path("prefix", bad).unwrap_err();
             assert_eq!(e.field, "prefix", "{bad}");

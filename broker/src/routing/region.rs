@@ -46,7 +46,8 @@ impl RegionResolver {
         if let Some(r) = header.and_then(|h| fleet.region_index(h.trim())) {
             return r;
         }
-        if let Some(ip) = ip {
+        // A dual-stack listener reports IPv4 clients as `::ffff:a.b.c.d`.
+        if let Some(ip) = ip.map(|ip| ip.to_canonical()) {
             if let Some((_, r)) = self.cidrs.iter().find(|(n, _)| n.contains(&ip)) {
                 return *r;
             }

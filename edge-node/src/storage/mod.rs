@@ -153,6 +153,8 @@ const PURGE_SLOTS: usize = 256;
 /// answer (the edge's connect and read timeouts, a cache-lock wait); an answer that took
 /// longer is not cached.
 const RECENT_PURGE_WINDOW: Duration = Duration::from_secs(300);
+/// Longest a key purge waits for the disk tier to write its tombstone before answering.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Key purges remembered at most (about 50 bytes each). Past it, a fetch that started before
 /// the oldest one dropped is not cached, whatever its key.
 const RECENT_PURGE_CAP: usize = 100_000;
@@ -271,7 +273,17 @@ impl FoyerStorage {
     /// still read the object from foyer's write queue or a disk read already under way, and
     /// put it back in memory.
     pub async fn settle_purge(&self, primary_key: &str) {
-        self.cache.storage().wait().await;
+        // The wait covers every flusher's backlog; under a heavy fill load the answer must
+        // not outlast the caller's deadline (the purge itself already holds in memory).
+        if tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                key = primary_key,
+                "purge answered before its tombstone reached the disk tier"
+            );
+        }
         self.cache.memory().remove(&primary_hash(primary_key));
     }
 
@@ -445,9 +457,10 @@ impl Storage for FoyerStorage {
             }
         };
         if self.bans.is_banned(&primary, meta.created())
-            || self
-                .recent
-                .purged_after(primary_hash(&primary), meta.created())
+            || (self.recent.may_cover(meta.created())
+                && self
+                    .recent
+                    .purged_after(primary_hash(&primary), meta.created()))
         {
             self.cache.remove(&hash);
             return Ok(None);

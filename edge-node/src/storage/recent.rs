@@ -28,6 +28,8 @@ struct Inner {
     /// The newest purge dropped to stay within `cap` while still inside the window: every
     /// fetch that started before it counts as purged, since its key can no longer be told.
     forgotten: Option<Instant>,
+    /// Its wall time (µs since the epoch): an object created before it may have been purged.
+    forgotten_wall: Option<u64>,
 }
 
 impl RecentPurges {
@@ -58,6 +60,10 @@ impl RecentPurges {
             }
             if !expired {
                 i.forgotten = Some(i.forgotten.map_or(t, |f| f.max(t)));
+                // The dropped purge's wall time: this purge's, less how much earlier it was.
+                let t_wall =
+                    wall.saturating_sub(now.saturating_duration_since(t).as_micros() as u64);
+                i.forgotten_wall = Some(i.forgotten_wall.map_or(t_wall, |f| f.max(t_wall)));
             }
         }
     }
@@ -77,11 +83,27 @@ impl RecentPurges {
     /// window): a copy read back from the write queue or the disk after its purge.
     pub(crate) fn purged_after(&self, hash: u128, created: SystemTime) -> bool {
         let created = micros(created);
-        if created > self.newest_us.load(Ordering::Acquire) {
+        if !self.may_have_purged(created) {
             return false;
         }
         let i = self.inner.lock();
         i.last.get(&hash).is_some_and(|(_, wall)| *wall >= created)
+            || i.forgotten_wall.is_some_and(|f| f >= created)
+    }
+
+    /// Whether any purge within the window could cover an object created at `created` (µs):
+    /// the lock-free test every cache hit makes first. A copy read back after its purge is
+    /// caught by the lookup that read it, within milliseconds, so purges older than the
+    /// window need not be asked about.
+    fn may_have_purged(&self, created: u64) -> bool {
+        let newest = self.newest_us.load(Ordering::Acquire);
+        let horizon = micros(SystemTime::now()).saturating_sub(self.window.as_micros() as u64);
+        created <= newest && newest >= horizon
+    }
+
+    /// [`Self::may_have_purged`] for an object created at `created`, before any hashing.
+    pub(crate) fn may_cover(&self, created: SystemTime) -> bool {
+        self.may_have_purged(micros(created))
     }
 
     #[cfg(test)]
@@ -120,6 +142,23 @@ mod tests {
         assert!(!r.purged_after(2, before), "another key");
         let after = SystemTime::now() + Duration::from_millis(5);
         assert!(!r.purged_after(1, after), "created after the purge");
+    }
+
+    #[test]
+    fn read_backs_are_told_past_the_cap_but_not_after_the_window() {
+        let r = RecentPurges::new(Duration::from_secs(300), 2);
+        let before = SystemTime::now() - Duration::from_millis(5);
+        for h in 0..5 {
+            r.record(h, Instant::now());
+        }
+        assert!(
+            r.purged_after(0, before),
+            "a forgotten purge may have been this key"
+        );
+        let old = RecentPurges::new(Duration::from_millis(10), 100);
+        old.record(1, Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!old.purged_after(1, before), "older than the window");
     }
 
     #[test]
