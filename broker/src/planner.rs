@@ -987,7 +987,8 @@ impl Planner {
                 e.and_then(|e| self.peer_for(e, held))
             })
             .collect();
-        let mut bars: Vec<Bar> = cands
+        let (elsewhere, held) = Self::held_elsewhere(&cands, &edges, &live, budgets.len());
+        let bars: Vec<Bar> = cands
             .iter()
             .zip(&peers)
             .zip(&standings)
@@ -997,14 +998,10 @@ impl Planner {
                     stake,
                     odds: self.ledger.odds(Some(&stake)),
                     dropping: self.anomaly.enabled && *standing == Standing::Drop,
-                    held_elsewhere: 0,
+                    held_elsewhere: elsewhere.get(c.key.as_str()).copied().unwrap_or(0),
                 }
             })
             .collect();
-        let (elsewhere, held) = Self::held_elsewhere(&cands, &edges, &live, budgets.len());
-        for (bar, c) in bars.iter_mut().zip(&cands) {
-            bar.held_elsewhere = elsewhere.get(c.key.as_str()).copied().unwrap_or(0);
-        }
         let verdicts = decide(
             &cands,
             &forecasts,

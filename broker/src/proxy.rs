@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use edge_node::drain::{InflightCounter, InflightGuard};
 use edge_node::proxy::{
-    error_status, forwarded_for, primary_key, request_host, respond_json_error,
-    CLIENT_REGION_HEADER, ROUTE_HEADER,
+    client_ip, error_status, forwarded_for, primary_key, request_host, respond_json_error,
+    CLIENT_REGION_HEADER, FORWARDED_PROTO, ROUTE_HEADER,
 };
 use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -234,10 +234,7 @@ impl ProxyHttp for BrokerProxy {
             .header_name()
             .and_then(|h| req.headers.get(h))
             .and_then(|v| v.to_str().ok());
-        let ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
+        let ip = client_ip(session);
         ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
         ctx.client = match ip {
             Some(std::net::IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
@@ -315,11 +312,11 @@ impl ProxyHttp for BrokerProxy {
         // The origin learns who asked and how. The client's address ends any chain it brought
         // (an origin trusts only the last entries, which its own proxies added); the scheme is
         // the listener's, never the client's claim.
-        if let Some(addr) = session.client_addr().and_then(|a| a.as_inet()) {
-            forwarded_for(upstream_request, addr.ip())?;
+        if let Some(ip) = client_ip(session) {
+            forwarded_for(upstream_request, ip)?;
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        upstream_request.insert_header("x-forwarded-proto", if tls { "https" } else { "http" })?;
+        upstream_request.insert_header(FORWARDED_PROTO, if tls { "https" } else { "http" })?;
         if let Some(peer) = self.peer_hint(session.req_header(), ctx) {
             upstream_request.insert_header(PEER_HINT_HEADER, peer)?;
             self.metrics.peer_hints.inc();

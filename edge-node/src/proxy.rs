@@ -67,7 +67,7 @@ impl InternalSecret {
 }
 
 /// Constant-time comparison so a secret cannot be guessed byte by byte from timing.
-pub(crate) fn token_matches(given: &[u8], expected: &[u8]) -> bool {
+pub fn token_matches(given: &[u8], expected: &[u8]) -> bool {
     if given.len() != expected.len() {
         return false;
     }
@@ -256,8 +256,13 @@ pub fn address_origin(req: &mut RequestHeader, host: String) -> Result<()> {
     Ok(())
 }
 
+/// The address of the client (or proxy) on the other end of `session`'s connection.
+pub fn client_ip(session: &Session) -> Option<std::net::IpAddr> {
+    session.client_addr()?.as_inet().map(|a| a.ip())
+}
+
 /// The scheme a client's request arrived over, as the broker tells the origin.
-const FORWARDED_PROTO: &str = "x-forwarded-proto";
+pub const FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 /// Add `client` to the request's `X-Forwarded-For` chain as one comma-separated line: an
 /// origin that reads a single value (the first line) must still see the whole chain, whose
@@ -553,11 +558,7 @@ impl ProxyHttp for EdgeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // Replaced before anything reads the request, so that a `Vary: X-Forwarded-Proto`
         // variant is chosen by the scheme the origin is told, not by a client's claim.
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        if !self.trusts(client) {
+        if !self.trusts(client_ip(session)) {
             session
                 .req_header_mut()
                 .insert_header(FORWARDED_PROTO, "http")?;
@@ -759,17 +760,12 @@ impl ProxyHttp for EdgeProxy {
                 (None, _) => key.add_value(name, &[]),
                 (Some(only), None) => key.add_value(name, only.as_bytes()),
                 (Some(first), Some(second)) => {
-                    let mut joined =
-                        [first, second]
-                            .into_iter()
-                            .chain(lines)
-                            .fold(Vec::new(), |mut acc, v| {
-                                acc.extend_from_slice(v.as_bytes());
-                                acc.push(b'\n');
-                                acc
-                            });
-                    joined.pop();
-                    key.add_owned_value(name, joined);
+                    let all: Vec<&[u8]> = [first, second]
+                        .into_iter()
+                        .chain(lines)
+                        .map(|v| v.as_bytes())
+                        .collect();
+                    key.add_owned_value(name, all.join(&b'\n'));
                 }
             }
         }
@@ -806,11 +802,7 @@ impl ProxyHttp for EdgeProxy {
         }
         let via = format!("1.1 shadowcdn-{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
-        let client = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        if let Some(ip) = client {
+        if let Some(ip) = client_ip(session) {
             forwarded_for(upstream_request, ip)?;
         }
         Ok(())

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use edge_node::admin::bearer_token;
+use edge_node::proxy::token_matches;
 use parking_lot::RwLock;
 use prometheus::{Encoder, TextEncoder};
 use serde::de::DeserializeOwned;
@@ -107,13 +108,9 @@ impl From<Invalid> for ApiError {
 
 type ApiResult = Result<Response, ApiError>;
 
-fn constant_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
-
 fn operator(s: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     match bearer_token(headers) {
-        Some(t) if constant_eq(t.as_bytes(), s.operator_token.as_bytes()) => Ok(()),
+        Some(t) if token_matches(t.as_bytes(), s.operator_token.as_bytes()) => Ok(()),
         Some(_) => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
@@ -205,7 +202,9 @@ pub fn router(state: ApiState) -> Router {
 
 async fn count_calls(State(s): State<ApiState>, req: Request, next: Next) -> Response {
     let who = match bearer_token(req.headers()) {
-        Some(t) if constant_eq(t.as_bytes(), s.operator_token.as_bytes()) => "operator".to_string(),
+        Some(t) if token_matches(t.as_bytes(), s.operator_token.as_bytes()) => {
+            "operator".to_string()
+        }
         Some(t) => s
             .registry
             .provider_by_token(t)

@@ -457,10 +457,9 @@ impl Storage for FoyerStorage {
             }
         };
         if self.bans.is_banned(&primary, meta.created())
-            || (self.recent.may_cover(meta.created())
-                && self
-                    .recent
-                    .purged_after(primary_hash(&primary), meta.created()))
+            || self
+                .recent
+                .purged_after(meta.created(), || primary_hash(&primary))
         {
             self.cache.remove(&hash);
             return Ok(None);

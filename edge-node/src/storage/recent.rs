@@ -79,31 +79,23 @@ impl RecentPurges {
             || i.forgotten.is_some_and(|f| f >= started)
     }
 
-    /// Whether an object of `hash` created at `created` was purged after that (within the
-    /// window): a copy read back from the write queue or the disk after its purge.
-    pub(crate) fn purged_after(&self, hash: u128, created: SystemTime) -> bool {
+    /// Whether an object created at `created`, whose key hashes to `hash()`, was purged after
+    /// that (within the window): a copy read back from the write queue or the disk after its
+    /// purge. Every cache hit asks, so it first tests without a lock (or hashing the key)
+    /// whether any purge in the window could cover the object: a copy read back after its
+    /// purge is caught by the lookup that read it, within milliseconds, so purges older than
+    /// the window need not be asked about.
+    pub(crate) fn purged_after(&self, created: SystemTime, hash: impl FnOnce() -> u128) -> bool {
         let created = micros(created);
-        if !self.may_have_purged(created) {
+        let newest = self.newest_us.load(Ordering::Acquire);
+        let horizon = micros(SystemTime::now()).saturating_sub(self.window.as_micros() as u64);
+        if created > newest || newest < horizon {
             return false;
         }
+        let hash = hash();
         let i = self.inner.lock();
         i.last.get(&hash).is_some_and(|(_, wall)| *wall >= created)
             || i.forgotten_wall.is_some_and(|f| f >= created)
-    }
-
-    /// Whether any purge within the window could cover an object created at `created` (µs):
-    /// the lock-free test every cache hit makes first. A copy read back after its purge is
-    /// caught by the lookup that read it, within milliseconds, so purges older than the
-    /// window need not be asked about.
-    fn may_have_purged(&self, created: u64) -> bool {
-        let newest = self.newest_us.load(Ordering::Acquire);
-        let horizon = micros(SystemTime::now()).saturating_sub(self.window.as_micros() as u64);
-        created <= newest && newest >= horizon
-    }
-
-    /// [`Self::may_have_purged`] for an object created at `created`, before any hashing.
-    pub(crate) fn may_cover(&self, created: SystemTime) -> bool {
-        self.may_have_purged(micros(created))
     }
 
     #[cfg(test)]
@@ -136,12 +128,12 @@ mod tests {
     fn objects_created_before_a_purge_of_their_key_are_told() {
         let r = RecentPurges::new(Duration::from_secs(300), 100);
         let before = SystemTime::now() - Duration::from_millis(5);
-        assert!(!r.purged_after(1, before), "nothing purged yet");
+        assert!(!r.purged_after(before, || 1), "nothing purged yet");
         r.record(1, Instant::now());
-        assert!(r.purged_after(1, before));
-        assert!(!r.purged_after(2, before), "another key");
+        assert!(r.purged_after(before, || 1));
+        assert!(!r.purged_after(before, || 2), "another key");
         let after = SystemTime::now() + Duration::from_millis(5);
-        assert!(!r.purged_after(1, after), "created after the purge");
+        assert!(!r.purged_after(after, || 1), "created after the purge");
     }
 
     #[test]
@@ -152,13 +144,13 @@ mod tests {
             r.record(h, Instant::now());
         }
         assert!(
-            r.purged_after(0, before),
+            r.purged_after(before, || 0),
             "a forgotten purge may have been this key"
         );
         let old = RecentPurges::new(Duration::from_millis(10), 100);
         old.record(1, Instant::now());
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!old.purged_after(1, before), "older than the window");
+        assert!(!old.purged_after(before, || 1), "older than the window");
     }
 
     #[test]
