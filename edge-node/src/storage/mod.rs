@@ -302,10 +302,13 @@ impl FoyerStorage {
     /// fetch of the key already under way will not cache its answer (`purged_during`).
     pub fn invalidate_key(&self, primary_key: &str) -> bool {
         let hash = primary_hash(primary_key);
+        // Asked before the purge is noted: from then on a concurrent lookup drops the object
+        // itself (`purged_after`), and the purge must still count it as found and settle.
+        let held = self.cache.contains(&hash);
         // Noted before the removal: a fill that appears after the removal comes from a fetch
         // that either started after the purge or is refused by `purged_during`.
         self.recent.record(hash, Instant::now());
-        self.remove(hash)
+        self.remove(hash) || held
     }
 
     /// Whether a fetch of `primary_key` that started at `started` (`started_wall` on the wall
