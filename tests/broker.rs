@@ -698,8 +698,8 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     assert_eq!(s, StatusCode::FORBIDDEN);
     // A host its owner deletes takes its cached copies with it: whoever registers the host
     // next is served from their own origin, never the previous owner's content — even from
-    // an edge that was down when the host was deleted (its copies go when the host is
-    // registered again).
+    // an edge that was down both when the host was deleted and when it was registered again
+    // (it learns the registration's time with the origin table and drops older copies).
     assert_eq!(c.get("/a", "eu").await.status(), StatusCode::OK);
     let r = c.get("/a", "eu").await;
     assert_eq!(r.headers()["x-cache"], "HIT");
@@ -735,13 +735,6 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
             .any(|e| e["edge"] == holder.as_str() && e["ok"] == false),
         "{v}"
     );
-    c.edges[down].spawn();
-    let edge_up = format!("edge=\"{holder}\"");
-    wait_until(|| async {
-        let m = c.metrics().await;
-        sample(&m, "shadowcdn_broker_edge_up", &[edge_up.as_str()]) == Some(1.0)
-    })
-    .await;
     let theirs = TestOrigin::start().await;
     let (s, v) = api(
         reqwest::Method::PUT,
@@ -750,8 +743,27 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
         Some(json!({"upstream": format!("http://{}", theirs.addr)})),
     )
     .await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
-    wait_until(|| async { c.get("/a", "eu").await.status() == StatusCode::OK }).await;
+    assert_eq!(s, StatusCode::MULTI_STATUS, "the edge is still down: {v}");
+    assert!(
+        v["purge"]["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["edge"] == holder.as_str() && e["ok"] == false),
+        "{v}"
+    );
+    c.edges[down].spawn();
+    let edge_up = format!("edge=\"{holder}\"");
+    wait_until(|| async {
+        let m = c.metrics().await;
+        sample(&m, "shadowcdn_broker_edge_up", &[edge_up.as_str()]) == Some(1.0)
+    })
+    .await;
+    wait_until(|| async {
+        let r = c.get("/a", "eu").await;
+        r.status() == StatusCode::OK && edge_of(&r) == holder
+    })
+    .await;
     assert_eq!(theirs.hits("/a"), 1, "served the previous owner's copy");
     assert_eq!(origin.hits("/a"), 1);
 }

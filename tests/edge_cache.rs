@@ -795,6 +795,67 @@ async fn origins_pushed_at_runtime_take_effect_row_by_row() {
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
 }
 
+/// An origin row's `registered_at_ms` (the broker's time of the host's registration) hides
+/// what the edge cached for the host before then; a time ahead of the edge's clock counts as
+/// the edge's now, so it cannot keep the host uncacheable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_registration_time_hides_what_was_cached_for_it_before() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let push = |registered_at_ms: Option<u64>| {
+        let mut row = serde_json::json!({"host": "owned.local",
+            "upstream": format!("http://{}", origin.addr)});
+        if let Some(ms) = registered_at_ms {
+            row["registered_at_ms"] = ms.into();
+        }
+        let body = serde_json::json!({"origins": [row], "allow_private_upstreams": true});
+        let edge = &edge;
+        async move {
+            let (s, v) = admin_json(edge, Method::PUT, "/origins", Some(body)).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            assert_eq!(v["rejected"], serde_json::json!([]), "{v}");
+        }
+    };
+    let get = || async {
+        let r = client()
+            .get(edge.url("/o"))
+            .header("host", "owned.local")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        r.headers()["x-cache"].to_str().unwrap().to_string()
+    };
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    push(None).await;
+    assert_eq!(get().await, "MISS");
+    assert_eq!(get().await, "HIT");
+    // Registered by someone an hour before this edge cached it: the copy stays.
+    push(Some(now_ms() - 3_600_000)).await;
+    assert_eq!(get().await, "HIT");
+    // Registered after: the copy was a previous owner's.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    push(Some(now_ms())).await;
+    assert_eq!(get().await, "MISS");
+    assert_eq!(get().await, "HIT");
+    assert_eq!(origin.hits("/o"), 2);
+    // A registry clock an hour ahead, or a time past any clock: now, once.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    push(Some(now_ms() + 3_600_000)).await;
+    assert_eq!(get().await, "MISS");
+    assert_eq!(get().await, "HIT");
+    push(Some(u64::MAX)).await;
+    assert_eq!(get().await, "MISS");
+    assert_eq!(get().await, "HIT");
+    assert_eq!(origin.hits("/o"), 4);
+}
+
 /// The origin is asked under its own name by default (a bucket or shared host answers only to
 /// that), or with `forward_host` under the site's name without the client's port (the port the
 /// cache key ignores must not reach the origin and shape a cached answer).

@@ -103,6 +103,12 @@ impl EdgeSync {
                 if o.forward_host {
                     row["forward_host"] = json!(true);
                 }
+                // The edges' floor for the host: what they cached before it is a previous
+                // owner's (an edge down through both the delete's purge and the one at
+                // registration would otherwise serve it).
+                if o.registered_at_ms > 0 {
+                    row["registered_at_ms"] = json!(o.registered_at_ms);
+                }
                 row
             })
             .collect();

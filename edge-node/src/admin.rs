@@ -23,7 +23,7 @@
 //! Purge, origin and peer endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -41,7 +41,7 @@ use serde_json::json;
 use crate::config::OriginEntry;
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
-use crate::origin::SharedOrigins;
+use crate::origin::{normalize_host, SharedOrigins};
 use crate::proxy::{normalize_key, token_matches};
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::FoyerStorage;
@@ -362,6 +362,26 @@ async fn put_origins(
         Ok(b) => b,
         Err(r) => return *r,
     };
+    // Before any request can reach a host through this table: a host that changed owner
+    // while this edge was down keeps none of the previous owner's objects.
+    for row in &parsed.origins {
+        let Some(ms) = row.registered_at_ms else {
+            continue;
+        };
+        let scope = format!("{}/", normalize_host(&row.host));
+        // Past what the clock can hold is in the future: `floor_host` takes it as now.
+        let since = UNIX_EPOCH
+            .checked_add(Duration::from_millis(ms))
+            .unwrap_or_else(SystemTime::now);
+        if let Err(e) = s.storage.floor_host(&scope, since) {
+            tracing::error!(error = %e, host = %row.host, "could not record a host's owner floor");
+            return error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ban_log",
+                format!("origins not applied: {e}"),
+            );
+        }
+    }
     // Rows are judged one by one: the usable ones apply, the others are listed back.
     let report = s
         .origins

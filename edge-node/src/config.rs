@@ -205,6 +205,12 @@ pub struct OriginEntry {
     /// object-store bucket, only answers to its own name).
     #[serde(default)]
     pub forward_host: bool,
+    /// When the host's current owner registered it (ms since the Unix epoch; set by the
+    /// broker). Objects the edge cached for the host before then belong to a previous owner
+    /// (an edge down through that owner's delete and this registration still holds them)
+    /// and are never served.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registered_at_ms: Option<u64>,
 }
 
 /// Command-line overrides; each one that is set wins over file and environment.

@@ -618,6 +618,7 @@ mod tests {
             path_prefix: prefix.map(Into::into),
             upstream: up.into(),
             forward_host: false,
+            registered_at_ms: None,
         }
     }
 

@@ -27,6 +27,11 @@ pub struct Origin {
     /// Whether edges send the site's Host to the origin instead of the upstream's name.
     #[serde(default)]
     pub forward_host: bool,
+    /// When this provider registered the host (ms since the Unix epoch; kept through updates).
+    /// Edges treat what they cached for the host before then as a previous owner's and never
+    /// serve it. 0 for hosts registered before the field existed.
+    #[serde(default)]
+    pub registered_at_ms: u64,
 }
 
 /// How a resource's path matches request paths.

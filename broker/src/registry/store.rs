@@ -7,6 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::Path;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
@@ -313,13 +314,13 @@ impl Registry {
         forward_host: bool,
     ) -> Result<bool, RegistryError> {
         let _writer = self.writer.lock();
-        let created = {
+        let registered_at_ms = {
             let m = self.mem.read();
             match m.origins.get(host) {
                 Some(o) if o.provider != provider => {
                     return Err(RegistryError::Forbidden(format!("host {host}")))
                 }
-                Some(_) => false,
+                Some(o) => Some(o.registered_at_ms),
                 None => {
                     let held = m
                         .origins
@@ -332,15 +333,17 @@ impl Registry {
                              ([admin] max_origins_per_provider)"
                         )));
                     }
-                    true
+                    None
                 }
             }
         };
+        let created = registered_at_ms.is_none();
         let origin = Origin {
             host: host.to_string(),
             upstream: upstream.to_string(),
             provider: provider.to_string(),
             forward_host,
+            registered_at_ms: registered_at_ms.unwrap_or_else(now_ms),
         };
         self.write(|w| Self::put_json(w, ORIGINS, host, &origin))?;
         self.mem.write().origins.insert(host.to_string(), origin);
@@ -523,6 +526,14 @@ impl Registry {
     }
 }
 
+/// Wall time in ms since the epoch: registration times go to edges, which compare them with
+/// their own wall clock (not the broker's replay clock).
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,12 +641,21 @@ mod tests {
         let (p, token, rid) = {
             let reg = Registry::open(&path).unwrap();
             let (p, token) = reg.create_provider("acme").unwrap();
+            let before = now_ms();
             assert!(reg
                 .put_origin(&p.id, "a.com", "http://127.0.0.1:1", false)
                 .unwrap());
+            let registered = reg.origin("a.com").unwrap().registered_at_ms;
+            assert!((before..=now_ms()).contains(&registered));
+            std::thread::sleep(std::time::Duration::from_millis(2));
             assert!(!reg
                 .put_origin(&p.id, "a.com", "http://127.0.0.1:2", true)
                 .unwrap());
+            assert_eq!(
+                reg.origin("a.com").unwrap().registered_at_ms,
+                registered,
+                "an update keeps the registration time"
+            );
             let rid = reg.new_resource_id();
             reg.put_resource(Resource {
                 id: rid.clone(),
@@ -670,11 +690,17 @@ mod tests {
             reg.delete_origin(&q.id, "a.com"),
             Err(RegistryError::Forbidden(_))
         ));
+        let first = reg.origin("a.com").unwrap().registered_at_ms;
         reg.delete_origin(&p.id, "a.com").unwrap();
         assert!(matches!(
             reg.resource(&p.id, &rid),
             Err(RegistryError::NotFound(_))
         ));
+        reg.put_origin(&q.id, "a.com", "http://x", false).unwrap();
+        assert!(
+            reg.origin("a.com").unwrap().registered_at_ms > first,
+            "a new owner's registration starts a new floor"
+        );
     }
 
     /// The index answers what a scan of every resource of the host answers: an exact match

@@ -164,16 +164,47 @@ impl BanList {
             .filter(|c| *c != '\n' && *c != '\r')
             .collect();
         let at_ms = now_ms();
-        // Held until the ban is in `state` too: a compaction in between would rewrite the
-        // log from a state without it, and the ban would not survive a restart.
+        self.record(format!("ban {at_ms} {prefix}\n"), |s| {
+            s.push(Ban { prefix, at_ms })
+        })
+    }
+
+    /// Treat every object under `scope` (`host/`) stored before `at` as absent, durably: the
+    /// host changed owner at `at`, and what was cached before belongs to the previous one.
+    /// Whether the floor moved (a floor already at or past `at` is left alone, unwritten).
+    pub fn raise_floor(&self, scope: &str, at: SystemTime) -> Result<bool, BanError> {
+        let scope: String = scope
+            .chars()
+            .filter(|c| *c != '\n' && *c != '\r' && *c != ' ')
+            .collect();
+        let at_ms = millis(at);
+        if self
+            .state
+            .read()
+            .floors
+            .get(&scope)
+            .is_some_and(|f| *f >= at_ms)
+        {
+            return Ok(false);
+        }
+        self.record(format!("floor {at_ms} {scope}\n"), |s| {
+            s.raise_floor(&scope, at_ms)
+        })?;
+        Ok(true)
+    }
+
+    /// Append `line` to the log durably, then `apply` it to the state, holding the writer's
+    /// lock throughout: a compaction in between would rewrite the log from a state without
+    /// it, and it would not survive a restart.
+    fn record(&self, line: String, apply: impl FnOnce(&mut State)) -> Result<(), BanError> {
         let mut w = self.writer.lock();
-        w.write_all(format!("ban {at_ms} {prefix}\n").as_bytes())
+        w.write_all(line.as_bytes())
             .and_then(|_| w.sync_data())
             .map_err(|source| BanError::Io {
                 path: self.path.clone(),
                 source,
             })?;
-        self.state.write().push(Ban { prefix, at_ms });
+        apply(&mut self.state.write());
         Ok(())
     }
 
@@ -321,6 +352,29 @@ mod tests {
         drop(b);
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         assert!(b.is_banned("h/zzz", old) && !b.is_banned("other/x", old));
+    }
+
+    #[test]
+    fn a_raised_host_floor_hides_older_objects_of_that_host_only_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = SystemTime::now() - Duration::from_secs(10);
+        let at = SystemTime::now() - Duration::from_secs(5);
+        let after = SystemTime::now();
+        {
+            let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            assert!(b.raise_floor("h/", at).unwrap());
+            assert!(!b.raise_floor("h/", before).unwrap(), "never lowered");
+            assert!(!b.raise_floor("h/", at).unwrap(), "nothing to write");
+            assert!(b.is_banned("h/x", before));
+            assert!(!b.is_banned("h/x", after));
+            assert!(!b.is_banned("other/x", before));
+            assert!(b.is_empty(), "a floor is not a ban");
+        }
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(b.is_banned("h/x", before) && !b.is_banned("h/x", after));
+        assert!(!b.is_banned("other/x", before));
+        let log = fs::read_to_string(dir.path().join("bans.log")).unwrap();
+        assert_eq!(log.lines().count(), 1, "{log}");
     }
 
     #[test]

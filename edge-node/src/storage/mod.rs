@@ -371,6 +371,14 @@ impl FoyerStorage {
         self.bans.add(prefix)
     }
 
+    /// Treat every object under `scope` (a host as keys spell it, with its `/`) stored before
+    /// `since` as absent, durably: the host's current owner registered it then. A `since` in
+    /// the future (a registry whose clock runs ahead) counts as now, so it cannot keep the
+    /// host uncacheable. Whether the floor moved.
+    pub fn floor_host(&self, scope: &str, since: SystemTime) -> Result<bool, BanError> {
+        self.bans.raise_floor(scope, since.min(SystemTime::now()))
+    }
+
     /// Drop expired bans (run periodically).
     pub fn compact_bans(&self) -> Result<(), BanError> {
         self.bans.compact()
