@@ -40,11 +40,71 @@ struct Ban {
     at_ms: u64,
 }
 
+/// The bans of one scope, indexed so that a lookup costs at most one hash probe per distinct
+/// ban prefix length, however many bans a host has (an hour of frequent prefix purges on
+/// one host would otherwise be scanned on every hit of that host).
+#[derive(Debug, Default)]
+struct ScopeBans {
+    /// Every ban, in the order it was recorded (the log's order).
+    all: Vec<Ban>,
+    /// The newest ban time of each prefix.
+    newest: HashMap<String, u64>,
+    /// The distinct lengths of the prefixes in `newest`, ascending.
+    lengths: Vec<usize>,
+}
+
+impl ScopeBans {
+    fn push(&mut self, ban: Ban) {
+        self.index(&ban);
+        self.all.push(ban);
+    }
+
+    fn index(&mut self, ban: &Ban) {
+        let at = self.newest.entry(ban.prefix.clone()).or_default();
+        *at = (*at).max(ban.at_ms);
+        if let Err(i) = self.lengths.binary_search(&ban.prefix.len()) {
+            self.lengths.insert(i, ban.prefix.len());
+        }
+    }
+
+    /// Drop the bans older than `horizon`; the times just past each dropped ban.
+    fn expire(&mut self, horizon: u64) -> Vec<u64> {
+        let mut expired = Vec::new();
+        self.all.retain(|b| {
+            let keep = b.at_ms >= horizon;
+            if !keep {
+                expired.push(b.at_ms + 1);
+            }
+            keep
+        });
+        if !expired.is_empty() {
+            self.newest.clear();
+            self.lengths.clear();
+            for b in std::mem::take(&mut self.all) {
+                self.push(b);
+            }
+        }
+        expired
+    }
+
+    /// Whether a ban at or after `stored_ms` has a prefix of `key`.
+    fn covers(&self, key: &str, stored_ms: u64) -> bool {
+        self.lengths
+            .iter()
+            .take_while(|l| **l <= key.len())
+            .any(|&l| {
+                key.get(..l)
+                    .and_then(|p| self.newest.get(p))
+                    .is_some_and(|at| *at >= stored_ms)
+            })
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     /// Bans by scope (`host/`); bans whose prefix has no `/` apply to every key and sit
     /// under the empty scope.
-    bans: HashMap<String, Vec<Ban>>,
+    bans: HashMap<String, ScopeBans>,
     /// Floors by scope; the empty scope's floor applies to every key.
     floors: HashMap<String, u64>,
 }
@@ -69,7 +129,7 @@ impl State {
     }
 
     fn len(&self) -> usize {
-        self.bans.values().map(Vec::len).sum()
+        self.bans.values().map(|b| b.all.len()).sum()
     }
 }
 
@@ -219,10 +279,7 @@ impl BanList {
         let scopes = [scope(key), ""];
         scopes.iter().any(|sc| {
             s.floors.get(*sc).is_some_and(|f| stored_ms < *f)
-                || s.bans.get(*sc).is_some_and(|bans| {
-                    bans.iter()
-                        .any(|b| b.at_ms >= stored_ms && key.starts_with(b.prefix.as_str()))
-                })
+                || s.bans.get(*sc).is_some_and(|b| b.covers(key, stored_ms))
         })
     }
 
@@ -248,15 +305,9 @@ impl BanList {
         let before = s.len();
         let mut expired: Vec<(String, u64)> = Vec::new();
         for (sc, bans) in s.bans.iter_mut() {
-            bans.retain(|b| {
-                let keep = b.at_ms >= horizon;
-                if !keep {
-                    expired.push((sc.clone(), b.at_ms + 1));
-                }
-                keep
-            });
+            expired.extend(bans.expire(horizon).into_iter().map(|at| (sc.clone(), at)));
         }
-        s.bans.retain(|_, bans| !bans.is_empty());
+        s.bans.retain(|_, bans| !bans.all.is_empty());
         for (sc, at) in expired {
             s.raise_floor(&sc, at);
         }
@@ -270,7 +321,7 @@ impl BanList {
                 let sc = if sc.is_empty() { "-" } else { sc.as_str() };
                 writeln!(f, "floor {at} {sc}").map_err(io)?;
             }
-            for b in s.bans.values().flatten() {
+            for b in s.bans.values().flat_map(|b| &b.all) {
                 writeln!(f, "ban {} {}", b.at_ms, b.prefix).map_err(io)?;
             }
             f.sync_all().map_err(io)?;
@@ -290,6 +341,71 @@ impl BanList {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The prefix index answers exactly as scanning every ban would, for prefixes of many
+    /// lengths (some not on a character boundary of the key), before and after expiry.
+    #[test]
+    fn the_index_agrees_with_a_scan_of_every_ban() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let keys = [
+            "h/",
+            "h/a",
+            "h/a/b",
+            "h/ab/c?x=1",
+            "h/é/x",
+            "h/éa",
+            "g/a/b",
+            "h",
+            "hx/a",
+        ];
+        let mut state = State::default();
+        let mut plain: Vec<Ban> = Vec::new();
+        for _ in 0..300 {
+            let key = keys[rng.gen_range(0..keys.len())];
+            let cut = rng.gen_range(0..=key.len());
+            let prefix = String::from_utf8_lossy(&key.as_bytes()[..cut]).into_owned();
+            let ban = Ban {
+                prefix,
+                at_ms: rng.gen_range(0..1_000),
+            };
+            plain.push(ban.clone());
+            state.push(ban);
+        }
+        let scan = |plain: &[Ban], key: &str, at: u64| {
+            plain
+                .iter()
+                .any(|b| b.at_ms >= at && key.starts_with(b.prefix.as_str()))
+        };
+        let indexed = |state: &State, key: &str, at: u64| {
+            [scope(key), ""]
+                .iter()
+                .any(|sc| state.bans.get(*sc).is_some_and(|b| b.covers(key, at)))
+        };
+        for key in keys {
+            for at in (0..1_050).step_by(7) {
+                assert_eq!(
+                    indexed(&state, key, at),
+                    scan(&plain, key, at),
+                    "{key} {at}"
+                );
+            }
+        }
+        for b in state.bans.values_mut() {
+            b.expire(500);
+        }
+        plain.retain(|b| b.at_ms >= 500);
+        assert_eq!(state.len(), plain.len());
+        for key in keys {
+            for at in (0..1_050).step_by(7) {
+                assert_eq!(
+                    indexed(&state, key, at),
+                    scan(&plain, key, at),
+                    "{key} {at}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn a_torn_last_line_does_not_swallow_the_next_ban() {
