@@ -470,7 +470,7 @@ impl Storage for FoyerStorage {
         if self.bans.is_banned(&primary, meta.created())
             || self
                 .recent
-                .purged_after(meta.created(), || primary_hash(&primary))
+                .purged_after(meta.created(), || hash_of(key.primary_bin()))
         {
             self.cache.remove(&hash);
             return Ok(None);

@@ -18,6 +18,18 @@ pub(crate) struct RecentPurges {
     /// Wall time of the newest purge (µs since the epoch): an object created after it was
     /// purged by none of them, and a lookup needs no lock to know.
     newest_us: AtomicU64,
+    /// The same per slot of key hashes ([`SLOTS`], never forgotten): an object created after
+    /// its slot's newest purge was not purged either, however busy other keys' purges keep
+    /// `newest_us`, and again no lock is taken.
+    slots: Box<[AtomicU64]>,
+}
+
+/// Slots of [`RecentPurges::slots`]: 32 KiB, and few keys purged in one slot within the
+/// lifetime of a hot object.
+const SLOTS: usize = 4096;
+
+fn slot(hash: u128) -> usize {
+    (hash % SLOTS as u128) as usize
 }
 
 #[derive(Default)]
@@ -39,6 +51,7 @@ impl RecentPurges {
             window,
             cap: cap.max(1),
             newest_us: AtomicU64::new(0),
+            slots: (0..SLOTS).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -48,6 +61,7 @@ impl RecentPurges {
         let mut i = self.inner.lock();
         i.last.insert(hash, (now, wall));
         self.newest_us.fetch_max(wall, Ordering::Release);
+        self.slots[slot(hash)].fetch_max(wall, Ordering::Release);
         i.order.push_back((now, hash));
         while let Some(&(t, h)) = i.order.front() {
             let expired = now.saturating_duration_since(t) > self.window;
@@ -84,7 +98,8 @@ impl RecentPurges {
     /// purge. Every cache hit asks, so it first tests without a lock (or hashing the key)
     /// whether any purge in the window could cover the object: a copy read back after its
     /// purge is caught by the lookup that read it, within milliseconds, so purges older than
-    /// the window need not be asked about.
+    /// the window need not be asked about. Then, still without a lock, whether any purge of
+    /// the key's slot came after the object.
     pub(crate) fn purged_after(&self, created: SystemTime, hash: impl FnOnce() -> u128) -> bool {
         let created = micros(created);
         let newest = self.newest_us.load(Ordering::Acquire);
@@ -93,6 +108,9 @@ impl RecentPurges {
             return false;
         }
         let hash = hash();
+        if self.slots[slot(hash)].load(Ordering::Acquire) < created {
+            return false;
+        }
         let i = self.inner.lock();
         i.last.get(&hash).is_some_and(|(_, wall)| *wall >= created)
             || i.forgotten_wall.is_some_and(|f| f >= created)
@@ -146,6 +164,14 @@ mod tests {
         assert!(
             r.purged_after(before, || 0),
             "a forgotten purge may have been this key"
+        );
+        assert!(
+            !r.purged_after(before, || SLOTS as u128 - 1),
+            "a key whose slot saw no purge was not purged"
+        );
+        assert!(
+            r.purged_after(before, || SLOTS as u128),
+            "a key sharing a purged slot may have been"
         );
         let old = RecentPurges::new(Duration::from_millis(10), 100);
         old.record(1, Instant::now());
