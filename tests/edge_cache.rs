@@ -795,37 +795,51 @@ async fn origins_pushed_at_runtime_take_effect_row_by_row() {
     assert_eq!(malformed.status(), StatusCode::BAD_REQUEST);
 }
 
-/// An origin row's `registered_at_ms` (the broker's time of the host's registration) hides
-/// what the edge cached for the host before then; a time ahead of the edge's clock counts as
-/// the edge's now, so it cannot keep the host uncacheable.
+/// An origin row's `registered_at_ms` (the broker's time of the host's registration, read
+/// against the push's `sent_at_ms`) hides what the edge cached for the host before then, once
+/// per registration: a repeated push changes nothing, whatever the offset of the broker's
+/// clock, and the registrations applied survive a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hosts_registration_time_hides_what_was_cached_for_it_before() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let edge = start_edge(origin.addr, dir.path(), "");
-    let push = |registered_at_ms: Option<u64>| {
+    let mut edge = start_edge(origin.addr, dir.path(), "");
+    let push = |edge: &Edge, registered_at_ms: Option<u64>, sent_at_ms: Option<u64>| {
         let mut row = serde_json::json!({"host": "owned.local",
             "upstream": format!("http://{}", origin.addr)});
         if let Some(ms) = registered_at_ms {
             row["registered_at_ms"] = ms.into();
         }
-        let body = serde_json::json!({"origins": [row], "allow_private_upstreams": true});
-        let edge = &edge;
+        let mut body = serde_json::json!({"origins": [row], "allow_private_upstreams": true});
+        if let Some(ms) = sent_at_ms {
+            body["sent_at_ms"] = ms.into();
+        }
+        let admin = edge.admin;
         async move {
-            let (s, v) = admin_json(edge, Method::PUT, "/origins", Some(body)).await;
-            assert_eq!(s, StatusCode::OK, "{v}");
+            let r = client()
+                .put(format!("http://{admin}/origins"))
+                .bearer_auth(TOKEN)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            let v: serde_json::Value = r.json().await.unwrap();
             assert_eq!(v["rejected"], serde_json::json!([]), "{v}");
         }
     };
-    let get = || async {
-        let r = client()
-            .get(edge.url("/o"))
-            .header("host", "owned.local")
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), StatusCode::OK);
-        r.headers()["x-cache"].to_str().unwrap().to_string()
+    let get = |edge: &Edge| {
+        let url = edge.url("/o");
+        async move {
+            let r = client()
+                .get(url)
+                .header("host", "owned.local")
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), StatusCode::OK);
+            r.headers()["x-cache"].to_str().unwrap().to_string()
+        }
     };
     let now_ms = || {
         std::time::SystemTime::now()
@@ -833,26 +847,44 @@ async fn a_hosts_registration_time_hides_what_was_cached_for_it_before() {
             .unwrap()
             .as_millis() as u64
     };
-    push(None).await;
-    assert_eq!(get().await, "MISS");
-    assert_eq!(get().await, "HIT");
-    // Registered by someone an hour before this edge cached it: the copy stays.
-    push(Some(now_ms() - 3_600_000)).await;
-    assert_eq!(get().await, "HIT");
-    // Registered after: the copy was a previous owner's.
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    push(Some(now_ms())).await;
-    assert_eq!(get().await, "MISS");
-    assert_eq!(get().await, "HIT");
-    assert_eq!(origin.hits("/o"), 2);
-    // A registry clock an hour ahead, or a time past any clock: now, once.
-    tokio::time::sleep(Duration::from_millis(5)).await;
-    push(Some(now_ms() + 3_600_000)).await;
-    assert_eq!(get().await, "MISS");
-    assert_eq!(get().await, "HIT");
-    push(Some(u64::MAX)).await;
-    assert_eq!(get().await, "MISS");
-    assert_eq!(get().await, "HIT");
+    // Each change of registration below starts a few ms after the last store, so the floor
+    // it sets is past that object's time.
+    let settle = || tokio::time::sleep(Duration::from_millis(5));
+    push(&edge, None, None).await;
+    assert_eq!(get(&edge).await, "MISS");
+    assert_eq!(get(&edge).await, "HIT");
+    // First seen, registered an hour before this edge cached the object: the copy stays.
+    let sent = now_ms();
+    push(&edge, Some(sent - 3_600_000), Some(sent)).await;
+    assert_eq!(get(&edge).await, "HIT");
+    // Registered anew (another owner): the copy was the previous owner's.
+    settle().await;
+    let r2 = now_ms();
+    push(&edge, Some(r2), Some(r2)).await;
+    assert_eq!(get(&edge).await, "MISS");
+    assert_eq!(get(&edge).await, "HIT");
+    push(&edge, Some(r2), Some(now_ms())).await;
+    assert_eq!(get(&edge).await, "HIT", "the same registration again");
+    // A broker whose clock runs an hour ahead registers it once more: one flush, and its
+    // later pushes keep the copy.
+    settle().await;
+    let ahead = now_ms() + 3_600_000;
+    push(&edge, Some(ahead), Some(ahead)).await;
+    assert_eq!(get(&edge).await, "MISS");
+    assert_eq!(get(&edge).await, "HIT");
+    push(&edge, Some(ahead), Some(now_ms() + 3_600_000)).await;
+    assert_eq!(get(&edge).await, "HIT");
+    // A time past any clock, without the broker's: now, once.
+    settle().await;
+    push(&edge, Some(u64::MAX), None).await;
+    assert_eq!(get(&edge).await, "MISS");
+    assert_eq!(get(&edge).await, "HIT");
+    assert_eq!(origin.hits("/o"), 4);
+    // After a restart the applied registration is remembered: its push keeps the disk copy.
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+    edge.spawn();
+    push(&edge, Some(u64::MAX), None).await;
+    assert_eq!(get(&edge).await, "HIT");
     assert_eq!(origin.hits("/o"), 4);
 }
 

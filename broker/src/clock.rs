@@ -35,6 +35,14 @@ fn default_speedup() -> f64 {
     1.0
 }
 
+/// The wall clock in ms since the epoch, whatever the broker's clock: for times sent to edges
+/// (registration times), which read them against their own wall clock.
+pub fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 struct Clock {
     wall0: Instant,
     start: f64,

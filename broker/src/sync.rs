@@ -112,7 +112,13 @@ impl EdgeSync {
                 row
             })
             .collect();
+        let registrations = rows.iter().any(|r| r.get("registered_at_ms").is_some());
         let mut body = json!({ "origins": rows });
+        // The clock the registration times are read against: edges translate them by age,
+        // so an offset between this clock and theirs does not move a host's floor.
+        if registrations {
+            body["sent_at_ms"] = json!(crate::clock::wall_ms());
+        }
         // Only when set, like `forward_host`.
         if self.allow_private_upstreams {
             body["allow_private_upstreams"] = json!(true);

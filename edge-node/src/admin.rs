@@ -12,10 +12,12 @@
 //! - `GET /shadows/{host}/{path}` — the shadow mark of one object; `DELETE` removes the mark
 //!   (and the object, if it never served a request).
 //! - `GET /origins` — configured and pushed origin rows.
-//! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream", "forward_host"?}],
-//!   "allow_private_upstreams"?}` replaces the rows pushed by the broker. Each row is judged on
-//!   its own: the answer is `{"origins": n, "rejected": [{"index", "host", "error"}]}` (see
-//!   [`crate::origin::SharedOrigins`]).
+//! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream", "forward_host"?,
+//!   "registered_at_ms"?}], "allow_private_upstreams"?, "sent_at_ms"?}` replaces the rows
+//!   pushed by the broker. Each row is judged on its own: the answer is `{"origins": n,
+//!   "rejected": [{"index", "host", "error"}]}` (see [`crate::origin::SharedOrigins`]).
+//!   Registration times raise host floors first ([`crate::ownership`]); 500 `ban_log` when
+//!   they cannot be made durable.
 //! - `GET /peers` — the other edges a hinted miss may be filled from.
 //! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
 //!   the broker with the origins. A bad row rejects the whole push.
@@ -23,7 +25,7 @@
 //! Purge, origin and peer endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use axum::body::Body;
@@ -42,9 +44,10 @@ use crate::config::OriginEntry;
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, SharedOrigins};
+use crate::ownership::{self, Registration};
 use crate::proxy::{normalize_key, token_matches};
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
-use crate::storage::FoyerStorage;
+use crate::storage::{FoyerStorage, OwnerChange};
 use crate::sync::protocol::PeerRef;
 use crate::sync::PeerDirectory;
 
@@ -343,6 +346,10 @@ struct OriginsBody {
     /// allow_private_upstreams`); otherwise rows resolving there are left out.
     #[serde(default)]
     allow_private_upstreams: bool,
+    /// The broker's clock when it sent the push (ms since the epoch): rows'
+    /// `registered_at_ms` are read against it ([`crate::ownership`]).
+    #[serde(default)]
+    sent_at_ms: Option<u64>,
 }
 
 async fn get_origins(State(s): State<AdminState>, headers: HeaderMap) -> Response {
@@ -362,32 +369,59 @@ async fn put_origins(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    // Before any request can reach a host through this table: a host that changed owner
-    // while this edge was down keeps none of the previous owner's objects.
-    for row in &parsed.origins {
-        let Some(ms) = row.registered_at_ms else {
-            continue;
-        };
-        let scope = format!("{}/", normalize_host(&row.host));
-        // Past what the clock can hold is in the future: `floor_host` takes it as now.
-        let since = UNIX_EPOCH
-            .checked_add(Duration::from_millis(ms))
-            .unwrap_or_else(SystemTime::now);
-        if let Err(e) = s.storage.floor_host(&scope, since) {
-            tracing::error!(error = %e, host = %row.host, "could not record a host's owner floor");
-            return error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "ban_log",
-                format!("origins not applied: {e}"),
-            );
-        }
+    let regs: Vec<Registration> = parsed
+        .origins
+        .iter()
+        .filter_map(|row| {
+            Some(Registration {
+                scope: format!("{}/", normalize_host(row.host.trim())),
+                registered_ms: row.registered_at_ms?,
+            })
+        })
+        .collect();
+    let plan = ownership::plan(
+        &regs,
+        |scope| s.storage.host_owner(scope),
+        parsed.sent_at_ms,
+        SystemTime::now(),
+    );
+    if let Err(r) = apply_owner_changes(s.storage, plan.before.clone()).await {
+        return *r;
     }
     // Rows are judged one by one: the usable ones apply, the others are listed back.
     let report = s
         .origins
         .push(parsed.origins, parsed.allow_private_upstreams)
         .await;
+    if !plan.replaced.is_empty() {
+        if let Err(r) = apply_owner_changes(s.storage, plan.after(SystemTime::now())).await {
+            return *r;
+        }
+    }
     Json(report).into_response()
+}
+
+/// Raise host floors off the async workers (an fsync); a failure answers 500 and the broker
+/// pushes again within seconds.
+async fn apply_owner_changes(
+    storage: &'static FoyerStorage,
+    changes: Vec<OwnerChange>,
+) -> Result<(), Box<Response>> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let done = tokio::task::spawn_blocking(move || storage.apply_owner_changes(&changes)).await;
+    let why = match done {
+        Ok(Ok(())) => return Ok(()),
+        Ok(Err(e)) => e.to_string(),
+        Err(e) => e.to_string(),
+    };
+    tracing::error!(error = %why, "could not record host owner floors");
+    Err(Box::new(error(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "ban_log",
+        format!("origins not fully applied: {why}"),
+    )))
 }
 
 /// Body of `PUT /peers`.

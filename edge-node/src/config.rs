@@ -205,10 +205,11 @@ pub struct OriginEntry {
     /// object-store bucket, only answers to its own name).
     #[serde(default)]
     pub forward_host: bool,
-    /// When the host's current owner registered it (ms since the Unix epoch; set by the
-    /// broker). Objects the edge cached for the host before then belong to a previous owner
-    /// (an edge down through that owner's delete and this registration still holds them)
-    /// and are never served.
+    /// When the host's current owner registered it (ms since the Unix epoch, on the clock of
+    /// the broker that pushed the row; refused in the config file). Objects the edge cached
+    /// for the host before then belong to a previous owner (an edge down through that owner's
+    /// delete and this registration still holds them) and are never served: see
+    /// [`crate::ownership`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub registered_at_ms: Option<u64>,
 }
@@ -374,6 +375,15 @@ impl EdgeConfig {
         if !valid_node_id(id) {
             return Err(ConfigError::Invalid(format!(
                 "node_id {id:?} must be 1-63 characters of letters, digits, '-' and '_'"
+            )));
+        }
+        if let Some(i) = self
+            .origins
+            .iter()
+            .position(|o| o.registered_at_ms.is_some())
+        {
+            return Err(ConfigError::Invalid(format!(
+                "origins[{i}].registered_at_ms is set by the broker's pushes, not in the config file"
             )));
         }
         OriginTable::build(&self.origins)?;
@@ -646,6 +656,16 @@ mod tests {
         let bad = MINIMAL.replace("http://127.0.0.1:9000", "ftp://x");
         let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(err.contains("upstream"), "{err}");
+    }
+
+    #[test]
+    fn a_registration_time_in_the_file_is_refused_by_name() {
+        let bad = MINIMAL.replace(
+            "upstream = \"http://127.0.0.1:9000\"",
+            "upstream = \"http://127.0.0.1:9000\"\nregistered_at_ms = 5",
+        );
+        let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("origins[0].registered_at_ms"), "{err}");
     }
 
     #[test]

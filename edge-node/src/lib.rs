@@ -13,6 +13,7 @@ pub mod invalidate;
 pub mod json_errors;
 pub mod metrics;
 pub mod origin;
+pub mod ownership;
 pub mod proxy;
 pub mod server;
 pub mod shadow;

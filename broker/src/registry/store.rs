@@ -7,7 +7,6 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::Bound;
 use std::path::Path;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
@@ -343,7 +342,7 @@ impl Registry {
             upstream: upstream.to_string(),
             provider: provider.to_string(),
             forward_host,
-            registered_at_ms: registered_at_ms.unwrap_or_else(now_ms),
+            registered_at_ms: registered_at_ms.unwrap_or_else(crate::clock::wall_ms),
         };
         self.write(|w| Self::put_json(w, ORIGINS, host, &origin))?;
         self.mem.write().origins.insert(host.to_string(), origin);
@@ -526,14 +525,6 @@ impl Registry {
     }
 }
 
-/// Wall time in ms since the epoch: registration times go to edges, which compare them with
-/// their own wall clock (not the broker's replay clock).
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -641,12 +632,12 @@ mod tests {
         let (p, token, rid) = {
             let reg = Registry::open(&path).unwrap();
             let (p, token) = reg.create_provider("acme").unwrap();
-            let before = now_ms();
+            let before = crate::clock::wall_ms();
             assert!(reg
                 .put_origin(&p.id, "a.com", "http://127.0.0.1:1", false)
                 .unwrap());
             let registered = reg.origin("a.com").unwrap().registered_at_ms;
-            assert!((before..=now_ms()).contains(&registered));
+            assert!((before..=crate::clock::wall_ms()).contains(&registered));
             std::thread::sleep(std::time::Duration::from_millis(2));
             assert!(!reg
                 .put_origin(&p.id, "a.com", "http://127.0.0.1:2", true)

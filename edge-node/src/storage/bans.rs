@@ -10,7 +10,9 @@
 //! of one host never flushes another's long-lived objects.
 //!
 //! Bans and floors are kept per scope, the key's host part up to the first `/`, so a hit only
-//! checks the bans of its own host.
+//! checks the bans of its own host. A host's floor is also raised when the host is registered
+//! anew ([`crate::ownership`]); the log remembers which registration each host last applied
+//! (`owner` lines) so that it is applied once.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -31,6 +33,18 @@ pub enum BanError {
         /// The underlying error.
         source: std::io::Error,
     },
+}
+
+/// A host's floor raised for a registration of the host (see [`crate::ownership`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerChange {
+    /// The host's key scope: the host as keys spell it, with its `/`.
+    pub scope: String,
+    /// Objects of the host stored before this are absent from now on.
+    pub floor: SystemTime,
+    /// The registration this applies, remembered so it is applied once; `None` leaves the
+    /// remembered one as it is.
+    pub registered_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +121,9 @@ struct State {
     bans: HashMap<String, ScopeBans>,
     /// Floors by scope; the empty scope's floor applies to every key.
     floors: HashMap<String, u64>,
+    /// The registration time (the broker's `registered_at_ms`) last applied to each host
+    /// scope, so that a host's floor moves once per registration, not on every push.
+    owners: HashMap<String, u64>,
 }
 
 /// The scope of a key or ban prefix: up to and including its first `/`, or `""` when it has
@@ -192,6 +209,9 @@ impl BanList {
                     // `-` is the global floor (also what logs before per-host floors wrote).
                     "floor" if prefix == "-" => state.raise_floor("", at_ms),
                     "floor" => state.raise_floor(prefix, at_ms),
+                    "owner" => {
+                        state.owners.insert(prefix.to_string(), at_ms);
+                    }
                     "ban" => state.push(Ban {
                         prefix: prefix.to_string(),
                         at_ms,
@@ -229,28 +249,41 @@ impl BanList {
         })
     }
 
-    /// Treat every object under `scope` (`host/`) stored before `at` as absent, durably: the
-    /// host changed owner at `at`, and what was cached before belongs to the previous one.
-    /// Whether the floor moved (a floor already at or past `at` is left alone, unwritten).
-    pub fn raise_floor(&self, scope: &str, at: SystemTime) -> Result<bool, BanError> {
-        let scope: String = scope
-            .chars()
-            .filter(|c| *c != '\n' && *c != '\r' && *c != ' ')
+    /// The registration time last applied to host scope `scope` (see [`OwnerChange`]).
+    pub fn owner(&self, scope: &str) -> Option<u64> {
+        self.state.read().owners.get(scope).copied()
+    }
+
+    /// Apply `changes` durably, with one fsync: each raises its scope's floor (never lowers
+    /// it) and, when it carries one, records the registration it applies.
+    pub fn apply_owner_changes(&self, changes: &[OwnerChange]) -> Result<(), BanError> {
+        let single_line = |s: &str| -> String {
+            s.chars()
+                .filter(|c| *c != '\n' && *c != '\r' && *c != ' ')
+                .collect()
+        };
+        let changes: Vec<(String, u64, Option<u64>)> = changes
+            .iter()
+            .map(|c| (single_line(&c.scope), millis(c.floor), c.registered_ms))
             .collect();
-        let at_ms = millis(at);
-        if self
-            .state
-            .read()
-            .floors
-            .get(&scope)
-            .is_some_and(|f| *f >= at_ms)
-        {
-            return Ok(false);
+        let mut lines = String::new();
+        for (scope, floor, registered) in &changes {
+            lines.push_str(&format!("floor {floor} {scope}\n"));
+            if let Some(r) = registered {
+                lines.push_str(&format!("owner {r} {scope}\n"));
+            }
         }
-        self.record(format!("floor {at_ms} {scope}\n"), |s| {
-            s.raise_floor(&scope, at_ms)
-        })?;
-        Ok(true)
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.record(lines, |s| {
+            for (scope, floor, registered) in changes {
+                s.raise_floor(&scope, floor);
+                if let Some(r) = registered {
+                    s.owners.insert(scope, r);
+                }
+            }
+        })
     }
 
     /// Append `line` to the log durably, then `apply` it to the state, holding the writer's
@@ -320,6 +353,9 @@ impl BanList {
             for (sc, at) in &s.floors {
                 let sc = if sc.is_empty() { "-" } else { sc.as_str() };
                 writeln!(f, "floor {at} {sc}").map_err(io)?;
+            }
+            for (sc, r) in &s.owners {
+                writeln!(f, "owner {r} {sc}").map_err(io)?;
             }
             for b in s.bans.values().flat_map(|b| &b.all) {
                 writeln!(f, "ban {} {}", b.at_ms, b.prefix).map_err(io)?;
@@ -471,26 +507,49 @@ mod tests {
     }
 
     #[test]
-    fn a_raised_host_floor_hides_older_objects_of_that_host_only_and_survives_reopen() {
+    fn owner_changes_raise_floors_of_their_host_only_and_survive_reopen_and_compaction() {
         let dir = tempfile::tempdir().unwrap();
         let before = SystemTime::now() - Duration::from_secs(10);
         let at = SystemTime::now() - Duration::from_secs(5);
         let after = SystemTime::now();
+        let change = |scope: &str, floor, registered_ms| OwnerChange {
+            scope: scope.into(),
+            floor,
+            registered_ms,
+        };
         {
             let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-            assert!(b.raise_floor("h/", at).unwrap());
-            assert!(!b.raise_floor("h/", before).unwrap(), "never lowered");
-            assert!(!b.raise_floor("h/", at).unwrap(), "nothing to write");
-            assert!(b.is_banned("h/x", before));
+            assert_eq!(b.owner("h/"), None);
+            b.apply_owner_changes(&[change("h/", at, Some(7)), change("g/", before, None)])
+                .unwrap();
+            b.apply_owner_changes(&[change("h/", before, None)])
+                .unwrap();
+            assert_eq!(b.owner("h/"), Some(7));
+            assert_eq!(b.owner("g/"), None);
+            assert!(b.is_banned("h/x", before), "never lowered");
             assert!(!b.is_banned("h/x", after));
             assert!(!b.is_banned("other/x", before));
             assert!(b.is_empty(), "a floor is not a ban");
         }
+        let check = |b: &BanList| {
+            assert_eq!(b.owner("h/"), Some(7));
+            assert!(b.is_banned("h/x", before) && !b.is_banned("h/x", after));
+            assert!(!b.is_banned("other/x", before));
+        };
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        assert!(b.is_banned("h/x", before) && !b.is_banned("h/x", after));
-        assert!(!b.is_banned("other/x", before));
-        let log = fs::read_to_string(dir.path().join("bans.log")).unwrap();
-        assert_eq!(log.lines().count(), 1, "{log}");
+        check(&b);
+        drop(b);
+        // A compaction that rewrites the log keeps floors and owners.
+        {
+            let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            b.add("g/old/").unwrap();
+        }
+        std::thread::sleep(Duration::from_millis(5));
+        let b = BanList::open(dir.path(), Duration::from_millis(1)).unwrap();
+        assert_eq!(b.len(), 0, "the ban expired and the log was rewritten");
+        check(&b);
+        drop(b);
+        check(&BanList::open(dir.path(), Duration::from_secs(3600)).unwrap());
     }
 
     #[test]

@@ -34,7 +34,7 @@ use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheEntryKey, CacheMeta, NoCacheReason, Storage};
 use pingora_error::{Error, ErrorType, Result};
 
-pub use bans::{BanError, BanList};
+pub use bans::{BanError, BanList, OwnerChange};
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::StoredObject;
 use recent::RecentPurges;
@@ -371,12 +371,14 @@ impl FoyerStorage {
         self.bans.add(prefix)
     }
 
-    /// Treat every object under `scope` (a host as keys spell it, with its `/`) stored before
-    /// `since` as absent, durably: the host's current owner registered it then. A `since` in
-    /// the future (a registry whose clock runs ahead) counts as now, so it cannot keep the
-    /// host uncacheable. Whether the floor moved.
-    pub fn floor_host(&self, scope: &str, since: SystemTime) -> Result<bool, BanError> {
-        self.bans.raise_floor(scope, since.min(SystemTime::now()))
+    /// The registration time last applied to host scope `scope` (see [`crate::ownership`]).
+    pub fn host_owner(&self, scope: &str) -> Option<u64> {
+        self.bans.owner(scope)
+    }
+
+    /// Raise host floors for registrations, durably (one fsync for all of them).
+    pub fn apply_owner_changes(&self, changes: &[OwnerChange]) -> Result<(), BanError> {
+        self.bans.apply_owner_changes(changes)
     }
 
     /// Drop expired bans (run periodically).
