@@ -379,13 +379,13 @@ async fn put_origins(
             })
         })
         .collect();
-    let plan = ownership::plan(
+    let mut plan = ownership::plan(
         &regs,
         |scope| s.storage.host_owner(scope),
         parsed.sent_at_ms,
         SystemTime::now(),
     );
-    if let Err(r) = apply_owner_changes(s.storage, plan.before.clone()).await {
+    if let Err(r) = apply_owner_changes(s.storage, std::mem::take(&mut plan.before)).await {
         return *r;
     }
     // Rows are judged one by one: the usable ones apply, the others are listed back.

@@ -19,6 +19,7 @@
 //!   ([`crate::storage::FoyerStorage::purged_during`]). Only then is it recorded, so a crash
 //!   between the steps repeats this one.
 
+use std::collections::HashSet;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::storage::OwnerChange;
@@ -65,13 +66,11 @@ pub fn plan(
     now: SystemTime,
 ) -> Plan {
     let mut plan = Plan::default();
+    // Every planned registration has its `before` change: a scope there is planned.
+    let mut planned = HashSet::new();
     for r in regs {
-        let seen = |p: &Plan| {
-            p.before.iter().any(|c| c.scope == r.scope)
-                || p.replaced.iter().any(|x| x.scope == r.scope)
-        };
         let previous = applied(&r.scope);
-        if previous == Some(r.registered_ms) || seen(&plan) {
+        if previous == Some(r.registered_ms) || !planned.insert(r.scope.as_str()) {
             continue;
         }
         let floor = match sent_at_ms {

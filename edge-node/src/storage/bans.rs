@@ -69,16 +69,12 @@ struct ScopeBans {
 
 impl ScopeBans {
     fn push(&mut self, ban: Ban) {
-        self.index(&ban);
-        self.all.push(ban);
-    }
-
-    fn index(&mut self, ban: &Ban) {
         let at = self.newest.entry(ban.prefix.clone()).or_default();
         *at = (*at).max(ban.at_ms);
         if let Err(i) = self.lengths.binary_search(&ban.prefix.len()) {
             self.lengths.insert(i, ban.prefix.len());
         }
+        self.all.push(ban);
     }
 
     /// Drop the bans older than `horizon`; the times just past each dropped ban.
@@ -169,6 +165,12 @@ fn millis(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// A key, prefix or scope as the log can hold it: every line's last field, so anything but a
+/// line break (which would corrupt the log) may stay.
+fn one_line(s: &str) -> String {
+    s.chars().filter(|c| *c != '\n' && *c != '\r').collect()
+}
+
 /// Drop a torn last line (a crash mid-append: never acknowledged) so that the next ban is
 /// not appended to it and lost with it; the length of the complete lines.
 fn cut_torn_tail(path: &Path) -> std::io::Result<u64> {
@@ -238,11 +240,7 @@ impl BanList {
 
     /// Record a ban on every object whose primary key starts with `prefix`, durably.
     pub fn add(&self, prefix: &str) -> Result<(), BanError> {
-        // Keys are single-line; a newline would corrupt the log.
-        let prefix: String = prefix
-            .chars()
-            .filter(|c| *c != '\n' && *c != '\r')
-            .collect();
+        let prefix = one_line(prefix);
         let at_ms = now_ms();
         self.record(format!("ban {at_ms} {prefix}\n"), |s| {
             s.push(Ban { prefix, at_ms })
@@ -257,14 +255,9 @@ impl BanList {
     /// Apply `changes` durably, with one fsync: each raises its scope's floor (never lowers
     /// it) and, when it carries one, records the registration it applies.
     pub fn apply_owner_changes(&self, changes: &[OwnerChange]) -> Result<(), BanError> {
-        let single_line = |s: &str| -> String {
-            s.chars()
-                .filter(|c| *c != '\n' && *c != '\r' && *c != ' ')
-                .collect()
-        };
         let changes: Vec<(String, u64, Option<u64>)> = changes
             .iter()
-            .map(|c| (single_line(&c.scope), millis(c.floor), c.registered_ms))
+            .map(|c| (one_line(&c.scope), millis(c.floor), c.registered_ms))
             .collect();
         let mut lines = String::new();
         for (scope, floor, registered) in &changes {
@@ -418,29 +411,20 @@ mod tests {
                 .iter()
                 .any(|sc| state.bans.get(*sc).is_some_and(|b| b.covers(key, at)))
         };
-        for key in keys {
-            for at in (0..1_050).step_by(7) {
-                assert_eq!(
-                    indexed(&state, key, at),
-                    scan(&plain, key, at),
-                    "{key} {at}"
-                );
+        let agree = |state: &State, plain: &[Ban]| {
+            for key in keys {
+                for at in (0..1_050).step_by(7) {
+                    assert_eq!(indexed(state, key, at), scan(plain, key, at), "{key} {at}");
+                }
             }
-        }
+        };
+        agree(&state, &plain);
         for b in state.bans.values_mut() {
             b.expire(500);
         }
         plain.retain(|b| b.at_ms >= 500);
         assert_eq!(state.len(), plain.len());
-        for key in keys {
-            for at in (0..1_050).step_by(7) {
-                assert_eq!(
-                    indexed(&state, key, at),
-                    scan(&plain, key, at),
-                    "{key} {at}"
-                );
-            }
-        }
+        agree(&state, &plain);
     }
 
     #[test]
