@@ -107,7 +107,10 @@ impl HealthChecker {
 
 #[async_trait]
 impl BackgroundService for HealthChecker {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    /// Probes until the process exits, not only until shutdown starts: pingora keeps serving
+    /// in-flight requests and open connections through its grace period, and their failover
+    /// needs current health. The loop ends when pingora drops the service's runtime.
+    async fn start(&self, _shutdown: ShutdownWatch) {
         let client = match reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_millis(self.cfg.timeout_ms))
@@ -124,10 +127,7 @@ impl BackgroundService for HealthChecker {
         // A round that overran is not followed by a burst of catch-up rounds.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
-            }
+            tick.tick().await;
             let timeout = Duration::from_millis(self.cfg.timeout_ms);
             let probes = self.fleet.edges.iter().enumerate().map(|(i, e)| {
                 let client = client.clone();
