@@ -385,32 +385,34 @@ impl ProxyHttp for BrokerProxy {
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
         let edge = ctx.chosen.and_then(|c| c.edge);
-        if replayable && client_reused && ctx.chosen.is_some() {
-            // A pooled connection the edge (or, with every edge down, the origin) had already
-            // closed (keep-alive race): no evidence against it, and it gets the request again
-            // on a fresh connection.
-            match edge {
-                Some(_) => ctx.tried.retain(|t| Some(*t) != edge),
-                None => ctx.origin_tried = false,
-            }
-            self.metrics.retries.inc();
-            e.set_retry(true);
-        } else if stalled {
-            e.set_retry(false);
-        } else if replayable && !ctx.origin_tried {
-            if let Some(Choice {
-                edge: Some(edge), ..
-            }) = ctx.chosen
-            {
-                if *e.esource() == ErrorSource::Upstream && self.health.mark_down(edge) {
-                    self.edge_marked_down(edge);
-                    tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge failed mid-request: marked down");
+        match retry_after_error(
+            replayable,
+            client_reused && ctx.chosen.is_some(),
+            ctx.origin_tried,
+        ) {
+            Retry::SameRoute => {
+                // A pooled connection the edge (or, with every edge down, the origin) had
+                // already closed (keep-alive race): no evidence against it, and it gets the
+                // request again on a fresh connection.
+                match edge {
+                    Some(_) => ctx.tried.retain(|t| Some(*t) != edge),
+                    None => ctx.origin_tried = false,
                 }
+                self.metrics.retries.inc();
+                e.set_retry(true);
             }
-            self.metrics.retries.inc();
-            e.set_retry(true);
-        } else {
-            e.retry.decide_reuse(client_reused);
+            Retry::NextRoute => {
+                if let (Some(edge), ErrorSource::Upstream) = (edge, e.esource()) {
+                    if self.health.mark_down(edge) {
+                        self.edge_marked_down(edge);
+                        tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge failed mid-request: marked down");
+                    }
+                }
+                self.metrics.retries.inc();
+                e.set_retry(true);
+            }
+            Retry::ReusedOnly => e.retry.decide_reuse(client_reused),
+            Retry::Never => e.set_retry(false),
         }
         e
     }
@@ -452,15 +454,22 @@ impl ProxyHttp for BrokerProxy {
                 ErrorType::ReadTimedout | ErrorType::WriteTimedout
             );
         // Every route failing is a gateway error here, not an internal one.
-        let code = match error_status(e) {
+        let (status, kind) = error_status(e);
+        let code = match status {
             _ if stalled => 504,
-            (_, "internal") => 502,
-            (code, _) => code,
+            _ if kind == "internal" => 502,
+            code => code,
         };
         if code > 0 && session.response_written().is_none() {
             let (kind, msg) = if stalled {
                 let secs = self.edge_read_timeout.as_secs();
                 ("upstream_timeout", format!("no answer within {secs} s"))
+            } else if kind == "bad_request" {
+                // The client's own request failed (a malformed body, say): not a routing error.
+                (
+                    "bad_request",
+                    format!("the request could not be read: {}", e.etype().as_str()),
+                )
             } else {
                 let attempts = ctx.tried.len() + usize::from(ctx.origin_tried);
                 let msg =
@@ -534,5 +543,57 @@ impl ProxyHttp for BrokerProxy {
                 client: ctx.client,
             });
         }
+    }
+}
+
+/// What to do after an error once the request reached an upstream ([`retry_after_error`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Retry {
+    /// Send it again to the same edge (or origin) on a fresh connection.
+    SameRoute,
+    /// Send it to the next route of the plan.
+    NextRoute,
+    /// Pingora's rule: retry only an error on a reused connection.
+    ReusedOnly,
+    /// Answer the client with the error.
+    Never,
+}
+
+/// The retry policy of [`ProxyHttp::error_while_proxy`], apart from the session so it can be
+/// tested. `replayable`: the request can be sent again unchanged and nothing was answered yet
+/// (idempotent method, whole body buffered, not the client's error, not a stall). Anything else
+/// is never retried: a replayed POST could run twice at the origin, and a truncated body would
+/// be sent half. `pooled`: the error came on a pooled connection of a chosen route.
+fn retry_after_error(replayable: bool, pooled: bool, origin_tried: bool) -> Retry {
+    if !replayable {
+        Retry::Never
+    } else if pooled {
+        Retry::SameRoute
+    } else if !origin_tried {
+        Retry::NextRoute
+    } else {
+        Retry::ReusedOnly
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_that_cannot_be_replayed_is_never_retried() {
+        for pooled in [false, true] {
+            for origin_tried in [false, true] {
+                assert_eq!(retry_after_error(false, pooled, origin_tried), Retry::Never);
+            }
+        }
+    }
+
+    #[test]
+    fn a_replayable_request_retries_by_where_it_failed() {
+        assert_eq!(retry_after_error(true, true, false), Retry::SameRoute);
+        assert_eq!(retry_after_error(true, true, true), Retry::SameRoute);
+        assert_eq!(retry_after_error(true, false, false), Retry::NextRoute);
+        assert_eq!(retry_after_error(true, false, true), Retry::ReusedOnly);
     }
 }
