@@ -36,7 +36,7 @@ use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
-use crate::storage::FoyerStorage;
+use crate::storage::{FoyerStorage, PEER_LACKS_OBJECT, PURGED_DURING_FETCH};
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
     format_peer_via, PeerDirectory, PEER_ADMITTED_HEADER, PEER_FETCH_HEADER, PEER_HINT_HEADER,
@@ -700,29 +700,26 @@ impl ProxyHttp for EdgeProxy {
         // A peer that lacks the object answers with an error of the bridge's, not the
         // origin's: never cache it.
         if ctx.peer_fill && !matches!(resp.status.as_u16(), 200 | 203 | 206) {
-            return Ok(RespCacheable::Uncacheable(NoCacheReason::OriginNotCache));
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                PEER_LACKS_OBJECT,
+            )));
         }
         // A purge that came while this answer was on its way found nothing to remove: the
         // answer is what it meant to remove. The client gets it; the cache does not keep it.
-        // A peer's copy counts from when the peer admitted it: the peer may not have applied
-        // a purge this edge has.
+        // A peer's copy also must not predate a purge applied here since the peer admitted
+        // it (on the wall clock: the copy may be older than this process): the peer may not
+        // have applied that purge.
+        let storage = self.parts.storage;
         let from_peer = ctx.demand_peer.is_some() || ctx.peer_fill;
-        let started = match (
-            ctx.fetch_started,
-            from_peer.then(|| peer_admitted(resp)).flatten(),
-        ) {
-            (Some((t, wall)), Some(admitted)) if admitted < wall => {
-                let ago = wall.duration_since(admitted).unwrap_or_default();
-                Some((t.checked_sub(ago).unwrap_or(t), admitted))
-            }
-            (started, _) => started,
-        };
-        if let Some((t, wall)) = started {
-            if self.parts.storage.purged_during(&ctx.key, t, wall) {
-                return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
-                    "purged during fetch",
-                )));
-            }
+        let admitted = from_peer.then(|| peer_admitted(resp)).flatten();
+        let purged = ctx.fetch_started.is_some_and(|(t, wall)| {
+            storage.purged_during(&ctx.key, t, wall)
+                || admitted.is_some_and(|a| a < wall && storage.purged_since_admitted(&ctx.key, a))
+        });
+        if purged {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                PURGED_DURING_FETCH,
+            )));
         }
         let authorization = session
             .req_header()

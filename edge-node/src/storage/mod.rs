@@ -83,6 +83,18 @@ pub struct StorageOptions {
     pub ban_retention: Duration,
 }
 
+/// Why an answer that would be cacheable is not cached this once: it overlapped a purge.
+pub const PURGED_DURING_FETCH: &str = "purged during fetch";
+/// Why a peer edge's error answer (it lacks the object) is not cached.
+pub const PEER_LACKS_OBJECT: &str = "peer lacks the object";
+
+/// Reasons that say nothing about the key's next answer, so pingora's predictor must not
+/// remember the key as uncacheable (which would send its next requests past the cache and
+/// its lock).
+fn transient_no_cache(reason: &'static str) -> bool {
+    reason == PURGED_DURING_FETCH || reason == PEER_LACKS_OBJECT
+}
+
 /// The foyer-backed pingora-cache [`Storage`].
 pub struct FoyerStorage {
     cache: HybridCache<u128, StoredObject>,
@@ -238,7 +250,7 @@ impl FoyerStorage {
             next_fill: AtomicU64::new(1),
             bans,
             max_object_bytes: opts.max_object_bytes,
-            predictor: Predictor::new(128, None),
+            predictor: Predictor::new(128, Some(transient_no_cache)),
             fill_bytes: Arc::default(),
             max_fill_bytes: opts.max_fill_bytes,
             passthroughs,
@@ -322,6 +334,16 @@ impl FoyerStorage {
     ) -> bool {
         let hash = primary_hash(primary_key);
         self.recent.purged_since(hash, started) || self.bans.is_banned(primary_key, started_wall)
+    }
+
+    /// Whether a copy another edge admitted at `admitted` predates a purge this edge applied:
+    /// a key purge since then (within the recent-purge window, as for a local copy read back)
+    /// or a prefix ban or host floor covering it. That edge may not have applied the purge
+    /// yet; the copy is served but not cached here.
+    pub fn purged_since_admitted(&self, primary_key: &str, admitted: SystemTime) -> bool {
+        self.recent
+            .purged_after(admitted, || primary_hash(primary_key))
+            || self.bans.is_banned(primary_key, admitted)
     }
 
     /// Whether the cache (memory or disk) holds an object under `primary_key`.
@@ -997,6 +1019,46 @@ mod tests {
             assert!(s.lookup(&key, &trace).await.unwrap().is_none(), "{name}");
             assert!(!s.holds(&name), "{name}");
         }
+    }
+
+    /// A peer's copy is judged by when the peer admitted it, on the wall clock: an old copy
+    /// with no purge since is cacheable (it used to be refused once older than the
+    /// recent-purge window), one that predates a key purge or a prefix ban applied here is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_copy_is_refused_only_when_a_purge_here_came_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let long_ago = SystemTime::now() - Duration::from_secs(3600);
+        assert!(
+            !s.purged_since_admitted("h/old", long_ago),
+            "no purge since"
+        );
+        let before = SystemTime::now();
+        std::thread::sleep(Duration::from_millis(2));
+        s.invalidate_key("h/k");
+        std::thread::sleep(Duration::from_millis(2));
+        let after = SystemTime::now();
+        assert!(s.purged_since_admitted("h/k", long_ago));
+        assert!(s.purged_since_admitted("h/k", before));
+        assert!(
+            !s.purged_since_admitted("h/k", after),
+            "admitted after the purge"
+        );
+        assert!(!s.purged_since_admitted("h/other", before), "another key");
+        s.purge_prefix("h/dir/").unwrap();
+        assert!(
+            s.purged_since_admitted("h/dir/x", before),
+            "under a later ban"
+        );
+        assert!(!s.purged_since_admitted("h/dir/x", SystemTime::now() + Duration::from_secs(1)));
+        // Refusing such an answer once says nothing about the key's next one.
+        use pingora_cache::predictor::CacheablePredictor;
+        let key = CacheKey::new("h/k", "");
+        for reason in [PURGED_DURING_FETCH, PEER_LACKS_OBJECT] {
+            let reason = pingora_cache::NoCacheReason::Custom(reason);
+            assert_eq!(s.predictor().mark_uncacheable(&key, reason), None);
+        }
+        assert!(s.predictor().cacheable_prediction(&key));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
