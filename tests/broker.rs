@@ -709,6 +709,19 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
         .position(|id| *id == holder)
         .unwrap();
     assert_eq!(c.edges[down].child.terminate(), Some(0));
+    let series_total = |token: String| {
+        let url = c.broker.api(&format!("/v1/series?resource={HOST}/a"));
+        async move {
+            let (s, v) = api(reqwest::Method::GET, url, &token, None).await;
+            assert_eq!(s, StatusCode::OK, "{v}");
+            let regions = v["regions"].as_object().unwrap().values();
+            let buckets = regions.flat_map(|r| r["buckets"].as_array().unwrap().iter());
+            buckets
+                .map(|b| b["requests"].as_u64().unwrap())
+                .sum::<u64>()
+        }
+    };
+    wait_until(|| async { series_total(c.token.clone()).await >= 2 }).await;
     // A purge some edge could not confirm: the CLI says so with exit code 3.
     let out = shadowcdn_tests::Binary::get("broker", "broker")
         .command()
@@ -744,6 +757,11 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     )
     .await;
     assert_eq!(s, StatusCode::MULTI_STATUS, "the edge is still down: {v}");
+    assert_eq!(
+        series_total(t.clone()).await,
+        0,
+        "the previous owner's history"
+    );
     assert!(
         v["purge"]["edges"]
             .as_array()

@@ -576,6 +576,18 @@ impl Planner {
             let Some(region_idx) = self.fleet.region_index(region) else {
                 continue;
             };
+            // A host registered again plans from its new registration's history only.
+            let since = resource
+                .split_once('/')
+                .and_then(|(host, _)| self.registry.origin(host))
+                .map_or(0, |o| store.bucket_of(o.registered_at_ms / 1000));
+            let owned;
+            let s = if s.buckets.front().is_some_and(|b| b.start < since) {
+                owned = s.since(since);
+                &owned
+            } else {
+                s
+            };
             let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, last_complete_bucket(now));
             if counts.iter().all(|c| *c == 0) {
                 continue;

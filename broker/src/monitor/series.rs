@@ -47,6 +47,37 @@ pub struct Series {
     pub key_votes: u32,
 }
 
+impl Series {
+    /// What of this series may be shown to whoever registered its host in the bucket that
+    /// starts at `since` ([`SeriesStore::bucket_of`]): the buckets from that one on. The
+    /// lifetime tallies (segments, majority key) cannot be split by time, so they are kept only
+    /// when no bucket is older.
+    pub fn since(&self, since: u64) -> Series {
+        let buckets: VecDeque<Bucket> = self
+            .buckets
+            .iter()
+            .filter(|b| b.start >= since)
+            .copied()
+            .collect();
+        let whole = buckets.len() == self.buckets.len();
+        Series {
+            buckets,
+            segments: if whole {
+                self.segments.clone()
+            } else {
+                HashMap::new()
+            },
+            touched: self.touched,
+            key: if whole {
+                self.key.clone()
+            } else {
+                String::new()
+            },
+            key_votes: if whole { self.key_votes } else { 0 },
+        }
+    }
+}
+
 /// User segments counted per series; further ones are counted under [`OTHER_SEGMENT`]
 /// (segment names come from a request header).
 pub const MAX_SEGMENTS: usize = 32;
@@ -259,6 +290,26 @@ impl SeriesStore {
         self.count -= dropped;
     }
 
+    /// The start of the bucket holding `secs` (seconds since the epoch).
+    pub fn bucket_of(&self, secs: u64) -> u64 {
+        secs - secs % self.bucket_secs
+    }
+
+    /// Drop every series of the resources under `prefix` (`host/` of a deleted host, whose
+    /// next owner must not see or be planned from this history); how many went.
+    pub fn forget_prefix(&mut self, prefix: &str) -> usize {
+        let mut dropped = 0;
+        self.series.retain(|resource, regions| {
+            let go = resource.starts_with(prefix);
+            if go {
+                dropped += regions.len();
+            }
+            !go
+        });
+        self.count -= dropped;
+        dropped
+    }
+
     /// The series of a resource, by region.
     pub fn query(&self, resource: &str) -> Option<&HashMap<String, Series>> {
         self.series.get(resource)
@@ -422,6 +473,30 @@ mod tests {
         assert_eq!(s.len(), 991);
         assert!(s.query("r9").is_none() && s.query("r10").is_some());
         assert!(s.query("new").is_some());
+    }
+
+    #[test]
+    fn a_deleted_hosts_history_goes_and_a_new_owner_sees_only_its_own() {
+        let mut st = SeriesStore::new(60, 100, 100);
+        st.add(&obs("a.com/x", "eu", 60));
+        st.add(&obs("a.com/x", "eu", 180));
+        st.add(&obs("a.com/x", "us", 60));
+        st.add(&obs("a.com.evil/x", "eu", 60));
+        let s = &st.query("a.com/x").unwrap()["eu"];
+        let later = s.since(120);
+        assert_eq!(later.buckets.len(), 1);
+        assert_eq!(later.buckets[0].start, 180);
+        assert!(
+            later.segments.is_empty() && later.key.is_empty(),
+            "tallies predate 120"
+        );
+        let all = s.since(60);
+        assert_eq!(all.buckets.len(), 2);
+        assert_eq!(all.segments["mobile"], 2);
+        assert_eq!(all.key, s.key);
+        assert_eq!(st.forget_prefix("a.com/"), 2);
+        assert!(st.query("a.com/x").is_none());
+        assert_eq!(st.len(), 1, "another host's series stays");
     }
 
     #[test]

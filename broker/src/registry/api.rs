@@ -3,6 +3,7 @@
 //! Every error is `{"error": code, "message": text}` with a 4xx/5xx status; a rejected request
 //! changes nothing. Providers only ever see their own hosts and resources (403 otherwise).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -26,7 +27,7 @@ use super::model::{
 };
 use super::store::{Registry, RegistryError};
 use crate::metrics::BrokerMetrics;
-use crate::monitor::SeriesStore;
+use crate::monitor::{Series, SeriesStore};
 use crate::planner::PlannerState;
 use crate::routing::{Fleet, Health};
 use crate::sync::EdgeSync;
@@ -319,6 +320,8 @@ async fn delete_origin(
     let target = format!("{host}/*");
     let results = s.sync.purge_everywhere(&target).await;
     s.planner.forget(&target);
+    let forgotten = s.series.write().forget_prefix(&format!("{host}/"));
+    tracing::info!(%host, series = forgotten, "host deleted: its request history dropped");
     if results.iter().all(|r| r.ok) {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -418,9 +421,22 @@ async fn series(
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
     let host = q.resource.split('/').next().unwrap_or("");
-    s.registry.check_host_owner(&p.id, &check_host(host)?)?;
+    let host = check_host(host)?;
+    s.registry.check_host_owner(&p.id, &host)?;
+    // Only what was recorded since this registration: a host deleted and registered again
+    // (by another provider, say) starts a new history.
+    let registered = s
+        .registry
+        .origin(&host)
+        .map_or(0, |o| o.registered_at_ms / 1000);
     let store = s.series.read();
-    let regions = store.query(&q.resource).cloned().unwrap_or_default();
+    let since = store.bucket_of(registered);
+    let regions: HashMap<&String, Series> = store
+        .query(&q.resource)
+        .into_iter()
+        .flatten()
+        .map(|(region, series)| (region, series.since(since)))
+        .collect();
     Ok(Json(json!({ "resource": q.resource, "regions": regions })).into_response())
 }
 
