@@ -151,8 +151,17 @@ impl State {
 pub struct BanList {
     path: PathBuf,
     state: RwLock<State>,
-    writer: Mutex<File>,
+    writer: Mutex<LogWriter>,
     retention: Duration,
+}
+
+/// The log's append handle.
+#[derive(Debug)]
+struct LogWriter {
+    file: File,
+    /// A failed append left a partial line that could not be cut off: the next append starts
+    /// on a new line, so it is not glued to that fragment and lost with it.
+    torn: bool,
 }
 
 fn now_ms() -> u64 {
@@ -223,13 +232,14 @@ impl BanList {
             }
         }
         let list = BanList {
-            writer: Mutex::new(
-                OpenOptions::new()
+            writer: Mutex::new(LogWriter {
+                file: OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(&path)
                     .map_err(io)?,
-            ),
+                torn: false,
+            }),
             path,
             state: RwLock::new(state),
             retention,
@@ -282,14 +292,26 @@ impl BanList {
     /// Append `line` to the log durably, then `apply` it to the state, holding the writer's
     /// lock throughout: a compaction in between would rewrite the log from a state without
     /// it, and it would not survive a restart.
+    ///
+    /// A failed append is cut off the log again, so the next one does not land on the end of
+    /// a partial line (which would read back as one garbled line and lose the next ban).
     fn record(&self, line: String, apply: impl FnOnce(&mut State)) -> Result<(), BanError> {
         let mut w = self.writer.lock();
-        w.write_all(line.as_bytes())
-            .and_then(|_| w.sync_data())
-            .map_err(|source| BanError::Io {
+        let before = w.file.metadata().map(|m| m.len());
+        let text = if w.torn { format!("\n{line}") } else { line };
+        let written = w
+            .file
+            .write_all(text.as_bytes())
+            .and_then(|_| w.file.sync_data());
+        if let Err(source) = written {
+            let cut = before.and_then(|len| w.file.set_len(len));
+            w.torn = cut.is_err();
+            return Err(BanError::Io {
                 path: self.path.clone(),
                 source,
-            })?;
+            });
+        }
+        w.torn = false;
         apply(&mut self.state.write());
         Ok(())
     }
@@ -320,6 +342,11 @@ impl BanList {
     }
 
     /// Drop expired bans, raise the floor, and rewrite the log atomically.
+    ///
+    /// The state's lock, which every cache hit reads, is held only to expire and serialise;
+    /// the file work holds the writer's lock alone, which keeps appends out until the new log
+    /// is in place. The new log's append handle is opened before the rename, so nothing can
+    /// fail between the rename and the swap and leave appends going to the unlinked old file.
     pub fn compact(&self) -> Result<(), BanError> {
         let io = |source| BanError::Io {
             path: self.path.clone(),
@@ -327,42 +354,46 @@ impl BanList {
         };
         let horizon = now_ms().saturating_sub(self.retention.as_millis() as u64);
         let mut w = self.writer.lock();
-        let mut s = self.state.write();
-        let before = s.len();
-        let mut expired: Vec<(String, u64)> = Vec::new();
-        for (sc, bans) in s.bans.iter_mut() {
-            expired.extend(bans.expire(horizon).into_iter().map(|at| (sc.clone(), at)));
-        }
-        s.bans.retain(|_, bans| !bans.all.is_empty());
-        for (sc, at) in expired {
-            s.raise_floor(&sc, at);
-        }
-        if before == s.len() && self.path.exists() {
-            return Ok(());
-        }
-        let tmp = self.path.with_extension("log.tmp");
-        {
-            let mut f = File::create(&tmp).map_err(io)?;
+        let contents = {
+            let mut s = self.state.write();
+            let before = s.len();
+            let mut expired: Vec<(String, u64)> = Vec::new();
+            for (sc, bans) in s.bans.iter_mut() {
+                expired.extend(bans.expire(horizon).into_iter().map(|at| (sc.clone(), at)));
+            }
+            s.bans.retain(|_, bans| !bans.all.is_empty());
+            for (sc, at) in expired {
+                s.raise_floor(&sc, at);
+            }
+            if before == s.len() && self.path.exists() {
+                return Ok(());
+            }
+            let mut text = String::new();
             for (sc, at) in &s.floors {
                 let sc = if sc.is_empty() { "-" } else { sc.as_str() };
-                writeln!(f, "floor {at} {sc}").map_err(io)?;
+                text.push_str(&format!("floor {at} {sc}\n"));
             }
             for (sc, r) in &s.owners {
-                writeln!(f, "owner {r} {sc}").map_err(io)?;
+                text.push_str(&format!("owner {r} {sc}\n"));
             }
             for b in s.bans.values().flat_map(|b| &b.all) {
-                writeln!(f, "ban {} {}", b.at_ms, b.prefix).map_err(io)?;
+                text.push_str(&format!("ban {} {}\n", b.at_ms, b.prefix));
             }
-            f.sync_all().map_err(io)?;
-        }
+            text
+        };
+        let tmp = self.path.with_extension("log.tmp");
+        let mut f = File::create(&tmp).map_err(io)?;
+        f.write_all(contents.as_bytes()).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        let appender = OpenOptions::new().append(true).open(&tmp).map_err(io)?;
         fs::rename(&tmp, &self.path).map_err(io)?;
+        *w = LogWriter {
+            file: appender,
+            torn: false,
+        };
         if let Some(dir) = self.path.parent() {
             File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
-        *w = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(io)?;
         Ok(())
     }
 }
@@ -534,6 +565,57 @@ mod tests {
         check(&b);
         drop(b);
         check(&BanList::open(dir.path(), Duration::from_secs(3600)).unwrap());
+    }
+
+    /// Bans recorded after a compaction rewrote the log land in the new log, not in the
+    /// unlinked old one.
+    #[test]
+    fn bans_after_a_compaction_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        {
+            let b = BanList::open(dir.path(), Duration::from_millis(20)).unwrap();
+            b.add("h/gone/").unwrap();
+            std::thread::sleep(Duration::from_millis(30));
+            b.compact().unwrap();
+            assert_eq!(b.len(), 0, "expired and rewritten");
+            b.add("h/kept/").unwrap();
+        }
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(b.is_banned("h/kept/x", old));
+    }
+
+    /// An append that fails part-way is cut off again (or, if that fails too, the next one
+    /// starts a new line), so the next acknowledged ban reads back whole.
+    #[test]
+    fn a_failed_append_does_not_swallow_the_next_ban() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bans.log");
+        let old = SystemTime::now() - Duration::from_secs(10);
+        {
+            let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            // A handle that cannot write (nor be cut): the append fails.
+            *b.writer.lock() = LogWriter {
+                file: File::open(&path).unwrap(),
+                torn: false,
+            };
+            assert!(b.add("h/failed/").is_err());
+            assert!(
+                !b.is_banned("h/failed/x", old),
+                "not acknowledged, not applied"
+            );
+            // What a write that failed half-way leaves behind.
+            let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
+            raw.write_all(b"ban 17 h/fail").unwrap();
+            b.writer.lock().file = raw;
+            b.add("h/next/").unwrap();
+        }
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(
+            b.is_banned("h/next/x", old),
+            "{}",
+            fs::read_to_string(&path).unwrap()
+        );
     }
 
     #[test]
