@@ -1097,6 +1097,39 @@ async fn a_shadow_the_cache_cannot_keep_fails_unmarked() {
     }
 }
 
+/// A shadow order for an object the edge already cached only marks it; dropping the mark
+/// leaves the ordinary cache entry, as its expiry would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unshadowing_a_copy_cached_before_the_order_keeps_it() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    assert_eq!(x_cache(&edge.get("/held.bin").await), "MISS");
+    let key = format!("{HOST}/held.bin");
+    let (s, v) = admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(serde_json::json!({"key": key, "ttl_secs": 60})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let mut marked = false;
+    for _ in 0..100 {
+        let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
+        if s == StatusCode::OK {
+            marked = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(marked, "the order marked the held copy");
+    let (s, v) = admin_json(&edge, Method::DELETE, &format!("/shadows/{key}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(x_cache(&edge.get("/held.bin").await), "HIT");
+    assert_eq!(origin.hits("/held.bin"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl() {
     let origin = TestOrigin::start().await;

@@ -68,10 +68,11 @@ pub const FILL_HEADER: &str = "x-shadowcdn-shadow-fill";
 pub const REFRESH_HEADER: &str = "x-shadowcdn-refresh";
 
 /// Drop the shadow mark of `key`; an object that never served a request goes with it (it
-/// was only there as a prediction), one that did stays as a normal cache entry.
+/// was only there as a prediction), one that did, or that the edge held before the order,
+/// stays as a normal cache entry (as when the mark expires).
 pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Option<Mark> {
     let m = table.remove(key)?;
-    if m.hits == 0 {
+    if m.hits == 0 && !m.held_before {
         storage.purge_key(key);
     }
     Some(m)
