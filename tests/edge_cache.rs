@@ -1097,6 +1097,32 @@ async fn a_shadow_the_cache_cannot_keep_fails_unmarked() {
     }
 }
 
+/// An origin that redirects plain HTTP to https without a Vary: the cached redirect is
+/// served to plain-HTTP requests only, never to https ones (a redirect loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_https_redirect_is_not_served_to_https_requests() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/r.html?https_redirect=1";
+    let edge = &edge;
+    let get = |proto: &'static str| async move {
+        let headers = [("x-forwarded-proto", proto)];
+        edge.request(Method::GET, path, &headers).await
+    };
+    for want in ["MISS", "HIT"] {
+        let r = get("http").await;
+        assert_eq!(r.status(), StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(x_cache(&r), want);
+    }
+    for want in ["MISS", "HIT"] {
+        let r = get("https").await;
+        assert_eq!(r.status(), StatusCode::OK, "https got the redirect");
+        assert_eq!(x_cache(&r), want);
+    }
+    assert_eq!(origin.hits("/r.html"), 2);
+}
+
 /// A shadow order for an object the edge already cached only marks it; dropping the mark
 /// leaves the ordinary cache entry, as its expiry would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -743,6 +743,12 @@ impl ProxyHttp for EdgeProxy {
             .map(|s| s.trim().to_ascii_lowercase())
             .filter(|s| !s.is_empty())
             .collect();
+        // Origins commonly redirect plain-HTTP requests to https without `Vary:
+        // X-Forwarded-Proto`; such a redirect served to an https client would send it round
+        // in a loop. A redirect varies by the scheme the origin was told, whatever it says.
+        if meta.response_header().status.is_redirection() {
+            names.push(FORWARDED_PROTO.to_string());
+        }
         if names.is_empty() {
             return None;
         }

@@ -8,11 +8,12 @@ pub mod process;
 pub use origin::{OriginHandle, TestOrigin};
 pub use process::{free_port, Binary, Child};
 
-/// A reqwest client that never uses a proxy from the environment and keeps no connections
-/// between tests.
+/// A reqwest client that never uses a proxy from the environment, keeps no connections
+/// between tests and shows redirects as they came (a cache's answer, not where it leads).
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .expect("reqwest client builds with static options")

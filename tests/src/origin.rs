@@ -150,6 +150,24 @@ async fn handle(
     let size: usize = q.get("size").and_then(|v| v.parse().ok()).unwrap_or(64);
     let status: u16 = q.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
     let mut resp = Response::builder().status(status);
+    // `https_redirect`: a cacheable 301 to https for requests that did not come over https
+    // (by X-Forwarded-Proto), without a Vary, as many origins answer.
+    if q.contains_key("https_redirect")
+        && headers
+            .get("x-forwarded-proto")
+            .is_none_or(|v| v != "https")
+    {
+        let host = headers
+            .get("host")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        return resp
+            .status(StatusCode::MOVED_PERMANENTLY)
+            .header("cache-control", "public, max-age=60")
+            .header("location", format!("https://{host}{uri}"))
+            .body(Body::empty())
+            .expect("static response parts");
+    }
     match q.get("cc").map(String::as_str) {
         Some("none") => {}
         Some(v) => resp = resp.header("cache-control", v),
