@@ -465,8 +465,10 @@ impl BrokerConfig {
         if self.monitor.queue_capacity == 0 || self.monitor.max_series == 0 {
             return bad("monitor.queue_capacity and monitor.max_series must be positive".into());
         }
-        // The forecaster reads 15-minute buckets over 7 days: a stored bucket must fall in
-        // one of them, and the store must reach back that far.
+        // The forecaster reads 15-minute buckets over 7 days, ending at the last complete
+        // one: a stored bucket must fall in one of them, and the store must reach back that
+        // far from the bucket filling now (7 days, the quarter hour in progress, and the
+        // current bucket).
         let forecast = crate::planner::FORECAST_BUCKET;
         if !forecast.is_multiple_of(self.monitor.bucket_secs) {
             return bad(format!(
@@ -477,12 +479,13 @@ impl BrokerConfig {
             .monitor
             .bucket_secs
             .saturating_mul(self.monitor.retention_buckets as u64);
-        if self.planner.enabled && kept < 7 * 86_400 {
-            return bad(
+        let needed = FORECAST_HISTORY_SECS + forecast + self.monitor.bucket_secs;
+        if self.planner.enabled && kept < needed {
+            return bad(format!(
                 "monitor.retention_buckets × monitor.bucket_secs must cover 7 days (the \
-                 forecaster's history) while the planner is enabled"
-                    .into(),
-            );
+                 forecaster's history) plus 15 minutes and one bucket, {needed} s, while the \
+                 planner is enabled"
+            ));
         }
         let min = crate::planner::MIN_INTERVAL_SECS;
         if !(self.planner.interval_secs.is_finite() && self.planner.interval_secs >= min) {
@@ -559,8 +562,14 @@ fn default_rise() -> u32 {
 fn default_bucket() -> u64 {
     60
 }
+/// The history the forecaster reads, in seconds (7 days).
+const FORECAST_HISTORY_SECS: u64 =
+    crate::planner::HISTORY_BUCKETS as u64 * crate::planner::FORECAST_BUCKET;
+
+/// 7 days of 60-second buckets, plus the quarter hour in progress and the current bucket
+/// (see the check in `validate`).
 fn default_retention() -> usize {
-    7 * 24 * 60
+    ((FORECAST_HISTORY_SECS + crate::planner::FORECAST_BUCKET) / default_bucket() + 1) as usize
 }
 fn default_max_series() -> usize {
     100_000

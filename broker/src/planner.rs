@@ -54,7 +54,7 @@ const ANOMALY_LOG: usize = 200;
 /// Bucket width the forecaster was trained on.
 pub const FORECAST_BUCKET: u64 = models::features::BUCKET_SECS;
 /// History handed to the forecaster: 7 days.
-const HISTORY_BUCKETS: usize = 7 * 96;
+pub(crate) const HISTORY_BUCKETS: usize = 7 * 96;
 
 /// Start of the latest complete forecast bucket at `now`. The model was trained on complete
 /// buckets only; the bucket still filling would read as a drop in demand (one minute in, a

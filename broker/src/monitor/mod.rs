@@ -131,22 +131,7 @@ impl Monitor {
         coaccess: Option<CoAccessFeed>,
     ) -> (Monitor, Recorder) {
         let mut store = SeriesStore::new(cfg.bucket_secs, cfg.retention_buckets, cfg.max_series);
-        match std::fs::read(&snapshot_path) {
-            Ok(bytes) => {
-                let adopted = match serde_json::from_slice::<SeriesStore>(&bytes) {
-                    Ok(snap) => store.restore(snap),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "monitor snapshot unreadable");
-                        false
-                    }
-                };
-                if !adopted {
-                    set_aside(&snapshot_path);
-                }
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!(error = %e, "monitor snapshot unreadable; starting empty"),
-        }
+        load_snapshot(&mut store, &snapshot_path);
         let store = Arc::new(RwLock::new(store));
         let queue = Arc::new(ArrayQueue::new(cfg.queue_capacity));
         let stop = Arc::new(AtomicBool::new(false));
@@ -317,7 +302,31 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
     }
 }
 
-/// Write the store atomically: temp file, fsync, rename. Serialized under the read lock, written
+/// Restore `store` from the snapshot at `path`. A snapshot that cannot be used, or read
+/// (a permission or device error), is set aside, so the next snapshot does not replace days
+/// of history with an empty store.
+fn load_snapshot(store: &mut SeriesStore, path: &std::path::Path) {
+    let adopted = match std::fs::read(path) {
+        Ok(bytes) => match serde_json::from_slice::<SeriesStore>(&bytes) {
+            Ok(snap) => store.restore(snap),
+            Err(e) => {
+                tracing::warn!(error = %e, "monitor snapshot unreadable");
+                false
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+        Err(e) => {
+            tracing::warn!(error = %e, path = %path.display(), "monitor snapshot cannot be read");
+            false
+        }
+    };
+    if !adopted {
+        set_aside(path);
+    }
+}
+
+/// Write the store atomically: temp file, fsync, rename, fsync of the directory (so the
+/// rename itself survives a crash). Serialized under the read lock, written
 /// after it is released: a slow disk must not hold the store (the aggregator waits for it once
 /// its buffer of held-back records is full).
 fn snapshot(store: &RwLock<SeriesStore>, path: &PathBuf) {
@@ -335,7 +344,11 @@ fn snapshot(store: &RwLock<SeriesStore>, path: &PathBuf) {
             f.write_all(&bytes)?;
             f.sync_all()
         })
-        .and_then(|_| std::fs::rename(&tmp, path));
+        .and_then(|_| std::fs::rename(&tmp, path))
+        .and_then(|_| match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
+            _ => Ok(()),
+        });
     if let Err(e) = res {
         tracing::warn!(error = %e, path = %path.display(), "monitor snapshot failed");
     }
@@ -436,6 +449,29 @@ mod tests {
         monitor.shutdown();
         let snap: SeriesStore = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(snap.total("h/a", "eu"), 1000, "the final snapshot has them");
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_be_read_is_set_aside_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("monitor.json");
+        // A read error that is not "missing" (here: a directory where the file should be).
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(path.join("inside"), b"kept").unwrap();
+        let mut store = SeriesStore::new(60, 10, 10);
+        load_snapshot(&mut store, &path);
+        assert!(store.is_empty());
+        assert!(!path.exists(), "moved out of the next snapshot's way");
+        let kept: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(kept.len(), 1);
+        assert_eq!(std::fs::read(kept[0].join("inside")).unwrap(), b"kept");
+        // No snapshot at all is the normal first start: nothing is set aside.
+        let mut store = SeriesStore::new(60, 10, 10);
+        load_snapshot(&mut store, &dir.path().join("absent.json"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
