@@ -786,6 +786,43 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     assert_eq!(origin.hits("/a"), 1);
 }
 
+/// An edge draining for shutdown keeps its broker link: a purge sent while a slow request
+/// finishes is applied and confirmed, not lost with a link closed at the first signal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    c.purge("/warm").await;
+    let edge = c.edges[0].addr;
+    let slow = tokio::spawn(async move {
+        client()
+            .get(format!("http://{edge}/slow?delay_ms=4000"))
+            .header("host", HOST)
+            .send()
+            .await
+            .map(|r| r.status())
+    });
+    wait_until(|| async { origin.hits("/slow") == 1 }).await;
+    let mut child = std::mem::replace(&mut c.edges[0].child, shadowcdn_tests::Child::placeholder());
+    let stopped = tokio::task::spawn_blocking(move || child.terminate());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/purge"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/during-drain"})),
+    )
+    .await;
+    assert_eq!(
+        s,
+        StatusCode::OK,
+        "every edge confirmed, the draining one too: {v}"
+    );
+    assert_eq!(slow.await.unwrap().unwrap(), StatusCode::OK);
+    assert_eq!(stopped.await.unwrap(), Some(0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_rejected_and_change_nothing() {
     let origin = TestOrigin::start().await;

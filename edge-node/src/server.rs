@@ -224,6 +224,8 @@ impl EdgeNode {
                 internal: secret,
                 capacity_bytes: cfg.cache.memory_capacity.as_u64()
                     + cfg.cache.disk_capacity.as_u64(),
+                inflight: inflight.clone(),
+                drain_timeout: Duration::from_secs(cfg.server.drain_timeout_secs),
             };
             server.add_service(background_service(
                 "quic",

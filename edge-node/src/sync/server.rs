@@ -18,6 +18,7 @@ use super::protocol::{
 };
 use super::tls::{peer_is, BROKER_NAME};
 use super::{is_hop_header, PEER_FETCH_HEADER};
+use crate::drain::InflightCounter;
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::proxy::InternalSecret;
@@ -58,6 +59,11 @@ pub struct SyncParts {
     pub internal: InternalSecret,
     /// Memory plus disk capacity of the cache.
     pub capacity_bytes: u64,
+    /// Work the drain waits for: each message being handled counts, so a shutdown lets an
+    /// invalidation answer and a peer-fetch body finish before the endpoint closes.
+    pub inflight: InflightCounter,
+    /// Longest wait for that work at shutdown (`server.drain_timeout_secs`).
+    pub drain_timeout: Duration,
 }
 
 /// Replies to recent message ids. A stats reply carries (and drains) the shadow outcomes, so
@@ -165,6 +171,14 @@ impl BackgroundService for SyncService {
                 _ = shutdown.changed() => break,
             }
         }
+        // No new connections; the open ones keep being served until the edge's in-flight
+        // work (these messages and its HTTP requests) is done, then they are closed cleanly.
+        endpoint.set_server_config(None);
+        let parts = &self.handler.parts;
+        let deadline = tokio::time::Instant::now() + parts.drain_timeout;
+        while parts.inflight.count() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         endpoint.close(0u32.into(), b"shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
     }
@@ -233,6 +247,8 @@ impl Handler {
                 return;
             }
         };
+        // From here to the reply, the message is work the drain waits for.
+        let _working = self.parts.inflight.enter();
         let head = EnvelopeHead::deserialize(&raw).unwrap_or(EnvelopeHead { v: 0, id: 0 });
         let reply_to = |reply: Reply| Envelope {
             v: VERSION,
