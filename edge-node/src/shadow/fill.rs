@@ -49,8 +49,8 @@ pub struct FillRequest {
 /// Why a shadow request is invalid.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InvalidShadow {
-    /// The key is not `host/path`.
-    #[error("key must be {{host}}/{{path}}")]
+    /// The key is not `host/path`, or its path has `.` or `..` segments.
+    #[error("key must be {{host}}/{{path}}, with no . or .. path segments")]
     Key,
     /// The TTL is zero or too long.
     #[error("ttl_secs must be between 1 and {0}")]
@@ -79,7 +79,9 @@ impl FillRequest {
         priority: u8,
         max_ttl_secs: u64,
     ) -> Result<Self, InvalidShadow> {
-        let key = normalize_key(key).ok_or(InvalidShadow::Key)?;
+        let key = normalize_key(key)
+            .filter(|k| split_key(k).is_some())
+            .ok_or(InvalidShadow::Key)?;
         if ttl_secs == 0 || ttl_secs > max_ttl_secs {
             return Err(InvalidShadow::Ttl(max_ttl_secs));
         }
@@ -238,9 +240,24 @@ impl ShadowService {
 }
 
 /// Split `host/path?query` into host and path.
+///
+/// A path with a `.` or `..` segment is refused: the URL the edge requests itself through
+/// would be normalised on the way (WHATWG rules: `%2e` counts as `.`, a backslash as `/`),
+/// fetching another path than the key names, and the answer would be stored under the wrong
+/// key.
 pub(crate) fn split_key(key: &str) -> Option<(&str, String)> {
     let (host, rest) = key.split_once('/')?;
-    (!host.is_empty()).then(|| (host, format!("/{rest}")))
+    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+    (!host.is_empty() && !has_dot_segment(path)).then(|| (host, format!("/{rest}")))
+}
+
+/// Whether a path has a segment that URL parsing would resolve away (`.`, `..`, in any mix of
+/// literal and percent-encoded dots).
+fn has_dot_segment(path: &str) -> bool {
+    path.split(['/', '\\']).any(|seg| {
+        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
+        seg == "." || seg == ".."
+    })
 }
 
 async fn fetch(
@@ -507,6 +524,24 @@ mod tests {
             Some(("h.com", "/a?b=1".to_string()))
         );
         assert_eq!(split_key("h.com/"), Some(("h.com", "/".to_string())));
+        for dotted in [
+            "h.com/a/../b",
+            "h.com/a/./b",
+            "h.com/pub/%2e%2e/priv/x",
+            "h.com/pub/.%2E/x",
+            "h.com/pub\\..\\x",
+            "h.com/..",
+        ] {
+            assert_eq!(split_key(dotted), None, "{dotted}");
+            assert!(
+                FillRequest::validated(dotted, 60, 5, 3600).is_err(),
+                "{dotted}"
+            );
+        }
+        assert!(
+            split_key("h.com/a..b/.c/x?q=/../").is_some(),
+            "not whole segments"
+        );
         assert_eq!(split_key("/a"), None);
         assert_eq!(split_key("nohost"), None);
     }

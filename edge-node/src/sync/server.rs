@@ -406,7 +406,7 @@ impl Handler {
                 send,
                 &reply(Reply::error(
                     ErrorCode::Invalid,
-                    "key must be {host}/{path}",
+                    "key must be {host}/{path}, with no . or .. path segments",
                 )),
             )
             .await;
