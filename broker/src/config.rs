@@ -321,6 +321,11 @@ pub struct MonitorSection {
     /// Most series kept; the least recently updated are dropped beyond it.
     #[serde(default = "default_max_series")]
     pub max_series: usize,
+    /// Most buckets kept over all series (48 bytes each, up to twice that with the per-series
+    /// queues' slack): the memory bound, since a series busy every bucket holds
+    /// `retention_buckets` of them. The least recently updated series are dropped beyond it.
+    #[serde(default = "default_max_buckets")]
+    pub max_buckets: usize,
     /// Capacity of the lock-free record queue.
     #[serde(default = "default_queue")]
     pub queue_capacity: usize,
@@ -336,6 +341,7 @@ impl Default for MonitorSection {
             bucket_secs: default_bucket(),
             retention_buckets: default_retention(),
             max_series: default_max_series(),
+            max_buckets: default_max_buckets(),
             queue_capacity: default_queue(),
             snapshot_secs: default_snapshot(),
         }
@@ -465,6 +471,12 @@ impl BrokerConfig {
         if self.monitor.queue_capacity == 0 || self.monitor.max_series == 0 {
             return bad("monitor.queue_capacity and monitor.max_series must be positive".into());
         }
+        if self.monitor.max_buckets < self.monitor.retention_buckets {
+            return bad(
+                "monitor.max_buckets must be at least monitor.retention_buckets (one full series)"
+                    .into(),
+            );
+        }
         // The forecaster reads 15-minute buckets over 7 days, ending at the last complete
         // one: a stored bucket must fall in one of them, and the store must reach back that
         // far from the bucket filling now (7 days, the quarter hour in progress, and the
@@ -573,6 +585,10 @@ fn default_retention() -> usize {
 }
 fn default_max_series() -> usize {
     100_000
+}
+/// 10 million buckets: at most about 1 GB, about 1,000 series busy every minute for 7 days.
+fn default_max_buckets() -> usize {
+    10_000_000
 }
 fn default_queue() -> usize {
     1 << 16
@@ -696,6 +712,7 @@ pub(crate) mod tests {
             ("bucket_secs = 7", "monitor.bucket_secs"),
             ("bucket_secs = 3600", "monitor.bucket_secs"),
             ("retention_buckets = 1440", "7 days"),
+            ("max_buckets = 100", "monitor.max_buckets"),
         ] {
             let bad = SAMPLE.replace("[admin]", &format!("[monitor]\n{monitor}\n[admin]"));
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();

@@ -23,6 +23,8 @@ pub struct BrokerMetrics {
     pub request_seconds: HistogramVec,
     /// Records dropped because the monitor queue was full.
     pub recorder_drops: IntCounter,
+    /// Records not kept because their key is too long to hold in the monitor.
+    pub recorder_long_keys: IntCounter,
     /// Records aggregated by the monitor.
     pub recorded: IntCounter,
     /// Provider API calls by provider and status code.
@@ -123,6 +125,10 @@ impl BrokerMetrics {
             recorder_drops: IntCounter::new(
                 "shadowcdn_broker_recorder_drops_total",
                 "Request records dropped because the monitor queue was full",
+            )?,
+            recorder_long_keys: IntCounter::new(
+                "shadowcdn_broker_recorder_long_keys_total",
+                "Request records not kept because their resource and key together exceed 2 KiB",
             )?,
             recorded: IntCounter::new(
                 "shadowcdn_broker_recorded_total",
@@ -317,6 +323,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.edge_up.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.recorder_drops.clone()))?;
+        registry.register(Box::new(m.recorder_long_keys.clone()))?;
         registry.register(Box::new(m.recorded.clone()))?;
         registry.register(Box::new(m.api_calls.clone()))?;
         registry.register(Box::new(m.edge_pushes.clone()))?;

@@ -75,6 +75,10 @@ pub fn object_size(status: u16, headers: &http::HeaderMap) -> Option<u64> {
     size.filter(|s| *s <= MAX_OBJECT_SIZE)
 }
 
+/// Longest resource plus key a request record may carry: with the default queue of 65,536
+/// records, the strings the queue can hold stay under 128 MiB.
+pub const MAX_RECORDED_KEY_BYTES: usize = 2048;
+
 /// Largest object size a response is believed about (1 TiB).
 const MAX_OBJECT_SIZE: u64 = 1 << 40;
 
@@ -87,9 +91,16 @@ pub struct Recorder {
 }
 
 impl Recorder {
-    /// Queue a record; drops (and counts) it when the queue is full.
+    /// Queue a record; drops (and counts) it when the queue is full. A record whose resource
+    /// and key exceed [`MAX_RECORDED_KEY_BYTES`] is not kept (and counted): keys may be 8 KiB
+    /// long, and the queue and the series would hold the strings of every one.
     pub fn record(&self, r: Record) {
-        if self.enabled && self.queue.push(r).is_err() {
+        if !self.enabled {
+            return;
+        }
+        if r.resource.len() + r.key.len() > MAX_RECORDED_KEY_BYTES {
+            self.metrics.recorder_long_keys.inc();
+        } else if self.queue.push(r).is_err() {
             self.metrics.recorder_drops.inc();
         }
     }
@@ -130,7 +141,8 @@ impl Monitor {
         metrics: BrokerMetrics,
         coaccess: Option<CoAccessFeed>,
     ) -> (Monitor, Recorder) {
-        let mut store = SeriesStore::new(cfg.bucket_secs, cfg.retention_buckets, cfg.max_series);
+        let mut store = SeriesStore::new(cfg.bucket_secs, cfg.retention_buckets, cfg.max_series)
+            .with_max_buckets(cfg.max_buckets);
         load_snapshot(&mut store, &snapshot_path);
         let store = Arc::new(RwLock::new(store));
         let queue = Arc::new(ArrayQueue::new(cfg.queue_capacity));
@@ -401,6 +413,41 @@ mod tests {
         assert_eq!(object_size(200, &http::HeaderMap::new()), None);
         let bogus = "bytes 0-1/18446744073709551615";
         assert_eq!(object_size(206, &h("content-range", bogus)), None);
+    }
+
+    #[test]
+    fn a_record_with_an_overlong_key_is_counted_not_queued() {
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let recorder = Recorder {
+            queue: Arc::new(ArrayQueue::new(4)),
+            enabled: true,
+            metrics: metrics.clone(),
+        };
+        let with_key = |key: String| Record {
+            resource: "h/a".into(),
+            key,
+            ts: 0,
+            region: 0,
+            segment: None,
+            bytes: 0,
+            object_bytes: None,
+            cache_status: "hit",
+            latency_us: 0,
+            client: 0,
+        };
+        recorder.record(with_key(format!(
+            "h/a?{}",
+            "x".repeat(MAX_RECORDED_KEY_BYTES)
+        )));
+        assert_eq!(
+            (recorder.queued(), metrics.recorder_long_keys.get()),
+            (0, 1)
+        );
+        recorder.record(with_key("h/a?x=1".into()));
+        assert_eq!(
+            (recorder.queued(), metrics.recorder_long_keys.get()),
+            (1, 1)
+        );
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! Per-(resource, region) request counts and bytes in fixed-width time buckets.
 //!
-//! Memory is bounded twice: each series keeps at most `retention` buckets (oldest dropped)
-//! and the store keeps at most `max_series` series (least recently updated dropped).
+//! Memory is bounded three times: each series keeps at most `retention` buckets (oldest
+//! dropped), and the store keeps at most `max_series` series and `max_buckets` buckets in all
+//! (least recently updated series dropped). The bucket budget is what bounds the bytes: a
+//! client that requests many paths every minute fills every series to `retention`.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -93,6 +95,15 @@ pub struct SeriesStore {
     /// (resource, region) → series.
     series: HashMap<String, HashMap<String, Series>>,
     count: usize,
+    /// Buckets held by all series.
+    #[serde(default)]
+    buckets: usize,
+    #[serde(default = "unbounded")]
+    max_buckets: usize,
+}
+
+fn unbounded() -> usize {
+    usize::MAX
 }
 
 /// One request as the aggregator sees it.
@@ -160,7 +171,15 @@ impl SeriesStore {
             max_series: max_series.max(1),
             series: HashMap::new(),
             count: 0,
+            buckets: 0,
+            max_buckets: usize::MAX,
         }
+    }
+
+    /// Hold at most `max_buckets` buckets over all series.
+    pub fn with_max_buckets(mut self, max_buckets: usize) -> Self {
+        self.max_buckets = max_buckets.max(1);
+        self
     }
 
     /// Adopt a snapshot's data under this store's limits; whether it could (not when its
@@ -169,14 +188,16 @@ impl SeriesStore {
         if snapshot.bucket_secs == self.bucket_secs {
             self.series = snapshot.series;
             self.count = self.series.values().map(HashMap::len).sum();
+            self.buckets = 0;
             for regions in self.series.values_mut() {
                 for s in regions.values_mut() {
                     while s.buckets.len() > self.retention {
                         s.buckets.pop_front();
                     }
+                    self.buckets += s.buckets.len();
                 }
             }
-            if self.count > self.max_series {
+            if self.count > self.max_series || self.buckets > self.max_buckets {
                 self.evict_oldest();
             }
             true
@@ -250,44 +271,61 @@ impl SeriesStore {
                     .rposition(|x| x.start < start)
                     .map_or(0, |p| p + 1);
                 s.buckets.insert(pos, b);
+                self.buckets += 1;
                 while s.buckets.len() > self.retention {
                     s.buckets.pop_front();
+                    self.buckets -= 1;
+                }
+                if self.buckets > self.max_buckets {
+                    self.evict_oldest();
                 }
             }
         }
     }
 
-    /// Make room: drop the least recently updated series down to 99% of `max_series` (and
-    /// below `max_series` in any case). One pass over the store pays for many new series, so
-    /// a flood of new paths costs amortised O(1) per request, not a scan each.
+    /// Make room: drop the least recently updated series until at most 99% of `max_series`
+    /// and of `max_buckets` are held (and fewer than `max_series` in any case). One pass pays
+    /// for many new series or buckets, so a flood costs amortised O(log n) per request, not a
+    /// scan each.
     fn evict_oldest(&mut self) {
-        let keep = (self.max_series - self.max_series / 100).min(self.max_series - 1);
-        if self.count <= keep {
+        let keep_series = (self.max_series - self.max_series / 100).min(self.max_series - 1);
+        let keep_buckets = self.max_buckets - self.max_buckets / 100;
+        if self.count <= keep_series && self.buckets <= keep_buckets {
             return;
         }
-        let mut touched: Vec<u64> = self
+        // (touched, buckets) of every series, oldest first: the cut is where both fit.
+        let mut all: Vec<(u64, usize)> = self
             .series
             .values()
-            .flat_map(|regions| regions.values().map(|s| s.touched))
+            .flat_map(|regions| regions.values().map(|s| (s.touched, s.buckets.len())))
             .collect();
-        let drop = self.count - keep;
-        touched.select_nth_unstable(drop - 1);
-        let cutoff = touched[drop - 1];
+        all.sort_unstable();
+        let (mut count, mut buckets, mut drop) = (self.count, self.buckets, 0);
+        while count > keep_series || buckets > keep_buckets {
+            count -= 1;
+            buckets -= all[drop].1;
+            drop += 1;
+        }
+        let cutoff = all[drop - 1].0;
         // Older than the cutoff all go; of those touched exactly at it, only as many as needed.
-        let mut at_cutoff = drop - touched[..drop].iter().filter(|t| **t < cutoff).count();
-        let mut dropped = 0;
+        let mut at_cutoff = drop - all[..drop].iter().filter(|(t, _)| *t < cutoff).count();
+        let (mut dropped, mut dropped_buckets) = (0, 0);
         self.series.retain(|_, regions| {
             regions.retain(|_, s| {
                 let go = s.touched < cutoff || (s.touched == cutoff && at_cutoff > 0);
                 if s.touched == cutoff && go {
                     at_cutoff -= 1;
                 }
-                dropped += usize::from(go);
+                if go {
+                    dropped += 1;
+                    dropped_buckets += s.buckets.len();
+                }
                 !go
             });
             !regions.is_empty()
         });
         self.count -= dropped;
+        self.buckets -= dropped_buckets;
     }
 
     /// The start of the bucket holding `secs` (seconds since the epoch).
@@ -299,14 +337,17 @@ impl SeriesStore {
     /// next owner must not see or be planned from this history); how many went.
     pub fn forget_prefix(&mut self, prefix: &str) -> usize {
         let mut dropped = 0;
+        let mut dropped_buckets = 0;
         self.series.retain(|resource, regions| {
             let go = resource.starts_with(prefix);
             if go {
                 dropped += regions.len();
+                dropped_buckets += regions.values().map(|s| s.buckets.len()).sum::<usize>();
             }
             !go
         });
         self.count -= dropped;
+        self.buckets -= dropped_buckets;
         dropped
     }
 
@@ -327,6 +368,11 @@ impl SeriesStore {
     /// Bucket width in seconds.
     pub fn bucket_secs(&self) -> u64 {
         self.bucket_secs
+    }
+
+    /// Number of buckets held, over all series.
+    pub fn bucket_count(&self) -> usize {
+        self.buckets
     }
 
     /// Number of series held.
@@ -497,6 +543,33 @@ mod tests {
         assert_eq!(st.forget_prefix("a.com/"), 2);
         assert!(st.query("a.com/x").is_none());
         assert_eq!(st.len(), 1, "another host's series stays");
+    }
+
+    /// A flood of busy series is held to the bucket budget: the least recently updated
+    /// series go, the totals stay exact, and a snapshot restored under a smaller budget fits.
+    #[test]
+    fn the_bucket_budget_bounds_the_store() {
+        let mut st = SeriesStore::new(60, 50, 1_000).with_max_buckets(1_000);
+        for minute in 0..40u64 {
+            for path in 0..100 {
+                let res = format!("h/{path}");
+                st.add(&obs(&res, "eu", minute * 60 + path));
+            }
+        }
+        assert!(st.bucket_count() <= 1_000, "{}", st.bucket_count());
+        let held: usize = st.iter().map(|(_, _, s)| s.buckets.len()).sum();
+        assert_eq!(held, st.bucket_count());
+        assert_eq!(st.iter().count(), st.len());
+        assert!(st.query("h/99").is_some(), "the most recent series stays");
+        assert!(st.query("h/0").is_none(), "the least recent went");
+        let mut small = SeriesStore::new(60, 50, 1_000).with_max_buckets(100);
+        assert!(small.restore(st.clone()));
+        assert!(small.bucket_count() <= 100);
+        let held: usize = small.iter().map(|(_, _, s)| s.buckets.len()).sum();
+        assert_eq!(held, small.bucket_count());
+        let n = small.len();
+        assert_eq!(small.forget_prefix("h/"), n);
+        assert_eq!(small.bucket_count(), 0);
     }
 
     #[test]
