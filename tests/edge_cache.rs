@@ -1052,6 +1052,22 @@ async fn admin_json(
     (s, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// Order a shadow (`order`: the `POST /shadows` body) and whether its mark appeared within
+/// 5 s (the fill done).
+async fn shadow_marked(edge: &Edge, order: serde_json::Value) -> bool {
+    let key = order["key"].as_str().unwrap().to_string();
+    let (s, v) = admin_json(edge, Method::POST, "/shadows", Some(order)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    for _ in 0..100 {
+        let (s, _) = admin_json(edge, Method::GET, &format!("/shadows/{key}"), None).await;
+        if s == StatusCode::OK {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
 /// A shadow order the cache cannot keep (the origin forbids caching, or the body outgrows the
 /// object limit while streaming) fails without a mark: nothing is pre-positioned, and the
 /// broker hears the order holds nothing.
@@ -1132,24 +1148,11 @@ async fn unshadowing_a_copy_cached_before_the_order_keeps_it() {
     let edge = start_edge(origin.addr, dir.path(), "");
     assert_eq!(x_cache(&edge.get("/held.bin").await), "MISS");
     let key = format!("{HOST}/held.bin");
-    let (s, v) = admin_json(
-        &edge,
-        Method::POST,
-        "/shadows",
-        Some(serde_json::json!({"key": key, "ttl_secs": 60})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let mut marked = false;
-    for _ in 0..100 {
-        let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
-        if s == StatusCode::OK {
-            marked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(marked, "the order marked the held copy");
+    let order = serde_json::json!({"key": key, "ttl_secs": 60});
+    assert!(
+        shadow_marked(&edge, order).await,
+        "the order marked the held copy"
+    );
     let (s, v) = admin_json(&edge, Method::DELETE, &format!("/shadows/{key}"), None).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(x_cache(&edge.get("/held.bin").await), "HIT");
@@ -1162,27 +1165,8 @@ async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl(
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
     let key = format!("{HOST}/shadow.bin?size=20000");
-    let (s, v) = admin_json(
-        &edge,
-        Method::POST,
-        "/shadows",
-        Some(serde_json::json!({"key": key, "ttl_secs": 60, "priority": 7})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    let mut marked = false;
-    for _ in 0..100 {
-        if admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None)
-            .await
-            .0
-            == StatusCode::OK
-        {
-            marked = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(marked, "the shadow was filled");
+    let order = serde_json::json!({"key": key, "ttl_secs": 60, "priority": 7});
+    assert!(shadow_marked(&edge, order).await, "the shadow was filled");
     assert_eq!(
         origin.hits("/shadow.bin"),
         1,
