@@ -64,10 +64,19 @@ fn start_cluster_listing(extra: &str, name_of: &dyn Fn(std::net::SocketAddr) -> 
 
 /// `[planner]` ticking every wall second with the committed LSTM, plus `extra` lines, on a
 /// broker clock 300× faster than the wall: the forecaster reads complete 15-minute buckets,
-/// so a test's requests reach it once their bucket ends, 3 wall seconds at most.
+/// so a test's requests reach it once their bucket ends, 3 wall seconds at most. The clock
+/// starts 30 days in the past, as a trace replay's does, so nothing may confuse it with the
+/// wall clock.
 fn lstm_planner(extra: &str) -> String {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/lstm.onnx");
-    format!("[clock]\nspeedup = 300.0\n[planner]\ninterval_secs = 1\nmodel = \"{model}\"\n{extra}")
+    let start = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 30 * 86_400;
+    format!(
+        "[clock]\nspeedup = 300.0\nstart_unix = {start}\n[planner]\ninterval_secs = 1\nmodel = \"{model}\"\n{extra}"
+    )
 }
 
 fn start_cluster() -> Cluster {

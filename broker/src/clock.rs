@@ -92,6 +92,15 @@ pub fn wall_secs(secs: u64) -> u64 {
     ((secs as f64 / speedup()).round() as u64).max(1)
 }
 
+/// The broker-clock time (seconds since the epoch) of wall time `ms`, found by how long ago
+/// it was on the wall: a registration time (wall clock, for the edges) against the monitor's
+/// buckets (broker clock). A time before a replay's clock started maps to before its first
+/// bucket.
+pub fn clock_secs_at_wall_ms(ms: u64) -> u64 {
+    let ago = wall_ms().saturating_sub(ms) as f64 / 1000.0;
+    (now_secs() as f64 - ago * speedup()).max(0.0) as u64
+}
+
 /// `secs` of wall time in clock seconds.
 pub fn clock_secs(wall_secs: u64) -> u64 {
     clock_secs_f64(wall_secs as f64)
@@ -114,5 +123,8 @@ mod tests {
         assert_eq!(wall(2), Duration::from_secs(2));
         let now = wall_unix() as u64;
         assert!(now_secs().abs_diff(now) <= 1);
+        let hour_ago = wall_ms() - 3_600_000;
+        assert!(clock_secs_at_wall_ms(hour_ago).abs_diff(now - 3600) <= 1);
+        assert_eq!(clock_secs_at_wall_ms(0), 0);
     }
 }

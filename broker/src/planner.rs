@@ -580,7 +580,9 @@ impl Planner {
             let since = resource
                 .split_once('/')
                 .and_then(|(host, _)| self.registry.origin(host))
-                .map_or(0, |o| store.bucket_of(o.registered_at_ms / 1000));
+                .map_or(0, |o| {
+                    store.bucket_of(crate::clock::clock_secs_at_wall_ms(o.registered_at_ms))
+                });
             let owned;
             let s = if s.buckets.front().is_some_and(|b| b.start < since) {
                 owned = s.since(since);

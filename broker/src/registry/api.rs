@@ -425,10 +425,9 @@ async fn series(
     s.registry.check_host_owner(&p.id, &host)?;
     // Only what was recorded since this registration: a host deleted and registered again
     // (by another provider, say) starts a new history.
-    let registered = s
-        .registry
-        .origin(&host)
-        .map_or(0, |o| o.registered_at_ms / 1000);
+    let registered = s.registry.origin(&host).map_or(0, |o| {
+        crate::clock::clock_secs_at_wall_ms(o.registered_at_ms)
+    });
     let store = s.series.read();
     let since = store.bucket_of(registered);
     let regions: HashMap<&String, Series> = store
