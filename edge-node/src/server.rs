@@ -16,7 +16,7 @@ use crate::http_service::AxumService;
 use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
-use crate::shadow::{OutcomeLog, ShadowService, ShadowTable};
+use crate::shadow::{ShadowService, ShadowTable};
 use crate::storage::{FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
@@ -201,7 +201,7 @@ impl EdgeNode {
         );
         proxy_service.add_tcp(&cfg.server.listen.to_string());
 
-        let outcomes = Arc::new(OutcomeLog::default());
+        let outcomes = shadows.outcome_log();
         let (shadow_service, filler) = ShadowService::new(
             (shadows.clone(), outcomes.clone()),
             storage,

@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Expired, FillSource, Mark, ShadowTable};
+use super::table::{Expired, FillSource, ShadowTable};
 use super::{FillPacer, OutcomeLog, FILL_HEADER, REFRESH_HEADER};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
@@ -358,20 +358,6 @@ async fn fill_one(
     got.map(|local| (from_origin, source(FillSource::Origin, local)))
 }
 
-/// The outcome of a shadow that ended at `now`.
-fn ended(key: String, mark: &Mark, now: Instant, evicted: bool) -> ShadowOutcome {
-    ShadowOutcome {
-        key,
-        bytes: mark.bytes,
-        hits: mark.hits,
-        held_secs: now.saturating_duration_since(mark.marked_at).as_secs(),
-        peer_filled: mark.peer_filled,
-        evicted,
-        failed: false,
-        held_before: mark.held_before,
-    }
-}
-
 impl ShadowService {
     /// Expire marks: a never-used shadow is purged (or was already evicted by the cache),
     /// a used one stays as a normal entry; every ending is logged for the broker's ledger.
@@ -386,7 +372,7 @@ impl ShadowService {
                     .shadows_expired
                     .with_label_values(&["evicted"])
                     .inc();
-                self.outcomes.push(ended(key, &mark, now, true));
+                self.outcomes.push(mark.outcome(key, now, true));
             }
         }
         for (e, mark) in self.table.expire(now) {
@@ -405,7 +391,7 @@ impl ShadowService {
                 .shadows_expired
                 .with_label_values(&[label])
                 .inc();
-            self.outcomes.push(ended(key, &mark, now, evicted));
+            self.outcomes.push(mark.outcome(key, now, evicted));
         }
     }
 }

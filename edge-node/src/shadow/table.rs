@@ -10,9 +10,13 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
+
+use super::OutcomeLog;
+use crate::sync::protocol::ShadowOutcome;
 
 /// How long a purge or unshadow is held against fills in flight when it arrived (fills time
 /// out after 60 s); a fill that started before what is remembered is not marked.
@@ -157,12 +161,36 @@ impl Inner {
 }
 
 /// All shadow marks of this edge.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct ShadowTable {
     inner: Mutex<Inner>,
+    /// Where every mark that ends goes for the broker's ledger: expiries (through the
+    /// sweep) and removals (unshadow, purge) alike, so no shadow's cost goes unbooked.
+    outcomes: Arc<OutcomeLog>,
+}
+
+impl Mark {
+    /// This mark's outcome, ending `now`.
+    pub(crate) fn outcome(&self, key: String, now: Instant, evicted: bool) -> ShadowOutcome {
+        ShadowOutcome {
+            key,
+            bytes: self.bytes,
+            hits: self.hits,
+            held_secs: now.saturating_duration_since(self.marked_at).as_secs(),
+            peer_filled: self.peer_filled,
+            evicted,
+            failed: false,
+            held_before: self.held_before,
+        }
+    }
 }
 
 impl ShadowTable {
+    /// The log of ended shadows (see the field).
+    pub fn outcome_log(&self) -> Arc<OutcomeLog> {
+        self.outcomes.clone()
+    }
+
     /// Mark `key` as a shadow for `ttl` (renewing an existing mark keeps its hit count);
     /// fills go through [`Self::mark_filled`].
     #[cfg(test)]
@@ -220,20 +248,33 @@ impl ShadowTable {
         }
     }
 
-    /// Remove a mark (unshadow or invalidation).
+    /// Remove a mark (unshadow or invalidation), logging its outcome.
     pub fn remove(&self, key: &str) -> Option<Mark> {
-        let mut g = self.inner.lock();
-        g.note_drop(key, false, Instant::now());
-        g.marks.remove(key)
+        let now = Instant::now();
+        let removed = {
+            let mut g = self.inner.lock();
+            g.note_drop(key, false, now);
+            g.marks.remove(key)
+        };
+        if let Some(m) = &removed {
+            self.outcomes.push(m.outcome(key.to_string(), now, false));
+        }
+        removed
     }
 
-    /// Remove every mark whose key starts with `prefix` (prefix purge); returns how many.
+    /// Remove every mark whose key starts with `prefix` (prefix purge), logging their
+    /// outcomes; returns how many.
     pub fn remove_prefix(&self, prefix: &str) -> usize {
-        let mut g = self.inner.lock();
-        g.note_drop(prefix, true, Instant::now());
-        let before = g.marks.len();
-        g.marks.retain(|k, _| !k.starts_with(prefix));
-        before - g.marks.len()
+        let now = Instant::now();
+        let removed: Vec<(String, Mark)> = {
+            let mut g = self.inner.lock();
+            g.note_drop(prefix, true, now);
+            g.marks.extract_if(|k, _| k.starts_with(prefix)).collect()
+        };
+        for (key, m) in &removed {
+            self.outcomes.push(m.outcome(key.clone(), now, false));
+        }
+        removed.len()
     }
 
     /// Pop every mark whose expiry has passed, with the mark.
@@ -477,10 +518,31 @@ mod tests {
         t.mark("h/a/1", Duration::from_secs(10), 5, now);
         t.mark("h/a/2", Duration::from_secs(10), 5, now);
         t.mark("h/b/1", Duration::from_secs(10), 5, now);
+        t.set_fill("h/a/1", 100, FillSource::Origin);
+        assert_eq!(t.hit("h/a/1", now), Some(1));
         assert_eq!(t.remove_prefix("h/a/"), 2);
         assert_eq!(t.usage().0, 1);
         // The stale heap entries of removed marks expire nothing.
         assert!(t.expire(now + Duration::from_secs(11)).len() == 1);
+        // Removed marks end like expired ones, with their outcomes logged for the broker.
+        t.mark("h/c", Duration::from_secs(10), 5, now);
+        t.set_fill("h/c", 7, FillSource::Peer);
+        assert!(t.remove("h/c").is_some());
+        assert!(t.remove("h/c").is_none());
+        let mut ended = t.outcome_log().drain_within(1 << 20);
+        ended.sort_by(|a, b| a.key.cmp(&b.key));
+        let got: Vec<_> = ended
+            .iter()
+            .map(|o| (o.key.as_str(), o.bytes, o.hits, o.peer_filled))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("h/a/1", 100, 1, false),
+                ("h/a/2", 0, 0, false),
+                ("h/c", 7, 0, true)
+            ]
+        );
     }
 
     #[test]
