@@ -6,15 +6,29 @@ set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)   # pingora's flate2 builds zlib-ng with cmake
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
+command -v curl >/dev/null 2>&1 || need+=(curl)     # deploy/local/run.sh's readiness checks
 
 if ((${#need[@]})); then
   sudo=""
-  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || {
+      echo "setup: need ${need[*]}; run as root or install sudo" >&2
+      exit 1
+    }
+    sudo="sudo"
+  fi
   echo "setup: installing ${need[*]}" >&2
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust toolchain) is required" >&2; exit 1; }
+# The lockfile's crates need Rust 1.95 (the workspace's rust-version); .ci/run needs rustfmt
+# and clippy, which a minimal rustup profile leaves out.
+if command -v rustup >/dev/null 2>&1; then
+  for c in rustfmt clippy; do
+    cargo "${c/rustfmt/fmt}" --version >/dev/null 2>&1 || rustup component add "$c"
+  done
+fi
 
 # ONNX Runtime for the forecaster (ort loads it at run time): the shared library from the
 # onnxruntime wheel on PyPI, unpacked into .cache/ (ignored by git). Pinned with ort's api-31.

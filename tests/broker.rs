@@ -981,6 +981,18 @@ fn broker_cli_reports_bad_config() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("bogus"));
+    // The file named by the flag's variable is read, and the variable is not taken for a key.
+    let partial = dir.path().join("partial.toml");
+    std::fs::write(&partial, "listen = \"127.0.0.1:1\"\n").unwrap();
+    let out = bin
+        .command()
+        .arg("run")
+        .env("SHADOWCDN_BROKER_CONFIG", &partial)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("missing field `admin`"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -187,6 +187,24 @@ fn toml_strings(text: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Kubernetes adds `<SERVICE>_SERVICE_HOST`-style variables to pods unless told not to; for a
+/// Service named `shadowcdn-broker` they would read as unknown config keys and stop the broker.
+#[test]
+fn kubernetes_pods_take_no_service_link_variables() {
+    for file in [
+        "deploy/kubernetes/broker.yaml",
+        "deploy/kubernetes/edge-node.yaml",
+    ] {
+        let yaml = read(file);
+        let pods = yaml.matches("containers:").count();
+        let off = yaml.matches("enableServiceLinks: false").count();
+        assert!(
+            pods > 0 && off == pods,
+            "{file}: {off} of {pods} pod specs turn service links off"
+        );
+    }
+}
+
 #[test]
 fn the_kubernetes_broker_addresses_each_edge_by_its_pod_name() {
     let edges = read("deploy/kubernetes/edge-node.yaml");

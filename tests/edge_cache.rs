@@ -714,6 +714,18 @@ fn bad_config_names_the_field() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("memory_capasity"), "{err}");
+    // The file named by the flag's variable is read, and the variable is not taken for a key.
+    let out = bin
+        .command()
+        .env("SHADOWCDN_EDGE_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("memory_capasity") && !err.contains("`config`"),
+        "{err}"
+    );
 
     let out = bin
         .command()

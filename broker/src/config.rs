@@ -367,7 +367,12 @@ impl BrokerConfig {
             }
             fig = fig.merge(Toml::file(p));
         }
-        fig = fig.merge(Env::prefixed("SHADOWCDN_BROKER_").split("__"));
+        // `SHADOWCDN_BROKER_CONFIG` names the file (the `--config` flag), not a key in it.
+        fig = fig.merge(
+            Env::prefixed("SHADOWCDN_BROKER_")
+                .ignore(&["config"])
+                .split("__"),
+        );
         Self::finish(fig)
     }
 

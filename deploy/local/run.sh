@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts the local shadowcdn cluster on loopback: a demo origin, the broker, and two regions
 # (eu, us) of edges, each with two active edges and a warm standby. Registers a demo provider
-# whose origin serves this repository's files. Ctrl-C stops everything cleanly.
+# whose origin serves a copy of this repository's documents (var/local/www). Ctrl-C or SIGTERM
+# stops everything cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 bash deploy/setup.sh
@@ -10,14 +11,36 @@ mkdir -p var/local
 OPERATOR=local-operator-token-change-me
 
 pids=()
+# Stops every process started here and exits (a signal that comes during the build or the
+# start-up must not let the script go on starting processes with no trap left).
 cleanup() {
   trap - INT TERM EXIT
   echo; echo "stopping..."
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   echo "stopped"
+  exit "$1"
 }
-trap cleanup INT TERM EXIT
+trap 'cleanup $?' EXIT
+trap 'cleanup 130' INT
+trap 'cleanup 143' TERM
+
+# Every port this cluster listens on must be free: an old cluster still running would answer
+# the readiness checks below in this one's place.
+for port in 8080 7081 9000 8101 8102 8103 8201 8202 8203 9101 9102 9103 9201 9202 9203; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "run.sh: port $port is in use (another cluster still running?); stop it first" >&2
+    exit 1
+  fi
+done
+
+# What the demo origin serves: documents only, never var/local (the cluster's keys, tokens).
+WWW=var/local/www
+mkdir -p "$WWW"
+cp README.md "$WWW/"
+cp bench/RESULTS.md "$WWW/RESULTS.md"
+cp models/MODEL_CARD.md "$WWW/MODEL_CARD.md"
+cp broker/openapi.yaml "$WWW/openapi.yaml"
 
 # The cluster CA and one certificate per node, for QUIC between broker and edges.
 PKI=var/local/pki
@@ -29,7 +52,7 @@ for n in eu-1 eu-2 eu-standby us-1 us-2 us-standby; do
 done
 [ -s "$PKI/broker.pem" ] || target/release/edge-node certs issue --ca-dir "$PKI" --name broker --broker >/dev/null
 
-target/release/origin --listen 127.0.0.1:9000 --root . --max-age 60 &
+target/release/origin --listen 127.0.0.1:9000 --root "$WWW" --max-age 60 &
 pids+=($!)
 for e in eu-1:8101:9101 eu-2:8102:9102 eu-standby:8103:9103 us-1:8201:9201 us-2:8202:9202 us-standby:8203:9203; do
   IFS=: read -r id port admin <<<"$e"
@@ -44,10 +67,16 @@ done
 RUST_LOG=${RUST_LOG:-warn} target/release/broker run --config deploy/local/broker.toml &
 pids+=($!)
 
-for _ in $(seq 200); do
-  curl -fsS -o /dev/null http://127.0.0.1:7081/healthz 2>/dev/null && break
-  sleep 0.1
-done
+# Wait until `url` answers 2xx, for at most $2 tenths of a second; say so and stop otherwise.
+wait_for() {
+  for _ in $(seq "$2"); do
+    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "run.sh: $1 did not answer; process logs are above" >&2
+  exit 1
+}
+wait_for http://127.0.0.1:7081/healthz 300
 
 # A demo provider owning "localhost" (idempotent across restarts: the registry is durable).
 TOKEN_FILE=var/local/demo-provider.token
@@ -58,10 +87,7 @@ fi
 # Exit 3: registered, but an edge still starting did not confirm the purge of old copies.
 target/release/broker api --api http://127.0.0.1:7081 --token "$(cat "$TOKEN_FILE")" \
   set-origin localhost http://127.0.0.1:9000 >/dev/null || [ $? -eq 3 ]
-for _ in $(seq 100); do
-  curl -fsS -o /dev/null http://localhost:8080/README.md 2>/dev/null && break
-  sleep 0.1
-done
+wait_for http://localhost:8080/README.md 200
 
 cat <<INFO
 
@@ -71,7 +97,7 @@ shadowcdn local cluster is up
   provider: http://127.0.0.1:7081/v1/...    token in $TOKEN_FILE; see broker/openapi.yaml or 'broker api --help'
   metrics : http://127.0.0.1:7081/metrics (broker), http://127.0.0.1:9101/metrics … 9203 (edges)
   QUIC    : broker → edges and edge ↔ edge on udp/8101 … 8203, mutual TLS from $PKI/ca.pem
-  origin  : http://127.0.0.1:9000           (serves this repository's files, or ?size=N synthetic bodies)
+  origin  : http://127.0.0.1:9000           (serves $WWW: README.md, RESULTS.md, MODEL_CARD.md, openapi.yaml; or ?size=N synthetic bodies)
 Ctrl-C to stop.
 INFO
 wait -n "${pids[@]}"

@@ -262,7 +262,12 @@ impl EdgeConfig {
             }
             fig = fig.merge(Toml::file(p));
         }
-        fig = fig.merge(Env::prefixed("SHADOWCDN_EDGE_").split("__"));
+        // `SHADOWCDN_EDGE_CONFIG` names the file (the `--config` flag), not a key in it.
+        fig = fig.merge(
+            Env::prefixed("SHADOWCDN_EDGE_")
+                .ignore(&["config"])
+                .split("__"),
+        );
         fig = fig.merge(Serialized::defaults(OverrideTree::from(overrides)));
         let cfg: EdgeConfig = fig.extract()?;
         cfg.check()?;

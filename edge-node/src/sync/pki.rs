@@ -43,6 +43,30 @@ fn write(path: &Path, contents: &str) -> Result<(), PkiError> {
     })
 }
 
+/// Write a private key readable by its owner only (whoever reads `ca.key` can mint a broker
+/// certificate), created so from the start rather than narrowed after.
+fn write_key(path: &Path, pem: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let io = |source| PkiError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    // A key left from an earlier run keeps its mode on open: narrow it before writing.
+    if path.exists() {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(pem.as_bytes()))
+        .map_err(io)
+}
+
 fn read(path: &Path) -> Result<String, PkiError> {
     std::fs::read_to_string(path).map_err(|source| PkiError::Io {
         path: path.to_path_buf(),
@@ -65,7 +89,7 @@ pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     let cert = params.self_signed(&key)?;
     write(&dir.join("ca.pem"), &cert.pem())?;
-    write(&dir.join("ca.key"), &key.serialize_pem())
+    write_key(&dir.join("ca.key"), &key.serialize_pem())
 }
 
 /// Issue a certificate for node `name` with `role` from the CA in `ca_dir`; writes
@@ -97,6 +121,31 @@ pub fn issue(ca_dir: &Path, name: &str, role: NodeRole, out: &Path) -> Result<Tl
         key: out.join(format!("{name}.key")),
     };
     write(&paths.cert, &cert.pem())?;
-    write(&paths.key, &key.serialize_pem())?;
+    write_key(&paths.key, &key.serialize_pem())?;
     Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn private_keys_are_readable_by_their_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        assert_eq!(mode(&dir.path().join("ca.key")), 0o600);
+        let stale = dir.path().join("edge-1.key");
+        std::fs::write(&stale, "old").unwrap();
+        std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let paths = issue(dir.path(), "edge-1", NodeRole::Edge, dir.path()).unwrap();
+        assert_eq!(mode(&paths.key), 0o600, "an earlier key's mode is narrowed");
+        assert!(std::fs::read_to_string(&paths.key)
+            .unwrap()
+            .contains("PRIVATE KEY"));
+    }
 }
