@@ -1072,6 +1072,12 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     let v = c.explain(&key).await;
     let d = decision_in(&v, "us").expect("a decision for us");
     assert_eq!(d["outcome"], "kept", "{v}");
+
+    // A restarted edge lost its marks (they live in its memory): the broker notices the new
+    // process and places the shadow again instead of counting it as kept.
+    assert_eq!(c.edges[3].child.terminate(), Some(0));
+    c.edges[3].spawn();
+    wait_secs(30, || c.shadowed_on(3, &key)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -74,6 +74,8 @@ pub struct Control {
     links: OnceLock<Vec<Option<Arc<Link>>>>,
     endpoint: OnceLock<quinn::Endpoint>,
     stats: RwLock<Vec<Option<StatsReport>>>,
+    /// Edges seen restarting (a new boot id) since the planner last asked.
+    restarted: parking_lot::Mutex<Vec<usize>>,
     interval: Duration,
     ledger: Arc<Ledger>,
     metrics: BrokerMetrics,
@@ -100,6 +102,7 @@ impl Control {
             links: OnceLock::new(),
             endpoint: OnceLock::new(),
             stats: RwLock::new(vec![None; n]),
+            restarted: parking_lot::Mutex::new(Vec::new()),
             interval: Duration::from_secs_f64(
                 section
                     .stats_interval_secs
@@ -204,6 +207,12 @@ impl Control {
         result
     }
 
+    /// The edges that restarted since the last call: their shadow marks are gone, so what
+    /// the planner holds live on them is not.
+    pub fn take_restarted(&self) -> Vec<usize> {
+        std::mem::take(&mut *self.restarted.lock())
+    }
+
     /// The latest stats report of edge `edge`.
     pub fn stats(&self, edge: usize) -> Option<StatsReport> {
         self.stats.read().get(edge).cloned().flatten()
@@ -217,6 +226,11 @@ impl Control {
             let id = self.fleet.edges[e].id.as_str();
             match r {
                 Ok(Reply::Stats(mut s)) => {
+                    let before = self.stats.read()[e].as_ref().map_or(0, |p| p.boot_id);
+                    if before != 0 && s.boot_id != 0 && s.boot_id != before {
+                        tracing::info!(edge = id, "edge restarted: its shadows are placed again");
+                        self.restarted.lock().push(e);
+                    }
                     self.ledger.settle(e, &s.outcomes);
                     s.outcomes = Vec::new();
                     let g = &self.metrics.edge_stats;

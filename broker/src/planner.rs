@@ -413,6 +413,11 @@ impl PlannerState {
         }
     }
 
+    /// Forget every shadow edge `edge` held (it restarted and lost them).
+    pub fn forget_edge(&self, edge: usize) {
+        self.live.lock().retain(|(_, e), _| *e != edge);
+    }
+
     /// Edges holding a live shadow of `key`.
     pub fn live_edges(&self, key: &str) -> Vec<usize> {
         let now = Instant::now();
@@ -923,6 +928,12 @@ impl Planner {
     }
 
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
+        // A restarted edge lost its marks (they live in its memory): what it held is no
+        // longer live, and whatever it still lists is adopted again.
+        for e in self.sync.take_restarted() {
+            self.state.forget_edge(e);
+            self.state.adopted.lock().remove(&e);
+        }
         self.adopt().await;
         let now = now_secs();
         // Every tick settles the shadows that ended and tunes the thresholds, whether or not

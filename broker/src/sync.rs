@@ -282,6 +282,14 @@ impl EdgeSync {
         }
     }
 
+    /// Edges that restarted since the last call ([`Control::take_restarted`]); none without
+    /// QUIC control.
+    pub fn take_restarted(&self) -> Vec<usize> {
+        self.control
+            .as_ref()
+            .map_or_else(Vec::new, |c| c.take_restarted())
+    }
+
     /// The live shadows edge `edge` holds, listed page by page over QUIC; `None` when it
     /// cannot be asked (no QUIC link, unreachable, or an edge that does not list).
     pub async fn live_shadows(&self, edge: usize) -> Option<Vec<LiveShadow>> {

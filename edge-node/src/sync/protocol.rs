@@ -139,6 +139,10 @@ pub struct StatsReport {
     /// Shadows that ended since the previous report (the cost ledger's input).
     #[serde(default)]
     pub outcomes: Vec<ShadowOutcome>,
+    /// Identifies the edge process (its start time in ns): a new value says the edge
+    /// restarted and its shadow marks, which live in memory, are gone. 0: not told.
+    #[serde(default)]
+    pub boot_id: u64,
 }
 
 /// How one shadow ended: its lifetime, size, source and use.

@@ -107,6 +107,8 @@ struct Handler {
     parts: SyncParts,
     http: reqwest::Client,
     seen: parking_lot::Mutex<Dedup>,
+    /// This process's start ([`StatsReport::boot_id`]).
+    boot_id: u64,
 }
 
 /// Background service: the QUIC endpoint of an edge.
@@ -139,6 +141,9 @@ impl SyncService {
                 parts,
                 http,
                 seen: parking_lot::Mutex::new(Dedup::default()),
+                boot_id: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64),
             }),
         }
     }
@@ -390,6 +395,7 @@ impl Handler {
             shadow_first_hits: m.shadow_first_hits.get(),
             misses: m.status(CacheStatus::Miss).requests.get(),
             outcomes: p.outcomes.drain_within(OUTCOME_BYTES),
+            boot_id: self.boot_id,
         }
     }
 
