@@ -1411,7 +1411,10 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     // A node whose certificate the cluster CA did not issue is refused at the handshake,
     // even when it trusts the cluster CA itself.
     let rogue_link = link_as(&ca, "rogue", &dir.path().join("rogue-pki"));
-    assert!(rogue_link.request(&Request::Stats, timeout).await.is_err());
+    assert!(rogue_link
+        .request(&Request::Stats { ack: None }, timeout)
+        .await
+        .is_err());
     let good_admin = good.admin;
     wait_until(|| async {
         sample(
@@ -1426,7 +1429,11 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     // A cluster edge may connect (peer fills) but not give orders.
     pki.issue("eu-2", false);
     let peer_link = link_as(&ca, "eu-2", &dir.path().join("pki"));
-    match peer_link.request(&Request::Stats, timeout).await.unwrap() {
+    match peer_link
+        .request(&Request::Stats { ack: None }, timeout)
+        .await
+        .unwrap()
+    {
         Reply::Error { code, .. } => assert_eq!(code, ErrorCode::Forbidden),
         other => panic!("{other:?}"),
     }
@@ -1440,7 +1447,11 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
 
     // The broker's certificate may.
     let broker_link = link_as(&ca, "broker", &dir.path().join("pki"));
-    match broker_link.request(&Request::Stats, timeout).await.unwrap() {
+    match broker_link
+        .request(&Request::Stats { ack: None }, timeout)
+        .await
+        .unwrap()
+    {
         Reply::Stats(s) => assert_eq!(s.node_id, "good"),
         other => panic!("{other:?}"),
     }

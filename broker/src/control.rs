@@ -76,6 +76,8 @@ pub struct Control {
     stats: RwLock<Vec<Option<StatsReport>>>,
     /// Edges seen restarting (a new boot id) since the planner last asked.
     restarted: parking_lot::Mutex<Vec<usize>>,
+    /// Per edge, the last shadow-outcome batch received (acknowledged with the next poll).
+    received: parking_lot::Mutex<Vec<u64>>,
     interval: Duration,
     ledger: Arc<Ledger>,
     metrics: BrokerMetrics,
@@ -103,6 +105,7 @@ impl Control {
             endpoint: OnceLock::new(),
             stats: RwLock::new(vec![None; n]),
             restarted: parking_lot::Mutex::new(Vec::new()),
+            received: parking_lot::Mutex::new(vec![0; n]),
             interval: Duration::from_secs_f64(
                 section
                     .stats_interval_secs
@@ -221,7 +224,10 @@ impl Control {
     async fn poll(&self) {
         let polls = (0..self.fleet.edges.len())
             .filter(|e| self.covers(*e))
-            .map(|e| async move { (e, self.call(e, &Request::Stats).await) });
+            .map(|e| async move {
+                let ack = Some(self.received.lock()[e]);
+                (e, self.call(e, &Request::Stats { ack }).await)
+            });
         for (e, r) in futures::future::join_all(polls).await {
             let id = self.fleet.edges[e].id.as_str();
             match r {
@@ -231,7 +237,9 @@ impl Control {
                         tracing::info!(edge = id, "edge restarted: its shadows are placed again");
                         self.restarted.lock().push(e);
                     }
-                    self.ledger.settle(e, &s.outcomes);
+                    if first_receipt(&mut self.received.lock()[e], s.outcomes_seq) {
+                        self.ledger.settle(e, &s.outcomes);
+                    }
                     s.outcomes = Vec::new();
                     let g = &self.metrics.edge_stats;
                     for (stat, v) in [
@@ -268,6 +276,18 @@ impl Control {
     }
 }
 
+/// Whether a stats reply's outcome batch `seq` is new, noting it as the last received
+/// (`last`): a batch resent because its acknowledgement was lost is settled once. Unnumbered
+/// batches (0: an edge that does not number them) are always new.
+fn first_receipt(last: &mut u64, seq: u64) -> bool {
+    if seq == 0 {
+        return true;
+    }
+    let new = seq != *last;
+    *last = seq;
+    new
+}
+
 /// Background service: polls stats and keeps the links up.
 pub struct ControlService(pub Arc<Control>);
 
@@ -283,5 +303,23 @@ impl BackgroundService for ControlService {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_resent_outcome_batch_is_settled_once() {
+        let mut last = 0;
+        assert!(first_receipt(&mut last, 7), "a new batch");
+        assert!(!first_receipt(&mut last, 7), "sent again: its ack was lost");
+        assert!(first_receipt(&mut last, 8));
+        assert!(
+            first_receipt(&mut last, 0) && first_receipt(&mut last, 0),
+            "unnumbered"
+        );
+        assert_eq!(last, 8);
     }
 }

@@ -16,9 +16,15 @@ use crate::sync::protocol::ShadowOutcome;
 
 /// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
 /// broker does not poll, the oldest are dropped (and counted) rather than growing forever.
+///
+/// A broker that acknowledges gets them in numbered batches ([`Self::batch`]): a batch stays
+/// here until the broker says it has it, so a reply lost on the way (a timed-out poll) is
+/// sent again rather than its outcomes lost.
 #[derive(Default)]
 pub struct OutcomeLog {
     inner: parking_lot::Mutex<(VecDeque<ShadowOutcome>, u64)>,
+    /// The batch sent and not yet acknowledged, with its number.
+    sent: parking_lot::Mutex<Option<(u64, Vec<ShadowOutcome>)>>,
 }
 
 impl OutcomeLog {
@@ -58,6 +64,36 @@ impl OutcomeLog {
     pub fn dropped(&self) -> u64 {
         self.inner.lock().1
     }
+
+    /// The batch for a stats reply and its number, for a broker that acknowledged batch
+    /// `ack` (the last one it received; batches are numbered from `first_seq`, which differs
+    /// per process so a restarted edge's numbers are new). The unacknowledged batch is sent
+    /// again; otherwise the next outcomes within `budget` bytes form a new one. `(0, [])`
+    /// when there is nothing to send. A broker that does not acknowledge (`ack` `None`) gets
+    /// the outcomes drained, unnumbered, as before.
+    pub fn batch(
+        &self,
+        ack: Option<u64>,
+        first_seq: u64,
+        budget: usize,
+    ) -> (u64, Vec<ShadowOutcome>) {
+        let Some(ack) = ack else {
+            return (0, self.drain_within(budget));
+        };
+        let mut sent = self.sent.lock();
+        match &*sent {
+            Some((seq, _)) if *seq == ack => *sent = None,
+            Some((seq, batch)) => return (*seq, batch.clone()),
+            None => {}
+        }
+        if self.inner.lock().0.is_empty() {
+            return (0, Vec::new());
+        }
+        let batch = self.drain_within(budget);
+        let seq = if ack >= first_seq { ack + 1 } else { first_seq };
+        *sent = Some((seq, batch.clone()));
+        (seq, batch)
+    }
 }
 
 /// Header (value: the per-process internal secret) on the edge's own shadow-fill requests,
@@ -81,6 +117,37 @@ pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batch stays until the broker acknowledges it: a lost reply is sent again whole,
+    /// and the next batch comes only after the acknowledgement.
+    #[test]
+    fn outcome_batches_wait_for_their_acknowledgement() {
+        let log = OutcomeLog::default();
+        let first = 1_000;
+        assert_eq!(
+            log.batch(Some(0), first, 1 << 20),
+            (0, vec![]),
+            "nothing yet"
+        );
+        log.push(outcome("h/a".into()));
+        log.push(outcome("h/b".into()));
+        let (seq, batch) = log.batch(Some(0), first, 1 << 20);
+        assert_eq!((seq, batch.len()), (first, 2));
+        log.push(outcome("h/c".into()));
+        assert_eq!(
+            log.batch(Some(0), first, 1 << 20),
+            (seq, batch),
+            "the reply was lost"
+        );
+        let (next, batch) = log.batch(Some(seq), first, 1 << 20);
+        assert_eq!((next, batch.len()), (first + 1, 1));
+        assert_eq!(batch[0].key, "h/c");
+        assert_eq!(log.batch(Some(next), first, 1 << 20), (0, vec![]));
+        // A broker that does not acknowledge drains, unnumbered.
+        log.push(outcome("h/d".into()));
+        assert_eq!(log.batch(None, first, 1 << 20).0, 0);
+        assert_eq!(log.batch(Some(next), first, 1 << 20), (0, vec![]));
+    }
 
     fn outcome(key: String) -> ShadowOutcome {
         ShadowOutcome {

@@ -556,9 +556,15 @@ mod tests {
         );
 
         let timeout = Duration::from_secs(3);
-        let first = link.request(&Request::Stats, timeout).await.unwrap_err();
+        let first = link
+            .request(&Request::Stats { ack: None }, timeout)
+            .await
+            .unwrap_err();
         assert!(matches!(first, LinkError::Connect { .. }), "{first}");
-        let second = link.request(&Request::Stats, timeout).await.unwrap_err();
+        let second = link
+            .request(&Request::Stats { ack: None }, timeout)
+            .await
+            .unwrap_err();
         assert!(
             matches!(second, LinkError::Backoff { failures: 1, .. }),
             "{second}"
@@ -568,9 +574,15 @@ mod tests {
         // Past the backoff the handshake completes again and is refused again: the backoff
         // grows rather than starting over at every completed handshake.
         tokio::time::sleep(FIRST_BACKOFF * 3).await;
-        let third = link.request(&Request::Stats, timeout).await.unwrap_err();
+        let third = link
+            .request(&Request::Stats { ack: None }, timeout)
+            .await
+            .unwrap_err();
         assert!(matches!(third, LinkError::Connect { .. }), "{third}");
-        let fourth = link.request(&Request::Stats, timeout).await.unwrap_err();
+        let fourth = link
+            .request(&Request::Stats { ack: None }, timeout)
+            .await
+            .unwrap_err();
         assert!(
             matches!(fourth, LinkError::Backoff { failures: 2, .. }),
             "{fourth}"
@@ -591,7 +603,7 @@ mod tests {
         let link = Link::new(client, old_addr, edge_name("e1"), 4);
         let timeout = Duration::from_secs(3);
         assert_eq!(
-            answered_by(link.request(&Request::Stats, timeout).await),
+            answered_by(link.request(&Request::Stats { ack: None }, timeout).await),
             "old"
         );
         // Something else at the next address (another node's certificate): refused, and the
@@ -601,13 +613,16 @@ mod tests {
         let other_addr = other.local_addr().unwrap();
         serve(other, "e2", 0);
         link.retarget(other_addr).await;
-        let refused = link.request(&Request::Stats, timeout).await.unwrap_err();
+        let refused = link
+            .request(&Request::Stats { ack: None }, timeout)
+            .await
+            .unwrap_err();
         assert!(matches!(refused, LinkError::Connect { .. }), "{refused}");
         // The name moves on: the new address is tried at once, whatever the backoff.
         link.retarget(new_addr).await;
         assert_eq!(link.addr(), new_addr);
         assert_eq!(
-            answered_by(link.request(&Request::Stats, timeout).await),
+            answered_by(link.request(&Request::Stats { ack: None }, timeout).await),
             "new"
         );
     }
@@ -623,7 +638,7 @@ mod tests {
         let link = Link::new(client, addr, edge_name("e1"), 4);
         let timeout = Duration::from_secs(3);
         assert_eq!(
-            answered_by(link.request(&Request::Stats, timeout).await),
+            answered_by(link.request(&Request::Stats { ack: None }, timeout).await),
             "e1"
         );
         assert_eq!(accepted.load(Ordering::Relaxed), 2);

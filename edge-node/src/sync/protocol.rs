@@ -75,8 +75,13 @@ pub enum Request {
         /// The key or prefix.
         target: String,
     },
-    /// Broker → edge: report counters.
-    Stats,
+    /// Broker → edge: report counters, and the shadow outcomes after those in batch `ack`
+    /// (the last batch the broker received; see [`crate::shadow::OutcomeLog::batch`]).
+    Stats {
+        /// The last outcome batch received; `None` from a broker that does not acknowledge.
+        #[serde(default)]
+        ack: Option<u64>,
+    },
     /// Broker → edge: list live shadows, a page at a time in key order (keys after
     /// `after`), so a restarted broker can adopt what its predecessor placed.
     Shadows {
@@ -98,7 +103,7 @@ impl Request {
             Request::Shadow(_) => "shadow",
             Request::Unshadow { .. } => "unshadow",
             Request::Invalidate { .. } => "invalidate",
-            Request::Stats => "stats",
+            Request::Stats { .. } => "stats",
             Request::Shadows { .. } => "shadows",
             Request::PeerFetch { .. } => "peer_fetch",
         }
@@ -139,6 +144,10 @@ pub struct StatsReport {
     /// Shadows that ended since the previous report (the cost ledger's input).
     #[serde(default)]
     pub outcomes: Vec<ShadowOutcome>,
+    /// The number of the outcome batch in `outcomes` (0: none, or not numbered): the broker
+    /// acknowledges it with its next poll, and settles a batch it already has only once.
+    #[serde(default)]
+    pub outcomes_seq: u64,
     /// Identifies the edge process (its start time in ns): a new value says the edge
     /// restarted and its shadow marks, which live in memory, are gone. 0: not told.
     #[serde(default)]

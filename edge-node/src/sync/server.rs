@@ -356,7 +356,7 @@ impl Handler {
                 },
                 Err(e) => Reply::error(ErrorCode::Invalid, e),
             },
-            Request::Stats => Reply::Stats(self.stats()),
+            Request::Stats { ack } => Reply::Stats(self.stats(ack)),
             Request::Shadows { after } => {
                 let now = Instant::now();
                 let (page, more) = p.shadows.page(after.as_deref(), PAGE_KEY_BYTES, now);
@@ -376,8 +376,9 @@ impl Handler {
         }
     }
 
-    fn stats(&self) -> StatsReport {
+    fn stats(&self, ack: Option<u64>) -> StatsReport {
         let p = &self.parts;
+        let (outcomes_seq, outcomes) = p.outcomes.batch(ack, self.boot_id, OUTCOME_BYTES);
         let m = &p.metrics;
         let (shadows, shadow_bytes) = p.shadows.usage();
         StatsReport {
@@ -394,7 +395,8 @@ impl Handler {
             cache_capacity_bytes: p.capacity_bytes,
             shadow_first_hits: m.shadow_first_hits.get(),
             misses: m.status(CacheStatus::Miss).requests.get(),
-            outcomes: p.outcomes.drain_within(OUTCOME_BYTES),
+            outcomes,
+            outcomes_seq,
             boot_id: self.boot_id,
         }
     }
