@@ -92,6 +92,27 @@ fn every_alert_has_an_expression_and_prometheus_loads_the_rules() {
     }
     let config = read("deploy/prometheus/prometheus.yml");
     assert!(config.contains("rule_files:") && config.contains("- alerts.yml"));
+    // The job names the `up` rules ask for are the local scrape's jobs, and on Kubernetes the
+    // app labels the manifests give their pods (kubernetes.yml copies app into job).
+    let k8s = read("deploy/prometheus/kubernetes.yml");
+    assert!(k8s.contains("- alerts.yml") && k8s.contains("target_label: job"));
+    for job in rules
+        .split("up{job=\"")
+        .skip(1)
+        .filter_map(|r| r.split('"').next())
+    {
+        assert!(
+            config.contains(&format!("job_name: {job}")),
+            "prometheus.yml has no {job}"
+        );
+        let manifests =
+            read("deploy/kubernetes/edge-node.yaml") + &read("deploy/kubernetes/broker.yaml");
+        assert!(
+            manifests.contains(&format!("labels: {{ app: {job} }}")),
+            "no Kubernetes pod is labelled app: {job}"
+        );
+        assert!(k8s.contains(job), "kubernetes.yml does not keep {job}");
+    }
 }
 
 /// The block of a Kubernetes ConfigMap key written as `  <key>: |`, unindented.
