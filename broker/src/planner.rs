@@ -582,12 +582,9 @@ impl Planner {
                 continue;
             };
             // A host registered again plans from its new registration's history only.
-            let since = resource
-                .split_once('/')
-                .and_then(|(host, _)| self.registry.origin(host))
-                .map_or(0, |o| {
-                    store.bucket_of(crate::clock::clock_secs_at_wall_ms(o.registered_at_ms))
-                });
+            let since = resource.split_once('/').map_or(0, |(host, _)| {
+                store.bucket_of(self.registry.registered_since(host))
+            });
             let owned;
             let s = if s.buckets.front().is_some_and(|b| b.start < since) {
                 owned = s.since(since);

@@ -201,9 +201,8 @@ impl EdgeNode {
         );
         proxy_service.add_tcp(&cfg.server.listen.to_string());
 
-        let outcomes = shadows.outcome_log();
         let (shadow_service, filler) = ShadowService::new(
-            (shadows.clone(), outcomes.clone()),
+            shadows.clone(),
             storage,
             metrics.clone(),
             cfg.server.listen,
@@ -216,7 +215,6 @@ impl EdgeNode {
                 node_id: cfg.node_id.clone(),
                 storage,
                 shadows: shadows.clone(),
-                outcomes,
                 filler: filler.clone(),
                 metrics: metrics.clone(),
                 max_ttl_secs: cfg.shadow.max_ttl_secs,

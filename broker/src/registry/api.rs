@@ -425,11 +425,8 @@ async fn series(
     s.registry.check_host_owner(&p.id, &host)?;
     // Only what was recorded since this registration: a host deleted and registered again
     // (by another provider, say) starts a new history.
-    let registered = s.registry.origin(&host).map_or(0, |o| {
-        crate::clock::clock_secs_at_wall_ms(o.registered_at_ms)
-    });
     let store = s.series.read();
-    let since = store.bucket_of(registered);
+    let since = store.bucket_of(s.registry.registered_since(&host));
     let regions: HashMap<&String, Series> = store
         .query(&q.resource)
         .into_iter()

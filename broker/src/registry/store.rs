@@ -390,6 +390,15 @@ impl Registry {
         self.mem.read().origins.get(host).cloned()
     }
 
+    /// When `host`'s current registration began, on the broker's clock (seconds; 0 for a
+    /// host not registered, or registered before the time was kept): where the request
+    /// history its owner may see, and be planned from, starts.
+    pub fn registered_since(&self, host: &str) -> u64 {
+        self.mem.read().origins.get(host).map_or(0, |o| {
+            crate::clock::clock_secs_at_wall_ms(o.registered_at_ms)
+        })
+    }
+
     /// `Ok` when `provider` owns `host`; 403 for another's, 404 for nobody's.
     pub fn check_host_owner(&self, provider: &str, host: &str) -> Result<(), RegistryError> {
         match self.mem.read().origins.get(host) {

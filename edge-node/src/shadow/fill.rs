@@ -18,7 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Expired, FillSource, ShadowTable};
-use super::{FillPacer, OutcomeLog, FILL_HEADER, REFRESH_HEADER};
+use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{normalize_key, InternalSecret};
@@ -188,7 +188,6 @@ impl Filler {
 pub struct ShadowService {
     filler: Filler,
     table: Arc<ShadowTable>,
-    outcomes: Arc<OutcomeLog>,
     storage: &'static FoyerStorage,
     metrics: EdgeMetrics,
     listen: SocketAddr,
@@ -206,7 +205,7 @@ impl ShadowService {
     /// A service filling through `listen` (this edge's proxy) within `limits` (fills at
     /// once, fills waiting, bandwidth); returns it and the submission handle.
     pub fn new(
-        (table, outcomes): (Arc<ShadowTable>, Arc<OutcomeLog>),
+        table: Arc<ShadowTable>,
         storage: &'static FoyerStorage,
         metrics: EdgeMetrics,
         listen: SocketAddr,
@@ -225,7 +224,6 @@ impl ShadowService {
             ShadowService {
                 filler: filler.clone(),
                 table,
-                outcomes,
                 storage,
                 metrics,
                 listen,
@@ -372,7 +370,7 @@ impl ShadowService {
                     .shadows_expired
                     .with_label_values(&["evicted"])
                     .inc();
-                self.outcomes.push(mark.outcome(key, now, true));
+                self.table.outcomes().push(mark.outcome(key, now, true));
             }
         }
         for (e, mark) in self.table.expire(now) {
@@ -391,7 +389,7 @@ impl ShadowService {
                 .shadows_expired
                 .with_label_values(&[label])
                 .inc();
-            self.outcomes.push(mark.outcome(key, now, evicted));
+            self.table.outcomes().push(mark.outcome(key, now, evicted));
         }
     }
 }
@@ -447,10 +445,9 @@ impl BackgroundService for ShadowService {
                 }
             };
             let max_bytes = self.storage.max_object_bytes() as u64;
-            let (client, table, outcomes, metrics, listen, internal, pacer) = (
+            let (client, table, metrics, listen, internal, pacer) = (
                 client.clone(),
                 self.table.clone(),
-                self.outcomes.clone(),
                 self.metrics.clone(),
                 self.listen,
                 self.internal.clone(),
@@ -490,7 +487,9 @@ impl BackgroundService for ShadowService {
                         // A failed refresh leaves the held copy (and its mark) in place;
                         // any other failure means the broker's order holds nothing here.
                         if table.get(&req.key).is_none() {
-                            outcomes.push(ShadowOutcome::failed(req.key.clone()));
+                            table
+                                .outcomes()
+                                .push(ShadowOutcome::failed(req.key.clone()));
                         }
                     }
                 }

@@ -10,7 +10,6 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -166,7 +165,7 @@ pub struct ShadowTable {
     inner: Mutex<Inner>,
     /// Where every mark that ends goes for the broker's ledger: expiries (through the
     /// sweep) and removals (unshadow, purge) alike, so no shadow's cost goes unbooked.
-    outcomes: Arc<OutcomeLog>,
+    outcomes: OutcomeLog,
 }
 
 impl Mark {
@@ -187,8 +186,8 @@ impl Mark {
 
 impl ShadowTable {
     /// The log of ended shadows (see the field).
-    pub fn outcome_log(&self) -> Arc<OutcomeLog> {
-        self.outcomes.clone()
+    pub fn outcomes(&self) -> &OutcomeLog {
+        &self.outcomes
     }
 
     /// Mark `key` as a shadow for `ttl` (renewing an existing mark keeps its hit count);
@@ -529,7 +528,7 @@ mod tests {
         t.set_fill("h/c", 7, FillSource::Peer);
         assert!(t.remove("h/c").is_some());
         assert!(t.remove("h/c").is_none());
-        let mut ended = t.outcome_log().drain_within(1 << 20);
+        let mut ended = t.outcomes().drain_within(1 << 20);
         ended.sort_by(|a, b| a.key.cmp(&b.key));
         let got: Vec<_> = ended
             .iter()

@@ -22,7 +22,7 @@ use crate::drain::InflightCounter;
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::proxy::InternalSecret;
-use crate::shadow::{split_key, unshadow, FillRequest, Filler, OutcomeLog, ShadowTable};
+use crate::shadow::{split_key, unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::FoyerStorage;
 
 /// Replies remembered for repeated message ids.
@@ -43,10 +43,8 @@ pub struct SyncParts {
     pub node_id: String,
     /// The cache.
     pub storage: &'static FoyerStorage,
-    /// Shadow marks.
+    /// Shadow marks, and the log of ended ones each stats report carries.
     pub shadows: Arc<ShadowTable>,
-    /// Ended shadows, drained by each stats report.
-    pub outcomes: Arc<OutcomeLog>,
     /// Shadow fill submission.
     pub filler: Filler,
     /// Metrics.
@@ -378,7 +376,7 @@ impl Handler {
 
     fn stats(&self, ack: Option<u64>) -> StatsReport {
         let p = &self.parts;
-        let (outcomes_seq, outcomes) = p.outcomes.batch(ack, self.boot_id, OUTCOME_BYTES);
+        let (outcomes_seq, outcomes) = p.shadows.outcomes().batch(ack, self.boot_id, OUTCOME_BYTES);
         let m = &p.metrics;
         let (shadows, shadow_bytes) = p.shadows.usage();
         StatsReport {
