@@ -732,7 +732,7 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     };
     wait_until(|| async { series_total(c.token.clone()).await >= 2 }).await;
     // A purge some edge could not confirm: the CLI says so with exit code 3.
-    let out = shadowcdn_tests::Binary::get("broker", "broker")
+    let out = shadowcdn_tests::Binary::get("broker")
         .command()
         .args(["api", "--api", &c.broker.api(""), "--token", &c.token])
         .args(["purge", "--host", HOST, "--prefix", "/"])
@@ -973,7 +973,7 @@ fn broker_cli_reports_bad_config() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("b.toml");
     std::fs::write(&p, "listen = \"127.0.0.1:1\"\nbogus = 1\n").unwrap();
-    let bin = shadowcdn_tests::Binary::get("broker", "broker");
+    let bin = shadowcdn_tests::Binary::get("broker");
     let out = bin
         .command()
         .args(["run", "--config", p.to_str().unwrap()])

@@ -143,7 +143,7 @@ fn assert_check_passes(
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join(name);
     std::fs::write(&path, toml).expect("write config");
-    let bin = shadowcdn_tests::Binary::get(package, package);
+    let bin = shadowcdn_tests::Binary::get(package);
     let mut cmd = bin.command();
     cmd.args(args).arg("--config").arg(&path).arg("--check");
     for (k, _) in std::env::vars() {

@@ -695,7 +695,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
 #[test]
 fn bad_config_names_the_field() {
     let dir = tempfile::tempdir().unwrap();
-    let bin = Binary::get("edge-node", "edge-node");
+    let bin = Binary::get("edge-node");
     let cfg = edge_config(
         "bad",
         dir.path(),

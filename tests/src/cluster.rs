@@ -35,7 +35,7 @@ pub struct Pki {
 impl Pki {
     /// Create a CA in `dir`.
     pub fn create(dir: &Path) -> Pki {
-        let bin = Binary::get("edge-node", "edge-node");
+        let bin = Binary::get("edge-node");
         let out = bin
             .command()
             .args(["certs", "ca", "--dir", dir.to_str().expect("utf-8 path")])
@@ -53,7 +53,7 @@ impl Pki {
 
     /// Issue a certificate for edge `name` (or the broker).
     pub fn issue(&self, name: &str, broker: bool) -> NodeCerts {
-        let bin = Binary::get("edge-node", "edge-node");
+        let bin = Binary::get("edge-node");
         let dir = self.dir.to_str().expect("utf-8 path");
         let mut args = vec!["certs", "issue", "--ca-dir", dir, "--name", name];
         if broker {
@@ -231,7 +231,7 @@ impl EdgeProc {
             ),
         )
         .expect("write edge config");
-        let bin = Binary::get("edge-node", "edge-node");
+        let bin = Binary::get("edge-node");
         let mut envs = vec![("RUST_LOG", "warn")];
         envs.extend(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.child = bin.spawn(&["--config", cfg.to_str().expect("utf-8 path")], &envs);
@@ -361,7 +361,7 @@ neighbours = ["eu"]
 
     /// (Re)start the process with the same config and data.
     pub fn spawn(&mut self) {
-        let bin = Binary::get("broker", "broker");
+        let bin = Binary::get("broker");
         self.child = bin.spawn(
             &["run", "--config", self.config.to_str().expect("utf-8 path")],
             &[("RUST_LOG", "warn")],

@@ -53,8 +53,8 @@ pub struct Binary {
 static BUILD_LOCK: Mutex<()> = Mutex::new(());
 
 impl Binary {
-    /// Build (if needed) and locate `bin` of package `package`.
-    pub fn get(package: &str, bin: &str) -> Binary {
+    /// Build (if needed) and locate the workspace binary `bin`.
+    pub fn get(bin: &str) -> Binary {
         // target/<profile>/deps/<test-exe> → target/<profile>
         let exe = std::env::current_exe().expect("test executable path");
         let profile_dir = exe
@@ -66,7 +66,11 @@ impl Binary {
         let _guard = BUILD_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let mut cmd = Command::new(cargo);
-        cmd.args(["build", "-q", "-p", package, "--bin", bin]);
+        // `--workspace --tests` resolves features as `cargo test --workspace` did, so the
+        // binary links the dependencies that run already compiled; `-p <package>` alone
+        // resolves a different feature set and compiles dozens of crates a second time
+        // (a minute of CPU and gigabytes of target/ on a CI machine).
+        cmd.args(["build", "-q", "--workspace", "--tests", "--bin", bin]);
         // Cargo gives a test process its own package's variables; some build scripts (ring's)
         // rerun when one changes, so passing them on would rebuild half the dependency tree
         // here and again in the next plain `cargo build`.
@@ -79,7 +83,7 @@ impl Binary {
             cmd.arg("--release");
         }
         let status = cmd.status().expect("cargo runs");
-        assert!(status.success(), "building {package}/{bin} failed");
+        assert!(status.success(), "building {bin} failed");
         Binary {
             path: profile_dir.join(bin),
         }
