@@ -291,9 +291,14 @@ impl EdgeSync {
     }
 
     /// The live shadows edge `edge` holds, listed page by page over QUIC; `None` when it
-    /// cannot be asked (no QUIC link, unreachable, or an edge that does not list).
+    /// cannot be asked (no QUIC link, unreachable, an edge that does not list, or one whose
+    /// stats this broker has not read yet).
     pub async fn live_shadows(&self, edge: usize) -> Option<Vec<LiveShadow>> {
         let c = self.quic(edge)?;
+        // A listing describes one edge process. Until a stats report has named it (its boot
+        // id), a restart right after the listing would go unnoticed and the shadows listed
+        // would be counted live after the restart dropped them.
+        c.stats(edge)?;
         let mut out = Vec::new();
         let mut after = None;
         loop {
