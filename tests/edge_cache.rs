@@ -167,6 +167,23 @@ async fn no_store_and_private_are_not_cached() {
     }
     assert_eq!(origin.hits("/ns"), 3);
     assert_eq!(origin.hits("/priv"), 3);
+    // A response setting a cookie is one client's (a session, a login): never stored, with
+    // or without an explicit lifetime, so no other client is handed that cookie...
+    for cc in ["none", "public,max-age=60"] {
+        let path = format!("/sc-{}?cc={cc}&set_cookie=sid%3Dalice", cc.len());
+        for _ in 0..2 {
+            let r = edge.get(&path).await;
+            assert_ne!(x_cache(&r), "HIT", "{path}");
+            assert_eq!(r.headers()["set-cookie"], "sid=alice");
+        }
+        assert_eq!(origin.hits(path.split('?').next().unwrap()), 2, "{path}");
+    }
+    // ...unless the origin names the cookie as the part not to store.
+    let path = "/sc-named?cc=max-age%3D60,no-cache%3D%22set-cookie%22&set_cookie=sid%3Dalice";
+    edge.get(path).await;
+    let r = edge.get(path).await;
+    assert!(!r.headers().contains_key("set-cookie"));
+    assert_eq!(origin.hits("/sc-named"), 1);
     // No explicit lifetime: the configured default TTL applies.
     edge.get("/plain?cc=none").await;
     let r = edge.get("/plain?cc=none").await;

@@ -469,6 +469,17 @@ impl EdgeProxy {
             return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
         }
         let cc = CacheControl::from_resp_headers(resp);
+        let mut header = resp.clone();
+        if let Some(c) = &cc {
+            c.strip_private_headers(&mut header);
+        }
+        // A `Set-Cookie` is one client's (a session, a login): storing it would hand it to
+        // every later client. Such a response is never stored, whatever lifetime the origin
+        // gave, unless the origin named the cookie as the part not to store
+        // (`no-cache="set-cookie"`, `private="set-cookie"`; stripped above).
+        if header.headers.contains_key(header::SET_COOKIE) {
+            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+        }
         // A response that already aged in another cache (a peer edge, a cache in front of
         // the origin) has that much less freshness left (RFC 9111 §4.2.3): freshness and the
         // `Age` served on hits count from when it was generated (pingora's epoch override),
@@ -515,10 +526,6 @@ impl EdgeProxy {
             )
         };
         let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &defaults);
-        let mut header = resp.clone();
-        if let Some(c) = &cc {
-            c.strip_private_headers(&mut header);
-        }
         // Pingora writes a hit's `Age` itself; a stored one would be counted again when a 304
         // merges into this header.
         header.remove_header(&header::AGE);

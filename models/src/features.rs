@@ -25,6 +25,15 @@ pub const FEATURE_NAMES: [&str; N_FEATURES] = [
 
 /// Priority assumed when a resource has none registered.
 pub const DEFAULT_PRIORITY: u8 = 5;
+/// Highest priority; higher values count as this.
+pub const MAX_PRIORITY: u8 = 10;
+/// Index of `priority_over_10` in [`FEATURE_NAMES`].
+pub const PRIORITY_FEATURE: usize = 5;
+
+/// The value of feature `priority_over_10` for priority `p`.
+pub fn priority_feature(p: u8) -> f32 {
+    (f64::from(p.min(MAX_PRIORITY)) / 10.0) as f32
+}
 
 /// The history of one series, as every forecaster receives it.
 #[derive(Debug, Clone, Copy)]
@@ -155,7 +164,7 @@ fn series_features(h: &History<'_>) -> SeriesFeatures {
         .position(|c| *c != 0)
         .unwrap_or(long.len());
     SeriesFeatures {
-        priority: (f64::from(h.priority.min(10)) / 10.0) as f32,
+        priority: priority_feature(h.priority),
         window_mean,
         seasonal,
         history_mean: long_mean.ln_1p() as f32,
@@ -278,6 +287,12 @@ pub fn batch_model_input_into(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_priority_feature_is_named_so() {
+        assert_eq!(FEATURE_NAMES[PRIORITY_FEATURE], "priority_over_10");
+        assert_eq!(priority_feature(200), priority_feature(MAX_PRIORITY));
+    }
 
     #[test]
     fn log1p_tables_equal_computing() {

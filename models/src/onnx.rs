@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::features::{
-    batch_model_input_into, History, BUCKET_SECS, CONTEXT, FEATURE_NAMES, HORIZON, N_FEATURES,
-    WINDOW,
+    batch_model_input_into, priority_feature, History, BUCKET_SECS, CONTEXT, FEATURE_NAMES,
+    HORIZON, MAX_PRIORITY, N_FEATURES, PRIORITY_FEATURE, WINDOW,
 };
 use crate::forecast::{Forecast, ForecastError, Forecaster, QUANTILES};
 
@@ -69,6 +69,11 @@ pub struct ModelMetadata {
     pub n_features: usize,
     /// Quantile levels of the `quantiles` output.
     pub quantiles: Vec<f32>,
+    /// The priorities of the training series (absent in older metadata: serve each series'
+    /// own). A model trained on one priority has only learnt a constant for its priority
+    /// feature, so it is served that priority whatever the series' is.
+    #[serde(default)]
+    pub trained_priorities: Option<Vec<u8>>,
     /// Everything else the training script recorded (data hashes, metrics, …).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -140,6 +145,9 @@ struct Inner {
 pub struct OnnxLstm {
     inner: Mutex<Inner>,
     meta: ModelMetadata,
+    /// The one priority the model was trained on, fed to every series (see
+    /// [`ModelMetadata::trained_priorities`]).
+    pinned_priority: Option<u8>,
     path: PathBuf,
 }
 
@@ -212,6 +220,16 @@ impl OnnxLstm {
                 meta.quantiles
             )
         })?;
+        let pinned_priority = match meta.trained_priorities.as_deref() {
+            None => None,
+            Some(ps) if ps.is_empty() || ps.iter().any(|p| *p > MAX_PRIORITY) => {
+                return Err(meta_err(format!(
+                    "trained_priorities {ps:?}: expected priorities 0-{MAX_PRIORITY}"
+                )))
+            }
+            Some([one]) => Some(*one),
+            Some(_) => None,
+        };
 
         let env = environment()?;
         let model_err = |reason: String| LoadError::Model {
@@ -271,6 +289,7 @@ impl OnnxLstm {
                 context: Vec::new(),
             }),
             meta,
+            pinned_priority,
             path: model.to_path_buf(),
         };
         lstm.trial().map_err(model_err)?;
@@ -312,6 +331,12 @@ impl OnnxLstm {
             context,
         } = &mut *guard;
         batch_model_input_into(histories, counts, context);
+        if let Some(p) = self.pinned_priority {
+            let v = priority_feature(p);
+            for ctx in context.chunks_exact_mut(CONTEXT) {
+                ctx[PRIORITY_FEATURE - 1] = v;
+            }
+        }
         let n = histories.len();
         let counts = TensorRef::from_array_view(([n, WINDOW], counts.as_slice())).map_err(rt)?;
         let context = TensorRef::from_array_view(([n, CONTEXT], context.as_slice())).map_err(rt)?;

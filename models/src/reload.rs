@@ -48,14 +48,32 @@ struct Seen {
     checked: Instant,
 }
 
-/// Modification time and length of the model and of its metadata: a file replaced by one
-/// with an older time (`mv` from staging, `cp -p`, a rollback) still differs.
-type Fingerprint = [Option<(SystemTime, u64)>; 2];
+/// What tells one version of a file from another without reading it: its inode, its
+/// status-change time (set by the kernel on every write, rename or `cp -p`, whatever
+/// modification time the deploy tool restores), modification time and length. Models of one
+/// architecture all have the same length, and `rsync -a` or a tarball keeps modification
+/// times, so those two alone miss a swapped model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileVersion {
+    inode: u64,
+    changed: (i64, i64),
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+/// The versions of the model and of its metadata.
+type Fingerprint = [Option<FileVersion>; 2];
 
 fn fingerprint(path: &Path) -> Fingerprint {
+    use std::os::unix::fs::MetadataExt;
     let of = |p: &Path| {
         let m = std::fs::metadata(p).ok()?;
-        Some((m.modified().ok()?, m.len()))
+        Some(FileVersion {
+            inode: m.ino(),
+            changed: (m.ctime(), m.ctime_nsec()),
+            modified: m.modified().ok(),
+            len: m.len(),
+        })
     };
     [of(path), of(&metadata_path(path))]
 }

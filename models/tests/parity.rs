@@ -224,6 +224,45 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
         assert_eq!(r.name(), "lstm", "{file} did not replace the model");
         close(served[i].quantiles[1], cases[i].quantiles[1], file);
     }
+
+    // A model of the same length renamed over the serving one with the same modification
+    // time (`rsync -a`, a tarball, a reproducible build) is noticed too: its inode and
+    // status-change time differ.
+    std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
+    let stamp = std::time::SystemTime::now() + std::time::Duration::from_secs(120);
+    std::fs::File::options()
+        .write(true)
+        .open(&model)
+        .unwrap()
+        .set_modified(stamp)
+        .unwrap();
+    r.forecast(&hs).unwrap();
+    let serving = std::fs::metadata(&model).unwrap();
+    let staged = dir.path().join("staged.onnx");
+    std::fs::copy(fixtures.join("nan-output.onnx"), &staged).unwrap();
+    assert_eq!(std::fs::metadata(&staged).unwrap().len(), serving.len());
+    std::fs::File::options()
+        .write(true)
+        .open(&staged)
+        .unwrap()
+        .set_modified(serving.modified().unwrap())
+        .unwrap();
+    let before_failures = failures();
+    r.forecast(&hs).unwrap();
+    assert_eq!(
+        failures(),
+        before_failures,
+        "the serving file is not retried"
+    );
+    std::fs::rename(&staged, &model).unwrap();
+    r.forecast(&hs).unwrap();
+    assert_eq!(
+        failures(),
+        before_failures + 1,
+        "the swapped file was tried"
+    );
+    assert_eq!(r.name(), "lstm");
+
     let batch_failures = r
         .status()
         .batch_failures
@@ -257,4 +296,43 @@ fn silent_windows_get_the_baseline_forecast() {
     // What the guard is for: trained without dead windows, the model alone is sure of a
     // request after any silent window.
     assert!(lstm[0].p_any > 0.5, "{:?}", lstm[0]);
+}
+
+#[test]
+fn a_model_trained_on_one_priority_is_served_that_priority() {
+    let cases = cases();
+    let c = cases
+        .iter()
+        .find(|c| c.counts.iter().rev().take(WINDOW).any(|n| *n > 0))
+        .expect("a fixture window with requests");
+    let hs: Vec<History<'_>> = [0, 5, 10]
+        .into_iter()
+        .map(|priority| History {
+            priority,
+            ..history(c)
+        })
+        .collect();
+
+    // The committed model saw priority 5 only: every series is served as priority 5.
+    let lstm = OnnxLstm::load(&root().join("lstm.onnx"), 1).unwrap();
+    let f = lstm.forecast(&hs).unwrap();
+    assert_eq!(f[0], f[1]);
+    assert_eq!(f[2], f[1]);
+
+    // A model trained on several priorities reads each series' own.
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.onnx");
+    std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("lstm.json")).unwrap()).unwrap();
+    meta["trained_priorities"] = serde_json::json!([0, 5, 10]);
+    std::fs::write(dir.path().join("m.json"), meta.to_string()).unwrap();
+    let f = OnnxLstm::load(&model, 1).unwrap().forecast(&hs).unwrap();
+    assert_ne!(f[0], f[2]);
+
+    // Priorities outside 0-10 are a metadata error.
+    meta["trained_priorities"] = serde_json::json!([5, 11]);
+    std::fs::write(dir.path().join("m.json"), meta.to_string()).unwrap();
+    let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
+    assert!(err.contains("trained_priorities"), "{err}");
 }

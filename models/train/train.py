@@ -747,6 +747,9 @@ def main():
         "features": fx.FEATURE_NAMES,
         "n_features": F,
         "quantiles": list(QUANTILES),
+        # The traces carry no priorities (every series has the default): serving feeds the
+        # model only priorities it was trained on (models/README.md, "Priority").
+        "trained_priorities": sorted({int(s.priority) for w in wins.values() for s in w.td.series}),
         "inputs": {"counts": [-1, W], "context": [-1, F - 1]},
         "outputs": {"quantiles": [-1, 3], "p_any": [-1, 1]},
         "normalisation": norm_text,

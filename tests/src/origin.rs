@@ -176,6 +176,9 @@ async fn handle(
     if let Some(age) = q.get("age") {
         resp = resp.header("age", age);
     }
+    if let Some(cookie) = q.get("set_cookie") {
+        resp = resp.header("set-cookie", cookie);
+    }
     if let Some(etag) = q.get("etag") {
         let tag = format!("\"{etag}\"");
         resp = resp.header("etag", &tag);
