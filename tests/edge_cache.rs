@@ -192,6 +192,27 @@ async fn no_store_and_private_are_not_cached() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_on_revalidation_does_not_replace_the_stored_copy() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    // s-maxage: validate once stale, with no stale-if-error window; the 500 carries the
+    // same lifetime as the good answer.
+    let path = "/flaky?cc=s-maxage%3D1&errors_at=2";
+    assert_eq!(edge.get(path).await.status(), StatusCode::OK);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = edge.get(path).await;
+    assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR, "passed on");
+    // The error was not stored over the copy: the next request revalidates it again.
+    let r = edge.get(path).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(origin.hits("/flaky"), 3);
+    let r = edge.get(path).await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(origin.hits("/flaky"), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vary_keeps_variants_apart() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -498,6 +519,44 @@ async fn a_purge_during_a_fetch_keeps_its_answer_out_of_the_cache() {
         // The answer fetched after the purge is cached as usual.
         assert_eq!(x_cache(&edge.get(&url).await), "HIT");
     }
+}
+
+/// Requests waiting on a fill that a purge overlapped share one fetch made after the purge:
+/// the refused fill hands the lock on instead of sending each waiter to the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_a_purged_fill_share_one_new_fetch() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let url = "/herd?delay_ms=800";
+    let others = async {
+        while origin.hits("/herd") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let waiters = futures::future::join_all((0..8).map(|_| edge.get(url)));
+        let purge = async {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let target = format!("{HOST}/herd?delay_ms=800");
+            edge.purge(&target, TOKEN).await.status()
+        };
+        tokio::join!(waiters, purge)
+    };
+    let (first, (waiters, purged)) = tokio::join!(edge.get(url), others);
+    assert!(
+        purged.is_success() || purged == StatusCode::NOT_FOUND,
+        "{purged}"
+    );
+    assert_eq!(x_cache(&first), "BYPASS", "the purged answer is not stored");
+    for r in waiters {
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(body_of(r).await, body_for("/herd", 64));
+    }
+    assert_eq!(
+        origin.hits("/herd"),
+        2,
+        "one fetch before the purge, one after"
+    );
+    assert_eq!(x_cache(&edge.get(url).await), "HIT");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

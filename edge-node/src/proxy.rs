@@ -36,7 +36,7 @@ use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
-use crate::storage::{FoyerStorage, PEER_LACKS_OBJECT, PURGED_DURING_FETCH};
+use crate::storage::{FoyerStorage, ERROR_ON_REVALIDATION, PEER_LACKS_OBJECT, PURGED_DURING_FETCH};
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
     format_peer_via, PeerDirectory, PEER_ADMITTED_HEADER, PEER_FETCH_HEADER, PEER_HINT_HEADER,
@@ -726,6 +726,15 @@ impl ProxyHttp for EdgeProxy {
         if purged {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
                 PURGED_DURING_FETCH,
+            )));
+        }
+        // A server error answering the revalidation of a stored copy (outside any
+        // stale-if-error window, or it would have been served stale) is passed on but does
+        // not replace the copy, whatever lifetime it carries: the next request revalidates
+        // the copy again, and it serves again once the origin recovers.
+        if resp.status.is_server_error() && session.cache.phase() == CachePhase::Stale {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                ERROR_ON_REVALIDATION,
             )));
         }
         let authorization = session

@@ -4,7 +4,6 @@ use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pingora_cache::lock::CacheLock;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
@@ -17,7 +16,7 @@ use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
 use crate::shadow::{ShadowService, ShadowTable};
-use crate::storage::{FoyerStorage, StorageError, StorageOptions};
+use crate::storage::{FillLock, FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
 };
@@ -133,9 +132,9 @@ impl EdgeNode {
         // pingora-cache requires 'static storage, lock and predictor; they live for the
         // process, exactly like the server itself.
         let storage: &'static FoyerStorage = Box::leak(Box::new(storage));
-        let lock = Box::leak(CacheLock::new_boxed(Duration::from_secs(
+        let lock = Box::leak(Box::new(FillLock::new(Duration::from_secs(
             cfg.cache.lock_timeout_secs,
-        )));
+        ))));
         let predictor = storage.predictor();
 
         let conf = ServerConf {

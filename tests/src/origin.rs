@@ -148,7 +148,14 @@ async fn handle(
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let size: usize = q.get("size").and_then(|v| v.parse().ok()).unwrap_or(64);
-    let status: u16 = q.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
+    let mut status: u16 = q.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
+    // `errors_at=2,3`: the path's 2nd and 3rd requests are answered 500 (a flaky origin).
+    let nth = c.by_path.lock().get(&path).copied().unwrap_or(0);
+    if q.get("errors_at")
+        .is_some_and(|v| v.split(',').any(|n| n.parse() == Ok(nth)))
+    {
+        status = 500;
+    }
     let mut resp = Response::builder().status(status);
     // `https_redirect`: a cacheable 301 to https for requests that did not come over https
     // (by X-Forwarded-Proto), without a Vary, as many origins answer.

@@ -8,8 +8,11 @@
 
 mod bans;
 mod fill;
+mod lock;
 mod object;
 mod recent;
+
+pub use lock::FillLock;
 
 use std::any::Any;
 use std::collections::HashMap;
@@ -87,12 +90,19 @@ pub struct StorageOptions {
 pub const PURGED_DURING_FETCH: &str = "purged during fetch";
 /// Why a peer edge's error answer (it lacks the object) is not cached.
 pub const PEER_LACKS_OBJECT: &str = "peer lacks the object";
+/// Why a server error that answered the revalidation of a stored copy does not replace it.
+pub const ERROR_ON_REVALIDATION: &str = "server error on revalidation";
 
 /// Reasons that say nothing about the key's next answer, so pingora's predictor must not
 /// remember the key as uncacheable (which would send its next requests past the cache and
 /// its lock).
 fn transient_no_cache(reason: &'static str) -> bool {
-    reason == PURGED_DURING_FETCH || reason == PEER_LACKS_OBJECT
+    [
+        PURGED_DURING_FETCH,
+        PEER_LACKS_OBJECT,
+        ERROR_ON_REVALIDATION,
+    ]
+    .contains(&reason)
 }
 
 /// The foyer-backed pingora-cache [`Storage`].
@@ -1054,7 +1064,11 @@ mod tests {
         // Refusing such an answer once says nothing about the key's next one.
         use pingora_cache::predictor::CacheablePredictor;
         let key = CacheKey::new("h/k", "");
-        for reason in [PURGED_DURING_FETCH, PEER_LACKS_OBJECT] {
+        for reason in [
+            PURGED_DURING_FETCH,
+            PEER_LACKS_OBJECT,
+            ERROR_ON_REVALIDATION,
+        ] {
             let reason = pingora_cache::NoCacheReason::Custom(reason);
             assert_eq!(s.predictor().mark_uncacheable(&key, reason), None);
         }
