@@ -15,10 +15,11 @@ pub struct Forecast {
 }
 
 impl Forecast {
-    /// A forecast from a model's raw outputs, held to the contract: a value that is not a
-    /// finite number (a broken or half-trained model file) counts as no demand, `p_any` lies
-    /// in [0, 1], quantiles are non-negative and non-decreasing. A NaN would otherwise slip
-    /// through every threshold comparison of the planner and sort first.
+    /// A forecast from a model's raw outputs, held to the contract: `p_any` lies in [0, 1],
+    /// quantiles are non-negative and non-decreasing, and a value that is not a finite number
+    /// counts as 0 (a NaN would otherwise slip through every threshold comparison of the
+    /// planner and sort first). The ONNX model fails a batch with such a value instead, so
+    /// the baseline answers it.
     pub fn from_raw(quantiles: [f32; 3], p_any: f32) -> Self {
         let clean = |v: f32| if v.is_finite() { v.max(0.0) } else { 0.0 };
         let mut q = quantiles.map(clean);

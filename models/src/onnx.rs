@@ -373,6 +373,16 @@ impl Forecaster for OnnxLstm {
             return Ok(Vec::new());
         }
         let (q, p) = self.run(histories)?;
+        // A model that passed its load trial can still overflow or divide by zero on some
+        // input: rather than read those series as "no demand" (or huge demand as none), the
+        // batch fails, so the baseline answers it and the failure is counted.
+        if let Some(i) = q.iter().chain(&p).position(|v| !v.is_finite()) {
+            let series = if i < q.len() { i / 3 } else { i - q.len() };
+            return Err(ForecastError::Output(format!(
+                "non-finite output for series {series} of {}",
+                histories.len()
+            )));
+        }
         Ok(q.chunks_exact(3)
             .zip(&p)
             .map(|(q, p)| Forecast::from_raw([q[0], q[1], q[2]], *p))

@@ -336,3 +336,43 @@ fn a_model_trained_on_one_priority_is_served_that_priority() {
     let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
     assert!(err.contains("trained_priorities"), "{err}");
 }
+
+#[test]
+fn a_model_that_fails_on_some_series_in_service_hands_the_batch_to_the_baseline() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.onnx");
+    let fixture = root().join("fixtures").join("nan-on-large-counts.onnx");
+    std::fs::copy(fixture, &model).unwrap();
+    std::fs::copy(root().join("lstm.json"), dir.path().join("m.json")).unwrap();
+    let lstm = OnnxLstm::load(&model, 1).expect("it passes the load trial");
+
+    let bucket = 900;
+    let quiet = vec![1u32; 96];
+    let huge = vec![5_000u32; 96];
+    let h = |counts| History {
+        counts,
+        last_bucket_start: 1_700_000_100 - 1_700_000_100 % bucket,
+        bucket_secs: bucket,
+        priority: 5,
+    };
+    let batch = [h(&quiet), h(&huge)];
+    assert!(lstm.forecast(&batch[..1]).is_ok());
+    let err = lstm.forecast(&batch).unwrap_err().to_string();
+    assert!(err.contains("series 1 of 2"), "{err}");
+
+    // Served: the baseline answers the whole batch, and the failure is counted.
+    let r = ReloadingForecaster::new(&model, 1, std::time::Duration::from_secs(3600));
+    assert!(r.model_loaded());
+    assert_eq!(
+        r.forecast(&batch).unwrap(),
+        SeasonalNaive.forecast(&batch).unwrap()
+    );
+    let status = r.status();
+    assert_eq!(
+        status
+            .batch_failures
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert!(status.fallback.load(std::sync::atomic::Ordering::Relaxed));
+}
