@@ -1065,6 +1065,15 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         m.contains("shadowcdn_broker_forecaster_fallback 0"),
         "the LSTM is serving:\n{m}"
     );
+    assert_eq!(
+        sample(
+            &m,
+            "shadowcdn_broker_forecaster_events_total",
+            &["event=\"load\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
     assert!(
         sample(&m, "shadowcdn_broker_planner_tick_seconds_count", &[]).is_some_and(|n| n > 0.0),
         "{m}"

@@ -76,6 +76,9 @@ pub struct BrokerMetrics {
     pub edge_stats: IntGaugeVec,
     /// 1 while the forecaster falls back to the baseline (model not loadable).
     pub forecaster_fallback: prometheus::IntGauge,
+    /// Model loads, rejected loads (the previous model or the baseline kept serving) and
+    /// batches the model failed on (`event`: load, load_failure, batch_failure).
+    pub forecaster_events: IntCounterVec,
 }
 
 impl BrokerMetrics {
@@ -293,10 +296,18 @@ impl BrokerMetrics {
                 "shadowcdn_broker_forecaster_fallback",
                 "1 while the seasonal-naive baseline replaces an unloadable model",
             )?,
+            forecaster_events: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_forecaster_events_total",
+                    "Model loads, rejected loads and failed batches of the forecaster",
+                ),
+                &["event"],
+            )?,
         };
         registry.register(Box::new(m.planner_decisions.clone()))?;
         registry.register(Box::new(m.shadows_issued.clone()))?;
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
+        registry.register(Box::new(m.forecaster_events.clone()))?;
         registry.register(Box::new(m.planner_safety.clone()))?;
         registry.register(Box::new(m.planner_tick.clone()))?;
         registry.register(Box::new(m.quic_connected.clone()))?;

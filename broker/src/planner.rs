@@ -24,7 +24,7 @@ use edge_node::drain::InflightCounter;
 use edge_node::sync::protocol::{PeerRef, ShadowOrder};
 use futures::stream::{self, StreamExt};
 use models::features::{History, DEFAULT_PRIORITY};
-use models::reload::ReloadingForecaster;
+use models::reload::{ModelStatus, ReloadingForecaster};
 use models::Forecaster;
 use parking_lot::{Mutex, RwLock};
 use pingora_core::server::ShutdownWatch;
@@ -1186,6 +1186,27 @@ impl Planner {
     }
 }
 
+/// Mirror the forecaster's state and counters into the broker's metrics: whether the
+/// baseline answered the last batch, and how many loads were made, rejected (a replaced model
+/// that failed validation leaves the previous one serving, visible only here) and batches
+/// failed.
+fn export_model_status(m: &BrokerMetrics, status: &ModelStatus) {
+    use std::sync::atomic::Ordering::Relaxed;
+    m.forecaster_fallback
+        .set(i64::from(status.fallback.load(Relaxed)));
+    for (event, n) in [
+        ("load", &status.loads),
+        ("load_failure", &status.load_failures),
+        ("batch_failure", &status.batch_failures),
+    ] {
+        let c = m.forecaster_events.with_label_values(&[event]);
+        let (n, seen) = (n.load(Relaxed), c.get());
+        if n > seen {
+            c.inc_by(n - seen);
+        }
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Planner {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -1205,6 +1226,7 @@ impl BackgroundService for Planner {
             }
         };
         let status = forecaster.status();
+        export_model_status(&self.metrics, &status);
         let interval = Duration::from_secs_f64(self.cfg.interval_secs.max(MIN_INTERVAL_SECS));
         let mut tick = tokio::time::interval(interval);
         // A round that overran is not followed by a burst of catch-up rounds.
@@ -1218,11 +1240,9 @@ impl BackgroundService for Planner {
             let Some(_busy) = self.inflight.enter_unless_shutdown(&shutdown) else {
                 return;
             };
-            self.metrics.forecaster_fallback.set(i64::from(
-                status.fallback.load(std::sync::atomic::Ordering::Relaxed),
-            ));
             let started = Instant::now();
             self.tick(&forecaster).await;
+            export_model_status(&self.metrics, &status);
             let took = started.elapsed();
             self.metrics.planner_tick.observe(took.as_secs_f64());
             if took > interval {
@@ -1284,6 +1304,29 @@ mod tests {
             held_elsewhere: 0,
         };
         vec![bar; n]
+    }
+
+    #[test]
+    fn the_forecasters_counters_are_exported_as_they_grow() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let status = ModelStatus::default();
+        status.loads.store(1, Relaxed);
+        export_model_status(&m, &status);
+        status.load_failures.store(2, Relaxed);
+        status.fallback.store(true, Relaxed);
+        export_model_status(&m, &status);
+        export_model_status(&m, &status);
+        let events = |e: &str| m.forecaster_events.with_label_values(&[e]).get();
+        assert_eq!(
+            (
+                events("load"),
+                events("load_failure"),
+                events("batch_failure")
+            ),
+            (1, 2, 0)
+        );
+        assert_eq!(m.forecaster_fallback.get(), 1);
     }
 
     #[test]

@@ -286,6 +286,7 @@ async fn put_origin(
     );
     let target = format!("{host}/*");
     let purged = if unregistered {
+        s.registry.check_origin_quota(&p.id)?;
         s.sync.purge_everywhere(&target).await
     } else {
         Vec::new()

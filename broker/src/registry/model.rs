@@ -323,11 +323,19 @@ impl ResourceBody {
         if self.policy.max_copies == 0 || self.policy.max_copies > 64 {
             return Err(invalid("policy.max_copies", "must be between 1 and 64"));
         }
-        for r in &self.policy.allowed_regions {
+        for (i, r) in self.policy.allowed_regions.iter().enumerate() {
             if !regions.iter().any(|x| x == r) {
                 return Err(invalid(
                     "policy.allowed_regions",
                     format!("unknown region {r:?}"),
+                ));
+            }
+            // A region named twice says nothing more, and a list of thousands would be held
+            // (and cloned by the planner) for every resource.
+            if self.policy.allowed_regions[..i].contains(r) {
+                return Err(invalid(
+                    "policy.allowed_regions",
+                    format!("region {r:?} named twice"),
                 ));
             }
         }
@@ -421,6 +429,12 @@ mod tests {
                 .field,
             "policy.allowed_regions"
         );
+        let mut b = body(1);
+        let known = regions[0].clone();
+        b.policy.allowed_regions = vec![known.clone(), known];
+        let err = b.into_resource("r".into(), "p", &regions).unwrap_err();
+        assert_eq!(err.field, "policy.allowed_regions");
+        assert!(err.to_string().contains("twice"), "{err}");
     }
 
     #[test]

@@ -321,17 +321,7 @@ impl Registry {
                 }
                 Some(o) => Some(o.registered_at_ms),
                 None => {
-                    let held = m
-                        .origins
-                        .values()
-                        .filter(|o| o.provider == provider)
-                        .count();
-                    if held >= self.max_origins_per_provider {
-                        return Err(RegistryError::Conflict(format!(
-                            "provider holds {held} hosts, the most allowed \
-                             ([admin] max_origins_per_provider)"
-                        )));
-                    }
+                    self.origin_quota(&m, provider)?;
                     None
                 }
             }
@@ -397,6 +387,26 @@ impl Registry {
         self.mem.read().origins.get(host).map_or(0, |o| {
             crate::clock::clock_secs_at_wall_ms(o.registered_at_ms)
         })
+    }
+
+    /// Whether `provider` may register one more host (`Conflict` at its quota): asked before
+    /// the work a new host sets off (purging its old copies on every edge) is done in vain.
+    pub fn check_origin_quota(&self, provider: &str) -> Result<(), RegistryError> {
+        self.origin_quota(&self.mem.read(), provider)
+    }
+
+    fn origin_quota(&self, m: &Memory, provider: &str) -> Result<(), RegistryError> {
+        let held = m
+            .origins
+            .values()
+            .filter(|o| o.provider == provider)
+            .count();
+        if held >= self.max_origins_per_provider {
+            return Err(RegistryError::Conflict(format!(
+                "provider holds {held} hosts, the most allowed ([admin] max_origins_per_provider)"
+            )));
+        }
+        Ok(())
     }
 
     /// `Ok` when `provider` owns `host`; 403 for another's, 404 for nobody's.
@@ -621,6 +631,11 @@ mod tests {
             .unwrap());
         assert!(matches!(
             reg.put_origin(&p.id, "c.com", "http://127.0.0.1:3", false),
+            Err(RegistryError::Conflict(_))
+        ));
+        // The API asks first, before it purges a new host's old copies from every edge.
+        assert!(matches!(
+            reg.check_origin_quota(&p.id),
             Err(RegistryError::Conflict(_))
         ));
         reg.put_resource(res("r1", &p.id, "b.com")).unwrap();
