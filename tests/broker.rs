@@ -315,6 +315,39 @@ async fn killing_an_edge_during_a_stream_of_gets_gives_no_client_errors() {
     assert!(m.contains("shadowcdn_broker_failovers_total"), "{m}");
 }
 
+/// A provider that points its host's origin at the CDN itself gets a clear error for each
+/// request, not requests circling broker → edge → broker until a timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_that_points_back_at_the_cdn_is_a_508_not_a_loop() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    // The provider points its host at the broker itself, keeping the site's Host: every miss
+    // would go broker → edge → broker → edge → ...
+    let (s, v) = api(
+        reqwest::Method::PUT,
+        c.broker.api(&format!("/v1/origins/{HOST}")),
+        &c.token,
+        Some(json!({"upstream": format!("http://{}", c.broker.addr), "forward_host": true})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (status, body) = loop {
+        let r = c.get("/loop/x", "eu").await;
+        let status = r.status();
+        let body = r.text().await.unwrap_or_default();
+        if status == StatusCode::LOOP_DETECTED || std::time::Instant::now() > deadline {
+            break (status, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(status, StatusCode::LOOP_DETECTED, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"], "loop_detected", "{v}");
+    assert_eq!(origin.hits("/loop/x"), 0);
+}
+
 /// A client that sends a request and hangs up before the answer is no evidence against the
 /// edge: it is neither marked down nor retried (pingora reports the client's side through the
 /// same error hook as the edge's).

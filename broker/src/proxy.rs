@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use edge_node::drain::{InflightCounter, InflightGuard};
 use edge_node::proxy::{
     client_ip, error_status, forwarded_for, primary_key, request_host, respond_json_error,
-    CLIENT_REGION_HEADER, FORWARDED_PROTO, ROUTE_HEADER,
+    CLIENT_REGION_HEADER, FORWARDED_PROTO, ROUTE_HEADER, VIA_NAME,
 };
 use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -228,6 +228,23 @@ impl ProxyHttp for BrokerProxy {
             respond_json_error(session, 404, "unknown_host", &msg).await?;
             return Ok(true);
         }
+        // Edges name themselves in `Via` on the way to an origin (and so does the broker): a
+        // request that already carries that name comes from an origin that points back at the
+        // CDN, and would circle broker → edge → "origin" until a timeout (RFC 8586's loop).
+        if let Some(via) = session
+            .req_header()
+            .headers
+            .get_all(http::header::VIA)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .find(|v| v.contains(VIA_NAME))
+        {
+            let msg = format!(
+                "the request already passed through this CDN (Via: {via}): the origin of {host:?} points back at it"
+            );
+            respond_json_error(session, 508, "loop_detected", &msg).await?;
+            return Ok(true);
+        }
         let req = session.req_header();
         let header_region = self
             .regions
@@ -317,6 +334,7 @@ impl ProxyHttp for BrokerProxy {
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         upstream_request.insert_header(FORWARDED_PROTO, if tls { "https" } else { "http" })?;
+        upstream_request.append_header(http::header::VIA, format!("1.1 {VIA_NAME}broker"))?;
         if let Some(peer) = self.peer_hint(session.req_header(), ctx) {
             upstream_request.insert_header(PEER_HINT_HEADER, peer)?;
             self.metrics.peer_hints.inc();

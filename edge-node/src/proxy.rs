@@ -219,6 +219,9 @@ fn within(nets: &[IpNet], ip: std::net::IpAddr) -> bool {
 pub const ROUTE_HEADER: &str = "x-shadowcdn-route";
 /// Header a broker sets to the client's region.
 pub const CLIENT_REGION_HEADER: &str = "x-shadowcdn-client-region";
+/// How this CDN's nodes name themselves in `Via` (`1.1 shadowcdn-<node>`): a request that
+/// arrives with it has come round through an origin that points back at the CDN.
+pub const VIA_NAME: &str = "shadowcdn-";
 
 /// Known route reasons, so a client cannot blow up metric cardinality with made-up values.
 const ROUTE_REASONS: [&str; 5] = ["primary", "failover", "standby", "neighbour", "origin"];
@@ -819,7 +822,7 @@ impl ProxyHttp for EdgeProxy {
         if let (None, Some(origin)) = (self.bridge_for(ctx), &ctx.origin) {
             address_origin(upstream_request, origin.host_header.clone())?;
         }
-        let via = format!("1.1 shadowcdn-{}", self.node_id);
+        let via = format!("1.1 {VIA_NAME}{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
         if let Some(ip) = client_ip(session) {
             forwarded_for(upstream_request, ip)?;
