@@ -332,9 +332,12 @@ async fn an_origin_that_points_back_at_the_cdn_is_a_508_not_a_loop() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    // Until every edge has the new origin, a miss may still reach the old one.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut n = 0;
     let (status, body) = loop {
-        let r = c.get("/loop/x", "eu").await;
+        n += 1;
+        let r = c.get(&format!("/loop/{n}"), "eu").await;
         let status = r.status();
         let body = r.text().await.unwrap_or_default();
         if status == StatusCode::LOOP_DETECTED || std::time::Instant::now() > deadline {
@@ -345,7 +348,7 @@ async fn an_origin_that_points_back_at_the_cdn_is_a_508_not_a_loop() {
     assert_eq!(status, StatusCode::LOOP_DETECTED, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "loop_detected", "{v}");
-    assert_eq!(origin.hits("/loop/x"), 0);
+    assert_eq!(origin.hits(&format!("/loop/{n}")), 0);
 }
 
 /// A client that sends a request and hangs up before the answer is no evidence against the
@@ -738,6 +741,31 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     )
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+    // Only the operator replaces a provider's token; the old one stops working at once.
+    let rotate = format!("/v1/providers/{}/token", other["id"].as_str().unwrap());
+    let (s, _) = api(reqwest::Method::POST, c.broker.api(&rotate), &t, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN);
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api(&rotate),
+        OPERATOR_TOKEN,
+        None,
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let listing = c.broker.api("/v1/resources");
+    let (s, _) = api(reqwest::Method::GET, listing.clone(), &t, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED, "the old token");
+    let t = v["token"].as_str().unwrap().to_string();
+    let (s, _) = api(reqwest::Method::GET, listing, &t, None).await;
+    assert_eq!(s, StatusCode::OK);
+    let missing = c.broker.api("/v1/providers/p-000000000000/token");
+    let (s, v) = api(reqwest::Method::POST, missing, OPERATOR_TOKEN, None).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::NOT_FOUND, Some("not_found")),
+        "{v}"
+    );
     // A host its owner deletes takes its cached copies with it: whoever registers the host
     // next is served from their own origin, never the previous owner's content — even from
     // an edge that was down both when the host was deleted and when it was registered again
@@ -1135,13 +1163,18 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     .await;
     let v = c.explain(&key).await;
     assert!(decided_again, "still counted as kept: {v}");
-    if !c.shadowed_on(3, &key).await {
-        let d = decision_in(&v, "us").expect("a decision for us");
-        let bar = ["threshold", "break_even", "precision_floor"]
-            .iter()
-            .map(|k| d[k].as_f64().unwrap())
-            .fold(0.0, f64::max);
-        assert!(d["p_any"].as_f64().unwrap() < bar, "{v}");
+    let d = decision_in(&v, "us").expect("a decision for us");
+    match d["outcome"].as_str().unwrap_or_default() {
+        // Placed again (its fill may still be running).
+        "shadowed" | "kept" => wait_secs(30, || c.shadowed_on(3, &key)).await,
+        held if held.starts_with("below_") => {
+            let bar = ["threshold", "break_even", "precision_floor"]
+                .iter()
+                .map(|k| d[k].as_f64().unwrap())
+                .fold(0.0, f64::max);
+            assert!(d["p_any"].as_f64().unwrap() < bar, "{v}");
+        }
+        _ => {}
     }
 }
 

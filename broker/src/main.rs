@@ -51,6 +51,12 @@ enum Call {
         /// Display name.
         name: String,
     },
+    /// Replace a provider's token (operator token); prints the new one once, and the old
+    /// one stops working.
+    RotateToken {
+        /// Provider id (`p-…`).
+        id: String,
+    },
     /// Register or update a host's origin.
     SetOrigin {
         /// Host clients use.
@@ -170,6 +176,11 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             reqwest::Method::POST,
             "/v1/providers".to_string(),
             Some(json!({ "name": name })),
+        ),
+        Call::RotateToken { id } => (
+            reqwest::Method::POST,
+            format!("/v1/providers/{id}/token"),
+            None,
         ),
         Call::SetOrigin {
             host,

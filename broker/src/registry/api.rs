@@ -172,6 +172,7 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/v1/providers", post(create_provider).get(list_providers))
+        .route("/v1/providers/{id}/token", post(rotate_token))
         .route("/v1/origins", get(list_origins))
         .route("/v1/origins/{host}", put(put_origin).delete(delete_origin))
         .route("/v1/resources", post(create_resource).get(list_resources))
@@ -256,6 +257,16 @@ async fn create_provider(State(s): State<ApiState>, headers: HeaderMap, body: Bo
         Json(json!({ "id": p.id, "name": p.name, "token": token })),
     )
         .into_response())
+}
+
+async fn rotate_token(
+    State(s): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    operator(&s, &headers)?;
+    let token = s.registry.rotate_token(&id)?;
+    Ok(Json(json!({ "id": id, "token": token })).into_response())
 }
 
 async fn list_providers(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {

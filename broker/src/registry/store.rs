@@ -292,6 +292,39 @@ impl Registry {
         Ok((provider, token))
     }
 
+    /// Replace every token of provider `id` with a new one, which is returned: a token that
+    /// leaked stops working the moment the new one is committed.
+    pub fn rotate_token(&self, id: &str) -> Result<String, RegistryError> {
+        let _writer = self.writer.lock();
+        let old: Vec<String> = {
+            let m = self.mem.read();
+            if !m.providers.contains_key(id) {
+                return Err(RegistryError::NotFound(format!("provider {id}")));
+            }
+            m.tokens
+                .iter()
+                .filter(|(_, p)| p.as_str() == id)
+                .map(|(h, _)| h.clone())
+                .collect()
+        };
+        let token = format!("scdn_{}", random_hex(24));
+        let hashed = hash_token(&token);
+        self.write(|w| {
+            let mut t = w.open_table(TOKENS).map_err(store_err)?;
+            for h in &old {
+                t.remove(h.as_str()).map_err(store_err)?;
+            }
+            t.insert(hashed.as_str(), id).map_err(store_err)?;
+            Ok(())
+        })?;
+        let mut m = self.mem.write();
+        for h in &old {
+            m.tokens.remove(h);
+        }
+        m.tokens.insert(hashed, id.to_string());
+        Ok(token)
+    }
+
     /// The provider a bearer token belongs to.
     pub fn provider_by_token(&self, token: &str) -> Option<Provider> {
         let m = self.mem.read();
@@ -688,6 +721,19 @@ mod tests {
         let reg = Registry::open(&path).unwrap();
         assert_eq!(reg.provider_by_token(&token).unwrap(), p);
         assert!(reg.provider_by_token("scdn_wrong").is_none());
+
+        // A rotated token replaces the old one, in memory and on disk.
+        let rotated = reg.rotate_token(&p.id).unwrap();
+        assert!(reg.provider_by_token(&token).is_none());
+        assert_eq!(reg.provider_by_token(&rotated).unwrap(), p);
+        assert!(matches!(
+            reg.rotate_token("p-missing"),
+            Err(RegistryError::NotFound(_))
+        ));
+        drop(reg);
+        let reg = Registry::open(&path).unwrap();
+        assert!(reg.provider_by_token(&token).is_none());
+        assert_eq!(reg.provider_by_token(&rotated).unwrap(), p);
         assert_eq!(reg.origin("a.com").unwrap().upstream, "http://127.0.0.1:2");
         assert!(reg.origin("a.com").unwrap().forward_host);
         assert_eq!(reg.resource(&p.id, &rid).unwrap().path, "/x");
