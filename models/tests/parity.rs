@@ -125,6 +125,16 @@ fn onnx_outputs_match_python() {
     }
 }
 
+/// Give `path` the modification time `t` (as a deploy tool restoring times would).
+fn set_mtime(path: &std::path::Path, t: std::time::SystemTime) {
+    std::fs::File::options()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_modified(t)
+        .unwrap();
+}
+
 #[test]
 fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,12 +168,7 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     // The real model replaced on disk is picked up without a restart.
     std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
     let later = std::time::SystemTime::now() + std::time::Duration::from_secs(2);
-    std::fs::File::options()
-        .write(true)
-        .open(&model)
-        .unwrap()
-        .set_modified(later)
-        .unwrap();
+    set_mtime(&model, later);
     let after = r.forecast(&hs).unwrap();
     assert!(r.model_loaded(), "hot reload picked up the new file");
     // (Silent windows get the baseline even from a loaded model; see below.)
@@ -190,12 +195,7 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     let before_failures = failures();
     std::fs::write(&model, b"half a model").unwrap();
     let earlier = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
-    std::fs::File::options()
-        .write(true)
-        .open(&model)
-        .unwrap()
-        .set_modified(earlier)
-        .unwrap();
+    set_mtime(&model, earlier);
     r.forecast(&hs).unwrap();
     assert_eq!(failures(), before_failures + 1, "the older file was tried");
     assert!(r.model_loaded(), "the previous model keeps serving");
@@ -214,12 +214,7 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
         let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
         assert!(err.contains(reason), "{file}: {err}");
         let stamp = std::time::SystemTime::now() + std::time::Duration::from_secs(60);
-        std::fs::File::options()
-            .write(true)
-            .open(&model)
-            .unwrap()
-            .set_modified(stamp)
-            .unwrap();
+        set_mtime(&model, stamp);
         let served = r.forecast(&hs).unwrap();
         assert_eq!(r.name(), "lstm", "{file} did not replace the model");
         close(served[i].quantiles[1], cases[i].quantiles[1], file);
@@ -230,23 +225,13 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     // status-change time differ.
     std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
     let stamp = std::time::SystemTime::now() + std::time::Duration::from_secs(120);
-    std::fs::File::options()
-        .write(true)
-        .open(&model)
-        .unwrap()
-        .set_modified(stamp)
-        .unwrap();
+    set_mtime(&model, stamp);
     r.forecast(&hs).unwrap();
     let serving = std::fs::metadata(&model).unwrap();
     let staged = dir.path().join("staged.onnx");
     std::fs::copy(fixtures.join("nan-output.onnx"), &staged).unwrap();
     assert_eq!(std::fs::metadata(&staged).unwrap().len(), serving.len());
-    std::fs::File::options()
-        .write(true)
-        .open(&staged)
-        .unwrap()
-        .set_modified(serving.modified().unwrap())
-        .unwrap();
+    set_mtime(&staged, serving.modified().unwrap());
     let before_failures = failures();
     r.forecast(&hs).unwrap();
     assert_eq!(
