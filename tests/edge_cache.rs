@@ -450,6 +450,29 @@ async fn ranges_are_served_from_cache() {
     assert_eq!(origin.hits("/range.bin"), 1);
 }
 
+/// A Range request for an object over `max_object_size` gets its range, not the whole
+/// object: the edge asked the origin for all of it (to fill the cache) and then found it too
+/// large to keep.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_of_an_object_too_large_to_cache_is_still_a_range() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/huge.bin?size=1500000";
+    let full = body_for("/huge.bin", 1_500_000);
+    let r = edge
+        .request(Method::GET, path, &[("range", "bytes=10-19")])
+        .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(r.headers()["content-range"], "bytes 10-19/1500000");
+    assert_eq!(body_of(r).await, full[10..20].to_vec());
+    // The key is now known to be too large: later requests go to the origin with their Range.
+    edge.request(Method::GET, path, &[("range", "bytes=20-29")])
+        .await;
+    let seen = origin.last_headers("/huge.bin").unwrap();
+    assert_eq!(seen["range"], "bytes=20-29");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purge_by_key_and_prefix() {
     let origin = TestOrigin::start().await;

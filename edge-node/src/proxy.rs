@@ -843,14 +843,25 @@ impl ProxyHttp for EdgeProxy {
         // is judged by its own. Bypassed requests keep pingora's limit: it decides whether
         // the key may be cached again from the size this response turns out to have.
         if session.cache.enabled() {
-            let known_length = upstream_response
+            let length = upstream_response
                 .headers
-                .contains_key(header::CONTENT_LENGTH);
-            session.cache.set_max_file_size_bytes(if known_length {
-                self.policy.max_object_bytes
-            } else {
-                usize::MAX
-            });
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<usize>().ok());
+            session.cache.set_max_file_size_bytes(
+                length.map_or(usize::MAX, |_| self.policy.max_object_bytes),
+            );
+            // Too large to store, as the length says: turned away here rather than by
+            // pingora, which would also drop the client's Range (it removed the Range to fill
+            // the cache) and send the whole object; the proxy still cuts the range out.
+            if upstream_response.status == http::StatusCode::OK
+                && length.is_some_and(|n| n > self.policy.max_object_bytes)
+            {
+                session
+                    .cache
+                    .response_became_uncacheable(NoCacheReason::ResponseTooLarge);
+                session.cache.disable(NoCacheReason::ResponseTooLarge);
+            }
         }
         if let Some(p) = &ctx.demand_peer {
             // Only a whole, variant-free copy stands in for the origin's answer: a Vary'd
