@@ -188,7 +188,19 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
-    if ok {
+    // An all-digit last label is an IPv4 address in one of its forms (`203.0.113.7`,
+    // `2130706433`, `0x7f.1`): a provider claiming one would capture every request that
+    // reaches the broker by that address (no top-level domain is all digits).
+    let address = h
+        .rsplit('.')
+        .next()
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
+    if ok && address {
+        Err(invalid(
+            "host",
+            format!("{host:?} is an IP address; register the site's name"),
+        ))
+    } else if ok {
         Ok(h)
     } else {
         Err(invalid(
@@ -442,6 +454,12 @@ mod tests {
         assert!(check_host("a-b.example.com").is_ok());
         assert!(check_host("bad host").is_err());
         assert!(check_host("-x.com").is_err());
+        for address in ["203.0.113.7", "2130706433", "0x7f.1", "127.1"] {
+            let e = check_host(address).unwrap_err();
+            assert!(e.message.contains("IP address"), "{address}: {}", e.message);
+        }
+        assert!(check_host("localhost").is_ok(), "the local cluster's host");
+        assert!(check_host("1.example.com").is_ok());
         assert_eq!(
             check_upstream("http://127.0.0.1:9000", true).unwrap(),
             "http://127.0.0.1:9000"
