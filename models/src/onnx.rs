@@ -309,19 +309,15 @@ impl OnnxLstm {
             bucket_secs: bucket,
             priority: 5,
         };
-        let (q, p) = self
-            .run(&[history(&silent), history(&busy)])
-            .map_err(|e| format!("trial forecast failed: {e}"))?;
-        if q.iter().chain(&p).all(|v| v.is_finite()) {
-            Ok(())
-        } else {
-            Err(format!(
-                "trial forecast gave non-finite outputs: quantiles {q:?}, p_any {p:?}"
-            ))
-        }
+        self.run(&[history(&silent), history(&busy)])
+            .map(|_| ())
+            .map_err(|e| format!("trial forecast failed: {e}"))
     }
 
-    /// Run the model on `histories`: raw quantiles (3 per series) and probabilities.
+    /// Run the model on `histories`: raw quantiles (3 per series) and probabilities, all
+    /// finite. A model that passed its load trial can still overflow or divide by zero on
+    /// some input: rather than read those series as "no demand" (or huge demand as none),
+    /// the batch fails, so the baseline answers it and the failure is counted.
     fn run(&self, histories: &[History<'_>]) -> Result<(Vec<f32>, Vec<f32>), ForecastError> {
         let rt = |e: ort::Error| ForecastError::Runtime(e.to_string());
         let mut guard = self.inner.lock();
@@ -354,6 +350,12 @@ impl OnnxLstm {
                 p.len(),
             )));
         }
+        if let Some(i) = q.iter().chain(p).position(|v| !v.is_finite()) {
+            let series = if i < q.len() { i / 3 } else { i - q.len() };
+            return Err(ForecastError::Output(format!(
+                "non-finite output for series {series} of {n}"
+            )));
+        }
         Ok((q.to_vec(), p.to_vec()))
     }
 
@@ -373,16 +375,6 @@ impl Forecaster for OnnxLstm {
             return Ok(Vec::new());
         }
         let (q, p) = self.run(histories)?;
-        // A model that passed its load trial can still overflow or divide by zero on some
-        // input: rather than read those series as "no demand" (or huge demand as none), the
-        // batch fails, so the baseline answers it and the failure is counted.
-        if let Some(i) = q.iter().chain(&p).position(|v| !v.is_finite()) {
-            let series = if i < q.len() { i / 3 } else { i - q.len() };
-            return Err(ForecastError::Output(format!(
-                "non-finite output for series {series} of {}",
-                histories.len()
-            )));
-        }
         Ok(q.chunks_exact(3)
             .zip(&p)
             .map(|(q, p)| Forecast::from_raw([q[0], q[1], q[2]], *p))

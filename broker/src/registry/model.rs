@@ -188,26 +188,25 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         });
+    if !ok {
+        return Err(invalid(
+            "host",
+            format!("{host:?} is not a valid host name"),
+        ));
+    }
     // An all-digit last label is an IPv4 address in one of its forms (`203.0.113.7`,
     // `2130706433`, `0x7f.1`): a provider claiming one would capture every request that
     // reaches the broker by that address (no top-level domain is all digits).
-    let address = h
-        .rsplit('.')
+    if h.rsplit('.')
         .next()
-        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()));
-    if ok && address {
-        Err(invalid(
+        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+    {
+        return Err(invalid(
             "host",
             format!("{host:?} is an IP address; register the site's name"),
-        ))
-    } else if ok {
-        Ok(h)
-    } else {
-        Err(invalid(
-            "host",
-            format!("{host:?} is not a valid host name"),
-        ))
+        ));
     }
+    Ok(h)
 }
 
 /// Whether an upstream host names this machine or a private network: edges fetch from it on

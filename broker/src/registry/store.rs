@@ -175,6 +175,13 @@ pub fn hash_token(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
+/// A fresh provider token (192 random bits) and its hash.
+fn new_token() -> (String, String) {
+    let token = format!("scdn_{}", random_hex(24));
+    let hashed = hash_token(&token);
+    (token, hashed)
+}
+
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
     rand::thread_rng().fill_bytes(&mut b);
@@ -276,8 +283,7 @@ impl Registry {
             id: self.unused_id("p", |m, id| m.providers.contains_key(id)),
             name: name.to_string(),
         };
-        let token = format!("scdn_{}", random_hex(24));
-        let hashed = hash_token(&token);
+        let (token, hashed) = new_token();
         self.write(|w| {
             Self::put_json(w, PROVIDERS, &provider.id, &provider)?;
             w.open_table(TOKENS)
@@ -307,8 +313,7 @@ impl Registry {
                 .map(|(h, _)| h.clone())
                 .collect()
         };
-        let token = format!("scdn_{}", random_hex(24));
-        let hashed = hash_token(&token);
+        let (token, hashed) = new_token();
         self.write(|w| {
             let mut t = w.open_table(TOKENS).map_err(store_err)?;
             for h in &old {
