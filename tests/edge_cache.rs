@@ -406,6 +406,45 @@ async fn large_bodies_stream_to_every_reader_while_filling() {
     assert_eq!(x_cache(&edge.get(path).await), "HIT");
 }
 
+/// A Range request that arrives while the object is still filling gets its range from the
+/// fill (206), not the whole body, and does not go to the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_range_joining_a_fill_gets_its_range() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    // 16 chunks of 16 KiB under a Content-Length, 100 ms apart.
+    let path = "/joined.bin?size=262144&chunked=1&with_length=1&chunk_delay_ms=100";
+    let full = body_for("/joined.bin", 262_144);
+    let first = {
+        let url = edge.url(path);
+        tokio::spawn(async move {
+            let r = client().get(url).header("host", HOST).send().await.unwrap();
+            r.bytes().await.unwrap()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // One range already written, one spanning chunks still to come.
+    for (range, start, end) in [
+        ("bytes=100-16483", 100, 16_484),
+        ("bytes=200000-230000", 200_000, 230_001),
+    ] {
+        let r = edge.request(Method::GET, path, &[("range", range)]).await;
+        assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT, "{range}");
+        assert_eq!(
+            r.headers()["content-range"],
+            format!("bytes {start}-{}/262144", end - 1).as_str()
+        );
+        assert_eq!(body_of(r).await, full[start..end].to_vec(), "{range}");
+    }
+    assert_eq!(first.await.unwrap().to_vec(), full);
+    assert_eq!(
+        origin.hits("/joined.bin"),
+        1,
+        "the ranges were served from the fill"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranges_are_served_from_cache() {
     let origin = TestOrigin::start().await;

@@ -235,6 +235,10 @@ async fn handle(
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let fail_after: Option<usize> = q.get("fail_after").and_then(|v| v.parse().ok());
+        // `with_length`: stream the chunks under a Content-Length, as a file server does.
+        if q.contains_key("with_length") {
+            resp = resp.header("content-length", body.len());
+        }
         let chunks: Vec<Bytes> = body.chunks(16 * 1024).map(Bytes::copy_from_slice).collect();
         let stream = futures::stream::unfold(
             (chunks.into_iter(), 0usize),

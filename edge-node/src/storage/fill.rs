@@ -209,10 +209,20 @@ impl Drop for Fill {
 }
 
 /// Reads a fill while it is being written.
+///
+/// A single Range can be served from it: the reader walks the chunks as they land, skips
+/// those before the range and stops at its end, so a Range request that joins a fill gets its
+/// 206 without waiting for the whole body. Multipart ranges read the whole body through
+/// pingora's range filter instead: their ranges may go backwards, to chunks a pass-through
+/// may already have dropped.
 pub(crate) struct PartialHit {
     fill: Arc<Fill>,
     next: Arc<AtomicUsize>,
     rx: watch::Receiver<FillState>,
+    /// Body offset of chunk `next`.
+    pos: usize,
+    /// The byte range to serve, end exclusive; the whole body by default.
+    range: (usize, usize),
 }
 
 impl PartialHit {
@@ -228,14 +238,24 @@ impl PartialHit {
             fill.readers.lock().push(Arc::downgrade(&next));
         }
         let rx = fill.state.subscribe();
-        Some(PartialHit { fill, next, rx })
+        Some(PartialHit {
+            fill,
+            next,
+            rx,
+            pos: 0,
+            range: (0, usize::MAX),
+        })
     }
 }
 
 #[async_trait]
 impl HandleHit for PartialHit {
     async fn read_body(&mut self) -> Result<Option<Bytes>> {
+        let (start, end) = self.range;
         loop {
+            if self.pos >= end {
+                return Ok(None);
+            }
             // Mark the state seen *before* looking at the chunks: a chunk pushed after this
             // point comes with a notification we have not consumed yet.
             let state = *self.rx.borrow_and_update();
@@ -254,10 +274,26 @@ impl HandleHit for PartialHit {
                 };
                 if let Some(c) = chunks.list.get(i) {
                     self.next.store(next + 1, Ordering::Release);
-                    return Ok(Some(c.clone()));
+                    let at = self.pos;
+                    self.pos += c.len();
+                    if at >= start && self.pos <= end {
+                        return Ok(Some(c.clone()));
+                    }
+                    let (lo, hi) = (start.max(at), end.min(self.pos));
+                    if lo < hi {
+                        return Ok(Some(c.slice(lo - at..hi - at)));
+                    }
+                    continue;
                 }
             }
             match state {
+                FillState::Done if end != usize::MAX => {
+                    // The header promised the range from the origin's Content-Length.
+                    return Error::e_explain(
+                        ErrorType::InternalError,
+                        format!("body ended at {} before the range's end {end}", self.pos),
+                    );
+                }
                 FillState::Done => return Ok(None),
                 FillState::Aborted => {
                     return Error::e_explain(ErrorType::InternalError, "cache fill aborted")
@@ -277,6 +313,29 @@ impl HandleHit for PartialHit {
         _key: &CacheKey,
         _trace: &SpanHandle,
     ) -> Result<()> {
+        Ok(())
+    }
+
+    fn can_seek(&self) -> bool {
+        true
+    }
+
+    fn can_seek_multipart(&self) -> bool {
+        false
+    }
+
+    fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
+        let end = end.unwrap_or(usize::MAX);
+        if start > end || start < self.pos {
+            return Error::e_explain(
+                ErrorType::InternalError,
+                format!(
+                    "seek {start}..{end} in a body being filled, read up to {}",
+                    self.pos
+                ),
+            );
+        }
+        self.range = (start, end);
         Ok(())
     }
 
@@ -382,6 +441,69 @@ mod tests {
         t.await.unwrap();
         assert_eq!(got.len(), 500);
         assert_eq!(fill.body().len(), 500);
+    }
+
+    async fn read_all(r: &mut PartialHit) -> Result<Vec<u8>> {
+        let mut got = Vec::new();
+        while let Some(c) = r.read_body().await? {
+            got.extend_from_slice(&c);
+        }
+        Ok(got)
+    }
+
+    #[tokio::test]
+    async fn a_reader_serves_a_range_as_the_chunks_arrive() {
+        let body: Vec<u8> = (0..100u8).collect();
+        // A range inside one chunk, across chunks, and from a chunk boundary to the end.
+        for (start, end) in [(3, 7), (8, 35), (20, 100)] {
+            let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+            let mut r = PartialHit::new(fill.clone()).unwrap();
+            r.seek(start, Some(end)).unwrap();
+            let chunks: Vec<Bytes> = body.chunks(10).map(Bytes::copy_from_slice).collect();
+            let writer = tokio::spawn(async move {
+                for c in chunks {
+                    fill.push(c);
+                    tokio::task::yield_now().await;
+                }
+            });
+            assert_eq!(read_all(&mut r).await.unwrap(), &body[start..end]);
+            writer.await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_range_ends_without_waiting_for_the_rest_of_the_body() {
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let mut r = PartialHit::new(fill.clone()).unwrap();
+        r.seek(2, Some(10)).unwrap();
+        fill.push(Bytes::from_static(b"0123456789"));
+        // The fill is still writing; the range is complete all the same.
+        assert_eq!(read_all(&mut r).await.unwrap(), b"23456789");
+    }
+
+    #[tokio::test]
+    async fn a_body_shorter_than_the_range_fails_the_reader() {
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let mut r = PartialHit::new(fill.clone()).unwrap();
+        r.seek(5, Some(50)).unwrap();
+        fill.push(Bytes::from_static(b"0123456789"));
+        fill.finish(FillState::Done);
+        assert!(read_all(&mut r).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reader_does_not_seek_back_or_do_multipart() {
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let mut r = PartialHit::new(fill.clone()).unwrap();
+        assert!(r.can_seek() && !r.can_seek_multipart());
+        fill.push(Bytes::from_static(b"0123456789"));
+        assert_eq!(r.read_body().await.unwrap().unwrap(), &b"0123456789"[..]);
+        assert!(r.seek(5, Some(8)).is_err());
+        assert!(r.seek(12, Some(11)).is_err());
+        r.seek(12, None).unwrap();
+        fill.push(Bytes::from_static(b"abcdef"));
+        fill.finish(FillState::Done);
+        assert_eq!(read_all(&mut r).await.unwrap(), b"cdef");
     }
 
     #[tokio::test]
