@@ -139,4 +139,5 @@ tls=$(echo "${RPS[broker-https]}" | median)
 echo "recorder on/off req/s = $(awk -v a="$on" -v b="$off" 'BEGIN{printf "%.3f", a/b}')"
 echo "broker HTTPS/HTTP req/s = $(awk -v a="$tls" -v b="$on" 'BEGIN{printf "%.3f", a/b}')"
 echo "broker→edge / nginx single hop req/s = $(awk -v a="$on" -v b="$ngx" 'BEGIN{printf "%.2f", a/b}')"
-echo "recorded by the broker: $(curl -sS "http://$ON_ADMIN/metrics" | awk '/^shadowcdn_broker_recorded_total/{print $2}'), dropped: $(curl -sS "http://$ON_ADMIN/metrics" | awk '/^shadowcdn_broker_recorder_drops_total/{print $2}')"
+broker_metrics() { curl -sS -H "authorization: Bearer $OPERATOR" "http://$ON_ADMIN/metrics"; }
+echo "recorded by the broker: $(broker_metrics | awk '/^shadowcdn_broker_recorded_total/{print $2}'), dropped: $(broker_metrics | awk '/^shadowcdn_broker_recorder_drops_total/{print $2}')"

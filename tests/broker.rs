@@ -185,7 +185,7 @@ impl Cluster {
 
     async fn metrics(&self) -> String {
         client()
-            .get(self.broker.api("/metrics"))
+            .get(self.broker.metrics_url())
             .send()
             .await
             .unwrap()
@@ -741,6 +741,24 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     )
     .await;
     assert_eq!(s, StatusCode::FORBIDDEN);
+    // The metrics carry every provider's spend: on the API listener they are the operator's;
+    // the scraper's own listener needs no token.
+    let metrics = c.broker.api("/metrics");
+    for (token, want) in [
+        ("", StatusCode::UNAUTHORIZED),
+        (t.as_str(), StatusCode::FORBIDDEN),
+        (OPERATOR_TOKEN, StatusCode::OK),
+    ] {
+        let mut r = client().get(&metrics);
+        if !token.is_empty() {
+            r = r.bearer_auth(token);
+        }
+        assert_eq!(r.send().await.unwrap().status(), want, "token {token:?}");
+    }
+    assert!(c
+        .metrics()
+        .await
+        .contains("shadowcdn_broker_api_calls_total"));
     // Only the operator replaces a provider's token; the old one stops working at once.
     let rotate = format!("/v1/providers/{}/token", other["id"].as_str().unwrap());
     let (s, _) = api(reqwest::Method::POST, c.broker.api(&rotate), &t, None).await;
@@ -1461,7 +1479,7 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         BrokerProc::start_with_certs(dir.path(), &specs, "", Some(&pki.issue("broker", true)));
 
     // The broker's control channel reaches the edge with a cluster certificate only.
-    let metrics_url = broker.api("/metrics");
+    let metrics_url = broker.metrics_url();
     wait_until(|| async {
         sample(
             &text(metrics_url.clone()).await,

@@ -73,8 +73,13 @@ pub struct BrokerConfig {
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSection {
-    /// Address of the provider API.
+    /// Address of the provider API. Its `/metrics` answers the operator token only: the
+    /// metrics carry every provider's spend and call counts.
     pub listen: SocketAddr,
+    /// Address of an unauthenticated `/metrics` and `/healthz` listener for Prometheus
+    /// (absent: none). Bind it to a network only the scraper reaches.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
     /// Operator bearer token: creates providers and issues their tokens.
     pub operator_token: String,
     /// Bearer token of the edges' admin APIs (purge fan-out, origin push).
@@ -405,6 +410,15 @@ impl BrokerConfig {
         if self.listen == self.admin.listen {
             return bad("admin.listen: must differ from listen".into());
         }
+        if let Some(m) = self.admin.metrics_listen {
+            let tls = self.tls.as_ref().map(|t| t.listen);
+            if m == self.listen || m == self.admin.listen || Some(m) == tls {
+                return bad(
+                    "admin.metrics_listen: must differ from listen, admin.listen and tls.listen"
+                        .into(),
+                );
+            }
+        }
         if let Some(tls) = &self.tls {
             if tls.certs.is_empty() {
                 return bad("tls.certs: at least one certificate (cert and key files)".into());
@@ -729,6 +743,14 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("127.0.0.1:8001", "127.0.0.1:8000");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("admin.listen"), "{e}");
+        for clash in ["127.0.0.1:8000", "127.0.0.1:8001"] {
+            let bad = SAMPLE.replace(
+                "listen = \"127.0.0.1:8001\"",
+                &format!("listen = \"127.0.0.1:8001\"\nmetrics_listen = \"{clash}\""),
+            );
+            let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(e.contains("admin.metrics_listen"), "{e}");
+        }
         let ok = SAMPLE.replace("[admin]", "[clock]\nspeedup = 3600.0\n[admin]");
         assert!(BrokerConfig::from_toml(&ok).is_ok());
     }

@@ -20,7 +20,7 @@ use crate::metrics::BrokerMetrics;
 use crate::monitor::{CoAccessFeed, Monitor};
 use crate::planner::{Planner, PlannerState};
 use crate::proxy::BrokerProxy;
-use crate::registry::api::{router, ApiState};
+use crate::registry::api::{metrics_router, router, ApiState};
 use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
@@ -88,6 +88,15 @@ impl Broker {
                 addr: cfg.admin.listen,
                 source,
             })?;
+
+        let metrics_listener = match cfg.admin.metrics_listen {
+            Some(addr) => Some(TcpListener::bind(addr).map_err(|source| StartError::Bind {
+                what: "admin.metrics_listen",
+                addr,
+                source,
+            })?),
+            None => None,
+        };
 
         let prometheus = prometheus::Registry::new();
         let metrics =
@@ -247,7 +256,7 @@ impl Broker {
             operator_token: cfg.admin.operator_token.as_str().into(),
             max_body: cfg.admin.max_body_bytes,
             allow_private_upstreams: cfg.admin.allow_private_upstreams,
-            prometheus,
+            prometheus: prometheus.clone(),
             metrics: metrics.clone(),
             planner: planner_state,
         };
@@ -277,6 +286,10 @@ impl Broker {
         );
         server.add_service(proxy_service);
         server.add_service(background_service("api", api));
+        if let Some(listener) = metrics_listener {
+            let scrape = AxumService::new("metrics", listener, metrics_router(prometheus));
+            server.add_service(background_service("metrics", scrape));
+        }
         server.add_service(background_service("health", checker));
         if let Some(reloader) = cert_reloader {
             server.add_service(background_service("cert-reload", reloader));

@@ -27,7 +27,7 @@ trap 'cleanup 143' TERM
 
 # Every port this cluster listens on must be free: an old cluster still running would answer
 # the readiness checks below in this one's place.
-for port in 8080 7081 9000 8101 8102 8103 8201 8202 8203 9101 9102 9103 9201 9202 9203; do
+for port in 8080 7081 7091 9000 8101 8102 8103 8201 8202 8203 9101 9102 9103 9201 9202 9203; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "run.sh: port $port is in use (another cluster still running?); stop it first" >&2
     exit 1
@@ -95,7 +95,7 @@ shadowcdn local cluster is up
   users   : http://localhost:8080           curl -si http://localhost:8080/README.md | grep -i -e x-cache -e x-shadowcdn-edge
             (header "x-client-region: us" routes to the us edges; try it twice: MISS then HIT)
   provider: http://127.0.0.1:7081/v1/...    token in $TOKEN_FILE; see broker/openapi.yaml or 'broker api --help'
-  metrics : http://127.0.0.1:7081/metrics (broker), http://127.0.0.1:9101/metrics … 9203 (edges)
+  metrics : http://127.0.0.1:7091/metrics (broker), http://127.0.0.1:9101/metrics … 9203 (edges)
   QUIC    : broker → edges and edge ↔ edge on udp/8101 … 8203, mutual TLS from $PKI/ca.pem
   origin  : http://127.0.0.1:9000           (serves $WWW: README.md, RESULTS.md, MODEL_CARD.md, openapi.yaml; or ?size=N synthetic bodies)
 Ctrl-C to stop.

@@ -260,6 +260,8 @@ pub struct BrokerProc {
     pub addr: SocketAddr,
     /// Provider API address.
     pub admin: SocketAddr,
+    /// Unauthenticated metrics listener (`admin.metrics_listen`).
+    pub metrics: SocketAddr,
     config: PathBuf,
 }
 
@@ -290,6 +292,7 @@ impl BrokerProc {
     ) -> BrokerProc {
         let addr = loopback();
         let admin = loopback();
+        let metrics = loopback();
         let mut s = format!(
             r#"
 listen = "{addr}"
@@ -301,6 +304,7 @@ segment_header = "x-user-segment"
 
 [admin]
 listen = "{admin}"
+metrics_listen = "{metrics}"
 operator_token = "{OPERATOR_TOKEN}"
 edge_token = "{EDGE_TOKEN}"
 max_body_bytes = 4096
@@ -353,6 +357,7 @@ neighbours = ["eu"]
             child: Child::placeholder(),
             addr,
             admin,
+            metrics,
             config,
         };
         b.spawn();
@@ -368,10 +373,16 @@ neighbours = ["eu"]
         );
         self.child.wait_listening(self.addr);
         self.child.wait_listening(self.admin);
+        self.child.wait_listening(self.metrics);
     }
 
     /// Full URL of a provider API path.
     pub fn api(&self, path: &str) -> String {
         format!("http://{}{}", self.admin, path)
+    }
+
+    /// URL of the broker's Prometheus metrics (the unauthenticated metrics listener).
+    pub fn metrics_url(&self) -> String {
+        format!("http://{}/metrics", self.metrics)
     }
 }

@@ -224,9 +224,41 @@ async fn count_calls(State(s): State<ApiState>, req: Request, next: Next) -> Res
     resp
 }
 
-async fn metrics(State(s): State<ApiState>) -> Response {
+/// `/metrics` on the API listener, which providers reach: operator only.
+async fn metrics(State(s): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Err(e) = operator(&s, &headers) {
+        return e.into_response();
+    }
+    exposition(&s.prometheus)
+}
+
+/// The listener of `admin.metrics_listen`: `/metrics` and `/healthz` without a token, for a
+/// scraper on a network the providers do not reach.
+pub fn metrics_router(prometheus: prometheus::Registry) -> Router {
+    Router::new()
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let p = prometheus.clone();
+                async move { exposition(&p) }
+            }),
+        )
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(axum::middleware::from_fn(
+            edge_node::json_errors::json_errors,
+        ))
+}
+
+/// The registry's metrics in Prometheus text format.
+fn exposition(prometheus: &prometheus::Registry) -> Response {
     let mut buf = Vec::new();
-    if let Err(e) = TextEncoder::new().encode(&s.prometheus.gather(), &mut buf) {
+    if let Err(e) = TextEncoder::new().encode(&prometheus.gather(), &mut buf) {
         return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "metrics", e.to_string())
             .into_response();
     }

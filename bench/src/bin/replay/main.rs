@@ -50,7 +50,7 @@ struct Cli {
     /// The broker's provider API.
     #[arg(long, default_value = "http://127.0.0.1:7081")]
     api: String,
-    /// Operator token (for `/v1/cost`).
+    /// Operator token (for `/v1/cost` and the broker's `/metrics`).
     #[arg(long, default_value = "")]
     operator_token: String,
     /// The origin (for its byte counter).
@@ -220,7 +220,12 @@ async fn timeline_sample(
     )
     .await;
     let cost: Value = serde_json::from_str(&cost_text).unwrap_or(Value::Null);
-    let metrics = get_text(client, &format!("{}/metrics", cli.api), None).await;
+    let metrics = get_text(
+        client,
+        &format!("{}/metrics", cli.api),
+        Some(&cli.operator_token),
+    )
+    .await;
     let origin = origin_bytes(client, &cli.origin)
         .await
         .saturating_sub(origin_before);
@@ -391,7 +396,12 @@ async fn main() -> anyhow::Result<()> {
     let last = timeline_sample(&client, &cli, end_secs, origin_before).await;
     timeline.lock().push(last);
     let origin_after = origin_bytes(&client, &cli.origin).await;
-    let metrics = get_text(&client, &format!("{}/metrics", cli.api), None).await;
+    let metrics = get_text(
+        &client,
+        &format!("{}/metrics", cli.api),
+        Some(&cli.operator_token),
+    )
+    .await;
     let cost_text = get_text(
         &client,
         &format!("{}/v1/cost", cli.api),
