@@ -212,6 +212,30 @@ async fn a_server_error_on_revalidation_does_not_replace_the_stored_copy() {
     assert_eq!(origin.hits("/flaky"), 3);
 }
 
+/// A server error on a miss does not make the key "uncacheable" in pingora's predictor: once
+/// the origin recovers, concurrent requests still share one fetch instead of all bypassing
+/// the cache lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_error_on_a_miss_keeps_the_key_behind_the_cache_lock() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/recovering?errors_at=1&error_cc=no-store&delay_ms=500";
+    assert_eq!(
+        edge.get(path).await.status(),
+        StatusCode::INTERNAL_SERVER_ERROR
+    );
+    let resps = futures::future::join_all((0..8).map(|_| edge.get(path))).await;
+    for r in resps {
+        assert_eq!(r.status(), StatusCode::OK);
+    }
+    assert_eq!(
+        origin.hits("/recovering"),
+        2,
+        "the error, then one fetch for the 8 concurrent requests"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vary_keeps_variants_apart() {
     let origin = TestOrigin::start().await;

@@ -36,7 +36,10 @@ use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
-use crate::storage::{FoyerStorage, ERROR_ON_REVALIDATION, PEER_LACKS_OBJECT, PURGED_DURING_FETCH};
+use crate::storage::{
+    FoyerStorage, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR, PEER_LACKS_OBJECT,
+    PURGED_DURING_FETCH,
+};
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
     format_peer_via, PeerDirectory, PEER_ADMITTED_HEADER, PEER_FETCH_HEADER, PEER_HINT_HEADER,
@@ -505,7 +508,16 @@ impl EdgeProxy {
                     || self.policy.default_ttl.is_zero()
                     || !heuristically_cacheable(resp.status.as_u16())
                 {
-                    return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+                    // A server error (often `no-store`) says the origin is failing, not that
+                    // the key can never be cached: the predictor must not send the key's
+                    // next requests past the cache lock, all at once, to an origin that is
+                    // recovering.
+                    let reason = if resp.status.is_server_error() {
+                        NoCacheReason::Custom(ORIGIN_SERVER_ERROR)
+                    } else {
+                        NoCacheReason::OriginNotCache
+                    };
+                    return RespCacheable::Uncacheable(reason);
                 }
                 now + self.policy.default_ttl
             }

@@ -151,10 +151,15 @@ async fn handle(
     let mut status: u16 = q.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
     // `errors_at=2,3`: the path's 2nd and 3rd requests are answered 500 (a flaky origin).
     let nth = c.by_path.lock().get(&path).copied().unwrap_or(0);
+    let mut cc = q.get("cc").map(String::as_str);
     if q.get("errors_at")
         .is_some_and(|v| v.split(',').any(|n| n.parse() == Ok(nth)))
     {
         status = 500;
+        // `error_cc`: the errors' own Cache-Control ("none": without one).
+        if let Some(v) = q.get("error_cc") {
+            cc = Some(v);
+        }
     }
     let mut resp = Response::builder().status(status);
     // `https_redirect`: a cacheable 301 to https for requests that did not come over https
@@ -175,7 +180,7 @@ async fn handle(
             .body(Body::empty())
             .expect("static response parts");
     }
-    match q.get("cc").map(String::as_str) {
+    match cc {
         Some("none") => {}
         Some(v) => resp = resp.header("cache-control", v),
         None => resp = resp.header("cache-control", "public, max-age=60"),

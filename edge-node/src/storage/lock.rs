@@ -2,8 +2,8 @@
 //!
 //! pingora hands every custom no-cache reason to the waiters as `GiveUp`: each then fetches
 //! from the origin on its own, as for a response that can never be cached. A fill refused
-//! because a purge overlapped it (or a peer lacked the object, or the origin failed a
-//! revalidation) says nothing of that kind, so its waiters compete for the lock again instead:
+//! because a purge overlapped it (or a peer lacked the object, or the origin answered a server
+//! error) says nothing of that kind, so its waiters compete for the lock again instead:
 //! one fetches, the rest wait for its answer.
 
 use pingora_cache::lock::{CacheKeyLock, CacheLock, LockStatus, Locked, WritePermit};
@@ -43,7 +43,9 @@ impl CacheKeyLock for FillLock {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::{ERROR_ON_REVALIDATION, PEER_LACKS_OBJECT, PURGED_DURING_FETCH};
+    use crate::storage::{
+        ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR, PEER_LACKS_OBJECT, PURGED_DURING_FETCH,
+    };
 
     #[test]
     fn transient_refusals_elect_a_new_writer_and_others_give_up() {
@@ -52,6 +54,7 @@ mod tests {
             PURGED_DURING_FETCH,
             PEER_LACKS_OBJECT,
             ERROR_ON_REVALIDATION,
+            ORIGIN_SERVER_ERROR,
         ] {
             assert_eq!(lock.custom_lock_status(reason), LockStatus::TransientError);
         }

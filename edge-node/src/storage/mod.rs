@@ -93,6 +93,9 @@ pub const PEER_LACKS_OBJECT: &str = "peer lacks the object";
 /// Why a server error that answered the revalidation of a stored copy does not replace it.
 pub const ERROR_ON_REVALIDATION: &str = "server error on revalidation";
 
+/// Why a server error on a miss, without a lifetime of its own, is not cached.
+pub const ORIGIN_SERVER_ERROR: &str = "origin server error";
+
 /// Reasons that say nothing about the key's next answer, so pingora's predictor must not
 /// remember the key as uncacheable (which would send its next requests past the cache and
 /// its lock).
@@ -101,6 +104,7 @@ fn transient_no_cache(reason: &'static str) -> bool {
         PURGED_DURING_FETCH,
         PEER_LACKS_OBJECT,
         ERROR_ON_REVALIDATION,
+        ORIGIN_SERVER_ERROR,
     ]
     .contains(&reason)
 }
