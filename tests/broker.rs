@@ -914,7 +914,7 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_rejected_and_change_nothing() {
     let origin = TestOrigin::start().await;
-    let mut c = start_cluster();
+    let mut c = start_cluster_with("[admin.rate_limits]\npurges_per_minute = 3\n");
     c.register(&origin).await;
     let url = c.broker.api("/v1/resources");
     let raw = |body: String| {
@@ -1012,6 +1012,47 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
     )
     .await;
     assert_eq!(s, StatusCode::UNAUTHORIZED, "{v}");
+    // A provider's purges beyond its budget (3 a minute here) are refused with a time to
+    // retry; its other calls are not.
+    let purge = c.broker.api("/v1/purge");
+    let body = json!({"host": HOST, "prefix": "/tmp/"});
+    for _ in 0..3 {
+        let (s, v) = api(
+            reqwest::Method::POST,
+            purge.clone(),
+            &c.token,
+            Some(body.clone()),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+    let r = client()
+        .post(&purge)
+        .bearer_auth(&c.token)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        (1..=20).contains(&retry),
+        "one purge comes back every 20 s: {retry}"
+    );
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "rate_limited", "{v}");
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/a"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -100,6 +100,9 @@ pub struct AdminSection {
     /// the whole origin table, so one tenant cannot grow it without bound.
     #[serde(default = "default_max_origins")]
     pub max_origins_per_provider: usize,
+    /// Per-provider budgets of purges, events and origin/resource writes (`[admin.rate_limits]`).
+    #[serde(default)]
+    pub rate_limits: crate::registry::limits::RateLimits,
 }
 
 /// Client region resolution: trusted header, then CIDR table, then default.
@@ -409,6 +412,9 @@ impl BrokerConfig {
         }
         if self.listen == self.admin.listen {
             return bad("admin.listen: must differ from listen".into());
+        }
+        if let Some(field) = self.admin.rate_limits.zero_field() {
+            return bad(format!("{field} must be at least 1"));
         }
         if let Some(m) = self.admin.metrics_listen {
             let tls = self.tls.as_ref().map(|t| t.listen);
@@ -751,6 +757,9 @@ pub(crate) mod tests {
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
             assert!(e.contains("admin.metrics_listen"), "{e}");
         }
+        let bad = SAMPLE.replace("[admin]", "[admin.rate_limits]\npurges_per_minute = 0\n[admin]");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("admin.rate_limits.purges_per_minute"), "{e}");
         let ok = SAMPLE.replace("[admin]", "[clock]\nspeedup = 3600.0\n[admin]");
         assert!(BrokerConfig::from_toml(&ok).is_ok());
     }

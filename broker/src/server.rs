@@ -21,6 +21,7 @@ use crate::monitor::{CoAccessFeed, Monitor};
 use crate::planner::{Planner, PlannerState};
 use crate::proxy::BrokerProxy;
 use crate::registry::api::{metrics_router, router, ApiState};
+use crate::registry::limits::ApiLimits;
 use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
@@ -259,6 +260,7 @@ impl Broker {
             prometheus: prometheus.clone(),
             metrics: metrics.clone(),
             planner: planner_state,
+            limits: Arc::new(ApiLimits::new(&cfg.admin.rate_limits)),
         };
         let api_router = router(api_state).layer(axum::middleware::from_fn_with_state(
             inflight.clone(),

@@ -21,6 +21,7 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::limits::{ApiLimits, CallClass};
 use super::model::{
     check_host, check_path, check_upstream, EventBody, EventKind, Invalid, NewProvider, OriginBody,
     Provider, PurgeBody, ResourceBody, IMMEDIATE_SHADOW_PRIORITY,
@@ -59,6 +60,8 @@ pub struct ApiState {
     pub planner: Arc<PlannerState>,
     /// Shadow cost ledger and threshold tuner.
     pub ledger: Arc<crate::cost::Ledger>,
+    /// Per-provider budgets of costly calls.
+    pub limits: Arc<ApiLimits>,
 }
 
 /// An API failure.
@@ -67,6 +70,8 @@ pub struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
+    /// Seconds for a `Retry-After` header.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -75,17 +80,18 @@ impl ApiError {
             status,
             code,
             message: message.into(),
+            retry_after: None,
         }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(json!({ "error": self.code, "message": self.message })),
-        )
-            .into_response()
+        let body = Json(json!({ "error": self.code, "message": self.message }));
+        match self.retry_after {
+            Some(secs) => (self.status, [(header::RETRY_AFTER, secs)], body).into_response(),
+            None => (self.status, body).into_response(),
+        }
     }
 }
 
@@ -108,6 +114,24 @@ impl From<Invalid> for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// Take one `class` call from provider `id`'s budget: 429 with `Retry-After` once it is spent.
+fn within_budget(s: &ApiState, class: CallClass, id: &str) -> Result<(), ApiError> {
+    s.limits.check(class, id).map_err(|wait| {
+        let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
+        ApiError {
+            retry_after: Some(secs),
+            ..ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!(
+                    "too many {} calls from this provider; retry in {secs} s",
+                    class.as_str()
+                ),
+            )
+        }
+    })
+}
 
 fn operator(s: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     match bearer_token(headers) {
@@ -318,6 +342,7 @@ async fn put_origin(
     body: Body,
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
+    within_budget(&s, CallClass::Write, &p.id)?;
     let req: OriginBody = read_json(body, s.max_body).await?;
     let host = check_host(&host)?;
     let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
@@ -356,6 +381,7 @@ async fn delete_origin(
     headers: HeaderMap,
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
+    within_budget(&s, CallClass::Write, &p.id)?;
     let host = check_host(&host)?;
     s.registry.delete_origin(&p.id, &host)?;
     s.sync.origins_changed();
@@ -376,6 +402,7 @@ async fn delete_origin(
 
 async fn create_resource(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
     let p = provider(&s, &headers)?;
+    within_budget(&s, CallClass::Write, &p.id)?;
     let req: ResourceBody = read_json(body, s.max_body).await?;
     let r = req.into_resource(s.registry.new_resource_id(), &p.id, &s.fleet.regions)?;
     s.registry.put_resource(r.clone())?;
@@ -403,6 +430,7 @@ async fn update_resource(
     body: Body,
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
+    within_budget(&s, CallClass::Write, &p.id)?;
     s.registry.resource(&p.id, &id)?;
     let req: ResourceBody = read_json(body, s.max_body).await?;
     let r = req.into_resource(id, &p.id, &s.fleet.regions)?;
@@ -416,12 +444,14 @@ async fn delete_resource(
     headers: HeaderMap,
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
+    within_budget(&s, CallClass::Write, &p.id)?;
     s.registry.delete_resource(&p.id, &id)?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
     let p = provider(&s, &headers)?;
+    within_budget(&s, CallClass::Purge, &p.id)?;
     let req: PurgeBody = read_json(body, s.max_body).await?;
     let host = check_host(&req.host)?;
     s.registry.check_host_owner(&p.id, &host)?;
@@ -567,6 +597,7 @@ async fn anomalies(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
 async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
     let started = std::time::Instant::now();
     let p = provider(&s, &headers)?;
+    within_budget(&s, CallClass::Event, &p.id)?;
     let req: EventBody = read_json(body, s.max_body).await?;
     let host = check_host(&req.host)?;
     s.registry.check_host_owner(&p.id, &host)?;

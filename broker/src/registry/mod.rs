@@ -3,6 +3,7 @@
 //! provider API.
 
 pub mod api;
+pub mod limits;
 pub mod model;
 mod store;
 
