@@ -757,7 +757,10 @@ pub(crate) mod tests {
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
             assert!(e.contains("admin.metrics_listen"), "{e}");
         }
-        let bad = SAMPLE.replace("[admin]", "[admin.rate_limits]\npurges_per_minute = 0\n[admin]");
+        let bad = SAMPLE.replace(
+            "[admin]",
+            "[admin.rate_limits]\npurges_per_minute = 0\n[admin]",
+        );
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("admin.rate_limits.purges_per_minute"), "{e}");
         let ok = SAMPLE.replace("[admin]", "[clock]\nspeedup = 3600.0\n[admin]");
