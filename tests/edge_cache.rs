@@ -214,25 +214,32 @@ async fn a_server_error_on_revalidation_does_not_replace_the_stored_copy() {
 
 /// A server error on a miss does not make the key "uncacheable" in pingora's predictor: once
 /// the origin recovers, concurrent requests still share one fetch instead of all bypassing
-/// the cache lock.
+/// the cache lock. While it fails, the requests waiting on the lock go to the origin on their
+/// own at once rather than queueing behind one failure after another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_on_a_miss_keeps_the_key_behind_the_cache_lock() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
-    let path = "/recovering?errors_at=1&error_cc=no-store&delay_ms=500";
-    assert_eq!(
-        edge.get(path).await.status(),
-        StatusCode::INTERNAL_SERVER_ERROR
-    );
+    let path = "/recovering?errors_at=1,2,3,4,5,6&error_cc=no-store&delay_ms=1000";
+    let started = std::time::Instant::now();
+    let resps = futures::future::join_all((0..6).map(|_| edge.get(path))).await;
+    for r in resps {
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    // One failed fetch, then the five waiters' own fetches side by side: about 2 s. Queued
+    // one behind another they would take 4 s or more.
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(3500), "{waited:?}");
+    assert_eq!(origin.hits("/recovering"), 6);
     let resps = futures::future::join_all((0..8).map(|_| edge.get(path))).await;
     for r in resps {
         assert_eq!(r.status(), StatusCode::OK);
     }
     assert_eq!(
         origin.hits("/recovering"),
-        2,
-        "the error, then one fetch for the 8 concurrent requests"
+        7,
+        "one fetch for the 8 concurrent requests once the origin recovered"
     );
 }
 

@@ -749,8 +749,12 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("127.0.0.1:8001", "127.0.0.1:8000");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("admin.listen"), "{e}");
-        for clash in ["127.0.0.1:8000", "127.0.0.1:8001"] {
-            let bad = SAMPLE.replace(
+        let with_tls = SAMPLE.replace(
+            "[admin]",
+            "[tls]\nlisten = \"127.0.0.1:8443\"\ncerts = [{ cert = \"c.pem\", key = \"k.pem\" }]\n[admin]",
+        );
+        for clash in ["127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8443"] {
+            let bad = with_tls.replace(
                 "listen = \"127.0.0.1:8001\"",
                 &format!("listen = \"127.0.0.1:8001\"\nmetrics_listen = \"{clash}\""),
             );

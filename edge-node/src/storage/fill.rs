@@ -53,6 +53,13 @@ pub(crate) struct Chunks {
 
 /// The read position of a reader a pass-through cut off.
 const CUT: usize = usize::MAX;
+/// The read position of a reader that has served its whole range.
+const DONE: usize = usize::MAX - 1;
+
+/// Whether a reader at `next` still needs chunks.
+fn reading(next: usize) -> bool {
+    next != CUT && next != DONE
+}
 
 /// What a pass-through still holds after a release.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +83,7 @@ pub(crate) struct Fill {
     /// Set by a purge that raced the fill: the finished body must not be committed.
     pub(crate) cancelled: AtomicBool,
     /// Next chunk index of each reader, so a pass-through knows what all of them have read;
-    /// [`CUT`] for a reader cut off.
+    /// [`CUT`] for a reader cut off, [`DONE`] for one that has served its range.
     readers: Mutex<Vec<Weak<AtomicUsize>>>,
     /// Bytes held by every fill of the storage, this one's chunks included.
     in_flight: Arc<AtomicUsize>,
@@ -146,7 +153,7 @@ impl Fill {
             let live: Vec<Arc<AtomicUsize>> = readers
                 .iter()
                 .filter_map(Weak::upgrade)
-                .filter(|next| next.load(Ordering::Acquire) != CUT)
+                .filter(|next| reading(next.load(Ordering::Acquire)))
                 .collect();
             let end = chunks.base + chunks.list.len();
             let slowest = live
@@ -164,7 +171,7 @@ impl Fill {
             if chunks.held <= window || live.is_empty() {
                 readers.retain(|r| {
                     r.upgrade()
-                        .is_some_and(|n| n.load(Ordering::Acquire) != CUT)
+                        .is_some_and(|n| reading(n.load(Ordering::Acquire)))
                 });
                 return Held {
                     bytes: chunks.held,
@@ -254,6 +261,9 @@ impl HandleHit for PartialHit {
         let (start, end) = self.range;
         loop {
             if self.pos >= end {
+                // Served: a pass-through must neither hold chunks for this reader nor count
+                // it as a client that fell behind (pingora keeps it until the fill ends).
+                self.next.store(DONE, Ordering::Release);
                 return Ok(None);
             }
             // Mark the state seen *before* looking at the chunks: a chunk pushed after this
@@ -326,7 +336,7 @@ impl HandleHit for PartialHit {
 
     fn seek(&mut self, start: usize, end: Option<usize>) -> Result<()> {
         let end = end.unwrap_or(usize::MAX);
-        if start > end || start < self.pos {
+        if start > end || start < self.pos || !reading(self.next.load(Ordering::Acquire)) {
             return Error::e_explain(
                 ErrorType::InternalError,
                 format!(
@@ -489,6 +499,28 @@ mod tests {
         fill.push(Bytes::from_static(b"0123456789"));
         fill.finish(FillState::Done);
         assert!(read_all(&mut r).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_reader_done_with_its_range_holds_nothing_back_and_is_not_cut() {
+        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let mut ranged = PartialHit::new(fill.clone()).unwrap();
+        let mut whole = PartialHit::new(fill.clone()).unwrap();
+        ranged.seek(0, Some(10)).unwrap();
+        fill.push(Bytes::from(vec![0; 10]));
+        assert_eq!(read_all(&mut ranged).await.unwrap(), vec![0; 10]);
+        fill.pass_through();
+        for i in 1..4u8 {
+            fill.push(Bytes::from(vec![i; 10]));
+        }
+        for _ in 0..4 {
+            whole.read_body().await.unwrap().unwrap();
+        }
+        // The ranged reader stays registered (pingora keeps it until the fill ends), but
+        // what the other reader has read goes, and nobody is cut off.
+        let held = fill.release_read(5);
+        assert_eq!((held.bytes, held.readers, held.cut), (0, 1, 0));
+        assert!(ranged.seek(20, Some(30)).is_err(), "its range was served");
     }
 
     #[tokio::test]

@@ -1,16 +1,17 @@
-//! The fill lock: pingora-cache's cache lock, except for fills refused for a transient reason.
+//! The fill lock: pingora-cache's cache lock, except for fills refused for a passing reason.
 //!
 //! pingora hands every custom no-cache reason to the waiters as `GiveUp`: each then fetches
 //! from the origin on its own, as for a response that can never be cached. A fill refused
-//! because a purge overlapped it (or a peer lacked the object, or the origin answered a server
-//! error) says nothing of that kind, so its waiters compete for the lock again instead:
-//! one fetches, the rest wait for its answer.
+//! because a purge overlapped it (or a peer lacked the object) says nothing of that kind, and
+//! the next answer will likely be cached, so its waiters compete for the lock again instead:
+//! one fetches, the rest wait for its answer. Server errors stay `GiveUp` (see
+//! `refetch_together`).
 
 use pingora_cache::lock::{CacheKeyLock, CacheLock, LockStatus, Locked, WritePermit};
 use pingora_cache::CacheKey;
 use std::time::Duration;
 
-use super::transient_no_cache;
+use super::refetch_together;
 
 /// [`CacheLock`] with transient refusals passed on as `TransientError`.
 pub struct FillLock(Box<CacheLock>);
@@ -32,7 +33,7 @@ impl CacheKeyLock for FillLock {
     }
 
     fn custom_lock_status(&self, reason: &'static str) -> LockStatus {
-        if transient_no_cache(reason) {
+        if refetch_together(reason) {
             LockStatus::TransientError
         } else {
             self.0.custom_lock_status(reason)
@@ -50,15 +51,16 @@ mod tests {
     #[test]
     fn transient_refusals_elect_a_new_writer_and_others_give_up() {
         let lock = FillLock::new(Duration::from_secs(5));
-        for reason in [
-            PURGED_DURING_FETCH,
-            PEER_LACKS_OBJECT,
-            ERROR_ON_REVALIDATION,
-            ORIGIN_SERVER_ERROR,
-        ] {
+        for reason in [PURGED_DURING_FETCH, PEER_LACKS_OBJECT] {
             assert_eq!(lock.custom_lock_status(reason), LockStatus::TransientError);
         }
-        assert_eq!(lock.custom_lock_status("other"), LockStatus::GiveUp);
+        for reason in [ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR, "other"] {
+            assert_eq!(
+                lock.custom_lock_status(reason),
+                LockStatus::GiveUp,
+                "{reason}"
+            );
+        }
         let key = CacheKey::new("h/k", "");
         let Locked::Write(permit) = lock.lock(&key, false) else {
             panic!("the first request fetches");

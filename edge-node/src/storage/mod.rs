@@ -109,6 +109,14 @@ fn transient_no_cache(reason: &'static str) -> bool {
     .contains(&reason)
 }
 
+/// Transient refusals after which the requests waiting on the fill's lock elect one of them to
+/// fetch again: the next answer is likely cacheable and serves them all. After a server error
+/// they go to the origin on their own instead, as after any uncacheable answer: while the origin
+/// stays down, queueing them behind one failure after another would only add latency.
+fn refetch_together(reason: &'static str) -> bool {
+    [PURGED_DURING_FETCH, PEER_LACKS_OBJECT].contains(&reason)
+}
+
 /// The foyer-backed pingora-cache [`Storage`].
 pub struct FoyerStorage {
     cache: HybridCache<u128, StoredObject>,
