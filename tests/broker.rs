@@ -545,6 +545,26 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
+    // A provider whose origin sets cookies on everything has them dropped, by the edges
+    // (which then cache the responses) and by the fallback alike.
+    let (s, v) = api(
+        reqwest::Method::PUT,
+        c.broker.api(&format!("/v1/origins/{HOST}")),
+        &c.token,
+        Some(json!({"upstream": format!("http://{}", origin.addr), "strip_set_cookie": true})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["strip_set_cookie"]),
+        (StatusCode::OK, &json!(true)),
+        "{v}"
+    );
+    let cookie = "/cookie?set_cookie=sid%3Dalice";
+    wait_until(|| async {
+        let r = c.get(cookie, "eu").await;
+        !r.headers().contains_key("set-cookie") && r.headers()["x-cache"] == "HIT"
+    })
+    .await;
     for e in &mut c.edges {
         e.child.kill();
     }
@@ -559,6 +579,9 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
     assert_eq!(edge_of(&r), "origin");
     let sent = origin.last_headers("/direct").unwrap();
     assert_eq!(sent["host"], origin.addr.to_string().as_str());
+    let r = c.get("/direct?set_cookie=sid%3Dbob", "eu").await;
+    assert_eq!(edge_of(&r), "origin");
+    assert!(!r.headers().contains_key("set-cookie"));
 }
 
 /// With every edge down the broker asks the origin itself; an origin that closed a pooled

@@ -189,6 +189,29 @@ async fn no_store_and_private_are_not_cached() {
     let r = edge.get("/plain?cc=none").await;
     assert_eq!(x_cache(&r), "HIT");
     assert_eq!(origin.hits("/plain"), 1);
+    // A site whose origin sets cookies on everything can have them dropped: no client gets
+    // one, and the responses are cached.
+    let row = serde_json::json!({"host": HOST, "upstream": format!("http://{}", origin.addr),
+                                 "strip_set_cookie": true});
+    let (s, v) = admin_json(
+        &edge,
+        Method::PUT,
+        "/origins",
+        Some(serde_json::json!({"origins": [row], "allow_private_upstreams": true})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["rejected"]),
+        (StatusCode::OK, &serde_json::json!([])),
+        "{v}"
+    );
+    let path = "/sc-stripped?set_cookie=sid%3Dalice";
+    for expect in ["MISS", "HIT"] {
+        let r = edge.get(path).await;
+        assert_eq!(x_cache(&r), expect);
+        assert!(!r.headers().contains_key("set-cookie"));
+    }
+    assert_eq!(origin.hits("/sc-stripped"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

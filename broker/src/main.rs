@@ -66,6 +66,9 @@ enum Call {
         /// Send the site's Host to the origin instead of the upstream's name.
         #[arg(long)]
         forward_host: bool,
+        /// Drop Set-Cookie from the origin's responses, so they are cached without it.
+        #[arg(long)]
+        strip_set_cookie: bool,
     },
     /// List your origins.
     Origins,
@@ -186,10 +189,15 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             host,
             upstream,
             forward_host,
+            strip_set_cookie,
         } => (
             reqwest::Method::PUT,
             format!("/v1/origins/{host}"),
-            Some(json!({ "upstream": upstream, "forward_host": forward_host })),
+            Some(json!({
+                "upstream": upstream,
+                "forward_host": forward_host,
+                "strip_set_cookie": strip_set_cookie,
+            })),
         ),
         Call::Origins => (reqwest::Method::GET, "/v1/origins".into(), None),
         Call::AddResource {

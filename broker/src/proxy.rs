@@ -437,7 +437,7 @@ impl ProxyHttp for BrokerProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
@@ -453,6 +453,15 @@ impl ProxyHttp for BrokerProxy {
         if let Some(c) = ctx.chosen {
             let edge = c.edge.map_or("origin", |e| self.fleet.edges[e].id.as_str());
             resp.insert_header("x-shadowcdn-edge", edge)?;
+            // The direct-to-origin fallback drops the cookies an edge would have dropped.
+            if c.edge.is_none() {
+                let strip = host_of(session.req_header())
+                    .and_then(|h| self.registry.origin(&h))
+                    .is_some_and(|o| o.strip_set_cookie);
+                if strip {
+                    resp.remove_header(&http::header::SET_COOKIE);
+                }
+            }
         }
         Ok(())
     }

@@ -103,6 +103,9 @@ impl EdgeSync {
                 if o.forward_host {
                     row["forward_host"] = json!(true);
                 }
+                if o.strip_set_cookie {
+                    row["strip_set_cookie"] = json!(true);
+                }
                 // The edges' floor for the host: what they cached before it is a previous
                 // owner's (an edge down through both the delete's purge and the one at
                 // registration would otherwise serve it).

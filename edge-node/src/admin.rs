@@ -13,7 +13,7 @@
 //!   (and the object, if it never served a request).
 //! - `GET /origins` — configured and pushed origin rows.
 //! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream", "forward_host"?,
-//!   "registered_at_ms"?}], "allow_private_upstreams"?, "sent_at_ms"?}` replaces the rows
+//!   "strip_set_cookie"?, "registered_at_ms"?}], "allow_private_upstreams"?, "sent_at_ms"?}` replaces the rows
 //!   pushed by the broker. Each row is judged on its own: the answer is `{"origins": n,
 //!   "rejected": [{"index", "host", "error"}]}` (see [`crate::origin::SharedOrigins`]).
 //!   Registration times raise host floors first ([`crate::ownership`]); 500 `ban_log` when

@@ -205,6 +205,12 @@ pub struct OriginEntry {
     /// object-store bucket, only answers to its own name).
     #[serde(default)]
     pub forward_host: bool,
+    /// Remove `Set-Cookie` from the origin's responses (default false). A response that sets a
+    /// cookie is never cached, so a site whose origin sets one on every response (analytics,
+    /// a load balancer's affinity cookie) would get no caching; with this the edge drops the
+    /// cookies and caches the rest. Only for sites whose clients need none of them.
+    #[serde(default)]
+    pub strip_set_cookie: bool,
     /// When the host's current owner registered it (ms since the Unix epoch, on the clock of
     /// the broker that pushed the row; refused in the config file). Objects the edge cached
     /// for the host before then belong to a previous owner (an edge down through that owner's

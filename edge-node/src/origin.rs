@@ -26,6 +26,8 @@ pub struct Origin {
     pub authority: String,
     /// The `Host` header the origin gets ([`host_header`]).
     pub host_header: String,
+    /// Drop `Set-Cookie` from the origin's responses (`OriginEntry::strip_set_cookie`).
+    pub strip_set_cookie: bool,
 }
 
 impl Origin {
@@ -605,6 +607,7 @@ fn parse_entry(
         tls,
         authority,
         host_header,
+        strip_set_cookie: e.strip_set_cookie,
     })
 }
 
@@ -618,6 +621,7 @@ mod tests {
             path_prefix: prefix.map(Into::into),
             upstream: up.into(),
             forward_host: false,
+            strip_set_cookie: false,
             registered_at_ms: None,
         }
     }

@@ -848,6 +848,11 @@ impl ProxyHttp for EdgeProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
+        // Before any cache decision: the site asked for its origin's cookies to be dropped, so
+        // its responses are cached as if they set none (see `cacheability`).
+        if ctx.origin.as_ref().is_some_and(|o| o.strip_set_cookie) {
+            upstream_response.remove_header(&header::SET_COOKIE);
+        }
         // A body of unknown length that outgrows the object limit: pingora-cache would cut
         // the response off mid-body, so its limit is lifted for this fill and the storage
         // enforces the real one by passing the rest through uncached (see `storage`). Set

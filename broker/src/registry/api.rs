@@ -24,7 +24,7 @@ use serde_json::json;
 use super::limits::{ApiLimits, CallClass};
 use super::model::{
     check_host, check_path, check_upstream, EventBody, EventKind, Invalid, NewProvider, OriginBody,
-    Provider, PurgeBody, ResourceBody, IMMEDIATE_SHADOW_PRIORITY,
+    OriginOptions, Provider, PurgeBody, ResourceBody, IMMEDIATE_SHADOW_PRIORITY,
 };
 use super::store::{Registry, RegistryError};
 use crate::metrics::BrokerMetrics;
@@ -359,11 +359,18 @@ async fn put_origin(
     } else {
         Vec::new()
     };
-    let created = s
-        .registry
-        .put_origin(&p.id, &host, &upstream, req.forward_host)?;
+    let options = OriginOptions {
+        forward_host: req.forward_host,
+        strip_set_cookie: req.strip_set_cookie,
+    };
+    let created = s.registry.put_origin(&p.id, &host, &upstream, options)?;
     s.sync.origins_changed();
-    let mut body = json!({ "host": host, "upstream": upstream, "forward_host": req.forward_host });
+    let mut body = json!({
+        "host": host,
+        "upstream": upstream,
+        "forward_host": req.forward_host,
+        "strip_set_cookie": req.strip_set_cookie,
+    });
     let status = if purged.iter().any(|r| !r.ok) {
         body["purge"] = json!({ "target": target, "edges": purged });
         StatusCode::MULTI_STATUS

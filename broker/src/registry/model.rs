@@ -27,6 +27,10 @@ pub struct Origin {
     /// Whether edges send the site's Host to the origin instead of the upstream's name.
     #[serde(default)]
     pub forward_host: bool,
+    /// Whether edges drop `Set-Cookie` from the origin's responses, so responses that set
+    /// cookies are cached (without them) instead of never.
+    #[serde(default)]
+    pub strip_set_cookie: bool,
     /// When this provider registered the host (ms since the Unix epoch; kept through updates).
     /// Edges treat what they cached for the host before then as a previous owner's and never
     /// serve it. 0 for hosts registered before the field existed.
@@ -108,6 +112,18 @@ pub struct OriginBody {
     /// Send the site's Host to the origin (default: the upstream's own name).
     #[serde(default)]
     pub forward_host: bool,
+    /// Drop `Set-Cookie` from the origin's responses (default false).
+    #[serde(default)]
+    pub strip_set_cookie: bool,
+}
+
+/// How edges treat an origin, beside where it is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OriginOptions {
+    /// [`Origin::forward_host`].
+    pub forward_host: bool,
+    /// [`Origin::strip_set_cookie`].
+    pub strip_set_cookie: bool,
 }
 
 /// Body of `POST /v1/resources` and `PUT /v1/resources/{id}`.

@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use super::model::{Origin, PathMatch, Provider, Resource};
+use super::model::{Origin, OriginOptions, PathMatch, Provider, Resource};
 
 const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
@@ -348,7 +348,7 @@ impl Registry {
         provider: &str,
         host: &str,
         upstream: &str,
-        forward_host: bool,
+        options: OriginOptions,
     ) -> Result<bool, RegistryError> {
         let _writer = self.writer.lock();
         let registered_at_ms = {
@@ -369,7 +369,8 @@ impl Registry {
             host: host.to_string(),
             upstream: upstream.to_string(),
             provider: provider.to_string(),
-            forward_host,
+            forward_host: options.forward_host,
+            strip_set_cookie: options.strip_set_cookie,
             registered_at_ms: registered_at_ms.unwrap_or_else(crate::clock::wall_ms),
         };
         self.write(|w| Self::put_json(w, ORIGINS, host, &origin))?;
@@ -603,8 +604,13 @@ mod tests {
                     .map(|id| {
                         let (reg, id, host) = (reg.clone(), id.clone(), host.clone());
                         std::thread::spawn(move || {
-                            reg.put_origin(&id, &host, "http://127.0.0.1:1", false)
-                                .is_ok()
+                            reg.put_origin(
+                                &id,
+                                &host,
+                                "http://127.0.0.1:1",
+                                OriginOptions::default(),
+                            )
+                            .is_ok()
                         })
                     })
                     .collect();
@@ -637,7 +643,7 @@ mod tests {
             let reg = Registry::open(&path).unwrap();
             let (p, _) = reg.create_provider("acme").unwrap();
             for h in ["a.com", "b.com"] {
-                reg.put_origin(&p.id, h, "http://127.0.0.1:1", false)
+                reg.put_origin(&p.id, h, "http://127.0.0.1:1", OriginOptions::default())
                     .unwrap();
             }
             reg.put_resource(res("r1", &p.id, "a.com")).unwrap();
@@ -665,10 +671,20 @@ mod tests {
         let p = reg.providers().pop().unwrap();
         assert_eq!(reg.origins().len(), 2, "a.com and b.com");
         assert!(!reg
-            .put_origin(&p.id, "b.com", "http://127.0.0.1:3", false)
+            .put_origin(
+                &p.id,
+                "b.com",
+                "http://127.0.0.1:3",
+                OriginOptions::default()
+            )
             .unwrap());
         assert!(matches!(
-            reg.put_origin(&p.id, "c.com", "http://127.0.0.1:3", false),
+            reg.put_origin(
+                &p.id,
+                "c.com",
+                "http://127.0.0.1:3",
+                OriginOptions::default()
+            ),
             Err(RegistryError::Conflict(_))
         ));
         // The API asks first, before it purges a new host's old copies from every edge.
@@ -696,13 +712,26 @@ mod tests {
             let (p, token) = reg.create_provider("acme").unwrap();
             let before = crate::clock::wall_ms();
             assert!(reg
-                .put_origin(&p.id, "a.com", "http://127.0.0.1:1", false)
+                .put_origin(
+                    &p.id,
+                    "a.com",
+                    "http://127.0.0.1:1",
+                    OriginOptions::default()
+                )
                 .unwrap());
             let registered = reg.origin("a.com").unwrap().registered_at_ms;
             assert!((before..=crate::clock::wall_ms()).contains(&registered));
             std::thread::sleep(std::time::Duration::from_millis(2));
             assert!(!reg
-                .put_origin(&p.id, "a.com", "http://127.0.0.1:2", true)
+                .put_origin(
+                    &p.id,
+                    "a.com",
+                    "http://127.0.0.1:2",
+                    OriginOptions {
+                        forward_host: true,
+                        strip_set_cookie: true
+                    }
+                )
                 .unwrap());
             assert_eq!(
                 reg.origin("a.com").unwrap().registered_at_ms,
@@ -741,11 +770,12 @@ mod tests {
         assert_eq!(reg.provider_by_token(&rotated).unwrap(), p);
         assert_eq!(reg.origin("a.com").unwrap().upstream, "http://127.0.0.1:2");
         assert!(reg.origin("a.com").unwrap().forward_host);
+        assert!(reg.origin("a.com").unwrap().strip_set_cookie);
         assert_eq!(reg.resource(&p.id, &rid).unwrap().path, "/x");
 
         let (q, _) = reg.create_provider("other").unwrap();
         assert!(matches!(
-            reg.put_origin(&q.id, "a.com", "http://x", false),
+            reg.put_origin(&q.id, "a.com", "http://x", OriginOptions::default()),
             Err(RegistryError::Forbidden(_))
         ));
         assert!(matches!(
@@ -762,7 +792,8 @@ mod tests {
             reg.resource(&p.id, &rid),
             Err(RegistryError::NotFound(_))
         ));
-        reg.put_origin(&q.id, "a.com", "http://x", false).unwrap();
+        reg.put_origin(&q.id, "a.com", "http://x", OriginOptions::default())
+            .unwrap();
         assert!(
             reg.origin("a.com").unwrap().registered_at_ms > first,
             "a new owner's registration starts a new floor"
