@@ -74,6 +74,7 @@ listen = "$3"
 operator_token = "$OPERATOR"
 edge_token = "bench-admin-token"
 allow_private_upstreams = true
+allow_local_hosts = true
 [monitor]
 enabled = $4
 ${5:-}

@@ -109,6 +109,7 @@ listen = "127.0.0.1:17081"
 operator_token = "$OPERATOR"
 edge_token = "$EDGE_TOKEN"
 allow_private_upstreams = true
+allow_local_hosts = true
 [client_region]
 trust_header = true
 default = "eu"

@@ -92,6 +92,11 @@ pub struct AdminSection {
     /// cluster whose origins are local, as in deploy/local.
     #[serde(default)]
     pub allow_private_upstreams: bool,
+    /// Whether providers may register local or reserved host names: `localhost`, single-label
+    /// names, `.local`, `.internal`, `.test`, … (default false: a site's host must be a public
+    /// DNS name). On for a cluster whose sites are local, as in deploy/local.
+    #[serde(default)]
+    pub allow_local_hosts: bool,
     /// Most resources one provider may register (default 100,000): each is kept in memory and
     /// matched by the planner, so one tenant cannot grow the registry without bound.
     #[serde(default = "default_max_resources")]

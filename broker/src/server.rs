@@ -257,6 +257,7 @@ impl Broker {
             operator_token: cfg.admin.operator_token.as_str().into(),
             max_body: cfg.admin.max_body_bytes,
             allow_private_upstreams: cfg.admin.allow_private_upstreams,
+            allow_local_hosts: cfg.admin.allow_local_hosts,
             prometheus: prometheus.clone(),
             metrics: metrics.clone(),
             planner: planner_state,

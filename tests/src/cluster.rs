@@ -309,6 +309,7 @@ operator_token = "{OPERATOR_TOKEN}"
 edge_token = "{EDGE_TOKEN}"
 max_body_bytes = 4096
 allow_private_upstreams = true
+allow_local_hosts = true
 
 [client_region]
 trust_header = true

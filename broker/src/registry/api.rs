@@ -23,8 +23,9 @@ use serde_json::json;
 
 use super::limits::{ApiLimits, CallClass};
 use super::model::{
-    check_host, check_path, check_upstream, EventBody, EventKind, Invalid, NewProvider, OriginBody,
-    OriginOptions, Provider, PurgeBody, ResourceBody, IMMEDIATE_SHADOW_PRIORITY,
+    check_host, check_path, check_site_host, check_upstream, EventBody, EventKind, Invalid,
+    NewProvider, OriginBody, OriginOptions, Provider, PurgeBody, ResourceBody,
+    IMMEDIATE_SHADOW_PRIORITY,
 };
 use super::store::{Registry, RegistryError};
 use crate::metrics::BrokerMetrics;
@@ -52,6 +53,8 @@ pub struct ApiState {
     pub max_body: usize,
     /// Whether providers may register loopback or private upstreams.
     pub allow_private_upstreams: bool,
+    /// Whether providers may register local or reserved host names.
+    pub allow_local_hosts: bool,
     /// Metrics registry (for `/metrics`).
     pub prometheus: prometheus::Registry,
     /// Broker metrics.
@@ -344,7 +347,7 @@ async fn put_origin(
     let p = provider(&s, &headers)?;
     within_budget(&s, CallClass::Write, &p.id)?;
     let req: OriginBody = read_json(body, s.max_body).await?;
-    let host = check_host(&host)?;
+    let host = check_site_host(&host, s.allow_local_hosts)?;
     let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
     // A host new to the registry may still have copies on an edge that missed the purge when
     // its previous owner deleted it; they go before any edge learns the new origin.

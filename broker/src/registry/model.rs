@@ -225,6 +225,38 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
     Ok(h)
 }
 
+/// Top-level names that are never a public site's (RFC 6761, RFC 6762, RFC 8375, ICANN's
+/// `.internal`): such a host resolves only inside some private network or nowhere.
+const LOCAL_TLDS: [&str; 7] = [
+    "localhost",
+    "local",
+    "internal",
+    "test",
+    "invalid",
+    "example",
+    "arpa",
+];
+
+/// [`check_host`] for a host a provider registers as its site: unless the operator allows local
+/// names (a local or private cluster), it must be a public DNS name, with a dot and outside the
+/// special-use domains. Otherwise a tenant could claim `localhost` or a single-label intranet
+/// name, and capture the requests that reach the broker under it (a load balancer's probes, an
+/// internal client resolving a short name).
+pub fn check_site_host(host: &str, allow_local: bool) -> Result<String, Invalid> {
+    let h = check_host(host)?;
+    let tld = h.rsplit('.').next().unwrap_or("");
+    if !allow_local && (!h.contains('.') || LOCAL_TLDS.contains(&tld)) {
+        return Err(invalid(
+            "host",
+            format!(
+                "{host:?} is a local or reserved name; register the site's public name \
+                 (admin.allow_local_hosts permits local names)"
+            ),
+        ));
+    }
+    Ok(h)
+}
+
 /// Whether an upstream host names this machine or a private network: edges fetch from it on
 /// every miss, so a provider could otherwise reach the operator's internal services through
 /// them (the broker's own admin API, a cloud metadata endpoint). Host names are not resolved
@@ -474,6 +506,26 @@ mod tests {
             assert!(e.message.contains("IP address"), "{address}: {}", e.message);
         }
         assert!(check_host("localhost").is_ok(), "the local cluster's host");
+        for local in [
+            "localhost",
+            "intranet",
+            "app.localhost",
+            "printer.local",
+            "x.internal",
+            "site.test",
+        ] {
+            let e = check_site_host(local, false).unwrap_err();
+            assert!(
+                e.message.contains("allow_local_hosts"),
+                "{local}: {}",
+                e.message
+            );
+            assert_eq!(check_site_host(local, true).unwrap(), local);
+        }
+        assert_eq!(
+            check_site_host("WWW.Example.com", false).unwrap(),
+            "www.example.com"
+        );
         assert!(check_host("1.example.com").is_ok());
         assert_eq!(
             check_upstream("http://127.0.0.1:9000", true).unwrap(),
