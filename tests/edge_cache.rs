@@ -245,16 +245,15 @@ async fn a_server_error_on_a_miss_keeps_the_key_behind_the_cache_lock() {
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
     let path = "/recovering?errors_at=1,2,3,4,5,6&error_cc=no-store&delay_ms=1000";
-    let started = std::time::Instant::now();
     let resps = futures::future::join_all((0..6).map(|_| edge.get(path))).await;
     for r in resps {
         assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
     }
-    // One failed fetch, then the five waiters' own fetches side by side: about 2 s. Queued
-    // one behind another they would take 4 s or more.
-    let waited = started.elapsed();
-    assert!(waited < Duration::from_millis(3500), "{waited:?}");
+    // One failed fetch, then the five waiters' own fetches side by side. Queued one behind
+    // another (pingora retries the lock twice), at most three would overlap.
     assert_eq!(origin.hits("/recovering"), 6);
+    let overlapping = origin.max_in_flight("/recovering");
+    assert!(overlapping >= 4, "at most {overlapping} fetches at once");
     let resps = futures::future::join_all((0..8).map(|_| edge.get(path))).await;
     for r in resps {
         assert_eq!(r.status(), StatusCode::OK);

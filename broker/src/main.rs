@@ -66,7 +66,8 @@ enum Call {
         /// Send the site's Host to the origin instead of the upstream's name.
         #[arg(long)]
         forward_host: bool,
-        /// Drop Set-Cookie from the origin's responses, so they are cached without it.
+        /// Drop Set-Cookie from the origin's responses, so they are cached without it. Like
+        /// every option of the origin, left out means off: the call replaces the whole row.
         #[arg(long)]
         strip_set_cookie: bool,
     },
@@ -190,15 +191,18 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             upstream,
             forward_host,
             strip_set_cookie,
-        } => (
-            reqwest::Method::PUT,
-            format!("/v1/origins/{host}"),
-            Some(json!({
-                "upstream": upstream,
-                "forward_host": forward_host,
-                "strip_set_cookie": strip_set_cookie,
-            })),
-        ),
+        } => {
+            let mut body = json!({ "upstream": upstream, "forward_host": forward_host });
+            // Only when set, so the CLI still works against a broker older than the option.
+            if strip_set_cookie {
+                body["strip_set_cookie"] = json!(true);
+            }
+            (
+                reqwest::Method::PUT,
+                format!("/v1/origins/{host}"),
+                Some(body),
+            )
+        }
         Call::Origins => (reqwest::Method::GET, "/v1/origins".into(), None),
         Call::AddResource {
             host,

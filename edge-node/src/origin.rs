@@ -356,7 +356,7 @@ impl SharedOrigins {
             .filter(|e| {
                 !pushed
                     .iter()
-                    .any(|p| p.entry == **e && p.looked_up.elapsed() < RESOLVE_EVERY)
+                    .any(|p| same_upstream(&p.entry, e) && p.looked_up.elapsed() < RESOLVE_EVERY)
             })
             .filter_map(|e| upstream_target(&e.upstream))
             .filter(|name| {
@@ -388,18 +388,29 @@ impl SharedOrigins {
         let mut kept: Vec<PushedRow> = Vec::with_capacity(rows.len());
         let mut rejected = Vec::new();
         for (index, entry) in rows.into_iter().enumerate() {
-            let previous = pushed.iter().find(|p| p.entry == entry);
+            // The same route to the same upstream, whatever its options: its address carries
+            // over (an option changed alone must not make an unresolvable name drop the row).
+            let previous = pushed.iter().find(|p| same_upstream(&p.entry, &entry));
+            // This row's options at the previous row's address.
+            let at_previous_address = |p: &PushedRow| -> Result<Arc<Origin>, OriginError> {
+                if p.entry == entry {
+                    return Ok(p.origin.clone());
+                }
+                parse_entry(index, &entry, |_: &str, _: u16| Ok(Some(p.origin.addr))).map(Arc::new)
+            };
             let now = Instant::now();
             let resolved = match previous {
                 Some(p) if p.looked_up.elapsed() < RESOLVE_EVERY => {
-                    Ok((p.origin.clone(), p.resolved, p.looked_up))
+                    at_previous_address(p).map(|o| (o, p.resolved, p.looked_up))
                 }
                 _ => match parse_entry(index, &entry, &resolve) {
                     Ok(o) => Ok((Arc::new(o), now, now)),
-                    Err(err @ OriginError::Unresolvable { .. }) => previous
-                        .filter(|p| p.resolved.elapsed() < KEEP_UNRESOLVED)
-                        .map(|p| (p.origin.clone(), p.resolved, now))
-                        .ok_or(err),
+                    Err(err @ OriginError::Unresolvable { .. }) => {
+                        match previous.filter(|p| p.resolved.elapsed() < KEEP_UNRESOLVED) {
+                            Some(p) => at_previous_address(p).map(|o| (o, p.resolved, now)),
+                            None => Err(err),
+                        }
+                    }
                     Err(err) => Err(err),
                 },
             };
@@ -551,6 +562,12 @@ pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     } else {
         std::borrow::Cow::Borrowed(h)
     }
+}
+
+/// Whether two rows send the same route to the same upstream (their options aside): the
+/// address one resolved to serves the other.
+fn same_upstream(a: &OriginEntry, b: &OriginEntry) -> bool {
+    (&a.host, &a.path_prefix, &a.upstream) == (&b.host, &b.path_prefix, &b.upstream)
 }
 
 fn parse_entry(
@@ -785,6 +802,18 @@ mod tests {
         assert_eq!(addr(), Some(expected));
         // The failed lookup stands for a minute too.
         assert!(shared.names_to_resolve(&row()).is_empty());
+        // An option changed alone keeps the row, with the option, at its last address.
+        let stripped = || {
+            let mut rows = row();
+            rows[0].strip_set_cookie = true;
+            rows
+        };
+        assert!(shared.names_to_resolve(&stripped()).is_empty());
+        let r = shared.replace_pushed_with(stripped(), false, down);
+        assert!(r.rejected.is_empty(), "{:?}", r.rejected);
+        let current = shared.current();
+        let o = current.select("a", "/").unwrap();
+        assert_eq!((o.addr, o.strip_set_cookie), (expected, true));
         // An hour of failures, and the row goes.
         age(KEEP_UNRESOLVED);
         let r = shared.replace_pushed_with(row(), false, down);

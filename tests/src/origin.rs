@@ -13,6 +13,11 @@
 //! - `chunked=1` stream the body without Content-Length
 //! - `chunk_delay_ms=N` with `chunked=1`: pause before each 16 KiB chunk
 //! - `fail_after=N` with `chunked=1`: abort the connection after N chunks
+//! - `with_length=1` with `chunked=1`: stream the chunks under a Content-Length
+//! - `errors_at=2,3` answer the path's 2nd and 3rd requests with 500; `error_cc=...` is
+//!   their Cache-Control
+//! - `set_cookie=...` send `Set-Cookie`
+//! - `https_redirect=1` a cacheable 301 to https for requests not forwarded as https
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -35,6 +40,35 @@ struct Counters {
     not_modified: AtomicUsize,
     by_path: Mutex<HashMap<String, usize>>,
     last_headers: Mutex<HashMap<String, HeaderMap>>,
+    /// Per path: requests being answered now, and the most ever at once.
+    in_flight: Mutex<HashMap<String, (usize, usize)>>,
+}
+
+/// Counts a request as in flight until its handler returns.
+struct InFlight {
+    counters: Arc<Counters>,
+    path: String,
+}
+
+impl InFlight {
+    fn start(counters: &Arc<Counters>, path: &str) -> InFlight {
+        let mut m = counters.in_flight.lock();
+        let (now, most) = m.entry(path.to_string()).or_default();
+        *now += 1;
+        *most = (*most).max(*now);
+        InFlight {
+            counters: counters.clone(),
+            path: path.to_string(),
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some((now, _)) = self.counters.in_flight.lock().get_mut(&self.path) {
+            *now -= 1;
+        }
+    }
 }
 
 /// A running test origin.
@@ -122,6 +156,15 @@ impl TestOrigin {
         self.counters.by_path.lock().get(path).copied().unwrap_or(0)
     }
 
+    /// The most requests for `path` (without query) the origin was answering at once.
+    pub fn max_in_flight(&self, path: &str) -> usize {
+        self.counters
+            .in_flight
+            .lock()
+            .get(path)
+            .map_or(0, |(_, most)| *most)
+    }
+
     /// Headers of the last request for `path`.
     pub fn last_headers(&self, path: &str) -> Option<HeaderMap> {
         self.counters.last_headers.lock().get(path).cloned()
@@ -143,6 +186,7 @@ async fn handle(
     c.total.fetch_add(1, Ordering::SeqCst);
     *c.by_path.lock().entry(path.clone()).or_default() += 1;
     c.last_headers.lock().insert(path.clone(), headers.clone());
+    let _in_flight = InFlight::start(&c, &path);
 
     if let Some(ms) = q.get("delay_ms").and_then(|v| v.parse().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;

@@ -347,14 +347,19 @@ async fn put_origin(
     let p = provider(&s, &headers)?;
     within_budget(&s, CallClass::Write, &p.id)?;
     let req: OriginBody = read_json(body, s.max_body).await?;
-    let host = check_site_host(&host, s.allow_local_hosts)?;
-    let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
+    let host = check_host(&host)?;
     // A host new to the registry may still have copies on an edge that missed the purge when
     // its previous owner deleted it; they go before any edge learns the new origin.
     let unregistered = matches!(
         s.registry.check_host_owner(&p.id, &host),
         Err(RegistryError::NotFound(_))
     );
+    // New registrations only: the owner of a host registered before the rule (or before the
+    // operator turned local names off) can still update it (the broker warns at start).
+    if unregistered {
+        check_site_host(&host, s.allow_local_hosts)?;
+    }
+    let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
     let target = format!("{host}/*");
     let purged = if unregistered {
         s.registry.check_origin_quota(&p.id)?;

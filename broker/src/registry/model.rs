@@ -225,9 +225,11 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
     Ok(h)
 }
 
-/// Top-level names that are never a public site's (RFC 6761, RFC 6762, RFC 8375, ICANN's
-/// `.internal`): such a host resolves only inside some private network or nowhere.
-const LOCAL_TLDS: [&str; 7] = [
+/// Top-level names that are never a public site's: special-use (RFC 6761, 6762, 7686, 8375,
+/// 9476, ICANN's `.internal`) or withheld from delegation and common on intranets (`home`,
+/// `corp`, `lan`, `localdomain`). Such a host resolves only inside some private network or
+/// nowhere.
+const LOCAL_TLDS: [&str; 13] = [
     "localhost",
     "local",
     "internal",
@@ -235,6 +237,12 @@ const LOCAL_TLDS: [&str; 7] = [
     "invalid",
     "example",
     "arpa",
+    "onion",
+    "alt",
+    "home",
+    "corp",
+    "lan",
+    "localdomain",
 ];
 
 /// [`check_host`] for a host a provider registers as its site: unless the operator allows local

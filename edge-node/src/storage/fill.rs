@@ -261,9 +261,6 @@ impl HandleHit for PartialHit {
         let (start, end) = self.range;
         loop {
             if self.pos >= end {
-                // Served: a pass-through must neither hold chunks for this reader nor count
-                // it as a client that fell behind (pingora keeps it until the fill ends).
-                self.next.store(DONE, Ordering::Release);
                 return Ok(None);
             }
             // Mark the state seen *before* looking at the chunks: a chunk pushed after this
@@ -283,9 +280,13 @@ impl HandleHit for PartialHit {
                     return Error::e_explain(ErrorType::InternalError, "fill chunk dropped unread");
                 };
                 if let Some(c) = chunks.list.get(i) {
-                    self.next.store(next + 1, Ordering::Release);
                     let at = self.pos;
                     self.pos += c.len();
+                    // Once the range's last byte is out the reader is served: a pass-through
+                    // then neither holds chunks for it nor counts it as a client that fell
+                    // behind (pingora keeps the reader until the fill ends).
+                    let after = if self.pos >= end { DONE } else { next + 1 };
+                    self.next.store(after, Ordering::Release);
                     if at >= start && self.pos <= end {
                         return Ok(Some(c.clone()));
                     }
