@@ -212,6 +212,16 @@ async fn no_store_and_private_are_not_cached() {
         assert!(!r.headers().contains_key("set-cookie"));
     }
     assert_eq!(origin.hits("/sc-stripped"), 1);
+    // A 304 that sets a cookie refreshes the copy and hands the cookie to nobody.
+    let path = "/sc-revalidated?set_cookie=sid%3Dalice&etag=v1&cc=max-age%3D1";
+    edge.get(path).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for expect in ["REVALIDATED", "HIT"] {
+        let r = edge.get(path).await;
+        assert_eq!(x_cache(&r), expect);
+        assert!(!r.headers().contains_key("set-cookie"));
+    }
+    assert_eq!(origin.not_modified(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
