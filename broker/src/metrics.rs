@@ -68,6 +68,8 @@ pub struct BrokerMetrics {
     pub coaccess_shadows: IntCounterVec,
     /// Co-access pairs kept.
     pub coaccess_pairs: prometheus::IntGauge,
+    /// Bytes charged to the co-access map.
+    pub coaccess_bytes: prometheus::IntGauge,
     /// 1 while the QUIC control connection to an edge is up.
     pub quic_connected: IntGaugeVec,
     /// QUIC control messages by type and outcome.
@@ -271,6 +273,10 @@ impl BrokerMetrics {
                 "shadowcdn_broker_coaccess_pairs",
                 "Co-access (leader, follower) pairs kept",
             )?,
+            coaccess_bytes: prometheus::IntGauge::new(
+                "shadowcdn_broker_coaccess_bytes",
+                "Bytes the co-access map is charged for its keys and entries (bounded by signals.coaccess.max_bytes)",
+            )?,
             quic_connected: IntGaugeVec::new(
                 Opts::new(
                     "shadowcdn_broker_quic_connected",
@@ -316,6 +322,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.anomaly_events.clone()))?;
         registry.register(Box::new(m.coaccess_shadows.clone()))?;
         registry.register(Box::new(m.coaccess_pairs.clone()))?;
+        registry.register(Box::new(m.coaccess_bytes.clone()))?;
         registry.register(Box::new(m.shadow_spend.clone()))?;
         registry.register(Box::new(m.shadow_savings.clone()))?;
         registry.register(Box::new(m.net_benefit.clone()))?;

@@ -273,6 +273,7 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
         }
         if let Some((map, _)) = &sink.coaccess {
             sink.metrics.coaccess_pairs.set(map.pairs() as i64);
+            sink.metrics.coaccess_bytes.set(map.bytes() as i64);
         }
         let mut n = 0u64;
         if !pending.is_empty() {

@@ -2,8 +2,9 @@
 //! window counts one A→B transition in its region; `P(B follows A) = (transitions(A→B) + 1)
 //! / (requests(A) + 2)`, the rule of succession, so a few sessions do not make a certainty.
 //! A request for A then shadows its likely followers on the edge that will be
-//! asked for them, due at their typical gap. Memory is bounded (clients, pairs) and counts
-//! decay, so yesterday's page structure fades.
+//! asked for them, due at their typical gap. Memory is bounded by entries (clients, pairs,
+//! counts) and by the bytes of the keys they hold (keys may be 2 KiB long, and a client chooses
+//! them), and counts decay, so yesterday's page structure fades.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -35,6 +36,12 @@ pub struct CoAccessSection {
     /// Most clients whose recent requests are remembered.
     #[serde(default = "default_max_clients")]
     pub max_clients: usize,
+    /// Most bytes of keys held (default 256 MiB, each entry's bookkeeping counted as 64 bytes
+    /// more): half for the pairs, a quarter each for the request counts and the clients' recent
+    /// requests. Past a share, its weakest tenth is forgotten (the recent requests: those out
+    /// of the window, then all).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: usize,
 }
 
 impl Default for CoAccessSection {
@@ -47,6 +54,7 @@ impl Default for CoAccessSection {
             half_life_secs: default_half_life(),
             max_pairs: default_max_pairs(),
             max_clients: default_max_clients(),
+            max_bytes: default_max_bytes(),
         }
     }
 }
@@ -71,6 +79,17 @@ fn default_max_pairs() -> usize {
 }
 fn default_max_clients() -> usize {
     100_000
+}
+fn default_max_bytes() -> usize {
+    256 << 20
+}
+
+/// Bytes an entry is charged beside its key: hash-table slot, counters, allocation header.
+const ENTRY_BYTES: usize = 64;
+
+/// What an entry keyed by `key` is charged.
+fn charge(key: &str) -> usize {
+    key.len() + ENTRY_BYTES
 }
 
 /// Requests a client remembers for pairing.
@@ -116,6 +135,10 @@ pub struct CoAccess {
     /// (region, A) → B → transitions, so a lookup touches only A's followers.
     pairs: HashMap<(u16, String), HashMap<String, Pair>>,
     n_pairs: usize,
+    /// Bytes charged for `pairs`, `counts` and `recent` ([`charge`]).
+    pair_bytes: usize,
+    count_bytes: usize,
+    recent_bytes: usize,
     last_decay: u64,
 }
 
@@ -128,6 +151,9 @@ impl CoAccess {
             counts: HashMap::new(),
             pairs: HashMap::new(),
             n_pairs: 0,
+            pair_bytes: 0,
+            count_bytes: 0,
+            recent_bytes: 0,
             last_decay: 0,
         }
     }
@@ -137,23 +163,43 @@ impl CoAccess {
         self.n_pairs
     }
 
+    /// Bytes charged for what is kept (keys plus [`ENTRY_BYTES`] an entry).
+    pub fn bytes(&self) -> usize {
+        self.pair_bytes + self.count_bytes + self.recent_bytes
+    }
+
     /// Learn from one request of `client` for `key` in `region` at `ts` (seconds).
     pub fn observe(&mut self, client: u64, region: u16, key: &str, ts: u64) {
         self.decay(ts);
-        *self.counts.entry((region, key.to_string())).or_default() += 1.0;
-        if self.counts.len() > self.cfg.max_pairs {
+        let count = self
+            .counts
+            .entry((region, key.to_string()))
+            .or_insert_with(|| {
+                self.count_bytes += charge(key);
+                0.0
+            });
+        *count += 1.0;
+        if self.counts.len() > self.cfg.max_pairs || self.count_bytes > self.cfg.max_bytes / 4 {
             // Every distinct key requested is counted (clients choose keys): the rarest tenth goes.
             let floor = tenth_weakest(self.counts.values().copied().collect());
             self.counts.retain(|_, c| *c > floor);
+            self.count_bytes = self.counts.keys().map(|(_, k)| charge(k)).sum();
         }
-        if self.recent.len() >= self.cfg.max_clients && !self.recent.contains_key(&client) {
+        let new_client = !self.recent.contains_key(&client);
+        if (self.recent.len() >= self.cfg.max_clients && new_client)
+            || self.recent_bytes > self.cfg.max_bytes / 4
+        {
             let window = self.cfg.window_secs;
             self.recent.retain(|_, q| {
                 q.back()
                     .is_some_and(|(_, t)| ts.saturating_sub(*t) <= window)
             });
-            if self.recent.len() >= self.cfg.max_clients {
+            self.recent_bytes = self.recent_charge();
+            if self.recent.len() >= self.cfg.max_clients
+                || self.recent_bytes > self.cfg.max_bytes / 4
+            {
                 self.recent.clear();
+                self.recent_bytes = 0;
             }
         }
         let q = self.recent.entry(client).or_default();
@@ -171,9 +217,13 @@ impl CoAccess {
                 continue;
             }
             seen.push(a);
-            let followers = self.pairs.entry((region, a.clone())).or_default();
+            let followers = self.pairs.entry((region, a.clone())).or_insert_with(|| {
+                self.pair_bytes += charge(a);
+                HashMap::new()
+            });
             let p = followers.entry(key.to_string()).or_insert_with(|| {
                 self.n_pairs += 1;
+                self.pair_bytes += charge(key);
                 Pair::default()
             });
             p.count += 1.0;
@@ -181,12 +231,33 @@ impl CoAccess {
             p.gap += (gap - p.gap) / p.count.max(1.0);
         }
         q.push_back((key.to_string(), ts));
+        self.recent_bytes += charge(key);
         if q.len() > RECENT_PER_CLIENT {
-            q.pop_front();
+            if let Some((old, _)) = q.pop_front() {
+                self.recent_bytes -= charge(&old);
+            }
         }
-        if self.n_pairs > self.cfg.max_pairs {
+        if self.n_pairs > self.cfg.max_pairs || self.pair_bytes > self.cfg.max_bytes / 2 {
             self.prune();
         }
+    }
+
+    fn recent_charge(&self) -> usize {
+        self.recent
+            .values()
+            .flat_map(|q| q.iter().map(|(k, _)| charge(k)))
+            .sum()
+    }
+
+    /// Recount `n_pairs` and the bytes of `pairs` and `counts` after entries went.
+    fn recount(&mut self) {
+        self.n_pairs = self.pairs.values().map(HashMap::len).sum();
+        self.pair_bytes = self
+            .pairs
+            .iter()
+            .map(|((_, a), f)| charge(a) + f.keys().map(|b| charge(b)).sum::<usize>())
+            .sum();
+        self.count_bytes = self.counts.keys().map(|(_, k)| charge(k)).sum();
     }
 
     /// Halve every count once per half-life; forget what decays below one.
@@ -208,7 +279,7 @@ impl CoAccess {
                 });
             }
             self.pairs.retain(|_, f| !f.is_empty());
-            self.n_pairs = self.pairs.values().map(HashMap::len).sum();
+            self.recount();
         }
     }
 
@@ -224,7 +295,7 @@ impl CoAccess {
             followers.retain(|_, p| p.count > floor);
         }
         self.pairs.retain(|_, f| !f.is_empty());
-        self.n_pairs = self.pairs.values().map(HashMap::len).sum();
+        self.recount();
     }
 
     /// The likely followers of `key` in `region`, most likely first.
@@ -361,5 +432,36 @@ mod tests {
         }
         assert!(c.counts.len() <= 51, "{}", c.counts.len());
         assert!(c.counts[&(0, "h/index.html".to_string())] > 10.0);
+    }
+
+    #[test]
+    fn long_keys_are_held_within_the_byte_budget() {
+        let budget = 200_000;
+        let mut c = CoAccess::new(CoAccessSection {
+            max_bytes: budget,
+            ..CoAccessSection::default()
+        });
+        // Clients walking through 2 KiB keys: well under every entry cap, far over the bytes.
+        for i in 0..20_000u64 {
+            if i % 10 == 0 {
+                c.observe(999, 0, "h/index.html", 1000 + i / 10);
+                c.observe(999, 0, "h/app.js", 1000 + i / 10);
+            }
+            let key = format!("h/{}?{}", i % 300, "x".repeat(2000));
+            c.observe(i % 50, 0, &key, 1000 + i / 10);
+            assert!(
+                c.bytes() <= budget + 3 * (2100 + ENTRY_BYTES),
+                "{}",
+                c.bytes()
+            );
+        }
+        // The charges kept incrementally match a recount.
+        let kept = c.bytes();
+        c.recount();
+        c.recent_bytes = c.recent_charge();
+        assert_eq!(c.bytes(), kept);
+        // What is popular survives the pruning.
+        let followers = c.followers(0, "h/index.html");
+        assert_eq!(followers[0].key, "h/app.js", "{followers:?}");
     }
 }
