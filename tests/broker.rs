@@ -1081,7 +1081,9 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn monitor_counts_match_what_was_sent_and_survive_restart() {
     let origin = TestOrigin::start().await;
-    let mut c = start_cluster();
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.log");
+    let mut c = start_cluster_with(&format!("access_log = \"{}\"\n", log.display()));
     c.register(&origin).await;
     for (region, n) in [("eu", 7), ("us", 4)] {
         for i in 0..n {
@@ -1105,6 +1107,31 @@ async fn monitor_counts_match_what_was_sent_and_survive_restart() {
     };
     wait_until(|| async { counts().await == (7, 4) }).await;
     c.broker.child.terminate();
+    // Every request has its access line once the broker has stopped.
+    let lines: Vec<Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &Value| l["target"].as_str().unwrap().starts_with("/m.js"))
+        .collect();
+    assert_eq!(lines.len(), 11, "{lines:?}");
+    for region in ["eu", "us"] {
+        let mine = lines.iter().filter(|l| l["region"] == region).count();
+        assert_eq!(mine, if region == "eu" { 7 } else { 4 }, "{lines:?}");
+    }
+    for l in &lines {
+        assert_eq!(
+            (&l["status"], &l["method"], &l["host"]),
+            (&json!(200), &json!("GET"), &json!(HOST)),
+            "{l}"
+        );
+        assert_eq!(l["route"], "primary", "{l}");
+        assert!(l["edge"].as_str().unwrap().contains('-'), "an edge id: {l}");
+        assert!(
+            ["miss", "hit"].contains(&l["cache"].as_str().unwrap()),
+            "{l}"
+        );
+    }
     c.broker.spawn();
     assert_eq!(counts().await, (7, 4), "history survives a restart");
     let m = c.metrics().await;

@@ -871,7 +871,16 @@ async fn metrics_are_exposed() {
 async fn sigterm_lets_in_flight_requests_finish() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut edge = start_edge(origin.addr, dir.path(), "");
+    let log = dir.path().join("access.log");
+    let mut edge = EdgeProc::start_with_env(
+        dir.path(),
+        "test-edge",
+        &[(HOST.to_string(), origin.addr)],
+        &[("SHADOWCDN_EDGE_SERVER__ACCESS_LOG", log.to_str().unwrap())],
+    );
+    for _ in 0..2 {
+        edge.get("/logged?size=100").await.bytes().await.unwrap();
+    }
     let url = edge.url("/slowterm?delay_ms=1500&size=10000");
     let inflight = tokio::spawn(async move {
         client()
@@ -891,6 +900,48 @@ async fn sigterm_lets_in_flight_requests_finish() {
     assert_eq!(code, Some(0));
     let body = inflight.await.unwrap();
     assert_eq!(body.to_vec(), body_for("/slowterm", 10_000));
+    // Every request has its access line, the one that finished during the drain included.
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, &str, u64, u64)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["target"].as_str().unwrap(),
+                l["cache"].as_str().unwrap(),
+                l["status"].as_u64().unwrap(),
+                l["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("/logged?size=100", "miss", 200, 100),
+            ("/logged?size=100", "hit", 200, 100),
+            ("/slowterm?delay_ms=1500&size=10000", "miss", 200, 10_000),
+        ],
+        "{lines:?}"
+    );
+    let first = &lines[0];
+    assert_eq!(
+        (
+            &first["method"],
+            &first["host"],
+            &first["node"],
+            &first["client"]
+        ),
+        (
+            &serde_json::json!("GET"),
+            &serde_json::json!(HOST),
+            &serde_json::json!("test-edge"),
+            &serde_json::json!("127.0.0.1")
+        )
+    );
+    assert!(first["time_ms"].as_u64().unwrap() > 1_700_000_000_000);
 }
 
 #[test]
@@ -935,6 +986,30 @@ fn bad_config_names_the_field() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("does not exist"));
+
+    // An access log that cannot be opened stops the start, naming the field.
+    let good = edge_config(
+        "good",
+        dir.path(),
+        "127.0.0.1:0".parse().unwrap(),
+        "127.0.0.1:0".parse().unwrap(),
+        &[],
+        "",
+    );
+    let path = dir.path().join("good.toml");
+    std::fs::write(&path, good).unwrap();
+    let out = bin
+        .command()
+        .args(["--config", path.to_str().unwrap()])
+        .env(
+            "SHADOWCDN_EDGE_SERVER__ACCESS_LOG",
+            "/definitely/not/here/access.log",
+        )
+        .output()
+        .unwrap();
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.access_log"), "{err}");
 
     let out = bin.command().arg("--help").output().unwrap();
     assert!(out.status.success());

@@ -29,6 +29,10 @@ pub struct BrokerConfig {
     /// HTTPS listener for clients (absent: plain HTTP only).
     #[serde(default)]
     pub tls: Option<crate::tls::TlsSection>,
+    /// Where each client request's access line goes (one JSON object per line): a file path,
+    /// created if missing and reopened when rotated away, or `stdout`. Absent: no access log.
+    #[serde(default)]
+    pub access_log: Option<String>,
     /// Provider API, metrics and health listener.
     pub admin: AdminSection,
     /// Where the durable registry and monitor snapshots live.

@@ -11,6 +11,8 @@ pub struct BrokerMetrics {
     pub requests: IntCounterVec,
     /// Requests moved off their first choice, by reason of the choice that served them.
     pub failovers: IntCounterVec,
+    /// Access-log lines lost (queue full or write failed).
+    pub access_log_dropped: prometheus::IntCounter,
     /// Retries after a failed attempt.
     pub retries: IntCounter,
     /// Requests sent to an edge with a peer hint (another edge recently served the key).
@@ -90,6 +92,10 @@ impl BrokerMetrics {
             requests: IntCounterVec::new(
                 Opts::new("shadowcdn_broker_requests_total", "Proxied requests"),
                 &["region", "edge", "reason", "status"],
+            )?,
+            access_log_dropped: prometheus::IntCounter::new(
+                "shadowcdn_broker_access_log_dropped_total",
+                "Access-log lines lost: the writer's queue was full or a write failed",
             )?,
             failovers: IntCounterVec::new(
                 Opts::new(
@@ -335,6 +341,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.event_propagation.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.failovers.clone()))?;
+        registry.register(Box::new(m.access_log_dropped.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.peer_hints.clone()))?;
         registry.register(Box::new(m.standby_promotions.clone()))?;

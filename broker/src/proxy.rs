@@ -22,6 +22,8 @@ use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, object_size, Record, Recorder};
 use crate::registry::Registry;
 use crate::routing::{Choice, Fleet, Health, Holders, Reason, RegionResolver};
+use edge_node::access_log::AccessLog;
+use serde::Serialize;
 
 /// The broker proxy.
 pub struct BrokerProxy {
@@ -39,6 +41,32 @@ pub struct BrokerProxy {
     allow_private_upstreams: bool,
     /// How long a read from an edge may stall (`edge_read_timeout_secs`).
     edge_read_timeout: Duration,
+    /// Where each request's access line goes.
+    access_log: Option<AccessLog>,
+}
+
+/// One client request's access-log line.
+#[derive(Serialize)]
+struct AccessLine<'a> {
+    /// Milliseconds since the Unix epoch when the request ended.
+    time_ms: u64,
+    client: Option<String>,
+    method: &'a str,
+    host: Option<&'a str>,
+    target: String,
+    status: u16,
+    /// Body bytes sent to the client.
+    bytes: usize,
+    duration_ms: f64,
+    /// The client's region.
+    region: &'a str,
+    /// The edge that answered (`origin` for the direct fallback, `none` before routing).
+    edge: &'a str,
+    /// Why that route: `primary`, or the failover that led to it.
+    route: &'a str,
+    /// What the edge's cache did (its `X-Cache`), `origin` or `none`.
+    cache: &'static str,
+    segment: Option<&'a str>,
 }
 
 /// Per-request state.
@@ -95,7 +123,14 @@ impl BrokerProxy {
             holders,
             allow_private_upstreams: false,
             edge_read_timeout: Duration::from_secs(60),
+            access_log: None,
         }
+    }
+
+    /// Write an access line for every client request to `log`.
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
     }
 
     /// How long a read from an edge may stall before the request fails with 504.
@@ -514,9 +549,6 @@ impl ProxyHttp for BrokerProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
-        if ctx.key.is_empty() {
-            return;
-        }
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let (edge, reason) = match ctx.chosen {
             Some(c) => (
@@ -526,6 +558,34 @@ impl ProxyHttp for BrokerProxy {
             None => ("none", Reason::Origin),
         };
         let region = &self.fleet.regions[ctx.region];
+        if let Some(log) = &self.access_log {
+            let req = session.req_header();
+            log.log(&AccessLine {
+                time_ms: edge_node::access_log::now_ms(),
+                client: session.client_addr().map(|a| match a.as_inet() {
+                    Some(inet) => inet.ip().to_string(),
+                    None => a.to_string(),
+                }),
+                method: req.method.as_str(),
+                host: request_host(req),
+                target: req.uri.to_string(),
+                status,
+                bytes: session.body_bytes_sent(),
+                duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+                region: region.as_str(),
+                edge: if ctx.chosen.is_some() { edge } else { "none" },
+                route: if ctx.chosen.is_some() {
+                    reason.as_str()
+                } else {
+                    "none"
+                },
+                cache: ctx.cache_status,
+                segment: ctx.segment.as_deref(),
+            });
+        }
+        if ctx.key.is_empty() {
+            return;
+        }
         let mut status_buf = itoa::Buffer::new();
         self.metrics
             .requests

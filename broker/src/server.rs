@@ -27,6 +27,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
 use crate::sync::{EdgeSync, OriginPusher};
+use edge_node::access_log::{self, AccessLogWriter, Target};
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +54,21 @@ pub enum StartError {
     /// Anything else during start-up.
     #[error("start-up: {0}")]
     Setup(String),
+    /// The access log cannot be opened.
+    #[error("access_log: cannot open {path}: {source}")]
+    AccessLog {
+        /// The configured target.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// A configured broker.
 pub struct Broker {
     cfg: BrokerConfig,
     server: Server,
+    access_log: Option<AccessLogWriter>,
 }
 
 impl Broker {
@@ -204,6 +214,18 @@ impl Broker {
         )
         .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
         .with_edge_read_timeout(Duration::from_secs(cfg.edge_read_timeout_secs));
+        let (proxy, access_log) = match &cfg.access_log {
+            Some(target) => {
+                let (log, writer) =
+                    access_log::open(&Target::parse(target), metrics.access_log_dropped.clone())
+                        .map_err(|source| StartError::AccessLog {
+                            path: target.clone(),
+                            source,
+                        })?;
+                (proxy.with_access_log(log), Some(writer))
+            }
+            None => (proxy, None),
+        };
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             proxy,
@@ -312,7 +334,11 @@ impl Broker {
         if let Some(c) = control {
             server.add_service(background_service("control", ControlService(c)));
         }
-        Ok(Broker { cfg, server })
+        Ok(Broker {
+            cfg,
+            server,
+            access_log,
+        })
     }
 
     /// Serve until SIGTERM (drain, snapshot the monitor, exit) or SIGINT.
@@ -324,5 +350,8 @@ impl Broker {
             "broker serving"
         );
         self.server.run(RunArgs::default());
+        if let Some(writer) = self.access_log {
+            writer.finish(Duration::from_secs(5));
+        }
     }
 }

@@ -96,6 +96,7 @@ shadowcdn local cluster is up
             (header "x-client-region: us" routes to the us edges; try it twice: MISS then HIT)
   provider: http://127.0.0.1:7081/v1/...    token in $TOKEN_FILE; see broker/openapi.yaml or 'broker api --help'
   metrics : http://127.0.0.1:7091/metrics (broker), http://127.0.0.1:9101/metrics … 9203 (edges)
+  access  : var/local/broker-access.log (one JSON line per client request)
   QUIC    : broker → edges and edge ↔ edge on udp/8101 … 8203, mutual TLS from $PKI/ca.pem
   origin  : http://127.0.0.1:9000           (serves $WWW: README.md, RESULTS.md, MODEL_CARD.md, openapi.yaml; or ?size=N synthetic bodies)
 Ctrl-C to stop.

@@ -129,6 +129,10 @@ pub struct ServerSection {
     /// loopback and the private ranges (RFC 1918, RFC 4193), where brokers normally run.
     #[serde(default = "default_trusted_proxies")]
     pub trusted_proxies: Vec<IpNet>,
+    /// Where each request's access line goes (one JSON object per line): a file path, created
+    /// if missing and reopened when rotated away, or `stdout`. Absent: no access log.
+    #[serde(default)]
+    pub access_log: Option<String>,
 }
 
 /// Operator listener settings.

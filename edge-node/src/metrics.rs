@@ -96,6 +96,8 @@ pub struct EdgeMetrics {
     pub lock_waits: IntCounter,
     /// How long those requests waited.
     pub lock_wait_seconds: Histogram,
+    /// Access-log lines lost (queue full or write failed).
+    pub access_log_dropped: IntCounter,
     /// Requests rejected before proxying, by reason (`unknown_host`, …).
     pub rejected: IntCounterVec,
     /// Whole-request latency by cache status.
@@ -179,6 +181,10 @@ impl EdgeMetrics {
             lock_waits: IntCounter::new(
                 "shadowcdn_edge_cache_lock_waits_total",
                 "Requests that waited for another request's fill",
+            )?,
+            access_log_dropped: IntCounter::new(
+                "shadowcdn_edge_access_log_dropped_total",
+                "Access-log lines lost: the writer's queue was full or a write failed",
             )?,
             lock_wait_seconds: Histogram::with_opts(
                 HistogramOpts::new(
@@ -299,6 +305,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.origin_fetches.clone()))?;
         registry.register(Box::new(m.origin_latency.clone()))?;
         registry.register(Box::new(m.lock_waits.clone()))?;
+        registry.register(Box::new(m.access_log_dropped.clone()))?;
         registry.register(Box::new(m.lock_wait_seconds.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;

@@ -31,7 +31,9 @@ use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use serde::Serialize;
 
+use crate::access_log::AccessLog;
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
@@ -135,6 +137,28 @@ pub struct EdgeProxy {
     cache_status_values: Vec<http::HeaderValue>,
     /// Peers whose `X-Forwarded-Proto` reaches the origin unchanged.
     trusted_proxies: Vec<IpNet>,
+    /// Where each request's access line goes.
+    access_log: Option<AccessLog>,
+}
+
+/// One request's access-log line.
+#[derive(Serialize)]
+struct AccessLine<'a> {
+    /// Milliseconds since the Unix epoch when the request ended.
+    time_ms: u64,
+    node: &'a str,
+    client: Option<String>,
+    method: &'a str,
+    host: Option<&'a str>,
+    target: String,
+    status: u16,
+    /// Body bytes sent to the client.
+    bytes: usize,
+    duration_ms: f64,
+    /// What the cache did (the `X-Cache` value, lower-case).
+    cache: &'static str,
+    /// The fill came from a peer edge instead of the origin.
+    peer: bool,
 }
 
 /// Per-request state carried through the phases.
@@ -195,7 +219,14 @@ impl EdgeProxy {
             hooks,
             cache_status_values,
             trusted_proxies: Vec::new(),
+            access_log: None,
         }
+    }
+
+    /// Write an access line for every request to `log`.
+    pub fn with_access_log(mut self, log: AccessLog) -> Self {
+        self.access_log = Some(log);
+        self
     }
 
     /// Pass `X-Forwarded-Proto` on from these peers (the brokers); from any other address it
@@ -1094,6 +1125,25 @@ impl ProxyHttp for EdgeProxy {
         if let Some(d) = session.cache.lock_duration() {
             self.metrics.lock_waits.inc();
             self.metrics.lock_wait_seconds.observe(d.as_secs_f64());
+        }
+        if let Some(log) = &self.access_log {
+            let req = session.req_header();
+            log.log(&AccessLine {
+                time_ms: crate::access_log::now_ms(),
+                node: &self.node_id,
+                client: session.client_addr().map(|a| match a.as_inet() {
+                    Some(inet) => inet.ip().to_string(),
+                    None => a.to_string(),
+                }),
+                method: req.method.as_str(),
+                host: request_host(req),
+                target: req.uri.to_string(),
+                status: session.response_written().map_or(0, |r| r.status.as_u16()),
+                bytes: session.body_bytes_sent(),
+                duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+                cache: ctx.status.label(),
+                peer: ctx.peer_served,
+            });
         }
     }
 }

@@ -8,6 +8,7 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 
+use crate::access_log::{self, AccessLogWriter, Target};
 use crate::admin::{AdminState, BanCompactor, ShadowAdmin};
 use crate::config::EdgeConfig;
 use crate::drain::{Drainer, InflightCounter};
@@ -46,6 +47,14 @@ pub enum StartError {
     /// Runtime or metrics set-up failed.
     #[error("start-up: {0}")]
     Setup(String),
+    /// The access log cannot be opened.
+    #[error("server.access_log: cannot open {path}: {source}")]
+    AccessLog {
+        /// The configured target.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// A configured edge, ready to run.
@@ -54,6 +63,7 @@ pub struct EdgeNode {
     server: Server,
     storage: &'static FoyerStorage,
     storage_rt: tokio::runtime::Runtime,
+    access_log: Option<AccessLogWriter>,
 }
 
 impl EdgeNode {
@@ -193,6 +203,18 @@ impl EdgeNode {
             },
         )
         .with_trusted_proxies(cfg.server.trusted_proxies.clone());
+        let (proxy, access_log) = match &cfg.server.access_log {
+            Some(target) => {
+                let (log, writer) =
+                    access_log::open(&Target::parse(target), metrics.access_log_dropped.clone())
+                        .map_err(|source| StartError::AccessLog {
+                            path: target.clone(),
+                            source,
+                        })?;
+                (proxy.with_access_log(log), Some(writer))
+            }
+            None => (proxy, None),
+        };
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
             &server.configuration,
             proxy,
@@ -295,6 +317,7 @@ impl EdgeNode {
             server,
             storage,
             storage_rt,
+            access_log,
         })
     }
 
@@ -309,6 +332,9 @@ impl EdgeNode {
             "edge-node serving"
         );
         self.server.run(RunArgs::default());
+        if let Some(writer) = self.access_log {
+            writer.finish(Duration::from_secs(5));
+        }
         tracing::info!("server stopped; flushing cache");
         self.storage_rt.block_on(self.storage.close())?;
         self.storage_rt.shutdown_timeout(Duration::from_secs(5));
