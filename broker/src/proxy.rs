@@ -50,10 +50,10 @@ pub struct BrokerProxy {
 struct AccessLine<'a> {
     /// Milliseconds since the Unix epoch when the request ended.
     time_ms: u64,
-    client: Option<String>,
+    client: Option<std::net::IpAddr>,
     method: &'a str,
     host: Option<&'a str>,
-    target: String,
+    target: &'a str,
     status: u16,
     /// Body bytes sent to the client.
     bytes: usize,
@@ -562,13 +562,13 @@ impl ProxyHttp for BrokerProxy {
             let req = session.req_header();
             log.log(&AccessLine {
                 time_ms: edge_node::access_log::now_ms(),
-                client: session.client_addr().map(|a| match a.as_inet() {
-                    Some(inet) => inet.ip().to_string(),
-                    None => a.to_string(),
-                }),
+                client: session
+                    .client_addr()
+                    .and_then(|a| a.as_inet())
+                    .map(|a| a.ip()),
                 method: req.method.as_str(),
                 host: request_host(req),
-                target: req.uri.to_string(),
+                target: req.uri.path_and_query().map_or("", |p| p.as_str()),
                 status,
                 bytes: session.body_bytes_sent(),
                 duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
