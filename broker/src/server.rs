@@ -27,7 +27,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
 use crate::sync::{EdgeSync, OriginPusher};
-use edge_node::access_log::{self, AccessLogWriter, Target};
+use edge_node::access_log::{self, Target};
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +68,6 @@ pub enum StartError {
 pub struct Broker {
     cfg: BrokerConfig,
     server: Server,
-    access_log: Option<AccessLogWriter>,
 }
 
 impl Broker {
@@ -307,6 +306,8 @@ impl Broker {
             Box::new(move || {
                 let monitor = monitor.lock().take();
                 Box::pin(async move {
+                    // No request is left: the last access lines reach the log.
+                    edge_node::server::finish_access_log(access_log).await;
                     if let Some(m) = monitor {
                         let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
                     }
@@ -334,11 +335,7 @@ impl Broker {
         if let Some(c) = control {
             server.add_service(background_service("control", ControlService(c)));
         }
-        Ok(Broker {
-            cfg,
-            server,
-            access_log,
-        })
+        Ok(Broker { cfg, server })
     }
 
     /// Serve until SIGTERM (drain, snapshot the monitor, exit) or SIGINT.
@@ -350,8 +347,5 @@ impl Broker {
             "broker serving"
         );
         self.server.run(RunArgs::default());
-        if let Some(writer) = self.access_log {
-            writer.finish(Duration::from_secs(5));
-        }
     }
 }

@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -60,16 +61,19 @@ pub struct AccessLog {
 /// The writer thread.
 pub struct AccessLogWriter {
     handle: JoinHandle<()>,
+    stop: Arc<AtomicBool>,
 }
 
 impl AccessLogWriter {
-    /// Wait, up to `timeout`, for the writer to write what is queued and stop: it stops once
-    /// every [`AccessLog`] handle is gone (the server dropped its services). Lines are written
-    /// every [`TICK`], so a handle that outlives the server loses nothing already queued.
+    /// Write what is queued and stop the writer, waiting up to `timeout`: called once the
+    /// server has no request left (the drain), since lines logged later would be lost. It also
+    /// stops by itself once every [`AccessLog`] handle is gone.
     pub fn finish(self, timeout: Duration) {
+        self.stop.store(true, Ordering::Release);
+        self.handle.thread().unpark();
         let deadline = Instant::now() + timeout;
         while !self.handle.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(10));
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
 }
@@ -79,11 +83,15 @@ impl AccessLogWriter {
 pub fn open(target: &Target, dropped: IntCounter) -> io::Result<(AccessLog, AccessLogWriter)> {
     let sink = Sink::open(target)?;
     let queue = Arc::new(ArrayQueue::new(QUEUE_LINES));
-    let (shared, lost) = (queue.clone(), dropped.clone());
+    let stop = Arc::new(AtomicBool::new(false));
+    let (shared, lost, stopping) = (queue.clone(), dropped.clone(), stop.clone());
     let handle = std::thread::Builder::new()
         .name("access-log".into())
-        .spawn(move || write_lines(sink, shared, lost))?;
-    Ok((AccessLog { queue, dropped }, AccessLogWriter { handle }))
+        .spawn(move || write_lines(sink, shared, lost, &stopping))?;
+    Ok((
+        AccessLog { queue, dropped },
+        AccessLogWriter { handle, stop },
+    ))
 }
 
 impl AccessLog {
@@ -156,11 +164,16 @@ impl Sink {
     }
 }
 
-fn write_lines(mut sink: Sink, queue: Arc<ArrayQueue<Vec<u8>>>, lost: IntCounter) {
+fn write_lines(
+    mut sink: Sink,
+    queue: Arc<ArrayQueue<Vec<u8>>>,
+    lost: IntCounter,
+    stop: &AtomicBool,
+) {
     let mut checked = Instant::now();
     loop {
-        // The handles' queue references gone: the server stopped; write what is left, then stop.
-        let last = Arc::strong_count(&queue) == 1;
+        // Told to stop, or every handle gone: write what is left, then stop.
+        let last = stop.load(Ordering::Acquire) || Arc::strong_count(&queue) == 1;
         if checked.elapsed() >= REOPEN_CHECK {
             sink.follow_rotation();
             checked = Instant::now();
@@ -180,7 +193,7 @@ fn write_lines(mut sink: Sink, queue: Arc<ArrayQueue<Vec<u8>>>, lost: IntCounter
         if last {
             break;
         }
-        std::thread::sleep(TICK);
+        std::thread::park_timeout(TICK);
     }
 }
 

@@ -63,7 +63,6 @@ pub struct EdgeNode {
     server: Server,
     storage: &'static FoyerStorage,
     storage_rt: tokio::runtime::Runtime,
-    access_log: Option<AccessLogWriter>,
 }
 
 impl EdgeNode {
@@ -291,6 +290,8 @@ impl EdgeNode {
                 Duration::from_secs(cfg.server.drain_timeout_secs),
                 Box::new(move || {
                     Box::pin(async move {
+                        // No request is left: the last access lines reach the log.
+                        finish_access_log(access_log).await;
                         // Peers drop their connections to this edge now, not at their idle
                         // timeout.
                         if let Some(pool) = peer_pool {
@@ -317,7 +318,6 @@ impl EdgeNode {
             server,
             storage,
             storage_rt,
-            access_log,
         })
     }
 
@@ -332,13 +332,17 @@ impl EdgeNode {
             "edge-node serving"
         );
         self.server.run(RunArgs::default());
-        if let Some(writer) = self.access_log {
-            writer.finish(Duration::from_secs(5));
-        }
         tracing::info!("server stopped; flushing cache");
         self.storage_rt.block_on(self.storage.close())?;
         self.storage_rt.shutdown_timeout(Duration::from_secs(5));
         tracing::info!("edge-node stopped");
         Ok(())
+    }
+}
+
+/// Write the access lines still queued (the drain calls it once no request is left).
+pub async fn finish_access_log(writer: Option<AccessLogWriter>) {
+    if let Some(w) = writer {
+        let _ = tokio::task::spawn_blocking(move || w.finish(Duration::from_secs(5))).await;
     }
 }
