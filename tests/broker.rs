@@ -1106,13 +1106,36 @@ async fn monitor_counts_match_what_was_sent_and_survive_restart() {
         (total("eu"), total("us"))
     };
     wait_until(|| async { counts().await == (7, 4) }).await;
+    // A refused request is logged too, with the client's region.
+    let r = client()
+        .get(format!("http://{}/nobody?\"quoted\"", c.broker.addr))
+        .header("host", "nobody.test")
+        .header("x-client-region", "us")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
     c.broker.child.terminate();
     // Every request has its access line once the broker has stopped.
-    let lines: Vec<Value> = std::fs::read_to_string(&log)
+    let all: Vec<Value> = std::fs::read_to_string(&log)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
-        .filter(|l: &Value| l["target"].as_str().unwrap().starts_with("/m.js"))
+        .collect();
+    let refused = all.iter().find(|l| l["host"] == "nobody.test").unwrap();
+    assert_eq!(
+        (
+            &refused["status"],
+            &refused["region"],
+            &refused["edge"],
+            &refused["route"]
+        ),
+        (&json!(404), &json!("us"), &json!("none"), &json!("none")),
+        "{refused}"
+    );
+    let lines: Vec<&Value> = all
+        .iter()
+        .filter(|l| l["target"].as_str().unwrap().starts_with("/m.js"))
         .collect();
     assert_eq!(lines.len(), 11, "{lines:?}");
     for region in ["eu", "us"] {

@@ -425,6 +425,11 @@ impl BrokerConfig {
         if let Some(field) = self.admin.rate_limits.zero_field() {
             return bad(format!("{field} must be at least 1"));
         }
+        // Below a few MiB the map would forget everything on every request (a value meant in
+        // KiB, say), silently turning co-access off.
+        if self.signals.coaccess.max_bytes < 4 << 20 {
+            return bad("signals.coaccess.max_bytes must be at least 4 MiB (4194304)".into());
+        }
         if let Some(m) = self.admin.metrics_listen {
             let tls = self.tls.as_ref().map(|t| t.listen);
             if m == self.listen || m == self.admin.listen || Some(m) == tls {
@@ -770,6 +775,9 @@ pub(crate) mod tests {
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
             assert!(e.contains("admin.metrics_listen"), "{e}");
         }
+        let bad = SAMPLE.replace("[admin]", "[signals.coaccess]\nmax_bytes = 1024\n[admin]");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("signals.coaccess.max_bytes"), "{e}");
         let bad = SAMPLE.replace(
             "[admin]",
             "[admin.rate_limits]\npurges_per_minute = 0\n[admin]",

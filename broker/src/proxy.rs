@@ -247,7 +247,27 @@ impl ProxyHttp for BrokerProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        // Who and where the client is comes first, so a refused request's access line says so.
         let req = session.req_header();
+        let header_region = self
+            .regions
+            .header_name()
+            .and_then(|h| req.headers.get(h))
+            .and_then(|v| v.to_str().ok());
+        let ip = client_ip(session);
+        ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
+        ctx.client = match ip {
+            Some(std::net::IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
+            Some(std::net::IpAddr::V6(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
+            None => 0,
+        };
+        ctx.segment = self
+            .segment_header
+            .as_deref()
+            .and_then(|h| req.headers.get(h))
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| s.len() <= MAX_SEGMENT_BYTES)
+            .map(str::to_owned);
         let target = req.uri.path_and_query().map_or(0, |p| p.as_str().len());
         if target > MAX_TARGET_BYTES {
             let msg = format!("request target of {target} bytes; at most {MAX_TARGET_BYTES}");
@@ -281,25 +301,6 @@ impl ProxyHttp for BrokerProxy {
             return Ok(true);
         }
         let req = session.req_header();
-        let header_region = self
-            .regions
-            .header_name()
-            .and_then(|h| req.headers.get(h))
-            .and_then(|v| v.to_str().ok());
-        let ip = client_ip(session);
-        ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
-        ctx.client = match ip {
-            Some(std::net::IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
-            Some(std::net::IpAddr::V6(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
-            None => 0,
-        };
-        ctx.segment = self
-            .segment_header
-            .as_deref()
-            .and_then(|h| req.headers.get(h))
-            .and_then(|v| v.to_str().ok())
-            .filter(|s| s.len() <= MAX_SEGMENT_BYTES)
-            .map(str::to_owned);
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         ctx.key = primary_key(&host, pq);
         ctx.key_hash = xxhash_rust::xxh3::xxh3_64(ctx.key.as_bytes());
@@ -567,8 +568,10 @@ impl ProxyHttp for BrokerProxy {
                     .and_then(|a| a.as_inet())
                     .map(|a| a.ip()),
                 method: req.method.as_str(),
-                host: request_host(req),
-                target: req.uri.path_and_query().map_or("", |p| p.as_str()),
+                host: request_host(req).map(edge_node::access_log::clip),
+                target: edge_node::access_log::clip(
+                    req.uri.path_and_query().map_or("", |p| p.as_str()),
+                ),
                 status,
                 bytes: session.body_bytes_sent(),
                 duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,

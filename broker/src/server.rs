@@ -306,14 +306,14 @@ impl Broker {
             Box::new(move || {
                 let monitor = monitor.lock().take();
                 Box::pin(async move {
-                    // No request is left: the last access lines reach the log.
-                    edge_node::server::finish_access_log(access_log).await;
                     if let Some(m) = monitor {
                         let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
                     }
                     if let Some(c) = closing {
                         c.close().await;
                     }
+                    // Last, just before the process ends: the last access lines reach the log.
+                    edge_node::server::finish_access_log(access_log).await;
                     0
                 })
             }),

@@ -56,6 +56,25 @@ impl Target {
 pub struct AccessLog {
     queue: Arc<ArrayQueue<Vec<u8>>>,
     dropped: IntCounter,
+    /// Set once the writer finished: later lines have no one to write them.
+    stop: Arc<AtomicBool>,
+}
+
+/// Longest request target or host a line carries (pingora accepts 1 MiB of headers): longer
+/// ones are cut, so the queue's memory stays bounded (about half a GiB at the very worst, a
+/// full queue of lines with both fields at the limit).
+pub const MAX_FIELD_BYTES: usize = 2048;
+
+/// `s` cut to at most [`MAX_FIELD_BYTES`], at a character boundary.
+pub fn clip(s: &str) -> &str {
+    if s.len() <= MAX_FIELD_BYTES {
+        return s;
+    }
+    let mut end = MAX_FIELD_BYTES;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
 }
 
 /// The writer thread.
@@ -88,15 +107,21 @@ pub fn open(target: &Target, dropped: IntCounter) -> io::Result<(AccessLog, Acce
     let handle = std::thread::Builder::new()
         .name("access-log".into())
         .spawn(move || write_lines(sink, shared, lost, &stopping))?;
-    Ok((
-        AccessLog { queue, dropped },
-        AccessLogWriter { handle, stop },
-    ))
+    let log = AccessLog {
+        queue,
+        dropped,
+        stop: stop.clone(),
+    };
+    Ok((log, AccessLogWriter { handle, stop }))
 }
 
 impl AccessLog {
     /// Queue one line; never blocks.
     pub fn log(&self, entry: &impl Serialize) {
+        if self.stop.load(Ordering::Acquire) {
+            self.dropped.inc();
+            return;
+        }
         let mut line = Vec::with_capacity(LINE_CAPACITY);
         if serde_json::to_writer(&mut line, entry).is_err() {
             self.dropped.inc();
@@ -122,6 +147,9 @@ enum Sink {
         path: PathBuf,
         inode: u64,
         out: BufWriter<File>,
+        /// The path was rotated away and could not be opened again: lines written now would
+        /// go to a removed file, so they are counted as lost instead.
+        detached: bool,
     },
 }
 
@@ -135,29 +163,45 @@ impl Sink {
                     inode: file.metadata()?.ino(),
                     path: path.clone(),
                     out: BufWriter::with_capacity(1 << 16, file),
+                    detached: false,
                 }
             }
         })
     }
 
-    fn out(&mut self) -> &mut dyn Write {
+    /// Where lines go now; `None` while detached.
+    fn out(&mut self) -> Option<&mut dyn Write> {
         match self {
-            Sink::Stdout(w) => w,
-            Sink::File { out, .. } => out,
+            Sink::Stdout(w) => Some(w),
+            Sink::File { detached: true, .. } => None,
+            Sink::File { out, .. } => Some(out),
         }
     }
 
     /// Reopen the file if its path now names another file or none (rotated away).
     fn follow_rotation(&mut self) {
-        if let Sink::File { path, inode, out } = self {
+        if let Sink::File {
+            path,
+            inode,
+            out,
+            detached,
+        } = self
+        {
             let moved = std::fs::metadata(&*path).map_or(true, |m| m.ino() != *inode);
             if moved {
                 let _ = out.flush();
                 match Sink::open(&Target::File(path.clone())) {
-                    Ok(fresh) => *self = fresh,
-                    Err(e) => {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot reopen the access log")
+                    Ok(fresh) => {
+                        if *detached {
+                            tracing::info!(path = %path.display(), "access log reopened");
+                        }
+                        *self = fresh;
                     }
+                    Err(e) if !*detached => {
+                        *detached = true;
+                        tracing::error!(path = %path.display(), error = %e, "access log rotated away and cannot be reopened: lines are dropped until it can");
+                    }
+                    Err(_) => {}
                 }
             }
         }
@@ -180,13 +224,13 @@ fn write_lines(
         }
         let mut wrote = false;
         while let Some(line) = queue.pop() {
-            wrote = true;
-            if sink.out().write_all(&line).is_err() {
-                lost.inc();
+            match sink.out().map(|out| out.write_all(&line)) {
+                Some(Ok(())) => wrote = true,
+                _ => lost.inc(),
             }
         }
         if wrote {
-            if let Err(e) = sink.out().flush() {
+            if let Some(Err(e)) = sink.out().map(|o| o.flush()) {
                 tracing::warn!(error = %e, "access log write failed");
             }
         }
@@ -242,5 +286,33 @@ mod tests {
             "{old:?} {new:?}"
         );
         assert_eq!(dropped.get(), 0);
+    }
+
+    #[test]
+    fn lines_with_nowhere_to_go_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("logs");
+        std::fs::create_dir(&sub).unwrap();
+        let path = sub.join("access.log");
+        let dropped = IntCounter::new("dropped", "lines dropped").unwrap();
+        let (log, writer) = open(&Target::File(path.clone()), dropped.clone()).unwrap();
+        // The log's directory goes away: the file cannot be created again.
+        std::fs::remove_dir_all(&sub).unwrap();
+        std::thread::sleep(REOPEN_CHECK + Duration::from_millis(200));
+        log.log(&Line { n: 1 });
+        std::thread::sleep(TICK * 4);
+        assert_eq!(dropped.get(), 1);
+        // After the writer finished, a late line is counted too.
+        writer.finish(Duration::from_secs(5));
+        log.log(&Line { n: 2 });
+        assert_eq!(dropped.get(), 2);
+    }
+
+    #[test]
+    fn long_fields_are_cut_at_a_character_boundary() {
+        let long = "é".repeat(MAX_FIELD_BYTES);
+        let cut = clip(&long);
+        assert!(cut.len() <= MAX_FIELD_BYTES && cut.len() >= MAX_FIELD_BYTES - 1);
+        assert_eq!(clip("/short?q"), "/short?q");
     }
 }

@@ -110,7 +110,9 @@ fn certs(c: Certs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
+    // Logs go to stderr, like the broker's: stdout may carry the access log.
     tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )

@@ -159,6 +159,9 @@ struct AccessLine<'a> {
     cache: &'static str,
     /// The fill came from a peer edge instead of the origin.
     peer: bool,
+    /// A background revalidation (stale-while-revalidate), not a client's request.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    background: bool,
 }
 
 /// Per-request state carried through the phases.
@@ -1136,13 +1139,16 @@ impl ProxyHttp for EdgeProxy {
                     .and_then(|a| a.as_inet())
                     .map(|a| a.ip()),
                 method: req.method.as_str(),
-                host: request_host(req),
-                target: req.uri.path_and_query().map_or("", |p| p.as_str()),
+                host: request_host(req).map(crate::access_log::clip),
+                target: crate::access_log::clip(
+                    req.uri.path_and_query().map_or("", |p| p.as_str()),
+                ),
                 status: session.response_written().map_or(0, |r| r.status.as_u16()),
                 bytes: session.body_bytes_sent(),
                 duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
                 cache: ctx.status.label(),
                 peer: ctx.peer_served,
+                background: session.subrequest_ctx.is_some(),
             });
         }
     }

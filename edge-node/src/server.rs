@@ -290,21 +290,24 @@ impl EdgeNode {
                 Duration::from_secs(cfg.server.drain_timeout_secs),
                 Box::new(move || {
                     Box::pin(async move {
-                        // No request is left: the last access lines reach the log.
-                        finish_access_log(access_log).await;
                         // Peers drop their connections to this edge now, not at their idle
                         // timeout.
                         if let Some(pool) = peer_pool {
                             pool.close().await;
                         }
                         tracing::info!("flushing cache to disk");
-                        match storage.close().await {
+                        let code = match storage.close().await {
                             Ok(()) => 0,
                             Err(e) => {
                                 tracing::error!(error = %e, "cache flush failed");
                                 1
                             }
-                        }
+                        };
+                        // Last, just before the process ends: requests that still came in
+                        // during the flush (pingora serves what was already on a
+                        // connection) get their lines too.
+                        finish_access_log(access_log).await;
+                        code
                     })
                 }),
             ),
@@ -340,7 +343,8 @@ impl EdgeNode {
     }
 }
 
-/// Write the access lines still queued (the drain calls it once no request is left).
+/// Write the access lines still queued and stop the writer (the drain calls it last, before the
+/// process ends; a line logged after it is counted as dropped).
 pub async fn finish_access_log(writer: Option<AccessLogWriter>) {
     if let Some(w) = writer {
         let _ = tokio::task::spawn_blocking(move || w.finish(Duration::from_secs(5))).await;
