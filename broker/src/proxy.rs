@@ -22,7 +22,7 @@ use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, object_size, Record, Recorder};
 use crate::registry::Registry;
 use crate::routing::{Choice, Fleet, Health, Holders, Reason, RegionResolver};
-use edge_node::access_log::AccessLog;
+use edge_node::access_log::{AccessLog, RequestFields};
 use serde::Serialize;
 
 /// The broker proxy.
@@ -48,16 +48,8 @@ pub struct BrokerProxy {
 /// One client request's access-log line.
 #[derive(Serialize)]
 struct AccessLine<'a> {
-    /// Milliseconds since the Unix epoch when the request ended.
-    time_ms: u64,
-    client: Option<std::net::IpAddr>,
-    method: &'a str,
-    host: Option<&'a str>,
-    target: &'a str,
-    status: u16,
-    /// Body bytes sent to the client.
-    bytes: usize,
-    duration_ms: f64,
+    #[serde(flatten)]
+    request: RequestFields<'a>,
     /// The client's region.
     region: &'a str,
     /// The edge that answered (`origin` for the direct fallback, `none` before routing).
@@ -560,21 +552,8 @@ impl ProxyHttp for BrokerProxy {
         };
         let region = &self.fleet.regions[ctx.region];
         if let Some(log) = &self.access_log {
-            let req = session.req_header();
             log.log(&AccessLine {
-                time_ms: edge_node::access_log::now_ms(),
-                client: session
-                    .client_addr()
-                    .and_then(|a| a.as_inet())
-                    .map(|a| a.ip()),
-                method: req.method.as_str(),
-                host: request_host(req).map(edge_node::access_log::clip),
-                target: edge_node::access_log::clip(
-                    req.uri.path_and_query().map_or("", |p| p.as_str()),
-                ),
-                status,
-                bytes: session.body_bytes_sent(),
-                duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
+                request: RequestFields::of(session, ctx.started),
                 region: region.as_str(),
                 edge: if ctx.chosen.is_some() { edge } else { "none" },
                 route: if ctx.chosen.is_some() {

@@ -27,7 +27,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
 use crate::sync::{EdgeSync, OriginPusher};
-use edge_node::access_log::{self, Target};
+use edge_node::access_log;
 
 /// Why a broker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -213,16 +213,15 @@ impl Broker {
         )
         .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
         .with_edge_read_timeout(Duration::from_secs(cfg.edge_read_timeout_secs));
-        let (proxy, access_log) = match &cfg.access_log {
-            Some(target) => {
-                let (log, writer) =
-                    access_log::open(&Target::parse(target), metrics.access_log_dropped.clone())
-                        .map_err(|source| StartError::AccessLog {
-                            path: target.clone(),
-                            source,
-                        })?;
-                (proxy.with_access_log(log), Some(writer))
-            }
+        let (proxy, access_log) = match access_log::open_configured(
+            cfg.access_log.as_deref(),
+            metrics.access_log_dropped.clone(),
+        )
+        .map_err(|source| StartError::AccessLog {
+            path: cfg.access_log.clone().unwrap_or_default(),
+            source,
+        })? {
+            Some((log, writer)) => (proxy.with_access_log(log), Some(writer)),
             None => (proxy, None),
         };
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(

@@ -134,6 +134,55 @@ impl AccessLog {
     }
 }
 
+/// The fields every access line has, edge or broker, taken from the finished request.
+#[derive(Serialize)]
+pub struct RequestFields<'a> {
+    /// Milliseconds since the Unix epoch when the request ended.
+    pub time_ms: u64,
+    /// The client's address (none for a unix-socket peer).
+    pub client: Option<std::net::IpAddr>,
+    /// Request method.
+    pub method: &'a str,
+    /// Host asked for, cut to [`MAX_FIELD_BYTES`].
+    pub host: Option<&'a str>,
+    /// Path and query, cut to [`MAX_FIELD_BYTES`].
+    pub target: &'a str,
+    /// Status sent (0: none was).
+    pub status: u16,
+    /// Body bytes sent to the client.
+    pub bytes: usize,
+    /// From the request's start until its end.
+    pub duration_ms: f64,
+}
+
+impl<'a> RequestFields<'a> {
+    /// The fields of `session`'s request, which started at `started`.
+    pub fn of(session: &'a pingora_proxy::Session, started: Instant) -> Self {
+        let req = session.req_header();
+        RequestFields {
+            time_ms: now_ms(),
+            client: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            method: req.method.as_str(),
+            host: crate::proxy::request_host(req).map(clip),
+            target: clip(req.uri.path_and_query().map_or("", |p| p.as_str())),
+            status: session.response_written().map_or(0, |r| r.status.as_u16()),
+            bytes: session.body_bytes_sent(),
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        }
+    }
+}
+
+/// Open the configured target, if any: the handle for the proxy and the writer for the drain.
+pub fn open_configured(
+    target: Option<&str>,
+    dropped: IntCounter,
+) -> io::Result<Option<(AccessLog, AccessLogWriter)>> {
+    target.map(|t| open(&Target::parse(t), dropped)).transpose()
+}
+
 /// Milliseconds since the Unix epoch, the lines' time stamp.
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -33,7 +33,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde::Serialize;
 
-use crate::access_log::AccessLog;
+use crate::access_log::{AccessLog, RequestFields};
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
@@ -144,17 +144,9 @@ pub struct EdgeProxy {
 /// One request's access-log line.
 #[derive(Serialize)]
 struct AccessLine<'a> {
-    /// Milliseconds since the Unix epoch when the request ended.
-    time_ms: u64,
+    #[serde(flatten)]
+    request: RequestFields<'a>,
     node: &'a str,
-    client: Option<std::net::IpAddr>,
-    method: &'a str,
-    host: Option<&'a str>,
-    target: &'a str,
-    status: u16,
-    /// Body bytes sent to the client.
-    bytes: usize,
-    duration_ms: f64,
     /// What the cache did (the `X-Cache` value, lower-case).
     cache: &'static str,
     /// The fill came from a peer edge instead of the origin.
@@ -1130,22 +1122,9 @@ impl ProxyHttp for EdgeProxy {
             self.metrics.lock_wait_seconds.observe(d.as_secs_f64());
         }
         if let Some(log) = &self.access_log {
-            let req = session.req_header();
             log.log(&AccessLine {
-                time_ms: crate::access_log::now_ms(),
+                request: RequestFields::of(session, ctx.started),
                 node: &self.node_id,
-                client: session
-                    .client_addr()
-                    .and_then(|a| a.as_inet())
-                    .map(|a| a.ip()),
-                method: req.method.as_str(),
-                host: request_host(req).map(crate::access_log::clip),
-                target: crate::access_log::clip(
-                    req.uri.path_and_query().map_or("", |p| p.as_str()),
-                ),
-                status: session.response_written().map_or(0, |r| r.status.as_u16()),
-                bytes: session.body_bytes_sent(),
-                duration_ms: ctx.started.elapsed().as_secs_f64() * 1000.0,
                 cache: ctx.status.label(),
                 peer: ctx.peer_served,
                 background: session.subrequest_ctx.is_some(),

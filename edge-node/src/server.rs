@@ -8,7 +8,7 @@ use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::{RunArgs, Server};
 use pingora_core::services::background::background_service;
 
-use crate::access_log::{self, AccessLogWriter, Target};
+use crate::access_log::{self, AccessLogWriter};
 use crate::admin::{AdminState, BanCompactor, ShadowAdmin};
 use crate::config::EdgeConfig;
 use crate::drain::{Drainer, InflightCounter};
@@ -202,16 +202,15 @@ impl EdgeNode {
             },
         )
         .with_trusted_proxies(cfg.server.trusted_proxies.clone());
-        let (proxy, access_log) = match &cfg.server.access_log {
-            Some(target) => {
-                let (log, writer) =
-                    access_log::open(&Target::parse(target), metrics.access_log_dropped.clone())
-                        .map_err(|source| StartError::AccessLog {
-                            path: target.clone(),
-                            source,
-                        })?;
-                (proxy.with_access_log(log), Some(writer))
-            }
+        let (proxy, access_log) = match access_log::open_configured(
+            cfg.server.access_log.as_deref(),
+            metrics.access_log_dropped.clone(),
+        )
+        .map_err(|source| StartError::AccessLog {
+            path: cfg.server.access_log.clone().unwrap_or_default(),
+            source,
+        })? {
+            Some((log, writer)) => (proxy.with_access_log(log), Some(writer)),
             None => (proxy, None),
         };
         let mut proxy_service = pingora_proxy::http_proxy_service_with_name(
