@@ -117,14 +117,45 @@ pub struct Follower {
     pub bytes: Option<u64>,
 }
 
-/// The count below which the weakest tenth of `counts` lies (ties go with it).
-fn tenth_weakest(mut counts: Vec<f64>) -> f64 {
-    if counts.is_empty() {
-        return 0.0;
+/// Picks the weakest tenth of a set of counts (at least one) for removal: everything below the
+/// tenth's boundary count, and only as many entries *at* it as the tenth has room for. Dropping
+/// every tie instead would empty a map whose counts are all equal (uniform traffic, or right
+/// after a decay), and its learning would restart from nothing.
+struct WeakestTenth {
+    floor: f64,
+    ties: usize,
+}
+
+impl WeakestTenth {
+    fn of(mut counts: Vec<f64>) -> Self {
+        if counts.is_empty() {
+            return WeakestTenth {
+                floor: 0.0,
+                ties: 0,
+            };
+        }
+        let cut = counts.len() / 10;
+        counts.select_nth_unstable_by(cut, f64::total_cmp);
+        let floor = counts[cut];
+        // Everything strictly below the boundary sits before it.
+        let below = counts[..cut].iter().filter(|c| **c < floor).count();
+        WeakestTenth {
+            floor,
+            ties: cut + 1 - below,
+        }
     }
-    let cut = counts.len() / 10;
-    counts.select_nth_unstable_by(cut, f64::total_cmp);
-    counts[cut]
+
+    /// Whether an entry with `count` goes.
+    fn goes(&mut self, count: f64) -> bool {
+        if count < self.floor {
+            return true;
+        }
+        if count == self.floor && self.ties > 0 {
+            self.ties -= 1;
+            return true;
+        }
+        false
+    }
 }
 
 /// The learned transition map.
@@ -181,8 +212,8 @@ impl CoAccess {
         *count += 1.0;
         if self.counts.len() > self.cfg.max_pairs || self.count_bytes > self.cfg.max_bytes / 4 {
             // Every distinct key requested is counted (clients choose keys): the rarest tenth goes.
-            let floor = tenth_weakest(self.counts.values().copied().collect());
-            self.counts.retain(|_, c| *c > floor);
+            let mut weakest = WeakestTenth::of(self.counts.values().copied().collect());
+            self.counts.retain(|_, c| !weakest.goes(*c));
             self.count_bytes = self.counts.keys().map(|(_, k)| charge(k)).sum();
         }
         let new_client = !self.recent.contains_key(&client);
@@ -285,14 +316,14 @@ impl CoAccess {
 
     /// Drop the weakest tenth of the pairs.
     fn prune(&mut self) {
-        let floor = tenth_weakest(
+        let mut weakest = WeakestTenth::of(
             self.pairs
                 .values()
                 .flat_map(|f| f.values().map(|p| p.count))
                 .collect(),
         );
         for followers in self.pairs.values_mut() {
-            followers.retain(|_, p| p.count > floor);
+            followers.retain(|_, p| !weakest.goes(p.count));
         }
         self.pairs.retain(|_, f| !f.is_empty());
         self.recount();
@@ -432,6 +463,25 @@ mod tests {
         }
         assert!(c.counts.len() <= 51, "{}", c.counts.len());
         assert!(c.counts[&(0, "h/index.html".to_string())] > 10.0);
+    }
+
+    #[test]
+    fn pruning_equal_counts_drops_a_tenth_not_everything() {
+        let mut c = CoAccess::new(cfg());
+        // 60 distinct pairs seen once each, past the cap of 50: a tenth goes each time.
+        for i in 0..60u64 {
+            c.observe(i, 0, "h/page", 1000);
+            c.observe(i, 0, &format!("h/asset-{i}"), 1001);
+        }
+        assert!((40..=50).contains(&c.pairs()), "{}", c.pairs());
+        let mut w = WeakestTenth::of(vec![1.0; 20]);
+        assert_eq!((0..20).filter(|_| w.goes(1.0)).count(), 3);
+        let mut w = WeakestTenth::of(vec![1.0, 1.0, 2.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0, 3.0]);
+        let gone: Vec<f64> = [1.0, 1.0, 2.0, 3.0]
+            .into_iter()
+            .filter(|c| w.goes(*c))
+            .collect();
+        assert_eq!(gone, [1.0, 1.0], "a tenth of 11 is the two weakest");
     }
 
     #[test]
