@@ -555,12 +555,8 @@ impl ProxyHttp for BrokerProxy {
             log.log(&AccessLine {
                 request: RequestFields::of(session, ctx.started),
                 region: region.as_str(),
-                edge: if ctx.chosen.is_some() { edge } else { "none" },
-                route: if ctx.chosen.is_some() {
-                    reason.as_str()
-                } else {
-                    "none"
-                },
+                edge,
+                route: ctx.chosen.map_or("none", |c| c.reason.as_str()),
                 cache: ctx.cache_status,
                 segment: ctx.segment.as_deref(),
             });

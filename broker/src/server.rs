@@ -22,7 +22,7 @@ use crate::planner::{Planner, PlannerState};
 use crate::proxy::BrokerProxy;
 use crate::registry::api::{metrics_router, router, ApiState};
 use crate::registry::limits::ApiLimits;
-use crate::registry::model::check_site_host;
+use crate::registry::model::check_public_host;
 use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
@@ -120,7 +120,7 @@ impl Broker {
         // Hosts registered before the public-name rule applied (or before the operator turned
         // local names off) keep working and their owners can update them; say so once.
         for o in registry.origins() {
-            if let Err(e) = check_site_host(&o.host, cfg.admin.allow_local_hosts) {
+            if let Err(e) = check_public_host(&o.host, cfg.admin.allow_local_hosts) {
                 tracing::warn!(host = %o.host, provider = %o.provider, "registered host would be refused now: {e}");
             }
         }

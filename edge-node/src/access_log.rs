@@ -6,8 +6,8 @@
 //! the queue holds to the log and flushes, so a busy server pays a few large writes a second,
 //! and a slow disk costs dropped lines (counted) rather than stalled requests. The file is
 //! reopened when it is renamed or removed (logrotate's default `create` mode works, no signal
-//! needed); the writer drains the queue once the server has dropped its handles, so the last
-//! requests are logged too.
+//! needed); the server's drain tells the writer to write out the queue and stop
+//! ([`AccessLogWriter::finish`]), so the last requests are logged too.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -84,9 +84,8 @@ pub struct AccessLogWriter {
 }
 
 impl AccessLogWriter {
-    /// Write what is queued and stop the writer, waiting up to `timeout`: called once the
-    /// server has no request left (the drain), since lines logged later would be lost. It also
-    /// stops by itself once every [`AccessLog`] handle is gone.
+    /// Write what is queued and stop the writer, waiting up to `timeout`: called as the
+    /// server's drain ends; a line logged later is counted as dropped.
     pub fn finish(self, timeout: Duration) {
         self.stop.store(true, Ordering::Release);
         self.handle.thread().unpark();
@@ -265,8 +264,8 @@ fn write_lines(
 ) {
     let mut checked = Instant::now();
     loop {
-        // Told to stop, or every handle gone: write what is left, then stop.
-        let last = stop.load(Ordering::Acquire) || Arc::strong_count(&queue) == 1;
+        // Told to stop: write what is left, then stop.
+        let last = stop.load(Ordering::Acquire);
         if checked.elapsed() >= REOPEN_CHECK {
             sink.follow_rotation();
             checked = Instant::now();

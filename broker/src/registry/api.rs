@@ -23,7 +23,7 @@ use serde_json::json;
 
 use super::limits::{ApiLimits, CallClass};
 use super::model::{
-    check_host, check_path, check_site_host, check_upstream, EventBody, EventKind, Invalid,
+    check_host, check_path, check_public_host, check_upstream, EventBody, EventKind, Invalid,
     NewProvider, OriginBody, OriginOptions, Provider, PurgeBody, ResourceBody,
     IMMEDIATE_SHADOW_PRIORITY,
 };
@@ -357,7 +357,7 @@ async fn put_origin(
     // New registrations only: the owner of a host registered before the rule (or before the
     // operator turned local names off) can still update it (the broker warns at start).
     if unregistered {
-        check_site_host(&host, s.allow_local_hosts)?;
+        check_public_host(&host, s.allow_local_hosts)?;
     }
     let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
     let target = format!("{host}/*");

@@ -287,9 +287,6 @@ impl HandleHit for PartialHit {
                     // behind (pingora keeps the reader until the fill ends).
                     let after = if self.pos >= end { DONE } else { next + 1 };
                     self.next.store(after, Ordering::Release);
-                    if at >= start && self.pos <= end {
-                        return Ok(Some(c.clone()));
-                    }
                     let (lo, hi) = (start.max(at), end.min(self.pos));
                     if lo < hi {
                         return Ok(Some(c.slice(lo - at..hi - at)));

@@ -100,13 +100,7 @@ pub const ORIGIN_SERVER_ERROR: &str = "origin server error";
 /// remember the key as uncacheable (which would send its next requests past the cache and
 /// its lock).
 fn transient_no_cache(reason: &'static str) -> bool {
-    [
-        PURGED_DURING_FETCH,
-        PEER_LACKS_OBJECT,
-        ERROR_ON_REVALIDATION,
-        ORIGIN_SERVER_ERROR,
-    ]
-    .contains(&reason)
+    refetch_together(reason) || [ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR].contains(&reason)
 }
 
 /// Transient refusals after which the requests waiting on the fill's lock elect one of them to
@@ -1080,6 +1074,7 @@ mod tests {
             PURGED_DURING_FETCH,
             PEER_LACKS_OBJECT,
             ERROR_ON_REVALIDATION,
+            ORIGIN_SERVER_ERROR,
         ] {
             let reason = pingora_cache::NoCacheReason::Custom(reason);
             assert_eq!(s.predictor().mark_uncacheable(&key, reason), None);
