@@ -579,9 +579,68 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
     assert_eq!(edge_of(&r), "origin");
     let sent = origin.last_headers("/direct").unwrap();
     assert_eq!(sent["host"], origin.addr.to_string().as_str());
-    let r = c.get("/direct?set_cookie=sid%3Dbob", "eu").await;
+    let r = c
+        .get("/direct?set_cookie=sid%3Dbob&skey=a&ctag=b", "eu")
+        .await;
     assert_eq!(edge_of(&r), "origin");
-    assert!(!r.headers().contains_key("set-cookie"));
+    for internal in ["set-cookie", "surrogate-key", "cache-tag"] {
+        assert!(!r.headers().contains_key(internal), "{internal}");
+    }
+}
+
+/// A provider purges by cache tag: every edge drops the host's objects whose response named
+/// one of the tags, keeps the others, and each tag costs one purge of the provider's budget.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_purge_reaches_every_edge_and_costs_a_purge_per_tag() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster_with("[admin.rate_limits]\npurges_per_minute = 3\n");
+    c.register(&origin).await;
+    let tagged = ["/tag/a?skey=sale%20x", "/tag/b?ctag=shoes,Sale"];
+    let kept = "/tag/c?skey=other";
+    let on_edge = |i: usize, path: &str| {
+        client()
+            .get(format!("http://{}{path}", c.edges[i].addr))
+            .header("host", HOST)
+            .send()
+    };
+    for i in 0..c.edges.len() {
+        for p in tagged.iter().chain([&kept]) {
+            on_edge(i, p).await.unwrap();
+            let r = on_edge(i, p).await.unwrap();
+            assert_eq!(r.headers()["x-cache"], "HIT", "{p} on edge {i}");
+        }
+    }
+    let purge = |body: Value| {
+        api(
+            reqwest::Method::POST,
+            c.broker.api("/v1/purge"),
+            &c.token,
+            Some(body),
+        )
+    };
+    let (s, v) = purge(json!({"host": HOST, "tags": ["sale"], "path": "/tag/a"})).await;
+    assert_eq!(
+        (s, v["error"].as_str()),
+        (StatusCode::UNPROCESSABLE_ENTITY, Some("invalid")),
+        "{v}"
+    );
+    let (s, v) = purge(json!({"host": HOST, "tags": ["SALE", "gone"]})).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["tags"], json!(["sale", "gone"]));
+    let edges = v["edges"].as_array().unwrap();
+    assert_eq!(edges.len(), c.edges.len(), "{v}");
+    assert!(edges.iter().all(|e| e["ok"] == true), "{v}");
+    for i in 0..c.edges.len() {
+        for p in tagged {
+            let r = on_edge(i, p).await.unwrap();
+            assert_eq!(r.headers()["x-cache"], "MISS", "{p} on edge {i}");
+        }
+        let r = on_edge(i, kept).await.unwrap();
+        assert_eq!(r.headers()["x-cache"], "HIT", "{kept} on edge {i}");
+    }
+    // The refused call and the two tags spent the budget of 3.
+    let (s, v) = purge(json!({"host": HOST, "tags": ["other"]})).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
 }
 
 /// With every edge down the broker asks the origin itself; an origin that closed a pooled

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
+use serde_json::json;
 use shadowcdn_tests::cluster::{edge_config, EdgeProc, EDGE_TOKEN};
 use shadowcdn_tests::origin::body_for;
 use shadowcdn_tests::{client, sample, text, Binary, TestOrigin};
@@ -604,6 +605,100 @@ async fn purge_by_key_and_prefix() {
     assert_eq!(x_cache(&edge.get("/p/one").await), "MISS");
     assert_eq!(x_cache(&edge.get("/p/two").await), "MISS");
     assert_eq!(x_cache(&edge.get("/q/three").await), "HIT");
+}
+
+/// A tag purge removes every object of the host whose response named one of the tags
+/// (`Surrogate-Key` or `Cache-Tag`, any case), and only those; clients never see the tags;
+/// the purge survives a restart and keeps an answer fetched across it out of the cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_by_cache_tag() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "");
+    let tagged = [
+        "/t/a?skey=Product-42%20home",
+        "/t/b?ctag=home,product-42",
+        "/t/e?skey=product-42",
+    ];
+    let kept = ["/t/c?skey=product-7", "/u/d"];
+    for p in tagged.iter().chain(&kept) {
+        assert_eq!(x_cache(&edge.get(p).await), "MISS", "{p}");
+        let r = edge.get(p).await;
+        assert_eq!(x_cache(&r), "HIT", "{p}");
+        assert!(r.headers().get("surrogate-key").is_none(), "{p}");
+        assert!(r.headers().get("cache-tag").is_none(), "{p}");
+    }
+    let purge_tags = |body: serde_json::Value, token: &'static str| {
+        client()
+            .post(format!("http://{}/tags/{HOST}", edge.admin))
+            .bearer_auth(token)
+            .json(&body)
+            .send()
+    };
+    let r = purge_tags(json!({ "tags": ["product-42"] }), "wrong")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    for bad in [json!({ "tags": [] }), json!({ "tags": ["a b"] })] {
+        let r = purge_tags(bad.clone(), TOKEN).await.unwrap();
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST, "{bad}");
+        let v: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(v["error"], "bad_tags", "{v}");
+    }
+    let r = purge_tags(json!({ "tagz": ["x"] }), TOKEN).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(
+        x_cache(&edge.get(tagged[0]).await),
+        "HIT",
+        "refused purges did nothing"
+    );
+
+    let r = purge_tags(json!({ "tags": ["PRODUCT-42"] }), TOKEN)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["tags"], json!(["product-42"]), "{v}");
+    for p in &tagged[..2] {
+        assert_eq!(x_cache(&edge.get(p).await), "MISS", "{p}");
+        assert_eq!(x_cache(&edge.get(p).await), "HIT", "{p} refetched and kept");
+    }
+    for p in kept {
+        assert_eq!(x_cache(&edge.get(p).await), "HIT", "{p}");
+    }
+
+    // A tag purge while the tagged answer is on its way: served, not stored.
+    let slow = "/t/slow?skey=product-9&delay_ms=800";
+    let purge = async {
+        while origin.hits("/t/slow") == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        purge_tags(json!({ "tags": ["product-9"] }), TOKEN)
+            .await
+            .unwrap()
+            .status()
+    };
+    let (r, purged) = tokio::join!(edge.get(slow), purge);
+    assert_eq!(purged, StatusCode::OK);
+    assert_eq!(x_cache(&r), "BYPASS");
+    assert_eq!(x_cache(&edge.get(slow).await), "MISS");
+
+    let metrics = edge.metrics().await;
+    assert!(
+        metrics.contains(r#"shadowcdn_edge_purges_total{kind="tag",outcome="banned"} 2"#),
+        "{metrics}"
+    );
+
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+    edge.spawn();
+    assert_eq!(
+        x_cache(&edge.get(tagged[2]).await),
+        "MISS",
+        "the ban survives a restart"
+    );
+    for p in [tagged[0], kept[0]] {
+        assert_eq!(x_cache(&edge.get(p).await), "HIT", "{p}");
+    }
 }
 
 /// A purge that lands while a miss still waits for the origin finds nothing to remove; the

@@ -93,17 +93,21 @@ enum Call {
     },
     /// List your resources.
     Resources,
-    /// Purge a path or prefix on every edge.
+    /// Purge a path, a prefix or cache tags on every edge.
     Purge {
         /// Host.
         #[arg(long)]
         host: String,
         /// Exact path.
-        #[arg(long, conflicts_with = "prefix")]
+        #[arg(long, conflicts_with_all = ["prefix", "tag"])]
         path: Option<String>,
         /// Prefix.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tag")]
         prefix: Option<String>,
+        /// A cache tag (`Surrogate-Key` / `Cache-Tag` of the origin's responses); repeat
+        /// for several.
+        #[arg(long)]
+        tag: Vec<String>,
     },
     /// Request series of a resource (`host/path`).
     Series {
@@ -220,11 +224,19 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             })),
         ),
         Call::Resources => (reqwest::Method::GET, "/v1/resources".into(), None),
-        Call::Purge { host, path, prefix } => (
-            reqwest::Method::POST,
-            "/v1/purge".into(),
-            Some(json!({ "host": host, "path": path, "prefix": prefix })),
-        ),
+        Call::Purge {
+            host,
+            path,
+            prefix,
+            tag,
+        } => {
+            let tags = (!tag.is_empty()).then_some(tag);
+            (
+                reqwest::Method::POST,
+                "/v1/purge".into(),
+                Some(json!({ "host": host, "path": path, "prefix": prefix, "tags": tags })),
+            )
+        }
         Call::Series { resource } => (
             reqwest::Method::GET,
             format!("/v1/series?resource={}", urlencode(&resource)),

@@ -481,8 +481,10 @@ impl ProxyHttp for BrokerProxy {
         if let Some(c) = ctx.chosen {
             let edge = c.edge.map_or("origin", |e| self.fleet.edges[e].id.as_str());
             resp.insert_header("x-shadowcdn-edge", edge)?;
-            // The direct-to-origin fallback drops the cookies an edge would have dropped.
+            // The direct-to-origin fallback drops what an edge would have dropped: cache tags
+            // always, cookies when the site asked.
             if c.edge.is_none() {
+                edge_node::tags::strip(resp);
                 let strip = host_of(session.req_header())
                     .and_then(|h| self.registry.origin(&h))
                     .is_some_and(|o| o.strip_set_cookie);

@@ -37,6 +37,14 @@ pub struct EdgeResult {
     pub status: u16,
 }
 
+/// What a purge removes on an edge.
+enum Purge<'a> {
+    /// `host/path` or `host/prefix*`.
+    Target(&'a str),
+    /// The host's objects carrying one of the tags.
+    Tags { host: &'a str, tags: &'a [String] },
+}
+
 /// Talks to every edge's admin listener.
 pub struct EdgeSync {
     fleet: Arc<Fleet>,
@@ -262,7 +270,7 @@ impl EdgeSync {
         let key = order.key.as_str();
         // The admin API cannot revalidate in place: drop the old copy, then refill.
         if order.refresh {
-            self.purge(edge, key).await;
+            self.purge(edge, &Purge::Target(key)).await;
         }
         let body = json!({ "key": key, "ttl_secs": order.ttl_secs, "priority": order.priority });
         match self
@@ -350,12 +358,18 @@ impl EdgeSync {
             .is_ok_and(|r| r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND)
     }
 
-    /// Purge `target` (`host/path` or `host/prefix*`) on edge `edge`; the HTTP status (or
-    /// its QUIC equivalent), 0 when unreachable.
-    async fn purge(&self, edge: usize, target: &str) -> u16 {
+    /// Apply `purge` on edge `edge`; the HTTP status (or its QUIC equivalent), 0 when
+    /// unreachable.
+    async fn purge(&self, edge: usize, purge: &Purge<'_>) -> u16 {
         if let Some(c) = self.quic(edge) {
-            let req = Request::Invalidate {
-                target: target.to_string(),
+            let req = match purge {
+                Purge::Target(target) => Request::Invalidate {
+                    target: target.to_string(),
+                },
+                Purge::Tags { host, tags } => Request::InvalidateTags {
+                    host: host.to_string(),
+                    tags: tags.to_vec(),
+                },
             };
             return match c.call(edge, &req).await {
                 Ok(Reply::Done { found: true }) => 200,
@@ -364,10 +378,19 @@ impl EdgeSync {
                 Err(_) => 0,
             };
         }
-        let method = reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::DELETE);
-        self.client
-            .request(method, self.admin_url(edge, &format!("cache/{target}")))
-            .bearer_auth(&self.token)
+        let req = match purge {
+            Purge::Target(target) => {
+                let method =
+                    reqwest::Method::from_bytes(b"PURGE").unwrap_or(reqwest::Method::DELETE);
+                self.client
+                    .request(method, self.admin_url(edge, &format!("cache/{target}")))
+            }
+            Purge::Tags { host, tags } => self
+                .client
+                .post(self.admin_url(edge, &format!("tags/{host}")))
+                .json(&json!({ "tags": tags })),
+        };
+        req.bearer_auth(&self.token)
             .send()
             .await
             .map_or(0, |r| r.status().as_u16())
@@ -388,7 +411,18 @@ impl EdgeSync {
 
     /// Purge `target` on `edges`, concurrently.
     pub async fn purge_on(&self, target: &str, edges: &[usize]) -> Vec<EdgeResult> {
-        let calls = edges.iter().map(|e| self.purge(*e, target));
+        self.apply_purge(&Purge::Target(target), edges).await
+    }
+
+    /// Purge every object of `host` tagged with one of `tags` (checked by
+    /// [`edge_node::tags::check`]) on every edge.
+    pub async fn purge_tags_everywhere(&self, host: &str, tags: &[String]) -> Vec<EdgeResult> {
+        let edges: Vec<usize> = (0..self.fleet.edges.len()).collect();
+        self.apply_purge(&Purge::Tags { host, tags }, &edges).await
+    }
+
+    async fn apply_purge(&self, purge: &Purge<'_>, edges: &[usize]) -> Vec<EdgeResult> {
+        let calls = edges.iter().map(|e| self.purge(*e, purge));
         edges
             .iter()
             .zip(futures::future::join_all(calls).await)

@@ -6,6 +6,9 @@
 //!   variants, from memory and disk.
 //! - `PURGE` or `DELETE /cache/{host}/{prefix}*` — remove every object whose key starts with
 //!   the prefix (durable ban, see [`crate::storage::BanList`]).
+//! - `POST` or `PURGE /tags/{host}` — `{"tags": ["a", …]}` (1 to 64): remove every object of
+//!   the host whose response carried one of the tags (`Surrogate-Key`/`Cache-Tag`, see
+//!   [`crate::tags`]; durable ban).
 //!
 //! - `POST /shadows` — `{"key": "host/path", "ttl_secs", "priority"?}`: pre-position an object
 //!   (202; filled in the background with bounded concurrency; 503 when the queue is full).
@@ -29,7 +32,7 @@ use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use axum::body::Body;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get};
@@ -114,6 +117,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
         .route("/cache/{*key}", any(purge))
+        .route("/tags/{host}", any(purge_tags))
         .route("/origins", get(get_origins).put(put_origins))
         .route("/peers", get(get_peers).put(put_peers))
         .route("/shadows", axum::routing::post(post_shadow))
@@ -231,6 +235,11 @@ async fn purge(
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_key", msg),
     };
+    purge_target(&s, target).await
+}
+
+/// Apply an authorized purge and answer it.
+async fn purge_target(s: &AdminState, target: Target) -> Response {
     match (
         invalidate(s.storage, &s.shadows, &s.metrics, &target).await,
         target,
@@ -246,8 +255,51 @@ async fn purge(
         (Ok(_), Target::Prefix(prefix)) => {
             Json(json!({ "prefix": prefix, "purged": true })).into_response()
         }
+        (Ok(_), Target::Tags { host, tags }) => {
+            Json(json!({ "host": host, "tags": tags, "purged": true })).into_response()
+        }
         (Err(e), _) => error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string()),
     }
+}
+
+/// Body of `POST /tags/{host}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TagsBody {
+    tags: Vec<String>,
+}
+
+async fn purge_tags(
+    State(s): State<AdminState>,
+    method: Method,
+    headers: HeaderMap,
+    Path(host): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    if method != Method::POST && method.as_str() != "PURGE" {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST or PURGE on /tags/{host}",
+        );
+    }
+    let req: TagsBody = match authorized_json(&s, &headers, &body) {
+        Ok(b) => b,
+        Err(r) => {
+            if r.status() == StatusCode::UNAUTHORIZED {
+                s.metrics
+                    .purges
+                    .with_label_values(&["any", "unauthorized"])
+                    .inc();
+            }
+            return *r;
+        }
+    };
+    let target = match Target::tags(&host, &req.tags) {
+        Ok(t) => t,
+        Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_tags", msg),
+    };
+    purge_target(&s, target).await
 }
 
 /// Body of `POST /shadows`.

@@ -1,12 +1,13 @@
 //! Purges, whether an operator asks over HTTP or the broker over QUIC: one object with every
-//! Vary variant, or every key under a prefix (a durable ban). A purged object is no longer a
-//! shadow either.
+//! Vary variant, every key under a prefix, or every object of a host carrying a tag (both
+//! durable bans). A purged object is no longer a shadow either.
 
 use crate::metrics::EdgeMetrics;
 use crate::origin::normalize_host;
 use crate::proxy::primary_key;
 use crate::shadow::ShadowTable;
 use crate::storage::{BanError, FoyerStorage};
+use crate::tags;
 
 /// What to purge.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,6 +16,13 @@ pub enum Target {
     Key(String),
     /// Every key starting with `host/prefix`.
     Prefix(String),
+    /// Every object of `host` whose response carries one of `tags` ([`crate::tags`]).
+    Tags {
+        /// The host, normalized as the proxy does.
+        host: String,
+        /// Checked, lower-cased tags.
+        tags: Vec<String>,
+    },
 }
 
 impl Target {
@@ -31,6 +39,16 @@ impl Target {
             Some(prefix) => Target::Prefix(prefix.to_string()),
             None => Target::Key(key),
         })
+    }
+
+    /// A tag purge of `host`'s objects.
+    pub fn tags(host: &str, tags: &[String]) -> Result<Self, String> {
+        let host = normalize_host(host).into_owned();
+        if host.is_empty() || host.bytes().any(|b| !b.is_ascii_graphic() || b == b'/') {
+            return Err(format!("host {host:?} is not a host name"));
+        }
+        let tags = tags::check(tags).map_err(|e| e.to_string())?;
+        Ok(Target::Tags { host, tags })
     }
 }
 
@@ -67,6 +85,14 @@ pub async fn invalidate(
                 Err(e)
             }
         },
+        // The shadow table cannot tell which of its keys carry the tags; a tagged shadow
+        // misses at its next lookup and is refilled from the origin.
+        Target::Tags { host, tags } => {
+            let outcome = storage.purge_tags(&format!("{host}/"), tags);
+            let label = if outcome.is_ok() { "banned" } else { "error" };
+            metrics.purges.with_label_values(&["tag", label]).inc();
+            outcome.map(|()| true)
+        }
     }
 }
 
@@ -86,5 +112,21 @@ mod tests {
         );
         assert!(Target::parse("example.com").is_err());
         assert!(Target::parse("/a").is_err());
+    }
+
+    #[test]
+    fn tag_targets_normalize_the_host_and_check_the_tags() {
+        let tags = |v: &[&str]| v.iter().map(|t| t.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            Target::tags("Example.com", &tags(&["A", "b"])).unwrap(),
+            Target::Tags {
+                host: "example.com".into(),
+                tags: tags(&["a", "b"]),
+            }
+        );
+        assert!(Target::tags("example.com", &[]).is_err());
+        assert!(Target::tags("a b", &tags(&["x"])).is_err());
+        assert!(Target::tags("h/x", &tags(&["x"])).is_err());
+        assert!(Target::tags("", &tags(&["x"])).is_err());
     }
 }

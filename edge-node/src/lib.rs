@@ -20,6 +20,7 @@ pub mod server;
 pub mod shadow;
 pub mod storage;
 pub mod sync;
+pub mod tags;
 
 pub use config::EdgeConfig;
 pub use server::{EdgeNode, StartError};

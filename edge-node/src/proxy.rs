@@ -47,6 +47,7 @@ use crate::sync::{
     format_peer_via, PeerDirectory, PEER_ADMITTED_HEADER, PEER_FETCH_HEADER, PEER_HINT_HEADER,
     PEER_VIA_HEADER,
 };
+use crate::tags;
 
 /// A random per-process value that authenticates the edge's requests to its own listener
 /// (shadow fills, peer fetches), so a client cannot pass for them.
@@ -761,8 +762,10 @@ impl ProxyHttp for EdgeProxy {
         let from_peer = ctx.demand_peer.is_some() || ctx.peer_fill;
         let admitted = from_peer.then(|| peer_admitted(resp)).flatten();
         let purged = ctx.fetch_started.is_some_and(|(t, wall)| {
-            storage.purged_during(&ctx.key, t, wall)
-                || admitted.is_some_and(|a| a < wall && storage.purged_since_admitted(&ctx.key, a))
+            storage.purged_during(&ctx.key, t, wall, &resp.headers)
+                || admitted.is_some_and(|a| {
+                    a < wall && storage.purged_since_admitted(&ctx.key, a, &resp.headers)
+                })
         });
         if purged {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
@@ -973,6 +976,10 @@ impl ProxyHttp for EdgeProxy {
         // Between edges only: a peer's admission time (see `response_cache_filter`) is not
         // passed on, and this edge states its own when another edge fetches from it.
         resp.remove_header(PEER_ADMITTED_HEADER);
+        // A peer keeps the tags with its copy, so a tag purge reaches it there too.
+        if !ctx.only_if_cached {
+            tags::strip(resp);
+        }
         if ctx.only_if_cached && from_cache {
             let created = session.cache.cache_meta().created();
             let ms = created

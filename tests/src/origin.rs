@@ -17,6 +17,7 @@
 //! - `errors_at=2,3` answer the path's 2nd and 3rd requests with 500; `error_cc=...` is
 //!   their Cache-Control
 //! - `set_cookie=...` send `Set-Cookie`
+//! - `skey=...` send `Surrogate-Key`; `ctag=...` send `Cache-Tag` (cache tags)
 //! - `https_redirect=1` a cacheable 301 to https for requests not forwarded as https
 
 use std::collections::HashMap;
@@ -234,6 +235,12 @@ async fn handle(
     }
     if let Some(cookie) = q.get("set_cookie") {
         resp = resp.header("set-cookie", cookie);
+    }
+    if let Some(tags) = q.get("skey") {
+        resp = resp.header("surrogate-key", tags);
+    }
+    if let Some(tags) = q.get("ctag") {
+        resp = resp.header("cache-tag", tags);
     }
     if let Some(etag) = q.get("etag") {
         let tag = format!("\"{etag}\"");

@@ -120,7 +120,14 @@ type ApiResult = Result<Response, ApiError>;
 
 /// Take one `class` call from provider `id`'s budget: 429 with `Retry-After` once it is spent.
 fn within_budget(s: &ApiState, class: CallClass, id: &str) -> Result<(), ApiError> {
-    s.limits.check(class, id).map_err(|wait| {
+    rate_limited(class, s.limits.check(class, id))
+}
+
+fn rate_limited(
+    class: CallClass,
+    checked: Result<(), std::time::Duration>,
+) -> Result<(), ApiError> {
+    checked.map_err(|wait| {
         let secs = wait.as_secs_f64().ceil().max(1.0) as u64;
         ApiError {
             retry_after: Some(secs),
@@ -470,32 +477,54 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
     let req: PurgeBody = read_json(body, s.max_body).await?;
     let host = check_host(&req.host)?;
     s.registry.check_host_owner(&p.id, &host)?;
-    let target = match (&req.path, &req.prefix) {
-        (Some(path), None) => {
-            check_path("path", path)?;
-            format!("{host}{path}")
+    let (results, report) = match (&req.path, &req.prefix, &req.tags) {
+        (None, None, Some(tags)) => {
+            let tags = edge_node::tags::check(tags).map_err(|e| Invalid {
+                field: "tags",
+                message: e.to_string(),
+            })?;
+            // One purge per tag: the call itself paid for the first.
+            let extra = tags.len().saturating_sub(1) as u32;
+            rate_limited(
+                CallClass::Purge,
+                s.limits.check_extra(CallClass::Purge, &p.id, extra),
+            )?;
+            let results = s.sync.purge_tags_everywhere(&host, &tags).await;
+            let report = json!({ "host": host, "tags": tags, "edges": results });
+            (results, report)
         }
-        (None, Some(prefix)) => {
-            check_path("prefix", prefix)?;
-            format!("{host}{prefix}*")
+        (path, prefix, None) => {
+            let target = match (path, prefix) {
+                (Some(path), None) => {
+                    check_path("path", path)?;
+                    format!("{host}{path}")
+                }
+                (None, Some(prefix)) => {
+                    check_path("prefix", prefix)?;
+                    format!("{host}{prefix}*")
+                }
+                _ => return Err(one_purge_target().into()),
+            };
+            let results = s.sync.purge_everywhere(&target).await;
+            s.planner.forget(&target);
+            let report = json!({ "target": target, "edges": results });
+            (results, report)
         }
-        _ => {
-            return Err(Invalid {
-                field: "path",
-                message: "give exactly one of path or prefix".into(),
-            }
-            .into())
-        }
+        _ => return Err(one_purge_target().into()),
     };
-    let results = s.sync.purge_everywhere(&target).await;
-    s.planner.forget(&target);
-    let failed = results.iter().filter(|r| !r.ok).count();
-    let status = if failed == 0 {
+    let status = if results.iter().all(|r| r.ok) {
         StatusCode::OK
     } else {
         StatusCode::MULTI_STATUS
     };
-    Ok((status, Json(json!({ "target": target, "edges": results }))).into_response())
+    Ok((status, Json(report)).into_response())
+}
+
+fn one_purge_target() -> Invalid {
+    Invalid {
+        field: "path",
+        message: "give exactly one of path, prefix or tags".into(),
+    }
 }
 
 #[derive(Deserialize)]

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Copy, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimits {
-    /// `POST /v1/purge` calls (default 120).
+    /// `POST /v1/purge` calls (default 120); a tag purge counts once per tag.
     #[serde(default = "default_purges")]
     pub purges_per_minute: u32,
     /// `POST /v1/events` calls (default 600).
@@ -98,6 +98,7 @@ pub struct ApiLimits {
     purge: DefaultKeyedRateLimiter<String>,
     event: DefaultKeyedRateLimiter<String>,
     write: DefaultKeyedRateLimiter<String>,
+    allowances: RateLimits,
 }
 
 impl ApiLimits {
@@ -112,6 +113,7 @@ impl ApiLimits {
             purge: per_minute(limits.purges_per_minute),
             event: per_minute(limits.events_per_minute),
             write: per_minute(limits.writes_per_minute),
+            allowances: *limits,
         }
     }
 
@@ -122,9 +124,42 @@ impl ApiLimits {
             CallClass::Event => &self.event,
             CallClass::Write => &self.write,
         };
-        limiter
-            .check_key(&provider.to_string())
-            .map_err(|not_until| not_until.wait_time_from(limiter.clock().now()))
+        self.take(limiter, provider, NonZeroU32::MIN)
+    }
+
+    /// Take `extra` more from the budget of a call [`Self::check`] already charged (a purge
+    /// of `extra + 1` tags costs one per tag). It takes at most a minute's allowance less
+    /// the one already taken, so a call never costs more than a full budget holds and a
+    /// retry after a minute always passes.
+    pub fn check_extra(
+        &self,
+        class: CallClass,
+        provider: &str,
+        extra: u32,
+    ) -> Result<(), Duration> {
+        let (limiter, allowance) = match class {
+            CallClass::Purge => (&self.purge, self.allowances.purges_per_minute),
+            CallClass::Event => (&self.event, self.allowances.events_per_minute),
+            CallClass::Write => (&self.write, self.allowances.writes_per_minute),
+        };
+        match NonZeroU32::new(extra.min(allowance.saturating_sub(1))) {
+            Some(n) => self.take(limiter, provider, n),
+            None => Ok(()),
+        }
+    }
+
+    fn take(
+        &self,
+        limiter: &DefaultKeyedRateLimiter<String>,
+        provider: &str,
+        n: NonZeroU32,
+    ) -> Result<(), Duration> {
+        match limiter.check_key_n(&provider.to_string(), n) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(not_until)) => Err(not_until.wait_time_from(limiter.clock().now())),
+            // Unreachable with `n` at most the burst; read as "a minute".
+            Err(_) => Err(Duration::from_secs(60)),
+        }
     }
 }
 
@@ -150,6 +185,29 @@ mod tests {
         assert_eq!(limits.check(CallClass::Purge, "p-b"), Ok(()));
         assert_eq!(limits.check(CallClass::Write, "p-a"), Ok(()));
         assert_eq!(limits.check(CallClass::Event, "p-a"), Ok(()));
+    }
+
+    /// A purge of several tags costs one purge per tag, never more than the whole budget.
+    #[test]
+    fn a_call_may_cost_more_but_at_most_the_burst() {
+        let limits = ApiLimits::new(&RateLimits {
+            purges_per_minute: 4,
+            ..RateLimits::default()
+        });
+        assert_eq!(limits.check(CallClass::Purge, "p-a"), Ok(()));
+        assert_eq!(limits.check_extra(CallClass::Purge, "p-a", 2), Ok(()));
+        assert!(limits.check_extra(CallClass::Purge, "p-a", 2).is_err());
+        assert_eq!(limits.check(CallClass::Purge, "p-a"), Ok(()));
+        assert!(limits.check(CallClass::Purge, "p-a").is_err(), "spent");
+        assert_eq!(limits.check(CallClass::Purge, "p-b"), Ok(()));
+        assert_eq!(
+            limits.check_extra(CallClass::Purge, "p-b", 63),
+            Ok(()),
+            "a call larger than the budget takes all of it"
+        );
+        let wait = limits.check(CallClass::Purge, "p-b").unwrap_err();
+        assert!(wait > Duration::from_secs(10), "{wait:?}");
+        assert_eq!(limits.check_extra(CallClass::Purge, "p-b", 0), Ok(()));
     }
 
     #[test]

@@ -171,6 +171,10 @@ pub struct PurgeBody {
     /// Prefix to purge.
     #[serde(default)]
     pub prefix: Option<String>,
+    /// Cache tags: every object of the host whose response carried one of them
+    /// (`Surrogate-Key` / `Cache-Tag`).
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
 }
 
 /// A validation failure naming the field.

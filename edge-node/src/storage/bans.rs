@@ -1,4 +1,4 @@
-//! Durable purge-by-prefix bans.
+//! Durable purge-by-prefix and purge-by-tag bans.
 //!
 //! foyer cannot enumerate its disk tier, so a prefix purge cannot find every object it covers.
 //! Instead, like Varnish bans, it records "every object under this prefix stored before T is
@@ -9,8 +9,12 @@
 //! treated as a miss, so dropping a ban can never resurrect what it covered — and an old purge
 //! of one host never flushes another's long-lived objects.
 //!
+//! A tag ban ([`crate::tags`]) is the same with "carrying this tag" for "under this prefix":
+//! it covers the objects of its host stored before it whose stored response names the tag.
+//!
 //! Bans and floors are kept per scope, the key's host part up to the first `/`, so a hit only
-//! checks the bans of its own host. A host's floor is also raised when the host is registered
+//! checks the bans of its own host (a host's tags are its own: one provider's purge never
+//! reaches another's objects). A host's floor is also raised when the host is registered
 //! anew ([`crate::ownership`]); the log remembers which registration each host last applied
 //! (`owner` lines) so that it is applied once.
 
@@ -20,7 +24,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use http::HeaderMap;
 use parking_lot::{Mutex, RwLock};
+
+use crate::tags;
 
 /// Why the ban log could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -49,9 +56,35 @@ pub struct OwnerChange {
 
 #[derive(Debug, Clone)]
 struct Ban {
-    prefix: String,
+    target: Banned,
     /// Milliseconds since the epoch.
     at_ms: u64,
+}
+
+/// What a ban covers.
+#[derive(Debug, Clone)]
+enum Banned {
+    /// Keys starting with this.
+    Prefix(String),
+    /// Objects of scope `scope` whose response carries `tag` (lower-cased).
+    Tag { scope: String, tag: String },
+}
+
+impl Ban {
+    fn scope(&self) -> &str {
+        match &self.target {
+            Banned::Prefix(p) => scope(p),
+            Banned::Tag { scope, .. } => scope,
+        }
+    }
+
+    /// The ban's log line.
+    fn line(&self) -> String {
+        match &self.target {
+            Banned::Prefix(p) => format!("ban {} {p}\n", self.at_ms),
+            Banned::Tag { scope, tag } => format!("tag {} {scope} {tag}\n", self.at_ms),
+        }
+    }
 }
 
 /// The bans of one scope, indexed so that a lookup costs at most one hash probe per distinct
@@ -65,14 +98,24 @@ struct ScopeBans {
     newest: HashMap<String, u64>,
     /// The distinct lengths of the prefixes in `newest`, ascending.
     lengths: Vec<usize>,
+    /// The newest ban time of each tag.
+    tags: HashMap<String, u64>,
 }
 
 impl ScopeBans {
     fn push(&mut self, ban: Ban) {
-        let at = self.newest.entry(ban.prefix.clone()).or_default();
-        *at = (*at).max(ban.at_ms);
-        if let Err(i) = self.lengths.binary_search(&ban.prefix.len()) {
-            self.lengths.insert(i, ban.prefix.len());
+        match &ban.target {
+            Banned::Prefix(prefix) => {
+                let at = self.newest.entry(prefix.clone()).or_default();
+                *at = (*at).max(ban.at_ms);
+                if let Err(i) = self.lengths.binary_search(&prefix.len()) {
+                    self.lengths.insert(i, prefix.len());
+                }
+            }
+            Banned::Tag { tag, .. } => {
+                let at = self.tags.entry(tag.clone()).or_default();
+                *at = (*at).max(ban.at_ms);
+            }
         }
         self.all.push(ban);
     }
@@ -90,6 +133,7 @@ impl ScopeBans {
         if !expired.is_empty() {
             self.newest.clear();
             self.lengths.clear();
+            self.tags.clear();
             for b in std::mem::take(&mut self.all) {
                 self.push(b);
             }
@@ -97,16 +141,23 @@ impl ScopeBans {
         expired
     }
 
-    /// Whether a ban at or after `stored_ms` has a prefix of `key`.
-    fn covers(&self, key: &str, stored_ms: u64) -> bool {
-        self.lengths
+    /// Whether a ban at or after `stored_ms` has a prefix of `key` or a tag of the stored
+    /// response's `headers`.
+    fn covers(&self, key: &str, stored_ms: u64, headers: &HeaderMap) -> bool {
+        let by_prefix = self
+            .lengths
             .iter()
             .take_while(|l| **l <= key.len())
             .any(|&l| {
                 key.get(..l)
                     .and_then(|p| self.newest.get(p))
                     .is_some_and(|at| *at >= stored_ms)
-            })
+            });
+        by_prefix
+            || (!self.tags.is_empty()
+                && tags::any(headers, |t| {
+                    self.tags.get(t).is_some_and(|at| *at >= stored_ms)
+                }))
     }
 }
 
@@ -131,7 +182,7 @@ fn scope(s: &str) -> &str {
 impl State {
     fn push(&mut self, ban: Ban) {
         self.bans
-            .entry(scope(&ban.prefix).to_string())
+            .entry(ban.scope().to_string())
             .or_default()
             .push(ban);
     }
@@ -224,9 +275,20 @@ impl BanList {
                         state.owners.insert(prefix.to_string(), at_ms);
                     }
                     "ban" => state.push(Ban {
-                        prefix: prefix.to_string(),
+                        target: Banned::Prefix(prefix.to_string()),
                         at_ms,
                     }),
+                    "tag" => {
+                        if let Some((scope, tag)) = prefix.split_once(' ') {
+                            state.push(Ban {
+                                target: Banned::Tag {
+                                    scope: scope.to_string(),
+                                    tag: tag.to_string(),
+                                },
+                                at_ms,
+                            });
+                        }
+                    }
                     _ => continue,
                 }
             }
@@ -250,11 +312,32 @@ impl BanList {
 
     /// Record a ban on every object whose primary key starts with `prefix`, durably.
     pub fn add(&self, prefix: &str) -> Result<(), BanError> {
-        let prefix = one_line(prefix);
+        self.add_all(vec![Banned::Prefix(one_line(prefix))])
+    }
+
+    /// Record a ban on every object of host scope `scope` (`host/`) whose response carries
+    /// one of `tags`, durably, with one fsync. The tags must have passed [`tags::check`]
+    /// (lower-case, no spaces) and the scope must hold no space: both are log fields.
+    pub fn add_tags(&self, scope: &str, tags: &[String]) -> Result<(), BanError> {
+        let scope = one_line(scope);
+        self.add_all(
+            tags.iter()
+                .map(|tag| Banned::Tag {
+                    scope: scope.clone(),
+                    tag: one_line(tag),
+                })
+                .collect(),
+        )
+    }
+
+    fn add_all(&self, targets: Vec<Banned>) -> Result<(), BanError> {
         let at_ms = now_ms();
-        self.record(format!("ban {at_ms} {prefix}\n"), |s| {
-            s.push(Ban { prefix, at_ms })
-        })
+        let bans: Vec<Ban> = targets
+            .into_iter()
+            .map(|target| Ban { target, at_ms })
+            .collect();
+        let lines: String = bans.iter().map(Ban::line).collect();
+        self.record(lines, |s| bans.into_iter().for_each(|b| s.push(b)))
     }
 
     /// The registration time last applied to host scope `scope` (see [`OwnerChange`]).
@@ -316,9 +399,9 @@ impl BanList {
         Ok(())
     }
 
-    /// Whether an object with `key`, stored at `stored`, is covered by a ban (or predates the
-    /// floor) and must be treated as absent.
-    pub fn is_banned(&self, key: &str, stored: SystemTime) -> bool {
+    /// Whether an object with `key`, stored at `stored` with response `headers` (where its
+    /// tags are), is covered by a ban (or predates the floor) and must be treated as absent.
+    pub fn is_banned(&self, key: &str, stored: SystemTime, headers: &HeaderMap) -> bool {
         let stored_ms = millis(stored);
         let s = self.state.read();
         if s.bans.is_empty() && s.floors.is_empty() {
@@ -327,7 +410,9 @@ impl BanList {
         let scopes = [scope(key), ""];
         scopes.iter().any(|sc| {
             s.floors.get(*sc).is_some_and(|f| stored_ms < *f)
-                || s.bans.get(*sc).is_some_and(|b| b.covers(key, stored_ms))
+                || s.bans
+                    .get(*sc)
+                    .is_some_and(|b| b.covers(key, stored_ms, headers))
         })
     }
 
@@ -377,7 +462,7 @@ impl BanList {
                 text.push_str(&format!("owner {r} {sc}\n"));
             }
             for b in s.bans.values().flat_map(|b| &b.all) {
-                text.push_str(&format!("ban {} {}\n", b.at_ms, b.prefix));
+                text.push_str(&b.line());
             }
             text
         };
@@ -400,7 +485,59 @@ impl BanList {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::LazyLock;
+
     use super::*;
+
+    static NO_TAGS: LazyLock<HeaderMap> = LazyLock::new(HeaderMap::new);
+
+    fn tagged(value: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("surrogate-key", value.parse().unwrap());
+        h
+    }
+
+    /// A tag ban covers the older objects of its own host whose response names the tag, in
+    /// any case, through a reopen and a compaction; its expiry raises the host's floor as a
+    /// prefix ban's does.
+    #[test]
+    fn tag_bans_cover_their_hosts_tagged_objects_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let later = SystemTime::now() + Duration::from_secs(1);
+        let (product, other) = (tagged("Home product-42"), tagged("product-7"));
+        let check = |b: &BanList| {
+            assert!(b.is_banned("h/p/42", old, &product));
+            assert!(
+                !b.is_banned("h/p/42", later, &product),
+                "stored after the ban"
+            );
+            assert!(!b.is_banned("h/p/7", old, &other), "another tag");
+            assert!(!b.is_banned("h/p/none", old, &NO_TAGS), "untagged");
+            assert!(!b.is_banned("g/p/42", old, &product), "another host");
+        };
+        {
+            let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+            b.add_tags("h/", &["product-42".into(), "gone".into()])
+                .unwrap();
+            assert_eq!(b.len(), 2);
+            check(&b);
+        }
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        check(&b);
+        b.add("h/unrelated/").unwrap();
+        b.compact().unwrap();
+        drop(b);
+        check(&BanList::open(dir.path(), Duration::from_secs(3600)).unwrap());
+        std::thread::sleep(Duration::from_millis(5));
+        let b = BanList::open(dir.path(), Duration::from_millis(1)).unwrap();
+        assert!(b.is_empty(), "expired");
+        assert!(
+            b.is_banned("h/p/7", old, &other),
+            "the floor covers the host"
+        );
+        assert!(!b.is_banned("g/p/42", old, &product));
+    }
 
     /// The prefix index answers exactly as scanning every ban would, for prefixes of many
     /// lengths (some not on a character boundary of the key), before and after expiry.
@@ -426,21 +563,25 @@ mod tests {
             let cut = rng.gen_range(0..=key.len());
             let prefix = String::from_utf8_lossy(&key.as_bytes()[..cut]).into_owned();
             let ban = Ban {
-                prefix,
+                target: Banned::Prefix(prefix),
                 at_ms: rng.gen_range(0..1_000),
             };
             plain.push(ban.clone());
             state.push(ban);
         }
         let scan = |plain: &[Ban], key: &str, at: u64| {
-            plain
-                .iter()
-                .any(|b| b.at_ms >= at && key.starts_with(b.prefix.as_str()))
+            plain.iter().any(|b| {
+                b.at_ms >= at
+                    && matches!(&b.target, Banned::Prefix(p) if key.starts_with(p.as_str()))
+            })
         };
         let indexed = |state: &State, key: &str, at: u64| {
-            [scope(key), ""]
-                .iter()
-                .any(|sc| state.bans.get(*sc).is_some_and(|b| b.covers(key, at)))
+            [scope(key), ""].iter().any(|sc| {
+                state
+                    .bans
+                    .get(*sc)
+                    .is_some_and(|b| b.covers(key, at, &NO_TAGS))
+            })
         };
         let agree = |state: &State, plain: &[Ban]| {
             for key in keys {
@@ -470,13 +611,13 @@ mod tests {
         .unwrap();
         {
             let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-            assert!(b.is_banned("h/x/1", old));
+            assert!(b.is_banned("h/x/1", old, &NO_TAGS));
             b.add("h/y/").unwrap();
         }
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        assert!(b.is_banned("h/x/1", old));
+        assert!(b.is_banned("h/x/1", old, &NO_TAGS));
         assert!(
-            b.is_banned("h/y/1", old),
+            b.is_banned("h/y/1", old, &NO_TAGS),
             "the ban after the torn line survives"
         );
         assert_eq!(b.len(), 2);
@@ -488,16 +629,16 @@ mod tests {
         let old = SystemTime::now() - Duration::from_secs(10);
         {
             let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-            assert!(!b.is_banned("h/a/1", old));
+            assert!(!b.is_banned("h/a/1", old, &NO_TAGS));
             b.add("h/a/").unwrap();
-            assert!(b.is_banned("h/a/1", old));
-            assert!(!b.is_banned("h/b/1", old));
+            assert!(b.is_banned("h/a/1", old, &NO_TAGS));
+            assert!(!b.is_banned("h/b/1", old, &NO_TAGS));
             let fresh = SystemTime::now() + Duration::from_secs(1);
-            assert!(!b.is_banned("h/a/1", fresh));
+            assert!(!b.is_banned("h/a/1", fresh, &NO_TAGS));
         }
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         assert_eq!(b.len(), 1);
-        assert!(b.is_banned("h/a/1", old));
+        assert!(b.is_banned("h/a/1", old, &NO_TAGS));
     }
 
     #[test]
@@ -512,13 +653,17 @@ mod tests {
         let b = BanList::open(dir.path(), Duration::from_millis(1)).unwrap();
         assert_eq!(b.len(), 0);
         // Still gone: it predates its host's floor.
-        assert!(b.is_banned("h/zzz", old));
-        assert!(!b.is_banned("h/zzz", SystemTime::now() + Duration::from_secs(1)));
+        assert!(b.is_banned("h/zzz", old, &NO_TAGS));
+        assert!(!b.is_banned(
+            "h/zzz",
+            SystemTime::now() + Duration::from_secs(1),
+            &NO_TAGS
+        ));
         // Another host's old objects are untouched by it, also after a reopen.
-        assert!(!b.is_banned("other/x", old));
+        assert!(!b.is_banned("other/x", old, &NO_TAGS));
         drop(b);
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        assert!(b.is_banned("h/zzz", old) && !b.is_banned("other/x", old));
+        assert!(b.is_banned("h/zzz", old, &NO_TAGS) && !b.is_banned("other/x", old, &NO_TAGS));
     }
 
     #[test]
@@ -541,15 +686,15 @@ mod tests {
                 .unwrap();
             assert_eq!(b.owner("h/"), Some(7));
             assert_eq!(b.owner("g/"), None);
-            assert!(b.is_banned("h/x", before), "never lowered");
-            assert!(!b.is_banned("h/x", after));
-            assert!(!b.is_banned("other/x", before));
+            assert!(b.is_banned("h/x", before, &NO_TAGS), "never lowered");
+            assert!(!b.is_banned("h/x", after, &NO_TAGS));
+            assert!(!b.is_banned("other/x", before, &NO_TAGS));
             assert!(b.is_empty(), "a floor is not a ban");
         }
         let check = |b: &BanList| {
             assert_eq!(b.owner("h/"), Some(7));
-            assert!(b.is_banned("h/x", before) && !b.is_banned("h/x", after));
-            assert!(!b.is_banned("other/x", before));
+            assert!(b.is_banned("h/x", before, &NO_TAGS) && !b.is_banned("h/x", after, &NO_TAGS));
+            assert!(!b.is_banned("other/x", before, &NO_TAGS));
         };
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         check(&b);
@@ -582,7 +727,7 @@ mod tests {
             b.add("h/kept/").unwrap();
         }
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        assert!(b.is_banned("h/kept/x", old));
+        assert!(b.is_banned("h/kept/x", old, &NO_TAGS));
     }
 
     /// An append that fails part-way is cut off again (or, if that fails too, the next one
@@ -601,7 +746,7 @@ mod tests {
             };
             assert!(b.add("h/failed/").is_err());
             assert!(
-                !b.is_banned("h/failed/x", old),
+                !b.is_banned("h/failed/x", old, &NO_TAGS),
                 "not acknowledged, not applied"
             );
             // What a write that failed half-way leaves behind.
@@ -612,7 +757,7 @@ mod tests {
         }
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         assert!(
-            b.is_banned("h/next/x", old),
+            b.is_banned("h/next/x", old, &NO_TAGS),
             "{}",
             fs::read_to_string(&path).unwrap()
         );
@@ -625,7 +770,7 @@ mod tests {
         fs::write(dir.path().join("bans.log"), format!("floor {t} -\n")).unwrap();
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let old = SystemTime::now() - Duration::from_secs(10);
-        assert!(b.is_banned("any/x", old));
+        assert!(b.is_banned("any/x", old, &NO_TAGS));
     }
 
     #[test]
@@ -634,8 +779,8 @@ mod tests {
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         let old = SystemTime::now() - Duration::from_secs(10);
         b.add("ho").unwrap();
-        assert!(b.is_banned("host/a", old) && b.is_banned("hob/b", old));
-        assert!(!b.is_banned("x/a", old));
+        assert!(b.is_banned("host/a", old, &NO_TAGS) && b.is_banned("hob/b", old, &NO_TAGS));
+        assert!(!b.is_banned("x/a", old, &NO_TAGS));
     }
 
     #[test]

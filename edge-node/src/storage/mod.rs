@@ -27,6 +27,7 @@ use foyer::{
     BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
     HybridCachePolicy, RecoverMode, Spawner,
 };
+use http::HeaderMap;
 use parking_lot::Mutex;
 use pingora_cache::key::{CacheHashKey, CacheKey, CompactCacheKey};
 use pingora_cache::predictor::{CacheablePredictor, Predictor};
@@ -340,26 +341,33 @@ impl FoyerStorage {
     }
 
     /// Whether a fetch of `primary_key` that started at `started` (`started_wall` on the wall
-    /// clock) overlapped a key purge or a prefix ban covering it: its answer predates the
-    /// purge and must not be cached.
+    /// clock) and answered with `headers` overlapped a key purge or a prefix or tag ban
+    /// covering it: its answer predates the purge and must not be cached.
     pub fn purged_during(
         &self,
         primary_key: &str,
         started: Instant,
         started_wall: SystemTime,
+        headers: &HeaderMap,
     ) -> bool {
         let hash = primary_hash(primary_key);
-        self.recent.purged_since(hash, started) || self.bans.is_banned(primary_key, started_wall)
+        self.recent.purged_since(hash, started)
+            || self.bans.is_banned(primary_key, started_wall, headers)
     }
 
     /// Whether a copy another edge admitted at `admitted` predates a purge this edge applied:
     /// a key purge since then (within the recent-purge window, as for a local copy read back)
-    /// or a prefix ban or host floor covering it. That edge may not have applied the purge
-    /// yet; the copy is served but not cached here.
-    pub fn purged_since_admitted(&self, primary_key: &str, admitted: SystemTime) -> bool {
+    /// or a prefix or tag ban or host floor covering it (`headers` are the copy's). That edge
+    /// may not have applied the purge yet; the copy is served but not cached here.
+    pub fn purged_since_admitted(
+        &self,
+        primary_key: &str,
+        admitted: SystemTime,
+        headers: &HeaderMap,
+    ) -> bool {
         self.recent
             .purged_after(admitted, || primary_hash(primary_key))
-            || self.bans.is_banned(primary_key, admitted)
+            || self.bans.is_banned(primary_key, admitted, headers)
     }
 
     /// Whether the cache (memory or disk) holds an object under `primary_key`.
@@ -407,6 +415,13 @@ impl FoyerStorage {
         // Fills in flight under the prefix carry a creation time older than the ban, so their
         // objects are dropped at their first lookup after commit.
         self.bans.add(prefix)
+    }
+
+    /// Ban every object of host scope `scope` (`host/`) whose response carries one of `tags`
+    /// (checked by [`crate::tags::check`]); durable before it returns. As with a prefix, a
+    /// fill in flight is dropped at its first lookup after commit.
+    pub fn purge_tags(&self, scope: &str, tags: &[String]) -> Result<(), BanError> {
+        self.bans.add_tags(scope, tags)
     }
 
     /// The registration time last applied to host scope `scope` (see [`crate::ownership`]).
@@ -491,7 +506,10 @@ impl Storage for FoyerStorage {
         // came before a prefix ban covering it is not joined (nor, once committed, served).
         if let Some(fill) = self.any_fill(hash) {
             if let Some(hit) = partial_hit(fill)? {
-                if !self.bans.is_banned(&primary, hit.0.created()) {
+                if !self
+                    .bans
+                    .is_banned(&primary, hit.0.created(), hit.0.headers())
+                {
                     return Ok(Some(hit));
                 }
             }
@@ -507,7 +525,9 @@ impl Storage for FoyerStorage {
                 return Ok(None);
             }
         };
-        if self.bans.is_banned(&primary, meta.created())
+        if self
+            .bans
+            .is_banned(&primary, meta.created(), meta.headers())
             || self
                 .recent
                 .purged_after(meta.created(), || hash_of(key.primary_bin()))
@@ -1046,7 +1066,7 @@ mod tests {
         let s = small_storage(dir.path()).await;
         let long_ago = SystemTime::now() - Duration::from_secs(3600);
         assert!(
-            !s.purged_since_admitted("h/old", long_ago),
+            !s.purged_since_admitted("h/old", long_ago, &HeaderMap::new()),
             "no purge since"
         );
         let before = SystemTime::now();
@@ -1054,19 +1074,26 @@ mod tests {
         s.invalidate_key("h/k");
         std::thread::sleep(Duration::from_millis(2));
         let after = SystemTime::now();
-        assert!(s.purged_since_admitted("h/k", long_ago));
-        assert!(s.purged_since_admitted("h/k", before));
+        assert!(s.purged_since_admitted("h/k", long_ago, &HeaderMap::new()));
+        assert!(s.purged_since_admitted("h/k", before, &HeaderMap::new()));
         assert!(
-            !s.purged_since_admitted("h/k", after),
+            !s.purged_since_admitted("h/k", after, &HeaderMap::new()),
             "admitted after the purge"
         );
-        assert!(!s.purged_since_admitted("h/other", before), "another key");
+        assert!(
+            !s.purged_since_admitted("h/other", before, &HeaderMap::new()),
+            "another key"
+        );
         s.purge_prefix("h/dir/").unwrap();
         assert!(
-            s.purged_since_admitted("h/dir/x", before),
+            s.purged_since_admitted("h/dir/x", before, &HeaderMap::new()),
             "under a later ban"
         );
-        assert!(!s.purged_since_admitted("h/dir/x", SystemTime::now() + Duration::from_secs(1)));
+        assert!(!s.purged_since_admitted(
+            "h/dir/x",
+            SystemTime::now() + Duration::from_secs(1),
+            &HeaderMap::new()
+        ));
         // Refusing such an answer once says nothing about the key's next one.
         use pingora_cache::predictor::CacheablePredictor;
         let key = CacheKey::new("h/k", "");

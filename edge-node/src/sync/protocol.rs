@@ -75,6 +75,13 @@ pub enum Request {
         /// The key or prefix.
         target: String,
     },
+    /// Broker → edge: purge every object of `host` whose response carries one of `tags`.
+    InvalidateTags {
+        /// The host.
+        host: String,
+        /// The tags (see [`crate::tags::check`]).
+        tags: Vec<String>,
+    },
     /// Broker → edge: report counters, and the shadow outcomes after those in batch `ack`
     /// (the last batch the broker received; see [`crate::shadow::OutcomeLog::batch`]).
     Stats {
@@ -103,6 +110,7 @@ impl Request {
             Request::Shadow(_) => "shadow",
             Request::Unshadow { .. } => "unshadow",
             Request::Invalidate { .. } => "invalidate",
+            Request::InvalidateTags { .. } => "invalidate_tags",
             Request::Stats { .. } => "stats",
             Request::Shadows { .. } => "shadows",
             Request::PeerFetch { .. } => "peer_fetch",

@@ -347,13 +347,10 @@ impl Handler {
                 },
                 None => Reply::error(ErrorCode::Invalid, "key must be {host}/{path}"),
             },
-            Request::Invalidate { target } => match Target::parse(&target) {
-                Ok(t) => match invalidate(p.storage, &p.shadows, &p.metrics, &t).await {
-                    Ok(found) => Reply::Done { found },
-                    Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
-                },
-                Err(e) => Reply::error(ErrorCode::Invalid, e),
-            },
+            Request::Invalidate { target } => self.invalidate(Target::parse(&target)).await,
+            Request::InvalidateTags { host, tags } => {
+                self.invalidate(Target::tags(&host, &tags)).await
+            }
             Request::Stats { ack } => Reply::Stats(self.stats(ack)),
             Request::Shadows { after } => {
                 let now = Instant::now();
@@ -371,6 +368,18 @@ impl Handler {
                 }
             }
             Request::PeerFetch { .. } => Reply::error(ErrorCode::Invalid, "peer fetch is a stream"),
+        }
+    }
+
+    /// Apply a purge the broker ordered (`Done { found }`), or say why it is refused.
+    async fn invalidate(&self, target: Result<Target, String>) -> Reply {
+        let p = &self.parts;
+        match target {
+            Ok(t) => match invalidate(p.storage, &p.shadows, &p.metrics, &t).await {
+                Ok(found) => Reply::Done { found },
+                Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
+            },
+            Err(e) => Reply::error(ErrorCode::Invalid, e),
         }
     }
 
