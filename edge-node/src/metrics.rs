@@ -142,7 +142,7 @@ pub struct EdgeMetrics {
     pub memory_bytes: IntGauge,
     /// Bytes held by bodies being filled (set at scrape time).
     pub fill_bytes: IntGauge,
-    /// Purge-by-prefix bans in force (refreshed on scrape).
+    /// Prefix and tag bans in force (refreshed on scrape).
     pub bans: IntGauge,
     /// The request metrics per status, indexed by `CacheStatus as usize`.
     by_status: Vec<StatusMetrics>,
@@ -286,7 +286,7 @@ impl EdgeMetrics {
                 "shadowcdn_edge_fill_bytes",
                 "Bytes held by bodies being filled, bounded by cache.max_fill_memory",
             )?,
-            bans: IntGauge::new("shadowcdn_edge_purge_bans", "Purge-by-prefix bans in force")?,
+            bans: IntGauge::new("shadowcdn_edge_purge_bans", "Prefix and tag purge bans in force")?,
             by_status: Vec::new(),
         };
         m.by_status = CacheStatus::ALL
