@@ -607,6 +607,94 @@ async fn purge_by_key_and_prefix() {
     assert_eq!(x_cache(&edge.get("/q/three").await), "HIT");
 }
 
+/// Text responses are compressed for clients that accept it and served as stored to those
+/// that do not, from one cache entry; ranges, other types and `no-transform` responses are
+/// never compressed, and a weakened ETag still revalidates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_is_compressed_for_clients_that_accept_it() {
+    use std::io::Read;
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let page = "/z/page.html?size=20000&ct=text/html%3B%20charset%3Dutf-8&etag=v1";
+    let full = body_for("/z/page.html", 20_000);
+
+    let gz = [("accept-encoding", "gzip, br")];
+    let r = edge.request(Method::GET, page, &gz).await;
+    assert_eq!(x_cache(&r), "MISS");
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert!(r.headers()["vary"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase()
+        .contains("accept-encoding"));
+    assert_eq!(r.headers()["etag"], "W/\"v1\"");
+    let packed = body_of(r).await;
+    assert!(packed.len() < full.len() / 2, "{} bytes", packed.len());
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(packed.as_slice())
+        .read_to_end(&mut plain)
+        .unwrap();
+    assert_eq!(plain, full);
+
+    let r = edge.get(page).await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert!(r.headers().get("content-encoding").is_none());
+    assert_eq!(
+        r.headers()["vary"],
+        "Accept-Encoding",
+        "another client gets it compressed"
+    );
+    assert_eq!(r.headers()["content-length"], "20000");
+    assert_eq!(body_of(r).await, full);
+
+    let r = edge
+        .request(Method::GET, page, &[("accept-encoding", "br")])
+        .await;
+    assert_eq!(
+        (
+            x_cache(&r).as_str(),
+            r.headers()["content-encoding"].to_str().unwrap()
+        ),
+        ("HIT", "br")
+    );
+
+    let r = edge
+        .request(Method::GET, page, &[gz[0], ("if-none-match", "W/\"v1\"")])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+
+    let r = edge
+        .request(Method::GET, page, &[gz[0], ("range", "bytes=10-19")])
+        .await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    assert!(r.headers().get("content-encoding").is_none());
+    assert_eq!(body_of(r).await, full[10..20].to_vec());
+
+    for (path, why) in [
+        ("/z/photo.png?size=5000&ct=image/png", "not text"),
+        (
+            "/z/raw.txt?size=5000&ct=text/plain&cc=public,max-age%3D60,no-transform",
+            "no-transform",
+        ),
+        ("/z/untyped?size=5000", "no content type"),
+    ] {
+        let r = edge.request(Method::GET, path, &gz).await;
+        assert!(r.headers().get("content-encoding").is_none(), "{why}");
+        assert_eq!(body_of(r).await.len(), 5000, "{why}");
+    }
+    assert_eq!(
+        origin.hits("/z/page.html"),
+        1,
+        "one cache entry served every client"
+    );
+    let m = edge.metrics().await;
+    assert!(
+        m.contains(r#"shadowcdn_edge_compressed_responses_total{algorithm="gzip"} 1"#),
+        "{m}"
+    );
+}
+
 /// A tag purge removes every object of the host whose response named one of the tags
 /// (`Surrogate-Key` or `Cache-Tag`, any case), and only those; clients never see the tags;
 /// the purge survives a restart and keeps an answer fetched across it out of the cache.

@@ -133,6 +133,11 @@ pub struct ServerSection {
     /// if missing and reopened when rotated away, or `stdout`. Absent: no access log.
     #[serde(default)]
     pub access_log: Option<String>,
+    /// Compression level (1–9, fastest to smallest; `0` turns it off) for text responses sent
+    /// to clients that accept gzip, brotli or zstd (see [`crate::compression`]). Default 1,
+    /// the level whose CPU cost per byte is lowest.
+    #[serde(default = "default_compression_level")]
+    pub compression_level: u32,
 }
 
 /// Operator listener settings.
@@ -293,6 +298,12 @@ impl EdgeConfig {
 
     /// Cross-field rules that types alone cannot express.
     fn check(&self) -> Result<(), ConfigError> {
+        if self.server.compression_level > crate::compression::MAX_LEVEL {
+            return Err(ConfigError::Invalid(format!(
+                "server.compression_level must be between 0 (off) and {}",
+                crate::compression::MAX_LEVEL
+            )));
+        }
         let c = &self.cache;
         if c.memory_capacity.as_u64() < 1024 * 1024 {
             return Err(ConfigError::Invalid(
@@ -491,6 +502,9 @@ fn default_trusted_proxies() -> Vec<IpNet> {
     .map(|n| n.parse().expect("a valid network"))
     .collect()
 }
+fn default_compression_level() -> u32 {
+    1
+}
 fn default_threads() -> usize {
     2
 }
@@ -558,6 +572,33 @@ mod tests {
         assert_eq!(c.cache.max_object_size, ByteSize::mib(64));
         assert_eq!(c.block_size(), 64 * 1024 * 1024 + 256 * 1024);
         assert_eq!(c.cache.max_fill_memory, ByteSize::gib(1));
+    }
+
+    #[test]
+    fn compression_is_on_at_level_one_and_bounded() {
+        assert_eq!(
+            EdgeConfig::from_toml(MINIMAL)
+                .unwrap()
+                .server
+                .compression_level,
+            1
+        );
+        let with = |level: u32| {
+            MINIMAL.replace(
+                "listen = \"127.0.0.1:8080\"",
+                &format!("listen = \"127.0.0.1:8080\"\ncompression_level = {level}"),
+            )
+        };
+        assert_eq!(
+            EdgeConfig::from_toml(&with(0))
+                .unwrap()
+                .server
+                .compression_level,
+            0
+        );
+        assert!(EdgeConfig::from_toml(&with(9)).is_ok());
+        let err = EdgeConfig::from_toml(&with(10)).unwrap_err().to_string();
+        assert!(err.contains("server.compression_level"), "{err}");
     }
 
     #[test]

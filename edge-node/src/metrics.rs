@@ -136,8 +136,12 @@ pub struct EdgeMetrics {
     pub shadows: IntGauge,
     /// Bytes held by live shadows (refreshed on scrape).
     pub shadow_bytes: IntGauge,
-    /// Purges by kind (`key`, `prefix`) and outcome.
+    /// Purges by kind (`key`, `prefix`, `tag`) and outcome.
     pub purges: IntCounterVec,
+    /// Responses compressed on the way out, by algorithm.
+    pub compressed: IntCounterVec,
+    /// Body bytes into and out of the compressor, by algorithm and `stage` (`in`, `out`).
+    pub compression_bytes: IntCounterVec,
     /// Bytes held by the memory tier (refreshed on scrape).
     pub memory_bytes: IntGauge,
     /// Bytes held by bodies being filled (set at scrape time).
@@ -278,6 +282,20 @@ impl EdgeMetrics {
                 Opts::new("shadowcdn_edge_purges_total", "Purge requests"),
                 &["kind", "outcome"],
             )?,
+            compressed: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_compressed_responses_total",
+                    "Responses compressed for the client, by algorithm",
+                ),
+                &["algorithm"],
+            )?,
+            compression_bytes: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_edge_compression_bytes_total",
+                    "Body bytes into (stage=in) and out of (stage=out) the compressor",
+                ),
+                &["algorithm", "stage"],
+            )?,
             memory_bytes: IntGauge::new(
                 "shadowcdn_edge_cache_memory_bytes",
                 "Bytes held by the memory tier",
@@ -286,7 +304,10 @@ impl EdgeMetrics {
                 "shadowcdn_edge_fill_bytes",
                 "Bytes held by bodies being filled, bounded by cache.max_fill_memory",
             )?,
-            bans: IntGauge::new("shadowcdn_edge_purge_bans", "Prefix and tag purge bans in force")?,
+            bans: IntGauge::new(
+                "shadowcdn_edge_purge_bans",
+                "Prefix and tag purge bans in force",
+            )?,
             by_status: Vec::new(),
         };
         m.by_status = CacheStatus::ALL
@@ -324,6 +345,8 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadows.clone()))?;
         registry.register(Box::new(m.shadow_bytes.clone()))?;
         registry.register(Box::new(m.purges.clone()))?;
+        registry.register(Box::new(m.compressed.clone()))?;
+        registry.register(Box::new(m.compression_bytes.clone()))?;
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.fill_bytes.clone()))?;
         registry.register(Box::new(m.bans.clone()))?;

@@ -27,6 +27,8 @@ use pingora_cache::{
     CacheKey, CacheMeta, CacheMetaDefaults, CacheOptionOverrides, CachePhase, NoCacheReason,
     RespCacheable, VarianceBuilder,
 };
+use pingora_core::modules::http::compression::ResponseCompressionBuilder;
+use pingora_core::modules::http::HttpModules;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -34,6 +36,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde::Serialize;
 
 use crate::access_log::{AccessLog, RequestFields};
+use crate::compression;
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, SharedOrigins};
@@ -140,6 +143,8 @@ pub struct EdgeProxy {
     trusted_proxies: Vec<IpNet>,
     /// Where each request's access line goes.
     access_log: Option<AccessLog>,
+    /// Level of the downstream compression module (`0`: off).
+    compression_level: u32,
 }
 
 /// One request's access-log line.
@@ -184,6 +189,8 @@ pub struct RequestCtx {
     demand_peer: Option<PeerRef>,
     /// The miss was filled from a peer edge.
     peer_served: bool,
+    /// What compression may do to this response.
+    compression: compression::Plan,
 }
 
 impl EdgeProxy {
@@ -216,7 +223,14 @@ impl EdgeProxy {
             cache_status_values,
             trusted_proxies: Vec::new(),
             access_log: None,
+            compression_level: 0,
         }
+    }
+
+    /// Compress text responses at `level` for clients that accept it (`0`: never).
+    pub fn with_compression(mut self, level: u32) -> Self {
+        self.compression_level = level;
+        self
     }
 
     /// Write an access line for every request to `log`.
@@ -601,7 +615,12 @@ impl ProxyHttp for EdgeProxy {
             hint_used: false,
             demand_peer: None,
             peer_served: false,
+            compression: compression::Plan::AsStored,
         }
+    }
+
+    fn init_downstream_modules(&self, modules: &mut HttpModules) {
+        modules.add_module(ResponseCompressionBuilder::enable(self.compression_level));
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
@@ -640,10 +659,19 @@ impl ProxyHttp for EdgeProxy {
             .headers
             .get(PEER_FETCH_HEADER)
             .is_some_and(|v| secret.matches(v));
+        // Copies for a peer or for the cache are stored, not shown: left as they are.
+        ctx.compression = if self.compression_level == 0 || ctx.shadow_fill || ctx.only_if_cached {
+            compression::Plan::AsStored
+        } else {
+            compression::Plan::for_request(req)
+        };
         ctx.key = request_key(req, host);
         let path = req.uri.path();
         ctx.origin = self.origins.current().select(host, path).cloned();
         if ctx.origin.is_some() {
+            if ctx.compression != compression::Plan::Compress {
+                compression::disable(session);
+            }
             return Ok(false);
         }
         let msg = format!("no origin is configured for host {host:?} and path {path:?}");
@@ -987,6 +1015,7 @@ impl ProxyHttp for EdgeProxy {
                 .map_or(0, |d| d.as_millis() as u64);
             resp.insert_header(PEER_ADMITTED_HEADER, ms)?;
         }
+        compression::response_filter(ctx.compression, session, resp)?;
         resp.insert_header("x-cache", x_cache_value(status))?;
         resp.insert_header(
             "cache-status",
@@ -1123,6 +1152,13 @@ impl ProxyHttp for EdgeProxy {
                 .origin_fetches
                 .with_label_values(&["error"])
                 .inc();
+        }
+        if let Some((algorithm, into, out, _)) = compression::outcome(session) {
+            let m = &self.metrics;
+            m.compressed.with_label_values(&[algorithm]).inc();
+            let bytes = |stage| m.compression_bytes.with_label_values(&[algorithm, stage]);
+            bytes("in").inc_by(into as u64);
+            bytes("out").inc_by(out as u64);
         }
         if let Some(d) = session.cache.lock_duration() {
             self.metrics.lock_waits.inc();

@@ -201,7 +201,8 @@ impl EdgeNode {
                 peers: peers.clone(),
             },
         )
-        .with_trusted_proxies(cfg.server.trusted_proxies.clone());
+        .with_trusted_proxies(cfg.server.trusted_proxies.clone())
+        .with_compression(cfg.server.compression_level);
         let (proxy, access_log) = match access_log::open_configured(
             cfg.server.access_log.as_deref(),
             metrics.access_log_dropped.clone(),

@@ -18,6 +18,7 @@
 //!   their Cache-Control
 //! - `set_cookie=...` send `Set-Cookie`
 //! - `skey=...` send `Surrogate-Key`; `ctag=...` send `Cache-Tag` (cache tags)
+//! - `ct=...` send this `Content-Type` (none otherwise)
 //! - `https_redirect=1` a cacheable 301 to https for requests not forwarded as https
 
 use std::collections::HashMap;
@@ -235,6 +236,9 @@ async fn handle(
     }
     if let Some(cookie) = q.get("set_cookie") {
         resp = resp.header("set-cookie", cookie);
+    }
+    if let Some(ct) = q.get("ct") {
+        resp = resp.header("content-type", ct);
     }
     if let Some(tags) = q.get("skey") {
         resp = resp.header("surrogate-key", tags);

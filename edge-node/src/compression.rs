@@ -1,0 +1,235 @@
+//! On-the-fly compression of text responses for clients that accept it, as nginx's `gzip`
+//! or a CDN's automatic compression does.
+//!
+//! The cache keeps what the origin sent; pingora's downstream compression module encodes
+//! each response on its way out (gzip, brotli or zstd: the first of the client's
+//! `Accept-Encoding` it knows), adds `Vary: Accept-Encoding` and weakens the ETag (weak
+//! comparison still answers `If-None-Match` with 304). This module decides which responses
+//! it may touch: only text-like types, never a range (its offsets are of the identity body),
+//! never a response marked `no-transform` (RFC 9111 §5.2.2.6), never a copy handed to a peer
+//! edge or a shadow fill (those are stored, not shown).
+
+use std::time::Duration;
+
+use http::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, RANGE, VARY};
+use pingora_core::modules::http::compression::ResponseCompression;
+use pingora_http::{RequestHeader, ResponseHeader};
+use pingora_proxy::Session;
+
+/// Highest level accepted (the gzip scale; the same number is given to brotli and zstd).
+pub const MAX_LEVEL: u32 = 9;
+
+/// What compression does to one response.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// Sent as stored, headers untouched: compression is off, or the copy goes to a peer edge
+    /// or into this cache (a `Vary` added there would split the cache entry).
+    AsStored,
+    /// Not compressed for this client (no `Accept-Encoding`, or a range), but a text response
+    /// says `Vary: Accept-Encoding`, since another client would get it compressed.
+    Identity,
+    /// Compressed if the response allows it.
+    Compress,
+}
+
+impl Plan {
+    /// The plan for a client's request, with compression on: compress when it accepts an
+    /// encoding and asks for the whole body.
+    pub fn for_request(req: &RequestHeader) -> Plan {
+        if req.headers.contains_key(ACCEPT_ENCODING) && !req.headers.contains_key(RANGE) {
+            Plan::Compress
+        } else {
+            Plan::Identity
+        }
+    }
+}
+
+/// Apply `plan` to a response about to be written (before the compression module sees it).
+pub fn response_filter(
+    plan: Plan,
+    session: &mut Session,
+    resp: &mut ResponseHeader,
+) -> pingora_error::Result<()> {
+    match plan {
+        Plan::AsStored => Ok(()),
+        Plan::Compress if response_may_compress(resp) => Ok(()),
+        Plan::Compress => {
+            disable(session);
+            Ok(())
+        }
+        Plan::Identity if response_may_compress(resp) => add_vary(resp),
+        Plan::Identity => Ok(()),
+    }
+}
+
+/// Add `Accept-Encoding` to the response's `Vary` unless it is there (or `*`).
+fn add_vary(resp: &mut ResponseHeader) -> pingora_error::Result<()> {
+    let listed = resp.headers.get_all(VARY).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',').any(|n| {
+                let n = n.trim();
+                n == "*" || n.eq_ignore_ascii_case("accept-encoding")
+            })
+        })
+    });
+    if !listed {
+        resp.append_header(VARY, "Accept-Encoding")?;
+    }
+    Ok(())
+}
+
+/// Whether a response is worth compressing and may be: a text-like type, not already encoded,
+/// not `no-transform`, and a full body (200 or an error page, never a 206).
+pub fn response_may_compress(resp: &ResponseHeader) -> bool {
+    let h = &resp.headers;
+    if resp.status.as_u16() == 206 || h.contains_key(CONTENT_ENCODING) {
+        return false;
+    }
+    let no_transform = h.get_all(CACHE_CONTROL).iter().any(|v| {
+        v.to_str().is_ok_and(|v| {
+            v.split(',')
+                .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
+        })
+    });
+    !no_transform
+        && h.get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(text_like)
+}
+
+/// Media types that compress well; everything else (images, video, archives, fonts already
+/// in woff/woff2) is left alone.
+fn text_like(content_type: &str) -> bool {
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let Some((kind, sub)) = essence.split_once('/') else {
+        return false;
+    };
+    match kind {
+        "text" => true,
+        "application" => {
+            matches!(
+                sub,
+                "javascript"
+                    | "x-javascript"
+                    | "ecmascript"
+                    | "json"
+                    | "xml"
+                    | "wasm"
+                    | "x-ndjson"
+                    | "graphql-response+json"
+            ) || sub.ends_with("+json")
+                || sub.ends_with("+xml")
+        }
+        "image" => matches!(sub, "svg+xml" | "x-icon" | "vnd.microsoft.icon" | "bmp"),
+        "font" => matches!(sub, "ttf" | "otf" | "collection"),
+        _ => false,
+    }
+}
+
+/// Turn compression off for this response (before its header is written).
+pub fn disable(session: &mut Session) {
+    if let Some(c) = session
+        .downstream_modules_ctx
+        .get_mut::<ResponseCompression>()
+    {
+        if c.is_header_phase() {
+            c.adjust_level(0);
+        }
+    }
+}
+
+/// What compression did for a finished response: algorithm, bytes in and out, time spent.
+pub fn outcome(session: &Session) -> Option<(&'static str, usize, usize, Duration)> {
+    session
+        .downstream_modules_ctx
+        .get::<ResponseCompression>()
+        .and_then(|c| c.get_info())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
+        let mut r = ResponseHeader::build(status, None).unwrap();
+        for (k, v) in headers {
+            r.append_header(k.to_string(), *v).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn text_like_types_only() {
+        for ct in [
+            "text/html; charset=utf-8",
+            "TEXT/CSS",
+            "application/javascript",
+            "application/json",
+            "application/ld+json",
+            "application/rss+xml",
+            "image/svg+xml",
+        ] {
+            assert!(text_like(ct), "{ct}");
+        }
+        for ct in [
+            "image/png",
+            "video/mp4",
+            "application/zip",
+            "application/octet-stream",
+            "font/woff2",
+            "nonsense",
+            "",
+        ] {
+            assert!(!text_like(ct), "{ct}");
+        }
+    }
+
+    #[test]
+    fn ranges_encoded_bodies_and_no_transform_are_left_alone() {
+        let html = ("content-type", "text/html");
+        assert!(response_may_compress(&resp(200, &[html])));
+        assert!(response_may_compress(&resp(404, &[html])));
+        assert!(!response_may_compress(&resp(206, &[html])));
+        assert!(!response_may_compress(&resp(
+            200,
+            &[html, ("content-encoding", "br")]
+        )));
+        assert!(!response_may_compress(&resp(
+            200,
+            &[html, ("cache-control", "public, No-Transform")]
+        )));
+        assert!(!response_may_compress(&resp(200, &[])));
+
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        assert_eq!(Plan::for_request(&req), Plan::Identity);
+        req.insert_header("accept-encoding", "gzip").unwrap();
+        assert_eq!(Plan::for_request(&req), Plan::Compress);
+        req.insert_header("range", "bytes=0-9").unwrap();
+        assert_eq!(Plan::for_request(&req), Plan::Identity);
+    }
+
+    #[test]
+    fn vary_names_accept_encoding_once() {
+        let vary = |r: &ResponseHeader| {
+            r.headers
+                .get_all(VARY)
+                .iter()
+                .map(|v| v.to_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let mut r = resp(200, &[("vary", "Origin")]);
+        add_vary(&mut r).unwrap();
+        add_vary(&mut r).unwrap();
+        assert_eq!(vary(&r), ["Origin", "Accept-Encoding"]);
+        for already in ["accept-encoding", "*", "Origin, Accept-Encoding"] {
+            let mut r = resp(200, &[("vary", already)]);
+            add_vary(&mut r).unwrap();
+            assert_eq!(vary(&r), [already]);
+        }
+    }
+}
