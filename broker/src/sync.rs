@@ -31,7 +31,7 @@ const MAX_LISTED_SHADOWS: usize = 1 << 20;
 pub struct EdgeResult {
     /// Edge id.
     pub edge: String,
-    /// Whether the edge confirmed (200, or 404 for an object it did not hold).
+    /// Whether the edge confirmed (200, or for a key or prefix 404: an object it did not hold).
     pub ok: bool,
     /// HTTP status from the edge (QUIC answers map to 200 / 404), 0 when unreachable.
     pub status: u16,
@@ -422,13 +422,19 @@ impl EdgeSync {
     }
 
     async fn apply_purge(&self, purge: &Purge<'_>, edges: &[usize]) -> Vec<EdgeResult> {
+        // A key an edge does not hold is purged there too (404); a tag ban is always
+        // recorded, so anything but 200 (an edge too old to know tags) is a failure.
+        let done = |status: u16| match purge {
+            Purge::Target(_) => status == 200 || status == 404,
+            Purge::Tags { .. } => status == 200,
+        };
         let calls = edges.iter().map(|e| self.purge(*e, purge));
         edges
             .iter()
             .zip(futures::future::join_all(calls).await)
             .map(|(e, status)| EdgeResult {
                 edge: self.fleet.edges[*e].id.clone(),
-                ok: status == 200 || status == 404,
+                ok: done(status),
                 status,
             })
             .collect()

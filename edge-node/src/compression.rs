@@ -45,20 +45,21 @@ impl Plan {
 }
 
 /// Apply `plan` to a response about to be written (before the compression module sees it).
+/// A text response says `Vary: Accept-Encoding` whether or not this one is compressed (a
+/// HEAD or a 304 is not, but the GET it stands for may be).
 pub fn response_filter(
     plan: Plan,
     session: &mut Session,
     resp: &mut ResponseHeader,
 ) -> pingora_error::Result<()> {
-    match plan {
-        Plan::AsStored => Ok(()),
-        Plan::Compress if response_may_compress(resp) => Ok(()),
-        Plan::Compress => {
-            disable(session);
-            Ok(())
-        }
-        Plan::Identity if response_may_compress(resp) => add_vary(resp),
-        Plan::Identity => Ok(()),
+    if plan == Plan::AsStored || resp.status.is_informational() {
+        return Ok(());
+    }
+    if response_may_compress(resp) {
+        add_vary(resp)
+    } else {
+        disable(session);
+        Ok(())
     }
 }
 
@@ -110,7 +111,8 @@ fn text_like(content_type: &str) -> bool {
         return false;
     };
     match kind {
-        "text" => true,
+        // Streams: an encoder holds bytes back until its buffer fills.
+        "text" => sub != "event-stream",
         "application" => {
             matches!(
                 sub,
@@ -120,12 +122,11 @@ fn text_like(content_type: &str) -> bool {
                     | "json"
                     | "xml"
                     | "wasm"
-                    | "x-ndjson"
                     | "graphql-response+json"
             ) || sub.ends_with("+json")
                 || sub.ends_with("+xml")
         }
-        "image" => matches!(sub, "svg+xml" | "x-icon" | "vnd.microsoft.icon" | "bmp"),
+        "image" => matches!(sub, "svg+xml" | "x-icon"),
         "font" => matches!(sub, "ttf" | "otf" | "collection"),
         _ => false,
     }
@@ -181,6 +182,8 @@ mod tests {
             "video/mp4",
             "application/zip",
             "application/octet-stream",
+            "text/event-stream",
+            "application/x-ndjson",
             "font/woff2",
             "nonsense",
             "",

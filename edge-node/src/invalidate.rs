@@ -1,6 +1,7 @@
 //! Purges, whether an operator asks over HTTP or the broker over QUIC: one object with every
 //! Vary variant, every key under a prefix, or every object of a host carrying a tag (both
-//! durable bans). A purged object is no longer a shadow either.
+//! durable bans). An object purged by key or prefix is no longer a shadow either; a tag purge
+//! cannot tell which shadows carry the tag, so theirs miss at their next lookup and refill.
 
 use crate::metrics::EdgeMetrics;
 use crate::origin::normalize_host;

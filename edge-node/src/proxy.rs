@@ -378,6 +378,8 @@ pub async fn respond_json_error(
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
     session.set_keepalive(None);
+    // A few bytes of JSON: not worth an encoder.
+    compression::disable(session);
     session.write_response_header(Box::new(resp), false).await?;
     session
         .write_response_body(Some(Bytes::from(body)), true)
@@ -659,8 +661,13 @@ impl ProxyHttp for EdgeProxy {
             .headers
             .get(PEER_FETCH_HEADER)
             .is_some_and(|v| secret.matches(v));
-        // Copies for a peer or for the cache are stored, not shown: left as they are.
-        ctx.compression = if self.compression_level == 0 || ctx.shadow_fill || ctx.only_if_cached {
+        // Copies for a peer or for the cache are stored, not shown, and a background
+        // revalidation's answer goes nowhere: left as they are.
+        ctx.compression = if self.compression_level == 0
+            || ctx.shadow_fill
+            || ctx.only_if_cached
+            || session.subrequest_ctx.is_some()
+        {
             compression::Plan::AsStored
         } else {
             compression::Plan::for_request(req)

@@ -471,46 +471,76 @@ async fn delete_resource(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
-async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let p = provider(&s, &headers)?;
-    within_budget(&s, CallClass::Purge, &p.id)?;
+/// A validated purge.
+enum PurgeOrder {
+    /// `host/path` or `host/prefix*`.
+    Target(String),
+    /// The host's objects carrying one of the (checked) tags.
+    Tags(String, Vec<String>),
+}
+
+impl PurgeOrder {
+    /// What it costs of the purge budget: one per tag, else one.
+    fn cost(&self) -> u32 {
+        match self {
+            PurgeOrder::Target(_) => 1,
+            PurgeOrder::Tags(_, tags) => tags.len() as u32,
+        }
+    }
+}
+
+/// Read and check a purge call of provider `provider`.
+async fn purge_order(s: &ApiState, provider: &str, body: Body) -> Result<PurgeOrder, ApiError> {
     let req: PurgeBody = read_json(body, s.max_body).await?;
     let host = check_host(&req.host)?;
-    s.registry.check_host_owner(&p.id, &host)?;
-    let (results, report) = match (&req.path, &req.prefix, &req.tags) {
+    s.registry.check_host_owner(provider, &host)?;
+    Ok(match (&req.path, &req.prefix, &req.tags) {
+        (Some(path), None, None) => {
+            check_path("path", path)?;
+            PurgeOrder::Target(format!("{host}{path}"))
+        }
+        (None, Some(prefix), None) => {
+            check_path("prefix", prefix)?;
+            PurgeOrder::Target(format!("{host}{prefix}*"))
+        }
         (None, None, Some(tags)) => {
             let tags = edge_node::tags::check(tags).map_err(|e| Invalid {
                 field: "tags",
                 message: e.to_string(),
             })?;
-            // One purge per tag: the call itself paid for the first.
-            let extra = tags.len().saturating_sub(1) as u32;
-            rate_limited(
-                CallClass::Purge,
-                s.limits.check_extra(CallClass::Purge, &p.id, extra),
-            )?;
+            PurgeOrder::Tags(host, tags)
+        }
+        _ => return Err(one_purge_target().into()),
+    })
+}
+
+async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> ApiResult {
+    let p = provider(&s, &headers)?;
+    // Charged in one step, so that the wait a 429 names is the wait that makes the call
+    // pass; a refused call costs one purge, as every refused call does.
+    let order = match purge_order(&s, &p.id, body).await {
+        Ok(order) => order,
+        Err(e) => {
+            within_budget(&s, CallClass::Purge, &p.id)?;
+            return Err(e);
+        }
+    };
+    rate_limited(
+        CallClass::Purge,
+        s.limits.check_n(CallClass::Purge, &p.id, order.cost()),
+    )?;
+    let (results, report) = match order {
+        PurgeOrder::Tags(host, tags) => {
             let results = s.sync.purge_tags_everywhere(&host, &tags).await;
             let report = json!({ "host": host, "tags": tags, "edges": results });
             (results, report)
         }
-        (path, prefix, None) => {
-            let target = match (path, prefix) {
-                (Some(path), None) => {
-                    check_path("path", path)?;
-                    format!("{host}{path}")
-                }
-                (None, Some(prefix)) => {
-                    check_path("prefix", prefix)?;
-                    format!("{host}{prefix}*")
-                }
-                _ => return Err(one_purge_target().into()),
-            };
+        PurgeOrder::Target(target) => {
             let results = s.sync.purge_everywhere(&target).await;
             s.planner.forget(&target);
             let report = json!({ "target": target, "edges": results });
             (results, report)
         }
-        _ => return Err(one_purge_target().into()),
     };
     let status = if results.iter().all(|r| r.ok) {
         StatusCode::OK

@@ -127,25 +127,17 @@ impl ApiLimits {
         self.take(limiter, provider, NonZeroU32::MIN)
     }
 
-    /// Take `extra` more from the budget of a call [`Self::check`] already charged (a purge
-    /// of `extra + 1` tags costs one per tag). It takes at most a minute's allowance less
-    /// the one already taken, so a call never costs more than a full budget holds and a
-    /// retry after a minute always passes.
-    pub fn check_extra(
-        &self,
-        class: CallClass,
-        provider: &str,
-        extra: u32,
-    ) -> Result<(), Duration> {
+    /// Take `n` calls' worth of `class` (a purge of `n` tags costs `n`), at most a minute's
+    /// allowance, so that a call never costs more than a full budget holds and the wait it
+    /// is told always lets it pass.
+    pub fn check_n(&self, class: CallClass, provider: &str, n: u32) -> Result<(), Duration> {
         let (limiter, allowance) = match class {
             CallClass::Purge => (&self.purge, self.allowances.purges_per_minute),
             CallClass::Event => (&self.event, self.allowances.events_per_minute),
             CallClass::Write => (&self.write, self.allowances.writes_per_minute),
         };
-        match NonZeroU32::new(extra.min(allowance.saturating_sub(1))) {
-            Some(n) => self.take(limiter, provider, n),
-            None => Ok(()),
-        }
+        let n = NonZeroU32::new(n.min(allowance)).unwrap_or(NonZeroU32::MIN);
+        self.take(limiter, provider, n)
     }
 
     fn take(
@@ -187,27 +179,29 @@ mod tests {
         assert_eq!(limits.check(CallClass::Event, "p-a"), Ok(()));
     }
 
-    /// A purge of several tags costs one purge per tag, never more than the whole budget.
+    /// A purge of several tags costs one purge per tag, never more than the whole budget,
+    /// and the wait a refusal names is enough for the same call to pass.
     #[test]
     fn a_call_may_cost_more_but_at_most_the_burst() {
         let limits = ApiLimits::new(&RateLimits {
             purges_per_minute: 4,
             ..RateLimits::default()
         });
-        assert_eq!(limits.check(CallClass::Purge, "p-a"), Ok(()));
-        assert_eq!(limits.check_extra(CallClass::Purge, "p-a", 2), Ok(()));
-        assert!(limits.check_extra(CallClass::Purge, "p-a", 2).is_err());
+        assert_eq!(limits.check_n(CallClass::Purge, "p-a", 3), Ok(()));
+        let wait = limits.check_n(CallClass::Purge, "p-a", 2).unwrap_err();
+        assert!(
+            wait > Duration::from_secs(10) && wait <= Duration::from_secs(15),
+            "one more purge comes back in 15 s: {wait:?}"
+        );
         assert_eq!(limits.check(CallClass::Purge, "p-a"), Ok(()));
         assert!(limits.check(CallClass::Purge, "p-a").is_err(), "spent");
-        assert_eq!(limits.check(CallClass::Purge, "p-b"), Ok(()));
         assert_eq!(
-            limits.check_extra(CallClass::Purge, "p-b", 63),
+            limits.check_n(CallClass::Purge, "p-b", 64),
             Ok(()),
             "a call larger than the budget takes all of it"
         );
         let wait = limits.check(CallClass::Purge, "p-b").unwrap_err();
         assert!(wait > Duration::from_secs(10), "{wait:?}");
-        assert_eq!(limits.check_extra(CallClass::Purge, "p-b", 0), Ok(()));
     }
 
     #[test]
