@@ -588,6 +588,66 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
     }
 }
 
+/// A host registered with `cache_key_ignore_query` is keyed without those parameters by the
+/// broker (so requests that differ only in them reach the same edge) and by the edges (which
+/// learn the option with the origin push); a purge naming such a parameter finds the copy; a
+/// malformed name is refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_query_parameters_route_and_cache_as_one() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let upstream = format!("http://{}", origin.addr);
+    let put = |names: Value| {
+        api(
+            reqwest::Method::PUT,
+            c.broker.api(&format!("/v1/origins/{HOST}")),
+            &c.token,
+            Some(json!({"upstream": upstream, "cache_key_ignore_query": names})),
+        )
+    };
+    let (s, v) = put(json!(["a=b"])).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("cache_key_ignore_query"),
+        "{v}"
+    );
+    let (s, v) = put(json!(["utm_*"])).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["cache_key_ignore_query"], json!(["utm_*"]));
+
+    let n = AtomicUsize::new(0);
+    let fresh = || format!("/ck?id=1&utm_source=s{}", n.fetch_add(1, Ordering::Relaxed));
+    wait_until(|| async { c.get(&fresh(), "eu").await.headers()["x-cache"] == "HIT" }).await;
+    let fetched = origin.hits("/ck");
+    let mut served_by = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let r = c.get(&fresh(), "eu").await;
+        assert_eq!(r.headers()["x-cache"], "HIT");
+        served_by.insert(edge_of(&r));
+    }
+    assert_eq!(served_by.len(), 1, "one edge holds the key: {served_by:?}");
+    assert_eq!(origin.hits("/ck"), fetched);
+
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/purge"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/ck?utm_source=zz&id=1"})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["target"]),
+        (StatusCode::OK, &json!(format!("{HOST}/ck?id=1"))),
+        "{v}"
+    );
+    assert_eq!(c.get("/ck?id=1", "eu").await.headers()["x-cache"], "MISS");
+}
+
 /// A provider purges by cache tag: every edge drops the host's objects whose response named
 /// one of the tags, keeps the others, and each tag costs one purge of the provider's budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

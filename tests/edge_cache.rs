@@ -695,6 +695,52 @@ async fn text_is_compressed_for_clients_that_accept_it() {
     );
 }
 
+/// An origin row that leaves tracking parameters out of the cache key: requests that differ
+/// only in them share one copy (the origin still sees each query), other parameters still
+/// split the key, a purge naming the key with such parameters finds the copy, and a host
+/// without the option keeps every parameter in its keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ignored_query_parameters_share_one_cache_entry() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let row = format!(
+        "[[origins]]\nhost = \"q.test\"\nupstream = \"http://{}\"\n\
+         cache_key_ignore_query = [\"utm_*\", \"fbclid\"]\n",
+        origin.addr
+    );
+    let edge = start_edge(origin.addr, dir.path(), &row);
+    let get = |host: &'static str, path: &'static str| {
+        client().get(edge.url(path)).header("host", host).send()
+    };
+    let q = |path| get("q.test", path);
+    assert_eq!(
+        x_cache(&q("/page?utm_source=a&id=1").await.unwrap()),
+        "MISS"
+    );
+    for same in [
+        "/page?id=1&utm_medium=b",
+        "/page?fbclid=x&id=1&utm_campaign=c",
+    ] {
+        let r = q(same).await.unwrap();
+        assert_eq!(x_cache(&r), "HIT", "{same}");
+        assert_eq!(body_of(r).await, body_for("/page", 64));
+    }
+    assert_eq!(
+        x_cache(&q("/page?id=2&utm_source=a").await.unwrap()),
+        "MISS"
+    );
+    assert_eq!(x_cache(&q("/page?id=1&fbclidx=1").await.unwrap()), "MISS");
+    assert_eq!(origin.hits("/page"), 3);
+
+    let r = edge.purge("q.test/page?utm_source=zzz&id=1", TOKEN).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&q("/page?id=1").await.unwrap()), "MISS");
+
+    for (path, expected) in [("/p?utm_source=a", "MISS"), ("/p?utm_source=b", "MISS")] {
+        assert_eq!(x_cache(&get(HOST, path).await.unwrap()), expected, "{path}");
+    }
+}
+
 /// A tag purge removes every object of the host whose response named one of the tags
 /// (`Surrogate-Key` or `Cache-Tag`, any case), and only those; clients never see the tags;
 /// the purge survives a restart and keeps an answer fetched across it out of the cache.

@@ -70,6 +70,10 @@ enum Call {
         /// every option of the origin, left out means off: the call replaces the whole row.
         #[arg(long)]
         strip_set_cookie: bool,
+        /// A query parameter to leave out of the cache key (`utm_*` for a prefix, `*` for the
+        /// whole query); repeat for several.
+        #[arg(long = "cache-key-ignore-query", value_name = "NAME")]
+        cache_key_ignore_query: Vec<String>,
     },
     /// List your origins.
     Origins,
@@ -195,11 +199,15 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             upstream,
             forward_host,
             strip_set_cookie,
+            cache_key_ignore_query,
         } => {
             let mut body = json!({ "upstream": upstream, "forward_host": forward_host });
             // Only when set, so the CLI still works against a broker older than the option.
             if strip_set_cookie {
                 body["strip_set_cookie"] = json!(true);
+            }
+            if !cache_key_ignore_query.is_empty() {
+                body["cache_key_ignore_query"] = json!(cache_key_ignore_query);
             }
             (
                 reqwest::Method::PUT,

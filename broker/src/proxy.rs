@@ -270,7 +270,7 @@ impl ProxyHttp for BrokerProxy {
             respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
             return Ok(true);
         };
-        if self.registry.origin(&host).is_none() {
+        if !self.registry.has_origin(&host) {
             let msg = format!("no provider has registered host {host:?}");
             respond_json_error(session, 404, "unknown_host", &msg).await?;
             return Ok(true);
@@ -294,7 +294,7 @@ impl ProxyHttp for BrokerProxy {
         }
         let req = session.req_header();
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-        ctx.key = primary_key(&host, pq);
+        ctx.key = self.registry.cache_key(&host, pq);
         ctx.key_hash = xxhash_rust::xxh3::xxh3_64(ctx.key.as_bytes());
         ctx.resource = primary_key(&host, req.uri.path());
         // Idempotent requests can be replayed on the next edge if one fails mid-request.

@@ -114,6 +114,9 @@ impl EdgeSync {
                 if o.strip_set_cookie {
                     row["strip_set_cookie"] = json!(true);
                 }
+                if !o.cache_key_ignore_query.is_empty() {
+                    row["cache_key_ignore_query"] = json!(o.cache_key_ignore_query);
+                }
                 // The edges' floor for the host: what they cached before it is a previous
                 // owner's (an edge down through both the delete's purge and the one at
                 // registration would otherwise serve it).

@@ -16,7 +16,8 @@
 //!   (and the object, if it never served a request).
 //! - `GET /origins` — configured and pushed origin rows.
 //! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream", "forward_host"?,
-//!   "strip_set_cookie"?, "registered_at_ms"?}], "allow_private_upstreams"?, "sent_at_ms"?}` replaces the rows
+//!   "strip_set_cookie"?, "cache_key_ignore_query"?, "registered_at_ms"?}],
+//!   "allow_private_upstreams"?, "sent_at_ms"?}` replaces the rows
 //!   pushed by the broker. Each row is judged on its own: the answer is `{"origins": n,
 //!   "rejected": [{"index", "host", "error"}]}` (see [`crate::origin::SharedOrigins`]).
 //!   Registration times raise host floors first ([`crate::ownership`]); 500 `ban_log` when
@@ -46,9 +47,9 @@ use serde_json::json;
 use crate::config::OriginEntry;
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
-use crate::origin::{normalize_host, SharedOrigins};
+use crate::origin::{normalize_host, OriginTable, SharedOrigins};
 use crate::ownership::{self, Registration};
-use crate::proxy::{normalize_key, token_matches};
+use crate::proxy::token_matches;
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::{FoyerStorage, OwnerChange};
 use crate::sync::protocol::PeerRef;
@@ -201,14 +202,19 @@ fn authorized_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "bad_json", e.to_string())))
 }
 
-fn parse_target(uri: &Uri) -> Result<Target, String> {
+/// The purge a `/cache/…` URI names; a key as the proxy keys it (the origin's query filter
+/// applied, see [`crate::cache_key`]).
+fn parse_target(origins: &OriginTable, uri: &Uri) -> Result<Target, String> {
     let raw = uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("")
         .strip_prefix("/cache/")
         .unwrap_or("");
-    Target::parse(raw)
+    Ok(match Target::parse(raw)? {
+        Target::Key(key) => Target::Key(origins.normalize_key(&key).unwrap_or(key)),
+        other => other,
+    })
 }
 
 async fn purge(
@@ -231,7 +237,7 @@ async fn purge(
             .inc();
         return *r;
     }
-    let target = match parse_target(&uri) {
+    let target = match parse_target(&s.origins.current(), &uri) {
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_key", msg),
     };
@@ -325,7 +331,9 @@ async fn post_shadow(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let req = match FillRequest::validated(&b.key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
+    let key = s.origins.current().normalize_key(&b.key);
+    let key = key.as_deref().unwrap_or(&b.key);
+    let req = match FillRequest::validated(key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()),
     };
@@ -350,7 +358,7 @@ fn shadow_key(s: &AdminState, headers: &HeaderMap, uri: &Uri) -> Result<String, 
         .path_and_query()
         .map_or("", |p| p.as_str())
         .trim_start_matches("/shadows/");
-    normalize_key(raw).ok_or_else(|| {
+    s.origins.current().normalize_key(raw).ok_or_else(|| {
         let msg = "key must be {host}/{path}";
         Box::new(error(StatusCode::BAD_REQUEST, "bad_key", msg))
     })
@@ -546,13 +554,14 @@ mod tests {
 
     #[test]
     fn purge_paths_parse() {
+        let none = OriginTable::default();
         let u: Uri = "/cache/Example.com/a/b?x=1".parse().unwrap();
         assert_eq!(
-            parse_target(&u).unwrap(),
+            parse_target(&none, &u).unwrap(),
             Target::Key("example.com/a/b?x=1".into())
         );
         let u: Uri = "/cache/example.com".parse().unwrap();
-        assert!(parse_target(&u).is_err());
+        assert!(parse_target(&none, &u).is_err());
     }
 
     #[test]

@@ -220,6 +220,11 @@ pub struct OriginEntry {
     /// cookies and caches the rest. Only for sites whose clients need none of them.
     #[serde(default)]
     pub strip_set_cookie: bool,
+    /// Query parameters left out of the cache key (`utm_*`, `fbclid`; `*` for the whole
+    /// query): requests that differ only in them share one cached copy. See
+    /// [`crate::cache_key`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_key_ignore_query: Vec<String>,
     /// When the host's current owner registered it (ms since the Unix epoch, on the clock of
     /// the broker that pushed the row; refused in the config file). Objects the edge cached
     /// for the host before then belong to a previous owner (an edge down through that owner's

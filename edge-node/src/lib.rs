@@ -7,6 +7,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod cache_key;
 pub mod compression;
 pub mod config;
 pub mod drain;

@@ -9,7 +9,9 @@ use http::Uri;
 use parking_lot::{Mutex, RwLock};
 use serde::Serialize;
 
+use crate::cache_key::QueryFilter;
 use crate::config::OriginEntry;
+use crate::proxy::primary_key;
 
 /// A resolved upstream origin.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,6 +30,8 @@ pub struct Origin {
     pub host_header: String,
     /// Drop `Set-Cookie` from the origin's responses (`OriginEntry::strip_set_cookie`).
     pub strip_set_cookie: bool,
+    /// Query parameters left out of the cache key (`OriginEntry::cache_key_ignore_query`).
+    pub query_filter: QueryFilter,
 }
 
 impl Origin {
@@ -77,6 +81,14 @@ pub enum OriginError {
         index: usize,
         /// The offending value.
         value: String,
+    },
+    /// The cache key's query filter is malformed.
+    #[error("origins[{index}].cache_key_ignore_query: {reason}")]
+    BadQueryFilter {
+        /// Row index.
+        index: usize,
+        /// What is wrong.
+        reason: String,
     },
     /// Two rows claim the same host and prefix.
     #[error("origins[{index}]: duplicate host {host:?} with prefix {prefix:?}")]
@@ -221,6 +233,23 @@ impl OriginTable {
             .get(host.as_ref())?
             .iter()
             .find(|o| path.starts_with(o.path_prefix.as_str()))
+    }
+
+    /// The cache key of `host` and `path_and_query` (as the proxy keys a request): the
+    /// selected row's query filter applied, the host normalized.
+    pub fn cache_key(&self, host: &str, path_and_query: &str) -> String {
+        let path = path_and_query.split('?').next().unwrap_or(path_and_query);
+        match self.select(host, path) {
+            Some(o) => primary_key(host, &o.query_filter.apply(path_and_query)),
+            None => primary_key(host, path_and_query),
+        }
+    }
+
+    /// A `host/path?query` key given by an operator or the broker as the proxy would key
+    /// that request; `None` without a host.
+    pub fn normalize_key(&self, key: &str) -> Option<String> {
+        let (host, rest) = key.split_once('/')?;
+        (!host.is_empty()).then(|| self.cache_key(host, &format!("/{rest}")))
     }
 
     /// Number of rows.
@@ -598,6 +627,8 @@ fn parse_entry(
             value: path_prefix,
         });
     }
+    let query_filter = QueryFilter::parse(&e.cache_key_ignore_query)
+        .map_err(|reason| OriginError::BadQueryFilter { index, reason })?;
     let uri: Uri = e.upstream.parse().map_err(|_| bad("not a URL"))?;
     let Target {
         tls,
@@ -625,12 +656,46 @@ fn parse_entry(
         authority,
         host_header,
         strip_set_cookie: e.strip_set_cookie,
+        query_filter,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A row's query filter shapes the keys of its requests only, and a malformed one is
+    /// refused naming the field.
+    #[test]
+    fn rows_key_requests_with_their_query_filter() {
+        let mut filtered = entry("q.test", Some("/shop/"), "http://127.0.0.1:1");
+        filtered.cache_key_ignore_query = vec!["utm_*".into()];
+        let table = OriginTable::build(&[
+            filtered.clone(),
+            entry("q.test", None, "http://127.0.0.1:1"),
+        ])
+        .unwrap();
+        assert_eq!(
+            table.cache_key("Q.test:8080", "/shop/a?utm_source=x&id=1"),
+            "q.test/shop/a?id=1"
+        );
+        assert_eq!(
+            table.cache_key("q.test", "/a?utm_source=x"),
+            "q.test/a?utm_source=x"
+        );
+        assert_eq!(
+            table.cache_key("other", "/a?utm_source=x"),
+            "other/a?utm_source=x"
+        );
+        assert_eq!(
+            table.normalize_key("q.test/shop/b?utm_medium=m").as_deref(),
+            Some("q.test/shop/b")
+        );
+        assert_eq!(table.normalize_key("no-slash"), None);
+        filtered.cache_key_ignore_query = vec!["a=b".into()];
+        let err = OriginTable::build(&[filtered]).unwrap_err().to_string();
+        assert!(err.contains("origins[0].cache_key_ignore_query"), "{err}");
+    }
 
     fn entry(host: &str, prefix: Option<&str>, up: &str) -> OriginEntry {
         OriginEntry {
@@ -639,6 +704,7 @@ mod tests {
             upstream: up.into(),
             forward_host: false,
             strip_set_cookie: false,
+            cache_key_ignore_query: Vec::new(),
             registered_at_ms: None,
         }
     }

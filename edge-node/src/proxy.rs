@@ -338,9 +338,10 @@ pub fn primary_key(host: &str, path_and_query: &str) -> String {
     format!("{}{}", normalize_host(host), path_and_query)
 }
 
-/// The primary cache key of a request whose host is `host`.
-fn request_key(req: &RequestHeader, host: &str) -> String {
-    primary_key(host, req.uri.path_and_query().map_or("/", |p| p.as_str()))
+/// The primary cache key of a request whose host is `host`, served by `origin`.
+fn request_key(req: &RequestHeader, host: &str, origin: &Origin) -> String {
+    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    primary_key(host, &origin.query_filter.apply(pq))
 }
 
 /// Normalize a `host/path` key given by an operator or the broker as the proxy keys it.
@@ -672,10 +673,10 @@ impl ProxyHttp for EdgeProxy {
         } else {
             compression::Plan::for_request(req)
         };
-        ctx.key = request_key(req, host);
         let path = req.uri.path();
         ctx.origin = self.origins.current().select(host, path).cloned();
-        if ctx.origin.is_some() {
+        if let Some(origin) = &ctx.origin {
+            ctx.key = request_key(req, host, origin);
             if ctx.compression != compression::Plan::Compress {
                 compression::disable(session);
             }
@@ -765,7 +766,11 @@ impl ProxyHttp for EdgeProxy {
     fn cache_key_callback(&self, session: &Session, ctx: &mut Self::CTX) -> Result<CacheKey> {
         if ctx.key.is_empty() {
             let req = session.req_header();
-            ctx.key = request_key(req, request_host(req).unwrap_or(""));
+            let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+            ctx.key = self
+                .origins
+                .current()
+                .cache_key(request_host(req).unwrap_or(""), pq);
         }
         // The hash pingora-cache would compute (Blake2b of the primary key), computed once
         // here instead of again by the lock, the predictor and the storage lookup.

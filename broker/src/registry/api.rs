@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use edge_node::admin::bearer_token;
+use edge_node::cache_key::QueryFilter;
 use edge_node::proxy::token_matches;
 use parking_lot::RwLock;
 use prometheus::{Encoder, TextEncoder};
@@ -367,6 +368,11 @@ async fn put_origin(
         check_public_host(&host, s.allow_local_hosts)?;
     }
     let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
+    let cache_key_ignore_query =
+        QueryFilter::parse(&req.cache_key_ignore_query).map_err(|message| Invalid {
+            field: "cache_key_ignore_query",
+            message,
+        })?;
     let target = format!("{host}/*");
     let purged = if unregistered {
         s.registry.check_origin_quota(&p.id)?;
@@ -377,6 +383,7 @@ async fn put_origin(
     let options = OriginOptions {
         forward_host: req.forward_host,
         strip_set_cookie: req.strip_set_cookie,
+        cache_key_ignore_query,
     };
     let created = s.registry.put_origin(&p.id, &host, &upstream, options)?;
     s.sync.origins_changed();
@@ -385,6 +392,7 @@ async fn put_origin(
         "upstream": upstream,
         "forward_host": req.forward_host,
         "strip_set_cookie": req.strip_set_cookie,
+        "cache_key_ignore_query": req.cache_key_ignore_query,
     });
     let status = if purged.iter().any(|r| !r.ok) {
         body["purge"] = json!({ "target": target, "edges": purged });
@@ -497,7 +505,7 @@ async fn purge_order(s: &ApiState, provider: &str, body: Body) -> Result<PurgeOr
     Ok(match (&req.path, &req.prefix, &req.tags) {
         (Some(path), None, None) => {
             check_path("path", path)?;
-            PurgeOrder::Target(format!("{host}{path}"))
+            PurgeOrder::Target(s.registry.cache_key(&host, path))
         }
         (None, Some(prefix), None) => {
             check_path("prefix", prefix)?;
@@ -680,7 +688,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         (Some(path), None, _) => {
             check_path("path", path)?;
             let route = path.split('?').next().unwrap_or(path);
-            (format!("{host}{path}"), route.to_string())
+            (s.registry.cache_key(&host, path), route.to_string())
         }
         (None, Some(prefix), EventKind::Updated | EventKind::Deleted) => {
             check_path("prefix", prefix)?;

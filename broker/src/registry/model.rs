@@ -3,6 +3,7 @@
 //! Request types deny unknown fields and are validated before anything is written, so a bad
 //! request changes nothing.
 
+use edge_node::cache_key::QueryFilter;
 use edge_node::origin::is_private_ip;
 use serde::{Deserialize, Serialize};
 
@@ -31,6 +32,9 @@ pub struct Origin {
     /// cookies are cached (without them) instead of never.
     #[serde(default)]
     pub strip_set_cookie: bool,
+    /// Query parameters left out of the cache key (see [`edge_node::cache_key`]).
+    #[serde(default)]
+    pub cache_key_ignore_query: QueryFilter,
     /// When this provider registered the host (ms since the Unix epoch; kept through updates).
     /// Edges treat what they cached for the host before then as a previous owner's and never
     /// serve it. 0 for hosts registered before the field existed.
@@ -115,15 +119,20 @@ pub struct OriginBody {
     /// Drop `Set-Cookie` from the origin's responses (default false).
     #[serde(default)]
     pub strip_set_cookie: bool,
+    /// Query parameters left out of the cache key (default none).
+    #[serde(default)]
+    pub cache_key_ignore_query: Vec<String>,
 }
 
 /// How edges treat an origin, beside where it is.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OriginOptions {
     /// [`Origin::forward_host`].
     pub forward_host: bool,
     /// [`Origin::strip_set_cookie`].
     pub strip_set_cookie: bool,
+    /// [`Origin::cache_key_ignore_query`].
+    pub cache_key_ignore_query: QueryFilter,
 }
 
 /// Body of `POST /v1/resources` and `PUT /v1/resources/{id}`.

@@ -15,6 +15,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use edge_node::proxy::primary_key;
+
 use super::model::{Origin, OriginOptions, PathMatch, Provider, Resource};
 
 const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
@@ -371,6 +373,7 @@ impl Registry {
             provider: provider.to_string(),
             forward_host: options.forward_host,
             strip_set_cookie: options.strip_set_cookie,
+            cache_key_ignore_query: options.cache_key_ignore_query,
             registered_at_ms: registered_at_ms.unwrap_or_else(crate::clock::wall_ms),
         };
         self.write(|w| Self::put_json(w, ORIGINS, host, &origin))?;
@@ -417,6 +420,20 @@ impl Registry {
     /// The origin serving `host`.
     pub fn origin(&self, host: &str) -> Option<Origin> {
         self.mem.read().origins.get(host).cloned()
+    }
+
+    /// Whether `host` is registered (without copying its row, as [`Self::origin`] does).
+    pub fn has_origin(&self, host: &str) -> bool {
+        self.mem.read().origins.contains_key(host)
+    }
+
+    /// The cache key of a request for `host` (lower-case, no port) and `path_and_query`, as
+    /// the edges key it: the host's query filter applied.
+    pub fn cache_key(&self, host: &str, path_and_query: &str) -> String {
+        match self.mem.read().origins.get(host) {
+            Some(o) => primary_key(host, &o.cache_key_ignore_query.apply(path_and_query)),
+            None => primary_key(host, path_and_query),
+        }
     }
 
     /// When `host`'s current registration began, on the broker's clock (seconds; 0 for a
@@ -729,7 +746,11 @@ mod tests {
                     "http://127.0.0.1:2",
                     OriginOptions {
                         forward_host: true,
-                        strip_set_cookie: true
+                        strip_set_cookie: true,
+                        cache_key_ignore_query: edge_node::cache_key::QueryFilter::parse(&[
+                            "utm_*".into()
+                        ])
+                        .unwrap(),
                     }
                 )
                 .unwrap());
@@ -771,6 +792,14 @@ mod tests {
         assert_eq!(reg.origin("a.com").unwrap().upstream, "http://127.0.0.1:2");
         assert!(reg.origin("a.com").unwrap().forward_host);
         assert!(reg.origin("a.com").unwrap().strip_set_cookie);
+        assert_eq!(
+            reg.cache_key("a.com", "/p?utm_source=x&id=1"),
+            "a.com/p?id=1"
+        );
+        assert_eq!(
+            reg.cache_key("b.com", "/p?utm_source=x"),
+            "b.com/p?utm_source=x"
+        );
         assert_eq!(reg.resource(&p.id, &rid).unwrap().path, "/x");
 
         let (q, _) = reg.create_provider("other").unwrap();
