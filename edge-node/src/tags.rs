@@ -81,10 +81,14 @@ pub fn any(headers: &HeaderMap, mut hit: impl FnMut(&str) -> bool) -> bool {
     })
 }
 
-/// Remove the tag headers from a response on its way to a client.
+/// Remove the tag headers from a response on its way to a client. Runs on every hit, so it
+/// walks the few headers once and removes only when a tag header is there.
 pub fn strip(resp: &mut pingora_http::ResponseHeader) {
-    for name in HEADERS {
-        resp.remove_header(name);
+    let tagged = resp.headers.keys().any(|k| HEADERS.contains(&k.as_str()));
+    if tagged {
+        for name in HEADERS {
+            resp.remove_header(name);
+        }
     }
 }
 
