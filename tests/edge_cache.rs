@@ -225,6 +225,51 @@ async fn no_store_and_private_are_not_cached() {
     assert_eq!(origin.not_modified(), 1);
 }
 
+/// A push from a newer broker, whose rows carry options this edge does not know, applies
+/// those rows without the options and says which it left out, instead of refusing the whole
+/// push (which would freeze the edge's origin table until it is upgraded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_row_with_unknown_options_applies_without_them() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let row = json!({"host": "new.test", "upstream": format!("http://{}", origin.addr),
+                     "strip_set_cookie": true, "some_future_option": {"x": 1}});
+    let (s, v) = admin_json(
+        &edge,
+        Method::PUT,
+        "/origins",
+        Some(json!({"origins": [row], "allow_private_upstreams": true})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["ignored"],
+        json!([{"index": 0, "host": "new.test", "fields": ["some_future_option"]}]),
+        "{v}"
+    );
+    let r = client()
+        .get(edge.url("/fresh?set_cookie=a%3D1"))
+        .header("host", "new.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(
+        !r.headers().contains_key("set-cookie"),
+        "the known option applies"
+    );
+    let m = edge.metrics().await;
+    assert!(
+        m.contains("shadowcdn_edge_origin_push_ignored_fields 1"),
+        "{m}"
+    );
+    // A known field with the wrong type still refuses the push.
+    let bad = json!({"origins": [{"host": 5, "upstream": "http://127.0.0.1:1"}]});
+    let (s, _) = admin_json(&edge, Method::PUT, "/origins", Some(bad)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_error_on_revalidation_does_not_replace_the_stored_copy() {
     let origin = TestOrigin::start().await;

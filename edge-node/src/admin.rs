@@ -44,10 +44,10 @@ use prometheus::{Encoder, TextEncoder};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::config::OriginEntry;
+use crate::config::{OriginEntry, ORIGIN_ENTRY_FIELDS};
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
-use crate::origin::{normalize_host, OriginTable, SharedOrigins};
+use crate::origin::{normalize_host, IgnoredFields, OriginTable, SharedOrigins};
 use crate::ownership::{self, Registration};
 use crate::proxy::token_matches;
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
@@ -401,7 +401,8 @@ async fn delete_shadow(State(s): State<AdminState>, headers: HeaderMap, uri: Uri
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct OriginsBody {
-    origins: Vec<OriginEntry>,
+    /// Rows as sent: fields this edge does not know are split off by [`known_fields`].
+    origins: Vec<serde_json::Value>,
     /// The broker lets providers use loopback and private upstreams (its `[admin]
     /// allow_private_upstreams`); otherwise rows resolving there are left out.
     #[serde(default)]
@@ -429,8 +430,14 @@ async fn put_origins(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let regs: Vec<Registration> = parsed
-        .origins
+    let (rows, ignored) = match known_fields(parsed.origins) {
+        Ok(split) => split,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+    };
+    s.metrics
+        .origin_push_ignored_fields
+        .set(ignored.iter().map(|i| i.fields.len() as i64).sum());
+    let regs: Vec<Registration> = rows
         .iter()
         .filter_map(|row| {
             Some(Registration {
@@ -449,16 +456,48 @@ async fn put_origins(
         return *r;
     }
     // Rows are judged one by one: the usable ones apply, the others are listed back.
-    let report = s
-        .origins
-        .push(parsed.origins, parsed.allow_private_upstreams)
-        .await;
+    let mut report = s.origins.push(rows, parsed.allow_private_upstreams).await;
+    report.ignored = ignored;
     if !plan.replaced.is_empty() {
         if let Err(r) = apply_owner_changes(s.storage, plan.after(SystemTime::now())).await {
             return *r;
         }
     }
     Json(report).into_response()
+}
+
+/// Pushed rows without the fields this edge does not know, and those fields per row. A newer
+/// broker's option is left out (the row applies without it: a cache key with every query
+/// parameter, say) instead of the whole push being refused, so an edge upgraded after its
+/// broker keeps learning hosts. A row that is not an object, or whose known fields are
+/// malformed, still fails the push.
+fn known_fields(
+    rows: Vec<serde_json::Value>,
+) -> Result<(Vec<OriginEntry>, Vec<IgnoredFields>), serde_json::Error> {
+    let mut ignored = Vec::new();
+    let mut entries = Vec::with_capacity(rows.len());
+    for (index, mut row) in rows.into_iter().enumerate() {
+        if let Some(fields) = row.as_object_mut() {
+            let unknown: Vec<String> = fields
+                .keys()
+                .filter(|k| !ORIGIN_ENTRY_FIELDS.contains(&k.as_str()))
+                .cloned()
+                .collect();
+            if !unknown.is_empty() {
+                for k in &unknown {
+                    fields.remove(k);
+                }
+                let host = fields.get("host").and_then(|h| h.as_str()).unwrap_or("");
+                ignored.push(IgnoredFields {
+                    index,
+                    host: host.to_string(),
+                    fields: unknown,
+                });
+            }
+        }
+        entries.push(serde_json::from_value(row)?);
+    }
+    Ok((entries, ignored))
 }
 
 /// Raise host floors off the async workers (an fsync); a failure answers 500 and the broker

@@ -198,6 +198,19 @@ pub struct CacheSection {
     pub ban_retention_secs: u64,
 }
 
+/// The fields of an [`OriginEntry`]. A pushed row's other fields are options of a newer
+/// broker: the edge leaves them out and says so (see [`crate::admin`]), rather than refusing
+/// the push. A row in the config file must not have any (a typo there is an error).
+pub const ORIGIN_ENTRY_FIELDS: [&str; 7] = [
+    "host",
+    "path_prefix",
+    "upstream",
+    "forward_host",
+    "strip_set_cookie",
+    "cache_key_ignore_query",
+    "registered_at_ms",
+];
+
 /// One row of the origin table.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -577,6 +590,26 @@ mod tests {
         assert_eq!(c.cache.max_object_size, ByteSize::mib(64));
         assert_eq!(c.block_size(), 64 * 1024 * 1024 + 256 * 1024);
         assert_eq!(c.cache.max_fill_memory, ByteSize::gib(1));
+    }
+
+    /// The list of row fields names every field of the struct.
+    #[test]
+    fn origin_entry_fields_are_listed() {
+        let full = OriginEntry {
+            host: "h".into(),
+            path_prefix: Some("/".into()),
+            upstream: "http://127.0.0.1:1".into(),
+            forward_host: true,
+            strip_set_cookie: true,
+            cache_key_ignore_query: vec!["utm_*".into()],
+            registered_at_ms: Some(1),
+        };
+        let v = serde_json::to_value(&full).unwrap();
+        let mut names: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        names.sort_unstable();
+        let mut listed = ORIGIN_ENTRY_FIELDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(names, listed);
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub struct EdgeMetrics {
     pub shadow_bytes: IntGauge,
     /// Purges by kind (`key`, `prefix`, `tag`) and outcome.
     pub purges: IntCounterVec,
+    /// Fields of the last origin push this edge did not know (a newer broker's options).
+    pub origin_push_ignored_fields: IntGauge,
     /// Responses compressed on the way out, by algorithm.
     pub compressed: IntCounterVec,
     /// Body bytes into and out of the compressor, by algorithm and `stage` (`in`, `out`).
@@ -282,6 +284,10 @@ impl EdgeMetrics {
                 Opts::new("shadowcdn_edge_purges_total", "Purge requests"),
                 &["kind", "outcome"],
             )?,
+            origin_push_ignored_fields: IntGauge::new(
+                "shadowcdn_edge_origin_push_ignored_fields",
+                "Fields of the last origin push this edge does not know (upgrade the edge)",
+            )?,
             compressed: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_edge_compressed_responses_total",
@@ -346,6 +352,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadow_bytes.clone()))?;
         registry.register(Box::new(m.purges.clone()))?;
         registry.register(Box::new(m.compressed.clone()))?;
+        registry.register(Box::new(m.origin_push_ignored_fields.clone()))?;
         registry.register(Box::new(m.compression_bytes.clone()))?;
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.fill_bytes.clone()))?;

@@ -188,6 +188,21 @@ pub struct PushReport {
     pub origins: usize,
     /// Pushed rows left out.
     pub rejected: Vec<RejectedRow>,
+    /// Fields of pushed rows this edge does not know (a newer broker's options), left out of
+    /// the rows that apply.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignored: Vec<IgnoredFields>,
+}
+
+/// A pushed row's fields this edge does not know.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct IgnoredFields {
+    /// Index in the pushed list.
+    pub index: usize,
+    /// The row's host.
+    pub host: String,
+    /// The unknown field names.
+    pub fields: Vec<String>,
 }
 
 /// Host → prefixes (longest first) → origin.
@@ -488,6 +503,7 @@ impl SharedOrigins {
                 let report = PushReport {
                     origins: table.len(),
                     rejected,
+                    ignored: Vec::new(),
                 };
                 *self.table.write() = Arc::new(table);
                 *pushed = kept;
@@ -505,6 +521,7 @@ impl SharedOrigins {
                         host: String::new(),
                         error: format!("push not applied: {err}"),
                     }],
+                    ignored: Vec::new(),
                 }
             }
         }
