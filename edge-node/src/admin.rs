@@ -19,7 +19,9 @@
 //!   "strip_set_cookie"?, "cache_key_ignore_query"?, "registered_at_ms"?}],
 //!   "allow_private_upstreams"?, "sent_at_ms"?}` replaces the rows
 //!   pushed by the broker. Each row is judged on its own: the answer is `{"origins": n,
-//!   "rejected": [{"index", "host", "error"}]}` (see [`crate::origin::SharedOrigins`]).
+//!   "rejected": [{"index", "host", "error"}], "ignored"?: [{"index", "host", "fields"}]}`
+//!   (see [`crate::origin::SharedOrigins`]); a row's fields this edge does not know (a newer
+//!   broker's options) are left out of it, not a reason to refuse the push.
 //!   Registration times raise host floors first ([`crate::ownership`]); 500 `ban_log` when
 //!   they cannot be made durable.
 //! - `GET /peers` — the other edges a hinted miss may be filled from.
