@@ -81,6 +81,30 @@ fn file_under(root: &Path, url_path: &str) -> Option<PathBuf> {
     p.is_file().then_some(p)
 }
 
+/// The media type a web server would give a file of this extension (so the edges compress
+/// the text ones for clients that accept it); `application/octet-stream` otherwise.
+fn media_type(file: &Path) -> &'static str {
+    let ext = file
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css",
+        "js" | "mjs" => "application/javascript",
+        "json" => "application/json",
+        "md" => "text/markdown; charset=utf-8",
+        "txt" | "log" => "text/plain; charset=utf-8",
+        "yaml" | "yml" => "application/yaml",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "mp4" => "video/mp4",
+        _ => "application/octet-stream",
+    }
+}
+
 fn error(status: StatusCode, msg: &str) -> Response {
     Response::builder()
         .status(status)
@@ -93,7 +117,7 @@ async fn serve(State(ctx): State<Arc<Ctx>>, uri: Uri, headers: HeaderMap) -> Res
     let path = uri.path();
     let (body, content_type) = match ctx.root.as_deref().and_then(|r| file_under(r, path)) {
         Some(file) => match tokio::fs::read(&file).await {
-            Ok(b) => (b, "application/octet-stream"),
+            Ok(b) => (b, media_type(&file)),
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
         },
         None => {
