@@ -646,6 +646,15 @@ async fn ignored_query_parameters_route_and_cache_as_one() {
         "{v}"
     );
     assert_eq!(c.get("/ck?id=1", "eu").await.headers()["x-cache"], "MISS");
+    // An exact path whose key would end in '*' would read as a prefix at the edges.
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/purge"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/ck?x=*&utm_source=1"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
 }
 
 /// A provider purges by cache tag: every edge drops the host's objects whose response named

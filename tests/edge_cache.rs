@@ -762,6 +762,11 @@ async fn ignored_query_parameters_share_one_cache_entry() {
         x_cache(&q("/page?utm_source=a&id=1").await.unwrap()),
         "MISS"
     );
+    assert_eq!(
+        origin.last_query("/page").as_deref(),
+        Some("utm_source=a&id=1"),
+        "the origin gets the whole query"
+    );
     for same in [
         "/page?id=1&utm_medium=b",
         "/page?fbclid=x&id=1&utm_campaign=c",
@@ -776,6 +781,16 @@ async fn ignored_query_parameters_share_one_cache_entry() {
     );
     assert_eq!(x_cache(&q("/page?id=1&fbclidx=1").await.unwrap()), "MISS");
     assert_eq!(origin.hits("/page"), 3);
+
+    // A redirect that strips the ignored parameters is not stored under the key it points
+    // to (it would answer that URL with itself).
+    let moved = "/moved?utm_source=a&status=301&cc=public,max-age%3D60";
+    assert_eq!(
+        q(moved).await.unwrap().status(),
+        StatusCode::MOVED_PERMANENTLY
+    );
+    let r = q("/moved?status=301&cc=public,max-age%3D60").await.unwrap();
+    assert_eq!(x_cache(&r), "MISS", "the redirect was not stored");
 
     let r = edge.purge("q.test/page?utm_source=zzz&id=1", TOKEN).await;
     assert_eq!(r.status(), StatusCode::OK);

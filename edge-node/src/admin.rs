@@ -51,7 +51,7 @@ use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, IgnoredFields, OriginTable, SharedOrigins};
 use crate::ownership::{self, Registration};
-use crate::proxy::token_matches;
+use crate::proxy::{normalize_key, token_matches};
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::{FoyerStorage, OwnerChange};
 use crate::sync::protocol::PeerRef;
@@ -204,19 +204,22 @@ fn authorized_json<T: serde::de::DeserializeOwned>(
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "bad_json", e.to_string())))
 }
 
-/// The purge a `/cache/…` URI names; a key as the proxy keys it (the origin's query filter
-/// applied, see [`crate::cache_key`]).
-fn parse_target(origins: &OriginTable, uri: &Uri) -> Result<Target, String> {
+/// The purge a `/cache/…` URI names, and for a key whose origin leaves some of its query
+/// parameters out of cache keys ([`crate::cache_key`]), that key as the proxy keys it: both
+/// are purged (a copy may sit under the key as given, stored before the filter was set).
+fn parse_target(origins: &OriginTable, uri: &Uri) -> Result<(Target, Option<String>), String> {
     let raw = uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("")
         .strip_prefix("/cache/")
         .unwrap_or("");
-    Ok(match Target::parse(raw)? {
-        Target::Key(key) => Target::Key(origins.normalize_key(&key).unwrap_or(key)),
-        other => other,
-    })
+    let target = Target::parse(raw)?;
+    let keyed = match &target {
+        Target::Key(key) => origins.normalize_key(key).filter(|k| k != key),
+        _ => None,
+    };
+    Ok((target, keyed))
 }
 
 async fn purge(
@@ -239,20 +242,29 @@ async fn purge(
             .inc();
         return *r;
     }
-    let target = match parse_target(&s.origins.current(), &uri) {
+    let (target, keyed) = match parse_target(&s.origins.current(), &uri) {
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_key", msg),
     };
-    purge_target(&s, target).await
+    let mut found_keyed = false;
+    if let Some(key) = keyed {
+        // A key purge has no ban to write: it cannot fail.
+        found_keyed = invalidate(s.storage, &s.shadows, &s.metrics, &Target::Key(key))
+            .await
+            .unwrap_or(false);
+    }
+    purge_target(&s, target, found_keyed).await
 }
 
-/// Apply an authorized purge and answer it.
-async fn purge_target(s: &AdminState, target: Target) -> Response {
+/// Apply an authorized purge and answer it (`found_before`: a key purge found its object
+/// under another spelling of the key already).
+async fn purge_target(s: &AdminState, target: Target, found_before: bool) -> Response {
     match (
         invalidate(s.storage, &s.shadows, &s.metrics, &target).await,
         target,
     ) {
         (Ok(found), Target::Key(key)) => {
+            let found = found || found_before;
             let status = if found {
                 StatusCode::OK
             } else {
@@ -307,7 +319,7 @@ async fn purge_tags(
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_tags", msg),
     };
-    purge_target(&s, target).await
+    purge_target(&s, target, false).await
 }
 
 /// Body of `POST /shadows`.
@@ -333,9 +345,7 @@ async fn post_shadow(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let key = s.origins.current().normalize_key(&b.key);
-    let key = key.as_deref().unwrap_or(&b.key);
-    let req = match FillRequest::validated(key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
+    let req = match FillRequest::validated(&b.key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()),
     };
@@ -360,7 +370,7 @@ fn shadow_key(s: &AdminState, headers: &HeaderMap, uri: &Uri) -> Result<String, 
         .path_and_query()
         .map_or("", |p| p.as_str())
         .trim_start_matches("/shadows/");
-    s.origins.current().normalize_key(raw).ok_or_else(|| {
+    normalize_key(raw).ok_or_else(|| {
         let msg = "key must be {host}/{path}";
         Box::new(error(StatusCode::BAD_REQUEST, "bad_key", msg))
     })
@@ -599,7 +609,7 @@ mod tests {
         let u: Uri = "/cache/Example.com/a/b?x=1".parse().unwrap();
         assert_eq!(
             parse_target(&none, &u).unwrap(),
-            Target::Key("example.com/a/b?x=1".into())
+            (Target::Key("example.com/a/b?x=1".into()), None)
         );
         let u: Uri = "/cache/example.com".parse().unwrap();
         assert!(parse_target(&none, &u).is_err());

@@ -61,6 +61,11 @@ pub fn response_filter(
         disable(session);
         return Ok(());
     }
+    vary_on_encoding(resp, &scan)
+}
+
+/// Add `Accept-Encoding` to the response's `Vary` unless `scan` found it there (or `*`).
+fn vary_on_encoding(resp: &mut ResponseHeader, scan: &Scan) -> pingora_error::Result<()> {
     if !scan.varies_on_encoding {
         resp.append_header(VARY, ACCEPT_ENCODING_NAME.clone())?;
     }
@@ -83,20 +88,23 @@ struct Scan {
 impl Scan {
     fn of(resp: &ResponseHeader) -> Scan {
         let mut scan = Scan::default();
+        // Values are read only for the four names that matter (not a long CSP or cookie).
         for (name, value) in resp.headers.iter() {
-            let value = value.to_str().unwrap_or("");
             if name == CONTENT_ENCODING {
                 scan.encoded = true;
             } else if name == CONTENT_TYPE {
-                scan.text = text_like(value);
+                scan.text = value.to_str().is_ok_and(text_like);
             } else if name == CACHE_CONTROL {
-                scan.no_transform |= value
-                    .split(',')
-                    .any(|d| d.trim().eq_ignore_ascii_case("no-transform"));
+                scan.no_transform |= value.to_str().is_ok_and(|v| {
+                    v.split(',')
+                        .any(|d| d.trim().eq_ignore_ascii_case("no-transform"))
+                });
             } else if name == VARY {
-                scan.varies_on_encoding |= value.split(',').any(|n| {
-                    let n = n.trim();
-                    n == "*" || n.eq_ignore_ascii_case("accept-encoding")
+                scan.varies_on_encoding |= value.to_str().is_ok_and(|v| {
+                    v.split(',').any(|n| {
+                        let n = n.trim();
+                        n == "*" || n.eq_ignore_ascii_case("accept-encoding")
+                    })
                 });
             }
         }
@@ -242,8 +250,24 @@ mod tests {
             ("*", true),
             ("Origin, Accept-Encoding", true),
         ] {
-            let r = resp(200, &[("vary", vary), ("content-type", "text/html")]);
+            let mut r = resp(200, &[("vary", vary), ("content-type", "text/html")]);
             assert_eq!(Scan::of(&r).varies_on_encoding, seen, "{vary}");
+            for _ in 0..2 {
+                let scan = Scan::of(&r);
+                vary_on_encoding(&mut r, &scan).unwrap();
+            }
+            let all: Vec<&str> = r
+                .headers
+                .get_all(VARY)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            let expected = if seen {
+                vec![vary]
+            } else {
+                vec![vary, "Accept-Encoding"]
+            };
+            assert_eq!(all, expected, "added once, the old value kept");
         }
     }
 }

@@ -43,7 +43,7 @@ use crate::origin::{normalize_host, Origin, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::{
     FoyerStorage, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR, PEER_LACKS_OBJECT,
-    PURGED_DURING_FETCH,
+    PURGED_DURING_FETCH, REDIRECT_WITH_IGNORED_QUERY,
 };
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
@@ -191,6 +191,8 @@ pub struct RequestCtx {
     peer_served: bool,
     /// What compression may do to this response.
     compression: compression::Plan,
+    /// The origin's query filter left parameters of this request out of its key.
+    query_filtered: bool,
 }
 
 impl EdgeProxy {
@@ -332,19 +334,24 @@ pub fn forwarded_for(req: &mut RequestHeader, client: std::net::IpAddr) -> Resul
     Ok(())
 }
 
-/// The primary cache key of a request: `host/path?query`, host normalized. The admin API
-/// builds purge keys with the same function, so purges always name what lookups find.
+/// A cache key from a host and the path and query it is keyed by (an origin's query filter
+/// already applied, see [`crate::cache_key`]): `host/path?query`, host normalized.
 pub fn primary_key(host: &str, path_and_query: &str) -> String {
     format!("{}{}", normalize_host(host), path_and_query)
 }
 
-/// The primary cache key of a request whose host is `host`, served by `origin`.
-fn request_key(req: &RequestHeader, host: &str, origin: &Origin) -> String {
+/// The primary cache key of a request whose host is `host`, served by `origin`, and whether
+/// the origin's query filter left parameters out of it.
+fn request_key(req: &RequestHeader, host: &str, origin: &Origin) -> (String, bool) {
     let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
-    primary_key(host, &origin.query_filter.apply(pq))
+    let keyed = origin.query_filter.apply(pq);
+    let filtered = keyed.len() != pq.len();
+    (primary_key(host, &keyed), filtered)
 }
 
-/// Normalize a `host/path` key given by an operator or the broker as the proxy keys it.
+/// Normalize the host of a `host/path` key given by the broker (which applied the origin's
+/// query filter already; see [`crate::origin::OriginTable::normalize_key`] for one that also
+/// applies it).
 pub fn normalize_key(key: &str) -> Option<String> {
     let (host, rest) = key.split_once('/')?;
     (!host.is_empty()).then(|| primary_key(host, &format!("/{rest}")))
@@ -619,6 +626,7 @@ impl ProxyHttp for EdgeProxy {
             demand_peer: None,
             peer_served: false,
             compression: compression::Plan::AsStored,
+            query_filtered: false,
         }
     }
 
@@ -676,7 +684,7 @@ impl ProxyHttp for EdgeProxy {
         let path = req.uri.path();
         ctx.origin = self.origins.current().select(host, path).cloned();
         if let Some(origin) = &ctx.origin {
-            ctx.key = request_key(req, host, origin);
+            (ctx.key, ctx.query_filtered) = request_key(req, host, origin);
             if ctx.compression != compression::Plan::Compress {
                 compression::disable(session);
             }
@@ -810,6 +818,11 @@ impl ProxyHttp for EdgeProxy {
         if purged {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
                 PURGED_DURING_FETCH,
+            )));
+        }
+        if ctx.query_filtered && resp.status.is_redirection() {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                REDIRECT_WITH_IGNORED_QUERY,
             )));
         }
         // A server error answering the revalidation of a stored copy (outside any

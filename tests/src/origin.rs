@@ -42,6 +42,7 @@ struct Counters {
     not_modified: AtomicUsize,
     by_path: Mutex<HashMap<String, usize>>,
     last_headers: Mutex<HashMap<String, HeaderMap>>,
+    last_query: Mutex<HashMap<String, String>>,
     /// Per path: requests being answered now, and the most ever at once.
     in_flight: Mutex<HashMap<String, (usize, usize)>>,
 }
@@ -172,6 +173,11 @@ impl TestOrigin {
         self.counters.last_headers.lock().get(path).cloned()
     }
 
+    /// The query string of the last request for `path` ("" without one).
+    pub fn last_query(&self, path: &str) -> Option<String> {
+        self.counters.last_query.lock().get(path).cloned()
+    }
+
     /// Stop serving.
     pub async fn stop(&mut self) {
         self.handle.stop().await;
@@ -188,6 +194,9 @@ async fn handle(
     c.total.fetch_add(1, Ordering::SeqCst);
     *c.by_path.lock().entry(path.clone()).or_default() += 1;
     c.last_headers.lock().insert(path.clone(), headers.clone());
+    c.last_query
+        .lock()
+        .insert(path.clone(), uri.query().unwrap_or("").to_string());
     let _in_flight = InFlight::start(&c, &path);
 
     if let Some(ms) = q.get("delay_ms").and_then(|v| v.parse().ok()) {

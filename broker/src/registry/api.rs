@@ -505,7 +505,7 @@ async fn purge_order(s: &ApiState, provider: &str, body: Body) -> Result<PurgeOr
     Ok(match (&req.path, &req.prefix, &req.tags) {
         (Some(path), None, None) => {
             check_path("path", path)?;
-            PurgeOrder::Target(s.registry.cache_key(&host, path))
+            PurgeOrder::Target(exact_key(s, &host, path)?)
         }
         (None, Some(prefix), None) => {
             check_path("prefix", prefix)?;
@@ -556,6 +556,19 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         StatusCode::MULTI_STATUS
     };
     Ok((status, Json(report)).into_response())
+}
+
+/// The cache key of an exact path (the host's query filter applied). A key ending in `*`
+/// would read as a prefix at the edges, so it is refused: `prefix` says that.
+fn exact_key(s: &ApiState, host: &str, path: &str) -> Result<String, Invalid> {
+    let key = s.registry.cache_key(host, path);
+    if key.ends_with('*') {
+        return Err(Invalid {
+            field: "path",
+            message: "an exact path must not end in '*' (give a prefix instead)".into(),
+        });
+    }
+    Ok(key)
 }
 
 fn one_purge_target() -> Invalid {
@@ -611,9 +624,17 @@ async fn routes(
             "unknown region",
         )
     })?;
+    // Routed as the proxy routes it: the host's query filter applied.
+    let key = match q.key.split_once('/') {
+        Some((host, rest)) => s.registry.cache_key(
+            &edge_node::origin::normalize_host(host),
+            &format!("/{rest}"),
+        ),
+        None => q.key.clone(),
+    };
     let plan: Vec<_> = s
         .fleet
-        .plan(&q.key, region, &s.health)
+        .plan(&key, region, &s.health)
         .into_iter()
         .map(|c| {
             json!({
@@ -623,7 +644,7 @@ async fn routes(
             })
         })
         .collect();
-    Ok(Json(json!({ "key": q.key, "plan": plan })).into_response())
+    Ok(Json(json!({ "key": key, "plan": plan })).into_response())
 }
 
 #[derive(Deserialize)]
@@ -640,7 +661,7 @@ async fn explain(
     let (host, path) = q.key.split_once('/').unwrap_or((q.key.as_str(), ""));
     let host = check_host(host)?;
     s.registry.check_host_owner(&p.id, &host)?;
-    let key = format!("{host}/{path}");
+    let key = s.registry.cache_key(&host, &format!("/{path}"));
     let resource = s.registry.resource_for_key(&key);
     match s.planner.explain(&key) {
         Some(decisions) => Ok(Json(json!({
@@ -688,7 +709,7 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         (Some(path), None, _) => {
             check_path("path", path)?;
             let route = path.split('?').next().unwrap_or(path);
-            (s.registry.cache_key(&host, path), route.to_string())
+            (exact_key(&s, &host, path)?, route.to_string())
         }
         (None, Some(prefix), EventKind::Updated | EventKind::Deleted) => {
             check_path("prefix", prefix)?;

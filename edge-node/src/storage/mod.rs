@@ -97,11 +97,22 @@ pub const ERROR_ON_REVALIDATION: &str = "server error on revalidation";
 /// Why a server error on a miss, without a lifetime of its own, is not cached.
 pub const ORIGIN_SERVER_ERROR: &str = "origin server error";
 
+/// Why a redirect answering a request whose query lost ignored parameters on the way to its
+/// key is not cached: many sites redirect to strip tracking parameters, and stored under the
+/// key without them it would answer the very URL it points to, a loop.
+pub const REDIRECT_WITH_IGNORED_QUERY: &str = "redirect with ignored query parameters";
+
 /// Reasons that say nothing about the key's next answer, so pingora's predictor must not
 /// remember the key as uncacheable (which would send its next requests past the cache and
 /// its lock).
 fn transient_no_cache(reason: &'static str) -> bool {
-    refetch_together(reason) || [ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR].contains(&reason)
+    refetch_together(reason)
+        || [
+            ERROR_ON_REVALIDATION,
+            ORIGIN_SERVER_ERROR,
+            REDIRECT_WITH_IGNORED_QUERY,
+        ]
+        .contains(&reason)
 }
 
 /// Transient refusals after which the requests waiting on the fill's lock elect one of them to
@@ -1102,6 +1113,7 @@ mod tests {
             PEER_LACKS_OBJECT,
             ERROR_ON_REVALIDATION,
             ORIGIN_SERVER_ERROR,
+            REDIRECT_WITH_IGNORED_QUERY,
         ] {
             let reason = pingora_cache::NoCacheReason::Custom(reason);
             assert_eq!(s.predictor().mark_uncacheable(&key, reason), None);
