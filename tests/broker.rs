@@ -657,6 +657,87 @@ async fn ignored_query_parameters_route_and_cache_as_one() {
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
 }
 
+/// A broker without QUIC credentials orders purges over each edge's admin API: key and tag
+/// purges reach every edge that way too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_reach_edges_without_quic_over_their_admin_api() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = [("eu-a", "eu"), ("us-a", "us")];
+    let edges: Vec<EdgeProc> = ids
+        .iter()
+        .map(|(id, _)| EdgeProc::start(&dir.path().join(id), id, &[], ""))
+        .collect();
+    let specs: Vec<EdgeSpec<'_>> = ids
+        .iter()
+        .zip(&edges)
+        .map(|((id, region), edge)| EdgeSpec {
+            id,
+            region,
+            role: "active",
+            edge,
+        })
+        .collect();
+    let broker = BrokerProc::start(dir.path(), &specs, "");
+    drop(specs);
+    let mut c = Cluster {
+        edges,
+        broker,
+        token: String::new(),
+        _dir: dir,
+    };
+    c.register(&origin).await;
+    let paths = ["/h/a?skey=t1", "/h/b"];
+    for e in &c.edges {
+        for p in paths {
+            for _ in 0..2 {
+                client()
+                    .get(format!("http://{}{p}", e.addr))
+                    .header("host", HOST)
+                    .send()
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+    let x_cache = |i: usize, p: &'static str| {
+        let addr = c.edges[i].addr;
+        async move {
+            let r = client()
+                .get(format!("http://{addr}{p}"))
+                .header("host", HOST)
+                .send()
+                .await
+                .unwrap();
+            r.headers()["x-cache"].to_str().unwrap().to_string()
+        }
+    };
+    for (body, gone) in [
+        (json!({"host": HOST, "tags": ["T1"]}), paths[0]),
+        (json!({"host": HOST, "path": "/h/b"}), paths[1]),
+    ] {
+        let (s, v) = api(
+            reqwest::Method::POST,
+            c.broker.api("/v1/purge"),
+            &c.token,
+            Some(body),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        assert!(
+            v["edges"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|e| e["ok"] == true),
+            "{v}"
+        );
+        for i in 0..c.edges.len() {
+            assert_eq!(x_cache(i, gone).await, "MISS", "{gone} on edge {i}");
+        }
+    }
+}
+
 /// A provider purges by cache tag: every edge drops the host's objects whose response named
 /// one of the tags, keeps the others, and each tag costs one purge of the provider's budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
