@@ -26,7 +26,8 @@ pub enum Plan {
     /// Sent as stored, headers untouched: compression is off, or the copy goes to a peer edge
     /// or into this cache (a `Vary` added there would split the cache entry).
     AsStored,
-    /// Not compressed for this client (no `Accept-Encoding`, or a range), but a text response
+    /// Not compressed for this client (no `Accept-Encoding`, one that refuses a coding with
+    /// `q=0`, or a range), but a text response
     /// says `Vary: Accept-Encoding`, since another client would get it compressed.
     Identity,
     /// Compressed if the response allows it.
@@ -35,14 +36,35 @@ pub enum Plan {
 
 impl Plan {
     /// The plan for a client's request, with compression on: compress when it accepts an
-    /// encoding and asks for the whole body.
+    /// encoding and asks for the whole body. pingora's encoder picks the first coding it knows
+    /// and does not weigh quality values, so a client that refuses one (`gzip;q=0`) gets the
+    /// body as stored rather than possibly the coding it refused.
     pub fn for_request(req: &RequestHeader) -> Plan {
-        if req.headers.contains_key(ACCEPT_ENCODING) && !req.headers.contains_key(RANGE) {
+        let accepts = req
+            .headers
+            .get(ACCEPT_ENCODING)
+            .is_some_and(|v| !refuses_a_coding(v.as_bytes()));
+        if accepts && !req.headers.contains_key(RANGE) {
             Plan::Compress
         } else {
             Plan::Identity
         }
     }
+}
+
+/// Whether an `Accept-Encoding` value gives some coding a quality of zero.
+fn refuses_a_coding(value: &[u8]) -> bool {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return true;
+    };
+    value.split(',').any(|item| {
+        item.split(';').skip(1).any(|param| {
+            let Some((k, v)) = param.split_once('=') else {
+                return false;
+            };
+            k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>().is_ok_and(|q| q == 0.0)
+        })
+    })
 }
 
 /// Apply `plan` to a response about to be written (before the compression module sees it).
@@ -240,6 +262,16 @@ mod tests {
         assert_eq!(Plan::for_request(&req), Plan::Compress);
         req.insert_header("range", "bytes=0-9").unwrap();
         assert_eq!(Plan::for_request(&req), Plan::Identity);
+        for (ae, plan) in [
+            ("gzip, deflate, br, zstd", Plan::Compress),
+            ("br;q=1.0, gzip;q=0.8", Plan::Compress),
+            ("gzip;q=0, br", Plan::Identity),
+            ("br, gzip; Q=0.000", Plan::Identity),
+        ] {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            req.insert_header("accept-encoding", ae).unwrap();
+            assert_eq!(Plan::for_request(&req), plan, "{ae}");
+        }
     }
 
     #[test]
