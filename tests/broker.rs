@@ -2244,6 +2244,43 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
         "edges only"
     );
 
+    // A text object whose clients take gzip: the peer hands its copy over as stored, tags
+    // included, and the filled edge compresses it for its own client.
+    let gzip = |path: &'static str, region: &'static str| {
+        client()
+            .get(format!("http://{}{}", c.broker.addr, path))
+            .header("host", HOST)
+            .header("x-client-region", region)
+            .header("accept-encoding", "gzip")
+            .send()
+    };
+    let css = "/coop/t.css?ct=text/css&skey=t9&size=4000";
+    let r = gzip(css, "eu").await.unwrap();
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    let r = gzip(css, "us").await.unwrap();
+    assert_eq!(r.headers()["x-shadowcdn-fill"], "peer");
+    assert_eq!(r.headers()["content-encoding"], "gzip");
+    assert!(r.headers().get("surrogate-key").is_none());
+    let packed = r.bytes().await.unwrap();
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&packed[..]), &mut plain).unwrap();
+    assert_eq!(
+        plain,
+        shadowcdn_tests::origin::body_for("/coop/t.css", 4000)
+    );
+    assert_eq!(origin.hits("/coop/t.css"), 1);
+    // The copy us-a stored from its peer kept the tag: a tag purge reaches it.
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/purge"),
+        &c.token,
+        Some(json!({"host": HOST, "tags": ["t9"]})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let r = get(css, "us", "-").await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "MISS");
+
     // A purge us-a applied and the eu peer has not yet: the peer's older copy still serves
     // this miss, but us-a does not store it back.
     let purge_on = |admin: std::net::SocketAddr, path: &'static str| {
@@ -2314,14 +2351,15 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
             &[&format!("outcome=\"{o}\"")],
         )
     };
-    // a.css from the peer three times: first, and twice after the purge (never stored).
-    assert_eq!(fills("hit"), Some(3.0), "{m}");
-    assert_eq!(fills("miss"), Some(2.0), "{m}");
+    // a.css from the peer three times: first, and twice after the purge (never stored);
+    // t.css once. One more miss than before: t.css after the tag purge (eu lost it too).
+    assert_eq!(fills("hit"), Some(4.0), "{m}");
+    assert_eq!(fills("miss"), Some(3.0), "{m}");
     let bm = c.metrics().await;
     // Every GET to us-a for a key an eu edge served carries the hint, hits included.
     assert_eq!(
         sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
-        Some(6.0),
+        Some(8.0),
         "{bm}"
     );
 }
