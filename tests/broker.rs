@@ -167,6 +167,17 @@ impl Cluster {
         assert_eq!(s, StatusCode::OK, "{v}");
     }
 
+    /// `POST /v1/purge` with `body` as the provider; the status and answer.
+    async fn purge_with(&self, body: Value) -> (StatusCode, Value) {
+        api(
+            reqwest::Method::POST,
+            self.broker.api("/v1/purge"),
+            &self.token,
+            Some(body),
+        )
+        .await
+    }
+
     /// The planner's explanation of `key`.
     async fn explain(&self, key: &str) -> Value {
         let url = self.broker.api(&format!("/v1/shadows/explain?key={key}"));
@@ -633,13 +644,9 @@ async fn ignored_query_parameters_route_and_cache_as_one() {
     assert_eq!(served_by.len(), 1, "one edge holds the key: {served_by:?}");
     assert_eq!(origin.hits("/ck"), fetched);
 
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/purge"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/ck?utm_source=zz&id=1"})),
-    )
-    .await;
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "path": "/ck?utm_source=zz&id=1"}))
+        .await;
     assert_eq!(
         (s, &v["target"]),
         (StatusCode::OK, &json!(format!("{HOST}/ck?id=1"))),
@@ -647,13 +654,9 @@ async fn ignored_query_parameters_route_and_cache_as_one() {
     );
     assert_eq!(c.get("/ck?id=1", "eu").await.headers()["x-cache"], "MISS");
     // An exact path whose key would end in '*' would read as a prefix at the edges.
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/purge"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/ck?x=*&utm_source=1"})),
-    )
-    .await;
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "path": "/ck?x=*&utm_source=1"}))
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
 }
 
@@ -1127,13 +1130,9 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
     let mut child = std::mem::replace(&mut c.edges[0].child, shadowcdn_tests::Child::placeholder());
     let stopped = tokio::task::spawn_blocking(move || child.terminate());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/purge"),
-        &c.token,
-        Some(json!({"host": HOST, "path": "/during-drain"})),
-    )
-    .await;
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "path": "/during-drain"}))
+        .await;
     assert_eq!(
         s,
         StatusCode::OK,
@@ -2100,13 +2099,9 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     .await;
     let fetched = origin.hits("/page/app.js");
     // The script is asked for with a version query; purge it by prefix.
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/purge"),
-        &c.token,
-        Some(json!({"host": HOST, "prefix": "/page/app"})),
-    )
-    .await;
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "prefix": "/page/app"}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
 
     // The next page view shadows the script on the us edge before it is asked for, with a
@@ -2270,13 +2265,7 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     );
     assert_eq!(origin.hits("/coop/t.css"), 1);
     // The copy us-a stored from its peer kept the tag: a tag purge reaches it.
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/purge"),
-        &c.token,
-        Some(json!({"host": HOST, "tags": ["t9"]})),
-    )
-    .await;
+    let (s, v) = c.purge_with(json!({"host": HOST, "tags": ["t9"]})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let r = get(css, "us", "-").await.unwrap();
     assert_eq!(r.headers()["x-cache"], "MISS");
