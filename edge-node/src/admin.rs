@@ -235,11 +235,7 @@ async fn purge(
             "use PURGE or DELETE on /cache/{host}/{path}",
         );
     }
-    if let Err(r) = authorize(&headers, &s.token) {
-        s.metrics
-            .purges
-            .with_label_values(&["any", "unauthorized"])
-            .inc();
+    if let Err(r) = authorize_purge(&s, &headers) {
         return *r;
     }
     let (target, keyed) = match parse_target(&s.origins.current(), &uri) {
@@ -254,6 +250,16 @@ async fn purge(
             .unwrap_or(false);
     }
     purge_target(&s, target, found_keyed).await
+}
+
+/// [`authorize`] a purge, counting a refused one.
+fn authorize_purge(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    authorize(headers, &s.token).inspect_err(|_| {
+        s.metrics
+            .purges
+            .with_label_values(&["any", "unauthorized"])
+            .inc();
+    })
 }
 
 /// Apply an authorized purge and answer it (`found_before`: a key purge found its object
@@ -303,17 +309,12 @@ async fn purge_tags(
             "use POST or PURGE on /tags/{host}",
         );
     }
-    let req: TagsBody = match authorized_json(&s, &headers, &body) {
+    if let Err(r) = authorize_purge(&s, &headers) {
+        return *r;
+    }
+    let req: TagsBody = match serde_json::from_slice(&body) {
         Ok(b) => b,
-        Err(r) => {
-            if r.status() == StatusCode::UNAUTHORIZED {
-                s.metrics
-                    .purges
-                    .with_label_values(&["any", "unauthorized"])
-                    .inc();
-            }
-            return *r;
-        }
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
     };
     let target = match Target::tags(&host, &req.tags) {
         Ok(t) => t,

@@ -65,11 +65,6 @@ impl QueryFilter {
         })
     }
 
-    /// The names as given.
-    pub fn names(&self) -> &[String] {
-        &self.names
-    }
-
     /// Whether nothing is left out.
     pub fn is_empty(&self) -> bool {
         self.names.is_empty()

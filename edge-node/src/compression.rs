@@ -27,8 +27,8 @@ pub enum Plan {
     /// or into this cache (a `Vary` added there would split the cache entry).
     AsStored,
     /// Not compressed for this client (no `Accept-Encoding`, one that refuses a coding with
-    /// `q=0`, or a range), but a text response
-    /// says `Vary: Accept-Encoding`, since another client would get it compressed.
+    /// `q=0`, or a range), but a text response says `Vary: Accept-Encoding`, since another
+    /// client would get it compressed.
     Identity,
     /// Compressed if the response allows it.
     Compress,
@@ -140,11 +140,6 @@ impl Scan {
     }
 }
 
-/// Whether a response is worth compressing and may be (see `Scan::may_compress`).
-pub fn response_may_compress(resp: &ResponseHeader) -> bool {
-    Scan::of(resp).may_compress(resp)
-}
-
 /// Media types that compress well; everything else (images, video, archives, fonts already
 /// in woff/woff2) is left alone.
 fn text_like(content_type: &str) -> bool {
@@ -238,6 +233,10 @@ mod tests {
         ] {
             assert!(!text_like(ct), "{ct}");
         }
+    }
+
+    fn response_may_compress(resp: &ResponseHeader) -> bool {
+        Scan::of(resp).may_compress(resp)
     }
 
     #[test]

@@ -119,12 +119,7 @@ impl ApiLimits {
 
     /// Take one call of `class` from `provider`'s budget, or say how long until one is left.
     pub fn check(&self, class: CallClass, provider: &str) -> Result<(), Duration> {
-        let limiter = match class {
-            CallClass::Purge => &self.purge,
-            CallClass::Event => &self.event,
-            CallClass::Write => &self.write,
-        };
-        self.take(limiter, provider, NonZeroU32::MIN)
+        self.check_n(class, provider, 1)
     }
 
     /// Take `n` calls' worth of `class` (a purge of `n` tags costs `n`), at most a minute's
@@ -137,15 +132,6 @@ impl ApiLimits {
             CallClass::Write => (&self.write, self.allowances.writes_per_minute),
         };
         let n = NonZeroU32::new(n.min(allowance)).unwrap_or(NonZeroU32::MIN);
-        self.take(limiter, provider, n)
-    }
-
-    fn take(
-        &self,
-        limiter: &DefaultKeyedRateLimiter<String>,
-        provider: &str,
-        n: NonZeroU32,
-    ) -> Result<(), Duration> {
         match limiter.check_key_n(&provider.to_string(), n) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(not_until)) => Err(not_until.wait_time_from(limiter.clock().now())),
