@@ -204,6 +204,23 @@ impl Cluster {
             .await
             .unwrap()
     }
+
+    /// Requests the broker has finished. It records which edge served a request before it
+    /// times it, so once this count passes a request, the hint for its key exists.
+    async fn logged(&self) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .filter(|l| l.starts_with("shadowcdn_broker_request_duration_seconds_count"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// Wait until the broker has finished the requests it was sent before `before` was read
+    /// and one more.
+    async fn wait_logged_past(&self, before: f64) {
+        wait_until(|| async { self.logged().await > before }).await;
+    }
 }
 
 async fn wait_until<F, Fut>(f: F)
@@ -2219,9 +2236,13 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
             .send()
     };
 
-    // eu fetched it from the origin; us's first request is filled from that eu edge.
+    // eu fetched it from the origin; us's first request is filled from that eu edge. Each
+    // eu request is waited out at the broker: its hint exists once the broker logged it.
+    let n = c.logged().await;
     let r = get("/coop/a.css", "eu", "-").await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
     let r = get("/coop/a.css", "us", "-").await.unwrap();
     assert_eq!(edge_of(&r), "us-a");
     assert_eq!(r.headers()["x-cache"], "MISS");
@@ -2250,8 +2271,11 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
             .send()
     };
     let css = "/coop/t.css?ct=text/css&skey=t9&size=4000";
+    let n = c.logged().await;
     let r = gzip(css, "eu").await.unwrap();
     assert_eq!(r.headers()["content-encoding"], "gzip");
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
     let r = gzip(css, "us").await.unwrap();
     assert_eq!(r.headers()["x-shadowcdn-fill"], "peer");
     assert_eq!(r.headers()["content-encoding"], "gzip");
@@ -2296,8 +2320,11 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
 
     // A hint that turns out wrong (the eu copy was purged behind the broker's back) costs
     // nothing but a round trip: the miss goes to the origin.
+    let n = c.logged().await;
     let r = get("/coop/b.css", "eu", "-").await.unwrap();
     let eu = edge_of(&r);
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
     let holder = c.edges.iter().find(|e| e.dir.ends_with(&eu)).unwrap();
     let s = purge_on(holder.admin, "/coop/b.css")
         .await
@@ -2315,8 +2342,10 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     assert_eq!(origin.hits("/coop/b.css"), 2);
 
     // A Vary'd object is never taken from a peer, which chose its own variant.
+    let n = c.logged().await;
     let r = get("/coop/v?vary=x-variant", "eu", "fr").await.unwrap();
     assert_eq!(r.text().await.unwrap(), "variant=fr");
+    c.wait_logged_past(n).await;
     let r = get("/coop/v?vary=x-variant", "us", "de").await.unwrap();
     assert!(r.headers().get("x-shadowcdn-fill").is_none());
     assert_eq!(r.text().await.unwrap(), "variant=de");
