@@ -708,6 +708,34 @@ async fn text_is_compressed_for_clients_that_accept_it() {
         .request(Method::GET, page, &[gz[0], ("if-none-match", "W/\"v1\"")])
         .await;
     assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    // A 304 carries the Vary and ETag its 200 would have (RFC 9110 §15.4.5).
+    let vary_and_etag = |r: &reqwest::Response| {
+        (
+            r.headers()
+                .get("vary")
+                .map(|v| v.to_str().unwrap().to_string()),
+            r.headers()["etag"].to_str().unwrap().to_string(),
+        )
+    };
+    assert_eq!(
+        vary_and_etag(&r),
+        (Some("Accept-Encoding".into()), "W/\"v1\"".into())
+    );
+    let r = edge
+        .request(Method::GET, page, &[("if-none-match", "\"v1\"")])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(
+        vary_and_etag(&r),
+        (Some("Accept-Encoding".into()), "\"v1\"".into())
+    );
+    let photo = "/z/photo.png?size=5000&ct=image/png&etag=p1";
+    edge.get(photo).await;
+    let r = edge
+        .request(Method::GET, photo, &[gz[0], ("if-none-match", "\"p1\"")])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(vary_and_etag(&r), (None, "\"p1\"".into()), "not text");
 
     let r = edge
         .request(Method::GET, page, &[gz[0], ("range", "bytes=10-19")])

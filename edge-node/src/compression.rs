@@ -4,14 +4,17 @@
 //! The cache keeps what the origin sent; pingora's downstream compression module encodes
 //! each response on its way out (gzip, brotli or zstd: the first of the client's
 //! `Accept-Encoding` it knows), adds `Vary: Accept-Encoding` and weakens the ETag (weak
-//! comparison still answers `If-None-Match` with 304). This module decides which responses
+//! comparison still answers `If-None-Match` with 304, and that 304 carries the same `Vary`
+//! and ETag as its 200 would). This module decides which responses
 //! it may touch: only text-like types, never a range (its offsets are of the identity body),
 //! never a response marked `no-transform` (RFC 9111 §5.2.2.6), never a copy handed to a peer
 //! edge or a shadow fill (those are stored, not shown).
 
 use std::time::Duration;
 
-use http::header::{ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, RANGE, VARY};
+use http::header::{
+    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, ETAG, RANGE, VARY,
+};
 use http::HeaderValue;
 use pingora_core::modules::http::compression::ResponseCompression;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -32,6 +35,13 @@ pub enum Plan {
     Identity,
     /// Compressed if the response allows it.
     Compress,
+    /// A 304 standing for a text response: it carries the `Vary` the 200 would have, and
+    /// the weak ETag when the 200 would have been compressed (RFC 9110 §15.4.5). pingora
+    /// strips the type from the 304, so this is decided from the stored response first.
+    NotModified {
+        /// The 200 would have been compressed for this client.
+        compressed: bool,
+    },
 }
 
 impl Plan {
@@ -50,6 +60,38 @@ impl Plan {
             Plan::Identity
         }
     }
+}
+
+/// The plan for a 304 answering `req` in place of `stored` (the full response, before
+/// pingora turns it into the 304): unchanged unless `stored` is text this edge compresses.
+pub fn not_modified(plan: Plan, req: &RequestHeader, stored: &ResponseHeader) -> Plan {
+    if plan == Plan::AsStored || !Scan::of(stored).may_compress(stored) {
+        return plan;
+    }
+    let compressed = plan == Plan::Compress
+        && req
+            .headers
+            .get(ACCEPT_ENCODING)
+            .is_some_and(|v| first_coding_is_compressed(v.as_bytes()));
+    Plan::NotModified { compressed }
+}
+
+/// Whether pingora's encoder would compress for this `Accept-Encoding`: it takes the first
+/// coding it knows, and of those it compresses with gzip, brotli and zstd only (the
+/// dictionary codings need a dictionary this edge never sets).
+fn first_coding_is_compressed(value: &[u8]) -> bool {
+    let Ok(value) = std::str::from_utf8(value) else {
+        return false;
+    };
+    value
+        .split(',')
+        .map(|item| item.split(';').next().unwrap_or("").trim())
+        .find(|c| {
+            ["gzip", "br", "zstd", "dcb", "dcz"]
+                .iter()
+                .any(|k| c.eq_ignore_ascii_case(k))
+        })
+        .is_some_and(|c| !c.eq_ignore_ascii_case("dcb") && !c.eq_ignore_ascii_case("dcz"))
 }
 
 /// Whether an `Accept-Encoding` value gives some coding a quality of zero.
@@ -79,6 +121,12 @@ pub fn response_filter(
         return Ok(());
     }
     let scan = Scan::of(resp);
+    if let Plan::NotModified { compressed } = plan {
+        if compressed {
+            weaken_etag(resp)?;
+        }
+        return vary_on_encoding(resp, &scan);
+    }
     if !scan.may_compress(resp) {
         disable(session);
         return Ok(());
@@ -90,6 +138,21 @@ pub fn response_filter(
 fn vary_on_encoding(resp: &mut ResponseHeader, scan: &Scan) -> pingora_error::Result<()> {
     if !scan.varies_on_encoding {
         resp.append_header(VARY, ACCEPT_ENCODING_NAME.clone())?;
+    }
+    Ok(())
+}
+
+/// Make a strong ETag weak, as pingora's encoder does to the 200 it compresses.
+fn weaken_etag(resp: &mut ResponseHeader) -> pingora_error::Result<()> {
+    let Some(etag) = resp.headers.get(ETAG) else {
+        return Ok(());
+    };
+    if etag.as_bytes().starts_with(b"\"") {
+        let weak = [b"W/", etag.as_bytes()].concat();
+        resp.insert_header(ETAG, weak)?;
+    } else if !etag.as_bytes().starts_with(b"W/") {
+        // Not a valid ETag: the encoder drops it.
+        resp.remove_header(&ETAG);
     }
     Ok(())
 }
@@ -270,6 +333,73 @@ mod tests {
             let mut req = RequestHeader::build("GET", b"/", None).unwrap();
             req.insert_header("accept-encoding", ae).unwrap();
             assert_eq!(Plan::for_request(&req), plan, "{ae}");
+        }
+    }
+
+    #[test]
+    fn a_304_stands_for_the_200_it_replaces() {
+        let html = resp(200, &[("content-type", "text/html"), ("etag", "\"v1\"")]);
+        let png = resp(200, &[("content-type", "image/png")]);
+        let req = |ae: Option<&str>| {
+            let mut r = RequestHeader::build("GET", b"/", None).unwrap();
+            if let Some(ae) = ae {
+                r.insert_header("accept-encoding", ae).unwrap();
+            }
+            r
+        };
+        for (plan, ae, stored, expected) in [
+            (
+                Plan::Compress,
+                Some("gzip, br"),
+                &html,
+                Plan::NotModified { compressed: true },
+            ),
+            (
+                Plan::Compress,
+                Some("deflate, BR;q=0.5"),
+                &html,
+                Plan::NotModified { compressed: true },
+            ),
+            (
+                Plan::Compress,
+                Some("dcz, gzip"),
+                &html,
+                Plan::NotModified { compressed: false },
+            ),
+            (
+                Plan::Compress,
+                Some("deflate"),
+                &html,
+                Plan::NotModified { compressed: false },
+            ),
+            (
+                Plan::Identity,
+                None,
+                &html,
+                Plan::NotModified { compressed: false },
+            ),
+            (Plan::Compress, Some("gzip"), &png, Plan::Compress),
+            (Plan::AsStored, Some("gzip"), &html, Plan::AsStored),
+        ] {
+            assert_eq!(not_modified(plan, &req(ae), stored), expected, "{ae:?}");
+        }
+    }
+
+    #[test]
+    fn etags_are_weakened_as_the_encoder_does() {
+        for (etag, expected) in [
+            (Some("\"v1\""), Some("W/\"v1\"")),
+            (Some("W/\"v1\""), Some("W/\"v1\"")),
+            (Some("v1"), None),
+            (None, None),
+        ] {
+            let mut r = resp(304, &[]);
+            if let Some(e) = etag {
+                r.insert_header("etag", e).unwrap();
+            }
+            weaken_etag(&mut r).unwrap();
+            let got = r.headers.get(ETAG).map(|v| v.to_str().unwrap());
+            assert_eq!(got, expected, "{etag:?}");
         }
     }
 

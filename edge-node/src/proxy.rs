@@ -29,6 +29,7 @@ use pingora_cache::{
 };
 use pingora_core::modules::http::compression::ResponseCompressionBuilder;
 use pingora_core::modules::http::HttpModules;
+use pingora_core::protocols::http::conditional_filter::not_modified_filter;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -786,6 +787,20 @@ impl ProxyHttp for EdgeProxy {
         let mut key = CacheKey::new(ctx.key.clone(), "");
         key.set_primary_bin_override(hash);
         Ok(key)
+    }
+
+    fn cache_not_modified_filter(
+        &self,
+        session: &Session,
+        resp: &ResponseHeader,
+        ctx: &mut Self::CTX,
+    ) -> Result<bool> {
+        let req = session.req_header();
+        let not_modified = not_modified_filter(req, resp);
+        if not_modified {
+            ctx.compression = compression::not_modified(ctx.compression, req, resp);
+        }
+        Ok(not_modified)
     }
 
     fn response_cache_filter(
