@@ -17,6 +17,10 @@
 //! reaches another's objects). A host's floor is also raised when the host is registered
 //! anew ([`crate::ownership`]); the log remembers which registration each host last applied
 //! (`owner` lines) so that it is applied once.
+//!
+//! Every log line reads `<kind> <ms> <host>/…`. A line of a kind this version does not know
+//! (written by a newer one, read after a downgrade) raises its host's floor to its time: the
+//! host's older objects are dropped rather than something a newer purge removed served again.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -253,6 +257,7 @@ impl BanList {
             source,
         };
         let mut state = State::default();
+        let mut unknown = 0;
         if path.exists() {
             let complete = cut_torn_tail(&path).map_err(io)?;
             let f = File::open(&path).map_err(io)?;
@@ -278,20 +283,34 @@ impl BanList {
                         target: Banned::Prefix(prefix.to_string()),
                         at_ms,
                     }),
-                    "tag" => {
-                        if let Some((scope, tag)) = prefix.split_once(' ') {
-                            state.push(Ban {
-                                target: Banned::Tag {
-                                    scope: scope.to_string(),
-                                    tag: tag.to_string(),
-                                },
-                                at_ms,
-                            });
-                        }
+                    "tag" if prefix.contains(' ') => {
+                        let (scope, tag) = prefix.split_once(' ').unwrap_or_default();
+                        state.push(Ban {
+                            target: Banned::Tag {
+                                scope: scope.to_string(),
+                                tag: tag.to_string(),
+                            },
+                            at_ms,
+                        });
                     }
-                    _ => continue,
+                    _ => {
+                        // A newer version's kind of ban (or a line this one cannot read):
+                        // whatever it removed, it removed from its host at `at_ms`, so the
+                        // host's objects stored before then go. Too much is dropped rather
+                        // than anything purged served again.
+                        let target = prefix.split(' ').next().unwrap_or_default();
+                        state.raise_floor(scope(target), at_ms);
+                        unknown += 1;
+                    }
                 }
             }
+        }
+        if unknown > 0 {
+            tracing::warn!(
+                path = %path.display(),
+                lines = unknown,
+                "ban log lines of an unknown kind: their hosts' older objects are treated as purged"
+            );
         }
         let list = BanList {
             writer: Mutex::new(LogWriter {
@@ -621,6 +640,36 @@ mod tests {
             "the ban after the torn line survives"
         );
         assert_eq!(b.len(), 2);
+    }
+
+    #[test]
+    fn a_ban_of_an_unknown_kind_drops_its_hosts_older_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let at = now_ms();
+        fs::write(
+            dir.path().join("bans.log"),
+            format!("header {at} h/ x-y\ntag {at} g/\nban {at} k/a/\n"),
+        )
+        .unwrap();
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(b.is_banned("h/any", old, &NO_TAGS), "unknown kind");
+        assert!(
+            b.is_banned("g/any", old, &NO_TAGS),
+            "a tag line without its tag"
+        );
+        let fresh = SystemTime::now() + Duration::from_secs(1);
+        assert!(!b.is_banned("h/any", fresh, &NO_TAGS));
+        assert!(!b.is_banned("k/b", old, &NO_TAGS), "other hosts untouched");
+        assert!(b.is_banned("k/a/1", old, &NO_TAGS));
+        // The floors outlive a compaction that rewrites the log (the prefix ban expires).
+        drop(b);
+        std::thread::sleep(Duration::from_millis(5));
+        drop(BanList::open(dir.path(), Duration::from_millis(1)).unwrap());
+        let log = fs::read_to_string(dir.path().join("bans.log")).unwrap();
+        assert!(!log.contains("header"), "{log}");
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(b.is_banned("h/any", old, &NO_TAGS) && b.is_banned("g/any", old, &NO_TAGS));
     }
 
     #[test]
