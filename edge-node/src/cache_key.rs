@@ -5,7 +5,9 @@
 //! The origin still receives the request's whole query; only the key that the edges cache
 //! under, and the broker routes by, leaves the named parameters out. Names match the raw
 //! parameter name (before `=`, not percent-decoded, case-sensitive); a trailing `*` matches a
-//! prefix (`utm_*`) and a lone `*` drops the whole query string.
+//! prefix (`utm_*`) and a lone `*` drops the whole query string. A parameter with a `;` in
+//! it is kept unless the whole query is dropped: an origin that also splits on `;` would
+//! read another parameter in it.
 
 use std::borrow::Cow;
 
@@ -70,11 +72,17 @@ impl QueryFilter {
         self.names.is_empty()
     }
 
+    /// Whether `param` (one `&`-separated segment) is left out. A segment holding a `;` is
+    /// kept unless the whole query is dropped: origins that also split on `;` (older Rack,
+    /// Python and Go parsers) would read `utm_source=x;id=9` as `id=9`, and caching that
+    /// page under the key without it would serve it for every `id`.
     fn drops(&self, param: &str) -> bool {
         let name = param.split('=').next().unwrap_or(param);
+        let hides_another = param.contains(';');
         self.names.iter().any(|n| match n.strip_suffix('*') {
-            Some(prefix) => name.starts_with(prefix),
-            None => name == n,
+            Some("") => true,
+            Some(prefix) => !hides_another && name.starts_with(prefix),
+            None => !hides_another && name == n,
         })
     }
 
@@ -123,6 +131,20 @@ mod tests {
         assert_eq!(filter(&[]).apply("/a?utm_source=1"), "/a?utm_source=1");
         let once = f.apply("/p?utm_medium=m&q=1").into_owned();
         assert_eq!(f.apply(&once), once, "idempotent");
+    }
+
+    #[test]
+    fn a_parameter_hidden_behind_a_semicolon_stays_in_the_key() {
+        let f = filter(&["utm_*", "fbclid"]);
+        for kept in [
+            "/a?utm_source=x;id=9",
+            "/a?utm_x;id=7",
+            "/a?fbclid=1;callback=f",
+        ] {
+            assert_eq!(f.apply(kept), kept);
+        }
+        assert_eq!(f.apply("/a?utm_source=x&b=1;c=2"), "/a?b=1;c=2");
+        assert_eq!(filter(&["*"]).apply("/a?utm_source=x;id=9"), "/a");
     }
 
     #[test]

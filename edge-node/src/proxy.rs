@@ -40,11 +40,11 @@ use crate::access_log::{AccessLog, RequestFields};
 use crate::compression;
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
-use crate::origin::{normalize_host, Origin, SharedOrigins};
+use crate::origin::{normalize_host, Origin, OriginTable, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::{
     FoyerStorage, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR, PEER_LACKS_OBJECT,
-    PURGED_DURING_FETCH, REDIRECT_WITH_IGNORED_QUERY,
+    PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY,
 };
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
@@ -348,6 +348,50 @@ fn request_key(req: &RequestHeader, host: &str, origin: &Origin) -> (String, boo
     let keyed = origin.query_filter.apply(pq);
     let filtered = keyed.len() != pq.len();
     (primary_key(host, &keyed), filtered)
+}
+
+/// Whether a redirect points at a URL this edge keys as `key`, the key it would be stored
+/// under, over the same scheme: `/` to `/?lang=en` when the origin's query filter drops
+/// `lang`. Stored, it would answer the URL it points to with itself, a loop until it expires.
+/// (A redirect to the other scheme is stored: redirects vary by scheme, see
+/// `cache_vary_filter`.) `Location` is resolved against the request.
+fn redirects_to_its_own_key(
+    origins: &OriginTable,
+    req: &RequestHeader,
+    resp: &ResponseHeader,
+    key: &str,
+) -> bool {
+    let Some(location) = resp
+        .headers
+        .get(header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((host, _)) = key.split_once('/') else {
+        return false;
+    };
+    let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
+    let scheme = match req.headers.get(FORWARDED_PROTO) {
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"https") => "https",
+        _ => "http",
+    };
+    let Ok(target) =
+        url::Url::parse(&format!("{scheme}://{host}{pq}")).and_then(|b| b.join(location))
+    else {
+        return false;
+    };
+    let same_host = target
+        .host_str()
+        .is_some_and(|h| normalize_host(h) == normalize_host(host));
+    if !same_host || target.scheme() != scheme {
+        return false;
+    }
+    let target_pq = match target.query() {
+        Some(q) => format!("{}?{q}", target.path()),
+        None => target.path().to_string(),
+    };
+    origins.cache_key(host, &target_pq) == key
 }
 
 /// Normalize the host of a `host/path` key given by the broker (which applied the origin's
@@ -835,9 +879,17 @@ impl ProxyHttp for EdgeProxy {
                 PURGED_DURING_FETCH,
             )));
         }
-        if ctx.query_filtered && resp.status.is_redirection() {
+        if resp.status.is_redirection()
+            && (ctx.query_filtered
+                || redirects_to_its_own_key(
+                    &self.origins.current(),
+                    session.req_header(),
+                    resp,
+                    &ctx.key,
+                ))
+        {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
-                REDIRECT_WITH_IGNORED_QUERY,
+                REDIRECT_TO_ITS_OWN_KEY,
             )));
         }
         // A server error answering the revalidation of a stored copy (outside any
@@ -1231,6 +1283,48 @@ mod tests {
             ("2001:db8::1", false),
         ] {
             assert_eq!(within(&nets, ip.parse().unwrap()), trusted, "{ip}");
+        }
+    }
+
+    #[test]
+    fn a_redirect_that_keys_as_its_own_request_is_seen() {
+        let table = OriginTable::build(&[crate::config::OriginEntry {
+            host: "h.test".into(),
+            path_prefix: None,
+            upstream: "http://127.0.0.1:9".into(),
+            forward_host: false,
+            strip_set_cookie: false,
+            cache_key_ignore_query: vec!["lang".into()],
+            registered_at_ms: None,
+        }])
+        .unwrap();
+        let check = |path: &str, proto: Option<&str>, location: &str| {
+            let mut req = RequestHeader::build("GET", path.as_bytes(), None).unwrap();
+            if let Some(p) = proto {
+                req.insert_header(FORWARDED_PROTO, p).unwrap();
+            }
+            let mut resp = ResponseHeader::build(301, None).unwrap();
+            resp.insert_header(header::LOCATION, location).unwrap();
+            let (key, _) = request_key(&req, "h.test", table.select("h.test", "/").unwrap());
+            redirects_to_its_own_key(&table, &req, &resp, &key)
+        };
+        for (path, proto, location) in [
+            ("/", None, "/?lang=en"),
+            ("/", None, "?lang=en"),
+            ("/a/b", Some("https"), "https://H.test:443/a/b?lang=de"),
+            ("/a/b", None, "b?lang=de"),
+        ] {
+            assert!(check(path, proto, location), "{path} -> {location}");
+        }
+        for (path, proto, location) in [
+            ("/", None, "/?id=1"),
+            ("/", None, "https://h.test/"),
+            ("/", Some("https"), "http://h.test/?lang=en"),
+            ("/", None, "http://other.test/"),
+            ("/a", None, "/b"),
+            ("/a", None, "mailto:x@h.test"),
+        ] {
+            assert!(!check(path, proto, location), "{path} -> {location}");
         }
     }
 

@@ -97,10 +97,12 @@ pub const ERROR_ON_REVALIDATION: &str = "server error on revalidation";
 /// Why a server error on a miss, without a lifetime of its own, is not cached.
 pub const ORIGIN_SERVER_ERROR: &str = "origin server error";
 
-/// Why a redirect answering a request whose query lost ignored parameters on the way to its
-/// key is not cached: many sites redirect to strip tracking parameters, and stored under the
-/// key without them it would answer the very URL it points to, a loop.
-pub const REDIRECT_WITH_IGNORED_QUERY: &str = "redirect with ignored query parameters";
+/// Why a redirect that may point at its own cache key is not cached: it answers a request
+/// whose query lost ignored parameters on the way to its key (many sites redirect to strip
+/// tracking parameters), or its `Location` keys the same (`http` to `https`). Stored, it
+/// would answer the very URL it points to, a loop; the key's next answer may well be
+/// cacheable.
+pub const REDIRECT_TO_ITS_OWN_KEY: &str = "redirect to its own key";
 
 /// Reasons that say nothing about the key's next answer, so pingora's predictor must not
 /// remember the key as uncacheable (which would send its next requests past the cache and
@@ -110,7 +112,7 @@ fn transient_no_cache(reason: &'static str) -> bool {
         || [
             ERROR_ON_REVALIDATION,
             ORIGIN_SERVER_ERROR,
-            REDIRECT_WITH_IGNORED_QUERY,
+            REDIRECT_TO_ITS_OWN_KEY,
         ]
         .contains(&reason)
 }
@@ -1113,7 +1115,7 @@ mod tests {
             PEER_LACKS_OBJECT,
             ERROR_ON_REVALIDATION,
             ORIGIN_SERVER_ERROR,
-            REDIRECT_WITH_IGNORED_QUERY,
+            REDIRECT_TO_ITS_OWN_KEY,
         ] {
             let reason = pingora_cache::NoCacheReason::Custom(reason);
             assert_eq!(s.predictor().mark_uncacheable(&key, reason), None);
