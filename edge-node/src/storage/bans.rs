@@ -18,9 +18,10 @@
 //! anew ([`crate::ownership`]); the log remembers which registration each host last applied
 //! (`owner` lines) so that it is applied once.
 //!
-//! Every log line reads `<kind> <ms> <host>/…`. A line of a kind this version does not know
-//! (written by a newer one, read after a downgrade) raises its host's floor to its time: the
-//! host's older objects are dropped rather than something a newer purge removed served again.
+//! Every log line reads `<kind> <ms> <host>/…` (a prefix ban's prefix may stop inside the
+//! host). A line of a kind this version does not know (written by a newer one, read after a
+//! downgrade) raises its host's floor to its time: the host's older objects are dropped rather
+//! than something a newer purge removed served again.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -283,24 +284,28 @@ impl BanList {
                         target: Banned::Prefix(prefix.to_string()),
                         at_ms,
                     }),
-                    "tag" if prefix.contains(' ') => {
-                        let (scope, tag) = prefix.split_once(' ').unwrap_or_default();
-                        state.push(Ban {
-                            target: Banned::Tag {
-                                scope: scope.to_string(),
-                                tag: tag.to_string(),
-                            },
-                            at_ms,
-                        });
+                    "tag" => {
+                        // Without its tag, a fragment of a failed append (never acknowledged).
+                        if let Some((scope, tag)) = prefix.split_once(' ') {
+                            state.push(Ban {
+                                target: Banned::Tag {
+                                    scope: scope.to_string(),
+                                    tag: tag.to_string(),
+                                },
+                                at_ms,
+                            });
+                        }
                     }
                     _ => {
-                        // A newer version's kind of ban (or a line this one cannot read):
-                        // whatever it removed, it removed from its host at `at_ms`, so the
-                        // host's objects stored before then go. Too much is dropped rather
-                        // than anything purged served again.
+                        // A newer version's kind of ban: whatever it removed, it removed from
+                        // its host at `at_ms`, so the host's objects stored before then go —
+                        // too much dropped rather than anything purged served again. A line
+                        // without a host is a fragment of a failed append instead.
                         let target = prefix.split(' ').next().unwrap_or_default();
-                        state.raise_floor(scope(target), at_ms);
-                        unknown += 1;
+                        if target.contains('/') {
+                            state.raise_floor(scope(target), at_ms);
+                            unknown += 1;
+                        }
                     }
                 }
             }
@@ -649,27 +654,26 @@ mod tests {
         let at = now_ms();
         fs::write(
             dir.path().join("bans.log"),
-            format!("header {at} h/ x-y\ntag {at} g/\nban {at} k/a/\n"),
+            format!("header {at} h/ x-y\ntag {at} g/\nhead {at} exa\nban {at} k/a/\n"),
         )
         .unwrap();
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         assert!(b.is_banned("h/any", old, &NO_TAGS), "unknown kind");
-        assert!(
-            b.is_banned("g/any", old, &NO_TAGS),
-            "a tag line without its tag"
-        );
+        // Fragments of failed appends: a tag line without its tag, a line without a host.
+        assert!(!b.is_banned("g/any", old, &NO_TAGS));
+        assert!(!b.is_banned("exa/any", old, &NO_TAGS));
         let fresh = SystemTime::now() + Duration::from_secs(1);
         assert!(!b.is_banned("h/any", fresh, &NO_TAGS));
         assert!(!b.is_banned("k/b", old, &NO_TAGS), "other hosts untouched");
         assert!(b.is_banned("k/a/1", old, &NO_TAGS));
-        // The floors outlive a compaction that rewrites the log (the prefix ban expires).
+        // The floor outlives a compaction that rewrites the log (the prefix ban expires).
         drop(b);
         std::thread::sleep(Duration::from_millis(5));
         drop(BanList::open(dir.path(), Duration::from_millis(1)).unwrap());
         let log = fs::read_to_string(dir.path().join("bans.log")).unwrap();
         assert!(!log.contains("header"), "{log}");
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-        assert!(b.is_banned("h/any", old, &NO_TAGS) && b.is_banned("g/any", old, &NO_TAGS));
+        assert!(b.is_banned("h/any", old, &NO_TAGS) && !b.is_banned("g/any", old, &NO_TAGS));
     }
 
     #[test]
