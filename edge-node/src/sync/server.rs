@@ -450,12 +450,23 @@ impl Handler {
                 return "error";
             }
         };
-        let headers = resp
+        // Values travel as text: UTF-8 ones (a `café` tag) as they are. A copy with a value
+        // that is not UTF-8 is not handed over, as one missing a header (its tags, say: a
+        // tag purge would miss it there) would be stored by the asking edge.
+        let headers: Option<Vec<(String, String)>> = resp
             .headers()
             .iter()
             .filter(|(n, _)| !is_hop_header(n.as_str()))
-            .filter_map(|(n, v)| Some((n.as_str().to_string(), v.to_str().ok()?.to_string())))
+            .map(|(n, v)| {
+                let v = std::str::from_utf8(v.as_bytes()).ok()?;
+                Some((n.as_str().to_string(), v.to_string()))
+            })
             .collect();
+        let Some(headers) = headers else {
+            let msg = "a header of the copy is not UTF-8".to_string();
+            let _ = write_frame(send, &reply(Reply::error(ErrorCode::NotFound, msg))).await;
+            return "not_found";
+        };
         let head = Reply::PeerHead {
             status: resp.status().as_u16(),
             headers,
