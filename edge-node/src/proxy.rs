@@ -497,7 +497,8 @@ pub fn error_status(e: &Error) -> (u16, &'static str) {
     }
 }
 
-/// When the peer that answered a peer fetch admitted its copy ([`PEER_ADMITTED_HEADER`]).
+/// When the peer that answered a peer fetch admitted its copy ([`PEER_ADMITTED_HEADER`]), on
+/// its clock (edges' clocks are assumed synchronised, as for any CDN's purge ordering).
 fn peer_admitted(resp: &ResponseHeader) -> Option<SystemTime> {
     let ms: u64 = resp
         .headers
@@ -1032,8 +1033,17 @@ impl ProxyHttp for EdgeProxy {
         if let Some(p) = &ctx.demand_peer {
             // Only a whole, variant-free copy stands in for the origin's answer: a Vary'd
             // object would be stored under this request's variant while the peer picked its own.
+            // Nor a copy older than a purge this edge applied (the peer may not have applied
+            // it yet): this edge acknowledged that purge, and must not serve what it removed.
             let usable = matches!(upstream_response.status.as_u16(), 200 | 203)
-                && !upstream_response.headers.contains_key(header::VARY);
+                && !upstream_response.headers.contains_key(header::VARY)
+                && !peer_admitted(upstream_response).is_some_and(|a| {
+                    self.parts.storage.purged_since_admitted(
+                        &ctx.key,
+                        a,
+                        &upstream_response.headers,
+                    )
+                });
             let outcome = if usable { "hit" } else { "miss" };
             self.metrics
                 .demand_peer_fills
