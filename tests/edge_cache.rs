@@ -824,6 +824,19 @@ async fn ignored_query_parameters_share_one_cache_entry() {
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(x_cache(&q("/page?id=1").await.unwrap()), "MISS");
 
+    // A shadow ordered with such parameters marks the copy clients are served.
+    let order = serde_json::json!({"key": "q.test/s?utm_source=x", "ttl_secs": 60});
+    assert!(shadow_marked(&edge, order).await);
+    let (s, v) = admin_json(&edge, Method::GET, "/shadows/q.test/s?fbclid=y", None).await;
+    assert_eq!(
+        (s, v["key"].as_str()),
+        (StatusCode::OK, Some("q.test/s")),
+        "{v}"
+    );
+    let r = q("/s?utm_medium=z").await.unwrap();
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+
     for (path, expected) in [("/p?utm_source=a", "MISS"), ("/p?utm_source=b", "MISS")] {
         assert_eq!(x_cache(&get(HOST, path).await.unwrap()), expected, "{path}");
     }

@@ -51,7 +51,7 @@ use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, IgnoredFields, OriginTable, SharedOrigins};
 use crate::ownership::{self, Registration};
-use crate::proxy::{normalize_key, token_matches};
+use crate::proxy::token_matches;
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::{FoyerStorage, OwnerChange};
 use crate::sync::protocol::PeerRef;
@@ -346,7 +346,11 @@ async fn post_shadow(
         Ok(b) => b,
         Err(r) => return *r,
     };
-    let req = match FillRequest::validated(&b.key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
+    // Keyed as the proxy keys its requests (the origin's query filter applied), so the mark
+    // names the copy the fill stores and the hits it serves.
+    let key = s.origins.current().normalize_key(&b.key);
+    let key = key.as_deref().unwrap_or(&b.key);
+    let req = match FillRequest::validated(key, b.ttl_secs, b.priority, s.max_shadow_ttl) {
         Ok(r) => r,
         Err(e) => return error(StatusCode::UNPROCESSABLE_ENTITY, e.code(), e.to_string()),
     };
@@ -371,7 +375,7 @@ fn shadow_key(s: &AdminState, headers: &HeaderMap, uri: &Uri) -> Result<String, 
         .path_and_query()
         .map_or("", |p| p.as_str())
         .trim_start_matches("/shadows/");
-    normalize_key(raw).ok_or_else(|| {
+    s.origins.current().normalize_key(raw).ok_or_else(|| {
         let msg = "key must be {host}/{path}";
         Box::new(error(StatusCode::BAD_REQUEST, "bad_key", msg))
     })
