@@ -50,7 +50,7 @@ pub struct FillRequest {
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum InvalidShadow {
     /// The key is not `host/path`, or its path has `.` or `..` segments.
-    #[error("key must be {{host}}/{{path}}, with no . or .. path segments")]
+    #[error("key must be {{host}}/{{path}}, spelled as URL parsing keeps it (no . or .. segments, no raw quote, space or non-ASCII byte)")]
     Key,
     /// The TTL is zero or too long.
     #[error("ttl_secs must be between 1 and {0}")]
@@ -239,22 +239,28 @@ impl ShadowService {
 
 /// Split `host/path?query` into host and path.
 ///
-/// A path with a `.` or `..` segment is refused: the URL the edge requests itself through
-/// would be normalised on the way (WHATWG rules: `%2e` counts as `.`, a backslash as `/`),
-/// fetching another path than the key names, and the answer would be stored under the wrong
-/// key.
+/// The edge fetches a key through its own listener with a URL, and URL parsing (WHATWG rules)
+/// may change the path and query on the way: resolve `.` and `..` segments (`%2e` counts as
+/// `.`, a backslash as `/`), percent-encode a `'`, a space or a non-ASCII byte. The answer
+/// would then be stored under another key than the one named, so such keys are refused.
 pub(crate) fn split_key(key: &str) -> Option<(&str, String)> {
     let (host, rest) = key.split_once('/')?;
-    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
-    (!host.is_empty() && !has_dot_segment(path)).then(|| (host, format!("/{rest}")))
+    let path = format!("/{rest}");
+    (!host.is_empty() && kept_by_url_parsing(&path)).then_some((host, path))
 }
 
-/// Whether a path has a segment that URL parsing would resolve away (`.`, `..`, in any mix of
-/// literal and percent-encoded dots).
-fn has_dot_segment(path: &str) -> bool {
-    path.split(['/', '\\']).any(|seg| {
-        let seg = seg.to_ascii_lowercase().replace("%2e", ".");
-        seg == "." || seg == ".."
+/// Whether `path_and_query` comes out of URL parsing exactly as it went in.
+fn kept_by_url_parsing(path_and_query: &str) -> bool {
+    url::Url::parse(&format!("http://h{path_and_query}")).is_ok_and(|u| {
+        let path = u.path();
+        match u.query() {
+            Some(q) => {
+                path_and_query.len() == path.len() + 1 + q.len()
+                    && path_and_query.starts_with(path)
+                    && path_and_query[path.len() + 1..] == *q
+            }
+            None => path_and_query == path,
+        }
     })
 }
 
@@ -527,6 +533,24 @@ mod tests {
             split_key("h.com/a..b/.c/x?q=/../").is_some(),
             "not whole segments"
         );
+        // Re-encoded by URL parsing: the fill would fetch and store another key.
+        for encoded in [
+            "h.com/a?q='x'",
+            "h.com/a b",
+            "h.com/caf\u{e9}",
+            "h.com/a?x=\"1\"",
+            "h.com/a#frag",
+        ] {
+            assert_eq!(split_key(encoded), None, "{encoded}");
+        }
+        for kept in [
+            "h.com/a?",
+            "h.com/a?b=%27&c=d",
+            "h.com/%7Euser/x%20y",
+            "h.com/a;b=1",
+        ] {
+            assert!(split_key(kept).is_some(), "{kept}");
+        }
         assert_eq!(split_key("/a"), None);
         assert_eq!(split_key("nohost"), None);
     }

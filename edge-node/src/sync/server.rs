@@ -421,7 +421,7 @@ impl Handler {
                 send,
                 &reply(Reply::error(
                     ErrorCode::Invalid,
-                    "key must be {host}/{path}, with no . or .. path segments",
+                    "key must be {host}/{path}, spelled as URL parsing keeps it (no . or .. segments, no raw quote, space or non-ASCII byte)",
                 )),
             )
             .await;
