@@ -10,7 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use edge_node::sync::protocol::{Reply, Request, StatsReport};
+use edge_node::sync::protocol::{ErrorCode, Reply, Request, StatsReport};
 use edge_node::sync::tls::edge_name;
 use edge_node::sync::{client_endpoint, Link, LinkError, NodeIdentity, SyncError, TlsPaths};
 use parking_lot::RwLock;
@@ -62,9 +62,14 @@ pub enum ControlError {
     /// Transport failure.
     #[error(transparent)]
     Link(#[from] LinkError),
-    /// The edge refused.
-    #[error("edge refused: {0}")]
-    Refused(String),
+    /// The edge refused, or failed, with `code`.
+    #[error("edge refused: {code:?}: {message}")]
+    Refused {
+        /// The edge's class of refusal.
+        code: ErrorCode,
+        /// What it said.
+        message: String,
+    },
 }
 
 /// QUIC links to the edges.
@@ -185,7 +190,7 @@ impl Control {
                 };
                 match sent.await {
                     Ok(Reply::Error { code, message }) => {
-                        Err(ControlError::Refused(format!("{code:?}: {message}")))
+                        Err(ControlError::Refused { code, message })
                     }
                     Ok(r) => Ok(r),
                     Err(e) => Err(ControlError::Link(e)),
@@ -195,7 +200,7 @@ impl Control {
         };
         let outcome = match &result {
             Ok(_) => "ok",
-            Err(ControlError::Refused(_)) => "refused",
+            Err(ControlError::Refused { .. }) => "refused",
             Err(_) => "failed",
         };
         let id = &self.fleet.edges[edge].id;

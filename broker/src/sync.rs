@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use edge_node::sync::protocol::{LiveShadow, Reply, Request, ShadowOrder};
+use edge_node::sync::protocol::{ErrorCode, LiveShadow, Reply, Request, ShadowOrder};
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::Serialize;
@@ -377,7 +377,14 @@ impl EdgeSync {
             return match c.call(edge, &req).await {
                 Ok(Reply::Done { found: true }) => 200,
                 Ok(_) => 404,
-                Err(ControlError::Refused(_)) => 400,
+                // As the admin API would answer: an edge's own failure is not a bad request.
+                Err(ControlError::Refused { code, .. }) => match code {
+                    ErrorCode::Version | ErrorCode::Invalid => 400,
+                    ErrorCode::Forbidden => 403,
+                    ErrorCode::NotFound => 404,
+                    ErrorCode::Busy => 503,
+                    ErrorCode::Internal => 500,
+                },
                 Err(_) => 0,
             };
         }
