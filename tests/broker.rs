@@ -205,6 +205,16 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Purges the broker holds for edge `id` until it confirms them.
+    async fn pending_purges(&self, id: &str) -> Option<f64> {
+        let edge = format!("edge=\"{id}\"");
+        sample(
+            &self.metrics().await,
+            "shadowcdn_broker_edge_pending_purges",
+            &[edge.as_str()],
+        )
+    }
+
     /// Requests the broker has finished. It records which edge served a request before it
     /// times it, so once this count passes a request, the hint for its key exists.
     async fn logged(&self) -> f64 {
@@ -1124,6 +1134,85 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     .await;
     assert_eq!(theirs.hits("/a"), 1, "served the previous owner's copy");
     assert_eq!(origin.hits("/a"), 1);
+}
+
+/// A purge an edge misses (it is down) is queued for it, durably: the broker restarts, the
+/// edge comes back with the purged copy on its disk, and it gets the purge before it serves
+/// a request again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_an_edge_missed_reaches_it_before_it_serves_again() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let path = "/missed.css";
+    assert_eq!(c.get(path, "eu").await.status(), StatusCode::OK);
+    let r = c.get(path, "eu").await;
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    let holder = edge_of(&r);
+    let down = c
+        .edges
+        .iter()
+        .position(|e| e.dir.ends_with(&holder))
+        .unwrap();
+    assert_eq!(c.edges[down].child.terminate(), Some(0));
+
+    let (s, v) = c.purge_with(json!({"host": HOST, "path": path})).await;
+    assert_eq!(s, StatusCode::MULTI_STATUS, "{v}");
+    let missed: Vec<&Value> = v["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["ok"] == false)
+        .collect();
+    assert_eq!(missed.len(), 1, "{v}");
+    assert_eq!(
+        (missed[0]["edge"].as_str(), &missed[0]["queued"]),
+        (Some(holder.as_str()), &json!(true)),
+        "{v}"
+    );
+    assert_eq!(c.pending_purges(&holder).await, Some(1.0));
+    c.broker.child.kill();
+    c.broker.spawn();
+    assert_eq!(
+        c.pending_purges(&holder).await,
+        Some(1.0),
+        "the queue survived the restart"
+    );
+
+    c.edges[down].spawn();
+    wait_secs(30, || async {
+        c.pending_purges(&holder).await == Some(0.0)
+    })
+    .await;
+    // Its first answer for the key is a miss: the copy on its disk was purged.
+    let mut first = None;
+    for _ in 0..200 {
+        let r = c.get(path, "eu").await;
+        if edge_of(&r) == holder {
+            first = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let first = first.expect("the edge takes traffic again");
+    let status = first.status();
+    let x_cache = first.headers().get("x-cache").cloned();
+    let body = first.text().await.unwrap();
+    assert_eq!(
+        x_cache.as_ref().map(|v| v.to_str().unwrap()),
+        Some("MISS"),
+        "{status} {body}"
+    );
+    let m = c.metrics().await;
+    assert_eq!(
+        sample(
+            &m,
+            "shadowcdn_broker_purge_redeliveries_total",
+            &["outcome=\"confirmed\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 /// An edge draining for shutdown keeps its broker link: a purge sent while a slow request

@@ -232,7 +232,7 @@ async fn no_store_and_private_are_not_cached() {
 async fn a_pushed_row_with_unknown_options_applies_without_them() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let edge = start_edge(origin.addr, dir.path(), "");
+    let mut edge = start_edge(origin.addr, dir.path(), "");
     let row = json!({"host": "new.test", "upstream": format!("http://{}", origin.addr),
                      "strip_set_cookie": true, "some_future_option": {"x": 1}});
     let (s, v) = admin_json(
@@ -268,6 +268,19 @@ async fn a_pushed_row_with_unknown_options_applies_without_them() {
     let bad = json!({"origins": [{"host": 5, "upstream": "http://127.0.0.1:1"}]});
     let (s, _) = admin_json(&edge, Method::PUT, "/origins", Some(bad)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+
+    // The push is kept: restarted, the edge serves the host, options and all, before any
+    // broker pushes again.
+    assert_eq!(edge.child.terminate(), Some(0));
+    edge.spawn();
+    let r = client()
+        .get(edge.url("/after-restart?set_cookie=a%3D1"))
+        .header("host", "new.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(!r.headers().contains_key("set-cookie"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,17 +5,19 @@
 //!
 //! Entry type: [`server::Broker`]. Modules: [`routing`], [`proxy`], [`registry`],
 //! [`monitor`], [`planner`], [`control`] (QUIC to the edges), [`cost`] (shadow ledger and threshold tuner), [`signals`] (co-access, anomalies), [`sync`] (orders to edges over
-//! QUIC or their admin API), [`config`], [`metrics`].
+//! QUIC or their admin API), [`redelivery`] (purges an edge missed), [`config`], [`metrics`].
 
 mod bounded;
 pub mod clock;
 pub mod config;
 pub mod control;
 pub mod cost;
+mod durable;
 pub mod metrics;
 pub mod monitor;
 pub mod planner;
 pub mod proxy;
+pub mod redelivery;
 pub mod registry;
 pub mod routing;
 pub mod server;

@@ -35,6 +35,12 @@ pub struct BrokerMetrics {
     pub edge_pushes: IntCounterVec,
     /// Origin rows each edge left out of the last push.
     pub edge_rejected_origins: prometheus::IntGaugeVec,
+    /// Purges each edge has not confirmed; the edge takes no traffic while any is pending.
+    pub edge_pending_purges: prometheus::IntGaugeVec,
+    /// Redeliveries of missed purges, by outcome.
+    pub purge_redeliveries: IntCounterVec,
+    /// Writes of the pending-purge queues that failed (they still hold in memory).
+    pub pending_purges_save_failures: prometheus::IntCounter,
     /// Planner decisions by outcome.
     pub planner_decisions: IntCounterVec,
     /// Shadow commands sent to edges by outcome.
@@ -120,7 +126,7 @@ impl BrokerMetrics {
                 &["region"],
             )?,
             edge_up: IntGaugeVec::new(
-                Opts::new("shadowcdn_broker_edge_up", "Edge health (1 up, 0 down)"),
+                Opts::new("shadowcdn_broker_edge_up", "Whether the edge takes traffic (1): probed healthy and not held for purges it missed"),
                 &["edge"],
             )?,
             request_seconds: HistogramVec::new(
@@ -163,6 +169,25 @@ impl BrokerMetrics {
                      resolve, private address, duplicate)",
                 ),
                 &["edge"],
+            )?,
+            edge_pending_purges: prometheus::IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_edge_pending_purges",
+                    "Purges the edge missed and has not confirmed yet; it takes no traffic \
+                     until it has",
+                ),
+                &["edge"],
+            )?,
+            purge_redeliveries: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_purge_redeliveries_total",
+                    "Missed purges delivered again to an edge, by outcome",
+                ),
+                &["outcome"],
+            )?,
+            pending_purges_save_failures: prometheus::IntCounter::new(
+                "shadowcdn_broker_pending_purges_save_failures_total",
+                "Writes of the pending-purge queues to disk that failed",
             )?,
             planner_decisions: IntCounterVec::new(
                 Opts::new(
@@ -353,6 +378,9 @@ impl BrokerMetrics {
         registry.register(Box::new(m.api_calls.clone()))?;
         registry.register(Box::new(m.edge_pushes.clone()))?;
         registry.register(Box::new(m.edge_rejected_origins.clone()))?;
+        registry.register(Box::new(m.edge_pending_purges.clone()))?;
+        registry.register(Box::new(m.purge_redeliveries.clone()))?;
+        registry.register(Box::new(m.pending_purges_save_failures.clone()))?;
         Ok(m)
     }
 }

@@ -20,6 +20,7 @@ use crate::metrics::BrokerMetrics;
 use crate::monitor::{CoAccessFeed, Monitor};
 use crate::planner::{Planner, PlannerState};
 use crate::proxy::BrokerProxy;
+use crate::redelivery::Redelivery;
 use crate::registry::api::{metrics_router, router, ApiState};
 use crate::registry::limits::ApiLimits;
 use crate::registry::model::check_public_host;
@@ -175,7 +176,16 @@ impl Broker {
                 metrics.clone(),
                 control.clone(),
             )
-            .allowing_private_upstreams(cfg.admin.allow_private_upstreams),
+            .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
+            .redelivering(Arc::new(
+                Redelivery::open(
+                    cfg.data_dir.join("pending-purges.json"),
+                    fleet.clone(),
+                    health.clone(),
+                    metrics.clone(),
+                )
+                .map_err(|e| StartError::Setup(e.to_string()))?,
+            )),
         );
 
         let conf = ServerConf {

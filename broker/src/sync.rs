@@ -5,7 +5,8 @@
 //! admin API.
 //!
 //! Pushes happen on every registry change and every few seconds, so an edge that was down
-//! during a change converges when it comes back.
+//! during a change converges when it comes back. Purges an edge missed are delivered again
+//! in the same loop, and the edge takes no traffic until it has them ([`crate::redelivery`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,6 +21,7 @@ use tokio::sync::Notify;
 
 use crate::control::{Control, ControlError};
 use crate::metrics::BrokerMetrics;
+use crate::redelivery::{PendingPurge, Redelivery};
 use crate::registry::Registry;
 use crate::routing::Fleet;
 
@@ -35,6 +37,10 @@ pub struct EdgeResult {
     pub ok: bool,
     /// HTTP status from the edge (QUIC answers map to 200 / 404), 0 when unreachable.
     pub status: u16,
+    /// Not confirmed for a passing reason (unreachable, 5xx): delivered again until the edge
+    /// confirms, and the edge takes no traffic meanwhile ([`crate::redelivery`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub queued: bool,
 }
 
 /// What a purge removes on an edge.
@@ -58,6 +64,8 @@ pub struct EdgeSync {
     allow_private_upstreams: bool,
     /// The hosts of the rows each edge left out at its last origin push, to log only changes.
     rejected: parking_lot::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Purges edges missed, delivered again by the push loop.
+    redelivery: Option<Arc<Redelivery>>,
 }
 
 impl EdgeSync {
@@ -84,7 +92,15 @@ impl EdgeSync {
             control,
             allow_private_upstreams: false,
             rejected: Default::default(),
+            redelivery: None,
         }
+    }
+
+    /// Queue the purges an edge misses for a passing reason and deliver them again (see
+    /// [`crate::redelivery`]).
+    pub fn redelivering(mut self, redelivery: Arc<Redelivery>) -> Self {
+        self.redelivery = Some(redelivery);
+        self
     }
 
     /// Let edges use provider origins on loopback and private addresses (`[admin]
@@ -432,22 +448,91 @@ impl EdgeSync {
     }
 
     async fn apply_purge(&self, purge: &Purge<'_>, edges: &[usize]) -> Vec<EdgeResult> {
-        // A key an edge does not hold is purged there too (404); a tag ban is always
-        // recorded, so anything but 200 (an edge too old to know tags) is a failure.
-        let done = |status: u16| match purge {
-            Purge::Target(_) => status == 200 || status == 404,
-            Purge::Tags { .. } => status == 200,
-        };
         let calls = edges.iter().map(|e| self.purge(*e, purge));
         edges
             .iter()
             .zip(futures::future::join_all(calls).await)
-            .map(|(e, status)| EdgeResult {
-                edge: self.fleet.edges[*e].id.clone(),
-                ok: done(status),
-                status,
+            .map(|(e, status)| {
+                let ok = purge.confirmed(status);
+                let queued = match &self.redelivery {
+                    Some(r) if !ok && passing(status) => {
+                        r.queue(*e, purge.to_pending());
+                        true
+                    }
+                    _ => false,
+                };
+                EdgeResult {
+                    edge: self.fleet.edges[*e].id.clone(),
+                    ok,
+                    status,
+                    queued,
+                }
             })
             .collect()
+    }
+
+    /// Deliver every edge's missed purges again, in order, up to the first one it does not
+    /// confirm (the rest wait for the next round).
+    pub async fn redeliver(&self) {
+        let Some(r) = &self.redelivery else {
+            return;
+        };
+        let rounds = r.edges_pending().into_iter().map(|edge| async move {
+            let (generation, queue) = r.pending(edge);
+            let mut done = 0;
+            for p in &queue {
+                let purge = Purge::from_pending(p);
+                let ok = purge.confirmed(self.purge(edge, &purge).await);
+                self.metrics
+                    .purge_redeliveries
+                    .with_label_values(&[if ok { "confirmed" } else { "failed" }])
+                    .inc();
+                if !ok {
+                    break;
+                }
+                done += 1;
+            }
+            r.delivered(edge, generation, done);
+        });
+        futures::future::join_all(rounds).await;
+    }
+}
+
+/// Whether a purge an edge did not confirm may pass on a later try: it was unreachable, or
+/// failed (5xx). A refusal (a 4xx: a request it cannot take, an edge too old to know tags)
+/// would be refused again.
+fn passing(status: u16) -> bool {
+    status == 0 || status >= 500
+}
+
+impl Purge<'_> {
+    /// Whether the edge's answer confirms the purge. A key an edge does not hold is purged
+    /// there too (404); a tag ban is always recorded, so anything but 200 (an edge too old to
+    /// know tags) is a failure.
+    fn confirmed(&self, status: u16) -> bool {
+        match self {
+            Purge::Target(_) => status == 200 || status == 404,
+            Purge::Tags { .. } => status == 200,
+        }
+    }
+
+    fn to_pending(&self) -> PendingPurge {
+        match self {
+            Purge::Target(target) => PendingPurge::Target {
+                target: target.to_string(),
+            },
+            Purge::Tags { host, tags } => PendingPurge::Tags {
+                host: host.to_string(),
+                tags: tags.to_vec(),
+            },
+        }
+    }
+
+    fn from_pending(p: &PendingPurge) -> Purge<'_> {
+        match p {
+            PendingPurge::Target { target } => Purge::Target(target),
+            PendingPurge::Tags { host, tags } => Purge::Tags { host, tags },
+        }
     }
 }
 
@@ -468,6 +553,7 @@ impl BackgroundService for OriginPusher {
             }
             self.0.push_origins().await;
             self.0.push_peers().await;
+            self.0.redeliver().await;
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod drain;
 pub mod http_service;
 pub mod invalidate;
 pub mod json_errors;
+pub mod last_push;
 pub mod metrics;
 pub mod origin;
 pub mod ownership;

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use crate::cache_key::QueryFilter;
 use crate::config::OriginEntry;
+use crate::last_push::{LastPush, LastPushError, Saved};
 use crate::proxy::primary_key;
 
 /// A resolved upstream origin.
@@ -298,6 +299,8 @@ pub struct SharedOrigins {
     pushed: Mutex<Vec<PushedRow>>,
     /// Names whose last lookup failed: when, and why.
     failed: Mutex<HashMap<(String, u16), (Instant, String)>>,
+    /// Where pushes are kept for the next start, if anywhere.
+    last_push: Option<LastPush>,
 }
 
 /// A pushed row in force: when its name last resolved, and when it was last looked up.
@@ -341,7 +344,32 @@ impl SharedOrigins {
             configured,
             pushed: Mutex::new(Vec::new()),
             failed: Mutex::new(HashMap::new()),
+            last_push: None,
         })
+    }
+
+    /// Keep every push in `dir` ([`crate::last_push`]), for [`Self::restore`] after a restart.
+    pub fn remembering_pushes(mut self, dir: &std::path::Path) -> Self {
+        self.last_push = Some(LastPush::in_dir(dir));
+        self
+    }
+
+    /// Apply the push saved before the last stop, as the broker sent it; how many rows it
+    /// had (0 when there is none).
+    pub async fn restore(&self) -> Result<usize, LastPushError> {
+        let Some(saved) = self
+            .last_push
+            .as_ref()
+            .map(LastPush::load)
+            .transpose()?
+            .flatten()
+        else {
+            return Ok(0);
+        };
+        let n = saved.origins.len();
+        self.push(saved.origins, saved.allow_private_upstreams)
+            .await;
+        Ok(n)
     }
 
     /// Apply a push from the broker: look up the names it needs (concurrently, within
@@ -349,6 +377,17 @@ impl SharedOrigins {
     pub async fn push(&self, rows: Vec<OriginEntry>, allow_private: bool) -> PushReport {
         let names = self.names_to_resolve(&rows);
         let found = lookup_all(names).await;
+        if let Some(last) = &self.last_push {
+            let saved = Saved {
+                origins: rows.clone(),
+                allow_private_upstreams: allow_private,
+            };
+            // Only a changed push is written (a small file): the broker pushes every few
+            // seconds. A failure costs only the 404s after a restart this file prevents.
+            if let Err(e) = last.save(&saved) {
+                tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
+            }
+        }
         self.apply_push(rows, allow_private, &found)
     }
 

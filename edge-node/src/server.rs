@@ -69,7 +69,9 @@ impl EdgeNode {
     /// Open the cache, bind the listeners and build the services.
     pub fn build(cfg: EdgeConfig) -> Result<Self, StartError> {
         let origins = Arc::new(
-            SharedOrigins::new(cfg.origins.clone()).map_err(crate::config::ConfigError::from)?,
+            SharedOrigins::new(cfg.origins.clone())
+                .map_err(crate::config::ConfigError::from)?
+                .remembering_pushes(&cfg.cache.dir),
         );
         // Bind-check the proxy port now so a busy port is a clear start-up error.
         TcpListener::bind(cfg.server.listen).map_err(|source| StartError::Bind {
@@ -138,6 +140,13 @@ impl EdgeNode {
         };
         let spawner = foyer::Spawner::from(storage_rt.handle().clone());
         let storage = storage_rt.block_on(FoyerStorage::open(&opts, spawner, &registry))?;
+        // The hosts the broker pushed before the stop are served from the first request,
+        // not only after its next push; an unreadable file waits for that push instead.
+        match storage_rt.block_on(origins.restore()) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(rows = n, "origin rows of the last push restored"),
+            Err(e) => tracing::warn!(error = %e, "the last origin push is not restored"),
+        }
         // pingora-cache requires 'static storage, lock and predictor; they live for the
         // process, exactly like the server itself.
         let storage: &'static FoyerStorage = Box::leak(Box::new(storage));

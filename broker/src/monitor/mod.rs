@@ -342,7 +342,7 @@ fn load_snapshot(store: &mut SeriesStore, path: &std::path::Path) {
 /// rename itself survives a crash). Serialized under the read lock, written
 /// after it is released: a slow disk must not hold the store (the aggregator waits for it once
 /// its buffer of held-back records is full).
-fn snapshot(store: &RwLock<SeriesStore>, path: &PathBuf) {
+fn snapshot(store: &RwLock<SeriesStore>, path: &std::path::Path) {
     let bytes = match serde_json::to_vec(&*store.read()) {
         Ok(b) => b,
         Err(e) => {
@@ -350,19 +350,7 @@ fn snapshot(store: &RwLock<SeriesStore>, path: &PathBuf) {
             return;
         }
     };
-    let tmp = path.with_extension("tmp");
-    let res = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            use std::io::Write;
-            f.write_all(&bytes)?;
-            f.sync_all()
-        })
-        .and_then(|_| std::fs::rename(&tmp, path))
-        .and_then(|_| match path.parent() {
-            Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-            _ => Ok(()),
-        });
-    if let Err(e) = res {
+    if let Err(e) = crate::durable::write_atomic(path, &bytes) {
         tracing::warn!(error = %e, path = %path.display(), "monitor snapshot failed");
     }
 }

@@ -19,6 +19,9 @@ use crate::metrics::BrokerMetrics;
 #[derive(Debug)]
 pub struct Health {
     up: Vec<AtomicBool>,
+    /// Held out of routing whatever the probes say: it missed a purge
+    /// ([`crate::redelivery`]).
+    held: Vec<AtomicBool>,
     fails: Vec<AtomicU32>,
     oks: Vec<AtomicU32>,
     fall: u32,
@@ -31,6 +34,7 @@ impl Health {
     pub fn new(edges: usize, fall: u32, rise: u32) -> Self {
         Health {
             up: (0..edges).map(|_| AtomicBool::new(true)).collect(),
+            held: (0..edges).map(|_| AtomicBool::new(false)).collect(),
             fails: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             oks: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             fall: fall.max(1),
@@ -38,9 +42,14 @@ impl Health {
         }
     }
 
-    /// Whether an edge may receive requests.
+    /// Whether an edge may receive requests: probes find it up and it is not held.
     pub fn is_up(&self, edge: usize) -> bool {
-        self.up[edge].load(Ordering::Acquire)
+        self.up[edge].load(Ordering::Acquire) && !self.held[edge].load(Ordering::Acquire)
+    }
+
+    /// Hold an edge out of routing, or release it; whether it was held.
+    pub fn hold(&self, edge: usize, held: bool) -> bool {
+        self.held[edge].swap(held, Ordering::AcqRel)
     }
 
     /// Passive failure (connection refused, reset before a response): down now.
@@ -157,17 +166,14 @@ impl BackgroundService for HealthChecker {
                     self.fleet.addresses.probe_failed(i, probed);
                 }
                 let id = &self.fleet.edges[i].id;
+                if let Some(up) = self.health.probe_result(i, ok) {
+                    tracing::info!(edge = %id, up, "edge health changed");
+                }
+                // Whether it takes traffic: probed up and not held for missed purges.
                 self.metrics
                     .edge_up
                     .with_label_values(&[id])
                     .set(i64::from(self.health.is_up(i)));
-                if let Some(up) = self.health.probe_result(i, ok) {
-                    tracing::info!(edge = %id, up, "edge health changed");
-                    self.metrics
-                        .edge_up
-                        .with_label_values(&[id])
-                        .set(i64::from(up));
-                }
             }
             for (r, was) in promoted.iter_mut().enumerate() {
                 let now = self.promoted(r);

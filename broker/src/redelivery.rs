@@ -1,0 +1,361 @@
+//! Purges an edge missed are delivered again until it confirms them.
+//!
+//! A purge fans out to every edge at once; one that is down, unreachable or failing (no
+//! answer, or a 5xx) at that moment still holds what the purge removes, and would serve it
+//! once it is back. So the purge is queued for that edge, and the edge takes no traffic (it
+//! is neither routed to nor named as a peer) until it has confirmed every purge queued for
+//! it; the sync loop delivers them again every few seconds. Queues are kept on disk
+//! (rewritten atomically on every change), so a broker restart forgets none of them.
+//!
+//! A queue is bounded: past [`MAX_PENDING`] purges, an edge's queue collapses into one purge
+//! of each host it names (`host/*`): more is removed than asked, nothing less.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+
+use crate::durable::write_atomic;
+use crate::metrics::BrokerMetrics;
+use crate::routing::{Fleet, Health};
+
+/// Purges kept per edge before its queue collapses into host-wide purges.
+pub const MAX_PENDING: usize = 10_000;
+
+/// A purge one edge has not confirmed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum PendingPurge {
+    /// `host/path` or `host/prefix*`.
+    Target {
+        /// As sent to the edges.
+        target: String,
+    },
+    /// The host's objects carrying one of the tags.
+    Tags {
+        /// The host.
+        host: String,
+        /// The tags, checked by [`edge_node::tags::check`].
+        tags: Vec<String>,
+    },
+}
+
+impl PendingPurge {
+    /// The host-wide purge that covers this one (`None` for a prefix that stops inside the
+    /// host part, which covers several hosts and is kept as it is).
+    fn host_wide(&self) -> Option<String> {
+        match self {
+            PendingPurge::Target { target } => {
+                let (host, _) = target.split_once('/')?;
+                Some(format!("{host}/*"))
+            }
+            PendingPurge::Tags { host, .. } => Some(format!("{host}/*")),
+        }
+    }
+
+    /// A key for de-duplication.
+    fn dedup_key(&self) -> String {
+        match self {
+            PendingPurge::Target { target } => format!("t {target}"),
+            PendingPurge::Tags { host, tags } => format!("g {host} {}", tags.join(" ")),
+        }
+    }
+}
+
+/// The file's content: queues by edge id.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    edges: BTreeMap<String, Vec<PendingPurge>>,
+}
+
+struct Queues {
+    by_edge: Vec<Vec<PendingPurge>>,
+    /// Moves when a queue collapses: a delivery of the queue as it was must not then drop
+    /// purges by position.
+    generation: u64,
+}
+
+/// Every edge's unconfirmed purges.
+pub struct Redelivery {
+    path: PathBuf,
+    fleet: Arc<Fleet>,
+    health: Arc<Health>,
+    metrics: BrokerMetrics,
+    queues: Mutex<Queues>,
+}
+
+/// Why the queues could not be read at start.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeliveryError {
+    /// Reading the file failed.
+    #[error("pending purges {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file is not what this broker writes.
+    #[error("pending purges {path}: {source}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The parse error.
+        source: serde_json::Error,
+    },
+}
+
+impl Redelivery {
+    /// The queues saved at `path` (none when it does not exist). Edges with a queue are held
+    /// out of routing at once; queues of edges no longer in the fleet are dropped with a
+    /// warning.
+    pub fn open(
+        path: PathBuf,
+        fleet: Arc<Fleet>,
+        health: Arc<Health>,
+        metrics: BrokerMetrics,
+    ) -> Result<Self, RedeliveryError> {
+        let saved: Saved = match std::fs::read(&path) {
+            Ok(bytes) => {
+                serde_json::from_slice(&bytes).map_err(|source| RedeliveryError::Format {
+                    path: path.clone(),
+                    source,
+                })?
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Saved::default(),
+            Err(source) => return Err(RedeliveryError::Io { path, source }),
+        };
+        let mut by_edge = vec![Vec::new(); fleet.edges.len()];
+        for (id, queue) in saved.edges {
+            match fleet.edges.iter().position(|e| e.id == id) {
+                Some(i) => by_edge[i] = queue,
+                None => tracing::warn!(edge = %id, purges = queue.len(),
+                    "pending purges of an edge no longer configured are dropped"),
+            }
+        }
+        let r = Redelivery {
+            path,
+            fleet,
+            health,
+            metrics,
+            queues: Mutex::new(Queues {
+                by_edge,
+                generation: 0,
+            }),
+        };
+        for edge in 0..r.fleet.edges.len() {
+            r.publish(edge, r.queues.lock().by_edge[edge].len());
+        }
+        Ok(r)
+    }
+
+    /// `purge` did not reach `edge`: keep it for the edge, and keep the edge out of routing.
+    pub fn queue(&self, edge: usize, purge: PendingPurge) {
+        let len = {
+            let mut q = self.queues.lock();
+            let queue = &mut q.by_edge[edge];
+            queue.push(purge);
+            if queue.len() > MAX_PENDING {
+                collapse(queue);
+                q.generation += 1;
+                tracing::warn!(edge = %self.fleet.edges[edge].id, purges = q.by_edge[edge].len(),
+                    "pending purges collapsed into host-wide purges");
+            }
+            q.by_edge[edge].len()
+        };
+        self.save();
+        self.publish(edge, len);
+    }
+
+    /// `edge`'s queue as it is now, with the generation to hand back to [`Self::delivered`].
+    pub fn pending(&self, edge: usize) -> (u64, Vec<PendingPurge>) {
+        let q = self.queues.lock();
+        (q.generation, q.by_edge[edge].clone())
+    }
+
+    /// Edges with purges to deliver.
+    pub fn edges_pending(&self) -> Vec<usize> {
+        let q = self.queues.lock();
+        (0..q.by_edge.len())
+            .filter(|e| !q.by_edge[*e].is_empty())
+            .collect()
+    }
+
+    /// `edge` confirmed the first `n` purges of the queue [`Self::pending`] gave at
+    /// `generation`; once its queue is empty it takes traffic again.
+    pub fn delivered(&self, edge: usize, generation: u64, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let len = {
+            let mut q = self.queues.lock();
+            if q.generation != generation {
+                // Collapsed since: the same purges are delivered again next round.
+                return;
+            }
+            let queue = &mut q.by_edge[edge];
+            queue.drain(..n.min(queue.len()));
+            queue.len()
+        };
+        self.save();
+        self.publish(edge, len);
+    }
+
+    /// Hold or release the edge and export its queue length.
+    fn publish(&self, edge: usize, len: usize) {
+        let id = &self.fleet.edges[edge].id;
+        let was = self.health.hold(edge, len > 0);
+        if was && len == 0 {
+            tracing::info!(edge = %id, "edge confirmed every missed purge: it takes traffic again");
+        } else if !was && len > 0 {
+            tracing::warn!(edge = %id, "edge missed a purge: no traffic until it confirms it");
+        }
+        self.metrics
+            .edge_pending_purges
+            .with_label_values(&[id.as_str()])
+            .set(len as i64);
+    }
+
+    /// Write every queue to disk. A failure is logged and counted: the queues still hold in
+    /// memory, and the next change writes them again.
+    fn save(&self) {
+        let saved = {
+            let q = self.queues.lock();
+            Saved {
+                edges: q
+                    .by_edge
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, queue)| !queue.is_empty())
+                    .map(|(e, queue)| (self.fleet.edges[e].id.clone(), queue.clone()))
+                    .collect(),
+            }
+        };
+        let res = serde_json::to_vec(&saved)
+            .map_err(io::Error::other)
+            .and_then(|bytes| write_atomic(&self.path, &bytes));
+        if let Err(e) = res {
+            self.metrics.pending_purges_save_failures.inc();
+            tracing::error!(error = %e, path = %self.path.display(), "pending purges not saved");
+        }
+    }
+}
+
+/// Replace `queue` with one host-wide purge per host it names, in first-seen order.
+fn collapse(queue: &mut Vec<PendingPurge>) {
+    let mut seen = BTreeSet::new();
+    let mut out = Vec::new();
+    for p in queue.drain(..) {
+        let wide = match p.host_wide() {
+            Some(target) => PendingPurge::Target { target },
+            None => p,
+        };
+        if seen.insert(wide.dedup_key()) {
+            out.push(wide);
+        }
+    }
+    *queue = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(t: &str) -> PendingPurge {
+        PendingPurge::Target {
+            target: t.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_full_queue_collapses_into_host_wide_purges() {
+        let mut q = vec![
+            target("a.com/x"),
+            PendingPurge::Tags {
+                host: "b.com".into(),
+                tags: vec!["t".into()],
+            },
+            target("a.com/y*"),
+            target("ho*"),
+            target("ho*"),
+        ];
+        collapse(&mut q);
+        assert_eq!(q, vec![target("a.com/*"), target("b.com/*"), target("ho*")]);
+    }
+
+    #[test]
+    fn an_edge_is_held_until_it_confirms_and_queues_survive_a_restart() {
+        let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending-purges.json");
+        let open = || {
+            let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
+            let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics);
+            (r.unwrap(), health)
+        };
+        let (r, health) = open();
+        assert!(r.edges_pending().is_empty() && health.is_up(1));
+        r.queue(1, target("a.com/x"));
+        r.queue(1, target("a.com/y"));
+        assert!(!health.is_up(1) && health.is_up(0));
+        assert_eq!(r.edges_pending(), vec![1]);
+        drop(r);
+
+        let (r, health) = open();
+        assert!(!health.is_up(1), "held again after a restart");
+        let (generation, queue) = r.pending(1);
+        assert_eq!(queue, vec![target("a.com/x"), target("a.com/y")]);
+        r.delivered(1, generation, 1);
+        assert!(!health.is_up(1));
+        r.queue(1, target("a.com/z"));
+        let (generation, queue) = r.pending(1);
+        assert_eq!(queue, vec![target("a.com/y"), target("a.com/z")]);
+        r.delivered(1, generation + 1, 2);
+        assert_eq!(
+            r.pending(1).1.len(),
+            2,
+            "a stale generation removes nothing"
+        );
+        r.delivered(1, generation, 2);
+        assert!(health.is_up(1) && r.edges_pending().is_empty());
+        drop(r);
+        let (_, health) = open();
+        assert!(health.is_up(1));
+
+        std::fs::write(&path, "{\"edges\": 3}").unwrap();
+        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let err = Redelivery::open(path.clone(), fleet.clone(), health, metrics).err();
+        assert!(matches!(err, Some(RedeliveryError::Format { .. })));
+    }
+
+    #[test]
+    fn the_file_format_is_tagged_json() {
+        let saved = Saved {
+            edges: [(
+                "eu-a".to_string(),
+                vec![
+                    target("a.com/x"),
+                    PendingPurge::Tags {
+                        host: "a.com".into(),
+                        tags: vec!["t1".into()],
+                    },
+                ],
+            )]
+            .into(),
+        };
+        let text = serde_json::to_string(&saved).unwrap();
+        assert_eq!(
+            text,
+            r#"{"edges":{"eu-a":[{"kind":"target","target":"a.com/x"},{"kind":"tags","host":"a.com","tags":["t1"]}]}}"#
+        );
+        let back: Saved = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.edges["eu-a"].len(), 2);
+    }
+}
