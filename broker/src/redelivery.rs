@@ -8,7 +8,12 @@
 //! (rewritten atomically on every change), so a broker restart forgets none of them.
 //!
 //! A queue is bounded: past [`MAX_PENDING`] purges, an edge's queue collapses into one purge
-//! of each host it names (`host/*`): more is removed than asked, nothing less.
+//! of each host it names (`host/*`): more is removed than asked, nothing less. An edge that
+//! refuses a queued purge (a 4xx: it cannot take it, and never will) has it dropped, counted
+//! and logged, rather than being held forever.
+//!
+//! Changes are made in memory (with the hold) at once; [`Redelivery::save`] writes them, off
+//! the async workers, one writer at a time, each writing the newest state.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -74,9 +79,9 @@ struct Saved {
 
 struct Queues {
     by_edge: Vec<Vec<PendingPurge>>,
-    /// Moves when a queue collapses: a delivery of the queue as it was must not then drop
-    /// purges by position.
-    generation: u64,
+    /// Per edge, moves when its queue collapses: a delivery of the queue as it was must not
+    /// then drop purges by position.
+    generation: Vec<u64>,
 }
 
 /// Every edge's unconfirmed purges.
@@ -86,6 +91,9 @@ pub struct Redelivery {
     health: Arc<Health>,
     metrics: BrokerMetrics,
     queues: Mutex<Queues>,
+    /// Held through a write, so writes never interleave and a later one never carries an
+    /// older state than an earlier one.
+    writer: Mutex<()>,
 }
 
 /// Why the queues could not be read at start.
@@ -137,6 +145,7 @@ impl Redelivery {
                     "pending purges of an edge no longer configured are dropped"),
             }
         }
+        let edges = by_edge.len();
         let r = Redelivery {
             path,
             fleet,
@@ -144,37 +153,43 @@ impl Redelivery {
             metrics,
             queues: Mutex::new(Queues {
                 by_edge,
-                generation: 0,
+                generation: vec![0; edges],
             }),
+            writer: Mutex::new(()),
         };
-        for edge in 0..r.fleet.edges.len() {
-            r.publish(edge, r.queues.lock().by_edge[edge].len());
+        {
+            let q = r.queues.lock();
+            for edge in 0..edges {
+                r.publish(edge, q.by_edge[edge].len());
+            }
         }
         Ok(r)
     }
 
-    /// `purge` did not reach `edge`: keep it for the edge, and keep the edge out of routing.
+    /// `purge` did not reach `edge`: keep it for the edge, and keep the edge out of routing
+    /// from now on. [`Self::save`] makes it durable.
     pub fn queue(&self, edge: usize, purge: PendingPurge) {
-        let len = {
-            let mut q = self.queues.lock();
-            let queue = &mut q.by_edge[edge];
-            queue.push(purge);
-            if queue.len() > MAX_PENDING {
-                collapse(queue);
-                q.generation += 1;
-                tracing::warn!(edge = %self.fleet.edges[edge].id, purges = q.by_edge[edge].len(),
+        let mut q = self.queues.lock();
+        let queue = &mut q.by_edge[edge];
+        queue.push(purge);
+        if queue.len() > MAX_PENDING {
+            let before = queue.len();
+            collapse(queue);
+            let after = queue.len();
+            if after < before {
+                q.generation[edge] += 1;
+                tracing::warn!(edge = %self.fleet.edges[edge].id, purges = after,
                     "pending purges collapsed into host-wide purges");
             }
-            q.by_edge[edge].len()
-        };
-        self.save();
+        }
+        let len = q.by_edge[edge].len();
         self.publish(edge, len);
     }
 
     /// `edge`'s queue as it is now, with the generation to hand back to [`Self::delivered`].
     pub fn pending(&self, edge: usize) -> (u64, Vec<PendingPurge>) {
         let q = self.queues.lock();
-        (q.generation, q.by_edge[edge].clone())
+        (q.generation[edge], q.by_edge[edge].clone())
     }
 
     /// Edges with purges to deliver.
@@ -185,27 +200,23 @@ impl Redelivery {
             .collect()
     }
 
-    /// `edge` confirmed the first `n` purges of the queue [`Self::pending`] gave at
-    /// `generation`; once its queue is empty it takes traffic again.
+    /// `edge` is done with the first `n` purges of the queue [`Self::pending`] gave at
+    /// `generation` (confirmed, or refused for good); once its queue is empty it takes traffic
+    /// again. [`Self::save`] makes it durable.
     pub fn delivered(&self, edge: usize, generation: u64, n: usize) {
-        if n == 0 {
+        let mut q = self.queues.lock();
+        if n == 0 || q.generation[edge] != generation {
+            // Nothing done, or collapsed since: the same purges go again next round.
             return;
         }
-        let len = {
-            let mut q = self.queues.lock();
-            if q.generation != generation {
-                // Collapsed since: the same purges are delivered again next round.
-                return;
-            }
-            let queue = &mut q.by_edge[edge];
-            queue.drain(..n.min(queue.len()));
-            queue.len()
-        };
-        self.save();
+        let queue = &mut q.by_edge[edge];
+        queue.drain(..n.min(queue.len()));
+        let len = queue.len();
         self.publish(edge, len);
     }
 
-    /// Hold or release the edge and export its queue length.
+    /// Hold or release the edge and export its queue length; called under the queues' lock,
+    /// so the hold always follows the queue it was computed from.
     fn publish(&self, edge: usize, len: usize) {
         let id = &self.fleet.edges[edge].id;
         let was = self.health.hold(edge, len > 0);
@@ -220,9 +231,17 @@ impl Redelivery {
             .set(len as i64);
     }
 
-    /// Write every queue to disk. A failure is logged and counted: the queues still hold in
-    /// memory, and the next change writes them again.
-    fn save(&self) {
+    /// Write every queue to disk, off the async workers. A failure is logged and counted:
+    /// the queues still hold in memory, and the next save writes them again.
+    pub async fn save(self: &Arc<Self>) {
+        let this = self.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || this.save_now()).await {
+            tracing::error!(error = %e, "pending purges not saved");
+        }
+    }
+
+    fn save_now(&self) {
+        let _writing = self.writer.lock();
         let saved = {
             let q = self.queues.lock();
             Saved {
@@ -287,8 +306,8 @@ mod tests {
         assert_eq!(q, vec![target("a.com/*"), target("b.com/*"), target("ho*")]);
     }
 
-    #[test]
-    fn an_edge_is_held_until_it_confirms_and_queues_survive_a_restart() {
+    #[tokio::test]
+    async fn an_edge_is_held_until_it_confirms_and_queues_survive_a_restart() {
         let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
         let fleet = Arc::new(Fleet::new(&cfg));
         let dir = tempfile::tempdir().unwrap();
@@ -297,14 +316,18 @@ mod tests {
             let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
             let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
             let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics);
-            (r.unwrap(), health)
+            (Arc::new(r.unwrap()), health)
         };
         let (r, health) = open();
         assert!(r.edges_pending().is_empty() && health.is_up(1));
         r.queue(1, target("a.com/x"));
         r.queue(1, target("a.com/y"));
-        assert!(!health.is_up(1) && health.is_up(0));
+        assert!(
+            !health.is_up(1) && health.is_up(0),
+            "held before it is saved"
+        );
         assert_eq!(r.edges_pending(), vec![1]);
+        r.save().await;
         drop(r);
 
         let (r, health) = open();
@@ -324,6 +347,7 @@ mod tests {
         );
         r.delivered(1, generation, 2);
         assert!(health.is_up(1) && r.edges_pending().is_empty());
+        r.save().await;
         drop(r);
         let (_, health) = open();
         assert!(health.is_up(1));

@@ -27,7 +27,7 @@ use crate::registry::model::check_public_host;
 use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
-use crate::sync::{EdgeSync, OriginPusher};
+use crate::sync::{EdgeSync, OriginPusher, PurgeRedeliverer};
 use edge_node::access_log;
 
 /// Why a broker could not start.
@@ -337,7 +337,14 @@ impl Broker {
         if let Some(reloader) = cert_reloader {
             server.add_service(background_service("cert-reload", reloader));
         }
-        server.add_service(background_service("origin-push", OriginPusher(sync)));
+        server.add_service(background_service(
+            "origin-push",
+            OriginPusher(sync.clone()),
+        ));
+        server.add_service(background_service(
+            "purge-redelivery",
+            PurgeRedeliverer(sync),
+        ));
         server.add_service(background_service("planner", planner));
         server.add_service(background_service("coaccess", coaccess));
         server.add_service(background_service("drain", drainer));

@@ -390,19 +390,23 @@ impl EdgeSync {
                     tags: tags.to_vec(),
                 },
             };
-            return match c.call(edge, &req).await {
-                Ok(Reply::Done { found: true }) => 200,
-                Ok(_) => 404,
+            match c.call(edge, &req).await {
+                Ok(Reply::Done { found: true }) => return 200,
+                Ok(_) => return 404,
                 // As the admin API would answer: an edge's own failure is not a bad request.
-                Err(ControlError::Refused { code, .. }) => match code {
-                    ErrorCode::Version | ErrorCode::Invalid => 400,
-                    ErrorCode::Forbidden => 403,
-                    ErrorCode::NotFound => 404,
-                    ErrorCode::Busy => 503,
-                    ErrorCode::Internal => 500,
-                },
-                Err(_) => 0,
-            };
+                Err(ControlError::Refused { code, .. }) => {
+                    return match code {
+                        ErrorCode::Version | ErrorCode::Invalid => 400,
+                        ErrorCode::Forbidden => 403,
+                        ErrorCode::NotFound => 404,
+                        ErrorCode::Busy => 503,
+                        ErrorCode::Internal => 500,
+                    }
+                }
+                // The QUIC link is down (a certificate, a firewall): the admin API may still
+                // reach the edge, and a purge must not wait for the link.
+                Err(_) => {}
+            }
         }
         let req = match purge {
             Purge::Target(target) => {
@@ -423,12 +427,12 @@ impl EdgeSync {
     }
 
     /// Purge `target` (`host/path` or `host/prefix*`) on every edge.
-    pub async fn purge_everywhere(&self, target: &str) -> Vec<EdgeResult> {
+    pub async fn purge_everywhere(self: &Arc<Self>, target: &str) -> Vec<EdgeResult> {
         self.purge_all_but(target, &[]).await
     }
 
     /// Purge `target` on every edge except `spare` (edges about to refresh it instead).
-    pub async fn purge_all_but(&self, target: &str, spare: &[usize]) -> Vec<EdgeResult> {
+    pub async fn purge_all_but(self: &Arc<Self>, target: &str, spare: &[usize]) -> Vec<EdgeResult> {
         let edges: Vec<usize> = (0..self.fleet.edges.len())
             .filter(|e| !spare.contains(e))
             .collect();
@@ -436,27 +440,66 @@ impl EdgeSync {
     }
 
     /// Purge `target` on `edges`, concurrently.
-    pub async fn purge_on(&self, target: &str, edges: &[usize]) -> Vec<EdgeResult> {
-        self.apply_purge(&Purge::Target(target), edges).await
+    pub async fn purge_on(self: &Arc<Self>, target: &str, edges: &[usize]) -> Vec<EdgeResult> {
+        let purge = PendingPurge::Target {
+            target: target.to_string(),
+        };
+        self.apply_purge(purge, edges.to_vec()).await
     }
 
     /// Purge every object of `host` tagged with one of `tags` (checked by
     /// [`edge_node::tags::check`]) on every edge.
-    pub async fn purge_tags_everywhere(&self, host: &str, tags: &[String]) -> Vec<EdgeResult> {
-        let edges: Vec<usize> = (0..self.fleet.edges.len()).collect();
-        self.apply_purge(&Purge::Tags { host, tags }, &edges).await
+    pub async fn purge_tags_everywhere(
+        self: &Arc<Self>,
+        host: &str,
+        tags: &[String],
+    ) -> Vec<EdgeResult> {
+        let purge = PendingPurge::Tags {
+            host: host.to_string(),
+            tags: tags.to_vec(),
+        };
+        self.apply_purge(purge, (0..self.fleet.edges.len()).collect())
+            .await
     }
 
-    async fn apply_purge(&self, purge: &Purge<'_>, edges: &[usize]) -> Vec<EdgeResult> {
-        let calls = edges.iter().map(|e| self.purge(*e, purge));
-        edges
+    /// Fan `purge` out to `edges` in a task of its own: a caller that goes away (a client
+    /// hanging up on the API) must not cut it short between reaching some edges and queueing
+    /// it for those it missed.
+    async fn apply_purge(
+        self: &Arc<Self>,
+        purge: PendingPurge,
+        edges: Vec<usize>,
+    ) -> Vec<EdgeResult> {
+        let this = self.clone();
+        let ids: Vec<String> = edges
+            .iter()
+            .map(|e| self.fleet.edges[*e].id.clone())
+            .collect();
+        let task = tokio::spawn(async move { this.fan_out(&purge, &edges).await });
+        task.await.unwrap_or_else(|e| {
+            tracing::error!(error = %e, "purge fan-out failed");
+            ids.into_iter()
+                .map(|edge| EdgeResult {
+                    edge,
+                    ok: false,
+                    status: 0,
+                    queued: false,
+                })
+                .collect()
+        })
+    }
+
+    async fn fan_out(&self, pending: &PendingPurge, edges: &[usize]) -> Vec<EdgeResult> {
+        let purge = Purge::from_pending(pending);
+        let calls = edges.iter().map(|e| self.purge(*e, &purge));
+        let results: Vec<EdgeResult> = edges
             .iter()
             .zip(futures::future::join_all(calls).await)
             .map(|(e, status)| {
                 let ok = purge.confirmed(status);
                 let queued = match &self.redelivery {
                     Some(r) if !ok && passing(status) => {
-                        r.queue(*e, purge.to_pending());
+                        r.queue(*e, pending.clone());
                         true
                     }
                     _ => false,
@@ -468,11 +511,19 @@ impl EdgeSync {
                     queued,
                 }
             })
-            .collect()
+            .collect();
+        if let Some(r) = &self.redelivery {
+            if results.iter().any(|r| r.queued) {
+                r.save().await;
+            }
+        }
+        results
     }
 
-    /// Deliver every edge's missed purges again, in order, up to the first one it does not
-    /// confirm (the rest wait for the next round).
+    /// Deliver every edge's missed purges again, in order, up to the first one that fails
+    /// for a passing reason (the rest wait for the next round) and at most
+    /// [`REDELIVERIES_PER_ROUND`] per edge. One the edge refuses (a 4xx) is dropped: it would
+    /// be refused again, and must not hold the edge forever.
     pub async fn redeliver(&self) {
         let Some(r) = &self.redelivery else {
             return;
@@ -480,23 +531,42 @@ impl EdgeSync {
         let rounds = r.edges_pending().into_iter().map(|edge| async move {
             let (generation, queue) = r.pending(edge);
             let mut done = 0;
-            for p in &queue {
+            for p in queue.iter().take(REDELIVERIES_PER_ROUND) {
                 let purge = Purge::from_pending(p);
-                let ok = purge.confirmed(self.purge(edge, &purge).await);
+                let status = self.purge(edge, &purge).await;
+                let outcome = if purge.confirmed(status) {
+                    "confirmed"
+                } else if passing(status) {
+                    "failed"
+                } else {
+                    tracing::warn!(edge = %self.fleet.edges[edge].id, status, purge = ?p,
+                        "edge refuses a purge it missed: dropped");
+                    "refused"
+                };
                 self.metrics
                     .purge_redeliveries
-                    .with_label_values(&[if ok { "confirmed" } else { "failed" }])
+                    .with_label_values(&[outcome])
                     .inc();
-                if !ok {
+                if outcome == "failed" {
                     break;
                 }
                 done += 1;
             }
             r.delivered(edge, generation, done);
+            done
         });
-        futures::future::join_all(rounds).await;
+        if futures::future::join_all(rounds)
+            .await
+            .iter()
+            .any(|n| *n > 0)
+        {
+            r.save().await;
+        }
     }
 }
+
+/// Most missed purges one redelivery round sends one edge (a round must end within seconds).
+const REDELIVERIES_PER_ROUND: usize = 1_000;
 
 /// Whether a purge an edge did not confirm may pass on a later try: it was unreachable, or
 /// failed (5xx). A refusal (a 4xx: a request it cannot take, an edge too old to know tags)
@@ -513,18 +583,6 @@ impl Purge<'_> {
         match self {
             Purge::Target(_) => status == 200 || status == 404,
             Purge::Tags { .. } => status == 200,
-        }
-    }
-
-    fn to_pending(&self) -> PendingPurge {
-        match self {
-            Purge::Target(target) => PendingPurge::Target {
-                target: target.to_string(),
-            },
-            Purge::Tags { host, tags } => PendingPurge::Tags {
-                host: host.to_string(),
-                tags: tags.to_vec(),
-            },
         }
     }
 
@@ -553,6 +611,24 @@ impl BackgroundService for OriginPusher {
             }
             self.0.push_origins().await;
             self.0.push_peers().await;
+        }
+    }
+}
+
+/// Background service delivering missed purges again ([`crate::redelivery`]), every 3 s, apart
+/// from the origin pushes so that a long queue does not hold them up.
+pub struct PurgeRedeliverer(pub Arc<EdgeSync>);
+
+#[async_trait]
+impl BackgroundService for PurgeRedeliverer {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut tick = tokio::time::interval(Duration::from_secs(3));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
             self.0.redeliver().await;
         }
     }
