@@ -117,6 +117,11 @@ impl EdgeSync {
     }
 
     async fn push_origins(&self) {
+        self.push_all("origins", &self.origins_body()).await;
+    }
+
+    /// The origin table as pushed to the edges.
+    fn origins_body(&self) -> serde_json::Value {
         let rows: Vec<_> = self
             .registry
             .origins()
@@ -153,7 +158,7 @@ impl EdgeSync {
         if self.allow_private_upstreams {
             body["allow_private_upstreams"] = json!(true);
         }
-        self.push_all("origins", &body).await;
+        body
     }
 
     /// Every edge reachable over QUIC at its current address, so each edge knows which peers
@@ -186,38 +191,40 @@ impl EdgeSync {
 
     /// `PUT /<what>` with `body` on every edge's admin API.
     async fn push_all(&self, what: &str, body: &serde_json::Value) {
-        let pushes = (0..self.fleet.edges.len()).map(|i| {
-            self.client
-                .put(self.admin_url(i, what))
-                .bearer_auth(&self.token)
-                .json(body)
-                .send()
-        });
-        for (e, r) in self
-            .fleet
-            .edges
-            .iter()
-            .zip(futures::future::join_all(pushes).await)
-        {
-            let outcome = match r {
-                Ok(resp) if resp.status().is_success() && what == "origins" => {
-                    match resp.json::<serde_json::Value>().await {
-                        Ok(report) => self.note_rejected_origins(&e.id, &report["rejected"]),
-                        Err(_) => "ok",
-                    }
+        let pushes = (0..self.fleet.edges.len()).map(|i| self.push_to(i, what, body));
+        futures::future::join_all(pushes).await;
+    }
+
+    /// `PUT /<what>` with `body` on edge `edge`'s admin API; the outcome: `ok`, `partial`
+    /// (origin rows left out), `rejected` or `unreachable`.
+    async fn push_to(&self, edge: usize, what: &str, body: &serde_json::Value) -> &'static str {
+        let e = &self.fleet.edges[edge];
+        let r = self
+            .client
+            .put(self.admin_url(edge, what))
+            .bearer_auth(&self.token)
+            .json(body)
+            .send()
+            .await;
+        let outcome = match r {
+            Ok(resp) if resp.status().is_success() && what == "origins" => {
+                match resp.json::<serde_json::Value>().await {
+                    Ok(report) => self.note_rejected_origins(&e.id, &report["rejected"]),
+                    Err(_) => "ok",
                 }
-                Ok(resp) if resp.status().is_success() => "ok",
-                Ok(resp) => {
-                    tracing::warn!(edge = %e.id, status = %resp.status(), what, "edge rejected push");
-                    "rejected"
-                }
-                Err(_) => "unreachable",
-            };
-            self.metrics
-                .edge_pushes
-                .with_label_values(&[what, outcome])
-                .inc();
-        }
+            }
+            Ok(resp) if resp.status().is_success() => "ok",
+            Ok(resp) => {
+                tracing::warn!(edge = %e.id, status = %resp.status(), what, "edge rejected push");
+                "rejected"
+            }
+            Err(_) => "unreachable",
+        };
+        self.metrics
+            .edge_pushes
+            .with_label_values(&[what, outcome])
+            .inc();
+        outcome
     }
 
     /// Record the origin rows edge `edge_id` left out, logged when the set of their hosts
@@ -530,6 +537,15 @@ impl EdgeSync {
         };
         let rounds = r.edges_pending().into_iter().map(|edge| async move {
             let (generation, queue) = r.pending(edge);
+            // The origin table first: an edge back from a stop restored the table it last
+            // had, which may route a host deleted (and registered again by another provider)
+            // since to its old origin. It is released only with the current one.
+            if !matches!(
+                self.push_to(edge, "origins", &self.origins_body()).await,
+                "ok" | "partial"
+            ) {
+                return 0;
+            }
             let mut done = 0;
             for p in queue.iter().take(REDELIVERIES_PER_ROUND) {
                 let purge = Purge::from_pending(p);
