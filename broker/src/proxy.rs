@@ -73,6 +73,8 @@ pub struct BrokerCtx {
     /// Edges already tried for this request.
     tried: Vec<usize>,
     origin_tried: bool,
+    /// Retries on the same route after a pooled connection failed ([`MAX_POOLED_RETRIES`]).
+    pooled_retries: u8,
     chosen: Option<Choice>,
     resource: String,
     segment: Option<String>,
@@ -230,6 +232,7 @@ impl ProxyHttp for BrokerProxy {
             key_hash: 0,
             tried: Vec::new(),
             origin_tried: false,
+            pooled_retries: 0,
             chosen: None,
             resource: String::new(),
             segment: None,
@@ -368,16 +371,28 @@ impl ProxyHttp for BrokerProxy {
             self.metrics.peer_hints.inc();
         }
         if let Some(c) = ctx.chosen {
-            let tag = format!(
-                "region={}; reason={}",
-                self.fleet.regions[c.region],
-                c.reason.as_str()
-            );
-            upstream_request.insert_header(ROUTE_HEADER, tag)?;
-            upstream_request
-                .insert_header(CLIENT_REGION_HEADER, &self.fleet.regions[ctx.region])?;
             if c.edge.is_none() {
+                // The origin gets what an edge would send it: none of this CDN's own headers
+                // (route tags, region names, or internal ones a client made up).
+                let internal: Vec<http::HeaderName> = upstream_request
+                    .headers
+                    .keys()
+                    .filter(|n| n.as_str().starts_with("x-shadowcdn-"))
+                    .cloned()
+                    .collect();
+                for name in internal {
+                    upstream_request.remove_header(&name);
+                }
                 self.address_origin(session, upstream_request)?;
+            } else {
+                let tag = format!(
+                    "region={}; reason={}",
+                    self.fleet.regions[c.region],
+                    c.reason.as_str()
+                );
+                upstream_request.insert_header(ROUTE_HEADER, tag)?;
+                upstream_request
+                    .insert_header(CLIENT_REGION_HEADER, &self.fleet.regions[ctx.region])?;
             }
         }
         Ok(())
@@ -425,30 +440,38 @@ impl ProxyHttp for BrokerProxy {
             e.etype(),
             ErrorType::ReadTimedout | ErrorType::WriteTimedout
         );
+        // Only a connection that failed is a reason to send the request again: an answer
+        // the edge sent that this proxy cannot take (an origin's header block past pingora's
+        // limits, say) would come back the same from every edge, and must not mark them
+        // down one after another.
         let replayable = !from_client
             && !stalled
+            && connection_failed(e.etype())
             && session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.response_written().is_none();
         let edge = ctx.chosen.and_then(|c| c.edge);
+        let pooled = client_reused && ctx.chosen.is_some();
         match retry_after_error(
             replayable,
-            client_reused && ctx.chosen.is_some(),
+            pooled && ctx.pooled_retries < MAX_POOLED_RETRIES,
             ctx.origin_tried,
         ) {
             Retry::SameRoute => {
                 // A pooled connection the edge (or, with every edge down, the origin) had
                 // already closed (keep-alive race): no evidence against it, and it gets the
-                // request again on a fresh connection.
+                // request again.
                 match edge {
                     Some(_) => ctx.tried.retain(|t| Some(*t) != edge),
                     None => ctx.origin_tried = false,
                 }
+                ctx.pooled_retries += 1;
                 self.metrics.retries.inc();
                 e.set_retry(true);
             }
             Retry::NextRoute => {
-                if let (Some(edge), ErrorSource::Upstream) = (edge, e.esource()) {
+                // Only a fresh connection that failed is evidence against the edge.
+                if let (Some(edge), ErrorSource::Upstream, false) = (edge, e.esource(), pooled) {
                     if self.health.mark_down(edge) {
                         self.edge_marked_down(edge);
                         tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge failed mid-request: marked down");
@@ -469,13 +492,21 @@ impl ProxyHttp for BrokerProxy {
         resp: &mut ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        ctx.cache_status = match resp.headers.get("x-cache").and_then(|v| v.to_str().ok()) {
+        let from_origin = ctx.chosen.is_some_and(|c| c.edge.is_none());
+        // An origin's own `X-Cache` (a Varnish or another CDN in front of it) says nothing
+        // about this CDN's edges.
+        let x_cache = resp
+            .headers
+            .get("x-cache")
+            .filter(|_| !from_origin)
+            .and_then(|v| v.to_str().ok());
+        ctx.cache_status = match x_cache {
             Some(s) if s.eq_ignore_ascii_case("hit") => "hit",
             Some(s) if s.eq_ignore_ascii_case("miss") => "miss",
             Some(s) if s.eq_ignore_ascii_case("stale") => "stale",
             Some(s) if s.eq_ignore_ascii_case("revalidated") => "revalidated",
             Some(_) => "other",
-            None if ctx.chosen.is_some_and(|c| c.edge.is_none()) => "origin",
+            None if from_origin => "origin",
             None => "none",
         };
         if let Some(c) = ctx.chosen {
@@ -626,6 +657,29 @@ enum Retry {
     Never,
 }
 
+/// Retries on the same route after pooled connections failed, per request: enough for a
+/// keep-alive race or two, not a retry per idle connection in the pool.
+const MAX_POOLED_RETRIES: u8 = 2;
+
+/// Whether an error on the way to or from an upstream is its connection failing (refused,
+/// closed, reset, unwritable), as opposed to an answer this proxy rejects or a timeout.
+fn connection_failed(kind: &ErrorType) -> bool {
+    matches!(
+        kind,
+        ErrorType::ConnectionClosed
+            | ErrorType::ReadError
+            | ErrorType::WriteError
+            | ErrorType::SocketError
+            | ErrorType::ConnectRefused
+            | ErrorType::ConnectNoRoute
+            | ErrorType::ConnectTimedout
+            | ErrorType::ConnectError
+            | ErrorType::TLSHandshakeFailure
+            | ErrorType::TLSHandshakeTimedout
+            | ErrorType::HandshakeError
+    )
+}
+
 /// The retry policy of [`ProxyHttp::error_while_proxy`], apart from the session so it can be
 /// tested. `replayable`: the request can be sent again unchanged and nothing was answered yet
 /// (idempotent method, whole body buffered, not the client's error, not a stall). Anything else
@@ -653,6 +707,25 @@ mod tests {
             for origin_tried in [false, true] {
                 assert_eq!(retry_after_error(false, pooled, origin_tried), Retry::Never);
             }
+        }
+    }
+
+    #[test]
+    fn only_a_failed_connection_is_worth_another_try() {
+        for kind in [
+            ErrorType::ConnectionClosed,
+            ErrorType::ReadError,
+            ErrorType::ConnectRefused,
+        ] {
+            assert!(connection_failed(&kind), "{kind:?}");
+        }
+        for kind in [
+            ErrorType::InvalidHTTPHeader,
+            ErrorType::H1Error,
+            ErrorType::ReadTimedout,
+            ErrorType::HTTPStatus(502),
+        ] {
+            assert!(!connection_failed(&kind), "{kind:?}");
         }
     }
 
