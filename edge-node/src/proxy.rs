@@ -559,7 +559,14 @@ impl EdgeProxy {
             .flatten()
     }
 
-    fn cacheability(&self, resp: &ResponseHeader, authorization: bool) -> RespCacheable {
+    /// `admitted`: when the fetch that brought `resp` started, the stored copy's `created`.
+    /// A purge from then on covers it at lookup, however late the copy is stored.
+    fn cacheability(
+        &self,
+        resp: &ResponseHeader,
+        authorization: bool,
+        admitted: SystemTime,
+    ) -> RespCacheable {
         // `Vary: *` names something outside the request: no stored copy can ever match
         // (RFC 9111 §4.1).
         if resp
@@ -587,8 +594,7 @@ impl EdgeProxy {
         // the origin) has that much less freshness left (RFC 9111 §4.2.3): freshness and the
         // `Age` served on hits count from when it was generated (pingora's epoch override),
         // while its admission time (`created`, what purges and Vary variants are judged by)
-        // is now.
-        let admitted = SystemTime::now();
+        // is when its fetch started.
         let now = admitted
             .checked_sub(upstream_age(resp))
             .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -906,7 +912,13 @@ impl ProxyHttp for EdgeProxy {
             .req_header()
             .headers
             .contains_key(header::AUTHORIZATION);
-        Ok(self.cacheability(resp, authorization))
+        // A purge landing between the check above and the fill's registration in the
+        // storage would find nothing to cancel: dated from the fetch's start, the copy is
+        // older than that purge, which removes it at its first lookup.
+        let admitted = ctx
+            .fetch_started
+            .map_or_else(SystemTime::now, |(_, wall)| wall);
+        Ok(self.cacheability(resp, authorization, admitted))
     }
 
     fn cache_vary_filter(

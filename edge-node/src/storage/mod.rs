@@ -178,13 +178,6 @@ impl std::fmt::Debug for FoyerStorage {
     }
 }
 
-fn storage_err(
-    context: &'static str,
-    e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
-) -> Box<Error> {
-    Error::because(ErrorType::InternalError, context, e)
-}
-
 fn hash_of(bin: [u8; 16]) -> u128 {
     u128::from_be_bytes(bin)
 }
@@ -491,12 +484,17 @@ impl FoyerStorage {
     }
 
     async fn load(&self, hash: u128) -> Result<Option<StoredObject>> {
-        let entry = self
-            .cache
-            .get(&hash)
-            .await
-            .map_err(|e| storage_err("foyer get", e))?;
-        Ok(entry.map(|e| e.value().clone()))
+        match self.cache.get(&hash).await {
+            Ok(entry) => Ok(entry.map(|e| e.value().clone())),
+            Err(e) => {
+                // An entry this build cannot read (another version's format, a bad block) is
+                // a miss, and is dropped: as an error it would stay, and every request for
+                // the key would go to the origin past the cache lock until a fill replaced it.
+                tracing::warn!(error = %e, "unreadable cache entry dropped");
+                self.cache.remove(&hash);
+                Ok(None)
+            }
+        }
     }
 }
 
