@@ -328,6 +328,43 @@ async fn routing_is_deterministic_and_spreads_keys() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "uri_too_long");
     assert_eq!(origin.hits(&long), 0);
+
+    // Answers whose header blocks grow past what pingora reads (the edge adds its status
+    // lines to the origin's) fail at one hop or another, but they say nothing about the
+    // edges' health: none is marked down, so nothing fails over.
+    let status_line = |n: usize| {
+        let addr = c.broker.addr;
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let req = format!(
+                "GET /pad/{n}?headers={n} HTTP/1.1\r\nHost: {HOST}\r\n\
+                 x-client-region: eu\r\nConnection: close\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).await.unwrap();
+            String::from_utf8_lossy(&head[9..12]).to_string()
+        }
+    };
+    let mut failed = 0;
+    for n in 240..=260 {
+        failed += usize::from(status_line(n).await != "200");
+    }
+    assert!(failed > 0, "no header block was too large");
+    let m = c.metrics().await;
+    for id in ["eu-a", "eu-b", "eu-s", "us-a"] {
+        let edge = format!("edge=\"{id}\"");
+        assert_ne!(
+            sample(&m, "shadowcdn_broker_edge_up", &[edge.as_str()]),
+            Some(0.0),
+            "{id} marked down: {m}"
+        );
+    }
+    assert!(
+        sample(&m, "shadowcdn_broker_failovers_total", &[]).is_none(),
+        "{m}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

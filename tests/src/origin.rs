@@ -249,6 +249,12 @@ async fn handle(
     if let Some(ct) = q.get("ct") {
         resp = resp.header("content-type", ct);
     }
+    // `headers=N`: N extra header lines (`x-pad-<i>: 1`), to reach header-count limits.
+    if let Some(n) = q.get("headers").and_then(|v| v.parse::<usize>().ok()) {
+        for i in 0..n {
+            resp = resp.header(format!("x-pad-{i}"), "1");
+        }
+    }
     if let Some(tags) = q.get("skey") {
         resp = resp.header("surrogate-key", tags);
     }
