@@ -655,7 +655,20 @@ impl Storage for FoyerStorage {
         // A revalidation keeps the object's `created`; another one means a newer version
         // replaced the object while this 304 was on its way, and its headers must not be
         // paired with that version's body.
-        if obj.meta()?.created() != meta.created() {
+        let stored = obj.meta()?;
+        if stored.created() != meta.created() {
+            return Ok(false);
+        }
+        // A purge whose delete foyer has not flushed yet still lets the object load: it
+        // must not be stored again, where only the lookup window would catch it.
+        let primary = String::from_utf8_lossy(key.primary_key());
+        if self
+            .bans
+            .is_banned(&primary, stored.created(), stored.headers())
+            || self
+                .recent
+                .purged_after(stored.created(), || hash_of(key.primary_bin()))
+        {
             return Ok(false);
         }
         self.store_unless_purged(since, hash, meta, obj.body)
@@ -1143,6 +1156,26 @@ mod tests {
         let obj = s.load(hash).await.unwrap().unwrap();
         assert_eq!(&obj.body[..], b"v2");
         assert_ne!(obj.meta().unwrap().created(), v1.created());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revalidation_does_not_store_a_banned_object_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/r/x", "");
+        let hash = hash_of(key.combined_bin());
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let v1 = fresh_meta();
+        let body = Bytes::from_static(b"v1");
+        assert!(s
+            .store_unless_purged(s.purge_epoch(hash), hash, &v1, body)
+            .unwrap());
+        std::thread::sleep(Duration::from_millis(2));
+        // A ban leaves the object where it is until a lookup meets it; the 304 that
+        // revalidates it in the meantime does not store it again.
+        s.purge_prefix("h/r/").unwrap();
+        assert!(s.load(hash).await.unwrap().is_some());
+        assert!(!s.update_meta(&key, &v1, &trace).await.unwrap());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
