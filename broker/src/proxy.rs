@@ -188,6 +188,9 @@ fn host_of(req: &RequestHeader) -> Option<String> {
     request_host(req).map(|h| edge_node::origin::normalize_host(h).into_owned())
 }
 
+/// Longest the direct-to-origin fallback waits for an origin's name to resolve.
+const ORIGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Resolve an origin URL (`http(s)://host[:port]`) to a peer, refusing loopback and private
 /// addresses unless `allow_private` (a provider's name could otherwise point the broker at the
 /// operator's network, its own admin API included).
@@ -202,20 +205,36 @@ async fn origin_peer(upstream: &str, allow_private: bool) -> Result<HttpPeer> {
         .trim_matches(|c| c == '[' || c == ']')
         .to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    let addr: SocketAddr = tokio::net::lookup_host((host.as_str(), port))
-        .await
-        .map_err(|e| Error::because(ErrorType::ConnectError, "resolving origin", e))?
-        .next()
-        .ok_or_else(|| Error::explain(ErrorType::ConnectError, "origin resolves to no address"))?;
-    if !allow_private && edge_node::origin::is_private_ip(addr.ip()) {
+    // Bounded: a provider's slow resolver must not hold the fallback (and the blocking pool
+    // the lookup runs on) while every edge is down.
+    let addrs: Vec<SocketAddr> = tokio::time::timeout(
+        ORIGIN_LOOKUP_TIMEOUT,
+        tokio::net::lookup_host((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| Error::explain(ErrorType::ConnectTimedout, "resolving origin timed out"))?
+    .map_err(|e| Error::because(ErrorType::ConnectError, "resolving origin", e))?
+    .collect();
+    // One private address among public ones is as good as a private name.
+    if let Some(private) = addrs
+        .iter()
+        .find(|a| !allow_private && edge_node::origin::is_private_ip(a.ip()))
+    {
         return Err(Error::explain(
             ErrorType::ConnectError,
             format!(
                 "origin {host} resolves to {}, a loopback or private address",
-                addr.ip()
+                private.ip()
             ),
         ));
     }
+    // IPv4 first: a host without an IPv6 route would fail on an IPv6-first answer.
+    let addr = addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or_else(|| addrs.first())
+        .copied()
+        .ok_or_else(|| Error::explain(ErrorType::ConnectError, "origin resolves to no address"))?;
     Ok(HttpPeer::new(addr, tls, host))
 }
 
