@@ -466,6 +466,17 @@ impl FoyerStorage {
         live
     }
 
+    /// A fill of `hash` newer than fill `id` committed: the older ones still streaming (a
+    /// slow fetch overtaken by a refresh) must not overwrite it when they finish. Their
+    /// readers still get their bodies, as after a purge.
+    fn supersede_older(&self, hash: u128, id: u64) {
+        if let Some(v) = self.fills.lock().get(&hash) {
+            for f in v.iter().filter(|f| f.id < id && !f.is_cancelled()) {
+                f.cancel();
+            }
+        }
+    }
+
     fn any_fill(&self, hash: u128) -> Option<Arc<Fill>> {
         self.fills
             .lock()
@@ -792,6 +803,7 @@ impl HandleMiss for FoyerMissHandler {
                 // Commit before the fill disappears so lookups always find one of the two.
                 self.storage.cache.insert(self.hash, obj);
                 self.fill.committed();
+                self.storage.supersede_older(self.hash, self.fill.id);
             }
         }
         self.fill.finish(FillState::Done);
@@ -899,6 +911,39 @@ mod tests {
             s.fills.lock().is_empty(),
             "the finished fill left the table"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_older_fill_finishing_last_does_not_overwrite_a_newer_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/versions", "");
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let mut slow = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        let mut reader = reader_of(s, &key, &slow).await;
+        let mut fresh = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        fresh
+            .write_body(Bytes::from_static(b"v2"), true)
+            .await
+            .unwrap();
+        fresh.finish().await.unwrap();
+        slow.write_body(Bytes::from_static(b"v1"), true)
+            .await
+            .unwrap();
+        slow.finish().await.unwrap();
+        assert_eq!(
+            &reader.read_body().await.unwrap().unwrap()[..],
+            b"v1",
+            "its reader still gets its body"
+        );
+        let obj = s.load(hash_of(key.combined_bin())).await.unwrap().unwrap();
+        assert_eq!(&obj.body[..], b"v2");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
