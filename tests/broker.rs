@@ -2489,6 +2489,19 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     assert_eq!(r.headers()["x-cache"], "MISS");
     assert_eq!(origin.hits("/coop/c.css"), 1);
 
+    // A copy past its lifetime is not handed over, even within its stale-if-error window:
+    // the origin answers instead.
+    let stale = "/coop/stale.css?cc=max-age%3D1,stale-if-error%3D3600";
+    let n = c.logged().await;
+    let r = get(stale, "eu", "-").await.unwrap();
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get(stale, "us", "-").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(r.headers().get("x-shadowcdn-fill").is_none());
+    assert_eq!(origin.hits("/coop/stale.css"), 2);
+
     let m = text(format!("http://{}/metrics", us.admin)).await;
     let fills = |o: &str| {
         sample(
@@ -2498,14 +2511,15 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
         )
     };
     // From the peer: a.css and t.css once each. Refused or missing: a.css after the purge
-    // (older than it), t.css after the tag purge (eu lost it too), b.css, the Vary'd object.
+    // (older than it), t.css after the tag purge (eu lost it too), b.css, the Vary'd object,
+    // the stale copy.
     assert_eq!(fills("hit"), Some(2.0), "{m}");
-    assert_eq!(fills("miss"), Some(4.0), "{m}");
+    assert_eq!(fills("miss"), Some(5.0), "{m}");
     let bm = c.metrics().await;
     // Every GET to us-a for a key an eu edge served carries the hint, hits included.
     assert_eq!(
         sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
-        Some(8.0),
+        Some(9.0),
         "{bm}"
     );
 }

@@ -13,7 +13,7 @@
 //! - `POST /shadows` — `{"key": "host/path", "ttl_secs", "priority"?}`: pre-position an object
 //!   (202; filled in the background with bounded concurrency; 503 when the queue is full).
 //! - `GET /shadows/{host}/{path}` — the shadow mark of one object; `DELETE` removes the mark
-//!   (and the object, if it never served a request).
+//!   (and the object, unless a client asked for it or the edge held it before).
 //! - `GET /origins` — configured and pushed origin rows.
 //! - `PUT /origins` — `{"origins": [{"host", "path_prefix"?, "upstream", "forward_host"?,
 //!   "strip_set_cookie"?, "cache_key_ignore_query"?, "registered_at_ms"?}],

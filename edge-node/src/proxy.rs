@@ -1102,9 +1102,13 @@ impl ProxyHttp for EdgeProxy {
                 | CachePhase::StaleUpdating
                 | CachePhase::Revalidated
         );
-        let shadow_hits = (from_cache && !ctx.shadow_fill && !ctx.only_if_cached)
+        let client = !ctx.shadow_fill && !ctx.only_if_cached;
+        let shadow_hits = (from_cache && client)
             .then(|| self.hooks.table.hit(&ctx.key, Instant::now()))
             .flatten();
+        if client && !from_cache {
+            self.hooks.table.touch(&ctx.key);
+        }
         if let Some(n) = shadow_hits {
             self.metrics.shadow_hits.inc();
             if n == 1 {
@@ -1141,9 +1145,14 @@ impl ProxyHttp for EdgeProxy {
     fn should_serve_stale(
         &self,
         _session: &mut Session,
-        _ctx: &mut Self::CTX,
+        ctx: &mut Self::CTX,
         error: Option<&Error>,
     ) -> bool {
+        // Another edge asking for this edge's copy gets a fresh one or none: a stale copy it
+        // would store (or serve) as new. Its refusal to go to the origin is no origin failure.
+        if ctx.only_if_cached {
+            return false;
+        }
         // Within the windows the response allowed (RFC 5861): serve stale while revalidating,
         // and on origin failures (connection errors and 5xx alike).
         error.is_none_or(|e| {

@@ -71,6 +71,10 @@ impl InvalidShadow {
     }
 }
 
+/// Longest shadow key accepted: the proxy refuses request targets over 8 KiB, and a key
+/// carried in every outcome must stay far inside a control frame.
+pub const MAX_KEY_BYTES: usize = 8 * 1024;
+
 impl FillRequest {
     /// Check and normalize a shadow request as every entry point (admin API, QUIC) must.
     pub fn validated(
@@ -80,7 +84,7 @@ impl FillRequest {
         max_ttl_secs: u64,
     ) -> Result<Self, InvalidShadow> {
         let key = normalize_key(key)
-            .filter(|k| split_key(k).is_some())
+            .filter(|k| k.len() <= MAX_KEY_BYTES && split_key(k).is_some())
             .ok_or(InvalidShadow::Key)?;
         if ttl_secs == 0 || ttl_secs > max_ttl_secs {
             return Err(InvalidShadow::Ttl(max_ttl_secs));
@@ -383,8 +387,9 @@ impl ShadowService {
             let (key, label, evicted) = match e {
                 Expired::Wasted(key) => {
                     let evicted = !self.storage.holds(&key);
-                    // A copy the edge held before the order is an ordinary cache entry.
-                    if !mark.held_before {
+                    // A copy the edge held before the order, or one a client fetched for
+                    // itself, is an ordinary cache entry.
+                    if mark.purge_with_mark() {
                         self.storage.purge_key(&key);
                     }
                     (key, if evicted { "evicted" } else { "wasted" }, evicted)
@@ -552,6 +557,11 @@ mod tests {
             assert!(split_key(kept).is_some(), "{kept}");
         }
         assert_eq!(split_key("/a"), None);
+        let long = format!("h.com/{}", "a".repeat(MAX_KEY_BYTES));
+        assert_eq!(
+            FillRequest::validated(&long, 60, 5, 3600),
+            Err(InvalidShadow::Key)
+        );
         assert_eq!(split_key("nohost"), None);
     }
 

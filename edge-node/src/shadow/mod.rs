@@ -103,12 +103,12 @@ pub const FILL_HEADER: &str = "x-shadowcdn-shadow-fill";
 /// with the origin before it is re-marked.
 pub const REFRESH_HEADER: &str = "x-shadowcdn-refresh";
 
-/// Drop the shadow mark of `key`; an object that never served a request goes with it (it
-/// was only there as a prediction), one that did, or that the edge held before the order,
+/// Drop the shadow mark of `key`; an object no client asked for goes with it (it was only
+/// there as a prediction), one a client asked for, or that the edge held before the order,
 /// stays as a normal cache entry (as when the mark expires).
 pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Option<Mark> {
     let m = table.remove(key)?;
-    if m.hits == 0 && !m.held_before {
+    if m.purge_with_mark() {
         storage.purge_key(key);
     }
     Some(m)

@@ -41,6 +41,10 @@ pub struct Mark {
     /// Whether the edge already held a fresh copy when the shadow was first ordered (its first
     /// fill was a local hit). Such a mark moved nothing; at expiry the copy is left alone.
     pub held_before: bool,
+    /// Whether a client asked for the key while marked, from the shadow or not (after the
+    /// copy expired or was evicted, a client's own fetch replaced it): that copy is the
+    /// client's, and is not purged with the mark.
+    pub touched: bool,
     /// Whether the first fill completed (renewals do not change where the copy came from).
     filled: bool,
     /// Generation, so a renewed mark is not ended by a check made before the renewal.
@@ -132,6 +136,7 @@ impl Inner {
         let peer_filled = old.is_some_and(|m| m.peer_filled);
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
+        let touched = old.is_some_and(|m| m.touched);
         // The mark's heap entry stays while it comes up no later than the new expiry.
         let scheduled = match old {
             Some(m) if m.scheduled.0 <= expires => m.scheduled,
@@ -151,6 +156,7 @@ impl Inner {
                 marked_at,
                 peer_filled,
                 held_before,
+                touched,
                 filled,
                 generation,
                 scheduled,
@@ -169,6 +175,12 @@ pub struct ShadowTable {
 }
 
 impl Mark {
+    /// Whether the object goes when the mark ends: only a prediction nobody asked for, that
+    /// the edge did not hold before the order.
+    pub fn purge_with_mark(&self) -> bool {
+        self.hits == 0 && !self.touched && !self.held_before
+    }
+
     /// This mark's outcome, ending `now`.
     pub(crate) fn outcome(&self, key: String, now: Instant, evicted: bool) -> ShadowOutcome {
         ShadowOutcome {
@@ -241,9 +253,18 @@ impl ShadowTable {
         match self.inner.lock().marks.get_mut(key) {
             Some(m) if m.expires > now => {
                 m.hits += 1;
+                m.touched = true;
                 Some(m.hits)
             }
             _ => None,
+        }
+    }
+
+    /// A client asked for `key` and was not served from the shadow (its copy had expired,
+    /// or was evicted or purged): the copy it fetched is not purged with the mark.
+    pub fn touch(&self, key: &str) {
+        if let Some(m) = self.inner.lock().marks.get_mut(key) {
+            m.touched = true;
         }
     }
 
@@ -391,6 +412,20 @@ impl ShadowTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_copy_a_client_fetched_itself_is_not_purged_with_its_mark() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        t.mark("h/a", Duration::from_secs(60), 5, now);
+        t.mark("h/b", Duration::from_secs(60), 5, now);
+        t.touch("h/a");
+        t.touch("h/unmarked");
+        let a = t.get("h/a").unwrap();
+        assert!(a.hits == 0 && a.touched && !a.purge_with_mark());
+        assert!(t.get("h/b").unwrap().purge_with_mark());
+        assert!(t.get("h/unmarked").is_none());
+    }
 
     #[test]
     fn the_first_fill_says_where_the_copy_came_from() {
