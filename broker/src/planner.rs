@@ -403,6 +403,16 @@ pub struct AnomalyEvent {
 }
 
 impl PlannerState {
+    /// Forget everything about `host`'s keys (live shadows and the decisions `explain` shows)
+    /// when its owner deletes it: whoever registers it next sees none of it.
+    pub fn forget_host(&self, host: &str) {
+        let prefix = format!("{host}/");
+        self.forget(&format!("{prefix}*"));
+        self.decisions
+            .write()
+            .retain(|k, _| !k.starts_with(&prefix));
+    }
+
     /// Forget the shadows of `key`, or of every key under `prefix*`, after a purge removed
     /// them from the edges, so the next tick may place them again.
     pub fn forget(&self, target: &str) {

@@ -376,6 +376,8 @@ async fn put_origin(
     let target = format!("{host}/*");
     let purged = if unregistered {
         s.registry.check_origin_quota(&p.id)?;
+        // A previous owner's plans, should its delete have been cut short.
+        s.planner.forget_host(&host);
         s.sync.purge_everywhere(&target).await
     } else {
         Vec::new()
@@ -415,13 +417,16 @@ async fn delete_origin(
     let host = check_host(&host)?;
     s.registry.delete_origin(&p.id, &host)?;
     s.sync.origins_changed();
+    // The host's history and plans go first, at once: a caller hanging up during the fan-out
+    // must not leave them, and a slow fan-out must not erase those of whoever registers the
+    // host meanwhile.
+    s.planner.forget_host(&host);
+    let forgotten = s.series.write().forget_prefix(&format!("{host}/"));
+    tracing::info!(%host, series = forgotten, "host deleted: its request history dropped");
     // The edges' copies go with the host: whoever registers it next must not be served this
     // provider's content, nor get shadows planned from its history.
     let target = format!("{host}/*");
     let results = s.sync.purge_everywhere(&target).await;
-    s.planner.forget(&target);
-    let forgotten = s.series.write().forget_prefix(&format!("{host}/"));
-    tracing::info!(%host, series = forgotten, "host deleted: its request history dropped");
     if results.iter().all(|r| r.ok) {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -723,77 +728,20 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
             .into())
         }
     };
-    let mut report = serde_json::Map::new();
-    // Whether some edge may still serve the old version (its purge failed).
-    let mut incomplete = false;
-    match req.kind {
-        EventKind::Updated | EventKind::Deleted => {
-            let refill: Vec<usize> = if req.kind == EventKind::Updated && req.prefix.is_none() {
-                s.planner.live_edges(&target)
-            } else {
-                Vec::new()
-            };
-            // Edges holding a live shadow refresh it in place (revalidate, then swap: no
-            // window without a copy); every other copy is invalidated.
-            let purged = s.sync.purge_all_but(&target, &refill).await;
-            s.planner.forget(&target);
-            let ttl = s
-                .registry
-                .resource_for(&host, &route)
-                .map_or(super::model::DEFAULT_SHADOW_TTL_SECS, |r| r.shadow_ttl_secs);
-            let mut refilled = Vec::new();
-            let mut not_refreshed = Vec::new();
-            for e in refill {
-                let mut order = asap_order(&target, ttl, 5);
-                order.refresh = true;
-                let ok = s.sync.shadow(e, order).await;
-                if ok {
-                    s.planner.record(&target, e, crate::clock::wall(ttl));
-                } else {
-                    not_refreshed.push(e);
-                }
-                refilled.push(json!({ "edge": s.fleet.edges[e].id, "ok": ok }));
-            }
-            // An edge that could not refresh its copy must not keep serving the old one.
-            let mut purged = purged;
-            purged.extend(s.sync.purge_on(&target, &not_refreshed).await);
-            incomplete = purged.iter().any(|r| !r.ok);
-            report.insert("purged".into(), json!(purged));
-            report.insert("refilled".into(), json!(refilled));
-        }
-        EventKind::Created => {
-            let resource = s.registry.resource_for(&host, &route);
-            let mut shadowed = Vec::new();
-            if let Some(r) = resource.filter(|r| r.priority >= IMMEDIATE_SHADOW_PRIORITY) {
-                let regions: Vec<usize> = if r.policy.allowed_regions.is_empty() {
-                    (0..s.fleet.regions.len()).collect()
-                } else {
-                    r.policy
-                        .allowed_regions
-                        .iter()
-                        .filter_map(|n| s.fleet.region_index(n))
-                        .collect()
-                };
-                for region in regions.into_iter().take(r.policy.max_copies as usize) {
-                    let edge = s.fleet.edge_in_region(&target, region, &s.health);
-                    if let Some(e) = edge {
-                        let order = asap_order(&target, r.shadow_ttl_secs, r.priority);
-                        let info = crate::cost::OrderInfo {
-                            provider: r.provider.clone(),
-                            region,
-                            class: crate::cost::Class::of(r.priority),
-                        };
-                        let ok =
-                            crate::planner::place(&s.sync, &s.planner, &s.ledger, e, order, info)
-                                .await;
-                        shadowed.push(json!({ "edge": s.fleet.edges[e].id, "region": s.fleet.regions[region], "ok": ok }));
-                    }
-                }
-            }
-            report.insert("shadowed".into(), json!(shadowed));
-        }
-    }
-    let kind = match req.kind {
+    // The work runs in a task of its own: a caller hanging up must not cut it short between
+    // skipping the edges that refresh their copy and their refresh (or purge).
+    let kind = req.kind;
+    let exact = req.prefix.is_none();
+    let task = {
+        let s = s.clone();
+        let target = target.clone();
+        tokio::spawn(async move { apply_event(&s, kind, exact, &host, &route, &target).await })
+    };
+    let (mut report, incomplete) = task.await.map_err(|e| {
+        tracing::error!(error = %e, "event task failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    })?;
+    let kind = match kind {
         EventKind::Created => "created",
         EventKind::Updated => "updated",
         EventKind::Deleted => "deleted",
@@ -810,6 +758,88 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         StatusCode::OK
     };
     Ok((status, Json(serde_json::Value::Object(report))).into_response())
+}
+
+/// The effect of a provider's event on the edges; the report, and whether some edge may still
+/// serve the old version (its purge failed).
+async fn apply_event(
+    s: &ApiState,
+    kind: EventKind,
+    exact: bool,
+    host: &str,
+    route: &str,
+    target: &str,
+) -> (serde_json::Map<String, serde_json::Value>, bool) {
+    let mut report = serde_json::Map::new();
+    let mut incomplete = false;
+    match kind {
+        EventKind::Updated | EventKind::Deleted => {
+            let refill: Vec<usize> = if kind == EventKind::Updated && exact {
+                s.planner.live_edges(target)
+            } else {
+                Vec::new()
+            };
+            // Edges holding a live shadow refresh it in place (revalidate, then swap: no
+            // window without a copy); every other copy is invalidated.
+            let purged = s.sync.purge_all_but(target, &refill).await;
+            s.planner.forget(target);
+            let ttl = s
+                .registry
+                .resource_for(host, route)
+                .map_or(super::model::DEFAULT_SHADOW_TTL_SECS, |r| r.shadow_ttl_secs);
+            let mut refilled = Vec::new();
+            let mut not_refreshed = Vec::new();
+            for e in refill {
+                let mut order = asap_order(target, ttl, 5);
+                order.refresh = true;
+                let ok = s.sync.shadow(e, order).await;
+                if ok {
+                    s.planner.record(target, e, crate::clock::wall(ttl));
+                } else {
+                    not_refreshed.push(e);
+                }
+                refilled.push(json!({ "edge": s.fleet.edges[e].id, "ok": ok }));
+            }
+            // An edge that could not refresh its copy must not keep serving the old one.
+            let mut purged = purged;
+            purged.extend(s.sync.purge_on(target, &not_refreshed).await);
+            incomplete = purged.iter().any(|r| !r.ok);
+            report.insert("purged".into(), json!(purged));
+            report.insert("refilled".into(), json!(refilled));
+        }
+        EventKind::Created => {
+            let resource = s.registry.resource_for(host, route);
+            let mut shadowed = Vec::new();
+            if let Some(r) = resource.filter(|r| r.priority >= IMMEDIATE_SHADOW_PRIORITY) {
+                let regions: Vec<usize> = if r.policy.allowed_regions.is_empty() {
+                    (0..s.fleet.regions.len()).collect()
+                } else {
+                    r.policy
+                        .allowed_regions
+                        .iter()
+                        .filter_map(|n| s.fleet.region_index(n))
+                        .collect()
+                };
+                for region in regions.into_iter().take(r.policy.max_copies as usize) {
+                    let edge = s.fleet.edge_in_region(target, region, &s.health);
+                    if let Some(e) = edge {
+                        let order = asap_order(target, r.shadow_ttl_secs, r.priority);
+                        let info = crate::cost::OrderInfo {
+                            provider: r.provider.clone(),
+                            region,
+                            class: crate::cost::Class::of(r.priority),
+                        };
+                        let ok =
+                            crate::planner::place(&s.sync, &s.planner, &s.ledger, e, order, info)
+                                .await;
+                        shadowed.push(json!({ "edge": s.fleet.edges[e].id, "region": s.fleet.regions[region], "ok": ok }));
+                    }
+                }
+            }
+            report.insert("shadowed".into(), json!(shadowed));
+        }
+    }
+    (report, incomplete)
 }
 
 /// A shadow order for an event: needed now, filled from the origin (no peer holds the new
