@@ -1789,6 +1789,19 @@ async fn unshadowing_a_copy_cached_before_the_order_keeps_it() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(x_cache(&edge.get("/held.bin").await), "HIT");
     assert_eq!(origin.hits("/held.bin"), 1);
+
+    // A held copy gone stale is revalidated by the fill (a 304), and is still the edge's.
+    let path = "/held-stale.bin?cc=max-age%3D1&etag=s1";
+    assert_eq!(x_cache(&edge.get(path).await), "MISS");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let key = format!("{HOST}{path}");
+    let order = serde_json::json!({"key": key, "ttl_secs": 60});
+    assert!(shadow_marked(&edge, order).await);
+    assert_eq!(origin.not_modified(), 1, "the fill revalidated the copy");
+    let (s, v) = admin_json(&edge, Method::DELETE, &format!("/shadows/{key}"), None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_ne!(x_cache(&edge.get(path).await), "MISS", "the copy stayed");
+    assert_eq!(origin.hits("/held-stale.bin"), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

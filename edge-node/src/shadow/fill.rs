@@ -292,7 +292,12 @@ async fn fetch(
     let status = resp.status();
     let x_cache = resp.headers().get("x-cache").and_then(|v| v.to_str().ok());
     let cached = x_cache.is_some_and(|v| v != "BYPASS");
-    let local_hit = x_cache == Some("HIT");
+    // Answered from a copy this edge held (fresh, revalidated with a 304, or served stale):
+    // the order moved no body from elsewhere, and the copy is not the order's to purge.
+    let local_hit = matches!(
+        x_cache,
+        Some("HIT" | "REVALIDATED" | "STALE" | "STALE-UPDATING")
+    );
     // A body that will not be cached is not downloaded for nothing.
     if !status.is_success() {
         return Err(format!("status {status}"));
@@ -310,6 +315,16 @@ async fn fetch(
         }
     }
     Ok(local_hit)
+}
+
+/// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
+/// broker hears so, or it would count the order live until its TTL and never place it again.
+fn report_unheld(table: &ShadowTable, key: &str) {
+    if table.get(key).is_none() {
+        table
+            .outcomes()
+            .push(ShadowOutcome::failed(key.to_string()));
+    }
 }
 
 /// Fill from the peer if one is named, else (or when it fails) from the origin; a copy this
@@ -469,6 +484,7 @@ impl BackgroundService for ShadowService {
                 // Dropped while it waited: the broker no longer wants it, or it was purged.
                 if table.dropped_since(&req.key, req.queued_at) {
                     metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                    report_unheld(&table, &req.key);
                     return;
                 }
                 let started = req.queued_at;
@@ -482,6 +498,7 @@ impl BackgroundService for ShadowService {
                         if !table.mark_filled(&req.key, req.ttl, req.priority, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");
                             metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                            report_unheld(&table, &req.key);
                             return;
                         }
                         table.set_fill(&req.key, bytes, source);
