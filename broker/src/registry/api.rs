@@ -376,6 +376,8 @@ async fn put_origin(
     let target = format!("{host}/*");
     let purged = if unregistered {
         s.registry.check_origin_quota(&p.id)?;
+        // The purge of the host's old copies leaves a ban on every edge, like any purge.
+        within_budget(&s, CallClass::Purge, &p.id)?;
         // A previous owner's plans, should its delete have been cut short.
         s.planner.forget_host(&host);
         s.sync.purge_everywhere(&target).await
@@ -414,6 +416,8 @@ async fn delete_origin(
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
     within_budget(&s, CallClass::Write, &p.id)?;
+    // Its purge of every copy leaves a ban on every edge, like any purge.
+    within_budget(&s, CallClass::Purge, &p.id)?;
     let host = check_host(&host)?;
     s.registry.delete_origin(&p.id, &host)?;
     s.sync.origins_changed();
