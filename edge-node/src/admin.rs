@@ -451,6 +451,7 @@ async fn put_origins(
         Ok(split) => split,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
     };
+    let _serial = s.origins.serialize().await;
     s.metrics
         .origin_push_ignored_fields
         .set(ignored.iter().map(|i| i.fields.len() as i64).sum());
@@ -473,6 +474,7 @@ async fn put_origins(
         return *r;
     }
     // Rows are judged one by one: the usable ones apply, the others are listed back.
+    let kept = rows.clone();
     let mut report = s.origins.push(rows, parsed.allow_private_upstreams).await;
     report.ignored = ignored;
     if !plan.replaced.is_empty() {
@@ -480,6 +482,8 @@ async fn put_origins(
             return *r;
         }
     }
+    // Kept for a restart only once it applied whole, floors included.
+    s.origins.remember(&kept, parsed.allow_private_upstreams);
     Json(report).into_response()
 }
 

@@ -247,6 +247,15 @@ pub struct OriginEntry {
     pub registered_at_ms: Option<u64>,
 }
 
+/// Whether two TCP listen addresses would take the same port: equal ports (not 0, which the
+/// system picks) on the same IP, or where either is a wildcard (a dual-stack `[::]` covers
+/// IPv4 too).
+fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() != 0
+        && a.port() == b.port()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Command-line overrides; each one that is set wins over file and environment.
 #[derive(Debug, Default, Serialize)]
 pub struct Overrides {
@@ -409,6 +418,20 @@ impl EdgeConfig {
             return Err(ConfigError::Invalid(
                 "admin.token must be at least 8 characters".into(),
             ));
+        }
+        // A request's bearer token is read trimmed: one with spaces around it never matches.
+        if self.admin.token.trim() != self.admin.token {
+            return Err(ConfigError::Invalid(
+                "admin.token must not begin or end with whitespace".into(),
+            ));
+        }
+        // The proxy binds after the admin listener: on the same port (or a wildcard address
+        // covering the other's), it would fail to bind while the admin API answered on it.
+        if listeners_overlap(self.server.listen, self.admin.listen) {
+            return Err(ConfigError::Invalid(format!(
+                "admin.listen ({}) must not share a port with server.listen ({})",
+                self.admin.listen, self.server.listen
+            )));
         }
         if self.server.threads == 0 {
             return Err(ConfigError::Invalid(
@@ -610,6 +633,17 @@ mod tests {
         let mut listed = ORIGIN_ENTRY_FIELDS.to_vec();
         listed.sort_unstable();
         assert_eq!(names, listed);
+    }
+
+    #[test]
+    fn listeners_sharing_a_port_are_refused() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(listeners_overlap(a("127.0.0.1:80"), a("127.0.0.1:80")));
+        assert!(listeners_overlap(a("0.0.0.0:80"), a("127.0.0.1:80")));
+        assert!(listeners_overlap(a("[::]:80"), a("10.0.0.1:80")));
+        assert!(!listeners_overlap(a("127.0.0.1:80"), a("127.0.0.2:80")));
+        assert!(!listeners_overlap(a("0.0.0.0:80"), a("0.0.0.0:81")));
+        assert!(!listeners_overlap(a("127.0.0.1:0"), a("127.0.0.1:0")));
     }
 
     #[test]

@@ -301,6 +301,8 @@ pub struct SharedOrigins {
     failed: Mutex<HashMap<(String, u16), (Instant, String)>>,
     /// Where pushes are kept for the next start, if anywhere.
     last_push: Option<LastPush>,
+    /// Held through one push's whole handling ([`Self::serialize`]).
+    serial: tokio::sync::Mutex<()>,
 }
 
 /// A pushed row in force: when its name last resolved, and when it was last looked up.
@@ -345,7 +347,30 @@ impl SharedOrigins {
             pushed: Mutex::new(Vec::new()),
             failed: Mutex::new(HashMap::new()),
             last_push: None,
+            serial: tokio::sync::Mutex::new(()),
         })
+    }
+
+    /// One push at a time, from its first step to [`Self::remember`]: a broker retry that
+    /// overlaps a slow push must not leave the table and the kept file holding different ones.
+    pub async fn serialize(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.serial.lock().await
+    }
+
+    /// Keep a push that applied whole (its ownership floors made durable) for the next start.
+    /// Only a changed push is written (a small file): the broker pushes every few seconds.
+    /// A failure costs only the 404s after a restart that the file prevents.
+    pub fn remember(&self, rows: &[OriginEntry], allow_private: bool) {
+        let Some(last) = &self.last_push else {
+            return;
+        };
+        let saved = Saved {
+            origins: rows.to_vec(),
+            allow_private_upstreams: allow_private,
+        };
+        if let Err(e) = last.save(&saved) {
+            tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
+        }
     }
 
     /// Keep every push in `dir` ([`crate::last_push`]), for [`Self::restore`] after a restart.
@@ -369,6 +394,9 @@ impl SharedOrigins {
         let n = saved.origins.len();
         self.push(saved.origins, saved.allow_private_upstreams)
             .await;
+        // Lookups that failed this early (a resolver not up yet) are tried again at the
+        // broker's first push, not a minute later.
+        self.failed.lock().clear();
         Ok(n)
     }
 
@@ -377,17 +405,6 @@ impl SharedOrigins {
     pub async fn push(&self, rows: Vec<OriginEntry>, allow_private: bool) -> PushReport {
         let names = self.names_to_resolve(&rows);
         let found = lookup_all(names).await;
-        if let Some(last) = &self.last_push {
-            let saved = Saved {
-                origins: rows.clone(),
-                allow_private_upstreams: allow_private,
-            };
-            // Only a changed push is written (a small file): the broker pushes every few
-            // seconds. A failure costs only the 404s after a restart this file prevents.
-            if let Err(e) = last.save(&saved) {
-                tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
-            }
-        }
         self.apply_push(rows, allow_private, &found)
     }
 

@@ -57,6 +57,9 @@ pub enum StartError {
     },
 }
 
+/// Longest wait for the cache to flush and close at exit.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A configured edge, ready to run.
 pub struct EdgeNode {
     cfg: EdgeConfig,
@@ -345,7 +348,15 @@ impl EdgeNode {
         );
         self.server.run(RunArgs::default());
         tracing::info!("server stopped; flushing cache");
-        self.storage_rt.block_on(self.storage.close())?;
+        // Bounded: a stalled disk must not keep the process from exiting (what foyer did not
+        // write by then is lost as in a crash; purges were durable before they were answered).
+        match self
+            .storage_rt
+            .block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, self.storage.close()).await })
+        {
+            Ok(closed) => closed?,
+            Err(_) => tracing::warn!(secs = CLOSE_TIMEOUT.as_secs(), "cache close timed out"),
+        }
         self.storage_rt.shutdown_timeout(Duration::from_secs(5));
         tracing::info!("edge-node stopped");
         Ok(())
