@@ -610,15 +610,21 @@ impl Purge<'_> {
     }
 }
 
+/// The ticks of the pushes and redeliveries: every 3 s, and a round that overran is not
+/// followed by a burst of catch-up rounds.
+fn rounds() -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_secs(3));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// Background service running the push loop.
 pub struct OriginPusher(pub Arc<EdgeSync>);
 
 #[async_trait]
 impl BackgroundService for OriginPusher {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(Duration::from_secs(3));
-        // A round that overran is not followed by a burst of catch-up rounds.
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = rounds();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -638,8 +644,7 @@ pub struct PurgeRedeliverer(pub Arc<EdgeSync>);
 #[async_trait]
 impl BackgroundService for PurgeRedeliverer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let mut tick = tokio::time::interval(Duration::from_secs(3));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = rounds();
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
