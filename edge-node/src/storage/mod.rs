@@ -364,16 +364,28 @@ impl FoyerStorage {
     /// Whether a copy another edge admitted at `admitted` predates a purge this edge applied:
     /// a key purge since then (within the recent-purge window, as for a local copy read back)
     /// or a prefix or tag ban or host floor covering it (`headers` are the copy's). That edge
-    /// may not have applied the purge yet; the copy is served but not cached here.
+    /// may not have applied the purge yet.
     pub fn purged_since_admitted(
         &self,
         primary_key: &str,
         admitted: SystemTime,
         headers: &HeaderMap,
     ) -> bool {
-        self.recent
-            .purged_after(admitted, || primary_hash(primary_key))
-            || self.bans.is_banned(primary_key, admitted, headers)
+        self.purged_since(primary_key, || primary_hash(primary_key), admitted, headers)
+    }
+
+    /// Whether an object of `primary_key` stored at `created` is covered by a ban (prefix,
+    /// tag, host floor) or a key purge still remembered since; `hash` gives the key's primary
+    /// hash, computed only when a key purge must be looked up.
+    fn purged_since(
+        &self,
+        primary_key: &str,
+        hash: impl FnOnce() -> u128,
+        created: SystemTime,
+        headers: &HeaderMap,
+    ) -> bool {
+        self.bans.is_banned(primary_key, created, headers)
+            || self.recent.purged_after(created, hash)
     }
 
     /// Whether the cache (memory or disk) holds an object under `primary_key`.
@@ -547,13 +559,8 @@ impl Storage for FoyerStorage {
                 return Ok(None);
             }
         };
-        if self
-            .bans
-            .is_banned(&primary, meta.created(), meta.headers())
-            || self
-                .recent
-                .purged_after(meta.created(), || hash_of(key.primary_bin()))
-        {
+        let key_hash = || hash_of(key.primary_bin());
+        if self.purged_since(&primary, key_hash, meta.created(), meta.headers()) {
             self.cache.remove(&hash);
             return Ok(None);
         }
@@ -673,13 +680,8 @@ impl Storage for FoyerStorage {
         // A purge whose delete foyer has not flushed yet still lets the object load: it
         // must not be stored again, where only the lookup window would catch it.
         let primary = String::from_utf8_lossy(key.primary_key());
-        if self
-            .bans
-            .is_banned(&primary, stored.created(), stored.headers())
-            || self
-                .recent
-                .purged_after(stored.created(), || hash_of(key.primary_bin()))
-        {
+        let key_hash = || hash_of(key.primary_bin());
+        if self.purged_since(&primary, key_hash, stored.created(), stored.headers()) {
             return Ok(false);
         }
         self.store_unless_purged(since, hash, meta, obj.body)
