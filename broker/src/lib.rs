@@ -12,7 +12,6 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod cost;
-mod durable;
 pub mod metrics;
 pub mod monitor;
 pub mod planner;

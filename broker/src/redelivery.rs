@@ -20,10 +20,10 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use edge_node::durable::{read_json, write_atomic, FileError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
-use crate::durable::write_atomic;
 use crate::metrics::BrokerMetrics;
 use crate::routing::{Fleet, Health};
 
@@ -96,27 +96,6 @@ pub struct Redelivery {
     writer: Mutex<()>,
 }
 
-/// Why the queues could not be read at start.
-#[derive(Debug, thiserror::Error)]
-pub enum RedeliveryError {
-    /// Reading the file failed.
-    #[error("pending purges {path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        source: io::Error,
-    },
-    /// The file is not what this broker writes.
-    #[error("pending purges {path}: {source}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// The parse error.
-        source: serde_json::Error,
-    },
-}
-
 impl Redelivery {
     /// The queues saved at `path` (none when it does not exist). Edges with a queue are held
     /// out of routing at once; queues of edges no longer in the fleet are dropped with a
@@ -126,17 +105,8 @@ impl Redelivery {
         fleet: Arc<Fleet>,
         health: Arc<Health>,
         metrics: BrokerMetrics,
-    ) -> Result<Self, RedeliveryError> {
-        let saved: Saved = match std::fs::read(&path) {
-            Ok(bytes) => {
-                serde_json::from_slice(&bytes).map_err(|source| RedeliveryError::Format {
-                    path: path.clone(),
-                    source,
-                })?
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Saved::default(),
-            Err(source) => return Err(RedeliveryError::Io { path, source }),
-        };
+    ) -> Result<Self, FileError> {
+        let saved: Saved = read_json(&path)?.unwrap_or_default();
         let mut by_edge = vec![Vec::new(); fleet.edges.len()];
         for (id, queue) in saved.edges {
             match fleet.edges.iter().position(|e| e.id == id) {
@@ -356,7 +326,7 @@ mod tests {
         let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
         let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
         let err = Redelivery::open(path.clone(), fleet.clone(), health, metrics).err();
-        assert!(matches!(err, Some(RedeliveryError::Format { .. })));
+        assert!(matches!(err, Some(FileError::Format { .. })));
     }
 
     #[test]

@@ -184,7 +184,7 @@ impl Broker {
                     health.clone(),
                     metrics.clone(),
                 )
-                .map_err(|e| StartError::Setup(e.to_string()))?,
+                .map_err(|e| StartError::Setup(format!("pending purges {e}")))?,
             )),
         );
 

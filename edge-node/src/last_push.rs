@@ -5,13 +5,14 @@
 //! push (or for as long as the broker is down). The edge loads the file at start and applies
 //! it as a push. It is rewritten, atomically, only when a push changes it.
 
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::config::OriginEntry;
+use crate::durable::{read_json, write_atomic, FileError};
 
 /// File name, in the cache directory.
 pub const FILE_NAME: &str = "pushed-origins.json";
@@ -24,27 +25,6 @@ pub struct Saved {
     pub origins: Vec<OriginEntry>,
     /// Whether the broker let these rows use private addresses.
     pub allow_private_upstreams: bool,
-}
-
-/// Why the file could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum LastPushError {
-    /// Reading failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: io::Error,
-    },
-    /// Not a file this edge writes.
-    #[error("{path}: {source}")]
-    Format {
-        /// The file.
-        path: PathBuf,
-        /// The parse error.
-        source: serde_json::Error,
-    },
 }
 
 /// The file and what was last written to it.
@@ -64,41 +44,24 @@ impl LastPush {
     }
 
     /// The saved push, `None` when there is none.
-    pub fn load(&self) -> Result<Option<Saved>, LastPushError> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(LastPushError::Io {
-                    path: self.path.clone(),
-                    source,
-                })
-            }
-        };
-        let saved = serde_json::from_slice(&bytes).map_err(|source| LastPushError::Format {
-            path: self.path.clone(),
-            source,
-        })?;
-        *self.written.lock() = bytes;
-        Ok(Some(saved))
+    pub fn load(&self) -> Result<Option<Saved>, FileError> {
+        let saved: Option<Saved> = read_json(&self.path)?;
+        if let Some(saved) = &saved {
+            // What `save` would write for it, so that the broker's first push, the same
+            // table, is not written again.
+            *self.written.lock() = serde_json::to_vec(saved).unwrap_or_default();
+        }
+        Ok(saved)
     }
 
-    /// Write `saved` unless it is what the file already holds (temporary file, fsync,
-    /// rename, fsync of the directory).
+    /// Write `saved` unless it is what the file already holds ([`write_atomic`]).
     pub fn save(&self, saved: &Saved) -> io::Result<()> {
         let bytes = serde_json::to_vec(saved).map_err(io::Error::other)?;
         let mut written = self.written.lock();
         if *written == bytes {
             return Ok(());
         }
-        let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
-        if let Some(dir) = self.path.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
+        write_atomic(&self.path, &bytes)?;
         *written = bytes;
         Ok(())
     }
@@ -136,7 +99,7 @@ mod tests {
         std::fs::write(&path, "{").unwrap();
         assert!(matches!(
             LastPush::in_dir(dir.path()).load(),
-            Err(LastPushError::Format { .. })
+            Err(FileError::Format { .. })
         ));
     }
 }

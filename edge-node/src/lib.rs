@@ -11,6 +11,7 @@ pub mod cache_key;
 pub mod compression;
 pub mod config;
 pub mod drain;
+pub mod durable;
 pub mod http_service;
 pub mod invalidate;
 pub mod json_errors;

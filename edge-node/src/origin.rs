@@ -11,7 +11,8 @@ use serde::Serialize;
 
 use crate::cache_key::QueryFilter;
 use crate::config::OriginEntry;
-use crate::last_push::{LastPush, LastPushError, Saved};
+use crate::durable::FileError;
+use crate::last_push::{LastPush, Saved};
 use crate::proxy::primary_key;
 
 /// A resolved upstream origin.
@@ -381,7 +382,7 @@ impl SharedOrigins {
 
     /// Apply the push saved before the last stop, as the broker sent it; how many rows it
     /// had (0 when there is none).
-    pub async fn restore(&self) -> Result<usize, LastPushError> {
+    pub async fn restore(&self) -> Result<usize, FileError> {
         let Some(saved) = self
             .last_push
             .as_ref()

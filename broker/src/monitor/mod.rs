@@ -350,7 +350,7 @@ fn snapshot(store: &RwLock<SeriesStore>, path: &std::path::Path) {
             return;
         }
     };
-    if let Err(e) = crate::durable::write_atomic(path, &bytes) {
+    if let Err(e) = edge_node::durable::write_atomic(path, &bytes) {
         tracing::warn!(error = %e, path = %path.display(), "monitor snapshot failed");
     }
 }
