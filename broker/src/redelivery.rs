@@ -12,8 +12,15 @@
 //! refuses a queued purge (a 4xx: it cannot take it, and never will) has it dropped, counted
 //! and logged, rather than being held forever.
 //!
+//! A purge is written down before it is sent ([`Redelivery::begin`]) and crossed out once
+//! every edge has answered or had it queued ([`Redelivery::finish`]): a broker that stops
+//! in between finds it on start and queues it for every edge it was going to, rather than
+//! losing it for the edges it had not reached yet.
+//!
 //! Changes are made in memory (with the hold) at once; [`Redelivery::save`] writes them, off
-//! the async workers, one writer at a time, each writing the newest state.
+//! the async workers, one writer at a time. A save that finds its change already written by
+//! another (which always writes the newest state) returns without writing again, so
+//! concurrent purges share writes.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
@@ -70,11 +77,22 @@ impl PendingPurge {
     }
 }
 
-/// The file's content: queues by edge id.
+/// A purge being sent, and the edges it is going to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Sending {
+    purge: PendingPurge,
+    /// Edge ids.
+    edges: Vec<String>,
+}
+
+/// The file's content: queues by edge id, and the purges that were being sent.
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Saved {
     edges: BTreeMap<String, Vec<PendingPurge>>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    sending: Vec<Sending>,
 }
 
 struct Queues {
@@ -82,7 +100,18 @@ struct Queues {
     /// Per edge, moves when its queue collapses: a delivery of the queue as it was must not
     /// then drop purges by position.
     generation: Vec<u64>,
+    /// Purges going out now, by the ticket [`Redelivery::begin`] gave.
+    sending: BTreeMap<u64, (PendingPurge, Vec<usize>)>,
+    next_ticket: u64,
+    /// Moves on every change: a save skips its write when a later or equal version has
+    /// been written already.
+    version: u64,
 }
+
+/// A purge written down as being sent; hand it back to [`Redelivery::finish`].
+#[derive(Debug)]
+#[must_use = "a purge never finished is queued for every edge at the next start"]
+pub struct Ticket(u64);
 
 /// Every edge's unconfirmed purges.
 pub struct Redelivery {
@@ -92,14 +121,14 @@ pub struct Redelivery {
     metrics: BrokerMetrics,
     queues: Mutex<Queues>,
     /// Held through a write, so writes never interleave and a later one never carries an
-    /// older state than an earlier one.
-    writer: Mutex<()>,
+    /// older state than an earlier one; holds the version last written.
+    writer: Mutex<u64>,
 }
 
 impl Redelivery {
-    /// The queues saved at `path` (none when it does not exist). Edges with a queue are held
-    /// out of routing at once; queues of edges no longer in the fleet are dropped with a
-    /// warning.
+    /// The queues saved at `path` (none when it does not exist). Purges that were being sent
+    /// are queued for every edge they were going to. Edges with a queue are held out of
+    /// routing at once; queues of edges no longer in the fleet are dropped with a warning.
     pub fn open(
         path: PathBuf,
         fleet: Arc<Fleet>,
@@ -108,11 +137,30 @@ impl Redelivery {
     ) -> Result<Self, FileError> {
         let saved: Saved = read_json(&path)?.unwrap_or_default();
         let mut by_edge = vec![Vec::new(); fleet.edges.len()];
+        let position = |id: &str| fleet.edges.iter().position(|e| e.id == id);
         for (id, queue) in saved.edges {
-            match fleet.edges.iter().position(|e| e.id == id) {
+            match position(&id) {
                 Some(i) => by_edge[i] = queue,
                 None => tracing::warn!(edge = %id, purges = queue.len(),
                     "pending purges of an edge no longer configured are dropped"),
+            }
+        }
+        let interrupted = saved.sending.len();
+        for sending in saved.sending {
+            for i in sending.edges.iter().filter_map(|id| position(id)) {
+                by_edge[i].push(sending.purge.clone());
+            }
+        }
+        if interrupted > 0 {
+            tracing::warn!(
+                purges = interrupted,
+                "purges the broker was sending when it stopped are delivered again to every \
+                 edge they were going to"
+            );
+        }
+        for queue in &mut by_edge {
+            if queue.len() > MAX_PENDING {
+                collapse(queue);
             }
         }
         let edges = by_edge.len();
@@ -124,9 +172,17 @@ impl Redelivery {
             queues: Mutex::new(Queues {
                 by_edge,
                 generation: vec![0; edges],
+                sending: BTreeMap::new(),
+                next_ticket: 0,
+                version: 0,
             }),
-            writer: Mutex::new(()),
+            writer: Mutex::new(0),
         };
+        if interrupted > 0 {
+            // The file still lists them as being sent: rewrite it as queues.
+            r.queues.lock().version += 1;
+            r.save_now();
+        }
         {
             let q = r.queues.lock();
             for edge in 0..edges {
@@ -136,10 +192,30 @@ impl Redelivery {
         Ok(r)
     }
 
+    /// `purge` is about to go to `edges`; [`Self::save`] makes that durable, and should
+    /// before it is sent. The edges keep taking traffic.
+    pub fn begin(&self, purge: PendingPurge, edges: &[usize]) -> Ticket {
+        let mut q = self.queues.lock();
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.sending.insert(ticket, (purge, edges.to_vec()));
+        q.version += 1;
+        Ticket(ticket)
+    }
+
+    /// The purge of `ticket` has been answered or queued ([`Self::queue`]) on every edge.
+    /// [`Self::save`] makes it durable.
+    pub fn finish(&self, ticket: Ticket) {
+        let mut q = self.queues.lock();
+        q.sending.remove(&ticket.0);
+        q.version += 1;
+    }
+
     /// `purge` did not reach `edge`: keep it for the edge, and keep the edge out of routing
     /// from now on. [`Self::save`] makes it durable.
     pub fn queue(&self, edge: usize, purge: PendingPurge) {
         let mut q = self.queues.lock();
+        q.version += 1;
         let queue = &mut q.by_edge[edge];
         queue.push(purge);
         if queue.len() > MAX_PENDING {
@@ -179,6 +255,7 @@ impl Redelivery {
             // Nothing done, or collapsed since: the same purges go again next round.
             return;
         }
+        q.version += 1;
         let queue = &mut q.by_edge[edge];
         queue.drain(..n.min(queue.len()));
         let len = queue.len();
@@ -211,25 +288,43 @@ impl Redelivery {
     }
 
     fn save_now(&self) {
-        let _writing = self.writer.lock();
-        let saved = {
+        let wanted = self.queues.lock().version;
+        let mut written = self.writer.lock();
+        if *written >= wanted {
+            // A write that started after this change carried it.
+            return;
+        }
+        let (version, saved) = {
             let q = self.queues.lock();
-            Saved {
+            let id = |e: &usize| self.fleet.edges[*e].id.clone();
+            let saved = Saved {
                 edges: q
                     .by_edge
                     .iter()
                     .enumerate()
                     .filter(|(_, queue)| !queue.is_empty())
-                    .map(|(e, queue)| (self.fleet.edges[e].id.clone(), queue.clone()))
+                    .map(|(e, queue)| (id(&e), queue.clone()))
                     .collect(),
-            }
+                sending: q
+                    .sending
+                    .values()
+                    .map(|(purge, edges)| Sending {
+                        purge: purge.clone(),
+                        edges: edges.iter().map(id).collect(),
+                    })
+                    .collect(),
+            };
+            (q.version, saved)
         };
         let res = serde_json::to_vec(&saved)
             .map_err(io::Error::other)
             .and_then(|bytes| write_atomic(&self.path, &bytes));
-        if let Err(e) = res {
-            self.metrics.pending_purges_save_failures.inc();
-            tracing::error!(error = %e, path = %self.path.display(), "pending purges not saved");
+        match res {
+            Ok(()) => *written = version,
+            Err(e) => {
+                self.metrics.pending_purges_save_failures.inc();
+                tracing::error!(error = %e, path = %self.path.display(), "pending purges not saved");
+            }
         }
     }
 }
@@ -329,6 +424,49 @@ mod tests {
         assert!(matches!(err, Some(FileError::Format { .. })));
     }
 
+    #[tokio::test]
+    async fn a_purge_cut_short_by_a_stop_is_queued_for_every_edge_it_was_going_to() {
+        let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
+        let fleet = Arc::new(Fleet::new(&cfg));
+        assert!(fleet.edges.len() >= 3);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pending-purges.json");
+        let open = || {
+            let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
+            let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics);
+            (Arc::new(r.unwrap()), health)
+        };
+        let (r, health) = open();
+        let finished = r.begin(target("a.com/done"), &[0, 1, 2]);
+        let _cut_short = r.begin(target("a.com/x"), &[0, 2]);
+        r.save().await;
+        assert!(
+            (0..3).all(|e| health.is_up(e)),
+            "a purge being sent holds nobody"
+        );
+        r.finish(finished);
+        r.save().await;
+        drop(r);
+
+        let (r, health) = open();
+        assert_eq!(r.edges_pending(), vec![0, 2]);
+        assert_eq!(r.pending(0).1, vec![target("a.com/x")]);
+        assert!(!health.is_up(0) && health.is_up(1) && !health.is_up(2));
+        let saved: Saved = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert!(
+            saved.sending.is_empty() && saved.edges.len() == 2,
+            "rewritten as queues at once: {saved:?}"
+        );
+        drop(r);
+        let (r, _) = open();
+        assert_eq!(
+            r.pending(2).1,
+            vec![target("a.com/x")],
+            "queued once, not again"
+        );
+    }
+
     #[test]
     fn the_file_format_is_tagged_json() {
         let saved = Saved {
@@ -343,6 +481,7 @@ mod tests {
                 ],
             )]
             .into(),
+            sending: Vec::new(),
         };
         let text = serde_json::to_string(&saved).unwrap();
         assert_eq!(

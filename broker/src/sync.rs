@@ -497,6 +497,14 @@ impl EdgeSync {
     }
 
     async fn fan_out(&self, pending: &PendingPurge, edges: &[usize]) -> Vec<EdgeResult> {
+        let ticket = match &self.redelivery {
+            Some(r) => {
+                let ticket = r.begin(pending.clone(), edges);
+                r.save().await;
+                Some(ticket)
+            }
+            None => None,
+        };
         let purge = Purge::from_pending(pending);
         let calls = edges.iter().map(|e| self.purge(*e, &purge));
         let results: Vec<EdgeResult> = edges
@@ -519,10 +527,9 @@ impl EdgeSync {
                 }
             })
             .collect();
-        if let Some(r) = &self.redelivery {
-            if results.iter().any(|r| r.queued) {
-                r.save().await;
-            }
+        if let (Some(r), Some(ticket)) = (&self.redelivery, ticket) {
+            r.finish(ticket);
+            r.save().await;
         }
         results
     }
