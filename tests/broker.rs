@@ -1437,6 +1437,21 @@ async fn monitor_counts_match_what_was_sent_and_survive_restart() {
     let log = logs.path().join("access.log");
     let mut c = start_cluster_with(&format!("access_log = \"{}\"\n", log.display()));
     c.register(&origin).await;
+    // Not demand: a write, an error, a redirect. Sent first, so a count of them would show
+    // in the totals awaited below.
+    let r = client()
+        .post(format!("http://{}/m.js", c.broker.addr))
+        .header("host", HOST)
+        .header("x-client-region", "eu")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().as_u16() < 600);
+    for query in ["status=503", "status=404", "status=302"] {
+        let r = c.get(&format!("/m.js?{query}"), "eu").await;
+        assert!(!r.status().is_success(), "{query}: {}", r.status());
+    }
     for (region, n) in [("eu", 7), ("us", 4)] {
         for i in 0..n {
             // The query string is not part of the resource.
@@ -1485,9 +1500,16 @@ async fn monitor_counts_match_what_was_sent_and_survive_restart() {
         (&json!(404), &json!("us"), &json!("none"), &json!("none")),
         "{refused}"
     );
+    let target = |l: &Value| l["target"].as_str().unwrap().to_string();
+    let not_demand: Vec<String> = all
+        .iter()
+        .map(target)
+        .filter(|t| t == "/m.js" || t.starts_with("/m.js?status="))
+        .collect();
+    assert_eq!(not_demand.len(), 4, "logged, though not demand: {all:?}");
     let lines: Vec<&Value> = all
         .iter()
-        .filter(|l| l["target"].as_str().unwrap().starts_with("/m.js"))
+        .filter(|l| target(l).starts_with("/m.js?v="))
         .collect();
     assert_eq!(lines.len(), 11, "{lines:?}");
     for region in ["eu", "us"] {

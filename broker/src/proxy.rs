@@ -19,7 +19,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::metrics::BrokerMetrics;
-use crate::monitor::{now_secs, object_size, Record, Recorder};
+use crate::monitor::{is_demand, now_secs, object_size, Record, Recorder};
 use crate::registry::Registry;
 use crate::routing::{Choice, Fleet, Health, Holders, Reason, RegionResolver};
 use edge_node::access_log::{AccessLog, RequestFields};
@@ -644,7 +644,7 @@ impl ProxyHttp for BrokerProxy {
             .request_seconds
             .with_label_values(&[reason.as_str()])
             .observe(elapsed.as_secs_f64());
-        if self.recorder.enabled() {
+        if self.recorder.enabled() && is_demand(&session.req_header().method, status) {
             self.recorder.record(Record {
                 resource: std::mem::take(&mut ctx.resource),
                 key: std::mem::take(&mut ctx.key),

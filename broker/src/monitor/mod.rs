@@ -57,6 +57,15 @@ pub struct Record {
     pub client: u64,
 }
 
+/// Whether a request is demand for its resource, i.e. worth recording for the forecasts
+/// and co-access: a read (GET or HEAD) answered with content or a confirmation of it (2xx,
+/// 304). A POST, an error or a redirect asks for nothing a shadow could hold; counted, they
+/// would pre-position whatever clients fail on or write to.
+pub fn is_demand(method: &http::Method, status: u16) -> bool {
+    (method == http::Method::GET || method == http::Method::HEAD)
+        && ((200..300).contains(&status) || status == 304)
+}
+
 /// The whole object's size as a response tells it: a 200's `Content-Length` (a HEAD's too),
 /// the total of a 206's `Content-Range`; `None` for anything else.
 pub fn object_size(status: u16, headers: &http::HeaderMap) -> Option<u64> {
@@ -382,6 +391,21 @@ mod tests {
         while !f() {
             assert!(std::time::Instant::now() < deadline, "{what}");
             std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    #[test]
+    fn only_reads_answered_with_content_are_demand() {
+        use http::Method;
+        for status in [200, 203, 206, 304] {
+            assert!(is_demand(&Method::GET, status), "{status}");
+            assert!(is_demand(&Method::HEAD, status), "{status}");
+        }
+        for status in [0, 301, 302, 400, 404, 416, 500, 502, 503] {
+            assert!(!is_demand(&Method::GET, status), "{status}");
+        }
+        for method in [Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS] {
+            assert!(!is_demand(&method, 200), "{method}");
         }
     }
 
