@@ -1804,6 +1804,74 @@ async fn unshadowing_a_copy_cached_before_the_order_keeps_it() {
     assert_eq!(origin.hits("/held-stale.bin"), 2);
 }
 
+/// A tag purge ends the marks of the shadows it bans (their fills kept the tags), and only
+/// those; a client served from a shadow while it still streams in counts as its hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_marks_follow_tag_purges_and_count_clients_served_while_filling() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let tagged = format!("{HOST}/sh/a?skey=Product-42");
+    let other = format!("{HOST}/sh/b?skey=product-7");
+    for key in [&tagged, &other] {
+        let order = serde_json::json!({"key": key, "ttl_secs": 60});
+        assert!(shadow_marked(&edge, order).await, "{key}");
+    }
+    let r = client()
+        .post(format!("http://{}/tags/{HOST}", edge.admin))
+        .bearer_auth(TOKEN)
+        .json(&json!({ "tags": ["product-42"] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let status = |key: String| {
+        let edge = &edge;
+        async move {
+            admin_json(edge, Method::GET, &format!("/shadows/{key}"), None)
+                .await
+                .0
+        }
+    };
+    assert_eq!(status(tagged.clone()).await, StatusCode::NOT_FOUND);
+    assert_eq!(status(other.clone()).await, StatusCode::OK);
+
+    // 8 chunks of 16 KiB, 250 ms apart: the client arrives mid-fill.
+    let path = "/sh/slow.bin?size=131072&chunked=1&chunk_delay_ms=250";
+    let key = format!("{HOST}{path}");
+    let (s, v) = admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(serde_json::json!({"key": key, "ttl_secs": 60})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    while origin.hits("/sh/slow.bin") == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        status(key.clone()).await,
+        StatusCode::NOT_FOUND,
+        "still filling"
+    );
+    let r = edge.get(path).await;
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+    assert_eq!(body_of(r).await, body_for("/sh/slow.bin", 131_072));
+    assert_eq!(origin.hits("/sh/slow.bin"), 1, "served from the fill");
+    let mut hits = serde_json::Value::Null;
+    for _ in 0..100 {
+        let (s, m) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
+        if s == StatusCode::OK {
+            hits = m["hits"].clone();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hits, 1, "the client's read counts for the mark");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl() {
     let origin = TestOrigin::start().await;

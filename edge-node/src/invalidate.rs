@@ -1,7 +1,7 @@
 //! Purges, whether an operator asks over HTTP or the broker over QUIC: one object with every
 //! Vary variant, every key under a prefix, or every object of a host carrying a tag (both
-//! durable bans). An object purged by key or prefix is no longer a shadow either; a tag purge
-//! cannot tell which shadows carry the tag, so theirs miss at their next lookup and refill.
+//! durable bans). An object purged is no longer a shadow either: its mark ends with it (a mark
+//! knows the tags its fill saw).
 
 use crate::metrics::EdgeMetrics;
 use crate::origin::normalize_host;
@@ -86,10 +86,12 @@ pub async fn invalidate(
                 Err(e)
             }
         },
-        // The shadow table cannot tell which of its keys carry the tags; a tagged shadow
-        // misses at its next lookup and is refilled from the origin.
         Target::Tags { host, tags } => {
-            let outcome = storage.purge_tags(&format!("{host}/"), tags);
+            let host = format!("{host}/");
+            let outcome = storage.purge_tags(&host, tags);
+            if outcome.is_ok() {
+                shadows.remove_tagged(&host, tags);
+            }
             let label = if outcome.is_ok() { "banned" } else { "error" };
             metrics.purges.with_label_values(&["tag", label]).inc();
             outcome.map(|()| true)

@@ -1122,8 +1122,9 @@ impl ProxyHttp for EdgeProxy {
         // Between edges only: a peer's admission time (see `response_cache_filter`) is not
         // passed on, and this edge states its own when another edge fetches from it.
         resp.remove_header(PEER_ADMITTED_HEADER);
-        // A peer keeps the tags with its copy, so a tag purge reaches it there too.
-        if !ctx.only_if_cached {
+        // A peer keeps the tags with its copy, so a tag purge reaches it there too; a shadow
+        // fill reads them for its mark, so a tag purge ends that too.
+        if client {
             tags::strip(resp);
         }
         if ctx.only_if_cached && from_cache {

@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Expired, FillSource, ShadowTable};
+use super::table::{Expired, FillSource, FillTags, ShadowTable};
 use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
@@ -276,7 +276,7 @@ async fn fetch(
     peer: Option<&PeerRef>,
     max_bytes: u64,
     moved: &mut u64,
-) -> Result<bool, String> {
+) -> Result<(bool, FillTags), String> {
     let (host, path) = split_key(&r.key).ok_or_else(|| format!("bad key {:?}", r.key))?;
     let mut req = client
         .get(format!("http://{listen}{path}"))
@@ -305,6 +305,8 @@ async fn fetch(
     if !cached {
         return Err("response is not cacheable".into());
     }
+    // The proxy leaves the tag headers on a shadow fill's answer.
+    let tags = FillTags::of(resp.headers());
     // Read through (the proxy fills the cache as it streams), counting, never buffering.
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         *moved += chunk.len() as u64;
@@ -314,7 +316,7 @@ async fn fetch(
             ));
         }
     }
-    Ok(local_hit)
+    Ok((local_hit, tags))
 }
 
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
@@ -337,7 +339,7 @@ async fn fill_one(
     r: &FillRequest,
     max_bytes: u64,
     moved: &mut u64,
-) -> Result<(u64, FillSource), String> {
+) -> Result<(u64, FillSource, FillTags), String> {
     let source = |remote, local_hit| {
         if local_hit {
             FillSource::Local
@@ -360,7 +362,7 @@ async fn fill_one(
         .await;
         *moved += from_peer;
         match got {
-            Ok(local) => return Ok((from_peer, source(FillSource::Peer, local))),
+            Ok((local, tags)) => return Ok((from_peer, source(FillSource::Peer, local), tags)),
             Err(e) => {
                 tracing::info!(key = %r.key, peer = %peer.id, error = %e, "peer fill failed; using the origin");
             }
@@ -378,7 +380,7 @@ async fn fill_one(
     )
     .await;
     *moved += from_origin;
-    got.map(|local| (from_origin, source(FillSource::Origin, local)))
+    got.map(|(local, tags)| (from_origin, source(FillSource::Origin, local), tags))
 }
 
 impl ShadowService {
@@ -488,14 +490,15 @@ impl BackgroundService for ShadowService {
                     return;
                 }
                 let started = req.queued_at;
+                let _under_way = table.begin_fill(&req.key);
                 let mut moved = 0;
                 let filled =
                     fill_one(&client, listen, &internal, &req, max_bytes, &mut moved).await;
                 pacer.charge(moved, Instant::now());
                 match filled {
-                    Ok((bytes, source)) => {
+                    Ok((bytes, source, tags)) => {
                         let now = Instant::now();
-                        if !table.mark_filled(&req.key, req.ttl, req.priority, started, now) {
+                        if !table.mark_filled(&req.key, req.ttl, req.priority, tags, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");
                             metrics.shadow_fills.with_label_values(&["dropped"]).inc();
                             report_unheld(&table, &req.key);

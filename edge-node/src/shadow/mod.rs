@@ -7,7 +7,7 @@ mod table;
 pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
 pub use pace::FillPacer;
-pub use table::{Expired, FillSource, Mark, ShadowTable};
+pub use table::{Expired, FillSource, FillTags, FillUnderWay, Mark, ShadowTable};
 
 use std::collections::VecDeque;
 

@@ -6,7 +6,12 @@
 //! expires, a shadow that was never requested is purged (it was a wasted prefetch and only
 //! takes space); one that served requests is demoted to a normal cache entry. A renewal
 //! that extends a mark adds no heap entry (the planner renews every tick): the mark's one
-//! entry is moved to the new expiry when it comes up, so the heap stays the size of the table.
+//! entry is moved to the new expiry when it comes up, so the heap stays the size of the table;
+//! the entries of marks removed early are dropped once they outnumber the marks.
+//!
+//! A mark knows its object's cache tags (as its fill saw them), so a tag purge ends the marks
+//! of the objects it bans. A client served while a shadow is still filling (reading the fill
+//! as it streams) is counted when the fill's mark is set.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -22,6 +27,84 @@ use crate::sync::protocol::ShadowOutcome;
 const DROP_MEMORY: Duration = Duration::from_secs(600);
 /// Most purges and unshadows remembered.
 const MAX_DROPS: usize = 4096;
+/// Most tags a mark lists; an object with more is ended by any tag purge of its host.
+const MAX_TAGS: usize = 64;
+
+/// The cache tags of a shadow's object ([`crate::tags`]), as its fill saw them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FillTags {
+    /// These tags, lower-cased (none: untagged).
+    Listed(Vec<String>),
+    /// More than [`MAX_TAGS`]: treated as carrying every tag.
+    Many,
+}
+
+impl Default for FillTags {
+    fn default() -> Self {
+        FillTags::Listed(Vec::new())
+    }
+}
+
+impl FillTags {
+    /// The tags of a response with `headers`.
+    pub fn of(headers: &http::HeaderMap) -> Self {
+        let mut listed: Vec<String> = Vec::new();
+        let many = crate::tags::any(headers, |t| {
+            if !listed.iter().any(|l| l == t) {
+                listed.push(t.to_string());
+            }
+            listed.len() > MAX_TAGS
+        });
+        if many {
+            FillTags::Many
+        } else {
+            FillTags::Listed(listed)
+        }
+    }
+
+    /// Whether the object carries one of `tags` (checked, lower-cased).
+    fn any_of(&self, tags: &[String]) -> bool {
+        match self {
+            FillTags::Listed(listed) => listed.iter().any(|t| tags.contains(t)),
+            FillTags::Many => true,
+        }
+    }
+}
+
+/// A purge or unshadow, remembered against fills in flight.
+#[derive(Debug)]
+enum Dropped {
+    Key(String),
+    Prefix(String),
+    /// Objects whose key starts with `host` (`host/`) carrying one of `tags`.
+    Tags {
+        host: String,
+        tags: Vec<String>,
+    },
+}
+
+impl Dropped {
+    /// Whether it drops `key`, whose object carries `tags` (`None`: not known yet, which
+    /// no tag purge matches; the fill's mark checks again once they are).
+    fn drops(&self, key: &str, tags: Option<&FillTags>) -> bool {
+        match self {
+            Dropped::Key(k) => key == k,
+            Dropped::Prefix(p) => key.starts_with(p.as_str()),
+            Dropped::Tags { host, tags: purged } => {
+                key.starts_with(host.as_str()) && tags.is_some_and(|t| t.any_of(purged))
+            }
+        }
+    }
+}
+
+/// Clients served from a shadow still being filled, before its mark exists.
+#[derive(Debug, Default)]
+struct Filling {
+    /// Fills of the key under way.
+    fills: u32,
+    hits: u64,
+    touched: bool,
+}
 
 /// One shadow mark.
 #[derive(Debug, Clone)]
@@ -47,6 +130,8 @@ pub struct Mark {
     pub touched: bool,
     /// Whether the first fill completed (renewals do not change where the copy came from).
     filled: bool,
+    /// The object's tags, as the latest fill saw them.
+    tags: FillTags,
     /// Generation, so a renewed mark is not ended by a check made before the renewal.
     generation: u64,
     /// The heap entry that stands for this mark: its time (never after `expires`) and id.
@@ -89,43 +174,52 @@ struct Inner {
     marks: HashMap<String, Mark>,
     heap: BinaryHeap<Reverse<(Instant, u64, String)>>,
     next_gen: u64,
-    /// Recent purges and unshadows: (when, key or prefix, whether a prefix).
-    drops: VecDeque<(Instant, String, bool)>,
+    /// Recent purges and unshadows, with when they happened.
+    drops: VecDeque<(Instant, Dropped)>,
     /// When the newest forgotten drop happened.
     forgotten: Option<Instant>,
+    /// Keys being filled that clients were served from before their mark was set.
+    filling: HashMap<String, Filling>,
 }
 
 impl Inner {
-    fn note_drop(&mut self, target: &str, prefix: bool, now: Instant) {
-        while let Some((at, _, _)) = self.drops.front() {
+    fn note_drop(&mut self, dropped: Dropped, now: Instant) {
+        while let Some((at, _)) = self.drops.front() {
             if self.drops.len() < MAX_DROPS && now.duration_since(*at) <= DROP_MEMORY {
                 break;
             }
             self.forgotten = Some(*at);
             self.drops.pop_front();
         }
-        self.drops.push_back((now, target.to_string(), prefix));
+        self.drops.push_back((now, dropped));
     }
 
-    /// Whether `key` was purged or unshadowed at or after `since` (or may have been: the
-    /// record from then is forgotten).
-    fn dropped_since(&self, key: &str, since: Instant) -> bool {
+    /// Whether `key`, whose object carries `tags`, was purged or unshadowed at or after
+    /// `since` (or may have been: the record from then is forgotten).
+    fn dropped_since(&self, key: &str, tags: Option<&FillTags>, since: Instant) -> bool {
         self.forgotten.is_some_and(|at| at >= since)
             || self
                 .drops
                 .iter()
                 .rev()
                 .take_while(|d| d.0 >= since)
-                .any(|(_, target, prefix)| {
-                    if *prefix {
-                        key.starts_with(target.as_str())
-                    } else {
-                        key == target
-                    }
-                })
+                .any(|(_, d)| d.drops(key, tags))
     }
 
-    fn mark(&mut self, key: &str, ttl: Duration, priority: u8, now: Instant) {
+    /// After marks were removed other than by expiry: their heap entries stay until their
+    /// time, so once they outnumber the marks the heap is rebuilt from the marks alone.
+    fn compact_heap(&mut self) {
+        if self.heap.len() <= 2 * self.marks.len() + 64 {
+            return;
+        }
+        self.heap = self
+            .marks
+            .iter()
+            .map(|(k, m)| Reverse((m.scheduled.0, m.scheduled.1, k.clone())))
+            .collect();
+    }
+
+    fn mark(&mut self, key: &str, ttl: Duration, priority: u8, tags: FillTags, now: Instant) {
         self.next_gen += 1;
         let generation = self.next_gen;
         let expires = now + ttl;
@@ -136,7 +230,13 @@ impl Inner {
         let peer_filled = old.is_some_and(|m| m.peer_filled);
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
-        let touched = old.is_some_and(|m| m.touched);
+        let mut touched = old.is_some_and(|m| m.touched);
+        let mut hits = hits;
+        if let Some(f) = self.filling.get_mut(key) {
+            // Clients served from this fill as it streamed.
+            hits += std::mem::take(&mut f.hits);
+            touched |= std::mem::take(&mut f.touched);
+        }
         // The mark's heap entry stays while it comes up no later than the new expiry.
         let scheduled = match old {
             Some(m) if m.scheduled.0 <= expires => m.scheduled,
@@ -158,6 +258,7 @@ impl Inner {
                 held_before,
                 touched,
                 filled,
+                tags,
                 generation,
                 scheduled,
             },
@@ -172,6 +273,24 @@ pub struct ShadowTable {
     /// Where every mark that ends goes for the broker's ledger: expiries (through the
     /// sweep) and removals (unshadow, purge) alike, so no shadow's cost goes unbooked.
     outcomes: OutcomeLog,
+}
+
+/// A shadow fill under way ([`ShadowTable::begin_fill`]); ends when dropped.
+pub struct FillUnderWay {
+    table: std::sync::Arc<ShadowTable>,
+    key: String,
+}
+
+impl Drop for FillUnderWay {
+    fn drop(&mut self) {
+        let mut g = self.table.inner.lock();
+        if let Some(f) = g.filling.get_mut(&self.key) {
+            f.fills -= 1;
+            if f.fills == 0 {
+                g.filling.remove(&self.key);
+            }
+        }
+    }
 }
 
 impl Mark {
@@ -206,32 +325,51 @@ impl ShadowTable {
     /// fills go through [`Self::mark_filled`].
     #[cfg(test)]
     pub fn mark(&self, key: &str, ttl: Duration, priority: u8, now: Instant) {
-        self.inner.lock().mark(key, ttl, priority, now);
+        self.inner
+            .lock()
+            .mark(key, ttl, priority, FillTags::default(), now);
     }
 
-    /// Mark `key` after a fill that started at `started`, unless a purge or unshadow of it
-    /// arrived since: the drop wins, else the mark would describe an object that is gone (or
-    /// one the broker no longer wants) and a later order for it would find it "shadowed".
-    /// Whether it was marked.
+    /// A fill of `key` starts: until it is marked (or ends), clients served from it as it
+    /// streams are counted for its mark ([`Self::hit`]).
+    pub fn begin_fill(self: &std::sync::Arc<Self>, key: &str) -> FillUnderWay {
+        self.inner
+            .lock()
+            .filling
+            .entry(key.to_string())
+            .or_default()
+            .fills += 1;
+        FillUnderWay {
+            table: self.clone(),
+            key: key.to_string(),
+        }
+    }
+
+    /// Mark `key`, whose object carries `tags`, after a fill that started at `started`,
+    /// unless a purge or unshadow of it arrived since: the drop wins, else the mark would
+    /// describe an object that is gone (or one the broker no longer wants) and a later order
+    /// for it would find it "shadowed". Whether it was marked.
     pub fn mark_filled(
         &self,
         key: &str,
         ttl: Duration,
         priority: u8,
+        tags: FillTags,
         started: Instant,
         now: Instant,
     ) -> bool {
         let mut g = self.inner.lock();
-        if g.dropped_since(key, started) {
+        if g.dropped_since(key, Some(&tags), started) {
             return false;
         }
-        g.mark(key, ttl, priority, now);
+        g.mark(key, ttl, priority, tags, now);
         true
     }
 
-    /// Whether `key` was purged or unshadowed at or after `since`.
+    /// Whether `key` was purged or unshadowed at or after `since` (tag purges aside: the
+    /// object's tags are not known before its fill).
     pub fn dropped_since(&self, key: &str, since: Instant) -> bool {
-        self.inner.lock().dropped_since(key, since)
+        self.inner.lock().dropped_since(key, None, since)
     }
 
     /// Record the filled size of a shadow and, on its first fill, where it came from (a
@@ -247,24 +385,35 @@ impl ShadowTable {
         }
     }
 
-    /// If `key` has a valid mark, count a shadow hit and return the hits so far (1: the
-    /// first request found its shadow).
+    /// If `key` has a valid mark, or a fill under way, count a shadow hit and return the
+    /// hits so far (1: the first request found its shadow).
     pub fn hit(&self, key: &str, now: Instant) -> Option<u64> {
-        match self.inner.lock().marks.get_mut(key) {
+        let mut guard = self.inner.lock();
+        let g = &mut *guard;
+        match g.marks.get_mut(key) {
             Some(m) if m.expires > now => {
                 m.hits += 1;
                 m.touched = true;
                 Some(m.hits)
             }
-            _ => None,
+            _ => {
+                let f = g.filling.get_mut(key)?;
+                f.hits += 1;
+                f.touched = true;
+                Some(f.hits)
+            }
         }
     }
 
     /// A client asked for `key` and was not served from the shadow (its copy had expired,
     /// or was evicted or purged): the copy it fetched is not purged with the mark.
     pub fn touch(&self, key: &str) {
-        if let Some(m) = self.inner.lock().marks.get_mut(key) {
+        let mut guard = self.inner.lock();
+        let g = &mut *guard;
+        if let Some(m) = g.marks.get_mut(key) {
             m.touched = true;
+        } else if let Some(f) = g.filling.get_mut(key) {
+            f.touched = true;
         }
     }
 
@@ -273,8 +422,10 @@ impl ShadowTable {
         let now = Instant::now();
         let removed = {
             let mut g = self.inner.lock();
-            g.note_drop(key, false, now);
-            g.marks.remove(key)
+            g.note_drop(Dropped::Key(key.to_string()), now);
+            let removed = g.marks.remove(key);
+            g.compact_heap();
+            removed
         };
         if let Some(m) = &removed {
             self.outcomes.push(m.outcome(key.to_string(), now, false));
@@ -285,11 +436,29 @@ impl ShadowTable {
     /// Remove every mark whose key starts with `prefix` (prefix purge), logging their
     /// outcomes; returns how many.
     pub fn remove_prefix(&self, prefix: &str) -> usize {
+        self.remove_dropped(Dropped::Prefix(prefix.to_string()))
+    }
+
+    /// Remove every mark of `host` (`host/`) whose object carries one of `tags` (tag purge),
+    /// logging their outcomes; returns how many.
+    pub fn remove_tagged(&self, host: &str, tags: &[String]) -> usize {
+        self.remove_dropped(Dropped::Tags {
+            host: host.to_string(),
+            tags: tags.to_vec(),
+        })
+    }
+
+    fn remove_dropped(&self, dropped: Dropped) -> usize {
         let now = Instant::now();
         let removed: Vec<(String, Mark)> = {
             let mut g = self.inner.lock();
-            g.note_drop(prefix, true, now);
-            g.marks.extract_if(|k, _| k.starts_with(prefix)).collect()
+            let removed = g
+                .marks
+                .extract_if(|k, m| dropped.drops(k, Some(&m.tags)))
+                .collect();
+            g.note_drop(dropped, now);
+            g.compact_heap();
+            removed
         };
         for (key, m) in &removed {
             self.outcomes.push(m.outcome(key.clone(), now, false));
@@ -360,6 +529,7 @@ impl ShadowTable {
                 out.push((k, m));
             }
         }
+        g.compact_heap();
         out
     }
 
@@ -595,13 +765,93 @@ mod tests {
         t.remove("h/a");
         t.remove_prefix("h/dir/");
         let now = Instant::now();
-        assert!(!t.mark_filled("h/a", ttl, 5, started, now));
-        assert!(!t.mark_filled("h/dir/x", ttl, 5, started, now));
+        assert!(!t.mark_filled("h/a", ttl, 5, FillTags::default(), started, now));
+        assert!(!t.mark_filled("h/dir/x", ttl, 5, FillTags::default(), started, now));
         assert!(t.get("h/a").is_none());
         // Other keys, and fills that started after the purge, are marked.
-        assert!(t.mark_filled("h/b", ttl, 5, started, now));
+        assert!(t.mark_filled("h/b", ttl, 5, FillTags::default(), started, now));
         let later = Instant::now() + Duration::from_millis(1);
-        assert!(t.mark_filled("h/a", ttl, 5, later, later));
+        assert!(t.mark_filled("h/a", ttl, 5, FillTags::default(), later, later));
         assert!(t.get("h/a").is_some());
+    }
+
+    fn tagged(tags: &[&str]) -> FillTags {
+        FillTags::Listed(tags.iter().map(|t| t.to_string()).collect())
+    }
+
+    #[test]
+    fn a_tag_purge_ends_the_marks_of_the_objects_it_bans() {
+        let t = ShadowTable::default();
+        let (ttl, started) = (Duration::from_secs(60), Instant::now());
+        let now = Instant::now();
+        assert!(t.mark_filled("h/a", ttl, 5, tagged(&["p-1", "home"]), started, now));
+        assert!(t.mark_filled("h/b", ttl, 5, tagged(&["p-2"]), started, now));
+        assert!(t.mark_filled("h/c", ttl, 5, FillTags::Many, started, now));
+        assert!(t.mark_filled("other/a", ttl, 5, tagged(&["p-1"]), started, now));
+        assert_eq!(t.remove_tagged("h/", &["p-1".to_string()]), 2);
+        assert!(t.get("h/a").is_none() && t.get("h/c").is_none());
+        assert!(t.get("h/b").is_some() && t.get("other/a").is_some());
+        // A fill under way when the purge came is not marked if its object carries a tag.
+        let later = Instant::now() + Duration::from_millis(1);
+        assert!(!t.mark_filled("h/d", ttl, 5, tagged(&["p-1"]), started, later));
+        assert!(t.mark_filled("h/e", ttl, 5, tagged(&["p-3"]), started, later));
+        assert!(
+            !t.dropped_since("h/d", started),
+            "tags unknown before the fill"
+        );
+        // The ended marks were booked.
+        assert_eq!(t.outcomes().drain_within(1 << 20).len(), 2);
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.append(*k, v.parse().unwrap());
+            }
+            m
+        };
+        assert_eq!(
+            FillTags::of(&h(&[("surrogate-key", "A b a"), ("cache-tag", "c")])),
+            tagged(&["a", "b", "c"])
+        );
+        let many: Vec<String> = (0..=MAX_TAGS).map(|i| format!("t{i}")).collect();
+        let many = many.join(" ");
+        let mut m = http::HeaderMap::new();
+        m.insert("surrogate-key", many.parse().unwrap());
+        assert_eq!(FillTags::of(&m), FillTags::Many);
+    }
+
+    #[test]
+    fn clients_served_while_a_shadow_fills_count_for_its_mark() {
+        let t = std::sync::Arc::new(ShadowTable::default());
+        let (ttl, now) = (Duration::from_secs(60), Instant::now());
+        let fill = t.begin_fill("h/a");
+        assert_eq!(t.hit("h/a", now), Some(1), "read from the streaming fill");
+        assert_eq!(t.hit("h/a", now), Some(2));
+        assert_eq!(t.hit("h/other", now), None);
+        assert!(t.mark_filled("h/a", ttl, 5, FillTags::default(), now, now));
+        drop(fill);
+        let m = t.get("h/a").unwrap();
+        assert!(m.hits == 2 && m.touched && !m.purge_with_mark());
+        assert_eq!(t.hit("h/a", now), Some(3));
+        // A fill that ends unmarked leaves nothing behind.
+        let fill = t.begin_fill("h/b");
+        t.touch("h/b");
+        drop(fill);
+        assert_eq!(t.hit("h/b", now), None);
+        assert!(t.inner.lock().filling.is_empty());
+    }
+
+    #[test]
+    fn entries_of_removed_marks_do_not_pile_up_in_the_heap() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        for round in 0..50 {
+            for i in 0..20 {
+                t.mark(&format!("h/{i}"), Duration::from_secs(3600), 5, now);
+            }
+            assert_eq!(t.remove_prefix("h/"), 20, "round {round}");
+        }
+        assert!(t.heap_len() <= 64 + 20, "{}", t.heap_len());
+        t.mark("h/kept", Duration::from_secs(10), 5, now);
+        assert_eq!(t.expire(now + Duration::from_secs(11)).len(), 1);
     }
 }
