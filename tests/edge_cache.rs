@@ -1063,6 +1063,33 @@ async fn restart_serves_disk_objects_and_remembers_purges() {
     );
 }
 
+/// An object larger than foyer's default 16 MiB write buffer reaches the disk tier too
+/// (the buffer is sized for the largest object the cache admits).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_object_survives_a_restart() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let envs = [
+        ("SHADOWCDN_EDGE_CACHE__MAX_OBJECT_SIZE", "24 MiB"),
+        ("SHADOWCDN_EDGE_CACHE__MEMORY_CAPACITY", "64 MiB"),
+        ("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "256 MiB"),
+    ];
+    let origins = [(HOST.to_string(), origin.addr)];
+    let mut edge = EdgeProc::start_with_env(dir.path(), "test-edge", &origins, &envs);
+    let path = "/large?size=20971520";
+    for expected in ["MISS", "HIT"] {
+        let r = edge.get(path).await;
+        assert_eq!(x_cache(&r), expected);
+        assert_eq!(body_of(r).await.len(), 20 << 20);
+    }
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+    edge.spawn();
+    let r = edge.get(path).await;
+    assert_eq!(x_cache(&r), "HIT", "from disk");
+    assert_eq!(body_of(r).await, body_for("/large", 20 << 20));
+    assert_eq!(origin.hits("/large"), 1);
+}
+
 /// A purge is durable when it is acknowledged: an edge killed (SIGKILL, no flush) right after
 /// purging one key and one prefix serves neither from its disk tier when it comes back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

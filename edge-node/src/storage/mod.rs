@@ -238,9 +238,15 @@ impl FoyerStorage {
             let device = FsDeviceBuilder::new(opts.dir.join("foyer"))
                 .with_capacity(opts.disk_bytes)
                 .build()?;
+            // foyer writes an entry through one flush buffer and drops (silently) any entry
+            // larger than it, 16 MiB by default: it must hold the largest admitted object.
+            // Two such buffers are allocated; their pages are touched only as they fill.
+            let buffer = opts.block_size.next_multiple_of(4096).max(16 << 20);
             storage.with_engine_config(
                 BlockEngineConfig::new(device)
                     .with_block_size(opts.block_size)
+                    .with_buffer_pool_size(buffer)
+                    .with_submit_queue_size_threshold(2 * buffer)
                     .with_tombstone_log(true),
             )
         } else {
