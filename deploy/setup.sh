@@ -7,6 +7,9 @@ need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)   # pingora's flate2 builds zlib-ng with cmake
 command -v cc >/dev/null 2>&1 || need+=(build-essential)
 command -v curl >/dev/null 2>&1 || need+=(curl)     # deploy/local/run.sh's readiness checks
+# pip fetches ONNX Runtime below (a fresh Debian has python3, but not its pip).
+command -v python3 >/dev/null 2>&1 || need+=(python3)
+python3 -c 'import pip' >/dev/null 2>&1 || need+=(python3-pip)
 
 if ((${#need[@]})); then
   sudo=""

@@ -419,6 +419,19 @@ impl BrokerConfig {
         if self.admin.edge_token.len() < 8 {
             return bad("admin.edge_token must be at least 8 characters".into());
         }
+        // A token read from a file often keeps its trailing newline: the operator's could
+        // never match (requests' tokens are trimmed), and the edge token is no valid header
+        // value, so every push and purge to the edges would fail as "unreachable".
+        for (field, token) in [
+            ("admin.operator_token", &self.admin.operator_token),
+            ("admin.edge_token", &self.admin.edge_token),
+        ] {
+            if token.trim() != token.as_str() || token.chars().any(char::is_control) {
+                return bad(format!(
+                    "{field} must not begin or end with whitespace or hold control characters"
+                ));
+            }
+        }
         if self.listen == self.admin.listen {
             return bad("admin.listen: must differ from listen".into());
         }
@@ -774,6 +787,19 @@ pub(crate) mod tests {
             );
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
             assert!(e.contains("admin.metrics_listen"), "{e}");
+        }
+        for (from, to, field) in [
+            (
+                "\"operator-token-0123456789\"",
+                "\"operator-token-0123456789\\n\"",
+                "admin.operator_token",
+            ),
+            ("\"edge-token\"", "\" edge-token\"", "admin.edge_token"),
+        ] {
+            let e = BrokerConfig::from_toml(&SAMPLE.replace(from, to))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(field) && e.contains("whitespace"), "{e}");
         }
         let bad = SAMPLE.replace("[admin]", "[signals.coaccess]\nmax_bytes = 1024\n[admin]");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();

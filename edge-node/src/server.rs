@@ -308,10 +308,20 @@ impl EdgeNode {
                             pool.close().await;
                         }
                         tracing::info!("flushing cache to disk");
-                        let code = match storage.close().await {
-                            Ok(()) => 0,
-                            Err(e) => {
+                        // Bounded like the close at exit: a stalled disk must not outlast
+                        // the service manager's stop timeout.
+                        let code = match tokio::time::timeout(CLOSE_TIMEOUT, storage.close()).await
+                        {
+                            Ok(Ok(())) => 0,
+                            Ok(Err(e)) => {
                                 tracing::error!(error = %e, "cache flush failed");
+                                1
+                            }
+                            Err(_) => {
+                                tracing::warn!(
+                                    secs = CLOSE_TIMEOUT.as_secs(),
+                                    "cache flush timed out"
+                                );
                                 1
                             }
                         };
