@@ -316,9 +316,20 @@ pub struct Ledger {
     tuners: Mutex<Tuners>,
     rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
-    /// (key, edge) of shadows reported ended or failed since the planner last looked.
-    ended: Mutex<VecDeque<(String, usize)>>,
+    /// Shadows reported ended or failed since the planner last looked.
+    ended: Mutex<VecDeque<Ended>>,
     metrics: BrokerMetrics,
+}
+
+/// A shadow an edge reported as ended, or as never filled.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ended {
+    /// Cache key.
+    pub key: String,
+    /// Edge index.
+    pub edge: usize,
+    /// The fill failed: the edge holds nothing for it.
+    pub failed: bool,
 }
 
 /// Threshold changes kept for the report.
@@ -352,7 +363,7 @@ impl Ledger {
 
     /// The shadows edges reported as ended (expired, evicted, unshadowed) or never filled
     /// since the last call, so the planner stops counting them as live.
-    pub fn take_ended(&self) -> Vec<(String, usize)> {
+    pub fn take_ended(&self) -> Vec<Ended> {
         self.ended.lock().drain(..).collect()
     }
 
@@ -475,7 +486,12 @@ impl Ledger {
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
         for o in outcomes {
-            push_bounded(&mut ended, (o.key.clone(), edge), ENDED_LOG);
+            let e = Ended {
+                key: o.key.clone(),
+                edge,
+                failed: o.failed,
+            };
+            push_bounded(&mut ended, e, ENDED_LOG);
             let order = orders.remove(&(o.key.clone(), edge));
             if o.failed {
                 // Nothing was held: no storage, no hits, and no evidence about the signal.
@@ -892,7 +908,14 @@ mod tests {
         let signal = Signal::forecast(0.9);
         l.record_order("h/x", 1, info(1, 5), signal, Duration::from_secs(60));
         l.settle(1, &[ShadowOutcome::failed("h/x".into())]);
-        assert_eq!(l.take_ended(), vec![("h/x".to_string(), 1)]);
+        assert_eq!(
+            l.take_ended(),
+            vec![Ended {
+                key: "h/x".to_string(),
+                edge: 1,
+                failed: true
+            }]
+        );
         assert!(l.take_ended().is_empty());
         assert!(l.orders.lock().is_empty());
         let r = &l.report()["rollups"][0];

@@ -63,6 +63,19 @@ fn last_complete_bucket(now: u64) -> u64 {
     (now - now % FORECAST_BUCKET).saturating_sub(FORECAST_BUCKET)
 }
 
+/// How many forecast buckets of history to hand the forecaster at `now` for a series known
+/// since `since`: the complete ones from the bucket `since` falls in (partly watched, as a
+/// trace's first bucket is in training), at most 7 days. Training windows start with their
+/// trace, so before `since` demand is unknown, not zero; padded with zeros, a series watched
+/// for three hours would look silent for a week.
+fn history_buckets(since: u64, now: u64) -> usize {
+    let first = since - since % FORECAST_BUCKET;
+    let known = last_complete_bucket(now)
+        .checked_sub(first)
+        .map_or(0, |d| d / FORECAST_BUCKET + 1);
+    usize::try_from(known).map_or(HISTORY_BUCKETS, |k| k.min(HISTORY_BUCKETS))
+}
+
 /// Planner settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -280,6 +293,8 @@ struct Bar {
     odds: Odds,
     /// The series is in a drop anomaly: its shadows are being released, none is placed.
     dropping: bool,
+    /// Its last fills on the target edge failed, and the wait before the next is not over.
+    backoff: bool,
     /// Live copies of its key that no candidate of this tick stands for (placed by an event,
     /// a widening or an earlier broker, or on an edge that no longer owns the key): they take
     /// copies of the policy's limit.
@@ -333,6 +348,8 @@ fn decide(
                 Some("below_threshold")
             } else if let Some(why) = bars[i].odds.holds_back(f64::from(f.p_any)) {
                 Some(why)
+            } else if bars[i].backoff {
+                Some("fill_backoff")
             } else if !c.allowed {
                 Some("policy")
             } else {
@@ -385,7 +402,24 @@ pub struct PlannerState {
     anomalies: Mutex<VecDeque<AnomalyEvent>>,
     /// Edges whose shadows (placed before this broker started) were listed and adopted.
     adopted: Mutex<HashSet<usize>>,
+    /// (key, edge) whose last fills failed, and until when no order is sent for it.
+    backoff: Mutex<HashMap<(String, usize), Backoff>>,
 }
+
+/// Fills of one key on one edge that failed in a row (the origin forbids caching, the body
+/// outgrows the edge's object limit, the origin fails): each doubles the wait before the
+/// next order, from one planning interval up to [`MAX_BACKOFF_INTERVALS`], so a forecast
+/// that keeps clearing its bar does not cost the origin a fetch every tick.
+#[derive(Debug, Clone, Copy)]
+struct Backoff {
+    failures: u32,
+    until: Instant,
+}
+
+/// Longest wait after failed fills, in planning intervals.
+const MAX_BACKOFF_INTERVALS: u32 = 64;
+/// How long a key's failures are remembered after its wait ended.
+const BACKOFF_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
 /// A series entering or leaving an anomaly.
 #[derive(Debug, Clone, Serialize)]
@@ -408,6 +442,9 @@ impl PlannerState {
     pub fn forget_host(&self, host: &str) {
         let prefix = format!("{host}/");
         self.forget(&format!("{prefix}*"));
+        self.backoff
+            .lock()
+            .retain(|(k, _), _| !k.starts_with(&prefix));
         self.decisions
             .write()
             .retain(|k, _| !k.starts_with(&prefix));
@@ -453,9 +490,40 @@ impl PlannerState {
 
     /// Drop expired shadows and return a copy of the live ones for a tick's decisions.
     fn live_now(&self, now: Instant) -> HashMap<(String, usize), Instant> {
+        self.backoff
+            .lock()
+            .retain(|_, b| now.saturating_duration_since(b.until) < BACKOFF_MEMORY);
         let mut live = self.live.lock();
         live.retain(|_, exp| *exp > now);
         live.clone()
+    }
+
+    /// An edge reported how a shadow of `key` ended: a failed fill puts the pair in backoff
+    /// (twice as long as the last time), any other ending clears it.
+    fn ended(&self, key: String, edge: usize, failed: bool, interval: Duration, now: Instant) {
+        let mut backoff = self.backoff.lock();
+        if !failed {
+            backoff.remove(&(key, edge));
+            return;
+        }
+        let b = backoff.entry((key, edge)).or_insert(Backoff {
+            failures: 0,
+            until: now,
+        });
+        b.failures = b.failures.saturating_add(1);
+        let intervals = 1u32
+            .checked_shl(b.failures - 1)
+            .unwrap_or(u32::MAX)
+            .min(MAX_BACKOFF_INTERVALS);
+        b.until = now + interval * intervals;
+    }
+
+    /// Whether orders for `key` on `edge` wait after failed fills.
+    fn backed_off(&self, key: &str, edge: usize, now: Instant) -> bool {
+        self.backoff
+            .lock()
+            .get(&(key.to_string(), edge))
+            .is_some_and(|b| b.until > now)
     }
 
     /// Fold this tick's forecast uncertainty into the safety factor and return it: the mean
@@ -592,9 +660,10 @@ impl Planner {
                 continue;
             };
             // A host registered again plans from its new registration's history only.
-            let since = resource.split_once('/').map_or(0, |(host, _)| {
+            let registered = resource.split_once('/').map_or(0, |(host, _)| {
                 store.bucket_of(self.registry.registered_since(host))
             });
+            let since = registered.max(store.watching_since());
             let owned;
             let s = if s.buckets.front().is_some_and(|b| b.start < since) {
                 owned = s.since(since);
@@ -602,7 +671,11 @@ impl Planner {
             } else {
                 s
             };
-            let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, last_complete_bucket(now));
+            let n = history_buckets(since, now);
+            if n == 0 {
+                continue;
+            }
+            let counts = s.counts(FORECAST_BUCKET, n, last_complete_bucket(now));
             if counts.iter().all(|c| *c == 0) {
                 continue;
             }
@@ -772,6 +845,11 @@ impl Planner {
     }
 
     /// Shadow bytes edge `e` may hold before the safety factor.
+    /// Wall time between planning ticks.
+    fn interval(&self) -> Duration {
+        Duration::from_secs_f64(self.cfg.interval_secs.max(MIN_INTERVAL_SECS))
+    }
+
     fn base_budget(&self, e: usize) -> u64 {
         self.cfg.edge_budget(&self.sync, e)
     }
@@ -945,8 +1023,10 @@ impl Planner {
         let now = now_secs();
         // Every tick settles the shadows that ended and tunes the thresholds, whether or not
         // any series is due a forecast (a quiet hour still prices the shadows it saw end).
-        for (key, edge) in self.ledger.take_ended() {
-            self.state.remove(&key, edge);
+        let (wall, interval) = (Instant::now(), self.interval());
+        for e in self.ledger.take_ended() {
+            self.state.remove(&e.key, e.edge);
+            self.state.ended(e.key, e.edge, e.failed, interval, wall);
         }
         self.ledger.tune(now);
         let cands = self.candidates(now);
@@ -1024,12 +1104,14 @@ impl Planner {
             .iter()
             .zip(&peers)
             .zip(&standings)
-            .map(|((c, p), standing)| {
+            .zip(&edges)
+            .map(|(((c, p), standing), edge)| {
                 let stake = self.ledger.stake(c.bytes, p.is_some(), c.ttl);
                 Bar {
                     stake,
                     odds: self.ledger.odds(Some(&stake)),
                     dropping: self.anomaly.enabled && *standing == Standing::Drop,
+                    backoff: edge.is_some_and(|e| self.state.backed_off(&c.key, e, wall)),
                     held_elsewhere: elsewhere.get(c.key.as_str()).copied().unwrap_or(0),
                 }
             })
@@ -1237,7 +1319,7 @@ impl BackgroundService for Planner {
         };
         let status = forecaster.status();
         export_model_status(&self.metrics, &status);
-        let interval = Duration::from_secs_f64(self.cfg.interval_secs.max(MIN_INTERVAL_SECS));
+        let interval = self.interval();
         let mut tick = tokio::time::interval(interval);
         // A round that overran is not followed by a burst of catch-up rounds.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -1311,9 +1393,71 @@ mod tests {
             stake,
             odds,
             dropping: false,
+            backoff: false,
             held_elsewhere: 0,
         };
         vec![bar; n]
+    }
+
+    #[test]
+    fn failed_fills_back_off_doubling_and_a_held_shadow_clears_it() {
+        let state = PlannerState::default();
+        let (interval, t0) = (Duration::from_secs(10), Instant::now());
+        assert!(!state.backed_off("h/a", 0, t0));
+        state.ended("h/a".into(), 0, true, interval, t0);
+        assert!(state.backed_off("h/a", 0, t0 + Duration::from_secs(9)));
+        assert!(!state.backed_off("h/a", 1, t0), "per edge");
+        assert!(!state.backed_off("h/a", 0, t0 + Duration::from_secs(10)));
+        state.ended("h/a".into(), 0, true, interval, t0);
+        assert!(state.backed_off("h/a", 0, t0 + Duration::from_secs(19)));
+        assert!(!state.backed_off("h/a", 0, t0 + Duration::from_secs(20)));
+        for _ in 0..40 {
+            state.ended("h/a".into(), 0, true, interval, t0);
+        }
+        let cap = interval * MAX_BACKOFF_INTERVALS;
+        assert!(state.backed_off("h/a", 0, t0 + cap - Duration::from_secs(1)));
+        assert!(!state.backed_off("h/a", 0, t0 + cap));
+        state.ended("h/a".into(), 0, false, interval, t0);
+        state.ended("h/a".into(), 0, true, interval, t0);
+        assert!(
+            !state.backed_off("h/a", 0, t0 + interval),
+            "a fill that held started the count again"
+        );
+        state.forget_host("h");
+        assert!(state.backoff.lock().is_empty());
+        // A candidate in backoff is not placed.
+        let cands = vec![cand("h/b", 10, 5, true)];
+        let mut bars = even(1);
+        bars[0].backoff = true;
+        let v = decide(
+            &cands,
+            &[fc(1.0, 0.9)],
+            &bars,
+            |_| Some(0),
+            |_, _| false,
+            |_| 0.5,
+            |_| 1000,
+        );
+        assert_eq!(v[0].outcome, "fill_backoff");
+    }
+
+    #[test]
+    fn the_history_starts_where_watching_began() {
+        let b = FORECAST_BUCKET;
+        let now = 1_000 * b + 30;
+        // Bucket 999 is the last complete one.
+        assert_eq!(history_buckets(0, now), HISTORY_BUCKETS);
+        assert_eq!(history_buckets(997 * b, now), 3);
+        assert_eq!(
+            history_buckets(996 * b + 1, now),
+            4,
+            "the partly watched first bucket"
+        );
+        assert_eq!(history_buckets(999 * b, now), 1);
+        assert_eq!(history_buckets(999 * b + 1, now), 1);
+        assert_eq!(history_buckets(1_000 * b, now), 0, "nothing complete yet");
+        assert_eq!(history_buckets(now, now), 0);
+        assert_eq!(history_buckets(100 * b, now), HISTORY_BUCKETS);
     }
 
     #[test]
@@ -1409,6 +1553,7 @@ mod tests {
                     stake,
                     odds,
                     dropping: false,
+                    backoff: false,
                     held_elsewhere: 0,
                 }
             })

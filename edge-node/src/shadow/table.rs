@@ -4,8 +4,9 @@
 //! freshness, coalescing with user misses and size limits all apply) plus a mark with an
 //! expiry. foyer has no per-entry TTL, so expiries live here in a min-heap. When a mark
 //! expires, a shadow that was never requested is purged (it was a wasted prefetch and only
-//! takes space); one that served requests is demoted to a normal cache entry. A renewal
-//! that extends a mark adds no heap entry (the planner renews every tick): the mark's one
+//! takes space); one that served requests is demoted to a normal cache entry. A renewal (an
+//! order for a key already marked, e.g. from a widening or a co-access follower) that
+//! extends a mark adds no heap entry: the mark's one
 //! entry is moved to the new expiry when it comes up, so the heap stays the size of the table;
 //! the entries of marks removed early are dropped once they outnumber the marks.
 //!
