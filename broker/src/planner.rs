@@ -63,19 +63,6 @@ fn last_complete_bucket(now: u64) -> u64 {
     (now - now % FORECAST_BUCKET).saturating_sub(FORECAST_BUCKET)
 }
 
-/// How many forecast buckets of history to hand the forecaster at `now` for a series known
-/// since `since`: the complete ones from the bucket `since` falls in (partly watched, as a
-/// trace's first bucket is in training), at most 7 days. Training windows start with their
-/// trace, so before `since` demand is unknown, not zero; padded with zeros, a series watched
-/// for three hours would look silent for a week.
-fn history_buckets(since: u64, now: u64) -> usize {
-    let first = since - since % FORECAST_BUCKET;
-    let known = last_complete_bucket(now)
-        .checked_sub(first)
-        .map_or(0, |d| d / FORECAST_BUCKET + 1);
-    usize::try_from(known).map_or(HISTORY_BUCKETS, |k| k.min(HISTORY_BUCKETS))
-}
-
 /// Planner settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -660,10 +647,9 @@ impl Planner {
                 continue;
             };
             // A host registered again plans from its new registration's history only.
-            let registered = resource.split_once('/').map_or(0, |(host, _)| {
+            let since = resource.split_once('/').map_or(0, |(host, _)| {
                 store.bucket_of(self.registry.registered_since(host))
             });
-            let since = registered.max(store.watching_since());
             let owned;
             let s = if s.buckets.front().is_some_and(|b| b.start < since) {
                 owned = s.since(since);
@@ -671,11 +657,7 @@ impl Planner {
             } else {
                 s
             };
-            let n = history_buckets(since, now);
-            if n == 0 {
-                continue;
-            }
-            let counts = s.counts(FORECAST_BUCKET, n, last_complete_bucket(now));
+            let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, last_complete_bucket(now));
             if counts.iter().all(|c| *c == 0) {
                 continue;
             }
@@ -1439,25 +1421,6 @@ mod tests {
             |_| 1000,
         );
         assert_eq!(v[0].outcome, "fill_backoff");
-    }
-
-    #[test]
-    fn the_history_starts_where_watching_began() {
-        let b = FORECAST_BUCKET;
-        let now = 1_000 * b + 30;
-        // Bucket 999 is the last complete one.
-        assert_eq!(history_buckets(0, now), HISTORY_BUCKETS);
-        assert_eq!(history_buckets(997 * b, now), 3);
-        assert_eq!(
-            history_buckets(996 * b + 1, now),
-            4,
-            "the partly watched first bucket"
-        );
-        assert_eq!(history_buckets(999 * b, now), 1);
-        assert_eq!(history_buckets(999 * b + 1, now), 1);
-        assert_eq!(history_buckets(1_000 * b, now), 0, "nothing complete yet");
-        assert_eq!(history_buckets(now, now), 0);
-        assert_eq!(history_buckets(100 * b, now), HISTORY_BUCKETS);
     }
 
     #[test]

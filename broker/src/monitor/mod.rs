@@ -153,7 +153,6 @@ impl Monitor {
         let mut store = SeriesStore::new(cfg.bucket_secs, cfg.retention_buckets, cfg.max_series)
             .with_max_buckets(cfg.max_buckets);
         load_snapshot(&mut store, &snapshot_path);
-        store.watching_from(now_secs());
         let store = Arc::new(RwLock::new(store));
         let queue = Arc::new(ArrayQueue::new(cfg.queue_capacity));
         let stop = Arc::new(AtomicBool::new(false));

@@ -100,11 +100,6 @@ pub struct SeriesStore {
     buckets: usize,
     #[serde(default = "unbounded")]
     max_buckets: usize,
-    /// Since when (Unix seconds) requests have been recorded: before it a series' history is
-    /// unknown, not silent. 0 until [`Self::watching_from`] sets it (a snapshot from before
-    /// this field).
-    #[serde(default)]
-    watching_since: u64,
 }
 
 fn unbounded() -> usize {
@@ -178,26 +173,6 @@ impl SeriesStore {
             count: 0,
             buckets: 0,
             max_buckets: usize::MAX,
-            watching_since: 0,
-        }
-    }
-
-    /// Since when requests have been recorded (see the field).
-    pub fn watching_since(&self) -> u64 {
-        self.watching_since
-    }
-
-    /// Set when recording began, unless a restored snapshot told it: for a snapshot that
-    /// did not, its oldest bucket; for a new store, `now`.
-    pub fn watching_from(&mut self, now: u64) {
-        if self.watching_since == 0 {
-            let oldest = self
-                .series
-                .values()
-                .flat_map(HashMap::values)
-                .filter_map(|s| s.buckets.front().map(|b| b.start))
-                .min();
-            self.watching_since = oldest.unwrap_or(now).min(now).max(1);
         }
     }
 
@@ -212,7 +187,6 @@ impl SeriesStore {
     pub fn restore(&mut self, snapshot: SeriesStore) -> bool {
         if snapshot.bucket_secs == self.bucket_secs {
             self.series = snapshot.series;
-            self.watching_since = snapshot.watching_since;
             self.count = self.series.values().map(HashMap::len).sum();
             self.buckets = 0;
             for regions in self.series.values_mut() {
@@ -435,40 +409,6 @@ mod tests {
             object_bytes: Some(10),
             hit: ts.is_multiple_of(2),
         }
-    }
-
-    #[test]
-    fn watching_begins_at_start_or_with_the_oldest_bucket_of_an_older_snapshot() {
-        let mut fresh = SeriesStore::new(60, 100, 100);
-        fresh.watching_from(5_000);
-        assert_eq!(fresh.watching_since(), 5_000);
-        fresh.watching_from(9_000);
-        assert_eq!(fresh.watching_since(), 5_000, "set once");
-        let mut old: serde_json::Value = serde_json::to_value(&fresh).unwrap();
-        old.as_object_mut().unwrap().remove("watching_since");
-        let mut store = SeriesStore::new(60, 100, 100);
-        let mut snap: SeriesStore = serde_json::from_value(old).unwrap();
-        for ts in [3_000, 1_230] {
-            snap.add(&Observation {
-                resource: "h/a",
-                key: "h/a",
-                region: "eu",
-                segment: None,
-                ts,
-                bytes: 1,
-                object_bytes: None,
-                hit: false,
-            });
-        }
-        assert!(store.restore(snap));
-        store.watching_from(9_000);
-        assert_eq!(store.watching_since(), 1_200);
-        let again: SeriesStore =
-            serde_json::from_str(&serde_json::to_string(&store).unwrap()).unwrap();
-        let mut restored = SeriesStore::new(60, 100, 100);
-        assert!(restored.restore(again));
-        restored.watching_from(9_000);
-        assert_eq!(restored.watching_since(), 1_200, "kept in the snapshot");
     }
 
     #[test]
