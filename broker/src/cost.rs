@@ -93,14 +93,14 @@ impl Source {
         }
     }
 
-    /// The source whose threshold this source's outcomes tune: ungated placements (events,
-    /// adopted shadows) count for the region's forecast threshold.
-    fn tuned(self) -> Source {
+    /// The source whose threshold this source's outcomes tune: a gated source its own.
+    /// Ungated placements (events, adopted shadows, whose score is 1 and passes every
+    /// threshold) tune none: a provider's events wasting would otherwise push the region's
+    /// forecast threshold to its ceiling, holding back forecasts that were right.
+    fn tuned(self) -> Option<Source> {
         match self {
-            Source::Coaccess | Source::Anomaly => self,
-            Source::Forecast | Source::Event | Source::Adopted | Source::Unattributed => {
-                Source::Forecast
-            }
+            Source::Forecast | Source::Coaccess | Source::Anomaly => Some(self),
+            Source::Event | Source::Adopted | Source::Unattributed => None,
         }
     }
 }
@@ -361,6 +361,14 @@ impl Ledger {
         }
     }
 
+    /// `source` offers no score below `lowest` (co-access: its own `min_probability`;
+    /// anomalies: 0): its tuners start there, not at the first score offered, which may be
+    /// far above it and would hold back everything between until outcomes arrived.
+    pub fn offering_from(self, source: Source, lowest: f32) -> Self {
+        self.tuners.lock().weakest.insert(source, lowest);
+        self
+    }
+
     /// The shadows edges reported as ended (expired, evicted, unshadowed) or never filled
     /// since the last call, so the planner stops counting them as live.
     pub fn take_ended(&self) -> Vec<Ended> {
@@ -414,7 +422,8 @@ impl Ledger {
         priority: u8,
     ) -> (f32, Option<String>) {
         let mut t = self.tuners.lock();
-        let tuner = self.tuner(&mut t, region, Class::of(priority), source.tuned());
+        let gated = source.tuned().unwrap_or(Source::Forecast);
+        let tuner = self.tuner(&mut t, region, Class::of(priority), gated);
         (tuner.threshold, tuner.last_reason.clone())
     }
 
@@ -445,7 +454,11 @@ impl Ledger {
         let mut t = self.tuners.lock();
         let weakest = t.weakest.entry(signal.source).or_insert(signal.score);
         *weakest = weakest.min(signal.score);
-        let tuner = self.tuner(&mut t, region, Class::of(priority), signal.source.tuned());
+        let Some(gated) = signal.source.tuned() else {
+            // Ungated: events and adopted shadows are placed whatever the thresholds.
+            return true;
+        };
+        let tuner = self.tuner(&mut t, region, Class::of(priority), gated);
         !self.cfg.tune || signal.score >= tuner.threshold
     }
 
@@ -535,7 +548,15 @@ impl Ledger {
                 r.used_bytes += o.bytes;
             }
             r.money.add(&p);
-            if let Some(order) = &order {
+            // A shadow removed before its TTL (unshadowed for the budget, purged, evicted)
+            // and unused by then was not given the chance the signal bet on: priced, but no
+            // evidence about the signal.
+            let cut_short = o.hits == 0 && (o.removed || o.evicted);
+            let tuned = order
+                .as_ref()
+                .filter(|_| !cut_short)
+                .and_then(|order| Some((order, order.signal.source.tuned()?)));
+            if let Some((order, source)) = tuned {
                 let settled = Settled {
                     score: order.signal.score,
                     bytes: o.bytes,
@@ -543,7 +564,6 @@ impl Ledger {
                     net: p.net(),
                     spend: p.spend(),
                 };
-                let source = order.signal.source.tuned();
                 self.tuner(&mut tuners, order.info.region, order.info.class, source)
                     .settle(settled, &self.cfg);
             }
@@ -741,6 +761,7 @@ mod tests {
             evicted: false,
             failed: false,
             held_before: false,
+            removed: false,
         }
     }
 
@@ -943,6 +964,7 @@ mod tests {
         );
         let o = ShadowOutcome {
             held_before: true,
+            removed: false,
             ..outcome(1_000_000, 0, false)
         };
         l.settle(
@@ -1007,6 +1029,53 @@ mod tests {
     }
 
     #[test]
+    fn only_a_gated_sources_full_term_outcomes_tune_its_threshold() {
+        // Wasted events, adopted shadows and shadows cut short leave the forecast threshold
+        // where it was (and are still priced).
+        let l = ledger();
+        for tick in 0..3 {
+            settle_from(&l, Source::Event, 0, 20);
+            settle_from(&l, Source::Adopted, 0, 20);
+            let mut outs = Vec::new();
+            for i in 0..20 {
+                let key = format!("h/cut/{tick}/{i}");
+                let signal = Signal::forecast(0.9);
+                l.record_order(&key, 0, info(0, 5), signal, Duration::from_secs(60));
+                let mut o = outcome(10_000_000, 0, false);
+                o.key = key;
+                (o.removed, o.evicted) = (i % 2 == 0, i % 2 == 1);
+                outs.push(o);
+            }
+            l.settle(0, &outs);
+            l.tune(tick);
+        }
+        assert_eq!(l.threshold(0, 5).0, 0.5);
+        let report = l.report();
+        let events = report["by_source"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["source"] == "event")
+            .map(|r| r["shadows"].clone());
+        assert_eq!(events, Some(serde_json::json!(60)), "{report}");
+        assert!(l.admits(Signal::EVENT, 0, 5), "ungated");
+        // Full-term waste of the forecast's own placements does move it.
+        for tick in 3..6 {
+            settle_batch(&l, 2, 18);
+            l.tune(tick);
+        }
+        assert!(l.threshold(0, 5).0 > 0.5);
+    }
+
+    #[test]
+    fn a_sources_tuners_start_at_the_lowest_score_it_offers() {
+        let l = ledger().offering_from(Source::Coaccess, 0.6);
+        assert!(l.admits(Signal::coaccess(0.8), 0, 5));
+        assert_eq!(l.threshold_for(Source::Coaccess, 0, 5).0, 0.6);
+        assert!(l.admits(Signal::coaccess(0.65), 1, 5));
+    }
+
+    #[test]
     fn a_co_access_follower_must_clear_its_own_tuned_threshold() {
         let l = ledger();
         // Starts at the weakest follower offered: the learner's own minimum probability.
@@ -1049,7 +1118,7 @@ mod tests {
     }
 
     #[test]
-    fn ungated_placements_tune_the_forecast_threshold_of_their_region() {
+    fn ungated_placements_are_priced_but_tune_no_threshold() {
         let l = ledger();
         let mut outs = Vec::new();
         for (i, signal) in [Signal::EVENT, Signal::ADOPTED].into_iter().enumerate() {
@@ -1064,7 +1133,7 @@ mod tests {
         for tick in 0..max_wait {
             l.tune(tick);
         }
-        assert!(l.threshold(1, 9).0 > 0.5);
+        assert_eq!(l.threshold(1, 9).0, 0.5);
         let report = l.report();
         let sources: Vec<&str> = report["rollups"]
             .as_array()

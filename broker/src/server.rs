@@ -15,7 +15,7 @@ use pingora_core::services::background::background_service;
 
 use crate::config::BrokerConfig;
 use crate::control::{Control, ControlService};
-use crate::cost::Ledger;
+use crate::cost::{Ledger, Source};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{CoAccessFeed, Monitor};
 use crate::planner::{Planner, PlannerState};
@@ -155,12 +155,19 @@ impl Broker {
             metrics.clone(),
             coaccess,
         );
-        let ledger = Arc::new(Ledger::new(
-            cfg.cost.clone(),
-            cfg.planner.threshold,
-            fleet.regions.clone(),
-            metrics.clone(),
-        ));
+        let ledger = Arc::new(
+            Ledger::new(
+                cfg.cost.clone(),
+                cfg.planner.threshold,
+                fleet.regions.clone(),
+                metrics.clone(),
+            )
+            .offering_from(
+                Source::Coaccess,
+                cfg.signals.coaccess.min_probability as f32,
+            )
+            .offering_from(Source::Anomaly, 0.0),
+        );
         let control = match &cfg.control {
             Some(c) => Some(Arc::new(
                 Control::new(c, fleet.clone(), ledger.clone(), metrics.clone())

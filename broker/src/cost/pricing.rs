@@ -135,6 +135,7 @@ impl Stake {
             evicted: false,
             failed: false,
             held_before: false,
+            removed: false,
         };
         Stake {
             used: price(cfg, &outcome(1)).net(),

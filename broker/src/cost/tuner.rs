@@ -303,6 +303,7 @@ mod tests {
                 evicted: false,
                 failed: false,
                 held_before: false,
+                removed: false,
             },
         );
         Settled {
@@ -500,6 +501,7 @@ mod tests {
                     evicted: false,
                     failed: false,
                     held_before: false,
+                    removed: false,
                 },
             );
             (s.bytes, s.net, s.spend) = (1000, p.net(), p.spend());

@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Expired, FillSource, FillTags, ShadowTable};
+use super::table::{Ending, Expired, FillSource, FillTags, ShadowTable};
 use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
@@ -397,7 +397,9 @@ impl ShadowService {
                     .shadows_expired
                     .with_label_values(&["evicted"])
                     .inc();
-                self.table.outcomes().push(mark.outcome(key, now, true));
+                self.table
+                    .outcomes()
+                    .push(mark.outcome(key, now, Ending::Evicted));
             }
         }
         for (e, mark) in self.table.expire(now) {
@@ -417,7 +419,12 @@ impl ShadowService {
                 .shadows_expired
                 .with_label_values(&[label])
                 .inc();
-            self.table.outcomes().push(mark.outcome(key, now, evicted));
+            let end = if evicted {
+                Ending::Evicted
+            } else {
+                Ending::Expired
+            };
+            self.table.outcomes().push(mark.outcome(key, now, end));
         }
     }
 }

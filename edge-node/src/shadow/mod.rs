@@ -7,7 +7,7 @@ mod table;
 pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
 pub use pace::FillPacer;
-pub use table::{Expired, FillSource, FillTags, FillUnderWay, Mark, ShadowTable};
+pub use table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Mark, ShadowTable};
 
 use std::collections::VecDeque;
 
@@ -159,6 +159,7 @@ mod tests {
             evicted: false,
             failed: false,
             held_before: false,
+            removed: false,
         }
     }
 

@@ -161,6 +161,17 @@ impl FillSource {
     }
 }
 
+/// How a mark ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Its TTL ran out.
+    Expired,
+    /// The cache evicted its object first.
+    Evicted,
+    /// An unshadow or a purge removed it first.
+    Removed,
+}
+
 /// What happened to an expired mark.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expired {
@@ -301,17 +312,18 @@ impl Mark {
         self.hits == 0 && !self.touched && !self.held_before
     }
 
-    /// This mark's outcome, ending `now`.
-    pub(crate) fn outcome(&self, key: String, now: Instant, evicted: bool) -> ShadowOutcome {
+    /// This mark's outcome, ending `now` as `end` says.
+    pub(crate) fn outcome(&self, key: String, now: Instant, end: Ending) -> ShadowOutcome {
         ShadowOutcome {
             key,
             bytes: self.bytes,
             hits: self.hits,
             held_secs: now.saturating_duration_since(self.marked_at).as_secs(),
             peer_filled: self.peer_filled,
-            evicted,
+            evicted: end == Ending::Evicted,
             failed: false,
             held_before: self.held_before,
+            removed: end == Ending::Removed,
         }
     }
 }
@@ -429,7 +441,8 @@ impl ShadowTable {
             removed
         };
         if let Some(m) = &removed {
-            self.outcomes.push(m.outcome(key.to_string(), now, false));
+            self.outcomes
+                .push(m.outcome(key.to_string(), now, Ending::Removed));
         }
         removed
     }
@@ -462,7 +475,8 @@ impl ShadowTable {
             removed
         };
         for (key, m) in &removed {
-            self.outcomes.push(m.outcome(key.clone(), now, false));
+            self.outcomes
+                .push(m.outcome(key.clone(), now, Ending::Removed));
         }
         removed.len()
     }

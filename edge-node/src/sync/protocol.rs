@@ -185,6 +185,10 @@ pub struct ShadowOutcome {
     /// the order neither cost a fill nor pre-positioned anything.
     #[serde(default)]
     pub held_before: bool,
+    /// Ended before its TTL by an unshadow or a purge: whether it would have been used is
+    /// not known (unless it was).
+    #[serde(default)]
+    pub removed: bool,
 }
 
 impl ShadowOutcome {
@@ -199,6 +203,7 @@ impl ShadowOutcome {
             evicted: false,
             failed: true,
             held_before: false,
+            removed: false,
         }
     }
 }
