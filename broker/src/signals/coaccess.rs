@@ -351,7 +351,10 @@ impl CoAccess {
                 // share as support grows. The bare share put 3-of-3 followers at 1.0, above any
                 // break-even, and such shadows were wasted about as often as used (byte
                 // precision 0.36–0.44 in some apache replays at 1%).
-                probability: ((p.count + 1.0) / (n + 2.0)).min(1.0),
+                // A pair can outlive its leader's count (counts are pruned on their own, and
+                // a leader back after that starts again from 0): it never counts more
+                // follows than the leader has requests.
+                probability: ((p.count.min(n) + 1.0) / (n + 2.0)).min(1.0),
                 gap_secs: p.gap,
                 bytes: None,
             })
@@ -395,6 +398,20 @@ mod tests {
         // Other regions learned nothing; too little support gives nothing.
         assert!(c.followers(1, "h/index.html").is_empty());
         assert!(c.followers(0, "h/rare.png").is_empty());
+    }
+
+    #[test]
+    fn a_pair_that_outlived_its_leaders_count_is_never_a_certainty() {
+        let mut c = CoAccess::new(cfg());
+        for client in 0..4u64 {
+            let t = 1000 + client * 100;
+            c.observe(client, 0, "h/index.html", t);
+            c.observe(client, 0, "h/app.js", t + 2);
+        }
+        // The leader's count was pruned and it came back: 3 requests since, 4 follows kept.
+        c.counts.insert((0, "h/index.html".to_string()), 3.0);
+        let f = c.followers(0, "h/index.html");
+        assert!((f[0].probability - 4.0 / 5.0).abs() < 1e-9, "{f:?}");
     }
 
     #[test]
