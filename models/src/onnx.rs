@@ -14,8 +14,8 @@ use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use crate::features::{
-    batch_model_input_into, priority_feature, History, BUCKET_SECS, CONTEXT, FEATURE_NAMES,
-    HORIZON, MAX_PRIORITY, N_FEATURES, PRIORITY_FEATURE, WINDOW,
+    batch_model_input_into, priority_feature, History, BUCKET_SECS, CONTEXT, DEFAULT_PRIORITY,
+    FEATURE_NAMES, HORIZON, MAX_PRIORITY, N_FEATURES, PRIORITY_FEATURE, WINDOW,
 };
 use crate::forecast::{Forecast, ForecastError, Forecaster, QUANTILES};
 
@@ -69,11 +69,17 @@ pub struct ModelMetadata {
     pub n_features: usize,
     /// Quantile levels of the `quantiles` output.
     pub quantiles: Vec<f32>,
-    /// The priorities of the training series (absent in older metadata: serve each series'
-    /// own). A model trained on one priority has only learnt a constant for its priority
-    /// feature, so it is served that priority whatever the series' is.
+    /// The priorities of the training series. A model trained on one priority has only
+    /// learnt a constant for its priority feature, so it is served that priority whatever
+    /// the series' is. Absent in older metadata, whose models were all trained on
+    /// [`DEFAULT_PRIORITY`] alone: served that one.
     #[serde(default)]
     pub trained_priorities: Option<Vec<u8>>,
+    /// Hex sha256 of the model file this metadata describes (absent in older metadata): a
+    /// model file whose bytes differ is refused, so a deploy that copied one file of the two,
+    /// or a reload caught between the copies, never serves a model with another's metadata.
+    #[serde(default)]
+    pub model_sha256: Option<String>,
     /// Everything else the training script recorded (data hashes, metrics, …).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -221,7 +227,7 @@ impl OnnxLstm {
             )
         })?;
         let pinned_priority = match meta.trained_priorities.as_deref() {
-            None => None,
+            None => Some(DEFAULT_PRIORITY),
             Some(ps) if ps.is_empty() || ps.iter().any(|p| *p > MAX_PRIORITY) => {
                 return Err(meta_err(format!(
                     "trained_priorities {ps:?}: expected priorities 0-{MAX_PRIORITY}"
@@ -236,11 +242,22 @@ impl OnnxLstm {
             path: model.to_path_buf(),
             reason,
         };
+        // The bytes checked are the bytes loaded: the file may be replaced meanwhile.
+        let bytes = std::fs::read(model).map_err(|e| model_err(e.to_string()))?;
+        if let Some(want) = &meta.model_sha256 {
+            let got = hex_sha256(&bytes);
+            if !got.eq_ignore_ascii_case(want.trim()) {
+                return Err(meta_err(format!(
+                    "model_sha256 {want} does not match the model file ({got}): it describes \
+                     another model"
+                )));
+            }
+        }
         let session = Session::builder(env)
             .map_err(|e| model_err(e.to_string()))?
             .with_intra_threads(threads.max(1))
             .map_err(|e| model_err(e.to_string()))?
-            .commit_from_file(model)
+            .commit_from_memory(&bytes)
             .map_err(|e| model_err(e.to_string()))?;
 
         let inputs = session.inputs();
@@ -380,4 +397,13 @@ impl Forecaster for OnnxLstm {
             .map(|(q, p)| Forecast::from_raw([q[0], q[1], q[2]], *p))
             .collect())
     }
+}
+
+/// Hex sha256 of `bytes`.
+fn hex_sha256(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }

@@ -135,6 +135,15 @@ fn set_mtime(path: &std::path::Path, t: std::time::SystemTime) {
         .unwrap();
 }
 
+/// The committed metadata without its model hash (as metadata from before the hash): the
+/// fixture models it is paired with are judged by the checks after it.
+fn unhashed_meta() -> serde_json::Value {
+    let mut meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("lstm.json")).unwrap()).unwrap();
+    meta.as_object_mut().unwrap().remove("model_sha256");
+    meta
+}
+
 #[test]
 fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -151,8 +160,7 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     same(&before[0], &cases[0].seasonal_naive, "fallback");
 
     // Metadata promising other features is rejected before the model is used.
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root().join("lstm.json")).unwrap()).unwrap();
+    let meta = unhashed_meta();
     let mut wrong = meta.clone();
     wrong["features"][0] = "something_else".into();
     std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
@@ -315,6 +323,13 @@ fn a_model_trained_on_one_priority_is_served_that_priority() {
     let f = OnnxLstm::load(&model, 1).unwrap().forecast(&hs).unwrap();
     assert_ne!(f[0], f[2]);
 
+    // Metadata from before the field: every such model was trained on priority 5 alone.
+    meta.as_object_mut().unwrap().remove("trained_priorities");
+    std::fs::write(dir.path().join("m.json"), meta.to_string()).unwrap();
+    let f = OnnxLstm::load(&model, 1).unwrap().forecast(&hs).unwrap();
+    assert_eq!(f[0], f[1]);
+    assert_eq!(f[2], f[1]);
+
     // Priorities outside 0-10 are a metadata error.
     meta["trained_priorities"] = serde_json::json!([5, 11]);
     std::fs::write(dir.path().join("m.json"), meta.to_string()).unwrap();
@@ -323,12 +338,26 @@ fn a_model_trained_on_one_priority_is_served_that_priority() {
 }
 
 #[test]
+fn a_model_whose_bytes_differ_from_its_metadatas_hash_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.onnx");
+    std::fs::copy(root().join("lstm.json"), dir.path().join("m.json")).unwrap();
+    // Another model (the fixed-batch fixture) under this metadata: refused by its hash.
+    std::fs::copy(root().join("fixtures").join("fixed-batch.onnx"), &model).unwrap();
+    let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
+    assert!(err.contains("model_sha256"), "{err}");
+    // The model the metadata was written for loads.
+    std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
+    assert!(OnnxLstm::load(&model, 1).is_ok());
+}
+
+#[test]
 fn a_model_that_fails_on_some_series_in_service_hands_the_batch_to_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.onnx");
     let fixture = root().join("fixtures").join("nan-on-large-counts.onnx");
     std::fs::copy(fixture, &model).unwrap();
-    std::fs::copy(root().join("lstm.json"), dir.path().join("m.json")).unwrap();
+    std::fs::write(dir.path().join("m.json"), unhashed_meta().to_string()).unwrap();
     let lstm = OnnxLstm::load(&model, 1).expect("it passes the load trial");
 
     let bucket = 900;

@@ -20,6 +20,7 @@ Steps:
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -105,6 +106,12 @@ Tried while building this version (seed 20240531; val loss / calibrated val scor
 MAX_EPOCHS = 40
 PATIENCE = 6
 
+
+
+def file_sha256(path: str) -> str:
+    """Hex sha256 of a file's bytes."""
+    with open(path, "rb") as fh:
+        return hashlib.sha256(fh.read()).hexdigest()
 
 def log(*a):
     print(*a, flush=True)
@@ -750,6 +757,9 @@ def main():
         # The traces carry no priorities (every series has the default): serving feeds the
         # model only priorities it was trained on (models/README.md, "Priority").
         "trained_priorities": sorted({int(s.priority) for w in wins.values() for s in w.td.series}),
+        # Ties this file to its model: the server refuses a model whose bytes differ (a deploy
+        # that copied one file of the two, or was caught between them).
+        "model_sha256": file_sha256(onnx_path),
         "inputs": {"counts": [-1, W], "context": [-1, F - 1]},
         "outputs": {"quantiles": [-1, 3], "p_any": [-1, 1]},
         "normalisation": norm_text,
