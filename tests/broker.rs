@@ -2062,7 +2062,7 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
+async fn shadow_outcomes_are_priced_per_region_and_ungated_ones_move_no_threshold() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[planner]\ninterval_secs = 1\n");
     c.register(&origin).await;
@@ -2105,7 +2105,6 @@ async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
         ["eu", "us"]
             .iter()
             .all(|r| rollup(v, r).is_some_and(|x| x["shadows"].as_u64() >= Some(2)))
-            && v["changes"].as_array().is_some_and(|c| c.len() >= 2)
     };
     wait_secs(20, || async {
         settled(&api(reqwest::Method::GET, url.clone(), &token, None).await.1)
@@ -2125,30 +2124,12 @@ async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
         "{report}"
     );
 
-    // Wasted shadows raise us's threshold; eu's all pay off (byte precision clear of the
-    // floor) and lower it. Both say why.
-    let moved = |region: &str| {
-        report["changes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["region"] == region && c["class"] == "high")
-            .cloned()
-            .unwrap_or_else(|| panic!("no {region} change: {report}"))
-    };
-    let (eu_change, us_change) = (moved("eu"), moved("us"));
-    assert!(
-        us_change["to"].as_f64() > us_change["from"].as_f64(),
-        "{report}"
-    );
-    assert!(us_change["reason"]
-        .as_str()
-        .unwrap()
-        .contains("below break-even"));
-    assert!(
-        eu_change["to"].as_f64() < eu_change["from"].as_f64(),
-        "{report}"
-    );
+    // Events are placed whatever the thresholds, so their outcomes say nothing about the
+    // forecasts' threshold: us's waste does not raise it, eu's use does not lower it, also
+    // once a tuner would have decided (max_wait_ticks at 1 s a tick).
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (_, report) = api(reqwest::Method::GET, url.clone(), &token, None).await;
+    assert_eq!(report["changes"], json!([]), "{report}");
     let m = c.metrics().await;
     assert!(
         sample(&m, "shadowcdn_broker_shadow_precision", &["region=\"us\""]) == Some(0.0),
@@ -2161,15 +2142,6 @@ async fn shadow_outcomes_are_priced_and_move_each_regions_threshold() {
             &["category=\"fill_origin\""]
         )
         .is_some_and(|x| x > 0.0),
-        "{m}"
-    );
-    assert!(
-        sample(
-            &m,
-            "shadowcdn_broker_shadow_threshold",
-            &["region=\"us\"", "class=\"high\""]
-        )
-        .is_some_and(|t| t > 0.5),
         "{m}"
     );
     // The operator view needs the operator token.
