@@ -319,7 +319,16 @@ fn decide(
         .iter()
         .enumerate()
         .map(|(i, f)| {
-            let value = bars[i].stake.value(f.p_any);
+            // A live shadow's fill is paid: keeping it is worth what a hit saves, and it
+            // yields its place only to a candidate worth more than that, not to one whose
+            // forecast is a hair higher (which would drop, purge and refill the two in turn).
+            let live = edge_of(i).is_some_and(|e| is_live(&cands[i].key, e));
+            let stake = &bars[i].stake;
+            let value = if live {
+                stake.keep_value(f.p_any)
+            } else {
+                stake.value(f.p_any)
+            };
             (i, value * (1.0 + f64::from(cands[i].priority)))
         })
         .collect();
@@ -1593,6 +1602,37 @@ mod tests {
         };
         assert_eq!(outcome("new"), "shadowed");
         assert_eq!(outcome("old"), "dropped");
+    }
+
+    #[test]
+    fn a_live_shadow_is_not_swapped_for_a_hair_likelier_one() {
+        // A is live, B a hair likelier; both 600 bytes in a 1,000-byte budget. Placed anew
+        // B would win, but A's fill is paid: A stays, and nothing is purged and refilled.
+        let cands = vec![cand("a", 600, 5, true), cand("b", 600, 5, true)];
+        let forecasts = vec![fc(1.0, 0.79), fc(1.0, 0.80)];
+        let mut bars = even(2);
+        for b in &mut bars {
+            b.stake = Stake {
+                used: 1.0,
+                wasted: -0.5,
+            };
+        }
+        let v = decide(
+            &cands,
+            &forecasts,
+            &bars,
+            |_| Some(0),
+            |k, _| k == "a",
+            |_| 0.5,
+            |_| 1000,
+        );
+        let outcome = |k: &str| {
+            v.iter()
+                .find(|v| cands[v.candidate].key == k)
+                .unwrap()
+                .outcome
+        };
+        assert_eq!((outcome("a"), outcome("b")), ("kept", "budget"));
     }
 
     #[test]

@@ -149,6 +149,13 @@ impl Stake {
         p * self.used + (1.0 - p) * self.wasted
     }
 
+    /// Expected net of keeping it, already filled, when a request comes with probability
+    /// `p`: the fill is paid either way, so only what a hit earns over a waste counts (the
+    /// storage left is a rounding error next to it).
+    pub fn keep_value(&self, p: f32) -> f64 {
+        f64::from(p.clamp(0.0, 1.0)) * (self.used - self.wasted)
+    }
+
     /// The probability of use at which it breaks even: 0 when even waste pays, above 1 when
     /// even use does not (never worth placing).
     pub fn break_even(&self) -> f32 {
