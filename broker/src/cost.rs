@@ -313,6 +313,8 @@ pub struct Ledger {
     base_threshold: f32,
     regions: Vec<String>,
     orders: Mutex<HashMap<(String, usize), Order>>,
+    /// Orders at which [`Ledger::record_order`] next sweeps expired ones.
+    orders_sweep_at: Mutex<usize>,
     tuners: Mutex<Tuners>,
     rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
@@ -353,6 +355,7 @@ impl Ledger {
             base_threshold,
             regions,
             orders: Mutex::new(HashMap::new()),
+            orders_sweep_at: Mutex::new(0),
             tuners: Mutex::new(Tuners::default()),
             rollups: Mutex::new(HashMap::new()),
             changes: Mutex::new(VecDeque::new()),
@@ -474,8 +477,12 @@ impl Ledger {
     ) {
         let mut orders = self.orders.lock();
         let now = Instant::now();
-        if orders.len() > ORDER_SWEEP {
+        // Swept when it has doubled since the last sweep (at least ORDER_SWEEP): with more
+        // orders live than that, a sweep on every insert would be quadratic.
+        let mut sweep_at = self.orders_sweep_at.lock();
+        if orders.len() > (*sweep_at).max(ORDER_SWEEP) {
             orders.retain(|_, o| o.until > now);
+            *sweep_at = orders.len() * 2;
         }
         let until = now + ttl + Duration::from_secs(600);
         orders.insert(

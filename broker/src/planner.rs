@@ -400,6 +400,8 @@ pub struct PlannerState {
     adopted: Mutex<HashSet<usize>>,
     /// (key, edge) whose last fills failed, and until when no order is sent for it.
     backoff: Mutex<HashMap<(String, usize), Backoff>>,
+    /// Live shadows left after the last sweep in [`Self::record`].
+    swept_at_len: Mutex<usize>,
 }
 
 /// Fills of one key on one edge that failed in a row (the origin forbids caching, the body
@@ -472,11 +474,18 @@ impl PlannerState {
             .collect()
     }
 
-    /// Record a shadow the edge accepted, live for `ttl` (wall time).
+    /// Record a shadow the edge accepted, live for `ttl` (wall time). Expired entries are
+    /// swept here too once the map has doubled since the last sweep: co-access places
+    /// shadows with the planner off, when no tick sweeps them.
     pub fn record(&self, key: &str, edge: usize, ttl: Duration) {
-        self.live
-            .lock()
-            .insert((key.to_string(), edge), Instant::now() + ttl);
+        let now = Instant::now();
+        let mut live = self.live.lock();
+        live.insert((key.to_string(), edge), now + ttl);
+        let mut swept = self.swept_at_len.lock();
+        if live.len() >= (*swept).max(1024) * 2 {
+            live.retain(|_, exp| *exp > now);
+            *swept = live.len();
+        }
     }
 
     /// Forget one live shadow (unshadowed).
@@ -1388,6 +1397,21 @@ mod tests {
             held_elsewhere: 0,
         };
         vec![bar; n]
+    }
+
+    #[test]
+    fn recording_sweeps_expired_shadows_without_a_tick() {
+        let state = PlannerState::default();
+        for i in 0..5000 {
+            state.record(&format!("h/{i}"), 0, Duration::ZERO);
+        }
+        assert!(
+            state.live.lock().len() < 2048,
+            "{}",
+            state.live.lock().len()
+        );
+        state.record("h/kept", 0, Duration::from_secs(60));
+        assert_eq!(state.live_edges("h/kept"), vec![0]);
     }
 
     #[test]
