@@ -59,6 +59,10 @@ enum Dir {
     Down,
 }
 
+/// Ticks without any outcome after which a tuner probes lower ([`Tuner::tick`]): an hour at
+/// the default one-minute planning interval.
+pub(super) const IDLE_PROBE_TICKS: u32 = 60;
+
 /// A decided move, before bounds.
 #[derive(Debug, Clone, PartialEq)]
 struct Verdict {
@@ -94,6 +98,10 @@ pub(super) struct Tuner {
     fresh: u64,
     /// Ticks the oldest of those has waited.
     waited: u32,
+    /// Ticks since the last outcome settled.
+    idle: u32,
+    /// Where it started: an idle probe goes no lower.
+    start: f32,
     /// The window as judged at the last decision (for the report).
     pub judged: Option<Stats>,
     /// Why the threshold last moved.
@@ -110,6 +118,8 @@ impl Tuner {
             window: VecDeque::new(),
             fresh: 0,
             waited: 0,
+            idle: 0,
+            start: threshold,
             judged: None,
             last_reason: None,
         }
@@ -125,6 +135,10 @@ impl Tuner {
     /// One planning tick: decide when the evidence is due and move within
     /// `[lower, cfg.max_threshold]`. `None` when it waits, holds or sits at a bound.
     pub fn tick(&mut self, cfg: &CostSection, lower: f32) -> Option<Moved> {
+        if self.fresh == 0 {
+            return self.probe_when_idle(cfg, lower);
+        }
+        self.idle = 0;
         if !self.evidence_due(cfg) {
             return None;
         }
@@ -171,6 +185,29 @@ impl Tuner {
             to,
             reason: verdict.reason,
         })
+    }
+
+    /// Outcomes arrive only for placements that clear the threshold: one raised above every
+    /// score its source offers (a forecaster uninformative for a while, a floor jump to the
+    /// ceiling) would never be judged again. So after [`IDLE_PROBE_TICKS`] ticks without an
+    /// outcome a threshold above where it started steps down by the full step (not below its
+    /// start or `lower`) to let some through; their outcomes then judge it as usual. Only a
+    /// rise is undone: a quiet source does not drift below its configured start.
+    fn probe_when_idle(&mut self, cfg: &CostSection, lower: f32) -> Option<Moved> {
+        self.idle += 1;
+        if self.idle < IDLE_PROBE_TICKS || !cfg.tune {
+            return None;
+        }
+        self.idle = 0;
+        let to = (self.threshold - cfg.step).max(lower).max(self.start);
+        if to >= self.threshold {
+            return None;
+        }
+        let reason = format!("no outcome for {IDLE_PROBE_TICKS} ticks: probing lower");
+        let from = std::mem::replace(&mut self.threshold, to);
+        self.last_dir = Some(Dir::Down);
+        self.last_reason = Some(reason.clone());
+        Some(Moved { from, to, reason })
     }
 
     /// The lowest score `t` such that the judged outcomes scored `t` or more reach `aim` in
@@ -464,6 +501,40 @@ mod tests {
         let unfloored = run(0.0);
         assert!(!unfloored.is_empty());
         assert!(unfloored.iter().all(|m| m.to < m.from), "{unfloored:?}");
+    }
+
+    #[test]
+    fn a_threshold_no_outcome_reaches_probes_lower_then_is_judged_again() {
+        let cfg = CostSection::default();
+        let mut t = Tuner::new(0.5, &cfg);
+        t.threshold = cfg.max_threshold;
+        let moves: Vec<Moved> = (0..IDLE_PROBE_TICKS)
+            .filter_map(|_| t.tick(&cfg, 0.05))
+            .collect();
+        assert_eq!(moves.len(), 1, "{moves:?}");
+        assert!(moves[0].to < moves[0].from && moves[0].reason.contains("probing"));
+        let probed = t.threshold;
+        // Outcomes reset the idle count: a tuner that hears from its source does not drift.
+        for tick in 0..(3 * IDLE_PROBE_TICKS) {
+            if tick % cfg.max_wait_ticks == 0 {
+                t.settle(settled(&cfg, 0.99, true, false), &cfg);
+                t.settle(settled(&cfg, 0.99, false, false), &cfg);
+            }
+            if let Some(m) = t.tick(&cfg, 0.05) {
+                assert!(!m.reason.contains("probing"), "{m:?}");
+            }
+        }
+        assert!(t.threshold >= probed - 1e-6, "{} < {probed}", t.threshold);
+        // At or below where it started it stays.
+        let mut quiet = Tuner::new(0.5, &cfg);
+        assert!((0..2 * IDLE_PROBE_TICKS).all(|_| quiet.tick(&cfg, 0.05).is_none()));
+        let mut raised = Tuner::new(0.5, &cfg);
+        raised.threshold = 0.52;
+        let m: Vec<Moved> = (0..2 * IDLE_PROBE_TICKS)
+            .filter_map(|_| raised.tick(&cfg, 0.05))
+            .collect();
+        assert_eq!(m.len(), 1, "{m:?}");
+        assert!((raised.threshold - 0.5).abs() < 1e-6);
     }
 
     #[test]
