@@ -298,7 +298,13 @@ struct Order {
     signal: Signal,
     /// Forgotten after this even without an outcome.
     until: Instant,
+    /// When it was placed, Unix milliseconds.
+    placed_ms: u64,
 }
+
+/// How far an edge's clock may run behind the broker's before an outcome that ended just
+/// after an order was placed reads as older than it.
+const CLOCK_SLACK_MS: u64 = 1_000;
 
 /// Tuners by (region, class, tuned source), and the weakest score each source offered.
 #[derive(Default)]
@@ -491,6 +497,7 @@ impl Ledger {
                 info,
                 signal,
                 until,
+                placed_ms: edge_node::sync::protocol::unix_ms_now(),
             },
         );
     }
@@ -506,13 +513,26 @@ impl Ledger {
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
         for o in outcomes {
-            let e = Ended {
-                key: o.key.clone(),
-                edge,
-                failed: o.failed,
+            let k = (o.key.clone(), edge);
+            // An outcome that ended before the key's current order was placed (it reached us
+            // late, after the key was ordered again) is the older order's, whose attribution
+            // that order replaced: priced unattributed, and the current order and the live
+            // shadow it stands for stay.
+            let older = o.ended_ms > 0
+                && orders
+                    .get(&k)
+                    .is_some_and(|ord| ord.placed_ms > o.ended_ms + CLOCK_SLACK_MS);
+            let order = if older {
+                None
+            } else {
+                let e = Ended {
+                    key: o.key.clone(),
+                    edge,
+                    failed: o.failed,
+                };
+                push_bounded(&mut ended, e, ENDED_LOG);
+                orders.remove(&k)
             };
-            push_bounded(&mut ended, e, ENDED_LOG);
-            let order = orders.remove(&(o.key.clone(), edge));
             if o.failed {
                 // Nothing was held: no storage, no hits, and no evidence about the signal.
                 if let Some(order) = &order {
@@ -769,6 +789,7 @@ mod tests {
             failed: false,
             held_before: false,
             removed: false,
+            ended_ms: 0,
         }
     }
 
@@ -960,6 +981,33 @@ mod tests {
     }
 
     #[test]
+    fn an_outcome_older_than_the_keys_current_order_leaves_that_order_live() {
+        let l = ledger();
+        let now = edge_node::sync::protocol::unix_ms_now();
+        l.record_order(
+            "h/x",
+            1,
+            info(1, 5),
+            Signal::coaccess(0.9),
+            Duration::from_secs(60),
+        );
+        // The previous shadow of h/x ended 5 s before this order; its outcome arrives now.
+        let mut late = outcome(1000, 0, false);
+        (late.key, late.ended_ms) = ("h/x".into(), now - 5_000);
+        l.settle(1, &[late]);
+        assert!(l.take_ended().is_empty(), "the live shadow stays live");
+        assert_eq!(l.orders.lock().len(), 1, "and so does its order");
+        let r = &l.report()["rollups"][0];
+        assert_eq!(r["source"], "unattributed", "{r}");
+        // The current order's own outcome ends it.
+        let mut own = outcome(1000, 1, false);
+        (own.key, own.ended_ms) = ("h/x".into(), now + 10);
+        l.settle(1, &[own]);
+        assert_eq!(l.take_ended().len(), 1);
+        assert!(l.orders.lock().is_empty());
+    }
+
+    #[test]
     fn an_order_for_an_object_already_held_is_counted_apart_and_unpriced() {
         let l = ledger();
         l.record_order(
@@ -972,6 +1020,7 @@ mod tests {
         let o = ShadowOutcome {
             held_before: true,
             removed: false,
+            ended_ms: 0,
             ..outcome(1_000_000, 0, false)
         };
         l.settle(

@@ -136,6 +136,7 @@ impl Stake {
             failed: false,
             held_before: false,
             removed: false,
+            ended_ms: 0,
         };
         Stake {
             used: price(cfg, &outcome(1)).net(),

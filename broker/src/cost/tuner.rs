@@ -341,6 +341,7 @@ mod tests {
                 failed: false,
                 held_before: false,
                 removed: false,
+                ended_ms: 0,
             },
         );
         Settled {
@@ -573,6 +574,7 @@ mod tests {
                     failed: false,
                     held_before: false,
                     removed: false,
+                    ended_ms: 0,
                 },
             );
             (s.bytes, s.net, s.spend) = (1000, p.net(), p.spend());

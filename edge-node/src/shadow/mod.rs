@@ -160,6 +160,7 @@ mod tests {
             failed: false,
             held_before: false,
             removed: false,
+            ended_ms: 0,
         }
     }
 

@@ -324,6 +324,7 @@ impl Mark {
             failed: false,
             held_before: self.held_before,
             removed: end == Ending::Removed,
+            ended_ms: crate::sync::protocol::unix_ms_now(),
         }
     }
 }

@@ -189,6 +189,17 @@ pub struct ShadowOutcome {
     /// not known (unless it was).
     #[serde(default)]
     pub removed: bool,
+    /// When it ended, Unix milliseconds on the edge's clock (0 from older edges): an outcome
+    /// that reaches the broker after it ordered the key again belongs to the older order.
+    #[serde(default)]
+    pub ended_ms: u64,
+}
+
+/// Unix milliseconds now, for [`ShadowOutcome::ended_ms`].
+pub fn unix_ms_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 impl ShadowOutcome {
@@ -204,6 +215,7 @@ impl ShadowOutcome {
             failed: true,
             held_before: false,
             removed: false,
+            ended_ms: unix_ms_now(),
         }
     }
 }
