@@ -331,7 +331,9 @@ impl BrokerMetrics {
             )?,
             forecaster_fallback: prometheus::IntGauge::new(
                 "shadowcdn_broker_forecaster_fallback",
-                "1 while the seasonal-naive baseline replaces an unloadable model",
+                "1 while the seasonal-naive baseline answers in the model's place: no model could be \
+                 loaded, or the last batch failed on it (windows without a request always get \
+                 the baseline, and are not counted here)",
             )?,
             forecaster_events: IntCounterVec::new(
                 Opts::new(

@@ -63,6 +63,21 @@ fn last_complete_bucket(now: u64) -> u64 {
     (now - now % FORECAST_BUCKET).saturating_sub(FORECAST_BUCKET)
 }
 
+/// Which forecaster answered a series: the model's serving wrapper hands windows without a
+/// request to the seasonal-naive baseline, which `explain` should say.
+fn answered_by<'a>(serving: &'a str, counts: &[u32]) -> &'a str {
+    let silent = counts
+        .iter()
+        .rev()
+        .take(models::features::WINDOW)
+        .all(|c| *c == 0);
+    if serving == "lstm" && silent {
+        "seasonal_naive"
+    } else {
+        serving
+    }
+}
+
 /// Planner settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -1158,7 +1173,7 @@ impl Planner {
                 .inc();
             decisions.entry(c.key.clone()).or_default().push(Decision {
                 region: c.region.clone(),
-                forecaster: name.clone(),
+                forecaster: answered_by(&name, &c.counts).to_string(),
                 quantiles: f.quantiles,
                 p_any: f.p_any,
                 threshold: thresholds[v.candidate].0,
@@ -1412,6 +1427,15 @@ mod tests {
         );
         state.record("h/kept", 0, Duration::from_secs(60));
         assert_eq!(state.live_edges("h/kept"), vec![0]);
+    }
+
+    #[test]
+    fn explain_names_the_baseline_for_silent_windows() {
+        let mut counts = vec![0u32; 100];
+        assert_eq!(answered_by("lstm", &counts), "seasonal_naive");
+        counts[99] = 1;
+        assert_eq!(answered_by("lstm", &counts), "lstm");
+        assert_eq!(answered_by("seasonal_naive", &counts), "seasonal_naive");
     }
 
     #[test]

@@ -164,26 +164,36 @@ fn silent(h: &History<'_>) -> bool {
 }
 
 impl ReloadingForecaster {
-    /// The baseline's forecasts in place of the model's for silent windows. Training drops
-    /// dead windows (no request in the window nor in the horizon), so every silent window the
-    /// LSTM saw was followed by a request: it answers `p_any` near 1 for any silent window,
-    /// while a long-tail resource quiet for eight hours mostly stays quiet (apache test tail:
-    /// mean `p_any` 0.83 against 2% realised). The planner forecasts every series with recent
-    /// history, most of them silent, so those windows go to the baseline.
-    fn baseline_for_silent_windows(
+    /// `model`'s forecasts for the windows with requests, the baseline's for silent ones,
+    /// which the model is not run on. Training drops dead windows (no request in the window
+    /// nor in the horizon), so every silent window the LSTM saw was followed by a request: it
+    /// answers `p_any` near 1 for any silent window, while a long-tail resource quiet for
+    /// eight hours mostly stays quiet (apache test tail: mean `p_any` 0.83 against 2%
+    /// realised). The planner forecasts every series with recent history, most of them
+    /// silent, so those windows go to the baseline (and cost no inference).
+    fn model_for_windows_with_requests(
         &self,
+        model: &OnnxLstm,
         histories: &[History<'_>],
-        mut forecasts: Vec<Forecast>,
     ) -> Result<Vec<Forecast>, ForecastError> {
-        let idx: Vec<usize> = (0..histories.len())
-            .filter(|i| silent(&histories[*i]))
-            .collect();
-        if idx.is_empty() {
-            return Ok(forecasts);
-        }
-        let quiet: Vec<History<'_>> = idx.iter().map(|i| histories[*i]).collect();
-        for (i, f) in idx.into_iter().zip(self.fallback.forecast(&quiet)?) {
-            forecasts[i] = f;
+        let (quiet, busy): (Vec<usize>, Vec<usize>) =
+            (0..histories.len()).partition(|i| silent(&histories[*i]));
+        let pick =
+            |idx: &[usize]| -> Vec<History<'_>> { idx.iter().map(|i| histories[*i]).collect() };
+        // Every index is in one of the two parts, so each placeholder is replaced.
+        let none = Forecast {
+            quantiles: [0.0; 3],
+            p_any: 0.0,
+        };
+        let mut forecasts = vec![none; histories.len()];
+        let answered = [
+            (&busy, model.forecast(&pick(&busy))?),
+            (&quiet, self.fallback.forecast(&pick(&quiet))?),
+        ];
+        for (idx, fs) in answered {
+            for (i, f) in idx.iter().zip(fs) {
+                forecasts[*i] = f;
+            }
         }
         Ok(forecasts)
     }
@@ -204,10 +214,10 @@ impl Forecaster for ReloadingForecaster {
         // Clone the Arc so a reload swapping the model never waits for, or cuts, this batch.
         let model = self.current.read().clone();
         match model {
-            Some(m) => match m.forecast(histories) {
+            Some(m) => match self.model_for_windows_with_requests(&m, histories) {
                 Ok(f) => {
                     self.status.fallback.store(false, Ordering::Relaxed);
-                    self.baseline_for_silent_windows(histories, f)
+                    Ok(f)
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "model failed on a batch; baseline answers it");

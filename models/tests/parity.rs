@@ -285,7 +285,20 @@ fn silent_windows_get_the_baseline_forecast() {
     let naive = SeasonalNaive.forecast(&hs).unwrap();
     let lstm = OnnxLstm::load(&path, 1).unwrap().forecast(&hs).unwrap();
     assert_eq!(served[0], naive[0], "a silent window gets the baseline");
-    assert_eq!(served[1], lstm[1], "a window with requests gets the model");
+    // (The model runs on the windows with requests alone: a smaller batch, whose float
+    // arithmetic may differ in the last bits.)
+    close(
+        served[1].p_any,
+        lstm[1].p_any,
+        "a window with requests gets the model",
+    );
+    for q in 0..3 {
+        close(
+            served[1].quantiles[q],
+            lstm[1].quantiles[q],
+            "its quantiles",
+        );
+    }
     // What the guard is for: trained without dead windows, the model alone is sure of a
     // request after any silent window.
     assert!(lstm[0].p_any > 0.5, "{:?}", lstm[0]);
