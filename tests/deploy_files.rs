@@ -312,6 +312,23 @@ fn the_image_ships_the_onnx_runtime_the_setup_pins() {
             "the image lacks {bin}"
         );
     }
+    // A broker installed by its systemd unit loads the same runtime (without it the planner
+    // runs on the baseline for good).
+    let unit = read("deploy/systemd/shadowcdn-broker.service");
+    let ort = |text: &str| {
+        text.split(|c: char| c.is_whitespace() || c == '\\')
+            .find_map(|w| w.strip_prefix("ORT_DYLIB_PATH="))
+            .map(str::to_string)
+    };
+    let in_unit = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("Environment="))
+        .find_map(ort);
+    assert_eq!(
+        in_unit,
+        ort(&docker),
+        "the broker unit's ORT_DYLIB_PATH differs from the image's"
+    );
     for file in ["models/lstm.onnx", "models/lstm.json"] {
         assert!(
             repo().join(file).is_file() && docker.contains(file),
