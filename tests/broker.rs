@@ -2126,8 +2126,17 @@ async fn shadow_outcomes_are_priced_per_region_and_ungated_ones_move_no_threshol
 
     // Events are placed whatever the thresholds, so their outcomes say nothing about the
     // forecasts' threshold: us's waste does not raise it, eu's use does not lower it, also
-    // once a tuner would have decided (max_wait_ticks at 1 s a tick).
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // once a tuner would have decided (max_wait_ticks, 5, planning ticks later).
+    let ticks = || async {
+        sample(
+            &c.metrics().await,
+            "shadowcdn_broker_planner_tick_seconds_count",
+            &[],
+        )
+        .unwrap_or(0.0)
+    };
+    let settled_at = ticks().await;
+    wait_secs(30, || async { ticks().await >= settled_at + 6.0 }).await;
     let (_, report) = api(reqwest::Method::GET, url.clone(), &token, None).await;
     assert_eq!(report["changes"], json!([]), "{report}");
     let m = c.metrics().await;

@@ -1874,10 +1874,15 @@ async fn shadow_marks_follow_tag_purges_and_count_clients_served_while_filling()
     )
     .await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while origin.hits("/sh/slow.bin") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the fill never started"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The body takes at least 1.75 s to arrive: this request reads it as it streams in.
     assert_eq!(
         status(key.clone()).await,
         StatusCode::NOT_FOUND,

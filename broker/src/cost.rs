@@ -29,7 +29,7 @@ mod tuner;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use edge_node::sync::protocol::ShadowOutcome;
+use edge_node::sync::protocol::{unix_ms_now, ShadowOutcome};
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -481,6 +481,26 @@ impl Ledger {
         signal: Signal,
         ttl: Duration,
     ) {
+        self.record_order_placed(key, edge, info, signal, ttl, unix_ms_now());
+    }
+
+    /// [`Self::record_order`] for an order sent at `placed_ms` (Unix ms, taken before it was
+    /// sent: the edge may end the shadow, a failed fill say, before it answers). A placement
+    /// of a gated source tells its tuner it still admits (see `Tuner::admitted`).
+    pub fn record_order_placed(
+        &self,
+        key: &str,
+        edge: usize,
+        info: OrderInfo,
+        signal: Signal,
+        ttl: Duration,
+        placed_ms: u64,
+    ) {
+        if let Some(source) = signal.source.tuned() {
+            let mut t = self.tuners.lock();
+            self.tuner(&mut t, info.region, info.class, source)
+                .admitted();
+        }
         let mut orders = self.orders.lock();
         let now = Instant::now();
         // Swept when it has doubled since the last sweep (at least ORDER_SWEEP): with more
@@ -497,7 +517,7 @@ impl Ledger {
                 info,
                 signal,
                 until,
-                placed_ms: edge_node::sync::protocol::unix_ms_now(),
+                placed_ms,
             },
         );
     }
@@ -528,14 +548,16 @@ impl Ledger {
                 let e = Ended {
                     key: o.key.clone(),
                     edge,
-                    failed: o.failed,
+                    // A fill a purge or unshadow overtook did not fail.
+                    failed: o.failed && !o.removed,
                 };
                 push_bounded(&mut ended, e, ENDED_LOG);
                 orders.remove(&k)
             };
             if o.failed {
-                // Nothing was held: no storage, no hits, and no evidence about the signal.
-                if let Some(order) = &order {
+                // Nothing was held: no storage, no hits, and no evidence about the signal. A
+                // fill a purge or unshadow overtook (`removed`) is not a failure either.
+                if let Some(order) = order.as_ref().filter(|_| !o.removed) {
                     rollups.entry(rollup_key(order)).or_default().failed += 1;
                 }
                 continue;
@@ -575,10 +597,11 @@ impl Ledger {
                 r.used_bytes += o.bytes;
             }
             r.money.add(&p);
-            // A shadow removed before its TTL (unshadowed for the budget, purged, evicted)
-            // and unused by then was not given the chance the signal bet on: priced, but no
-            // evidence about the signal.
-            let cut_short = o.hits == 0 && (o.removed || o.evicted);
+            // A shadow removed before its TTL (unshadowed for the budget, purged, evicted) was
+            // not given the term the signal bet on: priced, but no evidence about the signal,
+            // used or not (keeping only the used ones would flatter the precision whenever
+            // drops and evictions run high).
+            let cut_short = o.removed || o.evicted;
             let tuned = order
                 .as_ref()
                 .filter(|_| !cut_short)
@@ -967,6 +990,22 @@ mod tests {
         );
         assert!(l.take_ended().is_empty());
         assert!(l.orders.lock().is_empty());
+        // A fill a purge or unshadow overtook ends the order too, but is no failure (the
+        // planner backs off only after real ones).
+        l.record_order("h/y", 1, info(1, 5), signal, Duration::from_secs(60));
+        let dropped = ShadowOutcome {
+            removed: true,
+            ..ShadowOutcome::failed("h/y".into())
+        };
+        l.settle(1, &[dropped]);
+        assert_eq!(
+            l.take_ended(),
+            vec![Ended {
+                key: "h/y".to_string(),
+                edge: 1,
+                failed: false
+            }]
+        );
         let r = &l.report()["rollups"][0];
         assert_eq!(
             (r["failed"].as_u64(), r["shadows"].as_u64()),

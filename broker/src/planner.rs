@@ -592,10 +592,11 @@ pub async fn place_with(
     signal: Signal,
 ) -> bool {
     let (key, ttl) = (order.key.clone(), crate::clock::wall(order.ttl_secs));
+    let placed_ms = edge_node::sync::protocol::unix_ms_now();
     let ok = sync.shadow(edge, order).await;
     if ok {
         state.record(&key, edge, ttl);
-        ledger.record_order(&key, edge, info, signal, ttl);
+        ledger.record_order_placed(&key, edge, info, signal, ttl, placed_ms);
     }
     ok
 }

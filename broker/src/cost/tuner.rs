@@ -125,6 +125,12 @@ impl Tuner {
         }
     }
 
+    /// A placement this tuner's threshold let through: its outcome is on its way (at its
+    /// TTL, which may be hours), so the tuner is not idle.
+    pub fn admitted(&mut self) {
+        self.idle = 0;
+    }
+
     /// Take one settled shadow into the window.
     pub fn settle(&mut self, s: Settled, cfg: &CostSection) {
         let cap = (cfg.min_settled.max(1) * WINDOW_DECISIONS) as usize;
@@ -189,8 +195,8 @@ impl Tuner {
 
     /// Outcomes arrive only for placements that clear the threshold: one raised above every
     /// score its source offers (a forecaster uninformative for a while, a floor jump to the
-    /// ceiling) would never be judged again. So after [`IDLE_PROBE_TICKS`] ticks without an
-    /// outcome a threshold above where it started steps down by the full step (not below its
+    /// ceiling) would never be judged again. So after [`IDLE_PROBE_TICKS`] ticks with neither
+    /// an outcome nor a placement admitted a threshold above where it started steps down by the full step (not below its
     /// start or `lower`) to let some through; their outcomes then judge it as usual. Only a
     /// rise is undone: a quiet source does not drift below its configured start.
     fn probe_when_idle(&mut self, cfg: &CostSection, lower: f32) -> Option<Moved> {
@@ -203,7 +209,8 @@ impl Tuner {
         if to >= self.threshold {
             return None;
         }
-        let reason = format!("no outcome for {IDLE_PROBE_TICKS} ticks: probing lower");
+        let reason =
+            format!("nothing admitted nor settled for {IDLE_PROBE_TICKS} ticks: probing lower");
         let from = std::mem::replace(&mut self.threshold, to);
         self.last_dir = Some(Dir::Down);
         self.last_reason = Some(reason.clone());
@@ -526,6 +533,13 @@ mod tests {
             }
         }
         assert!(t.threshold >= probed - 1e-6, "{} < {probed}", t.threshold);
+        // A tuner that still admits placements waits for their outcomes, however long.
+        let mut waiting = Tuner::new(0.5, &cfg);
+        waiting.threshold = cfg.max_threshold;
+        for _ in 0..3 * IDLE_PROBE_TICKS {
+            waiting.admitted();
+            assert_eq!(waiting.tick(&cfg, 0.05), None);
+        }
         // At or below where it started it stays.
         let mut quiet = Tuner::new(0.5, &cfg);
         assert!((0..2 * IDLE_PROBE_TICKS).all(|_| quiet.tick(&cfg, 0.05).is_none()));

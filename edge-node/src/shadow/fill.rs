@@ -323,9 +323,13 @@ async fn fetch(
 /// broker hears so, or it would count the order live until its TTL and never place it again.
 fn report_unheld(table: &ShadowTable, key: &str) {
     if table.get(key).is_none() {
-        table
-            .outcomes()
-            .push(ShadowOutcome::failed(key.to_string()));
+        // Dropped, not failed: the fetch did not go wrong (no reason to wait before the next
+        // order), a purge or unshadow overtook it.
+        let o = ShadowOutcome {
+            removed: true,
+            ..ShadowOutcome::failed(key.to_string())
+        };
+        table.outcomes().push(o);
     }
 }
 

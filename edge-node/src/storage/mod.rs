@@ -238,10 +238,13 @@ impl FoyerStorage {
             let device = FsDeviceBuilder::new(opts.dir.join("foyer"))
                 .with_capacity(opts.disk_bytes)
                 .build()?;
-            // foyer writes an entry through one flush buffer and drops (silently) any entry
-            // larger than it, 16 MiB by default: it must hold the largest admitted object.
-            // Two such buffers are allocated; their pages are touched only as they fill.
-            let buffer = opts.block_size.next_multiple_of(4096).max(16 << 20);
+            // foyer writes entries through a flush buffer and drops (silently, counting
+            // `storage_queue_buffer_overflow`) any entry that does not fit what is left of it
+            // while the previous buffer is being written; 16 MiB by default, which no object
+            // over 16 MiB ever fit. So it holds the largest admitted object plus foyer's
+            // default 16 MiB for the small ones queued with it. Two such buffers are
+            // allocated; their pages are touched only as they fill.
+            let buffer = opts.block_size.next_multiple_of(4096) + (16 << 20);
             storage.with_engine_config(
                 BlockEngineConfig::new(device)
                     .with_block_size(opts.block_size)
