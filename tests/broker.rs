@@ -1016,6 +1016,30 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
         assert_eq!(s, StatusCode::FORBIDDEN, "{m} {path}: {v}");
         assert_eq!(v["error"], "forbidden");
     }
+    // No token is 401 whatever the query; a missing query is a JSON 400.
+    for path in ["/v1/series", "/v1/shadows/explain"] {
+        let r = client().get(c.broker.api(path)).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED, "{path}");
+        let (s, v) = api(reqwest::Method::GET, c.broker.api(path), &c.token, None).await;
+        assert_eq!(
+            (s, &v["error"]),
+            (StatusCode::BAD_REQUEST, &json!("bad_query")),
+            "{path}: {v}"
+        );
+    }
+    // A resource selects requests by path: one with a query would never match.
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/resources"),
+        &c.token,
+        Some(json!({"host": HOST, "path": "/a?v=2"})),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["error"]),
+        (StatusCode::UNPROCESSABLE_ENTITY, &json!("invalid")),
+        "{v}"
+    );
     let (_, v) = api(
         reqwest::Method::GET,
         c.broker.api("/v1/resources"),
@@ -1420,6 +1444,28 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
     );
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "rate_limited", "{v}");
+    // An event that purges spends the purge budget too; one that only shadows does not.
+    let event = |kind: &str| json!({"kind": kind, "host": HOST, "prefix": "/tmp/"});
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(event("deleted")),
+    )
+    .await;
+    assert_eq!(
+        (s, &v["error"]),
+        (StatusCode::TOO_MANY_REQUESTS, &json!("rate_limited")),
+        "{v}"
+    );
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "created", "host": HOST, "path": "/new.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = api(
         reqwest::Method::POST,
         c.broker.api("/v1/resources"),

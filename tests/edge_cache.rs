@@ -1598,6 +1598,19 @@ async fn only_trusted_proxies_tell_the_origin_the_scheme() {
     assert_eq!(r.status(), StatusCode::OK);
     let sent = origin.last_headers("/proto-trusted").unwrap();
     assert_eq!(sent["x-forwarded-proto"], "https");
+    // Forwarding headers the CDN does not write never reach the origin, whoever sent them.
+    let forged = [
+        ("forwarded", "for=203.0.113.9;proto=https"),
+        ("x-real-ip", "203.0.113.9"),
+        ("x-forwarded-host", "evil.test"),
+        ("x-forwarded-port", "443"),
+    ];
+    let r = trusting.request(Method::GET, "/forged", &forged).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let sent = origin.last_headers("/forged").unwrap();
+    for (name, _) in forged {
+        assert!(sent.get(name).is_none(), "{name} reached the origin");
+    }
 
     // Only 127.0.0.2 is a trusted proxy; the test's other requests come from 127.0.0.1.
     let dir = tempfile::tempdir().unwrap();

@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use edge_node::drain::{InflightCounter, InflightGuard};
 use edge_node::proxy::{
     client_ip, error_status, forwarded_for, primary_key, request_host, respond_json_error,
-    CLIENT_REGION_HEADER, FORWARDED_PROTO, ROUTE_HEADER, VIA_NAME,
+    strip_unvouched_forwarding, CLIENT_REGION_HEADER, FORWARDED_PROTO, ROUTE_HEADER, VIA_NAME,
 };
 use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -379,6 +379,7 @@ impl ProxyHttp for BrokerProxy {
         // The origin learns who asked and how. The client's address ends any chain it brought
         // (an origin trusts only the last entries, which its own proxies added); the scheme is
         // the listener's, never the client's claim.
+        strip_unvouched_forwarding(upstream_request);
         if let Some(ip) = client_ip(session) {
             forwarded_for(upstream_request, ip)?;
         }
@@ -424,11 +425,15 @@ impl ProxyHttp for BrokerProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
+        // A refused or reset connection says the edge is gone: it leaves routing at once. A
+        // connect that timed out may be one lost SYN (the 1 s connect timeout is the kernel's
+        // first SYN retransmit): this request goes elsewhere, and the health probes decide.
+        let gone = !matches!(e.etype(), ErrorType::ConnectTimedout);
         if let Some(Choice {
             edge: Some(edge), ..
         }) = ctx.chosen
         {
-            if self.health.mark_down(edge) {
+            if gone && self.health.mark_down(edge) {
                 self.edge_marked_down(edge);
                 tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge unreachable: marked down");
             }

@@ -294,9 +294,16 @@ impl EdgeSync {
             };
         }
         let key = order.key.as_str();
-        // The admin API cannot revalidate in place: drop the old copy, then refill.
+        // The admin API cannot revalidate in place: drop the old copy, then refill. A purge
+        // the edge did not confirm fails the refresh (the caller then purges it the way that
+        // reports and queues a miss), or the refill would be a hit on the old copy.
         if order.refresh {
-            self.purge(edge, &Purge::Target(key)).await;
+            let purge = Purge::Target(key);
+            let status = self.purge(edge, &purge).await;
+            if !purge.confirmed(status) {
+                tracing::warn!(edge = %e.id, %key, status, "refresh's purge not confirmed");
+                return false;
+            }
         }
         let body = json!({ "key": key, "ttl_secs": order.ttl_secs, "priority": order.priority });
         match self

@@ -335,6 +335,24 @@ pub fn forwarded_for(req: &mut RequestHeader, client: std::net::IpAddr) -> Resul
     Ok(())
 }
 
+/// Forwarding headers this CDN does not set and a client could forge: an origin that trusts
+/// the CDN's addresses and reads them (many frameworks do) would take a forged client
+/// address, scheme or host. The chain the CDN vouches for is `X-Forwarded-For` and
+/// `X-Forwarded-Proto`, which it writes itself.
+pub const UNVOUCHED_FORWARDING_HEADERS: [&str; 4] = [
+    "forwarded",
+    "x-real-ip",
+    "x-forwarded-host",
+    "x-forwarded-port",
+];
+
+/// Remove [`UNVOUCHED_FORWARDING_HEADERS`] from a request going upstream.
+pub fn strip_unvouched_forwarding(req: &mut RequestHeader) {
+    for name in UNVOUCHED_FORWARDING_HEADERS {
+        req.remove_header(name);
+    }
+}
+
 /// A cache key from a host and the path and query it is keyed by (an origin's query filter
 /// already applied, see [`crate::cache_key`]): `host/path?query`, host normalized.
 pub fn primary_key(host: &str, path_and_query: &str) -> String {
@@ -998,6 +1016,7 @@ impl ProxyHttp for EdgeProxy {
         }
         let via = format!("1.1 {VIA_NAME}{}", self.node_id);
         upstream_request.append_header(header::VIA, via)?;
+        strip_unvouched_forwarding(upstream_request);
         if let Some(ip) = client_ip(session) {
             forwarded_for(upstream_request, ip)?;
         }

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use axum::body::Body;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::Next;
@@ -118,6 +119,13 @@ impl From<Invalid> for ApiError {
 }
 
 type ApiResult = Result<Response, ApiError>;
+
+/// A query string, read once the caller is authenticated (a request without a token is 401
+/// whatever its query), with a JSON 400 when it does not parse.
+fn parsed<T>(q: Result<Query<T>, QueryRejection>) -> Result<T, ApiError> {
+    q.map(|Query(q)| q)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))
+}
 
 /// Take one `class` call from provider `id`'s budget: 429 with `Retry-After` once it is spent.
 fn within_budget(s: &ApiState, class: CallClass, id: &str) -> Result<(), ApiError> {
@@ -549,6 +557,11 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
     let (results, report) = match order {
         PurgeOrder::Tags(host, tags) => {
             let results = s.sync.purge_tags_everywhere(&host, &tags).await;
+            // The edges end the marks of the shadows the tags ban, which the broker cannot
+            // tell: it forgets the host's live shadows (those still held are kept on the
+            // edges and renewed by the next order), so it neither counts purged ones against
+            // budgets nor refreshes copies that are gone.
+            s.planner.forget(&format!("{host}/*"));
             let report = json!({ "host": host, "tags": tags, "edges": results });
             (results, report)
         }
@@ -595,9 +608,10 @@ struct SeriesQuery {
 async fn series(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    Query(q): Query<SeriesQuery>,
+    q: Result<Query<SeriesQuery>, QueryRejection>,
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
+    let q = parsed(q)?;
     let host = q.resource.split('/').next().unwrap_or("");
     let host = check_host(host)?;
     s.registry.check_host_owner(&p.id, &host)?;
@@ -623,9 +637,10 @@ struct RouteQuery {
 async fn routes(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    Query(q): Query<RouteQuery>,
+    q: Result<Query<RouteQuery>, QueryRejection>,
 ) -> ApiResult {
     operator(&s, &headers)?;
+    let q = parsed(q)?;
     let region = s.fleet.region_index(&q.region).ok_or_else(|| {
         ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -664,9 +679,10 @@ struct ExplainQuery {
 async fn explain(
     State(s): State<ApiState>,
     headers: HeaderMap,
-    Query(q): Query<ExplainQuery>,
+    q: Result<Query<ExplainQuery>, QueryRejection>,
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
+    let q = parsed(q)?;
     let (host, path) = q.key.split_once('/').unwrap_or((q.key.as_str(), ""));
     let host = check_host(host)?;
     s.registry.check_host_owner(&p.id, &host)?;
@@ -732,6 +748,12 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
             .into())
         }
     };
+    // An update or delete purges on every edge (a prefix one leaves a ban there), like a
+    // purge call: it spends the purge budget too, or events would be a purge budget five
+    // times the size.
+    if matches!(req.kind, EventKind::Updated | EventKind::Deleted) {
+        within_budget(&s, CallClass::Purge, &p.id)?;
+    }
     // The work runs in a task of its own: a caller hanging up must not cut it short between
     // skipping the edges that refresh their copy and their refresh (or purge).
     let kind = req.kind;
@@ -824,20 +846,24 @@ async fn apply_event(
                         .filter_map(|n| s.fleet.region_index(n))
                         .collect()
                 };
-                for region in regions.into_iter().take(r.policy.max_copies as usize) {
-                    let edge = s.fleet.edge_in_region(target, region, &s.health);
-                    if let Some(e) = edge {
-                        let order = asap_order(target, r.shadow_ttl_secs, r.priority);
-                        let info = crate::cost::OrderInfo {
-                            provider: r.provider.clone(),
-                            region,
-                            class: crate::cost::Class::of(r.priority),
-                        };
-                        let ok =
-                            crate::planner::place(&s.sync, &s.planner, &s.ledger, e, order, info)
-                                .await;
-                        shadowed.push(json!({ "edge": s.fleet.edges[e].id, "region": s.fleet.regions[region], "ok": ok }));
-                    }
+                // Regions without a usable edge are skipped before the copies are counted:
+                // they would take a copy of the policy's limit and place none.
+                let placeable = regions
+                    .into_iter()
+                    .filter_map(|region| {
+                        Some((region, s.fleet.edge_in_region(target, region, &s.health)?))
+                    })
+                    .take(r.policy.max_copies as usize);
+                for (region, e) in placeable {
+                    let order = asap_order(target, r.shadow_ttl_secs, r.priority);
+                    let info = crate::cost::OrderInfo {
+                        provider: r.provider.clone(),
+                        region,
+                        class: crate::cost::Class::of(r.priority),
+                    };
+                    let ok =
+                        crate::planner::place(&s.sync, &s.planner, &s.ledger, e, order, info).await;
+                    shadowed.push(json!({ "edge": s.fleet.edges[e].id, "region": s.fleet.regions[region], "ok": ok }));
                 }
             }
             report.insert("shadowed".into(), json!(shadowed));

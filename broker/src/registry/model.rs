@@ -390,6 +390,14 @@ impl ResourceBody {
     ) -> Result<Resource, Invalid> {
         let host = check_host(&self.host)?;
         check_path("path", &self.path)?;
+        // Resources select requests by path: a query here would never match one, and the
+        // resource's policy would silently not apply.
+        if self.path.contains('?') {
+            return Err(invalid(
+                "path",
+                "must not hold a query: a resource selects requests by path, whatever their query",
+            ));
+        }
         if !(0..=10).contains(&self.priority) {
             return Err(invalid(
                 "priority",
@@ -514,6 +522,11 @@ mod tests {
         let err = b.into_resource("r".into(), "p", &regions).unwrap_err();
         assert_eq!(err.field, "policy.allowed_regions");
         assert!(err.to_string().contains("twice"), "{err}");
+        let mut b = body(1);
+        b.path = "/api/config?v=2".into();
+        let err = b.into_resource("r".into(), "p", &regions).unwrap_err();
+        assert_eq!(err.field, "path");
+        assert!(err.to_string().contains("query"), "{err}");
     }
 
     #[test]

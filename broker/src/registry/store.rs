@@ -509,6 +509,25 @@ impl Registry {
         self.check_host_owner(&resource.provider, &resource.host)?;
         {
             let m = self.mem.read();
+            // One resource per (host, path, match): a second one (a retried create, say)
+            // would never resolve, and updates to it would silently do nothing.
+            let taken = m.by_host.get(&resource.host).and_then(|h| {
+                let paths = match resource.r#match {
+                    PathMatch::Exact => &h.exact,
+                    PathMatch::Prefix => &h.prefix,
+                };
+                paths
+                    .get(&resource.path)?
+                    .iter()
+                    .find(|id| **id != resource.id)
+                    .cloned()
+            });
+            if let Some(other) = taken {
+                return Err(RegistryError::Conflict(format!(
+                    "resource {other} already selects {}{}; update it instead",
+                    resource.host, resource.path
+                )));
+            }
             match m.resources.get(&resource.id) {
                 Some(old) if old.provider != resource.provider => {
                     return Err(RegistryError::Forbidden(format!(
@@ -671,6 +690,11 @@ mod tests {
             assert_eq!(reg.resource_for("b.com", "/x/y").unwrap().id, "r1");
             reg.put_resource(res("r2", &p.id, "a.com")).unwrap();
             reg.update_resource(res("r2", &p.id, "a.com")).unwrap();
+            // A second resource on the same path and match is refused, whoever asks.
+            let dup = reg.put_resource(res("r3", &p.id, "a.com"));
+            assert!(matches!(dup, Err(RegistryError::Conflict(m)) if m.contains("r2")));
+            let moved_onto = reg.update_resource(res("r1", &p.id, "a.com"));
+            assert!(matches!(moved_onto, Err(RegistryError::Conflict(_))));
             reg.delete_resource(&p.id, "r2").unwrap();
             assert!(reg.resource_for("a.com", "/x/y").is_none());
             // An update that lost the race with a delete does not bring the resource back.
