@@ -1383,6 +1383,16 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
     assert!(v["message"].as_str().unwrap().contains("upstream"));
+    // A name that does not resolve would be dropped by every edge: refused now.
+    let (s, v) = api(
+        reqwest::Method::PUT,
+        c.broker.api(&format!("/v1/origins/{HOST}")),
+        &c.token,
+        Some(json!({"upstream": "http://no-such-origin.invalid"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("resolve"), "{v}");
     let (_, v) = api(
         reqwest::Method::GET,
         c.broker.api("/v1/resources"),

@@ -349,6 +349,59 @@ async fn list_providers(State(s): State<ApiState>, headers: HeaderMap) -> ApiRes
     Ok(Json(json!({ "providers": s.registry.providers() })).into_response())
 }
 
+/// How long registering an origin waits for its name to resolve.
+const UPSTREAM_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// The upstream's name resolves, and (unless private upstreams are allowed) to no private
+/// address: the edges check the same when the row is pushed and drop a row that fails, and a
+/// host whose only row was dropped answers 404 everywhere while its owner was told the change
+/// succeeded. A name not resolvable yet (a DNS cutover) is refused now, to be sent again.
+async fn check_upstream_resolves(upstream: &str, allow_private: bool) -> Result<(), Invalid> {
+    let bad = |message: String| Invalid {
+        field: "upstream",
+        message,
+    };
+    let uri: http::Uri = upstream
+        .parse()
+        .map_err(|_| bad(format!("{upstream:?} is not a URL")))?;
+    let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("https") {
+            443
+        } else {
+            80
+        });
+    let lookup = tokio::net::lookup_host((host, port));
+    let addrs: Vec<std::net::SocketAddr> = tokio::time::timeout(UPSTREAM_LOOKUP_TIMEOUT, lookup)
+        .await
+        .map_err(|_| {
+            bad(format!(
+                "{host} did not resolve within 3 s; send it again once it does"
+            ))
+        })?
+        .map_err(|e| {
+            bad(format!(
+                "{host} does not resolve ({e}); send it again once it does"
+            ))
+        })?
+        .collect();
+    if addrs.is_empty() {
+        return Err(bad(format!("{host} resolves to no address")));
+    }
+    if let Some(private) = addrs
+        .iter()
+        .find(|a| !allow_private && edge_node::origin::is_private_ip(a.ip()))
+    {
+        return Err(bad(format!(
+            "{host} resolves to {}, a loopback or private address (the operator can allow \
+             that with [admin] allow_private_upstreams)",
+            private.ip()
+        )));
+    }
+    Ok(())
+}
+
 async fn list_origins(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     let p = provider(&s, &headers)?;
     Ok(Json(json!({ "origins": s.registry.origins_of(&p.id) })).into_response())
@@ -376,6 +429,7 @@ async fn put_origin(
         check_public_host(&host, s.allow_local_hosts)?;
     }
     let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
+    check_upstream_resolves(&upstream, s.allow_private_upstreams).await?;
     let cache_key_ignore_query =
         QueryFilter::parse(&req.cache_key_ignore_query).map_err(|message| Invalid {
             field: "cache_key_ignore_query",
