@@ -268,6 +268,11 @@ async fn a_pushed_row_with_unknown_options_applies_without_them() {
     let bad = json!({"origins": [{"host": 5, "upstream": "http://127.0.0.1:1"}]});
     let (s, _) = admin_json(&edge, Method::PUT, "/origins", Some(bad)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    // A table past axum's 2 MiB default body is read (and judged) whole, not refused as
+    // too large: the broker pushes every host of the fleet in one body.
+    let padded = json!({"origins": [{"host": 5, "upstream": "x".repeat(3 << 20)}]});
+    let (s, v) = admin_json(&edge, Method::PUT, "/origins", Some(padded)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
 
     // The push is kept: restarted, the edge serves the host, options and all, before any
     // broker pushes again.

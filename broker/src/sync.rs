@@ -407,14 +407,26 @@ impl EdgeSync {
             match c.call(edge, &req).await {
                 Ok(Reply::Done { found: true }) => return 200,
                 Ok(_) => return 404,
+                // The channel refused the broker itself (its certificate is not the broker's
+                // name, the edge speaks another protocol version): not the purge's fault, and
+                // the admin API, authenticated by token, may take it.
+                Err(ControlError::Refused {
+                    code: code @ (ErrorCode::Forbidden | ErrorCode::Version),
+                    ..
+                }) => {
+                    tracing::error!(edge = %self.fleet.edges[edge].id, ?code,
+                        "edge refuses the broker on the control channel; purging over its admin API");
+                }
                 // As the admin API would answer: an edge's own failure is not a bad request.
                 Err(ControlError::Refused { code, .. }) => {
                     return match code {
-                        ErrorCode::Version | ErrorCode::Invalid => 400,
-                        ErrorCode::Forbidden => 403,
+                        ErrorCode::Invalid => 400,
                         ErrorCode::NotFound => 404,
                         ErrorCode::Busy => 503,
-                        ErrorCode::Internal => 500,
+                        ErrorCode::Forbidden
+                        | ErrorCode::Version
+                        | ErrorCode::Internal
+                        | ErrorCode::Unknown => 500,
                     }
                 }
                 // The QUIC link is down (a certificate, a firewall): the admin API may still

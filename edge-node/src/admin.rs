@@ -114,6 +114,11 @@ impl AdminState {
     }
 }
 
+/// Largest origin table the broker may push: the whole fleet's rows in one body (about 150
+/// bytes a row: some 200,000 rows), far past axum's 2 MiB default, which about 15,000 rows
+/// would outgrow and then no edge would learn a new host.
+pub const MAX_ORIGIN_PUSH_BYTES: usize = 32 << 20;
+
 /// The admin HTTP router.
 pub fn router(state: AdminState) -> Router {
     Router::new()
@@ -121,7 +126,12 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/cache/{*key}", any(purge))
         .route("/tags/{host}", any(purge_tags))
-        .route("/origins", get(get_origins).put(put_origins))
+        .route(
+            "/origins",
+            get(get_origins)
+                .put(put_origins)
+                .layer(axum::extract::DefaultBodyLimit::max(MAX_ORIGIN_PUSH_BYTES)),
+        )
         .route("/peers", get(get_peers).put(put_peers))
         .route("/shadows", axum::routing::post(post_shadow))
         .route("/shadows/{*key}", get(get_shadow).delete(delete_shadow))
@@ -482,8 +492,12 @@ async fn put_origins(
             return *r;
         }
     }
-    // Kept for a restart only once it applied whole, floors included.
-    s.origins.remember(&kept, parsed.allow_private_upstreams);
+    // Kept for a restart only once it applied whole, floors included; written (two fsyncs)
+    // off the admin API's one thread, which health probes share.
+    let (origins, allow) = (s.origins.clone(), parsed.allow_private_upstreams);
+    if let Err(e) = tokio::task::spawn_blocking(move || origins.remember(&kept, allow)).await {
+        tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
+    }
     Json(report).into_response()
 }
 

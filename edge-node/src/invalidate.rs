@@ -57,7 +57,7 @@ impl Target {
 /// once the purge is durable and final: a ban is fsynced; a key's tombstone is written to the
 /// disk tier and no lookup can bring the object back.
 pub async fn invalidate(
-    storage: &FoyerStorage,
+    storage: &'static FoyerStorage,
     shadows: &ShadowTable,
     metrics: &EdgeMetrics,
     target: &Target,
@@ -72,7 +72,12 @@ pub async fn invalidate(
             metrics.purges.with_label_values(&["key", outcome]).inc();
             Ok(found)
         }
-        Target::Prefix(prefix) => match storage.purge_prefix(prefix) {
+        Target::Prefix(prefix) => match off_runtime({
+            let prefix = prefix.clone();
+            move || storage.purge_prefix(&prefix)
+        })
+        .await
+        {
             Ok(()) => {
                 shadows.remove_prefix(prefix);
                 metrics
@@ -88,7 +93,11 @@ pub async fn invalidate(
         },
         Target::Tags { host, tags } => {
             let host = format!("{host}/");
-            let outcome = storage.purge_tags(&host, tags);
+            let outcome = off_runtime({
+                let (host, tags) = (host.clone(), tags.clone());
+                move || storage.purge_tags(&host, &tags)
+            })
+            .await;
             if outcome.is_ok() {
                 shadows.remove_tagged(&host, tags);
             }
@@ -97,6 +106,22 @@ pub async fn invalidate(
             outcome.map(|()| true)
         }
     }
+}
+
+/// Run a ban's durable write (an fsync, which a busy disk can stretch to seconds) off the
+/// async runtime: the QUIC service and the admin API each run on one thread, which every
+/// other request, probe and peer transfer of theirs shares.
+async fn off_runtime(
+    write: impl FnOnce() -> Result<(), BanError> + Send + 'static,
+) -> Result<(), BanError> {
+    tokio::task::spawn_blocking(write)
+        .await
+        .unwrap_or_else(|e| {
+            Err(BanError::Io {
+                path: "bans.log".into(),
+                source: std::io::Error::other(e),
+            })
+        })
 }
 
 #[cfg(test)]

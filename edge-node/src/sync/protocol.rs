@@ -247,11 +247,18 @@ pub enum ErrorCode {
     NotFound,
     /// The receiver failed.
     Internal,
+    /// A class this version does not know (a newer node's): read as a failure of the
+    /// receiver, so the reply's other fields still arrive.
+    #[serde(other)]
+    Unknown,
 }
 
-/// What a node answers.
+/// What a node answers. Read leniently (unknown fields ignored): nodes are upgraded one at a time, and a newer
+/// node's extra detail in a reply must not make an older one lose the reply. Requests and
+/// shadow orders stay strict: a field an older edge would ignore may change what it is told
+/// to do.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
     /// Done; `found` says whether the target existed (unshadow, invalidate).
     Done {
@@ -382,6 +389,26 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, FrameError::TooLarge(_)));
+    }
+
+    #[test]
+    fn replies_from_a_newer_node_are_read_and_requests_stay_strict() {
+        let newer: Reply =
+            serde_json::from_str(r#"{"type":"done","found":true,"took_ms":3}"#).unwrap();
+        assert_eq!(newer, Reply::Done { found: true });
+        let unknown: Reply =
+            serde_json::from_str(r#"{"type":"error","code":"overloaded","message":"m"}"#).unwrap();
+        assert!(matches!(
+            unknown,
+            Reply::Error {
+                code: ErrorCode::Unknown,
+                ..
+            }
+        ));
+        let order = r#"{"type":"shadow","key":"h/a","ttl_secs":1,"priority":5,"deadline_ms":0,"refresh":false}"#;
+        assert!(serde_json::from_str::<Request>(order).is_ok());
+        let newer = order.replace('}', r#","urgent":true}"#);
+        assert!(serde_json::from_str::<Request>(&newer).is_err());
     }
 
     #[test]

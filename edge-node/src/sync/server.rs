@@ -126,9 +126,13 @@ impl SyncService {
         config: quinn::ServerConfig,
         parts: SyncParts,
     ) -> Self {
+        // Bounded per read, not per transfer: a large object to a distant peer may take
+        // minutes whole, and a stall is caught by the gap between reads (and the peer's own
+        // read timeout).
         let http = reqwest::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(60))
             .build()
             .unwrap_or_default();
         SyncService {
