@@ -521,6 +521,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_renewed_certificate_is_presented_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cluster, other) = (dir.path().join("cluster"), dir.path().join("other"));
+        let out = dir.path().join("broker");
+        for d in [&cluster, &other, &out] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        create_ca(&cluster).unwrap();
+        create_ca(&other).unwrap();
+        let edge = issue(&cluster, "e1", NodeRole::Edge, &cluster).unwrap();
+        let server = server(&NodeIdentity::load(&edge).unwrap());
+        let addr = server.local_addr().unwrap();
+        // The broker's files hold a certificate the cluster does not trust...
+        let mut paths = issue(&other, "b", NodeRole::Broker, &out).unwrap();
+        paths.ca_cert = cluster.join("ca.pem");
+        let broker = NodeIdentity::load(&paths).unwrap();
+        let client = client_endpoint(&broker, addr).unwrap();
+        let handshake = || async {
+            let dial = client.connect(addr, &edge_name("e1")).unwrap();
+            let (accepted, _dialled) =
+                tokio::join!(async { server.accept().await.unwrap().await.is_ok() }, dial);
+            accepted
+        };
+        assert!(!handshake().await, "refused: another CA issued it");
+        assert!(!broker.reload_if_changed().unwrap(), "nothing changed yet");
+        // ...until a renewal from the cluster CA lands in the same files.
+        let renewed = issue(&cluster, "b", NodeRole::Broker, &out).unwrap();
+        assert_eq!((&renewed.cert, &renewed.key), (&paths.cert, &paths.key));
+        assert!(broker.reload_if_changed().unwrap());
+        assert!(handshake().await, "the same endpoint presents the renewal");
+        // A half-written renewal keeps the certificate in use.
+        std::fs::write(&paths.cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert!(broker.reload_if_changed().is_err());
+        assert!(handshake().await);
+    }
+
+    #[tokio::test]
     async fn a_peer_that_refuses_our_certificate_is_backed_off_not_redialled() {
         let dir = tempfile::tempdir().unwrap();
         let (cluster, other) = (dir.path().join("cluster"), dir.path().join("other"));

@@ -1,16 +1,21 @@
 //! Mutual TLS for the QUIC channels: every node holds a certificate issued by the cluster CA,
 //! servers demand a client certificate from the same CA, and a node's role is read off the
 //! names its certificate is valid for (`broker.shadowcdn`, `<id>.edge.shadowcdn`).
+//!
+//! A node's own certificate and key are read again when their files change (checked every
+//! 30 s), so a renewal (cert-manager, say) takes effect for the next handshake without a
+//! restart; connections already open keep theirs. The CA is read once.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, SystemTime};
 
 use ring::hmac;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::server::WebPkiClientVerifier;
+use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 use serde::{Deserialize, Serialize};
 
@@ -61,8 +66,127 @@ pub enum TlsError {
 /// A node's certificate, key and the CA it trusts.
 pub struct NodeIdentity {
     roots: Arc<RootCertStore>,
-    chain: Vec<CertificateDer<'static>>,
+    /// The key as first loaded: it seeds the endpoint's reset tokens, which must not change
+    /// while the process lives.
     key: PrivateKeyDer<'static>,
+    /// The certificate and key handshakes present, swapped when the files change.
+    current: Arc<CurrentKey>,
+}
+
+/// This node's certificate and key as handshakes present them, for both sides of a channel.
+#[derive(Debug)]
+struct CurrentKey {
+    paths: TlsPaths,
+    key: parking_lot::RwLock<Arc<CertifiedKey>>,
+    /// The files' [`Stamp`] when last read.
+    stamp: parking_lot::Mutex<Stamp>,
+}
+
+/// How often the certificate and key files are checked for a renewal.
+const RELOAD_EVERY: Duration = Duration::from_secs(30);
+/// A certificate this close to its end is warned about at every load.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// (modification time, length) of the certificate and key files.
+type Stamp = [Option<(SystemTime, u64)>; 2];
+
+fn stamp_of(p: &TlsPaths) -> Stamp {
+    [&p.cert, &p.key].map(|f| {
+        let m = std::fs::metadata(f).ok()?;
+        Some((m.modified().ok()?, m.len()))
+    })
+}
+
+impl CurrentKey {
+    /// Read the files again if they changed; whether the key in use was replaced. A pair
+    /// that cannot be used (half written, mismatched) keeps the previous one in use.
+    fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let now = stamp_of(&self.paths);
+        let mut stamp = self.stamp.lock();
+        if now == *stamp {
+            return Ok(false);
+        }
+        let (key, _) = certified_key(&self.paths)?;
+        *self.key.write() = key;
+        *stamp = now;
+        Ok(true)
+    }
+}
+
+impl rustls::server::ResolvesServerCert for CurrentKey {
+    fn resolve(&self, _hello: rustls::server::ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.key.read().clone())
+    }
+}
+
+impl rustls::client::ResolvesClientCert for CurrentKey {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        Some(self.key.read().clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The certificate chain and key of `p`, checked to fit each other, and the key's DER.
+fn certified_key(p: &TlsPaths) -> Result<(Arc<CertifiedKey>, PrivateKeyDer<'static>), TlsError> {
+    let chain: Vec<_> = CertificateDer::pem_file_iter(&p.cert)
+        .map_err(|e| pem_error(&p.cert, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_error(&p.cert, e))?;
+    if chain.is_empty() {
+        return Err(pem_error(&p.cert, "no certificate in the file"));
+    }
+    let key = PrivateKeyDer::from_pem_file(&p.key).map_err(|e| pem_error(&p.key, e))?;
+    warn_if_expiring(&p.cert, &chain[0]);
+    let certified = CertifiedKey::from_der(chain, key.clone_key(), &provider())
+        .map_err(|e| pem_error(&p.key, format!("does not fit the certificate: {e}")))?;
+    Ok((Arc::new(certified), key))
+}
+
+/// Log a certificate that has expired or ends within [`EXPIRY_WARNING`].
+fn warn_if_expiring(path: &Path, cert: &CertificateDer<'_>) {
+    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+        return;
+    };
+    let end = parsed.validity().not_after.timestamp();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = end - now;
+    if left <= 0 {
+        tracing::error!(file = %path.display(), "QUIC certificate has expired");
+    } else if left < EXPIRY_WARNING.as_secs() as i64 {
+        tracing::warn!(file = %path.display(), days_left = left / 86_400,
+            "QUIC certificate expires soon");
+    }
+}
+
+/// Check `current`'s files every [`RELOAD_EVERY`] until it is dropped.
+fn keep_current(current: Weak<CurrentKey>) {
+    let spawned = std::thread::Builder::new()
+        .name("quic-cert-reload".into())
+        .spawn(move || loop {
+            std::thread::sleep(RELOAD_EVERY);
+            let Some(current) = current.upgrade() else {
+                return;
+            };
+            match current.reload_if_changed() {
+                Ok(true) => tracing::info!(file = %current.paths.cert.display(),
+                    "QUIC certificate reloaded"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e,
+                    "QUIC certificate not reloaded; the previous one stays in use"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "QUIC certificates will not be reloaded");
+    }
 }
 
 fn pem_error(path: &Path, what: impl ToString) -> TlsError {
@@ -103,19 +227,27 @@ impl NodeIdentity {
         for ca in cas {
             roots.add(ca)?;
         }
-        let chain: Vec<_> = CertificateDer::pem_file_iter(&p.cert)
-            .map_err(|e| pem_error(&p.cert, e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| pem_error(&p.cert, e))?;
-        if chain.is_empty() {
-            return Err(pem_error(&p.cert, "no certificate in the file"));
-        }
-        let key = PrivateKeyDer::from_pem_file(&p.key).map_err(|e| pem_error(&p.key, e))?;
+        // Stamped before reading: a renewal written meanwhile reads as a change at the next
+        // check.
+        let stamp = stamp_of(p);
+        let (certified, key) = certified_key(p)?;
+        let current = Arc::new(CurrentKey {
+            paths: p.clone(),
+            key: parking_lot::RwLock::new(certified),
+            stamp: parking_lot::Mutex::new(stamp),
+        });
+        keep_current(Arc::downgrade(&current));
         Ok(NodeIdentity {
             roots: Arc::new(roots),
-            chain,
             key,
+            current,
         })
+    }
+
+    /// Read this node's certificate and key again if their files changed (as the
+    /// background check does every 30 s); whether the pair in use was replaced.
+    pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        self.current.reload_if_changed()
     }
 
     /// Server side: TLS 1.3, client certificate from the cluster CA required.
@@ -126,7 +258,7 @@ impl NodeIdentity {
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
-            .with_single_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_cert_resolver(self.current.clone());
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
@@ -159,7 +291,7 @@ impl NodeIdentity {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_root_certificates(self.roots.clone())
-            .with_client_auth_cert(self.chain.clone(), self.key.clone_key())?;
+            .with_client_cert_resolver(self.current.clone());
         tls.alpn_protocols = vec![ALPN.to_vec()];
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
