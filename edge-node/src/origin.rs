@@ -1,6 +1,6 @@
 //! The origin table: which upstream serves a request, chosen by Host and longest path prefix.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -452,13 +452,14 @@ impl SharedOrigins {
     pub fn names_to_resolve(&self, rows: &[OriginEntry]) -> Vec<(String, u16)> {
         let pushed = self.pushed.lock();
         let failed = self.failed.lock();
+        let fresh: HashSet<UpstreamKey<'_>> = pushed
+            .iter()
+            .filter(|p| p.looked_up.elapsed() < RESOLVE_EVERY)
+            .map(|p| upstream_key(&p.entry))
+            .collect();
         let mut names: Vec<(String, u16)> = rows
             .iter()
-            .filter(|e| {
-                !pushed
-                    .iter()
-                    .any(|p| same_upstream(&p.entry, e) && p.looked_up.elapsed() < RESOLVE_EVERY)
-            })
+            .filter(|e| !fresh.contains(&upstream_key(e)))
             .filter_map(|e| upstream_target(&e.upstream))
             .filter(|name| {
                 failed
@@ -487,11 +488,19 @@ impl SharedOrigins {
     ) -> PushReport {
         let mut pushed = self.pushed.lock();
         let mut kept: Vec<PushedRow> = Vec::with_capacity(rows.len());
+        // Indexes, not scans: a fleet's table may hold tens of thousands of rows, pushed every
+        // few seconds.
+        let mut routes: HashSet<(String, String)> = HashSet::with_capacity(rows.len());
+        let by_upstream: HashMap<UpstreamKey<'_>, usize> = pushed
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (upstream_key(&p.entry), i))
+            .collect();
         let mut rejected = Vec::new();
         for (index, entry) in rows.into_iter().enumerate() {
             // The same route to the same upstream, whatever its options: its address carries
             // over (an option changed alone must not make an unresolvable name drop the row).
-            let previous = pushed.iter().find(|p| same_upstream(&p.entry, &entry));
+            let previous = by_upstream.get(&upstream_key(&entry)).map(|i| &pushed[*i]);
             // This row's options at the previous row's address.
             let at_previous_address = |p: &PushedRow| -> Result<Arc<Origin>, OriginError> {
                 if p.entry == entry {
@@ -523,7 +532,7 @@ impl SharedOrigins {
                         addr: origin.addr.ip(),
                     });
                 }
-                if kept.iter().any(|k| k.origin.same_route(&origin)) {
+                if !routes.insert((origin.host.clone(), origin.path_prefix.clone())) {
                     return Err(OriginError::Duplicate {
                         index,
                         host: origin.host.clone(),
@@ -546,7 +555,7 @@ impl SharedOrigins {
                 }),
             }
         }
-        let overridden = |o: &Origin| kept.iter().any(|k| k.origin.same_route(o));
+        let overridden = |o: &Origin| routes.contains(&(o.host.clone(), o.path_prefix.clone()));
         let origins: Vec<Arc<Origin>> = self
             .configured
             .iter()
@@ -669,8 +678,11 @@ pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
 
 /// Whether two rows send the same route to the same upstream (their options aside): the
 /// address one resolved to serves the other.
-fn same_upstream(a: &OriginEntry, b: &OriginEntry) -> bool {
-    (&a.host, &a.path_prefix, &a.upstream) == (&b.host, &b.path_prefix, &b.upstream)
+/// A row's route and upstream: rows equal in these share an address.
+type UpstreamKey<'a> = (&'a str, Option<&'a str>, &'a str);
+
+fn upstream_key(e: &OriginEntry) -> UpstreamKey<'_> {
+    (&e.host, e.path_prefix.as_deref(), &e.upstream)
 }
 
 fn parse_entry(
@@ -901,6 +913,32 @@ mod tests {
         for ip in public.split_whitespace() {
             assert!(!is_private_ip(ip.parse().unwrap()), "{ip}");
         }
+    }
+
+    #[test]
+    fn a_fleet_sized_push_applies_whole_and_reuses_its_addresses() {
+        // 20,000 rows twice (the second push reuses every address; rows are matched to the
+        // table by index, not by a scan per row, which made this 4e8 comparisons a push).
+        let shared = SharedOrigins::new(vec![]).unwrap();
+        let rows = || {
+            let mut rows: Vec<OriginEntry> = (0..20_000)
+                .map(|i| entry(&format!("h{i}.example"), None, "http://origin.example"))
+                .collect();
+            rows.push(entry("h7.example", None, "http://other.example"));
+            rows
+        };
+        let public = |_: &str, port: u16| Ok(Some(SocketAddr::from(([93, 184, 215, 14], port))));
+        assert_eq!(shared.names_to_resolve(&rows()).len(), 2);
+        for _ in 0..2 {
+            let r = shared.replace_pushed_with(rows(), false, public);
+            assert_eq!(r.rejected.len(), 1, "the duplicate route");
+            assert_eq!(r.origins, 20_000);
+        }
+        // Only the refused row's name is asked again.
+        assert_eq!(
+            shared.names_to_resolve(&rows()),
+            [("other.example".to_string(), 80)]
+        );
     }
 
     #[test]
