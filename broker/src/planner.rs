@@ -417,6 +417,9 @@ pub struct PlannerState {
     backoff: Mutex<HashMap<(String, usize), Backoff>>,
     /// Live shadows left after the last sweep in [`Self::record`].
     swept_at_len: Mutex<usize>,
+    /// Per edge, the shadow bytes the last tick left placed (kept, expiring, shadowed, and
+    /// those no candidate stood for), plus what co-access placed since.
+    taken: Mutex<Vec<u64>>,
 }
 
 /// Fills of one key on one edge that failed in a row (the origin forbids caching, the body
@@ -476,6 +479,26 @@ impl PlannerState {
     /// Forget every shadow edge `edge` held (it restarted and lost them).
     pub fn forget_edge(&self, edge: usize) {
         self.live.lock().retain(|(_, e), _| *e != edge);
+    }
+
+    /// Set what each edge's shadows take, as a tick left them.
+    fn set_taken(&self, taken: Vec<u64>) {
+        *self.taken.lock() = taken;
+    }
+
+    /// Take `bytes` of `edge`'s `budget` for a placement outside a tick (co-access), if they
+    /// fit what the last tick left; whether they did. With no tick yet (the planner off)
+    /// the whole budget is there.
+    pub fn take_budget(&self, edge: usize, bytes: u64, budget: u64) -> bool {
+        let mut taken = self.taken.lock();
+        if taken.len() <= edge {
+            taken.resize(edge + 1, 0);
+        }
+        let fits = taken[edge].saturating_add(bytes) <= budget;
+        if fits {
+            taken[edge] += bytes;
+        }
+        fits
     }
 
     /// Edges holding a live shadow of `key`.
@@ -1141,6 +1164,14 @@ impl Planner {
             |i| thresholds[i].0,
             |e| budgets[e].saturating_sub(held[e]),
         );
+        // What each edge's shadows take after this tick, for co-access to place within.
+        let mut taken = held.clone();
+        for v in &verdicts {
+            if let (Some(e), "kept" | "expiring" | "shadowed") = (v.edge, v.outcome) {
+                taken[e] += cands[v.candidate].bytes;
+            }
+        }
+        self.state.set_taken(taken);
         let now_ms = now * 1000;
         let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
         let mut orders = Vec::new();
@@ -1413,6 +1444,23 @@ mod tests {
             held_elsewhere: 0,
         };
         vec![bar; n]
+    }
+
+    #[test]
+    fn placements_outside_a_tick_fit_what_the_tick_left() {
+        let state = PlannerState::default();
+        assert!(
+            state.take_budget(1, 600, 1000),
+            "no tick yet: the whole budget"
+        );
+        state.set_taken(vec![0, 700]);
+        assert!(!state.take_budget(1, 400, 1000));
+        assert!(state.take_budget(1, 300, 1000));
+        assert!(
+            !state.take_budget(1, 1, 1000),
+            "its own placement counts too"
+        );
+        assert!(state.take_budget(0, 1000, 1000));
     }
 
     #[test]

@@ -179,6 +179,15 @@ impl CoAccessService {
                     .inc();
                 continue;
             }
+            // Within what the planner's shadows leave: placed over them, a follower would
+            // make the next tick drop (and purge) a forecast shadow to make room.
+            if !self.planner.take_budget(edge, f.bytes.unwrap_or(0), budget) {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["budget"])
+                    .inc();
+                continue;
+            }
             let order = ShadowOrder {
                 key: f.key.clone(),
                 ttl_secs: ttl,
