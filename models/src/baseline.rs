@@ -88,8 +88,9 @@ fn poisson_quantile(lambda: f64, q: f64) -> f64 {
     let mut lp = -lambda;
     let mut cdf = lp.exp();
     let mut k = 0u32;
-    // Bounded: the tail beyond λ + 50√λ + 50 has negligible mass.
-    let limit = (lambda + 50.0 * lambda.sqrt() + 50.0) as u32;
+    // Bounded: the tail beyond λ + 50√λ + 100 has negligible mass (the bound
+    // `models/train/features.py` uses, so both pipelines stop at the same k).
+    let limit = (lambda + 50.0 * lambda.sqrt() + 100.0) as u32;
     while cdf < q && k < limit {
         k += 1;
         lp += ln_lambda - f64::from(k).ln();
