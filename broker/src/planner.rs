@@ -417,9 +417,19 @@ pub struct PlannerState {
     backoff: Mutex<HashMap<(String, usize), Backoff>>,
     /// Live shadows left after the last sweep in [`Self::record`].
     swept_at_len: Mutex<usize>,
-    /// Per edge, the shadow bytes the last tick left placed (kept, expiring, shadowed, and
-    /// those no candidate stood for), plus what co-access placed since.
-    taken: Mutex<Vec<u64>>,
+    /// What the last tick left of each edge's shadow budget (see [`Taken`]).
+    taken: Mutex<Option<Taken>>,
+}
+
+/// Per edge, a tick's shadow budget (its safety factor applied) and the bytes its shadows
+/// take (kept, expiring, shadowed, and those no candidate stood for), plus what co-access
+/// placed since. Good until the next tick replaces it; a stale one (the planner off, or its
+/// ticks ending early) is not used.
+#[derive(Debug)]
+struct Taken {
+    at: Instant,
+    budgets: Vec<u64>,
+    bytes: Vec<u64>,
 }
 
 /// Fills of one key on one edge that failed in a row (the origin forbids caching, the body
@@ -481,22 +491,31 @@ impl PlannerState {
         self.live.lock().retain(|(_, e), _| *e != edge);
     }
 
-    /// Set what each edge's shadows take, as a tick left them.
-    fn set_taken(&self, taken: Vec<u64>) {
-        *self.taken.lock() = taken;
+    /// Set each edge's budget and what its shadows take, as a tick left them.
+    fn set_taken(&self, budgets: Vec<u64>, bytes: Vec<u64>) {
+        *self.taken.lock() = Some(Taken {
+            at: Instant::now(),
+            budgets,
+            bytes,
+        });
     }
 
-    /// Take `bytes` of `edge`'s `budget` for a placement outside a tick (co-access), if they
-    /// fit what the last tick left; whether they did. With no tick yet (the planner off)
-    /// the whole budget is there.
-    pub fn take_budget(&self, edge: usize, bytes: u64, budget: u64) -> bool {
+    /// Take `bytes` for a placement outside a tick (co-access) on `edge`, whose whole shadow
+    /// budget is `budget`, if they fit what a tick of the last `fresh_for` left; whether they
+    /// did. Without such a tick (the planner off, its ticks ending early) only `budget`
+    /// bounds it.
+    pub fn take_budget(&self, edge: usize, bytes: u64, budget: u64, fresh_for: Duration) -> bool {
         let mut taken = self.taken.lock();
-        if taken.len() <= edge {
-            taken.resize(edge + 1, 0);
-        }
-        let fits = taken[edge].saturating_add(bytes) <= budget;
+        let Some(t) = taken.as_mut().filter(|t| t.at.elapsed() < fresh_for) else {
+            return bytes <= budget;
+        };
+        let room = t.budgets.get(edge).map_or(budget, |b| (*b).min(budget));
+        let Some(used) = t.bytes.get_mut(edge) else {
+            return bytes <= room;
+        };
+        let fits = used.saturating_add(bytes) <= room;
         if fits {
-            taken[edge] += bytes;
+            *used += bytes;
         }
         fits
     }
@@ -1171,7 +1190,7 @@ impl Planner {
                 taken[e] += cands[v.candidate].bytes;
             }
         }
-        self.state.set_taken(taken);
+        self.state.set_taken(budgets.clone(), taken);
         let now_ms = now * 1000;
         let mut decisions: HashMap<String, Vec<Decision>> = HashMap::new();
         let mut orders = Vec::new();
@@ -1449,18 +1468,23 @@ mod tests {
     #[test]
     fn placements_outside_a_tick_fit_what_the_tick_left() {
         let state = PlannerState::default();
+        let fresh = Duration::from_secs(60);
         assert!(
-            state.take_budget(1, 600, 1000),
+            state.take_budget(1, 600, 1000, fresh),
             "no tick yet: the whole budget"
         );
-        state.set_taken(vec![0, 700]);
-        assert!(!state.take_budget(1, 400, 1000));
-        assert!(state.take_budget(1, 300, 1000));
+        assert!(!state.take_budget(1, 1001, 1000, fresh));
+        // The tick's budget has its safety factor applied: 800 of 1000 here.
+        state.set_taken(vec![1000, 800], vec![0, 500]);
+        assert!(!state.take_budget(1, 400, 1000, fresh));
+        assert!(state.take_budget(1, 300, 1000, fresh));
         assert!(
-            !state.take_budget(1, 1, 1000),
+            !state.take_budget(1, 1, 1000, fresh),
             "its own placement counts too"
         );
-        assert!(state.take_budget(0, 1000, 1000));
+        assert!(state.take_budget(0, 1000, 1000, fresh));
+        // A stale tick says nothing: the whole budget again.
+        assert!(state.take_budget(1, 900, 1000, Duration::ZERO));
     }
 
     #[test]

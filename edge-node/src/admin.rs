@@ -126,12 +126,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/cache/{*key}", any(purge))
         .route("/tags/{host}", any(purge_tags))
-        .route(
-            "/origins",
-            get(get_origins)
-                .put(put_origins)
-                .layer(axum::extract::DefaultBodyLimit::max(MAX_ORIGIN_PUSH_BYTES)),
-        )
+        .route("/origins", get(get_origins).put(put_origins))
         .route("/peers", get(get_peers).put(put_peers))
         .route("/shadows", axum::routing::post(post_shadow))
         .route("/shadows/{*key}", get(get_shadow).delete(delete_shadow))
@@ -275,10 +270,20 @@ fn authorize_purge(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Respon
 /// Apply an authorized purge and answer it (`found_before`: a key purge found its object
 /// under another spelling of the key already).
 async fn purge_target(s: &AdminState, target: Target, found_before: bool) -> Response {
-    match (
-        invalidate(s.storage, &s.shadows, &s.metrics, &target).await,
-        target,
-    ) {
+    // In a task of its own: a caller that hangs up while the ban is being made durable (its
+    // fsync may take seconds) must not cut the purge short between the ban and the end of
+    // the marks it bans.
+    let done = {
+        let (s, target) = (s.clone(), target.clone());
+        tokio::spawn(async move { invalidate(s.storage, &s.shadows, &s.metrics, &target).await })
+    };
+    let done = done.await.unwrap_or_else(|e| {
+        Err(crate::storage::BanError::Io {
+            path: "bans.log".into(),
+            source: std::io::Error::other(e),
+        })
+    });
+    match (done, target) {
         (Ok(found), Target::Key(key)) => {
             let found = found || found_before;
             let status = if found {
@@ -451,8 +456,23 @@ async fn get_origins(State(s): State<AdminState>, headers: HeaderMap) -> Respons
 async fn put_origins(
     State(s): State<AdminState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
+    // The token before the body: a caller without it must not make this edge buffer a
+    // table-sized body.
+    if let Err(r) = authorize(&headers, &s.token) {
+        return *r;
+    }
+    let body = match axum::body::to_bytes(body, MAX_ORIGIN_PUSH_BYTES).await {
+        Ok(b) => b,
+        Err(e) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("origin push unreadable or over {MAX_ORIGIN_PUSH_BYTES} bytes: {e}"),
+            )
+        }
+    };
     let parsed: OriginsBody = match authorized_json(&s, &headers, &body) {
         Ok(b) => b,
         Err(r) => return *r,

@@ -11,7 +11,7 @@ use crate::storage::{BanError, FoyerStorage};
 use crate::tags;
 
 /// What to purge.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
     /// One primary key, `host/path?query`.
     Key(String),

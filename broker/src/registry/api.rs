@@ -429,7 +429,15 @@ async fn put_origin(
         check_public_host(&host, s.allow_local_hosts)?;
     }
     let upstream = check_upstream(&req.upstream, s.allow_private_upstreams)?;
-    check_upstream_resolves(&upstream, s.allow_private_upstreams).await?;
+    // An unchanged upstream (an update of options alone) is not looked up again: the edges
+    // keep its last address through a resolver's blip, and so must the API.
+    let unchanged = s
+        .registry
+        .origin(&host)
+        .is_some_and(|o| o.upstream == upstream);
+    if !unchanged {
+        check_upstream_resolves(&upstream, s.allow_private_upstreams).await?;
+    }
     let cache_key_ignore_query =
         QueryFilter::parse(&req.cache_key_ignore_query).map_err(|message| Invalid {
             field: "cache_key_ignore_query",

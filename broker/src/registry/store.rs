@@ -511,17 +511,27 @@ impl Registry {
             let m = self.mem.read();
             // One resource per (host, path, match): a second one (a retried create, say)
             // would never resolve, and updates to it would silently do nothing.
-            let taken = m.by_host.get(&resource.host).and_then(|h| {
-                let paths = match resource.r#match {
-                    PathMatch::Exact => &h.exact,
-                    PathMatch::Prefix => &h.prefix,
-                };
-                paths
-                    .get(&resource.path)?
-                    .iter()
-                    .find(|id| **id != resource.id)
-                    .cloned()
+            // A resource that keeps its own host, path and match is let through, so that
+            // duplicates stored before this check can still be updated.
+            let same_place = m.resources.get(&resource.id).is_some_and(|old| {
+                (&old.host, &old.path, old.r#match)
+                    == (&resource.host, &resource.path, resource.r#match)
             });
+            let taken = m
+                .by_host
+                .get(&resource.host)
+                .filter(|_| !same_place)
+                .and_then(|h| {
+                    let paths = match resource.r#match {
+                        PathMatch::Exact => &h.exact,
+                        PathMatch::Prefix => &h.prefix,
+                    };
+                    paths
+                        .get(&resource.path)?
+                        .iter()
+                        .find(|id| **id != resource.id)
+                        .cloned()
+                });
             if let Some(other) = taken {
                 return Err(RegistryError::Conflict(format!(
                     "resource {other} already selects {}{}; update it instead",

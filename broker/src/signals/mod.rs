@@ -181,7 +181,13 @@ impl CoAccessService {
             }
             // Within what the planner's shadows leave: placed over them, a follower would
             // make the next tick drop (and purge) a forecast shadow to make room.
-            if !self.planner.take_budget(edge, f.bytes.unwrap_or(0), budget) {
+            // A tick older than three intervals is stale: the planner is off or failing.
+            let fresh_for =
+                std::time::Duration::from_secs_f64(self.planner_cfg.interval_secs.max(0.05) * 3.0);
+            if !self
+                .planner
+                .take_budget(edge, f.bytes.unwrap_or(0), budget, fresh_for)
+            {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&["budget"])

@@ -551,9 +551,14 @@ mod tests {
         assert_eq!((&renewed.cert, &renewed.key), (&paths.cert, &paths.key));
         assert!(broker.reload_if_changed().unwrap());
         assert!(handshake().await, "the same endpoint presents the renewal");
-        // A half-written renewal keeps the certificate in use.
+        // A half-written renewal keeps the certificate in use, and so does one the cluster
+        // would refuse (another CA's).
         std::fs::write(&paths.cert, "-----BEGIN CERTIFICATE-----\n").unwrap();
         assert!(broker.reload_if_changed().is_err());
+        assert!(handshake().await);
+        issue(&other, "b", NodeRole::Broker, &out).unwrap();
+        let refused = broker.reload_if_changed().unwrap_err().to_string();
+        assert!(refused.contains("refuse"), "{refused}");
         assert!(handshake().await);
     }
 

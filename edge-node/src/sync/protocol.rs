@@ -248,8 +248,9 @@ pub enum ErrorCode {
     /// The receiver failed.
     Internal,
     /// A class this version does not know (a newer node's): read as a failure of the
-    /// receiver, so the reply's other fields still arrive.
-    #[serde(other)]
+    /// receiver, so the reply's other fields still arrive, and a purge so refused is
+    /// retried until the broker is upgraded. Only ever read, never sent.
+    #[serde(other, skip_serializing)]
     Unknown,
 }
 

@@ -77,6 +77,8 @@ pub struct NodeIdentity {
 #[derive(Debug)]
 struct CurrentKey {
     paths: TlsPaths,
+    /// The cluster CA: a renewal must chain to it.
+    roots: Arc<RootCertStore>,
     key: parking_lot::RwLock<Arc<CertifiedKey>>,
     /// The files' [`Stamp`] when last read.
     stamp: parking_lot::Mutex<Stamp>,
@@ -107,9 +109,33 @@ impl CurrentKey {
             return Ok(false);
         }
         let (key, _) = certified_key(&self.paths)?;
+        // One the cluster would refuse (another CA's, not yet or no longer valid) would fail
+        // every handshake from now on: the one in use stays.
+        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
+            .build()
+            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let (leaf, chain) = key
+            .cert
+            .split_first()
+            .ok_or_else(|| pem_error(&self.paths.cert, "no certificate in the file"))?;
+        verifier
+            .verify_client_cert(leaf, chain, rustls::pki_types::UnixTime::now())
+            .map_err(|e| {
+                pem_error(
+                    &self.paths.cert,
+                    format!("the cluster would refuse it: {e}"),
+                )
+            })?;
         *self.key.write() = key;
         *stamp = now;
         Ok(true)
+    }
+
+    /// Log the certificate in use if it has expired or ends soon.
+    fn check_expiry(&self) {
+        if let Some(leaf) = self.key.read().cert.first() {
+            warn_if_expiring(&self.paths.cert, leaf);
+        }
     }
 }
 
@@ -167,21 +193,30 @@ fn warn_if_expiring(path: &Path, cert: &CertificateDer<'_>) {
     }
 }
 
-/// Check `current`'s files every [`RELOAD_EVERY`] until it is dropped.
+/// Checks between two warnings about the certificate in use ending soon: daily.
+const EXPIRY_CHECK_EVERY: u32 = (86_400 / RELOAD_EVERY.as_secs()) as u32;
+
+/// Check `current`'s files every [`RELOAD_EVERY`] until it is dropped, and daily whether the
+/// certificate in use ends soon (a renewal that silently stopped).
 fn keep_current(current: Weak<CurrentKey>) {
     let spawned = std::thread::Builder::new()
         .name("quic-cert-reload".into())
-        .spawn(move || loop {
-            std::thread::sleep(RELOAD_EVERY);
-            let Some(current) = current.upgrade() else {
-                return;
-            };
-            match current.reload_if_changed() {
-                Ok(true) => tracing::info!(file = %current.paths.cert.display(),
+        .spawn(move || {
+            for round in 1u32.. {
+                std::thread::sleep(RELOAD_EVERY);
+                let Some(current) = current.upgrade() else {
+                    return;
+                };
+                if round % EXPIRY_CHECK_EVERY == 0 {
+                    current.check_expiry();
+                }
+                match current.reload_if_changed() {
+                    Ok(true) => tracing::info!(file = %current.paths.cert.display(),
                     "QUIC certificate reloaded"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e,
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e,
                     "QUIC certificate not reloaded; the previous one stays in use"),
+                }
             }
         });
     if let Err(e) = spawned {
@@ -231,14 +266,16 @@ impl NodeIdentity {
         // check.
         let stamp = stamp_of(p);
         let (certified, key) = certified_key(p)?;
+        let roots = Arc::new(roots);
         let current = Arc::new(CurrentKey {
             paths: p.clone(),
+            roots: roots.clone(),
             key: parking_lot::RwLock::new(certified),
             stamp: parking_lot::Mutex::new(stamp),
         });
         keep_current(Arc::downgrade(&current));
         Ok(NodeIdentity {
-            roots: Arc::new(roots),
+            roots,
             key,
             current,
         })
