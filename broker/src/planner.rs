@@ -1437,6 +1437,14 @@ mod tests {
         }
     }
 
+    /// The outcome `decide` gave the candidate keyed `k`.
+    fn outcome_of(v: &[Verdict], cands: &[Candidate], k: &str) -> &'static str {
+        v.iter()
+            .find(|v| cands[v.candidate].key == k)
+            .unwrap()
+            .outcome
+    }
+
     fn fc(p50: f32, p_any: f32) -> Forecast {
         Forecast {
             quantiles: [0.0, p50, p50 * 2.0],
@@ -1660,12 +1668,7 @@ mod tests {
             |_| 0.5,
             |_| 1 << 20,
         );
-        let outcome = |k: &str| {
-            v.iter()
-                .find(|v| cands[v.candidate].key == k)
-                .unwrap()
-                .outcome
-        };
+        let outcome = |k: &str| outcome_of(&v, &cands, k);
         assert_eq!(outcome("low"), "below_threshold");
         assert_eq!(outcome("forbidden"), "policy");
         assert_eq!(outcome("live"), "kept");
@@ -1715,12 +1718,7 @@ mod tests {
             |_| 0.5,
             |_| 1000,
         );
-        let outcome = |k: &str| {
-            v.iter()
-                .find(|v| cands[v.candidate].key == k)
-                .unwrap()
-                .outcome
-        };
+        let outcome = |k: &str| outcome_of(&v, &cands, k);
         assert_eq!(outcome("new"), "shadowed");
         assert_eq!(outcome("old"), "dropped");
     }
@@ -1747,12 +1745,7 @@ mod tests {
             |_| 0.5,
             |_| 1000,
         );
-        let outcome = |k: &str| {
-            v.iter()
-                .find(|v| cands[v.candidate].key == k)
-                .unwrap()
-                .outcome
-        };
+        let outcome = |k: &str| outcome_of(&v, &cands, k);
         assert_eq!((outcome("a"), outcome("b")), ("kept", "budget"));
     }
 

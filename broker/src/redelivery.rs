@@ -371,18 +371,25 @@ mod tests {
         assert_eq!(q, vec![target("a.com/*"), target("b.com/*"), target("ho*")]);
     }
 
+    /// The sample config's fleet and a directory for the queue file.
+    fn sample_fleet() -> (Arc<Fleet>, tempfile::TempDir) {
+        let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
+        (Arc::new(Fleet::new(&cfg)), tempfile::tempdir().unwrap())
+    }
+
+    /// The queues at `path`, as a broker (re)starting with `fleet` opens them.
+    fn reopen(fleet: &Arc<Fleet>, path: &std::path::Path) -> (Arc<Redelivery>, Arc<Health>) {
+        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let r = Redelivery::open(path.to_path_buf(), fleet.clone(), health.clone(), metrics);
+        (Arc::new(r.unwrap()), health)
+    }
+
     #[tokio::test]
     async fn an_edge_is_held_until_it_confirms_and_queues_survive_a_restart() {
-        let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
-        let fleet = Arc::new(Fleet::new(&cfg));
-        let dir = tempfile::tempdir().unwrap();
+        let (fleet, dir) = sample_fleet();
         let path = dir.path().join("pending-purges.json");
-        let open = || {
-            let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
-            let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
-            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics);
-            (Arc::new(r.unwrap()), health)
-        };
+        let open = || reopen(&fleet, &path);
         let (r, health) = open();
         assert!(r.edges_pending().is_empty() && health.is_up(1));
         r.queue(1, target("a.com/x"));
@@ -426,17 +433,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_purge_cut_short_by_a_stop_is_queued_for_every_edge_it_was_going_to() {
-        let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
-        let fleet = Arc::new(Fleet::new(&cfg));
+        let (fleet, dir) = sample_fleet();
         assert!(fleet.edges.len() >= 3);
-        let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("pending-purges.json");
-        let open = || {
-            let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
-            let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
-            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics);
-            (Arc::new(r.unwrap()), health)
-        };
+        let open = || reopen(&fleet, &path);
         let (r, health) = open();
         let finished = r.begin(target("a.com/done"), &[0, 1, 2]);
         let _cut_short = r.begin(target("a.com/x"), &[0, 2]);
