@@ -1729,6 +1729,13 @@ async fn admin_json(
     (s, resp.json().await.unwrap_or(serde_json::Value::Null))
 }
 
+/// Order a shadow of `key` for a minute; the edge accepts it (the fill runs on).
+async fn order_shadow(edge: &Edge, key: &str) {
+    let order = serde_json::json!({"key": key, "ttl_secs": 60});
+    let (s, v) = admin_json(edge, Method::POST, "/shadows", Some(order)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+}
+
 /// Order a shadow (`order`: the `POST /shadows` body) and whether its mark appeared within
 /// 5 s (the fill done).
 async fn shadow_marked(edge: &Edge, order: serde_json::Value) -> bool {
@@ -1759,14 +1766,7 @@ async fn a_shadow_the_cache_cannot_keep_fails_unmarked() {
         format!("{HOST}/huge.bin?size=2097152&chunked=1"),
     ];
     for key in &keys {
-        let (s, v) = admin_json(
-            &edge,
-            Method::POST,
-            "/shadows",
-            Some(serde_json::json!({"key": key, "ttl_secs": 60})),
-        )
-        .await;
-        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        order_shadow(&edge, key).await;
     }
     let failed = || async {
         let m = edge.metrics().await;
@@ -1884,14 +1884,7 @@ async fn shadow_marks_follow_tag_purges_and_count_clients_served_while_filling()
     // 8 chunks of 16 KiB, 250 ms apart: the client arrives mid-fill.
     let path = "/sh/slow.bin?size=131072&chunked=1&chunk_delay_ms=250";
     let key = format!("{HOST}{path}");
-    let (s, v) = admin_json(
-        &edge,
-        Method::POST,
-        "/shadows",
-        Some(serde_json::json!({"key": key, "ttl_secs": 60})),
-    )
-    .await;
-    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    order_shadow(&edge, &key).await;
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while origin.hits("/sh/slow.bin") == 0 {
         assert!(
