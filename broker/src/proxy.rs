@@ -191,51 +191,100 @@ fn host_of(req: &RequestHeader) -> Option<String> {
 /// Longest the direct-to-origin fallback waits for an origin's name to resolve.
 const ORIGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Resolve an origin URL (`http(s)://host[:port]`) to a peer, refusing loopback and private
-/// addresses unless `allow_private` (a provider's name could otherwise point the broker at the
-/// operator's network, its own admin API included).
-async fn origin_peer(upstream: &str, allow_private: bool) -> Result<HttpPeer> {
-    let uri: http::Uri = upstream.parse().map_err(|_| {
-        Error::explain(ErrorType::InternalError, "registered upstream is not a URL")
-    })?;
+/// An origin URL's host, scheme and the addresses its name resolves to.
+pub(crate) struct ResolvedUpstream {
+    /// The URL's host, without IPv6 brackets.
+    pub host: String,
+    /// Whether it is `https`.
+    pub tls: bool,
+    /// Never empty, and never private unless private addresses were allowed.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// Why an origin URL gives no usable address.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamLookupError {
+    /// Not `http(s)://host[:port]`.
+    #[error("registered upstream is not a URL with a host")]
+    NotAUrl,
+    /// The lookup outlasted its bound.
+    #[error("{host} did not resolve within {secs} s")]
+    TimedOut { host: String, secs: u64 },
+    /// The lookup failed.
+    #[error("{host} does not resolve ({source})")]
+    Failed {
+        host: String,
+        source: std::io::Error,
+    },
+    /// The lookup answered no address.
+    #[error("{host} resolves to no address")]
+    NoAddress { host: String },
+    /// One of its addresses is loopback or private.
+    #[error("{host} resolves to {addr}, a loopback or private address")]
+    Private {
+        host: String,
+        addr: std::net::IpAddr,
+    },
+}
+
+/// Resolve an origin URL (`http(s)://host[:port]`) within `timeout` (a provider's slow
+/// resolver must not hold the caller, nor the blocking pool the lookup runs on), refusing
+/// loopback and private addresses unless `allow_private` (a provider's name could otherwise
+/// point the broker or the edges at the operator's network, its own admin API included). One
+/// private address among public ones is as good as a private name.
+pub(crate) async fn resolve_upstream(
+    upstream: &str,
+    allow_private: bool,
+    timeout: Duration,
+) -> std::result::Result<ResolvedUpstream, UpstreamLookupError> {
+    let uri: http::Uri = upstream.parse().map_err(|_| UpstreamLookupError::NotAUrl)?;
     let tls = uri.scheme_str() == Some("https");
     let host = uri
         .host()
-        .ok_or_else(|| Error::explain(ErrorType::InternalError, "registered upstream has no host"))?
+        .ok_or(UpstreamLookupError::NotAUrl)?
         .trim_matches(|c| c == '[' || c == ']')
         .to_string();
     let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-    // Bounded: a provider's slow resolver must not hold the fallback (and the blocking pool
-    // the lookup runs on) while every edge is down.
-    let addrs: Vec<SocketAddr> = tokio::time::timeout(
-        ORIGIN_LOOKUP_TIMEOUT,
-        tokio::net::lookup_host((host.as_str(), port)),
-    )
-    .await
-    .map_err(|_| Error::explain(ErrorType::ConnectTimedout, "resolving origin timed out"))?
-    .map_err(|e| Error::because(ErrorType::ConnectError, "resolving origin", e))?
-    .collect();
-    // One private address among public ones is as good as a private name.
+    let lookup = tokio::time::timeout(timeout, tokio::net::lookup_host((host.as_str(), port)))
+        .await
+        .map(|found| found.map(Iterator::collect::<Vec<SocketAddr>>));
+    let addrs = match lookup {
+        Err(_) => {
+            let secs = timeout.as_secs();
+            return Err(UpstreamLookupError::TimedOut { host, secs });
+        }
+        Ok(Err(source)) => return Err(UpstreamLookupError::Failed { host, source }),
+        Ok(Ok(addrs)) => addrs,
+    };
+    if addrs.is_empty() {
+        return Err(UpstreamLookupError::NoAddress { host });
+    }
     if let Some(private) = addrs
         .iter()
         .find(|a| !allow_private && edge_node::origin::is_private_ip(a.ip()))
     {
-        return Err(Error::explain(
-            ErrorType::ConnectError,
-            format!(
-                "origin {host} resolves to {}, a loopback or private address",
-                private.ip()
-            ),
-        ));
+        let addr = private.ip();
+        return Err(UpstreamLookupError::Private { host, addr });
     }
+    Ok(ResolvedUpstream { host, tls, addrs })
+}
+
+/// Resolve an origin URL to a peer ([`resolve_upstream`]).
+async fn origin_peer(upstream: &str, allow_private: bool) -> Result<HttpPeer> {
+    let resolved = resolve_upstream(upstream, allow_private, ORIGIN_LOOKUP_TIMEOUT)
+        .await
+        .map_err(|e| {
+            let kind = match e {
+                UpstreamLookupError::NotAUrl => ErrorType::InternalError,
+                UpstreamLookupError::TimedOut { .. } => ErrorType::ConnectTimedout,
+                _ => ErrorType::ConnectError,
+            };
+            Error::explain(kind, format!("origin: {e}"))
+        })?;
     // IPv4 first: a host without an IPv6 route would fail on an IPv6-first answer.
-    let addr = addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or_else(|| addrs.first())
-        .copied()
-        .ok_or_else(|| Error::explain(ErrorType::ConnectError, "origin resolves to no address"))?;
-    Ok(HttpPeer::new(addr, tls, host))
+    let addrs = &resolved.addrs;
+    let addr = addrs.iter().find(|a| a.is_ipv4()).unwrap_or(&addrs[0]);
+    Ok(HttpPeer::new(*addr, resolved.tls, resolved.host))
 }
 
 #[async_trait]

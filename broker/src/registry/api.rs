@@ -357,49 +357,23 @@ const UPSTREAM_LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// host whose only row was dropped answers 404 everywhere while its owner was told the change
 /// succeeded. A name not resolvable yet (a DNS cutover) is refused now, to be sent again.
 async fn check_upstream_resolves(upstream: &str, allow_private: bool) -> Result<(), Invalid> {
-    let bad = |message: String| Invalid {
+    use crate::proxy::UpstreamLookupError as E;
+    let resolved =
+        crate::proxy::resolve_upstream(upstream, allow_private, UPSTREAM_LOOKUP_TIMEOUT).await;
+    let message = match resolved {
+        Ok(_) => return Ok(()),
+        Err(e @ E::Private { .. }) => {
+            format!("{e} (the operator can allow that with [admin] allow_private_upstreams)")
+        }
+        Err(e @ (E::TimedOut { .. } | E::Failed { .. })) => {
+            format!("{e}; send it again once it does")
+        }
+        Err(e) => e.to_string(),
+    };
+    Err(Invalid {
         field: "upstream",
         message,
-    };
-    let uri: http::Uri = upstream
-        .parse()
-        .map_err(|_| bad(format!("{upstream:?} is not a URL")))?;
-    let host = uri.host().unwrap_or("").trim_matches(['[', ']']);
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("https") {
-            443
-        } else {
-            80
-        });
-    let lookup = tokio::net::lookup_host((host, port));
-    let addrs: Vec<std::net::SocketAddr> = tokio::time::timeout(UPSTREAM_LOOKUP_TIMEOUT, lookup)
-        .await
-        .map_err(|_| {
-            bad(format!(
-                "{host} did not resolve within 3 s; send it again once it does"
-            ))
-        })?
-        .map_err(|e| {
-            bad(format!(
-                "{host} does not resolve ({e}); send it again once it does"
-            ))
-        })?
-        .collect();
-    if addrs.is_empty() {
-        return Err(bad(format!("{host} resolves to no address")));
-    }
-    if let Some(private) = addrs
-        .iter()
-        .find(|a| !allow_private && edge_node::origin::is_private_ip(a.ip()))
-    {
-        return Err(bad(format!(
-            "{host} resolves to {}, a loopback or private address (the operator can allow \
-             that with [admin] allow_private_upstreams)",
-            private.ip()
-        )));
-    }
-    Ok(())
+    })
 }
 
 async fn list_origins(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
