@@ -66,12 +66,7 @@ fn last_complete_bucket(now: u64) -> u64 {
 /// Which forecaster answered a series: the model's serving wrapper hands windows without a
 /// request to the seasonal-naive baseline, which `explain` should say.
 fn answered_by<'a>(serving: &'a str, counts: &[u32]) -> &'a str {
-    let silent = counts
-        .iter()
-        .rev()
-        .take(models::features::WINDOW)
-        .all(|c| *c == 0);
-    if serving == "lstm" && silent {
+    if serving == "lstm" && models::features::window_is_silent(counts) {
         "seasonal_naive"
     } else {
         serving
@@ -638,7 +633,7 @@ pub async fn place_with(
     let ok = sync.shadow(edge, order).await;
     if ok {
         state.record(&key, edge, ttl);
-        ledger.record_order_placed(&key, edge, info, signal, ttl, placed_ms);
+        ledger.record_order(&key, edge, info, signal, ttl, placed_ms);
     }
     ok
 }
@@ -941,8 +936,9 @@ impl Planner {
                     region,
                     class: Class::of(s.priority),
                 };
+                let now_ms = edge_node::sync::protocol::unix_ms_now();
                 self.ledger
-                    .record_order(&s.key, e, info, Signal::ADOPTED, ttl);
+                    .record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms);
             }
             self.state.adopted.lock().insert(e);
             if !shadows.is_empty() {

@@ -51,8 +51,14 @@ pub struct History<'a> {
 impl History<'_> {
     /// Whether the last `WINDOW` counts are all zero (with a zero target the window is "dead").
     pub fn input_is_silent(&self) -> bool {
-        self.counts.iter().rev().take(WINDOW).all(|c| *c == 0)
+        window_is_silent(self.counts)
     }
+}
+
+/// Whether the model's input window, the last `WINDOW` of `counts`, holds no request: the
+/// serving wrapper answers such a window with the baseline.
+pub fn window_is_silent(counts: &[u32]) -> bool {
+    counts.iter().rev().take(WINDOW).all(|c| *c == 0)
 }
 
 /// Buckets in one day (the seasonal period) for `bucket_secs`.

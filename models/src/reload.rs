@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime};
 use parking_lot::{Mutex, RwLock};
 
 use crate::baseline::SeasonalNaive;
-use crate::features::{History, WINDOW};
+use crate::features::History;
 use crate::forecast::{Forecast, ForecastError, Forecaster};
 use crate::onnx::{metadata_path, OnnxLstm};
 
@@ -158,11 +158,6 @@ impl ReloadingForecaster {
     }
 }
 
-/// Whether the model's input window (its last `WINDOW` buckets) holds no request.
-fn silent(h: &History<'_>) -> bool {
-    h.counts.iter().rev().take(WINDOW).all(|c| *c == 0)
-}
-
 impl ReloadingForecaster {
     /// `model`'s forecasts for the windows with requests, the baseline's for silent ones,
     /// which the model is not run on. Training drops dead windows (no request in the window
@@ -177,7 +172,7 @@ impl ReloadingForecaster {
         histories: &[History<'_>],
     ) -> Result<Vec<Forecast>, ForecastError> {
         let (quiet, busy): (Vec<usize>, Vec<usize>) =
-            (0..histories.len()).partition(|i| silent(&histories[*i]));
+            (0..histories.len()).partition(|i| histories[*i].input_is_silent());
         let pick =
             |idx: &[usize]| -> Vec<History<'_>> { idx.iter().map(|i| histories[*i]).collect() };
         // Every index is in one of the two parts, so each placeholder is replaced.
