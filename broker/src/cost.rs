@@ -29,7 +29,7 @@ mod tuner;
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use edge_node::sync::protocol::{unix_ms_now, ShadowOutcome};
+use edge_node::sync::protocol::ShadowOutcome;
 use parking_lot::Mutex;
 use serde::Serialize;
 
@@ -471,23 +471,11 @@ impl Ledger {
         !self.cfg.tune || signal.score >= tuner.threshold
     }
 
-    /// Remember an order placed on `edge` by `signal`, until its outcome arrives (or long after
-    /// its TTL).
+    /// Remember an order placed on `edge` by `signal` at `placed_ms` (Unix ms, taken before
+    /// it was sent: the edge may end the shadow, a failed fill say, before it answers), until
+    /// its outcome arrives (or long after its TTL). A placement of a gated source tells its
+    /// tuner it still admits (see `Tuner::admitted`).
     pub fn record_order(
-        &self,
-        key: &str,
-        edge: usize,
-        info: OrderInfo,
-        signal: Signal,
-        ttl: Duration,
-    ) {
-        self.record_order_placed(key, edge, info, signal, ttl, unix_ms_now());
-    }
-
-    /// [`Self::record_order`] for an order sent at `placed_ms` (Unix ms, taken before it was
-    /// sent: the edge may end the shadow, a failed fill say, before it answers). A placement
-    /// of a gated source tells its tuner it still admits (see `Tuner::admitted`).
-    pub fn record_order_placed(
         &self,
         key: &str,
         edge: usize,
@@ -800,6 +788,7 @@ fn rollup_key(o: &Order) -> (String, usize, Class, Source) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use edge_node::sync::protocol::unix_ms_now;
 
     fn outcome(bytes: u64, hits: u64, peer: bool) -> ShadowOutcome {
         ShadowOutcome {
@@ -935,7 +924,14 @@ mod tests {
                 source,
                 score: 0.5 + 0.5 * i as f32 / n as f32,
             };
-            l.record_order(&key, 0, info(0, 5), signal, Duration::from_secs(60));
+            l.record_order(
+                &key,
+                0,
+                info(0, 5),
+                signal,
+                Duration::from_secs(60),
+                unix_ms_now(),
+            );
             let mut o = outcome(10_000_000, u64::from(i < used), false);
             o.key = key;
             outs.push(o);
@@ -978,7 +974,14 @@ mod tests {
     fn a_failed_fill_ends_the_order_unpriced_and_tells_the_planner() {
         let l = ledger();
         let signal = Signal::forecast(0.9);
-        l.record_order("h/x", 1, info(1, 5), signal, Duration::from_secs(60));
+        l.record_order(
+            "h/x",
+            1,
+            info(1, 5),
+            signal,
+            Duration::from_secs(60),
+            unix_ms_now(),
+        );
         l.settle(1, &[ShadowOutcome::failed("h/x".into())]);
         assert_eq!(
             l.take_ended(),
@@ -992,7 +995,14 @@ mod tests {
         assert!(l.orders.lock().is_empty());
         // A fill a purge or unshadow overtook ends the order too, but is no failure (the
         // planner backs off only after real ones).
-        l.record_order("h/y", 1, info(1, 5), signal, Duration::from_secs(60));
+        l.record_order(
+            "h/y",
+            1,
+            info(1, 5),
+            signal,
+            Duration::from_secs(60),
+            unix_ms_now(),
+        );
         let dropped = ShadowOutcome {
             removed: true,
             ..ShadowOutcome::failed("h/y".into())
@@ -1022,13 +1032,14 @@ mod tests {
     #[test]
     fn an_outcome_older_than_the_keys_current_order_leaves_that_order_live() {
         let l = ledger();
-        let now = edge_node::sync::protocol::unix_ms_now();
+        let now = unix_ms_now();
         l.record_order(
             "h/x",
             1,
             info(1, 5),
             Signal::coaccess(0.9),
             Duration::from_secs(60),
+            unix_ms_now(),
         );
         // The previous shadow of h/x ended 5 s before this order; its outcome arrives now.
         let mut late = outcome(1000, 0, false);
@@ -1055,6 +1066,7 @@ mod tests {
             info(1, 5),
             Signal::forecast(0.9),
             Duration::from_secs(60),
+            unix_ms_now(),
         );
         let o = ShadowOutcome {
             held_before: true,
@@ -1135,7 +1147,14 @@ mod tests {
             for i in 0..20 {
                 let key = format!("h/cut/{tick}/{i}");
                 let signal = Signal::forecast(0.9);
-                l.record_order(&key, 0, info(0, 5), signal, Duration::from_secs(60));
+                l.record_order(
+                    &key,
+                    0,
+                    info(0, 5),
+                    signal,
+                    Duration::from_secs(60),
+                    unix_ms_now(),
+                );
                 let mut o = outcome(10_000_000, 0, false);
                 o.key = key;
                 (o.removed, o.evicted) = (i % 2 == 0, i % 2 == 1);
@@ -1218,7 +1237,14 @@ mod tests {
         let mut outs = Vec::new();
         for (i, signal) in [Signal::EVENT, Signal::ADOPTED].into_iter().enumerate() {
             let key = format!("h/{i}");
-            l.record_order(&key, 1, info(1, 9), signal, Duration::from_secs(60));
+            l.record_order(
+                &key,
+                1,
+                info(1, 9),
+                signal,
+                Duration::from_secs(60),
+                unix_ms_now(),
+            );
             let mut o = outcome(10_000_000, 0, false);
             o.key = key;
             outs.push(o);

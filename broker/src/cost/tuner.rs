@@ -59,8 +59,8 @@ enum Dir {
     Down,
 }
 
-/// Ticks without any outcome after which a tuner probes lower ([`Tuner::tick`]): an hour at
-/// the default one-minute planning interval.
+/// Ticks with neither an outcome nor an admitted placement after which a tuner probes lower
+/// ([`Tuner::tick`]): an hour at the default one-minute planning interval.
 pub(super) const IDLE_PROBE_TICKS: u32 = 60;
 
 /// A decided move, before bounds.
@@ -98,7 +98,7 @@ pub(super) struct Tuner {
     fresh: u64,
     /// Ticks the oldest of those has waited.
     waited: u32,
-    /// Ticks since the last outcome settled.
+    /// Ticks since the last outcome settled or placement was admitted.
     idle: u32,
     /// Where it started: an idle probe goes no lower.
     start: f32,
@@ -196,9 +196,10 @@ impl Tuner {
     /// Outcomes arrive only for placements that clear the threshold: one raised above every
     /// score its source offers (a forecaster uninformative for a while, a floor jump to the
     /// ceiling) would never be judged again. So after [`IDLE_PROBE_TICKS`] ticks with neither
-    /// an outcome nor a placement admitted a threshold above where it started steps down by the full step (not below its
-    /// start or `lower`) to let some through; their outcomes then judge it as usual. Only a
-    /// rise is undone: a quiet source does not drift below its configured start.
+    /// an outcome nor an admitted placement, a threshold above where it started steps down by
+    /// the full step (not below its start or `lower`) to let some through; their outcomes then
+    /// judge it as usual. Only a rise is undone: a quiet source does not drift below its
+    /// configured start.
     fn probe_when_idle(&mut self, cfg: &CostSection, lower: f32) -> Option<Moved> {
         self.idle += 1;
         if self.idle < IDLE_PROBE_TICKS || !cfg.tune {
