@@ -205,6 +205,11 @@ fn authorized_json<T: serde::de::DeserializeOwned>(
     body: &[u8],
 ) -> Result<T, Box<Response>> {
     authorize(headers, &s.token)?;
+    json_body(body)
+}
+
+/// A JSON body, or a 400 saying why not.
+fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Response>> {
     serde_json::from_slice(body)
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "bad_json", e.to_string())))
 }
@@ -277,12 +282,9 @@ async fn purge_target(s: &AdminState, target: Target, found_before: bool) -> Res
         let (s, target) = (s.clone(), target.clone());
         tokio::spawn(async move { invalidate(s.storage, &s.shadows, &s.metrics, &target).await })
     };
-    let done = done.await.unwrap_or_else(|e| {
-        Err(crate::storage::BanError::Io {
-            path: "bans.log".into(),
-            source: std::io::Error::other(e),
-        })
-    });
+    let done = done
+        .await
+        .unwrap_or_else(|e| Err(crate::invalidate::task_failed(e)));
     match (done, target) {
         (Ok(found), Target::Key(key)) => {
             let found = found || found_before;
@@ -473,7 +475,7 @@ async fn put_origins(
             )
         }
     };
-    let parsed: OriginsBody = match authorized_json(&s, &headers, &body) {
+    let parsed: OriginsBody = match json_body(&body) {
         Ok(b) => b,
         Err(r) => return *r,
     };

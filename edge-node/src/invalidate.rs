@@ -116,12 +116,16 @@ async fn off_runtime(
 ) -> Result<(), BanError> {
     tokio::task::spawn_blocking(write)
         .await
-        .unwrap_or_else(|e| {
-            Err(BanError::Io {
-                path: "bans.log".into(),
-                source: std::io::Error::other(e),
-            })
-        })
+        .unwrap_or_else(|e| Err(task_failed(e)))
+}
+
+/// A purge task that ended without its answer (it panicked): reported as the ban log's
+/// failure, which callers answer as the edge's own (500), so the purge is sent again.
+pub(crate) fn task_failed(e: tokio::task::JoinError) -> BanError {
+    BanError::Io {
+        path: "bans.log".into(),
+        source: std::io::Error::other(e),
+    }
 }
 
 #[cfg(test)]

@@ -111,9 +111,7 @@ impl CurrentKey {
         let (key, _) = certified_key(&self.paths)?;
         // One the cluster would refuse (another CA's, not yet or no longer valid) would fail
         // every handshake from now on: the one in use stays.
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = cluster_verifier(&self.roots)?;
         let (leaf, chain) = key
             .cert
             .split_first()
@@ -231,6 +229,16 @@ fn pem_error(path: &Path, what: impl ToString) -> TlsError {
     }
 }
 
+/// Verifies that a node's certificate chains to the cluster CA: what servers demand of
+/// clients, and what a renewed certificate of this node must pass before it is used.
+fn cluster_verifier(
+    roots: &Arc<RootCertStore>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
+    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
+        .build()
+        .map_err(|e| TlsError::Verifier(e.to_string()))
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -289,9 +297,7 @@ impl NodeIdentity {
 
     /// Server side: TLS 1.3, client certificate from the cluster CA required.
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier = WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider())
-            .build()
-            .map_err(|e| TlsError::Verifier(e.to_string()))?;
+        let verifier = cluster_verifier(&self.roots)?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .with_client_cert_verifier(verifier)
