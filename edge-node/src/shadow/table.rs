@@ -6,9 +6,9 @@
 //! expires, a shadow that was never requested is purged (it was a wasted prefetch and only
 //! takes space); one that served requests is demoted to a normal cache entry. A renewal (an
 //! order for a key already marked, e.g. from a widening or a co-access follower) that
-//! extends a mark adds no heap entry: the mark's one
-//! entry is moved to the new expiry when it comes up, so the heap stays the size of the table;
-//! the entries of marks removed early are dropped once they outnumber the marks.
+//! extends a mark adds no heap entry: the mark's one entry is moved to the new expiry when it
+//! comes up, so the heap stays the size of the table; the entries of marks removed early are
+//! dropped once they outnumber the marks.
 //!
 //! A mark knows its object's cache tags (as its fill saw them), so a tag purge ends the marks
 //! of the objects it bans. A client served while a shadow is still filling (reading the fill

@@ -254,10 +254,10 @@ pub enum ErrorCode {
     Unknown,
 }
 
-/// What a node answers. Read leniently (unknown fields ignored): nodes are upgraded one at a time, and a newer
-/// node's extra detail in a reply must not make an older one lose the reply. Requests and
-/// shadow orders stay strict: a field an older edge would ignore may change what it is told
-/// to do.
+/// What a node answers. Read leniently (unknown fields ignored): nodes are upgraded one at a
+/// time, and a newer node's extra detail in a reply must not make an older one lose the
+/// reply. Requests and shadow orders stay strict: a field an older edge would ignore may
+/// change what it is told to do.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Reply {
