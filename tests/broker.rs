@@ -2562,6 +2562,23 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     assert!(r.headers().get("x-shadowcdn-fill").is_none());
     assert_eq!(origin.hits("/coop/stale.css"), 2);
 
+    // Nor is a stale copy of this edge's own revalidated through the peer: the origin is
+    // asked, and the peer's refusal is not an origin error that lets the stale copy serve.
+    let own = "/coop/own.css?cc=max-age%3D1,stale-if-error%3D3600";
+    let r = get(own, "us", "-").await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    r.bytes().await.unwrap();
+    let n = c.logged().await;
+    let r = get(own, "eu", "-").await.unwrap();
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = get(own, "us", "-").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_ne!(r.headers()["x-cache"], "STALE", "the origin is up");
+    // The eu copy came from this edge's, so this is the origin's second request.
+    assert_eq!(origin.hits("/coop/own.css"), 2);
+
     let m = text(format!("http://{}/metrics", us.admin)).await;
     let fills = |o: &str| {
         sample(
@@ -2576,10 +2593,11 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     assert_eq!(fills("hit"), Some(2.0), "{m}");
     assert_eq!(fills("miss"), Some(5.0), "{m}");
     let bm = c.metrics().await;
-    // Every GET to us-a for a key an eu edge served carries the hint, hits included.
+    // Every GET to us-a for a key an eu edge served carries the hint, hits included, and
+    // own.css's GET to eu named us-a.
     assert_eq!(
         sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
-        Some(9.0),
+        Some(11.0),
         "{bm}"
     );
 }

@@ -14,6 +14,7 @@ pub mod control;
 pub mod cost;
 pub mod metrics;
 pub mod monitor;
+mod origin_addrs;
 pub mod planner;
 pub mod proxy;
 pub mod redelivery;

@@ -20,6 +20,7 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{is_demand, now_secs, object_size, Record, Recorder};
+use crate::origin_addrs::OriginAddrs;
 use crate::registry::Registry;
 use crate::routing::{Choice, Fleet, Health, Holders, Reason, RegionResolver};
 use edge_node::access_log::{AccessLog, RequestFields};
@@ -37,8 +38,8 @@ pub struct BrokerProxy {
     inflight: InflightCounter,
     /// Recent holders of keys, for peer hints; `None` when peer fill is off.
     holders: Option<Arc<Holders>>,
-    /// Whether the origin fallback may connect to loopback and private addresses.
-    allow_private_upstreams: bool,
+    /// The origin fallback's resolved upstreams (private addresses refused unless allowed).
+    origin_addrs: OriginAddrs,
     /// How long a read from an edge may stall (`edge_read_timeout_secs`).
     edge_read_timeout: Duration,
     /// Where each request's access line goes.
@@ -115,7 +116,7 @@ impl BrokerProxy {
             metrics,
             inflight,
             holders,
-            allow_private_upstreams: false,
+            origin_addrs: OriginAddrs::new(false, ORIGIN_LOOKUP_TIMEOUT),
             edge_read_timeout: Duration::from_secs(60),
             access_log: None,
         }
@@ -137,7 +138,7 @@ impl BrokerProxy {
     /// addresses (`[admin] allow_private_upstreams`); otherwise an origin name that resolves
     /// there is refused, as the edges refuse it.
     pub fn allowing_private_upstreams(mut self, allow: bool) -> Self {
-        self.allow_private_upstreams = allow;
+        self.origin_addrs = OriginAddrs::new(allow, ORIGIN_LOOKUP_TIMEOUT);
         self
     }
 
@@ -192,6 +193,7 @@ fn host_of(req: &RequestHeader) -> Option<String> {
 const ORIGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An origin URL's host, scheme and the addresses its name resolves to.
+#[derive(Debug)]
 pub(crate) struct ResolvedUpstream {
     /// The URL's host, without IPv6 brackets.
     pub host: String,
@@ -228,7 +230,8 @@ pub(crate) enum UpstreamLookupError {
 }
 
 /// Resolve an origin URL (`http(s)://host[:port]`) within `timeout` (a provider's slow
-/// resolver must not hold the caller, nor the blocking pool the lookup runs on), refusing
+/// resolver must not hold the caller; the lookup itself goes on in the blocking pool, which
+/// is why the request path shares lookups through [`OriginAddrs`]), refusing
 /// loopback and private addresses unless `allow_private` (a provider's name could otherwise
 /// point the broker or the edges at the operator's network, its own admin API included). One
 /// private address among public ones is as good as a private name.
@@ -269,22 +272,20 @@ pub(crate) async fn resolve_upstream(
     Ok(ResolvedUpstream { host, tls, addrs })
 }
 
-/// Resolve an origin URL to a peer ([`resolve_upstream`]).
-async fn origin_peer(upstream: &str, allow_private: bool) -> Result<HttpPeer> {
-    let resolved = resolve_upstream(upstream, allow_private, ORIGIN_LOOKUP_TIMEOUT)
-        .await
-        .map_err(|e| {
-            let kind = match e {
-                UpstreamLookupError::NotAUrl => ErrorType::InternalError,
-                UpstreamLookupError::TimedOut { .. } => ErrorType::ConnectTimedout,
-                _ => ErrorType::ConnectError,
-            };
-            Error::explain(kind, format!("origin: {e}"))
-        })?;
+/// Resolve an origin URL to a peer ([`resolve_upstream`], through `addrs`).
+async fn origin_peer(addrs: &OriginAddrs, upstream: &str) -> Result<HttpPeer> {
+    let resolved = addrs.resolve(upstream).await.map_err(|e| {
+        let kind = match *e {
+            UpstreamLookupError::NotAUrl => ErrorType::InternalError,
+            UpstreamLookupError::TimedOut { .. } => ErrorType::ConnectTimedout,
+            _ => ErrorType::ConnectError,
+        };
+        Error::explain(kind, format!("origin: {e}"))
+    })?;
     // IPv4 first: a host without an IPv6 route would fail on an IPv6-first answer.
     let addrs = &resolved.addrs;
     let addr = addrs.iter().find(|a| a.is_ipv4()).unwrap_or(&addrs[0]);
-    Ok(HttpPeer::new(*addr, resolved.tls, resolved.host))
+    Ok(HttpPeer::new(*addr, resolved.tls, resolved.host.clone()))
 }
 
 #[async_trait]
@@ -408,7 +409,7 @@ impl ProxyHttp for BrokerProxy {
                 let origin = self.registry.origin(&host).ok_or_else(|| {
                     Error::explain(ErrorType::ConnectNoRoute, "host was unregistered")
                 })?;
-                origin_peer(&origin.upstream, self.allow_private_upstreams).await?
+                origin_peer(&self.origin_addrs, &origin.upstream).await?
             }
         };
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
@@ -474,10 +475,7 @@ impl ProxyHttp for BrokerProxy {
         ctx: &mut Self::CTX,
         mut e: Box<Error>,
     ) -> Box<Error> {
-        // A refused or reset connection says the edge is gone: it leaves routing at once. A
-        // connect that timed out may be one lost SYN (the 1 s connect timeout is the kernel's
-        // first SYN retransmit): this request goes elsewhere, and the health probes decide.
-        let gone = !matches!(e.etype(), ErrorType::ConnectTimedout);
+        let gone = edge_is_gone(e.etype());
         if let Some(Choice {
             edge: Some(edge), ..
         }) = ctx.chosen
@@ -732,7 +730,7 @@ enum Retry {
 
 /// Retries on the same route after pooled connections failed, per request: enough for a
 /// keep-alive race or two, not a retry per idle connection in the pool.
-const MAX_POOLED_RETRIES: u8 = 2;
+pub(crate) const MAX_POOLED_RETRIES: u8 = 2;
 
 /// Whether an error on the way to or from an upstream is its connection failing (refused,
 /// closed, reset, unwritable), as opposed to an answer this proxy rejects or a timeout.
@@ -758,6 +756,22 @@ fn connection_failed(kind: &ErrorType) -> bool {
 /// (idempotent method, whole body buffered, not the client's error, not a stall). Anything else
 /// is never retried: a replayed POST could run twice at the origin, and a truncated body would
 /// be sent half. `pooled`: the error came on a pooled connection of a chosen route.
+/// Whether a failed connect says the edge is gone, so it leaves routing at once: a refused
+/// or reset connection, no route. A connect that timed out may be one lost SYN (the 1 s
+/// connect timeout is the kernel's first SYN retransmit): the request goes elsewhere and the
+/// health probes decide. Nor does a failure on this side (no file descriptor, no local port:
+/// pingora's `InternalError`) say anything of the edge: it would fail every edge of the plan
+/// in turn and take a whole region out of routing.
+fn edge_is_gone(etype: &ErrorType) -> bool {
+    !matches!(
+        etype,
+        ErrorType::ConnectTimedout
+            | ErrorType::InternalError
+            | ErrorType::SocketError
+            | ErrorType::BindError
+    )
+}
+
 fn retry_after_error(replayable: bool, pooled: bool, origin_tried: bool) -> Retry {
     if !replayable {
         Retry::Never
@@ -773,6 +787,27 @@ fn retry_after_error(replayable: bool, pooled: bool, origin_tried: bool) -> Retr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_the_edges_side_of_a_failed_connect_marks_it_down() {
+        for gone in [
+            ErrorType::ConnectRefused,
+            ErrorType::ConnectNoRoute,
+            ErrorType::ConnectError,
+            ErrorType::TLSHandshakeFailure,
+        ] {
+            assert!(edge_is_gone(&gone), "{gone:?}");
+        }
+        // pingora's names for a lost SYN, and for no descriptor or port on this side
+        for ours in [
+            ErrorType::ConnectTimedout,
+            ErrorType::InternalError,
+            ErrorType::SocketError,
+            ErrorType::BindError,
+        ] {
+            assert!(!edge_is_gone(&ours), "{ours:?}");
+        }
+    }
 
     #[test]
     fn a_request_that_cannot_be_replayed_is_never_retried() {

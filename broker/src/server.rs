@@ -199,6 +199,10 @@ impl Broker {
             threads: cfg.threads,
             grace_period_seconds: Some(cfg.drain_timeout_secs + 5),
             graceful_shutdown_timeout_seconds: Some(5),
+            // A plan tries each edge at most once, then the origin, plus a few retries of
+            // pooled connections a peer had closed: pingora's default of 16 would leave the
+            // origin out of reach behind a region and neighbours of 16 edges.
+            max_retries: cfg.edges.len() + 1 + usize::from(crate::proxy::MAX_POOLED_RETRIES),
             pid_file: cfg
                 .data_dir
                 .join("broker.pid")

@@ -555,9 +555,21 @@ fn heuristically_cacheable(status: u16) -> bool {
 impl EdgeProxy {
     /// The peer the broker hinted for this request, when a miss may be filled from it: a plain
     /// GET from a client (not the edge's own fills or peer fetches), without credentials, on
-    /// an edge with a QUIC bridge, naming a peer the broker listed.
-    fn hinted_peer(&self, req: &RequestHeader, ctx: &RequestCtx) -> Option<PeerRef> {
+    /// an edge with a QUIC bridge, naming a peer the broker listed. Not a revalidation of this
+    /// edge's own stale copy: only the origin can answer that, and a peer's refusal would
+    /// reach pingora as a server error, which lets the stale copy serve within its
+    /// stale-if-error window however healthy the origin is.
+    fn hinted_peer(
+        &self,
+        req: &RequestHeader,
+        ctx: &RequestCtx,
+        phase: CachePhase,
+    ) -> Option<PeerRef> {
         if ctx.shadow_fill
+            || matches!(
+                phase,
+                CachePhase::Stale | CachePhase::StaleUpdating | CachePhase::Expired
+            )
             || ctx.only_if_cached
             || self.hooks.bridge.is_none()
             || req.method != http::Method::GET
@@ -785,7 +797,7 @@ impl ProxyHttp for EdgeProxy {
             None
         } else {
             ctx.hint_used = true;
-            self.hinted_peer(session.req_header(), ctx)
+            self.hinted_peer(session.req_header(), ctx, session.cache.phase())
         };
         if let Some(bridge) = self.bridge_for(ctx) {
             let mut peer = HttpPeer::new(bridge, false, String::new());

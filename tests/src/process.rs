@@ -1,5 +1,6 @@
 //! Start the workspace's real binaries and stop them like an operator would.
 
+use rustix::process::Signal;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -177,7 +178,7 @@ impl Child {
 
     /// Send SIGTERM and wait for a graceful exit; returns the exit code.
     pub fn terminate(&mut self) -> Option<i32> {
-        self.signal("TERM")
+        self.signal(Signal::TERM)
     }
 
     /// Send SIGKILL and reap.
@@ -188,14 +189,13 @@ impl Child {
         }
     }
 
-    fn signal(&mut self, sig: &str) -> Option<i32> {
+    fn signal(&mut self, sig: Signal) -> Option<i32> {
         let mut c = self.child.take()?;
-        let pid = c.id();
-        // The workspace forbids unsafe code, so signal through kill(1) rather than libc.
-        let _ = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status();
+        let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("a child's pid is positive");
+        if let Err(e) = rustix::process::kill_process(pid, sig) {
+            let _ = c.kill();
+            panic!("could not send {sig:?} to {}: {e}", c.id());
+        }
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = c.try_wait() {
@@ -205,7 +205,7 @@ impl Child {
                 let _ = c.kill();
                 let _ = c.wait();
                 panic!(
-                    "process did not exit within 60 s of signal {sig}:\n{}",
+                    "process did not exit within 60 s of signal {sig:?}:\n{}",
                     self.log()
                 );
             }

@@ -260,16 +260,30 @@ impl Sink {
     }
 }
 
-/// Records held back while the store is busy; past this many the aggregator waits for it
-/// (tens of MB: a reader would have to hold the store for seconds at a high request rate).
+/// Records held back while the store is busy; past this many, or past [`MAX_PENDING_BYTES`]
+/// of them, the aggregator waits for it (a reader would have to hold the store for seconds
+/// at a high request rate).
 const MAX_PENDING: usize = 1 << 18;
+/// What held-back records may take: their strings are client-chosen and may be 2 KiB each,
+/// so a count alone would let the backlog reach half a gigabyte.
+const MAX_PENDING_BYTES: usize = 64 << 20;
+
+/// What a held-back record takes in memory, its strings included.
+fn held_bytes(r: &Record) -> usize {
+    std::mem::size_of::<Record>()
+        + r.resource.len()
+        + r.key.len()
+        + r.segment.as_ref().map_or(0, String::len)
+}
 
 fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBool>, path: PathBuf) {
     let mut pending: Vec<Record> = Vec::new();
+    let mut pending_bytes = 0usize;
     loop {
         let stopping = stop.load(Ordering::Acquire);
         let before = pending.len();
         while let Some(r) = queue.pop() {
+            pending_bytes += held_bytes(&r);
             pending.push(r);
             if pending.len() - before >= 4096 {
                 break;
@@ -286,11 +300,12 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
         }
         let mut n = 0u64;
         if !pending.is_empty() {
-            let store = if stopping || pending.len() >= MAX_PENDING {
-                Some(sink.store.write())
-            } else {
-                sink.store.try_write()
-            };
+            let store =
+                if stopping || pending.len() >= MAX_PENDING || pending_bytes >= MAX_PENDING_BYTES {
+                    Some(sink.store.write())
+                } else {
+                    sink.store.try_write()
+                };
             if let Some(mut s) = store {
                 for r in pending.drain(..) {
                     let region = sink
@@ -309,6 +324,7 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
                     });
                     n += 1;
                 }
+                pending_bytes = 0;
                 // A backlog from a long reader does not keep its memory afterwards.
                 pending.shrink_to(4096);
             }

@@ -469,12 +469,16 @@ async fn delete_origin(
     // must not leave them, and a slow fan-out must not erase those of whoever registers the
     // host meanwhile.
     s.planner.forget_host(&host);
-    let forgotten = s.series.write().forget_prefix(&format!("{host}/"));
-    tracing::info!(%host, series = forgotten, "host deleted: its request history dropped");
+    // Started, not awaited, before the purge: the store may be held by a snapshot for a
+    // while, and a caller hanging up meanwhile must not keep the purge from starting.
+    let (store, prefix) = (s.series.clone(), format!("{host}/"));
+    let forgotten = off_the_api_thread(move || store.write().forget_prefix(&prefix));
     // The edges' copies go with the host: whoever registers it next must not be served this
     // provider's content, nor get shadows planned from its history.
     let target = format!("{host}/*");
     let results = s.sync.purge_everywhere(&target).await;
+    let forgotten = forgotten.await?;
+    tracing::info!(%host, series = forgotten, "host deleted: its request history dropped");
     if results.iter().all(|r| r.ok) {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
@@ -653,15 +657,36 @@ async fn series(
     s.registry.check_host_owner(&p.id, &host)?;
     // Only what was recorded since this registration: a host deleted and registered again
     // (by another provider, say) starts a new history.
-    let store = s.series.read();
-    let since = store.bucket_of(s.registry.registered_since(&host));
-    let regions: HashMap<&String, Series> = store
-        .query(&q.resource)
-        .into_iter()
-        .flatten()
-        .map(|(region, series)| (region, series.since(since)))
-        .collect();
-    Ok(Json(json!({ "resource": q.resource, "regions": regions })).into_response())
+    let registered = s.registry.registered_since(&host);
+    let store = s.series.clone();
+    let body = off_the_api_thread(move || {
+        let store = store.read();
+        let since = store.bucket_of(registered);
+        let regions: HashMap<&String, Series> = store
+            .query(&q.resource)
+            .into_iter()
+            .flatten()
+            .map(|(region, series)| (region, series.since(since)))
+            .collect();
+        json!({ "resource": q.resource, "regions": regions })
+    })
+    .await?;
+    Ok(Json(body).into_response())
+}
+
+/// Run `f`, which takes the series store's lock, on the blocking pool: the API has one
+/// thread, and the monitor holds the store for as long as a snapshot takes to serialize.
+/// It starts at once, whether or not the result is awaited.
+fn off_the_api_thread<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> impl std::future::Future<Output = Result<T, ApiError>> {
+    let task = tokio::task::spawn_blocking(f);
+    async move {
+        task.await.map_err(|e| {
+            tracing::error!(error = %e, "series store task failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })
+    }
 }
 
 #[derive(Deserialize)]

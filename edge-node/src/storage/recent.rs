@@ -113,7 +113,11 @@ impl RecentPurges {
         }
         let i = self.inner.lock();
         i.last.get(&hash).is_some_and(|(_, wall)| *wall >= created)
-            || i.forgotten_wall.is_some_and(|f| f >= created)
+            // A forgotten purge stands only while it is inside the window, like any other:
+            // kept for good, it would make every hit on an older object a purged one.
+            || i
+                .forgotten_wall
+                .is_some_and(|f| f >= created && f >= horizon)
     }
 
     #[cfg(test)]
@@ -177,6 +181,30 @@ mod tests {
         old.record(1, Instant::now());
         std::thread::sleep(Duration::from_millis(20));
         assert!(!old.purged_after(before, || 1), "older than the window");
+    }
+
+    #[test]
+    fn a_burst_past_the_cap_stops_counting_once_it_leaves_the_window() {
+        let r = RecentPurges::new(Duration::from_millis(50), 2);
+        let before = SystemTime::now() - Duration::from_millis(5);
+        for h in 0..5 {
+            r.record(h * SLOTS as u128, Instant::now());
+        }
+        assert!(
+            r.purged_after(before, || 7 * SLOTS as u128),
+            "forgotten, in the window"
+        );
+        std::thread::sleep(Duration::from_millis(60));
+        // A later purge of the same slot keeps the lock-free checks from answering.
+        r.record(9 * SLOTS as u128, Instant::now());
+        assert!(
+            !r.purged_after(before, || 7 * SLOTS as u128),
+            "the burst is older than the window"
+        );
+        assert!(
+            r.purged_after(before, || 9 * SLOTS as u128),
+            "the new purge"
+        );
     }
 
     #[test]
