@@ -1944,6 +1944,18 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
         "{us_metrics}"
     );
     assert_eq!(origin.hits("/peer/lib.js"), 1, "the origin was spared");
+    for outcome in ["ok", "error"] {
+        assert_eq!(
+            sample(
+                &us_metrics,
+                "shadowcdn_edge_origin_fetches_total",
+                &[&format!("outcome=\"{outcome}\"")]
+            )
+            .unwrap_or(0.0),
+            0.0,
+            "a peer fill is no origin fetch: {us_metrics}"
+        );
+    }
     let us = placed.lock().unwrap().clone().unwrap();
     let v = &us;
     assert!(us["peer"].as_str().unwrap().starts_with("eu-"), "{v}");

@@ -101,6 +101,16 @@ async fn freshness_counts_the_age_a_response_arrived_with() {
     let r = edge.get(url).await;
     assert_ne!(x_cache(&r), "HIT", "served past its freshness");
     assert_eq!(origin.hits("/aged.txt"), 2);
+
+    // A 304 that spent time in another cache refreshes the copy by what it has left too.
+    let url = "/aged-304.txt?cc=max-age%3D6&age=3&etag=a";
+    assert_eq!(x_cache(&edge.get(url).await), "MISS");
+    tokio::time::sleep(Duration::from_millis(3200)).await;
+    assert_eq!(x_cache(&edge.get(url).await), "REVALIDATED");
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "HIT");
+    let age: u64 = r.headers()["age"].to_str().unwrap().parse().unwrap();
+    assert!(age >= 3, "the Age served counts the 304's: {age}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -190,6 +190,9 @@ pub struct RequestCtx {
     demand_peer: Option<PeerRef>,
     /// The miss was filled from a peer edge.
     peer_served: bool,
+    /// The `Age` a 304 arrived with: pingora hands the cache filter the stored header
+    /// merged with the 304's validators and freshness, not its `Age`.
+    revalidation_age: Option<Duration>,
     /// What compression may do to this response.
     compression: compression::Plan,
     /// The origin's query filter left parameters of this request out of its key.
@@ -590,12 +593,14 @@ impl EdgeProxy {
     }
 
     /// `admitted`: when the fetch that brought `resp` started, the stored copy's `created`.
-    /// A purge from then on covers it at lookup, however late the copy is stored.
+    /// A purge from then on covers it at lookup, however late the copy is stored. `age`: how
+    /// long the response had spent in other caches on its way here.
     fn cacheability(
         &self,
         resp: &ResponseHeader,
         authorization: bool,
         admitted: SystemTime,
+        age: Duration,
     ) -> RespCacheable {
         // `Vary: *` names something outside the request: no stored copy can ever match
         // (RFC 9111 §4.1).
@@ -625,9 +630,7 @@ impl EdgeProxy {
         // `Age` served on hits count from when it was generated (pingora's epoch override),
         // while its admission time (`created`, what purges and Vary variants are judged by)
         // is when its fetch started.
-        let now = admitted
-            .checked_sub(upstream_age(resp))
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let now = admitted.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
         let explicit = calculate_fresh_until(now, cc.as_ref(), resp, authorization, &NO_HEURISTIC);
         let fresh_until = match explicit {
             Some(t) => t,
@@ -707,6 +710,7 @@ impl ProxyHttp for EdgeProxy {
             hint_used: false,
             demand_peer: None,
             peer_served: false,
+            revalidation_age: None,
             compression: compression::Plan::AsStored,
             query_filtered: false,
         }
@@ -948,7 +952,8 @@ impl ProxyHttp for EdgeProxy {
         let admitted = ctx
             .fetch_started
             .map_or_else(SystemTime::now, |(_, wall)| wall);
-        Ok(self.cacheability(resp, authorization, admitted))
+        let age = ctx.revalidation_age.unwrap_or_else(|| upstream_age(resp));
+        Ok(self.cacheability(resp, authorization, admitted, age))
     }
 
     fn cache_vary_filter(
@@ -1046,6 +1051,8 @@ impl ProxyHttp for EdgeProxy {
         if ctx.origin.as_ref().is_some_and(|o| o.strip_set_cookie) {
             upstream_response.remove_header(&header::SET_COOKIE);
         }
+        ctx.revalidation_age = (upstream_response.status == http::StatusCode::NOT_MODIFIED)
+            .then(|| upstream_age(upstream_response));
         // A body of unknown length that outgrows the object limit: pingora-cache would cut
         // the response off mid-body, so its limit is lifted for this fill and the storage
         // enforces the real one by passing the rest through uncached (see `storage`). Set
@@ -1104,10 +1111,13 @@ impl ProxyHttp for EdgeProxy {
         if let Some(t) = ctx.upstream_started {
             if !ctx.upstream_responded {
                 ctx.upstream_responded = true;
-                self.metrics
-                    .origin_latency
-                    .observe(t.elapsed().as_secs_f64());
-                self.metrics.origin_fetches.with_label_values(&["ok"]).inc();
+                // A peer fill's answer came over the bridge, not from the origin.
+                if !ctx.peer_fill {
+                    self.metrics
+                        .origin_latency
+                        .observe(t.elapsed().as_secs_f64());
+                    self.metrics.origin_fetches.with_label_values(&["ok"]).inc();
+                }
             }
         }
         Ok(())
@@ -1302,7 +1312,7 @@ impl ProxyHttp for EdgeProxy {
         m.requests.inc();
         m.bytes_served.inc_by(session.body_bytes_sent() as u64);
         m.seconds.observe(ctx.started.elapsed().as_secs_f64());
-        if ctx.upstream_started.is_some() && !ctx.upstream_responded {
+        if ctx.upstream_started.is_some() && !ctx.upstream_responded && !ctx.peer_fill {
             self.metrics
                 .origin_fetches
                 .with_label_values(&["error"])

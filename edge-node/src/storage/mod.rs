@@ -129,11 +129,12 @@ fn refetch_together(reason: &'static str) -> bool {
 pub struct FoyerStorage {
     cache: HybridCache<u128, StoredObject>,
     fills: Mutex<HashMap<u128, Vec<Arc<Fill>>>>,
-    /// Removals counted per slot of [`PURGE_SLOTS`] (by key hash). Writes that read before
-    /// they store (a 304's metadata update, an expiry) and fill commits store under this lock
-    /// and only if no removal in their slot came in between, so a purge answered 200 is never
-    /// undone by them, and removals elsewhere (a wasted shadow dropped) rarely cost a
-    /// revalidation its update.
+    /// Removals and fill commits counted per slot of [`PURGE_SLOTS`] (by key hash). Writes
+    /// that read before they store (a 304's metadata update, an expiry) and fill commits
+    /// store under this lock and only if nothing in their slot changed in between, so a
+    /// purge answered 200 is never undone by them, nor a newer version committed meanwhile
+    /// replaced by the older body they read; changes elsewhere (a wasted shadow dropped)
+    /// rarely cost a revalidation its update.
     purges: Mutex<[u64; PURGE_SLOTS]>,
     /// Key purges of the last minutes, for fetches that overlapped one (`purged_during`).
     recent: RecentPurges,
@@ -426,11 +427,24 @@ impl FoyerStorage {
         if epochs[purge_slot(hash)] != since {
             return Ok(false);
         }
-        self.cache.insert(
+        self.replace(
             hash,
             StoredObject::new(internal.into(), header.into(), body),
         );
         Ok(true)
+    }
+
+    /// Store `obj` under `hash` in place of any older version. foyer drops a disk write
+    /// when its queues are full and leaves the disk's older version indexed: once the new
+    /// one left memory (or after a restart) the old would come back, fresh by its own
+    /// headers, after a refresh meant to replace it. Deleting that copy first turns a
+    /// dropped write into a miss.
+    fn replace(&self, hash: u128, obj: StoredObject) {
+        let disk = self.cache.storage();
+        if disk.may_contains(&hash) {
+            disk.delete(&hash);
+        }
+        self.cache.insert(hash, obj);
     }
 
     fn purge_epoch(&self, hash: u128) -> u64 {
@@ -809,10 +823,12 @@ impl HandleMiss for FoyerMissHandler {
         {
             // A purge cancels the fill under the same lock: it lands wholly before this check
             // or after the insert, never between.
-            let _epoch = self.storage.purges.lock();
+            let mut epochs = self.storage.purges.lock();
             if !self.fill.is_cancelled() {
+                // A 304 or an expiry that read the older version stores nothing over this one.
+                epochs[purge_slot(self.hash)] += 1;
                 // Commit before the fill disappears so lookups always find one of the two.
-                self.storage.cache.insert(self.hash, obj);
+                self.storage.replace(self.hash, obj);
                 self.fill.committed();
                 self.storage.supersede_older(self.hash, self.fill.id);
             }
@@ -1212,6 +1228,33 @@ mod tests {
         let obj = s.load(hash).await.unwrap().unwrap();
         assert_eq!(&obj.body[..], b"v2");
         assert_ne!(obj.meta().unwrap().created(), v1.created());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fill_committed_after_a_revalidation_read_the_object_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/raced", "");
+        let hash = hash_of(key.combined_bin());
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let v1 = fresh_meta();
+        assert!(s
+            .store_unless_purged(s.purge_epoch(hash), hash, &v1, Bytes::from_static(b"v1"))
+            .unwrap());
+        // A 304 for v1 read it; v2's fill commits before the 304's update is stored.
+        let since = s.purge_epoch(hash);
+        let read = s.load(hash).await.unwrap().unwrap();
+        let mut fill = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        fill.write_body(Bytes::from_static(b"v2"), true)
+            .await
+            .unwrap();
+        fill.finish().await.unwrap();
+        assert!(!s.store_unless_purged(since, hash, &v1, read.body).unwrap());
+        let obj = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(&obj.body[..], b"v2");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
