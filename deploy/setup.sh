@@ -25,6 +25,11 @@ if ((${#need[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust toolchain) is required" >&2; exit 1; }
+rust_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
+if [ "${rust_minor:-0}" -lt 95 ] 2>/dev/null; then
+  echo "setup: Rust 1.95 or newer is required, found: $(rustc --version)" >&2
+  exit 1
+fi
 # The lockfile's crates need Rust 1.95 (the workspace's rust-version); .ci/run needs rustfmt
 # and clippy, which a minimal rustup profile leaves out.
 if command -v rustup >/dev/null 2>&1; then
@@ -53,4 +58,8 @@ with zipfile.ZipFile(wheel) as z:
                 dst.write(src.read())
 PY
   rm -rf "$tmp"
+  [ -f "$ORT_DIR/libonnxruntime.so.$ORT_VERSION" ] || {
+    echo "setup: the onnxruntime $ORT_VERSION wheel holds no libonnxruntime.so.$ORT_VERSION" >&2
+    exit 1
+  }
 fi

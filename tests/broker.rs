@@ -478,9 +478,17 @@ async fn a_slow_origin_behind_an_edge_is_a_504_not_a_failover() {
         let up = format!("shadowcdn_broker_edge_up{{edge=\"{id}\"}} 0");
         assert!(!m.contains(&up), "{id} marked down:\n{m}");
     }
-    // And the edge that waited serves the object now.
-    let r = c.get("/slow/1?delay_ms=2500", "eu").await;
-    assert_eq!(r.status(), StatusCode::OK);
+    // And the edge that waited serves the object once its fetch is done.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = c.get("/slow/1?delay_ms=2500", "eu").await;
+        if r.status() == StatusCode::OK {
+            break;
+        }
+        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(std::time::Instant::now() < deadline, "never served");
+    }
+    assert_eq!(origin.hits("/slow/1"), 1, "served from the first fetch");
 }
 
 /// Certificates for `names` (one leaf per entry) from one new CA, written to `dir`; returns

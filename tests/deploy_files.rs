@@ -342,3 +342,48 @@ fn the_image_ships_the_onnx_runtime_the_setup_pins() {
         );
     }
 }
+
+/// The first number on the line of `text` that starts (after indentation) with `field`.
+fn number_after(text: &str, field: &str) -> u64 {
+    text.lines()
+        .map(str::trim_start)
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|rest| {
+            rest.trim_start_matches([' ', '=', ':'])
+                .split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no number after {field}"))
+}
+
+/// A service manager that kills a stopping process before its graceful stop can end would
+/// cut off what the stop exists for (the broker's request-series snapshot, the edge's cache
+/// flush): each stop timeout covers the drain, the final step's allowance and the runtimes'
+/// shutdown (the edge's default, 10 s; the broker's 5 s).
+#[test]
+fn stop_timeouts_cover_a_whole_graceful_stop() {
+    let longest = |drain: u64| drain + edge_node::drain::FINISH_ALLOWANCE_SECS + 10;
+    for (file, key) in [
+        ("deploy/kubernetes/edge-node.yaml", "edge.toml"),
+        ("deploy/kubernetes/broker.yaml", "broker.toml"),
+    ] {
+        let yaml = read(file);
+        let drain = number_after(&config_map_entry(&yaml, key), "drain_timeout_secs");
+        let grace = number_after(&yaml, "terminationGracePeriodSeconds");
+        assert!(
+            grace >= longest(drain),
+            "{file}: {grace} s < {}",
+            longest(drain)
+        );
+    }
+    // The units run the shipped defaults: a 30 s drain.
+    for unit in [
+        "deploy/systemd/shadowcdn-edge.service",
+        "deploy/systemd/shadowcdn-broker.service",
+    ] {
+        let stop = number_after(&read(unit), "TimeoutStopSec");
+        assert!(stop >= longest(30), "{unit}: {stop} s < {}", longest(30));
+    }
+}

@@ -1279,7 +1279,15 @@ async fn sigterm_lets_in_flight_requests_finish() {
             .await
             .unwrap()
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The request is at the origin, i.e. in flight on the edge, before SIGTERM.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while origin.hits("/slowterm") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the request never reached the origin"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let code = tokio::task::spawn_blocking(move || edge.child.terminate())
         .await
         .unwrap();
@@ -1952,20 +1960,19 @@ async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl(
 
     // A shadow nobody asks for expires with its TTL and its object is purged.
     let unused = format!("{HOST}/unused.bin");
-    admin_json(
-        &edge,
-        Method::POST,
-        "/shadows",
-        Some(serde_json::json!({"key": unused, "ttl_secs": 1})),
-    )
-    .await;
-    tokio::time::sleep(Duration::from_millis(2000)).await;
-    assert_eq!(
-        admin_json(&edge, Method::GET, &format!("/shadows/{unused}"), None)
-            .await
-            .0,
-        StatusCode::NOT_FOUND
-    );
+    assert!(shadow_marked(&edge, serde_json::json!({"key": unused, "ttl_secs": 1})).await);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while admin_json(&edge, Method::GET, &format!("/shadows/{unused}"), None)
+        .await
+        .0
+        != StatusCode::NOT_FOUND
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shadow outlived its TTL"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         x_cache(&edge.get("/unused.bin").await),
         "MISS",

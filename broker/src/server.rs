@@ -197,7 +197,10 @@ impl Broker {
 
         let conf = ServerConf {
             threads: cfg.threads,
-            grace_period_seconds: Some(cfg.drain_timeout_secs + 5),
+            // A backstop behind the drainer, which exits once the monitor is saved.
+            grace_period_seconds: Some(
+                cfg.drain_timeout_secs + edge_node::drain::FINISH_ALLOWANCE_SECS,
+            ),
             graceful_shutdown_timeout_seconds: Some(5),
             // A plan tries each edge at most once, then the origin, plus a few retries of
             // pooled connections a peer had closed: pingora's default of 16 would leave the

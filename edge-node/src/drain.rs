@@ -62,6 +62,13 @@ pub async fn count_inflight(
     next.run(req).await
 }
 
+/// Seconds pingora's grace period leaves the final step after a drain that ran its full
+/// timeout (the broker's monitor snapshot, the edge's cache flush). The drainer exits the
+/// process as soon as that step is done, so the grace period is only the backstop that
+/// would cut it off: a few seconds would lose a large store's snapshot. Deploy files give
+/// the service at least drain + this + the runtime shutdown timeout to stop.
+pub const FINISH_ALLOWANCE_SECS: u64 = 60;
+
 /// The last step after draining; resolves to the process exit code.
 pub type Finish = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32> + Send>> + Send>;
 

@@ -163,7 +163,9 @@ impl EdgeNode {
             work_stealing: cfg.server.work_stealing,
             // The drainer exits as soon as requests are done; pingora's own grace period is
             // only the backstop behind it.
-            grace_period_seconds: Some(cfg.server.drain_timeout_secs + 5),
+            grace_period_seconds: Some(
+                cfg.server.drain_timeout_secs + crate::drain::FINISH_ALLOWANCE_SECS,
+            ),
             graceful_shutdown_timeout_seconds: Some(cfg.server.shutdown_timeout_secs),
             pid_file: cfg
                 .cache

@@ -192,7 +192,14 @@ async fn handle(
 ) -> Response {
     let path = uri.path().to_string();
     c.total.fetch_add(1, Ordering::SeqCst);
-    *c.by_path.lock().entry(path.clone()).or_default() += 1;
+    // This request's position among the path's, taken on arrival: concurrent requests each
+    // get their own whatever their delays.
+    let nth = {
+        let mut by_path = c.by_path.lock();
+        let n = by_path.entry(path.clone()).or_default();
+        *n += 1;
+        *n
+    };
     c.last_headers.lock().insert(path.clone(), headers.clone());
     c.last_query
         .lock()
@@ -205,7 +212,6 @@ async fn handle(
     let size: usize = q.get("size").and_then(|v| v.parse().ok()).unwrap_or(64);
     let mut status: u16 = q.get("status").and_then(|v| v.parse().ok()).unwrap_or(200);
     // `errors_at=2,3`: the path's 2nd and 3rd requests are answered 500 (a flaky origin).
-    let nth = c.by_path.lock().get(&path).copied().unwrap_or(0);
     let mut cc = q.get("cc").map(String::as_str);
     if q.get("errors_at")
         .is_some_and(|v| v.split(',').any(|n| n.parse() == Ok(nth)))
