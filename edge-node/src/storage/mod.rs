@@ -1097,6 +1097,56 @@ mod tests {
         assert!(!s.holds("h/alone") && !s.holds("h/slow"));
     }
 
+    /// foyer drops disk writes while its queue is over its threshold, leaving the disk's
+    /// older version indexed: a newer version that never reached the disk must not bring the
+    /// older back once it left memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_dropped_disk_write_does_not_bring_the_older_version_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StorageOptions {
+            dir: dir.path().into(),
+            memory_bytes: 4 << 20,
+            memory_shards: 1,
+            disk_bytes: 256 << 20,
+            block_size: 1 << 20,
+            max_object_bytes: 1 << 19,
+            max_fill_bytes: 1 << 20,
+            ban_retention: Duration::from_secs(60),
+        };
+        let spawner = Spawner::from(tokio::runtime::Handle::current());
+        let s: &'static FoyerStorage = Box::leak(Box::new(
+            FoyerStorage::open(&opts, spawner, &prometheus::Registry::new())
+                .await
+                .unwrap(),
+        ));
+        let meta = fresh_meta();
+        let store = |hash: u128, body: Bytes| {
+            assert!(s
+                .store_unless_purged(s.purge_epoch(hash), hash, &meta, body)
+                .unwrap());
+        };
+        let filler = Bytes::from(vec![7u8; 1 << 19]);
+        let mut resurrected = 0;
+        for round in 0..8u128 {
+            let hash = hash_of(CacheKey::new(format!("h/v{round}").as_str(), "").combined_bin());
+            store(hash, Bytes::from_static(b"v1"));
+            s.cache.storage().wait().await;
+            // Far more than the write queue takes at once: most of these, and v2, are dropped.
+            for i in 0..200u128 {
+                store(1_000_000 * (round + 1) + i, filler.clone());
+            }
+            store(hash, Bytes::from_static(b"v2"));
+            s.cache.memory().remove(&hash);
+            s.cache.storage().wait().await;
+            if let Some(obj) = s.load(hash).await.unwrap() {
+                if &obj.body[..] == b"v1" {
+                    resurrected += 1;
+                }
+            }
+        }
+        assert_eq!(resurrected, 0, "rounds in which v1 came back");
+    }
+
     /// A purge while lookups keep reading the object from disk and foyer's write queue: once
     /// the purge is settled, no lookup finds the object, in memory or on disk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
