@@ -472,6 +472,11 @@ async fn stale_if_error_serves_stale_when_origin_is_down() {
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"], "origin_unreachable");
+    let port = origin.addr.port().to_string();
+    assert!(
+        !v["message"].as_str().unwrap().contains(&port),
+        "a client is not told where the origin is: {v}"
+    );
 
     // Nothing cached and origin down: 502.
     let r = edge.get("/never-seen").await;
@@ -1212,7 +1217,7 @@ async fn a_client_gone_from_a_passing_fill_does_not_cut_the_others_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unknown_host_gets_json_404() {
+async fn unknown_hosts_and_loops_get_json_errors() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
@@ -1228,6 +1233,27 @@ async fn unknown_host_gets_json_404() {
     assert_eq!(v["error"], "unknown_host");
     assert!(v["message"].as_str().unwrap().contains("nobody.example"));
     assert_eq!(origin.total(), 0);
+
+    // A request that already passed through this edge (an origin row pointing back at the
+    // CDN) is a loop; one the broker forwarded is not.
+    let via = |v: &'static str| {
+        client()
+            .get(edge.url("/looped"))
+            .header("host", HOST)
+            .header("via", v)
+            .send()
+    };
+    let r = via("1.1 shadowcdn-broker, 1.1 shadowcdn-test-edge")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::LOOP_DETECTED);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "loop_detected");
+    let r = via("1.1 shadowcdn-broker, 1.1 shadowcdn-test-edge-2")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(origin.hits("/looped"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -60,9 +60,9 @@ pub struct AccessLog {
     stop: Arc<AtomicBool>,
 }
 
-/// Longest request target or host a line carries (pingora accepts 1 MiB of headers): longer
-/// ones are cut, so the queue's memory stays bounded (about half a GiB at the very worst, a
-/// full queue of lines with both fields at the limit).
+/// Longest request method, target or host a line carries (pingora accepts 1 MiB of headers,
+/// and any token as a method): longer ones are cut, so the queue's memory stays bounded
+/// (under a GiB at the very worst, a full queue of lines with all three at the limit).
 pub const MAX_FIELD_BYTES: usize = 2048;
 
 /// `s` cut to at most [`MAX_FIELD_BYTES`], at a character boundary.
@@ -164,7 +164,7 @@ impl<'a> RequestFields<'a> {
                 .client_addr()
                 .and_then(|a| a.as_inet())
                 .map(|a| a.ip()),
-            method: req.method.as_str(),
+            method: clip(req.method.as_str()),
             host: crate::proxy::request_host(req).map(clip),
             target: clip(req.uri.path_and_query().map_or("", |p| p.as_str())),
             status: session.response_written().map_or(0, |r| r.status.as_u16()),

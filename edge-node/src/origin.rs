@@ -26,7 +26,8 @@ pub struct Origin {
     pub addr: SocketAddr,
     /// Whether to speak TLS to the origin.
     pub tls: bool,
-    /// Host name for SNI.
+    /// The name the TLS handshake checks the certificate for (and sends as SNI): an IPv6
+    /// literal without its brackets, which rustls would refuse as a name.
     pub authority: String,
     /// The `Host` header the origin gets ([`host_header`]).
     pub host_header: String,
@@ -628,9 +629,7 @@ async fn lookup_all(names: Vec<(String, u16)>) -> Lookups {
 /// push makes before it, so both name the same `(name, port)`.
 struct Target {
     tls: bool,
-    /// The URL's host as written (IPv6 literals in brackets), for SNI.
-    authority: String,
-    /// The host to resolve (brackets removed).
+    /// The host to resolve and to check the certificate for (brackets removed).
     name: String,
     port: u16,
 }
@@ -642,15 +641,13 @@ impl Target {
             Some("https") => true,
             _ => return Err("scheme must be http or https"),
         };
-        let authority = uri.host().ok_or("missing host")?.to_string();
-        let name = authority.trim_matches(|c| c == '[' || c == ']').to_string();
+        let name = uri
+            .host()
+            .ok_or("missing host")?
+            .trim_matches(|c| c == '[' || c == ']')
+            .to_string();
         let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
-        Ok(Target {
-            tls,
-            authority,
-            name,
-            port,
-        })
+        Ok(Target { tls, name, port })
     }
 }
 
@@ -660,7 +657,8 @@ fn upstream_target(upstream: &str) -> Option<(String, u16)> {
     Some((t.name, t.port))
 }
 
-/// Lower-case the host and strip a `:port` suffix (IPv6 literals keep their brackets).
+/// Lower-case the host and strip a `:port` suffix and a trailing dot (IPv6 literals keep
+/// their brackets).
 pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     let h = if host.starts_with('[') {
         host.split_once(']')
@@ -669,6 +667,8 @@ pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     } else {
         host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
     };
+    // `example.com.` is the same name, fully qualified (RFC 3986 §3.2.2).
+    let h = h.strip_suffix('.').unwrap_or(h);
     if h.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(h.to_ascii_lowercase())
     } else {
@@ -716,12 +716,7 @@ fn parse_entry(
     let query_filter = QueryFilter::parse(&e.cache_key_ignore_query)
         .map_err(|reason| OriginError::BadQueryFilter { index, reason })?;
     let uri: Uri = e.upstream.parse().map_err(|_| bad("not a URL"))?;
-    let Target {
-        tls,
-        authority,
-        name,
-        port,
-    } = Target::of(&uri).map_err(bad)?;
+    let Target { tls, name, port } = Target::of(&uri).map_err(bad)?;
     if uri.path() != "/" && !uri.path().is_empty() {
         return Err(bad("upstream URL must not have a path"));
     }
@@ -739,7 +734,7 @@ fn parse_entry(
         path_prefix,
         addr,
         tls,
-        authority,
+        authority: name,
         host_header,
         strip_set_cookie: e.strip_set_cookie,
         query_filter,
@@ -810,6 +805,11 @@ mod tests {
             9001
         );
         assert_eq!(t.select("example.com", "/index").unwrap().addr.port(), 9000);
+        assert_eq!(
+            t.select("example.com.:80", "/").unwrap().addr.port(),
+            9000,
+            "fully qualified"
+        );
         assert!(t.select("other.com", "/").is_none());
         assert_eq!(t.len(), 2);
     }

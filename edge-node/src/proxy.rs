@@ -295,7 +295,9 @@ fn parse_route(tag: &str) -> Option<(&str, &'static str)> {
 /// direct-to-origin fallback uses it too, so both ask an origin alike.
 pub fn address_origin(req: &mut RequestHeader, host: String) -> Result<()> {
     req.insert_header(header::HOST, host)?;
-    if req.uri.authority().is_some() {
+    // pingora keeps an absolute-form target's bytes for the wire (its `Uri` holds only the
+    // path and query, anchored at `/`): they go unless the target is set anew.
+    if req.uri.authority().is_some() || !req.raw_path().starts_with(b"/") {
         let pq = req
             .uri
             .path_and_query()
@@ -340,13 +342,21 @@ pub fn forwarded_for(req: &mut RequestHeader, client: std::net::IpAddr) -> Resul
 
 /// Forwarding headers this CDN does not set and a client could forge: an origin that trusts
 /// the CDN's addresses and reads them (many frameworks do) would take a forged client
-/// address, scheme or host. The chain the CDN vouches for is `X-Forwarded-For` and
+/// address, scheme, host or path prefix, and what it builds from them (absolute links)
+/// would be cached for everyone. The chain the CDN vouches for is `X-Forwarded-For` and
 /// `X-Forwarded-Proto`, which it writes itself.
-pub const UNVOUCHED_FORWARDING_HEADERS: [&str; 4] = [
+pub const UNVOUCHED_FORWARDING_HEADERS: [&str; 11] = [
     "forwarded",
     "x-real-ip",
     "x-forwarded-host",
     "x-forwarded-port",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-forwarded-prefix",
+    "x-original-host",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
 ];
 
 /// Remove [`UNVOUCHED_FORWARDING_HEADERS`] from a request going upstream.
@@ -354,6 +364,17 @@ pub fn strip_unvouched_forwarding(req: &mut RequestHeader) {
     for name in UNVOUCHED_FORWARDING_HEADERS {
         req.remove_header(name);
     }
+}
+
+/// Whether `req`'s `Via` names the edge `node_id` (`1.1 shadowcdn-<id>`, as it writes it).
+fn passed_through(req: &RequestHeader, node_id: &str) -> bool {
+    req.headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|hop| hop.split_whitespace().nth(1))
+        .any(|by| by.strip_prefix(VIA_NAME) == Some(node_id))
 }
 
 /// A cache key from a host and the path and query it is keyed by (an origin's query filter
@@ -723,7 +744,8 @@ impl ProxyHttp for EdgeProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // Replaced before anything reads the request, so that a `Vary: X-Forwarded-Proto`
         // variant is chosen by the scheme the origin is told, not by a client's claim.
-        if !self.trusts(client_ip(session)) {
+        let trusted = self.trusts(client_ip(session));
+        if !trusted {
             session
                 .req_header_mut()
                 .insert_header(FORWARDED_PROTO, "http")?;
@@ -735,11 +757,26 @@ impl ProxyHttp for EdgeProxy {
             respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
             return Ok(true);
         };
+        // This edge names itself in `Via` on the way upstream: a request that already carries
+        // its name came back through an origin row pointing at the CDN, and would circle,
+        // one more connection held at every turn, until the header block overflowed.
+        if passed_through(req, &self.node_id) {
+            self.metrics.rejected.with_label_values(&["loop"]).inc();
+            ctx.status = CacheStatus::Rejected;
+            let msg = format!(
+                "the request already passed through this edge: the origin of {host:?} points back at the CDN"
+            );
+            respond_json_error(session, 508, "loop_detected", &msg).await?;
+            return Ok(true);
+        }
+        // Counted from the broker only: a client's made-up regions would take the bounded
+        // label slots the real ones need.
         if let Some((region, reason)) = req
             .headers
             .get(ROUTE_HEADER)
             .and_then(|v| v.to_str().ok())
             .and_then(parse_route)
+            .filter(|_| trusted)
         {
             self.metrics.count_routed(region, reason);
         }
@@ -1285,13 +1322,13 @@ impl ProxyHttp for EdgeProxy {
         if code > 0 {
             let msg = match kind {
                 "origin_unreachable" => {
-                    let origin = ctx
-                        .origin
-                        .as_ref()
-                        .map(|o| o.addr.to_string())
-                        .unwrap_or_default();
+                    // The origin's address stays in the edge's log: a CDN hides where its
+                    // origins are, or clients could go around it.
+                    if let Some(o) = &ctx.origin {
+                        tracing::warn!(origin = %o.addr, error = %e, "origin unreachable");
+                    }
                     format!(
-                        "origin {origin} failed and no usable cached copy exists: {}",
+                        "the origin failed and no usable cached copy exists: {}",
                         e.etype().as_str()
                     )
                 }
@@ -1344,6 +1381,39 @@ impl ProxyHttp for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_origin_gets_an_origin_form_request_line() {
+        for (target, line) in [
+            ("http://a.test/x?y=1", "/x?y=1"),
+            ("http://a.test?y=1", "/?y=1"),
+            ("/x?y=1", "/x?y=1"),
+        ] {
+            let mut req = RequestHeader::build("GET", target.as_bytes(), None).unwrap();
+            address_origin(&mut req, "o.test".into()).unwrap();
+            assert_eq!(req.raw_path(), line.as_bytes(), "{target}");
+            assert_eq!(req.headers["host"], "o.test");
+        }
+    }
+
+    #[test]
+    fn only_this_edges_own_name_in_via_is_a_loop() {
+        let with_via = |v: &str| {
+            let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+            req.append_header("via", v).unwrap();
+            req
+        };
+        assert!(passed_through(&with_via("1.1 shadowcdn-eu-a"), "eu-a"));
+        assert!(passed_through(
+            &with_via("1.1 shadowcdn-broker, HTTP/1.1 shadowcdn-eu-a (pingora)"),
+            "eu-a"
+        ));
+        assert!(!passed_through(&with_via("1.1 shadowcdn-eu-ab"), "eu-a"));
+        assert!(!passed_through(&with_via("1.1 shadowcdn-broker"), "eu-a"));
+        assert!(!passed_through(&with_via("1.1 eu-a"), "eu-a"));
+        let none = RequestHeader::build("GET", b"/", None).unwrap();
+        assert!(!passed_through(&none, "eu-a"));
+    }
 
     #[test]
     fn trusted_proxies_match_ipv4_peers_of_a_dual_stack_listener() {
