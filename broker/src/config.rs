@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use figment::providers::{Env, Format, Toml};
+use figment::providers::{Format, Toml};
 use figment::Figment;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -384,11 +384,10 @@ impl BrokerConfig {
             }
             fig = fig.merge(Toml::file(p));
         }
-        // `SHADOWCDN_BROKER_CONFIG` names the file (the `--config` flag), not a key in it.
-        fig = fig.merge(
-            Env::prefixed("SHADOWCDN_BROKER_")
-                .ignore(&["config"])
-                .split("__"),
+        fig = edge_node::config::merge_env(
+            fig,
+            "SHADOWCDN_BROKER_",
+            &["admin__operator_token", "admin__edge_token"],
         );
         Self::finish(fig)
     }
@@ -432,8 +431,30 @@ impl BrokerConfig {
                 ));
             }
         }
-        if self.listen == self.admin.listen {
-            return bad("admin.listen: must differ from listen".into());
+        // Every TCP listener, named by its field: two on one port (or a wildcard address
+        // covering the other's) would leave the proxy unbound while the admin API and its
+        // health check answered.
+        let mut listeners = vec![("listen", self.listen), ("admin.listen", self.admin.listen)];
+        listeners.extend(self.tls.as_ref().map(|t| ("tls.listen", t.listen)));
+        listeners.extend(
+            self.admin
+                .metrics_listen
+                .map(|m| ("admin.metrics_listen", m)),
+        );
+        for (i, (field, addr)) in listeners.iter().enumerate() {
+            if let Some((other, at)) = listeners[..i]
+                .iter()
+                .find(|(_, o)| edge_node::config::listeners_overlap(*o, *addr))
+            {
+                return bad(format!(
+                    "{field} ({addr}) must not share a port with {other} ({at})"
+                ));
+            }
+        }
+        if self.drain_timeout_secs > MAX_DRAIN_SECS {
+            return bad(format!(
+                "drain_timeout_secs must be at most {MAX_DRAIN_SECS} (1 hour)"
+            ));
         }
         if let Some(field) = self.admin.rate_limits.zero_field() {
             return bad(format!("{field} must be at least 1"));
@@ -443,24 +464,12 @@ impl BrokerConfig {
         if self.signals.coaccess.max_bytes < 4 << 20 {
             return bad("signals.coaccess.max_bytes must be at least 4 MiB (4194304)".into());
         }
-        if let Some(m) = self.admin.metrics_listen {
-            let tls = self.tls.as_ref().map(|t| t.listen);
-            if m == self.listen || m == self.admin.listen || Some(m) == tls {
-                return bad(
-                    "admin.metrics_listen: must differ from listen, admin.listen and tls.listen"
-                        .into(),
-                );
-            }
-        }
         if let Some(tls) = &self.tls {
             if tls.certs.is_empty() {
                 return bad("tls.certs: at least one certificate (cert and key files)".into());
             }
             if tls.h2_idle_timeout_secs == 0 {
                 return bad("tls.h2_idle_timeout_secs must be at least 1".into());
-            }
-            if tls.listen == self.listen || tls.listen == self.admin.listen {
-                return bad("tls.listen: must differ from listen and admin.listen".into());
             }
         }
         if self.edge_read_timeout_secs == 0 {
@@ -492,6 +501,14 @@ impl BrokerConfig {
             }
             if !(e.weight.is_finite() && e.weight > 0.0) {
                 return bad(format!("edges[{i}].weight: must be a positive number"));
+            }
+            // The id travels to every edge (peer lists) and names the edge's QUIC
+            // certificate: one an edge would refuse turns peer fill off everywhere.
+            if !edge_node::config::valid_node_id(&e.id) {
+                return bad(format!(
+                    "edges[{i}].id {:?} must be 1-63 characters of letters, digits, '-' and '_'",
+                    e.id
+                ));
             }
             if self.edges[..i].iter().any(|o| o.id == e.id) {
                 return bad(format!("edges[{i}].id: duplicate edge id {:?}", e.id));
@@ -552,9 +569,11 @@ impl BrokerConfig {
             ));
         }
         let min = crate::planner::MIN_INTERVAL_SECS;
-        if !(self.planner.interval_secs.is_finite() && self.planner.interval_secs >= min) {
+        let max = MAX_INTERVAL_SECS;
+        let interval = |v: f64| v.is_finite() && (min..=max).contains(&v);
+        if !interval(self.planner.interval_secs) {
             return bad(format!(
-                "planner.interval_secs must be a number of seconds ≥ {min}"
+                "planner.interval_secs must be a number of seconds between {min} and {max}"
             ));
         }
         // As a resource's own shadow TTL (the provider API's bound).
@@ -562,17 +581,27 @@ impl BrokerConfig {
             return bad("planner.default_ttl_secs must be between 1 and 2592000 (30 days)".into());
         }
         if let Some(c) = &self.control {
-            if !(c.stats_interval_secs.is_finite() && c.stats_interval_secs >= min) {
+            if !interval(c.stats_interval_secs) {
                 return bad(format!(
-                    "control.stats_interval_secs must be a number of seconds ≥ {min}"
+                    "control.stats_interval_secs must be a number of seconds between {min} and {max}"
                 ));
             }
         }
         if self.health.interval_ms == 0 || self.health.timeout_ms == 0 {
             return bad("health.interval_ms and health.timeout_ms must be positive".into());
         }
-        if !(0.0..=1.0).contains(&self.planner.threshold) {
-            return bad("planner.threshold must be between 0 and 1".into());
+        // Shares and probabilities: `10` meant as 10% would let shadows take ten caches.
+        for (field, v) in [
+            ("planner.threshold", f64::from(self.planner.threshold)),
+            ("planner.budget_share", self.planner.budget_share),
+            (
+                "signals.coaccess.min_probability",
+                self.signals.coaccess.min_probability,
+            ),
+        ] {
+            if !(0.0..=1.0).contains(&v) {
+                return bad(format!("{field} must be between 0 and 1"));
+            }
         }
         if self.threads == 0 {
             return bad("threads must be at least 1".into());
@@ -580,6 +609,11 @@ impl BrokerConfig {
         self.cost.check().map_err(ConfigError)
     }
 }
+
+/// Longest drain a config may ask for: the grace period and deadlines are computed from it.
+const MAX_DRAIN_SECS: u64 = 3600;
+/// Longest planning or stats interval: a day between ticks is already no planning.
+const MAX_INTERVAL_SECS: f64 = 86_400.0;
 
 fn default_threads() -> usize {
     2
@@ -755,6 +789,12 @@ pub(crate) mod tests {
                 "[planner]\ndefault_ttl_secs = 9999999999\n",
                 "planner.default_ttl_secs",
             ),
+            ("[planner]\ninterval_secs = 1e20\n", "planner.interval_secs"),
+            ("[planner]\nbudget_share = 10\n", "planner.budget_share"),
+            (
+                "[signals.coaccess]\nmin_probability = 50\n",
+                "signals.coaccess.min_probability",
+            ),
         ] {
             let bad = SAMPLE.replace("[admin]", &format!("{extra}[admin]"));
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
@@ -776,6 +816,16 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("127.0.0.1:8001", "127.0.0.1:8000");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("admin.listen"), "{e}");
+        // A wildcard address takes the port on every address.
+        let bad = SAMPLE.replace("listen = \"127.0.0.1:8000\"", "listen = \"0.0.0.0:8001\"");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("admin.listen"), "{e}");
+        let bad = SAMPLE.replace("id = \"eu-b\"", "id = \"eu-b.fra\"");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("edges[1].id"), "{e}");
+        let bad = SAMPLE.replace("data_dir", "drain_timeout_secs = 99999\n        data_dir");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("drain_timeout_secs"), "{e}");
         let with_tls = SAMPLE.replace(
             "[admin]",
             "[tls]\nlisten = \"127.0.0.1:8443\"\ncerts = [{ cert = \"c.pem\", key = \"k.pem\" }]\n[admin]",

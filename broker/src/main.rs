@@ -36,8 +36,8 @@ enum Cmd {
         /// Base URL of the broker's admin listener.
         #[arg(long, env = "SHADOWCDN_API", default_value = "http://127.0.0.1:7081")]
         api: String,
-        /// Bearer token (operator or provider).
-        #[arg(long, env = "SHADOWCDN_TOKEN")]
+        /// Bearer token (operator or provider); `--help` does not show the variable's value.
+        #[arg(long, env = "SHADOWCDN_TOKEN", hide_env_values = true)]
         token: String,
         #[command(subcommand)]
         call: Call,

@@ -247,10 +247,13 @@ pub struct OriginEntry {
     pub registered_at_ms: Option<u64>,
 }
 
+/// Longest drain or runtime shutdown a config may ask for.
+const MAX_STOP_SECS: u64 = 3600;
+
 /// Whether two TCP listen addresses would take the same port: equal ports (not 0, which the
 /// system picks) on the same IP, or where either is a wildcard (a dual-stack `[::]` covers
 /// IPv4 too).
-fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
+pub fn listeners_overlap(a: SocketAddr, b: SocketAddr) -> bool {
     a.port() != 0
         && a.port() == b.port()
         && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
@@ -290,6 +293,24 @@ impl From<figment::Error> for ConfigError {
     }
 }
 
+/// Merge the environment variables `prefix`* into `fig` (`__` separates sections:
+/// `SHADOWCDN_EDGE_CACHE__DIR` is `cache.dir`; `<prefix>CONFIG` names the file, not a key).
+/// The string settings `verbatim` (tokens, ids; `admin__token`) are taken as written: figment
+/// reads `31415926535` or `0123` from the environment as a number, which a string setting
+/// refuses with an error that prints the secret, or would keep as `123`.
+pub fn merge_env(mut fig: Figment, prefix: &str, verbatim: &[&str]) -> Figment {
+    let mut skipped = vec!["config"];
+    skipped.extend_from_slice(verbatim);
+    fig = fig.merge(Env::prefixed(prefix).ignore(&skipped).split("__"));
+    for key in verbatim {
+        let var = format!("{prefix}{}", key.to_ascii_uppercase());
+        if let Ok(value) = std::env::var(&var) {
+            fig = fig.merge(Serialized::default(&key.replace("__", "."), value));
+        }
+    }
+    fig
+}
+
 impl EdgeConfig {
     /// Load from an optional TOML file, then `SHADOWCDN_EDGE_` environment variables
     /// (`__` separates sections: `SHADOWCDN_EDGE_CACHE__DIR`), then `overrides`.
@@ -304,12 +325,7 @@ impl EdgeConfig {
             }
             fig = fig.merge(Toml::file(p));
         }
-        // `SHADOWCDN_EDGE_CONFIG` names the file (the `--config` flag), not a key in it.
-        fig = fig.merge(
-            Env::prefixed("SHADOWCDN_EDGE_")
-                .ignore(&["config"])
-                .split("__"),
-        );
+        fig = merge_env(fig, "SHADOWCDN_EDGE_", &["admin__token", "node_id"]);
         fig = fig.merge(Serialized::defaults(OverrideTree::from(overrides)));
         let cfg: EdgeConfig = fig.extract()?;
         cfg.check()?;
@@ -437,6 +453,20 @@ impl EdgeConfig {
             return Err(ConfigError::Invalid(
                 "server.threads must be at least 1".into(),
             ));
+        }
+        // The grace period and the drain's deadline are computed from these.
+        for (field, secs) in [
+            ("server.drain_timeout_secs", self.server.drain_timeout_secs),
+            (
+                "server.shutdown_timeout_secs",
+                self.server.shutdown_timeout_secs,
+            ),
+        ] {
+            if secs > MAX_STOP_SECS {
+                return Err(ConfigError::Invalid(format!(
+                    "{field} must be at most {MAX_STOP_SECS} (1 hour)"
+                )));
+            }
         }
         let id = &self.node_id;
         if !valid_node_id(id) {
@@ -746,6 +776,15 @@ mod tests {
         }
         assert!(with("[cache]", "default_ttl_secs = 86400").is_ok());
         assert!(with("[cache]", "ban_retention_secs = 3600").is_ok());
+    }
+
+    #[test]
+    fn stop_timeouts_past_an_hour_are_named() {
+        for field in ["drain_timeout_secs", "shutdown_timeout_secs"] {
+            let bad = MINIMAL.replace("[server]", &format!("[server]\n{field} = 99999"));
+            let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(err.contains(&format!("server.{field}")), "{err}");
+        }
     }
 
     #[test]
