@@ -815,6 +815,16 @@ mod tests {
     }
 
     #[test]
+    fn an_ipv6_origin_is_dialled_and_verified_without_brackets() {
+        let t = OriginTable::build(&[entry("v6.test", None, "https://[::1]:9443")]).unwrap();
+        let o = t.select("v6.test", "/").unwrap();
+        assert_eq!(o.addr, "[::1]:9443".parse().unwrap());
+        assert!(o.tls);
+        assert_eq!(o.authority, "::1", "rustls refuses a bracketed server name");
+        assert_eq!(o.host_header, "[::1]:9443");
+    }
+
+    #[test]
     fn rejects_bad_rows() {
         assert!(OriginTable::build(&[entry("a", None, "ftp://x")]).is_err());
         assert!(OriginTable::build(&[entry("a", None, "http://127.0.0.1:1/p")]).is_err());
