@@ -587,8 +587,17 @@ impl BrokerConfig {
                 ));
             }
         }
-        if self.health.interval_ms == 0 || self.health.timeout_ms == 0 {
-            return bad("health.interval_ms and health.timeout_ms must be positive".into());
+        // 0 would silently mean 1 (fall, rise) or 1 s (snapshots).
+        for (field, v) in [
+            ("health.interval_ms", self.health.interval_ms),
+            ("health.timeout_ms", self.health.timeout_ms),
+            ("health.fall", u64::from(self.health.fall)),
+            ("health.rise", u64::from(self.health.rise)),
+            ("monitor.snapshot_secs", self.monitor.snapshot_secs),
+        ] {
+            if v == 0 {
+                return bad(format!("{field} must be at least 1"));
+            }
         }
         // Shares and probabilities: `10` meant as 10% would let shadows take ten caches.
         for (field, v) in [
@@ -791,6 +800,7 @@ pub(crate) mod tests {
             ),
             ("[planner]\ninterval_secs = 1e20\n", "planner.interval_secs"),
             ("[planner]\nbudget_share = 10\n", "planner.budget_share"),
+            ("[health]\nfall = 0\n", "health.fall"),
             (
                 "[signals.coaccess]\nmin_probability = 50\n",
                 "signals.coaccess.min_probability",
@@ -805,6 +815,7 @@ pub(crate) mod tests {
             ("bucket_secs = 3600", "monitor.bucket_secs"),
             ("retention_buckets = 1440", "7 days"),
             ("max_buckets = 100", "monitor.max_buckets"),
+            ("snapshot_secs = 0", "monitor.snapshot_secs"),
         ] {
             let bad = SAMPLE.replace("[admin]", &format!("[monitor]\n{monitor}\n[admin]"));
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();

@@ -407,6 +407,17 @@ impl EdgeConfig {
             ),
             // 0 would turn request coalescing off: every concurrent miss to the origin.
             ("cache.lock_timeout_secs", c.lock_timeout_secs),
+            // 0 would silently mean 1.
+            (
+                "shadow.fill_concurrency",
+                self.shadow.fill_concurrency as u64,
+            ),
+            ("shadow.fill_queue", self.shadow.fill_queue as u64),
+            // A pace of 0 would mean no limit, the opposite of what it says: unset is that.
+            (
+                "shadow.fill_bandwidth",
+                self.shadow.fill_bandwidth.map_or(1, |b| b.as_u64()),
+            ),
         ];
         for (field, v) in at_least_one {
             if v == 0 {
@@ -784,6 +795,20 @@ mod tests {
             let bad = MINIMAL.replace("[server]", &format!("[server]\n{field} = 99999"));
             let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
             assert!(err.contains(&format!("server.{field}")), "{err}");
+        }
+    }
+
+    #[test]
+    fn zeros_that_would_silently_mean_something_else_are_named() {
+        for (section, field) in [
+            ("shadow", "fill_concurrency = 0"),
+            ("shadow", "fill_queue = 0"),
+            ("shadow", "fill_bandwidth = \"0\""),
+        ] {
+            let bad = format!("{MINIMAL}\n[{section}]\n{field}\n");
+            let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+            let name = field.split(' ').next().unwrap();
+            assert!(err.contains(&format!("{section}.{name}")), "{err}");
         }
     }
 
