@@ -2584,7 +2584,7 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
 
     // Nor is a stale copy of this edge's own revalidated through the peer: the origin is
     // asked, and the peer's refusal is not an origin error that lets the stale copy serve.
-    let own = "/coop/own.css?cc=max-age%3D1,stale-if-error%3D3600";
+    let own = "/coop/own.css?cc=max-age%3D3,stale-if-error%3D3600";
     let r = get(own, "us", "-").await.unwrap();
     assert_eq!(r.headers()["x-cache"], "MISS");
     r.bytes().await.unwrap();
@@ -2592,7 +2592,7 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     let r = get(own, "eu", "-").await.unwrap();
     r.bytes().await.unwrap();
     c.wait_logged_past(n).await;
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(3200)).await;
     let r = get(own, "us", "-").await.unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_ne!(r.headers()["x-cache"], "STALE", "the origin is up");

@@ -506,7 +506,7 @@ impl BrokerConfig {
             // certificate: one an edge would refuse turns peer fill off everywhere.
             if !edge_node::config::valid_node_id(&e.id) {
                 return bad(format!(
-                    "edges[{i}].id {:?} must be 1-63 characters of letters, digits, '-' and '_'",
+                    "edges[{i}].id {:?} must be 1-63 characters of letters, digits, '-' and '_', not \"broker\"",
                     e.id
                 ));
             }
@@ -831,9 +831,11 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("listen = \"127.0.0.1:8000\"", "listen = \"0.0.0.0:8001\"");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("admin.listen"), "{e}");
-        let bad = SAMPLE.replace("id = \"eu-b\"", "id = \"eu-b.fra\"");
-        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
-        assert!(e.contains("edges[1].id"), "{e}");
+        for id in ["eu-b.fra", "broker"] {
+            let bad = SAMPLE.replace("id = \"eu-b\"", &format!("id = \"{id}\""));
+            let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(e.contains("edges[1].id"), "{e}");
+        }
         let bad = SAMPLE.replace("data_dir", "drain_timeout_secs = 99999\n        data_dir");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("drain_timeout_secs"), "{e}");

@@ -751,11 +751,6 @@ fn connection_failed(kind: &ErrorType) -> bool {
     )
 }
 
-/// The retry policy of [`ProxyHttp::error_while_proxy`], apart from the session so it can be
-/// tested. `replayable`: the request can be sent again unchanged and nothing was answered yet
-/// (idempotent method, whole body buffered, not the client's error, not a stall). Anything else
-/// is never retried: a replayed POST could run twice at the origin, and a truncated body would
-/// be sent half. `pooled`: the error came on a pooled connection of a chosen route.
 /// Whether a failed connect says the edge is gone, so it leaves routing at once: a refused
 /// or reset connection, no route. A connect that timed out may be one lost SYN (the 1 s
 /// connect timeout is the kernel's first SYN retransmit): the request goes elsewhere and the
@@ -772,6 +767,11 @@ fn edge_is_gone(etype: &ErrorType) -> bool {
     )
 }
 
+/// The retry policy of [`ProxyHttp::error_while_proxy`], apart from the session so it can be
+/// tested. `replayable`: the request can be sent again unchanged and nothing was answered yet
+/// (idempotent method, whole body buffered, not the client's error, not a stall). Anything else
+/// is never retried: a replayed POST could run twice at the origin, and a truncated body would
+/// be sent half. `pooled`: the error came on a pooled connection of a chosen route.
 fn retry_after_error(replayable: bool, pooled: bool, origin_tried: bool) -> Retry {
     if !replayable {
         Retry::Never

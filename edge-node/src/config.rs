@@ -303,8 +303,14 @@ pub fn merge_env(mut fig: Figment, prefix: &str, verbatim: &[&str]) -> Figment {
     skipped.extend_from_slice(verbatim);
     fig = fig.merge(Env::prefixed(prefix).ignore(&skipped).split("__"));
     for key in verbatim {
-        let var = format!("{prefix}{}", key.to_ascii_uppercase());
-        if let Ok(value) = std::env::var(&var) {
+        // Names match regardless of case, as figment matches the others.
+        let var = format!("{prefix}{key}");
+        let value = std::env::vars_os().find_map(|(k, v)| {
+            k.to_str()?
+                .eq_ignore_ascii_case(&var)
+                .then(|| v.into_string().ok())?
+        });
+        if let Some(value) = value {
             fig = fig.merge(Serialized::default(&key.replace("__", "."), value));
         }
     }
@@ -482,7 +488,7 @@ impl EdgeConfig {
         let id = &self.node_id;
         if !valid_node_id(id) {
             return Err(ConfigError::Invalid(format!(
-                "node_id {id:?} must be 1-63 characters of letters, digits, '-' and '_'"
+                "node_id {id:?} must be 1-63 characters of letters, digits, '-' and '_', not \"broker\""
             )));
         }
         if let Some(i) = self
@@ -555,9 +561,11 @@ impl From<&Overrides> for OverrideTree {
 }
 
 /// Whether `id` can name a node: it appears in certificates (`<id>.edge.shadowcdn`) and
-/// response headers.
+/// response headers, and in `Via` as `shadowcdn-<id>`, where `broker` is the broker's name
+/// (an edge of that name would take every routed request for a loop).
 pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty()
+        && !id.eq_ignore_ascii_case("broker")
         && id.len() <= 63
         && id
             .bytes()

@@ -562,6 +562,16 @@ fn upstream_age(resp: &ResponseHeader) -> Duration {
         .map_or(Duration::ZERO, Duration::from_secs)
 }
 
+/// Whether the cache phase is a revalidation of this edge's own stored copy, which only the
+/// origin can answer: a peer's refusal would reach pingora as a server error, letting the
+/// stale copy serve within its stale-if-error window however healthy the origin is.
+fn revalidating(phase: CachePhase) -> bool {
+    matches!(
+        phase,
+        CachePhase::Stale | CachePhase::StaleUpdating | CachePhase::Expired
+    )
+}
+
 /// Error type of a hinted peer that does not hold a usable copy (retried on the origin).
 const PEER_MISS: &str = "peer_miss";
 
@@ -579,10 +589,8 @@ fn heuristically_cacheable(status: u16) -> bool {
 impl EdgeProxy {
     /// The peer the broker hinted for this request, when a miss may be filled from it: a plain
     /// GET from a client (not the edge's own fills or peer fetches), without credentials, on
-    /// an edge with a QUIC bridge, naming a peer the broker listed. Not a revalidation of this
-    /// edge's own stale copy: only the origin can answer that, and a peer's refusal would
-    /// reach pingora as a server error, which lets the stale copy serve within its
-    /// stale-if-error window however healthy the origin is.
+    /// an edge with a QUIC bridge, naming a peer the broker listed. Not a [`revalidating`]
+    /// request.
     fn hinted_peer(
         &self,
         req: &RequestHeader,
@@ -590,10 +598,7 @@ impl EdgeProxy {
         phase: CachePhase,
     ) -> Option<PeerRef> {
         if ctx.shadow_fill
-            || matches!(
-                phase,
-                CachePhase::Stale | CachePhase::StaleUpdating | CachePhase::Expired
-            )
+            || revalidating(phase)
             || ctx.only_if_cached
             || self.hooks.bridge.is_none()
             || req.method != http::Method::GET
@@ -833,6 +838,10 @@ impl ProxyHttp for EdgeProxy {
                 ErrorType::HTTPStatus(504),
                 "not cached on this edge",
             ));
+        }
+        // Nor does a shadow fill from a peer revalidate a stale copy of this edge's own.
+        if ctx.peer_fill && revalidating(session.cache.phase()) {
+            ctx.peer_fill = false;
         }
         ctx.demand_peer = if ctx.hint_used {
             None

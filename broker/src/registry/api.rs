@@ -465,20 +465,22 @@ async fn delete_origin(
     let host = check_host(&host)?;
     s.registry.delete_origin(&p.id, &host)?;
     s.sync.origins_changed();
-    // The host's history and plans go first, at once: a caller hanging up during the fan-out
-    // must not leave them, and a slow fan-out must not erase those of whoever registers the
-    // host meanwhile.
+    // The host's plans go first, at once: a caller hanging up during the fan-out must not
+    // leave them.
     s.planner.forget_host(&host);
-    // Started, not awaited, before the purge: the store may be held by a snapshot for a
-    // while, and a caller hanging up meanwhile must not keep the purge from starting.
+    // Its history goes in a task started before the purge and running whatever the caller
+    // does (the store may be held by a snapshot for a while). Should it end after someone
+    // registered the host again, what it erased is that provider's first seconds; the
+    // series API shows nobody what was recorded before their registration anyway.
     let (store, prefix) = (s.series.clone(), format!("{host}/"));
     let forgotten = off_the_api_thread(move || store.write().forget_prefix(&prefix));
     // The edges' copies go with the host: whoever registers it next must not be served this
     // provider's content, nor get shadows planned from its history.
     let target = format!("{host}/*");
     let results = s.sync.purge_everywhere(&target).await;
-    let forgotten = forgotten.await?;
-    tracing::info!(%host, series = forgotten, "host deleted: its request history dropped");
+    if let Ok(series) = forgotten.await {
+        tracing::info!(%host, series, "host deleted: its request history dropped");
+    }
     if results.iter().all(|r| r.ok) {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {

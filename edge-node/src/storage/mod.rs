@@ -133,8 +133,9 @@ pub struct FoyerStorage {
     /// that read before they store (a 304's metadata update, an expiry) and fill commits
     /// store under this lock and only if nothing in their slot changed in between, so a
     /// purge answered 200 is never undone by them, nor a newer version committed meanwhile
-    /// replaced by the older body they read; changes elsewhere (a wasted shadow dropped)
-    /// rarely cost a revalidation its update.
+    /// replaced by the older body they read; changes to other keys of the slot (another
+    /// fill, a wasted shadow dropped) cost a revalidation its update, which the next request
+    /// repeats, rarely with this many slots.
     purges: Mutex<[u64; PURGE_SLOTS]>,
     /// Key purges of the last minutes, for fetches that overlapped one (`purged_during`).
     recent: RecentPurges,
@@ -183,8 +184,9 @@ fn hash_of(bin: [u8; 16]) -> u128 {
     u128::from_be_bytes(bin)
 }
 
-/// Slots of the purge epochs.
-const PURGE_SLOTS: usize = 256;
+/// Slots of the purge epochs: enough that the fills committing every second rarely share a
+/// slot with a revalidation's read, which then stores nothing (32 KiB).
+const PURGE_SLOTS: usize = 4096;
 /// How long key purges are remembered for fetches under way: longer than an origin takes to
 /// answer (the edge's connect and read timeouts, a cache-lock wait); an answer that took
 /// longer is not cached.
