@@ -861,11 +861,17 @@ mod tests {
 
     /// A memory-only storage taking objects up to 512 KiB, alive for the test process.
     async fn small_storage(dir: &std::path::Path) -> &'static FoyerStorage {
+        storage_with_disk(dir, 0).await
+    }
+
+    /// A storage with 4 MiB of memory and `disk_bytes` of disk in 1 MiB blocks, taking
+    /// objects up to 512 KiB, alive for the test process.
+    async fn storage_with_disk(dir: &std::path::Path, disk_bytes: usize) -> &'static FoyerStorage {
         let opts = StorageOptions {
             dir: dir.into(),
             memory_bytes: 4 << 20,
             memory_shards: 1,
-            disk_bytes: 0,
+            disk_bytes,
             block_size: 1 << 20,
             max_object_bytes: 1 << 19,
             max_fill_bytes: 1 << 20,
@@ -1105,22 +1111,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_dropped_disk_write_does_not_bring_the_older_version_back() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = StorageOptions {
-            dir: dir.path().into(),
-            memory_bytes: 4 << 20,
-            memory_shards: 1,
-            disk_bytes: 256 << 20,
-            block_size: 1 << 20,
-            max_object_bytes: 1 << 19,
-            max_fill_bytes: 1 << 20,
-            ban_retention: Duration::from_secs(60),
-        };
-        let spawner = Spawner::from(tokio::runtime::Handle::current());
-        let s: &'static FoyerStorage = Box::leak(Box::new(
-            FoyerStorage::open(&opts, spawner, &prometheus::Registry::new())
-                .await
-                .unwrap(),
-        ));
+        let s = storage_with_disk(dir.path(), 256 << 20).await;
         let meta = fresh_meta();
         let store = |hash: u128, body: Bytes| {
             assert!(s
@@ -1154,22 +1145,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn no_lookup_brings_a_settled_purge_back() {
         let dir = tempfile::tempdir().unwrap();
-        let opts = StorageOptions {
-            dir: dir.path().into(),
-            memory_bytes: 4 << 20,
-            memory_shards: 1,
-            disk_bytes: 16 << 20,
-            block_size: 1 << 20,
-            max_object_bytes: 1 << 19,
-            max_fill_bytes: 1 << 20,
-            ban_retention: Duration::from_secs(60),
-        };
-        let spawner = Spawner::from(tokio::runtime::Handle::current());
-        let s: &'static FoyerStorage = Box::leak(Box::new(
-            FoyerStorage::open(&opts, spawner, &prometheus::Registry::new())
-                .await
-                .unwrap(),
-        ));
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
         let trace = pingora_cache::trace::Span::inactive().handle();
         for round in 0..20 {
             let name = format!("h/p{round}");
