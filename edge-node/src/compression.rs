@@ -13,10 +13,12 @@
 use std::time::Duration;
 
 use http::header::{
-    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE, ETAG, RANGE, VARY,
+    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, RANGE,
+    VARY,
 };
 use http::HeaderValue;
 use pingora_core::modules::http::compression::ResponseCompression;
+use pingora_core::protocols::http::compression::Algorithm;
 use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::Session;
 
@@ -72,26 +74,61 @@ pub fn not_modified(plan: Plan, req: &RequestHeader, stored: &ResponseHeader) ->
         && req
             .headers
             .get(ACCEPT_ENCODING)
-            .is_some_and(|v| first_coding_is_compressed(v.as_bytes()));
+            .is_some_and(|v| first_coding_is_compressed(v.as_bytes()))
+        && encoder_takes(stored);
     Plan::NotModified { compressed }
 }
 
-/// Whether pingora's encoder would compress for this `Accept-Encoding`: it takes the first
-/// coding it knows, and of those it compresses with gzip, brotli and zstd only (the
-/// dictionary codings need a dictionary this edge never sets).
+/// Whether pingora's encoder would compress for this `Accept-Encoding`, read as it reads it:
+/// a structured-field list (one it cannot parse, `gzip;q=.5` say, counts as no coding at
+/// all), of which it takes the first coding it knows; of those it compresses with gzip,
+/// brotli and zstd only (the dictionary codings need a dictionary this edge never sets).
 fn first_coding_is_compressed(value: &[u8]) -> bool {
-    let Ok(value) = std::str::from_utf8(value) else {
+    let first = if value == b"gzip" {
+        Some(Algorithm::Gzip)
+    } else {
+        sfv::Parser::parse_list(value).ok().and_then(|list| {
+            list.iter().find_map(|entry| match entry {
+                sfv::ListEntry::Item(i) => i
+                    .bare_item
+                    .as_token()
+                    .map(Algorithm::from)
+                    .filter(|a| *a != Algorithm::Other),
+                _ => None,
+            })
+        })
+    };
+    matches!(
+        first,
+        Some(Algorithm::Gzip | Algorithm::Brotli | Algorithm::Zstd)
+    )
+}
+
+/// Whether pingora's encoder takes `resp` at all, by its own rules besides ours: a body of
+/// at least 20 bytes, a `Content-Type` (matched case-sensitively) in its list and without
+/// "zip" in it. Where it declines, the 200 goes out with its strong ETag.
+fn encoder_takes(resp: &ResponseHeader) -> bool {
+    let short = resp
+        .headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok())
+        .is_some_and(|n| n < 20);
+    let Some(ct) = resp.headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    value
-        .split(',')
-        .map(|item| item.split(';').next().unwrap_or("").trim())
-        .find(|c| {
-            ["gzip", "br", "zstd", "dcb", "dcz"]
-                .iter()
-                .any(|k| c.eq_ignore_ascii_case(k))
-        })
-        .is_some_and(|c| !c.eq_ignore_ascii_case("dcb") && !c.eq_ignore_ascii_case("dcz"))
+    !short
+        && !ct.contains("zip")
+        && [
+            "text/",
+            "application/",
+            "font/",
+            "image/x-icon",
+            "image/svg+xml",
+            "image/nd.microsoft.icon",
+            "binary/octet-stream",
+        ]
+        .iter()
+        .any(|p| ct.starts_with(p))
 }
 
 /// Whether an `Accept-Encoding` value gives some coding a quality of zero.
@@ -340,6 +377,11 @@ mod tests {
     fn a_304_stands_for_the_200_it_replaces() {
         let html = resp(200, &[("content-type", "text/html"), ("etag", "\"v1\"")]);
         let png = resp(200, &[("content-type", "image/png")]);
+        let tiny = resp(
+            200,
+            &[("content-type", "text/html"), ("content-length", "10")],
+        );
+        let shouting = resp(200, &[("content-type", "TEXT/HTML")]);
         let req = |ae: Option<&str>| {
             let mut r = RequestHeader::build("GET", b"/", None).unwrap();
             if let Some(ae) = ae {
@@ -376,6 +418,27 @@ mod tests {
                 Plan::Identity,
                 None,
                 &html,
+                Plan::NotModified { compressed: false },
+            ),
+            // pingora's encoder leaves these uncompressed, so the 200 kept its strong ETag:
+            // a coding list it cannot parse, a body under 20 bytes, a type it matches only
+            // in lower case.
+            (
+                Plan::Compress,
+                Some("gzip;q=.5"),
+                &html,
+                Plan::NotModified { compressed: false },
+            ),
+            (
+                Plan::Compress,
+                Some("gzip"),
+                &tiny,
+                Plan::NotModified { compressed: false },
+            ),
+            (
+                Plan::Compress,
+                Some("gzip"),
+                &shouting,
                 Plan::NotModified { compressed: false },
             ),
             (Plan::Compress, Some("gzip"), &png, Plan::Compress),
