@@ -1789,7 +1789,7 @@ async fn a_forecast_shadow_that_cannot_pay_for_its_fill_is_not_placed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
-    let origin = TestOrigin::start().await;
+    let mut origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
     c.add_resource(json!({"host": HOST, "path": "/launch/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600,
@@ -1870,6 +1870,34 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     )
     .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
+
+    // updated while the origin is down: the refresh cannot reach it, and the edges drop
+    // the replaced version rather than keep serving it as fresh.
+    let old = format!("{HOST}/launch/old.js");
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "created", "host": HOST, "path": "/launch/old.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    wait_until(|| async { c.shadowed_on(3, &old).await }).await;
+    origin.stop().await;
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "updated", "host": HOST, "path": "/launch/old.js"})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    wait_until(|| async { !c.shadowed_on(3, &old).await }).await;
+    let r = c.get("/launch/old.js", "us").await;
+    assert_ne!(
+        r.headers().get("x-cache").map(|v| v.to_str().unwrap()),
+        Some("HIT")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1238,7 +1238,8 @@ impl ProxyHttp for EdgeProxy {
     ) -> bool {
         // Another edge asking for this edge's copy gets a fresh one or none: a stale copy it
         // would store (or serve) as new. Its refusal to go to the origin is no origin failure.
-        if ctx.only_if_cached {
+        // Nor is the copy an answer to a refresh, which exists to replace it.
+        if ctx.only_if_cached || ctx.refresh {
             return false;
         }
         // Within the windows the response allowed (RFC 5861): serve stale while revalidating,

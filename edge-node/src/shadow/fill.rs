@@ -484,6 +484,7 @@ impl BackgroundService for ShadowService {
                 }
             };
             let max_bytes = self.storage.max_object_bytes() as u64;
+            let storage = self.storage;
             let (client, table, metrics, listen, internal, pacer) = (
                 client.clone(),
                 self.table.clone(),
@@ -526,9 +527,21 @@ impl BackgroundService for ShadowService {
                     Err(e) => {
                         tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
                         metrics.shadow_fills.with_label_values(&["failed"]).inc();
-                        // A failed refresh leaves the held copy (and its mark) in place;
-                        // any other failure means the broker's order holds nothing here.
-                        if table.get(&req.key).is_none() {
+                        // The broker refreshes the copies it holds live instead of purging
+                        // them: one whose refresh failed is purged after all, or it would
+                        // serve the version the origin replaced, as fresh, until its own
+                        // lifetime ended (its mark goes with it, reported removed).
+                        if req.refresh {
+                            if storage.invalidate_key(&req.key) {
+                                storage.settle_purge(&req.key).await;
+                            }
+                            table.remove(&req.key);
+                            metrics
+                                .purges
+                                .with_label_values(&["key", "refresh_failed"])
+                                .inc();
+                        } else if table.get(&req.key).is_none() {
+                            // Any other failure means the broker's order holds nothing here.
                             table
                                 .outcomes()
                                 .push(ShadowOutcome::failed(req.key.clone()));
