@@ -572,6 +572,9 @@ fn revalidating(phase: CachePhase) -> bool {
     )
 }
 
+/// Says a response was filled from a peer edge (`peer`), to clients and to the shadow filler.
+pub const FILLED_FROM_HEADER: &str = "x-shadowcdn-fill";
+
 /// Error type of a hinted peer that does not hold a usable copy (retried on the origin).
 const PEER_MISS: &str = "peer_miss";
 
@@ -1203,8 +1206,10 @@ impl ProxyHttp for EdgeProxy {
             }
             resp.insert_header("x-shadowcdn-shadow", "hit")?;
         }
-        if ctx.peer_served {
-            resp.insert_header("x-shadowcdn-fill", "peer")?;
+        // Filled from a peer: a client's miss the peer answered, or a shadow fill the bridge
+        // carried (one that met a stale copy here went to the origin instead).
+        if ctx.peer_served || (ctx.peer_fill && ctx.upstream_responded) {
+            resp.insert_header(FILLED_FROM_HEADER, "peer")?;
         }
         // Between edges only: a peer's admission time (see `response_cache_filter`) is not
         // passed on, and this edge states its own when another edge fetches from it.

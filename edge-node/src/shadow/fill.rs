@@ -21,7 +21,7 @@ use super::table::{Ending, Expired, FillSource, FillTags, ShadowTable};
 use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
-use crate::proxy::{normalize_key, InternalSecret};
+use crate::proxy::{normalize_key, InternalSecret, FILLED_FROM_HEADER};
 use crate::storage::FoyerStorage;
 use crate::sync::protocol::{PeerRef, ShadowOutcome};
 use crate::sync::{format_peer_via, PEER_VIA_HEADER};
@@ -276,7 +276,7 @@ async fn fetch(
     peer: Option<&PeerRef>,
     max_bytes: u64,
     moved: &mut u64,
-) -> Result<(bool, FillTags), String> {
+) -> Result<(FillSource, FillTags), String> {
     let (host, path) = split_key(&r.key).ok_or_else(|| format!("bad key {:?}", r.key))?;
     let mut req = client
         .get(format!("http://{listen}{path}"))
@@ -298,6 +298,10 @@ async fn fetch(
         x_cache,
         Some("HIT" | "REVALIDATED" | "STALE" | "STALE-UPDATING")
     );
+    let peer_served = resp
+        .headers()
+        .get(FILLED_FROM_HEADER)
+        .is_some_and(|v| v == "peer");
     // A body that will not be cached is not downloaded for nothing.
     if !status.is_success() {
         return Err(format!("status {status}"));
@@ -316,7 +320,16 @@ async fn fetch(
             ));
         }
     }
-    Ok((local_hit, tags))
+    // What the proxy says answered: a copy it held, the peer (over the bridge), else the
+    // origin (a copy held stale is revalidated there, whoever was named).
+    let served = if local_hit {
+        FillSource::Local
+    } else if peer_served {
+        FillSource::Peer
+    } else {
+        FillSource::Origin
+    };
+    Ok((served, tags))
 }
 
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
@@ -344,13 +357,6 @@ async fn fill_one(
     max_bytes: u64,
     moved: &mut u64,
 ) -> Result<(u64, FillSource, FillTags), String> {
-    let source = |remote, local_hit| {
-        if local_hit {
-            FillSource::Local
-        } else {
-            remote
-        }
-    };
     // A refresh must reach the origin: the peers hold the old version too.
     if let (Some(peer), false) = (&r.peer, r.refresh) {
         let mut from_peer = 0;
@@ -366,7 +372,7 @@ async fn fill_one(
         .await;
         *moved += from_peer;
         match got {
-            Ok((local, tags)) => return Ok((from_peer, source(FillSource::Peer, local), tags)),
+            Ok((served, tags)) => return Ok((from_peer, served, tags)),
             Err(e) => {
                 tracing::info!(key = %r.key, peer = %peer.id, error = %e, "peer fill failed; using the origin");
             }
@@ -384,7 +390,7 @@ async fn fill_one(
     )
     .await;
     *moved += from_origin;
-    got.map(|(local, tags)| (from_origin, source(FillSource::Origin, local), tags))
+    got.map(|(served, tags)| (from_origin, served, tags))
 }
 
 impl ShadowService {
