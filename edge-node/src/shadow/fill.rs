@@ -165,16 +165,20 @@ struct Queue {
 #[derive(Clone)]
 pub struct Filler {
     queue: Arc<Queue>,
+    table: Arc<ShadowTable>,
 }
 
 impl Filler {
-    /// Queue a fill without waiting.
+    /// Queue a fill without waiting. A renewal of a live mark extends it at once: the broker
+    /// counts the order from its acceptance, and a mark left to expire while the renewal
+    /// waits for a worker would end (its object purged if unused) under the order renewing it.
     pub fn submit(&self, mut r: FillRequest) -> Result<(), FillError> {
         r.queued_at = Instant::now();
         let mut g = self.queue.heap.lock();
         if g.0.len() >= self.queue.capacity {
             return Err(FillError::QueueFull);
         }
+        self.table.extend(&r.key, r.ttl, r.queued_at);
         g.1 += 1;
         let seq = g.1;
         g.0.push(Queued { seq, req: r });
@@ -223,6 +227,7 @@ impl ShadowService {
                 capacity: queue.max(1),
                 ready: Notify::new(),
             }),
+            table: table.clone(),
         };
         (
             ShadowService {
@@ -641,6 +646,7 @@ mod tests {
                 capacity: 3,
                 ready: Notify::new(),
             }),
+            table: Arc::new(ShadowTable::default()),
         };
         let req = |key: &str, deadline, priority| {
             FillRequest::validated(key, 60, priority, 3600)

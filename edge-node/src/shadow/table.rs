@@ -344,6 +344,14 @@ impl ShadowTable {
             .mark(key, ttl, priority, FillTags::default(), now);
     }
 
+    /// Push the expiry of `key`'s mark, if it has one, to at least `ttl` from `now` (never
+    /// shorter: a shortening renewal takes effect when its fill marks it).
+    pub fn extend(&self, key: &str, ttl: Duration, now: Instant) {
+        if let Some(m) = self.inner.lock().marks.get_mut(key) {
+            m.expires = m.expires.max(now + ttl);
+        }
+    }
+
     /// A fill of `key` starts: until it is marked (or ends), clients served from it as it
     /// streams are counted for its mark ([`Self::hit`]).
     pub fn begin_fill(self: &std::sync::Arc<Self>, key: &str) -> FillUnderWay {
@@ -611,6 +619,24 @@ mod tests {
         assert!(a.hits == 0 && a.touched && !a.purge_with_mark());
         assert!(t.get("h/b").unwrap().purge_with_mark());
         assert!(t.get("h/unmarked").is_none());
+    }
+
+    #[test]
+    fn an_accepted_renewal_keeps_the_mark_until_its_own_ttl() {
+        let t = ShadowTable::default();
+        let t0 = Instant::now();
+        t.mark("h/a", Duration::from_secs(10), 5, t0);
+        // The renewal is accepted 8 s in; its fill has not run when the old expiry comes.
+        t.extend("h/a", Duration::from_secs(60), t0 + Duration::from_secs(8));
+        assert!(t.expire(t0 + Duration::from_secs(11)).is_empty());
+        assert!(t.get("h/a").is_some());
+        // Never shorter: a renewal with a smaller TTL leaves the expiry where it was.
+        t.extend("h/a", Duration::from_secs(1), t0 + Duration::from_secs(12));
+        assert!(t.expire(t0 + Duration::from_secs(20)).is_empty());
+        assert_eq!(t.expire(t0 + Duration::from_secs(69)).len(), 1);
+        // Nothing to extend without a mark.
+        t.extend("h/b", Duration::from_secs(60), t0);
+        assert!(t.get("h/b").is_none());
     }
 
     #[test]
