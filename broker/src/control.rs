@@ -81,6 +81,8 @@ pub struct Control {
     stats: RwLock<Vec<Option<StatsReport>>>,
     /// Edges seen restarting (a new boot id) since the planner last asked.
     restarted: parking_lot::Mutex<Vec<usize>>,
+    /// Woken when an edge is found restarted, so the planner acts before its next tick.
+    restart_seen: tokio::sync::Notify,
     /// Per edge, the last shadow-outcome batch received (acknowledged with the next poll).
     received: parking_lot::Mutex<Vec<u64>>,
     interval: Duration,
@@ -110,6 +112,7 @@ impl Control {
             endpoint: OnceLock::new(),
             stats: RwLock::new(vec![None; n]),
             restarted: parking_lot::Mutex::new(Vec::new()),
+            restart_seen: tokio::sync::Notify::new(),
             received: parking_lot::Mutex::new(vec![0; n]),
             interval: Duration::from_secs_f64(
                 section
@@ -221,6 +224,11 @@ impl Control {
         std::mem::take(&mut *self.restarted.lock())
     }
 
+    /// Wait until an edge is found restarted (at once if one was since the last wait).
+    pub async fn restart_seen(&self) {
+        self.restart_seen.notified().await;
+    }
+
     /// The latest stats report of edge `edge`.
     pub fn stats(&self, edge: usize) -> Option<StatsReport> {
         self.stats.read().get(edge).cloned().flatten()
@@ -241,6 +249,7 @@ impl Control {
                     if before != 0 && s.boot_id != 0 && s.boot_id != before {
                         tracing::info!(edge = id, "edge restarted: its shadows are placed again");
                         self.restarted.lock().push(e);
+                        self.restart_seen.notify_one();
                     }
                     if first_receipt(&mut self.received.lock()[e], s.outcomes_seq) {
                         self.ledger.settle(e, &s.outcomes);

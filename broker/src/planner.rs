@@ -1066,14 +1066,20 @@ impl Planner {
         }
     }
 
-    async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
-        // A restarted edge lost its marks (they live in its memory): what it held is no
-        // longer live, and whatever it still lists is adopted again.
+    /// A restarted edge lost its marks (they live in its memory): what it held is no longer
+    /// live, and whatever it lists now is adopted. Run as soon as a restart is seen, not at
+    /// the next tick, which would also forget the orders that tick's predecessor placed on
+    /// the new process; and at every tick, for edges not yet adopted.
+    async fn catch_up_with_restarts(&self) {
         for e in self.sync.take_restarted() {
             self.state.forget_edge(e);
             self.state.adopted.lock().remove(&e);
         }
         self.adopt().await;
+    }
+
+    async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
+        self.catch_up_with_restarts().await;
         let now = now_secs();
         // Every tick settles the shadows that ended and tunes the thresholds, whether or not
         // any series is due a forecast (a quiet hour still prices the shadows it saw end).
@@ -1386,14 +1392,19 @@ impl BackgroundService for Planner {
         // A round that overran is not followed by a burst of catch-up rounds.
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::select! {
+            let restart = tokio::select! {
                 biased;
                 _ = shutdown.changed() => return,
-                _ = tick.tick() => {}
-            }
+                _ = self.sync.restart_seen() => true,
+                _ = tick.tick() => false,
+            };
             let Some(_busy) = self.inflight.enter_unless_shutdown(&shutdown) else {
                 return;
             };
+            if restart {
+                self.catch_up_with_restarts().await;
+                continue;
+            }
             let started = Instant::now();
             self.tick(&forecaster).await;
             export_model_status(&self.metrics, &status);

@@ -334,6 +334,14 @@ impl EdgeSync {
             .map_or_else(Vec::new, |c| c.take_restarted())
     }
 
+    /// Wait until an edge is found restarted; never, without QUIC control.
+    pub async fn restart_seen(&self) {
+        match &self.control {
+            Some(c) => c.restart_seen().await,
+            None => std::future::pending().await,
+        }
+    }
+
     /// The live shadows edge `edge` holds, listed page by page over QUIC; `None` when it
     /// cannot be asked (no QUIC link, unreachable, an edge that does not list, or one whose
     /// stats this broker has not read yet).
