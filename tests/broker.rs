@@ -820,6 +820,7 @@ async fn a_tag_purge_reaches_every_edge_and_costs_a_purge_per_tag() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[admin.rate_limits]\npurges_per_minute = 4\n");
     c.register(&origin).await;
+    let registered = std::time::Instant::now();
     let tagged = ["/tag/a?skey=sale%20x", "/tag/b?ctag=shoes,Sale"];
     let kept = "/tag/c?skey=other";
     let on_edge = |i: usize, path: &str| {
@@ -864,9 +865,12 @@ async fn a_tag_purge_reaches_every_edge_and_costs_a_purge_per_tag() {
         assert_eq!(r.headers()["x-cache"], "HIT", "{kept} on edge {i}");
     }
     // Registering the host (it purges the host everywhere), the refused call and the two
-    // tags spent the budget of 4.
+    // tags spent the budget of 4 (one comes back every 15 s: a slow machine may have
+    // earned it back since the registration).
     let (s, v) = purge(json!({"host": HOST, "tags": ["other"]})).await;
-    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    if registered.elapsed() < Duration::from_secs(13) {
+        assert_eq!(s, StatusCode::TOO_MANY_REQUESTS, "{v}");
+    }
 }
 
 /// With every edge down the broker asks the origin itself; an origin that closed a pooled
@@ -1323,6 +1327,7 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[admin.rate_limits]\npurges_per_minute = 4\n");
     c.register(&origin).await;
+    let registered = std::time::Instant::now();
     let url = c.broker.api("/v1/resources");
     let raw = |body: String| {
         let (url, token) = (url.clone(), c.token.clone());
@@ -1433,23 +1438,27 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
     // host) are refused with a time to retry; its other calls are not.
     let purge = c.broker.api("/v1/purge");
     let body = json!({"host": HOST, "prefix": "/tmp/"});
-    for _ in 0..3 {
-        let (s, v) = api(
-            reqwest::Method::POST,
-            purge.clone(),
-            &c.token,
-            Some(body.clone()),
-        )
-        .await;
-        assert_eq!(s, StatusCode::OK, "{v}");
-    }
-    let r = client()
-        .post(&purge)
-        .bearer_auth(&c.token)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
+    let mut spent = 0;
+    let r = loop {
+        let r = client()
+            .post(&purge)
+            .bearer_auth(&c.token)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        if r.status() != StatusCode::OK || spent == 5 {
+            break r;
+        }
+        spent += 1;
+    };
+    // Three left; a slow machine may have earned some back since the registration's purge
+    // (one every 15 s; that purge came a little before `registered`).
+    let earned = ((registered.elapsed().as_secs() + 2) / 15) as usize;
+    assert!(
+        (3..=3 + earned).contains(&spent),
+        "{spent} purges before the first refusal"
+    );
     assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
     let retry: u64 = r.headers()["retry-after"]
         .to_str()
