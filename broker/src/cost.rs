@@ -913,6 +913,19 @@ mod tests {
         }
     }
 
+    /// Record an order for `key` on `edge` (in the region of the same index) at `priority`,
+    /// placed now and live for 60 s.
+    fn place(l: &Ledger, key: &str, edge: usize, priority: u8, signal: Signal) {
+        l.record_order(
+            key,
+            edge,
+            info(edge, priority),
+            signal,
+            Duration::from_secs(60),
+            unix_ms_now(),
+        );
+    }
+
     /// Settle `used` then `wasted` 10 MB origin-filled shadows placed by `source` in region 0,
     /// class normal, scored evenly over [0.5, 1).
     fn settle_from(l: &Ledger, source: Source, used: usize, wasted: usize) {
@@ -924,14 +937,7 @@ mod tests {
                 source,
                 score: 0.5 + 0.5 * i as f32 / n as f32,
             };
-            l.record_order(
-                &key,
-                0,
-                info(0, 5),
-                signal,
-                Duration::from_secs(60),
-                unix_ms_now(),
-            );
+            place(l, &key, 0, 5, signal);
             let mut o = outcome(10_000_000, u64::from(i < used), false);
             o.key = key;
             outs.push(o);
@@ -974,14 +980,7 @@ mod tests {
     fn a_failed_fill_ends_the_order_unpriced_and_tells_the_planner() {
         let l = ledger();
         let signal = Signal::forecast(0.9);
-        l.record_order(
-            "h/x",
-            1,
-            info(1, 5),
-            signal,
-            Duration::from_secs(60),
-            unix_ms_now(),
-        );
+        place(&l, "h/x", 1, 5, signal);
         l.settle(1, &[ShadowOutcome::failed("h/x".into())]);
         assert_eq!(
             l.take_ended(),
@@ -995,14 +994,7 @@ mod tests {
         assert!(l.orders.lock().is_empty());
         // A fill a purge or unshadow overtook ends the order too, but is no failure (the
         // planner backs off only after real ones).
-        l.record_order(
-            "h/y",
-            1,
-            info(1, 5),
-            signal,
-            Duration::from_secs(60),
-            unix_ms_now(),
-        );
+        place(&l, "h/y", 1, 5, signal);
         let dropped = ShadowOutcome {
             removed: true,
             ..ShadowOutcome::failed("h/y".into())
@@ -1033,14 +1025,7 @@ mod tests {
     fn an_outcome_older_than_the_keys_current_order_leaves_that_order_live() {
         let l = ledger();
         let now = unix_ms_now();
-        l.record_order(
-            "h/x",
-            1,
-            info(1, 5),
-            Signal::coaccess(0.9),
-            Duration::from_secs(60),
-            unix_ms_now(),
-        );
+        place(&l, "h/x", 1, 5, Signal::coaccess(0.9));
         // The previous shadow of h/x ended 5 s before this order; its outcome arrives now.
         let mut late = outcome(1000, 0, false);
         (late.key, late.ended_ms) = ("h/x".into(), now - 5_000);
@@ -1060,14 +1045,7 @@ mod tests {
     #[test]
     fn an_order_for_an_object_already_held_is_counted_apart_and_unpriced() {
         let l = ledger();
-        l.record_order(
-            "h/x",
-            1,
-            info(1, 5),
-            Signal::forecast(0.9),
-            Duration::from_secs(60),
-            unix_ms_now(),
-        );
+        place(&l, "h/x", 1, 5, Signal::forecast(0.9));
         let o = ShadowOutcome {
             held_before: true,
             removed: false,
@@ -1147,14 +1125,7 @@ mod tests {
             for i in 0..20 {
                 let key = format!("h/cut/{tick}/{i}");
                 let signal = Signal::forecast(0.9);
-                l.record_order(
-                    &key,
-                    0,
-                    info(0, 5),
-                    signal,
-                    Duration::from_secs(60),
-                    unix_ms_now(),
-                );
+                place(&l, &key, 0, 5, signal);
                 let mut o = outcome(10_000_000, 0, false);
                 o.key = key;
                 (o.removed, o.evicted) = (i % 2 == 0, i % 2 == 1);
@@ -1237,14 +1208,7 @@ mod tests {
         let mut outs = Vec::new();
         for (i, signal) in [Signal::EVENT, Signal::ADOPTED].into_iter().enumerate() {
             let key = format!("h/{i}");
-            l.record_order(
-                &key,
-                1,
-                info(1, 9),
-                signal,
-                Duration::from_secs(60),
-                unix_ms_now(),
-            );
+            place(&l, &key, 1, 9, signal);
             let mut o = outcome(10_000_000, 0, false);
             o.key = key;
             outs.push(o);
