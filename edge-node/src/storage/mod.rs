@@ -884,6 +884,12 @@ mod tests {
         Box::leak(Box::new(s))
     }
 
+    /// Store `body` under `hash` now (no removal in between); whether it was stored.
+    fn store_now(s: &FoyerStorage, hash: u128, meta: &CacheMeta, body: Bytes) -> bool {
+        s.store_unless_purged(s.purge_epoch(hash), hash, meta, body)
+            .unwrap()
+    }
+
     fn fresh_meta() -> CacheMeta {
         let now = SystemTime::now();
         let header = ResponseHeader::build(200, None).unwrap();
@@ -1113,11 +1119,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = storage_with_disk(dir.path(), 256 << 20).await;
         let meta = fresh_meta();
-        let store = |hash: u128, body: Bytes| {
-            assert!(s
-                .store_unless_purged(s.purge_epoch(hash), hash, &meta, body)
-                .unwrap());
-        };
+        let store = |hash: u128, body: Bytes| assert!(store_now(s, hash, &meta, body));
         let filler = Bytes::from(vec![7u8; 1 << 19]);
         let mut resurrected = 0;
         for round in 0..8u128 {
@@ -1152,9 +1154,7 @@ mod tests {
             let key = CacheKey::new(name.as_str(), "");
             let hash = hash_of(key.combined_bin());
             let body = Bytes::from(vec![b'x'; 64 * 1024]);
-            assert!(s
-                .store_unless_purged(s.purge_epoch(hash), hash, &fresh_meta(), body)
-                .unwrap());
+            assert!(store_now(s, hash, &fresh_meta(), body));
             if round % 2 == 0 {
                 // On disk only: lookups read it back from the device.
                 s.cache.storage().wait().await;
@@ -1243,8 +1243,7 @@ mod tests {
         let trace = pingora_cache::trace::Span::inactive().handle();
         let v1 = fresh_meta();
         let stored = |meta: &CacheMeta, body: &'static [u8]| {
-            s.store_unless_purged(s.purge_epoch(hash), hash, meta, Bytes::from_static(body))
-                .unwrap()
+            store_now(s, hash, meta, Bytes::from_static(body))
         };
         assert!(stored(&v1, b"v1"));
         // v1's revalidation keeps its `created`: its new headers go with v1's body.
@@ -1266,9 +1265,7 @@ mod tests {
         let hash = hash_of(key.combined_bin());
         let trace = pingora_cache::trace::Span::inactive().handle();
         let v1 = fresh_meta();
-        assert!(s
-            .store_unless_purged(s.purge_epoch(hash), hash, &v1, Bytes::from_static(b"v1"))
-            .unwrap());
+        assert!(store_now(s, hash, &v1, Bytes::from_static(b"v1")));
         // A 304 for v1 read it; v2's fill commits before the 304's update is stored.
         let since = s.purge_epoch(hash);
         let read = s.load(hash).await.unwrap().unwrap();
@@ -1294,9 +1291,7 @@ mod tests {
         let trace = pingora_cache::trace::Span::inactive().handle();
         let v1 = fresh_meta();
         let body = Bytes::from_static(b"v1");
-        assert!(s
-            .store_unless_purged(s.purge_epoch(hash), hash, &v1, body)
-            .unwrap());
+        assert!(store_now(s, hash, &v1, body));
         std::thread::sleep(Duration::from_millis(2));
         // A ban leaves the object where it is until a lookup meets it; the 304 that
         // revalidates it in the meantime does not store it again.
@@ -1312,9 +1307,7 @@ mod tests {
         let hash = hash_of(CacheKey::new("h/a", "").primary_bin());
         let meta = fresh_meta();
         let v1 = Bytes::from_static(b"v1");
-        assert!(s
-            .store_unless_purged(s.purge_epoch(hash), hash, &meta, v1)
-            .unwrap());
+        assert!(store_now(s, hash, &meta, v1));
         assert!(s.holds("h/a"));
         // A revalidation read the object, then a purge came before it stored its update.
         let since = s.purge_epoch(hash);
