@@ -159,13 +159,7 @@ impl rustls::client::ResolvesClientCert for CurrentKey {
 
 /// The certificate chain and key of `p`, checked to fit each other, and the key's DER.
 fn certified_key(p: &TlsPaths) -> Result<(Arc<CertifiedKey>, PrivateKeyDer<'static>), TlsError> {
-    let chain: Vec<_> = CertificateDer::pem_file_iter(&p.cert)
-        .map_err(|e| pem_error(&p.cert, e))?
-        .collect::<Result<_, _>>()
-        .map_err(|e| pem_error(&p.cert, e))?;
-    if chain.is_empty() {
-        return Err(pem_error(&p.cert, "no certificate in the file"));
-    }
+    let chain = certificates(&p.cert, "no certificate in the file")?;
     let key = PrivateKeyDer::from_pem_file(&p.key).map_err(|e| pem_error(&p.key, e))?;
     warn_if_expiring(&p.cert, &chain[0]);
     let certified = CertifiedKey::from_der(chain, key.clone_key(), &provider())
@@ -222,6 +216,19 @@ fn keep_current(current: Weak<CurrentKey>) {
     }
 }
 
+/// The certificates of the PEM file at `path`; `missing` says what is wrong when it holds
+/// none.
+fn certificates(path: &Path, missing: &str) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| pem_error(path, e))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| pem_error(path, e))?;
+    if certs.is_empty() {
+        return Err(pem_error(path, missing));
+    }
+    Ok(certs)
+}
+
 fn pem_error(path: &Path, what: impl ToString) -> TlsError {
     TlsError::Pem {
         path: path.to_path_buf(),
@@ -260,14 +267,7 @@ impl NodeIdentity {
     /// Read the three PEM files.
     pub fn load(p: &TlsPaths) -> Result<Self, TlsError> {
         let mut roots = RootCertStore::empty();
-        let cas: Vec<_> = CertificateDer::pem_file_iter(&p.ca_cert)
-            .map_err(|e| pem_error(&p.ca_cert, e))?
-            .collect::<Result<_, _>>()
-            .map_err(|e| pem_error(&p.ca_cert, e))?;
-        if cas.is_empty() {
-            return Err(pem_error(&p.ca_cert, "no CA certificate in the file"));
-        }
-        for ca in cas {
+        for ca in certificates(&p.ca_cert, "no CA certificate in the file")? {
             roots.add(ca)?;
         }
         // Stamped before reading: a renewal written meanwhile reads as a change at the next
