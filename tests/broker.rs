@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shadowcdn_tests::cluster::{BrokerProc, EdgeProc, EdgeSpec, Pki, OPERATOR_TOKEN};
-use shadowcdn_tests::{client, sample, text, TestOrigin};
+use shadowcdn_tests::{client, poll_secs, sample, text, wait_secs, wait_until, TestOrigin};
 
 const HOST: &str = "site.test";
 
@@ -231,40 +231,6 @@ impl Cluster {
     async fn wait_logged_past(&self, before: f64) {
         wait_until(|| async { self.logged().await > before }).await;
     }
-}
-
-async fn wait_until<F, Fut>(f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    wait_secs(10, f).await
-}
-
-async fn wait_secs<F, Fut>(secs: u64, f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    assert!(
-        poll_secs(secs, f).await,
-        "condition not reached in {secs} s"
-    );
-}
-
-/// Whether `f` holds within `secs`, polled every 50 ms.
-async fn poll_secs<F, Fut>(secs: u64, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    for _ in 0..secs * 20 {
-        if f().await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
 }
 
 /// The planner's last decision for `region` in an explain answer.

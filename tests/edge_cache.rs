@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use shadowcdn_tests::cluster::{edge_config, EdgeProc, EDGE_TOKEN};
 use shadowcdn_tests::origin::body_for;
-use shadowcdn_tests::{client, sample, text, Binary, TestOrigin};
+use shadowcdn_tests::{client, sample, text, wait_until, Binary, TestOrigin};
 
 const HOST: &str = "test.local";
 const TOKEN: &str = EDGE_TOKEN;
@@ -1306,14 +1306,7 @@ async fn sigterm_lets_in_flight_requests_finish() {
             .unwrap()
     });
     // The request is at the origin, i.e. in flight on the edge, before SIGTERM.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while origin.hits("/slowterm") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the request never reached the origin"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(|| async { origin.hits("/slowterm") > 0 }).await;
     let code = tokio::task::spawn_blocking(move || edge.child.terminate())
         .await
         .unwrap();
@@ -1929,14 +1922,8 @@ async fn shadow_marks_follow_tag_purges_and_count_clients_served_while_filling()
     let path = "/sh/slow.bin?size=131072&chunked=1&chunk_delay_ms=250";
     let key = format!("{HOST}{path}");
     order_shadow(&edge, &key).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while origin.hits("/sh/slow.bin") == 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the fill never started"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The fill has started.
+    wait_until(|| async { origin.hits("/sh/slow.bin") > 0 }).await;
     // The body takes at least 1.75 s to arrive: this request reads it as it streams in.
     assert_eq!(
         status(key.clone()).await,
@@ -1987,18 +1974,14 @@ async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl(
     // A shadow nobody asks for expires with its TTL and its object is purged.
     let unused = format!("{HOST}/unused.bin");
     assert!(shadow_marked(&edge, serde_json::json!({"key": unused, "ttl_secs": 1})).await);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while admin_json(&edge, Method::GET, &format!("/shadows/{unused}"), None)
-        .await
-        .0
-        != StatusCode::NOT_FOUND
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the shadow outlived its TTL"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // It outlives its TTL by at most a sweep.
+    wait_until(|| async {
+        admin_json(&edge, Method::GET, &format!("/shadows/{unused}"), None)
+            .await
+            .0
+            == StatusCode::NOT_FOUND
+    })
+    .await;
     assert_eq!(
         x_cache(&edge.get("/unused.bin").await),
         "MISS",

@@ -39,3 +39,39 @@ pub async fn text(url: String) -> String {
         .await
         .unwrap()
 }
+
+/// Wait, failing the test after 10 s, until `f` holds.
+pub async fn wait_until<F, Fut>(f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    wait_secs(10, f).await
+}
+
+/// Wait, failing the test after `secs`, until `f` holds.
+pub async fn wait_secs<F, Fut>(secs: u64, f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    assert!(
+        poll_secs(secs, f).await,
+        "condition not reached in {secs} s"
+    );
+}
+
+/// Whether `f` holds within `secs`, polled every 50 ms.
+pub async fn poll_secs<F, Fut>(secs: u64, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..secs * 20 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
