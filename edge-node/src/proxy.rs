@@ -592,16 +592,9 @@ fn heuristically_cacheable(status: u16) -> bool {
 impl EdgeProxy {
     /// The peer the broker hinted for this request, when a miss may be filled from it: a plain
     /// GET from a client (not the edge's own fills or peer fetches), without credentials, on
-    /// an edge with a QUIC bridge, naming a peer the broker listed. Not a [`revalidating`]
-    /// request.
-    fn hinted_peer(
-        &self,
-        req: &RequestHeader,
-        ctx: &RequestCtx,
-        phase: CachePhase,
-    ) -> Option<PeerRef> {
+    /// an edge with a QUIC bridge, naming a peer the broker listed.
+    fn hinted_peer(&self, req: &RequestHeader, ctx: &RequestCtx) -> Option<PeerRef> {
         if ctx.shadow_fill
-            || revalidating(phase)
             || ctx.only_if_cached
             || self.hooks.bridge.is_none()
             || req.method != http::Method::GET
@@ -842,15 +835,17 @@ impl ProxyHttp for EdgeProxy {
                 "not cached on this edge",
             ));
         }
-        // Nor does a shadow fill from a peer revalidate a stale copy of this edge's own.
-        if ctx.peer_fill && revalidating(session.cache.phase()) {
+        // A stale copy of this edge's own goes to the origin, whichever peer a shadow order
+        // or the broker's hint named.
+        let own_copy = revalidating(session.cache.phase());
+        if own_copy {
             ctx.peer_fill = false;
         }
-        ctx.demand_peer = if ctx.hint_used {
+        ctx.demand_peer = if ctx.hint_used || own_copy {
             None
         } else {
             ctx.hint_used = true;
-            self.hinted_peer(session.req_header(), ctx, session.cache.phase())
+            self.hinted_peer(session.req_header(), ctx)
         };
         if let Some(bridge) = self.bridge_for(ctx) {
             let mut peer = HttpPeer::new(bridge, false, String::new());
