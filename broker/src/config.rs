@@ -451,9 +451,10 @@ impl BrokerConfig {
                 ));
             }
         }
-        if self.drain_timeout_secs > MAX_DRAIN_SECS {
+        let max_drain = edge_node::config::MAX_STOP_SECS;
+        if self.drain_timeout_secs > max_drain {
             return bad(format!(
-                "drain_timeout_secs must be at most {MAX_DRAIN_SECS} (1 hour)"
+                "drain_timeout_secs must be at most {max_drain} (1 hour)"
             ));
         }
         if let Some(field) = self.admin.rate_limits.zero_field() {
@@ -506,8 +507,9 @@ impl BrokerConfig {
             // certificate: one an edge would refuse turns peer fill off everywhere.
             if !edge_node::config::valid_node_id(&e.id) {
                 return bad(format!(
-                    "edges[{i}].id {:?} must be 1-63 characters of letters, digits, '-' and '_', not \"broker\"",
-                    e.id
+                    "edges[{i}].id {:?} must be {}",
+                    e.id,
+                    edge_node::config::NODE_ID_RULE
                 ));
             }
             if self.edges[..i].iter().any(|o| o.id == e.id) {
@@ -619,8 +621,6 @@ impl BrokerConfig {
     }
 }
 
-/// Longest drain a config may ask for: the grace period and deadlines are computed from it.
-const MAX_DRAIN_SECS: u64 = 3600;
 /// Longest planning or stats interval: a day between ticks is already no planning.
 const MAX_INTERVAL_SECS: f64 = 86_400.0;
 

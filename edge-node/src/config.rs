@@ -247,8 +247,9 @@ pub struct OriginEntry {
     pub registered_at_ms: Option<u64>,
 }
 
-/// Longest drain or runtime shutdown a config may ask for.
-const MAX_STOP_SECS: u64 = 3600;
+/// Longest drain or runtime shutdown a config may ask for (the broker's drain too): the
+/// grace period and the drain's deadline are computed from it.
+pub const MAX_STOP_SECS: u64 = 3600;
 
 /// Whether two TCP listen addresses would take the same port: equal ports (not 0, which the
 /// system picks) on the same IP, or where either is a wildcard (a dual-stack `[::]` covers
@@ -488,7 +489,7 @@ impl EdgeConfig {
         let id = &self.node_id;
         if !valid_node_id(id) {
             return Err(ConfigError::Invalid(format!(
-                "node_id {id:?} must be 1-63 characters of letters, digits, '-' and '_', not \"broker\""
+                "node_id {id:?} must be {NODE_ID_RULE}"
             )));
         }
         if let Some(i) = self
@@ -559,6 +560,9 @@ impl From<&Overrides> for OverrideTree {
         t
     }
 }
+
+/// What [`valid_node_id`] accepts, for the errors that refuse an id.
+pub const NODE_ID_RULE: &str = "1-63 characters of letters, digits, '-' and '_', not \"broker\"";
 
 /// Whether `id` can name a node: it appears in certificates (`<id>.edge.shadowcdn`) and
 /// response headers, and in `Via` as `shadowcdn-<id>`, where `broker` is the broker's name

@@ -22,7 +22,7 @@ pub enum PeerListError {
     #[error("at most {MAX_PEERS} peers may be pushed, got {0}")]
     TooMany(usize),
     /// A row's id cannot be a node id.
-    #[error("peers[{0}].id: must be 1-63 characters of letters, digits, '-' and '_'")]
+    #[error("peers[{0}].id: must be {rule}", rule = crate::config::NODE_ID_RULE)]
     BadId(usize),
     /// Two rows share an id.
     #[error("peers[{0}].id: duplicate id {1:?}")]
