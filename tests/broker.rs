@@ -965,6 +965,12 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
             format!("/v1/origins/{HOST}"),
             Some(json!({"upstream": "http://127.0.0.1:1"})),
         ),
+        // Refused before its upstream is looked up: not a 422 "does not resolve".
+        (
+            reqwest::Method::PUT,
+            format!("/v1/origins/{HOST}"),
+            Some(json!({"upstream": "http://nx.invalid"})),
+        ),
         (reqwest::Method::DELETE, format!("/v1/origins/{HOST}"), None),
         (reqwest::Method::GET, format!("/v1/resources/{id}"), None),
         (
@@ -1112,6 +1118,14 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
         }
     };
     wait_until(|| async { series_total(c.token.clone()).await >= 2 }).await;
+    // The query is keyed as requests are: a host spelt in capitals finds the same series.
+    let upper = c
+        .broker
+        .api(&format!("/v1/series?resource={}/a", HOST.to_uppercase()));
+    let (s, v) = api(reqwest::Method::GET, upper, &c.token, None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["resource"], format!("{HOST}/a"), "{v}");
+    assert!(!v["regions"].as_object().unwrap().is_empty(), "{v}");
     // A purge some edge could not confirm: the CLI says so with exit code 3.
     let out = shadowcdn_tests::Binary::get("broker")
         .command()

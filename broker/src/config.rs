@@ -457,6 +457,10 @@ impl BrokerConfig {
                 "drain_timeout_secs must be at most {max_drain} (1 hour)"
             ));
         }
+        // Every write call's body is a few hundred bytes; below 1 KiB each would get 413.
+        if self.admin.max_body_bytes < 1024 {
+            return bad("admin.max_body_bytes must be at least 1024".into());
+        }
         if let Some(field) = self.admin.rate_limits.zero_field() {
             return bad(format!("{field} must be at least 1"));
         }
@@ -867,6 +871,9 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("[admin]", "[signals.coaccess]\nmax_bytes = 1024\n[admin]");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("signals.coaccess.max_bytes"), "{e}");
+        let bad = SAMPLE.replace("[admin]", "[admin]\nmax_body_bytes = 0");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("admin.max_body_bytes"), "{e}");
         let bad = SAMPLE.replace(
             "[admin]",
             "[admin.rate_limits]\npurges_per_minute = 0\n[admin]",

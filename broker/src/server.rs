@@ -299,6 +299,7 @@ impl Broker {
             coaccess_rx,
         )
         .counting_in(inflight.clone());
+        let store = registry.clone();
         let api_state = ApiState {
             ledger,
             registry,
@@ -335,6 +336,9 @@ impl Broker {
                     if let Some(c) = closing {
                         c.close().await;
                     }
+                    // After the drain no API change is in flight; closed, the store needs no
+                    // repair at the next start.
+                    let _ = tokio::task::spawn_blocking(move || store.close()).await;
                     // Last, just before the process ends: the last access lines reach the log.
                     edge_node::server::finish_access_log(access_log).await;
                     0

@@ -29,7 +29,7 @@ use super::model::{
     NewProvider, OriginBody, OriginOptions, Provider, PurgeBody, ResourceBody,
     IMMEDIATE_SHADOW_PRIORITY,
 };
-use super::store::{Registry, RegistryError};
+use super::store::{Claim, Registry, RegistryError};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{Series, SeriesStore};
 use crate::planner::PlannerState;
@@ -393,10 +393,13 @@ async fn put_origin(
     let host = check_host(&host)?;
     // A host new to the registry may still have copies on an edge that missed the purge when
     // its previous owner deleted it; they go before any edge learns the new origin.
-    let unregistered = matches!(
-        s.registry.check_host_owner(&p.id, &host),
-        Err(RegistryError::NotFound(_))
-    );
+    // Someone else's host is refused before any lookup: the API neither spends DNS on it nor
+    // lets a caller compare a guess with its owner's upstream.
+    let unregistered = match s.registry.check_host_owner(&p.id, &host) {
+        Ok(()) => false,
+        Err(RegistryError::NotFound(_)) => true,
+        Err(e) => return Err(e.into()),
+    };
     // New registrations only: the owner of a host registered before the rule (or before the
     // operator turned local names off) can still update it (the broker warns at start).
     if unregistered {
@@ -433,7 +436,14 @@ async fn put_origin(
         strip_set_cookie: req.strip_set_cookie,
         cache_key_ignore_query,
     };
-    let created = s.registry.put_origin(&p.id, &host, &upstream, options)?;
+    let claim = if unregistered {
+        Claim::New
+    } else {
+        Claim::Owned
+    };
+    let created = s
+        .registry
+        .put_origin(&p.id, &host, &upstream, options, claim)?;
     s.sync.origins_changed();
     let mut body = json!({
         "host": host,
@@ -654,9 +664,15 @@ async fn series(
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
     let q = parsed(q)?;
-    let host = q.resource.split('/').next().unwrap_or("");
+    let (host, path) = q
+        .resource
+        .split_once('/')
+        .unwrap_or((q.resource.as_str(), ""));
     let host = check_host(host)?;
     s.registry.check_host_owner(&p.id, &host)?;
+    // Series are recorded under the cache key, so the query is keyed the same way: host
+    // lower-cased, the host's ignored query parameters dropped.
+    let key = s.registry.cache_key(&host, &format!("/{path}"));
     // Only what was recorded since this registration: a host deleted and registered again
     // (by another provider, say) starts a new history.
     let registered = s.registry.registered_since(&host);
@@ -665,12 +681,12 @@ async fn series(
         let store = store.read();
         let since = store.bucket_of(registered);
         let regions: HashMap<&String, Series> = store
-            .query(&q.resource)
+            .query(&key)
             .into_iter()
             .flatten()
             .map(|(region, series)| (region, series.since(since)))
             .collect();
-        json!({ "resource": q.resource, "regions": regions })
+        json!({ "resource": key, "regions": regions })
     })
     .await?;
     Ok(Json(body).into_response())

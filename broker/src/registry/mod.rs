@@ -7,4 +7,4 @@ pub mod limits;
 pub mod model;
 mod store;
 
-pub use store::{hash_token, Registry, RegistryError};
+pub use store::{hash_token, Claim, Registry, RegistryError};

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use parking_lot::{Mutex, RwLock};
 use rand::RngCore;
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -41,12 +41,21 @@ pub enum RegistryError {
     Store(String),
 }
 
+/// Whether a `put_origin` caller found the host new or already its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// Not registered: the caller checked the name and purged old copies.
+    New,
+    /// Registered to this provider: an update.
+    Owned,
+}
+
 fn store_err(e: impl Into<redb::Error>) -> RegistryError {
     RegistryError::Store(e.into().to_string())
 }
 
 fn json_err(e: serde_json::Error) -> RegistryError {
-    RegistryError::Store(format!("corrupt record: {e}"))
+    RegistryError::Store(format!("cannot encode a record: {e}"))
 }
 
 #[derive(Debug, Default)]
@@ -154,7 +163,9 @@ impl Memory {
 
 /// Providers, origins and resources.
 pub struct Registry {
-    db: Database,
+    /// `None` once closed for shutdown: the process ends with `exit`, which drops nothing,
+    /// and a database never dropped is repaired (every page checked) at the next start.
+    db: RwLock<Option<Database>>,
     mem: RwLock<Memory>,
     /// Held by every change from its ownership checks to its memory update, so two changes
     /// never interleave (two providers claiming one host at once: one wins on disk and in
@@ -198,17 +209,29 @@ fn load_table<T: DeserializeOwned>(
     let mut out = BTreeMap::new();
     for row in table.iter().map_err(store_err)? {
         let (k, v) = row.map_err(store_err)?;
-        out.insert(
-            k.value().to_string(),
-            serde_json::from_slice(v.value()).map_err(json_err)?,
-        );
+        let value = serde_json::from_slice(v.value()).map_err(|e| {
+            RegistryError::Store(format!(
+                "corrupt record {:?} in table {}: {e}",
+                k.value(),
+                def.name()
+            ))
+        })?;
+        out.insert(k.value().to_string(), value);
     }
     Ok(out)
 }
 
 impl Registry {
-    /// Open (or create) the registry at `path` and load it into memory.
+    /// Open (or create) the registry at `path` and load it into memory. A store that cannot
+    /// be read is an error naming the file, never a fresh empty registry.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
+        Self::load(path).map_err(|e| match e {
+            RegistryError::Store(m) => RegistryError::Store(format!("{}: {m}", path.display())),
+            other => other,
+        })
+    }
+
+    fn load(path: &Path) -> Result<Self, RegistryError> {
         let db = Database::create(path).map_err(store_err)?;
         let w = db.begin_write().map_err(store_err)?;
         {
@@ -235,7 +258,7 @@ impl Registry {
                 .insert(k.value().to_string(), v.value().to_string());
         }
         Ok(Registry {
-            db,
+            db: RwLock::new(Some(db)),
             mem: RwLock::new(mem),
             writer: Mutex::new(()),
             max_resources_per_provider: usize::MAX,
@@ -259,9 +282,20 @@ impl Registry {
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), RegistryError>,
     {
-        let w = self.db.begin_write().map_err(store_err)?;
+        let db = self.db.read();
+        let Some(db) = db.as_ref() else {
+            return Err(RegistryError::Store("closed for shutdown".into()));
+        };
+        let w = db.begin_write().map_err(store_err)?;
         f(&w)?;
         w.commit().map_err(store_err)
+    }
+
+    /// Close the store once no change is in progress, so the next start finds it closed
+    /// cleanly; later changes fail. Blocking: the close flushes to disk.
+    pub fn close(&self) {
+        let _writer = self.writer.lock();
+        drop(self.db.write().take());
     }
 
     fn put_json<T: Serialize>(
@@ -344,13 +378,16 @@ impl Registry {
         self.mem.read().providers.values().cloned().collect()
     }
 
-    /// Register or update `host` for `provider`; `Ok(true)` when newly created.
+    /// Register or update `host` for `provider`; `Ok(true)` when newly created. `claim` is what
+    /// the caller found before its slow checks (DNS, the purge of a new host's old copies):
+    /// a host deleted since then is a conflict, not a registration that skipped them.
     pub fn put_origin(
         &self,
         provider: &str,
         host: &str,
         upstream: &str,
         options: OriginOptions,
+        claim: Claim,
     ) -> Result<bool, RegistryError> {
         let _writer = self.writer.lock();
         let registered_at_ms = {
@@ -360,6 +397,11 @@ impl Registry {
                     return Err(RegistryError::Forbidden(format!("host {host}")))
                 }
                 Some(o) => Some(o.registered_at_ms),
+                None if claim == Claim::Owned => {
+                    return Err(RegistryError::Conflict(format!(
+                        "host {host} was deleted while this request ran; send it again"
+                    )))
+                }
                 None => {
                     self.origin_quota(&m, provider)?;
                     None
@@ -635,6 +677,57 @@ mod tests {
     use crate::registry::model::{PathMatch, ShadowPolicy};
 
     #[test]
+    fn a_closed_store_needs_no_repair_and_refuses_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let reg = Registry::open(&path).unwrap();
+        let (p, _) = reg.create_provider("acme").unwrap();
+        reg.close();
+        assert!(matches!(
+            reg.create_provider("late"),
+            Err(RegistryError::Store(m)) if m.contains("closed")
+        ));
+        // `reg` is never dropped, as when the process ends with `exit`.
+        std::mem::forget(reg);
+        let repaired = std::rc::Rc::new(std::cell::Cell::new(false));
+        let flag = repaired.clone();
+        let db = redb::Builder::new()
+            .set_repair_callback(move |_| flag.set(true))
+            .create(&path)
+            .unwrap();
+        drop(db);
+        assert!(!repaired.get(), "closed cleanly");
+        assert_eq!(Registry::open(&path).unwrap().providers()[0].id, p.id);
+    }
+
+    #[test]
+    fn a_store_that_is_no_registry_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        std::fs::write(&path, vec![0u8; 16 << 10]).unwrap();
+        let e = Registry::open(&path).unwrap_err().to_string();
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            vec![0u8; 16 << 10],
+            "left as it was"
+        );
+        let path = dir.path().join("s.redb");
+        drop(Registry::open(&path).unwrap());
+        {
+            let db = Database::create(&path).unwrap();
+            let w = db.begin_write().unwrap();
+            w.open_table(RESOURCES)
+                .unwrap()
+                .insert("r-x", b"{".as_slice())
+                .unwrap();
+            w.commit().unwrap();
+        }
+        let e = Registry::open(&path).unwrap_err().to_string();
+        assert!(e.contains("\"r-x\"") && e.contains("resources"), "{e}");
+    }
+
+    #[test]
     fn two_providers_claiming_one_host_at_once_leave_one_owner_on_disk_and_in_memory() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("r.redb");
@@ -655,6 +748,7 @@ mod tests {
                                 &host,
                                 "http://127.0.0.1:1",
                                 OriginOptions::default(),
+                                Claim::New,
                             )
                             .is_ok()
                         })
@@ -689,8 +783,14 @@ mod tests {
             let reg = Registry::open(&path).unwrap();
             let (p, _) = reg.create_provider("acme").unwrap();
             for h in ["a.com", "b.com"] {
-                reg.put_origin(&p.id, h, "http://127.0.0.1:1", OriginOptions::default())
-                    .unwrap();
+                reg.put_origin(
+                    &p.id,
+                    h,
+                    "http://127.0.0.1:1",
+                    OriginOptions::default(),
+                    Claim::New,
+                )
+                .unwrap();
             }
             reg.put_resource(res("r1", &p.id, "a.com")).unwrap();
             assert_eq!(reg.resource_for("a.com", "/x/y").unwrap().id, "r1");
@@ -726,7 +826,8 @@ mod tests {
                 &p.id,
                 "b.com",
                 "http://127.0.0.1:3",
-                OriginOptions::default()
+                OriginOptions::default(),
+                Claim::Owned
             )
             .unwrap());
         assert!(matches!(
@@ -734,7 +835,8 @@ mod tests {
                 &p.id,
                 "c.com",
                 "http://127.0.0.1:3",
-                OriginOptions::default()
+                OriginOptions::default(),
+                Claim::New
             ),
             Err(RegistryError::Conflict(_))
         ));
@@ -767,7 +869,8 @@ mod tests {
                     &p.id,
                     "a.com",
                     "http://127.0.0.1:1",
-                    OriginOptions::default()
+                    OriginOptions::default(),
+                    Claim::New
                 )
                 .unwrap());
             let registered = reg.origin("a.com").unwrap().registered_at_ms;
@@ -785,7 +888,8 @@ mod tests {
                             "utm_*".into()
                         ])
                         .unwrap(),
-                    }
+                    },
+                    Claim::Owned
                 )
                 .unwrap());
             assert_eq!(
@@ -838,7 +942,13 @@ mod tests {
 
         let (q, _) = reg.create_provider("other").unwrap();
         assert!(matches!(
-            reg.put_origin(&q.id, "a.com", "http://x", OriginOptions::default()),
+            reg.put_origin(
+                &q.id,
+                "a.com",
+                "http://x",
+                OriginOptions::default(),
+                Claim::New
+            ),
             Err(RegistryError::Forbidden(_))
         ));
         assert!(matches!(
@@ -855,8 +965,28 @@ mod tests {
             reg.resource(&p.id, &rid),
             Err(RegistryError::NotFound(_))
         ));
-        reg.put_origin(&q.id, "a.com", "http://x", OriginOptions::default())
-            .unwrap();
+        assert!(
+            matches!(
+                reg.put_origin(
+                    &p.id,
+                    "a.com",
+                    "http://x",
+                    OriginOptions::default(),
+                    Claim::Owned
+                ),
+                Err(RegistryError::Conflict(_))
+            ),
+            "an update of a host deleted meanwhile is not a registration"
+        );
+        assert!(reg.origin("a.com").is_none());
+        reg.put_origin(
+            &q.id,
+            "a.com",
+            "http://x",
+            OriginOptions::default(),
+            Claim::New,
+        )
+        .unwrap();
         assert!(
             reg.origin("a.com").unwrap().registered_at_ms > first,
             "a new owner's registration starts a new floor"
