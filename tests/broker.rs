@@ -1273,6 +1273,8 @@ async fn a_purge_an_edge_missed_reaches_it_before_it_serves_again() {
 /// finishes is applied and confirmed, not lost with a link closed at the first signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
+    use edge_node::sync::protocol::{ErrorCode, Reply, Request, ShadowOrder};
+    use edge_node::sync::{client_endpoint, Link, NodeIdentity, TlsPaths};
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
@@ -1287,6 +1289,24 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
             .map(|r| r.status())
     });
     wait_until(|| async { origin.hits("/slow") == 1 }).await;
+    // The broker's connection is open before the drain (a draining edge takes no new ones).
+    let pki = c._dir.path().join("pki");
+    let broker = NodeIdentity::load(&TlsPaths {
+        ca_cert: pki.join("ca.pem"),
+        cert: pki.join("broker.pem"),
+        key: pki.join("broker.key"),
+    })
+    .unwrap();
+    let quic = c.edges[0].sync.unwrap();
+    let link = Link::new(
+        client_endpoint(&broker, quic).unwrap(),
+        quic,
+        edge_node::sync::tls::edge_name("eu-a"),
+        4,
+    );
+    link.request(&Request::Stats { ack: None }, Duration::from_secs(3))
+        .await
+        .unwrap();
     let mut child = std::mem::replace(&mut c.edges[0].child, shadowcdn_tests::Child::placeholder());
     let stopped = tokio::task::spawn_blocking(move || child.terminate());
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -1298,6 +1318,27 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
         StatusCode::OK,
         "every edge confirmed, the draining one too: {v}"
     );
+    // A refresh ordered now is refused, not accepted and never run: the broker purges a
+    // copy it could not refresh, where an accepted order would leave the old one served.
+    let refresh = Request::Shadow(ShadowOrder {
+        key: format!("{HOST}/warm"),
+        ttl_secs: 60,
+        priority: 5,
+        deadline_ms: 0,
+        peer: None,
+        refresh: true,
+    });
+    match link
+        .request(&refresh, Duration::from_secs(3))
+        .await
+        .unwrap()
+    {
+        Reply::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Busy);
+            assert!(message.contains("shutting down"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(slow.await.unwrap().unwrap(), StatusCode::OK);
     assert_eq!(stopped.await.unwrap(), Some(0));
 }

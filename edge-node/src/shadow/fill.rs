@@ -7,7 +7,7 @@
 //! origin.
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashMap};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -128,6 +128,9 @@ pub enum FillError {
     /// The queue is full.
     #[error("shadow fill queue is full")]
     QueueFull,
+    /// The edge is shutting down and runs no more fills.
+    #[error("edge is shutting down")]
+    Closed,
 }
 
 /// Heap entry: earliest deadline first, then higher priority, then arrival order.
@@ -156,9 +159,32 @@ impl PartialOrd for Queued {
 }
 
 struct Queue {
-    heap: parking_lot::Mutex<(BinaryHeap<Queued>, u64)>,
+    pending: parking_lot::Mutex<Pending>,
     capacity: usize,
     ready: Notify,
+}
+
+/// What waits for a worker, and the refreshes the workers run.
+#[derive(Default)]
+struct Pending {
+    heap: BinaryHeap<Queued>,
+    seq: u64,
+    /// Keys of refreshes under way, with how many of each: their held copy is stale until
+    /// the refresh commits.
+    refreshing: HashMap<String, usize>,
+    /// Set at shutdown: later orders are refused, so the broker treats a refresh as failed
+    /// (and purges) rather than as accepted by an edge that will never run it.
+    closed: bool,
+}
+
+impl Queue {
+    fn new(capacity: usize) -> Self {
+        Queue {
+            pending: parking_lot::Mutex::new(Pending::default()),
+            capacity: capacity.max(1),
+            ready: Notify::new(),
+        }
+    }
 }
 
 /// The handle shadow requests are submitted through.
@@ -174,22 +200,83 @@ impl Filler {
     /// waits for a worker would end (its object purged if unused) under the order renewing it.
     pub fn submit(&self, mut r: FillRequest) -> Result<(), FillError> {
         r.queued_at = Instant::now();
-        let mut g = self.queue.heap.lock();
-        if g.0.len() >= self.queue.capacity {
+        let mut g = self.queue.pending.lock();
+        if g.closed {
+            return Err(FillError::Closed);
+        }
+        if g.heap.len() >= self.queue.capacity {
             return Err(FillError::QueueFull);
         }
         self.table.extend(&r.key, r.ttl, r.queued_at);
-        g.1 += 1;
-        let seq = g.1;
-        g.0.push(Queued { seq, req: r });
+        g.seq += 1;
+        let seq = g.seq;
+        g.heap.push(Queued { seq, req: r });
         drop(g);
         self.queue.ready.notify_one();
         Ok(())
     }
 
-    fn pop(&self) -> Option<FillRequest> {
-        self.queue.heap.lock().0.pop().map(|q| q.req)
+    /// The next fill to run; a refresh counts as under way from here until its guard drops.
+    fn pop(&self) -> Option<(FillRequest, Option<Refreshing>)> {
+        let mut g = self.queue.pending.lock();
+        let req = g.heap.pop()?.req;
+        let guard = req.refresh.then(|| {
+            *g.refreshing.entry(req.key.clone()).or_default() += 1;
+            Refreshing {
+                queue: self.queue.clone(),
+                key: req.key.clone(),
+            }
+        });
+        Some((req, guard))
     }
+
+    /// Refuse further orders; the keys of every refresh queued or under way, whose held
+    /// copies would otherwise outlive the process as the version their origin replaced.
+    fn close(&self) -> Vec<String> {
+        let mut g = self.queue.pending.lock();
+        g.closed = true;
+        let queued = std::mem::take(&mut g.heap).into_iter().map(|q| q.req);
+        let mut stale: Vec<String> = queued.filter(|r| r.refresh).map(|r| r.key).collect();
+        stale.extend(g.refreshing.keys().cloned());
+        stale.sort();
+        stale.dedup();
+        stale
+    }
+}
+
+/// A refresh under way; dropped when its fill ends, however it ends.
+struct Refreshing {
+    queue: Arc<Queue>,
+    key: String,
+}
+
+impl Drop for Refreshing {
+    fn drop(&mut self) {
+        let mut g = self.queue.pending.lock();
+        if let Some(n) = g.refreshing.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                g.refreshing.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Purge `key`, whose held copy a refresh ordered and that refresh will not replace: without
+/// it the copy would be served, as fresh, as the version the origin replaced until its own
+/// lifetime ended. Its mark goes with it (reported removed).
+async fn purge_stale(
+    storage: &FoyerStorage,
+    table: &ShadowTable,
+    metrics: &EdgeMetrics,
+    key: &str,
+    why: &'static str,
+) {
+    if storage.invalidate_key(key) {
+        storage.settle_purge(key).await;
+    }
+    table.remove(key);
+    metrics.purges.with_label_values(&["key", why]).inc();
 }
 
 /// Background service: fill workers plus the expiry sweep.
@@ -222,11 +309,7 @@ impl ShadowService {
     ) -> (Self, Filler) {
         let (concurrency, queue) = (limits.fill_concurrency, limits.fill_queue);
         let filler = Filler {
-            queue: Arc::new(Queue {
-                heap: parking_lot::Mutex::new((BinaryHeap::new(), 0)),
-                capacity: queue.max(1),
-                ready: Notify::new(),
-            }),
+            queue: Arc::new(Queue::new(queue)),
             table: table.clone(),
         };
         (
@@ -447,17 +530,33 @@ impl ShadowService {
 #[async_trait]
 impl BackgroundService for ShadowService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let client = match reqwest::Client::builder()
+        match reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
             .build()
         {
-            Ok(c) => c,
+            Ok(client) => self.work(&client, &mut shutdown).await,
             Err(e) => {
                 tracing::error!(error = %e, "shadow filler cannot build its HTTP client");
-                return;
+                let _ = shutdown.changed().await;
             }
-        };
+        }
+        for key in self.filler.close() {
+            purge_stale(
+                self.storage,
+                &self.table,
+                &self.metrics,
+                &key,
+                "refresh_abandoned",
+            )
+            .await;
+        }
+    }
+}
+
+impl ShadowService {
+    /// Run fills until shutdown.
+    async fn work(&self, client: &reqwest::Client, shutdown: &mut ShutdownWatch) {
         let permits = Arc::new(Semaphore::new(self.concurrency));
         let mut sweep = tokio::time::interval(Duration::from_millis(250));
         loop {
@@ -484,7 +583,7 @@ impl BackgroundService for ShadowService {
                     .shadow_fill_paced_seconds
                     .inc_by(t.elapsed().as_secs_f64());
             }
-            let req = loop {
+            let (req, refreshing) = loop {
                 if let Some(r) = self.filler.pop() {
                     break r;
                 }
@@ -506,9 +605,14 @@ impl BackgroundService for ShadowService {
             );
             tokio::spawn(async move {
                 let _permit = permit;
+                let _refreshing = refreshing;
                 // Dropped while it waited: the broker no longer wants it, or it was purged.
                 if table.dropped_since(&req.key, req.queued_at) {
                     metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                    // An unshadow keeps a copy clients used; one ordered refreshed is stale.
+                    if req.refresh {
+                        purge_stale(storage, &table, &metrics, &req.key, "refresh_dropped").await;
+                    }
                     report_unheld(&table, &req.key);
                     return;
                 }
@@ -539,18 +643,10 @@ impl BackgroundService for ShadowService {
                         tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
                         metrics.shadow_fills.with_label_values(&["failed"]).inc();
                         // The broker refreshes the copies it holds live instead of purging
-                        // them: one whose refresh failed is purged after all, or it would
-                        // serve the version the origin replaced, as fresh, until its own
-                        // lifetime ended (its mark goes with it, reported removed).
+                        // them: one whose refresh failed is purged after all.
                         if req.refresh {
-                            if storage.invalidate_key(&req.key) {
-                                storage.settle_purge(&req.key).await;
-                            }
-                            table.remove(&req.key);
-                            metrics
-                                .purges
-                                .with_label_values(&["key", "refresh_failed"])
-                                .inc();
+                            purge_stale(storage, &table, &metrics, &req.key, "refresh_failed")
+                                .await;
                         } else if table.get(&req.key).is_none() {
                             // Any other failure means the broker's order holds nothing here.
                             table
@@ -641,11 +737,7 @@ mod tests {
     #[test]
     fn queue_pops_earliest_deadline_then_priority_and_is_bounded() {
         let filler = Filler {
-            queue: Arc::new(Queue {
-                heap: parking_lot::Mutex::new((BinaryHeap::new(), 0)),
-                capacity: 3,
-                ready: Notify::new(),
-            }),
+            queue: Arc::new(Queue::new(3)),
             table: Arc::new(ShadowTable::default()),
         };
         let req = |key: &str, deadline, priority| {
@@ -660,7 +752,38 @@ mod tests {
             filler.submit(req("h/x", 1, 1)),
             Err(FillError::QueueFull)
         ));
-        let order: Vec<String> = std::iter::from_fn(|| filler.pop().map(|r| r.key)).collect();
+        let order: Vec<String> = std::iter::from_fn(|| filler.pop().map(|r| r.0.key)).collect();
         assert_eq!(order, vec!["h/soon-high", "h/soon-low", "h/late"]);
+    }
+
+    #[test]
+    fn closing_refuses_orders_and_names_every_refresh_not_yet_done() {
+        let filler = Filler {
+            queue: Arc::new(Queue::new(8)),
+            table: Arc::new(ShadowTable::default()),
+        };
+        let order = |key: &str, refresh: bool| {
+            FillRequest::validated(key, 60, 5, 3600)
+                .unwrap()
+                .refreshing(refresh)
+        };
+        for (key, refresh) in [("h/a", true), ("h/b", true), ("h/c", false)] {
+            filler.submit(order(key, refresh)).unwrap();
+        }
+        filler.submit(order("h/d", true)).unwrap();
+        // Two refreshes run (one of them already finished), the rest wait.
+        let mut running: Vec<_> = (0..3).map(|_| filler.pop().unwrap()).collect();
+        let keys: Vec<&str> = running.iter().map(|(r, _)| r.key.as_str()).collect();
+        assert_eq!(keys, ["h/a", "h/b", "h/c"]);
+        assert!(running[2].1.is_none(), "not a refresh");
+        running.remove(1);
+        assert_eq!(filler.close(), ["h/a", "h/d"]);
+        assert!(matches!(
+            filler.submit(order("h/e", false)),
+            Err(FillError::Closed)
+        ));
+        assert!(filler.pop().is_none(), "the queue went with the close");
+        drop(running);
+        assert!(filler.queue.pending.lock().refreshing.is_empty());
     }
 }
