@@ -86,8 +86,9 @@ pub struct BrokerMetrics {
     pub edge_stats: IntGaugeVec,
     /// 1 while the forecaster falls back to the baseline (model not loadable).
     pub forecaster_fallback: prometheus::IntGauge,
-    /// Model loads, rejected loads (the previous model or the baseline kept serving) and
-    /// batches the model failed on (`event`: load, load_failure, batch_failure).
+    /// Model loads, rejected loads (the previous model or the baseline kept serving),
+    /// batches the model failed on and series it answered outside the contract (`event`:
+    /// load, load_failure, batch_failure, series_failure).
     pub forecaster_events: IntCounterVec,
 }
 
@@ -338,7 +339,7 @@ impl BrokerMetrics {
             forecaster_events: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_forecaster_events_total",
-                    "Model loads, rejected loads and failed batches of the forecaster",
+                    "Model loads, rejected loads, failed batches and failed series of the forecaster",
                 ),
                 &["event"],
             )?,

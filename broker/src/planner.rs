@@ -1348,8 +1348,8 @@ impl Planner {
 
 /// Mirror the forecaster's state and counters into the broker's metrics: whether the
 /// baseline answered the last batch, and how many loads were made, rejected (a replaced model
-/// that failed validation leaves the previous one serving, visible only here) and batches
-/// failed.
+/// that failed validation leaves the previous one serving, visible only here), batches
+/// failed and series the baseline answered within batches the model served.
 fn export_model_status(m: &BrokerMetrics, status: &ModelStatus) {
     use std::sync::atomic::Ordering::Relaxed;
     m.forecaster_fallback
@@ -1358,6 +1358,7 @@ fn export_model_status(m: &BrokerMetrics, status: &ModelStatus) {
         ("load", &status.loads),
         ("load_failure", &status.load_failures),
         ("batch_failure", &status.batch_failures),
+        ("series_failure", &status.series_failures),
     ] {
         let c = m.forecaster_events.with_label_values(&[event]);
         let (n, seen) = (n.load(Relaxed), c.get());

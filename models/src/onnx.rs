@@ -313,8 +313,9 @@ impl OnnxLstm {
         Ok(lstm)
     }
 
-    /// Forecast two fixed series (one silent, one busy) and require finite outputs: a model
-    /// that loads but cannot run, or answers NaN, must not replace one that works.
+    /// Forecast two fixed series (one silent, one busy) and require outputs within the
+    /// contract: a model that loads but cannot run, answers NaN or no probability (an export
+    /// that lost its sigmoid), must not replace one that works.
     fn trial(&self) -> Result<(), String> {
         let bucket = BUCKET_SECS as i64;
         let days = (7 * 86_400 / bucket) as usize;
@@ -326,15 +327,17 @@ impl OnnxLstm {
             bucket_secs: bucket,
             priority: 5,
         };
-        self.run(&[history(&silent), history(&busy)])
-            .map(|_| ())
-            .map_err(|e| format!("trial forecast failed: {e}"))
+        let (q, p) = self
+            .run(&[history(&silent), history(&busy)])
+            .map_err(|e| format!("trial forecast failed: {e}"))?;
+        for (i, (q, p)) in q.chunks_exact(3).zip(&p).enumerate() {
+            out_of_contract(q, *p)
+                .map_or(Ok(()), |why| Err(format!("trial forecast {i}: {why}")))?;
+        }
+        Ok(())
     }
 
-    /// Run the model on `histories`: raw quantiles (3 per series) and probabilities, all
-    /// finite. A model that passed its load trial can still overflow or divide by zero on
-    /// some input: rather than read those series as "no demand" (or huge demand as none),
-    /// the batch fails, so the baseline answers it and the failure is counted.
+    /// Run the model on `histories`: raw quantiles (3 per series) and probabilities.
     fn run(&self, histories: &[History<'_>]) -> Result<(Vec<f32>, Vec<f32>), ForecastError> {
         let rt = |e: ort::Error| ForecastError::Runtime(e.to_string());
         let mut guard = self.inner.lock();
@@ -367,13 +370,29 @@ impl OnnxLstm {
                 p.len(),
             )));
         }
-        if let Some(i) = q.iter().chain(p).position(|v| !v.is_finite()) {
-            let series = if i < q.len() { i / 3 } else { i - q.len() };
-            return Err(ForecastError::Output(format!(
-                "non-finite output for series {series} of {n}"
-            )));
-        }
         Ok((q.to_vec(), p.to_vec()))
+    }
+
+    /// One forecast per history, `None` where the model's answer breaks the contract. A
+    /// model that passed its load trial can still overflow or divide by zero on some input:
+    /// rather than read those series as "no demand" (or huge demand as none), the caller
+    /// hands them to a baseline.
+    pub fn forecast_each(
+        &self,
+        histories: &[History<'_>],
+    ) -> Result<Vec<Option<Forecast>>, ForecastError> {
+        if histories.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (q, p) = self.run(histories)?;
+        Ok(q.chunks_exact(3)
+            .zip(&p)
+            .map(|(q, p)| {
+                out_of_contract(q, *p)
+                    .is_none()
+                    .then(|| Forecast::from_raw([q[0], q[1], q[2]], *p))
+            })
+            .collect())
     }
 
     /// The metadata the model was trained with.
@@ -387,16 +406,35 @@ impl Forecaster for OnnxLstm {
         "lstm"
     }
 
+    /// Fails the batch if any series' answer breaks the contract.
     fn forecast(&self, histories: &[History<'_>]) -> Result<Vec<Forecast>, ForecastError> {
-        if histories.is_empty() {
-            return Ok(Vec::new());
-        }
-        let (q, p) = self.run(histories)?;
-        Ok(q.chunks_exact(3)
-            .zip(&p)
-            .map(|(q, p)| Forecast::from_raw([q[0], q[1], q[2]], *p))
-            .collect())
+        let n = histories.len();
+        self.forecast_each(histories)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, f)| {
+                f.ok_or_else(|| {
+                    ForecastError::Output(format!("output out of contract for series {i} of {n}"))
+                })
+            })
+            .collect()
     }
+}
+
+/// Why raw outputs break the contract of [`Forecast`] (finite, `p_any` in [0, 1],
+/// quantiles non-negative and non-decreasing), if they do. `from_raw` would clamp them into
+/// it, hiding a broken model behind plausible numbers.
+fn out_of_contract(q: &[f32], p: f32) -> Option<String> {
+    if let Some(v) = q.iter().chain([&p]).find(|v| !v.is_finite()) {
+        return Some(format!("non-finite output {v}"));
+    }
+    if !(0.0..=1.0).contains(&p) {
+        return Some(format!("p_any {p} outside [0, 1]"));
+    }
+    if q.iter().any(|v| *v < 0.0) || q.windows(2).any(|w| w[0] > w[1]) {
+        return Some(format!("quantiles {q:?} negative or decreasing"));
+    }
+    None
 }
 
 /// Hex sha256 of `bytes`.

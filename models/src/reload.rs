@@ -12,7 +12,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::baseline::SeasonalNaive;
 use crate::features::History;
 use crate::forecast::{Forecast, ForecastError, Forecaster};
-use crate::onnx::{metadata_path, OnnxLstm};
+use crate::onnx::{metadata_path, LoadError, OnnxLstm};
 
 /// Counters an owner can export as metrics.
 #[derive(Debug, Default)]
@@ -26,6 +26,9 @@ pub struct ModelStatus {
     pub fallback: AtomicBool,
     /// Batches the loaded model failed on (the baseline answered them).
     pub batch_failures: AtomicU64,
+    /// Series the loaded model answered outside the contract (NaN, say) in batches it
+    /// otherwise served: the baseline answered those series alone.
+    pub series_failures: AtomicU64,
 }
 
 /// The LSTM with hot reload and a baseline fallback.
@@ -43,8 +46,10 @@ pub struct ReloadingForecaster {
 struct Seen {
     /// The files as they were when the serving model was loaded.
     loaded: Option<Fingerprint>,
-    /// The files as they were at the last failed load (its error is logged once).
-    failed: Option<Fingerprint>,
+    /// The files as they were at the last failed load (its error is logged once), and
+    /// whether those files are worth loading again: a broken file is not re-read at every
+    /// check, a missing ONNX Runtime library is looked for again.
+    failed: Option<(Fingerprint, bool)>,
     checked: Instant,
 }
 
@@ -125,10 +130,11 @@ impl ReloadingForecaster {
                 self.status.fallback.store(false, Ordering::Relaxed);
             }
             Err(e) => {
-                // Retried at every check (a file caught mid-copy loads once it is whole);
-                // logged again only when the files change.
+                // Loaded again once the files change (a file caught mid-copy changes as the
+                // copy goes on: the stamp was taken before the read); logged once per version.
                 self.status.load_failures.fetch_add(1, Ordering::Relaxed);
-                let first = seen.failed.replace(stamp) != Some(stamp);
+                let retry = matches!(e, LoadError::Runtime(_));
+                let first = seen.failed.replace((stamp, retry)).map(|f| f.0) != Some(stamp);
                 if self.current.read().is_some() {
                     if first {
                         tracing::error!(error = %e, "new forecast model rejected; keeping the previous one");
@@ -150,7 +156,8 @@ impl ReloadingForecaster {
                 return;
             }
             seen.checked = Instant::now();
-            seen.loaded != Some(fingerprint(&self.path))
+            let now = fingerprint(&self.path);
+            seen.loaded != Some(now) && seen.failed != Some((now, false))
         };
         if due {
             self.reload();
@@ -181,14 +188,30 @@ impl ReloadingForecaster {
             p_any: 0.0,
         };
         let mut forecasts = vec![none; histories.len()];
-        let answered = [
-            (&busy, model.forecast(&pick(&busy))?),
-            (&quiet, self.fallback.forecast(&pick(&quiet))?),
-        ];
-        for (idx, fs) in answered {
-            for (i, f) in idx.iter().zip(fs) {
-                forecasts[*i] = f;
+        let mut baseline = quiet;
+        for (i, f) in busy.iter().zip(model.forecast_each(&pick(&busy))?) {
+            match f {
+                Some(f) => forecasts[*i] = f,
+                None => baseline.push(*i),
             }
+        }
+        let failed = baseline.len() - (histories.len() - busy.len());
+        if failed > 0 {
+            tracing::warn!(
+                series = failed,
+                of = busy.len(),
+                "model answered some series outside its contract; baseline answers those"
+            );
+            let failed = failed as u64;
+            self.status
+                .series_failures
+                .fetch_add(failed, Ordering::Relaxed);
+        }
+        for (i, f) in baseline
+            .iter()
+            .zip(self.fallback.forecast(&pick(&baseline))?)
+        {
+            forecasts[*i] = f;
         }
         Ok(forecasts)
     }

@@ -193,8 +193,9 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     assert_eq!(r.name(), "lstm");
 
     // A replacement with an older modification time (a rollback, `cp -p`) is noticed too;
-    // a broken one is rejected, the previous model keeps serving, and it is tried again at
-    // every check (a file caught mid-copy loads once it is whole).
+    // a broken one is rejected and the previous model keeps serving. It is read again only
+    // once it changes (as a file caught mid-copy does while the copy goes on), not at every
+    // check.
     let failures = || {
         r.status()
             .load_failures
@@ -208,7 +209,20 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     assert_eq!(failures(), before_failures + 1, "the older file was tried");
     assert!(r.model_loaded(), "the previous model keeps serving");
     r.forecast(&hs).unwrap();
-    assert_eq!(failures(), before_failures + 2, "and tried again");
+    assert_eq!(failures(), before_failures + 1, "not again while unchanged");
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&model)
+        .unwrap()
+        .write_all(b", and the rest")
+        .unwrap();
+    r.forecast(&hs).unwrap();
+    assert_eq!(
+        failures(),
+        before_failures + 2,
+        "tried again once it changed"
+    );
     assert_eq!(r.name(), "lstm");
 
     // Models that load but cannot serve are refused at load, so they never replace the
@@ -217,6 +231,7 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     for (file, reason) in [
         ("fixed-batch.onnx", "dynamic batch"),
         ("nan-output.onnx", "non-finite"),
+        ("p-any-above-one.onnx", "outside [0, 1]"),
     ] {
         std::fs::copy(fixtures.join(file), &model).unwrap();
         let err = OnnxLstm::load(&model, 1).unwrap_err().to_string();
@@ -365,7 +380,7 @@ fn a_model_whose_bytes_differ_from_its_metadatas_hash_is_refused() {
 }
 
 #[test]
-fn a_model_that_fails_on_some_series_in_service_hands_the_batch_to_the_baseline() {
+fn a_model_that_fails_on_some_series_in_service_hands_those_series_to_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m.onnx");
     let fixture = root().join("fixtures").join("nan-on-large-counts.onnx");
@@ -387,19 +402,22 @@ fn a_model_that_fails_on_some_series_in_service_hands_the_batch_to_the_baseline(
     let err = lstm.forecast(&batch).unwrap_err().to_string();
     assert!(err.contains("series 1 of 2"), "{err}");
 
-    // Served: the baseline answers the whole batch, and the failure is counted.
+    // Served: the baseline answers the failed series alone, and it is counted.
     let r = ReloadingForecaster::new(&model, 1, std::time::Duration::from_secs(3600));
     assert!(r.model_loaded());
+    let served = r.forecast(&batch).unwrap();
+    let each = lstm.forecast_each(&batch).unwrap();
+    assert!(each[1].is_none(), "{each:?}");
     assert_eq!(
-        r.forecast(&batch).unwrap(),
-        SeasonalNaive.forecast(&batch).unwrap()
+        Some(served[0]),
+        each[0],
+        "the model answers the other series"
     );
+    assert_eq!(served[1], SeasonalNaive.forecast(&batch[1..]).unwrap()[0]);
     let status = r.status();
-    assert_eq!(
-        status
-            .batch_failures
-            .load(std::sync::atomic::Ordering::Relaxed),
-        1
-    );
-    assert!(status.fallback.load(std::sync::atomic::Ordering::Relaxed));
+    let count = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(count(&status.series_failures), 1);
+    assert_eq!(count(&status.batch_failures), 0);
+    assert!(!status.fallback.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(r.name(), "lstm");
 }

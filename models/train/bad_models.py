@@ -1,12 +1,13 @@
 """Derive the broken-model fixtures the Rust reload tests feed to the loader from the committed
 model: one exported with a fixed batch size of 1, one whose output is NaN (a NaN bias), and one
 that answers NaN only for series with a bucket of more than 1000 requests (it passes the
-loader's trial, whose series are small, and fails in service).
+loader's trial, whose series are small, and fails in service), and one whose `p_any` is its
+probability plus 1 (an export that lost its final sigmoid: finite, but no probability).
 
 Needs only the `onnx` package (pinned in requirements.txt):
     python models/train/bad_models.py
-writes models/fixtures/fixed-batch.onnx, models/fixtures/nan-output.onnx and
-models/fixtures/nan-on-large-counts.onnx.
+writes models/fixtures/fixed-batch.onnx, models/fixtures/nan-output.onnx,
+models/fixtures/nan-on-large-counts.onnx and models/fixtures/p-any-above-one.onnx.
 """
 
 import math
@@ -54,6 +55,16 @@ def main() -> None:
     ])
     onnx.checker.check_model(late)
     onnx.save(late, MODELS / "fixtures" / "nan-on-large-counts.onnx")
+
+    above = onnx.load(MODELS / "lstm.onnx")
+    g = above.graph
+    for node in g.node:
+        node.output[:] = ["p_any_raw" if o == "p_any" else o for o in node.output]
+        node.input[:] = ["p_any_raw" if i == "p_any" else i for i in node.input]
+    g.initializer.extend([numpy_helper.from_array(np.array(1.0, dtype=np.float32), "one")])
+    g.node.extend([onnx.helper.make_node("Add", ["p_any_raw", "one"], ["p_any"])])
+    onnx.checker.check_model(above)
+    onnx.save(above, MODELS / "fixtures" / "p-any-above-one.onnx")
 
 
 if __name__ == "__main__":
