@@ -14,7 +14,9 @@ pub struct AnomalySection {
     /// Whether anomalies change shadowing.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// Consecutive planning ticks outside (or back inside) the band to flag (or clear).
+    /// Consecutive planning ticks outside the band to flag a series; a flag clears after as
+    /// many ticks in a row that do not confirm it, or at once on a tick beyond the other
+    /// side of the band.
     #[serde(default = "default_sustain")]
     pub sustain_ticks: u32,
     /// Fewest requests in a tick's window that can count as a surge.
@@ -78,7 +80,8 @@ struct Track {
     band: (f64, f64),
     above: u32,
     below: u32,
-    inside: u32,
+    /// Ticks in a row that did not confirm the current flag.
+    unconfirmed: u32,
     standing: Standing,
 }
 
@@ -107,33 +110,36 @@ impl Detector {
                 band,
                 above: 0,
                 below: 0,
-                inside: 0,
+                unconfirmed: 0,
                 standing: Standing::Normal,
             });
         let (lo, hi) = (t.band.0 * window_secs, t.band.1 * window_secs);
         let actual_f = f64::from(actual);
-        if actual_f > hi && actual >= cfg.min_requests {
-            t.above += 1;
-            t.below = 0;
-            t.inside = 0;
-        } else if actual_f < lo && lo >= 1.0 {
-            t.below += 1;
-            t.above = 0;
-            t.inside = 0;
-        } else {
-            t.inside += 1;
-            t.above = 0;
-            t.below = 0;
-        }
+        let above = actual_f > hi && actual >= cfg.min_requests;
+        let below = !above && actual_f < lo && lo >= 1.0;
+        t.above = if above { t.above + 1 } else { 0 };
+        t.below = if below { t.below + 1 } else { 0 };
         t.band = band;
         let before = t.standing;
         let n = cfg.sustain_ticks.max(1);
+        // A flag lasts while ticks keep confirming it: traffic swinging across the band
+        // (busy, idle, busy, …) reaches no run of `n` and must not hold a flag for ever.
+        let (confirms, contradicts) = match t.standing {
+            Standing::Surge => (above, below),
+            Standing::Drop => (below, above),
+            Standing::Normal => (false, false),
+        };
+        t.unconfirmed = if confirms { 0 } else { t.unconfirmed + 1 };
+        if contradicts || (t.standing != Standing::Normal && t.unconfirmed >= n) {
+            t.standing = Standing::Normal;
+        }
         if t.above >= n {
             t.standing = Standing::Surge;
         } else if t.below >= n {
             t.standing = Standing::Drop;
-        } else if t.inside >= n {
-            t.standing = Standing::Normal;
+        }
+        if t.standing != before {
+            t.unconfirmed = 0;
         }
         (t.standing != before).then_some(t.standing)
     }
@@ -204,5 +210,38 @@ mod tests {
         }
         d.retain(|k, _| k == "k");
         assert_eq!(d.standing("b", 1), Standing::Normal);
+    }
+
+    #[test]
+    fn traffic_swinging_across_the_band_holds_no_flag() {
+        let cfg = AnomalySection::default();
+        let mut d = Detector::default();
+        let (w, busy) = (60.0, (0.05, 0.2)); // 3–12 per window
+        for _ in 0..3 {
+            d.observe("k", 0, (0, w), busy, &cfg);
+        }
+        assert_eq!(d.standing("k", 0), Standing::Drop);
+        // Busy above the band, then idle: the first busy tick ends the drop.
+        assert_eq!(
+            d.observe("k", 0, (40, w), busy, &cfg),
+            Some(Standing::Normal)
+        );
+        for i in 0..20 {
+            let n = if i % 2 == 0 { 0 } else { 40 };
+            assert_eq!(d.observe("k", 0, (n, w), busy, &cfg), None, "tick {i}");
+        }
+        // A surge that goes on inside the band and above it, never three above in a row,
+        // ends after three ticks without one.
+        for _ in 0..3 {
+            d.observe("s", 0, (40, w), busy, &cfg);
+        }
+        assert_eq!(d.standing("s", 0), Standing::Surge);
+        for (n, expect) in [(5, None), (40, None), (5, None), (5, None)] {
+            assert_eq!(d.observe("s", 0, (n, w), busy, &cfg), expect);
+        }
+        assert_eq!(
+            d.observe("s", 0, (5, w), busy, &cfg),
+            Some(Standing::Normal)
+        );
     }
 }
