@@ -300,6 +300,8 @@ struct Order {
     until: Instant,
     /// When it was placed, Unix milliseconds.
     placed_ms: u64,
+    /// Its tuner's epoch then (0 for ungated placements).
+    epoch: u64,
 }
 
 /// How far an edge's clock may run behind the broker's before an outcome that ended just
@@ -484,11 +486,12 @@ impl Ledger {
         ttl: Duration,
         placed_ms: u64,
     ) {
-        if let Some(source) = signal.source.tuned() {
+        let epoch = signal.source.tuned().map_or(0, |source| {
             let mut t = self.tuners.lock();
-            self.tuner(&mut t, info.region, info.class, source)
-                .admitted();
-        }
+            let tuner = self.tuner(&mut t, info.region, info.class, source);
+            tuner.admitted();
+            tuner.epoch()
+        });
         let mut orders = self.orders.lock();
         let now = Instant::now();
         // Swept when it has doubled since the last sweep (at least ORDER_SWEEP): with more
@@ -506,6 +509,7 @@ impl Ledger {
                 signal,
                 until,
                 placed_ms,
+                epoch,
             },
         );
     }
@@ -597,6 +601,7 @@ impl Ledger {
             if let Some((order, source)) = tuned {
                 let settled = Settled {
                     score: order.signal.score,
+                    epoch: order.epoch,
                     bytes: o.bytes,
                     used: o.hits > 0,
                     net: p.net(),
