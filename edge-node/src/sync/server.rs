@@ -109,6 +109,10 @@ struct Handler {
     boot_id: u64,
 }
 
+/// Handshakes in progress at once; more are refused until one ends. A cluster's broker and
+/// peers connect once and stay connected, far below this.
+const MAX_HANDSHAKES: usize = 128;
+
 /// Background service: the QUIC endpoint of an edge.
 pub struct SyncService {
     socket: parking_lot::Mutex<Option<UdpSocket>>,
@@ -169,11 +173,24 @@ impl BackgroundService for SyncService {
                 return;
             }
         };
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(self.handler.clone().connection(incoming));
+                    // A handshake costs this thread TLS work before the client proves
+                    // anything: first its address (a Retry round trip, which a spoofed
+                    // source cannot answer), then a bounded number at once.
+                    if !incoming.remote_address_validated() && incoming.may_retry() {
+                        let _ = incoming.retry();
+                        continue;
+                    }
+                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                        self.handler.parts.metrics.sync_handshake_failures.inc();
+                        incoming.refuse();
+                        continue;
+                    };
+                    tokio::spawn(self.handler.clone().connection(incoming, permit));
                 }
                 _ = shutdown.changed() => break,
             }
@@ -208,7 +225,11 @@ impl Role {
 }
 
 impl Handler {
-    async fn connection(self: Arc<Self>, incoming: quinn::Incoming) {
+    async fn connection(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        handshake: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let m = &self.parts.metrics;
         let conn = match incoming.await {
             Ok(c) => c,
@@ -218,6 +239,7 @@ impl Handler {
                 return;
             }
         };
+        drop(handshake);
         let role = if peer_is(&conn, BROKER_NAME) {
             Role::Broker
         } else {
