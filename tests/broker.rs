@@ -2355,6 +2355,42 @@ async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_planner_off_co_access_shadows_are_still_settled_and_tuned() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster_with("[planner]\nenabled = false\ninterval_secs = 1\n");
+    c.register(&origin).await;
+    for _ in 0..4 {
+        for path in ["/page/index.html", "/page/app.js"] {
+            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
+        }
+    }
+    wait_until(|| async {
+        sample(&c.metrics().await, "shadowcdn_broker_recorded_total", &[]).is_some_and(|n| n >= 8.0)
+    })
+    .await;
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "path": "/page/app.js"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        c.get("/page/index.html", "us").await.status(),
+        StatusCode::OK
+    );
+    let key = format!("{HOST}/page/app.js");
+    wait_until(|| c.shadowed_on(3, &key)).await;
+    // No forecasts, but the co-access threshold that admitted it is tuned and exported.
+    wait_until(|| async {
+        sample(
+            &c.metrics().await,
+            "shadowcdn_broker_shadow_threshold",
+            &["source=\"coaccess\""],
+        )
+        .is_some()
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys() {
     let origin = TestOrigin::start().await;
     // Shadow budget: 1e-4 of 80 MiB ≈ 8 KiB per edge.

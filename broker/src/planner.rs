@@ -1078,17 +1078,23 @@ impl Planner {
         self.adopt().await;
     }
 
-    async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
+    /// Settle the shadows that ended and tune the thresholds. Every tick does, whether or not
+    /// any series is due a forecast (a quiet hour still prices the shadows it saw end), and
+    /// so does a disabled planner's loop: co-access places shadows without it.
+    async fn settle(&self, now: u64) {
         self.catch_up_with_restarts().await;
-        let now = now_secs();
-        // Every tick settles the shadows that ended and tunes the thresholds, whether or not
-        // any series is due a forecast (a quiet hour still prices the shadows it saw end).
         let (wall, interval) = (Instant::now(), self.interval());
         for e in self.ledger.take_ended() {
             self.state.remove(&e.key, e.edge);
             self.state.ended(e.key, e.edge, e.failed, interval, wall);
         }
         self.ledger.tune(now);
+    }
+
+    async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
+        let now = now_secs();
+        self.settle(now).await;
+        let wall = Instant::now();
         let cands = self.candidates(now);
         if cands.is_empty() {
             return;
@@ -1372,7 +1378,17 @@ fn export_model_status(m: &BrokerMetrics, status: &ModelStatus) {
 impl BackgroundService for Planner {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         if !self.cfg.enabled {
-            return;
+            // No forecasts, but the shadows other signals place are still settled and their
+            // thresholds tuned.
+            let mut tick = tokio::time::interval(self.interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return,
+                    _ = tick.tick() => self.settle(now_secs()).await,
+                }
+            }
         }
         let model = self.cfg.model.clone();
         let forecaster = match tokio::task::spawn_blocking(move || {
