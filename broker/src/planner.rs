@@ -219,7 +219,8 @@ pub struct Decision {
     /// budget or the copy limit: unshadowed), `below_threshold`, `below_break_even` (above
     /// the threshold, but not likely enough to pay for itself), `below_precision_floor`
     /// (likelier wasted than the precision floor allows), `policy` (region not
-    /// allowed), `max_copies` (the policy's copies went to more valuable regions), `budget`,
+    /// allowed), `max_copies` (the policy's copies went to more valuable regions), `size_unknown` (only
+    /// bodiless responses seen: nothing to price), `budget`,
     /// `no_edge`, `send_failed`; a surge elsewhere adds `widened` (shadowed ahead of the
     /// surge, budget, break-even and floor aside) or `widen_below_threshold` (the anomaly
     /// source's tuned threshold held it back).
@@ -234,7 +235,11 @@ struct Candidate {
     region_idx: usize,
     counts: Vec<u32>,
     priority: u8,
+    /// Mean response size (1 when unknown).
     bytes: u64,
+    /// Whether any response of the series carried a size: one answered only without a body
+    /// (304s, HEADs) cannot be priced, and 1 byte would put it under every bar.
+    size_known: bool,
     ttl: u64,
     allowed: bool,
     /// Requests in the last hour: its owner in this region likely holds it.
@@ -352,6 +357,8 @@ fn decide(
             let edge = edge_of(i);
             let failed = if f.p_any < threshold_of(i) {
                 Some("below_threshold")
+            } else if !c.size_known {
+                Some("size_unknown")
             } else if let Some(why) = bars[i].odds.holds_back(f64::from(f.p_any)) {
                 Some(why)
             } else if bars[i].backoff {
@@ -749,6 +756,7 @@ impl Planner {
                 counts,
                 priority: reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority),
                 bytes: s.mean_bytes().unwrap_or(0).max(1),
+                size_known: s.mean_bytes().is_some(),
                 ttl: reg
                     .as_ref()
                     .map_or(self.cfg.default_ttl_secs, |r| r.shadow_ttl_secs),
@@ -1451,6 +1459,7 @@ mod tests {
             counts: vec![1],
             priority,
             bytes,
+            size_known: true,
             ttl: 60,
             allowed,
             recent: true,
@@ -1650,6 +1659,10 @@ mod tests {
 
     #[test]
     fn threshold_break_even_policy_live_and_missing_edges() {
+        let no_size = Candidate {
+            size_known: false,
+            ..cand("unsized", 1, 5, true)
+        };
         let cands = vec![
             cand("low", 10, 5, true),
             cand("forbidden", 10, 5, false),
@@ -1658,10 +1671,11 @@ mod tests {
             cand("big", 1_000_000, 5, true),
             cand("big-from-peer", 1_000_000, 5, true),
             cand("unsure", 10, 5, true),
+            no_size,
         ];
         let forecasts = vec![fc(1.0, 0.1), fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.9)]
             .into_iter()
-            .chain([fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.55)])
+            .chain([fc(1.0, 0.9), fc(1.0, 0.9), fc(1.0, 0.55), fc(1.0, 0.99)])
             .collect::<Vec<_>>();
         // At list prices a wasted 1 MB origin fill costs ~12 used shadows' latency: 0.9 is
         // not enough. From a peer it costs inter-edge transfer and saves the egress when used.
@@ -1701,6 +1715,8 @@ mod tests {
         assert_eq!(outcome("big-from-peer"), "shadowed");
         // Above the threshold and break-even, but likelier wasted than the floor allows.
         assert_eq!(outcome("unsure"), "below_precision_floor");
+        // Sure to be asked for, but only ever answered without a body: nothing to price.
+        assert_eq!(outcome("unsized"), "size_unknown");
     }
 
     #[test]

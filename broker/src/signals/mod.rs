@@ -128,8 +128,17 @@ impl CoAccessService {
             if held.contains(&edge) {
                 continue;
             }
+            // A follower only ever answered without a body (304s, HEADs) has no size to price
+            // its fill by or charge to the budget: no bet is placed on it.
+            let Some(bytes) = f.bytes else {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["size_unknown"])
+                    .inc();
+                continue;
+            };
             let budget = self.planner_cfg.edge_budget(&self.sync, edge);
-            if f.bytes.is_some_and(|b| b > budget) {
+            if bytes > budget {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&["too_large"])
@@ -163,8 +172,8 @@ impl CoAccessService {
             let priority = reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority);
             // Filled from the origin (no peer is named): a large follower must be near
             // certain to follow before its fill pays for itself.
-            let stake = f.bytes.map(|b| self.ledger.stake(b, false, ttl));
-            if let Some(why) = self.ledger.odds(stake.as_ref()).holds_back(f.probability) {
+            let stake = self.ledger.stake(bytes, false, ttl);
+            if let Some(why) = self.ledger.odds(Some(&stake)).holds_back(f.probability) {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&[why])
@@ -184,10 +193,7 @@ impl CoAccessService {
             // A tick older than three intervals is stale: the planner is off or failing.
             let fresh_for =
                 std::time::Duration::from_secs_f64(self.planner_cfg.interval_secs.max(0.05) * 3.0);
-            if !self
-                .planner
-                .take_budget(edge, f.bytes.unwrap_or(0), budget, fresh_for)
-            {
+            if !self.planner.take_budget(edge, bytes, budget, fresh_for) {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&["budget"])
