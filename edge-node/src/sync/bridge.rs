@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::json;
 
-use super::link::{client_endpoint, Link};
+use super::link::{client_endpoint, Link, Rest};
 use super::protocol::{PeerRef, Reply, Request};
 use super::tls::{edge_name, NodeIdentity};
 use super::{is_hop_header, parse_peer_via, SyncError, PEER_VIA_HEADER};
@@ -23,8 +23,12 @@ use crate::proxy::primary_key;
 
 /// Longest wait for a peer's response head.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
-/// Requests in flight to one peer.
+/// Requests in flight to one peer, bodies still streaming included (the peer accepts 64
+/// streams per connection: below it, no request waits for stream credit).
 const PEER_INFLIGHT: usize = 32;
+/// Longest wait for one of those slots: past it the fill goes to the origin at once rather
+/// than after the whole `PEER_TIMEOUT`.
+const PERMIT_WAIT: Duration = Duration::from_millis(250);
 
 /// Links to peer edges, created on first use over one client endpoint.
 pub struct PeerPool {
@@ -70,12 +74,10 @@ impl PeerPool {
         Ok(links
             .entry(peer.clone())
             .or_insert_with(|| {
-                Arc::new(Link::new(
-                    endpoint,
-                    peer.addr,
-                    edge_name(&peer.id),
-                    PEER_INFLIGHT,
-                ))
+                Arc::new(
+                    Link::new(endpoint, peer.addr, edge_name(&peer.id), PEER_INFLIGHT)
+                        .with_permit_wait(PERMIT_WAIT),
+                )
             })
             .clone())
     }
@@ -150,14 +152,12 @@ async fn fetch(State(b): State<PeerBridge>, req: HttpRequest) -> Response {
 }
 
 /// The rest of a QUIC stream as a body; a reset ends it with an error so a truncated object
-/// is never cached as whole.
-fn body_stream(
-    recv: quinn::RecvStream,
-) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
-    futures::stream::unfold(Some(recv), |state| async move {
-        let mut recv = state?;
-        match recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => Some((Ok(chunk.bytes), Some(recv))),
+/// is never cached as whole. It holds its slot on the link until it ends.
+fn body_stream(rest: Rest) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
+    futures::stream::unfold(Some(rest), |state| async move {
+        let mut rest = state?;
+        match rest.recv.read_chunk(64 * 1024, true).await {
+            Ok(Some(chunk)) => Some((Ok(chunk.bytes), Some(rest))),
             Ok(None) => None,
             Err(e) => Some((Err(std::io::Error::other(e)), None)),
         }

@@ -84,7 +84,10 @@ pub struct Link {
     server_name: String,
     state: Mutex<State>,
     next_id: AtomicU64,
-    permits: Semaphore,
+    /// One per request under way, its reply's stream (a peer body) included.
+    permits: Arc<Semaphore>,
+    /// Longest wait for a permit, when shorter than a request's timeout.
+    permit_wait: Option<Duration>,
     connected: AtomicBool,
     /// Connects failed since the last successful exchange. Outside the state lock, so a
     /// successful exchange resets it without waiting for a connect under way.
@@ -113,10 +116,18 @@ impl Link {
                 retry_at: None,
             }),
             next_id: AtomicU64::new(seed),
-            permits: Semaphore::new(max_inflight.max(1)),
+            permits: Arc::new(Semaphore::new(max_inflight.max(1))),
+            permit_wait: None,
             connected: AtomicBool::new(false),
             failures: AtomicU32::new(0),
         }
+    }
+
+    /// Give up on a request after `wait` when all `max_inflight` slots stay taken (a peer
+    /// fetch has the origin to fall back on, sooner than its whole timeout).
+    pub fn with_permit_wait(mut self, wait: Duration) -> Self {
+        self.permit_wait = Some(wait);
+        self
     }
 
     /// The peer's address.
@@ -275,14 +286,15 @@ impl Link {
         Ok((reply.msg, recv))
     }
 
-    /// Send `req` and return the reply plus the rest of the stream (a peer fetch's body).
-    pub async fn open(
-        &self,
-        req: &Request,
-        timeout: Duration,
-    ) -> Result<(Reply, quinn::RecvStream), LinkError> {
+    /// Send `req` and return the reply plus the rest of the stream (a peer fetch's body),
+    /// which holds its slot on the link until dropped: a body still streaming counts
+    /// against `max_inflight`, so requests never queue for the peer's stream credit.
+    pub async fn open(&self, req: &Request, timeout: Duration) -> Result<(Reply, Rest), LinkError> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let _permit = tokio::time::timeout_at(deadline, self.permits.acquire())
+        let permit_by = self
+            .permit_wait
+            .map_or(deadline, |w| deadline.min(tokio::time::Instant::now() + w));
+        let permit = tokio::time::timeout_at(permit_by, self.permits.clone().acquire_owned())
             .await
             .map_err(|_| LinkError::Busy)?
             .map_err(|_| LinkError::Busy)?;
@@ -295,7 +307,13 @@ impl Link {
         loop {
             match tokio::time::timeout_at(deadline, self.exchange(&env)).await {
                 Err(_) => return Err(LinkError::Timeout),
-                Ok(Ok(r)) => return Ok(r),
+                Ok(Ok((reply, recv))) => {
+                    let rest = Rest {
+                        recv,
+                        _permit: permit,
+                    };
+                    return Ok((reply, rest));
+                }
                 Ok(Err(e)) if e.retryable() && !retried => {
                     tracing::debug!(peer = %self.addr(), error = %e, "retrying on a new connection");
                     retried = true;
@@ -309,6 +327,13 @@ impl Link {
     pub async fn request(&self, req: &Request, timeout: Duration) -> Result<Reply, LinkError> {
         self.open(req, timeout).await.map(|(reply, _)| reply)
     }
+}
+
+/// The stream after a reply, holding the request's slot on its link.
+pub struct Rest {
+    /// The stream.
+    pub recv: quinn::RecvStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Whether the peer closed the connection with a TLS alert (QUIC codes 0x100–0x1ff): it
@@ -458,6 +483,33 @@ mod tests {
             Arc::new(quinn::TokioRuntime),
         )
         .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_reply_stream_holds_its_slot_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let (edge, broker) = edge_and_broker(dir.path());
+        let server = server(&edge);
+        let addr = server.local_addr().unwrap();
+        serve(server, "here", 0);
+        let link = Link::new(
+            client_endpoint(&broker, addr).unwrap(),
+            addr,
+            edge_name("e1"),
+            1,
+        )
+        .with_permit_wait(Duration::from_millis(50));
+        let stats = Request::Stats { ack: None };
+        let (_, body) = link.open(&stats, Duration::from_secs(5)).await.unwrap();
+        // Its body still held, the one slot is taken: the next request gives up after the
+        // permit wait, not its whole timeout.
+        let t = Instant::now();
+        let second = link.open(&stats, Duration::from_secs(5)).await;
+        assert!(matches!(second, Err(LinkError::Busy)));
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+        drop(body);
+        let reply = link.request(&stats, Duration::from_secs(5)).await;
+        assert_eq!(answered_by(reply), "here");
     }
 
     #[tokio::test]

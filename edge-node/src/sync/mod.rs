@@ -18,7 +18,7 @@ pub mod server;
 pub mod tls;
 
 pub use bridge::{PeerBridge, PeerPool};
-pub use link::{client_endpoint, close_endpoint, Link, LinkError};
+pub use link::{client_endpoint, close_endpoint, Link, LinkError, Rest};
 pub use peers::PeerDirectory;
 pub use server::{SyncParts, SyncService};
 pub use tls::{NodeIdentity, TlsError, TlsPaths};
