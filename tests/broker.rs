@@ -1344,6 +1344,77 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_still_queued_at_shutdown_leaves_no_stale_copy() {
+    use edge_node::sync::protocol::{Reply, Request, ShadowOrder};
+    use edge_node::sync::{client_endpoint, Link, NodeIdentity, TlsPaths};
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(&dir.path().join("pki"));
+    let mut edge = EdgeProc::start_with_certs(
+        &dir.path().join("e1"),
+        "e1",
+        &[(HOST.to_string(), origin.addr)],
+        "[shadow]\nfill_concurrency = 1\n",
+        Some(pki.issue("e1", false)),
+    );
+    let get = |addr: std::net::SocketAddr| async move {
+        client()
+            .get(format!("http://{addr}/doc"))
+            .header("host", HOST)
+            .send()
+            .await
+            .unwrap()
+    };
+    assert_eq!(get(edge.addr).await.status(), StatusCode::OK);
+    assert_eq!(get(edge.addr).await.headers()["x-cache"], "HIT");
+    let broker = pki.issue("broker", true);
+    let id = NodeIdentity::load(&TlsPaths {
+        ca_cert: broker.ca_cert,
+        cert: broker.cert,
+        key: broker.key,
+    })
+    .unwrap();
+    let quic = edge.sync.unwrap();
+    let link = Link::new(
+        client_endpoint(&id, quic).unwrap(),
+        quic,
+        edge_node::sync::tls::edge_name("e1"),
+        4,
+    );
+    let order = |path: &str, refresh: bool| {
+        Request::Shadow(ShadowOrder {
+            key: format!("{HOST}{path}"),
+            ttl_secs: 60,
+            priority: 5,
+            deadline_ms: 0,
+            peer: None,
+            refresh,
+        })
+    };
+    // A slow fill holds the one fill slot; the origin then changes /doc and the broker
+    // orders the copy refreshed: accepted, and queued behind it.
+    let slow = order("/slow?delay_ms=3000", false);
+    let reply = link.request(&slow, Duration::from_secs(3)).await.unwrap();
+    assert_eq!(reply, Reply::Done { found: true });
+    wait_until(|| async { origin.hits("/slow") == 1 }).await;
+    let refresh = order("/doc", true);
+    let reply = link
+        .request(&refresh, Duration::from_secs(3))
+        .await
+        .unwrap();
+    assert_eq!(reply, Reply::Done { found: true });
+    // Stopped before the refresh ran, the edge does not keep the old copy.
+    let mut child = std::mem::replace(&mut edge.child, shadowcdn_tests::Child::placeholder());
+    let stopped = tokio::task::spawn_blocking(move || child.terminate());
+    assert_eq!(stopped.await.unwrap(), Some(0));
+    edge.spawn();
+    let before = origin.hits("/doc");
+    let r = get(edge.addr).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(origin.hits("/doc"), before + 1, "{:?}", r.headers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_rejected_and_change_nothing() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[admin.rate_limits]\npurges_per_minute = 4\n");

@@ -242,6 +242,7 @@ impl EdgeNode {
             cfg.server.listen,
             secret.clone(),
             &cfg.shadow,
+            inflight.clone(),
         );
         let mut peer_pool = None;
         if let Some((identity, server_cfg, socket, bridge)) = sync {

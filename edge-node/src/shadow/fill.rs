@@ -290,6 +290,9 @@ pub struct ShadowService {
     concurrency: usize,
     pacer: Arc<FillPacer>,
     sweeps: std::sync::atomic::AtomicU64,
+    /// Held from start until the shutdown purge is done, so the drain waits for it before
+    /// the cache is flushed and the process exits.
+    inflight: crate::drain::InflightCounter,
 }
 
 /// Every this many sweeps (of 250 ms) the marks are checked against the cache, so a shadow
@@ -306,6 +309,7 @@ impl ShadowService {
         listen: SocketAddr,
         internal: InternalSecret,
         limits: &ShadowSection,
+        inflight: crate::drain::InflightCounter,
     ) -> (Self, Filler) {
         let (concurrency, queue) = (limits.fill_concurrency, limits.fill_queue);
         let filler = Filler {
@@ -323,6 +327,7 @@ impl ShadowService {
                 concurrency: concurrency.max(1),
                 pacer: Arc::new(FillPacer::new(limits.fill_bandwidth.map(|b| b.as_u64()))),
                 sweeps: Default::default(),
+                inflight,
             },
             filler,
         )
@@ -530,6 +535,7 @@ impl ShadowService {
 #[async_trait]
 impl BackgroundService for ShadowService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
+        let _until_purged = self.inflight.enter();
         match reqwest::Client::builder()
             .no_proxy()
             .timeout(Duration::from_secs(60))
@@ -541,16 +547,17 @@ impl BackgroundService for ShadowService {
                 let _ = shutdown.changed().await;
             }
         }
-        for key in self.filler.close() {
+        let stale = self.filler.close();
+        futures::future::join_all(stale.iter().map(|key| {
             purge_stale(
                 self.storage,
                 &self.table,
                 &self.metrics,
-                &key,
+                key,
                 "refresh_abandoned",
             )
-            .await;
-        }
+        }))
+        .await;
     }
 }
 
