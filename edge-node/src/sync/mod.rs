@@ -10,6 +10,7 @@
 //! - [`peers`] — the other edges the broker listed: the only peers a demand miss may use.
 
 pub mod bridge;
+mod handshakes;
 pub mod link;
 pub mod peers;
 pub mod pki;

@@ -12,6 +12,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::Deserialize;
 
+use super::handshakes::{HandshakeSlots, Slot, HANDSHAKE_TIMEOUT};
 use super::protocol::{
     read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, LiveShadow, Reply, Request,
     StatsReport, MAX_FRAME, VERSION,
@@ -109,10 +110,6 @@ struct Handler {
     boot_id: u64,
 }
 
-/// Handshakes in progress at once; more are refused until one ends. A cluster's broker and
-/// peers connect once and stay connected, far below this.
-const MAX_HANDSHAKES: usize = 128;
-
 /// Background service: the QUIC endpoint of an edge.
 pub struct SyncService {
     socket: parking_lot::Mutex<Option<UdpSocket>>,
@@ -173,7 +170,7 @@ impl BackgroundService for SyncService {
                 return;
             }
         };
-        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
+        let handshakes = HandshakeSlots::default();
         loop {
             tokio::select! {
                 incoming = endpoint.accept() => {
@@ -185,12 +182,12 @@ impl BackgroundService for SyncService {
                         let _ = incoming.retry();
                         continue;
                     }
-                    let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    let Some(slot) = handshakes.admit(incoming.remote_address().ip()) else {
                         self.handler.parts.metrics.sync_handshake_failures.inc();
                         incoming.refuse();
                         continue;
                     };
-                    tokio::spawn(self.handler.clone().connection(incoming, permit));
+                    tokio::spawn(self.handler.clone().connection(incoming, slot));
                 }
                 _ = shutdown.changed() => break,
             }
@@ -225,17 +222,18 @@ impl Role {
 }
 
 impl Handler {
-    async fn connection(
-        self: Arc<Self>,
-        incoming: quinn::Incoming,
-        handshake: tokio::sync::OwnedSemaphorePermit,
-    ) {
+    async fn connection(self: Arc<Self>, incoming: quinn::Incoming, handshake: Slot) {
         let m = &self.parts.metrics;
-        let conn = match incoming.await {
-            Ok(c) => c,
-            Err(e) => {
+        let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
                 m.sync_handshake_failures.inc();
                 tracing::warn!(error = %e, "QUIC handshake refused");
+                return;
+            }
+            Err(_) => {
+                m.sync_handshake_failures.inc();
+                tracing::warn!("QUIC handshake timed out");
                 return;
             }
         };

@@ -1,0 +1,98 @@
+//! Bounds on QUIC handshakes in progress. A handshake costs the endpoint's thread TLS work
+//! before the client has proved anything beyond its address, so a host could keep every
+//! slot busy with handshakes it never finishes and lock the broker and peers out: slots are
+//! capped per source address as well as in total, and each handshake is given a deadline.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Handshakes in progress at once. A cluster's broker and peers connect once and stay
+/// connected, far below this.
+pub const MAX_HANDSHAKES: usize = 128;
+/// Handshakes in progress from one address: a broker or a peer opens one connection.
+pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
+/// Longest a handshake may take before its slot is freed (loopback or a data centre
+/// completes one in milliseconds).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Default)]
+struct Taken {
+    total: usize,
+    by_address: HashMap<IpAddr, usize>,
+}
+
+/// The slots of one endpoint.
+#[derive(Clone, Default)]
+pub struct HandshakeSlots(Arc<parking_lot::Mutex<Taken>>);
+
+/// One handshake's slot, freed when dropped.
+pub struct Slot {
+    slots: HandshakeSlots,
+    ip: IpAddr,
+}
+
+impl HandshakeSlots {
+    /// A slot for a handshake from `ip`, unless the endpoint or that address is at its limit.
+    pub fn admit(&self, ip: IpAddr) -> Option<Slot> {
+        let mut t = self.0.lock();
+        let from_ip = t.by_address.get(&ip).copied().unwrap_or(0);
+        if t.total >= MAX_HANDSHAKES || from_ip >= MAX_HANDSHAKES_PER_ADDRESS {
+            return None;
+        }
+        t.total += 1;
+        t.by_address.insert(ip, from_ip + 1);
+        Some(Slot {
+            slots: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut t = self.slots.0.lock();
+        t.total -= 1;
+        if let Some(n) = t.by_address.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                t.by_address.remove(&self.ip);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_address_cannot_take_every_slot() {
+        let slots = HandshakeSlots::default();
+        let greedy: IpAddr = "192.0.2.1".parse().unwrap();
+        let held: Vec<Slot> = std::iter::from_fn(|| slots.admit(greedy)).collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES_PER_ADDRESS);
+        let broker: IpAddr = "192.0.2.2".parse().unwrap();
+        assert!(
+            slots.admit(broker).is_some(),
+            "another address still gets in"
+        );
+        drop(held);
+        assert!(
+            slots.admit(greedy).is_some(),
+            "freed when the handshakes end"
+        );
+        assert!(slots.0.lock().by_address.is_empty());
+    }
+
+    #[test]
+    fn the_endpoint_has_a_total_limit() {
+        let slots = HandshakeSlots::default();
+        let held: Vec<Slot> = (0..=255u8)
+            .flat_map(|i| slots.admit(IpAddr::from([10, 0, 0, i])))
+            .collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES);
+        assert!(slots.admit("10.0.1.1".parse().unwrap()).is_none());
+    }
+}
