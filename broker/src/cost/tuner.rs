@@ -183,7 +183,8 @@ impl Tuner {
                     .filter(|s| s.epoch == self.epoch && s.score >= self.threshold)
                     .copied(),
             );
-            if current.shadows == 0 {
+            // A sample, not the first outcome to arrive (one used shadow is precision 1).
+            if current.shadows < (cfg.min_settled / WINDOW_DECISIONS).max(1) {
                 return None;
             }
             verdict = judge(&current, cfg).filter(|v| v.dir == Dir::Down)?;
@@ -507,16 +508,18 @@ mod tests {
         }
         assert!(t.tick(&cfg, 0.05).is_some_and(|m| m.to > m.from));
         t.threshold = 0.6;
-        // A shadow placed at the raised threshold: a move down needs one.
-        let placed_since = Settled {
-            epoch: t.epoch(),
-            ..settled(&cfg, 0.95, true, false)
-        };
-        t.settle(placed_since, &cfg);
+        // Shadows placed at the raised threshold: a move down is judged on them.
+        for _ in 0..5 {
+            let placed_since = Settled {
+                epoch: t.epoch(),
+                ..settled(&cfg, 0.95, true, false)
+            };
+            t.settle(placed_since, &cfg);
+        }
         t.fresh = cfg.min_settled;
         let m = t.tick(&cfg, 0.05);
         let judged = t.judged.unwrap();
-        assert_eq!((judged.shadows, judged.used), (21, 21));
+        assert_eq!((judged.shadows, judged.used), (25, 25));
         // Above 0.6 everything was used: no reason to keep rising on the old waste.
         assert!(m.is_some_and(|m| m.to < m.from));
     }
@@ -682,9 +685,11 @@ mod tests {
         // admitting less certain predictions: the threshold holds though the shadows paid.
         assert_eq!(m, None);
         assert!(t.judged.is_some_and(|j| j.net > 0.0 && j.shadows == 2));
-        // Two used shadows clear the floor: then the money may lower it.
-        t.settle(small(true), &cfg);
-        t.settle(small(true), &cfg);
+        // Five used shadows (a quarter of `min_settled`, the least a move down is judged on)
+        // clear the floor: then the money may lower it.
+        for _ in 0..4 {
+            t.settle(small(true), &cfg);
+        }
         t.window.retain(|s| s.used);
         let m = (0..cfg.max_wait_ticks).find_map(|_| t.tick(&cfg, 0.05));
         assert!(m.is_some_and(|m| m.to < m.from));
