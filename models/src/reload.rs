@@ -196,6 +196,12 @@ impl ReloadingForecaster {
             }
         }
         let failed = baseline.len() - (histories.len() - busy.len());
+        if failed > 0 && failed == busy.len() {
+            // Nothing the model answered is usable: the batch failed, and the fallback says so.
+            return Err(ForecastError::Output(format!(
+                "every one of {failed} series answered outside the contract"
+            )));
+        }
         if failed > 0 {
             tracing::warn!(
                 series = failed,

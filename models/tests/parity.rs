@@ -420,4 +420,12 @@ fn a_model_that_fails_on_some_series_in_service_hands_those_series_to_the_baseli
     assert_eq!(count(&status.batch_failures), 0);
     assert!(!status.fallback.load(std::sync::atomic::Ordering::Relaxed));
     assert_eq!(r.name(), "lstm");
+    // When no series is usable, the batch failed: the fallback answers it and says so.
+    assert_eq!(
+        r.forecast(&batch[1..]).unwrap(),
+        SeasonalNaive.forecast(&batch[1..]).unwrap()
+    );
+    assert_eq!(count(&status.batch_failures), 1);
+    assert!(status.fallback.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(r.name(), "seasonal_naive");
 }
