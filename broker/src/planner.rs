@@ -970,6 +970,10 @@ impl Planner {
         orders: &mut Vec<PlannedOrder>,
     ) -> Vec<Widening> {
         let mut out = Vec::new();
+        // Ungated by break-even, a widening still needs a size to charge to the budget.
+        if !c.size_known {
+            return out;
+        }
         let targets = self
             .fleet
             .regions_by_distance(c.region_idx)

@@ -16,7 +16,8 @@ pub struct AnomalySection {
     pub enabled: bool,
     /// Consecutive planning ticks outside the band to flag a series; a flag clears after as
     /// many ticks in a row that do not confirm it, or at once on a tick beyond the other
-    /// side of the band.
+    /// side of the band (a surge ends on a tick below the lower quantile, an empty one
+    /// included, when that quantile is at least one request).
     #[serde(default = "default_sustain")]
     pub sustain_ticks: u32,
     /// Fewest requests in a tick's window that can count as a surge.
@@ -129,7 +130,11 @@ impl Detector {
             Standing::Drop => (below, above),
             Standing::Normal => (false, false),
         };
-        t.unconfirmed = if confirms { 0 } else { t.unconfirmed + 1 };
+        t.unconfirmed = if confirms {
+            0
+        } else {
+            t.unconfirmed.saturating_add(1)
+        };
         if contradicts || (t.standing != Standing::Normal && t.unconfirmed >= n) {
             t.standing = Standing::Normal;
         }

@@ -616,8 +616,9 @@ impl ShadowService {
                 // Dropped while it waited: the broker no longer wants it, or it was purged.
                 if table.dropped_since(&req.key, req.queued_at) {
                     metrics.shadow_fills.with_label_values(&["dropped"]).inc();
-                    // An unshadow keeps a copy clients used; one ordered refreshed is stale.
-                    if req.refresh {
+                    // An unshadow keeps a copy clients used; one ordered refreshed is stale
+                    // (unless a later order marked the key since: that mark is not ours).
+                    if req.refresh && table.get(&req.key).is_none() {
                         purge_stale(storage, &table, &metrics, &req.key, "refresh_dropped").await;
                     }
                     report_unheld(&table, &req.key);

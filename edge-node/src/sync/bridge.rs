@@ -21,7 +21,7 @@ use super::tls::{edge_name, NodeIdentity};
 use super::{is_hop_header, parse_peer_via, SyncError, PEER_VIA_HEADER};
 use crate::proxy::primary_key;
 
-/// Longest wait for a peer's response head.
+/// Longest wait for a peer's response head, and for each chunk of its body.
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests in flight to one peer, bodies still streaming included (the peer accepts 64
 /// streams per connection: below it, no request waits for stream credit).
@@ -156,10 +156,18 @@ async fn fetch(State(b): State<PeerBridge>, req: HttpRequest) -> Response {
 fn body_stream(rest: Rest) -> impl futures::Stream<Item = Result<Bytes, std::io::Error>> + Send {
     futures::stream::unfold(Some(rest), |state| async move {
         let mut rest = state?;
-        match rest.recv.read_chunk(64 * 1024, true).await {
-            Ok(Some(chunk)) => Some((Ok(chunk.bytes), Some(rest))),
-            Ok(None) => None,
-            Err(e) => Some((Err(std::io::Error::other(e)), None)),
+        // A stream that stalls (its connection kept alive) would hold its slot for ever.
+        match tokio::time::timeout(PEER_TIMEOUT, rest.recv.read_chunk(64 * 1024, true)).await {
+            Ok(Ok(Some(chunk))) => Some((Ok(chunk.bytes), Some(rest))),
+            Ok(Ok(None)) => None,
+            Ok(Err(e)) => Some((Err(std::io::Error::other(e)), None)),
+            Err(_) => Some((
+                Err(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "peer body stalled",
+                )),
+                None,
+            )),
         }
     })
 }
