@@ -52,7 +52,10 @@ for n in eu-1 eu-2 eu-standby us-1 us-2 us-standby; do
 done
 [ -s "$PKI/broker.pem" ] || target/release/edge-node certs issue --ca-dir "$PKI" --name broker --broker >/dev/null
 
-target/release/origin --listen 127.0.0.1:9000 --root "$WWW" --max-age 60 &
+# Each process in a session of its own (setsid): Ctrl-C reaches this script alone, whose trap
+# sends SIGTERM, the signal that drains (pingora takes SIGINT as a fast stop: no drain, no
+# snapshot of the broker's monitor).
+setsid target/release/origin --listen 127.0.0.1:9000 --root "$WWW" --max-age 60 &
 pids+=($!)
 for e in eu-1:8101:9101 eu-2:8102:9102 eu-standby:8103:9103 us-1:8201:9201 us-2:8202:9202 us-standby:8203:9203; do
   IFS=: read -r id port admin <<<"$e"
@@ -60,11 +63,11 @@ for e in eu-1:8101:9101 eu-2:8102:9102 eu-standby:8103:9103 us-1:8201:9201 us-2:
   RUST_LOG=${RUST_LOG:-warn} \
   SHADOWCDN_EDGE_SYNC__LISTEN="127.0.0.1:$port" SHADOWCDN_EDGE_SYNC__CA_CERT="$PKI/ca.pem" \
   SHADOWCDN_EDGE_SYNC__CERT="$PKI/$id.pem" SHADOWCDN_EDGE_SYNC__KEY="$PKI/$id.key" \
-  target/release/edge-node --config deploy/local/edge.toml --node-id "$id" \
+  setsid target/release/edge-node --config deploy/local/edge.toml --node-id "$id" \
     --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --cache-dir "var/local/$id" &
   pids+=($!)
 done
-RUST_LOG=${RUST_LOG:-warn} target/release/broker run --config deploy/local/broker.toml &
+RUST_LOG=${RUST_LOG:-warn} setsid target/release/broker run --config deploy/local/broker.toml &
 pids+=($!)
 
 # Wait until `url` answers 2xx, for at most $2 tenths of a second; say so and stop otherwise.

@@ -28,7 +28,8 @@
 //! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
 //!   the broker with the origins. A bad row rejects the whole push.
 //!
-//! Purge, origin and peer endpoints need `Authorization: Bearer <admin.token>`. Every error is JSON.
+//! Every route but `/healthz` and `/metrics` needs `Authorization: Bearer <admin.token>`.
+//! Every error is JSON.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -252,14 +253,7 @@ async fn purge(
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_key", msg),
     };
-    let mut found_keyed = false;
-    if let Some(key) = keyed {
-        // A key purge has no ban to write: it cannot fail.
-        found_keyed = invalidate(s.storage, &s.shadows, &s.metrics, &Target::Key(key))
-            .await
-            .unwrap_or(false);
-    }
-    purge_target(&s, target, found_keyed).await
+    purge_target(&s, target, keyed).await
 }
 
 /// [`authorize`] a purge, counting a refused one.
@@ -272,22 +266,31 @@ fn authorize_purge(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Respon
     })
 }
 
-/// Apply an authorized purge and answer it (`found_before`: a key purge found its object
-/// under another spelling of the key already).
-async fn purge_target(s: &AdminState, target: Target, found_before: bool) -> Response {
+/// Apply an authorized purge and answer it (`keyed`: the same object as the proxy keys it
+/// now, with the origin's query filter, purged first; found there counts as found).
+async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> Response {
     // In a task of its own: a caller that hangs up while the ban is being made durable (its
-    // fsync may take seconds) must not cut the purge short between the ban and the end of
-    // the marks it bans.
+    // fsync may take seconds), or a key's tombstone written, must not cut the purge short.
     let done = {
         let (s, target) = (s.clone(), target.clone());
-        tokio::spawn(async move { invalidate(s.storage, &s.shadows, &s.metrics, &target).await })
+        tokio::spawn(async move {
+            let mut found_before = false;
+            if let Some(key) = keyed {
+                // A key purge has no ban to write: it cannot fail.
+                found_before = invalidate(s.storage, &s.shadows, &s.metrics, &Target::Key(key))
+                    .await
+                    .unwrap_or(false);
+            }
+            invalidate(s.storage, &s.shadows, &s.metrics, &target)
+                .await
+                .map(|found| found || found_before)
+        })
     };
     let done = done
         .await
         .unwrap_or_else(|e| Err(crate::invalidate::task_failed(e)));
     match (done, target) {
         (Ok(found), Target::Key(key)) => {
-            let found = found || found_before;
             let status = if found {
                 StatusCode::OK
             } else {
@@ -337,7 +340,7 @@ async fn purge_tags(
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_tags", msg),
     };
-    purge_target(&s, target, false).await
+    purge_target(&s, target, None).await
 }
 
 /// Body of `POST /shadows`.

@@ -146,7 +146,7 @@ pub struct ServerSection {
 pub struct AdminSection {
     /// Address of the admin HTTP listener (keep it off the public interface).
     pub listen: SocketAddr,
-    /// Bearer token required by purge endpoints. `/metrics` and `/healthz` are open so that
+    /// Bearer token every admin route needs but `/metrics` and `/healthz`, open so that
     /// scrapers and probes need no secret.
     pub token: String,
 }

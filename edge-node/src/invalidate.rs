@@ -32,10 +32,13 @@ impl Target {
         let (host, rest) = raw
             .split_once('/')
             .ok_or_else(|| "key must be {host}/{path}, e.g. example.com/index.html".to_string())?;
+        // Checked as normalized: `:80` or `.` would otherwise become an empty host, whose
+        // ban matches nothing yet answers as a purge.
+        let host = normalize_host(host);
         if host.is_empty() {
             return Err("key has an empty host".into());
         }
-        let key = primary_key(&normalize_host(host), &format!("/{rest}"));
+        let key = primary_key(&host, &format!("/{rest}"));
         Ok(match key.strip_suffix('*') {
             Some(prefix) => Target::Prefix(prefix.to_string()),
             None => Target::Key(key),
@@ -144,6 +147,9 @@ mod tests {
         );
         assert!(Target::parse("example.com").is_err());
         assert!(Target::parse("/a").is_err());
+        for empty in [":80/*", "./*", ":443/a"] {
+            assert!(Target::parse(empty).is_err(), "{empty}");
+        }
     }
 
     #[test]
