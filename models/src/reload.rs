@@ -149,6 +149,13 @@ impl ReloadingForecaster {
         }
     }
 
+    /// Look for a replaced model file now (at most every `check_every`), as a forecast does:
+    /// a caller with nothing to forecast still notices a swap or a recovery. Blocking: it
+    /// may load a model.
+    pub fn check_reload(&self) {
+        self.maybe_reload();
+    }
+
     fn maybe_reload(&self) {
         let due = {
             let mut seen = self.seen.lock();
