@@ -18,6 +18,7 @@ mod origin_addrs;
 pub mod planner;
 pub mod proxy;
 pub mod redelivery;
+mod refreshes;
 pub mod registry;
 pub mod routing;
 pub mod server;

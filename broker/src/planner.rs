@@ -1086,6 +1086,18 @@ impl Planner {
         for e in self.sync.take_restarted() {
             self.state.forget_edge(e);
             self.state.adopted.lock().remove(&e);
+            // A crash lost the refreshes it had queued: their old copies go (a purge it
+            // cannot confirm now is queued and delivered again).
+            let stale = self.sync.take_refreshed(e);
+            if !stale.is_empty() {
+                let edge = &self.fleet.edges[e].id;
+                tracing::info!(%edge, keys = stale.len(), "purging the copies a restarted edge was refreshing");
+            }
+            stream::iter(stale)
+                .for_each_concurrent(16, |key| async move {
+                    self.sync.purge_on(&key, &[e]).await;
+                })
+                .await;
         }
         self.adopt().await;
     }
@@ -1109,6 +1121,10 @@ impl Planner {
         let wall = Instant::now();
         let cands = self.candidates(now);
         if cands.is_empty() {
+            // Nothing to forecast, but a replaced model (or one back after a failure) is
+            // still picked up, and the fallback gauge follows.
+            let fc = forecaster.clone();
+            let _ = tokio::task::spawn_blocking(move || fc.check_reload()).await;
             return;
         }
         let last = last_complete_bucket(now) as i64;

@@ -22,6 +22,7 @@ use tokio::sync::Notify;
 use crate::control::{Control, ControlError};
 use crate::metrics::BrokerMetrics;
 use crate::redelivery::{PendingPurge, Redelivery};
+use crate::refreshes::RecentRefreshes;
 use crate::registry::Registry;
 use crate::routing::Fleet;
 
@@ -66,6 +67,8 @@ pub struct EdgeSync {
     rejected: parking_lot::Mutex<std::collections::HashMap<String, Vec<String>>>,
     /// Purges edges missed, delivered again by the push loop.
     redelivery: Option<Arc<Redelivery>>,
+    /// Refreshes edges accepted lately, purged on an edge seen restarting.
+    refreshes: RecentRefreshes,
 }
 
 impl EdgeSync {
@@ -93,6 +96,7 @@ impl EdgeSync {
             allow_private_upstreams: false,
             rejected: Default::default(),
             redelivery: None,
+            refreshes: RecentRefreshes::default(),
         }
     }
 
@@ -284,9 +288,14 @@ impl EdgeSync {
         // Edges live on the wall clock.
         order.ttl_secs = crate::clock::wall_secs(order.ttl_secs);
         if let Some(c) = self.quic(edge) {
-            let key = order.key.clone();
+            let (key, refresh) = (order.key.clone(), order.refresh);
             return match c.call(edge, &Request::Shadow(order)).await {
-                Ok(_) => true,
+                Ok(_) => {
+                    if refresh {
+                        self.refreshes.note(edge, &key, std::time::Instant::now());
+                    }
+                    true
+                }
                 Err(err) => {
                     tracing::warn!(edge = %e.id, error = %err, %key, "shadow order failed");
                     false
@@ -324,6 +333,12 @@ impl EdgeSync {
                 false
             }
         }
+    }
+
+    /// The keys edge `edge` accepted a refresh of lately ([`RecentRefreshes::take`]): after
+    /// a crash its queue is gone and the old copies remain.
+    pub fn take_refreshed(&self, edge: usize) -> Vec<String> {
+        self.refreshes.take(edge, std::time::Instant::now())
     }
 
     /// Edges that restarted since the last call ([`Control::take_restarted`]); none without
