@@ -10,7 +10,7 @@
 //! ([`AccessLogWriter::finish`]), so the last requests are logged too.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, BufWriter, Write};
+use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -189,12 +189,14 @@ pub fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Where lines go. Unbuffered: the writer batches each pass's lines itself, so a write that
+/// fails loses (and counts) that batch, never leaving bytes behind to be sent again.
 enum Sink {
-    Stdout(BufWriter<io::Stdout>),
+    Stdout(io::Stdout),
     File {
         path: PathBuf,
         inode: u64,
-        out: BufWriter<File>,
+        out: File,
         /// The path was rotated away and could not be opened again: lines written now would
         /// go to a removed file, so they are counted as lost instead.
         detached: bool,
@@ -204,13 +206,13 @@ enum Sink {
 impl Sink {
     fn open(target: &Target) -> io::Result<Sink> {
         Ok(match target {
-            Target::Stdout => Sink::Stdout(BufWriter::with_capacity(1 << 16, io::stdout())),
+            Target::Stdout => Sink::Stdout(io::stdout()),
             Target::File(path) => {
                 let file = OpenOptions::new().create(true).append(true).open(path)?;
                 Sink::File {
                     inode: file.metadata()?.ino(),
                     path: path.clone(),
-                    out: BufWriter::with_capacity(1 << 16, file),
+                    out: file,
                     detached: false,
                 }
             }
@@ -231,13 +233,12 @@ impl Sink {
         if let Sink::File {
             path,
             inode,
-            out,
             detached,
+            ..
         } = self
         {
             let moved = std::fs::metadata(&*path).map_or(true, |m| m.ino() != *inode);
             if moved {
-                let _ = out.flush();
                 match Sink::open(&Target::File(path.clone())) {
                     Ok(fresh) => {
                         if *detached {
@@ -263,6 +264,7 @@ fn write_lines(
     stop: &AtomicBool,
 ) {
     let mut checked = Instant::now();
+    let mut batch = Vec::with_capacity(1 << 16);
     loop {
         // Told to stop: write what is left, then stop.
         let last = stop.load(Ordering::Acquire);
@@ -270,16 +272,23 @@ fn write_lines(
             sink.follow_rotation();
             checked = Instant::now();
         }
-        let mut wrote = false;
+        batch.clear();
+        let mut lines = 0;
         while let Some(line) = queue.pop() {
-            match sink.out().map(|out| out.write_all(&line)) {
-                Some(Ok(())) => wrote = true,
-                _ => lost.inc(),
-            }
+            batch.extend_from_slice(&line);
+            lines += 1;
         }
-        if wrote {
-            if let Some(Err(e)) = sink.out().map(|o| o.flush()) {
-                tracing::warn!(error = %e, "access log write failed");
+        if lines > 0 {
+            match sink
+                .out()
+                .map(|out| out.write_all(&batch).and_then(|()| out.flush()))
+            {
+                Some(Ok(())) => {}
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, lines, "access log write failed: lines dropped");
+                    lost.inc_by(lines);
+                }
+                None => lost.inc_by(lines),
             }
         }
         if last {
@@ -354,6 +363,18 @@ mod tests {
         writer.finish(Duration::from_secs(5));
         log.log(&Line { n: 2 });
         assert_eq!(dropped.get(), 2);
+    }
+
+    #[test]
+    fn lines_a_failed_write_loses_are_counted() {
+        let dropped = IntCounter::new("dropped", "lines dropped").unwrap();
+        let full = PathBuf::from("/dev/full");
+        let (log, writer) = open(&Target::File(full), dropped.clone()).unwrap();
+        for n in 0..10 {
+            log.log(&Line { n });
+        }
+        writer.finish(Duration::from_secs(5));
+        assert_eq!(dropped.get(), 10);
     }
 
     #[test]

@@ -317,15 +317,21 @@ impl BanList {
                 "ban log lines of an unknown kind: their hosts' older objects are treated as purged"
             );
         }
+        let created = !path.exists();
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io)?;
+        // A new log's directory entry is made durable now: the first ban's fsync covers the
+        // file's content, not its name.
+        if created {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+            }
+        }
         let list = BanList {
-            writer: Mutex::new(LogWriter {
-                file: OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&path)
-                    .map_err(io)?,
-                torn: false,
-            }),
+            writer: Mutex::new(LogWriter { file, torn: false }),
             path,
             state: RwLock::new(state),
             retention,
