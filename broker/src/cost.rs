@@ -618,14 +618,11 @@ impl Ledger {
         self.publish();
     }
 
-    /// Spend and savings counters of one priced shadow.
-    fn count_money(
-        &self,
-        (provider, region, class, source): &(String, usize, Class, Source),
-        p: &Priced,
-    ) {
+    /// Spend and savings counters of one priced shadow (by region, class and source; the
+    /// provider is in the roll-ups only).
+    fn count_money(&self, (_, region, class, source): &(String, usize, Class, Source), p: &Priced) {
         let region = self.regions.get(*region).map_or("-", |s| s.as_str());
-        let labels = [provider.as_str(), region, class.label(), source.label()];
+        let labels = [region, class.label(), source.label()];
         for (category, v) in [
             ("fill_origin", p.fill_origin),
             ("fill_peer", p.fill_peer),
@@ -634,13 +631,13 @@ impl Ledger {
         ] {
             self.metrics
                 .shadow_spend
-                .with_label_values(&[category, labels[0], labels[1], labels[2], labels[3]])
+                .with_label_values(&[category, labels[0], labels[1], labels[2]])
                 .inc_by(v);
         }
         for (category, v) in [("egress", p.saved_egress), ("latency", p.saved_latency)] {
             self.metrics
                 .shadow_savings
-                .with_label_values(&[category, labels[0], labels[1], labels[2], labels[3]])
+                .with_label_values(&[category, labels[0], labels[1], labels[2]])
                 .inc_by(v);
         }
     }

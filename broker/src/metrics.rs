@@ -232,14 +232,16 @@ impl BrokerMetrics {
                     "shadowcdn_broker_shadow_spend_dollars_total",
                     "What settled shadows cost (USD), by the signal that placed them",
                 ),
-                &["category", "provider", "region", "class", "source"],
+                // No provider label: with a thousand providers the series would run to a
+                // million; GET /v1/cost has the per-provider roll-up.
+                &["category", "region", "class", "source"],
             )?,
             shadow_savings: prometheus::CounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_shadow_savings_dollars_total",
                     "What settled shadows saved (USD), by the signal that placed them",
                 ),
-                &["category", "provider", "region", "class", "source"],
+                &["category", "region", "class", "source"],
             )?,
             net_benefit: prometheus::GaugeVec::new(
                 Opts::new(
