@@ -24,18 +24,6 @@ use crate::routing::Fleet;
 
 /// Longest wait for an edge's answer to an order.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(3);
-/// Longest wait for an edge's answer to a purge: a prefix or tag ban is fsynced first, which
-/// a busy disk stretches to seconds, and a purge that times out holds the edge out of
-/// routing until it is delivered again.
-const PURGE_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// How long `req` may take to be answered.
-fn timeout_for(req: &Request) -> Duration {
-    match req {
-        Request::Invalidate { .. } | Request::InvalidateTags { .. } => PURGE_TIMEOUT,
-        _ => ORDER_TIMEOUT,
-    }
-}
 /// Orders in flight to one edge; beyond it senders wait (backpressure), then fail busy.
 const MAX_INFLIGHT: usize = 256;
 
@@ -195,7 +183,7 @@ impl Control {
         let result = match self.fleet.addresses.get(edge).sync {
             Some(addr) => {
                 // One deadline for both: moving the link waits for a handshake under way.
-                let deadline = tokio::time::Instant::now() + timeout_for(req);
+                let deadline = tokio::time::Instant::now() + ORDER_TIMEOUT;
                 let sent = async {
                     tokio::time::timeout_at(deadline, link.retarget(addr))
                         .await
@@ -335,16 +323,6 @@ impl BackgroundService for ControlService {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn purges_may_take_longer_than_other_orders() {
-        let purge = Request::Invalidate {
-            target: "h/p*".into(),
-        };
-        assert_eq!(timeout_for(&purge), PURGE_TIMEOUT);
-        assert_eq!(timeout_for(&Request::Stats { ack: None }), ORDER_TIMEOUT);
-        assert!(PURGE_TIMEOUT > ORDER_TIMEOUT);
-    }
 
     #[test]
     fn a_resent_outcome_batch_is_settled_once() {
