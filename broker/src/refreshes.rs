@@ -6,9 +6,10 @@
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-/// How long an accepted refresh is remembered: far longer than an edge's fill queue takes to
-/// drain (a fill times out after a minute).
-pub const REFRESH_MEMORY: Duration = Duration::from_secs(600);
+/// How long an accepted refresh is remembered: longer than an edge's fill queue usually holds
+/// one (a fill times out after a minute), short enough that a planned restart (whose edge
+/// purged its own queue) costs few refetches, since the broker cannot tell it from a crash.
+pub const REFRESH_MEMORY: Duration = Duration::from_secs(120);
 /// Refreshes remembered per edge; past it the oldest are forgotten.
 pub const REFRESHES_PER_EDGE: usize = 10_000;
 

@@ -13,16 +13,21 @@ OPERATOR=local-operator-token-change-me
 pids=()
 # Stops every process started here and exits (a signal that comes during the build or the
 # start-up must not let the script go on starting processes with no trap left).
+# The processes run in sessions of their own (below), so a closed terminal reaches this script
+# alone: the kills come first and nothing here may fail before them (an echo to a terminal
+# that is gone would, under `set -e`).
 cleanup() {
-  trap - INT TERM EXIT
-  echo; echo "stopping..."
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  echo "stopped"
+  set +e
+  trap - INT TERM HUP EXIT
+  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  { echo; echo "stopping..."; } 2>/dev/null
+  wait 2>/dev/null
+  echo "stopped" 2>/dev/null
   exit "$1"
 }
 trap 'cleanup $?' EXIT
 trap 'cleanup 130' INT
+trap 'cleanup 129' HUP
 trap 'cleanup 143' TERM
 
 # Every port this cluster listens on must be free: an old cluster still running would answer

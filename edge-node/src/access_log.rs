@@ -30,6 +30,9 @@ const TICK: Duration = Duration::from_millis(50);
 const REOPEN_CHECK: Duration = Duration::from_secs(1);
 /// Room a line is serialized into without growing (most lines are shorter).
 const LINE_CAPACITY: usize = 320;
+/// Bytes the writer gathers into one write: a full queue goes out in pieces of this, so the
+/// writer's buffer stays small and a failed write loses (and counts) one piece.
+const BATCH_BYTES: usize = 1 << 20;
 
 /// Where access lines go: a file path, or `stdout`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -264,7 +267,9 @@ fn write_lines(
     stop: &AtomicBool,
 ) {
     let mut checked = Instant::now();
-    let mut batch = Vec::with_capacity(1 << 16);
+    let mut batch = Vec::with_capacity(BATCH_BYTES + LINE_CAPACITY);
+    // A write that failed part-way may have left half a line: the next starts a new one.
+    let mut torn = false;
     loop {
         // Told to stop: write what is left, then stop.
         let last = stop.load(Ordering::Acquire);
@@ -272,21 +277,29 @@ fn write_lines(
             sink.follow_rotation();
             checked = Instant::now();
         }
-        batch.clear();
-        let mut lines = 0;
-        while let Some(line) = queue.pop() {
-            batch.extend_from_slice(&line);
-            lines += 1;
-        }
-        if lines > 0 {
-            match sink
-                .out()
-                .map(|out| out.write_all(&batch).and_then(|()| out.flush()))
-            {
-                Some(Ok(())) => {}
+        loop {
+            batch.clear();
+            let mut lines = 0;
+            while batch.len() < BATCH_BYTES {
+                let Some(line) = queue.pop() else { break };
+                batch.extend_from_slice(&line);
+                lines += 1;
+            }
+            if lines == 0 {
+                break;
+            }
+            let written = sink.out().map(|out| {
+                let start: &[u8] = if torn { b"\n" } else { b"" };
+                out.write_all(start)
+                    .and_then(|()| out.write_all(&batch))
+                    .and_then(|()| out.flush())
+            });
+            match written {
+                Some(Ok(())) => torn = false,
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, lines, "access log write failed: lines dropped");
                     lost.inc_by(lines);
+                    torn = true;
                 }
                 None => lost.inc_by(lines),
             }

@@ -326,9 +326,9 @@ impl BanList {
         // A new log's directory entry is made durable now: the first ban's fsync covers the
         // file's content, not its name.
         if created {
-            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-                File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
-            }
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let dir = dir.unwrap_or(std::path::Path::new("."));
+            File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
         }
         let list = BanList {
             writer: Mutex::new(LogWriter { file, torn: false }),
