@@ -724,10 +724,14 @@ impl Planner {
             let Some(region_idx) = self.fleet.region_index(region) else {
                 continue;
             };
-            // A host registered again plans from its new registration's history only.
-            let since = resource.split_once('/').map_or(0, |(host, _)| {
-                store.bucket_of(self.registry.registered_since(host))
-            });
+            // Only registered hosts: records of a deleted host's last requests may land
+            // after its series were forgotten. A host registered again plans from its new
+            // registration's history only.
+            let host = resource.split_once('/').map_or(resource, |(host, _)| host);
+            if self.registry.origin(host).is_none() {
+                continue;
+            }
+            let since = store.bucket_of(self.registry.registered_since(host));
             let owned;
             let s = if s.buckets.front().is_some_and(|b| b.start < since) {
                 owned = s.since(since);
@@ -740,7 +744,11 @@ impl Planner {
                 continue;
             }
             let recent = counts.iter().rev().take(4).any(|c| *c > 0);
-            let window = (s.counts(width, k, now).iter().sum::<u32>(), window_secs);
+            let seen = s
+                .counts(width, k, now)
+                .iter()
+                .fold(0u32, |a, c| a.saturating_add(*c));
+            let window = (seen, window_secs);
             let reg = self.registry.resource_for_key(resource);
             let allowed = reg.as_ref().is_none_or(|r| {
                 r.policy.allowed_regions.is_empty()

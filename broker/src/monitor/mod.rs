@@ -243,7 +243,12 @@ impl Sink {
         map.observe(r.client, r.region, &r.key, r.ts);
         let mut followers = map.followers(r.region, &r.key);
         if !followers.is_empty() {
-            let store = self.store.read();
+            // Never waits: behind a snapshot (or a writer queued behind one) the records would
+            // pile up and be dropped. Without the store the followers' sizes are unknown, and
+            // they are not shadowed this time.
+            let Some(store) = self.store.try_read() else {
+                return;
+            };
             for f in &mut followers {
                 let resource = f.key.split_once('?').map_or(f.key.as_str(), |(r, _)| r);
                 f.bytes = store

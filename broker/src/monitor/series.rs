@@ -149,15 +149,14 @@ impl Series {
     /// object. Buckets from before object sizes were recorded fall back to the mean response.
     pub fn mean_bytes(&self) -> Option<u64> {
         let (n, b) = self.buckets.iter().fold((0u64, 0u64), |(n, b), x| {
-            (n + x.sized, b.saturating_add(x.object_bytes))
+            (n.saturating_add(x.sized), b.saturating_add(x.object_bytes))
         });
         if let Some(mean) = b.checked_div(n) {
             return Some(mean);
         }
-        let (r, b) = self
-            .buckets
-            .iter()
-            .fold((0u64, 0u64), |(r, b), x| (r + x.requests, b + x.bytes));
+        let (r, b) = self.buckets.iter().fold((0u64, 0u64), |(r, b), x| {
+            (r.saturating_add(x.requests), b.saturating_add(x.bytes))
+        });
         (r > 0).then(|| b / r)
     }
 }
@@ -249,8 +248,8 @@ impl SeriesStore {
         }
         match s.buckets.iter_mut().rev().find(|b| b.start == start) {
             Some(b) => {
-                b.requests += 1;
-                b.bytes += o.bytes;
+                b.requests = b.requests.saturating_add(1);
+                b.bytes = b.bytes.saturating_add(o.bytes);
                 b.hits += u64::from(o.hit);
                 b.sized += u64::from(o.object_bytes.is_some());
                 b.object_bytes = b.object_bytes.saturating_add(o.object_bytes.unwrap_or(0));
