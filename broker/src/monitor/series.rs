@@ -5,7 +5,7 @@
 //! (least recently updated series dropped). The bucket budget is what bounds the bytes: a
 //! client that requests many paths every minute fills every series to `retention`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -283,36 +283,63 @@ impl SeriesStore {
     }
 
     /// Make room: drop the least recently updated series until at most 99% of `max_series`
-    /// and of `max_buckets` are held (and fewer than `max_series` in any case). One pass pays
-    /// for many new series or buckets, so a flood costs amortised O(log n) per request, not a
-    /// scan each.
+    /// and of `max_buckets` are held (and fewer than `max_series` in any case), starting with
+    /// the hosts holding more than an even share of the series: one tenant's flood of new
+    /// paths evicts its own history before anyone else's. One pass pays for many new series
+    /// or buckets, so a flood costs amortised O(log n) per request, not a scan each.
     fn evict_oldest(&mut self) {
+        fn host(resource: &str) -> &str {
+            resource.split_once('/').map_or(resource, |(h, _)| h)
+        }
         let keep_series = (self.max_series - self.max_series / 100).min(self.max_series - 1);
         let keep_buckets = self.max_buckets - self.max_buckets / 100;
         if self.count <= keep_series && self.buckets <= keep_buckets {
             return;
         }
-        // (touched, buckets) of every series, oldest first: the cut is where both fit.
-        let mut all: Vec<(u64, usize)> = self
+        let mut per_host: HashMap<&str, usize> = HashMap::new();
+        for (resource, regions) in &self.series {
+            *per_host.entry(host(resource)).or_default() += regions.len();
+        }
+        let share = (keep_series / per_host.len().max(1)).max(1);
+        let heavy: HashSet<String> = per_host
+            .into_iter()
+            .filter(|(_, n)| *n > share)
+            .map(|(h, _)| h.to_string())
+            .collect();
+        // Heavy hosts' series first (rank 0), then by age: (rank, touched, buckets), the cut
+        // where both budgets fit.
+        let rank = |resource: &str| u8::from(!heavy.contains(host(resource)));
+        let mut all: Vec<(u8, u64, usize)> = self
             .series
-            .values()
-            .flat_map(|regions| regions.values().map(|s| (s.touched, s.buckets.len())))
+            .iter()
+            .flat_map(|(resource, regions)| {
+                let r = rank(resource);
+                regions
+                    .values()
+                    .map(move |s| (r, s.touched, s.buckets.len()))
+            })
             .collect();
         all.sort_unstable();
         let (mut count, mut buckets, mut drop) = (self.count, self.buckets, 0);
         while count > keep_series || buckets > keep_buckets {
             count -= 1;
-            buckets -= all[drop].1;
+            buckets -= all[drop].2;
             drop += 1;
         }
-        let cutoff = all[drop - 1].0;
-        // Older than the cutoff all go; of those touched exactly at it, only as many as needed.
-        let mut at_cutoff = drop - all[..drop].iter().filter(|(t, _)| *t < cutoff).count();
+        let cutoff = (all[drop - 1].0, all[drop - 1].1);
+        // Before the cutoff all go; of those exactly at it, only as many as needed.
+        let mut at_cutoff = drop
+            - all[..drop]
+                .iter()
+                .filter(|(r, t, _)| (*r, *t) < cutoff)
+                .count();
         let (mut dropped, mut dropped_buckets) = (0, 0);
-        self.series.retain(|_, regions| {
+        self.series.retain(|resource, regions| {
+            let r = rank(resource);
             regions.retain(|_, s| {
-                let go = s.touched < cutoff || (s.touched == cutoff && at_cutoff > 0);
-                if s.touched == cutoff && go {
+                let at = (r, s.touched);
+                let go = at < cutoff || (at == cutoff && at_cutoff > 0);
+                if at == cutoff && go {
                     at_cutoff -= 1;
                 }
                 if go {
@@ -569,6 +596,24 @@ mod tests {
         let n = small.len();
         assert_eq!(small.forget_prefix("h/"), n);
         assert_eq!(small.bucket_count(), 0);
+    }
+
+    #[test]
+    fn one_hosts_flood_of_new_paths_evicts_its_own_series_first() {
+        let mut s = SeriesStore::new(60, 10, 2_000);
+        for i in 0..500u64 {
+            s.add(&obs(&format!("a.com/page{i}"), "eu", i));
+        }
+        // Later, another tenant requests thousands of unique paths.
+        for i in 0..5_000u64 {
+            s.add(&obs(&format!("evil.com/x{i}"), "eu", 10_000 + i));
+        }
+        assert!(s.len() <= 2_000);
+        let kept = (0..500)
+            .filter(|i| s.query(&format!("a.com/page{i}")).is_some())
+            .count();
+        assert_eq!(kept, 500, "the quiet tenant's history stays");
+        assert!(s.query("evil.com/x4999").is_some());
     }
 
     #[test]
