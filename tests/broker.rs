@@ -231,6 +231,27 @@ impl Cluster {
     async fn wait_logged_past(&self, before: f64) {
         wait_until(|| async { self.logged().await > before }).await;
     }
+
+    /// One client in `us` fetches `paths` in order, `times` over, each answered 200; returns
+    /// once every request so far reached the monitor, so no co-access order from these views
+    /// can still be on its way.
+    async fn browse_in_us(&self, paths: &[&str], times: usize) {
+        for _ in 0..times {
+            for path in paths {
+                assert_eq!(self.get(path, "us").await.status(), StatusCode::OK);
+            }
+        }
+        let sent = (paths.len() * times) as f64;
+        wait_until(|| async {
+            sample(
+                &self.metrics().await,
+                "shadowcdn_broker_recorded_total",
+                &[],
+            )
+            .is_some_and(|n| n >= sent)
+        })
+        .await;
+    }
 }
 
 /// The planner's last decision for `region` in an explain answer.
@@ -2430,15 +2451,8 @@ async fn with_the_planner_off_co_access_shadows_are_still_settled_and_tuned() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[planner]\nenabled = false\ninterval_secs = 1\n");
     c.register(&origin).await;
-    for _ in 0..4 {
-        for path in ["/page/index.html", "/page/app.js"] {
-            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
-        }
-    }
-    wait_until(|| async {
-        sample(&c.metrics().await, "shadowcdn_broker_recorded_total", &[]).is_some_and(|n| n >= 8.0)
-    })
-    .await;
+    c.browse_in_us(&["/page/index.html", "/page/app.js"], 4)
+        .await;
     let (s, v) = c
         .purge_with(json!({"host": HOST, "path": "/page/app.js"}))
         .await;
@@ -2468,23 +2482,14 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     let mut c = start_cluster_with("[planner]\nbudget_share = 0.0001\n");
     c.register(&origin).await;
     // A client fetches the page, then its script and a video larger than the edge's whole
-    // shadow budget, four times over.
-    for _ in 0..4 {
-        for path in [
-            "/page/index.html",
-            "/page/app.js?v=2",
-            "/page/clip.mp4?size=100000",
-        ] {
-            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
-        }
-    }
-    // Every request reached the monitor, so no co-access order from these page views can
-    // still be on its way and refill the script after the purge below.
-    wait_until(|| async {
-        sample(&c.metrics().await, "shadowcdn_broker_recorded_total", &[])
-            .is_some_and(|n| n >= 12.0)
-    })
-    .await;
+    // shadow budget, four times over; none of those views' co-access orders can refill the
+    // script after the purge below.
+    let paths = [
+        "/page/index.html",
+        "/page/app.js?v=2",
+        "/page/clip.mp4?size=100000",
+    ];
+    c.browse_in_us(&paths, 4).await;
     let fetched = origin.hits("/page/app.js");
     // The script is asked for with a version query; purge it by prefix.
     let (s, v) = c
