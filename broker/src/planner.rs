@@ -219,8 +219,8 @@ pub struct Decision {
     /// budget or the copy limit: unshadowed), `below_threshold`, `below_break_even` (above
     /// the threshold, but not likely enough to pay for itself), `below_precision_floor`
     /// (likelier wasted than the precision floor allows), `policy` (region not
-    /// allowed), `max_copies` (the policy's copies went to more valuable regions), `size_unknown` (only
-    /// bodiless responses seen: nothing to price), `budget`,
+    /// allowed), `max_copies` (the policy's copies went to more valuable regions),
+    /// `size_unknown` (only bodiless responses seen: nothing to price), `budget`,
     /// `no_edge`, `send_failed`; a surge elsewhere adds `widened` (shadowed ahead of the
     /// surge, budget, break-even and floor aside) or `widen_below_threshold` (the anomaly
     /// source's tuned threshold held it back).
@@ -727,7 +727,7 @@ impl Planner {
             // Only registered hosts: records of a deleted host's last requests may land
             // after its series were forgotten. A host registered again plans from its new
             // registration's history only.
-            let host = resource.split_once('/').map_or(resource, |(host, _)| host);
+            let host = crate::monitor::host_of(resource);
             if self.registry.origin(host).is_none() {
                 continue;
             }
@@ -750,6 +750,7 @@ impl Planner {
                 .fold(0u32, |a, c| a.saturating_add(*c));
             let window = (seen, window_secs);
             let reg = self.registry.resource_for_key(resource);
+            let mean_bytes = s.mean_bytes();
             let allowed = reg.as_ref().is_none_or(|r| {
                 r.policy.allowed_regions.is_empty()
                     || r.policy.allowed_regions.iter().any(|x| x == region)
@@ -763,8 +764,8 @@ impl Planner {
                 region_idx,
                 counts,
                 priority: reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority),
-                bytes: s.mean_bytes().unwrap_or(0).max(1),
-                size_known: s.mean_bytes().is_some(),
+                bytes: mean_bytes.unwrap_or(0).max(1),
+                size_known: mean_bytes.is_some(),
                 ttl: reg
                     .as_ref()
                     .map_or(self.cfg.default_ttl_secs, |r| r.shadow_ttl_secs),

@@ -16,8 +16,9 @@
 //!   never include the newly admitted (less certain) band, so they cannot say whether going
 //!   lower still pays: a move down is made only on outcomes of the epoch in force, and after
 //!   a raise the same rule waits for shadows placed at the raised threshold. (Judged on the
-//!   older outcomes, a simulation stepped down every tick for a whole TTL, then sat below the
-//!   floor until the waste settled: a sawtooth of 300 moves in 540 ticks.)
+//!   older outcomes, the simulation of `outcomes_arriving_a_ttl_late_…` below stepped down
+//!   every tick for a whole TTL, then sat below the floor until the waste settled: a sawtooth
+//!   of 222 moves in 600 ticks, against 10 with the rule.)
 //! - **Adaptive step.** A move in the same direction as the last grows the step by half, up to
 //!   `step`; a reversal halves it, down to `min_step`, so an oscillation dies out while a
 //!   sustained trend (a workload shift) still accelerates to full speed within a few ticks.

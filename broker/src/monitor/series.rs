@@ -161,6 +161,11 @@ impl Series {
     }
 }
 
+/// The host of a resource (`host/path`), the part a series is owned by.
+pub fn host_of(resource: &str) -> &str {
+    resource.split_once('/').map_or(resource, |(host, _)| host)
+}
+
 impl SeriesStore {
     /// An empty store.
     pub fn new(bucket_secs: u64, retention: usize, max_series: usize) -> Self {
@@ -288,9 +293,7 @@ impl SeriesStore {
     /// paths evicts its own history before anyone else's. One pass pays for many new series
     /// or buckets, so a flood costs amortised O(log n) per request, not a scan each.
     fn evict_oldest(&mut self) {
-        fn host(resource: &str) -> &str {
-            resource.split_once('/').map_or(resource, |(h, _)| h)
-        }
+        let host = host_of;
         let keep_series = (self.max_series - self.max_series / 100).min(self.max_series - 1);
         let keep_buckets = self.max_buckets - self.max_buckets / 100;
         if self.count <= keep_series && self.buckets <= keep_buckets {
