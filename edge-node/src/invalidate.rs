@@ -6,7 +6,7 @@
 use crate::metrics::EdgeMetrics;
 use crate::origin::normalize_host;
 use crate::proxy::primary_key;
-use crate::shadow::ShadowTable;
+use crate::shadow::{self, ShadowTable};
 use crate::storage::{BanError, FoyerStorage};
 use crate::tags;
 
@@ -67,10 +67,7 @@ pub async fn invalidate(
 ) -> Result<bool, BanError> {
     match target {
         Target::Key(key) => {
-            let found = storage.invalidate_key(key) | shadows.remove(key).is_some();
-            if found {
-                storage.settle_purge(key).await;
-            }
+            let found = shadow::purge(storage, shadows, key).await;
             let outcome = if found { "purged" } else { "not_found" };
             metrics.purges.with_label_values(&["key", outcome]).inc();
             Ok(found)

@@ -272,10 +272,7 @@ async fn purge_stale(
     key: &str,
     why: &'static str,
 ) {
-    if storage.invalidate_key(key) {
-        storage.settle_purge(key).await;
-    }
-    table.remove(key);
+    super::purge(storage, table, key).await;
     metrics.purges.with_label_values(&["key", why]).inc();
 }
 

@@ -114,6 +114,18 @@ pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Optio
     Some(m)
 }
 
+/// Purge `key`'s object (every variant) and end its mark (reported removed); whether either
+/// was there. Returns once the purge is final: its tombstone is written to the disk tier and
+/// no lookup can bring the object back.
+pub async fn purge(storage: &FoyerStorage, table: &ShadowTable, key: &str) -> bool {
+    // Both, whatever the first finds.
+    let found = storage.invalidate_key(key) | table.remove(key).is_some();
+    if found {
+        storage.settle_purge(key).await;
+    }
+    found
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
