@@ -149,14 +149,10 @@ impl ReloadingForecaster {
         }
     }
 
-    /// Look for a replaced model file now (at most every `check_every`), as a forecast does:
-    /// a caller with nothing to forecast still notices a swap or a recovery. Blocking: it
-    /// may load a model.
+    /// Look for a replaced model file now (at most every `check_every`), as every forecast
+    /// does first: a caller with nothing to forecast still notices a swap or a recovery.
+    /// Blocking: it may load a model.
     pub fn check_reload(&self) {
-        self.maybe_reload();
-    }
-
-    fn maybe_reload(&self) {
         let due = {
             let mut seen = self.seen.lock();
             if seen.checked.elapsed() < self.check_every {
@@ -196,13 +192,16 @@ impl ReloadingForecaster {
         };
         let mut forecasts = vec![none; histories.len()];
         let mut baseline = quiet;
+        let mut failed = 0;
         for (i, f) in busy.iter().zip(model.forecast_each(&pick(&busy))?) {
             match f {
                 Some(f) => forecasts[*i] = f,
-                None => baseline.push(*i),
+                None => {
+                    baseline.push(*i);
+                    failed += 1;
+                }
             }
         }
-        let failed = baseline.len() - (histories.len() - busy.len());
         if failed > 0 && failed == busy.len() {
             // Nothing the model answered is usable: the batch failed, and the fallback says so.
             return Err(ForecastError::Output(format!(
@@ -241,7 +240,7 @@ impl Forecaster for ReloadingForecaster {
     }
 
     fn forecast(&self, histories: &[History<'_>]) -> Result<Vec<Forecast>, ForecastError> {
-        self.maybe_reload();
+        self.check_reload();
         // Clone the Arc so a reload swapping the model never waits for, or cuts, this batch.
         let model = self.current.read().clone();
         match model {
