@@ -351,7 +351,7 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBoo
 fn load_snapshot(store: &mut SeriesStore, path: &std::path::Path) {
     let adopted = match std::fs::read(path) {
         Ok(bytes) => match serde_json::from_slice::<SeriesStore>(&bytes) {
-            Ok(snap) => store.restore(snap),
+            Ok(snap) => store.restore(snap, now_secs()),
             Err(e) => {
                 tracing::warn!(error = %e, "monitor snapshot unreadable");
                 false

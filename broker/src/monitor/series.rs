@@ -187,19 +187,37 @@ impl SeriesStore {
     }
 
     /// Adopt a snapshot's data under this store's limits; whether it could (not when its
-    /// bucket width differs from this store's).
-    pub fn restore(&mut self, snapshot: SeriesStore) -> bool {
+    /// bucket width differs from this store's). Buckets that start after the one holding
+    /// `now` are dropped and update times clamped to `now`: a snapshot written before the
+    /// clock was set back (or by a replay's clock) would otherwise keep counts the forecaster
+    /// never reads and series that eviction never reaches.
+    pub fn restore(&mut self, snapshot: SeriesStore, now: u64) -> bool {
         if snapshot.bucket_secs == self.bucket_secs {
+            let current = self.bucket_of(now);
+            let mut future = 0usize;
             self.series = snapshot.series;
-            self.count = self.series.values().map(HashMap::len).sum();
             self.buckets = 0;
             for regions in self.series.values_mut() {
                 for s in regions.values_mut() {
+                    let before = s.buckets.len();
+                    s.buckets.retain(|b| b.start <= current);
+                    future += before - s.buckets.len();
+                    s.touched = s.touched.min(now);
                     while s.buckets.len() > self.retention {
                         s.buckets.pop_front();
                     }
                     self.buckets += s.buckets.len();
                 }
+                regions.retain(|_, s| !s.buckets.is_empty());
+            }
+            self.series.retain(|_, regions| !regions.is_empty());
+            self.count = self.series.values().map(HashMap::len).sum();
+            if future > 0 {
+                tracing::warn!(
+                    buckets = future,
+                    now,
+                    "monitor snapshot holds buckets later than the clock; dropped"
+                );
             }
             if self.count > self.max_series || self.buckets > self.max_buckets {
                 self.evict_oldest();
@@ -592,13 +610,37 @@ mod tests {
         assert!(st.query("h/99").is_some(), "the most recent series stays");
         assert!(st.query("h/0").is_none(), "the least recent went");
         let mut small = SeriesStore::new(60, 50, 1_000).with_max_buckets(100);
-        assert!(small.restore(st.clone()));
+        assert!(small.restore(st.clone(), 40 * 60));
         assert!(small.bucket_count() <= 100);
         let held: usize = small.iter().map(|(_, _, s)| s.buckets.len()).sum();
         assert_eq!(held, small.bucket_count());
         let n = small.len();
         assert_eq!(small.forget_prefix("h/"), n);
         assert_eq!(small.bucket_count(), 0);
+    }
+
+    #[test]
+    fn a_snapshot_from_ahead_of_the_clock_keeps_only_its_past() {
+        let mut st = SeriesStore::new(60, 100, 1_000);
+        st.add(&obs("h/a", "eu", 100));
+        st.add(&obs("h/a", "eu", 5_000));
+        st.add(&obs("h/b", "eu", 5_000));
+        let mut restored = SeriesStore::new(60, 100, 1_000);
+        assert!(restored.restore(st, 130));
+        assert_eq!(restored.len(), 1, "h/b had only future buckets");
+        assert_eq!(restored.bucket_count(), 1);
+        let a = &restored.query("h/a").unwrap()["eu"];
+        assert_eq!(a.buckets.len(), 1);
+        assert_eq!(a.buckets[0].start, 60);
+        assert_eq!(
+            a.touched, 130,
+            "an update time ahead of the clock is clamped"
+        );
+        restored.add(&obs("h/a", "eu", 140));
+        assert_eq!(
+            restored.query("h/a").unwrap()["eu"].counts(60, 2, 140),
+            vec![1, 1]
+        );
     }
 
     #[test]
