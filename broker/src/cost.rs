@@ -563,9 +563,13 @@ impl Ledger {
                 }
                 continue;
             }
-            // Edges measure holding time on the wall; prices are per clock hour.
+            // Edges measure holding time (and a fill's head start) on the wall; prices are
+            // per clock hour.
             let held = ShadowOutcome {
                 held_secs: crate::clock::clock_secs(o.held_secs),
+                head_start_ms: o
+                    .head_start_ms
+                    .map(|ms| (ms as f64 * crate::clock::speedup()) as u64),
                 ..o.clone()
             };
             let p = price(&self.cfg, &held);
@@ -804,6 +808,7 @@ mod tests {
             held_before: false,
             removed: false,
             ended_ms: 0,
+            head_start_ms: None,
         }
     }
 
@@ -822,6 +827,25 @@ mod tests {
         // Used, peer-filled: the origin egress is saved for the inter-edge price.
         let peer = price(&cfg, &outcome(gb, 1, true));
         assert!(peer.net() > 0.06, "{peer:?}");
+        // Its first client came 10 ms into the fill: it waited for the rest, and the shadow
+        // saved it those 10 ms, not the whole fetch.
+        let joined = ShadowOutcome {
+            head_start_ms: Some(10),
+            ..outcome(gb, 3, false)
+        };
+        let joined = price(&cfg, &joined);
+        assert!((joined.saved_latency - cfg.latency_value_per_sec * 0.01).abs() < 1e-12);
+        assert!(joined.saved_latency < used.saved_latency);
+        assert_eq!(joined.saved_egress, used.saved_egress);
+        let early = ShadowOutcome {
+            head_start_ms: Some(3_600_000),
+            ..outcome(gb, 3, false)
+        };
+        assert_eq!(
+            price(&cfg, &early).saved_latency,
+            used.saved_latency,
+            "capped at the whole wait"
+        );
     }
 
     #[test]
@@ -1052,6 +1076,7 @@ mod tests {
             held_before: true,
             removed: false,
             ended_ms: 0,
+            head_start_ms: None,
             ..outcome(1_000_000, 0, false)
         };
         l.settle(

@@ -103,7 +103,13 @@ pub fn price(cfg: &CostSection, o: &ShadowOutcome) -> Priced {
             0.0
         },
         saved_latency: if used {
-            cfg.latency_value_per_sec * cfg.wait_avoided_secs(o.bytes)
+            // A first client that came while the fill ran waited for the rest of it: the
+            // shadow saved it only the head start.
+            let avoided = cfg.wait_avoided_secs(o.bytes);
+            let avoided = o
+                .head_start_ms
+                .map_or(avoided, |ms| avoided.min(ms as f64 / 1000.0));
+            cfg.latency_value_per_sec * avoided
         } else {
             0.0
         },
@@ -137,6 +143,7 @@ impl Stake {
             held_before: false,
             removed: false,
             ended_ms: 0,
+            head_start_ms: None,
         };
         Stake {
             used: price(cfg, &outcome(1)).net(),

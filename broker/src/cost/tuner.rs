@@ -381,6 +381,7 @@ mod tests {
                 held_before: false,
                 removed: false,
                 ended_ms: 0,
+                head_start_ms: None,
             },
         );
         Settled {
@@ -674,6 +675,7 @@ mod tests {
                     held_before: false,
                     removed: false,
                     ended_ms: 0,
+                    head_start_ms: None,
                 },
             );
             (s.bytes, s.net, s.spend) = (1000, p.net(), p.spend());

@@ -622,7 +622,7 @@ impl ShadowService {
                     return;
                 }
                 let started = req.queued_at;
-                let _under_way = table.begin_fill(&req.key);
+                let _under_way = table.begin_fill(&req.key, Instant::now());
                 let mut moved = 0;
                 let filled =
                     fill_one(&client, listen, &internal, &req, max_bytes, &mut moved).await;

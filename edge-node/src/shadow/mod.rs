@@ -50,8 +50,9 @@ impl OutcomeLog {
         let n =
             g.0.iter()
                 .take_while(|o| {
-                    // Escaping can double a key; the other fields take under 200 bytes.
-                    used += 2 * o.key.len() + 200;
+                    // Escaping can double a key; the other fields take at most 256 bytes
+                    // (every number at u64::MAX).
+                    used += 2 * o.key.len() + 256;
                     used <= budget
                 })
                 .count()
@@ -173,6 +174,7 @@ mod tests {
             held_before: false,
             removed: false,
             ended_ms: 0,
+            head_start_ms: None,
         }
     }
 

@@ -99,12 +99,16 @@ impl Dropped {
 }
 
 /// Clients served from a shadow still being filled, before its mark exists.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Filling {
     /// Fills of the key under way.
     fills: u32,
     hits: u64,
     touched: bool,
+    /// When the first of them began.
+    started: Instant,
+    /// How long after `started` the first client came.
+    head_start: Option<Duration>,
 }
 
 /// One shadow mark.
@@ -129,6 +133,9 @@ pub struct Mark {
     /// copy expired or was evicted, a client's own fetch replaced it): that copy is the
     /// client's, and is not purged with the mark.
     pub touched: bool,
+    /// How far the fill was ahead of the first client, when that client came while it was
+    /// still filling (and waited for the rest); `None` when it found the shadow complete.
+    pub head_start: Option<Duration>,
     /// Whether the first fill completed (renewals do not change where the copy came from).
     filled: bool,
     /// The object's tags, as the latest fill saw them.
@@ -243,11 +250,17 @@ impl Inner {
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
         let mut touched = old.is_some_and(|m| m.touched);
+        let mut head_start = old.and_then(|m| m.head_start);
         let mut hits = hits;
         if let Some(f) = self.filling.get_mut(key) {
-            // Clients served from this fill as it streamed.
+            // Clients served from this fill as it streamed: the first of them, unless the
+            // mark had served one already, did not find it complete.
+            if hits == 0 && f.hits > 0 {
+                head_start = f.head_start;
+            }
             hits += std::mem::take(&mut f.hits);
             touched |= std::mem::take(&mut f.touched);
+            f.head_start = None;
         }
         // The mark's heap entry stays while it comes up no later than the new expiry.
         let scheduled = match old {
@@ -269,6 +282,7 @@ impl Inner {
                 peer_filled,
                 held_before,
                 touched,
+                head_start,
                 filled,
                 tags,
                 generation,
@@ -325,6 +339,9 @@ impl Mark {
             held_before: self.held_before,
             removed: end == Ending::Removed,
             ended_ms: crate::sync::protocol::unix_ms_now(),
+            head_start_ms: self
+                .head_start
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         }
     }
 }
@@ -352,14 +369,20 @@ impl ShadowTable {
         }
     }
 
-    /// A fill of `key` starts: until it is marked (or ends), clients served from it as it
-    /// streams are counted for its mark ([`Self::hit`]).
-    pub fn begin_fill(self: &std::sync::Arc<Self>, key: &str) -> FillUnderWay {
+    /// A fill of `key` starts at `now`: until it is marked (or ends), clients served from it
+    /// as it streams are counted for its mark ([`Self::hit`]).
+    pub fn begin_fill(self: &std::sync::Arc<Self>, key: &str, now: Instant) -> FillUnderWay {
         self.inner
             .lock()
             .filling
             .entry(key.to_string())
-            .or_default()
+            .or_insert_with(|| Filling {
+                fills: 0,
+                hits: 0,
+                touched: false,
+                started: now,
+                head_start: None,
+            })
             .fills += 1;
         FillUnderWay {
             table: self.clone(),
@@ -420,6 +443,9 @@ impl ShadowTable {
             }
             _ => {
                 let f = g.filling.get_mut(key)?;
+                if f.hits == 0 {
+                    f.head_start = Some(now.saturating_duration_since(f.started));
+                }
                 f.hits += 1;
                 f.touched = true;
                 Some(f.hits)
@@ -865,17 +891,36 @@ mod tests {
     fn clients_served_while_a_shadow_fills_count_for_its_mark() {
         let t = std::sync::Arc::new(ShadowTable::default());
         let (ttl, now) = (Duration::from_secs(60), Instant::now());
-        let fill = t.begin_fill("h/a");
-        assert_eq!(t.hit("h/a", now), Some(1), "read from the streaming fill");
-        assert_eq!(t.hit("h/a", now), Some(2));
+        let fill = t.begin_fill("h/a", now);
+        let first = now + Duration::from_millis(40);
+        assert_eq!(t.hit("h/a", first), Some(1), "read from the streaming fill");
+        assert_eq!(t.hit("h/a", first + ttl / 2), Some(2));
         assert_eq!(t.hit("h/other", now), None);
         assert!(t.mark_filled("h/a", ttl, 5, FillTags::default(), now, now));
         drop(fill);
         let m = t.get("h/a").unwrap();
         assert!(m.hits == 2 && m.touched && !m.purge_with_mark());
+        assert_eq!(
+            m.head_start,
+            Some(Duration::from_millis(40)),
+            "the first client waited for what the fill had not done in 40 ms"
+        );
         assert_eq!(t.hit("h/a", now), Some(3));
+        let o = t.expire(now + ttl * 2);
+        assert_eq!(
+            o[0].1
+                .outcome("h/a".into(), now, Ending::Expired)
+                .head_start_ms,
+            Some(40)
+        );
+        // A shadow complete before its first client: no head start to report.
+        let fill = t.begin_fill("h/c", now);
+        assert!(t.mark_filled("h/c", ttl, 5, FillTags::default(), now, now));
+        drop(fill);
+        assert_eq!(t.hit("h/c", now), Some(1));
+        assert_eq!(t.get("h/c").unwrap().head_start, None);
         // A fill that ends unmarked leaves nothing behind.
-        let fill = t.begin_fill("h/b");
+        let fill = t.begin_fill("h/b", now);
         t.touch("h/b");
         drop(fill);
         assert_eq!(t.hit("h/b", now), None);

@@ -193,6 +193,12 @@ pub struct ShadowOutcome {
     /// that reaches the broker after it ordered the key again belongs to the older order.
     #[serde(default)]
     pub ended_ms: u64,
+    /// Milliseconds the fill had been running when the first client came, if that client
+    /// came while it was still filling: it waited for the rest, so the shadow saved it at most
+    /// this much. Absent when the first client found the shadow complete (and from older
+    /// edges).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_start_ms: Option<u64>,
 }
 
 /// Unix milliseconds now, for [`ShadowOutcome::ended_ms`].
@@ -216,6 +222,7 @@ impl ShadowOutcome {
             held_before: false,
             removed: false,
             ended_ms: unix_ms_now(),
+            head_start_ms: None,
         }
     }
 }
