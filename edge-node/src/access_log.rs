@@ -13,7 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -59,8 +59,11 @@ impl Target {
 pub struct AccessLog {
     queue: Arc<ArrayQueue<Vec<u8>>>,
     dropped: IntCounter,
-    /// Set once the writer finished: later lines have no one to write them.
+    /// Set once the writer was told to stop: later lines have no one to write them.
     stop: Arc<AtomicBool>,
+    /// Lines between their check of `stop` and their push: the writer waits for them before
+    /// its last drain, so a line is either written or counted, never silently left queued.
+    pushing: Arc<AtomicUsize>,
 }
 
 /// Longest request method, target or host a line carries (pingora accepts 1 MiB of headers,
@@ -90,7 +93,7 @@ impl AccessLogWriter {
     /// Write what is queued and stop the writer, waiting up to `timeout`: called as the
     /// server's drain ends; a line logged later is counted as dropped.
     pub fn finish(self, timeout: Duration) {
-        self.stop.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::SeqCst);
         self.handle.thread().unpark();
         let deadline = Instant::now() + timeout;
         while !self.handle.is_finished() && Instant::now() < deadline {
@@ -105,14 +108,21 @@ pub fn open(target: &Target, dropped: IntCounter) -> io::Result<(AccessLog, Acce
     let sink = Sink::open(target)?;
     let queue = Arc::new(ArrayQueue::new(QUEUE_LINES));
     let stop = Arc::new(AtomicBool::new(false));
-    let (shared, lost, stopping) = (queue.clone(), dropped.clone(), stop.clone());
+    let pushing = Arc::new(AtomicUsize::new(0));
+    let (shared, lost, stopping, pushers) = (
+        queue.clone(),
+        dropped.clone(),
+        stop.clone(),
+        pushing.clone(),
+    );
     let handle = std::thread::Builder::new()
         .name("access-log".into())
-        .spawn(move || write_lines(sink, shared, lost, &stopping))?;
+        .spawn(move || write_lines(sink, shared, lost, &stopping, &pushers))?;
     let log = AccessLog {
         queue,
         dropped,
         stop: stop.clone(),
+        pushing,
     };
     Ok((log, AccessLogWriter { handle, stop }))
 }
@@ -130,9 +140,14 @@ impl AccessLog {
             return;
         }
         line.push(b'\n');
-        if self.queue.push(line).is_err() {
+        // Announced before the second look at `stop` (both sequentially consistent): a
+        // writer that saw no line pushing after it was told to stop drains after every line
+        // that saw `stop` unset.
+        self.pushing.fetch_add(1, Ordering::SeqCst);
+        if self.stop.load(Ordering::SeqCst) || self.queue.push(line).is_err() {
             self.dropped.inc();
         }
+        self.pushing.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -265,14 +280,17 @@ fn write_lines(
     queue: Arc<ArrayQueue<Vec<u8>>>,
     lost: IntCounter,
     stop: &AtomicBool,
+    pushing: &AtomicUsize,
 ) {
     let mut checked = Instant::now();
     let mut batch = Vec::with_capacity(BATCH_BYTES + LINE_CAPACITY);
     // A write that failed part-way may have left half a line: the next starts a new one.
     let mut torn = false;
     loop {
-        // Told to stop: write what is left, then stop.
-        let last = stop.load(Ordering::Acquire);
+        // Told to stop: once no line is between its check and its push, write what is
+        // left, then stop.
+        let stopping = stop.load(Ordering::SeqCst);
+        let last = stopping && pushing.load(Ordering::SeqCst) == 0;
         if checked.elapsed() >= REOPEN_CHECK {
             sink.follow_rotation();
             checked = Instant::now();
@@ -307,7 +325,11 @@ fn write_lines(
         if last {
             break;
         }
-        std::thread::park_timeout(TICK);
+        if stopping {
+            std::thread::yield_now();
+        } else {
+            std::thread::park_timeout(TICK);
+        }
     }
 }
 
@@ -376,6 +398,40 @@ mod tests {
         writer.finish(Duration::from_secs(5));
         log.log(&Line { n: 2 });
         assert_eq!(dropped.get(), 2);
+    }
+
+    #[test]
+    fn every_line_logged_across_the_stop_is_written_or_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("access.log");
+        let dropped = IntCounter::new("dropped", "lines dropped").unwrap();
+        let (log, writer) = open(&Target::File(path.clone()), dropped.clone()).unwrap();
+        let go = Arc::new(AtomicBool::new(true));
+        let loggers: Vec<_> = (0..4)
+            .map(|_| {
+                let (log, go) = (log.clone(), go.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while go.load(Ordering::Relaxed) {
+                        log.log(&Line { n: n as u32 });
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(TICK * 2);
+        writer.finish(Duration::from_secs(10));
+        std::thread::sleep(TICK);
+        go.store(false, Ordering::Relaxed);
+        let sent: u64 = loggers.into_iter().map(|t| t.join().unwrap()).sum();
+        let written = std::fs::read_to_string(&path).unwrap().lines().count() as u64;
+        assert!(
+            written > 0 && dropped.get() > 0,
+            "{written} {}",
+            dropped.get()
+        );
+        assert_eq!(written + dropped.get(), sent);
     }
 
     #[test]
