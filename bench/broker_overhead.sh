@@ -93,19 +93,29 @@ listen = \"$TLS\"
 cert = \"$WORK/pki/bench-broker.pem\"
 key = \"$WORK/pki/bench-broker.key\""
 broker_conf off $OFF $OFF_ADMIN false
-for b in on off; do
-  RUST_LOG=warn target/release/broker run --config "$WORK/$b.toml" >"$WORK/$b.log" 2>&1 &
-  pids+=($!)
-done
-start_nginx "$NGX" "$ORIGIN" "$THREADS"
-
 wait_http() { for _ in $(seq 200); do curl -fsS -o /dev/null "$1" 2>/dev/null && return 0; sleep 0.1; done; echo "$1 not up" >&2; exit 1; }
+start_broker() { # name
+  RUST_LOG=warn target/release/broker run --config "$WORK/$1.toml" >>"$WORK/$1.log" 2>&1 &
+  pids+=($!)
+}
+# The host is registered once, through the first broker, whose data directory (registry)
+# the second then starts from: both push the same registration to the edge. Two separate
+# registrations would carry two registration times, and the edge, taking each push as a new
+# owner of the host, would drop its copies on every push (every 3 s) during the runs.
+start_broker on
+wait_http "http://$ON_ADMIN/healthz"
+tok=$(target/release/broker api --api "http://$ON_ADMIN" --token $OPERATOR create-provider bench | sed -n 's/.*"token": "\(.*\)".*/\1/p')
+target/release/broker api --api "http://$ON_ADMIN" --token "$tok" set-origin bench.local "http://$ORIGIN" >/dev/null
+on_pid=${pids[-1]}
+kill -TERM "$on_pid"
+wait "$on_pid" || true
+unset 'pids[-1]'
+cp -a "$WORK/on" "$WORK/off"
+start_broker on
+start_broker off
+start_nginx "$NGX" "$ORIGIN" "$THREADS"
 wait_http "http://$ON_ADMIN/healthz"
 wait_http "http://$OFF_ADMIN/healthz"
-for admin in $ON_ADMIN $OFF_ADMIN; do
-  tok=$(target/release/broker api --api "http://$admin" --token $OPERATOR create-provider bench | sed -n 's/.*"token": "\(.*\)".*/\1/p')
-  target/release/broker api --api "http://$admin" --token "$tok" set-origin bench.local "http://$ORIGIN" >/dev/null || [ $? -eq 3 ]
-done
 
 OBJ="/obj/one-kib?size=1024"
 for a in $ON $OFF $EDGE $NGX; do
@@ -118,6 +128,8 @@ done
 for _ in 1 2 3; do curl -fsSk -o /dev/null -H 'Host: bench.local' "https://$TLS$OBJ"; done
 echo "via broker: $(curl -sS -o /dev/null -D - -H 'Host: bench.local' "http://$ON$OBJ" | tr -d '\r' | grep -i -e '^x-cache' -e '^x-shadowcdn-edge' | tr '\n' ' ')"
 
+edge_misses() { curl -sS "http://$EDGE_ADMIN/metrics" | awk '/^shadowcdn_edge_requests_total\{/ && !/cache_status="hit"/{s += $2} END{print s + 0}'; }
+misses_before=$(edge_misses)
 declare -A RPS P50 P99
 for round in $(seq "$ROUNDS"); do
   for sys in broker-on broker-https broker-off edge nginx; do
@@ -125,9 +137,14 @@ for round in $(seq "$ROUNDS"); do
     case $sys in broker-on) addr=$ON;; broker-https) addr=$TLS; scheme=https;; broker-off) addr=$OFF;; edge) addr=$EDGE;; nginx) addr=$NGX;; esac
     read -r rps p50 p99 errs < <(run_wrk "$addr" "$OBJ" $scheme)
     echo "round $round $sys: $rps req/s p50 ${p50}ms p99 ${p99}ms $errs"
+    [ -z "${errs// /}" ] || { echo "wrk reported errors against $sys; aborting" >&2; exit 1; }
     RPS[$sys]="${RPS[$sys]:-} $rps"; P50[$sys]="${P50[$sys]:-} $p50"; P99[$sys]="${P99[$sys]:-} $p99"
   done
 done
+
+misses=$(( $(edge_misses) - misses_before ))
+echo "edge requests not answered from its cache during the runs: $misses"
+[ "$misses" -le 10 ] || { echo "the edge did not serve the object from its cache: not a hit-path measurement" >&2; exit 1; }
 
 echo
 echo "## medians over $ROUNDS rounds (wrk -t2 -c$CONNS -d${DURATION}s, 1 KiB cached object)"

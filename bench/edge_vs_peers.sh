@@ -44,6 +44,13 @@ EDGE=127.0.0.1:18080
 EDGE_ADMIN=127.0.0.1:18081
 NGX=127.0.0.1:18082
 VARN=127.0.0.1:18083
+# A server left on one of these ports (a profiling run's edge, say) would be measured instead.
+for a in $ORIGIN $EDGE $EDGE_ADMIN $NGX $VARN; do
+  if [ -n "$(ss -ltnH "sport = :${a##*:}" 2>/dev/null)" ]; then
+    echo "port ${a##*:} is already in use: stop what listens there first" >&2
+    exit 1
+  fi
+done
 
 target/release/origin --listen $ORIGIN --max-age 3600 >"$WORK/origin.log" 2>&1 &
 pids+=($!)
@@ -80,6 +87,7 @@ EOF
 
 wait_up() { for _ in $(seq 200); do curl -fsS -o /dev/null -H 'Host: bench.local' "http://$1/health?size=1" 2>/dev/null && return 0; sleep 0.1; done; echo "$1 did not come up" >&2; exit 1; }
 for a in $EDGE $NGX $VARN; do wait_up "$a"; done
+kill -0 "$EDGE_PID" 2>/dev/null || { echo "edge-node exited; its log:" >&2; cat "$WORK/edge.log" >&2; exit 1; }
 
 OBJ_1K="/obj/one-kib?size=1024"
 OBJ_100K="/obj/hundred-kib?size=102400"
@@ -88,7 +96,20 @@ for a in $EDGE $NGX $VARN; do
     for _ in 1 2 3; do curl -fsS -o /dev/null -H 'Host: bench.local' "http://$a$o"; done
   done
 done
-echo "edge-node X-Cache on warm object: $(curl -sS -o /dev/null -D - -H 'Host: bench.local' "http://$EDGE$OBJ_1K" | tr -d '\r' | awk -F': ' 'tolower($1)=="x-cache"{print $2}')"
+# Every system must answer both objects from its cache before anything is measured: the edge
+# and nginx say so in X-Cache, varnish by a hit's two transaction ids in X-Varnish.
+for sys in $SYSTEMS; do
+  for o in "$OBJ_1K" "$OBJ_100K"; do
+    addr=$EDGE; [ $sys = nginx ] && addr=$NGX; [ $sys = varnish ] && addr=$VARN
+    h=$(curl -sS -o /dev/null -D - -H 'Host: bench.local' "http://$addr$o" | tr -d '\r')
+    case $sys in
+      varnish) hit=$(echo "$h" | awk -F': ' 'tolower($1)=="x-varnish" && split($2, ids, " ") == 2 {print "HIT"}') ;;
+      *) hit=$(echo "$h" | awk -F': ' 'tolower($1)=="x-cache"{print toupper($2)}') ;;
+    esac
+    echo "$sys $o: ${hit:-no hit}"
+    [ "$hit" = HIT ] || { echo "$sys does not serve $o from its cache; not measuring" >&2; exit 1; }
+  done
+done
 
 # server_pids SYSTEM: the processes whose CPU time counts for SYSTEM.
 server_pids() {
@@ -114,6 +135,8 @@ for round in $(seq "$ROUNDS"); do
       t1=$(cpu_ticks $spids)
       cpu=$(awk -v d=$((t1 - t0)) -v tck="$TCK" -v r="$rps" -v s="$DURATION" 'BEGIN{printf "%.1f", d / tck * 1e6 / (r * s)}')
       echo "round $round $o $sys: $rps req/s p50 ${p50}ms p99 ${p99}ms cpu ${cpu}us/req $errs"
+      # Errors or non-2xx answers would count as fast requests: such a round is no measurement.
+      [ -z "${errs// /}" ] || { echo "wrk reported errors against $sys; aborting" >&2; exit 1; }
       RPS[$sys,$o]="${RPS[$sys,$o]:-} $rps"; P50[$sys,$o]="${P50[$sys,$o]:-} $p50"; P99[$sys,$o]="${P99[$sys,$o]:-} $p99"
       CPU[$sys,$o]="${CPU[$sys,$o]:-} $cpu"
     done

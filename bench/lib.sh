@@ -33,7 +33,7 @@ ensure_peers() {
     if ! command -v "$pkg" >/dev/null 2>&1 && ! [ -x "/usr/sbin/$pkg" ]; then
       sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
       $sudo apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nginx varnish wrk >/dev/null
+      $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx varnish wrk >/dev/null
       break
     fi
   done

@@ -22,7 +22,8 @@ if ((${#need[@]})); then
   fi
   echo "setup: installing ${need[*]}" >&2
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+  # Through env: sudo's env_reset would drop a plain assignment, and debconf would prompt.
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 command -v cargo >/dev/null 2>&1 || { echo "setup: cargo (Rust toolchain) is required" >&2; exit 1; }
 rust_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
@@ -40,22 +41,29 @@ fi
 
 # ONNX Runtime for the forecaster (ort loads it at run time): the shared library from the
 # onnxruntime wheel on PyPI, unpacked into .cache/ (ignored by git). Pinned with ort's api-31.
+# Each file is written under a temporary name and renamed into place, so an interrupted run
+# (or a full disk) leaves no truncated library for the next run to take as installed.
 ORT_VERSION=1.31.1
 ORT_DIR="$(cd "$(dirname "$0")/.." && pwd)/.cache/onnxruntime"
 if [ ! -f "$ORT_DIR/libonnxruntime.so.$ORT_VERSION" ]; then
   echo "setup: fetching onnxruntime $ORT_VERSION from PyPI" >&2
   tmp=$(mktemp -d)
+  trap 'rm -rf "$tmp"' EXIT
   python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "onnxruntime==$ORT_VERSION"
   mkdir -p "$ORT_DIR"
   python3 - "$tmp" "$ORT_DIR" "$ORT_VERSION" <<'PY'
-import glob, sys, zipfile
+import glob, os, sys, zipfile
 tmp, out, ver = sys.argv[1:]
 wheel = glob.glob(f"{tmp}/onnxruntime-*.whl")[0]
 with zipfile.ZipFile(wheel) as z:
     for name in z.namelist():
         if name.endswith(f"libonnxruntime.so.{ver}") or name.endswith("libonnxruntime_providers_shared.so"):
-            with z.open(name) as src, open(f"{out}/{name.rsplit('/', 1)[1]}", "wb") as dst:
+            final = f"{out}/{name.rsplit('/', 1)[1]}"
+            with z.open(name) as src, open(final + ".part", "wb") as dst:
                 dst.write(src.read())
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(final + ".part", final)
 PY
   rm -rf "$tmp"
   [ -f "$ORT_DIR/libonnxruntime.so.$ORT_VERSION" ] || {

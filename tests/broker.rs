@@ -184,14 +184,26 @@ impl Cluster {
         api(reqwest::Method::GET, url, &self.token, None).await.1
     }
 
-    /// Whether edge `i` holds a shadow mark for `key`.
-    async fn shadowed_on(&self, i: usize, key: &str) -> bool {
+    /// What edge `i`'s admin API answers about a shadow mark for `key` (`None`: no answer).
+    async fn shadow_status(&self, i: usize, key: &str) -> Option<StatusCode> {
         client()
             .get(format!("http://{}/shadows/{key}", self.edges[i].admin))
             .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
             .send()
             .await
-            .is_ok_and(|r| r.status() == StatusCode::OK)
+            .ok()
+            .map(|r| r.status())
+    }
+
+    /// Whether edge `i` holds a shadow mark for `key`.
+    async fn shadowed_on(&self, i: usize, key: &str) -> bool {
+        self.shadow_status(i, key).await == Some(StatusCode::OK)
+    }
+
+    /// Whether edge `i` says it holds no shadow mark for `key` (a 404, not an error or no
+    /// answer: a broken admin API must not pass for an absent shadow).
+    async fn not_shadowed_on(&self, i: usize, key: &str) -> bool {
+        self.shadow_status(i, key).await == Some(StatusCode::NOT_FOUND)
     }
 
     async fn metrics(&self) -> String {
@@ -1906,7 +1918,7 @@ async fn a_forecast_shadow_that_cannot_pay_for_its_fill_is_not_placed() {
         m.contains("shadowcdn_broker_planner_decisions_total{outcome=\"below_break_even\"}"),
         "{m}"
     );
-    assert!(!c.shadowed_on(3, &key).await);
+    assert!(c.not_shadowed_on(3, &key).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1976,7 +1988,7 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    assert!(!c.shadowed_on(3, &key).await && !c.shadowed_on(eu_edge, &key).await);
+    assert!(c.not_shadowed_on(3, &key).await && c.not_shadowed_on(eu_edge, &key).await);
     let r = c.get("/launch/new.js", "us").await;
     assert_eq!(r.headers()["x-cache"], "MISS");
     assert!(c
@@ -2014,7 +2026,7 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     )
     .await;
     assert_eq!(s, StatusCode::OK, "{v}");
-    wait_until(|| async { !c.shadowed_on(3, &old).await }).await;
+    wait_until(|| async { c.not_shadowed_on(3, &old).await }).await;
     let r = c.get("/launch/old.js", "us").await;
     assert_ne!(
         r.headers().get("x-cache").map(|v| v.to_str().unwrap()),
@@ -2531,7 +2543,7 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
         "{m}"
     );
     assert!(
-        !c.shadowed_on(3, &format!("{HOST}/page/clip.mp4?size=100000"))
+        c.not_shadowed_on(3, &format!("{HOST}/page/clip.mp4?size=100000"))
             .await
     );
 }
@@ -2580,7 +2592,7 @@ async fn co_access_shadows_stay_within_the_policys_copies() {
     };
     wait_until(declined).await;
     for eu in 0..3 {
-        assert!(!c.shadowed_on(eu, &key).await, "a second copy on edge {eu}");
+        assert!(c.not_shadowed_on(eu, &key).await, "a second copy on edge {eu}");
     }
 }
 

@@ -317,8 +317,8 @@ default = "eu"
 
 [health]
 interval_ms = 100
-timeout_ms = 200
-fall = 1
+timeout_ms = 1000
+fall = 2
 rise = 2
 
 [monitor]
