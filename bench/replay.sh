@@ -181,8 +181,9 @@ for pct in $PCTS; do
     host=$( [ "$TRACE" = apache ] && echo semicomplete.com || echo opendap.lpdaac )
     $B/broker api --api http://127.0.0.1:17081 --token "$token" set-origin "$host" http://127.0.0.1:19000 >/dev/null || [ $? -eq 3 ]
     for a in 19101 19201; do
-      for _ in $(seq 100); do
+      for i in $(seq 101); do
         curl -fsS -H "Authorization: Bearer $EDGE_TOKEN" "http://127.0.0.1:$a/origins" | grep -q "$host" && break
+        [ "$i" -le 100 ] || { echo "the edge on $a never got the origin of $host; not replaying" >&2; exit 1; }
         sleep 0.1
       done
     done

@@ -2592,7 +2592,10 @@ async fn co_access_shadows_stay_within_the_policys_copies() {
     };
     wait_until(declined).await;
     for eu in 0..3 {
-        assert!(c.not_shadowed_on(eu, &key).await, "a second copy on edge {eu}");
+        assert!(
+            c.not_shadowed_on(eu, &key).await,
+            "a second copy on edge {eu}"
+        );
     }
 }
 

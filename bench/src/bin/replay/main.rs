@@ -126,12 +126,16 @@ async fn get_text(client: &reqwest::Client, url: &str, token: Option<&str>) -> S
     }
 }
 
-async fn origin_bytes(client: &reqwest::Client, origin: &str) -> u64 {
+/// The origin's byte counter. An error, not 0, when it cannot be read: a run whose origin
+/// bytes read as 0 would report a perfect byte hit ratio.
+async fn origin_bytes(client: &reqwest::Client, origin: &str) -> anyhow::Result<u64> {
     let s = get_text(client, &format!("{origin}/_origin/stats"), None).await;
     serde_json::from_str::<Value>(&s)
         .ok()
         .and_then(|v| v["bytes"].as_u64())
-        .unwrap_or(0)
+        .with_context(|| {
+            format!("cannot read the origin's byte counter at {origin}/_origin/stats: {s:?}")
+        })
 }
 
 /// Totals of one (region, class), or of everything.
@@ -226,9 +230,11 @@ async fn timeline_sample(
         Some(&cli.operator_token),
     )
     .await;
+    // A sample the counter could not be read for says so (null) rather than 0.
     let origin = origin_bytes(client, &cli.origin)
         .await
-        .saturating_sub(origin_before);
+        .ok()
+        .map(|b| b.saturating_sub(origin_before));
     let (total, rows) = cost_totals(&cost);
     let mut v = total.json();
     v["trace_secs"] = json!(trace_secs.round());
@@ -288,7 +294,7 @@ async fn main() -> anyhow::Result<()> {
         .pool_max_idle_per_host(cli.concurrency)
         .timeout(Duration::from_secs(120))
         .build()?;
-    let origin_before = origin_bytes(&client, &cli.origin).await;
+    let origin_before = origin_bytes(&client, &cli.origin).await?;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let pb = ProgressBar::new(reqs.len() as u64);
@@ -395,7 +401,7 @@ async fn main() -> anyhow::Result<()> {
     let end_secs = (started.elapsed().as_secs_f64() * cli.speedup).round();
     let last = timeline_sample(&client, &cli, end_secs, origin_before).await;
     timeline.lock().push(last);
-    let origin_after = origin_bytes(&client, &cli.origin).await;
+    let origin_after = origin_bytes(&client, &cli.origin).await?;
     let metrics = get_text(
         &client,
         &format!("{}/metrics", cli.api),
