@@ -1342,7 +1342,8 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
         .unwrap();
     let mut child = std::mem::replace(&mut c.edges[0].child, shadowcdn_tests::Child::placeholder());
     let stopped = tokio::task::spawn_blocking(move || child.terminate());
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The drain has begun once the proxy port takes no new connection.
+    wait_until(|| async { tokio::net::TcpStream::connect(edge).await.is_err() }).await;
     let (s, v) = c
         .purge_with(json!({"host": HOST, "path": "/during-drain"}))
         .await;
