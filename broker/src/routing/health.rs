@@ -77,6 +77,16 @@ impl Health {
     }
 }
 
+/// Whether a `/healthz` answer comes from edge `id`: an address that now belongs to another
+/// node (a recycled pod address kept through a failed lookup) must not pass for this edge,
+/// or its keys and purges would go to the wrong cache. An answer naming no node is taken.
+fn same_node(healthz: &serde_json::Value, id: &str) -> Result<(), String> {
+    match healthz.get("node_id").and_then(|v| v.as_str()) {
+        Some(n) if n != id => Err(format!("/healthz is node {n:?}, not {id:?}")),
+        _ => Ok(()),
+    }
+}
+
 /// Probes every edge periodically and tracks standby promotion per region.
 pub struct HealthChecker {
     fleet: Arc<Fleet>,
@@ -143,31 +153,50 @@ impl BackgroundService for HealthChecker {
                 async move {
                     let now = self.fleet.addresses.refresh(i, e, timeout).await;
                     let (Some(admin), Some(proxy)) = (now.admin, now.proxy) else {
-                        return (false, now);
+                        return (Err("address unresolved".to_string()), now);
                     };
-                    // The admin API says the process is well; clients use the proxy port, so
-                    // it must accept connections too (a dead proxy listener behind a live
-                    // admin API would otherwise flap between probes and passive failures).
-                    let admin = client
-                        .get(format!("http://{admin}/healthz"))
-                        .send()
-                        .await
-                        .is_ok_and(|r| r.status().is_success());
-                    let ok = admin
-                        && tokio::time::timeout(timeout, tokio::net::TcpStream::connect(proxy))
+                    // The admin API says the process is well and is the edge configured
+                    // here; clients use the proxy port, so it must accept connections too (a
+                    // dead proxy listener behind a live admin API would otherwise flap between
+                    // probes and passive failures).
+                    let admin = match client.get(format!("http://{admin}/healthz")).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            let body = r.json::<serde_json::Value>().await.unwrap_or_default();
+                            same_node(&body, &e.id)
+                        }
+                        Ok(r) => Err(format!("/healthz answered {}", r.status())),
+                        Err(e) => Err(format!("/healthz: {e}")),
+                    };
+                    let ok = match admin {
+                        Ok(()) => {
+                            match tokio::time::timeout(
+                                timeout,
+                                tokio::net::TcpStream::connect(proxy),
+                            )
                             .await
-                            .is_ok_and(|c| c.is_ok());
+                            {
+                                Ok(Ok(_)) => Ok(()),
+                                Ok(Err(e)) => Err(format!("proxy port: {e}")),
+                                Err(_) => Err("proxy port: connect timed out".to_string()),
+                            }
+                        }
+                        Err(e) => Err(e),
+                    };
                     (ok, now)
                 }
             });
             let results = futures::future::join_all(probes).await;
-            for (i, (ok, probed)) in results.into_iter().enumerate() {
+            for (i, (probe, probed)) in results.into_iter().enumerate() {
+                let ok = probe.is_ok();
                 if !ok {
                     self.fleet.addresses.probe_failed(i, probed);
                 }
                 let id = &self.fleet.edges[i].id;
                 if let Some(up) = self.health.probe_result(i, ok) {
-                    tracing::info!(edge = %id, up, "edge health changed");
+                    match probe {
+                        Ok(()) => tracing::info!(edge = %id, up, "edge health changed"),
+                        Err(why) => tracing::warn!(edge = %id, up, %why, "edge health changed"),
+                    }
                 }
                 // Whether it takes traffic: probed up and not held for missed purges.
                 self.metrics
@@ -198,6 +227,18 @@ impl BackgroundService for HealthChecker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_healthz_of_another_node_fails_the_probe() {
+        let ok = serde_json::json!({"status": "ok", "node_id": "eu-1"});
+        assert_eq!(same_node(&ok, "eu-1"), Ok(()));
+        let other = serde_json::json!({"status": "ok", "node_id": "eu-2"});
+        assert!(same_node(&other, "eu-1").unwrap_err().contains("eu-2"));
+        assert_eq!(
+            same_node(&serde_json::json!({"status": "ok"}), "eu-1"),
+            Ok(())
+        );
+    }
 
     #[test]
     fn fall_and_rise() {
