@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::json;
 use shadowcdn_tests::cluster::{edge_config, EdgeProc, EDGE_TOKEN};
 use shadowcdn_tests::origin::body_for;
-use shadowcdn_tests::{client, sample, text, wait_until, Binary, TestOrigin};
+use shadowcdn_tests::{client, free_port, sample, text, wait_until, Binary, TestOrigin};
 
 const HOST: &str = "test.local";
 const TOKEN: &str = EDGE_TOKEN;
@@ -1404,8 +1404,8 @@ fn bad_config_names_the_field() {
     let good = edge_config(
         "good",
         dir.path(),
-        "127.0.0.1:0".parse().unwrap(),
-        "127.0.0.1:0".parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
+        format!("127.0.0.1:{}", free_port()).parse().unwrap(),
         &[],
         "",
     );

@@ -425,6 +425,7 @@ impl EdgeConfig {
                 "shadow.fill_bandwidth",
                 self.shadow.fill_bandwidth.map_or(1, |b| b.as_u64()),
             ),
+            ("shadow.max_ttl_secs", self.shadow.max_ttl_secs),
         ];
         for (field, v) in at_least_one {
             if v == 0 {
@@ -457,6 +458,13 @@ impl EdgeConfig {
         if self.admin.token.trim() != self.admin.token {
             return Err(ConfigError::Invalid(
                 "admin.token must not begin or end with whitespace".into(),
+            ));
+        }
+        // Shadow and peer fills go through the edge's own proxy at this address: a port the
+        // system picks would leave them knocking on port 0.
+        if self.server.listen.port() == 0 {
+            return Err(ConfigError::Invalid(
+                "server.listen needs a port (not 0): the edge's own fills connect to it".into(),
             ));
         }
         // The proxy binds after the admin listener: on the same port (or a wildcard address
@@ -635,8 +643,10 @@ fn default_fill_concurrency() -> usize {
 fn default_fill_queue() -> usize {
     10_000
 }
+/// The longest TTL the broker's provider API accepts (30 days): a lower default made every
+/// order for a resource registered with a longer TTL fail on every edge.
 fn default_max_ttl() -> u64 {
-    7 * 24 * 3600
+    30 * 24 * 3600
 }
 fn default_ban_retention() -> u64 {
     30 * 24 * 3600
@@ -816,12 +826,20 @@ mod tests {
             ("shadow", "fill_concurrency = 0"),
             ("shadow", "fill_queue = 0"),
             ("shadow", "fill_bandwidth = \"0\""),
+            ("shadow", "max_ttl_secs = 0"),
         ] {
             let bad = format!("{MINIMAL}\n[{section}]\n{field}\n");
             let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
             let name = field.split(' ').next().unwrap();
             assert!(err.contains(&format!("{section}.{name}")), "{err}");
         }
+    }
+
+    #[test]
+    fn a_proxy_port_the_system_picks_is_refused() {
+        let bad = MINIMAL.replace("127.0.0.1:8080", "127.0.0.1:0");
+        let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(err.contains("server.listen"), "{err}");
     }
 
     #[test]
