@@ -173,11 +173,13 @@ pub struct CacheSection {
     /// costs about this plus 4 MiB per such miss, not a whole object each.
     #[serde(default = "default_max_fill_memory")]
     pub max_fill_memory: ByteSize,
-    /// Shards of the memory tier (foyer's default: 8). More shards mean less lock contention
-    /// between worker threads, but each shard holds `memory_capacity / memory_shards`, and an
-    /// object larger than a shard cannot stay in memory; small caches want fewer.
-    #[serde(default = "default_memory_shards")]
-    pub memory_shards: usize,
+    /// Shards of the memory tier. More shards mean less lock contention between worker
+    /// threads, but each shard holds `memory_capacity / memory_shards`, and storing an object
+    /// larger than its shard (or reading one back from disk) empties that shard. Unset: the
+    /// most of 8, 4, 2, 1 whose shards each hold a `max_object_size` object
+    /// ([`CacheSection::memory_shards`]).
+    #[serde(default)]
+    pub memory_shards: Option<usize>,
     /// How long a request waits behind another request filling the same object before it
     /// goes to the origin itself.
     #[serde(default = "default_lock_timeout")]
@@ -377,18 +379,26 @@ impl EdgeConfig {
                 "cache.max_fill_memory must be at least cache.max_object_size".into(),
             ));
         }
-        if c.memory_shards == 0 || c.memory_shards > 1024 {
+        if c.memory_shards.is_some_and(|n| n == 0 || n > 1024) {
             return Err(ConfigError::Invalid(
                 "cache.memory_shards must be between 1 and 1024".into(),
             ));
         }
-        // Without a disk tier an object must fit one memory shard, or storing it would flush
-        // the shard and then drop the object itself.
-        let shard = c.memory_capacity.as_u64() / c.memory_shards as u64;
-        if disk == 0 && c.max_object_size.as_u64() > shard {
+        // An object must fit one memory shard: storing it (or reading it back from the disk
+        // tier, which puts it in memory) empties the shard, every hot small object in it, and
+        // without a disk tier then drops the object itself.
+        let shard = c.memory_capacity.as_u64() / c.memory_shards() as u64;
+        if c.max_object_size > c.memory_capacity {
             return Err(ConfigError::Invalid(format!(
-                "cache.max_object_size must be at most cache.memory_capacity / \
-                 cache.memory_shards ({}) without a disk tier",
+                "cache.max_object_size ({}) must be at most cache.memory_capacity ({})",
+                c.max_object_size, c.memory_capacity
+            )));
+        }
+        if c.max_object_size.as_u64() > shard {
+            return Err(ConfigError::Invalid(format!(
+                "cache.max_object_size ({}) must be at most cache.memory_capacity / \
+                 cache.memory_shards ({}): use fewer shards or leave memory_shards unset",
+                c.max_object_size,
                 ByteSize(shard)
             )));
         }
@@ -584,8 +594,18 @@ pub fn valid_node_id(id: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-fn default_memory_shards() -> usize {
-    8
+impl CacheSection {
+    /// The memory tier's shards: as configured, else the most of 8, 4, 2, 1 whose shards each
+    /// hold a `max_object_size` object (1 when none does, which the config check refuses).
+    pub fn memory_shards(&self) -> usize {
+        self.memory_shards.unwrap_or_else(|| {
+            let (memory, largest) = (self.memory_capacity.as_u64(), self.max_object_size.as_u64());
+            [8, 4, 2]
+                .into_iter()
+                .find(|n| memory / n >= largest)
+                .unwrap_or(1) as usize
+        })
+    }
 }
 
 fn default_node_id() -> String {
@@ -758,12 +778,17 @@ mod tests {
             "dir = \"/tmp/x\"\nmemory_capacity = \"4 MiB\"\ndisk_capacity = 0\nmax_object_size = \"512 KiB\"",
         );
         assert!(EdgeConfig::from_toml(&mem_only).is_ok());
-        // 1 MiB does not fit one of the default 8 shards of 4 MiB, but fits one of 4.
+        // 1 MiB does not fit one of 8 shards of 512 KiB; unset, the shards are 4 of 1 MiB.
         let mid = mem_only.replace("\"512 KiB\"", "\"1 MiB\"");
-        let err = EdgeConfig::from_toml(&mid).unwrap_err().to_string();
+        let derived = EdgeConfig::from_toml(&mid).unwrap();
+        assert_eq!(derived.cache.memory_shards(), 4);
+        let eight = mid.replace("disk_capacity = 0", "disk_capacity = 0\nmemory_shards = 8");
+        let err = EdgeConfig::from_toml(&eight).unwrap_err().to_string();
         assert!(err.contains("memory_shards"), "{err}");
-        let fewer = mid.replace("disk_capacity = 0", "disk_capacity = 0\nmemory_shards = 4");
-        assert!(EdgeConfig::from_toml(&fewer).is_ok());
+        // A disk tier does not change it: a disk hit puts the object back in memory.
+        let with_disk = eight.replace("disk_capacity = 0", "disk_capacity = \"64 MiB\"");
+        let err = EdgeConfig::from_toml(&with_disk).unwrap_err().to_string();
+        assert!(err.contains("memory_shards"), "{err}");
         let too_big = mem_only.replace("\"512 KiB\"", "\"8 MiB\"");
         let err = EdgeConfig::from_toml(&too_big).unwrap_err().to_string();
         assert!(err.contains("memory_capacity"), "{err}");

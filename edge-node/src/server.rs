@@ -134,7 +134,7 @@ impl EdgeNode {
         let opts = StorageOptions {
             dir: cfg.cache.dir.clone(),
             memory_bytes: cfg.cache.memory_capacity.as_u64() as usize,
-            memory_shards: cfg.cache.memory_shards,
+            memory_shards: cfg.cache.memory_shards(),
             disk_bytes: cfg.cache.disk_capacity.as_u64() as usize,
             block_size: cfg.block_size(),
             max_object_bytes: cfg.cache.max_object_size.as_u64() as usize,
