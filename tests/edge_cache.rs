@@ -368,6 +368,42 @@ async fn vary_keeps_variants_apart() {
     assert_eq!(x_cache(&r), "HIT");
 }
 
+/// A request with `Authorization` whose answer the origin did not allow to be cached is
+/// answered uncached, and that says nothing about the key: the stored copy keeps serving
+/// everyone else (remembering the key as uncacheable would let any client switch its cache
+/// off with one such request for a variant not stored yet).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_authorized_request_does_not_turn_the_keys_cache_off() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/auth?vary=accept-language&cc=max-age%3D300";
+    let get = |lang: &'static str, auth: bool| {
+        let mut h = vec![("accept-language", lang)];
+        if auth {
+            h.push(("authorization", "Bearer someone"));
+        }
+        let edge = &edge;
+        async move { edge.request(Method::GET, path, &h).await }
+    };
+    assert_eq!(x_cache(&get("en", false).await), "MISS");
+    assert_eq!(x_cache(&get("en", false).await), "HIT");
+    for lang in ["fr", "de"] {
+        let r = get(lang, true).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_ne!(x_cache(&r), "HIT");
+    }
+    assert_eq!(origin.hits("/auth"), 3);
+    assert_eq!(x_cache(&get("en", false).await), "HIT");
+    assert_eq!(
+        x_cache(&get("de", false).await),
+        "MISS",
+        "the authorized answer was not stored"
+    );
+    assert_eq!(x_cache(&get("de", false).await), "HIT");
+    assert_eq!(origin.hits("/auth"), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_object_is_revalidated_with_304() {
     let origin = TestOrigin::start().await;

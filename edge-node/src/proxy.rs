@@ -43,8 +43,8 @@ use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, OriginTable, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::{
-    FoyerStorage, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR, PEER_LACKS_OBJECT,
-    PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY,
+    FoyerStorage, AUTHORIZED_REQUEST, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR,
+    PEER_LACKS_OBJECT, PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY,
 };
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
@@ -657,21 +657,28 @@ impl EdgeProxy {
         let fresh_until = match explicit {
             Some(t) => t,
             None => {
-                let forbidden = cc.as_ref().is_some_and(|c| {
-                    c.no_store()
-                        || c.private()
-                        || (authorization && !c.allow_caching_authorized_req())
-                }) || (authorization && cc.is_none());
-                if forbidden
-                    || self.policy.default_ttl.is_zero()
-                    || !heuristically_cacheable(resp.status.as_u16())
-                {
+                let by_response = cc.as_ref().is_some_and(|c| c.no_store() || c.private());
+                let by_authorization = authorization
+                    && cc
+                        .as_ref()
+                        .is_none_or(|c| !c.allow_caching_authorized_req());
+                let by_policy = self.policy.default_ttl.is_zero()
+                    || !heuristically_cacheable(resp.status.as_u16());
+                if by_response || by_authorization || by_policy {
                     // A server error (often `no-store`) says the origin is failing, not that
                     // the key can never be cached: the predictor must not send the key's
                     // next requests past the cache lock, all at once, to an origin that is
-                    // recovering.
+                    // recovering. Nor may one client's `Authorization` header: it describes
+                    // the request, and remembered for the key it would let anyone turn the
+                    // key's cache off (stored copies included) with one such request.
+                    let cacheable_without_it = !by_response
+                        && (!by_policy
+                            || calculate_fresh_until(now, cc.as_ref(), resp, false, &NO_HEURISTIC)
+                                .is_some());
                     let reason = if resp.status.is_server_error() {
                         NoCacheReason::Custom(ORIGIN_SERVER_ERROR)
+                    } else if by_authorization && cacheable_without_it {
+                        NoCacheReason::Custom(AUTHORIZED_REQUEST)
                     } else {
                         NoCacheReason::OriginNotCache
                     };
