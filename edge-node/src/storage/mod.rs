@@ -566,14 +566,14 @@ impl Storage for FoyerStorage {
     ) -> Result<Option<(CacheMeta, HitHandler)>> {
         let hash = hash_of(key.combined_bin());
         let primary = String::from_utf8_lossy(key.primary_key());
-        // Prefer an in-progress fill: it is newer than whatever foyer holds. One whose answer
-        // came before a prefix ban covering it is not joined (nor, once committed, served).
+        // Prefer an in-progress fill: it is newer than whatever foyer holds. One whose fetch
+        // began before a purge of its key or a prefix ban covering it is not joined (nor, once
+        // committed, served): a fill registered just after a key purge found nothing to
+        // cancel, and must not serve what the purge removed while it streams.
         if let Some(fill) = self.any_fill(hash) {
             if let Some(hit) = partial_hit(fill)? {
-                if !self
-                    .bans
-                    .is_banned(&primary, hit.0.created(), hit.0.headers())
-                {
+                let key_hash = || hash_of(key.primary_bin());
+                if !self.purged_since(&primary, key_hash, hit.0.created(), hit.0.headers()) {
                     return Ok(Some(hit));
                 }
             }
@@ -1184,6 +1184,36 @@ mod tests {
             assert!(s.lookup(&key, &trace).await.unwrap().is_none(), "{name}");
             assert!(!s.holds(&name), "{name}");
         }
+    }
+
+    /// A fill whose fetch began before a purge of its key, registered after the purge (which
+    /// found nothing to cancel), is not joined while it streams.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_fill_from_before_a_key_purge_is_not_joined() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("h/k", "");
+        let meta = fresh_meta();
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        assert!(!s.invalidate_key("h/k"), "nothing stored yet");
+        let mut miss = s.get_miss_handler(&key, &meta, &trace).await.unwrap();
+        miss.write_body(Bytes::from_static(b"old"), false)
+            .await
+            .unwrap();
+        assert!(s.lookup(&key, &trace).await.unwrap().is_none());
+        // A fill that began after the purge is joined.
+        let mut fresh = s
+            .get_miss_handler(&key, &fresh_meta(), &trace)
+            .await
+            .unwrap();
+        fresh
+            .write_body(Bytes::from_static(b"new"), false)
+            .await
+            .unwrap();
+        drop(miss);
+        assert!(s.lookup(&key, &trace).await.unwrap().is_some());
+        drop(fresh);
     }
 
     /// A peer's copy is judged by when the peer admitted it, on the wall clock: an old copy
