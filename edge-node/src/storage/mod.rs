@@ -25,7 +25,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use foyer::{
     BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
-    HybridCachePolicy, RecoverMode, Spawner,
+    HybridCachePolicy, HybridCacheProperties, Location, RecoverMode, Spawner,
 };
 use http::HeaderMap;
 use parking_lot::Mutex;
@@ -441,6 +441,31 @@ impl FoyerStorage {
         Ok(true)
     }
 
+    /// Store a revalidated object's new headers in the memory tier only: the body did not
+    /// change, so writing it to disk again (every 304 of an object revalidated on each request
+    /// would rewrite it whole) is left out. The disk keeps the same body under its earlier
+    /// headers, which a 304 just confirmed; read back (after the memory tier dropped it, or a
+    /// restart), it is revalidated again once those headers say it is stale.
+    fn refresh_unless_purged(
+        &self,
+        since: u64,
+        hash: u128,
+        meta: &CacheMeta,
+        body: Bytes,
+    ) -> Result<bool> {
+        let (internal, header) = meta.serialize()?;
+        let epochs = self.purges.lock();
+        if epochs[purge_slot(hash)] != since {
+            return Ok(false);
+        }
+        self.cache.insert_with_properties(
+            hash,
+            StoredObject::new(internal.into(), header.into(), body),
+            HybridCacheProperties::default().with_location(Location::InMem),
+        );
+        Ok(true)
+    }
+
     /// Store `obj` under `hash` in place of any older version. foyer drops a disk write
     /// when its queues are full and leaves the disk's older version indexed: once the new
     /// one left memory (or after a restart) the old would come back, fresh by its own
@@ -714,7 +739,7 @@ impl Storage for FoyerStorage {
         if self.purged_since(&primary, key_hash, stored.created(), stored.headers()) {
             return Ok(false);
         }
-        self.store_unless_purged(since, hash, meta, obj.body)
+        self.refresh_unless_purged(since, hash, meta, obj.body)
     }
 
     fn support_streaming_partial_write(&self) -> bool {
@@ -1267,6 +1292,36 @@ mod tests {
             assert_eq!(s.predictor().mark_uncacheable(&key, reason), None);
         }
         assert!(s.predictor().cacheable_prediction(&key));
+    }
+
+    /// A 304 refreshes the headers in memory and leaves the disk copy alone: its body did
+    /// not change, and rewriting it on every revalidation would rewrite it whole each time.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_revalidation_does_not_rewrite_the_body_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        let key = CacheKey::new("h/big", "");
+        let hash = hash_of(key.combined_bin());
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let v1 = fresh_meta();
+        let body = Bytes::from(vec![b'x'; 256 * 1024]);
+        assert!(store_now(s, hash, &v1, body.clone()));
+        s.cache.storage().wait().await;
+        let header = ResponseHeader::build(200, None).unwrap();
+        let later = v1.fresh_until() + Duration::from_secs(600);
+        let refreshed = CacheMeta::new(later, v1.created(), 0, 0, header);
+        assert!(s.update_meta(&key, &refreshed, &trace).await.unwrap());
+        let hit = s.lookup(&key, &trace).await.unwrap().unwrap();
+        assert_eq!(hit.0.fresh_until(), later, "served with the new headers");
+        s.cache.storage().wait().await;
+        s.cache.memory().remove(&hash);
+        let on_disk = s.load(hash).await.unwrap().expect("the disk copy stays");
+        assert_eq!(on_disk.body, body);
+        assert_eq!(
+            on_disk.meta().unwrap().fresh_until(),
+            v1.fresh_until(),
+            "not written again"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
