@@ -69,6 +69,12 @@ pub async fn count_inflight(
 /// the service at least drain + this + the runtime shutdown timeout to stop.
 pub const FINISH_ALLOWANCE_SECS: u64 = 60;
 
+/// How long no request may be in flight before the drain counts as done. pingora keeps
+/// taking requests for a moment after the signal (a request already read on a kept-alive
+/// HTTP/1 connection, an HTTP/2 stream opened before the client saw GOAWAY), and each counts
+/// as in flight only once its first phase runs: one look at zero would exit under them.
+const QUIET: Duration = Duration::from_millis(250);
+
 /// The last step after draining; resolves to the process exit code.
 pub type Finish = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = i32> + Send>> + Send>;
 
@@ -90,6 +96,31 @@ impl Drainer {
     }
 }
 
+/// Wait until no request has been in flight for [`QUIET`], or `timeout` passed; how many
+/// are still in flight.
+async fn drained(inflight: &InflightCounter, timeout: Duration) -> usize {
+    let deadline = Instant::now() + timeout;
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        let n = inflight.count();
+        if n == 0 {
+            let since = *idle_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= QUIET {
+                return 0;
+            }
+        } else {
+            idle_since = None;
+        }
+        if Instant::now() >= deadline {
+            if n > 0 {
+                tracing::warn!(in_flight = n, "drain timeout reached; closing anyway");
+            }
+            return n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 #[async_trait]
 impl BackgroundService for Drainer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
@@ -98,18 +129,7 @@ impl BackgroundService for Drainer {
                 break;
             }
         }
-        let deadline = Instant::now() + self.timeout;
-        loop {
-            let n = self.inflight.count();
-            if n == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                tracing::warn!(in_flight = n, "drain timeout reached; closing anyway");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        drained(&self.inflight, self.timeout).await;
         tracing::info!("drained");
         let finish = self.finish.lock().take();
         let code = match finish {
@@ -148,6 +168,24 @@ mod tests {
         tx.send(true).unwrap();
         assert!(c.enter_unless_shutdown(&rx).is_none());
         assert_eq!(c.count(), 0, "a refused entry leaves nothing counted");
+    }
+
+    #[tokio::test]
+    async fn a_request_arriving_just_after_the_first_idle_moment_is_waited_for() {
+        let c = InflightCounter::default();
+        let late = c.clone();
+        let started = Instant::now();
+        let request = tokio::spawn(async move {
+            tokio::time::sleep(QUIET / 2).await;
+            let _guard = late.enter();
+            tokio::time::sleep(QUIET).await;
+        });
+        assert_eq!(drained(&c, Duration::from_secs(10)).await, 0);
+        assert!(request.is_finished(), "the drain ended under a request");
+        assert!(started.elapsed() >= QUIET * 2);
+        // Bounded by the timeout.
+        let _stuck = c.enter();
+        assert_eq!(drained(&c, Duration::from_millis(50)).await, 1);
     }
 
     #[tokio::test]

@@ -9,7 +9,7 @@
 mod series;
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,6 +97,11 @@ pub struct Recorder {
     queue: Arc<ArrayQueue<Record>>,
     enabled: bool,
     metrics: BrokerMetrics,
+    /// Set when the aggregator is told to stop: later records have no one to take them.
+    stop: Arc<AtomicBool>,
+    /// Records between their look at `stop` and their push: the aggregator's last drain
+    /// waits for them, so a record is either aggregated or counted as dropped.
+    pushing: Arc<AtomicUsize>,
 }
 
 impl Recorder {
@@ -109,9 +114,16 @@ impl Recorder {
         }
         if r.resource.len() + r.key.len() > MAX_RECORDED_KEY_BYTES {
             self.metrics.recorder_long_keys.inc();
-        } else if self.queue.push(r).is_err() {
+            return;
+        }
+        // Announced before the look at `stop` (both sequentially consistent): an aggregator
+        // that saw none pushing after it was told to stop drains after every record that saw
+        // `stop` unset.
+        self.pushing.fetch_add(1, Ordering::SeqCst);
+        if self.stop.load(Ordering::SeqCst) || self.queue.push(r).is_err() {
             self.metrics.recorder_drops.inc();
         }
+        self.pushing.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Whether recording is on.
@@ -156,10 +168,13 @@ impl Monitor {
         let store = Arc::new(RwLock::new(store));
         let queue = Arc::new(ArrayQueue::new(cfg.queue_capacity));
         let stop = Arc::new(AtomicBool::new(false));
+        let pushing = Arc::new(AtomicUsize::new(0));
         let recorder = Recorder {
             queue: queue.clone(),
             enabled: cfg.enabled,
             metrics: metrics.clone(),
+            stop: stop.clone(),
+            pushing: pushing.clone(),
         };
         let thread = {
             let (store, stop, path) = (store.clone(), stop.clone(), snapshot_path.clone());
@@ -172,7 +187,7 @@ impl Monitor {
                         metrics,
                         coaccess: coaccess.map(|f| (CoAccess::new(f.cfg), f.triggers)),
                     };
-                    aggregate(queue, sink, stop, path)
+                    aggregate(queue, sink, (stop, pushing), path)
                 })
                 .ok()
         };
@@ -217,7 +232,7 @@ impl Monitor {
         if let Some(t) = self.snapshots.take() {
             let _ = t.join();
         }
-        self.stop.store(true, Ordering::Release);
+        self.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -281,11 +296,17 @@ fn held_bytes(r: &Record) -> usize {
         + r.segment.as_ref().map_or(0, String::len)
 }
 
-fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: Arc<AtomicBool>, path: PathBuf) {
+/// The aggregator's stop flag and the count of records being pushed ([`Recorder`]).
+type StopSignal = (Arc<AtomicBool>, Arc<AtomicUsize>);
+
+fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: StopSignal, path: PathBuf) {
     let mut pending: Vec<Record> = Vec::new();
     let mut pending_bytes = 0usize;
+    let (stop, pushing) = stop;
     loop {
-        let stopping = stop.load(Ordering::Acquire);
+        // Told to stop: once no record is between its look at the flag and its push, take
+        // what is queued, snapshot, and stop.
+        let stopping = stop.load(Ordering::SeqCst) && pushing.load(Ordering::SeqCst) == 0;
         let before = pending.len();
         while let Some(r) = queue.pop() {
             pending_bytes += held_bytes(&r);
@@ -456,6 +477,8 @@ mod tests {
             queue: Arc::new(ArrayQueue::new(4)),
             enabled: true,
             metrics: metrics.clone(),
+            stop: Arc::default(),
+            pushing: Arc::default(),
         };
         let with_key = |key: String| Record {
             resource: "h/a".into(),
@@ -530,6 +553,55 @@ mod tests {
         monitor.shutdown();
         let snap: SeriesStore = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
         assert_eq!(snap.total("h/a", "eu"), 1000, "the final snapshot has them");
+    }
+
+    #[test]
+    fn every_record_across_the_shutdown_is_aggregated_or_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("monitor.json");
+        let cfg = MonitorSection {
+            queue_capacity: 1 << 16,
+            snapshot_secs: 3600,
+            ..MonitorSection::default()
+        };
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let (monitor, recorder) =
+            Monitor::start(&cfg, vec!["eu".into()], path.clone(), metrics.clone(), None);
+        let go = Arc::new(AtomicBool::new(true));
+        let senders: Vec<_> = (0..3)
+            .map(|_| {
+                let (recorder, go) = (recorder.clone(), go.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while go.load(Ordering::Relaxed) {
+                        recorder.record(Record {
+                            resource: "h/a".into(),
+                            key: "h/a".into(),
+                            ts: now_secs(),
+                            region: 0,
+                            segment: None,
+                            bytes: 1,
+                            object_bytes: None,
+                            cache_status: "miss",
+                            latency_us: 1,
+                            client: 1,
+                        });
+                        n += 1;
+                    }
+                    n
+                })
+            })
+            .collect();
+        std::thread::sleep(Duration::from_millis(50));
+        monitor.shutdown();
+        std::thread::sleep(Duration::from_millis(20));
+        go.store(false, Ordering::Relaxed);
+        let sent: u64 = senders.into_iter().map(|t| t.join().unwrap()).sum();
+        assert!(
+            metrics.recorder_drops.get() > 0,
+            "records after the stop are counted"
+        );
+        assert_eq!(metrics.recorded.get() + metrics.recorder_drops.get(), sent);
     }
 
     #[test]
