@@ -327,6 +327,15 @@ async fn routing_is_deterministic_and_spreads_keys() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "uri_too_long");
     assert_eq!(origin.hits(&long), 0);
+    // Both refusals are counted, though no edge was chosen.
+    let m = c.metrics().await;
+    for status in ["status=\"404\"", "status=\"414\""] {
+        assert_eq!(
+            sample(&m, "shadowcdn_broker_requests_total", &["reason=\"refused\"", status]),
+            Some(1.0),
+            "{status}: {m}"
+        );
+    }
 
     // Answers whose header blocks grow past what pingora reads (the edge adds its status
     // lines to the origin's) fail at one hop or another, but they say nothing about the
