@@ -331,7 +331,11 @@ async fn routing_is_deterministic_and_spreads_keys() {
     let m = c.metrics().await;
     for status in ["status=\"404\"", "status=\"414\""] {
         assert_eq!(
-            sample(&m, "shadowcdn_broker_requests_total", &["reason=\"refused\"", status]),
+            sample(
+                &m,
+                "shadowcdn_broker_requests_total",
+                &["reason=\"refused\"", status]
+            ),
             Some(1.0),
             "{status}: {m}"
         );

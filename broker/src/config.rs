@@ -233,6 +233,10 @@ impl std::str::FromStr for EdgeAddr {
 
     fn from_str(s: &str) -> Result<Self, String> {
         if let Ok(a) = s.parse::<SocketAddr>() {
+            // Port 0 or an unspecified address (`0.0.0.0` dials this host) names no edge.
+            if a.port() == 0 || a.ip().is_unspecified() {
+                return Err(format!("{s:?} is not ip:port or name:port of an edge"));
+            }
             return Ok(EdgeAddr {
                 host: a.ip().to_string(),
                 port: a.port(),
@@ -546,6 +550,12 @@ impl BrokerConfig {
         if self.monitor.queue_capacity == 0 || self.monitor.max_series == 0 {
             return bad("monitor.queue_capacity and monitor.max_series must be positive".into());
         }
+        // The queue is allocated whole at start (about 160 bytes a slot).
+        if self.monitor.queue_capacity > MAX_QUEUE_CAPACITY {
+            return bad(format!(
+                "monitor.queue_capacity must be at most {MAX_QUEUE_CAPACITY} (allocated at start)"
+            ));
+        }
         if self.monitor.max_buckets < self.monitor.retention_buckets {
             return bad(
                 "monitor.max_buckets must be at least monitor.retention_buckets (one full series)"
@@ -621,9 +631,32 @@ impl BrokerConfig {
         if self.threads == 0 {
             return bad("threads must be at least 1".into());
         }
+        // A threshold outside the tuner's bounds would be clamped into them in silence.
+        let threshold = self.planner.threshold;
+        if threshold < self.cost.min_threshold || threshold > self.cost.max_threshold {
+            return bad(format!(
+                "planner.threshold ({threshold}) must be between cost.min_threshold ({}) and \
+                 cost.max_threshold ({})",
+                self.cost.min_threshold, self.cost.max_threshold
+            ));
+        }
+        // A header name that cannot be one would never match, and the setting would be off.
+        for (field, name) in [
+            ("client_region.header", Some(&self.client_region.header)),
+            ("segment_header", self.segment_header.as_ref()),
+        ] {
+            if let Some(name) = name {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    return bad(format!("{field}: {name:?} is not a header name"));
+                }
+            }
+        }
         self.cost.check().map_err(ConfigError)
     }
 }
+
+/// Most records the monitor's queue may hold: 4 Mi slots, about 640 MiB allocated at start.
+const MAX_QUEUE_CAPACITY: usize = 1 << 22;
 
 /// Longest planning or stats interval: a day between ticks is already no planning.
 const MAX_INTERVAL_SECS: f64 = 86_400.0;
@@ -919,11 +952,43 @@ pub(crate) mod tests {
             "010.0.0.1:80",
             "10.0.0.256:80",
             "127.1:80",
+            "10.0.0.5:0",
+            "0.0.0.0:80",
+            "[::]:80",
         ] {
             let cfg = SAMPLE.replace("127.0.0.1:9104", bad);
             let e = BrokerConfig::from_toml(&cfg).unwrap_err().to_string();
             assert!(e.contains("admin") && e.contains("name:port"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn settings_that_would_silently_mean_something_else_are_named() {
+        for (section, line, field) in [
+            ("[planner]", "threshold = 0.02", "planner.threshold"),
+            ("[planner]", "threshold = 0.99", "planner.threshold"),
+            (
+                "[monitor]",
+                "queue_capacity = 1000000000",
+                "monitor.queue_capacity",
+            ),
+            (
+                "[client_region]",
+                "header = \"x region\"",
+                "client_region.header",
+            ),
+        ] {
+            let bad = if SAMPLE.contains(section) {
+                SAMPLE.replacen(section, &format!("{section}\n{line}"), 1)
+            } else {
+                format!("{SAMPLE}\n{section}\n{line}\n")
+            };
+            let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(e.contains(field), "{line}: {e}");
+        }
+        let bad = format!("segment_header = \"x user\"\n{SAMPLE}");
+        let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+        assert!(e.contains("segment_header"), "{e}");
     }
 
     #[test]
