@@ -132,6 +132,13 @@ pub struct ClientRegion {
     /// Region of clients that match nothing.
     #[serde(default)]
     pub default: Option<String>,
+    /// Proxies in front of the broker (load balancers) whose `X-Forwarded-For` names the
+    /// client: from them, the client is the nearest address in that chain outside these
+    /// ranges. Its address picks the region by `cidrs` and tells clients apart for co-access,
+    /// which behind a load balancer would otherwise see every user as one client. Default:
+    /// none (the peer is the client; the header is not believed).
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
 }
 
 impl Default for ClientRegion {
@@ -141,6 +148,7 @@ impl Default for ClientRegion {
             trust_header: false,
             cidrs: Vec::new(),
             default: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }

@@ -318,7 +318,12 @@ impl ProxyHttp for BrokerProxy {
             .header_name()
             .and_then(|h| req.headers.get(h))
             .and_then(|v| v.to_str().ok());
-        let ip = client_ip(session);
+        let forwarded = req
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let ip = self.regions.client_addr(client_ip(session), forwarded);
         ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
         ctx.client = match ip {
             Some(std::net::IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
@@ -719,38 +724,43 @@ impl ProxyHttp for BrokerProxy {
 /// class (`2xx`…) for the rest. Origins choose the code, and any of 100–999 would otherwise
 /// be a series of its own per region, edge and reason.
 fn status_label(status: u16) -> &'static str {
-    match status {
-        0 => "0",
-        200 => "200",
-        204 => "204",
-        206 => "206",
-        301 => "301",
-        302 => "302",
-        304 => "304",
-        307 => "307",
-        308 => "308",
-        400 => "400",
-        401 => "401",
-        403 => "403",
-        404 => "404",
-        405 => "405",
-        408 => "408",
-        410 => "410",
-        412 => "412",
-        413 => "413",
-        414 => "414",
-        416 => "416",
-        429 => "429",
-        500 => "500",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        508 => "508",
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        500..=599 => "5xx",
+    const COMMON: [(u16, &str); 26] = [
+        (0, "0"),
+        (200, "200"),
+        (204, "204"),
+        (206, "206"),
+        (301, "301"),
+        (302, "302"),
+        (304, "304"),
+        (307, "307"),
+        (308, "308"),
+        (400, "400"),
+        (401, "401"),
+        (403, "403"),
+        (404, "404"),
+        (405, "405"),
+        (408, "408"),
+        (410, "410"),
+        (412, "412"),
+        (413, "413"),
+        (414, "414"),
+        (416, "416"),
+        (429, "429"),
+        (500, "500"),
+        (502, "502"),
+        (503, "503"),
+        (504, "504"),
+        (508, "508"),
+    ];
+    if let Some((_, label)) = COMMON.iter().find(|(code, _)| *code == status) {
+        return label;
+    }
+    match status / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        5 => "5xx",
         _ => "other",
     }
 }

@@ -11,6 +11,8 @@ use crate::config::ClientRegion;
 #[derive(Debug)]
 pub struct RegionResolver {
     header: Option<String>,
+    /// Peers whose `X-Forwarded-For` is believed.
+    trusted_proxies: Vec<IpNet>,
     /// Most specific (longest prefix) first.
     cidrs: Vec<(IpNet, usize)>,
     default: usize,
@@ -27,6 +29,7 @@ impl RegionResolver {
         cidrs.sort_by_key(|(n, _)| std::cmp::Reverse(n.prefix_len()));
         RegionResolver {
             header: cfg.trust_header.then(|| cfg.header.to_ascii_lowercase()),
+            trusted_proxies: cfg.trusted_proxies.clone(),
             cidrs,
             default: cfg
                 .default
@@ -39,6 +42,34 @@ impl RegionResolver {
     /// The header to read, if trusted.
     pub fn header_name(&self) -> Option<&str> {
         self.header.as_deref()
+    }
+
+    /// The client's address: the peer's, unless the peer is a trusted proxy; then the
+    /// nearest address of its `X-Forwarded-For` chain (`lines`, right to left) outside the
+    /// trusted ranges, the leftmost if all are inside, or the last trusted hop before an entry
+    /// that is no address.
+    pub fn client_addr<'a>(
+        &self,
+        peer: Option<IpAddr>,
+        lines: impl DoubleEndedIterator<Item = &'a str>,
+    ) -> Option<IpAddr> {
+        let trusted = |ip: &IpAddr| self.trusted_proxies.iter().any(|n| n.contains(ip));
+        let mut hop = peer?.to_canonical();
+        if !trusted(&hop) {
+            return Some(hop);
+        }
+        for line in lines.rev() {
+            for entry in line.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
+                let Ok(ip) = entry.parse::<IpAddr>() else {
+                    return Some(hop);
+                };
+                hop = ip.to_canonical();
+                if !trusted(&hop) {
+                    return Some(hop);
+                }
+            }
+        }
+        Some(hop)
     }
 
     /// Region of a request with this header value and client address.
@@ -60,6 +91,39 @@ impl RegionResolver {
 mod tests {
     use super::*;
     use crate::config::{tests::SAMPLE, BrokerConfig};
+
+    #[test]
+    fn the_client_behind_a_trusted_proxy_is_the_nearest_untrusted_hop() {
+        let cfg = BrokerConfig::from_toml(SAMPLE).unwrap();
+        let fleet = Fleet::new(&cfg);
+        let mut region = cfg.client_region.clone();
+        region.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+        let r = RegionResolver::new(&region, &fleet);
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let lb = ip("10.0.0.7");
+        // Not from a trusted proxy: the header is the client's own claim.
+        assert_eq!(
+            r.client_addr(ip("192.0.2.1"), ["203.0.113.5"].into_iter()),
+            ip("192.0.2.1")
+        );
+        // From the load balancer: the nearest hop it did not add itself.
+        assert_eq!(
+            r.client_addr(lb, ["6.6.6.6, 203.0.113.5", "10.1.2.3"].into_iter()),
+            ip("203.0.113.5"),
+            "a forged entry to the left is not believed"
+        );
+        assert_eq!(r.client_addr(lb, ["10.1.2.3"].into_iter()), ip("10.1.2.3"));
+        assert_eq!(r.client_addr(lb, std::iter::empty()), lb);
+        assert_eq!(
+            r.client_addr(lb, ["junk, 10.1.2.3"].into_iter()),
+            ip("10.1.2.3")
+        );
+        assert_eq!(
+            r.client_addr(ip("::ffff:10.0.0.7"), ["::ffff:198.51.100.2"].into_iter()),
+            ip("198.51.100.2")
+        );
+        assert_eq!(r.client_addr(None, ["203.0.113.5"].into_iter()), None);
+    }
 
     #[test]
     fn header_then_cidr_then_default() {
