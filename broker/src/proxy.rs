@@ -74,6 +74,10 @@ pub struct BrokerCtx {
     /// Edges already tried for this request.
     tried: Vec<usize>,
     origin_tried: bool,
+    /// Origin addresses connected to so far, and how many the origin's name resolved to: a
+    /// connect that fails moves to the next address ([`MAX_ORIGIN_ADDRS`] at most).
+    origin_attempts: usize,
+    origin_addr_count: usize,
     /// Retries on the same route after a pooled connection failed ([`MAX_POOLED_RETRIES`]).
     pooled_retries: u8,
     chosen: Option<Choice>,
@@ -272,8 +276,16 @@ pub(crate) async fn resolve_upstream(
     Ok(ResolvedUpstream { host, tls, addrs })
 }
 
-/// Resolve an origin URL to a peer ([`resolve_upstream`], through `addrs`).
-async fn origin_peer(addrs: &OriginAddrs, upstream: &str) -> Result<HttpPeer> {
+/// Most of an origin's addresses one request connects to before giving up.
+pub const MAX_ORIGIN_ADDRS: usize = 3;
+
+/// Resolve an origin URL to a peer ([`resolve_upstream`], through `addrs`): its `attempt`-th
+/// address, IPv4 ones first, and how many addresses there are.
+async fn origin_peer(
+    addrs: &OriginAddrs,
+    upstream: &str,
+    attempt: usize,
+) -> Result<(HttpPeer, usize)> {
     let resolved = addrs.resolve(upstream).await.map_err(|e| {
         let kind = match *e {
             UpstreamLookupError::NotAUrl => ErrorType::InternalError,
@@ -282,10 +294,23 @@ async fn origin_peer(addrs: &OriginAddrs, upstream: &str) -> Result<HttpPeer> {
         };
         Error::explain(kind, format!("origin: {e}"))
     })?;
-    // IPv4 first: a host without an IPv6 route would fail on an IPv6-first answer.
-    let addrs = &resolved.addrs;
-    let addr = addrs.iter().find(|a| a.is_ipv4()).unwrap_or(&addrs[0]);
-    Ok(HttpPeer::new(*addr, resolved.tls, resolved.host.clone()))
+    let addr = nth_origin_addr(&resolved.addrs, attempt);
+    let peer = HttpPeer::new(addr, resolved.tls, resolved.host.clone());
+    Ok((peer, resolved.addrs.len()))
+}
+
+/// The address an origin's `attempt`-th connection goes to: IPv4 ones first (a host without
+/// an IPv6 route would fail on an IPv6-first answer), in the resolver's order, round again
+/// past the last. `addrs` is not empty ([`resolve_upstream`]).
+fn nth_origin_addr(addrs: &[SocketAddr], attempt: usize) -> SocketAddr {
+    let ordered = addrs
+        .iter()
+        .filter(|a| a.is_ipv4())
+        .chain(addrs.iter().filter(|a| !a.is_ipv4()));
+    *ordered
+        .clone()
+        .nth(attempt % addrs.len().max(1))
+        .unwrap_or(&addrs[0])
 }
 
 #[async_trait]
@@ -301,6 +326,8 @@ impl ProxyHttp for BrokerProxy {
             key_hash: 0,
             tried: Vec::new(),
             origin_tried: false,
+            origin_attempts: 0,
+            origin_addr_count: 0,
             pooled_retries: 0,
             chosen: None,
             resource: String::new(),
@@ -414,7 +441,11 @@ impl ProxyHttp for BrokerProxy {
                 let origin = self.registry.origin(&host).ok_or_else(|| {
                     Error::explain(ErrorType::ConnectNoRoute, "host was unregistered")
                 })?;
-                origin_peer(&self.origin_addrs, &origin.upstream).await?
+                let (peer, count) =
+                    origin_peer(&self.origin_addrs, &origin.upstream, ctx.origin_attempts).await?;
+                ctx.origin_attempts += 1;
+                ctx.origin_addr_count = count;
+                peer
             }
         };
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
@@ -491,6 +522,13 @@ impl ProxyHttp for BrokerProxy {
             }
         }
         if !ctx.origin_tried {
+            self.metrics.retries.inc();
+            e.set_retry(true);
+        } else if ctx.chosen.is_some_and(|c| c.edge.is_none())
+            && ctx.origin_attempts < ctx.origin_addr_count.min(MAX_ORIGIN_ADDRS)
+        {
+            // Nothing was sent: the origin's next address gets the request.
+            ctx.origin_tried = false;
             self.metrics.retries.inc();
             e.set_retry(true);
         }
@@ -635,7 +673,7 @@ impl ProxyHttp for BrokerProxy {
                     format!("the request could not be read: {}", e.etype().as_str()),
                 )
             } else {
-                let attempts = ctx.tried.len() + usize::from(ctx.origin_tried);
+                let attempts = ctx.tried.len() + ctx.origin_attempts;
                 let msg =
                     format!("no edge or origin could serve the request after {attempts} attempts");
                 ("no_route", msg)
@@ -837,6 +875,14 @@ fn retry_after_error(replayable: bool, pooled: bool, origin_tried: bool) -> Retr
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_origins_connections_go_round_its_addresses_ipv4_first() {
+        let a = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let addrs = [a("[2001:db8::1]:80"), a("192.0.2.1:80"), a("192.0.2.2:80")];
+        let order: Vec<_> = (0..4).map(|i| nth_origin_addr(&addrs, i)).collect();
+        assert_eq!(order, [addrs[1], addrs[2], addrs[0], addrs[1]]);
+    }
 
     #[test]
     fn status_labels_are_a_bounded_set() {

@@ -202,10 +202,13 @@ impl Broker {
                 cfg.drain_timeout_secs + edge_node::drain::FINISH_ALLOWANCE_SECS,
             ),
             graceful_shutdown_timeout_seconds: Some(5),
-            // A plan tries each edge at most once, then the origin, plus a few retries of
-            // pooled connections a peer had closed: pingora's default of 16 would leave the
-            // origin out of reach behind a region and neighbours of 16 edges.
-            max_retries: cfg.edges.len() + 1 + usize::from(crate::proxy::MAX_POOLED_RETRIES),
+            // A plan tries each edge at most once, then up to three of the origin's
+            // addresses, plus a few retries of pooled connections a peer had closed:
+            // pingora's default of 16 would leave the origin out of reach behind a region and
+            // neighbours of 16 edges.
+            max_retries: cfg.edges.len()
+                + crate::proxy::MAX_ORIGIN_ADDRS
+                + usize::from(crate::proxy::MAX_POOLED_RETRIES),
             pid_file: cfg
                 .data_dir
                 .join("broker.pid")

@@ -187,36 +187,32 @@ impl SeriesStore {
     }
 
     /// Adopt a snapshot's data under this store's limits; whether it could (not when its
-    /// bucket width differs from this store's). Buckets that start after the one holding
-    /// `now` are dropped and update times clamped to `now`: a snapshot written before the
-    /// clock was set back (or by a replay's clock) would otherwise keep counts the forecaster
-    /// never reads and series that eviction never reaches.
+    /// bucket width differs from this store's). A snapshot written before the clock was set
+    /// back (or by a replay's scaled clock) holds buckets later than `now`: they are kept
+    /// (forecasts read them once the clock reaches them, and counts added then join them),
+    /// but update times are clamped to `now`, or eviction would reach those series last.
     pub fn restore(&mut self, snapshot: SeriesStore, now: u64) -> bool {
         if snapshot.bucket_secs == self.bucket_secs {
             let current = self.bucket_of(now);
-            let mut future = 0usize;
+            let mut ahead = 0usize;
             self.series = snapshot.series;
+            self.count = self.series.values().map(HashMap::len).sum();
             self.buckets = 0;
             for regions in self.series.values_mut() {
                 for s in regions.values_mut() {
-                    let before = s.buckets.len();
-                    s.buckets.retain(|b| b.start <= current);
-                    future += before - s.buckets.len();
+                    ahead += s.buckets.iter().filter(|b| b.start > current).count();
                     s.touched = s.touched.min(now);
                     while s.buckets.len() > self.retention {
                         s.buckets.pop_front();
                     }
                     self.buckets += s.buckets.len();
                 }
-                regions.retain(|_, s| !s.buckets.is_empty());
             }
-            self.series.retain(|_, regions| !regions.is_empty());
-            self.count = self.series.values().map(HashMap::len).sum();
-            if future > 0 {
+            if ahead > 0 {
                 tracing::warn!(
-                    buckets = future,
+                    buckets = ahead,
                     now,
-                    "monitor snapshot holds buckets later than the clock; dropped"
+                    "monitor snapshot holds buckets later than the clock (was it set back?)"
                 );
             }
             if self.count > self.max_series || self.buckets > self.max_buckets {
@@ -620,18 +616,19 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_from_ahead_of_the_clock_keeps_only_its_past() {
+    fn a_snapshot_from_ahead_of_the_clock_is_kept_with_its_update_times_clamped() {
         let mut st = SeriesStore::new(60, 100, 1_000);
         st.add(&obs("h/a", "eu", 100));
         st.add(&obs("h/a", "eu", 5_000));
         st.add(&obs("h/b", "eu", 5_000));
         let mut restored = SeriesStore::new(60, 100, 1_000);
         assert!(restored.restore(st, 130));
-        assert_eq!(restored.len(), 1, "h/b had only future buckets");
-        assert_eq!(restored.bucket_count(), 1);
+        assert_eq!(
+            (restored.len(), restored.bucket_count()),
+            (2, 3),
+            "nothing is lost"
+        );
         let a = &restored.query("h/a").unwrap()["eu"];
-        assert_eq!(a.buckets.len(), 1);
-        assert_eq!(a.buckets[0].start, 60);
         assert_eq!(
             a.touched, 130,
             "an update time ahead of the clock is clamped"
@@ -640,6 +637,13 @@ mod tests {
         assert_eq!(
             restored.query("h/a").unwrap()["eu"].counts(60, 2, 140),
             vec![1, 1]
+        );
+        // Once the clock reaches the later bucket, a count joins it.
+        restored.add(&obs("h/a", "eu", 5_010));
+        let a = &restored.query("h/a").unwrap()["eu"];
+        assert_eq!(
+            a.buckets.back().map(|b| (b.start, b.requests)),
+            Some((4_980, 2))
         );
     }
 
