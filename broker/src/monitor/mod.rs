@@ -116,6 +116,11 @@ impl Recorder {
             self.metrics.recorder_long_keys.inc();
             return;
         }
+        // Once stopped, counted at once: a record must not hold the aggregator's last drain.
+        if self.stop.load(Ordering::Acquire) {
+            self.metrics.recorder_drops.inc();
+            return;
+        }
         // Announced before the look at `stop` (both sequentially consistent): an aggregator
         // that saw none pushing after it was told to stop drains after every record that saw
         // `stop` unset.

@@ -290,8 +290,14 @@ impl SeriesStore {
                     .map_or(0, |p| p + 1);
                 s.buckets.insert(pos, b);
                 self.buckets += 1;
+                // Over retention, buckets later than this one (kept from before the clock was
+                // set back) go first: dropping the oldest would drop the one just added.
                 while s.buckets.len() > self.retention {
-                    s.buckets.pop_front();
+                    if s.buckets.back().is_some_and(|x| x.start > start) {
+                        s.buckets.pop_back();
+                    } else {
+                        s.buckets.pop_front();
+                    }
                     self.buckets -= 1;
                 }
                 if self.buckets > self.max_buckets {
@@ -645,6 +651,18 @@ mod tests {
             a.buckets.back().map(|b| (b.start, b.requests)),
             Some((4_980, 2))
         );
+        // A series at full retention still records the present: the later buckets make room.
+        let mut full = SeriesStore::new(60, 3, 1_000);
+        for t in [6_000, 6_060, 6_120] {
+            full.add(&obs("h/c", "eu", t));
+        }
+        let mut back = SeriesStore::new(60, 3, 1_000);
+        assert!(back.restore(full, 200));
+        back.add(&obs("h/c", "eu", 200));
+        let c = &back.query("h/c").unwrap()["eu"];
+        assert_eq!(c.counts(60, 1, 200), vec![1]);
+        assert_eq!(c.buckets.len(), 3);
+        assert_eq!(back.bucket_count(), 3);
     }
 
     #[test]
