@@ -176,7 +176,7 @@ pub struct CacheSection {
     /// Shards of the memory tier. More shards mean less lock contention between worker
     /// threads, but each shard holds `memory_capacity / memory_shards`, and storing an object
     /// larger than its shard (or reading one back from disk) empties that shard. Unset: the
-    /// most of 8, 4, 2, 1 whose shards each hold a `max_object_size` object
+    /// most of 8, 4, 2, 1 whose shards each hold two `max_object_size` objects
     /// ([`CacheSection::memory_shards`]).
     #[serde(default)]
     pub memory_shards: Option<usize>,
@@ -388,16 +388,19 @@ impl EdgeConfig {
         // tier, which puts it in memory) empties the shard, every hot small object in it, and
         // without a disk tier then drops the object itself.
         let shard = c.memory_capacity.as_u64() / c.memory_shards() as u64;
-        if c.max_object_size > c.memory_capacity {
+        // Half a shard at most: an object at the limit (plus its metadata) must leave room
+        // for the shard's small objects rather than take all of it.
+        if c.max_object_size.as_u64() > c.memory_capacity.as_u64() / 2 {
             return Err(ConfigError::Invalid(format!(
-                "cache.max_object_size ({}) must be at most cache.memory_capacity ({})",
+                "cache.max_object_size ({}) must be at most half of cache.memory_capacity ({})",
                 c.max_object_size, c.memory_capacity
             )));
         }
-        if c.max_object_size.as_u64() > shard {
+        if c.max_object_size.as_u64() > shard / 2 {
             return Err(ConfigError::Invalid(format!(
-                "cache.max_object_size ({}) must be at most cache.memory_capacity / \
-                 cache.memory_shards ({}): use fewer shards or leave memory_shards unset",
+                "cache.max_object_size ({}) must be at most half a memory shard, \
+                 cache.memory_capacity / cache.memory_shards ({}): use fewer shards or leave \
+                 memory_shards unset",
                 c.max_object_size,
                 ByteSize(shard)
             )));
@@ -596,13 +599,13 @@ pub fn valid_node_id(id: &str) -> bool {
 
 impl CacheSection {
     /// The memory tier's shards: as configured, else the most of 8, 4, 2, 1 whose shards each
-    /// hold a `max_object_size` object (1 when none does, which the config check refuses).
+    /// hold two `max_object_size` objects (1 when none does, which the config check refuses).
     pub fn memory_shards(&self) -> usize {
         self.memory_shards.unwrap_or_else(|| {
             let (memory, largest) = (self.memory_capacity.as_u64(), self.max_object_size.as_u64());
             [8, 4, 2]
                 .into_iter()
-                .find(|n| memory / n >= largest)
+                .find(|n| memory / n / 2 >= largest)
                 .unwrap_or(1) as usize
         })
     }
@@ -778,10 +781,10 @@ mod tests {
             "dir = \"/tmp/x\"\nmemory_capacity = \"4 MiB\"\ndisk_capacity = 0\nmax_object_size = \"512 KiB\"",
         );
         assert!(EdgeConfig::from_toml(&mem_only).is_ok());
-        // 1 MiB does not fit one of 8 shards of 512 KiB; unset, the shards are 4 of 1 MiB.
+        // 1 MiB objects want shards of 2 MiB: unset, the shards are 2 of 2 MiB.
         let mid = mem_only.replace("\"512 KiB\"", "\"1 MiB\"");
         let derived = EdgeConfig::from_toml(&mid).unwrap();
-        assert_eq!(derived.cache.memory_shards(), 4);
+        assert_eq!(derived.cache.memory_shards(), 2);
         let eight = mid.replace("disk_capacity = 0", "disk_capacity = 0\nmemory_shards = 8");
         let err = EdgeConfig::from_toml(&eight).unwrap_err().to_string();
         assert!(err.contains("memory_shards"), "{err}");
