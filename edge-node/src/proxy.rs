@@ -582,6 +582,19 @@ const PEER_MISS: &str = "peer_miss";
 const NO_HEURISTIC: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
 
 /// Status codes RFC 9110 §15.1 calls heuristically cacheable.
+/// Why an answer is not stored. To a request with `Authorization` it describes that client
+/// (its session, its private copy), not the key: remembered for the key, pingora's predictor
+/// would send every later request for the URL past the cache, stored variants included, so
+/// one such request could turn a key's cache off. The next anonymous answer teaches the
+/// predictor what the key itself is.
+fn refused(authorization: bool) -> NoCacheReason {
+    if authorization {
+        NoCacheReason::Custom(AUTHORIZED_REQUEST)
+    } else {
+        NoCacheReason::OriginNotCache
+    }
+}
+
 fn heuristically_cacheable(status: u16) -> bool {
     matches!(
         status,
@@ -645,7 +658,7 @@ impl EdgeProxy {
         // gave, unless the origin named the cookie as the part not to store
         // (`no-cache="set-cookie"`, `private="set-cookie"`; stripped above).
         if header.headers.contains_key(header::SET_COOKIE) {
-            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+            return RespCacheable::Uncacheable(refused(authorization));
         }
         // A response that already aged in another cache (a peer edge, a cache in front of
         // the origin) has that much less freshness left (RFC 9111 §4.2.3): freshness and the
@@ -668,19 +681,11 @@ impl EdgeProxy {
                     // A server error (often `no-store`) says the origin is failing, not that
                     // the key can never be cached: the predictor must not send the key's
                     // next requests past the cache lock, all at once, to an origin that is
-                    // recovering. Nor may one client's `Authorization` header: it describes
-                    // the request, and remembered for the key it would let anyone turn the
-                    // key's cache off (stored copies included) with one such request.
-                    let cacheable_without_it = !by_response
-                        && (!by_policy
-                            || calculate_fresh_until(now, cc.as_ref(), resp, false, &NO_HEURISTIC)
-                                .is_some());
+                    // recovering.
                     let reason = if resp.status.is_server_error() {
                         NoCacheReason::Custom(ORIGIN_SERVER_ERROR)
-                    } else if by_authorization && cacheable_without_it {
-                        NoCacheReason::Custom(AUTHORIZED_REQUEST)
                     } else {
-                        NoCacheReason::OriginNotCache
+                        refused(authorization)
                     };
                     return RespCacheable::Uncacheable(reason);
                 }
