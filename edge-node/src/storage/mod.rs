@@ -739,7 +739,14 @@ impl Storage for FoyerStorage {
         if self.purged_since(&primary, key_hash, stored.created(), stored.headers()) {
             return Ok(false);
         }
-        self.refresh_unless_purged(since, hash, meta, obj.body)
+        // Only a refresh that extends what the disk copy says may leave that copy as it
+        // is: one that shortens its lifetimes, or changes what purges and variants judge it
+        // by (tags, Vary), is written whole.
+        if extends_only(&stored, meta) {
+            self.refresh_unless_purged(since, hash, meta, obj.body)
+        } else {
+            self.store_unless_purged(since, hash, meta, obj.body)
+        }
     }
 
     fn support_streaming_partial_write(&self) -> bool {
@@ -749,6 +756,23 @@ impl Storage for FoyerStorage {
     fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
         self
     }
+}
+
+/// Whether `new` (a revalidation's headers) only extends `old`: no lifetime is shorter and
+/// the headers that purges and variants read are the same, so a copy still labelled `old`
+/// can never be served where `new` would not be.
+fn extends_only(old: &CacheMeta, new: &CacheMeta) -> bool {
+    let same = |name: &str| {
+        old.headers()
+            .get_all(name)
+            .iter()
+            .eq(new.headers().get_all(name).iter())
+    };
+    new.fresh_until() >= old.fresh_until()
+        && new.stale_while_revalidate_sec() >= old.stale_while_revalidate_sec()
+        && new.stale_if_error_sec() >= old.stale_if_error_sec()
+        && crate::tags::HEADERS.iter().all(|h| same(h))
+        && same(http::header::VARY.as_str())
 }
 
 fn compact_bin(key: &CompactCacheKey) -> [u8; 16] {
@@ -1322,6 +1346,15 @@ mod tests {
             v1.fresh_until(),
             "not written again"
         );
+        // A 304 that adds a tag is written whole: the disk copy must carry it for tag purges.
+        let mut tagged = ResponseHeader::build(200, None).unwrap();
+        tagged.insert_header("cache-tag", "t1").unwrap();
+        let with_tag = CacheMeta::new(later, v1.created(), 0, 0, tagged);
+        assert!(s.update_meta(&key, &with_tag, &trace).await.unwrap());
+        s.cache.storage().wait().await;
+        s.cache.memory().remove(&hash);
+        let on_disk = s.load(hash).await.unwrap().expect("rewritten");
+        assert!(on_disk.meta().unwrap().headers().contains_key("cache-tag"));
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
