@@ -60,7 +60,11 @@ impl RegionResolver {
         }
         for line in lines.rev() {
             for entry in line.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
-                let Ok(ip) = entry.parse::<IpAddr>() else {
+                // An entry may carry a port (`ip:port`, `[v6]:port`), as some balancers write.
+                let parsed = entry
+                    .parse::<IpAddr>()
+                    .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()));
+                let Ok(ip) = parsed else {
                     return Some(hop);
                 };
                 hop = ip.to_canonical();
@@ -121,6 +125,10 @@ mod tests {
         assert_eq!(
             r.client_addr(ip("::ffff:10.0.0.7"), ["::ffff:198.51.100.2"].into_iter()),
             ip("198.51.100.2")
+        );
+        assert_eq!(
+            r.client_addr(lb, ["203.0.113.5:4711, [2001:db8::9]:443"].into_iter()),
+            ip("2001:db8::9")
         );
         assert_eq!(r.client_addr(None, ["203.0.113.5"].into_iter()), None);
     }
