@@ -429,40 +429,36 @@ impl FoyerStorage {
         meta: &CacheMeta,
         body: Bytes,
     ) -> Result<bool> {
-        let (internal, header) = meta.serialize()?;
-        let epochs = self.purges.lock();
-        if epochs[purge_slot(hash)] != since {
-            return Ok(false);
-        }
-        self.replace(
-            hash,
-            StoredObject::new(internal.into(), header.into(), body),
-        );
-        Ok(true)
+        self.write_unless_purged(since, hash, meta, body, Tier::Both)
     }
 
-    /// Store a revalidated object's new headers in the memory tier only: the body did not
-    /// change, so writing it to disk again (every 304 of an object revalidated on each request
-    /// would rewrite it whole) is left out. The disk keeps the same body under its earlier
-    /// headers, which a 304 just confirmed; read back (after the memory tier dropped it, or a
-    /// restart), it is revalidated again once those headers say it is stale.
-    fn refresh_unless_purged(
+    /// [`Self::store_unless_purged`] into `tier`. A revalidation whose headers only extend
+    /// the stored ones goes to memory only: the body did not change, and writing it to disk
+    /// again (every 304 of an object revalidated on each request would rewrite it whole) is
+    /// left out. The disk keeps the same body under its earlier headers, which a 304 just
+    /// confirmed; read back (after the memory tier dropped it, or a restart), it is
+    /// revalidated again once those headers say it is stale.
+    fn write_unless_purged(
         &self,
         since: u64,
         hash: u128,
         meta: &CacheMeta,
         body: Bytes,
+        tier: Tier,
     ) -> Result<bool> {
         let (internal, header) = meta.serialize()?;
         let epochs = self.purges.lock();
         if epochs[purge_slot(hash)] != since {
             return Ok(false);
         }
-        self.cache.insert_with_properties(
-            hash,
-            StoredObject::new(internal.into(), header.into(), body),
-            HybridCacheProperties::default().with_location(Location::InMem),
-        );
+        let obj = StoredObject::new(internal.into(), header.into(), body);
+        match tier {
+            Tier::Both => self.replace(hash, obj),
+            Tier::Memory => {
+                let memory = HybridCacheProperties::default().with_location(Location::InMem);
+                self.cache.insert_with_properties(hash, obj, memory);
+            }
+        }
         Ok(true)
     }
 
@@ -743,7 +739,7 @@ impl Storage for FoyerStorage {
         // is: one that shortens its lifetimes, or changes what purges and variants judge it
         // by (tags, Vary), is written whole.
         if extends_only(&stored, meta) {
-            self.refresh_unless_purged(since, hash, meta, obj.body)
+            self.write_unless_purged(since, hash, meta, obj.body, Tier::Memory)
         } else {
             self.store_unless_purged(since, hash, meta, obj.body)
         }
@@ -756,6 +752,15 @@ impl Storage for FoyerStorage {
     fn as_any(&self) -> &(dyn Any + Send + Sync + 'static) {
         self
     }
+}
+
+/// Where a write goes.
+#[derive(Clone, Copy)]
+enum Tier {
+    /// Memory and (in place of any older version) disk.
+    Both,
+    /// Memory only, the disk copy left as it is.
+    Memory,
 }
 
 /// Whether `new` (a revalidation's headers) only extends `old`: no lifetime is shorter and
