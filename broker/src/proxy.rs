@@ -76,8 +76,10 @@ pub struct BrokerCtx {
     origin_tried: bool,
     /// Origin addresses connected to so far, and how many the origin's name resolved to: a
     /// connect that fails moves to the next address ([`MAX_ORIGIN_ADDRS`] at most).
-    origin_attempts: usize,
+    origin_addrs_tried: Vec<SocketAddr>,
     origin_addr_count: usize,
+    /// The origin address connected to last, and the lookup it came from.
+    origin_addr: Option<(SocketAddr, std::sync::Arc<ResolvedUpstream>)>,
     /// Retries on the same route after a pooled connection failed ([`MAX_POOLED_RETRIES`]).
     pooled_retries: u8,
     chosen: Option<Choice>,
@@ -205,6 +207,36 @@ pub(crate) struct ResolvedUpstream {
     pub tls: bool,
     /// Never empty, and never private unless private addresses were allowed.
     pub addrs: Vec<SocketAddr>,
+    /// Addresses a connect failed to since this lookup: tried last by later requests, so a
+    /// dead address costs one request a connect timeout, not every request while the
+    /// lookup is kept.
+    pub failed: parking_lot::Mutex<Vec<SocketAddr>>,
+}
+
+impl ResolvedUpstream {
+    /// The address a request's next origin connection goes to, after the ones it `tried`:
+    /// the ones a connect failed to last, IPv4 ones first otherwise (a host without an IPv6
+    /// route would fail on an IPv6-first answer), then the resolver's order; the first again
+    /// once all were tried.
+    pub fn next_addr(&self, tried: &[SocketAddr]) -> SocketAddr {
+        let failed = self.failed.lock();
+        let rank = |a: &SocketAddr| (failed.contains(a), !a.is_ipv4());
+        let mut ordered = self.addrs.clone();
+        ordered.sort_by_key(rank);
+        ordered
+            .iter()
+            .find(|a| !tried.contains(a))
+            .copied()
+            .unwrap_or(ordered[0])
+    }
+
+    /// A connect to `addr` failed.
+    pub fn connect_failed(&self, addr: SocketAddr) {
+        let mut failed = self.failed.lock();
+        if !failed.contains(&addr) && self.addrs.contains(&addr) {
+            failed.push(addr);
+        }
+    }
 }
 
 /// Why an origin URL gives no usable address.
@@ -273,19 +305,25 @@ pub(crate) async fn resolve_upstream(
         let addr = private.ip();
         return Err(UpstreamLookupError::Private { host, addr });
     }
-    Ok(ResolvedUpstream { host, tls, addrs })
+    Ok(ResolvedUpstream {
+        host,
+        tls,
+        addrs,
+        failed: parking_lot::Mutex::new(Vec::new()),
+    })
 }
 
 /// Most of an origin's addresses one request connects to before giving up.
 pub const MAX_ORIGIN_ADDRS: usize = 3;
 
 /// Resolve an origin URL to a peer ([`resolve_upstream`], through `addrs`): its `attempt`-th
-/// address, IPv4 ones first, and how many addresses there are.
+/// address after the ones `tried` ([`ResolvedUpstream::next_addr`]) and the lookup it came
+/// from.
 async fn origin_peer(
     addrs: &OriginAddrs,
     upstream: &str,
-    attempt: usize,
-) -> Result<(HttpPeer, usize)> {
+    tried: &[SocketAddr],
+) -> Result<(HttpPeer, SocketAddr, std::sync::Arc<ResolvedUpstream>)> {
     let resolved = addrs.resolve(upstream).await.map_err(|e| {
         let kind = match *e {
             UpstreamLookupError::NotAUrl => ErrorType::InternalError,
@@ -294,23 +332,9 @@ async fn origin_peer(
         };
         Error::explain(kind, format!("origin: {e}"))
     })?;
-    let addr = nth_origin_addr(&resolved.addrs, attempt);
+    let addr = resolved.next_addr(tried);
     let peer = HttpPeer::new(addr, resolved.tls, resolved.host.clone());
-    Ok((peer, resolved.addrs.len()))
-}
-
-/// The address an origin's `attempt`-th connection goes to: IPv4 ones first (a host without
-/// an IPv6 route would fail on an IPv6-first answer), in the resolver's order, round again
-/// past the last. `addrs` is not empty ([`resolve_upstream`]).
-fn nth_origin_addr(addrs: &[SocketAddr], attempt: usize) -> SocketAddr {
-    let ordered = addrs
-        .iter()
-        .filter(|a| a.is_ipv4())
-        .chain(addrs.iter().filter(|a| !a.is_ipv4()));
-    *ordered
-        .clone()
-        .nth(attempt % addrs.len().max(1))
-        .unwrap_or(&addrs[0])
+    Ok((peer, addr, resolved))
 }
 
 #[async_trait]
@@ -326,8 +350,9 @@ impl ProxyHttp for BrokerProxy {
             key_hash: 0,
             tried: Vec::new(),
             origin_tried: false,
-            origin_attempts: 0,
+            origin_addrs_tried: Vec::new(),
             origin_addr_count: 0,
+            origin_addr: None,
             pooled_retries: 0,
             chosen: None,
             resource: String::new(),
@@ -441,10 +466,12 @@ impl ProxyHttp for BrokerProxy {
                 let origin = self.registry.origin(&host).ok_or_else(|| {
                     Error::explain(ErrorType::ConnectNoRoute, "host was unregistered")
                 })?;
-                let (peer, count) =
-                    origin_peer(&self.origin_addrs, &origin.upstream, ctx.origin_attempts).await?;
-                ctx.origin_attempts += 1;
-                ctx.origin_addr_count = count;
+                let tried = ctx.origin_addrs_tried.as_slice();
+                let (peer, addr, resolved) =
+                    origin_peer(&self.origin_addrs, &origin.upstream, tried).await?;
+                ctx.origin_addrs_tried.push(addr);
+                ctx.origin_addr_count = resolved.addrs.len();
+                ctx.origin_addr = Some((addr, resolved));
                 peer
             }
         };
@@ -524,13 +551,16 @@ impl ProxyHttp for BrokerProxy {
         if !ctx.origin_tried {
             self.metrics.retries.inc();
             e.set_retry(true);
-        } else if ctx.chosen.is_some_and(|c| c.edge.is_none())
-            && ctx.origin_attempts < ctx.origin_addr_count.min(MAX_ORIGIN_ADDRS)
-        {
-            // Nothing was sent: the origin's next address gets the request.
-            ctx.origin_tried = false;
-            self.metrics.retries.inc();
-            e.set_retry(true);
+        } else if ctx.chosen.is_some_and(|c| c.edge.is_none()) {
+            if let Some((addr, resolved)) = &ctx.origin_addr {
+                resolved.connect_failed(*addr);
+            }
+            if ctx.origin_addrs_tried.len() < ctx.origin_addr_count.min(MAX_ORIGIN_ADDRS) {
+                // Nothing was sent: the origin's next address gets the request.
+                ctx.origin_tried = false;
+                self.metrics.retries.inc();
+                e.set_retry(true);
+            }
         }
         e
     }
@@ -673,7 +703,7 @@ impl ProxyHttp for BrokerProxy {
                     format!("the request could not be read: {}", e.etype().as_str()),
                 )
             } else {
-                let attempts = ctx.tried.len() + ctx.origin_attempts;
+                let attempts = ctx.tried.len() + ctx.origin_addrs_tried.len();
                 let msg =
                     format!("no edge or origin could serve the request after {attempts} attempts");
                 ("no_route", msg)
@@ -877,11 +907,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_origins_connections_go_round_its_addresses_ipv4_first() {
+    fn an_origins_connections_go_round_its_addresses_ipv4_first_failed_last() {
         let a = |s: &str| s.parse::<SocketAddr>().unwrap();
-        let addrs = [a("[2001:db8::1]:80"), a("192.0.2.1:80"), a("192.0.2.2:80")];
-        let order: Vec<_> = (0..4).map(|i| nth_origin_addr(&addrs, i)).collect();
-        assert_eq!(order, [addrs[1], addrs[2], addrs[0], addrs[1]]);
+        let addrs = vec![a("[2001:db8::1]:80"), a("192.0.2.1:80"), a("192.0.2.2:80")];
+        let r = ResolvedUpstream {
+            host: "o.test".into(),
+            tls: false,
+            addrs: addrs.clone(),
+            failed: parking_lot::Mutex::new(Vec::new()),
+        };
+        let walk = || {
+            let mut tried = Vec::new();
+            for _ in 0..4 {
+                tried.push(r.next_addr(&tried));
+            }
+            tried
+        };
+        assert_eq!(walk(), [addrs[1], addrs[2], addrs[0], addrs[1]]);
+        // A request whose first address failed goes on to the next, not past it.
+        r.connect_failed(addrs[1]);
+        assert_eq!(r.next_addr(&[addrs[1]]), addrs[2]);
+        // Later requests start with the ones that did not fail.
+        r.connect_failed(a("198.51.100.1:80"));
+        assert_eq!(walk(), [addrs[2], addrs[0], addrs[1], addrs[2]]);
+        assert_eq!(
+            r.failed.lock().len(),
+            1,
+            "only its own addresses are remembered"
+        );
     }
 
     #[test]
