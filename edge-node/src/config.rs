@@ -157,7 +157,8 @@ pub struct AdminSection {
 pub struct CacheSection {
     /// Directory of the disk tier (created if missing). Survives restarts.
     pub dir: PathBuf,
-    /// Memory tier capacity.
+    /// Memory tier capacity. Entries are weighed by all they hold: body, serialized
+    /// metadata, and the header kept decoded for hits (about 4 KB for a typical response).
     #[serde(default = "default_memory")]
     pub memory_capacity: ByteSize,
     /// Disk tier capacity.

@@ -25,6 +25,8 @@ use pingora_cache::trace::SpanHandle;
 use pingora_error::{Error, ErrorType, Result};
 use tokio::sync::watch;
 
+use super::ObjectMeta;
+
 /// Progress of a fill as seen by its readers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FillState {
@@ -77,7 +79,7 @@ pub(crate) struct Held {
 pub(crate) struct Fill {
     pub(crate) id: u64,
     pub(crate) tag: [u8; 8],
-    pub(crate) meta: (Bytes, Bytes),
+    pub(crate) meta: ObjectMeta,
     chunks: RwLock<Chunks>,
     pub(crate) state: watch::Sender<FillState>,
     /// Set by a purge that raced the fill: the finished body must not be committed.
@@ -90,7 +92,7 @@ pub(crate) struct Fill {
 }
 
 impl Fill {
-    pub(crate) fn new(id: u64, meta: (Bytes, Bytes), in_flight: Arc<AtomicUsize>) -> Arc<Self> {
+    pub(crate) fn new(id: u64, meta: ObjectMeta, in_flight: Arc<AtomicUsize>) -> Arc<Self> {
         Arc::new(Fill {
             id,
             tag: id.to_be_bytes(),
@@ -430,9 +432,15 @@ impl HandleHit for CompleteHit {
 mod tests {
     use super::*;
 
+    fn meta() -> ObjectMeta {
+        let now = std::time::SystemTime::now();
+        let header = pingora_http::ResponseHeader::build(200, None).unwrap();
+        ObjectMeta::of(&pingora_cache::CacheMeta::new(now, now, 0, 0, header)).unwrap()
+    }
+
     #[tokio::test]
     async fn partial_reader_follows_writer() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let fill = Fill::new(1, meta(), Arc::default());
         let mut r = PartialHit::new(fill.clone()).unwrap();
         let w = fill.clone();
         let t = tokio::spawn(async move {
@@ -464,7 +472,7 @@ mod tests {
         let body: Vec<u8> = (0..100u8).collect();
         // A range inside one chunk, across chunks, and from a chunk boundary to the end.
         for (start, end) in [(3, 7), (8, 35), (20, 100)] {
-            let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+            let fill = Fill::new(1, meta(), Arc::default());
             let mut r = PartialHit::new(fill.clone()).unwrap();
             r.seek(start, Some(end)).unwrap();
             let chunks: Vec<Bytes> = body.chunks(10).map(Bytes::copy_from_slice).collect();
@@ -481,7 +489,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_range_ends_without_waiting_for_the_rest_of_the_body() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let fill = Fill::new(1, meta(), Arc::default());
         let mut r = PartialHit::new(fill.clone()).unwrap();
         r.seek(2, Some(10)).unwrap();
         fill.push(Bytes::from_static(b"0123456789"));
@@ -491,7 +499,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_body_shorter_than_the_range_fails_the_reader() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let fill = Fill::new(1, meta(), Arc::default());
         let mut r = PartialHit::new(fill.clone()).unwrap();
         r.seek(5, Some(50)).unwrap();
         fill.push(Bytes::from_static(b"0123456789"));
@@ -501,7 +509,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_done_with_its_range_holds_nothing_back_and_is_not_cut() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let fill = Fill::new(1, meta(), Arc::default());
         let mut ranged = PartialHit::new(fill.clone()).unwrap();
         let mut whole = PartialHit::new(fill.clone()).unwrap();
         ranged.seek(0, Some(10)).unwrap();
@@ -523,7 +531,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_does_not_seek_back_or_do_multipart() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let fill = Fill::new(1, meta(), Arc::default());
         let mut r = PartialHit::new(fill.clone()).unwrap();
         assert!(r.can_seek() && !r.can_seek_multipart());
         fill.push(Bytes::from_static(b"0123456789"));
@@ -538,7 +546,7 @@ mod tests {
 
     #[tokio::test]
     async fn aborted_fill_fails_reader() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let fill = Fill::new(1, meta(), Arc::default());
         let mut r = PartialHit::new(fill.clone()).unwrap();
         fill.push(Bytes::from_static(b"abc"));
         fill.finish(FillState::Aborted);
@@ -548,7 +556,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_pass_through_drops_what_every_reader_has_read() {
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), Arc::default());
+        let fill = Fill::new(1, meta(), Arc::default());
         let mut fast = PartialHit::new(fill.clone()).unwrap();
         let mut slow = PartialHit::new(fill.clone()).unwrap();
         for i in 0..4u8 {
@@ -586,7 +594,7 @@ mod tests {
     #[tokio::test]
     async fn a_committed_fill_stops_counting_while_a_slow_reader_still_reads_it() {
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), in_flight.clone());
+        let fill = Fill::new(1, meta(), in_flight.clone());
         let mut slow = PartialHit::new(fill.clone()).unwrap();
         fill.push(Bytes::from(vec![1; 10]));
         fill.push(Bytes::from(vec![2; 10]));
@@ -610,7 +618,7 @@ mod tests {
     #[tokio::test]
     async fn a_reader_too_far_behind_is_cut_off_alone() {
         let in_flight = Arc::new(AtomicUsize::new(0));
-        let fill = Fill::new(1, (Bytes::new(), Bytes::new()), in_flight.clone());
+        let fill = Fill::new(1, meta(), in_flight.clone());
         let mut fast = PartialHit::new(fill.clone()).unwrap();
         let mut stuck = PartialHit::new(fill.clone()).unwrap();
         fill.pass_through();

@@ -40,7 +40,7 @@ use pingora_error::{Error, ErrorType, Result};
 
 pub use bans::{BanError, BanList, OwnerChange};
 use fill::{CompleteHit, Fill, FillState, PartialHit};
-pub use object::StoredObject;
+pub use object::{ObjectMeta, StoredObject};
 use recent::RecentPurges;
 
 /// Why the cache could not be opened.
@@ -446,15 +446,15 @@ impl FoyerStorage {
         body: Bytes,
         tier: Tier,
     ) -> Result<bool> {
-        let (internal, header) = meta.serialize()?;
+        let mut obj = StoredObject::new(ObjectMeta::of(meta)?, body);
         let epochs = self.purges.lock();
         if epochs[purge_slot(hash)] != since {
             return Ok(false);
         }
-        let obj = StoredObject::new(internal.into(), header.into(), body);
         match tier {
             Tier::Both => self.replace(hash, obj),
-            Tier::Memory => {
+            Tier::Memory { disk_stale_until } => {
+                obj.disk_stale_until = Some(disk_stale_until);
                 let memory = HybridCacheProperties::default().with_location(Location::InMem);
                 self.cache.insert_with_properties(hash, obj, memory);
             }
@@ -574,7 +574,7 @@ impl FoyerStorage {
 
 /// A reader of `fill`, or `None` if it passes through (it cannot serve a body from the start).
 fn partial_hit(fill: Arc<Fill>) -> Result<Option<(CacheMeta, HitHandler)>> {
-    let meta = CacheMeta::deserialize(&fill.meta.0, &fill.meta.1)?;
+    let meta = fill.meta.meta()?;
     Ok(PartialHit::new(fill).map(|hit| (meta, Box::new(hit) as HitHandler)))
 }
 
@@ -646,13 +646,8 @@ impl Storage for FoyerStorage {
         _trace: &SpanHandle,
     ) -> Result<MissHandler> {
         let hash = hash_of(key.combined_bin());
-        let (internal, header) = meta.serialize()?;
         let id = self.next_fill.fetch_add(1, Ordering::Relaxed);
-        let fill = Fill::new(
-            id,
-            (Bytes::from(internal), Bytes::from(header)),
-            self.fill_bytes.clone(),
-        );
+        let fill = Fill::new(id, ObjectMeta::of(meta)?, self.fill_bytes.clone());
         self.fills
             .lock()
             .entry(hash)
@@ -737,12 +732,20 @@ impl Storage for FoyerStorage {
         }
         // Only a refresh that extends what the disk copy says may leave that copy as it
         // is: one that shortens its lifetimes, or changes what purges and variants judge it
-        // by (tags, Vary), is written whole.
+        // by (tags, Vary), is written whole, and so is one the disk copy's stale-if-error
+        // window lags too far behind.
         if extends_only(&stored, meta) {
-            self.write_unless_purged(since, hash, meta, obj.body, Tier::Memory)
-        } else {
-            self.store_unless_purged(since, hash, meta, obj.body)
+            let disk = obj
+                .disk_stale_until
+                .unwrap_or_else(|| stale_if_error_until(&stored));
+            if !disk_lags(disk, meta) {
+                let tier = Tier::Memory {
+                    disk_stale_until: disk,
+                };
+                return self.write_unless_purged(since, hash, meta, obj.body, tier);
+            }
         }
+        self.store_unless_purged(since, hash, meta, obj.body)
     }
 
     fn support_streaming_partial_write(&self) -> bool {
@@ -759,8 +762,23 @@ impl Storage for FoyerStorage {
 enum Tier {
     /// Memory and (in place of any older version) disk.
     Both,
-    /// Memory only, the disk copy left as it is.
-    Memory,
+    /// Memory only, the disk copy left as it is: its stale-if-error window ends then.
+    Memory { disk_stale_until: SystemTime },
+}
+
+/// The end of `meta`'s stale-if-error window.
+fn stale_if_error_until(meta: &CacheMeta) -> SystemTime {
+    meta.fresh_until() + Duration::from_secs(meta.stale_if_error_sec().into())
+}
+
+/// Whether a disk copy whose stale-if-error window ends at `disk` lags `new` by more than
+/// half of that window. Read back during an origin outage after the memory copy is gone
+/// (evicted, or a restart), it would turn away clients whom `new` serves stale, which is
+/// what stale-if-error is for. Such a refresh is written whole, so the disk copy of an
+/// object revalidated on every request is rewritten about twice per window, not each time.
+fn disk_lags(disk: SystemTime, new: &CacheMeta) -> bool {
+    let window = Duration::from_secs(new.stale_if_error_sec().into());
+    !window.is_zero() && disk + window / 2 < stale_if_error_until(new)
 }
 
 /// Whether `new` (a revalidation's headers) only extends `old`: no lifetime is shorter and
@@ -876,11 +894,7 @@ impl HandleMiss for FoyerMissHandler {
             self.storage.remove_fill(self.hash, self.fill.id);
             return Ok(MissFinishType::Created(self.size));
         }
-        let obj = StoredObject::new(
-            self.fill.meta.0.clone(),
-            self.fill.meta.1.clone(),
-            self.fill.body(),
-        );
+        let obj = StoredObject::new(self.fill.meta.clone(), self.fill.body());
         {
             // A purge cancels the fill under the same lock: it lands wholly before this check
             // or after the insert, never between.
@@ -1360,6 +1374,47 @@ mod tests {
         s.cache.memory().remove(&hash);
         let on_disk = s.load(hash).await.unwrap().expect("rewritten");
         assert!(on_disk.meta().unwrap().headers().contains_key("cache-tag"));
+    }
+
+    /// Memory-only refreshes must not leave the disk copy's stale-if-error window far behind
+    /// the served one: read back during an outage, it would refuse what the headers allow.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disk_copy_whose_stale_if_error_window_lags_is_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        let key = CacheKey::new("h/sie", "");
+        let hash = hash_of(key.combined_bin());
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let header = || ResponseHeader::build(200, None).unwrap();
+        let now = SystemTime::now();
+        let v1 = CacheMeta::new(now + Duration::from_secs(60), now, 0, 600, header());
+        assert!(store_now(s, hash, &v1, Bytes::from_static(b"body")));
+        s.cache.storage().wait().await;
+        let refresh = |extra: u64| {
+            let until = v1.fresh_until() + Duration::from_secs(extra);
+            CacheMeta::new(until, v1.created(), 0, 600, header())
+        };
+        let disk_until = v1.fresh_until() + Duration::from_secs(600);
+        // 100 s later than the disk copy's window: memory only, and the lag is remembered.
+        assert!(s.update_meta(&key, &refresh(100), &trace).await.unwrap());
+        let held = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(held.disk_stale_until, Some(disk_until));
+        // A second memory-only refresh keeps the disk copy's window, not its own.
+        assert!(s.update_meta(&key, &refresh(250), &trace).await.unwrap());
+        let held = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(held.disk_stale_until, Some(disk_until));
+        // 400 s: more than half the 600 s window behind, so it is written whole.
+        assert!(s.update_meta(&key, &refresh(400), &trace).await.unwrap());
+        let held = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(held.disk_stale_until, None);
+        s.cache.storage().wait().await;
+        s.cache.memory().remove(&hash);
+        let on_disk = s.load(hash).await.unwrap().expect("rewritten");
+        assert_eq!(
+            on_disk.meta().unwrap().fresh_until(),
+            refresh(400).fresh_until()
+        );
+        assert_eq!(&on_disk.body[..], b"body");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

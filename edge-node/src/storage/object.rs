@@ -4,7 +4,7 @@
 //! correctly or rejected as a miss, never misread.
 
 use std::io::{Read, Write};
-use std::sync::{Arc, LazyLock, OnceLock};
+use std::sync::{Arc, LazyLock};
 use std::time::SystemTime;
 
 use bytes::Bytes;
@@ -20,16 +20,26 @@ const MAX_META: u32 = 1024 * 1024;
 /// One cached response.
 #[derive(Debug, Clone)]
 pub struct StoredObject {
-    /// pingora `CacheMeta` internal part (freshness, timestamps, variance).
-    pub meta_internal: Bytes,
-    /// pingora `CacheMeta` serialized response header.
-    pub meta_header: Bytes,
+    /// Its cache metadata, serialized and decoded.
+    pub meta: ObjectMeta,
     /// The complete response body.
     pub body: Bytes,
-    /// The metadata decoded once and shared by every hit on this in-memory entry: pingora
-    /// stores headers zstd-compressed, and decompressing them on each hit was a measurable
-    /// share of the hit path (see bench/RESULTS.md). Never written to disk.
-    decoded: Arc<OnceLock<Decoded>>,
+    /// When the disk holds this object under older headers (refreshes written to memory
+    /// only), the end of that copy's stale-if-error window; `None` when the disk copy, if
+    /// any, has these headers. Never written to disk.
+    pub disk_stale_until: Option<SystemTime>,
+}
+
+/// A response's cache metadata: pingora's serialized form, which the disk tier stores, and
+/// the same decoded once. Hits rebuild their `CacheMeta` from the decoded header (pingora
+/// stores headers zstd-compressed, and decompressing them on each hit was a measurable share
+/// of the hit path, see bench/RESULTS.md), and the memory tier weighs what an entry really
+/// holds, decoded header included.
+#[derive(Debug, Clone)]
+pub struct ObjectMeta {
+    internal: Bytes,
+    header: Bytes,
+    decoded: Arc<Decoded>,
 }
 
 /// What a hit needs to rebuild its `CacheMeta` without decoding the stored bytes again.
@@ -40,8 +50,9 @@ struct Decoded {
     /// revalidated (`updated == created`) without an epoch override. Revalidated objects
     /// take the slower path, which keeps their `updated` time.
     fresh: Option<Fresh>,
+    /// Heap bytes `header` holds (estimated, see [`header_heap_bytes`]).
+    heap: usize,
 }
-
 #[derive(Debug, Clone, Copy)]
 struct Fresh {
     fresh_until: SystemTime,
@@ -91,38 +102,80 @@ static EMPTY_HEADER: LazyLock<Vec<u8>> = LazyLock::new(|| {
         .unwrap_or_default()
 });
 
+impl ObjectMeta {
+    /// Metadata from pingora's serialized form; fails if it does not decode.
+    pub fn decode(internal: Bytes, header: Bytes) -> pingora_error::Result<Self> {
+        let meta = CacheMeta::deserialize(&internal, &header)?;
+        let decoded = Decoded {
+            heap: header_heap_bytes(meta.response_header()),
+            fresh: Fresh::of(&meta),
+            header: meta.response_header_copy(),
+        };
+        Ok(ObjectMeta {
+            internal,
+            header,
+            decoded: Arc::new(decoded),
+        })
+    }
+
+    /// `meta` as it will be stored. It goes through the serialized form, so that what a hit
+    /// sees from memory is exactly what it would see read back from disk.
+    pub fn of(meta: &CacheMeta) -> pingora_error::Result<Self> {
+        let (internal, header) = meta.serialize()?;
+        Self::decode(internal.into(), header.into())
+    }
+
+    /// The `CacheMeta` it describes, without decompressing the header.
+    pub fn meta(&self) -> pingora_error::Result<CacheMeta> {
+        let d = &self.decoded;
+        if let Some(fresh) = d.fresh {
+            return Ok(fresh.meta(d.header.clone()));
+        }
+        let mut meta = CacheMeta::deserialize(&self.internal, &EMPTY_HEADER)?;
+        *meta.response_header_mut() = d.header.clone();
+        Ok(meta)
+    }
+
+    /// Bytes it holds: both serialized parts and the decoded header.
+    fn weight(&self) -> usize {
+        self.internal.len() + self.header.len() + self.decoded.heap
+    }
+}
+
+/// Heap bytes the decoded metadata holds, an upper estimate checked against a counting
+/// allocator in `edge-node/tests/memory_weight.rs` (measured there: 368 B for an empty header,
+/// 2.7 KB for a typical one of 8 fields). Most of it is per field: http's `HeaderMap` keeps a
+/// bucket and an index slot for each, pingora keeps a second map with each name's original
+/// case, both grow by doubling, and names and values own their bytes.
+fn header_heap_bytes(header: &ResponseHeader) -> usize {
+    const BASE: usize = 512;
+    const PER_FIELD: usize = 384;
+    let map = &header.headers;
+    let bytes: usize = map
+        .iter()
+        .map(|(n, v)| 2 * n.as_str().len() + v.len())
+        .sum();
+    BASE + PER_FIELD * map.len() + bytes
+}
+
 impl StoredObject {
-    /// An object from its serialized meta and body.
-    pub fn new(meta_internal: Bytes, meta_header: Bytes, body: Bytes) -> Self {
+    /// An object from its metadata and body.
+    pub fn new(meta: ObjectMeta, body: Bytes) -> Self {
         StoredObject {
-            meta_internal,
-            meta_header,
+            meta,
             body,
-            decoded: Arc::default(),
+            disk_stale_until: None,
         }
     }
 
-    /// The object's `CacheMeta`, decoding the stored bytes only on the first call per entry.
+    /// The object's `CacheMeta`.
     pub fn meta(&self) -> pingora_error::Result<CacheMeta> {
-        if let Some(d) = self.decoded.get() {
-            if let Some(fresh) = d.fresh {
-                return Ok(fresh.meta(d.header.clone()));
-            }
-            let mut meta = CacheMeta::deserialize(&self.meta_internal, &EMPTY_HEADER)?;
-            *meta.response_header_mut() = d.header.clone();
-            return Ok(meta);
-        }
-        let meta = CacheMeta::deserialize(&self.meta_internal, &self.meta_header)?;
-        let _ = self.decoded.set(Decoded {
-            header: meta.response_header_copy(),
-            fresh: Fresh::of(&meta),
-        });
-        Ok(meta)
+        self.meta.meta()
     }
 
     /// Bytes this object occupies, used as its weight in the memory tier.
     pub fn weight(&self) -> usize {
-        self.meta_internal.len() + self.meta_header.len() + self.body.len() + 64
+        size_of::<Self>() + self.meta.weight() + self.body.len()
     }
 }
 
@@ -150,8 +203,8 @@ fn read_blob(r: &mut impl Read, limit: u64) -> Result<Bytes, FoyerError> {
 impl Code for StoredObject {
     fn encode(&self, w: &mut impl Write) -> Result<(), FoyerError> {
         w.write_all(&[VERSION]).map_err(FoyerError::io_error)?;
-        write_blob(w, &self.meta_internal)?;
-        write_blob(w, &self.meta_header)?;
+        write_blob(w, &self.meta.internal)?;
+        write_blob(w, &self.meta.header)?;
         write_blob(w, &self.body)
     }
 
@@ -167,46 +220,85 @@ impl Code for StoredObject {
         let meta_internal = read_blob(r, MAX_META as u64)?;
         let meta_header = read_blob(r, MAX_META as u64)?;
         let body = read_blob(r, u32::MAX as u64)?;
-        Ok(StoredObject::new(meta_internal, meta_header, body))
+        // Decoded here, where a block that does not decode is an unreadable entry (a miss),
+        // and so that the memory tier weighs the header it will hold.
+        let meta = ObjectMeta::decode(meta_internal, meta_header).map_err(|e| {
+            FoyerError::io_error(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("stored metadata does not decode: {e}"),
+            ))
+        })?;
+        Ok(StoredObject::new(meta, body))
     }
 
     fn estimated_size(&self) -> usize {
-        1 + 24 + self.meta_internal.len() + self.meta_header.len() + self.body.len()
+        1 + 24 + self.meta.internal.len() + self.meta.header.len() + self.body.len()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    fn meta_with(header: ResponseHeader) -> CacheMeta {
+        let created = SystemTime::now() - Duration::from_secs(30);
+        CacheMeta::new(created + Duration::from_secs(60), created, 5, 7, header)
+    }
+
+    fn object(body: &[u8]) -> StoredObject {
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        header.insert_header("etag", "\"v1\"").unwrap();
+        let meta = ObjectMeta::of(&meta_with(header)).unwrap();
+        StoredObject::new(meta, Bytes::copy_from_slice(body))
+    }
 
     #[test]
     fn roundtrip() {
-        let o = StoredObject::new(
-            Bytes::from_static(b"internal"),
-            Bytes::from_static(b"header"),
-            Bytes::from(vec![7u8; 10_000]),
-        );
+        let o = object(&[7u8; 10_000]);
         let mut buf = Vec::new();
         o.encode(&mut buf).unwrap();
         assert_eq!(buf.len(), o.estimated_size());
         let d = StoredObject::decode(&mut buf.as_slice()).unwrap();
-        assert_eq!(d.meta_internal, o.meta_internal);
-        assert_eq!(d.meta_header, o.meta_header);
+        assert_eq!(d.meta.internal, o.meta.internal);
+        assert_eq!(d.meta.header, o.meta.header);
         assert_eq!(d.body, o.body);
+        assert_eq!(d.meta().unwrap().headers()["etag"], "\"v1\"");
+        assert_eq!(d.weight(), o.weight());
     }
 
     #[test]
-    fn rejects_unknown_version_and_truncation() {
+    fn rejects_unknown_version_truncation_and_undecodable_meta() {
         assert!(StoredObject::decode(&mut [9u8, 0, 0].as_slice()).is_err());
-        let o = StoredObject::new(
-            Bytes::from_static(b"i"),
-            Bytes::from_static(b"h"),
-            Bytes::from_static(b"body"),
-        );
+        let o = object(b"body");
         let mut buf = Vec::new();
         o.encode(&mut buf).unwrap();
         buf.truncate(buf.len() - 2);
         assert!(StoredObject::decode(&mut buf.as_slice()).is_err());
+
+        let mut buf = vec![VERSION];
+        for blob in [&b"internal"[..], b"header", b"body"] {
+            write_blob(&mut buf, blob).unwrap();
+        }
+        let err = StoredObject::decode(&mut buf.as_slice()).unwrap_err();
+        assert!(err.to_string().contains("does not decode"), "{err}");
+    }
+
+    /// The memory tier's weight grows with the header it holds decoded, not only with the
+    /// serialized bytes.
+    #[test]
+    fn weight_counts_the_decoded_header() {
+        let small = object(b"x");
+        let mut header = ResponseHeader::build(200, None).unwrap();
+        for i in 0..20 {
+            header
+                .insert_header(format!("x-extra-{i}"), "v".repeat(40))
+                .unwrap();
+        }
+        let big = StoredObject::new(ObjectMeta::of(&meta_with(header)).unwrap(), "x".into());
+        let serialized = |o: &StoredObject| o.meta.internal.len() + o.meta.header.len();
+        let overhead = |o: &StoredObject| o.weight() - serialized(o) - o.body.len();
+        assert!(overhead(&big) > overhead(&small) + 20 * (40 + 9));
     }
 
     /// Every hit rebuilds the metadata the object was stored with, whether it takes the fast
@@ -216,20 +308,18 @@ mod tests {
         let mut header = ResponseHeader::build(200, None).unwrap();
         header.insert_header("etag", "\"v1\"").unwrap();
         header.insert_header("cache-control", "max-age=60").unwrap();
-        let created = SystemTime::now() - std::time::Duration::from_secs(30);
-        let until = created + std::time::Duration::from_secs(60);
-        let mut fresh = CacheMeta::new(until, created, 5, 7, header);
+        let mut fresh = meta_with(header);
         fresh.set_variance([3u8; 16]);
         let (i, h) = fresh.serialize().unwrap();
         let mut revalidated = CacheMeta::deserialize(&i, &h).unwrap();
-        revalidated.update_freshness(until + std::time::Duration::from_secs(60), 1, 2);
+        revalidated.update_freshness(fresh.fresh_until() + Duration::from_secs(60), 1, 2);
         for meta in [fresh, revalidated] {
             let (i, h) = meta.serialize().unwrap();
             let stored = CacheMeta::deserialize(&i, &h).unwrap();
-            let o = StoredObject::new(i.into(), h.into(), Bytes::new());
+            let o = StoredObject::new(ObjectMeta::of(&meta).unwrap(), Bytes::new());
             let first = o.meta().unwrap();
             let again = o.clone().meta().unwrap();
-            let fast_path = o.decoded.get().unwrap().fresh.is_some();
+            let fast_path = o.meta.decoded.fresh.is_some();
             assert_eq!(fast_path, stored.updated() == stored.created());
             for m in [&first, &again] {
                 assert_eq!(m.headers()["etag"], "\"v1\"");
