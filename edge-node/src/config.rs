@@ -385,21 +385,21 @@ impl EdgeConfig {
                 "cache.memory_shards must be between 1 and 1024".into(),
             ));
         }
-        // An object must fit one memory shard: storing it (or reading it back from the disk
-        // tier, which puts it in memory) empties the shard, every hot small object in it, and
-        // without a disk tier then drops the object itself.
+        // An object must fit one memory shard: a larger one could not be held beside anything
+        // at all. One over half a shard may be wanted (a memory-only cache measured against
+        // offline policies, which admit anything up to the cache size) but evicts most of
+        // its shard whenever it is stored or read back from disk: allowed, and warned about
+        // at start ([`CacheSection::large_objects_crowd_shards`]).
         let shard = c.memory_capacity.as_u64() / c.memory_shards() as u64;
-        // Half a shard at most: an object at the limit (plus its metadata) must leave room
-        // for the shard's small objects rather than take all of it.
-        if c.max_object_size.as_u64() > c.memory_capacity.as_u64() / 2 {
+        if c.max_object_size > c.memory_capacity {
             return Err(ConfigError::Invalid(format!(
-                "cache.max_object_size ({}) must be at most half of cache.memory_capacity ({})",
+                "cache.max_object_size ({}) must be at most cache.memory_capacity ({})",
                 c.max_object_size, c.memory_capacity
             )));
         }
-        if c.max_object_size.as_u64() > shard / 2 {
+        if c.max_object_size.as_u64() > shard {
             return Err(ConfigError::Invalid(format!(
-                "cache.max_object_size ({}) must be at most half a memory shard, \
+                "cache.max_object_size ({}) must be at most a memory shard, \
                  cache.memory_capacity / cache.memory_shards ({}): use fewer shards or leave \
                  memory_shards unset",
                 c.max_object_size,
@@ -610,6 +610,13 @@ impl CacheSection {
                 .unwrap_or(1) as usize
         })
     }
+
+    /// Whether an object at `max_object_size` takes over half a memory shard, so that storing
+    /// it (or reading it back from disk) evicts most of the shard's other objects.
+    pub fn large_objects_crowd_shards(&self) -> bool {
+        let shard = self.memory_capacity.as_u64() / self.memory_shards() as u64;
+        self.max_object_size.as_u64() > shard / 2
+    }
 }
 
 fn default_node_id() -> String {
@@ -786,6 +793,13 @@ mod tests {
         let mid = mem_only.replace("\"512 KiB\"", "\"1 MiB\"");
         let derived = EdgeConfig::from_toml(&mid).unwrap();
         assert_eq!(derived.cache.memory_shards(), 2);
+        assert!(!derived.cache.large_objects_crowd_shards());
+        // Objects up to the whole cache in one shard (as offline cache policies admit): allowed,
+        // flagged for the start-up warning.
+        let whole = mem_only.replace("\"512 KiB\"", "\"4 MiB\"");
+        let whole = EdgeConfig::from_toml(&whole).unwrap();
+        assert_eq!(whole.cache.memory_shards(), 1);
+        assert!(whole.cache.large_objects_crowd_shards());
         let eight = mid.replace("disk_capacity = 0", "disk_capacity = 0\nmemory_shards = 8");
         let err = EdgeConfig::from_toml(&eight).unwrap_err().to_string();
         assert!(err.contains("memory_shards"), "{err}");

@@ -131,6 +131,14 @@ impl EdgeNode {
         let registry = prometheus::Registry::new();
         let metrics =
             EdgeMetrics::register(&registry).map_err(|e| StartError::Setup(e.to_string()))?;
+        if cfg.cache.large_objects_crowd_shards() {
+            tracing::warn!(
+                max_object_size = %cfg.cache.max_object_size,
+                memory_shards = cfg.cache.memory_shards(),
+                "cache.max_object_size is over half a memory shard: storing or reading back \
+                 an object that large evicts most of its shard"
+            );
+        }
         let opts = StorageOptions {
             dir: cfg.cache.dir.clone(),
             memory_bytes: cfg.cache.memory_capacity.as_u64() as usize,
