@@ -175,6 +175,17 @@ impl Control {
 
     /// Send `req` to edge `edge` and wait for its reply; refusals are errors.
     pub async fn call(&self, edge: usize, req: &Request) -> Result<Reply, ControlError> {
+        self.call_within(edge, req, ORDER_TIMEOUT).await
+    }
+
+    /// [`Self::call`], waiting at most `patience` (a redelivered purge waits longer than an
+    /// order whose caller is waiting).
+    pub async fn call_within(
+        &self,
+        edge: usize,
+        req: &Request,
+        patience: Duration,
+    ) -> Result<Reply, ControlError> {
         let link = self
             .links()?
             .get(edge)
@@ -183,7 +194,7 @@ impl Control {
         let result = match self.fleet.addresses.get(edge).sync {
             Some(addr) => {
                 // One deadline for both: moving the link waits for a handshake under way.
-                let deadline = tokio::time::Instant::now() + ORDER_TIMEOUT;
+                let deadline = tokio::time::Instant::now() + patience;
                 let sent = async {
                     tokio::time::timeout_at(deadline, link.retarget(addr))
                         .await

@@ -6,7 +6,7 @@
 //!
 //! Pushes happen on every registry change and every few seconds, so an edge that was down
 //! during a change converges when it comes back. Purges an edge missed are delivered again
-//! in the same loop, and the edge takes no traffic until it has them ([`crate::redelivery`]).
+//! by a round per edge, and the edge takes no traffic until it has them ([`crate::redelivery`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -69,6 +69,8 @@ pub struct EdgeSync {
     redelivery: Option<Arc<Redelivery>>,
     /// Refreshes edges accepted lately, purged on an edge seen restarting.
     refreshes: RecentRefreshes,
+    /// Edges with a redelivery round running.
+    rounds: parking_lot::Mutex<std::collections::HashSet<usize>>,
 }
 
 impl EdgeSync {
@@ -97,6 +99,7 @@ impl EdgeSync {
             rejected: Default::default(),
             redelivery: None,
             refreshes: RecentRefreshes::default(),
+            rounds: Default::default(),
         }
     }
 
@@ -308,7 +311,7 @@ impl EdgeSync {
         // reports and queues a miss), or the refill would be a hit on the old copy.
         if order.refresh {
             let purge = Purge::Target(key);
-            let status = self.purge(edge, &purge).await;
+            let status = self.purge(edge, &purge, FAN_OUT_PATIENCE).await;
             if !purge.confirmed(status) {
                 tracing::warn!(edge = %e.id, %key, status, "refresh's purge not confirmed");
                 return false;
@@ -414,9 +417,9 @@ impl EdgeSync {
             .is_ok_and(|r| r.status().is_success() || r.status() == reqwest::StatusCode::NOT_FOUND)
     }
 
-    /// Apply `purge` on edge `edge`; the HTTP status (or its QUIC equivalent), 0 when
-    /// unreachable.
-    async fn purge(&self, edge: usize, purge: &Purge<'_>) -> u16 {
+    /// Apply `purge` on edge `edge`, waiting at most `patience` for each way of reaching it;
+    /// the HTTP status (or its QUIC equivalent), 0 when unreachable or out of time.
+    async fn purge(&self, edge: usize, purge: &Purge<'_>, patience: Duration) -> u16 {
         if let Some(c) = self.quic(edge) {
             let req = match purge {
                 Purge::Target(target) => Request::Invalidate {
@@ -427,7 +430,7 @@ impl EdgeSync {
                     tags: tags.to_vec(),
                 },
             };
-            match c.call(edge, &req).await {
+            match c.call_within(edge, &req, patience).await {
                 Ok(Reply::Done { found: true }) => return 200,
                 Ok(_) => return 404,
                 // The channel refused the broker itself (its certificate is not the broker's
@@ -470,6 +473,7 @@ impl EdgeSync {
                 .json(&json!({ "tags": tags })),
         };
         req.bearer_auth(&self.token)
+            .timeout(patience)
             .send()
             .await
             .map_or(0, |r| r.status().as_u16())
@@ -548,7 +552,9 @@ impl EdgeSync {
             None => None,
         };
         let purge = Purge::from_pending(pending);
-        let calls = edges.iter().map(|e| self.purge(*e, &purge));
+        let calls = edges
+            .iter()
+            .map(|e| self.purge(*e, &purge, FAN_OUT_PATIENCE));
         let results: Vec<EdgeResult> = edges
             .iter()
             .zip(futures::future::join_all(calls).await)
@@ -576,59 +582,98 @@ impl EdgeSync {
         results
     }
 
-    /// Deliver every edge's missed purges again, in order, up to the first one that fails
-    /// for a passing reason (the rest wait for the next round) and at most
-    /// [`REDELIVERIES_PER_ROUND`] per edge. One the edge refuses (a 4xx) is dropped: it would
-    /// be refused again, and must not hold the edge forever.
-    pub async fn redeliver(&self) {
+    /// Start a redelivery round ([`Self::redeliver_to`]) for every edge with missed purges
+    /// and none running. Each edge's round is a task of its own, so one edge slow to answer
+    /// holds up neither the other edges' rounds nor the next tick.
+    pub fn redeliver(self: &Arc<Self>) {
         let Some(r) = &self.redelivery else {
             return;
         };
-        let rounds = r.edges_pending().into_iter().map(|edge| async move {
-            let (generation, queue) = r.pending(edge);
-            // The origin table first: an edge back from a stop restored the table it last
-            // had, which may route a host deleted (and registered again by another provider)
-            // since to its old origin. It is released only with the current one.
-            if !matches!(
-                self.push_to(edge, "origins", &self.origins_body()).await,
-                "ok" | "partial"
-            ) {
-                return 0;
+        for edge in r.edges_pending() {
+            if !self.rounds.lock().insert(edge) {
+                continue;
             }
-            let mut done = 0;
-            for p in queue.iter().take(REDELIVERIES_PER_ROUND) {
-                let purge = Purge::from_pending(p);
-                let status = self.purge(edge, &purge).await;
-                let outcome = if purge.confirmed(status) {
-                    "confirmed"
-                } else if passing(status) {
-                    "failed"
-                } else {
-                    tracing::warn!(edge = %self.fleet.edges[edge].id, status, purge = ?p,
-                        "edge refuses a purge it missed: dropped");
-                    "refused"
-                };
-                self.metrics
-                    .purge_redeliveries
-                    .with_label_values(&[outcome])
-                    .inc();
-                if outcome == "failed" {
-                    break;
-                }
-                done += 1;
+            let round = Round {
+                sync: self.clone(),
+                edge,
+            };
+            tokio::spawn(async move {
+                round.sync.redeliver_to(round.edge).await;
+            });
+        }
+    }
+
+    /// Deliver `edge`'s missed purges again, in order, up to the first one that fails for a
+    /// passing reason (the rest wait for the next round) and at most
+    /// [`REDELIVERIES_PER_ROUND`]. One the edge refuses (a 4xx) is dropped: it would be
+    /// refused again, and must not hold the edge forever. Each purge gets
+    /// [`REDELIVERY_PATIENCE`], not the fan-out's few seconds: an edge whose ban log's fsync
+    /// waits behind a busy disk for longer would otherwise time out on every round and never
+    /// take traffic again.
+    async fn redeliver_to(&self, edge: usize) {
+        let Some(r) = &self.redelivery else {
+            return;
+        };
+        let (generation, queue) = r.pending(edge);
+        // The origin table first: an edge back from a stop restored the table it last had,
+        // which may route a host deleted (and registered again by another provider) since to
+        // its old origin. It is released only with the current one.
+        if !matches!(
+            self.push_to(edge, "origins", &self.origins_body()).await,
+            "ok" | "partial"
+        ) {
+            return;
+        }
+        let mut done = 0;
+        for p in queue.iter().take(REDELIVERIES_PER_ROUND) {
+            let purge = Purge::from_pending(p);
+            let status = self.purge(edge, &purge, REDELIVERY_PATIENCE).await;
+            let outcome = if purge.confirmed(status) {
+                "confirmed"
+            } else if passing(status) {
+                "failed"
+            } else {
+                tracing::warn!(edge = %self.fleet.edges[edge].id, status, purge = ?p,
+                    "edge refuses a purge it missed: dropped");
+                "refused"
+            };
+            self.metrics
+                .purge_redeliveries
+                .with_label_values(&[outcome])
+                .inc();
+            if outcome == "failed" {
+                break;
             }
-            r.delivered(edge, generation, done);
-            done
-        });
-        if futures::future::join_all(rounds)
-            .await
-            .iter()
-            .any(|n| *n > 0)
-        {
+            done += 1;
+        }
+        r.delivered(edge, generation, done);
+        if done > 0 {
             r.save().await;
         }
     }
 }
+
+/// An edge's redelivery round in progress: another is not started until it ends (or its task
+/// is dropped).
+struct Round {
+    sync: Arc<EdgeSync>,
+    edge: usize,
+}
+
+impl Drop for Round {
+    fn drop(&mut self) {
+        self.sync.rounds.lock().remove(&self.edge);
+    }
+}
+
+/// How long a purge fanned out from the API waits for each edge: the caller waits for the
+/// slowest, and an edge that has not answered by then is queued for redelivery (and held out
+/// of routing until it confirms).
+const FAN_OUT_PATIENCE: Duration = Duration::from_secs(3);
+
+/// How long a redelivered purge waits for its edge: long enough for a ban log's fsync on a
+/// busy disk. Only that edge's round waits.
+const REDELIVERY_PATIENCE: Duration = Duration::from_secs(15);
 
 /// Most missed purges one redelivery round sends one edge (a round must end within seconds).
 const REDELIVERIES_PER_ROUND: usize = 1_000;
@@ -699,7 +744,94 @@ impl BackgroundService for PurgeRedeliverer {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
             }
-            self.0.redeliver().await;
+            self.0.redeliver();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use axum::routing::{any, put};
+
+    use super::*;
+    use crate::routing::Health;
+
+    /// An edge admin API that takes every origin push and confirms every purge after `delay`
+    /// (a ban log's fsync behind a busy disk); its address.
+    async fn edge_admin(delay: Duration) -> std::net::SocketAddr {
+        let app = axum::Router::new()
+            .route("/origins", put(|| async { axum::Json(json!({})) }))
+            .route(
+                "/cache/{*key}",
+                any(move || async move {
+                    tokio::time::sleep(delay).await;
+                    "purged"
+                }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        addr
+    }
+
+    /// A purge an edge confirms only after longer than the fan-out waits is confirmed by
+    /// redelivery, which waits longer, so the edge takes traffic again; meanwhile the other
+    /// edge's rounds are not held up behind it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_edge_is_redelivered_to_without_holding_up_the_others() {
+        let slow = edge_admin(FAN_OUT_PATIENCE + Duration::from_secs(1)).await;
+        let fast = edge_admin(Duration::ZERO).await;
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::tests::SAMPLE
+            .replace("127.0.0.1:9101", &slow.to_string())
+            .replace("127.0.0.1:9102", &fast.to_string());
+        let cfg = crate::BrokerConfig::from_toml(&cfg).unwrap();
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let path = dir.path().join("pending-purges.json");
+        let redelivery = Redelivery::open(path, fleet.clone(), health.clone(), metrics.clone());
+        let redelivery = Arc::new(redelivery.unwrap());
+        let registry = Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap());
+        let sync = EdgeSync::new(fleet, registry, "token".into(), metrics, None)
+            .redelivering(redelivery.clone());
+        let sync = Arc::new(sync);
+
+        let results = sync.purge_on("a.com/x", &[0, 1]).await;
+        assert!(!results[0].ok && results[0].queued, "{results:?}");
+        assert!(results[1].ok, "{results:?}");
+        assert!(!health.is_up(0) && health.is_up(1));
+
+        let started = Instant::now();
+        sync.redeliver();
+        // The fast edge misses a purge while the slow edge's round is still running: the next
+        // tick delivers it at once.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        redelivery.queue(
+            1,
+            PendingPurge::Target {
+                target: "a.com/y".into(),
+            },
+        );
+        assert!(!health.is_up(1));
+        sync.redeliver();
+        while !health.is_up(1) {
+            assert!(
+                started.elapsed() < FAN_OUT_PATIENCE,
+                "held up behind the slow edge"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        while !health.is_up(0) {
+            assert!(
+                started.elapsed() < REDELIVERY_PATIENCE,
+                "the slow edge never confirmed"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(started.elapsed() > FAN_OUT_PATIENCE);
+        assert!(redelivery.edges_pending().is_empty());
     }
 }
