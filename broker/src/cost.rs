@@ -302,6 +302,9 @@ struct Order {
     placed_ms: u64,
     /// Its tuner's epoch then (0 for ungated placements).
     epoch: u64,
+    /// Its name, which the edge echoes in the outcome ([`ShadowOutcome::order`]); `None`
+    /// when it named none.
+    id: Option<u64>,
 }
 
 /// How far an edge's clock may run behind the broker's before an outcome that ended just
@@ -474,9 +477,10 @@ impl Ledger {
     }
 
     /// Remember an order placed on `edge` by `signal` at `placed_ms` (Unix ms, taken before
-    /// it was sent: the edge may end the shadow, a failed fill say, before it answers), until
-    /// its outcome arrives (or long after its TTL). A placement of a gated source tells its
-    /// tuner it still admits (see `Tuner::admitted`).
+    /// it was sent: the edge may end the shadow, a failed fill say, before it answers) and
+    /// named `id` ([`Self::order_id`]), until its outcome arrives (or long after its TTL). A
+    /// placement of a gated source tells its tuner it still admits (see `Tuner::admitted`).
+    #[allow(clippy::too_many_arguments)]
     pub fn record_order(
         &self,
         key: &str,
@@ -485,6 +489,7 @@ impl Ledger {
         signal: Signal,
         ttl: Duration,
         placed_ms: u64,
+        id: Option<u64>,
     ) {
         let epoch = signal.source.tuned().map_or(0, |source| {
             let mut t = self.tuners.lock();
@@ -510,8 +515,28 @@ impl Ledger {
                 until,
                 placed_ms,
                 epoch,
+                id,
             },
         );
+    }
+
+    /// A name for a new order of `key` on `edge` whose deadline is `deadline_ms` (0: none):
+    /// the deadline itself, which the edge echoes in the outcome, moved on by a millisecond
+    /// while it equals the name of the order it replaces, so that the two stay apart.
+    pub fn order_id(&self, key: &str, edge: usize, deadline_ms: u64) -> u64 {
+        if deadline_ms == 0 {
+            return 0;
+        }
+        let current = self
+            .orders
+            .lock()
+            .get(&(key.to_string(), edge))
+            .and_then(|o| o.id);
+        if current == Some(deadline_ms) {
+            deadline_ms + 1
+        } else {
+            deadline_ms
+        }
     }
 
     /// Price the shadows `edge` reports as ended; outcomes of orders we did not place (an
@@ -530,10 +555,11 @@ impl Ledger {
             // late, after the key was ordered again) is the older order's, whose attribution
             // that order replaced: priced unattributed, and the current order and the live
             // shadow it stands for stay.
-            let older = o.ended_ms > 0
-                && orders
-                    .get(&k)
-                    .is_some_and(|ord| ord.placed_ms > o.ended_ms + CLOCK_SLACK_MS);
+            // Where both name their orders, the names say it; else the edge's clock does.
+            let older = orders.get(&k).is_some_and(|ord| match (o.order, ord.id) {
+                (Some(theirs), Some(ours)) => theirs != ours,
+                _ => o.ended_ms > 0 && ord.placed_ms > o.ended_ms + CLOCK_SLACK_MS,
+            });
             let order = if older {
                 None
             } else {
@@ -809,6 +835,7 @@ mod tests {
             removed: false,
             ended_ms: 0,
             head_start_ms: None,
+            order: None,
         }
     }
 
@@ -949,6 +976,7 @@ mod tests {
             signal,
             Duration::from_secs(60),
             unix_ms_now(),
+            None,
         );
     }
 
@@ -1066,6 +1094,44 @@ mod tests {
         l.settle(1, &[own]);
         assert_eq!(l.take_ended().len(), 1);
         assert!(l.orders.lock().is_empty());
+    }
+
+    /// Where outcome and order both carry the order's name, the name decides which order an
+    /// outcome settles, not the edge's clock.
+    #[test]
+    fn an_outcome_naming_its_order_settles_that_order_whatever_the_clocks() {
+        let l = ledger();
+        let now = unix_ms_now();
+        let ttl = Duration::from_secs(60);
+        let id = l.order_id("h/x", 1, now + 500);
+        assert_eq!(id, now + 500);
+        let signal = Signal::forecast(0.9);
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id));
+        // The next order of the key gets another name, even with the same deadline.
+        assert_eq!(l.order_id("h/x", 1, id), id + 1);
+        assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
+        assert_eq!(l.order_id("h/x", 1, 0), 0, "no deadline, no name");
+        // A previous order's outcome, stamped by a clock running ahead: still not this one's.
+        let mut late = outcome(1000, 0, false);
+        (late.key, late.ended_ms, late.order) = ("h/x".into(), now + 5_000, Some(id - 100));
+        l.settle(1, &[late]);
+        assert!(l.take_ended().is_empty(), "the live shadow stays live");
+        assert_eq!(l.orders.lock().len(), 1);
+        // Its own outcome, stamped by a clock running 5 s behind: settles it.
+        let mut own = outcome(1000, 1, false);
+        (own.key, own.ended_ms, own.order) = ("h/x".into(), now - 5_000, Some(id));
+        l.settle(1, &[own]);
+        assert_eq!(l.take_ended().len(), 1);
+        assert!(l.orders.lock().is_empty());
+        let rollups = l.report()["rollups"].clone();
+        let forecast = rollups
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["source"] == "forecast")
+            .cloned()
+            .unwrap();
+        assert_eq!(forecast["used"], 1, "{rollups}");
     }
 
     #[test]

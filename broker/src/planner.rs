@@ -631,16 +631,18 @@ pub async fn place_with(
     state: &PlannerState,
     ledger: &Ledger,
     edge: usize,
-    order: ShadowOrder,
+    mut order: ShadowOrder,
     info: OrderInfo,
     signal: Signal,
 ) -> bool {
     let (key, ttl) = (order.key.clone(), crate::clock::wall(order.ttl_secs));
+    order.deadline_ms = ledger.order_id(&key, edge, order.deadline_ms);
+    let id = (order.deadline_ms != 0).then_some(order.deadline_ms);
     let placed_ms = edge_node::sync::protocol::unix_ms_now();
     let ok = sync.shadow(edge, order).await;
     if ok {
         state.record(&key, edge, ttl);
-        ledger.record_order(&key, edge, info, signal, ttl, placed_ms);
+        ledger.record_order(&key, edge, info, signal, ttl, placed_ms, id);
     }
     ok
 }
@@ -955,7 +957,7 @@ impl Planner {
                 };
                 let now_ms = edge_node::sync::protocol::unix_ms_now();
                 self.ledger
-                    .record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms);
+                    .record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms, None);
             }
             self.state.adopted.lock().insert(e);
             if !shadows.is_empty() {

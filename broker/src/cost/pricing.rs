@@ -144,6 +144,7 @@ impl Stake {
             removed: false,
             ended_ms: 0,
             head_start_ms: None,
+            order: None,
         };
         Stake {
             used: price(cfg, &outcome(1)).net(),

@@ -382,6 +382,7 @@ mod tests {
                 removed: false,
                 ended_ms: 0,
                 head_start_ms: None,
+                order: None,
             },
         );
         Settled {
@@ -676,6 +677,7 @@ mod tests {
                     removed: false,
                     ended_ms: 0,
                     head_start_ms: None,
+                    order: None,
                 },
             );
             (s.bytes, s.net, s.spend) = (1000, p.net(), p.spend());

@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Ending, Expired, FillSource, FillTags, ShadowTable};
+use super::table::{Ending, Expired, FillSource, FillTags, Order, ShadowTable};
 use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
@@ -101,6 +101,15 @@ impl FillRequest {
             refresh: false,
             queued_at: Instant::now(),
         })
+    }
+
+    /// The order it fills for: its priority, and its deadline as the order's name (the
+    /// broker keeps it distinct between its orders of one key for one edge; 0 names none).
+    pub fn order(&self) -> Order {
+        Order {
+            priority: self.priority,
+            id: (self.deadline_ms != 0).then_some(self.deadline_ms),
+        }
     }
 
     /// With the expected arrival of the first request.
@@ -424,13 +433,14 @@ async fn fetch(
 
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
 /// broker hears so, or it would count the order live until its TTL and never place it again.
-fn report_unheld(table: &ShadowTable, key: &str) {
-    if table.get(key).is_none() {
+fn report_unheld(table: &ShadowTable, req: &FillRequest) {
+    if table.get(&req.key).is_none() {
         // Dropped, not failed: the fetch did not go wrong (no reason to wait before the next
         // order), a purge or unshadow overtook it.
         let o = ShadowOutcome {
             removed: true,
-            ..ShadowOutcome::failed(key.to_string())
+            order: req.order().id,
+            ..ShadowOutcome::failed(req.key.clone())
         };
         table.outcomes().push(o);
     }
@@ -618,7 +628,7 @@ impl ShadowService {
                     if req.refresh && table.get(&req.key).is_none() {
                         purge_stale(storage, &table, &metrics, &req.key, "refresh_dropped").await;
                     }
-                    report_unheld(&table, &req.key);
+                    report_unheld(&table, &req);
                     return;
                 }
                 let started = req.queued_at;
@@ -630,10 +640,10 @@ impl ShadowService {
                 match filled {
                     Ok((bytes, source, tags)) => {
                         let now = Instant::now();
-                        if !table.mark_filled(&req.key, req.ttl, req.priority, tags, started, now) {
+                        if !table.mark_filled(&req.key, req.ttl, req.order(), tags, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");
                             metrics.shadow_fills.with_label_values(&["dropped"]).inc();
-                            report_unheld(&table, &req.key);
+                            report_unheld(&table, &req);
                             return;
                         }
                         table.set_fill(&req.key, bytes, source);
@@ -654,9 +664,10 @@ impl ShadowService {
                                 .await;
                         } else if table.get(&req.key).is_none() {
                             // Any other failure means the broker's order holds nothing here.
-                            table
-                                .outcomes()
-                                .push(ShadowOutcome::failed(req.key.clone()));
+                            table.outcomes().push(ShadowOutcome {
+                                order: req.order().id,
+                                ..ShadowOutcome::failed(req.key.clone())
+                            });
                         }
                     }
                 }

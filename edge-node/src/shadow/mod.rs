@@ -7,7 +7,7 @@ mod table;
 pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
 pub use pace::FillPacer;
-pub use table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Mark, ShadowTable};
+pub use table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Mark, Order, ShadowTable};
 
 use std::collections::VecDeque;
 
@@ -175,6 +175,7 @@ mod tests {
             removed: false,
             ended_ms: 0,
             head_start_ms: None,
+            order: None,
         }
     }
 

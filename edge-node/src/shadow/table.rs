@@ -140,10 +140,31 @@ pub struct Mark {
     filled: bool,
     /// The object's tags, as the latest fill saw them.
     tags: FillTags,
+    /// The order that last marked it, as the broker named it (the order's `deadline_ms`,
+    /// which the broker keeps distinct between its orders of one key for one edge); echoed in
+    /// the outcome so the broker settles the order it belongs to, whatever the clocks say.
+    order: Option<u64>,
     /// Generation, so a renewed mark is not ended by a check made before the renewal.
     generation: u64,
     /// The heap entry that stands for this mark: its time (never after `expires`) and id.
     scheduled: (Instant, u64),
+}
+
+/// The order a fill marks its shadow for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Order {
+    /// Provider priority 0–10.
+    pub priority: u8,
+    /// How the broker names the order ([`Mark::order`]); `None` for an order that names
+    /// none (the admin API's).
+    pub id: Option<u64>,
+}
+
+impl Order {
+    /// An order at `priority` that names no order id.
+    pub fn unnamed(priority: u8) -> Self {
+        Order { priority, id: None }
+    }
 }
 
 /// Where a shadow fill's copy came from.
@@ -238,7 +259,11 @@ impl Inner {
             .collect();
     }
 
-    fn mark(&mut self, key: &str, ttl: Duration, priority: u8, tags: FillTags, now: Instant) {
+    fn mark(&mut self, key: &str, ttl: Duration, order: Order, tags: FillTags, now: Instant) {
+        let Order {
+            priority,
+            id: order,
+        } = order;
         self.next_gen += 1;
         let generation = self.next_gen;
         let expires = now + ttl;
@@ -285,6 +310,7 @@ impl Inner {
                 head_start,
                 filled,
                 tags,
+                order,
                 generation,
                 scheduled,
             },
@@ -342,6 +368,7 @@ impl Mark {
             head_start_ms: self
                 .head_start
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            order: self.order,
         }
     }
 }
@@ -358,7 +385,7 @@ impl ShadowTable {
     pub fn mark(&self, key: &str, ttl: Duration, priority: u8, now: Instant) {
         self.inner
             .lock()
-            .mark(key, ttl, priority, FillTags::default(), now);
+            .mark(key, ttl, Order::unnamed(priority), FillTags::default(), now);
     }
 
     /// Push the expiry of `key`'s mark, if it has one, to at least `ttl` from `now` (never
@@ -398,7 +425,7 @@ impl ShadowTable {
         &self,
         key: &str,
         ttl: Duration,
-        priority: u8,
+        order: Order,
         tags: FillTags,
         started: Instant,
         now: Instant,
@@ -407,7 +434,7 @@ impl ShadowTable {
         if g.dropped_since(key, Some(&tags), started) {
             return false;
         }
-        g.mark(key, ttl, priority, tags, now);
+        g.mark(key, ttl, order, tags, now);
         true
     }
 
@@ -833,13 +860,41 @@ mod tests {
         t.remove("h/a");
         t.remove_prefix("h/dir/");
         let now = Instant::now();
-        assert!(!t.mark_filled("h/a", ttl, 5, FillTags::default(), started, now));
-        assert!(!t.mark_filled("h/dir/x", ttl, 5, FillTags::default(), started, now));
+        assert!(!t.mark_filled(
+            "h/a",
+            ttl,
+            Order::unnamed(5),
+            FillTags::default(),
+            started,
+            now
+        ));
+        assert!(!t.mark_filled(
+            "h/dir/x",
+            ttl,
+            Order::unnamed(5),
+            FillTags::default(),
+            started,
+            now
+        ));
         assert!(t.get("h/a").is_none());
         // Other keys, and fills that started after the purge, are marked.
-        assert!(t.mark_filled("h/b", ttl, 5, FillTags::default(), started, now));
+        assert!(t.mark_filled(
+            "h/b",
+            ttl,
+            Order::unnamed(5),
+            FillTags::default(),
+            started,
+            now
+        ));
         let later = Instant::now() + Duration::from_millis(1);
-        assert!(t.mark_filled("h/a", ttl, 5, FillTags::default(), later, later));
+        assert!(t.mark_filled(
+            "h/a",
+            ttl,
+            Order::unnamed(5),
+            FillTags::default(),
+            later,
+            later
+        ));
         assert!(t.get("h/a").is_some());
     }
 
@@ -852,17 +907,52 @@ mod tests {
         let t = ShadowTable::default();
         let (ttl, started) = (Duration::from_secs(60), Instant::now());
         let now = Instant::now();
-        assert!(t.mark_filled("h/a", ttl, 5, tagged(&["p-1", "home"]), started, now));
-        assert!(t.mark_filled("h/b", ttl, 5, tagged(&["p-2"]), started, now));
-        assert!(t.mark_filled("h/c", ttl, 5, FillTags::Many, started, now));
-        assert!(t.mark_filled("other/a", ttl, 5, tagged(&["p-1"]), started, now));
+        assert!(t.mark_filled(
+            "h/a",
+            ttl,
+            Order::unnamed(5),
+            tagged(&["p-1", "home"]),
+            started,
+            now
+        ));
+        assert!(t.mark_filled(
+            "h/b",
+            ttl,
+            Order::unnamed(5),
+            tagged(&["p-2"]),
+            started,
+            now
+        ));
+        assert!(t.mark_filled("h/c", ttl, Order::unnamed(5), FillTags::Many, started, now));
+        assert!(t.mark_filled(
+            "other/a",
+            ttl,
+            Order::unnamed(5),
+            tagged(&["p-1"]),
+            started,
+            now
+        ));
         assert_eq!(t.remove_tagged("h/", &["p-1".to_string()]), 2);
         assert!(t.get("h/a").is_none() && t.get("h/c").is_none());
         assert!(t.get("h/b").is_some() && t.get("other/a").is_some());
         // A fill under way when the purge came is not marked if its object carries a tag.
         let later = Instant::now() + Duration::from_millis(1);
-        assert!(!t.mark_filled("h/d", ttl, 5, tagged(&["p-1"]), started, later));
-        assert!(t.mark_filled("h/e", ttl, 5, tagged(&["p-3"]), started, later));
+        assert!(!t.mark_filled(
+            "h/d",
+            ttl,
+            Order::unnamed(5),
+            tagged(&["p-1"]),
+            started,
+            later
+        ));
+        assert!(t.mark_filled(
+            "h/e",
+            ttl,
+            Order::unnamed(5),
+            tagged(&["p-3"]),
+            started,
+            later
+        ));
         assert!(
             !t.dropped_since("h/d", started),
             "tags unknown before the fill"
@@ -896,7 +986,7 @@ mod tests {
         assert_eq!(t.hit("h/a", first), Some(1), "read from the streaming fill");
         assert_eq!(t.hit("h/a", first + ttl / 2), Some(2));
         assert_eq!(t.hit("h/other", now), None);
-        assert!(t.mark_filled("h/a", ttl, 5, FillTags::default(), now, now));
+        assert!(t.mark_filled("h/a", ttl, Order::unnamed(5), FillTags::default(), now, now));
         drop(fill);
         let m = t.get("h/a").unwrap();
         assert!(m.hits == 2 && m.touched && !m.purge_with_mark());
@@ -915,7 +1005,7 @@ mod tests {
         );
         // A shadow complete before its first client: no head start to report.
         let fill = t.begin_fill("h/c", now);
-        assert!(t.mark_filled("h/c", ttl, 5, FillTags::default(), now, now));
+        assert!(t.mark_filled("h/c", ttl, Order::unnamed(5), FillTags::default(), now, now));
         drop(fill);
         assert_eq!(t.hit("h/c", now), Some(1));
         assert_eq!(t.get("h/c").unwrap().head_start, None);
@@ -940,5 +1030,34 @@ mod tests {
         assert!(t.heap_len() <= 64 + 20, "{}", t.heap_len());
         t.mark("h/kept", Duration::from_secs(10), 5, now);
         assert_eq!(t.expire(now + Duration::from_secs(11)).len(), 1);
+    }
+
+    /// A shadow's outcome names the order that last marked it, so the broker settles that
+    /// order and not another of the same key.
+    #[test]
+    fn an_outcome_names_the_order_that_last_marked_it() {
+        let t = ShadowTable::default();
+        let ttl = Duration::from_secs(60);
+        // A fill that starts after the removals so far.
+        let marked = |order| {
+            let started = Instant::now() + Duration::from_millis(1);
+            t.mark_filled("h/a", ttl, order, FillTags::default(), started, started)
+        };
+        let named = |id| Order {
+            priority: 5,
+            id: Some(id),
+        };
+        let ended = || {
+            t.remove("h/a");
+            let mut outs = t.outcomes().drain_within(1 << 20);
+            assert_eq!(outs.len(), 1);
+            outs.pop().unwrap().order
+        };
+        assert!(marked(named(7)));
+        assert_eq!(ended(), Some(7));
+        assert!(marked(named(7)) && marked(named(9)));
+        assert_eq!(ended(), Some(9), "a renewal's order");
+        assert!(marked(named(9)) && marked(Order::unnamed(5)));
+        assert_eq!(ended(), None, "the admin API's order names none");
     }
 }

@@ -199,6 +199,12 @@ pub struct ShadowOutcome {
     /// edges).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_start_ms: Option<u64>,
+    /// The order it ended, as the order named it (its `deadline_ms`, which the broker keeps
+    /// distinct between its orders of one key for one edge): the broker settles that order,
+    /// and not a later one of the same key, whatever the two clocks say. Absent for orders
+    /// that name none (the admin API's) and from older edges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order: Option<u64>,
 }
 
 /// Unix milliseconds now, for [`ShadowOutcome::ended_ms`].
@@ -223,6 +229,7 @@ impl ShadowOutcome {
             removed: false,
             ended_ms: unix_ms_now(),
             head_start_ms: None,
+            order: None,
         }
     }
 }
