@@ -675,7 +675,7 @@ const FAN_OUT_PATIENCE: Duration = Duration::from_secs(3);
 /// busy disk. Only that edge's round waits.
 const REDELIVERY_PATIENCE: Duration = Duration::from_secs(15);
 
-/// Most missed purges one redelivery round sends one edge (a round must end within seconds).
+/// Most missed purges one redelivery round sends one edge; the rest go in its next round.
 const REDELIVERIES_PER_ROUND: usize = 1_000;
 
 /// Whether a purge an edge did not confirm may pass on a later try: it was unreachable, or

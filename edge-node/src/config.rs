@@ -385,8 +385,9 @@ impl EdgeConfig {
                 "cache.memory_shards must be between 1 and 1024".into(),
             ));
         }
-        // An object must fit one memory shard: a larger one could not be held beside anything
-        // at all. One over half a shard may be wanted (a memory-only cache measured against
+        // An object's body must fit one memory shard: a larger one could not be held beside
+        // anything at all (one of exactly a shard, whose metadata then overflows it, is held
+        // until the shard's next insert). One over half a shard may be wanted (a memory-only cache measured against
         // offline policies, which admit anything up to the cache size) but evicts most of
         // its shard whenever it is stored or read back from disk: allowed, and warned about
         // at start ([`CacheSection::large_objects_crowd_shards`]).
@@ -600,7 +601,7 @@ pub fn valid_node_id(id: &str) -> bool {
 
 impl CacheSection {
     /// The memory tier's shards: as configured, else the most of 8, 4, 2, 1 whose shards each
-    /// hold two `max_object_size` objects (1 when none does, which the config check refuses).
+    /// hold two `max_object_size` objects (1 when none does).
     pub fn memory_shards(&self) -> usize {
         self.memory_shards.unwrap_or_else(|| {
             let (memory, largest) = (self.memory_capacity.as_u64(), self.max_object_size.as_u64());

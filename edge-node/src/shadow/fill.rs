@@ -44,6 +44,8 @@ pub struct FillRequest {
     /// When it was queued: a purge or unshadow of the key after that cancels it, even while
     /// it still waits for a worker.
     pub queued_at: Instant,
+    /// Its place in the order orders were accepted here (set when queued).
+    pub accepted: u64,
 }
 
 /// Why a shadow request is invalid.
@@ -100,6 +102,7 @@ impl FillRequest {
             peer: None,
             refresh: false,
             queued_at: Instant::now(),
+            accepted: 0,
         })
     }
 
@@ -109,6 +112,7 @@ impl FillRequest {
         Order {
             priority: self.priority,
             id: (self.deadline_ms != 0).then_some(self.deadline_ms),
+            accepted: self.accepted,
         }
     }
 
@@ -204,9 +208,10 @@ pub struct Filler {
 }
 
 impl Filler {
-    /// Queue a fill without waiting. A renewal of a live mark extends it at once: the broker
-    /// counts the order from its acceptance, and a mark left to expire while the renewal
-    /// waits for a worker would end (its object purged if unused) under the order renewing it.
+    /// Queue a fill without waiting. A renewal of a live mark extends it at once, and the
+    /// mark is the renewing order's from then on: the broker counts the order from its
+    /// acceptance (and settles its outcome against it), and a mark left to expire while the
+    /// renewal waits for a worker would end (its object purged if unused) under that order.
     pub fn submit(&self, mut r: FillRequest) -> Result<(), FillError> {
         r.queued_at = Instant::now();
         let mut g = self.queue.pending.lock();
@@ -216,9 +221,10 @@ impl Filler {
         if g.heap.len() >= self.queue.capacity {
             return Err(FillError::QueueFull);
         }
-        self.table.extend(&r.key, r.ttl, r.queued_at);
         g.seq += 1;
         let seq = g.seq;
+        r.accepted = seq;
+        self.table.extend(&r.key, r.ttl, r.order(), r.queued_at);
         g.heap.push(Queued { seq, req: r });
         drop(g);
         self.queue.ready.notify_one();

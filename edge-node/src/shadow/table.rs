@@ -140,10 +140,12 @@ pub struct Mark {
     filled: bool,
     /// The object's tags, as the latest fill saw them.
     tags: FillTags,
-    /// The order that last marked it, as the broker named it (the order's `deadline_ms`,
+    /// The latest order accepted for it, as the broker named it (the order's `deadline_ms`,
     /// which the broker keeps distinct between its orders of one key for one edge); echoed in
     /// the outcome so the broker settles the order it belongs to, whatever the clocks say.
     order: Option<u64>,
+    /// When that order was accepted ([`Order::accepted`]).
+    accepted: u64,
     /// Generation, so a renewed mark is not ended by a check made before the renewal.
     generation: u64,
     /// The heap entry that stands for this mark: its time (never after `expires`) and id.
@@ -158,12 +160,19 @@ pub struct Order {
     /// How the broker names the order ([`Mark::order`]); `None` for an order that names
     /// none (the admin API's).
     pub id: Option<u64>,
+    /// Its place in the order this edge accepted orders: a mark is named by the latest
+    /// order accepted for it, whichever fill finishes last.
+    pub accepted: u64,
 }
 
 impl Order {
     /// An order at `priority` that names no order id.
     pub fn unnamed(priority: u8) -> Self {
-        Order { priority, id: None }
+        Order {
+            priority,
+            id: None,
+            accepted: 0,
+        }
     }
 }
 
@@ -260,10 +269,7 @@ impl Inner {
     }
 
     fn mark(&mut self, key: &str, ttl: Duration, order: Order, tags: FillTags, now: Instant) {
-        let Order {
-            priority,
-            id: order,
-        } = order;
+        let priority = order.priority;
         self.next_gen += 1;
         let generation = self.next_gen;
         let expires = now + ttl;
@@ -276,6 +282,11 @@ impl Inner {
         let filled = old.is_some_and(|m| m.filled);
         let mut touched = old.is_some_and(|m| m.touched);
         let mut head_start = old.and_then(|m| m.head_start);
+        // A fill of an earlier order finishing after a later one's does not rename the mark.
+        let (order, accepted) = match old {
+            Some(m) if m.accepted > order.accepted => (m.order, m.accepted),
+            _ => (order.id, order.accepted),
+        };
         let mut hits = hits;
         if let Some(f) = self.filling.get_mut(key) {
             // Clients served from this fill as it streamed: the first of them, unless the
@@ -311,6 +322,7 @@ impl Inner {
                 filled,
                 tags,
                 order,
+                accepted,
                 generation,
                 scheduled,
             },
@@ -389,10 +401,14 @@ impl ShadowTable {
     }
 
     /// Push the expiry of `key`'s mark, if it has one, to at least `ttl` from `now` (never
-    /// shorter: a shortening renewal takes effect when its fill marks it).
-    pub fn extend(&self, key: &str, ttl: Duration, now: Instant) {
+    /// shorter: a shortening renewal takes effect when its fill marks it), and name it by
+    /// `order`, which renews it.
+    pub fn extend(&self, key: &str, ttl: Duration, order: Order, now: Instant) {
         if let Some(m) = self.inner.lock().marks.get_mut(key) {
             m.expires = m.expires.max(now + ttl);
+            if order.accepted >= m.accepted {
+                (m.order, m.accepted) = (order.id, order.accepted);
+            }
         }
     }
 
@@ -680,15 +696,25 @@ mod tests {
         let t0 = Instant::now();
         t.mark("h/a", Duration::from_secs(10), 5, t0);
         // The renewal is accepted 8 s in; its fill has not run when the old expiry comes.
-        t.extend("h/a", Duration::from_secs(60), t0 + Duration::from_secs(8));
+        t.extend(
+            "h/a",
+            Duration::from_secs(60),
+            Order::unnamed(5),
+            t0 + Duration::from_secs(8),
+        );
         assert!(t.expire(t0 + Duration::from_secs(11)).is_empty());
         assert!(t.get("h/a").is_some());
         // Never shorter: a renewal with a smaller TTL leaves the expiry where it was.
-        t.extend("h/a", Duration::from_secs(1), t0 + Duration::from_secs(12));
+        t.extend(
+            "h/a",
+            Duration::from_secs(1),
+            Order::unnamed(5),
+            t0 + Duration::from_secs(12),
+        );
         assert!(t.expire(t0 + Duration::from_secs(20)).is_empty());
         assert_eq!(t.expire(t0 + Duration::from_secs(69)).len(), 1);
         // Nothing to extend without a mark.
-        t.extend("h/b", Duration::from_secs(60), t0);
+        t.extend("h/b", Duration::from_secs(60), Order::unnamed(5), t0);
         assert!(t.get("h/b").is_none());
     }
 
@@ -1035,7 +1061,7 @@ mod tests {
     /// A shadow's outcome names the order that last marked it, so the broker settles that
     /// order and not another of the same key.
     #[test]
-    fn an_outcome_names_the_order_that_last_marked_it() {
+    fn an_outcome_names_the_latest_order_accepted_for_it() {
         let t = ShadowTable::default();
         let ttl = Duration::from_secs(60);
         // A fill that starts after the removals so far.
@@ -1043,9 +1069,10 @@ mod tests {
             let started = Instant::now() + Duration::from_millis(1);
             t.mark_filled("h/a", ttl, order, FillTags::default(), started, started)
         };
-        let named = |id| Order {
+        let named = |id, accepted| Order {
             priority: 5,
             id: Some(id),
+            accepted,
         };
         let ended = || {
             t.remove("h/a");
@@ -1053,11 +1080,22 @@ mod tests {
             assert_eq!(outs.len(), 1);
             outs.pop().unwrap().order
         };
-        assert!(marked(named(7)));
+        assert!(marked(named(7, 1)));
         assert_eq!(ended(), Some(7));
-        assert!(marked(named(7)) && marked(named(9)));
+        assert!(marked(named(7, 2)) && marked(named(9, 3)));
         assert_eq!(ended(), Some(9), "a renewal's order");
-        assert!(marked(named(9)) && marked(Order::unnamed(5)));
-        assert_eq!(ended(), None, "the admin API's order names none");
+        // Order 11 renews the mark when accepted, whether or not its own fill ever ends.
+        assert!(marked(named(9, 4)));
+        t.extend("h/a", ttl, named(11, 5), Instant::now());
+        assert_eq!(ended(), Some(11), "the renewing order's, before its fill");
+        // Fills finishing out of order: the later-accepted order keeps the name.
+        assert!(marked(named(13, 7)) && marked(named(12, 6)));
+        assert_eq!(ended(), Some(13));
+        assert!(marked(named(13, 8)) && marked(Order::unnamed(5)));
+        assert_eq!(
+            ended(),
+            Some(13),
+            "an unnamed order accepted earlier renames nothing"
+        );
     }
 }

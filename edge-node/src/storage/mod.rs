@@ -774,8 +774,9 @@ fn stale_if_error_until(meta: &CacheMeta) -> SystemTime {
 /// Whether a disk copy whose stale-if-error window ends at `disk` lags `new` by more than
 /// half of that window. Read back during an origin outage after the memory copy is gone
 /// (evicted, or a restart), it would turn away clients whom `new` serves stale, which is
-/// what stale-if-error is for. Such a refresh is written whole, so the disk copy of an
-/// object revalidated on every request is rewritten about twice per window, not each time.
+/// what stale-if-error is for. Such a refresh is written whole: the disk copy of an object
+/// revalidated more often than every half window is rewritten about twice per window, not at
+/// each revalidation (one revalidated less often is rewritten at each revalidation).
 fn disk_lags(disk: SystemTime, new: &CacheMeta) -> bool {
     let window = Duration::from_secs(new.stale_if_error_sec().into());
     !window.is_zero() && disk + window / 2 < stale_if_error_until(new)
