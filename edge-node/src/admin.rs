@@ -486,6 +486,42 @@ async fn put_origins(
         Ok(split) => split,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
     };
+    // The rest in a task of its own: a caller that hangs up (the broker gives a push 2 s, and
+    // here floors are fsynced and names resolved) must not leave the table applied with its
+    // ownership floors half raised, or not kept for a restart.
+    let push = Push {
+        rows,
+        ignored,
+        sent_at_ms: parsed.sent_at_ms,
+        allow_private_upstreams: parsed.allow_private_upstreams,
+    };
+    tokio::spawn(apply_origins(s, push))
+        .await
+        .unwrap_or_else(|e| {
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("origin push failed: {e}"),
+            )
+        })
+}
+
+/// An authorized origin push, parsed.
+struct Push {
+    rows: Vec<OriginEntry>,
+    ignored: Vec<IgnoredFields>,
+    sent_at_ms: Option<u64>,
+    allow_private_upstreams: bool,
+}
+
+/// Apply `push`: ownership floors before and after, the rows, and the table kept for a restart.
+async fn apply_origins(s: AdminState, push: Push) -> Response {
+    let Push {
+        rows,
+        ignored,
+        sent_at_ms,
+        allow_private_upstreams,
+    } = push;
     let _serial = s.origins.serialize().await;
     s.metrics
         .origin_push_ignored_fields
@@ -502,7 +538,7 @@ async fn put_origins(
     let mut plan = ownership::plan(
         &regs,
         |scope| s.storage.host_owner(scope),
-        parsed.sent_at_ms,
+        sent_at_ms,
         SystemTime::now(),
     );
     if let Err(r) = apply_owner_changes(s.storage, std::mem::take(&mut plan.before)).await {
@@ -510,7 +546,7 @@ async fn put_origins(
     }
     // Rows are judged one by one: the usable ones apply, the others are listed back.
     let kept = rows.clone();
-    let mut report = s.origins.push(rows, parsed.allow_private_upstreams).await;
+    let mut report = s.origins.push(rows, allow_private_upstreams).await;
     report.ignored = ignored;
     if !plan.replaced.is_empty() {
         if let Err(r) = apply_owner_changes(s.storage, plan.after(SystemTime::now())).await {
@@ -519,7 +555,7 @@ async fn put_origins(
     }
     // Kept for a restart only once it applied whole, floors included; written (two fsyncs)
     // off the admin API's one thread, which health probes share.
-    let (origins, allow) = (s.origins.clone(), parsed.allow_private_upstreams);
+    let (origins, allow) = (s.origins.clone(), allow_private_upstreams);
     if let Err(e) = tokio::task::spawn_blocking(move || origins.remember(&kept, allow)).await {
         tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
     }
