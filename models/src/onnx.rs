@@ -4,6 +4,7 @@
 //! pipeline produces (input names and shapes, feature order, outputs), so a model trained for other
 //! features fails at load with a clear error instead of predicting garbage.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -80,6 +81,13 @@ pub struct ModelMetadata {
     /// or a reload caught between the copies, never serves a model with another's metadata.
     #[serde(default)]
     pub model_sha256: Option<String>,
+    /// The model's inputs by name, with their shapes (-1: a dynamic axis), as exported;
+    /// checked against the model file at load (absent in older metadata: not checked).
+    #[serde(default)]
+    pub inputs: Option<BTreeMap<String, Vec<i64>>>,
+    /// The model's outputs, as [`Self::inputs`].
+    #[serde(default)]
+    pub outputs: Option<BTreeMap<String, Vec<i64>>>,
     /// Everything else the training script recorded (data hashes, metrics, …).
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -168,6 +176,18 @@ impl std::fmt::Debug for OnnxLstm {
 /// The metadata file of a model: same path with a `.json` extension.
 pub fn metadata_path(model: &Path) -> PathBuf {
     model.with_extension("json")
+}
+
+/// Names and shapes (-1: a dynamic axis) of a model's inputs or outputs.
+fn signature<'a>(
+    values: impl Iterator<Item = (&'a str, &'a ort::value::ValueType)>,
+) -> BTreeMap<String, Vec<i64>> {
+    values
+        .map(|(name, t)| {
+            let shape = t.tensor_shape().map(|s| s.to_vec()).unwrap_or_default();
+            (name.to_string(), shape)
+        })
+        .collect()
 }
 
 fn check(cond: bool, path: &Path, reason: impl FnOnce() -> String) -> Result<(), LoadError> {
@@ -295,9 +315,38 @@ impl OnnxLstm {
             let shape = out
                 .and_then(|o| o.dtype().tensor_shape().map(|s| s.to_vec()))
                 .unwrap_or_default();
-            check(shape.len() == 2 && shape[1] == width, model, || {
-                format!("output {name:?} has shape {shape:?}, expected [batch, {width}]")
-            })?;
+            // A fixed output batch would pass the two-series trial and fail every other batch.
+            check(
+                shape.len() == 2 && shape[0] < 0 && shape[1] == width,
+                model,
+                || {
+                    format!(
+                        "output {name:?} has shape {shape:?}, expected [batch, {width}] with a dynamic batch"
+                    )
+                },
+            )?;
+        }
+        let io = [
+            (
+                "inputs",
+                &meta.inputs,
+                signature(session.inputs().iter().map(|i| (i.name(), i.dtype()))),
+            ),
+            (
+                "outputs",
+                &meta.outputs,
+                signature(session.outputs().iter().map(|o| (o.name(), o.dtype()))),
+            ),
+        ];
+        for (what, listed, actual) in io {
+            if let Some(listed) = listed {
+                check(listed == &actual, model, || {
+                    format!(
+                        "metadata lists {what} {listed:?}, the model has {actual:?}: they \
+                         describe different models"
+                    )
+                })?;
+            }
         }
         let lstm = OnnxLstm {
             inner: Mutex::new(Inner {

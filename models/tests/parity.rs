@@ -381,6 +381,36 @@ fn a_model_whose_bytes_differ_from_its_metadatas_hash_is_refused() {
     assert!(OnnxLstm::load(&model, 1).is_ok());
 }
 
+/// The inputs and outputs the metadata lists (names and shapes) must be the model's.
+#[test]
+fn metadata_listing_other_inputs_or_outputs_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.onnx");
+    std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root().join("lstm.json")).unwrap()).unwrap();
+    let load_with = |meta: &serde_json::Value| {
+        std::fs::write(dir.path().join("m.json"), meta.to_string()).unwrap();
+        OnnxLstm::load(&model, 1).map(|_| ())
+    };
+    load_with(&meta).expect("the committed pair loads");
+    let mut narrower = meta.clone();
+    narrower["inputs"]["counts"] = serde_json::json!([-1, 31]);
+    let err = load_with(&narrower).unwrap_err().to_string();
+    assert!(err.contains("metadata lists inputs"), "{err}");
+    let mut renamed = meta.clone();
+    let outputs = renamed["outputs"].as_object_mut().unwrap();
+    let p_any = outputs.remove("p_any").unwrap();
+    outputs.insert("probability".into(), p_any);
+    let err = load_with(&renamed).unwrap_err().to_string();
+    assert!(err.contains("metadata lists outputs"), "{err}");
+    // Metadata from before these fields were written is not checked for them.
+    let mut older = meta.clone();
+    older.as_object_mut().unwrap().remove("inputs");
+    older.as_object_mut().unwrap().remove("outputs");
+    load_with(&older).expect("older metadata loads");
+}
+
 #[test]
 fn a_model_that_fails_on_some_series_in_service_hands_those_series_to_the_baseline() {
     let dir = tempfile::tempdir().unwrap();
