@@ -191,7 +191,7 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
         ),
         Call::RotateToken { id } => (
             reqwest::Method::POST,
-            format!("/v1/providers/{id}/token"),
+            format!("/v1/providers/{}/token", segment(&id)),
             None,
         ),
         Call::SetOrigin {
@@ -211,7 +211,7 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             }
             (
                 reqwest::Method::PUT,
-                format!("/v1/origins/{host}"),
+                format!("/v1/origins/{}", segment(&host)),
                 Some(body),
             )
         }
@@ -267,7 +267,17 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
         let v: Value = if text.is_empty() {
             json!({})
         } else {
-            serde_json::from_str(&text).unwrap_or(json!({ "body": text }))
+            match serde_json::from_str(&text) {
+                Ok(v) => v,
+                // A success that is not the API's JSON came from something else listening
+                // there: not a success.
+                Err(_) if status.is_success() => {
+                    return Err(format!(
+                        "{status} from {api}, but not the broker API's JSON: {text}"
+                    ))
+                }
+                Err(_) => json!({ "body": text }),
+            }
         };
         if status.is_success() {
             Ok((v, status != reqwest::StatusCode::MULTI_STATUS))
@@ -280,6 +290,12 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
     })
 }
 
+/// `s` as one path segment: a `/`, `?` or `#` in an id or host names no other record and no
+/// query (the API then refuses the id, or the host, as it is).
+fn segment(s: &str) -> String {
+    urlencode(s).replace('/', "%2F")
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
@@ -289,4 +305,52 @@ fn urlencode(s: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-request HTTP server answering `response`; its address and the request line.
+    fn answer_once(response: &'static str) -> (String, std::thread::JoinHandle<String>) {
+        use std::io::{BufRead, BufReader, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("http://{}", listener.local_addr().unwrap());
+        let served = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            let mut header = String::new();
+            while reader.read_line(&mut header).unwrap() > 2 {
+                header.clear();
+            }
+            reader.get_mut().write_all(response.as_bytes()).unwrap();
+            line
+        });
+        (addr, served)
+    }
+
+    #[test]
+    fn ids_and_hosts_stay_one_path_segment() {
+        let (api, served) = answer_once("HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n");
+        let call = Call::RotateToken {
+            id: "p-x/../p-y".into(),
+        };
+        assert!(api_call(&api, "t", call).is_err());
+        assert_eq!(
+            served.join().unwrap().trim_end(),
+            "POST /v1/providers/p-x%2F..%2Fp-y/token HTTP/1.1"
+        );
+        assert_eq!(segment("a.com?x#y"), "a.com%3Fx%23y");
+    }
+
+    #[test]
+    fn a_success_that_is_not_the_apis_json_is_an_error() {
+        let body = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+        let (api, served) = answer_once(body);
+        let err = api_call(&api, "t", Call::Origins).unwrap_err();
+        served.join().unwrap();
+        assert!(err.contains("not the broker API's JSON"), "{err}");
+    }
 }

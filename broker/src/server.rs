@@ -333,18 +333,27 @@ impl Broker {
             Box::new(move || {
                 let monitor = monitor.lock().take();
                 Box::pin(async move {
+                    // A final step that panicked makes the exit code 1: a supervisor must
+                    // not read such a stop as clean.
+                    let mut code = 0;
                     if let Some(m) = monitor {
-                        let _ = tokio::task::spawn_blocking(move || m.shutdown()).await;
+                        if let Err(e) = tokio::task::spawn_blocking(move || m.shutdown()).await {
+                            tracing::error!(error = %e, "the monitor's final snapshot failed");
+                            code = 1;
+                        }
                     }
                     if let Some(c) = closing {
                         c.close().await;
                     }
                     // After the drain no API change is in flight; closed, the store needs no
                     // repair at the next start.
-                    let _ = tokio::task::spawn_blocking(move || store.close()).await;
+                    if let Err(e) = tokio::task::spawn_blocking(move || store.close()).await {
+                        tracing::error!(error = %e, "the registry store did not close");
+                        code = 1;
+                    }
                     // Last, just before the process ends: the last access lines reach the log.
                     edge_node::server::finish_access_log(access_log).await;
-                    0
+                    code
                 })
             }),
         );
