@@ -1290,6 +1290,28 @@ async fn unknown_hosts_and_loops_get_json_errors() {
         .unwrap();
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(origin.hits("/looped"), 1);
+
+    // The admin API: a body is read only with the token, and one too large or not JSON is a
+    // JSON error naming why.
+    // Just over the 2 MiB limit: the client has sent (nearly) all of it when the edge answers.
+    let big = vec![b' '; (2 << 20) + 1024];
+    let post = |token: &'static str, body: Vec<u8>| {
+        client()
+            .post(format!("http://{}/shadows", edge.admin))
+            .bearer_auth(token)
+            .body(body)
+            .send()
+    };
+    let r = post("wrong-token", b"{}".to_vec()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = post(TOKEN, big).await.unwrap();
+    assert_eq!(r.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "too_large", "{v}");
+    let r = post(TOKEN, b"{not json".to_vec()).await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "bad_json", "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

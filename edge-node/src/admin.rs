@@ -199,14 +199,42 @@ fn authorize(headers: &HeaderMap, token: &str) -> Result<(), Box<Response>> {
     )))
 }
 
-/// Authorize, then parse the JSON body (400 when it is not the expected shape).
-fn authorized_json<T: serde::de::DeserializeOwned>(
+/// Most bytes of a small admin request body: tags, a shadow order, the peer list.
+const MAX_SMALL_BODY_BYTES: usize = 2 << 20;
+
+/// Authorize, then read the JSON body (400 when it is not the expected shape): read only once
+/// the token is checked, so a caller without it makes this edge buffer nothing.
+async fn authorized_json<T: serde::de::DeserializeOwned>(
     s: &AdminState,
     headers: &HeaderMap,
-    body: &[u8],
+    body: axum::body::Body,
 ) -> Result<T, Box<Response>> {
     authorize(headers, &s.token)?;
-    json_body(body)
+    json_body(&read_body(body, MAX_SMALL_BODY_BYTES).await?)
+}
+
+/// The whole request body, at most `limit` bytes: 413 beyond it, 400 when it cannot be read
+/// (the client hung up, malformed chunking).
+async fn read_body(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<axum::body::Bytes, Box<Response>> {
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let inner = e.into_inner();
+        Box::new(if inner.is::<http_body_util::LengthLimitError>() {
+            error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                format!("request body over {limit} bytes"),
+            )
+        } else {
+            error(
+                StatusCode::BAD_REQUEST,
+                "bad_body",
+                format!("request body unreadable: {inner}"),
+            )
+        })
+    })
 }
 
 /// A JSON body, or a 400 saying why not.
@@ -320,7 +348,7 @@ async fn purge_tags(
     method: Method,
     headers: HeaderMap,
     Path(host): Path<String>,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
     if method != Method::POST && method.as_str() != "PURGE" {
         return error(
@@ -332,9 +360,12 @@ async fn purge_tags(
     if let Err(r) = authorize_purge(&s, &headers) {
         return *r;
     }
-    let req: TagsBody = match serde_json::from_slice(&body) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+    let req: TagsBody = match read_body(body, MAX_SMALL_BODY_BYTES).await {
+        Ok(body) => match json_body(&body) {
+            Ok(b) => b,
+            Err(r) => return *r,
+        },
+        Err(r) => return *r,
     };
     let target = match Target::tags(&host, &req.tags) {
         Ok(t) => t,
@@ -360,9 +391,9 @@ fn default_priority() -> u8 {
 async fn post_shadow(
     State(s): State<AdminState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
-    let b: ShadowBody = match authorized_json(&s, &headers, &body) {
+    let b: ShadowBody = match authorized_json(&s, &headers, body).await {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -383,7 +414,11 @@ async fn post_shadow(
             .into_response(),
         Err(e) => {
             s.metrics.shadow_fills.with_label_values(&["refused"]).inc();
-            error(StatusCode::SERVICE_UNAVAILABLE, "busy", e.to_string())
+            let code = match e {
+                crate::shadow::FillError::Closed => "shutting_down",
+                crate::shadow::FillError::QueueFull => "busy",
+            };
+            error(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string())
         }
     }
 }
@@ -468,15 +503,9 @@ async fn put_origins(
     if let Err(r) = authorize(&headers, &s.token) {
         return *r;
     }
-    let body = match axum::body::to_bytes(body, MAX_ORIGIN_PUSH_BYTES).await {
+    let body = match read_body(body, MAX_ORIGIN_PUSH_BYTES).await {
         Ok(b) => b,
-        Err(e) => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("origin push unreadable or over {MAX_ORIGIN_PUSH_BYTES} bytes: {e}"),
-            )
-        }
+        Err(r) => return *r,
     };
     let parsed: OriginsBody = match json_body(&body) {
         Ok(b) => b,
@@ -636,9 +665,9 @@ async fn get_peers(State(s): State<AdminState>, headers: HeaderMap) -> Response 
 async fn put_peers(
     State(s): State<AdminState>,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    body: axum::body::Body,
 ) -> Response {
-    let parsed: PeersBody = match authorized_json(&s, &headers, &body) {
+    let parsed: PeersBody = match authorized_json(&s, &headers, body).await {
         Ok(b) => b,
         Err(r) => return *r,
     };
