@@ -1312,6 +1312,14 @@ async fn unknown_hosts_and_loops_get_json_errors() {
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"], "bad_json", "{v}");
+    let r = client()
+        .get(format!("http://{}/cache/{HOST}/x", edge.admin))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.headers()["allow"], "PURGE, DELETE");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

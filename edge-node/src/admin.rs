@@ -136,6 +136,18 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// A 405 naming the methods the route takes, in its `Allow` header too (RFC 9110).
+fn not_allowed(allow: &'static str, message: &str) -> Response {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        message,
+    );
+    r.headers_mut()
+        .insert(header::ALLOW, http::HeaderValue::from_static(allow));
+    r
+}
+
 fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
     (
         status,
@@ -268,9 +280,8 @@ async fn purge(
     uri: Uri,
 ) -> Response {
     if method != Method::DELETE && method.as_str() != "PURGE" {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
+        return not_allowed(
+            "PURGE, DELETE",
             "use PURGE or DELETE on /cache/{host}/{path}",
         );
     }
@@ -351,11 +362,7 @@ async fn purge_tags(
     body: axum::body::Body,
 ) -> Response {
     if method != Method::POST && method.as_str() != "PURGE" {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use POST or PURGE on /tags/{host}",
-        );
+        return not_allowed("POST, PURGE", "use POST or PURGE on /tags/{host}");
     }
     if let Err(r) = authorize_purge(&s, &headers) {
         return *r;
