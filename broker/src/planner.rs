@@ -11,7 +11,8 @@
 //! `(P·used + (1−P)·wasted) × (1 + priority)` and admitted while the edge's budget lasts; the
 //! rest are dropped least valuable first. An edge's budget is a share of its cache capacity (as it
 //! reports over QUIC) times a safety factor that shrinks when the forecasts are uncertain
-//! (wide p10–p90 intervals). Orders go out earliest expected arrival first, each naming the
+//! (wide p10–p90 intervals); each shadow takes its body plus the edge's per-entry overhead
+//! ([`EDGE_ENTRY_OVERHEAD`]) of it. Orders go out earliest expected arrival first, each naming the
 //! nearest edge that likely holds the object so the edge can fill from it instead of the
 //! origin. Every decision, taken or not, is kept for `GET /v1/shadows/explain`.
 
@@ -321,6 +322,7 @@ struct Verdict {
 /// longer allows is `dropped` (unshadowed); one that fits but fails the forecast's checks is
 /// `expiring` (left to its TTL, not renewed). A series in a drop anomaly gets
 /// `drop_anomaly`: the tick releases its shadows and places none.
+#[allow(clippy::too_many_arguments)]
 fn decide(
     cands: &[Candidate],
     forecasts: &[models::Forecast],
@@ -329,6 +331,7 @@ fn decide(
     is_live: impl Fn(&str, usize) -> bool,
     threshold_of: impl Fn(usize) -> f32,
     budget_of: impl Fn(usize) -> u64,
+    overhead: u64,
 ) -> Vec<Verdict> {
     let mut ranked: Vec<(usize, f64)> = forecasts
         .iter()
@@ -373,11 +376,12 @@ fn decide(
                 "drop_anomaly"
             } else if let Some(e) = edge.filter(|_| failed.is_none() || live.is_some()) {
                 let n = copies.entry(c.key.as_str()).or_default();
-                let fits = used.get(&e).copied().unwrap_or(0) + c.bytes <= budget_of(e);
+                let takes = c.bytes.saturating_add(overhead);
+                let fits = used.get(&e).copied().unwrap_or(0) + takes <= budget_of(e);
                 let room = *n + bars[i].held_elsewhere < c.max_copies;
                 let admitted = fits && room && c.allowed;
                 if admitted {
-                    *used.entry(e).or_default() += c.bytes;
+                    *used.entry(e).or_default() += takes;
                     *n += 1;
                 }
                 match (live.is_some(), admitted, failed, room) {
@@ -399,6 +403,17 @@ fn decide(
             }
         })
         .collect()
+}
+
+/// What each cached object takes of an edge's memory beside its body: its metadata and the
+/// response header the edge keeps decoded for hits (edge-node's `StoredObject::weight`;
+/// about 4 KB for a typical header).
+pub const EDGE_ENTRY_OVERHEAD: u64 = 4096;
+
+/// What a shadow of a `bytes` body takes of its edge's shadow budget: small objects cost
+/// their entry's overhead too, or a budget of them would fill several times its share.
+pub fn footprint(bytes: u64) -> u64 {
+    bytes.saturating_add(EDGE_ENTRY_OVERHEAD)
 }
 
 /// Planner state shared with the explain endpoint.
@@ -876,13 +891,17 @@ impl Planner {
         edges: &[Option<usize>],
         live: &'a HashMap<(String, usize), Instant>,
         n_edges: usize,
+        overhead: u64,
     ) -> (HashMap<&'a str, u32>, Vec<u64>) {
         let owned: HashSet<(&str, usize)> = cands
             .iter()
             .zip(edges)
             .filter_map(|(c, e)| e.map(|e| (c.key.as_str(), e)))
             .collect();
-        let size: HashMap<&str, u64> = cands.iter().map(|c| (c.key.as_str(), c.bytes)).collect();
+        let size: HashMap<&str, u64> = cands
+            .iter()
+            .map(|c| (c.key.as_str(), c.bytes.saturating_add(overhead)))
+            .collect();
         let mut copies: HashMap<&str, u32> = HashMap::new();
         let mut bytes = vec![0u64; n_edges];
         for (key, e) in live.keys() {
@@ -1209,7 +1228,8 @@ impl Planner {
                 e.and_then(|e| self.peer_for(e, held))
             })
             .collect();
-        let (elsewhere, held) = Self::held_elsewhere(&cands, &edges, &live, budgets.len());
+        let (elsewhere, held) =
+            Self::held_elsewhere(&cands, &edges, &live, budgets.len(), EDGE_ENTRY_OVERHEAD);
         let bars: Vec<Bar> = cands
             .iter()
             .zip(&peers)
@@ -1234,12 +1254,13 @@ impl Planner {
             |key, e| live.contains_key(&(key.to_string(), e)),
             |i| thresholds[i].0,
             |e| budgets[e].saturating_sub(held[e]),
+            EDGE_ENTRY_OVERHEAD,
         );
         // What each edge's shadows take after this tick, for co-access to place within.
         let mut taken = held.clone();
         for v in &verdicts {
             if let (Some(e), "kept" | "expiring" | "shadowed") = (v.edge, v.outcome) {
-                taken[e] += cands[v.candidate].bytes;
+                taken[e] += footprint(cands[v.candidate].bytes);
             }
         }
         self.state.set_taken(budgets.clone(), taken);
@@ -1626,6 +1647,7 @@ mod tests {
             |_, _| false,
             |_| 0.5,
             |_| 1000,
+            0,
         );
         assert_eq!(v[0].outcome, "fill_backoff");
     }
@@ -1653,6 +1675,32 @@ mod tests {
         assert_eq!(m.forecaster_fallback.get(), 1);
     }
 
+    /// Small objects take their entry's overhead of the budget too: a budget that would hold
+    /// ten 1 KB bodies holds two when each costs 4 KB more on the edge.
+    #[test]
+    fn each_shadow_takes_its_entry_overhead_of_the_budget() {
+        let cands: Vec<Candidate> = (0..10)
+            .map(|i| cand(&format!("k{i}"), 1000, 5, true))
+            .collect();
+        let forecasts = vec![fc(10.0, 0.9); 10];
+        let placed = |overhead| {
+            let v = decide(
+                &cands,
+                &forecasts,
+                &even(10),
+                |_| Some(0),
+                |_, _| false,
+                |_| 0.5,
+                |_| 10_000,
+                overhead,
+            );
+            v.iter().filter(|v| v.outcome == "shadowed").count()
+        };
+        assert_eq!(placed(0), 10);
+        assert_eq!(placed(4000), 2);
+        assert_eq!(footprint(1000), 1000 + EDGE_ENTRY_OVERHEAD);
+    }
+
     #[test]
     fn budget_is_never_exceeded_and_least_valuable_are_dropped() {
         let cands = vec![
@@ -1670,6 +1718,7 @@ mod tests {
             |_, _| false,
             |_| 0.5,
             |_| 1000,
+            0,
         );
         let shadowed: Vec<&str> = v
             .iter()
@@ -1741,6 +1790,7 @@ mod tests {
             |k, _| k == "live",
             |_| 0.5,
             |_| 1 << 20,
+            0,
         );
         let outcome = |k: &str| outcome_of(&v, &cands, k);
         assert_eq!(outcome("low"), "below_threshold");
@@ -1774,6 +1824,7 @@ mod tests {
             |_, _| false,
             |_| 0.5,
             |_| 1 << 20,
+            0,
         );
         let by_region = |r: usize| v.iter().find(|v| v.candidate == r).unwrap().outcome;
         assert_eq!(by_region(1), "shadowed");
@@ -1793,6 +1844,7 @@ mod tests {
             |k, _| k == "old",
             |_| 0.5,
             |_| 1000,
+            0,
         );
         let outcome = |k: &str| outcome_of(&v, &cands, k);
         assert_eq!(outcome("new"), "shadowed");
@@ -1820,6 +1872,7 @@ mod tests {
             |k, _| k == "a",
             |_| 0.5,
             |_| 1000,
+            0,
         );
         let outcome = |k: &str| outcome_of(&v, &cands, k);
         assert_eq!((outcome("a"), outcome("b")), ("kept", "budget"));
@@ -1847,6 +1900,7 @@ mod tests {
             |k, e| k == "old" || (k == "k" && e == 0),
             |_| 0.5,
             |_| 1000,
+            0,
         );
         let outcome = |i: usize| v.iter().find(|v| v.candidate == i).unwrap().outcome;
         assert_eq!(outcome(0), "expiring", "left to its TTL");
@@ -1867,6 +1921,7 @@ mod tests {
             |k, _| k == "old",
             |_| 0.5,
             |_| 1000,
+            0,
         );
         assert_eq!(
             v.iter().find(|v| v.candidate == 0).unwrap().outcome,
@@ -1893,7 +1948,7 @@ mod tests {
             (("other".to_string(), 0), soon),
         ]
         .into();
-        let (copies, held) = Planner::held_elsewhere(&cands, &edges, &live, 3);
+        let (copies, held) = Planner::held_elsewhere(&cands, &edges, &live, 3, 0);
         assert_eq!(copies.get("k"), Some(&2));
         assert_eq!(copies.get("other"), None, "its candidate stands for it");
         assert_eq!(held, vec![300, 300, 0]);
@@ -1907,6 +1962,7 @@ mod tests {
             |key, e| live.contains_key(&(key.to_string(), e)),
             |_| 0.5,
             |e| (1000u64).saturating_sub(held[e]),
+            0,
         );
         assert_eq!(
             v.iter().find(|v| v.candidate == 0).unwrap().outcome,
@@ -1930,6 +1986,7 @@ mod tests {
                 |_, _| live,
                 |_| 0.5,
                 |_| 1 << 20,
+                0,
             );
             assert_eq!(v[0].outcome, "drop_anomaly", "live: {live}");
         }

@@ -193,7 +193,8 @@ impl CoAccessService {
             // A tick older than three intervals is stale: the planner is off or failing.
             let fresh_for =
                 std::time::Duration::from_secs_f64(self.planner_cfg.interval_secs.max(0.05) * 3.0);
-            if !self.planner.take_budget(edge, bytes, budget, fresh_for) {
+            let taken = crate::planner::footprint(bytes);
+            if !self.planner.take_budget(edge, taken, budget, fresh_for) {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&["budget"])
