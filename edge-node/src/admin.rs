@@ -31,6 +31,7 @@
 //! Every route but `/healthz` and `/metrics` needs `Authorization: Bearer <admin.token>`.
 //! Every error is JSON.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -48,6 +49,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::{OriginEntry, ORIGIN_ENTRY_FIELDS};
+use crate::drain::InflightCounter;
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, IgnoredFields, OriginTable, SharedOrigins};
@@ -71,6 +73,33 @@ pub struct AdminState {
     filler: Filler,
     max_shadow_ttl: u64,
     peers: Arc<PeerDirectory>,
+    /// The drain's count of work in flight: a task a handler leaves running (a purge, an
+    /// origin push) counts until it ends, not only until its caller hangs up.
+    inflight: InflightCounter,
+    /// Origin pushes read or being applied ([`MAX_PUSHES`]).
+    pushes: Arc<AtomicUsize>,
+}
+
+/// Origin pushes an edge takes at once: one applying and one waiting. The broker gives up
+/// on a push after 2 s and pushes again every 3 s, while one push's floor fsyncs behind a
+/// stalled disk may take longer; the pushes it left would otherwise pile up, each holding its
+/// table. A push refused for it is answered 503: the next brings the newest table anyway.
+const MAX_PUSHES: usize = 2;
+
+/// An origin push's place among [`MAX_PUSHES`], given back when dropped.
+struct PushSlot(Arc<AtomicUsize>);
+
+impl PushSlot {
+    fn take(pushes: &Arc<AtomicUsize>) -> Option<PushSlot> {
+        let slot = PushSlot(pushes.clone());
+        (pushes.fetch_add(1, Ordering::AcqRel) < MAX_PUSHES).then_some(slot)
+    }
+}
+
+impl Drop for PushSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// The shadowing parts of the admin API.
@@ -105,12 +134,20 @@ impl AdminState {
             filler: shadow.filler,
             max_shadow_ttl: shadow.max_ttl_secs,
             peers: Arc::new(PeerDirectory::new(node_id)),
+            inflight: InflightCounter::default(),
+            pushes: Arc::default(),
         }
     }
 
     /// Serve and update `peers` (the directory the proxy resolves peer hints in).
     pub fn with_peers(mut self, peers: Arc<PeerDirectory>) -> Self {
         self.peers = peers;
+        self
+    }
+
+    /// Count the tasks handlers leave running in `inflight`, the drain's counter.
+    pub fn counting(mut self, inflight: InflightCounter) -> Self {
+        self.inflight = inflight;
         self
     }
 }
@@ -312,7 +349,9 @@ async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> 
     // fsync may take seconds), or a key's tombstone written, must not cut the purge short.
     let done = {
         let (s, target) = (s.clone(), target.clone());
+        let working = s.inflight.enter();
         tokio::spawn(async move {
+            let _working = working;
             let mut found_before = false;
             if let Some(key) = keyed {
                 // A key purge has no ban to write: it cannot fail.
@@ -510,6 +549,13 @@ async fn put_origins(
     if let Err(r) = authorize(&headers, &s.token) {
         return *r;
     }
+    let Some(slot) = PushSlot::take(&s.pushes) else {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "earlier origin pushes are still being applied",
+        );
+    };
     let body = match read_body(body, MAX_ORIGIN_PUSH_BYTES).await {
         Ok(b) => b,
         Err(r) => return *r,
@@ -531,15 +577,19 @@ async fn put_origins(
         sent_at_ms: parsed.sent_at_ms,
         allow_private_upstreams: parsed.allow_private_upstreams,
     };
-    tokio::spawn(apply_origins(s, push))
-        .await
-        .unwrap_or_else(|e| {
-            error(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                format!("origin push failed: {e}"),
-            )
-        })
+    let working = s.inflight.enter();
+    tokio::spawn(async move {
+        let (_working, _slot) = (working, slot);
+        apply_origins(s, push).await
+    })
+    .await
+    .unwrap_or_else(|e| {
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("origin push failed: {e}"),
+        )
+    })
 }
 
 /// An authorized origin push, parsed.
@@ -733,6 +783,18 @@ mod tests {
         );
         let u: Uri = "/cache/example.com".parse().unwrap();
         assert!(parse_target(&none, &u).is_err());
+    }
+
+    #[test]
+    fn at_most_two_origin_pushes_are_held() {
+        let pushes = Arc::default();
+        let first = PushSlot::take(&pushes).unwrap();
+        let second = PushSlot::take(&pushes).unwrap();
+        assert!(PushSlot::take(&pushes).is_none());
+        drop(first);
+        let third = PushSlot::take(&pushes).expect("a slot given back is taken again");
+        drop((second, third));
+        assert_eq!(pushes.load(Ordering::Acquire), 0);
     }
 
     #[test]

@@ -292,7 +292,8 @@ impl EdgeNode {
                 max_ttl_secs: cfg.shadow.max_ttl_secs,
             },
         )
-        .with_peers(peers);
+        .with_peers(peers)
+        .counting(inflight.clone());
         let admin = background_service(
             "admin",
             AxumService::new(

@@ -138,7 +138,7 @@ impl CoAccessService {
                 continue;
             };
             let budget = self.planner_cfg.edge_budget(&self.sync, edge);
-            if bytes > budget {
+            if crate::planner::footprint(bytes) > budget {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&["too_large"])
