@@ -39,18 +39,38 @@ pub struct ReloadingForecaster {
     fallback: SeasonalNaive,
     seen: Mutex<Seen>,
     check_every: Duration,
+    /// How long before files that failed to load, unchanged since, are read once more.
+    retry_failed_after: Duration,
     status: Arc<ModelStatus>,
 }
+
+/// Files that failed to load are read once more after this long, unchanged or not: a read
+/// that caught a same-size rewrite in place part-way may have stamped the finished file
+/// (status-change times move in ticks of a few milliseconds), which a stamp check alone would
+/// then never read again.
+pub const RETRY_FAILED_AFTER: Duration = Duration::from_secs(60);
 
 /// What the reload check knows of the files.
 struct Seen {
     /// The files as they were when the serving model was loaded.
     loaded: Option<Fingerprint>,
-    /// The files as they were at the last failed load (its error is logged once), and
-    /// whether those files are worth loading again: a broken file is not re-read at every
-    /// check, a missing ONNX Runtime library is looked for again.
-    failed: Option<(Fingerprint, bool)>,
+    /// The last failed load (its error is logged once per version of the files).
+    failed: Option<Failed>,
     checked: Instant,
+}
+
+/// A failed load: a broken file is not re-read at every check (once more after
+/// [`ReloadingForecaster::retry_failed_after`]), a missing ONNX Runtime library is looked for
+/// again.
+struct Failed {
+    /// The files as they were.
+    stamp: Fingerprint,
+    /// Worth loading again at every check (the runtime library was missing).
+    retry: bool,
+    /// When it failed.
+    at: Instant,
+    /// It was already the second try of these files: not read again until they change.
+    again: bool,
 }
 
 /// What tells one version of a file from another without reading it: its inode, its
@@ -98,10 +118,18 @@ impl ReloadingForecaster {
                 checked: Instant::now(),
             }),
             check_every,
+            retry_failed_after: RETRY_FAILED_AFTER,
             status: Arc::default(),
         };
         f.reload();
         f
+    }
+
+    /// Read files that failed to load once more after `after` ([`RETRY_FAILED_AFTER`] by
+    /// default).
+    pub fn retry_failed_after(mut self, after: Duration) -> Self {
+        self.retry_failed_after = after;
+        self
     }
 
     /// Counters for metrics.
@@ -134,7 +162,14 @@ impl ReloadingForecaster {
                 // copy goes on: the stamp was taken before the read); logged once per version.
                 self.status.load_failures.fetch_add(1, Ordering::Relaxed);
                 let retry = matches!(e, LoadError::Runtime(_));
-                let first = seen.failed.replace((stamp, retry)).map(|f| f.0) != Some(stamp);
+                let again = seen.failed.as_ref().is_some_and(|f| f.stamp == stamp);
+                let first = !again;
+                seen.failed = Some(Failed {
+                    stamp,
+                    retry,
+                    at: Instant::now(),
+                    again,
+                });
                 if self.current.read().is_some() {
                     if first {
                         tracing::error!(error = %e, "new forecast model rejected; keeping the previous one");
@@ -160,7 +195,13 @@ impl ReloadingForecaster {
             }
             seen.checked = Instant::now();
             let now = fingerprint(&self.path);
-            seen.loaded != Some(now) && seen.failed != Some((now, false))
+            let worth = match &seen.failed {
+                Some(f) if f.stamp == now => {
+                    f.retry || (!f.again && f.at.elapsed() >= self.retry_failed_after)
+                }
+                _ => true,
+            };
+            seen.loaded != Some(now) && worth
         };
         if due {
             self.reload();

@@ -381,6 +381,34 @@ fn a_model_whose_bytes_differ_from_its_metadatas_hash_is_refused() {
     assert!(OnnxLstm::load(&model, 1).is_ok());
 }
 
+/// Files that failed to load are read once more after a while even if they look unchanged
+/// (a read that caught a same-size rewrite in place may have stamped the finished file), then
+/// not again until they change.
+#[test]
+fn a_failed_model_is_read_once_more_after_a_while() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m.onnx");
+    std::fs::write(dir.path().join("m.json"), unhashed_meta().to_string()).unwrap();
+    std::fs::write(&model, b"half a model").unwrap();
+    let r = ReloadingForecaster::new(&model, 1, std::time::Duration::ZERO)
+        .retry_failed_after(std::time::Duration::from_millis(200));
+    let failures = || {
+        r.status()
+            .load_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    assert_eq!(failures(), 1);
+    r.check_reload();
+    assert_eq!(failures(), 1, "not at once");
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    r.check_reload();
+    assert_eq!(failures(), 2, "once more after the wait");
+    std::thread::sleep(std::time::Duration::from_millis(250));
+    r.check_reload();
+    assert_eq!(failures(), 2, "then not again while unchanged");
+    assert!(!r.model_loaded());
+}
+
 /// The inputs and outputs the metadata lists (names and shapes) must be the model's.
 #[test]
 fn metadata_listing_other_inputs_or_outputs_is_refused() {
