@@ -259,7 +259,29 @@ async fn authorized_json<T: serde::de::DeserializeOwned>(
     body: axum::body::Body,
 ) -> Result<T, Box<Response>> {
     authorize(headers, &s.token)?;
-    json_body(&read_body(body, MAX_SMALL_BODY_BYTES).await?)
+    read_json(body, MAX_SMALL_BODY_BYTES).await
+}
+
+/// The JSON body, at most `limit` bytes ([`read_body`], [`json_body`]).
+async fn read_json<T: serde::de::DeserializeOwned>(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<T, Box<Response>> {
+    json_body(&read_body(body, limit).await?)
+}
+
+/// Run `work` in a task of its own, counted as in flight until it ends: a caller that hangs
+/// up must not cut it short, and a drain waits for it.
+async fn detached<T: Send + 'static>(
+    s: &AdminState,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let working = s.inflight.enter();
+    tokio::spawn(async move {
+        let _working = working;
+        work.await
+    })
+    .await
 }
 
 /// The whole request body, at most `limit` bytes: 413 beyond it, 400 when it cannot be read
@@ -345,13 +367,11 @@ fn authorize_purge(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Respon
 /// Apply an authorized purge and answer it (`keyed`: the same object as the proxy keys it
 /// now, with the origin's query filter, purged first; found there counts as found).
 async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> Response {
-    // In a task of its own: a caller that hangs up while the ban is being made durable (its
-    // fsync may take seconds), or a key's tombstone written, must not cut the purge short.
+    // Detached: a caller that hangs up while the ban is being made durable (its fsync may
+    // take seconds), or a key's tombstone written, must not cut the purge short.
     let done = {
         let (s, target) = (s.clone(), target.clone());
-        let working = s.inflight.enter();
-        tokio::spawn(async move {
-            let _working = working;
+        async move {
             let mut found_before = false;
             if let Some(key) = keyed {
                 // A key purge has no ban to write: it cannot fail.
@@ -362,9 +382,9 @@ async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> 
             invalidate(s.storage, &s.shadows, &s.metrics, &target)
                 .await
                 .map(|found| found || found_before)
-        })
+        }
     };
-    let done = done
+    let done = detached(s, done)
         .await
         .unwrap_or_else(|e| Err(crate::invalidate::task_failed(e)));
     match (done, target) {
@@ -406,11 +426,8 @@ async fn purge_tags(
     if let Err(r) = authorize_purge(&s, &headers) {
         return *r;
     }
-    let req: TagsBody = match read_body(body, MAX_SMALL_BODY_BYTES).await {
-        Ok(body) => match json_body(&body) {
-            Ok(b) => b,
-            Err(r) => return *r,
-        },
+    let req: TagsBody = match read_json(body, MAX_SMALL_BODY_BYTES).await {
+        Ok(b) => b,
         Err(r) => return *r,
     };
     let target = match Target::tags(&host, &req.tags) {
@@ -556,11 +573,7 @@ async fn put_origins(
             "earlier origin pushes are still being applied",
         );
     };
-    let body = match read_body(body, MAX_ORIGIN_PUSH_BYTES).await {
-        Ok(b) => b,
-        Err(r) => return *r,
-    };
-    let parsed: OriginsBody = match json_body(&body) {
+    let parsed: OriginsBody = match read_json(body, MAX_ORIGIN_PUSH_BYTES).await {
         Ok(b) => b,
         Err(r) => return *r,
     };
@@ -568,22 +581,23 @@ async fn put_origins(
         Ok(split) => split,
         Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
     };
-    // The rest in a task of its own: a caller that hangs up (the broker gives a push 2 s, and
-    // here floors are fsynced and names resolved) must not leave the table applied with its
-    // ownership floors half raised, or not kept for a restart.
+    // The rest detached: a caller that hangs up (the broker gives a push 2 s, and here floors
+    // are fsynced and names resolved) must not leave the table applied with its ownership
+    // floors half raised, or not kept for a restart.
     let push = Push {
         rows,
         ignored,
         sent_at_ms: parsed.sent_at_ms,
         allow_private_upstreams: parsed.allow_private_upstreams,
     };
-    let working = s.inflight.enter();
-    tokio::spawn(async move {
-        let (_working, _slot) = (working, slot);
-        apply_origins(s, push).await
-    })
-    .await
-    .unwrap_or_else(|e| {
+    let applied = {
+        let s = s.clone();
+        async move {
+            let _slot = slot;
+            apply_origins(s, push).await
+        }
+    };
+    detached(&s, applied).await.unwrap_or_else(|e| {
         error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",

@@ -387,11 +387,11 @@ impl EdgeConfig {
         }
         // An object's body must fit one memory shard: a larger one could not be held beside
         // anything at all (one of exactly a shard, whose metadata then overflows it, is held
-        // until the shard's next insert). One over half a shard may be wanted (a memory-only cache measured against
-        // offline policies, which admit anything up to the cache size) but evicts most of
-        // its shard whenever it is stored or read back from disk: allowed, and warned about
-        // at start ([`CacheSection::large_objects_crowd_shards`]).
-        let shard = c.memory_capacity.as_u64() / c.memory_shards() as u64;
+        // until the shard's next insert). One over half a shard may be wanted (a memory-only
+        // cache measured against offline policies, which admit anything up to the cache size)
+        // but evicts most of its shard whenever it is stored or read back from disk: allowed,
+        // and warned about at start ([`CacheSection::large_objects_crowd_shards`]).
+        let shard = c.memory_shard_bytes();
         if c.max_object_size > c.memory_capacity {
             return Err(ConfigError::Invalid(format!(
                 "cache.max_object_size ({}) must be at most cache.memory_capacity ({})",
@@ -615,8 +615,12 @@ impl CacheSection {
     /// Whether an object at `max_object_size` takes over half a memory shard, so that storing
     /// it (or reading it back from disk) evicts most of the shard's other objects.
     pub fn large_objects_crowd_shards(&self) -> bool {
-        let shard = self.memory_capacity.as_u64() / self.memory_shards() as u64;
-        self.max_object_size.as_u64() > shard / 2
+        self.max_object_size.as_u64() > self.memory_shard_bytes() / 2
+    }
+
+    /// Bytes one memory shard holds.
+    pub fn memory_shard_bytes(&self) -> u64 {
+        self.memory_capacity.as_u64() / self.memory_shards() as u64
     }
 }
 

@@ -321,7 +321,8 @@ impl OnnxLstm {
                 model,
                 || {
                     format!(
-                        "output {name:?} has shape {shape:?}, expected [batch, {width}] with a dynamic batch"
+                        "output {name:?} has shape {shape:?}, expected [batch, {width}] with a \
+                         dynamic batch"
                     )
                 },
             )?;

@@ -165,6 +165,16 @@ pub struct Order {
     pub accepted: u64,
 }
 
+/// The name (and acceptance) of a mark that was `old` once `order` marks or renews it: the
+/// latest order accepted, so a fill of an earlier order finishing after a later one's does
+/// not rename it.
+fn named(old: Option<&Mark>, order: Order) -> (Option<u64>, u64) {
+    match old {
+        Some(m) if m.accepted > order.accepted => (m.order, m.accepted),
+        _ => (order.id, order.accepted),
+    }
+}
+
 impl Order {
     /// An order at `priority` that names no order id.
     pub fn unnamed(priority: u8) -> Self {
@@ -282,11 +292,7 @@ impl Inner {
         let filled = old.is_some_and(|m| m.filled);
         let mut touched = old.is_some_and(|m| m.touched);
         let mut head_start = old.and_then(|m| m.head_start);
-        // A fill of an earlier order finishing after a later one's does not rename the mark.
-        let (order, accepted) = match old {
-            Some(m) if m.accepted > order.accepted => (m.order, m.accepted),
-            _ => (order.id, order.accepted),
-        };
+        let (order, accepted) = named(old, order);
         let mut hits = hits;
         if let Some(f) = self.filling.get_mut(key) {
             // Clients served from this fill as it streamed: the first of them, unless the
@@ -406,9 +412,7 @@ impl ShadowTable {
     pub fn extend(&self, key: &str, ttl: Duration, order: Order, now: Instant) {
         if let Some(m) = self.inner.lock().marks.get_mut(key) {
             m.expires = m.expires.max(now + ttl);
-            if order.accepted >= m.accepted {
-                (m.order, m.accepted) = (order.id, order.accepted);
-            }
+            (m.order, m.accepted) = named(Some(m), order);
         }
     }
 
@@ -693,13 +697,14 @@ mod tests {
     #[test]
     fn an_accepted_renewal_keeps_the_mark_until_its_own_ttl() {
         let t = ShadowTable::default();
+        let five = Order::unnamed(5);
         let t0 = Instant::now();
         t.mark("h/a", Duration::from_secs(10), 5, t0);
         // The renewal is accepted 8 s in; its fill has not run when the old expiry comes.
         t.extend(
             "h/a",
             Duration::from_secs(60),
-            Order::unnamed(5),
+            five,
             t0 + Duration::from_secs(8),
         );
         assert!(t.expire(t0 + Duration::from_secs(11)).is_empty());
@@ -708,7 +713,7 @@ mod tests {
         t.extend(
             "h/a",
             Duration::from_secs(1),
-            Order::unnamed(5),
+            five,
             t0 + Duration::from_secs(12),
         );
         assert!(t.expire(t0 + Duration::from_secs(20)).is_empty());
@@ -881,46 +886,19 @@ mod tests {
     #[test]
     fn a_purge_during_a_fill_wins_over_its_mark() {
         let t = ShadowTable::default();
+        let five = Order::unnamed(5);
         let ttl = Duration::from_secs(60);
         let started = Instant::now();
         t.remove("h/a");
         t.remove_prefix("h/dir/");
         let now = Instant::now();
-        assert!(!t.mark_filled(
-            "h/a",
-            ttl,
-            Order::unnamed(5),
-            FillTags::default(),
-            started,
-            now
-        ));
-        assert!(!t.mark_filled(
-            "h/dir/x",
-            ttl,
-            Order::unnamed(5),
-            FillTags::default(),
-            started,
-            now
-        ));
+        assert!(!t.mark_filled("h/a", ttl, five, FillTags::default(), started, now));
+        assert!(!t.mark_filled("h/dir/x", ttl, five, FillTags::default(), started, now));
         assert!(t.get("h/a").is_none());
         // Other keys, and fills that started after the purge, are marked.
-        assert!(t.mark_filled(
-            "h/b",
-            ttl,
-            Order::unnamed(5),
-            FillTags::default(),
-            started,
-            now
-        ));
+        assert!(t.mark_filled("h/b", ttl, five, FillTags::default(), started, now));
         let later = Instant::now() + Duration::from_millis(1);
-        assert!(t.mark_filled(
-            "h/a",
-            ttl,
-            Order::unnamed(5),
-            FillTags::default(),
-            later,
-            later
-        ));
+        assert!(t.mark_filled("h/a", ttl, five, FillTags::default(), later, later));
         assert!(t.get("h/a").is_some());
     }
 
@@ -931,54 +909,20 @@ mod tests {
     #[test]
     fn a_tag_purge_ends_the_marks_of_the_objects_it_bans() {
         let t = ShadowTable::default();
+        let five = Order::unnamed(5);
         let (ttl, started) = (Duration::from_secs(60), Instant::now());
         let now = Instant::now();
-        assert!(t.mark_filled(
-            "h/a",
-            ttl,
-            Order::unnamed(5),
-            tagged(&["p-1", "home"]),
-            started,
-            now
-        ));
-        assert!(t.mark_filled(
-            "h/b",
-            ttl,
-            Order::unnamed(5),
-            tagged(&["p-2"]),
-            started,
-            now
-        ));
-        assert!(t.mark_filled("h/c", ttl, Order::unnamed(5), FillTags::Many, started, now));
-        assert!(t.mark_filled(
-            "other/a",
-            ttl,
-            Order::unnamed(5),
-            tagged(&["p-1"]),
-            started,
-            now
-        ));
+        assert!(t.mark_filled("h/a", ttl, five, tagged(&["p-1", "home"]), started, now));
+        assert!(t.mark_filled("h/b", ttl, five, tagged(&["p-2"]), started, now));
+        assert!(t.mark_filled("h/c", ttl, five, FillTags::Many, started, now));
+        assert!(t.mark_filled("other/a", ttl, five, tagged(&["p-1"]), started, now));
         assert_eq!(t.remove_tagged("h/", &["p-1".to_string()]), 2);
         assert!(t.get("h/a").is_none() && t.get("h/c").is_none());
         assert!(t.get("h/b").is_some() && t.get("other/a").is_some());
         // A fill under way when the purge came is not marked if its object carries a tag.
         let later = Instant::now() + Duration::from_millis(1);
-        assert!(!t.mark_filled(
-            "h/d",
-            ttl,
-            Order::unnamed(5),
-            tagged(&["p-1"]),
-            started,
-            later
-        ));
-        assert!(t.mark_filled(
-            "h/e",
-            ttl,
-            Order::unnamed(5),
-            tagged(&["p-3"]),
-            started,
-            later
-        ));
+        assert!(!t.mark_filled("h/d", ttl, five, tagged(&["p-1"]), started, later));
+        assert!(t.mark_filled("h/e", ttl, five, tagged(&["p-3"]), started, later));
         assert!(
             !t.dropped_since("h/d", started),
             "tags unknown before the fill"

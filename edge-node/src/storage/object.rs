@@ -53,6 +53,7 @@ struct Decoded {
     /// Heap bytes `header` holds (estimated, see [`header_heap_bytes`]).
     heap: usize,
 }
+
 #[derive(Debug, Clone, Copy)]
 struct Fresh {
     fresh_until: SystemTime,
