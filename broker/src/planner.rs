@@ -407,8 +407,8 @@ fn decide(
 
 /// What each cached object takes of an edge's memory beside its body: its metadata and the
 /// response header the edge keeps decoded for hits (edge-node's `StoredObject::weight`;
-/// about 4 KB for a typical header).
-pub const EDGE_ENTRY_OVERHEAD: u64 = 4096;
+/// about 3 KB for a typical header).
+pub const EDGE_ENTRY_OVERHEAD: u64 = 3072;
 
 /// What a shadow of a `bytes` body takes of its edge's shadow budget: small objects cost
 /// their entry's overhead too, or a budget of them would fill several times its share.

@@ -158,7 +158,7 @@ pub struct CacheSection {
     /// Directory of the disk tier (created if missing). Survives restarts.
     pub dir: PathBuf,
     /// Memory tier capacity. Entries are weighed by all they hold: body, serialized
-    /// metadata, and the header kept decoded for hits (about 4 KB for a typical response).
+    /// metadata, and the header kept decoded for hits (about 3 KB for a typical response).
     #[serde(default = "default_memory")]
     pub memory_capacity: ByteSize,
     /// Disk tier capacity.

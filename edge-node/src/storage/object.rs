@@ -107,10 +107,11 @@ impl ObjectMeta {
     /// Metadata from pingora's serialized form; fails if it does not decode.
     pub fn decode(internal: Bytes, header: Bytes) -> pingora_error::Result<Self> {
         let meta = CacheMeta::deserialize(&internal, &header)?;
+        let compact = compact(meta.response_header());
         let decoded = Decoded {
-            heap: header_heap_bytes(meta.response_header()),
+            heap: header_heap_bytes(&compact),
             fresh: Fresh::of(&meta),
-            header: meta.response_header_copy(),
+            header: compact,
         };
         Ok(ObjectMeta {
             internal,
@@ -143,14 +144,32 @@ impl ObjectMeta {
     }
 }
 
+/// The header hits serve, held without pingora's second map of each name's original case
+/// and in a map sized to its fields: the case map doubled what an entry holds and what each
+/// hit copies. Field names are case-insensitive (RFC 9110 §5.1); on HTTP/1 pingora writes
+/// common names in their usual case and the others in lower case, as Envoy does by default
+/// (HTTP/2 lower-cases all of them).
+fn compact(header: &ResponseHeader) -> ResponseHeader {
+    let mut out = ResponseHeader::build_no_case(header.status, Some(header.headers.keys_len()))
+        .expect("a decoded status is valid");
+    out.set_version(header.version);
+    for (name, value) in &header.headers {
+        // Cannot fail: the name and value are already valid.
+        let _ = out.append_header(name.clone(), value.clone());
+    }
+    // Cannot fail: the phrase was valid in the header it came from.
+    let _ = out.set_reason_phrase(header.get_reason_phrase());
+    out
+}
+
 /// Heap bytes the decoded metadata holds, an upper estimate checked against a counting
 /// allocator in `edge-node/tests/memory_weight.rs` (measured there: 368 B for an empty header,
-/// 2.7 KB for a typical one of 8 fields). Most of it is per field: http's `HeaderMap` keeps a
-/// bucket and an index slot for each, pingora keeps a second map with each name's original
-/// case, both grow by doubling, and names and values own their bytes.
+/// 2.0 KB for a typical one of 8 fields). Most of it is per field: http's `HeaderMap` keeps a
+/// bucket of about 100 B and an index slot for each, with up to half as many again unused,
+/// and names and values own their bytes.
 fn header_heap_bytes(header: &ResponseHeader) -> usize {
     const BASE: usize = 512;
-    const PER_FIELD: usize = 384;
+    const PER_FIELD: usize = 224;
     let map = &header.headers;
     let bytes: usize = map
         .iter()
@@ -266,6 +285,37 @@ mod tests {
         assert_eq!(d.body, o.body);
         assert_eq!(d.meta().unwrap().headers()["etag"], "\"v1\"");
         assert_eq!(d.weight(), o.weight());
+    }
+
+    #[test]
+    fn a_hit_serves_every_field_in_order_without_the_case_map() {
+        let mut header = ResponseHeader::build(203, None).unwrap();
+        for (n, v) in [
+            ("Link", "</a>"),
+            ("X-Thing", "1"),
+            ("link", "</b>"),
+            ("ETag", "\"e\""),
+        ] {
+            header.append_header(n.to_string(), v).unwrap();
+        }
+        let meta = ObjectMeta::of(&meta_with(header)).unwrap().meta().unwrap();
+        let served = meta.response_header();
+        assert!(!served.has_case());
+        assert_eq!(served.status.as_u16(), 203);
+        let fields: Vec<(&str, &[u8])> = served
+            .headers
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_bytes()))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                ("link", &b"</a>"[..]),
+                ("link", b"</b>"),
+                ("x-thing", b"1"),
+                ("etag", b"\"e\""),
+            ]
+        );
     }
 
     #[test]
