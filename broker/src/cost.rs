@@ -305,7 +305,15 @@ struct Order {
     /// Its name, which the edge echoes in the outcome ([`ShadowOutcome::order`]); `None`
     /// when it named none.
     id: Option<u64>,
+    /// Names of the orders of this key and edge it replaced, latest last (at most
+    /// [`RETIRED_NAMES`]): their outcomes may still arrive, so no new order takes them.
+    retired: Vec<u64>,
 }
+
+/// How many replaced orders' names an order remembers. A replaced order's shadow is
+/// renamed or ended by the edge at once, so only outcomes already on their way carry an
+/// old name; a few replacements cover them.
+const RETIRED_NAMES: usize = 4;
 
 /// How far an edge's clock may run behind the broker's before an outcome that ended just
 /// after an order was placed reads as older than it.
@@ -507,8 +515,16 @@ impl Ledger {
             *sweep_at = orders.len() * 2;
         }
         let until = now + ttl + Duration::from_secs(600);
+        let k = (key.to_string(), edge);
+        let retired = orders.get(&k).map_or_else(Vec::new, |replaced| {
+            let mut names = replaced.retired.clone();
+            names.extend(replaced.id);
+            let excess = names.len().saturating_sub(RETIRED_NAMES);
+            names.drain(..excess);
+            names
+        });
         orders.insert(
-            (key.to_string(), edge),
+            k,
             Order {
                 info,
                 signal,
@@ -516,27 +532,29 @@ impl Ledger {
                 placed_ms,
                 epoch,
                 id,
+                retired,
             },
         );
     }
 
     /// A name for a new order of `key` on `edge` whose deadline is `deadline_ms` (0: none):
-    /// the deadline itself, which the edge echoes in the outcome, moved on by a millisecond
-    /// while it equals the name of the order it replaces, so that the two stay apart.
+    /// the deadline itself, which the edge echoes in the outcome, moved on a millisecond at a
+    /// time while the order it replaces, or one that order replaced, has that name, so that
+    /// a late outcome of theirs cannot settle the new one.
     pub fn order_id(&self, key: &str, edge: usize, deadline_ms: u64) -> u64 {
         if deadline_ms == 0 {
             return 0;
         }
-        let current = self
-            .orders
-            .lock()
-            .get(&(key.to_string(), edge))
-            .and_then(|o| o.id);
-        if current == Some(deadline_ms) {
-            deadline_ms + 1
-        } else {
-            deadline_ms
+        let orders = self.orders.lock();
+        let Some(current) = orders.get(&(key.to_string(), edge)) else {
+            return deadline_ms;
+        };
+        let taken = |id: u64| current.id == Some(id) || current.retired.contains(&id);
+        let mut id = deadline_ms;
+        while taken(id) {
+            id += 1;
         }
+        id
     }
 
     /// Price the shadows `edge` reports as ended; outcomes of orders we did not place (an
@@ -1109,6 +1127,19 @@ mod tests {
         l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id));
         // The next order of the key gets another name, even with the same deadline.
         assert_eq!(l.order_id("h/x", 1, id), id + 1);
+        // And so does one after that which goes back to the first deadline (A, B, A).
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1));
+        assert_eq!(l.order_id("h/x", 1, id), id + 2);
+        assert_eq!(l.order_id("h/x", 1, id + 5), id + 5);
+        for later in 2..=RETIRED_NAMES as u64 + 1 {
+            l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + later));
+        }
+        assert_eq!(
+            l.order_id("h/x", 1, id),
+            id,
+            "only the last few names are kept"
+        );
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id));
         assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
         assert_eq!(l.order_id("h/x", 1, 0), 0, "no deadline, no name");
         // A previous order's outcome, stamped by a clock running ahead: still not this one's.
