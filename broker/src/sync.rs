@@ -584,8 +584,9 @@ impl EdgeSync {
 
     /// Start a redelivery round ([`Self::redeliver_to`]) for every edge with missed purges
     /// and none running. Each edge's round is a task of its own, so one edge slow to answer
-    /// holds up neither the other edges' rounds nor the next tick.
-    pub fn redeliver(self: &Arc<Self>) {
+    /// holds up neither the other edges' rounds nor the next tick. A round ends early when
+    /// `stop` says the server is stopping, keeping what it delivered.
+    pub fn redeliver(self: &Arc<Self>, stop: &ShutdownWatch) {
         let Some(r) = &self.redelivery else {
             return;
         };
@@ -597,8 +598,9 @@ impl EdgeSync {
                 sync: self.clone(),
                 edge,
             };
+            let stop = stop.clone();
             tokio::spawn(async move {
-                round.sync.redeliver_to(round.edge).await;
+                round.sync.redeliver_to(round.edge, stop).await;
             });
         }
     }
@@ -609,25 +611,33 @@ impl EdgeSync {
     /// refused again, and must not hold the edge forever. Each purge gets
     /// [`REDELIVERY_PATIENCE`], not the fan-out's few seconds: an edge whose ban log's fsync
     /// waits behind a busy disk for longer would otherwise time out on every round and never
-    /// take traffic again.
-    async fn redeliver_to(&self, edge: usize) {
+    /// take traffic again. A stop cuts the purge in flight short (it is sent again after a
+    /// restart; purges are idempotent) and records the ones confirmed before it.
+    async fn redeliver_to(&self, edge: usize, stop: ShutdownWatch) {
         let Some(r) = &self.redelivery else {
             return;
         };
+        let stop = stopping(stop);
+        tokio::pin!(stop);
         let (generation, queue) = r.pending(edge);
         // The origin table first: an edge back from a stop restored the table it last had,
         // which may route a host deleted (and registered again by another provider) since to
         // its old origin. It is released only with the current one.
-        if !matches!(
-            self.push_to(edge, "origins", &self.origins_body()).await,
-            "ok" | "partial"
-        ) {
+        let origins = self.origins_body();
+        let pushed = tokio::select! {
+            pushed = self.push_to(edge, "origins", &origins) => pushed,
+            _ = &mut stop => return,
+        };
+        if !matches!(pushed, "ok" | "partial") {
             return;
         }
         let mut done = 0;
         for p in queue.iter().take(REDELIVERIES_PER_ROUND) {
             let purge = Purge::from_pending(p);
-            let status = self.purge(edge, &purge, REDELIVERY_PATIENCE).await;
+            let status = tokio::select! {
+                status = self.purge(edge, &purge, REDELIVERY_PATIENCE) => status,
+                _ = &mut stop => break,
+            };
             let outcome = if purge.confirmed(status) {
                 "confirmed"
             } else if passing(status) {
@@ -652,6 +662,14 @@ impl EdgeSync {
         }
     }
 }
+
+/// Resolves once `stop` says the server is stopping, or can no longer say.
+async fn stopping(mut stop: ShutdownWatch) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+/// How long a stopping broker waits for its redelivery rounds to record what they delivered.
+const ROUNDS_STOP_WAIT: Duration = Duration::from_secs(5);
 
 /// An edge's redelivery round in progress: another is not started until it ends (or its task
 /// is dropped).
@@ -742,9 +760,18 @@ impl BackgroundService for PurgeRedeliverer {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => break,
             }
-            self.0.redeliver();
+            self.0.redeliver(&shutdown);
+        }
+        // The rounds see the stop too; let them record and save what they delivered.
+        let started = std::time::Instant::now();
+        while !self.0.rounds.lock().is_empty() {
+            if started.elapsed() > ROUNDS_STOP_WAIT {
+                tracing::warn!("purge redelivery rounds still running at stop");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -776,6 +803,73 @@ mod tests {
         addr
     }
 
+    /// A stop ends a redelivery round at once, and the purges it delivered before stay
+    /// delivered, on disk too; the one cut short stays queued.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stop_ends_a_round_keeping_what_it_delivered() {
+        let app = axum::Router::new()
+            .route("/origins", put(|| async { axum::Json(json!({})) }))
+            .route(
+                "/cache/{*key}",
+                any(
+                    |axum::extract::Path(key): axum::extract::Path<String>| async move {
+                        if key.contains("hangs") {
+                            tokio::time::sleep(Duration::from_secs(60)).await;
+                        }
+                        "purged"
+                    },
+                ),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::tests::SAMPLE.replace("127.0.0.1:9101", &edge.to_string());
+        let cfg = crate::BrokerConfig::from_toml(&cfg).unwrap();
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let path = dir.path().join("pending-purges.json");
+        let open = || {
+            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics.clone());
+            Arc::new(r.unwrap())
+        };
+        let redelivery = open();
+        for target in ["a.com/first", "a.com/hangs", "a.com/last"] {
+            let target = target.to_string();
+            redelivery.queue(0, PendingPurge::Target { target });
+        }
+        redelivery.save().await;
+        let registry = Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap());
+        let sync = EdgeSync::new(
+            fleet.clone(),
+            registry,
+            "token".into(),
+            metrics.clone(),
+            None,
+        )
+        .redelivering(redelivery.clone());
+        let sync = Arc::new(sync);
+        let (running, stop) = tokio::sync::watch::channel(false);
+        let service = PurgeRedeliverer(sync.clone());
+        let service = tokio::spawn(async move { service.start(stop).await });
+        // The first tick starts the round; it confirms the first purge and waits on the next.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(sync.rounds.lock().len(), 1);
+        let stopped = Instant::now();
+        running.send(true).unwrap();
+        service.await.unwrap();
+        assert!(stopped.elapsed() < Duration::from_secs(1));
+        assert!(sync.rounds.lock().is_empty());
+        let left = |r: &Redelivery| r.pending(0).1;
+        let expect = ["a.com/hangs", "a.com/last"].map(|target| PendingPurge::Target {
+            target: target.to_string(),
+        });
+        assert_eq!(left(&redelivery), expect);
+        drop(redelivery);
+        assert_eq!(left(&open()), expect, "as saved");
+    }
+
     /// A purge an edge confirms only after longer than the fan-out waits is confirmed by
     /// redelivery, which waits longer, so the edge takes traffic again; meanwhile the other
     /// edge's rounds are not held up behind it.
@@ -804,8 +898,9 @@ mod tests {
         assert!(results[1].ok, "{results:?}");
         assert!(!health.is_up(0) && health.is_up(1));
 
+        let (_running, stop) = tokio::sync::watch::channel(false);
         let started = Instant::now();
-        sync.redeliver();
+        sync.redeliver(&stop);
         // The fast edge misses a purge while the slow edge's round is still running: the next
         // tick delivers it at once.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -816,7 +911,7 @@ mod tests {
             },
         );
         assert!(!health.is_up(1));
-        sync.redeliver();
+        sync.redeliver(&stop);
         while !health.is_up(1) {
             assert!(
                 started.elapsed() < FAN_OUT_PATIENCE,
