@@ -95,12 +95,36 @@ impl Binary {
         Command::new(&self.path)
     }
 
+    /// A command for this binary that the kernel kills when the thread starting it ends:
+    /// a test process that is itself killed (a CI timeout, Ctrl-C) runs no destructors, and
+    /// its servers would stay on their ports. Tests start children on their own thread,
+    /// which lives as long as the test. util-linux's `setpriv` asks for it and then
+    /// becomes the binary (the workspace forbids the `unsafe` a `pre_exec` would need);
+    /// without `setpriv` the binary starts as is.
+    fn dying_with_this_thread(&self) -> Command {
+        static SETPRIV: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let setpriv = *SETPRIV.get_or_init(|| {
+            Command::new("setpriv")
+                .args(["--pdeathsig", "KILL", "--", "true"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+        if !setpriv {
+            return self.command();
+        }
+        let mut cmd = Command::new("setpriv");
+        cmd.args(["--pdeathsig", "KILL", "--"]).arg(&self.path);
+        cmd
+    }
+
     /// Start it with `args`; its output goes to a log file kept for failure reports.
     pub fn spawn(&self, args: &[&str], envs: &[(&str, &str)]) -> Child {
         let log = tempfile::NamedTempFile::new().expect("temp log file");
         let out = log.reopen().expect("reopen log");
         let err = log.reopen().expect("reopen log");
-        let mut cmd = self.command();
+        let mut cmd = self.dying_with_this_thread();
         cmd.args(args)
             .stdin(Stdio::null())
             .stdout(out)
