@@ -273,10 +273,10 @@ async fn read_json<T: serde::de::DeserializeOwned>(
 /// Run `work` in a task of its own, counted as in flight until it ends: a caller that hangs
 /// up must not cut it short, and a drain waits for it.
 async fn detached<T: Send + 'static>(
-    s: &AdminState,
+    inflight: &InflightCounter,
     work: impl std::future::Future<Output = T> + Send + 'static,
 ) -> Result<T, tokio::task::JoinError> {
-    let working = s.inflight.enter();
+    let working = inflight.enter();
     tokio::spawn(async move {
         let _working = working;
         work.await
@@ -384,7 +384,7 @@ async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> 
                 .map(|found| found || found_before)
         }
     };
-    let done = detached(s, done)
+    let done = detached(&s.inflight, done)
         .await
         .unwrap_or_else(|e| Err(crate::invalidate::task_failed(e)));
     match (done, target) {
@@ -597,7 +597,7 @@ async fn put_origins(
             apply_origins(s, push).await
         }
     };
-    detached(&s, applied).await.unwrap_or_else(|e| {
+    detached(&s.inflight, applied).await.unwrap_or_else(|e| {
         error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -797,6 +797,32 @@ mod tests {
         );
         let u: Uri = "/cache/example.com".parse().unwrap();
         assert!(parse_target(&none, &u).is_err());
+    }
+
+    /// Work a handler detaches runs to its end when its caller goes away, and counts as in
+    /// flight (what a drain waits for) until then.
+    #[tokio::test]
+    async fn detached_work_outlives_its_caller_and_counts_until_it_ends() {
+        let inflight = InflightCounter::default();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::new(AtomicUsize::new(0));
+        let work = {
+            let done = done.clone();
+            async move {
+                let _ = finished.await;
+                done.store(1, Ordering::Release);
+            }
+        };
+        let caller = detached(&inflight, work);
+        // The caller hangs up before the work ends.
+        let gone = tokio::time::timeout(Duration::from_millis(20), caller).await;
+        assert!(gone.is_err());
+        assert_eq!(inflight.count(), 1, "still in flight");
+        finish.send(()).unwrap();
+        while inflight.count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(done.load(Ordering::Acquire), 1, "ran to its end");
     }
 
     #[test]
