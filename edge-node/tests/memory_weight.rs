@@ -63,17 +63,24 @@ fn the_weight_covers_the_decoded_header() {
     let repeated: Vec<(String, String)> = (0..12)
         .map(|i| ("Link".to_string(), format!("</asset/{i}.css>; rel=preload")))
         .collect();
-    // 13 names make http's map take 24 slots, its largest share of unused ones.
-    let thirteen: Vec<(String, String)> = (0..13)
-        .map(|i| (format!("X-H{i}"), "1".to_string()))
-        .collect();
+    // Short names and values, so the map's own slots weigh most, at field counts where http
+    // sizes its maps with the largest share of slots unused.
+    let short = |n: usize| -> Vec<(String, String)> {
+        (0..n)
+            .map(|i| (format!("X-H{i}"), "1".to_string()))
+            .collect()
+    };
     let long = vec![("Content-Security-Policy".to_string(), "x".repeat(4000))];
     for (name, headers) in [
         ("none", Vec::new()),
         ("typical", typical),
         ("many", many),
         ("repeated", repeated),
-        ("thirteen", thirteen),
+        ("13 short", short(13)),
+        ("25 short", short(25)),
+        ("49 short", short(49)),
+        ("97 short", short(97)),
+        ("193 short", short(193)),
         ("long", long),
     ] {
         let (kept, weighed) = measure(&headers);
