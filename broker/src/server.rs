@@ -175,6 +175,7 @@ impl Broker {
             )),
             None => None,
         };
+        let inflight = InflightCounter::default();
         let sync = Arc::new(
             EdgeSync::new(
                 fleet.clone(),
@@ -192,7 +193,8 @@ impl Broker {
                     metrics.clone(),
                 )
                 .map_err(|e| StartError::Setup(format!("pending purges {e}")))?,
-            )),
+            ))
+            .counting_in(inflight.clone()),
         );
 
         let conf = ServerConf {
@@ -224,7 +226,6 @@ impl Broker {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        let inflight = InflightCounter::default();
         let proxy = BrokerProxy::new(
             fleet.clone(),
             health.clone(),

@@ -25,6 +25,7 @@ use crate::redelivery::{PendingPurge, Redelivery};
 use crate::refreshes::RecentRefreshes;
 use crate::registry::Registry;
 use crate::routing::Fleet;
+use edge_node::drain::{InflightCounter, InflightGuard};
 
 /// Most shadows one edge's listing may return (far beyond any edge's shadow budget).
 const MAX_LISTED_SHADOWS: usize = 1 << 20;
@@ -71,6 +72,9 @@ pub struct EdgeSync {
     refreshes: RecentRefreshes,
     /// Edges with a redelivery round running.
     rounds: parking_lot::Mutex<std::collections::HashSet<usize>>,
+    /// Where a round counts as in flight, so that a graceful stop waits for it to record
+    /// what it delivered.
+    inflight: InflightCounter,
 }
 
 impl EdgeSync {
@@ -100,7 +104,14 @@ impl EdgeSync {
             redelivery: None,
             refreshes: RecentRefreshes::default(),
             rounds: Default::default(),
+            inflight: InflightCounter::default(),
         }
+    }
+
+    /// Count each redelivery round in `inflight`, the drain's counter.
+    pub fn counting_in(mut self, inflight: InflightCounter) -> Self {
+        self.inflight = inflight;
+        self
     }
 
     /// Queue the purges an edge misses for a passing reason and deliver them again (see
@@ -597,6 +608,7 @@ impl EdgeSync {
             let round = Round {
                 sync: self.clone(),
                 edge,
+                _working: self.inflight.enter(),
             };
             let stop = stop.clone();
             tokio::spawn(async move {
@@ -668,14 +680,12 @@ async fn stopping(mut stop: ShutdownWatch) {
     let _ = stop.wait_for(|stopping| *stopping).await;
 }
 
-/// How long a stopping broker waits for its redelivery rounds to record what they delivered.
-const ROUNDS_STOP_WAIT: Duration = Duration::from_secs(5);
-
 /// An edge's redelivery round in progress: another is not started until it ends (or its task
-/// is dropped).
+/// is dropped), and a graceful stop waits for it.
 struct Round {
     sync: Arc<EdgeSync>,
     edge: usize,
+    _working: InflightGuard,
 }
 
 impl Drop for Round {
@@ -760,18 +770,9 @@ impl BackgroundService for PurgeRedeliverer {
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => return,
             }
             self.0.redeliver(&shutdown);
-        }
-        // The rounds see the stop too; let them record and save what they delivered.
-        let started = std::time::Instant::now();
-        while !self.0.rounds.lock().is_empty() {
-            if started.elapsed() > ROUNDS_STOP_WAIT {
-                tracing::warn!("purge redelivery rounds still running at stop");
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -807,13 +808,15 @@ mod tests {
     /// delivered, on disk too; the one cut short stays queued.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_stop_ends_a_round_keeping_what_it_delivered() {
+        let (reached, mut hanging) = tokio::sync::mpsc::unbounded_channel::<()>();
         let app = axum::Router::new()
             .route("/origins", put(|| async { axum::Json(json!({})) }))
             .route(
                 "/cache/{*key}",
                 any(
-                    |axum::extract::Path(key): axum::extract::Path<String>| async move {
+                    move |axum::extract::Path(key): axum::extract::Path<String>| async move {
                         if key.contains("hangs") {
+                            let _ = reached.send(());
                             tokio::time::sleep(Duration::from_secs(60)).await;
                         }
                         "purged"
@@ -841,6 +844,7 @@ mod tests {
         }
         redelivery.save().await;
         let registry = Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap());
+        let inflight = InflightCounter::default();
         let sync = EdgeSync::new(
             fleet.clone(),
             registry,
@@ -848,18 +852,28 @@ mod tests {
             metrics.clone(),
             None,
         )
-        .redelivering(redelivery.clone());
+        .redelivering(redelivery.clone())
+        .counting_in(inflight.clone());
         let sync = Arc::new(sync);
         let (running, stop) = tokio::sync::watch::channel(false);
         let service = PurgeRedeliverer(sync.clone());
         let service = tokio::spawn(async move { service.start(stop).await });
         // The first tick starts the round; it confirms the first purge and waits on the next.
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        assert_eq!(sync.rounds.lock().len(), 1);
+        tokio::time::timeout(Duration::from_secs(10), hanging.recv())
+            .await
+            .expect("the round reaches the second purge");
+        assert_eq!(inflight.count(), 1, "the round counts as in flight");
         let stopped = Instant::now();
         running.send(true).unwrap();
         service.await.unwrap();
-        assert!(stopped.elapsed() < Duration::from_secs(1));
+        // What a graceful stop waits for: the round ends, having saved its progress.
+        while inflight.count() > 0 {
+            assert!(
+                stopped.elapsed() < Duration::from_secs(5),
+                "the round goes on"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(sync.rounds.lock().is_empty());
         let left = |r: &Redelivery| r.pending(0).1;
         let expect = ["a.com/hangs", "a.com/last"].map(|target| PendingPurge::Target {
