@@ -315,6 +315,53 @@ struct Order {
 /// old name; a few replacements cover them.
 const RETIRED_NAMES: usize = 4;
 
+impl Order {
+    /// The names a new order of its key must not take: its own and those it retired.
+    fn names(&self) -> Vec<u64> {
+        let mut names = self.retired.clone();
+        names.extend(self.id);
+        let excess = names.len().saturating_sub(RETIRED_NAMES);
+        names.drain(..excess);
+        names
+    }
+}
+
+/// The names of settled orders (see [`Order::names`]), kept until a late outcome of theirs or
+/// of an order they replaced can no longer arrive, for the next order of their key.
+#[derive(Default)]
+struct SettledNames {
+    by: HashMap<(String, usize), (Vec<u64>, Instant)>,
+    /// Entries at which [`Self::keep`] next sweeps expired ones.
+    sweep_at: usize,
+}
+
+impl SettledNames {
+    fn keep(&mut self, k: (String, usize), order: &Order, now: Instant) {
+        let names = order.names();
+        if names.is_empty() {
+            return;
+        }
+        if self.by.len() > self.sweep_at.max(ORDER_SWEEP) {
+            self.by.retain(|_, (_, until)| *until > now);
+            self.sweep_at = self.by.len() * 2;
+        }
+        self.by.insert(k, (names, order.until));
+    }
+
+    /// The names kept for `k`, now handed to its new order.
+    fn take(&mut self, k: &(String, usize), now: Instant) -> Vec<u64> {
+        self.by
+            .remove(k)
+            .filter(|(_, until)| *until > now)
+            .map(|(names, _)| names)
+            .unwrap_or_default()
+    }
+
+    fn taken(&self, k: &(String, usize), id: u64) -> bool {
+        self.by.get(k).is_some_and(|(names, _)| names.contains(&id))
+    }
+}
+
 /// How far an edge's clock may run behind the broker's before an outcome that ended just
 /// after an order was placed reads as older than it.
 const CLOCK_SLACK_MS: u64 = 1_000;
@@ -334,6 +381,8 @@ pub struct Ledger {
     orders: Mutex<HashMap<(String, usize), Order>>,
     /// Orders at which [`Ledger::record_order`] next sweeps expired ones.
     orders_sweep_at: Mutex<usize>,
+    /// Names of orders settled lately, which the next order of their key avoids.
+    settled_names: Mutex<SettledNames>,
     tuners: Mutex<Tuners>,
     rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
@@ -375,6 +424,7 @@ impl Ledger {
             regions,
             orders: Mutex::new(HashMap::new()),
             orders_sweep_at: Mutex::new(0),
+            settled_names: Mutex::default(),
             tuners: Mutex::new(Tuners::default()),
             rollups: Mutex::new(HashMap::new()),
             changes: Mutex::new(VecDeque::new()),
@@ -516,13 +566,10 @@ impl Ledger {
         }
         let until = now + ttl + Duration::from_secs(600);
         let k = (key.to_string(), edge);
-        let retired = orders.get(&k).map_or_else(Vec::new, |replaced| {
-            let mut names = replaced.retired.clone();
-            names.extend(replaced.id);
-            let excess = names.len().saturating_sub(RETIRED_NAMES);
-            names.drain(..excess);
-            names
-        });
+        let retired = match orders.get(&k) {
+            Some(replaced) => replaced.names(),
+            None => self.settled_names.lock().take(&k, now),
+        };
         orders.insert(
             k,
             Order {
@@ -539,17 +586,20 @@ impl Ledger {
 
     /// A name for a new order of `key` on `edge` whose deadline is `deadline_ms` (0: none):
     /// the deadline itself, which the edge echoes in the outcome, moved on a millisecond at a
-    /// time while the order it replaces, or one that order replaced, has that name, so that
-    /// a late outcome of theirs cannot settle the new one.
+    /// time while the order it replaces (or the last one settled), or one that order replaced,
+    /// has that name, so that a late outcome of theirs cannot settle the new one.
     pub fn order_id(&self, key: &str, edge: usize, deadline_ms: u64) -> u64 {
         if deadline_ms == 0 {
             return 0;
         }
         let orders = self.orders.lock();
-        let Some(current) = orders.get(&(key.to_string(), edge)) else {
-            return deadline_ms;
+        let settled = self.settled_names.lock();
+        let k = (key.to_string(), edge);
+        let current = orders.get(&k);
+        let taken = |id: u64| {
+            current.is_some_and(|c| c.id == Some(id) || c.retired.contains(&id))
+                || settled.taken(&k, id)
         };
-        let taken = |id: u64| current.id == Some(id) || current.retired.contains(&id);
         let mut id = deadline_ms;
         while taken(id) {
             id += 1;
@@ -588,7 +638,12 @@ impl Ledger {
                     failed: o.failed && !o.removed,
                 };
                 push_bounded(&mut ended, e, ENDED_LOG);
-                orders.remove(&k)
+                let order = orders.remove(&k);
+                if let Some(order) = &order {
+                    let now = Instant::now();
+                    self.settled_names.lock().keep(k.clone(), order, now);
+                }
+                order
             };
             if o.failed {
                 // Nothing was held: no storage, no hits, and no evidence about the signal. A
@@ -1163,6 +1218,14 @@ mod tests {
             .cloned()
             .unwrap();
         assert_eq!(forecast["used"], 1, "{rollups}");
+        // Settled, its name and the ones it retired stay taken for the key's next order
+        // (an outcome of an order it replaced may still be on its way)...
+        assert_eq!(l.order_id("h/x", 1, id), id + 1);
+        assert_eq!(l.order_id("h/x", 1, id + 3), id + 6);
+        assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
+        // ...and pass to that order.
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1));
+        assert_eq!(l.order_id("h/x", 1, id), id + 2);
     }
 
     #[test]
