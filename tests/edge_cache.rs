@@ -143,6 +143,25 @@ async fn hit_after_miss_and_head() {
     let r = edge.get("/a.txt?size=10").await;
     assert_eq!(x_cache(&r), "MISS");
     assert_eq!(origin.hits("/a.txt"), 2);
+
+    // A hit answers with the fields the miss had, in the same order (names compare
+    // case-insensitively: hits do not keep the origin's spelling), apart from what says
+    // how it was answered.
+    let fields = |r: &reqwest::Response| -> Vec<(String, String)> {
+        let says_how = ["x-cache", "cache-status", "age", "date"];
+        r.headers()
+            .iter()
+            .filter(|(n, _)| !says_how.contains(&n.as_str()))
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect()
+    };
+    let path = "/fields.txt?size=10&headers=3&etag=v1&ct=text/plain";
+    let miss = edge.get(path).await;
+    assert_eq!(x_cache(&miss), "MISS");
+    let hit = edge.get(path).await;
+    assert_eq!(x_cache(&hit), "HIT");
+    assert_eq!(fields(&hit), fields(&miss));
+    assert!(fields(&hit).iter().any(|(n, _)| n == "x-pad-2"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
