@@ -387,6 +387,51 @@ async fn vary_keeps_variants_apart() {
     assert_eq!(x_cache(&r), "HIT");
 }
 
+/// An origin varying on `Accept-Encoding` gets one variant per coding, not one per way of
+/// spelling the field: the edge asks it with the coding the client is best served with, and
+/// clients that spell the same preference differently share the copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accept_encoding_variants_are_one_per_coding() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/ae?vary=accept-encoding&ct=application/octet-stream";
+    let get = |ae: Option<&'static str>| {
+        let edge = &edge;
+        async move {
+            let headers: Vec<(&str, &str)> =
+                ae.map(|v| ("accept-encoding", v)).into_iter().collect();
+            let r = edge.request(Method::GET, path, &headers).await;
+            let cache = x_cache(&r);
+            (cache, String::from_utf8(body_of(r).await).unwrap())
+        }
+    };
+    let miss = |variant: &str| ("MISS".to_string(), format!("variant={variant}"));
+    let hit = |variant: &str| ("HIT".to_string(), format!("variant={variant}"));
+    assert_eq!(get(Some("gzip, deflate, br")).await, miss("br"));
+    assert_eq!(get(Some("br;q=1.0, gzip;q=0.8, *;q=0.1")).await, hit("br"));
+    assert_eq!(get(Some("gzip, deflate, br, zstd")).await, hit("br"));
+    assert_eq!(get(Some("gzip, deflate")).await, miss("gzip"));
+    assert_eq!(get(Some("br;q=0, gzip")).await, hit("gzip"));
+    assert_eq!(get(None).await, miss("-"));
+    assert_eq!(get(Some("deflate")).await, hit("-"));
+    assert_eq!(origin.hits("/ae"), 3);
+
+    // A shadow fill asks for the coding clients asked for most (br, three times of seven
+    // above), so the copy it places is the one a browser's request finds.
+    let key = format!("{HOST}/shadowed?vary=accept-encoding&ct=application/octet-stream");
+    assert!(shadow_marked(&edge, serde_json::json!({"key": key, "ttl_secs": 60})).await);
+    let r = edge
+        .request(
+            Method::GET,
+            "/shadowed?vary=accept-encoding&ct=application/octet-stream",
+            &[("accept-encoding", "gzip, deflate, br")],
+        )
+        .await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(body_of(r).await, b"variant=br");
+}
+
 /// A request with `Authorization` whose answer the origin did not allow to be cached is
 /// answered uncached, and that says nothing about the key: the stored copy keeps serving
 /// everyone else (remembering the key as uncacheable would let any client switch its cache

@@ -13,8 +13,7 @@
 use std::time::Duration;
 
 use http::header::{
-    ACCEPT_ENCODING, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, RANGE,
-    VARY,
+    CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, RANGE, VARY,
 };
 use http::HeaderValue;
 use pingora_core::modules::http::compression::ResponseCompression;
@@ -51,11 +50,9 @@ impl Plan {
     /// encoding and asks for the whole body. pingora's encoder picks the first coding it knows
     /// and does not weigh quality values, so a client that refuses one (`gzip;q=0`) gets the
     /// body as stored rather than possibly the coding it refused.
-    pub fn for_request(req: &RequestHeader) -> Plan {
-        let accepts = req
-            .headers
-            .get(ACCEPT_ENCODING)
-            .is_some_and(|v| !refuses_a_coding(v.as_bytes()));
+    /// `accept_encoding` is the client's field as sent (the request's own may be normalized).
+    pub fn for_request(accept_encoding: Option<&HeaderValue>, req: &RequestHeader) -> Plan {
+        let accepts = accept_encoding.is_some_and(|v| !refuses_a_coding(v.as_bytes()));
         if accepts && !req.headers.contains_key(RANGE) {
             Plan::Compress
         } else {
@@ -64,17 +61,19 @@ impl Plan {
     }
 }
 
-/// The plan for a 304 answering `req` in place of `stored` (the full response, before
-/// pingora turns it into the 304): unchanged unless `stored` is text this edge compresses.
-pub fn not_modified(plan: Plan, req: &RequestHeader, stored: &ResponseHeader) -> Plan {
+/// The plan for a 304 answering a client whose `Accept-Encoding` (as sent) was
+/// `accept_encoding` in place of `stored` (the full response, before pingora turns it into the
+/// 304): unchanged unless `stored` is text this edge compresses.
+pub fn not_modified(
+    plan: Plan,
+    accept_encoding: Option<&HeaderValue>,
+    stored: &ResponseHeader,
+) -> Plan {
     if plan == Plan::AsStored || !Scan::of(stored).may_compress(stored) {
         return plan;
     }
     let compressed = plan == Plan::Compress
-        && req
-            .headers
-            .get(ACCEPT_ENCODING)
-            .is_some_and(|v| first_coding_is_compressed(v.as_bytes()))
+        && accept_encoding.is_some_and(|v| first_coding_is_compressed(v.as_bytes()))
         && encoder_takes(stored);
     Plan::NotModified { compressed }
 }
@@ -298,6 +297,7 @@ pub fn outcome(session: &Session) -> Option<(&'static str, usize, usize, Duratio
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::header::ACCEPT_ENCODING;
 
     fn resp(status: u16, headers: &[(&str, &str)]) -> ResponseHeader {
         let mut r = ResponseHeader::build(status, None).unwrap();
@@ -356,11 +356,20 @@ mod tests {
         assert!(!response_may_compress(&resp(200, &[])));
 
         let mut req = RequestHeader::build("GET", b"/", None).unwrap();
-        assert_eq!(Plan::for_request(&req), Plan::Identity);
+        assert_eq!(
+            Plan::for_request(req.headers.get(ACCEPT_ENCODING), &req),
+            Plan::Identity
+        );
         req.insert_header("accept-encoding", "gzip").unwrap();
-        assert_eq!(Plan::for_request(&req), Plan::Compress);
+        assert_eq!(
+            Plan::for_request(req.headers.get(ACCEPT_ENCODING), &req),
+            Plan::Compress
+        );
         req.insert_header("range", "bytes=0-9").unwrap();
-        assert_eq!(Plan::for_request(&req), Plan::Identity);
+        assert_eq!(
+            Plan::for_request(req.headers.get(ACCEPT_ENCODING), &req),
+            Plan::Identity
+        );
         for (ae, plan) in [
             ("gzip, deflate, br, zstd", Plan::Compress),
             ("br;q=1.0, gzip;q=0.8", Plan::Compress),
@@ -369,7 +378,11 @@ mod tests {
         ] {
             let mut req = RequestHeader::build("GET", b"/", None).unwrap();
             req.insert_header("accept-encoding", ae).unwrap();
-            assert_eq!(Plan::for_request(&req), plan, "{ae}");
+            assert_eq!(
+                Plan::for_request(req.headers.get(ACCEPT_ENCODING), &req),
+                plan,
+                "{ae}"
+            );
         }
     }
 
@@ -444,7 +457,9 @@ mod tests {
             (Plan::Compress, Some("gzip"), &png, Plan::Compress),
             (Plan::AsStored, Some("gzip"), &html, Plan::AsStored),
         ] {
-            assert_eq!(not_modified(plan, &req(ae), stored), expected, "{ae:?}");
+            let req = req(ae);
+            let ae = req.headers.get(ACCEPT_ENCODING);
+            assert_eq!(not_modified(plan, ae, stored), expected, "{ae:?}");
         }
     }
 

@@ -5,6 +5,7 @@
 //! pingora-cache. [`storage::FoyerStorage`] is the pingora-cache `Storage` on foyer;
 //! [`proxy::EdgeProxy`] holds the request phases; [`admin`] is the operator API.
 
+pub mod accept_encoding;
 pub mod access_log;
 pub mod admin;
 pub mod cache_key;

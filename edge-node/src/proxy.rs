@@ -36,6 +36,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use serde::Serialize;
 
+use crate::accept_encoding;
 use crate::access_log::{AccessLog, RequestFields};
 use crate::compression;
 use crate::drain::{InflightCounter, InflightGuard};
@@ -98,6 +99,8 @@ pub struct ShadowHooks {
     pub bridge: Option<std::net::SocketAddr>,
     /// The peers a hinted miss may be filled from.
     pub peers: Arc<PeerDirectory>,
+    /// The codings clients are served with, which shadow fills ask for.
+    pub encodings: Arc<accept_encoding::Mix>,
 }
 
 /// Cache behaviour that the origin's headers do not decide.
@@ -195,6 +198,9 @@ pub struct RequestCtx {
     revalidation_age: Option<Duration>,
     /// What compression may do to this response.
     compression: compression::Plan,
+    /// The client's `Accept-Encoding` as sent (the request's is normalized, see
+    /// [`accept_encoding`]), which pingora's compression module also reads.
+    client_accept_encoding: Option<http::HeaderValue>,
     /// The origin's query filter left parameters of this request out of its key.
     query_filtered: bool,
 }
@@ -746,6 +752,7 @@ impl ProxyHttp for EdgeProxy {
             peer_served: false,
             revalidation_age: None,
             compression: compression::Plan::AsStored,
+            client_accept_encoding: None,
             query_filtered: false,
         }
     }
@@ -763,6 +770,14 @@ impl ProxyHttp for EdgeProxy {
                 .req_header_mut()
                 .insert_header(FORWARDED_PROTO, "http")?;
         }
+        // Kept as sent for the compression decisions (pingora's compression module read it
+        // already); the request goes on with the one coding its variant stands for.
+        ctx.client_accept_encoding = session
+            .req_header()
+            .headers
+            .get(header::ACCEPT_ENCODING)
+            .cloned();
+        let coding = accept_encoding::normalize(session.req_header_mut());
         let req = session.req_header();
         let Some(host) = request_host(req) else {
             self.metrics.rejected.with_label_values(&["no_host"]).inc();
@@ -815,11 +830,14 @@ impl ProxyHttp for EdgeProxy {
         {
             compression::Plan::AsStored
         } else {
-            compression::Plan::for_request(req)
+            compression::Plan::for_request(ctx.client_accept_encoding.as_ref(), req)
         };
         let path = req.uri.path();
         ctx.origin = self.origins.current().select(host, path).cloned();
         if let Some(origin) = &ctx.origin {
+            if !(ctx.shadow_fill || ctx.only_if_cached || session.subrequest_ctx.is_some()) {
+                self.hooks.encodings.sample(coding);
+            }
             (ctx.key, ctx.query_filtered) = request_key(req, host, origin);
             if ctx.compression != compression::Plan::Compress {
                 compression::disable(session);
@@ -939,7 +957,8 @@ impl ProxyHttp for EdgeProxy {
         let req = session.req_header();
         let not_modified = not_modified_filter(req, resp);
         if not_modified {
-            ctx.compression = compression::not_modified(ctx.compression, req, resp);
+            let ae = ctx.client_accept_encoding.as_ref();
+            ctx.compression = compression::not_modified(ctx.compression, ae, resp);
         }
         Ok(not_modified)
     }

@@ -205,6 +205,7 @@ impl EdgeNode {
         let shadows = Arc::new(ShadowTable::default());
         let secret = InternalSecret::generate();
         let peers = Arc::new(PeerDirectory::new(&cfg.node_id));
+        let encodings = Arc::new(crate::accept_encoding::Mix::default());
         let proxy = EdgeProxy::new(
             cfg.node_id.clone(),
             origins.clone(),
@@ -221,6 +222,7 @@ impl EdgeNode {
                 secret: secret.clone(),
                 bridge: bridge_addr,
                 peers: peers.clone(),
+                encodings: encodings.clone(),
             },
         )
         .with_trusted_proxies(cfg.server.trusted_proxies.clone())
@@ -252,6 +254,7 @@ impl EdgeNode {
             &cfg.shadow,
             inflight.clone(),
         );
+        let shadow_service = shadow_service.asking_like(encodings);
         let mut peer_pool = None;
         if let Some((identity, server_cfg, socket, bridge)) = sync {
             let parts = SyncParts {

@@ -19,6 +19,7 @@ use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Ending, Expired, FillSource, FillTags, Order, ShadowTable};
 use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
+use crate::accept_encoding::{Coding, Mix};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{normalize_key, InternalSecret, FILLED_FROM_HEADER};
@@ -305,6 +306,8 @@ pub struct ShadowService {
     /// Held from start until the shutdown purge is done, so the drain waits for it before
     /// the cache is flushed and the process exits.
     inflight: crate::drain::InflightCounter,
+    /// The codings the edge's clients are served with.
+    encodings: Arc<Mix>,
 }
 
 /// Every this many sweeps (of 250 ms) the marks are checked against the cache, so a shadow
@@ -340,6 +343,7 @@ impl ShadowService {
                 pacer: Arc::new(FillPacer::new(limits.fill_bandwidth.map(|b| b.as_u64()))),
                 sweeps: Default::default(),
                 inflight,
+                encodings: Arc::default(),
             },
             filler,
         )
@@ -373,20 +377,33 @@ fn kept_by_url_parsing(path_and_query: &str) -> bool {
     })
 }
 
-async fn fetch(
-    client: &reqwest::Client,
+/// How fills reach this edge's own HTTP listener, and what they ask it for.
+#[derive(Clone)]
+struct Local {
+    client: reqwest::Client,
     listen: SocketAddr,
-    internal: &InternalSecret,
+    internal: InternalSecret,
+    /// The coding fills ask for: the one the edge's clients asked for most when the fill
+    /// started, so that an origin varying on `Accept-Encoding` fills the variant they get.
+    coding: Option<Coding>,
+}
+
+async fn fetch(
+    local: &Local,
     r: &FillRequest,
     peer: Option<&PeerRef>,
     max_bytes: u64,
     moved: &mut u64,
 ) -> Result<(FillSource, FillTags), String> {
     let (host, path) = split_key(&r.key).ok_or_else(|| format!("bad key {:?}", r.key))?;
-    let mut req = client
-        .get(format!("http://{listen}{path}"))
+    let mut req = local
+        .client
+        .get(format!("http://{}{path}", local.listen))
         .header("host", host)
-        .header(FILL_HEADER, internal.value());
+        .header(FILL_HEADER, local.internal.value());
+    if let Some(c) = local.coding {
+        req = req.header(http::header::ACCEPT_ENCODING, c.token());
+    }
     if let Some(p) = peer {
         req = req.header(PEER_VIA_HEADER, format_peer_via(p));
     }
@@ -456,9 +473,7 @@ fn report_unheld(table: &ShadowTable, req: &FillRequest) {
 /// edge already held answers either from its cache. Returns the body size and its source, and
 /// adds the bytes every attempt moved to `moved` (the bandwidth budget is charged for all).
 async fn fill_one(
-    client: &reqwest::Client,
-    listen: SocketAddr,
-    internal: &InternalSecret,
+    local: &Local,
     r: &FillRequest,
     max_bytes: u64,
     moved: &mut u64,
@@ -466,16 +481,7 @@ async fn fill_one(
     // A refresh must reach the origin: the peers hold the old version too.
     if let (Some(peer), false) = (&r.peer, r.refresh) {
         let mut from_peer = 0;
-        let got = fetch(
-            client,
-            listen,
-            internal,
-            r,
-            Some(peer),
-            max_bytes,
-            &mut from_peer,
-        )
-        .await;
+        let got = fetch(local, r, Some(peer), max_bytes, &mut from_peer).await;
         *moved += from_peer;
         match got {
             Ok((served, tags)) => return Ok((from_peer, served, tags)),
@@ -485,18 +491,17 @@ async fn fill_one(
         }
     }
     let mut from_origin = 0;
-    let got = fetch(
-        client,
-        listen,
-        internal,
-        r,
-        None,
-        max_bytes,
-        &mut from_origin,
-    )
-    .await;
+    let got = fetch(local, r, None, max_bytes, &mut from_origin).await;
     *moved += from_origin;
     got.map(|(served, tags)| (from_origin, served, tags))
+}
+
+impl ShadowService {
+    /// Ask fills for the coding `encodings` says the edge's clients ask for most.
+    pub fn asking_like(mut self, encodings: Arc<Mix>) -> Self {
+        self.encodings = encodings;
+        self
+    }
 }
 
 impl ShadowService {
@@ -615,14 +620,14 @@ impl ShadowService {
             };
             let max_bytes = self.storage.max_object_bytes() as u64;
             let storage = self.storage;
-            let (client, table, metrics, listen, internal, pacer) = (
-                client.clone(),
-                self.table.clone(),
-                self.metrics.clone(),
-                self.listen,
-                self.internal.clone(),
-                self.pacer.clone(),
-            );
+            let local = Local {
+                client: client.clone(),
+                listen: self.listen,
+                internal: self.internal.clone(),
+                coding: self.encodings.most_asked(),
+            };
+            let (table, metrics, pacer) =
+                (self.table.clone(), self.metrics.clone(), self.pacer.clone());
             tokio::spawn(async move {
                 let _permit = permit;
                 let _refreshing = refreshing;
@@ -640,8 +645,7 @@ impl ShadowService {
                 let started = req.queued_at;
                 let _under_way = table.begin_fill(&req.key, Instant::now());
                 let mut moved = 0;
-                let filled =
-                    fill_one(&client, listen, &internal, &req, max_bytes, &mut moved).await;
+                let filled = fill_one(&local, &req, max_bytes, &mut moved).await;
                 pacer.charge(moved, Instant::now());
                 match filled {
                     Ok((bytes, source, tags)) => {
