@@ -2294,6 +2294,7 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     }
     let fetch = Request::PeerFetch {
         key: "nowhere.test/x".into(),
+        accept_encoding: None,
     };
     match peer_link.request(&fetch, timeout).await.unwrap() {
         Reply::Error { code, .. } => assert_eq!(code, ErrorCode::NotFound),

@@ -122,7 +122,16 @@ async fn fetch(State(b): State<PeerBridge>, req: HttpRequest) -> Response {
         Err(e) => return miss(StatusCode::BAD_GATEWAY, "peer_unreachable", e.to_string()),
     };
     let (status, headers, recv) = match link
-        .open(&Request::PeerFetch { key: key.clone() }, PEER_TIMEOUT)
+        .open(
+            &Request::PeerFetch {
+                key: key.clone(),
+                accept_encoding: h
+                    .get(header::ACCEPT_ENCODING)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+            },
+            PEER_TIMEOUT,
+        )
         .await
     {
         Ok((Reply::PeerHead { status, headers }, recv)) => (status, headers, recv),

@@ -100,6 +100,12 @@ pub enum Request {
     PeerFetch {
         /// `host/path?query`.
         key: String,
+        /// The coding the copy is for (the requesting client's, normalized): where the origin
+        /// varies on `Accept-Encoding` it picks the variant. Absent from older edges; an older
+        /// peer refuses a fetch that names one (requests are strict), and the fill then goes
+        /// to the origin.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        accept_encoding: Option<String>,
     },
 }
 
@@ -424,6 +430,23 @@ mod tests {
         assert!(serde_json::from_str::<Request>(order).is_ok());
         let newer = order.replace('}', r#","urgent":true}"#);
         assert!(serde_json::from_str::<Request>(&newer).is_err());
+        // A peer fetch from an edge that names no coding is read as one for identity.
+        let fetch: Request = serde_json::from_str(r#"{"type":"peer_fetch","key":"h/a"}"#).unwrap();
+        let none = Request::PeerFetch {
+            key: "h/a".into(),
+            accept_encoding: None,
+        };
+        assert_eq!(fetch, none);
+        let br = Request::PeerFetch {
+            key: "h/a".into(),
+            accept_encoding: Some("br".into()),
+        };
+        let wire = serde_json::to_string(&br).unwrap();
+        assert_eq!(
+            wire,
+            r#"{"type":"peer_fetch","key":"h/a","accept_encoding":"br"}"#
+        );
+        assert_eq!(serde_json::from_str::<Request>(&wire).unwrap(), br);
     }
 
     #[test]

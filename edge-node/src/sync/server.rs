@@ -310,8 +310,13 @@ impl Handler {
             }
         };
         let kind = req.kind();
-        if let Request::PeerFetch { key } = &req {
-            let outcome = self.peer_fetch(key, head.id, &mut send).await;
+        if let Request::PeerFetch {
+            key,
+            accept_encoding,
+        } = &req
+        {
+            let ae = accept_encoding.as_deref();
+            let outcome = self.peer_fetch(key, ae, head.id, &mut send).await;
             m.sync_messages.with_label_values(&[kind, outcome]).inc();
             let _ = send.finish();
             return;
@@ -433,7 +438,13 @@ impl Handler {
     }
 
     /// Stream a fresh cached copy of `key`; returns the outcome label.
-    async fn peer_fetch(&self, key: &str, id: u64, send: &mut quinn::SendStream) -> &'static str {
+    async fn peer_fetch(
+        &self,
+        key: &str,
+        accept_encoding: Option<&str>,
+        id: u64,
+        send: &mut quinn::SendStream,
+    ) -> &'static str {
         let p = &self.parts;
         let reply = |msg| Envelope {
             v: VERSION,
@@ -451,13 +462,16 @@ impl Handler {
             .await;
             return "error";
         };
-        let resp = self
+        let mut req = self
             .http
             .get(format!("http://{}{path}", p.proxy_listen))
             .header("host", host)
-            .header(PEER_FETCH_HEADER, p.internal.value())
-            .send()
-            .await;
+            .header(PEER_FETCH_HEADER, p.internal.value());
+        // The proxy normalizes it again; a value that is not a header value is left out.
+        if let Some(ae) = accept_encoding.filter(|v| http::HeaderValue::from_str(v).is_ok()) {
+            req = req.header(http::header::ACCEPT_ENCODING, ae);
+        }
+        let resp = req.send().await;
         let mut resp = match resp {
             Ok(r) if r.status().is_success() => r,
             Ok(r) => {
