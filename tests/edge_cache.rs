@@ -1983,6 +1983,33 @@ async fn a_cached_https_redirect_is_not_served_to_https_requests() {
     assert_eq!(origin.hits("/r.html"), 2);
 }
 
+/// A shadow unshadowed while its body is still on its way leaves no copy behind: the broker
+/// withdrew the order, and nothing marks the copy for it to be removed later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unshadowing_a_shadow_while_it_fills_leaves_no_copy() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/withdrawn.bin?size=20000&delay_ms=1500";
+    let key = format!("{HOST}{path}");
+    order_shadow(&edge, &key).await;
+    wait_until(|| async { origin.hits("/withdrawn.bin") == 1 }).await;
+    // No mark yet (the fill has not finished): the edge says so, and remembers the drop.
+    let (s, v) = admin_json(&edge, Method::DELETE, &format!("/shadows/{key}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    wait_until(|| async {
+        let m = edge.metrics().await;
+        sample(
+            &m,
+            "shadowcdn_edge_purges_total",
+            &["outcome=\"unshadowed_while_filling\""],
+        ) == Some(1.0)
+    })
+    .await;
+    assert_eq!(x_cache(&edge.get(path).await), "MISS", "the copy is gone");
+    assert_eq!(origin.hits("/withdrawn.bin"), 2);
+}
+
 /// A shadow order for an object the edge already cached only marks it; dropping the mark
 /// leaves the ordinary cache entry, as its expiry would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -653,6 +653,18 @@ impl ShadowService {
                         if !table.mark_filled(&req.key, req.ttl, req.order(), tags, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");
                             metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                            // An unshadow that came while the body streamed in found no mark
+                            // and no copy to remove: the copy it brought is removed now, as the
+                            // unshadow would have, unless a client used it, the edge held it
+                            // before, or a later order marked the key (a purge removed it
+                            // already).
+                            let ours = source != FillSource::Local
+                                && !table.fill_touched(&req.key)
+                                && table.get(&req.key).is_none();
+                            if ours {
+                                let why = "unshadowed_while_filling";
+                                purge_stale(storage, &table, &metrics, &req.key, why).await;
+                            }
                             report_unheld(&table, &req);
                             return;
                         }

@@ -458,6 +458,15 @@ impl ShadowTable {
         true
     }
 
+    /// Whether a client was served from a fill of `key` still under way.
+    pub fn fill_touched(&self, key: &str) -> bool {
+        self.inner
+            .lock()
+            .filling
+            .get(key)
+            .is_some_and(|f| f.touched || f.hits > 0)
+    }
+
     /// Whether `key` was purged or unshadowed at or after `since` (tag purges aside: the
     /// object's tags are not known before its fill).
     pub fn dropped_since(&self, key: &str, since: Instant) -> bool {
