@@ -2565,6 +2565,59 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     );
 }
 
+/// A follower whose fills fail (the origin forbids caching it) is backed off like the
+/// planner's own candidates: page views do not order it, and fetch it from the origin, again
+/// and again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_whose_fills_fail_is_backed_off() {
+    let origin = TestOrigin::start().await;
+    // The planner applies the edges' failure reports on its ticks; no precision floor, which
+    // would hold the follower back for reasons of its own.
+    let cfg = format!("{}[cost]\nmin_precision = 0.0\n", lstm_planner(""));
+    let mut c = start_cluster_with(&cfg);
+    c.register(&origin).await;
+    c.browse_in_us(&["/acct/index.html", "/acct/me?cc=private"], 4)
+        .await;
+    let backed_off = || async {
+        sample(
+            &c.metrics().await,
+            "shadowcdn_broker_coaccess_shadows_total",
+            &["outcome=\"fill_backoff\""],
+        )
+        .is_some_and(|n| n >= 1.0)
+    };
+    // Visits go on as before: the page, then the account call it makes.
+    let reached = poll_secs(30, || async {
+        for path in ["/acct/index.html", "/acct/me?cc=private"] {
+            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        backed_off().await
+    })
+    .await;
+    assert!(
+        reached,
+        "no follower backed off in 30 s\n{}",
+        c.metrics().await
+    );
+    // Three more seconds of visits (dozens of page views) order it a few times at most,
+    // each after a longer wait (without the backoff: on every view).
+    for _ in 0..15 {
+        for path in ["/acct/index.html", "/acct/me?cc=private"] {
+            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = c.metrics().await;
+    let ordered = sample(
+        &m,
+        "shadowcdn_broker_coaccess_shadows_total",
+        &["outcome=\"ok\""],
+    )
+    .unwrap_or(0.0);
+    assert!((1.0..=8.0).contains(&ordered), "{ordered} orders: {m}");
+}
+
 /// Co-access shadows respect the resource's `max_copies`: once the follower is shadowed in
 /// one region, page views in another do not place a second copy.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

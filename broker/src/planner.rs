@@ -597,8 +597,9 @@ impl PlannerState {
         b.until = now + interval * intervals;
     }
 
-    /// Whether orders for `key` on `edge` wait after failed fills.
-    fn backed_off(&self, key: &str, edge: usize, now: Instant) -> bool {
+    /// Whether orders for `key` on `edge` wait after failed fills (every source's: a
+    /// co-access follower or a widening that cannot be cached fails the same way).
+    pub fn backed_off(&self, key: &str, edge: usize, now: Instant) -> bool {
         self.backoff
             .lock()
             .get(&(key.to_string(), edge))
@@ -1028,6 +1029,13 @@ impl Planner {
                     .iter()
                     .any(|(oe, o, _, _)| *oe == e && o.key == c.key)
             {
+                continue;
+            }
+            if self.state.backed_off(&c.key, e, Instant::now()) {
+                self.metrics
+                    .planner_decisions
+                    .with_label_values(&["widen_fill_backoff"])
+                    .inc();
                 continue;
             }
             let signal = Signal::anomaly(p_any.get(&(c.key.as_str(), r)).copied().unwrap_or(0.0));

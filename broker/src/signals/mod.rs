@@ -128,6 +128,18 @@ impl CoAccessService {
             if held.contains(&edge) {
                 continue;
             }
+            // Its fills there failed lately (an uncacheable follower, say): ordering it again
+            // on every visit of the leader would fetch it from the origin each time.
+            if self
+                .planner
+                .backed_off(&f.key, edge, std::time::Instant::now())
+            {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["fill_backoff"])
+                    .inc();
+                continue;
+            }
             // A follower only ever answered without a body (304s, HEADs) has no size to price
             // its fill by or charge to the budget: no bet is placed on it.
             let Some(bytes) = f.bytes else {
