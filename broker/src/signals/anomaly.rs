@@ -2,6 +2,12 @@
 //! sustained interval. Above the upper quantile it is a surge (shadowing widens to more
 //! regions until it calms); below the lower quantile it is a drop (its shadows are released
 //! before their TTL).
+//!
+//! A tick's window holds a minute or two of requests, where a count varies by chance far more
+//! than the hourly forecast's band: a steady 120 requests an hour (band 106–134) counts 0–6 in
+//! 90 s. So the band is widened by that chance, as a Poisson count: a window is above the band
+//! when its count exceeds the 90th percentile of a count whose mean is the band's top, below it
+//! when under the 10th percentile of one whose mean is the band's bottom.
 
 use std::collections::HashMap;
 
@@ -17,7 +23,7 @@ pub struct AnomalySection {
     /// Consecutive planning ticks outside the band to flag a series; a flag clears after as
     /// many ticks in a row that do not confirm it, or at once on a tick beyond the other
     /// side of the band (a surge ends on a tick below the lower quantile, an empty one
-    /// included, when that quantile is at least one request).
+    /// included, when that quantile, as a window count, is at least one request).
     #[serde(default = "default_sustain")]
     pub sustain_ticks: u32,
     /// Fewest requests in a tick's window that can count as a surge.
@@ -86,6 +92,32 @@ struct Track {
     standing: Standing,
 }
 
+/// The standard normal's 90th percentile.
+const Z90: f64 = 1.281_551_565_5;
+
+/// The quantile of a Poisson count with mean `mean` at the standard normal's `z` (±[`Z90`]):
+/// exact up to a mean of 100, by the normal approximation (with continuity correction) above,
+/// where it is within a count of the exact one.
+fn poisson_quantile(mean: f64, z: f64) -> u32 {
+    if mean.is_nan() || mean <= 0.0 {
+        return 0;
+    }
+    if mean > 100.0 {
+        let k = (mean + z * mean.sqrt() - 0.5).ceil().max(0.0);
+        return k.min(f64::from(u32::MAX)) as u32;
+    }
+    // The normal CDF at ±Z90.
+    let q = if z < 0.0 { 0.1 } else { 0.9 };
+    let mut pmf = (-mean).exp();
+    let (mut cdf, mut k) = (pmf, 0u32);
+    while cdf < q {
+        k += 1;
+        pmf *= mean / f64::from(k);
+        cdf += pmf;
+    }
+    k
+}
+
 /// Per-series band tracking.
 #[derive(Debug, Default)]
 pub struct Detector {
@@ -114,10 +146,10 @@ impl Detector {
                 unconfirmed: 0,
                 standing: Standing::Normal,
             });
-        let (lo, hi) = (t.band.0 * window_secs, t.band.1 * window_secs);
-        let actual_f = f64::from(actual);
-        let above = actual_f > hi && actual >= cfg.min_requests;
-        let below = !above && actual_f < lo && lo >= 1.0;
+        let lo = poisson_quantile(t.band.0 * window_secs, -Z90);
+        let hi = poisson_quantile(t.band.1 * window_secs, Z90);
+        let above = actual > hi && actual >= cfg.min_requests;
+        let below = !above && actual < lo;
         t.above = if above { t.above + 1 } else { 0 };
         t.below = if below { t.below + 1 } else { 0 };
         t.band = band;
@@ -215,6 +247,29 @@ mod tests {
         }
         d.retain(|k, _| k == "k");
         assert_eq!(d.standing("b", 1), Standing::Normal);
+    }
+
+    #[test]
+    fn window_counts_are_judged_with_their_chance_variation() {
+        assert_eq!(poisson_quantile(0.0, Z90), 0);
+        assert_eq!(poisson_quantile(3.0, Z90), 5);
+        assert_eq!(poisson_quantile(3.0, -Z90), 1);
+        assert_eq!(poisson_quantile(0.6, -Z90), 0);
+        assert_eq!(poisson_quantile(100.0, Z90), 113);
+        // Above 100 the approximation, within a count of the exact 90th percentile.
+        let approx = poisson_quantile(400.0, Z90);
+        assert!((425..=427).contains(&approx), "{approx}");
+        assert_eq!(poisson_quantile(f64::NAN, Z90), 0);
+        // A steady 120 requests an hour, forecast at 106–134, judged on 90 s windows of what
+        // such a series counts: no flag, though most windows fall outside the scaled band
+        // (2.65–3.35 requests) and runs of three on either side occur.
+        let cfg = AnomalySection::default();
+        let mut d = Detector::default();
+        let band = (106.0 / 3600.0, 134.0 / 3600.0);
+        let counts = [3, 1, 2, 2, 4, 5, 4, 3, 0, 2, 1, 2, 6, 4, 5, 3, 2, 3];
+        for (i, n) in counts.into_iter().enumerate() {
+            assert_eq!(d.observe("k", 0, (n, 90.0), band, &cfg), None, "window {i}");
+        }
     }
 
     #[test]
