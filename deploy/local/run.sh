@@ -18,8 +18,13 @@ pids=()
 # that is gone would, under `set -e`).
 cleanup() {
   set +e
-  trap - INT TERM HUP EXIT
+  # A second signal (Ctrl-C pressed twice, or sent to the whole process group) must not cut
+  # the loop of kills short and leave servers running; once they are signalled, it may end
+  # the wait for them.
+  trap '' INT TERM HUP
+  trap - EXIT
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null; done
+  trap - INT TERM HUP
   { echo; echo "stopping..."; } 2>/dev/null
   wait 2>/dev/null
   echo "stopped" 2>/dev/null
