@@ -2028,6 +2028,13 @@ async fn unshadowing_a_copy_cached_before_the_order_keeps_it() {
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(x_cache(&edge.get("/held.bin").await), "HIT");
     assert_eq!(origin.hits("/held.bin"), 1);
+    // Nothing was fetched for it: no fill bytes counted.
+    let m = edge.metrics().await;
+    assert_eq!(
+        sample(&m, "shadowcdn_edge_shadow_fill_bytes_total", &[]),
+        Some(0.0),
+        "{m}"
+    );
 
     // A held copy gone stale is revalidated by the fill (a 304), and is still the edge's.
     let path = "/held-stale.bin?cc=max-age%3D1&etag=s1";

@@ -646,7 +646,13 @@ impl ShadowService {
                 let _under_way = table.begin_fill(&req.key, Instant::now());
                 let mut moved = 0;
                 let filled = fill_one(&local, &req, max_bytes, &mut moved).await;
-                pacer.charge(moved, Instant::now());
+                // A copy the edge held moved nothing over the network: only what earlier
+                // attempts brought counts against the fill bandwidth.
+                let charged = match &filled {
+                    Ok((bytes, FillSource::Local, _)) => moved.saturating_sub(*bytes),
+                    _ => moved,
+                };
+                pacer.charge(charged, Instant::now());
                 match filled {
                     Ok((bytes, source, tags)) => {
                         let now = Instant::now();
@@ -674,7 +680,9 @@ impl ShadowService {
                             .shadow_fill_sources
                             .with_label_values(&[source.label()])
                             .inc();
-                        metrics.shadow_fill_bytes.inc_by(bytes);
+                        if source != FillSource::Local {
+                            metrics.shadow_fill_bytes.inc_by(bytes);
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
