@@ -8,6 +8,7 @@
 
 mod series;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -191,6 +192,7 @@ impl Monitor {
                         regions,
                         metrics,
                         coaccess: coaccess.map(|f| (CoAccess::new(f.cfg), f.triggers)),
+                        triggered: HashMap::new(),
                     };
                     aggregate(queue, sink, (stop, pushing), path)
                 })
@@ -251,7 +253,18 @@ struct Sink {
     regions: Vec<String>,
     metrics: BrokerMetrics,
     coaccess: Option<(CoAccess, tokio::sync::mpsc::Sender<Trigger>)>,
+    /// When each (region, leader) last sent its followers (record time): while the trigger
+    /// queue is crowded, a hot page sends them once per [`TRIGGER_EVERY_SECS`], not on every
+    /// request.
+    triggered: HashMap<(u16, String), u64>,
 }
+
+/// Seconds (of record time) between two triggers of one leader in one region: a page asked
+/// for hundreds of times a second would otherwise fill the trigger queue, and other pages'
+/// triggers would be dropped.
+const TRIGGER_EVERY_SECS: u64 = 2;
+/// Leaders [`Sink::triggered`] remembers before it forgets those past their interval.
+const MAX_TRIGGERED: usize = 1 << 16;
 
 impl Sink {
     /// Learn co-access from a record and trigger its followers' shadows.
@@ -263,6 +276,23 @@ impl Sink {
         map.observe(r.client, r.region, &r.key, r.ts);
         let mut followers = map.followers(r.region, &r.key);
         if !followers.is_empty() {
+            // Once the queue is half full, a leader that sent its followers lately waits its
+            // turn, so that one hot page does not crowd out every other page's triggers.
+            let crowded = triggers.capacity() < triggers.max_capacity() / 2;
+            let leader = (r.region, r.key.clone());
+            if crowded
+                && self
+                    .triggered
+                    .get(&leader)
+                    .is_some_and(|t| r.ts.saturating_sub(*t) < TRIGGER_EVERY_SECS)
+            {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["leader_repeated"])
+                    .inc_by(followers.len() as u64);
+                return;
+            }
+
             // Never waits: behind a snapshot (or a writer queued behind one) the records would
             // pile up and be dropped. Without the store the followers' sizes are unknown, and
             // they are not shadowed this time.
@@ -276,11 +306,26 @@ impl Sink {
                     .and_then(|by_region| by_region.values().filter_map(|s| s.mean_bytes()).max());
             }
             drop(store);
-            let _ = triggers.try_send(Trigger {
+            if self.triggered.len() >= MAX_TRIGGERED {
+                self.triggered
+                    .retain(|_, t| r.ts.saturating_sub(*t) < TRIGGER_EVERY_SECS);
+                if self.triggered.len() >= MAX_TRIGGERED {
+                    self.triggered.clear();
+                }
+            }
+            self.triggered.insert(leader, r.ts);
+            let n = followers.len() as u64;
+            let sent = triggers.try_send(Trigger {
                 region: r.region as usize,
                 leader: r.key.clone(),
                 followers,
             });
+            if sent.is_err() {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["queue_full"])
+                    .inc_by(n);
+            }
         }
     }
 }
@@ -473,6 +518,66 @@ mod tests {
         assert_eq!(object_size(200, &http::HeaderMap::new()), None);
         let bogus = "bytes 0-1/18446744073709551615";
         assert_eq!(object_size(206, &h("content-range", bogus)), None);
+    }
+
+    /// While the trigger queue is half full, a leader that sent its followers lately does not
+    /// send them again: one hot page must not crowd out every other page's triggers.
+    #[test]
+    fn a_crowded_trigger_queue_takes_each_leader_once_a_while() {
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let mut sink = Sink {
+            store: Arc::new(RwLock::new(series::SeriesStore::new(60, 10, 100))),
+            regions: vec!["eu".into()],
+            metrics: metrics.clone(),
+            coaccess: Some((CoAccess::new(CoAccessSection::default()), tx)),
+            triggered: HashMap::new(),
+        };
+        let rec = |key: &str, client: u64, ts: u64| Record {
+            resource: key.into(),
+            key: key.into(),
+            ts,
+            region: 0,
+            segment: None,
+            bytes: 100,
+            object_bytes: Some(100),
+            cache_status: "hit",
+            latency_us: 0,
+            client,
+        };
+        // Clients that ask for the page and then its script teach the pair.
+        for client in 0..8 {
+            sink.coaccess(&rec("h/page", client, 100));
+            sink.coaccess(&rec("h/app.js", client, 100));
+        }
+        let mut sent = 0;
+        while rx.try_recv().is_ok() {
+            sent += 1;
+        }
+        assert!(sent > 0, "the pair was learnt");
+        let repeated = || {
+            metrics
+                .coaccess_shadows
+                .with_label_values(&["leader_repeated"])
+                .get()
+        };
+        // Ten views at once: taken until the queue (4) is half full, then held back.
+        let view = |sink: &mut Sink, client: u64, ts: u64| {
+            sink.coaccess(&rec("h/page", client, ts));
+            sink.coaccess(&rec("h/app.js", client, ts));
+        };
+        for client in 10..20 {
+            view(&mut sink, client, 101);
+        }
+        assert!(repeated() >= 7, "{}", repeated());
+        // Once its interval has passed, the page's next view is taken, crowded or not.
+        view(&mut sink, 20, 101 + TRIGGER_EVERY_SECS);
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 4);
+        // An uncrowded queue takes every view, however recent.
+        let before = repeated();
+        view(&mut sink, 21, 101 + TRIGGER_EVERY_SECS);
+        assert_eq!(std::iter::from_fn(|| rx.try_recv().ok()).count(), 1);
+        assert_eq!(repeated(), before);
     }
 
     #[test]
