@@ -519,12 +519,19 @@ impl PlannerState {
 
     /// Take `bytes` for a placement outside a tick (co-access) on `edge`, whose whole shadow
     /// budget is `budget`, if they fit what a tick of the last `fresh_for` left; whether they
-    /// did. Without such a tick (the planner off, its ticks ending early) only `budget`
-    /// bounds it.
-    pub fn take_budget(&self, edge: usize, bytes: u64, budget: u64, fresh_for: Duration) -> bool {
+    /// did. Without such a tick (the planner off, its ticks ending early) they must fit beside
+    /// `held`, the shadow bytes the edge last reported (its reports lag by a stats poll).
+    pub fn take_budget(
+        &self,
+        edge: usize,
+        bytes: u64,
+        budget: u64,
+        fresh_for: Duration,
+        held: u64,
+    ) -> bool {
         let mut taken = self.taken.lock();
         let Some(t) = taken.as_mut().filter(|t| t.at.elapsed() < fresh_for) else {
-            return bytes <= budget;
+            return held.saturating_add(bytes) <= budget;
         };
         let room = t.budgets.get(edge).map_or(budget, |b| (*b).min(budget));
         let Some(used) = t.bytes.get_mut(edge) else {
@@ -1576,21 +1583,25 @@ mod tests {
         let state = PlannerState::default();
         let fresh = Duration::from_secs(60);
         assert!(
-            state.take_budget(1, 600, 1000, fresh),
+            state.take_budget(1, 600, 1000, fresh, 0),
             "no tick yet: the whole budget"
         );
-        assert!(!state.take_budget(1, 1001, 1000, fresh));
+        assert!(!state.take_budget(1, 1001, 1000, fresh, 0));
+        // ...beside what the edge says it holds.
+        assert!(!state.take_budget(1, 400, 1000, fresh, 700));
+        assert!(state.take_budget(1, 300, 1000, fresh, 700));
         // The tick's budget has its safety factor applied: 800 of 1000 here.
         state.set_taken(vec![1000, 800], vec![0, 500]);
-        assert!(!state.take_budget(1, 400, 1000, fresh));
-        assert!(state.take_budget(1, 300, 1000, fresh));
+        assert!(!state.take_budget(1, 400, 1000, fresh, 0));
+        assert!(state.take_budget(1, 300, 1000, fresh, 0));
         assert!(
-            !state.take_budget(1, 1, 1000, fresh),
+            !state.take_budget(1, 1, 1000, fresh, 0),
             "its own placement counts too"
         );
-        assert!(state.take_budget(0, 1000, 1000, fresh));
-        // A stale tick says nothing: the whole budget again.
-        assert!(state.take_budget(1, 900, 1000, Duration::ZERO));
+        assert!(state.take_budget(0, 1000, 1000, fresh, 0));
+        // A stale tick says nothing: the budget beside what the edge holds again.
+        assert!(state.take_budget(1, 900, 1000, Duration::ZERO, 0));
+        assert!(!state.take_budget(1, 900, 1000, Duration::ZERO, 200));
     }
 
     #[test]

@@ -290,6 +290,13 @@ impl EdgeSync {
             .map(|s| s.cache_capacity_bytes)
     }
 
+    /// The shadow bytes `edge` last reported holding (0 when it has not reported).
+    pub fn shadow_bytes(&self, edge: usize) -> u64 {
+        self.quic(edge)
+            .and_then(|c| c.stats(edge))
+            .map_or(0, |s| s.shadow_bytes)
+    }
+
     /// The QUIC control channel, when it reaches `edge`.
     fn quic(&self, edge: usize) -> Option<&Control> {
         self.control.as_deref().filter(|c| c.covers(edge))

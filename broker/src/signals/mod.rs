@@ -206,7 +206,11 @@ impl CoAccessService {
             let fresh_for =
                 std::time::Duration::from_secs_f64(self.planner_cfg.interval_secs.max(0.05) * 3.0);
             let taken = crate::planner::footprint(bytes);
-            if !self.planner.take_budget(edge, taken, budget, fresh_for) {
+            let held = self.sync.shadow_bytes(edge);
+            if !self
+                .planner
+                .take_budget(edge, taken, budget, fresh_for, held)
+            {
                 self.metrics
                     .coaccess_shadows
                     .with_label_values(&["budget"])
