@@ -72,9 +72,43 @@ struct Dedup {
     replies: HashMap<u64, Reply>,
     order: VecDeque<u64>,
     last_stats: Option<(u64, Reply)>,
+    /// Ids being handled now, and where their reply will appear: a retry that arrives on a
+    /// new connection while the first delivery is still at work (a purge waiting on its
+    /// fsync) waits for that reply instead of acting twice (a second fill of a shadow).
+    running: HashMap<u64, tokio::sync::watch::Receiver<Option<Reply>>>,
+}
+
+/// What a message's delivery is to do.
+enum Turn {
+    /// Answered before: the same reply again.
+    Answered(Reply),
+    /// An earlier delivery is handling it: wait for its reply.
+    Pending(tokio::sync::watch::Receiver<Option<Reply>>),
+    /// New: handle it and publish the reply here.
+    Handle(tokio::sync::watch::Sender<Option<Reply>>),
 }
 
 impl Dedup {
+    fn turn(&mut self, id: u64) -> Turn {
+        if let Some(r) = self.get(id) {
+            return Turn::Answered(r);
+        }
+        // A delivery whose task ended without a reply (its connection closed) left its
+        // sender behind: the id is handled afresh.
+        if let Some(rx) = self.running.get(&id).filter(|rx| rx.has_changed().is_ok()) {
+            return Turn::Pending(rx.clone());
+        }
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        self.running.insert(id, rx);
+        Turn::Handle(tx)
+    }
+
+    /// Record `reply` to `id`, handled by the delivery that got [`Turn::Handle`].
+    fn finish(&mut self, id: u64, reply: &Reply) {
+        self.running.remove(&id);
+        self.put(id, reply.clone());
+    }
+
     fn get(&self, id: u64) -> Option<Reply> {
         match &self.last_stats {
             Some((i, r)) if *i == id => Some(r.clone()),
@@ -98,6 +132,22 @@ impl Dedup {
                     self.replies.remove(&old);
                 }
             }
+        }
+    }
+}
+
+/// Removes a message id from [`Dedup::running`] when its delivery ends without a reply (its
+/// task dropped), so that a retry handles it.
+struct Running<'a> {
+    seen: &'a parking_lot::Mutex<Dedup>,
+    id: u64,
+    done: bool,
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.seen.lock().running.remove(&self.id);
         }
     }
 }
@@ -321,7 +371,6 @@ impl Handler {
             let _ = send.finish();
             return;
         }
-        let seen = self.seen.lock().get(head.id);
         let (reply, outcome) = if role != Role::Broker {
             (
                 Reply::error(
@@ -330,17 +379,8 @@ impl Handler {
                 ),
                 "forbidden",
             )
-        } else if let Some(r) = seen {
-            (r, "duplicate")
         } else {
-            let r = self.control(req).await;
-            let outcome = if matches!(r, Reply::Error { .. }) {
-                "error"
-            } else {
-                "ok"
-            };
-            self.seen.lock().put(head.id, r.clone());
-            (r, outcome)
+            self.once(head.id, req).await
         };
         m.sync_messages.with_label_values(&[kind, outcome]).inc();
         if let Err(e) = write_frame(&mut send, &reply_to(reply)).await {
@@ -348,6 +388,42 @@ impl Handler {
             m.sync_messages.with_label_values(&[kind, "unsent"]).inc();
         }
         let _ = send.finish();
+    }
+
+    /// Handle control message `id` once however often it is delivered: a repeat gets the
+    /// first delivery's reply, waiting for it while that delivery is still at work.
+    async fn once(&self, id: u64, req: Request) -> (Reply, &'static str) {
+        loop {
+            let turn = self.seen.lock().turn(id);
+            match turn {
+                Turn::Answered(r) => return (r, "duplicate"),
+                Turn::Pending(mut rx) => {
+                    if let Ok(r) = rx.wait_for(Option::is_some).await {
+                        if let Some(r) = r.clone() {
+                            return (r, "duplicate");
+                        }
+                    }
+                    // The first delivery ended without a reply: this one handles it.
+                }
+                Turn::Handle(tx) => {
+                    let mut running = Running {
+                        seen: &self.seen,
+                        id,
+                        done: false,
+                    };
+                    let r = self.control(req).await;
+                    self.seen.lock().finish(id, &r);
+                    running.done = true;
+                    let _ = tx.send(Some(r.clone()));
+                    let outcome = if matches!(r, Reply::Error { .. }) {
+                        "error"
+                    } else {
+                        "ok"
+                    };
+                    return (r, outcome);
+                }
+            }
+        }
     }
 
     async fn control(&self, req: Request) -> Reply {
@@ -551,5 +627,36 @@ mod tests {
         d.put(1, Reply::Stats(Default::default()));
         d.put(2, Reply::Stats(Default::default()));
         assert!(d.get(1).is_none() && d.get(2).is_some());
+    }
+
+    /// A retry that arrives while the first delivery is still at work waits for its reply
+    /// instead of acting again; one whose first delivery was abandoned acts itself.
+    #[tokio::test]
+    async fn a_retry_waits_for_the_delivery_at_work() {
+        let mut d = Dedup::default();
+        let id = 7;
+        let Turn::Handle(tx) = d.turn(id) else {
+            panic!("a new id is handled");
+        };
+        let Turn::Pending(mut rx) = d.turn(id) else {
+            panic!("a retry waits");
+        };
+        let reply = Reply::Done { found: true };
+        d.finish(id, &reply);
+        tx.send(Some(reply.clone())).unwrap();
+        let got = rx.wait_for(Option::is_some).await.unwrap().clone();
+        assert_eq!(got, Some(reply.clone()));
+        assert!(matches!(d.turn(id), Turn::Answered(r) if r == reply));
+        assert!(d.running.is_empty());
+
+        let Turn::Handle(abandoned) = d.turn(8) else {
+            panic!("a new id is handled");
+        };
+        let Turn::Pending(mut rx) = d.turn(8) else {
+            panic!("a retry waits");
+        };
+        drop(abandoned);
+        assert!(rx.wait_for(Option::is_some).await.is_err());
+        assert!(matches!(d.turn(8), Turn::Handle(_)), "handled afresh");
     }
 }
