@@ -79,8 +79,8 @@ impl Default for Ewma {
 }
 
 /// Smallest `k` with Poisson(λ) CDF(k) ≥ q. The pmf is carried in log space so a large λ
-/// does not underflow `e^(−λ)` to zero.
-fn poisson_quantile(lambda: f64, q: f64) -> f64 {
+/// does not underflow `e^(−λ)` to zero. It takes about λ steps.
+pub fn poisson_quantile(lambda: f64, q: f64) -> f64 {
     if lambda <= 0.0 {
         return 0.0;
     }

@@ -95,27 +95,21 @@ struct Track {
 /// The standard normal's 90th percentile.
 const Z90: f64 = 1.281_551_565_5;
 
-/// The quantile of a Poisson count with mean `mean` at the standard normal's `z` (±[`Z90`]):
-/// exact up to a mean of 100, by the normal approximation (with continuity correction) above,
-/// where it is within a count of the exact one.
-fn poisson_quantile(mean: f64, z: f64) -> u32 {
+/// The 90th (`upper`) or 10th percentile of a Poisson count with mean `mean`: exact up to a
+/// mean of 100 ([`models::baseline::poisson_quantile`], which takes about `mean` steps), by
+/// the normal approximation (with continuity correction) above, where it is within a count of
+/// the exact one.
+fn poisson_quantile(mean: f64, upper: bool) -> u32 {
     if mean.is_nan() || mean <= 0.0 {
         return 0;
     }
-    if mean > 100.0 {
-        let k = (mean + z * mean.sqrt() - 0.5).ceil().max(0.0);
-        return k.min(f64::from(u32::MAX)) as u32;
-    }
-    // The normal CDF at ±Z90.
-    let q = if z < 0.0 { 0.1 } else { 0.9 };
-    let mut pmf = (-mean).exp();
-    let (mut cdf, mut k) = (pmf, 0u32);
-    while cdf < q {
-        k += 1;
-        pmf *= mean / f64::from(k);
-        cdf += pmf;
-    }
-    k
+    let (q, z) = if upper { (0.9, Z90) } else { (0.1, -Z90) };
+    let k = if mean > 100.0 {
+        (mean + z * mean.sqrt() - 0.5).ceil().max(0.0)
+    } else {
+        models::baseline::poisson_quantile(mean, q)
+    };
+    k.min(f64::from(u32::MAX)) as u32
 }
 
 /// Per-series band tracking.
@@ -146,8 +140,8 @@ impl Detector {
                 unconfirmed: 0,
                 standing: Standing::Normal,
             });
-        let lo = poisson_quantile(t.band.0 * window_secs, -Z90);
-        let hi = poisson_quantile(t.band.1 * window_secs, Z90);
+        let lo = poisson_quantile(t.band.0 * window_secs, false);
+        let hi = poisson_quantile(t.band.1 * window_secs, true);
         let above = actual > hi && actual >= cfg.min_requests;
         let below = !above && actual < lo;
         t.above = if above { t.above + 1 } else { 0 };
@@ -251,15 +245,15 @@ mod tests {
 
     #[test]
     fn window_counts_are_judged_with_their_chance_variation() {
-        assert_eq!(poisson_quantile(0.0, Z90), 0);
-        assert_eq!(poisson_quantile(3.0, Z90), 5);
-        assert_eq!(poisson_quantile(3.0, -Z90), 1);
-        assert_eq!(poisson_quantile(0.6, -Z90), 0);
-        assert_eq!(poisson_quantile(100.0, Z90), 113);
+        assert_eq!(poisson_quantile(0.0, true), 0);
+        assert_eq!(poisson_quantile(3.0, true), 5);
+        assert_eq!(poisson_quantile(3.0, false), 1);
+        assert_eq!(poisson_quantile(0.6, false), 0);
+        assert_eq!(poisson_quantile(100.0, true), 113);
         // Above 100 the approximation, within a count of the exact 90th percentile.
-        let approx = poisson_quantile(400.0, Z90);
+        let approx = poisson_quantile(400.0, true);
         assert!((425..=427).contains(&approx), "{approx}");
-        assert_eq!(poisson_quantile(f64::NAN, Z90), 0);
+        assert_eq!(poisson_quantile(f64::NAN, true), 0);
         // A steady 120 requests an hour, forecast at 106–134, judged on 90 s windows of what
         // such a series counts: no flag, though most windows fall outside the scaled band
         // (2.65–3.35 requests) and runs of three on either side occur.
