@@ -464,7 +464,7 @@ impl ShadowTable {
             .lock()
             .filling
             .get(key)
-            .is_some_and(|f| f.touched || f.hits > 0)
+            .is_some_and(|f| f.touched)
     }
 
     /// Whether `key` was purged or unshadowed at or after `since` (tag purges aside: the

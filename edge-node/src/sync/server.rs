@@ -89,24 +89,18 @@ enum Turn {
 }
 
 impl Dedup {
+    /// What a delivery of `id` is to do; one told to handle it holds a [`Running`] until it
+    /// has put its reply.
     fn turn(&mut self, id: u64) -> Turn {
         if let Some(r) = self.get(id) {
             return Turn::Answered(r);
         }
-        // A delivery whose task ended without a reply (its connection closed) left its
-        // sender behind: the id is handled afresh.
-        if let Some(rx) = self.running.get(&id).filter(|rx| rx.has_changed().is_ok()) {
+        if let Some(rx) = self.running.get(&id) {
             return Turn::Pending(rx.clone());
         }
         let (tx, rx) = tokio::sync::watch::channel(None);
         self.running.insert(id, rx);
         Turn::Handle(tx)
-    }
-
-    /// Record `reply` to `id`, handled by the delivery that got [`Turn::Handle`].
-    fn finish(&mut self, id: u64, reply: &Reply) {
-        self.running.remove(&id);
-        self.put(id, reply.clone());
     }
 
     fn get(&self, id: u64) -> Option<Reply> {
@@ -136,19 +130,16 @@ impl Dedup {
     }
 }
 
-/// Removes a message id from [`Dedup::running`] when its delivery ends without a reply (its
-/// task dropped), so that a retry handles it.
+/// Removes a message id from [`Dedup::running`] when its delivery ends, with its reply put
+/// or without one (its task dropped: a retry then handles the message).
 struct Running<'a> {
     seen: &'a parking_lot::Mutex<Dedup>,
     id: u64,
-    done: bool,
 }
 
 impl Drop for Running<'_> {
     fn drop(&mut self) {
-        if !self.done {
-            self.seen.lock().running.remove(&self.id);
-        }
+        self.seen.lock().running.remove(&self.id);
     }
 }
 
@@ -406,14 +397,14 @@ impl Handler {
                     // The first delivery ended without a reply: this one handles it.
                 }
                 Turn::Handle(tx) => {
-                    let mut running = Running {
+                    // Declared after `tx`, so dropped before it: a retry woken by the
+                    // sender's end finds the id free.
+                    let _running = Running {
                         seen: &self.seen,
                         id,
-                        done: false,
                     };
                     let r = self.control(req).await;
-                    self.seen.lock().finish(id, &r);
-                    running.done = true;
+                    self.seen.lock().put(id, r.clone());
                     let _ = tx.send(Some(r.clone()));
                     let outcome = if matches!(r, Reply::Error { .. }) {
                         "error"
@@ -633,30 +624,38 @@ mod tests {
     /// instead of acting again; one whose first delivery was abandoned acts itself.
     #[tokio::test]
     async fn a_retry_waits_for_the_delivery_at_work() {
-        let mut d = Dedup::default();
+        let seen = parking_lot::Mutex::new(Dedup::default());
         let id = 7;
-        let Turn::Handle(tx) = d.turn(id) else {
+        let Turn::Handle(tx) = seen.lock().turn(id) else {
             panic!("a new id is handled");
         };
-        let Turn::Pending(mut rx) = d.turn(id) else {
+        let running = Running { seen: &seen, id };
+        let Turn::Pending(mut rx) = seen.lock().turn(id) else {
             panic!("a retry waits");
         };
         let reply = Reply::Done { found: true };
-        d.finish(id, &reply);
+        seen.lock().put(id, reply.clone());
         tx.send(Some(reply.clone())).unwrap();
+        drop(running);
         let got = rx.wait_for(Option::is_some).await.unwrap().clone();
         assert_eq!(got, Some(reply.clone()));
-        assert!(matches!(d.turn(id), Turn::Answered(r) if r == reply));
-        assert!(d.running.is_empty());
+        assert!(matches!(seen.lock().turn(id), Turn::Answered(r) if r == reply));
+        assert!(seen.lock().running.is_empty());
 
-        let Turn::Handle(abandoned) = d.turn(8) else {
+        let Turn::Handle(abandoned) = seen.lock().turn(8) else {
             panic!("a new id is handled");
         };
-        let Turn::Pending(mut rx) = d.turn(8) else {
+        let running = Running { seen: &seen, id: 8 };
+        let Turn::Pending(mut rx) = seen.lock().turn(8) else {
             panic!("a retry waits");
         };
+        // The delivery's task is dropped: its guard, then its sender.
+        drop(running);
         drop(abandoned);
         assert!(rx.wait_for(Option::is_some).await.is_err());
-        assert!(matches!(d.turn(8), Turn::Handle(_)), "handled afresh");
+        assert!(
+            matches!(seen.lock().turn(8), Turn::Handle(_)),
+            "handled afresh"
+        );
     }
 }
