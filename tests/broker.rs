@@ -2576,8 +2576,15 @@ async fn a_follower_whose_fills_fail_is_backed_off() {
     let cfg = format!("{}[cost]\nmin_precision = 0.0\n", lstm_planner(""));
     let mut c = start_cluster_with(&cfg);
     c.register(&origin).await;
-    c.browse_in_us(&["/acct/index.html", "/acct/me?cc=private"], 4)
-        .await;
+    // A visit: the page, then the account call it makes.
+    let pages = ["/acct/index.html", "/acct/me?cc=private"];
+    c.browse_in_us(&pages, 4).await;
+    let visit = || async {
+        for path in pages {
+            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let backed_off = || async {
         sample(
             &c.metrics().await,
@@ -2586,12 +2593,9 @@ async fn a_follower_whose_fills_fail_is_backed_off() {
         )
         .is_some_and(|n| n >= 1.0)
     };
-    // Visits go on as before: the page, then the account call it makes.
+    // Visits go on as before.
     let reached = poll_secs(30, || async {
-        for path in ["/acct/index.html", "/acct/me?cc=private"] {
-            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        visit().await;
         backed_off().await
     })
     .await;
@@ -2600,13 +2604,10 @@ async fn a_follower_whose_fills_fail_is_backed_off() {
         "no follower backed off in 30 s\n{}",
         c.metrics().await
     );
-    // Three more seconds of visits (dozens of page views) order it a few times at most,
-    // each after a longer wait (without the backoff: on every view).
+    // Fifteen more visits (three seconds or more) order it a few times at most, each after
+    // a longer wait (without the backoff: on every view).
     for _ in 0..15 {
-        for path in ["/acct/index.html", "/acct/me?cc=private"] {
-            assert_eq!(c.get(path, "us").await.status(), StatusCode::OK);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        visit().await;
     }
     let m = c.metrics().await;
     let ordered = sample(
