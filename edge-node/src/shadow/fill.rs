@@ -348,6 +348,12 @@ impl ShadowService {
             filler,
         )
     }
+
+    /// Ask fills for the coding `encodings` says the edge's clients ask for most.
+    pub fn asking_like(mut self, encodings: Arc<Mix>) -> Self {
+        self.encodings = encodings;
+        self
+    }
 }
 
 /// Split `host/path?query` into host and path.
@@ -494,14 +500,6 @@ async fn fill_one(
     let got = fetch(local, r, None, max_bytes, &mut from_origin).await;
     *moved += from_origin;
     got.map(|(served, tags)| (from_origin, served, tags))
-}
-
-impl ShadowService {
-    /// Ask fills for the coding `encodings` says the edge's clients ask for most.
-    pub fn asking_like(mut self, encodings: Arc<Mix>) -> Self {
-        self.encodings = encodings;
-        self
-    }
 }
 
 impl ShadowService {
