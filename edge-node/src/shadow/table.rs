@@ -28,6 +28,10 @@ use crate::sync::protocol::ShadowOutcome;
 const DROP_MEMORY: Duration = Duration::from_secs(600);
 /// Most purges and unshadows remembered.
 const MAX_DROPS: usize = 4096;
+/// Slots of key hashes that remember when a forgotten key drop happened, so that a burst of
+/// key purges or unshadows past [`MAX_DROPS`] holds back only the fills of keys sharing a
+/// slot with one of them, not every fill queued before it (512 KiB, allocated at the first).
+const FORGOTTEN_SLOTS: usize = 65_536;
 /// Most tags a mark lists; an object with more is ended by any tag purge of its host.
 const MAX_TAGS: usize = 64;
 
@@ -235,10 +239,53 @@ struct Inner {
     next_gen: u64,
     /// Recent purges and unshadows, with when they happened.
     drops: VecDeque<(Instant, Dropped)>,
-    /// When the newest forgotten drop happened.
+    /// When the newest forgotten prefix or tag drop happened: it may have covered any key.
     forgotten: Option<Instant>,
+    /// When the newest forgotten key drop of each slot of key hashes happened.
+    forgotten_keys: Option<ForgottenKeys>,
     /// Keys being filled that clients were served from before their mark was set.
     filling: HashMap<String, Filling>,
+}
+
+/// Key drops no longer listed, by slot of key hashes: when the newest of each happened, in
+/// whole milliseconds after `epoch` rounded up (plus one; 0 is none), so that a key sharing a
+/// slot with one, or a fill queued in the same millisecond, is held back rather than let
+/// through.
+#[derive(Debug)]
+struct ForgottenKeys {
+    epoch: Instant,
+    slots: Box<[u64]>,
+}
+
+impl ForgottenKeys {
+    /// Slots for drops at or after `epoch`.
+    fn since(epoch: Instant) -> Self {
+        ForgottenKeys {
+            epoch,
+            slots: vec![0; FORGOTTEN_SLOTS].into(),
+        }
+    }
+
+    fn slot(key: &str) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        key.hash(&mut h);
+        (h.finish() % FORGOTTEN_SLOTS as u64) as usize
+    }
+
+    fn note(&mut self, key: &str, at: Instant) {
+        let after = at.saturating_duration_since(self.epoch);
+        let ms = after.as_millis() + u128::from(!after.subsec_nanos().is_multiple_of(1_000_000));
+        let v = u64::try_from(ms + 1).unwrap_or(u64::MAX);
+        let slot = &mut self.slots[Self::slot(key)];
+        *slot = (*slot).max(v);
+    }
+
+    fn dropped_since(&self, key: &str, since: Instant) -> bool {
+        let v = self.slots[Self::slot(key)];
+        let since_ms = since.saturating_duration_since(self.epoch).as_millis();
+        v != 0 && u128::from(v - 1) >= since_ms
+    }
 }
 
 impl Inner {
@@ -247,8 +294,16 @@ impl Inner {
             if self.drops.len() < MAX_DROPS && now.duration_since(*at) <= DROP_MEMORY {
                 break;
             }
-            self.forgotten = Some(*at);
-            self.drops.pop_front();
+            let Some((at, gone)) = self.drops.pop_front() else {
+                break;
+            };
+            match gone {
+                Dropped::Key(k) => self
+                    .forgotten_keys
+                    .get_or_insert_with(|| ForgottenKeys::since(at))
+                    .note(&k, at),
+                _ => self.forgotten = self.forgotten.max(Some(at)),
+            }
         }
         self.drops.push_back((now, dropped));
     }
@@ -257,6 +312,10 @@ impl Inner {
     /// `since` (or may have been: the record from then is forgotten).
     fn dropped_since(&self, key: &str, tags: Option<&FillTags>, since: Instant) -> bool {
         self.forgotten.is_some_and(|at| at >= since)
+            || self
+                .forgotten_keys
+                .as_ref()
+                .is_some_and(|f| f.dropped_since(key, since))
             || self
                 .drops
                 .iter()
@@ -701,6 +760,34 @@ mod tests {
         assert!(a.hits == 0 && a.touched && !a.purge_with_mark());
         assert!(t.get("h/b").unwrap().purge_with_mark());
         assert!(t.get("h/unmarked").is_none());
+    }
+
+    #[test]
+    fn a_burst_of_key_drops_past_the_memory_holds_back_only_their_own_keys() {
+        let t = ShadowTable::default();
+        let queued = Instant::now();
+        t.remove("h/gone");
+        for i in 0..2 * MAX_DROPS {
+            t.remove(&format!("h/other-{i}"));
+        }
+        // "h/gone" and the first drops are forgotten: their keys' slots still remember.
+        assert!(t.dropped_since("h/gone", queued));
+        assert!(t.dropped_since("h/other-0", queued));
+        assert!(t.dropped_since(&format!("h/other-{}", 2 * MAX_DROPS - 1), queued));
+        // Most other keys share no slot with a drop: their fills go ahead.
+        let held = (0..1000)
+            .filter(|i| t.dropped_since(&format!("h/kept-{i}"), queued))
+            .count();
+        assert!(held < 200, "{held} of 1000 unrelated fills held back");
+        // A fill queued after the burst is held back by none of it.
+        let later = Instant::now();
+        assert!(!t.dropped_since("h/gone", later));
+        // A forgotten prefix drop may have covered any key.
+        t.remove_prefix("h/dir/");
+        for i in 0..MAX_DROPS {
+            t.remove(&format!("h/more-{i}"));
+        }
+        assert!(t.dropped_since("h/kept-1", later));
     }
 
     #[test]
