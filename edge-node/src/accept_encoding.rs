@@ -67,12 +67,7 @@ pub fn preferred<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<Co
                 None if name == "*" => 3,
                 None => continue,
             };
-            let accepted = !parts.any(|p| {
-                p.split_once('=').is_some_and(|(k, v)| {
-                    k.trim().eq_ignore_ascii_case("q")
-                        && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
-                })
-            });
+            let accepted = !zero_weight(parts);
             // Named twice: any zero weight refuses it.
             weights[slot] = Some(weights[slot].unwrap_or(true) && accepted);
         }
@@ -83,6 +78,16 @@ pub fn preferred<'a>(values: impl Iterator<Item = &'a HeaderValue>) -> Option<Co
         .zip(weights)
         .find(|(_, w)| w.unwrap_or(any))
         .map(|(c, _)| *c)
+}
+
+/// Whether the parameters of one list item (what follows its name) give it a weight of zero
+/// (`q=0`, or a negative one, which no client means as a preference).
+pub(crate) fn zero_weight<'a>(mut params: impl Iterator<Item = &'a str>) -> bool {
+    params.any(|p| {
+        p.split_once('=').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>().is_ok_and(|q| q <= 0.0)
+        })
+    })
 }
 
 /// Replace `req`'s `Accept-Encoding` with the one coding it is served with, or remove it.

@@ -135,14 +135,9 @@ fn refuses_a_coding(value: &[u8]) -> bool {
     let Ok(value) = std::str::from_utf8(value) else {
         return true;
     };
-    value.split(',').any(|item| {
-        item.split(';').skip(1).any(|param| {
-            let Some((k, v)) = param.split_once('=') else {
-                return false;
-            };
-            k.trim().eq_ignore_ascii_case("q") && v.trim().parse::<f32>().is_ok_and(|q| q == 0.0)
-        })
-    })
+    value
+        .split(',')
+        .any(|item| crate::accept_encoding::zero_weight(item.split(';').skip(1)))
 }
 
 /// Apply `plan` to a response about to be written (before the compression module sees it).
@@ -375,6 +370,7 @@ mod tests {
             ("br;q=1.0, gzip;q=0.8", Plan::Compress),
             ("gzip;q=0, br", Plan::Identity),
             ("br, gzip; Q=0.000", Plan::Identity),
+            ("br, gzip;q=-1", Plan::Identity),
         ] {
             let mut req = RequestHeader::build("GET", b"/", None).unwrap();
             req.insert_header("accept-encoding", ae).unwrap();
