@@ -416,12 +416,21 @@ pub fn footprint(bytes: u64) -> u64 {
     bytes.saturating_add(EDGE_ENTRY_OVERHEAD)
 }
 
+/// Drop the live shadows that expired by `now`, and keys left with none.
+fn sweep(live: &mut HashMap<String, Vec<(usize, Instant)>>, now: Instant) {
+    live.retain(|_, held| {
+        held.retain(|(_, exp)| *exp > now);
+        !held.is_empty()
+    });
+}
+
 /// Planner state shared with the explain endpoint.
 #[derive(Default)]
 pub struct PlannerState {
     decisions: RwLock<HashMap<String, Vec<Decision>>>,
-    /// (key, edge) → when our shadow there expires.
-    live: Mutex<HashMap<(String, usize), Instant>>,
+    /// key → the edges holding our shadow of it, and when each expires. By key, because
+    /// co-access asks per follower and purges forget per key, each with the lock held.
+    live: Mutex<HashMap<String, Vec<(usize, Instant)>>>,
     /// Smoothed safety factor (`None` before the first tick).
     safety: Mutex<Option<f32>>,
     /// Forecast bands of the monitored series.
@@ -432,7 +441,7 @@ pub struct PlannerState {
     adopted: Mutex<HashSet<usize>>,
     /// (key, edge) whose last fills failed, and until when no order is sent for it.
     backoff: Mutex<HashMap<(String, usize), Backoff>>,
-    /// Live shadows left after the last sweep in [`Self::record`].
+    /// Keys with live shadows left after the last sweep in [`Self::record`].
     swept_at_len: Mutex<usize>,
     /// What the last tick left of each edge's shadow budget (see [`Taken`]).
     taken: Mutex<Option<Taken>>,
@@ -498,14 +507,19 @@ impl PlannerState {
     pub fn forget(&self, target: &str) {
         let mut live = self.live.lock();
         match target.strip_suffix('*') {
-            Some(prefix) => live.retain(|(k, _), _| !k.starts_with(prefix)),
-            None => live.retain(|(k, _), _| k != target),
+            Some(prefix) => live.retain(|k, _| !k.starts_with(prefix)),
+            None => {
+                live.remove(target);
+            }
         }
     }
 
     /// Forget every shadow edge `edge` held (it restarted and lost them).
     pub fn forget_edge(&self, edge: usize) {
-        self.live.lock().retain(|(_, e), _| *e != edge);
+        self.live.lock().retain(|_, held| {
+            held.retain(|(e, _)| *e != edge);
+            !held.is_empty()
+        });
     }
 
     /// Set each edge's budget and what its shadows take, as a tick left them.
@@ -547,12 +561,12 @@ impl PlannerState {
     /// Edges holding a live shadow of `key`.
     pub fn live_edges(&self, key: &str) -> Vec<usize> {
         let now = Instant::now();
-        self.live
-            .lock()
-            .iter()
-            .filter(|((k, _), exp)| k == key && **exp > now)
-            .map(|((_, e), _)| *e)
-            .collect()
+        self.live.lock().get(key).map_or_else(Vec::new, |held| {
+            held.iter()
+                .filter(|(_, exp)| *exp > now)
+                .map(|(e, _)| *e)
+                .collect()
+        })
     }
 
     /// Record a shadow the edge accepted, live for `ttl` (wall time). Expired entries are
@@ -561,17 +575,27 @@ impl PlannerState {
     pub fn record(&self, key: &str, edge: usize, ttl: Duration) {
         let now = Instant::now();
         let mut live = self.live.lock();
-        live.insert((key.to_string(), edge), now + ttl);
+        let held = live.entry(key.to_string()).or_default();
+        match held.iter_mut().find(|(e, _)| *e == edge) {
+            Some(h) => h.1 = now + ttl,
+            None => held.push((edge, now + ttl)),
+        }
         let mut swept = self.swept_at_len.lock();
         if live.len() >= (*swept).max(1024) * 2 {
-            live.retain(|_, exp| *exp > now);
+            sweep(&mut live, now);
             *swept = live.len();
         }
     }
 
     /// Forget one live shadow (unshadowed).
     fn remove(&self, key: &str, edge: usize) {
-        self.live.lock().remove(&(key.to_string(), edge));
+        let mut live = self.live.lock();
+        if let Some(held) = live.get_mut(key) {
+            held.retain(|(e, _)| *e != edge);
+            if held.is_empty() {
+                live.remove(key);
+            }
+        }
     }
 
     /// Drop expired shadows and return a copy of the live ones for a tick's decisions.
@@ -580,8 +604,10 @@ impl PlannerState {
             .lock()
             .retain(|_, b| now.saturating_duration_since(b.until) < BACKOFF_MEMORY);
         let mut live = self.live.lock();
-        live.retain(|_, exp| *exp > now);
-        live.clone()
+        sweep(&mut live, now);
+        live.iter()
+            .flat_map(|(k, held)| held.iter().map(|(e, exp)| ((k.clone(), *e), *exp)))
+            .collect()
     }
 
     /// An edge reported how a shadow of `key` ended: a failed fill puts the pair in backoff
@@ -1602,6 +1628,37 @@ mod tests {
         // A stale tick says nothing: the budget beside what the edge holds again.
         assert!(state.take_budget(1, 900, 1000, Duration::ZERO, 0));
         assert!(!state.take_budget(1, 900, 1000, Duration::ZERO, 200));
+    }
+
+    #[test]
+    fn live_shadows_are_kept_per_key_and_edge() {
+        let state = PlannerState::default();
+        let minute = Duration::from_secs(60);
+        state.record("h/a", 0, minute);
+        state.record("h/a", 2, minute);
+        state.record("h/a", 2, minute);
+        state.record("h/ab", 1, minute);
+        state.record("h/b", 2, Duration::ZERO);
+        let mut a = state.live_edges("h/a");
+        a.sort();
+        assert_eq!(a, vec![0, 2], "a renewal is one entry");
+        assert!(state.live_edges("h/b").is_empty(), "expired");
+        state.remove("h/a", 0);
+        assert_eq!(state.live_edges("h/a"), vec![2]);
+        state.forget_edge(2);
+        assert!(state.live_edges("h/a").is_empty());
+        assert_eq!(state.live_edges("h/ab"), vec![1]);
+        state.record("h/a", 0, minute);
+        state.forget("h/a");
+        assert!(state.live_edges("h/a").is_empty());
+        assert_eq!(
+            state.live_edges("h/ab"),
+            vec![1],
+            "an exact purge is not a prefix"
+        );
+        state.forget("h/a*");
+        assert!(state.live_edges("h/ab").is_empty());
+        assert!(state.live_now(Instant::now()).is_empty());
     }
 
     #[test]
