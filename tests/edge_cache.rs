@@ -468,6 +468,42 @@ async fn an_authorized_request_does_not_turn_the_keys_cache_off() {
     assert_eq!(origin.hits("/auth"), 4);
 }
 
+/// The same for a logged-in client: a request with a `Cookie` that the origin answers as that
+/// user's page (`private`, a `Set-Cookie`) does not switch the key's cache off for everyone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_a_cookie_does_not_turn_the_keys_cache_off() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/mine?vary=accept-language&personal=1&cc=max-age%3D300";
+    let get = |lang: &'static str, cookie: bool| {
+        let mut h = vec![("accept-language", lang)];
+        if cookie {
+            h.push(("cookie", "session=someone"));
+        }
+        let edge = &edge;
+        async move { edge.request(Method::GET, path, &h).await }
+    };
+    assert_eq!(x_cache(&get("en", false).await), "MISS");
+    for lang in ["fr", "de"] {
+        let r = get(lang, true).await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_ne!(x_cache(&r), "HIT");
+        assert_eq!(r.headers()["set-cookie"], "seen=1");
+    }
+    assert_eq!(x_cache(&get("en", false).await), "HIT");
+    assert_eq!(
+        x_cache(&get("en", true).await),
+        "HIT",
+        "a stored copy serves it"
+    );
+    assert_eq!(x_cache(&get("de", false).await), "MISS");
+    let r = get("de", false).await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert!(!r.headers().contains_key("set-cookie"));
+    assert_eq!(origin.hits("/mine"), 4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn expired_object_is_revalidated_with_304() {
     let origin = TestOrigin::start().await;

@@ -44,7 +44,7 @@ use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, OriginTable, SharedOrigins};
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::{
-    FoyerStorage, AUTHORIZED_REQUEST, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR,
+    FoyerStorage, CREDENTIALED_REQUEST, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR,
     PEER_LACKS_OBJECT, PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY,
 };
 use crate::sync::protocol::PeerRef;
@@ -587,20 +587,21 @@ const PEER_MISS: &str = "peer_miss";
 /// Cache defaults are a `fn` pointer in pingora; our configurable TTL is applied after it.
 const NO_HEURISTIC: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
 
-/// Status codes RFC 9110 §15.1 calls heuristically cacheable.
-/// Why an answer is not stored. To a request with `Authorization` it describes that client
-/// (its session, its private copy), not the key: remembered for the key, pingora's predictor
-/// would send every later request for the URL past the cache, stored variants included, so
-/// one such request could turn a key's cache off. The next anonymous answer teaches the
-/// predictor what the key itself is.
-fn refused(authorization: bool) -> NoCacheReason {
-    if authorization {
-        NoCacheReason::Custom(AUTHORIZED_REQUEST)
+/// Why an answer is not stored. To a request with credentials (`Authorization`, or a
+/// `Cookie`: a session) it describes that client (a `Set-Cookie`, `private`, its own copy),
+/// not the key: remembered for the key, pingora's predictor would send every later request
+/// for the URL past the cache, stored variants included, so any logged-in client could turn
+/// a key's cache off with one request. The next anonymous answer teaches the predictor what
+/// the key itself is.
+fn refused(credentials: bool) -> NoCacheReason {
+    if credentials {
+        NoCacheReason::Custom(CREDENTIALED_REQUEST)
     } else {
         NoCacheReason::OriginNotCache
     }
 }
 
+/// Status codes RFC 9110 §15.1 calls heuristically cacheable.
 fn heuristically_cacheable(status: u16) -> bool {
     matches!(
         status,
@@ -633,6 +634,8 @@ impl EdgeProxy {
             .flatten()
     }
 
+    /// `authorization`: the request carried `Authorization` (RFC 9111 §3.5); `credentials`:
+    /// it or a `Cookie`, so a refusal may be about the client rather than the key.
     /// `admitted`: when the fetch that brought `resp` started, the stored copy's `created`.
     /// A purge from then on covers it at lookup, however late the copy is stored. `age`: how
     /// long the response had spent in other caches on its way here.
@@ -640,6 +643,7 @@ impl EdgeProxy {
         &self,
         resp: &ResponseHeader,
         authorization: bool,
+        credentials: bool,
         admitted: SystemTime,
         age: Duration,
     ) -> RespCacheable {
@@ -664,7 +668,7 @@ impl EdgeProxy {
         // gave, unless the origin named the cookie as the part not to store
         // (`no-cache="set-cookie"`, `private="set-cookie"`; stripped above).
         if header.headers.contains_key(header::SET_COOKIE) {
-            return RespCacheable::Uncacheable(refused(authorization));
+            return RespCacheable::Uncacheable(refused(credentials));
         }
         // A response that already aged in another cache (a peer edge, a cache in front of
         // the origin) has that much less freshness left (RFC 9111 §4.2.3): freshness and the
@@ -691,7 +695,7 @@ impl EdgeProxy {
                     let reason = if resp.status.is_server_error() {
                         NoCacheReason::Custom(ORIGIN_SERVER_ERROR)
                     } else {
-                        refused(authorization)
+                        refused(credentials)
                     };
                     return RespCacheable::Uncacheable(reason);
                 }
@@ -1017,10 +1021,9 @@ impl ProxyHttp for EdgeProxy {
                 ERROR_ON_REVALIDATION,
             )));
         }
-        let authorization = session
-            .req_header()
-            .headers
-            .contains_key(header::AUTHORIZATION);
+        let headers = &session.req_header().headers;
+        let authorization = headers.contains_key(header::AUTHORIZATION);
+        let credentials = authorization || headers.contains_key(header::COOKIE);
         // A purge landing between the check above and the fill's registration in the
         // storage would find nothing to cancel: dated from the fetch's start, the copy is
         // older than that purge, which removes it at its first lookup.
@@ -1028,7 +1031,7 @@ impl ProxyHttp for EdgeProxy {
             .fetch_started
             .map_or_else(SystemTime::now, |(_, wall)| wall);
         let age = ctx.revalidation_age.unwrap_or_else(|| upstream_age(resp));
-        Ok(self.cacheability(resp, authorization, admitted, age))
+        Ok(self.cacheability(resp, authorization, credentials, admitted, age))
     }
 
     fn cache_vary_filter(

@@ -17,6 +17,7 @@
 //! - `errors_at=2,3` answer the path's 2nd and 3rd requests with 500; `error_cc=...` is
 //!   their Cache-Control
 //! - `set_cookie=...` send `Set-Cookie`
+//! - `personal=1` answer a request carrying a `Cookie` with `private` and a `Set-Cookie`
 //! - `skey=...` send `Surrogate-Key`; `ctag=...` send `Cache-Tag` (cache tags)
 //! - `ct=...` send this `Content-Type` (none otherwise)
 //! - `https_redirect=1` a cacheable 301 to https for requests not forwarded as https
@@ -251,6 +252,12 @@ async fn handle(
     }
     if let Some(cookie) = q.get("set_cookie") {
         resp = resp.header("set-cookie", cookie);
+    }
+    // `personal=1`: a request with a `Cookie` is answered as a logged-in user's page.
+    if q.contains_key("personal") && headers.contains_key("cookie") {
+        resp = resp
+            .header("cache-control", "private")
+            .header("set-cookie", "seen=1");
     }
     if let Some(ct) = q.get("ct") {
         resp = resp.header("content-type", ct);

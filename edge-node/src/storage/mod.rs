@@ -104,9 +104,9 @@ pub const ORIGIN_SERVER_ERROR: &str = "origin server error";
 /// cacheable.
 pub const REDIRECT_TO_ITS_OWN_KEY: &str = "redirect to its own key";
 
-/// Why an answer to a request with `Authorization` is not cached (its response did not allow
-/// it): a property of that request, not of the key.
-pub const AUTHORIZED_REQUEST: &str = "request with authorization";
+/// Why an answer to a request with credentials (`Authorization` or a `Cookie`) is not cached
+/// (its response did not allow it): a property of that request, not of the key.
+pub const CREDENTIALED_REQUEST: &str = "request with credentials";
 
 /// Reasons that say nothing about the key's next answer, so pingora's predictor must not
 /// remember the key as uncacheable (which would send its next requests past the cache and
@@ -117,7 +117,7 @@ fn transient_no_cache(reason: &'static str) -> bool {
             ERROR_ON_REVALIDATION,
             ORIGIN_SERVER_ERROR,
             REDIRECT_TO_ITS_OWN_KEY,
-            AUTHORIZED_REQUEST,
+            CREDENTIALED_REQUEST,
         ]
         .contains(&reason)
 }
