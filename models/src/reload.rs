@@ -162,7 +162,12 @@ impl ReloadingForecaster {
                 // copy goes on: the stamp was taken before the read); logged once per version.
                 self.status.load_failures.fetch_add(1, Ordering::Relaxed);
                 let retry = matches!(e, LoadError::Runtime(_));
-                let again = seen.failed.as_ref().is_some_and(|f| f.stamp == stamp);
+                // Only a repeat of the same kind of failure: once the runtime library turns up,
+                // a model the runtime then refuses is news (logged, and read once more later).
+                let again = seen
+                    .failed
+                    .as_ref()
+                    .is_some_and(|f| f.stamp == stamp && f.retry == retry);
                 let first = !again;
                 seen.failed = Some(Failed {
                     stamp,
