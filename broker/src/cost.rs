@@ -448,13 +448,19 @@ impl Ledger {
     }
 
     /// Lowest threshold of a source's tuners: `min_threshold`, or the weakest score the source
-    /// offered when that is higher. Co-access only offers followers above its own
-    /// `min_probability`; a threshold below that would admit nothing more and only delay the
-    /// next rise.
+    /// offered when that is higher, or the byte-precision floor its placements are held to
+    /// (forecasts and co-access: [`Self::odds`]). Co-access only offers followers above its
+    /// own `min_probability`; a threshold below either would admit nothing more, show a bar
+    /// that is not the one in force, and only delay the next rise.
     fn lower(&self, t: &Tuners, source: Source) -> f32 {
+        let floor = match source {
+            Source::Forecast | Source::Coaccess => self.cfg.min_precision.get() as f32,
+            _ => 0.0,
+        };
         t.weakest
             .get(&source)
             .map_or(self.cfg.min_threshold, |w| w.max(self.cfg.min_threshold))
+            .max(floor)
     }
 
     /// The tuner of (region, class, source), created at the source's start: the planner's
@@ -1021,10 +1027,19 @@ mod tests {
         assert!(e.contains("cost.min_step"), "{e}");
     }
 
+    /// A ledger with the default costs but no byte-precision floor, so thresholds move over
+    /// their whole range (the floor's own tests set one).
     fn ledger() -> Ledger {
+        ledger_with(CostSection {
+            min_precision: Fraction(0.0),
+            ..CostSection::default()
+        })
+    }
+
+    fn ledger_with(cfg: CostSection) -> Ledger {
         let reg = prometheus::Registry::new();
         Ledger::new(
-            CostSection::default(),
+            cfg,
             0.5,
             vec!["eu".into(), "us".into()],
             BrokerMetrics::register(&reg).unwrap(),
@@ -1258,9 +1273,11 @@ mod tests {
 
     #[test]
     fn spend_savings_precision_and_thresholds_are_split_by_source() {
-        let l = ledger();
-        // The learner offers followers from 0.5 up.
-        assert!(l.admits(Signal::coaccess(0.5), 0, 5));
+        // The default byte-precision floor (0.6), which forecasts and co-access are held to.
+        let l = ledger_with(CostSection::default());
+        // The learner offers followers from 0.5 up; those under the floor are not admitted.
+        assert!(!l.admits(Signal::coaccess(0.5), 0, 5));
+        assert!(l.admits(Signal::coaccess(0.6), 0, 5));
         for tick in 0..3 {
             settle_from(&l, Source::Forecast, 20, 0);
             settle_from(&l, Source::Coaccess, 2, 18);
@@ -1284,9 +1301,11 @@ mod tests {
         assert!((coaccess["byte_precision"].as_f64().unwrap() - 0.1).abs() < 1e-9);
         assert!(coaccess["spend"].as_f64().unwrap() > coaccess["savings"].as_f64().unwrap());
         assert_eq!(source("anomaly")["shadows"], 0);
-        // Co-access waste raises co-access's threshold, not the forecast's.
-        assert!(l.threshold(0, 5).0 < 0.5, "{report}");
-        assert!(l.threshold_for(Source::Coaccess, 0, 5).0 > 0.5, "{report}");
+        // Co-access waste raises co-access's threshold, not the forecast's. Profitable
+        // forecasts bring theirs down, to the floor and no lower: no placement below it is
+        // admitted, so a lower bar would only be a bar not in force.
+        assert_eq!(l.threshold(0, 5).0, 0.6, "{report}");
+        assert!(l.threshold_for(Source::Coaccess, 0, 5).0 > 0.6, "{report}");
         let signal = report["signal_thresholds"].as_array().unwrap();
         assert!(signal.iter().all(|t| t["source"] == "coaccess"), "{report}");
         assert!(report["thresholds"]
