@@ -2047,6 +2047,71 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     );
 }
 
+/// An `updated` event refreshes a live shadow in place, fetching the variant the edge's
+/// clients ask for most; for an object that varies (here on `Accept-Encoding`) every other
+/// variant the edge stored must stop serving the old version too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_reaches_every_variant_of_a_shadowed_object() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    c.add_resource(json!({"host": HOST, "path": "/v/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 600,
+                    "policy": {"max_copies": 1, "allowed_regions": ["us"]}})).await;
+    let path = "/v/app.js?gen=1&vary=accept-encoding";
+    let key = format!("{HOST}{path}");
+    let get = |coding: Option<&'static str>| {
+        let mut r = client()
+            .get(format!("http://{}{path}", c.broker.addr))
+            .header("host", HOST)
+            .header("x-client-region", "us");
+        if let Some(coding) = coding {
+            r = r.header("accept-encoding", coding);
+        }
+        async move { r.send().await.unwrap() }
+    };
+    // Three variants on us-a: identity first (the object's primary slot), then gzip, then br,
+    // which its clients ask for most.
+    for coding in [None, Some("gzip"), Some("br"), Some("br"), Some("br")] {
+        assert_eq!(get(coding).await.status(), StatusCode::OK);
+    }
+    assert_eq!(origin.hits("/v/app.js"), 3);
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "created", "host": HOST, "path": path})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    wait_until(|| c.shadowed_on(3, &key)).await;
+    assert_eq!(origin.hits("/v/app.js"), 3, "the edge held it already");
+
+    origin.bump();
+    let (s, v) = api(
+        reqwest::Method::POST,
+        c.broker.api("/v1/events"),
+        &c.token,
+        Some(json!({"kind": "updated", "host": HOST, "path": path})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["refilled"].as_array().unwrap().len(), 1, "{v}");
+    wait_until(|| async { origin.hits("/v/app.js") == 4 }).await;
+    wait_until(|| c.shadowed_on(3, &key)).await;
+    // The refill fetched br, which clients then find in cache.
+    let r = get(Some("br")).await;
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    assert_eq!(r.text().await.unwrap(), "variant=br;gen=1");
+    for (coding, body) in [
+        (Some("gzip"), "variant=gzip;gen=1"),
+        (None, "variant=-;gen=1"),
+    ] {
+        let r = get(coding).await;
+        assert_eq!(r.headers()["x-cache"], "MISS", "{coding:?}");
+        assert_eq!(r.text().await.unwrap(), body);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
     let origin = TestOrigin::start().await;

@@ -42,7 +42,7 @@ use crate::compression;
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, OriginTable, SharedOrigins};
-use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
+use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER, VARIES_HEADER};
 use crate::storage::{
     FoyerStorage, CREDENTIALED_REQUEST, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR,
     PEER_LACKS_OBJECT, PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY,
@@ -1254,6 +1254,9 @@ impl ProxyHttp for EdgeProxy {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             resp.insert_header(PEER_ADMITTED_HEADER, ms)?;
+        }
+        if ctx.shadow_fill && resp.headers.contains_key(header::VARY) {
+            resp.insert_header(VARIES_HEADER, "1")?;
         }
         compression::response_filter(ctx.compression, session, resp)?;
         resp.insert_header("x-cache", x_cache_value(status))?;

@@ -17,6 +17,7 @@
 //! - `errors_at=2,3` answer the path's 2nd and 3rd requests with 500; `error_cc=...` is
 //!   their Cache-Control
 //! - `set_cookie=...` send `Set-Cookie`
+//! - `gen=1` end the body with `;gen=N`, N the version [`TestOrigin::bump`] publishes
 //! - `personal=1` answer a request carrying a `Cookie` with `private` and a `Set-Cookie`
 //! - `skey=...` send `Surrogate-Key`; `ctag=...` send `Cache-Tag` (cache tags)
 //! - `ct=...` send this `Content-Type` (none otherwise)
@@ -46,6 +47,8 @@ struct Counters {
     last_query: Mutex<HashMap<String, String>>,
     /// Per path: requests being answered now, and the most ever at once.
     in_flight: Mutex<HashMap<String, (usize, usize)>>,
+    /// The content's version, for `gen=1` ([`TestOrigin::bump`]).
+    generation: AtomicUsize,
 }
 
 /// Counts a request as in flight until its handler returns.
@@ -153,6 +156,11 @@ impl TestOrigin {
     /// 304 answers given.
     pub fn not_modified(&self) -> usize {
         self.counters.not_modified.load(Ordering::SeqCst)
+    }
+
+    /// Publish a new version of every `gen=1` object.
+    pub fn bump(&self) {
+        self.counters.generation.fetch_add(1, Ordering::SeqCst);
     }
 
     /// Requests received for `path` (without query).
@@ -316,6 +324,10 @@ async fn handle(
             lines.join(" | ")
         };
         body = format!("variant={v}").into_bytes();
+    }
+    if q.contains_key("gen") {
+        let g = c.generation.load(Ordering::SeqCst);
+        body.extend_from_slice(format!(";gen={g}").as_bytes());
     }
     if q.contains_key("chunked") {
         let pause: u64 = q

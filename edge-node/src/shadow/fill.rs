@@ -18,7 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Ending, Expired, FillSource, FillTags, Order, ShadowTable};
-use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
+use super::{FillPacer, FILL_HEADER, REFRESH_HEADER, VARIES_HEADER};
 use crate::accept_encoding::{Coding, Mix};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
@@ -394,13 +394,26 @@ struct Local {
     coding: Option<Coding>,
 }
 
+/// What a fill's fetch brought.
+struct Fetched {
+    /// Where the body came from.
+    source: FillSource,
+    /// The object's cache tags.
+    tags: FillTags,
+    /// Whether the object varies (more variants of the key may be stored).
+    varies: bool,
+}
+
+/// Fetch `r`'s key through this edge's own listener, from `peer` if one is named; with
+/// `revalidate`, a held copy is revalidated with the origin instead of reused.
 async fn fetch(
     local: &Local,
     r: &FillRequest,
     peer: Option<&PeerRef>,
+    revalidate: bool,
     max_bytes: u64,
     moved: &mut u64,
-) -> Result<(FillSource, FillTags), String> {
+) -> Result<Fetched, String> {
     let (host, path) = split_key(&r.key).ok_or_else(|| format!("bad key {:?}", r.key))?;
     let mut req = local
         .client
@@ -413,7 +426,7 @@ async fn fetch(
     if let Some(p) = peer {
         req = req.header(PEER_VIA_HEADER, format_peer_via(p));
     }
-    if r.refresh {
+    if revalidate {
         req = req.header(REFRESH_HEADER, "1");
     }
     let mut resp = req.send().await.map_err(|e| e.to_string())?;
@@ -439,6 +452,7 @@ async fn fetch(
     }
     // The proxy leaves the tag headers on a shadow fill's answer.
     let tags = FillTags::of(resp.headers());
+    let varies = resp.headers().contains_key(VARIES_HEADER);
     // Read through (the proxy fills the cache as it streams), counting, never buffering.
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         *moved += chunk.len() as u64;
@@ -450,14 +464,18 @@ async fn fetch(
     }
     // What the proxy says answered: a copy it held, the peer (over the bridge), else the
     // origin (a copy held stale is revalidated there, whoever was named).
-    let served = if local_hit {
+    let source = if local_hit {
         FillSource::Local
     } else if peer_served {
         FillSource::Peer
     } else {
         FillSource::Origin
     };
-    Ok((served, tags))
+    Ok(Fetched {
+        source,
+        tags,
+        varies,
+    })
 }
 
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
@@ -476,30 +494,32 @@ fn report_unheld(table: &ShadowTable, req: &FillRequest) {
 }
 
 /// Fill from the peer if one is named, else (or when it fails) from the origin; a copy this
-/// edge already held answers either from its cache. Returns the body size and its source, and
-/// adds the bytes every attempt moved to `moved` (the bandwidth budget is charged for all).
+/// edge already held answers either from its cache (unless `revalidate`: see [`fetch`]).
+/// Returns the body size and what the fetch brought, and adds the bytes every attempt moved
+/// to `moved` (the bandwidth budget is charged for all).
 async fn fill_one(
     local: &Local,
     r: &FillRequest,
+    revalidate: bool,
     max_bytes: u64,
     moved: &mut u64,
-) -> Result<(u64, FillSource, FillTags), String> {
+) -> Result<(u64, Fetched), String> {
     // A refresh must reach the origin: the peers hold the old version too.
     if let (Some(peer), false) = (&r.peer, r.refresh) {
         let mut from_peer = 0;
-        let got = fetch(local, r, Some(peer), max_bytes, &mut from_peer).await;
+        let got = fetch(local, r, Some(peer), revalidate, max_bytes, &mut from_peer).await;
         *moved += from_peer;
         match got {
-            Ok((served, tags)) => return Ok((from_peer, served, tags)),
+            Ok(fetched) => return Ok((from_peer, fetched)),
             Err(e) => {
                 tracing::info!(key = %r.key, peer = %peer.id, error = %e, "peer fill failed; using the origin");
             }
         }
     }
     let mut from_origin = 0;
-    let got = fetch(local, r, None, max_bytes, &mut from_origin).await;
+    let got = fetch(local, r, None, revalidate, max_bytes, &mut from_origin).await;
     *moved += from_origin;
-    got.map(|(served, tags)| (from_origin, served, tags))
+    got.map(|fetched| (from_origin, fetched))
 }
 
 impl ShadowService {
@@ -643,16 +663,43 @@ impl ShadowService {
                 let started = req.queued_at;
                 let _under_way = table.begin_fill(&req.key, Instant::now());
                 let mut moved = 0;
-                let filled = fill_one(&local, &req, max_bytes, &mut moved).await;
+                // The origin changed an object that varies: revalidating the one variant the
+                // fill asks for would leave the others serving the old version, so every
+                // variant goes and the fill fetches the new one afresh (clients meanwhile wait
+                // on its fill, as after any purge).
+                let replace_all = req.refresh && table.get(&req.key).is_some_and(|m| m.varies);
+                if replace_all {
+                    storage.invalidate_key(&req.key);
+                    storage.settle_purge(&req.key).await;
+                    metrics
+                        .purges
+                        .with_label_values(&["key", "refresh_of_variants"])
+                        .inc();
+                }
+                let filled = fill_one(
+                    &local,
+                    &req,
+                    req.refresh && !replace_all,
+                    max_bytes,
+                    &mut moved,
+                )
+                .await;
                 // A copy the edge held moved nothing over the network: only what earlier
                 // attempts brought counts against the fill bandwidth.
                 let charged = match &filled {
-                    Ok((bytes, FillSource::Local, _)) => moved.saturating_sub(*bytes),
+                    Ok((bytes, f)) if f.source == FillSource::Local => moved.saturating_sub(*bytes),
                     _ => moved,
                 };
                 pacer.charge(charged, Instant::now());
                 match filled {
-                    Ok((bytes, source, tags)) => {
+                    Ok((
+                        bytes,
+                        Fetched {
+                            source,
+                            tags,
+                            varies,
+                        },
+                    )) => {
                         let now = Instant::now();
                         if !table.mark_filled(&req.key, req.ttl, req.order(), tags, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");
@@ -672,7 +719,7 @@ impl ShadowService {
                             report_unheld(&table, &req);
                             return;
                         }
-                        table.set_fill(&req.key, bytes, source);
+                        table.set_fill(&req.key, bytes, source, varies);
                         metrics.shadow_fills.with_label_values(&["filled"]).inc();
                         metrics
                             .shadow_fill_sources

@@ -140,6 +140,8 @@ pub struct Mark {
     /// How far the fill was ahead of the first client, when that client came while it was
     /// still filling (and waited for the rest); `None` when it found the shadow complete.
     pub head_start: Option<Duration>,
+    /// Whether the object varies (its origin sent `Vary`), as the latest fill saw it.
+    pub varies: bool,
     /// Whether the first fill completed (renewals do not change where the copy came from).
     filled: bool,
     /// The object's tags, as the latest fill saw them.
@@ -349,6 +351,7 @@ impl Inner {
         let peer_filled = old.is_some_and(|m| m.peer_filled);
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
+        let varies = old.is_some_and(|m| m.varies);
         let mut touched = old.is_some_and(|m| m.touched);
         let mut head_start = old.and_then(|m| m.head_start);
         let (order, accepted) = named(old, order);
@@ -384,6 +387,7 @@ impl Inner {
                 held_before,
                 touched,
                 head_start,
+                varies,
                 filled,
                 tags,
                 order,
@@ -532,11 +536,13 @@ impl ShadowTable {
         self.inner.lock().dropped_since(key, None, since)
     }
 
-    /// Record the filled size of a shadow and, on its first fill, where it came from (a
-    /// renewal refills from the edge's own cache, which says nothing about the first).
-    pub fn set_fill(&self, key: &str, bytes: u64, source: FillSource) {
+    /// Record the filled size of a shadow, whether its object varies, and, on its first fill,
+    /// where it came from (a renewal refills from the edge's own cache, which says nothing
+    /// about the first).
+    pub fn set_fill(&self, key: &str, bytes: u64, source: FillSource, varies: bool) {
         if let Some(m) = self.inner.lock().marks.get_mut(key) {
             m.bytes = bytes;
+            m.varies = varies;
             if !m.filled {
                 m.filled = true;
                 m.peer_filled = source == FillSource::Peer;
@@ -824,16 +830,16 @@ mod tests {
         let t = ShadowTable::default();
         let now = Instant::now();
         t.mark("h/a", Duration::from_secs(60), 5, now);
-        t.set_fill("h/a", 10, FillSource::Local);
+        t.set_fill("h/a", 10, FillSource::Local, false);
         // A renewal refills from the edge's own cache; the first fill still decides.
         t.mark("h/a", Duration::from_secs(60), 5, now);
-        t.set_fill("h/a", 12, FillSource::Origin);
+        t.set_fill("h/a", 12, FillSource::Origin, false);
         let m = t.get("h/a").unwrap();
         assert!(m.held_before && !m.peer_filled);
         assert_eq!(m.bytes, 12);
         t.mark("h/b", Duration::from_secs(60), 5, now);
-        t.set_fill("h/b", 10, FillSource::Peer);
-        t.set_fill("h/b", 10, FillSource::Local);
+        t.set_fill("h/b", 10, FillSource::Peer, false);
+        t.set_fill("h/b", 10, FillSource::Local, false);
         let m = t.get("h/b").unwrap();
         assert!(m.peer_filled && !m.held_before);
     }
@@ -944,7 +950,7 @@ mod tests {
         t.mark("h/a/1", Duration::from_secs(10), 5, now);
         t.mark("h/a/2", Duration::from_secs(10), 5, now);
         t.mark("h/b/1", Duration::from_secs(10), 5, now);
-        t.set_fill("h/a/1", 100, FillSource::Origin);
+        t.set_fill("h/a/1", 100, FillSource::Origin, false);
         assert_eq!(t.hit("h/a/1", now), Some(1));
         assert_eq!(t.remove_prefix("h/a/"), 2);
         assert_eq!(t.usage().0, 1);
@@ -952,7 +958,7 @@ mod tests {
         assert!(t.expire(now + Duration::from_secs(11)).len() == 1);
         // Removed marks end like expired ones, with their outcomes logged for the broker.
         t.mark("h/c", Duration::from_secs(10), 5, now);
-        t.set_fill("h/c", 7, FillSource::Peer);
+        t.set_fill("h/c", 7, FillSource::Peer, false);
         assert!(t.remove("h/c").is_some());
         assert!(t.remove("h/c").is_none());
         let mut ended = t.outcomes().drain_within(1 << 20);
