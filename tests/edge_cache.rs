@@ -1427,6 +1427,10 @@ async fn metrics_are_exposed() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
+    // The broker's health probe is answered by the proxy and counted as no request.
+    let r = edge.get("/.well-known/shadowcdn-probe").await;
+    assert_eq!(r.status(), StatusCode::NO_CONTENT);
+    assert_eq!(origin.hits("/.well-known/shadowcdn-probe"), 0);
     edge.get("/m").await;
     edge.get("/m").await;
     let needles = [
@@ -1446,6 +1450,10 @@ async fn metrics_are_exposed() {
     for _ in 0..100 {
         text = edge.metrics().await;
         if needles.iter().all(|n| text.contains(n)) {
+            assert!(
+                !text.contains("shadowcdn_edge_requests_total{cache_status=\"bypass\"} 1"),
+                "{text}"
+            );
             return;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;

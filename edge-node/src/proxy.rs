@@ -203,6 +203,8 @@ pub struct RequestCtx {
     client_accept_encoding: Option<http::HeaderValue>,
     /// The origin's query filter left parameters of this request out of its key.
     query_filtered: bool,
+    /// The broker's health probe ([`PROBE_PATH`]).
+    probe: bool,
 }
 
 impl EdgeProxy {
@@ -581,6 +583,12 @@ fn revalidating(phase: CachePhase) -> bool {
 /// Says a response was filled from a peer edge (`peer`), to clients and to the shadow filler.
 pub const FILLED_FROM_HEADER: &str = "x-shadowcdn-fill";
 
+/// Path of the broker's health probe on the proxy port, answered `204` by the proxy's own
+/// workers before any other check (and not counted or logged as a request): an edge whose
+/// proxy stopped serving, while the kernel still accepts its connections and its admin API
+/// still answers, fails the probe instead of holding its keys' requests until they time out.
+pub const PROBE_PATH: &str = "/.well-known/shadowcdn-probe";
+
 /// Error type of a hinted peer that does not hold a usable copy (retried on the origin).
 const PEER_MISS: &str = "peer_miss";
 
@@ -758,6 +766,7 @@ impl ProxyHttp for EdgeProxy {
             compression: compression::Plan::AsStored,
             client_accept_encoding: None,
             query_filtered: false,
+            probe: false,
         }
     }
 
@@ -766,6 +775,16 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
+        if session.req_header().uri.path() == PROBE_PATH {
+            ctx.probe = true;
+            let mut resp = ResponseHeader::build(204, Some(1))?;
+            resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+            // Each probe opens its own connection: accepting one is part of what it checks.
+            session.set_keepalive(None);
+            compression::disable(session);
+            session.write_response_header(Box::new(resp), true).await?;
+            return Ok(true);
+        }
         // Replaced before anything reads the request, so that a `Vary: X-Forwarded-Proto`
         // variant is chosen by the scheme the origin is told, not by a client's claim.
         let trusted = self.trusts(client_ip(session));
@@ -1392,6 +1411,9 @@ impl ProxyHttp for EdgeProxy {
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+        if ctx.probe {
+            return;
+        }
         let m = self.metrics.status(ctx.status);
         m.requests.inc();
         m.bytes_served.inc_by(session.body_bytes_sent() as u64);

@@ -3,6 +3,7 @@
 //! wait for a probe); only probes bring it back, after `rise` consecutive successes. Each
 //! probe first resolves the edge's names again ([`super::Addresses`]).
 
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use pingora_core::services::background::BackgroundService;
 use super::Fleet;
 use crate::config::{HealthSection, Role};
 use crate::metrics::BrokerMetrics;
+use edge_node::proxy::PROBE_PATH;
 
 /// Up/down state of every edge.
 #[derive(Debug)]
@@ -124,6 +126,34 @@ impl HealthChecker {
     }
 }
 
+/// One probe of edge `id`. Its admin API says the process is well and is the edge configured
+/// here; clients use the proxy port, so its workers must answer too: a dead proxy listener
+/// behind a live admin API would otherwise flap between probes and passive failures, and a
+/// stuck one, whose connections the kernel still accepts, would hold its keys' requests until
+/// they time out (a broker-side read timeout does not mark an edge down). Any HTTP answer
+/// counts: an edge from before the probe path answers 404.
+async fn probe(
+    client: &reqwest::Client,
+    admin: SocketAddr,
+    proxy: SocketAddr,
+    id: &str,
+) -> Result<(), String> {
+    match client.get(format!("http://{admin}/healthz")).send().await {
+        Ok(r) if r.status().is_success() => {
+            let body = r.json::<serde_json::Value>().await.unwrap_or_default();
+            same_node(&body, id)?;
+        }
+        Ok(r) => return Err(format!("/healthz answered {}", r.status())),
+        Err(e) => return Err(format!("/healthz: {e}")),
+    }
+    client
+        .get(format!("http://{proxy}{PROBE_PATH}"))
+        .send()
+        .await
+        .map(|_| ())
+        .map_err(|e| format!("proxy port: {e}"))
+}
+
 #[async_trait]
 impl BackgroundService for HealthChecker {
     /// Probes until the process exits, not only until shutdown starts: pingora keeps serving
@@ -155,33 +185,7 @@ impl BackgroundService for HealthChecker {
                     let (Some(admin), Some(proxy)) = (now.admin, now.proxy) else {
                         return (Err("address unresolved".to_string()), now);
                     };
-                    // The admin API says the process is well and is the edge configured
-                    // here; clients use the proxy port, so it must accept connections too (a
-                    // dead proxy listener behind a live admin API would otherwise flap between
-                    // probes and passive failures).
-                    let admin = match client.get(format!("http://{admin}/healthz")).send().await {
-                        Ok(r) if r.status().is_success() => {
-                            let body = r.json::<serde_json::Value>().await.unwrap_or_default();
-                            same_node(&body, &e.id)
-                        }
-                        Ok(r) => Err(format!("/healthz answered {}", r.status())),
-                        Err(e) => Err(format!("/healthz: {e}")),
-                    };
-                    let ok = match admin {
-                        Ok(()) => {
-                            match tokio::time::timeout(
-                                timeout,
-                                tokio::net::TcpStream::connect(proxy),
-                            )
-                            .await
-                            {
-                                Ok(Ok(_)) => Ok(()),
-                                Ok(Err(e)) => Err(format!("proxy port: {e}")),
-                                Err(_) => Err("proxy port: connect timed out".to_string()),
-                            }
-                        }
-                        Err(e) => Err(e),
-                    };
+                    let ok = probe(&client, admin, proxy, &e.id).await;
                     (ok, now)
                 }
             });
@@ -238,6 +242,50 @@ mod tests {
             same_node(&serde_json::json!({"status": "ok"}), "eu-1"),
             Ok(())
         );
+    }
+
+    /// A proxy port whose connections the kernel accepts but nobody serves fails the probe;
+    /// one that answers anything passes.
+    #[tokio::test]
+    async fn a_proxy_that_accepts_but_never_answers_fails_the_probe() {
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/healthz",
+            axum::routing::get(|| async { axum::Json(serde_json::json!({"node_id": "e1"})) }),
+        );
+        tokio::spawn(async move { axum::serve(admin, app).await });
+        // Listening, never accepting: connects complete in the backlog.
+        let stuck = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let answering = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let answering_addr = answering.local_addr().unwrap();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            while let Ok((mut c, _)) = answering.accept().await {
+                let mut buf = [0u8; 1024];
+                let _ = c.read(&mut buf).await;
+                let _ = c
+                    .write_all(b"HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_millis(500))
+            .build()
+            .unwrap();
+        let err = probe(&client, admin_addr, stuck.local_addr().unwrap(), "e1")
+            .await
+            .unwrap_err();
+        assert!(err.starts_with("proxy port"), "{err}");
+        assert_eq!(
+            probe(&client, admin_addr, answering_addr, "e1").await,
+            Ok(())
+        );
+        let err = probe(&client, admin_addr, answering_addr, "e2")
+            .await
+            .unwrap_err();
+        assert!(err.contains("e2"), "{err}");
     }
 
     #[test]
