@@ -4,7 +4,7 @@
 //! probe first resolves the edge's names again ([`super::Addresses`]).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,6 +26,8 @@ pub struct Health {
     held: Vec<AtomicBool>,
     fails: Vec<AtomicU32>,
     oks: Vec<AtomicU32>,
+    /// Passive mark-downs so far: a probe that passed before one says nothing after it.
+    downs: Vec<AtomicU64>,
     fall: u32,
     rise: u32,
 }
@@ -39,6 +41,7 @@ impl Health {
             held: (0..edges).map(|_| AtomicBool::new(false)).collect(),
             fails: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             oks: (0..edges).map(|_| AtomicU32::new(0)).collect(),
+            downs: (0..edges).map(|_| AtomicU64::new(0)).collect(),
             fall: fall.max(1),
             rise: rise.max(1),
         }
@@ -56,12 +59,23 @@ impl Health {
 
     /// Passive failure (connection refused, reset before a response): down now.
     pub fn mark_down(&self, edge: usize) -> bool {
+        self.downs[edge].fetch_add(1, Ordering::AcqRel);
         self.oks[edge].store(0, Ordering::Release);
         self.up[edge].swap(false, Ordering::AcqRel)
     }
 
-    /// Record a probe result; returns `Some(new_state)` when the state flipped.
-    pub fn probe_result(&self, edge: usize, ok: bool) -> Option<bool> {
+    /// Taken when a probe of `edge` starts, for [`Self::probe_result`].
+    pub fn probe_started(&self, edge: usize) -> u64 {
+        self.downs[edge].load(Ordering::Acquire)
+    }
+
+    /// Record the result of a probe that started at `started` ([`Self::probe_started`]);
+    /// returns `Some(new_state)` when the state flipped. A pass is ignored when the edge was
+    /// marked down since the probe started: it was measured before the failure.
+    pub fn probe_result(&self, edge: usize, ok: bool, started: u64) -> Option<bool> {
+        if ok && self.downs[edge].load(Ordering::Acquire) != started {
+            return None;
+        }
         if ok {
             self.fails[edge].store(0, Ordering::Release);
             let n = self.oks[edge].fetch_add(1, Ordering::AcqRel) + 1;
@@ -181,22 +195,23 @@ impl BackgroundService for HealthChecker {
             let probes = self.fleet.edges.iter().enumerate().map(|(i, e)| {
                 let client = client.clone();
                 async move {
+                    let started = self.health.probe_started(i);
                     let now = self.fleet.addresses.refresh(i, e, timeout).await;
                     let (Some(admin), Some(proxy)) = (now.admin, now.proxy) else {
-                        return (Err("address unresolved".to_string()), now);
+                        return (Err("address unresolved".to_string()), now, started);
                     };
                     let ok = probe(&client, admin, proxy, &e.id).await;
-                    (ok, now)
+                    (ok, now, started)
                 }
             });
             let results = futures::future::join_all(probes).await;
-            for (i, (probe, probed)) in results.into_iter().enumerate() {
+            for (i, (probe, probed, started)) in results.into_iter().enumerate() {
                 let ok = probe.is_ok();
                 if !ok {
                     self.fleet.addresses.probe_failed(i, probed);
                 }
                 let id = &self.fleet.edges[i].id;
-                if let Some(up) = self.health.probe_result(i, ok) {
+                if let Some(up) = self.health.probe_result(i, ok, started) {
                     match probe {
                         Ok(()) => tracing::info!(edge = %id, up, "edge health changed"),
                         Err(why) => tracing::warn!(edge = %id, up, %why, "edge health changed"),
@@ -291,12 +306,32 @@ mod tests {
     #[test]
     fn fall_and_rise() {
         let h = Health::new(1, 2, 2);
-        assert_eq!(h.probe_result(0, false), None);
-        assert_eq!(h.probe_result(0, false), Some(false));
+        let at = h.probe_started(0);
+        assert_eq!(h.probe_result(0, false, at), None);
+        assert_eq!(h.probe_result(0, false, at), Some(false));
         assert!(!h.is_up(0));
-        assert_eq!(h.probe_result(0, true), None);
-        assert_eq!(h.probe_result(0, true), Some(true));
+        assert_eq!(h.probe_result(0, true, at), None);
+        assert_eq!(h.probe_result(0, true, at), Some(true));
         assert!(h.mark_down(0));
         assert!(!h.is_up(0));
+    }
+
+    /// A probe that passed before a passive mark-down (the edge crashed while the round's
+    /// other probes ran) does not count towards bringing the edge back.
+    #[test]
+    fn a_pass_measured_before_a_mark_down_is_ignored() {
+        let h = Health::new(1, 2, 1);
+        let before = h.probe_started(0);
+        assert!(h.mark_down(0));
+        assert_eq!(h.probe_result(0, true, before), None);
+        assert!(!h.is_up(0));
+        let after = h.probe_started(0);
+        assert_eq!(h.probe_result(0, true, after), Some(true));
+        // A failure counts whenever it was measured.
+        assert!(h.mark_down(0));
+        h.probe_result(0, true, h.probe_started(0));
+        let stale = h.probe_started(0) - 1;
+        assert_eq!(h.probe_result(0, false, stale), None);
+        assert_eq!(h.probe_result(0, false, stale), Some(false));
     }
 }
