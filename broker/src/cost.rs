@@ -590,6 +590,11 @@ impl Ledger {
         );
     }
 
+    /// Whether an order of `key` on `edge` awaits its outcome.
+    pub fn has_order(&self, key: &str, edge: usize) -> bool {
+        self.orders.lock().contains_key(&(key.to_string(), edge))
+    }
+
     /// A name for a new order of `key` on `edge` whose deadline is `deadline_ms` (0: none):
     /// the deadline itself, which the edge echoes in the outcome, moved on a millisecond at a
     /// time while the order it replaces (or the last one settled), or one that order replaced,
@@ -1123,6 +1128,7 @@ mod tests {
         let l = ledger();
         let signal = Signal::forecast(0.9);
         place(&l, "h/x", 1, 5, signal);
+        assert!(l.has_order("h/x", 1) && !l.has_order("h/x", 0));
         l.settle(1, &[ShadowOutcome::failed("h/x".into())]);
         assert_eq!(
             l.take_ended(),
@@ -1134,6 +1140,7 @@ mod tests {
         );
         assert!(l.take_ended().is_empty());
         assert!(l.orders.lock().is_empty());
+        assert!(!l.has_order("h/x", 1));
         // A fill a purge or unshadow overtook ends the order too, but is no failure (the
         // planner backs off only after real ones).
         place(&l, "h/y", 1, 5, signal);

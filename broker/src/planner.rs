@@ -998,6 +998,12 @@ impl Planner {
                 // An edge's word, bounded like an order's TTL would be.
                 let ttl = Duration::from_secs(s.ttl_secs.min(MAX_ADOPTED_TTL_SECS));
                 self.state.record(&s.key, e, ttl);
+                // After a restart, a shadow the new process lists that this broker ordered
+                // since (before the restart was seen) keeps its order: the signal that placed
+                // it, which its outcome tunes.
+                if self.ledger.has_order(&s.key, e) {
+                    continue;
+                }
                 let provider = s
                     .key
                     .split_once('/')
