@@ -166,6 +166,9 @@ enum PassReason {
     TooLarge,
     /// All fills together hold `max_fill_bytes`.
     FillMemory,
+    /// A purge cancelled the fill, or a newer one replaced it: nothing of it will be
+    /// stored, so its body is no longer kept whole for the commit.
+    Cancelled,
 }
 
 impl PassReason {
@@ -173,6 +176,7 @@ impl PassReason {
         match self {
             PassReason::TooLarge => "too_large",
             PassReason::FillMemory => "fill_memory",
+            PassReason::Cancelled => "cancelled",
         }
     }
 }
@@ -269,11 +273,16 @@ impl FoyerStorage {
             prometheus::Opts::new(
                 "shadowcdn_edge_fill_passthrough_total",
                 "Fills streamed to their clients uncached: reason too_large (no Content-Length, \
-                 outgrew cache.max_object_size) or fill_memory (cache.max_fill_memory in use)",
+                 outgrew cache.max_object_size), fill_memory (cache.max_fill_memory in use) or \
+                 cancelled (purged, or replaced by a newer fill, while streaming)",
             ),
             &["reason"],
         )?;
-        for r in [PassReason::TooLarge, PassReason::FillMemory] {
+        for r in [
+            PassReason::TooLarge,
+            PassReason::FillMemory,
+            PassReason::Cancelled,
+        ] {
             passthroughs.with_label_values(&[r.label()]);
         }
         let cut_readers = prometheus::IntCounter::new(
@@ -846,6 +855,9 @@ impl FoyerMissHandler {
 #[async_trait]
 impl HandleMiss for FoyerMissHandler {
     async fn write_body(&mut self, data: Bytes, _eof: bool) -> Result<()> {
+        if !self.passing && self.fill.is_cancelled() {
+            self.pass_through(PassReason::Cancelled);
+        }
         self.size += data.len();
         let max = self.storage.max_object_bytes;
         if self.size > max && !self.too_large {
@@ -1095,6 +1107,35 @@ mod tests {
         assert_eq!(s.passthroughs.with_label_values(&["too_large"]).get(), 1);
         drop(reader);
         assert_eq!(s.fill_bytes(), 0, "every chunk freed");
+    }
+
+    /// A fill a purge cancelled keeps streaming to its reader, but holds only what the reader
+    /// has not read yet instead of the whole body for a commit that will not come.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_fill_stops_keeping_its_body() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let key = CacheKey::new("h/purged", "");
+        let (mut miss, mut reader) = fill_with_reader(s, &key).await;
+        let chunk = Bytes::from(vec![7u8; 64 * 1024]);
+        miss.write_body(chunk.clone(), false).await.unwrap();
+        assert!(s.invalidate_key("h/purged"), "the fill counts as found");
+        let mut got = reader.read_body().await.unwrap().unwrap().len();
+        for _ in 0..6 {
+            miss.write_body(chunk.clone(), false).await.unwrap();
+            got += reader.read_body().await.unwrap().unwrap().len();
+            // The chunk just written stays until the writer's next release.
+            assert!(s.fill_bytes() <= chunk.len(), "{}", s.fill_bytes());
+        }
+        miss.finish().await.unwrap();
+        while let Some(b) = reader.read_body().await.unwrap() {
+            got += b.len();
+        }
+        assert_eq!(got, 7 * chunk.len(), "its reader gets the whole body");
+        assert!(!s.holds("h/purged"));
+        assert_eq!(s.passthroughs.with_label_values(&["cancelled"]).get(), 1);
+        drop(reader);
+        assert_eq!(s.fill_bytes(), 0);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
