@@ -666,6 +666,7 @@ impl Storage for FoyerStorage {
             storage: self,
             key: key.clone(),
             hash,
+            created: meta.created(),
             fill,
             size: 0,
             passing: false,
@@ -817,6 +818,8 @@ struct FoyerMissHandler {
     storage: &'static FoyerStorage,
     key: CacheKey,
     hash: u128,
+    /// When the fetch began (the object's `created`): purges from then on cover it.
+    created: SystemTime,
     fill: Arc<Fill>,
     size: usize,
     /// The body passes through: it streams to its readers and is not committed.
@@ -912,6 +915,17 @@ impl HandleMiss for FoyerMissHandler {
             // A purge cancels the fill under the same lock: it lands wholly before this check
             // or after the insert, never between.
             let mut epochs = self.storage.purges.lock();
+            // A key purge that landed after the fetch began but before the fill was
+            // registered found nothing to cancel: it still covers this copy, and a lookup
+            // only refuses the copy while that purge is remembered.
+            let primary = hash_of(self.key.primary_bin());
+            if self.storage.recent.overtook_fill(self.created, primary) {
+                tracing::debug!(
+                    key = %String::from_utf8_lossy(self.key.primary_key()),
+                    "a purge overtook the fill: not stored"
+                );
+                self.fill.cancel();
+            }
             if !self.fill.is_cancelled() {
                 // A 304 or an expiry that read the older version stores nothing over this one.
                 epochs[purge_slot(self.hash)] += 1;
@@ -1107,6 +1121,56 @@ mod tests {
         assert_eq!(s.passthroughs.with_label_values(&["too_large"]).get(), 1);
         drop(reader);
         assert_eq!(s.fill_bytes(), 0, "every chunk freed");
+    }
+
+    /// A key purge that lands after a fetch began but before its fill is registered finds
+    /// nothing to cancel; the fill is still not stored, and neither is one whose fetch began
+    /// after the purge's record was forgotten but before the purge.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_before_the_fill_was_registered_still_keeps_it_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let began = SystemTime::now() - Duration::from_millis(5);
+        let meta = |created: SystemTime| {
+            let header = ResponseHeader::build(200, None).unwrap();
+            CacheMeta::new(created + Duration::from_secs(60), created, 0, 0, header)
+        };
+        s.invalidate_key("h/gap");
+        let key = CacheKey::new("h/gap", "");
+        let mut miss = s
+            .get_miss_handler(&key, &meta(began), &trace)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"old"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        assert!(!s.holds("h/gap"), "the purge covers the copy");
+        // A fetch that began after the purge is stored as usual.
+        let key = CacheKey::new("h/gap", "");
+        let mut miss = s
+            .get_miss_handler(&key, &meta(SystemTime::now()), &trace)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"new"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        assert!(s.holds("h/gap"));
+        // A fill older than the purge window: the slot of its key says a purge came after.
+        let long_ago = SystemTime::now() - RECENT_PURGE_WINDOW - Duration::from_secs(1);
+        let key = CacheKey::new("h/long", "");
+        s.invalidate_key("h/long");
+        let mut miss = s
+            .get_miss_handler(&key, &meta(long_ago), &trace)
+            .await
+            .unwrap();
+        miss.write_body(Bytes::from_static(b"old"), true)
+            .await
+            .unwrap();
+        miss.finish().await.unwrap();
+        assert!(!s.holds("h/long"));
     }
 
     /// A fill a purge cancelled keeps streaming to its reader, but holds only what the reader

@@ -120,6 +120,19 @@ impl RecentPurges {
                 .is_some_and(|f| f >= created && f >= horizon)
     }
 
+    /// Whether a fill whose fetch started at `created` may have been overtaken by a purge of
+    /// `hash` it was not registered in time to be cancelled by: a purge still remembered, or,
+    /// for a fill older than the window (a long body), any purge of the key's slot since,
+    /// since the record of one of this key may be gone.
+    pub(crate) fn overtook_fill(&self, created: SystemTime, hash: u128) -> bool {
+        let started = micros(created);
+        if self.slots[slot(hash)].load(Ordering::Acquire) < started {
+            return false;
+        }
+        let horizon = micros(SystemTime::now()).saturating_sub(self.window.as_micros() as u64);
+        started < horizon || self.purged_after(created, || hash)
+    }
+
     #[cfg(test)]
     fn len(&self) -> usize {
         self.inner.lock().order.len()
