@@ -640,14 +640,14 @@ impl PlannerState {
     }
 
     /// Fold this tick's forecast uncertainty into the safety factor and return it: the mean
-    /// interval width of the forecasts above the threshold, smoothed over ticks, shrinks the
-    /// budget from 1 down to `floor`.
-    fn update_safety(&self, forecasts: &[models::Forecast], threshold: f32, floor: f32) -> f32 {
-        let widths: Vec<f32> = forecasts
-            .iter()
-            .filter(|f| f.p_any >= threshold)
-            .map(interval_width)
-            .collect();
+    /// interval width of the `admitted` forecasts (those that clear their bars), smoothed over
+    /// ticks, shrinks the budget from 1 down to `floor`.
+    fn update_safety<'a>(
+        &self,
+        admitted: impl Iterator<Item = &'a models::Forecast>,
+        floor: f32,
+    ) -> f32 {
+        let widths: Vec<f32> = admitted.map(interval_width).collect();
         let mut s = self.safety.lock();
         if widths.is_empty() {
             return s.unwrap_or(1.0);
@@ -1245,18 +1245,6 @@ impl Planner {
             .iter()
             .map(|c| self.ledger.threshold(c.region_idx, c.priority))
             .collect();
-        let threshold = thresholds
-            .iter()
-            .map(|t| t.0)
-            .fold(f32::INFINITY, f32::min)
-            .min(self.cfg.threshold);
-        let safety = self
-            .state
-            .update_safety(&forecasts, threshold, self.cfg.min_safety);
-        self.metrics.planner_safety.set(f64::from(safety));
-        let budgets: Vec<u64> = (0..self.fleet.edges.len())
-            .map(|e| (self.base_budget(e) as f64 * f64::from(safety)) as u64)
-            .collect();
         // Each candidate's target edge and the peer that would fill it there: a peer fill
         // costs inter-edge transfer instead of origin egress, which sets its break-even.
         let edges: Vec<Option<usize>> = cands
@@ -1275,8 +1263,13 @@ impl Planner {
                 e.and_then(|e| self.peer_for(e, held))
             })
             .collect();
-        let (elsewhere, held) =
-            Self::held_elsewhere(&cands, &edges, &live, budgets.len(), EDGE_ENTRY_OVERHEAD);
+        let (elsewhere, held) = Self::held_elsewhere(
+            &cands,
+            &edges,
+            &live,
+            self.fleet.edges.len(),
+            EDGE_ENTRY_OVERHEAD,
+        );
         let bars: Vec<Bar> = cands
             .iter()
             .zip(&peers)
@@ -1292,6 +1285,23 @@ impl Planner {
                     held_elsewhere: elsewhere.get(c.key.as_str()).copied().unwrap_or(0),
                 }
             })
+            .collect();
+        // The uncertainty of the forecasts that could be placed (their threshold, break-even
+        // and precision floor cleared) sizes the budgets: wide intervals of forecasts no bar
+        // admits would only shrink the room of those that are.
+        let admitted = forecasts
+            .iter()
+            .zip(&thresholds)
+            .zip(&bars)
+            .filter(|((f, t), bar)| {
+                f.p_any >= t.0 && bar.odds.holds_back(f64::from(f.p_any)).is_none()
+            });
+        let safety = self
+            .state
+            .update_safety(admitted.map(|((f, _), _)| f), self.cfg.min_safety);
+        self.metrics.planner_safety.set(f64::from(safety));
+        let budgets: Vec<u64> = (0..self.fleet.edges.len())
+            .map(|e| (self.base_budget(e) as f64 * f64::from(safety)) as u64)
             .collect();
         let verdicts = decide(
             &cands,
@@ -2109,18 +2119,14 @@ mod tests {
             quantiles: [0.0, 10.0, 100.0],
             p_any: 0.9,
         };
-        let s1 = state.update_safety(&[tight], 0.5, 0.5);
+        let s1 = state.update_safety([tight].iter(), 0.5);
         assert!(s1 > 0.8, "{s1}");
         let mut s = s1;
         for _ in 0..20 {
-            s = state.update_safety(&[wide], 0.5, 0.5);
+            s = state.update_safety([wide].iter(), 0.5);
         }
         assert!(s < s1 && (s - 0.5).abs() < 0.01, "{s}");
-        // Forecasts below the threshold do not count.
-        let below = Forecast {
-            quantiles: [0.0, 0.0, 50.0],
-            p_any: 0.1,
-        };
-        assert_eq!(state.update_safety(&[below], 0.5, 0.5), s);
+        // A tick admitting no forecast leaves it as it was.
+        assert_eq!(state.update_safety([].iter(), 0.5), s);
     }
 }
