@@ -319,6 +319,7 @@ impl Broker {
             metrics: metrics.clone(),
             planner: planner_state,
             limits: Arc::new(ApiLimits::new(&cfg.admin.rate_limits)),
+            inflight: inflight.clone(),
         };
         let api_router = router(api_state).layer(axum::middleware::from_fn_with_state(
             inflight.clone(),

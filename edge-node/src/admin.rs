@@ -49,7 +49,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::config::{OriginEntry, ORIGIN_ENTRY_FIELDS};
-use crate::drain::InflightCounter;
+use crate::drain::{detached, InflightCounter};
 use crate::invalidate::{invalidate, Target};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, IgnoredFields, OriginTable, SharedOrigins};
@@ -268,20 +268,6 @@ async fn read_json<T: serde::de::DeserializeOwned>(
     limit: usize,
 ) -> Result<T, Box<Response>> {
     json_body(&read_body(body, limit).await?)
-}
-
-/// Run `work` in a task of its own, counted as in flight until it ends: a caller that hangs
-/// up must not cut it short, and a drain waits for it.
-async fn detached<T: Send + 'static>(
-    inflight: &InflightCounter,
-    work: impl std::future::Future<Output = T> + Send + 'static,
-) -> Result<T, tokio::task::JoinError> {
-    let working = inflight.enter();
-    tokio::spawn(async move {
-        let _working = working;
-        work.await
-    })
-    .await
 }
 
 /// The whole request body, at most `limit` bytes: 413 beyond it, 400 when it cannot be read
@@ -797,32 +783,6 @@ mod tests {
         );
         let u: Uri = "/cache/example.com".parse().unwrap();
         assert!(parse_target(&none, &u).is_err());
-    }
-
-    /// Work a handler detaches runs to its end when its caller goes away, and counts as in
-    /// flight (what a drain waits for) until then.
-    #[tokio::test]
-    async fn detached_work_outlives_its_caller_and_counts_until_it_ends() {
-        let inflight = InflightCounter::default();
-        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
-        let done = Arc::new(AtomicUsize::new(0));
-        let work = {
-            let done = done.clone();
-            async move {
-                let _ = finished.await;
-                done.store(1, Ordering::Release);
-            }
-        };
-        let caller = detached(&inflight, work);
-        // The caller hangs up before the work ends.
-        let gone = tokio::time::timeout(Duration::from_millis(20), caller).await;
-        assert!(gone.is_err());
-        assert_eq!(inflight.count(), 1, "still in flight");
-        finish.send(()).unwrap();
-        while inflight.count() > 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(done.load(Ordering::Acquire), 1, "ran to its end");
     }
 
     #[test]

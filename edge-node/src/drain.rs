@@ -62,6 +62,20 @@ pub async fn count_inflight(
     next.run(req).await
 }
 
+/// Run `work` in a task of its own, counted as in flight until it ends: a caller that hangs
+/// up must not cut it short, and a drain waits for it.
+pub async fn detached<T: Send + 'static>(
+    inflight: &InflightCounter,
+    work: impl std::future::Future<Output = T> + Send + 'static,
+) -> Result<T, tokio::task::JoinError> {
+    let working = inflight.enter();
+    tokio::spawn(async move {
+        let _working = working;
+        work.await
+    })
+    .await
+}
+
 /// Seconds pingora's grace period leaves the final step after a drain that ran its full
 /// timeout (the broker's monitor snapshot, the edge's cache flush). The drainer exits the
 /// process as soon as that step is done, so the grace period is only the backstop that
@@ -145,6 +159,32 @@ impl BackgroundService for Drainer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Work a handler detaches runs to its end when its caller goes away, and counts as in
+    /// flight (what a drain waits for) until then.
+    #[tokio::test]
+    async fn detached_work_outlives_its_caller_and_counts_until_it_ends() {
+        let inflight = InflightCounter::default();
+        let (finish, finished) = tokio::sync::oneshot::channel::<()>();
+        let done = Arc::new(AtomicUsize::new(0));
+        let work = {
+            let done = done.clone();
+            async move {
+                let _ = finished.await;
+                done.store(1, Ordering::Release);
+            }
+        };
+        let caller = detached(&inflight, work);
+        // The caller hangs up before the work ends.
+        let gone = tokio::time::timeout(Duration::from_millis(20), caller).await;
+        assert!(gone.is_err());
+        assert_eq!(inflight.count(), 1, "still in flight");
+        finish.send(()).unwrap();
+        while inflight.count() > 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(done.load(Ordering::Acquire), 1, "ran to its end");
+    }
 
     #[test]
     fn guards_count() {

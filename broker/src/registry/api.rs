@@ -63,6 +63,8 @@ pub struct ApiState {
     pub metrics: BrokerMetrics,
     /// The planner's latest decisions.
     pub planner: Arc<PlannerState>,
+    /// Work counted as in flight, which a graceful shutdown waits for.
+    pub inflight: edge_node::drain::InflightCounter,
     /// Shadow cost ledger and threshold tuner.
     pub ledger: Arc<crate::cost::Ledger>,
     /// Per-provider budgets of costly calls.
@@ -833,15 +835,17 @@ async fn event(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
     if matches!(req.kind, EventKind::Updated | EventKind::Deleted) {
         within_budget(&s, CallClass::Purge, &p.id)?;
     }
-    // The work runs in a task of its own: a caller hanging up must not cut it short between
-    // skipping the edges that refresh their copy and their refresh (or purge).
+    // The work runs in a task of its own, counted as in flight: neither a caller hanging up
+    // nor a drain may cut it short between skipping the edges that refresh their copy and
+    // their refresh (or purge).
     let kind = req.kind;
     let exact = req.prefix.is_none();
-    let task = {
+    let work = {
         let s = s.clone();
         let target = target.clone();
-        tokio::spawn(async move { apply_event(&s, kind, exact, &host, &route, &target).await })
+        async move { apply_event(&s, kind, exact, &host, &route, &target).await }
     };
+    let task = edge_node::drain::detached(&s.inflight, work);
     let (mut report, incomplete) = task.await.map_err(|e| {
         tracing::error!(error = %e, "event task failed");
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
