@@ -1088,9 +1088,25 @@ async fn purge_by_cache_tag() {
     assert_eq!(x_cache(&r), "BYPASS");
     assert_eq!(x_cache(&edge.get(slow).await), "MISS");
 
+    // A 304 that names new tags: the refreshed copy is found by them.
+    let retagged = "/t/retagged?skey_gen=1&etag=v1&cc=max-age%3D1";
+    assert_eq!(x_cache(&edge.get(retagged).await), "MISS");
+    origin.bump();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(x_cache(&edge.get(retagged).await), "REVALIDATED");
+    let r = purge_tags(json!({ "tags": ["gen-1"] }), TOKEN)
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(
+        x_cache(&edge.get(retagged).await),
+        "MISS",
+        "purged by its new tag"
+    );
+
     let metrics = edge.metrics().await;
     assert!(
-        metrics.contains(r#"shadowcdn_edge_purges_total{kind="tag",outcome="banned"} 2"#),
+        metrics.contains(r#"shadowcdn_edge_purges_total{kind="tag",outcome="banned"} 3"#),
         "{metrics}"
     );
 

@@ -196,6 +196,9 @@ pub struct RequestCtx {
     /// The `Age` a 304 arrived with: pingora hands the cache filter the stored header
     /// merged with the 304's validators and freshness, not its `Age`.
     revalidation_age: Option<Duration>,
+    /// The `Surrogate-Key` lines a 304 arrived with: pingora merges its `Cache-Tag` into the
+    /// stored header but not these, and a tag purge must find the object by its new tags.
+    revalidation_surrogate_keys: Vec<http::HeaderValue>,
     /// What compression may do to this response.
     compression: compression::Plan,
     /// The client's `Accept-Encoding` as sent (the request's is normalized, see
@@ -763,6 +766,7 @@ impl ProxyHttp for EdgeProxy {
             demand_peer: None,
             peer_served: false,
             revalidation_age: None,
+            revalidation_surrogate_keys: Vec::new(),
             compression: compression::Plan::AsStored,
             client_accept_encoding: None,
             query_filtered: false,
@@ -1050,6 +1054,14 @@ impl ProxyHttp for EdgeProxy {
             .fetch_started
             .map_or_else(SystemTime::now, |(_, wall)| wall);
         let age = ctx.revalidation_age.unwrap_or_else(|| upstream_age(resp));
+        if ctx.revalidation_age.is_some() && !ctx.revalidation_surrogate_keys.is_empty() {
+            let mut merged = resp.clone();
+            merged.remove_header(tags::SURROGATE_KEY);
+            for v in &ctx.revalidation_surrogate_keys {
+                merged.append_header(tags::SURROGATE_KEY, v.clone())?;
+            }
+            return Ok(self.cacheability(&merged, authorization, credentials, admitted, age));
+        }
         Ok(self.cacheability(resp, authorization, credentials, admitted, age))
     }
 
@@ -1148,8 +1160,18 @@ impl ProxyHttp for EdgeProxy {
         if ctx.origin.as_ref().is_some_and(|o| o.strip_set_cookie) {
             upstream_response.remove_header(&header::SET_COOKIE);
         }
-        ctx.revalidation_age = (upstream_response.status == http::StatusCode::NOT_MODIFIED)
-            .then(|| upstream_age(upstream_response));
+        let not_modified = upstream_response.status == http::StatusCode::NOT_MODIFIED;
+        ctx.revalidation_age = not_modified.then(|| upstream_age(upstream_response));
+        ctx.revalidation_surrogate_keys = if not_modified {
+            upstream_response
+                .headers
+                .get_all(tags::SURROGATE_KEY)
+                .iter()
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         // A body of unknown length that outgrows the object limit: pingora-cache would cut
         // the response off mid-body, so its limit is lifted for this fill and the storage
         // enforces the real one by passing the rest through uncached (see `storage`). Set

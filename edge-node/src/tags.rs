@@ -11,8 +11,10 @@ use std::borrow::Cow;
 
 use http::HeaderMap;
 
+/// `Surrogate-Key`, one of the [`HEADERS`].
+pub const SURROGATE_KEY: &str = "surrogate-key";
 /// Response headers that carry tags.
-pub const HEADERS: [&str; 2] = ["surrogate-key", "cache-tag"];
+pub const HEADERS: [&str; 2] = [SURROGATE_KEY, "cache-tag"];
 /// Most tags one purge may name.
 pub const MAX_PER_PURGE: usize = 64;
 /// Longest tag accepted in a purge (a longer one in a response can never be purged).

@@ -19,7 +19,8 @@
 //! - `set_cookie=...` send `Set-Cookie`
 //! - `gen=1` end the body with `;gen=N`, N the version [`TestOrigin::bump`] publishes
 //! - `personal=1` answer a request carrying a `Cookie` with `private` and a `Set-Cookie`
-//! - `skey=...` send `Surrogate-Key`; `ctag=...` send `Cache-Tag` (cache tags)
+//! - `skey=...` send `Surrogate-Key`; `ctag=...` send `Cache-Tag` (cache tags);
+//!   `skey_gen=1` send `Surrogate-Key: gen-N`, N the version [`TestOrigin::bump`] publishes
 //! - `ct=...` send this `Content-Type` (none otherwise)
 //! - `https_redirect=1` a cacheable 301 to https for requests not forwarded as https
 
@@ -278,6 +279,10 @@ async fn handle(
     }
     if let Some(tags) = q.get("skey") {
         resp = resp.header("surrogate-key", tags);
+    }
+    if q.contains_key("skey_gen") {
+        let g = c.generation.load(Ordering::SeqCst);
+        resp = resp.header("surrogate-key", format!("gen-{g}"));
     }
     if let Some(tags) = q.get("ctag") {
         resp = resp.header("cache-tag", tags);
