@@ -1988,6 +1988,38 @@ async fn shadow_marked(edge: &Edge, order: serde_json::Value) -> bool {
     false
 }
 
+/// A shadow fill whose origin answers with a redirect takes it as the answer: it does not
+/// fetch where the redirect points (which would also hand that server the fill's internal
+/// header), and places no shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_fill_does_not_follow_a_redirect() {
+    let origin = TestOrigin::start().await;
+    let elsewhere = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let to = format!("http%3A%2F%2F{}%2Fsecret", elsewhere.addr);
+    let key = format!("{HOST}/moved?cc=max-age%3D60&location={to}&status=302");
+    let (s, v) = admin_json(
+        &edge,
+        Method::POST,
+        "/shadows",
+        Some(json!({"key": key, "ttl_secs": 60})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    for _ in 0..100 {
+        if origin.hits("/moved") > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(origin.hits("/moved"), 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(elsewhere.hits("/secret"), 0, "the redirect was followed");
+    let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
 /// A shadow order the cache cannot keep (the origin forbids caching, or the body outgrows the
 /// object limit while streaming) fails without a mark: nothing is pre-positioned, and the
 /// broker hears the order holds nothing.

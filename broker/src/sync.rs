@@ -88,6 +88,7 @@ impl EdgeSync {
     ) -> Self {
         let client = reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();

@@ -22,6 +22,7 @@
 //! - `skey=...` send `Surrogate-Key`; `ctag=...` send `Cache-Tag` (cache tags);
 //!   `skey_gen=1` send `Surrogate-Key: gen-N`, N the version [`TestOrigin::bump`] publishes
 //! - `ct=...` send this `Content-Type` (none otherwise)
+//! - `location=...` send this `Location`
 //! - `https_redirect=1` a cacheable 301 to https for requests not forwarded as https
 
 use std::collections::HashMap;
@@ -270,6 +271,9 @@ async fn handle(
     }
     if let Some(ct) = q.get("ct") {
         resp = resp.header("content-type", ct);
+    }
+    if let Some(to) = q.get("location") {
+        resp = resp.header("location", to);
     }
     // `headers=N`: N extra header lines (`x-pad-<i>: 1`), to reach header-count limits.
     if let Some(n) = q.get("headers").and_then(|v| v.parse::<usize>().ok()) {

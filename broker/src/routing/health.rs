@@ -176,6 +176,7 @@ impl BackgroundService for HealthChecker {
     async fn start(&self, _shutdown: ShutdownWatch) {
         let client = match reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_millis(self.cfg.timeout_ms))
             .build()
         {

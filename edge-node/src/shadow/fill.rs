@@ -572,8 +572,11 @@ impl ShadowService {
 impl BackgroundService for ShadowService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let _until_purged = self.inflight.enter();
+        // A redirect is the object (cached like any answer), not a place to go: followed, it
+        // would send the fill, internal secret and all, wherever an origin pointed it.
         match reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_secs(60))
             .build()
         {

@@ -171,8 +171,11 @@ impl SyncService {
         // Bounded per read, not per transfer: a large object to a distant peer may take
         // minutes whole, and a stall is caught by the gap between reads (and the peer's own
         // read timeout).
+        // Redirects are relayed as the copy they are, never followed: an origin's `Location`
+        // must not make this edge fetch (and hand a peer) whatever it names.
         let http = reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(60))
             .build()
