@@ -291,7 +291,8 @@ impl OriginTable {
 /// allows that; a name is looked up when its row is new or its last lookup — failed or not —
 /// is older than [`RESOLVE_EVERY`] (the broker pushes every few seconds, and every push must
 /// not cost a DNS query per row), all of a push's lookups together within [`RESOLVE_TIMEOUT`]
-/// (one provider's unanswered names must not stall everyone's push); and one whose name stops
+/// (one provider's unanswered names must not stall everyone's push; names they kept from
+/// being asked in time are asked at the next push, not counted as failed); and one whose name stops
 /// resolving keeps the address it last had for up to [`KEEP_UNRESOLVED`] (a resolver hiccup
 /// must not take a site down, a name gone for good must not be served forever).
 #[derive(Debug)]
@@ -602,28 +603,48 @@ impl SharedOrigins {
     }
 }
 
-/// Look `names` up concurrently, all within [`RESOLVE_TIMEOUT`] (a lookup still running then
-/// counts as failed; its resolver thread finishes on its own, and the name is not asked again
-/// for [`RESOLVE_EVERY`]).
+/// Look `names` up concurrently, all within [`RESOLVE_TIMEOUT`]. A lookup that had at least
+/// half of it and got no answer counts as failed (its resolver thread finishes on its own, and
+/// the name is not asked again for [`RESOLVE_EVERY`]). One that started too late to be given
+/// that, queued behind slow names, is left out: not looked up this time, it is asked again at
+/// the next push, so a provider whose names never answer cannot keep everyone else's names
+/// failing push after push.
 async fn lookup_all(names: Vec<(String, u16)>) -> Lookups {
+    lookup_all_with(names, |host, port| async move {
+        Ok(tokio::net::lookup_host((host, port)).await?.next())
+    })
+    .await
+}
+
+/// [`lookup_all`] with `lookup` answering for the resolver.
+async fn lookup_all_with<F, Fut>(names: Vec<(String, u16)>, lookup: F) -> Lookups
+where
+    F: Fn(String, u16) -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<Option<SocketAddr>>>,
+{
     use futures::StreamExt;
     let deadline = tokio::time::Instant::now() + RESOLVE_TIMEOUT;
+    let lookup = &lookup;
     futures::stream::iter(names)
         .map(|(host, port)| async move {
-            let answer =
-                tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.clone(), port)))
-                    .await;
+            let fair = tokio::time::Instant::now() + RESOLVE_TIMEOUT / 2 <= deadline;
+            let answer = tokio::time::timeout_at(deadline, lookup(host.clone(), port)).await;
             let addr = match answer {
-                Ok(Ok(mut addrs)) => addrs.next().ok_or_else(|| "no address".to_string()),
+                Ok(Ok(addr)) => addr.ok_or_else(|| "no address".to_string()),
                 Ok(Err(e)) => Err(e.to_string()),
+                Err(_) if !fair => return None,
                 Err(_) => Err(format!("no answer within {RESOLVE_TIMEOUT:?}")),
             };
-            ((host, port), addr)
+            Some(((host, port), addr))
         })
-        .buffer_unordered(64)
+        .buffer_unordered(LOOKUPS_AT_ONCE)
+        .filter_map(std::future::ready)
         .collect()
         .await
 }
+
+/// Lookups one push runs at once.
+const LOOKUPS_AT_ONCE: usize = 64;
 
 /// Where an upstream URL connects: one reading for building the table and for the lookups a
 /// push makes before it, so both name the same `(name, port)`.
@@ -641,12 +662,33 @@ impl Target {
             Some("https") => true,
             _ => return Err("scheme must be http or https"),
         };
-        let name = uri
+        let auth = uri.authority().ok_or("missing host")?;
+        // Credentials would never be sent, and a query would be dropped: refused, not
+        // silently ignored.
+        if auth.as_str().contains('@') {
+            return Err("credentials are not allowed in the URL");
+        }
+        if uri.query().is_some() {
+            return Err("upstream URL must not have a query");
+        }
+        let name = auth
             .host()
-            .ok_or("missing host")?
             .trim_matches(|c| c == '[' || c == ']')
             .to_string();
-        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
+        // `http::Uri` keeps any port text; an unparsable one would silently mean 80 or 443.
+        let port = match auth.as_str()[auth.host().len()..].strip_prefix(':') {
+            None => {
+                if tls {
+                    443
+                } else {
+                    80
+                }
+            }
+            Some(p) => match p.parse::<u16>() {
+                Ok(p @ 1..) => p,
+                _ => return Err("port must be a number from 1 to 65535"),
+            },
+        };
         Ok(Target { tls, name, port })
     }
 }
@@ -745,6 +787,33 @@ fn parse_entry(
 mod tests {
     use super::*;
 
+    /// Names that never answer take every lookup slot for the whole push: they fail, and the
+    /// names queued behind them are not counted as failed but left for the next push.
+    #[tokio::test(start_paused = true)]
+    async fn names_queued_behind_unanswered_ones_are_left_for_the_next_push() {
+        let mut names: Vec<(String, u16)> = (0..LOOKUPS_AT_ONCE)
+            .map(|i| (format!("a{i:03}.slow.test"), 80))
+            .collect();
+        names.push(("z.fine.test".to_string(), 80));
+        let found = lookup_all_with(names, |host, _| async move {
+            if host.ends_with(".slow.test") {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Ok(Some(SocketAddr::from(([192, 0, 2, 1], 80))))
+        })
+        .await;
+        assert_eq!(found.len(), LOOKUPS_AT_ONCE, "{found:?}");
+        assert!(found.values().all(|a| a.is_err()));
+        assert!(!found.contains_key(&("z.fine.test".to_string(), 80)));
+        // With a free slot it answers.
+        let found = lookup_all_with(vec![("z.fine.test".to_string(), 80)], |_, _| async {
+            Ok(Some(SocketAddr::from(([192, 0, 2, 1], 80))))
+        })
+        .await;
+        assert!(found[&("z.fine.test".to_string(), 80)].is_ok());
+    }
+
     /// A row's query filter shapes the keys of its requests only, and a malformed one is
     /// refused naming the field.
     #[test]
@@ -788,6 +857,29 @@ mod tests {
             cache_key_ignore_query: Vec::new(),
             registered_at_ms: None,
         }
+    }
+
+    /// An upstream whose port, credentials or query would be silently dropped is refused,
+    /// naming the field and why.
+    #[test]
+    fn upstream_urls_that_would_lose_a_part_are_refused() {
+        for (up, why) in [
+            ("http://127.0.0.1:80800", "port"),
+            ("http://127.0.0.1:8o80", "port"),
+            ("http://127.0.0.1:0", "port"),
+            ("http://user:pass@127.0.0.1:9000", "credentials"),
+            ("https://127.0.0.1:9000/?token=x", "query"),
+        ] {
+            let err = OriginTable::build(&[entry("example.com", None, up)])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("origins[0].upstream") && err.contains(why),
+                "{up}: {err}"
+            );
+        }
+        let t = OriginTable::build(&[entry("example.com", None, "https://127.0.0.1")]).unwrap();
+        assert_eq!(t.select("example.com", "/").unwrap().addr.port(), 443);
     }
 
     #[test]
