@@ -18,7 +18,7 @@ use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
 use super::table::{Ending, Expired, FillSource, FillTags, Order, ShadowTable};
-use super::{FillPacer, FILL_HEADER, REFRESH_HEADER, VARIES_HEADER};
+use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::accept_encoding::{Coding, Mix};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
@@ -400,8 +400,6 @@ struct Fetched {
     source: FillSource,
     /// The object's cache tags.
     tags: FillTags,
-    /// Whether the object varies (more variants of the key may be stored).
-    varies: bool,
 }
 
 /// Fetch `r`'s key through this edge's own listener, from `peer` if one is named; with
@@ -452,7 +450,6 @@ async fn fetch(
     }
     // The proxy leaves the tag headers on a shadow fill's answer.
     let tags = FillTags::of(resp.headers());
-    let varies = resp.headers().contains_key(VARIES_HEADER);
     // Read through (the proxy fills the cache as it streams), counting, never buffering.
     while let Some(chunk) = resp.chunk().await.map_err(|e| e.to_string())? {
         *moved += chunk.len() as u64;
@@ -471,11 +468,7 @@ async fn fetch(
     } else {
         FillSource::Origin
     };
-    Ok(Fetched {
-        source,
-        tags,
-        varies,
-    })
+    Ok(Fetched { source, tags })
 }
 
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
@@ -670,7 +663,7 @@ impl ShadowService {
                 // fill asks for would leave the others serving the old version, so every
                 // variant goes and the fill fetches the new one afresh (clients meanwhile wait
                 // on its fill, as after any purge).
-                let replace_all = req.refresh && table.get(&req.key).is_some_and(|m| m.varies);
+                let replace_all = req.refresh && storage.varies(&req.key).await;
                 if replace_all {
                     storage.invalidate_key(&req.key);
                     storage.settle_purge(&req.key).await;
@@ -695,14 +688,7 @@ impl ShadowService {
                 };
                 pacer.charge(charged, Instant::now());
                 match filled {
-                    Ok((
-                        bytes,
-                        Fetched {
-                            source,
-                            tags,
-                            varies,
-                        },
-                    )) => {
+                    Ok((bytes, Fetched { source, tags })) => {
                         let now = Instant::now();
                         if !table.mark_filled(&req.key, req.ttl, req.order(), tags, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");
@@ -722,7 +708,16 @@ impl ShadowService {
                             report_unheld(&table, &req);
                             return;
                         }
-                        table.set_fill(&req.key, bytes, source, varies);
+                        // Passed through the cache uncached (the fill memory was full): its
+                        // `X-Cache` said MISS, but nothing is held here. Not the key's fault,
+                        // so no failure (which would back the key off): the shadow ends.
+                        if source != FillSource::Local && !storage.holds(&req.key) {
+                            tracing::info!(key = %req.key, "shadow fill passed through uncached");
+                            metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                            table.remove(&req.key);
+                            return;
+                        }
+                        table.set_fill(&req.key, bytes, source);
                         metrics.shadow_fills.with_label_values(&["filled"]).inc();
                         metrics
                             .shadow_fill_sources

@@ -103,10 +103,6 @@ pub const FILL_HEADER: &str = "x-shadowcdn-shadow-fill";
 /// Header on a shadow fill (honoured only with [`FILL_HEADER`]) that revalidates a held copy
 /// with the origin before it is re-marked.
 pub const REFRESH_HEADER: &str = "x-shadowcdn-refresh";
-/// Header on the answer to a shadow fill whose object varies (the origin's `Vary`, before the
-/// edge's compression adds its own): a refresh of one variant would leave the others as they
-/// were, so the object's refresh replaces them all.
-pub const VARIES_HEADER: &str = "x-shadowcdn-varies";
 
 /// Drop the shadow mark of `key`; an object no client asked for goes with it (it was only
 /// there as a prediction), one a client asked for, or that the edge held before the order,

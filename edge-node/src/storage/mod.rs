@@ -414,6 +414,16 @@ impl FoyerStorage {
             || self.recent.purged_after(created, hash)
     }
 
+    /// Whether the object stored under `primary_key` varies: its primary slot holds one of
+    /// several possible variants, so refreshing one leaves the others as they were. `false`
+    /// when nothing is stored.
+    pub async fn varies(&self, primary_key: &str) -> bool {
+        match self.load(primary_hash(primary_key)).await {
+            Ok(Some(obj)) => obj.meta().is_ok_and(|m| m.variance().is_some()),
+            _ => false,
+        }
+    }
+
     /// Whether the cache (memory or disk) holds an object under `primary_key`.
     pub fn holds(&self, primary_key: &str) -> bool {
         self.cache.contains(&primary_hash(primary_key))
