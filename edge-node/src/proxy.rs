@@ -42,7 +42,7 @@ use crate::compression;
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, OriginTable, SharedOrigins};
-use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER, VARIES_HEADER};
+use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::{
     FoyerStorage, CREDENTIALED_REQUEST, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR,
     PEER_LACKS_OBJECT, PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY,
@@ -599,11 +599,13 @@ const PEER_MISS: &str = "peer_miss";
 const NO_HEURISTIC: CacheMetaDefaults = CacheMetaDefaults::new(|_| None, 0, 0);
 
 /// Why an answer is not stored. To a request with credentials (`Authorization`, or a
-/// `Cookie`: a session) it describes that client (a `Set-Cookie`, `private`, its own copy),
-/// not the key: remembered for the key, pingora's predictor would send every later request
-/// for the URL past the cache, stored variants included, so any logged-in client could turn
-/// a key's cache off with one request. The next anonymous answer teaches the predictor what
-/// the key itself is.
+/// `Cookie` for a key the edge holds a copy of) it describes that client (a `Set-Cookie`,
+/// `private`, its own copy), not the key: remembered for the key, pingora's predictor would
+/// send every later request for the URL past the cache, stored variants included, so any
+/// logged-in client could turn a key's cache off with one request. The next anonymous answer
+/// teaches the predictor what the key itself is. A key with nothing stored is remembered as
+/// usual: most browsers send some cookie, and a page no one may cache would otherwise take the
+/// cache lock on every request, each waiting for the one before it.
 fn refused(credentials: bool) -> NoCacheReason {
     if credentials {
         NoCacheReason::Custom(CREDENTIALED_REQUEST)
@@ -1046,7 +1048,8 @@ impl ProxyHttp for EdgeProxy {
         }
         let headers = &session.req_header().headers;
         let authorization = headers.contains_key(header::AUTHORIZATION);
-        let credentials = authorization || headers.contains_key(header::COOKIE);
+        let credentials = authorization
+            || (headers.contains_key(header::COOKIE) && self.parts.storage.holds(&ctx.key));
         // A purge landing between the check above and the fill's registration in the
         // storage would find nothing to cancel: dated from the fetch's start, the copy is
         // older than that purge, which removes it at its first lookup.
@@ -1295,9 +1298,6 @@ impl ProxyHttp for EdgeProxy {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             resp.insert_header(PEER_ADMITTED_HEADER, ms)?;
-        }
-        if ctx.shadow_fill && resp.headers.contains_key(header::VARY) {
-            resp.insert_header(VARIES_HEADER, "1")?;
         }
         compression::response_filter(ctx.compression, session, resp)?;
         resp.insert_header("x-cache", x_cache_value(status))?;
