@@ -74,10 +74,12 @@ pub struct CostSection {
     #[serde(default = "default_client_mbit")]
     pub client_mbit_per_sec: f64,
     /// Whether the tuners move thresholds (off: the planner's threshold for forecasts, and
-    /// every follower or widening the co-access and anomaly signals offer).
+    /// every follower or widening the co-access and anomaly signals offer; forecasts and
+    /// followers still held to `min_precision`).
     #[serde(default = "default_true")]
     pub tune: bool,
-    /// Lowest threshold a tuner may set (default 0.05).
+    /// Lowest threshold a tuner may set (default 0.05); forecast and co-access tuners go no
+    /// lower than `min_precision` either.
     #[serde(default = "default_min_threshold")]
     pub min_threshold: f32,
     /// Highest threshold a tuner may set (default 0.95).

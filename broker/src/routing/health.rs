@@ -80,6 +80,11 @@ impl Health {
             self.fails[edge].store(0, Ordering::Release);
             let n = self.oks[edge].fetch_add(1, Ordering::AcqRel) + 1;
             if n >= self.rise && !self.up[edge].swap(true, Ordering::AcqRel) {
+                // A mark-down between the check above and the swap wins.
+                if self.downs[edge].load(Ordering::Acquire) != started {
+                    self.up[edge].store(false, Ordering::Release);
+                    return None;
+                }
                 return Some(true);
             }
         } else {
@@ -92,6 +97,9 @@ impl Health {
         None
     }
 }
+
+/// Shortest time an edge's proxy is given to answer a probe ([`probe`]).
+const MIN_PROXY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Whether a `/healthz` answer comes from edge `id`: an address that now belongs to another
 /// node (a recycled pod address kept through a failed lookup) must not pass for this edge,
@@ -145,12 +153,15 @@ impl HealthChecker {
 /// behind a live admin API would otherwise flap between probes and passive failures, and a
 /// stuck one, whose connections the kernel still accepts, would hold its keys' requests until
 /// they time out (a broker-side read timeout does not mark an edge down). Any HTTP answer
-/// counts: an edge from before the probe path answers 404.
+/// counts: an edge from before the probe path answers 404. The proxy has `proxy_timeout`:
+/// its workers also serve clients, and a busy edge answering a little late must not be
+/// taken out (its keys would only load the next edge more).
 async fn probe(
     client: &reqwest::Client,
     admin: SocketAddr,
     proxy: SocketAddr,
     id: &str,
+    proxy_timeout: Duration,
 ) -> Result<(), String> {
     match client.get(format!("http://{admin}/healthz")).send().await {
         Ok(r) if r.status().is_success() => {
@@ -162,6 +173,7 @@ async fn probe(
     }
     client
         .get(format!("http://{proxy}{PROBE_PATH}"))
+        .timeout(proxy_timeout)
         .send()
         .await
         .map(|_| ())
@@ -193,6 +205,7 @@ impl BackgroundService for HealthChecker {
         loop {
             tick.tick().await;
             let timeout = Duration::from_millis(self.cfg.timeout_ms);
+            let proxy_timeout = timeout.max(MIN_PROXY_PROBE_TIMEOUT);
             let probes = self.fleet.edges.iter().enumerate().map(|(i, e)| {
                 let client = client.clone();
                 async move {
@@ -201,7 +214,7 @@ impl BackgroundService for HealthChecker {
                     let (Some(admin), Some(proxy)) = (now.admin, now.proxy) else {
                         return (Err("address unresolved".to_string()), now, started);
                     };
-                    let ok = probe(&client, admin, proxy, &e.id).await;
+                    let ok = probe(&client, admin, proxy, &e.id, proxy_timeout).await;
                     (ok, now, started)
                 }
             });
@@ -285,20 +298,21 @@ mod tests {
                     .await;
             }
         });
+        let half = Duration::from_millis(500);
         let client = reqwest::Client::builder()
             .no_proxy()
-            .timeout(Duration::from_millis(500))
+            .timeout(half)
             .build()
             .unwrap();
-        let err = probe(&client, admin_addr, stuck.local_addr().unwrap(), "e1")
+        let err = probe(&client, admin_addr, stuck.local_addr().unwrap(), "e1", half)
             .await
             .unwrap_err();
         assert!(err.starts_with("proxy port"), "{err}");
         assert_eq!(
-            probe(&client, admin_addr, answering_addr, "e1").await,
+            probe(&client, admin_addr, answering_addr, "e1", half).await,
             Ok(())
         );
-        let err = probe(&client, admin_addr, answering_addr, "e2")
+        let err = probe(&client, admin_addr, answering_addr, "e2", half)
             .await
             .unwrap_err();
         assert!(err.contains("e2"), "{err}");
