@@ -34,6 +34,11 @@ ensure_peers() {
       sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
       $sudo apt-get update -qq
       $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx varnish wrk >/dev/null
+      # The benchmarks start their own instances; the packages' system services (on :80 and
+      # :6081) would stay running beside them, on the same cores.
+      if command -v systemctl >/dev/null 2>&1; then
+        $sudo systemctl disable --now nginx varnish >/dev/null 2>&1 || true
+      fi
       break
     fi
   done

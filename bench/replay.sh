@@ -30,7 +30,7 @@ SPEEDUP=${2:-1800}
 PCTS=${3:-"1 5 10"}
 MODES=${4:-"plain peer baseline lstm"}
 LIMIT=${5:-}
-TRACES=${TRACES:-../shared/traces}
+TRACES=${TRACES:-${SHADOWCDN_TRACES:-../shared/traces}}
 SAMPLE_SECS=${SAMPLE_SECS:-3600}
 bash deploy/setup.sh >/dev/null
 [ "${BUILD:-1}" = 0 ] || ${CARGO_LOCK:+flock "$CARGO_LOCK"} cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
@@ -66,7 +66,19 @@ stop_all() {
   wait 2>/dev/null || true
   pids=()
 }
-trap stop_all EXIT INT TERM
+# A signal ends the script (bash runs a trap only once the foreground replay returns, and a
+# trap that did not exit would go on to the next size); leaving runs stop_all.
+trap stop_all EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# A server left on one of the cluster's ports (another benchmark's) would be measured instead.
+for port in 18080 17081 18101 19101 18201 19201 19000; do
+  if [ -n "$(ss -ltnH "sport = :$port" 2>/dev/null)" ]; then
+    echo "port $port is already in use: stop what listens there first" >&2
+    exit 1
+  fi
+done
 
 edge_config() { # id port admin bytes maxobj
   cat <<TOML

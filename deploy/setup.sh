@@ -10,6 +10,8 @@ command -v curl >/dev/null 2>&1 || need+=(curl)     # deploy/local/run.sh's read
 # pip fetches ONNX Runtime below (a fresh Debian has python3, but not its pip).
 command -v python3 >/dev/null 2>&1 || need+=(python3)
 python3 -c 'import pip' >/dev/null 2>&1 || need+=(python3-pip)
+# The training and offline-benchmark scripts make virtualenvs (Debian splits venv out).
+python3 -c 'import ensurepip' >/dev/null 2>&1 || need+=(python3-venv)
 
 if ((${#need[@]})); then
   sudo=""

@@ -8,7 +8,8 @@ cd "$(dirname "$0")/../.."
 bash deploy/setup.sh
 cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
 mkdir -p var/local
-OPERATOR=local-operator-token-change-me
+# The operator token the broker is configured with, read from its config (one place to change).
+OPERATOR=$(sed -n 's/^operator_token *= *"\(.*\)".*/\1/p' deploy/local/broker.toml)
 
 pids=()
 # Stops every process started here and exits (a signal that comes during the build or the
@@ -93,13 +94,18 @@ wait_for http://127.0.0.1:7081/healthz 300
 
 # A demo provider owning "localhost" (idempotent across restarts: the registry is durable).
 TOKEN_FILE=var/local/demo-provider.token
-if [ ! -s "$TOKEN_FILE" ]; then
+new_token() {
   target/release/broker api --api http://127.0.0.1:7081 --token "$OPERATOR" create-provider demo \
     | sed -n 's/.*"token": "\(.*\)".*/\1/p' >"$TOKEN_FILE"
-fi
+}
 # Exit 3: registered, but an edge still starting did not confirm the purge of old copies.
-target/release/broker api --api http://127.0.0.1:7081 --token "$(cat "$TOKEN_FILE")" \
-  set-origin localhost http://127.0.0.1:9000 >/dev/null || [ $? -eq 3 ]
+set_origin() {
+  target/release/broker api --api http://127.0.0.1:7081 --token "$(cat "$TOKEN_FILE")" \
+    set-origin localhost http://127.0.0.1:9000 >/dev/null || [ $? -eq 3 ]
+}
+[ -s "$TOKEN_FILE" ] || new_token
+# A token kept from before var/local/broker was reset names a provider the registry lost.
+set_origin || { new_token && set_origin; }
 wait_for http://localhost:8080/README.md 200
 
 cat <<INFO
