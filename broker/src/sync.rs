@@ -21,7 +21,7 @@ use tokio::sync::Notify;
 
 use crate::control::{Control, ControlError};
 use crate::metrics::BrokerMetrics;
-use crate::redelivery::{PendingPurge, Redelivery};
+use crate::redelivery::{PendingPurge, Redelivery, Ticket};
 use crate::refreshes::RecentRefreshes;
 use crate::registry::Registry;
 use crate::routing::Fleet;
@@ -511,6 +511,28 @@ impl EdgeSync {
         self.purge_on(target, &edges).await
     }
 
+    /// `target` changed and is about to be refreshed on `edges` instead of purged there. Until
+    /// [`Self::refreshed`], a purge of it for those edges is written down as being sent: a
+    /// broker that crashes before their refresh orders are accepted purges their copies when
+    /// it restarts, instead of leaving the old version served for the rest of its TTL.
+    pub async fn refreshing(&self, target: &str, edges: &[usize]) -> Option<Ticket> {
+        let r = self.redelivery.as_ref().filter(|_| !edges.is_empty())?;
+        let purge = PendingPurge::Target {
+            target: target.to_string(),
+        };
+        let ticket = r.begin(purge, edges);
+        r.save().await;
+        Some(ticket)
+    }
+
+    /// The refreshes of [`Self::refreshing`] were ordered (or their edges purged instead).
+    pub async fn refreshed(&self, ticket: Option<Ticket>) {
+        if let (Some(r), Some(t)) = (&self.redelivery, ticket) {
+            r.finish(t);
+            r.save().await;
+        }
+    }
+
     /// Purge `target` on `edges`, concurrently.
     pub async fn purge_on(self: &Arc<Self>, target: &str, edges: &[usize]) -> Vec<EdgeResult> {
         let purge = PendingPurge::Target {
@@ -890,6 +912,44 @@ mod tests {
         assert_eq!(left(&redelivery), expect);
         drop(redelivery);
         assert_eq!(left(&open()), expect, "as saved");
+    }
+
+    /// A refresh ordered in place of a purge is written down as that purge until it is
+    /// ordered: a broker that stops in between purges the copies when it starts again.
+    #[tokio::test]
+    async fn a_refresh_cut_short_by_a_crash_is_queued_as_a_purge() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
+        let fleet = Arc::new(Fleet::new(&cfg));
+        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let path = dir.path().join("pending-purges.json");
+        let open = || {
+            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics.clone());
+            Arc::new(r.unwrap())
+        };
+        let registry = Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap());
+        let sync = EdgeSync::new(
+            fleet.clone(),
+            registry,
+            "token".into(),
+            metrics.clone(),
+            None,
+        )
+        .redelivering(open());
+        let done = sync.refreshing("a.com/done", &[1]).await;
+        sync.refreshed(done).await;
+        let _crashed = sync.refreshing("a.com/cut", &[1]).await;
+        assert!(sync.refreshing("a.com/none", &[]).await.is_none());
+        drop(sync);
+        let reopened = open();
+        assert_eq!(reopened.edges_pending(), vec![1]);
+        assert_eq!(
+            reopened.pending(1).1,
+            vec![PendingPurge::Target {
+                target: "a.com/cut".into()
+            }]
+        );
     }
 
     /// A purge an edge confirms only after longer than the fan-out waits is confirmed by

@@ -890,6 +890,7 @@ async fn apply_event(
             };
             // Edges holding a live shadow refresh it in place (revalidate, then swap: no
             // window without a copy); every other copy is invalidated.
+            let refreshing = s.sync.refreshing(target, &refill).await;
             let purged = s.sync.purge_all_but(target, &refill).await;
             s.planner.forget(target);
             let ttl = s
@@ -912,6 +913,7 @@ async fn apply_event(
             // An edge that could not refresh its copy must not keep serving the old one.
             let mut purged = purged;
             purged.extend(s.sync.purge_on(target, &not_refreshed).await);
+            s.sync.refreshed(refreshing).await;
             incomplete = purged.iter().any(|r| !r.ok);
             report.insert("purged".into(), json!(purged));
             report.insert("refilled".into(), json!(refilled));
