@@ -142,6 +142,17 @@ impl Cluster {
             .unwrap()
     }
 
+    /// Post a provider event (`POST /v1/events`) as the registered provider.
+    async fn event(&self, body: Value) -> (StatusCode, Value) {
+        api(
+            reqwest::Method::POST,
+            self.broker.api("/v1/events"),
+            &self.token,
+            Some(body),
+        )
+        .await
+    }
+
     /// Register a resource (must succeed); returns the API's answer.
     async fn add_resource(&self, body: Value) -> Value {
         let (s, v) = api(
@@ -1611,25 +1622,15 @@ async fn malformed_requests_are_rejected_and_change_nothing() {
     assert_eq!(v["error"], "rate_limited", "{v}");
     // An event that purges spends the purge budget too; one that only shadows does not.
     let event = |kind: &str| json!({"kind": kind, "host": HOST, "prefix": "/tmp/"});
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(event("deleted")),
-    )
-    .await;
+    let (s, v) = c.event(event("deleted")).await;
     assert_eq!(
         (s, &v["error"]),
         (StatusCode::TOO_MANY_REQUESTS, &json!("rate_limited")),
         "{v}"
     );
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "created", "host": HOST, "path": "/new.js"})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "created", "host": HOST, "path": "/new.js"}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let (s, v) = api(
         reqwest::Method::POST,
@@ -1944,13 +1945,9 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     let key = format!("{HOST}/launch/new.js");
 
     // created + high priority → shadowed at once in both regions, before any request.
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "created", "host": HOST, "path": "/launch/new.js"})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "created", "host": HOST, "path": "/launch/new.js"}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let shadowed: Vec<String> = v["shadowed"]
         .as_array()
@@ -1979,13 +1976,9 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
     assert_eq!(origin.hits("/launch/new.js"), 2);
 
     // updated → every copy invalidated and the live shadows refetched.
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "updated", "host": HOST, "path": "/launch/new.js"})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "updated", "host": HOST, "path": "/launch/new.js"}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["refilled"].as_array().unwrap().len(), 2, "{v}");
     wait_until(|| async { origin.hits("/launch/new.js") == 4 }).await;
@@ -1993,13 +1986,9 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
         .await;
 
     // deleted → gone everywhere: the next request goes to the origin.
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "deleted", "host": HOST, "path": "/launch/new.js"})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "deleted", "host": HOST, "path": "/launch/new.js"}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!(c.not_shadowed_on(3, &key).await && c.not_shadowed_on(eu_edge, &key).await);
     let r = c.get("/launch/new.js", "us").await;
@@ -2009,35 +1998,23 @@ async fn modification_events_shadow_refresh_and_delete_copies_everywhere() {
         .await
         .contains("shadowcdn_broker_event_propagation_seconds_count{kind=\"deleted\"} 1"));
     // A created event cannot take a prefix.
-    let (s, _) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "created", "host": HOST, "prefix": "/launch/"})),
-    )
-    .await;
+    let (s, _) = c
+        .event(json!({"kind": "created", "host": HOST, "prefix": "/launch/"}))
+        .await;
     assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY);
 
     // updated while the origin is down: the refresh cannot reach it, and the edges drop
     // the replaced version rather than keep serving it as fresh.
     let old = format!("{HOST}/launch/old.js");
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "created", "host": HOST, "path": "/launch/old.js"})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "created", "host": HOST, "path": "/launch/old.js"}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     wait_until(|| async { c.shadowed_on(3, &old).await }).await;
     origin.stop().await;
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "updated", "host": HOST, "path": "/launch/old.js"})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "updated", "host": HOST, "path": "/launch/old.js"}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     wait_until(|| async { c.not_shadowed_on(3, &old).await }).await;
     let r = c.get("/launch/old.js", "us").await;
@@ -2075,25 +2052,17 @@ async fn an_update_reaches_every_variant_of_a_shadowed_object() {
         assert_eq!(get(coding).await.status(), StatusCode::OK);
     }
     assert_eq!(origin.hits("/v/app.js"), 3);
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "created", "host": HOST, "path": path})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "created", "host": HOST, "path": path}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     wait_until(|| c.shadowed_on(3, &key)).await;
     assert_eq!(origin.hits("/v/app.js"), 3, "the edge held it already");
 
     origin.bump();
-    let (s, v) = api(
-        reqwest::Method::POST,
-        c.broker.api("/v1/events"),
-        &c.token,
-        Some(json!({"kind": "updated", "host": HOST, "path": path})),
-    )
-    .await;
+    let (s, v) = c
+        .event(json!({"kind": "updated", "host": HOST, "path": path}))
+        .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["refilled"].as_array().unwrap().len(), 1, "{v}");
     wait_until(|| async { origin.hits("/v/app.js") == 4 }).await;
@@ -2389,13 +2358,9 @@ async fn shadow_outcomes_are_priced_per_region_and_ungated_ones_move_no_threshol
 
     // Two launches shadowed in both regions; only eu asks for them.
     for path in ["/cost/used.js", "/cost/also-used.js"] {
-        let (s, v) = api(
-            reqwest::Method::POST,
-            c.broker.api("/v1/events"),
-            &c.token,
-            Some(json!({"kind": "created", "host": HOST, "path": path})),
-        )
-        .await;
+        let (s, v) = c
+            .event(json!({"kind": "created", "host": HOST, "path": path}))
+            .await;
         assert_eq!(s, StatusCode::OK, "{v}");
     }
     wait_until(|| async {

@@ -816,6 +816,56 @@ mod tests {
     use super::*;
     use crate::routing::Health;
 
+    /// A broker's fleet from the sample config (its first two edges' admin APIs at `edges`),
+    /// with its pending-purge file in `dir`.
+    struct Setup {
+        fleet: Arc<Fleet>,
+        health: Arc<Health>,
+        metrics: BrokerMetrics,
+        dir: std::path::PathBuf,
+    }
+
+    impl Setup {
+        fn new(dir: &std::path::Path, edges: &[std::net::SocketAddr]) -> Setup {
+            let mut cfg = crate::config::tests::SAMPLE.to_string();
+            for (sample, edge) in ["127.0.0.1:9101", "127.0.0.1:9102"].iter().zip(edges) {
+                cfg = cfg.replace(sample, &edge.to_string());
+            }
+            let cfg = crate::BrokerConfig::from_toml(&cfg).unwrap();
+            let fleet = Arc::new(Fleet::new(&cfg));
+            Setup {
+                health: Arc::new(Health::new(fleet.edges.len(), 1, 1)),
+                fleet,
+                metrics: BrokerMetrics::register(&prometheus::Registry::new()).unwrap(),
+                dir: dir.to_path_buf(),
+            }
+        }
+
+        /// The pending purges as saved (opened again after a stop).
+        fn redelivery(&self) -> Arc<Redelivery> {
+            let path = self.dir.join("pending-purges.json");
+            let r = Redelivery::open(
+                path,
+                self.fleet.clone(),
+                self.health.clone(),
+                self.metrics.clone(),
+            );
+            Arc::new(r.unwrap())
+        }
+
+        fn sync(&self, redelivery: Arc<Redelivery>) -> EdgeSync {
+            let registry = Arc::new(Registry::open(&self.dir.join("registry.redb")).unwrap());
+            EdgeSync::new(
+                self.fleet.clone(),
+                registry,
+                "token".into(),
+                self.metrics.clone(),
+                None,
+            )
+            .redelivering(redelivery)
+        }
+    }
+
     /// An edge admin API that takes every origin push and confirms every purge after `delay`
     /// (a ban log's fsync behind a busy disk); its address.
     async fn edge_admin(delay: Duration) -> std::net::SocketAddr {
@@ -857,33 +907,15 @@ mod tests {
         let edge = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         let dir = tempfile::tempdir().unwrap();
-        let cfg = crate::config::tests::SAMPLE.replace("127.0.0.1:9101", &edge.to_string());
-        let cfg = crate::BrokerConfig::from_toml(&cfg).unwrap();
-        let fleet = Arc::new(Fleet::new(&cfg));
-        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
-        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
-        let path = dir.path().join("pending-purges.json");
-        let open = || {
-            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics.clone());
-            Arc::new(r.unwrap())
-        };
-        let redelivery = open();
+        let setup = Setup::new(dir.path(), &[edge]);
+        let redelivery = setup.redelivery();
         for target in ["a.com/first", "a.com/hangs", "a.com/last"] {
             let target = target.to_string();
             redelivery.queue(0, PendingPurge::Target { target });
         }
         redelivery.save().await;
-        let registry = Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap());
         let inflight = InflightCounter::default();
-        let sync = EdgeSync::new(
-            fleet.clone(),
-            registry,
-            "token".into(),
-            metrics.clone(),
-            None,
-        )
-        .redelivering(redelivery.clone())
-        .counting_in(inflight.clone());
+        let sync = setup.sync(redelivery.clone()).counting_in(inflight.clone());
         let sync = Arc::new(sync);
         let (running, stop) = tokio::sync::watch::channel(false);
         let service = PurgeRedeliverer(sync.clone());
@@ -911,7 +943,7 @@ mod tests {
         });
         assert_eq!(left(&redelivery), expect);
         drop(redelivery);
-        assert_eq!(left(&open()), expect, "as saved");
+        assert_eq!(left(&setup.redelivery()), expect, "as saved");
     }
 
     /// A refresh ordered in place of a purge is written down as that purge until it is
@@ -919,30 +951,14 @@ mod tests {
     #[tokio::test]
     async fn a_refresh_cut_short_by_a_crash_is_queued_as_a_purge() {
         let dir = tempfile::tempdir().unwrap();
-        let cfg = crate::BrokerConfig::from_toml(crate::config::tests::SAMPLE).unwrap();
-        let fleet = Arc::new(Fleet::new(&cfg));
-        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
-        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
-        let path = dir.path().join("pending-purges.json");
-        let open = || {
-            let r = Redelivery::open(path.clone(), fleet.clone(), health.clone(), metrics.clone());
-            Arc::new(r.unwrap())
-        };
-        let registry = Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap());
-        let sync = EdgeSync::new(
-            fleet.clone(),
-            registry,
-            "token".into(),
-            metrics.clone(),
-            None,
-        )
-        .redelivering(open());
+        let setup = Setup::new(dir.path(), &[]);
+        let sync = setup.sync(setup.redelivery());
         let done = sync.refreshing("a.com/done", &[1]).await;
         sync.refreshed(done).await;
         let _crashed = sync.refreshing("a.com/cut", &[1]).await;
         assert!(sync.refreshing("a.com/none", &[]).await.is_none());
         drop(sync);
-        let reopened = open();
+        let reopened = setup.redelivery();
         assert_eq!(reopened.edges_pending(), vec![1]);
         assert_eq!(
             reopened.pending(1).1,
@@ -960,20 +976,10 @@ mod tests {
         let slow = edge_admin(FAN_OUT_PATIENCE + Duration::from_secs(1)).await;
         let fast = edge_admin(Duration::ZERO).await;
         let dir = tempfile::tempdir().unwrap();
-        let cfg = crate::config::tests::SAMPLE
-            .replace("127.0.0.1:9101", &slow.to_string())
-            .replace("127.0.0.1:9102", &fast.to_string());
-        let cfg = crate::BrokerConfig::from_toml(&cfg).unwrap();
-        let fleet = Arc::new(Fleet::new(&cfg));
-        let health = Arc::new(Health::new(fleet.edges.len(), 1, 1));
-        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
-        let path = dir.path().join("pending-purges.json");
-        let redelivery = Redelivery::open(path, fleet.clone(), health.clone(), metrics.clone());
-        let redelivery = Arc::new(redelivery.unwrap());
-        let registry = Arc::new(Registry::open(&dir.path().join("registry.redb")).unwrap());
-        let sync = EdgeSync::new(fleet, registry, "token".into(), metrics, None)
-            .redelivering(redelivery.clone());
-        let sync = Arc::new(sync);
+        let setup = Setup::new(dir.path(), &[slow, fast]);
+        let redelivery = setup.redelivery();
+        let health = setup.health.clone();
+        let sync = Arc::new(setup.sync(redelivery.clone()));
 
         let results = sync.purge_on("a.com/x", &[0, 1]).await;
         assert!(!results[0].ok && results[0].queued, "{results:?}");

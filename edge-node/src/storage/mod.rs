@@ -1140,46 +1140,31 @@ mod tests {
     async fn a_purge_before_the_fill_was_registered_still_keeps_it_out() {
         let dir = tempfile::tempdir().unwrap();
         let s = small_storage(dir.path()).await;
-        let trace = pingora_cache::trace::Span::inactive().handle();
         let began = SystemTime::now() - Duration::from_millis(5);
-        let meta = |created: SystemTime| {
-            let header = ResponseHeader::build(200, None).unwrap();
-            CacheMeta::new(created + Duration::from_secs(60), created, 0, 0, header)
+        // A whole fill of `key` whose fetch began at `created`.
+        let fill = |key: &'static str, created: SystemTime| {
+            let trace = pingora_cache::trace::Span::inactive().handle();
+            async move {
+                let header = ResponseHeader::build(200, None).unwrap();
+                let meta = CacheMeta::new(created + Duration::from_secs(60), created, 0, 0, header);
+                let key = CacheKey::new(key, "");
+                let mut miss = s.get_miss_handler(&key, &meta, &trace).await.unwrap();
+                miss.write_body(Bytes::from_static(b"body"), true)
+                    .await
+                    .unwrap();
+                miss.finish().await.unwrap();
+            }
         };
         s.invalidate_key("h/gap");
-        let key = CacheKey::new("h/gap", "");
-        let mut miss = s
-            .get_miss_handler(&key, &meta(began), &trace)
-            .await
-            .unwrap();
-        miss.write_body(Bytes::from_static(b"old"), true)
-            .await
-            .unwrap();
-        miss.finish().await.unwrap();
+        fill("h/gap", began).await;
         assert!(!s.holds("h/gap"), "the purge covers the copy");
         // A fetch that began after the purge is stored as usual.
-        let key = CacheKey::new("h/gap", "");
-        let mut miss = s
-            .get_miss_handler(&key, &meta(SystemTime::now()), &trace)
-            .await
-            .unwrap();
-        miss.write_body(Bytes::from_static(b"new"), true)
-            .await
-            .unwrap();
-        miss.finish().await.unwrap();
+        fill("h/gap", SystemTime::now()).await;
         assert!(s.holds("h/gap"));
         // A fill older than the purge window: the slot of its key says a purge came after.
         let long_ago = SystemTime::now() - RECENT_PURGE_WINDOW - Duration::from_secs(1);
-        let key = CacheKey::new("h/long", "");
         s.invalidate_key("h/long");
-        let mut miss = s
-            .get_miss_handler(&key, &meta(long_ago), &trace)
-            .await
-            .unwrap();
-        miss.write_body(Bytes::from_static(b"old"), true)
-            .await
-            .unwrap();
-        miss.finish().await.unwrap();
+        fill("h/long", long_ago).await;
         assert!(!s.holds("h/long"));
     }
 
