@@ -1786,6 +1786,26 @@ async fn a_hosts_registration_time_hides_what_was_cached_for_it_before() {
     push(&edge, Some(u64::MAX), None).await;
     assert_eq!(get(&edge).await, "HIT");
     assert_eq!(origin.hits("/o"), 4);
+    // A new owner whose table cannot be kept for a restart (a directory stands where the
+    // file goes): its floor applies, but its registration is not recorded, so the next push
+    // still reads as a change of owner (a restart would have restored the older table).
+    let saved = dir.path().join("cache").join("pushed-origins.json");
+    std::fs::remove_file(&saved).unwrap();
+    std::fs::create_dir(&saved).unwrap();
+    settle().await;
+    let r3 = now_ms();
+    push(&edge, Some(r3), Some(r3)).await;
+    assert_eq!(get(&edge).await, "MISS");
+    settle().await;
+    push(&edge, Some(r3), Some(now_ms())).await;
+    assert_eq!(get(&edge).await, "MISS", "not recorded: floored again");
+    // Kept again: recorded, and the same registration keeps the copy from then on.
+    std::fs::remove_dir(&saved).unwrap();
+    settle().await;
+    push(&edge, Some(r3), Some(now_ms())).await;
+    assert_eq!(get(&edge).await, "MISS");
+    push(&edge, Some(r3), Some(now_ms())).await;
+    assert_eq!(get(&edge).await, "HIT");
 }
 
 /// The origin is asked under its own name by default (a bucket or shared host answers only to

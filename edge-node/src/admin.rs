@@ -634,16 +634,25 @@ async fn apply_origins(s: AdminState, push: Push) -> Response {
     let kept = rows.clone();
     let mut report = s.origins.push(rows, allow_private_upstreams).await;
     report.ignored = ignored;
+    // Kept for a restart before the new owners' registrations are recorded, written (two
+    // fsyncs) off the admin API's one thread, which health probes share. A table that could
+    // not be kept leaves them unrecorded (their floor still applies): a restart would restore
+    // the older table, and the next push must see the change of owner again and floor what
+    // that table fetched in between.
+    let (origins, allow) = (s.origins.clone(), allow_private_upstreams);
+    let kept = tokio::task::spawn_blocking(move || origins.remember(&kept, allow))
+        .await
+        .unwrap_or(false);
     if !plan.replaced.is_empty() {
-        if let Err(r) = apply_owner_changes(s.storage, plan.after(SystemTime::now())).await {
+        let mut after = plan.after(SystemTime::now());
+        if !kept {
+            for change in &mut after {
+                change.registered_ms = None;
+            }
+        }
+        if let Err(r) = apply_owner_changes(s.storage, after).await {
             return *r;
         }
-    }
-    // Kept for a restart only once it applied whole, floors included; written (two fsyncs)
-    // off the admin API's one thread, which health probes share.
-    let (origins, allow) = (s.origins.clone(), allow_private_upstreams);
-    if let Err(e) = tokio::task::spawn_blocking(move || origins.remember(&kept, allow)).await {
-        tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
     }
     Json(report).into_response()
 }

@@ -363,16 +363,21 @@ impl SharedOrigins {
     /// Keep a push that applied whole (its ownership floors made durable) for the next start.
     /// Only a changed push is written (a small file): the broker pushes every few seconds.
     /// A failure costs only the 404s after a restart that the file prevents.
-    pub fn remember(&self, rows: &[OriginEntry], allow_private: bool) {
+    /// Whether the table is kept (or nothing is kept on this edge).
+    pub fn remember(&self, rows: &[OriginEntry], allow_private: bool) -> bool {
         let Some(last) = &self.last_push else {
-            return;
+            return true;
         };
         let saved = Saved {
             origins: rows.to_vec(),
             allow_private_upstreams: allow_private,
         };
-        if let Err(e) = last.save(&saved) {
-            tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
+        match last.save(&saved) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
+                false
+            }
         }
     }
 
