@@ -957,6 +957,44 @@ async fn the_origin_fallback_survives_a_keep_alive_race() {
     assert_eq!(answered.load(std::sync::atomic::Ordering::SeqCst), 3);
 }
 
+/// A broker that starts on a registry that is new and empty (its data directory lost,
+/// unmounted or mistyped) does not push an empty origin table: the edges keep serving the
+/// hosts registered before, rather than all answering 404 within one push interval.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_empty_registry_does_not_wipe_the_edges_origin_tables() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let direct = |i: usize| {
+        let url = format!("http://{}/kept", c.edges[i].addr);
+        async move {
+            client()
+                .get(url)
+                .header("host", HOST)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    wait_until(|| async {
+        let mut all = true;
+        for i in 0..c.edges.len() {
+            all &= direct(i).await == StatusCode::OK;
+        }
+        all
+    })
+    .await;
+    c.broker.child.kill();
+    std::fs::remove_file(c._dir.path().join("data").join("registry.redb")).unwrap();
+    c.broker.spawn();
+    // Past two push rounds (every 3 s) of the new broker.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    for i in 0..c.edges.len() {
+        assert_eq!(direct(i).await, StatusCode::OK, "edge {i} lost the host");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registration_survives_sigkill() {
     let origin = TestOrigin::start().await;

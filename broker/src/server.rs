@@ -118,6 +118,14 @@ impl Broker {
                 .with_max_resources_per_provider(cfg.admin.max_resources_per_provider)
                 .with_max_origins_per_provider(cfg.admin.max_origins_per_provider),
         );
+        if registry.created() {
+            tracing::warn!(
+                path = %cfg.data_dir.join("registry.redb").display(),
+                "the registry did not exist and was created empty; edges keep the origin tables \
+                 they hold until a host is registered here (check data_dir if this broker had \
+                 providers)"
+            );
+        }
         // Hosts registered before the public-name rule applied (or before the operator turned
         // local names off) keep working and their owners can update them; say so once.
         for o in registry.origins() {

@@ -75,6 +75,11 @@ pub struct EdgeSync {
     /// Where a round counts as in flight, so that a graceful stop waits for it to record
     /// what it delivered.
     inflight: InflightCounter,
+    /// An empty origin table may be pushed: the registry was not created by this start, or
+    /// a table with hosts was pushed since. A registry that is new and empty (its data
+    /// directory not mounted, or mistyped) must not wipe the tables every edge holds and
+    /// keeps for its restarts; a new fleet's edges have none to lose.
+    empty_push_allowed: std::sync::atomic::AtomicBool,
 }
 
 impl EdgeSync {
@@ -92,7 +97,9 @@ impl EdgeSync {
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();
+        let empty_push_allowed = (!registry.created()).into();
         EdgeSync {
+            empty_push_allowed,
             fleet,
             registry,
             token,
@@ -136,7 +143,18 @@ impl EdgeSync {
     }
 
     async fn push_origins(&self) {
-        self.push_all("origins", &self.origins_body()).await;
+        use std::sync::atomic::Ordering;
+        let body = self.origins_body();
+        let empty = body["origins"]
+            .as_array()
+            .is_none_or(|rows| rows.is_empty());
+        if empty && !self.empty_push_allowed.load(Ordering::Acquire) {
+            return;
+        }
+        if !empty {
+            self.empty_push_allowed.store(true, Ordering::Release);
+        }
+        self.push_all("origins", &body).await;
     }
 
     /// The origin table as pushed to the edges.

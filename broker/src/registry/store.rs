@@ -175,6 +175,8 @@ pub struct Registry {
     max_resources_per_provider: usize,
     /// Most hosts one provider may hold.
     max_origins_per_provider: usize,
+    /// The file did not exist: this start created an empty registry.
+    created: bool,
 }
 
 impl std::fmt::Debug for Registry {
@@ -222,6 +224,11 @@ fn load_table<T: DeserializeOwned>(
 }
 
 impl Registry {
+    /// Whether this start created the registry (its file did not exist).
+    pub fn created(&self) -> bool {
+        self.created
+    }
+
     /// Open (or create) the registry at `path` and load it into memory. A store that cannot
     /// be read is an error naming the file, never a fresh empty registry.
     pub fn open(path: &Path) -> Result<Self, RegistryError> {
@@ -232,6 +239,7 @@ impl Registry {
     }
 
     fn load(path: &Path) -> Result<Self, RegistryError> {
+        let created = !path.exists();
         let db = Database::create(path).map_err(store_err)?;
         let w = db.begin_write().map_err(store_err)?;
         {
@@ -263,6 +271,7 @@ impl Registry {
             writer: Mutex::new(()),
             max_resources_per_provider: usize::MAX,
             max_origins_per_provider: usize::MAX,
+            created,
         })
     }
 
