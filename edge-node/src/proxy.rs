@@ -552,6 +552,8 @@ pub fn error_status(e: &Error) -> (u16, &'static str) {
 
 /// When the peer that answered a peer fetch admitted its copy ([`PEER_ADMITTED_HEADER`]), on
 /// its clock (edges' clocks are assumed synchronised, as for any CDN's purge ordering).
+/// `None` for a copy that cannot be judged against the purges this edge applied: no time, one
+/// that does not parse, or one later than this edge's clock allows; such a copy is not used.
 fn peer_admitted(resp: &ResponseHeader) -> Option<SystemTime> {
     let ms: u64 = resp
         .headers
@@ -560,8 +562,12 @@ fn peer_admitted(resp: &ResponseHeader) -> Option<SystemTime> {
         .ok()?
         .parse()
         .ok()?;
-    SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))
+    let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
+    (at <= SystemTime::now() + PEER_CLOCK_ALLOWANCE).then_some(at)
 }
+
+/// How far ahead of this edge's clock a peer's admission time may be.
+const PEER_CLOCK_ALLOWANCE: Duration = Duration::from_secs(60);
 
 /// The `Age` a response arrived with: whole seconds (RFC 9111 §5.1); absent or malformed
 /// counts as zero.
@@ -1012,7 +1018,13 @@ impl ProxyHttp for EdgeProxy {
         // have applied that purge.
         let storage = self.parts.storage;
         let from_peer = ctx.demand_peer.is_some() || ctx.peer_fill;
-        let admitted = from_peer.then(|| peer_admitted(resp)).flatten();
+        let admitted = from_peer.then(|| peer_admitted(resp));
+        if admitted.is_some_and(|a| a.is_none()) {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                PEER_LACKS_OBJECT,
+            )));
+        }
+        let admitted = admitted.flatten();
         let purged = ctx.fetch_started.is_some_and(|(t, wall)| {
             storage.purged_during(&ctx.key, t, wall, &resp.headers)
                 || admitted.is_some_and(|a| {
@@ -1209,8 +1221,8 @@ impl ProxyHttp for EdgeProxy {
             // it yet): this edge acknowledged that purge, and must not serve what it removed.
             let usable = matches!(upstream_response.status.as_u16(), 200 | 203)
                 && !upstream_response.headers.contains_key(header::VARY)
-                && !peer_admitted(upstream_response).is_some_and(|a| {
-                    self.parts.storage.purged_since_admitted(
+                && peer_admitted(upstream_response).is_some_and(|a| {
+                    !self.parts.storage.purged_since_admitted(
                         &ctx.key,
                         a,
                         &upstream_response.headers,
@@ -1472,6 +1484,31 @@ impl ProxyHttp for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A peer's copy is judged by when the peer admitted it: one that does not say, or says a
+    /// time past this edge's clock, cannot be judged against the purges applied here.
+    #[test]
+    fn a_peer_copy_needs_a_credible_admission_time() {
+        let with = |v: Option<String>| {
+            let mut r = ResponseHeader::build(200, None).unwrap();
+            if let Some(v) = v {
+                r.insert_header(PEER_ADMITTED_HEADER, v).unwrap();
+            }
+            peer_admitted(&r)
+        };
+        let ms = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .unwrap()
+                .as_millis()
+        };
+        let now = SystemTime::now();
+        assert!(with(Some(ms(now).to_string())).is_some());
+        assert!(with(Some(ms(now - Duration::from_secs(3600)).to_string())).is_some());
+        assert!(with(None).is_none());
+        assert!(with(Some("soon".into())).is_none());
+        let ahead = now + PEER_CLOCK_ALLOWANCE + Duration::from_secs(60);
+        assert!(with(Some(ms(ahead).to_string())).is_none());
+    }
 
     #[test]
     fn the_origin_gets_an_origin_form_request_line() {

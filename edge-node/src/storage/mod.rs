@@ -397,7 +397,11 @@ impl FoyerStorage {
         admitted: SystemTime,
         headers: &HeaderMap,
     ) -> bool {
-        self.purged_since(primary_key, || primary_hash(primary_key), admitted, headers)
+        // A copy admitted before the window may predate a purge no longer remembered: held
+        // against its key's slot instead (a peer held out of routing for missed purges still
+        // answers a fetch).
+        self.bans.is_banned(primary_key, admitted, headers)
+            || self.recent.may_cover(admitted, primary_hash(primary_key))
     }
 
     /// Whether an object of `primary_key` stored at `created` is covered by a ban (prefix,
@@ -929,7 +933,7 @@ impl HandleMiss for FoyerMissHandler {
             // registered found nothing to cancel: it still covers this copy, and a lookup
             // only refuses the copy while that purge is remembered.
             let primary = hash_of(self.key.primary_bin());
-            if self.storage.recent.overtook_fill(self.created, primary) {
+            if self.storage.recent.may_cover(self.created, primary) {
                 tracing::debug!(
                     key = %String::from_utf8_lossy(self.key.primary_key()),
                     "a purge overtook the fill: not stored"
@@ -1166,6 +1170,20 @@ mod tests {
         s.invalidate_key("h/long");
         fill("h/long", long_ago).await;
         assert!(!s.holds("h/long"));
+    }
+
+    /// A peer's copy admitted before the purge window is held against its key's purge slot:
+    /// the purge of its key may be forgotten by now, and the peer may not have applied it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_copy_older_than_the_purge_window_is_judged_by_its_slot() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = small_storage(dir.path()).await;
+        let headers = HeaderMap::new();
+        let long_ago = SystemTime::now() - RECENT_PURGE_WINDOW - Duration::from_secs(1);
+        assert!(!s.purged_since_admitted("h/peer", long_ago, &headers));
+        s.invalidate_key("h/peer");
+        assert!(s.purged_since_admitted("h/peer", long_ago, &headers));
+        assert!(!s.purged_since_admitted("h/peer", SystemTime::now(), &headers));
     }
 
     /// A fill a purge cancelled keeps streaming to its reader, but holds only what the reader

@@ -120,11 +120,11 @@ impl RecentPurges {
                 .is_some_and(|f| f >= created && f >= horizon)
     }
 
-    /// Whether a fill whose fetch started at `created` may have been overtaken by a purge of
-    /// `hash` it was not registered in time to be cancelled by: a purge still remembered, or,
-    /// for a fill older than the window (a long body), any purge of the key's slot since,
-    /// since the record of one of this key may be gone.
-    pub(crate) fn overtook_fill(&self, created: SystemTime, hash: u128) -> bool {
+    /// Whether a purge of `hash` may cover an object dated `created` (a fill whose fetch
+    /// started then and was not registered in time to be cancelled, a peer's copy admitted
+    /// then): a purge still remembered, or, for an object older than the window, any purge of
+    /// the key's slot since, since the record of one of this key may be gone.
+    pub(crate) fn may_cover(&self, created: SystemTime, hash: u128) -> bool {
         let started = micros(created);
         if self.slots[slot(hash)].load(Ordering::Acquire) < started {
             return false;
