@@ -1282,7 +1282,8 @@ impl ProxyHttp for EdgeProxy {
             .then(|| self.hooks.table.hit(&ctx.key, Instant::now()))
             .flatten();
         if client && !from_cache {
-            self.hooks.table.touch(&ctx.key);
+            let stored = matches!(phase, CachePhase::Miss | CachePhase::Expired);
+            self.hooks.table.touch(&ctx.key, stored);
         }
         if let Some(n) = shadow_hits {
             self.metrics.shadow_hits.inc();

@@ -137,6 +137,10 @@ pub struct Mark {
     /// copy expired or was evicted, a client's own fetch replaced it): that copy is the
     /// client's, and is not purged with the mark.
     pub touched: bool,
+    /// Whether a client's own fetch stored a copy of the key while marked (the shadow's was
+    /// gone: evicted, or another variant asked): later hits are on that copy, and are not
+    /// counted as the shadow's.
+    pub refetched: bool,
     /// How far the fill was ahead of the first client, when that client came while it was
     /// still filling (and waited for the rest); `None` when it found the shadow complete.
     pub head_start: Option<Duration>,
@@ -350,6 +354,7 @@ impl Inner {
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
         let mut touched = old.is_some_and(|m| m.touched);
+        let refetched = old.is_some_and(|m| m.refetched);
         let mut head_start = old.and_then(|m| m.head_start);
         let (order, accepted) = named(old, order);
         let mut hits = hits;
@@ -383,6 +388,7 @@ impl Inner {
                 peer_filled,
                 held_before,
                 touched,
+                refetched,
                 head_start,
                 filled,
                 tags,
@@ -546,14 +552,18 @@ impl ShadowTable {
     }
 
     /// If `key` has a valid mark, or a fill under way, count a shadow hit and return the
-    /// hits so far (1: the first request found its shadow).
+    /// hits so far (1: the first request found its shadow). A copy the edge held before the
+    /// order, or one a client's own fetch stored since, is not the shadow's doing: `None`.
     pub fn hit(&self, key: &str, now: Instant) -> Option<u64> {
         let mut guard = self.inner.lock();
         let g = &mut *guard;
         match g.marks.get_mut(key) {
             Some(m) if m.expires > now => {
-                m.hits += 1;
                 m.touched = true;
+                if m.held_before || m.refetched {
+                    return None;
+                }
+                m.hits += 1;
                 Some(m.hits)
             }
             _ => {
@@ -569,12 +579,14 @@ impl ShadowTable {
     }
 
     /// A client asked for `key` and was not served from the shadow (its copy had expired,
-    /// or was evicted or purged): the copy it fetched is not purged with the mark.
-    pub fn touch(&self, key: &str) {
+    /// or was evicted or purged): the copy it fetched is not purged with the mark. `stored`:
+    /// its fetch stores a copy (a miss), which later hits find instead of the shadow's.
+    pub fn touch(&self, key: &str, stored: bool) {
         let mut guard = self.inner.lock();
         let g = &mut *guard;
         if let Some(m) = g.marks.get_mut(key) {
             m.touched = true;
+            m.refetched |= stored;
         } else if let Some(f) = g.filling.get_mut(key) {
             f.touched = true;
         }
@@ -754,8 +766,8 @@ mod tests {
         let now = Instant::now();
         t.mark("h/a", Duration::from_secs(60), 5, now);
         t.mark("h/b", Duration::from_secs(60), 5, now);
-        t.touch("h/a");
-        t.touch("h/unmarked");
+        t.touch("h/a", false);
+        t.touch("h/unmarked", true);
         let a = t.get("h/a").unwrap();
         assert!(a.hits == 0 && a.touched && !a.purge_with_mark());
         assert!(t.get("h/b").unwrap().purge_with_mark());
@@ -788,6 +800,35 @@ mod tests {
             t.remove(&format!("h/more-{i}"));
         }
         assert!(t.dropped_since("h/kept-1", later));
+    }
+
+    /// Hits count as the shadow's only on the copy its fill brought: not on one the edge held
+    /// before the order, nor on one a client's own miss stored after the shadow's was gone.
+    #[test]
+    fn only_hits_on_the_shadows_own_copy_count() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        for k in ["h/held", "h/own", "h/refetched"] {
+            t.mark(k, ttl, 5, now);
+        }
+        t.set_fill("h/held", 10, FillSource::Local);
+        t.set_fill("h/own", 10, FillSource::Origin);
+        t.set_fill("h/refetched", 10, FillSource::Origin);
+        assert_eq!(t.hit("h/held", now), None);
+        assert_eq!(t.hit("h/own", now), Some(1));
+        assert_eq!(t.hit("h/refetched", now), Some(1));
+        // Evicted, then a client's miss stored a copy of its own; a request that only
+        // passed by (not stored) changes nothing.
+        t.touch("h/own", false);
+        assert_eq!(t.hit("h/own", now), Some(2));
+        t.touch("h/refetched", true);
+        assert_eq!(t.hit("h/refetched", now), None);
+        let m = t.get("h/refetched").unwrap();
+        assert!(m.hits == 1 && m.touched && m.refetched);
+        // A renewal keeps it so.
+        t.extend("h/refetched", ttl, Order::unnamed(5), now);
+        assert_eq!(t.hit("h/refetched", now), None);
     }
 
     #[test]
@@ -1077,7 +1118,7 @@ mod tests {
         assert_eq!(t.get("h/c").unwrap().head_start, None);
         // A fill that ends unmarked leaves nothing behind.
         let fill = t.begin_fill("h/b", now);
-        t.touch("h/b");
+        t.touch("h/b", false);
         drop(fill);
         assert_eq!(t.hit("h/b", now), None);
         assert!(t.inner.lock().filling.is_empty());
