@@ -35,7 +35,9 @@ SAMPLE_SECS=${SAMPLE_SECS:-3600}
 bash deploy/setup.sh >/dev/null
 [ "${BUILD:-1}" = 0 ] || ${CARGO_LOCK:+flock "$CARGO_LOCK"} cargo build --release -q -p edge-node -p broker -p shadowcdn-bench
 WORK=var/replay
-OUT=${OUT:-bench/results/replay-$TRACE.json}
+# What the results are named by: a held-out replay's are its own trace's.
+NAME=$TRACE; [ "${HELD_OUT:-0}" = 0 ] || NAME=$TRACE-heldout
+OUT=${OUT:-bench/results/replay-$NAME.json}
 OPERATOR=replay-operator-token-0123456789
 EDGE_TOKEN=replay-edge-token
 rm -rf "$WORK"
@@ -50,6 +52,8 @@ TICK=${TICK_SECS:-1}
 SHIFT+=(--size-divisor "$DIVISOR")
 [ "${HELD_OUT:-0}" = 0 ] || SHIFT+=(--held-out)
 [ "${FOLD_GAPS:-0}" = 0 ] || SHIFT+=(--fold-gaps)
+# A limited run's working set (the cache sizes' base) and sizes are of the requests it replays.
+[ -z "${LIMIT:-}" ] || SHIFT+=(--limit "$LIMIT")
 read -r FIRST WS N < <($B/replay --trace "$TRACE" --traces-dir "$TRACES" --first-ts "${SHIFT[@]}")
 $B/replay --trace "$TRACE" --traces-dir "$TRACES" --write-sizes "$WORK/sizes.txt" "${SHIFT[@]}"
 echo "trace $TRACE: $N requests from $FIRST, working set $WS bytes, speedup $SPEEDUP"
@@ -202,16 +206,16 @@ for pct in $PCTS; do
     $B/replay --trace "$TRACE" --traces-dir "$TRACES" "${SHIFT[@]}" --speedup "$SPEEDUP" --mode "$mode" \
       --broker http://127.0.0.1:18080 --api http://127.0.0.1:17081 --operator-token "$OPERATOR" \
       --origin http://127.0.0.1:19000 --edges 127.0.0.1:19101,127.0.0.1:19201 \
-      --cache-bytes "$per_region" --max-object-bytes "$maxobj" --sample-secs "$SAMPLE_SECS" --out "$OUT" ${LIMIT:+--limit "$LIMIT"} \
+      --cache-bytes "$per_region" --max-object-bytes "$maxobj" --sample-secs "$SAMPLE_SECS" --out "$OUT" \
       >"$WORK/run/replay.json"
     tail -n +1 "$WORK/run/replay.json" | grep -E '"(mode|byte_miss_ratio|hit_ratio|shadow_hits|net)"' | tr -d '\n'; echo
     stop_all
   done
 done
 echo "report: $OUT"
-[ "$OUT" = "bench/results/replay-$TRACE.json" ] || exit 0
+[ "$OUT" = "bench/results/replay-$NAME.json" ] || exit 0
 PY=bench/offline/.venv/bin/python; [ -x "$PY" ] || PY=python3
-$PY bench/offline/timeline.py "$TRACE" --report "$OUT"
-if [ -f "bench/results/offline-$TRACE.json" ] && [ -x bench/offline/.venv/bin/python ]; then
-  bench/offline/.venv/bin/python bench/offline/simulate.py "$TRACE" --plot-only --live "$OUT"
+$PY bench/offline/timeline.py "$NAME" --report "$OUT"
+if [ -f "bench/results/offline-$NAME.json" ] && [ -x bench/offline/.venv/bin/python ]; then
+  bench/offline/.venv/bin/python bench/offline/simulate.py "$NAME" --plot-only --live "$OUT"
 fi

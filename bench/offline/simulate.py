@@ -389,7 +389,10 @@ def plot_svg(off: dict, live: list[dict], path: str) -> None:
                 el.append(f'<circle cx="{X(p, f):.1f}" cy="{Y(v):.1f}" r="2.5" fill="{c}"/>')
         if topo == "per_region":
             for mode in sorted({r.get("mode", "?") for r in live}):
-                pts = sorted((2 * r["cache_bytes_per_region"] / W, r["byte_miss_ratio"]) for r in live if r.get("mode", "?") == mode)
+                # A run with scaled-down objects (size_divisor) has scaled-down caches too: its
+                # size as a share of the working set is of the scaled set.
+                pts = sorted((2 * r["cache_bytes_per_region"] * r.get("size_divisor", 1) / W,
+                              r["byte_miss_ratio"]) for r in live if r.get("mode", "?") == mode)
                 c = LIVE_COLORS.get(mode, "#ff00ff")
                 el.append(f'<polyline fill="none" stroke="{c}" stroke-width="2.2" points="'
                           + " ".join(f"{X(p, f):.1f},{Y(v):.1f}" for f, v in pts) + '"/>')

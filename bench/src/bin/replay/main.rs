@@ -269,10 +269,12 @@ async fn main() -> anyhow::Result<()> {
         .map(|h| (h * 3600.0).round() as i64)
         .collect();
     trace.shift_regions(&shifts);
-    let mut reqs = trace.requests.clone();
+    // A limited run is a trace of its own: its working set (which the cache sizes are shares
+    // of) and the sizes the origin serves are of the requests it replays.
     if let Some(n) = cli.limit {
-        reqs.truncate(n);
+        trace.requests.truncate(n);
     }
+    let reqs = trace.requests.clone();
     let first = reqs.first().context("empty trace")?.ts;
     if let Some(f) = &cli.write_sizes {
         let mut seen = std::collections::HashSet::new();
@@ -446,6 +448,8 @@ async fn main() -> anyhow::Result<()> {
         "held_out": cli.held_out,
         "fold_gaps": cli.fold_gaps,
         "size_divisor": cli.size_divisor,
+        "region_shift_hours": cli.region_shift_hours,
+        "limit": cli.limit,
         "cache_bytes_per_region": cli.cache_bytes,
         "max_object_bytes": cli.max_object_bytes,
         "requests": s.requests,
@@ -493,11 +497,26 @@ async fn main() -> anyhow::Result<()> {
         let runs = report["runs"]
             .as_array_mut()
             .context("report has no runs array")?;
-        runs.retain(|r| {
-            !(r["mode"] == run["mode"]
-                && r["cache_bytes_per_region"] == run["cache_bytes_per_region"]
-                && r["trace"] == run["trace"])
-        });
+        // A run replaces the earlier one of the same setup only; reports from before a field
+        // was recorded read it as its default.
+        const SETUP: [&str; 9] = [
+            "trace",
+            "mode",
+            "cache_bytes_per_region",
+            "speedup",
+            "held_out",
+            "fold_gaps",
+            "size_divisor",
+            "region_shift_hours",
+            "limit",
+        ];
+        let field = |r: &Value, k: &str| match (k, &r[k]) {
+            ("size_divisor", Value::Null) => json!(1),
+            ("held_out" | "fold_gaps", Value::Null) => json!(false),
+            ("region_shift_hours", Value::Null) => json!([]),
+            (_, v) => v.clone(),
+        };
+        runs.retain(|r| !SETUP.iter().all(|k| field(r, k) == field(&run, k)));
         runs.push(run);
         std::fs::write(out, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("write {}", out.display()))?;
