@@ -350,7 +350,10 @@ where
     Ok(())
 }
 
-/// Read one length-prefixed JSON frame.
+/// What a frame's buffer starts with; it grows as the rest arrives.
+const FRAME_PREALLOC: usize = 16 * 1024;
+
+/// Read one length-prefixed JSON frame (at most [`MAX_FRAME`] bytes).
 pub async fn read_frame<R, T>(r: &mut R) -> Result<T, FrameError>
 where
     R: AsyncRead + Unpin,
@@ -362,8 +365,13 @@ where
     if len > MAX_FRAME {
         return Err(FrameError::TooLarge(len));
     }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
+    // Grown as bytes arrive, not allocated whole from the length a sender claims: a stream
+    // that announces a large frame and sends nothing holds only what it sent.
+    let mut body = Vec::with_capacity(len.min(FRAME_PREALLOC));
+    (&mut *r).take(len as u64).read_to_end(&mut body).await?;
+    if body.len() < len {
+        return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
+    }
     Ok(serde_json::from_slice(&body)?)
 }
 
@@ -380,6 +388,17 @@ pub struct EnvelopeHead {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A frame cut short is an error, whatever length it announced; a large announced length
+    /// does not allocate ahead of the bytes.
+    #[tokio::test]
+    async fn a_frame_cut_short_is_an_error() {
+        let mut bytes = ((MAX_FRAME - 1) as u32).to_be_bytes().to_vec();
+        bytes.extend_from_slice(b"{\"v\":1");
+        let mut r = &bytes[..];
+        let got = read_frame::<_, EnvelopeHead>(&mut r).await;
+        assert!(matches!(got, Err(FrameError::Io(_))), "{got:?}");
+    }
 
     #[tokio::test]
     async fn frames_round_trip_and_limits_hold() {
