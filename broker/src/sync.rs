@@ -530,21 +530,29 @@ impl EdgeSync {
     }
 
     /// `target` changed and is about to be refreshed on `edges` instead of purged there. Until
-    /// [`Self::refreshed`], a purge of it for those edges is written down as being sent: a
+    /// [`Self::sent`], a purge of it for those edges is written down as being sent: a
     /// broker that crashes before their refresh orders are accepted purges their copies when
     /// it restarts, instead of leaving the old version served for the rest of its TTL.
     pub async fn refreshing(&self, target: &str, edges: &[usize]) -> Option<Ticket> {
-        let r = self.redelivery.as_ref().filter(|_| !edges.is_empty())?;
         let purge = PendingPurge::Target {
             target: target.to_string(),
         };
+        self.sending(purge, edges).await
+    }
+
+    /// Write `purge` down (durably) as being sent to `edges`, until [`Self::sent`]: a broker
+    /// that stops in between queues it for them at its next start. `None` without redelivery
+    /// or edges.
+    async fn sending(&self, purge: PendingPurge, edges: &[usize]) -> Option<Ticket> {
+        let r = self.redelivery.as_ref().filter(|_| !edges.is_empty())?;
         let ticket = r.begin(purge, edges);
         r.save().await;
         Some(ticket)
     }
 
-    /// The refreshes of [`Self::refreshing`] were ordered (or their edges purged instead).
-    pub async fn refreshed(&self, ticket: Option<Ticket>) {
+    /// What [`Self::sending`] wrote down was delivered, queued, or (for
+    /// [`Self::refreshing`]) ordered refreshed instead.
+    pub async fn sent(&self, ticket: Option<Ticket>) {
         if let (Some(r), Some(t)) = (&self.redelivery, ticket) {
             r.finish(t);
             r.save().await;
@@ -602,14 +610,7 @@ impl EdgeSync {
     }
 
     async fn fan_out(&self, pending: &PendingPurge, edges: &[usize]) -> Vec<EdgeResult> {
-        let ticket = match &self.redelivery {
-            Some(r) => {
-                let ticket = r.begin(pending.clone(), edges);
-                r.save().await;
-                Some(ticket)
-            }
-            None => None,
-        };
+        let ticket = self.sending(pending.clone(), edges).await;
         let purge = Purge::from_pending(pending);
         let calls = edges
             .iter()
@@ -634,10 +635,7 @@ impl EdgeSync {
                 }
             })
             .collect();
-        if let (Some(r), Some(ticket)) = (&self.redelivery, ticket) {
-            r.finish(ticket);
-            r.save().await;
-        }
+        self.sent(ticket).await;
         results
     }
 
@@ -972,7 +970,7 @@ mod tests {
         let setup = Setup::new(dir.path(), &[]);
         let sync = setup.sync(setup.redelivery());
         let done = sync.refreshing("a.com/done", &[1]).await;
-        sync.refreshed(done).await;
+        sync.sent(done).await;
         let _crashed = sync.refreshing("a.com/cut", &[1]).await;
         assert!(sync.refreshing("a.com/none", &[]).await.is_none());
         drop(sync);

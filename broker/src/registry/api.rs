@@ -913,7 +913,7 @@ async fn apply_event(
             // An edge that could not refresh its copy must not keep serving the old one.
             let mut purged = purged;
             purged.extend(s.sync.purge_on(target, &not_refreshed).await);
-            s.sync.refreshed(refreshing).await;
+            s.sync.sent(refreshing).await;
             incomplete = purged.iter().any(|r| !r.ok);
             report.insert("purged".into(), json!(purged));
             report.insert("refilled".into(), json!(refilled));
