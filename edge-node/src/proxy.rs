@@ -1069,7 +1069,8 @@ impl ProxyHttp for EdgeProxy {
             .fetch_started
             .map_or_else(SystemTime::now, |(_, wall)| wall);
         let age = ctx.revalidation_age.unwrap_or_else(|| upstream_age(resp));
-        if ctx.revalidation_age.is_some() && !ctx.revalidation_surrogate_keys.is_empty() {
+        // Set for a 304 only.
+        if !ctx.revalidation_surrogate_keys.is_empty() {
             let mut merged = resp.clone();
             merged.remove_header(tags::SURROGATE_KEY);
             for v in &ctx.revalidation_surrogate_keys {

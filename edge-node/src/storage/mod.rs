@@ -172,6 +172,13 @@ enum PassReason {
 }
 
 impl PassReason {
+    /// Every reason, each a label of the pass-through counter from the start.
+    const ALL: [PassReason; 3] = [
+        PassReason::TooLarge,
+        PassReason::FillMemory,
+        PassReason::Cancelled,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             PassReason::TooLarge => "too_large",
@@ -278,11 +285,7 @@ impl FoyerStorage {
             ),
             &["reason"],
         )?;
-        for r in [
-            PassReason::TooLarge,
-            PassReason::FillMemory,
-            PassReason::Cancelled,
-        ] {
+        for r in PassReason::ALL {
             passthroughs.with_label_values(&[r.label()]);
         }
         let cut_readers = prometheus::IntCounter::new(
