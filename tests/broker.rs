@@ -142,6 +142,16 @@ impl Cluster {
             .unwrap()
     }
 
+    /// `GET path` from edge `i` directly, for the test site.
+    async fn on_edge(&self, i: usize, path: &str) -> reqwest::Response {
+        client()
+            .get(format!("http://{}{path}", self.edges[i].addr))
+            .header("host", HOST)
+            .send()
+            .await
+            .expect("edge answers")
+    }
+
     /// Post a provider event (`POST /v1/events`) as the registered provider.
     async fn event(&self, body: Value) -> (StatusCode, Value) {
         api(
@@ -785,27 +795,17 @@ async fn purges_reach_edges_without_quic_over_their_admin_api() {
     };
     c.register(&origin).await;
     let paths = ["/h/a?skey=t1", "/h/b"];
-    for e in &c.edges {
+    for i in 0..c.edges.len() {
         for p in paths {
             for _ in 0..2 {
-                client()
-                    .get(format!("http://{}{p}", e.addr))
-                    .header("host", HOST)
-                    .send()
-                    .await
-                    .unwrap();
+                c.on_edge(i, p).await;
             }
         }
     }
     let x_cache = |i: usize, p: &'static str| {
-        let addr = c.edges[i].addr;
+        let c = &c;
         async move {
-            let r = client()
-                .get(format!("http://{addr}{p}"))
-                .header("host", HOST)
-                .send()
-                .await
-                .unwrap();
+            let r = c.on_edge(i, p).await;
             r.headers()["x-cache"].to_str().unwrap().to_string()
         }
     };
@@ -845,16 +845,10 @@ async fn a_tag_purge_reaches_every_edge_and_costs_a_purge_per_tag() {
     let registered = std::time::Instant::now();
     let tagged = ["/tag/a?skey=sale%20x", "/tag/b?ctag=shoes,Sale"];
     let kept = "/tag/c?skey=other";
-    let on_edge = |i: usize, path: &str| {
-        client()
-            .get(format!("http://{}{path}", c.edges[i].addr))
-            .header("host", HOST)
-            .send()
-    };
     for i in 0..c.edges.len() {
         for p in tagged.iter().chain([&kept]) {
-            on_edge(i, p).await.unwrap();
-            let r = on_edge(i, p).await.unwrap();
+            c.on_edge(i, p).await;
+            let r = c.on_edge(i, p).await;
             assert_eq!(r.headers()["x-cache"], "HIT", "{p} on edge {i}");
         }
     }
@@ -880,10 +874,10 @@ async fn a_tag_purge_reaches_every_edge_and_costs_a_purge_per_tag() {
     assert!(edges.iter().all(|e| e["ok"] == true), "{v}");
     for i in 0..c.edges.len() {
         for p in tagged {
-            let r = on_edge(i, p).await.unwrap();
+            let r = c.on_edge(i, p).await;
             assert_eq!(r.headers()["x-cache"], "MISS", "{p} on edge {i}");
         }
-        let r = on_edge(i, kept).await.unwrap();
+        let r = c.on_edge(i, kept).await;
         assert_eq!(r.headers()["x-cache"], "HIT", "{kept} on edge {i}");
     }
     // Registering the host (it purges the host everywhere), the refused call and the two
@@ -965,22 +959,10 @@ async fn a_new_empty_registry_does_not_wipe_the_edges_origin_tables() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
-    let direct = |i: usize| {
-        let url = format!("http://{}/kept", c.edges[i].addr);
-        async move {
-            client()
-                .get(url)
-                .header("host", HOST)
-                .send()
-                .await
-                .unwrap()
-                .status()
-        }
-    };
     wait_until(|| async {
         let mut all = true;
         for i in 0..c.edges.len() {
-            all &= direct(i).await == StatusCode::OK;
+            all &= c.on_edge(i, "/kept").await.status() == StatusCode::OK;
         }
         all
     })
@@ -991,7 +973,11 @@ async fn a_new_empty_registry_does_not_wipe_the_edges_origin_tables() {
     // Past two push rounds (every 3 s) of the new broker.
     tokio::time::sleep(Duration::from_secs(7)).await;
     for i in 0..c.edges.len() {
-        assert_eq!(direct(i).await, StatusCode::OK, "edge {i} lost the host");
+        assert_eq!(
+            c.on_edge(i, "/kept").await.status(),
+            StatusCode::OK,
+            "edge {i} lost the host"
+        );
     }
 }
 
