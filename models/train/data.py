@@ -10,9 +10,10 @@ Two real traces are used (see ../shared/traces/README.md):
   resource = ``"opendap.lpdaac" + path`` (query stripped). Every line is a request (all status 200).
 
 For each trace: requests are sorted by time, bucketed on ``bucket_start = ts - ts % 900``, the
-top 50 resources by request count are kept (ties broken by resource name, ascending) and one
-series per (resource, region) is built over the trace's full bucket range — from the bucket of
-the first kept request of *any* resource to the bucket of the last one — zeros included.
+top 50 resources by request count before the test tail (``val_end`` below; ties broken by
+resource name, ascending) are kept and one series per (resource, region) is built over the
+trace's full bucket range — from the bucket of the first parsed request of *any* resource to the
+bucket of the last one — zeros included.
 Series order: resource rank, then region 0, 1.
 
 Splits (per trace, on the bucket range of ``n_buckets`` buckets starting at ``first_bucket``):
@@ -182,8 +183,13 @@ def build_trace(name: str, traces_dir: str) -> TraceData:
     last_bucket = reqs[-1][0] - reqs[-1][0] % b
     n_buckets = (last_bucket - first_bucket) // b + 1
 
+    # The resources are ranked on the requests before the test tail only: ranking on the whole
+    # trace would pick the series by how popular they turn out to be in the held-out part.
+    train_end, val_end = split_bounds(first_bucket, n_buckets)
     totals: dict[str, int] = {}
-    for _, _, res in reqs:
+    for ts, _, res in reqs:
+        if ts - ts % b >= val_end:
+            break
         totals[res] = totals.get(res, 0) + 1
     top = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:TOP_RESOURCES]
     rank = {res: i for i, (res, _) in enumerate(top)}
@@ -199,7 +205,6 @@ def build_trace(name: str, traces_dir: str) -> TraceData:
             r = region_cache[client] = region_of(client)
         counts[i, r, (ts - ts % b - first_bucket) // b] += 1
 
-    train_end, val_end = split_bounds(first_bucket, n_buckets)
     series = [Series(res, r, counts[i, r]) for res, i in rank.items() for r in range(N_REGIONS)]
     return TraceData(name=name, file=rel, sha256=sha256_file(path), n_requests=len(reqs),
                      first_bucket=first_bucket, n_buckets=n_buckets, train_end=train_end,

@@ -6,7 +6,8 @@ Steps:
  1. parse both traces (data.py), write models/build/dataset-<trace>.json for the Rust evaluator;
  2. build windows (W=32, H=4, stride 1, dead windows skipped), split each trace by the time of a
     window's first target bucket: test = the last 15%, validation = the 15% before it plus every
-    5th week of the rest, train = the remainder (purged next to validation/test buckets);
+    5th week of the rest, train = the remainder (train windows next to validation/test buckets and
+    validation windows next to test buckets are purged);
  3. train one LSTM on the train windows of both traces together (pinball loss on ln(1+y) for
     q 0.1/0.5/0.9 + BCE for p_any); a small fixed grid of configurations is tried, each with early
     stopping on the validation split and per-quantile calibration offsets fitted on the validation
@@ -53,7 +54,35 @@ GRID = [
     {"hidden": 8, "head": 16, "group": 4, "lr": 3e-3, "bce_weight": 1.0},
 ]
 BATCH = 256
-DEV_NOTES = """Version 3 (this model). Changes, in the order they were made:
+DEV_NOTES = """Version 4 (this model): version 3's pipeline with two leaks of the held-out split closed; nothing
+else in the features, architecture, grid or calibration changed.
+1. The 50 resources of each trace were ranked on the whole trace, test tail included, so the held-out part chose
+   the series. They are now ranked on the requests before `val_end`. On NASA this changes what the test split is:
+   the last 15% of its time range holds 0.4% of its requests (2,004), of which 118 are on the 50 resources most
+   requested before it, so the test split shrank from 932 to 131 non-dead windows — the 932 were mostly windows of
+   resources picked because they were busy in the tail. NASA test metrics now rest on 131 windows and are noisy.
+2. Validation windows whose 4 target buckets reach into the test split were kept (the windows of the last 3
+   validation buckets); they are now purged like train windows next to validation.
+3. The Python fixture check compares the exported graph with onnxruntime by the Rust parity test's rule
+   (|diff| <= 1e-4 * max(1, |v|)) instead of an absolute 1e-4, which large quantiles exceed by float rounding.
+Version 3's model retrained on this machine (AMD EPYC) with version 3's code gave different weights from the
+committed ones (trained on another CPU; same seed, same packages) — same configuration selected, validation score
+0.508 vs 0.516, test apache q90 pinball 0.241 vs 0.245 (seasonal naive 0.241) — so training is deterministic per CPU type, not across
+them. Reruns on one machine are identical.
+Tried in this version and not kept (validation only unless said):
+- Level-relative inputs: the window's log counts and features 7-8 minus feature 6, feature 6 clipped at ln(17),
+  so the head learns the shape of demand rather than its level; added to the grid as three more configurations,
+  none of which beat the selected one on the calibrated validation score (0.530-0.538 vs 0.517).
+- A split at request-count quantiles (test = the time after 85% of a trace's requests, validation after 70%), to
+  give NASA a test split with traffic in it (2,028 windows). Test was looked at for this one: the NASA tail is
+  then days 452-724, where two resources are requested about 100 times per bucket for days, a regime absent from
+  the 1,457 NASA train windows (8 of them with 100+ requests in their last 4 buckets, none sustained). The LSTM has
+  learned that NASA bursts end within hours and forecasts 5-9 requests after four buckets of 100: MASE 1.97 (1.84
+  with level-relative inputs) against EWMA's 0.24. Not adopted, because it trains NASA on its first 99 days only;
+  it shows that this model needs its recent errors watched online (a persistence fallback per series when it
+  keeps missing), which the service does not do yet.
+
+Version 3. Changes, in the order they were made:
 1. Validation split: the 70-85% stretch plus every 5th week of the first 70% (see Splits). Motivation: the
    previous version's NASA coverage was 83.3% on its validation split (384 windows, one quiet stretch) and 62.3% on
    test (that test number was known, reported in the issue). On the new split, a leave-one-validation-week-out check
@@ -163,6 +192,9 @@ class Windows:
         self.split = bsplit[self.end]
         touch = np.concatenate([[0], np.cumsum(bsplit != 0)])
         purged = (self.split == 0) & (touch[np.minimum(self.end + H, n)] - touch[self.end - W] > 0)
+        # validation windows whose targets reach into the test tail are purged too: validation
+        # picks the model and fits its calibration, so it must not see a test bucket either
+        purged |= (self.split == 1) & (bsplit[np.minimum(self.end + H - 1, n - 1)] == 2)
         self.split = np.where(purged, -1, self.split)
         self.block = (self.end // VAL_BLOCK_BUCKETS).astype(np.int64)  # calibration diagnostics
         self._x = None
@@ -716,7 +748,8 @@ def main():
     for f in fixtures:
         with torch.no_grad():
             tq, tp = exp_model(*(torch.from_numpy(v) for v in model_inputs(np.array([f["features"]], np.float32))))
-        assert np.allclose(tq.numpy()[0], f["quantiles"], atol=1e-4, rtol=0)
+        want = np.array(f["quantiles"])  # the Rust parity test's rule: |diff| <= 1e-4 * max(1, |v|)
+        assert np.all(np.abs(tq.numpy()[0] - want) <= 1e-4 * np.maximum(1.0, np.abs(want)))
         assert abs(float(tp[0, 0]) - f["p_any"]) < 1e-4
     with open(os.path.join(out_dir, "fixtures", "features.json"), "w") as fh:
         json.dump({
@@ -735,7 +768,8 @@ def main():
                   "pre-test range of the two-year NASA log instead of one quiet stretch; the 3.5-day Apache log is "
                   "shorter than a week, so its validation split is the 70-85% stretch only), train otherwise. A "
                   "window belongs to the split of its first target bucket; train windows with any input or target "
-                  "bucket in validation or test are dropped (purged). Train windows of both traces train one model; "
+                  "bucket in validation or test, and validation windows with a target bucket in test, are dropped "
+                  "(purged). Train windows of both traces train one model; "
                   "validation does early stopping (per-trace mean loss, averaged over traces), fits the quantile "
                   "calibration offsets and picks the configuration (calibrated count-space pinball relative to "
                   "seasonal naive); test is only reported.")
@@ -858,8 +892,9 @@ logs; it is not a general-purpose traffic forecaster.
 Parsing (`models/train/data.py`): Apache combined log, GET/HEAD only, client = IP, resource =
 `semicomplete.com` + path without query; NASA LP DAAC OPeNDAP log, `|&|`-separated, minute-resolution
 `YYYY-MM-DD hh:mmAM/PM` times treated as UTC, client = hashed IP, resource = `opendap.lpdaac` + path without
-query. Region = fnv1a64(client) % 2. Per trace the 50 most requested resources × 2 regions = 100 series over the
-trace's full bucket range (zeros included).
+query. Region = fnv1a64(client) % 2. Per trace the 50 resources most requested before the test tail (so the
+held-out part does not choose the series) × 2 regions = 100 series over the trace's full bucket range (zeros
+included).
 
 | trace | buckets | series | train windows | validation windows | test windows |
 | --- | ---: | ---: | ---: | ---: | ---: |
@@ -935,7 +970,8 @@ Inference speed (10,000 series in one batch, one core, target ≤ 20 ms) is meas
 ## Limitations
 - Tiny data: the Apache log is 3.5 days (333 buckets) so its test split is ~12 hours, and the history never reaches
   7 days (at most 3 seasonal lags); the NASA log spans two years but is extremely bursty and nearly idle in its
-  last 30%, so its test split contains few non-dead windows ({int(wins['nasa'].mask('test').sum())}) and metrics there are noisy.
+  last 30%, so its test split contains few non-dead windows ({int(wins['nasa'].mask('test').sum())}) and metrics there are noisy (one
+  window more or less moves coverage by 0.8 points).
 - The NASA traffic is dominated by one client (crawler-like bulk downloads), not CDN-like human traffic; the Apache
   log is a single personal website. Neither is CDN traffic; the regions are synthetic (hash of client).
 - The calibration offsets and the model choice rest on the validation split ({int(wins['nasa'].mask('val').sum())} NASA windows from 14
@@ -951,7 +987,8 @@ Inference speed (10,000 series in one batch, one core, target ≤ 20 ms) is meas
 ```sh
 bash models/train/train.sh          # traces from ../shared/traces, or set SHADOWCDN_TRACES
 ```
-Deterministic for a given seed and thread count on the same software versions (`models/train/requirements.txt`).
+Deterministic for a given seed and thread count on the same software versions (`models/train/requirements.txt`)
+and the same CPU type (torch's CPU kernels differ between CPUs, see the development notes).
 """
     with open(path, "w") as fh:
         fh.write(text)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Train the demand forecaster and write models/lstm.onnx, models/lstm.json,
-# models/fixtures/features.json, models/MODEL_CARD.md (and models/build/dataset-*.json).
+# models/fixtures/features.json, models/MODEL_CARD.md (and models/build/dataset-*.json), then the
+# broken-model fixtures (models/train/bad_models.py).
 # Traces: $SHADOWCDN_TRACES, default <repo>/../shared/traces. Extra arguments go to train.py.
 set -euo pipefail
 
@@ -23,4 +24,6 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q -r models/train/requirements.txt
 
-exec "$VENV/bin/python" models/train/train.py "$TRACES" "$@"
+"$VENV/bin/python" models/train/train.py "$TRACES" "$@"
+# The broken-model fixtures of the reload tests are derived from the model just written.
+exec "$VENV/bin/python" models/train/bad_models.py
