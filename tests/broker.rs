@@ -1868,6 +1868,18 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         m.contains("shadowcdn_broker_forecaster_fallback 0"),
         "the LSTM is serving:\n{m}"
     );
+    // The per-series guard counted who answered the series it planned.
+    let answered: f64 = ["model", "seasonal_naive", "ewma"]
+        .iter()
+        .filter_map(|a| {
+            sample(
+                &m,
+                "shadowcdn_broker_forecaster_series",
+                &[&format!("answer=\"{a}\"")],
+            )
+        })
+        .sum();
+    assert!(answered >= 1.0, "{m}");
     assert_eq!(
         sample(
             &m,

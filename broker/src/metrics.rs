@@ -90,6 +90,9 @@ pub struct BrokerMetrics {
     /// batches the model failed on and series it answered outside the contract (`event`:
     /// load, load_failure, batch_failure, series_failure).
     pub forecaster_events: IntCounterVec,
+    /// Series each forecaster answers under the per-series guard (`answer`: model,
+    /// seasonal_naive, ewma): a baseline answers a series it has lately been clearly better on.
+    pub forecaster_series: IntGaugeVec,
 }
 
 impl BrokerMetrics {
@@ -345,11 +348,20 @@ impl BrokerMetrics {
                 ),
                 &["event"],
             )?,
+            forecaster_series: IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_forecaster_series",
+                    "Series each forecaster answered at the last planning tick: the model, or a \
+                     baseline that has lately been clearly better on the series",
+                ),
+                &["answer"],
+            )?,
         };
         registry.register(Box::new(m.planner_decisions.clone()))?;
         registry.register(Box::new(m.shadows_issued.clone()))?;
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
         registry.register(Box::new(m.forecaster_events.clone()))?;
+        registry.register(Box::new(m.forecaster_series.clone()))?;
         registry.register(Box::new(m.planner_safety.clone()))?;
         registry.register(Box::new(m.planner_tick.clone()))?;
         registry.register(Box::new(m.quic_connected.clone()))?;

@@ -24,7 +24,9 @@ use async_trait::async_trait;
 use edge_node::drain::InflightCounter;
 use edge_node::sync::protocol::{PeerRef, ShadowOrder};
 use futures::stream::{self, StreamExt};
+use models::baseline::{Ewma, SeasonalNaive};
 use models::features::{History, DEFAULT_PRIORITY};
+use models::guard::{GuardConfig, SeriesGuard};
 use models::reload::{ModelStatus, ReloadingForecaster};
 use models::Forecaster;
 use parking_lot::{Mutex, RwLock};
@@ -64,14 +66,59 @@ fn last_complete_bucket(now: u64) -> u64 {
     (now - now % FORECAST_BUCKET).saturating_sub(FORECAST_BUCKET)
 }
 
-/// Which forecaster answered a series: the model's serving wrapper hands windows without a
-/// request to the seasonal-naive baseline, which `explain` should say.
-fn answered_by<'a>(serving: &'a str, counts: &[u32]) -> &'a str {
-    if serving == "lstm" && models::features::window_is_silent(counts) {
-        "seasonal_naive"
-    } else {
-        serving
+/// Which forecaster answered a series: the guard's choice (`GUARD_ANSWERS`), and for the
+/// model, its serving wrapper hands windows without a request to the seasonal-naive baseline,
+/// which `explain` should say.
+fn answered_by<'a>(serving: &'a str, answer: usize, counts: &[u32]) -> &'a str {
+    match answer {
+        0 if serving == "lstm" && models::features::window_is_silent(counts) => "seasonal_naive",
+        0 => serving,
+        k => GUARD_ANSWERS.get(k).copied().unwrap_or(serving),
     }
+}
+
+/// The forecasters the per-series guard chooses from, in its order: the serving model, then
+/// the baselines.
+const GUARD_ANSWERS: [&str; 3] = ["model", "seasonal_naive", "ewma"];
+
+/// The guard's identity of a series.
+fn series_id(key: &str, region_idx: usize) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), region_idx as u64)
+}
+
+/// The forecasts the planner acts on, and which forecaster answered each (an index into
+/// `GUARD_ANSWERS`): the model's, or where the guard says so, a baseline's.
+fn guarded(
+    guard: Option<&Mutex<SeriesGuard>>,
+    cands: &[Candidate],
+    hs: &[History<'_>],
+    model: Vec<models::Forecast>,
+) -> (Vec<models::Forecast>, Vec<usize>) {
+    let Some(guard) = guard else {
+        let n = model.len();
+        return (model, vec![0; n]);
+    };
+    let naive = hs.iter().map(SeasonalNaive::one);
+    let ewma = Ewma::default();
+    let mut g = guard.lock();
+    let mut answers = Vec::with_capacity(model.len());
+    let forecasts = model
+        .into_iter()
+        .zip(naive)
+        .zip(cands.iter().zip(hs))
+        .map(|((m, n), (c, h))| {
+            let options = [m, n, ewma.one(h)];
+            let k = g.choose(
+                series_id(&c.key, c.region_idx),
+                h,
+                &options.map(|f| f.p50()),
+            );
+            answers.push(k);
+            options[k]
+        })
+        .collect();
+    g.end_tick();
+    (forecasts, answers)
 }
 
 /// Planner settings.
@@ -93,6 +140,11 @@ pub struct PlannerSection {
     /// while it cannot be loaded.
     #[serde(default = "default_model")]
     pub model: std::path::PathBuf,
+    /// Whether a baseline (seasonal naive, EWMA) answers a series on which it has lately been
+    /// clearly better than the model (`models::guard`): a model is badly wrong on a regime it
+    /// never saw, and persistence is not.
+    #[serde(default = "default_true")]
+    pub guard: bool,
     /// Shadow bytes an edge may hold when it does not report its capacity (HTTP-only edges).
     #[serde(default = "default_budget")]
     pub budget_bytes_per_edge: u64,
@@ -126,6 +178,7 @@ impl Default for PlannerSection {
             interval_secs: default_interval(),
             threshold: default_threshold(),
             model: default_model(),
+            guard: true,
             budget_bytes_per_edge: default_budget(),
             budget_share: default_budget_share(),
             min_safety: default_min_safety(),
@@ -723,6 +776,8 @@ pub struct Planner {
     metrics: BrokerMetrics,
     /// Work the shutdown drain waits for: a tick's orders are sent whole or not at all.
     inflight: InflightCounter,
+    /// Which forecaster answers each series (`[planner] guard`; `None`: always the model).
+    guard: Option<Arc<Mutex<SeriesGuard>>>,
 }
 
 impl Planner {
@@ -739,6 +794,7 @@ impl Planner {
         (ledger, anomaly): (Arc<Ledger>, AnomalySection),
         metrics: BrokerMetrics,
     ) -> Self {
+        let guard_on = cfg.guard;
         Planner {
             ledger,
             anomaly,
@@ -751,6 +807,12 @@ impl Planner {
             state,
             metrics,
             inflight: InflightCounter::default(),
+            guard: guard_on.then(|| {
+                Arc::new(Mutex::new(SeriesGuard::new(
+                    GUARD_ANSWERS.len(),
+                    GuardConfig::default(),
+                )))
+            }),
         }
     }
 
@@ -1212,6 +1274,7 @@ impl Planner {
         let last = last_complete_bucket(now) as i64;
         // Inference is CPU work: keep it off the async workers.
         let fc = forecaster.clone();
+        let guard = self.guard.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let hs: Vec<History<'_>> = cands
                 .iter()
@@ -1222,11 +1285,13 @@ impl Planner {
                     priority: c.priority,
                 })
                 .collect();
-            let forecasts = fc.forecast(&hs);
+            let forecasts = fc
+                .forecast(&hs)
+                .map(|f| guarded(guard.as_deref(), &cands, &hs, f));
             (cands, forecasts, fc.name().to_string())
         })
         .await;
-        let (cands, forecasts, name) = match joined {
+        let (cands, (forecasts, answers), name) = match joined {
             Ok((c, Ok(f), n)) => (c, f, n),
             Ok((_, Err(e), _)) => {
                 tracing::warn!(error = %e, "planner forecast failed");
@@ -1237,6 +1302,15 @@ impl Planner {
                 return;
             }
         };
+        if self.guard.is_some() {
+            for (k, label) in GUARD_ANSWERS.iter().enumerate() {
+                let n = answers.iter().filter(|a| **a == k).count();
+                self.metrics
+                    .forecaster_series
+                    .with_label_values(&[label])
+                    .set(n as i64);
+            }
+        }
         // A snapshot for this tick's decisions; every change goes to the shared state at
         // once, so shadows that events or co-access place while the tick sends are kept.
         let live = self.state.live_now(Instant::now());
@@ -1354,7 +1428,7 @@ impl Planner {
                 .inc();
             decisions.entry(c.key.clone()).or_default().push(Decision {
                 region: c.region.clone(),
-                forecaster: answered_by(&name, &c.counts).to_string(),
+                forecaster: answered_by(&name, answers[v.candidate], &c.counts).to_string(),
                 quantiles: f.quantiles,
                 p_any: f.p_any,
                 threshold: thresholds[v.candidate].0,
@@ -1386,7 +1460,7 @@ impl Planner {
                 Standing::Surge if self.anomaly.enabled => {
                     let widenings = self.widen(c, &live, &holders, &p_any, now_ms, &mut orders);
                     let surge = Surging {
-                        forecaster: &name,
+                        forecaster: answered_by(&name, answers[i], &c.counts),
                         quantiles: forecasts[i].quantiles,
                         safety,
                         at: now,
@@ -1693,12 +1767,54 @@ mod tests {
     }
 
     #[test]
-    fn explain_names_the_baseline_for_silent_windows() {
+    fn the_guard_hands_a_series_the_model_keeps_missing_to_a_baseline() {
+        // Two series at 100 requests a bucket; the model says 5 an hour for the first and is
+        // right about the second.
+        let cands = vec![cand("h/busy", 1, 5, true), cand("h/fine", 1, 5, true)];
+        let guard = Mutex::new(SeriesGuard::new(
+            GUARD_ANSWERS.len(),
+            GuardConfig::default(),
+        ));
+        let counts = vec![100u32; 2000];
+        let mut answers = Vec::new();
+        for end in 1000..1012 {
+            let hs: Vec<History<'_>> = (0..2)
+                .map(|_| History {
+                    counts: &counts[end - 700..end],
+                    last_bucket_start: end as i64 * 900,
+                    bucket_secs: 900,
+                    priority: 5,
+                })
+                .collect();
+            let (f, a) = guarded(
+                Some(&guard),
+                &cands,
+                &hs,
+                vec![fc(5.0, 1.0), fc(400.0, 1.0)],
+            );
+            assert_eq!(f[1].p50(), 400.0);
+            answers = a;
+            if answers[0] != 0 {
+                // Persistence: seasonal naive and EWMA both say 400; the first baseline wins ties.
+                assert_eq!(f[0].p50(), 400.0);
+            }
+        }
+        assert_eq!(answers, vec![1, 0]);
+        assert_eq!(answered_by("lstm", answers[0], &counts), "seasonal_naive");
+        // Off, the model answers everything.
+        let (f, a) = guarded(None, &cands[..1], &[], vec![fc(5.0, 1.0)]);
+        assert_eq!((f[0].p50(), a), (5.0, vec![0]));
+    }
+
+    #[test]
+    fn explain_names_the_baseline_for_silent_windows_and_the_guards_choice() {
         let mut counts = vec![0u32; 100];
-        assert_eq!(answered_by("lstm", &counts), "seasonal_naive");
+        assert_eq!(answered_by("lstm", 0, &counts), "seasonal_naive");
         counts[99] = 1;
-        assert_eq!(answered_by("lstm", &counts), "lstm");
-        assert_eq!(answered_by("seasonal_naive", &counts), "seasonal_naive");
+        assert_eq!(answered_by("lstm", 0, &counts), "lstm");
+        assert_eq!(answered_by("seasonal_naive", 0, &counts), "seasonal_naive");
+        assert_eq!(answered_by("lstm", 2, &counts), "ewma");
+        assert_eq!(answered_by("lstm", 1, &counts), "seasonal_naive");
     }
 
     #[test]

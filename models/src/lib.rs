@@ -5,12 +5,14 @@
 //! [`features::HORIZON`] buckets and the probability of any request. Implementations: the
 //! LSTM served through ONNX Runtime ([`onnx::OnnxLstm`], wrapped with hot reload and a
 //! fallback in [`reload::ReloadingForecaster`]), and the baselines [`baseline::SeasonalNaive`]
-//! and [`baseline::Ewma`]. [`features`] is the pipeline shared with the Python training code;
-//! the contract is `models/README.md`.
+//! and [`baseline::Ewma`]. [`guard::SeriesGuard`] lets a baseline answer a series on which it
+//! has lately been clearly better than the model. [`features`] is the pipeline shared with the
+//! Python training code; the contract is `models/README.md`.
 
 pub mod baseline;
 pub mod features;
 pub mod forecast;
+pub mod guard;
 pub mod metrics;
 pub mod onnx;
 pub mod reload;

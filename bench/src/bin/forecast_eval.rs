@@ -3,8 +3,10 @@
 //! Reads the series datasets the training script writes (`models/build/dataset-<trace>.json`,
 //! made from `../shared/traces`), builds windows with the Rust feature pipeline exactly as the
 //! contract in `models/README.md` says, runs the LSTM (ONNX Runtime), seasonal naive and EWMA
-//! on the non-dead test windows, and prints MAE, MASE, pinball, coverage and Brier per trace.
-//! Writes a JSON report and an SVG of forecast vs actual for the busiest test series.
+//! on the non-dead test windows, and prints MAE, MASE, pinball, coverage and Brier per trace —
+//! also for `lstm_guarded`, the LSTM behind the per-series guard as the broker's planner serves
+//! it (`models::guard`: a baseline answers a series on which it has lately been clearly
+//! better). Writes a JSON report and an SVG of forecast vs actual for the busiest test series.
 
 use std::path::PathBuf;
 
@@ -12,6 +14,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use models::baseline::{Ewma, SeasonalNaive};
 use models::features::{History, HORIZON, WINDOW};
+use models::guard::{GuardConfig, SeriesGuard};
 use models::metrics::Accuracy;
 use models::onnx::OnnxLstm;
 use models::{Forecast, Forecaster};
@@ -31,6 +34,42 @@ struct Cli {
     /// Where to write the JSON report and plots.
     #[arg(long, default_value = "bench/results")]
     out: PathBuf,
+    /// Which windows to score: `test` (the held-out tail) or `val` (the contiguous validation
+    /// stretch before it, where settings such as the guard's are chosen).
+    #[arg(long, default_value = "test", value_parser = ["test", "val"])]
+    split: String,
+    /// The guard's error-average weight (`models::guard::GuardConfig`).
+    #[arg(long, default_value_t = GuardConfig::default().alpha)]
+    guard_alpha: f64,
+    /// Horizons scored before a baseline may answer a series.
+    #[arg(long, default_value_t = GuardConfig::default().min_scored)]
+    guard_min_scored: u32,
+    /// A baseline answers when its error × this + the floor is below the model's.
+    #[arg(long, default_value_t = GuardConfig::default().margin)]
+    guard_margin: f64,
+    /// Requests per horizon under which error differences never switch.
+    #[arg(long, default_value_t = GuardConfig::default().floor)]
+    guard_floor: f64,
+}
+
+impl Cli {
+    /// Output names: the test split's plain, the validation split's with `-val`.
+    fn suffix(&self) -> &'static str {
+        if self.split == "val" {
+            "-val"
+        } else {
+            ""
+        }
+    }
+
+    fn guard(&self) -> GuardConfig {
+        GuardConfig {
+            alpha: self.guard_alpha,
+            min_scored: self.guard_min_scored,
+            margin: self.guard_margin,
+            floor: self.guard_floor,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -39,8 +78,30 @@ struct Dataset {
     bucket_secs: i64,
     first_bucket: i64,
     n_buckets: usize,
+    train_end: i64,
     val_end: i64,
     series: Vec<SeriesData>,
+}
+
+impl Dataset {
+    /// The scored stretch `[from, to)` of first target buckets: for validation, windows whose
+    /// targets end before the test tail (as training purges them).
+    fn scored(&self, split: &str) -> (i64, i64) {
+        match split {
+            "val" => (
+                self.train_end,
+                self.val_end - (HORIZON as i64 - 1) * self.bucket_secs,
+            ),
+            _ => (self.val_end, i64::MAX),
+        }
+    }
+
+    /// Index of the first bucket starting at or after `t`.
+    fn bucket_at(&self, t: i64) -> usize {
+        let d = t.saturating_sub(self.first_bucket).max(0);
+        usize::try_from(d.div_euclid(self.bucket_secs) + i64::from(d % self.bucket_secs != 0))
+            .unwrap_or(usize::MAX)
+    }
 }
 
 #[derive(Deserialize)]
@@ -62,12 +123,12 @@ struct Window {
     y: f64,
 }
 
-fn windows(ds: &Dataset) -> Vec<Window> {
+fn windows(ds: &Dataset, (from, to): (i64, i64)) -> Vec<Window> {
     let mut out = Vec::new();
     for (si, s) in ds.series.iter().enumerate() {
         for end in WINDOW..=s.counts.len().saturating_sub(HORIZON) {
             let first_target = ds.first_bucket + end as i64 * ds.bucket_secs;
-            if first_target < ds.val_end {
+            if first_target < from || first_target >= to {
                 continue;
             }
             let target = &s.counts[end..end + HORIZON];
@@ -95,6 +156,57 @@ fn history<'a>(ds: &'a Dataset, w: &Window) -> History<'a> {
         bucket_secs: ds.bucket_secs,
         priority: s.priority,
     }
+}
+
+/// The forecasts of the scored windows as the planner serves them with its guard on: from the
+/// first scored bucket on, every series whose last 7 days hold a request is forecast by all
+/// three forecasters (model first) at every bucket, in time order, and the guard — which sees
+/// only horizons already past — picks who answers. The guard starts empty at the scored
+/// stretch, so nothing before it is used. Windows the planner would not forecast keep the
+/// model's answer.
+fn guarded(
+    forecasters: &[Box<dyn Forecaster>],
+    ds: &Dataset,
+    ws: &[Window],
+    model: &[Forecast],
+    (from, to): (i64, i64),
+    cfg: GuardConfig,
+) -> anyhow::Result<Vec<Forecast>> {
+    let last = ds.n_buckets.saturating_sub(HORIZON).min(ds.bucket_at(to));
+    let mut steps = Vec::new();
+    for end in ds.bucket_at(from).max(WINDOW)..=last {
+        for (si, s) in ds.series.iter().enumerate() {
+            let from = end.saturating_sub(max_history(ds.bucket_secs));
+            if s.counts[from..end].iter().any(|c| *c > 0) {
+                steps.push(Window {
+                    series: si,
+                    end,
+                    y: 0.0,
+                });
+            }
+        }
+    }
+    let all: Vec<Vec<Forecast>> = forecasters
+        .iter()
+        .map(|f| run(f.as_ref(), ds, &steps))
+        .collect::<anyhow::Result<_>>()?;
+    let mut guard = SeriesGuard::new(all.len(), cfg);
+    let mut chosen = std::collections::HashMap::new();
+    let mut bucket = None;
+    for (i, w) in steps.iter().enumerate() {
+        if bucket.is_some_and(|b| b != w.end) {
+            guard.end_tick();
+        }
+        bucket = Some(w.end);
+        let p50s: Vec<f32> = all.iter().map(|p| p[i].p50()).collect();
+        let k = guard.choose(w.series as u64, &history(ds, w), &p50s);
+        chosen.insert((w.series, w.end), all[k][i]);
+    }
+    Ok(ws
+        .iter()
+        .zip(model)
+        .map(|(w, m)| chosen.get(&(w.series, w.end)).copied().unwrap_or(*m))
+        .collect())
 }
 
 fn run(f: &dyn Forecaster, ds: &Dataset, ws: &[Window]) -> anyhow::Result<Vec<Forecast>> {
@@ -169,7 +281,7 @@ fn plot(
         ))?
         .label("actual")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-    let colors = [BLUE, RED, GREEN];
+    let colors = [BLUE, RED, GREEN, MAGENTA];
     for ((name, p), color) in preds.iter().zip(colors) {
         chart
             .draw_series(LineSeries::new(
@@ -218,11 +330,14 @@ fn main() -> anyhow::Result<()> {
         if ds.series.iter().any(|s| s.counts.len() != ds.n_buckets) {
             bail!("{}: series lengths differ from n_buckets", path.display());
         }
-        let ws = windows(&ds);
+        let scored = ds.scored(&cli.split);
+        let ws = windows(&ds, scored);
         let mut preds = Vec::new();
         for f in &forecasters {
             preds.push((f.name().to_string(), run(f.as_ref(), &ds, &ws)?));
         }
+        let guarded = guarded(&forecasters, &ds, &ws, &preds[0].1, scored, cli.guard())?;
+        preds.push(("lstm_guarded".to_string(), guarded));
         let acc: Vec<(String, Accuracy)> = preds
             .iter()
             .map(|(n, p)| {
@@ -238,8 +353,9 @@ fn main() -> anyhow::Result<()> {
             .find(|(n, _)| n == "seasonal_naive")
             .map_or(1.0, |(_, a)| a.mae());
         println!(
-            "\n## {} — {} test windows (non-dead), {} series",
+            "\n## {} — {} {} windows (non-dead), {} series",
             ds.trace,
+            cli.split,
             ws.len(),
             ds.series.len()
         );
@@ -270,11 +386,13 @@ fn main() -> anyhow::Result<()> {
             );
         }
         report.insert(ds.trace.clone(), serde_json::Value::Object(trace_report));
-        let svg = cli.out.join(format!("forecast-{}.svg", ds.trace));
+        let svg = cli
+            .out
+            .join(format!("forecast-{}{}.svg", ds.trace, cli.suffix()));
         plot(&svg, &ds, &ws, &preds)?;
         println!("plot: {}", svg.display());
     }
-    let out = cli.out.join("forecast-eval.json");
+    let out = cli.out.join(format!("forecast-eval{}.json", cli.suffix()));
     std::fs::write(&out, serde_json::to_string_pretty(&report)?)?;
     println!("\nreport: {}", out.display());
     Ok(())
