@@ -2683,6 +2683,25 @@ async fn a_follower_whose_fills_fail_is_backed_off() {
     )
     .unwrap_or(0.0);
     assert!((1.0..=8.0).contains(&ordered), "{ordered} orders: {m}");
+    // The failed fills were no shadows, but what they spent is in the ledger: each ran a
+    // fill (its compute) and fetched the body the origin then refused to let be kept.
+    let (_, report) = api(
+        reqwest::Method::GET,
+        c.broker.api("/v1/cost"),
+        OPERATOR_TOKEN,
+        None,
+    )
+    .await;
+    let co = report["by_source"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["source"] == "coaccess")
+        .cloned()
+        .unwrap();
+    assert!(co["failed"].as_u64().unwrap() >= 1, "{report}");
+    assert_eq!(co["shadows"], 0, "{report}");
+    assert!(co["spend"].as_f64().unwrap() > 0.0, "{report}");
 }
 
 /// Co-access shadows respect the resource's `max_copies`: once the follower is shadowed in

@@ -662,6 +662,21 @@ impl Ledger {
                 if let Some(order) = order.as_ref().filter(|_| !o.removed) {
                     rollups.entry(rollup_key(order)).or_default().failed += 1;
                 }
+                // What it spent is spent all the same: a fill that ran (every failure; an
+                // overtaken one that moved bytes) cost its compute and the bytes its attempts
+                // moved, priced as origin transfer (`bytes`, 0 from older edges).
+                if !o.removed || o.bytes > 0 {
+                    let failed = ShadowOutcome {
+                        hits: 0,
+                        held_secs: 0,
+                        peer_filled: false,
+                        ..o.clone()
+                    };
+                    let p = price(&self.cfg, &failed);
+                    let key = order.as_ref().map_or_else(unattributed, rollup_key);
+                    self.count_money(&key, &p);
+                    rollups.entry(key).or_default().money.add(&p);
+                }
                 continue;
             }
             if o.held_before {
@@ -683,17 +698,7 @@ impl Ledger {
                 ..o.clone()
             };
             let p = price(&self.cfg, &held);
-            let key = order.as_ref().map_or_else(
-                || {
-                    (
-                        "-".to_string(),
-                        usize::MAX,
-                        Class::Normal,
-                        Source::Unattributed,
-                    )
-                },
-                rollup_key,
-            );
+            let key = order.as_ref().map_or_else(unattributed, rollup_key);
             self.count_money(&key, &p);
             let r = rollups.entry(key).or_default();
             r.shadows += 1;
@@ -889,6 +894,16 @@ impl Ledger {
             "changes": self.changes.lock().iter().collect::<Vec<_>>(),
         })
     }
+}
+
+/// Where an outcome no order of ours stands for (an operator's) is rolled up.
+fn unattributed() -> (String, usize, Class, Source) {
+    (
+        "-".to_string(),
+        usize::MAX,
+        Class::Normal,
+        Source::Unattributed,
+    )
 }
 
 /// Where an order's outcome is rolled up.
@@ -1124,7 +1139,7 @@ mod tests {
     }
 
     #[test]
-    fn a_failed_fill_ends_the_order_unpriced_and_tells_the_planner() {
+    fn a_failed_fill_ends_the_order_with_what_it_spent_and_tells_the_planner() {
         let l = ledger();
         let signal = Signal::forecast(0.9);
         place(&l, "h/x", 1, 5, signal);
@@ -1162,7 +1177,31 @@ mod tests {
             (r["failed"].as_u64(), r["shadows"].as_u64()),
             (Some(1), Some(0))
         );
-        assert_eq!(r["spend"].as_f64(), Some(0.0));
+        // The failure ran a fill: its compute is spent. The dropped one never fetched.
+        let cfg = CostSection::default();
+        let spend = |l: &Ledger| l.report()["rollups"][0]["spend"].as_f64().unwrap();
+        assert!((spend(&l) - cfg.fill_cost).abs() < 1e-12, "{}", l.report());
+        // Bytes a failed fill moved, and those of a fill a purge overtook once it had
+        // fetched, are paid as origin transfer; neither is a shadow or evidence.
+        place(&l, "h/z", 1, 5, signal);
+        place(&l, "h/w", 1, 5, signal);
+        let partial = ShadowOutcome {
+            bytes: 1_000_000_000,
+            ..ShadowOutcome::failed("h/z".into())
+        };
+        let overtaken = ShadowOutcome {
+            bytes: 1_000_000_000,
+            removed: true,
+            ..ShadowOutcome::failed("h/w".into())
+        };
+        l.settle(1, &[partial, overtaken]);
+        let want = 3.0 * cfg.fill_cost + 2.0 * cfg.origin_egress_per_gb;
+        assert!((spend(&l) - want).abs() < 1e-9, "{}", l.report());
+        let r = &l.report()["rollups"][0];
+        assert_eq!(
+            (r["failed"].as_u64(), r["shadows"].as_u64()),
+            (Some(2), Some(0))
+        );
         // No evidence about the forecast: the tuner has nothing to act on.
         for tick in 0..10 {
             l.tune(tick);

@@ -473,12 +473,14 @@ async fn fetch(
 
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
 /// broker hears so, or it would count the order live until its TTL and never place it again.
-fn report_unheld(table: &ShadowTable, req: &FillRequest) {
+/// `moved`: the bytes its attempts fetched, which the broker pays for all the same.
+fn report_unheld(table: &ShadowTable, req: &FillRequest, moved: u64) {
     if table.get(&req.key).is_none() {
         // Dropped, not failed: the fetch did not go wrong (no reason to wait before the next
         // order), a purge or unshadow overtook it.
         let o = ShadowOutcome {
             removed: true,
+            bytes: moved,
             order: req.order().id,
             ..ShadowOutcome::failed(req.key.clone())
         };
@@ -653,7 +655,7 @@ impl ShadowService {
                     if req.refresh && table.get(&req.key).is_none() {
                         purge_stale(storage, &table, &metrics, &req.key, "refresh_dropped").await;
                     }
-                    report_unheld(&table, &req);
+                    report_unheld(&table, &req, 0);
                     return;
                 }
                 let started = req.queued_at;
@@ -705,7 +707,7 @@ impl ShadowService {
                                 let why = "unshadowed_while_filling";
                                 purge_stale(storage, &table, &metrics, &req.key, why).await;
                             }
-                            report_unheld(&table, &req);
+                            report_unheld(&table, &req, charged);
                             return;
                         }
                         // Passed through the cache uncached (the fill memory was full): its
@@ -738,6 +740,7 @@ impl ShadowService {
                         } else if table.get(&req.key).is_none() {
                             // Any other failure means the broker's order holds nothing here.
                             table.outcomes().push(ShadowOutcome {
+                                bytes: moved,
                                 order: req.order().id,
                                 ..ShadowOutcome::failed(req.key.clone())
                             });

@@ -173,7 +173,8 @@ pub struct StatsReport {
 pub struct ShadowOutcome {
     /// `host/path?query`.
     pub key: String,
-    /// Body bytes.
+    /// Body bytes; for a fill that failed or was overtaken, the bytes its attempts fetched
+    /// (which were paid for all the same).
     pub bytes: u64,
     /// Requests served from it.
     pub hits: u64,
