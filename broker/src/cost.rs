@@ -664,12 +664,12 @@ impl Ledger {
                 }
                 // What it spent is spent all the same: a fill that ran (every failure; an
                 // overtaken one that moved bytes) cost its compute and the bytes its attempts
-                // moved, priced as origin transfer (`bytes`, 0 from older edges).
+                // moved (`bytes`, 0 from older edges), from where the edge says (a failure's
+                // attempts count as the origin's).
                 if !o.removed || o.bytes > 0 {
                     let failed = ShadowOutcome {
                         hits: 0,
                         held_secs: 0,
-                        peer_filled: false,
                         ..o.clone()
                     };
                     let p = price(&self.cfg, &failed);

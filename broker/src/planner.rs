@@ -82,14 +82,15 @@ fn answered_by<'a>(serving: &'a str, answer: usize, counts: &[u32]) -> &'a str {
 const GUARD_ANSWERS: [&str; 3] = ["model", "seasonal_naive", "ewma"];
 
 /// The guard's identity of a series.
-fn series_id(key: &str, region_idx: usize) -> u64 {
-    xxhash_rust::xxh3::xxh3_64_with_seed(key.as_bytes(), region_idx as u64)
+fn series_id(resource: &str, region_idx: usize) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(resource.as_bytes(), region_idx as u64)
 }
 
 /// The forecasts the planner acts on, and which forecaster answered each (an index into
 /// `GUARD_ANSWERS`): the model's, or where the guard says so, a baseline's.
 fn guarded(
     guard: Option<&Mutex<SeriesGuard>>,
+    serving: u64,
     cands: &[Candidate],
     hs: &[History<'_>],
     model: Vec<models::Forecast>,
@@ -101,6 +102,7 @@ fn guarded(
     let naive = hs.iter().map(SeasonalNaive::one);
     let ewma = Ewma::default();
     let mut g = guard.lock();
+    g.serving(serving);
     let mut answers = Vec::with_capacity(model.len());
     let forecasts = model
         .into_iter()
@@ -108,11 +110,7 @@ fn guarded(
         .zip(cands.iter().zip(hs))
         .map(|((m, n), (c, h))| {
             let options = [m, n, ewma.one(h)];
-            let k = g.choose(
-                series_id(&c.key, c.region_idx),
-                h,
-                &options.map(|f| f.p50()),
-            );
+            let k = g.choose(c.series, h, &options.map(|f| f.p50()));
             answers.push(k);
             options[k]
         })
@@ -284,6 +282,9 @@ pub struct Decision {
 }
 
 struct Candidate {
+    /// The series' identity for the forecaster guard: its resource and region (the cache
+    /// key below is the one requests use most, which can change).
+    series: u64,
     key: String,
     region: String,
     region_idx: usize,
@@ -872,6 +873,7 @@ impl Planner {
             // place it where the broker routes that key.
             let key = if s.key.is_empty() { resource } else { &s.key };
             out.push(Candidate {
+                series: series_id(resource, region_idx),
                 key: key.to_string(),
                 region: region.to_string(),
                 region_idx,
@@ -1269,6 +1271,14 @@ impl Planner {
             // still picked up, and the fallback gauge follows.
             let fc = forecaster.clone();
             let _ = tokio::task::spawn_blocking(move || fc.check_reload()).await;
+            if self.guard.is_some() {
+                for label in GUARD_ANSWERS {
+                    self.metrics
+                        .forecaster_series
+                        .with_label_values(&[label])
+                        .set(0);
+                }
+            }
             return;
         }
         let last = last_complete_bucket(now) as i64;
@@ -1285,9 +1295,14 @@ impl Planner {
                     priority: c.priority,
                 })
                 .collect();
-            let forecasts = fc
-                .forecast(&hs)
-                .map(|f| guarded(guard.as_deref(), &cands, &hs, f));
+            let forecasts = fc.forecast(&hs);
+            // Which model answered: a reload or a fall back to the baseline starts the
+            // guard's records afresh.
+            let serving = xxhash_rust::xxh3::xxh3_64_with_seed(
+                fc.name().as_bytes(),
+                fc.status().loads.load(std::sync::atomic::Ordering::Relaxed),
+            );
+            let forecasts = forecasts.map(|f| guarded(guard.as_deref(), serving, &cands, &hs, f));
             (cands, forecasts, fc.name().to_string())
         })
         .await;
@@ -1641,6 +1656,7 @@ mod tests {
 
     fn cand(key: &str, bytes: u64, priority: u8, allowed: bool) -> Candidate {
         Candidate {
+            series: series_id(key, 0),
             key: key.into(),
             region: "eu".into(),
             region_idx: 0,
@@ -1788,6 +1804,7 @@ mod tests {
                 .collect();
             let (f, a) = guarded(
                 Some(&guard),
+                1,
                 &cands,
                 &hs,
                 vec![fc(5.0, 1.0), fc(400.0, 1.0)],
@@ -1802,7 +1819,7 @@ mod tests {
         assert_eq!(answers, vec![1, 0]);
         assert_eq!(answered_by("lstm", answers[0], &counts), "seasonal_naive");
         // Off, the model answers everything.
-        let (f, a) = guarded(None, &cands[..1], &[], vec![fc(5.0, 1.0)]);
+        let (f, a) = guarded(None, 1, &cands[..1], &[], vec![fc(5.0, 1.0)]);
         assert_eq!((f[0].p50(), a), (5.0, vec![0]));
     }
 

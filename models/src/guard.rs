@@ -60,6 +60,8 @@ pub struct SeriesGuard {
     cfg: GuardConfig,
     n: usize,
     series: HashMap<u64, Record>,
+    /// What forecaster 0 is (see [`Self::serving`]).
+    serving: Option<u64>,
 }
 
 impl SeriesGuard {
@@ -69,7 +71,18 @@ impl SeriesGuard {
             cfg,
             n: n.max(1),
             series: HashMap::new(),
+            serving: None,
         }
+    }
+
+    /// Say which model is forecaster 0 (any identity that changes when it does: a reload, a
+    /// fall back to a baseline). On a change every record is dropped: the errors were the old
+    /// model's, and would keep a baseline answering after a better model arrived.
+    pub fn serving(&mut self, identity: u64) {
+        if self.serving.is_some_and(|s| s != identity) {
+            self.series.clear();
+        }
+        self.serving = Some(identity);
     }
 
     /// For the series `id` with history `h` and each forecaster's median forecast `p50s`
@@ -143,7 +156,7 @@ impl SeriesGuard {
 /// The forecaster to answer with, given each one's recent error: the model until a baseline
 /// has been better by the margin; back to the model once it is within `floor` of the
 /// baseline answering (not by the margin: a band between the two keeps a series from
-/// flapping).
+/// flapping), unless another baseline beats it by the margin.
 fn pick(err: &[f64], scored: u32, chosen: usize, cfg: &GuardConfig) -> usize {
     if scored < cfg.min_scored || err.is_empty() {
         return 0;
@@ -152,14 +165,15 @@ fn pick(err: &[f64], scored: u32, chosen: usize, cfg: &GuardConfig) -> usize {
         .min_by(|a, b| err[*a].total_cmp(&err[*b]))
         .unwrap_or(0);
     let beats = |a: usize, b: usize| err[a] * cfg.margin + cfg.floor < err[b];
-    if chosen == 0 || chosen >= err.len() {
+    // Answered by the model, or by a baseline that is no longer clearly better than it.
+    let judged_against_model =
+        chosen == 0 || chosen >= err.len() || err[0] <= err[chosen] + cfg.floor;
+    if judged_against_model {
         if beats(best, 0) {
             best
         } else {
             0
         }
-    } else if err[0] <= err[chosen] + cfg.floor {
-        0
     } else if best != chosen && beats(best, chosen) {
         best
     } else {
@@ -274,5 +288,20 @@ mod tests {
         assert_eq!(pick(&err, 3, 0, &cfg), 0, "too few horizons scored");
         // Answering with 1, 2 is not better by the margin: 1 stays.
         assert_eq!(pick(&[10.0, 2.2, 2.0], 9, 1, &cfg), 1);
+        // 1 no longer beats the model, but 2 does: 2 answers, not the model for a tick.
+        assert_eq!(pick(&[10.0, 9.0, 2.0], 9, 1, &cfg), 2);
+        assert_eq!(pick(&[10.0, 9.0, 8.5], 9, 1, &cfg), 0);
+    }
+
+    #[test]
+    fn a_new_model_starts_with_no_record() {
+        let mut g = SeriesGuard::new(2, GuardConfig::default());
+        g.serving(1);
+        run(&mut g, &[100u32; 12], 5.0);
+        assert_eq!(g.answering(), vec![0, 1]);
+        g.serving(1);
+        assert_eq!(g.answering(), vec![0, 1], "the same model keeps its record");
+        g.serving(2);
+        assert_eq!(g.answering(), vec![0, 0]);
     }
 }

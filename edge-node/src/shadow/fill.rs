@@ -47,6 +47,9 @@ pub struct FillRequest {
     pub queued_at: Instant,
     /// Its place in the order orders were accepted here (set when queued).
     pub accepted: u64,
+    /// It renewed a live mark (set when queued): the mark stands for it from then on, and
+    /// the mark's end reports the order's.
+    pub renews: bool,
 }
 
 /// Why a shadow request is invalid.
@@ -104,6 +107,7 @@ impl FillRequest {
             refresh: false,
             queued_at: Instant::now(),
             accepted: 0,
+            renews: false,
         })
     }
 
@@ -225,7 +229,7 @@ impl Filler {
         g.seq += 1;
         let seq = g.seq;
         r.accepted = seq;
-        self.table.extend(&r.key, r.ttl, r.order(), r.queued_at);
+        r.renews = self.table.extend(&r.key, r.ttl, r.order(), r.queued_at);
         g.heap.push(Queued { seq, req: r });
         drop(g);
         self.queue.ready.notify_one();
@@ -473,14 +477,16 @@ async fn fetch(
 
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
 /// broker hears so, or it would count the order live until its TTL and never place it again.
-/// `moved`: the bytes its attempts fetched, which the broker pays for all the same.
-fn report_unheld(table: &ShadowTable, req: &FillRequest, moved: u64) {
-    if table.get(&req.key).is_none() {
+/// `moved`: the bytes its attempts fetched (`peer`: from a peer), which the broker pays for
+/// all the same. A renewal's order was the mark's, whose removal reported its end already.
+fn report_unheld(table: &ShadowTable, req: &FillRequest, moved: u64, peer: bool) {
+    if table.get(&req.key).is_none() && !req.renews {
         // Dropped, not failed: the fetch did not go wrong (no reason to wait before the next
         // order), a purge or unshadow overtook it.
         let o = ShadowOutcome {
             removed: true,
             bytes: moved,
+            peer_filled: peer,
             order: req.order().id,
             ..ShadowOutcome::failed(req.key.clone())
         };
@@ -655,7 +661,7 @@ impl ShadowService {
                     if req.refresh && table.get(&req.key).is_none() {
                         purge_stale(storage, &table, &metrics, &req.key, "refresh_dropped").await;
                     }
-                    report_unheld(&table, &req, 0);
+                    report_unheld(&table, &req, 0, false);
                     return;
                 }
                 let started = req.queued_at;
@@ -707,7 +713,7 @@ impl ShadowService {
                                 let why = "unshadowed_while_filling";
                                 purge_stale(storage, &table, &metrics, &req.key, why).await;
                             }
-                            report_unheld(&table, &req, charged);
+                            report_unheld(&table, &req, charged, source == FillSource::Peer);
                             return;
                         }
                         // Passed through the cache uncached (the fill memory was full): its
@@ -716,6 +722,8 @@ impl ShadowService {
                         if source != FillSource::Local && !storage.holds(&req.key) {
                             tracing::info!(key = %req.key, "shadow fill passed through uncached");
                             metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                            // Its outcome carries what the fill moved, which was paid for.
+                            table.set_fill(&req.key, charged, source);
                             table.remove(&req.key);
                             return;
                         }

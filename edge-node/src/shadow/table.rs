@@ -473,12 +473,15 @@ impl ShadowTable {
 
     /// Push the expiry of `key`'s mark, if it has one, to at least `ttl` from `now` (never
     /// shorter: a shortening renewal takes effect when its fill marks it), and name it by
-    /// `order`, which renews it.
-    pub fn extend(&self, key: &str, ttl: Duration, order: Order, now: Instant) {
-        if let Some(m) = self.inner.lock().marks.get_mut(key) {
-            m.expires = m.expires.max(now + ttl);
-            (m.order, m.accepted) = named(Some(m), order);
-        }
+    /// `order`, which renews it. Whether there was a mark to renew.
+    pub fn extend(&self, key: &str, ttl: Duration, order: Order, now: Instant) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(m) = inner.marks.get_mut(key) else {
+            return false;
+        };
+        m.expires = m.expires.max(now + ttl);
+        (m.order, m.accepted) = named(Some(m), order);
+        true
     }
 
     /// A fill of `key` starts at `now`: until it is marked (or ends), clients served from it
@@ -838,12 +841,12 @@ mod tests {
         let t0 = Instant::now();
         t.mark("h/a", Duration::from_secs(10), 5, t0);
         // The renewal is accepted 8 s in; its fill has not run when the old expiry comes.
-        t.extend(
+        assert!(t.extend(
             "h/a",
             Duration::from_secs(60),
             five,
             t0 + Duration::from_secs(8),
-        );
+        ));
         assert!(t.expire(t0 + Duration::from_secs(11)).is_empty());
         assert!(t.get("h/a").is_some());
         // Never shorter: a renewal with a smaller TTL leaves the expiry where it was.
@@ -855,8 +858,8 @@ mod tests {
         );
         assert!(t.expire(t0 + Duration::from_secs(20)).is_empty());
         assert_eq!(t.expire(t0 + Duration::from_secs(69)).len(), 1);
-        // Nothing to extend without a mark.
-        t.extend("h/b", Duration::from_secs(60), Order::unnamed(5), t0);
+        // Nothing to extend without a mark, which the renewing fill is told.
+        assert!(!t.extend("h/b", Duration::from_secs(60), Order::unnamed(5), t0));
         assert!(t.get("h/b").is_none());
     }
 
