@@ -1197,6 +1197,17 @@ mod tests {
         l.settle(1, &[partial, overtaken]);
         let want = 3.0 * cfg.fill_cost + 2.0 * cfg.origin_egress_per_gb;
         assert!((spend(&l) - want).abs() < 1e-9, "{}", l.report());
+        // Bytes a peer supplied are paid at the inter-edge price.
+        place(&l, "h/v", 1, 5, signal);
+        let from_peer = ShadowOutcome {
+            bytes: 1_000_000_000,
+            removed: true,
+            peer_filled: true,
+            ..ShadowOutcome::failed("h/v".into())
+        };
+        l.settle(1, &[from_peer]);
+        let want = want + cfg.fill_cost + cfg.inter_edge_per_gb;
+        assert!((spend(&l) - want).abs() < 1e-9, "{}", l.report());
         let r = &l.report()["rollups"][0];
         assert_eq!(
             (r["failed"].as_u64(), r["shadows"].as_u64()),

@@ -817,6 +817,22 @@ mod tests {
     }
 
     #[test]
+    fn an_overtaken_fill_reports_what_it_moved_unless_its_mark_spoke_for_it() {
+        let table = ShadowTable::default();
+        let mut req = FillRequest::validated("h.com/a", 60, 5, 3600).unwrap();
+        report_unheld(&table, &req, 1234, true);
+        let got = table.outcomes().drain_within(1 << 20);
+        assert_eq!(got.len(), 1);
+        let o = &got[0];
+        assert!(o.removed && o.failed && o.peer_filled, "{o:?}");
+        assert_eq!(o.bytes, 1234);
+        // A renewal's order was the live mark's: the mark's removal reported its end.
+        req.renews = true;
+        report_unheld(&table, &req, 1234, false);
+        assert!(table.outcomes().drain_within(1 << 20).is_empty());
+    }
+
+    #[test]
     fn validation_normalizes_and_bounds() {
         let r = FillRequest::validated("h.com/a", 60, 5, 3600).unwrap();
         assert_eq!(r.key, "h.com/a");
