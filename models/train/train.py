@@ -79,8 +79,9 @@ Tried in this version and not kept (validation only unless said):
   the 1,457 NASA train windows (8 of them with 100+ requests in their last 4 buckets, none sustained). The LSTM has
   learned that NASA bursts end within hours and forecasts 5-9 requests after four buckets of 100: MASE 1.97 (1.84
   with level-relative inputs) against EWMA's 0.24. Not adopted, because it trains NASA on its first 99 days only;
-  it shows that this model needs its recent errors watched online (a persistence fallback per series when it
-  keeps missing), which the service does not do yet.
+  it shows that this model needs its recent errors watched online: the broker's planner now does, per series
+  (`models::guard`, which answers a series with a baseline while that has lately been clearly better; on this tail
+  1.97 -> 0.31, bench/RESULTS.md).
 
 Version 3. Changes, in the order they were made:
 1. Validation split: the 70-85% stretch plus every 5th week of the first 70% (see Splits). Motivation: the
