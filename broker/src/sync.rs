@@ -91,9 +91,7 @@ impl EdgeSync {
         metrics: BrokerMetrics,
         control: Option<Arc<Control>>,
     ) -> Self {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+        let client = edge_node::internal_http::client()
             .timeout(Duration::from_secs(2))
             .build()
             .unwrap_or_default();

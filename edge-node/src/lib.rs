@@ -14,6 +14,7 @@ pub mod config;
 pub mod drain;
 pub mod durable;
 pub mod http_service;
+pub mod internal_http;
 pub mod invalidate;
 pub mod json_errors;
 pub mod last_push;

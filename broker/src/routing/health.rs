@@ -186,9 +186,7 @@ impl BackgroundService for HealthChecker {
     /// in-flight requests and open connections through its grace period, and their failover
     /// needs current health. The loop ends when pingora drops the service's runtime.
     async fn start(&self, _shutdown: ShutdownWatch) {
-        let client = match reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+        let client = match edge_node::internal_http::client()
             .timeout(Duration::from_millis(self.cfg.timeout_ms))
             .build()
         {

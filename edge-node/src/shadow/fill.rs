@@ -575,9 +575,7 @@ impl BackgroundService for ShadowService {
         let _until_purged = self.inflight.enter();
         // A redirect is the object (cached like any answer), not a place to go: followed, it
         // would send the fill, internal secret and all, wherever an origin pointed it.
-        match reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+        match crate::internal_http::client()
             .timeout(Duration::from_secs(60))
             .build()
         {

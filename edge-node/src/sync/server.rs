@@ -173,9 +173,7 @@ impl SyncService {
         // read timeout).
         // Redirects are relayed as the copy they are, never followed: an origin's `Location`
         // must not make this edge fetch (and hand a peer) whatever it names.
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .redirect(reqwest::redirect::Policy::none())
+        let http = crate::internal_http::client()
             .connect_timeout(Duration::from_secs(5))
             .read_timeout(Duration::from_secs(60))
             .build()
