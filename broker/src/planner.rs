@@ -99,17 +99,15 @@ fn guarded(
         let n = model.len();
         return (model, vec![0; n]);
     };
-    let naive = hs.iter().map(SeasonalNaive::one);
     let ewma = Ewma::default();
     let mut g = guard.lock();
     g.serving(serving);
     let mut answers = Vec::with_capacity(model.len());
     let forecasts = model
         .into_iter()
-        .zip(naive)
         .zip(cands.iter().zip(hs))
-        .map(|((m, n), (c, h))| {
-            let options = [m, n, ewma.one(h)];
+        .map(|(m, (c, h))| {
+            let options = [m, SeasonalNaive::one(h), ewma.one(h)];
             let k = g.choose(c.series, h, &options.map(|f| f.p50()));
             answers.push(k);
             options[k]
@@ -795,7 +793,12 @@ impl Planner {
         (ledger, anomaly): (Arc<Ledger>, AnomalySection),
         metrics: BrokerMetrics,
     ) -> Self {
-        let guard_on = cfg.guard;
+        let guard = cfg.guard.then(|| {
+            Arc::new(Mutex::new(SeriesGuard::new(
+                GUARD_ANSWERS.len(),
+                GuardConfig::default(),
+            )))
+        });
         Planner {
             ledger,
             anomaly,
@@ -808,12 +811,7 @@ impl Planner {
             state,
             metrics,
             inflight: InflightCounter::default(),
-            guard: guard_on.then(|| {
-                Arc::new(Mutex::new(SeriesGuard::new(
-                    GUARD_ANSWERS.len(),
-                    GuardConfig::default(),
-                )))
-            }),
+            guard,
         }
     }
 
@@ -1261,6 +1259,21 @@ impl Planner {
         self.ledger.tune(now);
     }
 
+    /// Series per forecaster the guard let answer this tick (`answers`, indices into
+    /// `GUARD_ANSWERS`), in `shadowcdn_broker_forecaster_series`.
+    fn count_answers(&self, answers: &[usize]) {
+        if self.guard.is_none() {
+            return;
+        }
+        for (k, label) in GUARD_ANSWERS.iter().enumerate() {
+            let n = answers.iter().filter(|a| **a == k).count();
+            self.metrics
+                .forecaster_series
+                .with_label_values(&[label])
+                .set(n as i64);
+        }
+    }
+
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
         let now = now_secs();
         self.settle(now).await;
@@ -1271,14 +1284,7 @@ impl Planner {
             // still picked up, and the fallback gauge follows.
             let fc = forecaster.clone();
             let _ = tokio::task::spawn_blocking(move || fc.check_reload()).await;
-            if self.guard.is_some() {
-                for label in GUARD_ANSWERS {
-                    self.metrics
-                        .forecaster_series
-                        .with_label_values(&[label])
-                        .set(0);
-                }
-            }
+            self.count_answers(&[]);
             return;
         }
         let last = last_complete_bucket(now) as i64;
@@ -1317,15 +1323,7 @@ impl Planner {
                 return;
             }
         };
-        if self.guard.is_some() {
-            for (k, label) in GUARD_ANSWERS.iter().enumerate() {
-                let n = answers.iter().filter(|a| **a == k).count();
-                self.metrics
-                    .forecaster_series
-                    .with_label_values(&[label])
-                    .set(n as i64);
-            }
-        }
+        self.count_answers(&answers);
         // A snapshot for this tick's decisions; every change goes to the shared state at
         // once, so shadows that events or co-access place while the tick sends are kept.
         let live = self.state.live_now(Instant::now());
