@@ -152,51 +152,34 @@ impl Cluster {
             .expect("edge answers")
     }
 
+    /// `POST path` of the provider API with `body`, as the registered provider; the status
+    /// and answer.
+    async fn provider_post(&self, path: &str, body: Value) -> (StatusCode, Value) {
+        let url = self.broker.api(path);
+        api(reqwest::Method::POST, url, &self.token, Some(body)).await
+    }
+
     /// Post a provider event (`POST /v1/events`) as the registered provider.
     async fn event(&self, body: Value) -> (StatusCode, Value) {
-        api(
-            reqwest::Method::POST,
-            self.broker.api("/v1/events"),
-            &self.token,
-            Some(body),
-        )
-        .await
+        self.provider_post("/v1/events", body).await
     }
 
     /// Register a resource (must succeed); returns the API's answer.
     async fn add_resource(&self, body: Value) -> Value {
-        let (s, v) = api(
-            reqwest::Method::POST,
-            self.broker.api("/v1/resources"),
-            &self.token,
-            Some(body),
-        )
-        .await;
+        let (s, v) = self.provider_post("/v1/resources", body).await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v
     }
 
     /// Purge one path everywhere through the provider API (must succeed).
     async fn purge(&self, path: &str) {
-        let (s, v) = api(
-            reqwest::Method::POST,
-            self.broker.api("/v1/purge"),
-            &self.token,
-            Some(json!({"host": HOST, "path": path})),
-        )
-        .await;
+        let (s, v) = self.purge_with(json!({"host": HOST, "path": path})).await;
         assert_eq!(s, StatusCode::OK, "{v}");
     }
 
     /// `POST /v1/purge` with `body` as the provider; the status and answer.
     async fn purge_with(&self, body: Value) -> (StatusCode, Value) {
-        api(
-            reqwest::Method::POST,
-            self.broker.api("/v1/purge"),
-            &self.token,
-            Some(body),
-        )
-        .await
+        self.provider_post("/v1/purge", body).await
     }
 
     /// The planner's explanation of `key`.
