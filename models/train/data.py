@@ -171,13 +171,21 @@ def split_bounds(first_bucket: int, n_buckets: int, bucket_secs: int = BUCKET_SE
     return first_bucket + n_train * bucket_secs, first_bucket + n_val * bucket_secs
 
 
-def build_trace(name: str, traces_dir: str) -> TraceData:
+def build_trace(name: str, traces_dir: str, end_fraction: float = 1.0) -> TraceData:
+    """With ``end_fraction`` < 1 the trace is cut at ``first + end_fraction * (last - first)``
+    (request times) before anything else, so that its splits and series are those the pipeline
+    would have built had the log ended there: one fold of a rolling-origin evaluation."""
+    if not 0.0 < end_fraction <= 1.0:
+        raise ValueError(f"end_fraction must be in (0, 1], got {end_fraction}")
     rel = TRACE_FILES[name]
     path = os.path.join(traces_dir, rel)
     reqs = parse_apache(path) if name == "apache" else parse_nasa(path)
     if not reqs:
         raise RuntimeError(f"no requests parsed from {path}")
     reqs.sort(key=lambda r: r[0])  # stable: ties keep file order
+    if end_fraction < 1.0:
+        cut = reqs[0][0] + end_fraction * (reqs[-1][0] - reqs[0][0])
+        reqs = [r for r in reqs if r[0] <= cut]
     b = BUCKET_SECS
     first_bucket = reqs[0][0] - reqs[0][0] % b
     last_bucket = reqs[-1][0] - reqs[-1][0] % b

@@ -82,6 +82,13 @@ Tried in this version and not kept (validation only unless said):
   it shows that this model needs its recent errors watched online: the broker's planner now does, per series
   (`models::guard`, which answers a series with a baseline while that has lately been clearly better; on this tail
   1.97 -> 0.31, bench/RESULTS.md).
+Evaluated after version 4 (session 28, bench/RESULTS.md "Rolling origin"): the whole pipeline rerun on the traces cut
+at 40/55/70/85/100% of their time range (`rolling_origin.py`), each fold scored on its own last 15%. Apache: MASE
+0.683-0.797 in every fold, pooled 0.731. NASA pooled: LSTM 0.980, EWMA 0.685, LSTM behind the guard 0.842 — 7,510 of
+the LSTM's 8,515 pooled absolute error is one series' burst in the 40% fold (see Limitations). Tried then and not
+kept: the q50 base from the EWMA level over the window, or a per-series mix of it and the window mean chosen by the
+head; validation picked the mix on the full trace (0.5122 vs 0.5171) but the folds' pooled NASA MASE did not move
+(0.982) and the committed test tail had been seen for it (apache q90 pinball 0.245 against naive's 0.241).
 
 Version 3. Changes, in the order they were made:
 1. Validation split: the 70-85% stretch plus every 5th week of the first 70% (see Splits). Motivation: the
@@ -632,7 +639,14 @@ def main():
     ap.add_argument("--seed", type=int, default=20240531)
     ap.add_argument("--threads", type=int, default=int(os.environ.get("SHADOWCDN_TRAIN_THREADS", "1")))
     ap.add_argument("--time-budget", type=float, default=420.0, help="seconds for the whole training grid")
+    ap.add_argument("--end-fraction", type=float, default=1.0,
+                    help="cut each trace at this fraction of its time range first (a rolling-origin fold; "
+                         "models/train/rolling_origin.py); use a scratch --out")
     args = ap.parse_args()
+    if not 0.0 < args.end_fraction <= 1.0:
+        ap.error(f"--end-fraction must be in (0, 1], got {args.end_fraction}")
+    if args.end_fraction < 1.0 and os.path.abspath(args.out) == os.path.join(REPO, "models"):
+        ap.error("--end-fraction trains a fold, not the served model: pass a scratch --out")
     t_start = time.time()
 
     torch.set_num_threads(args.threads)
@@ -646,7 +660,7 @@ def main():
     # 1. data
     wins, files = {}, []
     for name in data.TRACE_FILES:
-        td = data.build_trace(name, traces_dir)
+        td = data.build_trace(name, traces_dir, args.end_fraction)
         exp = EXPECTED_SHA256.get(td.file)
         if exp and exp != td.sha256:
             log(f"WARNING: {td.file} sha256 {td.sha256} differs from the traces README ({exp})")
@@ -979,6 +993,10 @@ Inference speed (10,000 series in one batch, one core, target ≤ 20 ms) is meas
   weeks spread over the two years); the NASA regimes differ wildly from week to week (uncalibrated coverage per
   validation week ranged from 68% to 92% for a model trained on this split), so coverage on one held-out stretch such as the test tail can still
   land outside 75–85% — compare the validation and test tables above. The offsets are shared by both traces.
+- A demand level the training data never held is not extrapolated: in the rolling-origin fold cut at 40% of the
+  traces (bench/RESULTS.md, "Rolling origin"), whose NASA training data has no window with four buckets of 50+
+  requests, the model forecast about 1 request per hour through a 5-hour burst of ~450 per hour, where EWMA follows
+  the level. In service the broker's per-series guard hands such a series to a baseline after a few buckets.
 - Top-50 resources per trace only; long-tail and brand-new resources are not represented in training.
 - Priority is always 5 in the traces, so the model has never seen feature 5 vary.
 - Timestamps of the NASA log are local server time with unknown zone, treated as UTC, so time-of-day features may
