@@ -9,8 +9,9 @@
 //!
 //! A queue is bounded: past [`MAX_PENDING`] purges, an edge's queue collapses into one purge
 //! of each host it names (`host/*`): more is removed than asked, nothing less. An edge that
-//! refuses a queued purge (a 4xx: it cannot take it, and never will) has it dropped, counted
-//! and logged, rather than being held forever.
+//! refuses a queued purge (a 4xx such as 400: it cannot take it, and never will) has it
+//! dropped, counted and logged, rather than being held forever; a refusal that can pass later
+//! — 401/403 (the broker's token not, or no longer, the edge's), 408, 429 — keeps it queued.
 //!
 //! A purge is written down before it is sent ([`Redelivery::begin`]) and crossed out once
 //! every edge has answered or had it queued ([`Redelivery::finish`]): a broker that stops

@@ -467,7 +467,14 @@ impl EdgeSync {
             };
             match c.call_within(edge, &req, patience).await {
                 Ok(Reply::Done { found: true }) => return 200,
-                Ok(_) => return 404,
+                Ok(Reply::Done { found: false }) => return 404,
+                // Any other answer to a purge is a protocol fault, not a confirmation: the
+                // purge is tried again.
+                Ok(other) => {
+                    tracing::error!(edge = %self.fleet.edges[edge].id, reply = ?other,
+                        "edge answers a purge with something else than done");
+                    return 502;
+                }
                 // The channel refused the broker itself (its certificate is not the broker's
                 // name, the edge speaks another protocol version): not the purge's fault, and
                 // the admin API, authenticated by token, may take it.
@@ -507,11 +514,24 @@ impl EdgeSync {
                 .post(self.admin_url(edge, &format!("tags/{host}")))
                 .json(&json!({ "tags": tags })),
         };
-        req.bearer_auth(&self.token)
-            .timeout(patience)
-            .send()
-            .await
-            .map_or(0, |r| r.status().as_u16())
+        let Ok(resp) = req.bearer_auth(&self.token).timeout(patience).send().await else {
+            return 0;
+        };
+        let status = resp.status().as_u16();
+        if status == 404 && matches!(purge, Purge::Target(_)) {
+            // Only the edge's own "not held" (`"purged": false`) confirms a key purge: a 404
+            // from a route it lacks or another service at its address purged nothing.
+            let not_held = resp
+                .json::<serde_json::Value>()
+                .await
+                .is_ok_and(|v| v.get("purged").and_then(serde_json::Value::as_bool) == Some(false));
+            if !not_held {
+                tracing::error!(edge = %self.fleet.edges[edge].id,
+                    "edge admin API answers a purge 404 without saying the key is not held");
+                return 502;
+            }
+        }
+        status
     }
 
     /// Purge `target` (`host/path` or `host/prefix*`) on every edge.
@@ -663,8 +683,9 @@ impl EdgeSync {
 
     /// Deliver `edge`'s missed purges again, in order, up to the first one that fails for a
     /// passing reason (the rest wait for the next round) and at most
-    /// [`REDELIVERIES_PER_ROUND`]. One the edge refuses (a 4xx) is dropped: it would be
-    /// refused again, and must not hold the edge forever. Each purge gets
+    /// [`REDELIVERIES_PER_ROUND`]. One the edge refuses for good (a 4xx other than those
+    /// [`passing`] retries) is dropped: it would be refused again, and must not hold the edge
+    /// forever. Each purge gets
     /// [`REDELIVERY_PATIENCE`], not the fan-out's few seconds: an edge whose ban log's fsync
     /// waits behind a busy disk for longer would otherwise time out on every round and never
     /// take traffic again. A stop cuts the purge in flight short (it is sent again after a
@@ -750,11 +771,14 @@ const REDELIVERY_PATIENCE: Duration = Duration::from_secs(15);
 /// Most missed purges one redelivery round sends one edge; the rest go in its next round.
 const REDELIVERIES_PER_ROUND: usize = 1_000;
 
-/// Whether a purge an edge did not confirm may pass on a later try: it was unreachable, or
-/// failed (5xx). A refusal (a 4xx: a request it cannot take, an edge too old to know tags)
-/// would be refused again.
+/// Whether a purge an edge did not confirm may pass on a later try: it was unreachable,
+/// failed (5xx), timed out or was throttled (408, 429), or refused the broker's credentials
+/// (401, 403: a token rotated on one side only). Until it passes the edge is held out of
+/// routing — an edge that cannot be told to purge may serve what a provider removed. Any other
+/// refusal (a 4xx: a request it cannot take, an edge too old to know tags) would be refused
+/// again, so it is dropped.
 fn passing(status: u16) -> bool {
-    status == 0 || status >= 500
+    status == 0 || status >= 500 || matches!(status, 401 | 403 | 408 | 429)
 }
 
 impl Purge<'_> {
@@ -980,6 +1004,54 @@ mod tests {
                 target: "a.com/cut".into()
             }]
         );
+    }
+
+    /// How an edge's answer to a purge is read: only its own "not held" 404 confirms, and a
+    /// refusal that can pass later (its token not the broker's, throttling) queues the purge
+    /// and holds the edge instead of dropping it; a bad request is dropped.
+    #[tokio::test]
+    async fn only_a_confirmed_purge_releases_an_edge() {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let app = axum::Router::new().route(
+            "/cache/{*key}",
+            any(
+                |axum::extract::Path(key): axum::extract::Path<String>| async move {
+                    let not_held = axum::Json(json!({ "key": key, "purged": false }));
+                    match key.rsplit('/').next().unwrap_or_default() {
+                        "absent" => (StatusCode::NOT_FOUND, not_held).into_response(),
+                        "bare404" => StatusCode::NOT_FOUND.into_response(),
+                        "token" => StatusCode::UNAUTHORIZED.into_response(),
+                        "throttled" => StatusCode::TOO_MANY_REQUESTS.into_response(),
+                        _ => StatusCode::BAD_REQUEST.into_response(),
+                    }
+                },
+            ),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup::new(dir.path(), &[edge]);
+        let redelivery = setup.redelivery();
+        let sync = Arc::new(setup.sync(redelivery.clone()));
+        let outcome = |target: &'static str| {
+            let sync = sync.clone();
+            async move {
+                let r = sync.purge_on(target, &[0]).await.remove(0);
+                (r.ok, r.queued)
+            }
+        };
+        assert_eq!(outcome("a.com/absent").await, (true, false));
+        assert!(setup.health.is_up(0));
+        assert_eq!(outcome("a.com/invalid").await, (false, false), "dropped");
+        assert!(setup.health.is_up(0));
+        for target in ["a.com/bare404", "a.com/token", "a.com/throttled"] {
+            assert_eq!(outcome(target).await, (false, true), "{target}");
+        }
+        assert!(!setup.health.is_up(0), "held until they pass");
+        let queued: Vec<_> = redelivery.pending(0).1;
+        assert_eq!(queued.len(), 3, "{queued:?}");
     }
 
     /// A purge an edge confirms only after longer than the fan-out waits is confirmed by
