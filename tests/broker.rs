@@ -27,6 +27,15 @@ fn start_cluster_with(extra: &str) -> Cluster {
 
 /// [`start_cluster_with`], the broker's config naming every edge address by `name_of`.
 fn start_cluster_listing(extra: &str, name_of: &dyn Fn(std::net::SocketAddr) -> String) -> Cluster {
+    start_cluster_naming(extra, &|_, a| name_of(a))
+}
+
+/// [`start_cluster_listing`] with `name_of` also given the started edges (to tell their proxy
+/// addresses from their admin ones).
+fn start_cluster_naming(
+    extra: &str,
+    name_of: &dyn Fn(&[EdgeProc], std::net::SocketAddr) -> String,
+) -> Cluster {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(&dir.path().join("pki"));
     let ids = [
@@ -53,7 +62,9 @@ fn start_cluster_listing(extra: &str, name_of: &dyn Fn(std::net::SocketAddr) -> 
         })
         .collect();
     let broker_certs = pki.issue("broker", true);
-    let broker = BrokerProc::start_listing(dir.path(), &specs, extra, Some(&broker_certs), name_of);
+    let broker = BrokerProc::start_listing(dir.path(), &specs, extra, Some(&broker_certs), &|a| {
+        name_of(&edges, a)
+    });
     Cluster {
         edges,
         broker,
@@ -439,6 +450,66 @@ async fn an_origin_that_points_back_at_the_cdn_is_a_508_not_a_loop() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"], "loop_detected", "{v}");
     assert_eq!(origin.hits(&format!("/loop/{n}")), 0);
+}
+
+/// A request that makes edges drop their connection before answering (a query of death) is
+/// tried on one more edge, then answered 502; it takes no edge out of routing. Here every
+/// edge's proxy port is a listener that answers the broker's probe and drops anything else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_edges_drop_takes_no_edge_out_of_routing() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dropper = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let drop_addr = dropper.local_addr().unwrap();
+    let dropped = Arc::new(AtomicUsize::new(0));
+    let counter = dropped.clone();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = dropper.accept().await.unwrap();
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    if !head.contains("/.well-known/shadowcdn-probe") {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    let ok = b"HTTP/1.1 204 No Content\r\n\r\n";
+                    if s.write_all(ok).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster_naming("", &|edges, a| {
+        if edges.iter().any(|e| e.addr == a) {
+            drop_addr.to_string()
+        } else {
+            a.to_string()
+        }
+    });
+    c.register(&origin).await;
+    let r = c.get("/poison/1", "eu").await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].is_string(), "{v}");
+    assert_eq!(dropped.load(Ordering::SeqCst), 2, "tried on two edges");
+    assert_eq!(origin.hits("/poison/1"), 0);
+    let m = c.metrics().await;
+    for id in ["eu-a", "eu-b", "eu-s", "us-a"] {
+        let up = format!("shadowcdn_broker_edge_up{{edge=\"{id}\"}} 0");
+        assert!(!m.contains(&up), "{id} marked down:\n{m}");
+    }
 }
 
 /// A client that sends a request and hangs up before the answer is no evidence against the

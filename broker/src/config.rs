@@ -123,7 +123,10 @@ pub struct ClientRegion {
     pub header: String,
     /// Whether to believe that header (default false: any client could pick its region, and
     /// with it which edges serve it and whose demand it counts as; turn it on only behind a
-    /// load balancer that sets the header and strips the clients').
+    /// load balancer that sets the header and strips the clients'). With `trusted_proxies`
+    /// set, it is believed only on requests that come from one of them (a client reaching the
+    /// broker past the load balancer cannot pick its region), and its last value is the one
+    /// read (a balancer that appends rather than replaces).
     #[serde(default)]
     pub trust_header: bool,
     /// Client address ranges and their regions; the most specific match wins.

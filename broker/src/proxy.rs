@@ -82,6 +82,9 @@ pub struct BrokerCtx {
     origin_addr: Option<(SocketAddr, std::sync::Arc<ResolvedUpstream>)>,
     /// Retries on the same route after a pooled connection failed ([`MAX_POOLED_RETRIES`]).
     pooled_retries: u8,
+    /// An edge dropped a fresh connection carrying this request before answering: the
+    /// request goes to one other route, not to every edge in turn.
+    dropped_by_edge: bool,
     chosen: Option<Choice>,
     resource: String,
     segment: Option<String>,
@@ -354,6 +357,7 @@ impl ProxyHttp for BrokerProxy {
             origin_addr_count: 0,
             origin_addr: None,
             pooled_retries: 0,
+            dropped_by_edge: false,
             chosen: None,
             resource: String::new(),
             segment: None,
@@ -365,17 +369,18 @@ impl ProxyHttp for BrokerProxy {
     async fn request_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<bool> {
         // Who and where the client is comes first, so a refused request's access line says so.
         let req = session.req_header();
+        let peer = client_ip(session);
         let header_region = self
             .regions
-            .header_name()
-            .and_then(|h| req.headers.get(h))
+            .header_name(peer)
+            .and_then(|h| req.headers.get_all(h).iter().next_back())
             .and_then(|v| v.to_str().ok());
         let forwarded = req
             .headers
             .get_all("x-forwarded-for")
             .iter()
             .filter_map(|v| v.to_str().ok());
-        let ip = self.regions.client_addr(client_ip(session), forwarded);
+        let ip = self.regions.client_addr(peer, forwarded);
         ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
         ctx.client = match ip {
             Some(std::net::IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
@@ -596,6 +601,10 @@ impl ProxyHttp for BrokerProxy {
             && session.response_written().is_none();
         let edge = ctx.chosen.and_then(|c| c.edge);
         let pooled = client_reused && ctx.chosen.is_some();
+        // A second edge that drops the request on a fresh connection is the request's doing
+        // (a query of death), not the edges': sending it on would take it to every edge.
+        let dropped = edge.is_some() && !pooled && *e.esource() == ErrorSource::Upstream;
+        let replayable = replayable && !(dropped && ctx.dropped_by_edge);
         match retry_after_error(
             replayable,
             pooled && ctx.pooled_retries < MAX_POOLED_RETRIES,
@@ -614,12 +623,13 @@ impl ProxyHttp for BrokerProxy {
                 e.set_retry(true);
             }
             Retry::NextRoute => {
-                // Only a fresh connection that failed is evidence against the edge.
-                if let (Some(edge), ErrorSource::Upstream, false) = (edge, e.esource(), pooled) {
-                    if self.health.mark_down(edge) {
-                        self.edge_marked_down(edge);
-                        tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge failed mid-request: marked down");
-                    }
+                // The edge is not marked down for it: a request that makes edges drop it
+                // would otherwise take them out of routing one retry after another. An edge
+                // that died refuses the next connect (marked down there) and fails its probes.
+                if let Some(edge) = edge.filter(|_| dropped) {
+                    ctx.dropped_by_edge = true;
+                    tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e,
+                        "edge dropped a request before answering: trying the next route");
                 }
                 self.metrics.retries.inc();
                 e.set_retry(true);

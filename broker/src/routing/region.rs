@@ -39,9 +39,17 @@ impl RegionResolver {
         }
     }
 
-    /// The header to read, if trusted.
-    pub fn header_name(&self) -> Option<&str> {
-        self.header.as_deref()
+    /// The header to read on a request from `peer`, if trusted: with trusted proxies
+    /// configured, only on requests that come from one of them.
+    pub fn header_name(&self, peer: Option<IpAddr>) -> Option<&str> {
+        let from_proxy = || {
+            self.trusted_proxies.is_empty()
+                || peer.is_some_and(|p| {
+                    let p = p.to_canonical();
+                    self.trusted_proxies.iter().any(|n| n.contains(&p))
+                })
+        };
+        self.header.as_deref().filter(|_| from_proxy())
     }
 
     /// The client's address: the peer's, unless the peer is a trusted proxy; then the
@@ -60,8 +68,13 @@ impl RegionResolver {
         }
         for line in lines.rev() {
             for entry in line.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
-                // An entry may carry a port (`ip:port`, `[v6]:port`), as some balancers write.
-                let parsed = entry
+                // An entry may carry a port (`ip:port`, `[v6]:port`), or brackets alone
+                // (`[v6]`), as some balancers write.
+                let bare = entry
+                    .strip_prefix('[')
+                    .and_then(|e| e.strip_suffix(']'))
+                    .unwrap_or(entry);
+                let parsed = bare
                     .parse::<IpAddr>()
                     .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()));
                 let Ok(ip) = parsed else {
@@ -130,7 +143,37 @@ mod tests {
             r.client_addr(lb, ["203.0.113.5:4711, [2001:db8::9]:443"].into_iter()),
             ip("2001:db8::9")
         );
+        assert_eq!(
+            r.client_addr(lb, ["[2001:db8::7]"].into_iter()),
+            ip("2001:db8::7")
+        );
         assert_eq!(r.client_addr(None, ["203.0.113.5"].into_iter()), None);
+    }
+
+    #[test]
+    fn the_region_header_is_believed_only_from_a_trusted_proxy_once_there_are_some() {
+        let cfg = BrokerConfig::from_toml(SAMPLE).unwrap();
+        let fleet = Fleet::new(&cfg);
+        let mut region = cfg.client_region.clone();
+        region.trust_header = true;
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        let open = RegionResolver::new(&region, &fleet);
+        assert!(
+            open.header_name(ip("192.0.2.1")).is_some(),
+            "no proxies listed"
+        );
+        region.trusted_proxies = vec!["10.0.0.0/8".parse().unwrap()];
+        let behind = RegionResolver::new(&region, &fleet);
+        assert!(behind.header_name(ip("10.0.0.7")).is_some());
+        assert!(behind.header_name(ip("::ffff:10.0.0.7")).is_some());
+        assert!(
+            behind.header_name(ip("192.0.2.1")).is_none(),
+            "past the balancer"
+        );
+        assert!(behind.header_name(None).is_none());
+        region.trust_header = false;
+        let off = RegionResolver::new(&region, &fleet);
+        assert!(off.header_name(ip("10.0.0.7")).is_none());
     }
 
     #[test]
