@@ -3,7 +3,8 @@
 //! - `GET /healthz` — liveness, open.
 //! - `GET /metrics` — Prometheus text format, open (bind the admin listener privately).
 //! - `PURGE` or `DELETE /cache/{host}/{path}[?query]` — remove one object and all its Vary
-//!   variants, from memory and disk.
+//!   variants, from memory and disk; 500 `not_durable` when the disk tier did not write its
+//!   tombstone in time (the object is gone from memory; purge again to make it final).
 //! - `PURGE` or `DELETE /cache/{host}/{prefix}*` — remove every object whose key starts with
 //!   the prefix (durable ban, see [`crate::storage::BanList`]).
 //! - `POST` or `PURGE /tags/{host}` — `{"tags": ["a", …]}` (1 to 64): remove every object of
@@ -50,7 +51,7 @@ use serde_json::json;
 
 use crate::config::{OriginEntry, ORIGIN_ENTRY_FIELDS};
 use crate::drain::{detached, InflightCounter};
-use crate::invalidate::{invalidate, Target};
+use crate::invalidate::{invalidate, PurgeError, Target};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, IgnoredFields, OriginTable, SharedOrigins};
 use crate::ownership::{self, Registration};
@@ -360,10 +361,8 @@ async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> 
         async move {
             let mut found_before = false;
             if let Some(key) = keyed {
-                // A key purge has no ban to write: it cannot fail.
-                found_before = invalidate(s.storage, &s.shadows, &s.metrics, &Target::Key(key))
-                    .await
-                    .unwrap_or(false);
+                found_before =
+                    invalidate(s.storage, &s.shadows, &s.metrics, &Target::Key(key)).await?;
             }
             invalidate(s.storage, &s.shadows, &s.metrics, &target)
                 .await
@@ -388,7 +387,14 @@ async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> 
         (Ok(_), Target::Tags { host, tags }) => {
             Json(json!({ "host": host, "tags": tags, "purged": true })).into_response()
         }
-        (Err(e), _) => error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string()),
+        (Err(e @ PurgeError::Ban(_)), _) => {
+            error(StatusCode::INTERNAL_SERVER_ERROR, "ban_log", e.to_string())
+        }
+        (Err(e @ PurgeError::NotDurable(_)), _) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "not_durable",
+            e.to_string(),
+        ),
     }
 }
 

@@ -7,8 +7,20 @@ use crate::metrics::EdgeMetrics;
 use crate::origin::normalize_host;
 use crate::proxy::primary_key;
 use crate::shadow::{self, ShadowTable};
-use crate::storage::{BanError, FoyerStorage};
+use crate::storage::{BanError, FoyerStorage, NotDurable};
 use crate::tags;
+
+/// Why a purge is not final; the caller answers it as the edge's own failure (500), so the
+/// purge is sent again.
+#[derive(Debug, thiserror::Error)]
+pub enum PurgeError {
+    /// A prefix or tag ban could not be written durably.
+    #[error(transparent)]
+    Ban(#[from] BanError),
+    /// A key's tombstone was not on disk in time.
+    #[error(transparent)]
+    NotDurable(#[from] NotDurable),
+}
 
 /// What to purge.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,13 +76,17 @@ pub async fn invalidate(
     shadows: &ShadowTable,
     metrics: &EdgeMetrics,
     target: &Target,
-) -> Result<bool, BanError> {
+) -> Result<bool, PurgeError> {
     match target {
         Target::Key(key) => {
             let found = shadow::purge(storage, shadows, key).await;
-            let outcome = if found { "purged" } else { "not_found" };
+            let outcome = match found {
+                Ok(true) => "purged",
+                Ok(false) => "not_found",
+                Err(_) => "error",
+            };
             metrics.purges.with_label_values(&["key", outcome]).inc();
-            Ok(found)
+            Ok(found?)
         }
         Target::Prefix(prefix) => match off_runtime({
             let prefix = prefix.clone();
@@ -113,19 +129,20 @@ pub async fn invalidate(
 /// other request, probe and peer transfer of theirs shares.
 async fn off_runtime(
     write: impl FnOnce() -> Result<(), BanError> + Send + 'static,
-) -> Result<(), BanError> {
-    tokio::task::spawn_blocking(write)
-        .await
-        .unwrap_or_else(|e| Err(task_failed(e)))
+) -> Result<(), PurgeError> {
+    match tokio::task::spawn_blocking(write).await {
+        Ok(written) => Ok(written?),
+        Err(e) => Err(task_failed(e)),
+    }
 }
 
 /// A purge task that ended without its answer (it panicked): reported as the ban log's
 /// failure, which callers answer as the edge's own (500), so the purge is sent again.
-pub(crate) fn task_failed(e: tokio::task::JoinError) -> BanError {
-    BanError::Io {
+pub(crate) fn task_failed(e: tokio::task::JoinError) -> PurgeError {
+    PurgeError::Ban(BanError::Io {
         path: "bans.log".into(),
         source: std::io::Error::other(e),
-    }
+    })
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ pub use table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Mark, Order
 
 use std::collections::VecDeque;
 
-use crate::storage::FoyerStorage;
+use crate::storage::{FoyerStorage, NotDurable};
 use crate::sync::protocol::ShadowOutcome;
 
 /// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
@@ -117,14 +117,19 @@ pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Optio
 
 /// Purge `key`'s object (every variant) and end its mark (reported removed); whether either
 /// was there. Returns once the purge is final: its tombstone is written to the disk tier and
-/// no lookup can bring the object back.
-pub async fn purge(storage: &FoyerStorage, table: &ShadowTable, key: &str) -> bool {
+/// no lookup can bring the object back — or an error when the disk tier did not write it in
+/// time (the purge holds in memory; it must be asked again to be final).
+pub async fn purge(
+    storage: &FoyerStorage,
+    table: &ShadowTable,
+    key: &str,
+) -> Result<bool, NotDurable> {
     // Both, whatever the first finds.
     let found = storage.invalidate_key(key) | table.remove(key).is_some();
-    if found {
-        storage.settle_purge(key).await;
+    if found || storage.tombstones_owed() {
+        storage.settle_purge(key).await?;
     }
-    found
+    Ok(found)
 }
 
 #[cfg(test)]

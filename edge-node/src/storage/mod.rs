@@ -11,6 +11,7 @@ mod fill;
 mod lock;
 mod object;
 mod recent;
+mod tombstones;
 
 pub use lock::FillLock;
 
@@ -42,6 +43,19 @@ pub use bans::{BanError, BanList, OwnerChange};
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::{ObjectMeta, StoredObject};
 use recent::RecentPurges;
+use tombstones::Tombstones;
+
+/// A key purge whose tombstone the disk tier had not written when the edge stopped waiting.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "purge of {key}: the disk tier had not written its tombstone after {waited:?}; purge again"
+)]
+pub struct NotDurable {
+    /// The purged key.
+    pub key: String,
+    /// How long the edge waited.
+    pub waited: Duration,
+}
 
 /// Why the cache could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -144,6 +158,8 @@ pub struct FoyerStorage {
     purges: Mutex<[u64; PURGE_SLOTS]>,
     /// Key purges of the last minutes, for fetches that overlapped one (`purged_during`).
     recent: RecentPurges,
+    /// Whether every key purge's tombstone is known to be on disk ([`Self::settle_purge`]).
+    tombstones: Tombstones,
     next_fill: AtomicU64,
     bans: BanList,
     max_object_bytes: usize,
@@ -299,6 +315,7 @@ impl FoyerStorage {
             fills: Mutex::new(HashMap::new()),
             purges: Mutex::new([0; PURGE_SLOTS]),
             recent: RecentPurges::new(RECENT_PURGE_WINDOW, RECENT_PURGE_CAP),
+            tombstones: Tombstones::default(),
             next_fill: AtomicU64::new(1),
             bans,
             max_object_bytes: opts.max_object_bytes,
@@ -335,20 +352,34 @@ impl FoyerStorage {
     /// submitted to it so far, the purge's tombstone included (so the purge survives a crash
     /// of the edge), then drop the key from memory again. Until that write, a lookup could
     /// still read the object from foyer's write queue or a disk read already under way, and
-    /// put it back in memory.
-    pub async fn settle_purge(&self, primary_key: &str) {
+    /// put it back in memory. A wait that runs out is an error: the purge holds in memory,
+    /// but a crash now would bring the object back from disk, so it must be asked again
+    /// (and every key purge waits until a wait covers it: [`Self::tombstones_owed`]).
+    pub async fn settle_purge(&self, primary_key: &str) -> Result<(), NotDurable> {
+        let mark = self.tombstones.mark();
         // The wait covers every flusher's backlog; under a heavy fill load the answer must
         // not outlast the caller's deadline (the purge itself already holds in memory).
-        if tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
+        let written = tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
             .await
-            .is_err()
-        {
-            tracing::warn!(
-                key = primary_key,
-                "purge answered before its tombstone reached the disk tier"
-            );
-        }
+            .is_ok();
         self.cache.memory().remove(&primary_hash(primary_key));
+        if written {
+            self.tombstones.written(mark);
+            Ok(())
+        } else {
+            self.tombstones.timed_out(mark);
+            Err(NotDurable {
+                key: primary_key.to_string(),
+                waited: SETTLE_TIMEOUT,
+            })
+        }
+    }
+
+    /// Whether a key purge's tombstone is not yet known to be on disk (a [`Self::settle_purge`]
+    /// ran out since the last one that completed): then a purge of a key no longer held must
+    /// settle too — it may be the resend of the one that ran out.
+    pub fn tombstones_owed(&self) -> bool {
+        self.tombstones.owed()
     }
 
     /// Bytes held by the memory tier.
@@ -372,7 +403,9 @@ impl FoyerStorage {
         // Noted before the removal: a fill that appears after the removal comes from a fetch
         // that either started after the purge or is refused by `purged_during`.
         self.recent.record(hash, Instant::now());
-        self.remove(hash) || held
+        let removed = self.remove(hash);
+        self.tombstones.submit();
+        removed || held
     }
 
     /// Whether a fetch of `primary_key` that started at `started` (`started_wall` on the wall
@@ -1367,7 +1400,7 @@ mod tests {
                 })
                 .collect();
             assert!(s.invalidate_key(&name));
-            s.settle_purge(&name).await;
+            s.settle_purge(&name).await.unwrap();
             for r in readers {
                 r.await.unwrap();
             }
