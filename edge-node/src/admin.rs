@@ -51,9 +51,9 @@ use serde_json::json;
 
 use crate::config::{OriginEntry, ORIGIN_ENTRY_FIELDS};
 use crate::drain::{detached, InflightCounter};
-use crate::invalidate::{invalidate, PurgeError, Target};
+use crate::invalidate::{invalidate_named, PurgeError, Target};
 use crate::metrics::EdgeMetrics;
-use crate::origin::{normalize_host, IgnoredFields, OriginTable, SharedOrigins};
+use crate::origin::{normalize_host, IgnoredFields, SharedOrigins};
 use crate::ownership::{self, Registration};
 use crate::proxy::token_matches;
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
@@ -301,22 +301,15 @@ fn json_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, Box<Respo
         .map_err(|e| Box::new(error(StatusCode::BAD_REQUEST, "bad_json", e.to_string())))
 }
 
-/// The purge a `/cache/…` URI names, and for a key whose origin leaves some of its query
-/// parameters out of cache keys ([`crate::cache_key`]), that key as the proxy keys it: both
-/// are purged (a copy may sit under the key as given, stored before the filter was set).
-fn parse_target(origins: &OriginTable, uri: &Uri) -> Result<(Target, Option<String>), String> {
+/// The purge a `/cache/…` URI names.
+fn parse_target(uri: &Uri) -> Result<Target, String> {
     let raw = uri
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("")
         .strip_prefix("/cache/")
         .unwrap_or("");
-    let target = Target::parse(raw)?;
-    let keyed = match &target {
-        Target::Key(key) => origins.normalize_key(key).filter(|k| k != key),
-        _ => None,
-    };
-    Ok((target, keyed))
+    Target::parse(raw)
 }
 
 async fn purge(
@@ -334,11 +327,11 @@ async fn purge(
     if let Err(r) = authorize_purge(&s, &headers) {
         return *r;
     }
-    let (target, keyed) = match parse_target(&s.origins.current(), &uri) {
+    let target = match parse_target(&uri) {
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_key", msg),
     };
-    purge_target(&s, target, keyed).await
+    purge_target(&s, target).await
 }
 
 /// [`authorize`] a purge, counting a refused one.
@@ -351,22 +344,16 @@ fn authorize_purge(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Respon
     })
 }
 
-/// Apply an authorized purge and answer it (`keyed`: the same object as the proxy keys it
-/// now, with the origin's query filter, purged first; found there counts as found).
-async fn purge_target(s: &AdminState, target: Target, keyed: Option<String>) -> Response {
+/// Apply an authorized purge and answer it (a key also as the proxy keys it now:
+/// [`invalidate_named`]).
+async fn purge_target(s: &AdminState, target: Target) -> Response {
     // Detached: a caller that hangs up while the ban is being made durable (its fsync may
     // take seconds), or a key's tombstone written, must not cut the purge short.
     let done = {
         let (s, target) = (s.clone(), target.clone());
         async move {
-            let mut found_before = false;
-            if let Some(key) = keyed {
-                found_before =
-                    invalidate(s.storage, &s.shadows, &s.metrics, &Target::Key(key)).await?;
-            }
-            invalidate(s.storage, &s.shadows, &s.metrics, &target)
-                .await
-                .map(|found| found || found_before)
+            let origins = s.origins.current();
+            invalidate_named(s.storage, &s.shadows, &s.metrics, &origins, &target).await
         }
     };
     let done = detached(&s.inflight, done)
@@ -426,7 +413,7 @@ async fn purge_tags(
         Ok(t) => t,
         Err(msg) => return error(StatusCode::BAD_REQUEST, "bad_tags", msg),
     };
-    purge_target(&s, target, None).await
+    purge_target(&s, target).await
 }
 
 /// Body of `POST /shadows`.
@@ -790,14 +777,13 @@ mod tests {
 
     #[test]
     fn purge_paths_parse() {
-        let none = OriginTable::default();
         let u: Uri = "/cache/Example.com/a/b?x=1".parse().unwrap();
         assert_eq!(
-            parse_target(&none, &u).unwrap(),
-            (Target::Key("example.com/a/b?x=1".into()), None)
+            parse_target(&u).unwrap(),
+            Target::Key("example.com/a/b?x=1".into())
         );
         let u: Uri = "/cache/example.com".parse().unwrap();
-        assert!(parse_target(&none, &u).is_err());
+        assert!(parse_target(&u).is_err());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! knows the tags its fill saw).
 
 use crate::metrics::EdgeMetrics;
-use crate::origin::normalize_host;
+use crate::origin::{normalize_host, OriginTable};
 use crate::proxy::primary_key;
 use crate::shadow::{self, ShadowTable};
 use crate::storage::{BanError, FoyerStorage, NotDurable};
@@ -122,6 +122,25 @@ pub async fn invalidate(
             outcome.map(|()| true)
         }
     }
+}
+
+/// [`invalidate`] as the admin API and the broker's QUIC purges mean it: a key is also purged
+/// as the proxy keys that request now (`origins`' query filter applied), first, since the
+/// caller names the URL, not the edge's key form; found under either counts as found.
+pub async fn invalidate_named(
+    storage: &'static FoyerStorage,
+    shadows: &ShadowTable,
+    metrics: &EdgeMetrics,
+    origins: &OriginTable,
+    target: &Target,
+) -> Result<bool, PurgeError> {
+    let mut found = false;
+    if let Target::Key(key) = target {
+        if let Some(keyed) = origins.normalize_key(key).filter(|k| k != key) {
+            found = invalidate(storage, shadows, metrics, &Target::Key(keyed)).await?;
+        }
+    }
+    Ok(invalidate(storage, shadows, metrics, target).await? || found)
 }
 
 /// Run a ban's durable write (an fsync, which a busy disk can stretch to seconds) off the

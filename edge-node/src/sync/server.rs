@@ -20,8 +20,9 @@ use super::protocol::{
 use super::tls::{peer_is, BROKER_NAME};
 use super::{is_hop_header, PEER_FETCH_HEADER};
 use crate::drain::InflightCounter;
-use crate::invalidate::{invalidate, Target};
+use crate::invalidate::{invalidate_named, Target};
 use crate::metrics::{CacheStatus, EdgeMetrics};
+use crate::origin::SharedOrigins;
 use crate::proxy::InternalSecret;
 use crate::shadow::{split_key, unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::FoyerStorage;
@@ -58,6 +59,8 @@ pub struct SyncParts {
     pub internal: InternalSecret,
     /// Memory plus disk capacity of the cache.
     pub capacity_bytes: u64,
+    /// The origin table: a key purge also purges the key as the proxy keys it now.
+    pub origins: Arc<SharedOrigins>,
     /// Work the drain waits for: each message being handled counts, so a shutdown lets an
     /// invalidation answer and a peer-fetch body finish before the endpoint closes.
     pub inflight: InflightCounter,
@@ -472,10 +475,14 @@ impl Handler {
     async fn invalidate(&self, target: Result<Target, String>) -> Reply {
         let p = &self.parts;
         match target {
-            Ok(t) => match invalidate(p.storage, &p.shadows, &p.metrics, &t).await {
-                Ok(found) => Reply::Done { found },
-                Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
-            },
+            Ok(t) => {
+                match invalidate_named(p.storage, &p.shadows, &p.metrics, &p.origins.current(), &t)
+                    .await
+                {
+                    Ok(found) => Reply::Done { found },
+                    Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
+                }
+            }
             Err(e) => Reply::error(ErrorCode::Invalid, e),
         }
     }
