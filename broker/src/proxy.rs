@@ -447,14 +447,11 @@ impl ProxyHttp for BrokerProxy {
         // the region's standby or move the key to the next edge.
         let choice = self
             .fleet
-            .plan(&ctx.key, ctx.region, &self.health)
+            .plan_after(&ctx.key, ctx.region, &self.health, &ctx.tried)
             .into_iter()
             .find_map(|c| match c.edge {
                 // An edge whose name stopped resolving is skipped like a failed one.
-                Some(e) if !ctx.tried.contains(&e) => {
-                    self.fleet.addresses.get(e).proxy.map(|a| (c, Some(a)))
-                }
-                Some(_) => None,
+                Some(e) => self.fleet.addresses.get(e).proxy.map(|a| (c, Some(a))),
                 None => (!ctx.origin_tried).then_some((c, None)),
             })
             .ok_or_else(|| Error::explain(ErrorType::ConnectNoRoute, "every route failed"))?;

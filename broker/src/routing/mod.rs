@@ -100,14 +100,13 @@ impl Fleet {
         self.edge_region[edge]
     }
 
-    fn ranked(&self, region: usize, role: Role, key: &str, health: &Health) -> Vec<usize> {
+    /// Usable edges of `region` in `role` for `key`, best first: up, and not in `failed`.
+    fn ranked(&self, region: usize, role: Role, key: &str, usable: &Usable<'_>) -> Vec<usize> {
         rendezvous::rank(
             self.edges
                 .iter()
                 .enumerate()
-                .filter(|(i, e)| {
-                    self.edge_region[*i] == region && e.role == role && health.is_up(*i)
-                })
+                .filter(|(i, e)| self.edge_region[*i] == region && e.role == role && usable.is(*i))
                 .map(|(i, e)| (i, e.id.as_str(), e.weight)),
             key,
         )
@@ -149,12 +148,27 @@ impl Fleet {
 
     /// The ordered choices for `key` from a client in `region`.
     pub fn plan(&self, key: &str, region: usize, health: &Health) -> Vec<Choice> {
+        self.plan_after(key, region, health, &[])
+    }
+
+    /// [`Self::plan`] for a request whose attempts on the `failed` edges did not answer: those
+    /// count as down for it, so a region whose actives all failed it offers its standby
+    /// before a neighbour — also when the health checks still see them up (an edge whose
+    /// connects time out is not marked down by one request).
+    pub fn plan_after(
+        &self,
+        key: &str,
+        region: usize,
+        health: &Health,
+        failed: &[usize],
+    ) -> Vec<Choice> {
+        let usable = Usable { health, failed };
         let mut plan = Vec::with_capacity(4);
         let owner = self.owner(region, key);
-        self.region_choices(key, region, health, owner, false, &mut plan);
+        self.region_choices(key, region, &usable, owner, false, &mut plan);
         for &n in &self.neighbours[region] {
             let owner = self.owner(n, key);
-            self.region_choices(key, n, health, owner, true, &mut plan);
+            self.region_choices(key, n, &usable, owner, true, &mut plan);
         }
         plan.push(Choice {
             edge: None,
@@ -168,14 +182,14 @@ impl Fleet {
         &self,
         key: &str,
         region: usize,
-        health: &Health,
+        usable: &Usable<'_>,
         owner: Option<usize>,
         neighbour: bool,
         plan: &mut Vec<Choice>,
     ) {
-        let actives = self.ranked(region, Role::Active, key, health);
+        let actives = self.ranked(region, Role::Active, key, usable);
         let edges = if actives.is_empty() {
-            self.ranked(region, Role::Standby, key, health)
+            self.ranked(region, Role::Standby, key, usable)
         } else {
             actives
         };
@@ -195,6 +209,18 @@ impl Fleet {
                 reason,
             });
         }
+    }
+}
+
+/// Which edges a plan may choose: up, and not already failed by the request.
+struct Usable<'a> {
+    health: &'a Health,
+    failed: &'a [usize],
+}
+
+impl Usable<'_> {
+    fn is(&self, edge: usize) -> bool {
+        self.health.is_up(edge) && !self.failed.contains(&edge)
     }
 }
 
@@ -254,5 +280,25 @@ mod tests {
                 reason: Reason::Origin
             }]
         );
+    }
+
+    #[test]
+    fn a_request_whose_actives_failed_it_gets_the_standby_before_a_neighbour() {
+        let (f, h) = fleet();
+        // Both actives of region 0 still count as up (their connects timed out, say).
+        let p = f.plan_after("host/z", 0, &h, &[0, 1]);
+        assert_eq!(
+            p[0],
+            Choice {
+                edge: Some(2),
+                region: 0,
+                reason: Reason::Standby
+            }
+        );
+        assert_eq!((p[1].edge, p[1].reason), (Some(3), Reason::Neighbour));
+        // One active left untried: it is still the region's answer, not the standby.
+        let p = f.plan_after("host/z", 0, &h, &[0]);
+        assert_eq!(p[0].edge, Some(1));
+        assert!(p.iter().all(|c| c.edge != Some(2)));
     }
 }
