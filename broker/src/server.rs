@@ -334,7 +334,8 @@ impl Broker {
             edge_node::drain::count_inflight,
         ));
         let api = AxumService::new("api", admin_listener, api_router);
-        let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics);
+        let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics)
+            .map_err(|e| StartError::Setup(format!("health checker: {e}")))?;
         let monitor = Mutex::new(Some(monitor));
         let closing = control.clone();
         let drainer = Drainer::new(

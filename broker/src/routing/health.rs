@@ -117,22 +117,28 @@ pub struct HealthChecker {
     health: Arc<Health>,
     cfg: HealthSection,
     metrics: BrokerMetrics,
+    client: reqwest::Client,
 }
 
 impl HealthChecker {
-    /// A checker over `fleet`.
+    /// A checker over `fleet`; fails when its HTTP client cannot be made (the broker must not
+    /// start without health checks: its routing would never see an edge die).
     pub fn new(
         fleet: Arc<Fleet>,
         health: Arc<Health>,
         cfg: HealthSection,
         metrics: BrokerMetrics,
-    ) -> Self {
-        HealthChecker {
+    ) -> Result<Self, reqwest::Error> {
+        let client = edge_node::internal_http::client()
+            .timeout(Duration::from_millis(cfg.timeout_ms))
+            .build()?;
+        Ok(HealthChecker {
             fleet,
             health,
             cfg,
             metrics,
-        }
+            client,
+        })
     }
 
     fn promoted(&self, region: usize) -> bool {
@@ -145,6 +151,64 @@ impl HealthChecker {
         };
         !in_region(Role::Active).any(|(i, _)| self.health.is_up(i))
             && in_region(Role::Standby).any(|(i, _)| self.health.is_up(i))
+    }
+
+    /// Probe edge `i` every interval, on its own schedule: an edge whose probes wait out
+    /// their timeouts (a stuck proxy takes [`MIN_PROXY_PROBE_TIMEOUT`]) delays no other
+    /// edge's probes, so the rest of the fleet is judged as often as configured.
+    async fn probe_loop(&self, i: usize, promoted: &parking_lot::Mutex<Vec<bool>>) {
+        let e = &self.fleet.edges[i];
+        let timeout = Duration::from_millis(self.cfg.timeout_ms);
+        let proxy_timeout = timeout.max(MIN_PROXY_PROBE_TIMEOUT);
+        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.interval_ms));
+        // A probe that overran is not followed by a burst of catch-up probes.
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let started = self.health.probe_started(i);
+            let probed = self.fleet.addresses.refresh(i, e, timeout).await;
+            let outcome = match (probed.admin, probed.proxy) {
+                (Some(admin), Some(proxy)) => {
+                    probe(&self.client, admin, proxy, &e.id, proxy_timeout).await
+                }
+                _ => Err("address unresolved".to_string()),
+            };
+            if outcome.is_err() {
+                self.fleet.addresses.probe_failed(i, probed);
+            }
+            if let Some(up) = self.health.probe_result(i, outcome.is_ok(), started) {
+                match outcome {
+                    Ok(()) => tracing::info!(edge = %e.id, up, "edge health changed"),
+                    Err(why) => tracing::warn!(edge = %e.id, up, %why, "edge health changed"),
+                }
+            }
+            // Whether it takes traffic: probed up and not held for missed purges.
+            self.metrics
+                .edge_up
+                .with_label_values(&[&e.id])
+                .set(i64::from(self.health.is_up(i)));
+            self.note_promotions(&mut promoted.lock());
+        }
+    }
+
+    /// Log and count each region whose standby was promoted or demoted since `promoted`.
+    fn note_promotions(&self, promoted: &mut [bool]) {
+        for (r, was) in promoted.iter_mut().enumerate() {
+            let now = self.promoted(r);
+            if now != *was {
+                let region = &self.fleet.regions[r];
+                if now {
+                    tracing::warn!(%region, "no healthy active edge: standby promoted");
+                    self.metrics
+                        .standby_promotions
+                        .with_label_values(&[region])
+                        .inc();
+                } else {
+                    tracing::info!(%region, "standby demoted");
+                }
+                *was = now;
+            }
+        }
     }
 }
 
@@ -184,74 +248,11 @@ async fn probe(
 impl BackgroundService for HealthChecker {
     /// Probes until the process exits, not only until shutdown starts: pingora keeps serving
     /// in-flight requests and open connections through its grace period, and their failover
-    /// needs current health. The loop ends when pingora drops the service's runtime.
+    /// needs current health. The loops end when pingora drops the service's runtime.
     async fn start(&self, _shutdown: ShutdownWatch) {
-        let client = match edge_node::internal_http::client()
-            .timeout(Duration::from_millis(self.cfg.timeout_ms))
-            .build()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "health checker cannot build its HTTP client");
-                return;
-            }
-        };
-        let mut promoted: Vec<bool> = vec![false; self.fleet.regions.len()];
-        let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.interval_ms));
-        // A round that overran is not followed by a burst of catch-up rounds.
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tick.tick().await;
-            let timeout = Duration::from_millis(self.cfg.timeout_ms);
-            let proxy_timeout = timeout.max(MIN_PROXY_PROBE_TIMEOUT);
-            let probes = self.fleet.edges.iter().enumerate().map(|(i, e)| {
-                let client = client.clone();
-                async move {
-                    let started = self.health.probe_started(i);
-                    let now = self.fleet.addresses.refresh(i, e, timeout).await;
-                    let (Some(admin), Some(proxy)) = (now.admin, now.proxy) else {
-                        return (Err("address unresolved".to_string()), now, started);
-                    };
-                    let ok = probe(&client, admin, proxy, &e.id, proxy_timeout).await;
-                    (ok, now, started)
-                }
-            });
-            let results = futures::future::join_all(probes).await;
-            for (i, (probe, probed, started)) in results.into_iter().enumerate() {
-                let ok = probe.is_ok();
-                if !ok {
-                    self.fleet.addresses.probe_failed(i, probed);
-                }
-                let id = &self.fleet.edges[i].id;
-                if let Some(up) = self.health.probe_result(i, ok, started) {
-                    match probe {
-                        Ok(()) => tracing::info!(edge = %id, up, "edge health changed"),
-                        Err(why) => tracing::warn!(edge = %id, up, %why, "edge health changed"),
-                    }
-                }
-                // Whether it takes traffic: probed up and not held for missed purges.
-                self.metrics
-                    .edge_up
-                    .with_label_values(&[id])
-                    .set(i64::from(self.health.is_up(i)));
-            }
-            for (r, was) in promoted.iter_mut().enumerate() {
-                let now = self.promoted(r);
-                if now != *was {
-                    let region = &self.fleet.regions[r];
-                    if now {
-                        tracing::warn!(%region, "no healthy active edge: standby promoted");
-                        self.metrics
-                            .standby_promotions
-                            .with_label_values(&[region])
-                            .inc();
-                    } else {
-                        tracing::info!(%region, "standby demoted");
-                    }
-                    *was = now;
-                }
-            }
-        }
+        let promoted = parking_lot::Mutex::new(vec![false; self.fleet.regions.len()]);
+        let loops = (0..self.fleet.edges.len()).map(|i| self.probe_loop(i, &promoted));
+        futures::future::join_all(loops).await;
     }
 }
 
