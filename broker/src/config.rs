@@ -503,6 +503,14 @@ impl BrokerConfig {
             return bad("regions: at least one region is required".into());
         }
         for (i, r) in self.regions.iter().enumerate() {
+            // Sent to edges and origins in request headers, and read from clients' region
+            // header: a name no header value can carry would fail every request routed there.
+            if !valid_region_name(&r.name) {
+                return bad(format!(
+                    "regions[{i}].name {:?} must be {REGION_NAME_RULE}",
+                    r.name
+                ));
+            }
             // Client headers and the API name regions case-insensitively.
             if names[..i].iter().any(|n| n.eq_ignore_ascii_case(&r.name)) {
                 return bad(format!("regions[{i}].name: duplicate region {:?}", r.name));
@@ -626,6 +634,17 @@ impl BrokerConfig {
                 return bad(format!("{field} must be at least 1"));
             }
         }
+        // A probe every hour, or one waiting that long, would leave a dead edge in routing.
+        for (field, v) in [
+            ("health.interval_ms", self.health.interval_ms),
+            ("health.timeout_ms", self.health.timeout_ms),
+        ] {
+            if v > MAX_HEALTH_MS {
+                return bad(format!(
+                    "{field} must be at most {MAX_HEALTH_MS} (one minute)"
+                ));
+            }
+        }
         // Shares and probabilities: `10` meant as 10% would let shadows take ten caches.
         for (field, v) in [
             ("planner.threshold", f64::from(self.planner.threshold)),
@@ -702,6 +721,20 @@ fn default_role() -> Role {
 fn default_weight() -> f64 {
     1.0
 }
+/// What [`valid_region_name`] accepts, for the error that refuses a name.
+const REGION_NAME_RULE: &str = "1-63 characters of letters, digits, '-', '_' and '.'";
+
+/// Whether `name` can name a region.
+fn valid_region_name(name: &str) -> bool {
+    (1..=63).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// Longest health probe interval or timeout accepted.
+const MAX_HEALTH_MS: u64 = 60_000;
+
 fn default_probe_interval() -> u64 {
     500
 }
@@ -839,6 +872,14 @@ pub(crate) mod tests {
                 "duplicate region",
             ),
             (
+                "[[regions]]\nname = \"eu\\nwest\"\nneighbours = []\n",
+                "regions[0].name",
+            ),
+            (
+                "[[regions]]\nname = \"\"\nneighbours = []\n",
+                "regions[0].name",
+            ),
+            (
                 "[planner]\ndefault_ttl_secs = 0\n",
                 "planner.default_ttl_secs",
             ),
@@ -849,6 +890,11 @@ pub(crate) mod tests {
             ("[planner]\ninterval_secs = 1e20\n", "planner.interval_secs"),
             ("[planner]\nbudget_share = 10\n", "planner.budget_share"),
             ("[health]\nfall = 0\n", "health.fall"),
+            ("[health]\ninterval_ms = 3600000\n", "health.interval_ms"),
+            (
+                "[health]\ntimeout_ms = 9223372036854775807\n",
+                "health.timeout_ms",
+            ),
             (
                 "[signals.coaccess]\nmin_probability = 50\n",
                 "signals.coaccess.min_probability",
