@@ -703,6 +703,9 @@ impl ProxyHttp for BrokerProxy {
             let (kind, msg) = if stalled {
                 let secs = self.edge_read_timeout.as_secs();
                 ("upstream_timeout", format!("no answer within {secs} s"))
+            } else if kind == "request_timeout" {
+                let msg = "the request body did not arrive in time".to_string();
+                ("request_timeout", msg)
             } else if kind == "bad_request" {
                 // The client's own request failed (a malformed body, say): not a routing error.
                 (

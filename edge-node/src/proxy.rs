@@ -532,8 +532,8 @@ fn cache_status_params(s: CacheStatus) -> &'static str {
 }
 
 /// The status and error code a failed proxy attempt is answered with: the upstream's status
-/// when it sent one, 502 for upstream failures, 400 for bad requests, 0 (no answer) when the
-/// client is already gone, 500 otherwise.
+/// when it sent one, 502 for upstream failures, 400 for bad requests (408 for a body the
+/// client stopped sending), 0 (no answer) when the client is already gone, 500 otherwise.
 pub fn error_status(e: &Error) -> (u16, &'static str) {
     match e.etype() {
         ErrorType::HTTPStatus(code) => (*code, "http_status"),
@@ -543,6 +543,8 @@ pub fn error_status(e: &Error) -> (u16, &'static str) {
                 ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => {
                     (0, "client_gone")
                 }
+                // The client stopped sending its body: its own delay, not a malformed request.
+                ErrorType::ReadTimedout => (408, "request_timeout"),
                 _ => (400, "bad_request"),
             },
             ErrorSource::Internal | ErrorSource::Unset => (500, "internal"),
@@ -1486,6 +1488,27 @@ impl ProxyHttp for EdgeProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failures_are_answered_by_whose_they_are() {
+        let status = |e: Box<Error>| error_status(&e);
+        assert_eq!(
+            status(Error::new_down(ErrorType::ReadTimedout)),
+            (408, "request_timeout")
+        );
+        assert_eq!(
+            status(Error::new_down(ErrorType::InvalidHTTPHeader)),
+            (400, "bad_request")
+        );
+        assert_eq!(
+            status(Error::new_down(ErrorType::ConnectionClosed)),
+            (0, "client_gone")
+        );
+        assert_eq!(
+            status(Error::new_up(ErrorType::ReadTimedout)),
+            (502, "origin_unreachable")
+        );
+    }
 
     /// A peer's copy is judged by when the peer admitted it: one that does not say, or says a
     /// time past this edge's clock, cannot be judged against the purges applied here.
