@@ -1991,8 +1991,10 @@ async fn a_forecast_shadow_that_cannot_pay_for_its_fill_is_not_placed() {
     let origin = TestOrigin::start().await;
     // Latency is worth nothing here: a used shadow filled from the origin only moves its
     // fetch earlier and still costs the fill, so no forecast is sure enough to pay for it.
+    // Without the precision floor (0.6 by default, above which this forecast of twelve
+    // requests may not rise) the 0.2 threshold is the only other bar.
     let cfg = format!(
-        "{}[cost]\nlatency_value_per_sec = 0.0\n",
+        "{}[cost]\nlatency_value_per_sec = 0.0\nmin_precision = 0.0\n",
         lstm_planner("threshold = 0.2\n")
     );
     let mut c = start_cluster_with(&cfg);
