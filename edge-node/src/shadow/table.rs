@@ -714,37 +714,49 @@ impl ShadowTable {
     }
 
     /// Live marks with keys after `after`, in key order, as many as fit `max_key_bytes` of
-    /// keys (at least one); and whether more remain. The marks are copied out under the
-    /// lock and sorted outside it.
+    /// keys (at least one); and whether more remain. Under the lock a page only compares
+    /// keys, keeping the first few in a bounded heap, and copies just the marks it returns:
+    /// a broker listing a large table page by page does not copy the whole table each time.
     pub fn page(
         &self,
         after: Option<&str>,
         max_key_bytes: usize,
         now: Instant,
     ) -> (Vec<(String, Mark)>, bool) {
-        let mut marks: Vec<(String, Mark)> = {
-            let g = self.inner.lock();
-            g.marks
-                .iter()
-                .filter(|(k, m)| m.expires > now && after.is_none_or(|a| k.as_str() > a))
-                .map(|(k, m)| (k.clone(), m.clone()))
-                .collect()
-        };
-        marks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         // Each entry also carries its field names and numbers (about 40 bytes encoded).
+        const ENTRY_BYTES: usize = 64;
+        let most = max_key_bytes / ENTRY_BYTES + 1;
+        let g = self.inner.lock();
+        let mut first: BinaryHeap<&str> = BinaryHeap::with_capacity(most + 1);
+        let mut live = 0;
+        for (k, m) in &g.marks {
+            if m.expires <= now || after.is_some_and(|a| k.as_str() <= a) {
+                continue;
+            }
+            live += 1;
+            if first.len() < most {
+                first.push(k);
+            } else if first.peek().is_some_and(|last| k.as_str() < *last) {
+                first.pop();
+                first.push(k);
+            }
+        }
+        let keys = first.into_sorted_vec();
         let mut used = 0;
-        let n = marks
+        let n = keys
             .iter()
-            .take_while(|(k, _)| {
-                used += k.len() + 64;
+            .take_while(|k| {
+                used += k.len() + ENTRY_BYTES;
                 used <= max_key_bytes
             })
             .count()
             .max(1)
-            .min(marks.len());
-        let more = marks.len() > n;
-        marks.truncate(n);
-        (marks, more)
+            .min(keys.len());
+        let marks = keys[..n]
+            .iter()
+            .map(|k| (k.to_string(), g.marks[*k].clone()))
+            .collect();
+        (marks, live > n)
     }
 
     /// Number of live marks and the bytes they hold.
@@ -891,18 +903,24 @@ mod tests {
         }
         t.mark("h/dead", Duration::from_secs(1), 5, now);
         let later = now + Duration::from_secs(2);
-        let (mut seen, mut after) = (Vec::new(), None::<String>);
-        loop {
-            let (page, more) = t.page(after.as_deref(), 40, later);
-            assert!(!page.is_empty() && page.len() <= 10);
-            after = page.last().map(|(k, _)| k.clone());
-            seen.extend(page.into_iter().map(|(k, _)| k));
-            if !more {
-                break;
-            }
-        }
         let want: Vec<String> = (0..25).map(|i| format!("h/{i:02}")).collect();
-        assert_eq!(seen, want);
+        // One mark a page (the budget fits none: at least one), and seven (4-byte keys).
+        for (budget, per_page) in [(40, 1), (7 * 68, 7)] {
+            let (mut seen, mut after) = (Vec::new(), None::<String>);
+            loop {
+                let (page, more) = t.page(after.as_deref(), budget, later);
+                assert!(!page.is_empty() && page.len() <= per_page);
+                if more {
+                    assert_eq!(page.len(), per_page);
+                }
+                after = page.last().map(|(k, _)| k.clone());
+                seen.extend(page.into_iter().map(|(k, _)| k));
+                if !more {
+                    break;
+                }
+            }
+            assert_eq!(seen, want, "{budget}");
+        }
         let (rest, more) = t.page(Some("h/24"), 40, later);
         assert!(rest.is_empty() && !more);
     }
