@@ -1,7 +1,9 @@
 //! Bounds on QUIC handshakes in progress. A handshake costs the endpoint's thread TLS work
 //! before the client has proved anything beyond its address, so a host could keep every
 //! slot busy with handshakes it never finishes and lock the broker and peers out: slots are
-//! capped per source address as well as in total, and each handshake is given a deadline.
+//! capped per source as well as in total, and each handshake is given a deadline. A source
+//! is an IPv4 address or an IPv6 /64: one host is usually given a whole /64, and could
+//! otherwise take every slot from addresses of its own.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -11,7 +13,8 @@ use std::time::Duration;
 /// Handshakes in progress at once. A cluster's broker and peers connect once and stay
 /// connected, far below this.
 pub const MAX_HANDSHAKES: usize = 128;
-/// Handshakes in progress from one address: a broker or a peer opens one connection.
+/// Handshakes in progress from one source ([`source_of`]): a broker or a peer opens one
+/// connection.
 pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
 /// Longest a handshake may take before its slot is freed (loopback or a data centre
 /// completes one in milliseconds).
@@ -21,6 +24,18 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 struct Taken {
     total: usize,
     by_address: HashMap<IpAddr, usize>,
+}
+
+/// The source a handshake from `ip` counts against: the IPv4 address (also when written as
+/// an IPv4-mapped IPv6 one), or the IPv6 address's /64.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+        },
+    }
 }
 
 /// The slots of one endpoint.
@@ -34,8 +49,9 @@ pub struct Slot {
 }
 
 impl HandshakeSlots {
-    /// A slot for a handshake from `ip`, unless the endpoint or that address is at its limit.
+    /// A slot for a handshake from `ip`, unless the endpoint or that source is at its limit.
     pub fn admit(&self, ip: IpAddr) -> Option<Slot> {
+        let ip = source_of(ip);
         let mut t = self.0.lock();
         let from_ip = t.by_address.get(&ip).copied().unwrap_or(0);
         if t.total >= MAX_HANDSHAKES || from_ip >= MAX_HANDSHAKES_PER_ADDRESS {
@@ -84,6 +100,19 @@ mod tests {
             "freed when the handshakes end"
         );
         assert!(slots.0.lock().by_address.is_empty());
+    }
+
+    #[test]
+    fn an_ipv6_host_counts_as_one_source_across_its_64() {
+        let slots = HandshakeSlots::default();
+        let held: Vec<Slot> = (1..=64u16)
+            .flat_map(|i| slots.admit(format!("2001:db8:0:1::{i:x}").parse().unwrap()))
+            .collect();
+        assert_eq!(held.len(), MAX_HANDSHAKES_PER_ADDRESS);
+        let next_64: IpAddr = "2001:db8:0:2::1".parse().unwrap();
+        assert!(slots.admit(next_64).is_some());
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(source_of(mapped), "192.0.2.7".parse::<IpAddr>().unwrap());
     }
 
     #[test]
