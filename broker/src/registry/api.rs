@@ -328,7 +328,8 @@ async fn create_provider(State(s): State<ApiState>, headers: HeaderMap, body: Bo
         }
         .into());
     }
-    let (p, token) = s.registry.create_provider(name)?;
+    let name = name.to_string();
+    let (p, token) = write_registry(&s, move |r| r.create_provider(&name)).await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({ "id": p.id, "name": p.name, "token": token })),
@@ -342,7 +343,10 @@ async fn rotate_token(
     headers: HeaderMap,
 ) -> ApiResult {
     operator(&s, &headers)?;
-    let token = s.registry.rotate_token(&id)?;
+    let token = {
+        let id = id.clone();
+        write_registry(&s, move |r| r.rotate_token(&id)).await?
+    };
     Ok(Json(json!({ "id": id, "token": token })).into_response())
 }
 
@@ -443,9 +447,13 @@ async fn put_origin(
     } else {
         Claim::Owned
     };
-    let created = s
-        .registry
-        .put_origin(&p.id, &host, &upstream, options, claim)?;
+    let created = {
+        let (provider, host, upstream) = (p.id.clone(), host.clone(), upstream.clone());
+        write_registry(&s, move |r| {
+            r.put_origin(&provider, &host, &upstream, options, claim)
+        })
+        .await?
+    };
     s.sync.origins_changed();
     let mut body = json!({
         "host": host,
@@ -475,7 +483,10 @@ async fn delete_origin(
     // Its purge of every copy leaves a ban on every edge, like any purge.
     within_budget(&s, CallClass::Purge, &p.id)?;
     let host = check_host(&host)?;
-    s.registry.delete_origin(&p.id, &host)?;
+    {
+        let (provider, host) = (p.id.clone(), host.clone());
+        write_registry(&s, move |r| r.delete_origin(&provider, &host)).await?;
+    }
     s.sync.origins_changed();
     // The host's plans go first, at once: a caller hanging up during the fan-out must not
     // leave them.
@@ -506,7 +517,10 @@ async fn create_resource(State(s): State<ApiState>, headers: HeaderMap, body: Bo
     within_budget(&s, CallClass::Write, &p.id)?;
     let req: ResourceBody = read_json(body, s.max_body).await?;
     let r = req.into_resource(s.registry.new_resource_id(), &p.id, &s.fleet.regions)?;
-    s.registry.put_resource(r.clone())?;
+    {
+        let r = r.clone();
+        write_registry(&s, move |reg| reg.put_resource(r)).await?;
+    }
     Ok((StatusCode::CREATED, Json(r)).into_response())
 }
 
@@ -535,7 +549,10 @@ async fn update_resource(
     s.registry.resource(&p.id, &id)?;
     let req: ResourceBody = read_json(body, s.max_body).await?;
     let r = req.into_resource(id, &p.id, &s.fleet.regions)?;
-    s.registry.update_resource(r.clone())?;
+    {
+        let r = r.clone();
+        write_registry(&s, move |reg| reg.update_resource(r)).await?;
+    }
     Ok(Json(r).into_response())
 }
 
@@ -546,7 +563,7 @@ async fn delete_resource(
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
     within_budget(&s, CallClass::Write, &p.id)?;
-    s.registry.delete_resource(&p.id, &id)?;
+    write_registry(&s, move |r| r.delete_resource(&p.id, &id)).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -694,6 +711,17 @@ async fn series(
     Ok(Json(body).into_response())
 }
 
+/// Run a registry write (a redb commit, and its fsync) on the blocking pool: the API has one
+/// thread, which a disk slow to sync would otherwise stall for every caller meanwhile. The
+/// write completes whether or not its caller waits for it.
+async fn write_registry<T: Send + 'static>(
+    s: &ApiState,
+    write: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+) -> Result<T, ApiError> {
+    let registry = s.registry.clone();
+    Ok(off_the_api_thread(move || write(&registry)).await??)
+}
+
 /// Run `f`, which takes the series store's lock, on the blocking pool: the API has one
 /// thread, and the monitor holds the store for as long as a snapshot takes to serialize.
 /// It starts at once, whether or not the result is awaited.
@@ -703,7 +731,7 @@ fn off_the_api_thread<T: Send + 'static>(
     let task = tokio::task::spawn_blocking(f);
     async move {
         task.await.map_err(|e| {
-            tracing::error!(error = %e, "series store task failed");
+            tracing::error!(error = %e, "API task failed");
             ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
         })
     }
