@@ -68,17 +68,41 @@ pub struct SyncParts {
     pub drain_timeout: Duration,
 }
 
+/// What identifies one control message across its deliveries: the sender's id and a digest
+/// of what it asks. A repeat must be the same message, not only the same id: ids come from
+/// the sender's clock, and one reused (a second broker, a clock stepped back) must not be
+/// answered with another message's reply — a purge told it was done would be lost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MessageKey {
+    id: u64,
+    digest: u64,
+}
+
+impl MessageKey {
+    /// The key of message `id` whose body (the envelope's `msg`) is `msg`.
+    fn of(id: u64, msg: Option<&serde_json::Value>) -> Self {
+        use std::hash::{Hash, Hasher};
+        // serde_json's maps are sorted, so a body re-sent or re-encoded prints the same.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        msg.map(ToString::to_string).hash(&mut h);
+        MessageKey {
+            id,
+            digest: h.finish(),
+        }
+    }
+}
+
 /// Replies to recent message ids. A stats reply carries (and drains) the shadow outcomes, so
 /// only the latest is kept: a retried poll gets the same outcomes, and memory stays small.
 #[derive(Default)]
 struct Dedup {
-    replies: HashMap<u64, Reply>,
-    order: VecDeque<u64>,
-    last_stats: Option<(u64, Reply)>,
+    replies: HashMap<MessageKey, Reply>,
+    order: VecDeque<MessageKey>,
+    last_stats: Option<(MessageKey, Reply)>,
     /// Ids being handled now, and where their reply will appear: a retry that arrives on a
     /// new connection while the first delivery is still at work (a purge waiting on its
     /// fsync) waits for that reply instead of acting twice (a second fill of a shadow).
-    running: HashMap<u64, tokio::sync::watch::Receiver<Option<Reply>>>,
+    running: HashMap<MessageKey, tokio::sync::watch::Receiver<Option<Reply>>>,
 }
 
 /// What a message's delivery is to do.
@@ -94,7 +118,7 @@ enum Turn {
 impl Dedup {
     /// What a delivery of `id` is to do; one told to handle it holds a [`Running`] until it
     /// has put its reply.
-    fn turn(&mut self, id: u64) -> Turn {
+    fn turn(&mut self, id: MessageKey) -> Turn {
         if let Some(r) = self.get(id) {
             return Turn::Answered(r);
         }
@@ -106,14 +130,14 @@ impl Dedup {
         Turn::Handle(tx)
     }
 
-    fn get(&self, id: u64) -> Option<Reply> {
+    fn get(&self, id: MessageKey) -> Option<Reply> {
         match &self.last_stats {
             Some((i, r)) if *i == id => Some(r.clone()),
             _ => self.replies.get(&id).cloned(),
         }
     }
 
-    fn put(&mut self, id: u64, reply: Reply) {
+    fn put(&mut self, id: MessageKey, reply: Reply) {
         // A listing is read-only: a repeat is answered afresh rather than kept in memory.
         if matches!(reply, Reply::ShadowPage { .. }) {
             return;
@@ -137,7 +161,7 @@ impl Dedup {
 /// or without one (its task dropped: a retry then handles the message).
 struct Running<'a> {
     seen: &'a parking_lot::Mutex<Dedup>,
-    id: u64,
+    id: MessageKey,
 }
 
 impl Drop for Running<'_> {
@@ -375,7 +399,8 @@ impl Handler {
                 "forbidden",
             )
         } else {
-            self.once(head.id, req).await
+            self.once(MessageKey::of(head.id, raw.get("msg")), req)
+                .await
         };
         m.sync_messages.with_label_values(&[kind, outcome]).inc();
         if let Err(e) = write_frame(&mut send, &reply_to(reply)).await {
@@ -387,7 +412,7 @@ impl Handler {
 
     /// Handle control message `id` once however often it is delivered: a repeat gets the
     /// first delivery's reply, waiting for it while that delivery is still at work.
-    async fn once(&self, id: u64, req: Request) -> (Reply, &'static str) {
+    async fn once(&self, id: MessageKey, req: Request) -> (Reply, &'static str) {
         loop {
             let turn = self.seen.lock().turn(id);
             match turn {
@@ -614,18 +639,46 @@ impl Handler {
 mod tests {
     use super::*;
 
+    /// Message `id` with an empty body.
+    fn key(id: u64) -> MessageKey {
+        MessageKey::of(id, None)
+    }
+
     #[test]
     fn dedup_remembers_recent_ids_only() {
         let mut d = Dedup::default();
         for id in 0..(DEDUP_CAPACITY as u64 + 10) {
-            d.put(id, Reply::Done { found: true });
+            d.put(key(id), Reply::Done { found: true });
         }
-        assert!(d.get(0).is_none());
-        assert!(d.get(DEDUP_CAPACITY as u64 + 9).is_some());
+        assert!(d.get(key(0)).is_none());
+        assert!(d.get(key(DEDUP_CAPACITY as u64 + 9)).is_some());
         assert_eq!(d.replies.len(), DEDUP_CAPACITY);
-        d.put(1, Reply::Stats(Default::default()));
-        d.put(2, Reply::Stats(Default::default()));
-        assert!(d.get(1).is_none() && d.get(2).is_some());
+        d.put(key(1), Reply::Stats(Default::default()));
+        d.put(key(2), Reply::Stats(Default::default()));
+        assert!(d.get(key(1)).is_none() && d.get(key(2)).is_some());
+    }
+
+    /// An id seen before, carrying another message, is that other message: handled, not
+    /// answered with the first one's reply.
+    #[test]
+    fn a_reused_id_with_another_message_is_not_a_repeat() {
+        let purge = |target: &str| {
+            serde_json::to_value(Request::Invalidate {
+                target: target.into(),
+            })
+            .unwrap()
+        };
+        let (a, b) = (purge("h/a"), purge("h/b"));
+        let mut d = Dedup::default();
+        d.put(MessageKey::of(5, Some(&a)), Reply::Done { found: false });
+        assert!(matches!(
+            d.turn(MessageKey::of(5, Some(&a.clone()))),
+            Turn::Answered(_)
+        ));
+        assert!(matches!(
+            d.turn(MessageKey::of(5, Some(&b))),
+            Turn::Handle(_)
+        ));
     }
 
     /// A retry that arrives while the first delivery is still at work waits for its reply
@@ -633,7 +686,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_waits_for_the_delivery_at_work() {
         let seen = parking_lot::Mutex::new(Dedup::default());
-        let id = 7;
+        let id = key(7);
         let Turn::Handle(tx) = seen.lock().turn(id) else {
             panic!("a new id is handled");
         };
@@ -650,11 +703,14 @@ mod tests {
         assert!(matches!(seen.lock().turn(id), Turn::Answered(r) if r == reply));
         assert!(seen.lock().running.is_empty());
 
-        let Turn::Handle(abandoned) = seen.lock().turn(8) else {
+        let Turn::Handle(abandoned) = seen.lock().turn(key(8)) else {
             panic!("a new id is handled");
         };
-        let running = Running { seen: &seen, id: 8 };
-        let Turn::Pending(mut rx) = seen.lock().turn(8) else {
+        let running = Running {
+            seen: &seen,
+            id: key(8),
+        };
+        let Turn::Pending(mut rx) = seen.lock().turn(key(8)) else {
             panic!("a retry waits");
         };
         // The delivery's task is dropped: its guard, then its sender.
@@ -662,7 +718,7 @@ mod tests {
         drop(abandoned);
         assert!(rx.wait_for(Option::is_some).await.is_err());
         assert!(
-            matches!(seen.lock().turn(8), Turn::Handle(_)),
+            matches!(seen.lock().turn(key(8)), Turn::Handle(_)),
             "handled afresh"
         );
     }
