@@ -757,6 +757,99 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
     }
 }
 
+/// With `approve_new_hosts`, a provider's new host is a claim: answered 202, listed for the
+/// operator and for its provider, served nowhere, and no other provider can claim it; once
+/// the operator approves it, it is served like any host. A rejected claim is gone, and so is
+/// one its provider withdraws.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_host_is_served_only_once_the_operator_approves_it() {
+    use reqwest::Method;
+    let origin = TestOrigin::start().await;
+    let c = start_cluster_with("admin.approve_new_hosts = true\n");
+    let new_provider = |name: &'static str| {
+        let url = c.broker.api("/v1/providers");
+        async move {
+            let (s, v) = api(
+                Method::POST,
+                url,
+                OPERATOR_TOKEN,
+                Some(json!({ "name": name })),
+            )
+            .await;
+            assert_eq!(s, StatusCode::CREATED, "{v}");
+            v["token"].as_str().unwrap().to_string()
+        }
+    };
+    let (acme, other) = (new_provider("acme").await, new_provider("other").await);
+    let upstream = json!({ "upstream": format!("http://{}", origin.addr) });
+    let put = |token: &str, host: &str| {
+        let url = c.broker.api(&format!("/v1/origins/{host}"));
+        let (token, body) = (token.to_string(), upstream.clone());
+        async move { api(Method::PUT, url, &token, Some(body)).await }
+    };
+    let operator =
+        |method: Method, path: &str| api(method, c.broker.api(path), OPERATOR_TOKEN, None);
+
+    let (s, v) = put(&acme, HOST).await;
+    assert_eq!(
+        (s, v["status"].as_str()),
+        (StatusCode::ACCEPTED, Some("pending_approval")),
+        "{v}"
+    );
+    let (s, v) = put(&other, HOST).await;
+    assert_eq!(s, StatusCode::CONFLICT, "{v}");
+    let (_, v) = api(Method::GET, c.broker.api("/v1/origins"), &acme, None).await;
+    assert_eq!(v["origins"], json!([]), "{v}");
+    assert_eq!(v["claims"][0]["host"], HOST, "{v}");
+    let (s, _) = api(Method::GET, c.broker.api("/v1/host-claims"), &acme, None).await;
+    assert_eq!(s, StatusCode::FORBIDDEN, "claims are the operator's");
+    let (s, v) = operator(Method::GET, "/v1/host-claims").await;
+    assert_eq!(
+        (s, v["claims"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(1)),
+        "{v}"
+    );
+    let r = c.get("/claimed.js", "eu").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    assert_eq!(
+        origin.hits("/claimed.js"),
+        0,
+        "not served while it awaits approval"
+    );
+
+    let approve = format!("/v1/host-claims/{HOST}/approve");
+    let (s, v) = operator(Method::POST, &approve).await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    assert_eq!(v["upstream"], upstream["upstream"], "{v}");
+    wait_until(|| async { c.get("/claimed.js", "eu").await.status() == StatusCode::OK }).await;
+    let (s, _) = operator(Method::POST, &approve).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "approved once");
+    let (_, v) = api(Method::GET, c.broker.api("/v1/origins"), &acme, None).await;
+    assert_eq!(
+        (v["origins"][0]["host"].as_str(), &v["claims"]),
+        (Some(HOST), &json!([])),
+        "{v}"
+    );
+
+    // Rejected by the operator; withdrawn by its provider.
+    for (host, token) in [
+        ("rejected.test", OPERATOR_TOKEN),
+        ("withdrawn.test", other.as_str()),
+    ] {
+        let (s, v) = put(&other, host).await;
+        assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+        let path = if token == OPERATOR_TOKEN {
+            format!("/v1/host-claims/{host}")
+        } else {
+            format!("/v1/origins/{host}")
+        };
+        let (s, v) = api(Method::DELETE, c.broker.api(&path), token, None).await;
+        assert_eq!(s, StatusCode::NO_CONTENT, "{host}: {v}");
+    }
+    let (_, v) = operator(Method::GET, "/v1/host-claims").await;
+    assert_eq!(v["claims"], json!([]), "{v}");
+}
+
 /// A host registered with `cache_key_ignore_query` is keyed without those parameters by the
 /// broker (so requests that differ only in them reach the same edge) and by the edges (which
 /// learn the option with the origin push); a purge naming such a parameter finds the copy; a

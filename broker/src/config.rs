@@ -101,6 +101,13 @@ pub struct AdminSection {
     /// DNS name). On for a cluster whose sites are local, as in deploy/local.
     #[serde(default)]
     pub allow_local_hosts: bool,
+    /// Whether a host new to the registry waits for the operator's approval before it is
+    /// served (default false: first come, first served). A provider's claim is kept apart
+    /// (`GET /v1/host-claims`) until `POST /v1/host-claims/{host}/approve`: the broker cannot
+    /// check that a provider owns a name, and a host whose DNS still points at this CDN after
+    /// its owner left could otherwise be taken by anyone with a provider token.
+    #[serde(default)]
+    pub approve_new_hosts: bool,
     /// Most resources one provider may register (default 100,000): each is kept in memory and
     /// matched by the planner, so one tenant cannot grow the registry without bound.
     #[serde(default = "default_max_resources")]

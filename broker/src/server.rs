@@ -323,6 +323,7 @@ impl Broker {
             max_body: cfg.admin.max_body_bytes,
             allow_private_upstreams: cfg.admin.allow_private_upstreams,
             allow_local_hosts: cfg.admin.allow_local_hosts,
+            approve_new_hosts: cfg.admin.approve_new_hosts,
             prometheus: prometheus.clone(),
             metrics: metrics.clone(),
             planner: planner_state,

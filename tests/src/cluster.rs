@@ -266,7 +266,8 @@ pub struct BrokerProc {
 }
 
 impl BrokerProc {
-    /// Start a broker over `edges` with regions `eu` and `us` (neighbours of each other).
+    /// Start a broker over `edges` with regions `eu` and `us` (neighbours of each other);
+    /// `extra` is added to its config (a line `admin.<key> = …` sets a key of `[admin]`).
     pub fn start(dir: &Path, edges: &[EdgeSpec<'_>], extra: &str) -> BrokerProc {
         Self::start_with_certs(dir, edges, extra, None)
     }
@@ -293,6 +294,14 @@ impl BrokerProc {
         let addr = loopback();
         let admin = loopback();
         let metrics = loopback();
+        // `[admin]` is written here: lines of `extra` that start with `admin.` set its keys.
+        let (admin_extra, extra): (Vec<&str>, Vec<&str>) =
+            extra.lines().partition(|l| l.starts_with("admin."));
+        let admin_extra: String = admin_extra
+            .iter()
+            .map(|l| format!("{}\n", &l["admin.".len()..]))
+            .collect();
+        let extra = extra.join("\n");
         let mut s = format!(
             r#"
 listen = "{addr}"
@@ -310,7 +319,7 @@ edge_token = "{EDGE_TOKEN}"
 max_body_bytes = 4096
 allow_private_upstreams = true
 allow_local_hosts = true
-
+{admin_extra}
 [client_region]
 trust_header = true
 default = "eu"

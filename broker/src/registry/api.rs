@@ -57,6 +57,8 @@ pub struct ApiState {
     pub allow_private_upstreams: bool,
     /// Whether providers may register local or reserved host names.
     pub allow_local_hosts: bool,
+    /// Whether a new host waits for the operator's approval (`[admin] approve_new_hosts`).
+    pub approve_new_hosts: bool,
     /// Metrics registry (for `/metrics`).
     pub prometheus: prometheus::Registry,
     /// Broker metrics.
@@ -220,6 +222,12 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/providers/{id}/token", post(rotate_token))
         .route("/v1/origins", get(list_origins))
         .route("/v1/origins/{host}", put(put_origin).delete(delete_origin))
+        .route("/v1/host-claims", get(list_claims))
+        .route(
+            "/v1/host-claims/{host}",
+            axum::routing::delete(reject_claim),
+        )
+        .route("/v1/host-claims/{host}/approve", post(approve_claim))
         .route("/v1/resources", post(create_resource).get(list_resources))
         .route(
             "/v1/resources/{id}",
@@ -384,7 +392,62 @@ async fn check_upstream_resolves(upstream: &str, allow_private: bool) -> Result<
 
 async fn list_origins(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
     let p = provider(&s, &headers)?;
-    Ok(Json(json!({ "origins": s.registry.origins_of(&p.id) })).into_response())
+    Ok(Json(json!({
+        "origins": s.registry.origins_of(&p.id),
+        "claims": s.registry.claims_of(&p.id),
+    }))
+    .into_response())
+}
+
+/// `GET /v1/host-claims` (operator): the hosts providers asked for that await approval.
+async fn list_claims(State(s): State<ApiState>, headers: HeaderMap) -> ApiResult {
+    operator(&s, &headers)?;
+    Ok(Json(json!({ "claims": s.registry.claims() })).into_response())
+}
+
+/// `POST /v1/host-claims/{host}/approve` (operator): the claim becomes the host's origin.
+/// As for any new host, the host's old copies are purged from every edge first (207 naming
+/// the edges that missed it, which get it before they serve again).
+async fn approve_claim(
+    State(s): State<ApiState>,
+    Path(host): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    operator(&s, &headers)?;
+    let host = check_host(&host)?;
+    let claim = s
+        .registry
+        .claim(&host)
+        .ok_or_else(|| RegistryError::NotFound(format!("claim on host {host}")))?;
+    s.planner.forget_host(&host);
+    let target = format!("{host}/*");
+    let purged = s.sync.purge_everywhere(&target).await;
+    let origin = {
+        let host = host.clone();
+        write_registry(&s, move |r| r.approve_claim(&host, &claim)).await?
+    };
+    s.sync.origins_changed();
+    tracing::info!(%host, provider = %origin.provider, "host claim approved");
+    let mut body = serde_json::to_value(&origin).unwrap_or_default();
+    let status = if purged.iter().any(|r| !r.ok) {
+        body["purge"] = json!({ "target": target, "edges": purged });
+        StatusCode::MULTI_STATUS
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// `DELETE /v1/host-claims/{host}` (operator): reject the claim.
+async fn reject_claim(
+    State(s): State<ApiState>,
+    Path(host): Path<String>,
+    headers: HeaderMap,
+) -> ApiResult {
+    operator(&s, &headers)?;
+    let host = check_host(&host)?;
+    write_registry(&s, move |r| r.drop_claim(&host, None)).await?;
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn put_origin(
@@ -426,6 +489,9 @@ async fn put_origin(
             field: "cache_key_ignore_query",
             message,
         })?;
+    if unregistered && s.approve_new_hosts {
+        return claim_host(&s, &p.id, host, upstream, req, cache_key_ignore_query).await;
+    }
     let target = format!("{host}/*");
     let purged = if unregistered {
         s.registry.check_origin_quota(&p.id)?;
@@ -473,6 +539,41 @@ async fn put_origin(
     Ok((status, Json(body)).into_response())
 }
 
+/// A provider's `PUT /v1/origins/{host}` of a host new to the registry while new hosts
+/// await approval: the claim is kept (202, `"status": "pending_approval"`); nothing routes,
+/// pushes or purges until the operator approves it.
+async fn claim_host(
+    s: &ApiState,
+    provider: &str,
+    host: String,
+    upstream: String,
+    req: OriginBody,
+    cache_key_ignore_query: QueryFilter,
+) -> ApiResult {
+    let options = OriginOptions {
+        forward_host: req.forward_host,
+        strip_set_cookie: req.strip_set_cookie,
+        cache_key_ignore_query,
+    };
+    {
+        let (provider, host, upstream) = (provider.to_string(), host.clone(), upstream.clone());
+        write_registry(s, move |r| {
+            r.put_claim(&provider, &host, &upstream, options)
+        })
+        .await?;
+    }
+    tracing::info!(%host, %provider, "host claimed: awaiting the operator's approval");
+    let body = json!({
+        "host": host,
+        "upstream": upstream,
+        "forward_host": req.forward_host,
+        "strip_set_cookie": req.strip_set_cookie,
+        "cache_key_ignore_query": req.cache_key_ignore_query,
+        "status": "pending_approval",
+    });
+    Ok((StatusCode::ACCEPTED, Json(body)).into_response())
+}
+
 async fn delete_origin(
     State(s): State<ApiState>,
     Path(host): Path<String>,
@@ -480,6 +581,15 @@ async fn delete_origin(
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
     within_budget(&s, CallClass::Write, &p.id)?;
+    // A claim still awaiting approval is withdrawn: nothing was served, nothing to purge.
+    let claimed = check_host(&host)
+        .ok()
+        .filter(|h| !s.registry.has_origin(h) && s.registry.claim(h).is_some());
+    if let Some(host) = claimed {
+        let provider = p.id.clone();
+        write_registry(&s, move |r| r.drop_claim(&host, Some(&provider))).await?;
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
     // Its purge of every copy leaves a ban on every edge, like any purge.
     within_budget(&s, CallClass::Purge, &p.id)?;
     let host = check_host(&host)?;

@@ -23,6 +23,9 @@ const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers"
 const TOKENS: TableDefinition<&str, &str> = TableDefinition::new("tokens");
 const ORIGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("origins");
 const RESOURCES: TableDefinition<&str, &[u8]> = TableDefinition::new("resources");
+/// Hosts providers asked for that wait for the operator's approval (`[admin]
+/// approve_new_hosts`): kept apart from `origins`, so nothing routes, pushes or plans them.
+const HOST_CLAIMS: TableDefinition<&str, &[u8]> = TableDefinition::new("host_claims");
 
 /// Why a registry call failed.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,8 @@ struct Memory {
     providers: BTreeMap<String, Provider>,
     tokens: BTreeMap<String, String>,
     origins: BTreeMap<String, Origin>,
+    /// Claims on hosts awaiting approval ([`HOST_CLAIMS`]).
+    claims: BTreeMap<String, Origin>,
     resources: BTreeMap<String, Resource>,
     /// Resources by host and path: the planner resolves a resource for every candidate
     /// series each tick, under the series lock, so a lookup must not scan a host's resources.
@@ -247,12 +252,14 @@ impl Registry {
             w.open_table(TOKENS).map_err(store_err)?;
             w.open_table(ORIGINS).map_err(store_err)?;
             w.open_table(RESOURCES).map_err(store_err)?;
+            w.open_table(HOST_CLAIMS).map_err(store_err)?;
         }
         w.commit().map_err(store_err)?;
         let r = db.begin_read().map_err(store_err)?;
         let mut mem = Memory {
             providers: load_table(&r, PROVIDERS)?,
             origins: load_table(&r, ORIGINS)?,
+            claims: load_table(&r, HOST_CLAIMS)?,
             ..Memory::default()
         };
         let resources: BTreeMap<String, Resource> = load_table(&r, RESOURCES)?;
@@ -427,8 +434,22 @@ impl Registry {
             cache_key_ignore_query: options.cache_key_ignore_query,
             registered_at_ms: registered_at_ms.unwrap_or_else(crate::clock::wall_ms),
         };
-        self.write(|w| Self::put_json(w, ORIGINS, host, &origin))?;
-        self.mem.write().origins.insert(host.to_string(), origin);
+        // A claim left from while approvals were on is settled by the registration.
+        self.write(|w| {
+            Self::put_json(w, ORIGINS, host, &origin)?;
+            if created {
+                w.open_table(HOST_CLAIMS)
+                    .map_err(store_err)?
+                    .remove(host)
+                    .map_err(store_err)?;
+            }
+            Ok(())
+        })?;
+        let mut m = self.mem.write();
+        if created {
+            m.claims.remove(host);
+        }
+        m.origins.insert(host.to_string(), origin);
         Ok(created)
     }
 
@@ -503,9 +524,11 @@ impl Registry {
     }
 
     fn origin_quota(&self, m: &Memory, provider: &str) -> Result<(), RegistryError> {
+        // A claim awaiting approval counts: approving it must not exceed the quota.
         let held = m
             .origins
             .values()
+            .chain(m.claims.values())
             .filter(|o| o.provider == provider)
             .count();
         if held >= self.max_origins_per_provider {
@@ -513,6 +536,134 @@ impl Registry {
                 "provider holds {held} hosts, the most allowed ([admin] max_origins_per_provider)"
             )));
         }
+        Ok(())
+    }
+
+    /// Record `provider`'s claim on `host`, a host nobody has registered, to await the
+    /// operator's approval; `Ok(true)` for a new claim, `Ok(false)` when it replaces the
+    /// provider's earlier one. Another provider's claim on the host is a conflict: the
+    /// operator settles one claim at a time.
+    pub fn put_claim(
+        &self,
+        provider: &str,
+        host: &str,
+        upstream: &str,
+        options: OriginOptions,
+    ) -> Result<bool, RegistryError> {
+        let _writer = self.writer.lock();
+        {
+            let m = self.mem.read();
+            match m.origins.get(host) {
+                Some(o) if o.provider != provider => {
+                    return Err(RegistryError::Forbidden(format!("host {host}")))
+                }
+                Some(_) => {
+                    return Err(RegistryError::Conflict(format!(
+                        "host {host} is registered to this provider already; send it again"
+                    )))
+                }
+                None => {}
+            }
+            match m.claims.get(host) {
+                Some(c) if c.provider != provider => {
+                    return Err(RegistryError::Conflict(format!(
+                        "host {host} has another provider's claim awaiting approval"
+                    )))
+                }
+                Some(_) => {}
+                None => self.origin_quota(&m, provider)?,
+            }
+        }
+        let claim = Origin {
+            host: host.to_string(),
+            upstream: upstream.to_string(),
+            provider: provider.to_string(),
+            forward_host: options.forward_host,
+            strip_set_cookie: options.strip_set_cookie,
+            cache_key_ignore_query: options.cache_key_ignore_query,
+            registered_at_ms: crate::clock::wall_ms(),
+        };
+        self.write(|w| Self::put_json(w, HOST_CLAIMS, host, &claim))?;
+        Ok(self
+            .mem
+            .write()
+            .claims
+            .insert(host.to_string(), claim)
+            .is_none())
+    }
+
+    /// The claim awaiting approval on `host`.
+    pub fn claim(&self, host: &str) -> Option<Origin> {
+        self.mem.read().claims.get(host).cloned()
+    }
+
+    /// Every claim awaiting approval, by host.
+    pub fn claims(&self) -> Vec<Origin> {
+        self.mem.read().claims.values().cloned().collect()
+    }
+
+    /// `provider`'s claims awaiting approval.
+    pub fn claims_of(&self, provider: &str) -> Vec<Origin> {
+        let m = self.mem.read();
+        m.claims
+            .values()
+            .filter(|c| c.provider == provider)
+            .cloned()
+            .collect()
+    }
+
+    /// Approve the claim on `host` as `seen` (the caller purged the host's old copies from
+    /// the edges meanwhile): it becomes the host's origin, registered now. A claim changed or
+    /// withdrawn in between is a conflict (approve what is there now).
+    pub fn approve_claim(&self, host: &str, seen: &Origin) -> Result<Origin, RegistryError> {
+        let _writer = self.writer.lock();
+        {
+            let m = self.mem.read();
+            if m.claims.get(host) != Some(seen) || m.origins.contains_key(host) {
+                return Err(RegistryError::Conflict(format!(
+                    "the claim on host {host} changed while it was being approved"
+                )));
+            }
+        }
+        let origin = Origin {
+            registered_at_ms: crate::clock::wall_ms(),
+            ..seen.clone()
+        };
+        self.write(|w| {
+            Self::put_json(w, ORIGINS, host, &origin)?;
+            w.open_table(HOST_CLAIMS)
+                .map_err(store_err)?
+                .remove(host)
+                .map_err(store_err)?;
+            Ok(())
+        })?;
+        let mut m = self.mem.write();
+        m.claims.remove(host);
+        m.origins.insert(host.to_string(), origin.clone());
+        Ok(origin)
+    }
+
+    /// Remove the claim on `host`: withdrawn by its `provider`, or rejected by the operator
+    /// (`None`).
+    pub fn drop_claim(&self, host: &str, provider: Option<&str>) -> Result<(), RegistryError> {
+        let _writer = self.writer.lock();
+        match self.mem.read().claims.get(host) {
+            None => return Err(RegistryError::NotFound(format!("claim on host {host}"))),
+            Some(c) if provider.is_some_and(|p| p != c.provider) => {
+                return Err(RegistryError::Forbidden(format!(
+                    "the claim on host {host}"
+                )))
+            }
+            Some(_) => {}
+        }
+        self.write(|w| {
+            w.open_table(HOST_CLAIMS)
+                .map_err(store_err)?
+                .remove(host)
+                .map_err(store_err)?;
+            Ok(())
+        })?;
+        self.mem.write().claims.remove(host);
         Ok(())
     }
 
@@ -734,6 +885,78 @@ mod tests {
         }
         let e = Registry::open(&path).unwrap_err().to_string();
         assert!(e.contains("\"r-x\"") && e.contains("resources"), "{e}");
+    }
+
+    #[test]
+    fn a_claim_awaits_approval_apart_from_the_origins_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let (a, b) = {
+            let reg = Registry::open(&path)
+                .unwrap()
+                .with_max_origins_per_provider(1);
+            let a = reg.create_provider("a").unwrap().0.id;
+            let b = reg.create_provider("b").unwrap().0.id;
+            let opts = OriginOptions::default;
+            assert!(reg
+                .put_claim(&a, "new.com", "http://127.0.0.1:1", opts())
+                .unwrap());
+            assert!(!reg
+                .put_claim(&a, "new.com", "http://127.0.0.1:2", opts())
+                .unwrap());
+            assert!(reg.origin("new.com").is_none() && reg.origins().is_empty());
+            assert!(matches!(
+                reg.put_claim(&b, "new.com", "http://127.0.0.1:3", opts()),
+                Err(RegistryError::Conflict(_))
+            ));
+            // The claim counts against a's quota of one host.
+            assert!(matches!(
+                reg.put_claim(&a, "other.com", "http://127.0.0.1:1", opts()),
+                Err(RegistryError::Conflict(m)) if m.contains("max_origins_per_provider")
+            ));
+            assert!(matches!(
+                reg.drop_claim("new.com", Some(&b)),
+                Err(RegistryError::Forbidden(_))
+            ));
+            (a, b)
+        };
+        let reg = Registry::open(&path).unwrap();
+        let claim = reg.claim("new.com").expect("kept on disk");
+        assert_eq!(
+            (claim.provider.as_str(), claim.upstream.as_str()),
+            (a.as_str(), "http://127.0.0.1:2")
+        );
+        assert_eq!(reg.claims_of(&b), vec![]);
+        let mut stale = claim.clone();
+        stale.upstream = "http://127.0.0.1:9".into();
+        assert!(matches!(
+            reg.approve_claim("new.com", &stale),
+            Err(RegistryError::Conflict(_))
+        ));
+        let origin = reg.approve_claim("new.com", &claim).unwrap();
+        assert_eq!(reg.origin("new.com"), Some(origin));
+        assert!(reg.claims().is_empty());
+        assert!(matches!(
+            reg.drop_claim("new.com", None),
+            Err(RegistryError::NotFound(_))
+        ));
+        drop(reg);
+        let reg = Registry::open(&path).unwrap();
+        assert!(reg.claims().is_empty() && reg.origin("new.com").is_some());
+        // A registered host takes no claim; a rejected claim is gone.
+        assert!(reg
+            .put_claim(
+                &b,
+                "new.com",
+                "http://127.0.0.1:1",
+                OriginOptions::default()
+            )
+            .is_err());
+        reg.put_claim(&b, "b.com", "http://127.0.0.1:1", OriginOptions::default())
+            .unwrap();
+        reg.drop_claim("b.com", None).unwrap();
+        drop(reg);
+        assert!(Registry::open(&path).unwrap().claims().is_empty());
     }
 
     #[test]
