@@ -809,6 +809,8 @@ async fn a_new_host_is_served_only_once_the_operator_approves_it() {
         (StatusCode::OK, Some(1)),
         "{v}"
     );
+    let m = c.metrics().await;
+    assert!(m.contains("shadowcdn_broker_host_claims 1"), "{m}");
     let r = c.get("/claimed.js", "eu").await;
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     assert_eq!(
@@ -848,6 +850,8 @@ async fn a_new_host_is_served_only_once_the_operator_approves_it() {
     }
     let (_, v) = operator(Method::GET, "/v1/host-claims").await;
     assert_eq!(v["claims"], json!([]), "{v}");
+    let m = c.metrics().await;
+    assert!(m.contains("shadowcdn_broker_host_claims 0"), "{m}");
 }
 
 /// A host registered with `cache_key_ignore_query` is keyed without those parameters by the

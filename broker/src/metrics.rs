@@ -35,6 +35,8 @@ pub struct BrokerMetrics {
     pub edge_pushes: IntCounterVec,
     /// Origin rows each edge left out of the last push.
     pub edge_rejected_origins: prometheus::IntGaugeVec,
+    /// Hosts claimed by providers that await the operator's approval.
+    pub host_claims: prometheus::IntGauge,
     /// Purges each edge has not confirmed; the edge takes no traffic while any is pending.
     pub edge_pending_purges: prometheus::IntGaugeVec,
     /// Redeliveries of missed purges, by outcome.
@@ -173,6 +175,11 @@ impl BrokerMetrics {
                      resolve, private address, duplicate)",
                 ),
                 &["edge"],
+            )?,
+            host_claims: prometheus::IntGauge::new(
+                "shadowcdn_broker_host_claims",
+                "Hosts providers claimed that await the operator's approval \
+                 ([admin] approve_new_hosts)",
             )?,
             edge_pending_purges: prometheus::IntGaugeVec::new(
                 Opts::new(
@@ -395,6 +402,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.api_calls.clone()))?;
         registry.register(Box::new(m.edge_pushes.clone()))?;
         registry.register(Box::new(m.edge_rejected_origins.clone()))?;
+        registry.register(Box::new(m.host_claims.clone()))?;
         registry.register(Box::new(m.edge_pending_purges.clone()))?;
         registry.register(Box::new(m.purge_redeliveries.clone()))?;
         registry.register(Box::new(m.pending_purges_save_failures.clone()))?;

@@ -118,6 +118,7 @@ impl Broker {
                 .with_max_resources_per_provider(cfg.admin.max_resources_per_provider)
                 .with_max_origins_per_provider(cfg.admin.max_origins_per_provider),
         );
+        metrics.host_claims.set(registry.claim_count() as i64);
         if registry.created() {
             tracing::warn!(
                 path = %cfg.data_dir.join("registry.redb").display(),

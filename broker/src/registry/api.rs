@@ -426,6 +426,7 @@ async fn approve_claim(
         let host = host.clone();
         write_registry(&s, move |r| r.approve_claim(&host, &claim)).await?
     };
+    note_claims(&s);
     s.sync.origins_changed();
     tracing::info!(%host, provider = %origin.provider, "host claim approved");
     let mut body = serde_json::to_value(&origin).unwrap_or_default();
@@ -447,6 +448,7 @@ async fn reject_claim(
     operator(&s, &headers)?;
     let host = check_host(&host)?;
     write_registry(&s, move |r| r.drop_claim(&host, None)).await?;
+    note_claims(&s);
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -562,6 +564,7 @@ async fn claim_host(
         })
         .await?;
     }
+    note_claims(s);
     tracing::info!(%host, %provider, "host claimed: awaiting the operator's approval");
     let body = json!({
         "host": host,
@@ -588,6 +591,7 @@ async fn delete_origin(
     if let Some(host) = claimed {
         let provider = p.id.clone();
         write_registry(&s, move |r| r.drop_claim(&host, Some(&provider))).await?;
+        note_claims(&s);
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
     // Its purge of every copy leaves a ban on every edge, like any purge.
@@ -819,6 +823,11 @@ async fn series(
     })
     .await?;
     Ok(Json(body).into_response())
+}
+
+/// Export how many host claims await approval, after a change of them.
+fn note_claims(s: &ApiState) {
+    s.metrics.host_claims.set(s.registry.claim_count() as i64);
 }
 
 /// Run a registry write (a redb commit, and its fsync) on the blocking pool: the API has one

@@ -597,6 +597,11 @@ impl Registry {
         self.mem.read().claims.get(host).cloned()
     }
 
+    /// How many claims await approval.
+    pub fn claim_count(&self) -> usize {
+        self.mem.read().claims.len()
+    }
+
     /// Every claim awaiting approval, by host.
     pub fn claims(&self) -> Vec<Origin> {
         self.mem.read().claims.values().cloned().collect()
