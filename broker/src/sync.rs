@@ -226,21 +226,13 @@ impl EdgeSync {
 
     /// `PUT /<what>` with `body` on every edge's admin API.
     async fn push_all(&self, what: &str, body: &serde_json::Value) {
-        let pushes = (0..self.fleet.edges.len()).map(|i| async move {
-            self.push_to(i, what, body).await;
-        });
+        let pushes = (0..self.fleet.edges.len()).map(|i| self.push_to(i, what, body));
         futures::future::join_all(pushes).await;
     }
 
     /// `PUT /<what>` with `body` on edge `edge`'s admin API; the outcome: `ok`, `partial`
-    /// (origin rows left out), `rejected` or `unreachable`, and the edge's status (0 when it
-    /// did not answer).
-    async fn push_to(
-        &self,
-        edge: usize,
-        what: &str,
-        body: &serde_json::Value,
-    ) -> (&'static str, u16) {
+    /// (origin rows left out), `rejected` or `unreachable`.
+    async fn push_to(&self, edge: usize, what: &str, body: &serde_json::Value) -> &'static str {
         let e = &self.fleet.edges[edge];
         let r = self
             .client
@@ -249,7 +241,6 @@ impl EdgeSync {
             .json(body)
             .send()
             .await;
-        let status = r.as_ref().map_or(0, |resp| resp.status().as_u16());
         let outcome = match r {
             Ok(resp) if resp.status().is_success() && what == "origins" => {
                 match resp.json::<serde_json::Value>().await {
@@ -268,7 +259,7 @@ impl EdgeSync {
             .edge_pushes
             .with_label_values(&[what, outcome])
             .inc();
-        (outcome, status)
+        outcome
     }
 
     /// Record the origin rows edge `edge_id` left out, logged when the set of their hosts
@@ -708,21 +699,14 @@ impl EdgeSync {
         let (generation, queue) = r.pending(edge);
         // The origin table first: an edge back from a stop restored the table it last had,
         // which may route a host deleted (and registered again by another provider) since to
-        // its old origin. It is released only with the current one — unless it refuses that
-        // table for good (a 413: its body limit is below the table's size; a 400): then it
-        // would be held forever, while an edge that never missed a purge runs in the same
-        // state, in routing; its purges go on, and the refusals show in `edge_pushes`.
+        // its old origin. It is released only with the current one.
         let origins = self.origins_body();
-        let (pushed, status) = tokio::select! {
+        let pushed = tokio::select! {
             pushed = self.push_to(edge, "origins", &origins) => pushed,
             _ = &mut stop => return,
         };
-        if table_pending(pushed, status) {
+        if !matches!(pushed, "ok" | "partial") {
             return;
-        }
-        if pushed == "rejected" {
-            tracing::warn!(edge = %self.fleet.edges[edge].id, status,
-                "edge refuses the origin table for good: its missed purges are delivered without it");
         }
         let mut done = 0;
         for p in queue.iter().take(REDELIVERIES_PER_ROUND) {
@@ -795,13 +779,6 @@ const REDELIVERIES_PER_ROUND: usize = 1_000;
 /// again, so it is dropped.
 fn passing(status: u16) -> bool {
     status == 0 || status >= 500 || matches!(status, 401 | 403 | 408 | 429)
-}
-
-/// Whether a held edge's origin push (`outcome` and `status` of [`EdgeSync::push_to`]) keeps
-/// its missed purges waiting for a later round: it did not take the table, for a reason that
-/// may pass.
-fn table_pending(outcome: &str, status: u16) -> bool {
-    !matches!(outcome, "ok" | "partial") && passing(status)
 }
 
 impl Purge<'_> {
@@ -1075,46 +1052,6 @@ mod tests {
         assert!(!setup.health.is_up(0), "held until they pass");
         let queued: Vec<_> = redelivery.pending(0).1;
         assert_eq!(queued.len(), 3, "{queued:?}");
-    }
-
-    /// A held edge's round waits while the edge fails the origin push for a reason that may
-    /// pass (a 503), and delivers its purges, releasing it, once it refuses the table for
-    /// good (a 413): it would otherwise be held forever.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_edge_that_refuses_the_origin_table_for_good_still_gets_its_purges() {
-        use std::sync::atomic::{AtomicU16, Ordering};
-        let answer = Arc::new(AtomicU16::new(503));
-        let table_status = answer.clone();
-        let app = axum::Router::new()
-            .route(
-                "/origins",
-                put(move || async move {
-                    let status = table_status.load(Ordering::Acquire);
-                    axum::http::StatusCode::from_u16(status).unwrap()
-                }),
-            )
-            .route("/cache/{*key}", any(|| async { "purged" }));
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let edge = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let dir = tempfile::tempdir().unwrap();
-        let setup = Setup::new(dir.path(), &[edge]);
-        let redelivery = setup.redelivery();
-        redelivery.queue(
-            0,
-            PendingPurge::Target {
-                target: "a.com/x".into(),
-            },
-        );
-        let sync = Arc::new(setup.sync(redelivery.clone()));
-        let (_running, stop) = tokio::sync::watch::channel(false);
-        sync.redeliver_to(0, stop.clone()).await;
-        assert!(!setup.health.is_up(0), "held while the table may pass");
-        assert_eq!(redelivery.pending(0).1.len(), 1);
-        answer.store(413, Ordering::Release);
-        sync.redeliver_to(0, stop).await;
-        assert!(redelivery.edges_pending().is_empty());
-        assert!(setup.health.is_up(0));
     }
 
     /// A purge an edge confirms only after longer than the fan-out waits is confirmed by
