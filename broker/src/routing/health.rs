@@ -1,12 +1,15 @@
 //! Edge health: active HTTP probes of each edge's `/healthz` plus passive failure reports
 //! from the proxy. A passive failure marks an edge down at once (the next request must not
-//! wait for a probe); only probes bring it back, after `rise` consecutive successes. Each
-//! probe first resolves the edge's names again ([`super::Addresses`]).
+//! wait for a probe); only probes bring it back, after `rise` consecutive successes — more
+//! for an edge that keeps going down ([`FLAP_WINDOW`]): a crash-looping edge would otherwise
+//! come back between crashes and fail the requests sent to it each time. Each probe first
+//! resolves the edge's names again ([`super::Addresses`]).
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
@@ -28,9 +31,16 @@ pub struct Health {
     oks: Vec<AtomicU32>,
     /// Passive mark-downs so far: a probe that passed before one says nothing after it.
     downs: Vec<AtomicU64>,
+    /// When each edge last went from up to down, within [`FLAP_WINDOW`].
+    flaps: Vec<parking_lot::Mutex<VecDeque<Instant>>>,
     fall: u32,
     rise: u32,
 }
+
+/// How far back an edge's falls count towards holding it down longer.
+pub const FLAP_WINDOW: Duration = Duration::from_secs(300);
+/// Most times `rise` an edge that keeps falling must pass before it is up again.
+const MAX_RISE_FACTOR: u32 = 16;
 
 impl Health {
     /// All edges start up: a fresh broker routes at once, and probes correct it within one
@@ -42,6 +52,7 @@ impl Health {
             fails: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             oks: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             downs: (0..edges).map(|_| AtomicU64::new(0)).collect(),
+            flaps: (0..edges).map(|_| Default::default()).collect(),
             fall: fall.max(1),
             rise: rise.max(1),
         }
@@ -61,7 +72,39 @@ impl Health {
     pub fn mark_down(&self, edge: usize) -> bool {
         self.downs[edge].fetch_add(1, Ordering::AcqRel);
         self.oks[edge].store(0, Ordering::Release);
-        self.up[edge].swap(false, Ordering::AcqRel)
+        let was_up = self.up[edge].swap(false, Ordering::AcqRel);
+        if was_up {
+            self.fell(edge);
+        }
+        was_up
+    }
+
+    /// Edge `edge` went from up to down now.
+    fn fell(&self, edge: usize) {
+        let now = Instant::now();
+        let mut f = self.flaps[edge].lock();
+        while f
+            .front()
+            .is_some_and(|at| now.saturating_duration_since(*at) > FLAP_WINDOW)
+        {
+            f.pop_front();
+        }
+        if f.len() < 32 {
+            f.push_back(now);
+        }
+    }
+
+    /// Consecutive passes edge `edge` needs to come back: `rise`, doubled for each other
+    /// fall within [`FLAP_WINDOW`], at most [`MAX_RISE_FACTOR`] times `rise`.
+    pub fn rise_needed(&self, edge: usize) -> u32 {
+        let now = Instant::now();
+        let recent = self.flaps[edge]
+            .lock()
+            .iter()
+            .filter(|at| now.saturating_duration_since(**at) <= FLAP_WINDOW)
+            .count() as u32;
+        let factor = 1u32 << recent.saturating_sub(1).min(MAX_RISE_FACTOR.ilog2());
+        self.rise * factor
     }
 
     /// Taken when a probe of `edge` starts, for [`Self::probe_result`].
@@ -79,7 +122,7 @@ impl Health {
         if ok {
             self.fails[edge].store(0, Ordering::Release);
             let n = self.oks[edge].fetch_add(1, Ordering::AcqRel) + 1;
-            if n >= self.rise && !self.up[edge].swap(true, Ordering::AcqRel) {
+            if n >= self.rise_needed(edge) && !self.up[edge].swap(true, Ordering::AcqRel) {
                 // A mark-down between the check above and the swap wins.
                 if self.downs[edge].load(Ordering::Acquire) != started {
                     self.up[edge].store(false, Ordering::Release);
@@ -91,6 +134,7 @@ impl Health {
             self.oks[edge].store(0, Ordering::Release);
             let n = self.fails[edge].fetch_add(1, Ordering::AcqRel) + 1;
             if n >= self.fall && self.up[edge].swap(false, Ordering::AcqRel) {
+                self.fell(edge);
                 return Some(false);
             }
         }
@@ -330,6 +374,28 @@ mod tests {
         assert!(!h.is_up(0));
     }
 
+    /// An edge that keeps falling needs more passes each time before it is up again.
+    #[test]
+    fn a_flapping_edge_is_held_down_longer_each_time() {
+        let h = Health::new(1, 1, 2);
+        let mut needed = Vec::new();
+        for _ in 0..7 {
+            assert!(h.mark_down(0));
+            needed.push(h.rise_needed(0));
+            let mut passes = 0;
+            while !h.is_up(0) {
+                h.probe_result(0, true, h.probe_started(0));
+                passes += 1;
+            }
+            assert_eq!(passes, *needed.last().unwrap());
+        }
+        assert_eq!(needed, [2, 4, 8, 16, 32, 32, 32]);
+        // A mark-down of an edge already down is no new fall.
+        assert!(h.mark_down(0));
+        assert!(!h.mark_down(0));
+        assert_eq!(h.flaps[0].lock().len(), 8);
+    }
+
     /// A probe that passed before a passive mark-down (the edge crashed while the round's
     /// other probes ran) does not count towards bringing the edge back.
     #[test]
@@ -343,7 +409,9 @@ mod tests {
         assert_eq!(h.probe_result(0, true, after), Some(true));
         // A failure counts whenever it was measured.
         assert!(h.mark_down(0));
-        h.probe_result(0, true, h.probe_started(0));
+        while !h.is_up(0) {
+            h.probe_result(0, true, h.probe_started(0));
+        }
         let stale = h.probe_started(0) - 1;
         assert_eq!(h.probe_result(0, false, stale), None);
         assert_eq!(h.probe_result(0, false, stale), Some(false));
