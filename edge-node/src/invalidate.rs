@@ -134,13 +134,16 @@ pub async fn invalidate_named(
     origins: &OriginTable,
     target: &Target,
 ) -> Result<bool, PurgeError> {
-    let mut found = false;
+    let mut keyed = Ok(false);
     if let Target::Key(key) = target {
-        if let Some(keyed) = origins.normalize_key(key).filter(|k| k != key) {
-            found = invalidate(storage, shadows, metrics, &Target::Key(keyed)).await?;
+        if let Some(k) = origins.normalize_key(key).filter(|k| k != key) {
+            keyed = invalidate(storage, shadows, metrics, &Target::Key(k)).await;
         }
     }
-    Ok(invalidate(storage, shadows, metrics, target).await? || found)
+    // Both forms go whatever the first's outcome: a failure to make one durable must not
+    // leave the other in memory.
+    let named = invalidate(storage, shadows, metrics, target).await;
+    Ok(keyed? | named?)
 }
 
 /// Run a ban's durable write (an fsync, which a busy disk can stretch to seconds) off the

@@ -223,8 +223,10 @@ const PURGE_SLOTS: usize = 4096;
 /// answer (the edge's connect and read timeouts, a cache-lock wait); an answer that took
 /// longer is not cached.
 const RECENT_PURGE_WINDOW: Duration = Duration::from_secs(300);
-/// Longest a key purge waits for the disk tier to write its tombstone before answering.
-const SETTLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longest a key purge waits for the disk tier to write its tombstone before answering that
+/// it could not: within the broker's 3 s fan-out, so a purge behind a long flush backlog is
+/// answered as failed (and sent again) rather than not at all.
+const SETTLE_TIMEOUT: Duration = Duration::from_millis(2500);
 /// Key purges remembered at most (about 50 bytes each). Past it, a fetch that started before
 /// the oldest one dropped is not cached, whatever its key.
 const RECENT_PURGE_CAP: usize = 100_000;
@@ -367,7 +369,6 @@ impl FoyerStorage {
             self.tombstones.written(mark);
             Ok(())
         } else {
-            self.tombstones.timed_out(mark);
             Err(NotDurable {
                 key: primary_key.to_string(),
                 waited: SETTLE_TIMEOUT,
@@ -375,9 +376,9 @@ impl FoyerStorage {
         }
     }
 
-    /// Whether a key purge's tombstone is not yet known to be on disk (a [`Self::settle_purge`]
-    /// ran out since the last one that completed): then a purge of a key no longer held must
-    /// settle too — it may be the resend of the one that ran out.
+    /// Whether a key purge's tombstone is not yet known to be on disk (no wait that started
+    /// after it has completed): then a purge of a key no longer held must settle too — it may
+    /// be the resend of one that ran out, or a second purge of a key whose first still waits.
     pub fn tombstones_owed(&self) -> bool {
         self.tombstones.owed()
     }

@@ -3,23 +3,24 @@
 //! A key purge removes the object from memory at once and hands foyer a tombstone for the disk
 //! tier; until that is written, an edge that crashes would find the object on disk when it
 //! starts again and serve it. So a purge is answered only once the disk tier has written what
-//! was submitted before it ([`super::FoyerStorage::settle_purge`]). That wait is bounded: one
-//! that runs out reports the purge failed (the broker sends it again), and the tombstones it
-//! covered are owed until a later wait, started after them, completes. Until then every key
-//! purge waits again — also one of a key no longer held, which is what the broker's resend
-//! finds.
+//! was submitted before it ([`super::FoyerStorage::settle_purge`]). A tombstone is owed until
+//! a wait that started after it completes — while its own purge still waits, and after a wait
+//! that ran out (that purge is reported failed, and the broker sends it again). While any is
+//! owed, every key purge waits too, also one of a key no longer held: it may be the broker's
+//! resend, or a second purge of a key whose first purge is still waiting, and must not be
+//! answered as done before the first one's tombstone is written.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 
-/// Tombstones submitted, and the latest one not known to be written.
+/// Tombstones submitted, and how many of them a completed wait covered.
 #[derive(Debug, Default)]
 pub(crate) struct Tombstones {
     /// Tombstones submitted so far.
     submitted: AtomicU64,
-    /// The highest count of submitted tombstones a timed-out wait covered; 0 when none is owed.
-    owed: Mutex<u64>,
+    /// The most submitted tombstones a completed wait covered.
+    covered: Mutex<u64>,
 }
 
 impl Tombstones {
@@ -33,24 +34,16 @@ impl Tombstones {
         self.submitted.load(Ordering::Acquire)
     }
 
-    /// A wait that started at `mark` completed: the tombstones it covered are written, and with
-    /// them every owed one it covered.
+    /// A wait that started at `mark` completed: the tombstones it covered are written.
     pub(crate) fn written(&self, mark: u64) {
-        let mut owed = self.owed.lock();
-        if *owed <= mark {
-            *owed = 0;
-        }
-    }
-
-    /// A wait that started at `mark` ran out: its tombstones are owed.
-    pub(crate) fn timed_out(&self, mark: u64) {
-        let mut owed = self.owed.lock();
-        *owed = (*owed).max(mark);
+        let mut covered = self.covered.lock();
+        *covered = (*covered).max(mark);
     }
 
     /// Whether some tombstone is not known to be written.
     pub(crate) fn owed(&self) -> bool {
-        *self.owed.lock() > 0
+        let covered = *self.covered.lock();
+        self.submitted.load(Ordering::Acquire) > covered
     }
 }
 
@@ -59,14 +52,14 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_timed_out_wait_is_owed_until_a_later_wait_covers_it() {
+    fn a_tombstone_is_owed_until_a_wait_that_covers_it_completes() {
         let t = Tombstones::default();
         assert!(!t.owed());
         t.submit();
-        let first = t.mark();
-        t.timed_out(first);
+        // Its own purge is still waiting.
         assert!(t.owed());
-        // A wait that started before the owed tombstone was submitted says nothing of it.
+        let first = t.mark();
+        // A wait that started before it was submitted says nothing of it.
         t.written(first - 1);
         assert!(t.owed());
         t.submit();
@@ -82,12 +75,15 @@ mod tests {
         let early = t.mark();
         t.submit();
         let late = t.mark();
-        t.timed_out(late);
-        // The early wait completes after the late one gave up: the late tombstone may still
-        // be in the queue.
+        // The late wait ran out; the early one completes after it.
         t.written(early);
         assert!(t.owed());
         t.written(late);
         assert!(!t.owed());
+        t.written(early);
+        assert!(
+            !t.owed(),
+            "a late completion of an older wait takes nothing back"
+        );
     }
 }
