@@ -26,7 +26,7 @@ use serde_json::json;
 use super::limits::{ApiLimits, CallClass};
 use super::model::{
     check_host, check_path, check_public_host, check_upstream, EventBody, EventKind, Invalid,
-    NewProvider, OriginBody, OriginOptions, Provider, PurgeBody, ResourceBody,
+    NewProvider, Origin, OriginBody, OriginOptions, Provider, PurgeBody, ResourceBody,
     IMMEDIATE_SHADOW_PRIORITY,
 };
 use super::store::{Claim, Registry, RegistryError};
@@ -419,6 +419,13 @@ async fn approve_claim(
         .registry
         .claim(&host)
         .ok_or_else(|| RegistryError::NotFound(format!("claim on host {host}")))?;
+    let s2 = s.clone();
+    to_the_end(&s, async move { approve(s2, host, claim).await }).await
+}
+
+/// The rest of an approval, run to its end: the host's old copies purged, then the claim
+/// registered, pushed and counted.
+async fn approve(s: ApiState, host: String, claim: Origin) -> ApiResult {
     s.planner.forget_host(&host);
     let target = format!("{host}/*");
     let purged = s.sync.purge_everywhere(&target).await;
@@ -447,9 +454,13 @@ async fn reject_claim(
 ) -> ApiResult {
     operator(&s, &headers)?;
     let host = check_host(&host)?;
-    write_registry(&s, move |r| r.drop_claim(&host, None)).await?;
-    note_claims(&s);
-    Ok(StatusCode::NO_CONTENT.into_response())
+    let s2 = s.clone();
+    to_the_end(&s, async move {
+        write_registry(&s2, move |r| r.drop_claim(&host, None)).await?;
+        note_claims(&s2);
+        Ok(StatusCode::NO_CONTENT.into_response())
+    })
+    .await
 }
 
 async fn put_origin(
@@ -496,7 +507,7 @@ async fn put_origin(
     }
     let target = format!("{host}/*");
     let purged = if unregistered {
-        s.registry.check_origin_quota(&p.id)?;
+        s.registry.check_origin_quota(&p.id, &host)?;
         // The purge of the host's old copies leaves a ban on every edge, like any purge.
         within_budget(&s, CallClass::Purge, &p.id)?;
         // A previous owner's plans, should its delete have been cut short.
@@ -523,6 +534,8 @@ async fn put_origin(
         .await?
     };
     s.sync.origins_changed();
+    // A claim left from while approvals were on is settled by the registration.
+    note_claims(&s);
     let mut body = json!({
         "host": host,
         "upstream": upstream,
@@ -559,12 +572,17 @@ async fn claim_host(
     };
     {
         let (provider, host, upstream) = (provider.to_string(), host.clone(), upstream.clone());
-        write_registry(s, move |r| {
-            r.put_claim(&provider, &host, &upstream, options)
+        let s2 = s.clone();
+        to_the_end(s, async move {
+            write_registry(&s2, move |r| {
+                r.put_claim(&provider, &host, &upstream, options)
+            })
+            .await?;
+            note_claims(&s2);
+            Ok(())
         })
         .await?;
     }
-    note_claims(s);
     tracing::info!(%host, %provider, "host claimed: awaiting the operator's approval");
     let body = json!({
         "host": host,
@@ -584,31 +602,48 @@ async fn delete_origin(
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
     within_budget(&s, CallClass::Write, &p.id)?;
-    // A claim still awaiting approval is withdrawn: nothing was served, nothing to purge.
-    let claimed = check_host(&host)
-        .ok()
-        .filter(|h| !s.registry.has_origin(h) && s.registry.claim(h).is_some());
+    // The provider's claim still awaiting approval is withdrawn: nothing was served, nothing
+    // to purge. One approved meanwhile is deleted below, as any host.
+    let claimed = check_host(&host).ok().filter(|h| {
+        !s.registry.has_origin(h) && s.registry.claim(h).is_some_and(|c| c.provider == p.id)
+    });
     if let Some(host) = claimed {
-        let provider = p.id.clone();
-        write_registry(&s, move |r| r.drop_claim(&host, Some(&provider))).await?;
-        note_claims(&s);
-        return Ok(StatusCode::NO_CONTENT.into_response());
+        let (registry, provider) = (s.registry.clone(), p.id.clone());
+        let s2 = s.clone();
+        let withdrawn = to_the_end(&s, async move {
+            let dropped =
+                off_the_api_thread(move || registry.drop_claim(&host, Some(&provider))).await?;
+            note_claims(&s2);
+            Ok(dropped)
+        })
+        .await?;
+        match withdrawn {
+            Ok(()) => return Ok(StatusCode::NO_CONTENT.into_response()),
+            Err(RegistryError::NotFound(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     // Its purge of every copy leaves a ban on every edge, like any purge.
     within_budget(&s, CallClass::Purge, &p.id)?;
     let host = check_host(&host)?;
+    let s2 = s.clone();
+    to_the_end(&s, async move { delete_host(s2, p.id, host).await }).await
+}
+
+/// The rest of `DELETE /v1/origins/{host}`, run to its end: the registry row, then the
+/// host's plans, history and copies on every edge.
+async fn delete_host(s: ApiState, provider: String, host: String) -> ApiResult {
     {
-        let (provider, host) = (p.id.clone(), host.clone());
+        let host = host.clone();
         write_registry(&s, move |r| r.delete_origin(&provider, &host)).await?;
     }
     s.sync.origins_changed();
-    // The host's plans go first, at once: a caller hanging up during the fan-out must not
-    // leave them.
+    // The host's plans go first, at once.
     s.planner.forget_host(&host);
-    // Its history goes in a task started before the purge and running whatever the caller
-    // does (the store may be held by a snapshot for a while). Should it end after someone
-    // registered the host again, what it erased is that provider's first seconds; the
-    // series API shows nobody what was recorded before their registration anyway.
+    // Its history goes in a task started before the purge (the store may be held by a
+    // snapshot for a while). Should it end after someone registered the host again, what it
+    // erased is that provider's first seconds; the series API shows nobody what was
+    // recorded before their registration anyway.
     let (store, prefix) = (s.series.clone(), format!("{host}/"));
     let forgotten = off_the_api_thread(move || store.write().forget_prefix(&prefix));
     // The edges' copies go with the host: whoever registers it next must not be served this
@@ -823,6 +858,25 @@ async fn series(
     })
     .await?;
     Ok(Json(body).into_response())
+}
+
+/// Run `work` to its end even if the caller hangs up (axum then drops the handler's
+/// future): the steps after a registry write — a deleted host's purge, plans and history, the
+/// origin push, the claims gauge — must not stop between them. A graceful stop waits for it.
+async fn to_the_end<T: Send + 'static>(
+    s: &ApiState,
+    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    let working = s.inflight.enter();
+    tokio::spawn(async move {
+        let _working = working;
+        work.await
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "API task failed");
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    })?
 }
 
 /// Export how many host claims await approval, after a change of them.

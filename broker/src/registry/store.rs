@@ -419,7 +419,7 @@ impl Registry {
                     )))
                 }
                 None => {
-                    self.origin_quota(&m, provider)?;
+                    self.origin_quota(&m, provider, host)?;
                     None
                 }
             }
@@ -517,19 +517,21 @@ impl Registry {
         })
     }
 
-    /// Whether `provider` may register one more host (`Conflict` at its quota): asked before
-    /// the work a new host sets off (purging its old copies on every edge) is done in vain.
-    pub fn check_origin_quota(&self, provider: &str) -> Result<(), RegistryError> {
-        self.origin_quota(&self.mem.read(), provider)
+    /// Whether `provider` may register `host` as one more host (`Conflict` at its quota):
+    /// asked before the work a new host sets off (purging its old copies on every edge) is
+    /// done in vain.
+    pub fn check_origin_quota(&self, provider: &str, host: &str) -> Result<(), RegistryError> {
+        self.origin_quota(&self.mem.read(), provider, host)
     }
 
-    fn origin_quota(&self, m: &Memory, provider: &str) -> Result<(), RegistryError> {
-        // A claim awaiting approval counts: approving it must not exceed the quota.
+    fn origin_quota(&self, m: &Memory, provider: &str, host: &str) -> Result<(), RegistryError> {
+        // A claim awaiting approval counts (approving it must not exceed the quota), except
+        // the provider's own claim on this very host, which the registration settles.
         let held = m
             .origins
             .values()
             .chain(m.claims.values())
-            .filter(|o| o.provider == provider)
+            .filter(|o| o.provider == provider && o.host != host)
             .count();
         if held >= self.max_origins_per_provider {
             return Err(RegistryError::Conflict(format!(
@@ -571,7 +573,7 @@ impl Registry {
                     )))
                 }
                 Some(_) => {}
-                None => self.origin_quota(&m, provider)?,
+                None => self.origin_quota(&m, provider, host)?,
             }
         }
         let claim = Origin {
@@ -964,6 +966,26 @@ mod tests {
         assert!(Registry::open(&path).unwrap().claims().is_empty());
     }
 
+    /// With approvals off again, a provider at its quota can still register the host it
+    /// claimed (its claim is not one more host), and the registration settles the claim.
+    #[test]
+    fn a_claim_is_settled_by_registering_its_host() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("r.redb"))
+            .unwrap()
+            .with_max_origins_per_provider(1);
+        let a = reg.create_provider("a").unwrap().0.id;
+        let up = "http://127.0.0.1:1";
+        reg.put_claim(&a, "c.com", up, OriginOptions::default())
+            .unwrap();
+        reg.check_origin_quota(&a, "c.com").unwrap();
+        assert!(reg.check_origin_quota(&a, "d.com").is_err());
+        assert!(reg
+            .put_origin(&a, "c.com", up, OriginOptions::default(), Claim::New)
+            .unwrap());
+        assert_eq!((reg.claim_count(), reg.origins().len()), (0, 1));
+    }
+
     #[test]
     fn two_providers_claiming_one_host_at_once_leave_one_owner_on_disk_and_in_memory() {
         let dir = tempfile::tempdir().unwrap();
@@ -1079,7 +1101,7 @@ mod tests {
         ));
         // The API asks first, before it purges a new host's old copies from every edge.
         assert!(matches!(
-            reg.check_origin_quota(&p.id),
+            reg.check_origin_quota(&p.id, "new.com"),
             Err(RegistryError::Conflict(_))
         ));
         reg.put_resource(res("r1", &p.id, "b.com")).unwrap();

@@ -100,13 +100,20 @@ impl Fleet {
         self.edge_region[edge]
     }
 
-    /// Usable edges of `region` in `role` for `key`, best first: up, and not in `failed`.
+    /// Usable edges of `region` in `role` for `key`, best first: up, not in `failed`, and
+    /// with a proxy address (a name that never resolved has none; such an edge must not keep
+    /// its region's standby out of the plan).
     fn ranked(&self, region: usize, role: Role, key: &str, usable: &Usable<'_>) -> Vec<usize> {
         rendezvous::rank(
             self.edges
                 .iter()
                 .enumerate()
-                .filter(|(i, e)| self.edge_region[*i] == region && e.role == role && usable.is(*i))
+                .filter(|(i, e)| {
+                    self.edge_region[*i] == region
+                        && e.role == role
+                        && usable.is(*i)
+                        && self.addresses.get(*i).proxy.is_some()
+                })
                 .map(|(i, e)| (i, e.id.as_str(), e.weight)),
             key,
         )
