@@ -306,6 +306,8 @@ impl Handler {
                 return;
             }
         };
+        // The endpoint took its certificate: a broker or a peer of this cluster.
+        handshake.authenticated();
         drop(handshake);
         let role = if peer_is(&conn, BROKER_NAME) {
             Role::Broker
