@@ -78,16 +78,7 @@ pub async fn invalidate(
     target: &Target,
 ) -> Result<bool, PurgeError> {
     match target {
-        Target::Key(key) => {
-            let found = shadow::purge(storage, shadows, key).await;
-            let outcome = match found {
-                Ok(true) => "purged",
-                Ok(false) => "not_found",
-                Err(_) => "error",
-            };
-            metrics.purges.with_label_values(&["key", outcome]).inc();
-            Ok(found?)
-        }
+        Target::Key(key) => purge_keys(storage, shadows, metrics, &[key]).await,
         Target::Prefix(prefix) => match off_runtime({
             let prefix = prefix.clone();
             move || storage.purge_prefix(&prefix)
@@ -134,16 +125,30 @@ pub async fn invalidate_named(
     origins: &OriginTable,
     target: &Target,
 ) -> Result<bool, PurgeError> {
-    let mut keyed = Ok(false);
     if let Target::Key(key) = target {
-        if let Some(k) = origins.normalize_key(key).filter(|k| k != key) {
-            keyed = invalidate(storage, shadows, metrics, &Target::Key(k)).await;
+        if let Some(keyed) = origins.normalize_key(key).filter(|k| k != key) {
+            // Both forms in one purge: out of memory at once, then one wait for the disk tier.
+            return purge_keys(storage, shadows, metrics, &[&keyed, key]).await;
         }
     }
-    // Both forms go whatever the first's outcome: a failure to make one durable must not
-    // leave the other in memory.
-    let named = invalidate(storage, shadows, metrics, target).await;
-    Ok(keyed? | named?)
+    invalidate(storage, shadows, metrics, target).await
+}
+
+/// Purge `keys` (the forms of one URL), counted as one key purge.
+async fn purge_keys(
+    storage: &'static FoyerStorage,
+    shadows: &ShadowTable,
+    metrics: &EdgeMetrics,
+    keys: &[&str],
+) -> Result<bool, PurgeError> {
+    let found = shadow::purge(storage, shadows, keys).await;
+    let outcome = match found {
+        Ok(true) => "purged",
+        Ok(false) => "not_found",
+        Err(_) => "error",
+    };
+    metrics.purges.with_label_values(&["key", outcome]).inc();
+    Ok(found?)
 }
 
 /// Run a ban's durable write (an fsync, which a busy disk can stretch to seconds) off the

@@ -619,7 +619,9 @@ async fn delete_origin(
         .await?;
         match withdrawn {
             Ok(()) => return Ok(StatusCode::NO_CONTENT.into_response()),
-            Err(RegistryError::NotFound(_)) => {}
+            // Approved (or rejected and claimed by another) meanwhile: the normal delete
+            // answers, without revealing another provider's claim.
+            Err(RegistryError::NotFound(_) | RegistryError::Forbidden(_)) => {}
             Err(e) => return Err(e.into()),
         }
     }

@@ -292,7 +292,7 @@ async fn purge_stale(
     key: &str,
     why: &'static str,
 ) {
-    if let Err(e) = super::purge(storage, table, key).await {
+    if let Err(e) = super::purge(storage, table, &[key]).await {
         // Gone from memory; the next key purge waits for the tombstone again.
         tracing::warn!(error = %e, why, "purge of a copy a refresh did not replace");
     }
@@ -675,7 +675,7 @@ impl ShadowService {
                 let replace_all = req.refresh && storage.varies(&req.key).await;
                 if replace_all {
                     storage.invalidate_key(&req.key);
-                    if let Err(e) = storage.settle_purge(&req.key).await {
+                    if let Err(e) = storage.settle_purge(&[&req.key]).await {
                         // The old variants are gone from memory; the next purge of any key
                         // waits for their tombstones again.
                         tracing::warn!(error = %e, "refresh of variants");

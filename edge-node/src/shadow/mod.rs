@@ -115,19 +115,23 @@ pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Optio
     Some(m)
 }
 
-/// Purge `key`'s object (every variant) and end its mark (reported removed); whether either
-/// was there. Returns once the purge is final: its tombstone is written to the disk tier and
-/// no lookup can bring the object back — or an error when the disk tier did not write it in
-/// time (the purge holds in memory; it must be asked again to be final).
+/// Purge the objects of `keys` (every variant) and end their marks (reported removed);
+/// whether any was there. Returns once the purge is final: the tombstones are written to the
+/// disk tier (one wait for all the keys) and no lookup can bring the objects back — or an
+/// error when the disk tier did not write them in time (the purge holds in memory; it must
+/// be asked again to be final).
 pub async fn purge(
     storage: &FoyerStorage,
     table: &ShadowTable,
-    key: &str,
+    keys: &[&str],
 ) -> Result<bool, NotDurable> {
-    // Both, whatever the first finds.
-    let found = storage.invalidate_key(key) | table.remove(key).is_some();
+    let mut found = false;
+    for key in keys {
+        // Both, whatever the first finds.
+        found |= storage.invalidate_key(key) | table.remove(key).is_some();
+    }
     if found || storage.tombstones_owed() {
-        storage.settle_purge(key).await?;
+        storage.settle_purge(keys).await?;
     }
     Ok(found)
 }

@@ -357,20 +357,24 @@ impl FoyerStorage {
     /// put it back in memory. A wait that runs out is an error: the purge holds in memory,
     /// but a crash now would bring the object back from disk, so it must be asked again
     /// (and every key purge waits until a wait covers it: [`Self::tombstones_owed`]).
-    pub async fn settle_purge(&self, primary_key: &str) -> Result<(), NotDurable> {
+    /// One wait settles several keys purged together (a URL's two key forms), so their
+    /// answer comes within one wait, not one per key.
+    pub async fn settle_purge(&self, primary_keys: &[&str]) -> Result<(), NotDurable> {
         let mark = self.tombstones.mark();
         // The wait covers every flusher's backlog; under a heavy fill load the answer must
         // not outlast the caller's deadline (the purge itself already holds in memory).
         let written = tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
             .await
             .is_ok();
-        self.cache.memory().remove(&primary_hash(primary_key));
+        for key in primary_keys {
+            self.cache.memory().remove(&primary_hash(key));
+        }
         if written {
             self.tombstones.written(mark);
             Ok(())
         } else {
             Err(NotDurable {
-                key: primary_key.to_string(),
+                key: primary_keys.join(" "),
                 waited: SETTLE_TIMEOUT,
             })
         }
@@ -405,7 +409,11 @@ impl FoyerStorage {
         // that either started after the purge or is refused by `purged_during`.
         self.recent.record(hash, Instant::now());
         let removed = self.remove(hash);
-        self.tombstones.submit();
+        // Only a purge that removed something has a tombstone to wait for; one of a key not
+        // held answers at once unless another purge's tombstone is still owed.
+        if removed || held {
+            self.tombstones.submit();
+        }
         removed || held
     }
 
@@ -1401,7 +1409,7 @@ mod tests {
                 })
                 .collect();
             assert!(s.invalidate_key(&name));
-            s.settle_purge(&name).await.unwrap();
+            s.settle_purge(&[&name]).await.unwrap();
             for r in readers {
                 r.await.unwrap();
             }

@@ -3,25 +3,30 @@
 //! slot busy with handshakes it never finishes and lock the broker and peers out: slots are
 //! capped per source as well as in total, and each handshake is given a deadline. A source
 //! is an IPv4 address or an IPv6 /64: one host is usually given a whole /64, and could
-//! otherwise take every slot from addresses of its own. Addresses that have completed a
-//! handshake with a cluster certificate (the broker, peer edges) are remembered: they are
-//! held to neither that per-source cap nor the last [`RESERVED_FOR_KNOWN`] slots, so a host
-//! sharing the broker's /64, or a flood from elsewhere, cannot lock the fleet out.
+//! otherwise take every slot from addresses of its own. Addresses that completed a handshake
+//! with a cluster certificate (the broker, peer edges) within [`KNOWN_FOR`] are held to a cap
+//! of their own exact address instead of their source's, and may take the last
+//! [`RESERVED_FOR_KNOWN`] slots, so a host sharing the broker's /64, or a flood from
+//! elsewhere, cannot lock the fleet out once it has connected. They are remembered in memory:
+//! after the edge restarts, the fleet's first handshakes are held to the caps of strangers.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Handshakes in progress at once. A cluster's broker and peers connect once and stay
 /// connected, far below this.
 pub const MAX_HANDSHAKES: usize = 128;
-/// Handshakes in progress from one source ([`source_of`]): a broker or a peer opens one
-/// connection.
+/// Handshakes in progress from one source ([`source_of`]), or from one exact address known to
+/// the fleet: a broker or a peer opens one connection.
 pub const MAX_HANDSHAKES_PER_ADDRESS: usize = 8;
-/// Slots only addresses that completed a handshake before may take.
+/// Slots only addresses known to the fleet may take.
 pub const RESERVED_FOR_KNOWN: usize = 16;
-/// Addresses remembered as having completed a handshake (the fleet, many times over).
+/// How long an address stays known after its last completed handshake: a pod address reused
+/// by a stranger later is not trusted for long.
+pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
+/// Addresses remembered at most (the fleet, many times over).
 const KNOWN_ADDRESSES: usize = 1024;
 /// Longest a handshake may take before its slot is freed (loopback or a data centre
 /// completes one in milliseconds).
@@ -30,10 +35,26 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
 #[derive(Default)]
 struct Taken {
     total: usize,
+    /// Handshakes in progress by source ([`source_of`]).
+    by_source: HashMap<IpAddr, usize>,
+    /// Handshakes in progress by exact address.
     by_address: HashMap<IpAddr, usize>,
-    /// Exact addresses that completed a handshake, oldest first.
-    known: HashSet<IpAddr>,
-    known_order: VecDeque<IpAddr>,
+    /// Addresses that completed a handshake, and when they last did.
+    known: HashMap<IpAddr, Instant>,
+}
+
+impl Taken {
+    fn count(map: &mut HashMap<IpAddr, usize>, key: IpAddr, up: bool) {
+        let n = map.entry(key).or_default();
+        if up {
+            *n += 1;
+        } else {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&key);
+            }
+        }
+    }
 }
 
 /// The source a handshake from `ip` counts against: the IPv4 address (also when written as
@@ -55,47 +76,52 @@ pub struct HandshakeSlots(Arc<parking_lot::Mutex<Taken>>);
 /// One handshake's slot, freed when dropped.
 pub struct Slot {
     slots: HandshakeSlots,
-    /// The source it counts against ([`source_of`]).
-    ip: IpAddr,
     /// The exact address.
     from: IpAddr,
 }
 
 impl HandshakeSlots {
-    /// A slot for a handshake from `from`, unless the endpoint or that source is at its
-    /// limit (an address known to the fleet is held only to the endpoint's).
+    /// A slot for a handshake from `from`, unless the endpoint or its source (for an address
+    /// known to the fleet: the address itself) is at its limit.
     pub fn admit(&self, from: IpAddr) -> Option<Slot> {
-        let ip = source_of(from);
+        let now = Instant::now();
+        let source = source_of(from);
         let mut t = self.0.lock();
-        let from_ip = t.by_address.get(&ip).copied().unwrap_or(0);
-        let full = if t.known.contains(&from) {
+        let known = t
+            .known
+            .get(&from)
+            .is_some_and(|at| now.saturating_duration_since(*at) < KNOWN_FOR);
+        let full = if known {
             t.total >= MAX_HANDSHAKES
+                || t.by_address.get(&from).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_ADDRESS
         } else {
-            t.total >= MAX_HANDSHAKES - RESERVED_FOR_KNOWN || from_ip >= MAX_HANDSHAKES_PER_ADDRESS
+            t.total >= MAX_HANDSHAKES - RESERVED_FOR_KNOWN
+                || t.by_source.get(&source).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_ADDRESS
         };
         if full {
             return None;
         }
         t.total += 1;
-        t.by_address.insert(ip, from_ip + 1);
+        Taken::count(&mut t.by_source, source, true);
+        Taken::count(&mut t.by_address, from, true);
         Some(Slot {
             slots: self.clone(),
-            ip,
             from,
         })
     }
 }
 
 impl Slot {
-    /// The handshake completed with a cluster certificate: its address is the fleet's.
+    /// The handshake completed with a cluster certificate: its address is the fleet's for
+    /// [`KNOWN_FOR`] from now.
     pub fn authenticated(&self) {
+        let now = Instant::now();
         let mut t = self.slots.0.lock();
-        if t.known.insert(self.from) {
-            t.known_order.push_back(self.from);
-            if t.known_order.len() > KNOWN_ADDRESSES {
-                if let Some(old) = t.known_order.pop_front() {
-                    t.known.remove(&old);
-                }
+        t.known.insert(self.from, now);
+        if t.known.len() > KNOWN_ADDRESSES {
+            let oldest = t.known.iter().min_by_key(|(_, at)| **at).map(|(a, _)| *a);
+            if let Some(a) = oldest {
+                t.known.remove(&a);
             }
         }
     }
@@ -105,12 +131,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut t = self.slots.0.lock();
         t.total -= 1;
-        if let Some(n) = t.by_address.get_mut(&self.ip) {
-            *n -= 1;
-            if *n == 0 {
-                t.by_address.remove(&self.ip);
-            }
-        }
+        Taken::count(&mut t.by_source, source_of(self.from), false);
+        Taken::count(&mut t.by_address, self.from, false);
     }
 }
 
@@ -134,7 +156,8 @@ mod tests {
             slots.admit(greedy).is_some(),
             "freed when the handshakes end"
         );
-        assert!(slots.0.lock().by_address.is_empty());
+        let t = slots.0.lock();
+        assert!(t.by_address.is_empty() && t.by_source.is_empty());
     }
 
     #[test]
@@ -180,6 +203,20 @@ mod tests {
             MAX_HANDSHAKES - RESERVED_FOR_KNOWN
         );
         let held: Vec<Slot> = std::iter::from_fn(|| slots.admit(broker)).collect();
-        assert_eq!(held.len(), RESERVED_FOR_KNOWN);
+        assert_eq!(
+            held.len(),
+            MAX_HANDSHAKES_PER_ADDRESS,
+            "capped as one address"
+        );
+        let peer: IpAddr = "192.0.2.9".parse().unwrap();
+        slots.0.lock().known.insert(peer, Instant::now());
+        let more: Vec<Slot> = std::iter::from_fn(|| slots.admit(peer)).collect();
+        assert_eq!(more.len(), RESERVED_FOR_KNOWN - MAX_HANDSHAKES_PER_ADDRESS);
+        // Known long ago is a stranger again.
+        let stale: IpAddr = "192.0.2.10".parse().unwrap();
+        if let Some(at) = Instant::now().checked_sub(KNOWN_FOR + Duration::from_secs(1)) {
+            slots.0.lock().known.insert(stale, at);
+            assert!(slots.admit(stale).is_none(), "the stranger slots are full");
+        }
     }
 }
