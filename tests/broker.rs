@@ -819,10 +819,23 @@ async fn a_new_host_is_served_only_once_the_operator_approves_it() {
         "not served while it awaits approval"
     );
 
-    let approve = format!("/v1/host-claims/{HOST}/approve");
-    let (s, v) = operator(Method::POST, &approve).await;
-    assert_eq!(s, StatusCode::CREATED, "{v}");
+    // The operator's CLI lists and approves.
+    let cli = |args: &[&str]| {
+        let out = shadowcdn_tests::Binary::get("broker")
+            .command()
+            .args(["api", "--api", &c.broker.api(""), "--token", OPERATOR_TOKEN])
+            .args(args)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        serde_json::from_str::<Value>(&stdout).unwrap()
+    };
+    assert_eq!(cli(&["host-claims"])["claims"][0]["host"], HOST);
+    let v = cli(&["approve-host", HOST]);
     assert_eq!(v["upstream"], upstream["upstream"], "{v}");
+    let approve = format!("/v1/host-claims/{HOST}/approve");
     wait_until(|| async { c.get("/claimed.js", "eu").await.status() == StatusCode::OK }).await;
     let (s, _) = operator(Method::POST, &approve).await;
     assert_eq!(s, StatusCode::NOT_FOUND, "approved once");

@@ -75,8 +75,20 @@ enum Call {
         #[arg(long = "cache-key-ignore-query", value_name = "NAME")]
         cache_key_ignore_query: Vec<String>,
     },
-    /// List your origins.
+    /// List your origins (and your hosts awaiting approval).
     Origins,
+    /// List hosts awaiting the operator's approval (operator token).
+    HostClaims,
+    /// Approve the claim on a host: it is registered and served (operator token).
+    ApproveHost {
+        /// Host.
+        host: String,
+    },
+    /// Reject the claim on a host (operator token).
+    RejectHost {
+        /// Host.
+        host: String,
+    },
     /// Register a resource.
     AddResource {
         /// Host.
@@ -216,6 +228,17 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             )
         }
         Call::Origins => (reqwest::Method::GET, "/v1/origins".into(), None),
+        Call::HostClaims => (reqwest::Method::GET, "/v1/host-claims".into(), None),
+        Call::ApproveHost { host } => (
+            reqwest::Method::POST,
+            format!("/v1/host-claims/{}/approve", segment(&host)),
+            None,
+        ),
+        Call::RejectHost { host } => (
+            reqwest::Method::DELETE,
+            format!("/v1/host-claims/{}", segment(&host)),
+            None,
+        ),
         Call::AddResource {
             host,
             path,
