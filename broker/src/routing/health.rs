@@ -193,8 +193,10 @@ impl HealthChecker {
                 .enumerate()
                 .filter(move |(i, e)| self.fleet.edge_region(*i) == region && e.role == role)
         };
-        !in_region(Role::Active).any(|(i, _)| self.health.is_up(i))
-            && in_region(Role::Standby).any(|(i, _)| self.health.is_up(i))
+        // As routing sees them: up, with a proxy address.
+        let usable = |i: usize| self.health.is_up(i) && self.fleet.addresses.get(i).proxy.is_some();
+        !in_region(Role::Active).any(|(i, _)| usable(i))
+            && in_region(Role::Standby).any(|(i, _)| usable(i))
     }
 
     /// Probe edge `i` every interval, on its own schedule: an edge whose probes wait out
