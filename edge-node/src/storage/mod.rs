@@ -1379,6 +1379,26 @@ mod tests {
         assert_eq!(resurrected, 0, "rounds in which v1 came back");
     }
 
+    /// Only a purge that removed something owes a tombstone, until a wait that started after
+    /// it completes: a purge of a key the edge does not hold has nothing to wait for.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn only_a_purge_that_removed_something_waits_for_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        assert!(!s.invalidate_key("h/absent"));
+        assert!(!s.tombstones_owed());
+        let key = CacheKey::new("h/held", "");
+        let hash = hash_of(key.combined_bin());
+        assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+        assert!(s.invalidate_key("h/held"));
+        assert!(s.tombstones_owed(), "until its wait completes");
+        // A purge that finds nothing meanwhile must still wait for the first's tombstone.
+        assert!(!s.invalidate_key("h/absent"));
+        assert!(s.tombstones_owed());
+        s.settle_purge(&["h/held"]).await.unwrap();
+        assert!(!s.tombstones_owed());
+    }
+
     /// A purge while lookups keep reading the object from disk and foyer's write queue: once
     /// the purge is settled, no lookup finds the object, in memory or on disk.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
