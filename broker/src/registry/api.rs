@@ -419,8 +419,7 @@ async fn approve_claim(
         .registry
         .claim(&host)
         .ok_or_else(|| RegistryError::NotFound(format!("claim on host {host}")))?;
-    let s2 = s.clone();
-    to_the_end(&s, async move { approve(s2, host, claim).await }).await
+    to_the_end(&s, |s| approve(s, host, claim)).await
 }
 
 /// The rest of an approval, run to its end: the host's old copies purged, then the claim
@@ -437,8 +436,7 @@ async fn approve(s: ApiState, host: String, claim: Origin) -> ApiResult {
     s.sync.origins_changed();
     tracing::info!(%host, provider = %origin.provider, "host claim approved");
     let mut body = serde_json::to_value(&origin).unwrap_or_default();
-    let status = if purged.iter().any(|r| !r.ok) {
-        body["purge"] = json!({ "target": target, "edges": purged });
+    let status = if with_missed_purge(&mut body, &target, &purged) {
         StatusCode::MULTI_STATUS
     } else {
         StatusCode::CREATED
@@ -454,10 +452,9 @@ async fn reject_claim(
 ) -> ApiResult {
     operator(&s, &headers)?;
     let host = check_host(&host)?;
-    let s2 = s.clone();
-    to_the_end(&s, async move {
-        write_registry(&s2, move |r| r.drop_claim(&host, None)).await?;
-        note_claims(&s2);
+    to_the_end(&s, |s| async move {
+        write_registry(&s, move |r| r.drop_claim(&host, None)).await?;
+        note_claims(&s);
         Ok(StatusCode::NO_CONTENT.into_response())
     })
     .await
@@ -543,8 +540,7 @@ async fn put_origin(
         "strip_set_cookie": req.strip_set_cookie,
         "cache_key_ignore_query": req.cache_key_ignore_query,
     });
-    let status = if purged.iter().any(|r| !r.ok) {
-        body["purge"] = json!({ "target": target, "edges": purged });
+    let status = if with_missed_purge(&mut body, &target, &purged) {
         StatusCode::MULTI_STATUS
     } else if created {
         StatusCode::CREATED
@@ -572,13 +568,12 @@ async fn claim_host(
     };
     {
         let (provider, host, upstream) = (provider.to_string(), host.clone(), upstream.clone());
-        let s2 = s.clone();
-        to_the_end(s, async move {
-            write_registry(&s2, move |r| {
+        to_the_end(s, |s| async move {
+            write_registry(&s, move |r| {
                 r.put_claim(&provider, &host, &upstream, options)
             })
             .await?;
-            note_claims(&s2);
+            note_claims(&s);
             Ok(())
         })
         .await?;
@@ -608,12 +603,12 @@ async fn delete_origin(
         !s.registry.has_origin(h) && s.registry.claim(h).is_some_and(|c| c.provider == p.id)
     });
     if let Some(host) = claimed {
-        let (registry, provider) = (s.registry.clone(), p.id.clone());
-        let s2 = s.clone();
-        let withdrawn = to_the_end(&s, async move {
+        let provider = p.id.clone();
+        let withdrawn = to_the_end(&s, |s| async move {
+            let registry = s.registry.clone();
             let dropped =
                 off_the_api_thread(move || registry.drop_claim(&host, Some(&provider))).await?;
-            note_claims(&s2);
+            note_claims(&s);
             Ok(dropped)
         })
         .await?;
@@ -628,8 +623,7 @@ async fn delete_origin(
     // Its purge of every copy leaves a ban on every edge, like any purge.
     within_budget(&s, CallClass::Purge, &p.id)?;
     let host = check_host(&host)?;
-    let s2 = s.clone();
-    to_the_end(&s, async move { delete_host(s2, p.id, host).await }).await
+    to_the_end(&s, |s| delete_host(s, p.id, host)).await
 }
 
 /// The rest of `DELETE /v1/origins/{host}`, run to its end: the registry row, then the
@@ -864,21 +858,33 @@ async fn series(
 
 /// Run `work` to its end even if the caller hangs up (axum then drops the handler's
 /// future): the steps after a registry write — a deleted host's purge, plans and history, the
-/// origin push, the claims gauge — must not stop between them. A graceful stop waits for it.
-async fn to_the_end<T: Send + 'static>(
-    s: &ApiState,
-    work: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
-) -> Result<T, ApiError> {
-    let working = s.inflight.enter();
-    tokio::spawn(async move {
-        let _working = working;
-        work.await
-    })
-    .await
-    .map_err(|e| {
-        tracing::error!(error = %e, "API task failed");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    })?
+/// origin push, the claims gauge — must not stop between them. A graceful stop waits for it
+/// ([`edge_node::drain::detached`]); `work` is given its own copy of the state.
+async fn to_the_end<T, W>(s: &ApiState, work: impl FnOnce(ApiState) -> W) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    W: std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+{
+    edge_node::drain::detached(&s.inflight, work(s.clone()))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "API task failed");
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?
+}
+
+/// Whether some edge missed the purge of a new host's old copies; if so, `body` names them
+/// under `purge` (answered 207).
+fn with_missed_purge(
+    body: &mut serde_json::Value,
+    target: &str,
+    purged: &[crate::sync::EdgeResult],
+) -> bool {
+    let missed = purged.iter().any(|r| !r.ok);
+    if missed {
+        body["purge"] = json!({ "target": target, "edges": purged });
+    }
+    missed
 }
 
 /// Export how many host claims await approval, after a change of them.

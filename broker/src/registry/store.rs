@@ -208,6 +208,25 @@ fn random_hex(bytes: usize) -> String {
     hex::encode(b)
 }
 
+/// The row of `host`, served by `provider` from `upstream`.
+fn origin_row(
+    provider: &str,
+    host: &str,
+    upstream: &str,
+    options: OriginOptions,
+    registered_at_ms: u64,
+) -> Origin {
+    Origin {
+        host: host.to_string(),
+        upstream: upstream.to_string(),
+        provider: provider.to_string(),
+        forward_host: options.forward_host,
+        strip_set_cookie: options.strip_set_cookie,
+        cache_key_ignore_query: options.cache_key_ignore_query,
+        registered_at_ms,
+    }
+}
+
 fn load_table<T: DeserializeOwned>(
     txn: &redb::ReadTransaction,
     def: TableDefinition<&str, &[u8]>,
@@ -328,6 +347,18 @@ impl Registry {
         Ok(())
     }
 
+    fn remove_row(
+        w: &redb::WriteTransaction,
+        def: TableDefinition<&str, &[u8]>,
+        key: &str,
+    ) -> Result<(), RegistryError> {
+        w.open_table(def)
+            .map_err(store_err)?
+            .remove(key)
+            .map_err(store_err)?;
+        Ok(())
+    }
+
     /// Create a provider; returns it and its bearer token (shown once, stored hashed).
     pub fn create_provider(&self, name: &str) -> Result<(Provider, String), RegistryError> {
         let _writer = self.writer.lock();
@@ -425,23 +456,13 @@ impl Registry {
             }
         };
         let created = registered_at_ms.is_none();
-        let origin = Origin {
-            host: host.to_string(),
-            upstream: upstream.to_string(),
-            provider: provider.to_string(),
-            forward_host: options.forward_host,
-            strip_set_cookie: options.strip_set_cookie,
-            cache_key_ignore_query: options.cache_key_ignore_query,
-            registered_at_ms: registered_at_ms.unwrap_or_else(crate::clock::wall_ms),
-        };
+        let registered_at_ms = registered_at_ms.unwrap_or_else(crate::clock::wall_ms);
+        let origin = origin_row(provider, host, upstream, options, registered_at_ms);
         // A claim left from while approvals were on is settled by the registration.
         self.write(|w| {
             Self::put_json(w, ORIGINS, host, &origin)?;
             if created {
-                w.open_table(HOST_CLAIMS)
-                    .map_err(store_err)?
-                    .remove(host)
-                    .map_err(store_err)?;
+                Self::remove_row(w, HOST_CLAIMS, host)?;
             }
             Ok(())
         })?;
@@ -466,10 +487,7 @@ impl Registry {
             .map(|r| r.id.clone())
             .collect();
         self.write(|w| {
-            w.open_table(ORIGINS)
-                .map_err(store_err)?
-                .remove(host)
-                .map_err(store_err)?;
+            Self::remove_row(w, ORIGINS, host)?;
             let mut t = w.open_table(RESOURCES).map_err(store_err)?;
             for id in &doomed {
                 t.remove(id.as_str()).map_err(store_err)?;
@@ -576,15 +594,7 @@ impl Registry {
                 None => self.origin_quota(&m, provider, host)?,
             }
         }
-        let claim = Origin {
-            host: host.to_string(),
-            upstream: upstream.to_string(),
-            provider: provider.to_string(),
-            forward_host: options.forward_host,
-            strip_set_cookie: options.strip_set_cookie,
-            cache_key_ignore_query: options.cache_key_ignore_query,
-            registered_at_ms: crate::clock::wall_ms(),
-        };
+        let claim = origin_row(provider, host, upstream, options, crate::clock::wall_ms());
         self.write(|w| Self::put_json(w, HOST_CLAIMS, host, &claim))?;
         Ok(self
             .mem
@@ -638,11 +648,7 @@ impl Registry {
         };
         self.write(|w| {
             Self::put_json(w, ORIGINS, host, &origin)?;
-            w.open_table(HOST_CLAIMS)
-                .map_err(store_err)?
-                .remove(host)
-                .map_err(store_err)?;
-            Ok(())
+            Self::remove_row(w, HOST_CLAIMS, host)
         })?;
         let mut m = self.mem.write();
         m.claims.remove(host);
@@ -663,13 +669,7 @@ impl Registry {
             }
             Some(_) => {}
         }
-        self.write(|w| {
-            w.open_table(HOST_CLAIMS)
-                .map_err(store_err)?
-                .remove(host)
-                .map_err(store_err)?;
-            Ok(())
-        })?;
+        self.write(|w| Self::remove_row(w, HOST_CLAIMS, host))?;
         self.mem.write().claims.remove(host);
         Ok(())
     }

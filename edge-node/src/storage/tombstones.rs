@@ -12,15 +12,13 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use parking_lot::Mutex;
-
 /// Tombstones submitted, and how many of them a completed wait covered.
 #[derive(Debug, Default)]
 pub(crate) struct Tombstones {
     /// Tombstones submitted so far.
     submitted: AtomicU64,
     /// The most submitted tombstones a completed wait covered.
-    covered: Mutex<u64>,
+    covered: AtomicU64,
 }
 
 impl Tombstones {
@@ -36,13 +34,12 @@ impl Tombstones {
 
     /// A wait that started at `mark` completed: the tombstones it covered are written.
     pub(crate) fn written(&self, mark: u64) {
-        let mut covered = self.covered.lock();
-        *covered = (*covered).max(mark);
+        self.covered.fetch_max(mark, Ordering::AcqRel);
     }
 
     /// Whether some tombstone is not known to be written.
     pub(crate) fn owed(&self) -> bool {
-        let covered = *self.covered.lock();
+        let covered = self.covered.load(Ordering::Acquire);
         self.submitted.load(Ordering::Acquire) > covered
     }
 }
