@@ -12,7 +12,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use edge_node::sync::protocol::{ErrorCode, Reply, Request, StatsReport};
 use edge_node::sync::tls::edge_name;
-use edge_node::sync::{client_endpoint, Link, LinkError, NodeIdentity, SyncError, TlsPaths};
+use edge_node::sync::{
+    client_endpoint, ClientEndpoint, Link, LinkError, NodeIdentity, SyncError, TlsPaths,
+};
 use parking_lot::RwLock;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -37,6 +39,10 @@ pub struct ControlSection {
     pub cert: std::path::PathBuf,
     /// The broker's private key (PEM).
     pub key: std::path::PathBuf,
+    /// The cluster CA's revocation list (PEM, `edge-node certs revoke` writes it): edges it
+    /// names are refused, and their open connections closed within 30 s of a change.
+    #[serde(default)]
+    pub crl: Option<std::path::PathBuf>,
     /// Seconds between stats polls (which also re-establish lost connections; fractions
     /// allowed, as for the planner's tick).
     #[serde(default = "default_stats_interval")]
@@ -77,7 +83,7 @@ pub struct Control {
     identity: NodeIdentity,
     fleet: Arc<Fleet>,
     links: OnceLock<Vec<Option<Arc<Link>>>>,
-    endpoint: OnceLock<quinn::Endpoint>,
+    endpoint: OnceLock<ClientEndpoint>,
     stats: RwLock<Vec<Option<StatsReport>>>,
     /// Edges seen restarting (a new boot id) since the planner last asked.
     restarted: parking_lot::Mutex<Vec<usize>>,
@@ -102,6 +108,7 @@ impl Control {
             ca_cert: section.ca_cert.clone(),
             cert: section.cert.clone(),
             key: section.key.clone(),
+            crl: section.crl.clone(),
         })?;
         identity.client_config()?;
         let n = fleet.edges.len();

@@ -53,11 +53,14 @@ cp bench/RESULTS.md "$WWW/RESULTS.md"
 cp models/MODEL_CARD.md "$WWW/MODEL_CARD.md"
 cp broker/openapi.yaml "$WWW/openapi.yaml"
 
-# The cluster CA and one certificate per node, for QUIC between broker and edges.
+# The cluster CA, its revocation list and one certificate per node, for QUIC between broker
+# and edges (`edge-node certs revoke --ca-dir var/local/pki var/local/pki/us-2.pem` cuts us-2
+# off within 30 s).
 PKI=var/local/pki
 if [ ! -s "$PKI/ca.pem" ]; then
   target/release/edge-node certs ca --dir "$PKI" >/dev/null
 fi
+[ -s "$PKI/ca.crl" ] || target/release/edge-node certs revoke --ca-dir "$PKI" >/dev/null
 for n in eu-1 eu-2 eu-standby us-1 us-2 us-standby; do
   [ -s "$PKI/$n.pem" ] || target/release/edge-node certs issue --ca-dir "$PKI" --name "$n" >/dev/null
 done
@@ -74,6 +77,7 @@ for e in eu-1:8101:9101 eu-2:8102:9102 eu-standby:8103:9103 us-1:8201:9201 us-2:
   RUST_LOG=${RUST_LOG:-warn} \
   SHADOWCDN_EDGE_SYNC__LISTEN="127.0.0.1:$port" SHADOWCDN_EDGE_SYNC__CA_CERT="$PKI/ca.pem" \
   SHADOWCDN_EDGE_SYNC__CERT="$PKI/$id.pem" SHADOWCDN_EDGE_SYNC__KEY="$PKI/$id.key" \
+  SHADOWCDN_EDGE_SYNC__CRL="$PKI/ca.crl" \
   setsid target/release/edge-node --config deploy/local/edge.toml --node-id "$id" \
     --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" --cache-dir "var/local/$id" &
   pids+=($!)

@@ -52,6 +52,10 @@ pub struct SyncSection {
     pub cert: PathBuf,
     /// This edge's private key (PEM).
     pub key: PathBuf,
+    /// The cluster CA's revocation list (PEM, `edge-node certs revoke` writes it): nodes it
+    /// names are refused, and their open connections closed within 30 s of a change.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
 }
 
 impl SyncSection {
@@ -61,6 +65,7 @@ impl SyncSection {
             ca_cert: self.ca_cert.clone(),
             cert: self.cert.clone(),
             key: self.key.clone(),
+            crl: self.crl.clone(),
         }
     }
 }

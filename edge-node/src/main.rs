@@ -59,6 +59,10 @@ enum Certs {
         /// Output directory.
         #[arg(long)]
         dir: PathBuf,
+        /// Days the CA is valid.
+        #[arg(long, default_value_t = edge_node::sync::pki::CA_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: u32,
     },
     /// Issue a node certificate (`<name>.pem`, `<name>.key`) from the CA in `--ca-dir`.
     Issue {
@@ -74,18 +78,45 @@ enum Certs {
         /// Output directory (default: the CA directory).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Days the certificate is valid; renew by issuing again into the same files
+        /// (nodes pick the new one up within 30 s).
+        #[arg(long, default_value_t = edge_node::sync::pki::NODE_DAYS,
+            value_parser = clap::value_parser!(u32).range(1..=36_500))]
+        days: u32,
+    },
+    /// Revoke node certificates: add them to the CA's revocation list (`ca.crl` in
+    /// `--ca-dir`, created if absent) and sign it again. Nodes whose `crl` setting names the
+    /// file refuse the revoked ones within 30 s, open connections included. With no
+    /// certificate the list is signed again as it is (an empty one the first time).
+    Revoke {
+        /// Directory holding `ca.pem` and `ca.key`.
+        #[arg(long)]
+        ca_dir: PathBuf,
+        /// Certificate files (PEM) the CA issued.
+        certs: Vec<PathBuf>,
     },
 }
 
 fn certs(c: Certs) -> ExitCode {
-    use edge_node::sync::pki::{create_ca, issue, NodeRole};
+    use edge_node::sync::pki::{create_ca_valid_for, issue_valid_for, revoke, NodeRole};
     let done = match c {
-        Certs::Ca { dir } => create_ca(&dir).map(|()| format!("CA written to {}", dir.display())),
+        Certs::Ca { dir, days } => {
+            create_ca_valid_for(&dir, days).map(|()| format!("CA written to {}", dir.display()))
+        }
+        Certs::Revoke { ca_dir, certs } => revoke(&ca_dir, &certs).map(|r| {
+            format!(
+                "{} revoked now, {} listed in {}",
+                r.added,
+                r.listed,
+                r.path.display()
+            )
+        }),
         Certs::Issue {
             ca_dir,
             name,
             broker,
             out,
+            days,
         } => {
             let role = if broker {
                 NodeRole::Broker
@@ -93,7 +124,7 @@ fn certs(c: Certs) -> ExitCode {
                 NodeRole::Edge
             };
             let out = out.unwrap_or_else(|| ca_dir.clone());
-            issue(&ca_dir, &name, role, &out)
+            issue_valid_for(&ca_dir, &name, role, &out, days)
                 .map(|p| format!("{} and {}", p.cert.display(), p.key.display()))
         }
     };

@@ -271,6 +271,7 @@ impl EdgeNode {
                 origins: origins.clone(),
                 inflight: inflight.clone(),
                 drain_timeout: Duration::from_secs(cfg.server.drain_timeout_secs),
+                trust: identity.trust().clone(),
             };
             server.add_service(background_service(
                 "quic",

@@ -25,64 +25,77 @@ pub struct NodeCerts {
     pub cert: PathBuf,
     /// The node's key.
     pub key: PathBuf,
+    /// The CA's revocation list.
+    pub crl: PathBuf,
 }
 
-/// A cluster CA, made and used through the real `edge-node certs` CLI.
+/// A cluster CA with a revocation list (empty until something is revoked), made and used
+/// through the real `edge-node certs` CLI.
 pub struct Pki {
     dir: PathBuf,
 }
 
 impl Pki {
-    /// Create a CA in `dir`.
+    /// Create a CA and its (empty) revocation list in `dir`.
     pub fn create(dir: &Path) -> Pki {
-        let bin = Binary::get("edge-node");
-        let out = bin
-            .command()
-            .args(["certs", "ca", "--dir", dir.to_str().expect("utf-8 path")])
-            .output()
-            .expect("run edge-node certs ca");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let d = dir.to_str().expect("utf-8 path");
+        Self::certs(&["ca", "--dir", d]);
+        Self::certs(&["revoke", "--ca-dir", d]);
         Pki {
             dir: dir.to_path_buf(),
         }
     }
 
+    /// Run `edge-node certs <args>`, which must succeed.
+    fn certs(args: &[&str]) {
+        let out = Binary::get("edge-node")
+            .command()
+            .arg("certs")
+            .args(args)
+            .output()
+            .expect("run edge-node certs");
+        assert!(
+            out.status.success(),
+            "certs {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Add `node`'s certificate to the CA's revocation list.
+    pub fn revoke(&self, node: &NodeCerts) {
+        let dir = self.dir.to_str().expect("utf-8 path");
+        Self::certs(&[
+            "revoke",
+            "--ca-dir",
+            dir,
+            node.cert.to_str().expect("utf-8 path"),
+        ]);
+    }
+
     /// Issue a certificate for edge `name` (or the broker).
     pub fn issue(&self, name: &str, broker: bool) -> NodeCerts {
-        let bin = Binary::get("edge-node");
         let dir = self.dir.to_str().expect("utf-8 path");
-        let mut args = vec!["certs", "issue", "--ca-dir", dir, "--name", name];
+        let mut args = vec!["issue", "--ca-dir", dir, "--name", name];
         if broker {
             args.push("--broker");
         }
-        let out = bin
-            .command()
-            .args(&args)
-            .output()
-            .expect("run edge-node certs issue");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        Self::certs(&args);
         NodeCerts {
             ca_cert: self.dir.join("ca.pem"),
             cert: self.dir.join(format!("{name}.pem")),
             key: self.dir.join(format!("{name}.key")),
+            crl: self.dir.join("ca.crl"),
         }
     }
 }
 
 fn pem_section(header: &str, c: &NodeCerts) -> String {
     format!(
-        "\n[{header}]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n",
+        "\n[{header}]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\ncrl = \"{}\"\n",
         c.ca_cert.display(),
         c.cert.display(),
-        c.key.display()
+        c.key.display(),
+        c.crl.display()
     )
 }
 

@@ -15,7 +15,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use serde_json::json;
 
-use super::link::{client_endpoint, Link, Rest};
+use super::link::{client_endpoint, ClientEndpoint, Link, Rest};
 use super::protocol::{PeerRef, Reply, Request};
 use super::tls::{edge_name, NodeIdentity};
 use super::{is_hop_header, parse_peer_via, SyncError, PEER_VIA_HEADER};
@@ -33,7 +33,7 @@ const PERMIT_WAIT: Duration = Duration::from_millis(250);
 /// Links to peer edges, created on first use over one client endpoint.
 pub struct PeerPool {
     identity: NodeIdentity,
-    endpoint: OnceLock<quinn::Endpoint>,
+    endpoint: OnceLock<ClientEndpoint>,
     links: parking_lot::Mutex<HashMap<PeerRef, Arc<Link>>>,
 }
 

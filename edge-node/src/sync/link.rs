@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Mutex, Semaphore};
 
 use super::protocol::{read_frame, write_frame, Envelope, FrameError, Reply, Request, VERSION};
+use super::trust::{Checked, Trust};
 
 /// Longest wait for a QUIC handshake.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -73,13 +74,30 @@ impl LinkError {
 }
 
 struct State {
-    conn: Option<quinn::Connection>,
+    /// The connection and its standing against the revocation list.
+    conn: Option<(quinn::Connection, Checked)>,
     retry_at: Option<Instant>,
+}
+
+/// A client endpoint and the trust its handshakes verify peers with: a link checks its
+/// connection against the revocation list again when the list changes.
+#[derive(Clone)]
+pub struct ClientEndpoint {
+    endpoint: quinn::Endpoint,
+    trust: Trust,
+}
+
+impl std::ops::Deref for ClientEndpoint {
+    type Target = quinn::Endpoint;
+
+    fn deref(&self) -> &quinn::Endpoint {
+        &self.endpoint
+    }
 }
 
 /// One peer, reached through a shared client endpoint.
 pub struct Link {
-    endpoint: quinn::Endpoint,
+    endpoint: ClientEndpoint,
     addr: parking_lot::RwLock<SocketAddr>,
     server_name: String,
     state: Mutex<State>,
@@ -98,7 +116,7 @@ impl Link {
     /// A link to `addr`, whose certificate must be valid for `server_name`, with at most
     /// `max_inflight` requests at once.
     pub fn new(
-        endpoint: quinn::Endpoint,
+        endpoint: ClientEndpoint,
         addr: SocketAddr,
         server_name: String,
         max_inflight: usize,
@@ -144,7 +162,7 @@ impl Link {
         }
         let mut st = self.state.lock().await;
         *self.addr.write() = addr;
-        if let Some(c) = st.conn.take() {
+        if let Some((c, _)) = st.conn.take() {
             c.close(0u32.into(), b"peer moved");
         }
         self.failures.store(0, Ordering::Relaxed);
@@ -160,12 +178,23 @@ impl Link {
     /// The open connection, connecting (or reconnecting, subject to backoff) if needed.
     pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
         let mut st = self.state.lock().await;
-        if let Some(c) = st.conn.clone() {
-            let Some(reason) = c.close_reason() else {
-                return Ok(c);
-            };
-            if let Some(refused) = self.drop_closed(&mut st, &c, &reason) {
-                return Err(refused);
+        if let Some((c, checked)) = st.conn.as_mut() {
+            let c = c.clone();
+            let reason = c.close_reason();
+            let trusted = reason.is_some() || checked.still_trusted(&c);
+            match reason {
+                None if trusted => return Ok(c),
+                // A peer the revocation list now names: its connection was closed, and the
+                // redial below fails its handshake like any refused one.
+                None => {
+                    st.conn = None;
+                    self.connected.store(false, Ordering::Relaxed);
+                }
+                Some(reason) => {
+                    if let Some(refused) = self.drop_closed(&mut st, &c, &reason) {
+                        return Err(refused);
+                    }
+                }
             }
         }
         if st.retry_at.is_some_and(|at| Instant::now() < at) {
@@ -174,6 +203,7 @@ impl Link {
                 failures: self.failures.load(Ordering::Relaxed),
             });
         }
+        let checked = self.endpoint.trust.dialling(&self.server_name);
         let attempt = match self.endpoint.connect(self.addr(), &self.server_name) {
             Ok(connecting) => tokio::time::timeout(CONNECT_TIMEOUT, connecting)
                 .await
@@ -185,7 +215,7 @@ impl Link {
             // The failure count stays until an exchange succeeds: with TLS 1.3 a peer that
             // refuses our certificate does so only after our side of the handshake is done.
             Ok(c) => {
-                st.conn = Some(c.clone());
+                st.conn = Some((c.clone(), checked));
                 st.retry_at = None;
                 self.connected.store(true, Ordering::Relaxed);
                 Ok(c)
@@ -242,7 +272,7 @@ impl Link {
         let current = st
             .conn
             .as_ref()
-            .is_some_and(|c| c.stable_id() == conn.stable_id());
+            .is_some_and(|(c, _)| c.stable_id() == conn.stable_id());
         if !current {
             return None;
         }
@@ -349,7 +379,7 @@ fn refused(reason: &quinn::ConnectionError) -> bool {
 pub fn client_endpoint(
     identity: &super::tls::NodeIdentity,
     like: SocketAddr,
-) -> Result<quinn::Endpoint, super::SyncError> {
+) -> Result<ClientEndpoint, super::SyncError> {
     let v6: SocketAddr = (std::net::Ipv6Addr::UNSPECIFIED, 0).into();
     let v4: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, 0).into();
     let bind_error = |addr| move |e| super::SyncError::Bind { addr, source: e };
@@ -368,7 +398,10 @@ pub fn client_endpoint(
     )
     .map_err(bind_error)?;
     endpoint.set_default_client_config(identity.client_config()?);
-    Ok(endpoint)
+    Ok(ClientEndpoint {
+        endpoint,
+        trust: identity.trust().clone(),
+    })
 }
 
 /// Close a client endpoint on shutdown and give its peers up to 2 s to hear it: they drop
@@ -682,6 +715,38 @@ mod tests {
             "{fourth}"
         );
         assert_eq!(handshakes.load(Ordering::Relaxed), 2);
+    }
+
+    #[tokio::test]
+    async fn a_link_to_a_peer_revoked_since_it_connected_is_refused_at_its_next_request() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        crate::sync::pki::revoke(dir.path(), &[]).unwrap();
+        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        let broker =
+            NodeIdentity::load(&issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap())
+                .unwrap();
+        let server = server(&NodeIdentity::load(&edge).unwrap());
+        let addr = server.local_addr().unwrap();
+        let accepted = serve(server, "here", 0);
+        let link = Link::new(
+            client_endpoint(&broker, addr).unwrap(),
+            addr,
+            edge_name("e1"),
+            4,
+        );
+        let stats = Request::Stats { ack: None };
+        let timeout = Duration::from_secs(3);
+        assert_eq!(answered_by(link.request(&stats, timeout).await), "here");
+        crate::sync::pki::revoke(dir.path(), std::slice::from_ref(&edge.cert)).unwrap();
+        assert!(broker.reload_revocations().unwrap());
+        let refused = link.request(&stats, timeout).await.unwrap_err();
+        assert!(
+            matches!(&refused, LinkError::Connect { message, .. } if message.to_lowercase().contains("revoked")),
+            "{refused}"
+        );
+        assert!(!link.is_connected());
+        assert_eq!(accepted.load(Ordering::Relaxed), 2, "one redial, refused");
     }
 
     #[tokio::test]

@@ -2,7 +2,9 @@
 //! channel for peer fills, both over mutual TLS with certificates from the cluster CA.
 //!
 //! - [`protocol`] — the typed, versioned messages and their framing (the edge's wire API).
-//! - [`tls`] / [`pki`] — node identities, and the CA and certificates of a local cluster.
+//! - [`tls`] / [`pki`] — node identities, and the CA, certificates and revocation list of a
+//!   cluster.
+//! - [`trust`] — the CA and its revocation list as both sides of a connection enforce them.
 //! - [`link`] — the client side: reconnecting connection, backpressure, retries.
 //! - [`server`] — the edge's QUIC listener: acts on control messages, serves peer fetches.
 //! - [`bridge`] — a loopback HTTP upstream through which the proxy fills from a peer edge,
@@ -17,12 +19,14 @@ pub mod pki;
 pub mod protocol;
 pub mod server;
 pub mod tls;
+pub mod trust;
 
 pub use bridge::{PeerBridge, PeerPool};
-pub use link::{client_endpoint, close_endpoint, Link, LinkError, Rest};
+pub use link::{client_endpoint, close_endpoint, ClientEndpoint, Link, LinkError, Rest};
 pub use peers::PeerDirectory;
 pub use server::{SyncParts, SyncService};
 pub use tls::{NodeIdentity, TlsError, TlsPaths};
+pub use trust::{Checked, Trust};
 
 /// Header (value: the per-process internal secret) that asks the proxy for a cached copy
 /// only: a miss answers 504 instead of going to the origin. Peer fetches use it, so a peer

@@ -1,13 +1,18 @@
-//! Cluster certificates: a CA and the node certificates it issues, for the local cluster and
-//! tests (`edge-node certs`). Production clusters may use their own PKI instead: nodes only
-//! need PEM files whose names follow [`super::tls`].
+//! Cluster certificates: a CA, the node certificates it issues and its revocation list
+//! (`edge-node certs`). Production clusters may use their own PKI instead: nodes only need
+//! PEM files whose names follow [`super::tls`], and a CRL of the CA if nodes are to be
+//! revoked before their certificates end.
 
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, CertificateRevocationListParams, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyIdMethod, KeyPair, KeyUsagePurpose,
+    RevokedCertParams, SerialNumber,
 };
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer};
+use time::{Duration, OffsetDateTime};
 
 use super::tls::{edge_name, TlsPaths, BROKER_NAME};
 
@@ -25,6 +30,36 @@ pub enum PkiError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// A file holds no usable certificate or revocation list.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The certificate (or list) was issued by another CA than the one in the CA directory.
+    #[error("{0}: not issued by this CA")]
+    OtherCa(PathBuf),
+}
+
+/// Validity of a node certificate unless told otherwise: a year. A renewal is another
+/// `certs issue` into the same files; nodes pick it up within 30 s.
+pub const NODE_DAYS: u32 = 365;
+/// Validity of the cluster CA unless told otherwise: ten years.
+pub const CA_DAYS: u32 = 3650;
+/// The revocation list's file in the CA directory.
+pub const CRL_FILE: &str = "ca.crl";
+/// How long a revocation list says it holds before the next one. Nodes keep using a list past
+/// it (a missed refresh must not lift every revocation); it tells other verifiers.
+const CRL_DAYS: i64 = 365;
+
+/// Valid from a few minutes ago (a peer whose clock lags this one's still accepts it) for
+/// `days`.
+fn set_validity(params: &mut CertificateParams, days: u32) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::minutes(5);
+    params.not_after = now + Duration::days(days.into());
 }
 
 /// What a node certificate is for.
@@ -74,8 +109,13 @@ fn read(path: &Path) -> Result<String, PkiError> {
     })
 }
 
-/// Create `ca.pem` and `ca.key` in `dir`.
+/// Create `ca.pem` and `ca.key` in `dir`, the CA valid for [`CA_DAYS`].
 pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
+    create_ca_valid_for(dir, CA_DAYS)
+}
+
+/// Create `ca.pem` and `ca.key` in `dir`, the CA valid for `days`.
+pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
         path: dir.to_path_buf(),
         source,
@@ -87,14 +127,28 @@ pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
         .push(DnType::CommonName, "shadowcdn cluster CA");
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    set_validity(&mut params, days);
     let cert = params.self_signed(&key)?;
     write(&dir.join("ca.pem"), &cert.pem())?;
     write_key(&dir.join("ca.key"), &key.serialize_pem())
 }
 
-/// Issue a certificate for node `name` with `role` from the CA in `ca_dir`; writes
-/// `<name>.pem` and `<name>.key` to `out` and returns the paths a node config needs.
+/// Issue a certificate valid for [`NODE_DAYS`] for node `name` with `role` from the CA in
+/// `ca_dir` (see [`issue_valid_for`]).
 pub fn issue(ca_dir: &Path, name: &str, role: NodeRole, out: &Path) -> Result<TlsPaths, PkiError> {
+    issue_valid_for(ca_dir, name, role, out, NODE_DAYS)
+}
+
+/// Issue a certificate valid for `days` for node `name` with `role` from the CA in `ca_dir`;
+/// writes `<name>.pem` and `<name>.key` to `out` and returns the paths a node config needs
+/// (with the CA's revocation list when it has one).
+pub fn issue_valid_for(
+    ca_dir: &Path,
+    name: &str,
+    role: NodeRole,
+    out: &Path,
+    days: u32,
+) -> Result<TlsPaths, PkiError> {
     let ca_cert = ca_dir.join("ca.pem");
     let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
     let issuer = Issuer::from_ca_cert_pem(&read(&ca_cert)?, ca_key)?;
@@ -109,20 +163,123 @@ pub fn issue(ca_dir: &Path, name: &str, role: NodeRole, out: &Path) -> Result<Tl
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
+    set_validity(&mut params, days);
     let key = KeyPair::generate()?;
     let cert = params.signed_by(&key, &issuer)?;
     std::fs::create_dir_all(out).map_err(|source| PkiError::Io {
         path: out.to_path_buf(),
         source,
     })?;
+    let crl = ca_dir.join(CRL_FILE);
     let paths = TlsPaths {
         ca_cert,
         cert: out.join(format!("{name}.pem")),
         key: out.join(format!("{name}.key")),
+        crl: crl.exists().then_some(crl),
     };
     write(&paths.cert, &cert.pem())?;
     write_key(&paths.key, &key.serialize_pem())?;
     Ok(paths)
+}
+
+/// What [`revoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    /// Certificates added to the list now (one already listed is not added twice).
+    pub added: usize,
+    /// Certificates the list names.
+    pub listed: usize,
+    /// The list's file.
+    pub path: PathBuf,
+}
+
+fn pem_error(path: &Path, what: impl ToString) -> PkiError {
+    PkiError::Pem {
+        path: path.to_path_buf(),
+        what: what.to_string(),
+    }
+}
+
+/// Add the certificates in the PEM files `certs` (issued by the CA in `ca_dir`) to the CA's
+/// revocation list `ca_dir/ca.crl`, creating it if absent, and sign it again with the next
+/// CRL number. With no certificates the list is signed again as it is (an empty one the
+/// first time): nodes can be pointed at it before anything is revoked. The file is replaced
+/// whole (written beside it, then renamed), so a node never reads half a list.
+pub fn revoke(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
+    let ca_path = ca_dir.join("ca.pem");
+    let ca_pem = read(&ca_path)?;
+    let ca_der =
+        CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| pem_error(&ca_path, e))?;
+    let (_, ca) =
+        x509_parser::parse_x509_certificate(&ca_der).map_err(|e| pem_error(&ca_path, e))?;
+    let ca_key = ca.public_key();
+    let issuer =
+        Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?)?;
+    let now = OffsetDateTime::now_utc();
+
+    let path = ca_dir.join(CRL_FILE);
+    let mut listed: Vec<RevokedCertParams> = Vec::new();
+    let mut number = 0u64;
+    if path.exists() {
+        let der =
+            CertificateRevocationListDer::from_pem_file(&path).map_err(|e| pem_error(&path, e))?;
+        let (_, old) = x509_parser::parse_x509_crl(&der).map_err(|e| pem_error(&path, e))?;
+        if old.verify_signature(ca_key).is_err() {
+            return Err(PkiError::OtherCa(path));
+        }
+        number = old
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0);
+        for r in old.iter_revoked_certificates() {
+            listed.push(RevokedCertParams {
+                serial_number: SerialNumber::from(r.serial().to_bytes_be()),
+                revocation_time: r.revocation_date.to_datetime(),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    let mut added = 0;
+    for file in certs {
+        let der = CertificateDer::from_pem_file(file).map_err(|e| pem_error(file, e))?;
+        let (_, cert) =
+            x509_parser::parse_x509_certificate(&der).map_err(|e| pem_error(file, e))?;
+        if cert.verify_signature(Some(ca_key)).is_err() {
+            return Err(PkiError::OtherCa(file.clone()));
+        }
+        let serial = SerialNumber::from(cert.serial.to_bytes_be());
+        if listed.iter().any(|r| r.serial_number == serial) {
+            continue;
+        }
+        listed.push(RevokedCertParams {
+            serial_number: serial,
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        });
+        added += 1;
+    }
+    let params = CertificateRevocationListParams {
+        this_update: now,
+        next_update: now + Duration::days(CRL_DAYS),
+        crl_number: SerialNumber::from(number + 1),
+        issuing_distribution_point: None,
+        revoked_certs: listed,
+        key_identifier_method: KeyIdMethod::Sha256,
+    };
+    let pem = params.signed_by(&issuer)?.pem()?;
+    let tmp = ca_dir.join(format!(".{CRL_FILE}.tmp"));
+    write(&tmp, &pem)?;
+    std::fs::rename(&tmp, &path).map_err(|source| PkiError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Revoked {
+        added,
+        listed: params.revoked_certs.len(),
+        path,
+    })
 }
 
 #[cfg(test)]
@@ -147,5 +304,73 @@ mod tests {
         assert!(std::fs::read_to_string(&paths.key)
             .unwrap()
             .contains("PRIVATE KEY"));
+    }
+
+    fn parse_crl(path: &Path) -> (u64, usize) {
+        let der = CertificateRevocationListDer::from_pem_file(path).unwrap();
+        let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
+        let number = u64::try_from(crl.crl_number().unwrap()).unwrap();
+        (number, crl.iter_revoked_certificates().count())
+    }
+
+    #[test]
+    fn certificates_end_after_their_days() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca_valid_for(dir.path(), 10).unwrap();
+        let p = issue_valid_for(dir.path(), "e1", NodeRole::Edge, dir.path(), 30).unwrap();
+        let now = OffsetDateTime::now_utc();
+        for (file, days) in [(dir.path().join("ca.pem"), 10), (p.cert, 30)] {
+            let der = CertificateDer::from_pem_file(&file).unwrap();
+            let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
+            let v = c.validity();
+            assert!(v.not_before.to_datetime() < now);
+            let left = v.not_after.to_datetime() - now;
+            assert!(
+                left > Duration::days(days) - Duration::minutes(1) && left <= Duration::days(days),
+                "{file:?}: {left}"
+            );
+        }
+        assert_eq!(p.crl, None, "no list yet");
+    }
+
+    #[test]
+    fn revoking_lists_each_certificate_once_and_numbers_each_list() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let empty = revoke(dir.path(), &[]).unwrap();
+        assert_eq!((empty.added, empty.listed), (0, 0));
+        assert_eq!(parse_crl(&empty.path), (1, 0));
+        let e1 = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        let e2 = issue(dir.path(), "e2", NodeRole::Edge, dir.path()).unwrap();
+        assert_eq!(e1.crl.as_ref(), Some(&empty.path));
+        let r = revoke(dir.path(), std::slice::from_ref(&e1.cert)).unwrap();
+        assert_eq!((r.added, r.listed), (1, 1));
+        let r = revoke(dir.path(), &[e1.cert.clone(), e2.cert.clone()]).unwrap();
+        assert_eq!((r.added, r.listed), (1, 2));
+        assert_eq!(parse_crl(&r.path), (3, 2));
+        assert!(!dir.path().join(".ca.crl.tmp").exists());
+    }
+
+    #[test]
+    fn revoking_another_cas_certificate_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ca, other) = (dir.path().join("ca"), dir.path().join("other"));
+        for d in [&ca, &other] {
+            std::fs::create_dir_all(d).unwrap();
+            create_ca(d).unwrap();
+        }
+        let ours = issue(&ca, "e1", NodeRole::Edge, &ca).unwrap();
+        let theirs = issue(&other, "e1", NodeRole::Edge, &other).unwrap();
+        revoke(&ca, std::slice::from_ref(&ours.cert)).unwrap();
+        let e = revoke(&ca, std::slice::from_ref(&theirs.cert)).unwrap_err();
+        assert!(
+            matches!(&e, PkiError::OtherCa(f) if *f == theirs.cert),
+            "{e}"
+        );
+        assert_eq!(parse_crl(&ca.join(CRL_FILE)), (1, 1));
+        // A list signed by another CA in this CA's place is not extended either.
+        revoke(&other, &[]).unwrap();
+        std::fs::copy(other.join(CRL_FILE), ca.join(CRL_FILE)).unwrap();
+        assert!(matches!(revoke(&ca, &[]), Err(PkiError::OtherCa(_))));
     }
 }

@@ -18,6 +18,7 @@ use super::protocol::{
     StatsReport, MAX_FRAME, VERSION,
 };
 use super::tls::{peer_is, BROKER_NAME};
+use super::trust::Trust;
 use super::{is_hop_header, PEER_FETCH_HEADER};
 use crate::drain::InflightCounter;
 use crate::invalidate::{invalidate_named, Target};
@@ -66,6 +67,9 @@ pub struct SyncParts {
     pub inflight: InflightCounter,
     /// Longest wait for that work at shutdown (`server.drain_timeout_secs`).
     pub drain_timeout: Duration,
+    /// The CA and its revocation list: a connection whose peer it revokes later is closed
+    /// at its next stream.
+    pub trust: Trust,
 }
 
 /// What identifies one control message across its deliveries: the sender's id and a digest
@@ -293,6 +297,7 @@ impl Role {
 impl Handler {
     async fn connection(self: Arc<Self>, incoming: quinn::Incoming, handshake: Slot) {
         let m = &self.parts.metrics;
+        let mut checked = self.parts.trust.accepting();
         let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
@@ -318,6 +323,9 @@ impl Handler {
         gauge.inc();
         tracing::info!(peer = %conn.remote_address(), role = role.label(), "QUIC peer connected");
         while let Ok((send, recv)) = conn.accept_bi().await {
+            if !checked.still_trusted(&conn) {
+                break;
+            }
             tokio::spawn(self.clone().stream(role, send, recv));
         }
         gauge.dec();

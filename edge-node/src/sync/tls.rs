@@ -4,7 +4,8 @@
 //!
 //! A node's own certificate and key are read again when their files change (checked every
 //! 30 s), so a renewal (cert-manager, say) takes effect for the next handshake without a
-//! restart; connections already open keep theirs. The CA is read once.
+//! restart; connections already open keep theirs. So is the CA's revocation list, when one
+//! is configured ([`super::trust`]). The CA is read once.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
@@ -14,10 +15,11 @@ use ring::hmac;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
 use rustls::sign::CertifiedKey;
 use rustls::RootCertStore;
 use serde::{Deserialize, Serialize};
+
+use super::trust::Trust;
 
 /// ALPN of protocol version 1; a peer speaking anything else fails the handshake.
 pub const ALPN: &[u8] = b"shadowcdn/1";
@@ -39,6 +41,10 @@ pub struct TlsPaths {
     pub cert: PathBuf,
     /// This node's private key.
     pub key: PathBuf,
+    /// The cluster CA's certificate revocation list (PEM, `edge-node certs revoke` writes
+    /// it); absent: no certificate of the CA is refused before it expires.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl: Option<PathBuf>,
 }
 
 /// Why TLS could not be set up.
@@ -55,17 +61,20 @@ pub enum TlsError {
     /// rustls refused the certificate, key or CA.
     #[error("tls: {0}")]
     Rustls(#[from] rustls::Error),
-    /// The CA cannot verify client certificates.
-    #[error("client verifier: {0}")]
+    /// The CA cannot verify certificates (or this node's own chain does not verify).
+    #[error("certificate verifier: {0}")]
     Verifier(String),
+    /// The revocation list at this path revokes this node's own certificate.
+    #[error("{0}: the revocation list revokes this node's own certificate")]
+    Revoked(PathBuf),
     /// quinn refused the rustls configuration.
     #[error("quic crypto: {0}")]
     Quic(String),
 }
 
-/// A node's certificate, key and the CA it trusts.
+/// A node's certificate, key and the CA (and revocation list) it trusts.
 pub struct NodeIdentity {
-    roots: Arc<RootCertStore>,
+    trust: Trust,
     /// The key as first loaded: it seeds the endpoint's reset tokens, which must not change
     /// while the process lives.
     key: PrivateKeyDer<'static>,
@@ -77,8 +86,8 @@ pub struct NodeIdentity {
 #[derive(Debug)]
 struct CurrentKey {
     paths: TlsPaths,
-    /// The cluster CA: a renewal must chain to it.
-    roots: Arc<RootCertStore>,
+    /// The cluster CA and its revocation list: a renewal must pass them.
+    trust: Trust,
     key: parking_lot::RwLock<Arc<CertifiedKey>>,
     /// The files' [`Stamp`] when last read.
     stamp: parking_lot::Mutex<Stamp>,
@@ -109,21 +118,14 @@ impl CurrentKey {
             return Ok(false);
         }
         let (key, _) = certified_key(&self.paths)?;
-        // One the cluster would refuse (another CA's, not yet or no longer valid) would fail
-        // every handshake from now on: the one in use stays.
-        let verifier = cluster_verifier(&self.roots)?;
-        let (leaf, chain) = key
-            .cert
-            .split_first()
-            .ok_or_else(|| pem_error(&self.paths.cert, "no certificate in the file"))?;
-        verifier
-            .verify_client_cert(leaf, chain, rustls::pki_types::UnixTime::now())
-            .map_err(|e| {
-                pem_error(
-                    &self.paths.cert,
-                    format!("the cluster would refuse it: {e}"),
-                )
-            })?;
+        // One the cluster would refuse (another CA's, not yet or no longer valid, revoked)
+        // would fail every handshake from now on: the one in use stays.
+        self.trust.verify_own(&key.cert).map_err(|e| {
+            pem_error(
+                &self.paths.cert,
+                format!("the cluster would refuse it: {e}"),
+            )
+        })?;
         *self.key.write() = key;
         *stamp = now;
         Ok(true)
@@ -209,6 +211,16 @@ fn keep_current(current: Weak<CurrentKey>) {
                     Err(e) => tracing::warn!(error = %e,
                     "QUIC certificate not reloaded; the previous one stays in use"),
                 }
+                let own = current.key.read().cert.clone();
+                match current.trust.reload_if_changed(&own) {
+                    Ok(true) => tracing::info!(
+                        revoked = current.trust.revoked(),
+                        "QUIC certificate revocation list reloaded"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!(error = %e,
+                    "QUIC revocation list not reloaded; the previous one stays in use"),
+                }
             }
         });
     if let Err(e) = spawned {
@@ -229,24 +241,14 @@ fn certificates(path: &Path, missing: &str) -> Result<Vec<CertificateDer<'static
     Ok(certs)
 }
 
-fn pem_error(path: &Path, what: impl ToString) -> TlsError {
+pub(super) fn pem_error(path: &Path, what: impl ToString) -> TlsError {
     TlsError::Pem {
         path: path.to_path_buf(),
         what: what.to_string(),
     }
 }
 
-/// Verifies that a node's certificate chains to the cluster CA: what servers demand of
-/// clients, and what a renewed certificate of this node must pass before it is used.
-fn cluster_verifier(
-    roots: &Arc<RootCertStore>,
-) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
-    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider())
-        .build()
-        .map_err(|e| TlsError::Verifier(e.to_string()))
-}
-
-fn provider() -> Arc<CryptoProvider> {
+pub(super) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
@@ -274,19 +276,25 @@ impl NodeIdentity {
         // check.
         let stamp = stamp_of(p);
         let (certified, key) = certified_key(p)?;
-        let roots = Arc::new(roots);
+        let trust = Trust::load(roots, p.crl.as_deref(), &certified.cert)?;
         let current = Arc::new(CurrentKey {
             paths: p.clone(),
-            roots: roots.clone(),
+            trust: trust.clone(),
             key: parking_lot::RwLock::new(certified),
             stamp: parking_lot::Mutex::new(stamp),
         });
         keep_current(Arc::downgrade(&current));
         Ok(NodeIdentity {
-            roots,
+            trust,
             key,
             current,
         })
+    }
+
+    /// What this node trusts; connections are handed to it to be cut if their peer's
+    /// certificate is revoked later.
+    pub fn trust(&self) -> &Trust {
+        &self.trust
     }
 
     /// Read this node's certificate and key again if their files changed (as the
@@ -295,14 +303,26 @@ impl NodeIdentity {
         self.current.reload_if_changed()
     }
 
-    /// Server side: TLS 1.3, client certificate from the cluster CA required.
+    /// Read the revocation list again if its file changed (as the background check does
+    /// every 30 s); whether the list in use was replaced. Open connections to peers it now
+    /// revokes are closed at their next use ([`super::trust::Checked`]).
+    pub fn reload_revocations(&self) -> Result<bool, TlsError> {
+        let own = self.current.key.read().cert.clone();
+        self.trust.reload_if_changed(&own)
+    }
+
+    /// Server side: TLS 1.3, client certificate from the cluster CA required (and not
+    /// revoked).
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {
-        let verifier = cluster_verifier(&self.roots)?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_client_cert_verifier(verifier)
+            .with_client_cert_verifier(Arc::new(self.trust.clone()))
             .with_cert_resolver(self.current.clone());
         tls.alpn_protocols = vec![ALPN.to_vec()];
+        // A resumed session skips the certificate check, revocation included: every
+        // handshake is a full one (connections are long-lived; reconnects are rare).
+        tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        tls.send_tls13_tickets = 0;
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -329,13 +349,16 @@ impl NodeIdentity {
         cfg
     }
 
-    /// Client side: presents this node's certificate, trusts only the cluster CA.
+    /// Client side: presents this node's certificate, trusts only the cluster CA (and what
+    /// its revocation list does not name).
     pub fn client_config(&self) -> Result<quinn::ClientConfig, TlsError> {
         let mut tls = rustls::ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])?
-            .with_root_certificates(self.roots.clone())
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(self.trust.clone()))
             .with_client_cert_resolver(self.current.clone());
         tls.alpn_protocols = vec![ALPN.to_vec()];
+        tls.resumption = rustls::client::Resumption::disabled();
         let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
