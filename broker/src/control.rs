@@ -39,8 +39,9 @@ pub struct ControlSection {
     pub cert: std::path::PathBuf,
     /// The broker's private key (PEM).
     pub key: std::path::PathBuf,
-    /// The cluster CA's revocation list (PEM, `edge-node certs revoke` writes it): edges it
-    /// names are refused, and their open connections closed within 30 s of a change.
+    /// The cluster CA's revocation list (PEM; `edge-node certs ca` makes it, `certs revoke`
+    /// adds to it), read again every 30 s: edges it names are refused at the handshake, and
+    /// the broker's open connection to one is closed at its next message.
     #[serde(default)]
     pub crl: Option<std::path::PathBuf>,
     /// Seconds between stats polls (which also re-establish lost connections; fractions

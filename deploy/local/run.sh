@@ -55,12 +55,13 @@ cp broker/openapi.yaml "$WWW/openapi.yaml"
 
 # The cluster CA, its revocation list and one certificate per node, for QUIC between broker
 # and edges (`edge-node certs revoke --ca-dir var/local/pki var/local/pki/us-2.pem` cuts us-2
-# off within 30 s).
+# off from the others when they next read the list, every 30 s).
 PKI=var/local/pki
 if [ ! -s "$PKI/ca.pem" ]; then
   target/release/edge-node certs ca --dir "$PKI" >/dev/null
 fi
-[ -s "$PKI/ca.crl" ] || target/release/edge-node certs revoke --ca-dir "$PKI" >/dev/null
+# (A CA made by an older run.sh has no list yet: start an empty one.)
+[ -s "$PKI/ca.crl" ] || target/release/edge-node certs revoke --init --ca-dir "$PKI" >/dev/null
 for n in eu-1 eu-2 eu-standby us-1 us-2 us-standby; do
   [ -s "$PKI/$n.pem" ] || target/release/edge-node certs issue --ca-dir "$PKI" --name "$n" >/dev/null
 done

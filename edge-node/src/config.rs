@@ -52,8 +52,10 @@ pub struct SyncSection {
     pub cert: PathBuf,
     /// This edge's private key (PEM).
     pub key: PathBuf,
-    /// The cluster CA's revocation list (PEM, `edge-node certs revoke` writes it): nodes it
-    /// names are refused, and their open connections closed within 30 s of a change.
+    /// The cluster CA's revocation list (PEM; `edge-node certs ca` makes it, `certs revoke`
+    /// adds to it), read again every 30 s: nodes it names are refused at the handshake, their
+    /// connections to this edge are closed at the read, and this edge's connections to them
+    /// at their next message.
     #[serde(default)]
     pub crl: Option<PathBuf>,
 }

@@ -54,7 +54,8 @@ enum Command {
 
 #[derive(clap::Subcommand, Debug)]
 enum Certs {
-    /// Create a cluster CA (`ca.pem`, `ca.key`) in DIR.
+    /// Create a cluster CA (`ca.pem`, `ca.key`) and its empty revocation list (`ca.crl`) in
+    /// DIR.
     Ca {
         /// Output directory.
         #[arg(long)]
@@ -85,25 +86,41 @@ enum Certs {
         days: u32,
     },
     /// Revoke node certificates: add them to the CA's revocation list (`ca.crl` in
-    /// `--ca-dir`, created if absent) and sign it again. Nodes whose `crl` setting names the
-    /// file refuse the revoked ones within 30 s, open connections included. With no
-    /// certificate the list is signed again as it is (an empty one the first time).
+    /// `--ca-dir`, made with the CA) and sign it again. Nodes whose `crl` setting names the
+    /// file read it every 30 s and then refuse the revoked ones, closing the connections
+    /// they have with them. With no certificate the list is signed again as it is.
     Revoke {
-        /// Directory holding `ca.pem` and `ca.key`.
+        /// Directory holding `ca.pem`, `ca.key` and `ca.crl`.
         #[arg(long)]
         ca_dir: PathBuf,
+        /// Start an empty list first, where there is none (a CA made before lists were; a
+        /// lost list is better restored from a backup).
+        #[arg(long)]
+        init: bool,
         /// Certificate files (PEM) the CA issued.
         certs: Vec<PathBuf>,
     },
 }
 
 fn certs(c: Certs) -> ExitCode {
-    use edge_node::sync::pki::{create_ca_valid_for, issue_valid_for, revoke, NodeRole};
+    use edge_node::sync::pki::{
+        create_ca_valid_for, init_revocations, issue_valid_for, revoke, NodeRole,
+    };
     let done = match c {
         Certs::Ca { dir, days } => {
             create_ca_valid_for(&dir, days).map(|()| format!("CA written to {}", dir.display()))
         }
-        Certs::Revoke { ca_dir, certs } => revoke(&ca_dir, &certs).map(|r| {
+        Certs::Revoke {
+            ca_dir,
+            init,
+            certs,
+        } => (if init {
+            init_revocations(&ca_dir).map(|_| ())
+        } else {
+            Ok(())
+        })
+        .and_then(|()| revoke(&ca_dir, &certs))
+        .map(|r| {
             format!(
                 "{} revoked now, {} listed in {}",
                 r.added,

@@ -621,6 +621,7 @@ mod tests {
         // The broker's files hold a certificate the cluster does not trust...
         let mut paths = issue(&other, "b", NodeRole::Broker, &out).unwrap();
         paths.ca_cert = cluster.join("ca.pem");
+        paths.crl = None;
         let broker = NodeIdentity::load(&paths).unwrap();
         let client = client_endpoint(&broker, addr).unwrap();
         let handshake = || async {
@@ -721,7 +722,6 @@ mod tests {
     async fn a_link_to_a_peer_revoked_since_it_connected_is_refused_at_its_next_request() {
         let dir = tempfile::tempdir().unwrap();
         create_ca(dir.path()).unwrap();
-        crate::sync::pki::revoke(dir.path(), &[]).unwrap();
         let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
         let broker =
             NodeIdentity::load(&issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap())

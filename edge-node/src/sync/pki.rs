@@ -41,6 +41,15 @@ pub enum PkiError {
     /// The certificate (or list) was issued by another CA than the one in the CA directory.
     #[error("{0}: not issued by this CA")]
     OtherCa(PathBuf),
+    /// The CA has no revocation list to add to.
+    #[error("{0}: no revocation list (`certs ca` makes one with the CA; restore a lost one from a backup, or start an empty one with `certs revoke --init`, which lifts every revocation the lost one held)")]
+    NoList(PathBuf),
+    /// `--init` where a list exists.
+    #[error("{0}: a revocation list exists already; add to it instead")]
+    ListExists(PathBuf),
+    /// Another writer holds the list's temporary file.
+    #[error("{0} exists: another `certs revoke` is running, or one was interrupted (then remove the file)")]
+    Busy(PathBuf),
 }
 
 /// Validity of a node certificate unless told otherwise: a year. A renewal is another
@@ -109,12 +118,14 @@ fn read(path: &Path) -> Result<String, PkiError> {
     })
 }
 
-/// Create `ca.pem` and `ca.key` in `dir`, the CA valid for [`CA_DAYS`].
+/// Create `ca.pem`, `ca.key` and an empty revocation list `ca.crl` in `dir`, the CA valid
+/// for [`CA_DAYS`].
 pub fn create_ca(dir: &Path) -> Result<(), PkiError> {
     create_ca_valid_for(dir, CA_DAYS)
 }
 
-/// Create `ca.pem` and `ca.key` in `dir`, the CA valid for `days`.
+/// Create `ca.pem`, `ca.key` and an empty revocation list `ca.crl` in `dir`, the CA valid
+/// for `days`.
 pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
     std::fs::create_dir_all(dir).map_err(|source| PkiError::Io {
         path: dir.to_path_buf(),
@@ -122,15 +133,28 @@ pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
     })?;
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
+    // A name of its own: verifiers find a CA's revocation list by the CA's name, so two CAs
+    // trusted at once (a CA rotation) must not share one.
+    let id = ring::digest::digest(&ring::digest::SHA256, key.public_key_raw());
+    let id: String = id.as_ref()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
     params
         .distinguished_name
-        .push(DnType::CommonName, "shadowcdn cluster CA");
+        .push(DnType::CommonName, format!("shadowcdn cluster CA {id}"));
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     set_validity(&mut params, days);
     let cert = params.self_signed(&key)?;
     write(&dir.join("ca.pem"), &cert.pem())?;
-    write_key(&dir.join("ca.key"), &key.serialize_pem())
+    write_key(&dir.join("ca.key"), &key.serialize_pem())?;
+    // A CA made again in the same place starts a new list: the old one is another CA's.
+    let crl = dir.join(CRL_FILE);
+    if crl.exists() {
+        std::fs::remove_file(&crl).map_err(|source| PkiError::Io { path: crl, source })?;
+    }
+    sign_list(dir, &[]).map(|_| ())
 }
 
 /// Issue a certificate valid for [`NODE_DAYS`] for node `name` with `role` from the CA in
@@ -201,20 +225,47 @@ fn pem_error(path: &Path, what: impl ToString) -> PkiError {
 }
 
 /// Add the certificates in the PEM files `certs` (issued by the CA in `ca_dir`) to the CA's
-/// revocation list `ca_dir/ca.crl`, creating it if absent, and sign it again with the next
-/// CRL number. With no certificates the list is signed again as it is (an empty one the
-/// first time): nodes can be pointed at it before anything is revoked. The file is replaced
-/// whole (written beside it, then renamed), so a node never reads half a list.
+/// revocation list `ca_dir/ca.crl` and sign it again with a higher CRL number (nodes refuse
+/// a list older than theirs). With no certificates the list is signed again as it is. The
+/// list must exist — [`create_ca`] makes it, [`init_revocations`] for a CA made before lists
+/// were — so that a lost list is noticed instead of silently started again empty. The file is
+/// replaced whole (written beside it, synced, then renamed), so a node never reads half a
+/// list, and two runs at once cannot lose each other's revocations: the second is refused.
 pub fn revoke(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
+    let path = ca_dir.join(CRL_FILE);
+    if !path.exists() {
+        return Err(PkiError::NoList(path));
+    }
+    sign_list(ca_dir, certs)
+}
+
+/// Start an empty revocation list for the CA in `ca_dir`, which must have none (a lost list
+/// is better restored from a backup: a new one lifts every revocation the old one held).
+pub fn init_revocations(ca_dir: &Path) -> Result<Revoked, PkiError> {
+    let path = ca_dir.join(CRL_FILE);
+    if path.exists() {
+        return Err(PkiError::ListExists(path));
+    }
+    sign_list(ca_dir, &[])
+}
+
+/// The CA in `ca_dir`: its certificate (PEM) and signing key.
+fn read_ca(ca_dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), PkiError> {
+    let ca_pem = read(&ca_dir.join("ca.pem"))?;
+    let key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)?;
+    Ok((ca_pem, issuer))
+}
+
+/// Write `ca.crl` in `ca_dir`: the entries of the list there (if any) plus `certs`.
+fn sign_list(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
     let ca_path = ca_dir.join("ca.pem");
-    let ca_pem = read(&ca_path)?;
+    let (ca_pem, issuer) = read_ca(ca_dir)?;
     let ca_der =
         CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| pem_error(&ca_path, e))?;
     let (_, ca) =
         x509_parser::parse_x509_certificate(&ca_der).map_err(|e| pem_error(&ca_path, e))?;
     let ca_key = ca.public_key();
-    let issuer =
-        Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?)?;
     let now = OffsetDateTime::now_utc();
 
     let path = ca_dir.join(CRL_FILE);
@@ -260,26 +311,62 @@ pub fn revoke(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
         });
         added += 1;
     }
+    // Numbers follow the clock (microseconds) as well as the last list, so a list started
+    // again after a loss still numbers above every list before it.
+    let clock = u64::try_from(now.unix_timestamp_nanos() / 1_000).unwrap_or(0);
+    let number = (number + 1).max(clock);
     let params = CertificateRevocationListParams {
         this_update: now,
         next_update: now + Duration::days(CRL_DAYS),
-        crl_number: SerialNumber::from(number + 1),
+        crl_number: SerialNumber::from(number),
         issuing_distribution_point: None,
         revoked_certs: listed,
         key_identifier_method: KeyIdMethod::Sha256,
     };
     let pem = params.signed_by(&issuer)?.pem()?;
-    let tmp = ca_dir.join(format!(".{CRL_FILE}.tmp"));
-    write(&tmp, &pem)?;
-    std::fs::rename(&tmp, &path).map_err(|source| PkiError::Io {
-        path: path.clone(),
-        source,
-    })?;
+    replace(ca_dir, &path, &pem)?;
     Ok(Revoked {
         added,
         listed: params.revoked_certs.len(),
         path,
     })
+}
+
+/// Replace `path` (in `dir`) by `contents` whole: written to a temporary file beside it —
+/// created exclusively, so it doubles as the lock of one writer at a time — synced, renamed
+/// over `path`, and the directory synced.
+fn replace(dir: &Path, path: &Path, contents: &str) -> Result<(), PkiError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = dir.join(format!(".{CRL_FILE}.tmp"));
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| PkiError::Io { path, source }
+    };
+    let mut f = match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(&tmp)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(PkiError::Busy(tmp));
+        }
+        Err(e) => return Err(io(&tmp)(e)),
+    };
+    let written = f
+        .write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .map_err(io(&tmp))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io(dir))
 }
 
 #[cfg(test)]
@@ -330,25 +417,60 @@ mod tests {
                 "{file:?}: {left}"
             );
         }
-        assert_eq!(p.crl, None, "no list yet");
+        assert_eq!(p.crl, Some(dir.path().join(CRL_FILE)), "the CA's list");
     }
 
     #[test]
-    fn revoking_lists_each_certificate_once_and_numbers_each_list() {
+    fn revoking_lists_each_certificate_once_and_numbers_each_list_higher() {
         let dir = tempfile::tempdir().unwrap();
         create_ca(dir.path()).unwrap();
-        let empty = revoke(dir.path(), &[]).unwrap();
-        assert_eq!((empty.added, empty.listed), (0, 0));
-        assert_eq!(parse_crl(&empty.path), (1, 0));
+        let list = dir.path().join(CRL_FILE);
+        let (first, n) = parse_crl(&list);
+        assert_eq!(n, 0, "the CA starts with an empty list");
+        let unix = OffsetDateTime::now_utc().unix_timestamp() as u64;
+        assert!(
+            first + 5 >= unix,
+            "numbered from the clock: {first} vs {unix}"
+        );
         let e1 = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
         let e2 = issue(dir.path(), "e2", NodeRole::Edge, dir.path()).unwrap();
-        assert_eq!(e1.crl.as_ref(), Some(&empty.path));
         let r = revoke(dir.path(), std::slice::from_ref(&e1.cert)).unwrap();
         assert_eq!((r.added, r.listed), (1, 1));
         let r = revoke(dir.path(), &[e1.cert.clone(), e2.cert.clone()]).unwrap();
         assert_eq!((r.added, r.listed), (1, 2));
-        assert_eq!(parse_crl(&r.path), (3, 2));
+        let (third, n) = parse_crl(&r.path);
+        assert!(third >= first + 2, "{first} then {third}");
+        assert_eq!(n, 2);
         assert!(!dir.path().join(".ca.crl.tmp").exists());
+    }
+
+    #[test]
+    fn a_lost_list_is_not_started_again_unasked_and_writers_take_turns() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let e1 = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        revoke(dir.path(), std::slice::from_ref(&e1.cert)).unwrap();
+        let list = dir.path().join(CRL_FILE);
+        let (before, _) = parse_crl(&list);
+        assert!(matches!(
+            init_revocations(dir.path()),
+            Err(PkiError::ListExists(_))
+        ));
+        std::fs::remove_file(&list).unwrap();
+        let e = revoke(dir.path(), &[]).unwrap_err();
+        assert!(matches!(&e, PkiError::NoList(_)), "{e}");
+        assert!(e.to_string().contains("--init"), "{e}");
+        let r = init_revocations(dir.path()).unwrap();
+        assert_eq!(r.listed, 0, "a new list holds nothing");
+        assert!(
+            parse_crl(&list).0 > before,
+            "and numbers above the lost one"
+        );
+        // A writer at work (its temporary file) turns the next one away untouched.
+        std::fs::write(dir.path().join(".ca.crl.tmp"), "").unwrap();
+        let e = revoke(dir.path(), std::slice::from_ref(&e1.cert)).unwrap_err();
+        assert!(matches!(e, PkiError::Busy(_)), "{e}");
+        assert_eq!(parse_crl(&list).1, 0);
     }
 
     #[test]
@@ -362,14 +484,14 @@ mod tests {
         let ours = issue(&ca, "e1", NodeRole::Edge, &ca).unwrap();
         let theirs = issue(&other, "e1", NodeRole::Edge, &other).unwrap();
         revoke(&ca, std::slice::from_ref(&ours.cert)).unwrap();
+        let listed = std::fs::read(ca.join(CRL_FILE)).unwrap();
         let e = revoke(&ca, std::slice::from_ref(&theirs.cert)).unwrap_err();
         assert!(
             matches!(&e, PkiError::OtherCa(f) if *f == theirs.cert),
             "{e}"
         );
-        assert_eq!(parse_crl(&ca.join(CRL_FILE)), (1, 1));
+        assert_eq!(std::fs::read(ca.join(CRL_FILE)).unwrap(), listed);
         // A list signed by another CA in this CA's place is not extended either.
-        revoke(&other, &[]).unwrap();
         std::fs::copy(other.join(CRL_FILE), ca.join(CRL_FILE)).unwrap();
         assert!(matches!(revoke(&ca, &[]), Err(PkiError::OtherCa(_))));
     }

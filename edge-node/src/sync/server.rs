@@ -68,7 +68,7 @@ pub struct SyncParts {
     /// Longest wait for that work at shutdown (`server.drain_timeout_secs`).
     pub drain_timeout: Duration,
     /// The CA and its revocation list: a connection whose peer it revokes later is closed
-    /// at its next stream.
+    /// when the edge reads the new list.
     pub trust: Trust,
 }
 
@@ -322,7 +322,15 @@ impl Handler {
         let gauge = m.sync_connections.with_label_values(&[role.label()]);
         gauge.inc();
         tracing::info!(peer = %conn.remote_address(), role = role.label(), "QUIC peer connected");
-        while let Ok((send, recv)) = conn.accept_bi().await {
+        loop {
+            let (send, recv) = tokio::select! {
+                s = conn.accept_bi() => match s {
+                    Ok(s) => s,
+                    Err(_) => break,
+                },
+                // A peer the revocation list now refuses is cut off at once, idle or not.
+                () = checked.cut_when_refused(&conn) => break,
+            };
             if !checked.still_trusted(&conn) {
                 break;
             }
