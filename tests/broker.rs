@@ -2566,6 +2566,32 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         .await
         .unwrap_err();
     assert!(!peer_link.is_connected(), "{again}");
+    // The edge exports what its list names and when its own certificate ends (a year).
+    let m = text(format!("http://{good_admin}/metrics")).await;
+    assert_eq!(
+        sample(&m, "shadowcdn_edge_quic_revoked_certificates", &[]),
+        Some(1.0),
+        "{m}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let end = sample(&m, "shadowcdn_edge_quic_cert_expiry_timestamp_seconds", &[]).unwrap();
+    assert!(
+        (end - now - 365.0 * 86_400.0).abs() < 86_400.0,
+        "{end} vs {now}"
+    );
+    let bm = text(broker.metrics_url()).await;
+    assert!(
+        sample(
+            &bm,
+            "shadowcdn_broker_quic_cert_expiry_timestamp_seconds",
+            &[]
+        )
+        .is_some_and(|t| t > now),
+        "{bm}"
+    );
     match broker_link
         .request(&Request::Stats { ack: None }, timeout)
         .await

@@ -132,6 +132,16 @@ impl Control {
         })
     }
 
+    /// Export the QUIC certificate's end and the revocation list's size
+    /// (`shadowcdn_broker_quic_*`), read at each scrape.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
+        self.identity.register_metrics(
+            registry,
+            "shadowcdn_broker_quic_cert_expiry_timestamp_seconds",
+            "shadowcdn_broker_quic_revoked_certificates",
+        )
+    }
+
     /// The links, created inside the calling tokio runtime on first use.
     fn links(&self) -> Result<&[Option<Arc<Link>>], SyncError> {
         if let Some(l) = self.links.get() {

@@ -178,10 +178,14 @@ impl Broker {
             .offering_from(Source::Anomaly, 0.0),
         );
         let control = match &cfg.control {
-            Some(c) => Some(Arc::new(
-                Control::new(c, fleet.clone(), ledger.clone(), metrics.clone())
-                    .map_err(|e| StartError::Setup(format!("control: {e}")))?,
-            )),
+            Some(c) => {
+                let control = Control::new(c, fleet.clone(), ledger.clone(), metrics.clone())
+                    .map_err(|e| StartError::Setup(format!("control: {e}")))?;
+                control
+                    .register_metrics(&prometheus)
+                    .map_err(|e| StartError::Setup(e.to_string()))?;
+                Some(Arc::new(control))
+            }
             None => None,
         };
         let inflight = InflightCounter::default();

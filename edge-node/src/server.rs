@@ -131,6 +131,15 @@ impl EdgeNode {
         let registry = prometheus::Registry::new();
         let metrics =
             EdgeMetrics::register(&registry).map_err(|e| StartError::Setup(e.to_string()))?;
+        if let Some((identity, ..)) = &sync {
+            identity
+                .register_metrics(
+                    &registry,
+                    "shadowcdn_edge_quic_cert_expiry_timestamp_seconds",
+                    "shadowcdn_edge_quic_revoked_certificates",
+                )
+                .map_err(|e| StartError::Setup(e.to_string()))?;
+        }
         if cfg.cache.large_objects_crowd_shards() {
             tracing::warn!(
                 max_object_size = %cfg.cache.max_object_size,

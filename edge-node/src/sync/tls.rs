@@ -171,10 +171,9 @@ fn certified_key(p: &TlsPaths) -> Result<(Arc<CertifiedKey>, PrivateKeyDer<'stat
 
 /// Log a certificate that has expired or ends within [`EXPIRY_WARNING`].
 fn warn_if_expiring(path: &Path, cert: &CertificateDer<'_>) {
-    let Ok((_, parsed)) = x509_parser::parse_x509_certificate(cert) else {
+    let Some(end) = not_after(cert) else {
         return;
     };
-    let end = parsed.validity().not_after.timestamp();
     let now = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs() as i64);
@@ -364,6 +363,64 @@ impl NodeIdentity {
         let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
         cfg.transport_config(transport());
         Ok(cfg)
+    }
+}
+
+/// The identity's state as gauges, set at each scrape: when the certificate in use ends
+/// (a renewal that stopped alerts days before handshakes fail) and what the revocation list
+/// names.
+struct IdentityCollector {
+    current: Arc<CurrentKey>,
+    expiry: prometheus::IntGauge,
+    revoked: prometheus::IntGauge,
+}
+
+impl prometheus::core::Collector for IdentityCollector {
+    fn desc(&self) -> Vec<&prometheus::core::Desc> {
+        let mut d = self.expiry.desc();
+        d.extend(self.revoked.desc());
+        d
+    }
+
+    fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
+        let leaf = self.current.key.read().cert.first().cloned();
+        if let Some(end) = leaf.as_ref().and_then(|c| not_after(c)) {
+            self.expiry.set(end);
+        }
+        self.revoked
+            .set(i64::try_from(self.current.trust.revoked()).unwrap_or(i64::MAX));
+        let mut m = self.expiry.collect();
+        m.extend(self.revoked.collect());
+        m
+    }
+}
+
+/// The end of `cert`'s validity (Unix seconds).
+fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    Some(parsed.validity().not_after.timestamp())
+}
+
+impl NodeIdentity {
+    /// Export gauges named `expiry` (the end of the certificate in use, Unix seconds) and
+    /// `revoked` (entries of the revocation list in use) to `registry`, read at each scrape.
+    pub fn register_metrics(
+        &self,
+        registry: &prometheus::Registry,
+        expiry: &str,
+        revoked: &str,
+    ) -> prometheus::Result<()> {
+        registry.register(Box::new(IdentityCollector {
+            current: self.current.clone(),
+            expiry: prometheus::IntGauge::new(
+                expiry,
+                "End of validity of the QUIC certificate in use (Unix seconds)",
+            )?,
+            revoked: prometheus::IntGauge::new(
+                revoked,
+                "Certificates the QUIC revocation list in use names",
+            )?,
+        }))
     }
 }
 
