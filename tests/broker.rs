@@ -2551,6 +2551,24 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         other => panic!("{other:?}"),
     }
 
+    // One peer holds at most 8 connections (a broker or a peer uses one).
+    pki.issue("eu-3", false);
+    let mut links = Vec::new();
+    for _ in 0..8 {
+        let l = link_as(&ca, "eu-3", &dir.path().join("pki"));
+        assert!(l
+            .request(&Request::Stats { ack: None }, timeout)
+            .await
+            .is_ok());
+        links.push(l);
+    }
+    let ninth = link_as(&ca, "eu-3", &dir.path().join("pki"));
+    assert!(ninth
+        .request(&Request::Stats { ack: None }, timeout)
+        .await
+        .is_err());
+    drop(links);
+
     // A revoked node is cut off once the edge reads the list (every 30 s): its open
     // connection at its next stream, and its handshakes from then on; the others go on.
     pki.revoke(&eu2);

@@ -130,7 +130,8 @@ pub struct EdgeMetrics {
     pub sync_connections: IntGaugeVec,
     /// QUIC messages handled, by type and outcome.
     pub sync_messages: IntCounterVec,
-    /// QUIC handshakes refused (no or foreign certificate, wrong ALPN, too many at once).
+    /// QUIC handshakes refused (no, foreign or revoked certificate, wrong ALPN, too many at
+    /// once, too many connections open from the peer).
     pub sync_handshake_failures: IntCounter,
     /// Live shadow marks (refreshed on scrape).
     pub shadows: IntGauge,
@@ -273,7 +274,8 @@ impl EdgeMetrics {
             )?,
             sync_handshake_failures: IntCounter::new(
                 "shadowcdn_edge_quic_handshake_failures_total",
-                "QUIC handshakes refused (missing or foreign certificate, or too many at once)",
+                "QUIC handshakes refused (missing, foreign or revoked certificate, too many at once, \
+                 or too many connections open from the peer)",
             )?,
             shadows: IntGauge::new("shadowcdn_edge_shadows", "Live shadow marks")?,
             shadow_bytes: IntGauge::new(

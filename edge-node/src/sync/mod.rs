@@ -12,6 +12,7 @@
 //! - [`peers`] — the other edges the broker listed: the only peers a demand miss may use.
 
 pub mod bridge;
+mod connections;
 mod handshakes;
 pub mod link;
 pub mod peers;

@@ -12,6 +12,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use serde::Deserialize;
 
+use super::connections::{peer_name, PeerConnections};
 use super::handshakes::{HandshakeSlots, Slot, HANDSHAKE_TIMEOUT};
 use super::protocol::{
     read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, LiveShadow, Reply, Request,
@@ -28,6 +29,8 @@ use crate::proxy::InternalSecret;
 use crate::shadow::{split_key, unshadow, FillRequest, Filler, ShadowTable};
 use crate::storage::FoyerStorage;
 
+/// Application close code of a connection refused because its peer has too many open.
+pub const TOO_MANY_CLOSE_CODE: u32 = 0x544d;
 /// Replies remembered for repeated message ids.
 const DEDUP_CAPACITY: usize = 4096;
 /// How long a stream may take to deliver its request frame.
@@ -244,6 +247,7 @@ impl BackgroundService for SyncService {
             }
         };
         let handshakes = HandshakeSlots::default();
+        let connections = PeerConnections::default();
         loop {
             tokio::select! {
                 incoming = endpoint.accept() => {
@@ -260,7 +264,11 @@ impl BackgroundService for SyncService {
                         incoming.refuse();
                         continue;
                     };
-                    tokio::spawn(self.handler.clone().connection(incoming, slot));
+                    tokio::spawn(self.handler.clone().connection(
+                        incoming,
+                        slot,
+                        connections.clone(),
+                    ));
                 }
                 _ = shutdown.changed() => break,
             }
@@ -295,7 +303,12 @@ impl Role {
 }
 
 impl Handler {
-    async fn connection(self: Arc<Self>, incoming: quinn::Incoming, handshake: Slot) {
+    async fn connection(
+        self: Arc<Self>,
+        incoming: quinn::Incoming,
+        handshake: Slot,
+        connections: PeerConnections,
+    ) {
         let m = &self.parts.metrics;
         let mut checked = self.parts.trust.accepting();
         let conn = match tokio::time::timeout(HANDSHAKE_TIMEOUT, incoming).await {
@@ -314,6 +327,14 @@ impl Handler {
         // The endpoint took its certificate: a broker or a peer of this cluster.
         handshake.authenticated();
         drop(handshake);
+        let peer = peer_name(&conn);
+        let Some(_held) = connections.admit(&peer) else {
+            m.sync_handshake_failures.inc();
+            tracing::warn!(peer = %peer, addr = %conn.remote_address(),
+                "QUIC connection refused: the peer has too many open");
+            conn.close(TOO_MANY_CLOSE_CODE.into(), b"too many connections");
+            return;
+        };
         let role = if peer_is(&conn, BROKER_NAME) {
             Role::Broker
         } else {
