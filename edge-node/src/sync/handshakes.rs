@@ -127,6 +127,15 @@ impl Slot {
     }
 }
 
+impl Slot {
+    /// The handshake was refused over its certificate (foreign, expired, revoked): the
+    /// address is a stranger again, however recently it was the fleet's — a revoked node
+    /// keeps no slots kept for the fleet.
+    pub fn refused(&self) {
+        self.slots.0.lock().known.remove(&self.from);
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut t = self.slots.0.lock();
@@ -218,5 +227,22 @@ mod tests {
             slots.0.lock().known.insert(stale, at);
             assert!(slots.admit(stale).is_none(), "the stranger slots are full");
         }
+    }
+
+    #[test]
+    fn an_address_refused_over_its_certificate_is_a_stranger_again() {
+        let slots = HandshakeSlots::default();
+        let revoked: IpAddr = "192.0.2.11".parse().unwrap();
+        slots.admit(revoked).unwrap().authenticated();
+        let strangers: Vec<Slot> = (0..=255u8)
+            .flat_map(|i| slots.admit(IpAddr::from([10, 0, 0, i])))
+            .collect();
+        assert_eq!(strangers.len(), MAX_HANDSHAKES - RESERVED_FOR_KNOWN);
+        let slot = slots
+            .admit(revoked)
+            .expect("a known address takes a kept slot");
+        slot.refused();
+        drop(slot);
+        assert!(slots.admit(revoked).is_none(), "no longer known");
     }
 }

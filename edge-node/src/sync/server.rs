@@ -286,6 +286,18 @@ impl BackgroundService for SyncService {
     }
 }
 
+/// Whether a handshake failed with a TLS alert (QUIC crypto error codes 0x100–0x1ff): this
+/// side refused the peer's certificate, or the peer ours.
+fn certificate_refused(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::TransportError(t) => (0x100..=0x1ff).contains(&u64::from(t.code)),
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            (0x100..=0x1ff).contains(&u64::from(c.error_code))
+        }
+        _ => false,
+    }
+}
+
 /// Who is on the other end.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -315,6 +327,9 @@ impl Handler {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 m.sync_handshake_failures.inc();
+                if certificate_refused(&e) {
+                    handshake.refused();
+                }
                 tracing::warn!(error = %e, "QUIC handshake refused");
                 return;
             }
