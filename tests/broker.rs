@@ -2567,10 +2567,17 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         .request(&Request::Stats { ack: None }, timeout)
         .await
         .is_err());
+    // Refused, the ninth backs off rather than redialling at every request.
+    let again = ninth
+        .request(&Request::Stats { ack: None }, timeout)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(again.contains("backing off"), "{again}");
     drop(links);
 
     // A revoked node is cut off once the edge reads the list (every 30 s): its open
-    // connection at its next stream, and its handshakes from then on; the others go on.
+    // connection then, and its handshakes from then on; the others go on.
     pki.revoke(&eu2);
     wait_secs(45, || async {
         peer_link

@@ -94,7 +94,9 @@ enum Certs {
         #[arg(long)]
         ca_dir: PathBuf,
         /// Start an empty list first, where there is none (a CA made before lists were; a
-        /// lost list is better restored from a backup).
+        /// lost list is better restored from a backup). Nodes still holding a list with a
+        /// higher number (one made on a machine whose clock ran ahead) refuse the new one
+        /// as older until they restart.
         #[arg(long)]
         init: bool,
         /// Certificate files (PEM) the CA issued.

@@ -366,11 +366,23 @@ pub struct Rest {
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
-/// Whether the peer closed the connection with a TLS alert (QUIC codes 0x100–0x1ff): it
-/// refused the handshake, e.g. our certificate. Alerts only happen during a handshake.
+/// Whether the peer refused us: it closed the connection with a TLS alert (QUIC codes
+/// 0x100–0x1ff; alerts only happen during a handshake, e.g. over our certificate), or because
+/// its revocation list names our certificate, or because we hold too many connections to it.
+/// Redialling at once would be refused the same way.
 fn refused(reason: &quinn::ConnectionError) -> bool {
-    matches!(reason, quinn::ConnectionError::ConnectionClosed(close)
-        if (0x100..=0x1ff).contains(&u64::from(close.error_code)))
+    match reason {
+        quinn::ConnectionError::ConnectionClosed(close) => {
+            (0x100..=0x1ff).contains(&u64::from(close.error_code))
+        }
+        quinn::ConnectionError::ApplicationClosed(close) => [
+            super::trust::REVOKED_CLOSE_CODE,
+            super::server::TOO_MANY_CLOSE_CODE,
+        ]
+        .iter()
+        .any(|c| u64::from(close.error_code) == u64::from(*c)),
+        _ => false,
+    }
 }
 
 /// A client endpoint presenting `identity`, bound to an ephemeral port: dual-stack where the

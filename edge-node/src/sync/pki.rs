@@ -150,11 +150,12 @@ pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
     write(&dir.join("ca.pem"), &cert.pem())?;
     write_key(&dir.join("ca.key"), &key.serialize_pem())?;
     // A CA made again in the same place starts a new list: the old one is another CA's.
+    let lock = ListLock::take(dir)?;
     let crl = dir.join(CRL_FILE);
     if crl.exists() {
         std::fs::remove_file(&crl).map_err(|source| PkiError::Io { path: crl, source })?;
     }
-    sign_list(dir, &[]).map(|_| ())
+    sign_list(dir, &[], lock).map(|_| ())
 }
 
 /// Issue a certificate valid for [`NODE_DAYS`] for node `name` with `role` from the CA in
@@ -232,21 +233,23 @@ fn pem_error(path: &Path, what: impl ToString) -> PkiError {
 /// replaced whole (written beside it, synced, then renamed), so a node never reads half a
 /// list, and two runs at once cannot lose each other's revocations: the second is refused.
 pub fn revoke(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
+    let lock = ListLock::take(ca_dir)?;
     let path = ca_dir.join(CRL_FILE);
     if !path.exists() {
         return Err(PkiError::NoList(path));
     }
-    sign_list(ca_dir, certs)
+    sign_list(ca_dir, certs, lock)
 }
 
 /// Start an empty revocation list for the CA in `ca_dir`, which must have none (a lost list
 /// is better restored from a backup: a new one lifts every revocation the old one held).
 pub fn init_revocations(ca_dir: &Path) -> Result<Revoked, PkiError> {
+    let lock = ListLock::take(ca_dir)?;
     let path = ca_dir.join(CRL_FILE);
     if path.exists() {
         return Err(PkiError::ListExists(path));
     }
-    sign_list(ca_dir, &[])
+    sign_list(ca_dir, &[], lock)
 }
 
 /// The CA in `ca_dir`: its certificate (PEM) and signing key.
@@ -257,8 +260,9 @@ fn read_ca(ca_dir: &Path) -> Result<(String, Issuer<'static, KeyPair>), PkiError
     Ok((ca_pem, issuer))
 }
 
-/// Write `ca.crl` in `ca_dir`: the entries of the list there (if any) plus `certs`.
-fn sign_list(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
+/// Write `ca.crl` in `ca_dir`, holding `lock`: the entries of the list there (if any) plus
+/// `certs`.
+fn sign_list(ca_dir: &Path, certs: &[PathBuf], lock: ListLock) -> Result<Revoked, PkiError> {
     let ca_path = ca_dir.join("ca.pem");
     let (ca_pem, issuer) = read_ca(ca_dir)?;
     let ca_der =
@@ -324,7 +328,7 @@ fn sign_list(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
         key_identifier_method: KeyIdMethod::Sha256,
     };
     let pem = params.signed_by(&issuer)?.pem()?;
-    replace(ca_dir, &path, &pem)?;
+    lock.commit(&path, &pem)?;
     Ok(Revoked {
         added,
         listed: params.revoked_certs.len(),
@@ -332,41 +336,67 @@ fn sign_list(ca_dir: &Path, certs: &[PathBuf]) -> Result<Revoked, PkiError> {
     })
 }
 
-/// Replace `path` (in `dir`) by `contents` whole: written to a temporary file beside it —
-/// created exclusively, so it doubles as the lock of one writer at a time — synced, renamed
-/// over `path`, and the directory synced.
-fn replace(dir: &Path, path: &Path, contents: &str) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let tmp = dir.join(format!(".{CRL_FILE}.tmp"));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| PkiError::Io { path, source }
-    };
-    let mut f = match std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o644)
-        .open(&tmp)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-            return Err(PkiError::Busy(tmp));
-        }
-        Err(e) => return Err(io(&tmp)(e)),
-    };
-    let written = f
-        .write_all(contents.as_bytes())
-        .and_then(|()| f.sync_all())
-        .map_err(io(&tmp))
-        .and_then(|()| std::fs::rename(&tmp, path).map_err(io(path)));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+/// The list's temporary file, created exclusively before the list is read: one writer at a
+/// time, so two runs cannot both extend the same list and lose one's revocations. Removed
+/// when dropped uncommitted.
+struct ListLock {
+    dir: PathBuf,
+    tmp: PathBuf,
+    file: std::fs::File,
+    /// Renamed over the list: nothing to remove.
+    committed: bool,
+}
+
+impl ListLock {
+    fn take(dir: &Path) -> Result<Self, PkiError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = dir.join(format!(".{CRL_FILE}.tmp"));
+        let file = match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(PkiError::Busy(tmp));
+            }
+            Err(source) => return Err(PkiError::Io { path: tmp, source }),
+        };
+        Ok(ListLock {
+            dir: dir.to_path_buf(),
+            tmp,
+            file,
+            committed: false,
+        })
     }
-    written?;
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io(dir))
+
+    /// Replace `path` by `contents` whole: written to the temporary file, synced, renamed
+    /// over `path`, and the directory synced.
+    fn commit(mut self, path: &Path, contents: &str) -> Result<(), PkiError> {
+        use std::io::Write;
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| PkiError::Io { path, source }
+        };
+        (&self.file)
+            .write_all(contents.as_bytes())
+            .and_then(|()| self.file.sync_all())
+            .map_err(io(&self.tmp))?;
+        std::fs::rename(&self.tmp, path).map_err(io(path))?;
+        self.committed = true;
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io(&self.dir))
+    }
+}
+
+impl Drop for ListLock {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -494,5 +524,32 @@ mod tests {
         // A list signed by another CA in this CA's place is not extended either.
         std::fs::copy(other.join(CRL_FILE), ca.join(CRL_FILE)).unwrap();
         assert!(matches!(revoke(&ca, &[]), Err(PkiError::OtherCa(_))));
+    }
+
+    #[test]
+    fn revocations_made_at_once_are_all_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let certs: Vec<PathBuf> = (0..6)
+            .map(|i| {
+                issue(dir.path(), &format!("e{i}"), NodeRole::Edge, dir.path())
+                    .unwrap()
+                    .cert
+            })
+            .collect();
+        let ca = dir.path();
+        std::thread::scope(|s| {
+            for cert in &certs {
+                s.spawn(move || loop {
+                    match revoke(ca, std::slice::from_ref(cert)) {
+                        Ok(r) => break assert_eq!(r.added, 1),
+                        Err(PkiError::Busy(_)) => std::thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                });
+            }
+        });
+        assert_eq!(parse_crl(&dir.path().join(CRL_FILE)).1, certs.len());
+        assert!(!dir.path().join(".ca.crl.tmp").exists());
     }
 }

@@ -286,13 +286,16 @@ impl BackgroundService for SyncService {
     }
 }
 
-/// Whether a handshake failed with a TLS alert (QUIC crypto error codes 0x100–0x1ff): this
-/// side refused the peer's certificate, or the peer ours.
+/// Whether this edge refused the peer's certificate during a handshake: quinn reports it as
+/// a transport error carrying a TLS certificate alert (QUIC code 0x100 + alert). The peer
+/// refusing *ours* (a closed connection) and other alerts (an ALPN mismatch, a decode
+/// error) are not the peer's certificate's fault.
 fn certificate_refused(e: &quinn::ConnectionError) -> bool {
+    // bad_certificate … certificate_unknown (42–46), unknown_ca (48), certificate_required (116).
+    const ALERTS: [u64; 7] = [42, 43, 44, 45, 46, 48, 116];
     match e {
-        quinn::ConnectionError::TransportError(t) => (0x100..=0x1ff).contains(&u64::from(t.code)),
-        quinn::ConnectionError::ConnectionClosed(c) => {
-            (0x100..=0x1ff).contains(&u64::from(c.error_code))
+        quinn::ConnectionError::TransportError(t) => {
+            ALERTS.iter().any(|a| u64::from(t.code) == 0x100 + a)
         }
         _ => false,
     }
@@ -696,6 +699,23 @@ mod tests {
     /// Message `id` with an empty body.
     fn key(id: u64) -> MessageKey {
         MessageKey::of(id, None)
+    }
+
+    #[test]
+    fn only_certificate_alerts_of_this_side_forget_an_address() {
+        let alert = |a: u8| {
+            quinn::ConnectionError::TransportError(quinn_proto::TransportError {
+                code: quinn_proto::TransportErrorCode::crypto(a),
+                frame: None,
+                reason: String::new(),
+            })
+        };
+        assert!(certificate_refused(&alert(44)), "certificate_revoked");
+        assert!(certificate_refused(&alert(48)), "unknown_ca");
+        assert!(certificate_refused(&alert(116)), "certificate_required");
+        assert!(!certificate_refused(&alert(120)), "no_application_protocol");
+        assert!(!certificate_refused(&alert(50)), "decode_error");
+        assert!(!certificate_refused(&quinn::ConnectionError::TimedOut));
     }
 
     #[test]

@@ -384,13 +384,14 @@ impl prometheus::core::Collector for IdentityCollector {
 
     fn collect(&self) -> Vec<prometheus::proto::MetricFamily> {
         let leaf = self.current.key.read().cert.first().cloned();
-        if let Some(end) = leaf.as_ref().and_then(|c| not_after(c)) {
-            self.expiry.set(end);
-        }
         self.revoked
             .set(i64::try_from(self.current.trust.revoked()).unwrap_or(i64::MAX));
-        let mut m = self.expiry.collect();
-        m.extend(self.revoked.collect());
+        let mut m = self.revoked.collect();
+        // An end that cannot be read is left out, not exported as 0 (an alert would fire).
+        if let Some(end) = leaf.as_ref().and_then(|c| not_after(c)) {
+            self.expiry.set(end);
+            m.extend(self.expiry.collect());
+        }
         m
     }
 }
