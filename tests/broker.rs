@@ -2602,6 +2602,11 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs_f64();
+    assert_eq!(
+        sample(&m, "shadowcdn_edge_quic_revocation_list_refused", &[]),
+        Some(0.0),
+        "{m}"
+    );
     let end = sample(&m, "shadowcdn_edge_quic_cert_expiry_timestamp_seconds", &[]).unwrap();
     assert!(
         (end - now - 365.0 * 86_400.0).abs() < 86_400.0,

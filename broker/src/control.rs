@@ -137,8 +137,11 @@ impl Control {
     pub fn register_metrics(&self, registry: &prometheus::Registry) -> prometheus::Result<()> {
         self.identity.register_metrics(
             registry,
-            "shadowcdn_broker_quic_cert_expiry_timestamp_seconds",
-            "shadowcdn_broker_quic_revoked_certificates",
+            edge_node::sync::tls::IdentityMetricNames {
+                expiry: "shadowcdn_broker_quic_cert_expiry_timestamp_seconds",
+                revoked: "shadowcdn_broker_quic_revoked_certificates",
+                list_refused: "shadowcdn_broker_quic_revocation_list_refused",
+            },
         )
     }
 

@@ -135,8 +135,11 @@ impl EdgeNode {
             identity
                 .register_metrics(
                     &registry,
-                    "shadowcdn_edge_quic_cert_expiry_timestamp_seconds",
-                    "shadowcdn_edge_quic_revoked_certificates",
+                    crate::sync::tls::IdentityMetricNames {
+                        expiry: "shadowcdn_edge_quic_cert_expiry_timestamp_seconds",
+                        revoked: "shadowcdn_edge_quic_revoked_certificates",
+                        list_refused: "shadowcdn_edge_quic_revocation_list_refused",
+                    },
                 )
                 .map_err(|e| StartError::Setup(e.to_string()))?;
         }

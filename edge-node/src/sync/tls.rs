@@ -366,6 +366,17 @@ impl NodeIdentity {
     }
 }
 
+/// The names a node gives its identity's gauges (`shadowcdn_edge_…`, `shadowcdn_broker_…`).
+#[derive(Debug, Clone, Copy)]
+pub struct IdentityMetricNames {
+    /// The end of the certificate in use.
+    pub expiry: &'static str,
+    /// Entries of the revocation list in use.
+    pub revoked: &'static str,
+    /// Whether the list's file is refused.
+    pub list_refused: &'static str,
+}
+
 /// The identity's state as gauges, set at each scrape: when the certificate in use ends
 /// (a renewal that stopped alerts days before handshakes fail) and what the revocation list
 /// names.
@@ -373,12 +384,14 @@ struct IdentityCollector {
     current: Arc<CurrentKey>,
     expiry: prometheus::IntGauge,
     revoked: prometheus::IntGauge,
+    refused: prometheus::IntGauge,
 }
 
 impl prometheus::core::Collector for IdentityCollector {
     fn desc(&self) -> Vec<&prometheus::core::Desc> {
         let mut d = self.expiry.desc();
         d.extend(self.revoked.desc());
+        d.extend(self.refused.desc());
         d
     }
 
@@ -386,7 +399,10 @@ impl prometheus::core::Collector for IdentityCollector {
         let leaf = self.current.key.read().cert.first().cloned();
         self.revoked
             .set(i64::try_from(self.current.trust.revoked()).unwrap_or(i64::MAX));
+        self.refused
+            .set(i64::from(self.current.trust.list_refused()));
         let mut m = self.revoked.collect();
+        m.extend(self.refused.collect());
         // An end that cannot be read is left out, not exported as 0 (an alert would fire).
         if let Some(end) = leaf.as_ref().and_then(|c| not_after(c)) {
             self.expiry.set(end);
@@ -403,23 +419,28 @@ fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
 }
 
 impl NodeIdentity {
-    /// Export gauges named `expiry` (the end of the certificate in use, Unix seconds) and
-    /// `revoked` (entries of the revocation list in use) to `registry`, read at each scrape.
+    /// Export gauges named `names.expiry` (the end of the certificate in use, Unix
+    /// seconds), `names.revoked` (entries of the revocation list in use) and
+    /// `names.list_refused` (1 while the list's file is refused and an older one enforced) to
+    /// `registry`, read at each scrape.
     pub fn register_metrics(
         &self,
         registry: &prometheus::Registry,
-        expiry: &str,
-        revoked: &str,
+        names: IdentityMetricNames,
     ) -> prometheus::Result<()> {
         registry.register(Box::new(IdentityCollector {
             current: self.current.clone(),
             expiry: prometheus::IntGauge::new(
-                expiry,
+                names.expiry,
                 "End of validity of the QUIC certificate in use (Unix seconds)",
             )?,
             revoked: prometheus::IntGauge::new(
-                revoked,
+                names.revoked,
                 "Certificates the QUIC revocation list in use names",
+            )?,
+            refused: prometheus::IntGauge::new(
+                names.list_refused,
+                "1 while the QUIC revocation list's file is refused (an older list is enforced)",
             )?,
         }))
     }

@@ -8,6 +8,7 @@
 //! Without a configured list this is the plain cluster-CA verification it always was.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ struct Inner {
     reloading: parking_lot::Mutex<()>,
     /// Counts the changes of the list in use; [`Checked`] holders watch it.
     changes: watch::Sender<u64>,
+    /// The list's file was refused at the last read.
+    refused: AtomicBool,
 }
 
 /// The cluster CA and its revocation list as this node enforces them; cheap to clone (all
@@ -188,6 +191,7 @@ impl Trust {
                 current: parking_lot::RwLock::new(verifiers),
                 reloading: parking_lot::Mutex::new(()),
                 changes: watch::Sender::new(0),
+                refused: AtomicBool::new(false),
             }),
         })
     }
@@ -225,6 +229,18 @@ impl Trust {
             return Ok(false);
         };
         let _one_at_a_time = self.inner.reloading.lock();
+        let read = self.read_list(path, own);
+        self.inner.refused.store(read.is_err(), Ordering::Relaxed);
+        read
+    }
+
+    /// Whether the list's file, as last read, is refused (the one before stays in use): an
+    /// operator's revocation the node does not enforce.
+    pub fn list_refused(&self) -> bool {
+        self.inner.refused.load(Ordering::Relaxed)
+    }
+
+    fn read_list(&self, path: &Path, own: &[CertificateDer<'static>]) -> Result<bool, TlsError> {
         let verifiers = build(&self.inner.roots, Some(path)).map_err(|e| match e {
             TlsError::Pem { what, .. } if !path.exists() => pem_error(
                 path,
@@ -699,8 +715,10 @@ mod tests {
         let e = e1.reload_revocations().unwrap_err().to_string();
         assert!(e.contains("older than the list in use"), "{e}");
         assert_eq!(e1.trust().revoked(), 2);
+        assert!(e1.trust().list_refused(), "exported, for an alert");
         std::fs::write(&list, newer).unwrap();
         assert!(!e1.reload_revocations().unwrap());
+        assert!(!e1.trust().list_refused());
     }
 
     #[test]
