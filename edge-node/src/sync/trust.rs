@@ -52,6 +52,8 @@ struct Inner {
     roots: Arc<RootCertStore>,
     /// The subjects of `roots`: what a server names to a client as acceptable issuers.
     hints: Vec<DistinguishedName>,
+    /// The crypto provider the verifiers are built with.
+    provider: Arc<rustls::crypto::CryptoProvider>,
     crl: Option<PathBuf>,
     current: parking_lot::RwLock<Verifiers>,
     /// Serialises reloads.
@@ -187,6 +189,7 @@ impl Trust {
             inner: Arc::new(Inner {
                 hints: roots.subjects(),
                 roots,
+                provider: provider(),
                 crl: crl.map(Path::to_path_buf),
                 current: parking_lot::RwLock::new(verifiers),
                 reloading: parking_lot::Mutex::new(()),
@@ -291,6 +294,11 @@ impl Trust {
             changes: self.inner.changes.subscribe(),
             side,
         }
+    }
+
+    /// The handshake's signature checks: the same for both sides, and unaffected by the list.
+    fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
+        &self.inner.provider.signature_verification_algorithms
     }
 
     /// Whether the list in use refuses `chain` as `side` verifies it, dates aside.
@@ -403,8 +411,7 @@ impl ClientCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let client = self.inner.current.read().client.clone();
-        client.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -413,12 +420,11 @@ impl ClientCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let client = self.inner.current.read().client.clone();
-        client.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.current.read().client.supported_verify_schemes()
+        self.algorithms().supported_schemes()
     }
 }
 
@@ -441,8 +447,7 @@ impl ServerCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let server = self.inner.current.read().server.clone();
-        server.verify_tls12_signature(message, cert, dss)
+        rustls::crypto::verify_tls12_signature(message, cert, dss, self.algorithms())
     }
 
     fn verify_tls13_signature(
@@ -451,12 +456,11 @@ impl ServerCertVerifier for Trust {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        let server = self.inner.current.read().server.clone();
-        server.verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(message, cert, dss, self.algorithms())
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.inner.current.read().server.supported_verify_schemes()
+        self.algorithms().supported_schemes()
     }
 }
 
