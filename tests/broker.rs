@@ -2424,12 +2424,13 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(&dir.path().join("pki"));
     let rogue_pki = Pki::create(&dir.path().join("rogue-pki"));
+    let good_certs = pki.issue("good", false);
     let good = EdgeProc::start_with_certs(
         &dir.path().join("good"),
         "good",
         &[],
         "",
-        Some(pki.issue("good", false)),
+        Some(good_certs.clone()),
     );
     let rogue = EdgeProc::start_with_certs(
         &dir.path().join("rogue"),
@@ -2577,8 +2578,9 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     drop(links);
 
     // A revoked node is cut off once the edge reads the list (every 30 s): its open
-    // connection then, and its handshakes from then on; the others go on.
-    pki.revoke(&eu2);
+    // connection then, and its handshakes from then on; the others go on. An edge revoked
+    // (good itself) is also taken out of client routing once the broker reads the list.
+    pki.revoke(&[&eu2, &good_certs]);
     wait_secs(45, || async {
         peer_link
             .request(&Request::Stats { ack: None }, timeout)
@@ -2595,7 +2597,7 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     let m = text(format!("http://{good_admin}/metrics")).await;
     assert_eq!(
         sample(&m, "shadowcdn_edge_quic_revoked_certificates", &[]),
-        Some(1.0),
+        Some(2.0),
         "{m}"
     );
     let now = std::time::SystemTime::now()
@@ -2622,6 +2624,15 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         .is_some_and(|t| t > now),
         "{bm}"
     );
+    let broker_metrics = broker.metrics_url();
+    wait_secs(45, || async {
+        sample(
+            &text(broker_metrics.clone()).await,
+            "shadowcdn_broker_edge_up",
+            &["edge=\"good\""],
+        ) == Some(0.0)
+    })
+    .await;
     match broker_link
         .request(&Request::Stats { ack: None }, timeout)
         .await

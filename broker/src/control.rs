@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::cost::Ledger;
 use crate::metrics::BrokerMetrics;
-use crate::routing::Fleet;
+use crate::routing::{Fleet, Health};
 
 /// Longest wait for an edge's answer to an order.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -95,6 +95,8 @@ pub struct Control {
     interval: Duration,
     ledger: Arc<Ledger>,
     metrics: BrokerMetrics,
+    /// Edges whose certificate the broker's revocation list names are held out of routing.
+    health: Arc<Health>,
 }
 
 impl Control {
@@ -104,6 +106,7 @@ impl Control {
         fleet: Arc<Fleet>,
         ledger: Arc<Ledger>,
         metrics: BrokerMetrics,
+        health: Arc<Health>,
     ) -> Result<Self, SyncError> {
         let identity = NodeIdentity::load(&TlsPaths {
             ca_cert: section.ca_cert.clone(),
@@ -129,6 +132,7 @@ impl Control {
             ),
             ledger,
             metrics,
+            health,
         })
     }
 
@@ -247,6 +251,19 @@ impl Control {
             .quic_connected
             .with_label_values(&[id])
             .set(i64::from(link.is_connected()));
+        let revoked = link.peer_revoked();
+        if self.health.set_revoked(edge, revoked) != revoked {
+            if revoked {
+                tracing::warn!(edge = %id,
+                    "edge's QUIC certificate is revoked: it takes no traffic until it presents another");
+            } else {
+                tracing::info!(edge = %id, "edge presents a certificate not revoked: it takes traffic again");
+            }
+            self.metrics
+                .edge_up
+                .with_label_values(&[id])
+                .set(i64::from(self.health.is_up(edge)));
+        }
         result
     }
 

@@ -132,7 +132,7 @@ impl BrokerMetrics {
                 &["region"],
             )?,
             edge_up: IntGaugeVec::new(
-                Opts::new("shadowcdn_broker_edge_up", "Whether the edge takes traffic (1): probed healthy and not held for purges it missed"),
+                Opts::new("shadowcdn_broker_edge_up", "Whether the edge takes traffic (1): probed healthy, not held for purges it missed, QUIC certificate not revoked"),
                 &["edge"],
             )?,
             request_seconds: HistogramVec::new(

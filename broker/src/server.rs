@@ -179,8 +179,14 @@ impl Broker {
         );
         let control = match &cfg.control {
             Some(c) => {
-                let control = Control::new(c, fleet.clone(), ledger.clone(), metrics.clone())
-                    .map_err(|e| StartError::Setup(format!("control: {e}")))?;
+                let control = Control::new(
+                    c,
+                    fleet.clone(),
+                    ledger.clone(),
+                    metrics.clone(),
+                    health.clone(),
+                )
+                .map_err(|e| StartError::Setup(format!("control: {e}")))?;
                 control
                     .register_metrics(&prometheus)
                     .map_err(|e| StartError::Setup(e.to_string()))?;

@@ -60,15 +60,12 @@ impl Pki {
         );
     }
 
-    /// Add `node`'s certificate to the CA's revocation list.
-    pub fn revoke(&self, node: &NodeCerts) {
+    /// Add the certificates of `nodes` to the CA's revocation list, in one new list.
+    pub fn revoke(&self, nodes: &[&NodeCerts]) {
         let dir = self.dir.to_str().expect("utf-8 path");
-        Self::certs(&[
-            "revoke",
-            "--ca-dir",
-            dir,
-            node.cert.to_str().expect("utf-8 path"),
-        ]);
+        let mut args = vec!["revoke", "--ca-dir", dir];
+        args.extend(nodes.iter().map(|n| n.cert.to_str().expect("utf-8 path")));
+        Self::certs(&args);
     }
 
     /// Issue a certificate for edge `name` (or the broker).

@@ -27,6 +27,9 @@ pub struct Health {
     /// Held out of routing whatever the probes say: it missed a purge
     /// ([`crate::redelivery`]).
     held: Vec<AtomicBool>,
+    /// Cut off the cluster: the broker's QUIC revocation list names its certificate. A node
+    /// revoked as compromised must not be sent clients either.
+    revoked: Vec<AtomicBool>,
     fails: Vec<AtomicU32>,
     oks: Vec<AtomicU32>,
     /// Passive mark-downs so far: a probe that passed before one says nothing after it.
@@ -49,6 +52,7 @@ impl Health {
         Health {
             up: (0..edges).map(|_| AtomicBool::new(true)).collect(),
             held: (0..edges).map(|_| AtomicBool::new(false)).collect(),
+            revoked: (0..edges).map(|_| AtomicBool::new(false)).collect(),
             fails: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             oks: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             downs: (0..edges).map(|_| AtomicU64::new(0)).collect(),
@@ -58,9 +62,18 @@ impl Health {
         }
     }
 
-    /// Whether an edge may receive requests: probes find it up and it is not held.
+    /// Whether an edge may receive requests: probes find it up, and it is neither held nor
+    /// revoked.
     pub fn is_up(&self, edge: usize) -> bool {
-        self.up[edge].load(Ordering::Acquire) && !self.held[edge].load(Ordering::Acquire)
+        self.up[edge].load(Ordering::Acquire)
+            && !self.held[edge].load(Ordering::Acquire)
+            && !self.revoked[edge].load(Ordering::Acquire)
+    }
+
+    /// Note whether the edge's QUIC certificate is revoked (out of routing while it is);
+    /// whether it was.
+    pub fn set_revoked(&self, edge: usize, revoked: bool) -> bool {
+        self.revoked[edge].swap(revoked, Ordering::AcqRel)
     }
 
     /// Hold an edge out of routing, or release it; whether it was held.
@@ -228,7 +241,7 @@ impl HealthChecker {
                     Err(why) => tracing::warn!(edge = %e.id, up, %why, "edge health changed"),
                 }
             }
-            // Whether it takes traffic: probed up and not held for missed purges.
+            // Whether it takes traffic: probed up, not held for missed purges, not revoked.
             self.metrics
                 .edge_up
                 .with_label_values(&[&e.id])
@@ -305,6 +318,17 @@ impl BackgroundService for HealthChecker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revoked_edge_takes_no_traffic_until_it_is_not() {
+        let h = Health::new(2, 1, 1);
+        assert!(!h.set_revoked(0, true));
+        assert!(!h.is_up(0) && h.is_up(1));
+        assert!(!h.hold(0, false), "a revocation is not a purge hold");
+        assert!(!h.is_up(0));
+        assert!(h.set_revoked(0, false));
+        assert!(h.is_up(0));
+    }
 
     #[test]
     fn a_healthz_of_another_node_fails_the_probe() {

@@ -110,6 +110,9 @@ pub struct Link {
     /// Connects failed since the last successful exchange. Outside the state lock, so a
     /// successful exchange resets it without waiting for a connect under way.
     failures: AtomicU32,
+    /// This node's revocation list named the peer's certificate at the last connect or
+    /// check of the connection.
+    peer_revoked: AtomicBool,
 }
 
 impl Link {
@@ -138,6 +141,7 @@ impl Link {
             permit_wait: None,
             connected: AtomicBool::new(false),
             failures: AtomicU32::new(0),
+            peer_revoked: AtomicBool::new(false),
         }
     }
 
@@ -175,6 +179,13 @@ impl Link {
         self.connected.load(Ordering::Relaxed)
     }
 
+    /// Whether this node's revocation list names the peer's certificate: its connection was
+    /// cut over it, or the last handshake refused it as revoked. A new handshake that
+    /// succeeds (a renewed certificate) clears it.
+    pub fn peer_revoked(&self) -> bool {
+        self.peer_revoked.load(Ordering::Relaxed)
+    }
+
     /// The open connection, connecting (or reconnecting, subject to backoff) if needed.
     pub async fn connection(&self) -> Result<quinn::Connection, LinkError> {
         let mut st = self.state.lock().await;
@@ -189,6 +200,7 @@ impl Link {
                 None => {
                     st.conn = None;
                     self.connected.store(false, Ordering::Relaxed);
+                    self.peer_revoked.store(true, Ordering::Relaxed);
                 }
                 Some(reason) => {
                     if let Some(refused) = self.drop_closed(&mut st, &c, &reason) {
@@ -208,13 +220,21 @@ impl Link {
             Ok(connecting) => tokio::time::timeout(CONNECT_TIMEOUT, connecting)
                 .await
                 .map_err(|_| "handshake timed out".to_string())
-                .and_then(|r| r.map_err(|e| e.to_string())),
+                .and_then(|r| {
+                    r.map_err(|e| {
+                        if revoked_by_us(&e) {
+                            self.peer_revoked.store(true, Ordering::Relaxed);
+                        }
+                        e.to_string()
+                    })
+                }),
             Err(e) => Err(e.to_string()),
         };
         match attempt {
             // The failure count stays until an exchange succeeds: with TLS 1.3 a peer that
             // refuses our certificate does so only after our side of the handshake is done.
             Ok(c) => {
+                self.peer_revoked.store(false, Ordering::Relaxed);
                 st.conn = Some((c.clone(), checked));
                 st.retry_at = None;
                 self.connected.store(true, Ordering::Relaxed);
@@ -383,6 +403,12 @@ fn refused(reason: &quinn::ConnectionError) -> bool {
         .any(|c| u64::from(close.error_code) == u64::from(*c)),
         _ => false,
     }
+}
+
+/// Whether a handshake failed because this side found the peer's certificate revoked: the
+/// TLS alert certificate_revoked (44) this side raised, as a QUIC transport error.
+fn revoked_by_us(e: &quinn::ConnectionError) -> bool {
+    matches!(e, quinn::ConnectionError::TransportError(t) if u64::from(t.code) == 0x100 + 44)
 }
 
 /// A client endpoint presenting `identity`, bound to an ephemeral port: dual-stack where the
@@ -750,6 +776,7 @@ mod tests {
         let stats = Request::Stats { ack: None };
         let timeout = Duration::from_secs(3);
         assert_eq!(answered_by(link.request(&stats, timeout).await), "here");
+        assert!(!link.peer_revoked());
         crate::sync::pki::revoke(dir.path(), std::slice::from_ref(&edge.cert)).unwrap();
         assert!(broker.reload_revocations().unwrap());
         let refused = link.request(&stats, timeout).await.unwrap_err();
@@ -758,7 +785,12 @@ mod tests {
             "{refused}"
         );
         assert!(!link.is_connected());
+        assert!(link.peer_revoked());
         assert_eq!(accepted.load(Ordering::Relaxed), 2, "one redial, refused");
+        // Past the backoff the redial is refused at the handshake, still as revoked.
+        tokio::time::sleep(FIRST_BACKOFF * 3).await;
+        assert!(link.request(&stats, timeout).await.is_err());
+        assert!(link.peer_revoked());
     }
 
     #[tokio::test]
