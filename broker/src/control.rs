@@ -251,19 +251,6 @@ impl Control {
             .quic_connected
             .with_label_values(&[id])
             .set(i64::from(link.is_connected()));
-        let revoked = link.peer_revoked();
-        if self.health.set_revoked(edge, revoked) != revoked {
-            if revoked {
-                tracing::warn!(edge = %id,
-                    "edge's QUIC certificate is revoked: it takes no traffic until it presents another");
-            } else {
-                tracing::info!(edge = %id, "edge presents a certificate not revoked: it takes traffic again");
-            }
-            self.metrics
-                .edge_up
-                .with_label_values(&[id])
-                .set(i64::from(self.health.is_up(edge)));
-        }
         result
     }
 
@@ -283,6 +270,30 @@ impl Control {
         self.stats.read().get(edge).cloned().flatten()
     }
 
+    /// Hold edge `e` out of routing while its link says the broker's revocation list names
+    /// its certificate, and release it once it presents another. Only the stats poll notes
+    /// it, one call per edge at a time, so orders racing a redial cannot note a stale state.
+    fn note_revoked(&self, e: usize) {
+        let Some(link) = self.links().ok().and_then(|l| l.get(e).cloned().flatten()) else {
+            return;
+        };
+        let revoked = link.peer_revoked();
+        if self.health.set_revoked(e, revoked) == revoked {
+            return;
+        }
+        let id = &self.fleet.edges[e].id;
+        if revoked {
+            tracing::warn!(edge = %id,
+                "edge's QUIC certificate is revoked: it takes no traffic until it presents another");
+        } else {
+            tracing::info!(edge = %id, "edge presents a certificate not revoked: it takes traffic again");
+        }
+        self.metrics
+            .edge_up
+            .with_label_values(&[id])
+            .set(i64::from(self.health.is_up(e)));
+    }
+
     async fn poll(&self) {
         let polls = (0..self.fleet.edges.len())
             .filter(|e| self.covers(*e))
@@ -292,6 +303,7 @@ impl Control {
             });
         for (e, r) in futures::future::join_all(polls).await {
             let id = self.fleet.edges[e].id.as_str();
+            self.note_revoked(e);
             match r {
                 Ok(Reply::Stats(mut s)) => {
                     let before = self.stats.read()[e].as_ref().map_or(0, |p| p.boot_id);

@@ -110,8 +110,9 @@ pub struct Link {
     /// Connects failed since the last successful exchange. Outside the state lock, so a
     /// successful exchange resets it without waiting for a connect under way.
     failures: AtomicU32,
-    /// This node's revocation list named the peer's certificate at the last connect or
-    /// check of the connection.
+    /// The peer's certificate was refused as revoked by this node's last handshake with it,
+    /// or refused at a re-check that cut its connection; a successful handshake clears it,
+    /// other failures leave it as it was.
     peer_revoked: AtomicBool,
 }
 
@@ -791,6 +792,16 @@ mod tests {
         tokio::time::sleep(FIRST_BACKOFF * 3).await;
         assert!(link.request(&stats, timeout).await.is_err());
         assert!(link.peer_revoked());
+        // So is a new link's first handshake (a broker that restarted since).
+        let fresh = Link::new(
+            client_endpoint(&broker, addr).unwrap(),
+            addr,
+            edge_name("e1"),
+            4,
+        );
+        assert!(!fresh.peer_revoked());
+        assert!(fresh.request(&stats, timeout).await.is_err());
+        assert!(fresh.peer_revoked(), "refused as revoked at the handshake");
     }
 
     #[tokio::test]

@@ -48,7 +48,7 @@ pub enum PkiError {
     #[error("{0}: a revocation list exists already; add to it instead")]
     ListExists(PathBuf),
     /// Another writer holds the list's temporary file.
-    #[error("{0} exists: another `certs revoke` is running, or one was interrupted (then remove the file)")]
+    #[error("{0} exists: another `edge-node certs` run is writing the list, or one was interrupted (then remove the file)")]
     Busy(PathBuf),
 }
 
@@ -147,10 +147,11 @@ pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     set_validity(&mut params, days);
     let cert = params.self_signed(&key)?;
+    // Locked before the CA files change: a revoke under way reads the CA it started with.
+    let lock = ListLock::take(dir)?;
     write(&dir.join("ca.pem"), &cert.pem())?;
     write_key(&dir.join("ca.key"), &key.serialize_pem())?;
     // A CA made again in the same place starts a new list: the old one is another CA's.
-    let lock = ListLock::take(dir)?;
     let crl = dir.join(CRL_FILE);
     if crl.exists() {
         std::fs::remove_file(&crl).map_err(|source| PkiError::Io { path: crl, source })?;

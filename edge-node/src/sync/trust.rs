@@ -296,6 +296,40 @@ impl Trust {
         }
     }
 
+    /// A handshake's refusal over the certificate's dates, made a refusal over its revocation
+    /// when the list names it: webpki checks dates first, and a peer told "revoked" (alert
+    /// 44) is one the other side can tell apart — the broker takes a revoked edge out of
+    /// routing, an expired one only loses its QUIC link.
+    fn revocation_first<T>(
+        &self,
+        verdict: Result<T, rustls::Error>,
+        side: &Side,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<T, rustls::Error> {
+        let dates = matches!(
+            &verdict,
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::Expired
+                    | CertificateError::ExpiredContext { .. }
+                    | CertificateError::NotValidYet
+                    | CertificateError::NotValidYetContext { .. }
+            ))
+        );
+        if dates && self.inner.crl.is_some() {
+            let mut chain = vec![end_entity.clone()];
+            chain.extend(intermediates.iter().cloned());
+            let again = verify(&self.inner.current.read(), side, &chain);
+            if matches!(
+                again,
+                Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+            ) {
+                return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
+            }
+        }
+        verdict
+    }
+
     /// The handshake's signature checks: the same for both sides, and unaffected by the list.
     fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
         &self.inner.provider.signature_verification_algorithms
@@ -402,7 +436,8 @@ impl ClientCertVerifier for Trust {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         let client = self.inner.current.read().client.clone();
-        client.verify_client_cert(end_entity, intermediates, now)
+        let verdict = client.verify_client_cert(end_entity, intermediates, now);
+        self.revocation_first(verdict, &Side::Accepted, end_entity, intermediates)
     }
 
     fn verify_tls12_signature(
@@ -438,7 +473,10 @@ impl ServerCertVerifier for Trust {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let server = self.inner.current.read().server.clone();
-        server.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        let verdict =
+            server.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now);
+        let side = Side::Dialled(server_name.to_str().into_owned());
+        self.revocation_first(verdict, &side, end_entity, intermediates)
     }
 
     fn verify_tls12_signature(
@@ -765,8 +803,28 @@ mod tests {
             "dates aside, it is valid"
         );
         assert!(!trust.refuses(&side, &chain[..1]));
+        let at_handshake = || {
+            trust
+                .verify_client_cert(&chain[0], &[], UnixTime::now())
+                .err()
+        };
+        assert!(
+            matches!(
+                at_handshake(),
+                Some(rustls::Error::InvalidCertificate(
+                    CertificateError::Expired | CertificateError::ExpiredContext { .. }
+                ))
+            ),
+            "{:?}",
+            at_handshake()
+        );
         revoke(dir.path(), &[old_file]).unwrap();
         assert!(e1.reload_revocations().unwrap());
+        // A handshake says "revoked" rather than "expired" once the list names it.
+        assert_eq!(
+            at_handshake(),
+            Some(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+        );
         for s in [&Side::Accepted, &side] {
             assert!(trust.refuses(s, &chain[..1]));
             assert!(
