@@ -47,8 +47,8 @@ pub enum PkiError {
     /// `--init` where a list exists.
     #[error("{0}: a revocation list exists already; add to it instead")]
     ListExists(PathBuf),
-    /// Another writer holds the list's temporary file.
-    #[error("{0} exists: another `edge-node certs` run is writing the list, or one was interrupted (then remove the file)")]
+    /// Another run holds the list's lock.
+    #[error("{0} is locked: another `edge-node certs` run is writing the list; try again when it is done")]
     Busy(PathBuf),
 }
 
@@ -337,52 +337,66 @@ fn sign_list(ca_dir: &Path, certs: &[PathBuf], lock: ListLock) -> Result<Revoked
     })
 }
 
-/// The list's temporary file, created exclusively before the list is read: one writer at a
-/// time, so two runs cannot both extend the same list and lose one's revocations. Removed
-/// when dropped uncommitted.
+/// One writer of the CA directory's list at a time: an advisory lock (`flock`) on
+/// `.ca.crl.lock`, taken before the list is read, so two runs cannot both extend the same list
+/// and lose one's revocations. The kernel releases it when the process ends, however it ends.
+/// The new list is written to `.ca.crl.tmp` and renamed over the old one; an uncommitted one
+/// is removed when the lock is dropped.
 struct ListLock {
     dir: PathBuf,
     tmp: PathBuf,
-    file: std::fs::File,
+    /// Held locked until dropped.
+    _lock: std::fs::File,
     /// Renamed over the list: nothing to remove.
     committed: bool,
 }
 
 impl ListLock {
     fn take(dir: &Path) -> Result<Self, PkiError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let tmp = dir.join(format!(".{CRL_FILE}.tmp"));
-        let file = match std::fs::OpenOptions::new()
+        let path = dir.join(format!(".{CRL_FILE}.lock"));
+        let lock = std::fs::OpenOptions::new()
             .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&tmp)
-        {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(PkiError::Busy(tmp));
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|source| PkiError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        match lock.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => return Err(PkiError::Busy(path)),
+            Err(std::fs::TryLockError::Error(source)) => {
+                return Err(PkiError::Io { path, source });
             }
-            Err(source) => return Err(PkiError::Io { path: tmp, source }),
-        };
+        }
         Ok(ListLock {
             dir: dir.to_path_buf(),
-            tmp,
-            file,
+            tmp: dir.join(format!(".{CRL_FILE}.tmp")),
+            _lock: lock,
             committed: false,
         })
     }
 
-    /// Replace `path` by `contents` whole: written to the temporary file, synced, renamed
-    /// over `path`, and the directory synced.
+    /// Replace `path` by `contents` whole: written to the temporary file (whatever an
+    /// interrupted run left there is overwritten), synced, renamed over `path`, and the
+    /// directory synced.
     fn commit(mut self, path: &Path, contents: &str) -> Result<(), PkiError> {
         use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
         let io = |path: &Path| {
             let path = path.to_path_buf();
             move |source| PkiError::Io { path, source }
         };
-        (&self.file)
-            .write_all(contents.as_bytes())
-            .and_then(|()| self.file.sync_all())
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o644)
+            .open(&self.tmp)
+            .map_err(io(&self.tmp))?;
+        f.write_all(contents.as_bytes())
+            .and_then(|()| f.sync_all())
             .map_err(io(&self.tmp))?;
         std::fs::rename(&self.tmp, path).map_err(io(path))?;
         self.committed = true;
@@ -497,10 +511,14 @@ mod tests {
             parse_crl(&list).0 > before,
             "and numbers above the lost one"
         );
-        // A writer at work (its temporary file) turns the next one away untouched.
-        std::fs::write(dir.path().join(".ca.crl.tmp"), "").unwrap();
+        // A writer at work (holding the lock) turns the next one away untouched; what an
+        // interrupted one left behind does not.
+        let held = ListLock::take(dir.path()).unwrap();
         let e = revoke(dir.path(), std::slice::from_ref(&e1.cert)).unwrap_err();
         assert!(matches!(e, PkiError::Busy(_)), "{e}");
+        drop(held);
+        std::fs::write(dir.path().join(".ca.crl.tmp"), "left by a killed run").unwrap();
+        revoke(dir.path(), &[]).unwrap();
         assert_eq!(parse_crl(&list).1, 0);
     }
 
