@@ -2833,12 +2833,12 @@ async fn with_the_planner_off_co_access_shadows_are_still_settled_and_tuned() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys() {
     let origin = TestOrigin::start().await;
-    // Shadow budget: 1e-4 of 80 MiB ≈ 8 KiB per edge. No precision floor: the script's
-    // co-access probability at the last page view, (follows + 1) / (views + 2), is 5/7 when
-    // all four follows of the browse count and 4/7 when one does not, on either side of the
-    // 0.6 floor, and the test failed about one run in eight.
-    let mut c =
-        start_cluster_with("[planner]\nbudget_share = 0.0001\n[cost]\nmin_precision = 0.0\n");
+    // Shadow budget: 1e-4 of 80 MiB ≈ 8 KiB per edge. The script's co-access probability at
+    // the last page view, (follows + 1) / (views + 2), is 5/7 when all four follows of the
+    // browse count and 4/7 when one does not, either side of the 0.6 precision floor: the
+    // test also checks that a page recorded after its script (its response ended last) still
+    // leads it.
+    let mut c = start_cluster_with("[planner]\nbudget_share = 0.0001\n");
     c.register(&origin).await;
     // A client fetches the page, then its script and a video larger than the edge's whole
     // shadow budget, four times over; none of those views' co-access orders can refill the

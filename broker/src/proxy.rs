@@ -793,6 +793,8 @@ impl ProxyHttp for BrokerProxy {
                 cache_status: ctx.cache_status,
                 latency_us: elapsed.as_micros() as u64,
                 client: ctx.client,
+                started_ms: crate::clock::wall_ms()
+                    .saturating_sub(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)),
             });
         }
     }

@@ -56,6 +56,9 @@ pub struct Record {
     pub latency_us: u64,
     /// Hash of the client address (co-access pairs a client's consecutive requests).
     pub client: u64,
+    /// When the request arrived (wall clock, ms; 0: unknown). Records are made as requests
+    /// end, so co-access orders a client's requests by this instead.
+    pub started_ms: u64,
 }
 
 /// Whether a request is demand for its resource, i.e. worth recording for the forecasts
@@ -273,7 +276,7 @@ impl Sink {
             return;
         };
         // Cache keys, not resources: a follower must be shadowed under the key it is asked by.
-        map.observe(r.client, r.region, &r.key, r.ts);
+        map.observe_started(r.client, r.region, &r.key, r.ts, r.started_ms);
         let mut followers = map.followers(r.region, &r.key);
         if !followers.is_empty() {
             // Once the queue is half full, a leader that sent its followers lately waits its
@@ -544,6 +547,7 @@ mod tests {
             cache_status: "hit",
             latency_us: 0,
             client,
+            started_ms: 0,
         };
         // Clients that ask for the page and then its script teach the pair.
         for client in 0..8 {
@@ -601,6 +605,7 @@ mod tests {
             cache_status: "hit",
             latency_us: 0,
             client: 0,
+            started_ms: 0,
         };
         recorder.record(with_key(format!(
             "h/a?{}",
@@ -641,6 +646,7 @@ mod tests {
             cache_status: "hit",
             latency_us: 1,
             client: 1,
+            started_ms: 0,
         };
         // A long reader (a snapshot of a large store, a planning tick) holds the store while
         // ten queues' worth of records arrive: the aggregator keeps the queue drained.
@@ -695,6 +701,7 @@ mod tests {
                             cache_status: "miss",
                             latency_us: 1,
                             client: 1,
+                            started_ms: 0,
                         });
                         n += 1;
                     }

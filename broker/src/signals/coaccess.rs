@@ -161,7 +161,8 @@ impl WeakestTenth {
 /// The learned transition map.
 pub struct CoAccess {
     cfg: CoAccessSection,
-    recent: HashMap<u64, VecDeque<(String, u64)>>,
+    /// Per client, its recent requests as (key, ts, start), in order of start.
+    recent: HashMap<u64, VecDeque<(String, u64, u64)>>,
     counts: HashMap<(u16, String), f64>,
     /// (region, A) → B → transitions, so a lookup touches only A's followers.
     pairs: HashMap<(u16, String), HashMap<String, Pair>>,
@@ -199,8 +200,17 @@ impl CoAccess {
         self.pair_bytes + self.count_bytes + self.recent_bytes
     }
 
-    /// Learn from one request of `client` for `key` in `region` at `ts` (seconds).
+    /// Learn from one request of `client` for `key` in `region` at `ts` (seconds), in the
+    /// order requests are observed.
     pub fn observe(&mut self, client: u64, region: u16, key: &str, ts: u64) {
+        self.observe_started(client, region, key, ts, 0);
+    }
+
+    /// [`Self::observe`] for a request that started at `started` (any clock, only compared
+    /// between one client's requests; equal starts keep the order observed). Requests are
+    /// recorded when they end, so a page whose body was still being sent when its assets'
+    /// requests ended is observed after them: paired by start, it still leads them.
+    pub fn observe_started(&mut self, client: u64, region: u16, key: &str, ts: u64, started: u64) {
         self.decay(ts);
         let count = self
             .counts
@@ -221,10 +231,8 @@ impl CoAccess {
             || self.recent_bytes > self.cfg.max_bytes / 4
         {
             let window = self.cfg.window_secs;
-            self.recent.retain(|_, q| {
-                q.back()
-                    .is_some_and(|(_, t)| ts.saturating_sub(*t) <= window)
-            });
+            self.recent
+                .retain(|_, q| q.iter().any(|(_, t, _)| ts.saturating_sub(*t) <= window));
             self.recent_bytes = self.recent_charge();
             if self.recent.len() >= self.cfg.max_clients
                 || self.recent_bytes > self.cfg.max_bytes / 4
@@ -234,39 +242,64 @@ impl CoAccess {
             }
         }
         let q = self.recent.entry(client).or_default();
+        // Where this request goes among the client's recent ones, by start: those before it
+        // led to it, those after it (observed first, started later) followed it.
+        let at = q.partition_point(|(_, _, s)| *s <= started);
+        let window = self.cfg.window_secs;
+        let mut transitions: Vec<(String, String, u64)> = Vec::new();
         let mut seen: Vec<&str> = Vec::new();
-        for (a, t) in q.iter().rev() {
-            if ts.saturating_sub(*t) > self.cfg.window_secs {
+        let mut repeat = false;
+        for (a, t, _) in q.range(..at).rev() {
+            if ts.saturating_sub(*t) > window {
                 break;
             }
             // This client's previous request for `key` already counted every request before
-            // it: a repeat (a range, a reload) is not another transition.
+            // it, and led those after it: a repeat (a range, a reload) is not another
+            // transition either way.
             if a == key {
+                repeat = true;
                 break;
             }
             if seen.contains(&a.as_str()) {
                 continue;
             }
             seen.push(a);
+            transitions.push((a.clone(), key.to_string(), ts.saturating_sub(*t)));
+        }
+        let mut seen: Vec<&str> = Vec::new();
+        for (b, t, _) in q.range(at..).take_while(|_| !repeat) {
+            if t.saturating_sub(ts) > window || ts.saturating_sub(*t) > window {
+                break;
+            }
+            // A later request for `key` leads what follows it.
+            if b == key {
+                break;
+            }
+            if seen.contains(&b.as_str()) {
+                continue;
+            }
+            seen.push(b);
+            transitions.push((key.to_string(), b.clone(), 0));
+        }
+        q.insert(at, (key.to_string(), ts, started));
+        self.recent_bytes += charge(key);
+        if q.len() > RECENT_PER_CLIENT {
+            if let Some((old, _, _)) = q.pop_front() {
+                self.recent_bytes -= charge(&old);
+            }
+        }
+        for (a, b, gap) in transitions {
             let followers = self.pairs.entry((region, a.clone())).or_insert_with(|| {
-                self.pair_bytes += charge(a);
+                self.pair_bytes += charge(&a);
                 HashMap::new()
             });
-            let p = followers.entry(key.to_string()).or_insert_with(|| {
+            let p = followers.entry(b.clone()).or_insert_with(|| {
                 self.n_pairs += 1;
-                self.pair_bytes += charge(key);
+                self.pair_bytes += charge(&b);
                 Pair::default()
             });
             p.count += 1.0;
-            let gap = ts.saturating_sub(*t) as f64;
-            p.gap += (gap - p.gap) / p.count.max(1.0);
-        }
-        q.push_back((key.to_string(), ts));
-        self.recent_bytes += charge(key);
-        if q.len() > RECENT_PER_CLIENT {
-            if let Some((old, _)) = q.pop_front() {
-                self.recent_bytes -= charge(&old);
-            }
+            p.gap += (gap as f64 - p.gap) / p.count.max(1.0);
         }
         if self.n_pairs > self.cfg.max_pairs || self.pair_bytes > self.cfg.max_bytes / 2 {
             self.prune();
@@ -276,7 +309,7 @@ impl CoAccess {
     fn recent_charge(&self) -> usize {
         self.recent
             .values()
-            .flat_map(|q| q.iter().map(|(k, _)| charge(k)))
+            .flat_map(|q| q.iter().map(|(k, _, _)| charge(k)))
             .sum()
     }
 
@@ -412,6 +445,35 @@ mod tests {
         c.counts.insert((0, "h/index.html".to_string()), 3.0);
         let f = c.followers(0, "h/index.html");
         assert!((f[0].probability - 4.0 / 5.0).abs() < 1e-9, "{f:?}");
+    }
+
+    #[test]
+    fn a_leader_observed_after_its_followers_still_leads_them() {
+        let mut c = CoAccess::new(cfg());
+        for client in 0..4u64 {
+            let t = 1000 + client * 100;
+            let ms = t * 1000;
+            // The page started first, but its record (made as it ended) comes after the
+            // script's, as when the page's body is still being sent.
+            c.observe_started(client, 0, "h/app.js", t, ms + 50);
+            c.observe_started(client, 0, "h/index.html", t, ms);
+        }
+        let f = c.followers(0, "h/index.html");
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0].key, "h/app.js");
+        assert!((f[0].probability - 5.0 / 6.0).abs() < 1e-9);
+        assert!(
+            c.followers(0, "h/app.js").is_empty(),
+            "the script does not lead the page"
+        );
+        // A repeat of the leader observed late does not count its follower again.
+        c.observe_started(9, 0, "h/index.html", 2000, 2_000_000);
+        c.observe_started(9, 0, "h/app.js", 2000, 2_000_100);
+        c.observe_started(9, 0, "h/index.html", 2001, 2_000_050);
+        assert_eq!(
+            c.pairs[&(0, "h/index.html".to_string())]["h/app.js"].count,
+            5.0
+        );
     }
 
     #[test]
