@@ -243,43 +243,63 @@ impl CoAccess {
         }
         let q = self.recent.entry(client).or_default();
         // Where this request goes among the client's recent ones, by start: those before it
-        // led to it, those after it (observed first, started later) followed it.
+        // led to it, those after it (observed first, started later) followed it. Ends are not
+        // in start order, so the window skips, rather than stops at, a request out of it.
         let at = q.partition_point(|(_, _, s)| *s <= started);
         let window = self.cfg.window_secs;
-        let mut transitions: Vec<(String, String, u64)> = Vec::new();
+        let near = |t: u64| ts.abs_diff(t) <= window;
+        // A repeat (a range, a reload) is not another transition: the client's requests are
+        // counted as in start order, where each request counts every other key requested
+        // since that key's own previous request, once.
+        let mut leading: Vec<(String, String, u64)> = Vec::new();
         let mut seen: Vec<&str> = Vec::new();
-        let mut repeat = false;
         for (a, t, _) in q.range(..at).rev() {
-            if ts.saturating_sub(*t) > window {
-                break;
+            if !near(*t) {
+                continue;
             }
-            // This client's previous request for `key` already counted every request before
-            // it, and led those after it: a repeat (a range, a reload) is not another
-            // transition either way.
             if a == key {
-                repeat = true;
                 break;
             }
             if seen.contains(&a.as_str()) {
                 continue;
             }
             seen.push(a);
-            transitions.push((a.clone(), key.to_string(), ts.saturating_sub(*t)));
+            leading.push((a.clone(), key.to_string(), ts.saturating_sub(*t)));
         }
+        let mut led: Vec<(String, String, u64)> = Vec::new();
+        let mut later_copy = false;
         let mut seen: Vec<&str> = Vec::new();
-        for (b, t, _) in q.range(at..).take_while(|_| !repeat) {
-            if t.saturating_sub(ts) > window || ts.saturating_sub(*t) > window {
-                break;
+        for (b, t, s) in q.range(at..) {
+            if !near(*t) {
+                continue;
             }
-            // A later request for `key` leads what follows it.
+            // A later request for `key` was counted by what follows it.
             if b == key {
+                later_copy = true;
                 break;
             }
             if seen.contains(&b.as_str()) {
                 continue;
             }
             seen.push(b);
-            transitions.push((key.to_string(), b.clone(), 0));
+            // Counted already if an earlier request for `key` came after `b`'s previous one.
+            let counted = q
+                .range(..at)
+                .rev()
+                .filter(|(_, t, _)| near(*t))
+                .find(|(x, _, _)| x == key || x == b)
+                .is_some_and(|(x, _, _)| x == key);
+            if counted {
+                continue;
+            }
+            // Starts are wall milliseconds; gaps are clock seconds, like `ts`.
+            let gap = crate::clock::clock_secs_f64(s.saturating_sub(started) as f64 / 1000.0);
+            led.push((key.to_string(), b.clone(), gap));
+        }
+        // What led to a later request for `key` was counted for it.
+        let mut transitions = led;
+        if !later_copy {
+            transitions.extend(leading);
         }
         q.insert(at, (key.to_string(), ts, started));
         self.recent_bytes += charge(key);
@@ -474,6 +494,39 @@ mod tests {
             c.pairs[&(0, "h/index.html".to_string())]["h/app.js"].count,
             5.0
         );
+    }
+
+    #[test]
+    fn a_request_observed_late_beside_another_of_its_key_counts_nothing_twice() {
+        let mut c = CoAccess::new(cfg());
+        let count = |c: &CoAccess, a: &str, b: &str| {
+            c.pairs
+                .get(&(0, a.to_string()))
+                .and_then(|f| f.get(b))
+                .map_or(0.0, |p| p.count)
+        };
+        // A long range of the image ends after a later one: the page leads the image once.
+        c.observe_started(1, 0, "h/page", 100, 0);
+        c.observe_started(1, 0, "h/img", 100, 20);
+        c.observe_started(1, 0, "h/img", 101, 10);
+        assert_eq!(count(&c, "h/page", "h/img"), 1.0);
+        // A repeat of the image between the first one and a script observed before it: the
+        // first image led the script, the repeat adds nothing.
+        c.observe_started(2, 0, "h/page", 100, 0);
+        c.observe_started(2, 0, "h/img", 100, 10);
+        c.observe_started(2, 0, "h/app.js", 100, 15);
+        c.observe_started(2, 0, "h/img", 101, 12);
+        assert_eq!(count(&c, "h/img", "h/app.js"), 1.0);
+        assert_eq!(count(&c, "h/page", "h/img"), 2.0);
+        assert_eq!(count(&c, "h/page", "h/app.js"), 1.0);
+        // A second page view observed after its script still leads it, though an earlier
+        // view led the earlier script: counted as in start order.
+        c.observe_started(3, 0, "h/page", 200, 0);
+        c.observe_started(3, 0, "h/app.js", 200, 10);
+        c.observe_started(3, 0, "h/app.js", 201, 110);
+        c.observe_started(3, 0, "h/page", 201, 100);
+        assert_eq!(count(&c, "h/page", "h/app.js"), 3.0);
+        assert_eq!(count(&c, "h/app.js", "h/page"), 1.0);
     }
 
     #[test]
