@@ -409,7 +409,7 @@ fn refused(reason: &quinn::ConnectionError) -> bool {
 /// Whether a handshake failed because this side found the peer's certificate revoked: the
 /// TLS alert certificate_revoked (44) this side raised, as a QUIC transport error.
 fn revoked_by_us(e: &quinn::ConnectionError) -> bool {
-    matches!(e, quinn::ConnectionError::TransportError(t) if u64::from(t.code) == 0x100 + 44)
+    super::trust::alert_raised(e) == Some(44)
 }
 
 /// A client endpoint presenting `identity`, bound to an ephemeral port: dual-stack where the

@@ -293,12 +293,7 @@ impl BackgroundService for SyncService {
 fn certificate_refused(e: &quinn::ConnectionError) -> bool {
     // bad_certificate … certificate_unknown (42–46), unknown_ca (48), certificate_required (116).
     const ALERTS: [u64; 7] = [42, 43, 44, 45, 46, 48, 116];
-    match e {
-        quinn::ConnectionError::TransportError(t) => {
-            ALERTS.iter().any(|a| u64::from(t.code) == 0x100 + a)
-        }
-        _ => false,
-    }
+    super::trust::alert_raised(e).is_some_and(|a| ALERTS.contains(&a))
 }
 
 /// Who is on the other end.

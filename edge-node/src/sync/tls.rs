@@ -131,6 +131,13 @@ impl CurrentKey {
         Ok(true)
     }
 
+    /// Read the revocation list again if its file changed, checked against the certificate
+    /// in use.
+    fn reload_revocations(&self) -> Result<bool, TlsError> {
+        let own = self.key.read().cert.clone();
+        self.trust.reload_if_changed(&own)
+    }
+
     /// Log the certificate in use if it has expired or ends soon.
     fn check_expiry(&self) {
         if let Some(leaf) = self.key.read().cert.first() {
@@ -210,8 +217,7 @@ fn keep_current(current: Weak<CurrentKey>) {
                     Err(e) => tracing::warn!(error = %e,
                     "QUIC certificate not reloaded; the previous one stays in use"),
                 }
-                let own = current.key.read().cert.clone();
-                match current.trust.reload_if_changed(&own) {
+                match current.reload_revocations() {
                     Ok(true) => tracing::info!(
                         revoked = current.trust.revoked(),
                         "QUIC certificate revocation list reloaded"
@@ -306,8 +312,7 @@ impl NodeIdentity {
     /// every 30 s); whether the list in use was replaced. Open connections to peers it now
     /// revokes are closed at their next use ([`super::trust::Checked`]).
     pub fn reload_revocations(&self) -> Result<bool, TlsError> {
-        let own = self.current.key.read().cert.clone();
-        self.trust.reload_if_changed(&own)
+        self.current.reload_revocations()
     }
 
     /// Server side: TLS 1.3, client certificate from the cluster CA required (and not

@@ -23,6 +23,17 @@ use tokio::sync::watch;
 
 use super::tls::{pem_error, provider, TlsError};
 
+/// The TLS alert this side raised when a handshake failed: quinn reports it as a transport
+/// error with QUIC code 0x100 + alert.
+pub(super) fn alert_raised(e: &quinn::ConnectionError) -> Option<u64> {
+    match e {
+        quinn::ConnectionError::TransportError(t) => {
+            u64::from(t.code).checked_sub(0x100).filter(|a| *a <= 0xff)
+        }
+        _ => None,
+    }
+}
+
 /// Application close code of a connection whose peer's certificate was revoked.
 pub const REVOKED_CLOSE_CODE: u32 = 0x5256;
 
