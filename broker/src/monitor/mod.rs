@@ -278,6 +278,13 @@ impl Sink {
         // Cache keys, not resources: a follower must be shadowed under the key it is asked by.
         map.observe_started(r.client, r.region, &r.key, r.ts, r.started_ms);
         let mut followers = map.followers(r.region, &r.key);
+        let asked = map.drop_asked(r.client, r.started_ms, r.ts, &mut followers);
+        if asked > 0 {
+            self.metrics
+                .coaccess_shadows
+                .with_label_values(&["asked_already"])
+                .inc_by(asked as u64);
+        }
         if !followers.is_empty() {
             // Once the queue is half full, a leader that sent its followers lately waits its
             // turn, so that one hot page does not crowd out every other page's triggers.

@@ -382,6 +382,31 @@ impl CoAccess {
         self.recount();
     }
 
+    /// Drop from `followers` those `client` asked for since its leader started (at
+    /// `started`, within the window of `ts`): the request a follower's shadow is for has come.
+    /// A leader is recorded when its response ends, so its followers are often asked before
+    /// it triggers them (a page still being sent while its assets are fetched). Followers
+    /// asked before the leader stay: a client may ask for them again (an API call, an asset
+    /// its cache does not keep). How many went.
+    pub fn drop_asked(
+        &self,
+        client: u64,
+        started: u64,
+        ts: u64,
+        followers: &mut Vec<Follower>,
+    ) -> usize {
+        let Some(q) = self.recent.get(&client) else {
+            return 0;
+        };
+        let window = self.cfg.window_secs;
+        let before = followers.len();
+        followers.retain(|f| {
+            !q.iter()
+                .any(|(k, t, s)| *k == f.key && *s >= started && ts.abs_diff(*t) <= window)
+        });
+        before - followers.len()
+    }
+
     /// The likely followers of `key` in `region`, most likely first.
     pub fn followers(&self, region: u16, key: &str) -> Vec<Follower> {
         let n = self
@@ -451,6 +476,35 @@ mod tests {
         // Other regions learned nothing; too little support gives nothing.
         assert!(c.followers(1, "h/index.html").is_empty());
         assert!(c.followers(0, "h/rare.png").is_empty());
+    }
+
+    /// A follower the client asked for after the page started (its page response ended
+    /// later, so the page's record came last) is not shadowed for it; one asked on an
+    /// earlier visit is.
+    #[test]
+    fn followers_asked_since_the_leader_started_are_not_offered() {
+        let mut c = CoAccess::new(cfg());
+        for client in 0..4u64 {
+            let t = 1000 + client * 100;
+            c.observe(client, 0, "h/index.html", t);
+            c.observe(client, 0, "h/app.js", t + 2);
+            c.observe(client, 0, "h/style.css", t + 2);
+        }
+        // Client 9: a visit, then a second one whose page ended after its script was asked.
+        c.observe_started(9, 0, "h/index.html", 1990, 1_990_000);
+        c.observe_started(9, 0, "h/style.css", 1990, 1_990_010);
+        c.observe_started(9, 0, "h/app.js", 2000, 2_000_010);
+        c.observe_started(9, 0, "h/index.html", 2000, 2_000_000);
+        let mut f = c.followers(0, "h/index.html");
+        assert_eq!(f.len(), 2);
+        assert_eq!(c.drop_asked(9, 2_000_000, 2000, &mut f), 1);
+        assert_eq!(f[0].key, "h/style.css", "asked on the visit before");
+        let mut f = c.followers(0, "h/index.html");
+        assert_eq!(
+            c.drop_asked(42, 2_000_000, 2000, &mut f),
+            0,
+            "a client never seen"
+        );
     }
 
     #[test]
