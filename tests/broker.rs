@@ -2425,7 +2425,7 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     let pki = Pki::create(&dir.path().join("pki"));
     let rogue_pki = Pki::create(&dir.path().join("rogue-pki"));
     let good_certs = pki.issue("good", false);
-    let good = EdgeProc::start_with_certs(
+    let mut good = EdgeProc::start_with_certs(
         &dir.path().join("good"),
         "good",
         &[],
@@ -2453,7 +2453,7 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
             edge: &rogue,
         },
     ];
-    let broker =
+    let mut broker =
         BrokerProc::start_with_certs(dir.path(), &specs, "", Some(&pki.issue("broker", true)));
 
     // The broker's control channel reaches the edge with a cluster certificate only.
@@ -2640,6 +2640,27 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     {
         Reply::Stats(s) => assert_eq!(s.node_id, "good"),
         other => panic!("{other:?}"),
+    }
+
+    // The broker judges an edge by the certificate it last presented, kept in its data
+    // directory: restarted while the revoked edge shows no certificate at all (it serves HTTP,
+    // its QUIC port is silent), the broker still routes no client there. The rogue edge (a
+    // foreign certificate, not a revoked one) only lacks its QUIC link, as before.
+    broker.child.terminate();
+    good.child.terminate();
+    good.sync = None;
+    good.spawn();
+    broker.spawn();
+    let edge_up =
+        |m: &str, id: &str| sample(m, "shadowcdn_broker_edge_up", &[&format!("edge=\"{id}\"")]);
+    let broker_metrics = broker.metrics_url();
+    wait_until(|| async { edge_up(&text(broker_metrics.clone()).await, "rogue") == Some(1.0) })
+        .await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let m = text(broker.metrics_url()).await;
+        assert_eq!(edge_up(&m, "good"), Some(0.0), "{m}");
+        assert_eq!(edge_up(&m, "rogue"), Some(1.0), "{m}");
     }
 }
 

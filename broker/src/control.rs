@@ -21,6 +21,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
 use crate::cost::Ledger;
+use crate::edge_certs::{EdgeCertificates, EdgeCertsError};
 use crate::metrics::BrokerMetrics;
 use crate::routing::{Fleet, Health};
 
@@ -66,6 +67,9 @@ pub enum ControlError {
     /// The client endpoint could not start.
     #[error(transparent)]
     Start(#[from] SyncError),
+    /// The state kept in `data_dir` is unusable (at start).
+    #[error(transparent)]
+    State(#[from] EdgeCertsError),
     /// Transport failure.
     #[error(transparent)]
     Link(#[from] LinkError),
@@ -97,24 +101,50 @@ pub struct Control {
     metrics: BrokerMetrics,
     /// Edges whose certificate the broker's revocation list names are held out of routing.
     health: Arc<Health>,
+    /// The certificate each edge last presented, kept across restarts.
+    certs: EdgeCertificates,
 }
 
+/// In the broker's `data_dir`: the CRL number of the revocation list last enforced.
+pub const CRL_NUMBER_FILE: &str = "quic-crl-number.json";
+/// In the broker's `data_dir`: the QUIC certificate each edge last presented.
+pub const EDGE_CERTIFICATES_FILE: &str = "quic-edge-certificates.json";
+
 impl Control {
-    /// Load the broker's identity; links open on first use.
+    /// Load the broker's identity, and the state it keeps in `state_dir` (the list's CRL
+    /// number, the certificates the edges presented); links open on first use.
     pub fn new(
         section: &ControlSection,
+        state_dir: &std::path::Path,
         fleet: Arc<Fleet>,
         ledger: Arc<Ledger>,
         metrics: BrokerMetrics,
         health: Arc<Health>,
-    ) -> Result<Self, SyncError> {
+    ) -> Result<Self, ControlError> {
         let identity = NodeIdentity::load(&TlsPaths {
             ca_cert: section.ca_cert.clone(),
             cert: section.cert.clone(),
             key: section.key.clone(),
             crl: section.crl.clone(),
-        })?;
-        identity.client_config()?;
+        })
+        .map_err(SyncError::from)?;
+        identity.client_config().map_err(SyncError::from)?;
+        identity
+            .remember_list_number(&state_dir.join(CRL_NUMBER_FILE))
+            .map_err(SyncError::from)?;
+        let certs = EdgeCertificates::open(
+            &state_dir.join(EDGE_CERTIFICATES_FILE),
+            fleet.edges.iter().map(|e| e.id.as_str()),
+        )?;
+        // Out of routing from the start, not from the first stats poll.
+        for (e, edge) in fleet.edges.iter().enumerate() {
+            let kept = certs.get(&edge.id).filter(|_| edge.sync.is_some());
+            if kept.is_some_and(|c| identity.trust().revokes_dialled(&edge_name(&edge.id), &c)) {
+                health.set_revoked(e, true);
+                tracing::warn!(edge = %edge.id,
+                    "the certificate this edge last presented is revoked: it takes no traffic until it presents another");
+            }
+        }
         let n = fleet.edges.len();
         Ok(Control {
             identity,
@@ -133,6 +163,7 @@ impl Control {
             ledger,
             metrics,
             health,
+            certs,
         })
     }
 
@@ -173,12 +204,16 @@ impl Control {
                 e.sync.as_ref().map(|configured| {
                     // Pointed at the edge's current address before every call.
                     let addr = self.fleet.addresses.get(i).sync;
-                    Arc::new(Link::new(
+                    let link = Link::new(
                         endpoint.clone(),
                         addr.unwrap_or_else(|| (like.ip(), configured.port()).into()),
                         edge_name(&e.id),
                         MAX_INFLIGHT,
-                    ))
+                    );
+                    if let Some(cert) = self.certs.get(&e.id) {
+                        link.assume_peer_certificate(cert);
+                    }
+                    Arc::new(link)
                 })
             })
             .collect();
@@ -271,17 +306,24 @@ impl Control {
     }
 
     /// Hold edge `e` out of routing while its link says the broker's revocation list names
-    /// its certificate, and release it once it presents another. Only the stats poll notes
-    /// it, one call per edge at a time, so orders racing a redial cannot note a stale state.
+    /// its certificate, and release it once it presents another; keep the certificate it
+    /// presented. Only the stats poll notes it, one call per edge at a time, so orders racing
+    /// a redial cannot note a stale state.
     fn note_revoked(&self, e: usize) {
         let Some(link) = self.links().ok().and_then(|l| l.get(e).cloned().flatten()) else {
             return;
         };
+        let id = &self.fleet.edges[e].id;
+        if let Some(cert) = link.peer_certificate() {
+            if let Err(err) = self.certs.note(id, &cert) {
+                tracing::warn!(edge = %id, error = %err,
+                    "cannot keep the edge's QUIC certificate; a restart would judge it by handshakes only");
+            }
+        }
         let revoked = link.peer_revoked();
         if self.health.set_revoked(e, revoked) == revoked {
             return;
         }
-        let id = &self.fleet.edges[e].id;
         if revoked {
             tracing::warn!(edge = %id,
                 "edge's QUIC certificate is revoked: it takes no traffic until it presents another");

@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod control;
 pub mod cost;
+pub mod edge_certs;
 pub mod metrics;
 pub mod monitor;
 mod origin_addrs;

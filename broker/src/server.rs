@@ -181,6 +181,7 @@ impl Broker {
             Some(c) => {
                 let control = Control::new(
                     c,
+                    &cfg.data_dir,
                     fleet.clone(),
                     ledger.clone(),
                     metrics.clone(),

@@ -57,6 +57,10 @@ pub enum StartError {
     },
 }
 
+/// In `cache.dir`: the CRL number of the QUIC revocation list last enforced, so a restart
+/// refuses an older list as the running edge did.
+pub const CRL_NUMBER_FILE: &str = "quic-crl-number.json";
+
 /// Longest wait for the cache to flush and close at exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -93,6 +97,9 @@ impl EdgeNode {
         let sync = match &cfg.sync {
             Some(sc) => {
                 let identity = NodeIdentity::load(&sc.tls_paths()).map_err(SyncError::from)?;
+                identity
+                    .remember_list_number(&cfg.cache.dir.join(CRL_NUMBER_FILE))
+                    .map_err(SyncError::from)?;
                 let server_cfg = identity.server_config().map_err(SyncError::from)?;
                 let socket =
                     std::net::UdpSocket::bind(sc.listen).map_err(|source| StartError::Bind {

@@ -7,8 +7,12 @@
 //! with a cluster certificate (the broker, peer edges) within [`KNOWN_FOR`] are held to a cap
 //! of their own exact address instead of their source's, and may take the last
 //! [`RESERVED_FOR_KNOWN`] slots, so a host sharing the broker's /64, or a flood from
-//! elsewhere, cannot lock the fleet out once it has connected. They are remembered in memory:
-//! after the edge restarts, the fleet's first handshakes are held to the caps of strangers.
+//! elsewhere, cannot lock the fleet out once it has connected. An address stops being known
+//! at its first failed handshake (refused, timed out, abandoned, or over its connection cap),
+//! so a node whose certificate was revoked keeps those slots for one handshake at most. When
+//! more addresses are known than are kept, the source with the most loses its oldest: one
+//! host with many addresses cannot push the broker out. They are remembered in memory: after
+//! the edge restarts, the fleet's first handshakes are held to the caps of strangers.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -119,21 +123,32 @@ impl Slot {
         let mut t = self.slots.0.lock();
         t.known.insert(self.from, now);
         if t.known.len() > KNOWN_ADDRESSES {
-            let oldest = t.known.iter().min_by_key(|(_, at)| **at).map(|(a, _)| *a);
-            if let Some(a) = oldest {
+            if let Some(a) = crowded_oldest(&t.known) {
                 t.known.remove(&a);
             }
         }
     }
-}
 
-impl Slot {
-    /// The handshake was refused over its certificate (foreign, expired, revoked): the
-    /// address is a stranger again, however recently it was the fleet's — a revoked node
-    /// keeps no slots kept for the fleet.
-    pub fn refused(&self) {
+    /// The handshake failed, or its peer may not connect: the address is a stranger again,
+    /// however recently it was the fleet's — a revoked node keeps no slots kept for the fleet
+    /// (whether its handshake is refused, or left to time out).
+    pub fn failed(&self) {
         self.slots.0.lock().known.remove(&self.from);
     }
+}
+
+/// The oldest known address of the source ([`source_of`]) with the most known addresses.
+fn crowded_oldest(known: &HashMap<IpAddr, Instant>) -> Option<IpAddr> {
+    let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
+    for a in known.keys() {
+        *per_source.entry(source_of(*a)).or_default() += 1;
+    }
+    let (crowded, _) = per_source.into_iter().max_by_key(|(_, n)| *n)?;
+    known
+        .iter()
+        .filter(|(a, _)| source_of(**a) == crowded)
+        .min_by_key(|(_, at)| **at)
+        .map(|(a, _)| *a)
 }
 
 impl Drop for Slot {
@@ -229,8 +244,28 @@ mod tests {
         }
     }
 
+    /// One host's many addresses fill the known set; the broker's stays known.
     #[test]
-    fn an_address_refused_over_its_certificate_is_a_stranger_again() {
+    fn the_crowded_source_loses_its_oldest_known_address() {
+        let slots = HandshakeSlots::default();
+        let broker: IpAddr = "192.0.2.2".parse().unwrap();
+        slots.admit(broker).unwrap().authenticated();
+        for i in 1..=(KNOWN_ADDRESSES as u16 + 50) {
+            let a: IpAddr = format!("2001:db8:0:1::{i:x}").parse().unwrap();
+            slots.admit(a).unwrap().authenticated();
+        }
+        let t = slots.0.lock();
+        assert_eq!(t.known.len(), KNOWN_ADDRESSES);
+        assert!(t.known.contains_key(&broker));
+        assert!(!t
+            .known
+            .contains_key(&"2001:db8:0:1::1".parse::<IpAddr>().unwrap()));
+    }
+
+    /// A handshake that times out (a revoked node that stalls rather than shows its
+    /// certificate) forgets its address like a refused one.
+    #[test]
+    fn an_address_whose_handshake_failed_is_a_stranger_again() {
         let slots = HandshakeSlots::default();
         let revoked: IpAddr = "192.0.2.11".parse().unwrap();
         slots.admit(revoked).unwrap().authenticated();
@@ -241,7 +276,7 @@ mod tests {
         let slot = slots
             .admit(revoked)
             .expect("a known address takes a kept slot");
-        slot.refused();
+        slot.failed();
         drop(slot);
         assert!(slots.admit(revoked).is_none(), "no longer known");
     }

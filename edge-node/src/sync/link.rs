@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use rustls::pki_types::CertificateDer;
 use tokio::sync::{Mutex, Semaphore};
 
 use super::protocol::{read_frame, write_frame, Envelope, FrameError, Reply, Request, VERSION};
@@ -114,6 +115,10 @@ pub struct Link {
     /// or refused at a re-check that cut its connection; a successful handshake clears it,
     /// other failures leave it as it was.
     peer_revoked: AtomicBool,
+    /// The certificate the peer presented at the last handshake that succeeded (or, before
+    /// one, the one it was last known by): a peer whose list entry came while it made no
+    /// handshake — or that stopped presenting its certificate — is judged by it.
+    peer_cert: parking_lot::Mutex<Option<CertificateDer<'static>>>,
 }
 
 impl Link {
@@ -143,6 +148,7 @@ impl Link {
             connected: AtomicBool::new(false),
             failures: AtomicU32::new(0),
             peer_revoked: AtomicBool::new(false),
+            peer_cert: parking_lot::Mutex::new(None),
         }
     }
 
@@ -181,10 +187,29 @@ impl Link {
     }
 
     /// Whether this node's revocation list names the peer's certificate: its connection was
-    /// cut over it, or the last handshake refused it as revoked. A new handshake that
+    /// cut over it, the last handshake refused it as revoked, or the list in use names the
+    /// certificate it last presented ([`Link::peer_certificate`]). A new handshake that
     /// succeeds (a renewed certificate) clears it.
     pub fn peer_revoked(&self) -> bool {
         self.peer_revoked.load(Ordering::Relaxed)
+            || self
+                .peer_cert
+                .lock()
+                .as_ref()
+                .is_some_and(|c| self.endpoint.trust.revokes_dialled(&self.server_name, c))
+    }
+
+    /// The certificate the peer presented at the last successful handshake, or the one
+    /// [`Link::assume_peer_certificate`] gave before any.
+    pub fn peer_certificate(&self) -> Option<CertificateDer<'static>> {
+        self.peer_cert.lock().clone()
+    }
+
+    /// Take `cert` as the peer's until a handshake shows its own: the certificate it was seen
+    /// with before this process started, so a revocation of it holds before (and without) a
+    /// new handshake.
+    pub fn assume_peer_certificate(&self, cert: CertificateDer<'static>) {
+        self.peer_cert.lock().get_or_insert(cert);
     }
 
     /// The open connection, connecting (or reconnecting, subject to backoff) if needed.
@@ -236,6 +261,9 @@ impl Link {
             // refuses our certificate does so only after our side of the handshake is done.
             Ok(c) => {
                 self.peer_revoked.store(false, Ordering::Relaxed);
+                if let Some(leaf) = super::trust::peer_leaf(&c) {
+                    *self.peer_cert.lock() = Some(leaf);
+                }
                 st.conn = Some((c.clone(), checked));
                 st.retry_at = None;
                 self.connected.store(true, Ordering::Relaxed);
@@ -802,6 +830,52 @@ mod tests {
         assert!(!fresh.peer_revoked());
         assert!(fresh.request(&stats, timeout).await.is_err());
         assert!(fresh.peer_revoked(), "refused as revoked at the handshake");
+    }
+
+    /// A peer revoked while this node made no handshake with it (a broker that restarted, a
+    /// revoked edge that drops its packets) is known revoked by the certificate it last showed.
+    #[tokio::test]
+    async fn a_peer_is_judged_by_the_certificate_it_last_presented() {
+        use rustls::pki_types::pem::PemObject;
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
+        let broker =
+            NodeIdentity::load(&issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap())
+                .unwrap();
+        let server = server(&NodeIdentity::load(&edge).unwrap());
+        let addr = server.local_addr().unwrap();
+        serve(server, "here", 0);
+        let link = Link::new(
+            client_endpoint(&broker, addr).unwrap(),
+            addr,
+            edge_name("e1"),
+            4,
+        );
+        assert!(link.peer_certificate().is_none());
+        let stats = Request::Stats { ack: None };
+        assert_eq!(
+            answered_by(link.request(&stats, Duration::from_secs(3)).await),
+            "here"
+        );
+        let shown = link.peer_certificate().expect("kept at the handshake");
+        assert_eq!(shown, CertificateDer::from_pem_file(&edge.cert).unwrap());
+        // A new link (a restarted broker) to an address where nothing answers, given the
+        // certificate kept from before.
+        let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let nowhere = silent.local_addr().unwrap();
+        let fresh = Link::new(
+            client_endpoint(&broker, nowhere).unwrap(),
+            nowhere,
+            edge_name("e1"),
+            4,
+        );
+        fresh.assume_peer_certificate(shown);
+        assert!(!fresh.peer_revoked());
+        crate::sync::pki::revoke(dir.path(), std::slice::from_ref(&edge.cert)).unwrap();
+        assert!(broker.reload_revocations().unwrap());
+        assert!(fresh.peer_revoked(), "no handshake needed");
+        assert!(link.peer_revoked(), "nor a request on the open connection");
     }
 
     #[tokio::test]

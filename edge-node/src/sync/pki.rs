@@ -47,6 +47,9 @@ pub enum PkiError {
     /// `--init` where a list exists.
     #[error("{0}: a revocation list exists already; add to it instead")]
     ListExists(PathBuf),
+    /// `certs ca` where a CA is.
+    #[error("{0} exists: a CA is here already; replacing it would leave the certificates it issued beyond revocation while nodes trust it (make a new CA in another directory; remove the old files first only if nothing trusts that CA)")]
+    CaExists(PathBuf),
     /// Another run holds the list's lock.
     #[error("{0} is locked: another `edge-node certs` run is writing the list; try again when it is done")]
     Busy(PathBuf),
@@ -80,35 +83,51 @@ pub enum NodeRole {
     Edge,
 }
 
+/// Write a certificate, replacing the file whole (a node reloading it reads the old or the
+/// new one, never half of one).
 fn write(path: &Path, contents: &str) -> Result<(), PkiError> {
-    std::fs::write(path, contents).map_err(|source| PkiError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
+    replace(path, contents.as_bytes(), 0o644)
 }
 
 /// Write a private key readable by its owner only (whoever reads `ca.key` can mint a broker
 /// certificate), created so from the start rather than narrowed after.
 fn write_key(path: &Path, pem: &str) -> Result<(), PkiError> {
+    replace(path, pem.as_bytes(), 0o600)
+}
+
+/// Replace `path` with `contents` through a synced temporary file of mode `mode` renamed over
+/// it, then sync the directory: a crash leaves the old file or the new one.
+fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |source| PkiError::Io {
         path: path.to_path_buf(),
         source,
     };
-    // A key left from an earlier run keeps its mode on open: narrow it before writing.
-    if path.exists() {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    // One left by a killed run would keep its mode on open.
+    match std::fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
+        _ => {}
     }
-    std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(pem.as_bytes()))
-        .map_err(io)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io)?;
+    f.write_all(contents)
+        .and_then(|()| f.sync_all())
+        .map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(dir) => std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io),
+        None => Ok(()),
+    }
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -131,6 +150,15 @@ pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
         path: dir.to_path_buf(),
         source,
     })?;
+    // Replacing a CA in place would leave what it issued beyond revocation (its list is
+    // gone, and `revoke` takes only the new CA's certificates) while nodes still trust it.
+    if let Some(f) = ["ca.pem", "ca.key"]
+        .map(|f| dir.join(f))
+        .into_iter()
+        .find(|f| f.exists())
+    {
+        return Err(PkiError::CaExists(f));
+    }
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     // A name of its own: verifiers find a CA's revocation list by the CA's name, so two CAs
@@ -151,7 +179,7 @@ pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
     let lock = ListLock::take(dir)?;
     write(&dir.join("ca.pem"), &cert.pem())?;
     write_key(&dir.join("ca.key"), &key.serialize_pem())?;
-    // A CA made again in the same place starts a new list: the old one is another CA's.
+    // A list left beside removed CA files is another CA's: the new CA starts its own.
     let crl = dir.join(CRL_FILE);
     if crl.exists() {
         std::fs::remove_file(&crl).map_err(|source| PkiError::Io { path: crl, source })?;
@@ -432,10 +460,27 @@ mod tests {
         std::fs::write(&stale, "old").unwrap();
         std::fs::set_permissions(&stale, std::fs::Permissions::from_mode(0o644)).unwrap();
         let paths = issue(dir.path(), "edge-1", NodeRole::Edge, dir.path()).unwrap();
-        assert_eq!(mode(&paths.key), 0o600, "an earlier key's mode is narrowed");
+        assert_eq!(mode(&paths.key), 0o600, "an earlier key's file is replaced");
         assert!(std::fs::read_to_string(&paths.key)
             .unwrap()
             .contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_ca_is_not_replaced_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let [pem, key, list] =
+            ["ca.pem", "ca.key", CRL_FILE].map(|f| std::fs::read(dir.path().join(f)).unwrap());
+        let e = create_ca(dir.path()).unwrap_err();
+        assert!(matches!(&e, PkiError::CaExists(_)), "{e}");
+        assert!(e.to_string().contains("beyond revocation"), "{e}");
+        for (f, before) in [("ca.pem", pem), ("ca.key", key), (CRL_FILE, list)] {
+            assert_eq!(std::fs::read(dir.path().join(f)).unwrap(), before, "{f}");
+        }
+        // Half of one (a key whose certificate was lost) is not overwritten either.
+        std::fs::remove_file(dir.path().join("ca.pem")).unwrap();
+        assert!(matches!(create_ca(dir.path()), Err(PkiError::CaExists(_))));
     }
 
     fn parse_crl(path: &Path) -> (u64, usize) {

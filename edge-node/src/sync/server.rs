@@ -286,16 +286,6 @@ impl BackgroundService for SyncService {
     }
 }
 
-/// Whether this edge refused the peer's certificate during a handshake: quinn reports it as
-/// a transport error carrying a TLS certificate alert (QUIC code 0x100 + alert). The peer
-/// refusing *ours* (a closed connection) and other alerts (an ALPN mismatch, a decode
-/// error) are not the peer's certificate's fault.
-fn certificate_refused(e: &quinn::ConnectionError) -> bool {
-    // bad_certificate … certificate_unknown (42–46), unknown_ca (48), certificate_required (116).
-    const ALERTS: [u64; 7] = [42, 43, 44, 45, 46, 48, 116];
-    super::trust::alert_raised(e).is_some_and(|a| ALERTS.contains(&a))
-}
-
 /// Who is on the other end.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -325,29 +315,30 @@ impl Handler {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 m.sync_handshake_failures.inc();
-                if certificate_refused(&e) {
-                    handshake.refused();
-                }
+                handshake.failed();
                 tracing::warn!(error = %e, "QUIC handshake refused");
                 return;
             }
             Err(_) => {
                 m.sync_handshake_failures.inc();
+                handshake.failed();
                 tracing::warn!("QUIC handshake timed out");
                 return;
             }
         };
-        // The endpoint took its certificate: a broker or a peer of this cluster.
-        handshake.authenticated();
-        drop(handshake);
+        // The endpoint took its certificate: a broker or a peer of this cluster — known to
+        // the fleet once it is also within its connection cap.
         let peer = peer_name(&conn);
         let Some(_held) = connections.admit(&peer) else {
             m.sync_handshake_failures.inc();
+            handshake.failed();
             tracing::warn!(peer = %peer, addr = %conn.remote_address(),
                 "QUIC connection refused: the peer has too many open");
             conn.close(TOO_MANY_CLOSE_CODE.into(), b"too many connections");
             return;
         };
+        handshake.authenticated();
+        drop(handshake);
         let role = if peer_is(&conn, BROKER_NAME) {
             Role::Broker
         } else {
@@ -694,23 +685,6 @@ mod tests {
     /// Message `id` with an empty body.
     fn key(id: u64) -> MessageKey {
         MessageKey::of(id, None)
-    }
-
-    #[test]
-    fn only_certificate_alerts_of_this_side_forget_an_address() {
-        let alert = |a: u8| {
-            quinn::ConnectionError::TransportError(quinn_proto::TransportError {
-                code: quinn_proto::TransportErrorCode::crypto(a),
-                frame: None,
-                reason: String::new(),
-            })
-        };
-        assert!(certificate_refused(&alert(44)), "certificate_revoked");
-        assert!(certificate_refused(&alert(48)), "unknown_ca");
-        assert!(certificate_refused(&alert(116)), "certificate_required");
-        assert!(!certificate_refused(&alert(120)), "no_application_protocol");
-        assert!(!certificate_refused(&alert(50)), "decode_error");
-        assert!(!certificate_refused(&quinn::ConnectionError::TimedOut));
     }
 
     #[test]

@@ -315,6 +315,14 @@ impl NodeIdentity {
         self.current.reload_revocations()
     }
 
+    /// Keep the revocation list's CRL number in the state file `state` from now on, and fail
+    /// if the list read at load is older than the number kept there by an earlier run (a
+    /// restart must not accept a list the running node refused). Call right after
+    /// [`NodeIdentity::load`]; without a list it does nothing.
+    pub fn remember_list_number(&self, state: &Path) -> Result<(), TlsError> {
+        self.trust.remember_number(state)
+    }
+
     /// Server side: TLS 1.3, client certificate from the cluster CA required (and not
     /// revoked).
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {

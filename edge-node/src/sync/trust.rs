@@ -22,6 +22,15 @@ use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCer
 use tokio::sync::watch;
 
 use super::tls::{pem_error, provider, TlsError};
+use crate::durable::{read_json, write_atomic, FileError};
+
+/// A state file's read error as a TLS set-up error naming the file.
+fn state_file<T>(r: Result<T, FileError>) -> Result<T, TlsError> {
+    r.map_err(|e| match e {
+        FileError::Io { path, source } => pem_error(&path, source),
+        FileError::Format { path, source } => pem_error(&path, source),
+    })
+}
 
 /// The TLS alert this side raised when a handshake failed: quinn reports it as a transport
 /// error with QUIC code 0x100 + alert.
@@ -32,6 +41,15 @@ pub(super) fn alert_raised(e: &quinn::ConnectionError) -> Option<u64> {
         }
         _ => None,
     }
+}
+
+/// The certificate `conn`'s peer presented (the first of its chain).
+pub(super) fn peer_leaf(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    conn.peer_identity()?
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .ok()?
+        .into_iter()
+        .next()
 }
 
 /// Application close code of a connection whose peer's certificate was revoked.
@@ -73,6 +91,16 @@ struct Inner {
     changes: watch::Sender<u64>,
     /// The list's file was refused at the last read.
     refused: AtomicBool,
+    /// Where the CRL number of the list in use is kept across restarts
+    /// ([`Trust::remember_number`]).
+    floor: parking_lot::Mutex<Option<PathBuf>>,
+}
+
+/// The state file of [`Trust::remember_number`].
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct ListFloor {
+    /// The highest CRL number this node has enforced.
+    crl_number: u64,
 }
 
 /// The cluster CA and its revocation list as this node enforces them; cheap to clone (all
@@ -102,6 +130,19 @@ fn build(roots: &Arc<RootCertStore>, crl: Option<&Path>) -> Result<Verifiers, Tl
                     .map_err(|e| pem_error(path, e))?;
             if lists.is_empty() {
                 return Err(pem_error(path, "no X509 CRL in the file"));
+            }
+            // webpki enforces the first list of the CA it finds, while the number that keeps
+            // an older list out would be read from any: with one list per file neither an
+            // old list beside a new one nor a forged one beside a real one can lift a
+            // revocation (`certs revoke` writes one).
+            if lists.len() > 1 {
+                return Err(pem_error(
+                    path,
+                    format!(
+                        "{} lists in the file: one list, of the cluster CA, is expected",
+                        lists.len()
+                    ),
+                ));
             }
             let digest = ring::digest::digest(&ring::digest::SHA256, &bytes);
             let mut d = [0u8; 32];
@@ -206,6 +247,7 @@ impl Trust {
                 reloading: parking_lot::Mutex::new(()),
                 changes: watch::Sender::new(0),
                 refused: AtomicBool::new(false),
+                floor: parking_lot::Mutex::new(None),
             }),
         })
     }
@@ -213,6 +255,45 @@ impl Trust {
     /// Certificates the list in use revokes.
     pub fn revoked(&self) -> usize {
         self.inner.current.read().revoked
+    }
+
+    /// Keep the CRL number of the list in use in the state file at `state`, and refuse to
+    /// start with a list older than the one kept there: a running node refuses an older list,
+    /// and a restart must not accept what it refused (a reverted Secret, a restored backup).
+    /// Without a configured list there is nothing to keep.
+    pub(crate) fn remember_number(&self, state: &Path) -> Result<(), TlsError> {
+        let Some(crl) = &self.inner.crl else {
+            return Ok(());
+        };
+        let kept = state_file(read_json::<ListFloor>(state))?;
+        let in_use = self.inner.current.read().number;
+        if let Some(kept) = kept.filter(|k| k.crl_number > in_use) {
+            return Err(pem_error(
+                crl,
+                format!(
+                    "CRL number {in_use} is older than the {} this node enforced before \
+                     (kept in {}): a restored or recreated list would lift revocations; put \
+                     the newer list back, or delete that file to accept this one",
+                    kept.crl_number,
+                    state.display()
+                ),
+            ));
+        }
+        *self.inner.floor.lock() = Some(state.to_path_buf());
+        self.keep_number(in_use)
+            .map_err(|e| pem_error(state, format!("cannot keep the CRL number: {e}")))
+    }
+
+    /// Write `number` to the state file of [`Trust::remember_number`], if there is one.
+    fn keep_number(&self, number: u64) -> std::io::Result<()> {
+        let Some(state) = self.inner.floor.lock().clone() else {
+            return Ok(());
+        };
+        if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir)?;
+        }
+        let body = serde_json::to_vec(&ListFloor { crl_number: number })?;
+        write_atomic(&state, &body)
     }
 
     /// Whether `chain` (this node's certificate, maybe a renewal) would pass a peer's check:
@@ -283,8 +364,13 @@ impl Trust {
             }
             other => other?,
         }
+        let number = verifiers.number;
         *self.inner.current.write() = verifiers;
         self.inner.changes.send_modify(|n| *n += 1);
+        if let Err(e) = self.keep_number(number) {
+            tracing::warn!(error = %e, "QUIC revocation list in use, but its CRL number is not kept: \
+                a restart would accept an older list");
+        }
         Ok(true)
     }
 
@@ -344,6 +430,20 @@ impl Trust {
     /// The handshake's signature checks: the same for both sides, and unaffected by the list.
     fn algorithms(&self) -> &rustls::crypto::WebPkiSupportedAlgorithms {
         &self.inner.provider.signature_verification_algorithms
+    }
+
+    /// Whether the list in use names `leaf`, a certificate a peer dialled as `server_name`
+    /// presented (dates aside): a node's standing is kept from the certificate it last showed,
+    /// not only from handshakes it may no longer make.
+    pub fn revokes_dialled(&self, server_name: &str, leaf: &CertificateDer<'_>) -> bool {
+        matches!(
+            verify(
+                &self.inner.current.read(),
+                &Side::Dialled(server_name.to_string()),
+                std::slice::from_ref(leaf)
+            ),
+            Err(rustls::Error::InvalidCertificate(CertificateError::Revoked))
+        )
     }
 
     /// Whether the list in use refuses `chain` as `side` verifies it, dates aside.
@@ -772,6 +872,64 @@ mod tests {
         std::fs::write(&list, newer).unwrap();
         assert!(!e1.reload_revocations().unwrap());
         assert!(!e1.trust().list_refused());
+    }
+
+    #[test]
+    fn a_list_older_than_one_enforced_before_is_refused_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("cache").join("quic-crl-number.json");
+        let p = cluster(dir.path(), &["e1", "e2"]);
+        let list = p[0].crl.clone().unwrap();
+        let first = std::fs::read(&list).unwrap();
+        let e1 = NodeIdentity::load(&p[0]).unwrap();
+        e1.remember_list_number(&state).unwrap();
+        revoke_files(dir.path(), &[&p[1]]);
+        assert!(e1.reload_revocations().unwrap());
+        let newer = std::fs::read(&list).unwrap();
+        drop(e1);
+        // The list reverted (a Secret rolled back, a backup restored) while e1 was down.
+        std::fs::write(&list, &first).unwrap();
+        let restarted = NodeIdentity::load(&p[0]).unwrap();
+        let e = restarted
+            .remember_list_number(&state)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("older than") && e.contains("quic-crl-number.json"),
+            "{e}"
+        );
+        std::fs::write(&list, &newer).unwrap();
+        let restarted = NodeIdentity::load(&p[0]).unwrap();
+        restarted.remember_list_number(&state).unwrap();
+        assert_eq!(restarted.trust().revoked(), 1);
+        // Without a list nothing is kept.
+        let mut unlisted = p[0].clone();
+        unlisted.crl = None;
+        let other_state = dir.path().join("none.json");
+        NodeIdentity::load(&unlisted)
+            .unwrap()
+            .remember_list_number(&other_state)
+            .unwrap();
+        assert!(!other_state.exists());
+    }
+
+    /// webpki enforces the first list of the CA in a file: an old list before a new one, or
+    /// a forged one with a high number beside a real one, must not be taken.
+    #[test]
+    fn a_file_with_more_than_one_list_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = cluster(dir.path(), &["e1", "e2"]);
+        let list = p[0].crl.clone().unwrap();
+        let old = std::fs::read(&list).unwrap();
+        revoke_files(dir.path(), &[&p[1]]);
+        let new = std::fs::read(&list).unwrap();
+        let e1 = NodeIdentity::load(&p[0]).unwrap();
+        std::fs::write(&list, [old.clone(), new].concat()).unwrap();
+        let e = e1.reload_revocations().unwrap_err().to_string();
+        assert!(e.contains("2 lists in the file"), "{e}");
+        assert_eq!(e1.trust().revoked(), 1, "the list in use stays");
+        let e = NodeIdentity::load(&p[0]).err().unwrap().to_string();
+        assert!(e.contains("2 lists in the file"), "{e}");
     }
 
     #[test]
