@@ -2656,7 +2656,8 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
     let broker_metrics = broker.metrics_url();
     wait_until(|| async { edge_up(&text(broker_metrics.clone()).await, "rogue") == Some(1.0) })
         .await;
-    for _ in 0..3 {
+    // Past several stats polls (1 s) and their failed redials (2 s each).
+    for _ in 0..7 {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let m = text(broker.metrics_url()).await;
         assert_eq!(edge_up(&m, "good"), Some(0.0), "{m}");

@@ -102,7 +102,7 @@ pub struct Control {
     /// Edges whose certificate the broker's revocation list names are held out of routing.
     health: Arc<Health>,
     /// The certificate each edge last presented, kept across restarts.
-    certs: EdgeCertificates,
+    certs: Arc<EdgeCertificates>,
 }
 
 /// In the broker's `data_dir`: the CRL number of the revocation list last enforced.
@@ -132,10 +132,10 @@ impl Control {
         identity
             .remember_list_number(&state_dir.join(CRL_NUMBER_FILE))
             .map_err(SyncError::from)?;
-        let certs = EdgeCertificates::open(
+        let certs = Arc::new(EdgeCertificates::open(
             &state_dir.join(EDGE_CERTIFICATES_FILE),
             fleet.edges.iter().map(|e| e.id.as_str()),
-        )?;
+        )?);
         // Out of routing from the start, not from the first stats poll.
         for (e, edge) in fleet.edges.iter().enumerate() {
             let kept = certs.get(&edge.id).filter(|_| edge.sync.is_some());
@@ -306,20 +306,13 @@ impl Control {
     }
 
     /// Hold edge `e` out of routing while its link says the broker's revocation list names
-    /// its certificate, and release it once it presents another; keep the certificate it
-    /// presented. Only the stats poll notes it, one call per edge at a time, so orders racing
-    /// a redial cannot note a stale state.
+    /// its certificate, and release it once it presents another. Only the stats poll notes
+    /// it, one call per edge at a time, so orders racing a redial cannot note a stale state.
     fn note_revoked(&self, e: usize) {
         let Some(link) = self.links().ok().and_then(|l| l.get(e).cloned().flatten()) else {
             return;
         };
         let id = &self.fleet.edges[e].id;
-        if let Some(cert) = link.peer_certificate() {
-            if let Err(err) = self.certs.note(id, &cert) {
-                tracing::warn!(edge = %id, error = %err,
-                    "cannot keep the edge's QUIC certificate; a restart would judge it by handshakes only");
-            }
-        }
         let revoked = link.peer_revoked();
         if self.health.set_revoked(e, revoked) == revoked {
             return;
@@ -379,6 +372,7 @@ impl Control {
                 Err(err) => tracing::debug!(edge = id, error = %err, "stats poll failed"),
             }
         }
+        self.keep_certificates().await;
         let (first, misses) = self
             .stats
             .read()
@@ -389,6 +383,34 @@ impl Control {
             self.metrics
                 .shadow_recall
                 .set(first as f64 / (first + misses) as f64);
+        }
+    }
+}
+
+impl Control {
+    /// Keep the certificates the edges presented that changed since they were last kept, in
+    /// one write off the async workers.
+    async fn keep_certificates(&self) {
+        let Ok(links) = self.links() else {
+            return;
+        };
+        let changed: Vec<_> = links
+            .iter()
+            .zip(&self.fleet.edges)
+            .filter_map(|(l, e)| Some((e.id.clone(), l.as_ref()?.peer_certificate()?)))
+            .filter(|(id, c)| self.certs.differs(id, c))
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let certs = self.certs.clone();
+        let kept = tokio::task::spawn_blocking(move || certs.note_all(&changed)).await;
+        if let Some(e) = match kept {
+            Ok(r) => r.err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        } {
+            tracing::warn!(error = %e,
+                "cannot keep the edges' QUIC certificates; a restart would judge them by handshakes only");
         }
     }
 }

@@ -70,17 +70,24 @@ impl EdgeCertificates {
         hex::decode(hex).ok().map(CertificateDer::from)
     }
 
-    /// Keep `cert` as edge `id`'s, writing the file if it changed; an error leaves the file
-    /// as it was (the next call tries again).
-    pub fn note(&self, id: &str, cert: &CertificateDer<'_>) -> std::io::Result<()> {
-        let hex = hex::encode(cert.as_ref());
+    /// Whether `cert` is not what is kept for edge `id`.
+    pub fn differs(&self, id: &str, cert: &CertificateDer<'_>) -> bool {
+        self.saved.lock().edges.get(id) != Some(&hex::encode(cert.as_ref()))
+    }
+
+    /// Keep each `(id, cert)` as that edge's, writing the file once if anything changed; an
+    /// error leaves the file as it was (the next call tries again). Blocking: call it off the
+    /// async workers.
+    pub fn note_all(&self, certs: &[(String, CertificateDer<'_>)]) -> std::io::Result<()> {
         let mut saved = self.saved.lock();
-        if saved.edges.get(id) == Some(&hex) {
+        let mut next = saved.clone();
+        for (id, cert) in certs {
+            next.edges.insert(id.clone(), hex::encode(cert.as_ref()));
+        }
+        if next == *saved {
             return Ok(());
         }
-        let mut next = saved.clone();
-        next.edges.insert(id.to_string(), hex);
-        write_atomic(&self.path, &serde_json::to_vec_pretty(&next)?)?;
+        write_atomic(&self.path, &serde_json::to_vec(&next)?)?;
         *saved = next;
         Ok(())
     }
@@ -97,13 +104,19 @@ mod tests {
         let certs = EdgeCertificates::open(&path, ["e1", "e2"]).unwrap();
         assert!(certs.get("e1").is_none());
         let a = CertificateDer::from(vec![1u8, 2, 3]);
-        certs.note("e1", &a).unwrap();
-        certs.note("e2", &CertificateDer::from(vec![9u8])).unwrap();
+        assert!(certs.differs("e1", &a));
+        certs
+            .note_all(&[
+                ("e1".into(), a.clone()),
+                ("e2".into(), CertificateDer::from(vec![9u8])),
+            ])
+            .unwrap();
+        assert!(!certs.differs("e1", &a));
         let again = EdgeCertificates::open(&path, ["e1"]).unwrap();
         assert_eq!(again.get("e1").unwrap().as_ref(), a.as_ref());
         assert!(again.get("e2").is_none(), "no longer configured");
         let b = CertificateDer::from(vec![4u8]);
-        again.note("e1", &b).unwrap();
+        again.note_all(&[("e1".into(), b.clone())]).unwrap();
         let third = EdgeCertificates::open(&path, ["e1"]).unwrap();
         assert_eq!(third.get("e1").unwrap().as_ref(), b.as_ref());
     }

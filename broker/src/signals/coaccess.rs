@@ -395,6 +395,10 @@ impl CoAccess {
         ts: u64,
         followers: &mut Vec<Follower>,
     ) -> usize {
+        // An unknown start or client (0) cannot tell this visit's requests from others'.
+        if started == 0 || client == 0 {
+            return 0;
+        }
         let Some(q) = self.recent.get(&client) else {
             return 0;
         };

@@ -8,9 +8,11 @@
 //! of their own exact address instead of their source's, and may take the last
 //! [`RESERVED_FOR_KNOWN`] slots, so a host sharing the broker's /64, or a flood from
 //! elsewhere, cannot lock the fleet out once it has connected. An address stops being known
-//! at its first failed handshake (refused, timed out, abandoned, or over its connection cap),
-//! so a node whose certificate was revoked keeps those slots for one handshake at most. When
-//! more addresses are known than are kept, the source with the most loses its oldest: one
+//! when a handshake of its is refused over its certificate, or after [`KNOWN_FAILURES`]
+//! handshakes in a row fail otherwise (time out, or exceed the peer's connection cap): a node
+//! whose certificate was revoked keeps those slots for a few rounds at most whether refused or
+//! stalling, while one slow handshake (an edge busy with a flood) does not demote the broker.
+//! When more addresses are known than are kept, the source with the most loses its oldest: one
 //! host with many addresses cannot push the broker out. They are remembered in memory: after
 //! the edge restarts, the fleet's first handshakes are held to the caps of strangers.
 
@@ -32,6 +34,18 @@ pub const RESERVED_FOR_KNOWN: usize = 16;
 pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 /// Addresses remembered at most (the fleet, many times over).
 const KNOWN_ADDRESSES: usize = 1024;
+/// Failed handshakes in a row (not certificate refusals) after which a known address is a
+/// stranger again.
+pub const KNOWN_FAILURES: u8 = 3;
+
+/// An address that completed a handshake with a cluster certificate.
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    /// When it last did.
+    at: Instant,
+    /// Its handshakes that failed since.
+    failures: u8,
+}
 /// Longest a handshake may take before its slot is freed (loopback or a data centre
 /// completes one in milliseconds).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -43,8 +57,8 @@ struct Taken {
     by_source: HashMap<IpAddr, usize>,
     /// Handshakes in progress by exact address.
     by_address: HashMap<IpAddr, usize>,
-    /// Addresses that completed a handshake, and when they last did.
-    known: HashMap<IpAddr, Instant>,
+    /// Addresses that completed a handshake.
+    known: HashMap<IpAddr, Known>,
 }
 
 impl Taken {
@@ -94,7 +108,7 @@ impl HandshakeSlots {
         let known = t
             .known
             .get(&from)
-            .is_some_and(|at| now.saturating_duration_since(*at) < KNOWN_FOR);
+            .is_some_and(|k| now.saturating_duration_since(k.at) < KNOWN_FOR);
         let full = if known {
             t.total >= MAX_HANDSHAKES
                 || t.by_address.get(&from).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_ADDRESS
@@ -121,34 +135,57 @@ impl Slot {
     pub fn authenticated(&self) {
         let now = Instant::now();
         let mut t = self.slots.0.lock();
-        t.known.insert(self.from, now);
+        t.known.insert(
+            self.from,
+            Known {
+                at: now,
+                failures: 0,
+            },
+        );
         if t.known.len() > KNOWN_ADDRESSES {
-            if let Some(a) = crowded_oldest(&t.known) {
+            if let Some(a) = crowded_oldest(&t.known, self.from) {
                 t.known.remove(&a);
             }
         }
     }
 
-    /// The handshake failed, or its peer may not connect: the address is a stranger again,
-    /// however recently it was the fleet's — a revoked node keeps no slots kept for the fleet
-    /// (whether its handshake is refused, or left to time out).
-    pub fn failed(&self) {
+    /// The handshake was refused over its certificate (foreign, expired, revoked): the
+    /// address is a stranger again, however recently it was the fleet's.
+    pub fn refused(&self) {
         self.slots.0.lock().known.remove(&self.from);
+    }
+
+    /// The handshake failed otherwise (timed out, abandoned) or its peer may open no more
+    /// connections: after [`KNOWN_FAILURES`] in a row the address is a stranger again — a
+    /// revoked node that stalls its handshakes keeps no slots kept for the fleet.
+    pub fn failed(&self) {
+        let mut t = self.slots.0.lock();
+        let Some(k) = t.known.get_mut(&self.from) else {
+            return;
+        };
+        k.failures = k.failures.saturating_add(1);
+        if k.failures >= KNOWN_FAILURES {
+            t.known.remove(&self.from);
+        }
     }
 }
 
-/// The oldest known address of the source ([`source_of`]) with the most known addresses.
-fn crowded_oldest(known: &HashMap<IpAddr, Instant>) -> Option<IpAddr> {
-    let mut per_source: HashMap<IpAddr, usize> = HashMap::new();
-    for a in known.keys() {
-        *per_source.entry(source_of(*a)).or_default() += 1;
+/// The known address to forget for room: the oldest of the source ([`source_of`]) with the
+/// most known addresses (among equals, the source whose oldest is oldest), never `keep`.
+fn crowded_oldest(known: &HashMap<IpAddr, Known>, keep: IpAddr) -> Option<IpAddr> {
+    // Per source: (addresses, its oldest address and when).
+    let mut per_source: HashMap<IpAddr, (usize, IpAddr, Instant)> = HashMap::new();
+    for (a, k) in known.iter().filter(|(a, _)| **a != keep) {
+        let e = per_source.entry(source_of(*a)).or_insert((0, *a, k.at));
+        e.0 += 1;
+        if k.at < e.2 {
+            (e.1, e.2) = (*a, k.at);
+        }
     }
-    let (crowded, _) = per_source.into_iter().max_by_key(|(_, n)| *n)?;
-    known
-        .iter()
-        .filter(|(a, _)| source_of(**a) == crowded)
-        .min_by_key(|(_, at)| **at)
-        .map(|(a, _)| *a)
+    per_source
+        .into_values()
+        .max_by(|x, y| x.0.cmp(&y.0).then(y.2.cmp(&x.2)))
+        .map(|(_, a, _)| a)
 }
 
 impl Drop for Slot {
@@ -233,13 +270,23 @@ mod tests {
             "capped as one address"
         );
         let peer: IpAddr = "192.0.2.9".parse().unwrap();
-        slots.0.lock().known.insert(peer, Instant::now());
+        slots.0.lock().known.insert(
+            peer,
+            Known {
+                at: Instant::now(),
+                failures: 0,
+            },
+        );
         let more: Vec<Slot> = std::iter::from_fn(|| slots.admit(peer)).collect();
         assert_eq!(more.len(), RESERVED_FOR_KNOWN - MAX_HANDSHAKES_PER_ADDRESS);
         // Known long ago is a stranger again.
         let stale: IpAddr = "192.0.2.10".parse().unwrap();
         if let Some(at) = Instant::now().checked_sub(KNOWN_FOR + Duration::from_secs(1)) {
-            slots.0.lock().known.insert(stale, at);
+            slots
+                .0
+                .lock()
+                .known
+                .insert(stale, Known { at, failures: 0 });
             assert!(slots.admit(stale).is_none(), "the stranger slots are full");
         }
     }
@@ -262,22 +309,34 @@ mod tests {
             .contains_key(&"2001:db8:0:1::1".parse::<IpAddr>().unwrap()));
     }
 
-    /// A handshake that times out (a revoked node that stalls rather than shows its
-    /// certificate) forgets its address like a refused one.
+    /// A handshake refused over its certificate forgets its address at once; handshakes that
+    /// time out (a revoked node that stalls rather than shows its certificate) after a few in
+    /// a row, and a success in between starts the count again.
     #[test]
-    fn an_address_whose_handshake_failed_is_a_stranger_again() {
+    fn an_address_whose_handshakes_fail_is_a_stranger_again() {
         let slots = HandshakeSlots::default();
-        let revoked: IpAddr = "192.0.2.11".parse().unwrap();
+        let (revoked, stalling): (IpAddr, IpAddr) =
+            ("192.0.2.11".parse().unwrap(), "192.0.2.12".parse().unwrap());
         slots.admit(revoked).unwrap().authenticated();
+        slots.admit(stalling).unwrap().authenticated();
         let strangers: Vec<Slot> = (0..=255u8)
             .flat_map(|i| slots.admit(IpAddr::from([10, 0, 0, i])))
             .collect();
         assert_eq!(strangers.len(), MAX_HANDSHAKES - RESERVED_FOR_KNOWN);
-        let slot = slots
+        slots
             .admit(revoked)
-            .expect("a known address takes a kept slot");
-        slot.failed();
-        drop(slot);
+            .expect("a known address takes a kept slot")
+            .refused();
         assert!(slots.admit(revoked).is_none(), "no longer known");
+        for _ in 1..KNOWN_FAILURES {
+            slots.admit(stalling).unwrap().failed();
+        }
+        slots.admit(stalling).unwrap().authenticated();
+        for _ in 1..KNOWN_FAILURES {
+            slots.admit(stalling).unwrap().failed();
+        }
+        assert!(slots.admit(stalling).is_some(), "still known");
+        slots.admit(stalling).unwrap().failed();
+        assert!(slots.admit(stalling).is_none(), "no longer known");
     }
 }

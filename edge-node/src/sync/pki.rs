@@ -96,14 +96,25 @@ fn write_key(path: &Path, pem: &str) -> Result<(), PkiError> {
 }
 
 /// Replace `path` with `contents` through a synced temporary file of mode `mode` renamed over
-/// it, then sync the directory: a crash leaves the old file or the new one.
+/// it, then sync the directory: a crash leaves the old file or the new one. A file replaced
+/// keeps its owner where this process may set it (a renewal run as root into a service
+/// user's files), and a symbolic link is followed: its target is replaced, not the link.
 fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let io = |source| PkiError::Io {
         path: path.to_path_buf(),
         source,
     };
+    let resolved;
+    let path = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            resolved = std::fs::canonicalize(path).map_err(io)?;
+            resolved.as_path()
+        }
+        _ => path,
+    };
+    let owner = std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid()));
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = PathBuf::from(tmp);
@@ -118,6 +129,11 @@ fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
         .mode(mode)
         .open(&tmp)
         .map_err(io)?;
+    if let Some((uid, gid)) = owner {
+        // Refused to a user who may not give files away: it then owns the new file, as it
+        // could have written the old one only if it were its own or writable to it.
+        let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+    }
     f.write_all(contents)
         .and_then(|()| f.sync_all())
         .map_err(io)?;
@@ -150,15 +166,6 @@ pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
         path: dir.to_path_buf(),
         source,
     })?;
-    // Replacing a CA in place would leave what it issued beyond revocation (its list is
-    // gone, and `revoke` takes only the new CA's certificates) while nodes still trust it.
-    if let Some(f) = ["ca.pem", "ca.key"]
-        .map(|f| dir.join(f))
-        .into_iter()
-        .find(|f| f.exists())
-    {
-        return Err(PkiError::CaExists(f));
-    }
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     // A name of its own: verifiers find a CA's revocation list by the CA's name, so two CAs
@@ -175,8 +182,18 @@ pub fn create_ca_valid_for(dir: &Path, days: u32) -> Result<(), PkiError> {
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
     set_validity(&mut params, days);
     let cert = params.self_signed(&key)?;
-    // Locked before the CA files change: a revoke under way reads the CA it started with.
+    // Locked before the CA files change: a revoke under way reads the CA it started with,
+    // and of two `certs ca` runs at once one finds the other's CA.
     let lock = ListLock::take(dir)?;
+    // Replacing a CA in place would leave what it issued beyond revocation (its list is
+    // gone, and `revoke` takes only the new CA's certificates) while nodes still trust it.
+    if let Some(f) = ["ca.pem", "ca.key"]
+        .map(|f| dir.join(f))
+        .into_iter()
+        .find(|f| f.exists())
+    {
+        return Err(PkiError::CaExists(f));
+    }
     write(&dir.join("ca.pem"), &cert.pem())?;
     write_key(&dir.join("ca.key"), &key.serialize_pem())?;
     // A list left beside removed CA files is another CA's: the new CA starts its own.
@@ -464,6 +481,34 @@ mod tests {
         assert!(std::fs::read_to_string(&paths.key)
             .unwrap()
             .contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn a_renewal_through_a_symlink_replaces_its_target() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let archive = dir.path().join("archive");
+        std::fs::create_dir_all(&archive).unwrap();
+        issue(dir.path(), "e1", NodeRole::Edge, &archive).unwrap();
+        let live = dir.path().join("live");
+        std::fs::create_dir_all(&live).unwrap();
+        for f in ["e1.pem", "e1.key"] {
+            std::os::unix::fs::symlink(archive.join(f), live.join(f)).unwrap();
+        }
+        let before = std::fs::read(archive.join("e1.pem")).unwrap();
+        let paths = issue(dir.path(), "e1", NodeRole::Edge, &live).unwrap();
+        for f in ["e1.pem", "e1.key"] {
+            assert!(std::fs::symlink_metadata(live.join(f))
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
+        assert_ne!(std::fs::read(archive.join("e1.pem")).unwrap(), before);
+        assert_eq!(
+            std::fs::read(&paths.cert).unwrap(),
+            std::fs::read(archive.join("e1.pem")).unwrap()
+        );
+        assert_eq!(mode(&archive.join("e1.key")), 0o600);
     }
 
     #[test]

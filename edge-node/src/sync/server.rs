@@ -286,6 +286,16 @@ impl BackgroundService for SyncService {
     }
 }
 
+/// Whether this edge refused the peer's certificate during a handshake: quinn reports it as
+/// a transport error carrying a TLS certificate alert (QUIC code 0x100 + alert). The peer
+/// refusing *ours* (a closed connection) and other alerts (an ALPN mismatch, a decode
+/// error) are not the peer's certificate's fault.
+fn certificate_refused(e: &quinn::ConnectionError) -> bool {
+    // bad_certificate … certificate_unknown (42–46), unknown_ca (48), certificate_required (116).
+    const ALERTS: [u64; 7] = [42, 43, 44, 45, 46, 48, 116];
+    super::trust::alert_raised(e).is_some_and(|a| ALERTS.contains(&a))
+}
+
 /// Who is on the other end.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Role {
@@ -315,7 +325,11 @@ impl Handler {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 m.sync_handshake_failures.inc();
-                handshake.failed();
+                if certificate_refused(&e) {
+                    handshake.refused();
+                } else {
+                    handshake.failed();
+                }
                 tracing::warn!(error = %e, "QUIC handshake refused");
                 return;
             }
@@ -685,6 +699,23 @@ mod tests {
     /// Message `id` with an empty body.
     fn key(id: u64) -> MessageKey {
         MessageKey::of(id, None)
+    }
+
+    #[test]
+    fn only_certificate_alerts_of_this_side_forget_an_address_at_once() {
+        let alert = |a: u8| {
+            quinn::ConnectionError::TransportError(quinn_proto::TransportError {
+                code: quinn_proto::TransportErrorCode::crypto(a),
+                frame: None,
+                reason: String::new(),
+            })
+        };
+        assert!(certificate_refused(&alert(44)), "certificate_revoked");
+        assert!(certificate_refused(&alert(48)), "unknown_ca");
+        assert!(certificate_refused(&alert(116)), "certificate_required");
+        assert!(!certificate_refused(&alert(120)), "no_application_protocol");
+        assert!(!certificate_refused(&alert(50)), "decode_error");
+        assert!(!certificate_refused(&quinn::ConnectionError::TimedOut));
     }
 
     #[test]

@@ -28,7 +28,10 @@ use crate::durable::{read_json, write_atomic, FileError};
 fn state_file<T>(r: Result<T, FileError>) -> Result<T, TlsError> {
     r.map_err(|e| match e {
         FileError::Io { path, source } => pem_error(&path, source),
-        FileError::Format { path, source } => pem_error(&path, source),
+        FileError::Format { path, source } => pem_error(
+            &path,
+            format!("{source} (delete the file to accept the revocation list as it is)"),
+        ),
     })
 }
 
@@ -65,6 +68,9 @@ struct Verifiers {
     number: u64,
     /// SHA-256 of the list's file: a change is a change of contents, whatever its dates.
     digest: Option<[u8; 32]>,
+    /// Who issued the list ([`issuer_of`]; empty without one): numbers are compared between
+    /// lists of one CA only.
+    issuer: String,
 }
 
 /// Which side of a connection this node is, so its peer is verified again as it was at the
@@ -101,6 +107,31 @@ struct Inner {
 struct ListFloor {
     /// The highest CRL number this node has enforced.
     crl_number: u64,
+    /// The issuer of the list it was read from ([`issuer_of`]): a list of another CA (a CA
+    /// rotation) starts its own numbers.
+    #[serde(default)]
+    issuer: String,
+}
+
+/// A list's issuer, as hex of SHA-256 over its name and authority key id: two CAs of one
+/// name (a production PKI's rotation) are told apart by their keys.
+fn issuer_of(l: &x509_parser::revocation_list::CertificateRevocationList<'_>) -> String {
+    let mut h = ring::digest::Context::new(&ring::digest::SHA256);
+    h.update(l.issuer().as_raw());
+    for ext in l.extensions() {
+        if let x509_parser::extensions::ParsedExtension::AuthorityKeyIdentifier(aki) =
+            ext.parsed_extension()
+        {
+            if let Some(id) = &aki.key_identifier {
+                h.update(id.0);
+            }
+        }
+    }
+    h.finish()
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The cluster CA and its revocation list as this node enforces them; cheap to clone (all
@@ -164,6 +195,7 @@ fn build(roots: &Arc<RootCertStore>, crl: Option<&Path>) -> Result<Verifiers, Tl
         .filter_map(|l| l.crl_number().and_then(|n| u64::try_from(n).ok()))
         .max()
         .unwrap_or(0);
+    let issuer = parsed.first().map(issuer_of).unwrap_or_default();
     let bad_list = |e: rustls::server::VerifierBuilderError| match crl {
         Some(path) => pem_error(path, e),
         None => TlsError::Verifier(e.to_string()),
@@ -186,6 +218,7 @@ fn build(roots: &Arc<RootCertStore>, crl: Option<&Path>) -> Result<Verifiers, Tl
         revoked,
         number,
         digest,
+        issuer,
     })
 }
 
@@ -266,8 +299,11 @@ impl Trust {
             return Ok(());
         };
         let kept = state_file(read_json::<ListFloor>(state))?;
-        let in_use = self.inner.current.read().number;
-        if let Some(kept) = kept.filter(|k| k.crl_number > in_use) {
+        let (in_use, issuer) = {
+            let v = self.inner.current.read();
+            (v.number, v.issuer.clone())
+        };
+        if let Some(kept) = kept.filter(|k| k.issuer == issuer && k.crl_number > in_use) {
             return Err(pem_error(
                 crl,
                 format!(
@@ -280,19 +316,23 @@ impl Trust {
             ));
         }
         *self.inner.floor.lock() = Some(state.to_path_buf());
-        self.keep_number(in_use)
+        self.keep_number(in_use, issuer)
             .map_err(|e| pem_error(state, format!("cannot keep the CRL number: {e}")))
     }
 
-    /// Write `number` to the state file of [`Trust::remember_number`], if there is one.
-    fn keep_number(&self, number: u64) -> std::io::Result<()> {
+    /// Write `number` of `issuer`'s list to the state file of [`Trust::remember_number`], if
+    /// there is one.
+    fn keep_number(&self, number: u64, issuer: String) -> std::io::Result<()> {
         let Some(state) = self.inner.floor.lock().clone() else {
             return Ok(());
         };
         if let Some(dir) = state.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
-        let body = serde_json::to_vec(&ListFloor { crl_number: number })?;
+        let body = serde_json::to_vec(&ListFloor {
+            crl_number: number,
+            issuer,
+        })?;
         write_atomic(&state, &body)
     }
 
@@ -364,10 +404,10 @@ impl Trust {
             }
             other => other?,
         }
-        let number = verifiers.number;
+        let (number, issuer) = (verifiers.number, verifiers.issuer.clone());
         *self.inner.current.write() = verifiers;
         self.inner.changes.send_modify(|n| *n += 1);
-        if let Err(e) = self.keep_number(number) {
+        if let Err(e) = self.keep_number(number, issuer) {
             tracing::warn!(error = %e, "QUIC revocation list in use, but its CRL number is not kept: \
                 a restart would accept an older list");
         }
@@ -902,6 +942,31 @@ mod tests {
         let restarted = NodeIdentity::load(&p[0]).unwrap();
         restarted.remember_list_number(&state).unwrap();
         assert_eq!(restarted.trust().revoked(), 1);
+        // A rotation to another CA, whose list numbers lower than the old CA's: its own.
+        let rotated = dir.path().join("rotated");
+        std::fs::create_dir_all(&rotated).unwrap();
+        let q = cluster(&rotated, &["e1"]);
+        let floor = |n: u64| {
+            let mut kept: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+            kept["crl_number"] = n.into();
+            std::fs::write(&state, kept.to_string()).unwrap();
+        };
+        floor(u64::MAX);
+        assert!(NodeIdentity::load(&p[0])
+            .unwrap()
+            .remember_list_number(&state)
+            .is_err());
+        let moved = NodeIdentity::load(&q[0]).unwrap();
+        moved.remember_list_number(&state).unwrap();
+        // A damaged file says how to go on.
+        std::fs::write(&state, "{").unwrap();
+        let e = NodeIdentity::load(&q[0])
+            .unwrap()
+            .remember_list_number(&state)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("delete the file"), "{e}");
         // Without a list nothing is kept.
         let mut unlisted = p[0].clone();
         unlisted.crl = None;
