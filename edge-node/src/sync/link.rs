@@ -493,7 +493,7 @@ mod tests {
 
     use super::*;
     use crate::sync::pki::{create_ca, issue, NodeRole};
-    use crate::sync::tls::{edge_name, NodeIdentity};
+    use crate::sync::tls::{edge_name, NodeIdentity, TlsPaths};
 
     /// A network path that outlives a server process: datagrams from the client go to
     /// whichever of `servers` `current` names, and only that server's datagrams reach the
@@ -572,6 +572,20 @@ mod tests {
 
     fn server(identity: &NodeIdentity) -> quinn::Endpoint {
         server_on(identity, "127.0.0.1:0")
+    }
+
+    /// A CA in `dir`, edge `e1` served (answering "here") and the broker's identity: the
+    /// edge's files, the broker, the edge's address and its count of accepted connections.
+    fn edge_serving_broker(
+        dir: &std::path::Path,
+    ) -> (TlsPaths, NodeIdentity, SocketAddr, Arc<AtomicU64>) {
+        create_ca(dir).unwrap();
+        let edge = issue(dir, "e1", NodeRole::Edge, dir).unwrap();
+        let broker = NodeIdentity::load(&issue(dir, "b", NodeRole::Broker, dir).unwrap()).unwrap();
+        let server = server(&NodeIdentity::load(&edge).unwrap());
+        let addr = server.local_addr().unwrap();
+        let accepted = serve(server, "here", 0);
+        (edge, broker, addr, accepted)
     }
 
     fn server_on(identity: &NodeIdentity, addr: &str) -> quinn::Endpoint {
@@ -788,14 +802,7 @@ mod tests {
     #[tokio::test]
     async fn a_link_to_a_peer_revoked_since_it_connected_is_refused_at_its_next_request() {
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
-        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
-        let broker =
-            NodeIdentity::load(&issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap())
-                .unwrap();
-        let server = server(&NodeIdentity::load(&edge).unwrap());
-        let addr = server.local_addr().unwrap();
-        let accepted = serve(server, "here", 0);
+        let (edge, broker, addr, accepted) = edge_serving_broker(dir.path());
         let link = Link::new(
             client_endpoint(&broker, addr).unwrap(),
             addr,
@@ -838,14 +845,7 @@ mod tests {
     async fn a_peer_is_judged_by_the_certificate_it_last_presented() {
         use rustls::pki_types::pem::PemObject;
         let dir = tempfile::tempdir().unwrap();
-        create_ca(dir.path()).unwrap();
-        let edge = issue(dir.path(), "e1", NodeRole::Edge, dir.path()).unwrap();
-        let broker =
-            NodeIdentity::load(&issue(dir.path(), "b", NodeRole::Broker, dir.path()).unwrap())
-                .unwrap();
-        let server = server(&NodeIdentity::load(&edge).unwrap());
-        let addr = server.local_addr().unwrap();
-        serve(server, "here", 0);
+        let (edge, broker, addr, _) = edge_serving_broker(dir.path());
         let link = Link::new(
             client_endpoint(&broker, addr).unwrap(),
             addr,
