@@ -5,7 +5,8 @@
 //! once it is back. So the purge is queued for that edge, and the edge takes no traffic (it
 //! is neither routed to nor named as a peer) until it has confirmed every purge queued for
 //! it; the sync loop delivers them again every few seconds. Queues are kept on disk
-//! (rewritten atomically on every change), so a broker restart forgets none of them.
+//! (rewritten atomically on every change), so a broker restart forgets none of them — nor an
+//! edge renamed in the configuration meanwhile, found by its admin address.
 //!
 //! A queue is bounded: past [`MAX_PENDING`] purges, an edge's queue collapses into one purge
 //! of each host it names (`host/*`): more is removed than asked, nothing less. An edge that
@@ -94,6 +95,10 @@ struct Saved {
     edges: BTreeMap<String, Vec<PendingPurge>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     sending: Vec<Sending>,
+    /// The admin address of each edge named above: an edge renamed in the configuration
+    /// (same machine, same cache, new id) is found by it and still gets its purges.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    admins: BTreeMap<String, String>,
 }
 
 struct Queues {
@@ -129,7 +134,8 @@ pub struct Redelivery {
 impl Redelivery {
     /// The queues saved at `path` (none when it does not exist). Purges that were being sent
     /// are queued for every edge they were going to. Edges with a queue are held out of
-    /// routing at once; queues of edges no longer in the fleet are dropped with a warning.
+    /// routing at once; the queue of an edge no longer in the fleet goes to the edge now at its
+    /// admin address (renamed), else is dropped with a warning.
     pub fn open(
         path: PathBuf,
         fleet: Arc<Fleet>,
@@ -138,19 +144,35 @@ impl Redelivery {
     ) -> Result<Self, FileError> {
         let saved: Saved = read_json(&path)?.unwrap_or_default();
         let mut by_edge = vec![Vec::new(); fleet.edges.len()];
-        let position = |id: &str| fleet.edges.iter().position(|e| e.id == id);
-        for (id, queue) in saved.edges {
-            match position(&id) {
-                Some(i) => by_edge[i] = queue,
+        // An id no longer configured is the edge now configured at its admin address, if any:
+        // renamed, it holds what it held, purges missed included.
+        let position = |id: &str| {
+            fleet.edges.iter().position(|e| e.id == id).or_else(|| {
+                let admin = saved.admins.get(id)?;
+                let i = fleet
+                    .edges
+                    .iter()
+                    .position(|e| e.admin.to_string() == *admin)?;
+                tracing::warn!(edge = %id, now = %fleet.edges[i].id, %admin,
+                    "pending purges of an edge no longer configured go to the edge at its admin address");
+                Some(i)
+            })
+        };
+        for (id, queue) in &saved.edges {
+            match position(id) {
+                Some(i) => by_edge[i].extend(queue.iter().cloned()),
                 None => tracing::warn!(edge = %id, purges = queue.len(),
                     "pending purges of an edge no longer configured are dropped"),
             }
         }
         let interrupted = saved.sending.len();
-        for sending in saved.sending {
+        for sending in &saved.sending {
             for i in sending.edges.iter().filter_map(|id| position(id)) {
                 by_edge[i].push(sending.purge.clone());
             }
+        }
+        for queue in &mut by_edge {
+            dedup(queue);
         }
         if interrupted > 0 {
             tracing::warn!(
@@ -298,6 +320,14 @@ impl Redelivery {
         let (version, saved) = {
             let q = self.queues.lock();
             let id = |e: &usize| self.fleet.edges[*e].id.clone();
+            let named: BTreeSet<usize> = (0..q.by_edge.len())
+                .filter(|e| !q.by_edge[*e].is_empty())
+                .chain(
+                    q.sending
+                        .values()
+                        .flat_map(|(_, edges)| edges.iter().copied()),
+                )
+                .collect();
             let saved = Saved {
                 edges: q
                     .by_edge
@@ -314,6 +344,10 @@ impl Redelivery {
                         edges: edges.iter().map(id).collect(),
                     })
                     .collect(),
+                admins: named
+                    .iter()
+                    .map(|e| (id(e), self.fleet.edges[*e].admin.to_string()))
+                    .collect(),
             };
             (q.version, saved)
         };
@@ -328,6 +362,12 @@ impl Redelivery {
             }
         }
     }
+}
+
+/// Keep the first of each purge in `queue` (queues merged at a start may repeat one).
+fn dedup(queue: &mut Vec<PendingPurge>) {
+    let mut seen = BTreeSet::new();
+    queue.retain(|p| seen.insert(p.dedup_key()));
 }
 
 /// Replace `queue` with one host-wide purge per host it names, in first-seen order.
@@ -384,6 +424,34 @@ mod tests {
         let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
         let r = Redelivery::open(path.to_path_buf(), fleet.clone(), health.clone(), metrics);
         (Arc::new(r.unwrap()), health)
+    }
+
+    /// An edge renamed in the configuration between two starts (same admin address: same
+    /// machine, same cache) keeps its queue; one removed, at no configured address, loses it.
+    #[tokio::test]
+    async fn a_renamed_edge_keeps_its_queue() {
+        let (fleet, dir) = sample_fleet();
+        let path = dir.path().join("pending-purges.json");
+        let (r, _) = reopen(&fleet, &path);
+        assert_eq!(fleet.edges[1].id, "eu-b");
+        r.queue(1, target("a.com/x"));
+        r.queue(3, target("a.com/y"));
+        r.save().await;
+        drop(r);
+        let renamed = crate::config::tests::SAMPLE
+            .replace("id = \"eu-b\"", "id = \"eu-b2\"")
+            .replace("id = \"us-a\"", "id = \"us-z\"")
+            .replace("127.0.0.1:9104", "127.0.0.1:9199");
+        let cfg = crate::BrokerConfig::from_toml(&renamed).unwrap();
+        let renamed = Arc::new(Fleet::new(&cfg));
+        let (r, health) = reopen(&renamed, &path);
+        assert_eq!(renamed.edges[1].id, "eu-b2");
+        assert_eq!(r.pending(1).1, vec![target("a.com/x")]);
+        assert!(!health.is_up(1), "held until it confirms");
+        assert!(
+            r.pending(3).1.is_empty(),
+            "us-a gone from its address: nothing to give its queue to"
+        );
     }
 
     #[tokio::test]
@@ -483,6 +551,7 @@ mod tests {
             )]
             .into(),
             sending: Vec::new(),
+            admins: BTreeMap::new(),
         };
         let text = serde_json::to_string(&saved).unwrap();
         assert_eq!(

@@ -115,6 +115,21 @@ fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// Each value of `label` among the samples of `name`, with its value: a counter's outcomes.
+fn by_label(metrics: &str, name: &str, label: &str) -> serde_json::Map<String, Value> {
+    let prefix = format!("{name}{{");
+    let key = format!("{label}=\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| {
+            let value = l.split_once(&key)?.1.split_once('"')?.0;
+            let n = l.rsplit(' ').next()?.parse::<f64>().ok()?;
+            Some((value.to_string(), json!(n)))
+        })
+        .collect()
+}
+
 async fn get_text(client: &reqwest::Client, url: &str, token: Option<&str>) -> String {
     let mut req = client.get(url);
     if let Some(t) = token {
@@ -475,6 +490,8 @@ async fn main() -> anyhow::Result<()> {
         "thresholds": cost["thresholds"].clone(),
         "signal_thresholds": cost["signal_thresholds"].clone(),
         "by_source": cost["by_source"].clone(),
+        // Why co-access placed or held back each follower it was offered.
+        "coaccess_decisions": by_label(&metrics, "shadowcdn_broker_coaccess_shadows_total", "outcome"),
         "threshold_changes": cost["changes"].as_array().map_or(0, Vec::len),
         "latency_ms": {
             "p50": h.value_at_quantile(0.5) as f64 / 1000.0,
@@ -522,4 +539,21 @@ async fn main() -> anyhow::Result<()> {
             .with_context(|| format!("write {}", out.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_counters_outcomes_are_read_by_label() {
+        let m = "# TYPE shadowcdn_broker_coaccess_shadows_total counter\n\
+                 shadowcdn_broker_coaccess_shadows_total{outcome=\"ok\"} 3\n\
+                 shadowcdn_broker_coaccess_shadows_total{outcome=\"asked_already\"} 120\n\
+                 shadowcdn_broker_coaccess_pairs 7\n";
+        let got = by_label(m, "shadowcdn_broker_coaccess_shadows_total", "outcome");
+        assert_eq!(got.len(), 2);
+        assert_eq!(got["ok"], 3.0);
+        assert_eq!(got["asked_already"], 120.0);
+    }
 }
