@@ -24,7 +24,7 @@
 //! another (which always writes the newest state) returns without writing again, so
 //! concurrent purges share writes.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -144,31 +144,23 @@ impl Redelivery {
     ) -> Result<Self, FileError> {
         let saved: Saved = read_json(&path)?.unwrap_or_default();
         let mut by_edge = vec![Vec::new(); fleet.edges.len()];
-        // An id no longer configured is the edge now configured at its admin address, if any:
-        // renamed, it holds what it held, purges missed included.
-        let position = |id: &str| {
-            fleet.edges.iter().position(|e| e.id == id).or_else(|| {
-                let admin = saved.admins.get(id)?;
-                let i = fleet
-                    .edges
-                    .iter()
-                    .position(|e| e.admin.to_string() == *admin)?;
-                tracing::warn!(edge = %id, now = %fleet.edges[i].id, %admin,
-                    "pending purges of an edge no longer configured go to the edge at its admin address");
-                Some(i)
-            })
-        };
+        let targets = targets(&saved, &fleet);
         for (id, queue) in &saved.edges {
-            match position(id) {
-                Some(i) => by_edge[i].extend(queue.iter().cloned()),
-                None => tracing::warn!(edge = %id, purges = queue.len(),
-                    "pending purges of an edge no longer configured are dropped"),
+            let to = targets.get(id.as_str()).map_or(&[][..], Vec::as_slice);
+            if to.is_empty() {
+                tracing::warn!(edge = %id, purges = queue.len(),
+                    "pending purges of an edge no longer configured are dropped");
+            }
+            for &i in to {
+                by_edge[i].extend(queue.iter().cloned());
             }
         }
         let interrupted = saved.sending.len();
         for sending in &saved.sending {
-            for i in sending.edges.iter().filter_map(|id| position(id)) {
-                by_edge[i].push(sending.purge.clone());
+            for id in &sending.edges {
+                for &i in targets.get(id.as_str()).map_or(&[][..], Vec::as_slice) {
+                    by_edge[i].push(sending.purge.clone());
+                }
             }
         }
         for queue in &mut by_edge {
@@ -364,6 +356,43 @@ impl Redelivery {
     }
 }
 
+/// The edges each id of `saved` now stands for: the edge configured with that id, and the
+/// edge configured at the admin address the id had when saved, if another — an edge renamed
+/// (same machine, same cache, new id), or an id given to a new machine while the old one
+/// runs under another. Either may hold what the purges remove; sending them to both removes
+/// more than asked, never less.
+fn targets<'a>(saved: &'a Saved, fleet: &Fleet) -> HashMap<&'a str, Vec<usize>> {
+    let ids = saved
+        .edges
+        .keys()
+        .chain(saved.sending.iter().flat_map(|s| s.edges.iter()));
+    let mut out: HashMap<&str, Vec<usize>> = HashMap::new();
+    for id in ids {
+        if out.contains_key(id.as_str()) {
+            continue;
+        }
+        let mut to: Vec<usize> = fleet
+            .edges
+            .iter()
+            .position(|e| e.id == *id)
+            .into_iter()
+            .collect();
+        if let Some(admin) = saved.admins.get(id) {
+            let at = fleet
+                .edges
+                .iter()
+                .position(|e| e.admin.to_string() == *admin);
+            if let Some(i) = at.filter(|i| !to.contains(i)) {
+                tracing::warn!(edge = %id, now = %fleet.edges[i].id, %admin,
+                    "pending purges of an edge also go to the edge now at its admin address");
+                to.push(i);
+            }
+        }
+        out.insert(id, to);
+    }
+    out
+}
+
 /// Keep the first of each purge in `queue` (queues merged at a start may repeat one).
 fn dedup(queue: &mut Vec<PendingPurge>) {
     let mut seen = BTreeSet::new();
@@ -448,6 +477,21 @@ mod tests {
         assert_eq!(renamed.edges[1].id, "eu-b2");
         assert_eq!(r.pending(1).1, vec![target("a.com/x")]);
         assert!(!health.is_up(1), "held until it confirms");
+        drop(r);
+        // The id eu-b given to a new machine while the old one runs as eu-b2: both may hold
+        // what the purge removes.
+        let swapped = crate::config::tests::SAMPLE
+            .replace("id = \"eu-b\"", "id = \"eu-b2\"")
+            .replace("id = \"eu-s\"", "id = \"eu-b\"");
+        let cfg = crate::BrokerConfig::from_toml(&swapped).unwrap();
+        let swapped = Arc::new(Fleet::new(&cfg));
+        let (r, _) = reopen(&swapped, &path);
+        let [old_machine, new_machine] =
+            ["eu-b2", "eu-b"].map(|id| swapped.edges.iter().position(|e| e.id == id).unwrap());
+        assert_eq!(r.pending(old_machine).1, vec![target("a.com/x")]);
+        assert_eq!(r.pending(new_machine).1, vec![target("a.com/x")]);
+        drop(r);
+        let (r, _) = reopen(&renamed, &path);
         assert!(
             r.pending(3).1.is_empty(),
             "us-a gone from its address: nothing to give its queue to"

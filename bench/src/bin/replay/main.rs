@@ -115,19 +115,28 @@ fn sample(metrics: &str, name: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
-/// Each value of `label` among the samples of `name`, with its value: a counter's outcomes.
+/// Each value of `label` among the samples of `name`, with the sum of their values: a
+/// counter's outcomes.
 fn by_label(metrics: &str, name: &str, label: &str) -> serde_json::Map<String, Value> {
     let prefix = format!("{name}{{");
-    let key = format!("{label}=\"");
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| {
-            let value = l.split_once(&key)?.1.split_once('"')?.0;
-            let n = l.rsplit(' ').next()?.parse::<f64>().ok()?;
-            Some((value.to_string(), json!(n)))
-        })
-        .collect()
+    let mut sums: std::collections::BTreeMap<String, f64> = Default::default();
+    for l in metrics.lines().filter(|l| l.starts_with(&prefix)) {
+        let Some((labels, n)) = l[prefix.len()..].rsplit_once("} ") else {
+            continue;
+        };
+        let Ok(n) = n.trim().parse::<f64>() else {
+            continue;
+        };
+        // Values here are plain names: no escaped quotes or commas inside them.
+        let value = labels.split(',').find_map(|pair| {
+            let (k, v) = pair.split_once('=')?;
+            (k == label).then(|| v.trim_matches('"').to_string())
+        });
+        if let Some(v) = value {
+            *sums.entry(v).or_default() += n;
+        }
+    }
+    sums.into_iter().map(|(k, v)| (k, json!(v))).collect()
 }
 
 async fn get_text(client: &reqwest::Client, url: &str, token: Option<&str>) -> String {
@@ -550,10 +559,11 @@ mod tests {
         let m = "# TYPE shadowcdn_broker_coaccess_shadows_total counter\n\
                  shadowcdn_broker_coaccess_shadows_total{outcome=\"ok\"} 3\n\
                  shadowcdn_broker_coaccess_shadows_total{outcome=\"asked_already\"} 120\n\
+                 shadowcdn_broker_coaccess_shadows_total{prev_outcome=\"x\",outcome=\"ok\"} 2\n\
                  shadowcdn_broker_coaccess_pairs 7\n";
         let got = by_label(m, "shadowcdn_broker_coaccess_shadows_total", "outcome");
         assert_eq!(got.len(), 2);
-        assert_eq!(got["ok"], 3.0);
+        assert_eq!(got["ok"], 5.0, "summed over the other labels");
         assert_eq!(got["asked_already"], 120.0);
     }
 }
