@@ -329,6 +329,32 @@ impl Control {
             .set(i64::from(self.health.is_up(e)));
     }
 
+    /// Keep the certificates the edges presented that changed since they were last kept, in
+    /// one write off the async workers.
+    async fn keep_certificates(&self) {
+        let Ok(links) = self.links() else {
+            return;
+        };
+        let changed: Vec<_> = links
+            .iter()
+            .zip(&self.fleet.edges)
+            .filter_map(|(l, e)| Some((e.id.clone(), l.as_ref()?.peer_certificate()?)))
+            .filter(|(id, c)| self.certs.differs(id, c))
+            .collect();
+        if changed.is_empty() {
+            return;
+        }
+        let certs = self.certs.clone();
+        let kept = tokio::task::spawn_blocking(move || certs.note_all(&changed)).await;
+        if let Some(e) = match kept {
+            Ok(r) => r.err().map(|e| e.to_string()),
+            Err(e) => Some(e.to_string()),
+        } {
+            tracing::warn!(error = %e,
+                "cannot keep the edges' QUIC certificates; a restart would judge them by handshakes only");
+        }
+    }
+
     async fn poll(&self) {
         let polls = (0..self.fleet.edges.len())
             .filter(|e| self.covers(*e))
@@ -383,34 +409,6 @@ impl Control {
             self.metrics
                 .shadow_recall
                 .set(first as f64 / (first + misses) as f64);
-        }
-    }
-}
-
-impl Control {
-    /// Keep the certificates the edges presented that changed since they were last kept, in
-    /// one write off the async workers.
-    async fn keep_certificates(&self) {
-        let Ok(links) = self.links() else {
-            return;
-        };
-        let changed: Vec<_> = links
-            .iter()
-            .zip(&self.fleet.edges)
-            .filter_map(|(l, e)| Some((e.id.clone(), l.as_ref()?.peer_certificate()?)))
-            .filter(|(id, c)| self.certs.differs(id, c))
-            .collect();
-        if changed.is_empty() {
-            return;
-        }
-        let certs = self.certs.clone();
-        let kept = tokio::task::spawn_blocking(move || certs.note_all(&changed)).await;
-        if let Some(e) = match kept {
-            Ok(r) => r.err().map(|e| e.to_string()),
-            Err(e) => Some(e.to_string()),
-        } {
-            tracing::warn!(error = %e,
-                "cannot keep the edges' QUIC certificates; a restart would judge them by handshakes only");
         }
     }
 }

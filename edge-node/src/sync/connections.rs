@@ -60,9 +60,8 @@ impl Drop for Held {
 /// Who the authenticated peer of `conn` is: the first DNS name its certificate is issued for
 /// (`broker.shadowcdn`, `<id>.edge.shadowcdn`), else its subject.
 pub fn peer_name(conn: &quinn::Connection) -> String {
-    conn.peer_identity()
-        .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().map(name_of))
+    super::trust::peer_leaf(conn)
+        .map(|leaf| name_of(&leaf))
         .unwrap_or_default()
 }
 

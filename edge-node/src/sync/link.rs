@@ -574,6 +574,16 @@ mod tests {
         server_on(identity, "127.0.0.1:0")
     }
 
+    /// A link from `from` to edge `e1` at `addr`, with `max_inflight` requests at once.
+    fn link_to(from: &NodeIdentity, addr: SocketAddr, max_inflight: usize) -> Link {
+        Link::new(
+            client_endpoint(from, addr).unwrap(),
+            addr,
+            edge_name("e1"),
+            max_inflight,
+        )
+    }
+
     /// A CA in `dir`, edge `e1` served (answering "here") and the broker's identity: the
     /// edge's files, the broker, the edge's address and its count of accepted connections.
     fn edge_serving_broker(
@@ -606,13 +616,7 @@ mod tests {
         let server = server(&edge);
         let addr = server.local_addr().unwrap();
         serve(server, "here", 0);
-        let link = Link::new(
-            client_endpoint(&broker, addr).unwrap(),
-            addr,
-            edge_name("e1"),
-            1,
-        )
-        .with_permit_wait(Duration::from_millis(50));
+        let link = link_to(&broker, addr, 1).with_permit_wait(Duration::from_millis(50));
         let stats = Request::Stats { ack: None };
         let (_, body) = link.open(&stats, Duration::from_secs(5)).await.unwrap();
         // Its body still held, the one slot is taken: the next request gives up after the
@@ -757,12 +761,7 @@ mod tests {
         let mut rogue = issue(&other, "b", NodeRole::Broker, &other).unwrap();
         rogue.ca_cert = cluster.join("ca.pem");
         let rogue = NodeIdentity::load(&rogue).unwrap();
-        let link = Link::new(
-            client_endpoint(&rogue, addr).unwrap(),
-            addr,
-            edge_name("e1"),
-            4,
-        );
+        let link = link_to(&rogue, addr, 4);
 
         let timeout = Duration::from_secs(3);
         let first = link
@@ -803,12 +802,7 @@ mod tests {
     async fn a_link_to_a_peer_revoked_since_it_connected_is_refused_at_its_next_request() {
         let dir = tempfile::tempdir().unwrap();
         let (edge, broker, addr, accepted) = edge_serving_broker(dir.path());
-        let link = Link::new(
-            client_endpoint(&broker, addr).unwrap(),
-            addr,
-            edge_name("e1"),
-            4,
-        );
+        let link = link_to(&broker, addr, 4);
         let stats = Request::Stats { ack: None };
         let timeout = Duration::from_secs(3);
         assert_eq!(answered_by(link.request(&stats, timeout).await), "here");
@@ -828,12 +822,7 @@ mod tests {
         assert!(link.request(&stats, timeout).await.is_err());
         assert!(link.peer_revoked());
         // So is a new link's first handshake (a broker that restarted since).
-        let fresh = Link::new(
-            client_endpoint(&broker, addr).unwrap(),
-            addr,
-            edge_name("e1"),
-            4,
-        );
+        let fresh = link_to(&broker, addr, 4);
         assert!(!fresh.peer_revoked());
         assert!(fresh.request(&stats, timeout).await.is_err());
         assert!(fresh.peer_revoked(), "refused as revoked at the handshake");
@@ -846,12 +835,7 @@ mod tests {
         use rustls::pki_types::pem::PemObject;
         let dir = tempfile::tempdir().unwrap();
         let (edge, broker, addr, _) = edge_serving_broker(dir.path());
-        let link = Link::new(
-            client_endpoint(&broker, addr).unwrap(),
-            addr,
-            edge_name("e1"),
-            4,
-        );
+        let link = link_to(&broker, addr, 4);
         assert!(link.peer_certificate().is_none());
         let stats = Request::Stats { ack: None };
         assert_eq!(
@@ -864,12 +848,7 @@ mod tests {
         // certificate kept from before.
         let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let nowhere = silent.local_addr().unwrap();
-        let fresh = Link::new(
-            client_endpoint(&broker, nowhere).unwrap(),
-            nowhere,
-            edge_name("e1"),
-            4,
-        );
+        let fresh = link_to(&broker, nowhere, 4);
         fresh.assume_peer_certificate(shown);
         assert!(!fresh.peer_revoked());
         crate::sync::pki::revoke(dir.path(), std::slice::from_ref(&edge.cert)).unwrap();

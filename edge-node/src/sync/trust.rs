@@ -46,13 +46,17 @@ pub(super) fn alert_raised(e: &quinn::ConnectionError) -> Option<u64> {
     }
 }
 
-/// The certificate `conn`'s peer presented (the first of its chain).
-pub(super) fn peer_leaf(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+/// The certificate chain `conn`'s peer presented.
+pub(super) fn peer_chain(conn: &quinn::Connection) -> Option<Vec<CertificateDer<'static>>> {
     conn.peer_identity()?
         .downcast::<Vec<CertificateDer<'static>>>()
-        .ok()?
-        .into_iter()
-        .next()
+        .ok()
+        .map(|chain| *chain)
+}
+
+/// The certificate `conn`'s peer presented (the first of its chain).
+pub(super) fn peer_leaf(conn: &quinn::Connection) -> Option<CertificateDer<'static>> {
+    peer_chain(conn)?.into_iter().next()
 }
 
 /// Application close code of a connection whose peer's certificate was revoked.
@@ -182,20 +186,18 @@ fn build(roots: &Arc<RootCertStore>, crl: Option<&Path>) -> Result<Verifiers, Tl
         }
         None => (Vec::new(), None),
     };
-    let parsed: Vec<_> = lists
-        .iter()
-        .filter_map(|l| x509_parser::parse_x509_crl(l).ok().map(|(_, l)| l))
-        .collect();
+    // The one list, if any (at most one per file, above).
+    let parsed = lists
+        .first()
+        .and_then(|l| x509_parser::parse_x509_crl(l).ok().map(|(_, l)| l));
     let revoked = parsed
-        .iter()
-        .map(|l| l.iter_revoked_certificates().count())
-        .sum();
+        .as_ref()
+        .map_or(0, |l| l.iter_revoked_certificates().count());
     let number = parsed
-        .iter()
-        .filter_map(|l| l.crl_number().and_then(|n| u64::try_from(n).ok()))
-        .max()
+        .as_ref()
+        .and_then(|l| l.crl_number().and_then(|n| u64::try_from(n).ok()))
         .unwrap_or(0);
-    let issuer = parsed.first().map(issuer_of).unwrap_or_default();
+    let issuer = parsed.as_ref().map(issuer_of).unwrap_or_default();
     let bad_list = |e: rustls::server::VerifierBuilderError| match crl {
         Some(path) => pem_error(path, e),
         None => TlsError::Verifier(e.to_string()),
@@ -530,10 +532,7 @@ impl Checked {
     /// refusal counts, not only a revocation, at a time inside the certificate's validity:
     /// a peer that adds a decoy to its chain must not turn a revocation into another error.
     fn cut_if_refused(&self, conn: &quinn::Connection) -> bool {
-        let Some(chain) = conn
-            .peer_identity()
-            .and_then(|i| i.downcast::<Vec<CertificateDer<'static>>>().ok())
-        else {
+        let Some(chain) = peer_chain(conn) else {
             return false;
         };
         if !self.trust.refuses(&self.side, &chain) {
