@@ -115,29 +115,33 @@ fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
         _ => path,
     };
     let owner = std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid()));
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
+    // `.<name>.tmp` beside it (`.ca.crl.tmp` for the list).
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let tmp = path.with_file_name(format!(".{name}.tmp"));
     // One left by a killed run would keep its mode on open.
     match std::fs::remove_file(&tmp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
         _ => {}
     }
-    let mut f = std::fs::OpenOptions::new()
+    let written = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(mode)
         .open(&tmp)
-        .map_err(io)?;
-    if let Some((uid, gid)) = owner {
-        // Refused to a user who may not give files away: it then owns the new file, as it
-        // could have written the old one only if it were its own or writable to it.
-        let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+        .and_then(|mut f| {
+            if let Some((uid, gid)) = owner {
+                // Refused to a user who may not give files away: it then owns the new file,
+                // as it could have written the old one only if it were its own or writable
+                // to it.
+                let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
+            }
+            f.write_all(contents).and_then(|()| f.sync_all())
+        })
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(e));
     }
-    f.write_all(contents)
-        .and_then(|()| f.sync_all())
-        .map_err(io)?;
-    std::fs::rename(&tmp, path).map_err(io)?;
     match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => std::fs::File::open(dir)
             .and_then(|d| d.sync_all())
@@ -385,15 +389,10 @@ fn sign_list(ca_dir: &Path, certs: &[PathBuf], lock: ListLock) -> Result<Revoked
 /// One writer of the CA directory's list at a time: an advisory lock (`flock`) on
 /// `.ca.crl.lock`, taken before the list is read, so two runs cannot both extend the same list
 /// and lose one's revocations. The kernel releases it when the process ends, however it ends.
-/// The new list is written to `.ca.crl.tmp` and renamed over the old one; an uncommitted one
-/// is removed when the lock is dropped.
+/// The new list replaces the old one whole ([`replace`], through `.ca.crl.tmp`).
 struct ListLock {
-    dir: PathBuf,
-    tmp: PathBuf,
     /// Held locked until dropped.
     _lock: std::fs::File,
-    /// Renamed over the list: nothing to remove.
-    committed: bool,
 }
 
 impl ListLock {
@@ -415,47 +414,12 @@ impl ListLock {
                 return Err(PkiError::Io { path, source });
             }
         }
-        Ok(ListLock {
-            dir: dir.to_path_buf(),
-            tmp: dir.join(format!(".{CRL_FILE}.tmp")),
-            _lock: lock,
-            committed: false,
-        })
+        Ok(ListLock { _lock: lock })
     }
 
-    /// Replace `path` by `contents` whole: written to the temporary file (whatever an
-    /// interrupted run left there is overwritten), synced, renamed over `path`, and the
-    /// directory synced.
-    fn commit(mut self, path: &Path, contents: &str) -> Result<(), PkiError> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        let io = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| PkiError::Io { path, source }
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o644)
-            .open(&self.tmp)
-            .map_err(io(&self.tmp))?;
-        f.write_all(contents.as_bytes())
-            .and_then(|()| f.sync_all())
-            .map_err(io(&self.tmp))?;
-        std::fs::rename(&self.tmp, path).map_err(io(path))?;
-        self.committed = true;
-        std::fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io(&self.dir))
-    }
-}
-
-impl Drop for ListLock {
-    fn drop(&mut self) {
-        if !self.committed {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+    /// Replace the list at `path` by `contents` whole, still holding the lock.
+    fn commit(self, path: &Path, contents: &str) -> Result<(), PkiError> {
+        replace(path, contents.as_bytes(), 0o644)
     }
 }
 
