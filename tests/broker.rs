@@ -2917,6 +2917,48 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     );
 }
 
+/// A page's followers are shadowed as its request starts: while a slow origin is still
+/// answering the page, its script is already on the edge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_still_being_answered_has_its_followers_shadowed() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    // The page takes 4 s from the origin on a miss; cached, it is answered at once.
+    let page = "/early/index.html?delay_ms=4000";
+    c.browse_in_us(&[page, "/early/app.js"], 4).await;
+    let fetched = origin.hits("/early/app.js");
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "prefix": "/early/"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+
+    let view = tokio::spawn({
+        let url = format!("http://{}{page}", c.broker.addr);
+        async move {
+            client()
+                .get(url)
+                .header("host", HOST)
+                .header("x-client-region", "us")
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    let key = format!("{HOST}/early/app.js");
+    wait_until(|| c.shadowed_on(3, &key)).await;
+    assert!(
+        !view.is_finished(),
+        "the script was shadowed only after the page was answered"
+    );
+    assert_eq!(origin.hits("/early/app.js"), fetched + 1);
+    assert_eq!(view.await.unwrap(), StatusCode::OK);
+    let r = c.get("/early/app.js", "us").await;
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+    assert_eq!(origin.hits("/early/app.js"), fetched + 1);
+}
+
 /// A follower whose fills fail (the origin forbids caching it) is backed off like the
 /// planner's own candidates: page views do not order it, and fetch it from the origin, again
 /// and again.

@@ -19,7 +19,7 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::metrics::BrokerMetrics;
-use crate::monitor::{is_demand, now_secs, object_size, Record, Recorder};
+use crate::monitor::{is_demand, now_secs, object_size, Record, Recorder, Start};
 use crate::origin_addrs::OriginAddrs;
 use crate::registry::Registry;
 use crate::routing::{Choice, Fleet, Health, Holders, Reason, RegionResolver};
@@ -91,6 +91,10 @@ pub struct BrokerCtx {
     cache_status: &'static str,
     /// Hash of the client address.
     client: u64,
+    /// When the request arrived, wall clock ms: its start and its record carry the same.
+    started_ms: u64,
+    /// Its start went to the monitor ([`Recorder::announce`]).
+    announced: bool,
 }
 
 /// Longest request target (path and query, in bytes) the broker routes; longer ones get 414.
@@ -363,6 +367,8 @@ impl ProxyHttp for BrokerProxy {
             segment: None,
             cache_status: "none",
             client: 0,
+            started_ms: crate::clock::wall_ms(),
+            announced: false,
         }
     }
 
@@ -431,6 +437,18 @@ impl ProxyHttp for BrokerProxy {
         ctx.key = self.registry.cache_key(&host, pq);
         ctx.key_hash = xxhash_rust::xxh3::xxh3_64(ctx.key.as_bytes());
         ctx.resource = primary_key(&host, req.uri.path());
+        // A read's followers are shadowed as it starts, while it is still being answered.
+        if self.recorder.announcing()
+            && (req.method == http::Method::GET || req.method == http::Method::HEAD)
+        {
+            ctx.announced = self.recorder.announce(Start {
+                key: ctx.key.clone(),
+                region: ctx.region as u16,
+                client: ctx.client,
+                ts: now_secs(),
+                started_ms: ctx.started_ms,
+            });
+        }
         // Idempotent requests can be replayed on the next edge if one fails mid-request.
         if req.method.is_idempotent() {
             session.as_mut().enable_retry_buffering();
@@ -793,8 +811,8 @@ impl ProxyHttp for BrokerProxy {
                 cache_status: ctx.cache_status,
                 latency_us: elapsed.as_micros() as u64,
                 client: ctx.client,
-                started_ms: crate::clock::wall_ms()
-                    .saturating_sub(u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX)),
+                started_ms: ctx.started_ms,
+                announced: ctx.announced,
             });
         }
     }

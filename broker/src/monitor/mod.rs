@@ -1,5 +1,6 @@
 //! Request monitoring: the proxy hands each request's record to a bounded lock-free queue
-//! (a failed push is a counted drop, never a wait); one aggregator thread drains it into the
+//! (a failed push is a counted drop, never a wait), and with co-access on each read's start
+//! too, so its followers are shadowed before its response ends; one aggregator thread drains it into the
 //! time-series store, and a snapshot thread writes the store to disk so a restart keeps history.
 //!
 //! The aggregator never waits for the store's readers (a snapshot serializing a large store,
@@ -59,6 +60,34 @@ pub struct Record {
     /// When the request arrived (wall clock, ms; 0: unknown). Records are made as requests
     /// end, so co-access orders a client's requests by this instead.
     pub started_ms: u64,
+    /// Its [`Start`] was queued, so co-access triggered its followers then: the record only
+    /// teaches. Otherwise (co-access off, or the start found the queue full) the record
+    /// triggers them, late but not never.
+    pub announced: bool,
+}
+
+/// A read request as it begins, for co-access: its followers are shadowed now, while the
+/// leader is still being answered, not when its record comes at the end. A page's assets
+/// are asked for while the page is still arriving; triggered at its end, most of them would
+/// come too late to shadow.
+#[derive(Debug, Clone)]
+pub struct Start {
+    /// The cache key requested.
+    pub key: String,
+    /// Client region index.
+    pub region: u16,
+    /// Hash of the client address.
+    pub client: u64,
+    /// Seconds since the epoch (the broker's clock).
+    pub ts: u64,
+    /// Wall clock, ms: the same value its [`Record::started_ms`] will carry.
+    pub started_ms: u64,
+}
+
+/// What the proxy queues for the aggregator.
+enum Event {
+    Start(Start),
+    Done(Record),
 }
 
 /// Whether a request is demand for its resource, i.e. worth recording for the forecasts
@@ -98,8 +127,10 @@ const MAX_OBJECT_SIZE: u64 = 1 << 40;
 /// The hot-path side: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Recorder {
-    queue: Arc<ArrayQueue<Record>>,
+    queue: Arc<ArrayQueue<Event>>,
     enabled: bool,
+    /// Co-access is on: request starts are queued too ([`Self::announce`]).
+    announcing: bool,
     metrics: BrokerMetrics,
     /// Set when the aggregator is told to stop: later records have no one to take them.
     stop: Arc<AtomicBool>,
@@ -120,19 +151,36 @@ impl Recorder {
             self.metrics.recorder_long_keys.inc();
             return;
         }
-        // Once stopped, counted at once: a record must not hold the aggregator's last drain.
-        if self.stop.load(Ordering::Acquire) {
+        if !self.push(Event::Done(r)) {
             self.metrics.recorder_drops.inc();
-            return;
+        }
+    }
+
+    /// Queue a read request's start for co-access; whether it was queued. One that is not
+    /// (co-access off, a key too long, a full queue) is not counted as a drop: its record
+    /// triggers its followers instead.
+    pub fn announce(&self, s: Start) -> bool {
+        self.announcing && s.key.len() <= MAX_RECORDED_KEY_BYTES && self.push(Event::Start(s))
+    }
+
+    /// Whether request starts are wanted ([`Self::announce`]): the proxy skips building one
+    /// otherwise.
+    pub fn announcing(&self) -> bool {
+        self.announcing
+    }
+
+    fn push(&self, e: Event) -> bool {
+        // Once stopped, refused at once: a push must not hold the aggregator's last drain.
+        if self.stop.load(Ordering::Acquire) {
+            return false;
         }
         // Announced before the look at `stop` (both sequentially consistent): an aggregator
-        // that saw none pushing after it was told to stop drains after every record that saw
+        // that saw none pushing after it was told to stop drains after every push that saw
         // `stop` unset.
         self.pushing.fetch_add(1, Ordering::SeqCst);
-        if self.stop.load(Ordering::SeqCst) || self.queue.push(r).is_err() {
-            self.metrics.recorder_drops.inc();
-        }
+        let queued = !self.stop.load(Ordering::SeqCst) && self.queue.push(e).is_ok();
         self.pushing.fetch_sub(1, Ordering::SeqCst);
+        queued
     }
 
     /// Whether recording is on.
@@ -181,6 +229,7 @@ impl Monitor {
         let recorder = Recorder {
             queue: queue.clone(),
             enabled: cfg.enabled,
+            announcing: cfg.enabled && coaccess.is_some(),
             metrics: metrics.clone(),
             stop: stop.clone(),
             pushing: pushing.clone(),
@@ -270,15 +319,32 @@ const TRIGGER_EVERY_SECS: u64 = 2;
 const MAX_TRIGGERED: usize = 1 << 16;
 
 impl Sink {
-    /// Learn co-access from a record and trigger its followers' shadows.
+    /// Learn co-access from a record, and trigger its followers' shadows unless its start
+    /// did.
     fn coaccess(&mut self, r: &Record) {
-        let Some((map, triggers)) = &mut self.coaccess else {
+        let Some((map, _)) = &mut self.coaccess else {
             return;
         };
         // Cache keys, not resources: a follower must be shadowed under the key it is asked by.
         map.observe_started(r.client, r.region, &r.key, r.ts, r.started_ms);
-        let mut followers = map.followers(r.region, &r.key);
-        let asked = map.drop_asked(r.client, r.started_ms, r.ts, &mut followers);
+        if !r.announced {
+            self.trigger(r.region, &r.key, r.client, r.ts, r.started_ms);
+        }
+    }
+
+    /// Trigger the followers of a request as it starts.
+    fn started(&mut self, s: &Start) {
+        self.trigger(s.region, &s.key, s.client, s.ts, s.started_ms);
+    }
+
+    /// Send `key`'s likely followers in `region` to the co-access service, less those
+    /// `client` asked for since the leader started.
+    fn trigger(&mut self, region: u16, key: &str, client: u64, ts: u64, started_ms: u64) {
+        let Some((map, triggers)) = &mut self.coaccess else {
+            return;
+        };
+        let mut followers = map.followers(region, key);
+        let asked = map.drop_asked(client, started_ms, ts, &mut followers);
         if asked > 0 {
             self.metrics
                 .coaccess_shadows
@@ -289,12 +355,12 @@ impl Sink {
             // Once the queue is half full, a leader that sent its followers lately waits its
             // turn, so that one hot page does not crowd out every other page's triggers.
             let crowded = triggers.capacity() < triggers.max_capacity() / 2;
-            let leader = (r.region, r.key.clone());
+            let leader = (region, key.to_string());
             if crowded
                 && self
                     .triggered
                     .get(&leader)
-                    .is_some_and(|t| r.ts.saturating_sub(*t) < TRIGGER_EVERY_SECS)
+                    .is_some_and(|t| ts.saturating_sub(*t) < TRIGGER_EVERY_SECS)
             {
                 self.metrics
                     .coaccess_shadows
@@ -318,16 +384,16 @@ impl Sink {
             drop(store);
             if self.triggered.len() >= MAX_TRIGGERED {
                 self.triggered
-                    .retain(|_, t| r.ts.saturating_sub(*t) < TRIGGER_EVERY_SECS);
+                    .retain(|_, t| ts.saturating_sub(*t) < TRIGGER_EVERY_SECS);
                 if self.triggered.len() >= MAX_TRIGGERED {
                     self.triggered.clear();
                 }
             }
-            self.triggered.insert(leader, r.ts);
+            self.triggered.insert(leader, ts);
             let n = followers.len() as u64;
             let sent = triggers.try_send(Trigger {
-                region: r.region as usize,
-                leader: r.key.clone(),
+                region: region as usize,
+                leader: key.to_string(),
                 followers,
             });
             if sent.is_err() {
@@ -359,7 +425,7 @@ fn held_bytes(r: &Record) -> usize {
 /// The aggregator's stop flag and the count of records being pushed ([`Recorder`]).
 type StopSignal = (Arc<AtomicBool>, Arc<AtomicUsize>);
 
-fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: StopSignal, path: PathBuf) {
+fn aggregate(queue: Arc<ArrayQueue<Event>>, mut sink: Sink, stop: StopSignal, path: PathBuf) {
     let mut pending: Vec<Record> = Vec::new();
     let mut pending_bytes = 0usize;
     let (stop, pushing) = stop;
@@ -367,18 +433,22 @@ fn aggregate(queue: Arc<ArrayQueue<Record>>, mut sink: Sink, stop: StopSignal, p
         // Told to stop: once no record is between its look at the flag and its push, take
         // what is queued, snapshot, and stop.
         let stopping = stop.load(Ordering::SeqCst) && pushing.load(Ordering::SeqCst) == 0;
-        let before = pending.len();
-        while let Some(r) = queue.pop() {
-            pending_bytes += held_bytes(&r);
-            pending.push(r);
-            if pending.len() - before >= 4096 {
+        let mut arrived = 0usize;
+        // Co-access acts on arrival, in the order requests started and ended: a follower's
+        // shadow is only useful before it is asked for.
+        while let Some(e) = queue.pop() {
+            arrived += 1;
+            match e {
+                Event::Start(s) => sink.started(&s),
+                Event::Done(r) => {
+                    sink.coaccess(&r);
+                    pending_bytes += held_bytes(&r);
+                    pending.push(r);
+                }
+            }
+            if arrived >= 4096 {
                 break;
             }
-        }
-        let arrived = pending.len() - before;
-        // Co-access acts on arrival: a follower's shadow is only useful before it is asked for.
-        for r in &pending[before..] {
-            sink.coaccess(r);
         }
         if let Some((map, _)) = &sink.coaccess {
             sink.metrics.coaccess_pairs.set(map.pairs() as i64);
@@ -555,6 +625,7 @@ mod tests {
             latency_us: 0,
             client,
             started_ms: 0,
+            announced: false,
         };
         // Clients that ask for the page and then its script teach the pair.
         for client in 0..8 {
@@ -591,12 +662,99 @@ mod tests {
         assert_eq!(repeated(), before);
     }
 
+    /// A request's followers are triggered by its start, while it is still being answered;
+    /// its record then only teaches. A record whose start was not queued triggers them.
+    #[test]
+    fn followers_are_triggered_at_the_start_and_the_record_only_teaches() {
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+        let mut sink = Sink {
+            store: Arc::new(RwLock::new(series::SeriesStore::new(60, 10, 100))),
+            regions: vec!["eu".into()],
+            metrics,
+            coaccess: Some((CoAccess::new(CoAccessSection::default()), tx)),
+            triggered: HashMap::new(),
+        };
+        let rec = |key: &str, client: u64, started_ms: u64, announced: bool| Record {
+            resource: key.into(),
+            key: key.into(),
+            ts: 100,
+            region: 0,
+            segment: None,
+            bytes: 100,
+            object_bytes: Some(100),
+            cache_status: "hit",
+            latency_us: 0,
+            client,
+            started_ms,
+            announced,
+        };
+        for client in 1..9 {
+            sink.coaccess(&rec("h/page", client, 1_000, false));
+            sink.coaccess(&rec("h/app.js", client, 1_100, false));
+        }
+        while rx.try_recv().is_ok() {}
+
+        // A new view: the page's start sends its script at once.
+        sink.started(&Start {
+            key: "h/page".into(),
+            region: 0,
+            client: 20,
+            ts: 100,
+            started_ms: 5_000,
+        });
+        let t = rx.try_recv().expect("triggered at the start");
+        assert_eq!(t.leader, "h/page");
+        assert_eq!(t.followers[0].key, "h/app.js");
+        // Its script comes, then the page's record: neither triggers again.
+        sink.coaccess(&rec("h/app.js", 20, 5_100, true));
+        sink.coaccess(&rec("h/page", 20, 5_000, true));
+        assert!(rx.try_recv().is_err(), "the record only teaches");
+        let learnt = sink.coaccess.as_ref().unwrap().0.followers(0, "h/page");
+        assert!(learnt[0].probability > 0.8, "{learnt:?}");
+
+        // A page whose start was not queued triggers at its record.
+        sink.coaccess(&rec("h/page", 21, 6_000, false));
+        assert_eq!(
+            rx.try_recv().expect("triggered at the record").leader,
+            "h/page"
+        );
+    }
+
+    #[test]
+    fn starts_are_queued_only_when_co_access_wants_them() {
+        let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
+        let recorder = |announcing| Recorder {
+            queue: Arc::new(ArrayQueue::new(1)),
+            enabled: true,
+            announcing,
+            metrics: metrics.clone(),
+            stop: Arc::default(),
+            pushing: Arc::default(),
+        };
+        let start = |key: String| Start {
+            key,
+            region: 0,
+            client: 1,
+            ts: 0,
+            started_ms: 0,
+        };
+        assert!(!recorder(false).announce(start("h/a".into())));
+        let on = recorder(true);
+        let long = format!("h/a?{}", "x".repeat(MAX_RECORDED_KEY_BYTES));
+        assert!(!on.announce(start(long)), "a key too long to record");
+        assert!(on.announce(start("h/a".into())));
+        assert!(!on.announce(start("h/b".into())), "the queue is full");
+        assert_eq!(metrics.recorder_drops.get(), 0, "a start is not a record");
+    }
+
     #[test]
     fn a_record_with_an_overlong_key_is_counted_not_queued() {
         let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
         let recorder = Recorder {
             queue: Arc::new(ArrayQueue::new(4)),
             enabled: true,
+            announcing: false,
             metrics: metrics.clone(),
             stop: Arc::default(),
             pushing: Arc::default(),
@@ -613,6 +771,7 @@ mod tests {
             latency_us: 0,
             client: 0,
             started_ms: 0,
+            announced: false,
         };
         recorder.record(with_key(format!(
             "h/a?{}",
@@ -654,6 +813,7 @@ mod tests {
             latency_us: 1,
             client: 1,
             started_ms: 0,
+            announced: false,
         };
         // A long reader (a snapshot of a large store, a planning tick) holds the store while
         // ten queues' worth of records arrive: the aggregator keeps the queue drained.
@@ -709,6 +869,7 @@ mod tests {
                             latency_us: 1,
                             client: 1,
                             started_ms: 0,
+                            announced: false,
                         });
                         n += 1;
                     }

@@ -384,10 +384,11 @@ impl CoAccess {
 
     /// Drop from `followers` those `client` asked for since its leader started (at
     /// `started`, within the window of `ts`): the request a follower's shadow is for has come.
-    /// A leader is recorded when its response ends, so its followers are often asked before
-    /// it triggers them (a page still being sent while its assets are fetched). Followers
-    /// asked before the leader stay: a client may ask for them again (an API call, an asset
-    /// its cache does not keep). How many went.
+    /// A leader triggers as it starts, but its start may wait in the monitor's queue behind
+    /// its followers' records, and one whose start was not queued triggers at its record,
+    /// when its response ends (a page still being sent while its assets are fetched).
+    /// Followers asked before the leader stay: a client may ask for them again (an API call,
+    /// an asset its cache does not keep). How many went.
     pub fn drop_asked(
         &self,
         client: u64,
