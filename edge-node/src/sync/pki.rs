@@ -95,59 +95,14 @@ fn write_key(path: &Path, pem: &str) -> Result<(), PkiError> {
     replace(path, pem.as_bytes(), 0o600)
 }
 
-/// Replace `path` with `contents` through a synced temporary file of mode `mode` renamed over
-/// it, then sync the directory: a crash leaves the old file or the new one. A file replaced
-/// keeps its owner where this process may set it (a renewal run as root into a service
-/// user's files), and a symbolic link is followed: its target is replaced, not the link.
+/// Replace `path` with `contents` whole, created with `mode` ([`crate::durable::replace`]:
+/// a crash leaves the old file or the new one; the owner is kept and a symbolic link's
+/// target replaced).
 fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    use std::io::Write;
-    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-    let io = |source| PkiError::Io {
+    crate::durable::replace(path, contents, Some(mode)).map_err(|source| PkiError::Io {
         path: path.to_path_buf(),
         source,
-    };
-    let resolved;
-    let path = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
-            resolved = std::fs::canonicalize(path).map_err(io)?;
-            resolved.as_path()
-        }
-        _ => path,
-    };
-    let owner = std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid()));
-    // `.<name>.tmp` beside it (`.ca.crl.tmp` for the list).
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.tmp"));
-    // One left by a killed run would keep its mode on open.
-    match std::fs::remove_file(&tmp) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io(e)),
-        _ => {}
-    }
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut f| {
-            if let Some((uid, gid)) = owner {
-                // Refused to a user who may not give files away: it then owns the new file,
-                // as it could have written the old one only if it were its own or writable
-                // to it.
-                let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
-            }
-            f.write_all(contents).and_then(|()| f.sync_all())
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(io(e));
-    }
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io),
-        None => Ok(()),
-    }
+    })
 }
 
 fn read(path: &Path) -> Result<String, PkiError> {
@@ -389,7 +344,7 @@ fn sign_list(ca_dir: &Path, certs: &[PathBuf], lock: ListLock) -> Result<Revoked
 /// One writer of the CA directory's list at a time: an advisory lock (`flock`) on
 /// `.ca.crl.lock`, taken before the list is read, so two runs cannot both extend the same list
 /// and lose one's revocations. The kernel releases it when the process ends, however it ends.
-/// The new list replaces the old one whole ([`replace`], through `.ca.crl.tmp`).
+/// The new list replaces the old one whole ([`replace`]).
 struct ListLock {
     /// Held locked until dropped.
     _lock: std::fs::File,
@@ -427,6 +382,16 @@ impl ListLock {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    /// No temporary file of a replacement is left in `dir`.
+    fn assert_no_temporaries(dir: &Path) {
+        let left: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
 
     fn mode(path: &Path) -> u32 {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -540,7 +505,7 @@ mod tests {
         let (third, n) = parse_crl(&r.path);
         assert!(third >= first + 2, "{first} then {third}");
         assert_eq!(n, 2);
-        assert!(!dir.path().join(".ca.crl.tmp").exists());
+        assert_no_temporaries(dir.path());
     }
 
     #[test]
@@ -571,7 +536,7 @@ mod tests {
         let e = revoke(dir.path(), std::slice::from_ref(&e1.cert)).unwrap_err();
         assert!(matches!(e, PkiError::Busy(_)), "{e}");
         drop(held);
-        std::fs::write(dir.path().join(".ca.crl.tmp"), "left by a killed run").unwrap();
+        std::fs::write(dir.path().join(".ca.crl.1.0.tmp"), "left by a killed run").unwrap();
         revoke(dir.path(), &[]).unwrap();
         assert_eq!(parse_crl(&list).1, 0);
     }
@@ -623,6 +588,6 @@ mod tests {
             }
         });
         assert_eq!(parse_crl(&dir.path().join(CRL_FILE)).1, certs.len());
-        assert!(!dir.path().join(".ca.crl.tmp").exists());
+        assert_no_temporaries(dir.path());
     }
 }
