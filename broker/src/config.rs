@@ -244,6 +244,19 @@ impl EdgeAddr {
     pub fn literal(&self) -> Option<SocketAddr> {
         self.literal
     }
+
+    /// Whether `other` spells the same address: the same IP and port, or the same name and
+    /// port, an absolute name (`edge.`) and its relative spelling counted as one.
+    pub fn same_place(&self, other: &EdgeAddr) -> bool {
+        match (self.literal, other.literal) {
+            (Some(a), Some(b)) => a == b,
+            (None, None) => {
+                let name = |h: &str| h.strip_suffix('.').unwrap_or(h).to_string();
+                self.port == other.port && name(&self.host) == name(&other.host)
+            }
+            _ => false,
+        }
+    }
 }
 
 impl std::str::FromStr for EdgeAddr {

@@ -26,6 +26,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -33,6 +34,7 @@ use edge_node::durable::{read_json, write_atomic, FileError};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
+use crate::config::EdgeAddr;
 use crate::metrics::BrokerMetrics;
 use crate::routing::{Fleet, Health};
 
@@ -99,6 +101,11 @@ struct Saved {
     /// (same machine, same cache, new id) is found by it and still gets its purges.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     admins: BTreeMap<String, String>,
+    /// What each of those admin addresses resolved to when saved (`ip:port`): an edge renamed
+    /// whose configuration now spells its address otherwise (its IP for its name, or the other
+    /// way round) is still found by it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    admins_resolved: BTreeMap<String, String>,
 }
 
 struct Queues {
@@ -340,6 +347,10 @@ impl Redelivery {
                     .iter()
                     .map(|e| (id(e), self.fleet.edges[*e].admin.to_string()))
                     .collect(),
+                admins_resolved: named
+                    .iter()
+                    .filter_map(|e| Some((id(e), self.fleet.addresses.get(*e).admin?.to_string())))
+                    .collect(),
             };
             (q.version, saved)
         };
@@ -377,16 +388,26 @@ fn targets<'a>(saved: &'a Saved, fleet: &Fleet) -> HashMap<&'a str, Vec<usize>> 
             .position(|e| e.id == *id)
             .into_iter()
             .collect();
-        if let Some(admin) = saved.admins.get(id) {
-            let at = fleet
-                .edges
-                .iter()
-                .position(|e| e.admin.to_string() == *admin);
-            if let Some(i) = at.filter(|i| !to.contains(i)) {
-                tracing::warn!(edge = %id, now = %fleet.edges[i].id, %admin,
-                    "pending purges of an edge also go to the edge now at its admin address");
-                to.push(i);
-            }
+        // Its address as written, and as resolved then: either names the machine.
+        let written = saved
+            .admins
+            .get(id)
+            .and_then(|a| a.parse::<EdgeAddr>().ok());
+        let resolved = saved
+            .admins_resolved
+            .get(id)
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        let at = (0..fleet.edges.len()).find(|i| {
+            written
+                .as_ref()
+                .is_some_and(|w| w.same_place(&fleet.edges[*i].admin))
+                || resolved.is_some_and(|r| fleet.addresses.get(*i).admin == Some(r))
+        });
+        if let Some(i) = at.filter(|i| !to.contains(i)) {
+            let admin = saved.admins.get(id).map_or("", String::as_str);
+            tracing::warn!(edge = %id, now = %fleet.edges[i].id, %admin,
+                "pending purges of an edge also go to the edge now at its admin address");
+            to.push(i);
         }
         out.insert(id, to);
     }
@@ -498,6 +519,49 @@ mod tests {
         );
     }
 
+    /// A renamed edge whose configuration now spells its admin address otherwise — its name
+    /// for the IP it was saved under, or the same name with a trailing dot — keeps its queue.
+    #[test]
+    fn a_renamed_edge_is_found_by_its_address_however_spelled() {
+        let (fleet, dir) = sample_fleet();
+        let path = dir.path().join("pending-purges.json");
+        let (r, _) = reopen(&fleet, &path);
+        r.queue(1, target("a.com/x"));
+        r.save_now();
+        drop(r);
+        let config = |id: &str, admin: &str| {
+            let toml = crate::config::tests::SAMPLE
+                .replace("id = \"eu-b\"", &format!("id = \"{id}\""))
+                .replace("127.0.0.1:9102", admin);
+            Arc::new(Fleet::new(&crate::BrokerConfig::from_toml(&toml).unwrap()))
+        };
+        // Saved under 127.0.0.1:9102; now eu-b2 at localhost:9102, which resolves there.
+        let by_name = config("eu-b2", "localhost:9102");
+        by_name
+            .addresses
+            .resolve_at_start(&by_name.edges, std::time::Duration::from_secs(5));
+        assert_eq!(
+            by_name.addresses.get(1).admin,
+            Some("127.0.0.1:9102".parse().unwrap())
+        );
+        let (r, _) = reopen(&by_name, &path);
+        assert_eq!(r.pending(1).1, vec![target("a.com/x")]);
+        drop(r);
+        // Saved under a name (unresolved), now spelled absolute and in capitals.
+        let saved = Saved {
+            edges: [("eu-b".to_string(), vec![target("a.com/y")])].into(),
+            admins: [("eu-b".to_string(), "edge-b.internal:9102".to_string())].into(),
+            ..Saved::default()
+        };
+        std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
+        let (r, _) = reopen(&config("eu-b3", "EDGE-B.internal.:9102"), &path);
+        assert_eq!(r.pending(1).1, vec![target("a.com/y")]);
+        drop(r);
+        // Another port is another edge.
+        let (r, _) = reopen(&config("eu-b3", "edge-b.internal:9109"), &path);
+        assert!(r.pending(1).1.is_empty());
+    }
+
     #[tokio::test]
     async fn an_edge_is_held_until_it_confirms_and_queues_survive_a_restart() {
         let (fleet, dir) = sample_fleet();
@@ -596,6 +660,7 @@ mod tests {
             .into(),
             sending: Vec::new(),
             admins: BTreeMap::new(),
+            admins_resolved: BTreeMap::new(),
         };
         let text = serde_json::to_string(&saved).unwrap();
         assert_eq!(
