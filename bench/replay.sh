@@ -20,7 +20,9 @@
 # time); FOLD_GAPS=1 shortens silences longer than two weeks by whole weeks; SIZE_DIVISOR=N
 # divides object sizes by N and multiplies the per-GB prices by N (same ratios and dollars,
 # 1/N of the bytes); TICK_SECS=S sets the planner tick and stats poll (default 1 wall second:
-# one trace hour at 3600x; 0.25 keeps that at 14400x).
+# one trace hour at 3600x; 0.25 keeps that at 14400x). BROKER_LOG / EDGE_LOG set the processes'
+# RUST_LOG (default warn; e.g. BROKER_LOG=warn,broker::cost=debug logs each settled shadow);
+# the logs stay in var/replay/run until the next run.
 #
 #   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain peer baseline lstm"] [LIMIT]
 set -euo pipefail
@@ -185,11 +187,11 @@ for pct in $PCTS; do
     edge_config eu-1 18101 19101 "$per_region" "$maxobj" >"$WORK/run/eu-1.toml"
     edge_config us-1 18201 19201 "$per_region" "$maxobj" >"$WORK/run/us-1.toml"
     for e in eu-1 us-1; do
-      RUST_LOG=warn $B/edge-node --config "$WORK/run/$e.toml" >"$WORK/run/$e.log" 2>&1 &
+      RUST_LOG=${EDGE_LOG:-warn} $B/edge-node --config "$WORK/run/$e.toml" >"$WORK/run/$e.log" 2>&1 &
       pids+=($!)
     done
     broker_config "$mode" >"$WORK/run/broker.toml"
-    RUST_LOG=warn $B/broker run --config "$WORK/run/broker.toml" >"$WORK/run/broker.log" 2>&1 &
+    RUST_LOG=${BROKER_LOG:-warn} $B/broker run --config "$WORK/run/broker.toml" >"$WORK/run/broker.log" 2>&1 &
     pids+=($!)
     wait_http http://127.0.0.1:17081/healthz
     token=$($B/broker api --api http://127.0.0.1:17081 --token "$OPERATOR" create-provider replay \

@@ -698,6 +698,9 @@ impl Ledger {
                 ..o.clone()
             };
             let p = price(&self.cfg, &held);
+            tracing::debug!(edge, key = %o.key, source = order.as_ref().map_or("-", |o| o.signal.source.label()),
+                bytes = o.bytes, hits = o.hits, held_secs = held.held_secs, evicted = o.evicted,
+                removed = o.removed, net = p.net(), "shadow settled");
             let key = order.as_ref().map_or_else(unattributed, rollup_key);
             self.count_money(&key, &p);
             let r = rollups.entry(key).or_default();

@@ -566,6 +566,40 @@ mod tests {
         }
     }
 
+    /// A sink with co-access on, sending its triggers to a queue of `capacity`.
+    fn coaccess_sink(
+        metrics: &BrokerMetrics,
+        capacity: usize,
+    ) -> (Sink, tokio::sync::mpsc::Receiver<Trigger>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(capacity);
+        let sink = Sink {
+            store: Arc::new(RwLock::new(series::SeriesStore::new(60, 10, 100))),
+            regions: vec!["eu".into()],
+            metrics: metrics.clone(),
+            coaccess: Some((CoAccess::new(CoAccessSection::default()), tx)),
+            triggered: HashMap::new(),
+        };
+        (sink, rx)
+    }
+
+    /// A 100-byte hit on `key` in region 0.
+    fn hit(key: &str, client: u64, ts: u64, started_ms: u64, announced: bool) -> Record {
+        Record {
+            resource: key.into(),
+            key: key.into(),
+            ts,
+            region: 0,
+            segment: None,
+            bytes: 100,
+            object_bytes: Some(100),
+            cache_status: "hit",
+            latency_us: 0,
+            client,
+            started_ms,
+            announced,
+        }
+    }
+
     #[test]
     fn only_reads_answered_with_content_are_demand() {
         use http::Method;
@@ -605,28 +639,8 @@ mod tests {
     #[test]
     fn a_crowded_trigger_queue_takes_each_leader_once_a_while() {
         let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
-        let mut sink = Sink {
-            store: Arc::new(RwLock::new(series::SeriesStore::new(60, 10, 100))),
-            regions: vec!["eu".into()],
-            metrics: metrics.clone(),
-            coaccess: Some((CoAccess::new(CoAccessSection::default()), tx)),
-            triggered: HashMap::new(),
-        };
-        let rec = |key: &str, client: u64, ts: u64| Record {
-            resource: key.into(),
-            key: key.into(),
-            ts,
-            region: 0,
-            segment: None,
-            bytes: 100,
-            object_bytes: Some(100),
-            cache_status: "hit",
-            latency_us: 0,
-            client,
-            started_ms: 0,
-            announced: false,
-        };
+        let (mut sink, mut rx) = coaccess_sink(&metrics, 4);
+        let rec = |key: &str, client: u64, ts: u64| hit(key, client, ts, 0, false);
         // Clients that ask for the page and then its script teach the pair.
         for client in 0..8 {
             sink.coaccess(&rec("h/page", client, 100));
@@ -667,27 +681,9 @@ mod tests {
     #[test]
     fn followers_are_triggered_at_the_start_and_the_record_only_teaches() {
         let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
-        let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-        let mut sink = Sink {
-            store: Arc::new(RwLock::new(series::SeriesStore::new(60, 10, 100))),
-            regions: vec!["eu".into()],
-            metrics,
-            coaccess: Some((CoAccess::new(CoAccessSection::default()), tx)),
-            triggered: HashMap::new(),
-        };
-        let rec = |key: &str, client: u64, started_ms: u64, announced: bool| Record {
-            resource: key.into(),
-            key: key.into(),
-            ts: 100,
-            region: 0,
-            segment: None,
-            bytes: 100,
-            object_bytes: Some(100),
-            cache_status: "hit",
-            latency_us: 0,
-            client,
-            started_ms,
-            announced,
+        let (mut sink, mut rx) = coaccess_sink(&metrics, 64);
+        let rec = |key: &str, client: u64, started_ms: u64, announced: bool| {
+            hit(key, client, 100, started_ms, announced)
         };
         for client in 1..9 {
             sink.coaccess(&rec("h/page", client, 1_000, false));

@@ -1,0 +1,128 @@
+#!/usr/bin/env python3
+"""How well co-access's follow probabilities are calibrated on a trace.
+
+Replays the trace's requests in order through a model of the broker's co-access learner
+(broker/src/signals/coaccess.rs, default `[signals.coaccess]`: window 30 s, counts halved every
+hour and forgotten below 0.5, P(B follows A) = (transitions + a) / (requests of A + a + b), the
+rule of succession at a = b = 1, a leader trusted from 3 requests, at most 8 recent requests
+per client). At each request of A (its start, where the broker now triggers), every follower
+with P >= 0.6 (the precision floor a co-access shadow is held to) is a prediction, scored by two
+outcomes: the same client asked for B within the window (what P claims), and anyone in the
+region asked for B within the default shadow TTL (one hour: what a shadow needs to be used).
+Regions and order as the replayer (traces.py).
+
+    bench/offline/.venv/bin/python bench/offline/coaccess_calibration.py apache [--prior A B]
+"""
+from __future__ import annotations
+
+import argparse
+import bisect
+import os
+import sys
+from collections import defaultdict, deque
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import traces  # noqa: E402
+
+WINDOW = 30
+HALF_LIFE = 3600
+SUPPORT = 3.0
+FLOOR = 0.6
+RECENT = 8
+TTL = 3600
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("trace", choices=["apache", "nasa"])
+    ap.add_argument("--prior", nargs=2, type=float, default=(1.0, 1.0), metavar=("A", "B"))
+    args = ap.parse_args()
+    a, b = args.prior
+    tr = traces.load(args.trace)
+    n = len(tr.ts)
+    by_client: dict[str, list[int]] = defaultdict(list)
+    by_key_region: dict[tuple[str, int], list[int]] = defaultdict(list)
+    for i in range(n):
+        by_client[tr.clients[i]].append(i)
+        by_key_region[(tr.keys[i], tr.regions[i])].append(tr.ts[i])
+    place = {i: j for idx in by_client.values() for j, i in enumerate(idx)}
+
+    counts: dict[tuple[int, str], float] = defaultdict(float)
+    pairs: dict[tuple[int, str], dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    recent: dict[str, deque] = defaultdict(deque)
+    last_decay = None
+    # by P band: predictions, same client within the window, anyone in the region within TTL
+    bands: dict[str, list[float]] = defaultdict(lambda: [0, 0, 0, 0.0])
+    for i in range(n):
+        ts, key, region, client = tr.ts[i], tr.keys[i], tr.regions[i], tr.clients[i]
+        if last_decay is None:
+            last_decay = ts
+        while ts >= last_decay + HALF_LIFE:
+            last_decay += HALF_LIFE
+            for k in [k for k, c in counts.items() if c * 0.5 < 0.5]:
+                del counts[k]
+            for k in counts:
+                counts[k] *= 0.5
+            for leader, followers in list(pairs.items()):
+                for f in [f for f, c in followers.items() if c * 0.5 < 0.5]:
+                    del followers[f]
+                for f in followers:
+                    followers[f] *= 0.5
+                if not followers:
+                    del pairs[leader]
+        leader = (region, key)
+        seen = counts.get(leader, 0.0)
+        if seen >= SUPPORT:
+            for follower, t in pairs.get(leader, {}).items():
+                p = (t + a) / (seen + a + b)
+                if p < FLOOR:
+                    continue
+                mine = by_client[client]
+                same = any(
+                    tr.keys[mine[j]] == follower
+                    for j in range(place[i] + 1, len(mine))
+                    if tr.ts[mine[j]] - ts <= WINDOW
+                )
+                times = by_key_region.get((follower, region), [])
+                at = bisect.bisect_right(times, ts)
+                anyone = at < len(times) and times[at] - ts <= TTL
+                band = "0.6-0.7" if p < 0.7 else "0.7-0.8" if p < 0.8 else "0.8-1.0"
+                for name in (band, "all"):
+                    row = bands[name]
+                    row[0] += 1
+                    row[1] += same
+                    row[2] += anyone
+                    row[3] += p
+        # Learn as the broker does: every distinct key the client asked within the window
+        # since its own last request for this key leads to it.
+        q = recent[client]
+        led: set[str] = set()
+        for prev, t in reversed(q):
+            if ts - t > WINDOW:
+                continue
+            if prev == key:
+                break
+            if prev in led:
+                continue
+            led.add(prev)
+            pairs[(region, prev)][key] += 1.0
+        q.append((key, ts))
+        if len(q) > RECENT:
+            q.popleft()
+        counts[leader] += 1.0
+
+    print(f"{args.trace}: prior a={a:g} b={b:g}, predictions with P >= {FLOOR}")
+    print("| P band | predictions | mean P | same client within 30 s | anyone in region within 1 h |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name in ("0.6-0.7", "0.7-0.8", "0.8-1.0", "all"):
+        k, same, anyone, ps = bands.get(name, [0, 0, 0, 0.0])
+        if k:
+            print(f"| {name} | {k:,} | {ps / k:.3f} | {same / k:.3f} | {anyone / k:.3f} |")
+        else:
+            print(f"| {name} | 0 | – | – | – |")
+
+
+if __name__ == "__main__":
+    main()
