@@ -8,7 +8,9 @@ rule of succession at a = b = 1, a leader trusted from 3 requests, at most 8 rec
 per client). At each request of A (its start, where the broker now triggers), every follower
 with P >= 0.6 (the precision floor a co-access shadow is held to) is a prediction, scored by two
 outcomes: the same client asked for B within the window (what P claims), and anyone in the
-region asked for B within the default shadow TTL (one hour: what a shadow needs to be used).
+region asked for B within the default shadow TTL (one hour: what a shadow needs to be used);
+also split by whether B was asked in the region in the hour before (then likely held, and an
+order moves nothing).
 Regions and order as the replayer (traces.py).
 
     bench/offline/.venv/bin/python bench/offline/coaccess_calibration.py apache [--prior A B]
@@ -89,7 +91,10 @@ def main() -> None:
                 at = bisect.bisect_right(times, ts)
                 anyone = at < len(times) and times[at] - ts <= TTL
                 band = "0.6-0.7" if p < 0.7 else "0.7-0.8" if p < 0.8 else "0.8-1.0"
-                for name in (band, "all"):
+                # Asked in the region within the hour before: likely held, an order moves nothing.
+                recent_ask = at > 0 and ts - times[at - 1] <= TTL
+                held = "held (asked in the region in the hour before)" if recent_ask else "not held"
+                for name in (band, "all", held):
                     row = bands[name]
                     row[0] += 1
                     row[1] += same
@@ -116,7 +121,7 @@ def main() -> None:
     print(f"{args.trace}: prior a={a:g} b={b:g}, predictions with P >= {FLOOR}")
     print("| P band | predictions | mean P | same client within 30 s | anyone in region within 1 h |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name in ("0.6-0.7", "0.7-0.8", "0.8-1.0", "all"):
+    for name in ("0.6-0.7", "0.7-0.8", "0.8-1.0", "all", "held (asked in the region in the hour before)", "not held"):
         k, same, anyone, ps = bands.get(name, [0, 0, 0, 0.0])
         if k:
             print(f"| {name} | {k:,} | {ps / k:.3f} | {same / k:.3f} | {anyone / k:.3f} |")
