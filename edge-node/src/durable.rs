@@ -49,58 +49,159 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, FileErro
 
 /// Write `bytes` to `path` atomically: a temporary file, fsync, rename, then an fsync of the
 /// directory so the rename itself survives a crash. A reader finds the old content or the
-/// new, never a mix. See [`replace`] for the owner, links and the temporary file's name.
+/// new, never a mix. For a process's own state: a symbolic link at `path` is replaced by the
+/// file, and the file is this process's.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    replace(path, bytes, None)
+    replace(path, bytes, Replacing::default())
 }
 
-/// [`write_atomic`] with the new file created with `mode` (less the umask) from the start, so
-/// a key is never readable by others, not even between its creation and a `chmod`; `None`:
-/// the default mode. A file replaced keeps its owner where this process may set it (a
-/// renewal run as root into a service user's files), and a symbolic link is followed: its
-/// target is replaced, not the link.
-pub fn replace(path: &Path, bytes: &[u8], mode: Option<u32>) -> io::Result<()> {
+/// How [`replace`] treats the file it replaces.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Replacing {
+    /// The mode the new file is created with (less the umask) from the start, so a key is
+    /// never readable by others, not even between its creation and a `chmod`; `None`: the
+    /// default.
+    pub mode: Option<u32>,
+    /// Keep the old file's owner where this process may set it (a renewal run as root into
+    /// a service user's files) and replace a symbolic link's target rather than the link:
+    /// for files an operator installs and manages (certificates, keys), not for state.
+    pub installed: bool,
+}
+
+/// Temporaries of a replacement older than this are a killed writer's, and the next
+/// replacement of the same file removes them; younger ones may be another writer's at work.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Replace `path` with `bytes` whole, as [`write_atomic`] does, the new file made as `how` says.
+/// The temporary is `.<name>.<pid>-<n>-<ns>.tmp` beside it: hidden from globs such as
+/// `*.pem`, and unique to the process and the call even across restarts that reuse a pid (the
+/// old and the new process of a graceful upgrade may write the same file at once).
+pub fn replace(path: &Path, bytes: &[u8], how: Replacing) -> io::Result<()> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let resolved;
     let path = match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => {
+        Ok(m) if how.installed && m.file_type().is_symlink() => {
             resolved = std::fs::canonicalize(path)?;
             resolved.as_path()
         }
         _ => path,
     };
-    let owner = std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid()));
-    // `.<name>.<pid>.<n>.tmp` beside it: hidden from globs such as `*.pem`, and named by
-    // process and call, since the old and the new process of a graceful upgrade may write
-    // the same file at once and must not share one temporary file.
+    let owner = how
+        .installed
+        .then(|| std::fs::metadata(path).ok().map(|m| (m.uid(), m.gid())))
+        .flatten();
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    remove_stale_temporaries(dir.unwrap_or(Path::new(".")), &name);
     static CALLS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_file_name(format!(".{name}.{}-{n}-{ns}.tmp", std::process::id()));
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
-    if let Some(mode) = mode {
+    if let Some(mode) = how.mode {
         options.mode(mode);
     }
-    let written = options
-        .open(&tmp)
-        .and_then(|mut f| {
-            if let Some((uid, gid)) = owner {
-                // Refused to a user who may not give files away: it then owns the new file,
-                // as it could have written the old one only if it were its own or writable
-                // to it.
-                let _ = std::os::unix::fs::fchown(&f, Some(uid), Some(gid));
-            }
-            f.write_all(bytes).and_then(|()| f.sync_all())
-        })
-        .and_then(|()| std::fs::rename(&tmp, path));
+    let mut file = options.open(&tmp)?;
+    let written = {
+        if let Some((uid, gid)) = owner {
+            // Refused to a user who may not give files away: it then owns the new file, as it
+            // could have written the old one only if it were its own or writable to it.
+            let _ = std::os::unix::fs::fchown(&file, Some(uid), Some(gid));
+        }
+        file.write_all(bytes)
+            .and_then(|()| file.sync_all())
+            .and_then(|()| std::fs::rename(&tmp, path))
+    };
     if let Err(e) = written {
-        // Not left behind: each write has a name of its own.
+        // Ours (created above): not left behind.
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::File::open(dir)?.sync_all(),
-        _ => Ok(()),
+    match dir {
+        Some(dir) => std::fs::File::open(dir)?.sync_all(),
+        None => Ok(()),
+    }
+}
+
+/// Remove the temporaries of `name` in `dir` that a killed writer left ([`STALE_TEMPORARY`]):
+/// a key's may hold a private key that has since been replaced.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let file = file.to_string_lossy();
+        if !(file.starts_with(&prefix) && file.ends_with(".tmp")) {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMPORARY);
+        if stale {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temporaries(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn a_state_file_is_replaced_whole_and_a_link_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("elsewhere.json");
+        std::fs::write(&target, "theirs").unwrap();
+        let path = dir.path().join("state.json");
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        write_atomic(&path, b"ours").unwrap();
+        assert!(!std::fs::symlink_metadata(&path).unwrap().is_symlink());
+        assert_eq!(std::fs::read(&path).unwrap(), b"ours");
+        assert_eq!(
+            std::fs::read(&target).unwrap(),
+            b"theirs",
+            "not written through"
+        );
+        assert!(temporaries(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_killed_writers_temporaries_go_and_a_working_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.key");
+        let (old, fresh) = (".ca.key.1-0-0.tmp", ".ca.key.2-0-0.tmp");
+        for t in [old, fresh] {
+            std::fs::write(dir.path().join(t), "half a key").unwrap();
+        }
+        let hour_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+        std::fs::File::options()
+            .write(true)
+            .open(dir.path().join(old))
+            .unwrap()
+            .set_modified(hour_ago)
+            .unwrap();
+        let how = Replacing {
+            mode: Some(0o600),
+            installed: true,
+        };
+        replace(&path, b"key", how).unwrap();
+        assert_eq!(temporaries(dir.path()), vec![fresh.to_string()]);
+        assert_eq!(std::fs::read(&path).unwrap(), b"key");
     }
 }

@@ -96,10 +96,14 @@ fn write_key(path: &Path, pem: &str) -> Result<(), PkiError> {
 }
 
 /// Replace `path` with `contents` whole, created with `mode` ([`crate::durable::replace`]:
-/// a crash leaves the old file or the new one; the owner is kept and a symbolic link's
-/// target replaced).
+/// a crash leaves the old file or the new one; as an installed file, its owner is kept and a
+/// symbolic link's target replaced; a killed run's temporaries are removed).
 fn replace(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    crate::durable::replace(path, contents, Some(mode)).map_err(|source| PkiError::Io {
+    let how = crate::durable::Replacing {
+        mode: Some(mode),
+        installed: true,
+    };
+    crate::durable::replace(path, contents, how).map_err(|source| PkiError::Io {
         path: path.to_path_buf(),
         source,
     })
@@ -536,9 +540,19 @@ mod tests {
         let e = revoke(dir.path(), std::slice::from_ref(&e1.cert)).unwrap_err();
         assert!(matches!(e, PkiError::Busy(_)), "{e}");
         drop(held);
-        std::fs::write(dir.path().join(".ca.crl.1.0.tmp"), "left by a killed run").unwrap();
+        let left = dir
+            .path()
+            .join(format!(".ca.crl.{}-0-0.tmp", std::process::id()));
+        std::fs::write(&left, "left by a killed run").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&left)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+            .unwrap();
         revoke(dir.path(), &[]).unwrap();
         assert_eq!(parse_crl(&list).1, 0);
+        assert_no_temporaries(dir.path());
     }
 
     #[test]
