@@ -27,6 +27,8 @@ pub struct BrokerMetrics {
     pub recorder_drops: IntCounter,
     /// Records not kept because their key is too long to hold in the monitor.
     pub recorder_long_keys: IntCounter,
+    /// Request starts not queued for co-access (their records trigger instead).
+    pub recorder_starts_skipped: IntCounter,
     /// Records aggregated by the monitor.
     pub recorded: IntCounter,
     /// Provider API calls by provider and status code.
@@ -152,6 +154,10 @@ impl BrokerMetrics {
             recorder_long_keys: IntCounter::new(
                 "shadowcdn_broker_recorder_long_keys_total",
                 "Request records not kept because their resource and key together exceed 2 KiB",
+            )?,
+            recorder_starts_skipped: IntCounter::new(
+                "shadowcdn_broker_recorder_starts_skipped_total",
+                "Request starts not queued for co-access (monitor queue half full, or stopping): their records trigger the followers instead",
             )?,
             recorded: IntCounter::new(
                 "shadowcdn_broker_recorded_total",
@@ -398,6 +404,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.recorder_drops.clone()))?;
         registry.register(Box::new(m.recorder_long_keys.clone()))?;
+        registry.register(Box::new(m.recorder_starts_skipped.clone()))?;
         registry.register(Box::new(m.recorded.clone()))?;
         registry.register(Box::new(m.api_calls.clone()))?;
         registry.register(Box::new(m.edge_pushes.clone()))?;

@@ -347,8 +347,11 @@ impl Redelivery {
                     .iter()
                     .map(|e| (id(e), self.fleet.edges[*e].admin.to_string()))
                     .collect(),
+                // Only for names: an IP's resolution is itself, and a file without the key
+                // stays readable by the version before it.
                 admins_resolved: named
                     .iter()
+                    .filter(|e| self.fleet.edges[**e].admin.literal().is_none())
                     .filter_map(|e| Some((id(e), self.fleet.addresses.get(*e).admin?.to_string())))
                     .collect(),
             };
@@ -393,17 +396,33 @@ fn targets<'a>(saved: &'a Saved, fleet: &Fleet) -> HashMap<&'a str, Vec<usize>> 
             .admins
             .get(id)
             .and_then(|a| a.parse::<EdgeAddr>().ok());
+        // An address written as an IP is its own resolution.
         let resolved = saved
             .admins_resolved
             .get(id)
-            .and_then(|a| a.parse::<SocketAddr>().ok());
-        let at = (0..fleet.edges.len()).find(|i| {
+            .and_then(|a| a.parse::<SocketAddr>().ok())
+            .or_else(|| written.as_ref().and_then(EdgeAddr::literal));
+        let written_at = |i: &usize| {
             written
                 .as_ref()
                 .is_some_and(|w| w.same_place(&fleet.edges[*i].admin))
-                || resolved.is_some_and(|r| fleet.addresses.get(*i).admin == Some(r))
-        });
-        if let Some(i) = at.filter(|i| !to.contains(i)) {
+        };
+        let resolved_at =
+            |i: &usize| resolved.is_some_and(|r| fleet.addresses.get(*i).admin == Some(r));
+        // Still configured where it was: not renamed, and an address its name resolved to
+        // once may be another edge's now.
+        let unmoved = to.first().is_some_and(|i| written_at(i) || resolved_at(i));
+        // The address as written first: a resolution is older news.
+        let at = (!unmoved)
+            .then(|| {
+                let mut edges = 0..fleet.edges.len();
+                edges
+                    .clone()
+                    .find(written_at)
+                    .or_else(|| edges.find(resolved_at))
+            })
+            .flatten();
+        if let Some(i) = at {
             let admin = saved.admins.get(id).map_or("", String::as_str);
             tracing::warn!(edge = %id, now = %fleet.edges[i].id, %admin,
                 "pending purges of an edge also go to the edge now at its admin address");
@@ -529,6 +548,11 @@ mod tests {
         r.queue(1, target("a.com/x"));
         r.save_now();
         drop(r);
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            !text.contains("admins_resolved"),
+            "an IP resolves to itself: {text}"
+        );
         let config = |id: &str, admin: &str| {
             let toml = crate::config::tests::SAMPLE
                 .replace("id = \"eu-b\"", &format!("id = \"{id}\""))
@@ -560,6 +584,19 @@ mod tests {
         // Another port is another edge.
         let (r, _) = reopen(&config("eu-b3", "edge-b.internal:9109"), &path);
         assert!(r.pending(1).1.is_empty());
+        drop(r);
+        // An edge still configured where it was keeps its queue alone, though the address its
+        // name resolved to then is another edge's (eu-a's) now.
+        let saved = Saved {
+            edges: [("eu-b".to_string(), vec![target("a.com/z")])].into(),
+            admins: [("eu-b".to_string(), "127.0.0.1:9102".to_string())].into(),
+            admins_resolved: [("eu-b".to_string(), "127.0.0.1:9101".to_string())].into(),
+            ..Saved::default()
+        };
+        std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
+        let (r, _) = reopen(&fleet, &path);
+        assert_eq!(r.pending(1).1, vec![target("a.com/z")]);
+        assert!(r.pending(0).1.is_empty(), "eu-a has none of eu-b's purges");
     }
 
     #[tokio::test]

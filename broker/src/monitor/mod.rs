@@ -1,6 +1,7 @@
 //! Request monitoring: the proxy hands each request's record to a bounded lock-free queue
 //! (a failed push is a counted drop, never a wait), and with co-access on each read's start
-//! too, so its followers are shadowed before its response ends; one aggregator thread drains it into the
+//! too while the queue is less than half full, so its followers are shadowed before its
+//! response ends (a start not queued is counted, and its record triggers them instead); one aggregator thread drains it into the
 //! time-series store, and a snapshot thread writes the store to disk so a restart keeps history.
 //!
 //! The aggregator never waits for the store's readers (a snapshot serializing a large store,
@@ -61,8 +62,8 @@ pub struct Record {
     /// end, so co-access orders a client's requests by this instead.
     pub started_ms: u64,
     /// Its [`Start`] was queued, so co-access triggered its followers then: the record only
-    /// teaches. Otherwise (co-access off, or the start found the queue full) the record
-    /// triggers them, late but not never.
+    /// teaches. Otherwise (co-access off, not a GET or HEAD, a key too long, the queue half
+    /// full, the monitor stopping) the record triggers them, late but not never.
     pub announced: bool,
 }
 
@@ -156,11 +157,19 @@ impl Recorder {
         }
     }
 
-    /// Queue a read request's start for co-access; whether it was queued. One that is not
-    /// (co-access off, a key too long, a full queue) is not counted as a drop: its record
-    /// triggers its followers instead.
+    /// Queue a read request's start for co-access; whether it was queued. Only while the
+    /// queue is less than half full: the records, which the forecasts are made of, keep the
+    /// other half. One not queued (counted, unless co-access is off or its key too long) is
+    /// not a drop: its record triggers its followers instead.
     pub fn announce(&self, s: Start) -> bool {
-        self.announcing && s.key.len() <= MAX_RECORDED_KEY_BYTES && self.push(Event::Start(s))
+        if !self.announcing || s.key.len() > MAX_RECORDED_KEY_BYTES {
+            return false;
+        }
+        let queued = self.queue.len() < self.queue.capacity() / 2 && self.push(Event::Start(s));
+        if !queued {
+            self.metrics.recorder_starts_skipped.inc();
+        }
+        queued
     }
 
     /// Whether request starts are wanted ([`Self::announce`]): the proxy skips building one
@@ -721,7 +730,7 @@ mod tests {
     fn starts_are_queued_only_when_co_access_wants_them() {
         let metrics = BrokerMetrics::register(&prometheus::Registry::new()).unwrap();
         let recorder = |announcing| Recorder {
-            queue: Arc::new(ArrayQueue::new(1)),
+            queue: Arc::new(ArrayQueue::new(4)),
             enabled: true,
             announcing,
             metrics: metrics.clone(),
@@ -740,8 +749,13 @@ mod tests {
         let long = format!("h/a?{}", "x".repeat(MAX_RECORDED_KEY_BYTES));
         assert!(!on.announce(start(long)), "a key too long to record");
         assert!(on.announce(start("h/a".into())));
-        assert!(!on.announce(start("h/b".into())), "the queue is full");
+        assert!(on.announce(start("h/b".into())));
+        assert!(!on.announce(start("h/c".into())), "the queue is half full");
+        on.record(hit("h/a", 1, 0, 0, true));
+        on.record(hit("h/b", 1, 0, 0, true));
+        assert_eq!(on.queued(), 4, "the records keep the other half");
         assert_eq!(metrics.recorder_drops.get(), 0, "a start is not a record");
+        assert_eq!(metrics.recorder_starts_skipped.get(), 1);
     }
 
     #[test]

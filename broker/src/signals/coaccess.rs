@@ -384,9 +384,10 @@ impl CoAccess {
 
     /// Drop from `followers` those `client` asked for since its leader started (at
     /// `started`, within the window of `ts`): the request a follower's shadow is for has come.
-    /// A leader triggers as it starts, but its start may wait in the monitor's queue behind
-    /// its followers' records, and one whose start was not queued triggers at its record,
-    /// when its response ends (a page still being sent while its assets are fetched).
+    /// A leader whose start was queued triggers before the client can ask for anything
+    /// more, so this drops nothing then; one whose start was not queued triggers at its
+    /// record, when its response ends, often after its followers were asked (a page still
+    /// being sent while its assets are fetched).
     /// Followers asked before the leader stay: a client may ask for them again (an API call,
     /// an asset its cache does not keep). How many went.
     pub fn drop_asked(
