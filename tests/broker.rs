@@ -2579,7 +2579,25 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
 
     // A revoked node is cut off once the edge reads the list (every 30 s): its open
     // connection then, and its handshakes from then on; the others go on. An edge revoked
-    // (good itself) is also taken out of client routing once the broker reads the list.
+    // (good itself) is also taken out of client routing once the broker reads the list, and
+    // out of the peer list the broker pushes to the other edges.
+    let peers_of_rogue = || async {
+        client()
+            .get(format!("http://{}/peers", rogue.admin))
+            .bearer_auth(shadowcdn_tests::cluster::EDGE_TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json::<serde_json::Value>()
+            .await
+            .unwrap()
+    };
+    let lists_good = |v: &serde_json::Value| {
+        v["peers"]
+            .as_array()
+            .is_some_and(|p| p.iter().any(|p| p["id"] == "good"))
+    };
+    wait_until(|| async { lists_good(&peers_of_rogue().await) }).await;
     pki.revoke(&[&eu2, &good_certs]);
     wait_secs(45, || async {
         peer_link
@@ -2641,6 +2659,7 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         Reply::Stats(s) => assert_eq!(s.node_id, "good"),
         other => panic!("{other:?}"),
     }
+    wait_until(|| async { !lists_good(&peers_of_rogue().await) }).await;
 
     // The broker judges an edge by the certificate it last presented, kept in its data
     // directory: restarted while the revoked edge shows no certificate at all (it serves HTTP,

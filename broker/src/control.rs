@@ -300,6 +300,11 @@ impl Control {
         self.restart_seen.notified().await;
     }
 
+    /// Whether edge `edge` is held out for a revoked certificate.
+    pub fn revoked(&self, edge: usize) -> bool {
+        self.health.is_revoked(edge)
+    }
+
     /// The latest stats report of edge `edge`.
     pub fn stats(&self, edge: usize) -> Option<StatsReport> {
         self.stats.read().get(edge).cloned().flatten()

@@ -197,13 +197,16 @@ impl EdgeSync {
     }
 
     /// Every edge reachable over QUIC at its current address, so each edge knows which peers
-    /// it may fill from (and follows a peer that moved within one push).
+    /// it may fill from (and follows a peer that moved within one push). An edge whose
+    /// certificate is revoked is left out: no hint or shadow names it as a source, and its
+    /// peers need not keep its address.
     async fn push_peers(&self) {
         let rows: Vec<_> = self
             .fleet
             .edges
             .iter()
             .enumerate()
+            .filter(|(i, _)| !self.control.as_ref().is_some_and(|c| c.revoked(*i)))
             .filter_map(|(i, e)| {
                 let addr = self.fleet.addresses.get(i).sync?;
                 Some(json!({ "id": e.id, "addr": addr }))

@@ -76,6 +76,11 @@ impl Health {
         self.revoked[edge].swap(revoked, Ordering::AcqRel)
     }
 
+    /// Whether the edge's QUIC certificate is revoked ([`Self::set_revoked`]).
+    pub fn is_revoked(&self, edge: usize) -> bool {
+        self.revoked[edge].load(Ordering::Acquire)
+    }
+
     /// Hold an edge out of routing, or release it; whether it was held.
     pub fn hold(&self, edge: usize, held: bool) -> bool {
         self.held[edge].swap(held, Ordering::AcqRel)
