@@ -2483,6 +2483,15 @@ async fn an_edge_without_a_valid_certificate_cannot_join() {
         sample(&m, "shadowcdn_broker_edge_stats", &["edge=\"rogue\""]).is_none(),
         "{m}"
     );
+    // The edge keeps the broker's address as the fleet's, across its restarts too.
+    let known = good
+        .dir
+        .join("cache")
+        .join(edge_node::sync::KNOWN_ADDRESSES_FILE);
+    wait_secs(30, || async {
+        std::fs::read_to_string(&known).is_ok_and(|t| t.contains("\"127.0.0.1\""))
+    })
+    .await;
 
     let good_quic = good.sync.unwrap();
     let link_as = |ca: &std::path::Path, name: &str, certs_dir: &std::path::Path| {

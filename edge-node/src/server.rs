@@ -20,6 +20,7 @@ use crate::shadow::{ShadowService, ShadowTable};
 use crate::storage::{FillLock, FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
+    KNOWN_ADDRESSES_FILE,
 };
 
 /// Why an edge could not start.
@@ -294,7 +295,8 @@ impl EdgeNode {
             };
             server.add_service(background_service(
                 "quic",
-                SyncService::new(socket, identity.endpoint_config(), server_cfg, parts),
+                SyncService::new(socket, identity.endpoint_config(), server_cfg, parts)
+                    .remembering_addresses_in(cfg.cache.dir.join(KNOWN_ADDRESSES_FILE)),
             ));
             let pool = Arc::new(PeerPool::new(identity));
             peer_pool = Some(pool.clone());

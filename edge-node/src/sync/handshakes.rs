@@ -13,13 +13,18 @@
 //! whose certificate was revoked keeps those slots for a few rounds at most whether refused or
 //! stalling, while one slow handshake (an edge busy with a flood) does not demote the broker.
 //! When more addresses are known than are kept, the source with the most loses its oldest: one
-//! host with many addresses cannot push the broker out. They are remembered in memory: after
-//! the edge restarts, the fleet's first handshakes are held to the caps of strangers.
+//! host with many addresses cannot push the broker out. The known addresses are saved in the
+//! cache directory ([`KNOWN_ADDRESSES_FILE`]) when they change, at most every
+//! [`SAVE_EVERY`], and at shutdown, so the fleet keeps its slots through an edge restart (a
+//! flood that starts with the restart does not lock the broker out).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
+use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 /// Handshakes in progress at once. A cluster's broker and peers connect once and stay
 /// connected, far below this.
@@ -37,6 +42,17 @@ const KNOWN_ADDRESSES: usize = 1024;
 /// Failed handshakes in a row (not certificate refusals) after which a known address is a
 /// stranger again.
 pub const KNOWN_FAILURES: u8 = 3;
+/// The file in the edge's cache directory that keeps the known addresses across restarts.
+pub const KNOWN_ADDRESSES_FILE: &str = "quic-known-addresses.json";
+/// How often changed known addresses are saved.
+pub const SAVE_EVERY: Duration = Duration::from_secs(10);
+
+/// The saved form: each known address and when (Unix seconds) it last completed a handshake.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Saved {
+    known: BTreeMap<IpAddr, u64>,
+}
 
 /// An address that completed a handshake with a cluster certificate.
 #[derive(Debug, Clone, Copy)]
@@ -59,6 +75,8 @@ struct Taken {
     by_address: HashMap<IpAddr, usize>,
     /// Addresses that completed a handshake.
     known: HashMap<IpAddr, Known>,
+    /// `known` changed since it was last saved.
+    changed: bool,
 }
 
 impl Taken {
@@ -99,6 +117,61 @@ pub struct Slot {
 }
 
 impl HandshakeSlots {
+    /// Slots that know the addresses saved at `path` ([`Self::save`]) whose last handshake
+    /// is younger than [`KNOWN_FOR`]; none when there is no file, and none, with a warning,
+    /// when it cannot be read (the fleet's next handshakes make them known again).
+    pub fn remembered(path: &Path) -> Self {
+        let slots = HandshakeSlots::default();
+        let saved: Saved = match crate::durable::read_json(path) {
+            Ok(saved) => saved.unwrap_or_default(),
+            Err(e) => {
+                tracing::warn!(error = %e, "known QUIC addresses not read: the fleet's next handshakes are held to the caps of strangers");
+                return slots;
+            }
+        };
+        let (now, unix) = (Instant::now(), unix_now());
+        let mut t = slots.0.lock();
+        for (addr, at) in saved.known {
+            let age = Duration::from_secs(unix.saturating_sub(at));
+            if let Some(at) = now.checked_sub(age).filter(|_| age < KNOWN_FOR) {
+                t.known.insert(addr, Known { at, failures: 0 });
+            }
+        }
+        drop(t);
+        slots
+    }
+
+    /// Write the known addresses to `path` if they changed since the last save; whether it
+    /// wrote. Blocking (a synced file): call it off the async workers.
+    pub fn save(&self, path: &Path) -> std::io::Result<bool> {
+        let saved = {
+            let mut t = self.0.lock();
+            if !std::mem::take(&mut t.changed) {
+                return Ok(false);
+            }
+            let (now, unix) = (Instant::now(), unix_now());
+            let known = t
+                .known
+                .iter()
+                .map(|(a, k)| {
+                    (
+                        *a,
+                        unix.saturating_sub(now.saturating_duration_since(k.at).as_secs()),
+                    )
+                })
+                .collect();
+            Saved { known }
+        };
+        let written = serde_json::to_vec(&saved)
+            .map_err(std::io::Error::other)
+            .and_then(|bytes| crate::durable::write_atomic(path, &bytes));
+        if written.is_err() {
+            // Tried again at the next save.
+            self.0.lock().changed = true;
+        }
+        written.map(|()| true)
+    }
+
     /// A slot for a handshake from `from`, unless the endpoint or its source (for an address
     /// known to the fleet: the address itself) is at its limit.
     pub fn admit(&self, from: IpAddr) -> Option<Slot> {
@@ -147,12 +220,16 @@ impl Slot {
                 t.known.remove(&a);
             }
         }
+        t.changed = true;
     }
 
     /// The handshake was refused over its certificate (foreign, expired, revoked): the
     /// address is a stranger again, however recently it was the fleet's.
     pub fn refused(&self) {
-        self.slots.0.lock().known.remove(&self.from);
+        let mut t = self.slots.0.lock();
+        if t.known.remove(&self.from).is_some() {
+            t.changed = true;
+        }
     }
 
     /// The handshake failed otherwise (timed out, abandoned) or its peer may open no more
@@ -166,8 +243,15 @@ impl Slot {
         k.failures = k.failures.saturating_add(1);
         if k.failures >= KNOWN_FAILURES {
             t.known.remove(&self.from);
+            t.changed = true;
         }
     }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// The known address to forget for room: the oldest of the source ([`source_of`]) with the
@@ -289,6 +373,56 @@ mod tests {
                 .insert(stale, Known { at, failures: 0 });
             assert!(slots.admit(stale).is_none(), "the stranger slots are full");
         }
+    }
+
+    /// Known addresses outlive a restart: saved when they change, read back with their age,
+    /// those past [`KNOWN_FOR`] and those demoted since left out.
+    #[test]
+    fn known_addresses_are_kept_across_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(KNOWN_ADDRESSES_FILE);
+        let slots = HandshakeSlots::remembered(&path);
+        assert!(!slots.save(&path).unwrap(), "nothing changed");
+        let (broker, peer, revoked): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "2001:db8::2".parse().unwrap(),
+            "192.0.2.3".parse().unwrap(),
+        );
+        for a in [broker, peer, revoked] {
+            slots.admit(a).unwrap().authenticated();
+        }
+        slots.admit(revoked).unwrap().refused();
+        assert!(slots.save(&path).unwrap());
+        assert!(!slots.save(&path).unwrap(), "saved once per change");
+        // Written an hour ago, and one address known two days before that.
+        let text = std::fs::read_to_string(&path).unwrap();
+        let mut saved: Saved = serde_json::from_str(&text).unwrap();
+        for at in saved.known.values_mut() {
+            *at -= 3600;
+        }
+        saved
+            .known
+            .insert("192.0.2.4".parse().unwrap(), unix_now() - 2 * 86_400);
+        std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
+
+        let restarted = HandshakeSlots::remembered(&path);
+        let t = restarted.0.lock();
+        let mut known: Vec<IpAddr> = t.known.keys().copied().collect();
+        known.sort();
+        assert_eq!(known, vec![broker, peer]);
+        let age = Instant::now().saturating_duration_since(t.known[&broker].at);
+        assert!(
+            age >= Duration::from_secs(3599) && age < Duration::from_secs(3700),
+            "{age:?}"
+        );
+        drop(t);
+        // An unreadable file: nothing known, and the next save replaces it.
+        std::fs::write(&path, "{").unwrap();
+        let blank = HandshakeSlots::remembered(&path);
+        assert!(blank.0.lock().known.is_empty());
+        blank.admit(peer).unwrap().authenticated();
+        assert!(blank.save(&path).unwrap());
+        assert_eq!(HandshakeSlots::remembered(&path).0.lock().known.len(), 1);
     }
 
     /// One host's many addresses fill the known set; the broker's stays known.

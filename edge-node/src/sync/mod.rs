@@ -23,6 +23,7 @@ pub mod tls;
 pub mod trust;
 
 pub use bridge::{PeerBridge, PeerPool};
+pub use handshakes::KNOWN_ADDRESSES_FILE;
 pub use link::{client_endpoint, close_endpoint, ClientEndpoint, Link, LinkError, Rest};
 pub use peers::PeerDirectory;
 pub use server::{SyncParts, SyncService};

@@ -13,7 +13,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::Deserialize;
 
 use super::connections::{peer_name, PeerConnections};
-use super::handshakes::{HandshakeSlots, Slot, HANDSHAKE_TIMEOUT};
+use super::handshakes::{HandshakeSlots, Slot, HANDSHAKE_TIMEOUT, SAVE_EVERY};
 use super::protocol::{
     read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, LiveShadow, Reply, Request,
     StatsReport, MAX_FRAME, VERSION,
@@ -191,6 +191,9 @@ pub struct SyncService {
     endpoint: quinn::EndpointConfig,
     config: quinn::ServerConfig,
     handler: Arc<Handler>,
+    /// Where the addresses known to the fleet are kept across restarts
+    /// ([`super::handshakes`]); `None`: in memory only.
+    known_addresses: Option<std::path::PathBuf>,
 }
 
 impl SyncService {
@@ -224,7 +227,14 @@ impl SyncService {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(1, |d| d.as_nanos() as u64),
             }),
+            known_addresses: None,
         }
+    }
+
+    /// Keep the addresses known to the fleet in `path` across restarts.
+    pub fn remembering_addresses_in(mut self, path: std::path::PathBuf) -> Self {
+        self.known_addresses = Some(path);
+        self
     }
 }
 
@@ -246,10 +256,26 @@ impl BackgroundService for SyncService {
                 return;
             }
         };
-        let handshakes = HandshakeSlots::default();
+        let handshakes = self
+            .known_addresses
+            .as_deref()
+            .map_or_else(HandshakeSlots::default, HandshakeSlots::remembered);
+        let save = |handshakes: &HandshakeSlots| {
+            let (slots, path) = (handshakes.clone(), self.known_addresses.clone());
+            async move {
+                let Some(path) = path else { return };
+                let saved = tokio::task::spawn_blocking(move || slots.save(&path)).await;
+                if let Ok(Err(e)) = saved {
+                    tracing::warn!(error = %e, "known QUIC addresses not saved");
+                }
+            }
+        };
+        let mut save_tick = tokio::time::interval(SAVE_EVERY);
+        save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let connections = PeerConnections::default();
         loop {
             tokio::select! {
+                _ = save_tick.tick() => save(&handshakes).await,
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     // A handshake costs this thread TLS work before the client proves
@@ -283,6 +309,7 @@ impl BackgroundService for SyncService {
         }
         endpoint.close(0u32.into(), b"shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        save(&handshakes).await;
     }
 }
 
