@@ -201,20 +201,24 @@ impl EdgeSync {
     /// certificate is revoked is left out: no hint or shadow names it as a source, and its
     /// peers need not keep its address.
     async fn push_peers(&self) {
-        let rows: Vec<_> = self
+        let reachable: Vec<_> = self
             .fleet
             .edges
             .iter()
             .enumerate()
-            .filter(|(i, _)| !self.control.as_ref().is_some_and(|c| c.revoked(*i)))
-            .filter_map(|(i, e)| {
-                let addr = self.fleet.addresses.get(i).sync?;
-                Some(json!({ "id": e.id, "addr": addr }))
-            })
+            .filter_map(|(i, e)| Some((i, e, self.fleet.addresses.get(i).sync?)))
             .collect();
-        if !rows.is_empty() {
-            self.push_all("peers", &json!({ "peers": rows })).await;
+        // A fleet without QUIC has no peers to announce; one whose every peer is revoked
+        // announces none, so the edges drop the ones they were given.
+        if reachable.is_empty() {
+            return;
         }
+        let rows: Vec<_> = reachable
+            .into_iter()
+            .filter(|(i, _, _)| !self.control.as_ref().is_some_and(|c| c.revoked(*i)))
+            .map(|(_, e, addr)| json!({ "id": e.id, "addr": addr }))
+            .collect();
+        self.push_all("peers", &json!({ "peers": rows })).await;
     }
 
     /// `http://<admin>/<path>` on edge `edge`: at the address its probes use (a name with

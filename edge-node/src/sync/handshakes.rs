@@ -14,9 +14,10 @@
 //! stalling, while one slow handshake (an edge busy with a flood) does not demote the broker.
 //! When more addresses are known than are kept, the source with the most loses its oldest: one
 //! host with many addresses cannot push the broker out. The known addresses are saved in the
-//! cache directory ([`KNOWN_ADDRESSES_FILE`]) when they change, at most every
-//! [`SAVE_EVERY`], and at shutdown, so the fleet keeps its slots through an edge restart (a
-//! flood that starts with the restart does not lock the broker out).
+//! cache directory ([`KNOWN_ADDRESSES_FILE`]) when one is added, dropped or renewed by
+//! [`RESAVE_AFTER`], at most every [`SAVE_EVERY`], and at shutdown, so the fleet keeps its
+//! slots through an edge restart (a flood that starts with the restart does not lock the
+//! broker out).
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
@@ -57,11 +58,20 @@ struct Saved {
 /// An address that completed a handshake with a cluster certificate.
 #[derive(Debug, Clone, Copy)]
 struct Known {
-    /// When it last did.
-    at: Instant,
+    /// Until when it is known: [`KNOWN_FOR`] after its last handshake. A deadline rather than
+    /// the handshake's time, because an `Instant` cannot go back before the host's boot and
+    /// a saved handshake may be older than that.
+    until: Instant,
     /// Its handshakes that failed since.
     failures: u8,
 }
+
+/// Known addresses are saved again when one is added or renewed by this much: not on every
+/// reconnect of the fleet.
+const RESAVE_AFTER: Duration = Duration::from_secs(3600);
+/// A saved handshake time this far ahead of the clock is not believed (a clock set wrong, or
+/// a forged entry that would otherwise be renewed at every start).
+const FUTURE_SLACK: u64 = 300;
 /// Longest a handshake may take before its slot is freed (loopback or a data centre
 /// completes one in milliseconds).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(3);
@@ -132,9 +142,13 @@ impl HandshakeSlots {
         let (now, unix) = (Instant::now(), unix_now());
         let mut t = slots.0.lock();
         for (addr, at) in saved.known {
+            if at > unix + FUTURE_SLACK {
+                continue;
+            }
             let age = Duration::from_secs(unix.saturating_sub(at));
-            if let Some(at) = now.checked_sub(age).filter(|_| age < KNOWN_FOR) {
-                t.known.insert(addr, Known { at, failures: 0 });
+            if let Some(left) = KNOWN_FOR.checked_sub(age).filter(|l| !l.is_zero()) {
+                let until = now + left;
+                t.known.insert(addr, Known { until, failures: 0 });
             }
         }
         drop(t);
@@ -153,18 +167,22 @@ impl HandshakeSlots {
             let known = t
                 .known
                 .iter()
+                .filter(|(_, k)| k.until > now)
                 .map(|(a, k)| {
-                    (
-                        *a,
-                        unix.saturating_sub(now.saturating_duration_since(k.at).as_secs()),
-                    )
+                    let age = KNOWN_FOR.saturating_sub(k.until.saturating_duration_since(now));
+                    (*a, unix.saturating_sub(age.as_secs()))
                 })
                 .collect();
             Saved { known }
         };
+        // Readable by the edge's user only: it says which addresses the fleet connects from.
+        let how = crate::durable::Replacing {
+            mode: Some(0o600),
+            installed: false,
+        };
         let written = serde_json::to_vec(&saved)
             .map_err(std::io::Error::other)
-            .and_then(|bytes| crate::durable::write_atomic(path, &bytes));
+            .and_then(|bytes| crate::durable::replace(path, &bytes, how));
         if written.is_err() {
             // Tried again at the next save.
             self.0.lock().changed = true;
@@ -178,10 +196,7 @@ impl HandshakeSlots {
         let now = Instant::now();
         let source = source_of(from);
         let mut t = self.0.lock();
-        let known = t
-            .known
-            .get(&from)
-            .is_some_and(|k| now.saturating_duration_since(k.at) < KNOWN_FOR);
+        let known = t.known.get(&from).is_some_and(|k| now < k.until);
         let full = if known {
             t.total >= MAX_HANDSHAKES
                 || t.by_address.get(&from).copied().unwrap_or(0) >= MAX_HANDSHAKES_PER_ADDRESS
@@ -206,21 +221,18 @@ impl Slot {
     /// The handshake completed with a cluster certificate: its address is the fleet's for
     /// [`KNOWN_FOR`] from now.
     pub fn authenticated(&self) {
-        let now = Instant::now();
+        let until = Instant::now() + KNOWN_FOR;
         let mut t = self.slots.0.lock();
-        t.known.insert(
-            self.from,
-            Known {
-                at: now,
-                failures: 0,
-            },
-        );
+        let before = t.known.insert(self.from, Known { until, failures: 0 });
         if t.known.len() > KNOWN_ADDRESSES {
             if let Some(a) = crowded_oldest(&t.known, self.from) {
                 t.known.remove(&a);
             }
         }
-        t.changed = true;
+        // New, or renewed by an hour or more: worth a save.
+        if before.is_none_or(|k| until.saturating_duration_since(k.until) >= RESAVE_AFTER) {
+            t.changed = true;
+        }
     }
 
     /// The handshake was refused over its certificate (foreign, expired, revoked): the
@@ -260,10 +272,10 @@ fn crowded_oldest(known: &HashMap<IpAddr, Known>, keep: IpAddr) -> Option<IpAddr
     // Per source: (addresses, its oldest address and when).
     let mut per_source: HashMap<IpAddr, (usize, IpAddr, Instant)> = HashMap::new();
     for (a, k) in known.iter().filter(|(a, _)| **a != keep) {
-        let e = per_source.entry(source_of(*a)).or_insert((0, *a, k.at));
+        let e = per_source.entry(source_of(*a)).or_insert((0, *a, k.until));
         e.0 += 1;
-        if k.at < e.2 {
-            (e.1, e.2) = (*a, k.at);
+        if k.until < e.2 {
+            (e.1, e.2) = (*a, k.until);
         }
     }
     per_source
@@ -357,7 +369,7 @@ mod tests {
         slots.0.lock().known.insert(
             peer,
             Known {
-                at: Instant::now(),
+                until: Instant::now() + KNOWN_FOR,
                 failures: 0,
             },
         );
@@ -365,14 +377,13 @@ mod tests {
         assert_eq!(more.len(), RESERVED_FOR_KNOWN - MAX_HANDSHAKES_PER_ADDRESS);
         // Known long ago is a stranger again.
         let stale: IpAddr = "192.0.2.10".parse().unwrap();
-        if let Some(at) = Instant::now().checked_sub(KNOWN_FOR + Duration::from_secs(1)) {
-            slots
-                .0
-                .lock()
-                .known
-                .insert(stale, Known { at, failures: 0 });
-            assert!(slots.admit(stale).is_none(), "the stranger slots are full");
-        }
+        let until = Instant::now();
+        slots
+            .0
+            .lock()
+            .known
+            .insert(stale, Known { until, failures: 0 });
+        assert!(slots.admit(stale).is_none(), "the stranger slots are full");
     }
 
     /// Known addresses outlive a restart: saved when they change, read back with their age,
@@ -394,6 +405,8 @@ mod tests {
         slots.admit(revoked).unwrap().refused();
         assert!(slots.save(&path).unwrap());
         assert!(!slots.save(&path).unwrap(), "saved once per change");
+        slots.admit(broker).unwrap().authenticated();
+        assert!(!slots.save(&path).unwrap(), "a reconnect renews, unsaved");
         // Written an hour ago, and one address known two days before that.
         let text = std::fs::read_to_string(&path).unwrap();
         let mut saved: Saved = serde_json::from_str(&text).unwrap();
@@ -403,6 +416,10 @@ mod tests {
         saved
             .known
             .insert("192.0.2.4".parse().unwrap(), unix_now() - 2 * 86_400);
+        // And one from a clock set ahead (or written by someone else): not believed.
+        saved
+            .known
+            .insert("192.0.2.5".parse().unwrap(), unix_now() + 3600);
         std::fs::write(&path, serde_json::to_vec(&saved).unwrap()).unwrap();
 
         let restarted = HandshakeSlots::remembered(&path);
@@ -410,7 +427,10 @@ mod tests {
         let mut known: Vec<IpAddr> = t.known.keys().copied().collect();
         known.sort();
         assert_eq!(known, vec![broker, peer]);
-        let age = Instant::now().saturating_duration_since(t.known[&broker].at);
+        let left = t.known[&broker]
+            .until
+            .saturating_duration_since(Instant::now());
+        let age = KNOWN_FOR - left;
         assert!(
             age >= Duration::from_secs(3599) && age < Duration::from_secs(3700),
             "{age:?}"

@@ -260,22 +260,28 @@ impl BackgroundService for SyncService {
             .known_addresses
             .as_deref()
             .map_or_else(HandshakeSlots::default, HandshakeSlots::remembered);
+        // Saves run on their own (a synced write must not hold up the accept loop), one at a
+        // time.
         let save = |handshakes: &HandshakeSlots| {
             let (slots, path) = (handshakes.clone(), self.known_addresses.clone());
-            async move {
+            tokio::task::spawn_blocking(move || {
                 let Some(path) = path else { return };
-                let saved = tokio::task::spawn_blocking(move || slots.save(&path)).await;
-                if let Ok(Err(e)) = saved {
+                if let Err(e) = slots.save(&path) {
                     tracing::warn!(error = %e, "known QUIC addresses not saved");
                 }
-            }
+            })
         };
+        let mut saving: Option<tokio::task::JoinHandle<()>> = None;
         let mut save_tick = tokio::time::interval(SAVE_EVERY);
         save_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let connections = PeerConnections::default();
         loop {
             tokio::select! {
-                _ = save_tick.tick() => save(&handshakes).await,
+                _ = save_tick.tick() => {
+                    if saving.as_ref().is_none_or(|s| s.is_finished()) {
+                        saving = Some(save(&handshakes));
+                    }
+                }
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
                     // A handshake costs this thread TLS work before the client proves
@@ -299,6 +305,11 @@ impl BackgroundService for SyncService {
                 _ = shutdown.changed() => break,
             }
         }
+        // Saved first: the edge's drain may end the process before this service's own does.
+        if let Some(s) = saving.take() {
+            let _ = s.await;
+        }
+        let _ = save(&handshakes).await;
         // No new connections; the open ones keep being served until the edge's in-flight
         // work (these messages and its HTTP requests) is done, then they are closed cleanly.
         endpoint.set_server_config(None);
@@ -309,7 +320,6 @@ impl BackgroundService for SyncService {
         }
         endpoint.close(0u32.into(), b"shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
-        save(&handshakes).await;
     }
 }
 
