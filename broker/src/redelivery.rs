@@ -413,15 +413,12 @@ fn targets<'a>(saved: &'a Saved, fleet: &Fleet) -> HashMap<&'a str, Vec<usize>> 
         // once may be another edge's now.
         let unmoved = to.first().is_some_and(|i| written_at(i) || resolved_at(i));
         // The address as written first: a resolution is older news.
-        let at = (!unmoved)
-            .then(|| {
-                let mut edges = 0..fleet.edges.len();
-                edges
-                    .clone()
-                    .find(written_at)
-                    .or_else(|| edges.find(resolved_at))
-            })
-            .flatten();
+        let n = fleet.edges.len();
+        let at = if unmoved {
+            None
+        } else {
+            (0..n).find(written_at).or_else(|| (0..n).find(resolved_at))
+        };
         if let Some(i) = at {
             let admin = saved.admins.get(id).map_or("", String::as_str);
             tracing::warn!(edge = %id, now = %fleet.edges[i].id, %admin,

@@ -1,8 +1,9 @@
 //! Request monitoring: the proxy hands each request's record to a bounded lock-free queue
 //! (a failed push is a counted drop, never a wait), and with co-access on each read's start
 //! too while the queue is less than half full, so its followers are shadowed before its
-//! response ends (a start not queued is counted, and its record triggers them instead); one aggregator thread drains it into the
-//! time-series store, and a snapshot thread writes the store to disk so a restart keeps history.
+//! response ends (a start not queued is counted, and its record triggers them instead); one
+//! aggregator thread drains it into the time-series store, and a snapshot thread writes the
+//! store to disk so a restart keeps history.
 //!
 //! The aggregator never waits for the store's readers (a snapshot serializing a large store,
 //! a planning tick): while they hold it, it keeps draining the queue into a buffer that it
