@@ -2929,6 +2929,16 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
         "{m}"
     );
     assert!(sample(&m, "shadowcdn_broker_coaccess_pairs", &[]).is_some_and(|n| n >= 1.0));
+    // The script offered at the fourth view was asked for by the client: scored followed.
+    assert!(
+        sample(
+            &m,
+            "shadowcdn_broker_coaccess_offers_total",
+            &["outcome=\"followed\""]
+        )
+        .is_some_and(|n| n >= 1.0),
+        "{m}"
+    );
     // The video follows the page as surely, but would not fit the budget.
     assert!(
         sample(

@@ -34,13 +34,24 @@ SUPPORT = 3.0
 FLOOR = 0.6
 RECENT = 8
 TTL = 3600
+# The calibration's counts decay six times slower than the pairs'.
+CAL_DECAY = 0.5 ** (1 / 6)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("trace", choices=["apache", "nasa"])
     ap.add_argument("--prior", nargs=2, type=float, default=(1.0, 1.0), metavar=("A", "B"))
+    ap.add_argument("--calibrate", type=float, default=0.0, metavar="K",
+                    help="model the learner's own calibration: each raw P >= 0.5 offered at a "
+                    "leader's start is scored by whether the same client asks for the follower "
+                    "within the window, per band of 0.1, and P becomes (followed + K*P) / "
+                    "(scored + K) of its band (0 = off)")
     args = ap.parse_args()
+    K = args.calibrate
+    # band -> [scored, followed], decayed with the learner's counts' calibration half-life
+    cal: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
+    pending: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
     a, b = args.prior
     tr = traces.load(args.trace)
     n = len(tr.ts)
@@ -63,6 +74,9 @@ def main() -> None:
             last_decay = ts
         while ts >= last_decay + HALF_LIFE:
             last_decay += HALF_LIFE
+            for row in cal.values():
+                row[0] *= CAL_DECAY
+                row[1] *= CAL_DECAY
             for k in [k for k, c in counts.items() if c * 0.5 < 0.5]:
                 del counts[k]
             for k in counts:
@@ -74,11 +88,25 @@ def main() -> None:
                     followers[f] *= 0.5
                 if not followers:
                     del pairs[leader]
+        # The client's earlier offers: one for this key was followed; those past the window not.
+        mine_pending = pending[client]
+        if key in mine_pending and ts - mine_pending[key][1] <= WINDOW:
+            cal[mine_pending[key][0]][1] += 1.0
+            del mine_pending[key]
+        for f in [f for f, (_, t0) in mine_pending.items() if ts - t0 > WINDOW]:
+            del mine_pending[f]
         leader = (region, key)
         seen = counts.get(leader, 0.0)
         if seen >= SUPPORT:
             for follower, t in pairs.get(leader, {}).items():
                 p = (t + a) / (seen + a + b)
+                if K and p >= 0.5:
+                    band_i = min(int(p * 10), 9)
+                    if follower not in pending[client]:
+                        cal[band_i][0] += 1.0
+                        pending[client][follower] = (band_i, ts)
+                    scored, followed = cal[band_i]
+                    p = (followed + K * p) / (scored + K)
                 if p < FLOOR:
                     continue
                 mine = by_client[client]
@@ -118,7 +146,11 @@ def main() -> None:
             q.popleft()
         counts[leader] += 1.0
 
-    print(f"{args.trace}: prior a={a:g} b={b:g}, predictions with P >= {FLOOR}")
+    print(f"{args.trace}: prior a={a:g} b={b:g}, calibration K={K:g}, predictions with P >= {FLOOR}")
+    if K:
+        for band_i in sorted(cal):
+            scored, followed = cal[band_i]
+            print(f"  band {band_i / 10:.1f}: scored {scored:.1f} (decayed), followed {followed / max(scored, 1e-9):.3f}")
     print("| P band | predictions | mean P | same client within 30 s | anyone in region within 1 h |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in ("0.6-0.7", "0.7-0.8", "0.8-1.0", "all", "held (asked in the region in the hour before)", "not held"):

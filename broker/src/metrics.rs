@@ -78,6 +78,9 @@ pub struct BrokerMetrics {
     pub anomaly_events: IntCounterVec,
     /// Co-access shadows by outcome.
     pub coaccess_shadows: IntCounterVec,
+    /// Co-access offers decided, by band of P (its lower bound) and outcome (`followed`,
+    /// `not_followed`): how well the learner's counts predict, before calibration.
+    pub coaccess_offers: IntCounterVec,
     /// Co-access pairs kept.
     pub coaccess_pairs: prometheus::IntGauge,
     /// Bytes charged to the co-access map.
@@ -319,6 +322,13 @@ impl BrokerMetrics {
                 ),
                 &["outcome"],
             )?,
+            coaccess_offers: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_coaccess_offers_total",
+                    "Followers offered at a request, by the band of their uncalibrated P and whether the same client then asked for them within the window",
+                ),
+                &["band", "outcome"],
+            )?,
             coaccess_pairs: prometheus::IntGauge::new(
                 "shadowcdn_broker_coaccess_pairs",
                 "Co-access (leader, follower) pairs kept",
@@ -382,6 +392,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.tls_cert_expiry.clone()))?;
         registry.register(Box::new(m.anomaly_events.clone()))?;
         registry.register(Box::new(m.coaccess_shadows.clone()))?;
+        registry.register(Box::new(m.coaccess_offers.clone()))?;
         registry.register(Box::new(m.coaccess_pairs.clone()))?;
         registry.register(Box::new(m.coaccess_bytes.clone()))?;
         registry.register(Box::new(m.shadow_spend.clone()))?;

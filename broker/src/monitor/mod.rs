@@ -24,6 +24,7 @@ pub use series::{host_of, Bucket, Observation, Series, SeriesStore};
 
 use crate::config::MonitorSection;
 use crate::metrics::BrokerMetrics;
+use crate::signals::calibration::BANDS;
 use crate::signals::{CoAccess, CoAccessSection, Trigger};
 
 /// Co-access learning in the aggregator, and where its triggers go.
@@ -255,6 +256,7 @@ impl Monitor {
                         metrics,
                         coaccess: coaccess.map(|f| (CoAccess::new(f.cfg), f.triggers)),
                         triggered: HashMap::new(),
+                        offers_counted: Default::default(),
                     };
                     aggregate(queue, sink, (stop, pushing), path)
                 })
@@ -319,6 +321,8 @@ struct Sink {
     /// queue is crowded, a hot page sends them once per [`TRIGGER_EVERY_SECS`], not on every
     /// request.
     triggered: HashMap<(u16, String), u64>,
+    /// The co-access offers' outcomes already counted in the metrics.
+    offers_counted: [(u64, u64); BANDS],
 }
 
 /// Seconds (of record time) between two triggers of one leader in one region: a page asked
@@ -342,6 +346,38 @@ impl Sink {
         }
     }
 
+    /// The co-access map's size and its offers' outcomes, into the metrics.
+    fn count_coaccess(&mut self) {
+        let Some((map, _)) = &self.coaccess else {
+            return;
+        };
+        self.metrics.coaccess_pairs.set(map.pairs() as i64);
+        self.metrics.coaccess_bytes.set(map.bytes() as i64);
+        for (b, (now, counted)) in map
+            .outcomes()
+            .iter()
+            .zip(self.offers_counted.iter_mut())
+            .enumerate()
+        {
+            if *now == *counted {
+                continue;
+            }
+            let band = format!("{:.1}", b as f64 / BANDS as f64);
+            for (outcome, n, was) in [
+                ("followed", now.0, &mut counted.0),
+                ("not_followed", now.1, &mut counted.1),
+            ] {
+                if n > *was {
+                    self.metrics
+                        .coaccess_offers
+                        .with_label_values(&[&band, outcome])
+                        .inc_by(n - *was);
+                    *was = n;
+                }
+            }
+        }
+    }
+
     /// Trigger the followers of a request as it starts.
     fn started(&mut self, s: &Start) {
         self.trigger(s.region, &s.key, s.client, s.ts, s.started_ms);
@@ -353,8 +389,7 @@ impl Sink {
         let Some((map, triggers)) = &mut self.coaccess else {
             return;
         };
-        let mut followers = map.followers(region, key);
-        let asked = map.drop_asked(client, started_ms, ts, &mut followers);
+        let (mut followers, asked) = map.offer(client, region, key, ts, started_ms);
         if asked > 0 {
             self.metrics
                 .coaccess_shadows
@@ -460,10 +495,7 @@ fn aggregate(queue: Arc<ArrayQueue<Event>>, mut sink: Sink, stop: StopSignal, pa
                 break;
             }
         }
-        if let Some((map, _)) = &sink.coaccess {
-            sink.metrics.coaccess_pairs.set(map.pairs() as i64);
-            sink.metrics.coaccess_bytes.set(map.bytes() as i64);
-        }
+        sink.count_coaccess();
         let mut n = 0u64;
         if !pending.is_empty() {
             let store =
@@ -588,6 +620,7 @@ mod tests {
             metrics: metrics.clone(),
             coaccess: Some((CoAccess::new(CoAccessSection::default()), tx)),
             triggered: HashMap::new(),
+            offers_counted: Default::default(),
         };
         (sink, rx)
     }

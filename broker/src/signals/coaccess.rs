@@ -2,13 +2,17 @@
 //! window counts one A→B transition in its region; `P(B follows A) = (transitions(A→B) + 1)
 //! / (requests(A) + 2)`, the rule of succession, so a few sessions do not make a certainty.
 //! A request for A then shadows its likely followers on the edge that will be
-//! asked for them, due at their typical gap. Memory is bounded by entries (clients, pairs,
+//! asked for them, due at their typical gap. Those P are then held to what the learner's own
+//! offers did ([`super::calibration`]): among thousands of pairs, the few that followed in
+//! their few trials are not as likely as their counts say. Memory is bounded by entries (clients, pairs,
 //! counts) and by the bytes of the keys they hold (keys may be 2 KiB long, and a client chooses
 //! them), and counts decay, so yesterday's page structure fades.
 
 use std::collections::{HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
+
+use super::calibration::Calibration;
 
 /// `[signals.coaccess]` settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -172,6 +176,8 @@ pub struct CoAccess {
     count_bytes: usize,
     recent_bytes: usize,
     last_decay: u64,
+    /// How the offers made came out, and the P they give.
+    calibration: Calibration,
 }
 
 impl CoAccess {
@@ -187,6 +193,7 @@ impl CoAccess {
             count_bytes: 0,
             recent_bytes: 0,
             last_decay: 0,
+            calibration: Calibration::default(),
         }
     }
 
@@ -197,7 +204,12 @@ impl CoAccess {
 
     /// Bytes charged for what is kept (keys plus [`ENTRY_BYTES`] an entry).
     pub fn bytes(&self) -> usize {
-        self.pair_bytes + self.count_bytes + self.recent_bytes
+        self.pair_bytes + self.count_bytes + self.recent_bytes + self.calibration.bytes()
+    }
+
+    /// Offers decided so far per band of P: (followed, not followed).
+    pub fn outcomes(&self) -> &[(u64, u64); super::calibration::BANDS] {
+        self.calibration.outcomes()
     }
 
     /// Learn from one request of `client` for `key` in `region` at `ts` (seconds), in the
@@ -212,6 +224,8 @@ impl CoAccess {
     /// requests ended is observed after them: paired by start, it still leads them.
     pub fn observe_started(&mut self, client: u64, region: u16, key: &str, ts: u64, started: u64) {
         self.decay(ts);
+        self.calibration
+            .observed(client, key, ts, started, self.cfg.window_secs);
         let count = self
             .counts
             .entry((region, key.to_string()))
@@ -227,6 +241,10 @@ impl CoAccess {
             self.count_bytes = self.counts.keys().map(|(_, k)| charge(k)).sum();
         }
         let new_client = !self.recent.contains_key(&client);
+        // Offers waiting for their outcome share the recent requests' quarter, and go first.
+        if self.recent_bytes + self.calibration.bytes() > self.cfg.max_bytes / 4 {
+            self.calibration.shed();
+        }
         if (self.recent.len() >= self.cfg.max_clients && new_client)
             || self.recent_bytes > self.cfg.max_bytes / 4
         {
@@ -352,6 +370,7 @@ impl CoAccess {
         let half = self.cfg.half_life_secs.max(1);
         while ts >= self.last_decay + half {
             self.last_decay += half;
+            self.calibration.decay(ts, self.cfg.window_secs);
             self.counts.retain(|_, c| {
                 *c *= 0.5;
                 *c >= 0.5
@@ -390,7 +409,7 @@ impl CoAccess {
     /// being sent while its assets are fetched).
     /// Followers asked before the leader stay: a client may ask for them again (an API call,
     /// an asset its cache does not keep). How many went.
-    pub fn drop_asked(
+    fn drop_asked(
         &self,
         client: u64,
         started: u64,
@@ -413,8 +432,51 @@ impl CoAccess {
         before - followers.len()
     }
 
-    /// The likely followers of `key` in `region`, most likely first.
+    /// The likely followers of `key` in `region`, most likely first, at their calibrated P.
     pub fn followers(&self, region: u16, key: &str) -> Vec<Follower> {
+        self.calibrate(self.candidates(region, key))
+    }
+
+    /// [`Self::followers`] of `key` requested by `client` in `region` at `ts`, its request
+    /// started at `started`, less those the client asked for since then (how many: see
+    /// [`Self::drop_asked`]). Each is an offer the learner then scores: followed if the client
+    /// asks for it within the window.
+    pub fn offer(
+        &mut self,
+        client: u64,
+        region: u16,
+        key: &str,
+        ts: u64,
+        started: u64,
+    ) -> (Vec<Follower>, usize) {
+        let mut candidates = self.candidates(region, key);
+        let asked = self.drop_asked(client, started, ts, &mut candidates);
+        for f in &candidates {
+            self.calibration.offer(
+                client,
+                &f.key,
+                f.probability,
+                ts,
+                started,
+                self.cfg.max_clients,
+            );
+        }
+        (self.calibrate(candidates), asked)
+    }
+
+    /// `candidates` at their calibrated P, those still likely enough, most likely first.
+    fn calibrate(&self, mut candidates: Vec<Follower>) -> Vec<Follower> {
+        for f in &mut candidates {
+            f.probability = self.calibration.calibrated(f.probability);
+        }
+        candidates.retain(|f| f.probability >= self.cfg.min_probability);
+        candidates.sort_by(|a, b| b.probability.total_cmp(&a.probability));
+        candidates
+    }
+
+    /// Followers of `key` in `region` whose counts put them at the minimum probability or
+    /// above, at those counts' P.
+    fn candidates(&self, region: u16, key: &str) -> Vec<Follower> {
         let n = self
             .counts
             .get(&(region, key.to_string()))
@@ -426,7 +488,7 @@ impl CoAccess {
         let Some(followers) = self.pairs.get(&(region, key.to_string())) else {
             return Vec::new();
         };
-        let mut out: Vec<Follower> = followers
+        followers
             .iter()
             .map(|(b, p)| Follower {
                 key: b.clone(),
@@ -443,9 +505,7 @@ impl CoAccess {
                 bytes: None,
             })
             .filter(|f| f.probability >= self.cfg.min_probability)
-            .collect();
-        out.sort_by(|a, b| b.probability.total_cmp(&a.probability));
-        out
+            .collect()
     }
 }
 
@@ -511,6 +571,54 @@ mod tests {
             0,
             "a client never seen"
         );
+    }
+
+    /// Leaders whose three visits each brought their script (P 0.8 by the counts) whose
+    /// offers then go unfollowed: a new leader with the same record is no longer offered.
+    #[test]
+    fn followers_are_offered_at_what_such_offers_did() {
+        let mut c = CoAccess::new(CoAccessSection {
+            max_clients: 1000,
+            max_pairs: 10_000,
+            ..CoAccessSection::default()
+        });
+        let learn = |c: &mut CoAccess, page: &str, script: &str, t: u64| {
+            for visitor in 0..3u64 {
+                let client = 1000 + t + visitor;
+                c.observe(client, 0, page, t);
+                c.observe(client, 0, script, t + 1);
+            }
+        };
+        learn(&mut c, "h/p0", "h/s0", 100);
+        let f = c.followers(0, "h/p0");
+        assert!((f[0].probability - 0.8).abs() < 1e-9, "{f:?}");
+        for i in 0..20u64 {
+            let (page, script) = (format!("h/p{i}"), format!("h/s{i}"));
+            let t = 200 + i * 10;
+            learn(&mut c, &page, &script, t);
+            // A visitor who reads the page and leaves.
+            let (offered, asked) = c.offer(7000 + i, 0, &page, t + 2, 0);
+            assert_eq!((offered.len(), asked), (1, 0));
+            c.observe(7000 + i, 0, &page, t + 2);
+        }
+        // Each visitor's next request, past the window, decides its offer.
+        for i in 0..20u64 {
+            c.observe(7000 + i, 0, "h/elsewhere", 600);
+        }
+        assert_eq!(c.outcomes()[8], (0, 20));
+        learn(&mut c, "h/new", "h/new.js", 700);
+        assert!(c.followers(0, "h/new").is_empty());
+        // Followed offers bring it back.
+        for i in 0..40u64 {
+            let t = 800 + i * 40;
+            let (offered, _) = c.offer(8, 0, "h/p0", t, 0);
+            assert!(offered.len() <= 1);
+            c.observe(8, 0, "h/p0", t);
+            c.observe(8, 0, "h/s0", t + 1);
+        }
+        let followed: u64 = c.outcomes().iter().map(|(f, _)| f).sum();
+        assert_eq!(followed, 40);
+        assert_eq!(c.followers(0, "h/p0")[0].key, "h/s0");
     }
 
     #[test]

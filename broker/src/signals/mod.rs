@@ -2,6 +2,7 @@
 //! anomalies (a series leaving its forecast band).
 
 pub mod anomaly;
+pub mod calibration;
 pub mod coaccess;
 
 use std::sync::Arc;
