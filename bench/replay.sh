@@ -131,6 +131,8 @@ allow_local_hosts = true
 [client_region]
 trust_header = true
 default = "eu"
+# The replayer names each trace client in X-Forwarded-For (a 2001:db8:: address per client).
+trusted_proxies = ["127.0.0.1/32"]
 [clock]
 speedup = $SPEEDUP
 start_unix = $FIRST

@@ -13,7 +13,13 @@ also split by whether B was asked in the region in the hour before (then likely 
 order moves nothing).
 Regions and order as the replayer (traces.py).
 
-    bench/offline/.venv/bin/python bench/offline/coaccess_calibration.py apache [--prior A B]
+With --calibrate K the model also holds P to the learner's own outcomes, as the broker does
+since session 33 (broker/src/signals/calibration.rs, K = 10 there): every follower offered at
+raw P >= 0.5 is scored by whether the same client asks for it within the window, per band of
+0.1, and P becomes (followed + K * P) / (decided + K) of its band, the band's counts fading
+by 0.5^(1/6) per hour.
+
+    bench/offline/.venv/bin/python bench/offline/coaccess_calibration.py apache [--prior A B] [--calibrate K]
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ def main() -> None:
                     "(scored + K) of its band (0 = off)")
     args = ap.parse_args()
     K = args.calibrate
-    # band -> [scored, followed], decayed with the learner's counts' calibration half-life
+    # band -> [decided, followed], decayed with the learner's counts' calibration half-life
     cal: dict[int, list[float]] = defaultdict(lambda: [0.0, 0.0])
     pending: dict[str, dict[str, tuple[int, float]]] = defaultdict(dict)
     a, b = args.prior
@@ -74,6 +80,11 @@ def main() -> None:
             last_decay = ts
         while ts >= last_decay + HALF_LIFE:
             last_decay += HALF_LIFE
+            # Offers of clients gone quiet are decided (not followed) hourly, as in the broker.
+            for offers in pending.values():
+                for f in [f for f, (_, t0) in offers.items() if ts - t0 > WINDOW]:
+                    cal[offers[f][0]][0] += 1.0
+                    del offers[f]
             for row in cal.values():
                 row[0] *= CAL_DECAY
                 row[1] *= CAL_DECAY
@@ -91,9 +102,11 @@ def main() -> None:
         # The client's earlier offers: one for this key was followed; those past the window not.
         mine_pending = pending[client]
         if key in mine_pending and ts - mine_pending[key][1] <= WINDOW:
+            cal[mine_pending[key][0]][0] += 1.0
             cal[mine_pending[key][0]][1] += 1.0
             del mine_pending[key]
         for f in [f for f, (_, t0) in mine_pending.items() if ts - t0 > WINDOW]:
+            cal[mine_pending[f][0]][0] += 1.0
             del mine_pending[f]
         leader = (region, key)
         seen = counts.get(leader, 0.0)
@@ -103,7 +116,6 @@ def main() -> None:
                 if K and p >= 0.5:
                     band_i = min(int(p * 10), 9)
                     if follower not in pending[client]:
-                        cal[band_i][0] += 1.0
                         pending[client][follower] = (band_i, ts)
                     scored, followed = cal[band_i]
                     p = (followed + K * p) / (scored + K)

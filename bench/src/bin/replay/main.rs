@@ -360,6 +360,7 @@ async fn main() -> anyhow::Result<()> {
         let (client, tally, hist, pb) = (client.clone(), tally.clone(), hist.clone(), pb.clone());
         let region = regions[usize::from(r.region)];
         let host = trace.host;
+        let who = r.client;
         tokio::spawn(async move {
             let _permit = permit;
             let t = Instant::now();
@@ -367,6 +368,7 @@ async fn main() -> anyhow::Result<()> {
                 .get(&url)
                 .header("host", host)
                 .header("x-client-region", region)
+                .header("x-forwarded-for", who.to_string())
                 .send()
                 .await;
             let (ok, hit, shadow, mut bytes) = match resp {

@@ -19,6 +19,16 @@ pub struct Request {
     pub size: u64,
     /// 0 = eu, 1 = us.
     pub region: u8,
+    /// Who asked: an address in the documentation range 2001:db8::/32 made from the
+    /// trace's client field, which the replay sends in `X-Forwarded-For`, so the broker
+    /// tells the trace's clients apart as it would real ones (co-access pairs a client's
+    /// own requests).
+    pub client: std::net::Ipv6Addr,
+}
+
+/// The address that stands for the trace's client `id`.
+fn client_addr(id: &str) -> std::net::Ipv6Addr {
+    std::net::Ipv6Addr::from((0x2001_0db8_u128 << 96) | u128::from(fnv1a64(id)))
 }
 
 /// A parsed trace.
@@ -253,6 +263,7 @@ pub fn load(dir: &Path, name: &str) -> anyhow::Result<Trace> {
             path: r.path.clone(),
             size: sizes[r.path.as_str()],
             region: (fnv1a64(&r.client) % 2) as u8,
+            client: client_addr(&r.client),
         })
         .collect();
     Ok(Trace { host, requests })
@@ -268,6 +279,7 @@ mod tests {
             path: path.into(),
             size: 2001,
             region,
+            client: client_addr("c"),
         }
     }
 
@@ -350,5 +362,8 @@ mod tests {
             ("/opendap/x.nc.dods", 57_752, "0b3a")
         );
         assert_eq!(fnv1a64(""), 0xcbf2_9ce4_8422_2325);
+        // Each client its own address, in the documentation range.
+        assert_ne!(client_addr("0b3a"), client_addr("0b3b"));
+        assert_eq!(client_addr("0b3a").segments()[..2], [0x2001, 0x0db8]);
     }
 }
