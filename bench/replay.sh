@@ -22,7 +22,8 @@
 # 1/N of the bytes); TICK_SECS=S sets the planner tick and stats poll (default 1 wall second:
 # one trace hour at 3600x; 0.25 keeps that at 14400x). BROKER_LOG / EDGE_LOG set the processes'
 # RUST_LOG (default warn; e.g. BROKER_LOG=warn,broker::cost=debug logs each settled shadow);
-# the logs stay in var/replay/run until the next run.
+# the logs stay in var/replay/run until the next run. COACCESS adds lines to the broker's
+# [signals.coaccess] (e.g. COACCESS='calibrate = false').
 #
 #   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain peer baseline lstm"] [LIMIT]
 set -euo pipefail
@@ -149,6 +150,7 @@ origin_mbit_per_sec = $(awk -v d="$DIVISOR" 'BEGIN { printf "%.12g", 100 / d }')
 client_mbit_per_sec = $(awk -v d="$DIVISOR" 'BEGIN { printf "%.12g", 250 / d }')
 [signals.coaccess]
 $coaccess
+${COACCESS:-}
 [peer_fill]
 $peer
 [control]

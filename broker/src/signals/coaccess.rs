@@ -27,6 +27,11 @@ pub struct CoAccessSection {
     /// Smallest P(B follows A) that shadows B.
     #[serde(default = "default_min_prob")]
     pub min_probability: f64,
+    /// Whether follow probabilities are held to what the learner's offers did
+    /// ([`super::calibration`]); off, they are the counts' own (the offers are still scored,
+    /// for the metrics).
+    #[serde(default = "default_true")]
+    pub calibrate: bool,
     /// Requests of A needed before its followers are trusted.
     #[serde(default = "default_support")]
     pub min_support: f64,
@@ -54,6 +59,7 @@ impl Default for CoAccessSection {
             enabled: true,
             window_secs: default_window(),
             min_probability: default_min_prob(),
+            calibrate: true,
             min_support: default_support(),
             half_life_secs: default_half_life(),
             max_pairs: default_max_pairs(),
@@ -466,8 +472,10 @@ impl CoAccess {
 
     /// `candidates` at their calibrated P, those still likely enough, most likely first.
     fn calibrate(&self, mut candidates: Vec<Follower>) -> Vec<Follower> {
-        for f in &mut candidates {
-            f.probability = self.calibration.calibrated(f.probability);
+        if self.cfg.calibrate {
+            for f in &mut candidates {
+                f.probability = self.calibration.calibrated(f.probability);
+            }
         }
         candidates.retain(|f| f.probability >= self.cfg.min_probability);
         candidates.sort_by(|a, b| b.probability.total_cmp(&a.probability));
@@ -608,6 +616,10 @@ mod tests {
         assert_eq!(c.outcomes()[8], (0, 20));
         learn(&mut c, "h/new", "h/new.js", 700);
         assert!(c.followers(0, "h/new").is_empty());
+        // Calibration off: the counts' own P.
+        c.cfg.calibrate = false;
+        assert_eq!(c.followers(0, "h/new").len(), 1);
+        c.cfg.calibrate = true;
         // Followed offers bring it back.
         for i in 0..40u64 {
             let t = 800 + i * 40;
