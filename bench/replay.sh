@@ -133,7 +133,7 @@ allow_local_hosts = true
 trust_header = true
 default = "eu"
 # The replayer names each trace client in X-Forwarded-For (a 2001:db8:: address per client).
-trusted_proxies = ["127.0.0.1/32"]
+trusted_proxies = ["127.0.0.1/32", "::1/128"]
 [clock]
 speedup = $SPEEDUP
 start_unix = $FIRST

@@ -17,7 +17,11 @@ With --calibrate K the model also holds P to the learner's own outcomes, as the 
 since session 33 (broker/src/signals/calibration.rs, K = 10 there): every follower offered at
 raw P >= 0.5 is scored by whether the same client asks for it within the window, per band of
 0.1, and P becomes (followed + K * P) / (decided + K) of its band, the band's counts fading
-by 0.5^(1/6) per hour.
+by 0.5^(1/6) per hour. The model decides an offer at the client's next request past the
+window (or hourly) where the broker decides it twice the window after the offer, and it leaves
+out the broker's limits on offers waiting (16 per client, a byte budget: past them offers are
+not scored) and the offers of leaders whose start was not queued (not scored); none of these
+change which offers come true.
 
     bench/offline/.venv/bin/python bench/offline/coaccess_calibration.py apache [--prior A B] [--calibrate K]
 """

@@ -339,10 +339,14 @@ impl Sink {
         let Some((map, _)) = &mut self.coaccess else {
             return;
         };
+        // A request whose start was not queued follows its offers as it ends.
+        if !r.announced {
+            map.asked(r.client, &r.key, r.ts, r.started_ms);
+        }
         // Cache keys, not resources: a follower must be shadowed under the key it is asked by.
         map.observe_started(r.client, r.region, &r.key, r.ts, r.started_ms);
         if !r.announced {
-            self.trigger(r.region, &r.key, r.client, r.ts, r.started_ms);
+            self.trigger(r.region, &r.key, r.client, r.ts, r.started_ms, false);
         }
     }
 
@@ -378,18 +382,30 @@ impl Sink {
         }
     }
 
-    /// Trigger the followers of a request as it starts.
+    /// A request as it starts: it follows the offers of it, and triggers its own followers.
     fn started(&mut self, s: &Start) {
-        self.trigger(s.region, &s.key, s.client, s.ts, s.started_ms);
+        if let Some((map, _)) = &mut self.coaccess {
+            map.asked(s.client, &s.key, s.ts, s.started_ms);
+        }
+        self.trigger(s.region, &s.key, s.client, s.ts, s.started_ms, true);
     }
 
     /// Send `key`'s likely followers in `region` to the co-access service, less those
-    /// `client` asked for since the leader started.
-    fn trigger(&mut self, region: u16, key: &str, client: u64, ts: u64, started_ms: u64) {
+    /// `client` asked for since the leader started; `at_start` if it is starting now (then
+    /// its offers are scored, [`CoAccess::offer`]).
+    fn trigger(
+        &mut self,
+        region: u16,
+        key: &str,
+        client: u64,
+        ts: u64,
+        started_ms: u64,
+        at_start: bool,
+    ) {
         let Some((map, triggers)) = &mut self.coaccess else {
             return;
         };
-        let (mut followers, asked) = map.offer(client, region, key, ts, started_ms);
+        let (mut followers, asked) = map.offer(client, region, key, ts, started_ms, at_start);
         if asked > 0 {
             self.metrics
                 .coaccess_shadows
@@ -745,6 +761,35 @@ mod tests {
         let t = rx.try_recv().expect("triggered at the start");
         assert_eq!(t.leader, "h/page");
         assert_eq!(t.followers[0].key, "h/app.js");
+        // Its script starts: the offer came true.
+        sink.started(&Start {
+            key: "h/app.js".into(),
+            region: 0,
+            client: 20,
+            ts: 100,
+            started_ms: 5_100,
+        });
+        while rx.try_recv().is_ok() {}
+        let followed = |sink: &Sink| {
+            let map = &sink.coaccess.as_ref().unwrap().0;
+            map.outcomes()
+                .iter()
+                .fold((0, 0), |a, o| (a.0 + o.0, a.1 + o.1))
+        };
+        assert_eq!(followed(&sink), (1, 0), "only the start's offer is scored");
+        sink.count_coaccess();
+        assert_eq!(
+            sink.metrics
+                .coaccess_offers
+                .with_label_values(&["0.9", "followed"])
+                .get()
+                + sink
+                    .metrics
+                    .coaccess_offers
+                    .with_label_values(&["0.8", "followed"])
+                    .get(),
+            1
+        );
         // Its script comes, then the page's record: neither triggers again.
         sink.coaccess(&rec("h/app.js", 20, 5_100, true));
         sink.coaccess(&rec("h/page", 20, 5_000, true));
@@ -758,6 +803,11 @@ mod tests {
             rx.try_recv().expect("triggered at the record").leader,
             "h/page"
         );
+        // Its offers are not scored: those already asked for were dropped from them.
+        sink.coaccess(&rec("h/elsewhere", 22, 9_000, false));
+        let map = &mut sink.coaccess.as_mut().unwrap().0;
+        map.asked(22, "h/x", 10_000, 0);
+        assert_eq!(followed(&sink), (1, 0));
     }
 
     #[test]

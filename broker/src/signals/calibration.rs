@@ -2,13 +2,19 @@
 //! measure gives them. The rule of succession over a leader's few requests picks, among
 //! thousands of pairs, those that happened to follow in their few trials: on the apache trace
 //! followers offered at P ≥ 0.6 were asked by the same client within the window 28% of the
-//! time (`bench/offline/coaccess_calibration.py`). So the learner scores each offer it
-//! makes — followed if the client asks for the follower within the window — in bands of the
-//! offer's P, and answers a band's observed share instead. A band starts from the P it was
-//! offered at, counted as [`PRIOR`] offers, so a fresh learner trusts its counts until its
-//! own outcomes say otherwise; the outcomes fade six times slower than the pairs' counts.
+//! time (`bench/offline/coaccess_calibration.py`). So the learner scores the offers it makes
+//! as a request starts — followed if the same client starts a request for the follower within
+//! the window — in bands of the offer's P, and answers a band's observed share instead. A band
+//! starts from the P it was offered at, counted as [`PRIOR`] offers, so a fresh learner trusts
+//! its counts until its own outcomes say otherwise; the outcomes fade six times slower than
+//! the pairs' counts.
+//!
+//! Which offers are scored must not depend on how they turn out, or the shares are biased: an
+//! offer is refused (never scored) when its client already has [`PENDING_PER_CLIENT`] waiting
+//! or the waiting offers hold their byte budget, and every offer waiting is decided, in the
+//! order offered, once it is twice the window old.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// Bands of P, a tenth wide.
 pub const BANDS: usize = 10;
@@ -16,11 +22,10 @@ pub const BANDS: usize = 10;
 const PRIOR: f64 = 10.0;
 /// What a band's outcomes keep per half-life of the pairs' counts: 0.5^(1/6).
 const DECAY: f64 = 0.890_898_718_140_339_3;
-/// Offers one client may have waiting for their outcome; past it the oldest is forgotten
-/// unscored.
+/// Offers one client may have waiting for their outcome; past it new ones are not scored.
 const PENDING_PER_CLIENT: usize = 16;
-/// What an offer is charged beside its key.
-const OFFER_BYTES: usize = 48;
+/// What an offer is charged beside its key (twice: it is also in the queue of deadlines).
+const OFFER_BYTES: usize = 64;
 
 /// The band of `p`.
 pub fn band(p: f64) -> usize {
@@ -29,17 +34,26 @@ pub fn band(p: f64) -> usize {
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Band {
-    offered: f64,
+    decided: f64,
     followed: f64,
 }
 
 #[derive(Debug)]
 struct Offer {
+    seq: u64,
     key: String,
     band: usize,
+    /// When the leader started (broker clock, seconds).
     ts: u64,
-    /// The leader's start (0: unknown): a follower that started before it did not follow it.
+    /// The leader's start on the wall (ms; 0: unknown): a request for the follower that
+    /// started before it did not follow it.
     started: u64,
+}
+
+impl Offer {
+    fn charge(&self) -> usize {
+        self.key.len() + OFFER_BYTES
+    }
 }
 
 /// Offers waiting for their outcome, and each band's outcomes.
@@ -47,8 +61,11 @@ struct Offer {
 pub struct Calibration {
     bands: [Band; BANDS],
     pending: HashMap<u64, Vec<Offer>>,
+    /// (offered at, client, seq) of every offer waiting, oldest first.
+    queue: VecDeque<(u64, u64, u64)>,
+    next_seq: u64,
     pending_bytes: usize,
-    /// Outcomes so far per band, never decayed: (followed, not followed).
+    /// Outcomes so far per band, never faded: (followed, not followed).
     outcomes: [(u64, u64); BANDS],
 }
 
@@ -56,12 +73,13 @@ impl Calibration {
     /// P(follows) for an offer the pairs' counts put at `p`.
     pub fn calibrated(&self, p: f64) -> f64 {
         let b = self.bands[band(p)];
-        ((b.followed + PRIOR * p) / (b.offered + PRIOR)).clamp(0.0, 1.0)
+        ((b.followed + PRIOR * p) / (b.decided + PRIOR)).clamp(0.0, 1.0)
     }
 
-    /// `client` is offered `key` at `p` at `ts` by a leader that started at `started`. An
-    /// unknown client (0) cannot be followed up, and a key already offered to the client and
-    /// not yet decided is one offer. At most `max_clients` clients wait for outcomes.
+    /// `client` is offered `key` at `p` by a leader that started at `ts` (broker clock) and
+    /// `started` (wall ms). Not scored: an unknown client (0), a key already offered to the
+    /// client and not yet decided, a client with [`PENDING_PER_CLIENT`] offers waiting, or
+    /// any past `max_bytes` of waiting offers.
     pub fn offer(
         &mut self,
         client: u64,
@@ -69,34 +87,79 @@ impl Calibration {
         p: f64,
         ts: u64,
         started: u64,
-        max_clients: usize,
+        max_bytes: usize,
     ) {
-        if client == 0 {
+        if client == 0 || self.pending_bytes + key.len() + OFFER_BYTES > max_bytes {
             return;
-        }
-        if self.pending.len() >= max_clients && !self.pending.contains_key(&client) {
-            self.shed();
         }
         let offers = self.pending.entry(client).or_default();
-        if offers.iter().any(|o| o.key == key) {
+        if offers.len() >= PENDING_PER_CLIENT || offers.iter().any(|o| o.key == key) {
             return;
         }
-        if offers.len() >= PENDING_PER_CLIENT {
-            let old = offers.remove(0);
-            self.pending_bytes -= old.key.len() + OFFER_BYTES;
-        }
-        offers.push(Offer {
+        let offer = Offer {
+            seq: self.next_seq,
             key: key.to_string(),
             band: band(p),
             ts,
             started,
-        });
-        self.pending_bytes += key.len() + OFFER_BYTES;
+        };
+        self.next_seq += 1;
+        self.pending_bytes += offer.charge();
+        self.queue.push_back((ts, client, offer.seq));
+        offers.push(offer);
+    }
+
+    /// `client` started a request for `key` at `ts` (broker clock; `started` on the wall, ms,
+    /// 0 if unknown): a waiting offer of it made within `window` before is followed.
+    pub fn asked(&mut self, client: u64, key: &str, ts: u64, started: u64, window: u64) {
+        let Some(offers) = self.pending.get_mut(&client) else {
+            return;
+        };
+        let Some(i) = offers.iter().position(|o| o.key == key) else {
+            return;
+        };
+        let o = &offers[i];
+        let after = started == 0 || o.started == 0 || started >= o.started;
+        if !after || ts.saturating_sub(o.ts) > window {
+            return;
+        }
+        let o = offers.swap_remove(i);
+        if offers.is_empty() {
+            self.pending.remove(&client);
+        }
+        self.pending_bytes -= o.charge();
+        self.decided(o.band, true);
+    }
+
+    /// Decide every offer made more than twice `window` before `now` as not followed: a
+    /// request that started within the window has been seen by then (as it started or,
+    /// when its start was not queued, as it ended).
+    pub fn expire(&mut self, now: u64, window: u64) {
+        while let Some(&(ts, client, seq)) = self.queue.front() {
+            if now.saturating_sub(ts) <= window.saturating_mul(2) {
+                break;
+            }
+            self.queue.pop_front();
+            let Some(offers) = self.pending.get_mut(&client) else {
+                continue;
+            };
+            let Some(i) = offers.iter().position(|o| o.seq == seq) else {
+                continue;
+            };
+            let o = offers.swap_remove(i);
+            if offers.is_empty() {
+                self.pending.remove(&client);
+            }
+            self.pending_bytes -= o.charge();
+            self.decided(o.band, false);
+        }
+        // Followed offers leave their entry in the queue until it comes up; the queue holds
+        // only deadlines of the last two windows, so it stays short.
     }
 
     /// An offer in band `b` was decided.
     fn decided(&mut self, b: usize, followed: bool) {
-        self.bands[b].offered += 1.0;
+        self.bands[b].decided += 1.0;
         if followed {
             self.bands[b].followed += 1.0;
             self.outcomes[b].0 += 1;
@@ -105,64 +168,17 @@ impl Calibration {
         }
     }
 
-    /// `client` asked for `key` at `ts` (its request started at `started`): an offer of it
-    /// within `window` before is followed; the client's offers older than that were not.
-    pub fn observed(&mut self, client: u64, key: &str, ts: u64, started: u64, window: u64) {
-        let Some(offers) = self.pending.get_mut(&client) else {
-            return;
-        };
-        let mut decided = Vec::new();
-        offers.retain(|o| {
-            let late = ts.saturating_sub(o.ts) > window;
-            let after = started == 0 || o.started == 0 || started >= o.started;
-            let followed = o.key == key && !late && after;
-            if followed || late {
-                decided.push((o.band, followed, o.key.len() + OFFER_BYTES));
-            }
-            !(followed || late)
-        });
-        if offers.is_empty() {
-            self.pending.remove(&client);
-        }
-        for (b, followed, bytes) in decided {
-            self.pending_bytes -= bytes;
-            self.decided(b, followed);
-        }
-    }
-
-    /// Score every offer older than `window` at `ts` as not followed (clients gone quiet),
-    /// and fade the bands' outcomes by one half-life of the pairs' counts.
-    pub fn decay(&mut self, ts: u64, window: u64) {
-        let mut late = Vec::new();
-        for offers in self.pending.values_mut() {
-            offers.retain(|o| {
-                let gone = ts.saturating_sub(o.ts) > window;
-                if gone {
-                    late.push((o.band, o.key.len() + OFFER_BYTES));
-                }
-                !gone
-            });
-        }
-        self.pending.retain(|_, o| !o.is_empty());
-        for (b, bytes) in late {
-            self.pending_bytes -= bytes;
-            self.decided(b, false);
-        }
+    /// Fade the bands' outcomes by one half-life of the pairs' counts.
+    pub fn decay(&mut self) {
         for b in &mut self.bands {
-            b.offered *= DECAY;
+            b.decided *= DECAY;
             b.followed *= DECAY;
         }
     }
 
-    /// Forget the offers waiting for their outcome, unscored (memory is short).
-    pub fn shed(&mut self) {
-        self.pending.clear();
-        self.pending_bytes = 0;
-    }
-
     /// Bytes charged for the offers waiting.
     pub fn bytes(&self) -> usize {
-        self.pending_bytes
+        self.pending_bytes + self.queue.len() * std::mem::size_of::<(u64, u64, u64)>()
     }
 
     /// Offers decided so far per band: (followed, not followed).
@@ -175,26 +191,29 @@ impl Calibration {
 mod tests {
     use super::*;
 
+    const BUDGET: usize = 1 << 20;
+
     #[test]
     fn a_band_answers_what_its_offers_did_once_it_has_some() {
         let mut c = Calibration::default();
         // 40 offers at 0.65, a quarter followed.
         for client in 1..=40u64 {
-            c.offer(client, "h/b", 0.65, 100, 0, 1000);
+            c.offer(client, "h/b", 0.65, 100, 0, BUDGET);
             if client % 4 == 0 {
-                c.observed(client, "h/b", 110, 0, 30);
+                c.asked(client, "h/b", 110, 0, 30);
             }
         }
         assert!(
             (c.calibrated(0.65) - (10.0 + PRIOR * 0.65) / (10.0 + PRIOR)).abs() < 1e-12,
             "offers still undecided count for nothing"
         );
-        c.decay(200, 30);
+        c.expire(161, 30);
         assert_eq!(c.outcomes()[6], (10, 30));
-        let decayed = 40.0 * DECAY;
-        let want = (10.0 * DECAY + PRIOR * 0.65) / (decayed + PRIOR);
-        assert!((c.calibrated(0.65) - want).abs() < 1e-9);
+        assert!((c.calibrated(0.65) - (10.0 + PRIOR * 0.65) / (40.0 + PRIOR)).abs() < 1e-12);
         assert!(c.calibrated(0.65) < 0.4);
+        c.decay();
+        let want = (10.0 * DECAY + PRIOR * 0.65) / (40.0 * DECAY + PRIOR);
+        assert!((c.calibrated(0.65) - want).abs() < 1e-9);
         // Other bands are untouched.
         assert!((c.calibrated(0.85) - 0.85).abs() < 1e-12);
         assert_eq!(c.bytes(), 0);
@@ -203,41 +222,55 @@ mod tests {
     #[test]
     fn only_the_same_client_asking_within_the_window_after_the_leader_follows() {
         let mut c = Calibration::default();
-        c.offer(7, "h/b", 0.7, 100, 5_000, 1000);
-        c.offer(7, "h/b", 0.7, 101, 5_100, 1000);
+        c.offer(7, "h/b", 0.7, 100, 5_000, BUDGET);
+        c.offer(7, "h/b", 0.7, 101, 5_100, BUDGET);
         // Another client, or a request of the key that started before the leader.
-        c.observed(8, "h/b", 105, 6_000, 30);
-        c.observed(7, "h/b", 105, 4_000, 30);
+        c.asked(8, "h/b", 105, 6_000, 30);
+        c.asked(7, "h/b", 105, 4_000, 30);
         assert_eq!(c.outcomes()[7], (0, 0));
-        c.observed(7, "h/b", 106, 6_000, 30);
+        c.asked(7, "h/b", 106, 6_000, 30);
         assert_eq!(
             c.outcomes()[7],
             (1, 0),
-            "one offer of a key pending at a time"
+            "one offer of a key waits at a time"
         );
-        c.offer(7, "h/c", 0.7, 200, 0, 1000);
-        c.observed(7, "h/c", 240, 0, 30);
-        assert_eq!(c.outcomes()[7], (1, 1), "too late");
+        c.offer(7, "h/c", 0.7, 200, 0, BUDGET);
+        c.asked(7, "h/c", 240, 0, 30);
+        assert_eq!(
+            c.outcomes()[7],
+            (1, 0),
+            "too late to follow, not yet decided"
+        );
+        c.expire(261, 30);
+        assert_eq!(c.outcomes()[7], (1, 1));
+        // A key offered again once its first offer was decided is a new offer.
+        c.offer(7, "h/c", 0.7, 300, 0, BUDGET);
+        c.asked(7, "h/c", 301, 0, 30);
+        assert_eq!(c.outcomes()[7], (2, 1));
+        c.expire(10_000, 30);
         assert_eq!(c.bytes(), 0);
+        assert!(c.queue.is_empty());
     }
 
     #[test]
-    fn waiting_offers_are_bounded_and_shedding_them_scores_nothing() {
+    fn offers_past_a_limit_are_refused_whatever_they_would_have_done() {
         let mut c = Calibration::default();
         for i in 0..40u64 {
-            c.offer(1, &format!("h/{i}"), 0.55, 100, 0, 3);
+            c.offer(1, &format!("h/{i}"), 0.55, 100, 0, BUDGET);
         }
         assert_eq!(c.pending[&1].len(), PENDING_PER_CLIENT);
-        for client in 2..=4u64 {
-            c.offer(client, "h/x", 0.55, 100, 0, 3);
+        // The first sixteen wait; the rest were never offered.
+        c.asked(1, "h/39", 101, 0, 30);
+        c.asked(1, "h/0", 101, 0, 30);
+        assert_eq!(c.outcomes()[5], (1, 0));
+        // The byte budget: an offer that would pass it is refused.
+        let one = "h/x".len() + OFFER_BYTES;
+        let mut c = Calibration::default();
+        for client in 1..=10u64 {
+            c.offer(client, "h/x", 0.55, 100, 0, 3 * one);
         }
-        assert!(c.pending.len() <= 3);
-        c.shed();
-        assert_eq!(c.bytes(), 0);
-        assert_eq!(c.outcomes()[5], (0, 0));
-        assert_eq!(
-            c.bands[5].offered, 0.0,
-            "offers never decided count for nothing"
-        );
+        assert_eq!(c.pending.len(), 3);
+        c.offer(0, "h/x", 0.55, 100, 0, BUDGET);
+        assert_eq!(c.pending.len(), 3, "an unknown client is not followed up");
     }
 }

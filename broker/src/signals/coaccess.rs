@@ -47,7 +47,8 @@ pub struct CoAccessSection {
     pub max_clients: usize,
     /// Most bytes of keys held (default 256 MiB, each entry's bookkeeping counted as 64 bytes
     /// more): half for the pairs, a quarter each for the request counts and the clients' recent
-    /// requests. Past a share, its weakest tenth is forgotten (the recent requests: those out
+    /// requests, and a sixteenth more for offers waiting for their outcome (past it, new
+    /// offers are not scored). Past a share, its weakest tenth is forgotten (the recent requests: those out
     /// of the window, then all).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: usize,
@@ -101,6 +102,9 @@ const ENTRY_BYTES: usize = 64;
 fn charge(key: &str) -> usize {
     key.len() + ENTRY_BYTES
 }
+
+/// The share of `max_bytes` offers waiting for their outcome may hold (a sixteenth).
+const OFFERS_SHARE: usize = 16;
 
 /// Requests a client remembers for pairing.
 const RECENT_PER_CLIENT: usize = 8;
@@ -230,8 +234,6 @@ impl CoAccess {
     /// requests ended is observed after them: paired by start, it still leads them.
     pub fn observe_started(&mut self, client: u64, region: u16, key: &str, ts: u64, started: u64) {
         self.decay(ts);
-        self.calibration
-            .observed(client, key, ts, started, self.cfg.window_secs);
         let count = self
             .counts
             .entry((region, key.to_string()))
@@ -247,10 +249,6 @@ impl CoAccess {
             self.count_bytes = self.counts.keys().map(|(_, k)| charge(k)).sum();
         }
         let new_client = !self.recent.contains_key(&client);
-        // Offers waiting for their outcome share the recent requests' quarter, and go first.
-        if self.recent_bytes + self.calibration.bytes() > self.cfg.max_bytes / 4 {
-            self.calibration.shed();
-        }
         if (self.recent.len() >= self.cfg.max_clients && new_client)
             || self.recent_bytes > self.cfg.max_bytes / 4
         {
@@ -376,7 +374,7 @@ impl CoAccess {
         let half = self.cfg.half_life_secs.max(1);
         while ts >= self.last_decay + half {
             self.last_decay += half;
-            self.calibration.decay(ts, self.cfg.window_secs);
+            self.calibration.decay();
             self.counts.retain(|_, c| {
                 *c *= 0.5;
                 *c >= 0.5
@@ -445,8 +443,10 @@ impl CoAccess {
 
     /// [`Self::followers`] of `key` requested by `client` in `region` at `ts`, its request
     /// started at `started`, less those the client asked for since then (how many: see
-    /// [`Self::drop_asked`]). Each is an offer the learner then scores: followed if the client
-    /// asks for it within the window.
+    /// [`Self::drop_asked`]). With `score`, each is an offer the learner then scores: followed
+    /// if the client starts a request for it within the window ([`Self::asked`]). Only offers
+    /// made as the leader starts are scored: one made at its end, after its followers were
+    /// asked for and dropped, would leave out exactly the offers that came true.
     pub fn offer(
         &mut self,
         client: u64,
@@ -454,20 +454,28 @@ impl CoAccess {
         key: &str,
         ts: u64,
         started: u64,
+        score: bool,
     ) -> (Vec<Follower>, usize) {
+        let window = self.cfg.window_secs;
+        self.calibration.expire(ts, window);
         let mut candidates = self.candidates(region, key);
         let asked = self.drop_asked(client, started, ts, &mut candidates);
-        for f in &candidates {
-            self.calibration.offer(
-                client,
-                &f.key,
-                f.probability,
-                ts,
-                started,
-                self.cfg.max_clients,
-            );
+        if score {
+            for f in &candidates {
+                let budget = self.cfg.max_bytes / OFFERS_SHARE;
+                let calibration = &mut self.calibration;
+                calibration.offer(client, &f.key, f.probability, ts, started, budget);
+            }
         }
         (self.calibrate(candidates), asked)
+    }
+
+    /// `client` started a request for `key` at `ts` (broker clock; `started` on the wall,
+    /// ms): it follows the offers of it made within the window before.
+    pub fn asked(&mut self, client: u64, key: &str, ts: u64, started: u64) {
+        let window = self.cfg.window_secs;
+        self.calibration.expire(ts, window);
+        self.calibration.asked(client, key, ts, started, window);
     }
 
     /// `candidates` at their calibrated P, those still likely enough, most likely first.
@@ -592,7 +600,7 @@ mod tests {
         });
         let learn = |c: &mut CoAccess, page: &str, script: &str, t: u64| {
             for visitor in 0..3u64 {
-                let client = 1000 + t + visitor;
+                let client = 100_000 + t * 10 + visitor;
                 c.observe(client, 0, page, t);
                 c.observe(client, 0, script, t + 1);
             }
@@ -602,17 +610,15 @@ mod tests {
         assert!((f[0].probability - 0.8).abs() < 1e-9, "{f:?}");
         for i in 0..20u64 {
             let (page, script) = (format!("h/p{i}"), format!("h/s{i}"));
-            let t = 200 + i * 10;
+            let t = 200 + i;
             learn(&mut c, &page, &script, t);
             // A visitor who reads the page and leaves.
-            let (offered, asked) = c.offer(7000 + i, 0, &page, t + 2, 0);
+            let (offered, asked) = c.offer(7000 + i, 0, &page, t + 2, 0, true);
             assert_eq!((offered.len(), asked), (1, 0));
             c.observe(7000 + i, 0, &page, t + 2);
         }
-        // Each visitor's next request, past the window, decides its offer.
-        for i in 0..20u64 {
-            c.observe(7000 + i, 0, "h/elsewhere", 600);
-        }
+        // Twice the window later every offer is decided.
+        c.asked(1, "h/elsewhere", 600, 0);
         assert_eq!(c.outcomes()[8], (0, 20));
         learn(&mut c, "h/new", "h/new.js", 700);
         assert!(c.followers(0, "h/new").is_empty());
@@ -623,9 +629,10 @@ mod tests {
         // Followed offers bring it back.
         for i in 0..40u64 {
             let t = 800 + i * 40;
-            let (offered, _) = c.offer(8, 0, "h/p0", t, 0);
+            let (offered, _) = c.offer(8, 0, "h/p0", t, 0, true);
             assert!(offered.len() <= 1);
             c.observe(8, 0, "h/p0", t);
+            c.asked(8, "h/s0", t + 1, 0);
             c.observe(8, 0, "h/s0", t + 1);
         }
         let followed: u64 = c.outcomes().iter().map(|(f, _)| f).sum();
