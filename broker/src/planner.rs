@@ -497,6 +497,63 @@ pub struct PlannerState {
     swept_at_len: Mutex<usize>,
     /// What the last tick left of each edge's shadow budget (see [`Taken`]).
     taken: Mutex<Option<Taken>>,
+    /// The last forgets (purges, restarts), for placements that were in flight across one.
+    forgotten: Mutex<Forgotten>,
+}
+
+/// Forgets of live shadows lately, so that an order in flight while a purge forgot its key
+/// (the edge took the order, then the purge removed its copy) is not recorded live after the
+/// purge: the broker would then count a shadow the edge no longer has against the budget,
+/// and not order it again until its TTL ran out.
+#[derive(Debug, Default)]
+struct Forgotten {
+    /// Forgets so far.
+    generation: u64,
+    /// (generation, what) of the last [`FORGETS_KEPT`], oldest first.
+    recent: VecDeque<(u64, Forget)>,
+}
+
+/// What a forget covered.
+#[derive(Debug)]
+enum Forget {
+    /// A key, or every key under a prefix ending in `*`.
+    Target(String),
+    /// Every shadow of an edge.
+    Edge(usize),
+}
+
+/// Forgets [`Forgotten`] keeps; an order in flight across more of them is not recorded.
+const FORGETS_KEPT: usize = 4096;
+
+impl Forgotten {
+    fn note(&mut self, what: Forget) {
+        self.generation += 1;
+        if self.recent.len() >= FORGETS_KEPT {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.generation, what));
+    }
+
+    /// Whether a forget since generation `since` covered `key` on `edge`.
+    fn covers(&self, key: &str, edge: usize, since: u64) -> bool {
+        if self.generation == since {
+            return false;
+        }
+        // Forgets after `since` that are no longer kept may have covered it.
+        if self.recent.front().is_none_or(|(g, _)| *g > since + 1) {
+            return true;
+        }
+        self.recent
+            .iter()
+            .filter(|(g, _)| *g > since)
+            .any(|(_, f)| match f {
+                Forget::Target(t) => match t.strip_suffix('*') {
+                    Some(prefix) => key.starts_with(prefix),
+                    None => t == key,
+                },
+                Forget::Edge(e) => *e == edge,
+            })
+    }
 }
 
 /// Per edge, a tick's shadow budget (its safety factor applied) and the bytes its shadows
@@ -557,6 +614,8 @@ impl PlannerState {
     /// Forget the shadows of `key`, or of every key under `prefix*`, after a purge removed
     /// them from the edges, so the next tick may place them again.
     pub fn forget(&self, target: &str) {
+        let mut forgotten = self.forgotten.lock();
+        forgotten.note(Forget::Target(target.to_string()));
         let mut live = self.live.lock();
         match target.strip_suffix('*') {
             Some(prefix) => live.retain(|k, _| !k.starts_with(prefix)),
@@ -568,6 +627,8 @@ impl PlannerState {
 
     /// Forget every shadow edge `edge` held (it restarted and lost them).
     pub fn forget_edge(&self, edge: usize) {
+        let mut forgotten = self.forgotten.lock();
+        forgotten.note(Forget::Edge(edge));
         self.live.lock().retain(|_, held| {
             held.retain(|(e, _)| *e != edge);
             !held.is_empty()
@@ -619,6 +680,27 @@ impl PlannerState {
                 .map(|(e, _)| *e)
                 .collect()
         })
+    }
+
+    /// Forgets so far: taken before an order is sent, for [`Self::record_placed`].
+    pub fn generation(&self) -> u64 {
+        self.forgotten.lock().generation
+    }
+
+    /// [`Self::record`] a shadow whose order was sent when [`Self::generation`] was
+    /// `since`, unless a purge or restart forgot it meanwhile: the edge may have taken the
+    /// order before the purge removed its copy. (One that took it after holds a shadow the
+    /// broker does not count; the edge ends it at its TTL, and the next order finds it held.)
+    /// Whether it was recorded.
+    pub fn record_placed(&self, key: &str, edge: usize, ttl: Duration, since: u64) -> bool {
+        let forgotten = self.forgotten.lock();
+        if forgotten.covers(key, edge, since) {
+            return false;
+        }
+        // Recorded with the forgets locked, so none comes between the check and the record.
+        self.record(key, edge, ttl);
+        drop(forgotten);
+        true
     }
 
     /// Record a shadow the edge accepted, live for `ttl` (wall time). Expired entries are
@@ -740,9 +822,12 @@ pub async fn place_with(
     order.deadline_ms = ledger.order_id(&key, edge, order.deadline_ms);
     let id = (order.deadline_ms != 0).then_some(order.deadline_ms);
     let placed_ms = edge_node::sync::protocol::unix_ms_now();
+    let since = state.generation();
     let ok = sync.shadow(edge, order).await;
     if ok {
-        state.record(&key, edge, ttl);
+        if !state.record_placed(&key, edge, ttl, since) {
+            tracing::debug!(%key, edge, "purged while its order was in flight: not recorded live");
+        }
         ledger.record_order(&key, edge, info, signal, ttl, placed_ms, id);
     }
     ok
@@ -1052,6 +1137,7 @@ impl Planner {
                 .collect()
         };
         for e in pending {
+            let since = self.state.generation();
             let Some(shadows) = self.sync.live_shadows(e).await else {
                 continue;
             };
@@ -1059,7 +1145,10 @@ impl Planner {
             for s in &shadows {
                 // An edge's word, bounded like an order's TTL would be.
                 let ttl = Duration::from_secs(s.ttl_secs.min(MAX_ADOPTED_TTL_SECS));
-                self.state.record(&s.key, e, ttl);
+                // Listed before a purge that removed it: not live any more.
+                if !self.state.record_placed(&s.key, e, ttl, since) {
+                    continue;
+                }
                 // After a restart, a shadow the new process lists that this broker ordered
                 // since (before the restart was seen) keeps its order: the signal that placed
                 // it, which its outcome tunes.
@@ -1732,6 +1821,32 @@ mod tests {
         // A stale tick says nothing: the budget beside what the edge holds again.
         assert!(state.take_budget(1, 900, 1000, Duration::ZERO, 0));
         assert!(!state.take_budget(1, 900, 1000, Duration::ZERO, 200));
+    }
+
+    /// An order in flight while a purge forgot its key (or a restart its edge) is not
+    /// recorded live when it comes back; one for another key is.
+    #[test]
+    fn a_placement_in_flight_across_a_purge_is_not_recorded() {
+        let state = PlannerState::default();
+        let minute = Duration::from_secs(60);
+        let since = state.generation();
+        state.forget("h/page/app*");
+        assert!(!state.record_placed("h/page/app.js", 3, minute, since));
+        assert!(state.record_placed("h/page/style.css", 3, minute, since));
+        assert!(state.live_edges("h/page/app.js").is_empty());
+        let since = state.generation();
+        assert!(state.record_placed("h/page/app.js", 3, minute, since));
+        assert_eq!(state.live_edges("h/page/app.js"), vec![3]);
+        let since = state.generation();
+        state.forget_edge(1);
+        assert!(state.record_placed("h/x", 3, minute, since));
+        assert!(!state.record_placed("h/x", 1, minute, since));
+        // More forgets than are kept: whether one covered it is unknown, so it is not.
+        let since = state.generation();
+        for i in 0..=FORGETS_KEPT {
+            state.forget(&format!("h/other/{i}"));
+        }
+        assert!(!state.record_placed("h/y", 0, minute, since));
     }
 
     #[test]
