@@ -120,15 +120,9 @@ impl Calibration {
         };
         let o = &offers[i];
         let after = started == 0 || o.started == 0 || started >= o.started;
-        if !after || ts.saturating_sub(o.ts) > window {
-            return;
+        if after && ts.saturating_sub(o.ts) <= window {
+            self.settle(client, i, true);
         }
-        let o = offers.swap_remove(i);
-        if offers.is_empty() {
-            self.pending.remove(&client);
-        }
-        self.pending_bytes -= o.charge();
-        self.decided(o.band, true);
     }
 
     /// Decide every offer made more than twice `window` before `now` as not followed: a
@@ -140,21 +134,26 @@ impl Calibration {
                 break;
             }
             self.queue.pop_front();
-            let Some(offers) = self.pending.get_mut(&client) else {
-                continue;
-            };
-            let Some(i) = offers.iter().position(|o| o.seq == seq) else {
-                continue;
-            };
-            let o = offers.swap_remove(i);
-            if offers.is_empty() {
-                self.pending.remove(&client);
+            let waiting = self.pending.get(&client);
+            if let Some(i) = waiting.and_then(|w| w.iter().position(|o| o.seq == seq)) {
+                self.settle(client, i, false);
             }
-            self.pending_bytes -= o.charge();
-            self.decided(o.band, false);
         }
         // Followed offers leave their entry in the queue until it comes up; the queue holds
         // only deadlines of the last two windows, so it stays short.
+    }
+
+    /// Decide offer `i` of `client`'s waiting ones.
+    fn settle(&mut self, client: u64, i: usize, followed: bool) {
+        let Some(offers) = self.pending.get_mut(&client) else {
+            return;
+        };
+        let o = offers.swap_remove(i);
+        if offers.is_empty() {
+            self.pending.remove(&client);
+        }
+        self.pending_bytes -= o.charge();
+        self.decided(o.band, followed);
     }
 
     /// An offer in band `b` was decided.
