@@ -612,10 +612,12 @@ impl PlannerState {
     }
 
     /// Forget the shadows of `key`, or of every key under `prefix*`, after a purge removed
-    /// them from the edges, so the next tick may place them again.
-    pub fn forget(&self, target: &str) {
+    /// them from the edges, so the next tick may place them again. Returns the generation
+    /// this forget made, for an order sent right after it ([`Self::record_placed`]).
+    pub fn forget(&self, target: &str) -> u64 {
         let mut forgotten = self.forgotten.lock();
         forgotten.note(Forget::Target(target.to_string()));
+        let since = forgotten.generation;
         let mut live = self.live.lock();
         match target.strip_suffix('*') {
             Some(prefix) => live.retain(|k, _| !k.starts_with(prefix)),
@@ -623,6 +625,7 @@ impl PlannerState {
                 live.remove(target);
             }
         }
+        since
     }
 
     /// Forget every shadow edge `edge` held (it restarted and lost them).
@@ -805,7 +808,8 @@ impl PlannerState {
 }
 
 /// Send a shadow order to `edge`; once the edge accepted it, remember the shadow as live (so
-/// later ticks keep it instead of re-sending) and as ours in the cost ledger, placed by
+/// later ticks keep it instead of re-sending; not if a purge forgot its key while the order
+/// was in flight, [`PlannerState::record_placed`]) and as ours in the cost ledger, placed by
 /// `signal` (so its outcome is attributed to the provider, region, class and source, and tunes
 /// that source's threshold). Every placement — planner, modification events, co-access,
 /// anomaly widening — goes through here.

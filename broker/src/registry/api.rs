@@ -428,6 +428,8 @@ async fn approve(s: ApiState, host: String, claim: Origin) -> ApiResult {
     s.planner.forget_host(&host);
     let target = format!("{host}/*");
     let purged = s.sync.purge_everywhere(&target).await;
+    // Again after the purge: an order placed between the forget and the purge is gone too.
+    s.planner.forget(&target);
     let origin = {
         let host = host.clone();
         write_registry(&s, move |r| r.approve_claim(&host, &claim)).await?
@@ -509,7 +511,10 @@ async fn put_origin(
         within_budget(&s, CallClass::Purge, &p.id)?;
         // A previous owner's plans, should its delete have been cut short.
         s.planner.forget_host(&host);
-        s.sync.purge_everywhere(&target).await
+        let purged = s.sync.purge_everywhere(&target).await;
+        // Again after the purge: an order placed between the forget and the purge is gone too.
+        s.planner.forget(&target);
+        purged
     } else {
         Vec::new()
     };
@@ -646,6 +651,8 @@ async fn delete_host(s: ApiState, provider: String, host: String) -> ApiResult {
     // provider's content, nor get shadows planned from its history.
     let target = format!("{host}/*");
     let results = s.sync.purge_everywhere(&target).await;
+    // Again after the purge: an order placed between the forget and the purge is gone too.
+    s.planner.forget(&target);
     if let Ok(series) = forgotten.await {
         tracing::info!(%host, series, "host deleted: its request history dropped");
     }
@@ -1101,7 +1108,7 @@ async fn apply_event(
             // window without a copy); every other copy is invalidated.
             let refreshing = s.sync.refreshing(target, &refill).await;
             let purged = s.sync.purge_all_but(target, &refill).await;
-            s.planner.forget(target);
+            let since = s.planner.forget(target);
             let ttl = s
                 .registry
                 .resource_for(host, route)
@@ -1113,7 +1120,9 @@ async fn apply_event(
                 order.refresh = true;
                 let ok = s.sync.shadow(e, order).await;
                 if ok {
-                    s.planner.record(target, e, crate::clock::wall(ttl));
+                    // Not live if a purge of it came while the refresh was under way.
+                    s.planner
+                        .record_placed(target, e, crate::clock::wall(ttl), since);
                 } else {
                     not_refreshed.push(e);
                 }
