@@ -427,9 +427,7 @@ async fn approve_claim(
 async fn approve(s: ApiState, host: String, claim: Origin) -> ApiResult {
     s.planner.forget_host(&host);
     let target = format!("{host}/*");
-    let purged = s.sync.purge_everywhere(&target).await;
-    // Again after the purge: an order placed between the forget and the purge is gone too.
-    s.planner.forget(&target);
+    let purged = purge_and_forget(&s, &target).await;
     let origin = {
         let host = host.clone();
         write_registry(&s, move |r| r.approve_claim(&host, &claim)).await?
@@ -511,10 +509,7 @@ async fn put_origin(
         within_budget(&s, CallClass::Purge, &p.id)?;
         // A previous owner's plans, should its delete have been cut short.
         s.planner.forget_host(&host);
-        let purged = s.sync.purge_everywhere(&target).await;
-        // Again after the purge: an order placed between the forget and the purge is gone too.
-        s.planner.forget(&target);
-        purged
+        purge_and_forget(&s, &target).await
     } else {
         Vec::new()
     };
@@ -650,9 +645,7 @@ async fn delete_host(s: ApiState, provider: String, host: String) -> ApiResult {
     // The edges' copies go with the host: whoever registers it next must not be served this
     // provider's content, nor get shadows planned from its history.
     let target = format!("{host}/*");
-    let results = s.sync.purge_everywhere(&target).await;
-    // Again after the purge: an order placed between the forget and the purge is gone too.
-    s.planner.forget(&target);
+    let results = purge_and_forget(&s, &target).await;
     if let Ok(series) = forgotten.await {
         tracing::info!(%host, series, "host deleted: its request history dropped");
     }
@@ -789,8 +782,7 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
             (results, report)
         }
         PurgeOrder::Target(target) => {
-            let results = s.sync.purge_everywhere(&target).await;
-            s.planner.forget(&target);
+            let results = purge_and_forget(&s, &target).await;
             let report = json!({ "target": target, "edges": results });
             (results, report)
         }
@@ -801,6 +793,15 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         StatusCode::MULTI_STATUS
     };
     Ok((status, Json(report)).into_response())
+}
+
+/// Purge `target` on every edge, then forget the planner's live shadows under it: after the
+/// purge, so that an order placed while it ran is forgotten too (the edge may have taken it
+/// before the purge removed its copy).
+async fn purge_and_forget(s: &ApiState, target: &str) -> Vec<crate::sync::EdgeResult> {
+    let results = s.sync.purge_everywhere(target).await;
+    s.planner.forget(target);
+    results
 }
 
 /// The cache key of an exact path (the host's query filter applied). A key ending in `*`

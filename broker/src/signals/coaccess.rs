@@ -4,9 +4,9 @@
 //! A request for A then shadows its likely followers on the edge that will be
 //! asked for them, due at their typical gap. Those P are then held to what the learner's own
 //! offers did ([`super::calibration`]): among thousands of pairs, the few that followed in
-//! their few trials are not as likely as their counts say. Memory is bounded by entries (clients, pairs,
-//! counts) and by the bytes of the keys they hold (keys may be 2 KiB long, and a client chooses
-//! them), and counts decay, so yesterday's page structure fades.
+//! their few trials are not as likely as their counts say. Memory is bounded by entries
+//! (clients, pairs, counts) and by the bytes of the keys they hold (keys may be 2 KiB long,
+//! and a client chooses them), and counts decay, so yesterday's page structure fades.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -48,8 +48,8 @@ pub struct CoAccessSection {
     /// Most bytes of keys held (default 256 MiB, each entry's bookkeeping counted as 64 bytes
     /// more): half for the pairs, a quarter each for the request counts and the clients' recent
     /// requests, and a sixteenth more for offers waiting for their outcome (past it, new
-    /// offers are not scored). Past a share, its weakest tenth is forgotten (the recent requests: those out
-    /// of the window, then all).
+    /// offers are not scored). Past a share, its weakest tenth is forgotten (the recent
+    /// requests: those out of the window, then all).
     #[serde(default = "default_max_bytes")]
     pub max_bytes: usize,
 }
@@ -461,10 +461,10 @@ impl CoAccess {
         let mut candidates = self.candidates(region, key);
         let asked = self.drop_asked(client, started, ts, &mut candidates);
         if score {
+            let budget = self.cfg.max_bytes / OFFERS_SHARE;
             for f in &candidates {
-                let budget = self.cfg.max_bytes / OFFERS_SHARE;
-                let calibration = &mut self.calibration;
-                calibration.offer(client, &f.key, f.probability, ts, started, budget);
+                self.calibration
+                    .offer(client, &f.key, f.probability, ts, started, budget);
             }
         }
         (self.calibrate(candidates), asked)
