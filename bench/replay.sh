@@ -23,7 +23,8 @@
 # one trace hour at 3600x; 0.25 keeps that at 14400x). BROKER_LOG / EDGE_LOG set the processes'
 # RUST_LOG (default warn; e.g. BROKER_LOG=warn,broker::cost=debug logs each settled shadow);
 # the logs stay in var/replay/run until the next run. COACCESS adds lines to the broker's
-# [signals.coaccess] (e.g. COACCESS='calibrate = false').
+# [signals.coaccess] (e.g. COACCESS='calibrate = false'), PLANNER to its [planner] (e.g.
+# PLANNER='calibrate = false').
 #
 #   bench/replay.sh [TRACE=apache] [SPEEDUP=1800] ["PERCENTS"="1 5 10"] ["MODES"="plain peer baseline lstm"] [LIMIT]
 set -euo pipefail
@@ -142,6 +143,7 @@ bucket_secs = 60
 [planner]
 interval_secs = $TICK
 $planner
+${PLANNER:-}
 [cost]
 origin_egress_per_gb = $(awk -v d="$DIVISOR" 'BEGIN { print 0.09 * d }')
 inter_edge_per_gb = $(awk -v d="$DIVISOR" 'BEGIN { print 0.02 * d }')

@@ -2011,6 +2011,13 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
         d["p_any"].as_f64().unwrap() >= d["break_even"].as_f64().unwrap(),
         "{v}"
     );
+    // The forecaster's own P beside the calibrated one.
+    assert!(
+        d["p_any_forecast"]
+            .as_f64()
+            .is_some_and(|p| (0.0..=1.0).contains(&p)),
+        "{v}"
+    );
     assert_eq!(v["resource"]["priority"], 9);
     wait_until(|| c.shadowed_on(3, &key)).await;
     assert_eq!(

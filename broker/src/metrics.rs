@@ -100,6 +100,10 @@ pub struct BrokerMetrics {
     /// Series each forecaster answers under the per-series guard (`answer`: model,
     /// seasonal_naive, ewma): a baseline answers a series it has lately been clearly better on.
     pub forecaster_series: IntGaugeVec,
+    /// Forecasts scored once their horizon passed, by the forecaster that answered, the band
+    /// of its own P (lower bound) and whether a request came (`came`, `did_not`): what the
+    /// planner's calibration learns from.
+    pub forecast_outcomes: IntCounterVec,
 }
 
 impl BrokerMetrics {
@@ -379,12 +383,21 @@ impl BrokerMetrics {
                 ),
                 &["answer"],
             )?,
+            forecast_outcomes: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_forecast_outcomes_total",
+                    "Forecasts scored after their horizon, by forecaster, the band of its own \
+                     P(any request) and whether a request came",
+                ),
+                &["forecaster", "band", "outcome"],
+            )?,
         };
         registry.register(Box::new(m.planner_decisions.clone()))?;
         registry.register(Box::new(m.shadows_issued.clone()))?;
         registry.register(Box::new(m.forecaster_fallback.clone()))?;
         registry.register(Box::new(m.forecaster_events.clone()))?;
         registry.register(Box::new(m.forecaster_series.clone()))?;
+        registry.register(Box::new(m.forecast_outcomes.clone()))?;
         registry.register(Box::new(m.planner_safety.clone()))?;
         registry.register(Box::new(m.planner_tick.clone()))?;
         registry.register(Box::new(m.quic_connected.clone()))?;

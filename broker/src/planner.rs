@@ -25,6 +25,7 @@ use edge_node::drain::InflightCounter;
 use edge_node::sync::protocol::{PeerRef, ShadowOrder};
 use futures::stream::{self, StreamExt};
 use models::baseline::{Ewma, SeasonalNaive};
+use models::calibration::Calibrator;
 use models::features::{History, DEFAULT_PRIORITY};
 use models::guard::{GuardConfig, SeriesGuard};
 use models::reload::{ModelStatus, ReloadingForecaster};
@@ -117,6 +118,31 @@ fn guarded(
     (forecasts, answers)
 }
 
+/// Each forecast's P(any request) made what its forecaster's forecasts at that P came to
+/// (`models::calibration`); returns the forecasters' own P, for `explain`. `serving` names
+/// the model slot as for the guard, `name` the serving forecaster.
+fn calibrated(
+    cal: Option<&Mutex<Calibrator>>,
+    serving: u64,
+    name: &str,
+    cands: &[Candidate],
+    hs: &[History<'_>],
+    (forecasts, answers): (&mut [models::Forecast], &[usize]),
+) -> Vec<f32> {
+    let raw: Vec<f32> = forecasts.iter().map(|f| f.p_any).collect();
+    let Some(cal) = cal else {
+        return raw;
+    };
+    let mut c = cal.lock();
+    c.serving(serving);
+    for (((f, a), cand), h) in forecasts.iter_mut().zip(answers).zip(cands).zip(hs) {
+        let by = answered_by(name, *a, &cand.counts);
+        f.p_any = c.calibrate(cand.series, h, by, f.p_any);
+    }
+    c.end_tick();
+    raw
+}
+
 /// Planner settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +167,12 @@ pub struct PlannerSection {
     /// never saw, and persistence is not.
     #[serde(default = "default_true")]
     pub guard: bool,
+    /// Whether each forecaster's P(any request in the horizon) is calibrated online against
+    /// what its forecasts at that P came to (`models::calibration`) before it is thresholded
+    /// and priced. Seasonal naive on a broker younger than a week understates P (the days
+    /// before it started read as silence); EWMA's Poisson P overstates it.
+    #[serde(default = "default_true")]
+    pub calibrate: bool,
     /// Shadow bytes an edge may hold when it does not report its capacity (HTTP-only edges).
     #[serde(default = "default_budget")]
     pub budget_bytes_per_edge: u64,
@@ -175,6 +207,7 @@ impl Default for PlannerSection {
             threshold: default_threshold(),
             model: default_model(),
             guard: true,
+            calibrate: true,
             budget_bytes_per_edge: default_budget(),
             budget_share: default_budget_share(),
             min_safety: default_min_safety(),
@@ -237,8 +270,11 @@ pub struct Decision {
     /// Predicted requests in the next hour at 0.1/0.5/0.9 (for a widening: in the surging
     /// region).
     pub quantiles: [f32; 3],
-    /// P(any request in the next hour) in this decision's region.
+    /// P(any request in the next hour) in this decision's region, as calibrated (what the
+    /// forecaster's forecasts at its P came to).
     pub p_any: f32,
+    /// The forecaster's own P, before calibration (for a widening: as `p_any`).
+    pub p_any_forecast: f32,
     /// Threshold in force for this region and priority class.
     pub threshold: f32,
     /// Why the cost tuner last moved that threshold.
@@ -866,6 +902,8 @@ pub struct Planner {
     inflight: InflightCounter,
     /// Which forecaster answers each series (`[planner] guard`; `None`: always the model).
     guard: Option<Arc<Mutex<SeriesGuard>>>,
+    /// Calibration of every forecaster's P (`[planner] calibrate`; `None`: P as forecast).
+    calibration: Option<Arc<Mutex<Calibrator>>>,
 }
 
 impl Planner {
@@ -888,7 +926,11 @@ impl Planner {
                 GuardConfig::default(),
             )))
         });
+        let calibration = cfg
+            .calibrate
+            .then(|| Arc::new(Mutex::new(Calibrator::new())));
         Planner {
+            calibration,
             ledger,
             anomaly,
             cfg,
@@ -1289,6 +1331,7 @@ impl Planner {
             forecaster: surge.forecaster.to_string(),
             quantiles: surge.quantiles,
             p_any: p,
+            p_any_forecast: p,
             threshold,
             threshold_reason,
             stake,
@@ -1367,6 +1410,24 @@ impl Planner {
         }
     }
 
+    /// Forecasts scored by the calibration since the last tick, in
+    /// `shadowcdn_broker_forecast_outcomes_total`.
+    fn count_outcomes(&self) {
+        let Some(cal) = &self.calibration else {
+            return;
+        };
+        let scored = cal.lock().take_scored();
+        for ((forecaster, band), (came, not)) in scored {
+            let band = format!("{:.1}", band as f64 / models::calibration::BANDS as f64);
+            for (outcome, n) in [("came", came), ("did_not", not)] {
+                self.metrics
+                    .forecast_outcomes
+                    .with_label_values(&[&forecaster, &band, outcome])
+                    .inc_by(n);
+            }
+        }
+    }
+
     async fn tick(&self, forecaster: &Arc<ReloadingForecaster>) {
         let now = now_secs();
         self.settle(now).await;
@@ -1384,6 +1445,7 @@ impl Planner {
         // Inference is CPU work: keep it off the async workers.
         let fc = forecaster.clone();
         let guard = self.guard.clone();
+        let cal = self.calibration.clone();
         let joined = tokio::task::spawn_blocking(move || {
             let hs: Vec<History<'_>> = cands
                 .iter()
@@ -1401,11 +1463,23 @@ impl Planner {
                 fc.name().as_bytes(),
                 fc.status().loads.load(std::sync::atomic::Ordering::Relaxed),
             );
-            let forecasts = forecasts.map(|f| guarded(guard.as_deref(), serving, &cands, &hs, f));
-            (cands, forecasts, fc.name().to_string())
+            let name = fc.name().to_string();
+            let forecasts = forecasts.map(|f| {
+                let (mut f, answers) = guarded(guard.as_deref(), serving, &cands, &hs, f);
+                let raw = calibrated(
+                    cal.as_deref(),
+                    serving,
+                    &name,
+                    &cands,
+                    &hs,
+                    (&mut f, &answers),
+                );
+                (f, answers, raw)
+            });
+            (cands, forecasts, name)
         })
         .await;
-        let (cands, (forecasts, answers), name) = match joined {
+        let (cands, (forecasts, answers, raw_p), name) = match joined {
             Ok((c, Ok(f), n)) => (c, f, n),
             Ok((_, Err(e), _)) => {
                 tracing::warn!(error = %e, "planner forecast failed");
@@ -1417,6 +1491,7 @@ impl Planner {
             }
         };
         self.count_answers(&answers);
+        self.count_outcomes();
         // A snapshot for this tick's decisions; every change goes to the shared state at
         // once, so shadows that events or co-access place while the tick sends are kept.
         let live = self.state.live_now(Instant::now());
@@ -1537,6 +1612,7 @@ impl Planner {
                 forecaster: answered_by(&name, answers[v.candidate], &c.counts).to_string(),
                 quantiles: f.quantiles,
                 p_any: f.p_any,
+                p_any_forecast: raw_p[v.candidate],
                 threshold: thresholds[v.candidate].0,
                 threshold_reason: thresholds[v.candidate].1.clone(),
                 stake: bars[v.candidate].stake,
@@ -1938,6 +2014,51 @@ mod tests {
         // Off, the model answers everything.
         let (f, a) = guarded(None, 1, &cands[..1], &[], vec![fc(5.0, 1.0)]);
         assert_eq!((f[0].p50(), a), (5.0, vec![0]));
+    }
+
+    #[test]
+    fn calibration_raises_the_p_of_series_that_keep_coming_true() {
+        // Seasonal naive on a young broker says 2/7 for series asked every bucket.
+        let cands = vec![cand("h/a", 1, 5, true), cand("h/b", 1, 5, true)];
+        let cal = Mutex::new(Calibrator::new());
+        let counts = vec![1u32; 2000];
+        let said = 2.0 / 7.0;
+        let mut last = (Vec::new(), Vec::new());
+        for end in 1000..1100 {
+            let hs: Vec<History<'_>> = (0..2)
+                .map(|_| History {
+                    counts: &counts[end - 700..end],
+                    last_bucket_start: end as i64 * 900,
+                    bucket_secs: 900,
+                    priority: 5,
+                })
+                .collect();
+            let mut f = vec![fc(1.0, said), fc(1.0, said)];
+            let raw = calibrated(
+                Some(&cal),
+                1,
+                "seasonal_naive",
+                &cands,
+                &hs,
+                (&mut f, &[0, 0]),
+            );
+            last = (f, raw);
+        }
+        let (f, raw) = last;
+        assert_eq!(
+            raw,
+            vec![said, said],
+            "explain keeps the forecaster's own P"
+        );
+        // Pooled with the higher bands, still at their own P (0.35 to 0.85), it is not 1.
+        assert!(f.iter().all(|f| f.p_any > 0.8), "{f:?}");
+        // Off, P is as forecast.
+        let mut f = vec![fc(1.0, said)];
+        assert_eq!(
+            calibrated(None, 1, "lstm", &cands[..1], &[], (&mut f, &[0])),
+            vec![said]
+        );
+        assert_eq!(f[0].p_any, said);
     }
 
     #[test]

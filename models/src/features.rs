@@ -55,6 +55,17 @@ impl History<'_> {
     }
 }
 
+/// The `HORIZON` counts that followed the bucket starting at `made_after`, if `h` holds them
+/// whole: what a forecast made after that bucket is judged against.
+pub fn horizon_after<'a>(h: &History<'a>, made_after: i64) -> Option<&'a [u32]> {
+    let back = (h.last_bucket_start - made_after) / h.bucket_secs.max(1);
+    if back < HORIZON as i64 || back > h.counts.len() as i64 {
+        return None;
+    }
+    let first = h.counts.len() - back as usize;
+    Some(&h.counts[first..first + HORIZON])
+}
+
 /// Whether the model's input window, the last `WINDOW` of `counts`, holds no request: the
 /// serving wrapper answers such a window with the baseline.
 pub fn window_is_silent(counts: &[u32]) -> bool {

@@ -10,7 +10,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::features::{History, HORIZON};
+use crate::features::{horizon_after, History, HORIZON};
 
 /// How the guard judges and switches.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,15 +107,10 @@ impl SeriesGuard {
                 break;
             }
             let (_, medians) = r.pending.pop_front().expect("a front entry");
-            // The horizon's buckets, counted back from the history's last one.
-            let back = (h.last_bucket_start - made_after) / width;
-            let len = h.counts.len() as i64;
-            if back > len {
+            let Some(horizon) = horizon_after(h, made_after) else {
                 continue;
-            }
-            let last = (len - 1 - (back - HORIZON as i64)) as usize;
-            let first = (len - back) as usize;
-            let y: f64 = h.counts[first..=last].iter().map(|c| f64::from(*c)).sum();
+            };
+            let y: f64 = horizon.iter().map(|c| f64::from(*c)).sum();
             for (e, m) in r.err.iter_mut().zip(&medians) {
                 let miss = (f64::from(*m) - y).abs();
                 *e = if r.scored == 0 {

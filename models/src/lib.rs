@@ -6,10 +6,12 @@
 //! LSTM served through ONNX Runtime ([`onnx::OnnxLstm`], wrapped with hot reload and a
 //! fallback in [`reload::ReloadingForecaster`]), and the baselines [`baseline::SeasonalNaive`]
 //! and [`baseline::Ewma`]. [`guard::SeriesGuard`] lets a baseline answer a series on which it
-//! has lately been clearly better than the model. [`features`] is the pipeline shared with the
+//! has lately been clearly better than the model, and [`calibration::Calibrator`] makes each
+//! forecaster's P(any request) come true as often as it says. [`features`] is the pipeline shared with the
 //! Python training code; the contract is `models/README.md`.
 
 pub mod baseline;
+pub mod calibration;
 pub mod features;
 pub mod forecast;
 pub mod guard;
