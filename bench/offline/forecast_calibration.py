@@ -12,11 +12,15 @@ started (broker/src/planner.rs). Two baselines (models/src/baseline.rs):
 A forecast made after bucket L came true if the series had a request in buckets L+1..L+4.
 
 With --calibrate the forecasts also go, in time order, through a model of the planner's online
-calibration (models/src/calibration.rs): per forecaster, bands of P a tenth wide; a forecast is
+calibration (models/src/calibration.rs): per forecaster and kind of series (asked in the hour
+before the forecast, or quiet), bands of P a tenth wide; a forecast is
 scored once its horizon has passed; each band starts from its own P counted as 10 forecasts and
 fades by half every 96 buckets; the bands' shares are made non-decreasing by pooling adjacent
-violators (weighted), and a P is interpolated between the bands' mean P. The tables then show
-the calibrated P's bands against what came true.
+violators (weighted), and a P is interpolated between the bands' mean P (above the highest,
+on the line to (1, 1)). Both baselines' forecasts of every series are scored, as the planner
+scores every forecaster whichever answered. The tables then show the calibrated P's bands
+against what came true. (The live planner forecasts once per tick, not after every bucket:
+the replay's tick is one trace hour, so it scores a quarter of these forecasts.)
 
 Regions and order as the replayer (traces.py).
 
@@ -97,7 +101,7 @@ class Curve:
         if i == 0:
             y = ys[0] + (p - xs[0])
         elif i is None:
-            y = ys[-1] + (p - xs[-1])
+            y = ys[-1] + (p - xs[-1]) * (1 - ys[-1]) / max(1 - xs[-1], 1e-12)
         else:
             t = (p - xs[i - 1]) / max(xs[i] - xs[i - 1], 1e-12)
             y = ys[i - 1] + t * (ys[i] - ys[i - 1])
@@ -124,10 +128,12 @@ def main() -> None:
         for last in active:
             due[last].append(s)
     ewma_level: dict[tuple[str, int], tuple[int, float]] = {}
-    curves = {"seasonal_naive": Curve(), "ewma": Curve()}
-    waiting: deque[tuple[int, str, float, bool]] = deque()
-    raw = {f: [[0, 0, 0.0] for _ in range(BANDS)] for f in curves}
-    cal = {f: [[0, 0, 0.0] for _ in range(BANDS)] for f in curves}
+    names = ("seasonal_naive", "ewma")
+    kinds = [(f, asked) for f in names for asked in (True, False)]
+    curves = {k: Curve() for k in kinds}
+    waiting: deque[tuple[int, tuple[str, bool], float, bool]] = deque()
+    raw = {k: [[0, 0, 0.0] for _ in range(BANDS)] for k in kinds}
+    cal = {k: [[0, 0, 0.0] for _ in range(BANDS)] for k in kinds}
     keep = 0.5 ** (1 / HALF_LIFE)
     for last in range(n_buckets - HORIZON):
         for c in curves.values():
@@ -138,6 +144,7 @@ def main() -> None:
         for s in due.get(last, ()):
             c = series[s]
             came = any(c.get(last + j, 0) for j in range(1, HORIZON + 1))
+            asked = any(c.get(last - j, 0) for j in range(HORIZON))
             days = sum(
                 1 for k in range(1, 8)
                 if any(c.get(last + 1 - k * DAY + j, 0) for j in range(HORIZON))
@@ -148,6 +155,7 @@ def main() -> None:
             level = ALPHA * c.get(last, 0) + (1 - ALPHA) * level
             ewma_level[s] = (last, level)
             for f, p in (("seasonal_naive", days / 7), ("ewma", 1 - math.exp(-HORIZON * level))):
+                f = (f, asked)
                 row = raw[f][band(p)]
                 row[0] += 1
                 row[1] += came
@@ -161,19 +169,20 @@ def main() -> None:
                     waiting.append((last, f, p, came))
     tables = [("forecast", raw)] + ([("calibrated", cal)] if args.calibrate else [])
     print(f"{args.trace}: {len(series)} series, {n_buckets} buckets of {BUCKET} s")
-    print("| forecaster | P | band | forecasts | mean P | came true |")
-    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    print("| forecaster | last hour | P | band | forecasts | mean P | came true |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: |")
     for what, t in tables:
-        for f, rows in t.items():
+        for (f, asked), rows in t.items():
             for b, (n, came, p_sum) in enumerate(rows):
                 if n:
-                    print(f"| {f} | {what} | {b / BANDS:.1f} | {n:,} | {p_sum / n:.3f} | {came / n:.3f} |")
+                    print(f"| {f} | {'asked' if asked else 'quiet'} | {what} | {b / BANDS:.1f} | {n:,} "
+                          f"| {p_sum / n:.3f} | {came / n:.3f} |")
     for what, t in tables:
-        for f, rows in t.items():
-            n = sum(r[0] for b, r in enumerate(rows) if b >= 5)
-            came = sum(r[1] for b, r in enumerate(rows) if b >= 5)
+        for (f, asked), rows in t.items():
+            n = sum(r[0] for b, r in enumerate(rows) if b >= 6)
+            came = sum(r[1] for b, r in enumerate(rows) if b >= 6)
             share = f"{came / n:.3f}" if n else "-"
-            print(f"{f} {what}: P >= 0.5 for {n:,} forecasts, came true {share}")
+            print(f"{f} ({'asked' if asked else 'quiet'}) {what}: P >= 0.6 for {n:,} forecasts, came true {share}")
 
 
 if __name__ == "__main__":

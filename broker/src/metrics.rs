@@ -100,9 +100,10 @@ pub struct BrokerMetrics {
     /// Series each forecaster answers under the per-series guard (`answer`: model,
     /// seasonal_naive, ewma): a baseline answers a series it has lately been clearly better on.
     pub forecaster_series: IntGaugeVec,
-    /// Forecasts scored once their horizon passed, by the forecaster that answered, the band
-    /// of its own P (lower bound) and whether a request came (`came`, `did_not`): what the
-    /// planner's calibration learns from.
+    /// Forecasts scored once their horizon passed, by forecaster, whether the series was
+    /// asked in the hour before (`last_hour`: `asked`, `quiet`), the band of the forecaster's
+    /// own P (lower bound) and whether a request came (`came`, `did_not`): what the planner's
+    /// calibration learns from.
     pub forecast_outcomes: IntCounterVec,
 }
 
@@ -386,10 +387,11 @@ impl BrokerMetrics {
             forecast_outcomes: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_forecast_outcomes_total",
-                    "Forecasts scored after their horizon, by forecaster, the band of its own \
-                     P(any request) and whether a request came",
+                    "Forecasts scored after their horizon, by forecaster, whether the series \
+                     was asked in the hour before, the band of the forecaster's own P(any \
+                     request) and whether a request came",
                 ),
-                &["forecaster", "band", "outcome"],
+                &["forecaster", "last_hour", "band", "outcome"],
             )?,
         };
         registry.register(Box::new(m.planner_decisions.clone()))?;

@@ -72,7 +72,9 @@ fn last_complete_bucket(now: u64) -> u64 {
 /// which `explain` should say.
 fn answered_by<'a>(serving: &'a str, answer: usize, counts: &[u32]) -> &'a str {
     match answer {
-        0 if serving == "lstm" && models::features::window_is_silent(counts) => "seasonal_naive",
+        0 if serving == models::onnx::NAME && models::features::window_is_silent(counts) => {
+            "seasonal_naive"
+        }
         0 => serving,
         k => GUARD_ANSWERS.get(k).copied().unwrap_or(serving),
     }
@@ -87,6 +89,20 @@ fn series_id(resource: &str, region_idx: usize) -> u64 {
     xxhash_rust::xxh3::xxh3_64_with_seed(resource.as_bytes(), region_idx as u64)
 }
 
+/// Every forecaster's forecast of one series, in `GUARD_ANSWERS` order: the serving model's,
+/// then the baselines'.
+type Options = [models::Forecast; 3];
+
+/// The serving model's forecasts with the baselines' beside them.
+fn with_baselines(model: Vec<models::Forecast>, hs: &[History<'_>]) -> Vec<Options> {
+    let ewma = Ewma::default();
+    model
+        .into_iter()
+        .zip(hs)
+        .map(|(m, h)| [m, SeasonalNaive::one(h), ewma.one(h)])
+        .collect()
+}
+
 /// The forecasts the planner acts on, and which forecaster answered each (an index into
 /// `GUARD_ANSWERS`): the model's, or where the guard says so, a baseline's.
 fn guarded(
@@ -94,39 +110,40 @@ fn guarded(
     serving: u64,
     cands: &[Candidate],
     hs: &[History<'_>],
-    model: Vec<models::Forecast>,
+    options: &[Options],
 ) -> (Vec<models::Forecast>, Vec<usize>) {
     let Some(guard) = guard else {
-        let n = model.len();
-        return (model, vec![0; n]);
+        return (
+            options.iter().map(|o| o[0]).collect(),
+            vec![0; options.len()],
+        );
     };
-    let ewma = Ewma::default();
     let mut g = guard.lock();
     g.serving(serving);
-    let mut answers = Vec::with_capacity(model.len());
-    let forecasts = model
-        .into_iter()
+    let mut answers = Vec::with_capacity(options.len());
+    let forecasts = options
+        .iter()
         .zip(cands.iter().zip(hs))
-        .map(|(m, (c, h))| {
-            let options = [m, SeasonalNaive::one(h), ewma.one(h)];
-            let k = g.choose(c.series, h, &options.map(|f| f.p50()));
+        .map(|(o, (c, h))| {
+            let k = g.choose(c.series, h, &o.map(|f| f.p50()));
             answers.push(k);
-            options[k]
+            o[k]
         })
         .collect();
     g.end_tick();
     (forecasts, answers)
 }
 
-/// Each forecast's P(any request) made what its forecaster's forecasts at that P came to
-/// (`models::calibration`); returns the forecasters' own P, for `explain`. `serving` names
-/// the model slot as for the guard, `name` the serving forecaster.
+/// Each acted-on forecast's P(any request) made what its forecaster's forecasts at that P came
+/// to (`models::calibration`), every forecaster's forecast of every series being scored;
+/// returns the forecasters' own P, for `explain`. `name` is the serving forecaster, `version`
+/// the model's (its loads).
 fn calibrated(
     cal: Option<&Mutex<Calibrator>>,
-    serving: u64,
-    name: &str,
+    (name, version): (&str, u64),
     cands: &[Candidate],
     hs: &[History<'_>],
+    options: &[Options],
     (forecasts, answers): (&mut [models::Forecast], &[usize]),
 ) -> Vec<f32> {
     let raw: Vec<f32> = forecasts.iter().map(|f| f.p_any).collect();
@@ -134,12 +151,20 @@ fn calibrated(
         return raw;
     };
     let mut c = cal.lock();
-    c.serving(serving);
-    for (((f, a), cand), h) in forecasts.iter_mut().zip(answers).zip(cands).zip(hs) {
-        let by = answered_by(name, *a, &cand.counts);
-        f.p_any = c.calibrate(cand.series, h, by, f.p_any);
+    c.model_version(models::onnx::NAME, version);
+    for (i, f) in forecasts.iter_mut().enumerate() {
+        let (cand, o) = (&cands[i], &options[i]);
+        let names = [
+            answered_by(name, 0, &cand.counts),
+            GUARD_ANSWERS[1],
+            GUARD_ANSWERS[2],
+        ];
+        let each: [(&str, f32); 3] = std::array::from_fn(|k| (names[k], o[k].p_any));
+        f.p_any = c.calibrate(cand.series, &hs[i], &each, answers[i]);
     }
-    c.end_tick();
+    if let Some(h) = hs.first() {
+        c.end_tick(h.last_bucket_start, h.bucket_secs);
+    }
     raw
 }
 
@@ -273,8 +298,9 @@ pub struct Decision {
     /// P(any request in the next hour) in this decision's region, as calibrated (what the
     /// forecaster's forecasts at its P came to).
     pub p_any: f32,
-    /// The forecaster's own P, before calibration (for a widening: as `p_any`).
-    pub p_any_forecast: f32,
+    /// The forecaster's own P, before calibration (none for a widening, whose `p_any` is the
+    /// calibrated P of the series in the region widened into).
+    pub p_any_forecast: Option<f32>,
     /// Threshold in force for this region and priority class.
     pub threshold: f32,
     /// Why the cost tuner last moved that threshold.
@@ -1331,7 +1357,7 @@ impl Planner {
             forecaster: surge.forecaster.to_string(),
             quantiles: surge.quantiles,
             p_any: p,
-            p_any_forecast: p,
+            p_any_forecast: None,
             threshold,
             threshold_reason,
             stake,
@@ -1417,12 +1443,13 @@ impl Planner {
             return;
         };
         let scored = cal.lock().take_scored();
-        for ((forecaster, band), (came, not)) in scored {
+        for ((forecaster, recent, band), (came, not)) in scored {
             let band = format!("{:.1}", band as f64 / models::calibration::BANDS as f64);
+            let last_hour = if recent { "asked" } else { "quiet" };
             for (outcome, n) in [("came", came), ("did_not", not)] {
                 self.metrics
                     .forecast_outcomes
-                    .with_label_values(&[&forecaster, &band, outcome])
+                    .with_label_values(&[&forecaster, last_hour, &band, outcome])
                     .inc_by(n);
             }
         }
@@ -1458,20 +1485,19 @@ impl Planner {
                 .collect();
             let forecasts = fc.forecast(&hs);
             // Which model answered: a reload or a fall back to the baseline starts the
-            // guard's records afresh.
-            let serving = xxhash_rust::xxh3::xxh3_64_with_seed(
-                fc.name().as_bytes(),
-                fc.status().loads.load(std::sync::atomic::Ordering::Relaxed),
-            );
+            // guard's records afresh; a reload, the calibration of the model's P.
+            let loads = fc.status().loads.load(std::sync::atomic::Ordering::Relaxed);
+            let serving = xxhash_rust::xxh3::xxh3_64_with_seed(fc.name().as_bytes(), loads);
             let name = fc.name().to_string();
             let forecasts = forecasts.map(|f| {
-                let (mut f, answers) = guarded(guard.as_deref(), serving, &cands, &hs, f);
+                let options = with_baselines(f, &hs);
+                let (mut f, answers) = guarded(guard.as_deref(), serving, &cands, &hs, &options);
                 let raw = calibrated(
                     cal.as_deref(),
-                    serving,
-                    &name,
+                    (&name, loads),
                     &cands,
                     &hs,
+                    &options,
                     (&mut f, &answers),
                 );
                 (f, answers, raw)
@@ -1612,7 +1638,7 @@ impl Planner {
                 forecaster: answered_by(&name, answers[v.candidate], &c.counts).to_string(),
                 quantiles: f.quantiles,
                 p_any: f.p_any,
-                p_any_forecast: raw_p[v.candidate],
+                p_any_forecast: Some(raw_p[v.candidate]),
                 threshold: thresholds[v.candidate].0,
                 threshold_reason: thresholds[v.candidate].1.clone(),
                 stake: bars[v.candidate].stake,
@@ -1995,13 +2021,8 @@ mod tests {
                     priority: 5,
                 })
                 .collect();
-            let (f, a) = guarded(
-                Some(&guard),
-                1,
-                &cands,
-                &hs,
-                vec![fc(5.0, 1.0), fc(400.0, 1.0)],
-            );
+            let options = with_baselines(vec![fc(5.0, 1.0), fc(400.0, 1.0)], &hs);
+            let (f, a) = guarded(Some(&guard), 1, &cands, &hs, &options);
             assert_eq!(f[1].p50(), 400.0);
             answers = a;
             if answers[0] != 0 {
@@ -2012,7 +2033,7 @@ mod tests {
         assert_eq!(answers, vec![1, 0]);
         assert_eq!(answered_by("lstm", answers[0], &counts), "seasonal_naive");
         // Off, the model answers everything.
-        let (f, a) = guarded(None, 1, &cands[..1], &[], vec![fc(5.0, 1.0)]);
+        let (f, a) = guarded(None, 1, &cands[..1], &[], &[[fc(5.0, 1.0); 3]]);
         assert_eq!((f[0].p50(), a), (5.0, vec![0]));
     }
 
@@ -2033,13 +2054,15 @@ mod tests {
                     priority: 5,
                 })
                 .collect();
+            // The model is not loaded: seasonal naive serves, and EWMA is scored beside it.
+            let options = [[fc(1.0, said), fc(1.0, said), fc(1.0, 0.95)]; 2];
             let mut f = vec![fc(1.0, said), fc(1.0, said)];
             let raw = calibrated(
                 Some(&cal),
-                1,
-                "seasonal_naive",
+                ("seasonal_naive", 0),
                 &cands,
                 &hs,
+                &options,
                 (&mut f, &[0, 0]),
             );
             last = (f, raw);
@@ -2050,12 +2073,22 @@ mod tests {
             vec![said, said],
             "explain keeps the forecaster's own P"
         );
-        // Pooled with the higher bands, still at their own P (0.35 to 0.85), it is not 1.
+        // Pooled with the higher bands, still at their own P (0.35 to 0.95), it is not 1.
         assert!(f.iter().all(|f| f.p_any > 0.8), "{f:?}");
+        let scored = cal.lock().take_scored();
+        assert_eq!(scored.len(), 2, "{scored:?}");
+        assert!(scored[&("ewma".to_string(), true, 9)].0 > 0, "{scored:?}");
         // Off, P is as forecast.
         let mut f = vec![fc(1.0, said)];
         assert_eq!(
-            calibrated(None, 1, "lstm", &cands[..1], &[], (&mut f, &[0])),
+            calibrated(
+                None,
+                ("lstm", 1),
+                &cands[..1],
+                &[],
+                &[[fc(1.0, said); 3]],
+                (&mut f, &[0])
+            ),
             vec![said]
         );
         assert_eq!(f[0].p_any, said);

@@ -155,6 +155,9 @@ struct Inner {
     context: Vec<f32>,
 }
 
+/// The name the LSTM forecaster answers under (in metrics, `explain` and calibration).
+pub const NAME: &str = "lstm";
+
 /// The LSTM forecaster.
 pub struct OnnxLstm {
     inner: Mutex<Inner>,
@@ -453,7 +456,7 @@ impl OnnxLstm {
 
 impl Forecaster for OnnxLstm {
     fn name(&self) -> &str {
-        "lstm"
+        NAME
     }
 
     /// Fails the batch if any series' answer breaks the contract.

@@ -281,7 +281,7 @@ impl Forecaster for ReloadingForecaster {
         if self.status.fallback.load(Ordering::Relaxed) {
             "seasonal_naive"
         } else {
-            "lstm"
+            crate::onnx::NAME
         }
     }
 
