@@ -13,14 +13,15 @@ A forecast made after bucket L came true if the series had a request in buckets 
 
 With --calibrate the forecasts also go, in time order, through a model of the planner's online
 calibration (models/src/calibration.rs): per forecaster and kind of series (asked in the hour
-before the forecast, or quiet), bands of P a tenth wide; a forecast is
-scored once its horizon has passed; each band starts from its own P counted as 10 forecasts and
-fades by half every 96 buckets; the bands' shares are made non-decreasing by pooling adjacent
-violators (weighted), and a P is interpolated between the bands' mean P (above the highest,
-on the line to (1, 1)). Both baselines' forecasts of every series are scored, as the planner
-scores every forecaster whichever answered. The tables then show the calibrated P's bands
-against what came true. (The live planner forecasts once per tick, not after every bucket:
-the replay's tick is one trace hour, so it scores a quarter of these forecasts.)
+before the forecast, or quiet), bands of P a tenth wide; a forecast is scored once its horizon
+has passed; each band starts from its own P counted as 10 forecasts and fades by half every 96
+buckets the curve scores in (a gap counting at most 4); the bands' shares are made
+non-decreasing by pooling adjacent violators (weighted), and a P is interpolated between the
+bands' mean P (above the highest, on the line to (1, 1)). Both baselines' forecasts of every
+series are scored, as the planner scores every forecaster whichever answered. The tables then
+show the calibrated P's bands against what came true. (The live planner forecasts once per
+tick, not after every bucket: the replay's tick is one trace hour, so it scores a quarter of
+these forecasts.)
 
 Regions and order as the replayer (traces.py).
 
@@ -75,14 +76,20 @@ class Curve:
         self.n = [0.0] * BANDS
         self.p_sum = [0.0] * BANDS
         self.came = [0.0] * BANDS
+        self.clock: int | None = None
 
-    def fade(self, keep: float) -> None:
+    def advance(self, at: int) -> None:
+        """Fade by the buckets since the last one scored in, a gap counting at most HORIZON."""
+        steps = 0 if self.clock is None else min(max(at - self.clock, 0), HORIZON)
+        self.clock = at if self.clock is None else max(self.clock, at)
+        keep = 0.5 ** (steps / HALF_LIFE)
         for b in range(BANDS):
             self.n[b] *= keep
             self.p_sum[b] *= keep
             self.came[b] *= keep
 
-    def score(self, p: float, came: bool) -> None:
+    def score(self, p: float, came: bool, at: int) -> None:
+        self.advance(at)
         b = band(p)
         self.n[b] += 1
         self.p_sum[b] += p
@@ -134,13 +141,10 @@ def main() -> None:
     waiting: deque[tuple[int, tuple[str, bool], float, bool]] = deque()
     raw = {k: [[0, 0, 0.0] for _ in range(BANDS)] for k in kinds}
     cal = {k: [[0, 0, 0.0] for _ in range(BANDS)] for k in kinds}
-    keep = 0.5 ** (1 / HALF_LIFE)
     for last in range(n_buckets - HORIZON):
-        for c in curves.values():
-            c.fade(keep)
         while waiting and waiting[0][0] + HORIZON <= last:
             _, f, p, came = waiting.popleft()
-            curves[f].score(p, came)
+            curves[f].score(p, came, last)
         for s in due.get(last, ()):
             c = series[s]
             came = any(c.get(last + j, 0) for j in range(1, HORIZON + 1))

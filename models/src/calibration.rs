@@ -25,7 +25,7 @@
 //!
 //! A band starts from its own P counted as [`PRIOR`] forecasts, so a fresh calibrator answers
 //! a forecaster's own P until outcomes say otherwise; outcomes fade with a half-life of
-//! [`HALF_LIFE_BUCKETS`] buckets, so a changed workload is followed. The bands' shares are
+//! [`HALF_LIFE_BUCKETS`] buckets of scoring, so a changed workload is followed. The bands' shares are
 //! made non-decreasing in P (pooled where a higher band came true less often), and a P between
 //! two bands' mean P is interpolated, so no forecast ranks below one with a lower P.
 //!
@@ -41,7 +41,9 @@ use crate::features::{horizon_after, History, HORIZON};
 pub const BANDS: usize = 10;
 /// Forecasts at its own P a band starts from.
 const PRIOR: f64 = 10.0;
-/// Buckets over which a band's outcomes fade to half: a day of 15-minute buckets.
+/// Buckets over which a curve's outcomes fade to half: a day of 15-minute buckets. Only
+/// buckets in which the curve scores count, a gap at most a horizon's: evidence is not lost to
+/// a silence (the NASA log is silent for days between bursts), only to newer outcomes.
 const HALF_LIFE_BUCKETS: f64 = 96.0;
 
 /// The band of `p`.
@@ -67,9 +69,31 @@ struct Curve {
     /// Whether for series with a request in the last [`HORIZON`] buckets.
     recent: bool,
     bands: [Band; BANDS],
+    /// Start of the last bucket it scored in.
+    clock: Option<i64>,
 }
 
 impl Curve {
+    /// Score in the bucket starting at `at`: fade by the buckets since the last one scored
+    /// in, a gap counting at most [`HORIZON`].
+    fn advance(&mut self, at: i64, bucket_secs: i64) {
+        let steps = match self.clock {
+            Some(c) if at > c => ((at - c) / bucket_secs.max(1)).min(HORIZON as i64),
+            Some(_) => return,
+            None => 0,
+        };
+        self.clock = Some(at);
+        if steps == 0 {
+            return;
+        }
+        let keep = 0.5f64.powf(steps as f64 / HALF_LIFE_BUCKETS);
+        for b in &mut self.bands {
+            b.n *= keep;
+            b.p_sum *= keep;
+            b.came *= keep;
+        }
+    }
+
     /// Points (mean P, share come true, weight) of every band, the prior included.
     fn points(&self) -> [(f64, f64, f64); BANDS] {
         std::array::from_fn(|b| {
@@ -160,8 +184,6 @@ pub struct Calibrator {
     series: HashMap<u64, Series>,
     /// The model's version per model name (see [`Self::model_version`]).
     versions: HashMap<String, u64>,
-    /// Newest bucket start seen: the outcomes fade as it moves on.
-    latest: Option<i64>,
     /// Per curve, outcomes per band since the last [`Self::take_scored`].
     tally: Vec<[(u64, u64); BANDS]>,
 }
@@ -209,14 +231,16 @@ impl Calibrator {
             name: name.to_string(),
             recent,
             bands: [Band::default(); BANDS],
+            clock: None,
         });
         self.tally.push([(0, 0); BANDS]);
         self.curves.len() - 1
     }
 
-    /// Score forecast `(curve, p)`.
-    fn score(&mut self, (curve, p): (usize, f64), came: bool) {
+    /// Score forecast `(curve, p)` in the bucket starting at `at`, `bucket_secs` wide.
+    fn score(&mut self, (curve, p): (usize, f64), came: bool, (at, bucket_secs): (i64, i64)) {
         let b = band(p);
+        self.curves[curve].advance(at, bucket_secs);
         let band = &mut self.curves[curve].bands[b];
         band.n += 1.0;
         band.p_sum += p;
@@ -240,7 +264,6 @@ impl Calibrator {
         forecasts: &[(&str, f32)],
         answer: usize,
     ) -> f32 {
-        self.fade_to(h);
         let now_recent = recent(h);
         let mut made: Vec<(usize, f64)> = Vec::with_capacity(forecasts.len());
         for (name, p) in forecasts {
@@ -274,33 +297,11 @@ impl Calibrator {
             });
         }
         for (f, came) in due {
-            self.score(f, came);
+            self.score(f, came, (h.last_bucket_start, h.bucket_secs));
         }
         match forecasts.get(answer) {
             Some((name, p)) => self.calibrated(name, now_recent, *p),
             None => 0.0,
-        }
-    }
-
-    /// Fade every band by the buckets `h` is past the newest seen.
-    fn fade_to(&mut self, h: &History<'_>) {
-        let last = h.last_bucket_start;
-        let moved = match self.latest {
-            Some(l) if last > l => (last - l) / h.bucket_secs.max(1),
-            Some(_) => return,
-            None => 0,
-        };
-        self.latest = Some(last);
-        if moved == 0 {
-            return;
-        }
-        let keep = 0.5f64.powf(moved as f64 / HALF_LIFE_BUCKETS);
-        for c in &mut self.curves {
-            for b in &mut c.bands {
-                b.n *= keep;
-                b.p_sum *= keep;
-                b.came *= keep;
-            }
         }
     }
 
@@ -326,7 +327,7 @@ impl Calibrator {
             !s.pending.is_empty()
         });
         for f in due {
-            self.score(f, false);
+            self.score(f, false, (last_bucket_start, bucket_secs));
         }
     }
 
@@ -536,13 +537,13 @@ mod tests {
             "the baselines keep theirs"
         );
         assert!(c.series[&0].pending.iter().all(|p| p.forecasts.is_empty()));
-        // Ten days on, the outcomes kept are 2^-10 of what they were.
-        let before = c.curves[1].bands[2].n;
-        c.calibrate(99, &hist(&busy, (99 + 960) * B), &[("ewma", 0.25)], 0);
-        let after = c.curves[1].bands[2].n;
-        assert!(
-            (after / before - 2f64.powi(-10)).abs() < 1e-9,
-            "{before} {after}"
-        );
+        // Outcomes fade with the buckets scored in; a silence counts as one horizon.
+        let curve = &mut c.curves[1];
+        let before = curve.bands[2].n;
+        curve.advance(99 * B + 2 * B, B);
+        curve.advance(99 * B + 962 * B, B);
+        let after = curve.bands[2].n;
+        let expected = 0.5f64.powf(6.0 / HALF_LIFE_BUCKETS);
+        assert!((after / before - expected).abs() < 1e-9, "{before} {after}");
     }
 }
