@@ -25,9 +25,10 @@
 //!
 //! A band starts from its own P counted as [`PRIOR`] forecasts, so a fresh calibrator answers
 //! a forecaster's own P until outcomes say otherwise; outcomes fade with a half-life of
-//! [`HALF_LIFE_BUCKETS`] buckets of scoring, so a changed workload is followed. The bands' shares are
-//! made non-decreasing in P (pooled where a higher band came true less often), and a P between
-//! two bands' mean P is interpolated, so no forecast ranks below one with a lower P.
+//! [`HALF_LIFE_BUCKETS`] buckets of scoring, so a changed workload is followed. The bands'
+//! shares are made non-decreasing in P (pooled where a higher band came true less often), and
+//! a P between two bands' mean P is interpolated, so no forecast ranks below one with a lower
+//! P.
 //!
 //! An outcome is judged on the horizon's whole buckets, the target the model was trained on;
 //! a forecast is made up to one planning tick into the first of them, so the calibrated P is
