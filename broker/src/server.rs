@@ -205,7 +205,6 @@ impl Broker {
                 control.clone(),
             )
             .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
-            .holding_stale_tables(health.clone())
             .redelivering(Arc::new(
                 Redelivery::open(
                     cfg.data_dir.join("pending-purges.json"),

@@ -24,7 +24,7 @@ use crate::metrics::BrokerMetrics;
 use crate::redelivery::{PendingPurge, Redelivery, Ticket};
 use crate::refreshes::RecentRefreshes;
 use crate::registry::Registry;
-use crate::routing::{Fleet, Health};
+use crate::routing::Fleet;
 use edge_node::drain::{InflightCounter, InflightGuard};
 
 /// Most shadows one edge's listing may return (far beyond any edge's shadow budget).
@@ -68,8 +68,6 @@ pub struct EdgeSync {
     rejected: parking_lot::Mutex<std::collections::HashMap<String, Vec<String>>>,
     /// Purges edges missed, delivered again by the push loop.
     redelivery: Option<Arc<Redelivery>>,
-    /// Where an edge that refuses the origin table is held out of routing until it takes it.
-    health: Option<Arc<Health>>,
     /// Refreshes edges accepted lately, purged on an edge seen restarting.
     refreshes: RecentRefreshes,
     /// Edges with a redelivery round running.
@@ -110,7 +108,6 @@ impl EdgeSync {
             allow_private_upstreams: false,
             rejected: Default::default(),
             redelivery: None,
-            health: None,
             refreshes: RecentRefreshes::default(),
             rounds: Default::default(),
             inflight: InflightCounter::default(),
@@ -127,15 +124,6 @@ impl EdgeSync {
     /// [`crate::redelivery`]).
     pub fn redelivering(mut self, redelivery: Arc<Redelivery>) -> Self {
         self.redelivery = Some(redelivery);
-        self
-    }
-
-    /// Hold an edge that refuses the origin table for good (any refusal but a busy or
-    /// timed-out one) out of routing in `health` until it takes the table: it still routes
-    /// by the one it last took, and a host deleted and registered again by another provider
-    /// would reach its previous owner's origin there.
-    pub fn holding_stale_tables(mut self, health: Arc<Health>) -> Self {
-        self.health = Some(health);
         self
     }
 
@@ -269,45 +257,16 @@ impl EdgeSync {
             }
             Ok(resp) if resp.status().is_success() => "ok",
             Ok(resp) => {
-                let status = resp.status();
-                tracing::warn!(edge = %e.id, %status, what, "edge rejected push");
-                if what == "origins" && !transient(status) {
-                    self.judge_table(edge, true);
-                }
+                tracing::warn!(edge = %e.id, status = %resp.status(), what, "edge rejected push");
                 "rejected"
             }
             Err(_) => "unreachable",
         };
-        if what == "origins" && matches!(outcome, "ok" | "partial") {
-            self.judge_table(edge, false);
-        }
         self.metrics
             .edge_pushes
             .with_label_values(&[what, outcome])
             .inc();
         outcome
-    }
-
-    /// Hold edge `edge` out of routing while it refuses the origin table (`stale`), release
-    /// it once it takes one; logs and exports each change.
-    fn judge_table(&self, edge: usize, stale: bool) {
-        let Some(health) = &self.health else {
-            return;
-        };
-        let id = &self.fleet.edges[edge].id;
-        let was = health.set_stale_table(edge, stale);
-        if was == stale {
-            return;
-        }
-        if stale {
-            tracing::error!(edge = %id, "edge refuses the origin table: no traffic until it takes it");
-        } else {
-            tracing::info!(edge = %id, "edge took the origin table: it takes traffic again");
-        }
-        self.metrics
-            .edge_up
-            .with_label_values(&[id.as_str()])
-            .set(i64::from(health.is_up(edge)));
     }
 
     /// Record the origin rows edge `edge_id` left out, logged when the set of their hosts
@@ -819,12 +778,6 @@ const REDELIVERY_PATIENCE: Duration = Duration::from_secs(15);
 /// Most missed purges one redelivery round sends one edge; the rest go in its next round.
 const REDELIVERIES_PER_ROUND: usize = 1_000;
 
-/// Whether an edge's refusal says only that it could not take the push now (busy, timed
-/// out, throttled): it takes the next one. Any other refusal would come again.
-fn transient(status: reqwest::StatusCode) -> bool {
-    matches!(status.as_u16(), 408 | 429 | 503)
-}
-
 /// Whether a purge an edge did not confirm may pass on a later try: it was unreachable,
 /// failed (5xx), timed out or was throttled (408, 429), or refused the broker's credentials
 /// (401, 403: a token rotated on one side only). Until it passes the edge is held out of
@@ -906,6 +859,7 @@ mod tests {
     use axum::routing::{any, put};
 
     use super::*;
+    use crate::routing::Health;
 
     /// A broker's fleet from the sample config (its first two edges' admin APIs at `edges`),
     /// with its pending-purge file in `dir`.
@@ -973,48 +927,6 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
-    }
-
-    /// An edge that refuses the origin table for good is out of routing until it takes one;
-    /// a busy one is not held for it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_edge_refusing_the_origin_table_is_held_until_it_takes_it() {
-        use std::sync::atomic::{AtomicU16, Ordering};
-        let answer = Arc::new(AtomicU16::new(400));
-        let status = answer.clone();
-        let app = axum::Router::new().route(
-            "/origins",
-            put(move || async move {
-                let code = status.load(Ordering::Acquire);
-                let body = axum::Json(json!({ "origins": 1, "rejected": [] }));
-                (axum::http::StatusCode::from_u16(code).unwrap(), body)
-            }),
-        );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let edge = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
-        let dir = tempfile::tempdir().unwrap();
-        let setup = Setup::new(dir.path(), &[edge]);
-        let sync = setup
-            .sync(setup.redelivery())
-            .holding_stale_tables(setup.health.clone());
-        let table = json!({ "origins": [] });
-        assert!(setup.health.is_up(0));
-        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
-        assert!(!setup.health.is_up(0), "a malformed push is refused again");
-        answer.store(503, Ordering::Release);
-        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
-        assert!(!setup.health.is_up(0), "still on the old table");
-        answer.store(200, Ordering::Release);
-        assert_eq!(sync.push_to(0, "origins", &table).await, "ok");
-        assert!(setup.health.is_up(0), "it took the table");
-        // Busy is not a refusal for good; nor is another table's refusal.
-        answer.store(503, Ordering::Release);
-        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
-        assert!(setup.health.is_up(0));
-        answer.store(401, Ordering::Release);
-        assert_eq!(sync.push_to(0, "peers", &table).await, "rejected");
-        assert!(setup.health.is_up(0));
     }
 
     /// A stop ends a redelivery round at once, and the purges it delivered before stay

@@ -30,10 +30,6 @@ pub struct Health {
     /// Cut off the cluster: the broker's QUIC revocation list names its certificate. A node
     /// revoked as compromised must not be sent clients either.
     revoked: Vec<AtomicBool>,
-    /// It refused the current origin table ([`crate::sync`]): it serves the one it last took,
-    /// which may send a host deleted and registered again by another provider to its previous
-    /// owner's origin, and serve what that owner's origin answered.
-    stale_table: Vec<AtomicBool>,
     fails: Vec<AtomicU32>,
     oks: Vec<AtomicU32>,
     /// Passive mark-downs so far: a probe that passed before one says nothing after it.
@@ -57,7 +53,6 @@ impl Health {
             up: (0..edges).map(|_| AtomicBool::new(true)).collect(),
             held: (0..edges).map(|_| AtomicBool::new(false)).collect(),
             revoked: (0..edges).map(|_| AtomicBool::new(false)).collect(),
-            stale_table: (0..edges).map(|_| AtomicBool::new(false)).collect(),
             fails: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             oks: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             downs: (0..edges).map(|_| AtomicU64::new(0)).collect(),
@@ -67,19 +62,12 @@ impl Health {
         }
     }
 
-    /// Whether an edge may receive requests: probes find it up, and it is neither held, nor
-    /// revoked, nor serving an origin table it refused to replace.
+    /// Whether an edge may receive requests: probes find it up, and it is neither held nor
+    /// revoked.
     pub fn is_up(&self, edge: usize) -> bool {
         self.up[edge].load(Ordering::Acquire)
             && !self.held[edge].load(Ordering::Acquire)
             && !self.revoked[edge].load(Ordering::Acquire)
-            && !self.stale_table[edge].load(Ordering::Acquire)
-    }
-
-    /// Note whether the edge refused the current origin table (out of routing while it
-    /// does); whether it had.
-    pub fn set_stale_table(&self, edge: usize, stale: bool) -> bool {
-        self.stale_table[edge].swap(stale, Ordering::AcqRel)
     }
 
     /// Note whether the edge's QUIC certificate is revoked (out of routing while it is);
