@@ -2001,6 +2001,17 @@ mod tests {
         assert_eq!(state.live_edges("h/kept"), vec![0]);
     }
 
+    /// Two series' histories, both the 700 buckets of `counts` before `end`.
+    fn two_histories(counts: &[u32], end: usize) -> Vec<History<'_>> {
+        let h = History {
+            counts: &counts[end - 700..end],
+            last_bucket_start: end as i64 * 900,
+            bucket_secs: 900,
+            priority: 5,
+        };
+        vec![h; 2]
+    }
+
     #[test]
     fn the_guard_hands_a_series_the_model_keeps_missing_to_a_baseline() {
         // Two series at 100 requests a bucket; the model says 5 an hour for the first and is
@@ -2013,14 +2024,7 @@ mod tests {
         let counts = vec![100u32; 2000];
         let mut answers = Vec::new();
         for end in 1000..1012 {
-            let hs: Vec<History<'_>> = (0..2)
-                .map(|_| History {
-                    counts: &counts[end - 700..end],
-                    last_bucket_start: end as i64 * 900,
-                    bucket_secs: 900,
-                    priority: 5,
-                })
-                .collect();
+            let hs = two_histories(&counts, end);
             let options = with_baselines(vec![fc(5.0, 1.0), fc(400.0, 1.0)], &hs);
             let (f, a) = guarded(Some(&guard), 1, &cands, &hs, &options);
             assert_eq!(f[1].p50(), 400.0);
@@ -2046,14 +2050,7 @@ mod tests {
         let said = 2.0 / 7.0;
         let mut last = (Vec::new(), Vec::new());
         for end in 1000..1100 {
-            let hs: Vec<History<'_>> = (0..2)
-                .map(|_| History {
-                    counts: &counts[end - 700..end],
-                    last_bucket_start: end as i64 * 900,
-                    bucket_secs: 900,
-                    priority: 5,
-                })
-                .collect();
+            let hs = two_histories(&counts, end);
             // The model is not loaded: seasonal naive serves, and EWMA is scored beside it.
             let options = [[fc(1.0, said), fc(1.0, said), fc(1.0, 0.95)]; 2];
             let mut f = vec![fc(1.0, said), fc(1.0, said)];

@@ -357,16 +357,9 @@ impl Calibrator {
 mod tests {
     use super::*;
 
-    const B: i64 = 900;
+    use crate::features::test_history as hist;
 
-    fn hist(counts: &[u32], last: i64) -> History<'_> {
-        History {
-            counts,
-            last_bucket_start: last,
-            bucket_secs: B,
-            priority: 5,
-        }
-    }
+    const B: i64 = 900;
 
     /// Forecast series `id` at `p` by `name` after bucket `last` of `counts`.
     fn one(c: &mut Calibrator, id: u64, counts: &[u32], last: usize, name: &str, p: f32) -> f32 {

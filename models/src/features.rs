@@ -55,6 +55,17 @@ impl History<'_> {
     }
 }
 
+/// A test history of `counts` whose last bucket starts at `last`, 15 minutes wide.
+#[cfg(test)]
+pub(crate) fn test_history(counts: &[u32], last: i64) -> History<'_> {
+    History {
+        counts,
+        last_bucket_start: last,
+        bucket_secs: BUCKET_SECS as i64,
+        priority: DEFAULT_PRIORITY,
+    }
+}
+
 /// The `HORIZON` counts that followed the bucket starting at `made_after`, if `h` holds them
 /// whole: what a forecast made after that bucket is judged against.
 pub fn horizon_after<'a>(h: &History<'a>, made_after: i64) -> Option<&'a [u32]> {

@@ -180,16 +180,9 @@ fn pick(err: &[f64], scored: u32, chosen: usize, cfg: &GuardConfig) -> usize {
 mod tests {
     use super::*;
 
-    const B: i64 = 900;
+    use crate::features::test_history as hist;
 
-    fn hist(counts: &[u32], last: i64) -> History<'_> {
-        History {
-            counts,
-            last_bucket_start: last,
-            bucket_secs: B,
-            priority: 5,
-        }
-    }
+    const B: i64 = 900;
 
     /// Feed a series bucket by bucket: at each bucket the model forecasts `model` and the
     /// baseline the last four buckets' sum (persistence). Returns the choices.

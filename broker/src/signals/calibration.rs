@@ -16,8 +16,8 @@
 
 use std::collections::{HashMap, VecDeque};
 
-/// Bands of P, a tenth wide.
-pub const BANDS: usize = 10;
+pub use models::calibration::{band, BANDS};
+
 /// Offers at their own P a band starts from.
 const PRIOR: f64 = 10.0;
 /// What a band's outcomes keep per half-life of the pairs' counts: 0.5^(1/6).
@@ -26,11 +26,6 @@ const DECAY: f64 = 0.890_898_718_140_339_3;
 const PENDING_PER_CLIENT: usize = 16;
 /// What an offer is charged beside its key (twice: it is also in the queue of deadlines).
 const OFFER_BYTES: usize = 64;
-
-/// The band of `p`.
-pub fn band(p: f64) -> usize {
-    ((p.clamp(0.0, 1.0) * BANDS as f64) as usize).min(BANDS - 1)
-}
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Band {
