@@ -35,6 +35,9 @@ pub struct BrokerMetrics {
     pub api_calls: IntCounterVec,
     /// Pushes to edges' admin APIs by table (`origins`, `peers`) and outcome.
     pub edge_pushes: IntCounterVec,
+    /// 1 while an edge refuses the origin table for good (any refusal but busy, timed out or
+    /// throttled): it routes by the one it last took.
+    pub edge_origin_table_refused: IntGaugeVec,
     /// Origin rows each edge left out of the last push.
     pub edge_rejected_origins: prometheus::IntGaugeVec,
     /// Hosts claimed by providers that await the operator's approval.
@@ -181,6 +184,13 @@ impl BrokerMetrics {
                     "Origin table and peer list pushes to edges",
                 ),
                 &["table", "outcome"],
+            )?,
+            edge_origin_table_refused: IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_edge_origin_table_refused",
+                    "1 while the edge refuses the origin table (not busy: it would refuse it again) and routes by the one it last took",
+                ),
+                &["edge"],
             )?,
             edge_rejected_origins: prometheus::IntGaugeVec::new(
                 Opts::new(
@@ -427,6 +437,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.peer_hints.clone()))?;
         registry.register(Box::new(m.standby_promotions.clone()))?;
         registry.register(Box::new(m.edge_up.clone()))?;
+        registry.register(Box::new(m.edge_origin_table_refused.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.recorder_drops.clone()))?;
         registry.register(Box::new(m.recorder_long_keys.clone()))?;

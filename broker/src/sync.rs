@@ -257,11 +257,24 @@ impl EdgeSync {
             }
             Ok(resp) if resp.status().is_success() => "ok",
             Ok(resp) => {
-                tracing::warn!(edge = %e.id, status = %resp.status(), what, "edge rejected push");
+                let status = resp.status();
+                tracing::warn!(edge = %e.id, %status, what, "edge rejected push");
+                if what == "origins" && !transient(status) {
+                    self.metrics
+                        .edge_origin_table_refused
+                        .with_label_values(&[e.id.as_str()])
+                        .set(1);
+                }
                 "rejected"
             }
             Err(_) => "unreachable",
         };
+        if what == "origins" && matches!(outcome, "ok" | "partial") {
+            self.metrics
+                .edge_origin_table_refused
+                .with_label_values(&[e.id.as_str()])
+                .set(0);
+        }
         self.metrics
             .edge_pushes
             .with_label_values(&[what, outcome])
@@ -778,6 +791,12 @@ const REDELIVERY_PATIENCE: Duration = Duration::from_secs(15);
 /// Most missed purges one redelivery round sends one edge; the rest go in its next round.
 const REDELIVERIES_PER_ROUND: usize = 1_000;
 
+/// Whether an edge's refusal says only that it could not take the push now (busy, timed
+/// out, throttled): it takes a later one. Any other would come again.
+fn transient(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 408 | 429 | 503)
+}
+
 /// Whether a purge an edge did not confirm may pass on a later try: it was unreachable,
 /// failed (5xx), timed out or was throttled (408, 429), or refused the broker's credentials
 /// (401, 403: a token rotated on one side only). Until it passes the edge is held out of
@@ -927,6 +946,53 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
         addr
+    }
+
+    /// An edge that refuses the origin table for good is named until it takes one; a busy
+    /// one, or a refused peer list, is not.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_edge_refusing_the_origin_table_is_named_until_it_takes_one() {
+        use std::sync::atomic::{AtomicU16, Ordering};
+        let answer = Arc::new(AtomicU16::new(401));
+        let status = answer.clone();
+        let app = axum::Router::new().route(
+            "/{table}",
+            put(move || async move {
+                let code = status.load(Ordering::Acquire);
+                let body = axum::Json(json!({ "origins": 1, "rejected": [] }));
+                (axum::http::StatusCode::from_u16(code).unwrap(), body)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup::new(dir.path(), &[edge]);
+        let sync = setup.sync(setup.redelivery());
+        let refused = || {
+            setup
+                .metrics
+                .edge_origin_table_refused
+                .with_label_values(&[setup.fleet.edges[0].id.as_str()])
+                .get()
+        };
+        let table = json!({ "origins": [] });
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(refused(), 1, "a token rotated on one side");
+        answer.store(503, Ordering::Release);
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(refused(), 1, "still on the table it last took");
+        answer.store(200, Ordering::Release);
+        assert_eq!(sync.push_to(0, "origins", &table).await, "ok");
+        assert_eq!(refused(), 0);
+        answer.store(503, Ordering::Release);
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(refused(), 0, "busy is no refusal");
+        answer.store(400, Ordering::Release);
+        assert_eq!(sync.push_to(0, "peers", &table).await, "rejected");
+        assert_eq!(refused(), 0, "the peer list is another table");
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(refused(), 1);
     }
 
     /// A stop ends a redelivery round at once, and the purges it delivered before stay
