@@ -1012,7 +1012,7 @@ impl Planner {
             if counts.iter().all(|c| *c == 0) {
                 continue;
             }
-            let recent = counts.iter().rev().take(4).any(|c| *c > 0);
+            let recent = models::features::asked_lately(&counts);
             let seen = s
                 .counts(width, k, now)
                 .iter()

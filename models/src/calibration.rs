@@ -36,7 +36,7 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use crate::features::{horizon_after, History, HORIZON};
+use crate::features::{asked_lately, horizon_after, History, HORIZON};
 
 /// Bands of P, a tenth wide.
 pub const BANDS: usize = 10;
@@ -173,11 +173,6 @@ struct Series {
 /// (with a request in the last [`HORIZON`] buckets or not) and band, (came true, did not).
 pub type Scored = HashMap<(String, bool, usize), (u64, u64)>;
 
-/// Whether `h` had a request in its last [`HORIZON`] buckets.
-pub fn recent(h: &History<'_>) -> bool {
-    h.counts.iter().rev().take(HORIZON).any(|c| *c > 0)
-}
-
 /// Per-forecaster calibration of P(any request in the horizon).
 #[derive(Debug, Default)]
 pub struct Calibrator {
@@ -265,7 +260,7 @@ impl Calibrator {
         forecasts: &[(&str, f32)],
         answer: usize,
     ) -> f32 {
-        let now_recent = recent(h);
+        let now_recent = asked_lately(h.counts);
         let mut made: Vec<(usize, f64)> = Vec::with_capacity(forecasts.len());
         for (name, p) in forecasts {
             let c = self.curve(name, now_recent);

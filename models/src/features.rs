@@ -77,6 +77,12 @@ pub fn horizon_after<'a>(h: &History<'a>, made_after: i64) -> Option<&'a [u32]> 
     Some(&h.counts[first..first + HORIZON])
 }
 
+/// Whether `counts` has a request in its last [`HORIZON`] buckets, the hour before a forecast:
+/// the edge that owns such a series likely still holds it.
+pub fn asked_lately(counts: &[u32]) -> bool {
+    counts.iter().rev().take(HORIZON).any(|c| *c > 0)
+}
+
 /// Whether the model's input window, the last `WINDOW` of `counts`, holds no request: the
 /// serving wrapper answers such a window with the baseline.
 pub fn window_is_silent(counts: &[u32]) -> bool {
