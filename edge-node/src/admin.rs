@@ -3,8 +3,9 @@
 //! - `GET /healthz` — liveness, open.
 //! - `GET /metrics` — Prometheus text format, open (bind the admin listener privately).
 //! - `PURGE` or `DELETE /cache/{host}/{path}[?query]` — remove one object and all its Vary
-//!   variants, from memory and disk; 500 `not_durable` when the disk tier did not write its
-//!   tombstone in time (the object is gone from memory; purge again to make it final).
+//!   variants, from memory and disk (a key ban stands in for a tombstone the disk tier did not
+//!   write in time); 500 `not_durable` when neither could be made durable (the object is gone
+//!   from memory; purge again to make it final).
 //! - `PURGE` or `DELETE /cache/{host}/{prefix}*` — remove every object whose key starts with
 //!   the prefix (durable ban, see [`crate::storage::BanList`]).
 //! - `POST` or `PURGE /tags/{host}` — `{"tags": ["a", …]}` (1 to 64): remove every object of
@@ -745,8 +746,14 @@ impl BackgroundService for BanCompactor {
         let mut tick = tokio::time::interval(Duration::from_secs(3600));
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if let Err(e) = self.0.compact_bans() {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            // A compaction may wait for late tombstones: a stop does not wait for it (the log
+            // is rewritten atomically, whenever it stops).
+            tokio::select! {
+                compacted = self.0.compact_bans() => {
+                    if let Err(e) = compacted {
                         tracing::warn!(error = %e, "ban log compaction failed");
                     }
                 }

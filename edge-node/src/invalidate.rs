@@ -17,7 +17,7 @@ pub enum PurgeError {
     /// A prefix or tag ban could not be written durably.
     #[error(transparent)]
     Ban(#[from] BanError),
-    /// A key's tombstone was not on disk in time.
+    /// A key's tombstone was not on disk in time, and no key ban could stand in for it.
     #[error(transparent)]
     NotDurable(#[from] NotDurable),
 }
@@ -70,7 +70,7 @@ impl Target {
 
 /// Purge `target`; whether anything was found (a prefix ban always counts as found). Returns
 /// once the purge is durable and final: a ban is fsynced; a key's tombstone is written to the
-/// disk tier and no lookup can bring the object back.
+/// disk tier (or, when late, a key ban fsynced) and no lookup can bring the object back.
 pub async fn invalidate(
     storage: &'static FoyerStorage,
     shadows: &ShadowTable,
@@ -164,12 +164,9 @@ async fn off_runtime(
 }
 
 /// A purge task that ended without its answer (it panicked): reported as the ban log's
-/// failure, which callers answer as the edge's own (500), so the purge is sent again.
+/// failure ([`BanError::task_failed`]).
 pub(crate) fn task_failed(e: tokio::task::JoinError) -> PurgeError {
-    PurgeError::Ban(BanError::Io {
-        path: "bans.log".into(),
-        source: std::io::Error::other(e),
-    })
+    PurgeError::Ban(BanError::task_failed(e))
 }
 
 #[cfg(test)]

@@ -149,7 +149,7 @@ pub struct EdgeMetrics {
     pub memory_bytes: IntGauge,
     /// Bytes held by bodies being filled (set at scrape time).
     pub fill_bytes: IntGauge,
-    /// Prefix and tag bans in force (refreshed on scrape).
+    /// Prefix, tag and key bans in force (refreshed on scrape).
     pub bans: IntGauge,
     /// The request metrics per status, indexed by `CacheStatus as usize`.
     by_status: Vec<StatusMetrics>,
@@ -314,7 +314,7 @@ impl EdgeMetrics {
             )?,
             bans: IntGauge::new(
                 "shadowcdn_edge_purge_bans",
-                "Prefix and tag purge bans in force",
+                "Prefix, tag and key purge bans in force",
             )?,
             by_status: Vec::new(),
         };

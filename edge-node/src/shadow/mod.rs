@@ -117,9 +117,9 @@ pub fn unshadow(table: &ShadowTable, storage: &FoyerStorage, key: &str) -> Optio
 
 /// Purge the objects of `keys` (every variant) and end their marks (reported removed);
 /// whether any was there. Returns once the purge is final: the tombstones are written to the
-/// disk tier (one wait for all the keys) and no lookup can bring the objects back — or an
-/// error when the disk tier did not write them in time (the purge holds in memory; it must
-/// be asked again to be final).
+/// disk tier (one wait for all the keys), or a key ban stands in for them when they are late,
+/// and no lookup can bring the objects back — or an error when neither is durable (the purge
+/// holds in memory; it must be asked again to be final).
 pub async fn purge(
     storage: &FoyerStorage,
     table: &ShadowTable,

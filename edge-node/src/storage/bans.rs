@@ -1,4 +1,4 @@
-//! Durable purge-by-prefix and purge-by-tag bans.
+//! Durable purge-by-prefix, purge-by-tag and key bans.
 //!
 //! foyer cannot enumerate its disk tier, so a prefix purge cannot find every object it covers.
 //! Instead, like Varnish bans, it records "every object under this prefix stored before T is
@@ -11,6 +11,12 @@
 //!
 //! A tag ban ([`crate::tags`]) is the same with "carrying this tag" for "under this prefix":
 //! it covers the objects of its host stored before it whose stored response names the tag.
+//!
+//! A key ban covers one key exactly. It makes a key purge durable when the disk tier has not
+//! written the purge's tombstone in time ([`super::FoyerStorage::settle_purge`]): a crash would
+//! otherwise find the object on disk again. Once a later wait covers that tombstone, the ban is
+//! no longer needed and the next compaction retires it without raising its host's floor; a key
+//! ban read back from the log (a crash came first) stays until the retention, like the others.
 //!
 //! Bans and floors are kept per scope, the key's host part up to the first `/`, so a hit only
 //! checks the bans of its own host (a host's tags are its own: one provider's purge never
@@ -47,6 +53,17 @@ pub enum BanError {
     },
 }
 
+impl BanError {
+    /// A blocking task writing the log ended without its answer (it panicked): reported as
+    /// the log's failure, which callers answer as the edge's own (500), so it is asked again.
+    pub(crate) fn task_failed(e: tokio::task::JoinError) -> Self {
+        BanError::Io {
+            path: "bans.log".into(),
+            source: std::io::Error::other(e),
+        }
+    }
+}
+
 /// A host's floor raised for a registration of the host (see [`crate::ownership`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerChange {
@@ -73,6 +90,9 @@ enum Banned {
     Prefix(String),
     /// Objects of scope `scope` whose response carries `tag` (lower-cased).
     Tag { scope: String, tag: String },
+    /// This primary key exactly. `mark` is the tombstone count the purge's wait covered in
+    /// this process (retired once a completed wait covers it); `None` when read from the log.
+    Key { key: String, mark: Option<u64> },
 }
 
 impl Ban {
@@ -80,6 +100,7 @@ impl Ban {
         match &self.target {
             Banned::Prefix(p) => scope(p),
             Banned::Tag { scope, .. } => scope,
+            Banned::Key { key, .. } => scope(key),
         }
     }
 
@@ -88,6 +109,7 @@ impl Ban {
         match &self.target {
             Banned::Prefix(p) => format!("ban {} {p}\n", self.at_ms),
             Banned::Tag { scope, tag } => format!("tag {} {scope} {tag}\n", self.at_ms),
+            Banned::Key { key, .. } => format!("key {} {key}\n", self.at_ms),
         }
     }
 }
@@ -105,6 +127,8 @@ struct ScopeBans {
     lengths: Vec<usize>,
     /// The newest ban time of each tag.
     tags: HashMap<String, u64>,
+    /// The newest ban time of each key banned exactly.
+    keys: HashMap<String, u64>,
 }
 
 impl ScopeBans {
@@ -121,24 +145,40 @@ impl ScopeBans {
                 let at = self.tags.entry(tag.clone()).or_default();
                 *at = (*at).max(ban.at_ms);
             }
+            Banned::Key { key, .. } => {
+                let at = self.keys.entry(key.clone()).or_default();
+                *at = (*at).max(ban.at_ms);
+            }
         }
         self.all.push(ban);
     }
 
-    /// Drop the bans older than `horizon`; the times just past each dropped ban.
-    fn expire(&mut self, horizon: u64) -> Vec<u64> {
+    /// Drop the bans older than `horizon`, and the key bans whose tombstones a completed wait
+    /// covered (`written`: their purges are on disk, nothing for a floor to stand in for);
+    /// the times just past each ban dropped for its age.
+    fn expire(&mut self, horizon: u64, written: u64) -> Vec<u64> {
         let mut expired = Vec::new();
+        let before = self.all.len();
         self.all.retain(|b| {
+            if let Banned::Key {
+                mark: Some(mark), ..
+            } = b.target
+            {
+                if mark <= written {
+                    return false;
+                }
+            }
             let keep = b.at_ms >= horizon;
             if !keep {
                 expired.push(b.at_ms + 1);
             }
             keep
         });
-        if !expired.is_empty() {
+        if self.all.len() < before {
             self.newest.clear();
             self.lengths.clear();
             self.tags.clear();
+            self.keys.clear();
             for b in std::mem::take(&mut self.all) {
                 self.push(b);
             }
@@ -146,9 +186,12 @@ impl ScopeBans {
         expired
     }
 
-    /// Whether a ban at or after `stored_ms` has a prefix of `key` or a tag of the stored
-    /// response's `headers`.
+    /// Whether a ban at or after `stored_ms` names `key`, has a prefix of it or a tag of the
+    /// stored response's `headers`.
     fn covers(&self, key: &str, stored_ms: u64, headers: &HeaderMap) -> bool {
+        if !self.keys.is_empty() && self.keys.get(key).is_some_and(|at| *at >= stored_ms) {
+            return true;
+        }
         let by_prefix = self
             .lengths
             .iter()
@@ -284,6 +327,13 @@ impl BanList {
                         target: Banned::Prefix(prefix.to_string()),
                         at_ms,
                     }),
+                    "key" => state.push(Ban {
+                        target: Banned::Key {
+                            key: prefix.to_string(),
+                            mark: None,
+                        },
+                        at_ms,
+                    }),
                     "tag" => {
                         // Without its tag, a fragment of a failed append (never acknowledged).
                         if let Some((scope, tag)) = prefix.split_once(' ') {
@@ -336,7 +386,7 @@ impl BanList {
             state: RwLock::new(state),
             retention,
         };
-        list.compact()?;
+        list.compact(0)?;
         Ok(list)
     }
 
@@ -360,8 +410,42 @@ impl BanList {
         )
     }
 
+    /// Record a ban on the objects stored before `at` under exactly these primary keys,
+    /// durably, with one fsync: the purges of `keys` whose tombstones were not written in
+    /// time. `mark` is the tombstone count their wait was to cover: a compaction after a wait
+    /// covering it completed retires the bans ([`Self::compact`]).
+    pub fn add_keys(&self, keys: &[&str], mark: u64, at: SystemTime) -> Result<(), BanError> {
+        let targets = keys
+            .iter()
+            .map(|key| Banned::Key {
+                key: one_line(key),
+                mark: Some(mark),
+            })
+            .collect();
+        self.add_all_at(targets, millis(at))
+    }
+
+    /// The keys of the key bans a compaction with `tombstones_written` would retire.
+    pub fn written_keys(&self, tombstones_written: u64) -> Vec<String> {
+        let s = self.state.read();
+        s.bans
+            .values()
+            .flat_map(|b| &b.all)
+            .filter_map(|b| match &b.target {
+                Banned::Key {
+                    key,
+                    mark: Some(mark),
+                } if *mark <= tombstones_written => Some(key.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     fn add_all(&self, targets: Vec<Banned>) -> Result<(), BanError> {
-        let at_ms = now_ms();
+        self.add_all_at(targets, now_ms())
+    }
+
+    fn add_all_at(&self, targets: Vec<Banned>, at_ms: u64) -> Result<(), BanError> {
         let bans: Vec<Ban> = targets
             .into_iter()
             .map(|target| Ban { target, at_ms })
@@ -456,13 +540,15 @@ impl BanList {
         self.len() == 0
     }
 
-    /// Drop expired bans, raise the floor, and rewrite the log atomically.
+    /// Drop expired bans (raising their hosts' floors) and the key bans whose tombstones are
+    /// known written (`tombstones_written`, see [`Self::add_keys`]), and rewrite the log
+    /// atomically.
     ///
     /// The state's lock, which every cache hit reads, is held only to expire and serialise;
     /// the file work holds the writer's lock alone, which keeps appends out until the new log
     /// is in place. The new log's append handle is opened before the rename, so nothing can
     /// fail between the rename and the swap and leave appends going to the unlinked old file.
-    pub fn compact(&self) -> Result<(), BanError> {
+    pub fn compact(&self, tombstones_written: u64) -> Result<(), BanError> {
         let io = |source| BanError::Io {
             path: self.path.clone(),
             source,
@@ -474,7 +560,11 @@ impl BanList {
             let before = s.len();
             let mut expired: Vec<(String, u64)> = Vec::new();
             for (sc, bans) in s.bans.iter_mut() {
-                expired.extend(bans.expire(horizon).into_iter().map(|at| (sc.clone(), at)));
+                expired.extend(
+                    bans.expire(horizon, tombstones_written)
+                        .into_iter()
+                        .map(|at| (sc.clone(), at)),
+                );
             }
             s.bans.retain(|_, bans| !bans.all.is_empty());
             for (sc, at) in expired {
@@ -527,6 +617,64 @@ mod tests {
         h
     }
 
+    /// A key ban covers its key exactly, in objects stored before it. It survives a reopen
+    /// (a crash before its tombstone was written). A compaction retires it once a completed
+    /// wait covers its mark, without raising its host's floor, durably; one read back from the
+    /// log is kept whatever the marks say.
+    #[test]
+    fn key_bans_cover_one_key_until_their_tombstones_are_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let later = SystemTime::now() + Duration::from_secs(1);
+        let open = || BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        {
+            let b = open();
+            b.add_keys(&["h/a?x=1", "h/b"], 5, SystemTime::now())
+                .unwrap();
+            assert!(b.is_banned("h/a?x=1", old, &NO_TAGS));
+            assert!(b.is_banned("h/b", old, &NO_TAGS));
+            assert!(!b.is_banned("h/b", later, &NO_TAGS), "stored after the ban");
+            assert!(!b.is_banned("h/bc", old, &NO_TAGS), "a key, not a prefix");
+            assert!(!b.is_banned("h/a", old, &NO_TAGS));
+            assert!(!b.is_banned("g/b", old, &NO_TAGS), "another host");
+            b.compact(4).unwrap();
+            assert_eq!(b.len(), 2, "no wait covered them yet");
+        }
+        let b = open();
+        assert_eq!(b.len(), 2);
+        assert!(b.is_banned("h/b", old, &NO_TAGS), "read back after a crash");
+        b.compact(u64::MAX).unwrap();
+        assert_eq!(b.len(), 2, "read back: not known to be written");
+        b.add_keys(&["h/c"], 7, SystemTime::now()).unwrap();
+        assert!(b.is_banned("h/c", old, &NO_TAGS));
+        assert!(!b.is_banned("h/c", later, &NO_TAGS));
+        assert_eq!(b.written_keys(7), ["h/c"]);
+        b.compact(7).unwrap();
+        assert_eq!(b.len(), 2);
+        assert!(!b.is_banned("h/c", old, &NO_TAGS), "retired");
+        drop(b);
+        let b = open();
+        assert_eq!(b.len(), 2, "the retirement was written");
+        assert!(!b.is_banned("h/c", old, &NO_TAGS));
+        assert!(b.is_banned("h/a?x=1", old, &NO_TAGS));
+    }
+
+    /// A key ban retired (its tombstone written) raises no floor, even past the retention; one
+    /// whose tombstone is still owed expires into its host's floor like any ban.
+    #[test]
+    fn a_retired_key_ban_raises_no_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let b = BanList::open(dir.path(), Duration::from_millis(20)).unwrap();
+        b.add_keys(&["a/k"], 7, SystemTime::now()).unwrap();
+        b.add_keys(&["b/k"], 9, SystemTime::now()).unwrap();
+        std::thread::sleep(Duration::from_millis(40));
+        b.compact(7).unwrap();
+        assert!(b.is_empty());
+        assert!(!b.is_banned("a/other", old, &NO_TAGS), "retired: no floor");
+        assert!(b.is_banned("b/other", old, &NO_TAGS), "expired: a floor");
+    }
+
     /// A tag ban covers the older objects of its own host whose response names the tag, in
     /// any case, through a reopen and a compaction; its expiry raises the host's floor as a
     /// prefix ban's does.
@@ -556,7 +704,7 @@ mod tests {
         let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         check(&b);
         b.add("h/unrelated/").unwrap();
-        b.compact().unwrap();
+        b.compact(0).unwrap();
         drop(b);
         check(&BanList::open(dir.path(), Duration::from_secs(3600)).unwrap());
         std::thread::sleep(Duration::from_millis(5));
@@ -592,8 +740,16 @@ mod tests {
             let key = keys[rng.gen_range(0..keys.len())];
             let cut = rng.gen_range(0..=key.len());
             let prefix = String::from_utf8_lossy(&key.as_bytes()[..cut]).into_owned();
+            let target = if rng.gen_range(0..3) == 0 {
+                Banned::Key {
+                    key: key.to_string(),
+                    mark: rng.gen_bool(0.5).then(|| rng.gen_range(0..10)),
+                }
+            } else {
+                Banned::Prefix(prefix)
+            };
             let ban = Ban {
-                target: Banned::Prefix(prefix),
+                target,
                 at_ms: rng.gen_range(0..1_000),
             };
             plain.push(ban.clone());
@@ -602,7 +758,11 @@ mod tests {
         let scan = |plain: &[Ban], key: &str, at: u64| {
             plain.iter().any(|b| {
                 b.at_ms >= at
-                    && matches!(&b.target, Banned::Prefix(p) if key.starts_with(p.as_str()))
+                    && match &b.target {
+                        Banned::Prefix(p) => key.starts_with(p.as_str()),
+                        Banned::Key { key: k, .. } => k == key,
+                        Banned::Tag { .. } => false,
+                    }
             })
         };
         let indexed = |state: &State, key: &str, at: u64| {
@@ -622,9 +782,11 @@ mod tests {
         };
         agree(&state, &plain);
         for b in state.bans.values_mut() {
-            b.expire(500);
+            b.expire(500, 5);
         }
-        plain.retain(|b| b.at_ms >= 500);
+        plain.retain(|b| {
+            b.at_ms >= 500 && !matches!(b.target, Banned::Key { mark: Some(m), .. } if m <= 5)
+        });
         assert_eq!(state.len(), plain.len());
         agree(&state, &plain);
     }
@@ -781,7 +943,7 @@ mod tests {
             let b = BanList::open(dir.path(), Duration::from_millis(20)).unwrap();
             b.add("h/gone/").unwrap();
             std::thread::sleep(Duration::from_millis(30));
-            b.compact().unwrap();
+            b.compact(0).unwrap();
             assert_eq!(b.len(), 0, "expired and rewritten");
             b.add("h/kept/").unwrap();
         }
@@ -804,6 +966,8 @@ mod tests {
                 torn: false,
             };
             assert!(b.add("h/failed/").is_err());
+            assert!(b.add_keys(&["h/failed/k"], 1, SystemTime::now()).is_err());
+            assert!(!b.is_banned("h/failed/k", old, &NO_TAGS));
             assert!(
                 !b.is_banned("h/failed/x", old, &NO_TAGS),
                 "not acknowledged, not applied"

@@ -45,16 +45,19 @@ pub use object::{ObjectMeta, StoredObject};
 use recent::RecentPurges;
 use tombstones::Tombstones;
 
-/// A key purge whose tombstone the disk tier had not written when the edge stopped waiting.
+/// A key purge neither the disk tier (its tombstone) nor the ban log (a key ban) made durable.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "purge of {key}: the disk tier had not written its tombstone after {waited:?}; purge again"
+    "purge of {key}: the disk tier had not written its tombstone after {waited:?}, and a key \
+     ban could not stand in for it ({ban}); purge again"
 )]
 pub struct NotDurable {
     /// The purged key.
     pub key: String,
     /// How long the edge waited.
     pub waited: Duration,
+    /// Why the key ban was not recorded.
+    pub ban: BanError,
 }
 
 /// Why the cache could not be opened.
@@ -161,7 +164,10 @@ pub struct FoyerStorage {
     /// Whether every key purge's tombstone is known to be on disk ([`Self::settle_purge`]).
     tombstones: Tombstones,
     next_fill: AtomicU64,
-    bans: BanList,
+    /// Shared with the blocking tasks that write key bans ([`Self::settle_purge`]).
+    bans: Arc<BanList>,
+    /// Key purges made durable by a key ban: their tombstones were late.
+    key_bans: prometheus::IntCounter,
     max_object_bytes: usize,
     /// Keys pingora-cache should not try to cache for a while; the storage marks the ones
     /// whose bodies outgrew `max_object_bytes` as they streamed.
@@ -223,10 +229,12 @@ const PURGE_SLOTS: usize = 4096;
 /// answer (the edge's connect and read timeouts, a cache-lock wait); an answer that took
 /// longer is not cached.
 const RECENT_PURGE_WINDOW: Duration = Duration::from_secs(300);
-/// Longest a key purge waits for the disk tier to write its tombstone before answering that
-/// it could not: within the broker's 3 s fan-out, so a purge behind a long flush backlog is
-/// answered as failed (and sent again) rather than not at all.
-const SETTLE_TIMEOUT: Duration = Duration::from_millis(2500);
+/// Longest a key purge waits for the disk tier to write its tombstone before a key ban stands
+/// in for it: with the ban's fsync, within the broker's 3 s fan-out, so a purge behind a long
+/// flush backlog is answered in time rather than queued as missed.
+const SETTLE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// Longest the ban compaction waits for late tombstones, so that it can retire their key bans.
+const COMPACTION_WAIT: Duration = Duration::from_secs(30);
 /// Key purges remembered at most (about 50 bytes each). Past it, a fetch that started before
 /// the oldest one dropped is not cached, whatever its key.
 const RECENT_PURGE_CAP: usize = 100_000;
@@ -293,7 +301,7 @@ impl FoyerStorage {
             storage
         };
         let cache = storage.build().await?;
-        let bans = BanList::open(&opts.dir, opts.ban_retention)?;
+        let bans = Arc::new(BanList::open(&opts.dir, opts.ban_retention)?);
         let passthroughs = prometheus::IntCounterVec::new(
             prometheus::Opts::new(
                 "shadowcdn_edge_fill_passthrough_total",
@@ -310,6 +318,12 @@ impl FoyerStorage {
             "shadowcdn_edge_fill_readers_cut_total",
             "Clients cut off for falling too far behind a body passing through uncached",
         )?;
+        let key_bans = prometheus::IntCounter::new(
+            "shadowcdn_edge_purge_key_bans_total",
+            "Key purges made durable by a key ban because the disk tier had not written their \
+             tombstones in time (a long fill backlog)",
+        )?;
+        registry.register(Box::new(key_bans.clone()))?;
         registry.register(Box::new(cut_readers.clone()))?;
         registry.register(Box::new(passthroughs.clone()))?;
         Ok(FoyerStorage {
@@ -320,6 +334,7 @@ impl FoyerStorage {
             tombstones: Tombstones::default(),
             next_fill: AtomicU64::new(1),
             bans,
+            key_bans,
             max_object_bytes: opts.max_object_bytes,
             predictor: Predictor::new(128, Some(transient_no_cache)),
             fill_bytes: Arc::default(),
@@ -354,29 +369,58 @@ impl FoyerStorage {
     /// submitted to it so far, the purge's tombstone included (so the purge survives a crash
     /// of the edge), then drop the key from memory again. Until that write, a lookup could
     /// still read the object from foyer's write queue or a disk read already under way, and
-    /// put it back in memory. A wait that runs out is an error: the purge holds in memory,
-    /// but a crash now would bring the object back from disk, so it must be asked again
-    /// (and every key purge waits until a wait covers it: [`Self::tombstones_owed`]).
-    /// One wait settles several keys purged together (a URL's two key forms), so their
-    /// answer comes within one wait, not one per key.
+    /// put it back in memory. One wait settles several keys purged together (a URL's two key
+    /// forms), so their answer comes within one wait, not one per key.
+    ///
+    /// A wait that runs out (a long fill backlog) leaves the purge holding in memory but not
+    /// across a crash, so a key ban stands in for the tombstone ([`BanList::add_keys`]); only
+    /// when that cannot be written either is the purge an error, to be asked again. Answering
+    /// it failed would have the broker hold the whole edge out of routing over one slow disk
+    /// write. Every key purge waits until a completed wait covers the late tombstones
+    /// ([`Self::tombstones_owed`]).
     pub async fn settle_purge(&self, primary_keys: &[&str]) -> Result<(), NotDurable> {
-        let mark = self.tombstones.mark();
+        let (mark, at) = (self.tombstones.mark(), SystemTime::now());
         // The wait covers every flusher's backlog; under a heavy fill load the answer must
         // not outlast the caller's deadline (the purge itself already holds in memory).
         let written = tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
             .await
             .is_ok();
+        self.settled(primary_keys, (mark, at), written).await
+    }
+
+    /// The end of [`Self::settle_purge`]: its wait, started at `mark` (wall time `at`: what a
+    /// key ban covers is stored before it), completed or not.
+    async fn settled(
+        &self,
+        primary_keys: &[&str],
+        (mark, at): (u64, SystemTime),
+        written: bool,
+    ) -> Result<(), NotDurable> {
         for key in primary_keys {
             self.cache.memory().remove(&primary_hash(key));
         }
         if written {
             self.tombstones.written(mark);
-            Ok(())
-        } else {
-            Err(NotDurable {
+            return Ok(());
+        }
+        let bans = self.bans.clone();
+        let keys: Vec<String> = primary_keys.iter().map(|k| k.to_string()).collect();
+        let banned = tokio::task::spawn_blocking(move || {
+            let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+            bans.add_keys(&keys, mark, at)
+        })
+        .await
+        .unwrap_or_else(|e| Err(BanError::task_failed(e)));
+        match banned {
+            Ok(()) => {
+                self.key_bans.inc();
+                Ok(())
+            }
+            Err(ban) => Err(NotDurable {
                 key: primary_keys.join(" "),
                 waited: SETTLE_TIMEOUT,
-            })
+                ban,
+            }),
         }
     }
 
@@ -418,7 +462,7 @@ impl FoyerStorage {
     }
 
     /// Whether a fetch of `primary_key` that started at `started` (`started_wall` on the wall
-    /// clock) and answered with `headers` overlapped a key purge or a prefix or tag ban
+    /// clock) and answered with `headers` overlapped a key purge or a prefix, tag or key ban
     /// covering it: its answer predates the purge and must not be cached.
     pub fn purged_during(
         &self,
@@ -434,7 +478,7 @@ impl FoyerStorage {
 
     /// Whether a copy another edge admitted at `admitted` predates a purge this edge applied:
     /// a key purge since then (within the recent-purge window, as for a local copy read back)
-    /// or a prefix or tag ban or host floor covering it (`headers` are the copy's). That edge
+    /// or a prefix, tag or key ban or host floor covering it (`headers` are the copy's). That edge
     /// may not have applied the purge yet.
     pub fn purged_since_admitted(
         &self,
@@ -450,7 +494,7 @@ impl FoyerStorage {
     }
 
     /// Whether an object of `primary_key` stored at `created` is covered by a ban (prefix,
-    /// tag, host floor) or a key purge still remembered since; `hash` gives the key's primary
+    /// tag, key, host floor) or a key purge still remembered since; `hash` gives the key's primary
     /// hash, computed only when a key purge must be looked up.
     fn purged_since(
         &self,
@@ -571,9 +615,27 @@ impl FoyerStorage {
         self.bans.apply_owner_changes(changes)
     }
 
-    /// Drop expired bans (run periodically).
-    pub fn compact_bans(&self) -> Result<(), BanError> {
-        self.bans.compact()
+    /// Drop expired bans, and the key bans whose tombstones are written since (run
+    /// periodically). A late tombstone still owed is waited for first, so a key ban does not
+    /// outlive its need for want of a later key purge. Each retired key is dropped from
+    /// memory once more: a disk read under way at its purge may have put the old copy back,
+    /// and only the ban kept it from being served.
+    pub async fn compact_bans(&self) -> Result<(), BanError> {
+        if self.tombstones.owed() {
+            let mark = self.tombstones.mark();
+            let wait = self.cache.storage().wait();
+            if tokio::time::timeout(COMPACTION_WAIT, wait).await.is_ok() {
+                self.tombstones.written(mark);
+            }
+        }
+        let written = self.tombstones.written_so_far();
+        for key in self.bans.written_keys(written) {
+            self.cache.memory().remove(&primary_hash(&key));
+        }
+        let bans = self.bans.clone();
+        tokio::task::spawn_blocking(move || bans.compact(written))
+            .await
+            .unwrap_or_else(|e| Err(BanError::task_failed(e)))
     }
 
     /// Number of purge bans in force.
@@ -1397,6 +1459,43 @@ mod tests {
         assert!(s.tombstones_owed());
         s.settle_purge(&["h/held"]).await.unwrap();
         assert!(!s.tombstones_owed());
+    }
+
+    /// A purge whose wait for its tombstone ran out is made durable by a key ban and answered
+    /// as done: the ban covers the copy stored before it (what a restart after a crash would
+    /// find on disk, or a disk read under way at the purge put back in memory). The next
+    /// compaction waits for the late tombstone, drops the key from memory once more and
+    /// retires the ban.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_late_tombstone_is_stood_in_for_by_a_key_ban() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let key = CacheKey::new("h/late", "");
+        let hash = hash_of(key.combined_bin());
+        let meta = fresh_meta();
+        let old = StoredObject::new(ObjectMeta::of(&meta).unwrap(), Bytes::from_static(b"v"));
+        assert!(store_now(s, hash, &meta, Bytes::from_static(b"v")));
+        assert!(s.invalidate_key("h/late"));
+        let mark = s.tombstones.mark();
+        s.settled(&["h/late"], (mark, SystemTime::now()), false)
+            .await
+            .unwrap();
+        assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
+        assert!(s.bans.is_banned("h/late", before, &HeaderMap::new()));
+        assert!(!s.bans.is_banned("h/later", before, &HeaderMap::new()));
+        assert!(s.tombstones_owed(), "the tombstone itself is still late");
+        s.cache.memory().insert(hash, old.clone());
+        assert!(s.lookup(&key, &trace).await.unwrap().is_none());
+        s.cache.memory().insert(hash, old);
+        s.compact_bans().await.unwrap();
+        assert!(!s.tombstones_owed(), "the compaction waited for it");
+        assert_eq!(s.ban_count(), 0);
+        assert!(
+            !s.cache.memory().contains(&hash),
+            "the old copy dropped again"
+        );
     }
 
     /// A purge while lookups keep reading the object from disk and foyer's write queue: once

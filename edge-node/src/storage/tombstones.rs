@@ -5,10 +5,11 @@
 //! starts again and serve it. So a purge is answered only once the disk tier has written what
 //! was submitted before it ([`super::FoyerStorage::settle_purge`]). A tombstone is owed until
 //! a wait that started after it completes — while its own purge still waits, and after a wait
-//! that ran out (that purge is reported failed, and the broker sends it again). While any is
-//! owed, every key purge waits too, also one of a key no longer held: it may be the broker's
-//! resend, or a second purge of a key whose first purge is still waiting, and must not be
-//! answered as done before the first one's tombstone is written.
+//! that ran out (a key ban stands in for that purge's tombstone meanwhile, or, when the ban
+//! could not be written, the purge is reported failed and the broker sends it again). While
+//! any is owed, every key purge waits too, also one of a key no longer held: it may be the
+//! broker's resend, or a second purge of a key whose first purge is still waiting, and must
+//! not be answered as done before the first one is durable.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -35,6 +36,11 @@ impl Tombstones {
     /// A wait that started at `mark` completed: the tombstones it covered are written.
     pub(crate) fn written(&self, mark: u64) {
         self.covered.fetch_max(mark, Ordering::AcqRel);
+    }
+
+    /// How many tombstones completed waits covered: the first that many are written.
+    pub(crate) fn written_so_far(&self) -> u64 {
+        self.covered.load(Ordering::Acquire)
     }
 
     /// Whether some tombstone is not known to be written.
