@@ -16,6 +16,7 @@ pub mod edge_certs;
 pub mod metrics;
 pub mod monitor;
 mod origin_addrs;
+pub mod origin_gaps;
 pub mod planner;
 pub mod proxy;
 pub mod redelivery;

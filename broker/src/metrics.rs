@@ -38,6 +38,8 @@ pub struct BrokerMetrics {
     /// 1 while an edge refuses the origin table for good (any refusal but busy, timed out or
     /// throttled): it routes by the one it last took.
     pub edge_origin_table_refused: IntGaugeVec,
+    /// Hosts kept off each edge: its origin table routes them otherwise than the registry.
+    pub edge_hosts_off: IntGaugeVec,
     /// Origin rows each edge left out of the last push.
     pub edge_rejected_origins: prometheus::IntGaugeVec,
     /// Hosts claimed by providers that await the operator's approval.
@@ -189,6 +191,14 @@ impl BrokerMetrics {
                 Opts::new(
                     "shadowcdn_broker_edge_origin_table_refused",
                     "1 while the edge refuses the origin table (not busy: it would refuse it again) and routes by the one it last took",
+                ),
+                &["edge"],
+            )?,
+            edge_hosts_off: IntGaugeVec::new(
+                Opts::new(
+                    "shadowcdn_broker_edge_hosts_off",
+                    "Hosts not routed to the edge because its origin table routes them otherwise \
+                     than the registry (rows it left out, or changed since a table it refuses)",
                 ),
                 &["edge"],
             )?,
@@ -438,6 +448,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.standby_promotions.clone()))?;
         registry.register(Box::new(m.edge_up.clone()))?;
         registry.register(Box::new(m.edge_origin_table_refused.clone()))?;
+        registry.register(Box::new(m.edge_hosts_off.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.recorder_drops.clone()))?;
         registry.register(Box::new(m.recorder_long_keys.clone()))?;

@@ -1169,9 +1169,13 @@ impl Planner {
         (copies, bytes)
     }
 
-    /// The nearest usable edge among `holders` to supply a fill on `target`.
-    fn peer_for(&self, target: usize, holders: &[usize]) -> Option<PeerRef> {
-        let usable = |e: &usize| *e != target && self.health.is_up(*e);
+    /// The nearest usable edge among `holders` of `key` to supply a fill on `target` (not
+    /// one whose origin table routes the key's host otherwise: its copy may be another
+    /// origin's).
+    fn peer_for(&self, target: usize, key: &str, holders: &[usize]) -> Option<PeerRef> {
+        let host = key.split('/').next().unwrap_or_default();
+        let usable =
+            |e: &usize| *e != target && self.health.is_up(*e) && self.health.serves_host(*e, host);
         self.fleet
             .regions_by_distance(self.fleet.edge_region(target))
             .into_iter()
@@ -1310,7 +1314,8 @@ impl Planner {
                     "widen_below_threshold"
                 }])
                 .inc();
-            let peer = self.peer_for(e, holders.get(c.key.as_str()).map_or(&[], Vec::as_slice));
+            let held = holders.get(c.key.as_str()).map_or(&[][..], Vec::as_slice);
+            let peer = self.peer_for(e, &c.key, held);
             out.push(Widening {
                 region: r,
                 edge: e,
@@ -1541,7 +1546,7 @@ impl Planner {
             .zip(&edges)
             .map(|(c, e)| {
                 let held = holders.get(c.key.as_str()).map_or(&[][..], Vec::as_slice);
-                e.and_then(|e| self.peer_for(e, held))
+                e.and_then(|e| self.peer_for(e, &c.key, held))
             })
             .collect();
         let (elsewhere, held) = Self::held_elsewhere(

@@ -192,7 +192,13 @@ impl BrokerProxy {
         if req.method != http::Method::GET {
             return None;
         }
-        let usable = |e: usize| self.fleet.addresses.get(e).sync.is_some() && self.health.is_up(e);
+        // A peer whose origin table routes the host otherwise may hold another origin's copy.
+        let host = ctx.key.split('/').next().unwrap_or_default();
+        let usable = |e: usize| {
+            self.fleet.addresses.get(e).sync.is_some()
+                && self.health.is_up(e)
+                && self.health.serves_host(e, host)
+        };
         let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
         Some(self.fleet.edges[peer].id.as_str())
     }

@@ -205,6 +205,7 @@ impl Broker {
                 control.clone(),
             )
             .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
+            .keeping_hosts_off(health.clone())
             .redelivering(Arc::new(
                 Redelivery::open(
                     cfg.data_dir.join("pending-purges.json"),

@@ -24,7 +24,7 @@ use crate::metrics::BrokerMetrics;
 use crate::redelivery::{PendingPurge, Redelivery, Ticket};
 use crate::refreshes::RecentRefreshes;
 use crate::registry::Registry;
-use crate::routing::Fleet;
+use crate::routing::{Fleet, Health};
 use edge_node::drain::{InflightCounter, InflightGuard};
 
 /// Most shadows one edge's listing may return (far beyond any edge's shadow budget).
@@ -66,6 +66,15 @@ pub struct EdgeSync {
     allow_private_upstreams: bool,
     /// The hosts of the rows each edge left out at its last origin push, to log only changes.
     rejected: parking_lot::Mutex<std::collections::HashMap<String, Vec<String>>>,
+    /// Where hosts an edge's origin table routes otherwise than the registry are kept off it
+    /// ([`crate::origin_gaps`]); `None` leaves routing to health alone.
+    health: Option<Arc<Health>>,
+    /// Per edge refusing the table, when its own table was last read and against which of
+    /// the registry's ([`GapCheck`]).
+    gaps_checked: parking_lot::Mutex<std::collections::HashMap<usize, GapCheck>>,
+    /// Per edge, tables it took so far: a comparison that started before one is not applied
+    /// after it.
+    tables_taken: Vec<std::sync::atomic::AtomicU64>,
     /// Purges edges missed, delivered again by the push loop.
     redelivery: Option<Arc<Redelivery>>,
     /// Refreshes edges accepted lately, purged on an edge seen restarting.
@@ -96,8 +105,10 @@ impl EdgeSync {
             .build()
             .unwrap_or_default();
         let empty_push_allowed = (!registry.created()).into();
+        let tables_taken = (0..fleet.edges.len()).map(|_| Default::default()).collect();
         EdgeSync {
             empty_push_allowed,
+            tables_taken,
             fleet,
             registry,
             token,
@@ -107,6 +118,8 @@ impl EdgeSync {
             control,
             allow_private_upstreams: false,
             rejected: Default::default(),
+            health: None,
+            gaps_checked: Default::default(),
             redelivery: None,
             refreshes: RecentRefreshes::default(),
             rounds: Default::default(),
@@ -132,6 +145,13 @@ impl EdgeSync {
     /// edges check what names resolve to.
     pub fn allowing_private_upstreams(mut self, allow: bool) -> Self {
         self.allow_private_upstreams = allow;
+        self
+    }
+
+    /// Keep hosts off the edges whose origin tables route them otherwise than the registry
+    /// ([`crate::origin_gaps`]).
+    pub fn keeping_hosts_off(mut self, health: Arc<Health>) -> Self {
+        self.health = Some(health);
         self
     }
 
@@ -250,10 +270,13 @@ impl EdgeSync {
             .await;
         let outcome = match r {
             Ok(resp) if resp.status().is_success() && what == "origins" => {
-                match resp.json::<serde_json::Value>().await {
-                    Ok(report) => self.note_rejected_origins(&e.id, &report["rejected"]),
-                    Err(_) => "ok",
+                let report = resp.json::<serde_json::Value>().await.unwrap_or_default();
+                let outcome = self.note_rejected_origins(edge, &report["rejected"]);
+                if crate::origin_gaps::not_applied(&report["rejected"]) {
+                    // Answered, but its old table stays in force: as good as refused.
+                    self.keep_stale_hosts_off(edge, body).await;
                 }
+                outcome
             }
             Ok(resp) if resp.status().is_success() => "ok",
             Ok(resp) => {
@@ -264,6 +287,7 @@ impl EdgeSync {
                         .edge_origin_table_refused
                         .with_label_values(&[e.id.as_str()])
                         .set(1);
+                    self.keep_stale_hosts_off(edge, body).await;
                 }
                 "rejected"
             }
@@ -282,10 +306,14 @@ impl EdgeSync {
         outcome
     }
 
-    /// Record the origin rows edge `edge_id` left out, logged when the set of their hosts
-    /// changes (not on every push); the push's outcome: `ok`, or `partial` when rows were
-    /// left out.
-    fn note_rejected_origins(&self, edge_id: &str, rejected: &serde_json::Value) -> &'static str {
+    /// Record the origin rows edge `edge` left out of a table it took, logged when the set of
+    /// their hosts changes (not on every push), and keep their hosts off it; the push's
+    /// outcome: `ok`, or `partial` when rows were left out.
+    fn note_rejected_origins(&self, edge: usize, rejected: &serde_json::Value) -> &'static str {
+        let edge_id = self.fleet.edges[edge].id.as_str();
+        self.tables_taken[edge].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.gaps_checked.lock().remove(&edge);
+        self.set_hosts_off(edge, crate::origin_gaps::rejected_hosts(rejected));
         let rows = rejected.as_array().map(Vec::as_slice).unwrap_or_default();
         let n = rows.len();
         self.metrics
@@ -318,6 +346,92 @@ impl EdgeSync {
         } else {
             "ok"
         }
+    }
+
+    /// While edge `edge` refuses the origin table `body`, keep off it the hosts that the table
+    /// it holds (its `GET /origins`) routes otherwise. Read again when the registry's table
+    /// changes and at least every [`GAP_RECHECK`] (the edge may have restarted on another
+    /// table, or its name now reach another instance). A table that cannot be read leaves the
+    /// hosts kept off as they were, and is not asked for again before [`GAP_RECHECK`].
+    async fn keep_stale_hosts_off(&self, edge: usize, body: &serde_json::Value) {
+        use std::sync::atomic::Ordering;
+        if self.health.is_none() {
+            return;
+        }
+        let current = body["origins"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default();
+        let fingerprint = xxhash_rust::xxh3::xxh3_64(body["origins"].to_string().as_bytes());
+        let last = self.gaps_checked.lock().get(&edge).copied();
+        if last.is_some_and(|c| c.fingerprint == fingerprint && c.at.elapsed() < GAP_RECHECK) {
+            return;
+        }
+        let taken = self.tables_taken[edge].load(Ordering::Acquire);
+        let id = &self.fleet.edges[edge].id;
+        let held = self
+            .client
+            .get(self.admin_url(edge, "origins"))
+            .bearer_auth(&self.token)
+            // A table near the push limit takes longer than a push's answer.
+            .timeout(REDELIVERY_PATIENCE)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status());
+        let held = match held {
+            Ok(r) => r.json::<serde_json::Value>().await,
+            Err(e) => Err(e),
+        };
+        let found = held.is_ok();
+        let check = GapCheck {
+            fingerprint,
+            at: std::time::Instant::now(),
+            found,
+        };
+        let mut checked = self.gaps_checked.lock();
+        if self.tables_taken[edge].load(Ordering::Acquire) != taken {
+            // It took a table meanwhile: this comparison is out of date.
+            return;
+        }
+        checked.insert(edge, check);
+        drop(checked);
+        match held {
+            Ok(held) => {
+                let pushed = held["pushed"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default();
+                self.set_hosts_off(edge, crate::origin_gaps::differing_hosts(current, pushed));
+            }
+            Err(e) if last.is_none_or(|c| c.found) => {
+                tracing::warn!(edge = %id, error = %e,
+                    "edge refuses the origin table and its own cannot be read: the hosts kept off it stay as they were");
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Keep `hosts` (and only those) off edge `edge`, logged when the set changes.
+    fn set_hosts_off(&self, edge: usize, hosts: std::collections::HashSet<String>) {
+        let Some(health) = &self.health else {
+            return;
+        };
+        let n = hosts.len();
+        let id = self.fleet.edges[edge].id.as_str();
+        if n > 0 {
+            let sample: Vec<&String> = hosts.iter().take(20).collect();
+            let shown = format!("{sample:?}");
+            if health.set_hosts_off(edge, hosts) {
+                tracing::warn!(edge = %id, hosts = n, sample = %shown,
+                    "hosts kept off the edge: its origin table routes them otherwise");
+            }
+        } else if health.set_hosts_off(edge, hosts) {
+            tracing::info!(edge = %id, "every host routed to the edge again");
+        }
+        self.metrics
+            .edge_hosts_off
+            .with_label_values(&[id])
+            .set(n as i64);
     }
 
     /// Cache capacity edge `edge` last reported over QUIC.
@@ -784,6 +898,19 @@ impl Drop for Round {
 /// of routing until it confirms).
 const FAN_OUT_PATIENCE: Duration = Duration::from_secs(3);
 
+/// An edge refusing the origin table has its own read again at least this often.
+const GAP_RECHECK: Duration = Duration::from_secs(60);
+
+/// The last read of an edge's own origin table while it refuses the broker's.
+#[derive(Debug, Clone, Copy)]
+struct GapCheck {
+    /// Of the broker's table it was compared against.
+    fingerprint: u64,
+    at: std::time::Instant,
+    /// Whether the edge's table could be read.
+    found: bool,
+}
+
 /// How long a redelivered purge waits for its edge: long enough for a ban log's fsync on a
 /// busy disk. Only that edge's round waits.
 const REDELIVERY_PATIENCE: Duration = Duration::from_secs(15);
@@ -993,6 +1120,100 @@ mod tests {
         assert_eq!(refused(), 0, "the peer list is another table");
         assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
         assert_eq!(refused(), 1);
+    }
+
+    /// While an edge refuses the origin table, the hosts its own table routes otherwise
+    /// (changed or registered since) are kept off it, and only those; the edge's table is read
+    /// again only when the registry's changes. Rows it leaves out of a table it takes keep
+    /// their hosts off it; a table taken whole brings every host back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn hosts_an_edge_routes_otherwise_are_kept_off_it() {
+        use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+        let answer = Arc::new(AtomicU16::new(413));
+        let readable = Arc::new(AtomicU16::new(200));
+        let reads = Arc::new(AtomicUsize::new(0));
+        let (status, counted, held_status) = (answer.clone(), reads.clone(), readable.clone());
+        let app = axum::Router::new().route(
+            "/origins",
+            put(move || async move {
+                let code = status.load(Ordering::Acquire);
+                let rejected = if code == 200 {
+                    json!([])
+                } else {
+                    json!([{ "index": 1, "host": "moved.test", "error": "unresolvable" }])
+                };
+                let code = if code == 207 { 200 } else { code };
+                let body = axum::Json(json!({ "origins": 1, "rejected": rejected }));
+                (axum::http::StatusCode::from_u16(code).unwrap(), body)
+            })
+            .get(move || async move {
+                counted.fetch_add(1, Ordering::AcqRel);
+                let code = held_status.load(Ordering::Acquire);
+                let body = axum::Json(json!({ "configured": [], "pushed": [
+                    { "host": "same.test", "upstream": "http://a:80" },
+                    { "host": "moved.test", "upstream": "http://old:80" },
+                ]}));
+                (axum::http::StatusCode::from_u16(code).unwrap(), body)
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let edge = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup::new(dir.path(), &[edge]);
+        let sync = setup
+            .sync(setup.redelivery())
+            .keeping_hosts_off(setup.health.clone());
+        let gauge = || {
+            let id = setup.fleet.edges[0].id.as_str();
+            setup.metrics.edge_hosts_off.with_label_values(&[id]).get()
+        };
+        let health = &setup.health;
+        let mut table = json!({ "origins": [
+            { "host": "same.test", "upstream": "http://a:80" },
+            { "host": "moved.test", "upstream": "http://new:80" },
+            { "host": "added.test", "upstream": "http://c:80" },
+        ]});
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert!(health.serves_host(0, "same.test"));
+        assert!(!health.serves_host(0, "moved.test"));
+        assert!(!health.serves_host(0, "added.test"));
+        assert_eq!((gauge(), reads.load(Ordering::Acquire)), (2, 1));
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(
+            reads.load(Ordering::Acquire),
+            1,
+            "the same table: not read again"
+        );
+        table["origins"][2]["upstream"] = json!("http://a:80");
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(reads.load(Ordering::Acquire), 2);
+        assert!(!health.serves_host(0, "added.test") && !health.serves_host(0, "moved.test"));
+        answer.store(503, Ordering::Release);
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(gauge(), 2, "busy: as it was");
+        answer.store(207, Ordering::Release);
+        assert_eq!(sync.push_to(0, "origins", &table).await, "partial");
+        assert!(!health.serves_host(0, "moved.test"), "left out");
+        assert!(health.serves_host(0, "added.test"));
+        assert_eq!(gauge(), 1);
+        answer.store(200, Ordering::Release);
+        assert_eq!(sync.push_to(0, "origins", &table).await, "ok");
+        assert!(health.serves_host(0, "moved.test"));
+        assert_eq!(gauge(), 0);
+        // Refused again after taking one: its table is read again, whatever the registry's.
+        answer.store(413, Ordering::Release);
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!((reads.load(Ordering::Acquire), gauge()), (3, 2));
+        // Its table cannot be read: the hosts kept off stay, and it is not asked again at
+        // once.
+        readable.store(401, Ordering::Release);
+        table["origins"][0]["upstream"] = json!("http://z:80");
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!((reads.load(Ordering::Acquire), gauge()), (4, 2));
+        assert!(health.serves_host(0, "same.test"));
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(reads.load(Ordering::Acquire), 4);
     }
 
     /// A stop ends a redelivery round at once, and the purges it delivered before stay

@@ -5,7 +5,7 @@
 //! come back between crashes and fail the requests sent to it each time. Each probe first
 //! resolves the edge's names again ([`super::Addresses`]).
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -30,6 +30,11 @@ pub struct Health {
     /// Cut off the cluster: the broker's QUIC revocation list names its certificate. A node
     /// revoked as compromised must not be sent clients either.
     revoked: Vec<AtomicBool>,
+    /// Hosts each edge must not be sent: its origin table routes them otherwise than the
+    /// registry ([`Self::set_hosts_off`]). `hosts_off_any` says without a lock that there is
+    /// none, as for almost every edge almost always.
+    hosts_off: Vec<parking_lot::RwLock<HashSet<String>>>,
+    hosts_off_any: Vec<AtomicBool>,
     fails: Vec<AtomicU32>,
     oks: Vec<AtomicU32>,
     /// Passive mark-downs so far: a probe that passed before one says nothing after it.
@@ -53,6 +58,8 @@ impl Health {
             up: (0..edges).map(|_| AtomicBool::new(true)).collect(),
             held: (0..edges).map(|_| AtomicBool::new(false)).collect(),
             revoked: (0..edges).map(|_| AtomicBool::new(false)).collect(),
+            hosts_off: (0..edges).map(|_| Default::default()).collect(),
+            hosts_off_any: (0..edges).map(|_| AtomicBool::new(false)).collect(),
             fails: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             oks: (0..edges).map(|_| AtomicU32::new(0)).collect(),
             downs: (0..edges).map(|_| AtomicU64::new(0)).collect(),
@@ -79,6 +86,30 @@ impl Health {
     /// Whether the edge's QUIC certificate is revoked ([`Self::set_revoked`]).
     pub fn is_revoked(&self, edge: usize) -> bool {
         self.revoked[edge].load(Ordering::Acquire)
+    }
+
+    /// Keep requests for `hosts` off edge `edge`, and only those: its origin table left their
+    /// rows out, or (while it refuses the table) still routes them as before a change in the
+    /// registry. Whether the set changed.
+    pub fn set_hosts_off(&self, edge: usize, hosts: HashSet<String>) -> bool {
+        let mut off = self.hosts_off[edge].write();
+        if *off == hosts {
+            return false;
+        }
+        self.hosts_off_any[edge].store(!hosts.is_empty(), Ordering::Release);
+        *off = hosts;
+        true
+    }
+
+    /// Whether requests for `host` may go to edge `edge` ([`Self::set_hosts_off`]).
+    pub fn serves_host(&self, edge: usize, host: &str) -> bool {
+        !self.hosts_off_any[edge].load(Ordering::Acquire)
+            || !self.hosts_off[edge].read().contains(host)
+    }
+
+    /// How many hosts are kept off edge `edge`.
+    pub fn hosts_off(&self, edge: usize) -> usize {
+        self.hosts_off[edge].read().len()
     }
 
     /// Hold an edge out of routing, or release it; whether it was held.

@@ -100,8 +100,8 @@ impl Fleet {
         self.edge_region[edge]
     }
 
-    /// Usable edges of `region` in `role` for `key`, best first: up, not in `failed`, and
-    /// with a proxy address (a name that never resolved has none; such an edge must not keep
+    /// Usable edges of `region` in `role` for `key`, best first: up, not in `failed`, serving
+    /// the key's host (see [`Health::set_hosts_off`]), and with a proxy address (a name that never resolved has none; such an edge must not keep
     /// its region's standby out of the plan).
     fn ranked(&self, region: usize, role: Role, key: &str, usable: &Usable<'_>) -> Vec<usize> {
         rendezvous::rank(
@@ -169,7 +169,12 @@ impl Fleet {
         health: &Health,
         failed: &[usize],
     ) -> Vec<Choice> {
-        let usable = Usable { health, failed };
+        let host = key.split('/').next().unwrap_or(key);
+        let usable = Usable {
+            health,
+            failed,
+            host,
+        };
         let mut plan = Vec::with_capacity(4);
         let owner = self.owner(region, key);
         self.region_choices(key, region, &usable, owner, false, &mut plan);
@@ -219,15 +224,19 @@ impl Fleet {
     }
 }
 
-/// Which edges a plan may choose: up, and not already failed by the request.
+/// Which edges a plan may choose: up, not already failed by the request, and routing its
+/// host as the registry does.
 struct Usable<'a> {
     health: &'a Health,
     failed: &'a [usize],
+    host: &'a str,
 }
 
 impl Usable<'_> {
     fn is(&self, edge: usize) -> bool {
-        self.health.is_up(edge) && !self.failed.contains(&edge)
+        self.health.is_up(edge)
+            && !self.failed.contains(&edge)
+            && self.health.serves_host(edge, self.host)
     }
 }
 
@@ -307,5 +316,25 @@ mod tests {
         let p = f.plan_after("host/z", 0, &h, &[0]);
         assert_eq!(p[0].edge, Some(1));
         assert!(p.iter().all(|c| c.edge != Some(2)));
+    }
+
+    /// A host kept off an edge (its origin table routes it otherwise) goes to the next edge
+    /// that serves it, the standby when no active does; other hosts keep their owners.
+    #[test]
+    fn a_host_kept_off_edges_goes_to_those_that_serve_it() {
+        let (f, h) = fleet();
+        let owner = f.plan("other/z", 0, &h)[0].edge;
+        let off = |hosts: &[&str]| hosts.iter().map(|s| s.to_string()).collect();
+        assert!(h.set_hosts_off(0, off(&["host"])));
+        assert!(!h.set_hosts_off(0, off(&["host"])), "unchanged");
+        assert!(h.set_hosts_off(1, off(&["host", "third"])));
+        let p = f.plan("host/z", 0, &h);
+        assert_eq!((p[0].edge, p[0].reason), (Some(2), Reason::Standby));
+        assert!(p.iter().all(|c| !matches!(c.edge, Some(0 | 1))));
+        assert_eq!(f.plan("other/z", 0, &h)[0].edge, owner);
+        assert_eq!(f.edge_in_region("host/z", 0, &h), Some(2));
+        h.set_hosts_off(0, off(&[]));
+        assert_eq!(f.plan("host/z", 0, &h)[0].edge, Some(0));
+        assert_eq!(h.hosts_off(1), 2);
     }
 }
