@@ -130,7 +130,7 @@ pub async fn purge(
         // Both, whatever the first finds.
         found |= storage.invalidate_key(key) | table.remove(key).is_some();
     }
-    if found || storage.tombstones_owed() {
+    if found || storage.tombstones_owed() || storage.closing() {
         storage.settle_purge(keys).await?;
     }
     Ok(found)

@@ -18,7 +18,7 @@ pub use lock::FillLock;
 use std::any::Any;
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -163,6 +163,9 @@ pub struct FoyerStorage {
     recent: RecentPurges,
     /// Whether every key purge's tombstone is known to be on disk ([`Self::settle_purge`]).
     tombstones: Tombstones,
+    /// Set when the cache starts closing: foyer drops removals from then on, and a wait for
+    /// the disk tier returns at once, so a key purge is made durable by a key ban instead.
+    closing: AtomicBool,
     next_fill: AtomicU64,
     /// Shared with the blocking tasks that write key bans ([`Self::settle_purge`]).
     bans: Arc<BanList>,
@@ -332,6 +335,7 @@ impl FoyerStorage {
             purges: Mutex::new([0; PURGE_SLOTS]),
             recent: RecentPurges::new(RECENT_PURGE_WINDOW, RECENT_PURGE_CAP),
             tombstones: Tombstones::default(),
+            closing: AtomicBool::new(false),
             next_fill: AtomicU64::new(1),
             bans,
             key_bans,
@@ -359,8 +363,10 @@ impl FoyerStorage {
         &self.predictor
     }
 
-    /// Flush and close foyer; called on graceful shutdown.
+    /// Flush and close foyer; called on graceful shutdown. Key purges still answered meanwhile
+    /// (the admin listener serves until the process ends) are made durable by key bans.
     pub async fn close(&self) -> Result<(), StorageError> {
+        self.closing.store(true, Ordering::Release);
         self.cache.close().await?;
         Ok(())
     }
@@ -384,8 +390,16 @@ impl FoyerStorage {
         // not outlast the caller's deadline (the purge itself already holds in memory).
         let written = tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
             .await
-            .is_ok();
+            .is_ok()
+            && !self.closing();
         self.settled(primary_keys, (mark, at), written).await
+    }
+
+    /// Whether the cache is closing ([`Self::close`]): a key purge must settle (and will be
+    /// made durable by a key ban) even when it found nothing, since a closing foyer may no
+    /// longer tell what its disk tier holds.
+    pub fn closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     /// The end of [`Self::settle_purge`]: its wait, started at `mark` (wall time `at`: what a
@@ -1496,6 +1510,24 @@ mod tests {
             !s.cache.memory().contains(&hash),
             "the old copy dropped again"
         );
+    }
+
+    /// A key purge answered while the cache closes (foyer drops removals from then on, and a
+    /// wait for its disk tier returns at once) is made durable by a key ban.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_while_the_cache_closes_is_made_durable_by_a_key_ban() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        let before = SystemTime::now() - Duration::from_secs(1);
+        let hash = hash_of(CacheKey::new("h/closing", "").combined_bin());
+        assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+        assert!(!s.closing());
+        s.close().await.unwrap();
+        assert!(s.closing());
+        s.invalidate_key("h/closing");
+        s.settle_purge(&["h/closing"]).await.unwrap();
+        assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
+        assert!(s.bans.is_banned("h/closing", before, &HeaderMap::new()));
     }
 
     /// A purge while lookups keep reading the object from disk and foyer's write queue: once
