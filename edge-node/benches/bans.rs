@@ -1,7 +1,8 @@
 #![allow(missing_docs)] // criterion_group! generates an undocumented fn
 //! What a cache hit pays for the bans of its host: `BanList::is_banned` for an object stored
-//! before every ban, with 0 to 10,000 prefix bans, or 0 to 10,000 tag bans, on its host (an
-//! hour of purges at about 3 per second is 10,000). The object's response names three tags.
+//! before every ban, with 0 to 10,000 prefix bans, tag bans or key bans (key purges whose
+//! tombstones were late) on its host (an hour of purges at about 3 per second is 10,000). The
+//! object's response names three tags.
 //!
 //! `cargo bench -p edge-node --bench bans`
 
@@ -21,12 +22,15 @@ fn bans(c: &mut Criterion) {
         "surrogate-key",
         "site-assets app-js release-2026-12".parse().unwrap(),
     );
-    let kinds: [(&str, LogLine); 2] = [
+    let kinds: [(&str, LogLine); 3] = [
         ("is_banned/prefix", |i| {
             format!("ban {} site.example/assets/v{i}/\n", now_ms() - i as u64)
         }),
         ("is_banned/tag", |i| {
             format!("tag {} site.example/ product-{i}\n", now_ms() - i as u64)
+        }),
+        ("is_banned/key", |i| {
+            format!("key {} site.example/assets/v{i}/app.js\n", now_ms() - i as u64)
         }),
     ];
     for (name, line) in kinds {
