@@ -2135,6 +2135,33 @@ async fn unshadowing_a_shadow_while_it_fills_leaves_no_copy() {
     assert_eq!(origin.hits("/withdrawn.bin"), 2);
 }
 
+/// A shadow ordered again after a purge overtook its first fill is placed: the first fill's
+/// copy was the purge's to remove, and cleaning up after that fill must not purge the key
+/// again under the second order's fill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_ordered_again_after_a_purge_overtook_its_fill_is_placed() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    // About 2 s of body after the headers.
+    let path = "/overtaken.bin?size=131072&chunked=1&chunk_delay_ms=250";
+    let key = format!("{HOST}{path}");
+    order_shadow(&edge, &key).await;
+    wait_until(|| async { origin.hits("/overtaken.bin") == 1 }).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Purged while the first fill's body streams in, then ordered again.
+    let r = edge.purge(&key, TOKEN).await;
+    assert!([200, 404].contains(&r.status().as_u16()), "{}", r.status());
+    order_shadow(&edge, &key).await;
+    wait_until(|| async {
+        let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
+        s == StatusCode::OK
+    })
+    .await;
+    assert_eq!(x_cache(&edge.get(path).await), "HIT");
+    assert_eq!(origin.hits("/overtaken.bin"), 2);
+}
+
 /// A shadow order for an object the edge already cached only marks it; dropping the mark
 /// leaves the ordinary cache entry, as its expiry would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

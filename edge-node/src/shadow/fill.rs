@@ -478,6 +478,15 @@ async fn fetch(
     Ok(Fetched { source, tags })
 }
 
+/// Whether a key purge, or a prefix or tag ban, of `key` came since `started` (a fill's
+/// start): the fill's copy was kept out of the cache by it.
+fn purged_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
+    let wall = std::time::SystemTime::now()
+        .checked_sub(started.elapsed())
+        .unwrap_or(std::time::UNIX_EPOCH);
+    storage.purged_during(key, started, wall, &http::HeaderMap::new())
+}
+
 /// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
 /// broker hears so, or it would count the order live until its TTL and never place it again.
 /// `moved`: the bytes its attempts fetched (`peer`: from a peer), which the broker pays for
@@ -709,9 +718,12 @@ impl ShadowService {
                             // An unshadow that came while the body streamed in found no mark
                             // and no copy to remove: the copy it brought is removed now, as the
                             // unshadow would have, unless a client used it, the edge held it
-                            // before, or a later order marked the key (a purge removed it
-                            // already).
+                            // before, or a later order marked the key. A purge since the fill
+                            // started kept its copy out already (it cancelled the fill, or the
+                            // answer was refused as purged during its fetch); purging the key
+                            // again would take out the fill of an order that came after it.
                             let ours = source != FillSource::Local
+                                && !purged_since(storage, &req.key, started)
                                 && !table.fill_touched(&req.key)
                                 && table.get(&req.key).is_none();
                             if ours {
@@ -741,6 +753,14 @@ impl ShadowService {
                         if source != FillSource::Local {
                             metrics.shadow_fill_bytes.inc_by(bytes);
                         }
+                    }
+                    // Overtaken by a purge or an unshadow (its answer refused as purged
+                    // during the fetch, say): dropped, not failed, so the broker does not back
+                    // the key off and an order after the purge is not refused for it.
+                    Err(e) if !req.refresh && table.dropped_since(&req.key, started) => {
+                        tracing::debug!(key = %req.key, error = %e, "shadow fill overtaken");
+                        metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                        report_unheld(&table, &req, charged, false);
                     }
                     Err(e) => {
                         tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
