@@ -271,12 +271,13 @@ impl EdgeSync {
         let outcome = match r {
             Ok(resp) if resp.status().is_success() && what == "origins" => {
                 let report = resp.json::<serde_json::Value>().await.unwrap_or_default();
-                let outcome = self.note_rejected_origins(edge, &report["rejected"]);
                 if crate::origin_gaps::not_applied(&report["rejected"]) {
                     // Answered, but its old table stays in force: as good as refused.
                     self.keep_stale_hosts_off(edge, body).await;
+                    "rejected"
+                } else {
+                    self.note_rejected_origins(edge, &report["rejected"])
                 }
-                outcome
             }
             Ok(resp) if resp.status().is_success() => "ok",
             Ok(resp) => {
@@ -311,9 +312,14 @@ impl EdgeSync {
     /// outcome: `ok`, or `partial` when rows were left out.
     fn note_rejected_origins(&self, edge: usize, rejected: &serde_json::Value) -> &'static str {
         let edge_id = self.fleet.edges[edge].id.as_str();
-        self.tables_taken[edge].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.gaps_checked.lock().remove(&edge);
-        self.set_hosts_off(edge, crate::origin_gaps::rejected_hosts(rejected));
+        {
+            // Under the lock a comparison applies its result under: one that started before
+            // this table was taken cannot overwrite what it says.
+            let mut checked = self.gaps_checked.lock();
+            self.tables_taken[edge].fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            checked.remove(&edge);
+            self.set_hosts_off(edge, crate::origin_gaps::rejected_hosts(rejected));
+        }
         let rows = rejected.as_array().map(Vec::as_slice).unwrap_or_default();
         let n = rows.len();
         self.metrics
@@ -373,8 +379,9 @@ impl EdgeSync {
             .client
             .get(self.admin_url(edge, "origins"))
             .bearer_auth(&self.token)
-            // A table near the push limit takes longer than a push's answer.
-            .timeout(REDELIVERY_PATIENCE)
+            // A table near the push limit takes longer than a push's answer; the push round
+            // waits for it, so not much longer.
+            .timeout(GAP_READ_TIMEOUT)
             .send()
             .await
             .and_then(|r| r.error_for_status());
@@ -394,7 +401,6 @@ impl EdgeSync {
             return;
         }
         checked.insert(edge, check);
-        drop(checked);
         match held {
             Ok(held) => {
                 let pushed = held["pushed"]
@@ -402,6 +408,7 @@ impl EdgeSync {
                     .map(Vec::as_slice)
                     .unwrap_or_default();
                 self.set_hosts_off(edge, crate::origin_gaps::differing_hosts(current, pushed));
+                drop(checked);
             }
             Err(e) if last.is_none_or(|c| c.found) => {
                 tracing::warn!(edge = %id, error = %e,
@@ -900,6 +907,9 @@ const FAN_OUT_PATIENCE: Duration = Duration::from_secs(3);
 
 /// An edge refusing the origin table has its own read again at least this often.
 const GAP_RECHECK: Duration = Duration::from_secs(60);
+
+/// Longest a read of an edge's own origin table may take.
+const GAP_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The last read of an edge's own origin table while it refuses the broker's.
 #[derive(Debug, Clone, Copy)]

@@ -30,7 +30,10 @@ fn bans(c: &mut Criterion) {
             format!("tag {} site.example/ product-{i}\n", now_ms() - i as u64)
         }),
         ("is_banned/key", |i| {
-            format!("key {} site.example/assets/v{i}/app.js\n", now_ms() - i as u64)
+            format!(
+                "key {} site.example/assets/v{i}/app.js\n",
+                now_ms() - i as u64
+            )
         }),
     ];
     for (name, line) in kinds {

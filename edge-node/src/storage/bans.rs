@@ -413,13 +413,19 @@ impl BanList {
     /// Record a ban on the objects stored before `at` under exactly these primary keys,
     /// durably, with one fsync: the purges of `keys` whose tombstones were not written in
     /// time. `mark` is the tombstone count their wait was to cover: a compaction after a wait
-    /// covering it completed retires the bans ([`Self::compact`]).
-    pub fn add_keys(&self, keys: &[&str], mark: u64, at: SystemTime) -> Result<(), BanError> {
+    /// covering it completed retires the bans ([`Self::compact`]); `None` when no wait ever
+    /// will (the cache was closing, and dropped the removal).
+    pub fn add_keys(
+        &self,
+        keys: &[&str],
+        mark: Option<u64>,
+        at: SystemTime,
+    ) -> Result<(), BanError> {
         let targets = keys
             .iter()
             .map(|key| Banned::Key {
                 key: one_line(key),
-                mark: Some(mark),
+                mark,
             })
             .collect();
         self.add_all_at(targets, millis(at))
@@ -629,7 +635,7 @@ mod tests {
         let open = || BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         {
             let b = open();
-            b.add_keys(&["h/a?x=1", "h/b"], 5, SystemTime::now())
+            b.add_keys(&["h/a?x=1", "h/b"], Some(5), SystemTime::now())
                 .unwrap();
             assert!(b.is_banned("h/a?x=1", old, &NO_TAGS));
             assert!(b.is_banned("h/b", old, &NO_TAGS));
@@ -645,7 +651,7 @@ mod tests {
         assert!(b.is_banned("h/b", old, &NO_TAGS), "read back after a crash");
         b.compact(u64::MAX).unwrap();
         assert_eq!(b.len(), 2, "read back: not known to be written");
-        b.add_keys(&["h/c"], 7, SystemTime::now()).unwrap();
+        b.add_keys(&["h/c"], Some(7), SystemTime::now()).unwrap();
         assert!(b.is_banned("h/c", old, &NO_TAGS));
         assert!(!b.is_banned("h/c", later, &NO_TAGS));
         assert_eq!(b.written_keys(7), ["h/c"]);
@@ -666,8 +672,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = SystemTime::now() - Duration::from_secs(10);
         let b = BanList::open(dir.path(), Duration::from_millis(20)).unwrap();
-        b.add_keys(&["a/k"], 7, SystemTime::now()).unwrap();
-        b.add_keys(&["b/k"], 9, SystemTime::now()).unwrap();
+        b.add_keys(&["a/k"], Some(7), SystemTime::now()).unwrap();
+        b.add_keys(&["b/k"], Some(9), SystemTime::now()).unwrap();
         std::thread::sleep(Duration::from_millis(40));
         b.compact(7).unwrap();
         assert!(b.is_empty());
@@ -966,7 +972,9 @@ mod tests {
                 torn: false,
             };
             assert!(b.add("h/failed/").is_err());
-            assert!(b.add_keys(&["h/failed/k"], 1, SystemTime::now()).is_err());
+            assert!(b
+                .add_keys(&["h/failed/k"], Some(1), SystemTime::now())
+                .is_err());
             assert!(!b.is_banned("h/failed/k", old, &NO_TAGS));
             assert!(
                 !b.is_banned("h/failed/x", old, &NO_TAGS),

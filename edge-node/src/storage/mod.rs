@@ -365,9 +365,23 @@ impl FoyerStorage {
 
     /// Flush and close foyer; called on graceful shutdown. Key purges still answered meanwhile
     /// (the admin listener serves until the process ends) are made durable by key bans.
+    /// Every tombstone submitted before the close is written by it, so the key bans standing
+    /// in for late ones are retired then (their keys first dropped from memory, which the
+    /// close writes out: a disk read under way at their purge may have put an old copy back).
     pub async fn close(&self) -> Result<(), StorageError> {
         self.closing.store(true, Ordering::Release);
+        let mark = self.tombstones.mark();
+        for key in self.bans.written_keys(u64::MAX) {
+            self.cache.memory().remove(&primary_hash(&key));
+        }
         self.cache.close().await?;
+        self.tombstones.written(mark);
+        let (bans, written) = (self.bans.clone(), self.tombstones.written_so_far());
+        match tokio::task::spawn_blocking(move || bans.compact(written)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "ban log compaction at close"),
+            Err(e) => tracing::warn!(error = %e, "ban log compaction at close"),
+        }
         Ok(())
     }
 
@@ -388,9 +402,11 @@ impl FoyerStorage {
         let (mark, at) = (self.tombstones.mark(), SystemTime::now());
         // The wait covers every flusher's backlog; under a heavy fill load the answer must
         // not outlast the caller's deadline (the purge itself already holds in memory).
-        let written = tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
-            .await
-            .is_ok()
+        // A closing cache drops the removal: nothing to wait for.
+        let written = !self.closing()
+            && tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
+                .await
+                .is_ok()
             && !self.closing();
         self.settled(primary_keys, (mark, at), written).await
     }
@@ -417,6 +433,8 @@ impl FoyerStorage {
             self.tombstones.written(mark);
             return Ok(());
         }
+        // Removals a closing cache dropped are never written: no wait retires their bans.
+        let mark = (!self.closing()).then_some(mark);
         let bans = self.bans.clone();
         let keys: Vec<String> = primary_keys.iter().map(|k| k.to_string()).collect();
         let banned = tokio::task::spawn_blocking(move || {
@@ -638,7 +656,7 @@ impl FoyerStorage {
         if self.tombstones.owed() {
             let mark = self.tombstones.mark();
             let wait = self.cache.storage().wait();
-            if tokio::time::timeout(COMPACTION_WAIT, wait).await.is_ok() {
+            if tokio::time::timeout(COMPACTION_WAIT, wait).await.is_ok() && !self.closing() {
                 self.tombstones.written(mark);
             }
         }
@@ -1512,22 +1530,35 @@ mod tests {
         );
     }
 
-    /// A key purge answered while the cache closes (foyer drops removals from then on, and a
-    /// wait for its disk tier returns at once) is made durable by a key ban.
+    /// The close writes every tombstone submitted before it, so it retires the key bans that
+    /// stood in for late ones. A key purge answered while the cache closes (foyer drops
+    /// removals from then on, and a wait for its disk tier returns at once) is made durable by
+    /// a key ban that no later wait retires.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_purge_while_the_cache_closes_is_made_durable_by_a_key_ban() {
         let dir = tempfile::tempdir().unwrap();
         let s = storage_with_disk(dir.path(), 16 << 20).await;
         let before = SystemTime::now() - Duration::from_secs(1);
-        let hash = hash_of(CacheKey::new("h/closing", "").combined_bin());
-        assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+        for key in ["h/late", "h/closing"] {
+            let hash = hash_of(CacheKey::new(key, "").combined_bin());
+            assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+        }
+        assert!(s.invalidate_key("h/late"));
+        let mark = s.tombstones.mark();
+        s.settled(&["h/late"], (mark, SystemTime::now()), false)
+            .await
+            .unwrap();
+        assert_eq!(s.ban_count(), 1);
         assert!(!s.closing());
         s.close().await.unwrap();
         assert!(s.closing());
+        assert_eq!(s.ban_count(), 0, "the close wrote the late tombstone");
         s.invalidate_key("h/closing");
         s.settle_purge(&["h/closing"]).await.unwrap();
-        assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
+        assert_eq!((s.ban_count(), s.key_bans.get()), (1, 2));
         assert!(s.bans.is_banned("h/closing", before, &HeaderMap::new()));
+        s.compact_bans().await.unwrap();
+        assert_eq!(s.ban_count(), 1, "no wait retires it");
     }
 
     /// A purge while lookups keep reading the object from disk and foyer's write queue: once
