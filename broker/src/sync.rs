@@ -1079,6 +1079,11 @@ mod tests {
                     "purged"
                 }),
             );
+        serve(app).await
+    }
+
+    /// Serve `app` on a loopback port of its own; its address.
+    async fn serve(app: axum::Router) -> std::net::SocketAddr {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move { axum::serve(listener, app).await });
@@ -1100,9 +1105,7 @@ mod tests {
                 (axum::http::StatusCode::from_u16(code).unwrap(), body)
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let edge = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let edge = serve(app).await;
         let dir = tempfile::tempdir().unwrap();
         let setup = Setup::new(dir.path(), &[edge]);
         let sync = setup.sync(setup.redelivery());
@@ -1166,9 +1169,7 @@ mod tests {
                 (axum::http::StatusCode::from_u16(code).unwrap(), body)
             }),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let edge = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let edge = serve(app).await;
         let dir = tempfile::tempdir().unwrap();
         let setup = Setup::new(dir.path(), &[edge]);
         let sync = setup
@@ -1245,9 +1246,7 @@ mod tests {
                     },
                 ),
             );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let edge = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let edge = serve(app).await;
         let dir = tempfile::tempdir().unwrap();
         let setup = Setup::new(dir.path(), &[edge]);
         let redelivery = setup.redelivery();
@@ -1332,9 +1331,7 @@ mod tests {
                 },
             ),
         );
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let edge = listener.local_addr().unwrap();
-        tokio::spawn(async move { axum::serve(listener, app).await });
+        let edge = serve(app).await;
         let dir = tempfile::tempdir().unwrap();
         let setup = Setup::new(dir.path(), &[edge]);
         let redelivery = setup.redelivery();
