@@ -2162,30 +2162,6 @@ async fn a_shadow_ordered_again_after_a_purge_overtook_its_fill_is_placed() {
     assert_eq!(origin.hits("/overtaken.bin"), 2);
 }
 
-/// A shadow unshadowed while it fills and ordered again at once is placed: the copy the first
-/// fill brings is left to the second order, not removed under it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shadow_unshadowed_while_it_fills_and_ordered_again_is_placed() {
-    let origin = TestOrigin::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let edge = start_edge(origin.addr, dir.path(), "");
-    // About 2 s of body after the headers.
-    let path = "/reordered.bin?size=131072&chunked=1&chunk_delay_ms=250";
-    let key = format!("{HOST}{path}");
-    order_shadow(&edge, &key).await;
-    wait_until(|| async { origin.hits("/reordered.bin") == 1 }).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (s, v) = admin_json(&edge, Method::DELETE, &format!("/shadows/{key}"), None).await;
-    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
-    order_shadow(&edge, &key).await;
-    wait_until(|| async {
-        let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
-        s == StatusCode::OK
-    })
-    .await;
-    assert_eq!(x_cache(&edge.get(path).await), "HIT");
-}
-
 /// A shadow order for an object the edge already cached only marks it; dropping the mark
 /// leaves the ordinary cache entry, as its expiry would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -754,14 +754,6 @@ impl ShadowService {
                             metrics.shadow_fill_bytes.inc_by(bytes);
                         }
                     }
-                    // Overtaken by a purge or an unshadow (its answer refused as purged
-                    // during the fetch, say): dropped, not failed, so the broker does not back
-                    // the key off and an order after the purge is not refused for it.
-                    Err(e) if !req.refresh && table.dropped_since(&req.key, started) => {
-                        tracing::debug!(key = %req.key, error = %e, "shadow fill overtaken");
-                        metrics.shadow_fills.with_label_values(&["dropped"]).inc();
-                        report_unheld(&table, &req, charged, false);
-                    }
                     Err(e) => {
                         tracing::warn!(key = %req.key, error = %e, "shadow fill failed");
                         metrics.shadow_fills.with_label_values(&["failed"]).inc();
