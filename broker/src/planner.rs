@@ -40,7 +40,7 @@ use crate::cost::{Class, Ledger, Odds, OrderInfo, Signal, Stake};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
 use crate::registry::Registry;
-use crate::routing::{Fleet, Health};
+use crate::routing::{host_of, Fleet, Health};
 use crate::signals::anomaly::{Detector, Standing};
 use crate::signals::AnomalySection;
 use crate::sync::EdgeSync;
@@ -996,7 +996,7 @@ impl Planner {
             // Only registered hosts: records of a deleted host's last requests may land
             // after its series were forgotten. A host registered again plans from its new
             // registration's history only.
-            let host = crate::monitor::host_of(resource);
+            let host = host_of(resource);
             if self.registry.origin(host).is_none() {
                 continue;
             }
@@ -1173,7 +1173,7 @@ impl Planner {
     /// one whose origin table routes the key's host otherwise: its copy may be another
     /// origin's).
     fn peer_for(&self, target: usize, key: &str, holders: &[usize]) -> Option<PeerRef> {
-        let host = key.split('/').next().unwrap_or_default();
+        let host = host_of(key);
         let usable =
             |e: &usize| *e != target && self.health.is_up(*e) && self.health.serves_host(*e, host);
         self.fleet

@@ -193,7 +193,7 @@ impl BrokerProxy {
             return None;
         }
         // A peer whose origin table routes the host otherwise may hold another origin's copy.
-        let host = ctx.key.split('/').next().unwrap_or_default();
+        let host = crate::routing::host_of(&ctx.key);
         let usable = |e: usize| {
             self.fleet.addresses.get(e).sync.is_some()
                 && self.health.is_up(e)

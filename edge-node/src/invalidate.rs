@@ -151,16 +151,11 @@ async fn purge_keys(
     Ok(found?)
 }
 
-/// Run a ban's durable write (an fsync, which a busy disk can stretch to seconds) off the
-/// async runtime: the QUIC service and the admin API each run on one thread, which every
-/// other request, probe and peer transfer of theirs shares.
+/// A ban's durable write, off the async runtime ([`crate::storage::off_runtime`]).
 async fn off_runtime(
     write: impl FnOnce() -> Result<(), BanError> + Send + 'static,
 ) -> Result<(), PurgeError> {
-    match tokio::task::spawn_blocking(write).await {
-        Ok(written) => Ok(written?),
-        Err(e) => Err(task_failed(e)),
-    }
+    Ok(crate::storage::off_runtime(write).await?)
 }
 
 /// A purge task that ended without its answer (it panicked): reported as the ban log's

@@ -20,7 +20,7 @@ use std::time::Duration;
 use crossbeam_queue::ArrayQueue;
 use parking_lot::RwLock;
 
-pub use series::{host_of, Bucket, Observation, Series, SeriesStore};
+pub use series::{Bucket, Observation, Series, SeriesStore};
 
 use crate::config::MonitorSection;
 use crate::metrics::BrokerMetrics;

@@ -9,6 +9,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use crate::routing::host_of;
+
 /// One bucket of a series.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Bucket {
@@ -159,11 +161,6 @@ impl Series {
         });
         (r > 0).then(|| b / r)
     }
-}
-
-/// The host of a resource (`host/path`), the part a series is owned by.
-pub fn host_of(resource: &str) -> &str {
-    resource.split_once('/').map_or(resource, |(host, _)| host)
 }
 
 impl SeriesStore {

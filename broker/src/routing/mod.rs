@@ -169,7 +169,7 @@ impl Fleet {
         health: &Health,
         failed: &[usize],
     ) -> Vec<Choice> {
-        let host = key.split('/').next().unwrap_or(key);
+        let host = host_of(key);
         let usable = Usable {
             health,
             failed,
@@ -222,6 +222,12 @@ impl Fleet {
             });
         }
     }
+}
+
+/// The host of a key or resource (`host/path`): what origin tables, an edge's hosts kept off
+/// and a series' owner are keyed by.
+pub fn host_of(key: &str) -> &str {
+    key.split_once('/').map_or(key, |(host, _)| host)
 }
 
 /// Which edges a plan may choose: up, not already failed by the request, and routing its

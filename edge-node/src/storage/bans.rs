@@ -64,6 +64,17 @@ impl BanError {
     }
 }
 
+/// Run a write of the ban log (an fsync, which a busy disk can stretch to seconds) off the
+/// async runtime: the QUIC service and the admin API each run on one thread, which every
+/// other request, probe and peer transfer of theirs shares.
+pub(crate) async fn off_runtime(
+    write: impl FnOnce() -> Result<(), BanError> + Send + 'static,
+) -> Result<(), BanError> {
+    tokio::task::spawn_blocking(write)
+        .await
+        .unwrap_or_else(|e| Err(BanError::task_failed(e)))
+}
+
 /// A host's floor raised for a registration of the host (see [`crate::ownership`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerChange {
@@ -102,6 +113,12 @@ impl Ban {
             Banned::Tag { scope, .. } => scope,
             Banned::Key { key, .. } => scope(key),
         }
+    }
+
+    /// Whether it is a key ban whose tombstone a completed wait covered (`written` tombstones
+    /// are on disk): nothing left for it to stand in for.
+    fn retired(&self, written: u64) -> bool {
+        matches!(self.target, Banned::Key { mark: Some(mark), .. } if mark <= written)
     }
 
     /// The ban's log line.
@@ -160,13 +177,8 @@ impl ScopeBans {
         let mut expired = Vec::new();
         let before = self.all.len();
         self.all.retain(|b| {
-            if let Banned::Key {
-                mark: Some(mark), ..
-            } = b.target
-            {
-                if mark <= written {
-                    return false;
-                }
+            if b.retired(written) {
+                return false;
             }
             let keep = b.at_ms >= horizon;
             if !keep {
@@ -437,11 +449,9 @@ impl BanList {
         s.bans
             .values()
             .flat_map(|b| &b.all)
+            .filter(|b| b.retired(tombstones_written))
             .filter_map(|b| match &b.target {
-                Banned::Key {
-                    key,
-                    mark: Some(mark),
-                } if *mark <= tombstones_written => Some(key.clone()),
+                Banned::Key { key, .. } => Some(key.clone()),
                 _ => None,
             })
             .collect()

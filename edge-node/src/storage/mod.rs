@@ -39,6 +39,7 @@ use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheEntryKey, CacheMeta, NoCacheReason, Storage};
 use pingora_error::{Error, ErrorType, Result};
 
+pub(crate) use bans::off_runtime;
 pub use bans::{BanError, BanList, OwnerChange};
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::{ObjectMeta, StoredObject};
@@ -376,11 +377,8 @@ impl FoyerStorage {
         }
         self.cache.close().await?;
         self.tombstones.written(mark);
-        let (bans, written) = (self.bans.clone(), self.tombstones.written_so_far());
-        match tokio::task::spawn_blocking(move || bans.compact(written)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "ban log compaction at close"),
-            Err(e) => tracing::warn!(error = %e, "ban log compaction at close"),
+        if let Err(e) = self.retire_key_bans().await {
+            tracing::warn!(error = %e, "ban log compaction at close");
         }
         Ok(())
     }
@@ -437,12 +435,11 @@ impl FoyerStorage {
         let mark = (!self.closing()).then_some(mark);
         let bans = self.bans.clone();
         let keys: Vec<String> = primary_keys.iter().map(|k| k.to_string()).collect();
-        let banned = tokio::task::spawn_blocking(move || {
+        let banned = off_runtime(move || {
             let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
             bans.add_keys(&keys, mark, at)
         })
-        .await
-        .unwrap_or_else(|e| Err(BanError::task_failed(e)));
+        .await;
         match banned {
             Ok(()) => {
                 self.key_bans.inc();
@@ -649,9 +646,7 @@ impl FoyerStorage {
 
     /// Drop expired bans, and the key bans whose tombstones are written since (run
     /// periodically). A late tombstone still owed is waited for first, so a key ban does not
-    /// outlive its need for want of a later key purge. Each retired key is dropped from
-    /// memory once more: a disk read under way at its purge may have put the old copy back,
-    /// and only the ban kept it from being served.
+    /// outlive its need for want of a later key purge.
     pub async fn compact_bans(&self) -> Result<(), BanError> {
         if self.tombstones.owed() {
             let mark = self.tombstones.mark();
@@ -660,14 +655,19 @@ impl FoyerStorage {
                 self.tombstones.written(mark);
             }
         }
+        self.retire_key_bans().await
+    }
+
+    /// Compact the ban log, retiring the key bans whose tombstones are written. Each retired
+    /// key is dropped from memory once more: a disk read under way at its purge may have put
+    /// the old copy back, and only the ban kept it from being served.
+    async fn retire_key_bans(&self) -> Result<(), BanError> {
         let written = self.tombstones.written_so_far();
         for key in self.bans.written_keys(written) {
             self.cache.memory().remove(&primary_hash(&key));
         }
         let bans = self.bans.clone();
-        tokio::task::spawn_blocking(move || bans.compact(written))
-            .await
-            .unwrap_or_else(|e| Err(BanError::task_failed(e)))
+        off_runtime(move || bans.compact(written)).await
     }
 
     /// Number of purge bans in force.
