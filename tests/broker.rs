@@ -232,14 +232,16 @@ impl Cluster {
             .unwrap()
     }
 
+    /// The broker's gauge `name` for edge `id`.
+    async fn edge_gauge(&self, name: &str, id: &str) -> Option<f64> {
+        let edge = format!("edge=\"{id}\"");
+        sample(&self.metrics().await, name, &[edge.as_str()])
+    }
+
     /// Purges the broker holds for edge `id` until it confirms them.
     async fn pending_purges(&self, id: &str) -> Option<f64> {
-        let edge = format!("edge=\"{id}\"");
-        sample(
-            &self.metrics().await,
-            "shadowcdn_broker_edge_pending_purges",
-            &[edge.as_str()],
-        )
+        self.edge_gauge("shadowcdn_broker_edge_pending_purges", id)
+            .await
     }
 
     /// Requests the broker has finished. It records which edge served a request before it
@@ -1142,6 +1144,62 @@ async fn a_new_empty_registry_does_not_wipe_the_edges_origin_tables() {
             StatusCode::OK,
             "edge {i} lost the host"
         );
+    }
+}
+
+/// An edge restarted with another admin token (a rotation begun on its side) refuses the
+/// broker's origin table and its `GET /origins` alike. A host registered since is kept off it
+/// (its region's clients are served by a neighbour instead of a 404), the hosts it took before
+/// stay on it, and a broker restarted meanwhile still knows which table the edge took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_registered_while_an_edge_refuses_the_token_is_kept_off_it() {
+    let origin = TestOrigin::start().await;
+    let other = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let us = 3;
+    c.edges[us].child.kill();
+    c.edges[us].set_env("SHADOWCDN_EDGE_ADMIN__TOKEN", "rotated-on-the-edge-only");
+    c.edges[us].spawn();
+    let refused = "shadowcdn_broker_edge_origin_table_refused";
+    wait_until(|| async { c.edge_gauge(refused, "us-a").await == Some(1.0) }).await;
+    let (s, v) = api(
+        reqwest::Method::PUT,
+        c.broker.api("/v1/origins/other.test"),
+        &c.token,
+        Some(json!({"upstream": format!("http://{}", other.addr)})),
+    )
+    .await;
+    assert_eq!(s, StatusCode::CREATED, "{v}");
+    let broker = c.broker.addr;
+    let fetch = |host: &'static str| {
+        let url = format!("http://{broker}/a");
+        async move {
+            let r = client()
+                .get(url)
+                .header("host", host)
+                .header("x-client-region", "us")
+                .send()
+                .await
+                .unwrap();
+            (r.status(), edge_of(&r))
+        }
+    };
+    let hosts_off = "shadowcdn_broker_edge_hosts_off";
+    for round in ["before", "after"] {
+        wait_until(|| async { c.edge_gauge(hosts_off, "us-a").await == Some(1.0) }).await;
+        wait_until(|| async { fetch("other.test").await.0 == StatusCode::OK }).await;
+        for _ in 0..5 {
+            let (status, edge) = fetch("other.test").await;
+            assert_eq!(status, StatusCode::OK, "{round} the broker's restart");
+            assert_ne!(edge, "us-a", "{round} the broker's restart");
+            assert_eq!(fetch(HOST).await, (StatusCode::OK, "us-a".to_string()));
+        }
+        if round == "before" {
+            c.broker.child.kill();
+            c.broker.spawn();
+            wait_until(|| async { c.edge_gauge(refused, "us-a").await == Some(1.0) }).await;
+        }
     }
 }
 

@@ -26,6 +26,7 @@ pub mod routing;
 pub mod server;
 pub mod signals;
 pub mod sync;
+pub mod taken_tables;
 pub mod tls;
 
 pub use config::BrokerConfig;

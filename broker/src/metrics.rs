@@ -50,6 +50,8 @@ pub struct BrokerMetrics {
     pub purge_redeliveries: IntCounterVec,
     /// Writes of the pending-purge queues that failed (they still hold in memory).
     pub pending_purges_save_failures: prometheus::IntCounter,
+    /// Writes of the origin tables the edges took that failed (they still hold in memory).
+    pub taken_tables_save_failures: prometheus::IntCounter,
     /// Planner decisions by outcome.
     pub planner_decisions: IntCounterVec,
     /// Shadow commands sent to edges by outcome.
@@ -233,6 +235,10 @@ impl BrokerMetrics {
             pending_purges_save_failures: prometheus::IntCounter::new(
                 "shadowcdn_broker_pending_purges_save_failures_total",
                 "Writes of the pending-purge queues to disk that failed",
+            )?,
+            taken_tables_save_failures: prometheus::IntCounter::new(
+                "shadowcdn_broker_taken_tables_save_failures_total",
+                "Writes to disk of the origin tables the edges took that failed",
             )?,
             planner_decisions: IntCounterVec::new(
                 Opts::new(
@@ -461,6 +467,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.edge_pending_purges.clone()))?;
         registry.register(Box::new(m.purge_redeliveries.clone()))?;
         registry.register(Box::new(m.pending_purges_save_failures.clone()))?;
+        registry.register(Box::new(m.taken_tables_save_failures.clone()))?;
         Ok(m)
     }
 }

@@ -26,26 +26,44 @@ fn canonical(row: &Value) -> Option<(String, String)> {
     Some((entry.host, text))
 }
 
-/// Each host's rows, canonical.
-fn by_host(rows: &[Value]) -> HashMap<String, BTreeSet<String>> {
+/// A table's rows by host: each host's canonical rows as one hash, small enough to keep per
+/// edge ([`crate::taken_tables`]) and to compare tables by.
+pub type HostRows = HashMap<String, u64>;
+
+/// The rows of a table by host ([`HostRows`]).
+pub fn host_rows(rows: &[Value]) -> HostRows {
     let mut hosts: HashMap<String, BTreeSet<String>> = HashMap::new();
     for (host, text) in rows.iter().filter_map(canonical) {
         hosts.entry(host).or_default().insert(text);
     }
     hosts
+        .into_iter()
+        .map(|(host, rows)| {
+            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+            for row in rows {
+                hasher.update(row.as_bytes());
+                hasher.update(b"\n");
+            }
+            (host, hasher.digest())
+        })
+        .collect()
 }
 
-/// The hosts of `current` (the rows the broker pushes) whose rows differ from those of `held`
-/// (the rows the edge holds, as its `GET /origins` lists them under `pushed`): changed,
-/// added or removed in part. Hosts the edge holds that the registry no longer has are left
-/// out: the broker does not route them.
-pub fn differing_hosts(current: &[Value], held: &[Value]) -> HashSet<String> {
-    let held = by_host(held);
-    by_host(current)
-        .into_iter()
-        .filter(|(host, rows)| held.get(host) != Some(rows))
-        .map(|(host, _)| host)
+/// The hosts of `current` (the broker's table) whose rows differ from those of `held` (the
+/// table an edge holds): changed, added or removed in part. Hosts the edge holds that the
+/// registry no longer has are left out: the broker does not route them.
+pub fn differing(current: &HostRows, held: &HostRows) -> HashSet<String> {
+    current
+        .iter()
+        .filter(|(host, rows)| held.get(*host) != Some(rows))
+        .map(|(host, _)| host.clone())
         .collect()
+}
+
+/// [`differing`] for rows as pushed (`current`) and as the edge's `GET /origins` lists them
+/// under `pushed` (`held`).
+pub fn differing_hosts(current: &[Value], held: &[Value]) -> HashSet<String> {
+    differing(&host_rows(current), &host_rows(held))
 }
 
 /// Whether an edge's answer to a push says it applied none of it (a rejected row naming no

@@ -28,6 +28,7 @@ use crate::registry::{Registry, RegistryError};
 use crate::routing::{Fleet, Health, HealthChecker, Holders, RegionResolver};
 use crate::signals::{CoAccessParts, CoAccessService};
 use crate::sync::{EdgeSync, OriginPusher, PurgeRedeliverer};
+use crate::taken_tables::TakenTables;
 use edge_node::access_log;
 
 /// Why a broker could not start.
@@ -206,6 +207,15 @@ impl Broker {
             )
             .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
             .keeping_hosts_off(health.clone())
+            .remembering_tables(Arc::new(TakenTables::open(
+                cfg.data_dir.join("edge-tables.json"),
+                &fleet
+                    .edges
+                    .iter()
+                    .map(|e| e.id.as_str())
+                    .collect::<Vec<_>>(),
+                metrics.clone(),
+            )))
             .redelivering(Arc::new(
                 Redelivery::open(
                     cfg.data_dir.join("pending-purges.json"),

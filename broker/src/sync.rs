@@ -21,10 +21,12 @@ use tokio::sync::Notify;
 
 use crate::control::{Control, ControlError};
 use crate::metrics::BrokerMetrics;
+use crate::origin_gaps::HostRows;
 use crate::redelivery::{PendingPurge, Redelivery, Ticket};
 use crate::refreshes::RecentRefreshes;
 use crate::registry::Registry;
 use crate::routing::{Fleet, Health};
+use crate::taken_tables::TakenTables;
 use edge_node::drain::{InflightCounter, InflightGuard};
 
 /// Most shadows one edge's listing may return (far beyond any edge's shadow budget).
@@ -72,6 +74,11 @@ pub struct EdgeSync {
     /// Per edge refusing the table, when its own table was last read and against which of
     /// the registry's ([`GapCheck`]).
     gaps_checked: parking_lot::Mutex<std::collections::HashMap<usize, GapCheck>>,
+    /// The tables edges took, for when an edge refusing one does not let its own be read
+    /// either; `None` compares with what the edge says only.
+    taken: Option<Arc<TakenTables>>,
+    /// The last table pushed: its fingerprint and rows by host, worked out once for every edge.
+    pushed: parking_lot::Mutex<Option<(u64, Arc<HostRows>)>>,
     /// Per edge, tables it took so far: a comparison that started before one is not applied
     /// after it.
     tables_taken: Vec<std::sync::atomic::AtomicU64>,
@@ -120,6 +127,8 @@ impl EdgeSync {
             rejected: Default::default(),
             health: None,
             gaps_checked: Default::default(),
+            taken: None,
+            pushed: Default::default(),
             redelivery: None,
             refreshes: RecentRefreshes::default(),
             rounds: Default::default(),
@@ -152,6 +161,13 @@ impl EdgeSync {
     /// ([`crate::origin_gaps`]).
     pub fn keeping_hosts_off(mut self, health: Arc<Health>) -> Self {
         self.health = Some(health);
+        self
+    }
+
+    /// Remember in `taken` the table each edge takes, to compare against when an edge
+    /// refusing a later one does not let its own be read.
+    pub fn remembering_tables(mut self, taken: Arc<TakenTables>) -> Self {
+        self.taken = Some(taken);
         self
     }
 
@@ -276,7 +292,9 @@ impl EdgeSync {
                     self.keep_stale_hosts_off(edge, body).await;
                     "rejected"
                 } else {
-                    self.note_rejected_origins(edge, &report["rejected"])
+                    let outcome = self.note_rejected_origins(edge, &report["rejected"]);
+                    self.remember_taken(edge, body, &report["rejected"]).await;
+                    outcome
                 }
             }
             Ok(resp) if resp.status().is_success() => "ok",
@@ -354,21 +372,59 @@ impl EdgeSync {
         }
     }
 
+    /// The fingerprint of the origin table `body` and its rows by host, worked out once per
+    /// table.
+    fn pushed_rows(&self, body: &serde_json::Value) -> (u64, Arc<HostRows>) {
+        let fingerprint = xxhash_rust::xxh3::xxh3_64(body["origins"].to_string().as_bytes());
+        let mut last = self.pushed.lock();
+        if let Some((f, rows)) = &*last {
+            if *f == fingerprint {
+                return (fingerprint, rows.clone());
+            }
+        }
+        let rows = body["origins"].as_array().map(Vec::as_slice);
+        let rows = Arc::new(crate::origin_gaps::host_rows(rows.unwrap_or_default()));
+        *last = Some((fingerprint, rows.clone()));
+        (fingerprint, rows)
+    }
+
+    /// Edge `edge` took the origin table `body` less the rows it reports `rejected`:
+    /// remembered, and saved when that changes what is known of it.
+    async fn remember_taken(
+        &self,
+        edge: usize,
+        body: &serde_json::Value,
+        rejected: &serde_json::Value,
+    ) {
+        let Some(taken) = &self.taken else {
+            return;
+        };
+        let (_, rows) = self.pushed_rows(body);
+        let left_out = crate::origin_gaps::rejected_hosts(rejected);
+        let rows = if left_out.is_empty() {
+            rows
+        } else {
+            let kept = rows.iter().filter(|(host, _)| !left_out.contains(*host));
+            Arc::new(kept.map(|(host, r)| (host.clone(), *r)).collect())
+        };
+        if taken.took(&self.fleet.edges[edge].id, rows) {
+            taken.save().await;
+        }
+    }
+
     /// While edge `edge` refuses the origin table `body`, keep off it the hosts that the table
     /// it holds (its `GET /origins`) routes otherwise. Read again when the registry's table
     /// changes and at least every [`GAP_RECHECK`] (the edge may have restarted on another
-    /// table, or its name now reach another instance). A table that cannot be read leaves the
-    /// hosts kept off as they were, and is not asked for again before [`GAP_RECHECK`].
+    /// table, or its name now reach another instance). When its table cannot be read (it
+    /// refuses the broker's credentials too) the table it last took stands for it; when that
+    /// is not known either, the hosts kept off stay as they were. A table that cannot be read
+    /// is not asked for again before [`GAP_RECHECK`].
     async fn keep_stale_hosts_off(&self, edge: usize, body: &serde_json::Value) {
         use std::sync::atomic::Ordering;
         if self.health.is_none() {
             return;
         }
-        let current = body["origins"]
-            .as_array()
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        let fingerprint = xxhash_rust::xxh3::xxh3_64(body["origins"].to_string().as_bytes());
+        let (fingerprint, current) = self.pushed_rows(body);
         let last = self.gaps_checked.lock().get(&edge).copied();
         if last.is_some_and(|c| c.fingerprint == fingerprint && c.at.elapsed() < GAP_RECHECK) {
             return;
@@ -407,14 +463,28 @@ impl EdgeSync {
                     .as_array()
                     .map(Vec::as_slice)
                     .unwrap_or_default();
-                self.set_hosts_off(edge, crate::origin_gaps::differing_hosts(current, pushed));
+                let held = crate::origin_gaps::host_rows(pushed);
+                self.set_hosts_off(edge, crate::origin_gaps::differing(&current, &held));
                 drop(checked);
             }
-            Err(e) if last.is_none_or(|c| c.found) => {
-                tracing::warn!(edge = %id, error = %e,
-                    "edge refuses the origin table and its own cannot be read: the hosts kept off it stay as they were");
+            Err(e) => {
+                let took = self.taken.as_ref().and_then(|t| t.get(id));
+                let said = last.is_some_and(|c| !c.found);
+                match took {
+                    Some(took) => {
+                        self.set_hosts_off(edge, crate::origin_gaps::differing(&current, &took));
+                        if !said {
+                            tracing::warn!(edge = %id, error = %e,
+                                "edge refuses the origin table and its own cannot be read: hosts changed since the table it last took are kept off it");
+                        }
+                    }
+                    None if !said => {
+                        tracing::warn!(edge = %id, error = %e,
+                            "edge refuses the origin table, its own cannot be read and none it took is known: the hosts kept off it stay as they were");
+                    }
+                    None => {}
+                }
             }
-            Err(_) => {}
         }
     }
 
@@ -1054,6 +1124,13 @@ mod tests {
             Arc::new(r.unwrap())
         }
 
+        /// The tables the edges took, as saved (opened again after a stop).
+        fn taken(&self) -> Arc<TakenTables> {
+            let path = self.dir.join("edge-tables.json");
+            let ids: Vec<&str> = self.fleet.edges.iter().map(|e| e.id.as_str()).collect();
+            Arc::new(TakenTables::open(path, &ids, self.metrics.clone()))
+        }
+
         fn sync(&self, redelivery: Arc<Redelivery>) -> EdgeSync {
             let registry = Arc::new(Registry::open(&self.dir.join("registry.redb")).unwrap());
             EdgeSync::new(
@@ -1138,7 +1215,9 @@ mod tests {
     /// While an edge refuses the origin table, the hosts its own table routes otherwise
     /// (changed or registered since) are kept off it, and only those; the edge's table is read
     /// again only when the registry's changes. Rows it leaves out of a table it takes keep
-    /// their hosts off it; a table taken whole brings every host back.
+    /// their hosts off it; a table taken whole brings every host back. When its table cannot
+    /// be read either (a token rotated on one side only), the one it last took stands for it,
+    /// also after the broker restarts.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn hosts_an_edge_routes_otherwise_are_kept_off_it() {
         use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
@@ -1174,7 +1253,8 @@ mod tests {
         let setup = Setup::new(dir.path(), &[edge]);
         let sync = setup
             .sync(setup.redelivery())
-            .keeping_hosts_off(setup.health.clone());
+            .keeping_hosts_off(setup.health.clone())
+            .remembering_tables(setup.taken());
         let gauge = || {
             let id = setup.fleet.edges[0].id.as_str();
             setup.metrics.edge_hosts_off.with_label_values(&[id]).get()
@@ -1216,15 +1296,39 @@ mod tests {
         answer.store(413, Ordering::Release);
         assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
         assert_eq!((reads.load(Ordering::Acquire), gauge()), (3, 2));
-        // Its table cannot be read: the hosts kept off stay, and it is not asked again at
-        // once.
+        // Its table cannot be read: the one it last took (the table as it was at the "ok"
+        // above) stands for it, and it is not asked again at once.
         readable.store(401, Ordering::Release);
         table["origins"][0]["upstream"] = json!("http://z:80");
         assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
-        assert_eq!((reads.load(Ordering::Acquire), gauge()), (4, 2));
-        assert!(health.serves_host(0, "same.test"));
+        assert_eq!((reads.load(Ordering::Acquire), gauge()), (4, 1));
+        assert!(!health.serves_host(0, "same.test"), "changed since");
+        assert!(health.serves_host(0, "moved.test") && health.serves_host(0, "added.test"));
         assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
         assert_eq!(reads.load(Ordering::Acquire), 4);
+        // A broker restarted with the other token still knows which table the edge took.
+        drop(sync);
+        let setup = Setup::new(dir.path(), &[edge]);
+        let sync = setup
+            .sync(setup.redelivery())
+            .keeping_hosts_off(setup.health.clone())
+            .remembering_tables(setup.taken());
+        table["origins"][2]["upstream"] = json!("http://y:80");
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert_eq!(reads.load(Ordering::Acquire), 5);
+        assert!(!setup.health.serves_host(0, "same.test"));
+        assert!(!setup.health.serves_host(0, "added.test"));
+        assert!(setup.health.serves_host(0, "moved.test"));
+        // Without that memory (its file lost) nothing is known to keep off.
+        drop(sync);
+        std::fs::remove_file(dir.path().join("edge-tables.json")).unwrap();
+        let setup = Setup::new(dir.path(), &[edge]);
+        let sync = setup
+            .sync(setup.redelivery())
+            .keeping_hosts_off(setup.health.clone())
+            .remembering_tables(setup.taken());
+        assert_eq!(sync.push_to(0, "origins", &table).await, "rejected");
+        assert!(setup.health.serves_host(0, "same.test"));
     }
 
     /// A stop ends a redelivery round at once, and the purges it delivered before stay

@@ -219,6 +219,13 @@ impl EdgeProc {
         }
     }
 
+    /// Override `key` of the configuration file with `value` from the next start on (a
+    /// `SHADOWCDN_EDGE_*` variable).
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.envs.retain(|(k, _)| k != key);
+        self.envs.push((key.to_string(), value.to_string()));
+    }
+
     /// (Re)start the process at the same addresses and cache directory.
     pub fn spawn(&mut self) {
         std::fs::create_dir_all(&self.dir).expect("edge dir");
