@@ -1157,6 +1157,14 @@ async fn a_host_registered_while_an_edge_refuses_the_token_is_kept_off_it() {
     let other = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
+    // The broker has recorded the table the edge took.
+    let taken = c._dir.path().join("data").join("edge-tables.json");
+    wait_until(|| async {
+        let saved = std::fs::read(&taken).unwrap_or_default();
+        let saved: Value = serde_json::from_slice(&saved).unwrap_or_default();
+        saved["edges"].get("us-a").is_some()
+    })
+    .await;
     let us = 3;
     c.edges[us].child.kill();
     c.edges[us].set_env("SHADOWCDN_EDGE_ADMIN__TOKEN", "rotated-on-the-edge-only");
@@ -1188,6 +1196,7 @@ async fn a_host_registered_while_an_edge_refuses_the_token_is_kept_off_it() {
     let hosts_off = "shadowcdn_broker_edge_hosts_off";
     for round in ["before", "after"] {
         wait_until(|| async { c.edge_gauge(hosts_off, "us-a").await == Some(1.0) }).await;
+        wait_until(|| async { fetch(HOST).await == (StatusCode::OK, "us-a".to_string()) }).await;
         wait_until(|| async { fetch("other.test").await.0 == StatusCode::OK }).await;
         for _ in 0..5 {
             let (status, edge) = fetch("other.test").await;

@@ -4,19 +4,22 @@
 //! keeps off it the hosts that table routes otherwise ([`crate::origin_gaps`]). It learns the
 //! edge's table from the edge (`GET /origins`), but when the refusal is the credentials' (a
 //! token rotated on one side only) that read is refused too. What the edge last took is then
-//! still known here: the rows of every table an edge accepted, as one hash per host. The file
-//! lives in the broker's data directory, because rotating a token usually starts by
-//! restarting the broker with the new one.
+//! still known here: the rows of every table an edge accepted, or that its `GET /origins`
+//! listed, as one hash per host. The file lives in the broker's data directory, because
+//! rotating a token usually starts by restarting the broker with the new one.
 //!
-//! It only says which hosts to keep off an edge: a file that cannot be read starts empty (the
-//! hosts are then kept off as before this memory, and the next table an edge takes is saved
-//! over it), and a write that fails is logged and counted and tried again at the next change.
+//! It only says which hosts to keep off an edge: a file that cannot be read, or was written
+//! with another row form (hashes of rows with other fields), starts empty — the hosts are then
+//! kept off as before this memory — and the next table an edge takes is saved over it. A write
+//! that fails is logged and counted, and tried again at the next push.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use edge_node::config::ORIGIN_ENTRY_FIELDS;
 use edge_node::durable::{read_json, write_atomic};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
@@ -24,11 +27,21 @@ use serde::{Deserialize, Serialize};
 use crate::metrics::BrokerMetrics;
 use crate::origin_gaps::HostRows;
 
-/// The file's form. Hosts are sorted so that one state is always written the same way.
+/// The file's form. Edges that took the same table share one entry of `tables`.
 #[derive(Serialize, Deserialize)]
 struct Saved {
-    /// Per edge id, the hash of each host's rows in the table it last took.
-    edges: BTreeMap<String, BTreeMap<String, u64>>,
+    /// What the hashes are of ([`row_form`]): hashes of another form compare unequal to every
+    /// row, and would keep every host off every refusing edge.
+    rows: String,
+    /// Each distinct table: the hash of each host's rows.
+    tables: Vec<BTreeMap<String, u64>>,
+    /// Per edge id, its table's index in `tables`.
+    edges: BTreeMap<String, usize>,
+}
+
+/// The form of the rows hashed: the fields of a row as this build writes them.
+fn row_form() -> String {
+    format!("1:{}", ORIGIN_ENTRY_FIELDS.join(","))
 }
 
 #[derive(Default)]
@@ -42,8 +55,10 @@ struct Tables {
 pub struct TakenTables {
     path: PathBuf,
     tables: Mutex<Tables>,
-    /// The version last written; held while writing, so writes go one at a time.
-    writer: Mutex<u64>,
+    /// Held while writing, so writes go one at a time.
+    writer: Mutex<()>,
+    /// The version last written.
+    written: AtomicU64,
     metrics: BrokerMetrics,
 }
 
@@ -52,13 +67,25 @@ impl TakenTables {
     /// forgotten). A missing file is an empty memory; an unreadable one too, said in the log.
     pub fn open(path: PathBuf, ids: &[&str], metrics: BrokerMetrics) -> Self {
         let by_edge = match read_json::<Saved>(&path) {
-            Ok(saved) => saved
-                .map(|s| s.edges)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|(id, _)| ids.contains(&id.as_str()))
-                .map(|(id, rows)| (id, Arc::new(rows.into_iter().collect())))
-                .collect(),
+            Ok(Some(saved)) if saved.rows == row_form() => {
+                let tables: Vec<Arc<HostRows>> = saved
+                    .tables
+                    .into_iter()
+                    .map(|rows| Arc::new(rows.into_iter().collect()))
+                    .collect();
+                saved
+                    .edges
+                    .into_iter()
+                    .filter(|(id, _)| ids.contains(&id.as_str()))
+                    .filter_map(|(id, i)| Some((id, tables.get(i)?.clone())))
+                    .collect()
+            }
+            Ok(Some(_)) => {
+                tracing::info!(path = %path.display(),
+                    "origin tables the edges took were saved with another row form: starting without them");
+                HashMap::new()
+            }
+            Ok(None) => HashMap::new(),
             Err(e) => {
                 tracing::warn!(error = %e,
                     "origin tables the edges took cannot be read: starting without them");
@@ -71,7 +98,8 @@ impl TakenTables {
                 by_edge,
                 version: 0,
             }),
-            writer: Mutex::new(0),
+            writer: Mutex::new(()),
+            written: AtomicU64::new(0),
             metrics,
         }
     }
@@ -81,17 +109,21 @@ impl TakenTables {
         self.tables.lock().by_edge.get(id).cloned()
     }
 
-    /// Edge `id` took a table with `rows`; whether that changes what is known of it (then
-    /// [`Self::save`] makes it durable).
+    /// Edge `id` took a table with `rows`; whether what is known is not yet on disk (this
+    /// changed it, or an earlier write failed): then [`Self::save`] should follow.
     pub fn took(&self, id: &str, rows: Arc<HostRows>) -> bool {
         let mut tables = self.tables.lock();
-        let same = |known: &Arc<HostRows>| Arc::ptr_eq(known, &rows) || **known == *rows;
-        if tables.by_edge.get(id).is_some_and(same) {
-            return false;
+        match tables.by_edge.get_mut(id) {
+            Some(known) if Arc::ptr_eq(known, &rows) => {}
+            // The same rows: keep the caller's copy, so that the next push finds it by
+            // pointer instead of comparing every host again.
+            Some(known) if **known == *rows => *known = rows,
+            _ => {
+                tables.by_edge.insert(id.to_string(), rows);
+                tables.version += 1;
+            }
         }
-        tables.by_edge.insert(id.to_string(), rows);
-        tables.version += 1;
-        true
+        self.written.load(Ordering::Acquire) < tables.version
     }
 
     /// Write what is known to disk, off the async workers.
@@ -103,28 +135,39 @@ impl TakenTables {
     }
 
     fn save_now(&self) {
-        let mut written = self.writer.lock();
-        let (version, saved) = {
+        let _writing = self.writer.lock();
+        let (version, by_edge) = {
             let tables = self.tables.lock();
-            if *written >= tables.version {
+            if self.written.load(Ordering::Acquire) >= tables.version {
                 // A write that started after this change carried it.
                 return;
             }
-            let edges = tables
-                .by_edge
-                .iter()
-                .map(|(id, rows)| {
-                    let rows = rows.iter().map(|(h, r)| (h.clone(), *r)).collect();
-                    (id.clone(), rows)
-                })
-                .collect();
-            (tables.version, Saved { edges })
+            (tables.version, tables.by_edge.clone())
         };
+        let mut saved = Saved {
+            rows: row_form(),
+            tables: Vec::new(),
+            edges: BTreeMap::new(),
+        };
+        let mut distinct: Vec<&Arc<HostRows>> = Vec::new();
+        for (id, rows) in &by_edge {
+            let i = match distinct.iter().position(|d| Arc::ptr_eq(d, rows)) {
+                Some(i) => i,
+                None => {
+                    distinct.push(rows);
+                    saved
+                        .tables
+                        .push(rows.iter().map(|(h, r)| (h.clone(), *r)).collect());
+                    distinct.len() - 1
+                }
+            };
+            saved.edges.insert(id.clone(), i);
+        }
         let res = serde_json::to_vec(&saved)
             .map_err(io::Error::other)
             .and_then(|bytes| write_atomic(&self.path, &bytes));
         match res {
-            Ok(()) => *written = version,
+            Ok(()) => self.written.store(version, Ordering::Release),
             Err(e) => {
                 self.metrics.taken_tables_save_failures.inc();
                 tracing::error!(error = %e, path = %self.path.display(),
@@ -146,37 +189,63 @@ mod tests {
         Arc::new(pairs.iter().map(|(h, r)| (h.to_string(), *r)).collect())
     }
 
-    /// What each edge took survives a restart; an edge that left the fleet is forgotten; a
-    /// table taken again unchanged is no change.
+    /// What each edge took survives a restart, a table shared by edges saved once; an edge
+    /// that left the fleet is forgotten; a table taken again unchanged is no change.
     #[tokio::test]
     async fn tables_taken_survive_a_restart() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("edge-tables.json");
-        let taken = Arc::new(TakenTables::open(path.clone(), &["a", "b"], metrics()));
+        let taken = Arc::new(TakenTables::open(path.clone(), &["a", "b", "c"], metrics()));
         assert!(taken.get("a").is_none());
+        let shared = rows(&[("x.test", 1)]);
         assert!(taken.took("a", rows(&[("x.test", 1), ("y.test", 2)])));
-        assert!(taken.took("b", rows(&[("x.test", 1)])));
-        assert!(!taken.took("b", rows(&[("x.test", 1)])));
+        assert!(taken.took("b", shared.clone()));
+        assert!(taken.took("c", shared.clone()));
         taken.save().await;
-        let again = TakenTables::open(path.clone(), &["a"], metrics());
+        assert!(!taken.took("b", rows(&[("x.test", 1)])));
+        let saved: Saved = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(saved.tables.len(), 2, "b and c share theirs");
+        let again = TakenTables::open(path.clone(), &["a", "c"], metrics());
         assert_eq!(
             again.get("a").unwrap(),
             rows(&[("x.test", 1), ("y.test", 2)])
         );
+        assert_eq!(again.get("c").unwrap(), shared);
         assert!(again.get("b").is_none(), "no longer in the fleet");
     }
 
-    /// A file that is not one of these starts an empty memory, and the next table taken is
-    /// saved over it.
+    /// A file that is not one of these, or hashes rows of another form, starts an empty
+    /// memory, and the next table taken is saved over it.
     #[tokio::test]
     async fn an_unreadable_file_starts_empty() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("edge-tables.json");
-        std::fs::write(&path, b"{ not json").unwrap();
-        let taken = Arc::new(TakenTables::open(path.clone(), &["a"], metrics()));
-        assert!(taken.get("a").is_none());
+        let other_form = r#"{"rows":"0:host","tables":[{"x.test":1}],"edges":{"a":0}}"#;
+        for content in ["{ not json", other_form] {
+            std::fs::write(&path, content).unwrap();
+            let taken = Arc::new(TakenTables::open(path.clone(), &["a"], metrics()));
+            assert!(taken.get("a").is_none());
+            assert!(taken.took("a", rows(&[("x.test", 7)])));
+            taken.save().await;
+            let again = TakenTables::open(path.clone(), &["a"], metrics());
+            assert_eq!(again.get("a").unwrap(), rows(&[("x.test", 7)]));
+        }
+    }
+
+    /// A write that failed is tried again at the next push, though nothing changed.
+    #[tokio::test]
+    async fn a_failed_write_is_tried_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("missing-dir").join("edge-tables.json");
+        let m = metrics();
+        let taken = Arc::new(TakenTables::open(path.clone(), &["a"], m.clone()));
         assert!(taken.took("a", rows(&[("x.test", 7)])));
         taken.save().await;
+        assert_eq!(m.taken_tables_save_failures.get(), 1);
+        std::fs::create_dir(path.parent().unwrap()).unwrap();
+        assert!(taken.took("a", rows(&[("x.test", 7)])), "still unsaved");
+        taken.save().await;
+        assert!(!taken.took("a", rows(&[("x.test", 7)])));
         let again = TakenTables::open(path, &["a"], metrics());
         assert_eq!(again.get("a").unwrap(), rows(&[("x.test", 7)]));
     }
