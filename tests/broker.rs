@@ -2988,10 +2988,17 @@ async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys()
     );
     let key = format!("{HOST}/page/app.js?v=2");
     wait_until(|| c.shadowed_on(3, &key)).await;
-    assert_eq!(origin.hits("/page/app.js"), fetched + 1);
+    // Fetched again: once, or twice when the fourth view's order was still filling at the
+    // purge and its fetch and the new order's both reached the origin.
+    let refetched = origin.hits("/page/app.js");
+    assert!(
+        (fetched + 1..=fetched + 2).contains(&refetched),
+        "{fetched} {refetched}"
+    );
     let r = c.get("/page/app.js?v=2", "us").await;
-    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
-    assert_eq!(origin.hits("/page/app.js"), fetched + 1);
+    let shadow = r.headers().get("x-shadowcdn-shadow");
+    assert_eq!(shadow.and_then(|v| v.to_str().ok()), Some("hit"), "{r:?}");
+    assert_eq!(origin.hits("/page/app.js"), refetched);
     let m = c.metrics().await;
     assert!(
         sample(

@@ -2162,6 +2162,43 @@ async fn a_shadow_ordered_again_after_a_purge_overtook_its_fill_is_placed() {
     assert_eq!(origin.hits("/overtaken.bin"), 2);
 }
 
+/// A shadow unshadowed while it fills and ordered again at once is placed: the copy the first
+/// fill brings is left to the second order, not removed under it — whether the second fill
+/// starts at once or waits for a worker until the first is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shadow_unshadowed_while_it_fills_and_ordered_again_is_placed() {
+    let origin = TestOrigin::start().await;
+    for (i, workers) in ["", "[shadow]\nfill_concurrency = 1\n"].iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let edge = start_edge(origin.addr, dir.path(), workers);
+        // About 2 s of body after the headers.
+        let name = format!("/reordered-{i}.bin");
+        let path = format!("{name}?size=131072&chunked=1&chunk_delay_ms=250");
+        let key = format!("{HOST}{path}");
+        order_shadow(&edge, &key).await;
+        wait_until(|| async { origin.hits(&name) == 1 }).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (s, v) = admin_json(&edge, Method::DELETE, &format!("/shadows/{key}"), None).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+        order_shadow(&edge, &key).await;
+        wait_until(|| async {
+            let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
+            s == StatusCode::OK
+        })
+        .await;
+        // Found held by the second order's fill, the copy is still its prefetch.
+        let r = edge.get(&path).await;
+        assert_eq!(x_cache(&r), "HIT", "{workers}");
+        let shadow = r.headers().get("x-shadowcdn-shadow");
+        assert_eq!(shadow.map(|v| v.as_bytes()), Some(&b"hit"[..]), "{workers}");
+        assert_eq!(
+            origin.hits(&name),
+            1,
+            "{workers}: the second order used the first's copy"
+        );
+    }
+}
+
 /// A shadow order for an object the edge already cached only marks it; dropping the mark
 /// leaves the ordinary cache entry, as its expiry would.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -938,6 +938,7 @@ mod tests {
             ended_ms: 0,
             head_start_ms: None,
             order: None,
+            fill_paid: false,
         }
     }
 
@@ -956,6 +957,21 @@ mod tests {
         // Used, peer-filled: the origin egress is saved for the inter-edge price.
         let peer = price(&cfg, &outcome(gb, 1, true));
         assert!(peer.net() > 0.06, "{peer:?}");
+        // A copy an earlier, dropped order's fill fetched and paid for: this order pays its
+        // storage only, and earns what it saved.
+        let paid = ShadowOutcome {
+            fill_paid: true,
+            ..outcome(gb, 3, false)
+        };
+        let paid = price(&cfg, &paid);
+        assert_eq!(
+            (paid.fill_origin, paid.fill_peer, paid.compute),
+            (0.0, 0.0, 0.0)
+        );
+        assert_eq!(
+            (paid.storage, paid.savings()),
+            (used.storage, used.savings())
+        );
         // Its first client came 10 ms into the fill: it waited for the rest, and the shadow
         // saved it those 10 ms, not the whole fetch.
         let joined = ShadowOutcome {

@@ -119,7 +119,9 @@ impl Binary {
         cmd
     }
 
-    /// Start it with `args`; its output goes to a log file kept for failure reports.
+    /// Start it with `args`; its output goes to a log file kept for failure reports, and
+    /// printed (its last lines) when a test fails while it runs. `SHADOWCDN_TEST_LOG` in the
+    /// test's environment sets every child's `RUST_LOG` (to see more of a failing test).
     pub fn spawn(&self, args: &[&str], envs: &[(&str, &str)]) -> Child {
         let log = tempfile::NamedTempFile::new().expect("temp log file");
         let out = log.reopen().expect("reopen log");
@@ -134,10 +136,18 @@ impl Binary {
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        if let Ok(level) = std::env::var("SHADOWCDN_TEST_LOG") {
+            cmd.env("RUST_LOG", level);
+        }
         let child = cmd.spawn().expect("spawn binary");
+        let name = self
+            .path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
         Child {
             child: Some(child),
             log,
+            name: format!("{} {}", name.unwrap_or_default(), args.join(" ")),
         }
     }
 }
@@ -163,7 +173,12 @@ fn set_by_cargo_for_the_test(name: &str) -> bool {
 pub struct Child {
     child: Option<std::process::Child>,
     log: tempfile::NamedTempFile,
+    /// The binary and its arguments, to name its log in a failure report.
+    name: String,
 }
+
+/// Lines of each child's log a failing test prints, unless `SHADOWCDN_TEST_LOG_LINES` says.
+const LOG_TAIL_LINES: usize = 60;
 
 impl Child {
     /// A child that is not running (to be replaced by a spawn).
@@ -171,6 +186,7 @@ impl Child {
         Child {
             child: None,
             log: tempfile::NamedTempFile::new().expect("temp log file"),
+            name: String::new(),
         }
     }
 
@@ -240,6 +256,19 @@ impl Child {
 
 impl Drop for Child {
     fn drop(&mut self) {
+        let running = self.child.is_some();
         self.kill();
+        if running && std::thread::panicking() {
+            let log = self.log();
+            let lines: Vec<&str> = log.lines().collect();
+            let wanted = std::env::var("SHADOWCDN_TEST_LOG_LINES").ok();
+            let wanted = wanted
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(LOG_TAIL_LINES);
+            let tail = &lines[lines.len().saturating_sub(wanted)..];
+            if !tail.is_empty() {
+                eprintln!("--- last lines of {} ---\n{}", self.name, tail.join("\n"));
+            }
+        }
     }
 }

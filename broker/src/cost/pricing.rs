@@ -80,23 +80,25 @@ impl Priced {
     }
 }
 
-/// Price one ended shadow.
+/// Price one ended shadow. One whose fill an earlier order's outcome paid for
+/// ([`ShadowOutcome::fill_paid`]) costs its storage only.
 pub fn price(cfg: &CostSection, o: &ShadowOutcome) -> Priced {
     let gb = o.bytes as f64 / 1e9;
     let used = o.hits > 0;
+    let filled = if o.fill_paid { 0.0 } else { gb };
     Priced {
         fill_origin: if o.peer_filled {
             0.0
         } else {
-            gb * cfg.origin_egress_per_gb
+            filled * cfg.origin_egress_per_gb
         },
         fill_peer: if o.peer_filled {
-            gb * cfg.inter_edge_per_gb
+            filled * cfg.inter_edge_per_gb
         } else {
             0.0
         },
         storage: gb * o.held_secs as f64 / 3600.0 * cfg.storage_per_gb_hour,
-        compute: cfg.fill_cost,
+        compute: if o.fill_paid { 0.0 } else { cfg.fill_cost },
         saved_egress: if used {
             gb * cfg.origin_egress_per_gb
         } else {
@@ -145,6 +147,7 @@ impl Stake {
             ended_ms: 0,
             head_start_ms: None,
             order: None,
+            fill_paid: false,
         };
         Stake {
             used: price(cfg, &outcome(1)).net(),

@@ -383,6 +383,7 @@ mod tests {
                 ended_ms: 0,
                 head_start_ms: None,
                 order: None,
+                fill_paid: false,
             },
         );
         Settled {
@@ -678,6 +679,7 @@ mod tests {
                     ended_ms: 0,
                     head_start_ms: None,
                     order: None,
+                    fill_paid: false,
                 },
             );
             (s.bytes, s.net, s.spend) = (1000, p.net(), p.spend());

@@ -17,7 +17,7 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Ending, Expired, FillSource, FillTags, Order, ShadowTable};
+use super::table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Order, ShadowTable};
 use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::accept_encoding::{Coding, Mix};
 use crate::config::ShadowSection;
@@ -236,8 +236,22 @@ impl Filler {
         Ok(())
     }
 
-    /// The next fill to run; a refresh counts as under way from here until its guard drops.
-    fn pop(&self) -> Option<(FillRequest, Option<Refreshing>)> {
+    /// Whether an order for `key` waits for a worker.
+    fn queued(&self, key: &str) -> bool {
+        self.queue
+            .pending
+            .lock()
+            .heap
+            .iter()
+            .any(|q| q.req.key == key)
+    }
+
+    /// The next fill to run; a refresh counts as under way from here until its guard drops,
+    /// and every fill counts as under way in the shadow table ([`ShadowTable::begin_fill`])
+    /// from the moment it leaves the queue, under the queue's lock: a check of the queue
+    /// ([`Self::queued`]) followed by one of the fills under way misses no order between the
+    /// two.
+    fn pop(&self) -> Option<(FillRequest, Option<Refreshing>, FillUnderWay)> {
         let mut g = self.queue.pending.lock();
         let req = g.heap.pop()?.req;
         let guard = req.refresh.then(|| {
@@ -247,7 +261,8 @@ impl Filler {
                 key: req.key.clone(),
             }
         });
-        Some((req, guard))
+        let under_way = self.table.begin_fill(&req.key, Instant::now());
+        Some((req, guard, under_way))
     }
 
     /// Refuse further orders; the keys of every refresh queued or under way, whose held
@@ -487,23 +502,26 @@ fn purged_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
     storage.purged_during(key, started, wall, &http::HeaderMap::new())
 }
 
-/// A dropped fill holds nothing here: unless a mark of the key remains (a renewal's), the
-/// broker hears so, or it would count the order live until its TTL and never place it again.
-/// `moved`: the bytes its attempts fetched (`peer`: from a peer), which the broker pays for
-/// all the same. A renewal's order was the mark's, whose removal reported its end already.
-fn report_unheld(table: &ShadowTable, req: &FillRequest, moved: u64, peer: bool) {
-    if table.get(&req.key).is_none() && !req.renews {
-        // Dropped, not failed: the fetch did not go wrong (no reason to wait before the next
-        // order), a purge or unshadow overtook it.
-        let o = ShadowOutcome {
-            removed: true,
-            bytes: moved,
-            peer_filled: peer,
-            order: req.order().id,
-            ..ShadowOutcome::failed(req.key.clone())
-        };
-        table.outcomes().push(o);
-    }
+/// A fill whose order was dropped holds nothing here for it ([`ShadowTable::end_unheld`]):
+/// `moved` bytes fetched (`peer`: from a peer), `left`: where the copy it leaves in the cache
+/// came from, if any.
+fn report_unheld(
+    table: &ShadowTable,
+    req: &FillRequest,
+    moved: u64,
+    peer: bool,
+    left: Option<FillSource>,
+) {
+    let order = req.order().id;
+    table.end_unheld(
+        &req.key,
+        order,
+        req.renews,
+        moved,
+        peer,
+        left,
+        Instant::now(),
+    );
 }
 
 /// Fill from the peer if one is named, else (or when it fails) from the origin; a copy this
@@ -640,7 +658,7 @@ impl ShadowService {
                     .shadow_fill_paced_seconds
                     .inc_by(t.elapsed().as_secs_f64());
             }
-            let (req, refreshing) = loop {
+            let (req, refreshing, under_way) = loop {
                 if let Some(r) = self.filler.pop() {
                     break r;
                 }
@@ -660,9 +678,11 @@ impl ShadowService {
             };
             let (table, metrics, pacer) =
                 (self.table.clone(), self.metrics.clone(), self.pacer.clone());
+            let filler = self.filler.clone();
             tokio::spawn(async move {
                 let _permit = permit;
                 let _refreshing = refreshing;
+                let _under_way = under_way;
                 // Dropped while it waited: the broker no longer wants it, or it was purged.
                 if table.dropped_since(&req.key, req.queued_at) {
                     metrics.shadow_fills.with_label_values(&["dropped"]).inc();
@@ -671,11 +691,10 @@ impl ShadowService {
                     if req.refresh && table.get(&req.key).is_none() {
                         purge_stale(storage, &table, &metrics, &req.key, "refresh_dropped").await;
                     }
-                    report_unheld(&table, &req, 0, false);
+                    report_unheld(&table, &req, 0, false, None);
                     return;
                 }
                 let started = req.queued_at;
-                let _under_way = table.begin_fill(&req.key, Instant::now());
                 let mut moved = 0;
                 // The origin changed an object that varies: revalidating the one variant the
                 // fill asks for would leave the others serving the old version, so every
@@ -718,19 +737,29 @@ impl ShadowService {
                             // An unshadow that came while the body streamed in found no mark
                             // and no copy to remove: the copy it brought is removed now, as the
                             // unshadow would have, unless a client used it, the edge held it
-                            // before, or a later order marked the key. A purge since the fill
-                            // started kept its copy out already (it cancelled the fill, or the
-                            // answer was refused as purged during its fetch); purging the key
-                            // again would take out the fill of an order that came after it.
+                            // before, or a later order marked the key, fills it or waits to: the
+                            // copy is that order's (it would otherwise be refused as purged
+                            // after it was accepted, and lost), which finds it held; this
+                            // order's outcome carries the bytes moved. A purge since the fill started
+                            // kept its copy out already (it cancelled the fill, or the answer
+                            // was refused as purged during its fetch); purging the key again
+                            // would take out the fill of an order that came after it.
+                            // The queue first: an order leaving it counts as under way at once.
                             let ours = source != FillSource::Local
                                 && !purged_since(storage, &req.key, started)
                                 && !table.fill_touched(&req.key)
-                                && table.get(&req.key).is_none();
+                                && table.get(&req.key).is_none()
+                                && !filler.queued(&req.key)
+                                && table.fills_under_way(&req.key) <= 1;
                             if ours {
                                 let why = "unshadowed_while_filling";
                                 purge_stale(storage, &table, &metrics, &req.key, why).await;
                             }
-                            report_unheld(&table, &req, charged, source == FillSource::Peer);
+                            // Otherwise its copy stays if it was stored (its fetch came after
+                            // the purge, say): the next order of the key takes it as its fill.
+                            let left = (!ours && storage.holds(&req.key)).then_some(source);
+                            let peer = source == FillSource::Peer;
+                            report_unheld(&table, &req, charged, peer, left);
                             return;
                         }
                         // Passed through the cache uncached (the fill memory was full): its
@@ -837,7 +866,7 @@ mod tests {
     fn an_overtaken_fill_reports_what_it_moved_unless_its_mark_spoke_for_it() {
         let table = ShadowTable::default();
         let mut req = FillRequest::validated("h.com/a", 60, 5, 3600).unwrap();
-        report_unheld(&table, &req, 1234, true);
+        report_unheld(&table, &req, 1234, true, None);
         let got = table.outcomes().drain_within(1 << 20);
         assert_eq!(got.len(), 1);
         let o = &got[0];
@@ -845,7 +874,7 @@ mod tests {
         assert_eq!(o.bytes, 1234);
         // A renewal's order was the live mark's: the mark's removal reported its end.
         req.renews = true;
-        report_unheld(&table, &req, 1234, false);
+        report_unheld(&table, &req, 1234, false, None);
         assert!(table.outcomes().drain_within(1 << 20).is_empty());
     }
 
@@ -906,7 +935,7 @@ mod tests {
         filler.submit(order("h/d", true)).unwrap();
         // Two refreshes run (one of them already finished), the rest wait.
         let mut running: Vec<_> = (0..3).map(|_| filler.pop().unwrap()).collect();
-        let keys: Vec<&str> = running.iter().map(|(r, _)| r.key.as_str()).collect();
+        let keys: Vec<&str> = running.iter().map(|(r, _, _)| r.key.as_str()).collect();
         assert_eq!(keys, ["h/a", "h/b", "h/c"]);
         assert!(running[2].1.is_none(), "not a refresh");
         running.remove(1);

@@ -185,6 +185,7 @@ mod tests {
             ended_ms: 0,
             head_start_ms: None,
             order: None,
+            fill_paid: false,
         }
     }
 

@@ -34,6 +34,11 @@ const MAX_DROPS: usize = 4096;
 const FORGOTTEN_SLOTS: usize = 65_536;
 /// Most tags a mark lists; an object with more is ended by any tag purge of its host.
 const MAX_TAGS: usize = 64;
+/// How long a copy a dropped fill left ([`ShadowTable::end_unheld`]) waits for the next order
+/// of its key; one that comes later finds it held like any other copy.
+const LEFT_FOR: Duration = Duration::from_secs(300);
+/// Most copies left waiting at once.
+const MAX_LEFT: usize = 4096;
 
 /// The cache tags of a shadow's object ([`crate::tags`]), as its fill saw them.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +151,10 @@ pub struct Mark {
     pub head_start: Option<Duration>,
     /// Whether the first fill completed (renewals do not change where the copy came from).
     filled: bool,
+    /// Its copy was fetched by an earlier order's fill, dropped while it ran, whose outcome
+    /// carried the fill's cost ([`ShadowTable::end_unheld`]): a prefetch, but one whose fill
+    /// is not priced again.
+    fill_paid: bool,
     /// The object's tags, as the latest fill saw them.
     tags: FillTags,
     /// The latest order accepted for it, as the broker named it (the order's `deadline_ms`,
@@ -249,6 +258,20 @@ struct Inner {
     forgotten_keys: Option<ForgottenKeys>,
     /// Keys being filled that clients were served from before their mark was set.
     filling: HashMap<String, Filling>,
+    /// Copies shadow fills brought whose orders were dropped while they ran, left for the
+    /// next order of their key ([`ShadowTable::end_unheld`]).
+    left: HashMap<String, LeftCopy>,
+}
+
+/// A copy a dropped shadow fill left in the cache.
+#[derive(Debug, Clone, Copy)]
+struct LeftCopy {
+    /// A peer supplied it (else the origin).
+    peer_filled: bool,
+    /// The dropped fill's outcome carried what it cost (else the mark that takes the copy
+    /// carries it).
+    paid: bool,
+    at: Instant,
 }
 
 /// Key drops no longer listed, by slot of key hashes: when the newest of each happened, in
@@ -293,6 +316,27 @@ impl ForgottenKeys {
 }
 
 impl Inner {
+    /// Keep a copy a dropped fill left for the next order of `key` (at most [`MAX_LEFT`]:
+    /// those past [`LEFT_FOR`] go first, then the oldest).
+    fn leave(&mut self, key: &str, peer_filled: bool, paid: bool, now: Instant) {
+        if self.left.len() >= MAX_LEFT {
+            self.left
+                .retain(|_, l| now.saturating_duration_since(l.at) <= LEFT_FOR);
+        }
+        if self.left.len() >= MAX_LEFT {
+            let oldest = self.left.iter().min_by_key(|(_, l)| l.at);
+            if let Some(k) = oldest.map(|(k, _)| k.clone()) {
+                self.left.remove(&k);
+            }
+        }
+        let left = LeftCopy {
+            peer_filled,
+            paid,
+            at: now,
+        };
+        self.left.insert(key.to_string(), left);
+    }
+
     fn note_drop(&mut self, dropped: Dropped, now: Instant) {
         while let Some((at, _)) = self.drops.front() {
             if self.drops.len() < MAX_DROPS && now.duration_since(*at) <= DROP_MEMORY {
@@ -353,6 +397,7 @@ impl Inner {
         let peer_filled = old.is_some_and(|m| m.peer_filled);
         let held_before = old.is_some_and(|m| m.held_before);
         let filled = old.is_some_and(|m| m.filled);
+        let fill_paid = old.is_some_and(|m| m.fill_paid);
         let mut touched = old.is_some_and(|m| m.touched);
         let refetched = old.is_some_and(|m| m.refetched);
         let mut head_start = old.and_then(|m| m.head_start);
@@ -391,6 +436,7 @@ impl Inner {
                 refetched,
                 head_start,
                 filled,
+                fill_paid,
                 tags,
                 order,
                 accepted,
@@ -452,6 +498,7 @@ impl Mark {
                 .head_start
                 .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             order: self.order,
+            fill_paid: self.fill_paid,
         }
     }
 }
@@ -526,6 +573,11 @@ impl ShadowTable {
         true
     }
 
+    /// Fills of `key` under way ([`Self::begin_fill`]).
+    pub fn fills_under_way(&self, key: &str) -> u32 {
+        self.inner.lock().filling.get(key).map_or(0, |f| f.fills)
+    }
+
     /// Whether a client was served from a fill of `key` still under way.
     pub fn fill_touched(&self, key: &str) -> bool {
         self.inner
@@ -542,15 +594,94 @@ impl ShadowTable {
     }
 
     /// Record the filled size of a shadow and, on its first fill, where it came from (a
-    /// renewal refills from the edge's own cache, which says nothing about the first).
+    /// renewal refills from the edge's own cache, which says nothing about the first). A
+    /// copy found held that a dropped fill left for this order ([`Self::end_unheld`]) came
+    /// from where that fill fetched it, and was paid for by that fill's report.
     pub fn set_fill(&self, key: &str, bytes: u64, source: FillSource) {
-        if let Some(m) = self.inner.lock().marks.get_mut(key) {
+        let mut guard = self.inner.lock();
+        let g = &mut *guard;
+        let left = g.left.remove(key);
+        if let Some(m) = g.marks.get_mut(key) {
             m.bytes = bytes;
             if !m.filled {
                 m.filled = true;
-                m.peer_filled = source == FillSource::Peer;
-                m.held_before = source == FillSource::Local;
+                match left.filter(|l| source == FillSource::Local && l.at.elapsed() <= LEFT_FOR) {
+                    Some(l) => {
+                        m.peer_filled = l.peer_filled;
+                        m.held_before = false;
+                        m.fill_paid = l.paid;
+                    }
+                    None => {
+                        m.peer_filled = source == FillSource::Peer;
+                        m.held_before = source == FillSource::Local;
+                    }
+                }
             }
+        }
+    }
+
+    /// A fill of `key` for `order` ended without a mark of its own: its order was dropped
+    /// (a purge or an unshadow came after it) while it waited or ran. Unless a mark of the key
+    /// remains, the broker hears so (`removed`, with the `moved` bytes its attempts fetched,
+    /// from a peer if `peer`, which were paid for all the same), or it would count the order
+    /// live until its TTL; a renewal's order was the mark's, whose removal reported its end.
+    ///
+    /// `left`: where the copy the fill leaves in the cache came from, if it leaves one. A
+    /// later order of the key finds that copy held, but it is a prefetch all the same: a mark
+    /// already set on it as held before takes it as its own fill (its outcome then carries
+    /// the fill, this one reports none, as with any remaining mark); otherwise the next order's
+    /// mark takes it within [`LEFT_FOR`] as a fill this report paid for ([`Self::set_fill`]),
+    /// unless a client asks for the key first (the copy then served it, as any held one).
+    #[allow(clippy::too_many_arguments)]
+    pub fn end_unheld(
+        &self,
+        key: &str,
+        order: Option<u64>,
+        renews: bool,
+        moved: u64,
+        peer: bool,
+        left: Option<FillSource>,
+        now: Instant,
+    ) {
+        let report = {
+            let mut guard = self.inner.lock();
+            let g = &mut *guard;
+            // A client served while this fill streamed used the copy first: it is held like
+            // any other, and nothing is handed on.
+            let touched = g.filling.get(key).is_some_and(|f| f.touched);
+            let left = left.filter(|s| *s != FillSource::Local && !touched);
+            let peer_filled = left == Some(FillSource::Peer);
+            match g.marks.get_mut(key) {
+                // A later order's mark set on this fill's copy: its first fill's source is
+                // still to come (it takes the copy), or came as "held before" (it is turned
+                // into this fill). Either way that mark carries the fill, and this fill
+                // reports nothing, as with any mark that remains.
+                Some(m) => {
+                    if left.is_some() && !m.filled {
+                        g.leave(key, peer_filled, false, now);
+                    } else if left.is_some() && m.held_before && !m.touched && !m.fill_paid {
+                        m.held_before = false;
+                        m.peer_filled = peer_filled;
+                    }
+                    false
+                }
+                None if renews => false,
+                None => {
+                    if left.is_some() {
+                        g.leave(key, peer_filled, true, now);
+                    }
+                    true
+                }
+            }
+        };
+        if report {
+            self.outcomes.push(ShadowOutcome {
+                removed: true,
+                bytes: moved,
+                peer_filled: peer,
+                order,
+                ..ShadowOutcome::failed(key.to_string())
+            });
         }
     }
 
@@ -570,6 +701,9 @@ impl ShadowTable {
                 Some(m.hits)
             }
             _ => {
+                if !g.left.is_empty() {
+                    g.left.remove(key);
+                }
                 let f = g.filling.get_mut(key)?;
                 if f.hits == 0 {
                     f.head_start = Some(now.saturating_duration_since(f.started));
@@ -587,6 +721,9 @@ impl ShadowTable {
     pub fn touch(&self, key: &str, stored: bool) {
         let mut guard = self.inner.lock();
         let g = &mut *guard;
+        if !g.left.is_empty() {
+            g.left.remove(key);
+        }
         if let Some(m) = g.marks.get_mut(key) {
             m.touched = true;
             m.refetched |= stored;
@@ -601,6 +738,7 @@ impl ShadowTable {
         let removed = {
             let mut g = self.inner.lock();
             g.note_drop(Dropped::Key(key.to_string()), now);
+            g.left.remove(key);
             let removed = g.marks.remove(key);
             g.compact_heap();
             removed
@@ -892,6 +1030,88 @@ mod tests {
         t.set_fill("h/b", 10, FillSource::Local);
         let m = t.get("h/b").unwrap();
         assert!(m.peer_filled && !m.held_before);
+    }
+
+    /// A fill whose order was dropped while it ran, but whose copy stayed (its fetch came
+    /// after the purge), reports its cost; the next order finds the copy held yet counts it
+    /// as its prefetch, whose fill is not priced again. A client served in between, or a
+    /// mark set on the copy before the report, settle it otherwise.
+    #[test]
+    fn a_copy_a_dropped_fill_left_is_the_next_orders_prefetch() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        let origin = Some(FillSource::Origin);
+        t.end_unheld("h/a", Some(1), false, 100, false, origin, now);
+        let reported = t.outcomes().drain_within(1 << 20);
+        assert_eq!(reported.len(), 1);
+        assert!(reported[0].removed && reported[0].bytes == 100);
+        t.mark("h/a", ttl, 5, now);
+        t.set_fill("h/a", 100, FillSource::Local);
+        let m = t.get("h/a").unwrap();
+        assert!(!m.held_before && !m.peer_filled && m.fill_paid);
+        assert_eq!(t.hit("h/a", now), Some(1), "a shadow hit");
+        let o = m.outcome("h/a".into(), now, Ending::Expired);
+        assert!(o.fill_paid && !o.held_before);
+        // Taken once: the next first fill from the cache is held before.
+        t.mark("h/b", ttl, 5, now);
+        t.set_fill("h/b", 1, FillSource::Local);
+        assert!(t.get("h/b").unwrap().held_before);
+        // A client asked for the key before the next order: that copy is held before.
+        t.end_unheld(
+            "h/c",
+            Some(1),
+            false,
+            100,
+            true,
+            Some(FillSource::Peer),
+            now,
+        );
+        t.touch("h/c", false);
+        t.mark("h/c", ttl, 5, now);
+        t.set_fill("h/c", 100, FillSource::Local);
+        assert!(t.get("h/c").unwrap().held_before);
+        // The next order marked the copy as held before the dropped fill reported: its mark
+        // takes the fill, and no removal is reported.
+        t.mark("h/d", ttl, 5, now);
+        t.set_fill("h/d", 100, FillSource::Local);
+        t.end_unheld(
+            "h/d",
+            Some(1),
+            false,
+            100,
+            true,
+            Some(FillSource::Peer),
+            now,
+        );
+        let m = t.get("h/d").unwrap();
+        assert!(!m.held_before && m.peer_filled && !m.fill_paid);
+        assert_eq!(
+            t.outcomes().drain_within(1 << 20).len(),
+            1,
+            "h/c's, not h/d's"
+        );
+        // The next order's mark is set, its fill's source still to come: it takes the copy,
+        // and carries the fill.
+        t.mark("h/g", ttl, 5, now);
+        t.end_unheld("h/g", Some(1), false, 100, false, origin, now);
+        t.set_fill("h/g", 100, FillSource::Local);
+        let m = t.get("h/g").unwrap();
+        assert!(!m.held_before && !m.fill_paid);
+        // A client was served while the dropped fill streamed: the copy served it first.
+        let under_way = std::sync::Arc::new(ShadowTable::default());
+        let fill = under_way.begin_fill("h/t", now);
+        assert_eq!(under_way.hit("h/t", now), Some(1));
+        under_way.end_unheld("h/t", Some(1), false, 100, false, origin, now);
+        drop(fill);
+        under_way.mark("h/t", ttl, 5, now);
+        under_way.set_fill("h/t", 100, FillSource::Local);
+        assert!(under_way.get("h/t").unwrap().held_before);
+        assert!(t.outcomes().drain_within(1 << 20).is_empty());
+        // A fill that left nothing, or a renewal's, leaves nothing to take.
+        t.end_unheld("h/e", Some(1), false, 0, false, None, now);
+        t.end_unheld("h/f", Some(1), true, 100, false, origin, now);
+        assert!(t.inner.lock().left.is_empty());
     }
 
     #[test]

@@ -212,6 +212,12 @@ pub struct ShadowOutcome {
     /// that name none (the admin API's) and from older edges.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order: Option<u64>,
+    /// Its copy was fetched by the fill of an earlier order of the key, dropped while it ran
+    /// (a purge or unshadow came after that order), whose outcome carried the fill's cost:
+    /// this one is priced for its storage and what it saved, not for a fill again. Absent
+    /// when false (and from older edges).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fill_paid: bool,
 }
 
 /// Unix milliseconds now, for [`ShadowOutcome::ended_ms`].
@@ -237,6 +243,7 @@ impl ShadowOutcome {
             ended_ms: unix_ms_now(),
             head_start_ms: None,
             order: None,
+            fill_paid: false,
         }
     }
 }
