@@ -126,8 +126,12 @@ impl TakenTables {
         self.written.load(Ordering::Acquire) < tables.version
     }
 
-    /// Write what is known to disk, off the async workers.
+    /// Write what is known to disk, off the async workers, if it changed since the last
+    /// write (called after every push: most find nothing to do, and do not leave this task).
     pub async fn save(self: &Arc<Self>) {
+        if self.written.load(Ordering::Acquire) >= self.tables.lock().version {
+            return;
+        }
         let this = self.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || this.save_now()).await {
             tracing::error!(error = %e, "origin tables the edges took not saved");

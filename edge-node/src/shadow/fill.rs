@@ -17,7 +17,9 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::{Notify, Semaphore};
 
-use super::table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Order, ShadowTable};
+use super::table::{
+    Ending, Expired, FillSource, FillTags, FillUnderWay, Order, ShadowTable, UnheldFill,
+};
 use super::{FillPacer, FILL_HEADER, REFRESH_HEADER};
 use crate::accept_encoding::{Coding, Mix};
 use crate::config::ShadowSection;
@@ -512,16 +514,14 @@ fn report_unheld(
     peer: bool,
     left: Option<FillSource>,
 ) {
-    let order = req.order().id;
-    table.end_unheld(
-        &req.key,
-        order,
-        req.renews,
+    let fill = UnheldFill {
+        order: req.order().id,
+        renews: req.renews,
         moved,
         peer,
         left,
-        Instant::now(),
-    );
+    };
+    table.end_unheld(&req.key, fill, Instant::now());
 }
 
 /// Fill from the peer if one is named, else (or when it fails) from the origin; a copy this
@@ -737,14 +737,14 @@ impl ShadowService {
                             // An unshadow that came while the body streamed in found no mark
                             // and no copy to remove: the copy it brought is removed now, as the
                             // unshadow would have, unless a client used it, the edge held it
-                            // before, or a later order marked the key, fills it or waits to: the
-                            // copy is that order's (it would otherwise be refused as purged
-                            // after it was accepted, and lost), which finds it held; this
-                            // order's outcome carries the bytes moved. A purge since the fill started
-                            // kept its copy out already (it cancelled the fill, or the answer
-                            // was refused as purged during its fetch); purging the key again
-                            // would take out the fill of an order that came after it.
-                            // The queue first: an order leaving it counts as under way at once.
+                            // before, or a later order marked the key, fills it or waits to:
+                            // the copy is that order's prefetch (purged, that order would be
+                            // refused as purged after it was accepted, and lost). A purge
+                            // since the fill started kept its copy out already (it cancelled
+                            // the fill, or the answer was refused as purged during its fetch);
+                            // purging the key again would take out the fill of an order that
+                            // came after it. The queue is asked first: an order leaving it
+                            // counts as under way at once.
                             let ours = source != FillSource::Local
                                 && !purged_since(storage, &req.key, started)
                                 && !table.fill_touched(&req.key)

@@ -263,6 +263,21 @@ struct Inner {
     left: HashMap<String, LeftCopy>,
 }
 
+/// A shadow fill that ended without a mark of its own ([`ShadowTable::end_unheld`]).
+#[derive(Debug, Clone, Copy)]
+pub struct UnheldFill {
+    /// The order it filled for, as the broker named it.
+    pub order: Option<u64>,
+    /// It renewed a live mark (whose end reported the order's).
+    pub renews: bool,
+    /// Bytes its attempts fetched.
+    pub moved: u64,
+    /// A peer supplied them (else the origin).
+    pub peer: bool,
+    /// Where the copy it leaves in the cache came from, if it leaves one.
+    pub left: Option<FillSource>,
+}
+
 /// A copy a dropped shadow fill left in the cache.
 #[derive(Debug, Clone, Copy)]
 struct LeftCopy {
@@ -620,29 +635,26 @@ impl ShadowTable {
         }
     }
 
-    /// A fill of `key` for `order` ended without a mark of its own: its order was dropped
-    /// (a purge or an unshadow came after it) while it waited or ran. Unless a mark of the key
-    /// remains, the broker hears so (`removed`, with the `moved` bytes its attempts fetched,
-    /// from a peer if `peer`, which were paid for all the same), or it would count the order
-    /// live until its TTL; a renewal's order was the mark's, whose removal reported its end.
+    /// A fill of `key` ended without a mark of its own: its order was dropped (a purge or an
+    /// unshadow came after it) while it waited or ran. Unless a mark of the key remains, the
+    /// broker hears so (`removed`, with the bytes its attempts fetched, which were paid for
+    /// all the same), or it would count the order live until its TTL; a renewal's order was
+    /// the mark's, whose removal reported its end.
     ///
-    /// `left`: where the copy the fill leaves in the cache came from, if it leaves one. A
+    /// [`UnheldFill::left`]: where the copy the fill leaves in the cache came from. A
     /// later order of the key finds that copy held, but it is a prefetch all the same: a mark
     /// already set on it as held before takes it as its own fill (its outcome then carries
     /// the fill, this one reports none, as with any remaining mark); otherwise the next order's
     /// mark takes it within [`LEFT_FOR`] as a fill this report paid for ([`Self::set_fill`]),
     /// unless a client asks for the key first (the copy then served it, as any held one).
-    #[allow(clippy::too_many_arguments)]
-    pub fn end_unheld(
-        &self,
-        key: &str,
-        order: Option<u64>,
-        renews: bool,
-        moved: u64,
-        peer: bool,
-        left: Option<FillSource>,
-        now: Instant,
-    ) {
+    pub fn end_unheld(&self, key: &str, fill: UnheldFill, now: Instant) {
+        let UnheldFill {
+            order,
+            renews,
+            moved,
+            peer,
+            left,
+        } = fill;
         let report = {
             let mut guard = self.inner.lock();
             let g = &mut *guard;
@@ -1032,6 +1044,22 @@ mod tests {
         assert!(m.peer_filled && !m.held_before);
     }
 
+    fn unheld(
+        order: Option<u64>,
+        renews: bool,
+        moved: u64,
+        peer: bool,
+        left: Option<FillSource>,
+    ) -> UnheldFill {
+        UnheldFill {
+            order,
+            renews,
+            moved,
+            peer,
+            left,
+        }
+    }
+
     /// A fill whose order was dropped while it ran, but whose copy stayed (its fetch came
     /// after the purge), reports its cost; the next order finds the copy held yet counts it
     /// as its prefetch, whose fill is not priced again. A client served in between, or a
@@ -1042,7 +1070,7 @@ mod tests {
         let now = Instant::now();
         let ttl = Duration::from_secs(60);
         let origin = Some(FillSource::Origin);
-        t.end_unheld("h/a", Some(1), false, 100, false, origin, now);
+        t.end_unheld("h/a", unheld(Some(1), false, 100, false, origin), now);
         let reported = t.outcomes().drain_within(1 << 20);
         assert_eq!(reported.len(), 1);
         assert!(reported[0].removed && reported[0].bytes == 100);
@@ -1060,11 +1088,7 @@ mod tests {
         // A client asked for the key before the next order: that copy is held before.
         t.end_unheld(
             "h/c",
-            Some(1),
-            false,
-            100,
-            true,
-            Some(FillSource::Peer),
+            unheld(Some(1), false, 100, true, Some(FillSource::Peer)),
             now,
         );
         t.touch("h/c", false);
@@ -1077,11 +1101,7 @@ mod tests {
         t.set_fill("h/d", 100, FillSource::Local);
         t.end_unheld(
             "h/d",
-            Some(1),
-            false,
-            100,
-            true,
-            Some(FillSource::Peer),
+            unheld(Some(1), false, 100, true, Some(FillSource::Peer)),
             now,
         );
         let m = t.get("h/d").unwrap();
@@ -1094,7 +1114,7 @@ mod tests {
         // The next order's mark is set, its fill's source still to come: it takes the copy,
         // and carries the fill.
         t.mark("h/g", ttl, 5, now);
-        t.end_unheld("h/g", Some(1), false, 100, false, origin, now);
+        t.end_unheld("h/g", unheld(Some(1), false, 100, false, origin), now);
         t.set_fill("h/g", 100, FillSource::Local);
         let m = t.get("h/g").unwrap();
         assert!(!m.held_before && !m.fill_paid);
@@ -1102,15 +1122,15 @@ mod tests {
         let under_way = std::sync::Arc::new(ShadowTable::default());
         let fill = under_way.begin_fill("h/t", now);
         assert_eq!(under_way.hit("h/t", now), Some(1));
-        under_way.end_unheld("h/t", Some(1), false, 100, false, origin, now);
+        under_way.end_unheld("h/t", unheld(Some(1), false, 100, false, origin), now);
         drop(fill);
         under_way.mark("h/t", ttl, 5, now);
         under_way.set_fill("h/t", 100, FillSource::Local);
         assert!(under_way.get("h/t").unwrap().held_before);
         assert!(t.outcomes().drain_within(1 << 20).is_empty());
         // A fill that left nothing, or a renewal's, leaves nothing to take.
-        t.end_unheld("h/e", Some(1), false, 0, false, None, now);
-        t.end_unheld("h/f", Some(1), true, 100, false, origin, now);
+        t.end_unheld("h/e", unheld(Some(1), false, 0, false, None), now);
+        t.end_unheld("h/f", unheld(Some(1), true, 100, false, origin), now);
         assert!(t.inner.lock().left.is_empty());
     }
 
