@@ -682,9 +682,10 @@ impl ShadowService {
             tokio::spawn(async move {
                 let _permit = permit;
                 let _refreshing = refreshing;
-                let _under_way = under_way;
                 // Dropped while it waited: the broker no longer wants it, or it was purged.
                 if table.dropped_since(&req.key, req.queued_at) {
+                    // Not under way: clients are not counted for a mark it will never set.
+                    drop(under_way);
                     metrics.shadow_fills.with_label_values(&["dropped"]).inc();
                     // An unshadow keeps a copy clients used; one ordered refreshed is stale
                     // (unless a later order marked the key since: that mark is not ours).
@@ -695,6 +696,7 @@ impl ShadowService {
                     return;
                 }
                 let started = req.queued_at;
+                let _under_way = under_way;
                 let mut moved = 0;
                 // The origin changed an object that varies: revalidating the one variant the
                 // fill asks for would leave the others serving the old version, so every
@@ -743,14 +745,15 @@ impl ShadowService {
                             // since the fill started kept its copy out already (it cancelled
                             // the fill, or the answer was refused as purged during its fetch);
                             // purging the key again would take out the fill of an order that
-                            // came after it. The queue is asked first: an order leaving it
-                            // counts as under way at once.
+                            // came after it. Asked in the order an order moves: queued, under
+                            // way (from the moment it leaves the queue), marked (before its
+                            // fill ends), so none slips between the questions.
                             let ours = source != FillSource::Local
                                 && !purged_since(storage, &req.key, started)
                                 && !table.fill_touched(&req.key)
-                                && table.get(&req.key).is_none()
                                 && !filler.queued(&req.key)
-                                && table.fills_under_way(&req.key) <= 1;
+                                && table.fills_under_way(&req.key) <= 1
+                                && table.get(&req.key).is_none();
                             if ours {
                                 let why = "unshadowed_while_filling";
                                 purge_stale(storage, &table, &metrics, &req.key, why).await;

@@ -279,13 +279,14 @@ pub struct UnheldFill {
 }
 
 /// A copy a dropped shadow fill left in the cache.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct LeftCopy {
     /// A peer supplied it (else the origin).
     peer_filled: bool,
-    /// The dropped fill's outcome carried what it cost (else the mark that takes the copy
-    /// carries it).
-    paid: bool,
+    /// The dropped fill's own outcome, when it was not reported because the mark that takes
+    /// the copy carries the fill: reported after all if no mark takes it. `None`: reported,
+    /// and the mark that takes the copy is not priced for its fill again.
+    owed: Option<ShadowOutcome>,
     at: Instant,
 }
 
@@ -331,9 +332,30 @@ impl ForgottenKeys {
 }
 
 impl Inner {
+    /// A client was served `key` without a mark: a copy a dropped fill left is the client's
+    /// now, not the next order's prefetch. The outcome that copy still owed, to report.
+    fn served_left(&mut self, key: &str) -> Option<ShadowOutcome> {
+        if self.left.is_empty() {
+            return None;
+        }
+        self.left.remove(key).and_then(|l| l.owed)
+    }
+
+    /// A client served from a fill of `key` under way: counted for its mark to come.
+    fn hit_filling(&mut self, key: &str, now: Instant) -> Option<u64> {
+        let f = self.filling.get_mut(key)?;
+        if f.hits == 0 {
+            f.head_start = Some(now.saturating_duration_since(f.started));
+        }
+        f.hits += 1;
+        f.touched = true;
+        Some(f.hits)
+    }
+
     /// Keep a copy a dropped fill left for the next order of `key` (at most [`MAX_LEFT`]:
-    /// those past [`LEFT_FOR`] go first, then the oldest).
-    fn leave(&mut self, key: &str, peer_filled: bool, paid: bool, now: Instant) {
+    /// those past [`LEFT_FOR`] go first, then the oldest; a copy owing its report is only
+    /// ever left while the mark that takes it is being filled, so none is evicted in practice).
+    fn leave(&mut self, key: &str, peer_filled: bool, owed: Option<ShadowOutcome>, now: Instant) {
         if self.left.len() >= MAX_LEFT {
             self.left
                 .retain(|_, l| now.saturating_duration_since(l.at) <= LEFT_FOR);
@@ -346,7 +368,7 @@ impl Inner {
         }
         let left = LeftCopy {
             peer_filled,
-            paid,
+            owed,
             at: now,
         };
         self.left.insert(key.to_string(), left);
@@ -613,25 +635,32 @@ impl ShadowTable {
     /// copy found held that a dropped fill left for this order ([`Self::end_unheld`]) came
     /// from where that fill fetched it, and was paid for by that fill's report.
     pub fn set_fill(&self, key: &str, bytes: u64, source: FillSource) {
-        let mut guard = self.inner.lock();
-        let g = &mut *guard;
-        let left = g.left.remove(key);
-        if let Some(m) = g.marks.get_mut(key) {
-            m.bytes = bytes;
-            if !m.filled {
-                m.filled = true;
-                match left.filter(|l| source == FillSource::Local && l.at.elapsed() <= LEFT_FOR) {
-                    Some(l) => {
-                        m.peer_filled = l.peer_filled;
-                        m.held_before = false;
-                        m.fill_paid = l.paid;
-                    }
-                    None => {
-                        m.peer_filled = source == FillSource::Peer;
-                        m.held_before = source == FillSource::Local;
+        let owed = {
+            let mut guard = self.inner.lock();
+            let g = &mut *guard;
+            let mut left = g.left.remove(key);
+            if let Some(m) = g.marks.get_mut(key) {
+                m.bytes = bytes;
+                if !m.filled {
+                    m.filled = true;
+                    let fresh = |l: &LeftCopy| l.at.elapsed() <= LEFT_FOR;
+                    match left.take_if(|l| source == FillSource::Local && fresh(l)) {
+                        Some(l) => {
+                            m.peer_filled = l.peer_filled;
+                            m.held_before = false;
+                            m.fill_paid = l.owed.is_none();
+                        }
+                        None => {
+                            m.peer_filled = source == FillSource::Peer;
+                            m.held_before = source == FillSource::Local;
+                        }
                     }
                 }
             }
+            left.and_then(|l| l.owed)
+        };
+        if let Some(o) = owed {
+            self.outcomes.push(o);
         }
     }
 
@@ -655,6 +684,17 @@ impl ShadowTable {
             peer,
             left,
         } = fill;
+        // A renewal's order was the mark's: its removal reported the end.
+        if renews {
+            return;
+        }
+        let outcome = ShadowOutcome {
+            removed: true,
+            bytes: moved,
+            peer_filled: peer,
+            order,
+            ..ShadowOutcome::failed(key.to_string())
+        };
         let report = {
             let mut guard = self.inner.lock();
             let g = &mut *guard;
@@ -665,35 +705,29 @@ impl ShadowTable {
             let peer_filled = left == Some(FillSource::Peer);
             match g.marks.get_mut(key) {
                 // A later order's mark set on this fill's copy: its first fill's source is
-                // still to come (it takes the copy), or came as "held before" (it is turned
-                // into this fill). Either way that mark carries the fill, and this fill
-                // reports nothing, as with any mark that remains.
-                Some(m) => {
-                    if left.is_some() && !m.filled {
-                        g.leave(key, peer_filled, false, now);
-                    } else if left.is_some() && m.held_before && !m.touched && !m.fill_paid {
-                        m.held_before = false;
-                        m.peer_filled = peer_filled;
-                    }
-                    false
+                // still to come (it takes the copy, and this outcome if it does not), or came
+                // as "held before" (it is turned into this fill). That mark carries the fill.
+                Some(m) if left.is_some() && !m.filled => {
+                    g.leave(key, peer_filled, Some(outcome), now);
+                    None
                 }
-                None if renews => false,
+                Some(m) if left.is_some() && m.held_before && !m.touched && !m.fill_paid => {
+                    m.held_before = false;
+                    m.peer_filled = peer_filled;
+                    None
+                }
+                // A later order's mark that filled itself, or found the copy used.
+                Some(_) => Some(outcome),
                 None => {
                     if left.is_some() {
-                        g.leave(key, peer_filled, true, now);
+                        g.leave(key, peer_filled, None, now);
                     }
-                    true
+                    Some(outcome)
                 }
             }
         };
-        if report {
-            self.outcomes.push(ShadowOutcome {
-                removed: true,
-                bytes: moved,
-                peer_filled: peer,
-                order,
-                ..ShadowOutcome::failed(key.to_string())
-            });
+        if let Some(o) = report {
+            self.outcomes.push(o);
         }
     }
 
@@ -713,16 +747,12 @@ impl ShadowTable {
                 Some(m.hits)
             }
             _ => {
-                if !g.left.is_empty() {
-                    g.left.remove(key);
+                if let Some(owed) = g.served_left(key) {
+                    drop(guard);
+                    self.outcomes.push(owed);
+                    return self.inner.lock().hit_filling(key, now);
                 }
-                let f = g.filling.get_mut(key)?;
-                if f.hits == 0 {
-                    f.head_start = Some(now.saturating_duration_since(f.started));
-                }
-                f.hits += 1;
-                f.touched = true;
-                Some(f.hits)
+                g.hit_filling(key, now)
             }
         }
     }
@@ -731,16 +761,22 @@ impl ShadowTable {
     /// or was evicted or purged): the copy it fetched is not purged with the mark. `stored`:
     /// its fetch stores a copy (a miss), which later hits find instead of the shadow's.
     pub fn touch(&self, key: &str, stored: bool) {
-        let mut guard = self.inner.lock();
-        let g = &mut *guard;
-        if !g.left.is_empty() {
-            g.left.remove(key);
-        }
-        if let Some(m) = g.marks.get_mut(key) {
-            m.touched = true;
-            m.refetched |= stored;
-        } else if let Some(f) = g.filling.get_mut(key) {
-            f.touched = true;
+        let owed = {
+            let mut guard = self.inner.lock();
+            let g = &mut *guard;
+            if let Some(m) = g.marks.get_mut(key) {
+                m.touched = true;
+                m.refetched |= stored;
+                None
+            } else {
+                if let Some(f) = g.filling.get_mut(key) {
+                    f.touched = true;
+                }
+                g.served_left(key)
+            }
+        };
+        if let Some(o) = owed {
+            self.outcomes.push(o);
         }
     }
 
@@ -750,14 +786,18 @@ impl ShadowTable {
         let removed = {
             let mut g = self.inner.lock();
             g.note_drop(Dropped::Key(key.to_string()), now);
-            g.left.remove(key);
+            let owed = g.left.remove(key).and_then(|l| l.owed);
             let removed = g.marks.remove(key);
             g.compact_heap();
-            removed
+            (removed, owed)
         };
+        let (removed, owed) = removed;
         if let Some(m) = &removed {
             self.outcomes
                 .push(m.outcome(key.to_string(), now, Ending::Removed));
+        }
+        if let Some(o) = owed {
+            self.outcomes.push(o);
         }
         removed
     }
@@ -1118,6 +1158,16 @@ mod tests {
         t.set_fill("h/g", 100, FillSource::Local);
         let m = t.get("h/g").unwrap();
         assert!(!m.held_before && !m.fill_paid);
+        assert!(t.outcomes().drain_within(1 << 20).is_empty());
+        // It filled itself after all: the dropped fill's outcome is reported then.
+        t.mark("h/i", ttl, 5, now);
+        t.end_unheld("h/i", unheld(Some(1), false, 100, false, origin), now);
+        t.set_fill("h/i", 100, FillSource::Origin);
+        let owed = t.outcomes().drain_within(1 << 20);
+        assert_eq!((owed.len(), owed[0].bytes, owed[0].removed), (1, 100, true));
+        // A later mark that filled itself: the dropped fill reports its own cost.
+        t.end_unheld("h/i", unheld(Some(2), false, 50, false, origin), now);
+        assert_eq!(t.outcomes().drain_within(1 << 20)[0].bytes, 50);
         // A client was served while the dropped fill streamed: the copy served it first.
         let under_way = std::sync::Arc::new(ShadowTable::default());
         let fill = under_way.begin_fill("h/t", now);
