@@ -665,17 +665,17 @@ impl ShadowTable {
     }
 
     /// A fill of `key` ended without a mark of its own: its order was dropped (a purge or an
-    /// unshadow came after it) while it waited or ran. Unless a mark of the key remains, the
-    /// broker hears so (`removed`, with the bytes its attempts fetched, which were paid for
-    /// all the same), or it would count the order live until its TTL; a renewal's order was
-    /// the mark's, whose removal reported its end.
+    /// unshadow came after it) while it waited or ran. The broker hears so (`removed`, with
+    /// the bytes its attempts fetched, which were paid for all the same), or it would count
+    /// the order live until its TTL — unless a later order's mark takes the fill's copy and
+    /// carries its cost, or the fill renewed a mark (whose removal reported the order's end).
     ///
     /// [`UnheldFill::left`]: where the copy the fill leaves in the cache came from. A
     /// later order of the key finds that copy held, but it is a prefetch all the same: a mark
-    /// already set on it as held before takes it as its own fill (its outcome then carries
-    /// the fill, this one reports none, as with any remaining mark); otherwise the next order's
-    /// mark takes it within [`LEFT_FOR`] as a fill this report paid for ([`Self::set_fill`]),
-    /// unless a client asks for the key first (the copy then served it, as any held one).
+    /// already set on it (still being filled, or filled as held before) takes it as its own
+    /// fill; otherwise the next order's mark takes it within [`LEFT_FOR`] as a fill this
+    /// report paid for ([`Self::set_fill`]), unless a client asks for the key first (the copy
+    /// then served it, as any held one).
     pub fn end_unheld(&self, key: &str, fill: UnheldFill, now: Instant) {
         let UnheldFill {
             order,
