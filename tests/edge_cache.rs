@@ -1996,6 +1996,15 @@ async fn order_shadow(edge: &Edge, key: &str) {
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
 }
 
+/// Wait until `key` has a shadow mark on `edge` (its fill done).
+async fn wait_marked(edge: &Edge, key: &str) {
+    wait_until(|| async {
+        let (s, _) = admin_json(edge, Method::GET, &format!("/shadows/{key}"), None).await;
+        s == StatusCode::OK
+    })
+    .await;
+}
+
 /// Order a shadow (`order`: the `POST /shadows` body) and whether its mark appeared within
 /// 5 s (the fill done).
 async fn shadow_marked(edge: &Edge, order: serde_json::Value) -> bool {
@@ -2153,11 +2162,7 @@ async fn a_shadow_ordered_again_after_a_purge_overtook_its_fill_is_placed() {
     let r = edge.purge(&key, TOKEN).await;
     assert!([200, 404].contains(&r.status().as_u16()), "{}", r.status());
     order_shadow(&edge, &key).await;
-    wait_until(|| async {
-        let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
-        s == StatusCode::OK
-    })
-    .await;
+    wait_marked(&edge, &key).await;
     assert_eq!(x_cache(&edge.get(path).await), "HIT");
     assert_eq!(origin.hits("/overtaken.bin"), 2);
 }
@@ -2181,11 +2186,7 @@ async fn a_shadow_unshadowed_while_it_fills_and_ordered_again_is_placed() {
         let (s, v) = admin_json(&edge, Method::DELETE, &format!("/shadows/{key}"), None).await;
         assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
         order_shadow(&edge, &key).await;
-        wait_until(|| async {
-            let (s, _) = admin_json(&edge, Method::GET, &format!("/shadows/{key}"), None).await;
-            s == StatusCode::OK
-        })
-        .await;
+        wait_marked(&edge, &key).await;
         // Found held by the second order's fill, the copy is still its prefetch.
         let r = edge.get(&path).await;
         assert_eq!(x_cache(&r), "HIT", "{workers}");

@@ -179,7 +179,9 @@ impl EdgeSync {
     async fn push_origins(&self) {
         use std::sync::atomic::Ordering;
         let table = self.origin_table();
-        let empty = table.rows.is_empty();
+        let empty = table.body["origins"]
+            .as_array()
+            .is_none_or(|rows| rows.is_empty());
         if empty && !self.empty_push_allowed.load(Ordering::Acquire) {
             return;
         }
