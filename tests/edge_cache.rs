@@ -2384,3 +2384,140 @@ async fn shadowed_object_makes_the_first_request_a_hit_and_expires_with_its_ttl(
         .unwrap();
     assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
 }
+
+fn header(r: &reqwest::Response, name: &str) -> Option<String> {
+    r.headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_string())
+}
+
+/// The fields an origin keeps out of the shared copy (`no-cache="Set-Cookie"`) still reach
+/// the client whose request fetched them, and no other; the `Age` it arrived with is served
+/// on the miss as on the hits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fetching_client_gets_what_the_shared_copy_leaves_out() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let url = "/session?cc=public%2C%20max-age%3D600%2C%20no-cache%3D%22Set-Cookie%22\
+               &set_cookie=sess%3D1&age=100";
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "MISS");
+    assert_eq!(header(&r, "set-cookie").as_deref(), Some("sess=1"));
+    let age: u64 = header(&r, "age").unwrap().parse().unwrap();
+    assert!(age >= 100, "the miss's Age counts the upstream's: {age}");
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(header(&r, "set-cookie"), None, "another client's cookie");
+    let age: u64 = header(&r, "age").unwrap().parse().unwrap();
+    assert!(age >= 100, "{age}");
+    assert_eq!(origin.hits("/session"), 1);
+}
+
+/// A 304 updates every field it carries in the stored copy (RFC 9111 §4.3.4), not only the
+/// validators and freshness; connection-specific fields of an answer are neither forwarded nor
+/// stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_304_updates_the_stored_fields_and_hop_by_hop_fields_stop_here() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let url = "/updated?cc=max-age%3D1&etag=v1&hdr_gen=x-ver";
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "MISS");
+    let first = header(&r, "x-ver").unwrap();
+    origin.bump();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "REVALIDATED");
+    let second = header(&r, "x-ver").unwrap();
+    assert_ne!(first, second, "the 304's field is served");
+    let r = edge.get(url).await;
+    assert_eq!(x_cache(&r), "HIT");
+    assert_eq!(header(&r, "x-ver"), Some(second), "and stored");
+    assert_eq!(origin.not_modified(), 1);
+
+    let url = "/hop?hdr=connection:x-secret|x-secret:1|keep-alive:timeout%3D5|x-kept:1";
+    for expected in ["MISS", "HIT"] {
+        let r = edge.get(url).await;
+        assert_eq!(x_cache(&r), expected);
+        assert_eq!(header(&r, "x-secret"), None);
+        assert_eq!(header(&r, "keep-alive"), None);
+        assert_eq!(header(&r, "x-kept").as_deref(), Some("1"));
+    }
+}
+
+/// Where pingora's range filter reads a request otherwise than RFC 9110: a suffix that selects
+/// no byte is unsatisfiable, `If-Range` matches only a strong tag, and an object the origin
+/// sent without its length is cut into ranges once stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ranges_are_read_as_rfc_9110_says() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/r0.bin?size=100&etag=s";
+    edge.get(path).await;
+    let r = edge
+        .request(Method::GET, path, &[("range", "bytes=-0")])
+        .await;
+    assert_eq!(r.status(), StatusCode::RANGE_NOT_SATISFIABLE);
+    assert_eq!(header(&r, "content-range").as_deref(), Some("bytes */100"));
+    let strong = [("range", "bytes=0-9"), ("if-range", "\"s\"")];
+    let r = edge.request(Method::GET, path, &strong).await;
+    assert_eq!(r.status(), StatusCode::PARTIAL_CONTENT);
+    let weak = [("range", "bytes=0-9"), ("if-range", "W/\"s\"")];
+    let r = edge.request(Method::GET, path, &weak).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(body_of(r).await.len(), 100);
+    assert_eq!(origin.hits("/r0.bin"), 1);
+
+    let path = "/chunked.bin?size=50000&chunked=1";
+    let full = body_for("/chunked.bin", 50_000);
+    assert_eq!(body_of(edge.get(path).await).await, full);
+    wait_until(|| async {
+        let r = edge
+            .request(Method::GET, path, &[("range", "bytes=10-19")])
+            .await;
+        r.status() == StatusCode::PARTIAL_CONTENT
+            && header(&r, "content-range").as_deref() == Some("bytes 10-19/50000")
+            && body_of(r).await == full[10..20]
+    })
+    .await;
+    assert_eq!(origin.hits("/chunked.bin"), 1);
+}
+
+/// A successful request that may change its target invalidates the stored copy (RFC 9111
+/// §4.4); a miswritten lifetime makes an answer stale at once rather than cached for the
+/// default TTL; an unasked-for part of an object is never stored as the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unsafe_methods_miswritten_lifetimes_and_parts_are_not_served_from_cache() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/item";
+    assert_eq!(x_cache(&edge.get(path).await), "MISS");
+    assert_eq!(x_cache(&edge.get(path).await), "HIT");
+    let r = edge.request(Method::POST, path, &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(x_cache(&edge.get(path).await), "MISS");
+    assert_eq!(origin.hits("/item"), 3);
+    let m = edge.metrics().await;
+    assert!(
+        m.contains("shadowcdn_edge_purges_total{kind=\"unsafe_method\",outcome=\"purged\"} 1"),
+        "{m}"
+    );
+
+    let path = "/bad-age?cc=max-age%3D-1";
+    edge.get(path).await;
+    assert_ne!(x_cache(&edge.get(path).await), "HIT");
+    assert_eq!(origin.hits("/bad-age"), 2);
+    let path = "/bad-age-etag?cc=max-age%3Dabc&etag=b";
+    edge.get(path).await;
+    assert_eq!(x_cache(&edge.get(path).await), "REVALIDATED");
+    assert_eq!(origin.not_modified(), 1);
+
+    let path = "/part?status=206";
+    edge.get(path).await;
+    edge.get(path).await;
+    assert_eq!(origin.hits("/part"), 2);
+}

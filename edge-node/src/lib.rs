@@ -22,6 +22,8 @@ pub mod metrics;
 pub mod origin;
 pub mod ownership;
 pub mod proxy;
+pub mod range;
+pub mod response_fields;
 pub mod server;
 pub mod shadow;
 pub mod storage;

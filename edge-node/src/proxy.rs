@@ -33,7 +33,7 @@ use pingora_core::protocols::http::conditional_filter::not_modified_filter;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::{Error, ErrorSource, ErrorType, Result};
 use pingora_http::{RequestHeader, ResponseHeader};
-use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use pingora_proxy::{range_header_filter, FailToProxy, ProxyHttp, RangeType, Session};
 use serde::Serialize;
 
 use crate::accept_encoding;
@@ -42,6 +42,8 @@ use crate::compression;
 use crate::drain::{InflightCounter, InflightGuard};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, OriginTable, SharedOrigins};
+use crate::range;
+use crate::response_fields;
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::{
     FoyerStorage, CREDENTIALED_REQUEST, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR,
@@ -193,12 +195,16 @@ pub struct RequestCtx {
     demand_peer: Option<PeerRef>,
     /// The miss was filled from a peer edge.
     peer_served: bool,
-    /// The `Age` a 304 arrived with: pingora hands the cache filter the stored header
-    /// merged with the 304's validators and freshness, not its `Age`.
-    revalidation_age: Option<Duration>,
-    /// The `Surrogate-Key` lines a 304 arrived with: pingora merges its `Cache-Tag` into the
-    /// stored header but not these, and a tag purge must find the object by its new tags.
-    revalidation_surrogate_keys: Vec<http::HeaderValue>,
+    /// The `Age` the last upstream answer arrived with: pingora hands the cache filter a 304
+    /// merged into the stored header without it, and serves a miss from the stored header,
+    /// from which it is removed.
+    upstream_age: Option<Duration>,
+    /// A 304's own header: pingora merges only its validators and freshness into the stored
+    /// header, and the rest (a new `Surrogate-Key`, a changed field) must update it too.
+    not_modified: Option<Box<ResponseHeader>>,
+    /// Fields of the upstream answer kept out of the stored copy that this request's client
+    /// is still owed ([`response_fields::withheld`]).
+    withheld: Vec<(http::HeaderName, http::HeaderValue)>,
     /// What compression may do to this response.
     compression: compression::Plan,
     /// The client's `Accept-Encoding` as sent (the request's is normalized, see
@@ -622,11 +628,12 @@ fn refused(credentials: bool) -> NoCacheReason {
     }
 }
 
-/// Status codes RFC 9110 §15.1 calls heuristically cacheable.
+/// Status codes RFC 9110 §15.1 calls heuristically cacheable, less 206: a part is never
+/// stored (see `cacheability`).
 fn heuristically_cacheable(status: u16) -> bool {
     matches!(
         status,
-        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
     )
 }
 
@@ -655,6 +662,37 @@ impl EdgeProxy {
             .flatten()
     }
 
+    /// A request that may change its target (not GET, HEAD, OPTIONS or TRACE) answered with
+    /// a success or a redirect makes the stored copy of that URL out of date (RFC 9111 §4.4):
+    /// it is removed here, with its shadow mark. Not acknowledged to anyone, so not waited
+    /// on to reach the disk tier's tombstones.
+    fn invalidate_after_unsafe(
+        &self,
+        req: &RequestHeader,
+        resp: &ResponseHeader,
+        ctx: &RequestCtx,
+    ) {
+        let safe = matches!(
+            req.method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::TRACE
+        );
+        let changed = resp.status.is_success() || resp.status.is_redirection();
+        if safe || !changed || ctx.key.is_empty() || ctx.shadow_fill || ctx.only_if_cached {
+            return;
+        }
+        let found = self.parts.storage.invalidate_key(&ctx.key);
+        let marked = self.hooks.table.remove(&ctx.key).is_some();
+        let outcome = if found || marked {
+            "purged"
+        } else {
+            "not_found"
+        };
+        self.metrics
+            .purges
+            .with_label_values(&["unsafe_method", outcome])
+            .inc();
+    }
+
     /// `authorization`: the request carried `Authorization` (RFC 9111 §3.5); `credentials`:
     /// it or a `Cookie`, so a refusal may be about the client rather than the key.
     /// `admitted`: when the fetch that brought `resp` started, the stored copy's `created`.
@@ -679,6 +717,11 @@ impl EdgeProxy {
         {
             return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
         }
+        // A part of the object answering a request for all of it (a fill never forwards the
+        // client's `Range`): stored under the key, it would answer later requests with a part.
+        if resp.status == http::StatusCode::PARTIAL_CONTENT {
+            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
+        }
         let cc = CacheControl::from_resp_headers(resp);
         let mut header = resp.clone();
         if let Some(c) = &cc {
@@ -697,7 +740,22 @@ impl EdgeProxy {
         // while its admission time (`created`, what purges and Vary variants are judged by)
         // is when its fetch started.
         let now = admitted.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
-        let explicit = calculate_fresh_until(now, cc.as_ref(), resp, authorization, &NO_HEURISTIC);
+        // A lifetime the origin gave but wrote wrong (`max-age=-1`, `max-age=abc`) is not
+        // the absence of one: such a response is stale from the start (RFC 9111 §4.2.1), kept
+        // only when it can be revalidated.
+        let miswritten = cc
+            .as_ref()
+            .is_some_and(|c| c.max_age().is_err() || c.s_maxage().is_err());
+        let explicit = if miswritten {
+            let validators = resp.headers.contains_key(header::ETAG)
+                || resp.headers.contains_key(header::LAST_MODIFIED);
+            if !validators {
+                return RespCacheable::Uncacheable(refused(credentials));
+            }
+            Some(now.checked_sub(Duration::from_secs(1)).unwrap_or(now))
+        } else {
+            calculate_fresh_until(now, cc.as_ref(), resp, authorization, &NO_HEURISTIC)
+        };
         let fresh_until = match explicit {
             Some(t) => t,
             None => {
@@ -726,12 +784,13 @@ impl EdgeProxy {
         // The configured stale windows are the operator's permission to serve stale; an
         // origin that demands validation first (no-cache, must-revalidate, proxy-revalidate,
         // s-maxage: RFC 9111 §5.2.2) only gets the windows it grants itself.
-        let validate_first = cc.as_ref().is_some_and(|c| {
-            c.no_cache()
-                || c.must_revalidate()
-                || c.proxy_revalidate()
-                || c.s_maxage().ok().flatten().is_some()
-        });
+        let validate_first = miswritten
+            || cc.as_ref().is_some_and(|c| {
+                c.no_cache()
+                    || c.must_revalidate()
+                    || c.proxy_revalidate()
+                    || c.s_maxage().ok().flatten().is_some()
+            });
         let defaults = if validate_first {
             CacheMetaDefaults::new(|_| None, 0, 0)
         } else {
@@ -775,8 +834,9 @@ impl ProxyHttp for EdgeProxy {
             hint_used: false,
             demand_peer: None,
             peer_served: false,
-            revalidation_age: None,
-            revalidation_surrogate_keys: Vec::new(),
+            upstream_age: None,
+            not_modified: None,
+            withheld: Vec::new(),
             compression: compression::Plan::AsStored,
             client_accept_encoding: None,
             query_filtered: false,
@@ -985,6 +1045,19 @@ impl ProxyHttp for EdgeProxy {
         Ok(key)
     }
 
+    fn range_header_filter(
+        &self,
+        session: &mut Session,
+        resp: &mut ResponseHeader,
+        _ctx: &mut Self::CTX,
+    ) -> RangeType {
+        let req = session.req_header();
+        match range::adjusted(req, resp) {
+            Some(judged) => range_header_filter(&judged, resp, range::MAX_RANGES),
+            None => range_header_filter(req, resp, range::MAX_RANGES),
+        }
+    }
+
     fn cache_not_modified_filter(
         &self,
         session: &Session,
@@ -1070,16 +1143,12 @@ impl ProxyHttp for EdgeProxy {
         let admitted = ctx
             .fetch_started
             .map_or_else(SystemTime::now, |(_, wall)| wall);
-        let age = ctx.revalidation_age.unwrap_or_else(|| upstream_age(resp));
-        // Set for a 304 only.
-        if !ctx.revalidation_surrogate_keys.is_empty() {
-            let mut merged = resp.clone();
-            merged.remove_header(tags::SURROGATE_KEY);
-            for v in &ctx.revalidation_surrogate_keys {
-                merged.append_header(tags::SURROGATE_KEY, v.clone())?;
-            }
-            return Ok(self.cacheability(&merged, authorization, credentials, admitted, age));
-        }
+        let age = ctx.upstream_age.unwrap_or_else(|| upstream_age(resp));
+        let merged = ctx
+            .not_modified
+            .as_ref()
+            .and_then(|nm| response_fields::merge_not_modified(resp, nm));
+        let resp = merged.as_ref().unwrap_or(resp);
         Ok(self.cacheability(resp, authorization, credentials, admitted, age))
     }
 
@@ -1178,18 +1247,12 @@ impl ProxyHttp for EdgeProxy {
         if ctx.origin.as_ref().is_some_and(|o| o.strip_set_cookie) {
             upstream_response.remove_header(&header::SET_COOKIE);
         }
+        response_fields::strip_hop_by_hop(upstream_response);
         let not_modified = upstream_response.status == http::StatusCode::NOT_MODIFIED;
-        ctx.revalidation_age = not_modified.then(|| upstream_age(upstream_response));
-        ctx.revalidation_surrogate_keys = if not_modified {
-            upstream_response
-                .headers
-                .get_all(tags::SURROGATE_KEY)
-                .iter()
-                .cloned()
-                .collect()
-        } else {
-            Vec::new()
-        };
+        ctx.upstream_age = Some(upstream_age(upstream_response));
+        ctx.not_modified = not_modified.then(|| Box::new(upstream_response.clone()));
+        ctx.withheld = response_fields::withheld(upstream_response);
+        self.invalidate_after_unsafe(session.req_header(), upstream_response, ctx);
         // A body of unknown length that outgrows the object limit: pingora-cache would cut
         // the response off mid-body, so its limit is lifted for this fill and the storage
         // enforces the real one by passing the rest through uncached (see `storage`). Set
@@ -1314,6 +1377,20 @@ impl ProxyHttp for EdgeProxy {
                 .duration_since(SystemTime::UNIX_EPOCH)
                 .map_or(0, |d| d.as_millis() as u64);
             resp.insert_header(PEER_ADMITTED_HEADER, ms)?;
+        }
+        if client {
+            // A miss and a revalidation are served from the stored header, which holds
+            // neither the upstream `Age` (pingora writes a hit's own) nor the fields kept out
+            // of the shared copy.
+            response_fields::restore(resp, &ctx.withheld);
+            if let Some(age) = ctx.upstream_age.filter(|a| !a.is_zero()) {
+                if !resp.headers.contains_key(header::AGE) {
+                    let waited = ctx
+                        .fetch_started
+                        .map_or(Duration::ZERO, |(t, _)| t.elapsed());
+                    resp.insert_header(header::AGE, (age + waited).as_secs())?;
+                }
+            }
         }
         compression::response_filter(ctx.compression, session, resp)?;
         resp.insert_header("x-cache", x_cache_value(status))?;

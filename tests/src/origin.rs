@@ -24,6 +24,9 @@
 //! - `ct=...` send this `Content-Type` (none otherwise)
 //! - `location=...` send this `Location`
 //! - `https_redirect=1` a cacheable 301 to https for requests not forwarded as https
+//! - `hdr=name:value|name:value` send these header lines (in a 304 too)
+//! - `hdr_gen=name` send `name: gen-N` (in a 304 too), N the version [`TestOrigin::bump`]
+//!   publishes
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -290,6 +293,15 @@ async fn handle(
     }
     if let Some(tags) = q.get("ctag") {
         resp = resp.header("cache-tag", tags);
+    }
+    for line in q.get("hdr").map(|v| v.split('|')).into_iter().flatten() {
+        if let Some((name, value)) = line.split_once(':') {
+            resp = resp.header(name, value);
+        }
+    }
+    if let Some(name) = q.get("hdr_gen") {
+        let g = c.generation.load(Ordering::SeqCst);
+        resp = resp.header(name.as_str(), format!("gen-{g}"));
     }
     if let Some(etag) = q.get("etag") {
         let tag = format!("\"{etag}\"");

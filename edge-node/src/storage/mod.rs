@@ -1063,7 +1063,15 @@ impl HandleMiss for FoyerMissHandler {
             self.storage.remove_fill(self.hash, self.fill.id);
             return Ok(MissFinishType::Created(self.size));
         }
-        let obj = StoredObject::new(self.fill.meta.clone(), self.fill.body());
+        let body = self.fill.body();
+        let meta = match self.fill.meta.with_length(body.len()) {
+            Ok(stated) => stated.unwrap_or_else(|| self.fill.meta.clone()),
+            Err(e) => {
+                tracing::debug!(error = %e, "stored without its length");
+                self.fill.meta.clone()
+            }
+        };
+        let obj = StoredObject::new(meta, body);
         {
             // A purge cancels the fill under the same lock: it lands wholly before this check
             // or after the insert, never between.

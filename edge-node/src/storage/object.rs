@@ -138,6 +138,24 @@ impl ObjectMeta {
         Ok(meta)
     }
 
+    /// The same metadata stating a body of `length` bytes, when the origin sent the body
+    /// without its length (chunked): pingora cuts ranges only out of objects whose header
+    /// states their length, and a stored object's length is known. `None` when it is stated
+    /// already or the status carries no representation to cut.
+    pub fn with_length(&self, length: usize) -> pingora_error::Result<Option<Self>> {
+        let header = &self.decoded.header;
+        if header.headers.contains_key(http::header::CONTENT_LENGTH)
+            || !matches!(header.status.as_u16(), 200 | 203)
+        {
+            return Ok(None);
+        }
+        let mut meta = self.meta()?;
+        let header = meta.response_header_mut();
+        header.remove_header(&http::header::TRANSFER_ENCODING);
+        header.insert_header(http::header::CONTENT_LENGTH, length)?;
+        Self::of(&meta).map(Some)
+    }
+
     /// Bytes it holds: both serialized parts and the decoded header.
     fn weight(&self) -> usize {
         self.internal.len() + self.header.len() + self.decoded.heap
