@@ -1385,6 +1385,11 @@ async fn unknown_hosts_and_loops_get_json_errors() {
     assert_eq!(v["error"], "unknown_host");
     assert!(v["message"].as_str().unwrap().contains("nobody.example"));
     assert_eq!(origin.total(), 0);
+    let r = edge.request(Method::TRACE, "/traced", &[]).await;
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "method_not_allowed");
+    assert_eq!(origin.total(), 0);
 
     // A request that already passed through this edge (an origin row pointing back at the
     // CDN) is a loop; one the broker forwarded is not.
@@ -2501,9 +2506,13 @@ async fn unsafe_methods_miswritten_lifetimes_and_parts_are_not_served_from_cache
     assert_eq!(r.status(), StatusCode::OK);
     assert_eq!(x_cache(&edge.get(path).await), "MISS");
     assert_eq!(origin.hits("/item"), 3);
+    // One for a URL never cached removes nothing.
+    let r = edge.request(Method::POST, "/api/call", &[]).await;
+    assert_eq!(r.status(), StatusCode::OK);
     let m = edge.metrics().await;
-    assert!(
-        m.contains("shadowcdn_edge_purges_total{kind=\"unsafe_method\",outcome=\"purged\"} 1"),
+    assert_eq!(
+        sample(&m, "shadowcdn_edge_unsafe_method_invalidations_total", &[]),
+        Some(1.0),
         "{m}"
     );
 
@@ -2515,6 +2524,16 @@ async fn unsafe_methods_miswritten_lifetimes_and_parts_are_not_served_from_cache
     edge.get(path).await;
     assert_eq!(x_cache(&edge.get(path).await), "REVALIDATED");
     assert_eq!(origin.not_modified(), 1);
+    // `private` or `no-store` beside it still keeps the answer out of the shared cache.
+    let path = "/bad-age-private?cc=private%2C%20max-age%3D-1&etag=p";
+    edge.get(path).await;
+    edge.get(path).await;
+    assert_eq!(origin.hits("/bad-age-private"), 2);
+    assert_eq!(origin.not_modified(), 1);
+    // A shared cache reads `s-maxage`, so a bad `max-age` beside it does not matter.
+    let path = "/bad-age-s-maxage?cc=s-maxage%3D60%2C%20max-age%3D-1";
+    edge.get(path).await;
+    assert_eq!(x_cache(&edge.get(path).await), "HIT");
 
     let path = "/part?status=206";
     edge.get(path).await;

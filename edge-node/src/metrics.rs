@@ -139,6 +139,8 @@ pub struct EdgeMetrics {
     pub shadow_bytes: IntGauge,
     /// Purges by kind (`key`, `prefix`, `tag`) and outcome.
     pub purges: IntCounterVec,
+    /// Stored copies removed because a request that may change them succeeded (RFC 9111 §4.4).
+    pub unsafe_method_invalidations: IntCounter,
     /// Fields of the last origin push this edge did not know (a newer broker's options).
     pub origin_push_ignored_fields: IntGauge,
     /// Responses compressed on the way out, by algorithm.
@@ -286,6 +288,10 @@ impl EdgeMetrics {
                 Opts::new("shadowcdn_edge_purges_total", "Purge requests"),
                 &["kind", "outcome"],
             )?,
+            unsafe_method_invalidations: IntCounter::new(
+                "shadowcdn_edge_unsafe_method_invalidations_total",
+                "Stored copies removed after a successful POST, PUT, DELETE or PATCH to their URL",
+            )?,
             origin_push_ignored_fields: IntGauge::new(
                 "shadowcdn_edge_origin_push_ignored_fields",
                 "Fields of the last origin push this edge does not know (upgrade the edge)",
@@ -353,6 +359,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadows.clone()))?;
         registry.register(Box::new(m.shadow_bytes.clone()))?;
         registry.register(Box::new(m.purges.clone()))?;
+        registry.register(Box::new(m.unsafe_method_invalidations.clone()))?;
         registry.register(Box::new(m.compressed.clone()))?;
         registry.register(Box::new(m.origin_push_ignored_fields.clone()))?;
         registry.register(Box::new(m.compression_bytes.clone()))?;

@@ -47,7 +47,7 @@ use crate::response_fields;
 use crate::shadow::{ShadowTable, FILL_HEADER, REFRESH_HEADER};
 use crate::storage::{
     FoyerStorage, CREDENTIALED_REQUEST, ERROR_ON_REVALIDATION, ORIGIN_SERVER_ERROR,
-    PEER_LACKS_OBJECT, PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY,
+    PEER_LACKS_OBJECT, PURGED_DURING_FETCH, REDIRECT_TO_ITS_OWN_KEY, UNASKED_PART,
 };
 use crate::sync::protocol::PeerRef;
 use crate::sync::{
@@ -470,6 +470,22 @@ pub fn request_host(req: &RequestHeader) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
+/// The code and message of the 400 answering a request [`request_host`] finds no host in:
+/// none was sent, or the one sent is not text (a client or a tool encoding a name wrongly).
+pub fn no_host_error(req: &RequestHeader) -> (&'static str, &'static str) {
+    if req.headers.contains_key(header::HOST) {
+        ("invalid_host", "the Host header is not a valid host name")
+    } else {
+        ("missing_host", "request has no Host header")
+    }
+}
+
+/// Whether a request's method is refused before anything else: `TRACE` echoes the request
+/// back, headers and cookies included (cross-site tracing); CDNs and most servers turn it off.
+pub fn refused_method(req: &RequestHeader) -> bool {
+    req.method == http::Method::TRACE
+}
+
 /// Write a JSON error response and end the request.
 pub async fn respond_json_error(
     session: &mut Session,
@@ -628,12 +644,12 @@ fn refused(credentials: bool) -> NoCacheReason {
     }
 }
 
-/// Status codes RFC 9110 §15.1 calls heuristically cacheable, less 206: a part is never
-/// stored (see `cacheability`).
+/// Status codes RFC 9110 §15.1 calls heuristically cacheable (a 206 only ever judged for a
+/// bypassed request, see `response_cache_filter`).
 fn heuristically_cacheable(status: u16) -> bool {
     matches!(
         status,
-        200 | 203 | 204 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
+        200 | 203 | 204 | 206 | 300 | 301 | 308 | 404 | 405 | 410 | 414 | 501
     )
 }
 
@@ -665,7 +681,8 @@ impl EdgeProxy {
     /// A request that may change its target (not GET, HEAD, OPTIONS or TRACE) answered with
     /// a success or a redirect makes the stored copy of that URL out of date (RFC 9111 §4.4):
     /// it is removed here, with its shadow mark. Not acknowledged to anyone, so not waited
-    /// on to reach the disk tier's tombstones.
+    /// on to reach the disk tier. A fill under way for the URL (which may predate the change)
+    /// is cancelled with it: its readers get their answer, the cache does not keep it.
     fn invalidate_after_unsafe(
         &self,
         req: &RequestHeader,
@@ -680,17 +697,16 @@ impl EdgeProxy {
         if safe || !changed || ctx.key.is_empty() || ctx.shadow_fill || ctx.only_if_cached {
             return;
         }
-        let found = self.parts.storage.invalidate_key(&ctx.key);
-        let marked = self.hooks.table.remove(&ctx.key).is_some();
-        let outcome = if found || marked {
-            "purged"
-        } else {
-            "not_found"
-        };
-        self.metrics
-            .purges
-            .with_label_values(&["unsafe_method", outcome])
-            .inc();
+        // Only a copy held is removed: most such requests are for URLs never cached (API
+        // calls), and a purge of each would take the purge paths' locks and bounded logs.
+        if !self.parts.storage.holds(&ctx.key) {
+            return;
+        }
+        self.parts.storage.purge_key(&ctx.key);
+        if self.hooks.table.is_marked(&ctx.key) {
+            self.hooks.table.remove(&ctx.key);
+        }
+        self.metrics.unsafe_method_invalidations.inc();
     }
 
     /// `authorization`: the request carried `Authorization` (RFC 9111 §3.5); `credentials`:
@@ -717,11 +733,6 @@ impl EdgeProxy {
         {
             return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
         }
-        // A part of the object answering a request for all of it (a fill never forwards the
-        // client's `Range`): stored under the key, it would answer later requests with a part.
-        if resp.status == http::StatusCode::PARTIAL_CONTENT {
-            return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
-        }
         let cc = CacheControl::from_resp_headers(resp);
         let mut header = resp.clone();
         if let Some(c) = &cc {
@@ -743,13 +754,22 @@ impl EdgeProxy {
         // A lifetime the origin gave but wrote wrong (`max-age=-1`, `max-age=abc`) is not
         // the absence of one: such a response is stale from the start (RFC 9111 §4.2.1), kept
         // only when it can be revalidated.
-        let miswritten = cc
-            .as_ref()
-            .is_some_and(|c| c.max_age().is_err() || c.s_maxage().is_err());
+        // A shared cache reads `s-maxage` and ignores `max-age` (§5.2.2.10), so a bad
+        // `max-age` beside a good `s-maxage` is harmless.
+        let miswritten = cc.as_ref().is_some_and(|c| match c.s_maxage() {
+            Err(_) => true,
+            Ok(s_maxage) => s_maxage.is_none() && c.max_age().is_err(),
+        });
+        // What refuses storage whatever the lifetime (RFC 9111 §3, §3.5).
+        let by_response = cc.as_ref().is_some_and(|c| c.no_store() || c.private());
+        let by_authorization = authorization
+            && cc
+                .as_ref()
+                .is_none_or(|c| !c.allow_caching_authorized_req());
         let explicit = if miswritten {
             let validators = resp.headers.contains_key(header::ETAG)
                 || resp.headers.contains_key(header::LAST_MODIFIED);
-            if !validators {
+            if by_response || by_authorization || !validators {
                 return RespCacheable::Uncacheable(refused(credentials));
             }
             Some(now.checked_sub(Duration::from_secs(1)).unwrap_or(now))
@@ -759,11 +779,6 @@ impl EdgeProxy {
         let fresh_until = match explicit {
             Some(t) => t,
             None => {
-                let by_response = cc.as_ref().is_some_and(|c| c.no_store() || c.private());
-                let by_authorization = authorization
-                    && cc
-                        .as_ref()
-                        .is_none_or(|c| !c.allow_caching_authorized_req());
                 let by_policy = self.policy.default_ttl.is_zero()
                     || !heuristically_cacheable(resp.status.as_u16());
                 if by_response || by_authorization || by_policy {
@@ -876,10 +891,18 @@ impl ProxyHttp for EdgeProxy {
             .cloned();
         let coding = accept_encoding::normalize(session.req_header_mut());
         let req = session.req_header();
+        if refused_method(req) {
+            self.metrics.rejected.with_label_values(&["method"]).inc();
+            ctx.status = CacheStatus::Rejected;
+            let msg = "TRACE is not served";
+            respond_json_error(session, 405, "method_not_allowed", msg).await?;
+            return Ok(true);
+        }
         let Some(host) = request_host(req) else {
             self.metrics.rejected.with_label_values(&["no_host"]).inc();
             ctx.status = CacheStatus::Rejected;
-            respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
+            let (code, msg) = no_host_error(req);
+            respond_json_error(session, 400, code, msg).await?;
             return Ok(true);
         };
         // This edge names itself in `Via` on the way upstream: a request that already carries
@@ -1131,6 +1154,15 @@ impl ProxyHttp for EdgeProxy {
         if resp.status.is_server_error() && session.cache.phase() == CachePhase::Stale {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
                 ERROR_ON_REVALIDATION,
+            )));
+        }
+        // A part of the object answering a request for all of it (a fill never forwards the
+        // client's `Range`): stored under the key, it would answer later requests with a part.
+        // A bypassed request did forward its `Range`; its 206 is judged as before, so that a
+        // key asked for mostly in ranges can be found cacheable again.
+        if resp.status == http::StatusCode::PARTIAL_CONTENT && !session.cache.bypassing() {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                UNASKED_PART,
             )));
         }
         let headers = &session.req_header().headers;

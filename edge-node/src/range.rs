@@ -10,11 +10,16 @@ pub const MAX_RANGES: Option<usize> = Some(200);
 /// The request pingora's range filter should judge instead of `req`, when that differs:
 /// - `If-Range` is compared strongly (RFC 9110 §13.1.5): a weak entity tag on either side
 ///   never matches, so the whole object is sent.
-/// - A suffix range that selects no byte (`-0`, or any suffix of an empty object) is
-///   unsatisfiable (RFC 9110 §14.1.1) and left out. Pingora would answer it with an empty
-///   206 whose `Content-Range` ends before it starts; when no range is left the answer is a 416.
+/// - A suffix range of length zero (`-0`) is unsatisfiable (RFC 9110 §14.1.1) and left out;
+///   pingora would answer it with an empty 206 whose `Content-Range` ends before it starts.
+///   When no range is left the answer is a 416.
+/// - Of an empty object, a suffix range of non-zero length is the only satisfiable form, and
+///   selects the whole (empty) object: the `Range` is dropped and the object sent (pingora's
+///   arithmetic underflows there).
 ///
-/// `None`, without allocating, for requests without such parts (nearly all).
+/// Only a `Range` pingora itself would parse is rewritten (one it does not parse is ignored:
+/// the whole object is sent). `None`, without allocating, for requests without such parts
+/// (nearly all).
 pub fn adjusted(req: &RequestHeader, resp: &ResponseHeader) -> Option<RequestHeader> {
     let range = req.headers.get(header::RANGE)?;
     if let Some(if_range) = req.headers.get(header::IF_RANGE) {
@@ -39,26 +44,39 @@ pub fn adjusted(req: &RequestHeader, resp: &ResponseHeader) -> Option<RequestHea
         .parse()
         .ok()?;
     let (unit, specs) = range.to_str().ok()?.split_once('=')?;
-    if !unit.trim().eq_ignore_ascii_case("bytes") {
+    if !unit.eq_ignore_ascii_case("bytes") || !specs.split(',').all(well_formed) {
         return None;
     }
-    let selects_nothing = |spec: &str| {
-        spec.trim().strip_prefix('-').is_some_and(|n| {
-            let n = n.trim();
-            !n.is_empty()
-                && n.bytes().all(|b| b.is_ascii_digit())
-                && (length == 0 || n.bytes().all(|b| b == b'0'))
-        })
+    // Of a `-N` spec: whether N is zero.
+    let suffix_zero = |spec: &str| {
+        spec.trim()
+            .strip_prefix('-')
+            .filter(|n| !n.is_empty())
+            .map(|n| n.bytes().all(|b| b == b'0'))
     };
-    if !specs.split(',').any(selects_nothing) {
+    if length == 0 && specs.split(',').any(|s| suffix_zero(s) == Some(false)) {
+        let mut whole = req.clone();
+        whole.remove_header(&header::RANGE);
+        return Some(whole);
+    }
+    let empty = |spec: &str| suffix_zero(spec) == Some(true);
+    if !specs.split(',').any(empty) {
         return None;
     }
-    let kept: Vec<&str> = specs.split(',').filter(|s| !selects_nothing(s)).collect();
+    let kept: Vec<&str> = specs.split(',').filter(|s| !empty(s)).collect();
     let mut narrowed = req.clone();
     narrowed
         .insert_header(header::RANGE, format!("bytes={}", kept.join(",")))
         .ok()?;
     Some(narrowed)
+}
+
+/// Whether `spec` is a range spec as pingora parses it: optional digits, a dash, optional
+/// digits, with spaces only around them.
+fn well_formed(spec: &str) -> bool {
+    spec.trim().split_once('-').is_some_and(|(first, last)| {
+        first.bytes().all(|b| b.is_ascii_digit()) && last.bytes().all(|b| b.is_ascii_digit())
+    })
 }
 
 #[cfg(test)]
@@ -101,10 +119,18 @@ mod tests {
             answer(&[("range", "bytes=-0")], 100, e),
             (416, Some("bytes */100".into()))
         );
+        assert_eq!(answer(&[("range", "bytes=-5")], 0, e), (200, None));
         assert_eq!(
-            answer(&[("range", "bytes=-5")], 0, e),
+            answer(&[("range", "bytes=-0")], 0, e),
             (416, Some("bytes */0".into()))
         );
+        // Not pingora's syntax: ignored, as pingora ignores it.
+        for odd in ["bytes =-0", "bytes=- 0", "bytes=-0x"] {
+            assert!(
+                adjusted(&req(&[("range", odd)]), &resp(100, e)).is_none(),
+                "{odd}"
+            );
+        }
         assert_eq!(
             answer(&[("range", "bytes=0-")], 0, e),
             (416, Some("bytes */0".into()))

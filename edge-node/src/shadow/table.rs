@@ -780,6 +780,11 @@ impl ShadowTable {
         }
     }
 
+    /// Whether `key` has a live mark.
+    pub fn is_marked(&self, key: &str) -> bool {
+        self.inner.lock().marks.contains_key(key)
+    }
+
     /// Remove a mark (unshadow or invalidation), logging its outcome.
     pub fn remove(&self, key: &str) -> Option<Mark> {
         let now = Instant::now();

@@ -122,6 +122,10 @@ pub const ORIGIN_SERVER_ERROR: &str = "origin server error";
 /// cacheable.
 pub const REDIRECT_TO_ITS_OWN_KEY: &str = "redirect to its own key";
 
+/// Why a 206 answering a fill (which asks for the whole object) is not cached: the origin
+/// sent a part nobody asked for; its next answer may well be whole.
+pub const UNASKED_PART: &str = "part of the object not asked for";
+
 /// Why an answer to a request with credentials (`Authorization` or a `Cookie`) is not cached
 /// (its response did not allow it): a property of that request, not of the key.
 pub const CREDENTIALED_REQUEST: &str = "request with credentials";
@@ -136,6 +140,7 @@ fn transient_no_cache(reason: &'static str) -> bool {
             ORIGIN_SERVER_ERROR,
             REDIRECT_TO_ITS_OWN_KEY,
             CREDENTIALED_REQUEST,
+            UNASKED_PART,
         ]
         .contains(&reason)
 }
@@ -946,20 +951,22 @@ fn disk_lags(disk: SystemTime, new: &CacheMeta) -> bool {
 }
 
 /// Whether `new` (a revalidation's headers) only extends `old`: no lifetime is shorter and
-/// the headers that purges and variants read are the same, so a copy still labelled `old`
-/// can never be served where `new` would not be.
+/// every field but the ones that date a response (`Date`, `Expires`, `Age`) is the same, so
+/// a copy still labelled `old` can never be served where `new` would not be, nor with other
+/// fields than `new` (a 304 may change any field, RFC 9111 §4.3.4; tags and `Vary` decide
+/// purges and variants).
 fn extends_only(old: &CacheMeta, new: &CacheMeta) -> bool {
-    let same = |name: &str| {
-        old.headers()
-            .get_all(name)
-            .iter()
-            .eq(new.headers().get_all(name).iter())
-    };
+    use http::header::{AGE, DATE, EXPIRES};
+    let (a, b) = (old.headers(), new.headers());
+    let same_fields = a
+        .keys()
+        .chain(b.keys())
+        .filter(|n| !matches!(**n, DATE | EXPIRES | AGE))
+        .all(|n| a.get_all(n).iter().eq(b.get_all(n).iter()));
     new.fresh_until() >= old.fresh_until()
         && new.stale_while_revalidate_sec() >= old.stale_while_revalidate_sec()
         && new.stale_if_error_sec() >= old.stale_if_error_sec()
-        && crate::tags::HEADERS.iter().all(|h| same(h))
-        && same(http::header::VARY.as_str())
+        && same_fields
 }
 
 fn compact_bin(key: &CompactCacheKey) -> [u8; 16] {
@@ -1149,6 +1156,44 @@ mod tests {
     fn store_now(s: &FoyerStorage, hash: u128, meta: &CacheMeta, body: Bytes) -> bool {
         s.store_unless_purged(s.purge_epoch(hash), hash, meta, body)
             .unwrap()
+    }
+
+    #[test]
+    fn a_refresh_that_changes_a_field_is_not_memory_only() {
+        let now = SystemTime::now();
+        let meta = |fields: &[(&str, &str)], fresh: u64| {
+            let mut h = ResponseHeader::build(200, None).unwrap();
+            for (n, v) in fields {
+                h.append_header(n.to_string(), *v).unwrap();
+            }
+            CacheMeta::new(now + Duration::from_secs(fresh), now, 0, 0, h)
+        };
+        let old = meta(&[("x-ver", "1"), ("date", "a"), ("surrogate-key", "t")], 60);
+        let dated = meta(
+            &[("x-ver", "1"), ("date", "b"), ("surrogate-key", "t")],
+            120,
+        );
+        assert!(
+            extends_only(&old, &dated),
+            "only its date and lifetime moved"
+        );
+        let changed = meta(
+            &[("x-ver", "2"), ("date", "b"), ("surrogate-key", "t")],
+            120,
+        );
+        assert!(!extends_only(&old, &changed));
+        let retagged = meta(
+            &[("x-ver", "1"), ("date", "b"), ("surrogate-key", "u")],
+            120,
+        );
+        assert!(!extends_only(&old, &retagged));
+        let added = meta(
+            &[("x-ver", "1"), ("link", "</a>"), ("surrogate-key", "t")],
+            120,
+        );
+        assert!(!extends_only(&old, &added));
+        let shorter = meta(&[("x-ver", "1"), ("date", "b"), ("surrogate-key", "t")], 30);
+        assert!(!extends_only(&old, &shorter));
     }
 
     fn fresh_meta() -> CacheMeta {

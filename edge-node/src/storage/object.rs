@@ -139,12 +139,23 @@ impl ObjectMeta {
     }
 
     /// The same metadata stating a body of `length` bytes, when the origin sent the body
-    /// without its length (chunked): pingora cuts ranges only out of objects whose header
-    /// states their length, and a stored object's length is known. `None` when it is stated
-    /// already or the status carries no representation to cut.
+    /// chunked: pingora cuts ranges only out of objects whose header states their length, and
+    /// a stored object's length is known (a chunked body cut short never completes its fill).
+    /// `None` otherwise: the length is stated already, the status carries no representation
+    /// to cut, or the body was delimited by the connection's close, which cannot tell a whole
+    /// body from a cut one.
     pub fn with_length(&self, length: usize) -> pingora_error::Result<Option<Self>> {
         let header = &self.decoded.header;
-        if header.headers.contains_key(http::header::CONTENT_LENGTH)
+        let chunked = header
+            .headers
+            .get_all(http::header::TRANSFER_ENCODING)
+            .iter()
+            .any(|v| {
+                v.to_str()
+                    .is_ok_and(|v| v.to_ascii_lowercase().contains("chunked"))
+            });
+        if !chunked
+            || header.headers.contains_key(http::header::CONTENT_LENGTH)
             || !matches!(header.status.as_u16(), 200 | 203)
         {
             return Ok(None);
