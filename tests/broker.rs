@@ -344,6 +344,20 @@ async fn routing_is_deterministic_and_spreads_keys() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "uri_too_long");
     assert_eq!(origin.hits(&long), 0);
+    // TRACE would echo the request (cookies included) back: refused, JSON 405.
+    let r = client()
+        .request(
+            reqwest::Method::TRACE,
+            format!("http://{}/traced", c.broker.addr),
+        )
+        .header("host", HOST)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "method_not_allowed");
+    assert_eq!(origin.hits("/traced"), 0);
     // Both refusals are counted, though no edge was chosen (after their answers were sent).
     for status in ["status=\"404\"", "status=\"414\""] {
         wait_until(|| async {
@@ -767,7 +781,7 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
 async fn a_new_host_is_served_only_once_the_operator_approves_it() {
     use reqwest::Method;
     let origin = TestOrigin::start().await;
-    let c = start_cluster_with("admin.approve_new_hosts = true\n");
+    let mut c = start_cluster_with("admin.approve_new_hosts = true\n");
     let new_provider = |name: &'static str| {
         let url = c.broker.api("/v1/providers");
         async move {
@@ -867,6 +881,21 @@ async fn a_new_host_is_served_only_once_the_operator_approves_it() {
     assert_eq!(v["claims"], json!([]), "{v}");
     let m = c.metrics().await;
     assert!(m.contains("shadowcdn_broker_host_claims 0"), "{m}");
+
+    // A claim is judged again when approved: made while private upstreams were allowed, it is
+    // refused once they are not, and stays pending for the operator to reject.
+    let (s, v) = put(&other, "late.test").await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    c.broker.child.terminate();
+    c.broker
+        .spawn_with_env(&[("SHADOWCDN_BROKER_ADMIN__ALLOW_PRIVATE_UPSTREAMS", "false")]);
+    let approve = c.broker.api("/v1/host-claims/late.test/approve");
+    let (s, v) = api(Method::POST, approve, OPERATOR_TOKEN, None).await;
+    assert_eq!(s, StatusCode::UNPROCESSABLE_ENTITY, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("upstream"), "{v}");
+    let claims = c.broker.api("/v1/host-claims");
+    let (_, v) = api(Method::GET, claims, OPERATOR_TOKEN, None).await;
+    assert_eq!(v["claims"][0]["host"], "late.test", "{v}");
 }
 
 /// A host registered with `cache_key_ignore_query` is keyed without those parameters by the
@@ -3415,5 +3444,52 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
         sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
         Some(11.0),
         "{bm}"
+    );
+}
+
+/// Behind a trusted load balancer that terminates TLS, the origin hears the scheme the client
+/// used and the access log names the client the balancer forwarded for; anyone else's claim
+/// of HTTPS is replaced by the listener's scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_load_balancer_names_the_scheme_and_the_client() {
+    let origin = TestOrigin::start().await;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("access.log");
+    let mut c = start_cluster_with(&format!(
+        "access_log = \"{}\"\nclient_region.trusted_proxies = [\"127.0.0.0/8\"]\n",
+        log.display()
+    ));
+    c.register(&origin).await;
+    let send = |path: &'static str, proto: &'static str| {
+        client()
+            .get(format!("http://{}{path}", c.broker.addr))
+            .header("host", HOST)
+            .header("x-client-region", "us")
+            .header("x-forwarded-proto", proto)
+            .header("x-forwarded-for", "203.0.113.9")
+            .send()
+    };
+    let r = send("/lb/page.css", "https").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = origin.last_headers("/lb/page.css").unwrap();
+    assert_eq!(seen["x-forwarded-proto"], "https");
+    let r = send("/lb/plain.css", "ftp").await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    let seen = origin.last_headers("/lb/plain.css").unwrap();
+    assert_eq!(
+        seen["x-forwarded-proto"], "http",
+        "only https or http is believed"
+    );
+    c.broker.child.terminate();
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let line: Value = lines
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["target"] == "/lb/page.css")
+        .unwrap();
+    assert_eq!(
+        (&line["client"], &line["forwarded_for"]),
+        (&json!("127.0.0.1"), &json!("203.0.113.9")),
+        "{line}"
     );
 }

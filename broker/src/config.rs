@@ -499,6 +499,14 @@ impl BrokerConfig {
         if let Some(field) = self.admin.rate_limits.zero_field() {
             return bad(format!("{field} must be at least 1"));
         }
+        // Zero would refuse every provider's first host or resource with a 409 that reads as
+        // the tenant's own doing.
+        if self.admin.max_resources_per_provider == 0 {
+            return bad("admin.max_resources_per_provider must be at least 1".into());
+        }
+        if self.admin.max_origins_per_provider == 0 {
+            return bad("admin.max_origins_per_provider must be at least 1".into());
+        }
         // Below a few MiB the map would forget everything on every request (a value meant in
         // KiB, say), silently turning co-access off.
         if self.signals.coaccess.max_bytes < 4 << 20 {
@@ -879,6 +887,15 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("[admin]", "[cost]\ninter_edge_per_gb = -0.02\n[admin]");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("cost.inter_edge_per_gb"), "{e}");
+    }
+
+    #[test]
+    fn a_zero_provider_limit_is_refused_by_name() {
+        for field in ["max_resources_per_provider", "max_origins_per_provider"] {
+            let bad = SAMPLE.replace("[admin]\n", &format!("[admin]\n{field} = 0\n"));
+            let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
+            assert!(e.contains(&format!("admin.{field}")), "{e}");
+        }
     }
 
     #[test]

@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use edge_node::drain::{InflightCounter, InflightGuard};
 use edge_node::proxy::{
-    client_ip, error_status, forwarded_for, primary_key, request_host, respond_json_error,
-    strip_unvouched_forwarding, CLIENT_REGION_HEADER, FORWARDED_PROTO, ROUTE_HEADER, VIA_NAME,
+    client_ip, error_status, forwarded_for, no_host_error, primary_key, refused_method,
+    request_host, respond_json_error, strip_unvouched_forwarding, CLIENT_REGION_HEADER,
+    FORWARDED_PROTO, ROUTE_HEADER, VIA_NAME,
 };
 use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -60,6 +61,10 @@ struct AccessLine<'a> {
     /// What the edge's cache did (its `X-Cache`), `origin` or `none`.
     cache: &'static str,
     segment: Option<&'a str>,
+    /// The client a trusted proxy (the peer, `client`) forwarded the request for, by its
+    /// `X-Forwarded-For`: who routing and co-access took the client to be.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    forwarded_for: Option<std::net::IpAddr>,
 }
 
 /// Per-request state.
@@ -91,6 +96,8 @@ pub struct BrokerCtx {
     cache_status: &'static str,
     /// Hash of the client address.
     client: u64,
+    /// The client's address: the peer's, or the one a trusted proxy forwarded for.
+    client_addr: Option<std::net::IpAddr>,
     /// When the request arrived, wall clock ms: its start and its record carry the same.
     started_ms: u64,
     /// Its start went to the monitor ([`Recorder::announce`]).
@@ -202,11 +209,40 @@ impl BrokerProxy {
         let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
         Some(self.fleet.edges[peer].id.as_str())
     }
+
+    /// Whether the request reached a trusted proxy (a TLS-terminating load balancer) over
+    /// HTTPS, as that proxy says in the last `X-Forwarded-Proto` line: the origin must hear
+    /// `https` for such clients, or a site that redirects http to https would loop and one that
+    /// builds absolute links would cache `http://` links. Anyone else's claim is ignored.
+    fn https_behind_proxy(&self, session: &Session) -> bool {
+        self.regions.is_trusted_proxy(client_ip(session))
+            && session
+                .req_header()
+                .headers
+                .get_all(FORWARDED_PROTO)
+                .iter()
+                .next_back()
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.trim().eq_ignore_ascii_case("https"))
+    }
+}
+
+/// Whether an edge's answer with this cache status came from, or went into, its cache: it
+/// holds the object now.
+fn stored_on_edge(cache_status: &str) -> bool {
+    matches!(
+        cache_status,
+        "hit" | "miss" | "stale" | "stale-updating" | "expired" | "revalidated"
+    )
 }
 
 fn host_of(req: &RequestHeader) -> Option<String> {
     request_host(req).map(|h| edge_node::origin::normalize_host(h).into_owned())
 }
+
+/// Longest a connection to an edge waits in the pool: under the 60 s after which an edge
+/// (pingora) closes an idle client connection.
+const EDGE_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
 /// Longest the direct-to-origin fallback waits for an origin's name to resolve.
 const ORIGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
@@ -373,6 +409,7 @@ impl ProxyHttp for BrokerProxy {
             segment: None,
             cache_status: "none",
             client: 0,
+            client_addr: None,
             started_ms: crate::clock::wall_ms(),
             announced: false,
         }
@@ -393,6 +430,7 @@ impl ProxyHttp for BrokerProxy {
             .iter()
             .filter_map(|v| v.to_str().ok());
         let ip = self.regions.client_addr(peer, forwarded);
+        ctx.client_addr = ip;
         ctx.region = self.regions.resolve(&self.fleet, header_region, ip);
         ctx.client = match ip {
             Some(std::net::IpAddr::V4(a)) => xxhash_rust::xxh3::xxh3_64(&a.octets()),
@@ -412,8 +450,14 @@ impl ProxyHttp for BrokerProxy {
             respond_json_error(session, 414, "uri_too_long", &msg).await?;
             return Ok(true);
         }
+        if refused_method(req) {
+            let msg = "TRACE is not served";
+            respond_json_error(session, 405, "method_not_allowed", msg).await?;
+            return Ok(true);
+        }
         let Some(host) = host_of(req) else {
-            respond_json_error(session, 400, "missing_host", "request has no Host header").await?;
+            let (code, msg) = no_host_error(req);
+            respond_json_error(session, 400, code, msg).await?;
             return Ok(true);
         };
         if !self.registry.has_origin(&host) {
@@ -504,6 +548,11 @@ impl ProxyHttp for BrokerProxy {
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
         peer.options.total_connection_timeout = Some(std::time::Duration::from_secs(2));
         peer.options.read_timeout = Some(self.edge_read_timeout);
+        if edge_addr.is_some() {
+            // Dropped from the pool before the edge closes it: a request sent on a connection
+            // the edge is closing fails, and one that cannot be replayed (a POST) is lost.
+            peer.options.idle_timeout = Some(EDGE_IDLE_TIMEOUT);
+        }
         Ok(Box::new(peer))
     }
 
@@ -523,7 +572,12 @@ impl ProxyHttp for BrokerProxy {
             forwarded_for(upstream_request, ip)?;
         }
         let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
-        upstream_request.insert_header(FORWARDED_PROTO, if tls { "https" } else { "http" })?;
+        let proto = if tls || self.https_behind_proxy(session) {
+            "https"
+        } else {
+            "http"
+        };
+        upstream_request.insert_header(FORWARDED_PROTO, proto)?;
         upstream_request.append_header(http::header::VIA, format!("1.1 {VIA_NAME}broker"))?;
         if let Some(peer) = self.peer_hint(session.req_header(), ctx) {
             upstream_request.insert_header(PEER_HINT_HEADER, peer)?;
@@ -679,6 +733,8 @@ impl ProxyHttp for BrokerProxy {
             Some(s) if s.eq_ignore_ascii_case("hit") => "hit",
             Some(s) if s.eq_ignore_ascii_case("miss") => "miss",
             Some(s) if s.eq_ignore_ascii_case("stale") => "stale",
+            Some(s) if s.eq_ignore_ascii_case("stale-updating") => "stale-updating",
+            Some(s) if s.eq_ignore_ascii_case("expired") => "expired",
             Some(s) if s.eq_ignore_ascii_case("revalidated") => "revalidated",
             Some(_) => "other",
             None if from_origin => "origin",
@@ -763,8 +819,11 @@ impl ProxyHttp for BrokerProxy {
         };
         let region = &self.fleet.regions[ctx.region];
         if let Some(log) = &self.access_log {
+            let request = RequestFields::of(session, ctx.started);
+            let peer = request.client.map(|ip| ip.to_canonical());
             log.log(&AccessLine {
-                request: RequestFields::of(session, ctx.started),
+                forwarded_for: ctx.client_addr.filter(|ip| Some(*ip) != peer),
+                request,
                 region: region.as_str(),
                 edge,
                 route: ctx.chosen.map_or("none", |c| c.reason.as_str()),
@@ -793,8 +852,7 @@ impl ProxyHttp for BrokerProxy {
         }
         if let (Some(h), Some(Choice { edge: Some(e), .. })) = (&self.holders, ctx.chosen) {
             // The edge stored what it answered from or into its cache.
-            if status == 200 && matches!(ctx.cache_status, "hit" | "miss" | "stale" | "revalidated")
-            {
+            if status == 200 && stored_on_edge(ctx.cache_status) {
                 h.record(ctx.key_hash, e, self.fleet.edge_region(e), now_secs());
             }
         }

@@ -152,6 +152,15 @@ impl Broker {
                 health.mark_down(e);
             }
         }
+        let cr = &cfg.client_region;
+        if cr.trust_header && cr.trusted_proxies.is_empty() && !cfg.listen.ip().is_loopback() {
+            tracing::warn!(
+                header = %cr.header,
+                "client_region.trust_header is on with no trusted_proxies: any client can pick \
+                 its region (and which edges serve it); list the load balancers that set the \
+                 header in client_region.trusted_proxies"
+            );
+        }
         let regions = RegionResolver::new(&cfg.client_region, &fleet);
         let (coaccess_tx, coaccess_rx) = tokio::sync::mpsc::channel(1024);
         let coaccess = cfg.signals.coaccess.enabled.then(|| CoAccessFeed {

@@ -283,7 +283,8 @@ pub struct BrokerProc {
 
 impl BrokerProc {
     /// Start a broker over `edges` with regions `eu` and `us` (neighbours of each other);
-    /// `extra` is added to its config (a line `admin.<key> = …` sets a key of `[admin]`).
+    /// `extra` is added to its config (a line `admin.<key> = …` sets a key of `[admin]`, one
+    /// `client_region.<key> = …` a key of `[client_region]`).
     pub fn start(dir: &Path, edges: &[EdgeSpec<'_>], extra: &str) -> BrokerProc {
         Self::start_with_certs(dir, edges, extra, None)
     }
@@ -310,12 +311,19 @@ impl BrokerProc {
         let addr = loopback();
         let admin = loopback();
         let metrics = loopback();
-        // `[admin]` is written here: lines of `extra` that start with `admin.` set its keys.
-        let (admin_extra, extra): (Vec<&str>, Vec<&str>) =
-            extra.lines().partition(|l| l.starts_with("admin."));
-        let admin_extra: String = admin_extra
-            .iter()
-            .map(|l| format!("{}\n", &l["admin.".len()..]))
+        // `[admin]` and `[client_region]` are written here: lines of `extra` that start with
+        // `admin.` or `client_region.` set their keys.
+        let keys_of = |table: &str| -> String {
+            extra
+                .lines()
+                .filter_map(|l| l.strip_prefix(table))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        let (admin_extra, region_extra) = (keys_of("admin."), keys_of("client_region."));
+        let extra: Vec<&str> = extra
+            .lines()
+            .filter(|l| !l.starts_with("admin.") && !l.starts_with("client_region."))
             .collect();
         let extra = extra.join("\n");
         let mut s = format!(
@@ -339,7 +347,7 @@ allow_local_hosts = true
 [client_region]
 trust_header = true
 default = "eu"
-
+{region_extra}
 [health]
 interval_ms = 100
 timeout_ms = 1000
@@ -392,10 +400,18 @@ neighbours = ["eu"]
 
     /// (Re)start the process with the same config and data.
     pub fn spawn(&mut self) {
+        self.spawn_with_env(&[]);
+    }
+
+    /// (Re)start the process with the same config and data, and `env` set (configuration
+    /// overrides, `SHADOWCDN_BROKER_…`).
+    pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
         let bin = Binary::get("broker");
+        let mut vars = vec![("RUST_LOG", "warn")];
+        vars.extend_from_slice(env);
         self.child = bin.spawn(
             &["run", "--config", self.config.to_str().expect("utf-8 path")],
-            &[("RUST_LOG", "warn")],
+            &vars,
         );
         self.child.wait_listening(self.addr);
         self.child.wait_listening(self.admin);

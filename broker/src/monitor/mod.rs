@@ -534,7 +534,7 @@ fn aggregate(queue: Arc<ArrayQueue<Event>>, mut sink: Sink, stop: StopSignal, pa
                         ts: r.ts,
                         bytes: r.bytes,
                         object_bytes: r.object_bytes,
-                        hit: matches!(r.cache_status, "hit" | "stale"),
+                        hit: matches!(r.cache_status, "hit" | "stale" | "stale-updating"),
                     });
                     n += 1;
                 }

@@ -336,6 +336,15 @@ async fn create_provider(State(s): State<ApiState>, headers: HeaderMap, body: Bo
         }
         .into());
     }
+    // Names reach logs and terminals (the CLI's listings): no control characters, which
+    // could rewrite what an operator sees.
+    if name.chars().any(char::is_control) {
+        return Err(Invalid {
+            field: "name",
+            message: "must not contain control characters".into(),
+        }
+        .into());
+    }
     let name = name.to_string();
     let (p, token) = write_registry(&s, move |r| r.create_provider(&name)).await?;
     Ok((
@@ -419,6 +428,12 @@ async fn approve_claim(
         .registry
         .claim(&host)
         .ok_or_else(|| RegistryError::NotFound(format!("claim on host {host}")))?;
+    // Judged again as a registration now: the claim may predate a stricter configuration,
+    // and its upstream's name may have moved since (the edges would drop a row that fails,
+    // leaving the host answering 404 everywhere after a reported success).
+    check_public_host(&host, s.allow_local_hosts)?;
+    let upstream = check_upstream(&claim.upstream, s.allow_private_upstreams)?;
+    check_upstream_resolves(&upstream, s.allow_private_upstreams).await?;
     to_the_end(&s, |s| approve(s, host, claim)).await
 }
 

@@ -223,13 +223,16 @@ pub fn check_host(host: &str) -> Result<String, Invalid> {
             format!("{host:?} is not a valid host name"),
         ));
     }
-    // An all-digit last label is an IPv4 address in one of its forms (`203.0.113.7`,
-    // `2130706433`, `0x7f.1`): a provider claiming one would capture every request that
-    // reaches the broker by that address (no top-level domain is all digits).
-    if h.rsplit('.')
-        .next()
-        .is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
-    {
+    // A last label in digits, or hexadecimal after `0x`, makes the name an IPv4 address in
+    // one of the forms resolvers accept (`203.0.113.7`, `2130706433`, `127.0.0.0x1`): a
+    // provider claiming one would capture every request that reaches the broker by that
+    // address (no top-level domain starts with a digit).
+    let numeric = |l: &str| {
+        l.bytes().all(|b| b.is_ascii_digit())
+            || l.strip_prefix("0x")
+                .is_some_and(|x| x.bytes().all(|b| b.is_ascii_hexdigit()))
+    };
+    if h.rsplit('.').next().is_some_and(numeric) {
         return Err(invalid(
             "host",
             format!("{host:?} is an IP address; register the site's name"),
@@ -534,7 +537,14 @@ mod tests {
         assert!(check_host("a-b.example.com").is_ok());
         assert!(check_host("bad host").is_err());
         assert!(check_host("-x.com").is_err());
-        for address in ["203.0.113.7", "2130706433", "0x7f.1", "127.1"] {
+        for address in [
+            "203.0.113.7",
+            "2130706433",
+            "0x7f.1",
+            "127.1",
+            "127.0.0.0x1",
+            "10.0xA",
+        ] {
             let e = check_host(address).unwrap_err();
             assert!(e.message.contains("IP address"), "{address}: {}", e.message);
         }

@@ -182,6 +182,11 @@ pub struct Registry {
     max_origins_per_provider: usize,
     /// The file did not exist: this start created an empty registry.
     created: bool,
+    /// Where the store lives, to open it again after an I/O failure.
+    path: std::path::PathBuf,
+    /// Closed for shutdown (`db` is then `None` for good; otherwise `None` means the store
+    /// failed and is opened again by the next change).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Registry {
@@ -298,6 +303,8 @@ impl Registry {
             max_resources_per_provider: usize::MAX,
             max_origins_per_provider: usize::MAX,
             created,
+            path: path.to_path_buf(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -313,23 +320,72 @@ impl Registry {
         self
     }
 
+    /// Apply one change to the store. After an I/O failure (a full disk) redb refuses every
+    /// later change until the database is opened again: the failed change is reported, and the
+    /// store is opened again for the next one, so a passing failure does not leave the
+    /// provider API read-only until a restart. Memory is changed only after a commit, so it
+    /// still matches the store.
     fn write<F>(&self, f: F) -> Result<(), RegistryError>
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), RegistryError>,
     {
-        let db = self.db.read();
-        let Some(db) = db.as_ref() else {
-            return Err(RegistryError::Store("closed for shutdown".into()));
+        self.reopen_if_failed()?;
+        let (applied, failed) = {
+            let db = self.db.read();
+            let Some(db) = db.as_ref() else {
+                return Err(RegistryError::Store("closed for shutdown".into()));
+            };
+            let applied = db.begin_write().map_err(store_err).and_then(|w| {
+                f(&w)?;
+                w.commit().map_err(store_err)
+            });
+            let failed = applied.is_err() && Self::failed(db);
+            (applied, failed)
         };
-        let w = db.begin_write().map_err(store_err)?;
-        f(&w)?;
-        w.commit().map_err(store_err)
+        if failed {
+            tracing::error!(path = %self.path.display(),
+                "the registry's store failed to write and is opened again for the next change");
+            *self.db.write() = None;
+        }
+        applied
+    }
+
+    /// Whether `db` refuses changes for an earlier I/O failure.
+    fn failed(db: &Database) -> bool {
+        matches!(
+            db.begin_write(),
+            Err(redb::TransactionError::Storage(
+                redb::StorageError::PreviousIo | redb::StorageError::Io(_)
+            ))
+        )
+    }
+
+    /// Open the store again when it was dropped after an I/O failure (not for shutdown).
+    fn reopen_if_failed(&self) -> Result<(), RegistryError> {
+        use std::sync::atomic::Ordering;
+        if self.closed.load(Ordering::Acquire) || self.db.read().is_some() {
+            return Ok(());
+        }
+        let mut db = self.db.write();
+        if db.is_none() {
+            let opened = Database::create(&self.path).map_err(|e| {
+                RegistryError::Store(format!(
+                    "{}: the store failed and cannot be opened again: {e}",
+                    self.path.display()
+                ))
+            })?;
+            tracing::info!(path = %self.path.display(), "the registry's store is open again");
+            *db = Some(opened);
+        }
+        Ok(())
     }
 
     /// Close the store once no change is in progress, so the next start finds it closed
     /// cleanly; later changes fail. Blocking: the close flushes to disk.
     pub fn close(&self) {
         let _writer = self.writer.lock();
+        self.closed
+            .store(true, std::sync::atomic::Ordering::Release);
         drop(self.db.write().take());
     }
 
@@ -865,6 +921,26 @@ mod tests {
         drop(db);
         assert!(!repaired.get(), "closed cleanly");
         assert_eq!(Registry::open(&path).unwrap().providers()[0].id, p.id);
+    }
+
+    #[test]
+    fn a_store_dropped_after_a_failure_is_opened_again_for_the_next_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("r.redb");
+        let reg = Registry::open(&path).unwrap();
+        let (a, _) = reg.create_provider("a").unwrap();
+        // What `write` does once redb reports an I/O failure.
+        drop(reg.db.write().take());
+        let (b, _) = reg.create_provider("b").unwrap();
+        reg.close();
+        drop(reg);
+        let ids: Vec<String> = Registry::open(&path)
+            .unwrap()
+            .providers()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
+        assert!(ids.contains(&a.id) && ids.contains(&b.id), "{ids:?}");
     }
 
     #[test]

@@ -52,6 +52,15 @@ impl RegionResolver {
         self.header.as_deref().filter(|_| from_proxy())
     }
 
+    /// Whether `peer` is one of the configured trusted proxies (none configured: no peer is),
+    /// whose forwarding headers (`X-Forwarded-For`, `X-Forwarded-Proto`) are believed.
+    pub fn is_trusted_proxy(&self, peer: Option<IpAddr>) -> bool {
+        peer.is_some_and(|p| {
+            let p = p.to_canonical();
+            self.trusted_proxies.iter().any(|n| n.contains(&p))
+        })
+    }
+
     /// The client's address: the peer's, unless the peer is a trusted proxy; then the
     /// nearest address of its `X-Forwarded-For` chain (`lines`, right to left) outside the
     /// trusted ranges, the leftmost if all are inside, or the last trusted hop before an entry
@@ -174,6 +183,10 @@ mod tests {
         region.trust_header = false;
         let off = RegionResolver::new(&region, &fleet);
         assert!(off.header_name(ip("10.0.0.7")).is_none());
+        // Forwarding headers are believed from listed proxies only, never by default.
+        assert!(off.is_trusted_proxy(ip("::ffff:10.0.0.7")));
+        assert!(!off.is_trusted_proxy(ip("192.0.2.1")));
+        assert!(!open.is_trusted_proxy(ip("192.0.2.1")), "none listed");
     }
 
     #[test]
