@@ -872,6 +872,14 @@ async fn text_is_compressed_for_clients_that_accept_it() {
         ),
         ("HIT", "br")
     );
+    // A HEAD gets the header its GET gets (RFC 9110 §9.3.2).
+    let r = edge.request(Method::HEAD, page, &gz).await;
+    assert_eq!(header(&r, "content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(header(&r, "etag").as_deref(), Some("W/\"v1\""));
+    assert_eq!(header(&r, "content-length"), None);
+    let r = edge.request(Method::HEAD, page, &[]).await;
+    assert_eq!(header(&r, "content-encoding"), None);
+    assert_eq!(header(&r, "content-length").as_deref(), Some("20000"));
 
     let r = edge
         .request(Method::GET, page, &[gz[0], ("if-none-match", "W/\"v1\"")])

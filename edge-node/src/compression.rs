@@ -13,7 +13,7 @@
 use std::time::Duration;
 
 use http::header::{
-    CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, RANGE, VARY,
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_TYPE, ETAG, RANGE, VARY,
 };
 use http::HeaderValue;
 use pingora_core::modules::http::compression::ResponseCompression;
@@ -73,16 +73,16 @@ pub fn not_modified(
         return plan;
     }
     let compressed = plan == Plan::Compress
-        && accept_encoding.is_some_and(|v| first_coding_is_compressed(v.as_bytes()))
+        && accept_encoding.is_some_and(|v| compressing_coding(v.as_bytes()).is_some())
         && encoder_takes(stored);
     Plan::NotModified { compressed }
 }
 
-/// Whether pingora's encoder would compress for this `Accept-Encoding`, read as it reads it:
-/// a structured-field list (one it cannot parse, `gzip;q=.5` say, counts as no coding at
-/// all), of which it takes the first coding it knows; of those it compresses with gzip,
-/// brotli and zstd only (the dictionary codings need a dictionary this edge never sets).
-fn first_coding_is_compressed(value: &[u8]) -> bool {
+/// The coding pingora's encoder would compress with for this `Accept-Encoding`, read as it
+/// reads it: a structured-field list (one it cannot parse, `gzip;q=.5` say, counts as no
+/// coding at all), of which it takes the first coding it knows; of those it compresses with
+/// gzip, brotli and zstd only (the dictionary codings need a dictionary this edge never sets).
+fn compressing_coding(value: &[u8]) -> Option<Algorithm> {
     let first = if value == b"gzip" {
         Some(Algorithm::Gzip)
     } else {
@@ -97,10 +97,7 @@ fn first_coding_is_compressed(value: &[u8]) -> bool {
             })
         })
     };
-    matches!(
-        first,
-        Some(Algorithm::Gzip | Algorithm::Brotli | Algorithm::Zstd)
-    )
+    first.filter(|a| matches!(a, Algorithm::Gzip | Algorithm::Brotli | Algorithm::Zstd))
 }
 
 /// Whether pingora's encoder takes `resp` at all, by its own rules besides ours: a body of
@@ -143,8 +140,13 @@ fn refuses_a_coding(value: &[u8]) -> bool {
 /// Apply `plan` to a response about to be written (before the compression module sees it).
 /// A text response says `Vary: Accept-Encoding` whether or not this one is compressed (a
 /// HEAD or a 304 is not, but the GET it stands for may be).
+///
+/// A HEAD gets the header its GET would: the encoder sees no body to encode and leaves a HEAD's
+/// header alone, so its coding, length and ETag are set here as the encoder sets a GET's (RFC
+/// 9110 §9.3.2). `accept_encoding` is the client's as sent.
 pub fn response_filter(
     plan: Plan,
+    accept_encoding: Option<&HeaderValue>,
     session: &mut Session,
     resp: &mut ResponseHeader,
 ) -> pingora_error::Result<()> {
@@ -162,7 +164,25 @@ pub fn response_filter(
         disable(session);
         return Ok(());
     }
+    if plan == Plan::Compress && session.req_header().method == http::Method::HEAD {
+        head_as_compressed(accept_encoding, resp)?;
+    }
     vary_on_encoding(resp, &scan)
+}
+
+/// Give a HEAD's header what the encoder gives its GET's, when it would compress the GET.
+fn head_as_compressed(
+    accept_encoding: Option<&HeaderValue>,
+    resp: &mut ResponseHeader,
+) -> pingora_error::Result<()> {
+    let coding = accept_encoding.and_then(|v| compressing_coding(v.as_bytes()));
+    let Some(coding) = coding.filter(|_| encoder_takes(resp)) else {
+        return Ok(());
+    };
+    resp.insert_header(CONTENT_ENCODING, coding.as_str())?;
+    resp.remove_header(&CONTENT_LENGTH);
+    resp.remove_header(&ACCEPT_RANGES);
+    weaken_etag(resp)
 }
 
 /// Add `Accept-Encoding` to the response's `Vary` unless `scan` found it there (or `*`).

@@ -1424,7 +1424,8 @@ impl ProxyHttp for EdgeProxy {
                 }
             }
         }
-        compression::response_filter(ctx.compression, session, resp)?;
+        let ae = ctx.client_accept_encoding.as_ref();
+        compression::response_filter(ctx.compression, ae, session, resp)?;
         resp.insert_header("x-cache", x_cache_value(status))?;
         resp.insert_header(
             "cache-status",
