@@ -134,6 +134,15 @@ async fn fetch(State(b): State<PeerBridge>, req: HttpRequest) -> Response {
         )
         .await
     {
+        // A peer answers only with a copy it holds (2xx); anything else (a redirect, an
+        // informational status) would be stored and served as this key's answer.
+        Ok((Reply::PeerHead { status, .. }, _)) if !(200..300).contains(&status) => {
+            return miss(
+                StatusCode::BAD_GATEWAY,
+                "peer_miss",
+                format!("{} answered {key} with status {status}", peer.id),
+            )
+        }
         Ok((Reply::PeerHead { status, headers }, recv)) => (status, headers, recv),
         Ok((other, _)) => {
             return miss(

@@ -41,6 +41,9 @@ pub enum PkiError {
     /// The certificate (or list) was issued by another CA than the one in the CA directory.
     #[error("{0}: not issued by this CA")]
     OtherCa(PathBuf),
+    /// A node name that is no node id: it names the certificate's DNS name and its files.
+    #[error("{0:?} is not a node name: 1 to 63 letters, digits, '-' or '_' (and not \"broker\" for an edge)")]
+    BadName(String),
     /// The CA has no revocation list to add to.
     #[error("{0}: no revocation list (`certs ca` makes one with the CA; restore a lost one from a backup, or start an empty one with `certs revoke --init`, which lifts every revocation the lost one held)")]
     NoList(PathBuf),
@@ -183,6 +186,16 @@ pub fn issue_valid_for(
     out: &Path,
     days: u32,
 ) -> Result<TlsPaths, PkiError> {
+    // An edge's name becomes its certificate's DNS name (`*` would make a wildcard that
+    // passes for every edge) and, for any node, its files' names (a `/` would write them
+    // elsewhere).
+    let named = match role {
+        NodeRole::Edge => crate::config::valid_node_id(name),
+        NodeRole::Broker => crate::config::valid_node_id(name) || name == "broker",
+    };
+    if !named {
+        return Err(PkiError::BadName(name.to_string()));
+    }
     let ca_cert = ca_dir.join("ca.pem");
     let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
     let issuer = Issuer::from_ca_cert_pem(&read(&ca_cert)?, ca_key)?;
@@ -466,6 +479,19 @@ mod tests {
         let (_, crl) = x509_parser::parse_x509_crl(&der).unwrap();
         let number = u64::try_from(crl.crl_number().unwrap()).unwrap();
         (number, crl.iter_revoked_certificates().count())
+    }
+
+    #[test]
+    fn a_name_that_is_no_node_id_gets_no_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        for bad in ["*", "../x", "a b", "", "broker"] {
+            let e = issue(dir.path(), bad, NodeRole::Edge, dir.path()).unwrap_err();
+            assert!(matches!(e, PkiError::BadName(_)), "{bad}: {e}");
+        }
+        assert!(issue(dir.path(), "../b", NodeRole::Broker, dir.path()).is_err());
+        assert!(issue(dir.path(), "broker", NodeRole::Broker, dir.path()).is_ok());
+        assert!(issue(dir.path(), "eu-1", NodeRole::Edge, dir.path()).is_ok());
     }
 
     #[test]

@@ -544,6 +544,13 @@ impl Handler {
         let p = &self.parts;
         match req {
             Request::Shadow(o) => {
+                // The source must be a peer: another node, by a name a certificate can carry.
+                if let Some(peer) = &o.peer {
+                    if !crate::config::valid_node_id(&peer.id) || peer.id == p.node_id {
+                        let msg = format!("{:?} is not a peer of this edge", peer.id);
+                        return Reply::error(ErrorCode::Invalid, msg);
+                    }
+                }
                 let fill =
                     match FillRequest::validated(&o.key, o.ttl_secs, o.priority, p.max_ttl_secs) {
                         Ok(f) => f

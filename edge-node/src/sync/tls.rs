@@ -257,9 +257,26 @@ pub(super) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// What a node accepting connections receives: only requests, each one frame (bodies go the
+/// other way). Windows sized to that keep a peer that opens many streams and sends more than
+/// a frame on each without finishing from holding quinn's default buffers (1.25 MB a stream,
+/// no bound a connection) on this node.
+fn accepting_transport() -> Arc<quinn::TransportConfig> {
+    const SLACK: u32 = 64 * 1024;
+    let mut t = transport_config();
+    t.stream_receive_window((super::protocol::MAX_FRAME as u32 + SLACK).into());
+    t.receive_window((8u32 << 20).into());
+    Arc::new(t)
+}
+
+/// What a node dialling receives: replies, peer bodies among them, in quinn's default windows.
+fn transport() -> Arc<quinn::TransportConfig> {
+    Arc::new(transport_config())
+}
+
 /// Keep-alives detect a dead peer quickly; the stream limit is the backpressure on a peer
 /// that sends faster than this node handles.
-fn transport() -> Arc<quinn::TransportConfig> {
+fn transport_config() -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(Duration::from_secs(2)));
     t.max_concurrent_bidi_streams(64u32.into());
@@ -267,7 +284,7 @@ fn transport() -> Arc<quinn::TransportConfig> {
     if let Ok(idle) = quinn::IdleTimeout::try_from(Duration::from_secs(10)) {
         t.max_idle_timeout(Some(idle));
     }
-    Arc::new(t)
+    t
 }
 
 impl NodeIdentity {
@@ -338,7 +355,7 @@ impl NodeIdentity {
         let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
             .map_err(|e| TlsError::Quic(e.to_string()))?;
         let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        cfg.transport_config(transport());
+        cfg.transport_config(accepting_transport());
         Ok(cfg)
     }
 

@@ -62,6 +62,16 @@ pub(super) fn peer_leaf(conn: &quinn::Connection) -> Option<CertificateDer<'stat
 /// Application close code of a connection whose peer's certificate was revoked.
 pub const REVOKED_CLOSE_CODE: u32 = 0x5256;
 
+/// Application close code of a connection whose peer's certificate ran out while it was open.
+pub const EXPIRED_CLOSE_CODE: u32 = 0x4558;
+
+/// The end of `leaf`'s validity (`None` when it cannot be read).
+fn not_after(leaf: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
+
 /// The verifiers a handshake uses now, built from the CA and the list as last read.
 struct Verifiers {
     client: Arc<dyn ClientCertVerifier>,
@@ -432,6 +442,7 @@ impl Trust {
             trust: self.clone(),
             changes: self.inner.changes.subscribe(),
             side,
+            expires: None,
         }
     }
 
@@ -494,20 +505,29 @@ impl Trust {
     }
 }
 
-/// One connection's standing against the revocation list: the changes of the list since its
-/// peer was last verified. Taken before the handshake, so a list replaced during the
-/// handshake is checked at the first use.
+/// One connection's standing against the revocation list and its peer certificate's dates:
+/// the changes of the list since its peer was last verified, and when that certificate ends
+/// (keep-alives hold a connection open indefinitely, and a certificate left to expire must
+/// not keep its rights on the connections it opened). Taken before the handshake, so a list
+/// replaced during the handshake is checked at the first use.
 #[derive(Debug)]
 pub struct Checked {
     trust: Trust,
     changes: watch::Receiver<u64>,
     side: Side,
+    /// When the peer's certificate ends, read once from the connection (outer `None`: not
+    /// read yet; inner: unreadable).
+    expires: Option<Option<std::time::SystemTime>>,
 }
 
 impl Checked {
-    /// Whether `conn` may still be used: after a change of the list its peer is verified
-    /// again, and a refused one's connection is closed. Otherwise one atomic load.
+    /// Whether `conn` may still be used: its peer's certificate has not ended (else `conn` is
+    /// closed), and after a change of the list its peer is verified again, and a refused
+    /// one's connection is closed. Otherwise a clock read and one atomic load.
     pub fn still_trusted(&mut self, conn: &quinn::Connection) -> bool {
+        if self.cut_if_expired(conn) {
+            return false;
+        }
         if !self.changes.has_changed().unwrap_or(false) {
             return true;
         }
@@ -515,17 +535,63 @@ impl Checked {
         !self.cut_if_refused(conn)
     }
 
-    /// Wait until a change of the list refuses `conn`'s peer, and close `conn`; pending
-    /// for as long as that does not happen (forever without a list). Cancel-safe.
+    /// Wait until a change of the list refuses `conn`'s peer, or its certificate ends, and
+    /// close `conn`; pending for as long as neither happens. Cancel-safe.
     pub async fn cut_when_refused(&mut self, conn: &quinn::Connection) {
-        loop {
-            if self.changes.changed().await.is_err() {
-                return std::future::pending().await;
+        let ends = self.expiry(conn);
+        let ended = async {
+            match ends.and_then(|t| t.duration_since(std::time::SystemTime::now()).ok()) {
+                Some(left) => tokio::time::sleep(left).await,
+                None if ends.is_some() => {}
+                None => std::future::pending().await,
             }
-            if self.cut_if_refused(conn) {
-                return;
+        };
+        tokio::pin!(ended);
+        loop {
+            tokio::select! {
+                changed = self.changes.changed() => {
+                    if changed.is_err() {
+                        (&mut ended).await;
+                        self.cut_if_expired(conn);
+                        return;
+                    }
+                    if self.cut_if_refused(conn) {
+                        return;
+                    }
+                }
+                () = &mut ended => {
+                    self.cut_if_expired(conn);
+                    return;
+                }
             }
         }
+    }
+
+    /// When `conn`'s peer certificate ends, read once.
+    fn expiry(&mut self, conn: &quinn::Connection) -> Option<std::time::SystemTime> {
+        *self
+            .expires
+            .get_or_insert_with(|| peer_leaf(conn).as_ref().and_then(not_after))
+    }
+
+    /// Close `conn` if its peer's certificate has ended; whether it did.
+    fn cut_if_expired(&mut self, conn: &quinn::Connection) -> bool {
+        let Some(ends) = self.expiry(conn) else {
+            return false;
+        };
+        if std::time::SystemTime::now() < ends {
+            return false;
+        }
+        tracing::warn!(peer = %conn.remote_address(),
+            "QUIC connection closed: the peer's certificate ended while it was open");
+        conn.close(EXPIRED_CLOSE_CODE.into(), b"certificate expired");
+        true
+    }
+
+    /// Take `ends` as the end of the peer's certificate (tests: certificates last days).
+    #[cfg(test)]
+    fn ending_at(&mut self, ends: std::time::SystemTime) {
+        self.expires = Some(Some(ends));
     }
 
     /// Close `conn` if the list in use refuses its peer's certificate; whether it did. Any
@@ -804,6 +870,39 @@ mod tests {
                 if c.error_code == REVOKED_CLOSE_CODE.into()),
             "{closed:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_connection_is_cut_when_its_peers_certificate_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = cluster(dir.path(), &["e1", "b"]);
+        let [e1, b] = [&p[0], &p[1]].map(|p| NodeIdentity::load(p).unwrap());
+        let e1_server = server(&e1);
+        let (Some((on_e1, mut e1_side)), Some((on_b, mut b_side))) =
+            handshake(&e1_server, &e1, &b).await
+        else {
+            panic!("handshake failed");
+        };
+        let real = e1_side
+            .expiry(&on_e1)
+            .expect("the certificate's end is read");
+        assert!(real > std::time::SystemTime::now() + Duration::from_secs(86_400));
+        assert!(e1_side.still_trusted(&on_e1), "not ended");
+        e1_side.ending_at(std::time::SystemTime::now() + Duration::from_millis(300));
+        tokio::time::timeout(Duration::from_secs(5), e1_side.cut_when_refused(&on_e1))
+            .await
+            .expect("cut once the certificate ends");
+        let closed = tokio::time::timeout(Duration::from_secs(5), on_b.closed())
+            .await
+            .unwrap();
+        assert!(
+            matches!(&closed, quinn::ConnectionError::ApplicationClosed(c)
+                if u64::from(c.error_code) == u64::from(EXPIRED_CLOSE_CODE)),
+            "{closed:?}"
+        );
+        // A dialled connection whose peer's certificate ended is not used again.
+        b_side.ending_at(std::time::SystemTime::now() - Duration::from_secs(1));
+        assert!(!b_side.still_trusted(&on_b));
     }
 
     #[tokio::test]
