@@ -153,7 +153,12 @@ impl Broker {
             }
         }
         let cr = &cfg.client_region;
-        if cr.trust_header && cr.trusted_proxies.is_empty() && !cfg.listen.ip().is_loopback() {
+        let public = !cfg.listen.ip().is_loopback()
+            || cfg
+                .tls
+                .as_ref()
+                .is_some_and(|t| !t.listen.ip().is_loopback());
+        if cr.trust_header && cr.trusted_proxies.is_empty() && public {
             tracing::warn!(
                 header = %cr.header,
                 "client_region.trust_header is on with no trusted_proxies: any client can pick \

@@ -278,21 +278,30 @@ async fn read_body(
     body: axum::body::Body,
     limit: usize,
 ) -> Result<axum::body::Bytes, Box<Response>> {
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let inner = e.into_inner();
-        Box::new(if inner.is::<http_body_util::LengthLimitError>() {
-            error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body over {limit} bytes"),
-            )
-        } else {
-            error(
-                StatusCode::BAD_REQUEST,
-                "bad_body",
-                format!("request body unreadable: {inner}"),
-            )
-        })
+    let read = crate::http_service::read_body_within(body, limit)
+        .await
+        .map_err(|e| {
+            let inner = e.into_inner();
+            Box::new(if inner.is::<http_body_util::LengthLimitError>() {
+                error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request body over {limit} bytes"),
+                )
+            } else {
+                error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    format!("request body unreadable: {inner}"),
+                )
+            })
+        })?;
+    read.ok_or_else(|| {
+        Box::new(error(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive in time".to_string(),
+        ))
     })
 }
 

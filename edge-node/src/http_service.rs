@@ -4,8 +4,10 @@
 //! These listeners face operators, providers and peers, and share the process's file
 //! descriptors with the proxy: a client that opens connections and sends nothing (or one byte
 //! a minute) must not hold them. Each connection gets [`HEADER_READ_TIMEOUT`] to send a request
-//! header, also while it sits idle between requests, and at most [`MAX_CONNECTIONS`] are open
-//! at once; past that, new ones are closed at once until one ends.
+//! header, also while it sits idle between requests; at most [`MAX_CONNECTIONS`] are open at
+//! once, and at most [`MAX_PER_SOURCE`] from one address (one IPv6 /64), so that one client
+//! cannot hold them all and lock the others out (the broker's health probes among them).
+//! Past either, new connections are closed at once until one ends.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,8 +23,26 @@ use tokio::sync::Semaphore;
 /// Longest a connection may take to send a request's header, counted from when it is ready
 /// for one (an idle keep-alive connection is closed after as long).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a request body may take to arrive, for the handlers that read one whole
+/// ([`read_body_within`]): a client trickling a body must not hold its connection for good.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Read `body` whole, at most `limit` bytes, within [`BODY_READ_TIMEOUT`]; `Ok(None)` when it
+/// took longer.
+pub async fn read_body_within(
+    body: axum::body::Body,
+    limit: usize,
+) -> Result<Option<axum::body::Bytes>, axum::Error> {
+    match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit)).await {
+        Ok(read) => read.map(Some),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Most connections one listener holds open at once.
-pub const MAX_CONNECTIONS: usize = 1024;
+pub const MAX_CONNECTIONS: usize = 4096;
+/// Most connections one listener holds open from one address (IPv6: one /64).
+pub const MAX_PER_SOURCE: usize = 256;
 /// Longest a stop waits for the requests in flight.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 /// Pause after a failed accept (out of file descriptors: retrying at once would spin).
@@ -36,6 +56,7 @@ pub struct AxumService {
     listener: parking_lot::Mutex<Option<std::net::TcpListener>>,
     router: axum::Router,
     max_connections: usize,
+    max_per_source: usize,
     header_read_timeout: Duration,
 }
 
@@ -47,13 +68,20 @@ impl AxumService {
             listener: parking_lot::Mutex::new(Some(listener)),
             router,
             max_connections: MAX_CONNECTIONS,
+            max_per_source: MAX_PER_SOURCE,
             header_read_timeout: HEADER_READ_TIMEOUT,
         }
     }
 
     /// The same with other connection limits (tests use small ones).
-    pub fn with_limits(mut self, max_connections: usize, header_read_timeout: Duration) -> Self {
+    pub fn with_limits(
+        mut self,
+        max_connections: usize,
+        max_per_source: usize,
+        header_read_timeout: Duration,
+    ) -> Self {
         self.max_connections = max_connections;
+        self.max_per_source = max_per_source;
         self.header_read_timeout = header_read_timeout;
         self
     }
@@ -80,6 +108,7 @@ impl BackgroundService for AxumService {
             .header_read_timeout(self.header_read_timeout);
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(self.max_connections));
+        let sources = Sources::default();
         let mut warned: Option<Instant> = None;
         let mut turned_away = 0u64;
         loop {
@@ -87,21 +116,26 @@ impl BackgroundService for AxumService {
                 accepted = listener.accept() => accepted,
                 _ = shutdown.changed() => break,
             };
-            let stream = match accepted {
-                Ok((stream, _)) => stream,
+            let (stream, peer) = match accepted {
+                Ok(accepted) => accepted,
                 Err(e) => {
                     tracing::warn!(service = self.name, error = %e, "accept failed");
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let slot = sources
+                .admit(peer.ip(), self.max_per_source)
+                .and_then(|source| Some((source, slots.clone().try_acquire_owned().ok()?)));
+            let Some(slot) = slot else {
                 turned_away += 1;
                 if warned.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                     warned = Some(Instant::now());
                     tracing::warn!(
                         service = self.name,
-                        open = self.max_connections,
+                        max = self.max_connections,
+                        max_per_source = self.max_per_source,
+                        source = %peer.ip(),
                         turned_away,
                         "connection limit reached: new connections are closed until one ends"
                     );
@@ -126,21 +160,70 @@ impl BackgroundService for AxumService {
     }
 }
 
+/// Open connections per source (an IPv4 address, an IPv6 /64).
+#[derive(Clone, Default)]
+struct Sources(Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
+
+/// One connection counted against its source until dropped.
+struct SourceSlot {
+    sources: Sources,
+    source: std::net::IpAddr,
+}
+
+impl Sources {
+    /// Count a connection from `ip`, unless its source holds `max` already.
+    fn admit(&self, ip: std::net::IpAddr, max: usize) -> Option<SourceSlot> {
+        let source = match ip.to_canonical() {
+            std::net::IpAddr::V6(v6) => {
+                let s = v6.segments();
+                std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0).into()
+            }
+            v4 => v4,
+        };
+        let mut open = self.0.lock();
+        let n = open.entry(source).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            sources: self.clone(),
+            source,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        let mut open = self.sources.0.lock();
+        if let Some(n) = open.get_mut(&self.source) {
+            *n -= 1;
+            if *n == 0 {
+                open.remove(&self.source);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Serve a one-route router under `limits` until the returned sender is dropped.
+    /// Serve a one-route router under these limits until the returned sender is dropped.
     async fn serve(
         max_connections: usize,
+        max_per_source: usize,
         header_read_timeout: Duration,
     ) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
-        let service = AxumService::new("test", listener, router)
-            .with_limits(max_connections, header_read_timeout);
+        let service = AxumService::new("test", listener, router).with_limits(
+            max_connections,
+            max_per_source,
+            header_read_timeout,
+        );
         let (tx, rx) = tokio::sync::watch::channel(false);
         tokio::spawn(async move { service.start(rx).await });
         (addr, tx)
@@ -158,7 +241,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_never_finishes_its_header_is_cut_off() {
-        let (addr, _stop) = serve(8, Duration::from_millis(300)).await;
+        let (addr, _stop) = serve(8, 8, Duration::from_millis(300)).await;
         let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
         slow.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n")
             .await
@@ -171,7 +254,7 @@ mod tests {
 
     #[tokio::test]
     async fn connections_past_the_limit_are_closed_until_one_ends() {
-        let (addr, _stop) = serve(2, Duration::from_secs(30)).await;
+        let (addr, _stop) = serve(2, 8, Duration::from_secs(30)).await;
         let held: Vec<_> =
             futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(addr))).await;
         // Past the limit: answered with nothing.
@@ -187,6 +270,23 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert!(answered.ends_with("ok"), "{answered}");
+    }
+
+    #[tokio::test]
+    async fn one_source_cannot_hold_every_connection() {
+        let (addr, _stop) = serve(8, 2, Duration::from_secs(30)).await;
+        let held: Vec<_> =
+            futures::future::join_all((0..2).map(|_| tokio::net::TcpStream::connect(addr))).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(get(addr).await, "", "a third from the same address");
+        drop(held);
+        let sources = Sources::default();
+        let v6 = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        let a = sources.admit(v6("2001:db8::1"), 1).unwrap();
+        assert!(sources.admit(v6("2001:db8::2"), 1).is_none(), "one /64");
+        assert!(sources.admit(v6("2001:db8:0:1::1"), 1).is_some());
+        drop(a);
+        assert!(sources.admit(v6("2001:db8::2"), 1).is_some());
     }
 
     #[tokio::test]

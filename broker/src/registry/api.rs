@@ -187,24 +187,33 @@ fn provider(s: &ApiState, headers: &HeaderMap) -> Result<Provider, ApiError> {
 
 /// Read and parse a JSON body within the size limit.
 async fn read_json<T: DeserializeOwned>(body: Body, limit: usize) -> Result<T, ApiError> {
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let too_large = e
-            .into_inner()
-            .downcast_ref::<http_body_util::LengthLimitError>()
-            .is_some();
-        if too_large {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                format!("request body exceeds {limit} bytes"),
-            )
-        } else {
-            ApiError::new(
-                StatusCode::BAD_REQUEST,
-                "bad_body",
-                "the request body could not be read",
-            )
-        }
+    let bytes = edge_node::http_service::read_body_within(body, limit)
+        .await
+        .map_err(|e| {
+            let too_large = e
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            if too_large {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "too_large",
+                    format!("request body exceeds {limit} bytes"),
+                )
+            } else {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad_body",
+                    "the request body could not be read",
+                )
+            }
+        })?;
+    let bytes = bytes.ok_or_else(|| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "the request body did not arrive in time",
+        )
     })?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_json", e.to_string()))
@@ -336,12 +345,16 @@ async fn create_provider(State(s): State<ApiState>, headers: HeaderMap, body: Bo
         }
         .into());
     }
-    // Names reach logs and terminals (the CLI's listings): no control characters, which
-    // could rewrite what an operator sees.
-    if name.chars().any(char::is_control) {
+    // Names reach logs and terminals (the CLI's listings): no control characters or
+    // direction overrides, which could rewrite what an operator sees.
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if name.chars().any(hidden) {
         return Err(Invalid {
             field: "name",
-            message: "must not contain control characters".into(),
+            message: "must not contain control or text-direction characters".into(),
         }
         .into());
     }

@@ -279,6 +279,21 @@ impl Registry {
             w.open_table(HOST_CLAIMS).map_err(store_err)?;
         }
         w.commit().map_err(store_err)?;
+        let mem = Self::memory_of(&db)?;
+        Ok(Registry {
+            db: RwLock::new(Some(db)),
+            mem: RwLock::new(mem),
+            writer: Mutex::new(()),
+            max_resources_per_provider: usize::MAX,
+            max_origins_per_provider: usize::MAX,
+            created,
+            path: path.to_path_buf(),
+            closed: std::sync::atomic::AtomicBool::new(false),
+        })
+    }
+
+    /// Everything the store holds, as the registry keeps it in memory.
+    fn memory_of(db: &Database) -> Result<Memory, RegistryError> {
         let r = db.begin_read().map_err(store_err)?;
         let mut mem = Memory {
             providers: load_table(&r, PROVIDERS)?,
@@ -296,16 +311,7 @@ impl Registry {
             mem.tokens
                 .insert(k.value().to_string(), v.value().to_string());
         }
-        Ok(Registry {
-            db: RwLock::new(Some(db)),
-            mem: RwLock::new(mem),
-            writer: Mutex::new(()),
-            max_resources_per_provider: usize::MAX,
-            max_origins_per_provider: usize::MAX,
-            created,
-            path: path.to_path_buf(),
-            closed: std::sync::atomic::AtomicBool::new(false),
-        })
+        Ok(mem)
     }
 
     /// Limit how many resources one provider may register (existing ones are kept).
@@ -320,11 +326,11 @@ impl Registry {
         self
     }
 
-    /// Apply one change to the store. After an I/O failure (a full disk) redb refuses every
-    /// later change until the database is opened again: the failed change is reported, and the
-    /// store is opened again for the next one, so a passing failure does not leave the
-    /// provider API read-only until a restart. Memory is changed only after a commit, so it
-    /// still matches the store.
+    /// Apply one change to the store. After a failure of the store (a full disk) redb refuses
+    /// every later change until the database is opened again: the failed change is reported,
+    /// and the store is opened again for the next one, so a passing failure does not leave the
+    /// provider API read-only until a restart. Memory is changed only after a commit; a commit
+    /// reported failed may still have reached the disk, so reopening reloads memory from it.
     fn write<F>(&self, f: F) -> Result<(), RegistryError>
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), RegistryError>,
@@ -339,7 +345,9 @@ impl Registry {
                 f(&w)?;
                 w.commit().map_err(store_err)
             });
-            let failed = applied.is_err() && Self::failed(db);
+            // A store error (not a refusal by the change's own checks) may leave redb needing
+            // recovery, which only reopening gives it.
+            let failed = matches!(applied, Err(RegistryError::Store(_)));
             (applied, failed)
         };
         if failed {
@@ -350,17 +358,8 @@ impl Registry {
         applied
     }
 
-    /// Whether `db` refuses changes for an earlier I/O failure.
-    fn failed(db: &Database) -> bool {
-        matches!(
-            db.begin_write(),
-            Err(redb::TransactionError::Storage(
-                redb::StorageError::PreviousIo | redb::StorageError::Io(_)
-            ))
-        )
-    }
-
-    /// Open the store again when it was dropped after an I/O failure (not for shutdown).
+    /// Open the store again when it was dropped after a failure (not for shutdown), and take
+    /// memory from it: what a failed commit left on disk is what the registry holds.
     fn reopen_if_failed(&self) -> Result<(), RegistryError> {
         use std::sync::atomic::Ordering;
         if self.closed.load(Ordering::Acquire) || self.db.read().is_some() {
@@ -374,6 +373,13 @@ impl Registry {
                     self.path.display()
                 ))
             })?;
+            let mem = Self::memory_of(&opened).map_err(|e| {
+                RegistryError::Store(format!(
+                    "{}: the store failed and cannot be read again: {e}",
+                    self.path.display()
+                ))
+            })?;
+            *self.mem.write() = mem;
             tracing::info!(path = %self.path.display(), "the registry's store is open again");
             *db = Some(opened);
         }
