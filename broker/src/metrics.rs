@@ -468,6 +468,11 @@ impl BrokerMetrics {
         registry.register(Box::new(m.purge_redeliveries.clone()))?;
         registry.register(Box::new(m.pending_purges_save_failures.clone()))?;
         registry.register(Box::new(m.taken_tables_save_failures.clone()))?;
+        // The failures alerts watch exist at zero from the start: `increase()` over a series
+        // that appears with its first failure reads that failure as no increase.
+        for outcome in ["ok", "rejected", "unreachable"] {
+            m.edge_pushes.with_label_values(&["origins", outcome]);
+        }
         Ok(m)
     }
 }

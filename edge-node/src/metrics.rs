@@ -366,6 +366,14 @@ impl EdgeMetrics {
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.fill_bytes.clone()))?;
         registry.register(Box::new(m.bans.clone()))?;
+        // The failures alerts watch exist at zero from the start: `increase()` over a series
+        // that appears with its first failure reads that failure as no increase.
+        for outcome in ["ok", "error"] {
+            m.origin_fetches.with_label_values(&[outcome]);
+        }
+        for kind in ["key", "prefix", "tag"] {
+            m.purges.with_label_values(&[kind, "error"]);
+        }
         Ok(m)
     }
 
