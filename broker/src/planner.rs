@@ -461,7 +461,15 @@ fn decide(
             } else {
                 stake.value(f.p_any)
             };
-            (i, value * (1.0 + f64::from(cands[i].priority)))
+            // Priority raises a gain and shrinks a loss (a loss made larger would rank the
+            // important candidates last when the break-even gate is off).
+            let weight = 1.0 + f64::from(cands[i].priority);
+            let ranked = if value >= 0.0 {
+                value * weight
+            } else {
+                value / weight
+            };
+            (i, ranked)
         })
         .collect();
     ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
@@ -884,7 +892,10 @@ pub async fn place_with(
     info: OrderInfo,
     signal: Signal,
 ) -> bool {
-    let (key, ttl) = (order.key.clone(), crate::clock::wall(order.ttl_secs));
+    // The lifetime the edge gives it: whole wall seconds, at least one ([`EdgeSync::shadow`]);
+    // on a fast clock the exact one would be swept here (and priced) before the edge drops it.
+    let ttl = Duration::from_secs(crate::clock::wall_secs(order.ttl_secs));
+    let key = order.key.clone();
     order.deadline_ms = ledger.order_id(&key, edge, order.deadline_ms);
     let id = (order.deadline_ms != 0).then_some(order.deadline_ms);
     let placed_ms = edge_node::sync::protocol::unix_ms_now();
@@ -1489,10 +1500,17 @@ impl Planner {
                 })
                 .collect();
             let forecasts = fc.forecast(&hs);
-            // Which model answered: a reload or a fall back to the baseline starts the
-            // guard's records afresh; a reload, the calibration of the model's P.
+            // Which model serves: a reload, or a model that cannot load (the baseline serving),
+            // starts the guard's records afresh; a reload, the calibration of the model's P. One
+            // batch the model failed (its answers replaced by the baseline's) does not: it says
+            // nothing of the series the guard judged.
             let loads = fc.status().loads.load(std::sync::atomic::Ordering::Relaxed);
-            let serving = xxhash_rust::xxh3::xxh3_64_with_seed(fc.name().as_bytes(), loads);
+            let model = if fc.model_loaded() {
+                "model"
+            } else {
+                "fallback"
+            };
+            let serving = xxhash_rust::xxh3::xxh3_64_with_seed(model.as_bytes(), loads);
             let name = fc.name().to_string();
             let forecasts = forecasts.map(|f| {
                 let options = with_baselines(f, &hs);

@@ -79,15 +79,24 @@ impl Default for Ewma {
 }
 
 /// Smallest `k` with Poisson(λ) CDF(k) ≥ q. The pmf is carried in log space so a large λ
-/// does not underflow `e^(−λ)` to zero. It takes about λ steps.
+/// does not underflow `e^(−λ)` to zero. It sums from 0, as `models/train/features.py` does,
+/// up to a λ of [`SKIP_FROM`]; above it, from 40 standard deviations below λ, where the terms
+/// skipped are all under f64's smallest value (their sum, e^−800 or so, is no sum in f64
+/// either): about 40√λ steps instead of λ, so a flood of requests on one series (λ in the
+/// hundreds of millions) costs a planner tick milliseconds, not minutes.
 pub fn poisson_quantile(lambda: f64, q: f64) -> f64 {
     if lambda <= 0.0 {
         return 0.0;
     }
     let ln_lambda = lambda.ln();
-    let mut lp = -lambda;
+    let start = if lambda > SKIP_FROM {
+        (lambda - 40.0 * lambda.sqrt()).floor()
+    } else {
+        0.0
+    };
+    let mut lp = -lambda + start * ln_lambda - ln_factorial(start);
     let mut cdf = lp.exp();
-    let mut k = 0u32;
+    let mut k = start as u32;
     // Bounded: the tail beyond λ + 50√λ + 100 has negligible mass (the bound
     // `models/train/features.py` uses, so both pipelines stop at the same k).
     let limit = (lambda + 50.0 * lambda.sqrt() + 100.0) as u32;
@@ -97,6 +106,22 @@ pub fn poisson_quantile(lambda: f64, q: f64) -> f64 {
         cdf += lp.exp();
     }
     f64::from(k)
+}
+
+/// Above this λ, [`poisson_quantile`] starts its sum below the mean instead of at 0.
+pub const SKIP_FROM: f64 = 1e4;
+
+/// ln(n!) for a whole `n`, by Stirling's series (to n⁻⁵; within 1e-15 of the exact value from
+/// n = 100 on, and only called with n in the thousands).
+fn ln_factorial(n: f64) -> f64 {
+    if n < 2.0 {
+        return 0.0;
+    }
+    let inv = 1.0 / n;
+    let inv2 = inv * inv;
+    n * n.ln() - n
+        + 0.5 * (std::f64::consts::TAU * n).ln()
+        + inv * (1.0 / 12.0 - inv2 * (1.0 / 360.0 - inv2 / 1260.0))
 }
 
 impl Ewma {
@@ -129,6 +154,46 @@ impl Forecaster for Ewma {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sum from 0, as the training code computes it.
+    fn summed_from_zero(lambda: f64, q: f64) -> f64 {
+        let ln_lambda = lambda.ln();
+        let (mut lp, mut k) = (-lambda, 0u32);
+        let mut cdf = lp.exp();
+        let limit = (lambda + 50.0 * lambda.sqrt() + 100.0) as u32;
+        while cdf < q && k < limit {
+            k += 1;
+            lp += ln_lambda - f64::from(k).ln();
+            cdf += lp.exp();
+        }
+        f64::from(k)
+    }
+
+    #[test]
+    fn a_large_lambda_gets_the_same_quantiles_in_far_fewer_steps() {
+        for lambda in [10_000.5, 12_345.6, 80_000.0, 1.5e6] {
+            for q in [0.1, 0.5, 0.9] {
+                assert_eq!(
+                    poisson_quantile(lambda, q),
+                    summed_from_zero(lambda, q),
+                    "lambda {lambda}, q {q}"
+                );
+            }
+        }
+        for n in [100.0_f64, 6_000.0] {
+            let exact: f64 = (1..=n as u32).map(|k| f64::from(k).ln()).sum();
+            assert!((ln_factorial(n) - exact).abs() < 1e-9 * exact, "{n}");
+        }
+        // A flood: answered, and ordered.
+        let q: Vec<f64> = [0.1, 0.5, 0.9]
+            .iter()
+            .map(|q| poisson_quantile(3.6e8, *q))
+            .collect();
+        assert!(
+            q[0] < q[1] && q[1] < q[2] && (q[1] - 3.6e8).abs() < 10.0,
+            "{q:?}"
+        );
+    }
 
     fn hist(counts: &[u32]) -> History<'_> {
         History {

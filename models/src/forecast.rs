@@ -45,6 +45,15 @@ pub enum ForecastError {
     /// The model answered with unexpected shapes.
     #[error("model output: {0}")]
     Output(String),
+    /// A series' buckets are not the width the model was trained on: its calendar and
+    /// seasonal features would mean other times than the model learned.
+    #[error("series of {got}-second buckets; the model forecasts {want}-second ones")]
+    Bucket {
+        /// The series' bucket width.
+        got: i64,
+        /// The model's.
+        want: u64,
+    },
 }
 
 /// A demand forecaster: one call predicts a whole batch of series.

@@ -93,6 +93,9 @@ pub struct ModelMetadata {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The metadata format this build reads (`format` in the metadata file).
+pub const METADATA_FORMAT: u64 = 1;
+
 /// Path of the ONNX Runtime library: `ORT_DYLIB_PATH`, else the copy `deploy/setup.sh`
 /// unpacks into the repository's `.cache/onnxruntime/`.
 pub fn runtime_library() -> Result<PathBuf, LoadError> {
@@ -243,6 +246,14 @@ impl OnnxLstm {
                 )
             },
         )?;
+        // A later format may need what this build does not do (input scaling, say): refused
+        // rather than served as if it were this one. Metadata from before the field has none.
+        let format = meta.extra.get("format");
+        check(
+            format.is_none_or(|f| f.as_u64() == Some(METADATA_FORMAT)),
+            model,
+            || format!("metadata format {format:?}, this build reads {METADATA_FORMAT}"),
+        )?;
         check(meta.quantiles == QUANTILES, model, || {
             format!(
                 "quantiles {:?} in metadata, {QUANTILES:?} in this build",
@@ -279,6 +290,10 @@ impl OnnxLstm {
         let session = Session::builder(env)
             .map_err(|e| model_err(e.to_string()))?
             .with_intra_threads(threads.max(1))
+            .map_err(|e| model_err(e.to_string()))?
+            // Batches vary in size from tick to tick: a memory plan is kept per input shape
+            // and never dropped, so with it on, a long-running broker's memory only grows.
+            .with_memory_pattern(false)
             .map_err(|e| model_err(e.to_string()))?
             .commit_from_memory(&bytes)
             .map_err(|e| model_err(e.to_string()))?;
@@ -436,6 +451,16 @@ impl OnnxLstm {
     ) -> Result<Vec<Option<Forecast>>, ForecastError> {
         if histories.is_empty() {
             return Ok(Vec::new());
+        }
+        let want = self.meta.bucket_secs;
+        if let Some(h) = histories
+            .iter()
+            .find(|h| u64::try_from(h.bucket_secs) != Ok(want))
+        {
+            return Err(ForecastError::Bucket {
+                got: h.bucket_secs,
+                want,
+            });
         }
         let (q, p) = self.run(histories)?;
         Ok(q.chunks_exact(3)

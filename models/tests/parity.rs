@@ -432,6 +432,11 @@ fn metadata_listing_other_inputs_or_outputs_is_refused() {
     outputs.insert("probability".into(), p_any);
     let err = load_with(&renamed).unwrap_err().to_string();
     assert!(err.contains("metadata lists outputs"), "{err}");
+    // A later metadata format is refused, not read as this one.
+    let mut later = meta.clone();
+    later["format"] = serde_json::json!(2);
+    let err = load_with(&later).unwrap_err().to_string();
+    assert!(err.contains("metadata format"), "{err}");
     // Metadata from before these fields were written is not checked for them.
     let mut older = meta.clone();
     older.as_object_mut().unwrap().remove("inputs");
