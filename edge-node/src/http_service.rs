@@ -20,6 +20,8 @@ use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use tokio::sync::Semaphore;
 
+use crate::per_key::{PerKey, Slot};
+
 /// Longest a connection may take to send a request's header, counted from when it is ready
 /// for one (an idle keep-alive connection is closed after as long).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -162,17 +164,11 @@ impl BackgroundService for AxumService {
 
 /// Open connections per source (an IPv4 address, an IPv6 /64).
 #[derive(Clone, Default)]
-struct Sources(Arc<parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>);
-
-/// One connection counted against its source until dropped.
-struct SourceSlot {
-    sources: Sources,
-    source: std::net::IpAddr,
-}
+struct Sources(PerKey<std::net::IpAddr>);
 
 impl Sources {
     /// Count a connection from `ip`, unless its source holds `max` already.
-    fn admit(&self, ip: std::net::IpAddr, max: usize) -> Option<SourceSlot> {
+    fn admit(&self, ip: std::net::IpAddr, max: usize) -> Option<Slot<std::net::IpAddr>> {
         let source = match ip.to_canonical() {
             std::net::IpAddr::V6(v6) => {
                 let s = v6.segments();
@@ -180,28 +176,7 @@ impl Sources {
             }
             v4 => v4,
         };
-        let mut open = self.0.lock();
-        let n = open.entry(source).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            sources: self.clone(),
-            source,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        let mut open = self.sources.0.lock();
-        if let Some(n) = open.get_mut(&self.source) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.source);
-            }
-        }
+        self.0.admit(source, max)
     }
 }
 

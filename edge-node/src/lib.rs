@@ -21,6 +21,7 @@ pub mod last_push;
 pub mod metrics;
 pub mod origin;
 pub mod ownership;
+pub mod per_key;
 pub mod proxy;
 pub mod range;
 pub mod response_fields;

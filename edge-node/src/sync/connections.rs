@@ -5,55 +5,30 @@
 //! the old ones time out; a peer is known by the name its certificate is issued for, so a
 //! renewed certificate counts with the old one.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
 use rustls::pki_types::CertificateDer;
+
+use crate::per_key::{PerKey, Slot};
 
 /// Open connections from one peer.
 pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
 
 /// The open connections of one endpoint, by peer.
 #[derive(Clone, Default)]
-pub struct PeerConnections(Arc<parking_lot::Mutex<HashMap<String, usize>>>);
+pub struct PeerConnections(PerKey<String>);
 
 /// One open connection's place, given back when dropped.
-pub struct Held {
-    conns: PeerConnections,
-    peer: String,
-}
+pub type Held = Slot<String>;
 
 impl PeerConnections {
     /// A place for one more connection from `peer`, unless it has [`MAX_CONNECTIONS_PER_PEER`].
     pub fn admit(&self, peer: &str) -> Option<Held> {
-        let mut open = self.0.lock();
-        let n = open.entry(peer.to_string()).or_default();
-        if *n >= MAX_CONNECTIONS_PER_PEER {
-            return None;
-        }
-        *n += 1;
-        Some(Held {
-            conns: self.clone(),
-            peer: peer.to_string(),
-        })
+        self.0.admit(peer.to_string(), MAX_CONNECTIONS_PER_PEER)
     }
 
     /// Connections open from `peer`.
     #[cfg(test)]
     fn open(&self, peer: &str) -> usize {
-        self.0.lock().get(peer).copied().unwrap_or(0)
-    }
-}
-
-impl Drop for Held {
-    fn drop(&mut self) {
-        let mut open = self.conns.0.lock();
-        if let Some(n) = open.get_mut(&self.peer) {
-            *n -= 1;
-            if *n == 0 {
-                open.remove(&self.peer);
-            }
-        }
+        self.0.open(&peer.to_string())
     }
 }
 
