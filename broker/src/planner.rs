@@ -1482,6 +1482,10 @@ impl Planner {
             let fc = forecaster.clone();
             let _ = tokio::task::spawn_blocking(move || fc.check_reload()).await;
             self.count_answers(&[]);
+            // Nothing is anomalous or decided now: the gauges and the explain endpoint say so
+            // rather than show the last busy tick for good (the last host deleted, say).
+            self.anomalies(&[], &[], now);
+            self.state.decisions.write().clear();
             return;
         }
         let last = last_complete_bucket(now) as i64;
