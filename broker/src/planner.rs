@@ -744,6 +744,20 @@ impl PlannerState {
         fits
     }
 
+    /// Give back `bytes` [`Self::take_budget`] took on `edge` for an order the edge did not
+    /// take: an edge that keeps refusing would otherwise hold co-access off it until the next
+    /// tick.
+    pub fn return_budget(&self, edge: usize, bytes: u64) {
+        if let Some(used) = self
+            .taken
+            .lock()
+            .as_mut()
+            .and_then(|t| t.bytes.get_mut(edge))
+        {
+            *used = used.saturating_sub(bytes);
+        }
+    }
+
     /// Edges holding a live shadow of `key`.
     pub fn live_edges(&self, key: &str) -> Vec<usize> {
         let now = Instant::now();
@@ -1950,6 +1964,9 @@ mod tests {
             !state.take_budget(1, 1, 1000, fresh, 0),
             "its own placement counts too"
         );
+        // An order the edge did not take gives its bytes back.
+        state.return_budget(1, 300);
+        assert!(state.take_budget(1, 300, 1000, fresh, 0));
         assert!(state.take_budget(0, 1000, 1000, fresh, 0));
         // A stale tick says nothing: the budget beside what the edge holds again.
         assert!(state.take_budget(1, 900, 1000, Duration::ZERO, 0));

@@ -241,6 +241,9 @@ impl CoAccessService {
                 signal,
             )
             .await;
+            if !ok {
+                self.planner.return_budget(edge, taken);
+            }
             tracing::debug!(leader = %t.leader, follower = %f.key, p = f.probability, ok, "co-access shadow");
             self.metrics
                 .coaccess_shadows
