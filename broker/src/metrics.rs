@@ -228,7 +228,7 @@ impl BrokerMetrics {
             purge_redeliveries: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_purge_redeliveries_total",
-                    "Missed purges delivered again to an edge, by outcome",
+                    "Missed purges delivered again to an edge, by outcome (confirmed; widened: refused, its host purged whole instead; refused: that refused too, the edge stays held; failed: tried again later)",
                 ),
                 &["outcome"],
             )?,

@@ -62,7 +62,7 @@ pub enum PendingPurge {
 impl PendingPurge {
     /// The host-wide purge that covers this one (`None` for a prefix that stops inside the
     /// host part, which covers several hosts and is kept as it is).
-    fn host_wide(&self) -> Option<String> {
+    pub(crate) fn host_wide(&self) -> Option<String> {
         match self {
             PendingPurge::Target { target } => {
                 let (host, _) = target.split_once('/')?;
@@ -300,21 +300,26 @@ impl Redelivery {
             .set(len as i64);
     }
 
-    /// Write every queue to disk, off the async workers. A failure is logged and counted:
-    /// the queues still hold in memory, and the next save writes them again.
-    pub async fn save(self: &Arc<Self>) {
+    /// Write every queue to disk, off the async workers; whether what they hold now is on
+    /// disk. A failure is logged and counted: the queues still hold in memory, and the next
+    /// save (at the latest the redeliverer's next round) writes them again.
+    pub async fn save(self: &Arc<Self>) -> bool {
         let this = self.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || this.save_now()).await {
-            tracing::error!(error = %e, "pending purges not saved");
+        match tokio::task::spawn_blocking(move || this.save_now()).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                tracing::error!(error = %e, "pending purges not saved");
+                false
+            }
         }
     }
 
-    fn save_now(&self) {
+    fn save_now(&self) -> bool {
         let wanted = self.queues.lock().version;
         let mut written = self.writer.lock();
         if *written >= wanted {
             // A write that started after this change carried it.
-            return;
+            return true;
         }
         let (version, saved) = {
             let q = self.queues.lock();
@@ -361,10 +366,14 @@ impl Redelivery {
             .map_err(io::Error::other)
             .and_then(|bytes| write_atomic(&self.path, &bytes));
         match res {
-            Ok(()) => *written = version,
+            Ok(()) => {
+                *written = version;
+                true
+            }
             Err(e) => {
                 self.metrics.pending_purges_save_failures.inc();
                 tracing::error!(error = %e, path = %self.path.display(), "pending purges not saved");
+                false
             }
         }
     }

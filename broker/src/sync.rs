@@ -818,11 +818,14 @@ impl EdgeSync {
     }
 
     /// What [`Self::sending`] wrote down was delivered, queued, or (for
-    /// [`Self::refreshing`]) ordered refreshed instead.
-    pub async fn sent(&self, ticket: Option<Ticket>) {
-        if let (Some(r), Some(t)) = (&self.redelivery, ticket) {
-            r.finish(t);
-            r.save().await;
+    /// [`Self::refreshing`]) ordered refreshed instead; whether the queues are on disk.
+    pub async fn sent(&self, ticket: Option<Ticket>) -> bool {
+        match (&self.redelivery, ticket) {
+            (Some(r), Some(t)) => {
+                r.finish(t);
+                r.save().await
+            }
+            _ => true,
         }
     }
 
@@ -902,7 +905,17 @@ impl EdgeSync {
                 }
             })
             .collect();
-        self.sent(ticket).await;
+        // A purge queued for an edge is a promise that it gets it before serving again,
+        // across a broker restart too: not made when the queue could not be written down (a
+        // full or failing disk). The edges stay held while this broker runs; the caller hears
+        // they missed it, and may send it again.
+        if !self.sent(ticket).await {
+            let mut results = results;
+            for r in results.iter_mut().filter(|r| r.queued) {
+                r.queued = false;
+            }
+            return results;
+        }
         results
     }
 
@@ -964,20 +977,48 @@ impl EdgeSync {
                 status = self.purge(edge, &purge, REDELIVERY_PATIENCE) => status,
                 _ = &mut stop => break,
             };
-            let outcome = if purge.confirmed(status) {
+            let mut outcome = if purge.confirmed(status) {
                 "confirmed"
             } else if passing(status) {
                 "failed"
             } else {
-                tracing::warn!(edge = %self.fleet.edges[edge].id, status, purge = ?p,
-                    "edge refuses a purge it missed: dropped");
                 "refused"
             };
+            // A purge the edge refuses outright (one it cannot read: a tag purge on an edge
+            // from before tags) was acknowledged to its provider all the same: the host-wide
+            // purge that covers it goes instead, and only once that is confirmed is it done.
+            // Refused too, the edge stays held, out of routing, for the operator.
+            if outcome == "refused" {
+                let id = &self.fleet.edges[edge].id;
+                let wider = p.host_wide().filter(|w| {
+                    !matches!(p, crate::redelivery::PendingPurge::Target { target } if target == w)
+                });
+                let status = match wider {
+                    Some(target) => {
+                        let pending = crate::redelivery::PendingPurge::Target { target };
+                        let wide = Purge::from_pending(&pending);
+                        let status = tokio::select! {
+                            status = self.purge(edge, &wide, REDELIVERY_PATIENCE) => status,
+                            _ = &mut stop => break,
+                        };
+                        wide.confirmed(status).then_some(status)
+                    }
+                    None => None,
+                };
+                if let Some(status) = status {
+                    tracing::warn!(edge = %id, status, purge = ?p,
+                        "edge refuses a purge it missed: its host was purged whole instead");
+                    outcome = "widened";
+                } else {
+                    tracing::error!(edge = %id, status, purge = ?p,
+                        "edge refuses a purge it missed, and the host-wide purge too: it stays out of routing");
+                }
+            }
             self.metrics
                 .purge_redeliveries
                 .with_label_values(&[outcome])
                 .inc();
-            if outcome == "failed" {
+            if matches!(outcome, "failed" | "refused") {
                 break;
             }
             done += 1;
@@ -1128,6 +1169,10 @@ impl BackgroundService for PurgeRedeliverer {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.changed() => return,
+            }
+            // Queues a failed write left in memory only are written again.
+            if let Some(r) = &self.0.redelivery {
+                r.save().await;
             }
             self.0.redeliver(&shutdown);
         }
@@ -1470,6 +1515,54 @@ mod tests {
         assert_eq!(left(&redelivery), expect);
         drop(redelivery);
         assert_eq!(left(&setup.redelivery()), expect, "as saved");
+    }
+
+    /// A missed purge the edge refuses outright is replaced by its host-wide purge, and the
+    /// edge released once that is confirmed; refused too, the edge stays held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refused_missed_purge_is_widened_to_its_host_not_dropped() {
+        use axum::http::StatusCode;
+        use axum::response::IntoResponse;
+        let app = axum::Router::new()
+            .route("/origins", put(|| async { axum::Json(json!({})) }))
+            .route(
+                "/cache/{*key}",
+                any(
+                    |axum::extract::Path(key): axum::extract::Path<String>| async move {
+                        if key == "a.com/*" {
+                            axum::Json(json!({ "purged": true })).into_response()
+                        } else {
+                            StatusCode::BAD_REQUEST.into_response()
+                        }
+                    },
+                ),
+            );
+        let edge = serve(app).await;
+        let dir = tempfile::tempdir().unwrap();
+        let setup = Setup::new(dir.path(), &[edge]);
+        let redelivery = setup.redelivery();
+        let sync = Arc::new(setup.sync(redelivery.clone()));
+        let (_running, stop) = tokio::sync::watch::channel(false);
+        redelivery.queue(
+            0,
+            PendingPurge::Target {
+                target: "a.com/odd".into(),
+            },
+        );
+        assert!(!setup.health.is_up(0), "held");
+        sync.redeliver_to(0, stop.clone()).await;
+        assert!(redelivery.pending(0).1.is_empty(), "delivered as a.com/*");
+        assert!(setup.health.is_up(0));
+        // A host-wide purge the edge refuses has nothing wider: the edge stays held.
+        redelivery.queue(
+            0,
+            PendingPurge::Target {
+                target: "b.com/*".into(),
+            },
+        );
+        sync.redeliver_to(0, stop).await;
+        assert_eq!(redelivery.pending(0).1.len(), 1);
+        assert!(!setup.health.is_up(0), "still held");
     }
 
     /// A refresh ordered in place of a purge is written down as that purge until it is
