@@ -1272,6 +1272,40 @@ async fn a_large_object_survives_a_restart() {
 
 /// A purge is durable when it is acknowledged: an edge killed (SIGKILL, no flush) right after
 /// purging one key and one prefix serves neither from its disk tier when it comes back.
+/// Purges of keys this edge never held leave no disk tombstone: foyer keeps tombstones in a
+/// ring (one 4 KiB slot each, 16,384 on this 64 MiB disk), and one per such purge — most of
+/// the fleet's purges, on any one edge — wrapped it over the tombstone of an object the edge
+/// did remove, which a crash then brought back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purges_of_keys_never_held_do_not_bring_a_removed_object_back() {
+    use futures::StreamExt;
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "");
+    edge.get("/ring/removed").await;
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+    edge.spawn();
+    assert_eq!(x_cache(&edge.get("/ring/removed").await), "HIT", "on disk");
+    let purged = edge.purge(&format!("{HOST}/ring/removed"), TOKEN).await;
+    assert_eq!(purged.status(), StatusCode::OK);
+    let edge_ref = &edge;
+    let statuses: Vec<StatusCode> = futures::stream::iter(0..17_000)
+        .map(|i| async move {
+            edge_ref
+                .purge(&format!("{HOST}/ring/absent-{i}"), TOKEN)
+                .await
+                .status()
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::NOT_FOUND));
+    edge.child.kill();
+    edge.spawn();
+    assert_eq!(x_cache(&edge.get("/ring/removed").await), "MISS");
+    assert_eq!(origin.hits("/ring/removed"), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn purges_survive_a_crash_right_after_they_are_acknowledged() {
     let origin = TestOrigin::start().await;

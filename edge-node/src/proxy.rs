@@ -681,8 +681,9 @@ impl EdgeProxy {
     /// A request that may change its target (not GET, HEAD, OPTIONS or TRACE) answered with
     /// a success or a redirect makes the stored copy of that URL out of date (RFC 9111 §4.4):
     /// it is removed here, with its shadow mark. Not acknowledged to anyone, so not waited
-    /// on to reach the disk tier. A fill under way for the URL (which may predate the change)
-    /// is cancelled with it: its readers get their answer, the cache does not keep it.
+    /// on to reach the disk tier's tombstones. A fill under way for the URL (which may predate
+    /// the change) is cancelled with it: its readers get their answer, the cache does not
+    /// keep it.
     fn invalidate_after_unsafe(
         &self,
         req: &RequestHeader,
@@ -697,12 +698,14 @@ impl EdgeProxy {
         if safe || !changed || ctx.key.is_empty() || ctx.shadow_fill || ctx.only_if_cached {
             return;
         }
-        // Only a copy held is removed: most such requests are for URLs never cached (API
-        // calls), and a purge of each would take the purge paths' locks and bounded logs.
-        if !self.parts.storage.holds(&ctx.key) {
+        // Only a copy held or being filled is removed: most such requests are for URLs never
+        // cached (API calls), and a purge of each would take the purge paths' locks and
+        // bounded logs. A fill under way is cancelled, and recorded so that a fetch which
+        // started before the change does not store its answer (`purged_during`).
+        if !self.parts.storage.holds_or_fills(&ctx.key) {
             return;
         }
-        self.parts.storage.purge_key(&ctx.key);
+        self.parts.storage.invalidate_key(&ctx.key);
         if self.hooks.table.is_marked(&ctx.key) {
             self.hooks.table.remove(&ctx.key);
         }

@@ -12,6 +12,7 @@ mod lock;
 mod object;
 mod recent;
 mod tombstones;
+mod written;
 
 pub use lock::FillLock;
 
@@ -167,6 +168,8 @@ pub struct FoyerStorage {
     purges: Mutex<[u64; PURGE_SLOTS]>,
     /// Key purges of the last minutes, for fetches that overlapped one (`purged_during`).
     recent: RecentPurges,
+    /// Disk writes that may be in flight ([`written`]): a removal sends them a tombstone.
+    written: Mutex<written::RecentWrites>,
     /// Whether every key purge's tombstone is known to be on disk ([`Self::settle_purge`]).
     tombstones: Tombstones,
     /// Set when the cache starts closing: foyer drops removals from then on, and a wait for
@@ -340,6 +343,7 @@ impl FoyerStorage {
             fills: Mutex::new(HashMap::new()),
             purges: Mutex::new([0; PURGE_SLOTS]),
             recent: RecentPurges::new(RECENT_PURGE_WINDOW, RECENT_PURGE_CAP),
+            written: Mutex::default(),
             tombstones: Tombstones::default(),
             closing: AtomicBool::new(false),
             next_fill: AtomicU64::new(1),
@@ -556,14 +560,27 @@ impl FoyerStorage {
         self.cache.contains(&primary_hash(primary_key))
     }
 
-    /// Remove an object and cancel its fills; whether anything was there.
+    /// Whether the cache holds an object under `primary_key` or a fill for it is under way.
+    pub fn holds_or_fills(&self, primary_key: &str) -> bool {
+        let hash = primary_hash(primary_key);
+        self.cache.contains(&hash) || self.any_fill(hash).is_some()
+    }
+
+    /// Remove an object and cancel its fills; whether anything was there. The disk gets a
+    /// tombstone only when it may hold the object ([`written`]): foyer's tombstones live in
+    /// a ring that tombstones of keys never held would wrap.
     fn remove(&self, hash: u128) -> bool {
         let mut epochs = self.purges.lock();
         epochs[purge_slot(hash)] += 1;
         let had_fill = self.cancel_fills(hash);
-        let present = self.cache.contains(&hash);
-        self.cache.remove(&hash);
-        present || had_fill
+        let in_memory = self.cache.memory().contains(&hash);
+        let indexed = self.cache.storage().may_contains(&hash);
+        if indexed || self.written.lock().may_be_writing(hash, Instant::now()) {
+            self.cache.remove(&hash);
+        } else if in_memory {
+            self.cache.memory().remove(&hash);
+        }
+        in_memory || indexed || had_fill
     }
 
     /// Store `body` under `hash` with new metadata (revalidation, expiry), unless a removal
@@ -618,6 +635,7 @@ impl FoyerStorage {
         if disk.may_contains(&hash) {
             disk.delete(&hash);
         }
+        self.written.lock().note(hash, Instant::now());
         self.cache.insert(hash, obj);
     }
 
