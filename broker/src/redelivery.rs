@@ -10,9 +10,10 @@
 //!
 //! A queue is bounded: past [`MAX_PENDING`] purges, an edge's queue collapses into one purge
 //! of each host it names (`host/*`): more is removed than asked, nothing less. An edge that
-//! refuses a queued purge (a 4xx such as 400: it cannot take it, and never will) has it
-//! dropped, counted and logged, rather than being held forever; a refusal that can pass later
-//! — 401/403 (the broker's token not, or no longer, the edge's), 408, 429 — keeps it queued.
+//! refuses a queued purge (a 4xx such as 400: it cannot take it, and never will) gets the
+//! purge of its whole host instead; one that refuses that too stays held, logged and counted;
+//! a refusal that can pass later — 401/403 (the broker's token not, or no longer, the
+//! edge's), 408, 429 — keeps it queued.
 //!
 //! A purge is written down before it is sent ([`Redelivery::begin`]) and crossed out once
 //! every edge has answered or had it queued ([`Redelivery::finish`]): a broker that stops
@@ -73,7 +74,7 @@ impl PendingPurge {
     }
 
     /// A key for de-duplication.
-    fn dedup_key(&self) -> String {
+    pub(crate) fn dedup_key(&self) -> String {
         match self {
             PendingPurge::Target { target } => format!("t {target}"),
             PendingPurge::Tags { host, tags } => format!("g {host} {}", tags.join(" ")),
@@ -136,6 +137,8 @@ pub struct Redelivery {
     /// Held through a write, so writes never interleave and a later one never carries an
     /// older state than an earlier one; holds the version last written.
     writer: Mutex<u64>,
+    /// A background write ([`Redelivery::save_in_background`]) is under way.
+    retrying: std::sync::atomic::AtomicBool,
 }
 
 impl Redelivery {
@@ -199,6 +202,7 @@ impl Redelivery {
                 version: 0,
             }),
             writer: Mutex::new(0),
+            retrying: std::sync::atomic::AtomicBool::new(false),
         };
         if interrupted > 0 {
             // The file still lists them as being sent: rewrite it as queues.
@@ -298,6 +302,20 @@ impl Redelivery {
             .edge_pending_purges
             .with_label_values(&[id.as_str()])
             .set(len as i64);
+    }
+
+    /// Write the queues again in a task of its own, unless such a write is under way: what
+    /// a failed write left in memory only, without a disk that hangs holding up the caller.
+    pub fn save_in_background(self: &Arc<Self>) {
+        use std::sync::atomic::Ordering;
+        if self.retrying.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            this.save().await;
+            this.retrying.store(false, Ordering::Release);
+        });
     }
 
     /// Write every queue to disk, off the async workers; whether what they hold now is on

@@ -42,7 +42,9 @@ pub struct EdgeResult {
     /// HTTP status from the edge (QUIC answers map to 200 / 404), 0 when unreachable.
     pub status: u16,
     /// Not confirmed for a passing reason (unreachable, 5xx): delivered again until the edge
-    /// confirms, and the edge takes no traffic meanwhile ([`crate::redelivery`]).
+    /// confirms, and the edge takes no traffic meanwhile ([`crate::redelivery`]), across a
+    /// broker restart too. False also when that queue could not be written down: the edge is
+    /// then held while this broker runs, but the purge is best sent again.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub queued: bool,
 }
@@ -88,6 +90,8 @@ pub struct EdgeSync {
     refreshes: RecentRefreshes,
     /// Edges with a redelivery round running.
     rounds: parking_lot::Mutex<std::collections::HashSet<usize>>,
+    /// Missed purges an edge refused whose refusal was logged (bounded: cleared when full).
+    refusals_logged: parking_lot::Mutex<std::collections::HashSet<(usize, String)>>,
     /// Where a round counts as in flight, so that a graceful stop waits for it to record
     /// what it delivered.
     inflight: InflightCounter,
@@ -132,6 +136,7 @@ impl EdgeSync {
             redelivery: None,
             refreshes: RecentRefreshes::default(),
             rounds: Default::default(),
+            refusals_logged: Default::default(),
             inflight: InflightCounter::default(),
         }
     }
@@ -946,8 +951,9 @@ impl EdgeSync {
     /// Deliver `edge`'s missed purges again, in order, up to the first one that fails for a
     /// passing reason (the rest wait for the next round) and at most
     /// [`REDELIVERIES_PER_ROUND`]. One the edge refuses for good (a 4xx other than those
-    /// [`passing`] retries) is dropped: it would be refused again, and must not hold the edge
-    /// forever. Each purge gets
+    /// [`passing`] retries) is replaced by the purge of its whole host, once per host and
+    /// round; refused too, the edge stays held, out of routing, for the operator (logged once).
+    /// Each purge gets
     /// [`REDELIVERY_PATIENCE`], not the fan-out's few seconds: an edge whose ban log's fsync
     /// waits behind a busy disk for longer would otherwise time out on every round and never
     /// take traffic again. A stop cuts the purge in flight short (it is sent again after a
@@ -971,6 +977,7 @@ impl EdgeSync {
             return;
         }
         let mut done = 0;
+        let mut widened = std::collections::HashSet::new();
         for p in queue.iter().take(REDELIVERIES_PER_ROUND) {
             let purge = Purge::from_pending(p);
             let status = tokio::select! {
@@ -990,28 +997,47 @@ impl EdgeSync {
             // Refused too, the edge stays held, out of routing, for the operator.
             if outcome == "refused" {
                 let id = &self.fleet.edges[edge].id;
+                // Logged once per edge and purge, not at every round it stays held for it.
+                let first_refusal = {
+                    let mut logged = self.refusals_logged.lock();
+                    if logged.len() >= 1024 {
+                        logged.clear();
+                    }
+                    logged.insert((edge, p.dedup_key()))
+                };
                 let wider = p.host_wide().filter(|w| {
                     !matches!(p, crate::redelivery::PendingPurge::Target { target } if target == w)
                 });
-                let status = match wider {
+                match wider {
+                    // One host-wide purge per host and round covers all its refused ones.
+                    Some(target) if widened.contains(&target) => outcome = "widened",
                     Some(target) => {
-                        let pending = crate::redelivery::PendingPurge::Target { target };
+                        let pending = crate::redelivery::PendingPurge::Target {
+                            target: target.clone(),
+                        };
                         let wide = Purge::from_pending(&pending);
-                        let status = tokio::select! {
+                        let wide_status = tokio::select! {
                             status = self.purge(edge, &wide, REDELIVERY_PATIENCE) => status,
                             _ = &mut stop => break,
                         };
-                        wide.confirmed(status).then_some(status)
+                        if wide.confirmed(wide_status) {
+                            tracing::warn!(edge = %id, status, purge = ?p,
+                                "edge refuses a purge it missed: its host was purged whole instead");
+                            widened.insert(target);
+                            outcome = "widened";
+                        } else if passing(wide_status) {
+                            // Not refused, only not done: tried again next round.
+                            outcome = "failed";
+                        } else if first_refusal {
+                            tracing::error!(edge = %id, status, wide_status, purge = ?p,
+                                "edge refuses a purge it missed, and the host-wide purge too: it stays out of routing");
+                        }
                     }
-                    None => None,
-                };
-                if let Some(status) = status {
-                    tracing::warn!(edge = %id, status, purge = ?p,
-                        "edge refuses a purge it missed: its host was purged whole instead");
-                    outcome = "widened";
-                } else {
-                    tracing::error!(edge = %id, status, purge = ?p,
-                        "edge refuses a purge it missed, and the host-wide purge too: it stays out of routing");
+                    None if first_refusal => {
+                        tracing::error!(edge = %id, status, purge = ?p,
+                            "edge refuses a host-wide purge it missed: it stays out of routing");
+                    }
+                    None => {}
                 }
             }
             self.metrics
@@ -1172,7 +1198,7 @@ impl BackgroundService for PurgeRedeliverer {
             }
             // Queues a failed write left in memory only are written again.
             if let Some(r) = &self.0.redelivery {
-                r.save().await;
+                r.save_in_background();
             }
             self.0.redeliver(&shutdown);
         }

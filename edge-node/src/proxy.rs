@@ -700,8 +700,8 @@ impl EdgeProxy {
         }
         // Only a copy held or being filled is removed: most such requests are for URLs never
         // cached (API calls), and a purge of each would take the purge paths' locks and
-        // bounded logs. A fill under way is cancelled, and recorded so that a fetch which
-        // started before the change does not store its answer (`purged_during`).
+        // bounded logs. A fill under way (registered once its answer's header arrived) is
+        // cancelled and the removal recorded, so that it does not store its answer.
         if !self.parts.storage.holds_or_fills(&ctx.key) {
             return;
         }

@@ -575,10 +575,11 @@ impl FoyerStorage {
         let had_fill = self.cancel_fills(hash);
         let in_memory = self.cache.memory().contains(&hash);
         let indexed = self.cache.storage().may_contains(&hash);
-        if indexed || self.written.lock().may_be_writing(hash, Instant::now()) {
+        // Held in memory, the object may be on disk too (a write foyer dropped leaves an
+        // older copy indexed only until a refresh's delete, whose tombstone the ring may have
+        // dropped since): such a removal writes its own tombstone, as before.
+        if in_memory || indexed || self.written.lock().may_be_writing(hash, Instant::now()) {
             self.cache.remove(&hash);
-        } else if in_memory {
-            self.cache.memory().remove(&hash);
         }
         in_memory || indexed || had_fill
     }

@@ -6,7 +6,7 @@
 //! on any one edge) would overwrite the tombstones of objects it did remove, which a restart
 //! would then bring back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long a write is taken to be possibly in flight.
@@ -14,25 +14,34 @@ pub const WINDOW: Duration = Duration::from_secs(60);
 /// Writes remembered at most; past it every removal sends its tombstone for a window.
 pub const CAP: usize = 65_536;
 
-/// Recent disk writes by key hash.
+/// Recent disk writes by key hash, expired oldest first.
 #[derive(Debug, Default)]
 pub struct RecentWrites {
     at: HashMap<u128, Instant>,
-    /// Until then, every key counts as written (the map overflowed).
+    order: VecDeque<(Instant, u128)>,
+    /// Until then, every key counts as written (more than [`CAP`] writes in a window).
     all_until: Option<Instant>,
 }
 
 impl RecentWrites {
     /// A disk write of `hash` was queued at `now`.
     pub fn note(&mut self, hash: u128, now: Instant) {
-        if self.at.len() >= CAP {
-            self.at.retain(|_, t| now.duration_since(*t) < WINDOW);
-            if self.at.len() >= CAP {
-                self.at.clear();
-                self.all_until = Some(now + WINDOW);
+        while let Some(&(t, h)) = self.order.front() {
+            if now.duration_since(t) < WINDOW {
+                break;
+            }
+            self.order.pop_front();
+            if self.at.get(&h) == Some(&t) {
+                self.at.remove(&h);
             }
         }
+        if self.order.len() >= CAP {
+            self.at.clear();
+            self.order.clear();
+            self.all_until = Some(now + WINDOW);
+        }
         self.at.insert(hash, now);
+        self.order.push_back((now, hash));
     }
 
     /// Whether a disk write of `hash` may still be in flight at `now`.
@@ -62,5 +71,12 @@ mod tests {
         }
         assert!(w.may_be_writing(999_999_999, t0), "overflowed: every key");
         assert!(!w.may_be_writing(999_999_999, t0 + WINDOW * 2));
+        // Expired writes leave from the front: a steady rate under the cap never overflows.
+        let mut w = RecentWrites::default();
+        for i in 0..(3 * CAP) as u32 {
+            w.note(u128::from(i), t0 + WINDOW * i / (CAP as u32 / 2));
+        }
+        assert!(w.all_until.is_none());
+        assert!(w.order.len() <= CAP);
     }
 }
