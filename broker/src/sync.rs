@@ -890,7 +890,7 @@ impl EdgeSync {
         let calls = edges
             .iter()
             .map(|e| self.purge(*e, &purge, FAN_OUT_PATIENCE));
-        let results: Vec<EdgeResult> = edges
+        let mut results: Vec<EdgeResult> = edges
             .iter()
             .zip(futures::future::join_all(calls).await)
             .map(|(e, status)| {
@@ -915,11 +915,9 @@ impl EdgeSync {
         // full or failing disk). The edges stay held while this broker runs; the caller hears
         // they missed it, and may send it again.
         if !self.sent(ticket).await {
-            let mut results = results;
-            for r in results.iter_mut().filter(|r| r.queued) {
+            for r in &mut results {
                 r.queued = false;
             }
-            return results;
         }
         results
     }

@@ -443,7 +443,7 @@ impl prometheus::core::Collector for IdentityCollector {
 }
 
 /// The end of `cert`'s validity (Unix seconds).
-fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
+pub(super) fn not_after(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
     Some(parsed.validity().not_after.timestamp())
 }

@@ -67,8 +67,7 @@ pub const EXPIRED_CLOSE_CODE: u32 = 0x4558;
 
 /// The end of `leaf`'s validity (`None` when it cannot be read).
 fn not_after(leaf: &CertificateDer<'_>) -> Option<std::time::SystemTime> {
-    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
-    let secs = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    let secs = u64::try_from(super::tls::not_after(leaf)?).ok()?;
     std::time::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
 
