@@ -3,6 +3,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
 
 use clap::Parser;
 use edge_node::config::{EdgeConfig, Overrides};
@@ -160,12 +163,17 @@ fn certs(c: Certs) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    // Logs go to stderr, like the broker's: stdout may carry the access log.
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+    // Logs go to stderr, like the broker's: stdout may carry the access log. The disk tier's
+    // failed writes are counted from foyer's log, whatever the operator's filter shows.
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
         )
+        .with(edge_node::storage::disk_errors_layer())
         .init();
     let cli = Cli::parse();
     if let Some(Command::Certs(c)) = cli.command {

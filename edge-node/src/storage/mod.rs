@@ -7,6 +7,7 @@
 //! foyer, which writes them to disk on insertion so they survive a restart.
 
 mod bans;
+mod disk_io;
 mod fill;
 mod lock;
 mod object;
@@ -42,6 +43,8 @@ use pingora_error::{Error, ErrorType, Result};
 
 pub(crate) use bans::off_runtime;
 pub use bans::{BanError, BanList, OwnerChange};
+use disk_io::DiskErrors;
+pub use disk_io::{layer as disk_errors_layer, FlusherErrors};
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::{ObjectMeta, StoredObject};
 use recent::RecentPurges;
@@ -50,16 +53,33 @@ use tombstones::Tombstones;
 /// A key purge neither the disk tier (its tombstone) nor the ban log (a key ban) made durable.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "purge of {key}: the disk tier had not written its tombstone after {waited:?}, and a key \
-     ban could not stand in for it ({ban}); purge again"
+    "purge of {key}: its tombstone is not known to be on disk ({wait}), and a key ban could \
+     not stand in for it ({ban}); purge again"
 )]
 pub struct NotDurable {
     /// The purged key.
     pub key: String,
-    /// How long the edge waited.
-    pub waited: Duration,
+    /// Why the disk tier's tombstone was not trusted.
+    pub wait: Wait,
     /// Why the key ban was not recorded.
     pub ban: BanError,
+}
+
+/// What a key purge's wait for the disk tier showed of its tombstone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Wait {
+    /// Written: a wait that started after it completed, and no disk write has failed.
+    #[error("written")]
+    Written,
+    /// Not written yet: the wait ran out (a long fill backlog). A later wait may show it
+    /// written, and retire the key ban standing in for it.
+    #[error("not written after {SETTLE_TIMEOUT:?}")]
+    Late,
+    /// Never to be known written: the cache is closing (foyer drops removals), or a disk
+    /// write has failed (foyer ends its waits all the same, so none proves a tombstone
+    /// written). Its key ban stays until the ban retention.
+    #[error("the cache is closing or a disk write failed")]
+    Lost,
 }
 
 /// Why the cache could not be opened.
@@ -180,6 +200,8 @@ pub struct FoyerStorage {
     bans: Arc<BanList>,
     /// Key purges made durable by a key ban: their tombstones were late.
     key_bans: prometheus::IntCounter,
+    /// Failed disk tier I/O: after a failed write, no wait proves a tombstone written.
+    disk_errors: Arc<DiskErrors>,
     max_object_bytes: usize,
     /// Keys pingora-cache should not try to cache for a while; the storage marks the ones
     /// whose bodies outgrew `max_object_bytes` as they streamed.
@@ -270,10 +292,22 @@ impl FoyerStorage {
         spawner: Spawner,
         registry: &prometheus::Registry,
     ) -> Result<Self, StorageError> {
+        Self::open_with(opts, spawner, registry, disk_io::process()).await
+    }
+
+    /// [`Self::open`] checking the failed disk writes `disk_errors` counts (tests count their
+    /// own).
+    async fn open_with(
+        opts: &StorageOptions,
+        spawner: Spawner,
+        registry: &prometheus::Registry,
+        disk_errors: Arc<DiskErrors>,
+    ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&opts.dir).map_err(|source| StorageError::Dir {
             path: opts.dir.clone(),
             source,
         })?;
+        registry.register(Box::new(disk_errors.counter()))?;
         let mixtrics_registry: mixtrics::metrics::BoxedRegistry = Box::new(
             mixtrics::registry::prometheus::PrometheusMetricsRegistry::new(registry.clone()),
         );
@@ -349,6 +383,7 @@ impl FoyerStorage {
             next_fill: AtomicU64::new(1),
             bans,
             key_bans,
+            disk_errors,
             max_object_bytes: opts.max_object_bytes,
             predictor: Predictor::new(128, Some(transient_no_cache)),
             fill_bytes: Arc::default(),
@@ -385,7 +420,9 @@ impl FoyerStorage {
             self.cache.memory().remove(&primary_hash(&key));
         }
         self.cache.close().await?;
-        self.tombstones.written(mark);
+        if !self.disk_errors.writes_failed() {
+            self.tombstones.written(mark);
+        }
         if let Err(e) = self.retire_key_bans().await {
             tracing::warn!(error = %e, "ban log compaction at close");
         }
@@ -404,18 +441,33 @@ impl FoyerStorage {
     /// when that cannot be written either is the purge an error, to be asked again. Answering
     /// it failed would have the broker hold the whole edge out of routing over one slow disk
     /// write. Every key purge waits until a completed wait covers the late tombstones
-    /// ([`Self::tombstones_owed`]).
+    /// ([`Self::tombstones_owed`]). After a disk write has failed, no wait proves a tombstone
+    /// written ([`disk_io`]): every key purge is made durable by a key ban at once.
     pub async fn settle_purge(&self, primary_keys: &[&str]) -> Result<(), NotDurable> {
         let (mark, at) = (self.tombstones.mark(), SystemTime::now());
         // The wait covers every flusher's backlog; under a heavy fill load the answer must
         // not outlast the caller's deadline (the purge itself already holds in memory).
-        // A closing cache drops the removal: nothing to wait for.
-        let written = !self.closing()
+        // Nothing to wait for when no wait can prove the tombstone written.
+        let completed = !self.tombstones_lost()
             && tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
                 .await
-                .is_ok()
-            && !self.closing();
-        self.settled(primary_keys, (mark, at), written).await
+                .is_ok();
+        let wait = if self.tombstones_lost() {
+            Wait::Lost
+        } else if completed {
+            Wait::Written
+        } else {
+            Wait::Late
+        };
+        self.settled(primary_keys, (mark, at), wait).await
+    }
+
+    /// Whether a completed wait for the disk tier no longer proves a tombstone written: the
+    /// cache is closing (foyer drops removals), or a disk write has failed (foyer ends its
+    /// waits whether their writes failed or not). Checked after a wait completes: a failed
+    /// write is counted before foyer tells its waiters.
+    fn tombstones_lost(&self) -> bool {
+        self.closing() || self.disk_errors.writes_failed()
     }
 
     /// Whether the cache is closing ([`Self::close`]): a key purge must settle (and will be
@@ -431,17 +483,20 @@ impl FoyerStorage {
         &self,
         primary_keys: &[&str],
         (mark, at): (u64, SystemTime),
-        written: bool,
+        wait: Wait,
     ) -> Result<(), NotDurable> {
         for key in primary_keys {
             self.cache.memory().remove(&primary_hash(key));
         }
-        if written {
-            self.tombstones.written(mark);
-            return Ok(());
-        }
-        // Removals a closing cache dropped are never written: no wait retires their bans.
-        let mark = (!self.closing()).then_some(mark);
+        // A lost tombstone is never written: no wait retires its ban.
+        let mark = match wait {
+            Wait::Written => {
+                self.tombstones.written(mark);
+                return Ok(());
+            }
+            Wait::Late => Some(mark),
+            Wait::Lost => None,
+        };
         let bans = self.bans.clone();
         let keys: Vec<String> = primary_keys.iter().map(|k| k.to_string()).collect();
         let banned = off_runtime(move || {
@@ -456,7 +511,7 @@ impl FoyerStorage {
             }
             Err(ban) => Err(NotDurable {
                 key: primary_keys.join(" "),
-                waited: SETTLE_TIMEOUT,
+                wait,
                 ban,
             }),
         }
@@ -465,8 +520,11 @@ impl FoyerStorage {
     /// Whether a key purge's tombstone is not yet known to be on disk (no wait that started
     /// after it has completed): then a purge of a key no longer held must settle too — it may
     /// be the resend of one that ran out, or a second purge of a key whose first still waits.
+    ///
+    /// After a failed disk write every key purge settles: the purge being asked again may be
+    /// one whose tombstone failed and whose key ban could not be written either.
     pub fn tombstones_owed(&self) -> bool {
-        self.tombstones.owed()
+        self.tombstones.owed() || self.disk_errors.writes_failed()
     }
 
     /// Bytes held by the memory tier.
@@ -672,10 +730,11 @@ impl FoyerStorage {
     /// periodically). A late tombstone still owed is waited for first, so a key ban does not
     /// outlive its need for want of a later key purge.
     pub async fn compact_bans(&self) -> Result<(), BanError> {
-        if self.tombstones.owed() {
+        if self.tombstones.owed() && !self.tombstones_lost() {
             let mark = self.tombstones.mark();
             let wait = self.cache.storage().wait();
-            if tokio::time::timeout(COMPACTION_WAIT, wait).await.is_ok() && !self.closing() {
+            if tokio::time::timeout(COMPACTION_WAIT, wait).await.is_ok() && !self.tombstones_lost()
+            {
                 self.tombstones.written(mark);
             }
         }
@@ -1154,6 +1213,15 @@ mod tests {
     /// A storage with 4 MiB of memory and `disk_bytes` of disk in 1 MiB blocks, taking
     /// objects up to 512 KiB, alive for the test process.
     async fn storage_with_disk(dir: &std::path::Path, disk_bytes: usize) -> &'static FoyerStorage {
+        storage_counting(dir, disk_bytes, disk_io::tests::own()).await
+    }
+
+    /// [`storage_with_disk`] checking the failed writes `errors` counts.
+    async fn storage_counting(
+        dir: &std::path::Path,
+        disk_bytes: usize,
+        errors: Arc<DiskErrors>,
+    ) -> &'static FoyerStorage {
         let opts = StorageOptions {
             dir: dir.into(),
             memory_bytes: 4 << 20,
@@ -1165,7 +1233,7 @@ mod tests {
             ban_retention: Duration::from_secs(60),
         };
         let spawner = Spawner::from(tokio::runtime::Handle::current());
-        let s = FoyerStorage::open(&opts, spawner, &prometheus::Registry::new())
+        let s = FoyerStorage::open_with(&opts, spawner, &prometheus::Registry::new(), errors)
             .await
             .unwrap();
         Box::leak(Box::new(s))
@@ -1583,7 +1651,7 @@ mod tests {
         assert!(store_now(s, hash, &meta, Bytes::from_static(b"v")));
         assert!(s.invalidate_key("h/late"));
         let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), false)
+        s.settled(&["h/late"], (mark, SystemTime::now()), Wait::Late)
             .await
             .unwrap();
         assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
@@ -1617,7 +1685,7 @@ mod tests {
         }
         assert!(s.invalidate_key("h/late"));
         let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), false)
+        s.settled(&["h/late"], (mark, SystemTime::now()), Wait::Late)
             .await
             .unwrap();
         assert_eq!(s.ban_count(), 1);
@@ -1631,6 +1699,47 @@ mod tests {
         assert!(s.bans.is_banned("h/closing", before, &HeaderMap::new()));
         s.compact_bans().await.unwrap();
         assert_eq!(s.ban_count(), 1, "no wait retires it");
+    }
+
+    /// foyer ends a wait for its disk tier whether the writes before it succeeded or failed (a
+    /// full disk): a purge whose tombstone write failed must not be answered as durable on
+    /// that wait, or a restart recovers the object from disk. After a failed write every key
+    /// purge is made durable by a key ban that no later wait retires. (That foyer's flusher
+    /// logs a failed write is checked live: see the disk_io module.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_after_a_failed_disk_write_is_made_durable_by_a_key_ban() {
+        let dir = tempfile::tempdir().unwrap();
+        let errors = disk_io::tests::own();
+        let s = storage_counting(dir.path(), 16 << 20, errors.clone()).await;
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let key = CacheKey::new("h/full", "");
+        assert!(store_now(
+            s,
+            hash_of(key.combined_bin()),
+            &fresh_meta(),
+            Bytes::from_static(b"v")
+        ));
+        s.cache.storage().wait().await;
+        assert!(!s.tombstones_owed());
+        // A write fails: foyer logs it and ends its waits as if it had not.
+        disk_io::tests::fail(&errors);
+        assert!(s.invalidate_key("h/full"));
+        s.settle_purge(&["h/full"]).await.unwrap();
+        assert_eq!(
+            (s.ban_count(), s.key_bans.get()),
+            (1, 1),
+            "a key ban stood in for the tombstone"
+        );
+        assert!(s.tombstones_owed(), "every later key purge settles too");
+        assert!(!s.invalidate_key("h/never-held"));
+        s.settle_purge(&["h/never-held"]).await.unwrap();
+        assert_eq!(s.ban_count(), 2, "in case it is a purge asked again");
+        s.compact_bans().await.unwrap();
+        s.close().await.unwrap();
+        assert_eq!(s.ban_count(), 2, "no wait retires them");
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        assert_eq!(s.ban_count(), 2, "read back from the log");
+        assert!(s.lookup(&key, &trace).await.unwrap().is_none());
     }
 
     /// A purge while lookups keep reading the object from disk and foyer's write queue: once
