@@ -1687,6 +1687,20 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refresh_still_queued_at_shutdown_leaves_no_stale_copy() {
+    queued_refresh_then_stop(false).await;
+}
+
+/// An edge that crashes with a refresh accepted but not yet run finds the copy it was to
+/// replace on disk at its restart: the refresh's record in its ban log keeps it from being
+/// served, however long the edge stays down and whether or not the broker noticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_still_queued_at_a_crash_leaves_no_stale_copy() {
+    queued_refresh_then_stop(true).await;
+}
+
+/// An edge accepts a refresh of a held copy, queued behind a slow fill, and stops before it
+/// runs (`crash`: SIGKILL; otherwise SIGTERM); started again, it fetches the copy anew.
+async fn queued_refresh_then_stop(crash: bool) {
     use edge_node::sync::protocol::{Reply, Request, ShadowOrder};
     use edge_node::sync::{client_endpoint, Link, NodeIdentity, TlsPaths};
     let origin = TestOrigin::start().await;
@@ -1748,8 +1762,14 @@ async fn a_refresh_still_queued_at_shutdown_leaves_no_stale_copy() {
     assert_eq!(reply, Reply::Done { found: true });
     // Stopped before the refresh ran, the edge does not keep the old copy.
     let mut child = std::mem::replace(&mut edge.child, shadowcdn_tests::Child::placeholder());
-    let stopped = tokio::task::spawn_blocking(move || child.terminate());
-    assert_eq!(stopped.await.unwrap(), Some(0));
+    if crash {
+        tokio::task::spawn_blocking(move || child.kill())
+            .await
+            .unwrap();
+    } else {
+        let stopped = tokio::task::spawn_blocking(move || child.terminate());
+        assert_eq!(stopped.await.unwrap(), Some(0));
+    }
     edge.spawn();
     let before = origin.hits("/doc");
     let r = get(edge.addr).await;

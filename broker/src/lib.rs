@@ -20,7 +20,6 @@ pub mod origin_gaps;
 pub mod planner;
 pub mod proxy;
 pub mod redelivery;
-mod refreshes;
 pub mod registry;
 pub mod routing;
 pub mod server;

@@ -1417,23 +1417,6 @@ impl Planner {
         for e in self.sync.take_restarted() {
             self.state.forget_edge(e);
             self.state.adopted.lock().remove(&e);
-            // A crash lost the refreshes it had queued: their old copies go (a purge it
-            // cannot confirm now is queued and delivered again). Off the planning loop: each
-            // purge waits for the edge and writes the pending-purge file.
-            let stale = self.sync.take_refreshed(e);
-            if !stale.is_empty() {
-                let edge = &self.fleet.edges[e].id;
-                tracing::info!(%edge, keys = stale.len(), "purging the copies a restarted edge was refreshing");
-                let sync = self.sync.clone();
-                tokio::spawn(async move {
-                    let sync = &sync;
-                    stream::iter(stale)
-                        .for_each_concurrent(16, |key| async move {
-                            sync.purge_on(&key, &[e]).await;
-                        })
-                        .await;
-                });
-            }
         }
         self.adopt().await;
     }

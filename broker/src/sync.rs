@@ -23,7 +23,6 @@ use crate::control::{Control, ControlError};
 use crate::metrics::BrokerMetrics;
 use crate::origin_gaps::HostRows;
 use crate::redelivery::{PendingPurge, Redelivery, Ticket};
-use crate::refreshes::RecentRefreshes;
 use crate::registry::Registry;
 use crate::routing::{Fleet, Health};
 use crate::taken_tables::TakenTables;
@@ -86,8 +85,6 @@ pub struct EdgeSync {
     tables_taken: Vec<std::sync::atomic::AtomicU64>,
     /// Purges edges missed, delivered again by the push loop.
     redelivery: Option<Arc<Redelivery>>,
-    /// Refreshes edges accepted lately, purged on an edge seen restarting.
-    refreshes: RecentRefreshes,
     /// Edges with a redelivery round running.
     rounds: parking_lot::Mutex<std::collections::HashSet<usize>>,
     /// Missed purges an edge refused whose refusal was logged (bounded: cleared when full).
@@ -134,7 +131,6 @@ impl EdgeSync {
             taken: None,
             pushed: Default::default(),
             redelivery: None,
-            refreshes: RecentRefreshes::default(),
             rounds: Default::default(),
             refusals_logged: Default::default(),
             inflight: InflightCounter::default(),
@@ -580,14 +576,11 @@ impl EdgeSync {
         // Edges live on the wall clock.
         order.ttl_secs = crate::clock::wall_secs(order.ttl_secs);
         if let Some(c) = self.quic(edge) {
-            let (key, refresh) = (order.key.clone(), order.refresh);
+            // An edge writes an accepted refresh down before it answers, so a crash before the
+            // refresh runs does not leave the replaced copy served after its restart.
+            let key = order.key.clone();
             return match c.call(edge, &Request::Shadow(order)).await {
-                Ok(_) => {
-                    if refresh {
-                        self.refreshes.note(edge, &key, std::time::Instant::now());
-                    }
-                    true
-                }
+                Ok(_) => true,
                 Err(err) => {
                     tracing::warn!(edge = %e.id, error = %err, %key, "shadow order failed");
                     false
@@ -625,12 +618,6 @@ impl EdgeSync {
                 false
             }
         }
-    }
-
-    /// The keys edge `edge` accepted a refresh of lately ([`RecentRefreshes::take`]): after
-    /// a crash its queue is gone and the old copies remain.
-    pub fn take_refreshed(&self, edge: usize) -> Vec<String> {
-        self.refreshes.take(edge, std::time::Instant::now())
     }
 
     /// Edges that restarted since the last call ([`Control::take_restarted`]); none without

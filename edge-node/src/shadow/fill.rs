@@ -25,7 +25,7 @@ use crate::accept_encoding::{Coding, Mix};
 use crate::config::ShadowSection;
 use crate::metrics::EdgeMetrics;
 use crate::proxy::{normalize_key, InternalSecret, FILLED_FROM_HEADER};
-use crate::storage::FoyerStorage;
+use crate::storage::{FoyerStorage, RefreshRecord};
 use crate::sync::protocol::{PeerRef, ShadowOutcome};
 use crate::sync::{format_peer_via, PEER_VIA_HEADER};
 
@@ -44,6 +44,10 @@ pub struct FillRequest {
     pub peer: Option<PeerRef>,
     /// Revalidate a held copy with the origin (it changed) instead of reusing it.
     pub refresh: bool,
+    /// A refresh's record in the ban log, so that a crash before the refresh ends does not
+    /// leave the replaced copy served after the restart; dropped with the last clone of the
+    /// request, when the refresh has ended however it ended.
+    pub record: Option<Arc<RefreshRecord>>,
     /// When it was queued: a purge or unshadow of the key after that cancels it, even while
     /// it still waits for a worker.
     pub queued_at: Instant,
@@ -107,6 +111,7 @@ impl FillRequest {
             deadline_ms: 0,
             peer: None,
             refresh: false,
+            record: None,
             queued_at: Instant::now(),
             accepted: 0,
             renews: false,
@@ -132,6 +137,12 @@ impl FillRequest {
     /// Revalidating a held copy first.
     pub fn refreshing(mut self, refresh: bool) -> Self {
         self.refresh = refresh;
+        self
+    }
+
+    /// Holding the refresh's record in the ban log ([`FoyerStorage::record_refresh`]).
+    pub fn recorded(mut self, record: RefreshRecord) -> Self {
+        self.record = Some(Arc::new(record));
         self
     }
 
@@ -268,16 +279,21 @@ impl Filler {
     }
 
     /// Refuse further orders; the keys of every refresh queued or under way, whose held
-    /// copies would otherwise outlive the process as the version their origin replaced.
-    fn close(&self) -> Vec<String> {
+    /// copies would otherwise outlive the process as the version their origin replaced, and
+    /// the records of the queued ones, to hold until those copies are purged.
+    fn close(&self) -> (Vec<String>, Vec<Arc<RefreshRecord>>) {
         let mut g = self.queue.pending.lock();
         g.closed = true;
         let queued = std::mem::take(&mut g.heap).into_iter().map(|q| q.req);
-        let mut stale: Vec<String> = queued.filter(|r| r.refresh).map(|r| r.key).collect();
+        let (mut stale, mut records) = (Vec::new(), Vec::new());
+        for r in queued.filter(|r| r.refresh) {
+            stale.push(r.key);
+            records.extend(r.record);
+        }
         stale.extend(g.refreshing.keys().cloned());
         stale.sort();
         stale.dedup();
-        stale
+        (stale, records)
     }
 }
 
@@ -615,7 +631,7 @@ impl BackgroundService for ShadowService {
                 let _ = shutdown.changed().await;
             }
         }
-        let stale = self.filler.close();
+        let (stale, _records) = self.filler.close();
         futures::future::join_all(stale.iter().map(|key| {
             purge_stale(
                 self.storage,
@@ -942,7 +958,7 @@ mod tests {
         assert_eq!(keys, ["h/a", "h/b", "h/c"]);
         assert!(running[2].1.is_none(), "not a refresh");
         running.remove(1);
-        assert_eq!(filler.close(), ["h/a", "h/d"]);
+        assert_eq!(filler.close().0, ["h/a", "h/d"]);
         assert!(matches!(
             filler.submit(order("h/e", false)),
             Err(FillError::Closed)

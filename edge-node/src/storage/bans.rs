@@ -18,6 +18,15 @@
 //! no longer needed and the next compaction retires it without raising its host's floor; a key
 //! ban read back from the log (a crash came first) stays until the retention, like the others.
 //!
+//! A refresh record is a key ban that sleeps while the process lives. An edge accepts a
+//! refresh of a copy whose origin changed and queues it in memory, serving the held copy until
+//! the new one replaces it; a crash before then would leave the replaced version on disk,
+//! served as fresh after the restart. So the accepted refresh is logged first, as a `refresh`
+//! line that covers nothing here but reads back as a key ban after a restart. Once the refresh
+//! has ended (its new copy committed, or the old one purged) and a later wait has shown the
+//! disk tier written, the next compaction drops the line
+//! ([`BanList::end_refresh`], [`BanList::refreshes_written`]).
+//!
 //! Bans and floors are kept per scope, the key's host part up to the first `/`, so a hit only
 //! checks the bans of its own host (a host's tags are its own: one provider's purge never
 //! reaches another's objects). A host's floor is also raised when the host is registered
@@ -33,6 +42,8 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http::HeaderMap;
@@ -75,6 +86,39 @@ pub(crate) async fn off_runtime(
         .unwrap_or_else(|e| Err(BanError::task_failed(e)))
 }
 
+/// A refresh's record in the ban log, held by the refresh until it ends; dropping it tells
+/// the log ([`BanList::end_refresh`]).
+#[derive(Debug)]
+pub struct RefreshRecord {
+    bans: Arc<BanList>,
+    id: u64,
+}
+
+impl RefreshRecord {
+    /// Record, durably and off the async runtime, that a refresh of `key` was accepted.
+    pub(crate) async fn add(bans: Arc<BanList>, key: &str) -> Result<Self, BanError> {
+        let (log, key) = (bans.clone(), key.to_string());
+        let id = tokio::task::spawn_blocking(move || log.add_refresh(&key))
+            .await
+            .unwrap_or_else(|e| Err(BanError::task_failed(e)))?;
+        Ok(RefreshRecord { bans, id })
+    }
+}
+
+impl PartialEq for RefreshRecord {
+    fn eq(&self, other: &Self) -> bool {
+        self.id == other.id
+    }
+}
+
+impl Eq for RefreshRecord {}
+
+impl Drop for RefreshRecord {
+    fn drop(&mut self) {
+        self.bans.end_refresh(self.id);
+    }
+}
+
 /// A host's floor raised for a registration of the host (see [`crate::ownership`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OwnerChange {
@@ -104,6 +148,20 @@ enum Banned {
     /// This primary key exactly. `mark` is the tombstone count the purge's wait covered in
     /// this process (retired once a completed wait covers it); `None` when read from the log.
     Key { key: String, mark: Option<u64> },
+    /// A refresh of this key accepted in this process ([`BanList::add_refresh`]): covers
+    /// nothing until read back after a restart, as a key ban.
+    Refresh { key: String, id: u64 },
+}
+
+/// Where a refresh of this process stands, by its record's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RefreshState {
+    /// Queued or running: a crash now leaves the replaced copy on disk.
+    Live,
+    /// Ended; its writes (the new copy, or the old one's tombstone) may still be in flight.
+    Ended,
+    /// Ended before a completed wait for the disk tier began: the record can go.
+    Written,
 }
 
 impl Ban {
@@ -111,14 +169,23 @@ impl Ban {
         match &self.target {
             Banned::Prefix(p) => scope(p),
             Banned::Tag { scope, .. } => scope,
-            Banned::Key { key, .. } => scope(key),
+            Banned::Key { key, .. } | Banned::Refresh { key, .. } => scope(key),
         }
     }
 
     /// Whether it is a key ban whose tombstone a completed wait covered (`written` tombstones
-    /// are on disk): nothing left for it to stand in for.
-    fn retired(&self, written: u64) -> bool {
-        matches!(self.target, Banned::Key { mark: Some(mark), .. } if mark <= written)
+    /// are on disk), or the record of a refresh whose writes are on disk: nothing left for it
+    /// to stand in for.
+    fn retired(&self, written: u64, refreshes: &HashMap<u64, RefreshState>) -> bool {
+        match &self.target {
+            Banned::Key {
+                mark: Some(mark), ..
+            } => *mark <= written,
+            Banned::Refresh { id, .. } => refreshes
+                .get(id)
+                .is_none_or(|r| *r == RefreshState::Written),
+            _ => false,
+        }
     }
 
     /// The ban's log line.
@@ -127,6 +194,7 @@ impl Ban {
             Banned::Prefix(p) => format!("ban {} {p}\n", self.at_ms),
             Banned::Tag { scope, tag } => format!("tag {} {scope} {tag}\n", self.at_ms),
             Banned::Key { key, .. } => format!("key {} {key}\n", self.at_ms),
+            Banned::Refresh { key, .. } => format!("refresh {} {key}\n", self.at_ms),
         }
     }
 }
@@ -166,6 +234,7 @@ impl ScopeBans {
                 let at = self.keys.entry(key.clone()).or_default();
                 *at = (*at).max(ban.at_ms);
             }
+            Banned::Refresh { .. } => {}
         }
         self.all.push(ban);
     }
@@ -173,11 +242,16 @@ impl ScopeBans {
     /// Drop the bans older than `horizon`, and the key bans whose tombstones a completed wait
     /// covered (`written`: their purges are on disk, nothing for a floor to stand in for);
     /// the times just past each ban dropped for its age.
-    fn expire(&mut self, horizon: u64, written: u64) -> Vec<u64> {
+    fn expire(
+        &mut self,
+        horizon: u64,
+        written: u64,
+        refreshes: &HashMap<u64, RefreshState>,
+    ) -> Vec<u64> {
         let mut expired = Vec::new();
         let before = self.all.len();
         self.all.retain(|b| {
-            if b.retired(written) {
+            if b.retired(written, refreshes) {
                 return false;
             }
             let keep = b.at_ms >= horizon;
@@ -231,6 +305,8 @@ struct State {
     /// The registration time (the broker's `registered_at_ms`) last applied to each host
     /// scope, so that a host's floor moves once per registration, not on every push.
     owners: HashMap<String, u64>,
+    /// The refreshes accepted in this process whose records are still in the log.
+    refreshes: HashMap<u64, RefreshState>,
 }
 
 /// The scope of a key or ban prefix: up to and including its first `/`, or `""` when it has
@@ -264,6 +340,8 @@ pub struct BanList {
     state: RwLock<State>,
     writer: Mutex<LogWriter>,
     retention: Duration,
+    /// The last refresh record's id.
+    last_refresh: std::sync::atomic::AtomicU64,
 }
 
 /// The log's append handle.
@@ -339,7 +417,9 @@ impl BanList {
                         target: Banned::Prefix(prefix.to_string()),
                         at_ms,
                     }),
-                    "key" => state.push(Ban {
+                    // A refresh accepted before a crash: the copy it was to replace is on
+                    // disk, and a copy it stored is newer than the line.
+                    "key" | "refresh" => state.push(Ban {
                         target: Banned::Key {
                             key: prefix.to_string(),
                             mark: None,
@@ -397,6 +477,7 @@ impl BanList {
             path,
             state: RwLock::new(state),
             retention,
+            last_refresh: Default::default(),
         };
         list.compact(0)?;
         Ok(list)
@@ -443,13 +524,61 @@ impl BanList {
         self.add_all_at(targets, millis(at))
     }
 
+    /// Record, durably, that a refresh of primary key `key` was accepted now; the record's id.
+    /// Until [`Self::end_refresh`] and [`Self::refreshes_written`], a restart reads it back
+    /// as a ban on the copies of `key` stored before now.
+    pub fn add_refresh(&self, key: &str) -> Result<u64, BanError> {
+        let id = self.last_refresh.fetch_add(1, Ordering::Relaxed) + 1;
+        let ban = Ban {
+            target: Banned::Refresh {
+                key: one_line(key),
+                id,
+            },
+            at_ms: now_ms(),
+        };
+        self.record(ban.line(), |s| {
+            s.refreshes.insert(id, RefreshState::Live);
+            s.push(ban);
+        })?;
+        Ok(id)
+    }
+
+    /// Refresh `id` ended: its new copy is committed, or its old one purged.
+    pub fn end_refresh(&self, id: u64) {
+        if let Some(r) = self.state.write().refreshes.get_mut(&id) {
+            *r = RefreshState::Ended;
+        }
+    }
+
+    /// The refreshes ended so far ([`Self::end_refresh`]), for [`Self::refreshes_written`]
+    /// once a wait for the disk tier that starts after this call completes.
+    pub fn ended_refreshes(&self) -> Vec<u64> {
+        let s = self.state.read();
+        s.refreshes
+            .iter()
+            .filter(|(_, r)| **r == RefreshState::Ended)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// A completed wait covered the writes of refreshes `ids`: the next compaction drops
+    /// their records.
+    pub fn refreshes_written(&self, ids: &[u64]) {
+        let mut s = self.state.write();
+        for id in ids {
+            if let Some(r) = s.refreshes.get_mut(id) {
+                *r = RefreshState::Written;
+            }
+        }
+    }
+
     /// The keys of the key bans a compaction with `tombstones_written` would retire.
     pub fn written_keys(&self, tombstones_written: u64) -> Vec<String> {
         let s = self.state.read();
         s.bans
             .values()
             .flat_map(|b| &b.all)
-            .filter(|b| b.retired(tombstones_written))
+            .filter(|b| b.retired(tombstones_written, &s.refreshes))
             .filter_map(|b| match &b.target {
                 Banned::Key { key, .. } => Some(key.clone()),
                 _ => None,
@@ -575,14 +704,18 @@ impl BanList {
             let mut s = self.state.write();
             let before = s.len();
             let mut expired: Vec<(String, u64)> = Vec::new();
-            for (sc, bans) in s.bans.iter_mut() {
+            let State {
+                bans, refreshes, ..
+            } = &mut *s;
+            for (sc, bans) in bans.iter_mut() {
                 expired.extend(
-                    bans.expire(horizon, tombstones_written)
+                    bans.expire(horizon, tombstones_written, refreshes)
                         .into_iter()
                         .map(|at| (sc.clone(), at)),
                 );
             }
             s.bans.retain(|_, bans| !bans.all.is_empty());
+            s.refreshes.retain(|_, r| *r != RefreshState::Written);
             for (sc, at) in expired {
                 s.raise_floor(&sc, at);
             }
@@ -624,6 +757,55 @@ mod tests {
     use std::sync::LazyLock;
 
     use super::*;
+
+    /// A refresh's record covers nothing while its process lives: the held copy is served
+    /// until the refresh replaces it. Read back after a crash it is a ban on the copies stored
+    /// before it. Once the refresh ended and a wait showed its writes on disk, a compaction
+    /// drops it; a live one, or one only ended, stays.
+    #[test]
+    fn a_refresh_record_sleeps_until_a_restart_and_goes_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(5);
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        let (done, live) = (
+            b.add_refresh("h/done").unwrap(),
+            b.add_refresh("h/live").unwrap(),
+        );
+        assert_ne!(done, live);
+        assert!(
+            !b.is_banned("h/done", old, &NO_TAGS),
+            "asleep in this process"
+        );
+        let reopened = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(
+            reopened.is_banned("h/done", old, &NO_TAGS),
+            "read back after a crash"
+        );
+        assert!(reopened.is_banned("h/live", old, &NO_TAGS));
+        assert!(!reopened.is_banned(
+            "h/done",
+            SystemTime::now() + Duration::from_secs(5),
+            &NO_TAGS
+        ));
+        drop(reopened);
+        b.end_refresh(done);
+        b.compact(0).unwrap();
+        assert_eq!(b.len(), 2, "ended, but its writes may still be in flight");
+        assert_eq!(b.ended_refreshes(), [done]);
+        b.refreshes_written(&[done]);
+        b.compact(0).unwrap();
+        assert_eq!(b.len(), 1);
+        assert!(
+            b.written_keys(u64::MAX).is_empty(),
+            "not a key ban: its copy is the new one"
+        );
+        let reopened = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(
+            !reopened.is_banned("h/done", old, &NO_TAGS),
+            "gone from the log"
+        );
+        assert!(reopened.is_banned("h/live", old, &NO_TAGS));
+    }
 
     static NO_TAGS: LazyLock<HeaderMap> = LazyLock::new(HeaderMap::new);
 
@@ -777,7 +959,7 @@ mod tests {
                     && match &b.target {
                         Banned::Prefix(p) => key.starts_with(p.as_str()),
                         Banned::Key { key: k, .. } => k == key,
-                        Banned::Tag { .. } => false,
+                        Banned::Tag { .. } | Banned::Refresh { .. } => false,
                     }
             })
         };
@@ -798,7 +980,7 @@ mod tests {
         };
         agree(&state, &plain);
         for b in state.bans.values_mut() {
-            b.expire(500, 5);
+            b.expire(500, 5, &HashMap::new());
         }
         plain.retain(|b| {
             b.at_ms >= 500 && !matches!(b.target, Banned::Key { mark: Some(m), .. } if m <= 5)

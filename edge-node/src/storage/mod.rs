@@ -42,7 +42,7 @@ use pingora_cache::{CacheEntryKey, CacheMeta, NoCacheReason, Storage};
 use pingora_error::{Error, ErrorType, Result};
 
 pub(crate) use bans::off_runtime;
-pub use bans::{BanError, BanList, OwnerChange};
+pub use bans::{BanError, BanList, OwnerChange, RefreshRecord};
 use disk_io::DiskErrors;
 pub use disk_io::{layer as disk_errors_layer, FlusherErrors};
 use fill::{CompleteHit, Fill, FillState, PartialHit};
@@ -415,13 +415,14 @@ impl FoyerStorage {
     /// close writes out: a disk read under way at their purge may have put an old copy back).
     pub async fn close(&self) -> Result<(), StorageError> {
         self.closing.store(true, Ordering::Release);
-        let mark = self.tombstones.mark();
+        let (mark, ended) = (self.tombstones.mark(), self.bans.ended_refreshes());
         for key in self.bans.written_keys(u64::MAX) {
             self.cache.memory().remove(&primary_hash(&key));
         }
         self.cache.close().await?;
         if !self.disk_errors.writes_failed() {
             self.tombstones.written(mark);
+            self.bans.refreshes_written(&ended);
         }
         if let Err(e) = self.retire_key_bans().await {
             tracing::warn!(error = %e, "ban log compaction at close");
@@ -726,19 +727,29 @@ impl FoyerStorage {
         self.bans.apply_owner_changes(changes)
     }
 
-    /// Drop expired bans, and the key bans whose tombstones are written since (run
-    /// periodically). A late tombstone still owed is waited for first, so a key ban does not
-    /// outlive its need for want of a later key purge.
+    /// Drop expired bans, the key bans whose tombstones are written since, and the records of
+    /// refreshes that ended (run periodically). A late tombstone still owed, or an ended
+    /// refresh's writes, are waited for first, so a key ban or record does not outlive its
+    /// need for want of a later key purge.
     pub async fn compact_bans(&self) -> Result<(), BanError> {
-        if self.tombstones.owed() && !self.tombstones_lost() {
+        let ended = self.bans.ended_refreshes();
+        if (self.tombstones.owed() || !ended.is_empty()) && !self.tombstones_lost() {
             let mark = self.tombstones.mark();
             let wait = self.cache.storage().wait();
             if tokio::time::timeout(COMPACTION_WAIT, wait).await.is_ok() && !self.tombstones_lost()
             {
                 self.tombstones.written(mark);
+                self.bans.refreshes_written(&ended);
             }
         }
         self.retire_key_bans().await
+    }
+
+    /// Record that a refresh of `primary_key` was accepted, durably: a crash before it ends
+    /// leaves the copy it was to replace on disk, and the record bans that copy after the
+    /// restart (see [`BanList::add_refresh`]). The refresh holds the record until it ends.
+    pub async fn record_refresh(&self, primary_key: &str) -> Result<RefreshRecord, BanError> {
+        RefreshRecord::add(self.bans.clone(), primary_key).await
     }
 
     /// Compact the ban log, retiring the key bans whose tombstones are written. Each retired
@@ -1740,6 +1751,21 @@ mod tests {
         let s = storage_with_disk(dir.path(), 16 << 20).await;
         assert_eq!(s.ban_count(), 2, "read back from the log");
         assert!(s.lookup(&key, &trace).await.unwrap().is_none());
+    }
+
+    /// A refresh's record goes at the first compaction after the refresh ended, which waits
+    /// for the disk tier to write what the refresh stored; one still under way stays.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_compaction_drops_the_records_of_ended_refreshes() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        let ended = s.record_refresh("h/ended").await.unwrap();
+        let _live = s.record_refresh("h/live").await.unwrap();
+        assert_eq!(s.ban_count(), 2);
+        drop(ended);
+        s.compact_bans().await.unwrap();
+        assert_eq!(s.ban_count(), 1);
+        assert!(!s.tombstones_owed());
     }
 
     /// A purge while lookups keep reading the object from disk and foyer's write queue: once

@@ -559,6 +559,19 @@ impl Handler {
                             .refreshing(o.refresh),
                         Err(e) => return Reply::error(ErrorCode::Invalid, e.to_string()),
                     };
+                // Written down before it is accepted: a crash before the refresh ends must
+                // not leave the replaced copy served after the restart.
+                let fill = if fill.refresh {
+                    match p.storage.record_refresh(&fill.key).await {
+                        Ok(record) => fill.recorded(record),
+                        Err(e) => {
+                            tracing::warn!(error = %e, key = %fill.key, "refresh not recorded");
+                            return Reply::error(ErrorCode::Internal, e.to_string());
+                        }
+                    }
+                } else {
+                    fill
+                };
                 match p.filler.submit(fill) {
                     Ok(()) => Reply::Done { found: true },
                     Err(e) => {
