@@ -6,7 +6,11 @@
 //! is neither routed to nor named as a peer) until it has confirmed every purge queued for
 //! it; the sync loop delivers them again every few seconds. Queues are kept on disk
 //! (rewritten atomically on every change), so a broker restart forgets none of them — nor an
-//! edge renamed in the configuration meanwhile, found by its admin address.
+//! edge renamed in the configuration meanwhile, found by its admin address. The queue of an
+//! edge the configuration no longer names, at no configured address (taken out for
+//! maintenance, or renamed while its name did not resolve), stays in the file for
+//! [`UNMATCHED_KEEP`] and goes to the edge when a later start finds it again: it may come
+//! back with its cache.
 //!
 //! A queue is bounded: past [`MAX_PENDING`] purges, an edge's queue collapses into one purge
 //! of each host it names (`host/*`): more is removed than asked, nothing less. An edge that
@@ -41,6 +45,11 @@ use crate::routing::{Fleet, Health};
 
 /// Purges kept per edge before its queue collapses into host-wide purges.
 pub const MAX_PENDING: usize = 10_000;
+
+/// How long the queue of an edge no longer configured is kept for its return: longer than a
+/// machine is out for repair, short enough that a decommissioned edge's queue does not stay
+/// in the file for good. An edge back after that serves what it missed: purge its cache.
+pub const UNMATCHED_KEEP: std::time::Duration = std::time::Duration::from_secs(14 * 24 * 3600);
 
 /// A purge one edge has not confirmed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +116,20 @@ struct Saved {
     /// way round) is still found by it.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     admins_resolved: BTreeMap<String, String>,
+    /// When each queue of an edge no longer configured was first found so (ms since the
+    /// epoch); only written when there is one, so other files stay readable by the version
+    /// before it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    unmatched_since: BTreeMap<String, u64>,
+}
+
+/// The queue of an edge no longer configured, kept for its return.
+#[derive(Debug, Clone)]
+struct Unmatched {
+    queue: Vec<PendingPurge>,
+    admin: Option<String>,
+    admin_resolved: Option<String>,
+    since_ms: u64,
 }
 
 struct Queues {
@@ -120,6 +143,8 @@ struct Queues {
     /// Moves on every change: a save skips its write when a later or equal version has
     /// been written already.
     version: u64,
+    /// Queues of edges no longer configured, by id, written back with every save.
+    unmatched: BTreeMap<String, Unmatched>,
 }
 
 /// A purge written down as being sent; hand it back to [`Redelivery::finish`].
@@ -145,7 +170,8 @@ impl Redelivery {
     /// The queues saved at `path` (none when it does not exist). Purges that were being sent
     /// are queued for every edge they were going to. Edges with a queue are held out of
     /// routing at once; the queue of an edge no longer in the fleet goes to the edge now at its
-    /// admin address (renamed), else is dropped with a warning.
+    /// admin address (renamed), else is kept in the file for its return, up to
+    /// [`UNMATCHED_KEEP`].
     pub fn open(
         path: PathBuf,
         fleet: Arc<Fleet>,
@@ -155,27 +181,32 @@ impl Redelivery {
         let saved: Saved = read_json(&path)?.unwrap_or_default();
         let mut by_edge = vec![Vec::new(); fleet.edges.len()];
         let targets = targets(&saved, &fleet);
-        for (id, queue) in &saved.edges {
+        let mut unmatched: BTreeMap<String, Vec<PendingPurge>> = BTreeMap::new();
+        let mut queue_for = |id: &String, purges: &[PendingPurge]| {
             let to = targets.get(id.as_str()).map_or(&[][..], Vec::as_slice);
             if to.is_empty() {
-                tracing::warn!(edge = %id, purges = queue.len(),
-                    "pending purges of an edge no longer configured are dropped");
+                unmatched
+                    .entry(id.clone())
+                    .or_default()
+                    .extend_from_slice(purges);
             }
             for &i in to {
-                by_edge[i].extend(queue.iter().cloned());
+                by_edge[i].extend_from_slice(purges);
             }
+        };
+        for (id, queue) in &saved.edges {
+            queue_for(id, queue);
         }
         let interrupted = saved.sending.len();
         for sending in &saved.sending {
             for id in &sending.edges {
-                for &i in targets.get(id.as_str()).map_or(&[][..], Vec::as_slice) {
-                    by_edge[i].push(sending.purge.clone());
-                }
+                queue_for(id, std::slice::from_ref(&sending.purge));
             }
         }
         for queue in &mut by_edge {
             dedup(queue);
         }
+        let unmatched = keep_unmatched(&saved, unmatched, crate::clock::wall_ms());
         if interrupted > 0 {
             tracing::warn!(
                 purges = interrupted,
@@ -200,12 +231,17 @@ impl Redelivery {
                 sending: BTreeMap::new(),
                 next_ticket: 0,
                 version: 0,
+                unmatched,
             }),
             writer: Mutex::new(0),
             retrying: std::sync::atomic::AtomicBool::new(false),
         };
-        if interrupted > 0 {
-            // The file still lists them as being sent: rewrite it as queues.
+        let newly_unmatched =
+            (r.queues.lock().unmatched.keys()).any(|id| !saved.unmatched_since.contains_key(id));
+        let dropped = saved.unmatched_since.len() > r.queues.lock().unmatched.len();
+        if interrupted > 0 || newly_unmatched || dropped {
+            // The file still lists them as being sent, or does not say since when a queue
+            // waits for its edge: rewrite it.
             r.queues.lock().version += 1;
             r.save_now();
         }
@@ -377,7 +413,19 @@ impl Redelivery {
                     .filter(|e| self.fleet.edges[**e].admin.literal().is_none())
                     .filter_map(|e| Some((id(e), self.fleet.addresses.get(*e).admin?.to_string())))
                     .collect(),
+                unmatched_since: BTreeMap::new(),
             };
+            let mut saved = saved;
+            for (id, u) in &q.unmatched {
+                saved.edges.insert(id.clone(), u.queue.clone());
+                if let Some(a) = &u.admin {
+                    saved.admins.insert(id.clone(), a.clone());
+                }
+                if let Some(a) = &u.admin_resolved {
+                    saved.admins_resolved.insert(id.clone(), a.clone());
+                }
+                saved.unmatched_since.insert(id.clone(), u.since_ms);
+            }
             (q.version, saved)
         };
         let res = serde_json::to_vec(&saved)
@@ -395,6 +443,41 @@ impl Redelivery {
             }
         }
     }
+}
+
+/// The queues of edges no longer configured (`unmatched`, by id) that are kept for their
+/// return: found so less than [`UNMATCHED_KEEP`] before `now_ms`, each collapsed past
+/// [`MAX_PENDING`]. Each is logged.
+fn keep_unmatched(
+    saved: &Saved,
+    unmatched: BTreeMap<String, Vec<PendingPurge>>,
+    now_ms: u64,
+) -> BTreeMap<String, Unmatched> {
+    let keep_ms = UNMATCHED_KEEP.as_millis() as u64;
+    let mut kept = BTreeMap::new();
+    for (id, mut queue) in unmatched {
+        let since_ms = saved.unmatched_since.get(&id).copied().unwrap_or(now_ms);
+        if now_ms.saturating_sub(since_ms) > keep_ms {
+            tracing::warn!(edge = %id, purges = queue.len(), days = UNMATCHED_KEEP.as_secs() / 86_400,
+                "pending purges of an edge not configured for that long are dropped: purge its \
+                 cache before it serves again");
+            continue;
+        }
+        tracing::warn!(edge = %id, purges = queue.len(),
+            "pending purges of an edge no longer configured are kept for its return");
+        dedup(&mut queue);
+        if queue.len() > MAX_PENDING {
+            collapse(&mut queue);
+        }
+        let unmatched = Unmatched {
+            queue,
+            admin: saved.admins.get(&id).cloned(),
+            admin_resolved: saved.admins_resolved.get(&id).cloned(),
+            since_ms,
+        };
+        kept.insert(id, unmatched);
+    }
+    kept
 }
 
 /// The edges each id of `saved` now stands for: the edge configured with that id, and the
@@ -520,7 +603,8 @@ mod tests {
     }
 
     /// An edge renamed in the configuration between two starts (same admin address: same
-    /// machine, same cache) keeps its queue; one removed, at no configured address, loses it.
+    /// machine, same cache) keeps its queue; one removed, at no configured address, has it kept
+    /// for its return.
     #[tokio::test]
     async fn a_renamed_edge_keeps_its_queue() {
         let (fleet, dir) = sample_fleet();
@@ -531,6 +615,7 @@ mod tests {
         r.queue(3, target("a.com/y"));
         r.save().await;
         drop(r);
+        let saved_by_first = std::fs::read(&path).unwrap();
         let renamed = crate::config::tests::SAMPLE
             .replace("id = \"eu-b\"", "id = \"eu-b2\"")
             .replace("id = \"us-a\"", "id = \"us-z\"")
@@ -542,8 +627,9 @@ mod tests {
         assert_eq!(r.pending(1).1, vec![target("a.com/x")]);
         assert!(!health.is_up(1), "held until it confirms");
         drop(r);
-        // The id eu-b given to a new machine while the old one runs as eu-b2: both may hold
-        // what the purge removes.
+        // The id eu-b given to a new machine while the old one runs as eu-b2, read from the
+        // file as the first configuration saved it: both may hold what the purge removes.
+        std::fs::write(&path, &saved_by_first).unwrap();
         let swapped = crate::config::tests::SAMPLE
             .replace("id = \"eu-b\"", "id = \"eu-b2\"")
             .replace("id = \"eu-s\"", "id = \"eu-b\"");
@@ -560,6 +646,55 @@ mod tests {
             r.pending(3).1.is_empty(),
             "us-a gone from its address: nothing to give its queue to"
         );
+        drop(r);
+        // Configured again where it was (back from maintenance), it gets what it missed.
+        let (r, health) = reopen(&fleet, &path);
+        assert_eq!(r.pending(3).1, vec![target("a.com/y")]);
+        assert!(!health.is_up(3));
+    }
+
+    /// The queue of an edge no longer configured stays in the file for its return, also the
+    /// purges that were being sent to it, until [`UNMATCHED_KEEP`] has passed.
+    #[tokio::test]
+    async fn an_unconfigured_edges_queue_is_kept_for_a_while() {
+        let (fleet, dir) = sample_fleet();
+        let path = dir.path().join("pending-purges.json");
+        let file = |since: Option<u64>| {
+            let mut saved = serde_json::json!({
+                "edges": {"gone": [{"kind": "target", "target": "a.com/x"}]},
+                "sending": [{"purge": {"kind": "target", "target": "a.com/s"}, "edges": ["gone"]}],
+            });
+            if let Some(ms) = since {
+                saved["unmatched_since"] = serde_json::json!({ "gone": ms });
+            }
+            std::fs::write(&path, saved.to_string()).unwrap();
+        };
+        let read = || -> Saved { read_json(&path).unwrap().unwrap() };
+        file(None);
+        let before = crate::clock::wall_ms();
+        drop(reopen(&fleet, &path));
+        let kept = read();
+        assert_eq!(
+            kept.edges["gone"],
+            vec![target("a.com/x"), target("a.com/s")]
+        );
+        let since = kept.unmatched_since["gone"];
+        assert!(since >= before);
+        let (r, _) = reopen(&fleet, &path);
+        r.queue(0, target("b.com/y"));
+        r.save().await;
+        drop(r);
+        assert_eq!(
+            read().unmatched_since["gone"],
+            since,
+            "found so then, not now"
+        );
+        let long_ago = since - UNMATCHED_KEEP.as_millis() as u64 - 1;
+        file(Some(long_ago));
+        drop(reopen(&fleet, &path));
+        let dropped = read();
+        assert!(!dropped.edges.contains_key("gone"));
+        assert!(dropped.unmatched_since.is_empty());
     }
 
     /// A renamed edge whose configuration now spells its admin address otherwise — its name
@@ -722,6 +857,7 @@ mod tests {
             sending: Vec::new(),
             admins: BTreeMap::new(),
             admins_resolved: BTreeMap::new(),
+            unmatched_since: BTreeMap::new(),
         };
         let text = serde_json::to_string(&saved).unwrap();
         assert_eq!(
