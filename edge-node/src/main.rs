@@ -167,13 +167,14 @@ fn main() -> ExitCode {
     // failed writes are counted from foyer's log, whatever the operator's filter shows.
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // Counted first: a formatter that fails (stderr closed) must not keep it from counting.
     tracing_subscriber::registry()
+        .with(edge_node::storage::disk_errors_layer())
         .with(
             tracing_subscriber::fmt::layer()
                 .with_writer(std::io::stderr)
                 .with_filter(filter),
         )
-        .with(edge_node::storage::disk_errors_layer())
         .init();
     let cli = Cli::parse();
     if let Some(Command::Certs(c)) = cli.command {

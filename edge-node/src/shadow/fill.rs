@@ -209,6 +209,17 @@ struct Pending {
 }
 
 impl Queue {
+    /// Whether `pending` (this queue's, locked) takes another order.
+    fn room(&self, pending: &Pending) -> Result<(), FillError> {
+        if pending.closed {
+            return Err(FillError::Closed);
+        }
+        if pending.heap.len() >= self.capacity {
+            return Err(FillError::QueueFull);
+        }
+        Ok(())
+    }
+
     fn new(capacity: usize) -> Self {
         Queue {
             pending: parking_lot::Mutex::new(Pending::default()),
@@ -233,12 +244,7 @@ impl Filler {
     pub fn submit(&self, mut r: FillRequest) -> Result<(), FillError> {
         r.queued_at = Instant::now();
         let mut g = self.queue.pending.lock();
-        if g.closed {
-            return Err(FillError::Closed);
-        }
-        if g.heap.len() >= self.queue.capacity {
-            return Err(FillError::QueueFull);
-        }
+        self.queue.room(&g)?;
         g.seq += 1;
         let seq = g.seq;
         r.accepted = seq;
@@ -247,6 +253,12 @@ impl Filler {
         drop(g);
         self.queue.ready.notify_one();
         Ok(())
+    }
+
+    /// Whether an order would be queued now ([`Self::submit`] says for sure): a refresh checks
+    /// before it pays for its record's fsync.
+    pub fn has_room(&self) -> Result<(), FillError> {
+        self.queue.room(&self.queue.pending.lock())
     }
 
     /// Whether an order for `key` waits for a worker.
@@ -520,6 +532,19 @@ fn purged_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
     storage.purged_during(key, started, wall, &http::HeaderMap::new())
 }
 
+/// Whether the copy of `key` held now was stored or revalidated since `started` (to the
+/// second: stored times are kept in whole seconds).
+async fn stored_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
+    let wall = std::time::SystemTime::now()
+        .checked_sub(started.elapsed())
+        .unwrap_or(std::time::UNIX_EPOCH);
+    let second = wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let since = std::time::UNIX_EPOCH + Duration::from_secs(second);
+    storage.stored_at(key).await.is_some_and(|at| at >= since)
+}
+
 /// A fill whose order was dropped holds nothing here for it ([`ShadowTable::end_unheld`]):
 /// `moved` bytes fetched (`peer`: from a peer), `left`: where the copy it leaves in the cache
 /// came from, if any.
@@ -720,8 +745,9 @@ impl ShadowService {
                 // on its fill, as after any purge).
                 let replace_all = req.refresh && storage.varies(&req.key).await;
                 if replace_all {
+                    let before = storage.purge_baseline();
                     storage.invalidate_key(&req.key);
-                    if let Err(e) = storage.settle_purge(&[&req.key]).await {
+                    if let Err(e) = storage.settle_purge(&[&req.key], before).await {
                         // The old variants are gone from memory; the next purge of any key
                         // waits for their tombstones again.
                         tracing::warn!(error = %e, "refresh of variants");
@@ -748,6 +774,13 @@ impl ShadowService {
                 pacer.charge(charged, Instant::now());
                 match filled {
                     Ok((bytes, Fetched { source, tags })) => {
+                        // A refresh whose answer passed through uncached (the fill memory was
+                        // full) left the old copy held: it goes, or it would be served as the
+                        // version the origin replaced.
+                        if req.refresh && !stored_since(storage, &req.key, started).await {
+                            purge_stale(storage, &table, &metrics, &req.key, "refresh_not_stored")
+                                .await;
+                        }
                         let now = Instant::now();
                         if !table.mark_filled(&req.key, req.ttl, req.order(), tags, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");

@@ -125,13 +125,14 @@ pub async fn purge(
     table: &ShadowTable,
     keys: &[&str],
 ) -> Result<bool, NotDurable> {
+    let before = storage.purge_baseline();
     let mut found = false;
     for key in keys {
         // Both, whatever the first finds.
         found |= storage.invalidate_key(key) | table.remove(key).is_some();
     }
     if found || storage.tombstones_owed() || storage.closing() {
-        storage.settle_purge(keys).await?;
+        storage.settle_purge(keys, before).await?;
     }
     Ok(found)
 }

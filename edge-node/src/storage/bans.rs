@@ -254,6 +254,11 @@ impl ScopeBans {
             if b.retired(written, refreshes) {
                 return false;
             }
+            // A refresh of this process not yet written stays past the retention: it covers
+            // nothing here, and dropping it would raise its host's floor.
+            if matches!(&b.target, Banned::Refresh { id, .. } if refreshes.contains_key(id)) {
+                return true;
+            }
             let keep = b.at_ms >= horizon;
             if !keep {
                 expired.push(b.at_ms + 1);
@@ -504,24 +509,31 @@ impl BanList {
     }
 
     /// Record a ban on the objects stored before `at` under exactly these primary keys,
-    /// durably, with one fsync: the purges of `keys` whose tombstones were not written in
-    /// time. `mark` is the tombstone count their wait was to cover: a compaction after a wait
-    /// covering it completed retires the bans ([`Self::compact`]); `None` when no wait ever
-    /// will (the cache was closing, and dropped the removal).
-    pub fn add_keys(
-        &self,
-        keys: &[&str],
-        mark: Option<u64>,
-        at: SystemTime,
-    ) -> Result<(), BanError> {
+    /// durably, with one fsync: the purges whose tombstones are not known written. Each key's
+    /// mark is the tombstone count its wait was to cover: a compaction after a wait covering
+    /// it completed retires the ban ([`Self::compact`]); `None` when no wait ever will (the
+    /// cache was closing and dropped the removal, or a disk write failed).
+    pub fn add_keys(&self, keys: &[(&str, Option<u64>)], at: SystemTime) -> Result<(), BanError> {
         let targets = keys
             .iter()
-            .map(|key| Banned::Key {
+            .map(|(key, mark)| Banned::Key {
                 key: one_line(key),
-                mark,
+                mark: *mark,
             })
             .collect();
         self.add_all_at(targets, millis(at))
+    }
+
+    /// Keep every key ban of this process until the retention: a disk write failed, and the
+    /// late tombstones they stand in for may have been among the failures, so no later wait
+    /// proves them written.
+    pub fn keep_key_bans(&self) {
+        let mut s = self.state.write();
+        for b in s.bans.values_mut().flat_map(|b| b.all.iter_mut()) {
+            if let Banned::Key { mark, .. } = &mut b.target {
+                *mark = None;
+            }
+        }
     }
 
     /// Record, durably, that a refresh of primary key `key` was accepted now; the record's id.
@@ -631,6 +643,18 @@ impl BanList {
         })
     }
 
+    /// Make every append fail (`broken`), as on a full disk, or work again.
+    #[cfg(test)]
+    pub(crate) fn break_appends(&self, broken: bool) {
+        let mut opts = OpenOptions::new();
+        if broken {
+            opts.read(true);
+        } else {
+            opts.append(true);
+        }
+        self.writer.lock().file = opts.open(&self.path).unwrap();
+    }
+
     /// Append `line` to the log durably, then `apply` it to the state, holding the writer's
     /// lock throughout: a compaction in between would rewrite the log from a state without
     /// it, and it would not survive a restart.
@@ -675,9 +699,15 @@ impl BanList {
         })
     }
 
-    /// Number of bans currently held.
+    /// Number of bans currently held (refresh records, which ban nothing here, aside).
     pub fn len(&self) -> usize {
-        self.state.read().len()
+        let s = self.state.read();
+        s.len().saturating_sub(s.refreshes.len())
+    }
+
+    /// Number of refresh records in the log ([`Self::add_refresh`]).
+    pub fn refresh_records(&self) -> usize {
+        self.state.read().refreshes.len()
     }
 
     /// Whether there are no bans.
@@ -790,11 +820,16 @@ mod tests {
         drop(reopened);
         b.end_refresh(done);
         b.compact(0).unwrap();
-        assert_eq!(b.len(), 2, "ended, but its writes may still be in flight");
+        assert_eq!(
+            b.refresh_records(),
+            2,
+            "ended, but its writes may still be in flight"
+        );
+        assert_eq!(b.len(), 0, "records ban nothing here");
         assert_eq!(b.ended_refreshes(), [done]);
         b.refreshes_written(&[done]);
         b.compact(0).unwrap();
-        assert_eq!(b.len(), 1);
+        assert_eq!(b.refresh_records(), 1);
         assert!(
             b.written_keys(u64::MAX).is_empty(),
             "not a key ban: its copy is the new one"
@@ -827,7 +862,7 @@ mod tests {
         let open = || BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         {
             let b = open();
-            b.add_keys(&["h/a?x=1", "h/b"], Some(5), SystemTime::now())
+            b.add_keys(&[("h/a?x=1", Some(5)), ("h/b", Some(5))], SystemTime::now())
                 .unwrap();
             assert!(b.is_banned("h/a?x=1", old, &NO_TAGS));
             assert!(b.is_banned("h/b", old, &NO_TAGS));
@@ -843,7 +878,7 @@ mod tests {
         assert!(b.is_banned("h/b", old, &NO_TAGS), "read back after a crash");
         b.compact(u64::MAX).unwrap();
         assert_eq!(b.len(), 2, "read back: not known to be written");
-        b.add_keys(&["h/c"], Some(7), SystemTime::now()).unwrap();
+        b.add_keys(&[("h/c", Some(7))], SystemTime::now()).unwrap();
         assert!(b.is_banned("h/c", old, &NO_TAGS));
         assert!(!b.is_banned("h/c", later, &NO_TAGS));
         assert_eq!(b.written_keys(7), ["h/c"]);
@@ -864,8 +899,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = SystemTime::now() - Duration::from_secs(10);
         let b = BanList::open(dir.path(), Duration::from_millis(20)).unwrap();
-        b.add_keys(&["a/k"], Some(7), SystemTime::now()).unwrap();
-        b.add_keys(&["b/k"], Some(9), SystemTime::now()).unwrap();
+        b.add_keys(&[("a/k", Some(7))], SystemTime::now()).unwrap();
+        b.add_keys(&[("b/k", Some(9))], SystemTime::now()).unwrap();
         std::thread::sleep(Duration::from_millis(40));
         b.compact(7).unwrap();
         assert!(b.is_empty());
@@ -1165,7 +1200,7 @@ mod tests {
             };
             assert!(b.add("h/failed/").is_err());
             assert!(b
-                .add_keys(&["h/failed/k"], Some(1), SystemTime::now())
+                .add_keys(&[("h/failed/k", Some(1))], SystemTime::now())
                 .is_err());
             assert!(!b.is_banned("h/failed/k", old, &NO_TAGS));
             assert!(

@@ -8,12 +8,12 @@
 //!
 //! foyer 0.22 keeps its I/O engine's buffer and partition types private, so no engine of the
 //! edge's own can sit under it to see the failures. Its flusher's error events are what there
-//! is: [`layer`] goes into the edge's log subscriber and counts them, and after the first one
-//! key purges are made durable by key bans instead ([`DiskErrors::writes_failed`]). The flusher
-//! logs a failure before it tells the waiters of that flush, so a wait that ends after a
-//! failed write of its own flush always sees it counted.
+//! is: [`layer`] goes into the edge's log subscriber and counts them ([`DiskErrors::count`]).
+//! The flusher logs a failure before it tells the waiters of that flush, so a purge that reads
+//! the count before its removal and again when its wait ends sees any failure of the flushes
+//! in between, its tombstone's among them; it is then made durable by a key ban instead.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock};
 
 use tracing::{Level, Subscriber};
@@ -29,10 +29,8 @@ const FLUSHER_TARGET: &str = "foyer_storage::engine::block::flusher";
 pub struct DiskErrors {
     /// `shadowcdn_edge_disk_write_errors_total`.
     writes: prometheus::IntCounter,
-    /// Set by the first failed write, for the life of the process.
-    write_failed: AtomicBool,
-    /// Whether the log has said what a failed write changes.
-    told: AtomicBool,
+    /// The same count, read by purges (the metric may be reset by nobody, but is a float).
+    failed: AtomicU64,
 }
 
 /// The process's disk tier failures: the edge has one storage and one log subscriber.
@@ -58,29 +56,20 @@ impl DiskErrors {
         let writes = prometheus::IntCounter::new(
             "shadowcdn_edge_disk_write_errors_total",
             "Writes of the disk tier that failed (a full disk, a device error), as foyer's \
-             flusher logged them; after the first, every key purge is made durable by a key ban",
+             flusher logged them; a key purge whose wait saw one is made durable by a key ban",
         )
         .expect("a valid metric");
         Arc::new(DiskErrors {
             writes,
-            write_failed: AtomicBool::new(false),
-            told: AtomicBool::new(false),
+            failed: AtomicU64::new(0),
         })
     }
 
-    /// Whether a write of the disk tier has failed since the process started. From then on a
-    /// completed wait for the disk tier no longer proves that a tombstone was written: the
-    /// failed write may have been one, and its purge may already have been answered by a wait
-    /// that foyer ended all the same.
-    pub(crate) fn writes_failed(&self) -> bool {
-        let failed = self.write_failed.load(Ordering::Acquire);
-        if failed && !self.told.swap(true, Ordering::AcqRel) {
-            tracing::error!(
-                "a disk tier write failed: key purges are made durable by key bans until the \
-                 edge restarts"
-            );
-        }
-        failed
+    /// Failed writes of the disk tier since the process started. A wait for the disk tier
+    /// proves the tombstones submitted before it written only if this did not move between
+    /// their submission and the wait's end: foyer ends the wait all the same.
+    pub(crate) fn count(&self) -> u64 {
+        self.failed.load(Ordering::Acquire)
     }
 
     /// The failure counter, for the storage's metrics registry.
@@ -89,10 +78,10 @@ impl DiskErrors {
     }
 
     /// Count a failed write. No log line here: the layer runs inside the log dispatch, which
-    /// drops events raised from it; [`Self::writes_failed`] says it instead.
+    /// drops events raised from it (foyer's own event says it).
     fn failed(&self) {
         self.writes.inc();
-        self.write_failed.store(true, Ordering::Release);
+        self.failed.fetch_add(1, Ordering::AcqRel);
     }
 }
 
@@ -134,13 +123,13 @@ pub(crate) mod tests {
             tracing::warn!(target: "foyer_storage::engine::block::flusher", "slow");
             tracing::error!(target: "foyer_storage::engine::block::engine", "load error");
             tracing::error!(target: "edge_node::storage", "a disk tier write failed");
-            assert!(!errors.writes_failed());
+            assert_eq!(errors.count(), 0);
             tracing::error!(
                 target: "foyer_storage::engine::block::flusher",
                 "[block engine flusher]: io task error"
             );
         });
-        assert!(errors.writes_failed());
+        assert_eq!(errors.count(), 1);
         assert_eq!(errors.counter().get(), 1);
     }
 }

@@ -561,6 +561,15 @@ impl Handler {
                     };
                 // Written down before it is accepted: a crash before the refresh ends must
                 // not leave the replaced copy served after the restart.
+                let room = if fill.refresh {
+                    p.filler.has_room()
+                } else {
+                    Ok(())
+                };
+                if let Err(e) = room {
+                    p.metrics.shadow_fills.with_label_values(&["refused"]).inc();
+                    return Reply::error(ErrorCode::Busy, e.to_string());
+                }
                 let fill = if fill.refresh {
                     match p.storage.record_refresh(&fill.key).await {
                         Ok(record) => fill.recorded(record),
