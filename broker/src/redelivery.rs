@@ -9,8 +9,8 @@
 //! edge renamed in the configuration meanwhile, found by its admin address. The queue of an
 //! edge the configuration no longer names, at no configured address (taken out for
 //! maintenance, or renamed while its name did not resolve), stays in the file for
-//! [`UNMATCHED_KEEP`] and goes to the edge when a later start finds it again: it may come
-//! back with its cache.
+//! [`UNMATCHED_KEEP`], takes every purge sent meanwhile, and goes to the edge when a later
+//! start finds it again: it may come back with its cache.
 //!
 //! A queue is bounded: past [`MAX_PENDING`] purges, an edge's queue collapses into one purge
 //! of each host it names (`host/*`): more is removed than asked, nothing less. An edge that
@@ -292,6 +292,23 @@ impl Redelivery {
         }
         let len = q.by_edge[edge].len();
         self.publish(edge, len);
+    }
+
+    /// `purge` went out to the configured edges: the edges no longer configured whose queues
+    /// are kept for their return get it too, as a purge they missed, so one back after days
+    /// serves nothing purged meanwhile. [`Self::save`] makes it durable.
+    pub fn queue_unmatched(&self, purge: &PendingPurge) {
+        let mut q = self.queues.lock();
+        if q.unmatched.is_empty() {
+            return;
+        }
+        q.version += 1;
+        for u in q.unmatched.values_mut() {
+            u.queue.push(purge.clone());
+            if u.queue.len() > MAX_PENDING {
+                collapse(&mut u.queue);
+            }
+        }
     }
 
     /// `edge`'s queue as it is now, with the generation to hand back to [`Self::delivered`].
@@ -682,12 +699,18 @@ mod tests {
         assert!(since >= before);
         let (r, _) = reopen(&fleet, &path);
         r.queue(0, target("b.com/y"));
+        r.queue_unmatched(&target("c.com/z"));
         r.save().await;
         drop(r);
         assert_eq!(
             read().unmatched_since["gone"],
             since,
             "found so then, not now"
+        );
+        assert_eq!(
+            read().edges["gone"],
+            vec![target("a.com/x"), target("a.com/s"), target("c.com/z")],
+            "a purge sent while it is away waits for it too"
         );
         let long_ago = since - UNMATCHED_KEEP.as_millis() as u64 - 1;
         file(Some(long_ago));

@@ -897,6 +897,9 @@ impl EdgeSync {
                 }
             })
             .collect();
+        if let Some(r) = &self.redelivery {
+            r.queue_unmatched(pending);
+        }
         // A purge queued for an edge is a promise that it gets it before serving again,
         // across a broker restart too: not made when the queue could not be written down (a
         // full or failing disk). The edges stay held while this broker runs; the caller hears

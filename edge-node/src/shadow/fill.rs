@@ -532,8 +532,8 @@ fn purged_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
     storage.purged_during(key, started, wall, &http::HeaderMap::new())
 }
 
-/// Whether the copy of `key` held now was stored or revalidated since `started` (to the
-/// second: stored times are kept in whole seconds).
+/// Whether the copy of `key` held now was stored or revalidated since `started`, to the
+/// second (slack for the step from the monotonic clock to the wall clock).
 async fn stored_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
     let wall = std::time::SystemTime::now()
         .checked_sub(started.elapsed())

@@ -162,6 +162,9 @@ enum RefreshState {
     Ended,
     /// Ended before a completed wait for the disk tier began: the record can go.
     Written,
+    /// Under way or ended when a disk write failed: no wait proves its writes, so it stays
+    /// until the retention, like a ban ([`BanList::keep_for_retention`]).
+    Kept,
 }
 
 impl Ban {
@@ -256,8 +259,10 @@ impl ScopeBans {
             }
             // A refresh of this process not yet written stays past the retention: it covers
             // nothing here, and dropping it would raise its host's floor.
-            if matches!(&b.target, Banned::Refresh { id, .. } if refreshes.contains_key(id)) {
-                return true;
+            if let Banned::Refresh { id, .. } = &b.target {
+                if refreshes.get(id).is_some_and(|r| *r != RefreshState::Kept) {
+                    return true;
+                }
             }
             let keep = b.at_ms >= horizon;
             if !keep {
@@ -513,26 +518,52 @@ impl BanList {
     /// mark is the tombstone count its wait was to cover: a compaction after a wait covering
     /// it completed retires the ban ([`Self::compact`]); `None` when no wait ever will (the
     /// cache was closing and dropped the removal, or a disk write failed).
-    pub fn add_keys(&self, keys: &[(&str, Option<u64>)], at: SystemTime) -> Result<(), BanError> {
-        let targets = keys
+    ///
+    /// `marks_hold` is asked once the bans are on disk, under the lock [`Self::keep_for_retention`]
+    /// takes: when it says no (a disk write failed since the marks were decided), the marks
+    /// are dropped, so a ban recorded while a failure is being taken note of is kept too.
+    pub fn add_keys(
+        &self,
+        keys: &[(&str, Option<u64>)],
+        at: SystemTime,
+        marks_hold: impl FnOnce() -> bool,
+    ) -> Result<(), BanError> {
+        let at_ms = millis(at);
+        let bans: Vec<Ban> = keys
             .iter()
-            .map(|(key, mark)| Banned::Key {
-                key: one_line(key),
-                mark: *mark,
+            .map(|(key, mark)| Ban {
+                target: Banned::Key {
+                    key: one_line(key),
+                    mark: *mark,
+                },
+                at_ms,
             })
             .collect();
-        self.add_all_at(targets, millis(at))
+        let lines: String = bans.iter().map(Ban::line).collect();
+        self.record(lines, |s| {
+            let hold = marks_hold();
+            for mut b in bans {
+                if let (false, Banned::Key { mark, .. }) = (hold, &mut b.target) {
+                    *mark = None;
+                }
+                s.push(b);
+            }
+        })
     }
 
-    /// Keep every key ban of this process until the retention: a disk write failed, and the
-    /// late tombstones they stand in for may have been among the failures, so no later wait
-    /// proves them written.
-    pub fn keep_key_bans(&self) {
+    /// Keep every key ban and refresh record of this process until the retention: a disk
+    /// write failed, and the late tombstones the bans stand in for, or the writes of the
+    /// refreshes (new copies, old copies' tombstones), may have been among the failures, so
+    /// no later wait proves them written.
+    pub fn keep_for_retention(&self) {
         let mut s = self.state.write();
         for b in s.bans.values_mut().flat_map(|b| b.all.iter_mut()) {
             if let Banned::Key { mark, .. } = &mut b.target {
                 *mark = None;
             }
+        }
+        for r in s.refreshes.values_mut() {
+            *r = RefreshState::Kept;
         }
     }
 
@@ -558,7 +589,9 @@ impl BanList {
     /// Refresh `id` ended: its new copy is committed, or its old one purged.
     pub fn end_refresh(&self, id: u64) {
         if let Some(r) = self.state.write().refreshes.get_mut(&id) {
-            *r = RefreshState::Ended;
+            if *r == RefreshState::Live {
+                *r = RefreshState::Ended;
+            }
         }
     }
 
@@ -745,7 +778,14 @@ impl BanList {
                 );
             }
             s.bans.retain(|_, bans| !bans.all.is_empty());
-            s.refreshes.retain(|_, r| *r != RefreshState::Written);
+            let recorded: std::collections::HashSet<u64> = (s.bans.values())
+                .flat_map(|b| &b.all)
+                .filter_map(|b| match b.target {
+                    Banned::Refresh { id, .. } => Some(id),
+                    _ => None,
+                })
+                .collect();
+            s.refreshes.retain(|id, _| recorded.contains(id));
             for (sc, at) in expired {
                 s.raise_floor(&sc, at);
             }
@@ -787,6 +827,22 @@ mod tests {
     use std::sync::LazyLock;
 
     use super::*;
+
+    /// A key ban whose marks no longer hold once it is on disk (a disk write failed since
+    /// they were decided) keeps no mark: no wait retires it.
+    #[test]
+    fn a_key_ban_whose_marks_no_longer_hold_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        b.add_keys(&[("h/a", Some(1))], SystemTime::now(), || false)
+            .unwrap();
+        b.add_keys(&[("h/b", Some(1))], SystemTime::now(), || true)
+            .unwrap();
+        b.compact(u64::MAX).unwrap();
+        assert_eq!(b.len(), 1);
+        assert_eq!(b.written_keys(u64::MAX), Vec::<String>::new());
+        assert!(b.is_banned("h/a", SystemTime::now() - Duration::from_secs(1), &NO_TAGS));
+    }
 
     /// A refresh's record covers nothing while its process lives: the held copy is served
     /// until the refresh replaces it. Read back after a crash it is a ban on the copies stored
@@ -862,8 +918,12 @@ mod tests {
         let open = || BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
         {
             let b = open();
-            b.add_keys(&[("h/a?x=1", Some(5)), ("h/b", Some(5))], SystemTime::now())
-                .unwrap();
+            b.add_keys(
+                &[("h/a?x=1", Some(5)), ("h/b", Some(5))],
+                SystemTime::now(),
+                || true,
+            )
+            .unwrap();
             assert!(b.is_banned("h/a?x=1", old, &NO_TAGS));
             assert!(b.is_banned("h/b", old, &NO_TAGS));
             assert!(!b.is_banned("h/b", later, &NO_TAGS), "stored after the ban");
@@ -878,7 +938,8 @@ mod tests {
         assert!(b.is_banned("h/b", old, &NO_TAGS), "read back after a crash");
         b.compact(u64::MAX).unwrap();
         assert_eq!(b.len(), 2, "read back: not known to be written");
-        b.add_keys(&[("h/c", Some(7))], SystemTime::now()).unwrap();
+        b.add_keys(&[("h/c", Some(7))], SystemTime::now(), || true)
+            .unwrap();
         assert!(b.is_banned("h/c", old, &NO_TAGS));
         assert!(!b.is_banned("h/c", later, &NO_TAGS));
         assert_eq!(b.written_keys(7), ["h/c"]);
@@ -899,8 +960,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let old = SystemTime::now() - Duration::from_secs(10);
         let b = BanList::open(dir.path(), Duration::from_millis(20)).unwrap();
-        b.add_keys(&[("a/k", Some(7))], SystemTime::now()).unwrap();
-        b.add_keys(&[("b/k", Some(9))], SystemTime::now()).unwrap();
+        b.add_keys(&[("a/k", Some(7))], SystemTime::now(), || true)
+            .unwrap();
+        b.add_keys(&[("b/k", Some(9))], SystemTime::now(), || true)
+            .unwrap();
         std::thread::sleep(Duration::from_millis(40));
         b.compact(7).unwrap();
         assert!(b.is_empty());
@@ -1200,7 +1263,7 @@ mod tests {
             };
             assert!(b.add("h/failed/").is_err());
             assert!(b
-                .add_keys(&[("h/failed/k", Some(1))], SystemTime::now())
+                .add_keys(&[("h/failed/k", Some(1))], SystemTime::now(), || true)
                 .is_err());
             assert!(!b.is_banned("h/failed/k", old, &NO_TAGS));
             assert!(

@@ -282,6 +282,13 @@ const COMPACTION_WAIT: Duration = Duration::from_secs(30);
 /// the oldest one dropped is not cached, whatever its key.
 const RECENT_PURGE_CAP: usize = 100_000;
 
+/// Note that the purge of `key` at `at` still needs a key ban: the ban that covers it must be
+/// at least as late as the latest such purge.
+fn unbanned_since(unbanned: &mut HashMap<String, SystemTime>, key: &str, at: SystemTime) {
+    let since = unbanned.entry(key.to_string()).or_insert(at);
+    *since = (*since).max(at);
+}
+
 /// The storage hash of `primary_key`'s primary slot (the tombstone of all its variants).
 fn primary_hash(primary_key: &str) -> u128 {
     hash_of(CacheKey::new(primary_key, "").primary_bin())
@@ -426,8 +433,8 @@ impl FoyerStorage {
     /// close writes out: a disk read under way at their purge may have put an old copy back).
     pub async fn close(&self) -> Result<(), StorageError> {
         self.closing.store(true, Ordering::Release);
-        let (mark, ended) = (self.tombstones.mark(), self.bans.ended_refreshes());
         let before = self.observe_failures();
+        let (mark, ended) = (self.tombstones.mark(), self.bans.ended_refreshes());
         for key in self.bans.written_keys(u64::MAX) {
             self.cache.memory().remove(&primary_hash(&key));
         }
@@ -474,7 +481,8 @@ impl FoyerStorage {
                 .await
                 .is_ok();
         // Read after the wait: a failed write is counted before foyer tells its waiters.
-        let failed = self.observe_failures() != before.0;
+        let failures = self.observe_failures();
+        let failed = failures != before.0;
         let wait = if failed || self.closing() {
             Wait::Lost
         } else if completed {
@@ -482,7 +490,8 @@ impl FoyerStorage {
         } else {
             Wait::Late
         };
-        self.settled(primary_keys, (mark, at), wait).await
+        self.settled(primary_keys, (mark, at), (wait, failures))
+            .await
     }
 
     /// What a purge reads before it removes anything, for [`Self::settle_purge`]: the disk
@@ -500,7 +509,7 @@ impl FoyerStorage {
         let mut seen = self.failures_seen.lock();
         let now = self.disk_errors.count();
         if now > *seen {
-            self.bans.keep_key_bans();
+            self.bans.keep_for_retention();
             tracing::error!(
                 failed = now - *seen,
                 "disk tier writes failed: the key purges they may have lost are made durable \
@@ -524,7 +533,7 @@ impl FoyerStorage {
         &self,
         primary_keys: &[&str],
         (mark, at): (u64, SystemTime),
-        wait: Wait,
+        (wait, failures): (Wait, u64),
     ) -> Result<(), NotDurable> {
         for key in primary_keys {
             self.cache.memory().remove(&primary_hash(key));
@@ -535,8 +544,8 @@ impl FoyerStorage {
         // A key whose earlier purge was lost and not banned is banned now, whatever this wait
         // says: this may be that purge asked again, and its tombstone will never be written.
         let bans: Vec<(String, Option<u64>)> = {
-            let unbanned = self.unbanned.lock();
-            primary_keys
+            let mut unbanned = self.unbanned.lock();
+            let bans: Vec<(String, Option<u64>)> = primary_keys
                 .iter()
                 .filter_map(|key| {
                     let mark = match wait {
@@ -548,17 +557,24 @@ impl FoyerStorage {
                     };
                     Some((key.to_string(), mark))
                 })
-                .collect()
+                .collect();
+            // Listed before the ban is written: a purge of the same key meanwhile (it is no
+            // longer held) must settle and ban it too, not be answered at once.
+            for (key, _) in bans.iter().filter(|(_, m)| m.is_none()) {
+                unbanned_since(&mut unbanned, key, at);
+            }
+            bans
         };
         if bans.is_empty() {
             return Ok(());
         }
-        let log = self.bans.clone();
+        let (log, errors) = (self.bans.clone(), self.disk_errors.clone());
         let keys = bans.clone();
         let banned = off_runtime(move || {
             let keys: Vec<(&str, Option<u64>)> =
                 keys.iter().map(|(k, m)| (k.as_str(), *m)).collect();
-            log.add_keys(&keys, at)
+            // A failure since the wait was judged: the marks of late tombstones go.
+            log.add_keys(&keys, at, || errors.count() == failures)
         })
         .await;
         let mut unbanned = self.unbanned.lock();
@@ -566,16 +582,18 @@ impl FoyerStorage {
             Ok(()) => {
                 self.key_bans.inc();
                 for (key, _) in &bans {
-                    unbanned.remove(key);
+                    // Unless a purge after this one was lost too, and waits for its own ban.
+                    if unbanned.get(key).is_some_and(|since| *since <= at) {
+                        unbanned.remove(key);
+                    }
                 }
                 Ok(())
             }
             Err(ban) => {
                 // Until a key ban covers them, every key purge settles (it may be one of
                 // these asked again), and the compaction tries their bans again.
-                for (key, _) in bans {
-                    let since = unbanned.entry(key).or_insert(at);
-                    *since = (*since).min(at);
+                for (key, _) in &bans {
+                    unbanned_since(&mut unbanned, key, at);
                 }
                 Err(NotDurable {
                     key: primary_keys.join(" "),
@@ -807,8 +825,9 @@ impl FoyerStorage {
     /// refresh's writes, are waited for first, so a key ban or record does not outlive its
     /// need for want of a later key purge.
     pub async fn compact_bans(&self) -> Result<(), BanError> {
-        let ended = self.bans.ended_refreshes();
+        // Failures first: a refresh whose writes may have failed is kept, not taken as ended.
         let before = self.observe_failures();
+        let ended = self.bans.ended_refreshes();
         self.ban_unbanned().await?;
         if (self.tombstones.owed() || !ended.is_empty()) && !self.closing() {
             let mark = self.tombstones.mark();
@@ -829,17 +848,19 @@ impl FoyerStorage {
         if keys.is_empty() {
             return Ok(());
         }
-        let log = self.bans.clone();
+        let (log, now) = (self.bans.clone(), SystemTime::now());
         let banned = keys.clone();
         off_runtime(move || {
             let keys: Vec<(&str, Option<u64>)> =
                 banned.iter().map(|k| (k.as_str(), None)).collect();
-            log.add_keys(&keys, SystemTime::now())
+            log.add_keys(&keys, now, || true)
         })
         .await?;
         let mut unbanned = self.unbanned.lock();
         for key in keys {
-            unbanned.remove(&key);
+            if unbanned.get(&key).is_some_and(|since| *since <= now) {
+                unbanned.remove(&key);
+            }
         }
         Ok(())
     }
@@ -1763,7 +1784,7 @@ mod tests {
         assert!(store_now(s, hash, &meta, Bytes::from_static(b"v")));
         assert!(s.invalidate_key("h/late"));
         let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), Wait::Late)
+        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
             .await
             .unwrap();
         assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
@@ -1797,7 +1818,7 @@ mod tests {
         }
         assert!(s.invalidate_key("h/late"));
         let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), Wait::Late)
+        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
             .await
             .unwrap();
         assert_eq!(s.ban_count(), 1);
@@ -1836,7 +1857,7 @@ mod tests {
         // A purge whose tombstone is late gets a key ban a later wait would retire.
         assert!(s.invalidate_key("h/late"));
         let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), Wait::Late)
+        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
             .await
             .unwrap();
         // A write fails while the next purge waits: foyer logs it and ends the wait as if
@@ -1903,6 +1924,20 @@ mod tests {
         ));
         s.compact_bans().await.unwrap();
         assert!(!s.tombstones_owed());
+    }
+
+    /// A refresh that ended before a disk write failed (its new copy's write, or the old
+    /// copy's tombstone, may have been the failure) keeps its record until the retention.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refresh_ended_before_a_failed_write_keeps_its_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let errors = disk_io::tests::own();
+        let s = storage_counting(dir.path(), 16 << 20, errors.clone()).await;
+        drop(s.record_refresh("h/ended").await.unwrap());
+        disk_io::tests::fail(&errors);
+        s.compact_bans().await.unwrap();
+        s.compact_bans().await.unwrap();
+        assert_eq!(s.bans.refresh_records(), 1);
     }
 
     /// A refresh's record goes at the first compaction after the refresh ended, which waits
