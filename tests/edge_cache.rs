@@ -606,6 +606,12 @@ async fn stale_if_error_serves_stale_when_origin_is_down() {
     // Without stale-if-error a stale object is not served: 502 with a JSON body.
     let r = edge.get(strict).await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(x_cache(&r), "ERROR");
+    let cache_status = r.headers()["cache-status"].to_str().unwrap();
+    assert!(
+        cache_status.ends_with("; fwd=stale; detail=origin_unreachable"),
+        "{cache_status}"
+    );
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"], "origin_unreachable");
     let port = origin.addr.port().to_string();
@@ -617,6 +623,11 @@ async fn stale_if_error_serves_stale_when_origin_is_down() {
     // Nothing cached and origin down: 502.
     let r = edge.get("/never-seen").await;
     assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let cache_status = r.headers()["cache-status"].to_str().unwrap();
+    assert!(
+        cache_status.ends_with("; fwd=miss; detail=origin_unreachable"),
+        "{cache_status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -297,18 +297,26 @@ impl Redelivery {
     /// `purge` went out to the configured edges: the edges no longer configured whose queues
     /// are kept for their return get it too, as a purge they missed, so one back after days
     /// serves nothing purged meanwhile. [`Self::save`] makes it durable.
-    pub fn queue_unmatched(&self, purge: &PendingPurge) {
+    ///
+    /// Whether a queue took it (then it needs a save); one already queued is not again.
+    pub fn queue_unmatched(&self, purge: &PendingPurge) -> bool {
         let mut q = self.queues.lock();
-        if q.unmatched.is_empty() {
-            return;
-        }
-        q.version += 1;
+        let key = purge.dedup_key();
+        let mut changed = false;
         for u in q.unmatched.values_mut() {
+            if u.queue.iter().any(|p| p.dedup_key() == key) {
+                continue;
+            }
             u.queue.push(purge.clone());
             if u.queue.len() > MAX_PENDING {
                 collapse(&mut u.queue);
             }
+            changed = true;
         }
+        if changed {
+            q.version += 1;
+        }
+        changed
     }
 
     /// `edge`'s queue as it is now, with the generation to hand back to [`Self::delivered`].
@@ -699,7 +707,8 @@ mod tests {
         assert!(since >= before);
         let (r, _) = reopen(&fleet, &path);
         r.queue(0, target("b.com/y"));
-        r.queue_unmatched(&target("c.com/z"));
+        assert!(r.queue_unmatched(&target("c.com/z")));
+        assert!(!r.queue_unmatched(&target("c.com/z")), "queued once");
         r.save().await;
         drop(r);
         assert_eq!(

@@ -872,7 +872,13 @@ impl EdgeSync {
     }
 
     async fn fan_out(&self, pending: &PendingPurge, edges: &[usize]) -> Vec<EdgeResult> {
+        // Edges no longer configured whose queues are kept get it too, written down with it
+        // being sent (or on its own when it goes to no configured edge).
+        let unmatched = (self.redelivery.as_ref()).is_some_and(|r| r.queue_unmatched(pending));
         let ticket = self.sending(pending.clone(), edges).await;
+        if let (true, None, Some(r)) = (unmatched, &ticket, &self.redelivery) {
+            r.save().await;
+        }
         let purge = Purge::from_pending(pending);
         let calls = edges
             .iter()
@@ -897,9 +903,6 @@ impl EdgeSync {
                 }
             })
             .collect();
-        if let Some(r) = &self.redelivery {
-            r.queue_unmatched(pending);
-        }
         // A purge queued for an edge is a promise that it gets it before serving again,
         // across a broker restart too: not made when the queue could not be written down (a
         // full or failing disk). The edges stay held while this broker runs; the caller hears

@@ -179,6 +179,9 @@ pub struct RequestCtx {
     fetch_started: Option<(Instant, SystemTime)>,
     upstream_responded: bool,
     status: CacheStatus,
+    /// The cache's phase when the request went upstream (a miss, or a stale copy to
+    /// revalidate): what an error's `Cache-Status` says it forwarded for.
+    forwarded: Option<CacheStatus>,
     /// Primary cache key (`host/path?query`).
     key: String,
     /// This request is the edge's own shadow fill.
@@ -493,6 +496,18 @@ pub async fn respond_json_error(
     code: &str,
     message: &str,
 ) -> Result<()> {
+    respond_json_error_with(session, status, code, message, None).await
+}
+
+/// [`respond_json_error`] with the cache's `X-Cache` and `Cache-Status` for the failed request
+/// (`cache_status`), so a client or operator reading the headers sees where it failed.
+async fn respond_json_error_with(
+    session: &mut Session,
+    status: u16,
+    code: &str,
+    message: &str,
+    cache_status: Option<http::HeaderValue>,
+) -> Result<()> {
     // Once a response header is out, an error cannot be told to the client: the connection
     // is closed instead, so the client sees a cut-off body, never a "complete" one with JSON
     // appended.
@@ -505,6 +520,10 @@ pub async fn respond_json_error(
     resp.insert_header(header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(header::CONTENT_LENGTH, body.len().to_string())?;
     resp.insert_header(header::CACHE_CONTROL, "no-store")?;
+    if let Some(v) = cache_status {
+        resp.insert_header("x-cache", "ERROR")?;
+        resp.insert_header("cache-status", v)?;
+    }
     session.set_keepalive(None);
     // A few bytes of JSON: not worth an encoder.
     compression::disable(session);
@@ -844,6 +863,7 @@ impl ProxyHttp for EdgeProxy {
             fetch_started: None,
             upstream_responded: false,
             status: CacheStatus::Bypass,
+            forwarded: None,
             key: String::new(),
             shadow_fill: false,
             peer_fill: false,
@@ -982,6 +1002,8 @@ impl ProxyHttp for EdgeProxy {
         session: &mut Session,
         ctx: &mut Self::CTX,
     ) -> Result<Box<HttpPeer>> {
+        ctx.forwarded
+            .get_or_insert(phase_status(session.cache.phase()));
         if ctx.only_if_cached {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(504),
@@ -1551,7 +1573,17 @@ impl ProxyHttp for EdgeProxy {
                 }
                 _ => e.etype().as_str().to_string(),
             };
-            if let Err(err) = respond_json_error(session, code, kind, &msg).await {
+            // RFC 9211: how the cache went to the next hop, and why it failed.
+            let fwd = match ctx.forwarded {
+                Some(CacheStatus::Miss) => "miss",
+                Some(CacheStatus::Expired | CacheStatus::Stale | CacheStatus::StaleUpdating) => {
+                    "stale"
+                }
+                _ => "bypass",
+            };
+            let status = format!("shadowcdn-{}; fwd={fwd}; detail={kind}", self.node_id);
+            let status = http::HeaderValue::from_str(&status).ok();
+            if let Err(err) = respond_json_error_with(session, code, kind, &msg, status).await {
                 tracing::debug!(error = %err, "could not send error response");
             }
         }

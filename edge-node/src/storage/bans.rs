@@ -25,7 +25,9 @@
 //! line that covers nothing here but reads back as a key ban after a restart. Once the refresh
 //! has ended (its new copy committed, or the old one purged) and a later wait has shown the
 //! disk tier written, the next compaction drops the line
-//! ([`BanList::end_refresh`], [`BanList::refreshes_written`]).
+//! ([`BanList::end_refresh`], [`BanList::refreshes_written`]). A record under way or ended when a
+//! disk write failed stays until the retention, like a key ban, and raises its host's floor
+//! when it expires ([`BanList::keep_for_retention`]).
 //!
 //! Bans and floors are kept per scope, the key's host part up to the first `/`, so a hit only
 //! checks the bans of its own host (a host's tags are its own: one provider's purge never
@@ -562,7 +564,12 @@ impl BanList {
                 *mark = None;
             }
         }
-        for r in s.refreshes.values_mut() {
+        // A record a clean wait already proved written stays proved.
+        for r in s
+            .refreshes
+            .values_mut()
+            .filter(|r| **r != RefreshState::Written)
+        {
             *r = RefreshState::Kept;
         }
     }

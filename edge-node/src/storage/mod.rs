@@ -211,6 +211,8 @@ pub struct FoyerStorage {
     /// Keys of purges whose tombstones may be lost and whose key bans could not be written,
     /// with when they were purged: banned at the next purge of any key, or compaction.
     unbanned: Mutex<HashMap<String, SystemTime>>,
+    /// Key bans of purges being written now.
+    bans_writing: AtomicUsize,
     max_object_bytes: usize,
     /// Keys pingora-cache should not try to cache for a while; the storage marks the ones
     /// whose bodies outgrew `max_object_bytes` as they streamed.
@@ -402,6 +404,7 @@ impl FoyerStorage {
             failures_seen: Mutex::new(disk_errors.count()),
             disk_errors,
             unbanned: Mutex::default(),
+            bans_writing: AtomicUsize::new(0),
             max_object_bytes: opts.max_object_bytes,
             predictor: Predictor::new(128, Some(transient_no_cache)),
             fill_bytes: Arc::default(),
@@ -502,7 +505,7 @@ impl FoyerStorage {
 
     /// The disk tier's failed writes so far. When some are new since the last call, every
     /// key ban standing in for a late tombstone is kept until the retention first
-    /// ([`BanList::keep_key_bans`]): the failures may have been those tombstones. Every wait
+    /// ([`BanList::keep_for_retention`]): the failures may have been those tombstones. Every wait
     /// calls this when it ends, before it counts any tombstone written, so no key ban is
     /// retired on the strength of a wait that a failure made worthless.
     fn observe_failures(&self) -> u64 {
@@ -563,6 +566,11 @@ impl FoyerStorage {
             for (key, _) in bans.iter().filter(|(_, m)| m.is_none()) {
                 unbanned_since(&mut unbanned, key, at);
             }
+            if !bans.is_empty() {
+                // Counted under the same lock: while it is written, every key purge settles
+                // (a late one's tombstone may fail meanwhile, and its resend find nothing).
+                self.bans_writing.fetch_add(1, Ordering::AcqRel);
+            }
             bans
         };
         if bans.is_empty() {
@@ -578,11 +586,13 @@ impl FoyerStorage {
         })
         .await;
         let mut unbanned = self.unbanned.lock();
+        self.bans_writing.fetch_sub(1, Ordering::AcqRel);
         match banned {
             Ok(()) => {
                 self.key_bans.inc();
-                for (key, _) in &bans {
-                    // Unless a purge after this one was lost too, and waits for its own ban.
+                // Only a ban no wait retires covers a lost purge; and not one lost after it,
+                // which waits for its own ban.
+                for (key, _) in bans.iter().filter(|(_, m)| m.is_none()) {
                     if unbanned.get(key).is_some_and(|since| *since <= at) {
                         unbanned.remove(key);
                     }
@@ -611,7 +621,9 @@ impl FoyerStorage {
     /// So must every key purge while a purge whose tombstone may be lost has no key ban (its
     /// ban could not be written): the purge being asked again may be that one.
     pub fn tombstones_owed(&self) -> bool {
-        self.tombstones.owed() || !self.unbanned.lock().is_empty()
+        self.tombstones.owed()
+            || !self.unbanned.lock().is_empty()
+            || self.bans_writing.load(Ordering::Acquire) > 0
     }
 
     /// Bytes held by the memory tier.
