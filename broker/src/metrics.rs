@@ -192,7 +192,7 @@ impl BrokerMetrics {
             edge_origin_table_refused: IntGaugeVec::new(
                 Opts::new(
                     "shadowcdn_broker_edge_origin_table_refused",
-                    "1 while the edge refuses the origin table (not busy: it would refuse it again) and routes by the one it last took",
+                    "1 while the edge refuses the origin table (not busy: it would refuse it again), or takes it but applies none of it, and routes by the one it last took; purges it missed wait for a table it takes",
                 ),
                 &["edge"],
             )?,

@@ -319,7 +319,17 @@ impl EdgeSync {
             (Ok(resp), Some(table)) if resp.status().is_success() => {
                 let report = resp.json::<serde_json::Value>().await.unwrap_or_default();
                 if crate::origin_gaps::not_applied(&report["rejected"]) {
-                    // Answered, but its old table stays in force: as good as refused.
+                    // Answered, but its old table stays in force: as good as refused, and
+                    // said so like a refusal (its missed purges wait for a table it takes).
+                    let refused = self
+                        .metrics
+                        .edge_origin_table_refused
+                        .with_label_values(&[e.id.as_str()]);
+                    if refused.get() == 0 {
+                        tracing::warn!(edge = %e.id, rejected = %report["rejected"],
+                            "edge answered the origin table but applied none of it");
+                    }
+                    refused.set(1);
                     self.keep_stale_hosts_off(edge, table).await;
                     "rejected"
                 } else {
@@ -1304,7 +1314,14 @@ mod tests {
             "/{table}",
             put(move || async move {
                 let code = status.load(Ordering::Acquire);
-                let body = axum::Json(json!({ "origins": 1, "rejected": [] }));
+                // 299: a 200 whose report says none of the table was applied.
+                let rejected = if code == 299 {
+                    json!([{ "host": "", "reason": "unknown field" }])
+                } else {
+                    json!([])
+                };
+                let body = axum::Json(json!({ "origins": 1, "rejected": rejected }));
+                let code = if code == 299 { 200 } else { code };
                 (axum::http::StatusCode::from_u16(code).unwrap(), body)
             }),
         );
@@ -1339,6 +1356,11 @@ mod tests {
         assert_eq!(refused(), 0, "the peer list is another table");
         assert_eq!(sync.push_table(0, &table).await, "rejected");
         assert_eq!(refused(), 1);
+        answer.store(200, Ordering::Release);
+        assert_eq!(sync.push_table(0, &table).await, "ok");
+        answer.store(299, Ordering::Release);
+        assert_eq!(sync.push_table(0, &table).await, "rejected");
+        assert_eq!(refused(), 1, "answered, but none of it applied");
     }
 
     /// While an edge refuses the origin table, the hosts its own table routes otherwise
