@@ -207,6 +207,12 @@ impl Redelivery {
             dedup(queue);
         }
         let unmatched = keep_unmatched(&saved, unmatched, crate::clock::wall_ms());
+        // The file does not say since when a queue waits for its edge, or names one dropped
+        // or found again: rewritten below.
+        let unmatched_moved = unmatched.len() != saved.unmatched_since.len()
+            || unmatched
+                .keys()
+                .any(|id| !saved.unmatched_since.contains_key(id));
         if interrupted > 0 {
             tracing::warn!(
                 purges = interrupted,
@@ -215,9 +221,7 @@ impl Redelivery {
             );
         }
         for queue in &mut by_edge {
-            if queue.len() > MAX_PENDING {
-                collapse(queue);
-            }
+            bound(queue);
         }
         let edges = by_edge.len();
         let r = Redelivery {
@@ -236,10 +240,7 @@ impl Redelivery {
             writer: Mutex::new(0),
             retrying: std::sync::atomic::AtomicBool::new(false),
         };
-        let newly_unmatched =
-            (r.queues.lock().unmatched.keys()).any(|id| !saved.unmatched_since.contains_key(id));
-        let dropped = saved.unmatched_since.len() > r.queues.lock().unmatched.len();
-        if interrupted > 0 || newly_unmatched || dropped {
+        if interrupted > 0 || unmatched_moved {
             // The file still lists them as being sent, or does not say since when a queue
             // waits for its edge: rewrite it.
             r.queues.lock().version += 1;
@@ -280,15 +281,11 @@ impl Redelivery {
         q.version += 1;
         let queue = &mut q.by_edge[edge];
         queue.push(purge);
-        if queue.len() > MAX_PENDING {
-            let before = queue.len();
-            collapse(queue);
+        if bound(queue) {
             let after = queue.len();
-            if after < before {
-                q.generation[edge] += 1;
-                tracing::warn!(edge = %self.fleet.edges[edge].id, purges = after,
-                    "pending purges collapsed into host-wide purges");
-            }
+            q.generation[edge] += 1;
+            tracing::warn!(edge = %self.fleet.edges[edge].id, purges = after,
+                "pending purges collapsed into host-wide purges");
         }
         let len = q.by_edge[edge].len();
         self.publish(edge, len);
@@ -308,9 +305,7 @@ impl Redelivery {
                 continue;
             }
             u.queue.push(purge.clone());
-            if u.queue.len() > MAX_PENDING {
-                collapse(&mut u.queue);
-            }
+            bound(&mut u.queue);
             changed = true;
         }
         if changed {
@@ -491,9 +486,7 @@ fn keep_unmatched(
         tracing::warn!(edge = %id, purges = queue.len(),
             "pending purges of an edge no longer configured are kept for its return");
         dedup(&mut queue);
-        if queue.len() > MAX_PENDING {
-            collapse(&mut queue);
-        }
+        bound(&mut queue);
         let unmatched = Unmatched {
             queue,
             admin: saved.admins.get(&id).cloned(),
@@ -569,6 +562,17 @@ fn targets<'a>(saved: &'a Saved, fleet: &Fleet) -> HashMap<&'a str, Vec<usize>> 
 fn dedup(queue: &mut Vec<PendingPurge>) {
     let mut seen = BTreeSet::new();
     queue.retain(|p| seen.insert(p.dedup_key()));
+}
+
+/// Collapse `queue` ([`collapse`]) once it holds more than [`MAX_PENDING`] purges; whether it
+/// shrank.
+fn bound(queue: &mut Vec<PendingPurge>) -> bool {
+    if queue.len() <= MAX_PENDING {
+        return false;
+    }
+    let before = queue.len();
+    collapse(queue);
+    queue.len() < before
 }
 
 /// Replace `queue` with one host-wide purge per host it names, in first-seen order.

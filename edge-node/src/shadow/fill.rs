@@ -526,19 +526,21 @@ async fn fetch(
 /// Whether a key purge, or a prefix or tag ban, of `key` came since `started` (a fill's
 /// start): the fill's copy was kept out of the cache by it.
 fn purged_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
-    let wall = std::time::SystemTime::now()
-        .checked_sub(started.elapsed())
-        .unwrap_or(std::time::UNIX_EPOCH);
+    let wall = wall_at(started);
     storage.purged_during(key, started, wall, &http::HeaderMap::new())
+}
+
+/// The wall-clock time of the monotonic instant `at` (a fill's start).
+fn wall_at(at: Instant) -> std::time::SystemTime {
+    std::time::SystemTime::now()
+        .checked_sub(at.elapsed())
+        .unwrap_or(std::time::UNIX_EPOCH)
 }
 
 /// Whether the copy of `key` held now was stored or revalidated since `started`, to the
 /// second (slack for the step from the monotonic clock to the wall clock).
 async fn stored_since(storage: &FoyerStorage, key: &str, started: Instant) -> bool {
-    let wall = std::time::SystemTime::now()
-        .checked_sub(started.elapsed())
-        .unwrap_or(std::time::UNIX_EPOCH);
-    let second = wall
+    let second = wall_at(started)
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     let since = std::time::UNIX_EPOCH + Duration::from_secs(second);

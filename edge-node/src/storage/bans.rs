@@ -80,9 +80,9 @@ impl BanError {
 /// Run a write of the ban log (an fsync, which a busy disk can stretch to seconds) off the
 /// async runtime: the QUIC service and the admin API each run on one thread, which every
 /// other request, probe and peer transfer of theirs shares.
-pub(crate) async fn off_runtime(
-    write: impl FnOnce() -> Result<(), BanError> + Send + 'static,
-) -> Result<(), BanError> {
+pub(crate) async fn off_runtime<T: Send + 'static>(
+    write: impl FnOnce() -> Result<T, BanError> + Send + 'static,
+) -> Result<T, BanError> {
     tokio::task::spawn_blocking(write)
         .await
         .unwrap_or_else(|e| Err(BanError::task_failed(e)))
@@ -100,9 +100,7 @@ impl RefreshRecord {
     /// Record, durably and off the async runtime, that a refresh of `key` was accepted.
     pub(crate) async fn add(bans: Arc<BanList>, key: &str) -> Result<Self, BanError> {
         let (log, key) = (bans.clone(), key.to_string());
-        let id = tokio::task::spawn_blocking(move || log.add_refresh(&key))
-            .await
-            .unwrap_or_else(|e| Err(BanError::task_failed(e)))?;
+        let id = off_runtime(move || log.add_refresh(&key)).await?;
         Ok(RefreshRecord { bans, id })
     }
 }
@@ -639,10 +637,7 @@ impl BanList {
     }
 
     fn add_all(&self, targets: Vec<Banned>) -> Result<(), BanError> {
-        self.add_all_at(targets, now_ms())
-    }
-
-    fn add_all_at(&self, targets: Vec<Banned>, at_ms: u64) -> Result<(), BanError> {
+        let at_ms = now_ms();
         let bans: Vec<Ban> = targets
             .into_iter()
             .map(|target| Ban { target, at_ms })

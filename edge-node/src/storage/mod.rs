@@ -72,7 +72,7 @@ pub struct DiskBaseline(u64);
 /// What a key purge's wait for the disk tier showed of its tombstone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Wait {
-    /// Written: a wait that started after it completed, and no disk write has failed.
+    /// Written: a wait that started after it completed, and no disk write failed meanwhile.
     #[error("written")]
     Written,
     /// Not written yet: the wait ran out (a long fill backlog). A later wait may show it
@@ -576,27 +576,13 @@ impl FoyerStorage {
         if bans.is_empty() {
             return Ok(());
         }
-        let (log, errors) = (self.bans.clone(), self.disk_errors.clone());
-        let keys = bans.clone();
-        let banned = off_runtime(move || {
-            let keys: Vec<(&str, Option<u64>)> =
-                keys.iter().map(|(k, m)| (k.as_str(), *m)).collect();
-            // A failure since the wait was judged: the marks of late tombstones go.
-            log.add_keys(&keys, at, || errors.count() == failures)
-        })
-        .await;
+        // A failure since the wait was judged: the marks of late tombstones go.
+        let banned = self.write_key_bans(&bans, at, Some(failures)).await;
         let mut unbanned = self.unbanned.lock();
         self.bans_writing.fetch_sub(1, Ordering::AcqRel);
         match banned {
             Ok(()) => {
                 self.key_bans.inc();
-                // Only a ban no wait retires covers a lost purge; and not one lost after it,
-                // which waits for its own ban.
-                for (key, _) in bans.iter().filter(|(_, m)| m.is_none()) {
-                    if unbanned.get(key).is_some_and(|since| *since <= at) {
-                        unbanned.remove(key);
-                    }
-                }
                 Ok(())
             }
             Err(ban) => {
@@ -856,22 +842,36 @@ impl FoyerStorage {
     /// Ban the keys of the lost purges whose key bans could not be written (see
     /// [`Self::settled`]), as of now: a copy stored since is a miss, never a purged one served.
     async fn ban_unbanned(&self) -> Result<(), BanError> {
-        let keys: Vec<String> = self.unbanned.lock().keys().cloned().collect();
-        if keys.is_empty() {
+        let bans: Vec<(String, Option<u64>)> = (self.unbanned.lock().keys())
+            .map(|k| (k.clone(), None))
+            .collect();
+        if bans.is_empty() {
             return Ok(());
         }
-        let (log, now) = (self.bans.clone(), SystemTime::now());
-        let banned = keys.clone();
+        self.write_key_bans(&bans, SystemTime::now(), None).await
+    }
+
+    /// Write key bans at `at` ([`BanList::add_keys`]; their marks dropped if the disk tier's
+    /// failed writes moved from `failures`), off the runtime. A ban without a mark covers the
+    /// lost purge of its key listed in `unbanned`, unless that one is later than `at` (it
+    /// waits for its own ban).
+    async fn write_key_bans(
+        &self,
+        bans: &[(String, Option<u64>)],
+        at: SystemTime,
+        failures: Option<u64>,
+    ) -> Result<(), BanError> {
+        let (log, errors, keys) = (self.bans.clone(), self.disk_errors.clone(), bans.to_vec());
         off_runtime(move || {
             let keys: Vec<(&str, Option<u64>)> =
-                banned.iter().map(|k| (k.as_str(), None)).collect();
-            log.add_keys(&keys, now, || true)
+                keys.iter().map(|(k, m)| (k.as_str(), *m)).collect();
+            log.add_keys(&keys, at, || failures.is_none_or(|f| errors.count() == f))
         })
         .await?;
         let mut unbanned = self.unbanned.lock();
-        for key in keys {
-            if unbanned.get(&key).is_some_and(|since| *since <= now) {
-                unbanned.remove(&key);
+        for (key, _) in bans.iter().filter(|(_, m)| m.is_none()) {
+            if unbanned.get(key).is_some_and(|since| *since <= at) {
+                unbanned.remove(key);
             }
         }
         Ok(())
