@@ -723,6 +723,72 @@ async fn standby_is_promoted_when_no_active_edge_is_healthy_and_demoted_after() 
     wait_until(active).await;
 }
 
+/// An edge whose cache disk hangs stays alive (`/healthz`) but answers `/readyz` 503, so the
+/// broker sends its keys to the next edge of the region rather than let clients wait on the
+/// disk, and back once the disk answers. The hang: the probe file replaced by a FIFO nobody
+/// reads, whose open blocks as a write to a hung device does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_whose_disk_stalls_is_routed_around_until_it_answers() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let owner = edge_of(&c.get("/p", "eu").await);
+    let i = c
+        .edges
+        .iter()
+        .position(|e| e.dir.ends_with(&owner))
+        .unwrap();
+    c.edges[i].child.kill();
+    c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_STALL_SECS", "1");
+    c.edges[i].spawn();
+    wait_secs(30, || async { edge_of(&c.get("/p", "eu").await) == owner }).await;
+
+    let cache = c.edges[i].dir.join("cache");
+    let fifo = cache.join("fifo");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    std::fs::rename(&fifo, cache.join("disk-probe")).unwrap();
+    wait_secs(30, || async {
+        let r = c.get("/p", "eu").await;
+        r.status() == StatusCode::OK && edge_of(&r) != owner
+    })
+    .await;
+    let admin = c.edges[i].admin;
+    let r = client()
+        .get(format!("http://{admin}/readyz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "disk_stalled", "{v}");
+    assert_eq!(v["node_id"], owner.as_str(), "{v}");
+    let live = client().get(format!("http://{admin}/healthz")).send().await;
+    assert_eq!(live.unwrap().status(), StatusCode::OK, "still alive");
+    let m = text(format!("http://{admin}/metrics")).await;
+    assert_eq!(
+        sample(&m, "shadowcdn_edge_disk_ready", &[]),
+        Some(0.0),
+        "{m}"
+    );
+
+    // The disk answers again: the stuck probe's open meets a reader, the next probe finds a
+    // file of its own, and the edge takes its keys back.
+    std::fs::rename(cache.join("disk-probe"), &fifo).unwrap();
+    let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+    wait_secs(30, || async { edge_of(&c.get("/p", "eu").await) == owner }).await;
+    reader.join().unwrap();
+    let m = text(format!("http://{admin}/metrics")).await;
+    assert_eq!(
+        sample(&m, "shadowcdn_edge_disk_ready", &[]),
+        Some(1.0),
+        "{m}"
+    );
+}
+
 /// With every edge down the broker asks the origin itself, under the origin's own name as the
 /// edges would (not the client's Host with its port).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,6 +1,10 @@
 //! The operator listener: purge, metrics, health.
 //!
-//! - `GET /healthz` — liveness, open.
+//! - `GET /healthz` — liveness, open: the process answers.
+//! - `GET /readyz` — readiness, open: 503 `disk_stalled` or `disk_failing` while the cache
+//!   disk does not answer its probe ([`crate::storage::DiskHealth`]). The broker's health
+//!   checks ask it, so clients go to another edge meanwhile; a restart would not help a disk
+//!   that hangs, so liveness does not depend on it.
 //! - `GET /metrics` — Prometheus text format, open (bind the admin listener privately).
 //! - `PURGE` or `DELETE /cache/{host}/{path}[?query]` — remove one object and all its Vary
 //!   variants, from memory and disk (a key ban stands in for a tombstone the disk tier did not
@@ -30,7 +34,7 @@
 //! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
 //!   the broker with the origins. A bad row rejects the whole push.
 //!
-//! Every route but `/healthz` and `/metrics` needs `Authorization: Bearer <admin.token>`.
+//! Every route but `/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <admin.token>`.
 //! Every error is JSON.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,7 +62,7 @@ use crate::origin::{normalize_host, IgnoredFields, SharedOrigins};
 use crate::ownership::{self, Registration};
 use crate::proxy::token_matches;
 use crate::shadow::{unshadow, FillRequest, Filler, ShadowTable};
-use crate::storage::{FoyerStorage, OwnerChange};
+use crate::storage::{DiskHealth, DiskVerdict, FoyerStorage, OwnerChange};
 use crate::sync::protocol::PeerRef;
 use crate::sync::PeerDirectory;
 
@@ -75,6 +79,8 @@ pub struct AdminState {
     filler: Filler,
     max_shadow_ttl: u64,
     peers: Arc<PeerDirectory>,
+    /// The cache disk's watchdog; none in tests that start no storage probe.
+    disk: Option<DiskHealth>,
     /// The drain's count of work in flight: a task a handler leaves running (a purge, an
     /// origin push) counts until it ends, not only until its caller hangs up.
     inflight: InflightCounter,
@@ -136,6 +142,7 @@ impl AdminState {
             filler: shadow.filler,
             max_shadow_ttl: shadow.max_ttl_secs,
             peers: Arc::new(PeerDirectory::new(node_id)),
+            disk: None,
             inflight: InflightCounter::default(),
             pushes: Arc::default(),
         }
@@ -144,6 +151,12 @@ impl AdminState {
     /// Serve and update `peers` (the directory the proxy resolves peer hints in).
     pub fn with_peers(mut self, peers: Arc<PeerDirectory>) -> Self {
         self.peers = peers;
+        self
+    }
+
+    /// Answer readiness by the cache disk's watchdog.
+    pub fn watching_disk(mut self, disk: DiskHealth) -> Self {
+        self.disk = Some(disk);
         self
     }
 
@@ -163,6 +176,7 @@ pub const MAX_ORIGIN_PUSH_BYTES: usize = 32 << 20;
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .route("/cache/{*key}", any(purge))
         .route("/tags/{host}", any(purge_tags))
@@ -207,7 +221,30 @@ async fn healthz(State(s): State<AdminState>) -> Response {
     Json(json!({ "status": "ok", "node_id": &*s.node_id })).into_response()
 }
 
+async fn readyz(State(s): State<AdminState>) -> Response {
+    match s.disk.as_ref().map(DiskHealth::verdict) {
+        None | Some(DiskVerdict::Ready) => {
+            Json(json!({ "status": "ready", "node_id": &*s.node_id })).into_response()
+        }
+        Some(not) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "not_ready",
+                "node_id": &*s.node_id,
+                "error": not.code(),
+                "message": not.to_string(),
+            })),
+        )
+            .into_response(),
+    }
+}
+
 async fn metrics(State(s): State<AdminState>) -> Response {
+    let disk_ready = s
+        .disk
+        .as_ref()
+        .is_none_or(|d| d.verdict() == DiskVerdict::Ready);
+    s.metrics.disk_ready.set(i64::from(disk_ready));
     s.metrics.memory_bytes.set(s.storage.memory_usage() as i64);
     s.metrics.fill_bytes.set(s.storage.fill_bytes() as i64);
     s.metrics.bans.set(s.storage.ban_count() as i64);

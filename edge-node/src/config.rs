@@ -206,6 +206,11 @@ pub struct CacheSection {
     /// horizon are treated as misses, so a ban can never be forgotten while it still matters.
     #[serde(default = "default_ban_retention")]
     pub ban_retention_secs: u64,
+    /// How long a write and fsync in `dir` may take before the disk counts as stalled and the
+    /// edge answers not ready (`GET /readyz`, which the broker's health checks ask), so its
+    /// clients go to another edge rather than wait on the disk with their reads.
+    #[serde(default = "default_disk_stall")]
+    pub disk_stall_secs: u64,
 }
 
 /// The fields of an [`OriginEntry`]. A pushed row's other fields are options of a newer
@@ -436,6 +441,8 @@ impl EdgeConfig {
             ),
             // 0 would turn request coalescing off: every concurrent miss to the origin.
             ("cache.lock_timeout_secs", c.lock_timeout_secs),
+            // 0 would call every probe a stall.
+            ("cache.disk_stall_secs", c.disk_stall_secs),
             // 0 would silently mean 1.
             (
                 "shadow.fill_concurrency",
@@ -690,6 +697,9 @@ fn default_fill_queue() -> usize {
 /// order for a resource registered with a longer TTL fail on every edge.
 fn default_max_ttl() -> u64 {
     30 * 24 * 3600
+}
+fn default_disk_stall() -> u64 {
+    10
 }
 fn default_ban_retention() -> u64 {
     30 * 24 * 3600

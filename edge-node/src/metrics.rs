@@ -153,6 +153,11 @@ pub struct EdgeMetrics {
     pub fill_bytes: IntGauge,
     /// Prefix, tag and key bans in force (refreshed on scrape).
     pub bans: IntGauge,
+    /// 1 while the cache disk answers its probes, 0 while it stalls or fails them (set at
+    /// scrape time, [`crate::storage::DiskHealth`]).
+    pub disk_ready: IntGauge,
+    /// The disk probe's own metrics.
+    pub disk_probe: crate::storage::ProbeMetrics,
     /// The request metrics per status, indexed by `CacheStatus as usize`.
     by_status: Vec<StatusMetrics>,
 }
@@ -318,6 +323,26 @@ impl EdgeMetrics {
                 "shadowcdn_edge_fill_bytes",
                 "Bytes held by bodies being filled, bounded by cache.max_fill_memory",
             )?,
+            disk_ready: IntGauge::new(
+                "shadowcdn_edge_disk_ready",
+                "1 while the cache disk answers its write-and-fsync probe within \
+                 cache.disk_stall_secs, 0 while it stalls or fails it (the edge then answers \
+                 not ready and the broker routes around it)",
+            )?,
+            disk_probe: crate::storage::ProbeMetrics {
+                seconds: Histogram::with_opts(
+                    HistogramOpts::new(
+                        "shadowcdn_edge_disk_probe_seconds",
+                        "Time of each finished write-and-fsync probe of the cache disk",
+                    )
+                    .buckets(LATENCY_BUCKETS.to_vec()),
+                )?,
+                failures: IntCounter::new(
+                    "shadowcdn_edge_disk_probe_failures_total",
+                    "Write-and-fsync probes of the cache disk that failed (a device error, a \
+                     read-only remount)",
+                )?,
+            },
             bans: IntGauge::new(
                 "shadowcdn_edge_purge_bans",
                 "Prefix, tag and key purge bans in force",
@@ -366,6 +391,9 @@ impl EdgeMetrics {
         registry.register(Box::new(m.memory_bytes.clone()))?;
         registry.register(Box::new(m.fill_bytes.clone()))?;
         registry.register(Box::new(m.bans.clone()))?;
+        registry.register(Box::new(m.disk_ready.clone()))?;
+        registry.register(Box::new(m.disk_probe.seconds.clone()))?;
+        registry.register(Box::new(m.disk_probe.failures.clone()))?;
         // The failures alerts watch exist at zero from the start: `increase()` over a series
         // that appears with its first failure reads that failure as no increase.
         for outcome in ["ok", "error"] {

@@ -17,7 +17,7 @@ use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
 use crate::shadow::{ShadowService, ShadowTable};
-use crate::storage::{FillLock, FoyerStorage, StorageError, StorageOptions};
+use crate::storage::{DiskHealth, FillLock, FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
     KNOWN_ADDRESSES_FILE,
@@ -171,6 +171,12 @@ impl EdgeNode {
         };
         let spawner = foyer::Spawner::from(storage_rt.handle().clone());
         let storage = storage_rt.block_on(FoyerStorage::open(&opts, spawner, &registry))?;
+        let disk = DiskHealth::start(
+            &cfg.cache.dir,
+            Duration::from_secs(cfg.cache.disk_stall_secs),
+            metrics.disk_probe.clone(),
+        )
+        .map_err(|e| StartError::Setup(format!("disk probe: {e}")))?;
         // The hosts the broker pushed before the stop are served from the first request,
         // not only after its next push; an unreadable file waits for that push instead.
         match storage_rt.block_on(origins.restore()) {
@@ -319,6 +325,7 @@ impl EdgeNode {
             },
         )
         .with_peers(peers)
+        .watching_disk(disk)
         .counting(inflight.clone());
         let admin = background_service(
             "admin",

@@ -1,4 +1,4 @@
-//! Edge health: active HTTP probes of each edge's `/healthz` plus passive failure reports
+//! Edge health: active HTTP probes of each edge's `/readyz` plus passive failure reports
 //! from the proxy. A passive failure marks an edge down at once (the next request must not
 //! wait for a probe); only probes bring it back, after `rise` consecutive successes — more
 //! for an edge that keeps going down ([`FLAP_WINDOW`]): a crash-looping edge would otherwise
@@ -194,14 +194,38 @@ impl Health {
 /// Shortest time an edge's proxy is given to answer a probe ([`probe`]).
 const MIN_PROXY_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Whether a `/healthz` answer comes from edge `id`: an address that now belongs to another
+/// Whether a readiness answer comes from edge `id`: an address that now belongs to another
 /// node (a recycled pod address kept through a failed lookup) must not pass for this edge,
 /// or its keys and purges would go to the wrong cache. An answer naming no node is taken.
-fn same_node(healthz: &serde_json::Value, id: &str) -> Result<(), String> {
-    match healthz.get("node_id").and_then(|v| v.as_str()) {
-        Some(n) if n != id => Err(format!("/healthz is node {n:?}, not {id:?}")),
+fn same_node(answer: &serde_json::Value, id: &str) -> Result<(), String> {
+    match answer.get("node_id").and_then(|v| v.as_str()) {
+        Some(n) if n != id => Err(format!("the admin API is node {n:?}, not {id:?}")),
         _ => Ok(()),
     }
+}
+
+/// Whether edge `id`'s admin API says it is ready: `/readyz` (503 while its cache disk
+/// stalls, with the reason in the body), or `/healthz` on an edge from before `/readyz`,
+/// which answers it 404.
+async fn ready(client: &reqwest::Client, admin: SocketAddr, id: &str) -> Result<(), String> {
+    let mut path = "/readyz";
+    let ask = |path: &str| client.get(format!("http://{admin}{path}")).send();
+    let mut answer = ask(path).await.map_err(|e| format!("{path}: {e}"))?;
+    if answer.status() == reqwest::StatusCode::NOT_FOUND {
+        path = "/healthz";
+        answer = ask(path).await.map_err(|e| format!("{path}: {e}"))?;
+    }
+    let status = answer.status();
+    let body = answer.json::<serde_json::Value>().await.unwrap_or_default();
+    if !status.is_success() {
+        let why = body
+            .get("message")
+            .and_then(|m| m.as_str())
+            .map(|m| format!(": {m}"))
+            .unwrap_or_default();
+        return Err(format!("{path} answered {status}{why}"));
+    }
+    same_node(&body, id)
 }
 
 /// Probes every edge periodically and tracks standby promotion per region.
@@ -307,8 +331,8 @@ impl HealthChecker {
     }
 }
 
-/// One probe of edge `id`. Its admin API says the process is well and is the edge configured
-/// here; clients use the proxy port, so its workers must answer too: a dead proxy listener
+/// One probe of edge `id`. Its admin API says the process is ready ([`ready`]) and is the
+/// edge configured here; clients use the proxy port, so its workers must answer too: a dead proxy listener
 /// behind a live admin API would otherwise flap between probes and passive failures, and a
 /// stuck one, whose connections the kernel still accepts, would hold its keys' requests until
 /// they time out (a broker-side read timeout does not mark an edge down). Any HTTP answer
@@ -322,14 +346,7 @@ async fn probe(
     id: &str,
     proxy_timeout: Duration,
 ) -> Result<(), String> {
-    match client.get(format!("http://{admin}/healthz")).send().await {
-        Ok(r) if r.status().is_success() => {
-            let body = r.json::<serde_json::Value>().await.unwrap_or_default();
-            same_node(&body, id)?;
-        }
-        Ok(r) => return Err(format!("/healthz answered {}", r.status())),
-        Err(e) => return Err(format!("/healthz: {e}")),
-    }
+    ready(client, admin, id).await?;
     client
         .get(format!("http://{proxy}{PROBE_PATH}"))
         .timeout(proxy_timeout)
@@ -421,6 +438,32 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("e2"), "{err}");
+    }
+
+    /// An edge whose disk stalls answers `/readyz` 503 and fails the probe with its reason;
+    /// one from before `/readyz` (404) is asked `/healthz`, which the test above covers.
+    #[tokio::test]
+    async fn an_edge_not_ready_fails_the_probe_with_its_reason() {
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let app = axum::Router::new().route(
+            "/readyz",
+            axum::routing::get(|| async {
+                (
+                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                    axum::Json(serde_json::json!({
+                        "node_id": "e1",
+                        "error": "disk_stalled",
+                        "message": "a write and fsync has not finished for 12 s",
+                    })),
+                )
+            }),
+        );
+        tokio::spawn(async move { axum::serve(admin, app).await });
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        let err = ready(&client, admin_addr, "e1").await.unwrap_err();
+        assert!(err.starts_with("/readyz answered 503"), "{err}");
+        assert!(err.contains("has not finished for 12 s"), "{err}");
     }
 
     #[test]

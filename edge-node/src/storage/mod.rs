@@ -7,6 +7,7 @@
 //! foyer, which writes them to disk on insertion so they survive a restart.
 
 mod bans;
+mod disk_health;
 mod disk_io;
 mod fill;
 mod lock;
@@ -43,6 +44,7 @@ use pingora_error::{Error, ErrorType, Result};
 
 pub(crate) use bans::off_runtime;
 pub use bans::{BanError, BanList, OwnerChange, RefreshRecord};
+pub use disk_health::{DiskHealth, DiskVerdict, ProbeMetrics, PROBE_FILE};
 use disk_io::DiskErrors;
 pub use disk_io::{layer as disk_errors_layer, FlusherErrors};
 use fill::{CompleteHit, Fill, FillState, PartialHit};

@@ -1,0 +1,305 @@
+//! Whether the cache's disk still answers: a watchdog thread writes and syncs a small file in
+//! the cache directory every [`PROBE_INTERVAL`].
+//!
+//! A disk that stops answering (a hung device, a network volume whose server went away) does
+//! not fail foyer's reads and writes, it holds them: a request for an object on that disk
+//! waits with its read, and a purge with its ban log's fsync, for as long as the stall lasts,
+//! while the memory tier and the admin API look healthy. The edge's readiness (`GET /readyz`,
+//! what the broker's health checks ask) says no while a probe has been under way longer than
+//! `cache.disk_stall_secs`, or the last one failed, so the broker sends the edge's clients to
+//! the next edge of the region and back once a probe passes again.
+//!
+//! The probe is an overwrite of blocks the file already has plus an `fdatasync`: it waits for
+//! the device, not for space. A full disk answers (`ENOSPC` counts as an answer, as foyer's own
+//! failed writes are counted elsewhere, [`super::disk_io`]); a device error or a filesystem
+//! remounted read-only does not. The thread is a plain OS thread, not a runtime's blocking
+//! task: a probe stuck in the kernel must hold up neither a runtime's shutdown nor the exit.
+
+use std::fs::OpenOptions;
+use std::io::{self, ErrorKind};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::Mutex;
+
+/// The probe's file, in the cache directory.
+pub const PROBE_FILE: &str = "disk-probe";
+
+/// Time between the end of one probe and the start of the next.
+pub const PROBE_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Bytes each probe overwrites: one sector.
+const PROBE_BYTES: usize = 512;
+
+/// The probe's metrics (owned by [`crate::metrics::EdgeMetrics`]).
+#[derive(Clone)]
+pub struct ProbeMetrics {
+    /// `shadowcdn_edge_disk_probe_seconds`: how long each finished probe took.
+    pub seconds: prometheus::Histogram,
+    /// `shadowcdn_edge_disk_probe_failures_total`.
+    pub failures: prometheus::IntCounter,
+}
+
+/// The cache disk's readiness as the watchdog last saw it; cheap to clone and to ask.
+#[derive(Clone)]
+pub struct DiskHealth(Arc<Shared>);
+
+struct Shared {
+    path: PathBuf,
+    stall_after: Duration,
+    state: Mutex<State>,
+    metrics: ProbeMetrics,
+}
+
+#[derive(Default)]
+struct State {
+    /// When the probe under way began.
+    since: Option<Instant>,
+    /// Why the last finished probe failed; `None` when it passed.
+    failed: Option<String>,
+    /// The stall of the probe under way has been logged.
+    stall_logged: bool,
+}
+
+/// What [`DiskHealth::verdict`] says of the disk.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DiskVerdict {
+    /// The last probe passed, and none has been under way for too long.
+    #[error("the cache disk answers")]
+    Ready,
+    /// A probe has been under way this long, past `cache.disk_stall_secs`.
+    #[error("a write and fsync in the cache directory has not finished for {} s", .0.as_secs())]
+    Stalled(Duration),
+    /// The last probe failed with this error.
+    #[error("a write and fsync in the cache directory failed: {0}")]
+    Failing(String),
+}
+
+impl DiskVerdict {
+    /// The JSON error code of a disk that is not ready.
+    pub fn code(&self) -> &'static str {
+        match self {
+            DiskVerdict::Ready => "ready",
+            DiskVerdict::Stalled(_) => "disk_stalled",
+            DiskVerdict::Failing(_) => "disk_failing",
+        }
+    }
+}
+
+impl DiskHealth {
+    /// Probe `dir` every [`PROBE_INTERVAL`] from now on, until the last clone is dropped.
+    pub fn start(dir: &Path, stall_after: Duration, metrics: ProbeMetrics) -> io::Result<Self> {
+        Self::start_every(dir, stall_after, PROBE_INTERVAL, metrics)
+    }
+
+    fn start_every(
+        dir: &Path,
+        stall_after: Duration,
+        interval: Duration,
+        metrics: ProbeMetrics,
+    ) -> io::Result<Self> {
+        let shared = Arc::new(Shared {
+            path: dir.join(PROBE_FILE),
+            stall_after,
+            state: Mutex::new(State::default()),
+            metrics,
+        });
+        // The first probe runs before the edge serves: a disk that fails it starts unready.
+        shared.probe();
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("disk-probe".into())
+            .spawn(move || watch(weak, interval))?;
+        Ok(DiskHealth(shared))
+    }
+
+    /// The disk's readiness now. A stall is logged once, when first seen here.
+    pub fn verdict(&self) -> DiskVerdict {
+        let mut st = self.0.state.lock();
+        if let Some(since) = st.since {
+            let waited = since.elapsed();
+            if waited >= self.0.stall_after {
+                if !st.stall_logged {
+                    st.stall_logged = true;
+                    tracing::error!(
+                        path = %self.0.path.display(),
+                        secs = waited.as_secs(),
+                        "the cache disk stalls: this edge answers not ready until it answers"
+                    );
+                }
+                return DiskVerdict::Stalled(waited);
+            }
+        }
+        match &st.failed {
+            Some(e) => DiskVerdict::Failing(e.clone()),
+            None => DiskVerdict::Ready,
+        }
+    }
+}
+
+/// Probe until the [`DiskHealth`] is gone.
+fn watch(shared: Weak<Shared>, interval: Duration) {
+    loop {
+        std::thread::sleep(interval);
+        match shared.upgrade() {
+            Some(s) => s.probe(),
+            None => return,
+        }
+    }
+}
+
+impl Shared {
+    fn probe(&self) {
+        let began = Instant::now();
+        self.state.lock().since = Some(began);
+        let outcome = overwrite_and_sync(&self.path);
+        let took = began.elapsed();
+        self.metrics.seconds.observe(took.as_secs_f64());
+        let mut st = self.state.lock();
+        st.since = None;
+        let was_stalled = std::mem::take(&mut st.stall_logged);
+        match outcome {
+            Ok(()) => {
+                if st.failed.take().is_some() || was_stalled {
+                    tracing::info!(
+                        secs = took.as_secs_f64(),
+                        "the cache disk answers again: this edge is ready"
+                    );
+                }
+            }
+            Err(e) => {
+                self.metrics.failures.inc();
+                if st.failed.is_none() {
+                    tracing::error!(
+                        path = %self.path.display(),
+                        error = %e,
+                        "the cache disk fails: this edge answers not ready until a probe passes"
+                    );
+                }
+                st.failed = Some(e.to_string());
+            }
+        }
+    }
+}
+
+/// Overwrite the probe file's first sector and wait for the device to have it.
+fn overwrite_and_sync(path: &Path) -> io::Result<()> {
+    let mut block = [b' '; PROBE_BYTES];
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let line = format!("shadowcdn disk probe {ms}");
+    block[..line.len()].copy_from_slice(line.as_bytes());
+    block[PROBE_BYTES - 1] = b'\n';
+    let answered = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .and_then(|f| {
+            f.write_all_at(&block, 0)?;
+            f.sync_data()
+        });
+    match answered {
+        Err(e) if matches!(e.kind(), ErrorKind::StorageFull | ErrorKind::QuotaExceeded) => Ok(()),
+        other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn metrics() -> ProbeMetrics {
+        ProbeMetrics {
+            seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("s", "s"))
+                .unwrap(),
+            failures: prometheus::IntCounter::new("f", "f").unwrap(),
+        }
+    }
+
+    fn wait_for(health: &DiskHealth, want: impl Fn(&DiskVerdict) -> bool) -> DiskVerdict {
+        for _ in 0..200 {
+            let v = health.verdict();
+            if want(&v) {
+                return v;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("verdict still {:?}", health.verdict());
+    }
+
+    #[test]
+    fn a_disk_that_answers_is_ready_and_its_probe_file_stays_one_sector() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = metrics();
+        let health = DiskHealth::start(dir.path(), Duration::from_secs(10), m.clone()).unwrap();
+        assert_eq!(health.verdict(), DiskVerdict::Ready);
+        assert_eq!(m.seconds.get_sample_count(), 1, "probed before it answers");
+        let file = std::fs::read(dir.path().join(PROBE_FILE)).unwrap();
+        assert_eq!(file.len(), PROBE_BYTES);
+        assert!(file.starts_with(b"shadowcdn disk probe "));
+    }
+
+    /// A probe that does not come back (here: its file is a FIFO nobody reads, so opening it
+    /// blocks as a write to a hung device would) makes the disk stalled; one that comes back
+    /// with an error (an fsync of a pipe) failing; a probe that passes, ready again.
+    #[test]
+    fn a_probe_that_hangs_is_a_stall_one_that_fails_a_failure_and_a_pass_clears_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = metrics();
+        let stall = Duration::from_millis(300);
+        let health =
+            DiskHealth::start_every(dir.path(), stall, Duration::from_millis(20), m.clone())
+                .unwrap();
+        assert_eq!(health.verdict(), DiskVerdict::Ready);
+        let probe = dir.path().join(PROBE_FILE);
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        std::fs::rename(&fifo, &probe).unwrap();
+        let stalled = wait_for(&health, |v| matches!(v, DiskVerdict::Stalled(_)));
+        assert_eq!(stalled.code(), "disk_stalled");
+        assert_eq!(m.failures.get(), 0, "a stall is no failure yet");
+
+        // A directory in the file's place fails every probe from now on; reading the FIFO
+        // (under another name) lets the stuck probe open it, and its fsync of a pipe fails.
+        std::fs::rename(&probe, &fifo).unwrap();
+        std::fs::create_dir(&probe).unwrap();
+        let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+        let failing = wait_for(&health, |v| matches!(v, DiskVerdict::Failing(_)));
+        assert_eq!(failing.code(), "disk_failing");
+        assert!(m.failures.get() >= 1);
+        reader.join().unwrap();
+
+        std::fs::remove_dir(&probe).unwrap();
+        wait_for(&health, |v| *v == DiskVerdict::Ready);
+    }
+
+    #[test]
+    fn the_watchdog_thread_ends_with_the_last_handle() {
+        let dir = tempfile::tempdir().unwrap();
+        let health = DiskHealth::start_every(
+            dir.path(),
+            Duration::from_secs(1),
+            Duration::ZERO,
+            metrics(),
+        )
+        .unwrap();
+        let weak = Arc::downgrade(&health.0);
+        drop(health);
+        for _ in 0..200 {
+            if weak.upgrade().is_none() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the watchdog still holds the shared state");
+    }
+}
