@@ -739,7 +739,7 @@ async fn an_edge_whose_disk_stalls_is_routed_around_until_it_answers() {
         .position(|e| e.dir.ends_with(&owner))
         .unwrap();
     c.edges[i].child.kill();
-    c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_STALL_SECS", "1");
+    c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_STALL_SECS", "2");
     c.edges[i].spawn();
     wait_secs(30, || async { edge_of(&c.get("/p", "eu").await) == owner }).await;
 

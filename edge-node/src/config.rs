@@ -153,7 +153,7 @@ pub struct ServerSection {
 pub struct AdminSection {
     /// Address of the admin HTTP listener (keep it off the public interface).
     pub listen: SocketAddr,
-    /// Bearer token every admin route needs but `/metrics` and `/healthz`, open so that
+    /// Bearer token every admin route needs but `/metrics`, `/healthz` and `/readyz`, open so that
     /// scrapers and probes need no secret.
     pub token: String,
 }

@@ -212,16 +212,19 @@ async fn ready(client: &reqwest::Client, admin: SocketAddr, id: &str) -> Result<
     let ask = |path: &str| client.get(format!("http://{admin}{path}")).send();
     let mut answer = ask(path).await.map_err(|e| format!("{path}: {e}"))?;
     if answer.status() == reqwest::StatusCode::NOT_FOUND {
+        // Read to the end, so the connection serves the next request.
+        let _ = answer.bytes().await;
         path = "/healthz";
         answer = ask(path).await.map_err(|e| format!("{path}: {e}"))?;
     }
     let status = answer.status();
     let body = answer.json::<serde_json::Value>().await.unwrap_or_default();
     if !status.is_success() {
+        // Bounded: whatever answers at the address writes this into the broker's log.
         let why = body
             .get("message")
             .and_then(|m| m.as_str())
-            .map(|m| format!(": {m}"))
+            .map(|m| format!(": {}", m.chars().take(200).collect::<String>()))
             .unwrap_or_default();
         return Err(format!("{path} answered {status}{why}"));
     }

@@ -9,11 +9,14 @@
 //! `cache.disk_stall_secs`, or the last one failed, so the broker sends the edge's clients to
 //! the next edge of the region and back once a probe passes again.
 //!
-//! The probe is an overwrite of blocks the file already has plus an `fdatasync`: it waits for
-//! the device, not for space. A full disk answers (`ENOSPC` counts as an answer, as foyer's own
-//! failed writes are counted elsewhere, [`super::disk_io`]); a device error or a filesystem
-//! remounted read-only does not. The thread is a plain OS thread, not a runtime's blocking
-//! task: a probe stuck in the kernel must hold up neither a runtime's shutdown nor the exit.
+//! The probe opens the file anew each time (a network volume can hang on the lookup too),
+//! overwrites blocks it already has and `fdatasync`s: it waits for the device, not for space.
+//! A full disk answers (`ENOSPC` counts as an answer, as foyer's own failed writes are counted
+//! elsewhere, [`super::disk_io`]); a device error or a filesystem remounted read-only does
+//! not; a process out of file descriptors or memory says nothing of the disk either way. The
+//! thread is a plain OS thread, not a runtime's blocking task, so a probe stuck in the kernel
+//! holds up no runtime's shutdown (only the kernel's end of the process, as foyer's own stuck
+//! I/O would).
 
 use std::fs::OpenOptions;
 use std::io::{self, ErrorKind};
@@ -89,7 +92,9 @@ impl DiskVerdict {
 }
 
 impl DiskHealth {
-    /// Probe `dir` every [`PROBE_INTERVAL`] from now on, until the last clone is dropped.
+    /// Probe `dir` every [`PROBE_INTERVAL`] from now on, until the last clone is dropped. The
+    /// first probe's verdict is waited for (at most `stall_after`), so an edge whose disk fails
+    /// or hangs at start-up starts not ready rather than not at all.
     pub fn start(dir: &Path, stall_after: Duration, metrics: ProbeMetrics) -> io::Result<Self> {
         Self::start_every(dir, stall_after, PROBE_INTERVAL, metrics)
     }
@@ -106,41 +111,55 @@ impl DiskHealth {
             state: Mutex::new(State::default()),
             metrics,
         });
-        // The first probe runs before the edge serves: a disk that fails it starts unready.
-        shared.probe();
+        // Under way from now: a first probe that hangs reads as a stall from the start.
+        shared.state.lock().since = Some(Instant::now());
+        let (first, first_done) = std::sync::mpsc::sync_channel(1);
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("disk-probe".into())
-            .spawn(move || watch(weak, interval))?;
+            .spawn(move || watch(weak, interval, first))?;
+        if first_done.recv_timeout(stall_after).is_err() {
+            tracing::error!(
+                path = %shared.path.display(),
+                secs = stall_after.as_secs(),
+                "the first probe of the cache disk has not finished: this edge starts not ready"
+            );
+        }
         Ok(DiskHealth(shared))
     }
 
     /// The disk's readiness now. A stall is logged once, when first seen here.
     pub fn verdict(&self) -> DiskVerdict {
-        let mut st = self.0.state.lock();
-        if let Some(since) = st.since {
-            let waited = since.elapsed();
-            if waited >= self.0.stall_after {
-                if !st.stall_logged {
-                    st.stall_logged = true;
-                    tracing::error!(
-                        path = %self.0.path.display(),
-                        secs = waited.as_secs(),
-                        "the cache disk stalls: this edge answers not ready until it answers"
-                    );
-                }
-                return DiskVerdict::Stalled(waited);
+        let (verdict, first_seen) = {
+            let mut st = self.0.state.lock();
+            match st.since.map(|since| since.elapsed()) {
+                Some(waited) if waited >= self.0.stall_after => (
+                    DiskVerdict::Stalled(waited),
+                    !std::mem::replace(&mut st.stall_logged, true),
+                ),
+                _ => match &st.failed {
+                    Some(e) => (DiskVerdict::Failing(e.clone()), false),
+                    None => (DiskVerdict::Ready, false),
+                },
             }
+        };
+        if first_seen {
+            tracing::error!(
+                path = %self.0.path.display(),
+                error = %verdict,
+                "the cache disk stalls: this edge answers not ready until it answers"
+            );
         }
-        match &st.failed {
-            Some(e) => DiskVerdict::Failing(e.clone()),
-            None => DiskVerdict::Ready,
-        }
+        verdict
     }
 }
 
-/// Probe until the [`DiskHealth`] is gone.
-fn watch(shared: Weak<Shared>, interval: Duration) {
+/// Probe at once, say so on `first`, then every `interval` until the [`DiskHealth`] is gone.
+fn watch(shared: Weak<Shared>, interval: Duration, first: std::sync::mpsc::SyncSender<()>) {
+    if let Some(s) = shared.upgrade() {
+        s.probe();
+    }
+    let _ = first.send(());
     loop {
         std::thread::sleep(interval);
         match shared.upgrade() {
@@ -150,6 +169,13 @@ fn watch(shared: Weak<Shared>, interval: Duration) {
     }
 }
 
+/// What a finished probe changed, logged once the state's lock is released.
+enum Change {
+    None,
+    Recovered,
+    Failed(String),
+}
+
 impl Shared {
     fn probe(&self) {
         let began = Instant::now();
@@ -157,31 +183,51 @@ impl Shared {
         let outcome = overwrite_and_sync(&self.path);
         let took = began.elapsed();
         self.metrics.seconds.observe(took.as_secs_f64());
-        let mut st = self.state.lock();
-        st.since = None;
-        let was_stalled = std::mem::take(&mut st.stall_logged);
-        match outcome {
-            Ok(()) => {
-                if st.failed.take().is_some() || was_stalled {
-                    tracing::info!(
-                        secs = took.as_secs_f64(),
-                        "the cache disk answers again: this edge is ready"
-                    );
+        let change = {
+            let mut st = self.state.lock();
+            st.since = None;
+            let was_stalled = std::mem::take(&mut st.stall_logged);
+            match outcome {
+                Ok(()) if st.failed.take().is_some() || was_stalled => Change::Recovered,
+                Ok(()) => Change::None,
+                // Out of descriptors or memory: the process's trouble, not the disk's.
+                Err(e) if says_nothing_of_the_disk(&e) => {
+                    tracing::warn!(error = %e, "the cache disk could not be probed");
+                    Change::None
+                }
+                Err(e) => {
+                    self.metrics.failures.inc();
+                    let first = st.failed.is_none();
+                    st.failed = Some(e.to_string());
+                    if first {
+                        Change::Failed(e.to_string())
+                    } else {
+                        Change::None
+                    }
                 }
             }
-            Err(e) => {
-                self.metrics.failures.inc();
-                if st.failed.is_none() {
-                    tracing::error!(
-                        path = %self.path.display(),
-                        error = %e,
-                        "the cache disk fails: this edge answers not ready until a probe passes"
-                    );
-                }
-                st.failed = Some(e.to_string());
-            }
+        };
+        match change {
+            Change::None => {}
+            Change::Recovered => tracing::info!(
+                secs = took.as_secs_f64(),
+                "the cache disk answers again: this edge is ready"
+            ),
+            Change::Failed(error) => tracing::error!(
+                path = %self.path.display(),
+                %error,
+                "the cache disk fails: this edge answers not ready until a probe passes"
+            ),
         }
     }
+}
+
+/// An error of the probing process rather than of the disk.
+fn says_nothing_of_the_disk(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOMEM)
+    )
 }
 
 /// Overwrite the probe file's first sector and wait for the device to have it.
@@ -246,7 +292,7 @@ mod tests {
 
     /// A probe that does not come back (here: its file is a FIFO nobody reads, so opening it
     /// blocks as a write to a hung device would) makes the disk stalled; one that comes back
-    /// with an error (an fsync of a pipe) failing; a probe that passes, ready again.
+    /// with an error (a positioned write to a pipe) failing; a probe that passes, ready again.
     #[test]
     fn a_probe_that_hangs_is_a_stall_one_that_fails_a_failure_and_a_pass_clears_both() {
         let dir = tempfile::tempdir().unwrap();
@@ -269,7 +315,7 @@ mod tests {
         assert_eq!(m.failures.get(), 0, "a stall is no failure yet");
 
         // A directory in the file's place fails every probe from now on; reading the FIFO
-        // (under another name) lets the stuck probe open it, and its fsync of a pipe fails.
+        // (under another name) lets the stuck probe open it, and its write to a pipe fails.
         std::fs::rename(&probe, &fifo).unwrap();
         std::fs::create_dir(&probe).unwrap();
         let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
@@ -280,6 +326,43 @@ mod tests {
 
         std::fs::remove_dir(&probe).unwrap();
         wait_for(&health, |v| *v == DiskVerdict::Ready);
+    }
+
+    /// A disk that hangs at start-up holds the start for `stall_after` at most: the edge
+    /// starts, not ready, and becomes ready once the disk answers.
+    #[test]
+    fn a_disk_that_hangs_at_start_up_starts_not_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let probe = dir.path().join(PROBE_FILE);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&probe)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let stall = Duration::from_millis(200);
+        let health =
+            DiskHealth::start_every(dir.path(), stall, Duration::from_millis(20), metrics())
+                .unwrap();
+        assert!(matches!(health.verdict(), DiskVerdict::Stalled(_)));
+        let fifo = dir.path().join("fifo");
+        std::fs::rename(&probe, &fifo).unwrap();
+        let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+        wait_for(&health, |v| *v == DiskVerdict::Ready);
+        reader.join().unwrap();
+    }
+
+    #[test]
+    fn running_out_of_descriptors_or_memory_is_no_verdict_on_the_disk() {
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOMEM] {
+            assert!(says_nothing_of_the_disk(&io::Error::from_raw_os_error(
+                errno
+            )));
+        }
+        for errno in [libc::EIO, libc::EROFS, libc::ENOENT] {
+            assert!(!says_nothing_of_the_disk(&io::Error::from_raw_os_error(
+                errno
+            )));
+        }
     }
 
     #[test]
