@@ -2975,6 +2975,58 @@ async fn shadow_outcomes_are_priced_per_region_and_ungated_ones_move_no_threshol
     assert_eq!(s, StatusCode::FORBIDDEN);
 }
 
+/// A graceful stop of an edge ends its shadow marks and leaves their outcomes to the next
+/// process, which reports them: the ledger prices a shadow's fill and its hit although its
+/// hour-long TTL has not run out, where before both were lost with the process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_edge_reports_the_shadows_its_stop_ended() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let v = c.add_resource(json!({"host": HOST, "path": "/keep/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 3600,
+                    "policy": {"max_copies": 1, "allowed_regions": ["eu"]}})).await;
+    let provider = v["provider"].as_str().unwrap().to_string();
+    let (s, v) = c
+        .event(json!({"kind": "created", "host": HOST, "path": "/keep/a.js"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    wait_until(|| async { origin.hits("/keep/a.js") == 1 }).await;
+    let r = c.get("/keep/a.js", "eu").await;
+    assert_eq!(r.headers()["x-shadowcdn-shadow"], "hit");
+    let holder = edge_of(&r);
+    let i = c
+        .edges
+        .iter()
+        .position(|e| e.dir.ends_with(&holder))
+        .unwrap();
+
+    let url = c.broker.api("/v1/cost");
+    let eu = || async {
+        let (_, v) = api(reqwest::Method::GET, url.clone(), OPERATOR_TOKEN, None).await;
+        v["rollups"].as_array().and_then(|rows| {
+            rows.iter()
+                .find(|r| r["region"] == "eu" && r["provider"] == provider.as_str())
+                .cloned()
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        eu().await.is_none(),
+        "nothing settled while the shadow lives"
+    );
+    assert_eq!(c.edges[i].child.terminate(), Some(0));
+    assert!(c.edges[i].dir.join("cache/shadow-outcomes.json").exists());
+    c.edges[i].spawn();
+    wait_secs(30, || async {
+        eu().await.is_some_and(|r| r["shadows"].as_u64() >= Some(1))
+    })
+    .await;
+    let row = eu().await.unwrap();
+    assert_eq!(row["used"], 1, "{row}");
+    assert!(row["spend"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(!c.edges[i].dir.join("cache/shadow-outcomes.json").exists());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_shadow_budget_of_an_edge_is_never_exceeded() {
     let origin = TestOrigin::start().await;

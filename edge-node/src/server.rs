@@ -16,7 +16,7 @@ use crate::http_service::AxumService;
 use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
-use crate::shadow::{ShadowService, ShadowTable};
+use crate::shadow::{SavedOutcomes, ShadowService, ShadowTable};
 use crate::storage::{DiskHealth, FillLock, FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
@@ -229,6 +229,18 @@ impl EdgeNode {
         };
         let inflight = InflightCounter::default();
         let shadows = Arc::new(ShadowTable::default());
+        // What the last graceful stop left for the broker: reported from the first poll.
+        match SavedOutcomes::take(&cfg.cache.dir) {
+            Ok(Some(saved)) => {
+                tracing::info!(
+                    outcomes = saved.len(),
+                    "shadow outcomes of the last stop restored for the broker"
+                );
+                shadows.outcomes().restore(saved);
+            }
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "shadow outcomes of the last stop not restored"),
+        }
         let secret = InternalSecret::generate();
         let peers = Arc::new(PeerDirectory::new(&cfg.node_id));
         let encodings = Arc::new(crate::accept_encoding::Mix::default());
@@ -280,7 +292,9 @@ impl EdgeNode {
             &cfg.shadow,
             inflight.clone(),
         );
-        let shadow_service = shadow_service.asking_like(encodings);
+        let shadow_service = shadow_service
+            .asking_like(encodings)
+            .saving_outcomes_in(cfg.cache.dir.clone());
         let mut peer_pool = None;
         if let Some((identity, server_cfg, socket, bridge)) = sync {
             let parts = SyncParts {

@@ -841,6 +841,22 @@ impl ShadowTable {
         removed.len()
     }
 
+    /// End every live mark at a stop, reported removed (their copies stay cached as ordinary
+    /// entries: whether they would have been used is not known, unless they were), and report
+    /// the outcomes copies of dropped fills still owed; the outcomes, oldest mark first.
+    pub fn end_all(&self, now: Instant) -> Vec<ShadowOutcome> {
+        let mut g = self.inner.lock();
+        g.heap.clear();
+        let mut marks: Vec<(String, Mark)> = std::mem::take(&mut g.marks).into_iter().collect();
+        marks.sort_by_key(|(_, m)| m.marked_at);
+        let owed: Vec<ShadowOutcome> = g.left.drain().filter_map(|(_, l)| l.owed).collect();
+        marks
+            .into_iter()
+            .map(|(key, m)| m.outcome(key, now, Ending::Removed))
+            .chain(owed)
+            .collect()
+    }
+
     /// Pop every mark whose expiry has passed, with the mark.
     pub fn expire(&self, now: Instant) -> Vec<(Expired, Mark)> {
         let mut guard = self.inner.lock();
@@ -1186,6 +1202,31 @@ mod tests {
         // A fill that left nothing, or a renewal's, leaves nothing to take.
         t.end_unheld("h/e", unheld(Some(1), false, 0, false, None), now);
         t.end_unheld("h/f", unheld(Some(1), true, 100, false, origin), now);
+        assert!(t.inner.lock().left.is_empty());
+    }
+
+    /// A stop ends every mark, reported removed with what it had earned, and reports the
+    /// fill a dropped order's copy still owed; nothing is left to expire.
+    #[test]
+    fn a_stop_ends_every_mark_as_removed_and_reports_what_dropped_fills_owed() {
+        let t = ShadowTable::default();
+        let now = Instant::now();
+        let ttl = Duration::from_secs(60);
+        t.mark("h/a", ttl, 5, now);
+        t.set_fill("h/a", 10, FillSource::Origin);
+        assert_eq!(t.hit("h/a", now), Some(1));
+        t.mark("h/b", ttl, 5, now);
+        let origin = Some(FillSource::Origin);
+        t.end_unheld("h/b", unheld(Some(1), false, 100, false, origin), now);
+        assert!(t.outcomes().drain_within(1 << 20).is_empty(), "owed");
+        let ended = t.end_all(now + Duration::from_secs(2));
+        assert_eq!(ended.len(), 3, "{ended:?}");
+        assert!(ended.iter().all(|o| o.removed));
+        let a = ended.iter().find(|o| o.key == "h/a").unwrap();
+        assert_eq!((a.hits, a.bytes, a.held_secs), (1, 10, 2));
+        assert!(ended.iter().any(|o| o.key == "h/b" && o.bytes == 100));
+        assert_eq!(t.usage().0, 0);
+        assert!(t.expire(now + Duration::from_secs(3600)).is_empty());
         assert!(t.inner.lock().left.is_empty());
     }
 

@@ -1,0 +1,352 @@
+//! Outcomes of ended shadows on their way to the broker's ledger, and what a graceful stop
+//! leaves of them for the next process.
+//!
+//! The edge's shadow marks live in memory: a restart ends them. A graceful stop ends every
+//! live mark ([`super::ShadowTable::end_all`], reported as removed: the copy stays cached,
+//! whether it would have been used is not known unless it was) and writes the outcomes the
+//! broker has not acknowledged to [`OUTCOMES_FILE`] in the cache directory; the next process
+//! reads them back and reports them. Without it the broker would never price those shadows:
+//! their fills' spend and their hits would be lost with every rolling upgrade.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::durable::{read_json, write_atomic, FileError};
+use crate::sync::protocol::ShadowOutcome;
+
+/// The file a graceful stop leaves, in the cache directory.
+pub const OUTCOMES_FILE: &str = "shadow-outcomes.json";
+
+/// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
+/// broker does not poll, the oldest are dropped (and counted) rather than growing forever.
+///
+/// A broker that acknowledges gets them in numbered batches ([`Self::batch`]): a batch stays
+/// here until the broker says it has it, so a reply lost on the way (a timed-out poll) is
+/// sent again rather than its outcomes lost.
+#[derive(Default)]
+pub struct OutcomeLog {
+    inner: parking_lot::Mutex<(VecDeque<ShadowOutcome>, u64)>,
+    /// The batch sent and not yet acknowledged, with its number.
+    sent: parking_lot::Mutex<Option<(u64, Vec<ShadowOutcome>)>>,
+    /// Saved for the next process ([`Self::freeze`]): no new batch is formed.
+    frozen: AtomicBool,
+}
+
+/// What a graceful stop leaves for the next process: the outcomes the broker has not
+/// acknowledged.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedOutcomes {
+    /// The batch sent and not acknowledged, with its number: sent again under that number,
+    /// so a broker that did receive it (and acknowledges it) does not price it twice.
+    pub sent: Option<(u64, Vec<ShadowOutcome>)>,
+    /// Outcomes not sent yet, oldest first.
+    pub queued: Vec<ShadowOutcome>,
+}
+
+impl SavedOutcomes {
+    /// Outcomes it holds.
+    pub fn len(&self) -> usize {
+        self.queued.len() + self.sent.as_ref().map_or(0, |(_, b)| b.len())
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Write it to [`OUTCOMES_FILE`] in `dir` ([`write_atomic`]); with nothing to keep, remove
+    /// an older file instead.
+    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
+        let path = dir.join(OUTCOMES_FILE);
+        if self.is_empty() {
+            return match std::fs::remove_file(&path) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                _ => Ok(()),
+            };
+        }
+        write_atomic(
+            &path,
+            &serde_json::to_vec(self).map_err(std::io::Error::other)?,
+        )
+    }
+
+    /// What a stopped process left in `dir`, taken: the file is removed once read (the
+    /// outcomes are this process's to report, and to save again at its own stop). A file this
+    /// build cannot read is moved aside (`.unread`), for the operator, and reported.
+    pub fn take(dir: &Path) -> Result<Option<SavedOutcomes>, FileError> {
+        let path = dir.join(OUTCOMES_FILE);
+        let saved = match read_json::<SavedOutcomes>(&path) {
+            Ok(saved) => saved,
+            Err(e @ FileError::Format { .. }) => {
+                let aside = dir.join(format!("{OUTCOMES_FILE}.unread"));
+                let _ = std::fs::rename(&path, aside);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
+        if saved.is_some() {
+            std::fs::remove_file(&path).map_err(|source| FileError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(saved)
+    }
+}
+
+impl OutcomeLog {
+    /// Most outcomes kept between polls.
+    pub const CAPACITY: usize = 20_000;
+
+    /// Record one ended shadow.
+    pub fn push(&self, o: ShadowOutcome) {
+        let mut g = self.inner.lock();
+        if g.0.len() >= Self::CAPACITY {
+            g.0.pop_front();
+            g.1 += 1;
+        }
+        g.0.push_back(o);
+    }
+
+    /// Take the oldest outcomes whose encoding fits about `budget` bytes (at least one); the
+    /// rest wait for the next poll. A reply must fit one frame, and after a long gap between
+    /// polls the log holds far more than that.
+    pub fn drain_within(&self, budget: usize) -> Vec<ShadowOutcome> {
+        let mut g = self.inner.lock();
+        let mut used = 0;
+        let n =
+            g.0.iter()
+                .take_while(|o| {
+                    // Escaping can double a key; the other fields take at most 256 bytes
+                    // (every number at u64::MAX).
+                    used += 2 * o.key.len() + 256;
+                    used <= budget
+                })
+                .count()
+                .max(1)
+                .min(g.0.len());
+        g.0.drain(..n).collect()
+    }
+
+    /// Outcomes dropped because nobody polled.
+    pub fn dropped(&self) -> u64 {
+        self.inner.lock().1
+    }
+
+    /// The batch for a stats reply and its number, for a broker that acknowledged batch
+    /// `ack` (the last one it received; batches are numbered from `first_seq`, which differs
+    /// per process so a restarted edge's numbers are new). The unacknowledged batch is sent
+    /// again; otherwise the next outcomes within `budget` bytes form a new one. `(0, [])`
+    /// when there is nothing to send. A broker that does not acknowledge (`ack` `None`) gets
+    /// the outcomes drained, unnumbered, as before.
+    pub fn batch(
+        &self,
+        ack: Option<u64>,
+        first_seq: u64,
+        budget: usize,
+    ) -> (u64, Vec<ShadowOutcome>) {
+        let mut sent = self.sent.lock();
+        if self.frozen.load(Ordering::Acquire) {
+            // Only the batch the saved file holds as sent, under its number.
+            return match (&*sent, ack) {
+                (Some((seq, batch)), Some(ack)) if *seq != ack => (*seq, batch.clone()),
+                _ => (0, Vec::new()),
+            };
+        }
+        let Some(ack) = ack else {
+            drop(sent);
+            return (0, self.drain_within(budget));
+        };
+        match &*sent {
+            Some((seq, _)) if *seq == ack => *sent = None,
+            Some((seq, batch)) => return (*seq, batch.clone()),
+            None => {}
+        }
+        if self.inner.lock().0.is_empty() {
+            return (0, Vec::new());
+        }
+        let batch = self.drain_within(budget);
+        let seq = if ack >= first_seq { ack + 1 } else { first_seq };
+        *sent = Some((seq, batch.clone()));
+        (seq, batch)
+    }
+
+    /// Stop forming batches and return what the broker has not acknowledged, to be saved for
+    /// the next process. From here on a poll is sent only the batch already sent (again, under
+    /// its number): what the broker is sent after the cut is what the saved file holds, so
+    /// the next process reports nothing twice and loses nothing. Outcomes pushed later are not
+    /// saved.
+    pub fn freeze(&self) -> SavedOutcomes {
+        let sent = self.sent.lock();
+        self.frozen.store(true, Ordering::Release);
+        let inner = self.inner.lock();
+        SavedOutcomes {
+            sent: sent.clone(),
+            queued: inner.0.iter().cloned().collect(),
+        }
+    }
+
+    /// Take up what a stopped process saved: its sent batch is sent again under its number,
+    /// its queued outcomes go before any of this process's.
+    pub fn restore(&self, saved: SavedOutcomes) {
+        let mut sent = self.sent.lock();
+        if sent.is_none() {
+            *sent = saved.sent;
+        }
+        let mut g = self.inner.lock();
+        for o in saved.queued.into_iter().rev() {
+            g.0.push_front(o);
+        }
+        while g.0.len() > Self::CAPACITY {
+            g.0.pop_front();
+            g.1 += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A batch stays until the broker acknowledges it: a lost reply is sent again whole,
+    /// and the next batch comes only after the acknowledgement.
+    #[test]
+    fn outcome_batches_wait_for_their_acknowledgement() {
+        let log = OutcomeLog::default();
+        let first = 1_000;
+        assert_eq!(
+            log.batch(Some(0), first, 1 << 20),
+            (0, vec![]),
+            "nothing yet"
+        );
+        log.push(outcome("h/a".into()));
+        log.push(outcome("h/b".into()));
+        let (seq, batch) = log.batch(Some(0), first, 1 << 20);
+        assert_eq!((seq, batch.len()), (first, 2));
+        log.push(outcome("h/c".into()));
+        assert_eq!(
+            log.batch(Some(0), first, 1 << 20),
+            (seq, batch),
+            "the reply was lost"
+        );
+        let (next, batch) = log.batch(Some(seq), first, 1 << 20);
+        assert_eq!((next, batch.len()), (first + 1, 1));
+        assert_eq!(batch[0].key, "h/c");
+        assert_eq!(log.batch(Some(next), first, 1 << 20), (0, vec![]));
+        // A broker that does not acknowledge drains, unnumbered.
+        log.push(outcome("h/d".into()));
+        assert_eq!(log.batch(None, first, 1 << 20).0, 0);
+        assert_eq!(log.batch(Some(next), first, 1 << 20), (0, vec![]));
+    }
+
+    /// A stop saves what the broker has not acknowledged and hands out nothing new after the
+    /// cut; the next process sends the saved batch again under its number (dropped once the
+    /// broker acknowledges it: it had it) and the queued outcomes after it.
+    #[test]
+    fn a_stop_saves_what_the_broker_has_not_acknowledged_and_the_next_process_sends_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = OutcomeLog::default();
+        for k in ["h/a", "h/b"] {
+            old.push(outcome(k.into()));
+        }
+        let (seq, sent) = old.batch(Some(0), 1_000, 1 << 20);
+        old.push(outcome("h/c".into()));
+        let saved = old.freeze();
+        assert_eq!(saved.len(), 3);
+        old.push(outcome("h/late".into()));
+        assert_eq!(
+            old.batch(Some(0), 1_000, 1 << 20),
+            (seq, sent.clone()),
+            "only the sent batch, again"
+        );
+        assert_eq!(old.batch(Some(seq), 1_000, 1 << 20), (0, vec![]));
+        assert_eq!(old.batch(None, 1_000, 1 << 20), (0, vec![]));
+        saved.save(dir.path()).unwrap();
+
+        let taken = SavedOutcomes::take(dir.path()).unwrap().unwrap();
+        assert_eq!(taken, saved);
+        assert!(
+            SavedOutcomes::take(dir.path()).unwrap().is_none(),
+            "taken once"
+        );
+        let new = OutcomeLog::default();
+        new.push(outcome("h/new".into()));
+        new.restore(taken);
+        let first = 5_000;
+        // The broker had the saved batch: it acknowledges it, and gets the rest.
+        let (next, batch) = new.batch(Some(seq), first, 1 << 20);
+        assert_eq!(next, first);
+        let keys: Vec<&str> = batch.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["h/c", "h/new"]);
+
+        // A broker that did not have it gets it again, under its number.
+        let again = OutcomeLog::default();
+        again.restore(saved.clone());
+        assert_eq!(again.batch(Some(seq - 1), first, 1 << 20), (seq, sent));
+    }
+
+    #[test]
+    fn an_empty_save_removes_the_file_and_an_unreadable_one_is_moved_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(OUTCOMES_FILE);
+        std::fs::write(&path, b"{\"queued\": 7}").unwrap();
+        assert!(matches!(
+            SavedOutcomes::take(dir.path()),
+            Err(FileError::Format { .. })
+        ));
+        assert!(!path.exists());
+        assert!(dir.path().join(format!("{OUTCOMES_FILE}.unread")).exists());
+        let one = SavedOutcomes {
+            sent: None,
+            queued: vec![outcome("h/a".into())],
+        };
+        one.save(dir.path()).unwrap();
+        assert!(path.exists());
+        SavedOutcomes::default().save(dir.path()).unwrap();
+        assert!(!path.exists());
+    }
+
+    fn outcome(key: String) -> ShadowOutcome {
+        ShadowOutcome {
+            key,
+            bytes: 1,
+            hits: 0,
+            held_secs: 1,
+            peer_filled: false,
+            evicted: false,
+            failed: false,
+            held_before: false,
+            removed: false,
+            ended_ms: 0,
+            head_start_ms: None,
+            order: None,
+            fill_paid: false,
+        }
+    }
+
+    #[test]
+    fn a_backlog_drains_oldest_first_in_replies_that_fit_a_frame() {
+        use crate::sync::protocol::MAX_FRAME;
+        let log = OutcomeLog::default();
+        for i in 0..OutcomeLog::CAPACITY {
+            log.push(outcome(format!("h/{i:05}/{}", "x".repeat(100))));
+        }
+        let mut seen = 0;
+        while seen < OutcomeLog::CAPACITY {
+            let batch = log.drain_within(MAX_FRAME / 2);
+            assert!(!batch.is_empty());
+            assert!(
+                batch[0].key.starts_with(&format!("h/{seen:05}/")),
+                "oldest first"
+            );
+            let encoded = serde_json::to_vec(&batch).unwrap().len();
+            assert!(encoded < MAX_FRAME / 2, "{encoded} bytes");
+            seen += batch.len();
+        }
+        assert_eq!(seen, OutcomeLog::CAPACITY);
+        assert!(log.drain_within(MAX_FRAME / 2).is_empty());
+    }
+}
