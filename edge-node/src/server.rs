@@ -16,7 +16,7 @@ use crate::http_service::AxumService;
 use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
-use crate::shadow::{SavedOutcomes, ShadowService, ShadowTable};
+use crate::shadow::{save_at_stop, SavedOutcomes, ShadowService, ShadowTable};
 use crate::storage::{DiskHealth, FillLock, FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
@@ -71,6 +71,8 @@ pub struct EdgeNode {
     server: Server,
     storage: &'static FoyerStorage,
     storage_rt: tokio::runtime::Runtime,
+    /// The last stop's shadow outcomes were restored: their file goes once serving starts.
+    restored_outcomes: bool,
 }
 
 impl EdgeNode {
@@ -230,17 +232,21 @@ impl EdgeNode {
         let inflight = InflightCounter::default();
         let shadows = Arc::new(ShadowTable::default());
         // What the last graceful stop left for the broker: reported from the first poll.
-        match SavedOutcomes::take(&cfg.cache.dir) {
+        let restored_outcomes = match SavedOutcomes::load(&cfg.cache.dir) {
             Ok(Some(saved)) => {
                 tracing::info!(
                     outcomes = saved.len(),
                     "shadow outcomes of the last stop restored for the broker"
                 );
                 shadows.outcomes().restore(saved);
+                true
             }
-            Ok(None) => {}
-            Err(e) => tracing::warn!(error = %e, "shadow outcomes of the last stop not restored"),
-        }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "shadow outcomes of the last stop not restored");
+                false
+            }
+        };
         let secret = InternalSecret::generate();
         let peers = Arc::new(PeerDirectory::new(&cfg.node_id));
         let encodings = Arc::new(crate::accept_encoding::Mix::default());
@@ -292,9 +298,7 @@ impl EdgeNode {
             &cfg.shadow,
             inflight.clone(),
         );
-        let shadow_service = shadow_service
-            .asking_like(encodings)
-            .saving_outcomes_in(cfg.cache.dir.clone());
+        let shadow_service = shadow_service.asking_like(encodings);
         let mut peer_pool = None;
         if let Some((identity, server_cfg, socket, bridge)) = sync {
             let parts = SyncParts {
@@ -333,7 +337,7 @@ impl EdgeNode {
             registry,
             metrics,
             ShadowAdmin {
-                table: shadows,
+                table: shadows.clone(),
                 filler,
                 max_ttl_secs: cfg.shadow.max_ttl_secs,
             },
@@ -354,6 +358,7 @@ impl EdgeNode {
         );
         server.add_service(background_service("ban-compactor", BanCompactor(storage)));
 
+        let (stopping_shadows, outcomes_dir) = (shadows, cfg.cache.dir.clone());
         let drainer = background_service(
             "drain",
             Drainer::new(
@@ -366,6 +371,7 @@ impl EdgeNode {
                         if let Some(pool) = peer_pool {
                             pool.close().await;
                         }
+                        save_outcomes(&stopping_shadows, outcomes_dir).await;
                         tracing::info!("flushing cache to disk");
                         // Bounded like the close at exit: a stalled disk must not outlast
                         // the service manager's stop timeout.
@@ -402,6 +408,7 @@ impl EdgeNode {
             server,
             storage,
             storage_rt,
+            restored_outcomes,
         })
     }
 
@@ -415,6 +422,11 @@ impl EdgeNode {
             cache_dir = %self.cfg.cache.dir.display(),
             "edge-node serving"
         );
+        if self.restored_outcomes {
+            if let Err(e) = SavedOutcomes::taken(&self.cfg.cache.dir) {
+                tracing::warn!(error = %e, "restored shadow outcomes' file not removed: a later start reports them again");
+            }
+        }
         self.server.run(RunArgs::default());
         tracing::info!("server stopped; flushing cache");
         // Bounded: a stalled disk must not keep the process from exiting (what foyer did not
@@ -429,6 +441,25 @@ impl EdgeNode {
         self.storage_rt.shutdown_timeout(Duration::from_secs(5));
         tracing::info!("edge-node stopped");
         Ok(())
+    }
+}
+
+/// End the shadow marks and save what the broker has not acknowledged for the next start
+/// ([`save_at_stop`]), bounded like the cache's close.
+async fn save_outcomes(shadows: &ShadowTable, dir: std::path::PathBuf) {
+    match tokio::time::timeout(CLOSE_TIMEOUT, save_at_stop(shadows, dir)).await {
+        Ok(Ok((marks, outcomes))) if outcomes > 0 => tracing::info!(
+            marks,
+            outcomes,
+            "shadow marks ended; outcomes the broker has not acknowledged saved for the next start"
+        ),
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "shadow outcomes not saved: the broker will not price them")
+        }
+        Err(_) => {
+            tracing::warn!("saving shadow outcomes timed out: the broker will not price them")
+        }
     }
 }
 

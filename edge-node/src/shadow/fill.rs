@@ -360,9 +360,6 @@ pub struct ShadowService {
     inflight: crate::drain::InflightCounter,
     /// The codings the edge's clients are served with.
     encodings: Arc<Mix>,
-    /// Where a stop saves the outcomes the broker has not acknowledged (the cache
-    /// directory); `None`: not saved.
-    outcomes_dir: Option<std::path::PathBuf>,
 }
 
 /// Every this many sweeps (of 250 ms) the marks are checked against the cache, so a shadow
@@ -399,7 +396,6 @@ impl ShadowService {
                 sweeps: Default::default(),
                 inflight,
                 encodings: Arc::default(),
-                outcomes_dir: None,
             },
             filler,
         )
@@ -409,44 +405,6 @@ impl ShadowService {
     pub fn asking_like(mut self, encodings: Arc<Mix>) -> Self {
         self.encodings = encodings;
         self
-    }
-
-    /// At a stop, end the live marks and save the outcomes the broker has not acknowledged
-    /// in `dir` ([`super::SavedOutcomes`]), for the next process to report.
-    pub fn saving_outcomes_in(mut self, dir: std::path::PathBuf) -> Self {
-        self.outcomes_dir = Some(dir);
-        self
-    }
-
-    /// End the live marks and save what the broker has not acknowledged ([`super::outcomes`]).
-    async fn save_outcomes(&self) {
-        let Some(dir) = self.outcomes_dir.clone() else {
-            return;
-        };
-        let log = self.table.outcomes();
-        let ended = self.table.end_all(Instant::now());
-        let marks = ended.len();
-        for o in ended {
-            log.push(o);
-        }
-        let saved = log.freeze();
-        let outcomes = saved.len();
-        let written = tokio::task::spawn_blocking(move || saved.save(&dir))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        match written {
-            Ok(()) if outcomes > 0 => tracing::info!(
-                marks,
-                outcomes,
-                "shadow marks ended; outcomes the broker has not acknowledged saved for the next start"
-            ),
-            Ok(()) => {}
-            Err(e) => tracing::warn!(
-                error = %e,
-                outcomes,
-                "shadow outcomes not saved: the broker will not price them"
-            ),
-        }
     }
 }
 
@@ -711,7 +669,6 @@ impl BackgroundService for ShadowService {
             )
         }))
         .await;
-        self.save_outcomes().await;
     }
 }
 

@@ -7,7 +7,7 @@ mod table;
 
 pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
-pub use outcomes::{OutcomeLog, SavedOutcomes, OUTCOMES_FILE};
+pub use outcomes::{save_at_stop, OutcomeLog, SavedOutcomes, OUTCOMES_FILE};
 pub use pace::FillPacer;
 pub use table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Mark, Order, ShadowTable};
 

@@ -1,19 +1,23 @@
 //! Outcomes of ended shadows on their way to the broker's ledger, and what a graceful stop
 //! leaves of them for the next process.
 //!
-//! The edge's shadow marks live in memory: a restart ends them. A graceful stop ends every
-//! live mark ([`super::ShadowTable::end_all`], reported as removed: the copy stays cached,
-//! whether it would have been used is not known unless it was) and writes the outcomes the
-//! broker has not acknowledged to [`OUTCOMES_FILE`] in the cache directory; the next process
-//! reads them back and reports them. Without it the broker would never price those shadows:
-//! their fills' spend and their hits would be lost with every rolling upgrade.
+//! The edge's shadow marks live in memory: a restart ends them. The last step of a graceful
+//! stop, after the drain, ends every live mark ([`save_at_stop`], reported as removed: the
+//! copy stays cached, whether it would have been used is not known unless it was) and writes
+//! the outcomes the broker has not acknowledged to [`OUTCOMES_FILE`] in the cache directory;
+//! the next process reads them back and reports them. Without it the broker would never price
+//! those shadows: their fills' spend and their hits would be lost with every rolling upgrade.
+//! Fills still running when the drain ends, and everything after a crash, are lost as before.
 
 use std::collections::VecDeque;
-use std::path::Path;
+use std::io;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
 
+use super::ShadowTable;
 use crate::durable::{read_json, write_atomic, FileError};
 use crate::sync::protocol::ShadowOutcome;
 
@@ -59,42 +63,53 @@ impl SavedOutcomes {
 
     /// Write it to [`OUTCOMES_FILE`] in `dir` ([`write_atomic`]); with nothing to keep, remove
     /// an older file instead.
-    pub fn save(&self, dir: &Path) -> std::io::Result<()> {
-        let path = dir.join(OUTCOMES_FILE);
+    pub fn save(&self, dir: &Path) -> io::Result<()> {
         if self.is_empty() {
-            return match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                _ => Ok(()),
-            };
+            return Self::taken(dir);
         }
-        write_atomic(
-            &path,
-            &serde_json::to_vec(self).map_err(std::io::Error::other)?,
-        )
+        let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
+        write_atomic(&dir.join(OUTCOMES_FILE), &bytes)
     }
 
-    /// What a stopped process left in `dir`, taken: the file is removed once read (the
-    /// outcomes are this process's to report, and to save again at its own stop). A file this
-    /// build cannot read is moved aside (`.unread`), for the operator, and reported.
-    pub fn take(dir: &Path) -> Result<Option<SavedOutcomes>, FileError> {
+    /// What a stopped process left in `dir`. The file stays until [`Self::taken`], once the
+    /// start can no longer fail: a start that does keeps it for the next. A file this build
+    /// cannot read is moved aside (`.unread`), for the operator, and reported.
+    pub fn load(dir: &Path) -> Result<Option<SavedOutcomes>, FileError> {
         let path = dir.join(OUTCOMES_FILE);
-        let saved = match read_json::<SavedOutcomes>(&path) {
-            Ok(saved) => saved,
+        match read_json::<SavedOutcomes>(&path) {
             Err(e @ FileError::Format { .. }) => {
                 let aside = dir.join(format!("{OUTCOMES_FILE}.unread"));
                 let _ = std::fs::rename(&path, aside);
-                return Err(e);
+                Err(e)
             }
-            Err(e) => return Err(e),
-        };
-        if saved.is_some() {
-            std::fs::remove_file(&path).map_err(|source| FileError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            other => other,
         }
-        Ok(saved)
     }
+
+    /// Remove the file [`Self::load`] read: its outcomes are this process's now, to report,
+    /// and to save again at its own stop.
+    pub fn taken(dir: &Path) -> io::Result<()> {
+        match std::fs::remove_file(dir.join(OUTCOMES_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The last step of a graceful stop, after the drain (so a batch the broker acknowledged
+/// during it is not saved again): end `table`'s live marks, cut its outcome log
+/// ([`OutcomeLog::freeze`]) and save what the broker has not acknowledged, the ended marks
+/// included whatever the log's bound, in `dir`. The marks ended and the outcomes saved.
+pub async fn save_at_stop(table: &ShadowTable, dir: PathBuf) -> io::Result<(usize, usize)> {
+    let ended = table.end_all(Instant::now());
+    let marks = ended.len();
+    let mut saved = table.outcomes().freeze();
+    saved.queued.extend(ended);
+    let outcomes = saved.len();
+    tokio::task::spawn_blocking(move || saved.save(&dir))
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+    Ok((marks, outcomes))
 }
 
 impl OutcomeLog {
@@ -193,6 +208,7 @@ impl OutcomeLog {
     /// its queued outcomes go before any of this process's.
     pub fn restore(&self, saved: SavedOutcomes) {
         let mut sent = self.sent.lock();
+        debug_assert!(sent.is_none(), "restored before any poll");
         if sent.is_none() {
             *sent = saved.sent;
         }
@@ -266,10 +282,11 @@ mod tests {
         assert_eq!(old.batch(None, 1_000, 1 << 20), (0, vec![]));
         saved.save(dir.path()).unwrap();
 
-        let taken = SavedOutcomes::take(dir.path()).unwrap().unwrap();
+        let taken = SavedOutcomes::load(dir.path()).unwrap().unwrap();
         assert_eq!(taken, saved);
+        SavedOutcomes::taken(dir.path()).unwrap();
         assert!(
-            SavedOutcomes::take(dir.path()).unwrap().is_none(),
+            SavedOutcomes::load(dir.path()).unwrap().is_none(),
             "taken once"
         );
         let new = OutcomeLog::default();
@@ -294,7 +311,7 @@ mod tests {
         let path = dir.path().join(OUTCOMES_FILE);
         std::fs::write(&path, b"{\"queued\": 7}").unwrap();
         assert!(matches!(
-            SavedOutcomes::take(dir.path()),
+            SavedOutcomes::load(dir.path()),
             Err(FileError::Format { .. })
         ));
         assert!(!path.exists());
