@@ -9,6 +9,7 @@
 mod bans;
 mod disk_health;
 mod disk_io;
+mod disk_sync;
 mod fill;
 mod lock;
 mod object;
@@ -47,6 +48,7 @@ pub use bans::{BanError, BanList, OwnerChange, RefreshRecord};
 pub use disk_health::{DiskHealth, DiskVerdict, ProbeMetrics, PROBE_FILE};
 use disk_io::DiskErrors;
 pub use disk_io::{layer as disk_errors_layer, FlusherErrors};
+use disk_sync::DiskSync;
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::{ObjectMeta, StoredObject};
 use recent::RecentPurges;
@@ -74,7 +76,8 @@ pub struct DiskBaseline(u64);
 /// What a key purge's wait for the disk tier showed of its tombstone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Wait {
-    /// Written: a wait that started after it completed, and no disk write failed meanwhile.
+    /// Written: a wait that started after it completed, then a sync of the disk tier's
+    /// filesystem ([`disk_sync`]), and no disk write failed meanwhile.
     #[error("written")]
     Written,
     /// Not written yet: the wait ran out (a long fill backlog). A later wait may show it
@@ -210,6 +213,8 @@ pub struct FoyerStorage {
     disk_errors: Arc<DiskErrors>,
     /// The failed writes [`Self::observe_failures`] has seen.
     failures_seen: Mutex<u64>,
+    /// Syncs the disk tier's writes to the device before a tombstone counts as written.
+    disk_sync: DiskSync,
     /// Keys of purges whose tombstones may be lost and whose key bans could not be written,
     /// with when they were purged: banned at the next purge of any key, or compaction.
     unbanned: Mutex<HashMap<String, SystemTime>>,
@@ -280,6 +285,8 @@ const RECENT_PURGE_WINDOW: Duration = Duration::from_secs(300);
 /// in for it: with the ban's fsync, within the broker's 3 s fan-out, so a purge behind a long
 /// flush backlog is answered in time rather than queued as missed.
 const SETTLE_TIMEOUT: Duration = Duration::from_millis(1500);
+/// foyer's directory, in the cache directory.
+const FOYER_DIR: &str = "foyer";
 /// Longest the ban compaction waits for late tombstones, so that it can retire their key bans.
 const COMPACTION_WAIT: Duration = Duration::from_secs(30);
 /// Key purges remembered at most (about 50 bytes each). Past it, a fetch that started before
@@ -346,7 +353,7 @@ impl FoyerStorage {
             .with_recover_mode(RecoverMode::Quiet);
         // A disk capacity of zero makes a memory-only cache (small caches in benchmarks).
         let storage = if opts.disk_bytes > 0 {
-            let device = FsDeviceBuilder::new(opts.dir.join("foyer"))
+            let device = FsDeviceBuilder::new(opts.dir.join(FOYER_DIR))
                 .with_capacity(opts.disk_bytes)
                 .build()?;
             // foyer writes entries through a flush buffer and drops (silently, counting
@@ -391,6 +398,10 @@ impl FoyerStorage {
         )?;
         registry.register(Box::new(key_bans.clone()))?;
         registry.register(Box::new(cut_readers.clone()))?;
+        let disk_sync = DiskSync::new(
+            (opts.disk_bytes > 0).then(|| opts.dir.join(FOYER_DIR)),
+            registry,
+        )?;
         registry.register(Box::new(passthroughs.clone()))?;
         Ok(FoyerStorage {
             cache,
@@ -405,6 +416,7 @@ impl FoyerStorage {
             key_bans,
             failures_seen: Mutex::new(disk_errors.count()),
             disk_errors,
+            disk_sync,
             unbanned: Mutex::default(),
             bans_writing: AtomicUsize::new(0),
             max_object_bytes: opts.max_object_bytes,
@@ -444,7 +456,8 @@ impl FoyerStorage {
             self.cache.memory().remove(&primary_hash(&key));
         }
         self.cache.close().await?;
-        if self.observe_failures() == before {
+        let synced = self.disk_sync.sync().await.is_ok();
+        if synced && self.observe_failures() == before {
             self.tombstones.written(mark);
             self.bans.refreshes_written(&ended);
         }
@@ -478,19 +491,25 @@ impl FoyerStorage {
         before: DiskBaseline,
     ) -> Result<(), NotDurable> {
         let (mark, at) = (self.tombstones.mark(), SystemTime::now());
-        // The wait covers every flusher's backlog; under a heavy fill load the answer must
-        // not outlast the caller's deadline (the purge itself already holds in memory).
-        // A closing cache drops the removal: nothing to wait for.
-        let completed = !self.closing()
-            && tokio::time::timeout(SETTLE_TIMEOUT, self.cache.storage().wait())
-                .await
-                .is_ok();
+        // The wait covers every flusher's backlog, then a sync puts what they wrote on the
+        // device; under a heavy fill load the answer must not outlast the caller's deadline
+        // (the purge itself already holds in memory). A closing cache drops the removal:
+        // nothing to wait for.
+        let written = async {
+            self.cache.storage().wait().await;
+            self.disk_sync.sync().await
+        };
+        let synced = if self.closing() {
+            None
+        } else {
+            tokio::time::timeout(SETTLE_TIMEOUT, written).await.ok()
+        };
         // Read after the wait: a failed write is counted before foyer tells its waiters.
         let failures = self.observe_failures();
-        let failed = failures != before.0;
+        let failed = failures != before.0 || matches!(synced, Some(Err(_)));
         let wait = if failed || self.closing() {
             Wait::Lost
-        } else if completed {
+        } else if synced.is_some() {
             Wait::Written
         } else {
             Wait::Late
@@ -831,8 +850,13 @@ impl FoyerStorage {
         self.ban_unbanned().await?;
         if (self.tombstones.owed() || !ended.is_empty()) && !self.closing() {
             let mark = self.tombstones.mark();
-            let wait = self.cache.storage().wait();
-            let completed = tokio::time::timeout(COMPACTION_WAIT, wait).await.is_ok();
+            let written = async {
+                self.cache.storage().wait().await;
+                self.disk_sync.sync().await.is_ok()
+            };
+            let completed = tokio::time::timeout(COMPACTION_WAIT, written)
+                .await
+                .unwrap_or(false);
             if completed && self.observe_failures() == before && !self.closing() {
                 self.tombstones.written(mark);
                 self.bans.refreshes_written(&ended);
@@ -1903,6 +1927,34 @@ mod tests {
         for key in &keys {
             assert!(s.lookup(key, &trace).await.unwrap().is_none());
         }
+    }
+
+    /// A tombstone counts as written only once the disk tier's filesystem synced: a purge
+    /// whose sync fails (here: foyer's directory is not where the sync looks) is made durable
+    /// by a key ban no wait retires; once syncs pass, purges need no ban.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_whose_tombstone_did_not_sync_is_made_durable_by_a_key_ban() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        for k in ["h/unsynced", "h/synced"] {
+            let hash = hash_of(CacheKey::new(k, "").combined_bin());
+            assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+        }
+        let foyer = dir.path().join(FOYER_DIR);
+        let aside = dir.path().join("foyer-aside");
+        std::fs::rename(&foyer, &aside).unwrap();
+        let before = s.purge_baseline();
+        assert!(s.invalidate_key("h/unsynced"));
+        s.settle_purge(&["h/unsynced"], before).await.unwrap();
+        assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
+        assert_eq!(s.disk_sync.failures(), 1);
+        std::fs::rename(&aside, &foyer).unwrap();
+        let before = s.purge_baseline();
+        assert!(s.invalidate_key("h/synced"));
+        s.settle_purge(&["h/synced"], before).await.unwrap();
+        assert_eq!(s.ban_count(), 1, "its own sync passed");
+        s.compact_bans().await.unwrap();
+        assert_eq!(s.ban_count(), 1, "no later sync retires a lost one");
     }
 
     /// A purge whose tombstone may be lost and whose key ban could not be written (the ban
