@@ -56,7 +56,8 @@ impl DiskErrors {
         let writes = prometheus::IntCounter::new(
             "shadowcdn_edge_disk_write_errors_total",
             "Writes of the disk tier that failed (a full disk, a device error), as foyer's \
-             flusher logged them; a key purge whose wait saw one is made durable by a key ban",
+             flusher logged them, or syncs of it that failed; a key purge whose wait saw one is \
+             made durable by a key ban",
         )
         .expect("a valid metric");
         Arc::new(DiskErrors {
@@ -75,6 +76,11 @@ impl DiskErrors {
     /// The failure counter, for the storage's metrics registry.
     pub(crate) fn counter(&self) -> prometheus::IntCounter {
         self.writes.clone()
+    }
+
+    /// Count a write the edge saw fail itself (a sync of the disk tier).
+    pub(crate) fn record_failure(&self) {
+        self.failed();
     }
 
     /// Count a failed write. No log line here: the layer runs inside the log dispatch, which

@@ -4,112 +4,249 @@
 //! kernel's memory, which survives a crash of the process but not one of the host (a power
 //! loss, a kernel panic). For cached objects that only costs misses; for a key purge's
 //! tombstone it would bring the purged object back. So before the edge counts a tombstone
-//! written ([`super::FoyerStorage::settle_purge`], the ban compaction, the close), it syncs the
-//! filesystem under foyer's files: one `syncfs`, not one `fsync` per file, since foyer keeps a
-//! file per block and a large disk tier has thousands. Concurrent purges share a sync (group
-//! commit): a sync that starts after a caller asked covers it.
+//! written, it syncs:
+//! - a key purge ([`super::FoyerStorage::settle_purge`]) syncs foyer's tombstone log alone
+//!   ([`DiskSync::tombstones`]): recovery drops every entry older than a tombstone it reads
+//!   there, so that file is what makes a purge last, and syncing it does not write out the
+//!   fills waiting in the page cache. Purges waiting at once share one `fdatasync` (a sync
+//!   that starts after a caller asked covers it).
+//! - the ban compaction and the close sync the whole filesystem ([`DiskSync::everything`],
+//!   one `syncfs` however many block files): they also retire the records of refreshes,
+//!   whose new copies live in the block files.
 //!
-//! `syncfs` flushes everything dirty on that filesystem, so the cache directory belongs on a
-//! filesystem of its own, as a cache disk usually is. A memory-only cache has nothing to sync.
+//! Both files are opened once, at start: Linux reports a failed write-back to every open file
+//! of the failure once, so an error of the kernel's own background write-back reaches the
+//! next sync too (Linux 5.8 or later for `syncfs`). A failed sync counts as a failed disk
+//! write ([`super::disk_io`]): the purges it covered, and every key ban standing in for a late
+//! tombstone, are then kept by key bans until the retention. A memory-only cache has nothing
+//! to sync.
 
-use std::path::PathBuf;
+use std::fs::File;
+use std::io;
+use std::path::Path;
+#[cfg(test)]
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
-/// The disk tier's sync, shared by every purge.
+use super::disk_io::DiskErrors;
+
+/// foyer's first partition, created for its tombstone log before any block (foyer 0.22's
+/// block engine with the tombstone log on, over its file-per-partition device).
+const TOMBSTONE_LOG: &str = "foyer-storage-direct-fs-00000000";
+
+/// The disk tier's syncs, shared by every purge.
+#[derive(Debug, Clone)]
+pub struct DiskSync(Option<Arc<Inner>>);
+
 #[derive(Debug)]
-pub struct DiskSync {
-    /// foyer's directory; `None` for a memory-only cache.
-    dir: Option<PathBuf>,
-    /// Syncs asked for so far.
+struct Inner {
+    /// foyer's directory, for `syncfs`.
+    dir: Arc<File>,
+    /// foyer's tombstone log; the directory again when it is not where foyer 0.22 puts it
+    /// (then a purge syncs the whole filesystem).
+    tombstones: Arc<File>,
+    /// Whether `tombstones` is the log itself.
+    log_found: bool,
+    /// Tombstone syncs asked for so far.
     asked: AtomicU64,
-    /// Every sync asked for up to this number is done.
+    /// Every tombstone sync asked for up to this number is done.
     done: AtomicU64,
-    /// One sync at a time: the callers behind it mostly find themselves covered.
+    /// Every tombstone sync asked for up to this number was covered by one that failed.
+    failed_upto: AtomicU64,
+    /// One sync at a time; held by the task that runs it, not by a caller who may give up.
     running: tokio::sync::Mutex<()>,
-    /// `shadowcdn_edge_disk_sync_seconds`.
-    seconds: prometheus::Histogram,
+    errors: Arc<DiskErrors>,
+    /// `shadowcdn_edge_disk_sync_seconds`, by `scope`.
+    seconds: prometheus::HistogramVec,
     /// `shadowcdn_edge_disk_sync_failures_total`.
     failures: prometheus::IntCounter,
+    /// Tests make syncs fail.
+    #[cfg(test)]
+    broken: AtomicBool,
+}
+
+/// What a sync covers, for its metric.
+#[derive(Debug, Clone, Copy)]
+enum Scope {
+    Tombstones,
+    Everything,
 }
 
 impl DiskSync {
-    /// Syncs of the filesystem under `dir` (`None`: nothing to sync); its metrics go to
-    /// `registry`.
-    pub fn new(dir: Option<PathBuf>, registry: &prometheus::Registry) -> prometheus::Result<Self> {
-        let seconds = prometheus::Histogram::with_opts(
+    /// Syncs of foyer's files under `foyer_dir` (`None`: a memory-only cache), counting
+    /// failures in `errors`; metrics go to `registry`.
+    pub fn open(
+        foyer_dir: Option<&Path>,
+        errors: Arc<DiskErrors>,
+        registry: &prometheus::Registry,
+    ) -> Result<Self, super::StorageError> {
+        let seconds = prometheus::HistogramVec::new(
             prometheus::HistogramOpts::new(
                 "shadowcdn_edge_disk_sync_seconds",
-                "Time of each sync of the disk tier's filesystem, which key purges wait for \
-                 before they count their tombstones written",
+                "Time of each sync of the disk tier: scope tombstones (foyer's tombstone log, \
+                 which a key purge waits for) or everything (its filesystem: compaction, close)",
             )
             .buckets(vec![
                 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0,
             ]),
+            &["scope"],
         )?;
         let failures = prometheus::IntCounter::new(
             "shadowcdn_edge_disk_sync_failures_total",
-            "Syncs of the disk tier's filesystem that failed (the tombstones they covered are \
-             made durable by key bans)",
+            "Syncs of the disk tier that failed; each also counts as a failed disk write, so \
+             the purges it covered are made durable by key bans kept until the retention",
         )?;
         registry.register(Box::new(seconds.clone()))?;
         registry.register(Box::new(failures.clone()))?;
-        Ok(DiskSync {
+        let Some(dir_path) = foyer_dir else {
+            return Ok(DiskSync(None));
+        };
+        let opened = |path: &Path| {
+            File::open(path).map_err(|source| super::StorageError::Dir {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        let dir = Arc::new(opened(dir_path)?);
+        let log = dir_path.join(TOMBSTONE_LOG);
+        let (tombstones, log_found) = match File::open(&log) {
+            Ok(f) => (Arc::new(f), true),
+            Err(e) => {
+                tracing::warn!(path = %log.display(), error = %e,
+                    "foyer's tombstone log is not where this build expects it: each key purge \
+                     syncs the whole cache filesystem instead");
+                (dir.clone(), false)
+            }
+        };
+        Ok(DiskSync(Some(Arc::new(Inner {
             dir,
+            tombstones,
+            log_found,
             asked: AtomicU64::new(0),
             done: AtomicU64::new(0),
+            failed_upto: AtomicU64::new(0),
             running: tokio::sync::Mutex::new(()),
+            errors,
             seconds,
             failures,
-        })
+            #[cfg(test)]
+            broken: AtomicBool::new(false),
+        }))))
     }
 
-    /// Return once everything the disk tier was told to write before this call is on the
-    /// device: a sync that starts after the call covers it.
-    pub async fn sync(&self) -> std::io::Result<()> {
-        let Some(dir) = &self.dir else {
+    /// Return once every tombstone foyer was told to write before this call is on the
+    /// device, or the error of the sync that covered it. The sync runs in a task of its own,
+    /// so a caller that gives up (a timeout) neither cuts it short nor loses its outcome.
+    pub async fn tombstones(&self) -> io::Result<()> {
+        let Some(inner) = &self.0 else {
             return Ok(());
         };
-        let mine = self.asked.fetch_add(1, Ordering::AcqRel) + 1;
-        let _one = self.running.lock().await;
-        if self.done.load(Ordering::Acquire) >= mine {
+        let mine = inner.asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let inner = inner.clone();
+        tokio::spawn(async move { inner.tombstones_upto(mine).await })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
+    }
+
+    /// Sync the disk tier's whole filesystem: every block foyer was told to write before this
+    /// call, tombstones included, is on the device once it returns Ok.
+    pub async fn everything(&self) -> io::Result<()> {
+        let Some(inner) = &self.0 else {
             return Ok(());
-        }
-        // Asked for by now, so covered by the sync that starts now.
-        let covers = self.asked.load(Ordering::Acquire);
-        let dir = dir.clone();
-        let began = Instant::now();
-        let synced = tokio::task::spawn_blocking(move || {
-            let f = std::fs::File::open(&dir)?;
-            rustix::fs::syncfs(&f).map_err(std::io::Error::from)
+        };
+        let inner = inner.clone();
+        tokio::spawn(async move {
+            let _one = inner.running.lock().await;
+            inner.run(Scope::Everything).await
         })
         .await
-        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-        self.seconds.observe(began.elapsed().as_secs_f64());
-        match synced {
-            Ok(()) => {
-                self.done.fetch_max(covers, Ordering::AcqRel);
-                Ok(())
-            }
-            Err(e) => {
-                self.failures.inc();
-                tracing::error!(error = %e, "the disk tier's filesystem did not sync: key purges \
-                    waiting for it are made durable by key bans");
-                Err(e)
-            }
+        .unwrap_or_else(|e| Err(io::Error::other(e)))
+    }
+
+    /// Make every sync fail (`true`) or pass again.
+    #[cfg(test)]
+    pub(super) fn break_syncs(&self, broken: bool) {
+        if let Some(inner) = &self.0 {
+            inner.broken.store(broken, Ordering::Release);
         }
     }
 
-    /// Syncs done so far.
+    /// Whether a purge syncs foyer's tombstone log itself (not the whole filesystem).
     #[cfg(test)]
-    fn count(&self) -> u64 {
-        self.seconds.get_sample_count()
+    pub(super) fn syncs_the_log(&self) -> bool {
+        self.0.as_ref().is_some_and(|i| i.log_found)
     }
 
     /// Syncs failed so far.
     #[cfg(test)]
     pub(super) fn failures(&self) -> u64 {
-        self.failures.get()
+        self.0.as_ref().map_or(0, |i| i.failures.get())
+    }
+}
+
+impl Inner {
+    async fn tombstones_upto(&self, mine: u64) -> io::Result<()> {
+        let _one = self.running.lock().await;
+        if self.failed_upto.load(Ordering::Acquire) >= mine {
+            return Err(io::Error::other(
+                "a sync covering this purge's tombstone failed",
+            ));
+        }
+        if self.done.load(Ordering::Acquire) >= mine {
+            return Ok(());
+        }
+        // Asked for by now, so covered by the sync that starts now.
+        let covers = self.asked.load(Ordering::Acquire);
+        let synced = self.run(Scope::Tombstones).await;
+        match &synced {
+            Ok(()) => self.done.fetch_max(covers, Ordering::AcqRel),
+            Err(_) => self.failed_upto.fetch_max(covers, Ordering::AcqRel),
+        };
+        synced
+    }
+
+    /// One sync, under `running`.
+    async fn run(&self, scope: Scope) -> io::Result<()> {
+        let began = Instant::now();
+        #[cfg(test)]
+        if self.broken.load(Ordering::Acquire) {
+            return self.failed(scope, io::Error::other("syncs broken by the test"));
+        }
+        let (file, whole_fs) = match scope {
+            Scope::Tombstones => (self.tombstones.clone(), !self.log_found),
+            Scope::Everything => (self.dir.clone(), true),
+        };
+        let synced = tokio::task::spawn_blocking(move || {
+            if whole_fs {
+                rustix::fs::syncfs(&*file).map_err(io::Error::from)
+            } else {
+                file.sync_data()
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let label = match scope {
+            Scope::Tombstones => "tombstones",
+            Scope::Everything => "everything",
+        };
+        self.seconds
+            .with_label_values(&[label])
+            .observe(began.elapsed().as_secs_f64());
+        match synced {
+            Ok(()) => Ok(()),
+            Err(e) => self.failed(scope, e),
+        }
+    }
+
+    fn failed(&self, scope: Scope, e: io::Error) -> io::Result<()> {
+        self.failures.inc();
+        self.errors.record_failure();
+        tracing::error!(error = %e, ?scope, "the disk tier did not sync: key purges it covered \
+            are made durable by key bans kept until the retention");
+        Err(e)
     }
 }
 
@@ -117,49 +254,71 @@ impl DiskSync {
 mod tests {
     use super::*;
 
+    fn sync_in(dir: &Path) -> (DiskSync, Arc<DiskErrors>) {
+        std::fs::write(dir.join(TOMBSTONE_LOG), b"log").unwrap();
+        let errors = super::super::disk_io::tests::own();
+        let sync = DiskSync::open(Some(dir), errors.clone(), &prometheus::Registry::new());
+        (sync.unwrap(), errors)
+    }
+
+    fn inner(s: &DiskSync) -> &Inner {
+        s.0.as_deref().unwrap()
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_callers_share_syncs_and_each_is_covered() {
+    async fn concurrent_purges_share_syncs_and_each_is_covered() {
         let dir = tempfile::tempdir().unwrap();
-        let sync = std::sync::Arc::new(
-            DiskSync::new(Some(dir.path().to_path_buf()), &prometheus::Registry::new()).unwrap(),
-        );
-        sync.sync().await.unwrap();
-        assert_eq!(sync.count(), 1);
+        let (sync, _) = sync_in(dir.path());
+        assert!(inner(&sync).log_found);
         let callers: Vec<_> = (0..32)
             .map(|_| {
                 let sync = sync.clone();
-                tokio::spawn(async move { sync.sync().await })
+                tokio::spawn(async move { sync.tombstones().await })
             })
             .collect();
         for c in callers {
             c.await.unwrap().unwrap();
         }
-        let n = sync.count();
-        assert!((2..=33).contains(&n), "{n} syncs");
-        assert_eq!(
-            sync.done.load(Ordering::Acquire),
-            33,
-            "every caller covered"
-        );
+        assert_eq!(inner(&sync).done.load(Ordering::Acquire), 32);
+        sync.everything().await.unwrap();
+        let m = &inner(&sync).seconds;
+        let runs = m.with_label_values(&["tombstones"]).get_sample_count();
+        assert!((1..=32).contains(&runs), "{runs}");
+        assert_eq!(m.with_label_values(&["everything"]).get_sample_count(), 1);
     }
 
+    /// A failed sync fails every purge it covered, also one that asks after it and would
+    /// pass a sync of its own, and counts as a failed disk write; later purges pass.
     #[tokio::test]
-    async fn a_sync_that_fails_is_counted_and_covers_nobody() {
+    async fn a_failed_sync_fails_the_purges_it_covered_and_counts_as_a_failed_write() {
         let dir = tempfile::tempdir().unwrap();
-        let gone = dir.path().join("gone");
-        let sync = DiskSync::new(Some(gone.clone()), &prometheus::Registry::new()).unwrap();
-        assert!(sync.sync().await.is_err());
-        assert_eq!(sync.failures.get(), 1);
-        assert_eq!(sync.done.load(Ordering::Acquire), 0);
-        std::fs::create_dir(&gone).unwrap();
-        sync.sync().await.unwrap();
-        assert_eq!(sync.done.load(Ordering::Acquire), 2);
+        let (sync, errors) = sync_in(dir.path());
+        let i = inner(&sync);
+        i.asked.fetch_add(1, Ordering::AcqRel);
+        sync.break_syncs(true);
+        assert!(i.tombstones_upto(1).await.is_err());
+        sync.break_syncs(false);
+        assert!(
+            i.tombstones_upto(1).await.is_err(),
+            "covered by the failure"
+        );
+        assert_eq!((sync.failures(), errors.count()), (1, 1));
+        sync.tombstones().await.unwrap();
+        sync.break_syncs(true);
+        assert!(sync.everything().await.is_err());
+        assert_eq!(errors.count(), 2);
     }
 
     #[tokio::test]
-    async fn a_memory_only_cache_has_nothing_to_sync() {
-        let sync = DiskSync::new(None, &prometheus::Registry::new()).unwrap();
-        sync.sync().await.unwrap();
-        assert_eq!(sync.count(), 0);
+    async fn without_the_log_a_purge_syncs_the_filesystem_and_without_a_disk_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let errors = super::super::disk_io::tests::own();
+        let r = prometheus::Registry::new();
+        let sync = DiskSync::open(Some(dir.path()), errors.clone(), &r).unwrap();
+        assert!(!inner(&sync).log_found);
+        sync.tombstones().await.unwrap();
+        let none = DiskSync::open(None, errors, &prometheus::Registry::new()).unwrap();
+        none.tombstones().await.unwrap();
+        none.everything().await.unwrap();
     }
 }

@@ -76,18 +76,18 @@ pub struct DiskBaseline(u64);
 /// What a key purge's wait for the disk tier showed of its tombstone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum Wait {
-    /// Written: a wait that started after it completed, then a sync of the disk tier's
-    /// filesystem ([`disk_sync`]), and no disk write failed meanwhile.
+    /// Written: a wait that started after it completed, then a sync of foyer's tombstone log
+    /// ([`disk_sync`]), and no disk write (or sync) failed meanwhile.
     #[error("written")]
     Written,
-    /// Not written yet: the wait ran out (a long fill backlog). A later wait may show it
-    /// written, and retire the key ban standing in for it.
+    /// Not written yet: the wait or the sync ran out (a long fill backlog, a slow device). A
+    /// later wait may show it written, and retire the key ban standing in for it.
     #[error("not written after {SETTLE_TIMEOUT:?}")]
     Late,
     /// Never to be known written: the cache is closing (foyer drops removals), or a disk
-    /// write failed while the purge waited (foyer ends its waits all the same). Its key ban
-    /// stays until the ban retention.
-    #[error("the cache is closing, or a disk write failed while it waited")]
+    /// write or sync failed while the purge waited (foyer ends its waits all the same). Its
+    /// key ban stays until the ban retention.
+    #[error("the cache is closing, or a disk write or sync failed while it waited")]
     Lost,
 }
 
@@ -398,8 +398,10 @@ impl FoyerStorage {
         )?;
         registry.register(Box::new(key_bans.clone()))?;
         registry.register(Box::new(cut_readers.clone()))?;
-        let disk_sync = DiskSync::new(
-            (opts.disk_bytes > 0).then(|| opts.dir.join(FOYER_DIR)),
+        let foyer_dir = opts.dir.join(FOYER_DIR);
+        let disk_sync = DiskSync::open(
+            (opts.disk_bytes > 0).then_some(foyer_dir.as_path()),
+            disk_errors.clone(),
             registry,
         )?;
         registry.register(Box::new(passthroughs.clone()))?;
@@ -456,7 +458,7 @@ impl FoyerStorage {
             self.cache.memory().remove(&primary_hash(&key));
         }
         self.cache.close().await?;
-        let synced = self.disk_sync.sync().await.is_ok();
+        let synced = self.disk_sync.everything().await.is_ok();
         if synced && self.observe_failures() == before {
             self.tombstones.written(mark);
             self.bans.refreshes_written(&ended);
@@ -491,13 +493,13 @@ impl FoyerStorage {
         before: DiskBaseline,
     ) -> Result<(), NotDurable> {
         let (mark, at) = (self.tombstones.mark(), SystemTime::now());
-        // The wait covers every flusher's backlog, then a sync puts what they wrote on the
-        // device; under a heavy fill load the answer must not outlast the caller's deadline
+        // The wait covers every flusher's backlog, then a sync puts the tombstone log on the
+        // device (a failed sync counts as a failed write); under a heavy fill load the answer must not outlast the caller's deadline
         // (the purge itself already holds in memory). A closing cache drops the removal:
         // nothing to wait for.
         let written = async {
             self.cache.storage().wait().await;
-            self.disk_sync.sync().await
+            self.disk_sync.tombstones().await
         };
         let synced = if self.closing() {
             None
@@ -852,7 +854,7 @@ impl FoyerStorage {
             let mark = self.tombstones.mark();
             let written = async {
                 self.cache.storage().wait().await;
-                self.disk_sync.sync().await.is_ok()
+                self.disk_sync.everything().await.is_ok()
             };
             let completed = tokio::time::timeout(COMPACTION_WAIT, written)
                 .await
@@ -1929,32 +1931,45 @@ mod tests {
         }
     }
 
-    /// A tombstone counts as written only once the disk tier's filesystem synced: a purge
-    /// whose sync fails (here: foyer's directory is not where the sync looks) is made durable
-    /// by a key ban no wait retires; once syncs pass, purges need no ban.
+    /// A tombstone counts as written only once foyer's tombstone log synced. A purge whose
+    /// sync fails is made durable by a key ban no wait retires, and so is a late purge's from
+    /// before the failure (the failed write-back may have held its tombstone); once syncs
+    /// pass, purges need no ban.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_purge_whose_tombstone_did_not_sync_is_made_durable_by_a_key_ban() {
         let dir = tempfile::tempdir().unwrap();
-        let s = storage_with_disk(dir.path(), 16 << 20).await;
-        for k in ["h/unsynced", "h/synced"] {
+        let errors = disk_io::tests::own();
+        let s = storage_counting(dir.path(), 16 << 20, errors.clone()).await;
+        assert!(
+            s.disk_sync.syncs_the_log(),
+            "foyer's tombstone log is where it was"
+        );
+        for k in ["h/late", "h/unsynced", "h/synced"] {
             let hash = hash_of(CacheKey::new(k, "").combined_bin());
             assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
         }
-        let foyer = dir.path().join(FOYER_DIR);
-        let aside = dir.path().join("foyer-aside");
-        std::fs::rename(&foyer, &aside).unwrap();
+        assert!(s.invalidate_key("h/late"));
+        let mark = s.tombstones.mark();
+        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
+            .await
+            .unwrap();
+        s.disk_sync.break_syncs(true);
         let before = s.purge_baseline();
         assert!(s.invalidate_key("h/unsynced"));
         s.settle_purge(&["h/unsynced"], before).await.unwrap();
-        assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
-        assert_eq!(s.disk_sync.failures(), 1);
-        std::fs::rename(&aside, &foyer).unwrap();
+        assert_eq!((s.ban_count(), s.key_bans.get()), (2, 2));
+        assert_eq!((s.disk_sync.failures(), errors.count()), (1, 1));
+        s.disk_sync.break_syncs(false);
         let before = s.purge_baseline();
         assert!(s.invalidate_key("h/synced"));
         s.settle_purge(&["h/synced"], before).await.unwrap();
-        assert_eq!(s.ban_count(), 1, "its own sync passed");
+        assert_eq!(s.ban_count(), 2, "its own sync passed");
         s.compact_bans().await.unwrap();
-        assert_eq!(s.ban_count(), 1, "no later sync retires a lost one");
+        assert_eq!(
+            s.ban_count(),
+            2,
+            "no later sync retires the lost one or the late one"
+        );
     }
 
     /// A purge whose tombstone may be lost and whose key ban could not be written (the ban
