@@ -32,9 +32,7 @@ use std::time::Instant;
 
 use super::disk_io::DiskErrors;
 
-/// foyer's first partition, created for its tombstone log before any block (foyer 0.22's
-/// block engine with the tombstone log on, over its file-per-partition device).
-const TOMBSTONE_LOG: &str = "foyer-storage-direct-fs-00000000";
+use super::tombstone_log::FILE as TOMBSTONE_LOG;
 
 /// The disk tier's syncs, shared by every purge.
 #[derive(Debug, Clone)]

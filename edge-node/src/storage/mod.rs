@@ -14,6 +14,7 @@ mod fill;
 mod lock;
 mod object;
 mod recent;
+mod tombstone_log;
 mod tombstones;
 mod written;
 
@@ -373,6 +374,17 @@ impl FoyerStorage {
         } else {
             storage
         };
+        if opts.disk_bytes > 0 {
+            let log = opts.dir.join(FOYER_DIR).join(tombstone_log::FILE);
+            match tombstone_log::normalize(&log) {
+                Ok(Some(held)) => tracing::info!(
+                    tombstones = held,
+                    "foyer's tombstone log laid out for its recovery to resume after the newest"
+                ),
+                Ok(None) => {}
+                Err(source) => return Err(StorageError::Dir { path: log, source }),
+            }
+        }
         let cache = storage.build().await?;
         let bans = Arc::new(BanList::open(&opts.dir, opts.ban_retention)?);
         let passthroughs = prometheus::IntCounterVec::new(
@@ -1929,6 +1941,52 @@ mod tests {
         for key in &keys {
             assert!(s.lookup(key, &trace).await.unwrap().is_none());
         }
+    }
+
+    /// Purges hold across restarts however many tombstones the disk tier wrote: foyer 0.22.6's
+    /// tombstone log, reopened, resumes on its first page (it takes the newest tombstone's
+    /// offset within its page for one within the log), so past a page of tombstones (256) the
+    /// purges after a restart overwrite older ones, and their objects come back at the next.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn purges_hold_across_two_restarts_past_a_page_of_tombstones() {
+        let dir = tempfile::tempdir().unwrap();
+        let trace = pingora_cache::trace::Span::inactive().handle();
+        let keys = |batch: &str, n: usize| -> Vec<String> {
+            (0..n).map(|i| format!("h/{batch}/{i}")).collect()
+        };
+        async fn store_and_purge(s: &FoyerStorage, keys: &[String]) {
+            for k in keys {
+                let hash = hash_of(CacheKey::new(k.as_str(), "").combined_bin());
+                assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+            }
+            s.cache.storage().wait().await;
+            for k in keys {
+                let before = s.purge_baseline();
+                assert!(s.invalidate_key(k));
+                s.settle_purge(&[k.as_str()], before).await.unwrap();
+            }
+        }
+        let (first, second) = (keys("first", 300), keys("second", 100));
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        store_and_purge(s, &first).await;
+        s.close().await.unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        store_and_purge(s, &second).await;
+        s.close().await.unwrap();
+        let s = storage_with_disk(dir.path(), 16 << 20).await;
+        assert_eq!(s.ban_count(), 0, "the tombstones alone hold the purges");
+        let mut back = Vec::new();
+        for k in first.iter().chain(&second) {
+            let key = CacheKey::new(k.as_str(), "");
+            if s.lookup(&key, &trace).await.unwrap().is_some() {
+                back.push(k.clone());
+            }
+        }
+        assert!(
+            back.is_empty(),
+            "{} purged objects came back: {back:?}",
+            back.len()
+        );
     }
 
     /// A tombstone counts as written only once foyer's tombstone log synced. A purge whose
