@@ -109,6 +109,11 @@ impl DiskSync {
             })
         };
         let dir = Arc::new(opened(dir_path)?);
+        // foyer created its files without syncing the directory.
+        dir.sync_all().map_err(|source| super::StorageError::Dir {
+            path: dir_path.to_path_buf(),
+            source,
+        })?;
         let log = dir_path.join(TOMBSTONE_LOG);
         let (tombstones, log_found) = match File::open(&log) {
             Ok(f) => (Arc::new(f), true),
@@ -158,7 +163,7 @@ impl DiskSync {
         let inner = inner.clone();
         tokio::spawn(async move {
             let _one = inner.running.lock().await;
-            inner.run(Scope::Everything).await
+            inner.run(Scope::Everything, None).await
         })
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)))
@@ -186,7 +191,7 @@ impl DiskSync {
 }
 
 impl Inner {
-    async fn tombstones_upto(&self, mine: u64) -> io::Result<()> {
+    async fn tombstones_upto(self: &Arc<Self>, mine: u64) -> io::Result<()> {
         let _one = self.running.lock().await;
         if self.failed_upto.load(Ordering::Acquire) >= mine {
             return Err(io::Error::other(
@@ -198,34 +203,23 @@ impl Inner {
         }
         // Asked for by now, so covered by the sync that starts now.
         let covers = self.asked.load(Ordering::Acquire);
-        let synced = self.run(Scope::Tombstones).await;
-        match &synced {
-            Ok(()) => self.done.fetch_max(covers, Ordering::AcqRel),
-            Err(_) => self.failed_upto.fetch_max(covers, Ordering::AcqRel),
-        };
-        synced
+        self.run(Scope::Tombstones, Some(covers)).await
     }
 
-    /// One sync, under `running`.
-    async fn run(&self, scope: Scope) -> io::Result<()> {
+    /// One sync, under `running`, covering tombstone syncs up to `covers`. Run and accounted
+    /// for whole on a blocking thread: a sync under way when its task is dropped (its runtime
+    /// shutting down) still records what it found, since the kernel reports a failed
+    /// write-back once.
+    async fn run(self: &Arc<Self>, scope: Scope, covers: Option<u64>) -> io::Result<()> {
+        let inner = self.clone();
+        tokio::task::spawn_blocking(move || inner.run_blocking(scope, covers))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))
+    }
+
+    fn run_blocking(&self, scope: Scope, covers: Option<u64>) -> io::Result<()> {
         let began = Instant::now();
-        #[cfg(test)]
-        if self.broken.load(Ordering::Acquire) {
-            return self.failed(scope, io::Error::other("syncs broken by the test"));
-        }
-        let (file, whole_fs) = match scope {
-            Scope::Tombstones => (self.tombstones.clone(), !self.log_found),
-            Scope::Everything => (self.dir.clone(), true),
-        };
-        let synced = tokio::task::spawn_blocking(move || {
-            if whole_fs {
-                rustix::fs::syncfs(&*file).map_err(io::Error::from)
-            } else {
-                file.sync_data()
-            }
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
+        let synced = self.sync_now(scope);
         let label = match scope {
             Scope::Tombstones => "tombstones",
             Scope::Everything => "everything",
@@ -233,9 +227,29 @@ impl Inner {
         self.seconds
             .with_label_values(&[label])
             .observe(began.elapsed().as_secs_f64());
-        match synced {
-            Ok(()) => Ok(()),
-            Err(e) => self.failed(scope, e),
+        match (synced, covers) {
+            (Ok(()), Some(covers)) => {
+                self.done.fetch_max(covers, Ordering::AcqRel);
+                Ok(())
+            }
+            (Ok(()), None) => Ok(()),
+            (Err(e), covers) => {
+                if let Some(covers) = covers {
+                    self.failed_upto.fetch_max(covers, Ordering::AcqRel);
+                }
+                self.failed(scope, e)
+            }
+        }
+    }
+
+    fn sync_now(&self, scope: Scope) -> io::Result<()> {
+        #[cfg(test)]
+        if self.broken.load(Ordering::Acquire) {
+            return Err(io::Error::other("syncs broken by the test"));
+        }
+        match scope {
+            Scope::Tombstones if self.log_found => self.tombstones.sync_data(),
+            _ => rustix::fs::syncfs(&*self.dir).map_err(io::Error::from),
         }
     }
 
@@ -259,8 +273,8 @@ mod tests {
         (sync.unwrap(), errors)
     }
 
-    fn inner(s: &DiskSync) -> &Inner {
-        s.0.as_deref().unwrap()
+    fn inner(s: &DiskSync) -> &Arc<Inner> {
+        s.0.as_ref().unwrap()
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -376,7 +376,7 @@ impl FoyerStorage {
         };
         if opts.disk_bytes > 0 {
             let log = opts.dir.join(FOYER_DIR).join(tombstone_log::FILE);
-            match tombstone_log::normalize(&log) {
+            match tombstone_log::normalize(&log, opts.disk_bytes) {
                 Ok(Some(held)) => tracing::info!(
                     tombstones = held,
                     "foyer's tombstone log laid out for its recovery to resume after the newest"
