@@ -52,6 +52,11 @@ fn log_len(disk_bytes: usize) -> usize {
 /// foyer's recovery resumes it after its newest tombstone; the tombstones it holds, when it
 /// was rewritten.
 pub fn normalize(path: &Path, disk_bytes: usize) -> io::Result<Option<usize>> {
+    // A rewrite a crash cut short left its temporary; the log itself is whole.
+    match std::fs::remove_file(temporary(path)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
     let file = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -98,6 +103,9 @@ fn layout(
     len: usize,
     slots: usize,
 ) -> Option<Vec<(usize, Tombstone)>> {
+    if slots == 0 {
+        return None;
+    }
     let newest_at = held
         .iter()
         .max_by_key(|(_, t)| t.sequence)
@@ -120,8 +128,7 @@ fn layout(
 /// renamed over it, the directory synced.
 fn write_sparse(path: &Path, len: usize, laid: &[(usize, Tombstone)]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().unwrap_or_default().to_string_lossy();
-    let tmp = dir.join(format!(".{name}.relayout.tmp"));
+    let tmp = temporary(path);
     let f = OpenOptions::new()
         .write(true)
         .create(true)
@@ -146,6 +153,12 @@ fn write_sparse(path: &Path, len: usize, laid: &[(usize, Tombstone)]) -> io::Res
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
     File::open(dir)?.sync_all()
+}
+
+/// The temporary a rewrite of the log at `path` writes first.
+fn temporary(path: &Path) -> std::path::PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.relayout.tmp"))
 }
 
 #[cfg(test)]
@@ -242,7 +255,30 @@ mod tests {
             "the oldest kept: the newest 511 of the rest"
         );
         assert_eq!(got[slots - 1], (slots - 1, 599, 600));
-        let (larger, _) = normalized(&log(1, &[(1, 5, 1)]), 2 * MIB_PER_PAGE);
-        assert_eq!((larger.len(), read(&larger)), (2 * PAGE, vec![(0, 5, 1)]));
+        let (larger, n) = normalized(&log(1, &[(1, 5, 1)]), 2 * MIB_PER_PAGE);
+        assert_eq!((larger.len(), n), (2 * PAGE, Some(1)));
+        assert_eq!(read(&larger), vec![(0, 5, 1)]);
+    }
+
+    /// A log longer than a read (here 300 pages, the newest in the second chunk, a partial
+    /// slot at the end) is read whole; no file, or a stale temporary, is no trouble.
+    #[test]
+    fn a_long_log_is_read_across_chunks_and_a_missing_one_is_left_alone() {
+        let mut before = log(300, &[(5, 1, 1), (260 * SLOTS_PER_PAGE + 3, 2, 2)]);
+        before.extend_from_slice(&[0u8; 7]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(FILE);
+        assert_eq!(
+            normalize(&path, 300 * MIB_PER_PAGE).unwrap(),
+            None,
+            "no file"
+        );
+        std::fs::write(temporary(&path), vec![1u8; 400 * PAGE]).unwrap();
+        std::fs::write(&path, &before).unwrap();
+        assert_eq!(normalize(&path, 300 * MIB_PER_PAGE).unwrap(), Some(2));
+        let after = std::fs::read(&path).unwrap();
+        let slots = 300 * SLOTS_PER_PAGE;
+        assert_eq!(read(&after), vec![(0, 2, 2), (slots - 1, 1, 1)]);
+        assert!(!temporary(&path).exists());
     }
 }
