@@ -78,14 +78,10 @@ impl DiskErrors {
         self.writes.clone()
     }
 
-    /// Count a write the edge saw fail itself (a sync of the disk tier).
+    /// Count a failed write: one foyer's flusher logged, or a sync of the disk tier that
+    /// failed. No log line here: the layer runs inside the log dispatch, which drops events
+    /// raised from it (foyer's own event says it; a failed sync logs its own).
     pub(crate) fn record_failure(&self) {
-        self.failed();
-    }
-
-    /// Count a failed write. No log line here: the layer runs inside the log dispatch, which
-    /// drops events raised from it (foyer's own event says it).
-    fn failed(&self) {
         self.writes.inc();
         self.failed.fetch_add(1, Ordering::AcqRel);
     }
@@ -99,7 +95,7 @@ impl<S: Subscriber> Layer<S> for FlusherErrors {
     fn on_event(&self, event: &tracing::Event<'_>, _ctx: Context<'_, S>) {
         let meta = event.metadata();
         if *meta.level() == Level::ERROR && meta.target().starts_with(FLUSHER_TARGET) {
-            self.0.failed();
+            self.0.record_failure();
         }
     }
 }
@@ -116,7 +112,7 @@ pub(crate) mod tests {
 
     /// Count a failed write, as the log layer does.
     pub(crate) fn fail(errors: &DiskErrors) {
-        errors.failed();
+        errors.record_failure();
     }
 
     #[test]

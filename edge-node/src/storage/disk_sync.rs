@@ -41,12 +41,10 @@ pub struct DiskSync(Option<Arc<Inner>>);
 #[derive(Debug)]
 struct Inner {
     /// foyer's directory, for `syncfs`.
-    dir: Arc<File>,
-    /// foyer's tombstone log; the directory again when it is not where foyer 0.22 puts it
-    /// (then a purge syncs the whole filesystem).
-    tombstones: Arc<File>,
-    /// Whether `tombstones` is the log itself.
-    log_found: bool,
+    dir: File,
+    /// foyer's tombstone log; `None` when it is not where foyer 0.22 puts it (then a purge
+    /// syncs the whole filesystem).
+    tombstones: Option<File>,
     /// Tombstone syncs asked for so far.
     asked: AtomicU64,
     /// Every tombstone sync asked for up to this number is done.
@@ -108,26 +106,25 @@ impl DiskSync {
                 source,
             })
         };
-        let dir = Arc::new(opened(dir_path)?);
+        let dir = opened(dir_path)?;
         // foyer created its files without syncing the directory.
         dir.sync_all().map_err(|source| super::StorageError::Dir {
             path: dir_path.to_path_buf(),
             source,
         })?;
         let log = dir_path.join(TOMBSTONE_LOG);
-        let (tombstones, log_found) = match File::open(&log) {
-            Ok(f) => (Arc::new(f), true),
+        let tombstones = match File::open(&log) {
+            Ok(f) => Some(f),
             Err(e) => {
                 tracing::warn!(path = %log.display(), error = %e,
                     "foyer's tombstone log is not where this build expects it: each key purge \
                      syncs the whole cache filesystem instead");
-                (dir.clone(), false)
+                None
             }
         };
         Ok(DiskSync(Some(Arc::new(Inner {
             dir,
             tombstones,
-            log_found,
             asked: AtomicU64::new(0),
             done: AtomicU64::new(0),
             failed_upto: AtomicU64::new(0),
@@ -180,7 +177,7 @@ impl DiskSync {
     /// Whether a purge syncs foyer's tombstone log itself (not the whole filesystem).
     #[cfg(test)]
     pub(super) fn syncs_the_log(&self) -> bool {
-        self.0.as_ref().is_some_and(|i| i.log_found)
+        self.0.as_ref().is_some_and(|i| i.tombstones.is_some())
     }
 
     /// Syncs failed so far.
@@ -247,9 +244,9 @@ impl Inner {
         if self.broken.load(Ordering::Acquire) {
             return Err(io::Error::other("syncs broken by the test"));
         }
-        match scope {
-            Scope::Tombstones if self.log_found => self.tombstones.sync_data(),
-            _ => rustix::fs::syncfs(&*self.dir).map_err(io::Error::from),
+        match (scope, &self.tombstones) {
+            (Scope::Tombstones, Some(log)) => log.sync_data(),
+            _ => rustix::fs::syncfs(&self.dir).map_err(io::Error::from),
         }
     }
 
@@ -281,7 +278,7 @@ mod tests {
     async fn concurrent_purges_share_syncs_and_each_is_covered() {
         let dir = tempfile::tempdir().unwrap();
         let (sync, _) = sync_in(dir.path());
-        assert!(inner(&sync).log_found);
+        assert!(sync.syncs_the_log());
         let callers: Vec<_> = (0..32)
             .map(|_| {
                 let sync = sync.clone();
@@ -327,7 +324,7 @@ mod tests {
         let errors = super::super::disk_io::tests::own();
         let r = prometheus::Registry::new();
         let sync = DiskSync::open(Some(dir.path()), errors.clone(), &r).unwrap();
-        assert!(!inner(&sync).log_found);
+        assert!(!sync.syncs_the_log());
         sync.tombstones().await.unwrap();
         let none = DiskSync::open(None, errors, &prometheus::Registry::new()).unwrap();
         none.tombstones().await.unwrap();

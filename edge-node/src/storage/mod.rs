@@ -353,8 +353,9 @@ impl FoyerStorage {
             // Updates and purges must not resurrect old versions after a restart.
             .with_recover_mode(RecoverMode::Quiet);
         // A disk capacity of zero makes a memory-only cache (small caches in benchmarks).
-        let storage = if opts.disk_bytes > 0 {
-            let device = FsDeviceBuilder::new(opts.dir.join(FOYER_DIR))
+        let foyer_dir = (opts.disk_bytes > 0).then(|| opts.dir.join(FOYER_DIR));
+        let storage = if let Some(foyer_dir) = &foyer_dir {
+            let device = FsDeviceBuilder::new(foyer_dir)
                 .with_capacity(opts.disk_bytes)
                 .build()?;
             // foyer writes entries through a flush buffer and drops (silently, counting
@@ -374,8 +375,8 @@ impl FoyerStorage {
         } else {
             storage
         };
-        if opts.disk_bytes > 0 {
-            let log = opts.dir.join(FOYER_DIR).join(tombstone_log::FILE);
+        if let Some(foyer_dir) = &foyer_dir {
+            let log = foyer_dir.join(tombstone_log::FILE);
             match tombstone_log::normalize(&log, opts.disk_bytes) {
                 Ok(Some(held)) => tracing::info!(
                     tombstones = held,
@@ -410,12 +411,7 @@ impl FoyerStorage {
         )?;
         registry.register(Box::new(key_bans.clone()))?;
         registry.register(Box::new(cut_readers.clone()))?;
-        let foyer_dir = opts.dir.join(FOYER_DIR);
-        let disk_sync = DiskSync::open(
-            (opts.disk_bytes > 0).then_some(foyer_dir.as_path()),
-            disk_errors.clone(),
-            registry,
-        )?;
+        let disk_sync = DiskSync::open(foyer_dir.as_deref(), disk_errors.clone(), registry)?;
         registry.register(Box::new(passthroughs.clone()))?;
         Ok(FoyerStorage {
             cache,
@@ -506,9 +502,9 @@ impl FoyerStorage {
     ) -> Result<(), NotDurable> {
         let (mark, at) = (self.tombstones.mark(), SystemTime::now());
         // The wait covers every flusher's backlog, then a sync puts the tombstone log on the
-        // device (a failed sync counts as a failed write); under a heavy fill load the answer must not outlast the caller's deadline
-        // (the purge itself already holds in memory). A closing cache drops the removal:
-        // nothing to wait for.
+        // device (a failed sync counts as a failed write); under a heavy fill load the answer
+        // must not outlast the caller's deadline (the purge itself already holds in memory).
+        // A closing cache drops the removal: nothing to wait for.
         let written = async {
             self.cache.storage().wait().await;
             self.disk_sync.tombstones().await
@@ -1428,6 +1424,23 @@ mod tests {
             .unwrap()
     }
 
+    /// Store a fresh object under each of the primary `keys`.
+    fn store_keys(s: &FoyerStorage, keys: &[&str]) {
+        for key in keys {
+            let hash = hash_of(CacheKey::new(*key, "").combined_bin());
+            assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+        }
+    }
+
+    /// Purge `key` (held) as one whose tombstone was late: a key ban with a mark stands in.
+    async fn purge_late(s: &FoyerStorage, key: &str) {
+        assert!(s.invalidate_key(key));
+        let mark = s.tombstones.mark();
+        s.settled(&[key], (mark, SystemTime::now()), (Wait::Late, 0))
+            .await
+            .unwrap();
+    }
+
     #[test]
     fn a_refresh_that_changes_a_field_is_not_memory_only() {
         let now = SystemTime::now();
@@ -1834,11 +1847,7 @@ mod tests {
         let meta = fresh_meta();
         let old = StoredObject::new(ObjectMeta::of(&meta).unwrap(), Bytes::from_static(b"v"));
         assert!(store_now(s, hash, &meta, Bytes::from_static(b"v")));
-        assert!(s.invalidate_key("h/late"));
-        let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
-            .await
-            .unwrap();
+        purge_late(s, "h/late").await;
         assert_eq!((s.ban_count(), s.key_bans.get()), (1, 1));
         assert!(s.bans.is_banned("h/late", before, &HeaderMap::new()));
         assert!(!s.bans.is_banned("h/later", before, &HeaderMap::new()));
@@ -1864,15 +1873,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = storage_with_disk(dir.path(), 16 << 20).await;
         let before = SystemTime::now() - Duration::from_secs(1);
-        for key in ["h/late", "h/closing"] {
-            let hash = hash_of(CacheKey::new(key, "").combined_bin());
-            assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
-        }
-        assert!(s.invalidate_key("h/late"));
-        let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
-            .await
-            .unwrap();
+        store_keys(s, &["h/late", "h/closing"]);
+        purge_late(s, "h/late").await;
         assert_eq!(s.ban_count(), 1);
         assert!(!s.closing());
         s.close().await.unwrap();
@@ -1900,18 +1902,12 @@ mod tests {
         let errors = disk_io::tests::own();
         let s = storage_counting(dir.path(), 16 << 20, errors.clone()).await;
         let trace = pingora_cache::trace::Span::inactive().handle();
-        let keys = ["h/full", "h/late", "h/after"].map(|k| CacheKey::new(k, ""));
-        for key in &keys {
-            let hash = hash_of(key.combined_bin());
-            assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
-        }
+        let names = ["h/full", "h/late", "h/after"];
+        store_keys(s, &names);
+        let keys = names.map(|k| CacheKey::new(k, ""));
         s.cache.storage().wait().await;
         // A purge whose tombstone is late gets a key ban a later wait would retire.
-        assert!(s.invalidate_key("h/late"));
-        let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
-            .await
-            .unwrap();
+        purge_late(s, "h/late").await;
         // A write fails while the next purge waits: foyer logs it and ends the wait as if
         // it had not.
         let before = s.purge_baseline();
@@ -1955,10 +1951,7 @@ mod tests {
             (0..n).map(|i| format!("h/{batch}/{i}")).collect()
         };
         async fn store_and_purge(s: &FoyerStorage, keys: &[String]) {
-            for k in keys {
-                let hash = hash_of(CacheKey::new(k.as_str(), "").combined_bin());
-                assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
-            }
+            store_keys(s, &keys.iter().map(String::as_str).collect::<Vec<_>>());
             s.cache.storage().wait().await;
             for k in keys {
                 let before = s.purge_baseline();
@@ -2002,15 +1995,8 @@ mod tests {
             s.disk_sync.syncs_the_log(),
             "foyer's tombstone log is where it was"
         );
-        for k in ["h/late", "h/unsynced", "h/synced"] {
-            let hash = hash_of(CacheKey::new(k, "").combined_bin());
-            assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
-        }
-        assert!(s.invalidate_key("h/late"));
-        let mark = s.tombstones.mark();
-        s.settled(&["h/late"], (mark, SystemTime::now()), (Wait::Late, 0))
-            .await
-            .unwrap();
+        store_keys(s, &["h/late", "h/unsynced", "h/synced"]);
+        purge_late(s, "h/late").await;
         s.disk_sync.break_syncs(true);
         let before = s.purge_baseline();
         assert!(s.invalidate_key("h/unsynced"));
@@ -2038,8 +2024,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let errors = disk_io::tests::own();
         let s = storage_counting(dir.path(), 16 << 20, errors.clone()).await;
-        let hash = hash_of(CacheKey::new("h/full", "").combined_bin());
-        assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
+        store_keys(s, &["h/full"]);
         let before = s.purge_baseline();
         assert!(s.invalidate_key("h/full"));
         disk_io::tests::fail(&errors);
