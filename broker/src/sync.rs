@@ -321,16 +321,10 @@ impl EdgeSync {
                 if crate::origin_gaps::not_applied(&report["rejected"]) {
                     // Answered, but its old table stays in force: as good as refused, and
                     // said so like a refusal (its missed purges wait for a table it takes).
-                    let refused = self
-                        .metrics
-                        .edge_origin_table_refused
-                        .with_label_values(&[e.id.as_str()]);
-                    if refused.get() == 0 {
+                    if self.table_refused(edge, table).await {
                         tracing::warn!(edge = %e.id, rejected = %report["rejected"],
                             "edge answered the origin table but applied none of it");
                     }
-                    refused.set(1);
-                    self.keep_stale_hosts_off(edge, table).await;
                     "rejected"
                 } else {
                     let outcome = self.note_rejected_origins(edge, table, &report["rejected"]);
@@ -343,11 +337,7 @@ impl EdgeSync {
                 let status = resp.status();
                 tracing::warn!(edge = %e.id, %status, what, "edge rejected push");
                 if let Some(table) = table.filter(|_| !transient(status)) {
-                    self.metrics
-                        .edge_origin_table_refused
-                        .with_label_values(&[e.id.as_str()])
-                        .set(1);
-                    self.keep_stale_hosts_off(edge, table).await;
+                    self.table_refused(edge, table).await;
                 }
                 "rejected"
             }
@@ -437,6 +427,19 @@ impl EdgeSync {
         if let Some(taken) = &self.taken {
             taken.save().await;
         }
+    }
+
+    /// Edge `edge` refuses `table`, or takes it but applies none of it: its routing stays by the
+    /// table it last took. Said by `shadowcdn_broker_edge_origin_table_refused`, and the hosts
+    /// that table routes otherwise are kept off it; whether it was not refusing before.
+    async fn table_refused(&self, edge: usize, table: &OriginTable) -> bool {
+        let refused =
+            (self.metrics.edge_origin_table_refused)
+                .with_label_values(&[self.fleet.edges[edge].id.as_str()]);
+        let newly = refused.get() == 0;
+        refused.set(1);
+        self.keep_stale_hosts_off(edge, table).await;
+        newly
     }
 
     /// While edge `edge` refuses the origin table `table`, keep off it the hosts that the table

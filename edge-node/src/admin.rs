@@ -34,7 +34,8 @@
 //! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
 //!   the broker with the origins. A bad row rejects the whole push.
 //!
-//! Every route but `/healthz`, `/readyz` and `/metrics` needs `Authorization: Bearer <admin.token>`.
+//! Every route but `/healthz`, `/readyz` and `/metrics` needs
+//! `Authorization: Bearer <admin.token>`.
 //! Every error is JSON.
 
 use std::sync::atomic::{AtomicUsize, Ordering};

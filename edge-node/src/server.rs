@@ -424,7 +424,8 @@ impl EdgeNode {
         );
         if self.restored_outcomes {
             if let Err(e) = SavedOutcomes::taken(&self.cfg.cache.dir) {
-                tracing::warn!(error = %e, "restored shadow outcomes' file not removed: a later start reports them again");
+                tracing::warn!(error = %e, "restored shadow outcomes' file not removed: a later \
+                    start reports them again");
             }
         }
         self.server.run(RunArgs::default());

@@ -335,13 +335,13 @@ impl HealthChecker {
 }
 
 /// One probe of edge `id`. Its admin API says the process is ready ([`ready`]) and is the
-/// edge configured here; clients use the proxy port, so its workers must answer too: a dead proxy listener
-/// behind a live admin API would otherwise flap between probes and passive failures, and a
-/// stuck one, whose connections the kernel still accepts, would hold its keys' requests until
-/// they time out (a broker-side read timeout does not mark an edge down). Any HTTP answer
-/// counts: an edge from before the probe path answers 404. The proxy has `proxy_timeout`:
-/// its workers also serve clients, and a busy edge answering a little late must not be
-/// taken out (its keys would only load the next edge more).
+/// edge configured here; clients use the proxy port, so its workers must answer too: a dead
+/// proxy listener behind a live admin API would otherwise flap between probes and passive
+/// failures, and a stuck one, whose connections the kernel still accepts, would hold its keys'
+/// requests until they time out (a broker-side read timeout does not mark an edge down). Any
+/// HTTP answer counts: an edge from before the probe path answers 404. The proxy has
+/// `proxy_timeout`: its workers also serve clients, and a busy edge answering a little late
+/// must not be taken out (its keys would only load the next edge more).
 async fn probe(
     client: &reqwest::Client,
     admin: SocketAddr,
