@@ -1254,6 +1254,61 @@ async fn restart_serves_disk_objects_and_remembers_purges() {
     );
 }
 
+/// While the cache disk stalls, what only the disk holds is fetched from the origin rather
+/// than waited for, what the memory tier holds is still a hit, and once the disk answers it
+/// is read again. The hang: the probe file replaced by a FIFO nobody reads, whose open blocks
+/// as a write to a hung device does; the objects are on disk only after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_disk_sends_its_objects_requests_to_the_origin_until_it_answers() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "disk_stall_secs = 1");
+    for p in ["/during", "/after"] {
+        assert_eq!(x_cache(&edge.get(p).await), "MISS");
+    }
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+
+    let cache = dir.path().join("cache");
+    let fifo = cache.join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    std::fs::rename(&fifo, cache.join("disk-probe")).unwrap();
+    edge.spawn();
+    let r = edge.get("/during").await;
+    assert_eq!(x_cache(&r), "MISS", "not waited for on the stalled disk");
+    assert_eq!(body_of(r).await, body_for("/during", 64));
+    assert_eq!(origin.hits("/during"), 2);
+    assert_eq!(x_cache(&edge.get("/during").await), "HIT", "from memory");
+    let skipped = |m: &str| {
+        sample(
+            m,
+            "shadowcdn_edge_disk_reads_skipped_total",
+            &["reason=\"stalled\""],
+        )
+    };
+    assert_eq!(skipped(&edge.metrics().await), Some(1.0));
+
+    std::fs::rename(cache.join("disk-probe"), &fifo).unwrap();
+    let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+    let admin = edge.admin;
+    wait_until(|| async move {
+        let r = client().get(format!("http://{admin}/readyz")).send().await;
+        r.is_ok_and(|r| r.status() == StatusCode::OK)
+    })
+    .await;
+    reader.join().unwrap();
+    assert_eq!(
+        x_cache(&edge.get("/after").await),
+        "HIT",
+        "read from disk again"
+    );
+    assert_eq!(origin.hits("/after"), 1);
+    assert_eq!(skipped(&edge.metrics().await), Some(1.0));
+}
+
 /// An object larger than foyer's default 16 MiB write buffer reaches the disk tier too
 /// (the buffer is sized for the largest object the cache admits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -208,7 +208,8 @@ pub struct CacheSection {
     pub ban_retention_secs: u64,
     /// How long a write and fsync in `dir` may take before the disk counts as stalled and the
     /// edge answers not ready (`GET /readyz`, which the broker's health checks ask), so its
-    /// clients go to another edge rather than wait on the disk with their reads.
+    /// clients go to another edge rather than wait on the disk with their reads; also the
+    /// longest a read of the disk tier is waited for before it counts as a miss.
     #[serde(default = "default_disk_stall")]
     pub disk_stall_secs: u64,
 }

@@ -179,6 +179,7 @@ impl EdgeNode {
             metrics.disk_probe.clone(),
         )
         .map_err(|e| StartError::Setup(format!("disk probe: {e}")))?;
+        storage.watch_disk(disk.clone());
         // The hosts the broker pushed before the stop are served from the first request,
         // not only after its next push; an unreadable file waits for that push instead.
         match storage_rt.block_on(origins.restore()) {

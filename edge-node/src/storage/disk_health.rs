@@ -7,7 +7,9 @@
 //! while the memory tier and the admin API look healthy. The edge's readiness (`GET /readyz`,
 //! what the broker's health checks ask) says no while a probe has been under way longer than
 //! `cache.disk_stall_secs`, or the last one failed, so the broker sends the edge's clients to
-//! the next edge of the region and back once a probe passes again.
+//! the next edge of the region and back once a probe passes again. Requests that reach the
+//! edge meanwhile (already routed, or from clients that ask it directly) do not read the disk
+//! while it stalls ([`DiskHealth::stalled`]): the memory tier answers, or the origin.
 //!
 //! The probe opens the file anew each time (a network volume can hang on the lookup too),
 //! overwrites blocks it already has and `fdatasync`s: it waits for the device, not for space.
@@ -22,6 +24,7 @@ use std::fs::OpenOptions;
 use std::io::{self, ErrorKind};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,14 +55,17 @@ pub struct DiskHealth(Arc<Shared>);
 struct Shared {
     path: PathBuf,
     stall_after: Duration,
+    /// The origin of `under_way_ms`.
+    epoch: Instant,
+    /// When the probe under way began, in milliseconds from `epoch` plus one; 0 while none
+    /// is. An atomic rather than part of `state`: every read of the disk asks it.
+    under_way_ms: AtomicU64,
     state: Mutex<State>,
     metrics: ProbeMetrics,
 }
 
 #[derive(Default)]
 struct State {
-    /// When the probe under way began.
-    since: Option<Instant>,
     /// Why the last finished probe failed; `None` when it passed.
     failed: Option<String>,
     /// The stall of the probe under way has been logged.
@@ -108,11 +114,13 @@ impl DiskHealth {
         let shared = Arc::new(Shared {
             path: dir.join(PROBE_FILE),
             stall_after,
+            epoch: Instant::now(),
+            under_way_ms: AtomicU64::new(0),
             state: Mutex::new(State::default()),
             metrics,
         });
         // Under way from now: a first probe that hangs reads as a stall from the start.
-        shared.state.lock().since = Some(Instant::now());
+        shared.began_probe();
         let (first, first_done) = std::sync::mpsc::sync_channel(1);
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
@@ -128,11 +136,22 @@ impl DiskHealth {
         Ok(DiskHealth(shared))
     }
 
+    /// Whether a probe has been under way for `cache.disk_stall_secs` or longer: a read from
+    /// the disk now would wait as long as the stall lasts. Cheap enough for every read.
+    pub fn stalled(&self) -> bool {
+        self.0.waited().is_some_and(|w| w >= self.0.stall_after)
+    }
+
+    /// `cache.disk_stall_secs`: also the longest a read from the disk is waited for.
+    pub fn stall_after(&self) -> Duration {
+        self.0.stall_after
+    }
+
     /// The disk's readiness now. A stall is logged once, when first seen here.
     pub fn verdict(&self) -> DiskVerdict {
         let (verdict, first_seen) = {
             let mut st = self.0.state.lock();
-            match st.since.map(|since| since.elapsed()) {
+            match self.0.waited() {
                 Some(waited) if waited >= self.0.stall_after => (
                     DiskVerdict::Stalled(waited),
                     !std::mem::replace(&mut st.stall_logged, true),
@@ -177,15 +196,34 @@ enum Change {
 }
 
 impl Shared {
+    fn began_probe(&self) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        self.under_way_ms.store(ms + 1, Ordering::Release);
+    }
+
+    /// How long the probe under way has been waited for; `None` when none is under way.
+    fn waited(&self) -> Option<Duration> {
+        match self.under_way_ms.load(Ordering::Acquire) {
+            0 => None,
+            began => Some(
+                self.epoch
+                    .elapsed()
+                    .saturating_sub(Duration::from_millis(began - 1)),
+            ),
+        }
+    }
+
     fn probe(&self) {
         let began = Instant::now();
-        self.state.lock().since = Some(began);
+        self.began_probe();
         let outcome = overwrite_and_sync(&self.path);
         let took = began.elapsed();
         self.metrics.seconds.observe(took.as_secs_f64());
         let change = {
             let mut st = self.state.lock();
-            st.since = None;
+            // Under the lock with `failed`, so a verdict never sees the probe ended without
+            // its outcome.
+            self.under_way_ms.store(0, Ordering::Release);
             let was_stalled = std::mem::take(&mut st.stall_logged);
             match outcome {
                 Ok(()) if st.failed.take().is_some() || was_stalled => Change::Recovered,
@@ -284,6 +322,7 @@ mod tests {
         let m = metrics();
         let health = DiskHealth::start(dir.path(), Duration::from_secs(10), m.clone()).unwrap();
         assert_eq!(health.verdict(), DiskVerdict::Ready);
+        assert!(!health.stalled());
         assert_eq!(m.seconds.get_sample_count(), 1, "probed before it answers");
         let file = std::fs::read(dir.path().join(PROBE_FILE)).unwrap();
         assert_eq!(file.len(), PROBE_BYTES);
@@ -312,6 +351,7 @@ mod tests {
         std::fs::rename(&fifo, &probe).unwrap();
         let stalled = wait_for(&health, |v| matches!(v, DiskVerdict::Stalled(_)));
         assert_eq!(stalled.code(), "disk_stalled");
+        assert!(health.stalled(), "reads skip the disk");
         assert_eq!(m.failures.get(), 0, "a stall is no failure yet");
 
         // A directory in the file's place fails every probe from now on; reading the FIFO
@@ -326,6 +366,7 @@ mod tests {
 
         std::fs::remove_dir(&probe).unwrap();
         wait_for(&health, |v| *v == DiskVerdict::Ready);
+        assert!(!health.stalled());
     }
 
     /// A disk that hangs at start-up holds the start for `stall_after` at most: the edge

@@ -9,6 +9,7 @@
 mod bans;
 mod disk_health;
 mod disk_io;
+mod disk_reads;
 mod disk_sync;
 mod fill;
 mod lock;
@@ -49,6 +50,7 @@ pub use bans::{BanError, BanList, OwnerChange, RefreshRecord};
 pub use disk_health::{DiskHealth, DiskVerdict, ProbeMetrics, PROBE_FILE};
 use disk_io::DiskErrors;
 pub use disk_io::{layer as disk_errors_layer, FlusherErrors};
+use disk_reads::DiskReads;
 use disk_sync::DiskSync;
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::{ObjectMeta, StoredObject};
@@ -216,6 +218,8 @@ pub struct FoyerStorage {
     failures_seen: Mutex<u64>,
     /// Syncs the disk tier's writes to the device before a tombstone counts as written.
     disk_sync: DiskSync,
+    /// Every read of the cache, which a stalled disk does not hold up once watched.
+    reads: DiskReads,
     /// Keys of purges whose tombstones may be lost and whose key bans could not be written,
     /// with when they were purged: banned at the next purge of any key, or compaction.
     unbanned: Mutex<HashMap<String, SystemTime>>,
@@ -412,6 +416,7 @@ impl FoyerStorage {
         registry.register(Box::new(key_bans.clone()))?;
         registry.register(Box::new(cut_readers.clone()))?;
         let disk_sync = DiskSync::open(foyer_dir.as_deref(), disk_errors.clone(), registry)?;
+        let reads = DiskReads::new(registry)?;
         registry.register(Box::new(passthroughs.clone()))?;
         Ok(FoyerStorage {
             cache,
@@ -427,6 +432,7 @@ impl FoyerStorage {
             failures_seen: Mutex::new(disk_errors.count()),
             disk_errors,
             disk_sync,
+            reads,
             unbanned: Mutex::default(),
             bans_writing: AtomicUsize::new(0),
             max_object_bytes: opts.max_object_bytes,
@@ -436,6 +442,12 @@ impl FoyerStorage {
             passthroughs,
             cut_readers,
         })
+    }
+
+    /// Read the disk tier only while `health` sees it answer, and give up a read after its
+    /// `cache.disk_stall_secs` ([`disk_reads`]).
+    pub fn watch_disk(&self, health: DiskHealth) {
+        self.reads.watch(health);
     }
 
     /// Largest body the cache stores.
@@ -982,8 +994,8 @@ impl FoyerStorage {
     }
 
     async fn load(&self, hash: u128) -> Result<Option<StoredObject>> {
-        match self.cache.get(&hash).await {
-            Ok(entry) => Ok(entry.map(|e| e.value().clone())),
+        match self.reads.get(&self.cache, hash).await {
+            Ok(held) => Ok(held),
             Err(e) => {
                 // An entry this build cannot read (another version's format, a bad block) is
                 // a miss, and is dropped: as an error it would stay, and every request for
@@ -1807,6 +1819,58 @@ mod tests {
             }
         }
         assert_eq!(resurrected, 0, "rounds in which v1 came back");
+    }
+
+    /// While the disk's watchdog sees a stall, reads ask the memory tier alone: an object
+    /// only the disk holds is a miss (counted), one in memory still a hit. Once the stuck
+    /// probe comes back (here failing: its file is a FIFO, and a pipe cannot be synced) the
+    /// disk is read again. The hang: the probe file is a FIFO nobody reads.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_stalled_disk_is_not_read_until_its_probe_comes_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = storage_with_disk(dir.path(), 64 << 20).await;
+        store_keys(s, &["h/disk", "h/memory"]);
+        s.cache.storage().wait().await;
+        let hash = |key: &str| hash_of(CacheKey::new(key, "").combined_bin());
+        s.cache.memory().remove(&hash("h/disk"));
+
+        let probe = dir.path().join(PROBE_FILE);
+        let made = std::process::Command::new("mkfifo")
+            .arg(&probe)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        let metrics = ProbeMetrics {
+            seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("s", "s"))
+                .unwrap(),
+            failures: prometheus::IntCounter::new("f", "f").unwrap(),
+        };
+        let health = DiskHealth::start(dir.path(), Duration::from_millis(100), metrics).unwrap();
+        assert!(health.stalled());
+        s.watch_disk(health.clone());
+        assert!(s.load(hash("h/disk")).await.unwrap().is_none());
+        assert_eq!(s.reads.skipped("stalled"), 1);
+        assert!(s.load(hash("h/memory")).await.unwrap().is_some());
+        assert!(s.load(hash("h/never")).await.unwrap().is_none());
+        assert_eq!(
+            s.reads.skipped("stalled"),
+            1,
+            "nothing of these was on disk to skip"
+        );
+
+        let fifo = dir.path().join("fifo");
+        std::fs::rename(&probe, &fifo).unwrap();
+        let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+        for _ in 0..200 {
+            if !health.stalled() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        reader.join().unwrap();
+        let back = s.load(hash("h/disk")).await.unwrap();
+        assert_eq!(&back.expect("read from disk").body[..], b"v");
+        assert_eq!(s.reads.skipped("timed_out"), 0);
     }
 
     /// Only a purge that removed something owes a tombstone, until a wait that started after
