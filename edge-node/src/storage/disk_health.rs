@@ -196,9 +196,13 @@ enum Change {
 }
 
 impl Shared {
+    /// Mark a probe under way from now, unless one is already: the first probe keeps the
+    /// start-up's mark, so a disk that hangs at start-up is stalled once `start` returns.
     fn began_probe(&self) {
         let ms = self.epoch.elapsed().as_millis() as u64;
-        self.under_way_ms.store(ms + 1, Ordering::Release);
+        let _ = self
+            .under_way_ms
+            .compare_exchange(0, ms + 1, Ordering::AcqRel, Ordering::Acquire);
     }
 
     /// How long the probe under way has been waited for; `None` when none is under way.

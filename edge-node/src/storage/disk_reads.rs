@@ -1,26 +1,50 @@
-//! Reads from the hybrid cache that a stalled disk cannot hold up.
+//! Reads of the disk tier that a stalled disk cannot hold up.
 //!
 //! A read that misses the memory tier waits for the disk, and a hung disk holds it for as
 //! long as the stall lasts: the client waits, and so does every request coalesced behind it
-//! on the cache lock. While the watchdog ([`DiskHealth`]) sees a stall, reads ask the memory
-//! tier alone; a read that began before the stall was seen is given up after
+//! on the cache lock. While the watchdog ([`DiskHealth`]) sees a stall, the disk is not read
+//! at all; a read that began before the stall was seen is given up after
 //! `cache.disk_stall_secs`. Either way the read is a miss, so the request goes to the origin
-//! (or a peer) and its fill is stored as usual. A disk read given up on still finishes on
-//! foyer's runtime once the disk answers, but stores nothing over a newer copy: foyer drops a
-//! read whose key was inserted meanwhile.
+//! (or a peer) and its fill is stored as usual.
+//!
+//! The disk is read here rather than through foyer's hybrid `get`: that one puts what it read
+//! into the memory tier when the read ends, however late, and in foyer 0.22.6 even over a
+//! newer version stored meanwhile (its in-flight read is not told of the insert). A read given
+//! up on would, once the disk answered, put the version a refill or a refresh replaced back in
+//! front of clients. The caller puts what it read into memory itself, under its own rules
+//! ([`super::FoyerStorage`]'s `load`). Concurrent reads of one object share one load, as in
+//! foyer, so a hot object read back after a restart is read (and held) once.
 
-use std::sync::OnceLock;
-use std::task::Poll;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
-use foyer::HybridCache;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use parking_lot::Mutex;
 
 use super::disk_health::DiskHealth;
 use super::StoredObject;
 
+/// The disk tier of the edge's cache.
+pub(super) type DiskTier =
+    foyer::Store<u128, StoredObject, foyer::DefaultHasher, foyer::HybridCacheProperties>;
+
+/// What a read of the disk tier found.
+#[derive(Clone)]
+pub(super) enum Read {
+    /// The object stored under the key.
+    Held(StoredObject),
+    /// Nothing is stored under the key.
+    Absent,
+    /// The disk may hold the key but was not waited for ([`Skip`]).
+    Skipped,
+}
+
 /// Why a read did not wait for the disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Skip {
-    /// The watchdog saw the disk stall: the read asked the memory tier alone.
+    /// The watchdog saw the disk stall: it was not read.
     Stalled,
     /// The read waited `cache.disk_stall_secs` and was given up.
     TimedOut,
@@ -37,9 +61,18 @@ impl Skip {
     }
 }
 
-/// The storage's reads, bounded by the disk's health once [`DiskReads::watch`] is given it.
+/// A load under way, shared by every reader of its key.
+type Loading = Shared<BoxFuture<'static, foyer::Result<Read>>>;
+
+/// Loads under way by key, each with its number (a finished load removes only its own entry).
+type LoadsUnderWay = Arc<Mutex<HashMap<u128, (u64, Loading)>>>;
+
+/// The storage's reads of its disk tier, bounded by the disk's health once
+/// [`DiskReads::watch`] is given it.
 pub(super) struct DiskReads {
     health: OnceLock<DiskHealth>,
+    loading: LoadsUnderWay,
+    next_load: AtomicU64,
     /// `shadowcdn_edge_disk_reads_skipped_total{reason}`.
     skipped: prometheus::IntCounterVec,
 }
@@ -50,8 +83,8 @@ impl DiskReads {
             prometheus::Opts::new(
                 "shadowcdn_edge_disk_reads_skipped_total",
                 "Reads of objects the disk tier may hold answered as misses without it: reason \
-                 stalled (the disk's watchdog saw a stall, so only the memory tier was asked) \
-                 or timed_out (the read waited cache.disk_stall_secs)",
+                 stalled (the disk's watchdog saw a stall, so it was not read) or timed_out \
+                 (the read waited cache.disk_stall_secs)",
             ),
             &["reason"],
         )?;
@@ -61,6 +94,8 @@ impl DiskReads {
         registry.register(Box::new(skipped.clone()))?;
         Ok(DiskReads {
             health: OnceLock::new(),
+            loading: Arc::default(),
+            next_load: AtomicU64::new(0),
             skipped,
         })
     }
@@ -71,36 +106,69 @@ impl DiskReads {
         let _ = self.health.set(health);
     }
 
-    /// The object stored under `hash`, or `None` (a miss) when nothing is, or the disk was
-    /// not waited for.
-    pub(super) async fn get(
-        &self,
-        cache: &HybridCache<u128, StoredObject>,
-        hash: u128,
-    ) -> foyer::Result<Option<StoredObject>> {
-        let Some(health) = self.health.get() else {
-            return Ok(cache.get(&hash).await?.map(|e| e.value().clone()));
+    /// Read `hash` from `disk`, joining a load of it under way.
+    pub(super) async fn read(&self, disk: &DiskTier, hash: u128) -> foyer::Result<Read> {
+        let health = self.health.get();
+        if health.is_some_and(DiskHealth::stalled) {
+            if !disk.may_contains(&hash) {
+                return Ok(Read::Absent);
+            }
+            self.count(Skip::Stalled);
+            return Ok(Read::Skipped);
+        }
+        let limit = health.map(DiskHealth::stall_after);
+        let loading = {
+            let mut under_way = self.loading.lock();
+            match under_way.get(&hash) {
+                Some((_, loading)) => loading.clone(),
+                None => {
+                    let id = self.next_load.fetch_add(1, Ordering::Relaxed);
+                    let loading = self.load(disk.clone(), hash, id, limit);
+                    under_way.insert(hash, (id, loading.clone()));
+                    loading
+                }
+            }
         };
-        if health.stalled() {
-            let held = cache.memory().get(&hash).map(|e| e.value().clone());
-            if held.is_none() && cache.storage().may_contains(&hash) {
-                self.count(Skip::Stalled);
+        loading.await
+    }
+
+    /// One load of `hash`, run as a task of its own so that it ends (and leaves the map)
+    /// even when every reader waiting for it gave up: a new read of the key then starts a
+    /// load of its own rather than join one stuck on the disk.
+    fn load(&self, disk: DiskTier, hash: u128, id: u64, limit: Option<Duration>) -> Loading {
+        let (under_way, skipped) = (self.loading.clone(), self.skipped.clone());
+        let task = tokio::spawn(async move {
+            let load = async {
+                Ok(match disk.load(&hash).await? {
+                    foyer::Load::Entry { value, .. } => Read::Held(value),
+                    foyer::Load::Piece { piece, .. } => Read::Held(piece.value().clone()),
+                    foyer::Load::Throttled | foyer::Load::Miss => Read::Absent,
+                })
+            };
+            let read = match limit {
+                None => load.await,
+                Some(limit) => tokio::time::timeout(limit, load).await.unwrap_or_else(|_| {
+                    tracing::debug!(hash, "a read of the disk tier given up as a miss");
+                    skipped.with_label_values(&[Skip::TimedOut.label()]).inc();
+                    Ok(Read::Skipped)
+                }),
+            };
+            let mut under_way = under_way.lock();
+            if under_way.get(&hash).is_some_and(|(n, _)| *n == id) {
+                under_way.remove(&hash);
             }
-            return Ok(held);
-        }
-        // A memory hit is ready at the first poll: only a read that waits gets a timer.
-        let mut get = std::pin::pin!(cache.get(&hash));
-        if let Poll::Ready(got) = futures::poll!(&mut get) {
-            return Ok(got?.map(|e| e.value().clone()));
-        }
-        match tokio::time::timeout(health.stall_after(), get).await {
-            Ok(got) => Ok(got?.map(|e| e.value().clone())),
-            Err(_) => {
-                tracing::debug!(hash, "a read of the disk tier given up as a miss");
-                self.count(Skip::TimedOut);
-                Ok(None)
-            }
-        }
+            read
+        });
+        task.map(|joined| {
+            joined.unwrap_or_else(|e| {
+                Err(
+                    foyer::Error::new(foyer::ErrorKind::Join, "disk read task ended")
+                        .with_source(e),
+                )
+            })
+        })
+        .boxed()
+        .shared()
     }
 
     fn count(&self, skip: Skip) {

@@ -50,7 +50,7 @@ pub use bans::{BanError, BanList, OwnerChange, RefreshRecord};
 pub use disk_health::{DiskHealth, DiskVerdict, ProbeMetrics, PROBE_FILE};
 use disk_io::DiskErrors;
 pub use disk_io::{layer as disk_errors_layer, FlusherErrors};
-use disk_reads::DiskReads;
+use disk_reads::{DiskReads, Read};
 use disk_sync::DiskSync;
 use fill::{CompleteHit, Fill, FillState, PartialHit};
 pub use object::{ObjectMeta, StoredObject};
@@ -185,6 +185,9 @@ fn transient_no_cache(reason: &'static str) -> bool {
 fn refetch_together(reason: &'static str) -> bool {
     [PURGED_DURING_FETCH, PEER_LACKS_OBJECT].contains(&reason)
 }
+
+/// foyer's disk engine as the storage configures it ([`FoyerStorage::open_with`]).
+type DiskEngine = BlockEngineConfig<u128, StoredObject, HybridCacheProperties>;
 
 /// The foyer-backed pingora-cache [`Storage`].
 pub struct FoyerStorage {
@@ -324,7 +327,7 @@ impl FoyerStorage {
         spawner: Spawner,
         registry: &prometheus::Registry,
     ) -> Result<Self, StorageError> {
-        Self::open_with(opts, spawner, registry, disk_io::process()).await
+        Self::open_with(opts, spawner, registry, disk_io::process(), |e| e).await
     }
 
     /// [`Self::open`] checking the failed disk writes `disk_errors` counts (tests count their
@@ -334,6 +337,7 @@ impl FoyerStorage {
         spawner: Spawner,
         registry: &prometheus::Registry,
         disk_errors: Arc<DiskErrors>,
+        engine: impl FnOnce(DiskEngine) -> DiskEngine,
     ) -> Result<Self, StorageError> {
         std::fs::create_dir_all(&opts.dir).map_err(|source| StorageError::Dir {
             path: opts.dir.clone(),
@@ -369,13 +373,13 @@ impl FoyerStorage {
             // default 16 MiB for the small ones queued with it. Two such buffers are
             // allocated; their pages are touched only as they fill.
             let buffer = opts.block_size.next_multiple_of(4096) + (16 << 20);
-            storage.with_engine_config(
+            storage.with_engine_config(engine(
                 BlockEngineConfig::new(device)
                     .with_block_size(opts.block_size)
                     .with_buffer_pool_size(buffer)
                     .with_submit_queue_size_threshold(2 * buffer)
                     .with_tombstone_log(true),
-            )
+            ))
         } else {
             storage
         };
@@ -469,7 +473,8 @@ impl FoyerStorage {
     /// (the admin listener serves until the process ends) are made durable by key bans.
     /// Every tombstone submitted before the close is written by it, so the key bans standing
     /// in for late ones are retired then (their keys first dropped from memory, which the
-    /// close writes out: a disk read under way at their purge may have put an old copy back).
+    /// close writes out; a safeguard, as a disk read under way at their purge keeps nothing in
+    /// memory, [`Self::read`]).
     pub async fn close(&self) -> Result<(), StorageError> {
         self.closing.store(true, Ordering::Release);
         let before = self.observe_failures();
@@ -735,9 +740,11 @@ impl FoyerStorage {
     /// several possible variants, so refreshing one leaves the others as they were. `false`
     /// when nothing is stored.
     pub async fn varies(&self, primary_key: &str) -> bool {
-        match self.load(primary_hash(primary_key)).await {
-            Ok(Some(obj)) => obj.meta().is_ok_and(|m| m.variance().is_some()),
-            _ => false,
+        match self.read(primary_hash(primary_key)).await {
+            Read::Held(obj) => obj.meta().is_ok_and(|m| m.variance().is_some()),
+            Read::Absent => false,
+            // Not known: replacing every variant is right whether it varies or not.
+            Read::Skipped => true,
         }
     }
 
@@ -933,8 +940,9 @@ impl FoyerStorage {
     }
 
     /// Compact the ban log, retiring the key bans whose tombstones are written. Each retired
-    /// key is dropped from memory once more: a disk read under way at its purge may have put
-    /// the old copy back, and only the ban kept it from being served.
+    /// key is dropped from memory once more, a safeguard now that a disk read under way at
+    /// its purge keeps nothing in memory ([`Self::read`]): only the ban kept such a copy from
+    /// being served.
     async fn retire_key_bans(&self) -> Result<(), BanError> {
         let written = self.tombstones.written_so_far();
         for key in self.bans.written_keys(written) {
@@ -994,15 +1002,36 @@ impl FoyerStorage {
     }
 
     async fn load(&self, hash: u128) -> Result<Option<StoredObject>> {
-        match self.reads.get(&self.cache, hash).await {
-            Ok(held) => Ok(held),
+        Ok(match self.read(hash).await {
+            Read::Held(obj) => Some(obj),
+            Read::Absent | Read::Skipped => None,
+        })
+    }
+
+    /// The object under `hash`: from memory, else from disk ([`disk_reads`]). What the disk
+    /// gave goes into memory, unless a write or removal of the key's slot came while it was
+    /// read, or memory holds the key again: a newer version stored meanwhile stays.
+    async fn read(&self, hash: u128) -> Read {
+        if let Some(held) = self.cache.memory().get(&hash) {
+            return Read::Held(held.value().clone());
+        }
+        let since = self.purge_epoch(hash);
+        match self.reads.read(self.cache.storage(), hash).await {
+            Ok(Read::Held(obj)) => {
+                let epochs = self.purges.lock();
+                if epochs[purge_slot(hash)] == since && !self.cache.memory().contains(&hash) {
+                    self.cache.memory().insert(hash, obj.clone());
+                }
+                Read::Held(obj)
+            }
+            Ok(other) => other,
             Err(e) => {
                 // An entry this build cannot read (another version's format, a bad block) is
                 // a miss, and is dropped: as an error it would stay, and every request for
                 // the key would go to the origin past the cache lock until a fill replaced it.
                 tracing::warn!(error = %e, "unreadable cache entry dropped");
                 self.cache.remove(&hash);
-                Ok(None)
+                Read::Absent
             }
         }
     }
@@ -1413,6 +1442,16 @@ mod tests {
         disk_bytes: usize,
         errors: Arc<DiskErrors>,
     ) -> &'static FoyerStorage {
+        storage_tuned(dir, disk_bytes, errors, |e| e).await
+    }
+
+    /// [`storage_counting`] with its disk engine configured by `engine` too.
+    async fn storage_tuned(
+        dir: &std::path::Path,
+        disk_bytes: usize,
+        errors: Arc<DiskErrors>,
+        engine: impl FnOnce(DiskEngine) -> DiskEngine,
+    ) -> &'static FoyerStorage {
         let opts = StorageOptions {
             dir: dir.into(),
             memory_bytes: 4 << 20,
@@ -1424,9 +1463,10 @@ mod tests {
             ban_retention: Duration::from_secs(60),
         };
         let spawner = Spawner::from(tokio::runtime::Handle::current());
-        let s = FoyerStorage::open_with(&opts, spawner, &prometheus::Registry::new(), errors)
-            .await
-            .unwrap();
+        let s =
+            FoyerStorage::open_with(&opts, spawner, &prometheus::Registry::new(), errors, engine)
+                .await
+                .unwrap();
         Box::leak(Box::new(s))
     }
 
@@ -1871,6 +1911,87 @@ mod tests {
         let back = s.load(hash("h/disk")).await.unwrap();
         assert_eq!(&back.expect("read from disk").body[..], b"v");
         assert_eq!(s.reads.skipped("timed_out"), 0);
+    }
+
+    /// A storage whose disk reads wait while the returned holder holds them, as on a hung
+    /// disk (foyer's load holder, which holds a read before it looks its key up), and give
+    /// up after `stall`; it holds `v1` under `hash` on disk only.
+    async fn storage_reading_v1_from_disk(
+        dir: &std::path::Path,
+        hash: u128,
+        stall: Duration,
+    ) -> (&'static FoyerStorage, foyer_storage::test_utils::Holder) {
+        let holder = foyer_storage::test_utils::Holder::default();
+        let held = holder.clone();
+        let s = storage_tuned(dir, 64 << 20, disk_io::tests::own(), move |e| {
+            e.with_load_holder(held)
+        })
+        .await;
+        assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v1")));
+        s.cache.storage().wait().await;
+        s.cache.memory().remove(&hash);
+        let metrics = ProbeMetrics {
+            seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("s", "s"))
+                .unwrap(),
+            failures: prometheus::IntCounter::new("f", "f").unwrap(),
+        };
+        s.watch_disk(DiskHealth::start(dir, stall, metrics).unwrap());
+        (s, holder)
+    }
+
+    /// A disk read that has not come back within `cache.disk_stall_secs` is given up as a miss
+    /// (counted), a fill stored meanwhile is what the key serves once the read comes back,
+    /// and a read that comes back in time keeps what it read in memory.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disk_read_given_up_leaves_what_was_stored_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
+        let (s, holder) =
+            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_millis(300)).await;
+        holder.hold();
+        assert!(s.load(hash).await.unwrap().is_none(), "given up");
+        assert_eq!(s.reads.skipped("timed_out"), 1);
+        assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v2")));
+        holder.unhold();
+        // The held read's task ends now; whatever it does, v2 stays.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let got = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(&got.body[..], b"v2");
+
+        s.cache.storage().wait().await;
+        s.cache.memory().remove(&hash);
+        let got = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(&got.body[..], b"v2", "read back from disk");
+        assert!(s.cache.memory().contains(&hash), "and kept in memory");
+        assert_eq!(s.reads.skipped("timed_out"), 1);
+    }
+
+    /// What a disk read brings back does not replace what memory came to hold while it ran:
+    /// here a revalidation's update, which goes to memory only (the disk keeps the body under
+    /// its earlier fields). foyer's own read would put the disk's version over it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disk_read_does_not_replace_what_memory_came_to_hold_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
+        let (s, holder) =
+            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_secs(30)).await;
+        holder.hold();
+        let reading = tokio::spawn(s.load(hash));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let memory = Tier::Memory {
+            disk_stale_until: SystemTime::now(),
+        };
+        let since = s.purge_epoch(hash);
+        let updated = Bytes::from_static(b"v1, revalidated");
+        assert!(s
+            .write_unless_purged(since, hash, &fresh_meta(), updated.clone(), memory)
+            .unwrap());
+        holder.unhold();
+        reading.await.unwrap().unwrap().expect("the read found v1");
+        // Time for a late insert to land, as foyer's own read makes when it ends.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let got = s.load(hash).await.unwrap().unwrap();
+        assert_eq!(got.body, updated);
     }
 
     /// Only a purge that removed something owes a tombstone, until a wait that started after
