@@ -2134,6 +2134,41 @@ async fn shadow_marked(edge: &Edge, order: serde_json::Value) -> bool {
     false
 }
 
+/// A graceful stop lets a shadow fill under way finish and reports its shadow (ended at the
+/// stop, with what its fill moved), and reports the order still queued behind it as dropped
+/// unfilled, so the broker settles both instead of counting them live until their TTLs end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_reports_the_fill_under_way_and_the_orders_still_queued() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "[shadow]\nfill_concurrency = 1\n");
+    let (slow, queued) = (
+        format!("{HOST}/slowfill?size=5000&delay_ms=1500"),
+        format!("{HOST}/queued"),
+    );
+    order_shadow(&edge, &slow).await;
+    wait_until(|| async { origin.hits("/slowfill") == 1 }).await;
+    order_shadow(&edge, &queued).await;
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+    assert_eq!(origin.hits("/queued"), 0, "never filled");
+
+    let saved = std::fs::read(dir.path().join("cache/shadow-outcomes.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    let outcomes = saved["queued"].as_array().unwrap();
+    let of = |key: &str| {
+        outcomes
+            .iter()
+            .find(|o| o["key"] == key)
+            .unwrap_or_else(|| panic!("no outcome of {key}: {saved}"))
+    };
+    let filled = of(&slow);
+    assert_eq!(filled["bytes"], 5000, "{filled}");
+    assert_eq!(filled["failed"], false, "{filled}");
+    let dropped = of(&queued);
+    assert_eq!(dropped["bytes"], 0, "{dropped}");
+    assert_eq!(dropped["removed"], true, "{dropped}");
+}
+
 /// A shadow fill whose origin answers with a redirect takes it as the answer: it does not
 /// fetch where the redirect points (which would also hand that server the fill's internal
 /// header), and places no shadow.

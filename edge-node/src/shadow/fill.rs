@@ -261,6 +261,11 @@ impl Filler {
         self.queue.room(&self.queue.pending.lock())
     }
 
+    /// Whether the edge stopped taking orders ([`Self::close`]).
+    fn is_closed(&self) -> bool {
+        self.queue.pending.lock().closed
+    }
+
     /// Whether an order for `key` waits for a worker.
     fn queued(&self, key: &str) -> bool {
         self.queue
@@ -292,15 +297,24 @@ impl Filler {
 
     /// Refuse further orders; the keys of every refresh queued or under way, whose held
     /// copies would otherwise outlive the process as the version their origin replaced, and
-    /// the records of the queued ones, to hold until those copies are purged.
+    /// the records of the queued ones, to hold until those copies are purged. The orders
+    /// still queued end unfilled, each reported as one dropped while it waited (removed,
+    /// nothing moved), so the broker settles them now instead of counting them as live
+    /// shadows of this edge until their TTLs run out.
     fn close(&self) -> (Vec<String>, Vec<Arc<RefreshRecord>>) {
         let mut g = self.queue.pending.lock();
         g.closed = true;
-        let queued = std::mem::take(&mut g.heap).into_iter().map(|q| q.req);
+        let queued: Vec<FillRequest> = std::mem::take(&mut g.heap)
+            .into_iter()
+            .map(|q| q.req)
+            .collect();
         let (mut stale, mut records) = (Vec::new(), Vec::new());
-        for r in queued.filter(|r| r.refresh) {
-            stale.push(r.key);
-            records.extend(r.record);
+        for r in &queued {
+            report_unheld(&self.table, r, 0, false, None);
+            if r.refresh {
+                stale.push(r.key.clone());
+                records.extend(r.record.clone());
+            }
         }
         stale.extend(g.refreshing.keys().cloned());
         stale.sort();
@@ -722,7 +736,11 @@ impl ShadowService {
             let (table, metrics, pacer) =
                 (self.table.clone(), self.metrics.clone(), self.pacer.clone());
             let filler = self.filler.clone();
+            // Work the drain waits for, so the fill's end (its mark, or its outcome) is in
+            // the table before the stop saves what the table reports.
+            let working = self.inflight.enter();
             tokio::spawn(async move {
+                let _working = working;
                 let _permit = permit;
                 let _refreshing = refreshing;
                 // Dropped while it waited: the broker no longer wants it, or it was purged.
@@ -845,6 +863,10 @@ impl ShadowService {
                         if req.refresh {
                             purge_stale(storage, &table, &metrics, &req.key, "refresh_failed")
                                 .await;
+                        } else if filler.is_closed() {
+                            // The edge stops (its listener no longer takes the fill): not the
+                            // key's failure, which would hold the broker back from it.
+                            report_unheld(&table, &req, moved, false, None);
                         } else if table.get(&req.key).is_none() {
                             // Any other failure means the broker's order holds nothing here.
                             table.outcomes().push(ShadowOutcome {
@@ -994,6 +1016,11 @@ mod tests {
         assert!(running[2].1.is_none(), "not a refresh");
         running.remove(1);
         assert_eq!(filler.close().0, ["h/a", "h/d"]);
+        // The order still queued ends as dropped while it waited: nothing moved, no failure.
+        let ended = filler.table.outcomes().drain_within(1 << 20);
+        let keys: Vec<&str> = ended.iter().map(|o| o.key.as_str()).collect();
+        assert_eq!(keys, ["h/d"]);
+        assert!(ended[0].removed && ended[0].bytes == 0, "{:?}", ended[0]);
         assert!(matches!(
             filler.submit(order("h/e", false)),
             Err(FillError::Closed)

@@ -7,7 +7,10 @@
 //! the outcomes the broker has not acknowledged to [`OUTCOMES_FILE`] in the cache directory;
 //! the next process reads them back and reports them. Without it the broker would never price
 //! those shadows: their fills' spend and their hits would be lost with every rolling upgrade.
-//! Fills still running when the drain ends, and everything after a crash, are lost as before.
+//! The drain waits for the fills under way (each counts as in-flight work until its mark or
+//! outcome is in the table), and the orders still queued end as dropped while they waited.
+//! Fills still running when the drain's timeout ends it, and everything after a crash, are
+//! lost as before.
 
 use std::collections::VecDeque;
 use std::io;
