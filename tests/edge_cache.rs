@@ -2143,7 +2143,7 @@ async fn a_stop_reports_the_fill_under_way_and_the_orders_still_queued() {
     let dir = tempfile::tempdir().unwrap();
     let mut edge = start_edge(origin.addr, dir.path(), "[shadow]\nfill_concurrency = 1\n");
     let (slow, queued) = (
-        format!("{HOST}/slowfill?size=5000&delay_ms=1500"),
+        format!("{HOST}/slowfill?size=5000&delay_ms=5000"),
         format!("{HOST}/queued"),
     );
     order_shadow(&edge, &slow).await;

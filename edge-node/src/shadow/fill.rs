@@ -261,11 +261,6 @@ impl Filler {
         self.queue.room(&self.queue.pending.lock())
     }
 
-    /// Whether the edge stopped taking orders ([`Self::close`]).
-    fn is_closed(&self) -> bool {
-        self.queue.pending.lock().closed
-    }
-
     /// Whether an order for `key` waits for a worker.
     fn queued(&self, key: &str) -> bool {
         self.queue
@@ -739,6 +734,7 @@ impl ShadowService {
             // Work the drain waits for, so the fill's end (its mark, or its outcome) is in
             // the table before the stop saves what the table reports.
             let working = self.inflight.enter();
+            let stopping = shutdown.clone();
             tokio::spawn(async move {
                 let _working = working;
                 let _permit = permit;
@@ -863,7 +859,7 @@ impl ShadowService {
                         if req.refresh {
                             purge_stale(storage, &table, &metrics, &req.key, "refresh_failed")
                                 .await;
-                        } else if filler.is_closed() {
+                        } else if *stopping.borrow() {
                             // The edge stops (its listener no longer takes the fill): not the
                             // key's failure, which would hold the broker back from it.
                             report_unheld(&table, &req, moved, false, None);

@@ -12,11 +12,11 @@
 //! newer version stored meanwhile (its in-flight read is not told of the insert). A read given
 //! up on would, once the disk answered, put the version a refill or a refresh replaced back in
 //! front of clients. The caller puts what it read into memory itself, under its own rules
-//! ([`super::FoyerStorage`]'s `load`). Concurrent reads of one object share one load, as in
+//! ([`super::FoyerStorage`]'s `read`). Concurrent reads of one object share one load, as in
 //! foyer, so a hot object read back after a restart is read (and held) once.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -64,8 +64,36 @@ impl Skip {
 /// A load under way, shared by every reader of its key.
 type Loading = Shared<BoxFuture<'static, foyer::Result<Read>>>;
 
-/// Loads under way by key, each with its number (a finished load removes only its own entry).
-type LoadsUnderWay = Arc<Mutex<HashMap<u128, (u64, Loading)>>>;
+/// Loads under way by key.
+type LoadsUnderWay = Arc<Mutex<HashMap<u128, LoadUnderWay>>>;
+
+/// A load under way.
+struct LoadUnderWay {
+    /// Its number: a finished load removes only its own entry, not a newer one of its key.
+    id: u64,
+    /// The epoch of its key's purge slot when it began.
+    epoch: u64,
+    loading: Loading,
+}
+
+/// Removes a load's entry from the map when the load ends, however it ends; `ended` tells
+/// a reader still to put the entry in that it came too late.
+struct Leave {
+    under_way: LoadsUnderWay,
+    hash: u128,
+    id: u64,
+    ended: Arc<AtomicBool>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        self.ended.store(true, Ordering::SeqCst);
+        let mut under_way = self.under_way.lock();
+        if under_way.get(&self.hash).is_some_and(|l| l.id == self.id) {
+            under_way.remove(&self.hash);
+        }
+    }
+}
 
 /// The storage's reads of its disk tier, bounded by the disk's health once
 /// [`DiskReads::watch`] is given it.
@@ -83,8 +111,9 @@ impl DiskReads {
             prometheus::Opts::new(
                 "shadowcdn_edge_disk_reads_skipped_total",
                 "Reads of objects the disk tier may hold answered as misses without it: reason \
-                 stalled (the disk's watchdog saw a stall, so it was not read) or timed_out \
-                 (the read waited cache.disk_stall_secs)",
+                 stalled (the disk's watchdog saw a stall, so it was not read; per read) or \
+                 timed_out (a load waited cache.disk_stall_secs; once per load, however many \
+                 reads shared it)",
             ),
             &["reason"],
         )?;
@@ -106,8 +135,16 @@ impl DiskReads {
         let _ = self.health.set(health);
     }
 
-    /// Read `hash` from `disk`, joining a load of it under way.
-    pub(super) async fn read(&self, disk: &DiskTier, hash: u128) -> foyer::Result<Read> {
+    /// Read `hash` from `disk` for a reader that saw its key's purge slot at `epoch`
+    /// (`FoyerStorage::read`), joining a load of it under way that began at the same epoch.
+    /// A load that began before a write or removal of the slot is not joined: it may bring
+    /// back what that write replaced, which a reader that came after it would keep.
+    pub(super) async fn read(
+        &self,
+        disk: &DiskTier,
+        hash: u128,
+        epoch: u64,
+    ) -> foyer::Result<Read> {
         let health = self.health.get();
         if health.is_some_and(DiskHealth::stalled) {
             if !disk.may_contains(&hash) {
@@ -117,27 +154,56 @@ impl DiskReads {
             return Ok(Read::Skipped);
         }
         let limit = health.map(DiskHealth::stall_after);
-        let loading = {
-            let mut under_way = self.loading.lock();
-            match under_way.get(&hash) {
-                Some((_, loading)) => loading.clone(),
-                None => {
-                    let id = self.next_load.fetch_add(1, Ordering::Relaxed);
-                    let loading = self.load(disk.clone(), hash, id, limit);
-                    under_way.insert(hash, (id, loading.clone()));
-                    loading
-                }
-            }
+        let joined = match self.loading.lock().get(&hash) {
+            Some(l) if l.epoch == epoch => Some(l.loading.clone()),
+            _ => None,
         };
+        if let Some(loading) = joined {
+            return loading.await;
+        }
+        // Spawned outside the map's lock (a task a stopped runtime drops at once would take
+        // it on this thread); one that ended before its entry went in takes the entry out.
+        let id = self.next_load.fetch_add(1, Ordering::Relaxed);
+        let ended = Arc::new(AtomicBool::new(false));
+        let loading = self.load(disk, hash, id, limit, ended.clone());
+        {
+            let mut under_way = self.loading.lock();
+            let entry = LoadUnderWay {
+                id,
+                epoch,
+                loading: loading.clone(),
+            };
+            under_way.insert(hash, entry);
+            if ended.load(Ordering::SeqCst) {
+                under_way.remove(&hash);
+            }
+        }
         loading.await
     }
 
-    /// One load of `hash`, run as a task of its own so that it ends (and leaves the map)
-    /// even when every reader waiting for it gave up: a new read of the key then starts a
-    /// load of its own rather than join one stuck on the disk.
-    fn load(&self, disk: DiskTier, hash: u128, id: u64, limit: Option<Duration>) -> Loading {
-        let (under_way, skipped) = (self.loading.clone(), self.skipped.clone());
-        let task = tokio::spawn(async move {
+    /// One load of `hash`, run as a task of its own on foyer's runtime (as foyer runs its
+    /// own reads) so that it ends, and leaves the map, even when every reader waiting for it
+    /// gave up: a new read of the key then starts a load of its own rather than join one
+    /// stuck on the disk.
+    fn load(
+        &self,
+        disk: &DiskTier,
+        hash: u128,
+        id: u64,
+        limit: Option<Duration>,
+        ended: Arc<AtomicBool>,
+    ) -> Loading {
+        let leave = Leave {
+            under_way: self.loading.clone(),
+            hash,
+            id,
+            ended,
+        };
+        let (skipped, store) = (self.skipped.clone(), disk.clone());
+        let task = disk.spawner().spawn(async move {
+            // Leaves the map however the task ends (a panic, a runtime shutting down).
+            let _leave = leave;
+            let disk = store;
             let load = async {
                 Ok(match disk.load(&hash).await? {
                     foyer::Load::Entry { value, .. } => Read::Held(value),
@@ -153,18 +219,14 @@ impl DiskReads {
                     Ok(Read::Skipped)
                 }),
             };
-            let mut under_way = under_way.lock();
-            if under_way.get(&hash).is_some_and(|(n, _)| *n == id) {
-                under_way.remove(&hash);
-            }
             read
         });
-        task.map(|joined| {
+        // A load that did not end (a panic, a runtime shutting down) says nothing about the
+        // stored entry, which an error would have dropped as unreadable: a miss.
+        task.map(move |joined| {
             joined.unwrap_or_else(|e| {
-                Err(
-                    foyer::Error::new(foyer::ErrorKind::Join, "disk read task ended")
-                        .with_source(e),
-                )
+                tracing::warn!(hash, error = %e, "a read of the disk tier did not end");
+                Ok(Read::Skipped)
             })
         })
         .boxed()
@@ -173,6 +235,12 @@ impl DiskReads {
 
     fn count(&self, skip: Skip) {
         self.skipped.with_label_values(&[skip.label()]).inc();
+    }
+
+    /// The number of the load of `hash` under way, if one is.
+    #[cfg(test)]
+    pub(super) fn load_under_way(&self, hash: u128) -> Option<u64> {
+        self.loading.lock().get(&hash).map(|l| l.id)
     }
 
     #[cfg(test)]

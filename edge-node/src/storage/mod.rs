@@ -193,13 +193,13 @@ type DiskEngine = BlockEngineConfig<u128, StoredObject, HybridCacheProperties>;
 pub struct FoyerStorage {
     cache: HybridCache<u128, StoredObject>,
     fills: Mutex<HashMap<u128, Vec<Arc<Fill>>>>,
-    /// Removals and fill commits counted per slot of [`PURGE_SLOTS`] (by key hash). Writes
-    /// that read before they store (a 304's metadata update, an expiry) and fill commits
-    /// store under this lock and only if nothing in their slot changed in between, so a
-    /// purge answered 200 is never undone by them, nor a newer version committed meanwhile
-    /// replaced by the older body they read; changes to other keys of the slot (another
-    /// fill, a wasted shadow dropped) cost a revalidation its update, which the next request
-    /// repeats, rarely with this many slots.
+    /// Removals and writes counted per slot of [`PURGE_SLOTS`] (by key hash). Writes that
+    /// read before they store (a 304's metadata update, an expiry) and fill commits store
+    /// under this lock and only if nothing in their slot changed in between, so a purge
+    /// answered 200 is never undone by them, nor a newer version committed meanwhile replaced
+    /// by the older body they read; changes to other keys of the slot (another fill, a wasted
+    /// shadow dropped) cost a revalidation its update, which the next request repeats, rarely
+    /// with this many slots. A disk read keeps what it read in memory on the same condition.
     purges: Mutex<[u64; PURGE_SLOTS]>,
     /// Key purges of the last minutes, for fetches that overlapped one (`purged_during`).
     recent: RecentPurges,
@@ -811,10 +811,12 @@ impl FoyerStorage {
         tier: Tier,
     ) -> Result<bool> {
         let mut obj = StoredObject::new(ObjectMeta::of(meta)?, body);
-        let epochs = self.purges.lock();
+        let mut epochs = self.purges.lock();
         if epochs[purge_slot(hash)] != since {
             return Ok(false);
         }
+        // A disk read under way keeps nothing in memory over this ([`Self::read`]).
+        epochs[purge_slot(hash)] += 1;
         match tier {
             Tier::Both => self.replace(hash, obj),
             Tier::Memory { disk_stale_until } => {
@@ -1012,11 +1014,19 @@ impl FoyerStorage {
     /// gave goes into memory, unless a write or removal of the key's slot came while it was
     /// read, or memory holds the key again: a newer version stored meanwhile stays.
     async fn read(&self, hash: u128) -> Read {
-        if let Some(held) = self.cache.memory().get(&hash) {
-            return Read::Held(held.value().clone());
+        let in_memory = || {
+            let held = self.cache.memory().get(&hash)?;
+            Some(Read::Held(held.value().clone()))
+        };
+        if let Some(held) = in_memory() {
+            return held;
         }
+        // Asked again once the epoch is known: a write that came in between is in memory.
         let since = self.purge_epoch(hash);
-        match self.reads.read(self.cache.storage(), hash).await {
+        if let Some(held) = in_memory() {
+            return held;
+        }
+        match self.reads.read(self.cache.storage(), hash, since).await {
             Ok(Read::Held(obj)) => {
                 let epochs = self.purges.lock();
                 if epochs[purge_slot(hash)] == since && !self.cache.memory().contains(&hash) {
@@ -1947,7 +1957,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
         let (s, holder) =
-            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_millis(300)).await;
+            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_secs(2)).await;
         holder.hold();
         assert!(s.load(hash).await.unwrap().is_none(), "given up");
         assert_eq!(s.reads.skipped("timed_out"), 1);
@@ -1977,21 +1987,85 @@ mod tests {
             storage_reading_v1_from_disk(dir.path(), hash, Duration::from_secs(30)).await;
         holder.hold();
         let reading = tokio::spawn(s.load(hash));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let memory = Tier::Memory {
-            disk_stale_until: SystemTime::now(),
-        };
-        let since = s.purge_epoch(hash);
+        wait_for_load(s, hash).await;
         let updated = Bytes::from_static(b"v1, revalidated");
-        assert!(s
-            .write_unless_purged(since, hash, &fresh_meta(), updated.clone(), memory)
-            .unwrap());
+        update_in_memory(s, hash, updated.clone());
         holder.unhold();
         reading.await.unwrap().unwrap().expect("the read found v1");
         // Time for a late insert to land, as foyer's own read makes when it ends.
         tokio::time::sleep(Duration::from_millis(200)).await;
         let got = s.load(hash).await.unwrap().unwrap();
         assert_eq!(got.body, updated);
+    }
+
+    /// Wait until a disk load of `hash` is under way.
+    async fn wait_for_load(s: &FoyerStorage, hash: u128) {
+        for _ in 0..500 {
+            if s.reads.load_under_way(hash).is_some() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no load of the key began");
+    }
+
+    /// Store `body` under `hash` in memory only, as a revalidation's update does.
+    fn update_in_memory(s: &FoyerStorage, hash: u128, body: Bytes) {
+        let memory = Tier::Memory {
+            disk_stale_until: SystemTime::now(),
+        };
+        let since = s.purge_epoch(hash);
+        assert!(s
+            .write_unless_purged(since, hash, &fresh_meta(), body, memory)
+            .unwrap());
+    }
+
+    /// A disk read keeps nothing in memory once a write of its key's slot came while it ran,
+    /// even when memory no longer holds what was written; a read that begins after the write
+    /// does not join the earlier load (which may bring back what the write replaced), and
+    /// keeps what its own load brings.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_disk_read_keeps_nothing_once_its_slot_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
+        let (s, holder) =
+            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_secs(30)).await;
+        holder.hold();
+        let early = tokio::spawn(s.load(hash));
+        wait_for_load(s, hash).await;
+        let first = s.reads.load_under_way(hash);
+        update_in_memory(s, hash, Bytes::from_static(b"v1, revalidated"));
+        s.cache.memory().remove(&hash);
+        let late = tokio::spawn(s.load(hash));
+        for _ in 0..500 {
+            if s.reads.load_under_way(hash) != first {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_ne!(s.reads.load_under_way(hash), first, "a load of its own");
+        holder.unhold();
+        let early = early.await.unwrap().unwrap().expect("v1 from disk");
+        assert_eq!(&early.body[..], b"v1");
+        late.await.unwrap().unwrap().expect("v1 from disk");
+        assert!(
+            s.cache.memory().contains(&hash),
+            "the late read's copy is kept"
+        );
+
+        // The early read alone: nothing kept.
+        s.cache.memory().remove(&hash);
+        holder.hold();
+        let early = tokio::spawn(s.load(hash));
+        wait_for_load(s, hash).await;
+        update_in_memory(s, hash, Bytes::from_static(b"v1, revalidated again"));
+        s.cache.memory().remove(&hash);
+        holder.unhold();
+        early.await.unwrap().unwrap().expect("v1 from disk");
+        assert!(
+            !s.cache.memory().contains(&hash),
+            "the early read's copy is not kept"
+        );
     }
 
     /// Only a purge that removed something owes a tombstone, until a wait that started after
