@@ -298,15 +298,26 @@ fn overwrite_and_sync(path: &Path) -> io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn metrics() -> ProbeMetrics {
+    /// Metrics registered nowhere.
+    pub(crate) fn metrics() -> ProbeMetrics {
         ProbeMetrics {
             seconds: prometheus::Histogram::with_opts(prometheus::HistogramOpts::new("s", "s"))
                 .unwrap(),
             failures: prometheus::IntCounter::new("f", "f").unwrap(),
         }
+    }
+
+    /// A FIFO at `path`: a probe of it, while nobody reads it, hangs in its open as a write
+    /// to a hung device would.
+    pub(crate) fn make_fifo(path: &Path) {
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .unwrap();
+        assert!(made.success());
     }
 
     fn wait_for(health: &DiskHealth, want: impl Fn(&DiskVerdict) -> bool) -> DiskVerdict {
@@ -347,11 +358,7 @@ mod tests {
         assert_eq!(health.verdict(), DiskVerdict::Ready);
         let probe = dir.path().join(PROBE_FILE);
         let fifo = dir.path().join("fifo");
-        let made = std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        make_fifo(&fifo);
         std::fs::rename(&fifo, &probe).unwrap();
         let stalled = wait_for(&health, |v| matches!(v, DiskVerdict::Stalled(_)));
         assert_eq!(stalled.code(), "disk_stalled");
@@ -379,11 +386,7 @@ mod tests {
     fn a_disk_that_hangs_at_start_up_starts_not_ready() {
         let dir = tempfile::tempdir().unwrap();
         let probe = dir.path().join(PROBE_FILE);
-        let made = std::process::Command::new("mkfifo")
-            .arg(&probe)
-            .status()
-            .unwrap();
-        assert!(made.success());
+        make_fifo(&probe);
         let stall = Duration::from_millis(200);
         let health =
             DiskHealth::start_every(dir.path(), stall, Duration::from_millis(20), metrics())

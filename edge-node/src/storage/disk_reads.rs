@@ -35,6 +35,9 @@ pub(super) type DiskTier =
 pub(super) enum Read {
     /// The object stored under the key.
     Held(StoredObject),
+    /// The object under the key in foyer's write buffer, on its way to the disk: foyer's
+    /// removals do not reach that buffer, so it may be one removed since it was stored.
+    Queued(StoredObject),
     /// Nothing is stored under the key.
     Absent,
     /// The disk may hold the key but was not waited for ([`Skip`]).
@@ -166,18 +169,26 @@ impl DiskReads {
         let id = self.next_load.fetch_add(1, Ordering::Relaxed);
         let ended = Arc::new(AtomicBool::new(false));
         let loading = self.load(disk, hash, id, limit, ended.clone());
-        {
+        let loading = {
             let mut under_way = self.loading.lock();
-            let entry = LoadUnderWay {
-                id,
-                epoch,
-                loading: loading.clone(),
-            };
-            under_way.insert(hash, entry);
-            if ended.load(Ordering::SeqCst) {
-                under_way.remove(&hash);
+            match under_way.get(&hash) {
+                // Another reader of the same epoch started one meanwhile: it is the one
+                // shared (this one ends on its own, unread).
+                Some(l) if l.epoch == epoch => l.loading.clone(),
+                _ => {
+                    let entry = LoadUnderWay {
+                        id,
+                        epoch,
+                        loading: loading.clone(),
+                    };
+                    under_way.insert(hash, entry);
+                    if ended.load(Ordering::SeqCst) {
+                        under_way.remove(&hash);
+                    }
+                    loading
+                }
             }
-        }
+        };
         loading.await
     }
 
@@ -207,7 +218,7 @@ impl DiskReads {
             let load = async {
                 Ok(match disk.load(&hash).await? {
                     foyer::Load::Entry { value, .. } => Read::Held(value),
-                    foyer::Load::Piece { piece, .. } => Read::Held(piece.value().clone()),
+                    foyer::Load::Piece { piece, .. } => Read::Queued(piece.value().clone()),
                     foyer::Load::Throttled | foyer::Load::Miss => Read::Absent,
                 })
             };
