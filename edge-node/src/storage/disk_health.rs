@@ -22,7 +22,7 @@
 
 use std::fs::OpenOptions;
 use std::io::{self, ErrorKind};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -282,10 +282,13 @@ fn overwrite_and_sync(path: &Path) -> io::Result<()> {
     let line = format!("shadowcdn disk probe {ms}");
     block[..line.len()].copy_from_slice(line.as_bytes());
     block[PROBE_BYTES - 1] = b'\n';
+    // Not through a symlink: a link put in the cache directory must not have the probe
+    // overwrite the start of whatever it points to (it fails the probe instead).
     let answered = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(path)
         .and_then(|f| {
             f.write_all_at(&block, 0)?;
@@ -397,6 +400,18 @@ pub(super) mod tests {
         let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
         wait_for(&health, |v| *v == DiskVerdict::Ready);
         reader.join().unwrap();
+    }
+
+    /// A symlink in the probe file's place fails the probe; what it points to is left alone.
+    #[test]
+    fn the_probe_does_not_write_through_a_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("precious");
+        std::fs::write(&target, b"keep me").unwrap();
+        std::os::unix::fs::symlink(&target, dir.path().join(PROBE_FILE)).unwrap();
+        let err = overwrite_and_sync(&dir.path().join(PROBE_FILE)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep me");
     }
 
     #[test]
