@@ -738,7 +738,7 @@ impl FoyerStorage {
 
     /// Whether the object stored under `primary_key` varies: its primary slot holds one of
     /// several possible variants, so refreshing one leaves the others as they were. `false`
-    /// when nothing is stored.
+    /// when nothing is stored, `true` when the disk was not read (a stall): not known.
     pub async fn varies(&self, primary_key: &str) -> bool {
         match self.read(primary_hash(primary_key)).await {
             Read::Held(obj) | Read::Queued(obj) => obj.meta().is_ok_and(|m| m.variance().is_some()),
