@@ -1257,12 +1257,13 @@ async fn restart_serves_disk_objects_and_remembers_purges() {
 /// While the cache disk stalls, what only the disk holds is fetched from the origin rather
 /// than waited for, what the memory tier holds is still a hit, and once the disk answers it
 /// is read again. The hang: the probe file replaced by a FIFO nobody reads, whose open blocks
-/// as a write to a hung device does; the objects are on disk only after a restart.
+/// as a write to a hung device does; the objects are on disk only after a restart. The stall
+/// limit is 3 s, so that a slow probe fsync of a busy test machine does not read as one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_disk_sends_its_objects_requests_to_the_origin_until_it_answers() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
-    let mut edge = start_edge(origin.addr, dir.path(), "disk_stall_secs = 1");
+    let mut edge = start_edge(origin.addr, dir.path(), "disk_stall_secs = 3");
     for p in ["/during", "/after"] {
         assert_eq!(x_cache(&edge.get(p).await), "MISS");
     }
