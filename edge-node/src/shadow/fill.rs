@@ -299,16 +299,13 @@ impl Filler {
     fn close(&self) -> (Vec<String>, Vec<Arc<RefreshRecord>>) {
         let mut g = self.queue.pending.lock();
         g.closed = true;
-        let queued: Vec<FillRequest> = std::mem::take(&mut g.heap)
-            .into_iter()
-            .map(|q| q.req)
-            .collect();
+        let queued = std::mem::take(&mut g.heap).into_iter().map(|q| q.req);
         let (mut stale, mut records) = (Vec::new(), Vec::new());
-        for r in &queued {
-            report_unheld(&self.table, r, 0, false, None);
+        for r in queued {
+            report_unheld(&self.table, &r, 0, false, None);
             if r.refresh {
-                stale.push(r.key.clone());
-                records.extend(r.record.clone());
+                stale.push(r.key);
+                records.extend(r.record);
             }
         }
         stale.extend(g.refreshing.keys().cloned());

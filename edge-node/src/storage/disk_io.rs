@@ -110,11 +110,6 @@ pub(crate) mod tests {
         DiskErrors::new()
     }
 
-    /// Count a failed write, as the log layer does.
-    pub(crate) fn fail(errors: &DiskErrors) {
-        errors.record_failure();
-    }
-
     #[test]
     fn only_the_flushers_errors_count_as_failed_writes() {
         let errors = own();

@@ -100,18 +100,13 @@ impl DiskSync {
         let Some(dir_path) = foyer_dir else {
             return Ok(DiskSync(None));
         };
-        let opened = |path: &Path| {
-            File::open(path).map_err(|source| super::StorageError::Dir {
-                path: path.to_path_buf(),
-                source,
-            })
-        };
-        let dir = opened(dir_path)?;
         // foyer created its files without syncing the directory.
-        dir.sync_all().map_err(|source| super::StorageError::Dir {
-            path: dir_path.to_path_buf(),
-            source,
-        })?;
+        let dir = File::open(dir_path)
+            .and_then(|dir| dir.sync_all().map(|()| dir))
+            .map_err(|source| super::StorageError::Dir {
+                path: dir_path.to_path_buf(),
+                source,
+            })?;
         let log = dir_path.join(TOMBSTONE_LOG);
         let tombstones = match File::open(&log) {
             Ok(f) => Some(f),

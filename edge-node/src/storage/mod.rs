@@ -1502,7 +1502,7 @@ mod tests {
     /// Store a fresh object under each of the primary `keys`.
     fn store_keys(s: &FoyerStorage, keys: &[&str]) {
         for key in keys {
-            let hash = hash_of(CacheKey::new(*key, "").combined_bin());
+            let hash = primary_hash(key);
             assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v")));
         }
     }
@@ -1865,7 +1865,7 @@ mod tests {
         let filler = Bytes::from(vec![7u8; 1 << 19]);
         let mut resurrected = 0;
         for round in 0..8u128 {
-            let hash = hash_of(CacheKey::new(format!("h/v{round}").as_str(), "").combined_bin());
+            let hash = primary_hash(&format!("h/v{round}"));
             store(hash, Bytes::from_static(b"v1"));
             s.cache.storage().wait().await;
             // Far more than the write queue takes at once: most of these, and v2, are dropped.
@@ -1894,8 +1894,7 @@ mod tests {
         let s = storage_with_disk(dir.path(), 64 << 20).await;
         store_keys(s, &["h/disk", "h/memory"]);
         s.cache.storage().wait().await;
-        let hash = |key: &str| hash_of(CacheKey::new(key, "").combined_bin());
-        s.cache.memory().remove(&hash("h/disk"));
+        s.cache.memory().remove(&primary_hash("h/disk"));
 
         let probe = dir.path().join(PROBE_FILE);
         disk_health::tests::make_fifo(&probe);
@@ -1903,10 +1902,10 @@ mod tests {
         let health = DiskHealth::start(dir.path(), Duration::from_millis(100), metrics).unwrap();
         assert!(health.stalled());
         s.watch_disk(health.clone());
-        assert!(s.load(hash("h/disk")).await.unwrap().is_none());
+        assert!(s.load(primary_hash("h/disk")).await.unwrap().is_none());
         assert_eq!(s.reads.skipped("stalled"), 1);
-        assert!(s.load(hash("h/memory")).await.unwrap().is_some());
-        assert!(s.load(hash("h/never")).await.unwrap().is_none());
+        assert!(s.load(primary_hash("h/memory")).await.unwrap().is_some());
+        assert!(s.load(primary_hash("h/never")).await.unwrap().is_none());
         assert_eq!(
             s.reads.skipped("stalled"),
             1,
@@ -1923,28 +1922,30 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         reader.join().unwrap();
-        let back = s.load(hash("h/disk")).await.unwrap();
+        let back = s.load(primary_hash("h/disk")).await.unwrap();
         assert_eq!(&back.expect("read from disk").body[..], b"v");
         assert_eq!(s.reads.skipped("timed_out"), 0);
     }
 
     /// A storage whose disk reads wait while the returned holder holds them, as on a hung
     /// disk (foyer's load holder, which holds a read before it looks its key up), and give
-    /// up after `stall`; it holds `v1` under `hash` on disk only. Its watchdog probes the
-    /// returned directory, in memory where there is one, so that a slow fsync of a busy test
-    /// machine does not read as a stall.
+    /// up after `stall`; it holds `v1` on disk only, under the returned hash (of `h/k`). Its
+    /// watchdog probes the second of the returned directories (kept for the test's length),
+    /// in memory where there is one, so that a slow fsync of a busy test machine does not
+    /// read as a stall.
     async fn storage_reading_v1_from_disk(
-        dir: &std::path::Path,
-        hash: u128,
         stall: Duration,
     ) -> (
         &'static FoyerStorage,
         foyer_storage::test_utils::Holder,
-        tempfile::TempDir,
+        u128,
+        [tempfile::TempDir; 2],
     ) {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = primary_hash("h/k");
         let holder = foyer_storage::test_utils::Holder::default();
         let held = holder.clone();
-        let s = storage_tuned(dir, 64 << 20, disk_io::tests::own(), move |e| {
+        let s = storage_tuned(dir.path(), 64 << 20, disk_io::tests::own(), move |e| {
             e.with_load_holder(held)
         })
         .await;
@@ -1956,7 +1957,7 @@ mod tests {
             .unwrap();
         let metrics = disk_health::tests::metrics();
         s.watch_disk(DiskHealth::start(probed.path(), stall, metrics).unwrap());
-        (s, holder, probed)
+        (s, holder, hash, [dir, probed])
     }
 
     /// A disk read that has not come back within `cache.disk_stall_secs` is given up as a miss
@@ -1964,10 +1965,7 @@ mod tests {
     /// and a read that comes back in time keeps what it read in memory.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_disk_read_given_up_leaves_what_was_stored_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
-        let (s, holder, _probed) =
-            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_secs(2)).await;
+        let (s, holder, hash, _dirs) = storage_reading_v1_from_disk(Duration::from_secs(2)).await;
         holder.hold();
         assert!(s.load(hash).await.unwrap().is_none(), "given up");
         assert_eq!(s.reads.skipped("timed_out"), 1);
@@ -1991,13 +1989,10 @@ mod tests {
     /// its earlier fields). foyer's own read would put the disk's version over it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_disk_read_does_not_replace_what_memory_came_to_hold_meanwhile() {
-        let dir = tempfile::tempdir().unwrap();
-        let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
-        let (s, holder, _probed) =
-            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_secs(30)).await;
+        let (s, holder, hash, _dirs) = storage_reading_v1_from_disk(Duration::from_secs(30)).await;
         holder.hold();
         let reading = tokio::spawn(s.load(hash));
-        wait_for_load(s, hash).await;
+        wait_for_load(s, hash, None).await;
         let updated = Bytes::from_static(b"v1, revalidated");
         update_in_memory(s, hash, updated.clone());
         holder.unhold();
@@ -2021,7 +2016,7 @@ mod tests {
         })
         .await;
         flushes.on();
-        let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
+        let hash = primary_hash("h/k");
         assert!(store_now(s, hash, &fresh_meta(), Bytes::from_static(b"v1")));
         assert!(s.remove(hash));
         assert!(!s.cache.memory().contains(&hash));
@@ -2035,13 +2030,13 @@ mod tests {
         );
     }
 
-    /// Wait until a disk load of `hash` is under way.
-    async fn wait_for_load(s: &FoyerStorage, hash: u128) {
+    /// Wait until a disk load of `hash` other than load `other_than` is under way; its number.
+    async fn wait_for_load(s: &FoyerStorage, hash: u128, other_than: Option<u64>) -> u64 {
         for _ in 0..500 {
-            if s.reads.load_under_way(hash).is_some() {
-                return;
+            match s.reads.load_under_way(hash) {
+                Some(id) if Some(id) != other_than => return id,
+                _ => tokio::time::sleep(Duration::from_millis(10)).await,
             }
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("no load of the key began");
     }
@@ -2063,24 +2058,19 @@ mod tests {
     /// keeps what its own load brings.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_disk_read_keeps_nothing_once_its_slot_changed() {
-        let dir = tempfile::tempdir().unwrap();
-        let hash = hash_of(CacheKey::new("h/k", "").combined_bin());
-        let (s, holder, _probed) =
-            storage_reading_v1_from_disk(dir.path(), hash, Duration::from_secs(30)).await;
+        let (s, holder, hash, _dirs) = storage_reading_v1_from_disk(Duration::from_secs(30)).await;
         holder.hold();
         let early = tokio::spawn(s.load(hash));
-        wait_for_load(s, hash).await;
-        let first = s.reads.load_under_way(hash);
+        let first = wait_for_load(s, hash, None).await;
         update_in_memory(s, hash, Bytes::from_static(b"v1, revalidated"));
         s.cache.memory().remove(&hash);
         let late = tokio::spawn(s.load(hash));
-        for _ in 0..500 {
-            if s.reads.load_under_way(hash) != first {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        assert_ne!(s.reads.load_under_way(hash), first, "a load of its own");
+        wait_for_load(s, hash, Some(first)).await;
+        assert_ne!(
+            s.reads.load_under_way(hash),
+            Some(first),
+            "a load of its own"
+        );
         holder.unhold();
         let early = early.await.unwrap().unwrap().expect("v1 from disk");
         assert_eq!(&early.body[..], b"v1");
@@ -2094,7 +2084,7 @@ mod tests {
         s.cache.memory().remove(&hash);
         holder.hold();
         let early = tokio::spawn(s.load(hash));
-        wait_for_load(s, hash).await;
+        wait_for_load(s, hash, None).await;
         update_in_memory(s, hash, Bytes::from_static(b"v1, revalidated again"));
         s.cache.memory().remove(&hash);
         holder.unhold();
@@ -2208,7 +2198,7 @@ mod tests {
         // it had not.
         let before = s.purge_baseline();
         assert!(s.invalidate_key("h/full"));
-        disk_io::tests::fail(&errors);
+        errors.record_failure();
         s.settle_purge(&["h/full"], before).await.unwrap();
         assert_eq!(
             (s.ban_count(), s.key_bans.get()),
@@ -2323,7 +2313,7 @@ mod tests {
         store_keys(s, &["h/full"]);
         let before = s.purge_baseline();
         assert!(s.invalidate_key("h/full"));
-        disk_io::tests::fail(&errors);
+        errors.record_failure();
         s.bans.break_appends(true);
         let e = s.settle_purge(&["h/full"], before).await.unwrap_err();
         assert_eq!(e.wait, Wait::Lost);
@@ -2354,7 +2344,7 @@ mod tests {
         let errors = disk_io::tests::own();
         let s = storage_counting(dir.path(), 16 << 20, errors.clone()).await;
         drop(s.record_refresh("h/ended").await.unwrap());
-        disk_io::tests::fail(&errors);
+        errors.record_failure();
         s.compact_bans().await.unwrap();
         s.compact_bans().await.unwrap();
         assert_eq!(s.bans.refresh_records(), 1);
