@@ -57,7 +57,7 @@ use serde_json::json;
 
 use crate::config::{OriginEntry, ORIGIN_ENTRY_FIELDS};
 use crate::drain::{detached, InflightCounter};
-use crate::invalidate::{invalidate_named, PurgeError, Target};
+use crate::invalidate::{purge_answered, PurgeError, PurgeParts, Target};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, IgnoredFields, SharedOrigins};
 use crate::ownership::{self, Registration};
@@ -393,20 +393,16 @@ fn authorize_purge(s: &AdminState, headers: &HeaderMap) -> Result<(), Box<Respon
 }
 
 /// Apply an authorized purge and answer it (a key also as the proxy keys it now:
-/// [`invalidate_named`]).
+/// [`crate::invalidate::invalidate_named`]); a stalled disk is answered 503 `disk_stalled` without waiting for it
+/// ([`purge_answered`]).
 async fn purge_target(s: &AdminState, target: Target) -> Response {
-    // Detached: a caller that hangs up while the ban is being made durable (its fsync may
-    // take seconds), or a key's tombstone written, must not cut the purge short.
-    let done = {
-        let (s, target) = (s.clone(), target.clone());
-        async move {
-            let origins = s.origins.current();
-            invalidate_named(s.storage, &s.shadows, &s.metrics, &origins, &target).await
-        }
+    let parts = PurgeParts {
+        storage: s.storage,
+        shadows: s.shadows.clone(),
+        metrics: s.metrics.clone(),
+        origins: s.origins.current(),
     };
-    let done = detached(&s.inflight, done)
-        .await
-        .unwrap_or_else(|e| Err(crate::invalidate::task_failed(e)));
+    let done = purge_answered(parts, &s.inflight, target.clone()).await;
     match (done, target) {
         (Ok(found), Target::Key(key)) => {
             let status = if found {
@@ -428,6 +424,11 @@ async fn purge_target(s: &AdminState, target: Target) -> Response {
         (Err(e @ PurgeError::NotDurable(_)), _) => error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "not_durable",
+            e.to_string(),
+        ),
+        (Err(e @ PurgeError::DiskStalled), _) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "disk_stalled",
             e.to_string(),
         ),
     }

@@ -2,16 +2,26 @@
 //! Vary variant, every key under a prefix, or every object of a host carrying a tag (both
 //! durable bans). An object purged is no longer a shadow either: its mark ends with it (a mark
 //! knows the tags its fill saw).
+//!
+//! A purge is in force from the moment it is applied; its answer waits until it is also
+//! durable. A stalled disk would hold that answer for as long as the stall lasts, so
+//! [`purge_answered`] answers [`PurgeError::DiskStalled`] once the disk's watchdog sees the
+//! stall, and the purge goes on until the disk takes it.
 
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use crate::drain::InflightCounter;
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, OriginTable};
 use crate::proxy::primary_key;
 use crate::shadow::{self, ShadowTable};
-use crate::storage::{BanError, FoyerStorage, NotDurable};
+use crate::storage::{BanError, FoyerStorage, NotDurable, Unwritten};
 use crate::tags;
 
-/// Why a purge is not final; the caller answers it as the edge's own failure (500), so the
-/// purge is sent again.
+/// Why a purge is not final; the caller answers it as the edge's own failure (500, or 503
+/// for a stalled disk), so the purge is sent again.
 #[derive(Debug, thiserror::Error)]
 pub enum PurgeError {
     /// A prefix or tag ban could not be written durably.
@@ -20,6 +30,13 @@ pub enum PurgeError {
     /// A key's tombstone was not on disk in time, and no key ban could stand in for it.
     #[error(transparent)]
     NotDurable(#[from] NotDurable),
+    /// The disk stalled while the purge waited for it ([`purge_answered`]); answered as the
+    /// edge's being unavailable (503), so the purge is sent again.
+    #[error(
+        "the cache disk is stalled: the purge is in force here but not yet on disk, and will \
+         be once the disk answers; ask again to confirm"
+    )]
+    DiskStalled,
 }
 
 /// What to purge.
@@ -79,38 +96,16 @@ pub async fn invalidate(
 ) -> Result<bool, PurgeError> {
     match target {
         Target::Key(key) => purge_keys(storage, shadows, metrics, &[key]).await,
-        Target::Prefix(prefix) => match off_runtime({
-            let prefix = prefix.clone();
-            move || storage.purge_prefix(&prefix)
-        })
-        .await
-        {
-            Ok(()) => {
-                shadows.remove_prefix(prefix);
-                metrics
-                    .purges
-                    .with_label_values(&["prefix", "banned"])
-                    .inc();
-                Ok(true)
-            }
-            Err(e) => {
-                metrics.purges.with_label_values(&["prefix", "error"]).inc();
-                Err(e)
-            }
-        },
+        Target::Prefix(prefix) => {
+            let bans = storage.purge_prefix(prefix);
+            shadows.remove_prefix(prefix);
+            write_bans(storage, metrics, "prefix", bans).await
+        }
         Target::Tags { host, tags } => {
             let host = format!("{host}/");
-            let outcome = off_runtime({
-                let (host, tags) = (host.clone(), tags.clone());
-                move || storage.purge_tags(&host, &tags)
-            })
-            .await;
-            if outcome.is_ok() {
-                shadows.remove_tagged(&host, tags);
-            }
-            let label = if outcome.is_ok() { "banned" } else { "error" };
-            metrics.purges.with_label_values(&["tag", label]).inc();
-            outcome.map(|()| true)
+            let bans = storage.purge_tags(&host, tags);
+            shadows.remove_tagged(&host, tags);
+            write_bans(storage, metrics, "tag", bans).await
         }
     }
 }
@@ -151,11 +146,78 @@ async fn purge_keys(
     Ok(found?)
 }
 
-/// A ban's durable write, off the async runtime ([`crate::storage::off_runtime`]).
-async fn off_runtime(
-    write: impl FnOnce() -> Result<(), BanError> + Send + 'static,
-) -> Result<(), PurgeError> {
-    Ok(crate::storage::off_runtime(write).await?)
+/// Write a purge's bans, already in force, off the async runtime
+/// ([`crate::storage::off_runtime`]), counting the purge (`kind`) by how that went.
+async fn write_bans(
+    storage: &'static FoyerStorage,
+    metrics: &EdgeMetrics,
+    kind: &str,
+    bans: Unwritten,
+) -> Result<bool, PurgeError> {
+    let written = crate::storage::off_runtime(move || storage.write_bans(bans)).await;
+    let outcome = if written.is_ok() { "banned" } else { "error" };
+    metrics.purges.with_label_values(&[kind, outcome]).inc();
+    Ok(written.map(|()| true)?)
+}
+
+/// How often a purge waiting for the disk looks at the disk's watchdog.
+const STALL_CHECK: Duration = Duration::from_millis(100);
+
+/// What a purge acts on, owned so that it can outlive the request that asked for it.
+#[derive(Clone)]
+pub struct PurgeParts {
+    /// The cache.
+    pub storage: &'static FoyerStorage,
+    /// Shadow marks.
+    pub shadows: Arc<ShadowTable>,
+    /// Metrics.
+    pub metrics: EdgeMetrics,
+    /// The origin table now ([`invalidate_named`]).
+    pub origins: Arc<OriginTable>,
+}
+
+/// Apply `target` ([`invalidate_named`]) and answer when it is final, or with
+/// [`PurgeError::DiskStalled`] as soon as the disk's watchdog sees a stall while it waits:
+/// the purge is in force by then (everything it does before its first wait is done here,
+/// before it is answered) and goes on, counted in `inflight` so a drain waits for it, until
+/// the disk takes it. A caller that hangs up does not cut it short either.
+pub async fn purge_answered(
+    parts: PurgeParts,
+    inflight: &InflightCounter,
+    target: Target,
+) -> Result<bool, PurgeError> {
+    let storage = parts.storage;
+    let mut purge = Box::pin(async move {
+        let PurgeParts {
+            storage,
+            shadows,
+            metrics,
+            origins,
+        } = parts;
+        invalidate_named(storage, &shadows, &metrics, &origins, &target).await
+    });
+    // The first poll applies it: in memory, banned, the marks ended.
+    if let Poll::Ready(done) = futures::poll!(purge.as_mut()) {
+        return done;
+    }
+    let working = inflight.enter();
+    let mut rest = tokio::spawn(async move {
+        let _working = working;
+        purge.await
+    });
+    loop {
+        match tokio::time::timeout(STALL_CHECK, &mut rest).await {
+            Ok(done) => return done.unwrap_or_else(|e| Err(task_failed(e))),
+            Err(_) if storage.disk_stalled() => {
+                tracing::warn!(
+                    "a purge waits for a stalled disk: answered unavailable, in force, made \
+                     durable when the disk answers"
+                );
+                return Err(PurgeError::DiskStalled);
+            }
+            Err(_) => {}
+        }
+    }
 }
 
 /// A purge task that ended without its answer (it panicked): reported as the ban log's
@@ -166,7 +228,72 @@ pub(crate) fn task_failed(e: tokio::task::JoinError) -> PurgeError {
 
 #[cfg(test)]
 mod tests {
+    use std::time::SystemTime;
+
+    use http::HeaderMap;
+
     use super::*;
+    use crate::storage::tests::{small_storage, StalledDisk};
+
+    /// A purge whose ban cannot reach a stalled disk (its append held, as behind a hung
+    /// fsync) is answered `DiskStalled` once the watchdog sees the stall, in force all the
+    /// while; it goes on, counted for the drain, and is written when the disk answers. A
+    /// purge on a disk that answers waits for its write.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_purge_on_a_stalled_disk_is_answered_in_force_and_written_later() {
+        let (dir, probed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s = small_storage(dir.path()).await;
+        let parts = PurgeParts {
+            storage: s,
+            shadows: Arc::new(ShadowTable::default()),
+            metrics: EdgeMetrics::register(&prometheus::Registry::new()).unwrap(),
+            origins: Arc::new(OriginTable::default()),
+        };
+        let inflight = InflightCounter::default();
+        let stored = SystemTime::now() - Duration::from_secs(1);
+        let banned = |kind| {
+            parts
+                .metrics
+                .purges
+                .with_label_values(&[kind, "banned"])
+                .get()
+        };
+
+        let held = s.hold_ban_writes();
+        let answer = purge_answered(parts.clone(), &inflight, Target::parse("h/a/*").unwrap());
+        let stalled = StalledDisk::watch(s, probed.path());
+        let answer = tokio::time::timeout(Duration::from_secs(5), answer).await;
+        assert!(
+            matches!(answer, Ok(Err(PurgeError::DiskStalled))),
+            "{answer:?}"
+        );
+        assert!(
+            s.purged_since_admitted("h/a/x", stored, &HeaderMap::new()),
+            "in force"
+        );
+        assert_eq!(inflight.count(), 1, "still under way");
+        assert_eq!(banned("prefix"), 0);
+
+        drop(held);
+        for _ in 0..500 {
+            if inflight.count() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(inflight.count(), 0);
+        assert_eq!(banned("prefix"), 1, "written once the disk answered");
+
+        stalled.resume().await;
+        let tags = Target::tags("h", &["t".into()]).unwrap();
+        let held = s.hold_ban_writes();
+        let mut answer = Box::pin(purge_answered(parts.clone(), &inflight, tags));
+        let waited = tokio::time::timeout(Duration::from_millis(300), answer.as_mut()).await;
+        assert!(waited.is_err(), "a disk that answers is waited for");
+        drop(held);
+        assert!(answer.await.unwrap());
+        assert_eq!(banned("tag"), 1);
+    }
 
     #[test]
     fn parses_keys_and_prefixes() {

@@ -53,6 +53,11 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::tags;
 
+/// Log lines of bans in force that are not yet known to be on disk ([`BanList::write`]).
+#[must_use = "a ban not written is lost at the next restart"]
+#[derive(Debug)]
+pub struct Unwritten(String);
+
 /// Why the ban log could not be read or written.
 #[derive(Debug, thiserror::Error)]
 pub enum BanError {
@@ -493,17 +498,26 @@ impl BanList {
         Ok(list)
     }
 
-    /// Record a ban on every object whose primary key starts with `prefix`, durably.
+    /// Ban every object whose primary key starts with `prefix`, durably ([`Self::ban`], then
+    /// [`Self::write`]).
+    #[cfg(test)]
     pub fn add(&self, prefix: &str) -> Result<(), BanError> {
-        self.add_all(vec![Banned::Prefix(one_line(prefix))])
+        self.write(self.ban(prefix))
     }
 
-    /// Record a ban on every object of host scope `scope` (`host/`) whose response carries
-    /// one of `tags`, durably, with one fsync. The tags must have passed [`tags::check`]
-    /// (lower-case, no spaces) and the scope must hold no space: both are log fields.
-    pub fn add_tags(&self, scope: &str, tags: &[String]) -> Result<(), BanError> {
+    /// Ban every object whose primary key starts with `prefix`: in force from now on,
+    /// durable once [`Self::write`] has recorded it.
+    pub fn ban(&self, prefix: &str) -> Unwritten {
+        self.apply(vec![Banned::Prefix(one_line(prefix))])
+    }
+
+    /// Ban every object of host scope `scope` (`host/`) whose response carries one of `tags`:
+    /// in force from now on, durable once [`Self::write`] has recorded it (one fsync for all
+    /// the tags). The tags must have passed [`tags::check`] (lower-case, no spaces) and the
+    /// scope must hold no space: both are log fields.
+    pub fn ban_tags(&self, scope: &str, tags: &[String]) -> Unwritten {
         let scope = one_line(scope);
-        self.add_all(
+        self.apply(
             tags.iter()
                 .map(|tag| Banned::Tag {
                     scope: scope.clone(),
@@ -511,6 +525,14 @@ impl BanList {
                 })
                 .collect(),
         )
+    }
+
+    /// Record bans already in force ([`Self::ban`], [`Self::ban_tags`]) durably, with one
+    /// fsync. A ban whose write fails stays in force until the next restart (and is recorded
+    /// if a compaction rewrites the log before it): it was asked for, and a purge answered
+    /// failed is asked again.
+    pub fn write(&self, bans: Unwritten) -> Result<(), BanError> {
+        self.record(bans.0, |_| {})
     }
 
     /// Record a ban on the objects stored before `at` under exactly these primary keys,
@@ -636,14 +658,20 @@ impl BanList {
             .collect()
     }
 
-    fn add_all(&self, targets: Vec<Banned>) -> Result<(), BanError> {
+    /// Put prefix or tag bans in force at once, before they are on disk: a disk that stalls
+    /// must not keep serving what a purge removed for as long as the stall lasts. (A
+    /// compaction that runs before their append records them too; the append then repeats
+    /// them, which reads back the same.)
+    fn apply(&self, targets: Vec<Banned>) -> Unwritten {
         let at_ms = now_ms();
         let bans: Vec<Ban> = targets
             .into_iter()
             .map(|target| Ban { target, at_ms })
             .collect();
         let lines: String = bans.iter().map(Ban::line).collect();
-        self.record(lines, |s| bans.into_iter().for_each(|b| s.push(b)))
+        let mut s = self.state.write();
+        bans.into_iter().for_each(|b| s.push(b));
+        Unwritten(lines)
     }
 
     /// The registration time last applied to host scope `scope` (see [`OwnerChange`]).
@@ -678,6 +706,12 @@ impl BanList {
         })
     }
 
+    /// Hold every append of the log while the returned guard lives, as a hung fsync does.
+    #[cfg(test)]
+    pub(crate) fn hold_writes(&self) -> impl Sized + '_ {
+        self.writer.lock()
+    }
+
     /// Make every append fail (`broken`), as on a full disk, or work again.
     #[cfg(test)]
     pub(crate) fn break_appends(&self, broken: bool) {
@@ -692,7 +726,8 @@ impl BanList {
 
     /// Append `line` to the log durably, then `apply` it to the state, holding the writer's
     /// lock throughout: a compaction in between would rewrite the log from a state without
-    /// it, and it would not survive a restart.
+    /// it, and it would not survive a restart. (Prefix and tag bans are in the state
+    /// already, [`Self::apply`].)
     ///
     /// A failed append is cut off the log again, so the next one does not land on the end of
     /// a partial line (which would read back as one garbled line and lose the next ban).
@@ -994,7 +1029,7 @@ mod tests {
         };
         {
             let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
-            b.add_tags("h/", &["product-42".into(), "gone".into()])
+            b.write(b.ban_tags("h/", &["product-42".into(), "gone".into()]))
                 .unwrap();
             assert_eq!(b.len(), 2);
             check(&b);
@@ -1265,12 +1300,15 @@ mod tests {
             };
             assert!(b.add("h/failed/").is_err());
             assert!(b
-                .add_keys(&[("h/failed/k", Some(1))], SystemTime::now(), || true)
+                .add_keys(&[("h/key", Some(1))], SystemTime::now(), || true)
                 .is_err());
-            assert!(!b.is_banned("h/failed/k", old, &NO_TAGS));
             assert!(
-                !b.is_banned("h/failed/x", old, &NO_TAGS),
-                "not acknowledged, not applied"
+                !b.is_banned("h/key", old, &NO_TAGS),
+                "a key ban is applied once written"
+            );
+            assert!(
+                b.is_banned("h/failed/x", old, &NO_TAGS),
+                "a prefix ban is in force before it is written, failed or not"
             );
             // What a write that failed half-way leaves behind.
             let mut raw = OpenOptions::new().append(true).open(&path).unwrap();
@@ -1284,6 +1322,31 @@ mod tests {
             "{}",
             fs::read_to_string(&path).unwrap()
         );
+        assert!(!b.is_banned("h/failed/x", old, &NO_TAGS), "never written");
+    }
+
+    /// A prefix ban holds while its append waits for the disk (here: for the writer's lock,
+    /// as behind a hung fsync), and is on disk once the append returns.
+    #[test]
+    fn a_prefix_ban_is_in_force_before_its_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = SystemTime::now() - Duration::from_secs(10);
+        let b = Arc::new(BanList::open(dir.path(), Duration::from_secs(3600)).unwrap());
+        let held = b.writer.lock();
+        let ban = b.ban("h/a/");
+        assert!(b.is_banned("h/a/x", old, &NO_TAGS));
+        let writing = std::thread::spawn({
+            let b = b.clone();
+            move || b.write(ban)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!writing.is_finished(), "the append waits for the disk");
+        assert!(b.is_banned("h/a/x", old, &NO_TAGS));
+        drop(held);
+        writing.join().unwrap().unwrap();
+        drop(b);
+        let b = BanList::open(dir.path(), Duration::from_secs(3600)).unwrap();
+        assert!(b.is_banned("h/a/x", old, &NO_TAGS));
     }
 
     #[test]

@@ -138,6 +138,11 @@ impl DiskReads {
         let _ = self.health.set(health);
     }
 
+    /// Whether the watchdog sees the disk stalled (never, until it is given one).
+    pub(super) fn stalled(&self) -> bool {
+        self.health.get().is_some_and(DiskHealth::stalled)
+    }
+
     /// Read `hash` from `disk` for a reader that saw its key's purge slot at `epoch`
     /// (`FoyerStorage::read`), joining a load of it under way that began at the same epoch.
     /// A load that began before a write or removal of the slot is not joined: it may bring
@@ -148,15 +153,14 @@ impl DiskReads {
         hash: u128,
         epoch: u64,
     ) -> foyer::Result<Read> {
-        let health = self.health.get();
-        if health.is_some_and(DiskHealth::stalled) {
+        if self.stalled() {
             if !disk.may_contains(&hash) {
                 return Ok(Read::Absent);
             }
             self.count(Skip::Stalled);
             return Ok(Read::Skipped);
         }
-        let limit = health.map(DiskHealth::stall_after);
+        let limit = self.health.get().map(DiskHealth::stall_after);
         let joined = match self.loading.lock().get(&hash) {
             Some(l) if l.epoch == epoch => Some(l.loading.clone()),
             _ => None,

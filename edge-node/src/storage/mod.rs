@@ -46,7 +46,7 @@ use pingora_cache::{CacheEntryKey, CacheMeta, NoCacheReason, Storage};
 use pingora_error::{Error, ErrorType, Result};
 
 pub(crate) use bans::off_runtime;
-pub use bans::{BanError, BanList, OwnerChange, RefreshRecord};
+pub use bans::{BanError, BanList, OwnerChange, RefreshRecord, Unwritten};
 pub use disk_health::{DiskHealth, DiskVerdict, ProbeMetrics, PROBE_FILE};
 use disk_io::DiskErrors;
 pub use disk_io::{layer as disk_errors_layer, FlusherErrors};
@@ -454,6 +454,18 @@ impl FoyerStorage {
         self.reads.watch(health);
     }
 
+    /// Hold every write of the ban log while the returned guard lives, as a hung fsync does.
+    #[cfg(test)]
+    pub(crate) fn hold_ban_writes(&self) -> impl Sized + '_ {
+        self.bans.hold_writes()
+    }
+
+    /// Whether the disk's watchdog ([`Self::watch_disk`]) sees it stalled now: a write that
+    /// must reach it (a ban's fsync) waits as long as the stall lasts.
+    pub fn disk_stalled(&self) -> bool {
+        self.reads.stalled()
+    }
+
     /// Largest body the cache stores.
     pub fn max_object_bytes(&self) -> usize {
         self.max_object_bytes
@@ -846,18 +858,26 @@ impl FoyerStorage {
         self.purges.lock()[purge_slot(hash)]
     }
 
-    /// Ban every object whose primary key starts with `prefix`; durable before it returns.
-    pub fn purge_prefix(&self, prefix: &str) -> Result<(), BanError> {
+    /// Ban every object whose primary key starts with `prefix`: in force at once, durable once
+    /// [`Self::write_bans`] has written it.
+    pub fn purge_prefix(&self, prefix: &str) -> Unwritten {
         // Fills in flight under the prefix carry a creation time older than the ban, so their
         // objects are dropped at their first lookup after commit.
-        self.bans.add(prefix)
+        self.bans.ban(prefix)
     }
 
     /// Ban every object of host scope `scope` (`host/`) whose response carries one of `tags`
-    /// (checked by [`crate::tags::check`]); durable before it returns. As with a prefix, a
-    /// fill in flight is dropped at its first lookup after commit.
-    pub fn purge_tags(&self, scope: &str, tags: &[String]) -> Result<(), BanError> {
-        self.bans.add_tags(scope, tags)
+    /// (checked by [`crate::tags::check`]): in force at once, durable once
+    /// [`Self::write_bans`] has written it. As with a prefix, a fill in flight is dropped at
+    /// its first lookup after commit.
+    pub fn purge_tags(&self, scope: &str, tags: &[String]) -> Unwritten {
+        self.bans.ban_tags(scope, tags)
+    }
+
+    /// Record the bans of [`Self::purge_prefix`] or [`Self::purge_tags`] on disk, with one
+    /// fsync: call it off the async runtime ([`off_runtime`]), since a stalled disk holds it.
+    pub fn write_bans(&self, bans: Unwritten) -> Result<(), BanError> {
+        self.bans.write(bans)
     }
 
     /// The registration time last applied to host scope `scope` (see [`crate::ownership`]).
@@ -1444,13 +1464,49 @@ impl Drop for FoyerMissHandler {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pingora_http::ResponseHeader;
 
     /// A memory-only storage taking objects up to 512 KiB, alive for the test process.
-    async fn small_storage(dir: &std::path::Path) -> &'static FoyerStorage {
+    pub(crate) async fn small_storage(dir: &std::path::Path) -> &'static FoyerStorage {
         storage_with_disk(dir, 0).await
+    }
+
+    /// A disk watchdog that sees a stall from its start until [`Self::resume`]: its probe
+    /// file is a FIFO nobody reads.
+    pub(crate) struct StalledDisk {
+        dir: PathBuf,
+        health: DiskHealth,
+    }
+
+    impl StalledDisk {
+        /// Watch `s`'s disk, probing `dir`, stalled.
+        pub(crate) fn watch(s: &FoyerStorage, dir: &std::path::Path) -> Self {
+            disk_health::tests::make_fifo(&dir.join(PROBE_FILE));
+            let metrics = disk_health::tests::metrics();
+            let health = DiskHealth::start(dir, Duration::from_millis(100), metrics).unwrap();
+            assert!(health.stalled());
+            s.watch_disk(health.clone());
+            StalledDisk {
+                dir: dir.into(),
+                health,
+            }
+        }
+
+        /// Let the stuck probe come back (failing: a pipe cannot be synced).
+        pub(crate) async fn resume(self) {
+            let fifo = self.dir.join("fifo");
+            std::fs::rename(self.dir.join(PROBE_FILE), &fifo).unwrap();
+            let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
+            for _ in 0..200 {
+                if !self.health.stalled() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            reader.join().unwrap();
+        }
     }
 
     /// A storage with 4 MiB of memory and `disk_bytes` of disk in 1 MiB blocks, taking
@@ -1896,12 +1952,7 @@ mod tests {
         s.cache.storage().wait().await;
         s.cache.memory().remove(&primary_hash("h/disk"));
 
-        let probe = dir.path().join(PROBE_FILE);
-        disk_health::tests::make_fifo(&probe);
-        let metrics = disk_health::tests::metrics();
-        let health = DiskHealth::start(dir.path(), Duration::from_millis(100), metrics).unwrap();
-        assert!(health.stalled());
-        s.watch_disk(health.clone());
+        let stalled = StalledDisk::watch(s, dir.path());
         assert!(s.load(primary_hash("h/disk")).await.unwrap().is_none());
         assert_eq!(s.reads.skipped("stalled"), 1);
         assert!(s.load(primary_hash("h/memory")).await.unwrap().is_some());
@@ -1912,16 +1963,7 @@ mod tests {
             "nothing of these was on disk to skip"
         );
 
-        let fifo = dir.path().join("fifo");
-        std::fs::rename(&probe, &fifo).unwrap();
-        let reader = std::thread::spawn(move || std::fs::read(fifo).unwrap());
-        for _ in 0..200 {
-            if !health.stalled() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        reader.join().unwrap();
+        stalled.resume().await;
         let back = s.load(primary_hash("h/disk")).await.unwrap();
         assert_eq!(&back.expect("read from disk").body[..], b"v");
         assert_eq!(s.reads.skipped("timed_out"), 0);
@@ -2462,7 +2504,7 @@ mod tests {
             !s.purged_since_admitted("h/other", before, &HeaderMap::new()),
             "another key"
         );
-        s.purge_prefix("h/dir/").unwrap();
+        s.write_bans(s.purge_prefix("h/dir/")).unwrap();
         assert!(
             s.purged_since_admitted("h/dir/x", before, &HeaderMap::new()),
             "under a later ban"
@@ -2629,7 +2671,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         // A ban leaves the object where it is until a lookup meets it; the 304 that
         // revalidates it in the meantime does not store it again.
-        s.purge_prefix("h/r/").unwrap();
+        s.write_bans(s.purge_prefix("h/r/")).unwrap();
         assert!(s.load(hash).await.unwrap().is_some());
         assert!(!s.update_meta(&key, &v1, &trace).await.unwrap());
     }

@@ -22,7 +22,7 @@ use super::tls::{peer_is, BROKER_NAME};
 use super::trust::Trust;
 use super::{is_hop_header, PEER_FETCH_HEADER};
 use crate::drain::InflightCounter;
-use crate::invalidate::{invalidate_named, Target};
+use crate::invalidate::{purge_answered, PurgeError, PurgeParts, Target};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::SharedOrigins;
 use crate::proxy::InternalSecret;
@@ -624,10 +624,18 @@ impl Handler {
         let p = &self.parts;
         match target {
             Ok(t) => {
-                match invalidate_named(p.storage, &p.shadows, &p.metrics, &p.origins.current(), &t)
-                    .await
-                {
+                let parts = PurgeParts {
+                    storage: p.storage,
+                    shadows: p.shadows.clone(),
+                    metrics: p.metrics.clone(),
+                    origins: p.origins.current(),
+                };
+                match purge_answered(parts, &p.inflight, t).await {
                     Ok(found) => Reply::Done { found },
+                    // The broker sends it again, as it does a busy edge's refusal.
+                    Err(e @ PurgeError::DiskStalled) => {
+                        Reply::error(ErrorCode::Busy, e.to_string())
+                    }
                     Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
                 }
             }
