@@ -2980,6 +2980,20 @@ async fn shadow_outcomes_are_priced_per_region_and_ungated_ones_move_no_threshol
 /// hour-long TTL has not run out, where before both were lost with the process.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_edge_reports_the_shadows_its_stop_ended() {
+    restarted_edge_settles_its_shadow(false).await;
+}
+
+/// An edge killed with SIGKILL reports nothing of its shadows; the next process says they
+/// are lost, and the ledger prices the shadow as filled and unused (its hit went with the
+/// process) instead of forgetting it unpriced once its TTL ran out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_edge_has_its_lost_shadows_priced() {
+    restarted_edge_settles_its_shadow(true).await;
+}
+
+/// Shadow an object on an eu edge, hit it, stop the edge (`crash`: SIGKILL) and start it
+/// again; the ledger settles the shadow.
+async fn restarted_edge_settles_its_shadow(crash: bool) {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
@@ -3014,17 +3028,30 @@ async fn a_restarted_edge_reports_the_shadows_its_stop_ended() {
         eu().await.is_none(),
         "nothing settled while the shadow lives"
     );
-    assert_eq!(c.edges[i].child.terminate(), Some(0));
-    assert!(c.edges[i].dir.join("cache/shadow-outcomes.json").exists());
+    let (saved, running) = (
+        c.edges[i].dir.join("cache/shadow-outcomes.json"),
+        c.edges[i].dir.join("cache/shadow-process.running"),
+    );
+    assert!(running.exists());
+    if crash {
+        c.edges[i].child.kill();
+        assert!(!saved.exists() && running.exists());
+    } else {
+        assert_eq!(c.edges[i].child.terminate(), Some(0));
+        assert!(saved.exists() && !running.exists());
+    }
     c.edges[i].spawn();
     wait_secs(30, || async {
         eu().await.is_some_and(|r| r["shadows"].as_u64() >= Some(1))
     })
     .await;
     let row = eu().await.unwrap();
-    assert_eq!(row["used"], 1, "{row}");
+    assert_eq!(row["shadows"], 1, "{row}");
+    assert_eq!(row["used"], if crash { 0 } else { 1 }, "{row}");
+    assert_eq!(row["lost"], if crash { 1 } else { 0 }, "{row}");
     assert!(row["spend"].as_f64().unwrap() > 0.0, "{row}");
-    assert!(!c.edges[i].dir.join("cache/shadow-outcomes.json").exists());
+    assert!(!saved.exists());
+    wait_until(|| async { running.exists() }).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -96,6 +96,8 @@ pub struct Control {
     restart_seen: tokio::sync::Notify,
     /// Per edge, the last shadow-outcome batch received (acknowledged with the next poll).
     received: parking_lot::Mutex<Vec<u64>>,
+    /// Per edge, the last [`StatsReport::lost_before_ms`] priced ([`Ledger::lost`]).
+    lost_priced: parking_lot::Mutex<Vec<u64>>,
     interval: Duration,
     ledger: Arc<Ledger>,
     metrics: BrokerMetrics,
@@ -155,6 +157,7 @@ impl Control {
             restarted: parking_lot::Mutex::new(Vec::new()),
             restart_seen: tokio::sync::Notify::new(),
             received: parking_lot::Mutex::new(vec![0; n]),
+            lost_priced: parking_lot::Mutex::new(vec![0; n]),
             interval: Duration::from_secs_f64(
                 section
                     .stats_interval_secs
@@ -380,6 +383,13 @@ impl Control {
                     }
                     if first_receipt(&mut self.received.lock()[e], s.outcomes_seq) {
                         self.ledger.settle(e, &s.outcomes);
+                    }
+                    // After what it did report: the orders it says it cannot report are
+                    // priced here, once per loss it tells of.
+                    let lost_before = s.lost_before_ms;
+                    if lost_before > std::mem::replace(&mut self.lost_priced.lock()[e], lost_before)
+                    {
+                        self.ledger.lost(e, lost_before);
                     }
                     s.outcomes = Vec::new();
                     let g = &self.metrics.edge_stats;

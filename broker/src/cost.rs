@@ -49,6 +49,9 @@ pub struct OrderInfo {
     pub region: usize,
     /// Priority class.
     pub class: Class,
+    /// The object's expected size in bytes (0: not known): what its order is priced at if
+    /// the edge loses it unreported ([`Ledger::lost`]).
+    pub bytes: u64,
 }
 
 /// The signal that placed a shadow.
@@ -261,6 +264,9 @@ struct Rollup {
     /// Orders for objects the edge already held (no bytes moved; not counted in `shadows`,
     /// never priced, not in precision).
     held_before: u64,
+    /// Orders an edge process took with it ([`Ledger::lost`]); counted in `shadows` too, as
+    /// unused.
+    lost: u64,
     shadows: u64,
     used: u64,
     bytes: u64,
@@ -272,6 +278,7 @@ impl Rollup {
     fn add(&mut self, o: &Rollup) {
         self.failed += o.failed;
         self.held_before += o.held_before;
+        self.lost += o.lost;
         self.shadows += o.shadows;
         self.used += o.used;
         self.bytes += o.bytes;
@@ -283,6 +290,7 @@ impl Rollup {
         let precision = (self.bytes > 0).then(|| self.used_bytes as f64 / self.bytes as f64);
         serde_json::json!({
             "shadows": self.shadows, "failed": self.failed, "already_held": self.held_before,
+            "lost": self.lost,
             "used": self.used,
             "bytes": self.bytes, "used_bytes": self.used_bytes, "byte_precision": precision,
             "spend": self.money.spend(), "savings": self.money.savings(), "net": self.money.net(),
@@ -308,6 +316,10 @@ struct Order {
     /// Names of the orders of this key and edge it replaced, latest last (at most
     /// [`RETIRED_NAMES`]): their outcomes may still arrive, so no new order takes them.
     retired: Vec<u64>,
+    /// Its lifetime on the edge.
+    ttl: Duration,
+    /// It named a peer to fill from.
+    peer: bool,
 }
 
 /// How many replaced orders' names an order remembers. A replaced order's shadow is
@@ -542,8 +554,9 @@ impl Ledger {
 
     /// Remember an order placed on `edge` by `signal` at `placed_ms` (Unix ms, taken before
     /// it was sent: the edge may end the shadow, a failed fill say, before it answers) and
-    /// named `id` ([`Self::order_id`]), until its outcome arrives (or long after its TTL). A
-    /// placement of a gated source tells its tuner it still admits (see `Tuner::admitted`).
+    /// named `id` ([`Self::order_id`]), filled from a peer if `peer`, until its outcome
+    /// arrives (or long after its TTL). A placement of a gated source tells its tuner it
+    /// still admits (see `Tuner::admitted`).
     #[allow(clippy::too_many_arguments)]
     pub fn record_order(
         &self,
@@ -554,6 +567,7 @@ impl Ledger {
         ttl: Duration,
         placed_ms: u64,
         id: Option<u64>,
+        peer: bool,
     ) {
         let epoch = signal.source.tuned().map_or(0, |source| {
             let mut t = self.tuners.lock();
@@ -586,6 +600,8 @@ impl Ledger {
                 epoch,
                 id,
                 retired,
+                ttl,
+                peer,
             },
         );
     }
@@ -738,6 +754,57 @@ impl Ledger {
         drop(orders);
         drop(ended);
         self.publish();
+    }
+
+    /// Price the orders of `edge` whose outcomes will never come: those placed more than
+    /// [`CLOCK_SLACK_MS`] before `before_ms` that are still open, when the edge says a
+    /// process of it ended without a graceful stop then (its
+    /// [`edge_node::sync::protocol::StatsReport::lost_before_ms`]) and took their shadows with
+    /// it. Left open they would be forgotten unpriced after their TTL, and their fills' spend
+    /// with them. Each is priced as filled as ordered (its expected size, from the origin or
+    /// its peer) and held unused until `before_ms`: whether a request found it went
+    /// unrecorded, and its copy, if the disk kept it, is no longer a shadow. It is counted
+    /// `lost` in its rollup and, its term cut short, tunes no threshold. Asked again with the
+    /// same time it finds nothing more; returns how many it settled.
+    pub fn lost(&self, edge: usize, before_ms: u64) -> usize {
+        let lost: Vec<ShadowOutcome> = {
+            let orders = self.orders.lock();
+            let mut rollups = self.rollups.lock();
+            orders
+                .iter()
+                .filter(|((_, e), o)| *e == edge && o.placed_ms + CLOCK_SLACK_MS < before_ms)
+                .map(|((key, _), o)| {
+                    rollups.entry(rollup_key(o)).or_default().lost += 1;
+                    let region = self.regions.get(o.info.region).map_or("-", |s| s.as_str());
+                    self.metrics.shadows_lost.with_label_values(&[region]).inc();
+                    ShadowOutcome {
+                        key: key.clone(),
+                        bytes: o.info.bytes,
+                        hits: 0,
+                        held_secs: ((before_ms - o.placed_ms) / 1000).min(o.ttl.as_secs()),
+                        peer_filled: o.peer,
+                        evicted: false,
+                        failed: false,
+                        held_before: false,
+                        removed: true,
+                        ended_ms: before_ms,
+                        head_start_ms: None,
+                        order: o.id,
+                        fill_paid: false,
+                    }
+                })
+                .collect()
+        };
+        if !lost.is_empty() {
+            tracing::warn!(
+                edge,
+                orders = lost.len(),
+                "shadow orders lost with an edge process that ended without a graceful stop: \
+                 priced as filled and unused"
+            );
+            self.settle(edge, &lost);
+        }
+        lost.len()
     }
 
     /// Spend and savings counters of one priced shadow (by region, class and source; the
@@ -1090,6 +1157,7 @@ mod tests {
             provider: "p".into(),
             region,
             class: Class::of(priority),
+            bytes: 1_000_000,
         }
     }
 
@@ -1104,6 +1172,7 @@ mod tests {
             Duration::from_secs(60),
             unix_ms_now(),
             None,
+            false,
         );
     }
 
@@ -1155,6 +1224,73 @@ mod tests {
         assert!(!report["changes"].as_array().unwrap().is_empty());
         assert_eq!(report["rollups"][0]["provider"], "p");
         assert_eq!(report["rollups"][0]["source"], "forecast");
+    }
+
+    /// When an edge says a process of it ended without a graceful stop, the orders it had
+    /// accepted before then are priced as filled as ordered and held unused until then (at
+    /// most their TTL), once, counted lost; they tune nothing, and the planner is told.
+    /// Another edge's orders, and orders placed since, stay open.
+    #[test]
+    fn orders_an_edge_process_took_with_it_are_priced_once_as_lost() {
+        let l = ledger();
+        let signal = Signal::forecast(0.9);
+        let hour = Duration::from_secs(7_200);
+        let crash = unix_ms_now();
+        let placed = crash - 3_600_000;
+        l.record_order("h/a", 0, info(0, 5), signal, hour, placed, None, false);
+        let short = Duration::from_secs(60);
+        l.record_order("h/b", 0, info(0, 5), signal, short, placed, Some(7), true);
+        l.record_order("h/a", 1, info(1, 5), signal, hour, placed, None, false);
+        l.record_order(
+            "h/c",
+            0,
+            info(0, 5),
+            signal,
+            hour,
+            crash + 5_000,
+            None,
+            false,
+        );
+
+        assert_eq!(l.lost(0, crash), 2);
+        assert_eq!(l.lost(0, crash), 0, "settled once");
+        assert!(!l.has_order("h/a", 0) && !l.has_order("h/b", 0));
+        assert!(l.has_order("h/a", 1) && l.has_order("h/c", 0));
+        let mut ended = l.take_ended();
+        ended.sort_by(|a, b| a.key.cmp(&b.key));
+        assert_eq!(ended.len(), 2);
+        assert!(ended.iter().all(|e| e.edge == 0 && !e.failed), "{ended:?}");
+
+        let as_lost = |held_secs, peer_filled| ShadowOutcome {
+            held_secs,
+            peer_filled,
+            ..outcome(1_000_000, 0, peer_filled)
+        };
+        let spend = price(&l.cfg, &as_lost(3_600, false)).spend()
+            + price(&l.cfg, &as_lost(60, true)).spend();
+        let report = l.report();
+        let row = &report["by_source"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["source"] == "forecast")
+            .unwrap()
+            .clone();
+        assert_eq!(row["lost"], 2);
+        assert_eq!(row["shadows"], 2);
+        assert_eq!(row["used"], 0);
+        assert_eq!(row["bytes"], 2_000_000);
+        let priced = row["spend"].as_f64().unwrap();
+        assert!((priced - spend).abs() < 1e-12, "{priced} against {spend}");
+        assert!(
+            report["thresholds"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|t| t["judged"].is_null()),
+            "cut short: no evidence for the tuner"
+        );
+        assert_eq!(l.metrics.shadows_lost.with_label_values(&["eu"]).get(), 2);
     }
 
     #[test]
@@ -1270,22 +1406,31 @@ mod tests {
         let id = l.order_id("h/x", 1, now + 500);
         assert_eq!(id, now + 500);
         let signal = Signal::forecast(0.9);
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id));
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id), false);
         // The next order of the key gets another name, even with the same deadline.
         assert_eq!(l.order_id("h/x", 1, id), id + 1);
         // And so does one after that which goes back to the first deadline (A, B, A).
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1));
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1), false);
         assert_eq!(l.order_id("h/x", 1, id), id + 2);
         assert_eq!(l.order_id("h/x", 1, id + 5), id + 5);
         for later in 2..=RETIRED_NAMES as u64 + 1 {
-            l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + later));
+            l.record_order(
+                "h/x",
+                1,
+                info(1, 5),
+                signal,
+                ttl,
+                now,
+                Some(id + later),
+                false,
+            );
         }
         assert_eq!(
             l.order_id("h/x", 1, id),
             id,
             "only the last few names are kept"
         );
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id));
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id), false);
         assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
         assert_eq!(l.order_id("h/x", 1, 0), 0, "no deadline, no name");
         // A previous order's outcome, stamped by a clock running ahead: still not this one's.
@@ -1315,7 +1460,7 @@ mod tests {
         assert_eq!(l.order_id("h/x", 1, id + 3), id + 6);
         assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
         // ...and pass to that order.
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1));
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1), false);
         assert_eq!(l.order_id("h/x", 1, id), id + 2);
     }
 

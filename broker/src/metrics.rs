@@ -73,6 +73,9 @@ pub struct BrokerMetrics {
     pub shadow_precision: prometheus::GaugeVec,
     /// First requests that found a shadow / all first requests (shadow first hits + misses).
     pub shadow_recall: prometheus::Gauge,
+    /// Shadow orders an edge process took with it when it ended without a graceful stop,
+    /// priced by the broker ([`crate::cost::Ledger::lost`]), by region.
+    pub shadows_lost: IntCounterVec,
     /// Confidence threshold in force by region and priority class.
     pub threshold: prometheus::GaugeVec,
     /// Threshold moves by region, class and direction.
@@ -311,6 +314,14 @@ impl BrokerMetrics {
                 "shadowcdn_broker_shadow_recall",
                 "First requests that found a shadow / all first requests",
             )?,
+            shadows_lost: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_shadows_lost_total",
+                    "Shadow orders whose edge process ended without a graceful stop, so their \
+                     outcome never came: priced as filled and unused",
+                ),
+                &["region"],
+            )?,
             threshold: prometheus::GaugeVec::new(
                 Opts::new(
                     "shadowcdn_broker_shadow_threshold",
@@ -441,6 +452,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.net_benefit.clone()))?;
         registry.register(Box::new(m.shadow_precision.clone()))?;
         registry.register(Box::new(m.shadow_recall.clone()))?;
+        registry.register(Box::new(m.shadows_lost.clone()))?;
         registry.register(Box::new(m.threshold.clone()))?;
         registry.register(Box::new(m.threshold_changes.clone()))?;
         registry.register(Box::new(m.quic_messages.clone()))?;

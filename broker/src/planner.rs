@@ -914,12 +914,13 @@ pub async fn place_with(
     let id = (order.deadline_ms != 0).then_some(order.deadline_ms);
     let placed_ms = edge_node::sync::protocol::unix_ms_now();
     let since = state.generation();
+    let peer = order.peer.is_some();
     let ok = sync.shadow(edge, order).await;
     if ok {
         if !state.record_placed(&key, edge, ttl, since) {
             tracing::debug!(%key, edge, "purged while its order was in flight: not recorded live");
         }
-        ledger.record_order(&key, edge, info, signal, ttl, placed_ms, id);
+        ledger.record_order(&key, edge, info, signal, ttl, placed_ms, id, peer);
     }
     ok
 }
@@ -1261,14 +1262,16 @@ impl Planner {
                     .split_once('/')
                     .and_then(|(host, _)| self.registry.origin(host))
                     .map_or_else(|| "-".to_string(), |o| o.provider);
+                // Its size is not listed; filled already, it is not what a loss would price.
                 let info = OrderInfo {
                     provider,
                     region,
                     class: Class::of(s.priority),
+                    bytes: 0,
                 };
                 let now_ms = edge_node::sync::protocol::unix_ms_now();
-                self.ledger
-                    .record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms, None);
+                let ledger = &self.ledger;
+                ledger.record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms, None, false);
             }
             self.state.adopted.lock().insert(e);
             if !shadows.is_empty() {
@@ -1363,6 +1366,7 @@ impl Planner {
                 provider: c.provider.clone(),
                 region: r,
                 class: Class::of(c.priority),
+                bytes: c.bytes,
             };
             orders.push((e, order, info, signal));
         }
@@ -1650,6 +1654,7 @@ impl Planner {
                     provider: c.provider.clone(),
                     region: c.region_idx,
                     class: Class::of(c.priority),
+                    bytes: c.bytes,
                 };
                 orders.push((e, order, info, Signal::forecast(f.p_any)));
             }

@@ -16,8 +16,11 @@ use crate::http_service::AxumService;
 use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
-use crate::shadow::{save_at_stop, SavedOutcomes, ShadowService, ShadowTable};
+use crate::shadow::{
+    ended_without_stop, mark_running, save_at_stop, SavedOutcomes, ShadowService, ShadowTable,
+};
 use crate::storage::{DiskHealth, FillLock, FoyerStorage, StorageError, StorageOptions};
+use crate::sync::protocol::unix_ms_now;
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
     KNOWN_ADDRESSES_FILE,
@@ -242,9 +245,20 @@ impl EdgeNode {
                 shadows.outcomes().restore(saved);
                 true
             }
-            Ok(None) => false,
+            Ok(None) => {
+                if ended_without_stop(&cfg.cache.dir) {
+                    tracing::warn!(
+                        "the last process ended without a graceful stop: the broker is told \
+                         that the shadows it held will not be reported, and prices them itself"
+                    );
+                    shadows.outcomes().lost_before(unix_ms_now());
+                }
+                false
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "shadow outcomes of the last stop not restored");
+                tracing::warn!(error = %e, "shadow outcomes of the last stop not restored: \
+                    the broker is told they are lost");
+                shadows.outcomes().lost_before(unix_ms_now());
                 false
             }
         };
@@ -428,6 +442,10 @@ impl EdgeNode {
                 tracing::warn!(error = %e, "restored shadow outcomes' file not removed: a later \
                     start reports them again");
             }
+        }
+        if let Err(e) = mark_running(&self.cfg.cache.dir) {
+            tracing::warn!(error = %e, "cannot note the process as running: were it to crash, \
+                the broker would not learn that its shadows are lost");
         }
         self.server.run(RunArgs::default());
         tracing::info!("server stopped; flushing cache");

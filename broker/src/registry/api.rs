@@ -1192,6 +1192,8 @@ async fn apply_event(
                         provider: r.provider.clone(),
                         region,
                         class: crate::cost::Class::of(r.priority),
+                        // Not known before its first fill: a loss prices the fill's compute.
+                        bytes: 0,
                     };
                     let ok =
                         crate::planner::place(&s.sync, &s.planner, &s.ledger, e, order, info).await;

@@ -230,6 +230,7 @@ impl CoAccessService {
                 provider: reg.map_or_else(|| "-".to_string(), |r| r.provider),
                 region: t.region,
                 class: Class::of(priority),
+                bytes,
             };
             let ok = place_with(
                 &self.sync,

@@ -7,7 +7,10 @@ mod table;
 
 pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
-pub use outcomes::{save_at_stop, OutcomeLog, SavedOutcomes, OUTCOMES_FILE};
+pub use outcomes::{
+    ended_without_stop, mark_running, save_at_stop, OutcomeLog, SavedOutcomes, OUTCOMES_FILE,
+    RUNNING_FILE,
+};
 pub use pace::FillPacer;
 pub use table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Mark, Order, ShadowTable};
 

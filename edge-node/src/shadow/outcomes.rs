@@ -9,13 +9,18 @@
 //! those shadows: their fills' spend and their hits would be lost with every rolling upgrade.
 //! The drain waits for the fills under way (each counts as in-flight work until its mark or
 //! outcome is in the table), and the orders still queued end as dropped while they waited.
-//! Fills still running when the drain's timeout ends it, and everything after a crash, are
-//! lost as before.
+//! Fills still running when the drain's timeout ends it are lost as before.
+//!
+//! A crash leaves nothing to report, so the edge says so instead: a running process keeps
+//! [`RUNNING_FILE`] in the cache directory, and its graceful stop removes it once the outcomes
+//! are saved. A start that finds it with no saved outcomes tells the broker that the orders
+//! it accepted before now will never be reported ([`OutcomeLog::lost_before`]), and the
+//! broker prices them itself.
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -26,6 +31,22 @@ use crate::sync::protocol::ShadowOutcome;
 
 /// The file a graceful stop leaves, in the cache directory.
 pub const OUTCOMES_FILE: &str = "shadow-outcomes.json";
+
+/// The file a running process keeps in the cache directory ([`mark_running`]) until its
+/// graceful stop has saved its outcomes.
+pub const RUNNING_FILE: &str = "shadow-process.running";
+
+/// Note in `dir` that a process is running, once its start can no longer fail.
+pub fn mark_running(dir: &Path) -> io::Result<()> {
+    write_atomic(&dir.join(RUNNING_FILE), b"")
+}
+
+/// Whether the last process of `dir` ended without a graceful stop: it left [`RUNNING_FILE`].
+/// Asked only when it left no saved outcomes (a stop that saved them and then failed to
+/// remove the file did stop).
+pub fn ended_without_stop(dir: &Path) -> bool {
+    dir.join(RUNNING_FILE).exists()
+}
 
 /// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
 /// broker does not poll, the oldest are dropped (and counted) rather than growing forever.
@@ -40,6 +61,8 @@ pub struct OutcomeLog {
     sent: parking_lot::Mutex<Option<(u64, Vec<ShadowOutcome>)>>,
     /// Saved for the next process ([`Self::freeze`]): no new batch is formed.
     frozen: AtomicBool,
+    /// [`Self::lost_before_ms`].
+    lost_before_ms: AtomicU64,
 }
 
 /// What a graceful stop leaves for the next process: the outcomes the broker has not
@@ -51,6 +74,10 @@ pub struct SavedOutcomes {
     pub sent: Option<(u64, Vec<ShadowOutcome>)>,
     /// Outcomes not sent yet, oldest first.
     pub queued: Vec<ShadowOutcome>,
+    /// [`OutcomeLog::lost_before_ms`], carried to the next process: a broker that has not
+    /// polled since an earlier crash still learns of it.
+    #[serde(default)]
+    pub lost_before_ms: u64,
 }
 
 impl SavedOutcomes {
@@ -67,7 +94,7 @@ impl SavedOutcomes {
     /// Write it to [`OUTCOMES_FILE`] in `dir` ([`write_atomic`]); with nothing to keep, remove
     /// an older file instead.
     pub fn save(&self, dir: &Path) -> io::Result<()> {
-        if self.is_empty() {
+        if self.is_empty() && self.lost_before_ms == 0 {
             return Self::taken(dir);
         }
         let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
@@ -109,7 +136,15 @@ pub async fn save_at_stop(table: &ShadowTable, dir: PathBuf) -> io::Result<(usiz
     let mut saved = table.outcomes().freeze();
     saved.queued.extend(ended);
     let outcomes = saved.len();
-    tokio::task::spawn_blocking(move || saved.save(&dir))
+    // Saved, this process stopped: nothing it accepted is lost.
+    let stopped = move || {
+        saved.save(&dir)?;
+        match std::fs::remove_file(dir.join(RUNNING_FILE)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    };
+    tokio::task::spawn_blocking(stopped)
         .await
         .unwrap_or_else(|e| Err(io::Error::other(e)))?;
     Ok((marks, outcomes))
@@ -152,6 +187,18 @@ impl OutcomeLog {
     /// Outcomes dropped because nobody polled.
     pub fn dropped(&self) -> u64 {
         self.inner.lock().1
+    }
+
+    /// Note that the outcomes of the orders accepted before `ms` (Unix ms) that are not in
+    /// this log will never be reported: a process ended without a graceful stop.
+    pub fn lost_before(&self, ms: u64) {
+        self.lost_before_ms.fetch_max(ms, Ordering::AcqRel);
+    }
+
+    /// The latest time before which unreported outcomes are known lost
+    /// ([`crate::sync::protocol::StatsReport::lost_before_ms`]); 0: none.
+    pub fn lost_before_ms(&self) -> u64 {
+        self.lost_before_ms.load(Ordering::Acquire)
     }
 
     /// The batch for a stats reply and its number, for a broker that acknowledged batch
@@ -204,12 +251,14 @@ impl OutcomeLog {
         SavedOutcomes {
             sent: sent.clone(),
             queued: inner.0.iter().cloned().collect(),
+            lost_before_ms: self.lost_before_ms(),
         }
     }
 
     /// Take up what a stopped process saved: its sent batch is sent again under its number,
     /// its queued outcomes go before any of this process's.
     pub fn restore(&self, saved: SavedOutcomes) {
+        self.lost_before(saved.lost_before_ms);
         let mut sent = self.sent.lock();
         debug_assert!(sent.is_none(), "restored before any poll");
         if sent.is_none() {
@@ -322,11 +371,47 @@ mod tests {
         let one = SavedOutcomes {
             sent: None,
             queued: vec![outcome("h/a".into())],
+            lost_before_ms: 0,
         };
         one.save(dir.path()).unwrap();
         assert!(path.exists());
         SavedOutcomes::default().save(dir.path()).unwrap();
         assert!(!path.exists());
+    }
+
+    /// A running process leaves its mark until a graceful stop has saved its outcomes; a
+    /// start after a crash tells the broker what is lost, and every later process, stopped
+    /// gracefully or not, goes on telling it (the broker may not have polled in between).
+    #[tokio::test]
+    async fn a_crash_is_told_to_the_broker_and_carried_across_graceful_stops() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = || async {
+            save_at_stop(&ShadowTable::default(), dir.path().into())
+                .await
+                .unwrap();
+        };
+        mark_running(dir.path()).unwrap();
+        stop().await;
+        assert!(!dir.path().join(RUNNING_FILE).exists());
+        assert!(!ended_without_stop(dir.path()), "stopped gracefully");
+
+        // The next process crashes: its mark stays, and nothing is saved.
+        mark_running(dir.path()).unwrap();
+        assert!(SavedOutcomes::load(dir.path()).unwrap().is_none());
+        assert!(ended_without_stop(dir.path()));
+        let after_crash = ShadowTable::default();
+        after_crash.outcomes().lost_before(1_000);
+        assert_eq!(after_crash.outcomes().lost_before_ms(), 1_000);
+        mark_running(dir.path()).unwrap();
+        // It stops gracefully with nothing else to report: the loss is saved all the same.
+        save_at_stop(&after_crash, dir.path().into()).await.unwrap();
+        assert!(!ended_without_stop(dir.path()));
+        let saved = SavedOutcomes::load(dir.path()).unwrap().expect("saved");
+        assert!(saved.is_empty());
+        let next = OutcomeLog::default();
+        next.restore(saved);
+        next.lost_before(500);
+        assert_eq!(next.lost_before_ms(), 1_000, "the latest loss stands");
     }
 
     fn outcome(key: String) -> ShadowOutcome {

@@ -166,6 +166,12 @@ pub struct StatsReport {
     /// restarted and its shadow marks, which live in memory, are gone. 0: not told.
     #[serde(default)]
     pub boot_id: u64,
+    /// The outcomes of the shadow orders this edge accepted before this time (Unix ms, the
+    /// edge's clock) that it has not reported will never be: a process of this edge ended
+    /// without a graceful stop (a crash, a kill), and took them with it. The broker prices
+    /// those orders itself. 0: none known lost.
+    #[serde(default)]
+    pub lost_before_ms: u64,
 }
 
 /// How one shadow ended: its lifetime, size, source and use.
