@@ -15,6 +15,9 @@
 //! - `POST` or `PURGE /tags/{host}` — `{"tags": ["a", …]}` (1 to 64): remove every object of
 //!   the host whose response carried one of the tags (`Surrogate-Key`/`Cache-Tag`, see
 //!   [`crate::tags`]; durable ban).
+//! - Every purge: 503 `disk_stalled` when the disk stalls while it waits for it (in force,
+//!   durable once the disk answers), or when too many already wait for a stalled disk (not
+//!   applied): [`crate::invalidate::purge_answered`].
 //!
 //! - `POST /shadows` — `{"key": "host/path", "ttl_secs", "priority"?}`: pre-position an object
 //!   (202; filled in the background with bounded concurrency; 503 when the queue is full).
@@ -426,7 +429,7 @@ async fn purge_target(s: &AdminState, target: Target) -> Response {
             "not_durable",
             e.to_string(),
         ),
-        (Err(e @ PurgeError::DiskStalled), _) => error(
+        (Err(e @ (PurgeError::DiskStalled | PurgeError::DiskBacklog)), _) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             "disk_stalled",
             e.to_string(),

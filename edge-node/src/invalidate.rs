@@ -6,8 +6,12 @@
 //! A purge is in force from the moment it is applied; its answer waits until it is also
 //! durable. A stalled disk would hold that answer for as long as the stall lasts, so
 //! [`purge_answered`] answers [`PurgeError::DiskStalled`] once the disk's watchdog sees the
-//! stall, and the purge goes on until the disk takes it.
+//! stall, and the purge goes on until the disk takes it. While the stall lasts, at most
+//! [`MAX_STALLED_PURGES`] go on that way; the next are refused unapplied
+//! ([`PurgeError::DiskBacklog`]): each holds a blocking thread until the disk answers, and
+//! the broker sends a purge it has no answer for again every few seconds.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -37,6 +41,13 @@ pub enum PurgeError {
          be once the disk answers; ask again to confirm"
     )]
     DiskStalled,
+    /// The disk is stalled and [`MAX_STALLED_PURGES`] purges already wait for it: this one
+    /// was not applied (503 too).
+    #[error(
+        "the cache disk is stalled and {MAX_STALLED_PURGES} purges already wait for it: this \
+         one was not applied; ask again later"
+    )]
+    DiskBacklog,
 }
 
 /// What to purge.
@@ -163,6 +174,25 @@ async fn write_bans(
 /// How often a purge waiting for the disk looks at the disk's watchdog.
 const STALL_CHECK: Duration = Duration::from_millis(100);
 
+/// Purges that may wait for a stalled disk after their answer.
+pub const MAX_STALLED_PURGES: usize = 64;
+
+/// Counts a purge in [`FoyerStorage::purges_under_way`] until dropped.
+struct UnderWay(&'static FoyerStorage);
+
+impl UnderWay {
+    fn enter(storage: &'static FoyerStorage) -> Self {
+        storage.purges_under_way().fetch_add(1, Ordering::AcqRel);
+        UnderWay(storage)
+    }
+}
+
+impl Drop for UnderWay {
+    fn drop(&mut self) {
+        self.0.purges_under_way().fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// What a purge acts on, owned so that it can outlive the request that asked for it.
 #[derive(Clone)]
 pub struct PurgeParts {
@@ -177,16 +207,35 @@ pub struct PurgeParts {
 }
 
 /// Apply `target` ([`invalidate_named`]) and answer when it is final, or with
-/// [`PurgeError::DiskStalled`] as soon as the disk's watchdog sees a stall while it waits:
-/// the purge is in force by then (everything it does before its first wait is done here,
-/// before it is answered) and goes on, counted in `inflight` so a drain waits for it, until
-/// the disk takes it. A caller that hangs up does not cut it short either.
+/// [`PurgeError::DiskStalled`] within [`STALL_CHECK`] of the disk's watchdog seeing a stall
+/// (`cache.disk_stall_secs` into it) while it waits: the purge is in force by then
+/// (everything it does before its first wait is done here, before it is answered) and goes
+/// on, counted in `inflight` so a drain waits for it, until the disk takes it. A caller that
+/// hangs up does not cut it short either. On a stalled disk that [`MAX_STALLED_PURGES`]
+/// purges already wait for, a purge is refused unapplied ([`PurgeError::DiskBacklog`]).
 pub async fn purge_answered(
     parts: PurgeParts,
     inflight: &InflightCounter,
     target: Target,
 ) -> Result<bool, PurgeError> {
-    let storage = parts.storage;
+    let (storage, metrics) = (parts.storage, parts.metrics.clone());
+    let kind = match &target {
+        Target::Key(_) => "key",
+        Target::Prefix(_) => "prefix",
+        Target::Tags { .. } => "tag",
+    };
+    let stalled = || {
+        metrics
+            .purges
+            .with_label_values(&[kind, "disk_stalled"])
+            .inc();
+    };
+    if storage.disk_stalled()
+        && storage.purges_under_way().load(Ordering::Acquire) >= MAX_STALLED_PURGES
+    {
+        stalled();
+        return Err(PurgeError::DiskBacklog);
+    }
     let mut purge = Box::pin(async move {
         let PurgeParts {
             storage,
@@ -200,7 +249,7 @@ pub async fn purge_answered(
     if let Poll::Ready(done) = futures::poll!(purge.as_mut()) {
         return done;
     }
-    let working = inflight.enter();
+    let working = (inflight.enter(), UnderWay::enter(storage));
     let mut rest = tokio::spawn(async move {
         let _working = working;
         purge.await
@@ -209,6 +258,7 @@ pub async fn purge_answered(
         match tokio::time::timeout(STALL_CHECK, &mut rest).await {
             Ok(done) => return done.unwrap_or_else(|e| Err(task_failed(e))),
             Err(_) if storage.disk_stalled() => {
+                stalled();
                 tracing::warn!(
                     "a purge waits for a stalled disk: answered unavailable, in force, made \
                      durable when the disk answers"
@@ -237,8 +287,9 @@ mod tests {
 
     /// A purge whose ban cannot reach a stalled disk (its append held, as behind a hung
     /// fsync) is answered `DiskStalled` once the watchdog sees the stall, in force all the
-    /// while; it goes on, counted for the drain, and is written when the disk answers. A
-    /// purge on a disk that answers waits for its write.
+    /// while; it goes on, counted for the drain, and is written when the disk answers. Past
+    /// [`MAX_STALLED_PURGES`] waiting, a purge is refused unapplied. A purge on a disk that
+    /// answers waits for its write.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_purge_on_a_stalled_disk_is_answered_in_force_and_written_later() {
         let (dir, probed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -273,6 +324,25 @@ mod tests {
         );
         assert_eq!(inflight.count(), 1, "still under way");
         assert_eq!(banned("prefix"), 0);
+        let more = (1..MAX_STALLED_PURGES).map(|i| {
+            let target = Target::parse(&format!("h/{i}/*")).unwrap();
+            purge_answered(parts.clone(), &inflight, target)
+        });
+        for answer in futures::future::join_all(more).await {
+            assert!(matches!(answer, Err(PurgeError::DiskStalled)), "{answer:?}");
+        }
+        let answer = purge_answered(parts.clone(), &inflight, Target::parse("h/z/*").unwrap());
+        assert!(matches!(answer.await, Err(PurgeError::DiskBacklog)));
+        assert!(
+            !s.purged_since_admitted("h/z/x", stored, &HeaderMap::new()),
+            "not applied"
+        );
+        assert_eq!(inflight.count(), MAX_STALLED_PURGES);
+        let stalled_answers = parts
+            .metrics
+            .purges
+            .with_label_values(&["prefix", "disk_stalled"]);
+        assert_eq!(stalled_answers.get(), MAX_STALLED_PURGES as u64 + 1);
 
         drop(held);
         for _ in 0..500 {
@@ -282,7 +352,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(inflight.count(), 0);
-        assert_eq!(banned("prefix"), 1, "written once the disk answered");
+        assert_eq!(s.purges_under_way().load(Ordering::Acquire), 0);
+        let written = MAX_STALLED_PURGES as u64;
+        assert_eq!(banned("prefix"), written, "written once the disk answered");
 
         stalled.resume().await;
         let tags = Target::tags("h", &["t".into()]).unwrap();

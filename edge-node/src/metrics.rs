@@ -137,7 +137,8 @@ pub struct EdgeMetrics {
     pub shadows: IntGauge,
     /// Bytes held by live shadows (refreshed on scrape).
     pub shadow_bytes: IntGauge,
-    /// Purges by kind (`key`, `prefix`, `tag`) and outcome.
+    /// Purges by kind (`key`, `prefix`, `tag`) and outcome (`disk_stalled`: answered 503 for a
+    /// stalled disk; one applied goes on and is counted again by how it ends).
     pub purges: IntCounterVec,
     /// Stored copies removed because a request that may change them succeeded (RFC 9111 §4.4).
     pub unsafe_method_invalidations: IntCounter,
@@ -400,7 +401,9 @@ impl EdgeMetrics {
             m.origin_fetches.with_label_values(&[outcome]);
         }
         for kind in ["key", "prefix", "tag"] {
-            m.purges.with_label_values(&[kind, "error"]);
+            for outcome in ["error", "disk_stalled"] {
+                m.purges.with_label_values(&[kind, outcome]);
+            }
         }
         Ok(m)
     }

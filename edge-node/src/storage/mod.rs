@@ -228,6 +228,9 @@ pub struct FoyerStorage {
     unbanned: Mutex<HashMap<String, SystemTime>>,
     /// Key bans of purges being written now.
     bans_writing: AtomicUsize,
+    /// Purges still making themselves durable after their answer
+    /// ([`crate::invalidate::purge_answered`]).
+    purges_under_way: AtomicUsize,
     max_object_bytes: usize,
     /// Keys pingora-cache should not try to cache for a while; the storage marks the ones
     /// whose bodies outgrew `max_object_bytes` as they streamed.
@@ -439,6 +442,7 @@ impl FoyerStorage {
             reads,
             unbanned: Mutex::default(),
             bans_writing: AtomicUsize::new(0),
+            purges_under_way: AtomicUsize::new(0),
             max_object_bytes: opts.max_object_bytes,
             predictor: Predictor::new(128, Some(transient_no_cache)),
             fill_bytes: Arc::default(),
@@ -464,6 +468,12 @@ impl FoyerStorage {
     /// must reach it (a ban's fsync) waits as long as the stall lasts.
     pub fn disk_stalled(&self) -> bool {
         self.reads.stalled()
+    }
+
+    /// Purges past their in-memory part and not yet durable, which
+    /// [`crate::invalidate::purge_answered`] counts and bounds on a stalled disk.
+    pub fn purges_under_way(&self) -> &AtomicUsize {
+        &self.purges_under_way
     }
 
     /// Largest body the cache stores.
@@ -1506,6 +1516,7 @@ pub(crate) mod tests {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             reader.join().unwrap();
+            assert!(!self.health.stalled(), "the probe came back");
         }
     }
 

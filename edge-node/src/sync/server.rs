@@ -633,7 +633,7 @@ impl Handler {
                 match purge_answered(parts, &p.inflight, t).await {
                     Ok(found) => Reply::Done { found },
                     // The broker sends it again, as it does a busy edge's refusal.
-                    Err(e @ PurgeError::DiskStalled) => {
+                    Err(e @ (PurgeError::DiskStalled | PurgeError::DiskBacklog)) => {
                         Reply::error(ErrorCode::Busy, e.to_string())
                     }
                     Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
