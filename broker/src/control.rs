@@ -385,10 +385,11 @@ impl Control {
                         self.ledger.settle(e, &s.outcomes);
                     }
                     // After what it did report: the orders it says it cannot report are
-                    // priced here, once per loss it tells of.
+                    // priced here, once per loss it tells of (a later loss may read earlier,
+                    // after the edge's clock was set back; pricing finds only open orders).
                     let lost_before = s.lost_before_ms;
-                    if lost_before > std::mem::replace(&mut self.lost_priced.lock()[e], lost_before)
-                    {
+                    let priced = std::mem::replace(&mut self.lost_priced.lock()[e], lost_before);
+                    if lost_before != 0 && lost_before != priced {
                         self.ledger.lost(e, lost_before);
                     }
                     s.outcomes = Vec::new();

@@ -308,6 +308,8 @@ struct Order {
     until: Instant,
     /// When it was placed, Unix milliseconds.
     placed_ms: u64,
+    /// When the edge had accepted it (it was recorded), Unix milliseconds.
+    acked_ms: u64,
     /// Its tuner's epoch then (0 for ungated placements).
     epoch: u64,
     /// Its name, which the edge echoes in the outcome ([`ShadowOutcome::order`]); `None`
@@ -597,6 +599,7 @@ impl Ledger {
                 signal,
                 until,
                 placed_ms,
+                acked_ms: edge_node::sync::protocol::unix_ms_now(),
                 epoch,
                 id,
                 retired,
@@ -672,82 +675,7 @@ impl Ledger {
                 }
                 order
             };
-            if o.failed {
-                // Nothing was held: no storage, no hits, and no evidence about the signal. A
-                // fill a purge or unshadow overtook (`removed`) is not a failure either.
-                if let Some(order) = order.as_ref().filter(|_| !o.removed) {
-                    rollups.entry(rollup_key(order)).or_default().failed += 1;
-                }
-                // What it spent is spent all the same: a fill that ran (every failure; an
-                // overtaken one that moved bytes) cost its compute and the bytes its attempts
-                // moved (`bytes`, 0 from older edges), from where the edge says (a failure's
-                // attempts count as the origin's).
-                if !o.removed || o.bytes > 0 {
-                    let failed = ShadowOutcome {
-                        hits: 0,
-                        held_secs: 0,
-                        ..o.clone()
-                    };
-                    let p = price(&self.cfg, &failed);
-                    let key = order.as_ref().map_or_else(unattributed, rollup_key);
-                    self.count_money(&key, &p);
-                    rollups.entry(key).or_default().money.add(&p);
-                }
-                continue;
-            }
-            if o.held_before {
-                // The edge had the object anyway: the order moved no bytes and pre-positioned
-                // nothing, so it neither costs a fill nor earns, and says nothing about what
-                // prefetching is worth (precision and the tuners count real prefetches).
-                if let Some(order) = &order {
-                    rollups.entry(rollup_key(order)).or_default().held_before += 1;
-                }
-                continue;
-            }
-            // Edges measure holding time (and a fill's head start) on the wall; prices are
-            // per clock hour.
-            let held = ShadowOutcome {
-                held_secs: crate::clock::clock_secs(o.held_secs),
-                head_start_ms: o
-                    .head_start_ms
-                    .map(|ms| (ms as f64 * crate::clock::speedup()) as u64),
-                ..o.clone()
-            };
-            let p = price(&self.cfg, &held);
-            tracing::debug!(edge, key = %o.key, source = order.as_ref().map_or("-", |o| o.signal.source.label()),
-                bytes = o.bytes, hits = o.hits, held_secs = held.held_secs, evicted = o.evicted,
-                removed = o.removed, net = p.net(), "shadow settled");
-            let key = order.as_ref().map_or_else(unattributed, rollup_key);
-            self.count_money(&key, &p);
-            let r = rollups.entry(key).or_default();
-            r.shadows += 1;
-            r.bytes += o.bytes;
-            if o.hits > 0 {
-                r.used += 1;
-                r.used_bytes += o.bytes;
-            }
-            r.money.add(&p);
-            // A shadow removed before its TTL (unshadowed for the budget, purged, evicted) was
-            // not given the term the signal bet on: priced, but no evidence about the signal,
-            // used or not (keeping only the used ones would flatter the precision whenever
-            // drops and evictions run high).
-            let cut_short = o.removed || o.evicted;
-            let tuned = order
-                .as_ref()
-                .filter(|_| !cut_short)
-                .and_then(|order| Some((order, order.signal.source.tuned()?)));
-            if let Some((order, source)) = tuned {
-                let settled = Settled {
-                    score: order.signal.score,
-                    epoch: order.epoch,
-                    bytes: o.bytes,
-                    used: o.hits > 0,
-                    net: p.net(),
-                    spend: p.spend(),
-                };
-                self.tuner(&mut tuners, order.info.region, order.info.class, source)
-                    .settle(settled, &self.cfg);
-            }
+            self.book(edge, order.as_ref(), o, &mut tuners, &mut rollups);
         }
         drop(rollups);
         drop(tuners);
@@ -756,55 +684,165 @@ impl Ledger {
         self.publish();
     }
 
-    /// Price the orders of `edge` whose outcomes will never come: those placed more than
-    /// [`CLOCK_SLACK_MS`] before `before_ms` that are still open, when the edge says a
-    /// process of it ended without a graceful stop then (its
+    /// Price one ended shadow `o` of `edge`, placed by `order` (none: unattributed), into the
+    /// rollups, the money counters and its signal's tuner.
+    fn book(
+        &self,
+        edge: usize,
+        order: Option<&Order>,
+        o: &ShadowOutcome,
+        tuners: &mut Tuners,
+        rollups: &mut HashMap<(String, usize, Class, Source), Rollup>,
+    ) {
+        if o.failed {
+            // Nothing was held: no storage, no hits, and no evidence about the signal. A
+            // fill a purge or unshadow overtook (`removed`) is not a failure either.
+            if let Some(order) = order.filter(|_| !o.removed) {
+                rollups.entry(rollup_key(order)).or_default().failed += 1;
+            }
+            // What it spent is spent all the same: a fill that ran (every failure; an
+            // overtaken one that moved bytes) cost its compute and the bytes its attempts
+            // moved (`bytes`, 0 from older edges), from where the edge says (a failure's
+            // attempts count as the origin's).
+            if !o.removed || o.bytes > 0 {
+                let failed = ShadowOutcome {
+                    hits: 0,
+                    held_secs: 0,
+                    ..o.clone()
+                };
+                let p = price(&self.cfg, &failed);
+                let key = order.map_or_else(unattributed, rollup_key);
+                self.count_money(&key, &p);
+                rollups.entry(key).or_default().money.add(&p);
+            }
+            return;
+        }
+        if o.held_before {
+            // The edge had the object anyway: the order moved no bytes and pre-positioned
+            // nothing, so it neither costs a fill nor earns, and says nothing about what
+            // prefetching is worth (precision and the tuners count real prefetches).
+            if let Some(order) = order {
+                rollups.entry(rollup_key(order)).or_default().held_before += 1;
+            }
+            return;
+        }
+        // Edges measure holding time (and a fill's head start) on the wall; prices are
+        // per clock hour.
+        let held = ShadowOutcome {
+            held_secs: crate::clock::clock_secs(o.held_secs),
+            head_start_ms: o
+                .head_start_ms
+                .map(|ms| (ms as f64 * crate::clock::speedup()) as u64),
+            ..o.clone()
+        };
+        let p = price(&self.cfg, &held);
+        tracing::debug!(edge, key = %o.key, source = order.map_or("-", |o| o.signal.source.label()),
+            bytes = o.bytes, hits = o.hits, held_secs = held.held_secs, evicted = o.evicted,
+            removed = o.removed, net = p.net(), "shadow settled");
+        let key = order.map_or_else(unattributed, rollup_key);
+        self.count_money(&key, &p);
+        let r = rollups.entry(key).or_default();
+        r.shadows += 1;
+        r.bytes += o.bytes;
+        if o.hits > 0 {
+            r.used += 1;
+            r.used_bytes += o.bytes;
+        }
+        r.money.add(&p);
+        // A shadow removed before its TTL (unshadowed for the budget, purged, evicted) was
+        // not given the term the signal bet on: priced, but no evidence about the signal,
+        // used or not (keeping only the used ones would flatter the precision whenever
+        // drops and evictions run high).
+        let cut_short = o.removed || o.evicted;
+        let tuned = order
+            .filter(|_| !cut_short)
+            .and_then(|order| Some((order, order.signal.source.tuned()?)));
+        if let Some((order, source)) = tuned {
+            let settled = Settled {
+                score: order.signal.score,
+                epoch: order.epoch,
+                bytes: o.bytes,
+                used: o.hits > 0,
+                net: p.net(),
+                spend: p.spend(),
+            };
+            self.tuner(tuners, order.info.region, order.info.class, source)
+                .settle(settled, &self.cfg);
+        }
+    }
+
+    /// Price the orders of `edge` whose outcomes will never come: those still open that it
+    /// accepted more than [`CLOCK_SLACK_MS`] before `before_ms`, when the edge says a process
+    /// of it ended without a graceful stop then (its
     /// [`edge_node::sync::protocol::StatsReport::lost_before_ms`]) and took their shadows with
     /// it. Left open they would be forgotten unpriced after their TTL, and their fills' spend
-    /// with them. Each is priced as filled as ordered (its expected size, from the origin or
-    /// its peer) and held unused until `before_ms`: whether a request found it went
-    /// unrecorded, and its copy, if the disk kept it, is no longer a shadow. It is counted
-    /// `lost` in its rollup and, its term cut short, tunes no threshold. Asked again with the
-    /// same time it finds nothing more; returns how many it settled.
+    /// with them. Judged by when the edge accepted an order, not when it was sent: a send
+    /// that outlasted the crash reaches the new process. Each is priced as filled as ordered
+    /// (its expected size, from the origin or its peer) and held unused until `before_ms`:
+    /// whether a request found it went unrecorded, and its copy, if the disk kept it, is no
+    /// longer a shadow. It is counted `lost` in its rollup and, its term cut short, tunes no
+    /// threshold. Asked again with the same time it finds nothing more; returns how many it
+    /// settled.
     pub fn lost(&self, edge: usize, before_ms: u64) -> usize {
-        let lost: Vec<ShadowOutcome> = {
-            let orders = self.orders.lock();
-            let mut rollups = self.rollups.lock();
-            orders
-                .iter()
-                .filter(|((_, e), o)| *e == edge && o.placed_ms + CLOCK_SLACK_MS < before_ms)
-                .map(|((key, _), o)| {
-                    rollups.entry(rollup_key(o)).or_default().lost += 1;
-                    let region = self.regions.get(o.info.region).map_or("-", |s| s.as_str());
-                    self.metrics.shadows_lost.with_label_values(&[region]).inc();
-                    ShadowOutcome {
-                        key: key.clone(),
-                        bytes: o.info.bytes,
-                        hits: 0,
-                        held_secs: ((before_ms - o.placed_ms) / 1000).min(o.ttl.as_secs()),
-                        peer_filled: o.peer,
-                        evicted: false,
-                        failed: false,
-                        held_before: false,
-                        removed: true,
-                        ended_ms: before_ms,
-                        head_start_ms: None,
-                        order: o.id,
-                        fill_paid: false,
-                    }
-                })
-                .collect()
-        };
-        if !lost.is_empty() {
+        let mut ended = self.ended.lock();
+        let mut orders = self.orders.lock();
+        let mut tuners = self.tuners.lock();
+        let mut rollups = self.rollups.lock();
+        let keys: Vec<(String, usize)> = orders
+            .iter()
+            .filter(|((_, e), o)| *e == edge && o.acked_ms + CLOCK_SLACK_MS < before_ms)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let now = Instant::now();
+        for k in &keys {
+            let Some(order) = orders.remove(k) else {
+                continue;
+            };
+            self.settled_names.lock().keep(k.clone(), &order, now);
+            let e = Ended {
+                key: k.0.clone(),
+                edge,
+                failed: false,
+            };
+            push_bounded(&mut ended, e, ENDED_LOG);
+            rollups.entry(rollup_key(&order)).or_default().lost += 1;
+            let region = self
+                .regions
+                .get(order.info.region)
+                .map_or("-", |s| s.as_str());
+            self.metrics.shadows_lost.with_label_values(&[region]).inc();
+            let o = ShadowOutcome {
+                key: k.0.clone(),
+                bytes: order.info.bytes,
+                hits: 0,
+                held_secs: (before_ms.saturating_sub(order.placed_ms) / 1000)
+                    .min(order.ttl.as_secs()),
+                peer_filled: order.peer,
+                evicted: false,
+                failed: false,
+                held_before: false,
+                removed: true,
+                ended_ms: before_ms,
+                head_start_ms: None,
+                order: order.id,
+                fill_paid: false,
+            };
+            self.book(edge, Some(&order), &o, &mut tuners, &mut rollups);
+        }
+        drop(rollups);
+        drop(tuners);
+        drop(orders);
+        drop(ended);
+        if !keys.is_empty() {
             tracing::warn!(
                 edge,
-                orders = lost.len(),
+                orders = keys.len(),
                 "shadow orders lost with an edge process that ended without a graceful stop: \
                  priced as filled and unused"
             );
-            self.settle(edge, &lost);
+            self.publish();
         }
-        lost.len()
+        keys.len()
     }
 
     /// Spend and savings counters of one priced shadow (by region, class and source; the
@@ -1229,28 +1267,24 @@ mod tests {
     /// When an edge says a process of it ended without a graceful stop, the orders it had
     /// accepted before then are priced as filled as ordered and held unused until then (at
     /// most their TTL), once, counted lost; they tune nothing, and the planner is told.
-    /// Another edge's orders, and orders placed since, stay open.
+    /// Another edge's orders, and one the new process accepted (though sent before it
+    /// started), stay open.
     #[test]
     fn orders_an_edge_process_took_with_it_are_priced_once_as_lost() {
         let l = ledger();
         let signal = Signal::forecast(0.9);
         let hour = Duration::from_secs(7_200);
-        let crash = unix_ms_now();
+        // The edge tells, a minute from now, of a loss then.
+        let crash = unix_ms_now() + 60_000;
         let placed = crash - 3_600_000;
         l.record_order("h/a", 0, info(0, 5), signal, hour, placed, None, false);
         let short = Duration::from_secs(60);
         l.record_order("h/b", 0, info(0, 5), signal, short, placed, Some(7), true);
         l.record_order("h/a", 1, info(1, 5), signal, hour, placed, None, false);
-        l.record_order(
-            "h/c",
-            0,
-            info(0, 5),
-            signal,
-            hour,
-            crash + 5_000,
-            None,
-            false,
-        );
+        let sent = crash - 2_000;
+        l.record_order("h/c", 0, info(0, 5), signal, hour, sent, None, false);
+        let k = ("h/c".to_string(), 0);
+        l.orders.lock().get_mut(&k).unwrap().acked_ms = crash + 100;
 
         assert_eq!(l.lost(0, crash), 2);
         assert_eq!(l.lost(0, crash), 0, "settled once");

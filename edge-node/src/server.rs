@@ -76,6 +76,9 @@ pub struct EdgeNode {
     storage_rt: tokio::runtime::Runtime,
     /// The last stop's shadow outcomes were restored: their file goes once serving starts.
     restored_outcomes: bool,
+    /// This process's [`crate::shadow::OutcomeLog::boot_id`], marked running once serving
+    /// starts.
+    boot_id: u64,
 }
 
 impl EdgeNode {
@@ -236,7 +239,16 @@ impl EdgeNode {
         let inflight = InflightCounter::default();
         let shadows = Arc::new(ShadowTable::default());
         // What the last graceful stop left for the broker: reported from the first poll.
-        let restored_outcomes = match SavedOutcomes::load(&cfg.cache.dir) {
+        let boot_id = shadows.outcomes().boot_id();
+        let saved = SavedOutcomes::load(&cfg.cache.dir);
+        if ended_without_stop(&cfg.cache.dir, &saved) {
+            tracing::warn!(
+                "the last process ended without a graceful stop: the broker is told that the \
+                 shadows it held will not be reported, and prices them itself"
+            );
+            shadows.outcomes().lost_before(unix_ms_now());
+        }
+        let restored_outcomes = match saved {
             Ok(Some(saved)) => {
                 tracing::info!(
                     outcomes = saved.len(),
@@ -245,20 +257,9 @@ impl EdgeNode {
                 shadows.outcomes().restore(saved);
                 true
             }
-            Ok(None) => {
-                if ended_without_stop(&cfg.cache.dir) {
-                    tracing::warn!(
-                        "the last process ended without a graceful stop: the broker is told \
-                         that the shadows it held will not be reported, and prices them itself"
-                    );
-                    shadows.outcomes().lost_before(unix_ms_now());
-                }
-                false
-            }
+            Ok(None) => false,
             Err(e) => {
-                tracing::warn!(error = %e, "shadow outcomes of the last stop not restored: \
-                    the broker is told they are lost");
-                shadows.outcomes().lost_before(unix_ms_now());
+                tracing::warn!(error = %e, "shadow outcomes of the last stop not restored");
                 false
             }
         };
@@ -424,11 +425,13 @@ impl EdgeNode {
             storage,
             storage_rt,
             restored_outcomes,
+            boot_id,
         })
     }
 
-    /// Serve until SIGTERM (graceful: in-flight requests finish) or SIGINT, then flush the
-    /// cache to disk and return.
+    /// Serve until SIGTERM (graceful: in-flight requests finish) or SIGINT (pingora's fast
+    /// stop: no drain, so its shadows are told lost at the next start, as after a crash), then
+    /// flush the cache to disk and return.
     pub fn run(self) -> Result<(), StorageError> {
         tracing::info!(
             node = %self.cfg.node_id,
@@ -437,15 +440,17 @@ impl EdgeNode {
             cache_dir = %self.cfg.cache.dir.display(),
             "edge-node serving"
         );
+        // Marked first: a crash between the two leaves the mark, not a start that lost the
+        // outcomes it took up without telling.
+        if let Err(e) = mark_running(&self.cfg.cache.dir, self.boot_id) {
+            tracing::warn!(error = %e, "cannot note the process as running: were it to crash, \
+                the broker would not learn that its shadows are lost");
+        }
         if self.restored_outcomes {
             if let Err(e) = SavedOutcomes::taken(&self.cfg.cache.dir) {
                 tracing::warn!(error = %e, "restored shadow outcomes' file not removed: a later \
                     start reports them again");
             }
-        }
-        if let Err(e) = mark_running(&self.cfg.cache.dir) {
-            tracing::warn!(error = %e, "cannot note the process as running: were it to crash, \
-                the broker would not learn that its shadows are lost");
         }
         self.server.run(RunArgs::default());
         tracing::info!("server stopped; flushing cache");

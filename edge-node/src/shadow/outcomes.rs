@@ -36,16 +36,37 @@ pub const OUTCOMES_FILE: &str = "shadow-outcomes.json";
 /// graceful stop has saved its outcomes.
 pub const RUNNING_FILE: &str = "shadow-process.running";
 
-/// Note in `dir` that a process is running, once its start can no longer fail.
-pub fn mark_running(dir: &Path) -> io::Result<()> {
-    write_atomic(&dir.join(RUNNING_FILE), b"")
+/// What [`RUNNING_FILE`] holds.
+#[derive(Debug, Serialize, Deserialize)]
+struct Running {
+    /// The process's [`OutcomeLog::boot_id`].
+    boot_id: u64,
 }
 
-/// Whether the last process of `dir` ended without a graceful stop: it left [`RUNNING_FILE`].
-/// Asked only when it left no saved outcomes (a stop that saved them and then failed to
-/// remove the file did stop).
-pub fn ended_without_stop(dir: &Path) -> bool {
-    dir.join(RUNNING_FILE).exists()
+/// Note in `dir` that process `boot_id` is running, once its start can no longer fail and
+/// before it takes up what the last one saved.
+pub fn mark_running(dir: &Path, boot_id: u64) -> io::Result<()> {
+    let bytes = serde_json::to_vec(&Running { boot_id }).map_err(io::Error::other)?;
+    write_atomic(&dir.join(RUNNING_FILE), &bytes)
+}
+
+/// Whether the last process of `dir` ended without a graceful stop, given what it left
+/// saved ([`SavedOutcomes::load`]): it left its [`RUNNING_FILE`], and its stop saved nothing
+/// (or the file saved is an older process's, not taken up). Saved outcomes that cannot be
+/// read are lost too.
+pub fn ended_without_stop(dir: &Path, saved: &Result<Option<SavedOutcomes>, FileError>) -> bool {
+    let Ok(saved) = saved else {
+        return true;
+    };
+    let running = match read_json::<Running>(&dir.join(RUNNING_FILE)) {
+        Ok(None) => return false,
+        Ok(Some(r)) => r.boot_id,
+        // Not this build's: whoever wrote it did not remove it.
+        Err(_) => 0,
+    };
+    saved
+        .as_ref()
+        .is_none_or(|s| s.saved_by != running || running == 0)
 }
 
 /// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
@@ -54,7 +75,6 @@ pub fn ended_without_stop(dir: &Path) -> bool {
 /// A broker that acknowledges gets them in numbered batches ([`Self::batch`]): a batch stays
 /// here until the broker says it has it, so a reply lost on the way (a timed-out poll) is
 /// sent again rather than its outcomes lost.
-#[derive(Default)]
 pub struct OutcomeLog {
     inner: parking_lot::Mutex<(VecDeque<ShadowOutcome>, u64)>,
     /// The batch sent and not yet acknowledged, with its number.
@@ -63,6 +83,22 @@ pub struct OutcomeLog {
     frozen: AtomicBool,
     /// [`Self::lost_before_ms`].
     lost_before_ms: AtomicU64,
+    /// [`Self::boot_id`].
+    boot_id: u64,
+}
+
+impl Default for OutcomeLog {
+    fn default() -> Self {
+        OutcomeLog {
+            inner: Default::default(),
+            sent: Default::default(),
+            frozen: Default::default(),
+            lost_before_ms: Default::default(),
+            boot_id: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        }
+    }
 }
 
 /// What a graceful stop leaves for the next process: the outcomes the broker has not
@@ -78,6 +114,9 @@ pub struct SavedOutcomes {
     /// polled since an earlier crash still learns of it.
     #[serde(default)]
     pub lost_before_ms: u64,
+    /// The [`OutcomeLog::boot_id`] of the process that saved it (0: a build before it).
+    #[serde(default)]
+    pub saved_by: u64,
 }
 
 impl SavedOutcomes {
@@ -195,6 +234,12 @@ impl OutcomeLog {
         self.lost_before_ms.fetch_max(ms, Ordering::AcqRel);
     }
 
+    /// Identifies the process whose outcomes these are (its start time in ns):
+    /// [`crate::sync::protocol::StatsReport::boot_id`].
+    pub fn boot_id(&self) -> u64 {
+        self.boot_id
+    }
+
     /// The latest time before which unreported outcomes are known lost
     /// ([`crate::sync::protocol::StatsReport::lost_before_ms`]); 0: none.
     pub fn lost_before_ms(&self) -> u64 {
@@ -252,6 +297,7 @@ impl OutcomeLog {
             sent: sent.clone(),
             queued: inner.0.iter().cloned().collect(),
             lost_before_ms: self.lost_before_ms(),
+            saved_by: self.boot_id,
         }
     }
 
@@ -372,6 +418,7 @@ mod tests {
             sent: None,
             queued: vec![outcome("h/a".into())],
             lost_before_ms: 0,
+            saved_by: 1,
         };
         one.save(dir.path()).unwrap();
         assert!(path.exists());
@@ -381,37 +428,50 @@ mod tests {
 
     /// A running process leaves its mark until a graceful stop has saved its outcomes; a
     /// start after a crash tells the broker what is lost, and every later process, stopped
-    /// gracefully or not, goes on telling it (the broker may not have polled in between).
+    /// gracefully or not, goes on telling it (the broker may not have polled in between). A
+    /// saved file that a crashed process took up but did not remove, or one that cannot be
+    /// read, does not hide the crash.
     #[tokio::test]
     async fn a_crash_is_told_to_the_broker_and_carried_across_graceful_stops() {
-        let dir = tempfile::tempdir().unwrap();
-        let stop = || async {
-            save_at_stop(&ShadowTable::default(), dir.path().into())
-                .await
-                .unwrap();
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let ended = || ended_without_stop(dir, &SavedOutcomes::load(dir));
+        let start = || {
+            let table = ShadowTable::default();
+            mark_running(dir, table.outcomes().boot_id()).unwrap();
+            table
         };
-        mark_running(dir.path()).unwrap();
-        stop().await;
-        assert!(!dir.path().join(RUNNING_FILE).exists());
-        assert!(!ended_without_stop(dir.path()), "stopped gracefully");
+        let stop = |table: ShadowTable| async move {
+            save_at_stop(&table, dir.into()).await.unwrap();
+            table
+        };
+        stop(start()).await;
+        assert!(!dir.join(RUNNING_FILE).exists());
+        assert!(!ended(), "stopped gracefully");
 
         // The next process crashes: its mark stays, and nothing is saved.
-        mark_running(dir.path()).unwrap();
-        assert!(SavedOutcomes::load(dir.path()).unwrap().is_none());
-        assert!(ended_without_stop(dir.path()));
-        let after_crash = ShadowTable::default();
+        let _crashed = start();
+        assert!(SavedOutcomes::load(dir).unwrap().is_none());
+        assert!(ended());
+        let after_crash = start();
         after_crash.outcomes().lost_before(1_000);
         assert_eq!(after_crash.outcomes().lost_before_ms(), 1_000);
-        mark_running(dir.path()).unwrap();
         // It stops gracefully with nothing else to report: the loss is saved all the same.
-        save_at_stop(&after_crash, dir.path().into()).await.unwrap();
-        assert!(!ended_without_stop(dir.path()));
-        let saved = SavedOutcomes::load(dir.path()).unwrap().expect("saved");
+        let after_crash = stop(after_crash).await;
+        assert!(!ended());
+        let saved = SavedOutcomes::load(dir).unwrap().expect("saved");
         assert!(saved.is_empty());
+        assert_eq!(saved.saved_by, after_crash.outcomes().boot_id());
         let next = OutcomeLog::default();
         next.restore(saved);
         next.lost_before(500);
         assert_eq!(next.lost_before_ms(), 1_000, "the latest loss stands");
+
+        // The next process crashes before it removed the file it took up.
+        let _crashed = start();
+        assert!(ended(), "the file is an older process's");
+        std::fs::write(dir.join(OUTCOMES_FILE), b"{").unwrap();
+        assert!(ended(), "unreadable outcomes are lost");
     }
 
     fn outcome(key: String) -> ShadowOutcome {

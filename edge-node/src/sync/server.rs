@@ -215,6 +215,7 @@ impl SyncService {
             .read_timeout(Duration::from_secs(60))
             .build()
             .unwrap_or_default();
+        let boot_id = parts.shadows.outcomes().boot_id();
         SyncService {
             socket: parking_lot::Mutex::new(Some(socket)),
             endpoint,
@@ -223,9 +224,7 @@ impl SyncService {
                 parts,
                 http,
                 seen: parking_lot::Mutex::new(Dedup::default()),
-                boot_id: std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64),
+                boot_id,
             }),
             known_addresses: None,
         }
