@@ -9,7 +9,8 @@
 //! those shadows: their fills' spend and their hits would be lost with every rolling upgrade.
 //! The drain waits for the fills under way (each counts as in-flight work until its mark or
 //! outcome is in the table), and the orders still queued end as dropped while they waited.
-//! Fills still running when the drain's timeout ends it are lost as before.
+//! Fills still running when the drain's timeout ends it end with the process, unreported: the
+//! stop tells the broker so, as a crash does (below).
 //!
 //! A crash leaves nothing to report, so the edge says so instead: a running process keeps
 //! [`RUNNING_FILE`] in the cache directory, and its graceful stop removes it once the outcomes
@@ -20,7 +21,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -83,6 +84,8 @@ pub struct OutcomeLog {
     frozen: AtomicBool,
     /// [`Self::lost_before_ms`].
     lost_before_ms: AtomicU64,
+    /// Restored outcomes ([`Self::restore`]) the broker has not acknowledged yet.
+    restored_left: AtomicUsize,
     /// [`Self::boot_id`].
     boot_id: u64,
 }
@@ -94,6 +97,7 @@ impl Default for OutcomeLog {
             sent: Default::default(),
             frozen: Default::default(),
             lost_before_ms: Default::default(),
+            restored_left: Default::default(),
             boot_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
@@ -170,6 +174,13 @@ impl SavedOutcomes {
 /// ([`OutcomeLog::freeze`]) and save what the broker has not acknowledged, the ended marks
 /// included whatever the log's bound, in `dir`. The marks ended and the outcomes saved.
 pub async fn save_at_stop(table: &ShadowTable, dir: PathBuf) -> io::Result<(usize, usize)> {
+    // Fills the drain's timeout cut short end with the process, unreported: their orders
+    // are told lost, once the outcomes saved here are in.
+    if table.filling() {
+        table
+            .outcomes()
+            .lost_before(crate::sync::protocol::unix_ms_now());
+    }
     let ended = table.end_all(Instant::now());
     let marks = ended.len();
     let mut saved = table.outcomes().freeze();
@@ -199,8 +210,19 @@ impl OutcomeLog {
         if g.0.len() >= Self::CAPACITY {
             g.0.pop_front();
             g.1 += 1;
+            self.gone(1);
         }
         g.0.push_back(o);
+    }
+
+    /// `n` outcomes from the front of the log are gone (acknowledged, or dropped): as many of
+    /// the restored ones, which come first.
+    fn gone(&self, n: usize) {
+        let _ = self
+            .restored_left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                Some(left.saturating_sub(n))
+            });
     }
 
     /// Take the oldest outcomes whose encoding fits about `budget` bytes (at least one); the
@@ -240,10 +262,20 @@ impl OutcomeLog {
         self.boot_id
     }
 
-    /// The latest time before which unreported outcomes are known lost
-    /// ([`crate::sync::protocol::StatsReport::lost_before_ms`]); 0: none.
+    /// The latest time before which unreported outcomes are known lost; 0: none.
     pub fn lost_before_ms(&self) -> u64 {
         self.lost_before_ms.load(Ordering::Acquire)
+    }
+
+    /// [`Self::lost_before_ms`] as a stats report tells it
+    /// ([`crate::sync::protocol::StatsReport::lost_before_ms`]): 0 until the broker has every
+    /// restored outcome, which are outcomes of orders accepted before then too; told earlier,
+    /// the broker would price the orders of the ones still to come as lost.
+    pub fn lost_before_ms_to_tell(&self) -> u64 {
+        if self.restored_left.load(Ordering::Acquire) > 0 {
+            return 0;
+        }
+        self.lost_before_ms()
     }
 
     /// The batch for a stats reply and its number, for a broker that acknowledged batch
@@ -268,10 +300,15 @@ impl OutcomeLog {
         }
         let Some(ack) = ack else {
             drop(sent);
-            return (0, self.drain_within(budget));
+            let drained = self.drain_within(budget);
+            self.gone(drained.len());
+            return (0, drained);
         };
         match &*sent {
-            Some((seq, _)) if *seq == ack => *sent = None,
+            Some((seq, acked)) if *seq == ack => {
+                self.gone(acked.len());
+                *sent = None;
+            }
             Some((seq, batch)) => return (*seq, batch.clone()),
             None => {}
         }
@@ -305,6 +342,7 @@ impl OutcomeLog {
     /// its queued outcomes go before any of this process's.
     pub fn restore(&self, saved: SavedOutcomes) {
         self.lost_before(saved.lost_before_ms);
+        self.restored_left.fetch_add(saved.len(), Ordering::AcqRel);
         let mut sent = self.sent.lock();
         debug_assert!(sent.is_none(), "restored before any poll");
         if sent.is_none() {
@@ -472,6 +510,38 @@ mod tests {
         assert!(ended(), "the file is an older process's");
         std::fs::write(dir.join(OUTCOMES_FILE), b"{").unwrap();
         assert!(ended(), "unreadable outcomes are lost");
+    }
+
+    /// A stop that a fill outlasted tells the broker its order is lost, but the next process
+    /// tells it only once the broker has every outcome the stop saved: those are of orders
+    /// accepted before then too, and would be priced twice.
+    #[tokio::test]
+    async fn a_fill_cut_short_by_the_stop_is_told_lost_after_the_saved_outcomes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let table = std::sync::Arc::new(ShadowTable::default());
+        for k in ["h/a", "h/b"] {
+            table.outcomes().push(outcome(k.into()));
+        }
+        let _cut_short = table.begin_fill("h/filling", Instant::now());
+        save_at_stop(&table, tmp.path().into()).await.unwrap();
+        let saved = SavedOutcomes::load(tmp.path()).unwrap().unwrap();
+        assert!(saved.lost_before_ms > 0);
+
+        let next = OutcomeLog::default();
+        next.restore(saved);
+        assert_eq!(next.lost_before_ms_to_tell(), 0);
+        let first = 9_000;
+        let (seq, batch) = next.batch(Some(0), first, 300);
+        assert_eq!(batch.len(), 1, "a batch at a time");
+        assert_eq!(next.lost_before_ms_to_tell(), 0, "not acknowledged");
+        let (seq, batch) = next.batch(Some(seq), first, 1 << 20);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(next.lost_before_ms_to_tell(), 0);
+        assert_eq!(next.batch(Some(seq), first, 1 << 20), (0, vec![]));
+        assert!(
+            next.lost_before_ms_to_tell() > 0,
+            "told once the broker has them"
+        );
     }
 
     fn outcome(key: String) -> ShadowOutcome {

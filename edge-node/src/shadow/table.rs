@@ -610,6 +610,11 @@ impl ShadowTable {
         true
     }
 
+    /// Whether any fill is under way ([`Self::begin_fill`]).
+    pub fn filling(&self) -> bool {
+        !self.inner.lock().filling.is_empty()
+    }
+
     /// Fills of `key` under way ([`Self::begin_fill`]).
     pub fn fills_under_way(&self, key: &str) -> u32 {
         self.inner.lock().filling.get(key).map_or(0, |f| f.fills)

@@ -664,7 +664,7 @@ impl Handler {
             outcomes,
             outcomes_seq,
             boot_id: self.boot_id,
-            lost_before_ms: p.shadows.outcomes().lost_before_ms(),
+            lost_before_ms: p.shadows.outcomes().lost_before_ms_to_tell(),
         }
     }
 
