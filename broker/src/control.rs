@@ -96,8 +96,8 @@ pub struct Control {
     restart_seen: tokio::sync::Notify,
     /// Per edge, the last shadow-outcome batch received (acknowledged with the next poll).
     received: parking_lot::Mutex<Vec<u64>>,
-    /// Per edge, the last [`StatsReport::lost_before_ms`] priced ([`Ledger::lost`]).
-    lost_priced: parking_lot::Mutex<Vec<u64>>,
+    /// Per edge, the processes of [`StatsReport::lost_boots`] priced ([`Ledger::lost`]).
+    lost_priced: parking_lot::Mutex<Vec<Vec<u64>>>,
     interval: Duration,
     ledger: Arc<Ledger>,
     metrics: BrokerMetrics,
@@ -157,7 +157,7 @@ impl Control {
             restarted: parking_lot::Mutex::new(Vec::new()),
             restart_seen: tokio::sync::Notify::new(),
             received: parking_lot::Mutex::new(vec![0; n]),
-            lost_priced: parking_lot::Mutex::new(vec![0; n]),
+            lost_priced: parking_lot::Mutex::new(vec![Vec::new(); n]),
             interval: Duration::from_secs_f64(
                 section
                     .stats_interval_secs
@@ -384,13 +384,18 @@ impl Control {
                     if first_receipt(&mut self.received.lock()[e], s.outcomes_seq) {
                         self.ledger.settle(e, &s.outcomes);
                     }
-                    // After what it did report: the orders it says it cannot report are
-                    // priced here, once per loss it tells of (a later loss may read earlier,
-                    // after the edge's clock was set back; pricing finds only open orders).
-                    let lost_before = s.lost_before_ms;
-                    let priced = std::mem::replace(&mut self.lost_priced.lock()[e], lost_before);
-                    if lost_before != 0 && lost_before != priced {
-                        self.ledger.lost(e, lost_before);
+                    // After what it did report: the orders of the processes it says will not
+                    // report are priced here, once per process (the edge keeps telling).
+                    let now_ms = edge_node::sync::protocol::unix_ms_now();
+                    for boot in &s.lost_boots {
+                        let priced = &mut self.lost_priced.lock()[e];
+                        if !priced.contains(boot) {
+                            self.ledger.lost(e, *boot, now_ms);
+                            priced.push(*boot);
+                            // The edge tells the last 16; more than that are long gone.
+                            let excess = priced.len().saturating_sub(64);
+                            priced.drain(..excess);
+                        }
                     }
                     s.outcomes = Vec::new();
                     let g = &self.metrics.edge_stats;

@@ -308,8 +308,9 @@ struct Order {
     until: Instant,
     /// When it was placed, Unix milliseconds.
     placed_ms: u64,
-    /// When the edge had accepted it (it was recorded), Unix milliseconds.
-    acked_ms: u64,
+    /// The edge process that accepted it (0: not told): its outcome comes from that one, or
+    /// is lost with it ([`Ledger::lost`]).
+    boot_id: u64,
     /// Its tuner's epoch then (0 for ungated placements).
     epoch: u64,
     /// Its name, which the edge echoes in the outcome ([`ShadowOutcome::order`]); `None`
@@ -322,6 +323,15 @@ struct Order {
     ttl: Duration,
     /// It named a peer to fill from.
     peer: bool,
+}
+
+/// How an edge took an order ([`Ledger::record_order`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Accepted {
+    /// The order named a peer to fill from.
+    pub peer: bool,
+    /// The edge process that accepted it (its stats' `boot_id`; 0 when not told).
+    pub boot_id: u64,
 }
 
 /// How many replaced orders' names an order remembers. A replaced order's shadow is
@@ -397,6 +407,10 @@ pub struct Ledger {
     orders_sweep_at: Mutex<usize>,
     /// Names of orders settled lately, which the next order of their key avoids.
     settled_names: Mutex<SettledNames>,
+    /// Open orders a newer one of their key replaced after the edge restarted (another
+    /// process accepted it), by key and edge: their outcomes may still come, or their process
+    /// be told lost.
+    superseded: Mutex<HashMap<(String, usize), Vec<Order>>>,
     tuners: Mutex<Tuners>,
     rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
@@ -439,6 +453,7 @@ impl Ledger {
             orders: Mutex::new(HashMap::new()),
             orders_sweep_at: Mutex::new(0),
             settled_names: Mutex::default(),
+            superseded: Mutex::default(),
             tuners: Mutex::new(Tuners::default()),
             rollups: Mutex::new(HashMap::new()),
             changes: Mutex::new(VecDeque::new()),
@@ -556,9 +571,11 @@ impl Ledger {
 
     /// Remember an order placed on `edge` by `signal` at `placed_ms` (Unix ms, taken before
     /// it was sent: the edge may end the shadow, a failed fill say, before it answers) and
-    /// named `id` ([`Self::order_id`]), filled from a peer if `peer`, until its outcome
-    /// arrives (or long after its TTL). A placement of a gated source tells its tuner it
-    /// still admits (see `Tuner::admitted`).
+    /// named `id` ([`Self::order_id`]) and `accepted` as it says, until its outcome arrives
+    /// (or long after its TTL). A placement of a gated source tells its tuner it still admits
+    /// (see `Tuner::admitted`). An order it replaces that another process of the edge
+    /// accepted is kept aside: that process may be told lost later ([`Self::lost`]), or its
+    /// outcome come from the next one.
     #[allow(clippy::too_many_arguments)]
     pub fn record_order(
         &self,
@@ -569,7 +586,7 @@ impl Ledger {
         ttl: Duration,
         placed_ms: u64,
         id: Option<u64>,
-        peer: bool,
+        accepted: Accepted,
     ) {
         let epoch = signal.source.tuned().map_or(0, |source| {
             let mut t = self.tuners.lock();
@@ -592,21 +609,46 @@ impl Ledger {
             Some(replaced) => replaced.names(),
             None => self.settled_names.lock().take(&k, now),
         };
-        orders.insert(
-            k,
+        let replaced = orders.insert(
+            k.clone(),
             Order {
                 info,
                 signal,
                 until,
                 placed_ms,
-                acked_ms: edge_node::sync::protocol::unix_ms_now(),
+                boot_id: accepted.boot_id,
                 epoch,
                 id,
                 retired,
                 ttl,
-                peer,
+                peer: accepted.peer,
             },
         );
+        if let Some(replaced) = replaced
+            .filter(|r| r.boot_id != 0 && accepted.boot_id != 0 && r.boot_id != accepted.boot_id)
+        {
+            let mut aside = self.superseded.lock();
+            if aside.len() > ORDER_SWEEP {
+                aside.retain(|_, held| {
+                    held.retain(|o| o.until > now);
+                    !held.is_empty()
+                });
+            }
+            aside.entry(k).or_default().push(replaced);
+        }
+    }
+
+    /// The order of `k` kept aside ([`Self::record_order`]) that the edge names `name`.
+    fn take_superseded(&self, k: &(String, usize), name: Option<u64>) -> Option<Order> {
+        let name = name?;
+        let mut aside = self.superseded.lock();
+        let held = aside.get_mut(k)?;
+        let i = held.iter().position(|o| o.id == Some(name))?;
+        let order = held.swap_remove(i);
+        if held.is_empty() {
+            aside.remove(k);
+        }
+        Some(order)
     }
 
     /// Whether an order of `key` on `edge` awaits its outcome.
@@ -658,8 +700,9 @@ impl Ledger {
                 (Some(theirs), Some(ours)) => theirs != ours,
                 _ => o.ended_ms > 0 && ord.placed_ms > o.ended_ms + CLOCK_SLACK_MS,
             });
+            // An older order a restart's re-placement replaced is found by its name.
             let order = if older {
-                None
+                self.take_superseded(&k, o.order)
             } else {
                 let e = Ended {
                     key: o.key.clone(),
@@ -673,7 +716,7 @@ impl Ledger {
                     let now = Instant::now();
                     self.settled_names.lock().keep(k.clone(), order, now);
                 }
-                order
+                order.or_else(|| self.take_superseded(&k, o.order))
             };
             self.book(edge, order.as_ref(), o, &mut tuners, &mut rollups);
         }
@@ -771,31 +814,33 @@ impl Ledger {
         }
     }
 
-    /// Price the orders of `edge` whose outcomes will never come: those still open that it
-    /// accepted more than [`CLOCK_SLACK_MS`] before `before_ms`, when the edge says a process
-    /// of it ended without a graceful stop then (its
-    /// [`edge_node::sync::protocol::StatsReport::lost_before_ms`]) and took their shadows with
-    /// it. Left open they would be forgotten unpriced after their TTL, and their fills' spend
-    /// with them. Judged by when the edge accepted an order, not when it was sent: a send
-    /// that outlasted the crash reaches the new process. Each is priced as filled as ordered
-    /// (its expected size, from the origin or its peer) and held unused until `before_ms`:
-    /// whether a request found it went unrecorded, and its copy, if the disk kept it, is no
-    /// longer a shadow. It is counted `lost` in its rollup and, its term cut short, tunes no
-    /// threshold. Asked again with the same time it finds nothing more; returns how many it
-    /// settled.
-    pub fn lost(&self, edge: usize, before_ms: u64) -> usize {
+    /// Price the orders of `edge` whose outcomes will never come: those still open (or kept
+    /// aside, [`Self::record_order`]) that its process `boot_id` accepted, when the edge says
+    /// that process ended without reporting them (its
+    /// [`edge_node::sync::protocol::StatsReport::lost_boots`]: it crashed, or its stop came
+    /// before fills it had accepted ended). Left open they would be forgotten unpriced after
+    /// their TTL, and their fills' spend with them. Each is priced as filled as ordered (its
+    /// expected size, from the origin or its peer) and held unused until `now_ms` (at most its
+    /// TTL): whether a request found it went unrecorded, and its copy, if the disk kept it, is
+    /// no longer a shadow. It is counted `lost` in its rollup and, its term cut short, tunes no
+    /// threshold. Asked again it finds nothing more; returns how many it settled.
+    pub fn lost(&self, edge: usize, boot_id: u64, now_ms: u64) -> usize {
+        if boot_id == 0 {
+            return 0;
+        }
         let mut ended = self.ended.lock();
         let mut orders = self.orders.lock();
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
         let keys: Vec<(String, usize)> = orders
             .iter()
-            .filter(|((_, e), o)| *e == edge && o.acked_ms + CLOCK_SLACK_MS < before_ms)
+            .filter(|((_, e), o)| *e == edge && o.boot_id == boot_id)
             .map(|(k, _)| k.clone())
             .collect();
         let now = Instant::now();
-        for k in &keys {
-            let Some(order) = orders.remove(k) else {
+        let mut lost: Vec<((String, usize), Order)> = Vec::new();
+        for k in keys {
+            let Some(order) = orders.remove(&k) else {
                 continue;
             };
             self.settled_names.lock().keep(k.clone(), &order, now);
@@ -805,7 +850,21 @@ impl Ledger {
                 failed: false,
             };
             push_bounded(&mut ended, e, ENDED_LOG);
-            rollups.entry(rollup_key(&order)).or_default().lost += 1;
+            lost.push((k, order));
+        }
+        {
+            let mut aside = self.superseded.lock();
+            aside.retain(|k, held| {
+                if k.1 == edge {
+                    for o in held.extract_if(.., |o| o.boot_id == boot_id) {
+                        lost.push((k.clone(), o));
+                    }
+                }
+                !held.is_empty()
+            });
+        }
+        for (k, order) in &lost {
+            rollups.entry(rollup_key(order)).or_default().lost += 1;
             let region = self
                 .regions
                 .get(order.info.region)
@@ -815,34 +874,34 @@ impl Ledger {
                 key: k.0.clone(),
                 bytes: order.info.bytes,
                 hits: 0,
-                held_secs: (before_ms.saturating_sub(order.placed_ms) / 1000)
-                    .min(order.ttl.as_secs()),
+                held_secs: (now_ms.saturating_sub(order.placed_ms) / 1000).min(order.ttl.as_secs()),
                 peer_filled: order.peer,
                 evicted: false,
                 failed: false,
                 held_before: false,
                 removed: true,
-                ended_ms: before_ms,
+                ended_ms: now_ms,
                 head_start_ms: None,
                 order: order.id,
                 fill_paid: false,
             };
-            self.book(edge, Some(&order), &o, &mut tuners, &mut rollups);
+            self.book(edge, Some(order), &o, &mut tuners, &mut rollups);
         }
         drop(rollups);
         drop(tuners);
         drop(orders);
         drop(ended);
-        if !keys.is_empty() {
+        if !lost.is_empty() {
             tracing::warn!(
                 edge,
-                orders = keys.len(),
-                "shadow orders lost with an edge process that ended without a graceful stop: \
+                process = boot_id,
+                orders = lost.len(),
+                "shadow orders lost with an edge process that ended without reporting them: \
                  priced as filled and unused"
             );
             self.publish();
         }
-        keys.len()
+        lost.len()
     }
 
     /// Spend and savings counters of one priced shadow (by region, class and source; the
@@ -1210,7 +1269,7 @@ mod tests {
             Duration::from_secs(60),
             unix_ms_now(),
             None,
-            false,
+            Accepted::default(),
         );
     }
 
@@ -1264,30 +1323,56 @@ mod tests {
         assert_eq!(report["rollups"][0]["source"], "forecast");
     }
 
-    /// When an edge says a process of it ended without a graceful stop, the orders it had
-    /// accepted before then are priced as filled as ordered and held unused until then (at
-    /// most their TTL), once, counted lost; they tune nothing, and the planner is told.
-    /// Another edge's orders, and one the new process accepted (though sent before it
-    /// started), stay open.
+    /// When an edge says a process of it ended without reporting its orders, the orders that
+    /// process accepted are priced as filled as ordered and held unused until then (at most
+    /// their TTL), once, counted lost; they tune nothing, and the planner is told. Another
+    /// edge's orders, and orders another process of the edge accepted, stay open.
     #[test]
     fn orders_an_edge_process_took_with_it_are_priced_once_as_lost() {
         let l = ledger();
         let signal = Signal::forecast(0.9);
         let hour = Duration::from_secs(7_200);
-        // The edge tells, a minute from now, of a loss then.
-        let crash = unix_ms_now() + 60_000;
-        let placed = crash - 3_600_000;
-        l.record_order("h/a", 0, info(0, 5), signal, hour, placed, None, false);
+        let (crashed, next) = (11, 12);
+        let by = |boot_id, peer| Accepted { peer, boot_id };
+        let now = unix_ms_now();
+        let placed = now - 3_600_000;
+        l.record_order(
+            "h/a",
+            0,
+            info(0, 5),
+            signal,
+            hour,
+            placed,
+            None,
+            by(crashed, false),
+        );
         let short = Duration::from_secs(60);
-        l.record_order("h/b", 0, info(0, 5), signal, short, placed, Some(7), true);
-        l.record_order("h/a", 1, info(1, 5), signal, hour, placed, None, false);
-        let sent = crash - 2_000;
-        l.record_order("h/c", 0, info(0, 5), signal, hour, sent, None, false);
-        let k = ("h/c".to_string(), 0);
-        l.orders.lock().get_mut(&k).unwrap().acked_ms = crash + 100;
+        let b = by(crashed, true);
+        l.record_order("h/b", 0, info(0, 5), signal, short, placed, Some(7), b);
+        l.record_order(
+            "h/a",
+            1,
+            info(1, 5),
+            signal,
+            hour,
+            placed,
+            None,
+            by(crashed, false),
+        );
+        l.record_order(
+            "h/c",
+            0,
+            info(0, 5),
+            signal,
+            hour,
+            placed,
+            None,
+            by(next, false),
+        );
 
-        assert_eq!(l.lost(0, crash), 2);
-        assert_eq!(l.lost(0, crash), 0, "settled once");
+        assert_eq!(l.lost(0, crashed, now), 2);
+        assert_eq!(l.lost(0, crashed, now), 0, "settled once");
+        assert_eq!(l.lost(0, 0, now), 0, "an unnamed process names no order");
         assert!(!l.has_order("h/a", 0) && !l.has_order("h/b", 0));
         assert!(l.has_order("h/a", 1) && l.has_order("h/c", 0));
         let mut ended = l.take_ended();
@@ -1325,6 +1410,45 @@ mod tests {
             "cut short: no evidence for the tuner"
         );
         assert_eq!(l.metrics.shadows_lost.with_label_values(&["eu"]).get(), 2);
+    }
+
+    /// An order the planner placed again after the edge restarted replaces the one the old
+    /// process accepted; that one is kept aside, and priced when its outcome comes from the
+    /// next process (attributed to it, not unattributed) or when the old process is told lost.
+    #[test]
+    fn an_order_replaced_after_a_restart_is_still_settled_or_lost() {
+        let l = ledger();
+        let signal = Signal::forecast(0.9);
+        let ttl = Duration::from_secs(3_600);
+        let now = unix_ms_now();
+        let by = |boot_id| Accepted {
+            peer: false,
+            boot_id,
+        };
+        for key in ["h/saved", "h/lost"] {
+            l.record_order(key, 0, info(0, 5), signal, ttl, now, Some(1), by(1));
+            l.record_order(key, 0, info(0, 5), signal, ttl, now, Some(2), by(2));
+        }
+        // The old process's outcome, saved at its stop, names its order.
+        let saved = ShadowOutcome {
+            key: "h/saved".into(),
+            order: Some(1),
+            ..outcome(1_000_000, 1, false)
+        };
+        l.settle(0, &[saved]);
+        assert!(l.has_order("h/saved", 0), "the new order stays");
+        assert_eq!(l.lost(0, 1, now), 1, "h/lost's old order");
+        assert!(l.has_order("h/lost", 0));
+        let report = l.report();
+        let rows = report["rollups"].as_array().unwrap();
+        assert!(
+            rows.iter().all(|r| r["source"] != "unattributed"),
+            "{rows:?}"
+        );
+        let forecast = rows.iter().find(|r| r["source"] == "forecast").unwrap();
+        assert_eq!(forecast["shadows"], 2);
+        assert_eq!(forecast["used"], 1);
+        assert_eq!(forecast["lost"], 1);
     }
 
     #[test]
@@ -1440,11 +1564,29 @@ mod tests {
         let id = l.order_id("h/x", 1, now + 500);
         assert_eq!(id, now + 500);
         let signal = Signal::forecast(0.9);
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id), false);
+        l.record_order(
+            "h/x",
+            1,
+            info(1, 5),
+            signal,
+            ttl,
+            now,
+            Some(id),
+            Accepted::default(),
+        );
         // The next order of the key gets another name, even with the same deadline.
         assert_eq!(l.order_id("h/x", 1, id), id + 1);
         // And so does one after that which goes back to the first deadline (A, B, A).
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1), false);
+        l.record_order(
+            "h/x",
+            1,
+            info(1, 5),
+            signal,
+            ttl,
+            now,
+            Some(id + 1),
+            Accepted::default(),
+        );
         assert_eq!(l.order_id("h/x", 1, id), id + 2);
         assert_eq!(l.order_id("h/x", 1, id + 5), id + 5);
         for later in 2..=RETIRED_NAMES as u64 + 1 {
@@ -1456,7 +1598,7 @@ mod tests {
                 ttl,
                 now,
                 Some(id + later),
-                false,
+                Accepted::default(),
             );
         }
         assert_eq!(
@@ -1464,7 +1606,16 @@ mod tests {
             id,
             "only the last few names are kept"
         );
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id), false);
+        l.record_order(
+            "h/x",
+            1,
+            info(1, 5),
+            signal,
+            ttl,
+            now,
+            Some(id),
+            Accepted::default(),
+        );
         assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
         assert_eq!(l.order_id("h/x", 1, 0), 0, "no deadline, no name");
         // A previous order's outcome, stamped by a clock running ahead: still not this one's.
@@ -1494,7 +1645,16 @@ mod tests {
         assert_eq!(l.order_id("h/x", 1, id + 3), id + 6);
         assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
         // ...and pass to that order.
-        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id + 1), false);
+        l.record_order(
+            "h/x",
+            1,
+            info(1, 5),
+            signal,
+            ttl,
+            now,
+            Some(id + 1),
+            Accepted::default(),
+        );
         assert_eq!(l.order_id("h/x", 1, id), id + 2);
     }
 

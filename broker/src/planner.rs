@@ -36,7 +36,7 @@ use pingora_core::services::background::BackgroundService;
 use serde::{Deserialize, Serialize};
 
 use crate::bounded::push_bounded;
-use crate::cost::{Class, Ledger, Odds, OrderInfo, Signal, Stake};
+use crate::cost::{Accepted, Class, Ledger, Odds, OrderInfo, Signal, Stake};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{now_secs, SeriesStore};
 use crate::registry::Registry;
@@ -915,14 +915,15 @@ pub async fn place_with(
     let placed_ms = edge_node::sync::protocol::unix_ms_now();
     let since = state.generation();
     let peer = order.peer.is_some();
-    let ok = sync.shadow(edge, order).await;
-    if ok {
+    let accepted_by = sync.shadow(edge, order).await;
+    if let Some(boot_id) = accepted_by {
         if !state.record_placed(&key, edge, ttl, since) {
             tracing::debug!(%key, edge, "purged while its order was in flight: not recorded live");
         }
-        ledger.record_order(&key, edge, info, signal, ttl, placed_ms, id, peer);
+        let accepted = Accepted { peer, boot_id };
+        ledger.record_order(&key, edge, info, signal, ttl, placed_ms, id, accepted);
     }
-    ok
+    accepted_by.is_some()
 }
 
 /// [`place_with`] for a provider's `created` event: unscored, attributed to
@@ -1271,7 +1272,12 @@ impl Planner {
                 };
                 let now_ms = edge_node::sync::protocol::unix_ms_now();
                 let ledger = &self.ledger;
-                ledger.record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms, None, false);
+                // Listed by the process now running, its outcome comes from that one.
+                let by = Accepted {
+                    peer: false,
+                    boot_id: self.sync.boot_id(e),
+                };
+                ledger.record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms, None, by);
             }
             self.state.adopted.lock().insert(e);
             if !shadows.is_empty() {

@@ -582,9 +582,18 @@ impl EdgeSync {
         self.control.as_deref().filter(|c| c.covers(edge))
     }
 
-    /// Ask edge `edge` to shadow an object; whether it accepted. The deadline and peer only
+    /// The process of `edge` its last stats report named (its `boot_id`; 0 when
+    /// none was read).
+    pub fn boot_id(&self, edge: usize) -> u64 {
+        self.quic(edge)
+            .and_then(|c| c.stats(edge))
+            .map_or(0, |s| s.boot_id)
+    }
+
+    /// Ask edge `edge` to shadow an object; when it accepted, the process that did (its boot
+    /// id; 0 when not told: an older edge, or the admin API). The deadline and peer only
     /// travel over QUIC (the admin API fills from the origin, first come first served).
-    pub async fn shadow(&self, edge: usize, mut order: ShadowOrder) -> bool {
+    pub async fn shadow(&self, edge: usize, mut order: ShadowOrder) -> Option<u64> {
         let e = &self.fleet.edges[edge];
         // Edges live on the wall clock.
         order.ttl_secs = crate::clock::wall_secs(order.ttl_secs);
@@ -593,10 +602,11 @@ impl EdgeSync {
             // refresh runs does not leave the replaced copy served after its restart.
             let key = order.key.clone();
             return match c.call(edge, &Request::Shadow(order)).await {
-                Ok(_) => true,
+                Ok(Reply::Done { boot_id, .. }) => Some(boot_id.unwrap_or(0)),
+                Ok(_) => Some(0),
                 Err(err) => {
                     tracing::warn!(edge = %e.id, error = %err, %key, "shadow order failed");
-                    false
+                    None
                 }
             };
         }
@@ -609,7 +619,7 @@ impl EdgeSync {
             let status = self.purge(edge, &purge, FAN_OUT_PATIENCE).await;
             if !purge.confirmed(status) {
                 tracing::warn!(edge = %e.id, %key, status, "refresh's purge not confirmed");
-                return false;
+                return None;
             }
         }
         let body = json!({ "key": key, "ttl_secs": order.ttl_secs, "priority": order.priority });
@@ -621,14 +631,14 @@ impl EdgeSync {
             .send()
             .await
         {
-            Ok(r) if r.status().is_success() => true,
+            Ok(r) if r.status().is_success() => Some(0),
             Ok(r) => {
                 tracing::warn!(edge = %e.id, status = %r.status(), %key, "edge refused a shadow");
-                false
+                None
             }
             Err(err) => {
                 tracing::warn!(edge = %e.id, error = %err, %key, "edge unreachable for a shadow");
-                false
+                None
             }
         }
     }
@@ -720,8 +730,8 @@ impl EdgeSync {
                 },
             };
             match c.call_within(edge, &req, patience).await {
-                Ok(Reply::Done { found: true }) => return 200,
-                Ok(Reply::Done { found: false }) => return 404,
+                Ok(Reply::Done { found: true, .. }) => return 200,
+                Ok(Reply::Done { found: false, .. }) => return 404,
                 // Any other answer to a purge is a protocol fault, not a confirmation: the
                 // purge is tried again.
                 Ok(other) => {

@@ -17,10 +17,9 @@ use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
 use crate::shadow::{
-    ended_without_stop, mark_running, save_at_stop, SavedOutcomes, ShadowService, ShadowTable,
+    crashed_process, mark_running, save_at_stop, SavedOutcomes, ShadowService, ShadowTable,
 };
 use crate::storage::{DiskHealth, FillLock, FoyerStorage, StorageError, StorageOptions};
-use crate::sync::protocol::unix_ms_now;
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
     KNOWN_ADDRESSES_FILE,
@@ -241,12 +240,13 @@ impl EdgeNode {
         // What the last graceful stop left for the broker: reported from the first poll.
         let boot_id = shadows.outcomes().boot_id();
         let saved = SavedOutcomes::load(&cfg.cache.dir);
-        if ended_without_stop(&cfg.cache.dir, &saved) {
+        if let Some(crashed) = crashed_process(&cfg.cache.dir, &saved) {
             tracing::warn!(
+                process = crashed,
                 "the last process ended without a graceful stop: the broker is told that the \
                  shadows it held will not be reported, and prices them itself"
             );
-            shadows.outcomes().lost_before(unix_ms_now());
+            shadows.outcomes().lost(crashed);
         }
         let restored_outcomes = match saved {
             Ok(Some(saved)) => {

@@ -1147,7 +1147,7 @@ async fn apply_event(
             for e in refill {
                 let mut order = asap_order(target, ttl, 5);
                 order.refresh = true;
-                let ok = s.sync.shadow(e, order).await;
+                let ok = s.sync.shadow(e, order).await.is_some();
                 if ok {
                     // Not live if a purge of it came while the refresh was under way.
                     s.planner

@@ -13,15 +13,16 @@
 //! stop tells the broker so, as a crash does (below).
 //!
 //! A crash leaves nothing to report, so the edge says so instead: a running process keeps
-//! [`RUNNING_FILE`] in the cache directory, and its graceful stop removes it once the outcomes
-//! are saved. A start that finds it with no saved outcomes tells the broker that the orders
-//! it accepted before now will never be reported ([`OutcomeLog::lost_before`]), and the
-//! broker prices them itself.
+//! [`RUNNING_FILE`] in the cache directory, naming it, and its graceful stop removes it once
+//! the outcomes are saved. A start that finds it, and no outcomes that process saved, tells
+//! the broker that process's orders will never be reported ([`OutcomeLog::lost`]); every
+//! order the broker placed names the process that accepted it, so the broker prices exactly
+//! those itself.
 
 use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Instant;
 
 use serde::{Deserialize, Serialize};
@@ -51,23 +52,19 @@ pub fn mark_running(dir: &Path, boot_id: u64) -> io::Result<()> {
     write_atomic(&dir.join(RUNNING_FILE), &bytes)
 }
 
-/// Whether the last process of `dir` ended without a graceful stop, given what it left
-/// saved ([`SavedOutcomes::load`]): it left its [`RUNNING_FILE`], and its stop saved nothing
-/// (or the file saved is an older process's, not taken up). Saved outcomes that cannot be
-/// read are lost too.
-pub fn ended_without_stop(dir: &Path, saved: &Result<Option<SavedOutcomes>, FileError>) -> bool {
-    let Ok(saved) = saved else {
-        return true;
-    };
-    let running = match read_json::<Running>(&dir.join(RUNNING_FILE)) {
-        Ok(None) => return false,
-        Ok(Some(r)) => r.boot_id,
-        // Not this build's: whoever wrote it did not remove it.
-        Err(_) => 0,
-    };
-    saved
-        .as_ref()
-        .is_none_or(|s| s.saved_by != running || running == 0)
+/// The last process of `dir`, if it ended without a graceful stop, given what was left saved
+/// ([`SavedOutcomes::load`]): it left its [`RUNNING_FILE`], and no outcomes of its own (the
+/// file saved, if any, is an older process's that it took up and had not removed). `None`
+/// also when the file cannot be read, as it names no process. (Saved outcomes that cannot
+/// be read are lost with their process unnamed: its orders stay open at the broker until
+/// their term ends.)
+pub fn crashed_process(
+    dir: &Path,
+    saved: &Result<Option<SavedOutcomes>, FileError>,
+) -> Option<u64> {
+    let running = read_json::<Running>(&dir.join(RUNNING_FILE)).ok()??.boot_id;
+    let saved_by = saved.as_ref().ok()?.as_ref().map(|s| s.saved_by);
+    (running != 0 && saved_by != Some(running)).then_some(running)
 }
 
 /// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
@@ -82,8 +79,8 @@ pub struct OutcomeLog {
     sent: parking_lot::Mutex<Option<(u64, Vec<ShadowOutcome>)>>,
     /// Saved for the next process ([`Self::freeze`]): no new batch is formed.
     frozen: AtomicBool,
-    /// [`Self::lost_before_ms`].
-    lost_before_ms: AtomicU64,
+    /// [`Self::lost`].
+    lost: parking_lot::Mutex<Vec<u64>>,
     /// Restored outcomes ([`Self::restore`]) the broker has not acknowledged yet.
     restored_left: AtomicUsize,
     /// [`Self::boot_id`].
@@ -96,7 +93,7 @@ impl Default for OutcomeLog {
             inner: Default::default(),
             sent: Default::default(),
             frozen: Default::default(),
-            lost_before_ms: Default::default(),
+            lost: Default::default(),
             restored_left: Default::default(),
             boot_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -114,10 +111,11 @@ pub struct SavedOutcomes {
     pub sent: Option<(u64, Vec<ShadowOutcome>)>,
     /// Outcomes not sent yet, oldest first.
     pub queued: Vec<ShadowOutcome>,
-    /// [`OutcomeLog::lost_before_ms`], carried to the next process: a broker that has not
-    /// polled since an earlier crash still learns of it.
+    /// [`OutcomeLog::lost`], carried to the next process (a broker that has not polled since
+    /// an earlier crash still learns of it), with the saving process itself when fills it had
+    /// accepted were still running.
     #[serde(default)]
-    pub lost_before_ms: u64,
+    pub lost: Vec<u64>,
     /// The [`OutcomeLog::boot_id`] of the process that saved it (0: a build before it).
     #[serde(default)]
     pub saved_by: u64,
@@ -137,7 +135,7 @@ impl SavedOutcomes {
     /// Write it to [`OUTCOMES_FILE`] in `dir` ([`write_atomic`]); with nothing to keep, remove
     /// an older file instead.
     pub fn save(&self, dir: &Path) -> io::Result<()> {
-        if self.is_empty() && self.lost_before_ms == 0 {
+        if self.is_empty() && self.lost.is_empty() {
             return Self::taken(dir);
         }
         let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
@@ -174,17 +172,17 @@ impl SavedOutcomes {
 /// ([`OutcomeLog::freeze`]) and save what the broker has not acknowledged, the ended marks
 /// included whatever the log's bound, in `dir`. The marks ended and the outcomes saved.
 pub async fn save_at_stop(table: &ShadowTable, dir: PathBuf) -> io::Result<(usize, usize)> {
-    // Fills the drain's timeout cut short end with the process, unreported: their orders
-    // are told lost, once the outcomes saved here are in.
-    if table.filling() {
-        table
-            .outcomes()
-            .lost_before(crate::sync::protocol::unix_ms_now());
-    }
+    // Fills the drain's timeout cut short end with the process, unreported: the next process
+    // tells their orders lost, once the outcomes saved here are in. (Not this one: a poll
+    // meanwhile would have those outcomes' orders priced lost, then again when they come.)
+    let cut_short = table.filling();
     let ended = table.end_all(Instant::now());
     let marks = ended.len();
     let mut saved = table.outcomes().freeze();
     saved.queued.extend(ended);
+    if cut_short {
+        push_lost(&mut saved.lost, table.outcomes().boot_id());
+    }
     let outcomes = saved.len();
     // Saved, this process stopped: nothing it accepted is lost.
     let stopped = move || {
@@ -250,10 +248,10 @@ impl OutcomeLog {
         self.inner.lock().1
     }
 
-    /// Note that the outcomes of the orders accepted before `ms` (Unix ms) that are not in
-    /// this log will never be reported: a process ended without a graceful stop.
-    pub fn lost_before(&self, ms: u64) {
-        self.lost_before_ms.fetch_max(ms, Ordering::AcqRel);
+    /// Note that the outcomes of the orders process `boot_id` accepted that are not in this
+    /// log will never be reported: it ended without a graceful stop.
+    pub fn lost(&self, boot_id: u64) {
+        push_lost(&mut self.lost.lock(), boot_id);
     }
 
     /// Identifies the process whose outcomes these are (its start time in ns):
@@ -262,20 +260,20 @@ impl OutcomeLog {
         self.boot_id
     }
 
-    /// The latest time before which unreported outcomes are known lost; 0: none.
-    pub fn lost_before_ms(&self) -> u64 {
-        self.lost_before_ms.load(Ordering::Acquire)
+    /// The processes whose unreported outcomes are known lost, the latest last.
+    pub fn lost_boots(&self) -> Vec<u64> {
+        self.lost.lock().clone()
     }
 
-    /// [`Self::lost_before_ms`] as a stats report tells it
-    /// ([`crate::sync::protocol::StatsReport::lost_before_ms`]): 0 until the broker has every
-    /// restored outcome, which are outcomes of orders accepted before then too; told earlier,
-    /// the broker would price the orders of the ones still to come as lost.
-    pub fn lost_before_ms_to_tell(&self) -> u64 {
+    /// [`Self::lost_boots`] as a stats report tells them
+    /// ([`crate::sync::protocol::StatsReport::lost_boots`]): none until the broker has every
+    /// restored outcome, which may be of those processes' orders too; told earlier, the
+    /// broker would price the orders of the ones still to come as lost.
+    pub fn lost_boots_to_tell(&self) -> Vec<u64> {
         if self.restored_left.load(Ordering::Acquire) > 0 {
-            return 0;
+            return Vec::new();
         }
-        self.lost_before_ms()
+        self.lost_boots()
     }
 
     /// The batch for a stats reply and its number, for a broker that acknowledged batch
@@ -333,7 +331,7 @@ impl OutcomeLog {
         SavedOutcomes {
             sent: sent.clone(),
             queued: inner.0.iter().cloned().collect(),
-            lost_before_ms: self.lost_before_ms(),
+            lost: self.lost_boots(),
             saved_by: self.boot_id,
         }
     }
@@ -341,7 +339,9 @@ impl OutcomeLog {
     /// Take up what a stopped process saved: its sent batch is sent again under its number,
     /// its queued outcomes go before any of this process's.
     pub fn restore(&self, saved: SavedOutcomes) {
-        self.lost_before(saved.lost_before_ms);
+        for boot_id in &saved.lost {
+            self.lost(*boot_id);
+        }
         self.restored_left.fetch_add(saved.len(), Ordering::AcqRel);
         let mut sent = self.sent.lock();
         debug_assert!(sent.is_none(), "restored before any poll");
@@ -355,8 +355,21 @@ impl OutcomeLog {
         while g.0.len() > Self::CAPACITY {
             g.0.pop_front();
             g.1 += 1;
+            self.gone(1);
         }
     }
+}
+
+/// Processes told lost, at most: the broker prices each when it first hears of it.
+const LOST_KEPT: usize = 16;
+
+/// Add `boot_id` to `lost` (once), dropping the oldest past [`LOST_KEPT`].
+fn push_lost(lost: &mut Vec<u64>, boot_id: u64) {
+    if !lost.contains(&boot_id) {
+        lost.push(boot_id);
+    }
+    let excess = lost.len().saturating_sub(LOST_KEPT);
+    lost.drain(..excess);
 }
 
 #[cfg(test)]
@@ -455,7 +468,7 @@ mod tests {
         let one = SavedOutcomes {
             sent: None,
             queued: vec![outcome("h/a".into())],
-            lost_before_ms: 0,
+            lost: Vec::new(),
             saved_by: 1,
         };
         one.save(dir.path()).unwrap();
@@ -464,16 +477,16 @@ mod tests {
         assert!(!path.exists());
     }
 
-    /// A running process leaves its mark until a graceful stop has saved its outcomes; a
-    /// start after a crash tells the broker what is lost, and every later process, stopped
-    /// gracefully or not, goes on telling it (the broker may not have polled in between). A
-    /// saved file that a crashed process took up but did not remove, or one that cannot be
-    /// read, does not hide the crash.
+    /// A running process leaves its mark, naming it, until a graceful stop has saved its
+    /// outcomes; a start after a crash tells the broker which process is lost, and every later
+    /// process, stopped gracefully or not, goes on telling it (the broker may not have polled
+    /// in between). A saved file that a crashed process took up but did not remove does not
+    /// hide the crash.
     #[tokio::test]
     async fn a_crash_is_told_to_the_broker_and_carried_across_graceful_stops() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let ended = || ended_without_stop(dir, &SavedOutcomes::load(dir));
+        let crashed = || crashed_process(dir, &SavedOutcomes::load(dir));
         let start = || {
             let table = ShadowTable::default();
             mark_running(dir, table.outcomes().boot_id()).unwrap();
@@ -485,36 +498,40 @@ mod tests {
         };
         stop(start()).await;
         assert!(!dir.join(RUNNING_FILE).exists());
-        assert!(!ended(), "stopped gracefully");
+        assert_eq!(crashed(), None, "stopped gracefully");
 
         // The next process crashes: its mark stays, and nothing is saved.
-        let _crashed = start();
+        let lost = start().outcomes().boot_id();
         assert!(SavedOutcomes::load(dir).unwrap().is_none());
-        assert!(ended());
+        assert_eq!(crashed(), Some(lost));
         let after_crash = start();
-        after_crash.outcomes().lost_before(1_000);
-        assert_eq!(after_crash.outcomes().lost_before_ms(), 1_000);
+        after_crash.outcomes().lost(lost);
+        assert_eq!(after_crash.outcomes().lost_boots_to_tell(), vec![lost]);
         // It stops gracefully with nothing else to report: the loss is saved all the same.
         let after_crash = stop(after_crash).await;
-        assert!(!ended());
+        assert_eq!(crashed(), None);
         let saved = SavedOutcomes::load(dir).unwrap().expect("saved");
         assert!(saved.is_empty());
         assert_eq!(saved.saved_by, after_crash.outcomes().boot_id());
+        assert_eq!(saved.lost, vec![lost]);
         let next = OutcomeLog::default();
-        next.restore(saved);
-        next.lost_before(500);
-        assert_eq!(next.lost_before_ms(), 1_000, "the latest loss stands");
+        next.restore(saved.clone());
+        next.lost(lost);
+        assert_eq!(next.lost_boots_to_tell(), vec![lost], "once");
 
-        // The next process crashes before it removed the file it took up.
-        let _crashed = start();
-        assert!(ended(), "the file is an older process's");
+        // The next process crashes before it removed the file it took up: the file is the
+        // older process's, so the mark is of one that did not stop.
+        let crashed_again = start().outcomes().boot_id();
+        saved.save(dir).unwrap();
+        assert_eq!(crashed(), Some(crashed_again));
         std::fs::write(dir.join(OUTCOMES_FILE), b"{").unwrap();
-        assert!(ended(), "unreadable outcomes are lost");
+        assert_eq!(crashed(), None, "unreadable outcomes name no process");
     }
 
-    /// A stop that a fill outlasted tells the broker its order is lost, but the next process
-    /// tells it only once the broker has every outcome the stop saved: those are of orders
-    /// accepted before then too, and would be priced twice.
+    /// A stop that a fill outlasted tells the broker, through the next process, that its own
+    /// orders' unreported outcomes are lost, once the broker has every outcome the stop saved
+    /// (those may be of its orders too, and would be priced twice); the stopping process
+    /// itself never tells it.
     #[tokio::test]
     async fn a_fill_cut_short_by_the_stop_is_told_lost_after_the_saved_outcomes() {
         let tmp = tempfile::tempdir().unwrap();
@@ -524,24 +541,53 @@ mod tests {
         }
         let _cut_short = table.begin_fill("h/filling", Instant::now());
         save_at_stop(&table, tmp.path().into()).await.unwrap();
+        assert!(table.outcomes().lost_boots_to_tell().is_empty());
         let saved = SavedOutcomes::load(tmp.path()).unwrap().unwrap();
-        assert!(saved.lost_before_ms > 0);
+        let stopped = table.outcomes().boot_id();
+        assert_eq!(saved.lost, vec![stopped]);
 
         let next = OutcomeLog::default();
         next.restore(saved);
-        assert_eq!(next.lost_before_ms_to_tell(), 0);
+        assert!(next.lost_boots_to_tell().is_empty());
         let first = 9_000;
         let (seq, batch) = next.batch(Some(0), first, 300);
         assert_eq!(batch.len(), 1, "a batch at a time");
-        assert_eq!(next.lost_before_ms_to_tell(), 0, "not acknowledged");
+        assert!(next.lost_boots_to_tell().is_empty(), "not acknowledged");
         let (seq, batch) = next.batch(Some(seq), first, 1 << 20);
         assert_eq!(batch.len(), 1);
-        assert_eq!(next.lost_before_ms_to_tell(), 0);
+        assert!(next.lost_boots_to_tell().is_empty());
         assert_eq!(next.batch(Some(seq), first, 1 << 20), (0, vec![]));
-        assert!(
-            next.lost_before_ms_to_tell() > 0,
+        assert_eq!(
+            next.lost_boots_to_tell(),
+            vec![stopped],
             "told once the broker has them"
         );
+    }
+
+    /// Restored outcomes the log's bound drops count as gone, or the loss would wait for
+    /// acknowledgements that never come.
+    #[test]
+    fn restored_outcomes_dropped_at_the_bound_do_not_hold_back_a_loss() {
+        let saved = SavedOutcomes {
+            sent: None,
+            queued: (0..OutcomeLog::CAPACITY + 5)
+                .map(|i| outcome(format!("h/{i}")))
+                .collect(),
+            lost: vec![7],
+            saved_by: 1,
+        };
+        let next = OutcomeLog::default();
+        next.restore(saved);
+        assert_eq!(next.dropped(), 5);
+        let mut ack = Some(0);
+        loop {
+            let (seq, batch) = next.batch(ack, 100, 1 << 20);
+            if batch.is_empty() {
+                break;
+            }
+            ack = Some(seq);
+        }
+        assert_eq!(next.lost_boots_to_tell(), vec![7]);
     }
 
     fn outcome(key: String) -> ShadowOutcome {

@@ -166,12 +166,12 @@ pub struct StatsReport {
     /// restarted and its shadow marks, which live in memory, are gone. 0: not told.
     #[serde(default)]
     pub boot_id: u64,
-    /// The outcomes of the shadow orders this edge accepted before this time (Unix ms, the
-    /// edge's clock) that it has not reported will never be: a process of this edge ended
-    /// without a graceful stop (a crash, a kill), and took them with it. The broker prices
-    /// those orders itself. 0: none known lost.
+    /// Processes of this edge ([`Self::boot_id`]s, the latest last) whose shadow orders'
+    /// outcomes, where not reported by now, never will be: the process crashed (or was
+    /// killed), or its stop came before fills it had accepted ended. The broker prices those
+    /// orders itself (each order names its process, [`Reply::Done::boot_id`]).
     #[serde(default)]
-    pub lost_before_ms: u64,
+    pub lost_boots: Vec<u64>,
 }
 
 /// How one shadow ended: its lifetime, size, source and use.
@@ -299,6 +299,10 @@ pub enum Reply {
     Done {
         /// Whether the target existed.
         found: bool,
+        /// The accepting process's [`StatsReport::boot_id`], on an accepted shadow order: its
+        /// outcome comes from that process, or is lost with it ([`StatsReport::lost_boots`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_id: Option<u64>,
     },
     /// Answer to [`Request::Stats`].
     Stats(StatsReport),
@@ -449,7 +453,13 @@ mod tests {
     fn replies_from_a_newer_node_are_read_and_requests_stay_strict() {
         let newer: Reply =
             serde_json::from_str(r#"{"type":"done","found":true,"took_ms":3}"#).unwrap();
-        assert_eq!(newer, Reply::Done { found: true });
+        assert_eq!(
+            newer,
+            Reply::Done {
+                found: true,
+                boot_id: None
+            }
+        );
         let unknown: Reply =
             serde_json::from_str(r#"{"type":"error","code":"overloaded","message":"m"}"#).unwrap();
         assert!(matches!(

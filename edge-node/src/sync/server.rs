@@ -581,7 +581,10 @@ impl Handler {
                     fill
                 };
                 match p.filler.submit(fill) {
-                    Ok(()) => Reply::Done { found: true },
+                    Ok(()) => Reply::Done {
+                        found: true,
+                        boot_id: Some(self.boot_id),
+                    },
                     Err(e) => {
                         p.metrics.shadow_fills.with_label_values(&["refused"]).inc();
                         Reply::error(ErrorCode::Busy, e.to_string())
@@ -591,6 +594,7 @@ impl Handler {
             Request::Unshadow { key } => match crate::proxy::normalize_key(&key) {
                 Some(key) => Reply::Done {
                     found: unshadow(&p.shadows, p.storage, &key).is_some(),
+                    boot_id: None,
                 },
                 None => Reply::error(ErrorCode::Invalid, "key must be {host}/{path}"),
             },
@@ -630,7 +634,10 @@ impl Handler {
                     origins: p.origins.current(),
                 };
                 match purge_answered(parts, &p.inflight, t).await {
-                    Ok(found) => Reply::Done { found },
+                    Ok(found) => Reply::Done {
+                        found,
+                        boot_id: None,
+                    },
                     // The broker sends it again, as it does a busy edge's refusal.
                     Err(e @ (PurgeError::DiskStalled | PurgeError::DiskBacklog)) => {
                         Reply::error(ErrorCode::Busy, e.to_string())
@@ -664,7 +671,7 @@ impl Handler {
             outcomes,
             outcomes_seq,
             boot_id: self.boot_id,
-            lost_before_ms: p.shadows.outcomes().lost_before_ms_to_tell(),
+            lost_boots: p.shadows.outcomes().lost_boots_to_tell(),
         }
     }
 
@@ -796,7 +803,13 @@ mod tests {
     fn dedup_remembers_recent_ids_only() {
         let mut d = Dedup::default();
         for id in 0..(DEDUP_CAPACITY as u64 + 10) {
-            d.put(key(id), Reply::Done { found: true });
+            d.put(
+                key(id),
+                Reply::Done {
+                    found: true,
+                    boot_id: None,
+                },
+            );
         }
         assert!(d.get(key(0)).is_none());
         assert!(d.get(key(DEDUP_CAPACITY as u64 + 9)).is_some());
@@ -818,7 +831,13 @@ mod tests {
         };
         let (a, b) = (purge("h/a"), purge("h/b"));
         let mut d = Dedup::default();
-        d.put(MessageKey::of(5, Some(&a)), Reply::Done { found: false });
+        d.put(
+            MessageKey::of(5, Some(&a)),
+            Reply::Done {
+                found: false,
+                boot_id: None,
+            },
+        );
         assert!(matches!(
             d.turn(MessageKey::of(5, Some(&a.clone()))),
             Turn::Answered(_)
@@ -842,7 +861,10 @@ mod tests {
         let Turn::Pending(mut rx) = seen.lock().turn(id) else {
             panic!("a retry waits");
         };
-        let reply = Reply::Done { found: true };
+        let reply = Reply::Done {
+            found: true,
+            boot_id: None,
+        };
         seen.lock().put(id, reply.clone());
         tx.send(Some(reply.clone())).unwrap();
         drop(running);
