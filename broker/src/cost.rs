@@ -390,6 +390,55 @@ impl SettledNames {
 /// after an order was placed reads as older than it.
 const CLOCK_SLACK_MS: u64 = 1_000;
 
+/// Open orders that a newer order of their key and edge replaced after the edge restarted
+/// ([`Ledger::record_order`]), until their outcome comes, their process is told lost, or long
+/// after their TTL.
+#[derive(Default)]
+struct Superseded {
+    by: HashMap<(String, usize), Vec<Order>>,
+    /// Entries at which [`Self::keep`] next sweeps expired ones.
+    sweep_at: usize,
+}
+
+impl Superseded {
+    fn keep(&mut self, k: (String, usize), order: Order, now: Instant) {
+        // Swept when it has doubled since the last sweep, as the open orders are.
+        if self.by.len() > self.sweep_at.max(ORDER_SWEEP) {
+            self.by.retain(|_, held| {
+                held.retain(|o| o.until > now);
+                !held.is_empty()
+            });
+            self.sweep_at = self.by.len() * 2;
+        }
+        self.by.entry(k).or_default().push(order);
+    }
+
+    /// The order of `k` named `name`, taken.
+    fn take(&mut self, k: &(String, usize), name: u64) -> Option<Order> {
+        let held = self.by.get_mut(k)?;
+        let i = held.iter().position(|o| o.id == Some(name))?;
+        let order = held.swap_remove(i);
+        if held.is_empty() {
+            self.by.remove(k);
+        }
+        Some(order)
+    }
+
+    /// Every order of `edge` that process `boot_id` accepted, taken.
+    fn take_accepted_by(&mut self, edge: usize, boot_id: u64) -> Vec<((String, usize), Order)> {
+        let mut taken = Vec::new();
+        self.by.retain(|k, held| {
+            if k.1 == edge {
+                for o in held.extract_if(.., |o| o.boot_id == boot_id) {
+                    taken.push((k.clone(), o));
+                }
+            }
+            !held.is_empty()
+        });
+        taken
+    }
+}
+
 /// Tuners by (region, class, tuned source), and the weakest score each source offered.
 #[derive(Default)]
 struct Tuners {
@@ -408,9 +457,8 @@ pub struct Ledger {
     /// Names of orders settled lately, which the next order of their key avoids.
     settled_names: Mutex<SettledNames>,
     /// Open orders a newer one of their key replaced after the edge restarted (another
-    /// process accepted it), by key and edge: their outcomes may still come, or their process
-    /// be told lost.
-    superseded: Mutex<HashMap<(String, usize), Vec<Order>>>,
+    /// process accepted it): their outcomes may still come, or their process be told lost.
+    superseded: Mutex<Superseded>,
     tuners: Mutex<Tuners>,
     rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
@@ -624,36 +672,37 @@ impl Ledger {
                 peer: accepted.peer,
             },
         );
-        if let Some(replaced) = replaced
-            .filter(|r| r.boot_id != 0 && accepted.boot_id != 0 && r.boot_id != accepted.boot_id)
-        {
-            let mut aside = self.superseded.lock();
-            if aside.len() > ORDER_SWEEP {
-                aside.retain(|_, held| {
-                    held.retain(|o| o.until > now);
-                    !held.is_empty()
-                });
-            }
-            aside.entry(k).or_default().push(replaced);
+        // Kept aside only when named: an unnamed outcome (or an unnamed order) could not be
+        // told from the new order's, and would be priced once as unattributed and again
+        // when its process is told lost.
+        if let Some(replaced) = replaced.filter(|r| {
+            r.id.is_some()
+                && r.boot_id != 0
+                && accepted.boot_id != 0
+                && r.boot_id != accepted.boot_id
+        }) {
+            self.superseded.lock().keep(k, replaced, now);
         }
     }
 
     /// The order of `k` kept aside ([`Self::record_order`]) that the edge names `name`.
     fn take_superseded(&self, k: &(String, usize), name: Option<u64>) -> Option<Order> {
-        let name = name?;
-        let mut aside = self.superseded.lock();
-        let held = aside.get_mut(k)?;
-        let i = held.iter().position(|o| o.id == Some(name))?;
-        let order = held.swap_remove(i);
-        if held.is_empty() {
-            aside.remove(k);
-        }
-        Some(order)
+        self.superseded.lock().take(k, name?)
     }
 
     /// Whether an order of `key` on `edge` awaits its outcome.
+    #[cfg(test)]
     pub fn has_order(&self, key: &str, edge: usize) -> bool {
         self.orders.lock().contains_key(&(key.to_string(), edge))
+    }
+
+    /// Whether an order of `key` on `edge` that process `boot_id` accepted (or one whose
+    /// process is not known) awaits its outcome.
+    pub fn has_order_of(&self, key: &str, edge: usize, boot_id: u64) -> bool {
+        self.orders
+            .lock()
+            .get(&(key.to_string(), edge))
+            .is_some_and(|o| o.boot_id == boot_id || o.boot_id == 0)
     }
 
     /// A name for a new order of `key` on `edge` whose deadline is `deadline_ms` (0: none):
@@ -704,19 +753,25 @@ impl Ledger {
             let order = if older {
                 self.take_superseded(&k, o.order)
             } else {
-                let e = Ended {
-                    key: o.key.clone(),
-                    edge,
-                    // A fill a purge or unshadow overtook did not fail.
-                    failed: o.failed && !o.removed,
-                };
-                push_bounded(&mut ended, e, ENDED_LOG);
                 let order = orders.remove(&k);
                 if let Some(order) = &order {
-                    let now = Instant::now();
-                    self.settled_names.lock().keep(k.clone(), order, now);
+                    self.settled_names
+                        .lock()
+                        .keep(k.clone(), order, Instant::now());
                 }
-                order.or_else(|| self.take_superseded(&k, o.order))
+                // One kept aside after a restart is not the shadow the planner counts live
+                // (that is its replacement's, or none): nothing to end there.
+                let aside = order.is_none().then(|| self.take_superseded(&k, o.order));
+                if aside.as_ref().is_none_or(Option::is_none) {
+                    let e = Ended {
+                        key: o.key.clone(),
+                        edge,
+                        // A fill a purge or unshadow overtook did not fail.
+                        failed: o.failed && !o.removed,
+                    };
+                    push_bounded(&mut ended, e, ENDED_LOG);
+                }
+                order.or(aside.flatten())
             };
             self.book(edge, order.as_ref(), o, &mut tuners, &mut rollups);
         }
@@ -852,17 +907,7 @@ impl Ledger {
             push_bounded(&mut ended, e, ENDED_LOG);
             lost.push((k, order));
         }
-        {
-            let mut aside = self.superseded.lock();
-            aside.retain(|k, held| {
-                if k.1 == edge {
-                    for o in held.extract_if(.., |o| o.boot_id == boot_id) {
-                        lost.push((k.clone(), o));
-                    }
-                }
-                !held.is_empty()
-            });
-        }
+        lost.extend(self.superseded.lock().take_accepted_by(edge, boot_id));
         for (k, order) in &lost {
             rollups.entry(rollup_key(order)).or_default().lost += 1;
             let region = self
@@ -1429,6 +1474,9 @@ mod tests {
             l.record_order(key, 0, info(0, 5), signal, ttl, now, Some(1), by(1));
             l.record_order(key, 0, info(0, 5), signal, ttl, now, Some(2), by(2));
         }
+        // Unnamed, it could not be told from its replacement's: not kept aside.
+        l.record_order("h/unnamed", 0, info(0, 5), signal, ttl, now, None, by(1));
+        l.record_order("h/unnamed", 0, info(0, 5), signal, ttl, now, None, by(2));
         // The old process's outcome, saved at its stop, names its order.
         let saved = ShadowOutcome {
             key: "h/saved".into(),

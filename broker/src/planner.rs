@@ -1241,7 +1241,7 @@ impl Planner {
         };
         for e in pending {
             let since = self.state.generation();
-            let Some(shadows) = self.sync.live_shadows(e).await else {
+            let Some((shadows, boot_id)) = self.sync.live_shadows(e).await else {
                 continue;
             };
             let region = self.fleet.edge_region(e);
@@ -1255,7 +1255,7 @@ impl Planner {
                 // After a restart, a shadow the new process lists that this broker ordered
                 // since (before the restart was seen) keeps its order: the signal that placed
                 // it, which its outcome tunes.
-                if self.ledger.has_order(&s.key, e) {
+                if self.ledger.has_order_of(&s.key, e, boot_id) {
                     continue;
                 }
                 let provider = s
@@ -1272,10 +1272,10 @@ impl Planner {
                 };
                 let now_ms = edge_node::sync::protocol::unix_ms_now();
                 let ledger = &self.ledger;
-                // Listed by the process now running, its outcome comes from that one.
+                // Its outcome comes from the process that listed it.
                 let by = Accepted {
                     peer: false,
-                    boot_id: self.sync.boot_id(e),
+                    boot_id,
                 };
                 ledger.record_order(&s.key, e, info, Signal::ADOPTED, ttl, now_ms, None, by);
             }

@@ -582,14 +582,6 @@ impl EdgeSync {
         self.control.as_deref().filter(|c| c.covers(edge))
     }
 
-    /// The process of `edge` its last stats report named (its `boot_id`; 0 when
-    /// none was read).
-    pub fn boot_id(&self, edge: usize) -> u64 {
-        self.quic(edge)
-            .and_then(|c| c.stats(edge))
-            .map_or(0, |s| s.boot_id)
-    }
-
     /// Ask edge `edge` to shadow an object; when it accepted, the process that did (its boot
     /// id; 0 when not told: an older edge, or the admin API). The deadline and peer only
     /// travel over QUIC (the admin API fills from the origin, first come first served).
@@ -659,15 +651,16 @@ impl EdgeSync {
         }
     }
 
-    /// The live shadows edge `edge` holds, listed page by page over QUIC; `None` when it
-    /// cannot be asked (no QUIC link, unreachable, an edge that does not list, or one whose
-    /// stats this broker has not read yet).
-    pub async fn live_shadows(&self, edge: usize) -> Option<Vec<LiveShadow>> {
+    /// The live shadows edge `edge` holds, listed page by page over QUIC, and the process
+    /// that holds them (its boot id); `None` when it cannot be asked (no QUIC link,
+    /// unreachable, an edge that does not list, or one whose stats this broker has not read
+    /// yet), or a poll saw it restart while it was listed.
+    pub async fn live_shadows(&self, edge: usize) -> Option<(Vec<LiveShadow>, u64)> {
         let c = self.quic(edge)?;
         // A listing describes one edge process. Until a stats report has named it (its boot
         // id), a restart right after the listing would go unnoticed and the shadows listed
         // would be counted live after the restart dropped them.
-        c.stats(edge)?;
+        let boot_id = c.stats(edge)?.boot_id;
         let mut out = Vec::new();
         let mut after = None;
         loop {
@@ -687,7 +680,9 @@ impl EdgeSync {
                     after = last;
                     out.extend(shadows);
                     if !more || after.is_none() {
-                        return Some(out);
+                        // Named by another process now: which one listed what is unknown.
+                        let same = c.stats(edge).is_some_and(|s| s.boot_id == boot_id);
+                        return same.then_some((out, boot_id));
                     }
                 }
                 other => {

@@ -17,7 +17,7 @@ use crate::metrics::EdgeMetrics;
 use crate::origin::SharedOrigins;
 use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHooks};
 use crate::shadow::{
-    crashed_process, mark_running, save_at_stop, SavedOutcomes, ShadowService, ShadowTable,
+    crashed_processes, save_at_stop, RunningMark, SavedOutcomes, ShadowService, ShadowTable,
 };
 use crate::storage::{DiskHealth, FillLock, FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
@@ -75,9 +75,8 @@ pub struct EdgeNode {
     storage_rt: tokio::runtime::Runtime,
     /// The last stop's shadow outcomes were restored: their file goes once serving starts.
     restored_outcomes: bool,
-    /// This process's [`crate::shadow::OutcomeLog::boot_id`], marked running once serving
-    /// starts.
-    boot_id: u64,
+    /// This process, marked running once serving starts.
+    running: RunningMark,
 }
 
 impl EdgeNode {
@@ -238,31 +237,36 @@ impl EdgeNode {
         let inflight = InflightCounter::default();
         let shadows = Arc::new(ShadowTable::default());
         // What the last graceful stop left for the broker: reported from the first poll.
-        let boot_id = shadows.outcomes().boot_id();
         let saved = SavedOutcomes::load(&cfg.cache.dir);
-        if let Some(crashed) = crashed_process(&cfg.cache.dir, &saved) {
+        let crashed = crashed_processes(&cfg.cache.dir, &saved);
+        if !crashed.is_empty() {
             tracing::warn!(
-                process = crashed,
+                processes = ?crashed,
                 "the last process ended without a graceful stop: the broker is told that the \
-                 shadows it held will not be reported, and prices them itself"
+                 shadows it (and the processes it took over from) held will not be reported, \
+                 and prices them itself"
             );
-            shadows.outcomes().lost(crashed);
+            for boot_id in crashed {
+                shadows.outcomes().lost(boot_id);
+            }
         }
-        let restored_outcomes = match saved {
+        let (restored_outcomes, restored_from) = match saved {
             Ok(Some(saved)) => {
                 tracing::info!(
                     outcomes = saved.len(),
                     "shadow outcomes of the last stop restored for the broker"
                 );
+                let from = (!saved.is_empty()).then_some(saved.saved_by);
                 shadows.outcomes().restore(saved);
-                true
+                (true, from)
             }
-            Ok(None) => false,
+            Ok(None) => (false, None),
             Err(e) => {
                 tracing::warn!(error = %e, "shadow outcomes of the last stop not restored");
-                false
+                (false, None)
             }
         };
+        let running = RunningMark::of(shadows.outcomes(), restored_from);
         let secret = InternalSecret::generate();
         let peers = Arc::new(PeerDirectory::new(&cfg.node_id));
         let encodings = Arc::new(crate::accept_encoding::Mix::default());
@@ -425,7 +429,7 @@ impl EdgeNode {
             storage,
             storage_rt,
             restored_outcomes,
-            boot_id,
+            running,
         })
     }
 
@@ -442,7 +446,7 @@ impl EdgeNode {
         );
         // Marked first: a crash between the two leaves the mark, not a start that lost the
         // outcomes it took up without telling.
-        if let Err(e) = mark_running(&self.cfg.cache.dir, self.boot_id) {
+        if let Err(e) = self.running.write(&self.cfg.cache.dir) {
             tracing::warn!(error = %e, "cannot note the process as running: were it to crash, \
                 the broker would not learn that its shadows are lost");
         }

@@ -8,7 +8,7 @@ mod table;
 pub(crate) use fill::split_key;
 pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
 pub use outcomes::{
-    crashed_process, mark_running, save_at_stop, OutcomeLog, SavedOutcomes, OUTCOMES_FILE,
+    crashed_processes, save_at_stop, OutcomeLog, RunningMark, SavedOutcomes, OUTCOMES_FILE,
     RUNNING_FILE,
 };
 pub use pace::FillPacer;

@@ -34,37 +34,60 @@ use crate::sync::protocol::ShadowOutcome;
 /// The file a graceful stop leaves, in the cache directory.
 pub const OUTCOMES_FILE: &str = "shadow-outcomes.json";
 
-/// The file a running process keeps in the cache directory ([`mark_running`]) until its
+/// The file a running process keeps in the cache directory ([`RunningMark`]) until its
 /// graceful stop has saved its outcomes.
 pub const RUNNING_FILE: &str = "shadow-process.running";
 
-/// What [`RUNNING_FILE`] holds.
-#[derive(Debug, Serialize, Deserialize)]
-struct Running {
+/// What [`RUNNING_FILE`] holds: the running process, and the processes whose outcomes (or
+/// losses) it took up from the last stop, which it would lose with it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunningMark {
     /// The process's [`OutcomeLog::boot_id`].
-    boot_id: u64,
+    pub boot_id: u64,
+    /// The processes whose saved outcomes it restored ([`SavedOutcomes::saved_by`]) and
+    /// those it tells lost ([`OutcomeLog::lost_boots`]).
+    #[serde(default)]
+    pub carries: Vec<u64>,
 }
 
-/// Note in `dir` that process `boot_id` is running, once its start can no longer fail and
-/// before it takes up what the last one saved.
-pub fn mark_running(dir: &Path, boot_id: u64) -> io::Result<()> {
-    let bytes = serde_json::to_vec(&Running { boot_id }).map_err(io::Error::other)?;
-    write_atomic(&dir.join(RUNNING_FILE), &bytes)
+impl RunningMark {
+    /// The mark of a process starting with `log`, having restored outcomes that process
+    /// `restored_from` saved, if any ([`SavedOutcomes::saved_by`]).
+    pub fn of(log: &OutcomeLog, restored_from: Option<u64>) -> Self {
+        let mut carries = log.lost_boots();
+        if let Some(by) = restored_from.filter(|by| *by != 0) {
+            push_lost(&mut carries, by);
+        }
+        RunningMark {
+            boot_id: log.boot_id(),
+            carries,
+        }
+    }
+
+    /// Note in `dir` that the process is running, once its start can no longer fail and
+    /// before it removes what the last one saved.
+    pub fn write(&self, dir: &Path) -> io::Result<()> {
+        let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
+        write_atomic(&dir.join(RUNNING_FILE), &bytes)
+    }
 }
 
-/// The last process of `dir`, if it ended without a graceful stop, given what was left saved
-/// ([`SavedOutcomes::load`]): it left its [`RUNNING_FILE`], and no outcomes of its own (the
-/// file saved, if any, is an older process's that it took up and had not removed). `None`
-/// also when the file cannot be read, as it names no process. (Saved outcomes that cannot
-/// be read are lost with their process unnamed: its orders stay open at the broker until
-/// their term ends.)
-pub fn crashed_process(
-    dir: &Path,
-    saved: &Result<Option<SavedOutcomes>, FileError>,
-) -> Option<u64> {
-    let running = read_json::<Running>(&dir.join(RUNNING_FILE)).ok()??.boot_id;
-    let saved_by = saved.as_ref().ok()?.as_ref().map(|s| s.saved_by);
-    (running != 0 && saved_by != Some(running)).then_some(running)
+/// The processes lost with the last process of `dir`, if it ended without a graceful stop,
+/// given what was left saved ([`SavedOutcomes::load`]): it left its [`RUNNING_FILE`], and no
+/// outcomes of its own (the file saved, if any, is an older process's that it took up and had
+/// not removed, or cannot be read); then it, and every process it carried, is lost. None
+/// when the mark cannot be read: it names no process.
+pub fn crashed_processes(dir: &Path, saved: &Result<Option<SavedOutcomes>, FileError>) -> Vec<u64> {
+    let Ok(Some(mark)) = read_json::<RunningMark>(&dir.join(RUNNING_FILE)) else {
+        return Vec::new();
+    };
+    let stopped = matches!(saved, Ok(Some(s)) if s.saved_by == mark.boot_id);
+    if stopped || mark.boot_id == 0 {
+        return Vec::new();
+    }
+    let mut lost = mark.carries;
+    push_lost(&mut lost, mark.boot_id);
+    lost
 }
 
 /// Outcomes of ended shadows waiting for the broker's next stats poll. Bounded: when the
@@ -480,16 +503,26 @@ mod tests {
     /// A running process leaves its mark, naming it, until a graceful stop has saved its
     /// outcomes; a start after a crash tells the broker which process is lost, and every later
     /// process, stopped gracefully or not, goes on telling it (the broker may not have polled
-    /// in between). A saved file that a crashed process took up but did not remove does not
-    /// hide the crash.
+    /// in between). A process that crashes after taking up saved outcomes loses their process
+    /// too, also when it had removed the file.
     #[tokio::test]
-    async fn a_crash_is_told_to_the_broker_and_carried_across_graceful_stops() {
+    async fn a_crash_is_told_to_the_broker_and_carried_across_stops_and_crashes() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path();
-        let crashed = || crashed_process(dir, &SavedOutcomes::load(dir));
+        let crashed = || crashed_processes(dir, &SavedOutcomes::load(dir));
+        // A start as the edge's: what was saved is restored, then the mark written.
         let start = || {
             let table = ShadowTable::default();
-            mark_running(dir, table.outcomes().boot_id()).unwrap();
+            for lost in crashed() {
+                table.outcomes().lost(lost);
+            }
+            let saved = SavedOutcomes::load(dir).unwrap();
+            let from = saved.as_ref().filter(|s| !s.is_empty()).map(|s| s.saved_by);
+            if let Some(saved) = saved {
+                table.outcomes().restore(saved);
+            }
+            RunningMark::of(table.outcomes(), from).write(dir).unwrap();
+            SavedOutcomes::taken(dir).unwrap();
             table
         };
         let stop = |table: ShadowTable| async move {
@@ -498,34 +531,42 @@ mod tests {
         };
         stop(start()).await;
         assert!(!dir.join(RUNNING_FILE).exists());
-        assert_eq!(crashed(), None, "stopped gracefully");
+        assert!(crashed().is_empty(), "stopped gracefully");
 
         // The next process crashes: its mark stays, and nothing is saved.
-        let lost = start().outcomes().boot_id();
-        assert!(SavedOutcomes::load(dir).unwrap().is_none());
-        assert_eq!(crashed(), Some(lost));
-        let after_crash = start();
-        after_crash.outcomes().lost(lost);
-        assert_eq!(after_crash.outcomes().lost_boots_to_tell(), vec![lost]);
-        // It stops gracefully with nothing else to report: the loss is saved all the same.
-        let after_crash = stop(after_crash).await;
-        assert_eq!(crashed(), None);
+        let first = start().outcomes().boot_id();
+        assert_eq!(crashed(), vec![first]);
+        let second = start();
+        assert_eq!(second.outcomes().lost_boots_to_tell(), vec![first]);
+        // It stops gracefully with an outcome to report: the loss is saved with it.
+        second.outcomes().push(outcome("h/a".into()));
+        let second = stop(second).await;
+        assert!(crashed().is_empty());
         let saved = SavedOutcomes::load(dir).unwrap().expect("saved");
-        assert!(saved.is_empty());
-        assert_eq!(saved.saved_by, after_crash.outcomes().boot_id());
-        assert_eq!(saved.lost, vec![lost]);
-        let next = OutcomeLog::default();
-        next.restore(saved.clone());
-        next.lost(lost);
-        assert_eq!(next.lost_boots_to_tell(), vec![lost], "once");
+        assert_eq!(saved.saved_by, second.outcomes().boot_id());
+        assert_eq!(saved.lost, vec![first]);
 
-        // The next process crashes before it removed the file it took up: the file is the
-        // older process's, so the mark is of one that did not stop.
-        let crashed_again = start().outcomes().boot_id();
+        // The third takes that up and crashes before reporting it: both the third and the
+        // second (whose outcome went with it) are lost, and the first is still told.
+        let third = start().outcomes().boot_id();
+        assert!(!dir.join(OUTCOMES_FILE).exists());
+        let mut lost = crashed();
+        lost.sort_unstable();
+        let mut want = vec![first, second.outcomes().boot_id(), third];
+        want.sort_unstable();
+        assert_eq!(lost, want);
+
+        // A mark over a file it did not save (taken up, not removed) is a crash too.
+        let fourth = start().outcomes().boot_id();
         saved.save(dir).unwrap();
-        assert_eq!(crashed(), Some(crashed_again));
+        assert!(crashed().contains(&fourth));
         std::fs::write(dir.join(OUTCOMES_FILE), b"{").unwrap();
-        assert_eq!(crashed(), None, "unreadable outcomes name no process");
+        assert!(
+            crashed().contains(&fourth),
+            "unreadable outcomes are lost with it"
+        );
+        std::fs::write(dir.join(RUNNING_FILE), b"{").unwrap();
+        assert!(crashed().is_empty(), "an unreadable mark names no process");
     }
 
     /// A stop that a fill outlasted tells the broker, through the next process, that its own
