@@ -660,7 +660,9 @@ impl EdgeSync {
         // A listing describes one edge process. Until a stats report has named it (its boot
         // id), a restart right after the listing would go unnoticed and the shadows listed
         // would be counted live after the restart dropped them.
-        let boot_id = c.stats(edge)?.boot_id;
+        let polled = c.stats(edge)?.boot_id;
+        // The process each page names (an older edge names none: the last poll's is taken).
+        let mut listed_by: Option<u64> = None;
         let mut out = Vec::new();
         let mut after = None;
         loop {
@@ -668,7 +670,17 @@ impl EdgeSync {
                 after: after.clone(),
             };
             match c.call(edge, &req).await {
-                Ok(Reply::ShadowPage { shadows, more }) => {
+                Ok(Reply::ShadowPage {
+                    shadows,
+                    more,
+                    boot_id,
+                }) => {
+                    let page_by = boot_id.unwrap_or(polled);
+                    if listed_by.is_some_and(|b| b != page_by) {
+                        // The edge restarted while listing: the pages are of two processes.
+                        return None;
+                    }
+                    listed_by = Some(page_by);
                     let last = shadows.last().map(|s| s.key.clone());
                     // Pages come in key order; a cursor that does not advance (or a listing
                     // past any edge's capacity) would page forever.
@@ -680,9 +692,7 @@ impl EdgeSync {
                     after = last;
                     out.extend(shadows);
                     if !more || after.is_none() {
-                        // Named by another process now: which one listed what is unknown.
-                        let same = c.stats(edge).is_some_and(|s| s.boot_id == boot_id);
-                        return same.then_some((out, boot_id));
+                        return Some((out, page_by));
                     }
                 }
                 other => {

@@ -446,11 +446,13 @@ impl EdgeNode {
         );
         // Marked first: a crash between the two leaves the mark, not a start that lost the
         // outcomes it took up without telling.
-        if let Err(e) = self.running.write(&self.cfg.cache.dir) {
+        let marked = self.running.write(&self.cfg.cache.dir);
+        if let Err(e) = &marked {
             tracing::warn!(error = %e, "cannot note the process as running: were it to crash, \
-                the broker would not learn that its shadows are lost");
+                the broker would not learn that its shadows are lost (the restored outcomes' \
+                file is kept, to be reported again rather than lost unnamed)");
         }
-        if self.restored_outcomes {
+        if self.restored_outcomes && marked.is_ok() {
             if let Err(e) = SavedOutcomes::taken(&self.cfg.cache.dir) {
                 tracing::warn!(error = %e, "restored shadow outcomes' file not removed: a later \
                     start reports them again");

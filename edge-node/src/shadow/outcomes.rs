@@ -106,6 +106,8 @@ pub struct OutcomeLog {
     lost: parking_lot::Mutex<Vec<u64>>,
     /// Restored outcomes ([`Self::restore`]) the broker has not acknowledged yet.
     restored_left: AtomicUsize,
+    /// The process that saved them ([`SavedOutcomes::saved_by`]).
+    restored_from: parking_lot::Mutex<Option<u64>>,
     /// [`Self::boot_id`].
     boot_id: u64,
 }
@@ -118,6 +120,7 @@ impl Default for OutcomeLog {
             frozen: Default::default(),
             lost: Default::default(),
             restored_left: Default::default(),
+            restored_from: Default::default(),
             boot_id: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(1, |d| d.as_nanos() as u64),
@@ -351,10 +354,19 @@ impl OutcomeLog {
         let sent = self.sent.lock();
         self.frozen.store(true, Ordering::Release);
         let inner = self.inner.lock();
+        let mut lost = self.lost_boots();
+        // Outcomes handed on again before the broker had them: their process is named as
+        // lost with them, told once they are in (any order of it still open then is lost),
+        // or a crash of the next process would lose them unnamed.
+        if self.restored_left.load(Ordering::Acquire) > 0 {
+            if let Some(from) = *self.restored_from.lock() {
+                push_lost(&mut lost, from);
+            }
+        }
         SavedOutcomes {
             sent: sent.clone(),
             queued: inner.0.iter().cloned().collect(),
-            lost: self.lost_boots(),
+            lost,
             saved_by: self.boot_id,
         }
     }
@@ -366,6 +378,9 @@ impl OutcomeLog {
             self.lost(*boot_id);
         }
         self.restored_left.fetch_add(saved.len(), Ordering::AcqRel);
+        if !saved.is_empty() && saved.saved_by != 0 {
+            *self.restored_from.lock() = Some(saved.saved_by);
+        }
         let mut sent = self.sent.lock();
         debug_assert!(sent.is_none(), "restored before any poll");
         if sent.is_none() {
@@ -603,6 +618,32 @@ mod tests {
             vec![stopped],
             "told once the broker has them"
         );
+    }
+
+    /// Outcomes a process restored and saved again before the broker had them name their own
+    /// process as lost in the next file, so a crash after that still names it (told only
+    /// once they are in, so nothing is priced twice).
+    #[tokio::test]
+    async fn outcomes_handed_on_again_name_their_process() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = ShadowTable::default();
+        first.outcomes().push(outcome("h/a".into()));
+        save_at_stop(&first, tmp.path().into()).await.unwrap();
+        let second = ShadowTable::default();
+        second
+            .outcomes()
+            .restore(SavedOutcomes::load(tmp.path()).unwrap().unwrap());
+        save_at_stop(&second, tmp.path().into()).await.unwrap();
+        let saved = SavedOutcomes::load(tmp.path()).unwrap().unwrap();
+        assert_eq!(saved.lost, vec![first.outcomes().boot_id()]);
+        assert_eq!(saved.len(), 1);
+
+        let third = OutcomeLog::default();
+        third.restore(saved);
+        assert!(third.lost_boots_to_tell().is_empty());
+        let (seq, _) = third.batch(Some(0), 50, 1 << 20);
+        assert_eq!(third.batch(Some(seq), 50, 1 << 20), (0, vec![]));
+        assert_eq!(third.lost_boots_to_tell(), vec![first.outcomes().boot_id()]);
     }
 
     /// Restored outcomes the log's bound drops count as gone, or the loss would wait for

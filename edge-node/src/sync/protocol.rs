@@ -312,6 +312,10 @@ pub enum Reply {
         shadows: Vec<LiveShadow>,
         /// Whether keys after the last one remain.
         more: bool,
+        /// The listing process's [`StatsReport::boot_id`] (absent from older edges): whose
+        /// orders the listed shadows' outcomes settle.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        boot_id: Option<u64>,
     },
     /// Answer to [`Request::PeerFetch`]: the response head; the body follows raw.
     PeerHead {

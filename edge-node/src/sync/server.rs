@@ -616,6 +616,7 @@ impl Handler {
                         })
                         .collect(),
                     more,
+                    boot_id: Some(self.boot_id),
                 }
             }
             Request::PeerFetch { .. } => Reply::error(ErrorCode::Invalid, "peer fetch is a stream"),
