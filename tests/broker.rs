@@ -1764,10 +1764,21 @@ async fn a_refresh_still_queued_at_a_crash_leaves_no_stale_copy() {
     queued_refresh_then_stop(true).await;
 }
 
+/// Whether `reply` accepts a shadow order, naming the process that took it.
+fn accepted(reply: &edge_node::sync::protocol::Reply) -> bool {
+    matches!(
+        reply,
+        edge_node::sync::protocol::Reply::Done {
+            found: true,
+            boot_id: Some(_)
+        }
+    )
+}
+
 /// An edge accepts a refresh of a held copy, queued behind a slow fill, and stops before it
 /// runs (`crash`: SIGKILL; otherwise SIGTERM); started again, it fetches the copy anew.
 async fn queued_refresh_then_stop(crash: bool) {
-    use edge_node::sync::protocol::{Reply, Request, ShadowOrder};
+    use edge_node::sync::protocol::{Request, ShadowOrder};
     use edge_node::sync::{client_endpoint, Link, NodeIdentity, TlsPaths};
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
@@ -1818,32 +1829,14 @@ async fn queued_refresh_then_stop(crash: bool) {
     // orders the copy refreshed: accepted, and queued behind it.
     let slow = order("/slow?delay_ms=3000", false);
     let reply = link.request(&slow, Duration::from_secs(3)).await.unwrap();
-    assert!(
-        matches!(
-            reply,
-            Reply::Done {
-                found: true,
-                boot_id: Some(_)
-            }
-        ),
-        "{reply:?}"
-    );
+    assert!(accepted(&reply), "{reply:?}");
     wait_until(|| async { origin.hits("/slow") == 1 }).await;
     let refresh = order("/doc", true);
     let reply = link
         .request(&refresh, Duration::from_secs(3))
         .await
         .unwrap();
-    assert!(
-        matches!(
-            reply,
-            Reply::Done {
-                found: true,
-                boot_id: Some(_)
-            }
-        ),
-        "{reply:?}"
-    );
+    assert!(accepted(&reply), "{reply:?}");
     // Stopped before the refresh ran, the edge does not keep the old copy.
     let mut child = std::mem::replace(&mut edge.child, shadowcdn_tests::Child::placeholder());
     if crash {

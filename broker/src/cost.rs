@@ -1612,58 +1612,26 @@ mod tests {
         let id = l.order_id("h/x", 1, now + 500);
         assert_eq!(id, now + 500);
         let signal = Signal::forecast(0.9);
-        l.record_order(
-            "h/x",
-            1,
-            info(1, 5),
-            signal,
-            ttl,
-            now,
-            Some(id),
-            Accepted::default(),
-        );
+        let place = |id| {
+            let by = Accepted::default();
+            l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id), by);
+        };
+        place(id);
         // The next order of the key gets another name, even with the same deadline.
         assert_eq!(l.order_id("h/x", 1, id), id + 1);
         // And so does one after that which goes back to the first deadline (A, B, A).
-        l.record_order(
-            "h/x",
-            1,
-            info(1, 5),
-            signal,
-            ttl,
-            now,
-            Some(id + 1),
-            Accepted::default(),
-        );
+        place(id + 1);
         assert_eq!(l.order_id("h/x", 1, id), id + 2);
         assert_eq!(l.order_id("h/x", 1, id + 5), id + 5);
         for later in 2..=RETIRED_NAMES as u64 + 1 {
-            l.record_order(
-                "h/x",
-                1,
-                info(1, 5),
-                signal,
-                ttl,
-                now,
-                Some(id + later),
-                Accepted::default(),
-            );
+            place(id + later);
         }
         assert_eq!(
             l.order_id("h/x", 1, id),
             id,
             "only the last few names are kept"
         );
-        l.record_order(
-            "h/x",
-            1,
-            info(1, 5),
-            signal,
-            ttl,
-            now,
-            Some(id),
-            Accepted::default(),
-        );
+        place(id);
         assert_eq!(l.order_id("h/x", 0, id), id, "per edge");
         assert_eq!(l.order_id("h/x", 1, 0), 0, "no deadline, no name");
         // A previous order's outcome, stamped by a clock running ahead: still not this one's.

@@ -139,7 +139,7 @@ pub struct SavedOutcomes {
     pub queued: Vec<ShadowOutcome>,
     /// [`OutcomeLog::lost`], carried to the next process (a broker that has not polled since
     /// an earlier crash still learns of it), with the saving process itself when fills it had
-    /// accepted were still running.
+    /// accepted were still running, and the process whose restored outcomes it hands on.
     #[serde(default)]
     pub lost: Vec<u64>,
     /// The [`OutcomeLog::boot_id`] of the process that saved it (0: a build before it).
@@ -210,7 +210,8 @@ pub async fn save_at_stop(table: &ShadowTable, dir: PathBuf) -> io::Result<(usiz
         push_lost(&mut saved.lost, table.outcomes().boot_id());
     }
     let outcomes = saved.len();
-    // Saved, this process stopped: nothing it accepted is lost.
+    // Saved, the mark goes: what this process accepted is reported, or named lost, by the
+    // next one.
     let stopped = move || {
         saved.save(&dir)?;
         match std::fs::remove_file(dir.join(RUNNING_FILE)) {
