@@ -654,7 +654,8 @@ impl EdgeSync {
     /// The live shadows edge `edge` holds, listed page by page over QUIC, and the process
     /// that holds them (its boot id); `None` when it cannot be asked (no QUIC link,
     /// unreachable, an edge that does not list, or one whose stats this broker has not read
-    /// yet), or a poll saw it restart while it was listed.
+    /// yet), or it restarted while it was listed (its pages name two processes; an older edge
+    /// that names none: a poll saw it restart meanwhile).
     pub async fn live_shadows(&self, edge: usize) -> Option<(Vec<LiveShadow>, u64)> {
         let c = self.quic(edge)?;
         // A listing describes one edge process. Until a stats report has named it (its boot
@@ -663,6 +664,7 @@ impl EdgeSync {
         let polled = c.stats(edge)?.boot_id;
         // The process each page names (an older edge names none: the last poll's is taken).
         let mut listed_by: Option<u64> = None;
+        let mut unnamed = false;
         let mut out = Vec::new();
         let mut after = None;
         loop {
@@ -675,6 +677,7 @@ impl EdgeSync {
                     more,
                     boot_id,
                 }) => {
+                    unnamed |= boot_id.is_none();
                     let page_by = boot_id.unwrap_or(polled);
                     if listed_by.is_some_and(|b| b != page_by) {
                         // The edge restarted while listing: the pages are of two processes.
@@ -692,7 +695,9 @@ impl EdgeSync {
                     after = last;
                     out.extend(shadows);
                     if !more || after.is_none() {
-                        return Some((out, page_by));
+                        let polled_since = c.stats(edge).map(|s| s.boot_id);
+                        let same = !unnamed || polled_since == Some(polled);
+                        return same.then_some((out, page_by));
                     }
                 }
                 other => {
