@@ -494,6 +494,11 @@ impl Ledger {
         regions: Vec<String>,
         metrics: BrokerMetrics,
     ) -> Self {
+        // Exported at zero from the start: `increase()` over a series that appears with its
+        // first loss reads that loss as none.
+        for region in &regions {
+            metrics.shadows_lost.with_label_values(&[region]);
+        }
         Ledger {
             cfg,
             base_threshold,
