@@ -766,8 +766,11 @@ impl Ledger {
                 }
                 // One kept aside after a restart is not the shadow the planner counts live
                 // (that is its replacement's, or none): nothing to end there.
-                let aside = order.is_none().then(|| self.take_superseded(&k, o.order));
-                if aside.as_ref().is_none_or(Option::is_none) {
+                let aside = match order {
+                    Some(_) => None,
+                    None => self.take_superseded(&k, o.order),
+                };
+                if aside.is_none() {
                     let e = Ended {
                         key: o.key.clone(),
                         edge,
@@ -776,7 +779,7 @@ impl Ledger {
                     };
                     push_bounded(&mut ended, e, ENDED_LOG);
                 }
-                order.or(aside.flatten())
+                order.or(aside)
             };
             self.book(edge, order.as_ref(), o, &mut tuners, &mut rollups);
         }
@@ -892,33 +895,23 @@ impl Ledger {
         let mut orders = self.orders.lock();
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
-        let keys: Vec<(String, usize)> = orders
-            .iter()
-            .filter(|((_, e), o)| *e == edge && o.boot_id == boot_id)
-            .map(|(k, _)| k.clone())
-            .collect();
         let now = Instant::now();
-        let mut lost: Vec<((String, usize), Order)> = Vec::new();
-        for k in keys {
-            let Some(order) = orders.remove(&k) else {
-                continue;
-            };
-            self.settled_names.lock().keep(k.clone(), &order, now);
+        let mut lost: Vec<((String, usize), Order)> = orders
+            .extract_if(|(_, e), o| *e == edge && o.boot_id == boot_id)
+            .collect();
+        for (k, order) in &lost {
+            self.settled_names.lock().keep(k.clone(), order, now);
             let e = Ended {
                 key: k.0.clone(),
                 edge,
                 failed: false,
             };
             push_bounded(&mut ended, e, ENDED_LOG);
-            lost.push((k, order));
         }
         lost.extend(self.superseded.lock().take_accepted_by(edge, boot_id));
         for (k, order) in &lost {
             rollups.entry(rollup_key(order)).or_default().lost += 1;
-            let region = self
-                .regions
-                .get(order.info.region)
-                .map_or("-", |s| s.as_str());
+            let region = self.region_name(order.info.region);
             self.metrics.shadows_lost.with_label_values(&[region]).inc();
             let o = ShadowOutcome {
                 key: k.0.clone(),
@@ -954,10 +947,15 @@ impl Ledger {
         lost.len()
     }
 
+    /// Region `r`'s name for metrics and the report (`-` for unattributed outcomes).
+    fn region_name(&self, r: usize) -> &str {
+        self.regions.get(r).map_or("-", |s| s.as_str())
+    }
+
     /// Spend and savings counters of one priced shadow (by region, class and source; the
     /// provider is in the roll-ups only).
     fn count_money(&self, (_, region, class, source): &(String, usize, Class, Source), p: &Priced) {
-        let region = self.regions.get(*region).map_or("-", |s| s.as_str());
+        let region = self.region_name(*region);
         let labels = [region, class.label(), source.label()];
         for (category, v) in [
             ("fill_origin", p.fill_origin),
@@ -982,7 +980,7 @@ impl Ledger {
         let rollups = self.rollups.lock();
         let mut by_region: HashMap<&str, (f64, u64, u64)> = HashMap::new();
         for ((_, region, _, _), r) in rollups.iter() {
-            let name = self.regions.get(*region).map_or("-", |s| s.as_str());
+            let name = self.region_name(*region);
             for key in [name, "all"] {
                 let e = by_region.entry(key).or_default();
                 e.0 += r.money.net();
@@ -1057,7 +1055,7 @@ impl Ledger {
     /// totals per source, the forecast thresholds (`thresholds`, as the planner uses them),
     /// the co-access and anomaly ones (`signal_thresholds`) and the recent moves.
     pub fn report(&self) -> serde_json::Value {
-        let region = |r: usize| self.regions.get(r).map_or("-", |s| s.as_str()).to_string();
+        let region = |r: usize| self.region_name(r).to_string();
         let rollups = self.rollups.lock();
         let mut rows: Vec<serde_json::Value> = rollups
             .iter()

@@ -11,12 +11,11 @@
 //! ([`PurgeError::DiskBacklog`]): each holds a blocking thread until the disk answers, and
 //! the broker sends a purge it has no answer for again every few seconds.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
 
-use crate::drain::InflightCounter;
+use crate::drain::{detached, InflightCounter};
 use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, OriginTable};
 use crate::proxy::primary_key;
@@ -177,22 +176,6 @@ const STALL_CHECK: Duration = Duration::from_millis(100);
 /// Purges that may wait for a stalled disk after their answer.
 pub const MAX_STALLED_PURGES: usize = 64;
 
-/// Counts a purge in [`FoyerStorage::purges_under_way`] until dropped.
-struct UnderWay(&'static FoyerStorage);
-
-impl UnderWay {
-    fn enter(storage: &'static FoyerStorage) -> Self {
-        storage.purges_under_way().fetch_add(1, Ordering::AcqRel);
-        UnderWay(storage)
-    }
-}
-
-impl Drop for UnderWay {
-    fn drop(&mut self) {
-        self.0.purges_under_way().fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// What a purge acts on, owned so that it can outlive the request that asked for it.
 #[derive(Clone)]
 pub struct PurgeParts {
@@ -230,9 +213,7 @@ pub async fn purge_answered(
             .with_label_values(&[kind, "disk_stalled"])
             .inc();
     };
-    if storage.disk_stalled()
-        && storage.purges_under_way().load(Ordering::Acquire) >= MAX_STALLED_PURGES
-    {
+    if storage.disk_stalled() && storage.purges_under_way().count() >= MAX_STALLED_PURGES {
         stalled();
         return Err(PurgeError::DiskBacklog);
     }
@@ -249,13 +230,15 @@ pub async fn purge_answered(
     if let Poll::Ready(done) = futures::poll!(purge.as_mut()) {
         return done;
     }
-    let working = (inflight.enter(), UnderWay::enter(storage));
-    let mut rest = tokio::spawn(async move {
-        let _working = working;
+    let under_way = storage.purges_under_way().enter();
+    let rest = detached(inflight, async move {
+        let _under_way = under_way;
         purge.await
     });
+    // Polled, the task is spawned and runs on whatever becomes of this wait.
+    let mut rest = std::pin::pin!(rest);
     loop {
-        match tokio::time::timeout(STALL_CHECK, &mut rest).await {
+        match tokio::time::timeout(STALL_CHECK, rest.as_mut()).await {
             Ok(done) => return done.unwrap_or_else(|e| Err(task_failed(e))),
             Err(_) if storage.disk_stalled() => {
                 stalled();
@@ -352,7 +335,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         assert_eq!(inflight.count(), 0);
-        assert_eq!(s.purges_under_way().load(Ordering::Acquire), 0);
+        assert_eq!(s.purges_under_way().count(), 0);
         let written = MAX_STALLED_PURGES as u64;
         assert_eq!(banned("prefix"), written, "written once the disk answered");
 

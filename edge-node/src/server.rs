@@ -250,23 +250,22 @@ impl EdgeNode {
                 shadows.outcomes().lost(boot_id);
             }
         }
-        let (restored_outcomes, restored_from) = match saved {
+        let restored_outcomes = match saved {
             Ok(Some(saved)) => {
                 tracing::info!(
                     outcomes = saved.len(),
                     "shadow outcomes of the last stop restored for the broker"
                 );
-                let from = (!saved.is_empty()).then_some(saved.saved_by);
                 shadows.outcomes().restore(saved);
-                (true, from)
+                true
             }
-            Ok(None) => (false, None),
+            Ok(None) => false,
             Err(e) => {
                 tracing::warn!(error = %e, "shadow outcomes of the last stop not restored");
-                (false, None)
+                false
             }
         };
-        let running = RunningMark::of(shadows.outcomes(), restored_from);
+        let running = RunningMark::of(shadows.outcomes());
         let secret = InternalSecret::generate();
         let peers = Arc::new(PeerDirectory::new(&cfg.node_id));
         let encodings = Arc::new(crate::accept_encoding::Mix::default());

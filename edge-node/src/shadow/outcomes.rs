@@ -51,11 +51,11 @@ pub struct RunningMark {
 }
 
 impl RunningMark {
-    /// The mark of a process starting with `log`, having restored outcomes that process
-    /// `restored_from` saved, if any ([`SavedOutcomes::saved_by`]).
-    pub fn of(log: &OutcomeLog, restored_from: Option<u64>) -> Self {
+    /// The mark of a process starting with `log`, once it restored what the last stop saved
+    /// ([`OutcomeLog::restore`]).
+    pub fn of(log: &OutcomeLog) -> Self {
         let mut carries = log.lost_boots();
-        if let Some(by) = restored_from.filter(|by| *by != 0) {
+        if let Some(by) = *log.restored_from.lock() {
             push_lost(&mut carries, by);
         }
         RunningMark {
@@ -532,12 +532,10 @@ mod tests {
             for lost in crashed() {
                 table.outcomes().lost(lost);
             }
-            let saved = SavedOutcomes::load(dir).unwrap();
-            let from = saved.as_ref().filter(|s| !s.is_empty()).map(|s| s.saved_by);
-            if let Some(saved) = saved {
+            if let Some(saved) = SavedOutcomes::load(dir).unwrap() {
                 table.outcomes().restore(saved);
             }
-            RunningMark::of(table.outcomes(), from).write(dir).unwrap();
+            RunningMark::of(table.outcomes()).write(dir).unwrap();
             SavedOutcomes::taken(dir).unwrap();
             table
         };

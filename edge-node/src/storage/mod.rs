@@ -43,6 +43,8 @@ use pingora_cache::storage::{
 };
 use pingora_cache::trace::SpanHandle;
 use pingora_cache::{CacheEntryKey, CacheMeta, NoCacheReason, Storage};
+
+use crate::drain::InflightCounter;
 use pingora_error::{Error, ErrorType, Result};
 
 pub(crate) use bans::off_runtime;
@@ -230,7 +232,7 @@ pub struct FoyerStorage {
     bans_writing: AtomicUsize,
     /// Purges still making themselves durable after their answer
     /// ([`crate::invalidate::purge_answered`]).
-    purges_under_way: AtomicUsize,
+    purges_under_way: InflightCounter,
     max_object_bytes: usize,
     /// Keys pingora-cache should not try to cache for a while; the storage marks the ones
     /// whose bodies outgrew `max_object_bytes` as they streamed.
@@ -442,7 +444,7 @@ impl FoyerStorage {
             reads,
             unbanned: Mutex::default(),
             bans_writing: AtomicUsize::new(0),
-            purges_under_way: AtomicUsize::new(0),
+            purges_under_way: InflightCounter::default(),
             max_object_bytes: opts.max_object_bytes,
             predictor: Predictor::new(128, Some(transient_no_cache)),
             fill_bytes: Arc::default(),
@@ -472,7 +474,7 @@ impl FoyerStorage {
 
     /// Purges past their in-memory part and not yet durable, which
     /// [`crate::invalidate::purge_answered`] counts and bounds on a stalled disk.
-    pub fn purges_under_way(&self) -> &AtomicUsize {
+    pub fn purges_under_way(&self) -> &InflightCounter {
         &self.purges_under_way
     }
 
