@@ -110,7 +110,17 @@ impl From<RegistryError> for ApiError {
             RegistryError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             RegistryError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             RegistryError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
-            RegistryError::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "store"),
+            RegistryError::Store(detail) => {
+                // The detail names files on the broker's disk: the log's, not a caller's.
+                tracing::error!(%detail, "a provider API call failed in the registry's store");
+                return ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "store",
+                    "the registry's store failed; the change may or may not have been \
+                     applied (read it back before sending it again); the broker's log has \
+                     the detail",
+                );
+            }
         };
         ApiError::new(status, code, e.to_string())
     }
@@ -533,6 +543,18 @@ async fn put_origin(
     let target = format!("{host}/*");
     let purged = if unregistered {
         s.registry.check_origin_quota(&p.id, &host)?;
+        // Asked again after the upstream's lookup (seconds, at worst): a host another
+        // provider registered meanwhile is theirs, and so are its fresh copies and plans.
+        match s.registry.check_host_owner(&p.id, &host) {
+            Err(RegistryError::NotFound(_)) => {}
+            Ok(()) => {
+                return Err(RegistryError::Conflict(format!(
+                    "host {host} was registered by another request meanwhile; send it again"
+                ))
+                .into())
+            }
+            Err(e) => return Err(e.into()),
+        }
         // The purge of the host's old copies leaves a ban on every edge, like any purge.
         within_budget(&s, CallClass::Purge, &p.id)?;
         // A previous owner's plans, should its delete have been cut short.

@@ -351,11 +351,31 @@ impl Registry {
             (applied, failed)
         };
         if failed {
-            tracing::error!(path = %self.path.display(),
-                "the registry's store failed to write and is opened again for the next change");
-            *self.db.write() = None;
+            self.store_failed();
         }
         applied
+    }
+
+    /// Drop the store after a failed change and open it again at once, not at the next
+    /// change: reads (a token just rotated away, a host's owner) must not go on answering
+    /// from memory the disk may have moved past. When it does not open, the next change
+    /// tries again.
+    fn store_failed(&self) {
+        tracing::error!(path = %self.path.display(),
+            "the registry's store failed to write and is opened again");
+        *self.db.write() = None;
+        if let Err(e) = self.reopen_if_failed() {
+            tracing::error!(error = %e, "the registry's store is not open again yet");
+        }
+    }
+
+    /// Take the lock every change holds, with memory as the disk has it: a change's checks
+    /// (who owns a host, which resources a deletion takes along) must see what an earlier
+    /// commit reported failed may still have written.
+    fn changing(&self) -> Result<parking_lot::MutexGuard<'_, ()>, RegistryError> {
+        let writer = self.writer.lock();
+        self.reopen_if_failed()?;
+        Ok(writer)
     }
 
     /// Open the store again when it was dropped after a failure (not for shutdown), and take
@@ -423,7 +443,7 @@ impl Registry {
 
     /// Create a provider; returns it and its bearer token (shown once, stored hashed).
     pub fn create_provider(&self, name: &str) -> Result<(Provider, String), RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         let provider = Provider {
             id: self.unused_id("p", |m, id| m.providers.contains_key(id)),
             name: name.to_string(),
@@ -446,7 +466,7 @@ impl Registry {
     /// Replace every token of provider `id` with a new one, which is returned: a token that
     /// leaked stops working the moment the new one is committed.
     pub fn rotate_token(&self, id: &str) -> Result<String, RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         let old: Vec<String> = {
             let m = self.mem.read();
             if !m.providers.contains_key(id) {
@@ -498,7 +518,7 @@ impl Registry {
         options: OriginOptions,
         claim: Claim,
     ) -> Result<bool, RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         let registered_at_ms = {
             let m = self.mem.read();
             match m.origins.get(host) {
@@ -538,7 +558,7 @@ impl Registry {
 
     /// Remove `host` (and the provider's resources under it).
     pub fn delete_origin(&self, provider: &str, host: &str) -> Result<(), RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         self.check_host_owner(provider, host)?;
         let doomed: Vec<String> = self
             .mem
@@ -632,7 +652,7 @@ impl Registry {
         upstream: &str,
         options: OriginOptions,
     ) -> Result<bool, RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         {
             let m = self.mem.read();
             match m.origins.get(host) {
@@ -695,7 +715,7 @@ impl Registry {
     /// the edges meanwhile): it becomes the host's origin, registered now. A claim changed or
     /// withdrawn in between is a conflict (approve what is there now).
     pub fn approve_claim(&self, host: &str, seen: &Origin) -> Result<Origin, RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         {
             let m = self.mem.read();
             if m.claims.get(host) != Some(seen) || m.origins.contains_key(host) {
@@ -721,7 +741,7 @@ impl Registry {
     /// Remove the claim on `host`: withdrawn by its `provider`, or rejected by the operator
     /// (`None`).
     pub fn drop_claim(&self, host: &str, provider: Option<&str>) -> Result<(), RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         match self.mem.read().claims.get(host) {
             None => return Err(RegistryError::NotFound(format!("claim on host {host}"))),
             Some(c) if provider.is_some_and(|p| p != c.provider) => {
@@ -773,7 +793,7 @@ impl Registry {
     }
 
     fn store_resource(&self, resource: Resource, must_exist: bool) -> Result<(), RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         if must_exist {
             self.resource(&resource.provider, &resource.id)?;
         }
@@ -816,6 +836,14 @@ impl Registry {
                         resource.id
                     )));
                 }
+                // A new resource's id is drawn before the lock: two creations that drew the
+                // same one must not leave one of them silently overwritten.
+                Some(_) if !must_exist => {
+                    return Err(RegistryError::Conflict(format!(
+                        "resource id {} was taken meanwhile; send the request again",
+                        resource.id
+                    )));
+                }
                 Some(_) => {}
                 None => {
                     let held = m
@@ -848,7 +876,7 @@ impl Registry {
 
     /// Delete a resource `provider` owns.
     pub fn delete_resource(&self, provider: &str, id: &str) -> Result<(), RegistryError> {
-        let _writer = self.writer.lock();
+        let _writer = self.changing()?;
         self.resource(provider, id)?;
         self.write(|w| {
             w.open_table(RESOURCES)
@@ -947,6 +975,62 @@ mod tests {
             .map(|p| p.id)
             .collect();
         assert!(ids.contains(&a.id) && ids.contains(&b.id), "{ids:?}");
+    }
+
+    /// What a commit reported failed may still have written, written past memory.
+    fn write_behind_memory(reg: &Registry, f: impl FnOnce(&redb::WriteTransaction)) {
+        let db = reg.db.read();
+        let w = db.as_ref().unwrap().begin_write().unwrap();
+        f(&w);
+        w.commit().unwrap();
+    }
+
+    #[test]
+    fn after_a_failed_commit_reads_and_checks_see_what_reached_the_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = Registry::open(&dir.path().join("r.redb")).unwrap();
+        let (a, old_token) = reg.create_provider("a").unwrap();
+        let (b, _) = reg.create_provider("b").unwrap();
+        let up = "http://192.0.2.1";
+        // A's registration of h.com and a token rotation, both reported failed, both on disk.
+        write_behind_memory(&reg, |w| {
+            let row = origin_row(&a.id, "h.com", up, OriginOptions::default(), 1);
+            Registry::put_json(w, ORIGINS, "h.com", &row).unwrap();
+            let mut t = w.open_table(TOKENS).unwrap();
+            t.remove(hash_token(&old_token).as_str()).unwrap();
+            t.insert(hash_token("new").as_str(), a.id.as_str()).unwrap();
+        });
+        reg.store_failed();
+        assert!(reg.provider_by_token(&old_token).is_none(), "rotated away");
+        assert_eq!(reg.provider_by_token("new").unwrap().id, a.id);
+        assert!(matches!(
+            reg.put_origin(&b.id, "h.com", up, OriginOptions::default(), Claim::New),
+            Err(RegistryError::Forbidden(_))
+        ));
+
+        // A resource under h.com on disk only, then a failure that did not reopen the store:
+        // deleting the host takes the resource along all the same.
+        write_behind_memory(&reg, |w| {
+            let r = Resource {
+                id: "r-behind".into(),
+                provider: a.id.clone(),
+                host: "h.com".into(),
+                path: "/x".into(),
+                r#match: PathMatch::Prefix,
+                priority: 5,
+                shadow_ttl_secs: 60,
+                policy: ShadowPolicy::default(),
+            };
+            Registry::put_json(w, RESOURCES, &r.id, &r).unwrap();
+        });
+        drop(reg.db.write().take());
+        reg.delete_origin(&a.id, "h.com").unwrap();
+        assert!(reg.resources_of(&a.id).is_empty());
+        reg.close();
+        drop(reg);
+        let reg = Registry::open(&dir.path().join("r.redb")).unwrap();
+        assert!(reg.resources_of(&a.id).is_empty(), "gone on disk too");
+        assert!(reg.origins().is_empty());
     }
 
     #[test]
@@ -1135,8 +1219,11 @@ mod tests {
             }
             reg.put_resource(res("r1", &p.id, "a.com")).unwrap();
             assert_eq!(reg.resource_for("a.com", "/x/y").unwrap().id, "r1");
+            // A creation never overwrites: its id drawn twice is refused.
+            let again = reg.put_resource(res("r1", &p.id, "b.com"));
+            assert!(matches!(again, Err(RegistryError::Conflict(m)) if m.contains("taken")));
             // Moved to another host: found there only.
-            reg.put_resource(res("r1", &p.id, "b.com")).unwrap();
+            reg.update_resource(res("r1", &p.id, "b.com")).unwrap();
             assert!(reg.resource_for("a.com", "/x/y").is_none());
             assert_eq!(reg.resource_for("b.com", "/x/y").unwrap().id, "r1");
             reg.put_resource(res("r2", &p.id, "a.com")).unwrap();
@@ -1186,7 +1273,7 @@ mod tests {
             reg.check_origin_quota(&p.id, "new.com"),
             Err(RegistryError::Conflict(_))
         ));
-        reg.put_resource(res("r1", &p.id, "b.com")).unwrap();
+        reg.update_resource(res("r1", &p.id, "b.com")).unwrap();
         assert!(matches!(
             reg.put_resource(res("r3", &p.id, "b.com")),
             Err(RegistryError::Conflict(_))
