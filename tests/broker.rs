@@ -528,6 +528,100 @@ async fn a_request_that_edges_drop_takes_no_edge_out_of_routing() {
     }
 }
 
+/// A fake edge proxy port: answers the broker's probes (204) and `/fine/…` (200, kept alive),
+/// and crashes on anything else: that connection dropped unanswered, the listener closed
+/// (later connects refused), every other connection ended at its next request.
+async fn crashing_edge() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let crashed = Arc::new(AtomicBool::new(false));
+    let gone = Arc::new(tokio::sync::Notify::new());
+    let (flag, notify) = (crashed.clone(), gone.clone());
+    tokio::spawn(async move {
+        loop {
+            let mut s = tokio::select! {
+                a = listener.accept() => a.unwrap().0,
+                _ = notify.notified() => return,
+            };
+            let (crashed, gone) = (flag.clone(), notify.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                while let Ok(n @ 1..) = s.read(&mut chunk).await {
+                    buf.extend_from_slice(&chunk[..n]);
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+                    buf.drain(..end + 4);
+                    if crashed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let answer: &[u8] = if head.contains("/.well-known/shadowcdn-probe") {
+                        b"HTTP/1.1 204 No Content\r\n\r\n"
+                    } else if head.contains("/fine/") {
+                        b"HTTP/1.1 200 OK\r\ncache-control: no-store\r\ncontent-length: 2\r\n\r\nok"
+                    } else {
+                        crashed.store(true, Ordering::SeqCst);
+                        gone.notify_one();
+                        return;
+                    };
+                    if s.write_all(answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, crashed)
+}
+
+/// A query of death that crashes edges reaches two of them at most, even when the broker
+/// holds a kept-alive connection to every edge, as it does under steady traffic: a drop on
+/// a pooled connection is retried on the same edge (a keep-alive race looks the same), but
+/// it counts against the request like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_that_crashes_edges_over_kept_alive_connections_crashes_two() {
+    use std::sync::atomic::Ordering;
+    let mut fakes = Vec::new();
+    for _ in 0..4 {
+        fakes.push(crashing_edge().await);
+    }
+    let addrs: Vec<std::net::SocketAddr> = fakes.iter().map(|(a, _)| *a).collect();
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster_naming(
+        "",
+        &|edges, a| match edges.iter().position(|e| e.addr == a) {
+            Some(i) => addrs[i].to_string(),
+            None => a.to_string(),
+        },
+    );
+    c.register(&origin).await;
+    // Kept-alive connections to the edges clients in both regions are routed to.
+    for i in 0..24 {
+        for region in ["eu", "us"] {
+            let r = c.get(&format!("/fine/{i}"), region).await;
+            assert_eq!(r.status(), StatusCode::OK, "{region} {i}");
+        }
+    }
+    let r = c.get("/poison/1", "eu").await;
+    assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
+    let v: Value = r.json().await.unwrap();
+    assert!(v["error"].is_string(), "{v}");
+    let crashed = fakes
+        .iter()
+        .filter(|(_, c)| c.load(Ordering::SeqCst))
+        .count();
+    assert_eq!(crashed, 2, "crashed edges");
+    assert_eq!(origin.hits("/poison/1"), 0);
+}
+
 /// A client that sends a request and hangs up before the answer is no evidence against the
 /// edge: it is neither marked down nor retried (pingora reports the client's side through the
 /// same error hook as the edge's).

@@ -413,8 +413,10 @@ async fn accept_encoding_variants_are_one_per_coding() {
     assert_eq!(get(Some("gzip, deflate, br, zstd")).await, hit("br"));
     assert_eq!(get(Some("gzip, deflate")).await, miss("gzip"));
     assert_eq!(get(Some("br;q=0, gzip")).await, hit("gzip"));
-    assert_eq!(get(None).await, miss("-"));
-    assert_eq!(get(Some("deflate")).await, hit("-"));
+    // Asked with `identity`: an origin that compresses when the field is absent must not fill
+    // the copy served to clients that refused every coding (RFC 9110 §12.5.3).
+    assert_eq!(get(None).await, miss("identity"));
+    assert_eq!(get(Some("deflate")).await, hit("identity"));
     assert_eq!(origin.hits("/ae"), 3);
 
     // A shadow fill asks for the coding clients asked for most (br, three times of seven
@@ -954,6 +956,84 @@ async fn text_is_compressed_for_clients_that_accept_it() {
         m.contains(r#"shadowcdn_edge_compressed_responses_total{algorithm="gzip"} 1"#),
         "{m}"
     );
+}
+
+/// The origin's own 304 to a conditional request that bypassed the cache (a `no-store` page
+/// the edge compressed) carries the weak ETag and the `Vary` its compressed 200 had (RFC 9110
+/// §15.4.5), so the client's stored copy is the one it updates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origin_304_for_a_compressed_page_matches_its_200() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let page = "/nc/page.html?size=5000&ct=text/html&etag=n1&cc=no-store";
+    let gz = ("accept-encoding", "gzip");
+    let r = edge.request(Method::GET, page, &[gz]).await;
+    assert_eq!(header(&r, "content-encoding").as_deref(), Some("gzip"));
+    assert_eq!(header(&r, "etag").as_deref(), Some("W/\"n1\""));
+    let r = edge
+        .request(Method::GET, page, &[gz, ("if-none-match", "W/\"n1\"")])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(origin.not_modified(), 1, "the origin's own 304");
+    assert_eq!(header(&r, "etag").as_deref(), Some("W/\"n1\""));
+    assert!(header(&r, "vary")
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .contains("accept-encoding"));
+    // Without a coding the 200 was sent as is: its 304 keeps the strong tag.
+    let r = edge
+        .request(Method::GET, page, &[("if-none-match", "\"n1\"")])
+        .await;
+    assert_eq!(r.status(), StatusCode::NOT_MODIFIED);
+    assert_eq!(header(&r, "etag").as_deref(), Some("\"n1\""));
+}
+
+/// `If-Match` and `If-Unmodified-Since` are the origin's to judge: pingora-cache neither
+/// answers them from a copy nor passes them on to a fill, so such a request (a download resumed
+/// with `Range` and `If-Match`) goes to the origin, precondition and all, and the stored copy
+/// is left as it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_with_if_match_is_the_origins_to_judge() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/pre/file.bin?size=4000&etag=v2";
+    assert_eq!(x_cache(&edge.get(path).await), "MISS");
+    assert_eq!(x_cache(&edge.get(path).await), "HIT");
+    for (name, value) in [
+        ("if-match", "\"v1\""),
+        ("if-unmodified-since", "Sun, 06 Nov 1994 08:49:37 GMT"),
+    ] {
+        let r = edge
+            .request(
+                Method::GET,
+                path,
+                &[(name, value), ("range", "bytes=100-199")],
+            )
+            .await;
+        assert_ne!(x_cache(&r), "HIT", "{name}");
+        let seen = origin.last_headers("/pre/file.bin").unwrap();
+        assert_eq!(seen[name], value, "{name} reached the origin");
+        assert_eq!(seen["range"], "bytes=100-199");
+    }
+    assert_eq!(origin.hits("/pre/file.bin"), 3);
+    assert_eq!(x_cache(&edge.get(path).await), "HIT", "the copy stays");
+}
+
+/// An `Age` past what any cache must count (2^31 seconds, RFC 9111 §1.2.2) is taken as that:
+/// the response is stale on arrival, and the client that fetched it still gets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_age_past_every_limit_is_answered_not_a_crash() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/aged/huge?age=18446744073709551615&delay_ms=1100&size=100";
+    let r = edge.get(path).await;
+    assert_eq!(r.status(), StatusCode::OK);
+    let age: u64 = header(&r, "age").unwrap().parse().unwrap();
+    assert!(age >= 1 << 31, "{age}");
+    assert_eq!(body_of(r).await.len(), 100);
 }
 
 /// An origin row that leaves tracking parameters out of the cache key: requests that differ

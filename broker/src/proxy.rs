@@ -87,9 +87,9 @@ pub struct BrokerCtx {
     origin_addr: Option<(SocketAddr, std::sync::Arc<ResolvedUpstream>)>,
     /// Retries on the same route after a pooled connection failed ([`MAX_POOLED_RETRIES`]).
     pooled_retries: u8,
-    /// An edge dropped a fresh connection carrying this request before answering: the
-    /// request goes to one other route, not to every edge in turn.
-    dropped_by_edge: bool,
+    /// The first edge that dropped a connection carrying this request before answering
+    /// (pooled or fresh): the request goes to one other route, not to every edge in turn.
+    dropped_by: Option<usize>,
     chosen: Option<Choice>,
     resource: String,
     segment: Option<String>,
@@ -403,7 +403,7 @@ impl ProxyHttp for BrokerProxy {
             origin_addr_count: 0,
             origin_addr: None,
             pooled_retries: 0,
-            dropped_by_edge: false,
+            dropped_by: None,
             chosen: None,
             resource: String::new(),
             segment: None,
@@ -548,6 +548,10 @@ impl ProxyHttp for BrokerProxy {
         peer.options.connection_timeout = Some(std::time::Duration::from_secs(1));
         peer.options.total_connection_timeout = Some(std::time::Duration::from_secs(2));
         peer.options.read_timeout = Some(self.edge_read_timeout);
+        // A request body sent to an upstream that stopped reading (wedged workers, a slow
+        // origin) would otherwise block without end: the response read, and its timeout,
+        // wait behind the write.
+        peer.options.write_timeout = Some(self.edge_read_timeout);
         if edge_addr.is_some() {
             // Dropped from the pool before the edge closes it: a request sent on a connection
             // the edge is closing fails, and one that cannot be replayed (a POST) is lost.
@@ -676,10 +680,16 @@ impl ProxyHttp for BrokerProxy {
             && session.response_written().is_none();
         let edge = ctx.chosen.and_then(|c| c.edge);
         let pooled = client_reused && ctx.chosen.is_some();
-        // A second edge that drops the request on a fresh connection is the request's doing
-        // (a query of death), not the edges': sending it on would take it to every edge.
-        let dropped = edge.is_some() && !pooled && *e.esource() == ErrorSource::Upstream;
-        let replayable = replayable && !(dropped && ctx.dropped_by_edge);
+        // A second edge that drops the request is the request's doing (a query of death),
+        // not the edges': sending it on would take it to every edge. Pooled connections
+        // count too: under load nearly every connection is one, and a keep-alive race on two
+        // edges for one request is rare.
+        let dropped = edge.is_some() && *e.esource() == ErrorSource::Upstream;
+        let second_edge = dropped && ctx.dropped_by.is_some_and(|d| Some(d) != edge);
+        let replayable = replayable && !second_edge;
+        if dropped && ctx.dropped_by.is_none() {
+            ctx.dropped_by = edge;
+        }
         match retry_after_error(
             replayable,
             pooled && ctx.pooled_retries < MAX_POOLED_RETRIES,
@@ -702,14 +712,12 @@ impl ProxyHttp for BrokerProxy {
                 // would otherwise take them out of routing one retry after another. An edge
                 // that died refuses the next connect (marked down there) and fails its probes.
                 if let Some(edge) = edge.filter(|_| dropped) {
-                    ctx.dropped_by_edge = true;
                     tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e,
                         "edge dropped a request before answering: trying the next route");
                 }
                 self.metrics.retries.inc();
                 e.set_retry(true);
             }
-            Retry::ReusedOnly => e.retry.decide_reuse(client_reused),
             Retry::Never => e.set_retry(false),
         }
         e
@@ -934,8 +942,6 @@ enum Retry {
     SameRoute,
     /// Send it to the next route of the plan.
     NextRoute,
-    /// Pingora's rule: retry only an error on a reused connection.
-    ReusedOnly,
     /// Answer the client with the error.
     Never,
 }
@@ -992,7 +998,9 @@ fn retry_after_error(replayable: bool, pooled: bool, origin_tried: bool) -> Retr
     } else if !origin_tried {
         Retry::NextRoute
     } else {
-        Retry::ReusedOnly
+        // Every edge and the origin were tried: another try would find no route and answer
+        // that instead of the origin's own failure.
+        Retry::Never
     }
 }
 
@@ -1095,6 +1103,6 @@ mod tests {
         assert_eq!(retry_after_error(true, true, false), Retry::SameRoute);
         assert_eq!(retry_after_error(true, true, true), Retry::SameRoute);
         assert_eq!(retry_after_error(true, false, false), Retry::NextRoute);
-        assert_eq!(retry_after_error(true, false, true), Retry::ReusedOnly);
+        assert_eq!(retry_after_error(true, false, true), Retry::Never);
     }
 }

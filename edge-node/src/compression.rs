@@ -160,6 +160,17 @@ pub fn response_filter(
         }
         return vary_on_encoding(resp, &scan);
     }
+    if resp.status == http::StatusCode::NOT_MODIFIED && !session.cache.enabled() {
+        // The origin's own 304, to a conditional request that bypassed the cache: what it
+        // stands for is not known here. Its 200 may have been compressed for this client, so
+        // a strong ETag is weakened (a weak one still selects a stored copy with the strong
+        // tag, RFC 9111 §4.3.4), and it varies as a text 200 would.
+        if plan == Plan::Compress && !scan.no_transform {
+            weaken_etag(resp)?;
+        }
+        disable(session);
+        return vary_on_encoding(resp, &scan);
+    }
     if !scan.may_compress(resp) {
         disable(session);
         return Ok(());

@@ -341,7 +341,9 @@ pub const FORWARDED_PROTO: &str = "x-forwarded-proto";
 
 /// Add `client` to the request's `X-Forwarded-For` chain as one comma-separated line: an
 /// origin that reads a single value (the first line) must still see the whole chain, whose
-/// last entries are the ones proxies it trusts added, not only what the client wrote.
+/// last entries are the ones proxies it trusts added, not only what the client wrote. An IPv4
+/// client a dual-stack listener saw as `::ffff:a.b.c.d` is written in its IPv4 form, which an
+/// origin's address rules and geolocation expect.
 pub fn forwarded_for(req: &mut RequestHeader, client: std::net::IpAddr) -> Result<()> {
     let mut chain = req
         .headers
@@ -355,7 +357,7 @@ pub fn forwarded_for(req: &mut RequestHeader, client: std::net::IpAddr) -> Resul
     if !chain.is_empty() {
         chain.push_str(", ");
     }
-    chain.push_str(&client.to_string());
+    chain.push_str(&client.to_canonical().to_string());
     req.insert_header("x-forwarded-for", chain)?;
     Ok(())
 }
@@ -613,14 +615,31 @@ fn peer_admitted(resp: &ResponseHeader) -> Option<SystemTime> {
 const PEER_CLOCK_ALLOWANCE: Duration = Duration::from_secs(60);
 
 /// The `Age` a response arrived with: whole seconds (RFC 9111 §5.1); absent or malformed
-/// counts as zero.
+/// counts as zero, and one past [`MAX_AGE_SECS`] as that (RFC 9111 §1.2.2).
 fn upstream_age(resp: &ResponseHeader) -> Duration {
     resp.headers
         .get(header::AGE)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .map_or(Duration::ZERO, Duration::from_secs)
+        .and_then(|v| {
+            let v = v.trim();
+            let digits = !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit());
+            digits.then(|| v.parse::<u64>().unwrap_or(MAX_AGE_SECS))
+        })
+        .map_or(Duration::ZERO, |s| Duration::from_secs(s.min(MAX_AGE_SECS)))
 }
+
+/// Whether `req` makes its answer depend on `If-Match` or `If-Unmodified-Since`. pingora-cache
+/// neither answers these from a stored copy (412) nor passes them on to a fill, so such a
+/// request goes to the origin uncached: a download resumed with `Range` and `If-Match` must
+/// not splice bytes of a newer version onto those of the one it started.
+fn asks_a_precondition(req: &RequestHeader) -> bool {
+    req.headers.contains_key(header::IF_MATCH)
+        || req.headers.contains_key(header::IF_UNMODIFIED_SINCE)
+}
+
+/// The largest delta-seconds a cache must handle (2^31, RFC 9111 §1.2.2); an `Age` beyond it
+/// stands for it.
+const MAX_AGE_SECS: u64 = 1 << 31;
 
 /// Whether the cache phase is a revalidation of this edge's own stored copy, which only the
 /// origin can answer: a peer's refusal would reach pingora as a server error, letting the
@@ -1054,7 +1073,7 @@ impl ProxyHttp for EdgeProxy {
     }
 
     fn request_cache_filter(&self, session: &mut Session, ctx: &mut Self::CTX) -> Result<()> {
-        if !request_cacheable(session.req_header()) {
+        if !request_cacheable(session.req_header()) || asks_a_precondition(session.req_header()) {
             return Ok(());
         }
         let mut overrides = CacheOptionOverrides::default();
@@ -1274,6 +1293,15 @@ impl ProxyHttp for EdgeProxy {
         upstream_request.remove_header(FILL_HEADER);
         upstream_request.remove_header(PEER_FETCH_HEADER);
         upstream_request.remove_header(REFRESH_HEADER);
+        // A request `accept_encoding::normalize` left without `Accept-Encoding` is served
+        // the stored copy as is, and clients that refused every coding share that copy: an
+        // origin that compresses when the field is absent must not fill it compressed.
+        if !upstream_request
+            .headers
+            .contains_key(header::ACCEPT_ENCODING)
+        {
+            upstream_request.insert_header(header::ACCEPT_ENCODING, "identity")?;
+        }
         if let Some(p) = &ctx.demand_peer {
             upstream_request.insert_header(PEER_VIA_HEADER, format_peer_via(p))?;
         } else if !ctx.peer_fill {
@@ -1445,7 +1473,7 @@ impl ProxyHttp for EdgeProxy {
                     let waited = ctx
                         .fetch_started
                         .map_or(Duration::ZERO, |(t, _)| t.elapsed());
-                    resp.insert_header(header::AGE, (age + waited).as_secs())?;
+                    resp.insert_header(header::AGE, age.saturating_add(waited).as_secs())?;
                 }
             }
         }
@@ -1782,6 +1810,9 @@ mod tests {
         forwarded_for(&mut req, "2001:db8::1".parse().unwrap()).unwrap();
         let lines: Vec<_> = req.headers.get_all("x-forwarded-for").iter().collect();
         assert_eq!(lines, ["203.0.113.9, 10.0.0.1, 10.0.0.2, 2001:db8::1"]);
+        let mut req = RequestHeader::build("GET", b"/", None).unwrap();
+        forwarded_for(&mut req, "::ffff:203.0.113.9".parse().unwrap()).unwrap();
+        assert_eq!(req.headers["x-forwarded-for"], "203.0.113.9");
     }
 
     #[test]
@@ -1808,9 +1839,13 @@ mod tests {
         assert_eq!(upstream_age(&r), Duration::ZERO);
         r.insert_header("age", "42").unwrap();
         assert_eq!(upstream_age(&r), Duration::from_secs(42));
-        for bad in ["-3", "soon", "1.5"] {
+        for bad in ["-3", "soon", "1.5", "", "+4"] {
             r.insert_header("age", bad).unwrap();
             assert_eq!(upstream_age(&r), Duration::ZERO, "{bad}");
+        }
+        for huge in ["18446744073709551615", "99999999999999999999999"] {
+            r.insert_header("age", huge).unwrap();
+            assert_eq!(upstream_age(&r), Duration::from_secs(1 << 31), "{huge}");
         }
     }
 
