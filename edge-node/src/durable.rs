@@ -120,7 +120,13 @@ pub fn replace(path: &Path, bytes: &[u8], how: Replacing) -> io::Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    match dir {
+    sync_dir_of(path)
+}
+
+/// Fsync the directory that holds `path`, so a file just created or renamed there keeps its
+/// name through a crash (a file's own fsync does not commit its directory entry everywhere).
+pub fn sync_dir_of(path: &Path) -> io::Result<()> {
+    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(dir) => std::fs::File::open(dir)?.sync_all(),
         None => Ok(()),
     }

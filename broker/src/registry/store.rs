@@ -279,6 +279,11 @@ impl Registry {
             w.open_table(HOST_CLAIMS).map_err(store_err)?;
         }
         w.commit().map_err(store_err)?;
+        // redb syncs the file, not its directory: a new registry's name must survive a crash
+        // too, or the next start would begin an empty one.
+        if created {
+            edge_node::durable::sync_dir_of(path).map_err(store_err)?;
+        }
         let mem = Self::memory_of(&db)?;
         Ok(Registry {
             db: RwLock::new(Some(db)),
