@@ -87,9 +87,9 @@ pub struct BrokerCtx {
     origin_addr: Option<(SocketAddr, std::sync::Arc<ResolvedUpstream>)>,
     /// Retries on the same route after a pooled connection failed ([`MAX_POOLED_RETRIES`]).
     pooled_retries: u8,
-    /// The first edge that dropped a connection carrying this request before answering
-    /// (pooled or fresh): the request goes to one other route, not to every edge in turn.
-    dropped_by: Option<usize>,
+    /// Edges that dropped this request before answering: it goes to one other route, not
+    /// to every edge in turn.
+    drops: Drops,
     chosen: Option<Choice>,
     resource: String,
     segment: Option<String>,
@@ -403,7 +403,7 @@ impl ProxyHttp for BrokerProxy {
             origin_addr_count: 0,
             origin_addr: None,
             pooled_retries: 0,
-            dropped_by: None,
+            drops: Drops::default(),
             chosen: None,
             resource: String::new(),
             segment: None,
@@ -631,6 +631,12 @@ impl ProxyHttp for BrokerProxy {
                 self.edge_marked_down(edge);
                 tracing::warn!(edge = %self.fleet.edges[edge].id, error = %e, "edge unreachable: marked down");
             }
+            if gone && ctx.drops.refused(edge) {
+                tracing::warn!(edge = %self.fleet.edges[edge].id,
+                    "a second edge went away with this request: not sent on");
+                e.set_retry(false);
+                return e;
+            }
         }
         if !ctx.origin_tried {
             self.metrics.retries.inc();
@@ -680,16 +686,13 @@ impl ProxyHttp for BrokerProxy {
             && session.response_written().is_none();
         let edge = ctx.chosen.and_then(|c| c.edge);
         let pooled = client_reused && ctx.chosen.is_some();
-        // A second edge that drops the request is the request's doing (a query of death),
-        // not the edges': sending it on would take it to every edge. Pooled connections
-        // count too: under load nearly every connection is one, and a keep-alive race on two
-        // edges for one request is rare.
-        let dropped = edge.is_some() && *e.esource() == ErrorSource::Upstream;
-        let second_edge = dropped && ctx.dropped_by.is_some_and(|d| Some(d) != edge);
+        let upstream = *e.esource() == ErrorSource::Upstream;
+        let second_edge = match edge {
+            Some(edge) if upstream => ctx.drops.dropped(edge, pooled),
+            _ => false,
+        };
         let replayable = replayable && !second_edge;
-        if dropped && ctx.dropped_by.is_none() {
-            ctx.dropped_by = edge;
-        }
+        let dropped = edge.is_some() && upstream && !pooled;
         match retry_after_error(
             replayable,
             pooled && ctx.pooled_retries < MAX_POOLED_RETRIES,
@@ -946,6 +949,48 @@ enum Retry {
     Never,
 }
 
+/// The edges that dropped one request before answering. A second edge's drop is the
+/// request's doing (a query of death), not the edges': sending it on would take it to every
+/// edge. A drop on a kept-alive connection looks like a keep-alive race (the edge closed it
+/// idle, or restarted gracefully), so it only counts once the same edge fails it again: it
+/// refuses the reconnect, or drops the request on a fresh connection too.
+#[derive(Debug, Clone, Copy, Default)]
+struct Drops {
+    /// The first edge whose drop counted.
+    by: Option<usize>,
+    /// The last edge that dropped the request on a kept-alive connection.
+    suspect: Option<usize>,
+}
+
+impl Drops {
+    /// `edge` dropped the request, on a kept-alive connection if `pooled`; whether that
+    /// makes it the second edge to (not to be sent on).
+    fn dropped(&mut self, edge: usize, pooled: bool) -> bool {
+        if pooled {
+            self.suspect = Some(edge);
+            false
+        } else {
+            self.counted(edge)
+        }
+    }
+
+    /// `edge` refused a connect (or reset it): whether that confirms it dropped the request
+    /// and makes it the second edge to.
+    fn refused(&mut self, edge: usize) -> bool {
+        self.suspect == Some(edge) && self.counted(edge)
+    }
+
+    fn counted(&mut self, edge: usize) -> bool {
+        match self.by {
+            Some(first) => first != edge,
+            None => {
+                self.by = Some(edge);
+                false
+            }
+        }
+    }
+}
+
 /// Retries on the same route after pooled connections failed, per request: enough for a
 /// keep-alive race or two, not a retry per idle connection in the pool.
 pub(crate) const MAX_POOLED_RETRIES: u8 = 2;
@@ -1096,6 +1141,32 @@ mod tests {
         ] {
             assert!(!connection_failed(&kind), "{kind:?}");
         }
+    }
+
+    #[test]
+    fn a_request_goes_on_after_one_edge_drops_it_not_two() {
+        // Fresh connections: the first edge's drop counts, the second's stops it.
+        let mut d = Drops::default();
+        assert!(!d.dropped(0, false));
+        assert!(!d.dropped(0, false), "the same edge again");
+        assert!(d.dropped(1, false));
+        // Kept-alive connections closed by two edges (a graceful restart of both): a race.
+        let mut d = Drops::default();
+        assert!(!d.dropped(0, true));
+        assert!(!d.dropped(1, true));
+        assert!(!d.refused(2), "refused by an edge that never had it");
+        // An edge that crashed with it refuses the reconnect: then it counts.
+        let mut d = Drops::default();
+        assert!(!d.dropped(0, true));
+        assert!(!d.refused(0));
+        assert!(!d.dropped(1, true));
+        assert!(d.refused(1));
+        // Or drops it on a fresh connection too.
+        let mut d = Drops::default();
+        assert!(!d.dropped(0, true));
+        assert!(!d.dropped(0, false));
+        assert!(!d.dropped(1, true));
+        assert!(d.dropped(1, false));
     }
 
     #[test]

@@ -161,15 +161,16 @@ pub fn response_filter(
         return vary_on_encoding(resp, &scan);
     }
     if resp.status == http::StatusCode::NOT_MODIFIED && !session.cache.enabled() {
-        // The origin's own 304, to a conditional request that bypassed the cache: what it
-        // stands for is not known here. Its 200 may have been compressed for this client, so
-        // a strong ETag is weakened (a weak one still selects a stored copy with the strong
-        // tag, RFC 9111 §4.3.4), and it varies as a text 200 would.
-        if plan == Plan::Compress && !scan.no_transform {
-            weaken_etag(resp)?;
-        }
+        // The origin's own 304, to a conditional request that bypassed the cache: what its
+        // 200 was is not known here, but a client that asked with the weak form of the
+        // origin's strong tag holds the copy this edge compressed, which said `Vary` too
+        // (RFC 9110 §15.4.5). Any other 304 goes out as the origin sent it.
         disable(session);
-        return vary_on_encoding(resp, &scan);
+        if plan == Plan::Compress && holds_compressed_copy(session.req_header(), resp) {
+            weaken_etag(resp)?;
+            return vary_on_encoding(resp, &scan);
+        }
+        return Ok(());
     }
     if !scan.may_compress(resp) {
         disable(session);
@@ -179,6 +180,23 @@ pub fn response_filter(
         head_as_compressed(accept_encoding, resp)?;
     }
     vary_on_encoding(resp, &scan)
+}
+
+/// Whether `req`'s `If-None-Match` names the weak form of `resp`'s strong ETag: the tag this
+/// edge's encoder gave the compressed copy the client holds.
+fn holds_compressed_copy(req: &RequestHeader, resp: &ResponseHeader) -> bool {
+    let Some(tag) = resp.headers.get(ETAG).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    if !tag.starts_with('"') {
+        return false;
+    }
+    let weak = format!("W/{tag}");
+    req.headers
+        .get_all(http::header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains(&weak))
 }
 
 /// Give a HEAD's header what the encoder gives its GET's, when it would compress the GET.

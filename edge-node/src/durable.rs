@@ -126,10 +126,12 @@ pub fn replace(path: &Path, bytes: &[u8], how: Replacing) -> io::Result<()> {
 /// Fsync the directory that holds `path`, so a file just created or renamed there keeps its
 /// name through a crash (a file's own fsync does not commit its directory entry everywhere).
 pub fn sync_dir_of(path: &Path) -> io::Result<()> {
-    match path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        Some(dir) => std::fs::File::open(dir)?.sync_all(),
-        None => Ok(()),
-    }
+    let dir = match path.parent() {
+        Some(d) if d.as_os_str().is_empty() => Path::new("."),
+        Some(d) => d,
+        None => return Ok(()),
+    };
+    std::fs::File::open(dir)?.sync_all()
 }
 
 /// Remove the temporaries of `name` in `dir` that a killed writer left ([`STALE_TEMPORARY`]):

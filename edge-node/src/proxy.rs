@@ -701,6 +701,9 @@ impl EdgeProxy {
             || self.hooks.bridge.is_none()
             || req.method != http::Method::GET
             || req.headers.contains_key(header::AUTHORIZATION)
+            // The peer's copy is whatever version it holds, and the bridge carries neither
+            // the precondition nor the range: the origin judges these.
+            || asks_a_precondition(req)
         {
             return None;
         }
@@ -791,7 +794,11 @@ impl EdgeProxy {
         // `Age` served on hits count from when it was generated (pingora's epoch override),
         // while its admission time (`created`, what purges and Vary variants are judged by)
         // is when its fetch started.
-        let now = admitted.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH);
+        // Not before 1970 either: stored metadata cannot hold such a time.
+        let now = admitted
+            .checked_sub(age)
+            .filter(|t| *t >= SystemTime::UNIX_EPOCH)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
         // A lifetime the origin gave but wrote wrong (`max-age=-1`, `max-age=abc`) is not
         // the absence of one: such a response is stale from the start (RFC 9111 §4.2.1), kept
         // only when it can be revalidated.

@@ -537,24 +537,21 @@ async fn put_origin(
             field: "cache_key_ignore_query",
             message,
         })?;
+    // Asked again after the upstream's lookup (seconds, at worst): a host another provider
+    // registered meanwhile is theirs, and so are its fresh copies and plans; one this
+    // provider's own other request registered is updated as its own.
+    let unregistered = unregistered
+        && match s.registry.check_host_owner(&p.id, &host) {
+            Err(RegistryError::NotFound(_)) => true,
+            Ok(()) => false,
+            Err(e) => return Err(e.into()),
+        };
     if unregistered && s.approve_new_hosts {
         return claim_host(&s, &p.id, host, upstream, req, cache_key_ignore_query).await;
     }
     let target = format!("{host}/*");
     let purged = if unregistered {
         s.registry.check_origin_quota(&p.id, &host)?;
-        // Asked again after the upstream's lookup (seconds, at worst): a host another
-        // provider registered meanwhile is theirs, and so are its fresh copies and plans.
-        match s.registry.check_host_owner(&p.id, &host) {
-            Err(RegistryError::NotFound(_)) => {}
-            Ok(()) => {
-                return Err(RegistryError::Conflict(format!(
-                    "host {host} was registered by another request meanwhile; send it again"
-                ))
-                .into())
-            }
-            Err(e) => return Err(e.into()),
-        }
         // The purge of the host's old copies leaves a ban on every edge, like any purge.
         within_budget(&s, CallClass::Purge, &p.id)?;
         // A previous owner's plans, should its delete have been cut short.

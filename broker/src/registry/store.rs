@@ -835,17 +835,17 @@ impl Registry {
                 )));
             }
             match m.resources.get(&resource.id) {
-                Some(old) if old.provider != resource.provider => {
-                    return Err(RegistryError::Forbidden(format!(
-                        "resource {}",
-                        resource.id
-                    )));
-                }
                 // A new resource's id is drawn before the lock: two creations that drew the
                 // same one must not leave one of them silently overwritten.
                 Some(_) if !must_exist => {
                     return Err(RegistryError::Conflict(format!(
                         "resource id {} was taken meanwhile; send the request again",
+                        resource.id
+                    )));
+                }
+                Some(old) if old.provider != resource.provider => {
+                    return Err(RegistryError::Forbidden(format!(
+                        "resource {}",
                         resource.id
                     )));
                 }
