@@ -595,11 +595,14 @@ pub fn error_status(e: &Error) -> (u16, &'static str) {
     }
 }
 
-/// When the peer that answered a peer fetch admitted its copy ([`PEER_ADMITTED_HEADER`]), on
-/// its clock (edges' clocks are assumed synchronised, as for any CDN's purge ordering).
-/// `None` for a copy that cannot be judged against the purges this edge applied: no time, one
-/// that does not parse, or one later than this edge's clock allows; such a copy is not used.
-fn peer_admitted(resp: &ResponseHeader) -> Option<SystemTime> {
+/// When the peer that answered a peer fetch admitted its copy ([`PEER_ADMITTED_HEADER`], on
+/// its clock: edges' clocks are assumed synchronised, as for any CDN's purge ordering), and
+/// no later than the fetch started (`fetch_wall`), which it must have preceded. Every purge
+/// this edge applied since then is one the copy may predate. `None` for a copy that cannot be
+/// judged that way: no time, one that does not parse, or one after the fetch started by more
+/// than [`PEER_CLOCK_ALLOWANCE`] (a peer clock that far ahead says nothing of which purges the
+/// copy predates); such a copy is not used.
+fn peer_admitted(resp: &ResponseHeader, fetch_wall: SystemTime) -> Option<SystemTime> {
     let ms: u64 = resp
         .headers
         .get(PEER_ADMITTED_HEADER)?
@@ -608,11 +611,11 @@ fn peer_admitted(resp: &ResponseHeader) -> Option<SystemTime> {
         .parse()
         .ok()?;
     let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
-    (at <= SystemTime::now() + PEER_CLOCK_ALLOWANCE).then_some(at)
+    (at <= fetch_wall + PEER_CLOCK_ALLOWANCE).then(|| at.min(fetch_wall))
 }
 
-/// How far ahead of this edge's clock a peer's admission time may be.
-const PEER_CLOCK_ALLOWANCE: Duration = Duration::from_secs(60);
+/// How far a peer's clock may run ahead of this edge's (NTP keeps them within milliseconds).
+const PEER_CLOCK_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// The `Age` a response arrived with: whole seconds (RFC 9111 §5.1); absent or malformed
 /// counts as zero, and one past [`MAX_AGE_SECS`] as that (RFC 9111 §1.2.2).
@@ -755,15 +758,17 @@ impl EdgeProxy {
 
     /// `authorization`: the request carried `Authorization` (RFC 9111 §3.5); `credentials`:
     /// it or a `Cookie`, so a refusal may be about the client rather than the key.
-    /// `admitted`: when the fetch that brought `resp` started, the stored copy's `created`.
-    /// A purge from then on covers it at lookup, however late the copy is stored. `age`: how
-    /// long the response had spent in other caches on its way here.
+    /// `fetched`: when the fetch that brought `resp` started, which its freshness counts from.
+    /// `created`: the stored copy's admission time, that or earlier (a peer's copy); a purge
+    /// from then on covers it at lookup, however late the copy is stored. `age`: how long the
+    /// response had spent in other caches on its way here.
     fn cacheability(
         &self,
         resp: &ResponseHeader,
         authorization: bool,
         credentials: bool,
-        admitted: SystemTime,
+        fetched: SystemTime,
+        created: SystemTime,
         age: Duration,
     ) -> RespCacheable {
         // `Vary: *` names something outside the request: no stored copy can ever match
@@ -795,7 +800,7 @@ impl EdgeProxy {
         // while its admission time (`created`, what purges and Vary variants are judged by)
         // is when its fetch started.
         // Not before 1970 either: stored metadata cannot hold such a time.
-        let now = admitted
+        let now = fetched
             .checked_sub(age)
             .filter(|t| *t >= SystemTime::UNIX_EPOCH)
             .unwrap_or(SystemTime::UNIX_EPOCH);
@@ -868,8 +873,8 @@ impl EdgeProxy {
         // merges into this header.
         header.remove_header(&header::AGE);
         header.remove_header(PEER_ADMITTED_HEADER);
-        let mut meta = CacheMeta::new(fresh_until, admitted, swr, sie, header);
-        if now != admitted {
+        let mut meta = CacheMeta::new(fresh_until, created, swr, sie, header);
+        if now != created {
             meta.set_epoch_override(now);
         }
         RespCacheable::Cacheable(meta)
@@ -1167,18 +1172,22 @@ impl ProxyHttp for EdgeProxy {
         // have applied that purge.
         let storage = self.parts.storage;
         let from_peer = ctx.demand_peer.is_some() || ctx.peer_fill;
-        let admitted = from_peer.then(|| peer_admitted(resp));
-        if admitted.is_some_and(|a| a.is_none()) {
+        // When the fetch that brought `resp` started: the stored copy's freshness counts
+        // from then.
+        let fetched = ctx
+            .fetch_started
+            .map_or_else(SystemTime::now, |(_, wall)| wall);
+        let peer_at = from_peer.then(|| peer_admitted(resp, fetched));
+        if peer_at.is_some_and(|a| a.is_none()) {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
                 PEER_LACKS_OBJECT,
             )));
         }
-        let admitted = admitted.flatten();
+        let peer_at = peer_at.flatten();
         let purged = ctx.fetch_started.is_some_and(|(t, wall)| {
             storage.purged_during(&ctx.key, t, wall, &resp.headers)
-                || admitted.is_some_and(|a| {
-                    a < wall && storage.purged_since_admitted(&ctx.key, a, &resp.headers)
-                })
+                || peer_at
+                    .is_some_and(|a| storage.purged_since_admitted(&ctx.key, a, &resp.headers))
         });
         if purged {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
@@ -1222,17 +1231,17 @@ impl ProxyHttp for EdgeProxy {
             || (headers.contains_key(header::COOKIE) && self.parts.storage.holds(&ctx.key));
         // A purge landing between the check above and the fill's registration in the
         // storage would find nothing to cancel: dated from the fetch's start, the copy is
-        // older than that purge, which removes it at its first lookup.
-        let admitted = ctx
-            .fetch_started
-            .map_or_else(SystemTime::now, |(_, wall)| wall);
+        // older than that purge, which removes it at its first lookup. A peer's copy is dated
+        // from when the peer admitted it, so that an edge filling from this one judges it by
+        // every purge since, not only those since this fetch.
+        let created = peer_at.unwrap_or(fetched);
         let age = ctx.upstream_age.unwrap_or_else(|| upstream_age(resp));
         let merged = ctx
             .not_modified
             .as_ref()
             .and_then(|nm| response_fields::merge_not_modified(resp, nm));
         let resp = merged.as_ref().unwrap_or(resp);
-        Ok(self.cacheability(resp, authorization, credentials, admitted, age))
+        Ok(self.cacheability(resp, authorization, credentials, fetched, created, age))
     }
 
     fn cache_vary_filter(
@@ -1373,13 +1382,16 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         if let Some(p) = &ctx.demand_peer {
+            let fetched = ctx
+                .fetch_started
+                .map_or_else(SystemTime::now, |(_, wall)| wall);
             // Only a whole, variant-free copy stands in for the origin's answer: a Vary'd
             // object would be stored under this request's variant while the peer picked its own.
             // Nor a copy older than a purge this edge applied (the peer may not have applied
             // it yet): this edge acknowledged that purge, and must not serve what it removed.
             let usable = matches!(upstream_response.status.as_u16(), 200 | 203)
                 && !upstream_response.headers.contains_key(header::VARY)
-                && peer_admitted(upstream_response).is_some_and(|a| {
+                && peer_admitted(upstream_response, fetched).is_some_and(|a| {
                     !self.parts.storage.purged_since_admitted(
                         &ctx.key,
                         a,
@@ -1690,28 +1702,32 @@ mod tests {
         );
     }
 
-    /// A peer's copy is judged by when the peer admitted it: one that does not say, or says a
-    /// time past this edge's clock, cannot be judged against the purges applied here.
+    /// A peer's copy is judged by when the peer admitted it, less what the clocks may
+    /// disagree by: one that does not say, or says a time after the fetch started by more than
+    /// that, cannot be judged against the purges applied here.
     #[test]
     fn a_peer_copy_needs_a_credible_admission_time() {
+        let now = SystemTime::now();
         let with = |v: Option<String>| {
             let mut r = ResponseHeader::build(200, None).unwrap();
             if let Some(v) = v {
                 r.insert_header(PEER_ADMITTED_HEADER, v).unwrap();
             }
-            peer_admitted(&r)
+            peer_admitted(&r, now)
         };
         let ms = |t: SystemTime| {
             t.duration_since(SystemTime::UNIX_EPOCH)
                 .unwrap()
                 .as_millis()
         };
-        let now = SystemTime::now();
-        assert!(with(Some(ms(now).to_string())).is_some());
-        assert!(with(Some(ms(now - Duration::from_secs(3600)).to_string())).is_some());
+        let hour_ago = now - Duration::from_secs(3600);
+        let at = SystemTime::UNIX_EPOCH + Duration::from_millis(ms(hour_ago) as u64);
+        assert_eq!(with(Some(ms(hour_ago).to_string())), Some(at));
+        let slightly_ahead = now + PEER_CLOCK_ALLOWANCE / 2;
+        assert_eq!(with(Some(ms(slightly_ahead).to_string())), Some(now));
         assert!(with(None).is_none());
         assert!(with(Some("soon".into())).is_none());
-        let ahead = now + PEER_CLOCK_ALLOWANCE + Duration::from_secs(60);
+        let ahead = now + PEER_CLOCK_ALLOWANCE * 2;
         assert!(with(Some(ms(ahead).to_string())).is_none());
     }
 

@@ -269,9 +269,13 @@ fn accepting_transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
-/// What a node dialling receives: replies, peer bodies among them, in quinn's default windows.
+/// What a node dialling receives: replies, peer bodies among them, in quinn's default windows,
+/// and never a stream the other side opens (nothing here accepts one: a node that opened them
+/// anyway would hold up to quinn's default window of this node's memory on each).
 fn transport() -> Arc<quinn::TransportConfig> {
-    Arc::new(transport_config())
+    let mut t = transport_config();
+    t.max_concurrent_bidi_streams(0u32.into());
+    Arc::new(t)
 }
 
 /// Keep-alives detect a dead peer quickly; the stream limit is the backpressure on a peer
