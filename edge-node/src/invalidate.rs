@@ -20,7 +20,7 @@ use crate::metrics::EdgeMetrics;
 use crate::origin::{normalize_host, OriginTable};
 use crate::proxy::primary_key;
 use crate::shadow::{self, ShadowTable};
-use crate::storage::{BanError, FoyerStorage, NotDurable, Unwritten};
+use crate::storage::{BanError, FoyerStorage, NotDurable, RefreshRecord, Unwritten};
 use crate::tags;
 
 /// Why a purge is not final; the caller answers it as the edge's own failure (500, or 503
@@ -253,6 +253,31 @@ pub async fn purge_answered(
     }
 }
 
+/// A refresh order's record ([`FoyerStorage::record_refresh`]), or `None` when the cache disk
+/// is stalled, or stalls while the record waits for it (within [`STALL_CHECK`] of the
+/// watchdog seeing it): the order is then refused as busy, to be sent again, rather than held
+/// for the stall with its QUIC stream and a blocking thread (the broker's channel to the edge
+/// has a stream for each order it waits on). A record the disk takes after that is ended at
+/// once: no fill follows it.
+pub async fn refresh_recorded(
+    storage: &'static FoyerStorage,
+    key: &str,
+) -> Option<Result<RefreshRecord, BanError>> {
+    if storage.disk_stalled() {
+        return None;
+    }
+    let key = key.to_string();
+    // Dropped unfinished, the task goes on, and its record is dropped (ended) with its output.
+    let mut record = tokio::spawn(async move { storage.record_refresh(&key).await });
+    loop {
+        match tokio::time::timeout(STALL_CHECK, &mut record).await {
+            Ok(done) => return Some(done.unwrap_or_else(|e| Err(BanError::task_failed(e)))),
+            Err(_) if storage.disk_stalled() => return None,
+            Err(_) => {}
+        }
+    }
+}
+
 /// A purge task that ended without its answer (it panicked): reported as the ban log's
 /// failure ([`BanError::task_failed`]).
 pub(crate) fn task_failed(e: tokio::task::JoinError) -> PurgeError {
@@ -348,6 +373,37 @@ mod tests {
         drop(held);
         assert!(answer.await.unwrap());
         assert_eq!(banned("tag"), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_refresh_on_a_stalled_disk_is_refused_not_held() {
+        let (dir, probed) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s = small_storage(dir.path()).await;
+        let held = s.hold_ban_writes();
+        let mut waiting = Box::pin(refresh_recorded(s, "h/a"));
+        assert!(
+            futures::poll!(waiting.as_mut()).is_pending(),
+            "waits for the disk"
+        );
+        let stalled = StalledDisk::watch(s, probed.path());
+        let answer = tokio::time::timeout(Duration::from_secs(5), waiting).await;
+        assert!(matches!(answer, Ok(None)), "{answer:?}");
+        assert!(
+            refresh_recorded(s, "h/b").await.is_none(),
+            "refused at once"
+        );
+        drop(held);
+        // The record the disk took late is ended with nothing to wait for.
+        for _ in 0..500 {
+            if !s.ended_refreshes().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(s.ended_refreshes().len(), 1);
+        stalled.resume().await;
+        let record = refresh_recorded(s, "h/c").await;
+        assert!(matches!(record, Some(Ok(_))), "{record:?}");
     }
 
     #[test]

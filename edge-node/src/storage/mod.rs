@@ -466,6 +466,12 @@ impl FoyerStorage {
         self.bans.hold_writes()
     }
 
+    /// The refreshes whose records were ended ([`BanList::ended_refreshes`]).
+    #[cfg(test)]
+    pub(crate) fn ended_refreshes(&self) -> Vec<u64> {
+        self.bans.ended_refreshes()
+    }
+
     /// Whether the disk's watchdog ([`Self::watch_disk`]) sees it stalled now: a write that
     /// must reach it (a ban's fsync) waits as long as the stall lasts.
     pub fn disk_stalled(&self) -> bool {

@@ -570,11 +570,16 @@ impl Handler {
                     return Reply::error(ErrorCode::Busy, e.to_string());
                 }
                 let fill = if fill.refresh {
-                    match p.storage.record_refresh(&fill.key).await {
-                        Ok(record) => fill.recorded(record),
-                        Err(e) => {
+                    match crate::invalidate::refresh_recorded(p.storage, &fill.key).await {
+                        Some(Ok(record)) => fill.recorded(record),
+                        Some(Err(e)) => {
                             tracing::warn!(error = %e, key = %fill.key, "refresh not recorded");
                             return Reply::error(ErrorCode::Internal, e.to_string());
+                        }
+                        None => {
+                            p.metrics.shadow_fills.with_label_values(&["refused"]).inc();
+                            let msg = "the cache disk is stalled: the refresh was not recorded";
+                            return Reply::error(ErrorCode::Busy, msg);
                         }
                     }
                 } else {
