@@ -10,6 +10,7 @@
 //! applies once the store is free, so the queue does not fill and drop records meanwhile.
 
 mod series;
+mod sizes;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -256,6 +257,7 @@ impl Monitor {
                         metrics,
                         coaccess: coaccess.map(|f| (CoAccess::new(f.cfg), f.triggers)),
                         triggered: HashMap::new(),
+                        sizes: Default::default(),
                         offers_counted: Default::default(),
                     };
                     aggregate(queue, sink, (stop, pushing), path)
@@ -321,6 +323,8 @@ struct Sink {
     /// queue is crowded, a hot page sends them once per [`TRIGGER_EVERY_SECS`], not on every
     /// request.
     triggered: HashMap<(u16, String), u64>,
+    /// Followers' object sizes, read from the store at most once a minute.
+    sizes: sizes::SizeMemo,
     /// The co-access offers' outcomes already counted in the metrics.
     offers_counted: [(u64, u64); BANDS],
 }
@@ -434,13 +438,19 @@ impl Sink {
             // pile up and be dropped. Without the store the followers' sizes are unknown, and
             // they are not shadowed this time.
             let Some(store) = self.store.try_read() else {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["store_busy"])
+                    .inc_by(followers.len() as u64);
                 return;
             };
             for f in &mut followers {
                 let resource = f.key.split_once('?').map_or(f.key.as_str(), |(r, _)| r);
-                f.bytes = store
-                    .query(resource)
-                    .and_then(|by_region| by_region.values().filter_map(|s| s.mean_bytes()).max());
+                f.bytes = self.sizes.size(resource, ts, || {
+                    store.query(resource).and_then(|by_region| {
+                        by_region.values().filter_map(|s| s.mean_bytes()).max()
+                    })
+                });
             }
             drop(store);
             if self.triggered.len() >= MAX_TRIGGERED {
@@ -636,6 +646,7 @@ mod tests {
             metrics: metrics.clone(),
             coaccess: Some((CoAccess::new(CoAccessSection::default()), tx)),
             triggered: HashMap::new(),
+            sizes: Default::default(),
             offers_counted: Default::default(),
         };
         (sink, rx)
