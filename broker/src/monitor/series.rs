@@ -245,7 +245,9 @@ impl SeriesStore {
         if is_new {
             self.count += 1;
         }
-        s.touched = s.touched.max(o.ts);
+        // The latest record's time, not the greatest seen: after the clock is set back, a
+        // series touched while it ran ahead must not be the last to be evicted.
+        s.touched = o.ts;
         if s.key == o.key {
             s.key_votes = s.key_votes.saturating_add(1);
         } else if s.key_votes <= 1 {

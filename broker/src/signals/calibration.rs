@@ -26,6 +26,8 @@ const DECAY: f64 = 0.890_898_718_140_339_3;
 const PENDING_PER_CLIENT: usize = 16;
 /// What an offer is charged beside its key (twice: it is also in the queue of deadlines).
 const OFFER_BYTES: usize = 64;
+/// What an offer's deadline costs in [`Calibration::queue`].
+const QUEUED_BYTES: usize = std::mem::size_of::<(u64, u64, u64)>();
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Band {
@@ -84,7 +86,8 @@ impl Calibration {
         started: u64,
         max_bytes: usize,
     ) {
-        if client == 0 || self.pending_bytes + key.len() + OFFER_BYTES > max_bytes {
+        // The queue counts too: a followed offer leaves its entry there until it is due.
+        if client == 0 || self.bytes() + key.len() + OFFER_BYTES + QUEUED_BYTES > max_bytes {
             return;
         }
         let offers = self.pending.entry(client).or_default();
@@ -125,7 +128,12 @@ impl Calibration {
     /// when its start was not queued, as it ended).
     pub fn expire(&mut self, now: u64, window: u64) {
         while let Some(&(ts, client, seq)) = self.queue.front() {
-            if now.saturating_sub(ts) <= window.saturating_mul(2) {
+            // An entry from further ahead of `now` than records arrive out of order (the
+            // clock was set back) is due too: waiting for the clock to reach it would hold
+            // every offer behind it.
+            let span = window.saturating_mul(2);
+            let ahead = ts > now.saturating_add(span);
+            if !ahead && now.saturating_sub(ts) <= span {
                 break;
             }
             self.queue.pop_front();
@@ -135,7 +143,11 @@ impl Calibration {
             }
         }
         // Followed offers leave their entry in the queue until it comes up; the queue holds
-        // only deadlines of the last two windows, so it stays short.
+        // only deadlines of the last two windows, so it stays short, and gives back what a
+        // burst made it hold.
+        if self.queue.capacity() > 64 && self.queue.len() < self.queue.capacity() / 4 {
+            self.queue.shrink_to(self.queue.len() * 2);
+        }
     }
 
     /// Decide offer `i` of `client`'s waiting ones.
@@ -170,9 +182,9 @@ impl Calibration {
         }
     }
 
-    /// Bytes charged for the offers waiting.
+    /// Bytes charged for the offers waiting and the queue of their deadlines.
     pub fn bytes(&self) -> usize {
-        self.pending_bytes + self.queue.len() * std::mem::size_of::<(u64, u64, u64)>()
+        self.pending_bytes + self.queue.len() * QUEUED_BYTES
     }
 
     /// Offers decided so far per band: (followed, not followed).
@@ -258,7 +270,7 @@ mod tests {
         c.asked(1, "h/0", 101, 0, 30);
         assert_eq!(c.outcomes()[5], (1, 0));
         // The byte budget: an offer that would pass it is refused.
-        let one = "h/x".len() + OFFER_BYTES;
+        let one = "h/x".len() + OFFER_BYTES + QUEUED_BYTES;
         let mut c = Calibration::default();
         for client in 1..=10u64 {
             c.offer(client, "h/x", 0.55, 100, 0, 3 * one);
@@ -266,5 +278,32 @@ mod tests {
         assert_eq!(c.pending.len(), 3);
         c.offer(0, "h/x", 0.55, 100, 0, BUDGET);
         assert_eq!(c.pending.len(), 3, "an unknown client is not followed up");
+
+        // Followed offers leave their deadlines queued until due: those count too.
+        let mut c = Calibration::default();
+        let budget = 100 * QUEUED_BYTES;
+        for client in 1..=1000u64 {
+            c.offer(client, "h/x", 0.55, 100, 0, budget);
+            c.asked(client, "h/x", 101, 0, 30);
+        }
+        assert!(c.bytes() <= budget, "{}", c.bytes());
+        assert!(c.queue.len() < 100, "{}", c.queue.len());
+        c.expire(161, 30);
+        assert!(c.queue.is_empty());
+    }
+
+    #[test]
+    fn offers_from_before_the_clock_was_set_back_do_not_hold_the_rest() {
+        let mut c = Calibration::default();
+        c.offer(1, "h/a", 0.55, 10_000, 0, BUDGET);
+        // The clock went back an hour: the offer is due, not held until the clock is back.
+        c.offer(2, "h/b", 0.55, 6_400, 0, BUDGET);
+        c.expire(6_400, 30);
+        assert_eq!(c.outcomes()[5], (0, 1));
+        assert_eq!(c.queue.len(), 1);
+        // Records a little out of order are not that.
+        c.offer(3, "h/c", 0.55, 6_410, 0, BUDGET);
+        c.expire(6_405, 30);
+        assert_eq!(c.queue.len(), 2);
     }
 }
