@@ -77,6 +77,24 @@ const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600)
 /// `*.pem`, and unique to the process and the call even across restarts that reuse a pid (the
 /// old and the new process of a graceful upgrade may write the same file at once).
 pub fn replace(path: &Path, bytes: &[u8], how: Replacing) -> io::Result<()> {
+    replace_with(path, how, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] of what `write` writes, for a file too large to build in memory first:
+/// `write` streams it into the temporary (buffered), and the fsyncs and the rename come after
+/// it returns, so a lock it holds while it writes is not held through them.
+pub fn write_atomic_with(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
+    replace_with(path, Replacing::default(), write)
+}
+
+fn replace_with(
+    path: &Path,
+    how: Replacing,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> io::Result<()> {
     use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let resolved;
     let path = match std::fs::symlink_metadata(path) {
@@ -111,7 +129,11 @@ pub fn replace(path: &Path, bytes: &[u8], how: Replacing) -> io::Result<()> {
             // could have written the old one only if it were its own or writable to it.
             let _ = std::os::unix::fs::fchown(&file, Some(uid), Some(gid));
         }
-        file.write_all(bytes)
+        let streamed = {
+            let mut buffered = io::BufWriter::new(&mut file);
+            write(&mut buffered).and_then(|()| buffered.flush())
+        };
+        streamed
             .and_then(|()| file.sync_all())
             .and_then(|()| std::fs::rename(&tmp, path))
     };
@@ -185,6 +207,32 @@ mod tests {
             std::fs::read(&target).unwrap(),
             b"theirs",
             "not written through"
+        );
+        assert!(temporaries(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_streamed_file_replaces_the_old_one_only_when_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.json");
+        write_atomic_with(&path, |w| {
+            for i in 0..10_000 {
+                write!(w, "{i},")?;
+            }
+            Ok(())
+        })
+        .unwrap();
+        let whole = std::fs::read_to_string(&path).unwrap();
+        assert!(whole.starts_with("0,1,2,") && whole.ends_with("9999,"));
+        let failed = write_atomic_with(&path, |w| {
+            w.write_all(b"half of it")?;
+            Err(io::Error::other("the writer gave up"))
+        });
+        assert!(failed.is_err());
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap(),
+            whole,
+            "left as it was"
         );
         assert!(temporaries(dir.path()).is_empty());
     }

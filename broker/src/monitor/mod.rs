@@ -568,8 +568,10 @@ fn aggregate(queue: Arc<ArrayQueue<Event>>, mut sink: Sink, stop: StopSignal, pa
 /// (a permission or device error), is set aside, so the next snapshot does not replace days
 /// of history with an empty store.
 fn load_snapshot(store: &mut SeriesStore, path: &std::path::Path) {
-    let adopted = match std::fs::read(path) {
-        Ok(bytes) => match serde_json::from_slice::<SeriesStore>(&bytes) {
+    // Read through a buffer, not whole: the file is about twice the store's size.
+    let file = std::fs::File::open(path).map(std::io::BufReader::new);
+    let adopted = match file {
+        Ok(reader) => match serde_json::from_reader::<_, SeriesStore>(reader) {
             Ok(snap) => store.restore(snap, now_secs()),
             Err(e) => {
                 tracing::warn!(error = %e, "monitor snapshot unreadable");
@@ -588,18 +590,15 @@ fn load_snapshot(store: &mut SeriesStore, path: &std::path::Path) {
 }
 
 /// Write the store atomically: temp file, fsync, rename, fsync of the directory (so the
-/// rename itself survives a crash). Serialized under the read lock, written
-/// after it is released: a slow disk must not hold the store (the aggregator waits for it once
-/// its buffer of held-back records is full).
+/// rename itself survives a crash). Streamed into the temporary under the read lock, never
+/// built in memory whole (at the default bucket budget that would be about a gigabyte beside
+/// the store); the fsyncs come after the lock is released: a slow disk must not hold the store
+/// (the aggregator waits for it once its buffer of held-back records is full).
 fn snapshot(store: &RwLock<SeriesStore>, path: &std::path::Path) {
-    let bytes = match serde_json::to_vec(&*store.read()) {
-        Ok(b) => b,
-        Err(e) => {
-            tracing::warn!(error = %e, "monitor snapshot failed");
-            return;
-        }
-    };
-    if let Err(e) = edge_node::durable::write_atomic(path, &bytes) {
+    let written = edge_node::durable::write_atomic_with(path, |w| {
+        serde_json::to_writer(w, &*store.read()).map_err(std::io::Error::other)
+    });
+    if let Err(e) = written {
         tracing::warn!(error = %e, path = %path.display(), "monitor snapshot failed");
     }
 }
