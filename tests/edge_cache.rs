@@ -2243,7 +2243,7 @@ async fn a_stop_reports_the_fill_under_way_and_the_orders_still_queued() {
             .unwrap_or_else(|| panic!("no outcome of {key}: {saved}"))
     };
     let filled = of(&slow);
-    assert_eq!(filled["bytes"], 5000, "{filled}");
+    assert_eq!(filled["bytes"], 5000, "{filled}\n{}", edge.child.log());
     assert_eq!(filled["failed"], false, "{filled}");
     let dropped = of(&queued);
     assert_eq!(dropped["bytes"], 0, "{dropped}");

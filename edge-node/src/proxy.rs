@@ -596,12 +596,12 @@ pub fn error_status(e: &Error) -> (u16, &'static str) {
 }
 
 /// When the peer that answered a peer fetch admitted its copy ([`PEER_ADMITTED_HEADER`], on
-/// its clock: edges' clocks are assumed synchronised, as for any CDN's purge ordering), and
-/// no later than the fetch started (`fetch_wall`), which it must have preceded. Every purge
-/// this edge applied since then is one the copy may predate. `None` for a copy that cannot be
-/// judged that way: no time, one that does not parse, or one after the fetch started by more
-/// than [`PEER_CLOCK_ALLOWANCE`] (a peer clock that far ahead says nothing of which purges the
-/// copy predates); such a copy is not used.
+/// its clock: edges' clocks are assumed synchronised, as for any CDN's purge ordering), or
+/// when the fetch started (`fetch_wall`) if that is earlier: purges since the fetch started
+/// are judged by the fetch itself. Every purge this edge applied since then is one the copy
+/// may predate. `None` for a copy that cannot be judged that way: no time, one that does not
+/// parse, or one past this edge's clock by more than [`PEER_CLOCK_ALLOWANCE`] (a peer clock
+/// that far ahead says nothing of which purges the copy predates); such a copy is not used.
 fn peer_admitted(resp: &ResponseHeader, fetch_wall: SystemTime) -> Option<SystemTime> {
     let ms: u64 = resp
         .headers
@@ -611,7 +611,7 @@ fn peer_admitted(resp: &ResponseHeader, fetch_wall: SystemTime) -> Option<System
         .parse()
         .ok()?;
     let at = SystemTime::UNIX_EPOCH.checked_add(Duration::from_millis(ms))?;
-    (at <= fetch_wall + PEER_CLOCK_ALLOWANCE).then(|| at.min(fetch_wall))
+    (at <= SystemTime::now() + PEER_CLOCK_ALLOWANCE).then(|| at.min(fetch_wall))
 }
 
 /// How far a peer's clock may run ahead of this edge's (NTP keeps them within milliseconds).
@@ -798,7 +798,7 @@ impl EdgeProxy {
         // the origin) has that much less freshness left (RFC 9111 §4.2.3): freshness and the
         // `Age` served on hits count from when it was generated (pingora's epoch override),
         // while its admission time (`created`, what purges and Vary variants are judged by)
-        // is when its fetch started.
+        // is when its fetch started, or a peer's copy's first admission.
         // Not before 1970 either: stored metadata cannot hold such a time.
         let now = fetched
             .checked_sub(age)
@@ -1233,8 +1233,13 @@ impl ProxyHttp for EdgeProxy {
         // storage would find nothing to cancel: dated from the fetch's start, the copy is
         // older than that purge, which removes it at its first lookup. A peer's copy is dated
         // from when the peer admitted it, so that an edge filling from this one judges it by
-        // every purge since, not only those since this fetch.
-        let created = peer_at.unwrap_or(fetched);
+        // every purge since, not only those since this fetch. Not a variant: pingora-cache
+        // serves no variant created before its primary's copy, so a variant keeps its fetch's
+        // time (and a copy handed on twice is judged from there).
+        let created = match peer_at {
+            Some(at) if !resp.headers.contains_key(header::VARY) => at,
+            _ => fetched,
+        };
         let age = ctx.upstream_age.unwrap_or_else(|| upstream_age(resp));
         let merged = ctx
             .not_modified
@@ -1702,9 +1707,9 @@ mod tests {
         );
     }
 
-    /// A peer's copy is judged by when the peer admitted it, less what the clocks may
-    /// disagree by: one that does not say, or says a time after the fetch started by more than
-    /// that, cannot be judged against the purges applied here.
+    /// A peer's copy is judged by when the peer admitted it (or the fetch started, if later):
+    /// one that does not say, or says a time past this edge's clock by more than the clocks
+    /// may disagree, cannot be judged against the purges applied here.
     #[test]
     fn a_peer_copy_needs_a_credible_admission_time() {
         let now = SystemTime::now();

@@ -569,7 +569,7 @@ fn aggregate(queue: Arc<ArrayQueue<Event>>, mut sink: Sink, stop: StopSignal, pa
 /// of history with an empty store.
 fn load_snapshot(store: &mut SeriesStore, path: &std::path::Path) {
     // Read through a buffer, not whole: the file is about twice the store's size.
-    let file = std::fs::File::open(path).map(std::io::BufReader::new);
+    let file = std::fs::File::open(path).map(|f| std::io::BufReader::with_capacity(1 << 20, f));
     let adopted = match file {
         Ok(reader) => match serde_json::from_reader::<_, SeriesStore>(reader) {
             Ok(snap) => store.restore(snap, now_secs()),
@@ -590,13 +590,17 @@ fn load_snapshot(store: &mut SeriesStore, path: &std::path::Path) {
 }
 
 /// Write the store atomically: temp file, fsync, rename, fsync of the directory (so the
-/// rename itself survives a crash). Streamed into the temporary under the read lock, never
-/// built in memory whole (at the default bucket budget that would be about a gigabyte beside
-/// the store); the fsyncs come after the lock is released: a slow disk must not hold the store
-/// (the aggregator waits for it once its buffer of held-back records is full).
+/// rename itself survives a crash). A copy of the store is taken under the read lock and
+/// streamed to the file after it is released: a slow disk must not hold the store (the
+/// aggregator waits for it once its buffer of held-back records is full), and the copy is
+/// about half what the JSON would be built whole in memory (a gigabyte at the default bucket
+/// budget).
 fn snapshot(store: &RwLock<SeriesStore>, path: &std::path::Path) {
+    let copy = store.read().clone();
     let written = edge_node::durable::write_atomic_with(path, |w| {
-        serde_json::to_writer(w, &*store.read()).map_err(std::io::Error::other)
+        let mut out = std::io::BufWriter::with_capacity(1 << 20, w);
+        serde_json::to_writer(&mut out, &copy).map_err(std::io::Error::from)?;
+        std::io::Write::flush(&mut out)
     });
     if let Err(e) = written {
         tracing::warn!(error = %e, path = %path.display(), "monitor snapshot failed");

@@ -24,7 +24,8 @@ const PRIOR: f64 = 10.0;
 const DECAY: f64 = 0.890_898_718_140_339_3;
 /// Offers one client may have waiting for their outcome; past it new ones are not scored.
 const PENDING_PER_CLIENT: usize = 16;
-/// What an offer is charged beside its key (twice: it is also in the queue of deadlines).
+/// What an offer is charged beside its key (its deadline's place in the queue is
+/// [`QUEUED_BYTES`]).
 const OFFER_BYTES: usize = 64;
 /// What an offer's deadline costs in [`Calibration::queue`].
 const QUEUED_BYTES: usize = std::mem::size_of::<(u64, u64, u64)>();
