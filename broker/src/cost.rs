@@ -459,6 +459,11 @@ pub struct Ledger {
     /// Open orders a newer one of their key replaced after the edge restarted (another
     /// process accepted it): their outcomes may still come, or their process be told lost.
     superseded: Mutex<Superseded>,
+    /// Named outcomes that came before their order was recorded (a fill that failed at once
+    /// can be reported by a stats poll before the reply accepting its order is handled),
+    /// with when they came: [`Ledger::record_order`] settles its order with one at once;
+    /// after [`EARLY_WAIT`] one is priced unattributed.
+    early: Mutex<HashMap<(String, usize), (ShadowOutcome, Instant)>>,
     tuners: Mutex<Tuners>,
     rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
@@ -485,6 +490,11 @@ const CHANGE_LOG: usize = 200;
 const ENDED_LOG: usize = 100_000;
 /// Orders awaiting an outcome before expired ones are swept.
 const ORDER_SWEEP: usize = 100_000;
+/// How long an outcome waits for its order to be recorded ([`Ledger::early`]): far longer
+/// than an order's reply takes to be handled.
+const EARLY_WAIT: Duration = Duration::from_secs(30);
+/// Outcomes that may wait so at once; past it they are priced unattributed at once.
+const MAX_EARLY: usize = 4096;
 
 impl Ledger {
     /// A ledger starting every (region, class) forecast threshold at `base_threshold`.
@@ -507,6 +517,7 @@ impl Ledger {
             orders_sweep_at: Mutex::new(0),
             settled_names: Mutex::default(),
             superseded: Mutex::default(),
+            early: Mutex::default(),
             tuners: Mutex::new(Tuners::default()),
             rollups: Mutex::new(HashMap::new()),
             changes: Mutex::new(VecDeque::new()),
@@ -686,8 +697,11 @@ impl Ledger {
                 && accepted.boot_id != 0
                 && r.boot_id != accepted.boot_id
         }) {
-            self.superseded.lock().keep(k, replaced, now);
+            self.superseded.lock().keep(k.clone(), replaced, now);
         }
+        drop(sweep_at);
+        drop(orders);
+        self.settle_early(&k, id);
     }
 
     /// The order of `k` kept aside ([`Self::record_order`]) that the edge names `name`.
@@ -696,7 +710,6 @@ impl Ledger {
     }
 
     /// Whether an order of `key` on `edge` awaits its outcome.
-    #[cfg(test)]
     pub fn has_order(&self, key: &str, edge: usize) -> bool {
         self.orders.lock().contains_key(&(key.to_string(), edge))
     }
@@ -770,6 +783,13 @@ impl Ledger {
                     Some(_) => None,
                     None => self.take_superseded(&k, o.order),
                 };
+                if order.is_none() && aside.is_none() && o.order.is_some() {
+                    let mut early = self.early.lock();
+                    if early.len() < MAX_EARLY {
+                        early.insert(k, (o.clone(), Instant::now()));
+                        continue;
+                    }
+                }
                 if aside.is_none() {
                     let e = Ended {
                         key: o.key.clone(),
@@ -783,6 +803,76 @@ impl Ledger {
             };
             self.book(edge, order.as_ref(), o, &mut tuners, &mut rollups);
         }
+        drop(rollups);
+        drop(tuners);
+        drop(orders);
+        drop(ended);
+        self.publish();
+    }
+
+    /// Price the outcomes that waited [`EARLY_WAIT`] for an order that never came, as
+    /// unattributed (as any outcome of an order the ledger does not know).
+    fn settle_overdue_early(&self) {
+        let overdue: Vec<((String, usize), ShadowOutcome)> = self
+            .early
+            .lock()
+            .extract_if(|_, (_, at)| at.elapsed() >= EARLY_WAIT)
+            .map(|(k, (o, _))| (k, o))
+            .collect();
+        if overdue.is_empty() {
+            return;
+        }
+        let mut ended = self.ended.lock();
+        let mut tuners = self.tuners.lock();
+        let mut rollups = self.rollups.lock();
+        for ((key, edge), o) in overdue {
+            let failed = o.failed && !o.removed;
+            push_bounded(&mut ended, Ended { key, edge, failed }, ENDED_LOG);
+            self.book(edge, None, &o, &mut tuners, &mut rollups);
+        }
+        drop(rollups);
+        drop(tuners);
+        drop(ended);
+        self.publish();
+    }
+
+    /// Settle the order just recorded as `k` with the outcome that came before it, if one
+    /// that names it waits ([`Self::early`]).
+    fn settle_early(&self, k: &(String, usize), id: Option<u64>) {
+        let Some(name) = id else {
+            return;
+        };
+        let o = {
+            let mut early = self.early.lock();
+            match early.get(k) {
+                Some((o, _)) if o.order == Some(name) => early.remove(k).map(|(o, _)| o),
+                _ => None,
+            }
+        };
+        let Some(o) = o else {
+            return;
+        };
+        let mut ended = self.ended.lock();
+        let mut orders = self.orders.lock();
+        let Some(order) = orders.remove(k) else {
+            return;
+        };
+        self.settled_names
+            .lock()
+            .keep(k.clone(), &order, Instant::now());
+        let mut tuners = self.tuners.lock();
+        let mut rollups = self.rollups.lock();
+        let failed = o.failed && !o.removed;
+        push_bounded(
+            &mut ended,
+            Ended {
+                key: k.0.clone(),
+                edge: k.1,
+                failed,
+            },
+            ENDED_LOG,
+        );
+        self.book(k.1, Some(&order), &o, &mut tuners, &mut rollups);
         drop(rollups);
         drop(tuners);
         drop(orders);
@@ -1006,6 +1096,7 @@ impl Ledger {
     /// The forecast thresholds are the ones in the threshold metrics; every move of any source
     /// is logged with its reason and kept for the report.
     pub fn tune(&self, now_secs: u64) {
+        self.settle_overdue_early();
         let mut tuners = self.tuners.lock();
         let lowers: HashMap<Source, f32> = [Source::Forecast, Source::Coaccess, Source::Anomaly]
             .into_iter()
@@ -1582,6 +1673,69 @@ mod tests {
             l.tune(tick);
         }
         assert_eq!(l.threshold(1, 5), (0.5, None));
+    }
+
+    /// A fill that fails at once can be reported before the reply accepting its order is
+    /// handled: the outcome waits for the order, which it then settles as ordered, leaving
+    /// nothing open (nor anything for a crash of that process to price again).
+    #[test]
+    fn an_outcome_that_comes_before_its_order_settles_it() {
+        let l = ledger();
+        let now = unix_ms_now();
+        let id = l.order_id("h/x", 1, now + 500);
+        let early = ShadowOutcome {
+            order: Some(id),
+            ..ShadowOutcome::failed("h/x".into())
+        };
+        l.settle(1, std::slice::from_ref(&early));
+        assert!(l.take_ended().is_empty(), "waits for its order");
+        assert_eq!(l.report()["rollups"].as_array().unwrap().len(), 0);
+        let by = Accepted {
+            peer: false,
+            boot_id: 7,
+        };
+        let ttl = Duration::from_secs(60);
+        let signal = Signal::forecast(0.9);
+        l.record_order("h/x", 1, info(1, 5), signal, ttl, now, Some(id), by);
+        assert!(!l.has_order("h/x", 1), "settled as it was recorded");
+        assert_eq!(
+            l.take_ended(),
+            vec![Ended {
+                key: "h/x".into(),
+                edge: 1,
+                failed: true
+            }]
+        );
+        let r = &l.report()["rollups"][0];
+        assert_eq!(
+            (r["source"].as_str(), r["failed"].as_u64()),
+            (Some("forecast"), Some(1)),
+            "{r}"
+        );
+        assert_eq!(
+            l.lost(1, 7, now + 1_000),
+            0,
+            "nothing left for a crash to price"
+        );
+        // One whose order never comes is still priced, unattributed, once it waited enough.
+        let stray = ShadowOutcome {
+            order: Some(id + 40),
+            ..ShadowOutcome::failed("h/y".into())
+        };
+        l.settle(1, &[stray]);
+        l.early
+            .lock()
+            .values_mut()
+            .for_each(|(_, at)| *at -= EARLY_WAIT);
+        l.tune(0);
+        assert_eq!(l.take_ended().len(), 1);
+        assert!(l.early.lock().is_empty());
+        let unattributed = l.report()["rollups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["source"] == "unattributed");
+        assert!(unattributed, "{}", l.report());
     }
 
     #[test]

@@ -668,6 +668,21 @@ pub struct AnomalyEvent {
 }
 
 impl PlannerState {
+    /// The shadows the ledger settled since the last call are no longer live, and a failed
+    /// fill among them backs its key off on that edge. Not one whose key has an order open on
+    /// that edge again: an order is settled as its shadow ends, so an open one was recorded
+    /// since, and stands for a newer shadow (co-access may place one between two ticks).
+    pub fn end_settled(&self, ledger: &Ledger, interval: Duration, now: Instant) {
+        self.forget_old_backoffs(now);
+        for e in ledger.take_ended() {
+            if ledger.has_order(&e.key, e.edge) {
+                continue;
+            }
+            self.remove(&e.key, e.edge);
+            self.ended(e.key, e.edge, e.failed, interval, now);
+        }
+    }
+
     /// Forget everything about `host`'s keys (live shadows and the decisions `explain` shows)
     /// when its owner deletes it: whoever registers it next sees none of it.
     pub fn forget_host(&self, host: &str) {
@@ -821,14 +836,20 @@ impl PlannerState {
 
     /// Drop expired shadows and return a copy of the live ones for a tick's decisions.
     fn live_now(&self, now: Instant) -> HashMap<(String, usize), Instant> {
-        self.backoff
-            .lock()
-            .retain(|_, b| now.saturating_duration_since(b.until) < BACKOFF_MEMORY);
+        self.forget_old_backoffs(now);
         let mut live = self.live.lock();
         sweep(&mut live, now);
         live.iter()
             .flat_map(|(k, held)| held.iter().map(|(e, exp)| ((k.clone(), *e), *exp)))
             .collect()
+    }
+
+    /// Forget backoffs over for [`BACKOFF_MEMORY`]; run by every tick, the planner's or, with
+    /// it off, co-access's settling loop.
+    fn forget_old_backoffs(&self, now: Instant) {
+        self.backoff
+            .lock()
+            .retain(|_, b| now.saturating_duration_since(b.until) < BACKOFF_MEMORY);
     }
 
     /// An edge reported how a shadow of `key` ended: a failed fill puts the pair in backoff
@@ -1437,10 +1458,7 @@ impl Planner {
     async fn settle(&self, now: u64) {
         self.catch_up_with_restarts().await;
         let (wall, interval) = (Instant::now(), self.interval());
-        for e in self.ledger.take_ended() {
-            self.state.remove(&e.key, e.edge);
-            self.state.ended(e.key, e.edge, e.failed, interval, wall);
-        }
+        self.state.end_settled(&self.ledger, interval, wall);
         self.ledger.tune(now);
     }
 
@@ -2138,6 +2156,57 @@ mod tests {
         assert_eq!(answered_by("seasonal_naive", 0, &counts), "seasonal_naive");
         assert_eq!(answered_by("lstm", 2, &counts), "ewma");
         assert_eq!(answered_by("lstm", 1, &counts), "seasonal_naive");
+    }
+
+    /// A shadow's end, drained at the next tick, does not end a newer shadow of its key that
+    /// co-access placed on the edge in between.
+    #[test]
+    fn an_ended_shadow_leaves_a_newer_one_of_its_key_live() {
+        let ledger = Ledger::new(
+            crate::cost::CostSection::default(),
+            0.5,
+            vec!["eu".into()],
+            crate::metrics::BrokerMetrics::register(&prometheus::Registry::new()).unwrap(),
+        );
+        let state = PlannerState::default();
+        let (ttl, interval, t0) = (
+            Duration::from_secs(60),
+            Duration::from_secs(10),
+            Instant::now(),
+        );
+        let info = || crate::cost::OrderInfo {
+            provider: "p".into(),
+            region: 0,
+            class: crate::cost::Class::of(5),
+            bytes: 1000,
+        };
+        let order = |key: &str| {
+            state.record(key, 0, ttl);
+            let by = crate::cost::Accepted::default();
+            let (signal, now) = (
+                Signal::coaccess(0.9),
+                edge_node::sync::protocol::unix_ms_now(),
+            );
+            ledger.record_order(key, 0, info(), signal, ttl, now, None, by);
+        };
+        let failed = |key: &str| edge_node::sync::protocol::ShadowOutcome::failed(key.into());
+        order("h/a");
+        order("h/b");
+        ledger.settle(0, &[failed("h/a"), failed("h/b")]);
+        // Before the tick, h/a is placed again.
+        order("h/a");
+        state.end_settled(&ledger, interval, t0);
+        assert_eq!(
+            state.live_edges("h/a"),
+            vec![0],
+            "the newer shadow stays live"
+        );
+        assert!(
+            !state.backed_off("h/a", 0, t0),
+            "and its key is not backed off"
+        );
+        assert!(state.live_edges("h/b").is_empty());
+        assert!(state.backed_off("h/b", 0, t0));
     }
 
     #[test]
