@@ -2250,6 +2250,38 @@ async fn a_stop_reports_the_fill_under_way_and_the_orders_still_queued() {
     assert_eq!(dropped["removed"], true, "{dropped}");
 }
 
+/// A renewal order whose mark ends (its TTL runs out) while the renewal waits behind another
+/// fill reports that order once, with the mark's end: its fill, when it runs, places no
+/// second mark named by the same order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_whose_mark_ended_meanwhile_is_reported_once() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = start_edge(origin.addr, dir.path(), "[shadow]\nfill_concurrency = 1\n");
+    let key = format!("{HOST}/renewed?size=100");
+    let order = |ttl: u64| json!({"key": key, "ttl_secs": ttl});
+    assert!(shadow_marked(&edge, order(1)).await);
+    let slow = format!("{HOST}/ahead?size=100&delay_ms=2500");
+    order_shadow(&edge, &slow).await;
+    wait_until(|| async { origin.hits("/ahead") == 1 }).await;
+    // Queued behind the slow fill, it renews the mark for a second, which runs out before
+    // the renewal's fill does.
+    let (s, v) = admin_json(&edge, Method::POST, "/shadows", Some(order(1))).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    wait_marked(&edge, &slow).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
+    let saved = std::fs::read(dir.path().join("cache/shadow-outcomes.json")).unwrap();
+    let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();
+    let of_key = saved["queued"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|o| o["key"] == key.as_str())
+        .count();
+    assert_eq!(of_key, 1, "{saved}");
+}
+
 /// A shadow fill whose origin answers with a redirect takes it as the answer: it does not
 /// fetch where the redirect points (which would also hand that server the fill's internal
 /// header), and places no shadow.

@@ -794,6 +794,17 @@ impl ShadowService {
                             purge_stale(storage, &table, &metrics, &req.key, "refresh_not_stored")
                                 .await;
                         }
+                        // A renewal whose mark ended while it waited or filled (expired, or
+                        // evicted) had this order's outcome reported with that end: a new
+                        // mark named by it would report it twice. Its copy stays, unmarked.
+                        let renewed_mark_ended = req.renews
+                            && table.get(&req.key).is_none()
+                            && !table.dropped_since(&req.key, started);
+                        if renewed_mark_ended {
+                            tracing::debug!(key = %req.key, "the mark this fill renews ended");
+                            metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                            return;
+                        }
                         let now = Instant::now();
                         if !table.mark_filled(&req.key, req.ttl, req.order(), tags, started, now) {
                             tracing::debug!(key = %req.key, "purged or unshadowed while filling");
@@ -835,7 +846,7 @@ impl ShadowService {
                             metrics.shadow_fills.with_label_values(&["dropped"]).inc();
                             // Its outcome carries what the fill moved, which was paid for.
                             table.set_fill(&req.key, charged, source);
-                            table.remove(&req.key);
+                            table.end_uncached(&req.key);
                             return;
                         }
                         table.set_fill(&req.key, bytes, source);
@@ -860,8 +871,10 @@ impl ShadowService {
                             // The edge stops (its listener no longer takes the fill): not the
                             // key's failure, which would hold the broker back from it.
                             report_unheld(&table, &req, moved, false, None);
-                        } else if table.get(&req.key).is_none() {
-                            // Any other failure means the broker's order holds nothing here.
+                        } else if table.get(&req.key).is_none() && !req.renews {
+                            // Any other failure means the broker's order holds nothing here
+                            // (a renewal's order is reported with the mark it renamed, still
+                            // held or ended already).
                             table.outcomes().push(ShadowOutcome {
                                 bytes: moved,
                                 order: req.order().id,

@@ -792,10 +792,24 @@ impl ShadowTable {
 
     /// Remove a mark (unshadow or invalidation), logging its outcome.
     pub fn remove(&self, key: &str) -> Option<Mark> {
+        self.end(key, true)
+    }
+
+    /// End the mark of a fill whose copy passed through uncached, logging its outcome. Not
+    /// a drop of the key: a fill of another order of it under way keeps what it stores.
+    pub fn end_uncached(&self, key: &str) -> Option<Mark> {
+        self.end(key, false)
+    }
+
+    /// End `key`'s mark as removed; `dropped`: the key was purged or unshadowed, which fills
+    /// under way from before must not mark.
+    fn end(&self, key: &str, dropped: bool) -> Option<Mark> {
         let now = Instant::now();
         let removed = {
             let mut g = self.inner.lock();
-            g.note_drop(Dropped::Key(key.to_string()), now);
+            if dropped {
+                g.note_drop(Dropped::Key(key.to_string()), now);
+            }
             let owed = g.left.remove(key).and_then(|l| l.owed);
             let removed = g.marks.remove(key);
             g.compact_heap();
