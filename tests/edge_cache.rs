@@ -2270,6 +2270,11 @@ async fn a_renewal_whose_mark_ended_meanwhile_is_reported_once() {
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     wait_marked(&edge, &slow).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        origin.hits("/renewed"),
+        1,
+        "nothing fetched for the ended mark"
+    );
     assert_eq!(edge.child.terminate(), Some(0), "{}", edge.child.log());
     let saved = std::fs::read(dir.path().join("cache/shadow-outcomes.json")).unwrap();
     let saved: serde_json::Value = serde_json::from_slice(&saved).unwrap();

@@ -463,7 +463,7 @@ pub struct Ledger {
     /// can be reported by a stats poll before the reply accepting its order is handled),
     /// with when they came: [`Ledger::record_order`] settles its order with one at once;
     /// after [`EARLY_WAIT`] one is priced unattributed.
-    early: Mutex<HashMap<(String, usize), (ShadowOutcome, Instant)>>,
+    early: Mutex<Early>,
     tuners: Mutex<Tuners>,
     rollups: Mutex<HashMap<(String, usize, Class, Source), Rollup>>,
     changes: Mutex<VecDeque<Change>>,
@@ -490,6 +490,50 @@ const CHANGE_LOG: usize = 200;
 const ENDED_LOG: usize = 100_000;
 /// Orders awaiting an outcome before expired ones are swept.
 const ORDER_SWEEP: usize = 100_000;
+/// Outcomes waiting for their orders ([`Ledger::early`]), by (key, edge), and how many.
+#[derive(Default)]
+struct Early {
+    by_key: HashMap<(String, usize), Vec<(ShadowOutcome, Instant)>>,
+    count: usize,
+}
+
+impl Early {
+    /// Keep `o` for its order; whether there was room.
+    fn keep(&mut self, k: (String, usize), o: ShadowOutcome, now: Instant) -> bool {
+        if self.count >= MAX_EARLY {
+            return false;
+        }
+        self.by_key.entry(k).or_default().push((o, now));
+        self.count += 1;
+        true
+    }
+
+    /// The outcome of `k` that names order `name`, taken out.
+    fn take(&mut self, k: &(String, usize), name: u64) -> Option<ShadowOutcome> {
+        let waiting = self.by_key.get_mut(k)?;
+        let i = waiting.iter().position(|(o, _)| o.order == Some(name))?;
+        let (o, _) = waiting.swap_remove(i);
+        if waiting.is_empty() {
+            self.by_key.remove(k);
+        }
+        self.count -= 1;
+        Some(o)
+    }
+
+    /// Every outcome that waited `wait` or longer, taken out.
+    fn overdue(&mut self, wait: Duration) -> Vec<((String, usize), ShadowOutcome)> {
+        let mut out = Vec::new();
+        self.by_key.retain(|k, waiting| {
+            for (o, _) in waiting.extract_if(.., |(_, at)| at.elapsed() >= wait) {
+                out.push((k.clone(), o));
+            }
+            !waiting.is_empty()
+        });
+        self.count -= out.len();
+        out
+    }
+}
+
 /// How long an outcome waits for its order to be recorded ([`Ledger::early`]): far longer
 /// than an order's reply takes to be handled.
 const EARLY_WAIT: Duration = Duration::from_secs(30);
@@ -783,12 +827,12 @@ impl Ledger {
                     Some(_) => None,
                     None => self.take_superseded(&k, o.order),
                 };
-                if order.is_none() && aside.is_none() && o.order.is_some() {
-                    let mut early = self.early.lock();
-                    if early.len() < MAX_EARLY {
-                        early.insert(k, (o.clone(), Instant::now()));
-                        continue;
-                    }
+                if order.is_none()
+                    && aside.is_none()
+                    && o.order.is_some()
+                    && self.early.lock().keep(k, o.clone(), Instant::now())
+                {
+                    continue;
                 }
                 if aside.is_none() {
                     let e = Ended {
@@ -813,12 +857,7 @@ impl Ledger {
     /// Price the outcomes that waited [`EARLY_WAIT`] for an order that never came, as
     /// unattributed (as any outcome of an order the ledger does not know).
     fn settle_overdue_early(&self) {
-        let overdue: Vec<((String, usize), ShadowOutcome)> = self
-            .early
-            .lock()
-            .extract_if(|_, (_, at)| at.elapsed() >= EARLY_WAIT)
-            .map(|(k, (o, _))| (k, o))
-            .collect();
+        let overdue = self.early.lock().overdue(EARLY_WAIT);
         if overdue.is_empty() {
             return;
         }
@@ -842,18 +881,15 @@ impl Ledger {
         let Some(name) = id else {
             return;
         };
-        let o = {
-            let mut early = self.early.lock();
-            match early.get(k) {
-                Some((o, _)) if o.order == Some(name) => early.remove(k).map(|(o, _)| o),
-                _ => None,
-            }
-        };
-        let Some(o) = o else {
-            return;
-        };
         let mut ended = self.ended.lock();
         let mut orders = self.orders.lock();
+        // Still the order named so (not one recorded since, nor taken by `lost` meanwhile).
+        if orders.get(k).is_none_or(|order| order.id != Some(name)) {
+            return;
+        }
+        let Some(o) = self.early.lock().take(k, name) else {
+            return;
+        };
         let Some(order) = orders.remove(k) else {
             return;
         };
@@ -1725,11 +1761,13 @@ mod tests {
         l.settle(1, &[stray]);
         l.early
             .lock()
+            .by_key
             .values_mut()
+            .flatten()
             .for_each(|(_, at)| *at -= EARLY_WAIT);
         l.tune(0);
         assert_eq!(l.take_ended().len(), 1);
-        assert!(l.early.lock().is_empty());
+        assert_eq!(l.early.lock().count, 0);
         let unattributed = l.report()["rollups"]
             .as_array()
             .unwrap()

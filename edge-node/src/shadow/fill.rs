@@ -749,6 +749,15 @@ impl ShadowService {
                     report_unheld(&table, &req, 0, false, None);
                     return;
                 }
+                // A renewal whose mark ended while it waited (its TTL ran out, or it was
+                // evicted) had its order reported with that end: a fetch now would bring a
+                // copy no mark or report accounts for. A refresh still runs: the copy it
+                // replaces may be held.
+                if req.renews && !req.refresh && table.get(&req.key).is_none() {
+                    drop(under_way);
+                    metrics.shadow_fills.with_label_values(&["dropped"]).inc();
+                    return;
+                }
                 let started = req.queued_at;
                 let _under_way = under_way;
                 let mut moved = 0;
