@@ -140,6 +140,24 @@ fn assert_check_passes(
     name: &str,
     toml: &str,
 ) {
+    let out = check(package, args, envs, name, toml);
+    assert!(
+        out.status.success(),
+        "{package} --check rejects {name}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// What `package --check` says of `toml` (written as `name`), with only `envs` of the
+/// `SHADOWCDN_` variables set.
+fn check(
+    package: &str,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    name: &str,
+    toml: &str,
+) -> std::process::Output {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join(name);
     std::fs::write(&path, toml).expect("write config");
@@ -152,13 +170,7 @@ fn assert_check_passes(
         }
     }
     cmd.envs(envs.iter().copied());
-    let out = cmd.output().expect("run --check");
-    assert!(
-        out.status.success(),
-        "{package} --check rejects {name}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    cmd.output().expect("run --check")
 }
 
 #[test]
@@ -191,6 +203,25 @@ fn every_shipped_configuration_passes_its_binarys_check() {
         ("SHADOWCDN_BROKER_ADMIN__EDGE_TOKEN", token),
     ];
     assert_check_passes("broker", &["run"], &broker_env, "k8s-broker.toml", &broker);
+    // A pod whose Secret lacks the token does not start on the manifest's placeholder.
+    let out = check("edge-node", &[], &edge_env[..1], "k8s-edge.toml", &edge);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("admin.token"),
+        "{said}"
+    );
+    let out = check(
+        "broker",
+        &["run"],
+        &broker_env[1..],
+        "k8s-broker.toml",
+        &broker,
+    );
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && said.contains("operator_token"),
+        "{said}"
+    );
 }
 
 /// `(field, value)` of every `field = "value"` line of a TOML text, in order.

@@ -453,6 +453,14 @@ impl BrokerConfig {
         if self.admin.edge_token.len() < 8 {
             return bad("admin.edge_token must be at least 8 characters".into());
         }
+        for (field, token) in [
+            ("admin.operator_token", &self.admin.operator_token),
+            ("admin.edge_token", &self.admin.edge_token),
+        ] {
+            if let Some(why) = edge_node::config::shipped_token(token, self.admin.listen) {
+                return bad(format!("{field} {why}"));
+            }
+        }
         // A token read from a file often keeps its trailing newline: the operator's could
         // never match (requests' tokens are trimmed), and the edge token is no valid header
         // value, so every push and purge to the edges would fail as "unreachable".

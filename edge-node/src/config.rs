@@ -147,6 +147,27 @@ pub struct ServerSection {
     pub compression_level: u32,
 }
 
+/// The tokens the project's own files carry: the manifests' placeholder for the value a
+/// Secret sets, and the local cluster's demo tokens. Anyone can read them, so an admin API
+/// reachable beyond loopback must not take them (a missing env file or Secret key would
+/// otherwise leave one quietly in force).
+pub const SHIPPED_TOKENS: [&str; 3] = [
+    "set-by-env",
+    "local-admin-token",
+    "local-operator-token-change-me",
+];
+
+/// Why `token`, guarding a listener on `listen`, must not be used: the placeholder never;
+/// a demo token off loopback. `None`: it may.
+pub fn shipped_token(token: &str, listen: SocketAddr) -> Option<&'static str> {
+    let token = token.trim();
+    if token == SHIPPED_TOKENS[0] {
+        return Some("is the shipped placeholder: set it (from the environment or a Secret)");
+    }
+    (SHIPPED_TOKENS.contains(&token) && !listen.ip().is_loopback())
+        .then_some("is a demo token from this project's files: anyone can read it; set your own")
+}
+
 /// Operator listener settings.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -483,6 +504,9 @@ impl EdgeConfig {
             return Err(ConfigError::Invalid(
                 "admin.token must be at least 8 characters".into(),
             ));
+        }
+        if let Some(why) = shipped_token(&self.admin.token, self.admin.listen) {
+            return Err(ConfigError::Invalid(format!("admin.token {why}")));
         }
         // A request's bearer token is read trimmed: one with spaces around it never matches.
         if self.admin.token.trim() != self.admin.token {
@@ -954,6 +978,23 @@ mod tests {
         );
         let err = EdgeConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(err.contains("origins[0].registered_at_ms"), "{err}");
+    }
+
+    #[test]
+    fn tokens_from_this_projects_files_are_refused_where_others_can_reach() {
+        let with = |token: &str| MINIMAL.replace("secret-token", token);
+        let err = EdgeConfig::from_toml(&with("set-by-env"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("admin.token is the shipped placeholder"),
+            "{err}"
+        );
+        // The local cluster's demo token, on its loopback admin listener: taken.
+        assert!(EdgeConfig::from_toml(&with("local-admin-token")).is_ok());
+        let public = with("local-admin-token").replace("127.0.0.1:9080", "0.0.0.0:9080");
+        let err = EdgeConfig::from_toml(&public).unwrap_err().to_string();
+        assert!(err.contains("demo token"), "{err}");
     }
 
     #[test]

@@ -79,9 +79,11 @@ pub async fn detached<T: Send + 'static>(
 /// Seconds pingora's grace period leaves the final step after a drain that ran its full
 /// timeout (the broker's monitor snapshot, the edge's cache flush). The drainer exits the
 /// process as soon as that step is done, so the grace period is only the backstop that
-/// would cut it off: a few seconds would lose a large store's snapshot. Deploy files give
-/// the service at least drain + this + the runtime shutdown timeout to stop.
-pub const FINISH_ALLOWANCE_SECS: u64 = 60;
+/// would cut it off: a few seconds would lose a large store's snapshot. The edge's step takes
+/// at most about 67 s (peer connections closed, 2 s; shadow outcomes saved and the cache
+/// flushed, 30 s each at most; the access log, 5 s). Deploy files give the service at least
+/// drain + this + the runtime shutdown timeout to stop.
+pub const FINISH_ALLOWANCE_SECS: u64 = 70;
 
 /// How long no request may be in flight before the drain counts as done. pingora keeps
 /// taking requests for a moment after the signal (a request already read on a kept-alive

@@ -77,6 +77,10 @@ pub struct EdgeNode {
     restored_outcomes: bool,
     /// This process, marked running once serving starts.
     running: RunningMark,
+    /// The drain's last step began flushing the cache: the flush at exit is not tried again
+    /// (one that timed out on a stalled disk would only wait out its timeout once more, past
+    /// the service manager's stop timeout).
+    flushed_at_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EdgeNode {
@@ -378,6 +382,8 @@ impl EdgeNode {
         server.add_service(background_service("ban-compactor", BanCompactor(storage)));
 
         let (stopping_shadows, outcomes_dir) = (shadows, cfg.cache.dir.clone());
+        let flushed_at_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flushing = flushed_at_stop.clone();
         let drainer = background_service(
             "drain",
             Drainer::new(
@@ -392,6 +398,7 @@ impl EdgeNode {
                         }
                         save_outcomes(&stopping_shadows, outcomes_dir).await;
                         tracing::info!("flushing cache to disk");
+                        flushing.store(true, std::sync::atomic::Ordering::SeqCst);
                         // Bounded like the close at exit: a stalled disk must not outlast
                         // the service manager's stop timeout.
                         let code = match tokio::time::timeout(CLOSE_TIMEOUT, storage.close()).await
@@ -429,6 +436,7 @@ impl EdgeNode {
             storage_rt,
             restored_outcomes,
             running,
+            flushed_at_stop,
         })
     }
 
@@ -458,15 +466,22 @@ impl EdgeNode {
             }
         }
         self.server.run(RunArgs::default());
-        tracing::info!("server stopped; flushing cache");
-        // Bounded: a stalled disk must not keep the process from exiting (what foyer did not
-        // write by then is lost as in a crash; purges were durable before they were answered).
-        match self
-            .storage_rt
-            .block_on(async { tokio::time::timeout(CLOSE_TIMEOUT, self.storage.close()).await })
+        if self
+            .flushed_at_stop
+            .load(std::sync::atomic::Ordering::SeqCst)
         {
-            Ok(closed) => closed?,
-            Err(_) => tracing::warn!(secs = CLOSE_TIMEOUT.as_secs(), "cache close timed out"),
+            // The drain's flush outlasted pingora's grace period: not waited for twice.
+            tracing::warn!("server stopped while the drain's cache flush ran");
+        } else {
+            tracing::info!("server stopped; flushing cache");
+            // Bounded: a stalled disk must not keep the process from exiting (what foyer did
+            // not write by then is lost as in a crash; purges were durable before they were
+            // answered).
+            let closing = async { tokio::time::timeout(CLOSE_TIMEOUT, self.storage.close()).await };
+            match self.storage_rt.block_on(closing) {
+                Ok(closed) => closed?,
+                Err(_) => tracing::warn!(secs = CLOSE_TIMEOUT.as_secs(), "cache close timed out"),
+            }
         }
         self.storage_rt.shutdown_timeout(Duration::from_secs(5));
         tracing::info!("edge-node stopped");
