@@ -67,19 +67,6 @@ fn last_complete_bucket(now: u64) -> u64 {
     (now - now % FORECAST_BUCKET).saturating_sub(FORECAST_BUCKET)
 }
 
-/// The part of `counts` (forecast buckets, the last starting at `last`) observed from `from`
-/// (seconds) on: the buckets from the one holding `from`.
-fn observed_part(mut counts: Vec<u32>, from: u64, last: u64) -> Vec<u32> {
-    let first = from - from % FORECAST_BUCKET;
-    let observed = if first > last {
-        0
-    } else {
-        ((last - first) / FORECAST_BUCKET + 1).min(counts.len() as u64) as usize
-    };
-    counts.drain(..counts.len() - observed);
-    counts
-}
-
 /// Which forecaster answered a series: the guard's choice (`GUARD_ANSWERS`), and for the
 /// model, its serving wrapper hands windows without a request to the seasonal-naive baseline,
 /// which `explain` should say.
@@ -1069,12 +1056,7 @@ impl Planner {
             } else {
                 s
             };
-            let last = last_complete_bucket(now);
-            let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, last);
-            // The history observed, not zeros for the time before the broker recorded (or the
-            // host was registered): the model was trained on histories as long as its traces
-            // had, and the seasonal baseline reads padded days as quiet ones.
-            let counts = observed_part(counts, store.observed_since().max(since), last);
+            let counts = s.counts(FORECAST_BUCKET, HISTORY_BUCKETS, last_complete_bucket(now));
             if counts.iter().all(|c| *c == 0) {
                 continue;
             }
@@ -2225,25 +2207,6 @@ mod tests {
         );
         assert!(state.live_edges("h/b").is_empty());
         assert!(state.backed_off("h/b", 0, t0));
-    }
-
-    #[test]
-    fn a_history_starts_where_observation_did() {
-        let w = FORECAST_BUCKET;
-        let counts: Vec<u32> = (0..HISTORY_BUCKETS as u32).collect();
-        let last = 1000 * w;
-        // Observed since mid-bucket three buckets before the last: those three and the last.
-        let got = observed_part(counts.clone(), last - 3 * w + 7, last);
-        assert_eq!(got, counts[HISTORY_BUCKETS - 4..].to_vec());
-        assert_eq!(
-            observed_part(counts.clone(), 0, last),
-            counts,
-            "a week or more"
-        );
-        assert!(
-            observed_part(counts.clone(), last + w, last).is_empty(),
-            "none complete"
-        );
     }
 
     #[test]

@@ -102,10 +102,6 @@ pub struct SeriesStore {
     buckets: usize,
     #[serde(default = "unbounded")]
     max_buckets: usize,
-    /// Start of the first bucket this store (or the snapshots it continues) recorded: before
-    /// it, nothing was observed, which is not the same as no request. 0: none yet.
-    #[serde(default)]
-    observed_since: u64,
 }
 
 fn unbounded() -> usize {
@@ -178,7 +174,6 @@ impl SeriesStore {
             count: 0,
             buckets: 0,
             max_buckets: usize::MAX,
-            observed_since: 0,
         }
     }
 
@@ -197,17 +192,6 @@ impl SeriesStore {
         if snapshot.bucket_secs == self.bucket_secs {
             let current = self.bucket_of(now);
             let mut ahead = 0usize;
-            // A snapshot from before this was kept: its oldest bucket is the best answer.
-            let oldest = snapshot
-                .series
-                .values()
-                .flat_map(HashMap::values)
-                .filter_map(|s| s.buckets.front().map(|b| b.start))
-                .min();
-            self.observed_since = match (snapshot.observed_since, oldest) {
-                (0, Some(oldest)) => oldest,
-                (since, _) => since,
-            };
             self.series = snapshot.series;
             self.count = self.series.values().map(HashMap::len).sum();
             self.buckets = 0;
@@ -245,9 +229,6 @@ impl SeriesStore {
     /// Count one request.
     pub fn add(&mut self, o: &Observation<'_>) {
         let start = o.ts - o.ts % self.bucket_secs;
-        if self.observed_since == 0 {
-            self.observed_since = start;
-        }
         let is_new = !self
             .series
             .get(o.resource)
@@ -430,12 +411,6 @@ impl SeriesStore {
                 .iter()
                 .map(move |(reg, s)| (res.as_str(), reg.as_str(), s))
         })
-    }
-
-    /// Start of the first bucket recorded (seconds since the epoch; 0 before any): a series'
-    /// history is known from there on, not before.
-    pub fn observed_since(&self) -> u64 {
-        self.observed_since
     }
 
     /// Bucket width in seconds.
