@@ -169,6 +169,16 @@ pub struct OnnxLstm {
     /// [`ModelMetadata::trained_priorities`]).
     pinned_priority: Option<u8>,
     path: PathBuf,
+    /// What the model was loaded from: the model file's sha256 and the metadata as read.
+    identity: (String, String),
+}
+
+impl OnnxLstm {
+    /// Whether `other` was loaded from the same model and metadata as this one: files
+    /// copied again unchanged (a deploy tool's re-sync, a `touch`) are no new model.
+    pub fn same_model(&self, other: &OnnxLstm) -> bool {
+        self.identity == other.identity
+    }
 }
 
 impl std::fmt::Debug for OnnxLstm {
@@ -367,6 +377,10 @@ impl OnnxLstm {
                 })?;
             }
         }
+        let identity = (
+            hex_sha256(&bytes),
+            serde_json::to_string(&meta).unwrap_or_default(),
+        );
         let lstm = OnnxLstm {
             inner: Mutex::new(Inner {
                 session,
@@ -376,6 +390,7 @@ impl OnnxLstm {
             meta,
             pinned_priority,
             path: model.to_path_buf(),
+            identity,
         };
         lstm.trial().map_err(model_err)?;
         Ok(lstm)

@@ -150,6 +150,19 @@ impl ReloadingForecaster {
         seen.checked = Instant::now();
         match result {
             Ok(m) => {
+                seen.failed = None;
+                let unchanged = self
+                    .current
+                    .read()
+                    .as_ref()
+                    .is_some_and(|c| c.same_model(&m));
+                if unchanged {
+                    // The same bytes: the guard's and the calibration's records of the
+                    // serving model stay (a new load would start them afresh).
+                    tracing::debug!(model = %self.path.display(), "forecast model files rewritten unchanged");
+                    seen.loaded = Some(stamp);
+                    return;
+                }
                 tracing::info!(model = %self.path.display(), "forecast model loaded");
                 *self.current.write() = Some(Arc::new(m));
                 seen.loaded = Some(stamp);

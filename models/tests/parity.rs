@@ -193,6 +193,15 @@ fn bad_models_fail_clearly_and_reload_falls_back_then_recovers() {
     );
     assert!(r.status().loads.load(std::sync::atomic::Ordering::Relaxed) >= 1);
     assert_eq!(r.name(), "lstm");
+    // The same files written again (a deploy tool's re-sync, a `touch`) are no new model: the
+    // guard's and the calibration's records of the serving one stay.
+    let loads = || r.status().loads.load(std::sync::atomic::Ordering::Relaxed);
+    let loaded = loads();
+    std::fs::copy(root().join("lstm.onnx"), &model).unwrap();
+    set_mtime(&model, later + std::time::Duration::from_secs(1));
+    r.check_reload();
+    assert_eq!(loads(), loaded, "rewritten unchanged");
+    assert!(r.model_loaded());
 
     // A replacement with an older modification time (a rollback, `cp -p`) is noticed too;
     // a broken one is rejected and the previous model keeps serving. It is read again only
