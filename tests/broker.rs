@@ -475,7 +475,7 @@ async fn an_origin_that_points_back_at_the_cdn_is_a_508_not_a_loop() {
 async fn a_request_that_edges_drop_takes_no_edge_out_of_routing() {
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let dropper = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let drop_addr = dropper.local_addr().unwrap();
     let dropped = Arc::new(AtomicUsize::new(0));
@@ -486,14 +486,7 @@ async fn a_request_that_edges_drop_takes_no_edge_out_of_routing() {
             let counter = counter.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read(&mut chunk).await {
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end + 4);
+                while let Some(head) = next_head(&mut s, &mut buf).await {
                     if !head.contains("/.well-known/shadowcdn-probe") {
                         counter.fetch_add(1, Ordering::SeqCst);
                         return;
@@ -528,6 +521,24 @@ async fn a_request_that_edges_drop_takes_no_edge_out_of_routing() {
     }
 }
 
+/// The next request head (bodiless requests only) a fake edge reads from `s`, `buf` holding
+/// what came after the last; `None` once the connection ends.
+async fn next_head(s: &mut tokio::net::TcpStream, buf: &mut Vec<u8>) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_string();
+            buf.drain(..end + 4);
+            return Some(head);
+        }
+        match s.read(&mut chunk).await {
+            Ok(n @ 1..) => buf.extend_from_slice(&chunk[..n]),
+            _ => return None,
+        }
+    }
+}
+
 /// A fake edge proxy port: answers the broker's probes (204) and `/fine/…` (200, kept alive),
 /// and crashes on anything else: that connection dropped unanswered, the listener closed
 /// (later connects refused), every other connection ended at its next request.
@@ -537,7 +548,7 @@ async fn crashing_edge() -> (
 ) {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncWriteExt;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let crashed = Arc::new(AtomicBool::new(false));
@@ -552,14 +563,7 @@ async fn crashing_edge() -> (
             let (crashed, gone) = (flag.clone(), notify.clone());
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                while let Ok(n @ 1..) = s.read(&mut chunk).await {
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_string();
-                    buf.drain(..end + 4);
+                while let Some(head) = next_head(&mut s, &mut buf).await {
                     if crashed.load(Ordering::SeqCst) {
                         return;
                     }
