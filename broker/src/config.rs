@@ -453,11 +453,18 @@ impl BrokerConfig {
         if self.admin.edge_token.len() < 8 {
             return bad("admin.edge_token must be at least 8 characters".into());
         }
-        for (field, token) in [
-            ("admin.operator_token", &self.admin.operator_token),
-            ("admin.edge_token", &self.admin.edge_token),
+        // The operator token guards the API listener; the edge token is only sent to the
+        // edges, which judge it themselves: here only the manifests' placeholder is refused.
+        let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        for (field, token, listen) in [
+            (
+                "admin.operator_token",
+                &self.admin.operator_token,
+                self.admin.listen,
+            ),
+            ("admin.edge_token", &self.admin.edge_token, loopback),
         ] {
-            if let Some(why) = edge_node::config::shipped_token(token, self.admin.listen) {
+            if let Some(why) = edge_node::config::shipped_token(token, listen) {
                 return bad(format!("{field} {why}"));
             }
         }

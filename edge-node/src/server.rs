@@ -77,9 +77,10 @@ pub struct EdgeNode {
     restored_outcomes: bool,
     /// This process, marked running once serving starts.
     running: RunningMark,
-    /// The drain's last step began flushing the cache: the flush at exit is not tried again
-    /// (one that timed out on a stalled disk would only wait out its timeout once more, past
-    /// the service manager's stop timeout).
+    /// The drain's last step began flushing the cache. The drainer ends the process when that
+    /// step is done; `run` goes on only when pingora's grace period cut the step off, and then
+    /// does not flush again (the cut-off flush is left unfinished, as in a crash: a second
+    /// one would run past the service manager's stop timeout).
     flushed_at_stop: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -470,8 +471,10 @@ impl EdgeNode {
             .flushed_at_stop
             .load(std::sync::atomic::Ordering::SeqCst)
         {
-            // The drain's flush outlasted pingora's grace period: not waited for twice.
-            tracing::warn!("server stopped while the drain's cache flush ran");
+            // Pingora's grace period ended during or after the drain's flush: not flushed again.
+            tracing::warn!(
+                "server stopped after the drain's cache flush began; not flushing again"
+            );
         } else {
             tracing::info!("server stopped; flushing cache");
             // Bounded: a stalled disk must not keep the process from exiting (what foyer did
