@@ -640,6 +640,16 @@ fn asks_a_precondition(req: &RequestHeader) -> bool {
         || req.headers.contains_key(header::IF_UNMODIFIED_SINCE)
 }
 
+/// Whether a `Cache-Control` line of `resp` holds `name` (lower case) without a value.
+fn bare_directive(resp: &ResponseHeader, name: &str) -> bool {
+    resp.headers
+        .get_all(header::CACHE_CONTROL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|d| d.trim().eq_ignore_ascii_case(name))
+}
+
 /// The largest delta-seconds a cache must handle (2^31, RFC 9111 §1.2.2); an `Age` beyond it
 /// stands for it.
 const MAX_AGE_SECS: u64 = 1 << 31;
@@ -809,12 +819,22 @@ impl EdgeProxy {
         // only when it can be revalidated.
         // A shared cache reads `s-maxage` and ignores `max-age` (§5.2.2.10), so a bad
         // `max-age` beside a good `s-maxage` is harmless.
-        let miswritten = cc.as_ref().is_some_and(|c| match c.s_maxage() {
-            Err(_) => true,
-            Ok(s_maxage) => s_maxage.is_none() && c.max_age().is_err(),
-        });
+        // pingora's parser keeps the last of a repeated directive: `no-cache` beside a later
+        // `no-cache="…"` would read as the field list alone, and lose the revalidation every
+        // use needs (RFC 9111 §4.2.1: a repeat is read as its first, or as stale).
+        let no_cache_repeated =
+            bare_directive(resp, "no-cache") && cc.as_ref().is_some_and(|c| !c.no_cache());
+        let miswritten = no_cache_repeated
+            || cc.as_ref().is_some_and(|c| match c.s_maxage() {
+                Err(_) => true,
+                Ok(s_maxage) => s_maxage.is_none() && c.max_age().is_err(),
+            });
         // What refuses storage whatever the lifetime (RFC 9111 §3, §3.5).
         let by_response = cc.as_ref().is_some_and(|c| c.no_store() || c.private());
+        // A bare `private` counts whatever a later `private="…"` says (which the parser kept).
+        if !by_response && bare_directive(resp, "private") {
+            return RespCacheable::Uncacheable(refused(credentials));
+        }
         let by_authorization = authorization
             && cc
                 .as_ref()
@@ -1823,6 +1843,18 @@ mod tests {
         ] {
             assert!(!check(path, proto, location), "{path} -> {location}");
         }
+    }
+
+    #[test]
+    fn a_bare_directive_is_found_on_any_line() {
+        let mut r = ResponseHeader::build(200, None).unwrap();
+        r.append_header("cache-control", "private, max-age=60")
+            .unwrap();
+        r.append_header("cache-control", "private=\"x\"").unwrap();
+        assert!(bare_directive(&r, "private"));
+        assert!(!bare_directive(&r, "no-cache"));
+        let cc = CacheControl::from_resp_headers(&r).unwrap();
+        assert!(!cc.private(), "pingora keeps the later line's");
     }
 
     #[test]
