@@ -483,6 +483,18 @@ pub struct Ended {
     pub failed: bool,
 }
 
+impl Ended {
+    /// The end `edge` reported in `o`.
+    fn of(o: &ShadowOutcome, edge: usize) -> Ended {
+        Ended {
+            key: o.key.clone(),
+            edge,
+            // A fill a purge or unshadow overtook did not fail.
+            failed: o.failed && !o.removed,
+        }
+    }
+}
+
 /// Threshold changes kept for the report.
 const CHANGE_LOG: usize = 200;
 /// Ended shadows kept for the planner between its ticks; beyond this the oldest go (the
@@ -835,13 +847,7 @@ impl Ledger {
                     continue;
                 }
                 if aside.is_none() {
-                    let e = Ended {
-                        key: o.key.clone(),
-                        edge,
-                        // A fill a purge or unshadow overtook did not fail.
-                        failed: o.failed && !o.removed,
-                    };
-                    push_bounded(&mut ended, e, ENDED_LOG);
+                    push_bounded(&mut ended, Ended::of(o, edge), ENDED_LOG);
                 }
                 order.or(aside)
             };
@@ -864,9 +870,8 @@ impl Ledger {
         let mut ended = self.ended.lock();
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
-        for ((key, edge), o) in overdue {
-            let failed = o.failed && !o.removed;
-            push_bounded(&mut ended, Ended { key, edge, failed }, ENDED_LOG);
+        for ((_, edge), o) in overdue {
+            push_bounded(&mut ended, Ended::of(&o, edge), ENDED_LOG);
             self.book(edge, None, &o, &mut tuners, &mut rollups);
         }
         drop(rollups);
@@ -898,16 +903,7 @@ impl Ledger {
             .keep(k.clone(), &order, Instant::now());
         let mut tuners = self.tuners.lock();
         let mut rollups = self.rollups.lock();
-        let failed = o.failed && !o.removed;
-        push_bounded(
-            &mut ended,
-            Ended {
-                key: k.0.clone(),
-                edge: k.1,
-                failed,
-            },
-            ENDED_LOG,
-        );
+        push_bounded(&mut ended, Ended::of(&o, k.1), ENDED_LOG);
         self.book(k.1, Some(&order), &o, &mut tuners, &mut rollups);
         drop(rollups);
         drop(tuners);

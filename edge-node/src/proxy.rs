@@ -219,6 +219,15 @@ pub struct RequestCtx {
     probe: bool,
 }
 
+impl RequestCtx {
+    /// When the fetch that brought the response started, on the wall (now, if none did):
+    /// the stored copy's freshness counts from then, and a peer's copy is judged against it.
+    fn fetched_at(&self) -> SystemTime {
+        self.fetch_started
+            .map_or_else(SystemTime::now, |(_, wall)| wall)
+    }
+}
+
 impl EdgeProxy {
     /// Build the proxy over a shared, replaceable origin table.
     pub fn new(
@@ -640,14 +649,15 @@ fn asks_a_precondition(req: &RequestHeader) -> bool {
         || req.headers.contains_key(header::IF_UNMODIFIED_SINCE)
 }
 
-/// Whether a `Cache-Control` line of `resp` holds `name` (lower case) without a value.
-fn bare_directive(resp: &ResponseHeader, name: &str) -> bool {
+/// Whether a line of `resp`'s list field `field` holds the item `item` (compared without
+/// case): for `Cache-Control`, a directive without a value.
+fn lists(resp: &ResponseHeader, field: header::HeaderName, item: &str) -> bool {
     resp.headers
-        .get_all(header::CACHE_CONTROL)
+        .get_all(field)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .any(|d| d.trim().eq_ignore_ascii_case(name))
+        .any(|d| d.trim().eq_ignore_ascii_case(item))
 }
 
 /// The largest delta-seconds a cache must handle (2^31, RFC 9111 §1.2.2); an `Age` beyond it
@@ -783,13 +793,7 @@ impl EdgeProxy {
     ) -> RespCacheable {
         // `Vary: *` names something outside the request: no stored copy can ever match
         // (RFC 9111 §4.1).
-        if resp
-            .headers
-            .get_all(header::VARY)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|f| f.trim() == "*"))
-        {
+        if lists(resp, header::VARY, "*") {
             return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
         }
         let cc = CacheControl::from_resp_headers(resp);
@@ -822,8 +826,8 @@ impl EdgeProxy {
         // pingora's parser keeps the last of a repeated directive: `no-cache` beside a later
         // `no-cache="…"` would read as the field list alone, and lose the revalidation every
         // use needs (RFC 9111 §4.2.1: a repeat is read as its first, or as stale).
-        let no_cache_repeated =
-            bare_directive(resp, "no-cache") && cc.as_ref().is_some_and(|c| !c.no_cache());
+        let no_cache_repeated = lists(resp, header::CACHE_CONTROL, "no-cache")
+            && cc.as_ref().is_some_and(|c| !c.no_cache());
         let miswritten = no_cache_repeated
             || cc.as_ref().is_some_and(|c| match c.s_maxage() {
                 Err(_) => true,
@@ -832,7 +836,7 @@ impl EdgeProxy {
         // What refuses storage whatever the lifetime (RFC 9111 §3, §3.5).
         let by_response = cc.as_ref().is_some_and(|c| c.no_store() || c.private());
         // A bare `private` counts whatever a later `private="…"` says (which the parser kept).
-        if !by_response && bare_directive(resp, "private") {
+        if !by_response && lists(resp, header::CACHE_CONTROL, "private") {
             return RespCacheable::Uncacheable(refused(credentials));
         }
         let by_authorization = authorization
@@ -1192,11 +1196,7 @@ impl ProxyHttp for EdgeProxy {
         // have applied that purge.
         let storage = self.parts.storage;
         let from_peer = ctx.demand_peer.is_some() || ctx.peer_fill;
-        // When the fetch that brought `resp` started: the stored copy's freshness counts
-        // from then.
-        let fetched = ctx
-            .fetch_started
-            .map_or_else(SystemTime::now, |(_, wall)| wall);
+        let fetched = ctx.fetched_at();
         let peer_at = from_peer.then(|| peer_admitted(resp, fetched));
         if peer_at.is_some_and(|a| a.is_none()) {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
@@ -1407,9 +1407,7 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         if let Some(p) = &ctx.demand_peer {
-            let fetched = ctx
-                .fetch_started
-                .map_or_else(SystemTime::now, |(_, wall)| wall);
+            let fetched = ctx.fetched_at();
             // Only a whole, variant-free copy stands in for the origin's answer: a Vary'd
             // object would be stored under this request's variant while the peer picked its own.
             // Nor a copy older than a purge this edge applied (the peer may not have applied
@@ -1851,8 +1849,8 @@ mod tests {
         r.append_header("cache-control", "private, max-age=60")
             .unwrap();
         r.append_header("cache-control", "private=\"x\"").unwrap();
-        assert!(bare_directive(&r, "private"));
-        assert!(!bare_directive(&r, "no-cache"));
+        assert!(lists(&r, header::CACHE_CONTROL, "private"));
+        assert!(!lists(&r, header::CACHE_CONTROL, "no-cache"));
         let cc = CacheControl::from_resp_headers(&r).unwrap();
         assert!(!cc.private(), "pingora keeps the later line's");
     }

@@ -331,16 +331,17 @@ impl Registry {
         self
     }
 
-    /// Apply one change to the store. After a failure of the store (a full disk) redb refuses
-    /// every later change until the database is opened again: the failed change is reported,
-    /// and the store is opened again for the next one, so a passing failure does not leave the
-    /// provider API read-only until a restart. Memory is changed only after a commit; a commit
-    /// reported failed may still have reached the disk, so reopening reloads memory from it.
+    /// Apply one change to the store, under the lock [`Self::changing`] took (which opened a
+    /// failed store again). After a failure of the store (a full disk) redb refuses every
+    /// later change until the database is opened again: the failed change is reported, and
+    /// the store is opened again ([`Self::store_failed`]), so a passing failure does not leave
+    /// the provider API read-only until a restart. Memory is changed only after a commit; a
+    /// commit reported failed may still have reached the disk, so reopening reloads memory
+    /// from it.
     fn write<F>(&self, f: F) -> Result<(), RegistryError>
     where
         F: FnOnce(&redb::WriteTransaction) -> Result<(), RegistryError>,
     {
-        self.reopen_if_failed()?;
         let (applied, failed) = {
             let db = self.db.read();
             let Some(db) = db.as_ref() else {

@@ -1080,27 +1080,25 @@ impl FoyerStorage {
                 // a miss, and is dropped: as an error it would stay, and every request for
                 // the key would go to the origin past the cache lock until a fill replaced it.
                 // Not one stored since the read began, and once for the readers sharing it.
-                let mut epochs = self.purges.lock();
-                if epochs[purge_slot(hash)] == since {
+                if self.remove_unless_stored_since(hash, since) {
                     tracing::warn!(error = %e, "unreadable cache entry dropped");
-                    epochs[purge_slot(hash)] += 1;
-                    self.cache.remove(&hash);
                 }
                 Read::Absent
             }
         }
     }
-}
 
-impl FoyerStorage {
-    /// Remove the copy of `hash` a lookup read, unless its purge slot moved since `since`
-    /// (the slot's epoch before the read): a copy stored or removed since is not the one read.
-    fn remove_unless_stored_since(&self, hash: u128, since: u64) {
+    /// Remove the copy of `hash` a read found, unless its purge slot moved since `since` (the
+    /// slot's epoch before the read): a copy stored or removed since is not the one read.
+    /// Whether it was removed.
+    fn remove_unless_stored_since(&self, hash: u128, since: u64) -> bool {
         let mut epochs = self.purges.lock();
-        if epochs[purge_slot(hash)] == since {
+        let unchanged = epochs[purge_slot(hash)] == since;
+        if unchanged {
             epochs[purge_slot(hash)] += 1;
             self.cache.remove(&hash);
         }
+        unchanged
     }
 }
 
