@@ -2807,6 +2807,27 @@ async fn unsafe_methods_miswritten_lifetimes_and_parts_are_not_served_from_cache
     let path = "/bad-age-s-maxage?cc=s-maxage%3D60%2C%20max-age%3D-1";
     edge.get(path).await;
     assert_eq!(x_cache(&edge.get(path).await), "HIT");
+    // A lifetime given twice with different values is stale from the start (RFC 9111
+    // §4.2.1); pingora alone keeps the later `max-age`, a day here.
+    let path = "/twice-age?cc=max-age%3D0%2C%20max-age%3D86400&etag=t";
+    edge.get(path).await;
+    assert_eq!(x_cache(&edge.get(path).await), "REVALIDATED");
+    // Two `Expires` lines: pingora reads neither. Different, they are stale from the start;
+    // alike (a proxy that added the field again), they read as one.
+    let (a, b) = ("Thu,%2001%20Jan%202099", "Fri,%2002%20Jan%202099");
+    let twice = |path: &str, a: &str, b: &str| {
+        format!(
+            "{path}?cc=none&etag=x&hdr=expires:{a}%2000:00:00%20GMT%7Cexpires:{b}%2000:00:00%20GMT"
+        )
+    };
+    let path = twice("/twice-expires", a, b);
+    edge.get(&path).await;
+    assert_eq!(x_cache(&edge.get(&path).await), "REVALIDATED");
+    let path = twice("/same-expires", a, a);
+    edge.get(&path).await;
+    assert_eq!(x_cache(&edge.get(&path).await), "HIT");
+    assert_eq!(origin.hits("/same-expires"), 1);
+    assert_eq!(origin.not_modified(), 3);
 
     let path = "/part?status=206";
     edge.get(path).await;

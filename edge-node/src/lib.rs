@@ -18,6 +18,7 @@ pub mod internal_http;
 pub mod invalidate;
 pub mod json_errors;
 pub mod last_push;
+pub mod lifetime;
 pub mod metrics;
 pub mod origin;
 pub mod ownership;

@@ -40,6 +40,7 @@ use crate::accept_encoding;
 use crate::access_log::{AccessLog, RequestFields};
 use crate::compression;
 use crate::drain::{InflightCounter, InflightGuard};
+use crate::lifetime::{self, Lifetime};
 use crate::metrics::{CacheStatus, EdgeMetrics};
 use crate::origin::{normalize_host, Origin, OriginTable, SharedOrigins};
 use crate::range;
@@ -796,6 +797,14 @@ impl EdgeProxy {
         if lists(resp, header::VARY, "*") {
             return RespCacheable::Uncacheable(NoCacheReason::OriginNotCache);
         }
+        let lifetime = lifetime::of(resp);
+        let one_expires;
+        let resp = if lifetime == Lifetime::RepeatedExpires {
+            one_expires = lifetime::with_one_expires(resp);
+            &one_expires
+        } else {
+            resp
+        };
         let cc = CacheControl::from_resp_headers(resp);
         let mut header = resp.clone();
         if let Some(c) = &cc {
@@ -825,10 +834,12 @@ impl EdgeProxy {
         // `max-age` beside a good `s-maxage` is harmless.
         // pingora's parser keeps the last of a repeated directive: `no-cache` beside a later
         // `no-cache="…"` would read as the field list alone, and lose the revalidation every
-        // use needs (RFC 9111 §4.2.1: a repeat is read as its first, or as stale).
+        // use needs (RFC 9111 §4.2.1: a repeat is read as its first, or as stale). A lifetime
+        // given twice differently is stale too (`lifetime`).
         let no_cache_repeated = lists(resp, header::CACHE_CONTROL, "no-cache")
             && cc.as_ref().is_some_and(|c| !c.no_cache());
         let miswritten = no_cache_repeated
+            || lifetime == Lifetime::Conflicting
             || cc.as_ref().is_some_and(|c| match c.s_maxage() {
                 Err(_) => true,
                 Ok(s_maxage) => s_maxage.is_none() && c.max_age().is_err(),
