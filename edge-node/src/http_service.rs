@@ -8,16 +8,24 @@
 //! once, and at most [`MAX_PER_SOURCE`] from one address (one IPv6 /64), so that one client
 //! cannot hold them all and lock the others out (the broker's health probes among them).
 //! Past either, new connections are closed at once until one ends.
+//!
+//! A request over the size limits is answered in JSON like any other bad input ([`field_limits`]):
+//! hyper's own answers to a header it refuses to parse (431, 414) have no body, so its limits are
+//! set well above ours and only a request far past them gets one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
+use serde_json::json;
 use tokio::sync::Semaphore;
 
 use crate::per_key::{PerKey, Slot};
@@ -39,6 +47,60 @@ pub async fn read_body_within(
         Ok(read) => read.map(Some),
         Err(_) => Ok(None),
     }
+}
+
+/// Most header fields a request may carry; more get a JSON 431.
+pub const MAX_FIELDS: usize = 100;
+/// Most bytes a request's header fields may take (names, values and their separators); more
+/// get a JSON 431.
+pub const MAX_FIELD_BYTES: usize = 64 * 1024;
+/// Longest request target (path and query) in bytes; longer ones get a JSON 414. Room for a
+/// purge of the longest key the broker routes, percent-encoded.
+pub const MAX_TARGET_BYTES: usize = 32 * 1024;
+/// Most header lines hyper parses before answering 431 itself, without a body.
+const HYPER_MAX_FIELDS: usize = 1024;
+
+/// Answer a request over [`MAX_FIELDS`], [`MAX_FIELD_BYTES`] or [`MAX_TARGET_BYTES`] with a
+/// JSON error before any handler sees it.
+pub async fn field_limits(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    if target > MAX_TARGET_BYTES {
+        let msg = format!("the request target is {target} bytes; at most {MAX_TARGET_BYTES}");
+        return too_large(StatusCode::URI_TOO_LONG, "uri_too_long", msg);
+    }
+    let fields = req.headers().len();
+    if fields > MAX_FIELDS {
+        let msg = format!("the request has {fields} header fields; at most {MAX_FIELDS}");
+        return too_large(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            msg,
+        );
+    }
+    let bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    if bytes > MAX_FIELD_BYTES {
+        let msg =
+            format!("the request's header fields take {bytes} bytes; at most {MAX_FIELD_BYTES}");
+        return too_large(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            msg,
+        );
+    }
+    next.run(req).await
+}
+
+/// A JSON refusal that also closes the connection: the client sent more than it may, and a
+/// connection kept open would read its next request after a header it cannot trust.
+fn too_large(status: StatusCode, code: &str, message: String) -> Response {
+    let mut resp = (status, Json(json!({ "error": code, "message": message }))).into_response();
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// Most connections one listener holds open at once.
@@ -68,7 +130,7 @@ impl AxumService {
         AxumService {
             name,
             listener: parking_lot::Mutex::new(Some(listener)),
-            router,
+            router: router.layer(axum::middleware::from_fn(field_limits)),
             max_connections: MAX_CONNECTIONS,
             max_per_source: MAX_PER_SOURCE,
             header_read_timeout: HEADER_READ_TIMEOUT,
@@ -107,7 +169,8 @@ impl BackgroundService for AxumService {
         };
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout);
+            .header_read_timeout(self.header_read_timeout)
+            .max_headers(HYPER_MAX_FIELDS);
         let graceful = GracefulShutdown::new();
         let slots = Arc::new(Semaphore::new(self.max_connections));
         let sources = Sources::default();
@@ -212,6 +275,65 @@ mod tests {
         let mut out = String::new();
         let _ = s.read_to_string(&mut out).await;
         out
+    }
+
+    /// Send `head` (a request line and fields, without the blank line) and read the answer.
+    async fn send(addr: std::net::SocketAddr, head: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(format!("{head}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut out = String::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out));
+        let _ = read
+            .await
+            .expect("the connection is closed after the answer");
+        out
+    }
+
+    #[tokio::test]
+    async fn requests_over_the_size_limits_get_json_errors() {
+        let (addr, _stop) = serve(8, 8, Duration::from_secs(30)).await;
+        let fields =
+            |n: usize, len: usize| (0..n).map(move |i| format!("\r\nx-f{i}: {}", "a".repeat(len)));
+        let many: String = fields(MAX_FIELDS + 50, 1).collect();
+        let big: String = fields(4, MAX_FIELD_BYTES / 3).collect();
+        let long = "a".repeat(MAX_TARGET_BYTES + 10);
+        for (head, status, code) in [
+            (
+                format!("GET / HTTP/1.1\r\nHost: x{many}"),
+                431,
+                "headers_too_large",
+            ),
+            (
+                format!("GET / HTTP/1.1\r\nHost: x{big}"),
+                431,
+                "headers_too_large",
+            ),
+            (
+                format!("GET /?{long} HTTP/1.1\r\nHost: x"),
+                414,
+                "uri_too_long",
+            ),
+        ] {
+            let out = send(addr, &head).await;
+            assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{out}");
+            let body = out.split("\r\n\r\n").nth(1).unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(body).expect(&out);
+            assert_eq!(v["error"], code, "{out}");
+            assert!(v["message"].as_str().unwrap().contains("at most"), "{out}");
+        }
+        // Within them, served as before.
+        let within: String = fields(MAX_FIELDS - 10, 100).collect();
+        let out = send(
+            addr,
+            &format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: close{within}"),
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 ") && out.ends_with("ok"),
+            "{out}"
+        );
     }
 
     #[tokio::test]
