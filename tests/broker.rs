@@ -1845,6 +1845,19 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
         }
         other => panic!("{other:?}"),
     }
+    // A peer fetch is refused at once: the proxy it reads through takes no connection now,
+    // and the asking edge goes to the origin instead.
+    let fetch = Request::PeerFetch {
+        key: format!("{HOST}/warm"),
+        accept_encoding: None,
+    };
+    match link.request(&fetch, Duration::from_secs(3)).await.unwrap() {
+        Reply::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Busy);
+            assert!(message.contains("shutting down"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(slow.await.unwrap().unwrap(), StatusCode::OK);
     assert_eq!(stopped.await.unwrap(), Some(0));
 }

@@ -183,6 +183,9 @@ struct Handler {
     seen: parking_lot::Mutex<Dedup>,
     /// This process's start ([`StatsReport::boot_id`]).
     boot_id: u64,
+    /// Set when the edge starts to stop: peer fetches are refused from then on, at once, as
+    /// the proxy they read through has stopped accepting (the asking edge goes to the origin).
+    stopping: std::sync::atomic::AtomicBool,
 }
 
 /// Background service: the QUIC endpoint of an edge.
@@ -225,6 +228,7 @@ impl SyncService {
                 http,
                 seen: parking_lot::Mutex::new(Dedup::default()),
                 boot_id,
+                stopping: std::sync::atomic::AtomicBool::new(false),
             }),
             known_addresses: None,
         }
@@ -304,6 +308,9 @@ impl BackgroundService for SyncService {
                 _ = shutdown.changed() => break,
             }
         }
+        self.handler
+            .stopping
+            .store(true, std::sync::atomic::Ordering::Release);
         // Saved first: the edge's drain may end the process before this service's own does.
         if let Some(s) = saving.take() {
             let _ = s.await;
@@ -695,6 +702,11 @@ impl Handler {
             id,
             msg,
         };
+        if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
+            let msg = "this edge is shutting down";
+            let _ = write_frame(send, &reply(Reply::error(ErrorCode::Busy, msg))).await;
+            return "busy";
+        }
         let Some((host, path)) = split_key(key) else {
             let _ = write_frame(
                 send,
