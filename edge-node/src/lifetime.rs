@@ -7,7 +7,8 @@
 //!
 //! Repeats with the same value say nothing new (a proxy that added the field again): they
 //! read as one. Repeats that differ make the response stale from the start (revalidated before
-//! every use), the reading that cannot serve longer than the origin meant.
+//! every use), the reading that cannot serve longer than the origin meant; a stale window
+//! (`stale-while-revalidate`, `stale-if-error`) given twice differently grants none.
 
 use http::header;
 use pingora_http::ResponseHeader;
@@ -47,6 +48,12 @@ pub fn of(resp: &ResponseHeader) -> Lifetime {
         _ if same(&expires) => Lifetime::RepeatedExpires,
         _ => Lifetime::Conflicting,
     }
+}
+
+/// Whether `Cache-Control` directive `name` appears in `resp` with different values (a stale
+/// window given twice: RFC 9111 §4.2.1 reads such a response as stale, which grants none).
+pub fn conflicts(resp: &ResponseHeader, name: &str) -> bool {
+    !same(&directive_values(resp, name))
 }
 
 /// `resp` with one line of its repeated `Expires` (see [`Lifetime::RepeatedExpires`]).
@@ -138,6 +145,16 @@ mod tests {
         // A directive without a value beside one with a value differs from it.
         let bare = [("cache-control", "max-age, max-age=60")];
         assert_eq!(of(&resp(&bare)), Lifetime::Conflicting);
+        let windows = resp(&[
+            ("cache-control", "max-age=1, stale-if-error=60"),
+            (
+                "cache-control",
+                "stale-if-error=86400, stale-while-revalidate=5",
+            ),
+        ]);
+        assert!(conflicts(&windows, "stale-if-error"));
+        assert!(!conflicts(&windows, "stale-while-revalidate"));
+        assert_eq!(of(&windows), Lifetime::Single);
     }
 
     #[test]

@@ -904,6 +904,17 @@ impl EdgeProxy {
             )
         };
         let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &defaults);
+        // A stale window the origin gave twice differently grants none (pingora kept the
+        // later, maybe the longer).
+        let granted = |name, secs| {
+            if lifetime::conflicts(resp, name) {
+                0
+            } else {
+                secs
+            }
+        };
+        let swr = granted("stale-while-revalidate", swr);
+        let sie = granted("stale-if-error", sie);
         // Pingora writes a hit's `Age` itself; a stored one would be counted again when a 304
         // merges into this header.
         header.remove_header(&header::AGE);
