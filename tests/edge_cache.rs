@@ -306,9 +306,17 @@ async fn a_pushed_row_with_unknown_options_applies_without_them() {
         "{m}"
     );
     // A known field with the wrong type still refuses the push.
-    let bad = json!({"origins": [{"host": 5, "upstream": "http://127.0.0.1:1"}]});
-    let (s, _) = admin_json(&edge, Method::PUT, "/origins", Some(bad)).await;
+    let bad = json!({"origins": [
+        {"host": "fine.test", "upstream": "http://127.0.0.1:1"},
+        {"host": "bad.test", "upstream": 5},
+    ]});
+    let (s, v) = admin_json(&edge, Method::PUT, "/origins", Some(bad)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST);
+    let message = v["message"].as_str().unwrap();
+    assert!(
+        message.starts_with("origins[1] (host \"bad.test\"): "),
+        "{v}"
+    );
     // A table past axum's 2 MiB default body is read (and judged) whole, not refused as
     // too large: the broker pushes every host of the fleet in one body.
     let padded = json!({"origins": [{"host": 5, "upstream": "x".repeat(3 << 20)}]});

@@ -411,19 +411,14 @@ impl BrokerConfig {
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
         let mut fig = Figment::new();
         if let Some(p) = path {
-            if !p.exists() {
-                return Err(ConfigError(format!(
-                    "config file {} does not exist",
-                    p.display()
-                )));
-            }
-            fig = fig.merge(Toml::file(p));
+            fig = fig.merge(edge_node::config::config_file(p).map_err(ConfigError)?);
         }
         fig = edge_node::config::merge_env(
             fig,
             "SHADOWCDN_BROKER_",
             &["admin__operator_token", "admin__edge_token"],
-        );
+        )
+        .map_err(ConfigError)?;
         Self::finish(fig)
     }
 
@@ -475,10 +470,8 @@ impl BrokerConfig {
             ("admin.operator_token", &self.admin.operator_token),
             ("admin.edge_token", &self.admin.edge_token),
         ] {
-            if token.trim() != token.as_str() || token.chars().any(char::is_control) {
-                return bad(format!(
-                    "{field} must not begin or end with whitespace or hold control characters"
-                ));
+            if let Some(why) = edge_node::config::token_problem(token) {
+                return bad(format!("{field} {why}"));
             }
         }
         // Every TCP listener, named by its field: two on one port (or a wildcard address
@@ -692,6 +685,7 @@ impl BrokerConfig {
         for (field, v) in [
             ("planner.threshold", f64::from(self.planner.threshold)),
             ("planner.budget_share", self.planner.budget_share),
+            ("planner.min_safety", f64::from(self.planner.min_safety)),
             (
                 "signals.coaccess.min_probability",
                 self.signals.coaccess.min_probability,
@@ -703,6 +697,12 @@ impl BrokerConfig {
         }
         if self.threads == 0 {
             return bad("threads must be at least 1".into());
+        }
+        if self.threads as u64 > edge_node::config::MAX_THREADS {
+            return bad(format!(
+                "threads must be at most {}",
+                edge_node::config::MAX_THREADS
+            ));
         }
         // A threshold outside the tuner's bounds would be clamped into them in silence.
         let threshold = self.planner.threshold;
@@ -941,6 +941,7 @@ pub(crate) mod tests {
             ),
             ("[planner]\ninterval_secs = 1e20\n", "planner.interval_secs"),
             ("[planner]\nbudget_share = 10\n", "planner.budget_share"),
+            ("[planner]\nmin_safety = 50\n", "planner.min_safety"),
             ("[health]\nfall = 0\n", "health.fall"),
             ("[health]\ninterval_ms = 3600000\n", "health.interval_ms"),
             (
@@ -956,6 +957,16 @@ pub(crate) mod tests {
             let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
             assert!(e.contains(field), "{extra}: {e}");
         }
+        let many = SAMPLE.replace("[admin]", "threads = 100000\n[admin]");
+        let e = BrokerConfig::from_toml(&many).unwrap_err().to_string();
+        assert!(e.contains("threads must be at most"), "{e}");
+        // A token no request could carry (HTTP fields are ASCII) would lock the API.
+        let accented = SAMPLE.replace("operator-token-0123456789", "opérateur-jeton-0123456789");
+        let e = BrokerConfig::from_toml(&accented).unwrap_err().to_string();
+        assert!(
+            e.contains("admin.operator_token must hold only printable ASCII"),
+            "{e}"
+        );
         for (monitor, field) in [
             ("bucket_secs = 7", "monitor.bucket_secs"),
             ("bucket_secs = 3600", "monitor.bucket_secs"),

@@ -610,7 +610,7 @@ async fn put_origins(
     };
     let (rows, ignored) = match known_fields(parsed.origins) {
         Ok(split) => split,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e.to_string()),
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_json", e),
     };
     // The rest detached: a caller that hangs up (the broker gives a push 2 s, and here floors
     // are fsynced and names resolved) must not leave the table applied with its ownership
@@ -685,12 +685,13 @@ async fn apply_origins(s: AdminState, push: Push) -> Response {
     // the older table, and the next push must see the change of owner again and floor what
     // that table fetched in between.
     let (origins, allow) = (s.origins.clone(), allow_private_upstreams);
-    let kept = tokio::task::spawn_blocking(move || origins.remember(&kept, allow))
-        .await
-        .unwrap_or(false);
+    let kept = match tokio::task::spawn_blocking(move || origins.remember(&kept, allow)).await {
+        Ok(saved) => saved.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
     if !plan.replaced.is_empty() {
         let mut after = plan.after(SystemTime::now());
-        if !kept {
+        if kept.is_err() {
             for change in &mut after {
                 change.registered_ms = None;
             }
@@ -698,6 +699,12 @@ async fn apply_origins(s: AdminState, push: Push) -> Response {
         if let Err(r) = apply_owner_changes(s.storage, after).await {
             return *r;
         }
+    }
+    // Applied but not kept: the broker must not take the table as this edge's, which a
+    // restart would lose; it pushes again.
+    if let Err(why) = kept {
+        let msg = format!("origins applied but not saved for a restart: {why}");
+        return error(StatusCode::INTERNAL_SERVER_ERROR, "not_durable", msg);
     }
     Json(report).into_response()
 }
@@ -709,7 +716,7 @@ async fn apply_origins(s: AdminState, push: Push) -> Response {
 /// malformed, still fails the push.
 fn known_fields(
     rows: Vec<serde_json::Value>,
-) -> Result<(Vec<OriginEntry>, Vec<IgnoredFields>), serde_json::Error> {
+) -> Result<(Vec<OriginEntry>, Vec<IgnoredFields>), String> {
     let mut ignored = Vec::new();
     let mut entries = Vec::with_capacity(rows.len());
     for (index, mut row) in rows.into_iter().enumerate() {
@@ -731,7 +738,12 @@ fn known_fields(
                 });
             }
         }
-        entries.push(serde_json::from_value(row)?);
+        let host = row.get("host").and_then(|h| h.as_str()).map(str::to_string);
+        let entry = serde_json::from_value(row).map_err(|e| match host {
+            Some(host) => format!("origins[{index}] (host {host:?}): {e}"),
+            None => format!("origins[{index}]: {e}"),
+        })?;
+        entries.push(entry);
     }
     Ok((entries, ignored))
 }

@@ -336,7 +336,9 @@ impl From<figment::Error> for ConfigError {
 /// The string settings `verbatim` (tokens, ids; `admin__token`) are taken as written: figment
 /// reads `31415926535` or `0123` from the environment as a number, which a string setting
 /// refuses with an error that prints the secret, or would keep as `123`.
-pub fn merge_env(mut fig: Figment, prefix: &str, verbatim: &[&str]) -> Figment {
+/// A variable of those that is not UTF-8 is an error naming it (figment would read the others
+/// lossily; a token read so could never match).
+pub fn merge_env(mut fig: Figment, prefix: &str, verbatim: &[&str]) -> Result<Figment, String> {
     let mut skipped = vec!["config"];
     skipped.extend_from_slice(verbatim);
     fig = fig.merge(Env::prefixed(prefix).ignore(&skipped).split("__"));
@@ -344,15 +346,46 @@ pub fn merge_env(mut fig: Figment, prefix: &str, verbatim: &[&str]) -> Figment {
         // Names match regardless of case, as figment matches the others.
         let var = format!("{prefix}{key}");
         let value = std::env::vars_os().find_map(|(k, v)| {
-            k.to_str()?
-                .eq_ignore_ascii_case(&var)
-                .then(|| v.into_string().ok())?
+            let name = k.to_str()?;
+            name.eq_ignore_ascii_case(&var)
+                .then(|| v.into_string().map_err(|_| name.to_string()))
         });
-        if let Some(value) = value {
-            fig = fig.merge(Serialized::default(&key.replace("__", "."), value));
+        match value {
+            Some(Ok(value)) => fig = fig.merge(Serialized::default(&key.replace("__", "."), value)),
+            Some(Err(name)) => {
+                return Err(format!("environment variable {name} is not valid UTF-8"))
+            }
+            None => {}
         }
     }
-    fig
+    Ok(fig)
+}
+
+/// The file a `--config` names, as figment reads it: exactly that path (figment's `file`
+/// would look for a relative one in every parent directory, and read a directory as no
+/// settings at all).
+pub fn config_file(path: &Path) -> Result<figment::providers::Data<Toml>, String> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(Toml::file_exact(path)),
+        Ok(_) => Err(format!("config file {} is not a file", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(format!("config file {} does not exist", path.display()))
+        }
+        Err(e) => Err(format!("config file {}: {e}", path.display())),
+    }
+}
+
+/// What is wrong with `token` as a bearer token an operator configured, if anything. A request's
+/// token is read as ASCII (HTTP field values) and trimmed, so one with spaces around it, a
+/// control character or a non-ASCII letter could never match: every call would be refused.
+pub fn token_problem(token: &str) -> Option<&'static str> {
+    if token.trim() != token {
+        Some("must not begin or end with whitespace")
+    } else if !token.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        Some("must hold only printable ASCII characters (no control characters, no letters outside ASCII)")
+    } else {
+        None
+    }
 }
 
 impl EdgeConfig {
@@ -361,15 +394,10 @@ impl EdgeConfig {
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         let mut fig = Figment::new();
         if let Some(p) = path {
-            if !p.exists() {
-                return Err(ConfigError::Invalid(format!(
-                    "config file {} does not exist",
-                    p.display()
-                )));
-            }
-            fig = fig.merge(Toml::file(p));
+            fig = fig.merge(config_file(p).map_err(ConfigError::Invalid)?);
         }
-        fig = merge_env(fig, "SHADOWCDN_EDGE_", &["admin__token", "node_id"]);
+        fig = merge_env(fig, "SHADOWCDN_EDGE_", &["admin__token", "node_id"])
+            .map_err(ConfigError::Invalid)?;
         fig = fig.merge(Serialized::defaults(OverrideTree::from(overrides)));
         let cfg: EdgeConfig = fig.extract()?;
         cfg.check()?;
@@ -483,9 +511,31 @@ impl EdgeConfig {
                 return Err(ConfigError::Invalid(format!("{field} must be at least 1")));
             }
         }
+        // Bounds past any real need: larger values would overflow a count or a semaphore
+        // after start-up instead of failing here.
+        for (field, v, max) in [
+            ("server.threads", self.server.threads as u64, MAX_THREADS),
+            (
+                "shadow.fill_concurrency",
+                self.shadow.fill_concurrency as u64,
+                MAX_FILL_CONCURRENCY,
+            ),
+            (
+                "shadow.fill_queue",
+                self.shadow.fill_queue as u64,
+                MAX_FILL_QUEUE,
+            ),
+        ] {
+            if v > max {
+                return Err(ConfigError::Invalid(format!(
+                    "{field} must be at most {max}"
+                )));
+            }
+        }
         for (field, v) in [
             ("cache.default_ttl_secs", c.default_ttl_secs),
             ("shadow.max_ttl_secs", self.shadow.max_ttl_secs),
+            ("cache.ban_retention_secs", c.ban_retention_secs),
         ] {
             if v > MAX_TTL_SECS {
                 return Err(ConfigError::Invalid(format!(
@@ -508,11 +558,8 @@ impl EdgeConfig {
         if let Some(why) = shipped_token(&self.admin.token, self.admin.listen) {
             return Err(ConfigError::Invalid(format!("admin.token {why}")));
         }
-        // A request's bearer token is read trimmed: one with spaces around it never matches.
-        if self.admin.token.trim() != self.admin.token {
-            return Err(ConfigError::Invalid(
-                "admin.token must not begin or end with whitespace".into(),
-            ));
+        if let Some(why) = token_problem(&self.admin.token) {
+            return Err(ConfigError::Invalid(format!("admin.token {why}")));
         }
         // Shadow and peer fills go through the edge's own proxy at this address: a port the
         // system picks would leave them knocking on port 0.
@@ -579,6 +626,12 @@ impl EdgeConfig {
 const MAX_OBJECT_BYTES: u64 = u32::MAX as u64;
 /// Longest lifetime a config may give: beyond it deadlines overflow, and no CDN object needs it.
 const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+/// Most worker threads a server may be given.
+pub const MAX_THREADS: u64 = 1024;
+/// Most shadow fills at once.
+const MAX_FILL_CONCURRENCY: u64 = 4096;
+/// Most shadow orders queued.
+const MAX_FILL_QUEUE: u64 = 1 << 20;
 /// Shortest prefix-ban retention (see `check`).
 const MIN_BAN_RETENTION_SECS: u64 = 3600;
 
@@ -881,6 +934,8 @@ mod tests {
         let with = |section: &str, line: &str| {
             let text = if section == "[cache]" {
                 MINIMAL.replace("dir = \"/tmp/x\"", &format!("dir = \"/tmp/x\"\n{line}"))
+            } else if !MINIMAL.contains(section) {
+                format!("{MINIMAL}\n{section}\n{line}")
             } else {
                 MINIMAL.replace(section, &format!("{section}\n{line}"))
             };
@@ -892,6 +947,10 @@ mod tests {
             ("[cache]", "lock_timeout_secs = 0", "lock_timeout_secs"),
             ("[cache]", "default_ttl_secs = 18446744073709551615", "default_ttl_secs"),
             ("[cache]", "ban_retention_secs = 0", "ban_retention_secs"),
+            ("[cache]", "ban_retention_secs = 18446744073709552", "ban_retention_secs"),
+            ("[server]", "threads = 100000", "server.threads"),
+            ("[shadow]", "fill_concurrency = 3000000000000000000", "shadow.fill_concurrency"),
+            ("[shadow]", "fill_queue = 3000000000000000000", "shadow.fill_queue"),
             ("[cache]", "max_object_size = \"5 GiB\"\ndisk_capacity = \"40 GiB\"\nmax_fill_memory = \"8 GiB\"", "max_object_size"),
         ] {
             let err = with(section, line).unwrap_err().to_string();
@@ -899,6 +958,32 @@ mod tests {
         }
         assert!(with("[cache]", "default_ttl_secs = 86400").is_ok());
         assert!(with("[cache]", "ban_retention_secs = 3600").is_ok());
+    }
+
+    #[test]
+    fn a_token_no_request_could_carry_is_refused() {
+        for (token, why) in [
+            ("pässwort-geheim", "printable ASCII"),
+            ("secret\ttoken", "printable ASCII"),
+            (" secret-token", "whitespace"),
+        ] {
+            let text = MINIMAL.replace("token = \"secret-token\"", &format!("token = {token:?}"));
+            let err = EdgeConfig::from_toml(&text).unwrap_err().to_string();
+            assert!(
+                err.contains("admin.token") && err.contains(why),
+                "{token:?}: {err}"
+            );
+        }
+        assert_eq!(token_problem("s3cret token~!"), None);
+    }
+
+    #[test]
+    fn a_config_path_must_name_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = config_file(dir.path()).err().unwrap();
+        assert!(err.contains("is not a file"), "{err}");
+        let err = config_file(&dir.path().join("absent.toml")).err().unwrap();
+        assert!(err.contains("does not exist"), "{err}");
     }
 
     #[test]

@@ -362,23 +362,19 @@ impl SharedOrigins {
 
     /// Keep a push that applied whole (its ownership floors made durable) for the next start.
     /// Only a changed push is written (a small file): the broker pushes every few seconds.
-    /// A failure costs only the 404s after a restart that the file prevents.
-    /// Whether the table is kept (or nothing is kept on this edge).
-    pub fn remember(&self, rows: &[OriginEntry], allow_private: bool) -> bool {
+    /// A failure (the table applies, but a restart would restore the one before) is the
+    /// caller's to report; nothing kept on this edge is no failure.
+    pub fn remember(&self, rows: &[OriginEntry], allow_private: bool) -> std::io::Result<()> {
         let Some(last) = &self.last_push else {
-            return true;
+            return Ok(());
         };
         let saved = Saved {
             origins: rows.to_vec(),
             allow_private_upstreams: allow_private,
         };
-        match last.save(&saved) {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
-                false
-            }
-        }
+        last.save(&saved).inspect_err(|e| {
+            tracing::warn!(error = %e, "the pushed origin table is not kept for a restart");
+        })
     }
 
     /// Keep every push in `dir` ([`crate::last_push`]), for [`Self::restore`] after a restart.
@@ -817,6 +813,28 @@ mod tests {
         })
         .await;
         assert!(found[&("z.fine.test".to_string(), 80)].is_ok());
+    }
+
+    /// A push that cannot be written for a restart is an error the admin API answers 500 with
+    /// (the broker then pushes again), not a silent success.
+    #[test]
+    fn a_push_not_kept_for_a_restart_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_a_dir = dir.path().join("file");
+        std::fs::write(&not_a_dir, b"x").unwrap();
+        let rows = vec![entry("a", None, "http://127.0.0.1:1")];
+        let lost = SharedOrigins::new(vec![])
+            .unwrap()
+            .remembering_pushes(&not_a_dir);
+        assert!(lost.remember(&rows, false).is_err());
+        let kept = SharedOrigins::new(vec![])
+            .unwrap()
+            .remembering_pushes(dir.path());
+        assert!(kept.remember(&rows, false).is_ok());
+        assert!(SharedOrigins::new(vec![])
+            .unwrap()
+            .remember(&rows, false)
+            .is_ok());
     }
 
     /// A row's query filter shapes the keys of its requests only, and a malformed one is
