@@ -32,7 +32,8 @@
 //!   (see [`crate::origin::SharedOrigins`]); a row's fields this edge does not know (a newer
 //!   broker's options) are left out of it, not a reason to refuse the push.
 //!   Registration times raise host floors first ([`crate::ownership`]); 500 `ban_log` when
-//!   they cannot be made durable.
+//!   they cannot be made durable, 500 `not_durable` when the table applied but could not be
+//!   saved for a restart (the broker pushes it again).
 //! - `GET /peers` — the other edges a hinted miss may be filled from.
 //! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
 //!   the broker with the origins. A bad row rejects the whole push.
