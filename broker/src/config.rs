@@ -428,7 +428,7 @@ impl BrokerConfig {
     }
 
     fn finish(fig: Figment) -> Result<Self, ConfigError> {
-        let cfg: BrokerConfig = fig.extract().map_err(|e| {
+        let mut cfg: BrokerConfig = fig.extract().map_err(|e| {
             ConfigError(
                 e.into_iter()
                     .map(|e| e.to_string())
@@ -436,6 +436,7 @@ impl BrokerConfig {
                     .join("; "),
             )
         })?;
+        cfg.cost.demand_peer_fill = cfg.peer_fill.enabled;
         cfg.check()?;
         Ok(cfg)
     }

@@ -1328,6 +1328,34 @@ mod tests {
         );
     }
 
+    /// With demand misses filled from peers, a shadow a peer filled saved its first request a
+    /// peer fetch, not an origin fetch: it earns the transfer between edges and the peer's
+    /// round trip, and so pays only at high odds.
+    #[test]
+    fn with_demand_peer_fill_a_peer_filled_shadow_earns_only_the_peer_fetch() {
+        let cfg = CostSection {
+            demand_peer_fill: true,
+            ..CostSection::default()
+        };
+        let gb = 1_000_000_000;
+        let peer = price(&cfg, &outcome(gb, 1, true));
+        assert!(
+            (peer.saved_egress - peer.fill_peer).abs() < 1e-12,
+            "{peer:?}"
+        );
+        assert!(
+            (peer.saved_latency - cfg.peer_latency_secs * cfg.latency_value_per_sec).abs() < 1e-12
+        );
+        // An origin-filled one still saved an origin fetch.
+        let origin = price(&cfg, &outcome(gb, 1, false));
+        assert_eq!(
+            origin,
+            price(&CostSection::default(), &outcome(gb, 1, false))
+        );
+        let be = Stake::of(&cfg, 1_000_000, true, 3600).break_even();
+        assert!(be > 0.8, "{be}");
+    }
+
     #[test]
     fn break_even_grows_with_size_and_falls_with_a_peer_fill() {
         let cfg = CostSection::default();
@@ -1337,7 +1365,8 @@ mod tests {
         // 10 kB pays at modest odds; 1 MB from the origin needs a near-certain forecast.
         assert!(small < 0.35, "{small}");
         assert!(large > 0.9, "{large}");
-        // From a peer, a used copy saves the origin egress: large objects pay at ~0.22.
+        // From a peer, while demand misses are not filled from peers, a used copy saves the
+        // origin egress: large objects pay at ~0.22.
         let peer = be(1_000_000, true);
         assert!(peer < 0.3 && peer < large, "{peer}");
         // At the break-even probability the expected net is zero.

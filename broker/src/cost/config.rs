@@ -62,6 +62,17 @@ pub struct CostSection {
     /// Origin round trip the first request of a shadow does not wait, in seconds.
     #[serde(default = "default_origin_latency")]
     pub origin_latency_secs: f64,
+    /// Round trip to a peer edge, in seconds (default 0.05: between cloud regions of one
+    /// continent): what the first request of a used shadow filled from a peer does not wait
+    /// when demand misses are filled from peers, as it would have been (`[peer_fill]`).
+    #[serde(default = "default_peer_latency")]
+    pub peer_latency_secs: f64,
+    /// Whether demand misses are filled from peer edges (`[peer_fill] enabled`, copied in
+    /// when the broker's config loads, not a `[cost]` setting). Then a shadow a peer filled
+    /// saves its first request a fetch from that peer, not from the origin: what it earns is
+    /// the transfer between edges and the peer's round trip, not origin egress.
+    #[serde(skip)]
+    pub demand_peer_fill: bool,
     /// Rate one origin fetch streams at, Mbit/s (default 100: a single long-haul TCP flow).
     /// A miss reaches its user no faster than this; with `client_mbit_per_sec` it prices the
     /// transfer time a used shadow saves besides the round trip, which for a 50 MB file is
@@ -145,6 +156,7 @@ impl CostSection {
             ("storage_per_gb_hour", self.storage_per_gb_hour),
             ("fill_cost", self.fill_cost),
             ("latency_value_per_sec", self.latency_value_per_sec),
+            ("peer_latency_secs", self.peer_latency_secs),
             ("origin_latency_secs", self.origin_latency_secs),
         ] {
             if !(v.is_finite() && v >= 0.0) {
@@ -187,6 +199,8 @@ impl Default for CostSection {
             fill_cost: default_fill(),
             latency_value_per_sec: default_latency_value(),
             origin_latency_secs: default_origin_latency(),
+            peer_latency_secs: default_peer_latency(),
+            demand_peer_fill: false,
             origin_mbit_per_sec: default_origin_mbit(),
             client_mbit_per_sec: default_client_mbit(),
             tune: true,
@@ -220,6 +234,9 @@ fn default_latency_value() -> f64 {
 }
 fn default_origin_latency() -> f64 {
     0.1
+}
+fn default_peer_latency() -> f64 {
+    0.05
 }
 fn default_origin_mbit() -> f64 {
     100.0

@@ -48,7 +48,9 @@ pub struct Priced {
     pub storage: f64,
     /// Per-fill compute.
     pub compute: f64,
-    /// Origin egress avoided.
+    /// Transfer avoided: origin egress, or for a shadow a peer filled while demand misses are
+    /// filled from peers ([`CostSection::demand_peer_fill`]), the transfer between edges the
+    /// first request's peer fill would have made.
     pub saved_egress: f64,
     /// Latency avoided, valued.
     pub saved_latency: f64,
@@ -81,11 +83,14 @@ impl Priced {
 }
 
 /// Price one ended shadow. One whose fill an earlier order's outcome paid for
-/// ([`ShadowOutcome::fill_paid`]) costs its storage only.
+/// ([`ShadowOutcome::fill_paid`]) costs its storage only. A used shadow earns what its first
+/// request would otherwise have cost: a fetch from the origin, or from the peer that filled
+/// it when demand misses are filled from peers.
 pub fn price(cfg: &CostSection, o: &ShadowOutcome) -> Priced {
     let gb = o.bytes as f64 / 1e9;
     let used = o.hits > 0;
     let filled = if o.fill_paid { 0.0 } else { gb };
+    let via_peer = o.peer_filled && cfg.demand_peer_fill;
     Priced {
         fill_origin: if o.peer_filled {
             0.0
@@ -99,15 +104,19 @@ pub fn price(cfg: &CostSection, o: &ShadowOutcome) -> Priced {
         },
         storage: gb * o.held_secs as f64 / 3600.0 * cfg.storage_per_gb_hour,
         compute: if o.fill_paid { 0.0 } else { cfg.fill_cost },
-        saved_egress: if used {
-            gb * cfg.origin_egress_per_gb
-        } else {
-            0.0
+        saved_egress: match (used, via_peer) {
+            (false, _) => 0.0,
+            (true, false) => gb * cfg.origin_egress_per_gb,
+            (true, true) => gb * cfg.inter_edge_per_gb,
         },
         saved_latency: if used {
             // A first client that came while the fill ran waited for the rest of it: the
             // shadow saved it only the head start.
-            let avoided = cfg.wait_avoided_secs(o.bytes);
+            let avoided = if via_peer {
+                cfg.peer_latency_secs
+            } else {
+                cfg.wait_avoided_secs(o.bytes)
+            };
             let avoided = o
                 .head_start_ms
                 .map_or(avoided, |ms| avoided.min(ms as f64 / 1000.0));
