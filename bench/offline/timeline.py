@@ -8,7 +8,7 @@ time) and writes ``bench/results/timeline-<trace>.svg``: one row per cache size,
 1. the confidence threshold in force per region (and priority class) — what the cost tuner did;
 2. cumulative net benefit (savings − spend, USD) of the settled shadows;
 3. cumulative byte precision (shadowed bytes hit before expiry / shadowed bytes) and recall
-   (first requests that found a shadow).
+   (requests that found a shadow first, over those plus every demand miss on the edges).
 
 Only the shadowing modes (``lstm``, ``baseline``) are drawn; ``plain`` has no shadows.
 Standard library only (hand-written SVG in the style of ``simulate.py``).

@@ -71,7 +71,8 @@ pub struct BrokerMetrics {
     pub net_benefit: prometheus::GaugeVec,
     /// Shadowed bytes that served a request before expiry / shadowed bytes, by region.
     pub shadow_precision: prometheus::GaugeVec,
-    /// First requests that found a shadow / all first requests (shadow first hits + misses).
+    /// Requests that found a shadow first / (those + every demand MISS on the edges): recall of
+    /// the requests shadowing could have served; EXPIRED refetches are not counted.
     pub shadow_recall: prometheus::Gauge,
     /// Shadow orders an edge process took with it when it ended without a graceful stop,
     /// priced by the broker ([`crate::cost::Ledger::lost`]), by region.
@@ -312,7 +313,8 @@ impl BrokerMetrics {
             )?,
             shadow_recall: prometheus::Gauge::new(
                 "shadowcdn_broker_shadow_recall",
-                "First requests that found a shadow / all first requests",
+                "Requests that found a shadow first / (those + requests that missed: every MISS, a \
+                 repeat after an eviction included; EXPIRED refetches not counted)",
             )?,
             shadows_lost: IntCounterVec::new(
                 Opts::new(

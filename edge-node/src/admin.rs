@@ -32,8 +32,8 @@
 //!   (see [`crate::origin::SharedOrigins`]); a row's fields this edge does not know (a newer
 //!   broker's options) are left out of it, not a reason to refuse the push.
 //!   Registration times raise host floors first ([`crate::ownership`]); 500 `ban_log` when
-//!   they cannot be made durable, 500 `not_durable` when the table applied but could not be
-//!   saved for a restart (the broker pushes it again).
+//!   they cannot be made durable; `"not_saved": <why>` in the answer when the table applied
+//!   but could not be saved for a restart.
 //! - `GET /peers` — the other edges a hinted miss may be filled from.
 //! - `PUT /peers` — `{"peers": [{"id", "addr"}]}` (QUIC addresses) replaces them; pushed by
 //!   the broker with the origins. A bad row rejects the whole push.
@@ -701,12 +701,10 @@ async fn apply_origins(s: AdminState, push: Push) -> Response {
             return *r;
         }
     }
-    // Applied but not kept: the broker must not take the table as this edge's, which a
-    // restart would lose; it pushes again.
-    if let Err(why) = kept {
-        let msg = format!("origins applied but not saved for a restart: {why}");
-        return error(StatusCode::INTERNAL_SERVER_ERROR, "not_durable", msg);
-    }
+    // Applied but not kept: said in the answer, not refused. The table is in force, so the
+    // broker may deliver the purges it holds for this edge; a restart restores the table
+    // before, and the broker's first push after it brings this one back.
+    report.not_saved = kept.err();
     Json(report).into_response()
 }
 

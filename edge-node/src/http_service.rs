@@ -122,6 +122,7 @@ pub struct AxumService {
     max_connections: usize,
     max_per_source: usize,
     header_read_timeout: Duration,
+    field_limits: bool,
 }
 
 impl AxumService {
@@ -130,11 +131,20 @@ impl AxumService {
         AxumService {
             name,
             listener: parking_lot::Mutex::new(Some(listener)),
-            router: router.layer(axum::middleware::from_fn(field_limits)),
+            router,
+            field_limits: true,
             max_connections: MAX_CONNECTIONS,
             max_per_source: MAX_PER_SOURCE,
             header_read_timeout: HEADER_READ_TIMEOUT,
         }
+    }
+
+    /// Without [`field_limits`]: for a listener only this process calls (the peer bridge,
+    /// which carries client requests the proxy already accepted and reads a few of their
+    /// fields), where they would only turn such requests away.
+    pub fn without_field_limits(mut self) -> Self {
+        self.field_limits = false;
+        self
     }
 
     /// The same with other connection limits (tests use small ones).
@@ -166,6 +176,13 @@ impl BackgroundService for AxumService {
                 tracing::error!(service = self.name, error = %e, "listener unusable");
                 return;
             }
+        };
+        let router = if self.field_limits {
+            self.router
+                .clone()
+                .layer(axum::middleware::from_fn(field_limits))
+        } else {
+            self.router.clone()
         };
         let mut http = hyper::server::conn::http1::Builder::new();
         http.timer(TokioTimer::new())
@@ -208,7 +225,7 @@ impl BackgroundService for AxumService {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let service = TowerToHyperService::new(self.router.clone());
+            let service = TowerToHyperService::new(router.clone());
             let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -323,6 +340,19 @@ mod tests {
             assert_eq!(v["error"], code, "{out}");
             assert!(v["message"].as_str().unwrap().contains("at most"), "{out}");
         }
+        // A listener without them (the peer bridge) takes what hyper parses.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = listener.local_addr().unwrap();
+        let router = axum::Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let service = AxumService::new("test", listener, router).without_field_limits();
+        let (_tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move { service.start(rx).await });
+        let out = send(
+            open,
+            &format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: close{many}"),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
         // Within them, served as before.
         let within: String = fields(MAX_FIELDS - 10, 100).collect();
         let out = send(

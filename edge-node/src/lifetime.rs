@@ -29,7 +29,8 @@ pub enum Lifetime {
 pub fn of(resp: &ResponseHeader) -> Lifetime {
     for name in ["s-maxage", "max-age"] {
         let values = directive_values(resp, name);
-        if !values.is_empty() {
+        // Given only bare (no value), pingora reads it as absent and goes on to the next.
+        if values.iter().any(|v| !v.is_empty()) {
             return if same(&values) {
                 Lifetime::Single
             } else {
@@ -171,6 +172,9 @@ mod tests {
             ("cache-control", "max-age=5"),
         ];
         assert_eq!(of(&resp(&with_max_age)), Lifetime::Single);
+        // A bare `max-age` sets no lifetime: the `Expires` lines still decide.
+        let bare = [("expires", a), ("expires", b), ("cache-control", "max-age")];
+        assert_eq!(of(&resp(&bare)), Lifetime::Conflicting);
         let one = with_one_expires(&resp(&same));
         let lines: Vec<_> = one.headers.get_all(header::EXPIRES).iter().collect();
         assert_eq!(lines, [a]);

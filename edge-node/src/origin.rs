@@ -195,6 +195,10 @@ pub struct PushReport {
     /// the rows that apply.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub ignored: Vec<IgnoredFields>,
+    /// Why the table, applied, could not be saved for a restart (which would restore the one
+    /// before); absent when it was saved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_saved: Option<String>,
 }
 
 /// A pushed row's fields this edge does not know.
@@ -573,6 +577,7 @@ impl SharedOrigins {
                     origins: table.len(),
                     rejected,
                     ignored: Vec::new(),
+                    not_saved: None,
                 };
                 *self.table.write() = Arc::new(table);
                 *pushed = kept;
@@ -591,6 +596,7 @@ impl SharedOrigins {
                         error: format!("push not applied: {err}"),
                     }],
                     ignored: Vec::new(),
+                    not_saved: None,
                 }
             }
         }

@@ -350,7 +350,8 @@ impl EdgeNode {
             peer_pool = Some(pool.clone());
             server.add_service(background_service(
                 "peer-bridge",
-                AxumService::new("peer-bridge", bridge, PeerBridge::new(pool).router()),
+                AxumService::new("peer-bridge", bridge, PeerBridge::new(pool).router())
+                    .without_field_limits(),
             ));
         }
         let admin_state = AdminState::new(
