@@ -2266,6 +2266,32 @@ fn broker_cli_reports_bad_config() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("missing field `admin`"), "{err}");
+    // The shipped local config, run from a directory without its certificates: its values
+    // pass `--check`; `--preflight` opens the QUIC identity too, and names what is missing.
+    let local = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/local/broker.toml")
+        .canonicalize()
+        .unwrap();
+    let from_here = |flag: &str| {
+        bin.command()
+            .current_dir(dir.path())
+            .args(["run", "--config", local.to_str().unwrap(), flag])
+            .output()
+            .unwrap()
+    };
+    let out = from_here("--check");
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let out = from_here("--preflight");
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("control") && err.contains("var/local/pki"),
+        "{err}"
+    );
+    assert!(
+        dir.path().join("var/local/broker").is_dir(),
+        "data_dir made"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

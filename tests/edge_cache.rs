@@ -1846,6 +1846,44 @@ fn bad_config_names_the_field() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("server.access_log"), "{err}");
 
+    // `--preflight` also opens what a start would: the cache directory (writable) and the
+    // QUIC certificates; `--check` judges the values alone.
+    let run = |flag: &str, envs: &[(&str, &str)]| {
+        let mut cmd = bin.command();
+        cmd.args(["--config", path.to_str().unwrap(), flag]);
+        cmd.envs(envs.iter().copied());
+        cmd.output().unwrap()
+    };
+    let out = run("--preflight", &[]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cache directory writable"));
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let under_a_file = file.join("cache");
+    let unusable = [("SHADOWCDN_EDGE_CACHE__DIR", under_a_file.to_str().unwrap())];
+    assert_eq!(run("--check", &unusable).status.code(), Some(0));
+    let out = run("--preflight", &unusable);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache.dir"), "{err}");
+    let missing_certs = [
+        ("SHADOWCDN_EDGE_SYNC__LISTEN", "127.0.0.1:0"),
+        (
+            "SHADOWCDN_EDGE_SYNC__CA_CERT",
+            "/definitely/not/here/ca.pem",
+        ),
+        ("SHADOWCDN_EDGE_SYNC__CERT", "/definitely/not/here/edge.pem"),
+        ("SHADOWCDN_EDGE_SYNC__KEY", "/definitely/not/here/edge.key"),
+    ];
+    assert_eq!(run("--check", &missing_certs).status.code(), Some(0));
+    let out = run("--preflight", &missing_certs);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sync") && err.contains("/definitely/not/here/"),
+        "{err}"
+    );
+
     let out = bin.command().arg("--help").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("--config"));

@@ -112,6 +112,20 @@ pub const CRL_NUMBER_FILE: &str = "quic-crl-number.json";
 /// In the broker's `data_dir`: the QUIC certificate each edge last presented.
 pub const EDGE_CERTIFICATES_FILE: &str = "quic-edge-certificates.json";
 
+impl ControlSection {
+    /// The broker's QUIC identity from these files, checked usable as a client's.
+    pub fn identity(&self) -> Result<NodeIdentity, SyncError> {
+        let identity = NodeIdentity::load(&TlsPaths {
+            ca_cert: self.ca_cert.clone(),
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            crl: self.crl.clone(),
+        })?;
+        identity.client_config()?;
+        Ok(identity)
+    }
+}
+
 impl Control {
     /// Load the broker's identity, and the state it keeps in `state_dir` (the list's CRL
     /// number, the certificates the edges presented); links open on first use.
@@ -123,14 +137,7 @@ impl Control {
         metrics: BrokerMetrics,
         health: Arc<Health>,
     ) -> Result<Self, ControlError> {
-        let identity = NodeIdentity::load(&TlsPaths {
-            ca_cert: section.ca_cert.clone(),
-            cert: section.cert.clone(),
-            key: section.key.clone(),
-            crl: section.crl.clone(),
-        })
-        .map_err(SyncError::from)?;
-        identity.client_config().map_err(SyncError::from)?;
+        let identity = section.identity()?;
         identity
             .remember_list_number(&state_dir.join(CRL_NUMBER_FILE))
             .map_err(SyncError::from)?;

@@ -26,9 +26,15 @@ enum Cmd {
         /// TOML configuration (overridden by SHADOWCDN_BROKER_* variables).
         #[arg(short, long, env = "SHADOWCDN_BROKER_CONFIG")]
         config: Option<PathBuf>,
-        /// Validate the configuration and exit.
+        /// Validate the configuration's values and exit (0, or 2 naming the bad field);
+        /// touches no file but the config.
         #[arg(long)]
         check: bool,
+        /// As `--check`, and also prove `data_dir` writable (creating it if missing) and the
+        /// HTTPS and QUIC certificates loadable: what a start opens besides its ports and the
+        /// registry.
+        #[arg(long, conflicts_with = "check")]
+        preflight: bool,
     },
     /// Provider API client (see broker/openapi.yaml).
     #[command(flatten_help = true)]
@@ -140,7 +146,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().cmd {
-        Cmd::Run { config, check } => run(config, check),
+        Cmd::Run {
+            config,
+            check,
+            preflight,
+        } => run(config, check, preflight),
         Cmd::Api { api, token, call } => match api_call(&api, &token, call) {
             Ok((v, complete)) => {
                 println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
@@ -159,7 +169,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(config: Option<PathBuf>, check: bool) -> ExitCode {
+fn run(config: Option<PathBuf>, check: bool, preflight: bool) -> ExitCode {
     let cfg = match BrokerConfig::load(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -167,8 +177,22 @@ fn run(config: Option<PathBuf>, check: bool) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if check {
-        println!("broker: configuration OK ({} edges)", cfg.edges.len());
+    if check || preflight {
+        if preflight {
+            if let Err(e) = broker::server::preflight(&cfg) {
+                eprintln!("broker: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        let files = if preflight {
+            "data_dir writable, certificates load"
+        } else {
+            "values only; files and ports are opened at start"
+        };
+        println!(
+            "broker: configuration OK ({} edges; {files})",
+            cfg.edges.len()
+        );
         return ExitCode::SUCCESS;
     }
     match Broker::build(cfg) {

@@ -66,6 +66,23 @@ pub enum StartError {
     },
 }
 
+/// What `broker run --check` verifies beyond the configuration's own rules: that the files and
+/// directories a start opens are usable — `data_dir` writable, the HTTPS certificates and
+/// the QUIC identity loadable — without binding a port or opening the registry (a running
+/// broker holds both).
+pub fn preflight(cfg: &BrokerConfig) -> Result<(), StartError> {
+    edge_node::durable::check_writable_dir(&cfg.data_dir)
+        .map_err(|e| StartError::Setup(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
+    if let Some(tls) = &cfg.tls {
+        crate::tls::SniResolver::load(tls)?;
+    }
+    if let Some(c) = &cfg.control {
+        c.identity()
+            .map_err(|e| StartError::Setup(format!("control: {e}")))?;
+    }
+    Ok(())
+}
+
 /// A configured broker.
 pub struct Broker {
     cfg: BrokerConfig,

@@ -145,6 +145,20 @@ fn replace_with(
     sync_dir_of(path)
 }
 
+/// Create `dir` if it is missing and prove a file can be written in it (created, written and
+/// removed): what a start-up check can say of a data directory without opening what is in it.
+pub fn check_writable_dir(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let probe = dir.join(format!(".shadowcdn-check.{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|mut f| f.write_all(b"check").and_then(|()| f.sync_all()));
+    let removed = std::fs::remove_file(&probe);
+    written.and(removed)
+}
+
 /// Fsync the directory that holds `path`, so a file just created or renamed there keeps its
 /// name through a crash (a file's own fsync does not commit its directory entry everywhere).
 pub fn sync_dir_of(path: &Path) -> io::Result<()> {

@@ -41,9 +41,14 @@ struct Cli {
     /// Override `node_id`.
     #[arg(long)]
     node_id: Option<String>,
-    /// Validate the configuration and exit.
+    /// Validate the configuration's values and exit (0, or 2 naming the bad field); touches
+    /// no file but the config.
     #[arg(long)]
     check: bool,
+    /// As `--check`, and also prove the cache directory writable (creating it if missing) and
+    /// the QUIC certificates loadable: what a start opens besides its ports and the cache.
+    #[arg(long, conflicts_with = "check")]
+    preflight: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -194,9 +199,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if cli.check {
+    if cli.check || cli.preflight {
+        if cli.preflight {
+            if let Err(e) = edge_node::server::preflight(&cfg) {
+                eprintln!("edge-node: {e}");
+                return ExitCode::from(2);
+            }
+        }
+        let files = match (cli.preflight, cfg.sync.is_some()) {
+            (false, _) => "values only; files and ports are opened at start",
+            (true, false) => "cache directory writable",
+            (true, true) => "cache directory writable, QUIC certificates load",
+        };
         println!(
-            "edge-node: configuration OK ({} origins)",
+            "edge-node: configuration OK ({} origins; {files})",
             cfg.origins.len()
         );
         return ExitCode::SUCCESS;
