@@ -3296,6 +3296,51 @@ async fn with_the_planner_off_co_access_shadows_are_still_settled_and_tuned() {
     .await;
 }
 
+/// A follower another edge served lately is filled from that edge, as the follower's own miss
+/// would be with peer fill on (and priced so), not from the origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_another_edge_served_lately_is_filled_from_it() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster_with("[planner]\nbudget_share = 0.0001\n");
+    c.register(&origin).await;
+    c.browse_in_us(&["/page/index.html", "/page/app.js"], 4)
+        .await;
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "path": "/page/app.js"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // Orders of the last views still filling at the purge are done before the eu edge serves
+    // the script, fetched from the origin.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let r = c.get("/page/app.js", "eu").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert!(edge_of(&r).starts_with("eu-"), "{}", edge_of(&r));
+    let fetched = origin.hits("/page/app.js");
+
+    // The next page view in us shadows the script on us-a, filled from that eu edge.
+    assert_eq!(
+        c.get("/page/index.html", "us").await.status(),
+        StatusCode::OK
+    );
+    let key = format!("{HOST}/page/app.js");
+    wait_until(|| c.shadowed_on(3, &key)).await;
+    let m = text(format!("http://{}/metrics", c.edges[3].admin)).await;
+    assert_eq!(
+        sample(
+            &m,
+            "shadowcdn_edge_shadow_fill_sources_total",
+            &["source=\"peer\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    assert_eq!(
+        origin.hits("/page/app.js"),
+        fetched,
+        "the origin was spared"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_request_shadows_the_assets_that_follow_it_under_their_own_keys() {
     let origin = TestOrigin::start().await;

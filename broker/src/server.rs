@@ -288,6 +288,11 @@ impl Broker {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
+        // Shared by the proxy's peer hints and co-access's fills.
+        let holders = cfg
+            .peer_fill
+            .enabled
+            .then(|| Arc::new(Holders::new(&cfg.peer_fill)));
         let proxy = BrokerProxy::new(
             fleet.clone(),
             health.clone(),
@@ -297,9 +302,7 @@ impl Broker {
             cfg.segment_header.clone(),
             metrics.clone(),
             inflight.clone(),
-            cfg.peer_fill
-                .enabled
-                .then(|| Arc::new(Holders::new(&cfg.peer_fill))),
+            holders.clone(),
         )
         .allowing_private_upstreams(cfg.admin.allow_private_upstreams)
         .with_edge_read_timeout(Duration::from_secs(cfg.edge_read_timeout_secs));
@@ -361,6 +364,7 @@ impl Broker {
                 ledger: ledger.clone(),
                 planner_cfg: cfg.planner.clone(),
                 metrics: metrics.clone(),
+                holders,
             },
             coaccess_rx,
         )

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use edge_node::drain::InflightCounter;
-use edge_node::sync::protocol::ShadowOrder;
+use edge_node::sync::protocol::{PeerRef, ShadowOrder};
 use models::features::DEFAULT_PRIORITY;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
@@ -21,7 +21,7 @@ use crate::metrics::BrokerMetrics;
 use crate::monitor::now_secs;
 use crate::planner::{place_with, PlannerSection, PlannerState};
 use crate::registry::Registry;
-use crate::routing::{Fleet, Health};
+use crate::routing::{Fleet, Health, Holders};
 use crate::sync::EdgeSync;
 
 pub use anomaly::AnomalySection;
@@ -73,6 +73,7 @@ pub struct CoAccessService {
     ledger: Arc<Ledger>,
     planner_cfg: PlannerSection,
     metrics: BrokerMetrics,
+    holders: Option<Arc<Holders>>,
     /// Work the shutdown drain waits for (a trigger's orders are sent whole).
     inflight: InflightCounter,
 }
@@ -93,6 +94,9 @@ pub struct CoAccessParts {
     pub ledger: Arc<Ledger>,
     /// The planner's settings: shadow TTL of unregistered resources, edge shadow budgets.
     pub planner_cfg: PlannerSection,
+    /// The edges that served each key lately (`None`: demand peer fill is off): a follower
+    /// one of them holds is filled from it, as a demand miss would be.
+    pub holders: Option<Arc<Holders>>,
     /// Metrics.
     pub metrics: BrokerMetrics,
 }
@@ -110,6 +114,7 @@ impl CoAccessService {
             ledger: parts.ledger,
             planner_cfg: parts.planner_cfg,
             metrics: parts.metrics,
+            holders: parts.holders,
             inflight: InflightCounter::default(),
         }
     }
@@ -118,6 +123,24 @@ impl CoAccessService {
     pub fn counting_in(mut self, inflight: InflightCounter) -> Self {
         self.inflight = inflight;
         self
+    }
+
+    /// Another edge that served `key` lately and can supply it to `edge` over QUIC: the peer
+    /// the broker would hint to `edge`'s own miss of it.
+    fn holder_of(&self, key: &str, edge: usize) -> Option<PeerRef> {
+        let holders = self.holders.as_ref()?;
+        let host = crate::routing::host_of(key);
+        let usable = |e: usize| {
+            self.fleet.addresses.get(e).sync.is_some()
+                && self.health.is_up(e)
+                && self.health.serves_host(e, host)
+        };
+        let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+        let e = holders.peer_for(hash, edge, now_secs(), usable)?;
+        Some(PeerRef {
+            id: self.fleet.edges[e].id.clone(),
+            addr: self.fleet.addresses.get(e).sync?,
+        })
     }
 
     async fn handle(&self, t: Trigger) {
@@ -183,9 +206,11 @@ impl CoAccessService {
                 .as_ref()
                 .map_or(self.planner_cfg.default_ttl_secs, |r| r.shadow_ttl_secs);
             let priority = reg.as_ref().map_or(DEFAULT_PRIORITY, |r| r.priority);
-            // Filled from the origin (no peer is named): a large follower must be near
+            // From an edge that served it lately, as the follower's own miss would be filled
+            // (and priced so); else from the origin, where a large follower must be near
             // certain to follow before its fill pays for itself.
-            let stake = self.ledger.stake(bytes, false, ttl);
+            let peer = self.holder_of(&f.key, edge);
+            let stake = self.ledger.stake(bytes, peer.is_some(), ttl);
             if let Some(why) = self.ledger.odds(Some(&stake)).holds_back(f.probability) {
                 self.metrics
                     .coaccess_shadows
@@ -223,7 +248,7 @@ impl CoAccessService {
                 ttl_secs: ttl,
                 priority,
                 deadline_ms: now_secs() * 1000 + (f.gap_secs * 1000.0) as u64,
-                peer: None,
+                peer,
                 refresh: false,
             };
             let info = OrderInfo {
