@@ -1200,8 +1200,9 @@ async fn purges_reach_edges_without_quic_over_their_admin_api() {
 async fn a_tag_purge_reaches_every_edge_and_costs_a_purge_per_tag() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[admin.rate_limits]\npurges_per_minute = 4\n");
-    c.register(&origin).await;
+    // Taken before: the registration's purge spent its token when it was sent.
     let registered = std::time::Instant::now();
+    c.register(&origin).await;
     let tagged = ["/tag/a?skey=sale%20x", "/tag/b?ctag=shoes,Sale"];
     let kept = "/tag/c?skey=other";
     for i in 0..c.edges.len() {
@@ -1784,13 +1785,18 @@ async fn an_edge_draining_for_shutdown_still_confirms_a_purge() {
     c.register(&origin).await;
     c.purge("/warm").await;
     let edge = c.edges[0].addr;
+    // In flight on eu-a for about 8 s (a 16 KiB chunk a second; no pause near the edge's 5 s
+    // origin read timeout), so the drain outlasts the steps below on a loaded machine.
     let slow = tokio::spawn(async move {
-        client()
-            .get(format!("http://{edge}/slow?delay_ms=4000"))
+        let r = client()
+            .get(format!(
+                "http://{edge}/slow?size=131072&chunked=1&chunk_delay_ms=1000"
+            ))
             .header("host", HOST)
             .send()
-            .await
-            .map(|r| r.status())
+            .await?;
+        let status = r.status();
+        r.bytes().await.map(|_| status)
     });
     wait_until(|| async { origin.hits("/slow") == 1 }).await;
     // The broker's connection is open before the drain (a draining edge takes no new ones).
@@ -2403,7 +2409,9 @@ async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     wait_until(|| async { decision_in(&c.explain(&key).await, "us").is_some() }).await;
     let v = c.explain(&key).await;
     let d = decision_in(&v, "us").expect("a decision for us");
-    assert_eq!(d["outcome"], "kept", "{v}");
+    // Kept, or expiring once the demand cooled (the clock runs 300 times fast): either way
+    // adopted, not ordered again.
+    assert!(d["outcome"] == "kept" || d["outcome"] == "expiring", "{v}");
 
     // A restarted edge lost its marks (they live in its memory): the broker notices the new
     // process and decides the key afresh instead of counting it as kept, placing it again
@@ -3310,11 +3318,15 @@ async fn a_follower_another_edge_served_lately_is_filled_from_it() {
         .await;
     assert_eq!(s, StatusCode::OK, "{v}");
     // Orders of the last views still filling at the purge are done before the eu edge serves
-    // the script, fetched from the origin.
+    // the script, fetched from the origin; the broker has recorded that edge as its holder
+    // before the next page view.
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = c.logged().await;
     let r = c.get("/page/app.js", "eu").await;
     assert_eq!(r.status(), StatusCode::OK);
     assert!(edge_of(&r).starts_with("eu-"), "{}", edge_of(&r));
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
     let fetched = origin.hits("/page/app.js");
 
     // The next page view in us shadows the script on us-a, filled from that eu edge.
@@ -3324,16 +3336,12 @@ async fn a_follower_another_edge_served_lately_is_filled_from_it() {
     );
     let key = format!("{HOST}/page/app.js");
     wait_until(|| c.shadowed_on(3, &key)).await;
-    let m = text(format!("http://{}/metrics", c.edges[3].admin)).await;
-    assert_eq!(
-        sample(
-            &m,
-            "shadowcdn_edge_shadow_fill_sources_total",
-            &["source=\"peer\""]
-        ),
-        Some(1.0),
-        "{m}"
-    );
+    let peer_fills = || async {
+        let m = text(format!("http://{}/metrics", c.edges[3].admin)).await;
+        let fills = ["source=\"peer\""];
+        sample(&m, "shadowcdn_edge_shadow_fill_sources_total", &fills)
+    };
+    wait_until(|| async { peer_fills().await == Some(1.0) }).await;
     assert_eq!(
         origin.hits("/page/app.js"),
         fetched,

@@ -90,14 +90,14 @@ async fn freshness_counts_the_age_a_response_arrived_with() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
-    // max-age 4, but it already spent 3 s in another cache: 1 s of freshness is left.
-    let url = "/aged.txt?cc=max-age%3D4&age=3";
+    // max-age 6, but it already spent 3 s in another cache: 3 s of freshness are left.
+    let url = "/aged.txt?cc=max-age%3D6&age=3";
     assert_eq!(x_cache(&edge.get(url).await), "MISS");
     let r = edge.get(url).await;
     assert_eq!(x_cache(&r), "HIT");
     let age: u64 = r.headers()["age"].to_str().unwrap().parse().unwrap();
     assert!(age >= 3, "the Age served counts the upstream's: {age}");
-    tokio::time::sleep(Duration::from_millis(2000)).await;
+    tokio::time::sleep(Duration::from_millis(4000)).await;
     let r = edge.get(url).await;
     assert_ne!(x_cache(&r), "HIT", "served past its freshness");
     assert_eq!(origin.hits("/aged.txt"), 2);
@@ -2287,7 +2287,9 @@ async fn a_stop_reports_the_fill_under_way_and_the_orders_still_queued() {
     let dir = tempfile::tempdir().unwrap();
     let mut edge = start_edge(origin.addr, dir.path(), "[shadow]\nfill_concurrency = 1\n");
     let (slow, queued) = (
-        format!("{HOST}/slowfill?size=5000&delay_ms=5000"),
+        // Under the edge's 5 s origin read timeout with room to spare: a delay at the limit
+        // timed the fill out on a loaded machine.
+        format!("{HOST}/slowfill?size=5000&delay_ms=3000"),
         format!("{HOST}/queued"),
     );
     order_shadow(&edge, &slow).await;
@@ -2323,8 +2325,10 @@ async fn a_renewal_whose_mark_ended_meanwhile_is_reported_once() {
     let mut edge = start_edge(origin.addr, dir.path(), "[shadow]\nfill_concurrency = 1\n");
     let key = format!("{HOST}/renewed?size=100");
     let order = |ttl: u64| json!({"key": key, "ttl_secs": ttl});
-    assert!(shadow_marked(&edge, order(1)).await);
-    let slow = format!("{HOST}/ahead?size=100&delay_ms=2500");
+    // The first mark lives 2 s, time for the steps before its renewal on a loaded machine;
+    // the fill ahead takes 4 s, past the renewed mark's end.
+    assert!(shadow_marked(&edge, order(2)).await);
+    let slow = format!("{HOST}/ahead?size=100&delay_ms=4000");
     order_shadow(&edge, &slow).await;
     wait_until(|| async { origin.hits("/ahead") == 1 }).await;
     // Queued behind the slow fill, it renews the mark for a second, which runs out before

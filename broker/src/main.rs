@@ -33,7 +33,7 @@ enum Cmd {
         /// As `--check`, and also prove `data_dir` writable (creating it if missing) and the
         /// HTTPS and QUIC certificates loadable: what a start opens besides its ports and the
         /// registry.
-        #[arg(long, conflicts_with = "check")]
+        #[arg(long)]
         preflight: bool,
     },
     /// Provider API client (see broker/openapi.yaml).

@@ -47,7 +47,7 @@ struct Cli {
     check: bool,
     /// As `--check`, and also prove the cache directory writable (creating it if missing) and
     /// the QUIC certificates loadable: what a start opens besides its ports and the cache.
-    #[arg(long, conflicts_with = "check")]
+    #[arg(long)]
     preflight: bool,
     #[command(subcommand)]
     command: Option<Command>,
