@@ -3605,6 +3605,34 @@ async fn co_access_shadows_stay_within_the_policys_copies() {
     }
 }
 
+/// A key purged through the broker has no holders left to hint: the next miss elsewhere goes
+/// to the origin without first asking a peer that no longer holds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purged_key_is_not_hinted_to_a_peer() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let hints = || async {
+        let m = c.metrics().await;
+        sample(&m, "shadowcdn_broker_peer_hints_total", &[]).unwrap_or(0.0)
+    };
+    let n = c.logged().await;
+    let r = c.get("/forget.css", "eu").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
+    let (s, v) = c
+        .purge_with(json!({"host": HOST, "path": "/forget.css"}))
+        .await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let before = hints().await;
+    let r = c.get("/forget.css", "us").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert_eq!(hints().await, before, "no hint to a purged holder");
+    assert_eq!(origin.hits("/forget.css"), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     let origin = TestOrigin::start().await;

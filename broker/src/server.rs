@@ -364,7 +364,7 @@ impl Broker {
                 ledger: ledger.clone(),
                 planner_cfg: cfg.planner.clone(),
                 metrics: metrics.clone(),
-                holders,
+                holders: holders.clone(),
             },
             coaccess_rx,
         )
@@ -387,6 +387,7 @@ impl Broker {
             planner: planner_state,
             limits: Arc::new(ApiLimits::new(&cfg.admin.rate_limits)),
             inflight: inflight.clone(),
+            holders,
         };
         let api_router = router(api_state).layer(axum::middleware::from_fn_with_state(
             inflight.clone(),

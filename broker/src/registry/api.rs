@@ -71,6 +71,8 @@ pub struct ApiState {
     pub ledger: Arc<crate::cost::Ledger>,
     /// Per-provider budgets of costly calls.
     pub limits: Arc<ApiLimits>,
+    /// The edges that served each key lately (peer hints); `None` with peer fill off.
+    pub holders: Option<Arc<crate::routing::Holders>>,
 }
 
 /// An API failure.
@@ -844,10 +846,14 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
 
 /// Purge `target` on every edge, then forget the planner's live shadows under it: after the
 /// purge, so that an order placed while it ran is forgotten too (the edge may have taken it
-/// before the purge removed its copy).
+/// before the purge removed its copy). A key's holders are forgotten too (a prefix's keys are
+/// not known by name: their stale hints cost a peer round trip until they age out).
 async fn purge_and_forget(s: &ApiState, target: &str) -> Vec<crate::sync::EdgeResult> {
     let results = s.sync.purge_everywhere(target).await;
     s.planner.forget(target);
+    if let Some(h) = s.holders.as_ref().filter(|_| !target.ends_with('*')) {
+        h.forget(xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
+    }
     results
 }
 

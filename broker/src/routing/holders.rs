@@ -153,6 +153,14 @@ impl Holders {
             .map(|h| usize::from(h.edge))
     }
 
+    /// Forget every holder of `key`: its copies were purged, and a hint to any of them would
+    /// cost the miss a round trip to a peer that no longer holds it.
+    pub fn forget(&self, key: u64) {
+        let mut s = self.shard(key).lock();
+        s.current.remove(&key);
+        s.previous.remove(&key);
+    }
+
     /// Keys remembered now (both generations).
     pub fn len(&self) -> usize {
         self.shards
@@ -197,6 +205,16 @@ mod tests {
         // Too old: 0 served it at 10, 1 at 20.
         assert_eq!(h.peer_for(7, 2, 115, all), Some(1));
         assert_eq!(h.peer_for(7, 2, 121, all), None);
+    }
+
+    #[test]
+    fn a_purged_key_has_no_holders() {
+        let h = holders(1000);
+        h.record(7, 0, 0, 10);
+        h.record(8, 0, 0, 10);
+        h.forget(7);
+        assert_eq!(h.peer_for(7, 2, 10, |_| true), None);
+        assert_eq!(h.peer_for(8, 2, 10, |_| true), Some(0));
     }
 
     #[test]
