@@ -1875,6 +1875,14 @@ fn bad_config_names_the_field() {
         ("SHADOWCDN_EDGE_SYNC__CERT", "/definitely/not/here/edge.pem"),
         ("SHADOWCDN_EDGE_SYNC__KEY", "/definitely/not/here/edge.key"),
     ];
+    let no_log = [(
+        "SHADOWCDN_EDGE_SERVER__ACCESS_LOG",
+        "/definitely/not/here/access.log",
+    )];
+    let out = run("--preflight", &no_log);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("server.access_log"), "{err}");
     assert_eq!(run("--check", &missing_certs).status.code(), Some(0));
     let out = run("--preflight", &missing_certs);
     assert_eq!(out.status.code(), Some(2));

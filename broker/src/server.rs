@@ -66,13 +66,18 @@ pub enum StartError {
     },
 }
 
-/// What `broker run --check` verifies beyond the configuration's own rules: that the files and
-/// directories a start opens are usable — `data_dir` writable, the HTTPS certificates and
-/// the QUIC identity loadable — without binding a port or opening the registry (a running
+/// What `broker run --preflight` verifies beyond the configuration's own rules: that the files
+/// and directories a start opens are usable — `data_dir` writable, the access log openable,
+/// the HTTPS certificates and the QUIC identity loadable — without binding a port or opening the registry (a running
 /// broker holds both).
 pub fn preflight(cfg: &BrokerConfig) -> Result<(), StartError> {
     edge_node::durable::check_writable_dir(&cfg.data_dir)
         .map_err(|e| StartError::Setup(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
+    let log = cfg.access_log.as_deref();
+    access_log::check_configured(log).map_err(|source| StartError::AccessLog {
+        path: log.unwrap_or_default().to_string(),
+        source,
+    })?;
     if let Some(tls) = &cfg.tls {
         crate::tls::SniResolver::load(tls)?;
     }

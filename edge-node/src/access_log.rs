@@ -200,6 +200,19 @@ pub fn open_configured(
     target.map(|t| open(&Target::parse(t), dropped)).transpose()
 }
 
+/// Whether the log `target` names can be opened for appending (a file is created if missing,
+/// as a start would): what a start-up check can say of it without starting its writer.
+pub fn check_configured(target: Option<&str>) -> io::Result<()> {
+    match target.map(Target::parse) {
+        Some(Target::File(path)) => std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(path)
+            .map(drop),
+        Some(Target::Stdout) | None => Ok(()),
+    }
+}
+
 /// Milliseconds since the Unix epoch, the lines' time stamp.
 pub fn now_ms() -> u64 {
     SystemTime::now()

@@ -67,13 +67,18 @@ pub const CRL_NUMBER_FILE: &str = "quic-crl-number.json";
 /// Longest wait for the cache to flush and close at exit.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// What `--check` verifies beyond the configuration's own rules: that the files and
-/// directories a start opens are usable — the cache directory writable, the QUIC certificate,
-/// key and CA loadable and matching — without binding a port or opening the cache (a running
-/// edge holds both).
+/// What `--preflight` verifies beyond the configuration's own rules: that the files and
+/// directories a start opens are usable — the cache directory writable, the access log
+/// openable, the QUIC certificate, key and CA loadable and matching — without binding a port
+/// or opening the cache (a running edge holds both).
 pub fn preflight(cfg: &EdgeConfig) -> Result<(), StartError> {
     crate::durable::check_writable_dir(&cfg.cache.dir)
         .map_err(|e| StartError::Setup(format!("cache.dir {}: {e}", cfg.cache.dir.display())))?;
+    let log = cfg.server.access_log.as_deref();
+    crate::access_log::check_configured(log).map_err(|source| StartError::AccessLog {
+        path: log.unwrap_or_default().to_string(),
+        source,
+    })?;
     if let Some(sc) = &cfg.sync {
         let identity = NodeIdentity::load(&sc.tls_paths()).map_err(SyncError::from)?;
         identity.server_config().map_err(SyncError::from)?;
