@@ -140,8 +140,11 @@ pub struct Stake {
 
 impl Stake {
     /// The stake of a `bytes`-sized shadow held `ttl_secs`, filled from a peer edge or the
-    /// origin. A used shadow is priced as held for its whole TTL too: the storage is a
-    /// rounding error next to the transfer, and overstating it keeps the gate conservative.
+    /// origin. A used shadow is priced as held for its whole TTL too, which keeps the gate
+    /// conservative. Next to an origin transfer the storage is a rounding error; for a
+    /// peer-filled shadow with demand peer fill on, whose use earns only the peer's round
+    /// trip, it decides: with default prices such a shadow of more than about 16 MB (a 1 h
+    /// TTL) never pays, and is never placed.
     pub fn of(cfg: &CostSection, bytes: u64, peer_filled: bool, ttl_secs: u64) -> Stake {
         let outcome = |hits| ShadowOutcome {
             key: String::new(),
