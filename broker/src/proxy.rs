@@ -199,14 +199,9 @@ impl BrokerProxy {
         if req.method != http::Method::GET {
             return None;
         }
-        // A peer whose origin table routes the host otherwise may hold another origin's copy.
         let host = crate::routing::host_of(&ctx.key);
-        let usable = |e: usize| {
-            self.fleet.addresses.get(e).sync.is_some()
-                && self.health.is_up(e)
-                && self.health.serves_host(e, host)
-        };
-        let peer = holders.peer_for(ctx.key_hash, serving, now_secs(), usable)?;
+        let (fleet, health) = (&self.fleet, &self.health);
+        let peer = holders.hint(ctx.key_hash, host, serving, fleet, health, now_secs())?;
         Some(self.fleet.edges[peer].id.as_str())
     }
 

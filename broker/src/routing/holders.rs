@@ -153,6 +153,24 @@ impl Holders {
             .map(|h| usize::from(h.edge))
     }
 
+    /// The holder of `key` (whose host is `host`) to hint to `serving`'s miss of it: the
+    /// latest other one that is up, reachable over QUIC, and routes `host` as the broker does
+    /// (one whose origin table routes it otherwise may hold another origin's copy).
+    pub fn hint(
+        &self,
+        key: u64,
+        host: &str,
+        serving: usize,
+        fleet: &super::Fleet,
+        health: &super::Health,
+        now: u64,
+    ) -> Option<usize> {
+        let usable = |e: usize| {
+            fleet.addresses.get(e).sync.is_some() && health.is_up(e) && health.serves_host(e, host)
+        };
+        self.peer_for(key, serving, now, usable)
+    }
+
     /// Forget every holder of `key`: its copies were purged, and a hint to any of them would
     /// cost the miss a round trip to a peer that no longer holds it.
     pub fn forget(&self, key: u64) {

@@ -129,14 +129,12 @@ impl CoAccessService {
     /// the broker would hint to `edge`'s own miss of it.
     fn holder_of(&self, key: &str, edge: usize) -> Option<PeerRef> {
         let holders = self.holders.as_ref()?;
-        let host = crate::routing::host_of(key);
-        let usable = |e: usize| {
-            self.fleet.addresses.get(e).sync.is_some()
-                && self.health.is_up(e)
-                && self.health.serves_host(e, host)
-        };
-        let hash = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
-        let e = holders.peer_for(hash, edge, now_secs(), usable)?;
+        let (hash, host) = (
+            xxhash_rust::xxh3::xxh3_64(key.as_bytes()),
+            crate::routing::host_of(key),
+        );
+        let (fleet, health) = (&self.fleet, &self.health);
+        let e = holders.hint(hash, host, edge, fleet, health, now_secs())?;
         Some(PeerRef {
             id: self.fleet.edges[e].id.clone(),
             addr: self.fleet.addresses.get(e).sync?,
