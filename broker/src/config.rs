@@ -443,35 +443,23 @@ impl BrokerConfig {
 
     fn check(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError(m));
-        if self.admin.operator_token.len() < 16 {
-            return bad("admin.operator_token must be at least 16 characters".into());
-        }
-        if self.admin.edge_token.len() < 8 {
-            return bad("admin.edge_token must be at least 8 characters".into());
-        }
         // The operator token guards the API listener; the edge token is only sent to the
-        // edges, which judge it themselves: here only the manifests' placeholder is refused.
+        // edges, which judge it themselves: of the shipped tokens only the manifests'
+        // placeholder is refused for it. A token read from a file often keeps its trailing
+        // newline: the operator's could never match (requests' tokens are trimmed), and the
+        // edge token is no valid header value, so every push and purge to the edges would
+        // fail as "unreachable".
         let loopback = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
-        for (field, token, listen) in [
+        for (field, token, listen, min_len) in [
             (
                 "admin.operator_token",
                 &self.admin.operator_token,
                 self.admin.listen,
+                16,
             ),
-            ("admin.edge_token", &self.admin.edge_token, loopback),
+            ("admin.edge_token", &self.admin.edge_token, loopback, 8),
         ] {
-            if let Some(why) = edge_node::config::shipped_token(token, listen) {
-                return bad(format!("{field} {why}"));
-            }
-        }
-        // A token read from a file often keeps its trailing newline: the operator's could
-        // never match (requests' tokens are trimmed), and the edge token is no valid header
-        // value, so every push and purge to the edges would fail as "unreachable".
-        for (field, token) in [
-            ("admin.operator_token", &self.admin.operator_token),
-            ("admin.edge_token", &self.admin.edge_token),
-        ] {
-            if let Some(why) = edge_node::config::token_problem(token) {
+            if let Some(why) = edge_node::config::token_refusal(token, listen, min_len) {
                 return bad(format!("{field} {why}"));
             }
         }
@@ -903,6 +891,16 @@ pub(crate) mod tests {
         let bad = SAMPLE.replace("[admin]", "[cost]\ninter_edge_per_gb = -0.02\n[admin]");
         let e = BrokerConfig::from_toml(&bad).unwrap_err().to_string();
         assert!(e.contains("cost.inter_edge_per_gb"), "{e}");
+        // How peer fills are priced follows `[peer_fill]`; `[cost]` cannot say otherwise.
+        let set = SAMPLE.replace("[admin]", "[cost]\ndemand_peer_fill = false\n[admin]");
+        let e = BrokerConfig::from_toml(&set).unwrap_err().to_string();
+        assert!(e.contains("demand_peer_fill"), "{e}");
+        assert!(
+            BrokerConfig::from_toml(SAMPLE)
+                .unwrap()
+                .cost
+                .demand_peer_fill
+        );
     }
 
     #[test]

@@ -375,6 +375,18 @@ pub fn config_file(path: &Path) -> Result<figment::providers::Data<Toml>, String
     }
 }
 
+/// Why a configured bearer token guarding a listener on `listen` cannot be used, if it
+/// cannot: shorter than `min_len`, one of this project's own ([`shipped_token`]), or one no
+/// request could carry ([`token_problem`]).
+pub fn token_refusal(token: &str, listen: SocketAddr, min_len: usize) -> Option<String> {
+    if token.trim().len() < min_len {
+        return Some(format!("must be at least {min_len} characters"));
+    }
+    shipped_token(token, listen)
+        .or_else(|| token_problem(token))
+        .map(str::to_string)
+}
+
 /// What is wrong with `token` as a bearer token an operator configured, if anything. A request's
 /// token is read as ASCII (HTTP field values) and trimmed, so one with spaces around it, a
 /// control character or a non-ASCII letter could never match: every call would be refused.
@@ -550,15 +562,7 @@ impl EdgeConfig {
                 "cache.ban_retention_secs must be at least {MIN_BAN_RETENTION_SECS} (1 hour)"
             )));
         }
-        if self.admin.token.trim().len() < 8 {
-            return Err(ConfigError::Invalid(
-                "admin.token must be at least 8 characters".into(),
-            ));
-        }
-        if let Some(why) = shipped_token(&self.admin.token, self.admin.listen) {
-            return Err(ConfigError::Invalid(format!("admin.token {why}")));
-        }
-        if let Some(why) = token_problem(&self.admin.token) {
+        if let Some(why) = token_refusal(&self.admin.token, self.admin.listen, 8) {
             return Err(ConfigError::Invalid(format!("admin.token {why}")));
         }
         // Shadow and peer fills go through the edge's own proxy at this address: a port the
