@@ -1225,8 +1225,6 @@ impl Ledger {
         signal_thresholds.sort_by_key(|v| v.to_string());
         serde_json::json!({
             "prices": self.cfg,
-            // Not a price but how a peer-filled shadow is priced (`CostSection::demand_peer_fill`).
-            "demand_peer_fill": self.cfg.demand_peer_fill,
             "rollups": rows,
             "by_source": by_source,
             "thresholds": thresholds,

@@ -70,8 +70,9 @@ pub struct CostSection {
     /// Whether demand misses are filled from peer edges (`[peer_fill] enabled`, copied in
     /// when the broker's config loads, not a `[cost]` setting). Then a shadow a peer filled
     /// saves its first request a fetch from that peer, not from the origin: what it earns is
-    /// the transfer between edges and the peer's round trip, not origin egress.
-    #[serde(skip)]
+    /// the transfer between edges and the peer's round trip, not origin egress. Shown with
+    /// the prices (`GET /v1/cost`), never read from `[cost]`.
+    #[serde(skip_deserializing)]
     pub demand_peer_fill: bool,
     /// Rate one origin fetch streams at, Mbit/s (default 100: a single long-haul TCP flow).
     /// A miss reaches its user no faster than this; with `client_mbit_per_sec` it prices the
