@@ -150,13 +150,14 @@ fn replace_with(
 pub fn check_writable_dir(dir: &Path) -> io::Result<()> {
     std::fs::create_dir_all(dir)?;
     let probe = dir.join(format!(".shadowcdn-check.{}", std::process::id()));
-    let written = std::fs::OpenOptions::new()
+    // Removed only once created here: a file of that name already there is not ours.
+    let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .open(&probe)
-        .and_then(|mut f| f.write_all(b"check").and_then(|()| f.sync_all()));
-    let removed = std::fs::remove_file(&probe);
-    written.and(removed)
+        .open(&probe)?;
+    let written = file.write_all(b"check").and_then(|()| file.sync_all());
+    drop(file);
+    written.and(std::fs::remove_file(&probe))
 }
 
 /// Fsync the directory that holds `path`, so a file just created or renamed there keeps its
