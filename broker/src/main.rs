@@ -30,9 +30,9 @@ enum Cmd {
         /// touches no file but the config.
         #[arg(long)]
         check: bool,
-        /// As `--check`, and also prove `data_dir` writable (creating it if missing) and the
-        /// HTTPS and QUIC certificates loadable: what a start opens besides its ports and the
-        /// registry.
+        /// As `--check`, and also prove `data_dir` writable (creating it if missing), the access
+        /// log openable and the HTTPS and QUIC certificates loadable: what a start opens besides
+        /// its ports and the registry.
         #[arg(long)]
         preflight: bool,
     },
@@ -185,7 +185,7 @@ fn run(config: Option<PathBuf>, check: bool, preflight: bool) -> ExitCode {
             }
         }
         let files = if preflight {
-            "data_dir writable, certificates load"
+            "data_dir writable, access log opens, certificates load"
         } else {
             "values only; files and ports are opened at start"
         };

@@ -68,8 +68,8 @@ pub enum StartError {
 
 /// What `broker run --preflight` verifies beyond the configuration's own rules: that the files
 /// and directories a start opens are usable — `data_dir` writable, the access log openable,
-/// the HTTPS certificates and the QUIC identity loadable — without binding a port or opening the registry (a running
-/// broker holds both).
+/// the HTTPS certificates and the QUIC identity loadable — without binding a port or opening
+/// the registry (a running broker holds both).
 pub fn preflight(cfg: &BrokerConfig) -> Result<(), StartError> {
     edge_node::durable::check_writable_dir(&cfg.data_dir)
         .map_err(|e| StartError::Setup(format!("data_dir {}: {e}", cfg.data_dir.display())))?;

@@ -45,8 +45,9 @@ struct Cli {
     /// no file but the config.
     #[arg(long)]
     check: bool,
-    /// As `--check`, and also prove the cache directory writable (creating it if missing) and
-    /// the QUIC certificates loadable: what a start opens besides its ports and the cache.
+    /// As `--check`, and also prove the cache directory writable (creating it if missing), the
+    /// access log openable and the QUIC certificates loadable: what a start opens besides its
+    /// ports and the cache.
     #[arg(long)]
     preflight: bool,
     #[command(subcommand)]
@@ -208,8 +209,8 @@ fn main() -> ExitCode {
         }
         let files = match (cli.preflight, cfg.sync.is_some()) {
             (false, _) => "values only; files and ports are opened at start",
-            (true, false) => "cache directory writable",
-            (true, true) => "cache directory writable, QUIC certificates load",
+            (true, false) => "cache directory writable, access log opens",
+            (true, true) => "cache directory writable, access log opens, QUIC certificates load",
         };
         println!(
             "edge-node: configuration OK ({} origins; {files})",

@@ -821,8 +821,8 @@ mod tests {
         assert!(found[&("z.fine.test".to_string(), 80)].is_ok());
     }
 
-    /// A push that cannot be written for a restart is an error the admin API answers 500 with
-    /// (the broker then pushes again), not a silent success.
+    /// A push that cannot be written for a restart is an error, which the admin API reports
+    /// in its answer (`not_saved`), not a silent success.
     #[test]
     fn a_push_not_kept_for_a_restart_is_an_error() {
         let dir = tempfile::tempdir().unwrap();
