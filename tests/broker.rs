@@ -261,6 +261,18 @@ impl Cluster {
         wait_until(|| async { self.logged().await > before }).await;
     }
 
+    /// A us client views `/page/index.html` and then its script four times, so co-access
+    /// learns the pair; then the script is purged everywhere, so the next view of the page
+    /// has it to shadow again.
+    async fn learn_then_purge_the_script(&self) {
+        self.browse_in_us(&["/page/index.html", "/page/app.js"], 4)
+            .await;
+        let (s, v) = self
+            .purge_with(json!({"host": HOST, "path": "/page/app.js"}))
+            .await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+    }
+
     /// One client in `us` fetches `paths` in order, `times` over, each answered 200; returns
     /// once every request so far reached the monitor, so no co-access order from these views
     /// can still be on its way.
@@ -3280,12 +3292,7 @@ async fn with_the_planner_off_co_access_shadows_are_still_settled_and_tuned() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[planner]\nenabled = false\ninterval_secs = 1\n");
     c.register(&origin).await;
-    c.browse_in_us(&["/page/index.html", "/page/app.js"], 4)
-        .await;
-    let (s, v) = c
-        .purge_with(json!({"host": HOST, "path": "/page/app.js"}))
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    c.learn_then_purge_the_script().await;
     assert_eq!(
         c.get("/page/index.html", "us").await.status(),
         StatusCode::OK
@@ -3311,12 +3318,7 @@ async fn a_follower_another_edge_served_lately_is_filled_from_it() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[planner]\nbudget_share = 0.0001\n");
     c.register(&origin).await;
-    c.browse_in_us(&["/page/index.html", "/page/app.js"], 4)
-        .await;
-    let (s, v) = c
-        .purge_with(json!({"host": HOST, "path": "/page/app.js"}))
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
+    c.learn_then_purge_the_script().await;
     // Orders of the last views still filling at the purge are done before the eu edge serves
     // the script, fetched from the origin; the broker has recorded that edge as its holder
     // before the next page view.
