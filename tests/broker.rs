@@ -3607,8 +3607,8 @@ async fn co_access_shadows_stay_within_the_policys_copies() {
     }
 }
 
-/// A key purged through the broker has no holders left to hint: the next miss elsewhere goes
-/// to the origin without first asking a peer that no longer holds it.
+/// A key purged through the broker, by path, prefix or tag, has no holders left to hint: the
+/// next miss elsewhere goes to the origin without first asking a peer that no longer holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purged_key_is_not_hinted_to_a_peer() {
     let origin = TestOrigin::start().await;
@@ -3618,21 +3618,35 @@ async fn a_purged_key_is_not_hinted_to_a_peer() {
         let m = c.metrics().await;
         sample(&m, "shadowcdn_broker_peer_hints_total", &[]).unwrap_or(0.0)
     };
-    let n = c.logged().await;
-    let r = c.get("/forget.css", "eu").await;
-    assert_eq!(r.status(), StatusCode::OK);
-    r.bytes().await.unwrap();
-    c.wait_logged_past(n).await;
-    let (s, v) = c
-        .purge_with(json!({"host": HOST, "path": "/forget.css"}))
-        .await;
-    assert_eq!(s, StatusCode::OK, "{v}");
-    let before = hints().await;
-    let r = c.get("/forget.css", "us").await;
-    assert_eq!(r.status(), StatusCode::OK);
-    assert_eq!(r.headers()["x-cache"], "MISS");
-    assert_eq!(hints().await, before, "no hint to a purged holder");
-    assert_eq!(origin.hits("/forget.css"), 2);
+    for (path, purge) in [
+        ("/forget.css", json!({"host": HOST, "path": "/forget.css"})),
+        (
+            "/forget/by-prefix.css",
+            json!({"host": HOST, "prefix": "/forget/"}),
+        ),
+        (
+            "/forget-tagged.css?skey=f1",
+            json!({"host": HOST, "tags": ["f1"]}),
+        ),
+    ] {
+        let n = c.logged().await;
+        let r = c.get(path, "eu").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        r.bytes().await.unwrap();
+        c.wait_logged_past(n).await;
+        let (s, v) = c.purge_with(purge).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        let before = hints().await;
+        let r = c.get(path, "us").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        assert_eq!(r.headers()["x-cache"], "MISS", "{path}");
+        assert_eq!(
+            hints().await,
+            before,
+            "no hint to a purged holder of {path}"
+        );
+        assert_eq!(origin.hits(path.split('?').next().unwrap()), 2, "{path}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3716,14 +3730,22 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
         shadowcdn_tests::origin::body_for("/coop/t.css", 4000)
     );
     assert_eq!(origin.hits("/coop/t.css"), 1);
-    // The copy us-a stored from its peer kept the tag: a tag purge reaches it.
+    // The copy us-a stored from its peer kept the tag: a tag purge reaches it. The broker
+    // no longer hints the host's holders (the eu copy went too).
     let (s, v) = c.purge_with(json!({"host": HOST, "tags": ["t9"]})).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     let r = get(css, "us", "-").await.unwrap();
     assert_eq!(r.headers()["x-cache"], "MISS");
+    assert!(r.headers().get("x-shadowcdn-fill").is_none());
 
     // A purge us-a applied and the eu peer has not yet: us-a acknowledged it, so the peer's
-    // older copy does not answer this miss; the origin does.
+    // older copy does not answer this miss; the origin does. (eu serves its copy once more
+    // first: the tag purge ended the broker's hints to holders of the host recorded before.)
+    let n = c.logged().await;
+    let r = get("/coop/a.css", "eu", "-").await.unwrap();
+    assert_eq!(r.headers()["x-cache"], "HIT");
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
     let purge_on = |admin: std::net::SocketAddr, path: &'static str| {
         client()
             .delete(format!("http://{admin}/cache/{HOST}{path}"))
@@ -3829,16 +3851,16 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
         )
     };
     // From the peer: a.css and t.css once each. Refused or missing: a.css after the purge
-    // (older than it), t.css after the tag purge (eu lost it too), b.css, the Vary'd object,
-    // the stale copy.
+    // (older than it), b.css, the Vary'd object, the stale copy. t.css after the tag purge
+    // was not hinted.
     assert_eq!(fills("hit"), Some(2.0), "{m}");
-    assert_eq!(fills("miss"), Some(5.0), "{m}");
+    assert_eq!(fills("miss"), Some(4.0), "{m}");
     let bm = c.metrics().await;
-    // Every GET to us-a for a key an eu edge served carries the hint, hits included, and
-    // own.css's GET to eu named us-a.
+    // Every GET to us-a for a key an eu edge served carries the hint, hits included, except
+    // t.css's after the tag purge; own.css's GET to eu named us-a.
     assert_eq!(
         sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
-        Some(11.0),
+        Some(10.0),
         "{bm}"
     );
 }

@@ -822,6 +822,9 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
     let (results, report) = match order {
         PurgeOrder::Tags(host, tags) => {
             let results = s.sync.purge_tags_everywhere(&host, &tags).await;
+            if let Some(h) = &s.holders {
+                h.forget_host(&host, crate::clock::now_secs());
+            }
             // The edges end the marks of the shadows the tags ban, which the broker cannot
             // tell: it forgets the host's live shadows (those still held are kept on the
             // edges and renewed by the next order), so it neither counts purged ones against
@@ -846,13 +849,17 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
 
 /// Purge `target` on every edge, then forget the planner's live shadows under it: after the
 /// purge, so that an order placed while it ran is forgotten too (the edge may have taken it
-/// before the purge removed its copy). A key's holders are forgotten too (a prefix's keys are
-/// not known by name: their stale hints cost a peer round trip until they age out).
+/// before the purge removed its copy). The key's holders are forgotten too, and for a prefix
+/// (whose keys are not known by name) every holder of the host recorded until now.
 async fn purge_and_forget(s: &ApiState, target: &str) -> Vec<crate::sync::EdgeResult> {
     let results = s.sync.purge_everywhere(target).await;
     s.planner.forget(target);
-    if let Some(h) = s.holders.as_ref().filter(|_| !target.ends_with('*')) {
-        h.forget(xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
+    if let Some(h) = &s.holders {
+        if target.ends_with('*') {
+            h.forget_host(crate::routing::host_of(target), crate::clock::now_secs());
+        } else {
+            h.forget(xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
+        }
     }
     results
 }

@@ -9,10 +9,16 @@
 //! Memory is bounded: keys live in sharded two-generation maps; when a shard's current map is
 //! full it becomes the previous one and the old previous one is dropped, so a key that has
 //! not been served for two generations is forgotten in O(1).
+//!
+//! Purges: a key purge forgets the key's holders. A prefix or tag purge names no key, and keys
+//! are remembered by hash only, so it sets a floor for the whole host instead: holders of the
+//! host's keys recorded up to the purge are no longer hinted, and each key regains a holder
+//! when an edge next serves it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 /// Holders remembered per key (one per region, the most recent when regions outnumber it).
@@ -64,6 +70,9 @@ fn default_max_keys() -> usize {
 struct Holder {
     edge: u16,
     region: u16,
+    /// `Holders::purges` when it was recorded: orders it against host purges exactly, where
+    /// clock seconds would tie.
+    purges: u32,
     at: u64,
 }
 
@@ -80,6 +89,12 @@ pub struct Holders {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
     max_age: u64,
+    /// Host purges so far (a hint's order only: wrapping after four billion purges would at
+    /// worst hint a stale holder, which costs a round trip).
+    purges: AtomicU32,
+    /// Per host, the count of host purges just after its last one, and that purge's broker
+    /// second (kept while holders of that age could still be hinted).
+    purged: RwLock<HashMap<Box<str>, (u32, u64)>>,
 }
 
 impl Holders {
@@ -90,6 +105,8 @@ impl Holders {
             // Two generations per shard hold up to `max_keys` together.
             per_shard: (cfg.max_keys / SHARDS / 2).max(1),
             max_age: cfg.max_age_secs,
+            purges: AtomicU32::new(0),
+            purged: RwLock::default(),
         }
     }
 
@@ -102,6 +119,9 @@ impl Holders {
         let (Ok(edge), Ok(region)) = (u16::try_from(edge), u16::try_from(region)) else {
             return;
         };
+        // Read before the shard lock: a host purge that ends meanwhile hides this holder, as it
+        // would one recorded just before it.
+        let purges = self.purges.load(Ordering::Acquire);
         let mut s = self.shard(key).lock();
         if !s.current.contains_key(&key) && s.current.len() >= self.per_shard {
             s.previous = std::mem::take(&mut s.current);
@@ -114,6 +134,7 @@ impl Holders {
         let h = Holder {
             edge,
             region,
+            purges,
             at: now,
         };
         let slot = slots
@@ -137,6 +158,18 @@ impl Holders {
         now: u64,
         usable: impl Fn(usize) -> bool,
     ) -> Option<usize> {
+        self.latest(key, serving, now, None, usable)
+    }
+
+    /// `peer_for`, counting only holders recorded after the host purge numbered `floor`.
+    fn latest(
+        &self,
+        key: u64,
+        serving: usize,
+        now: u64,
+        floor: Option<u32>,
+        usable: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
         let slots = {
             let s = self.shard(key).lock();
             s.current
@@ -148,6 +181,7 @@ impl Holders {
             .iter()
             .flatten()
             .filter(|h| usize::from(h.edge) != serving && now.saturating_sub(h.at) <= self.max_age)
+            .filter(|h| floor.is_none_or(|f| h.purges >= f))
             .filter(|h| usable(usize::from(h.edge)))
             .max_by_key(|h| h.at)
             .map(|h| usize::from(h.edge))
@@ -168,7 +202,8 @@ impl Holders {
         let usable = |e: usize| {
             fleet.addresses.get(e).sync.is_some() && health.is_up(e) && health.serves_host(e, host)
         };
-        self.peer_for(key, serving, now, usable)
+        let floor = self.purged.read().get(host).map(|(n, _)| *n);
+        self.latest(key, serving, now, floor, usable)
     }
 
     /// Forget every holder of `key`: its copies were purged, and a hint to any of them would
@@ -177,6 +212,17 @@ impl Holders {
         let mut s = self.shard(key).lock();
         s.current.remove(&key);
         s.previous.remove(&key);
+    }
+
+    /// Forget every holder of `host`'s keys recorded so far: a prefix or tag purge removed
+    /// some of its copies, and which keys it hit is not known here. `now` only bounds how
+    /// long the host's floor is kept.
+    pub fn forget_host(&self, host: &str, now: u64) {
+        let mut purged = self.purged.write();
+        let after = self.purges.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        // Floors older than any hintable holder decide nothing any more.
+        purged.retain(|_, (_, at)| now.saturating_sub(*at) <= self.max_age);
+        purged.insert(host.into(), (after, now));
     }
 
     /// Keys remembered now (both generations).
@@ -233,6 +279,34 @@ mod tests {
         h.forget(7);
         assert_eq!(h.peer_for(7, 2, 10, |_| true), None);
         assert_eq!(h.peer_for(8, 2, 10, |_| true), Some(0));
+    }
+
+    #[test]
+    fn a_host_purge_hides_the_holders_recorded_until_it() {
+        let h = holders(1000);
+        let all = |_| true;
+        let floor = |host: &str| h.purged.read().get(host).map(|(n, _)| *n);
+        h.record(7, 0, 0, 10);
+        h.record(8, 1, 1, 20);
+        h.forget_host("a.example", 20);
+        assert_eq!(floor("a.example"), Some(1));
+        assert_eq!(h.latest(7, 2, 30, floor("a.example"), all), None);
+        assert_eq!(h.latest(8, 2, 30, floor("a.example"), all), None);
+        // Another host's keys keep their holders.
+        assert_eq!(floor("b.example"), None);
+        assert_eq!(h.latest(8, 2, 30, floor("b.example"), all), Some(1));
+        // Served again after the purge, in the same clock second: hinted again, the holder
+        // recorded before it still not.
+        h.record(7, 1, 1, 20);
+        assert_eq!(h.latest(7, 2, 30, floor("a.example"), all), Some(1));
+        assert_eq!(h.latest(7, 2, 30, floor("a.example"), |e| e == 0), None);
+        // Another purge of the host hides that one too; floors past the age limit are
+        // dropped with the next purge (their holders are too old to hint anyway).
+        h.forget_host("a.example", 25);
+        assert_eq!(h.latest(7, 2, 30, floor("a.example"), all), None);
+        h.forget_host("b.example", 200);
+        assert_eq!(floor("a.example"), None);
+        assert_eq!(floor("b.example"), Some(3));
     }
 
     #[test]
