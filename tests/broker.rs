@@ -2312,6 +2312,59 @@ fn broker_cli_reports_bad_config() {
     );
 }
 
+/// `--preflight` reads the state a start would refuse, without writing it: a revocation list
+/// older than the one the broker enforced before, a damaged file of the edges' certificates,
+/// a damaged queue of pending purges.
+#[test]
+fn broker_preflight_reads_the_state_a_start_would_refuse() {
+    let mut c = start_cluster();
+    assert_eq!(c.broker.child.terminate(), Some(0));
+    let config = c.broker.config().to_path_buf();
+    let data = config.parent().unwrap().join("data");
+    let preflight = || {
+        shadowcdn_tests::Binary::get("broker")
+            .command()
+            .args(["run", "--config", config.to_str().unwrap(), "--preflight"])
+            .output()
+            .unwrap()
+    };
+    let out = preflight();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    let numbers = data.join("quic-crl-number.json");
+    let kept = std::fs::read(&numbers).expect("the broker kept its list's number");
+    let mut raised: Value = serde_json::from_slice(&kept).unwrap();
+    raised["crl_number"] = u64::MAX.into();
+    let damaged = [
+        (numbers, raised.to_string(), "older than"),
+        (
+            data.join("quic-edge-certificates.json"),
+            "{\"edges\": {\"us-a\": \"not hex\"}}".to_string(),
+            "quic-edge-certificates.json",
+        ),
+        (
+            data.join("pending-purges.json"),
+            "{".to_string(),
+            "pending-purges.json",
+        ),
+    ];
+    for (path, body, says) in damaged {
+        let before = std::fs::read(&path).ok();
+        std::fs::write(&path, &body).unwrap();
+        let out = preflight();
+        assert_eq!(out.status.code(), Some(2), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{}: {err}", path.display());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), body, "not written");
+        match before {
+            Some(b) => std::fs::write(&path, b).unwrap(),
+            None => std::fs::remove_file(&path).unwrap(),
+        }
+    }
+    let out = preflight();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    c.broker.spawn();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn predicted_demand_is_shadowed_before_the_next_request_in_the_region() {
     let origin = TestOrigin::start().await;

@@ -113,6 +113,22 @@ pub const CRL_NUMBER_FILE: &str = "quic-crl-number.json";
 pub const EDGE_CERTIFICATES_FILE: &str = "quic-edge-certificates.json";
 
 impl ControlSection {
+    /// What [`Control::new`] would refuse, without writing to `state_dir`: the identity, a
+    /// revocation list older than the one enforced before, a damaged file of the
+    /// certificates `edges` presented (for `broker run --preflight`).
+    pub fn check<'a>(
+        &self,
+        state_dir: &std::path::Path,
+        edges: impl IntoIterator<Item = &'a str>,
+    ) -> Result<(), ControlError> {
+        let identity = self.identity()?;
+        identity
+            .check_list_number(&state_dir.join(CRL_NUMBER_FILE))
+            .map_err(SyncError::from)?;
+        EdgeCertificates::open(&state_dir.join(EDGE_CERTIFICATES_FILE), edges)?;
+        Ok(())
+    }
+
     /// The broker's QUIC identity from these files, checked usable as a client's.
     pub fn identity(&self) -> Result<NodeIdentity, SyncError> {
         let identity = NodeIdentity::load(&TlsPaths {

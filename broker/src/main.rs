@@ -185,7 +185,7 @@ fn run(config: Option<PathBuf>, check: bool, preflight: bool) -> ExitCode {
             }
         }
         let files = if preflight {
-            "data_dir writable, access log opens, certificates load"
+            "data_dir writable, access log opens, certificates load, saved state reads"
         } else {
             "values only; files and ports are opened at start"
         };

@@ -32,7 +32,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use edge_node::durable::{read_json, write_atomic, FileError};
@@ -167,6 +167,12 @@ pub struct Redelivery {
 }
 
 impl Redelivery {
+    /// Whether the queues saved at `path` can be read, as [`Redelivery::open`] reads them
+    /// (a missing file is an empty one), without acting on them.
+    pub fn check(path: &Path) -> Result<(), FileError> {
+        read_json::<Saved>(path).map(drop)
+    }
+
     /// The queues saved at `path` (none when it does not exist). Purges that were being sent
     /// are queued for every edge they were going to. Edges with a queue are held out of
     /// routing at once; the queue of an edge no longer in the fleet goes to the edge now at its

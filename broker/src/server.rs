@@ -68,8 +68,9 @@ pub enum StartError {
 
 /// What `broker run --preflight` verifies beyond the configuration's own rules: that the files
 /// and directories a start opens are usable — `data_dir` writable, the access log openable,
-/// the HTTPS certificates and the QUIC identity loadable — without binding a port or opening
-/// the registry (a running broker holds both).
+/// the HTTPS certificates and the QUIC identity loadable, the revocation list not older than
+/// the one enforced before, the saved purge queues and edge certificates readable — without
+/// binding a port, opening the registry (a running broker holds both) or writing state.
 pub fn preflight(cfg: &BrokerConfig) -> Result<(), StartError> {
     edge_node::durable::check_writable_dir(&cfg.data_dir)
         .map_err(|e| StartError::Setup(format!("data_dir {}: {e}", cfg.data_dir.display())))?;
@@ -82,11 +83,16 @@ pub fn preflight(cfg: &BrokerConfig) -> Result<(), StartError> {
         crate::tls::SniResolver::load(tls)?;
     }
     if let Some(c) = &cfg.control {
-        c.identity()
+        c.check(&cfg.data_dir, cfg.edges.iter().map(|e| e.id.as_str()))
             .map_err(|e| StartError::Setup(format!("control: {e}")))?;
     }
+    Redelivery::check(&cfg.data_dir.join(PENDING_PURGES_FILE))
+        .map_err(|e| StartError::Setup(format!("pending purges {e}")))?;
     Ok(())
 }
+
+/// In `data_dir`: purges some edge has yet to acknowledge ([`Redelivery`]).
+const PENDING_PURGES_FILE: &str = "pending-purges.json";
 
 /// A configured broker.
 pub struct Broker {
@@ -254,7 +260,7 @@ impl Broker {
             )))
             .redelivering(Arc::new(
                 Redelivery::open(
-                    cfg.data_dir.join("pending-purges.json"),
+                    cfg.data_dir.join(PENDING_PURGES_FILE),
                     fleet.clone(),
                     health.clone(),
                     metrics.clone(),

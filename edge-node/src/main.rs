@@ -210,7 +210,9 @@ fn main() -> ExitCode {
         let files = match (cli.preflight, cfg.sync.is_some()) {
             (false, _) => "values only; files and ports are opened at start",
             (true, false) => "cache directory writable, access log opens",
-            (true, true) => "cache directory writable, access log opens, QUIC certificates load",
+            (true, true) => {
+                "cache directory writable, access log opens, QUIC certificates and revocation list load"
+            }
         };
         println!(
             "edge-node: configuration OK ({} origins; {files})",

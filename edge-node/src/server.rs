@@ -69,8 +69,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What `--preflight` verifies beyond the configuration's own rules: that the files and
 /// directories a start opens are usable — the cache directory writable, the access log
-/// openable, the QUIC certificate, key and CA loadable and matching — without binding a port
-/// or opening the cache (a running edge holds both).
+/// openable, the QUIC certificate, key and CA loadable and matching, the revocation list not
+/// older than the one enforced before — without binding a port, opening the cache (a running
+/// edge holds both) or writing state.
 pub fn preflight(cfg: &EdgeConfig) -> Result<(), StartError> {
     crate::durable::check_writable_dir(&cfg.cache.dir)
         .map_err(|e| StartError::Setup(format!("cache.dir {}: {e}", cfg.cache.dir.display())))?;
@@ -82,6 +83,9 @@ pub fn preflight(cfg: &EdgeConfig) -> Result<(), StartError> {
     if let Some(sc) = &cfg.sync {
         let identity = NodeIdentity::load(&sc.tls_paths()).map_err(SyncError::from)?;
         identity.server_config().map_err(SyncError::from)?;
+        identity
+            .check_list_number(&cfg.cache.dir.join(CRL_NUMBER_FILE))
+            .map_err(SyncError::from)?;
     }
     Ok(())
 }

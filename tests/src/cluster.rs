@@ -282,6 +282,11 @@ pub struct BrokerProc {
 }
 
 impl BrokerProc {
+    /// The config file it runs with (its `data_dir` is `data` beside it).
+    pub fn config(&self) -> &Path {
+        &self.config
+    }
+
     /// Start a broker over `edges` with regions `eu` and `us` (neighbours of each other);
     /// `extra` is added to its config (a line `admin.<key> = …` sets a key of `[admin]`, one
     /// `client_region.<key> = …` a key of `[client_region]`).

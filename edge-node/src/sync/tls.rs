@@ -344,6 +344,12 @@ impl NodeIdentity {
         self.trust.remember_number(state)
     }
 
+    /// What [`NodeIdentity::remember_list_number`] would refuse, without keeping anything:
+    /// for a check before a start (`--preflight`), which must not write a running node's state.
+    pub fn check_list_number(&self, state: &Path) -> Result<(), TlsError> {
+        self.trust.check_number(state).map(drop)
+    }
+
     /// Server side: TLS 1.3, client certificate from the cluster CA required (and not
     /// revoked).
     pub fn server_config(&self) -> Result<quinn::ServerConfig, TlsError> {

@@ -306,8 +306,20 @@ impl Trust {
     /// and a restart must not accept what it refused (a reverted Secret, a restored backup).
     /// Without a configured list there is nothing to keep.
     pub(crate) fn remember_number(&self, state: &Path) -> Result<(), TlsError> {
-        let Some(crl) = &self.inner.crl else {
+        let Some((in_use, issuer)) = self.check_number(state)? else {
             return Ok(());
+        };
+        *self.inner.floor.lock() = Some(state.to_path_buf());
+        self.keep_number(in_use, issuer)
+            .map_err(|e| pem_error(state, format!("cannot keep the CRL number: {e}")))
+    }
+
+    /// [`Trust::remember_number`]'s refusal without its write: whether the list in use is
+    /// at least as new as the one kept in `state`. Returns the list's number and issuer,
+    /// `None` without a configured list.
+    pub(crate) fn check_number(&self, state: &Path) -> Result<Option<(u64, String)>, TlsError> {
+        let Some(crl) = &self.inner.crl else {
+            return Ok(None);
         };
         let kept = state_file(read_json::<ListFloor>(state))?;
         let (in_use, issuer) = {
@@ -326,9 +338,7 @@ impl Trust {
                 ),
             ));
         }
-        *self.inner.floor.lock() = Some(state.to_path_buf());
-        self.keep_number(in_use, issuer)
-            .map_err(|e| pem_error(state, format!("cannot keep the CRL number: {e}")))
+        Ok(Some((in_use, issuer)))
     }
 
     /// Write `number` of `issuer`'s list to the state file of [`Trust::remember_number`], if
@@ -1027,6 +1037,10 @@ mod tests {
         // The list reverted (a Secret rolled back, a backup restored) while e1 was down.
         std::fs::write(&list, &first).unwrap();
         let restarted = NodeIdentity::load(&p[0]).unwrap();
+        let kept = std::fs::read(&state).unwrap();
+        // A check before a start refuses it alike, and writes nothing.
+        let e = restarted.check_list_number(&state).unwrap_err().to_string();
+        assert!(e.contains("older than"), "{e}");
         let e = restarted
             .remember_list_number(&state)
             .unwrap_err()
@@ -1035,6 +1049,10 @@ mod tests {
             e.contains("older than") && e.contains("quic-crl-number.json"),
             "{e}"
         );
+        assert_eq!(std::fs::read(&state).unwrap(), kept);
+        let unkept = dir.path().join("unkept.json");
+        restarted.check_list_number(&unkept).unwrap();
+        assert!(!unkept.exists(), "a check keeps nothing");
         std::fs::write(&list, &newer).unwrap();
         let restarted = NodeIdentity::load(&p[0]).unwrap();
         restarted.remember_list_number(&state).unwrap();
