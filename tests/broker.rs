@@ -3660,8 +3660,9 @@ async fn co_access_shadows_stay_within_the_policys_copies() {
     }
 }
 
-/// A key purged through the broker, by path, prefix or tag, has no holders left to hint: the
-/// next miss elsewhere goes to the origin without first asking a peer that no longer holds it.
+/// A key purged through the broker, by path, prefix or tag, or by a provider's update or delete
+/// event, has no holders left to hint: the next miss elsewhere goes to the origin without
+/// first asking a peer that no longer holds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_purged_key_is_not_hinted_to_a_peer() {
     let origin = TestOrigin::start().await;
@@ -3671,15 +3672,33 @@ async fn a_purged_key_is_not_hinted_to_a_peer() {
         let m = c.metrics().await;
         sample(&m, "shadowcdn_broker_peer_hints_total", &[]).unwrap_or(0.0)
     };
-    for (path, purge) in [
-        ("/forget.css", json!({"host": HOST, "path": "/forget.css"})),
+    let purge = "/v1/purge";
+    let event = "/v1/events";
+    for (path, call, body) in [
+        (
+            "/forget.css",
+            purge,
+            json!({"host": HOST, "path": "/forget.css"}),
+        ),
         (
             "/forget/by-prefix.css",
+            purge,
             json!({"host": HOST, "prefix": "/forget/"}),
         ),
         (
             "/forget-tagged.css?skey=f1",
+            purge,
             json!({"host": HOST, "tags": ["f1"]}),
+        ),
+        (
+            "/forget-ev/updated.css",
+            event,
+            json!({"kind": "updated", "host": HOST, "prefix": "/forget-ev/"}),
+        ),
+        (
+            "/forget-deleted.css",
+            event,
+            json!({"kind": "deleted", "host": HOST, "path": "/forget-deleted.css"}),
         ),
     ] {
         let n = c.logged().await;
@@ -3687,7 +3706,7 @@ async fn a_purged_key_is_not_hinted_to_a_peer() {
         assert_eq!(r.status(), StatusCode::OK);
         r.bytes().await.unwrap();
         c.wait_logged_past(n).await;
-        let (s, v) = c.purge_with(purge).await;
+        let (s, v) = c.provider_post(call, body).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         let before = hints().await;
         let r = c.get(path, "us").await;

@@ -76,6 +76,8 @@ pub struct BrokerCtx {
     key: String,
     /// Hash of `key`, for the holder map.
     key_hash: u64,
+    /// The holder map's count of host purges as the request began ([`Holders::epoch`]).
+    holders_epoch: u32,
     /// Edges already tried for this request.
     tried: Vec<usize>,
     origin_tried: bool,
@@ -392,6 +394,7 @@ impl ProxyHttp for BrokerProxy {
             region: 0,
             key: String::new(),
             key_hash: 0,
+            holders_epoch: 0,
             tried: Vec::new(),
             origin_tried: false,
             origin_addrs_tried: Vec::new(),
@@ -481,6 +484,7 @@ impl ProxyHttp for BrokerProxy {
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         ctx.key = self.registry.cache_key(&host, pq);
         ctx.key_hash = xxhash_rust::xxh3::xxh3_64(ctx.key.as_bytes());
+        ctx.holders_epoch = self.holders.as_ref().map_or(0, |h| h.epoch());
         ctx.resource = primary_key(&host, req.uri.path());
         // A read's followers are shadowed as it starts, while it is still being answered.
         if self.recorder.announcing()
@@ -859,7 +863,8 @@ impl ProxyHttp for BrokerProxy {
         if let (Some(h), Some(Choice { edge: Some(e), .. })) = (&self.holders, ctx.chosen) {
             // The edge stored what it answered from or into its cache.
             if status == 200 && stored_on_edge(ctx.cache_status) {
-                h.record(ctx.key_hash, e, self.fleet.edge_region(e), now_secs());
+                let region = self.fleet.edge_region(e);
+                h.record(ctx.key_hash, e, region, now_secs(), ctx.holders_epoch);
             }
         }
         let elapsed = ctx.started.elapsed();

@@ -819,26 +819,31 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
         CallClass::Purge,
         s.limits.check_n(CallClass::Purge, &p.id, order.cost()),
     )?;
-    let (results, report) = match order {
-        PurgeOrder::Tags(host, tags) => {
-            let results = s.sync.purge_tags_everywhere(&host, &tags).await;
-            if let Some(h) = &s.holders {
-                h.forget_host(&host, crate::clock::now_secs());
+    // Run to its end: a caller hanging up during the edges' fan-out must not leave the
+    // broker's plans and hints of what it purged behind.
+    let (results, report) = to_the_end(&s, |s| async move {
+        Ok(match order {
+            PurgeOrder::Tags(host, tags) => {
+                let results = s.sync.purge_tags_everywhere(&host, &tags).await;
+                // The edges end the marks of the shadows the tags ban, which the broker
+                // cannot tell: it forgets the host's live shadows (those still held are kept
+                // on the edges and renewed by the next order), so it neither counts purged
+                // ones against budgets nor refreshes copies that are gone; and, for the same
+                // reason, the holders of all the host's keys.
+                let all = format!("{host}/*");
+                s.planner.forget(&all);
+                forget_holders(&s, &all);
+                let report = json!({ "host": host, "tags": tags, "edges": results });
+                (results, report)
             }
-            // The edges end the marks of the shadows the tags ban, which the broker cannot
-            // tell: it forgets the host's live shadows (those still held are kept on the
-            // edges and renewed by the next order), so it neither counts purged ones against
-            // budgets nor refreshes copies that are gone.
-            s.planner.forget(&format!("{host}/*"));
-            let report = json!({ "host": host, "tags": tags, "edges": results });
-            (results, report)
-        }
-        PurgeOrder::Target(target) => {
-            let results = purge_and_forget(&s, &target).await;
-            let report = json!({ "target": target, "edges": results });
-            (results, report)
-        }
-    };
+            PurgeOrder::Target(target) => {
+                let results = purge_and_forget(&s, &target).await;
+                let report = json!({ "target": target, "edges": results });
+                (results, report)
+            }
+        })
+    })
+    .await?;
     let status = if results.iter().all(|r| r.ok) {
         StatusCode::OK
     } else {
@@ -849,19 +854,24 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
 
 /// Purge `target` on every edge, then forget the planner's live shadows under it: after the
 /// purge, so that an order placed while it ran is forgotten too (the edge may have taken it
-/// before the purge removed its copy). The key's holders are forgotten too, and for a prefix
-/// (whose keys are not known by name) every holder of the host recorded until now.
+/// before the purge removed its copy). Its holders are forgotten too ([`forget_holders`]).
 async fn purge_and_forget(s: &ApiState, target: &str) -> Vec<crate::sync::EdgeResult> {
     let results = s.sync.purge_everywhere(target).await;
     s.planner.forget(target);
-    if let Some(h) = &s.holders {
-        if target.ends_with('*') {
-            h.forget_host(crate::routing::host_of(target), crate::clock::now_secs());
-        } else {
-            h.forget(xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
-        }
-    }
+    forget_holders(s, target);
     results
+}
+
+/// After a purge of `target` (a key, or a prefix ending in `*`): no miss elsewhere is hinted
+/// to a peer whose copy it removed. A key's holders are forgotten; a prefix's keys are not
+/// known by name, so every holder of its host recorded until now is.
+fn forget_holders(s: &ApiState, target: &str) {
+    let Some(h) = &s.holders else { return };
+    if target.ends_with('*') {
+        h.forget_host(crate::routing::host_of(target), crate::clock::now_secs());
+    } else {
+        h.forget(xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
+    }
 }
 
 /// The cache key of an exact path (the host's query filter applied). A key ending in `*`
@@ -1170,6 +1180,9 @@ async fn apply_event(
             let refreshing = s.sync.refreshing(target, &refill).await;
             let purged = s.sync.purge_all_but(target, &refill).await;
             let since = s.planner.forget(target);
+            // The refreshing edges hold the new version, but which of them answers when is
+            // theirs to say: each is hinted again once it serves the key.
+            forget_holders(s, target);
             let ttl = s
                 .registry
                 .resource_for(host, route)

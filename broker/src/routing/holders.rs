@@ -70,8 +70,8 @@ fn default_max_keys() -> usize {
 struct Holder {
     edge: u16,
     region: u16,
-    /// `Holders::purges` when it was recorded: orders it against host purges exactly, where
-    /// clock seconds would tie.
+    /// `Holders::purges` when the request it was learnt from began ([`Holders::epoch`]):
+    /// orders it against host purges exactly, where clock seconds would tie.
     purges: u32,
     at: u64,
 }
@@ -89,8 +89,8 @@ pub struct Holders {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
     max_age: u64,
-    /// Host purges so far (a hint's order only: wrapping after four billion purges would at
-    /// worst hint a stale holder, which costs a round trip).
+    /// Host purges so far. Compared with holders' counts as serial numbers (RFC 1982), so it
+    /// may wrap: a holder is hintable for `max_age`, far less than two billion purges.
     purges: AtomicU32,
     /// Per host, the count of host purges just after its last one, and that purge's broker
     /// second (kept while holders of that age could still be hinted).
@@ -114,14 +114,19 @@ impl Holders {
         &self.shards[(key >> 60) as usize % SHARDS]
     }
 
-    /// `edge` (of `region`) served `key` at `now`: it holds a copy.
-    pub fn record(&self, key: u64, edge: usize, region: usize, now: u64) {
+    /// The count of host purges now, to read as a request begins and pass to
+    /// [`Holders::record`] when it ends: a host purge that came while the edge answered from
+    /// its old copy hides the holder it records, as it hides those recorded before it.
+    pub fn epoch(&self) -> u32 {
+        self.purges.load(Ordering::Acquire)
+    }
+
+    /// `edge` (of `region`) served `key` at `now`, to a request that began at `epoch`: it
+    /// holds a copy.
+    pub fn record(&self, key: u64, edge: usize, region: usize, now: u64, epoch: u32) {
         let (Ok(edge), Ok(region)) = (u16::try_from(edge), u16::try_from(region)) else {
             return;
         };
-        // Read before the shard lock: a host purge that ends meanwhile hides this holder, as it
-        // would one recorded just before it.
-        let purges = self.purges.load(Ordering::Acquire);
         let mut s = self.shard(key).lock();
         if !s.current.contains_key(&key) && s.current.len() >= self.per_shard {
             s.previous = std::mem::take(&mut s.current);
@@ -134,7 +139,7 @@ impl Holders {
         let h = Holder {
             edge,
             region,
-            purges,
+            purges: epoch,
             at: now,
         };
         let slot = slots
@@ -158,16 +163,17 @@ impl Holders {
         now: u64,
         usable: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        self.latest(key, serving, now, None, usable)
+        self.latest(key, serving, now, || None, usable)
     }
 
-    /// `peer_for`, counting only holders recorded after the host purge numbered `floor`.
+    /// `peer_for`, counting only holders recorded after the host purge numbered `floor()`
+    /// (asked only of a key with holders: most lookups have none).
     fn latest(
         &self,
         key: u64,
         serving: usize,
         now: u64,
-        floor: Option<u32>,
+        floor: impl FnOnce() -> Option<u32>,
         usable: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         let slots = {
@@ -177,11 +183,12 @@ impl Holders {
                 .or_else(|| s.previous.get(&key))
                 .copied()
         }?;
+        let floor = floor();
         slots
             .iter()
             .flatten()
             .filter(|h| usize::from(h.edge) != serving && now.saturating_sub(h.at) <= self.max_age)
-            .filter(|h| floor.is_none_or(|f| h.purges >= f))
+            .filter(|h| floor.is_none_or(|f| h.purges.wrapping_sub(f) < 1 << 31))
             .filter(|h| usable(usize::from(h.edge)))
             .max_by_key(|h| h.at)
             .map(|h| usize::from(h.edge))
@@ -202,7 +209,7 @@ impl Holders {
         let usable = |e: usize| {
             fleet.addresses.get(e).sync.is_some() && health.is_up(e) && health.serves_host(e, host)
         };
-        let floor = self.purged.read().get(host).map(|(n, _)| *n);
+        let floor = || self.purged.read().get(host).map(|(n, _)| *n);
         self.latest(key, serving, now, floor, usable)
     }
 
@@ -259,11 +266,11 @@ mod tests {
         let h = holders(1000);
         let all = |_| true;
         assert_eq!(h.peer_for(7, 0, 10, all), None);
-        h.record(7, 0, 0, 10);
+        h.record(7, 0, 0, 10, h.epoch());
         // The serving edge is never its own peer.
         assert_eq!(h.peer_for(7, 0, 10, all), None);
         assert_eq!(h.peer_for(7, 2, 10, all), Some(0));
-        h.record(7, 1, 1, 20);
+        h.record(7, 1, 1, 20, h.epoch());
         assert_eq!(h.peer_for(7, 2, 30, all), Some(1));
         assert_eq!(h.peer_for(7, 2, 30, |e| e != 1), Some(0));
         // Too old: 0 served it at 10, 1 at 20.
@@ -274,8 +281,8 @@ mod tests {
     #[test]
     fn a_purged_key_has_no_holders() {
         let h = holders(1000);
-        h.record(7, 0, 0, 10);
-        h.record(8, 0, 0, 10);
+        h.record(7, 0, 0, 10, h.epoch());
+        h.record(8, 0, 0, 10, h.epoch());
         h.forget(7);
         assert_eq!(h.peer_for(7, 2, 10, |_| true), None);
         assert_eq!(h.peer_for(8, 2, 10, |_| true), Some(0));
@@ -286,37 +293,56 @@ mod tests {
         let h = holders(1000);
         let all = |_| true;
         let floor = |host: &str| h.purged.read().get(host).map(|(n, _)| *n);
-        h.record(7, 0, 0, 10);
-        h.record(8, 1, 1, 20);
+        h.record(7, 0, 0, 10, h.epoch());
+        h.record(8, 1, 1, 20, h.epoch());
         h.forget_host("a.example", 20);
         assert_eq!(floor("a.example"), Some(1));
-        assert_eq!(h.latest(7, 2, 30, floor("a.example"), all), None);
-        assert_eq!(h.latest(8, 2, 30, floor("a.example"), all), None);
+        assert_eq!(h.latest(7, 2, 30, || floor("a.example"), all), None);
+        assert_eq!(h.latest(8, 2, 30, || floor("a.example"), all), None);
         // Another host's keys keep their holders.
         assert_eq!(floor("b.example"), None);
-        assert_eq!(h.latest(8, 2, 30, floor("b.example"), all), Some(1));
+        assert_eq!(h.latest(8, 2, 30, || floor("b.example"), all), Some(1));
         // Served again after the purge, in the same clock second: hinted again, the holder
         // recorded before it still not.
-        h.record(7, 1, 1, 20);
-        assert_eq!(h.latest(7, 2, 30, floor("a.example"), all), Some(1));
-        assert_eq!(h.latest(7, 2, 30, floor("a.example"), |e| e == 0), None);
+        h.record(7, 1, 1, 20, h.epoch());
+        assert_eq!(h.latest(7, 2, 30, || floor("a.example"), all), Some(1));
+        assert_eq!(h.latest(7, 2, 30, || floor("a.example"), |e| e == 0), None);
         // Another purge of the host hides that one too; floors past the age limit are
         // dropped with the next purge (their holders are too old to hint anyway).
         h.forget_host("a.example", 25);
-        assert_eq!(h.latest(7, 2, 30, floor("a.example"), all), None);
+        assert_eq!(h.latest(7, 2, 30, || floor("a.example"), all), None);
         h.forget_host("b.example", 200);
         assert_eq!(floor("a.example"), None);
         assert_eq!(floor("b.example"), Some(3));
+        // A request that began before a purge and ended after it was answered from the old
+        // copy: its holder stays hidden.
+        let began = h.epoch();
+        h.forget_host("b.example", 200);
+        h.record(9, 1, 1, 200, began);
+        assert_eq!(h.latest(9, 2, 200, || floor("b.example"), all), None);
+    }
+
+    #[test]
+    fn the_purge_count_may_wrap() {
+        let h = holders(1000);
+        h.purges.store(u32::MAX, Ordering::Release);
+        h.record(7, 0, 0, 10, h.epoch());
+        h.forget_host("a.example", 10);
+        assert_eq!(h.epoch(), 0);
+        let floor = || h.purged.read().get("a.example").map(|(n, _)| *n);
+        assert_eq!(h.latest(7, 2, 10, floor, |_| true), None);
+        h.record(7, 1, 1, 10, h.epoch());
+        assert_eq!(h.latest(7, 2, 10, floor, |_| true), Some(1));
     }
 
     #[test]
     fn one_slot_per_region_then_the_oldest_is_replaced() {
         let h = holders(1000);
-        h.record(1, 0, 0, 1);
-        h.record(1, 5, 0, 2); // same region: replaces edge 0
+        h.record(1, 0, 0, 1, h.epoch());
+        h.record(1, 5, 0, 2, h.epoch()); // same region: replaces edge 0
         assert_eq!(h.peer_for(1, 9, 3, |e| e == 0), None);
         for r in 1..=4 {
-            h.record(1, 10 + r, r, 2 + r as u64);
+            h.record(1, 10 + r, r, 2 + r as u64, h.epoch());
         }
         // Five regions, four slots: the oldest (edge 5, at 2) went.
         assert_eq!(h.peer_for(1, 9, 10, |e| e == 5), None);
@@ -327,16 +353,16 @@ mod tests {
     fn memory_is_bounded_by_generations() {
         let h = holders(64);
         for k in 0..10_000u64 {
-            h.record(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, 0, 1);
+            h.record(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, 0, 1, h.epoch());
         }
         assert!(h.len() <= 64 + SHARDS, "{}", h.len());
         // A key served again survives the rotation that drops its generation.
         let hot = 0xdead_beef_u64;
-        h.record(hot, 3, 0, 1);
+        h.record(hot, 3, 0, 1, h.epoch());
         for k in 0..10_000u64 {
-            h.record(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, 0, 1);
+            h.record(k.wrapping_mul(0x9e37_79b9_7f4a_7c15), 0, 0, 1, h.epoch());
             if k % 2 == 0 {
-                h.record(hot, 3, 0, 1);
+                h.record(hot, 3, 0, 1, h.epoch());
             }
         }
         assert_eq!(h.peer_for(hot, 9, 1, |_| true), Some(3));
