@@ -6,7 +6,9 @@
 //! `--write-sizes`, so URLs and cache keys are the trace's own); clients are
 //! assigned to regions by `fnv1a64(client) % 2`. The report (JSON, appended per run to
 //! `--out`) has the hit ratios, origin bytes, shadow precision/recall, the cost ledger's net
-//! and client latency. While it replays it samples the broker's cost ledger (`GET /v1/cost`)
+//! and client latency: `latency_ms` from the request's send, `latency_from_schedule_ms` from
+//! its traced (compressed) time, which also counts the wait for one of the `--concurrency`
+//! slots and the replayer's own lateness (no coordinated omission). While it replays it samples the broker's cost ledger (`GET /v1/cost`)
 //! and recall every `--sample-secs` of trace time; the report's `timeline` has, per sample,
 //! the cumulative spend/savings/net, byte precision and recall, overall and per (region,
 //! priority class) with the threshold in force (`bench/offline/timeline.py` plots it).
@@ -323,6 +325,7 @@ async fn main() -> anyhow::Result<()> {
     let origin_before = origin_bytes(&client, &cli.origin).await?;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let hist = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
+    let hist_due = Arc::new(Mutex::new(Histogram::<u64>::new(3)?));
     let pb = ProgressBar::new(reqs.len() as u64);
     pb.set_style(
         ProgressStyle::with_template(
@@ -357,7 +360,8 @@ async fn main() -> anyhow::Result<()> {
         let permit = permits.clone().acquire_owned().await?;
         let lag = Instant::now().saturating_duration_since(due);
         let url = format!("{}{}", cli.broker, r.path);
-        let (client, tally, hist, pb) = (client.clone(), tally.clone(), hist.clone(), pb.clone());
+        let (client, tally, pb) = (client.clone(), tally.clone(), pb.clone());
+        let (hist, hist_due) = (hist.clone(), hist_due.clone());
         let region = regions[usize::from(r.region)];
         let host = trace.host;
         let who = r.client;
@@ -399,6 +403,8 @@ async fn main() -> anyhow::Result<()> {
             };
             let us = t.elapsed().as_micros() as u64;
             let _ = hist.lock().record(us.max(1));
+            let since_due = due.elapsed().as_micros() as u64;
+            let _ = hist_due.lock().record(since_due.max(1));
             let mut s = tally.lock();
             s.requests += 1;
             s.max_lag = s.max_lag.max(lag);
@@ -465,6 +471,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let s = tally.lock();
     let h = hist.lock();
+    let hd = hist_due.lock();
     let origin = origin_after.saturating_sub(origin_before);
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let run = json!({
@@ -507,6 +514,11 @@ async fn main() -> anyhow::Result<()> {
         "latency_ms": {
             "p50": h.value_at_quantile(0.5) as f64 / 1000.0,
             "p99": h.value_at_quantile(0.99) as f64 / 1000.0,
+        },
+        "latency_from_schedule_ms": {
+            "p50": hd.value_at_quantile(0.5) as f64 / 1000.0,
+            "p99": hd.value_at_quantile(0.99) as f64 / 1000.0,
+            "max": hd.max() as f64 / 1000.0,
         },
         "sample_secs": cli.sample_secs,
         "timeline": std::mem::take(&mut *timeline.lock()),
