@@ -430,6 +430,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(s) = sampler {
         s.abort();
     }
+    // The origin's bytes as the trace ends: fills the planner orders after it, for demand
+    // the trace no longer has, are reported apart (`origin_bytes_after_tail`).
+    let origin_at_end = origin_bytes(&client, &cli.origin).await?;
     // Let the broker's stats polls collect the shadows that ended.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let end_secs = (started.elapsed().as_secs_f64() * cli.speedup).round();
@@ -472,7 +475,7 @@ async fn main() -> anyhow::Result<()> {
     let s = tally.lock();
     let h = hist.lock();
     let hd = hist_due.lock();
-    let origin = origin_after.saturating_sub(origin_before);
+    let origin = origin_at_end.saturating_sub(origin_before);
     let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
     let run = json!({
         "trace": cli.trace,
@@ -493,6 +496,7 @@ async fn main() -> anyhow::Result<()> {
         "byte_hit_ratio": ratio(s.hit_bytes, s.bytes),
         "requested_bytes": s.bytes,
         "origin_bytes": origin,
+        "origin_bytes_after_tail": origin_after.saturating_sub(origin_before),
         "byte_miss_ratio": ratio(origin, s.bytes),
         "shadow_hits": s.shadow_hits,
         "shadow_fills": { "origin": fills.0, "peer": fills.1, "bytes": fill_bytes },
