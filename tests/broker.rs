@@ -3937,6 +3937,64 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     );
 }
 
+/// An edge takes peer hints only from the addresses it trusts (`server.trusted_proxies`, the
+/// brokers'): from anywhere else the hint is ignored and the miss goes to the origin, so a
+/// client that reaches an edge directly cannot send its misses to a peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_takes_peer_hints_only_from_the_addresses_it_trusts() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let edge_token = shadowcdn_tests::cluster::EDGE_TOKEN;
+    let us = 3;
+    assert_eq!(c.edges[us].child.terminate(), Some(0));
+    c.edges[us].set_env(
+        "SHADOWCDN_EDGE_SERVER__TRUSTED_PROXIES",
+        "[\"192.0.2.0/24\"]",
+    );
+    c.edges[us].spawn();
+    let admin = c.edges[us].admin;
+    wait_until(|| async {
+        let (_, v) = api(
+            reqwest::Method::GET,
+            format!("http://{admin}/peers"),
+            edge_token,
+            None,
+        )
+        .await;
+        v["peers"].as_array().is_some_and(|p| p.len() == 3)
+    })
+    .await;
+    let hints = || async {
+        let m = c.metrics().await;
+        sample(&m, "shadowcdn_broker_peer_hints_total", &[]).unwrap_or(0.0)
+    };
+    let n = c.logged().await;
+    let r = c.get("/untrusted/a.css", "eu").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
+    let before = hints().await;
+    // The broker hints the eu holder, but us-a does not trust the broker's loopback address.
+    let r = c.get("/untrusted/a.css", "us").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(edge_of(&r), "us-a");
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert!(r.headers().get("x-shadowcdn-fill").is_none());
+    r.bytes().await.unwrap();
+    assert_eq!(hints().await, before + 1.0, "the broker did hint");
+    assert_eq!(origin.hits("/untrusted/a.css"), 2);
+    let m = text(format!("http://{admin}/metrics")).await;
+    for outcome in ["hit", "miss", "error"] {
+        let n = sample(
+            &m,
+            "shadowcdn_edge_demand_peer_fills_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        );
+        assert!(n.unwrap_or(0.0) == 0.0, "{outcome}: {m}");
+    }
+}
+
 /// Behind a trusted load balancer that terminates TLS, the origin hears the scheme the client
 /// used and the access log names the client the balancer forwarded for; anyone else's claim
 /// of HTTPS is replaced by the listener's scheme.

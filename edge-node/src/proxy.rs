@@ -719,10 +719,15 @@ fn heuristically_cacheable(status: u16) -> bool {
 
 impl EdgeProxy {
     /// The peer the broker hinted for this request, when a miss may be filled from it: a plain
-    /// GET from a client (not the edge's own fills or peer fetches), without credentials, on
-    /// an edge with a QUIC bridge, naming a peer the broker listed.
-    fn hinted_peer(&self, req: &RequestHeader, ctx: &RequestCtx) -> Option<PeerRef> {
-        if ctx.shadow_fill
+    /// GET relayed by a trusted address (`server.trusted_proxies`, the brokers': a client
+    /// that reaches the edge directly could otherwise send its misses to a peer the broker
+    /// holds out, or fill a peer's request slots), not one of the edge's own fills or peer
+    /// fetches, without credentials, on an edge with a QUIC bridge, naming a peer the broker
+    /// listed.
+    fn hinted_peer(&self, session: &Session, ctx: &RequestCtx) -> Option<PeerRef> {
+        let req = session.req_header();
+        if !self.trusts(client_ip(session))
+            || ctx.shadow_fill
             || ctx.only_if_cached
             || self.hooks.bridge.is_none()
             || req.method != http::Method::GET
@@ -1099,7 +1104,7 @@ impl ProxyHttp for EdgeProxy {
             None
         } else {
             ctx.hint_used = true;
-            self.hinted_peer(session.req_header(), ctx)
+            self.hinted_peer(session, ctx)
         };
         if let Some(bridge) = self.bridge_for(ctx) {
             let mut peer = HttpPeer::new(bridge, false, String::new());
