@@ -3937,6 +3937,56 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     );
 }
 
+/// A hinted peer that cannot be asked (its process stopped) is counted as an error, not as a
+/// peer that lacks the copy, and the origin answers the miss.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hinted_peer_that_is_down_counts_as_an_error() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    let edge_token = shadowcdn_tests::cluster::EDGE_TOKEN;
+    let us = c.edges[3].admin;
+    wait_until(|| async {
+        let (_, v) = api(
+            reqwest::Method::GET,
+            format!("http://{us}/peers"),
+            edge_token,
+            None,
+        )
+        .await;
+        v["peers"].as_array().is_some_and(|p| p.len() == 3)
+    })
+    .await;
+    assert_eq!(c.edges[0].child.terminate(), Some(0));
+    // Sent as the broker would (from a trusted address), naming the stopped eu-a.
+    let r = client()
+        .get(format!("http://{}/down/a.css", c.edges[3].addr))
+        .header("host", HOST)
+        .header("x-shadowcdn-peer-hint", "eu-a")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.headers()["x-cache"], "MISS");
+    assert!(r.headers().get("x-shadowcdn-fill").is_none());
+    r.bytes().await.unwrap();
+    assert_eq!(origin.hits("/down/a.css"), 1);
+    let m = text(format!("http://{us}/metrics")).await;
+    let fills = |o: &str| {
+        sample(
+            &m,
+            "shadowcdn_edge_demand_peer_fills_total",
+            &[&format!("outcome=\"{o}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        (fills("hit"), fills("miss"), fills("error")),
+        (0.0, 0.0, 1.0),
+        "{m}"
+    );
+}
+
 /// An edge takes peer hints only from the addresses it trusts (`server.trusted_proxies`, the
 /// brokers'): from anywhere else the hint is ignored and the miss goes to the origin, so a
 /// client that reaches an edge directly cannot send its misses to a peer.

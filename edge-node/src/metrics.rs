@@ -257,7 +257,7 @@ impl EdgeMetrics {
             demand_peer_fills: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_edge_demand_peer_fills_total",
-                    "Cache misses first tried on the peer edge the broker hinted, by outcome",
+                    "Cache misses first tried on the peer edge the broker hinted, by outcome: hit (its copy arrived whole), miss (it held no usable copy), error (it could not be asked or failed, or the copy's body broke)",
                 ),
                 &["outcome"],
             )?,

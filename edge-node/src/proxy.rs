@@ -1450,12 +1450,18 @@ impl ProxyHttp for EdgeProxy {
                         &upstream_response.headers,
                     )
                 });
-            let outcome = if usable { "hit" } else { "miss" };
-            self.metrics
-                .demand_peer_fills
-                .with_label_values(&[outcome])
-                .inc();
+            // A usable copy is counted when its body has arrived (`logging`); the bridge says
+            // 404 when the peer holds no copy, 5xx when it could not be asked or failed.
             if !usable {
+                let outcome = if upstream_response.status.is_server_error() {
+                    "error"
+                } else {
+                    "miss"
+                };
+                self.metrics
+                    .demand_peer_fills
+                    .with_label_values(&[outcome])
+                    .inc();
                 return Err(Error::explain(
                     ErrorType::Custom(PEER_MISS),
                     format!("peer {} holds no usable copy", p.id),
@@ -1692,9 +1698,19 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut Self::CTX) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Self::CTX) {
         if ctx.probe {
             return;
+        }
+        if ctx.peer_served {
+            // The peer's copy arrived whole, or its body broke on the way (a client that
+            // hung up does not make it an error of the peer's).
+            let broke = e.is_some_and(|e| matches!(e.esource(), ErrorSource::Upstream));
+            let outcome = if broke { "error" } else { "hit" };
+            self.metrics
+                .demand_peer_fills
+                .with_label_values(&[outcome])
+                .inc();
         }
         let m = self.metrics.status(ctx.status);
         m.requests.inc();

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use serde_json::json;
 
 use super::link::{client_endpoint, ClientEndpoint, Link, Rest};
-use super::protocol::{PeerRef, Reply, Request};
+use super::protocol::{ErrorCode, PeerRef, Reply, Request};
 use super::tls::{edge_name, NodeIdentity};
 use super::{is_hop_header, parse_peer_via, SyncError, PEER_VIA_HEADER};
 use crate::proxy::primary_key;
@@ -135,20 +135,34 @@ async fn fetch(State(b): State<PeerBridge>, req: HttpRequest) -> Response {
         .await
     {
         // A peer answers only with a copy it holds (2xx); anything else (a redirect, an
-        // informational status) would be stored and served as this key's answer.
+        // informational status) would be stored and served as this key's answer. The edge
+        // counts 404 as the peer not holding a copy and other failures as errors.
         Ok((Reply::PeerHead { status, .. }, _)) if !(200..300).contains(&status) => {
             return miss(
-                StatusCode::BAD_GATEWAY,
+                StatusCode::NOT_FOUND,
                 "peer_miss",
                 format!("{} answered {key} with status {status}", peer.id),
             )
         }
         Ok((Reply::PeerHead { status, headers }, recv)) => (status, headers, recv),
+        Ok((
+            Reply::Error {
+                code: ErrorCode::NotFound,
+                message,
+            },
+            _,
+        )) => {
+            return miss(
+                StatusCode::NOT_FOUND,
+                "peer_miss",
+                format!("{} does not hold {key}: {message}", peer.id),
+            )
+        }
         Ok((other, _)) => {
             return miss(
-                StatusCode::BAD_GATEWAY,
-                "peer_miss",
-                format!("{} does not hold {key}: {other:?}", peer.id),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "peer_failed",
+                format!("{} did not serve {key}: {other:?}", peer.id),
             )
         }
         Err(e) => return miss(StatusCode::BAD_GATEWAY, "peer_unreachable", e.to_string()),
