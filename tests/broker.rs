@@ -3709,9 +3709,13 @@ async fn a_purged_key_is_not_hinted_to_a_peer() {
         let (s, v) = c.provider_post(call, body).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         let before = hints().await;
+        let n = c.logged().await;
         let r = c.get(path, "us").await;
         assert_eq!(r.status(), StatusCode::OK);
         assert_eq!(r.headers()["x-cache"], "MISS", "{path}");
+        r.bytes().await.unwrap();
+        // Hints are counted as a request is logged.
+        c.wait_logged_past(n).await;
         assert_eq!(
             hints().await,
             before,
@@ -3927,14 +3931,15 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     // was not hinted.
     assert_eq!(fills("hit"), Some(2.0), "{m}");
     assert_eq!(fills("miss"), Some(4.0), "{m}");
-    let bm = c.metrics().await;
     // Every GET to us-a for a key an eu edge served carries the hint, hits included, except
-    // t.css's after the tag purge; own.css's GET to eu named us-a.
-    assert_eq!(
-        sample(&bm, "shadowcdn_broker_peer_hints_total", &[]),
-        Some(10.0),
-        "{bm}"
-    );
+    // t.css's after the tag purge; own.css's GET to eu named us-a. (Counted as each request
+    // is logged, just after its answer.)
+    let hints = || async {
+        let bm = c.metrics().await;
+        sample(&bm, "shadowcdn_broker_peer_hints_total", &[])
+    };
+    poll_secs(5, || async { hints().await == Some(10.0) }).await;
+    assert_eq!(hints().await, Some(10.0));
 }
 
 /// A hinted peer that cannot be asked (its process stopped) is counted as an error, not as a
@@ -4032,6 +4037,7 @@ async fn an_edge_takes_peer_hints_only_from_the_addresses_it_trusts() {
     assert_eq!(r.headers()["x-cache"], "MISS");
     assert!(r.headers().get("x-shadowcdn-fill").is_none());
     r.bytes().await.unwrap();
+    poll_secs(5, || async { hints().await == before + 1.0 }).await;
     assert_eq!(hints().await, before + 1.0, "the broker did hint");
     assert_eq!(origin.hits("/untrusted/a.css"), 2);
     let m = text(format!("http://{admin}/metrics")).await;

@@ -78,6 +78,8 @@ pub struct BrokerCtx {
     key_hash: u64,
     /// The holder map's count of host purges as the request began ([`Holders::epoch`]).
     holders_epoch: u32,
+    /// Some attempt carried a peer hint (counted once per request, at its end).
+    peer_hinted: bool,
     /// Edges already tried for this request.
     tried: Vec<usize>,
     origin_tried: bool,
@@ -395,6 +397,7 @@ impl ProxyHttp for BrokerProxy {
             key: String::new(),
             key_hash: 0,
             holders_epoch: 0,
+            peer_hinted: false,
             tried: Vec::new(),
             origin_tried: false,
             origin_addrs_tried: Vec::new(),
@@ -584,7 +587,7 @@ impl ProxyHttp for BrokerProxy {
         upstream_request.append_header(http::header::VIA, format!("1.1 {VIA_NAME}broker"))?;
         if let Some(peer) = self.peer_hint(session.req_header(), ctx) {
             upstream_request.insert_header(PEER_HINT_HEADER, peer)?;
-            self.metrics.peer_hints.inc();
+            ctx.peer_hinted = true;
         }
         if let Some(c) = ctx.chosen {
             if c.edge.is_none() {
@@ -859,6 +862,9 @@ impl ProxyHttp for BrokerProxy {
                 .failovers
                 .with_label_values(&[reason.as_str()])
                 .inc();
+        }
+        if ctx.peer_hinted {
+            self.metrics.peer_hints.inc();
         }
         if let (Some(h), Some(Choice { edge: Some(e), .. })) = (&self.holders, ctx.chosen) {
             // The edge stored what it answered from or into its cache.
