@@ -3940,6 +3940,24 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     };
     poll_secs(5, || async { hints().await == Some(10.0) }).await;
     assert_eq!(hints().await, Some(10.0));
+    // The peers' side: the fetches they answered, or refused for want of a usable copy, are
+    // counted as peer fetches, neither as their clients' hits nor as errors.
+    let (mut fetches, mut errors) = (0.0, 0.0);
+    for e in &c.edges[..3] {
+        let m = text(format!("http://{}/metrics", e.admin)).await;
+        let count = |s: &str| {
+            sample(
+                &m,
+                "shadowcdn_edge_requests_total",
+                &[&format!("cache_status=\"{s}\"")],
+            )
+            .unwrap_or(0.0)
+        };
+        fetches += count("peer_fetch");
+        errors += count("error");
+    }
+    assert!(fetches >= 5.0, "{fetches} peer fetches");
+    assert_eq!(errors, 0.0);
 }
 
 /// A hinted peer that cannot be asked (its process stopped) is counted as an error, not as a

@@ -31,6 +31,8 @@ pub enum CacheStatus {
     Bypass,
     /// The edge's own shadow fill.
     ShadowFill,
+    /// Another edge's peer fetch (answered from cache only, or refused): not a client's.
+    PeerFetch,
     /// Refused before proxying (no Host, unknown host).
     Rejected,
     /// Failed while proxying.
@@ -39,7 +41,7 @@ pub enum CacheStatus {
 
 impl CacheStatus {
     /// Every status, in discriminant order.
-    pub const ALL: [CacheStatus; 10] = [
+    pub const ALL: [CacheStatus; 11] = [
         CacheStatus::Hit,
         CacheStatus::Stale,
         CacheStatus::StaleUpdating,
@@ -48,6 +50,7 @@ impl CacheStatus {
         CacheStatus::Revalidated,
         CacheStatus::Bypass,
         CacheStatus::ShadowFill,
+        CacheStatus::PeerFetch,
         CacheStatus::Rejected,
         CacheStatus::Error,
     ];
@@ -63,6 +66,7 @@ impl CacheStatus {
             CacheStatus::Revalidated => "revalidated",
             CacheStatus::Bypass => "bypass",
             CacheStatus::ShadowFill => "shadow_fill",
+            CacheStatus::PeerFetch => "peer_fetch",
             CacheStatus::Rejected => "rejected",
             CacheStatus::Error => "error",
         }

@@ -1495,6 +1495,8 @@ impl ProxyHttp for EdgeProxy {
         let status = phase_status(phase);
         ctx.status = if ctx.shadow_fill {
             CacheStatus::ShadowFill
+        } else if ctx.only_if_cached {
+            CacheStatus::PeerFetch
         } else {
             status
         };
@@ -1662,7 +1664,12 @@ impl ProxyHttp for EdgeProxy {
         Self::CTX: Send + Sync,
     {
         let (code, kind) = error_status(e);
-        ctx.status = CacheStatus::Error;
+        // A peer fetch for a key this edge does not hold ends here too; it is no failure.
+        ctx.status = if ctx.only_if_cached {
+            CacheStatus::PeerFetch
+        } else {
+            CacheStatus::Error
+        };
         if code > 0 {
             let msg = match kind {
                 "origin_unreachable" => {
