@@ -162,7 +162,7 @@ def markdown(runs: list[dict]) -> str:
     """The replay table of bench/RESULTS.md, one row per (size, mode)."""
     order = {"plain": 0, "peer": 1, "baseline": 2, "lstm": 3}
     rows = ["| cache per region | mode | hit ratio | byte hit ratio | origin bytes | byte miss ratio "
-            "| demand peer fills hit / miss | shadow hits "
+            "| demand peer fills hit / miss / error | shadow hits "
             "| fills origin / peer | shadows settled / used / already held | precision (bytes) | recall | net $ "
             "| threshold at end eu / us | p50 / p99 ms | from schedule p50 / p99 ms | max lag ms |",
             "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
@@ -174,7 +174,7 @@ def markdown(runs: list[dict]) -> str:
         rows.append(
             f"| {r['cache_bytes_per_region'] / 1e6:.1f} MB | {r['mode']} | {r['hit_ratio']:.3f} | {r['byte_hit_ratio']:.3f} "
             f"| {r['origin_bytes'] / 1e6:.1f} MB | {r['byte_miss_ratio']:.4f} "
-            f"| {pf.get('hit', 0):.0f} / {pf.get('miss', 0):.0f} | {r['shadow_hits']} "
+            f"| {pf.get('hit', 0):.0f} / {pf.get('miss', 0):.0f} / {pf.get('error', 0):.0f} | {r['shadow_hits']} "
             f"| {r['shadow_fills']['origin']:.0f} / {r['shadow_fills']['peer']:.0f} "
             f"| {r['shadows_settled']} / {r['shadows_used']} / {held} | {r['precision_bytes']:.3f} | {r['recall']:.3f} "
             f"| {r['cost']['net']:.2e} | {ths} | {r['latency_ms']['p50']:.1f} / {r['latency_ms']['p99']:.1f} "

@@ -863,6 +863,8 @@ impl ProxyHttp for BrokerProxy {
                 .with_label_values(&[reason.as_str()])
                 .inc();
         }
+        // Before `request_seconds`, whose count tests wait on (`wait_logged_past`) to read the
+        // hints of the requests they made.
         if ctx.peer_hinted {
             self.metrics.peer_hints.inc();
         }

@@ -130,10 +130,12 @@ pub struct ServerSection {
     /// Seconds an origin read may stall before the fetch fails.
     #[serde(default = "default_read_timeout")]
     pub origin_read_timeout_secs: u64,
-    /// Peers whose `X-Forwarded-Proto` is passed on to the origin (the brokers in front of the
-    /// edge). From any other address the header is replaced with this listener's scheme, so a
-    /// client that reaches the edge directly cannot claim to have arrived over HTTPS. Default:
-    /// loopback and the private ranges (RFC 1918, RFC 4193), where brokers normally run.
+    /// The brokers in front of the edge: their `X-Forwarded-Proto` is passed on to the origin
+    /// and their peer hints and route tags are taken. From any other address the header is
+    /// replaced with this listener's scheme and hints are ignored, so a client that reaches
+    /// the edge directly can neither claim to have arrived over HTTPS nor send its misses to
+    /// a peer. Default: loopback and the private ranges (RFC 1918, RFC 4193), where brokers
+    /// normally run; brokers elsewhere (a CGNAT pod range, say) must be listed.
     #[serde(default = "default_trusted_proxies")]
     pub trusted_proxies: Vec<IpNet>,
     /// Where each request's access line goes (one JSON object per line): a file path, created

@@ -162,7 +162,9 @@ struct AccessLine<'a> {
     #[serde(flatten)]
     request: RequestFields<'a>,
     node: &'a str,
-    /// What the cache did (the `X-Cache` value, lower-case).
+    /// What the cache did: the `cache_status` label of `shadowcdn_edge_requests_total` (the
+    /// `X-Cache` value, lower-case, for clients' requests; `shadow_fill`, `peer_fetch`,
+    /// `rejected` or `error` otherwise).
     cache: &'static str,
     /// The fill came from a peer edge instead of the origin.
     peer: bool,
@@ -726,8 +728,15 @@ impl EdgeProxy {
     /// listed.
     fn hinted_peer(&self, session: &Session, ctx: &RequestCtx) -> Option<PeerRef> {
         let req = session.req_header();
-        if !self.trusts(client_ip(session))
-            || ctx.shadow_fill
+        let id = req.headers.get(PEER_HINT_HEADER)?;
+        let client = client_ip(session);
+        if !self.trusts(client) {
+            // Seen when the brokers' addresses are missing from `server.trusted_proxies`:
+            // every hint is then ignored.
+            tracing::debug!(?client, "peer hint from an untrusted address ignored");
+            return None;
+        }
+        if ctx.shadow_fill
             || ctx.only_if_cached
             || self.hooks.bridge.is_none()
             || req.method != http::Method::GET
@@ -738,8 +747,7 @@ impl EdgeProxy {
         {
             return None;
         }
-        let id = req.headers.get(PEER_HINT_HEADER)?.to_str().ok()?;
-        self.hooks.peers.resolve(id)
+        self.hooks.peers.resolve(id.to_str().ok()?)
     }
 
     /// The QUIC bridge this request goes through instead of the origin: a peer fill or a
@@ -1451,12 +1459,12 @@ impl ProxyHttp for EdgeProxy {
                     )
                 });
             // A usable copy is counted when its body has arrived (`logging`); the bridge says
-            // 404 when the peer holds no copy, 5xx when it could not be asked or failed.
+            // 404 when the peer holds no copy, anything else when it could not be asked or
+            // failed.
             if !usable {
-                let outcome = if upstream_response.status.is_server_error() {
-                    "error"
-                } else {
-                    "miss"
+                let outcome = match upstream_response.status.as_u16() {
+                    200..=299 | 404 => "miss",
+                    _ => "error",
                 };
                 self.metrics
                     .demand_peer_fills
@@ -1665,7 +1673,7 @@ impl ProxyHttp for EdgeProxy {
     {
         let (code, kind) = error_status(e);
         // A peer fetch for a key this edge does not hold ends here too; it is no failure.
-        ctx.status = if ctx.only_if_cached {
+        ctx.status = if self.suppress_error_log(session, ctx, e) {
             CacheStatus::PeerFetch
         } else {
             CacheStatus::Error
@@ -1710,14 +1718,20 @@ impl ProxyHttp for EdgeProxy {
             return;
         }
         if ctx.peer_served {
-            // The peer's copy arrived whole, or its body broke on the way (a client that
-            // hung up does not make it an error of the peer's).
-            let broke = e.is_some_and(|e| matches!(e.esource(), ErrorSource::Upstream));
-            let outcome = if broke { "error" } else { "hit" };
-            self.metrics
-                .demand_peer_fills
-                .with_label_values(&[outcome])
-                .inc();
+            // The peer's copy arrived whole, or its body broke on the way. An answer cut
+            // short here (the client hung up, the cache failed) says nothing of the peer and
+            // is not counted.
+            let outcome = match e.map(|e| e.esource()) {
+                None => Some("hit"),
+                Some(ErrorSource::Upstream) => Some("error"),
+                Some(_) => None,
+            };
+            if let Some(outcome) = outcome {
+                self.metrics
+                    .demand_peer_fills
+                    .with_label_values(&[outcome])
+                    .inc();
+            }
         }
         let m = self.metrics.status(ctx.status);
         m.requests.inc();

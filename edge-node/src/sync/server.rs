@@ -730,10 +730,17 @@ impl Handler {
         let resp = req.send().await;
         let mut resp = match resp {
             Ok(r) if r.status().is_success() => r,
-            Ok(r) => {
+            // 504: not held (or not fresh); 404: a host this edge does not route. Anything
+            // else is this edge failing, which the asking edge counts as an error.
+            Ok(r) if matches!(r.status().as_u16(), 404 | 504) => {
                 let msg = format!("not cached here (status {})", r.status().as_u16());
                 let _ = write_frame(send, &reply(Reply::error(ErrorCode::NotFound, msg))).await;
                 return "not_found";
+            }
+            Ok(r) => {
+                let msg = format!("the cache answered {}", r.status().as_u16());
+                let _ = write_frame(send, &reply(Reply::error(ErrorCode::Internal, msg))).await;
+                return "error";
             }
             Err(e) => {
                 let _ = write_frame(

@@ -430,8 +430,11 @@ async fn main() -> anyhow::Result<()> {
     if let Some(s) = sampler {
         s.abort();
     }
-    // The origin's bytes as the trace ends: fills the planner orders after it, for demand
-    // the trace no longer has, are reported apart (`origin_bytes_after_tail`).
+    // The origin's bytes once every traced request has been answered (the last up to the
+    // longest wait for a slot after its traced time): byte miss counts these. The total read
+    // after the 3 s tail, fills the planner ordered for demand the trace no longer has
+    // included, is reported as `origin_bytes_after_tail`; the last timeline sample is taken
+    // after the tail too.
     let origin_at_end = origin_bytes(&client, &cli.origin).await?;
     // Let the broker's stats polls collect the shadows that ended.
     tokio::time::sleep(Duration::from_secs(3)).await;
