@@ -261,6 +261,22 @@ impl Cluster {
         wait_until(|| async { self.logged().await > before }).await;
     }
 
+    /// Wait until the broker has pushed edge `i` the three other edges as its peers.
+    async fn wait_peers_listed(&self, i: usize) {
+        let admin = self.edges[i].admin;
+        wait_until(|| async {
+            let (_, v) = api(
+                reqwest::Method::GET,
+                format!("http://{admin}/peers"),
+                shadowcdn_tests::cluster::EDGE_TOKEN,
+                None,
+            )
+            .await;
+            v["peers"].as_array().is_some_and(|p| p.len() == 3)
+        })
+        .await;
+    }
+
     /// A us client views `/page/index.html` and then its script four times, so co-access
     /// learns the pair; then the script is purged everywhere, so the next view of the page
     /// has it to shadow again.
@@ -3733,17 +3749,7 @@ async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     let us = &c.edges[3];
     let edge_token = shadowcdn_tests::cluster::EDGE_TOKEN;
     // The broker pushes each edge the peers it may fill from.
-    wait_until(|| async {
-        let (_, v) = api(
-            reqwest::Method::GET,
-            format!("http://{}/peers", us.admin),
-            edge_token,
-            None,
-        )
-        .await;
-        v["peers"].as_array().is_some_and(|p| p.len() == 3)
-    })
-    .await;
+    c.wait_peers_listed(3).await;
     let get = |path: &'static str, region: &'static str, variant: &'static str| {
         client()
             .get(format!("http://{}{}", c.broker.addr, path))
@@ -3967,19 +3973,8 @@ async fn a_hinted_peer_that_is_down_counts_as_an_error() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
-    let edge_token = shadowcdn_tests::cluster::EDGE_TOKEN;
     let us = c.edges[3].admin;
-    wait_until(|| async {
-        let (_, v) = api(
-            reqwest::Method::GET,
-            format!("http://{us}/peers"),
-            edge_token,
-            None,
-        )
-        .await;
-        v["peers"].as_array().is_some_and(|p| p.len() == 3)
-    })
-    .await;
+    c.wait_peers_listed(3).await;
     assert_eq!(c.edges[0].child.terminate(), Some(0));
     // Sent as the broker would (from a trusted address), naming the stopped eu-a.
     let r = client()
@@ -4018,7 +4013,6 @@ async fn an_edge_takes_peer_hints_only_from_the_addresses_it_trusts() {
     let origin = TestOrigin::start().await;
     let mut c = start_cluster();
     c.register(&origin).await;
-    let edge_token = shadowcdn_tests::cluster::EDGE_TOKEN;
     let us = 3;
     assert_eq!(c.edges[us].child.terminate(), Some(0));
     c.edges[us].set_env(
@@ -4027,17 +4021,7 @@ async fn an_edge_takes_peer_hints_only_from_the_addresses_it_trusts() {
     );
     c.edges[us].spawn();
     let admin = c.edges[us].admin;
-    wait_until(|| async {
-        let (_, v) = api(
-            reqwest::Method::GET,
-            format!("http://{admin}/peers"),
-            edge_token,
-            None,
-        )
-        .await;
-        v["peers"].as_array().is_some_and(|p| p.len() == 3)
-    })
-    .await;
+    c.wait_peers_listed(us).await;
     let hints = || async {
         let m = c.metrics().await;
         sample(&m, "shadowcdn_broker_peer_hints_total", &[]).unwrap_or(0.0)
