@@ -4043,6 +4043,11 @@ async fn an_edge_takes_peer_hints_only_from_the_addresses_it_trusts() {
     assert_eq!(hints().await, before + 1.0, "the broker did hint");
     assert_eq!(origin.hits("/untrusted/a.css"), 2);
     let m = text(format!("http://{admin}/metrics")).await;
+    assert_eq!(
+        sample(&m, "shadowcdn_edge_peer_hints_untrusted_total", &[]),
+        Some(1.0),
+        "{m}"
+    );
     for outcome in ["hit", "miss", "error"] {
         let n = sample(
             &m,

@@ -128,6 +128,9 @@ pub struct EdgeMetrics {
     /// `miss`: it did not hold a usable copy, `error`: the fetch failed; both then go to the
     /// origin).
     pub demand_peer_fills: IntCounterVec,
+    /// Misses whose peer hint came from an address outside `server.trusted_proxies` and was
+    /// ignored: nonzero when the brokers' addresses are missing from it.
+    pub peer_hints_untrusted: IntCounter,
     /// Seconds fill workers waited to stay within `shadow.fill_bandwidth`.
     pub shadow_fill_paced_seconds: Counter,
     /// Open QUIC connections by peer role.
@@ -265,6 +268,10 @@ impl EdgeMetrics {
                 ),
                 &["outcome"],
             )?,
+            peer_hints_untrusted: IntCounter::new(
+                "shadowcdn_edge_peer_hints_untrusted_total",
+                "Cache misses whose peer hint came from an address outside server.trusted_proxies and was ignored",
+            )?,
             shadow_fill_bytes: IntCounter::new(
                 "shadowcdn_edge_shadow_fill_bytes_total",
                 "Body bytes fetched by shadow fills",
@@ -382,6 +389,7 @@ impl EdgeMetrics {
         registry.register(Box::new(m.shadow_fill_sources.clone()))?;
         registry.register(Box::new(m.shadow_fill_bytes.clone()))?;
         registry.register(Box::new(m.demand_peer_fills.clone()))?;
+        registry.register(Box::new(m.peer_hints_untrusted.clone()))?;
         registry.register(Box::new(m.shadow_fill_paced_seconds.clone()))?;
         registry.register(Box::new(m.sync_connections.clone()))?;
         registry.register(Box::new(m.sync_messages.clone()))?;

@@ -733,6 +733,7 @@ impl EdgeProxy {
         if !self.trusts(client) {
             // Seen when the brokers' addresses are missing from `server.trusted_proxies`:
             // every hint is then ignored.
+            self.metrics.peer_hints_untrusted.inc();
             tracing::debug!(?client, "peer hint from an untrusted address ignored");
             return None;
         }
