@@ -13,7 +13,8 @@
 //! Purges: a key purge forgets the key's holders. A prefix or tag purge names no key, and keys
 //! are remembered by hash only, so it sets a floor for the whole host instead: holders of the
 //! host's keys recorded up to the purge are no longer hinted, and each key regains a holder
-//! when an edge next serves it.
+//! when an edge next serves it. Either way a request that began before the purge and ends
+//! after it (answered from the old copy) does not count as a holder.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -78,10 +79,38 @@ struct Holder {
 
 type Slots = [Option<Holder>; SLOTS];
 
+/// What is remembered of one key.
+#[derive(Debug, Clone, Copy, Default)]
+struct Entry {
+    holders: Slots,
+    /// The count of purges just after the key's own last purge ([`Holders::forget`]):
+    /// requests that began before it are not recorded as holders.
+    floor: Option<u32>,
+}
+
 #[derive(Default)]
 struct Shard {
-    current: HashMap<u64, Slots>,
-    previous: HashMap<u64, Slots>,
+    current: HashMap<u64, Entry>,
+    previous: HashMap<u64, Entry>,
+}
+
+impl Shard {
+    /// The current generation's entry for `key`, carried over from the previous one or new;
+    /// a full current generation becomes the previous one first.
+    fn entry(&mut self, key: u64, per_shard: usize) -> &mut Entry {
+        if !self.current.contains_key(&key) && self.current.len() >= per_shard {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        let carried = self.previous.get(&key).copied();
+        self.current
+            .entry(key)
+            .or_insert_with(|| carried.unwrap_or_default())
+    }
+}
+
+/// Whether purge count `count` is `floor` or later, as serial numbers (RFC 1982).
+fn at_or_after(count: u32, floor: u32) -> bool {
+    count.wrapping_sub(floor) < 1 << 31
 }
 
 /// Recent holders of keys (by 64-bit key hash).
@@ -89,10 +118,11 @@ pub struct Holders {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
     max_age: u64,
-    /// Host purges so far. Compared with holders' counts as serial numbers (RFC 1982), so it
-    /// may wrap: a holder is hintable for `max_age`, far less than two billion purges.
+    /// Purges so far (of keys and of hosts). Compared with holders' counts as serial numbers
+    /// (RFC 1982), so it may wrap: a holder is hintable for `max_age`, far less than two
+    /// billion purges.
     purges: AtomicU32,
-    /// Per host, the count of host purges just after its last one, and that purge's broker
+    /// Per host, the count of purges just after its last host purge, and that purge's broker
     /// second (kept while holders of that age could still be hinted).
     purged: RwLock<HashMap<Box<str>, (u32, u64)>>,
 }
@@ -114,9 +144,9 @@ impl Holders {
         &self.shards[(key >> 60) as usize % SHARDS]
     }
 
-    /// The count of host purges now, to read as a request begins and pass to
-    /// [`Holders::record`] when it ends: a host purge that came while the edge answered from
-    /// its old copy hides the holder it records, as it hides those recorded before it.
+    /// The count of purges now, to read as a request begins and pass to [`Holders::record`]
+    /// when it ends: a purge that came while the edge answered from its old copy hides the
+    /// holder it records, as it hides those recorded before it.
     pub fn epoch(&self) -> u32 {
         self.purges.load(Ordering::Acquire)
     }
@@ -128,14 +158,11 @@ impl Holders {
             return;
         };
         let mut s = self.shard(key).lock();
-        if !s.current.contains_key(&key) && s.current.len() >= self.per_shard {
-            s.previous = std::mem::take(&mut s.current);
+        let entry = s.entry(key, self.per_shard);
+        if entry.floor.is_some_and(|f| !at_or_after(epoch, f)) {
+            return;
         }
-        let carried = s.previous.get(&key).copied();
-        let slots = s
-            .current
-            .entry(key)
-            .or_insert_with(|| carried.unwrap_or_default());
+        let slots = &mut entry.holders;
         let h = Holder {
             edge,
             region,
@@ -181,14 +208,14 @@ impl Holders {
             s.current
                 .get(&key)
                 .or_else(|| s.previous.get(&key))
-                .copied()
+                .map(|e| e.holders)
         }?;
         let floor = floor();
         slots
             .iter()
             .flatten()
             .filter(|h| usize::from(h.edge) != serving && now.saturating_sub(h.at) <= self.max_age)
-            .filter(|h| floor.is_none_or(|f| h.purges.wrapping_sub(f) < 1 << 31))
+            .filter(|h| floor.is_none_or(|f| at_or_after(h.purges, f)))
             .filter(|h| usable(usize::from(h.edge)))
             .max_by_key(|h| h.at)
             .map(|h| usize::from(h.edge))
@@ -214,11 +241,15 @@ impl Holders {
     }
 
     /// Forget every holder of `key`: its copies were purged, and a hint to any of them would
-    /// cost the miss a round trip to a peer that no longer holds it.
+    /// cost the miss a round trip to a peer that no longer holds it. Requests for it that
+    /// began before now are not recorded as holders when they end.
     pub fn forget(&self, key: u64) {
         let mut s = self.shard(key).lock();
-        s.current.remove(&key);
-        s.previous.remove(&key);
+        let after = self.purges.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        *s.entry(key, self.per_shard) = Entry {
+            holders: Slots::default(),
+            floor: Some(after),
+        };
     }
 
     /// Forget every holder of `host`'s keys recorded so far: a prefix or tag purge removed
@@ -283,9 +314,19 @@ mod tests {
         let h = holders(1000);
         h.record(7, 0, 0, 10, h.epoch());
         h.record(8, 0, 0, 10, h.epoch());
+        let began = h.epoch();
         h.forget(7);
         assert_eq!(h.peer_for(7, 2, 10, |_| true), None);
         assert_eq!(h.peer_for(8, 2, 10, |_| true), Some(0));
+        // A request that began before the purge, answered from the old copy, ends after it.
+        h.record(7, 1, 1, 11, began);
+        assert_eq!(h.peer_for(7, 2, 11, |_| true), None);
+        // One that began after it holds the new copy.
+        h.record(7, 1, 1, 12, h.epoch());
+        assert_eq!(h.peer_for(7, 2, 12, |_| true), Some(1));
+        // Other keys' purges move the count on; they do not hide this key's holders.
+        h.forget(9);
+        assert_eq!(h.peer_for(7, 2, 12, |_| true), Some(1));
     }
 
     #[test]
