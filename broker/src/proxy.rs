@@ -76,7 +76,7 @@ pub struct BrokerCtx {
     key: String,
     /// Hash of `key`, for the holder map.
     key_hash: u64,
-    /// The holder map's count of host purges as the request began ([`Holders::epoch`]).
+    /// The holder map's count of purges as the request began ([`Holders::epoch`]).
     holders_epoch: u32,
     /// Some attempt carried a peer hint (counted once per request, at its end).
     peer_hinted: bool,

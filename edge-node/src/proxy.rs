@@ -729,14 +729,6 @@ impl EdgeProxy {
     fn hinted_peer(&self, session: &Session, ctx: &RequestCtx) -> Option<PeerRef> {
         let req = session.req_header();
         let id = req.headers.get(PEER_HINT_HEADER)?;
-        let client = client_ip(session);
-        if !self.trusts(client) {
-            // Seen when the brokers' addresses are missing from `server.trusted_proxies`:
-            // every hint is then ignored.
-            self.metrics.peer_hints_untrusted.inc();
-            tracing::debug!(?client, "peer hint from an untrusted address ignored");
-            return None;
-        }
         if ctx.shadow_fill
             || ctx.only_if_cached
             || self.hooks.bridge.is_none()
@@ -746,6 +738,14 @@ impl EdgeProxy {
             // the precondition nor the range: the origin judges these.
             || asks_a_precondition(req)
         {
+            return None;
+        }
+        let client = client_ip(session);
+        if !self.trusts(client) {
+            // Seen when the brokers' addresses are missing from `server.trusted_proxies`:
+            // every hint is then ignored.
+            self.metrics.peer_hints_untrusted.inc();
+            tracing::debug!(?client, "peer hint from an untrusted address ignored");
             return None;
         }
         self.hooks.peers.resolve(id.to_str().ok()?)

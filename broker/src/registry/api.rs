@@ -870,7 +870,8 @@ fn forget_holders(s: &ApiState, target: &str) {
     if target.ends_with('*') {
         h.forget_host(crate::routing::host_of(target), crate::clock::now_secs());
     } else {
-        h.forget(xxhash_rust::xxh3::xxh3_64(target.as_bytes()));
+        let key = xxhash_rust::xxh3::xxh3_64(target.as_bytes());
+        h.forget(key, crate::clock::now_secs());
     }
 }
 

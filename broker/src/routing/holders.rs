@@ -39,7 +39,8 @@ pub struct PeerFillSection {
     /// hint costs only one round trip between edges.
     #[serde(default = "default_max_age")]
     pub max_age_secs: u64,
-    /// Keys remembered (bounds memory, about 100 bytes per key).
+    /// Keys remembered (bounds memory: about 250 bytes per key, with the hash maps' own
+    /// overhead).
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
 }
@@ -83,9 +84,10 @@ type Slots = [Option<Holder>; SLOTS];
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
     holders: Slots,
-    /// The count of purges just after the key's own last purge ([`Holders::forget`]):
-    /// requests that began before it are not recorded as holders.
-    floor: Option<u32>,
+    /// The count of purges just after the key's own last purge ([`Holders::forget`]), and
+    /// that purge's broker second: requests that began before it are not recorded as
+    /// holders (for `max_age`, after which the count may have wrapped).
+    floor: Option<(u32, u64)>,
 }
 
 #[derive(Default)]
@@ -119,8 +121,8 @@ pub struct Holders {
     per_shard: usize,
     max_age: u64,
     /// Purges so far (of keys and of hosts). Compared with holders' counts as serial numbers
-    /// (RFC 1982), so it may wrap: a holder is hintable for `max_age`, far less than two
-    /// billion purges.
+    /// (RFC 1982), so it may wrap: holders and floors count for `max_age` only, far less than
+    /// two billion purges.
     purges: AtomicU32,
     /// Per host, the count of purges just after its last host purge, and that purge's broker
     /// second (kept while holders of that age could still be hinted).
@@ -159,8 +161,10 @@ impl Holders {
         };
         let mut s = self.shard(key).lock();
         let entry = s.entry(key, self.per_shard);
-        if entry.floor.is_some_and(|f| !at_or_after(epoch, f)) {
-            return;
+        match entry.floor {
+            Some((_, at)) if now.saturating_sub(at) > self.max_age => entry.floor = None,
+            Some((f, _)) if !at_or_after(epoch, f) => return,
+            _ => {}
         }
         let slots = &mut entry.holders;
         let h = Holder {
@@ -236,19 +240,31 @@ impl Holders {
         let usable = |e: usize| {
             fleet.addresses.get(e).sync.is_some() && health.is_up(e) && health.serves_host(e, host)
         };
-        let floor = || self.purged.read().get(host).map(|(n, _)| *n);
+        // A floor past the age limit decides nothing (its holders are too old to hint) and
+        // may no longer compare rightly with a wrapped count.
+        let floor = || {
+            let purged = self.purged.read();
+            let (n, at) = purged.get(host)?;
+            (now.saturating_sub(*at) <= self.max_age).then_some(*n)
+        };
         self.latest(key, serving, now, floor, usable)
     }
 
-    /// Forget every holder of `key`: its copies were purged, and a hint to any of them would
-    /// cost the miss a round trip to a peer that no longer holds it. Requests for it that
-    /// began before now are not recorded as holders when they end.
-    pub fn forget(&self, key: u64) {
+    /// Forget every holder of `key`, purged at `now`: a hint to any of them would cost the
+    /// miss a round trip to a peer that no longer holds it. Requests for it that began
+    /// before the purge are not recorded as holders when they end; for a key not remembered
+    /// that is kept only while the current generation has room (a burst of purges of
+    /// unknown keys must not push out the holders of known ones).
+    pub fn forget(&self, key: u64, now: u64) {
         let mut s = self.shard(key).lock();
         let after = self.purges.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        let known = s.current.contains_key(&key) || s.previous.contains_key(&key);
+        if !known && s.current.len() >= self.per_shard {
+            return;
+        }
         *s.entry(key, self.per_shard) = Entry {
             holders: Slots::default(),
-            floor: Some(after),
+            floor: Some((after, now)),
         };
     }
 
@@ -315,7 +331,7 @@ mod tests {
         h.record(7, 0, 0, 10, h.epoch());
         h.record(8, 0, 0, 10, h.epoch());
         let began = h.epoch();
-        h.forget(7);
+        h.forget(7, 10);
         assert_eq!(h.peer_for(7, 2, 10, |_| true), None);
         assert_eq!(h.peer_for(8, 2, 10, |_| true), Some(0));
         // A request that began before the purge, answered from the old copy, ends after it.
@@ -325,8 +341,30 @@ mod tests {
         h.record(7, 1, 1, 12, h.epoch());
         assert_eq!(h.peer_for(7, 2, 12, |_| true), Some(1));
         // Other keys' purges move the count on; they do not hide this key's holders.
-        h.forget(9);
+        h.forget(9, 12);
         assert_eq!(h.peer_for(7, 2, 12, |_| true), Some(1));
+        // A key floor past the age limit no longer refuses (the count may have wrapped).
+        let before = h.epoch();
+        h.forget(7, 20);
+        h.record(7, 0, 0, 121, before);
+        assert_eq!(h.peer_for(7, 2, 121, |_| true), Some(0));
+    }
+
+    #[test]
+    fn purges_of_unknown_keys_do_not_push_out_known_holders() {
+        let h = holders(2 * SHARDS);
+        // One key per shard fills its current generation (one slot per generation).
+        let keys: Vec<u64> = (0..SHARDS as u64).map(|s| s << 60).collect();
+        for &k in &keys {
+            h.record(k, 0, 0, 1, h.epoch());
+        }
+        for &k in &keys {
+            h.forget(k | 1, 2);
+        }
+        for &k in &keys {
+            assert_eq!(h.peer_for(k, 2, 2, |_| true), Some(0), "{k:x}");
+        }
+        assert_eq!(h.len(), SHARDS);
     }
 
     #[test]
