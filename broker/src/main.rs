@@ -31,8 +31,9 @@ enum Cmd {
         #[arg(long)]
         check: bool,
         /// As `--check`, and also prove `data_dir` writable (creating it if missing), the access
-        /// log openable and the HTTPS and QUIC certificates loadable: what a start opens besides
-        /// its ports and the registry.
+        /// log openable, the HTTPS and QUIC certificates loadable and the saved state readable
+        /// (revocation list number, pending purges, edge certificates): what a start opens
+        /// besides its ports and the registry, writing no saved state.
         #[arg(long)]
         preflight: bool,
     },

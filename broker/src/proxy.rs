@@ -486,7 +486,7 @@ impl ProxyHttp for BrokerProxy {
         let req = session.req_header();
         let pq = req.uri.path_and_query().map_or("/", |p| p.as_str());
         ctx.key = self.registry.cache_key(&host, pq);
-        ctx.key_hash = xxhash_rust::xxh3::xxh3_64(ctx.key.as_bytes());
+        ctx.key_hash = Holders::key_of(&ctx.key);
         ctx.holders_epoch = self.holders.as_ref().map_or(0, |h| h.epoch());
         ctx.resource = primary_key(&host, req.uri.path());
         // A read's followers are shadowed as it starts, while it is still being answered.

@@ -46,8 +46,9 @@ struct Cli {
     #[arg(long)]
     check: bool,
     /// As `--check`, and also prove the cache directory writable (creating it if missing), the
-    /// access log openable and the QUIC certificates loadable: what a start opens besides its
-    /// ports and the cache.
+    /// access log openable, the QUIC certificates loadable and the revocation list no older
+    /// than the one enforced before: what a start opens besides its ports and the cache,
+    /// writing no saved state.
     #[arg(long)]
     preflight: bool,
     #[command(subcommand)]

@@ -124,9 +124,9 @@ pub struct EdgeMetrics {
     pub shadow_fill_sources: IntCounterVec,
     /// Bytes fetched by shadow fills.
     pub shadow_fill_bytes: IntCounter,
-    /// Demand misses the broker hinted a peer for, by outcome (`hit`: the peer served it,
-    /// `miss`: it did not hold a usable copy, `error`: the fetch failed; both then go to the
-    /// origin).
+    /// Demand misses the broker hinted a peer for, by outcome (`hit`: its copy arrived whole,
+    /// `miss`: it did not hold a usable copy, `error`: it could not be asked or failed, or the
+    /// copy's body broke; misses and errors before the body go to the origin).
     pub demand_peer_fills: IntCounterVec,
     /// Misses whose peer hint came from an address outside `server.trusted_proxies` and was
     /// ignored: nonzero when the brokers' addresses are missing from it.

@@ -195,6 +195,9 @@ pub struct RequestCtx {
     peer_fill: bool,
     /// A peer fetch: answer from cache or not at all.
     only_if_cached: bool,
+    /// The request came from `server.trusted_proxies` (a broker): its forwarded scheme, route
+    /// tag and peer hint are taken.
+    from_trusted: bool,
     /// A refresh fill: a held copy is revalidated with the origin.
     refresh: bool,
     /// The broker's peer hint was considered (once per request; a retry goes to the origin).
@@ -740,11 +743,11 @@ impl EdgeProxy {
         {
             return None;
         }
-        let client = client_ip(session);
-        if !self.trusts(client) {
+        if !ctx.from_trusted {
             // Seen when the brokers' addresses are missing from `server.trusted_proxies`:
             // every hint is then ignored.
             self.metrics.peer_hints_untrusted.inc();
+            let client = client_ip(session);
             tracing::debug!(?client, "peer hint from an untrusted address ignored");
             return None;
         }
@@ -961,6 +964,7 @@ impl ProxyHttp for EdgeProxy {
             shadow_fill: false,
             peer_fill: false,
             only_if_cached: false,
+            from_trusted: false,
             refresh: false,
             hint_used: false,
             demand_peer: None,
@@ -993,6 +997,7 @@ impl ProxyHttp for EdgeProxy {
         // Replaced before anything reads the request, so that a `Vary: X-Forwarded-Proto`
         // variant is chosen by the scheme the origin is told, not by a client's claim.
         let trusted = self.trusts(client_ip(session));
+        ctx.from_trusted = trusted;
         if !trusted {
             session
                 .req_header_mut()

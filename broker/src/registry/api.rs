@@ -33,7 +33,7 @@ use super::store::{Claim, Registry, RegistryError};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{Series, SeriesStore};
 use crate::planner::PlannerState;
-use crate::routing::{Fleet, Health};
+use crate::routing::{Fleet, Health, Holders};
 use crate::sync::EdgeSync;
 
 /// What the handlers share.
@@ -72,7 +72,7 @@ pub struct ApiState {
     /// Per-provider budgets of costly calls.
     pub limits: Arc<ApiLimits>,
     /// The edges that served each key lately (peer hints); `None` with peer fill off.
-    pub holders: Option<Arc<crate::routing::Holders>>,
+    pub holders: Option<Arc<Holders>>,
 }
 
 /// An API failure.
@@ -830,9 +830,7 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
                 // on the edges and renewed by the next order), so it neither counts purged
                 // ones against budgets nor refreshes copies that are gone; and, for the same
                 // reason, the holders of all the host's keys.
-                let all = format!("{host}/*");
-                s.planner.forget(&all);
-                forget_holders(&s, &all);
+                forget_purged(&s, &format!("{host}/*"));
                 let report = json!({ "host": host, "tags": tags, "edges": results });
                 (results, report)
             }
@@ -854,25 +852,29 @@ async fn purge(State(s): State<ApiState>, headers: HeaderMap, body: Body) -> Api
 
 /// Purge `target` on every edge, then forget the planner's live shadows under it: after the
 /// purge, so that an order placed while it ran is forgotten too (the edge may have taken it
-/// before the purge removed its copy). Its holders are forgotten too ([`forget_holders`]).
+/// before the purge removed its copy).
 async fn purge_and_forget(s: &ApiState, target: &str) -> Vec<crate::sync::EdgeResult> {
     let results = s.sync.purge_everywhere(target).await;
-    s.planner.forget(target);
-    forget_holders(s, target);
+    forget_purged(s, target);
     results
 }
 
-/// After a purge of `target` (a key, or a prefix ending in `*`): no miss elsewhere is hinted
-/// to a peer whose copy it removed. A key's holders are forgotten; a prefix's keys are not
-/// known by name, so every holder of its host recorded until now is.
-fn forget_holders(s: &ApiState, target: &str) {
-    let Some(h) = &s.holders else { return };
-    if target.ends_with('*') {
-        h.forget_host(crate::routing::host_of(target), crate::clock::now_secs());
-    } else {
-        let key = xxhash_rust::xxh3::xxh3_64(target.as_bytes());
-        h.forget(key, crate::clock::now_secs());
+/// After the edges purged `target` (a key, or a prefix ending in `*`): the planner forgets
+/// its live shadows under it (what [`crate::planner::PlannerState::forget`] returns is
+/// returned), and no miss elsewhere is hinted to a peer whose copy went. A key's holders
+/// are forgotten; a prefix's keys are not known by name, so every holder of its host
+/// recorded until now is.
+fn forget_purged(s: &ApiState, target: &str) -> u64 {
+    let since = s.planner.forget(target);
+    if let Some(h) = &s.holders {
+        let now = crate::clock::now_secs();
+        if target.ends_with('*') {
+            h.forget_host(crate::routing::host_of(target), now);
+        } else {
+            h.forget(Holders::key_of(target), now);
+        }
     }
+    since
 }
 
 /// The cache key of an exact path (the host's query filter applied). A key ending in `*`
@@ -1180,10 +1182,9 @@ async fn apply_event(
             // window without a copy); every other copy is invalidated.
             let refreshing = s.sync.refreshing(target, &refill).await;
             let purged = s.sync.purge_all_but(target, &refill).await;
-            let since = s.planner.forget(target);
             // The refreshing edges hold the new version, but which of them answers when is
             // theirs to say: each is hinted again once it serves the key.
-            forget_holders(s, target);
+            let since = forget_purged(s, target);
             let ttl = s
                 .registry
                 .resource_for(host, route)

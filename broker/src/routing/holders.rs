@@ -84,10 +84,25 @@ type Slots = [Option<Holder>; SLOTS];
 #[derive(Debug, Clone, Copy, Default)]
 struct Entry {
     holders: Slots,
-    /// The count of purges just after the key's own last purge ([`Holders::forget`]), and
-    /// that purge's broker second: requests that began before it are not recorded as
-    /// holders (for `max_age`, after which the count may have wrapped).
-    floor: Option<(u32, u64)>,
+    /// The key's own last purge ([`Holders::forget`]): requests that began before it are
+    /// not recorded as holders.
+    floor: Option<Floor>,
+}
+
+/// A purge, as holders are judged against it: the count of purges just after it, and its
+/// broker second.
+#[derive(Debug, Clone, Copy)]
+struct Floor {
+    count: u32,
+    at: u64,
+}
+
+impl Floor {
+    /// Its count while it still decides at `now`: past `max_age` the holders it hides are
+    /// too old to hint anyway, and the count may have wrapped since.
+    fn in_force(self, now: u64, max_age: u64) -> Option<u32> {
+        (now.saturating_sub(self.at) <= max_age).then_some(self.count)
+    }
 }
 
 #[derive(Default)]
@@ -115,7 +130,7 @@ fn at_or_after(count: u32, floor: u32) -> bool {
     count.wrapping_sub(floor) < 1 << 31
 }
 
-/// Recent holders of keys (by 64-bit key hash).
+/// Recent holders of keys (by 64-bit key hash, [`Holders::key_of`]).
 pub struct Holders {
     shards: Box<[Mutex<Shard>]>,
     per_shard: usize,
@@ -124,9 +139,8 @@ pub struct Holders {
     /// (RFC 1982), so it may wrap: holders and floors count for `max_age` only, far less than
     /// two billion purges.
     purges: AtomicU32,
-    /// Per host, the count of purges just after its last host purge, and that purge's broker
-    /// second (kept while holders of that age could still be hinted).
-    purged: RwLock<HashMap<Box<str>, (u32, u64)>>,
+    /// Per host, its last host purge (kept while it is in force).
+    purged: RwLock<HashMap<Box<str>, Floor>>,
 }
 
 impl Holders {
@@ -140,6 +154,11 @@ impl Holders {
             purges: AtomicU32::new(0),
             purged: RwLock::default(),
         }
+    }
+
+    /// The hash a cache key is remembered by: every caller names keys through it.
+    pub fn key_of(key: &str) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(key.as_bytes())
     }
 
     fn shard(&self, key: u64) -> &Mutex<Shard> {
@@ -161,10 +180,9 @@ impl Holders {
         };
         let mut s = self.shard(key).lock();
         let entry = s.entry(key, self.per_shard);
-        match entry.floor {
-            Some((_, at)) if now.saturating_sub(at) > self.max_age => entry.floor = None,
-            Some((f, _)) if !at_or_after(epoch, f) => return,
-            _ => {}
+        let floor = entry.floor.and_then(|f| f.in_force(now, self.max_age));
+        if floor.is_some_and(|f| !at_or_after(epoch, f)) {
+            return;
         }
         let slots = &mut entry.holders;
         let h = Holder {
@@ -240,13 +258,7 @@ impl Holders {
         let usable = |e: usize| {
             fleet.addresses.get(e).sync.is_some() && health.is_up(e) && health.serves_host(e, host)
         };
-        // A floor past the age limit decides nothing (its holders are too old to hint) and
-        // may no longer compare rightly with a wrapped count.
-        let floor = || {
-            let purged = self.purged.read();
-            let (n, at) = purged.get(host)?;
-            (now.saturating_sub(*at) <= self.max_age).then_some(*n)
-        };
+        let floor = || self.purged.read().get(host)?.in_force(now, self.max_age);
         self.latest(key, serving, now, floor, usable)
     }
 
@@ -257,15 +269,21 @@ impl Holders {
     /// unknown keys must not push out the holders of known ones).
     pub fn forget(&self, key: u64, now: u64) {
         let mut s = self.shard(key).lock();
-        let after = self.purges.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        let floor = self.next_purge(now);
         let known = s.current.contains_key(&key) || s.previous.contains_key(&key);
         if !known && s.current.len() >= self.per_shard {
             return;
         }
         *s.entry(key, self.per_shard) = Entry {
             holders: Slots::default(),
-            floor: Some((after, now)),
+            floor: Some(floor),
         };
+    }
+
+    /// Count one more purge, at broker second `now`.
+    fn next_purge(&self, now: u64) -> Floor {
+        let count = self.purges.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
+        Floor { count, at: now }
     }
 
     /// Forget every holder of `host`'s keys recorded so far: a prefix or tag purge removed
@@ -273,10 +291,9 @@ impl Holders {
     /// long the host's floor is kept.
     pub fn forget_host(&self, host: &str, now: u64) {
         let mut purged = self.purged.write();
-        let after = self.purges.fetch_add(1, Ordering::AcqRel).wrapping_add(1);
-        // Floors older than any hintable holder decide nothing any more.
-        purged.retain(|_, (_, at)| now.saturating_sub(*at) <= self.max_age);
-        purged.insert(host.into(), (after, now));
+        let floor = self.next_purge(now);
+        purged.retain(|_, f| f.in_force(now, self.max_age).is_some());
+        purged.insert(host.into(), floor);
     }
 
     /// Keys remembered now (both generations).
@@ -371,7 +388,7 @@ mod tests {
     fn a_host_purge_hides_the_holders_recorded_until_it() {
         let h = holders(1000);
         let all = |_| true;
-        let floor = |host: &str| h.purged.read().get(host).map(|(n, _)| *n);
+        let floor = |host: &str| h.purged.read().get(host).map(|f| f.count);
         h.record(7, 0, 0, 10, h.epoch());
         h.record(8, 1, 1, 20, h.epoch());
         h.forget_host("a.example", 20);
@@ -408,7 +425,7 @@ mod tests {
         h.record(7, 0, 0, 10, h.epoch());
         h.forget_host("a.example", 10);
         assert_eq!(h.epoch(), 0);
-        let floor = || h.purged.read().get("a.example").map(|(n, _)| *n);
+        let floor = || h.purged.read().get("a.example").map(|f| f.count);
         assert_eq!(h.latest(7, 2, 10, floor, |_| true), None);
         h.record(7, 1, 1, 10, h.epoch());
         assert_eq!(h.latest(7, 2, 10, floor, |_| true), Some(1));

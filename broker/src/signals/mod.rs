@@ -129,10 +129,7 @@ impl CoAccessService {
     /// the broker would hint to `edge`'s own miss of it.
     fn holder_of(&self, key: &str, edge: usize) -> Option<PeerRef> {
         let holders = self.holders.as_ref()?;
-        let (hash, host) = (
-            xxhash_rust::xxh3::xxh3_64(key.as_bytes()),
-            crate::routing::host_of(key),
-        );
+        let (hash, host) = (Holders::key_of(key), crate::routing::host_of(key));
         let (fleet, health) = (&self.fleet, &self.health);
         let e = holders.hint(hash, host, edge, fleet, health, now_secs())?;
         Some(PeerRef {
