@@ -290,8 +290,9 @@ impl Cluster {
     }
 
     /// One client in `us` fetches `paths` in order, `times` over, each answered 200; returns
-    /// once every request so far reached the monitor, so no co-access order from these views
-    /// can still be on its way.
+    /// once every request so far reached the monitor and every co-access order placed so far
+    /// has ended on its edge, so no order from these views can still be on its way or filling
+    /// (one filling across a purge after this would bring a copy back).
     async fn browse_in_us(&self, paths: &[&str], times: usize) {
         for _ in 0..times {
             for path in paths {
@@ -306,6 +307,25 @@ impl Cluster {
                 &[],
             )
             .is_some_and(|n| n >= sent)
+        })
+        .await;
+        wait_until(|| async {
+            let placed = sample(
+                &self.metrics().await,
+                "shadowcdn_broker_coaccess_shadows_total",
+                &["outcome=\"ok\""],
+            )
+            .unwrap_or(0.0);
+            let mut ended = 0.0;
+            for e in &self.edges {
+                let m = text(format!("http://{}/metrics", e.admin)).await;
+                ended += m
+                    .lines()
+                    .filter(|l| l.starts_with("shadowcdn_edge_shadow_fills_total{"))
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                    .sum::<f64>();
+            }
+            ended >= placed
         })
         .await;
     }
