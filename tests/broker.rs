@@ -7,7 +7,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 use shadowcdn_tests::cluster::{BrokerProc, EdgeProc, EdgeSpec, Pki, OPERATOR_TOKEN};
-use shadowcdn_tests::{client, poll_secs, sample, text, wait_secs, wait_until, TestOrigin};
+use shadowcdn_tests::{client, poll_secs, sample, text, total, wait_secs, wait_until, TestOrigin};
 
 const HOST: &str = "site.test";
 
@@ -261,6 +261,16 @@ impl Cluster {
         wait_until(|| async { self.logged().await > before }).await;
     }
 
+    /// Wait until the broker takes edge `id` as up (`shadowcdn_broker_edge_up`): probed
+    /// healthy again after a restart, it is routed to and hinted.
+    async fn wait_edge_up(&self, id: &str) {
+        let edge = format!("edge=\"{id}\"");
+        wait_until(|| async {
+            sample(&self.metrics().await, "shadowcdn_broker_edge_up", &[&edge]) == Some(1.0)
+        })
+        .await;
+    }
+
     /// Wait until the broker has pushed edge `i` the three other edges as its peers.
     async fn wait_peers_listed(&self, i: usize) {
         let admin = self.edges[i].admin;
@@ -290,9 +300,10 @@ impl Cluster {
     }
 
     /// One client in `us` fetches `paths` in order, `times` over, each answered 200; returns
-    /// once every request so far reached the monitor and every co-access order placed so far
-    /// has ended on its edge, so no order from these views can still be on its way or filling
-    /// (one filling across a purge after this would bring a copy back).
+    /// once every request so far reached the monitor, every follower it offered was placed or
+    /// turned down, and every order placed so far has ended on its edge, so no order from
+    /// these views can still be on its way or filling (one filling across a purge after this
+    /// would bring a copy back).
     async fn browse_in_us(&self, paths: &[&str], times: usize) {
         for _ in 0..times {
             for path in paths {
@@ -310,8 +321,11 @@ impl Cluster {
         })
         .await;
         wait_until(|| async {
+            let m = self.metrics().await;
+            let offered = total(&m, "shadowcdn_broker_coaccess_followers_total");
+            let decided = total(&m, "shadowcdn_broker_coaccess_shadows_total");
             let placed = sample(
-                &self.metrics().await,
+                &m,
                 "shadowcdn_broker_coaccess_shadows_total",
                 &["outcome=\"ok\""],
             )
@@ -319,13 +333,12 @@ impl Cluster {
             let mut ended = 0.0;
             for e in &self.edges {
                 let m = text(format!("http://{}/metrics", e.admin)).await;
-                ended += m
-                    .lines()
-                    .filter(|l| l.starts_with("shadowcdn_edge_shadow_fills_total{"))
-                    .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                    .sum::<f64>();
+                for outcome in ["filled", "dropped", "failed"] {
+                    let o = format!("outcome=\"{outcome}\"");
+                    ended += sample(&m, "shadowcdn_edge_shadow_fills_total", &[&o]).unwrap_or(0.0);
+                }
             }
-            ended >= placed
+            decided >= offered && ended >= placed
         })
         .await;
     }
@@ -1728,12 +1741,7 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
         "{v}"
     );
     c.edges[down].spawn();
-    let edge_up = format!("edge=\"{holder}\"");
-    wait_until(|| async {
-        let m = c.metrics().await;
-        sample(&m, "shadowcdn_broker_edge_up", &[edge_up.as_str()]) == Some(1.0)
-    })
-    .await;
+    c.wait_edge_up(&holder).await;
     wait_until(|| async {
         let r = c.get("/a", "eu").await;
         r.status() == StatusCode::OK && edge_of(&r) == holder
@@ -2800,16 +2808,21 @@ async fn a_shadow_is_filled_from_the_nearest_peer_edge_instead_of_the_origin() {
         c.broker.child.log(),
         c.edges[3].child.log()
     );
-    let us_metrics = text(format!("http://{}/metrics", c.edges[3].admin)).await;
-    assert_eq!(
+    // The fill's source is counted just after its mark is set.
+    let us_admin = c.edges[3].admin;
+    let peer_fills = |m: &str| {
         sample(
-            &us_metrics,
+            m,
             "shadowcdn_edge_shadow_fill_sources_total",
-            &["source=\"peer\""]
-        ),
-        Some(1.0),
-        "{us_metrics}"
-    );
+            &["source=\"peer\""],
+        )
+    };
+    poll_secs(5, || async {
+        peer_fills(&text(format!("http://{us_admin}/metrics")).await) == Some(1.0)
+    })
+    .await;
+    let us_metrics = text(format!("http://{us_admin}/metrics")).await;
+    assert_eq!(peer_fills(&us_metrics), Some(1.0), "{us_metrics}");
     assert_eq!(origin.hits("/peer/lib.js"), 1, "the origin was spared");
     for outcome in ["ok", "error"] {
         assert_eq!(
@@ -3144,11 +3157,12 @@ async fn shadow_outcomes_are_priced_per_region_and_ungated_ones_move_no_threshol
     let origin = TestOrigin::start().await;
     let mut c = start_cluster_with("[planner]\ninterval_secs = 1\n");
     c.register(&origin).await;
-    let v = c.add_resource(json!({"host": HOST, "path": "/cost/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 2,
+    let v = c.add_resource(json!({"host": HOST, "path": "/cost/", "match": "prefix", "priority": 9, "shadow_ttl_secs": 5,
                     "policy": {"max_copies": 2, "allowed_regions": ["eu", "us"]}})).await;
     let provider = v["provider"].as_str().unwrap().to_string();
 
-    // Two launches shadowed in both regions; only eu asks for them.
+    // Two launches shadowed in both regions; only eu asks for them, well within the TTL (a
+    // shorter one could run out on a loaded machine before the requests come).
     for path in ["/cost/used.js", "/cost/also-used.js"] {
         let (s, v) = c
             .event(json!({"kind": "created", "host": HOST, "path": path}))
@@ -3761,6 +3775,113 @@ async fn a_purged_key_is_not_hinted_to_a_peer() {
     }
 }
 
+/// The first `{prefix}-{i}.css` that `edge` answers in region `eu`, asked until one is
+/// (each one asked is then cached there); waited out at the broker, so its holder is recorded.
+async fn served_in_eu_by(c: &Cluster, prefix: &str, edge: &str) -> String {
+    for i in 0..32 {
+        let path = format!("{prefix}-{i}.css");
+        let n = c.logged().await;
+        let r = c.get(&path, "eu").await;
+        assert_eq!(r.status(), StatusCode::OK);
+        let by = edge_of(&r);
+        r.bytes().await.unwrap();
+        c.wait_logged_past(n).await;
+        if by == edge {
+            return path;
+        }
+    }
+    panic!("no {prefix}-* path routed to {edge}");
+}
+
+/// Restart edge `i`, named `name` (gracefully), and wait until the broker has seen the new
+/// process, with its cache `kept` or `emptied`, and routes to it again.
+async fn restart_edge(c: &mut Cluster, i: usize, name: &str, cache: &str) {
+    let id = format!("edge=\"{name}\"");
+    let cache = format!("cache=\"{cache}\"");
+    let restarts =
+        |m: &str| sample(m, "shadowcdn_broker_edge_restarts_total", &[&id, &cache]).unwrap_or(0.0);
+    let before = restarts(&c.metrics().await);
+    assert_eq!(c.edges[i].child.terminate(), Some(0));
+    c.edges[i].spawn();
+    wait_until(|| async { restarts(&c.metrics().await) > before }).await;
+    c.wait_edge_up(name).await;
+}
+
+/// Peer hints the broker gave so far.
+async fn peer_hints(c: &Cluster) -> f64 {
+    sample(&c.metrics().await, "shadowcdn_broker_peer_hints_total", &[]).unwrap_or(0.0)
+}
+
+/// A miss of `path` in us: the broker's count of logged requests before it, and how the
+/// edge filled it (`x-shadowcdn-fill`).
+async fn miss_in_us(c: &Cluster, path: &str) -> (f64, Option<String>) {
+    let n = c.logged().await;
+    let r = c.get(path, "us").await;
+    assert_eq!(r.status(), StatusCode::OK, "{path}");
+    assert_eq!(r.headers()["x-cache"], "MISS", "{path}");
+    let fill = r.headers().get("x-shadowcdn-fill").cloned();
+    r.bytes().await.unwrap();
+    (n, fill.and_then(|v| v.to_str().ok().map(str::to_string)))
+}
+
+/// An edge restarted without a disk tier, or from a process that had none, comes back empty:
+/// the broker no longer hints it as a holder of what the old process served (a miss would ask
+/// it for nothing), while one that keeps its cache on disk is still hinted, and each is hinted
+/// again for what it serves anew.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    c.wait_peers_listed(3).await;
+    // Its disk tier keeps the copy: still hinted after the restart, and filled from it.
+    let n = c.logged().await;
+    let r = c.get("/back/kept.css", "eu").await;
+    let edge = edge_of(&r);
+    r.bytes().await.unwrap();
+    c.wait_logged_past(n).await;
+    let i = ["eu-a", "eu-b"].iter().position(|e| *e == edge).unwrap();
+    restart_edge(&mut c, i, &edge, "kept").await;
+    let (n, fill) = miss_in_us(&c, "/back/kept.css").await;
+    assert_eq!(fill.as_deref(), Some("peer"));
+    c.wait_logged_past(n).await;
+    assert_eq!(origin.hits("/back/kept.css"), 1);
+
+    // Memory only from this start on: what it served before is gone, and not hinted.
+    let lost = served_in_eu_by(&c, "/back/lost", &edge).await;
+    c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "0");
+    restart_edge(&mut c, i, &edge, "emptied").await;
+    let before = peer_hints(&c).await;
+    let (n, fill) = miss_in_us(&c, &lost).await;
+    assert_eq!(fill, None, "filled from the origin");
+    c.wait_logged_past(n).await;
+    assert_eq!(peer_hints(&c).await, before, "no hint to the emptied edge");
+    assert_eq!(origin.hits(&lost), 2);
+
+    // What the new process serves, it is hinted for.
+    let again = served_in_eu_by(&c, "/back/again", &edge).await;
+    let (n, fill) = miss_in_us(&c, &again).await;
+    assert_eq!(fill.as_deref(), Some("peer"));
+    c.wait_logged_past(n).await;
+    assert_eq!(peer_hints(&c).await, before + 1.0);
+    assert_eq!(origin.hits(&again), 1);
+
+    // Back to a disk tier: the memory-only process wrote nothing there, so its copies are
+    // gone too.
+    let gone = served_in_eu_by(&c, "/back/gone", &edge).await;
+    c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "64 MiB");
+    restart_edge(&mut c, i, &edge, "emptied").await;
+    let (n, fill) = miss_in_us(&c, &gone).await;
+    assert_eq!(fill, None, "filled from the origin");
+    c.wait_logged_past(n).await;
+    assert_eq!(
+        peer_hints(&c).await,
+        before + 1.0,
+        "no hint to the emptied edge"
+    );
+    assert_eq!(origin.hits(&gone), 2);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     let origin = TestOrigin::start().await;
@@ -4042,6 +4163,7 @@ async fn an_edge_takes_peer_hints_only_from_the_addresses_it_trusts() {
     c.edges[us].spawn();
     let admin = c.edges[us].admin;
     c.wait_peers_listed(us).await;
+    c.wait_edge_up("us-a").await;
     let hints = || async {
         let m = c.metrics().await;
         sample(&m, "shadowcdn_broker_peer_hints_total", &[]).unwrap_or(0.0)

@@ -1197,7 +1197,7 @@ async fn purge_by_cache_tag() {
     }
 
     // A tag purge while the tagged answer is on its way: served, not stored.
-    let slow = "/t/slow?skey=product-9&delay_ms=800";
+    let slow = "/t/slow?skey=product-9&delay_ms=2000";
     let purge = async {
         while origin.hits("/t/slow") == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1256,13 +1256,13 @@ async fn a_purge_during_a_fetch_keeps_its_answer_out_of_the_cache() {
     let cases = [
         (
             "/inflight/a",
-            format!("{HOST}/inflight/a?delay_ms=800"),
+            format!("{HOST}/inflight/a?delay_ms=2000"),
             404,
         ),
         ("/inflight/b", format!("{HOST}/inflight/*"), 200),
     ];
     for (path, target, purge_status) in cases {
-        let url = format!("{path}?delay_ms=800");
+        let url = format!("{path}?delay_ms=2000");
         let purge = async {
             while origin.hits(path) == 0 {
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1293,7 +1293,7 @@ async fn waiters_on_a_purged_fill_share_one_new_fetch() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
-    let url = "/herd?delay_ms=800";
+    let url = "/herd?delay_ms=2000";
     let others = async {
         while origin.hits("/herd") == 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1301,7 +1301,7 @@ async fn waiters_on_a_purged_fill_share_one_new_fetch() {
         let waiters = futures::future::join_all((0..8).map(|_| edge.get(url)));
         let purge = async {
             tokio::time::sleep(Duration::from_millis(200)).await;
-            let target = format!("{HOST}/herd?delay_ms=800");
+            let target = format!("{HOST}/herd?delay_ms=2000");
             edge.purge(&target, TOKEN).await.status()
         };
         tokio::join!(waiters, purge)

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::cost::Ledger;
 use crate::edge_certs::{EdgeCertificates, EdgeCertsError};
 use crate::metrics::BrokerMetrics;
-use crate::routing::{Fleet, Health};
+use crate::routing::{Fleet, Health, Holders};
 
 /// Longest wait for an edge's answer to an order.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(3);
@@ -105,6 +105,10 @@ pub struct Control {
     health: Arc<Health>,
     /// The certificate each edge last presented, kept across restarts.
     certs: Arc<EdgeCertificates>,
+    /// Recent holders of keys (peer fill on): an edge back with an empty cache holds none.
+    holders: Option<Arc<Holders>>,
+    /// True once the first round of stats polls has ended (each edge answered or failed).
+    polled: tokio::sync::watch::Sender<bool>,
 }
 
 /// In the broker's `data_dir`: the CRL number of the revocation list last enforced.
@@ -190,7 +194,15 @@ impl Control {
             metrics,
             health,
             certs,
+            holders: None,
+            polled: tokio::sync::watch::Sender::new(false),
         })
+    }
+
+    /// Forget an edge's holders in `holders` when it restarts with an empty cache.
+    pub fn forgetting_holders(mut self, holders: Option<Arc<Holders>>) -> Self {
+        self.holders = holders;
+        self
     }
 
     /// Export the QUIC certificate's end and the revocation list's size
@@ -321,6 +333,20 @@ impl Control {
         std::mem::take(&mut *self.restarted.lock())
     }
 
+    /// Stop hinting edge `e` as a holder of what it served so far (peer fill on).
+    fn forget_holders_of(&self, e: usize) {
+        if let Some(h) = &self.holders {
+            h.forget_edge(e, crate::clock::now_secs());
+        }
+    }
+
+    /// Wait until the first round of stats polls has ended: from then on the edges that
+    /// answered have named their processes, so what they hold can be listed and adopted.
+    pub async fn first_poll_done(&self) {
+        let mut rx = self.polled.subscribe();
+        let _ = rx.wait_for(|done| *done).await;
+    }
+
     /// Wait until an edge is found restarted (at once if one was since the last wait).
     pub async fn restart_seen(&self) {
         self.restart_seen.notified().await;
@@ -398,9 +424,32 @@ impl Control {
             self.note_revoked(e);
             match r {
                 Ok(Reply::Stats(mut s)) => {
-                    let before = self.stats.read()[e].as_ref().map_or(0, |p| p.boot_id);
+                    let (before, was_memory_only) = self.stats.read()[e]
+                        .as_ref()
+                        .map_or((0, false), |p| (p.boot_id, p.memory_only));
+                    // Its cache is empty when either process kept none on disk: the new one
+                    // has no disk tier, or the old one wrote nothing there.
+                    let emptied = s.memory_only || was_memory_only;
+                    if before == 0 && s.memory_only {
+                        // First heard of since this broker started: a process before it may
+                        // have served what the broker recorded while the link was down.
+                        self.forget_holders_of(e);
+                    }
                     if before != 0 && s.boot_id != 0 && s.boot_id != before {
-                        tracing::info!(edge = id, "edge restarted: its shadows are placed again");
+                        let cache = if emptied { "emptied" } else { "kept" };
+                        tracing::info!(
+                            edge = id,
+                            cache,
+                            "edge restarted: its shadows are placed again"
+                        );
+                        // Its misses elsewhere would be hinted to copies it no longer holds.
+                        if emptied {
+                            self.forget_holders_of(e);
+                        }
+                        self.metrics
+                            .edge_restarts
+                            .with_label_values(&[id, cache])
+                            .inc();
                         self.restarted.lock().push(e);
                         self.restart_seen.notify_one();
                     }
@@ -480,7 +529,10 @@ impl BackgroundService for ControlService {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.0.poll().await,
+                _ = tick.tick() => {
+                    self.0.poll().await;
+                    self.0.polled.send_replace(true);
+                }
                 _ = shutdown.changed() => return,
             }
         }

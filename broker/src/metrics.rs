@@ -87,8 +87,11 @@ pub struct BrokerMetrics {
     pub tls_cert_expiry: IntGaugeVec,
     /// Anomaly standings entered, by kind (`surge`, `drop`, `normal`).
     pub anomaly_events: IntCounterVec,
-    /// Co-access shadows by outcome.
+    /// Co-access shadows by outcome: each follower in `coaccess_followers` ends in one.
     pub coaccess_shadows: IntCounterVec,
+    /// Followers offered at requests, each to be placed or turned down
+    /// (`coaccess_shadows`): the two totals differ by the followers still on their way.
+    pub coaccess_followers: prometheus::IntCounter,
     /// Co-access offers decided, by band of P (its lower bound) and outcome (`followed`,
     /// `not_followed`): how well the learner's counts predict, before calibration.
     pub coaccess_offers: IntCounterVec,
@@ -102,6 +105,10 @@ pub struct BrokerMetrics {
     pub quic_messages: IntCounterVec,
     /// Each edge's last reported counters (`stat`: shadow_hits, shadows_wasted, …).
     pub edge_stats: IntGaugeVec,
+    /// Edge processes seen replacing another (a new boot id in an edge's stats), by edge and
+    /// whether its cache came back empty (`cache`: kept, emptied: either process had no disk
+    /// tier).
+    pub edge_restarts: IntCounterVec,
     /// 1 while the forecaster falls back to the baseline (model not loadable).
     pub forecaster_fallback: prometheus::IntGauge,
     /// Model loads, rejected loads (the previous model or the baseline kept serving),
@@ -366,6 +373,11 @@ impl BrokerMetrics {
                 ),
                 &["outcome"],
             )?,
+            coaccess_followers: prometheus::IntCounter::new(
+                "shadowcdn_broker_coaccess_followers_total",
+                "Followers of requested resources offered for a co-access shadow; each ends in one \
+                 shadowcdn_broker_coaccess_shadows_total outcome",
+            )?,
             coaccess_offers: IntCounterVec::new(
                 Opts::new(
                     "shadowcdn_broker_coaccess_offers_total",
@@ -401,6 +413,14 @@ impl BrokerMetrics {
                     "Counters each edge reported over QUIC",
                 ),
                 &["edge", "stat"],
+            )?,
+            edge_restarts: IntCounterVec::new(
+                Opts::new(
+                    "shadowcdn_broker_edge_restarts_total",
+                    "Edge processes seen replacing another (a new boot id in the edge's stats); \
+                     cache=emptied: the new or the old process had no disk tier, so what it held is gone",
+                ),
+                &["edge", "cache"],
             )?,
             forecaster_fallback: prometheus::IntGauge::new(
                 "shadowcdn_broker_forecaster_fallback",
@@ -446,6 +466,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.tls_cert_expiry.clone()))?;
         registry.register(Box::new(m.anomaly_events.clone()))?;
         registry.register(Box::new(m.coaccess_shadows.clone()))?;
+        registry.register(Box::new(m.coaccess_followers.clone()))?;
         registry.register(Box::new(m.coaccess_offers.clone()))?;
         registry.register(Box::new(m.coaccess_pairs.clone()))?;
         registry.register(Box::new(m.coaccess_bytes.clone()))?;
@@ -459,6 +480,7 @@ impl BrokerMetrics {
         registry.register(Box::new(m.threshold_changes.clone()))?;
         registry.register(Box::new(m.quic_messages.clone()))?;
         registry.register(Box::new(m.edge_stats.clone()))?;
+        registry.register(Box::new(m.edge_restarts.clone()))?;
         registry.register(Box::new(m.event_propagation.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.failovers.clone()))?;

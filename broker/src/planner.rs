@@ -52,6 +52,9 @@ pub const MIN_INTERVAL_SECS: f64 = 0.05;
 const SEND_CONCURRENCY: usize = 16;
 /// Longest TTL a shadow an edge lists is adopted with (an edge's own default ceiling).
 const MAX_ADOPTED_TTL_SECS: u64 = 7 * 86_400;
+/// Longest the first tick waits for the edges' first stats poll (each call of which has its
+/// own timeout): past it, the planner plans without the edges that did not answer.
+const FIRST_POLL_WAIT: Duration = Duration::from_secs(15);
 /// Anomaly events kept for `GET /v1/anomalies`.
 const ANOMALY_LOG: usize = 200;
 
@@ -1861,6 +1864,21 @@ impl BackgroundService for Planner {
         };
         let status = forecaster.status();
         export_model_status(&self.metrics, &status);
+        // A broker that just started adopts the shadows the edges still hold before it plans:
+        // listing them needs each edge's first stats report, and without it the first tick
+        // would order again what they hold. Bounded: the poll itself times out per edge.
+        tokio::select! {
+            biased;
+            _ = shutdown.changed() => return,
+            polled = tokio::time::timeout(FIRST_POLL_WAIT, self.sync.first_stats_polled()) => {
+                if polled.is_err() {
+                    tracing::warn!(
+                        wait_secs = FIRST_POLL_WAIT.as_secs(),
+                        "the edges' first stats poll has not ended: planning without adopting what they hold"
+                    );
+                }
+            }
+        }
         let interval = self.interval();
         let mut tick = tokio::time::interval(interval);
         // A round that overran is not followed by a burst of catch-up rounds.

@@ -220,6 +220,12 @@ impl Broker {
             )
             .offering_from(Source::Anomaly, 0.0),
         );
+        // Shared by the proxy's peer hints and co-access's fills; the control link drops the
+        // holders an edge restarted without.
+        let holders = cfg
+            .peer_fill
+            .enabled
+            .then(|| Arc::new(Holders::new(&cfg.peer_fill)));
         let control = match &cfg.control {
             Some(c) => {
                 let control = Control::new(
@@ -230,7 +236,8 @@ impl Broker {
                     metrics.clone(),
                     health.clone(),
                 )
-                .map_err(|e| StartError::Setup(format!("control: {e}")))?;
+                .map_err(|e| StartError::Setup(format!("control: {e}")))?
+                .forgetting_holders(holders.clone());
                 control
                     .register_metrics(&prometheus)
                     .map_err(|e| StartError::Setup(e.to_string()))?;
@@ -299,11 +306,6 @@ impl Broker {
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
 
-        // Shared by the proxy's peer hints and co-access's fills.
-        let holders = cfg
-            .peer_fill
-            .enabled
-            .then(|| Arc::new(Holders::new(&cfg.peer_fill)));
         let proxy = BrokerProxy::new(
             fleet.clone(),
             health.clone(),

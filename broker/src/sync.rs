@@ -643,6 +643,13 @@ impl EdgeSync {
             .map_or_else(Vec::new, |c| c.take_restarted())
     }
 
+    /// Wait until the edges' first stats were polled (at once without QUIC control).
+    pub async fn first_stats_polled(&self) {
+        if let Some(c) = &self.control {
+            c.first_poll_done().await;
+        }
+    }
+
     /// Wait until an edge is found restarted; never, without QUIC control.
     pub async fn restart_seen(&self) {
         match &self.control {

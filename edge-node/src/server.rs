@@ -359,6 +359,7 @@ impl EdgeNode {
                 internal: secret,
                 capacity_bytes: cfg.cache.memory_capacity.as_u64()
                     + cfg.cache.disk_capacity.as_u64(),
+                memory_only: cfg.cache.disk_capacity.as_u64() == 0,
                 origins: origins.clone(),
                 inflight: inflight.clone(),
                 drain_timeout: Duration::from_secs(cfg.server.drain_timeout_secs),

@@ -28,6 +28,18 @@ pub fn sample(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
         .find_map(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
+/// The sum of every sample of metric `name` (all its label sets) in a Prometheus text page.
+pub fn total(metrics: &str, name: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// The body of `GET url` (a metrics page, a listing), failing the test if it does not answer.
 pub async fn text(url: String) -> String {
     client()

@@ -410,6 +410,9 @@ impl Sink {
             return;
         };
         let (mut followers, asked) = map.offer(client, region, key, ts, started_ms, at_start);
+        self.metrics
+            .coaccess_followers
+            .inc_by((asked + followers.len()) as u64);
         if asked > 0 {
             self.metrics
                 .coaccess_shadows

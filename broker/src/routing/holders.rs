@@ -15,6 +15,9 @@
 //! host's keys recorded up to the purge are no longer hinted, and each key regains a holder
 //! when an edge next serves it. Either way a request that began before the purge and ends
 //! after it (answered from the old copy) does not count as a holder.
+//!
+//! Restarts: an edge without a disk tier comes back empty, so its holders recorded before the
+//! broker saw it restart are dropped the same way, by a floor of its own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -141,6 +144,9 @@ pub struct Holders {
     purges: AtomicU32,
     /// Per host, its last host purge (kept while it is in force).
     purged: RwLock<HashMap<Box<str>, Floor>>,
+    /// Per edge, when it was last seen restarting with its cache emptied
+    /// ([`Holders::forget_edge`]).
+    emptied: RwLock<HashMap<u16, Floor>>,
 }
 
 impl Holders {
@@ -153,6 +159,7 @@ impl Holders {
             max_age: cfg.max_age_secs,
             purges: AtomicU32::new(0),
             purged: RwLock::default(),
+            emptied: RwLock::default(),
         }
     }
 
@@ -233,11 +240,19 @@ impl Holders {
                 .map(|e| e.holders)
         }?;
         let floor = floor();
+        let emptied = self.emptied.read();
+        let kept = |h: &Holder| {
+            let f = emptied
+                .get(&h.edge)
+                .and_then(|f| f.in_force(now, self.max_age));
+            f.is_none_or(|f| at_or_after(h.purges, f))
+        };
         slots
             .iter()
             .flatten()
             .filter(|h| usize::from(h.edge) != serving && now.saturating_sub(h.at) <= self.max_age)
             .filter(|h| floor.is_none_or(|f| at_or_after(h.purges, f)))
+            .filter(|h| kept(h))
             .filter(|h| usable(usize::from(h.edge)))
             .max_by_key(|h| h.at)
             .map(|h| usize::from(h.edge))
@@ -294,6 +309,19 @@ impl Holders {
         let floor = self.next_purge(now);
         purged.retain(|_, f| f.in_force(now, self.max_age).is_some());
         purged.insert(host.into(), floor);
+    }
+
+    /// Forget every holder `edge` was recorded as so far: it restarted with an empty cache
+    /// (seen at broker second `now`), so a hint to it would cost a miss a round trip for
+    /// nothing. It regains each key as it serves it again.
+    pub fn forget_edge(&self, edge: usize, now: u64) {
+        let Ok(edge) = u16::try_from(edge) else {
+            return;
+        };
+        let mut emptied = self.emptied.write();
+        let floor = self.next_purge(now);
+        emptied.retain(|_, f| f.in_force(now, self.max_age).is_some());
+        emptied.insert(edge, floor);
     }
 
     /// Keys remembered now (both generations).
@@ -416,6 +444,30 @@ mod tests {
         h.forget_host("b.example", 200);
         h.record(9, 1, 1, 200, began);
         assert_eq!(h.latest(9, 2, 200, || floor("b.example"), all), None);
+    }
+
+    #[test]
+    fn an_edge_that_came_back_empty_holds_nothing_it_served_before() {
+        let h = holders(1000);
+        let all = |_| true;
+        h.record(7, 0, 0, 10, h.epoch());
+        h.record(7, 1, 1, 10, h.epoch());
+        h.record(8, 0, 0, 10, h.epoch());
+        // A request to the old process that ends after the restart was seen.
+        let began = h.epoch();
+        h.forget_edge(0, 20);
+        assert_eq!(h.peer_for(7, 2, 20, all), Some(1));
+        assert_eq!(h.peer_for(8, 2, 20, all), None);
+        h.record(8, 0, 0, 21, began);
+        assert_eq!(h.peer_for(8, 2, 21, all), None);
+        // What the new process serves, it holds.
+        h.record(8, 0, 0, 22, h.epoch());
+        assert_eq!(h.peer_for(8, 2, 22, all), Some(0));
+        // Past the age limit the floor no longer decides (the count may have wrapped).
+        let before = h.epoch();
+        h.forget_edge(1, 30);
+        h.record(7, 1, 1, 131, before);
+        assert_eq!(h.peer_for(7, 2, 131, all), Some(1));
     }
 
     #[test]

@@ -141,10 +141,18 @@ impl CoAccessService {
     async fn handle(&self, t: Trigger) {
         for f in t.followers {
             let Some(edge) = self.fleet.edge_in_region(&f.key, t.region, &self.health) else {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["no_edge"])
+                    .inc();
                 continue;
             };
             let held = self.planner.live_edges(&f.key);
             if held.contains(&edge) {
+                self.metrics
+                    .coaccess_shadows
+                    .with_label_values(&["shadowed"])
+                    .inc();
                 continue;
             }
             // Its fills there failed lately (an uncacheable follower, say): ordering it again

@@ -172,6 +172,11 @@ pub struct StatsReport {
     /// orders itself (each order names its process, [`Reply::Done::boot_id`]).
     #[serde(default)]
     pub lost_boots: Vec<u64>,
+    /// The cache has no disk tier, so a restart empties it: copies the broker saw this edge
+    /// serve before a new [`Self::boot_id`] are gone. False (as from older edges): a restart
+    /// keeps them on disk.
+    #[serde(default)]
+    pub memory_only: bool,
 }
 
 /// How one shadow ended: its lifetime, size, source and use.

@@ -63,6 +63,8 @@ pub struct SyncParts {
     pub internal: InternalSecret,
     /// Memory plus disk capacity of the cache.
     pub capacity_bytes: u64,
+    /// The cache has no disk tier: a restart empties it ([`StatsReport::memory_only`]).
+    pub memory_only: bool,
     /// The origin table: a key purge also purges the key as the proxy keys it now.
     pub origins: Arc<SharedOrigins>,
     /// Work the drain waits for: each message being handled counts, so a shutdown lets an
@@ -685,6 +687,7 @@ impl Handler {
             outcomes_seq,
             boot_id: self.boot_id,
             lost_boots: p.shadows.outcomes().lost_boots_to_tell(),
+            memory_only: p.memory_only,
         }
     }
 
