@@ -254,10 +254,12 @@ async fn no_store_and_private_are_not_cached() {
     }
     assert_eq!(origin.hits("/sc-stripped"), 1);
     // A 304 that sets a cookie refreshes the copy and hands the cookie to nobody.
-    let path = "/sc-revalidated?set_cookie=sid%3Dalice&etag=v1&cc=max-age%3D1";
+    // Fresh for 3 s after the 304: the HIT after it must not find it stale again on a loaded
+    // machine.
+    let path = "/sc-revalidated?set_cookie=sid%3Dalice&etag=v1&cc=max-age%3D3";
     let not_modified = origin.not_modified();
     edge.get(path).await;
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     for expect in ["REVALIDATED", "HIT"] {
         let r = edge.get(path).await;
         assert_eq!(x_cache(&r), expect);
@@ -2763,12 +2765,14 @@ async fn a_304_updates_the_stored_fields_and_hop_by_hop_fields_stop_here() {
     let origin = TestOrigin::start().await;
     let dir = tempfile::tempdir().unwrap();
     let edge = start_edge(origin.addr, dir.path(), "");
-    let url = "/updated?cc=max-age%3D1&etag=v1&hdr_gen=x-ver";
+    // Fresh for 3 s after the 304: the HIT after it must not find it stale again on a loaded
+    // machine.
+    let url = "/updated?cc=max-age%3D3&etag=v1&hdr_gen=x-ver";
     let r = edge.get(url).await;
     assert_eq!(x_cache(&r), "MISS");
     let first = header(&r, "x-ver").unwrap();
     origin.bump();
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(4100)).await;
     let r = edge.get(url).await;
     assert_eq!(x_cache(&r), "REVALIDATED");
     let second = header(&r, "x-ver").unwrap();
