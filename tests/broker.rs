@@ -3775,6 +3775,69 @@ async fn a_purged_key_is_not_hinted_to_a_peer() {
     }
 }
 
+/// A peer's copy cut off while it streams (the peer's own fill from the origin aborted) is
+/// never stored by the edge that asked for it: that edge's client sees its body fail, the
+/// fill counts as a peer error, and the next request is not answered from a truncated copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_copy_cut_off_while_it_streams_is_not_stored() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    c.wait_peers_listed(3).await;
+    // Fresh for a second. The origin's first answer is whole; every later one is cut off
+    // after 4 of its 7 chunks, sent 400 ms apart.
+    let path = "/cut/k.bin?size=100000&chunked=1&chunk_delay_ms=400&fail_after=4&fail_from=2&cc=max-age%3D1";
+    let n = c.logged().await;
+    let r = c.get(path, "eu").await;
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_eq!(r.bytes().await.unwrap().len(), 100_000);
+    // Its eu edge is recorded as a holder once the broker logged the request.
+    c.wait_logged_past(n).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // The copy went stale: the eu edge fetches it again, and the origin cuts this one off.
+    let refill = {
+        let url = format!("http://{}{path}", c.broker.addr);
+        tokio::spawn(async move {
+            let r = client()
+                .get(url)
+                .header("host", HOST)
+                .header("x-client-region", "eu")
+                .send()
+                .await;
+            match r {
+                Ok(r) => r.bytes().await.map(|b| b.len()).ok(),
+                Err(_) => None,
+            }
+        })
+    };
+    wait_until(|| async { origin.hits("/cut/k.bin") == 2 }).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Meanwhile a us client misses: the broker hints the eu edge, whose fill is streaming.
+    let r = c.get(path, "us").await;
+    assert_eq!(edge_of(&r), "us-a");
+    assert_eq!(r.headers()["x-shadowcdn-fill"], "peer", "{r:?}");
+    let body = r.bytes().await;
+    assert!(body.is_err(), "a cut copy is not delivered whole: {body:?}");
+    assert_eq!(
+        refill.await.unwrap(),
+        None,
+        "the eu client's copy was cut too"
+    );
+
+    // us-a kept nothing of it.
+    let r = c.on_edge(3, path).await;
+    assert_ne!(r.headers()["x-cache"], "HIT");
+    let _ = r.bytes().await;
+    let us = c.edges[3].admin;
+    wait_until(|| async {
+        let m = text(format!("http://{us}/metrics")).await;
+        let error = ["outcome=\"error\""];
+        sample(&m, "shadowcdn_edge_demand_peer_fills_total", &error) == Some(1.0)
+    })
+    .await;
+}
+
 /// The first `{prefix}-{i}.css` that `edge` answers in region `eu`, asked until one is
 /// (each one asked is then cached there); waited out at the broker, so its holder is recorded.
 async fn served_in_eu_by(c: &Cluster, prefix: &str, edge: &str) -> String {

@@ -12,7 +12,8 @@
 //! - `status=N` answer with this status
 //! - `chunked=1` stream the body without Content-Length
 //! - `chunk_delay_ms=N` with `chunked=1`: pause before each 16 KiB chunk
-//! - `fail_after=N` with `chunked=1`: abort the connection after N chunks
+//! - `fail_after=N` with `chunked=1`: abort the connection after N chunks; `fail_from=K`:
+//!   only from the path's Kth request on (the earlier ones complete)
 //! - `with_length=1` with `chunked=1`: stream the chunks under a Content-Length
 //! - `errors_at=2,3` answer the path's 2nd and 3rd requests with 500; `error_cc=...` is
 //!   their Cache-Control
@@ -355,7 +356,14 @@ async fn handle(
             .get("chunk_delay_ms")
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let fail_after: Option<usize> = q.get("fail_after").and_then(|v| v.parse().ok());
+        let failing = q
+            .get("fail_from")
+            .and_then(|v| v.parse().ok())
+            .is_none_or(|k| nth >= k);
+        let fail_after: Option<usize> = q
+            .get("fail_after")
+            .and_then(|v| v.parse().ok())
+            .filter(|_| failing);
         // `with_length`: stream the chunks under a Content-Length, as a file server does.
         if q.contains_key("with_length") {
             resp = resp.header("content-length", body.len());
