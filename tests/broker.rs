@@ -3856,15 +3856,19 @@ async fn served_in_eu_by(c: &Cluster, prefix: &str, edge: &str) -> String {
     panic!("no {prefix}-* path routed to {edge}");
 }
 
-/// Restart edge `i`, named `name` (gracefully), and wait until the broker has seen the new
-/// process, with its cache `kept` or `emptied`, and routes to it again.
-async fn restart_edge(c: &mut Cluster, i: usize, name: &str, cache: &str) {
+/// Restart edge `i`, named `name` (gracefully; with its disk tier's directory removed while
+/// it is down if `wipe`), and wait until the broker has seen the new process, with its cache
+/// `kept` or `emptied`, and routes to it again.
+async fn restart_edge(c: &mut Cluster, i: usize, name: &str, cache: &str, wipe: bool) {
     let id = format!("edge=\"{name}\"");
     let cache = format!("cache=\"{cache}\"");
     let restarts =
         |m: &str| sample(m, "shadowcdn_broker_edge_restarts_total", &[&id, &cache]).unwrap_or(0.0);
     let before = restarts(&c.metrics().await);
     assert_eq!(c.edges[i].child.terminate(), Some(0));
+    if wipe {
+        std::fs::remove_dir_all(c.edges[i].dir.join("cache/foyer")).unwrap();
+    }
     c.edges[i].spawn();
     wait_until(|| async { restarts(&c.metrics().await) > before }).await;
     c.wait_edge_up(name).await;
@@ -3887,7 +3891,8 @@ async fn miss_in_us(c: &Cluster, path: &str) -> (f64, Option<String>) {
     (n, fill.and_then(|v| v.to_str().ok().map(str::to_string)))
 }
 
-/// An edge restarted without a disk tier, or from a process that had none, comes back empty:
+/// An edge restarted without a disk tier, from a process that had none, or with its disk
+/// tier's directory gone, comes back empty:
 /// the broker no longer hints it as a holder of what the old process served (a miss would ask
 /// it for nothing), while one that keeps its cache on disk is still hinted, and each is hinted
 /// again for what it serves anew.
@@ -3904,7 +3909,7 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
     r.bytes().await.unwrap();
     c.wait_logged_past(n).await;
     let i = ["eu-a", "eu-b"].iter().position(|e| *e == edge).unwrap();
-    restart_edge(&mut c, i, &edge, "kept").await;
+    restart_edge(&mut c, i, &edge, "kept", false).await;
     let (n, fill) = miss_in_us(&c, "/back/kept.css").await;
     assert_eq!(fill.as_deref(), Some("peer"));
     c.wait_logged_past(n).await;
@@ -3913,7 +3918,7 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
     // Memory only from this start on: what it served before is gone, and not hinted.
     let lost = served_in_eu_by(&c, "/back/lost", &edge).await;
     c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "0");
-    restart_edge(&mut c, i, &edge, "emptied").await;
+    restart_edge(&mut c, i, &edge, "emptied", false).await;
     let before = peer_hints(&c).await;
     let (n, fill) = miss_in_us(&c, &lost).await;
     assert_eq!(fill, None, "filled from the origin");
@@ -3933,7 +3938,7 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
     // gone too.
     let gone = served_in_eu_by(&c, "/back/gone", &edge).await;
     c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "64 MiB");
-    restart_edge(&mut c, i, &edge, "emptied").await;
+    restart_edge(&mut c, i, &edge, "emptied", false).await;
     let (n, fill) = miss_in_us(&c, &gone).await;
     assert_eq!(fill, None, "filled from the origin");
     c.wait_logged_past(n).await;
@@ -3943,6 +3948,20 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
         "no hint to the emptied edge"
     );
     assert_eq!(origin.hits(&gone), 2);
+
+    // A disk tier whose directory went while the edge was down (a wiped disk, a recreated
+    // volume): the edge starts with other content, and says so.
+    let wiped = served_in_eu_by(&c, "/back/wiped", &edge).await;
+    restart_edge(&mut c, i, &edge, "emptied", true).await;
+    let (n, fill) = miss_in_us(&c, &wiped).await;
+    assert_eq!(fill, None, "filled from the origin");
+    c.wait_logged_past(n).await;
+    assert_eq!(
+        peer_hints(&c).await,
+        before + 1.0,
+        "no hint to the wiped edge"
+    );
+    assert_eq!(origin.hits(&wiped), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

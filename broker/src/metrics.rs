@@ -107,7 +107,7 @@ pub struct BrokerMetrics {
     pub edge_stats: IntGaugeVec,
     /// Edge processes seen replacing another (a new boot id in an edge's stats), by edge and
     /// whether its cache came back empty (`cache`: kept, emptied: either process had no disk
-    /// tier).
+    /// tier, or the disk tier is new).
     pub edge_restarts: IntCounterVec,
     /// 1 while the forecaster falls back to the baseline (model not loadable).
     pub forecaster_fallback: prometheus::IntGauge,
@@ -418,7 +418,8 @@ impl BrokerMetrics {
                 Opts::new(
                     "shadowcdn_broker_edge_restarts_total",
                     "Edge processes seen replacing another (a new boot id in the edge's stats); \
-                     cache=emptied: the new or the old process had no disk tier, so what it held is gone",
+                     cache=emptied: the new or the old process had no disk tier, or the new one \
+                     started with other content (a new cache id), so what it held is gone",
                 ),
                 &["edge", "cache"],
             )?,

@@ -360,6 +360,7 @@ impl EdgeNode {
                 capacity_bytes: cfg.cache.memory_capacity.as_u64()
                     + cfg.cache.disk_capacity.as_u64(),
                 memory_only: cfg.cache.disk_capacity.as_u64() == 0,
+                cache_id: storage.content_id(),
                 origins: origins.clone(),
                 inflight: inflight.clone(),
                 drain_timeout: Duration::from_secs(cfg.server.drain_timeout_secs),

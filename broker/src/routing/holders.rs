@@ -16,8 +16,9 @@
 //! when an edge next serves it. Either way a request that began before the purge and ends
 //! after it (answered from the old copy) does not count as a holder.
 //!
-//! Restarts: an edge without a disk tier comes back empty, so its holders recorded before the
-//! broker saw it restart are dropped the same way, by a floor of its own.
+//! Restarts: an edge that comes back empty (no disk tier, or a new one) holds nothing the old
+//! process served, so its holders recorded before the broker saw it restart are dropped the
+//! same way, by a floor of its own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -12,6 +12,7 @@ mod disk_io;
 mod disk_reads;
 mod disk_sync;
 mod fill;
+mod lineage;
 mod lock;
 mod object;
 mod recent;
@@ -244,6 +245,8 @@ pub struct FoyerStorage {
     passthroughs: prometheus::IntCounterVec,
     /// Readers cut off for falling too far behind a fill passing through.
     cut_readers: prometheus::IntCounter,
+    /// The id of the content it started with ([`lineage::content_id`]).
+    content_id: u64,
 }
 
 /// Why a fill stopped keeping its body for the cache.
@@ -367,6 +370,13 @@ impl FoyerStorage {
             .with_recover_mode(RecoverMode::Quiet);
         // A disk capacity of zero makes a memory-only cache (small caches in benchmarks).
         let foyer_dir = (opts.disk_bytes > 0).then(|| opts.dir.join(FOYER_DIR));
+        // Before foyer creates its directory or lays out its blocks: a start that fails
+        // after a wipe must not leave the old id to the next one.
+        let content_id = lineage::content_id(
+            foyer_dir.as_deref(),
+            opts.disk_bytes as u64,
+            opts.block_size as u64,
+        );
         let storage = if let Some(foyer_dir) = &foyer_dir {
             let device = FsDeviceBuilder::new(foyer_dir)
                 .with_capacity(opts.disk_bytes)
@@ -451,7 +461,15 @@ impl FoyerStorage {
             max_fill_bytes: opts.max_fill_bytes,
             passthroughs,
             cut_readers,
+            content_id,
         })
+    }
+
+    /// The id of the content this cache started with: the same across restarts that recover
+    /// the disk tier, new when the cache started empty
+    /// ([`crate::sync::protocol::StatsReport::cache_id`]).
+    pub fn content_id(&self) -> u64 {
+        self.content_id
     }
 
     /// Read the disk tier only while `health` sees it answer, and give up a read after its

@@ -177,6 +177,12 @@ pub struct StatsReport {
     /// keeps them on disk.
     #[serde(default)]
     pub memory_only: bool,
+    /// Names the content the cache started with: the same across restarts that recover the
+    /// disk tier, new when the cache started empty (memory only, a disk tier created afresh).
+    /// A new value with a new [`Self::boot_id`] says the copies the broker saw this edge
+    /// serve are gone. 0: not told (older edges).
+    #[serde(default)]
+    pub cache_id: u64,
 }
 
 /// How one shadow ended: its lifetime, size, source and use.

@@ -65,6 +65,8 @@ pub struct SyncParts {
     pub capacity_bytes: u64,
     /// The cache has no disk tier: a restart empties it ([`StatsReport::memory_only`]).
     pub memory_only: bool,
+    /// The content the cache started with ([`StatsReport::cache_id`]).
+    pub cache_id: u64,
     /// The origin table: a key purge also purges the key as the proxy keys it now.
     pub origins: Arc<SharedOrigins>,
     /// Work the drain waits for: each message being handled counts, so a shutdown lets an
@@ -688,6 +690,7 @@ impl Handler {
             boot_id: self.boot_id,
             lost_boots: p.shadows.outcomes().lost_boots_to_tell(),
             memory_only: p.memory_only,
+            cache_id: p.cache_id,
         }
     }
 
