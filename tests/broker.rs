@@ -3891,6 +3891,16 @@ async fn miss_in_us(c: &Cluster, path: &str) -> (f64, Option<String>) {
     (n, fill.and_then(|v| v.to_str().ok().map(str::to_string)))
 }
 
+/// A miss of `path` (served once before, in eu) in us goes to the origin without a peer hint:
+/// the broker's hint count stays `hints`.
+async fn missed_in_us_unhinted(c: &Cluster, origin: &TestOrigin, path: &str, hints: f64) {
+    let (n, fill) = miss_in_us(c, path).await;
+    assert_eq!(fill, None, "{path} filled from the origin");
+    c.wait_logged_past(n).await;
+    assert_eq!(peer_hints(c).await, hints, "no hint for {path}");
+    assert_eq!(origin.hits(path), 2, "{path}");
+}
+
 /// An edge restarted without a disk tier, from a process that had none, or with its disk
 /// tier's directory gone, comes back empty:
 /// the broker no longer hints it as a holder of what the old process served (a miss would ask
@@ -3920,11 +3930,7 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
     c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "0");
     restart_edge(&mut c, i, &edge, "emptied", false).await;
     let before = peer_hints(&c).await;
-    let (n, fill) = miss_in_us(&c, &lost).await;
-    assert_eq!(fill, None, "filled from the origin");
-    c.wait_logged_past(n).await;
-    assert_eq!(peer_hints(&c).await, before, "no hint to the emptied edge");
-    assert_eq!(origin.hits(&lost), 2);
+    missed_in_us_unhinted(&c, &origin, &lost, before).await;
 
     // What the new process serves, it is hinted for.
     let again = served_in_eu_by(&c, "/back/again", &edge).await;
@@ -3939,29 +3945,13 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
     let gone = served_in_eu_by(&c, "/back/gone", &edge).await;
     c.edges[i].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "64 MiB");
     restart_edge(&mut c, i, &edge, "emptied", false).await;
-    let (n, fill) = miss_in_us(&c, &gone).await;
-    assert_eq!(fill, None, "filled from the origin");
-    c.wait_logged_past(n).await;
-    assert_eq!(
-        peer_hints(&c).await,
-        before + 1.0,
-        "no hint to the emptied edge"
-    );
-    assert_eq!(origin.hits(&gone), 2);
+    missed_in_us_unhinted(&c, &origin, &gone, before + 1.0).await;
 
     // A disk tier whose directory went while the edge was down (a wiped disk, a recreated
     // volume): the edge starts with other content, and says so.
     let wiped = served_in_eu_by(&c, "/back/wiped", &edge).await;
     restart_edge(&mut c, i, &edge, "emptied", true).await;
-    let (n, fill) = miss_in_us(&c, &wiped).await;
-    assert_eq!(fill, None, "filled from the origin");
-    c.wait_logged_past(n).await;
-    assert_eq!(
-        peer_hints(&c).await,
-        before + 1.0,
-        "no hint to the wiped edge"
-    );
-    assert_eq!(origin.hits(&wiped), 2);
+    missed_in_us_unhinted(&c, &origin, &wiped, before + 1.0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -148,6 +148,7 @@ impl Binary {
             child: Some(child),
             log,
             name: format!("{} {}", name.unwrap_or_default(), args.join(" ")),
+            spawned: Instant::now(),
         }
     }
 }
@@ -175,7 +176,15 @@ pub struct Child {
     log: tempfile::NamedTempFile,
     /// The binary and its arguments, to name its log in a failure report.
     name: String,
+    /// When it was spawned ([`SIGNAL_AFTER`]).
+    spawned: Instant,
 }
+
+/// How long after its spawn a child is first signalled. Pingora servers install their
+/// SIGTERM handler in the main loop, just after their listeners are up: a signal sooner
+/// takes the default action (the process dies of it, with no exit code), which a test that
+/// stops a server right after starting it would take for a failed graceful stop.
+const SIGNAL_AFTER: Duration = Duration::from_secs(1);
 
 /// Lines of each child's log a failing test prints, unless `SHADOWCDN_TEST_LOG_LINES` says.
 const LOG_TAIL_LINES: usize = 60;
@@ -187,6 +196,7 @@ impl Child {
             child: None,
             log: tempfile::NamedTempFile::new().expect("temp log file"),
             name: String::new(),
+            spawned: Instant::now(),
         }
     }
 
@@ -231,6 +241,7 @@ impl Child {
 
     fn signal(&mut self, sig: Signal) -> Option<i32> {
         let mut c = self.child.take()?;
+        std::thread::sleep(SIGNAL_AFTER.saturating_sub(self.spawned.elapsed()));
         let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("a child's pid is positive");
         if let Err(e) = rustix::process::kill_process(pid, sig) {
             let _ = c.kill();
