@@ -247,12 +247,10 @@ impl Cluster {
     /// Requests the broker has finished. It records which edge served a request before it
     /// times it, so once this count passes a request, the hint for its key exists.
     async fn logged(&self) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .filter(|l| l.starts_with("shadowcdn_broker_request_duration_seconds_count"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        total(
+            &self.metrics().await,
+            "shadowcdn_broker_request_duration_seconds_count",
+        )
     }
 
     /// Wait until the broker has finished the requests it was sent before `before` was read

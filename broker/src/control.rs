@@ -424,15 +424,15 @@ impl Control {
             self.note_revoked(e);
             match r {
                 Ok(Reply::Stats(mut s)) => {
-                    let (before, was_memory_only, cache_before) = self.stats.read()[e]
+                    let (before, cache_before) = self.stats.read()[e]
                         .as_ref()
-                        .map_or((0, false, 0), |p| (p.boot_id, p.memory_only, p.cache_id));
-                    // Its cache is empty when either process kept none on disk (the new one
-                    // has no disk tier, or the old one wrote nothing there), or the new one
-                    // says it started with other content (its disk tier was new).
-                    let other_content =
+                        .map_or((0, 0), |p| (p.boot_id, p.cache_id));
+                    // Its cache is empty when the new process started with other content: a
+                    // cache id is new at every start without a disk tier, and whenever the
+                    // disk tier is new (a process after one without a disk tier finds none
+                    // that one wrote).
+                    let emptied =
                         cache_before != 0 && s.cache_id != 0 && s.cache_id != cache_before;
-                    let emptied = s.memory_only || was_memory_only || other_content;
                     if before == 0 && s.memory_only {
                         // First heard of since this broker started: a process before it may
                         // have served what the broker recorded while the link was down.

@@ -306,23 +306,30 @@ impl Holders {
     /// some of its copies, and which keys it hit is not known here. `now` only bounds how
     /// long the host's floor is kept.
     pub fn forget_host(&self, host: &str, now: u64) {
-        let mut purged = self.purged.write();
+        self.raise_floor(&self.purged, host.into(), now);
+    }
+
+    /// Set `key`'s floor in `floors` to a purge counted now, dropping the floors no longer in
+    /// force.
+    fn raise_floor<K: Eq + std::hash::Hash>(
+        &self,
+        floors: &RwLock<HashMap<K, Floor>>,
+        key: K,
+        now: u64,
+    ) {
+        let mut floors = floors.write();
         let floor = self.next_purge(now);
-        purged.retain(|_, f| f.in_force(now, self.max_age).is_some());
-        purged.insert(host.into(), floor);
+        floors.retain(|_, f| f.in_force(now, self.max_age).is_some());
+        floors.insert(key, floor);
     }
 
     /// Forget every holder `edge` was recorded as so far: it restarted with an empty cache
     /// (seen at broker second `now`), so a hint to it would cost a miss a round trip for
     /// nothing. It regains each key as it serves it again.
     pub fn forget_edge(&self, edge: usize, now: u64) {
-        let Ok(edge) = u16::try_from(edge) else {
-            return;
-        };
-        let mut emptied = self.emptied.write();
-        let floor = self.next_purge(now);
-        emptied.retain(|_, f| f.in_force(now, self.max_age).is_some());
-        emptied.insert(edge, floor);
+        if let Ok(edge) = u16::try_from(edge) {
+            self.raise_floor(&self.emptied, edge, now);
+        }
     }
 
     /// Keys remembered now (both generations).
