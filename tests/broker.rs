@@ -2357,6 +2357,22 @@ fn broker_cli_reports_bad_config() {
 /// `--preflight` reads the state a start would refuse, without writing it: a revocation list
 /// older than the one the broker enforced before, a damaged file of the edges' certificates,
 /// a damaged queue of pending purges.
+/// A SIGTERM that comes while the broker is still starting (restoring its state) used to kill
+/// it: pingora catches signals only once its listeners are up. It now stops gracefully as soon
+/// as it is up (its final snapshot and store close run), and starts again.
+#[test]
+fn a_sigterm_during_start_up_stops_the_broker_once_it_is_up() {
+    let mut c = start_cluster();
+    assert_eq!(c.broker.child.terminate(), Some(0));
+    shadowcdn_tests::stopped_while_starting(|| {
+        c.broker
+            .spawn_starting(&[("RUST_LOG", "warn,edge_node::stop_signals=info")]);
+        std::mem::replace(&mut c.broker.child, shadowcdn_tests::Child::placeholder())
+    });
+    c.broker.spawn();
+    assert_eq!(c.broker.child.terminate(), Some(0));
+}
+
 #[test]
 fn broker_preflight_reads_the_state_a_start_would_refuse() {
     let mut c = start_cluster();

@@ -1699,6 +1699,37 @@ async fn metrics_are_exposed() {
     panic!("missing {missing:?} in:\n{text}");
 }
 
+/// A SIGTERM that comes while the edge is still starting (reading its disk tier) used to kill
+/// it: pingora catches signals only once its listeners are up. It now stops gracefully as soon
+/// as it is up, and starts again on the same cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_during_start_up_stops_the_edge_once_it_is_up() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut edge = EdgeProc::start(
+        dir.path(),
+        "test-edge",
+        &[(HOST.to_string(), origin.addr)],
+        "",
+    );
+    edge.get("/kept?size=100").await.bytes().await.unwrap();
+    assert_eq!(edge.child.terminate(), Some(0));
+    edge.set_env("RUST_LOG", "warn,edge_node::stop_signals=info");
+    let edge = tokio::task::spawn_blocking(move || {
+        shadowcdn_tests::stopped_while_starting(|| {
+            edge.spawn_starting();
+            std::mem::replace(&mut edge.child, shadowcdn_tests::Child::placeholder())
+        });
+        edge.spawn();
+        edge
+    })
+    .await
+    .unwrap();
+    let again = edge.get("/kept?size=100").await;
+    assert_eq!(again.headers()["x-cache"], "HIT");
+    assert_eq!(origin.hits("/kept"), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_in_flight_requests_finish() {
     let origin = TestOrigin::start().await;

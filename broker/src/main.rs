@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use broker::{Broker, BrokerConfig};
 use clap::{Parser, Subcommand};
+use edge_node::stop_signals::StopSignals;
 use serde_json::{json, Value};
 
 /// mimalloc, as on the edge: the proxy path allocates per request.
@@ -196,9 +197,18 @@ fn run(config: Option<PathBuf>, check: bool, preflight: bool) -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // Caught before the build: a stop asked for while the broker restores its state waits for
+    // the server instead of killing the process.
+    let stop = match StopSignals::catch() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("broker: cannot catch stop signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match Broker::build(cfg) {
         Ok(b) => {
-            b.run();
+            b.run(stop);
             ExitCode::SUCCESS
         }
         Err(e) => {

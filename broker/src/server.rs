@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use edge_node::drain::{Drainer, InflightCounter};
 use edge_node::http_service::AxumService;
+use edge_node::stop_signals::StopSignals;
 use parking_lot::Mutex;
 use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{RunArgs, Server};
+use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 
 use crate::config::BrokerConfig;
@@ -468,14 +469,15 @@ impl Broker {
         Ok(Broker { cfg, server })
     }
 
-    /// Serve until SIGTERM (drain, snapshot the monitor, exit) or SIGINT.
-    pub fn run(self) {
+    /// Serve until SIGTERM (drain, snapshot the monitor, exit) or SIGINT. `stop` is caught
+    /// before the build, so a signal during start-up stops the broker as soon as it is up.
+    pub fn run(self, stop: StopSignals) {
         tracing::info!(
             listen = %self.cfg.listen,
             admin = %self.cfg.admin.listen,
             edges = self.cfg.edges.len(),
             "broker serving"
         );
-        self.server.run(RunArgs::default());
+        self.server.run(stop.run_args());
     }
 }

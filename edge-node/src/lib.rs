@@ -28,6 +28,7 @@ pub mod range;
 pub mod response_fields;
 pub mod server;
 pub mod shadow;
+pub mod stop_signals;
 pub mod storage;
 pub mod sync;
 pub mod tags;

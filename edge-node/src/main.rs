@@ -9,6 +9,7 @@ use tracing_subscriber::Layer;
 
 use clap::Parser;
 use edge_node::config::{EdgeConfig, Overrides};
+use edge_node::stop_signals::StopSignals;
 use edge_node::EdgeNode;
 
 /// mimalloc: the hit path allocates per request (headers, keys, futures), and glibc malloc
@@ -221,6 +222,15 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
+    // Caught before the build: a stop asked for while the disk tier recovers waits for the
+    // server instead of killing the process.
+    let stop = match StopSignals::catch() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("edge-node: cannot catch stop signals: {e}");
+            return ExitCode::from(1);
+        }
+    };
     let node = match EdgeNode::build(cfg) {
         Ok(n) => n,
         Err(e) => {
@@ -228,7 +238,7 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match node.run() {
+    match node.run(stop) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("edge-node: shutdown: {e}");

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pingora_core::server::configuration::ServerConf;
-use pingora_core::server::{RunArgs, Server};
+use pingora_core::server::Server;
 use pingora_core::services::background::background_service;
 
 use crate::access_log::{self, AccessLogWriter};
@@ -19,6 +19,7 @@ use crate::proxy::{CacheParts, CachePolicy, EdgeProxy, InternalSecret, ShadowHoo
 use crate::shadow::{
     crashed_processes, save_at_stop, RunningMark, SavedOutcomes, ShadowService, ShadowTable,
 };
+use crate::stop_signals::StopSignals;
 use crate::storage::{DiskHealth, FillLock, FoyerStorage, StorageError, StorageOptions};
 use crate::sync::{
     NodeIdentity, PeerBridge, PeerDirectory, PeerPool, SyncError, SyncParts, SyncService,
@@ -469,8 +470,9 @@ impl EdgeNode {
 
     /// Serve until SIGTERM (graceful: in-flight requests finish) or SIGINT (pingora's fast
     /// stop: no drain, so its shadows are told lost at the next start, as after a crash), then
-    /// flush the cache to disk and return.
-    pub fn run(self) -> Result<(), StorageError> {
+    /// flush the cache to disk and return. `stop` is caught before the build, so a signal
+    /// during start-up stops the edge as soon as it is up.
+    pub fn run(self, stop: StopSignals) -> Result<(), StorageError> {
         tracing::info!(
             node = %self.cfg.node_id,
             listen = %self.cfg.server.listen,
@@ -492,7 +494,7 @@ impl EdgeNode {
                     start reports them again");
             }
         }
-        self.server.run(RunArgs::default());
+        self.server.run(stop.run_args());
         if self
             .flushed_at_stop
             .load(std::sync::atomic::Ordering::SeqCst)

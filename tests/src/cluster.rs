@@ -228,6 +228,13 @@ impl EdgeProc {
 
     /// (Re)start the process at the same addresses and cache directory.
     pub fn spawn(&mut self) {
+        self.spawn_starting();
+        self.child.wait_listening(self.addr);
+        self.child.wait_listening(self.admin);
+    }
+
+    /// (Re)start the process, not waiting for it to listen.
+    pub fn spawn_starting(&mut self) {
         std::fs::create_dir_all(&self.dir).expect("edge dir");
         let cfg = self.dir.join("edge.toml");
         let mut extra = self.cache_extra.clone();
@@ -251,8 +258,6 @@ impl EdgeProc {
         let mut envs = vec![("RUST_LOG", "warn")];
         envs.extend(self.envs.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.child = bin.spawn(&["--config", cfg.to_str().expect("utf-8 path")], &envs);
-        self.child.wait_listening(self.addr);
-        self.child.wait_listening(self.admin);
     }
 }
 
@@ -411,6 +416,14 @@ neighbours = ["eu"]
     /// (Re)start the process with the same config and data, and `env` set (configuration
     /// overrides, `SHADOWCDN_BROKER_…`).
     pub fn spawn_with_env(&mut self, env: &[(&str, &str)]) {
+        self.spawn_starting(env);
+        self.child.wait_listening(self.addr);
+        self.child.wait_listening(self.admin);
+        self.child.wait_listening(self.metrics);
+    }
+
+    /// (Re)start the process with `env` set, not waiting for it to listen.
+    pub fn spawn_starting(&mut self, env: &[(&str, &str)]) {
         let bin = Binary::get("broker");
         let mut vars = vec![("RUST_LOG", "warn")];
         vars.extend_from_slice(env);
@@ -418,9 +431,6 @@ neighbours = ["eu"]
             &["run", "--config", self.config.to_str().expect("utf-8 path")],
             &vars,
         );
-        self.child.wait_listening(self.addr);
-        self.child.wait_listening(self.admin);
-        self.child.wait_listening(self.metrics);
     }
 
     /// Full URL of a provider API path.

@@ -40,6 +40,22 @@ pub fn total(metrics: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Start a server with `start` (not waiting for it to listen) and SIGTERM it as soon as it
+/// catches the signal, until one signal lands while the server is still starting (its log
+/// says so; at most 5 starts). Every stop must be graceful (exit 0). Returns that start's log.
+pub fn stopped_while_starting(mut start: impl FnMut() -> Child) -> String {
+    for _ in 0..5 {
+        let mut child = start();
+        let code = child.terminate();
+        let log = child.log();
+        assert_eq!(code, Some(0), "not a graceful stop:\n{log}");
+        if log.contains("stop signal during start-up") {
+            return log;
+        }
+    }
+    panic!("5 SIGTERMs sent as soon as the server caught them all came after its start-up");
+}
+
 /// The body of `GET url` (a metrics page, a listing), failing the test if it does not answer.
 pub async fn text(url: String) -> String {
     client()

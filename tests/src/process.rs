@@ -180,10 +180,11 @@ pub struct Child {
     spawned: Instant,
 }
 
-/// How long after its spawn a child is first signalled. Pingora servers install their
-/// SIGTERM handler in the main loop, just after their listeners are up: a signal sooner
-/// takes the default action (the process dies of it, with no exit code), which a test that
-/// stops a server right after starting it would take for a failed graceful stop.
+/// How long after its spawn a child that does not catch a signal is sent it anyway. The
+/// servers catch their stop signals a few milliseconds into their start (after reading their
+/// configuration); a signal sooner takes the default action (the process dies of it, with no
+/// exit code), which a test that stops a server right after starting it would take for a
+/// failed graceful stop. So a child is signalled once it catches the signal, or after this.
 const SIGNAL_AFTER: Duration = Duration::from_secs(1);
 
 /// Lines of each child's log a failing test prints, unless `SHADOWCDN_TEST_LOG_LINES` says.
@@ -239,9 +240,25 @@ impl Child {
         }
     }
 
+    /// Whether the process has its own handler for `sig` (its `SigCgt` mask in /proc); false
+    /// once it has exited.
+    pub fn catches(&self, sig: Signal) -> bool {
+        let Some(c) = self.child.as_ref() else {
+            return false;
+        };
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id()));
+        let mask = status.ok().and_then(|s| {
+            let hex = s.lines().find_map(|l| l.strip_prefix("SigCgt:"))?;
+            u64::from_str_radix(hex.trim(), 16).ok()
+        });
+        mask.is_some_and(|m| m & (1 << (sig.as_raw() - 1)) != 0)
+    }
+
     fn signal(&mut self, sig: Signal) -> Option<i32> {
+        while !self.catches(sig) && self.spawned.elapsed() < SIGNAL_AFTER {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         let mut c = self.child.take()?;
-        std::thread::sleep(SIGNAL_AFTER.saturating_sub(self.spawned.elapsed()));
         let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("a child's pid is positive");
         if let Err(e) = rustix::process::kill_process(pid, sig) {
             let _ = c.kill();
