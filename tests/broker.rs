@@ -3968,6 +3968,46 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
     missed_in_us_unhinted(&c, &origin, &wiped, before + 1.0).await;
 }
 
+/// Stats rounds the broker has had answered (one per edge and round).
+async fn stats_answered(c: &Cluster) -> f64 {
+    let m = c.metrics().await;
+    sample(
+        &m,
+        "shadowcdn_broker_quic_messages_total",
+        &["type=\"stats\"", "outcome=\"ok\""],
+    )
+    .unwrap_or(0.0)
+}
+
+/// A restarted broker still hints the copies its edges held before it stopped (it writes its
+/// holders at its stop and reads them back at its start), but not those of an edge that came
+/// back with an empty cache while the broker was away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_broker_still_hints_what_the_edges_held() {
+    let origin = TestOrigin::start().await;
+    let mut c = start_cluster();
+    c.register(&origin).await;
+    c.wait_peers_listed(3).await;
+    let kept = served_in_eu_by(&c, "/held/kept", "eu-a").await;
+    let lost = served_in_eu_by(&c, "/held/lost", "eu-b").await;
+    assert_eq!(c.broker.child.terminate(), Some(0));
+    c.edges[1].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "0");
+    assert_eq!(c.edges[1].child.terminate(), Some(0));
+    c.edges[1].spawn();
+    c.broker.spawn();
+    for edge in ["eu-a", "eu-b", "us-a"] {
+        c.wait_edge_up(edge).await;
+    }
+    // Two rounds of stats for every edge: the first round's answers have been read.
+    wait_until(|| async { stats_answered(&c).await >= 8.0 }).await;
+    missed_in_us_unhinted(&c, &origin, &lost, 0.0).await;
+    let (n, fill) = miss_in_us(&c, &kept).await;
+    assert_eq!(fill.as_deref(), Some("peer"), "{kept} filled from eu-a");
+    c.wait_logged_past(n).await;
+    assert_eq!(peer_hints(&c).await, 1.0);
+    assert_eq!(origin.hits(&kept), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_is_filled_from_the_edge_of_another_region_that_served_it() {
     let origin = TestOrigin::start().await;

@@ -433,10 +433,18 @@ impl Control {
                     // that one wrote).
                     let emptied =
                         cache_before != 0 && s.cache_id != 0 && s.cache_id != cache_before;
-                    if before == 0 && s.memory_only {
-                        // First heard of since this broker started: a process before it may
+                    if before == 0 {
+                        // First heard of since this broker started: holders read back name
+                        // the cache they were kept with, and a process before this one may
                         // have served what the broker recorded while the link was down.
-                        self.forget_holders_of(e);
+                        if let Some(h) = &self.holders {
+                            h.edge_heard_again(
+                                e,
+                                s.cache_id,
+                                s.memory_only,
+                                crate::clock::now_secs(),
+                            );
+                        }
                     }
                     if before != 0 && s.boot_id != 0 && s.boot_id != before {
                         let cache = if emptied { "emptied" } else { "kept" };

@@ -13,6 +13,7 @@ pub mod config;
 pub mod control;
 pub mod cost;
 pub mod edge_certs;
+pub mod kept_holders;
 pub mod metrics;
 pub mod monitor;
 mod origin_addrs;

@@ -17,6 +17,7 @@ use pingora_core::services::background::background_service;
 use crate::config::BrokerConfig;
 use crate::control::{Control, ControlService};
 use crate::cost::{Ledger, Source};
+use crate::kept_holders::{HoldersKeeper, HoldersKeeperService, HOLDERS_FILE};
 use crate::metrics::BrokerMetrics;
 use crate::monitor::{CoAccessFeed, Monitor};
 use crate::planner::{Planner, PlannerState};
@@ -246,6 +247,16 @@ impl Broker {
             }
             None => None,
         };
+        // Read back before the first request is recorded; written last at stop, after the drain.
+        let keeper = holders.as_ref().map(|h| {
+            Arc::new(HoldersKeeper::restoring(
+                h.clone(),
+                cfg.data_dir.join(HOLDERS_FILE),
+                fleet.clone(),
+                control.clone(),
+                cfg.peer_fill.snapshot_secs,
+            ))
+        });
         let inflight = InflightCounter::default();
         let sync = Arc::new(
             EdgeSync::new(
@@ -408,6 +419,7 @@ impl Broker {
             edge_node::drain::count_inflight,
         ));
         let api = AxumService::new("api", admin_listener, api_router);
+        let kept = keeper.clone();
         let checker = HealthChecker::new(fleet, health, cfg.health.clone(), metrics)
             .map_err(|e| StartError::Setup(format!("health checker: {e}")))?;
         let monitor = Mutex::new(Some(monitor));
@@ -425,6 +437,11 @@ impl Broker {
                         if let Err(e) = tokio::task::spawn_blocking(move || m.shutdown()).await {
                             tracing::error!(error = %e, "the monitor's final snapshot failed");
                             code = 1;
+                        }
+                    }
+                    if let Some(k) = kept {
+                        if let Err(e) = tokio::task::spawn_blocking(move || k.save()).await {
+                            tracing::error!(error = %e, "the peer holders' final write failed");
                         }
                     }
                     if let Some(c) = closing {
@@ -463,6 +480,12 @@ impl Broker {
         server.add_service(background_service("planner", planner));
         server.add_service(background_service("coaccess", coaccess));
         server.add_service(background_service("drain", drainer));
+        if let Some(k) = keeper {
+            server.add_service(background_service(
+                "holders-keeper",
+                HoldersKeeperService(k),
+            ));
+        }
         if let Some(c) = control {
             server.add_service(background_service("control", ControlService(c)));
         }

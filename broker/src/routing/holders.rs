@@ -19,12 +19,19 @@
 //! Restarts: an edge that comes back empty (no disk tier, or a new one) holds nothing the old
 //! process served, so its holders recorded before the broker saw it restart are dropped the
 //! same way, by a floor of its own.
+//!
+//! Broker restarts: the map is written at a graceful stop and every `snapshot_secs`, and read
+//! back at start ([`file`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use parking_lot::{Mutex, RwLock};
 use serde::{Deserialize, Serialize};
+
+mod file;
+
+pub use file::{HoldersFileError, Restored};
 
 /// Holders remembered per key (one per region, the most recent when regions outnumber it).
 const SLOTS: usize = 4;
@@ -47,6 +54,11 @@ pub struct PeerFillSection {
     /// overhead).
     #[serde(default = "default_max_keys")]
     pub max_keys: usize,
+    /// How often the map is written to `data_dir` (and at every graceful stop), so a restarted
+    /// broker hints what the edges held before; 0: only at a graceful stop. Five minutes: a
+    /// crash loses the holders of five minutes' new keys, which traffic brings back.
+    #[serde(default = "default_snapshot_secs")]
+    pub snapshot_secs: u64,
 }
 
 impl Default for PeerFillSection {
@@ -55,6 +67,7 @@ impl Default for PeerFillSection {
             enabled: true,
             max_age_secs: default_max_age(),
             max_keys: default_max_keys(),
+            snapshot_secs: default_snapshot_secs(),
         }
     }
 }
@@ -69,6 +82,10 @@ fn default_max_age() -> u64 {
 
 fn default_max_keys() -> usize {
     1_000_000
+}
+
+fn default_snapshot_secs() -> u64 {
+    300
 }
 
 /// One edge that served a key, and when.
@@ -148,6 +165,11 @@ pub struct Holders {
     /// Per edge, when it was last seen restarting with its cache emptied
     /// ([`Holders::forget_edge`]).
     emptied: RwLock<HashMap<u16, Floor>>,
+    /// Per edge whose holders were read back, the cache id they were kept with, until its
+    /// first stats poll ([`Holders::edge_heard_again`]).
+    saved_caches: Mutex<HashMap<u16, u64>>,
+    /// Held by a write of the map ([`Holders::save`]): one at a time.
+    saving: Mutex<()>,
 }
 
 impl Holders {
@@ -161,6 +183,8 @@ impl Holders {
             purges: AtomicU32::new(0),
             purged: RwLock::default(),
             emptied: RwLock::default(),
+            saved_caches: Mutex::default(),
+            saving: Mutex::default(),
         }
     }
 
@@ -358,6 +382,7 @@ mod tests {
             enabled: true,
             max_age_secs: 100,
             max_keys,
+            snapshot_secs: 0,
         })
     }
 

@@ -9,7 +9,7 @@ pub mod rendezvous;
 
 pub use address::{Addresses, Resolved};
 pub use health::{Health, HealthChecker};
-pub use holders::{Holders, PeerFillSection};
+pub use holders::{Holders, HoldersFileError, PeerFillSection, Restored};
 pub use region::RegionResolver;
 
 use crate::config::{BrokerConfig, EdgeEntry, Role};
