@@ -5,15 +5,17 @@
 //! mid-start (a pod deleted while its edge recovered the disk tier, a unit stopped just after
 //! it started) with no drain and none of the final steps (the edge's cache flush, the broker's
 //! monitor snapshot). [`StopSignals::catch`] installs the handlers at once and hands pingora a
-//! watch that returns the first signal whenever it came, so a stop asked for during start-up
-//! runs as a normal stop as soon as the server is up. A second signal while the first still
-//! waits for the server ends the process at once: a start-up that hangs can still be stopped.
+//! watch that returns the first signal whenever it came, so a SIGTERM (or SIGQUIT) during
+//! start-up runs as a normal stop as soon as the server is up. SIGINT, pingora's stop without
+//! a drain, ends a starting process at once, as does a second signal while the first still
+//! waits for the server: a start-up that hangs can still be stopped. Either exits with 128 +
+//! the signal's number, as a shell reports a process the signal killed.
 
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use pingora_core::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use pingora_core::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch, UnixShutdownSignalWatch};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::watch;
 
@@ -92,8 +94,8 @@ impl StopSignals {
     }
 }
 
-/// Pass the first signal on; end the process on a second one that comes before the server
-/// took the first. Later ones are ignored, as pingora's own handler ignores them.
+/// Pass the first signal on; end the process on SIGINT or a second signal that comes before
+/// the server took the first. Later ones are ignored, as pingora's own handler ignores them.
 async fn forward(
     [(t, mut term), (i, mut int), (q, mut quit)]: [(Stop, Signal); 3],
     tx: watch::Sender<Option<Stop>>,
@@ -108,6 +110,10 @@ async fn forward(
         };
         let serving = phase.load(Ordering::Acquire) == SERVING;
         match *tx.borrow() {
+            None if !serving && stop == Stop::Fast => {
+                tracing::warn!("SIGINT during start-up: exiting now");
+                std::process::exit(stop.exit_code());
+            }
             None if !serving => tracing::info!(
                 signal = stop.name(),
                 "stop signal during start-up: the server stops as soon as it is up (a second \
@@ -140,14 +146,21 @@ impl ShutdownSignalWatch for StopSignals {
         let mut first = self.first.clone();
         let stop = match first.wait_for(Option::is_some).await {
             Ok(stop) => *stop,
-            // The signals' thread is gone (its runtime failed): no signal can come any more.
             Err(_) => None,
         };
         match stop {
             Some(Stop::Terminate) => ShutdownSignal::GracefulTerminate,
             Some(Stop::Fast) => ShutdownSignal::FastShutdown,
             Some(Stop::Upgrade) => ShutdownSignal::GracefulUpgrade,
-            None => std::future::pending().await,
+            // The signals' thread is gone (its runtime failed): pingora's own watch takes the
+            // signals from here on (tokio hands each one to every listener), so they still stop
+            // the server.
+            None => {
+                tracing::error!(
+                    "stop signals' thread ended: listening for them on the server's runtime"
+                );
+                UnixShutdownSignalWatch.recv().await
+            }
         }
     }
 }

@@ -46,6 +46,14 @@ pub fn total(metrics: &str, name: &str) -> f64 {
 pub fn stopped_while_starting(mut start: impl FnMut() -> Child) -> String {
     for _ in 0..5 {
         let mut child = start();
+        // However slow the start (a debug build on a loaded machine): the signal must come
+        // after the handler is installed, or it is the default action, not the server, that
+        // answers it.
+        let caught = child.wait_catching(
+            rustix::process::Signal::TERM,
+            std::time::Duration::from_secs(60),
+        );
+        assert!(caught, "the server never caught SIGTERM:\n{}", child.log());
         let code = child.terminate();
         let log = child.log();
         assert_eq!(code, Some(0), "not a graceful stop:\n{log}");

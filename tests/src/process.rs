@@ -137,7 +137,13 @@ impl Binary {
             cmd.env(k, v);
         }
         if let Ok(level) = std::env::var("SHADOWCDN_TEST_LOG") {
-            cmd.env("RUST_LOG", level);
+            // The test's own directives for single targets (a log line it reads) are kept.
+            let own = envs.iter().rev().find(|(k, _)| *k == "RUST_LOG");
+            let targets = own.map(|(_, v)| v.split(',').filter(|d| d.contains('=')));
+            let all: Vec<&str> = std::iter::once(level.as_str())
+                .chain(targets.into_iter().flatten())
+                .collect();
+            cmd.env("RUST_LOG", all.join(","));
         }
         let child = cmd.spawn().expect("spawn binary");
         let name = self
@@ -254,10 +260,27 @@ impl Child {
         mask.is_some_and(|m| m & (1 << (sig.as_raw() - 1)) != 0)
     }
 
-    fn signal(&mut self, sig: Signal) -> Option<i32> {
-        while !self.catches(sig) && self.spawned.elapsed() < SIGNAL_AFTER {
+    /// Wait until the process catches `sig`, at most `within` after its spawn; false if it
+    /// exited or did not by then.
+    pub fn wait_catching(&mut self, sig: Signal, within: Duration) -> bool {
+        loop {
+            if self.catches(sig) {
+                return true;
+            }
+            let running = self
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(None)));
+            if !running || self.spawned.elapsed() >= within {
+                return false;
+            }
             std::thread::sleep(Duration::from_millis(1));
         }
+    }
+
+    fn signal(&mut self, sig: Signal) -> Option<i32> {
+        self.child.as_ref()?;
+        self.wait_catching(sig, SIGNAL_AFTER);
         let mut c = self.child.take()?;
         let pid = rustix::process::Pid::from_raw(c.id() as i32).expect("a child's pid is positive");
         if let Err(e) = rustix::process::kill_process(pid, sig) {
