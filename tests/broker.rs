@@ -2354,9 +2354,6 @@ fn broker_cli_reports_bad_config() {
     );
 }
 
-/// `--preflight` reads the state a start would refuse, without writing it: a revocation list
-/// older than the one the broker enforced before, a damaged file of the edges' certificates,
-/// a damaged queue of pending purges.
 /// A SIGTERM that comes while the broker is still starting (restoring its state) used to kill
 /// it: pingora catches signals only once its listeners are up. It now stops gracefully as soon
 /// as it is up (its final snapshot and store close run), and starts again.
@@ -2373,6 +2370,9 @@ fn a_sigterm_during_start_up_stops_the_broker_once_it_is_up() {
     assert_eq!(c.broker.child.terminate(), Some(0));
 }
 
+/// `--preflight` reads the state a start would refuse, without writing it: a revocation list
+/// older than the one the broker enforced before, a damaged file of the edges' certificates,
+/// a damaged queue of pending purges.
 #[test]
 fn broker_preflight_reads_the_state_a_start_would_refuse() {
     let mut c = start_cluster();
@@ -3968,20 +3968,23 @@ async fn an_edge_back_with_an_empty_cache_is_not_hinted_for_what_it_held() {
     missed_in_us_unhinted(&c, &origin, &wiped, before + 1.0).await;
 }
 
-/// Stats rounds the broker has had answered (one per edge and round).
-async fn stats_answered(c: &Cluster) -> f64 {
-    let m = c.metrics().await;
-    sample(
-        &m,
-        "shadowcdn_broker_quic_messages_total",
-        &["type=\"stats\"", "outcome=\"ok\""],
-    )
-    .unwrap_or(0.0)
+/// Wait until the broker has read a stats report of each of `edges` (its gauges are set in
+/// the same step that judges the edge's cache).
+async fn wait_stats_read(c: &Cluster, edges: &[&str]) {
+    for edge in edges {
+        wait_until(|| async {
+            c.edge_gauge("shadowcdn_broker_edge_stats", edge)
+                .await
+                .is_some()
+        })
+        .await;
+    }
 }
 
 /// A restarted broker still hints the copies its edges held before it stopped (it writes its
-/// holders at its stop and reads them back at its start), but not those of an edge that came
-/// back with an empty cache while the broker was away.
+/// holders at its stop and reads them back at its start), also of an edge restarted with its
+/// disk tier meanwhile, but not those of an edge whose disk tier was wiped while the broker
+/// was away (its cache id is not the one the holders were kept with).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_broker_still_hints_what_the_edges_held() {
     let origin = TestOrigin::start().await;
@@ -3990,16 +3993,21 @@ async fn a_restarted_broker_still_hints_what_the_edges_held() {
     c.wait_peers_listed(3).await;
     let kept = served_in_eu_by(&c, "/held/kept", "eu-a").await;
     let lost = served_in_eu_by(&c, "/held/lost", "eu-b").await;
+    // The holders are written with the edges' cache ids.
+    wait_stats_read(&c, &["eu-a", "eu-b"]).await;
     assert_eq!(c.broker.child.terminate(), Some(0));
-    c.edges[1].set_env("SHADOWCDN_EDGE_CACHE__DISK_CAPACITY", "0");
-    assert_eq!(c.edges[1].child.terminate(), Some(0));
-    c.edges[1].spawn();
+    for i in [0, 1] {
+        assert_eq!(c.edges[i].child.terminate(), Some(0));
+    }
+    std::fs::remove_dir_all(c.edges[1].dir.join("cache/foyer")).unwrap();
+    for i in [0, 1] {
+        c.edges[i].spawn();
+    }
     c.broker.spawn();
     for edge in ["eu-a", "eu-b", "us-a"] {
         c.wait_edge_up(edge).await;
     }
-    // Two rounds of stats for every edge: the first round's answers have been read.
-    wait_until(|| async { stats_answered(&c).await >= 8.0 }).await;
+    wait_stats_read(&c, &["eu-a", "eu-b"]).await;
     missed_in_us_unhinted(&c, &origin, &lost, 0.0).await;
     let (n, fill) = miss_in_us(&c, &kept).await;
     assert_eq!(fill.as_deref(), Some("peer"), "{kept} filled from eu-a");

@@ -713,6 +713,15 @@ impl BrokerConfig {
                 }
             }
         }
+        // A longer period loses more to a crash than the holders are worth; and an unbounded
+        // one would overflow the timer.
+        if self.peer_fill.snapshot_secs > 86_400 {
+            return bad(format!(
+                "peer_fill.snapshot_secs ({}) must be at most 86400 (a day); 0 writes only at a \
+                 graceful stop",
+                self.peer_fill.snapshot_secs
+            ));
+        }
         self.cost.check().map_err(ConfigError)
     }
 }

@@ -248,6 +248,20 @@ impl Broker {
             None => None,
         };
         // Read back before the first request is recorded; written last at stop, after the drain.
+        // With peer fill off, a file left from before names copies that may be purged since:
+        // removed, so that turning it on again starts from what the edges serve then.
+        if holders.is_none() {
+            let file = cfg.data_dir.join(HOLDERS_FILE);
+            match std::fs::remove_file(&file) {
+                Ok(()) => {
+                    tracing::info!(file = %file.display(), "peer fill off: its kept holders removed")
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "peer fill off: its kept holders not removed")
+                }
+            }
+        }
         let keeper = holders.as_ref().map(|h| {
             Arc::new(HoldersKeeper::restoring(
                 h.clone(),
@@ -439,13 +453,15 @@ impl Broker {
                             code = 1;
                         }
                     }
+                    if let Some(c) = closing {
+                        c.close().await;
+                    }
+                    // After the control link closed: no stats poll changes an edge's cache id
+                    // or floor under the write.
                     if let Some(k) = kept {
                         if let Err(e) = tokio::task::spawn_blocking(move || k.save()).await {
                             tracing::error!(error = %e, "the peer holders' final write failed");
                         }
-                    }
-                    if let Some(c) = closing {
-                        c.close().await;
                     }
                     // After the drain no API change is in flight; closed, the store needs no
                     // repair at the next start.

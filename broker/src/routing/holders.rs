@@ -167,7 +167,8 @@ pub struct Holders {
     emptied: RwLock<HashMap<u16, Floor>>,
     /// Per edge whose holders were read back, the cache id they were kept with, until its
     /// first stats poll ([`Holders::edge_heard_again`]).
-    saved_caches: Mutex<HashMap<u16, u64>>,
+    /// Their holders are not hinted meanwhile: the edge may have come back empty.
+    saved_caches: RwLock<HashMap<u16, u64>>,
     /// Held by a write of the map ([`Holders::save`]): one at a time.
     saving: Mutex<()>,
 }
@@ -183,7 +184,7 @@ impl Holders {
             purges: AtomicU32::new(0),
             purged: RwLock::default(),
             emptied: RwLock::default(),
-            saved_caches: Mutex::default(),
+            saved_caches: RwLock::default(),
             saving: Mutex::default(),
         }
     }
@@ -266,11 +267,12 @@ impl Holders {
         }?;
         let floor = floor();
         let emptied = self.emptied.read();
+        let unchecked = self.saved_caches.read();
         let kept = |h: &Holder| {
             let f = emptied
                 .get(&h.edge)
                 .and_then(|f| f.in_force(now, self.max_age));
-            f.is_none_or(|f| at_or_after(h.purges, f))
+            f.is_none_or(|f| at_or_after(h.purges, f)) && !unchecked.contains_key(&h.edge)
         };
         slots
             .iter()

@@ -21,10 +21,14 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::{Entry, Floor, Holder, Holders, Slots};
+use super::{at_or_after, Entry, Floor, Holder, Holders, Slots};
 
 /// The layout written; another is not read.
 const VERSION: u32 = 1;
+
+/// How far ahead of the broker's clock a kept second may be and still read as its own (a
+/// wall clock corrected by a few seconds since the write).
+const FUTURE_SLACK_SECS: u64 = 60;
 
 /// Why holders could not be kept or read back.
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +120,29 @@ impl Holders {
         cache_of: impl Fn(usize) -> u64,
     ) -> Result<usize, HoldersFileError> {
         let _one = self.saving.lock();
+        // Cache ids before the floors: a poll that finds an edge emptied raises its floor
+        // before it keeps the new id, so the file never pairs the new id with the old holders.
+        // An edge not polled yet keeps the id its holders were read back with.
+        let caches: Vec<u64> = {
+            let pending = self.saved_caches.read();
+            (0..ids.len())
+                .map(|e| match cache_of(e) {
+                    0 => u16::try_from(e)
+                        .ok()
+                        .and_then(|e| pending.get(&e).copied())
+                        .unwrap_or(0),
+                    id => id,
+                })
+                .collect()
+        };
         let emptied = self.emptied.read().clone();
         let edges = ids
             .iter()
+            .zip(caches)
             .enumerate()
-            .map(|(e, id)| SavedEdge {
+            .map(|(e, (id, cache_id))| SavedEdge {
                 id: id.to_string(),
-                cache_id: cache_of(e),
+                cache_id,
                 emptied: u16::try_from(e)
                     .ok()
                     .and_then(|e| emptied.get(&e))
@@ -147,16 +167,20 @@ impl Holders {
             let mut w = w;
             encode(&mut w, &header)?;
             for shard in self.shards.iter() {
-                let keys: Vec<SavedKey> = {
+                // Copied under the lock, converted after it. The older generation first: read
+                // back into a smaller map, the newer one is what stays.
+                let copied: Vec<(u64, Entry)> = {
                     let s = shard.lock();
-                    // The older generation first: read back into a smaller map, the newer one
-                    // is what stays.
                     let previous = s
                         .previous
                         .iter()
                         .filter(|(k, _)| !s.current.contains_key(k));
-                    previous.chain(s.current.iter()).map(saved_key).collect()
+                    previous
+                        .chain(s.current.iter())
+                        .map(|(k, e)| (*k, *e))
+                        .collect()
                 };
+                let keys: Vec<SavedKey> = copied.iter().map(saved_key).collect();
                 written += keys.len();
                 encode(&mut w, &keys)?;
             }
@@ -194,61 +218,91 @@ impl Holders {
                 Some((u16::try_from(e).ok()?, u16::try_from(edges[e].1).ok()?))
             })
             .collect();
-        let mut keys = Vec::new();
+        // Purges count on from the latest count the file names: the header's is read before the
+        // shards were copied, and a purge may have come in between.
+        let mut purges = header.purges;
+        let mut count = |c: u32| {
+            if !at_or_after(purges, c) {
+                purges = c;
+            }
+        };
+        // Seconds ahead of `now` are another clock's (a replay's, or a wall clock stepped
+        // back): such holders and floors are not this broker's past.
+        let fresh =
+            |at: u64| at <= now + FUTURE_SLACK_SECS && now.saturating_sub(at) <= self.max_age;
+        let mut restored = Restored::default();
         for _ in 0..header.shards {
             let shard: Vec<SavedKey> = decode(&mut r).map_err(|e| format_error(path, e))?;
-            keys.extend(shard);
-        }
-        let mut restored = Restored::default();
-        for SavedKey(key, key_floor, holders) in keys {
-            let mut slots = Slots::default();
-            let mut n = 0;
-            for (edge, purges, at) in holders {
-                let to = mapped.get(usize::from(edge)).copied().flatten();
-                match to {
-                    Some((edge, region))
-                        if n < slots.len() && now.saturating_sub(at) <= self.max_age =>
-                    {
-                        slots[n] = Some(Holder {
-                            edge,
-                            region,
-                            purges,
-                            at,
-                        });
-                        n += 1;
+            for SavedKey(key, key_floor, holders) in shard {
+                let mut slots = Slots::default();
+                let mut n = 0;
+                for (edge, purges, at) in holders {
+                    let to = mapped.get(usize::from(edge)).copied().flatten();
+                    match to {
+                        Some((edge, region)) if n < slots.len() && fresh(at) => {
+                            count(purges);
+                            slots[n] = Some(Holder {
+                                edge,
+                                region,
+                                purges,
+                                at,
+                            });
+                            n += 1;
+                        }
+                        _ => restored.dropped += 1,
                     }
-                    _ => restored.dropped += 1,
                 }
+                let key_floor = key_floor.map(floor).filter(|f| fresh(f.at));
+                if n == 0 && key_floor.is_none() {
+                    continue;
+                }
+                if let Some(f) = key_floor {
+                    count(f.count);
+                }
+                restored.keys += usize::from(n > 0);
+                let mut s = self.shard(key).lock();
+                *s.entry(key, self.per_shard) = Entry {
+                    holders: slots,
+                    floor: key_floor,
+                };
             }
-            let key_floor = key_floor.map(floor);
-            if n == 0 && key_floor.is_none_or(|f| f.in_force(now, self.max_age).is_none()) {
-                continue;
-            }
-            restored.keys += usize::from(n > 0);
-            let mut s = self.shard(key).lock();
-            *s.entry(key, self.per_shard) = Entry {
-                holders: slots,
-                floor: key_floor,
-            };
+        }
+        let hosts: Vec<(Box<str>, Floor)> = header
+            .hosts
+            .into_iter()
+            .map(|(h, f)| (h.into_boxed_str(), floor(f)))
+            .filter(|(_, f)| fresh(f.at))
+            .collect();
+        let edge_floors: Vec<(u16, Option<Floor>, u64)> = header
+            .edges
+            .iter()
+            .zip(&mapped)
+            .filter_map(|(s, to)| {
+                let (edge, _) = (*to)?;
+                Some((
+                    edge,
+                    s.emptied.map(floor).filter(|f| fresh(f.at)),
+                    s.cache_id,
+                ))
+            })
+            .collect();
+        for f in hosts
+            .iter()
+            .map(|(_, f)| f)
+            .chain(edge_floors.iter().filter_map(|(_, f, _)| f.as_ref()))
+        {
+            count(f.count);
         }
         self.purges
-            .store(header.purges, std::sync::atomic::Ordering::Release);
-        let in_force = |f: &SavedFloor| floor(*f).in_force(now, self.max_age).is_some();
-        self.purged.write().extend(
-            header
-                .hosts
-                .into_iter()
-                .filter(|(_, f)| in_force(f))
-                .map(|(h, f)| (h.into_boxed_str(), floor(f))),
-        );
+            .store(purges, std::sync::atomic::Ordering::Release);
+        self.purged.write().extend(hosts);
         let mut emptied = self.emptied.write();
-        let mut caches = self.saved_caches.lock();
-        for (s, to) in header.edges.iter().zip(&mapped) {
-            let Some((edge, _)) = to else { continue };
-            if let Some(f) = s.emptied.as_ref().filter(|f| in_force(f)) {
-                emptied.insert(*edge, floor(*f));
+        let mut caches = self.saved_caches.write();
+        for (edge, f, cache_id) in edge_floors {
+            if let Some(f) = f {
+                emptied.insert(edge, f);
             }
-            caches.insert(*edge, s.cache_id);
+            caches.insert(edge, cache_id);
         }
         Ok(restored)
     }
@@ -261,21 +315,24 @@ impl Holders {
     /// process before this one may have served them while the broker could not reach it.
     /// Returns whether they were dropped.
     pub fn edge_heard_again(&self, e: usize, cache_id: u64, memory_only: bool, now: u64) -> bool {
-        let kept_with = u16::try_from(e)
-            .ok()
-            .and_then(|e| self.saved_caches.lock().remove(&e));
+        let Ok(edge) = u16::try_from(e) else {
+            return false;
+        };
+        let kept_with = self.saved_caches.read().get(&edge).copied();
         let stale = match kept_with {
             Some(kept) => kept == 0 || cache_id == 0 || kept != cache_id,
             None => memory_only,
         };
+        // Floored before they are released to hints, so no hint goes to them in between.
         if stale {
             self.forget_edge(e, now);
         }
+        self.saved_caches.write().remove(&edge);
         stale
     }
 }
 
-fn saved_key((key, entry): (&u64, &Entry)) -> SavedKey {
+fn saved_key((key, entry): &(u64, Entry)) -> SavedKey {
     let holders = entry
         .holders
         .iter()
@@ -335,6 +392,13 @@ mod tests {
         );
         assert_eq!(
             back.peer_for(1, 1, 20, ANY),
+            None,
+            "not before c's first poll"
+        );
+        assert!(!back.edge_heard_again(0, 102, false, 20), "c, same cache");
+        assert!(!back.edge_heard_again(2, 100, false, 20), "a, same cache");
+        assert_eq!(
+            back.peer_for(1, 1, 20, ANY),
             Some(0),
             "c, the latest holder"
         );
@@ -358,6 +422,9 @@ mod tests {
         h.save(&path, &["a", "b"], |_| 7).unwrap();
         let back = holders();
         back.restore(&path, &[("a", 0), ("b", 0)], 150).unwrap();
+        for e in 0..2 {
+            assert!(!back.edge_heard_again(e, 7, false, 150));
+        }
         assert_eq!(back.peer_for(1, 9, 150, ANY), None, "past max_age");
         assert_eq!(back.peer_for(2, 9, 150, ANY), Some(0));
         assert_eq!(back.peer_for(3, 9, 150, ANY), None, "purged key");
@@ -399,6 +466,66 @@ mod tests {
         assert_eq!(back.peer_for(1, 9, 22, ANY), None);
         assert_eq!(back.peer_for(2, 9, 22, ANY), None);
         assert_eq!(back.peer_for(3, 9, 22, ANY), Some(3));
+    }
+
+    #[test]
+    fn an_edge_not_polled_yet_is_written_with_the_cache_id_it_was_read_back_with() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holders");
+        let h = holders();
+        h.record(1, 0, 0, 10, h.epoch());
+        h.save(&path, &["a"], |_| 5).unwrap();
+        let back = holders();
+        back.restore(&path, &[("a", 0)], 20).unwrap();
+        back.save(&path, &["a"], |_| 0).unwrap();
+        let again = holders();
+        again.restore(&path, &[("a", 0)], 30).unwrap();
+        assert!(!again.edge_heard_again(0, 5, false, 30));
+        assert_eq!(again.peer_for(1, 9, 30, ANY), Some(0));
+    }
+
+    #[test]
+    fn seconds_ahead_of_the_clock_are_another_clocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holders");
+        let h = holders();
+        h.record(1, 0, 0, 5_000, h.epoch());
+        h.record(2, 0, 0, 1_050, h.epoch());
+        h.save(&path, &["a"], |_| 5).unwrap();
+        let back = holders();
+        let restored = back.restore(&path, &[("a", 0)], 1_000).unwrap();
+        assert_eq!(
+            restored,
+            Restored {
+                keys: 1,
+                dropped: 1
+            }
+        );
+    }
+
+    #[test]
+    fn purges_count_on_from_the_latest_count_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("holders");
+        let h = holders();
+        h.record(1, 0, 0, 10, h.epoch());
+        h.forget_host("x.example", 10);
+        h.save(&path, &["a"], |_| 5).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The header's count as a purge during the write would leave it: behind the floor.
+        let header: Header = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(header.purges, 1);
+        let behind = Header {
+            purges: 0,
+            ..header
+        };
+        let mut rest = bytes.split_off(rmp_serde::to_vec(&behind).unwrap().len());
+        bytes = rmp_serde::to_vec(&behind).unwrap();
+        bytes.append(&mut rest);
+        std::fs::write(&path, bytes).unwrap();
+        let back = holders();
+        back.restore(&path, &[("a", 0)], 20).unwrap();
+        assert_eq!(back.epoch(), 1);
     }
 
     #[test]
