@@ -853,6 +853,11 @@ async fn purge_by_key_and_prefix() {
     assert_eq!(r.status(), StatusCode::NOT_FOUND);
     let r = edge.purge("no-slash", TOKEN).await;
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // A pasted URL names no host: refused, not answered as a purge that matches nothing.
+    let r = edge.purge(&format!("http://{HOST}/p/*"), TOKEN).await;
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert!(v["message"].as_str().unwrap().contains("not a URL"), "{v}");
 
     let r = edge.purge(&format!("{HOST}/p/*"), TOKEN).await;
     assert_eq!(r.status(), StatusCode::OK);

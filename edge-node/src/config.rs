@@ -434,6 +434,14 @@ impl EdgeConfig {
             )));
         }
         let c = &self.cache;
+        // Empty, the cache (disk tier, ban log, pushed origins) would land in whatever the
+        // working directory happens to be.
+        if c.dir.as_os_str().is_empty() {
+            return Err(ConfigError::Invalid(
+                "cache.dir must not be empty: the directory of the disk tier and the edge's state"
+                    .into(),
+            ));
+        }
         if c.memory_capacity.as_u64() < 1024 * 1024 {
             return Err(ConfigError::Invalid(
                 "cache.memory_capacity must be at least 1 MiB".into(),
@@ -813,6 +821,14 @@ mod tests {
         assert_eq!(c.cache.max_object_size, ByteSize::mib(64));
         assert_eq!(c.block_size(), 64 * 1024 * 1024 + 256 * 1024);
         assert_eq!(c.cache.max_fill_memory, ByteSize::gib(1));
+    }
+
+    #[test]
+    fn an_empty_cache_dir_is_refused() {
+        let e = EdgeConfig::from_toml(&MINIMAL.replace("dir = \"/tmp/x\"", "dir = \"\""))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cache.dir must not be empty"), "{e}");
     }
 
     /// The list of row fields names every field of the struct.

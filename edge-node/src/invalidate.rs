@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use crate::drain::{detached, InflightCounter};
 use crate::metrics::EdgeMetrics;
-use crate::origin::{normalize_host, OriginTable};
+use crate::origin::{checked_host, OriginTable};
 use crate::proxy::primary_key;
 use crate::shadow::{self, ShadowTable};
 use crate::storage::{BanError, FoyerStorage, NotDurable, RefreshRecord, Unwritten};
@@ -71,12 +71,7 @@ impl Target {
         let (host, rest) = raw
             .split_once('/')
             .ok_or_else(|| "key must be {host}/{path}, e.g. example.com/index.html".to_string())?;
-        // Checked as normalized: `:80` or `.` would otherwise become an empty host, whose
-        // ban matches nothing yet answers as a purge.
-        let host = normalize_host(host);
-        if host.is_empty() {
-            return Err("key has an empty host".into());
-        }
+        let host = checked_host(host)?;
         let key = primary_key(&host, &format!("/{rest}"));
         Ok(match key.strip_suffix('*') {
             Some(prefix) => Target::Prefix(prefix.to_string()),
@@ -86,10 +81,7 @@ impl Target {
 
     /// A tag purge of `host`'s objects.
     pub fn tags(host: &str, tags: &[String]) -> Result<Self, String> {
-        let host = normalize_host(host).into_owned();
-        if host.is_empty() || host.bytes().any(|b| !b.is_ascii_graphic() || b == b'/') {
-            return Err(format!("host {host:?} is not a host name"));
-        }
+        let host = checked_host(host)?;
         let tags = tags::check(tags).map_err(|e| e.to_string())?;
         Ok(Target::Tags { host, tags })
     }
@@ -420,6 +412,30 @@ mod tests {
         assert!(Target::parse("/a").is_err());
         for empty in [":80/*", "./*", ":443/a"] {
             assert!(Target::parse(empty).is_err(), "{empty}");
+        }
+        for url in [
+            "https://example.com/img/*",
+            "user@example.com/x*",
+            "a b/x",
+            "example.com:/x",
+            "example.com:80x/x",
+            "[::1/x",
+            "[zz]/x",
+        ] {
+            let e = Target::parse(url).unwrap_err();
+            assert!(e.contains("not a host"), "{url}: {e}");
+        }
+        for (raw, key) in [
+            ("example.com:8080/a", "example.com/a"),
+            ("[::1]:8080/a", "[::1]/a"),
+            ("[::1]/a", "[::1]/a"),
+            ("Example.COM./a", "example.com/a"),
+        ] {
+            assert_eq!(
+                Target::parse(raw).unwrap(),
+                Target::Key(key.into()),
+                "{raw}"
+            );
         }
     }
 

@@ -725,6 +725,46 @@ pub fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
+/// `raw` normalized as the proxy does, if it is a host as a request's `Host` gives one: a
+/// name or an IP literal, with an optional numeric port. Anything else names no host the edge
+/// serves (a pasted URL's `https:`, user info, spaces), and a purge of it would match nothing
+/// while answering as done; so would a host empty once normalized (`:80`, `.`).
+pub fn checked_host(raw: &str) -> Result<String, String> {
+    let (name_ok, port) = match raw.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((ip, port)) => (
+                !ip.is_empty()
+                    && ip
+                        .bytes()
+                        .all(|b| b.is_ascii_hexdigit() || b":.".contains(&b)),
+                port,
+            ),
+            None => (false, ""),
+        },
+        None => {
+            let (name, port) = raw.find(':').map_or((raw, ""), |i| raw.split_at(i));
+            let name_ok = name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+            (name_ok, port)
+        }
+    };
+    let port_ok = port.is_empty()
+        || port
+            .strip_prefix(':')
+            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+    let host = normalize_host(raw);
+    if !name_ok || !port_ok {
+        return Err(format!(
+            "{raw:?} is not a host (a name or IP literal, with an optional port; not a URL)"
+        ));
+    }
+    if host.is_empty() {
+        return Err("key has an empty host".into());
+    }
+    Ok(host.into_owned())
+}
+
 /// Whether two rows send the same route to the same upstream (their options aside): the
 /// address one resolved to serves the other.
 /// A row's route and upstream: rows equal in these share an address.

@@ -66,11 +66,16 @@ pub fn plan(
     now: SystemTime,
 ) -> Plan {
     let mut plan = Plan::default();
-    // Every planned registration has its `before` change: a scope there is planned.
-    let mut planned = HashSet::new();
+    // A scope's first row decides: were a later row with another time to count once the
+    // first is applied, every push would change the owner back and forth, flooring the host
+    // each time.
+    let mut seen = HashSet::new();
     for r in regs {
+        if !seen.insert(r.scope.as_str()) {
+            continue;
+        }
         let previous = applied(&r.scope);
-        if previous == Some(r.registered_ms) || !planned.insert(r.scope.as_str()) {
+        if previous == Some(r.registered_ms) {
             continue;
         }
         let floor = match sent_at_ms {
@@ -173,5 +178,9 @@ mod tests {
         let p = plan(&[reg("h/", 1), reg("h/", 2)], |_| None, None, at(NOW_MS));
         assert_eq!(p.before.len(), 1);
         assert_eq!(p.before[0].registered_ms, Some(1));
+        // Once the first is applied, the push changes nothing: not the second row's time.
+        let applied = |s: &str| (s == "h/").then_some(1);
+        let p = plan(&[reg("h/", 1), reg("h/", 2)], applied, None, at(NOW_MS));
+        assert_eq!(p, Plan::default());
     }
 }

@@ -480,7 +480,8 @@ fn redirects_to_its_own_key(
 /// applies it).
 pub fn normalize_key(key: &str) -> Option<String> {
     let (host, rest) = key.split_once('/')?;
-    (!host.is_empty()).then(|| primary_key(host, &format!("/{rest}")))
+    let host = crate::origin::checked_host(host).ok()?;
+    Some(primary_key(&host, &format!("/{rest}")))
 }
 
 /// The request's host: the Host header, else the URI authority; `None` when empty.

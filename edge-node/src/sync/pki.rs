@@ -44,6 +44,9 @@ pub enum PkiError {
     /// A node name that is no node id: it names the certificate's DNS name and its files.
     #[error("{0:?} is not a node name: 1 to 63 letters, digits, '-' or '_' (and not \"broker\" for an edge)")]
     BadName(String),
+    /// A node named `ca` issued into the CA's own directory: its files would be the CA's.
+    #[error("{0}: a node named \"ca\" would replace the CA's certificate and key; issue it into another directory (--out)")]
+    CaFiles(PathBuf),
     /// The CA has no revocation list to add to.
     #[error("{0}: no revocation list (`certs ca` makes one with the CA; restore a lost one from a backup, or start an empty one with `certs revoke --init`, which lifts every revocation the lost one held)")]
     NoList(PathBuf),
@@ -195,6 +198,10 @@ pub fn issue_valid_for(
     };
     if !named {
         return Err(PkiError::BadName(name.to_string()));
+    }
+    let same_dir = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
+    if name == "ca" && same_dir(out, ca_dir) {
+        return Err(PkiError::CaFiles(ca_dir.join("ca.pem")));
     }
     let ca_cert = ca_dir.join("ca.pem");
     let ca_key = KeyPair::from_pem(&read(&ca_dir.join("ca.key"))?)?;
@@ -492,6 +499,21 @@ mod tests {
         assert!(issue(dir.path(), "../b", NodeRole::Broker, dir.path()).is_err());
         assert!(issue(dir.path(), "broker", NodeRole::Broker, dir.path()).is_ok());
         assert!(issue(dir.path(), "eu-1", NodeRole::Edge, dir.path()).is_ok());
+    }
+
+    #[test]
+    fn a_node_named_ca_is_not_issued_over_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        create_ca(dir.path()).unwrap();
+        let ca = std::fs::read(dir.path().join("ca.key")).unwrap();
+        let spelled = dir.path().join(".");
+        for role in [NodeRole::Edge, NodeRole::Broker] {
+            let e = issue(dir.path(), "ca", role, &spelled).unwrap_err();
+            assert!(matches!(e, PkiError::CaFiles(_)), "{e}");
+        }
+        assert_eq!(std::fs::read(dir.path().join("ca.key")).unwrap(), ca);
+        let elsewhere = dir.path().join("nodes");
+        assert!(issue(dir.path(), "ca", NodeRole::Edge, &elsewhere).is_ok());
     }
 
     #[test]
