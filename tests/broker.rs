@@ -1618,6 +1618,7 @@ async fn providers_cannot_touch_each_others_hosts_and_resources() {
     let metrics = c.broker.api("/metrics");
     for (token, want) in [
         ("", StatusCode::UNAUTHORIZED),
+        ("nobody-holds-this-token", StatusCode::UNAUTHORIZED),
         (t.as_str(), StatusCode::FORBIDDEN),
         (OPERATOR_TOKEN, StatusCode::OK),
     ] {

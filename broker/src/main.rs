@@ -226,8 +226,11 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
         .build()
         .map_err(|e| e.to_string())?;
     let api = api.trim_end_matches('/');
+    // Redirects are not followed: a 303 would turn a POST into a GET of a list, answered 200
+    // with nothing done.
     let client = reqwest::Client::builder()
         .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| e.to_string())?;
     let (method, path, body) = match call {
@@ -322,6 +325,15 @@ fn api_call(api: &str, token: &str, call: Call) -> Result<(Value, bool), String>
             .map_err(|e| format!("cannot reach {api}: {e}"))?;
         let status = resp.status();
         let text = resp.text().await.map_err(|e| e.to_string())?;
+        // Only a 204 is empty in the API; an empty success otherwise came from something
+        // else, and a 3xx is no success of the API's either.
+        if status.is_redirection()
+            || (text.is_empty() && status.is_success() && status != reqwest::StatusCode::NO_CONTENT)
+        {
+            return Err(format!(
+                "{status} from {api}, but not the broker API's answer (check --api)"
+            ));
+        }
         let v: Value = if text.is_empty() {
             json!({})
         } else {
@@ -410,5 +422,24 @@ mod tests {
         let err = api_call(&api, "t", Call::Origins).unwrap_err();
         served.join().unwrap();
         assert!(err.contains("not the broker API's JSON"), "{err}");
+    }
+
+    #[test]
+    fn an_empty_success_or_a_redirect_is_not_the_apis_answer() {
+        for answer in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            "HTTP/1.1 303 See Other\r\nlocation: /v1/resources\r\ncontent-length: 0\r\n\r\n",
+        ] {
+            let (api, served) = answer_once(answer);
+            let err = api_call(&api, "t", Call::Origins).unwrap_err();
+            served.join().unwrap();
+            assert!(
+                err.contains("not the broker API's answer"),
+                "{answer}: {err}"
+            );
+        }
+        let (api, served) = answer_once("HTTP/1.1 204 No Content\r\n\r\n");
+        assert!(api_call(&api, "t", Call::Origins).is_ok());
+        served.join().unwrap();
     }
 }

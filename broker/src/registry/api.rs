@@ -168,13 +168,20 @@ fn rate_limited(
     })
 }
 
+/// The operator's call: 403 for a provider's token (known, but not allowed here), 401 for
+/// none or one nobody holds, as for every endpoint.
 fn operator(s: &ApiState, headers: &HeaderMap) -> Result<(), ApiError> {
     match bearer_token(headers) {
         Some(t) if token_matches(t.as_bytes(), s.operator_token.as_bytes()) => Ok(()),
-        Some(_) => Err(ApiError::new(
+        Some(t) if s.registry.provider_by_token(t).is_some() => Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
             "operator token required",
+        )),
+        Some(_) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "unknown token",
         )),
         None => Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -350,7 +357,7 @@ async fn create_provider(State(s): State<ApiState>, headers: HeaderMap, body: Bo
     operator(&s, &headers)?;
     let req: NewProvider = read_json(body, s.max_body).await?;
     let name = req.name.trim();
-    if name.is_empty() || name.len() > 128 {
+    if name.is_empty() || name.chars().count() > 128 {
         return Err(Invalid {
             field: "name",
             message: "must be 1 to 128 characters".into(),
@@ -551,52 +558,58 @@ async fn put_origin(
     if unregistered && s.approve_new_hosts {
         return claim_host(&s, &p.id, host, upstream, req, cache_key_ignore_query).await;
     }
-    let target = format!("{host}/*");
-    let purged = if unregistered {
-        s.registry.check_origin_quota(&p.id, &host)?;
-        // The purge of the host's old copies leaves a ban on every edge, like any purge.
-        within_budget(&s, CallClass::Purge, &p.id)?;
-        // A previous owner's plans, should its delete have been cut short.
-        s.planner.forget_host(&host);
-        purge_and_forget(&s, &target).await
-    } else {
-        Vec::new()
-    };
-    let options = OriginOptions {
-        forward_host: req.forward_host,
-        strip_set_cookie: req.strip_set_cookie,
-        cache_key_ignore_query,
-    };
-    let claim = if unregistered {
-        Claim::New
-    } else {
-        Claim::Owned
-    };
-    let created = {
-        let (provider, host, upstream) = (p.id.clone(), host.clone(), upstream.clone());
-        write_registry(&s, move |r| {
-            r.put_origin(&provider, &host, &upstream, options, claim)
-        })
-        .await?
-    };
-    s.sync.origins_changed();
-    // A claim left from while approvals were on is settled by the registration.
-    note_claims(&s);
-    let mut body = json!({
-        "host": host,
-        "upstream": upstream,
-        "forward_host": req.forward_host,
-        "strip_set_cookie": req.strip_set_cookie,
-        "cache_key_ignore_query": req.cache_key_ignore_query,
-    });
-    let status = if with_missed_purge(&mut body, &target, &purged) {
-        StatusCode::MULTI_STATUS
-    } else if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, Json(body)).into_response())
+    // The rest to its end even if the caller hangs up: the purge's fan-out, the write, and
+    // the push and claim bookkeeping that follow it.
+    let owner = p.id;
+    to_the_end(&s, move |s| async move {
+        let target = format!("{host}/*");
+        let purged = if unregistered {
+            s.registry.check_origin_quota(&owner, &host)?;
+            // The purge of the host's old copies leaves a ban on every edge, like any purge.
+            within_budget(&s, CallClass::Purge, &owner)?;
+            // A previous owner's plans, should its delete have been cut short.
+            s.planner.forget_host(&host);
+            purge_and_forget(&s, &target).await
+        } else {
+            Vec::new()
+        };
+        let options = OriginOptions {
+            forward_host: req.forward_host,
+            strip_set_cookie: req.strip_set_cookie,
+            cache_key_ignore_query,
+        };
+        let claim = if unregistered {
+            Claim::New
+        } else {
+            Claim::Owned
+        };
+        let created = {
+            let (provider, host, upstream) = (owner.clone(), host.clone(), upstream.clone());
+            write_registry(&s, move |r| {
+                r.put_origin(&provider, &host, &upstream, options, claim)
+            })
+            .await?
+        };
+        s.sync.origins_changed();
+        // A claim left from while approvals were on is settled by the registration.
+        note_claims(&s);
+        let mut body = json!({
+            "host": host,
+            "upstream": upstream,
+            "forward_host": req.forward_host,
+            "strip_set_cookie": req.strip_set_cookie,
+            "cache_key_ignore_query": req.cache_key_ignore_query,
+        });
+        let status = if with_missed_purge(&mut body, &target, &purged) {
+            StatusCode::MULTI_STATUS
+        } else if created {
+            StatusCode::CREATED
+        } else {
+            StatusCode::OK
+        };
+        Ok((status, Json(body)).into_response())
+    })
+    .await
 }
 
 /// A provider's `PUT /v1/origins/{host}` of a host new to the registry while new hosts
@@ -645,10 +658,12 @@ async fn delete_origin(
     headers: HeaderMap,
 ) -> ApiResult {
     let p = provider(&s, &headers)?;
+    // Checked before any budget is spent: a rejected request changes nothing.
+    let host = check_host(&host)?;
     within_budget(&s, CallClass::Write, &p.id)?;
     // The provider's claim still awaiting approval is withdrawn: nothing was served, nothing
     // to purge. One approved meanwhile is deleted below, as any host.
-    let claimed = check_host(&host).ok().filter(|h| {
+    let claimed = Some(host.clone()).filter(|h| {
         !s.registry.has_origin(h) && s.registry.claim(h).is_some_and(|c| c.provider == p.id)
     });
     if let Some(host) = claimed {
@@ -671,7 +686,6 @@ async fn delete_origin(
     }
     // Its purge of every copy leaves a ban on every edge, like any purge.
     within_budget(&s, CallClass::Purge, &p.id)?;
-    let host = check_host(&host)?;
     to_the_end(&s, |s| delete_host(s, p.id, host)).await
 }
 

@@ -538,6 +538,13 @@ impl Registry {
                     )))
                 }
                 None => {
+                    // Approvals turned off since another provider claimed it: the operator
+                    // settles that claim first, not this registration silently.
+                    if m.claims.get(host).is_some_and(|c| c.provider != provider) {
+                        return Err(RegistryError::Conflict(format!(
+                            "host {host} has another provider's claim awaiting approval"
+                        )));
+                    }
                     self.origin_quota(&m, provider, host)?;
                     None
                 }
@@ -1152,6 +1159,13 @@ mod tests {
             .unwrap();
         reg.check_origin_quota(&a, "c.com").unwrap();
         assert!(reg.check_origin_quota(&a, "d.com").is_err());
+        // Another provider's registration does not silently drop it.
+        let b = reg.create_provider("b").unwrap().0.id;
+        let e = reg
+            .put_origin(&b, "c.com", up, OriginOptions::default(), Claim::New)
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::Conflict(_)), "{e}");
+        assert_eq!(reg.claim_count(), 1);
         assert!(reg
             .put_origin(&a, "c.com", up, OriginOptions::default(), Claim::New)
             .unwrap());
