@@ -10,6 +10,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use edge_node::shadow::LOST_KEPT;
 use edge_node::sync::protocol::{ErrorCode, Reply, Request, StatsReport};
 use edge_node::sync::tls::edge_name;
 use edge_node::sync::{
@@ -470,7 +471,9 @@ impl Control {
                     // After what it did report: the orders of the processes it says will not
                     // report are priced here, once per process (the edge keeps telling).
                     let now_ms = edge_node::sync::protocol::unix_ms_now();
-                    for boot in &s.lost_boots {
+                    // An edge keeps the last few; a longer list is not one to price.
+                    let told = s.lost_boots.len().saturating_sub(LOST_KEPT);
+                    for boot in &s.lost_boots[told..] {
                         let priced = &mut self.lost_priced.lock()[e];
                         if !priced.contains(boot) {
                             self.ledger.lost(e, *boot, now_ms);
@@ -508,11 +511,16 @@ impl Control {
             .read()
             .iter()
             .flatten()
-            .fold((0, 0), |(f, m), s| (f + s.shadow_first_hits, m + s.misses));
-        if first + misses > 0 {
+            .fold((0u64, 0u64), |(f, m), s| {
+                (
+                    f.saturating_add(s.shadow_first_hits),
+                    m.saturating_add(s.misses),
+                )
+            });
+        if first.saturating_add(misses) > 0 {
             self.metrics
                 .shadow_recall
-                .set(first as f64 / (first + misses) as f64);
+                .set(first as f64 / (first as f64 + misses as f64));
         }
     }
 }

@@ -821,7 +821,7 @@ impl Ledger {
             // Where both name their orders, the names say it; else the edge's clock does.
             let older = orders.get(&k).is_some_and(|ord| match (o.order, ord.id) {
                 (Some(theirs), Some(ours)) => theirs != ours,
-                _ => o.ended_ms > 0 && ord.placed_ms > o.ended_ms + CLOCK_SLACK_MS,
+                _ => o.ended_ms > 0 && ord.placed_ms > o.ended_ms.saturating_add(CLOCK_SLACK_MS),
             });
             // An older order a restart's re-placement replaced is found by its name.
             let order = if older {
@@ -971,10 +971,11 @@ impl Ledger {
         self.count_money(&key, &p);
         let r = rollups.entry(key).or_default();
         r.shadows += 1;
-        r.bytes += o.bytes;
+        // Edge-reported: a number near the top of u64 saturates, it does not wrap or panic.
+        r.bytes = r.bytes.saturating_add(o.bytes);
         if o.hits > 0 {
             r.used += 1;
-            r.used_bytes += o.bytes;
+            r.used_bytes = r.used_bytes.saturating_add(o.bytes);
         }
         r.money.add(&p);
         // A shadow removed before its TTL (unshadowed for the budget, purged, evicted) was

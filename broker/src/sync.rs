@@ -27,9 +27,12 @@ use crate::registry::Registry;
 use crate::routing::{Fleet, Health};
 use crate::taken_tables::TakenTables;
 use edge_node::drain::{InflightCounter, InflightGuard};
+use edge_node::shadow::MAX_KEY_BYTES;
 
 /// Most shadows one edge's listing may return (far beyond any edge's shadow budget).
 const MAX_LISTED_SHADOWS: usize = 1 << 20;
+/// Key bytes of one edge's shadow listing, at most (a million keys of 256 bytes).
+const MAX_LISTED_KEY_BYTES: usize = 256 << 20;
 
 /// Outcome of a purge on one edge.
 #[derive(Debug, Clone, Serialize)]
@@ -595,7 +598,11 @@ impl EdgeSync {
             let key = order.key.clone();
             return match c.call(edge, &Request::Shadow(order)).await {
                 Ok(Reply::Done { boot_id, .. }) => Some(boot_id.unwrap_or(0)),
-                Ok(_) => Some(0),
+                // Not an acceptance: no shadow is counted live on its word.
+                Ok(other) => {
+                    tracing::warn!(edge = %e.id, reply = ?other, %key, "shadow order answered out of protocol");
+                    None
+                }
                 Err(err) => {
                     tracing::warn!(edge = %e.id, error = %err, %key, "shadow order failed");
                     None
@@ -673,6 +680,7 @@ impl EdgeSync {
         let mut listed_by: Option<u64> = None;
         let mut unnamed = false;
         let mut out = Vec::new();
+        let mut listed_bytes = 0usize;
         let mut after = None;
         loop {
             let req = Request::Shadows {
@@ -700,6 +708,15 @@ impl EdgeSync {
                         return None;
                     }
                     after = last;
+                    // Keys no order could name, or more key bytes than any edge's capacity
+                    // of shadows, are not a listing to adopt.
+                    listed_bytes += shadows.iter().map(|s| s.key.len()).sum::<usize>();
+                    let bad_key = shadows.iter().any(|s| s.key.len() > MAX_KEY_BYTES);
+                    if bad_key || listed_bytes > MAX_LISTED_KEY_BYTES {
+                        let e = &self.fleet.edges[edge];
+                        tracing::warn!(edge = %e.id, listed = out.len(), listed_bytes, "edge's shadow listing has keys too long or too many; ignored");
+                        return None;
+                    }
                     out.extend(shadows);
                     if !more || after.is_none() {
                         let polled_since = c.stats(edge).map(|s| s.boot_id);

@@ -6,10 +6,10 @@ mod pace;
 mod table;
 
 pub(crate) use fill::split_key;
-pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService};
+pub use fill::{FillError, FillRequest, Filler, InvalidShadow, ShadowService, MAX_KEY_BYTES};
 pub use outcomes::{
-    crashed_processes, save_at_stop, OutcomeLog, RunningMark, SavedOutcomes, OUTCOMES_FILE,
-    RUNNING_FILE,
+    crashed_processes, save_at_stop, OutcomeLog, RunningMark, SavedOutcomes, LOST_KEPT,
+    OUTCOMES_FILE, RUNNING_FILE,
 };
 pub use pace::FillPacer;
 pub use table::{Ending, Expired, FillSource, FillTags, FillUnderWay, Mark, Order, ShadowTable};

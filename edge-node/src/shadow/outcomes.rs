@@ -400,7 +400,7 @@ impl OutcomeLog {
 }
 
 /// Processes told lost, at most: the broker prices each when it first hears of it.
-const LOST_KEPT: usize = 16;
+pub const LOST_KEPT: usize = 16;
 
 /// Add `boot_id` to `lost` (once), dropping the oldest past [`LOST_KEPT`].
 fn push_lost(lost: &mut Vec<u64>, boot_id: u64) {
