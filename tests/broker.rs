@@ -417,15 +417,55 @@ async fn routing_is_deterministic_and_spreads_keys() {
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"], "method_not_allowed");
     assert_eq!(origin.hits("/traced"), 0);
-    // Both refusals are counted, though no edge was chosen (after their answers were sent).
-    for status in ["status=\"404\"", "status=\"414\""] {
+    // CONNECT would make a tunnel of the cache: the same JSON 405, not Pingora's empty one.
+    let answer = tokio::task::spawn_blocking({
+        let addr = c.broker.addr;
+        move || {
+            use std::io::{Read, Write};
+            let mut s = std::net::TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(
+                format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes(),
+            )
+            .unwrap();
+            let mut out = Vec::new();
+            let _ = s.read_to_end(&mut out);
+            String::from_utf8_lossy(&out).into_owned()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(answer.contains("\"method_not_allowed\""), "{answer}");
+    // The edges' health probe is not a path of the site: a JSON 404, no edge asked.
+    let r = c.get("/.well-known/shadowcdn-probe", "eu").await;
+    assert_eq!(r.status(), StatusCode::NOT_FOUND);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "not_found");
+    // This CDN's own request headers are not a client's to send: none reaches the origin
+    // through an edge.
+    let r = client()
+        .get(format!("http://{}/internal-headers", c.broker.addr))
+        .header("host", HOST)
+        .header("x-client-region", "eu")
+        .header("x-shadowcdn-made-up", "1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    assert_ne!(edge_of(&r), "origin");
+    let sent = origin.last_headers("/internal-headers").unwrap();
+    assert!(!sent.contains_key("x-shadowcdn-made-up"), "{sent:?}");
+    // The refusals are counted, though no edge was chosen (after their answers were sent):
+    // the unknown host and the probe path, the long target.
+    for (status, n) in [("status=\"404\"", 2.0), ("status=\"414\"", 1.0)] {
         wait_until(|| async {
             let m = c.metrics().await;
             sample(
                 &m,
                 "shadowcdn_broker_requests_total",
                 &["reason=\"refused\"", status],
-            ) == Some(1.0)
+            ) == Some(n)
         })
         .await;
     }
@@ -993,6 +1033,21 @@ async fn the_origin_fallback_addresses_the_origin_by_its_own_name() {
     assert_eq!(edge_of(&r), "origin");
     for internal in ["set-cookie", "surrogate-key", "cache-tag"] {
         assert!(!r.headers().contains_key(internal), "{internal}");
+    }
+    // Nor the origin's per-connection fields, or its own cache's status.
+    let r = c
+        .get(
+            "/direct?hdr=connection%3Ax-sess%7Cx-sess%3Aabc%7Cx-cache%3AHIT%7Ccache-status%3Aup%3B%20hit",
+            "eu",
+        )
+        .await;
+    assert_eq!(edge_of(&r), "origin");
+    for field in ["x-sess", "x-cache", "cache-status"] {
+        assert!(
+            !r.headers().contains_key(field),
+            "{field}: {:?}",
+            r.headers()
+        );
     }
 }
 

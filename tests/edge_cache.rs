@@ -1611,6 +1611,23 @@ async fn unknown_hosts_and_loops_get_json_errors() {
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["error"], "method_not_allowed");
     assert_eq!(origin.total(), 0);
+    // CONNECT too, in JSON (Pingora's own refusal has no body).
+    let addr = edge.addr;
+    let answer = tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let head = format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .unwrap();
+    assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
+    assert!(answer.contains("\"method_not_allowed\""), "{answer}");
+    assert_eq!(origin.total(), 0);
 
     // A request that already passed through this edge (an origin row pointing back at the
     // CDN) is a loop; one the broker forwarded is not.

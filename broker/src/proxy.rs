@@ -11,7 +11,7 @@ use edge_node::drain::{InflightCounter, InflightGuard};
 use edge_node::proxy::{
     client_ip, error_status, forwarded_for, no_host_error, primary_key, refused_method,
     request_host, respond_json_error, strip_unvouched_forwarding, CLIENT_REGION_HEADER,
-    FORWARDED_PROTO, ROUTE_HEADER, VIA_NAME,
+    FORWARDED_PROTO, PROBE_PATH, ROUTE_HEADER, VIA_NAME,
 };
 use edge_node::sync::PEER_HINT_HEADER;
 use pingora_core::upstreams::peer::HttpPeer;
@@ -243,6 +243,10 @@ fn host_of(req: &RequestHeader) -> Option<String> {
 /// (pingora) closes an idle client connection.
 const EDGE_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
 
+/// Longest a connection to an origin (the direct fallback) waits in the pool: under the 5 s
+/// after which many servers (Apache, Node) close an idle one.
+const ORIGIN_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
+
 /// Longest the direct-to-origin fallback waits for an origin's name to resolve.
 const ORIGIN_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -451,9 +455,15 @@ impl ProxyHttp for BrokerProxy {
             respond_json_error(session, 414, "uri_too_long", &msg).await?;
             return Ok(true);
         }
-        if refused_method(req) {
-            let msg = "TRACE is not served";
+        if let Some(msg) = refused_method(req) {
             respond_json_error(session, 405, "method_not_allowed", msg).await?;
+            return Ok(true);
+        }
+        // The edges' health probe is theirs: a client asking it through the broker would get
+        // the edge's own 204 instead of the site's path, counted as demand.
+        if req.uri.path() == PROBE_PATH {
+            let msg = "this path is the CDN's health probe";
+            respond_json_error(session, 404, "not_found", msg).await?;
             return Ok(true);
         }
         let Some(host) = host_of(req) else {
@@ -554,11 +564,14 @@ impl ProxyHttp for BrokerProxy {
         // origin) would otherwise block without end: the response read, and its timeout,
         // wait behind the write.
         peer.options.write_timeout = Some(self.edge_read_timeout);
-        if edge_addr.is_some() {
-            // Dropped from the pool before the edge closes it: a request sent on a connection
-            // the edge is closing fails, and one that cannot be replayed (a POST) is lost.
-            peer.options.idle_timeout = Some(EDGE_IDLE_TIMEOUT);
-        }
+        // Dropped from the pool before the other end closes it: a request sent on a connection
+        // being closed fails, and one that cannot be replayed (a POST) is lost. Origins often
+        // close idle connections after 5 s (Apache, Node).
+        peer.options.idle_timeout = Some(if edge_addr.is_some() {
+            EDGE_IDLE_TIMEOUT
+        } else {
+            ORIGIN_IDLE_TIMEOUT
+        });
         Ok(Box::new(peer))
     }
 
@@ -568,8 +581,18 @@ impl ProxyHttp for BrokerProxy {
         upstream_request: &mut RequestHeader,
         ctx: &mut Self::CTX,
     ) -> Result<()> {
-        // Only the broker names peers; a client's own hint never reaches an edge.
-        upstream_request.remove_header(PEER_HINT_HEADER);
+        // This CDN's own request headers are the broker's and the edges' to set: a client's
+        // (a peer hint, a shadow-fill or peer-fetch marker, a region) never reaches an edge or
+        // the origin. Those the route needs are set below.
+        let internal: Vec<http::HeaderName> = upstream_request
+            .headers
+            .keys()
+            .filter(|n| n.as_str().starts_with("x-shadowcdn-"))
+            .cloned()
+            .collect();
+        for name in internal {
+            upstream_request.remove_header(&name);
+        }
         // The origin learns who asked and how. The client's address ends any chain it brought
         // (an origin trusts only the last entries, which its own proxies added); the scheme is
         // the listener's, never the client's claim.
@@ -592,16 +615,8 @@ impl ProxyHttp for BrokerProxy {
         if let Some(c) = ctx.chosen {
             if c.edge.is_none() {
                 // The origin gets what an edge would send it: none of this CDN's own headers
-                // (route tags, region names, or internal ones a client made up).
-                let internal: Vec<http::HeaderName> = upstream_request
-                    .headers
-                    .keys()
-                    .filter(|n| n.as_str().starts_with("x-shadowcdn-"))
-                    .cloned()
-                    .collect();
-                for name in internal {
-                    upstream_request.remove_header(&name);
-                }
+                // (a peer hint is for edges only).
+                upstream_request.remove_header(PEER_HINT_HEADER);
                 self.address_origin(session, upstream_request)?;
             } else {
                 let tag = format!(
@@ -756,9 +771,13 @@ impl ProxyHttp for BrokerProxy {
         if let Some(c) = ctx.chosen {
             let edge = c.edge.map_or("origin", |e| self.fleet.edges[e].id.as_str());
             resp.insert_header("x-shadowcdn-edge", edge)?;
-            // The direct-to-origin fallback drops what an edge would have dropped: cache tags
-            // always, cookies when the site asked.
+            // The direct-to-origin fallback drops what an edge would have dropped: the
+            // origin's per-connection fields and its own cache's status, cache tags always,
+            // cookies when the site asked.
             if c.edge.is_none() {
+                edge_node::response_fields::strip_hop_by_hop(resp);
+                resp.remove_header("x-cache");
+                resp.remove_header("cache-status");
                 edge_node::tags::strip(resp);
                 let strip = host_of(session.req_header())
                     .and_then(|h| self.registry.origin(&h))

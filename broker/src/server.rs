@@ -8,7 +8,6 @@ use edge_node::drain::{Drainer, InflightCounter};
 use edge_node::http_service::AxumService;
 use edge_node::stop_signals::StopSignals;
 use parking_lot::Mutex;
-use pingora_core::apps::HttpServerOptions;
 use pingora_core::listeners::tls::TlsSettings;
 use pingora_core::server::configuration::ServerConf;
 use pingora_core::server::Server;
@@ -362,6 +361,9 @@ impl Broker {
             "shadowcdn-broker",
         );
         proxy_service.add_tcp(&cfg.listen.to_string());
+        if let Some(app) = proxy_service.app_logic_mut() {
+            app.server_options = Some(edge_node::proxy::server_options());
+        }
         let mut cert_reloader = None;
         if let (Some(tls), Some(resolver)) = (&cfg.tls, certs) {
             let mut settings = TlsSettings::intermediate("", "")
@@ -370,7 +372,7 @@ impl Broker {
             settings.enable_h2();
             proxy_service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
             if let Some(app) = proxy_service.app_logic_mut() {
-                let mut options = HttpServerOptions::default();
+                let mut options = edge_node::proxy::server_options();
                 options.h2_idle_timeout = Some(Duration::from_secs(tls.h2_idle_timeout_secs));
                 app.server_options = Some(options);
             }

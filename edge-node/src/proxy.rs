@@ -503,10 +503,25 @@ pub fn no_host_error(req: &RequestHeader) -> (&'static str, &'static str) {
     }
 }
 
-/// Whether a request's method is refused before anything else: `TRACE` echoes the request
-/// back, headers and cookies included (cross-site tracing); CDNs and most servers turn it off.
-pub fn refused_method(req: &RequestHeader) -> bool {
-    req.method == http::Method::TRACE
+/// Whether a request's method is refused before anything else, answered with the message
+/// to say so: `TRACE` echoes the request back, headers and cookies included (cross-site
+/// tracing), and `CONNECT` would make a tunnel of a cache; CDNs and most servers turn both
+/// off. (Pingora lets `CONNECT` this far only when allowed, [`server_options`], so that the
+/// answer is this JSON one.)
+pub fn refused_method(req: &RequestHeader) -> Option<&'static str> {
+    match req.method {
+        http::Method::TRACE => Some("TRACE is not served"),
+        http::Method::CONNECT => Some("CONNECT is not served: this is a cache, not a tunnel"),
+        _ => None,
+    }
+}
+
+/// The HTTP options of a proxy listener: `CONNECT` reaches the request filter, which refuses
+/// it with a JSON 405 ([`refused_method`]), instead of Pingora's empty one with no log line.
+pub fn server_options() -> pingora_core::apps::HttpServerOptions {
+    let mut options = pingora_core::apps::HttpServerOptions::default();
+    options.allow_connect_method_proxying = true;
+    options
 }
 
 /// Write a JSON error response and end the request.
@@ -1013,10 +1028,9 @@ impl ProxyHttp for EdgeProxy {
             .cloned();
         let coding = accept_encoding::normalize(session.req_header_mut());
         let req = session.req_header();
-        if refused_method(req) {
+        if let Some(msg) = refused_method(req) {
             self.metrics.rejected.with_label_values(&["method"]).inc();
             ctx.status = CacheStatus::Rejected;
-            let msg = "TRACE is not served";
             respond_json_error(session, 405, "method_not_allowed", msg).await?;
             return Ok(true);
         }

@@ -336,6 +336,9 @@ impl EdgeNode {
             "shadowcdn-edge",
         );
         proxy_service.add_tcp(&cfg.server.listen.to_string());
+        if let Some(app) = proxy_service.app_logic_mut() {
+            app.server_options = Some(crate::proxy::server_options());
+        }
 
         let (shadow_service, filler) = ShadowService::new(
             shadows.clone(),
