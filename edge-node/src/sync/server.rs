@@ -15,8 +15,8 @@ use serde::Deserialize;
 use super::connections::{peer_name, PeerConnections};
 use super::handshakes::{HandshakeSlots, Slot, HANDSHAKE_TIMEOUT, SAVE_EVERY};
 use super::protocol::{
-    read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, LiveShadow, Reply, Request,
-    StatsReport, MAX_FRAME, VERSION,
+    read_frame, write_frame, Envelope, EnvelopeHead, ErrorCode, FrameError, LiveShadow, Reply,
+    Request, StatsReport, MAX_FRAME, VERSION,
 };
 use super::tls::{peer_is, BROKER_NAME};
 use super::trust::Trust;
@@ -37,6 +37,10 @@ const DEDUP_CAPACITY: usize = 4096;
 const REQUEST_WAIT: Duration = Duration::from_secs(10);
 /// How long one chunk of a peer-fetch body may wait for the requesting edge to take it.
 const CHUNK_WAIT: Duration = Duration::from_secs(30);
+/// How long a reply frame may wait for the asking node to take it: one that never grants the
+/// stream credit (keep-alives hold its connection open) would otherwise pin the task, and
+/// the drain that waits for it, for good.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
 /// Key bytes per page of a shadow listing: the page stays well inside a frame.
 const PAGE_KEY_BYTES: usize = 64 * 1024;
 /// Encoded bytes of shadow outcomes per stats reply: the reply stays well inside a frame,
@@ -463,7 +467,7 @@ impl Handler {
                 ErrorCode::Version,
                 format!("this node speaks version {VERSION}, not {}", head.v),
             );
-            let _ = write_frame(&mut send, &reply_to(r)).await;
+            let _ = reply_frame(&mut send, &reply_to(r)).await;
             let _ = send.finish();
             return;
         }
@@ -473,7 +477,7 @@ impl Handler {
                 m.sync_messages
                     .with_label_values(&["unknown", "malformed"])
                     .inc();
-                let _ = write_frame(
+                let _ = reply_frame(
                     &mut send,
                     &reply_to(Reply::error(ErrorCode::Invalid, e.to_string())),
                 )
@@ -507,7 +511,7 @@ impl Handler {
                 .await
         };
         m.sync_messages.with_label_values(&[kind, outcome]).inc();
-        if let Err(e) = write_frame(&mut send, &reply_to(reply)).await {
+        if let Err(e) = reply_frame(&mut send, &reply_to(reply)).await {
             tracing::warn!(kind, error = %e, "control reply not sent");
             m.sync_messages.with_label_values(&[kind, "unsent"]).inc();
         }
@@ -710,11 +714,11 @@ impl Handler {
         };
         if self.stopping.load(std::sync::atomic::Ordering::Acquire) {
             let msg = "this edge is shutting down";
-            let _ = write_frame(send, &reply(Reply::error(ErrorCode::Busy, msg))).await;
+            let _ = reply_frame(send, &reply(Reply::error(ErrorCode::Busy, msg))).await;
             return "busy";
         }
         let Some((host, path)) = split_key(key) else {
-            let _ = write_frame(
+            let _ = reply_frame(
                 send,
                 &reply(Reply::error(
                     ErrorCode::Invalid,
@@ -740,16 +744,16 @@ impl Handler {
             // else is this edge failing, which the asking edge counts as an error.
             Ok(r) if matches!(r.status().as_u16(), 404 | 504) => {
                 let msg = format!("not cached here (status {})", r.status().as_u16());
-                let _ = write_frame(send, &reply(Reply::error(ErrorCode::NotFound, msg))).await;
+                let _ = reply_frame(send, &reply(Reply::error(ErrorCode::NotFound, msg))).await;
                 return "not_found";
             }
             Ok(r) => {
                 let msg = format!("the cache answered {}", r.status().as_u16());
-                let _ = write_frame(send, &reply(Reply::error(ErrorCode::Internal, msg))).await;
+                let _ = reply_frame(send, &reply(Reply::error(ErrorCode::Internal, msg))).await;
                 return "error";
             }
             Err(e) => {
-                let _ = write_frame(
+                let _ = reply_frame(
                     send,
                     &reply(Reply::error(ErrorCode::Internal, e.to_string())),
                 )
@@ -771,14 +775,14 @@ impl Handler {
             .collect();
         let Some(headers) = headers else {
             let msg = "a header of the copy is not UTF-8".to_string();
-            let _ = write_frame(send, &reply(Reply::error(ErrorCode::NotFound, msg))).await;
+            let _ = reply_frame(send, &reply(Reply::error(ErrorCode::NotFound, msg))).await;
             return "not_found";
         };
         let head = Reply::PeerHead {
             status: resp.status().as_u16(),
             headers,
         };
-        if write_frame(send, &reply(head)).await.is_err() {
+        if reply_frame(send, &reply(head)).await.is_err() {
             return "reset";
         }
         loop {
@@ -800,6 +804,21 @@ impl Handler {
                     return "error";
                 }
             }
+        }
+    }
+}
+
+/// [`write_frame`] of a reply, given [`REPLY_WAIT`]: a stream whose reader does not take it by
+/// then is reset.
+async fn reply_frame<T: serde::Serialize>(
+    send: &mut quinn::SendStream,
+    msg: &T,
+) -> Result<(), FrameError> {
+    match tokio::time::timeout(REPLY_WAIT, write_frame(send, msg)).await {
+        Ok(written) => written,
+        Err(_) => {
+            let _ = send.reset(1u32.into());
+            Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into())
         }
     }
 }
