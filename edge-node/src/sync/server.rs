@@ -453,12 +453,33 @@ impl Handler {
         };
         // From here to the reply, the message is work the drain waits for.
         let _working = self.parts.inflight.enter();
-        let head = EnvelopeHead::deserialize(&raw).unwrap_or(EnvelopeHead { v: 0, id: 0 });
+        let parsed = EnvelopeHead::deserialize(&raw);
+        // A head that does not parse is answered as invalid, under the id it gives if any,
+        // so the sender learns what was wrong with it rather than a version it did not send.
+        let head = parsed.as_ref().map_or_else(
+            |_| EnvelopeHead {
+                v: VERSION,
+                id: raw
+                    .get("id")
+                    .and_then(serde_json::Value::as_u64)
+                    .unwrap_or(0),
+            },
+            |h| EnvelopeHead { v: h.v, id: h.id },
+        );
         let reply_to = |reply: Reply| Envelope {
             v: VERSION,
             id: head.id,
             msg: reply,
         };
+        if let Err(e) = &parsed {
+            m.sync_messages
+                .with_label_values(&["unknown", "malformed"])
+                .inc();
+            let r = Reply::error(ErrorCode::Invalid, format!("envelope: {e}"));
+            let _ = reply_frame(&mut send, &reply_to(r)).await;
+            let _ = send.finish();
+            return;
+        }
         if head.v != VERSION {
             m.sync_messages
                 .with_label_values(&["unknown", "version"])
