@@ -1183,6 +1183,19 @@ async fn purge_by_cache_tag() {
     }
     let r = purge_tags(json!({ "tagz": ["x"] }), TOKEN).await.unwrap();
     assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // A path that does not decode: the token is asked for first, then the path refused.
+    let bad_path = format!("http://{}/tags/%FF", edge.admin);
+    let r = client().post(&bad_path).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+    let r = client()
+        .post(&bad_path)
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["error"], "bad_path", "{v}");
     assert_eq!(
         x_cache(&edge.get(tagged[0]).await),
         "HIT",

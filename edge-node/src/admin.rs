@@ -449,7 +449,7 @@ async fn purge_tags(
     State(s): State<AdminState>,
     method: Method,
     headers: HeaderMap,
-    Path(host): Path<String>,
+    host: Result<Path<String>, axum::extract::rejection::PathRejection>,
     body: axum::body::Body,
 ) -> Response {
     if method != Method::POST && method.as_str() != "PURGE" {
@@ -458,6 +458,12 @@ async fn purge_tags(
     if let Err(r) = authorize_purge(&s, &headers) {
         return *r;
     }
+    // The path after the method and the token: a caller without it learns nothing of how
+    // its path would be read.
+    let host = match host {
+        Ok(Path(host)) => host,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "bad_path", e.body_text()),
+    };
     let req: TagsBody = match read_json(body, MAX_SMALL_BODY_BYTES).await {
         Ok(b) => b,
         Err(r) => return *r,
