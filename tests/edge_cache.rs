@@ -551,6 +551,18 @@ async fn expired_object_is_revalidated_with_304() {
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(x_cache(&edge.get(path).await), "REVALIDATED");
     assert_eq!(origin.not_modified(), 2);
+    let sent = origin.last_headers("/lm").unwrap();
+    assert!(sent.contains_key("if-modified-since"), "{sent:?}");
+
+    // With both, only the entity tag is asked: a date-only origin answers a change within the
+    // same second with the new body, not a 304 under the new tag.
+    let path = "/both?cc=max-age=1&lm=1&etag=v1";
+    edge.get(path).await;
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    assert_eq!(x_cache(&edge.get(path).await), "REVALIDATED");
+    let sent = origin.last_headers("/both").unwrap();
+    assert_eq!(sent["if-none-match"], "\"v1\"");
+    assert!(!sent.contains_key("if-modified-since"), "{sent:?}");
 }
 
 /// A refill after a prefix purge is kept even when it arrives already aged: the purge judges
@@ -601,13 +613,47 @@ async fn no_cache_is_revalidated_even_with_default_stale_windows() {
         "stale_while_revalidate_secs = 60\nstale_if_error_secs = 60",
     );
     let nc = "/nc?cc=no-cache&etag=v1";
+    // Nor in windows the origin grants itself (RFC 9111 §4.2.4).
+    let own = "/nc-own?cc=no-cache%2C%20stale-while-revalidate%3D60&etag=v1";
     let plain = "/plain?cc=max-age%3D1";
     assert_eq!(x_cache(&edge.get(nc).await), "MISS");
+    assert_eq!(x_cache(&edge.get(own).await), "MISS");
     edge.get(plain).await;
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(x_cache(&edge.get(nc).await), "REVALIDATED");
+    assert_eq!(x_cache(&edge.get(own).await), "REVALIDATED");
     // A response that states nothing gets the operator's window.
     assert_eq!(x_cache(&edge.get(plain).await), "STALE-UPDATING");
+}
+
+/// The client's own `Cache-Control` (RFC 9111 §5.2.1): `no-store` keeps the response to it
+/// out of the cache; `only-if-cached` gets a 504 for what is not cached, and the copy for
+/// what is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_no_store_and_only_if_cached_are_honoured() {
+    let origin = TestOrigin::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let edge = start_edge(origin.addr, dir.path(), "");
+    let path = "/asked?cc=max-age%3D60";
+    let no_store = [("cache-control", "no-store")];
+    let r = edge.request(Method::GET, path, &no_store).await;
+    assert_eq!((r.status(), x_cache(&r)), (StatusCode::OK, "BYPASS".into()));
+    assert_eq!(x_cache(&edge.get(path).await), "MISS", "not stored");
+    assert_eq!(x_cache(&edge.get(path).await), "HIT");
+    assert_eq!(origin.hits("/asked"), 2);
+
+    let cached_only = [("cache-control", "only-if-cached")];
+    let r = edge
+        .request(Method::GET, "/kept?cc=max-age%3D60", &cached_only)
+        .await;
+    assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
+    assert_eq!(origin.hits("/kept"), 0);
+    edge.get("/kept?cc=max-age%3D60").await;
+    let r = edge
+        .request(Method::GET, "/kept?cc=max-age%3D60", &cached_only)
+        .await;
+    assert_eq!((r.status(), x_cache(&r)), (StatusCode::OK, "HIT".into()));
+    assert_eq!(origin.hits("/kept"), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

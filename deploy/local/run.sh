@@ -89,7 +89,7 @@ pids+=($!)
 # Wait until `url` answers 2xx, for at most $2 tenths of a second; say so and stop otherwise.
 wait_for() {
   for _ in $(seq "$2"); do
-    curl -fsS -o /dev/null "$1" 2>/dev/null && return 0
+    curl -fsS --max-time 2 -o /dev/null "$1" 2>/dev/null && return 0
     sleep 0.1
   done
   echo "run.sh: $1 did not answer; process logs are above" >&2
@@ -99,13 +99,15 @@ wait_for http://127.0.0.1:7081/healthz 300
 
 # A demo provider owning "localhost" (idempotent across restarts: the registry is durable).
 TOKEN_FILE=var/local/demo-provider.token
+# Tokens go by environment (not visible in `ps`) and the file is the user's alone.
 new_token() {
-  target/release/broker api --api http://127.0.0.1:7081 --token "$OPERATOR" create-provider demo \
-    | sed -n 's/.*"token": "\(.*\)".*/\1/p' >"$TOKEN_FILE"
+  (umask 077
+   SHADOWCDN_TOKEN="$OPERATOR" target/release/broker api --api http://127.0.0.1:7081 create-provider demo \
+     | sed -n 's/.*"token": "\(.*\)".*/\1/p' >"$TOKEN_FILE")
 }
 # Exit 3: registered, but an edge still starting did not confirm the purge of old copies.
 set_origin() {
-  target/release/broker api --api http://127.0.0.1:7081 --token "$(cat "$TOKEN_FILE")" \
+  SHADOWCDN_TOKEN="$(cat "$TOKEN_FILE")" target/release/broker api --api http://127.0.0.1:7081 \
     set-origin localhost http://127.0.0.1:9000 >/dev/null || [ $? -eq 3 ]
 }
 [ -s "$TOKEN_FILE" ] || new_token

@@ -691,14 +691,19 @@ impl From<&Overrides> for OverrideTree {
 }
 
 /// What [`valid_node_id`] accepts, for the errors that refuse an id.
-pub const NODE_ID_RULE: &str = "1-63 characters of letters, digits, '-' and '_', not \"broker\"";
+pub const NODE_ID_RULE: &str =
+    "1-63 characters of letters, digits, '-' and '_', not \"broker\", \"origin\" or \"none\"";
 
 /// Whether `id` can name a node: it appears in certificates (`<id>.edge.shadowcdn`) and
 /// response headers, and in `Via` as `shadowcdn-<id>`, where `broker` is the broker's name
-/// (an edge of that name would take every routed request for a loop).
+/// (an edge of that name would take every routed request for a loop). `origin` and `none` are
+/// what the broker's `x-shadowcdn-edge` header and metric labels say when no edge served (the
+/// direct-to-origin fallback, a refused request): an edge so named would pass for them.
 pub fn valid_node_id(id: &str) -> bool {
     !id.is_empty()
-        && !id.eq_ignore_ascii_case("broker")
+        && !["broker", "origin", "none"]
+            .iter()
+            .any(|r| id.eq_ignore_ascii_case(r))
         && id.len() <= 63
         && id
             .bytes()
@@ -943,7 +948,7 @@ mod tests {
     fn node_id_must_fit_certificate_names_and_headers() {
         let with_id = |id: &str| format!("node_id = {id:?}\n{MINIMAL}");
         assert!(EdgeConfig::from_toml(&with_id("eu-standby_2")).is_ok());
-        for bad in ["", "eu 1", "eu.1", "é", &"x".repeat(64)] {
+        for bad in ["", "eu 1", "eu.1", "é", &"x".repeat(64), "origin", "None"] {
             let err = EdgeConfig::from_toml(&with_id(bad))
                 .unwrap_err()
                 .to_string();

@@ -195,6 +195,10 @@ pub struct RequestCtx {
     peer_fill: bool,
     /// A peer fetch: answer from cache or not at all.
     only_if_cached: bool,
+    /// The client's own `Cache-Control` (RFC 9111 §5.2.1): `no-store` keeps the response to
+    /// it out of the cache; `only-if-cached` gets a 504 rather than a fetch.
+    client_no_store: bool,
+    client_only_if_cached: bool,
     /// The request came from `server.trusted_proxies` (a broker): its forwarded scheme, route
     /// tag and peer hint are taken.
     from_trusted: bool,
@@ -938,7 +942,16 @@ impl EdgeProxy {
                 self.policy.stale_if_error_secs,
             )
         };
-        let (swr, sie) = calculate_serve_stale_durations(cc.as_ref(), &defaults);
+        // A response to validate before every use (`no-cache`, or a lifetime given twice
+        // differently) is never served stale, not even in windows it grants itself: RFC 9111
+        // §4.2.4. (Pingora drops the origin's own windows for must-revalidate, proxy-revalidate
+        // and s-maxage, not for no-cache.)
+        let every_use = miswritten || cc.as_ref().is_some_and(|c| c.no_cache());
+        let (swr, sie) = if every_use {
+            (0, 0)
+        } else {
+            calculate_serve_stale_durations(cc.as_ref(), &defaults)
+        };
         // A stale window the origin gave twice differently grants none (pingora kept the
         // later, maybe the longer).
         let granted = |name, secs| {
@@ -980,6 +993,8 @@ impl ProxyHttp for EdgeProxy {
             shadow_fill: false,
             peer_fill: false,
             only_if_cached: false,
+            client_no_store: false,
+            client_only_if_cached: false,
             from_trusted: false,
             refresh: false,
             hint_used: false,
@@ -1077,6 +1092,11 @@ impl ProxyHttp for EdgeProxy {
             .headers
             .get(PEER_FETCH_HEADER)
             .is_some_and(|v| secret.matches(v));
+        if req.headers.contains_key(header::CACHE_CONTROL) {
+            let cc = CacheControl::from_req_headers(req);
+            ctx.client_no_store = cc.as_ref().is_some_and(|c| c.no_store());
+            ctx.client_only_if_cached = cc.as_ref().is_some_and(|c| c.only_if_cached());
+        }
         // Copies for a peer or for the cache are stored, not shown, and a background
         // revalidation's answer goes nowhere: left as they are.
         ctx.compression = if self.compression_level == 0
@@ -1117,7 +1137,7 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<Box<HttpPeer>> {
         ctx.forwarded
             .get_or_insert(phase_status(session.cache.phase()));
-        if ctx.only_if_cached {
+        if ctx.only_if_cached || ctx.client_only_if_cached {
             return Err(Error::explain(
                 ErrorType::HTTPStatus(504),
                 "not cached on this edge",
@@ -1240,6 +1260,11 @@ impl ProxyHttp for EdgeProxy {
         resp: &ResponseHeader,
         ctx: &mut Self::CTX,
     ) -> Result<RespCacheable> {
+        if ctx.client_no_store {
+            return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
+                "request no-store",
+            )));
+        }
         // A peer that lacks the object answers with an error of the bridge's, not the
         // origin's: never cache it.
         if ctx.peer_fill && !matches!(resp.status.as_u16(), 200 | 203 | 206) {
@@ -1392,6 +1417,14 @@ impl ProxyHttp for EdgeProxy {
         upstream_request.remove_header(FILL_HEADER);
         upstream_request.remove_header(PEER_FETCH_HEADER);
         upstream_request.remove_header(REFRESH_HEADER);
+        // With an entity tag to match, the date is not asked too (RFC 9110 §13.1.3 has the
+        // origin ignore it then): an origin that judges by date alone would answer a copy
+        // changed within the same second 304 under its new tag, and the stored body would be
+        // kept under a tag it does not carry (RFC 9111 §4.3.4). Without the date it sends the
+        // new body.
+        if upstream_request.headers.contains_key(header::IF_NONE_MATCH) {
+            upstream_request.remove_header(&header::IF_MODIFIED_SINCE);
+        }
         // A request `accept_encoding::normalize` left without `Accept-Encoding` is served
         // the stored copy as is, and clients that refused every coding share that copy: an
         // origin that compresses when the field is absent must not fill it compressed.

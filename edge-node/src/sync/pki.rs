@@ -42,7 +42,7 @@ pub enum PkiError {
     #[error("{0}: not issued by this CA")]
     OtherCa(PathBuf),
     /// A node name that is no node id: it names the certificate's DNS name and its files.
-    #[error("{0:?} is not a node name: 1 to 63 letters, digits, '-' or '_' (and not \"broker\" for an edge)")]
+    #[error("{0:?} is not a node name: 1 to 63 letters, digits, '-' or '_' (and not \"origin\" or \"none\", nor \"broker\" for an edge)")]
     BadName(String),
     /// A node named `ca` issued into the CA's own directory: its files would be the CA's.
     #[error("{0}: a node named \"ca\" would replace the CA's certificate and key; issue it into another directory (--out)")]
