@@ -648,6 +648,10 @@ async fn a_clients_no_store_and_only_if_cached_are_honoured() {
         .await;
     assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
     assert_eq!(origin.hits("/kept"), 0);
+    // The answer it asked for, not an error of the edge's.
+    let m = edge.metrics().await;
+    let errors = sample(&m, "shadowcdn_edge_requests_total", &["cache_status=\"error\""]);
+    assert_eq!(errors.unwrap_or(0.0), 0.0, "{m}");
     edge.get("/kept?cc=max-age%3D60").await;
     let r = edge
         .request(Method::GET, "/kept?cc=max-age%3D60", &cached_only)

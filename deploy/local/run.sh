@@ -86,7 +86,8 @@ done
 RUST_LOG=${RUST_LOG:-warn} setsid target/release/broker run --config deploy/local/broker.toml &
 pids+=($!)
 
-# Wait until `url` answers 2xx, for at most $2 tenths of a second; say so and stop otherwise.
+# Wait until `url` answers 2xx, trying $2 times 0.1 s apart (each try at most 2 s); say so and
+# stop otherwise.
 wait_for() {
   for _ in $(seq "$2"); do
     curl -fsS --max-time 2 -o /dev/null "$1" 2>/dev/null && return 0

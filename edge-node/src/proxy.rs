@@ -1092,7 +1092,9 @@ impl ProxyHttp for EdgeProxy {
             .headers
             .get(PEER_FETCH_HEADER)
             .is_some_and(|v| secret.matches(v));
-        if req.headers.contains_key(header::CACHE_CONTROL) {
+        // A background revalidation copies its client's request: it is the cache's, not bound
+        // by that client's directives.
+        if session.subrequest_ctx.is_none() && req.headers.contains_key(header::CACHE_CONTROL) {
             let cc = CacheControl::from_req_headers(req);
             ctx.client_no_store = cc.as_ref().is_some_and(|c| c.no_store());
             ctx.client_only_if_cached = cc.as_ref().is_some_and(|c| c.only_if_cached());
@@ -1195,7 +1197,10 @@ impl ProxyHttp for EdgeProxy {
         // A peer fetch answers from what is cached now and never waits on the lock: the fill
         // it would wait for may itself be asking this edge's peer for the object, and two
         // edges filling the same key from each other would wait on each other's locks.
-        let lock = (!ctx.only_if_cached).then_some(self.parts.lock);
+        // Nor does a request that will not store what it fetches (its client's `no-store`) or
+        // will not fetch (`only-if-cached`): waiters on its lock would get nothing from it.
+        let lock = (!(ctx.only_if_cached || ctx.client_no_store || ctx.client_only_if_cached))
+            .then_some(self.parts.lock);
         session.cache.enable(
             self.parts.storage,
             None,
@@ -1262,7 +1267,7 @@ impl ProxyHttp for EdgeProxy {
     ) -> Result<RespCacheable> {
         if ctx.client_no_store {
             return Ok(RespCacheable::Uncacheable(NoCacheReason::Custom(
-                "request no-store",
+                crate::storage::CLIENT_NO_STORE,
             )));
         }
         // A peer that lacks the object answers with an error of the bridge's, not the
@@ -1660,8 +1665,10 @@ impl ProxyHttp for EdgeProxy {
     }
 
     fn suppress_error_log(&self, _session: &Session, ctx: &Self::CTX, error: &Error) -> bool {
-        // A peer fetch of an object this edge does not hold is an answer, not a failure.
-        ctx.only_if_cached && matches!(error.etype(), ErrorType::HTTPStatus(504))
+        // A peer fetch of an object this edge does not hold is an answer, not a failure; so is
+        // the 504 a client's `only-if-cached` asks for (RFC 9111 §5.2.1.7).
+        (ctx.only_if_cached || ctx.client_only_if_cached)
+            && matches!(error.etype(), ErrorType::HTTPStatus(504))
     }
 
     fn fail_to_connect(
@@ -1727,10 +1734,10 @@ impl ProxyHttp for EdgeProxy {
     {
         let (code, kind) = error_status(e);
         // A peer fetch for a key this edge does not hold ends here too; it is no failure.
-        ctx.status = if self.suppress_error_log(session, ctx, e) {
-            CacheStatus::PeerFetch
-        } else {
-            CacheStatus::Error
+        ctx.status = match self.suppress_error_log(session, ctx, e) {
+            true if ctx.only_if_cached => CacheStatus::PeerFetch,
+            true => CacheStatus::Miss,
+            false => CacheStatus::Error,
         };
         if code > 0 {
             let msg = match kind {

@@ -538,13 +538,6 @@ impl Registry {
                     )))
                 }
                 None => {
-                    // Approvals turned off since another provider claimed it: the operator
-                    // settles that claim first, not this registration silently.
-                    if m.claims.get(host).is_some_and(|c| c.provider != provider) {
-                        return Err(RegistryError::Conflict(format!(
-                            "host {host} has another provider's claim awaiting approval"
-                        )));
-                    }
                     self.origin_quota(&m, provider, host)?;
                     None
                 }
@@ -638,6 +631,13 @@ impl Registry {
     }
 
     fn origin_quota(&self, m: &Memory, provider: &str, host: &str) -> Result<(), RegistryError> {
+        // Approvals turned off since another provider claimed it: the operator settles that
+        // claim first, not a registration silently (asked before the API spends a purge).
+        if m.claims.get(host).is_some_and(|c| c.provider != provider) {
+            return Err(RegistryError::Conflict(format!(
+                "host {host} has another provider's claim awaiting approval"
+            )));
+        }
         // A claim awaiting approval counts (approving it must not exceed the quota), except
         // the provider's own claim on this very host, which the registration settles.
         let held = m

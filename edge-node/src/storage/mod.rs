@@ -166,6 +166,10 @@ pub const UNASKED_PART: &str = "part of the object not asked for";
 /// (its response did not allow it): a property of that request, not of the key.
 pub const CREDENTIALED_REQUEST: &str = "request with credentials";
 
+/// Why the answer to a request whose own `Cache-Control` says `no-store` is not cached: a
+/// property of that request, not of the key.
+pub const CLIENT_NO_STORE: &str = "request no-store";
+
 /// Reasons that say nothing about the key's next answer, so pingora's predictor must not
 /// remember the key as uncacheable (which would send its next requests past the cache and
 /// its lock).
@@ -176,6 +180,7 @@ fn transient_no_cache(reason: &'static str) -> bool {
             ORIGIN_SERVER_ERROR,
             REDIRECT_TO_ITS_OWN_KEY,
             CREDENTIALED_REQUEST,
+            CLIENT_NO_STORE,
             UNASKED_PART,
         ]
         .contains(&reason)

@@ -200,7 +200,7 @@ pub fn issue_valid_for(
         return Err(PkiError::BadName(name.to_string()));
     }
     let same_dir = |a: &Path, b: &Path| matches!((a.canonicalize(), b.canonicalize()), (Ok(a), Ok(b)) if a == b);
-    if name == "ca" && same_dir(out, ca_dir) {
+    if name.eq_ignore_ascii_case("ca") && same_dir(out, ca_dir) {
         return Err(PkiError::CaFiles(ca_dir.join("ca.pem")));
     }
     let ca_cert = ca_dir.join("ca.pem");
