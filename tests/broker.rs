@@ -418,23 +418,8 @@ async fn routing_is_deterministic_and_spreads_keys() {
     assert_eq!(v["error"], "method_not_allowed");
     assert_eq!(origin.hits("/traced"), 0);
     // CONNECT would make a tunnel of the cache: the same JSON 405, not Pingora's empty one.
-    let answer = tokio::task::spawn_blocking({
-        let addr = c.broker.addr;
-        move || {
-            use std::io::{Read, Write};
-            let mut s = std::net::TcpStream::connect(addr).unwrap();
-            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            s.write_all(
-                format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n").as_bytes(),
-            )
-            .unwrap();
-            let mut out = Vec::new();
-            let _ = s.read_to_end(&mut out);
-            String::from_utf8_lossy(&out).into_owned()
-        }
-    })
-    .await
-    .unwrap();
+    let head = format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n");
+    let answer = shadowcdn_tests::raw_exchange(c.broker.addr, head).await;
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     assert!(answer.contains("\"method_not_allowed\""), "{answer}");
     // The edges' health probe is not a path of the site: a JSON 404, no edge asked.

@@ -650,7 +650,11 @@ async fn a_clients_no_store_and_only_if_cached_are_honoured() {
     assert_eq!(origin.hits("/kept"), 0);
     // The answer it asked for, not an error of the edge's.
     let m = edge.metrics().await;
-    let errors = sample(&m, "shadowcdn_edge_requests_total", &["cache_status=\"error\""]);
+    let errors = sample(
+        &m,
+        "shadowcdn_edge_requests_total",
+        &["cache_status=\"error\""],
+    );
     assert_eq!(errors.unwrap_or(0.0), 0.0, "{m}");
     edge.get("/kept?cc=max-age%3D60").await;
     let r = edge
@@ -1675,19 +1679,8 @@ async fn unknown_hosts_and_loops_get_json_errors() {
     assert_eq!(v["error"], "method_not_allowed");
     assert_eq!(origin.total(), 0);
     // CONNECT too, in JSON (Pingora's own refusal has no body).
-    let addr = edge.addr;
-    let answer = tokio::task::spawn_blocking(move || {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(addr).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let head = format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n");
-        s.write_all(head.as_bytes()).unwrap();
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out);
-        String::from_utf8_lossy(&out).into_owned()
-    })
-    .await
-    .unwrap();
+    let head = format!("CONNECT {HOST}:443 HTTP/1.1\r\nHost: {HOST}:443\r\n\r\n");
+    let answer = shadowcdn_tests::raw_exchange(edge.addr, head).await;
     assert!(answer.starts_with("HTTP/1.1 405"), "{answer}");
     assert!(answer.contains("\"method_not_allowed\""), "{answer}");
     assert_eq!(origin.total(), 0);

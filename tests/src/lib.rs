@@ -64,6 +64,23 @@ pub fn stopped_while_starting(mut start: impl FnMut() -> Child) -> String {
     panic!("5 SIGTERMs sent as soon as the server caught them all came after its start-up");
 }
 
+/// Send `head` (a raw request head) to `addr` and read the whole answer until the server
+/// closes: for requests an HTTP client will not send (`CONNECT` to a non-proxy).
+pub async fn raw_exchange(addr: std::net::SocketAddr, head: String) -> String {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr).expect("connect");
+        s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("read timeout");
+        s.write_all(head.as_bytes()).expect("write the request");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    })
+    .await
+    .expect("the exchange ran")
+}
+
 /// The body of `GET url` (a metrics page, a listing), failing the test if it does not answer.
 pub async fn text(url: String) -> String {
     client()
