@@ -3,7 +3,7 @@
 //! copies its edges held (see `routing::holders` for what the file keeps and how it maps
 //! edges).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,17 @@ impl HoldersKeeper {
             Err(e) => tracing::warn!(error = %e,
                 "peer holders not written: a restart would hint only what the edges serve after it"),
         }
+    }
+}
+
+/// With peer fill off, a file left at `path` from before names copies that may be purged
+/// since: removed, so that turning it on again starts from what the edges serve then.
+pub fn remove_left(path: &Path) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(file = %path.display(), "peer fill off: its kept holders removed"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %path.display(), error = %e,
+            "peer fill off: its kept holders not removed"),
     }
 }
 

@@ -247,19 +247,8 @@ impl Broker {
             None => None,
         };
         // Read back before the first request is recorded; written last at stop, after the drain.
-        // With peer fill off, a file left from before names copies that may be purged since:
-        // removed, so that turning it on again starts from what the edges serve then.
         if holders.is_none() {
-            let file = cfg.data_dir.join(HOLDERS_FILE);
-            match std::fs::remove_file(&file) {
-                Ok(()) => {
-                    tracing::info!(file = %file.display(), "peer fill off: its kept holders removed")
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(file = %file.display(), error = %e, "peer fill off: its kept holders not removed")
-                }
-            }
+            crate::kept_holders::remove_left(&cfg.data_dir.join(HOLDERS_FILE));
         }
         let keeper = holders.as_ref().map(|h| {
             Arc::new(HoldersKeeper::restoring(
@@ -361,9 +350,8 @@ impl Broker {
             "shadowcdn-broker",
         );
         proxy_service.add_tcp(&cfg.listen.to_string());
-        if let Some(app) = proxy_service.app_logic_mut() {
-            app.server_options = Some(edge_node::proxy::server_options());
-        }
+        // One app serves both listeners: its options are set once, HTTP/2's idle time with TLS.
+        let mut options = edge_node::proxy::server_options();
         let mut cert_reloader = None;
         if let (Some(tls), Some(resolver)) = (&cfg.tls, certs) {
             let mut settings = TlsSettings::intermediate("", "")
@@ -371,15 +359,14 @@ impl Broker {
             settings.set_cert_resolver(resolver.clone());
             settings.enable_h2();
             proxy_service.add_tls_with_settings(&tls.listen.to_string(), None, settings);
-            if let Some(app) = proxy_service.app_logic_mut() {
-                let mut options = edge_node::proxy::server_options();
-                options.h2_idle_timeout = Some(Duration::from_secs(tls.h2_idle_timeout_secs));
-                app.server_options = Some(options);
-            }
+            options.h2_idle_timeout = Some(Duration::from_secs(tls.h2_idle_timeout_secs));
             cert_reloader = Some(crate::tls::CertReloader::new(
                 resolver,
                 metrics.tls_cert_expiry.clone(),
             ));
+        }
+        if let Some(app) = proxy_service.app_logic_mut() {
+            app.server_options = Some(options);
         }
 
         let planner_state = Arc::new(PlannerState::default());

@@ -47,6 +47,12 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, FileErro
         })
 }
 
+/// Write `value` as JSON to `path` atomically ([`write_atomic`]): [`read_json`]'s twin.
+pub fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> io::Result<()> {
+    let bytes = serde_json::to_vec(value).map_err(io::Error::other)?;
+    write_atomic(path, &bytes)
+}
+
 /// Write `bytes` to `path` atomically: a temporary file, fsync, rename, then an fsync of the
 /// directory so the rename itself survives a crash. A reader finds the old content or the
 /// new, never a mix. For a process's own state: a symbolic link at `path` is replaced by the

@@ -28,7 +28,7 @@ use std::time::Instant;
 use serde::{Deserialize, Serialize};
 
 use super::ShadowTable;
-use crate::durable::{read_json, write_atomic, FileError};
+use crate::durable::{read_json, write_json, FileError};
 use crate::sync::protocol::ShadowOutcome;
 
 /// The file a graceful stop leaves, in the cache directory.
@@ -67,8 +67,7 @@ impl RunningMark {
     /// Note in `dir` that the process is running, once its start can no longer fail and
     /// before it removes what the last one saved.
     pub fn write(&self, dir: &Path) -> io::Result<()> {
-        let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
-        write_atomic(&dir.join(RUNNING_FILE), &bytes)
+        write_json(&dir.join(RUNNING_FILE), self)
     }
 }
 
@@ -158,14 +157,13 @@ impl SavedOutcomes {
         self.len() == 0
     }
 
-    /// Write it to [`OUTCOMES_FILE`] in `dir` ([`write_atomic`]); with nothing to keep, remove
+    /// Write it to [`OUTCOMES_FILE`] in `dir` ([`write_json`]); with nothing to keep, remove
     /// an older file instead.
     pub fn save(&self, dir: &Path) -> io::Result<()> {
         if self.is_empty() && self.lost.is_empty() {
             return Self::taken(dir);
         }
-        let bytes = serde_json::to_vec(self).map_err(io::Error::other)?;
-        write_atomic(&dir.join(OUTCOMES_FILE), &bytes)
+        write_json(&dir.join(OUTCOMES_FILE), self)
     }
 
     /// What a stopped process left in `dir`. The file stays until [`Self::taken`], once the

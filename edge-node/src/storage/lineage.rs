@@ -51,10 +51,7 @@ pub fn content_id(disk_dir: Option<&Path>, disk_bytes: u64, block_size: u64) -> 
         disk_bytes,
         block_size,
     };
-    let written = std::fs::create_dir_all(dir).and_then(|()| {
-        let json = serde_json::to_vec(&kept).map_err(std::io::Error::other)?;
-        durable::write_atomic(&path, &json)
-    });
+    let written = std::fs::create_dir_all(dir).and_then(|()| durable::write_json(&path, &kept));
     if let Err(e) = written {
         // An older id left in place would name this content at the next start: it goes, so
         // that start takes a new one (its copies then count as lost, which costs the broker

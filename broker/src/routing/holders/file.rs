@@ -164,8 +164,7 @@ impl Holders {
         };
         let mut written = 0;
         edge_node::durable::write_atomic_with(path, |w| {
-            let mut w = w;
-            encode(&mut w, &header)?;
+            encode(w, &header)?;
             for shard in self.shards.iter() {
                 // Copied under the lock, converted after it. The older generation first: read
                 // back into a smaller map, the newer one is what stays.
@@ -182,7 +181,7 @@ impl Holders {
                 };
                 let keys: Vec<SavedKey> = copied.iter().map(saved_key).collect();
                 written += keys.len();
-                encode(&mut w, &keys)?;
+                encode(w, &keys)?;
             }
             Ok(())
         })
@@ -342,7 +341,7 @@ fn saved_key((key, entry): &(u64, Entry)) -> SavedKey {
     SavedKey(*key, entry.floor.map(saved), holders)
 }
 
-fn encode<T: Serialize>(w: &mut &mut dyn Write, value: &T) -> std::io::Result<()> {
+fn encode<T: Serialize>(w: &mut dyn Write, value: &T) -> std::io::Result<()> {
     rmp_serde::encode::write(w, value).map_err(std::io::Error::other)
 }
 
